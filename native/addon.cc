@@ -1,0 +1,218 @@
+// Thin node-addon-api wrapper over the core. Returns raw results: a number
+// (negative errno on failure) or a buffer; the TypeScript layer names calls,
+// decodes structures and raises errors.
+#include <napi.h>
+
+#include <string>
+
+#include "core.h"
+
+namespace {
+
+// Data pointer and length of an ArrayBuffer, TypedArray or DataView.
+bool bytes(const Napi::Value &v, uint8_t **data, size_t *len) {
+  napi_env env = v.Env();
+  if (v.IsArrayBuffer()) {
+    auto ab = v.As<Napi::ArrayBuffer>();
+    *data = static_cast<uint8_t *>(ab.Data());
+    *len = ab.ByteLength();
+    return true;
+  }
+  if (v.IsTypedArray()) {
+    napi_typedarray_type t;
+    size_t n;
+    void *d;
+    napi_value ab;
+    size_t off;
+    if (napi_get_typedarray_info(env, v, &t, &n, &d, &ab, &off) != napi_ok) return false;
+    *data = static_cast<uint8_t *>(d);
+    *len = v.As<Napi::TypedArray>().ByteLength();
+    return true;
+  }
+  if (v.IsDataView()) {
+    auto dv = v.As<Napi::DataView>();
+    *data = static_cast<uint8_t *>(dv.Data());
+    *len = dv.ByteLength();
+    return true;
+  }
+  return false;
+}
+
+Napi::Value fail(const Napi::Env &env, const char *msg) {
+  Napi::TypeError::New(env, msg).ThrowAsJavaScriptException();
+  return env.Undefined();
+}
+
+int64_t i64(const Napi::Value &v) {
+  if (v.IsBigInt()) {
+    bool lossless;
+    return v.As<Napi::BigInt>().Int64Value(&lossless);
+  }
+  if (v.IsNumber()) return v.As<Napi::Number>().Int64Value();
+  return 0;
+}
+
+uint64_t u64(const Napi::Value &v) {
+  if (v.IsBigInt()) {
+    bool lossless;
+    return v.As<Napi::BigInt>().Uint64Value(&lossless);
+  }
+  if (v.IsNumber()) return (uint64_t)v.As<Napi::Number>().Int64Value();
+  return 0;
+}
+
+Napi::Value num(const Napi::Env &env, int64_t r) { return Napi::Number::New(env, (double)r); }
+
+#define ARGS(n)                                               \
+  Napi::Env env = info.Env();                                 \
+  if (info.Length() < (n)) return fail(env, "too few arguments")
+
+Napi::Value Open(const Napi::CallbackInfo &info) {
+  ARGS(2);
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  return num(env, kh::open_dev(path.c_str(), (int)i64(info[1])));
+}
+
+Napi::Value Close(const Napi::CallbackInfo &info) {
+  ARGS(1);
+  return num(env, kh::close_fd((int)i64(info[0])));
+}
+
+Napi::Value Ioctl(const Napi::CallbackInfo &info) {
+  ARGS(2);
+  uint64_t arg = info.Length() > 2 ? u64(info[2]) : 0;
+  return num(env, kh::ioctl_int((int)i64(info[0]), (unsigned long)u64(info[1]), arg));
+}
+
+Napi::Value IoctlBuf(const Napi::CallbackInfo &info) {
+  ARGS(3);
+  uint8_t *d;
+  size_t n;
+  if (!bytes(info[2], &d, &n)) return fail(env, "ioctlBuf: third argument must be a buffer");
+  return num(env, kh::ioctl_ptr((int)i64(info[0]), (unsigned long)u64(info[1]), d));
+}
+
+// mmap(len, prot, flags, fd, offset) -> external ArrayBuffer, or -errno.
+Napi::Value Mmap(const Napi::CallbackInfo &info) {
+  ARGS(5);
+  size_t len = (size_t)i64(info[0]);
+  int64_t r = kh::map(len, (int)i64(info[1]), (int)i64(info[2]), (int)i64(info[3]), i64(info[4]));
+  if (r < 0) return num(env, r);
+  return Napi::ArrayBuffer::New(env, reinterpret_cast<void *>(r), len);
+}
+
+// munmap(arrayBuffer): detaches the buffer first so that no view can touch
+// the unmapped range afterwards.
+Napi::Value Munmap(const Napi::CallbackInfo &info) {
+  ARGS(1);
+  if (!info[0].IsArrayBuffer()) return fail(env, "munmap: argument must be an ArrayBuffer from mmap");
+  auto ab = info[0].As<Napi::ArrayBuffer>();
+  void *addr = ab.Data();
+  size_t len = ab.ByteLength();
+  if (addr == nullptr) return num(env, 0);  // already detached
+  ab.Detach();
+  return num(env, kh::unmap(addr, len));
+}
+
+Napi::Value AddressOf(const Napi::CallbackInfo &info) {
+  ARGS(1);
+  uint8_t *d;
+  size_t n;
+  if (!bytes(info[0], &d, &n)) return fail(env, "addressOf: argument must be a buffer");
+  return Napi::BigInt::New(env, (uint64_t)(uintptr_t)d);
+}
+
+// Range helpers: (buffer, offset, len, value).
+bool range(const Napi::CallbackInfo &info, uint8_t **p, size_t *len) {
+  uint8_t *d;
+  size_t n;
+  if (!bytes(info[0], &d, &n)) return false;
+  size_t off = (size_t)i64(info[1]);
+  size_t l = (size_t)i64(info[2]);
+  if (off > n || l > n - off) return false;
+  *p = d + off;
+  *len = l;
+  return true;
+}
+
+Napi::Value Madvise(const Napi::CallbackInfo &info) {
+  ARGS(4);
+  uint8_t *p;
+  size_t l;
+  if (!range(info, &p, &l)) return fail(env, "madvise: range outside the buffer");
+  return num(env, kh::advise(p, l, (int)i64(info[3])));
+}
+
+Napi::Value Mprotect(const Napi::CallbackInfo &info) {
+  ARGS(4);
+  uint8_t *p;
+  size_t l;
+  if (!range(info, &p, &l)) return fail(env, "mprotect: range outside the buffer");
+  return num(env, kh::protect(p, l, (int)i64(info[3])));
+}
+
+Napi::Value MemfdCreate(const Napi::CallbackInfo &info) {
+  ARGS(2);
+  std::string name = info[0].As<Napi::String>().Utf8Value();
+  return num(env, kh::memfd(name.c_str(), (unsigned)i64(info[1])));
+}
+
+Napi::Value Fallocate(const Napi::CallbackInfo &info) {
+  ARGS(4);
+  return num(env, kh::falloc((int)i64(info[0]), (int)i64(info[1]), i64(info[2]), i64(info[3])));
+}
+
+Napi::Value Ftruncate(const Napi::CallbackInfo &info) {
+  ARGS(2);
+  return num(env, kh::truncate_fd((int)i64(info[0]), i64(info[1])));
+}
+
+Napi::Value Pread(const Napi::CallbackInfo &info) {
+  ARGS(3);
+  uint8_t *d;
+  size_t n;
+  if (!bytes(info[1], &d, &n)) return fail(env, "pread: second argument must be a buffer");
+  return num(env, kh::pread_fd((int)i64(info[0]), d, n, i64(info[2])));
+}
+
+Napi::Value Write(const Napi::CallbackInfo &info) {
+  ARGS(2);
+  uint8_t *d;
+  size_t n;
+  if (!bytes(info[1], &d, &n)) return fail(env, "write: second argument must be a buffer");
+  return num(env, kh::write_fd((int)i64(info[0]), d, n));
+}
+
+Napi::Value Gettid(const Napi::CallbackInfo &info) { return num(info.Env(), kh::gettid_()); }
+Napi::Value KickInstall(const Napi::CallbackInfo &info) { return num(info.Env(), kh::kick_install()); }
+Napi::Value KickSignal(const Napi::CallbackInfo &info) { return num(info.Env(), kh::kick_signal()); }
+Napi::Value Kick(const Napi::CallbackInfo &info) {
+  ARGS(1);
+  return num(env, kh::kick(i64(info[0])));
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("open", Napi::Function::New(env, Open));
+  exports.Set("close", Napi::Function::New(env, Close));
+  exports.Set("ioctl", Napi::Function::New(env, Ioctl));
+  exports.Set("ioctlBuf", Napi::Function::New(env, IoctlBuf));
+  exports.Set("mmap", Napi::Function::New(env, Mmap));
+  exports.Set("munmap", Napi::Function::New(env, Munmap));
+  exports.Set("addressOf", Napi::Function::New(env, AddressOf));
+  exports.Set("madvise", Napi::Function::New(env, Madvise));
+  exports.Set("mprotect", Napi::Function::New(env, Mprotect));
+  exports.Set("memfdCreate", Napi::Function::New(env, MemfdCreate));
+  exports.Set("fallocate", Napi::Function::New(env, Fallocate));
+  exports.Set("ftruncate", Napi::Function::New(env, Ftruncate));
+  exports.Set("pread", Napi::Function::New(env, Pread));
+  exports.Set("write", Napi::Function::New(env, Write));
+  exports.Set("gettid", Napi::Function::New(env, Gettid));
+  exports.Set("kickInstall", Napi::Function::New(env, KickInstall));
+  exports.Set("kickSignal", Napi::Function::New(env, KickSignal));
+  exports.Set("kick", Napi::Function::New(env, Kick));
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(kvmharness, Init)

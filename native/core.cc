@@ -1,0 +1,62 @@
+#include "core.h"
+
+#include <cerrno>
+#include <csignal>
+#include <fcntl.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace kh {
+
+static inline int64_t ret(long r) { return r < 0 ? -errno : r; }
+
+int64_t open_dev(const char *path, int flags) { return ret(::open(path, flags | O_CLOEXEC)); }
+int64_t close_fd(int fd) { return ret(::close(fd)); }
+
+int64_t ioctl_int(int fd, unsigned long req, uint64_t arg) {
+  return ret(::ioctl(fd, req, (unsigned long)arg));
+}
+
+int64_t ioctl_ptr(int fd, unsigned long req, void *arg) { return ret(::ioctl(fd, req, arg)); }
+
+int64_t map(size_t len, int prot, int flags, int fd, int64_t offset) {
+  void *p = ::mmap(nullptr, len, prot, flags, fd, (off_t)offset);
+  if (p == MAP_FAILED) return -errno;
+  return (int64_t)(uintptr_t)p;
+}
+int64_t unmap(void *addr, size_t len) { return ret(::munmap(addr, len)); }
+int64_t advise(void *addr, size_t len, int advice) { return ret(::madvise(addr, len, advice)); }
+int64_t protect(void *addr, size_t len, int prot) { return ret(::mprotect(addr, len, prot)); }
+int64_t memfd(const char *name, unsigned flags) { return ret(::syscall(SYS_memfd_create, name, flags)); }
+int64_t falloc(int fd, int mode, int64_t offset, int64_t len) {
+  return ret(::fallocate(fd, mode, (off_t)offset, (off_t)len));
+}
+int64_t truncate_fd(int fd, int64_t len) { return ret(::ftruncate(fd, (off_t)len)); }
+int64_t pread_fd(int fd, void *buf, size_t len, int64_t off) { return ret(::pread(fd, buf, len, (off_t)off)); }
+int64_t write_fd(int fd, const void *buf, size_t len) { return ret(::write(fd, buf, len)); }
+
+int64_t gettid_() { return ::syscall(SYS_gettid); }
+
+// SIGUSR1 belongs to Node's inspector and SIGUSR2 is free for users' handlers;
+// a real-time signal above glibc's reserved ones stays out of everyone's way.
+int kick_signal() { return SIGRTMIN + 6; }
+
+static void on_kick(int) {}
+
+int64_t kick_install() {
+  static bool done = false;
+  if (done) return 0;
+  struct sigaction sa = {};
+  sa.sa_handler = on_kick;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = 0;  // no SA_RESTART: KVM_RUN must return -EINTR
+  if (::sigaction(kick_signal(), &sa, nullptr) < 0) return -errno;
+  done = true;
+  return 0;
+}
+
+int64_t kick(int64_t tid) { return ret(::syscall(SYS_tgkill, ::getpid(), (pid_t)tid, kick_signal())); }
+
+}  // namespace kh

@@ -1,0 +1,37 @@
+// kvmharness native core: raw system calls, nothing else.
+//
+// No N-API types here, so the same core links into a static agent binary.
+// Every function returns a non-negative result or -errno; naming the call and
+// turning the errno into an exception is the caller's business.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace kh {
+
+int64_t open_dev(const char *path, int flags);
+int64_t close_fd(int fd);
+// ioctl with an integer argument (or none).
+int64_t ioctl_int(int fd, unsigned long req, uint64_t arg);
+// ioctl with a pointer to a caller-owned buffer.
+int64_t ioctl_ptr(int fd, unsigned long req, void *arg);
+
+// mmap returns the address or -errno (addresses below 2^63 on every Linux ABI).
+int64_t map(size_t len, int prot, int flags, int fd, int64_t offset);
+int64_t unmap(void *addr, size_t len);
+int64_t advise(void *addr, size_t len, int advice);
+int64_t protect(void *addr, size_t len, int prot);
+int64_t memfd(const char *name, unsigned flags);
+int64_t falloc(int fd, int mode, int64_t offset, int64_t len);
+int64_t truncate_fd(int fd, int64_t len);
+int64_t pread_fd(int fd, void *buf, size_t len, int64_t off);
+int64_t write_fd(int fd, const void *buf, size_t len);
+
+int64_t gettid_();
+// Installs (once) the handler for the kick signal; KVM_RUN returns -EINTR when
+// it arrives, and immediate_exit covers the window before entry.
+int64_t kick_install();
+int kick_signal();
+int64_t kick(int64_t tid);
+
+}  // namespace kh
