@@ -1,0 +1,116 @@
+// KVM exits as one discriminated union, decoded from a vCPU's kvm_run page.
+import { EXIT, KVM_EXIT_IO_OUT, RUN } from './uapi.js';
+
+export type Exit =
+  | { reason: 'io'; direction: 'in' | 'out'; port: number; size: number; count: number; dataOffset: number; data: Uint8Array }
+  | { reason: 'mmio'; gpa: bigint; len: number; isWrite: boolean; data: Uint8Array }
+  | { reason: 'hlt' }
+  | { reason: 'shutdown' }
+  | { reason: 'internal_error'; suberror: number; data: bigint[] }
+  | { reason: 'fail_entry'; hardwareReason: bigint; cpu: number }
+  | { reason: 'memory_fault'; flags: bigint; gpa: bigint; size: bigint; private: boolean }
+  | { reason: 'system_event'; type: number; data: bigint[] }
+  | { reason: 'exception'; exception: number; errorCode: number }
+  | { reason: 'intr' }
+  | { reason: 'unknown'; raw: number };
+
+export type ExitReason = Exit['reason'];
+
+/** Decodes the exit in `run` (a view of the whole kvm_run mapping). */
+export function decodeExit(run: DataView): Exit {
+  const raw = run.getUint32(RUN.exit_reason, true);
+  const bytes = (off: number, len: number) => new Uint8Array(run.buffer, run.byteOffset + off, len).slice();
+  const u64s = (off: number, n: number) => Array.from({ length: Math.min(n, 16) }, (_, i) => run.getBigUint64(off + 8 * i, true));
+  switch (raw) {
+    case EXIT.KVM_EXIT_IO: {
+      const size = run.getUint8(RUN.io_size);
+      const count = run.getUint32(RUN.io_count, true);
+      const dataOffset = Number(run.getBigUint64(RUN.io_data_offset, true));
+      const direction = run.getUint8(RUN.io_direction) === KVM_EXIT_IO_OUT ? 'out' : 'in';
+      const len = size * count;
+      const data = dataOffset + len <= run.byteLength ? bytes(dataOffset, len) : new Uint8Array(0);
+      return { reason: 'io', direction, port: run.getUint16(RUN.io_port, true), size, count, dataOffset, data };
+    }
+    case EXIT.KVM_EXIT_MMIO: {
+      const len = run.getUint32(RUN.mmio_len, true);
+      return {
+        reason: 'mmio',
+        gpa: run.getBigUint64(RUN.mmio_phys_addr, true),
+        len,
+        isWrite: run.getUint8(RUN.mmio_is_write) !== 0,
+        data: bytes(RUN.mmio_data, Math.min(len, 8)),
+      };
+    }
+    case EXIT.KVM_EXIT_HLT:
+      return { reason: 'hlt' };
+    case EXIT.KVM_EXIT_SHUTDOWN:
+      return { reason: 'shutdown' };
+    case EXIT.KVM_EXIT_INTERNAL_ERROR:
+      return {
+        reason: 'internal_error',
+        suberror: run.getUint32(RUN.internal_suberror, true),
+        data: u64s(RUN.internal_data, run.getUint32(RUN.internal_ndata, true)),
+      };
+    case EXIT.KVM_EXIT_FAIL_ENTRY:
+      return {
+        reason: 'fail_entry',
+        hardwareReason: run.getBigUint64(RUN.fail_entry_reason, true),
+        cpu: run.getUint32(RUN.fail_entry_cpu, true),
+      };
+    case EXIT.KVM_EXIT_MEMORY_FAULT: {
+      const flags = run.getBigUint64(RUN.memory_fault_flags, true);
+      return {
+        reason: 'memory_fault',
+        flags,
+        gpa: run.getBigUint64(RUN.memory_fault_gpa, true),
+        size: run.getBigUint64(RUN.memory_fault_size, true),
+        private: (flags & 8n) !== 0n,
+      };
+    }
+    case EXIT.KVM_EXIT_SYSTEM_EVENT:
+      return {
+        reason: 'system_event',
+        type: run.getUint32(RUN.system_event_type, true),
+        data: u64s(RUN.system_event_data, run.getUint32(RUN.system_event_ndata, true)),
+      };
+    case EXIT.KVM_EXIT_EXCEPTION:
+      return { reason: 'exception', exception: run.getUint32(RUN.ex_exception, true), errorCode: run.getUint32(RUN.ex_error_code, true) };
+    case EXIT.KVM_EXIT_INTR:
+      return { reason: 'intr' };
+    default:
+      return { reason: 'unknown', raw };
+  }
+}
+
+export const INTERNAL_ERROR_SUBERRORS: Record<number, string> = {
+  1: 'emulation',
+  2: 'simultaneous exception',
+  3: 'delivery event',
+  4: 'unexpected exit reason',
+};
+
+/** One line describing an exit, for reports. */
+export function describeExit(e: Exit): string {
+  const hex = (v: bigint | number) => `0x${v.toString(16)}`;
+  const dataHex = (d: Uint8Array) => Buffer.from(d).toString('hex');
+  switch (e.reason) {
+    case 'io':
+      return `io ${e.direction} port ${hex(e.port)} size ${e.size} count ${e.count}${e.direction === 'out' ? ` data ${dataHex(e.data)}` : ''}`;
+    case 'mmio':
+      return `mmio ${e.isWrite ? 'write' : 'read'} gpa ${hex(e.gpa)} len ${e.len}${e.isWrite ? ` data ${dataHex(e.data.subarray(0, e.len))}` : ''}`;
+    case 'internal_error':
+      return `internal_error suberror ${e.suberror} (${INTERNAL_ERROR_SUBERRORS[e.suberror] ?? '?'}) data [${e.data.map(hex).join(', ')}]`;
+    case 'fail_entry':
+      return `fail_entry hardware reason ${hex(e.hardwareReason)} cpu ${e.cpu}`;
+    case 'memory_fault':
+      return `memory_fault gpa ${hex(e.gpa)} size ${hex(e.size)} flags ${hex(e.flags)}`;
+    case 'system_event':
+      return `system_event type ${e.type}`;
+    case 'exception':
+      return `exception ${e.exception} error code ${hex(e.errorCode)}`;
+    case 'unknown':
+      return `unknown exit reason ${e.raw}`;
+    default:
+      return e.reason;
+  }
+}

@@ -1,0 +1,88 @@
+// The one place that loads the native addon and turns its raw -errno results
+// into errors that name the call.
+import { createRequire } from 'node:module';
+import { existsSync, readFileSync } from 'node:fs';
+import { constants } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export interface Addon {
+  open(path: string, flags: number): number;
+  close(fd: number): number;
+  ioctl(fd: number, req: number, arg?: number | bigint): number;
+  ioctlBuf(fd: number, req: number, buf: ArrayBufferView | ArrayBuffer): number;
+  mmap(len: number, prot: number, flags: number, fd: number, offset: number): ArrayBuffer | number;
+  munmap(ab: ArrayBuffer): number;
+  addressOf(buf: ArrayBufferView | ArrayBuffer): bigint;
+  madvise(buf: ArrayBuffer, offset: number, len: number, advice: number): number;
+  mprotect(buf: ArrayBuffer, offset: number, len: number, prot: number): number;
+  memfdCreate(name: string, flags: number): number;
+  fallocate(fd: number, mode: number, offset: number, len: number): number;
+  ftruncate(fd: number, len: number): number;
+  pread(fd: number, buf: ArrayBufferView | ArrayBuffer, pos: number): number;
+  write(fd: number, buf: ArrayBufferView | ArrayBuffer): number;
+  gettid(): number;
+  kickInstall(): number;
+  kickSignal(): number;
+  kick(tid: number): number;
+}
+
+/** The package's root directory (where package.json and build/ live). */
+export const packageRoot: string = (() => {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const pj = join(dir, 'package.json');
+    if (existsSync(pj) && JSON.parse(readFileSync(pj, 'utf8')).name === 'kvmharness') return dir;
+    const up = dirname(dir);
+    if (up === dir) throw new Error('kvmharness: cannot find the package root');
+    dir = up;
+  }
+})();
+
+export const addonPath = join(packageRoot, 'build', 'Release', 'kvmharness.node');
+
+let loaded: Addon | undefined;
+export function addon(): Addon {
+  if (!loaded) {
+    if (!existsSync(addonPath)) {
+      throw new HostError(`the native addon is not built (${addonPath}); run \`npm install\` in ${packageRoot}`);
+    }
+    loaded = createRequire(import.meta.url)(addonPath) as Addon;
+  }
+  return loaded;
+}
+
+const errnoNames = new Map<number, string>();
+for (const [name, num] of Object.entries(constants.errno)) if (!errnoNames.has(num)) errnoNames.set(num, name);
+export function errnoName(errno: number): string {
+  return errnoNames.get(errno) ?? `errno ${errno}`;
+}
+
+/** A system call or ioctl failed; `call` names it, `errno` says how. */
+export class KvmError extends Error {
+  constructor(
+    readonly call: string,
+    readonly errno: number,
+    detail?: string,
+  ) {
+    super(`${call} failed: ${errnoName(errno)}${detail ? ` (${detail})` : ''}`);
+    this.name = 'KvmError';
+  }
+  get code(): string {
+    return errnoName(this.errno);
+  }
+}
+
+/** The host cannot do what was asked (no /dev/kvm, no permission, addon missing). */
+export class HostError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'HostError';
+  }
+}
+
+/** Returns r, or throws a KvmError naming the call when r is -errno. */
+export function check(call: string, r: number, detail?: string): number {
+  if (r < 0) throw new KvmError(call, -r, detail);
+  return r;
+}

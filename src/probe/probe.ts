@@ -1,0 +1,263 @@
+// The host profile: what KVM is here, and from that, which oracles this host
+// offers. Reads sysfs/procfs and asks KVM; changes nothing.
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { arch } from 'node:os';
+import { Kvm, type CpuidEntry } from '../kvm/kvm.js';
+import { CAP, type CapName } from '../kvm/uapi.js';
+
+export type Flavour = 'kvm_intel' | 'kvm_amd' | 'kvm_pvm' | 'arm64-vhe' | 'arm64-nvhe' | 'arm64-protected' | 'unknown';
+export type TracefsState = 'mounted' | 'mountable' | 'absent';
+
+export const ORACLES = [
+  'exits',
+  'exception_log',
+  'ad_bits',
+  'dirty_log',
+  'dirty_ring',
+  'translate',
+  'stats_faults',
+  'walker_tracepoints',
+  'tdp_spte_tracepoints',
+  'shadow_page_tracepoints',
+] as const;
+export type Oracle = (typeof ORACLES)[number];
+
+export interface OracleState {
+  available: boolean;
+  /** Why it is or is not available here. */
+  why: string;
+}
+
+export interface CpuFeatures {
+  vendor: string;
+  maxPhyAddr: number;
+  linearAddressBits: number;
+  nx: boolean;
+  smep: boolean;
+  smap: boolean;
+  pku: boolean;
+  la57: boolean;
+  pdpe1gb: boolean;
+}
+
+export interface HostProfile {
+  arch: string;
+  device: string;
+  flavour: Flavour;
+  tdp: { enabled: boolean; kind: 'ept' | 'npt' | 'stage2' | 'none' };
+  tdpMmu: boolean | null;
+  moduleParams: Record<string, string>;
+  apiVersion: number;
+  capabilities: Record<string, number>;
+  maxMemslots: number;
+  maxVcpus: number;
+  cpu: CpuFeatures | null;
+  thp: { enabled: string; defrag: string } | null;
+  hugetlb: Record<string, { total: number; free: number }>;
+  tracefs: { state: TracefsState; path: string; events: Record<string, boolean> };
+  oracles: Record<Oracle, OracleState>;
+}
+
+const read = (p: string): string | undefined => {
+  try {
+    return readFileSync(p, 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+};
+
+/** The bracketed choice of a sysfs selector like "always [madvise] never". */
+const selected = (s: string | undefined) => s?.match(/\[([^\]]+)\]/)?.[1] ?? s ?? 'unknown';
+
+const MEMORY_PARAMS: Record<string, string[]> = {
+  kvm: ['tdp_mmu', 'eager_page_split', 'nx_huge_pages', 'nx_huge_pages_recovery_ratio', 'mmio_caching', 'flush_on_reuse', 'eager_zap_unsync_children', 'allow_unsafe_mappings'],
+  kvm_intel: ['ept', 'eptad', 'pml', 'unrestricted_guest', 'nested'],
+  kvm_amd: ['npt', 'nested', 'avic'],
+  kvm_pvm: [],
+};
+
+export const TRACE_EVENTS = [
+  'kvmmmu/kvm_mmu_pagetable_walk',
+  'kvmmmu/kvm_mmu_paging_element',
+  'kvmmmu/kvm_mmu_set_accessed_bit',
+  'kvmmmu/kvm_mmu_set_dirty_bit',
+  'kvmmmu/kvm_mmu_walker_error',
+  'kvmmmu/kvm_mmu_get_page',
+  'kvmmmu/kvm_mmu_prepare_zap_page',
+  'kvmmmu/kvm_tdp_mmu_spte_changed',
+  'kvmmmu/kvm_mmu_set_spte',
+  'kvmmmu/kvm_mmu_spte_requested',
+  'kvm/kvm_page_fault',
+  'kvm/kvm_mmio',
+] as const;
+
+export function detectFlavour(mods: (name: string) => boolean, cmdline: string, machine: string): Flavour {
+  if (machine === 'arm64') {
+    const mode = cmdline.match(/kvm-arm\.mode=(\S+)/)?.[1];
+    if (mode === 'protected') return 'arm64-protected';
+    if (mode === 'nvhe') return 'arm64-nvhe';
+    return 'arm64-vhe';
+  }
+  for (const f of ['kvm_pvm', 'kvm_intel', 'kvm_amd'] as const) if (mods(f)) return f;
+  return 'unknown';
+}
+
+export function tracefsState(root = '/sys/kernel/tracing'): TracefsState {
+  if (existsSync(`${root}/events`)) return 'mounted';
+  const mountable = existsSync(root) && process.getuid?.() === 0 && (read('/proc/filesystems') ?? '').includes('tracefs');
+  return mountable ? 'mountable' : 'absent';
+}
+
+function cpuFeatures(entries: CpuidEntry[]): CpuFeatures {
+  const leaf = (fn: number, idx = 0) => entries.find((e) => e.function === fn && e.index === idx);
+  const l0 = leaf(0);
+  const vendor = l0
+    ? Buffer.from(new Uint32Array([l0.ebx, l0.edx, l0.ecx]).buffer).toString('latin1')
+    : 'unknown';
+  const l7 = leaf(7);
+  const e1 = leaf(0x80000001);
+  const e8 = leaf(0x80000008);
+  return {
+    vendor,
+    maxPhyAddr: e8 ? e8.eax & 0xff : 36,
+    linearAddressBits: e8 ? (e8.eax >> 8) & 0xff : 48,
+    nx: !!e1 && ((e1.edx >>> 20) & 1) === 1,
+    pdpe1gb: !!e1 && ((e1.edx >>> 26) & 1) === 1,
+    smep: !!l7 && ((l7.ebx >>> 7) & 1) === 1,
+    smap: !!l7 && ((l7.ebx >>> 20) & 1) === 1,
+    pku: !!l7 && ((l7.ecx >>> 3) & 1) === 1,
+    la57: !!l7 && ((l7.ecx >>> 16) & 1) === 1,
+  };
+}
+
+/** Derives the oracle list from the facts; pure so that it can be tested per host kind. */
+export function deriveOracles(p: Omit<HostProfile, 'oracles'>): Record<Oracle, OracleState> {
+  const yes = (why: string): OracleState => ({ available: true, why });
+  const no = (why: string): OracleState => ({ available: false, why });
+  const x86 = p.arch === 'x64';
+  const ev = (name: string) => p.tracefs.state === 'mounted' ? p.tracefs.events[name] === true : p.tracefs.state === 'mountable';
+  const tracefsWhy = p.tracefs.state === 'mountable' ? ' (tracefs not mounted; kvmharness mounts it as root)' : '';
+  const softwareWalker = p.flavour === 'kvm_pvm' || !p.tdp.enabled;
+  const o = {} as Record<Oracle, OracleState>;
+  o.exits = yes('KVM_RUN exit records');
+  o.exception_log = x86 ? yes('guest IDT handlers record vector, error code, CR2 and RIP') : no('x86 guest bring-up only');
+  o.ad_bits = x86 ? yes('guest page tables are read back from guest memory after each step') : no('x86 guest tables only');
+  o.dirty_log = yes('KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG');
+  o.dirty_ring = (p.capabilities.KVM_CAP_DIRTY_LOG_RING ?? 0) > 0 || (p.capabilities.KVM_CAP_DIRTY_LOG_RING_ACQ_REL ?? 0) > 0
+    ? yes(`KVM_CAP_DIRTY_LOG_RING = ${p.capabilities.KVM_CAP_DIRTY_LOG_RING}`)
+    : no('KVM_CAP_DIRTY_LOG_RING is 0');
+  o.translate = x86 ? yes('KVM_TRANSLATE walks the guest tables') : no('KVM_TRANSLATE is x86 only');
+  if (!p.capabilities.KVM_CAP_BINARY_STATS_FD) o.stats_faults = no('no binary stats fd');
+  else if (p.flavour === 'kvm_pvm') o.stats_faults = no('kvm_pvm: pf_* and pages_* do not count guest accesses (every guest instruction is emulated)');
+  else if (p.flavour === 'unknown') o.stats_faults = no('unknown KVM flavour');
+  else o.stats_faults = yes(`pf_* and pages_* count ${p.tdp.enabled ? 'TDP' : 'shadow'} faults`);
+  const walkerEvents = ['kvmmmu/kvm_mmu_pagetable_walk', 'kvmmmu/kvm_mmu_paging_element', 'kvmmmu/kvm_mmu_walker_error'].every(ev);
+  o.walker_tracepoints = !x86
+    ? no('x86 software walker only')
+    : !walkerEvents
+      ? no(p.tracefs.state === 'absent' ? 'tracefs absent' : 'kvmmmu walker events missing')
+      : yes((softwareWalker ? 'KVM walks guest tables in software for every guest access' : 'only for emulated accesses and KVM_TRANSLATE') + tracefsWhy);
+  o.tdp_spte_tracepoints = !p.tdp.enabled
+    ? no('no TDP on this host')
+    : p.tdpMmu === false
+      ? no('tdp_mmu is off: the legacy MMU does not fire kvm_tdp_mmu_spte_changed')
+      : ev('kvmmmu/kvm_tdp_mmu_spte_changed')
+        ? yes('kvm_tdp_mmu_spte_changed' + tracefsWhy)
+        : no(p.tracefs.state === 'absent' ? 'tracefs absent' : 'kvm_tdp_mmu_spte_changed missing');
+  o.shadow_page_tracepoints = p.tdp.enabled
+    ? no('TDP is on: no shadow pages for guest tables')
+    : ev('kvmmmu/kvm_mmu_get_page')
+      ? yes('kvm_mmu_get_page / prepare_zap_page for the shadow MMU' + tracefsWhy)
+      : no(p.tracefs.state === 'absent' ? 'tracefs absent' : 'kvm_mmu_get_page missing');
+  return o;
+}
+
+export function probe(device?: string): HostProfile {
+  const kvm = Kvm.open(device);
+  try {
+    const machine = arch();
+    const mods = (m: string) => existsSync(`/sys/module/${m}`);
+    const flavour = detectFlavour(mods, read('/proc/cmdline') ?? '', machine);
+    const param = (m: string, p: string) => read(`/sys/module/${m}/parameters/${p}`);
+    const moduleParams: Record<string, string> = {};
+    for (const [m, ps] of Object.entries(MEMORY_PARAMS)) {
+      if (!mods(m)) continue;
+      for (const p of ps) {
+        const v = param(m, p);
+        if (v !== undefined) moduleParams[`${m}.${p}`] = v;
+      }
+    }
+    const yn = (v: string | undefined) => v === 'Y' || v === '1' || v === 'y';
+    let tdp: HostProfile['tdp'];
+    if (flavour === 'kvm_intel') tdp = { enabled: yn(param('kvm_intel', 'ept')), kind: 'ept' };
+    else if (flavour === 'kvm_amd') tdp = { enabled: yn(param('kvm_amd', 'npt')), kind: 'npt' };
+    else if (flavour.startsWith('arm64')) tdp = { enabled: true, kind: 'stage2' };
+    else tdp = { enabled: false, kind: 'none' };
+    if (!tdp.enabled && tdp.kind !== 'stage2') tdp = { enabled: false, kind: 'none' };
+    const tdpMmuParam = param('kvm', 'tdp_mmu');
+    const vm = kvm.createVm();
+    const capabilities: Record<string, number> = {};
+    try {
+      for (const name of Object.keys(CAP) as CapName[]) capabilities[name] = vm.checkExtension(CAP[name]);
+    } finally {
+      vm.close();
+    }
+    const cpu = machine === 'x64' ? cpuFeatures(kvm.supportedCpuid()) : null;
+    const thpEnabled = read('/sys/kernel/mm/transparent_hugepage/enabled');
+    const hugetlb: HostProfile['hugetlb'] = {};
+    const hpDir = '/sys/kernel/mm/hugepages';
+    if (existsSync(hpDir)) {
+      for (const d of readdirSync(hpDir)) {
+        const size = d.replace(/^hugepages-/, '');
+        hugetlb[size] = { total: Number(read(`${hpDir}/${d}/nr_hugepages`) ?? 0), free: Number(read(`${hpDir}/${d}/free_hugepages`) ?? 0) };
+      }
+    }
+    const tstate = tracefsState();
+    const events: Record<string, boolean> = {};
+    if (tstate === 'mounted') for (const e of TRACE_EVENTS) events[e] = existsSync(`/sys/kernel/tracing/events/${e}/format`);
+    const base: Omit<HostProfile, 'oracles'> = {
+      arch: machine,
+      device: kvm.path,
+      flavour,
+      tdp,
+      tdpMmu: tdpMmuParam === undefined ? null : yn(tdpMmuParam) && tdp.enabled,
+      moduleParams,
+      apiVersion: kvm.apiVersion(),
+      capabilities,
+      maxMemslots: capabilities.KVM_CAP_NR_MEMSLOTS ?? 0,
+      maxVcpus: capabilities.KVM_CAP_MAX_VCPUS ?? 0,
+      cpu,
+      thp: thpEnabled ? { enabled: selected(thpEnabled), defrag: selected(read('/sys/kernel/mm/transparent_hugepage/defrag')) } : null,
+      hugetlb,
+      tracefs: { state: tstate, path: '/sys/kernel/tracing', events },
+    };
+    return { ...base, oracles: deriveOracles(base) };
+  } finally {
+    kvm.close();
+  }
+}
+
+export function formatProfile(p: HostProfile): string {
+  const lines: string[] = [];
+  const kv = (k: string, v: string) => lines.push(`${k.padEnd(18)} ${v}`);
+  kv('arch', p.arch);
+  kv('device', `${p.device} (API ${p.apiVersion})`);
+  kv('flavour', p.flavour);
+  kv('tdp', p.tdp.enabled ? `on (${p.tdp.kind})` : 'off (shadow MMU)');
+  kv('tdp_mmu', p.tdpMmu === null ? 'n/a' : p.tdpMmu ? 'on' : 'off');
+  kv('module params', Object.entries(p.moduleParams).map(([k, v]) => `${k}=${v}`).join(' '));
+  kv('memslots / vcpus', `${p.maxMemslots} / ${p.maxVcpus}`);
+  if (p.cpu) {
+    const c = p.cpu;
+    const f = (['nx', 'smep', 'smap', 'pku', 'la57', 'pdpe1gb'] as const).map((k) => `${k}=${c[k] ? 1 : 0}`).join(' ');
+    kv('guest cpu', `${c.vendor} maxphyaddr=${c.maxPhyAddr} ${f}`);
+  }
+  kv('thp', p.thp ? `${p.thp.enabled} (defrag ${p.thp.defrag})` : 'absent');
+  kv('hugetlb', Object.entries(p.hugetlb).map(([k, v]) => `${k}: ${v.free}/${v.total} free`).join(', ') || 'none');
+  kv('tracefs', p.tracefs.state);
+  lines.push('capabilities');
+  for (const [k, v] of Object.entries(p.capabilities)) lines.push(`  ${k.replace(/^KVM_CAP_/, '').padEnd(30)} ${v}`);
+  lines.push('oracles');
+  for (const [k, v] of Object.entries(p.oracles)) lines.push(`  ${k.padEnd(24)} ${v.available ? 'yes' : 'no '}  ${v.why}`);
+  return lines.join('\n');
+}
