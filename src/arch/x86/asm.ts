@@ -548,13 +548,13 @@ export class Asm {
   /** `rep stos [rdi], al/ax/eax/rax`: store rcx elements of rax at rdi. */
   repStos(size: Size): this {
     const s = this.sized(size, 'repStos');
-    return this.emit({ pfx: [0xf3, ...s.pfx], w: s.w, op: [0xaa | s.wbit] });
+    return this.emit({ pfx: [...s.pfx, 0xf3], w: s.w, op: [0xaa | s.wbit] });
   }
 
   /** `rep movs [rdi], [rsi]`: copy rcx elements from rsi to rdi. */
   repMovs(size: Size): this {
     const s = this.sized(size, 'repMovs');
-    return this.emit({ pfx: [0xf3, ...s.pfx], w: s.w, op: [0xa4 | s.wbit] });
+    return this.emit({ pfx: [...s.pfx, 0xf3], w: s.w, op: [0xa4 | s.wbit] });
   }
 
   // ---- raw data ------------------------------------------------------------

@@ -1,0 +1,176 @@
+// A long-mode x86-64 guest on one VM: memory, bring-up, a program, and the
+// guest -> host channel decoded into stops.
+import { describeExit, type Exit } from '../../kvm/exits.js';
+import { Kvm, Vcpu, Vm, type Backing, type CpuidEntry, type RunResult } from '../../kvm/kvm.js';
+import type { Asm } from './asm.js';
+import { bringUp, type BringUp, type BringUpOptions } from './bringup.js';
+import { CHANNEL_PORT, CONSOLE_PORT, EXC_LOG_CAPACITY, EXC_LOG_ENTRY, EXC_LOG_HEADER, LAYOUT, OP, VECTOR_NAMES } from './layout.js';
+
+export interface ExceptionRecord {
+  vector: number;
+  errorCode: bigint;
+  cr2: bigint;
+  rip: bigint;
+}
+
+export type GuestStop =
+  | { kind: 'done' }
+  | { kind: 'fail'; message: string }
+  | { kind: 'sync'; id: bigint; values: bigint[] }
+  | { kind: 'unexpected_exception'; record: ExceptionRecord | undefined }
+  | { kind: 'exit'; exit: Exit }
+  | { kind: 'timeout' };
+
+export interface GuestOptions extends BringUpOptions {
+  /** Size of memslot 0 at GPA 0 (default 4 MiB, the identity-mapped region). */
+  memSize?: number;
+  slotFlags?: number;
+  backing?: Backing;
+  /** CPUID for the vCPU (default: everything KVM supports). */
+  cpuid?: CpuidEntry[];
+}
+
+export function describeStop(s: GuestStop): string {
+  switch (s.kind) {
+    case 'fail':
+      return `guest failed: ${s.message}`;
+    case 'sync':
+      return `sync ${s.id}`;
+    case 'unexpected_exception':
+      return s.record ? `unexpected exception ${describeException(s.record)}` : 'unexpected exception (log empty)';
+    case 'exit':
+      return `exit: ${describeExit(s.exit)}`;
+    default:
+      return s.kind;
+  }
+}
+
+export function describeException(r: ExceptionRecord): string {
+  return `${VECTOR_NAMES[r.vector] || `vector ${r.vector}`} error code 0x${r.errorCode.toString(16)} cr2 0x${r.cr2.toString(16)} rip 0x${r.rip.toString(16)}`;
+}
+
+export class X86Guest {
+  readonly vcpu: Vcpu;
+  readonly boot: BringUp;
+  /** Guest console output collected so far. */
+  console = '';
+  private cpuid: CpuidEntry[];
+
+  constructor(
+    readonly vm: Vm,
+    opts: GuestOptions = {},
+  ) {
+    const memSize = opts.memSize ?? Number(LAYOUT.identityEnd);
+    vm.addMemslot({ slot: 0, gpa: 0n, size: memSize, flags: opts.slotFlags ?? 0, backing: opts.backing });
+    this.boot = bringUp(vm.mem, opts);
+    this.vcpu = vm.createVcpu(0);
+    this.cpuid = opts.cpuid ?? vm.kvm.supportedCpuid();
+    this.vcpu.setCpuid(this.cpuid);
+    this.vcpu.setSregs(this.boot.sregs(this.vcpu.getSregs()));
+  }
+
+  /** Creates a VM with one vCPU in long mode; close() releases everything. */
+  static create(kvm: Kvm, opts: GuestOptions = {}): X86Guest {
+    const vm = kvm.createVm();
+    try {
+      return new X86Guest(vm, opts);
+    } catch (e) {
+      vm.close();
+      throw e;
+    }
+  }
+
+  get mem() {
+    return this.vm.mem;
+  }
+
+  /** Writes a program at its origin and points RIP at it. */
+  load(program: Asm, entry?: bigint): void {
+    const { code } = program.assemble();
+    this.mem.write(BigInt(program.origin), code);
+    this.vcpu.setRegs(this.boot.regs(entry ?? BigInt(program.origin), this.vcpu.getRegs()));
+  }
+
+  /** Runs until the guest reports on its channel, or any other exit. */
+  async run(opts: { timeoutMs?: number } = {}): Promise<GuestStop> {
+    const r: RunResult = await this.vcpu.run({ timeoutMs: opts.timeoutMs ?? 10_000, consolePort: CONSOLE_PORT });
+    this.console += Buffer.from(r.console).toString('latin1');
+    if (r.timedOut) return { kind: 'timeout' };
+    const e = r.exit;
+    if (e.reason !== 'io' || e.port !== CHANNEL_PORT || e.direction !== 'out' || e.size !== 4) return { kind: 'exit', exit: e };
+    const op = new DataView(e.data.buffer, e.data.byteOffset, 4).getUint32(0, true);
+    const regs = this.vcpu.getRegs();
+    switch (op) {
+      case OP.done:
+        return { kind: 'done' };
+      case OP.fail:
+        return { kind: 'fail', message: this.readString(regs.rsi) };
+      case OP.sync:
+        return { kind: 'sync', id: regs.rdi, values: [regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9] };
+      case OP.exception:
+        return { kind: 'unexpected_exception', record: this.exceptions().at(-1) };
+      default:
+        return { kind: 'fail', message: `unknown channel op ${op}` };
+    }
+  }
+
+  /** Runs and expects the guest to finish with `done`; anything else throws with a description. */
+  async runToDone(opts: { timeoutMs?: number } = {}): Promise<void> {
+    const s = await this.run(opts);
+    if (s.kind !== 'done') throw new Error(`guest did not finish: ${describeStop(s)}`);
+  }
+
+  /** The exceptions the guest recorded since the log was last cleared. */
+  exceptions(): ExceptionRecord[] {
+    const count = this.mem.read32(LAYOUT.excLog);
+    const out: ExceptionRecord[] = [];
+    for (let i = 0; i < Math.min(count, EXC_LOG_CAPACITY); i++) {
+      const o = LAYOUT.excLog + BigInt(EXC_LOG_HEADER + i * EXC_LOG_ENTRY);
+      out.push({ vector: Number(this.mem.read64(o)), errorCode: this.mem.read64(o + 8n), cr2: this.mem.read64(o + 16n), rip: this.mem.read64(o + 24n) });
+    }
+    return out;
+  }
+
+  clearExceptions(): void {
+    this.mem.write32(LAYOUT.excLog, 0);
+  }
+
+  private readString(gpa: bigint, max = 512): string {
+    const s = this.vm.mem.slotOf(gpa);
+    if (!s) return `<message at unmapped 0x${gpa.toString(16)}>`;
+    const b = this.mem.bytes(gpa, Math.min(max, Number(s.gpa + BigInt(s.size) - gpa)));
+    const z = b.indexOf(0);
+    return Buffer.from(b.subarray(0, z < 0 ? b.length : z)).toString('latin1');
+  }
+
+  close(): void {
+    this.vm.close();
+  }
+}
+
+/** Guest-side helpers that emit the channel protocol into a program. */
+export const channel = {
+  done(a: Asm): Asm {
+    return a.movImm('rax', OP.done).movImm('rdx', CHANNEL_PORT).out(4, 'dx');
+  },
+  sync(a: Asm, id: number): Asm {
+    return a.movImm('rdi', id).movImm('rax', OP.sync).push('rdx').movImm('rdx', CHANNEL_PORT).out(4, 'dx').pop('rdx');
+  },
+  /** Reports failure with a message placed in the program's own bytes. */
+  fail(a: Asm, message: string): Asm {
+    const label = `msg_${a.size()}`;
+    const after = `${label}_after`;
+    return a.movLabel('rsi', label).movImm('rax', OP.fail).movImm('rdx', CHANNEL_PORT).out(4, 'dx')
+      .jmp(after).label(label).ascii(message).bytes([0]).label(after);
+  },
+  /**
+   * Emits `access` so that a fault in it resumes right after it: the fixup RIP
+   * is armed before and cleared after, whether or not the access faulted.
+   */
+  guarded(a: Asm, access: (a: Asm) => void): Asm {
+    const resume = `resume_${a.size()}`;
+    a.push('rax').movLabel('rax', resume).store(8, { disp: Number(LAYOUT.mailbox) }, 'rax').pop('rax');
+    access(a);
+    return a.label(resume).storeImm(8, { disp: Number(LAYOUT.mailbox) }, 0);
+  },
+};

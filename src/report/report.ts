@@ -1,0 +1,81 @@
+// Formatters only: a RunReport in, text out.
+import type { CheckResult, RunReport } from '../run/types.js';
+
+const MARK: Record<CheckResult['outcome'], string> = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A ', error: 'ERR ' };
+
+export function human(r: RunReport): string {
+  const out: string[] = [];
+  out.push(`host: ${r.host.flavour} on ${r.host.arch}, TDP ${r.host.tdp.enabled ? r.host.tdp.kind : 'off'}, tdp_mmu ${r.host.tdpMmu ? 'on' : 'off'} (${r.host.device})`);
+  const w = Math.max(10, ...r.checks.map((c) => c.name.length));
+  for (const c of r.checks) {
+    out.push(`${MARK[c.outcome]}  ${c.name.padEnd(w)}  ${c.durationMs.toFixed(1).padStart(8)} ms  ${c.description}`);
+    out.push(...detail(c).map((l) => `      ${l}`));
+  }
+  const s = r.summary;
+  out.push(`${s.passed} passed, ${s.failed} failed, ${s.notApplicable} not applicable, ${s.errors} errors (${(s.durationMs / 1000).toFixed(2)} s)`);
+  return out.join('\n');
+}
+
+/** The lines explaining a result that is not a plain pass. */
+function detail(c: CheckResult): string[] {
+  const lines: string[] = [];
+  if (c.outcome === 'not_applicable') lines.push(`not applicable here: ${c.reason}`);
+  if (c.outcome === 'error') lines.push(`error: ${c.reason}`);
+  for (const m of c.comparisons) {
+    if (m.ok) continue;
+    lines.push(`${m.what}: expected ${m.expected}`);
+    lines.push(`${' '.repeat(m.what.length)}  observed ${m.observed}`);
+  }
+  if (c.outcome !== 'pass') lines.push(...c.notes);
+  return lines;
+}
+
+export function json(r: RunReport): string {
+  return JSON.stringify(r, null, 2);
+}
+
+/** KTAP version 1, as the kernel's KUnit and kselftests print it. */
+export function ktap(r: RunReport): string {
+  const out = ['KTAP version 1', `1..${r.checks.length}`];
+  r.checks.forEach((c, i) => {
+    for (const l of detail(c)) out.push(`# ${l}`);
+    const name = c.name.replace(/#/g, '_');
+    if (c.outcome === 'not_applicable') out.push(`ok ${i + 1} ${name} # SKIP not applicable here: ${oneLine(c.reason ?? '')}`);
+    else out.push(`${c.outcome === 'pass' ? 'ok' : 'not ok'} ${i + 1} ${name}`);
+  });
+  const s = r.summary;
+  out.push(`# ${name(s.passed, s.failed, s.notApplicable, s.errors)}`);
+  return out.join('\n');
+}
+
+function name(p: number, f: number, n: number, e: number): string {
+  return `totals: pass:${p} fail:${f + e} skip:${n}`;
+}
+
+const oneLine = (s: string) => s.replace(/\s+/g, ' ');
+
+const xml = (s: string) =>
+  s.replace(/[&<>"']/g, (ch) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&apos;' })[ch]!);
+
+export function junit(r: RunReport): string {
+  const s = r.summary;
+  const out = [
+    '<?xml version="1.0" encoding="UTF-8"?>',
+    `<testsuites tests="${s.total}" failures="${s.failed}" errors="${s.errors}" skipped="${s.notApplicable}" time="${(s.durationMs / 1000).toFixed(3)}">`,
+    `  <testsuite name="kvmharness" hostname="${xml(r.host.flavour)}" tests="${s.total}" failures="${s.failed}" errors="${s.errors}" skipped="${s.notApplicable}" time="${(s.durationMs / 1000).toFixed(3)}">`,
+  ];
+  for (const c of r.checks) {
+    const open = `    <testcase classname="kvmharness.${xml(r.host.flavour)}" name="${xml(c.name)}" time="${(c.durationMs / 1000).toFixed(3)}"`;
+    const body = detail(c).join('\n');
+    if (c.outcome === 'pass') out.push(`${open}/>`);
+    else if (c.outcome === 'not_applicable') out.push(`${open}><skipped message="${xml(`not applicable here: ${oneLine(c.reason ?? '')}`)}"/></testcase>`);
+    else {
+      const tag = c.outcome === 'fail' ? 'failure' : 'error';
+      const first = c.comparisons.find((m) => !m.ok);
+      const msg = first ? `${first.what}: expected ${first.expected}, observed ${first.observed}` : (c.reason ?? c.outcome);
+      out.push(`${open}><${tag} message="${xml(oneLine(msg))}">${xml(body)}</${tag}></testcase>`);
+    }
+  }
+  out.push('  </testsuite>', '</testsuites>');
+  return out.join('\n');
+}

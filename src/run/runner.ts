@@ -1,0 +1,77 @@
+// Runs checks one after another: each gets a context that records
+// comparisons, the differ decides pass/fail, and nothing a check does can stop
+// the checks after it.
+import type { Kvm } from '../kvm/kvm.js';
+import { HostError } from '../kvm/sys.js';
+import type { HostProfile } from '../probe/probe.js';
+import { same, show } from './differ.js';
+import { NotApplicable, type Check, type CheckResult, type Comparison, type RunReport, type Tamper } from './types.js';
+
+export interface RunOptions {
+  tamper?: Tamper;
+  onResult?: (r: CheckResult) => void;
+}
+
+export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opts: RunOptions = {}): Promise<CheckResult> {
+  const t0 = performance.now();
+  const comparisons: Comparison[] = [];
+  const notes: string[] = [];
+  const result = (outcome: CheckResult['outcome'], reason?: string): CheckResult => ({
+    name: check.name,
+    description: check.description,
+    outcome,
+    comparisons,
+    reason,
+    notes,
+    durationMs: performance.now() - t0,
+  });
+  const missing = check.needs.filter((o) => !profile.oracles[o].available);
+  if (missing.length) {
+    return result('not_applicable', missing.map((o) => `${o}: ${profile.oracles[o].why}`).join('; '));
+  }
+  try {
+    await check.run({
+      kvm,
+      profile,
+      expect(what, expected, observed) {
+        const exp = opts.tamper ? opts.tamper(check.name, what, expected) : expected;
+        comparisons.push({ what, expected: show(exp), observed: show(observed), ok: same(exp, observed) });
+      },
+      note: (l) => notes.push(l),
+    });
+  } catch (e) {
+    if (e instanceof NotApplicable) return result('not_applicable', e.message);
+    if (e instanceof HostError) throw e;
+    return result('error', e instanceof Error ? e.message : String(e));
+  }
+  if (comparisons.length === 0) return result('error', 'the check compared nothing');
+  return result(comparisons.every((c) => c.ok) ? 'pass' : 'fail');
+}
+
+export async function runChecks(checks: readonly Check[], kvm: Kvm, profile: HostProfile, opts: RunOptions = {}): Promise<RunReport> {
+  const t0 = performance.now();
+  const results: CheckResult[] = [];
+  for (const c of checks) {
+    const r = await runCheck(c, kvm, profile, opts);
+    results.push(r);
+    opts.onResult?.(r);
+  }
+  const count = (o: CheckResult['outcome']) => results.filter((r) => r.outcome === o).length;
+  return {
+    host: { arch: profile.arch, flavour: profile.flavour, tdp: profile.tdp, tdpMmu: profile.tdpMmu, device: profile.device },
+    checks: results,
+    summary: {
+      total: results.length,
+      passed: count('pass'),
+      failed: count('fail'),
+      notApplicable: count('not_applicable'),
+      errors: count('error'),
+      durationMs: performance.now() - t0,
+    },
+  };
+}
+
+/** 0 when nothing failed or errored; 1 otherwise. */
+export function exitStatus(r: RunReport): 0 | 1 {
+  return r.summary.failed || r.summary.errors ? 1 : 0;
+}

@@ -1,0 +1,69 @@
+// What a check is, what it produced, and how a run is summarised.
+import type { Kvm } from '../kvm/kvm.js';
+import type { HostProfile, Oracle } from '../probe/probe.js';
+
+export type Outcome = 'pass' | 'fail' | 'not_applicable' | 'error';
+
+/** One expected-against-observed record; ok is decided by the differ, not the check. */
+export interface Comparison {
+  what: string;
+  expected: string;
+  observed: string;
+  ok: boolean;
+}
+
+export interface CheckResult {
+  name: string;
+  description: string;
+  outcome: Outcome;
+  comparisons: Comparison[];
+  /** Why the check is not applicable, or the error that stopped it. */
+  reason?: string;
+  notes: string[];
+  durationMs: number;
+}
+
+export interface Summary {
+  total: number;
+  passed: number;
+  failed: number;
+  notApplicable: number;
+  errors: number;
+  durationMs: number;
+}
+
+export interface RunReport {
+  host: Pick<HostProfile, 'arch' | 'flavour' | 'tdp' | 'tdpMmu'> & { device: string };
+  checks: CheckResult[];
+  summary: Summary;
+}
+
+/**
+ * Lets a caller replace an expectation before it is compared; tests use it to
+ * feed a deliberately wrong expectation and see the mismatch reported.
+ */
+export type Tamper = (check: string, what: string, expected: unknown) => unknown;
+
+export interface CheckContext {
+  kvm: Kvm;
+  profile: HostProfile;
+  /** Records a comparison; equality is structural, bigints and bytes included. */
+  expect(what: string, expected: unknown, observed: unknown): void;
+  note(line: string): void;
+}
+
+export interface Check {
+  name: string;
+  description: string;
+  /** Oracles the check needs; missing ones make it "not applicable here". */
+  needs: Oracle[];
+  run(ctx: CheckContext): Promise<void>;
+}
+
+/** Thrown by a check that finds at run time that its oracle is unavailable. */
+export class NotApplicable extends Error {
+  constructor(reason: string) {
+    super(reason);
+    this.name = 'NotApplicable';
+  }
+}
