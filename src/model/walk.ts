@@ -284,18 +284,52 @@ function compile(cfg: PagingConfig, faults?: ReadonlySet<ModelFault>): Compiled 
 
 // ---------------------------------------------------------------------------------
 // The walk.
+//
+// Speed: every bigint <-> number conversion goes through one 8-byte scratch buffer
+// viewed both as a u64 and as two u32 halves, which costs far less than bigint
+// shifts and masks. The scratch is never relied on across the readPte() call, so a
+// re-entrant readPte cannot corrupt a walk.
 
-const U64_MAX = (1n << 64n) - 1n;
 const TWO32 = 4294967296;
-// divisor that turns a virtual page number (gva >> 12) into the index at a level
-const LEVEL_DIV = [0, 1, 2 ** 9, 2 ** 18, 2 ** 27, 2 ** 36];
-const PAGE_SIZE_NUM = [0, 2 ** 12, 2 ** 21, 2 ** 30];
+const SCRATCH64 = new BigUint64Array(1);
+const SCRATCH32 = new Uint32Array(SCRATCH64.buffer); // [0] = low half, [1] = high half (little endian)
+if (new Uint8Array(new Uint32Array([1]).buffer)[0] !== 1) throw new Error('walk model assumes a little-endian host');
+// offset mask of the page a leaf at a level maps (4 KiB, 2 MiB, 1 GiB)
+const PAGE_OFFSET_MASK = [0, 2 ** 12 - 1, 2 ** 21 - 1, 2 ** 30 - 1];
 const PAGE_SIZE_BIG = [0n, 1n << 12n, 1n << 21n, 1n << 30n];
-// low 32 bits of each entry read, by level (scratch; the walk is synchronous)
-const LO = new Int32Array(6);
 
-function fault(errorCode: number, cr2: bigint, levels: WalkLevel[], reason: string): WalkResult {
-  return { ok: false, errorCode, cr2, levels, adWrites: [], reason };
+// Protection-fault cause bits, and their reason strings (built once per combination).
+const C_USER = 1, C_WRITE = 2, C_NX = 4, C_SMEP = 8, C_SMAP = 16, C_PK = 32;
+const CAUSE_NAMES = ['user', 'write', 'nx', 'smep', 'smap', 'pk'];
+const REASONS: string[] = [];
+for (let m = 0; m < 64; m++) {
+  REASONS.push(`protection:${CAUSE_NAMES.filter((_, i) => m & (1 << i)).join(',')}`);
+}
+
+function u64(lo: number, hi: number): bigint {
+  SCRATCH32[0] = lo;
+  SCRATCH32[1] = hi;
+  return SCRATCH64[0]!;
+}
+
+function fault(errorCode: number, gLo: number, gHi: number, levels: WalkLevel[], reason: string): WalkResult {
+  return { ok: false, errorCode, cr2: u64(gLo, gHi), levels, adWrites: [], reason };
+}
+
+/** Index into the table at `level` for the address whose halves are lo/hi (bits 12+9(level-1) .. +8). */
+function indexAt(level: number, lo: number, hi: number): number {
+  switch (level) {
+    case 1:
+      return (lo >>> 12) & 511;
+    case 2:
+      return (lo >>> 21) & 511;
+    case 3:
+      return ((lo >>> 30) | (hi << 2)) & 511;
+    case 4:
+      return (hi >>> 7) & 511;
+    default:
+      return (hi >>> 16) & 511;
+  }
 }
 
 function isCanonical(c: Compiled, hi: number): boolean {
@@ -304,10 +338,10 @@ function isCanonical(c: Compiled, hi: number): boolean {
 }
 
 function run(c: Compiled, cr3: bigint, access: Access, readPte: ReadPte): WalkResult {
-  let gva = access.gva;
-  if (gva < 0n || gva > U64_MAX) gva = BigInt.asUintN(64, gva);
-  const gLo = Number(BigInt.asUintN(32, gva));
-  const gHi = Number(gva >> 32n);
+  // Split the address (stores into a BigUint64Array reduce modulo 2^64).
+  SCRATCH64[0] = access.gva;
+  const gLo = SCRATCH32[0]!;
+  const gHi = SCRATCH32[1]!;
 
   // Canonical check of the first and (when a size is given) the last byte.
   let canonical = isCanonical(c, gHi);
@@ -317,7 +351,7 @@ function run(c: Compiled, cr3: bigint, access: Access, readPte: ReadPte): WalkRe
     const lastHi = (gHi + Math.floor(lastLo / TWO32)) % TWO32;
     canonical = isCanonical(c, lastHi);
   }
-  if (!canonical) return fault(NON_CANONICAL, gva, [], 'non-canonical');
+  if (!canonical) return fault(NON_CANONICAL, gLo, gHi, [], 'non-canonical');
 
   const kind = access.kind;
   const write = kind === 'write';
@@ -326,13 +360,10 @@ function run(c: Compiled, cr3: bigint, access: Access, readPte: ReadPte): WalkRe
   const user = access.cpl === 3 && !implicit;
   const baseEc = (write ? PFERR.W : 0) | (user ? PFERR.U : 0) | (fetch ? c.fetchI : 0);
 
-  // Virtual page number; exact in a double (at most 52 bits).
-  const vpn = gHi * 1048576 + Math.floor(gLo / 4096);
-
   // Root table: CR3 bits 51:12 (KVM: gpte_to_gfn on the guest pgd).
-  const cLo = Number(BigInt.asUintN(32, cr3));
-  const cHi = Number(BigInt.asUintN(32, cr3 >> 32n));
-  let table = (cHi & 0xfffff) * TWO32 + (cLo - (cLo % 4096));
+  SCRATCH64[0] = cr3;
+  let tLo = (SCRATCH32[0]! & 0xfffff000) >>> 0;
+  let tHi = SCRATCH32[1]! & 0xfffff;
 
   const levels: WalkLevel[] = [];
   let level = c.levels;
@@ -342,32 +373,34 @@ function run(c: Compiled, cr3: bigint, access: Access, readPte: ReadPte): WalkRe
   let lo = 0;
   let hi = 0;
   for (;;) {
-    const idx = Math.floor(vpn / LEVEL_DIV[level]!) % 512;
-    const pteGpa = BigInt(table + idx * 8);
+    SCRATCH32[0] = tLo + indexAt(level, gLo, gHi) * 8;
+    SCRATCH32[1] = tHi;
+    const pteGpa = SCRATCH64[0]!;
     const pte = readPte(pteGpa);
-    lo = Number(BigInt.asUintN(32, pte));
-    hi = Number(pte >> 32n) >>> 0;
+    SCRATCH64[0] = pte;
+    lo = SCRATCH32[0]!;
+    hi = SCRATCH32[1]!;
 
     if ((lo & 1) === 0) {
       levels.push({ level, pteGpa, pte, leaf: false });
-      return fault(baseEc, gva, levels, 'not-present');
+      return fault(baseEc, gLo, gHi, levels, 'not-present');
     }
     const ps = (lo >>> 7) & 1;
     const k = level * 2 + ps;
     if ((lo & c.rsvdLo[k]!) !== 0 || (hi & c.rsvdHi[k]!) !== 0) {
       levels.push({ level, pteGpa, pte, leaf: false });
-      if (c.rsvdAsNp) return fault(baseEc, gva, levels, 'not-present');
-      return fault(PFERR.RSVD | PFERR.P | baseEc, gva, levels, 'reserved');
+      if (c.rsvdAsNp) return fault(baseEc, gLo, gHi, levels, 'not-present');
+      return fault(PFERR.RSVD | PFERR.P | baseEc, gLo, gHi, levels, 'reserved');
     }
     // Past the reserved check, PS = 1 can only remain at level 2 or 3.
     const leaf = level === 1 || ps === 1;
     levels.push({ level, pteGpa, pte, leaf });
-    LO[level] = lo;
     perm &= lo;
     xdOr |= hi;
     allLo &= lo;
     if (leaf) break;
-    table = (hi & 0xfffff) * TWO32 + (lo - (lo % 4096));
+    tLo = (lo & 0xfffff000) >>> 0;
+    tHi = hi & 0xfffff;
     level--;
   }
 
@@ -377,33 +410,27 @@ function run(c: Compiled, cr3: bigint, access: Access, readPte: ReadPte): WalkRe
   const effX = !c.nxe || c.ignoreNx || (xdOr & 0x80000000) === 0;
   const sup = !user;
 
-  const fUser = user && !effU;
-  const fWrite = write && !effW && (user || c.wp);
-  const fNx = fetch && !effX;
-  const fSmep = fetch && sup && c.smep && effU;
-  const fSmap =
-    !fetch && sup && c.smap && effU && !(access.eflagsAc === true && !implicit && access.cpl !== 3);
-  let fPk = false;
-  if (c.pke && !fetch && effU) {
-    const key = (hi >>> 27) & 0xf;
-    const rights = (c.pkru >>> (key * 2)) & 3;
-    fPk = (rights & 1) !== 0 || ((rights & 2) !== 0 && write && (user || c.wp));
+  let causes = 0;
+  if (user && !effU) causes |= C_USER;
+  if (write && !effW && (user || c.wp)) causes |= C_WRITE;
+  if (fetch) {
+    if (!effX) causes |= C_NX;
+    if (sup && c.smep && effU) causes |= C_SMEP;
+  } else if (effU) {
+    if (sup && c.smap && !(access.eflagsAc === true && !implicit && access.cpl !== 3)) causes |= C_SMAP;
+    if (c.pke) {
+      const rights = (c.pkru >>> (((hi >>> 27) & 0xf) * 2)) & 3; // key = leaf bits 62:59
+      if ((rights & 1) !== 0 || ((rights & 2) !== 0 && write && (user || c.wp))) causes |= C_PK;
+    }
   }
-  if (fUser || fWrite || fNx || fSmep || fSmap || fPk) {
-    const causes: string[] = [];
-    if (fUser) causes.push('user');
-    if (fWrite) causes.push('write');
-    if (fNx) causes.push('nx');
-    if (fSmep) causes.push('smep');
-    if (fSmap) causes.push('smap');
-    if (fPk) causes.push('pk');
-    return fault(PFERR.P | (fPk ? PFERR.PK : 0) | baseEc, gva, levels, `protection:${causes.join(',')}`);
+  if (causes !== 0) {
+    const ec = PFERR.P | ((causes & C_PK) !== 0 ? PFERR.PK : 0) | baseEc;
+    return fault(ec, gLo, gHi, levels, REASONS[causes]!);
   }
 
-  // Translation.
-  const pageSizeNum = PAGE_SIZE_NUM[level]!;
-  const frame = (hi & 0xfffff) * TWO32 + (lo - (lo % pageSizeNum));
-  const gpa = BigInt(frame + (gLo % pageSizeNum));
+  // Translation: leaf frame + offset within the page.
+  const offMask = PAGE_OFFSET_MASK[level]!;
+  const gpa = u64(((lo & ~offMask) | (gLo & offMask)) >>> 0, hi & 0xfffff);
 
   // Accessed/Dirty, root first (update_accessed_dirty_bits iterates max_level down).
   const setD = (write || c.dirtyOnRead) && (lo & 0x40) === 0;
@@ -412,7 +439,7 @@ function run(c: Compiled, cr3: bigint, access: Access, readPte: ReadPte): WalkRe
     for (let i = 0; i < levels.length; i++) {
       const l = levels[i]!;
       let add = 0n;
-      if ((LO[l.level]! & 0x20) === 0 && (l.leaf || !c.noAccessedUpper)) add = PTE_A;
+      if ((l.pte & PTE_A) === 0n && (l.leaf || !c.noAccessedUpper)) add = PTE_A;
       if (l.leaf && setD) add |= PTE_D;
       if (add !== 0n) adWrites.push({ level: l.level, pteGpa: l.pteGpa, old: l.pte, new: l.pte | add });
     }

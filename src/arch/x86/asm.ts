@@ -411,7 +411,7 @@ export class Asm {
   /** `mov byte/word/dword/qword [m], imm`; a qword immediate is a sign-extended imm32. */
   storeImm(size: Size, m: Mem, imm: number | bigint): this {
     const s = this.sized(size, 'storeImm');
-    const value = checked(imm, size === 8 ? S32 : anyInt(size * 8), `immediate for a ${size}-byte store`);
+    const value = checked(imm, size === 8 ? S32 : anyInt(size * 8), `${size}-byte store immediate`);
     return this.emit({ pfx: s.pfx, w: s.w, op: [0xc6 | s.wbit], reg: 0, rm: m, imm: { value, size: size === 8 ? 4 : size } });
   }
 

@@ -115,8 +115,7 @@ function handlers(): { code: Uint8Array; stubs: number[] } {
     .iretq()
     .label('unexpected')
     .movImm('rax', OP.exception)
-    .movImm('rdx', CHANNEL_PORT)
-    .out(4, 'dx')
+    .out(4, CHANNEL_PORT)
     .label('stuck')
     .hlt()
     .jmp('stuck');

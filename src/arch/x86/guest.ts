@@ -151,16 +151,17 @@ export class X86Guest {
 /** Guest-side helpers that emit the channel protocol into a program. */
 export const channel = {
   done(a: Asm): Asm {
-    return a.movImm('rax', OP.done).movImm('rdx', CHANNEL_PORT).out(4, 'dx');
+    return a.movImm('rax', OP.done).out(4, CHANNEL_PORT);
   },
+  /** Stops with id in rdi and values in rsi, rdx, rcx, r8, r9 (rax and rdi are clobbered). */
   sync(a: Asm, id: number): Asm {
-    return a.movImm('rdi', id).movImm('rax', OP.sync).push('rdx').movImm('rdx', CHANNEL_PORT).out(4, 'dx').pop('rdx');
+    return a.movImm('rdi', id).movImm('rax', OP.sync).out(4, CHANNEL_PORT);
   },
   /** Reports failure with a message placed in the program's own bytes. */
   fail(a: Asm, message: string): Asm {
     const label = `msg_${a.size()}`;
     const after = `${label}_after`;
-    return a.movLabel('rsi', label).movImm('rax', OP.fail).movImm('rdx', CHANNEL_PORT).out(4, 'dx')
+    return a.movLabel('rsi', label).movImm('rax', OP.fail).out(4, CHANNEL_PORT)
       .jmp(after).label(label).ascii(message).bytes([0]).label(after);
   },
   /**
