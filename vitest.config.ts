@@ -3,10 +3,11 @@ import { defineConfig } from 'vitest/config';
 export default defineConfig({
   test: {
     include: ['test/**/*.test.ts'],
-    testTimeout: 60_000,
-    hookTimeout: 60_000,
-    // KVM tests create VMs and vCPU threads; keep files in one process at a time
-    // so that a 2-core machine is not oversubscribed and timings stay sane.
+    globalSetup: ['test/support/build.ts'],
+    testTimeout: 120_000,
+    hookTimeout: 120_000,
+    // KVM tests create VMs and vCPU threads; one file at a time keeps a 2-core
+    // machine from being oversubscribed.
     fileParallelism: false,
   },
 });

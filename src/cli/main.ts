@@ -1,4 +1,3 @@
-#!/usr/bin/env node
 // kvmharness command line: thin; parsing and exit codes only.
 import { Command, CommanderError, Option } from 'commander';
 import { writeFileSync } from 'node:fs';
@@ -92,9 +91,4 @@ export async function main(argv: string[]): Promise<number> {
     if (process.env.KVMHARNESS_DEBUG && e instanceof Error && !(e instanceof HostError) && !(e instanceof UsageError)) process.stderr.write(`${e.stack}\n`);
     return 2;
   }
-}
-
-const isEntry = process.argv[1] && import.meta.url.endsWith(process.argv[1].replace(/.*\/dist\//, '/dist/'));
-if (isEntry || process.argv[1]?.endsWith('kvmharness')) {
-  main(process.argv.slice(2)).then((code) => process.exit(code));
 }

@@ -1,0 +1,272 @@
+// `npm run bench`: the harness against a C reference on the same KVM work, a
+// leak check over many VM lifecycles, and the pure-model benches.
+//
+//   node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N]
+//
+// stdout: a table, or with --json exactly one JSON array. Progress goes to stderr.
+// Exit status 0 whether or not targets are met; 1 only if the bench itself failed.
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
+import { Kvm } from '../src/kvm/kvm.js';
+import { packageRoot } from '../src/kvm/sys.js';
+import { exitRoundtrip, lifecycleOnce, vmLifecycle } from './kvm.js';
+import { benchModelWalks } from './walk.js';
+
+interface Entry {
+  name: string;
+  unit: string;
+  value: number | null;
+  reference?: number;
+  ratio?: number;
+  note?: string;
+}
+
+interface Target {
+  text: string;
+  met: (e: Entry) => boolean;
+}
+
+const TARGETS: Record<string, Target> = {
+  exit_roundtrip: { text: 'ratio <= 1.10', met: (e) => e.ratio !== undefined && e.ratio <= 1.1 },
+  vm_lifecycle: { text: 'ratio <= 1.15', met: (e) => e.ratio !== undefined && e.ratio <= 1.15 },
+  vm_lifecycle_fd_growth: { text: '= 0', met: (e) => e.value === 0 },
+  vm_lifecycle_rss_growth_mb: { text: '< 20 MB', met: (e) => e.value !== null && e.value < 20 },
+  model_walks_per_s: { text: '>= 2,000,000', met: (e) => e.value !== null && e.value >= 2_000_000 },
+  tdp_iter_1m_gfn_ms: { text: '<= 50 ms', met: (e) => e.value !== null && e.value <= 50 },
+};
+
+interface Options {
+  json: boolean;
+  rounds: number;
+  exits: number;
+  lifecycles: number;
+  leak: number;
+}
+
+function parseArgs(argv: string[]): Options {
+  const o: Options = { json: false, rounds: 7, exits: 30_000, lifecycles: 300, leak: 10_000 };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    const int = (): number => {
+      const v = Number(argv[++i]);
+      if (!Number.isInteger(v) || v <= 0) throw new Error(`${a} needs a positive integer`);
+      return v;
+    };
+    if (a === '--json') o.json = true;
+    else if (a === '--rounds') o.rounds = int();
+    else if (a === '--exits') o.exits = int();
+    else if (a === '--lifecycles') o.lifecycles = int();
+    else if (a === '--leak') o.leak = int();
+    else if (a === '--help' || a === '-h') {
+      process.stderr.write('usage: node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N]\n');
+      process.exit(0);
+    } else throw new Error(`unknown argument ${a}`);
+  }
+  return o;
+}
+
+const progress = (s: string): void => void process.stderr.write(`bench: ${s}\n`);
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+const fmt = (x: number, digits = 2): string => x.toFixed(digits);
+const spread = (xs: number[], digits = 2): string => `min ${fmt(Math.min(...xs), digits)} median ${fmt(median(xs), digits)} max ${fmt(Math.max(...xs), digits)}`;
+
+/** Builds bench/ref/ref.c into a temporary directory; returns the program's path. */
+function buildReference(dir: string): string {
+  const cc = process.env.CC || 'cc';
+  const src = join(packageRoot, 'bench', 'ref', 'ref.c');
+  const out = join(dir, 'ref');
+  try {
+    execFileSync(cc, ['-O2', '-o', out, src], { stdio: ['ignore', 'ignore', 'pipe'] });
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException & { stderr?: Buffer };
+    if (err.code === 'ENOENT') throw new Error(`no C compiler: \`${cc}\` was not found (install gcc, or set CC) — it is needed to build the C reference ${src}`);
+    throw new Error(`building the C reference failed: ${cc} -O2 -o ${out} ${src}\n${err.stderr?.toString() ?? err.message}`);
+  }
+  return out;
+}
+
+function runReference(ref: string, bench: 'exit_roundtrip' | 'vm_lifecycle', n: number): number {
+  const out = execFileSync(ref, [bench, String(n)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  const r = JSON.parse(out.trim()) as { ns_per_exit?: number; us_per_lifecycle?: number };
+  const v = bench === 'exit_roundtrip' ? r.ns_per_exit! / 1e3 : r.us_per_lifecycle!;
+  if (!Number.isFinite(v)) throw new Error(`the C reference printed no result: ${out}`);
+  return v;
+}
+
+/** global.gc, or the same function obtained without --expose-gc on the command line. */
+function findGc(): (() => void) | undefined {
+  const g = (globalThis as { gc?: () => void }).gc;
+  if (typeof g === 'function') return g;
+  try {
+    setFlagsFromString('--expose-gc');
+    const f = runInNewContext('gc') as unknown;
+    return typeof f === 'function' ? (f as () => void) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+const openFds = (): number => readdirSync('/proc/self/fd').length;
+const settle = (): Promise<void> => new Promise((r) => setTimeout(r, 50));
+
+async function kvmBenches(kvm: Kvm, o: Options): Promise<Entry[]> {
+  const dir = mkdtempSync(join(tmpdir(), 'kvmharness-bench-'));
+  try {
+    progress('building the C reference');
+    const ref = buildReference(dir);
+
+    const cExit: number[] = [], hExit: number[] = [], hExitThread: number[] = [];
+    const cLife: number[] = [], hLife: number[] = [];
+    for (let i = 0; i < o.rounds; i++) {
+      progress(`exit_roundtrip round ${i + 1}/${o.rounds} (${o.exits} exits, C then harness)`);
+      cExit.push(runReference(ref, 'exit_roundtrip', o.exits));
+      const h = await exitRoundtrip(kvm, o.exits);
+      hExit.push(h.usPerExit);
+      hExitThread.push(h.threadUsPerExit);
+    }
+    for (let i = 0; i < o.rounds; i++) {
+      progress(`vm_lifecycle round ${i + 1}/${o.rounds} (${o.lifecycles} lifecycles, C then harness)`);
+      cLife.push(runReference(ref, 'vm_lifecycle', o.lifecycles));
+      hLife.push(await vmLifecycle(kvm, o.lifecycles));
+    }
+    progress(`exit_roundtrip µs/exit: C ${spread(cExit)}; harness ${spread(hExit)}; harness vCPU thread loop ${spread(hExitThread)}`);
+    progress(`vm_lifecycle µs: C ${spread(cLife, 0)}; harness ${spread(hLife, 0)}`);
+
+    const entries: Entry[] = [];
+    const withRef = (name: string, unit: string, h: number[], c: number[]): Entry => {
+      const value = median(h), reference = median(c);
+      return { name, unit, value: round(value, 3), reference: round(reference, 3), ratio: round(value / reference, 3) };
+    };
+    entries.push(withRef('exit_roundtrip', 'us/exit', hExit, cExit));
+    entries.push(withRef('vm_lifecycle', 'us', hLife, cLife));
+
+    // Leak check: many lifecycles in this process (the vCPU thread already exists).
+    const gc = findGc();
+    if (!gc) progress('no gc() available: RSS is read without a forced collection');
+    await lifecycleOnce(kvm);
+    await settle();
+    gc?.();
+    const fd0 = openFds(), rss0 = process.memoryUsage().rss;
+    const t0 = process.hrtime.bigint();
+    for (let i = 0; i < o.leak; i++) {
+      await lifecycleOnce(kvm);
+      if ((i + 1) % 2000 === 0) progress(`leak check: ${i + 1}/${o.leak} lifecycles, ${openFds()} fds, RSS ${fmt(process.memoryUsage().rss / 2 ** 20, 1)} MiB`);
+    }
+    const leakUs = Number(process.hrtime.bigint() - t0) / o.leak / 1e3;
+    await settle();
+    gc?.();
+    gc?.();
+    const fd1 = openFds(), rss1 = process.memoryUsage().rss;
+    progress(`leak check: ${o.leak} lifecycles at ${fmt(leakUs, 0)} µs each; fds ${fd0} -> ${fd1}; RSS ${fmt(rss0 / 2 ** 20, 1)} -> ${fmt(rss1 / 2 ** 20, 1)} MiB${gc ? ' (after gc)' : ''}`);
+    entries.push({ name: 'vm_lifecycle_fd_growth', unit: 'count', value: fd1 - fd0 });
+    entries.push({ name: 'vm_lifecycle_rss_growth_mb', unit: 'MB', value: round((rss1 - rss0) / 2 ** 20, 2) });
+    return entries;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+const round = (x: number, digits: number): number => Number(x.toFixed(digits));
+
+const KVM_ENTRIES: [string, string][] = [
+  ['exit_roundtrip', 'us/exit'],
+  ['vm_lifecycle', 'us'],
+  ['vm_lifecycle_fd_growth', 'count'],
+  ['vm_lifecycle_rss_growth_mb', 'MB'],
+];
+
+// bench/tdp.ts is loaded at run time through a computed specifier so that this
+// file builds whether or not that module exists yet; when it is missing the
+// entry is reported with a note instead of a value.
+const TDP_MODULE = './tdp.js';
+async function benchTdp(): Promise<Entry> {
+  let mod: { benchTdpIter?: () => Entry | Promise<Entry> };
+  try {
+    mod = (await import(TDP_MODULE)) as typeof mod;
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    if (err.code !== 'ERR_MODULE_NOT_FOUND') throw e;
+    return { name: 'tdp_iter_1m_gfn_ms', unit: 'ms', value: null, note: 'bench/tdp.ts is not built (dist/bench/tdp.js missing)' };
+  }
+  if (typeof mod.benchTdpIter !== 'function') {
+    return { name: 'tdp_iter_1m_gfn_ms', unit: 'ms', value: null, note: 'bench/tdp.ts does not export benchTdpIter' };
+  }
+  return await mod.benchTdpIter();
+}
+
+function table(entries: Entry[]): string {
+  const rows = [['bench', 'value', 'unit', 'C reference', 'ratio', 'target', 'met']];
+  for (const e of entries) {
+    const t = TARGETS[e.name];
+    const value = e.value === null ? `not available here: ${e.note ?? ''}` : e.value >= 1e5 ? Math.round(e.value).toLocaleString('en-US') : String(e.value);
+    rows.push([
+      e.name,
+      value,
+      e.value === null ? '' : e.unit,
+      e.reference === undefined ? '' : String(e.reference),
+      e.ratio === undefined ? '' : fmt(e.ratio, 3),
+      t?.text ?? '',
+      e.value === null || !t ? '-' : t.met(e) ? 'yes' : 'NO',
+    ]);
+  }
+  const widths = rows[0]!.map((_, j) => Math.max(...rows.filter((r) => !r[1]!.startsWith('not available')).map((r) => r[j]!.length)));
+  return rows
+    .map((r) => (r[1]!.startsWith('not available') ? `${r[0]!.padEnd(widths[0]!)}  ${r[1]}` : r.map((c, j) => c.padEnd(widths[j]!)).join('  ').trimEnd()))
+    .join('\n');
+}
+
+async function main(): Promise<number> {
+  const o = parseArgs(process.argv.slice(2));
+  const entries: Entry[] = [];
+  let failed = false;
+
+  let kvm: Kvm | undefined;
+  let unavailable: string | undefined;
+  try {
+    kvm = Kvm.open();
+  } catch (e) {
+    unavailable = (e as Error).message;
+  }
+  if (kvm) {
+    try {
+      entries.push(...(await kvmBenches(kvm, o)));
+    } catch (e) {
+      failed = true;
+      progress(`KVM benches failed: ${(e as Error).message}`);
+      for (const [name, unit] of KVM_ENTRIES) entries.push({ name, unit, value: null, note: `failed: ${(e as Error).message.split('\n')[0]}` });
+    } finally {
+      kvm.close();
+    }
+  } else {
+    progress(`KVM benches: not available here: ${unavailable}`);
+    for (const [name, unit] of KVM_ENTRIES) entries.push({ name, unit, value: null, note: unavailable });
+  }
+
+  progress('model_walks_per_s');
+  entries.push(benchModelWalks());
+  progress('tdp_iter_1m_gfn_ms');
+  const tdp = await benchTdp();
+  if (tdp.value === null) progress(`tdp_iter_1m_gfn_ms skipped: ${tdp.note}`);
+  entries.push(tdp);
+
+  if (o.json) process.stdout.write(`${JSON.stringify(entries)}\n`);
+  else process.stdout.write(`${table(entries)}\n`);
+  return failed ? 1 : 0;
+}
+
+main().then(
+  (code) => process.exit(code),
+  (e: unknown) => {
+    process.stderr.write(`bench: ${(e as Error)?.stack ?? String(e)}\n`);
+    process.exit(1);
+  },
+);

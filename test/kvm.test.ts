@@ -1,0 +1,181 @@
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { readdirSync } from 'node:fs';
+import { Kvm, type Vm } from '../src/kvm/kvm.js';
+import { KvmError } from '../src/kvm/sys.js';
+import { CAP, MEM, RUN } from '../src/kvm/uapi.js';
+import { describeKvm } from './support/kvm.js';
+
+const fds = () => readdirSync('/proc/self/fd').length;
+
+/** A real-mode VM whose code at 0x1000 is `bytes`. */
+function realMode(kvm: Kvm, bytes: number[], flags = 0): Vm {
+  const vm = kvm.createVm();
+  vm.addMemslot({ slot: 0, gpa: 0n, size: 0x10000, flags });
+  vm.mem.write(0x1000n, bytes);
+  const v = vm.createVcpu();
+  const sr = v.getSregs();
+  v.setSregs({ ...sr, cs: { ...sr.cs, base: 0n, selector: 0 } });
+  v.setRegs({ ...v.getRegs(), rip: 0x1000n, rflags: 2n });
+  return vm;
+}
+
+describeKvm('KVM binding', () => {
+  let kvm: Kvm;
+  beforeAll(() => {
+    kvm = Kvm.open();
+  });
+  afterAll(() => kvm.close());
+
+  it('reports API version 12 and a vCPU mmap size of at least one page', () => {
+    expect(kvm.apiVersion()).toBe(12);
+    expect(kvm.vcpuMmapSize()).toBeGreaterThanOrEqual(4096);
+  });
+
+  it('names the ioctl and errno when KVM refuses', () => {
+    const vm = kvm.createVm();
+    try {
+      // Unaligned GPA: KVM answers EINVAL.
+      expect(() => vm.setUserMemoryRegion(0, 0, 0x123n, 0x1000n, 0n)).toThrowError(new KvmError('KVM_SET_USER_MEMORY_REGION', 22, 'slot 0'));
+      expect(() => vm.setUserMemoryRegion(0, 0, 0x123n, 0x1000n, 0n)).toThrow(/^KVM_SET_USER_MEMORY_REGION failed: EINVAL/);
+    } finally {
+      vm.close();
+    }
+  });
+
+  it('runs a real-mode guest: io exit with data, then hlt', async () => {
+    const vm = realMode(kvm, [0xb0, 0x42, 0xe6, 0x10, 0xf4]);
+    try {
+      const v = vm.vcpus[0]!;
+      const r1 = await v.run();
+      expect(r1.exit).toMatchObject({ reason: 'io', direction: 'out', port: 0x10, size: 1, count: 1 });
+      expect(r1.exit.reason === 'io' && [...r1.exit.data]).toEqual([0x42]);
+      expect((await v.run()).exit).toEqual({ reason: 'hlt' });
+    } finally {
+      vm.close();
+    }
+  });
+
+  it('collects console output inside the vCPU thread', async () => {
+    // mov al, 'A'; out 0xe9, al; inc al; cmp al, 'E'; jne -8; hlt
+    const vm = realMode(kvm, [0xb0, 0x41, 0xe6, 0xe9, 0xfe, 0xc0, 0x3c, 0x45, 0x75, 0xf8, 0xf4]);
+    try {
+      const r = await vm.vcpus[0]!.run({ consolePort: 0xe9 });
+      expect(Buffer.from(r.console).toString()).toBe('ABCD');
+      expect(r.exit.reason).toBe('hlt');
+      expect(r.exits).toBe(5);
+    } finally {
+      vm.close();
+    }
+  });
+
+  it('kicks a spinning vCPU at the time limit and clears immediate_exit', async () => {
+    const vm = realMode(kvm, [0xeb, 0xfe]); // jmp $
+    try {
+      const v = vm.vcpus[0]!;
+      const r = await v.run({ timeoutMs: 100 });
+      expect(r.timedOut).toBe(true);
+      expect(r.exit.reason).toBe('intr');
+      expect(v.runView.getUint8(RUN.immediate_exit)).toBe(0);
+      // An explicit kick from the main thread also stops it.
+      const p = v.run({ timeoutMs: 10_000 });
+      setTimeout(() => v.kick(), 50);
+      const k = await p;
+      expect(k.exit.reason).toBe('intr');
+      expect(k.timedOut).toBe(false);
+    } finally {
+      vm.close();
+    }
+  });
+
+  it('keeps guest memory views, dirty log and CLEAR_DIRTY_LOG consistent', async () => {
+    // mov byte [0x3000], al ; mov byte [0x5000], al ; hlt
+    const vm = realMode(kvm, [0xa2, 0x00, 0x30, 0xa2, 0x00, 0x50, 0xf4], MEM.KVM_MEM_LOG_DIRTY_PAGES);
+    try {
+      expect((await vm.vcpus[0]!.run()).exit.reason).toBe('hlt');
+      const log = vm.getDirtyLog(0);
+      const pages = [...log].flatMap((b, i) => [0, 1, 2, 3, 4, 5, 6, 7].filter((j) => b & (1 << j)).map((j) => i * 8 + j));
+      expect(pages).toEqual([3, 5]);
+      expect([...vm.getDirtyLog(0)].every((b) => b === 0)).toBe(true);
+    } finally {
+      vm.close();
+    }
+  });
+
+  it('harvests the dirty ring when the host offers it', async () => {
+    const vm = kvm.createVm();
+    try {
+      if (!vm.checkExtension(CAP.KVM_CAP_DIRTY_LOG_RING)) return;
+      vm.enableDirtyRing(4096 * 4);
+      vm.addMemslot({ slot: 0, gpa: 0n, size: 0x10000, flags: MEM.KVM_MEM_LOG_DIRTY_PAGES });
+      vm.mem.write(0x1000n, [0xa2, 0x00, 0x70, 0xf4]); // mov [0x7000], al; hlt
+      const v = vm.createVcpu();
+      const sr = v.getSregs();
+      v.setSregs({ ...sr, cs: { ...sr.cs, base: 0n, selector: 0 } });
+      v.setRegs({ ...v.getRegs(), rip: 0x1000n, rflags: 2n });
+      expect((await v.run()).exit.reason).toBe('hlt');
+      expect(v.harvestDirtyRing()).toEqual([{ slot: 0, asId: 0, offset: 7n }]);
+      vm.resetDirtyRings();
+      expect(v.harvestDirtyRing()).toEqual([]);
+    } finally {
+      vm.close();
+    }
+  });
+
+  it('reads VM and vCPU stats by name, with deltas', async () => {
+    const vm = realMode(kvm, [0x90, 0x90, 0x90, 0xf4]);
+    try {
+      const v = vm.vcpus[0]!;
+      const s = v.stats();
+      expect(s.has('exits')).toBe(true);
+      const before = s.read();
+      await v.run();
+      const after = s.read();
+      expect((after.get('exits') as bigint) - (before.get('exits') as bigint)).toBeGreaterThan(0n);
+      expect(vm.stats().descs.map((d) => d.name)).toContain('remote_tlb_flush');
+    } finally {
+      vm.close();
+    }
+  });
+
+  it('creates and closes VMs without leaking fds', async () => {
+    const start = fds();
+    for (let i = 0; i < 50; i++) {
+      const vm = realMode(kvm, [0xf4]);
+      await vm.vcpus[0]!.run();
+      vm.stats();
+      vm.close();
+    }
+    expect(fds()).toBe(start);
+  });
+
+  it('moves and deletes memslots and sees the new layout', () => {
+    const vm = kvm.createVm();
+    try {
+      vm.addMemslot({ slot: 3, gpa: 0x100000n, size: 0x2000 });
+      vm.mem.write64(0x100008n, 0xabcn);
+      vm.moveMemslot(3, 0x200000n);
+      expect(vm.mem.read64(0x200008n)).toBe(0xabcn);
+      expect(() => vm.mem.read64(0x100008n)).toThrow(/not inside one memslot/);
+      vm.deleteMemslot(3);
+      expect(vm.slots.size).toBe(0);
+    } finally {
+      vm.close();
+    }
+  });
+
+  it('creates a guest_memfd where KVM offers one, or says why not', () => {
+    const vm = kvm.createVm();
+    try {
+      if (!vm.checkExtension(CAP.KVM_CAP_GUEST_MEMFD)) return;
+      // The default VM type may refuse guest_memfd; either outcome is named.
+      try {
+        const fd = vm.createGuestMemfd(0x10000n);
+        expect(fd).toBeGreaterThan(0);
+      } catch (e) {
+        expect((e as Error).message).toMatch(/^KVM_CREATE_GUEST_MEMFD failed: E[A-Z]+/);
+      }
+    } finally {
+      vm.close();
+    }
+  });
+});

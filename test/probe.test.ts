@@ -1,0 +1,63 @@
+import { describe, expect, it } from 'vitest';
+import { deriveOracles, detectFlavour, type HostProfile } from '../src/probe/probe.js';
+
+type Base = Omit<HostProfile, 'oracles'>;
+const base: Base = {
+  arch: 'x64',
+  device: '/dev/kvm',
+  flavour: 'kvm_pvm',
+  tdp: { enabled: false, kind: 'none' },
+  tdpMmu: false,
+  moduleParams: {},
+  apiVersion: 12,
+  capabilities: { KVM_CAP_BINARY_STATS_FD: 1, KVM_CAP_DIRTY_LOG_RING: 1 << 20 },
+  maxMemslots: 32764,
+  maxVcpus: 1024,
+  cpu: null,
+  thp: null,
+  hugetlb: {},
+  tracefs: { state: 'mountable', path: '/sys/kernel/tracing', events: {} },
+};
+const avail = (p: Base) => Object.fromEntries(Object.entries(deriveOracles(p)).map(([k, v]) => [k, v.available]));
+
+describe('probe', () => {
+  it('detects the flavour from loaded modules and the arm64 command line', () => {
+    expect(detectFlavour((m) => m === 'kvm_pvm', '', 'x64')).toBe('kvm_pvm');
+    expect(detectFlavour((m) => m === 'kvm_amd', '', 'x64')).toBe('kvm_amd');
+    expect(detectFlavour(() => false, 'quiet kvm-arm.mode=nvhe', 'arm64')).toBe('arm64-nvhe');
+    expect(detectFlavour(() => false, 'kvm-arm.mode=protected', 'arm64')).toBe('arm64-protected');
+    expect(detectFlavour(() => false, '', 'arm64')).toBe('arm64-vhe');
+    expect(detectFlavour(() => false, '', 'x64')).toBe('unknown');
+  });
+
+  it('kvm_pvm: software walker and shadow pages, no fault stats, no TDP events', () => {
+    expect(avail(base)).toEqual({
+      exits: true, exception_log: true, ad_bits: true, dirty_log: true, dirty_ring: true, translate: true,
+      stats_faults: false, walker_tracepoints: true, tdp_spte_tracepoints: false, shadow_page_tracepoints: true,
+    });
+  });
+
+  it('kvm_amd with NPT and the TDP MMU: SPTE events and fault stats, no shadow pages', () => {
+    const p: Base = {
+      ...base,
+      flavour: 'kvm_amd',
+      tdp: { enabled: true, kind: 'npt' },
+      tdpMmu: true,
+      tracefs: { state: 'mounted', path: '/sys/kernel/tracing', events: { 'kvmmmu/kvm_tdp_mmu_spte_changed': true, 'kvmmmu/kvm_mmu_pagetable_walk': true, 'kvmmmu/kvm_mmu_paging_element': true, 'kvmmmu/kvm_mmu_walker_error': true } },
+    };
+    const o = avail(p);
+    expect(o).toMatchObject({ stats_faults: true, tdp_spte_tracepoints: true, shadow_page_tracepoints: false, walker_tracepoints: true });
+    expect(deriveOracles(p).walker_tracepoints.why).toMatch(/only for emulated accesses/);
+    expect(avail({ ...p, tdpMmu: false }).tdp_spte_tracepoints).toBe(false);
+  });
+
+  it('no tracefs means no tracepoint oracle of any kind', () => {
+    const o = avail({ ...base, tracefs: { state: 'absent', path: '', events: {} } });
+    expect(o).toMatchObject({ walker_tracepoints: false, tdp_spte_tracepoints: false, shadow_page_tracepoints: false });
+  });
+
+  it('a mounted tracefs without the kvmmmu events offers no walker oracle', () => {
+    const o = avail({ ...base, tracefs: { state: 'mounted', path: '/sys/kernel/tracing', events: {} } });
+    expect(o.walker_tracepoints).toBe(false);
+  });
+});

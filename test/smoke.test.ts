@@ -1,0 +1,55 @@
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { SMOKE } from '../src/checks/smoke.js';
+import { Kvm } from '../src/kvm/kvm.js';
+import { probe, type HostProfile } from '../src/probe/probe.js';
+import { runCheck } from '../src/run/runner.js';
+import type { Tamper } from '../src/run/types.js';
+import { describeKvm } from './support/kvm.js';
+
+/** Makes an expectation wrong in a way that cannot be equal to what was observed. */
+function wrong(v: unknown): unknown {
+  if (typeof v === 'bigint') return v + 1n;
+  if (typeof v === 'number') return v + 1;
+  if (typeof v === 'string') return `${v}-not`;
+  if (typeof v === 'boolean') return !v;
+  if (v instanceof Uint8Array) return Uint8Array.from([...v, 0xee]);
+  if (Array.isArray(v)) return [...v, 'extra'];
+  return { ...(v as object), tampered: true };
+}
+
+describeKvm('smoke suite on this host', () => {
+  let kvm: Kvm;
+  let profile: HostProfile;
+  beforeAll(() => {
+    kvm = Kvm.open();
+    profile = probe();
+  });
+  afterAll(() => kvm.close());
+
+  it('has at least 7 checks with unique names', () => {
+    const names = SMOKE.map((c) => c.name);
+    expect(names.length).toBeGreaterThanOrEqual(7);
+    expect(new Set(names).size).toBe(names.length);
+  });
+
+  for (const check of SMOKE) {
+    it(`${check.name} passes`, async () => {
+      const r = await runCheck(check, kvm, profile);
+      const why = [r.reason, ...r.comparisons.filter((c) => !c.ok).map((c) => `${c.what}: expected ${c.expected} observed ${c.observed}`)].join('\n');
+      expect(r.outcome, why).toBe('pass');
+      expect(r.comparisons.length).toBeGreaterThan(0);
+    });
+
+    it(`${check.name} reports a deliberately wrong expectation`, async () => {
+      // Each comparison of the check in turn gets a wrong expectation; the
+      // check must fail and name exactly that comparison.
+      const clean = await runCheck(check, kvm, profile);
+      for (const target of clean.comparisons.map((c) => c.what)) {
+        const tamper: Tamper = (_c, what, expected) => (what === target ? wrong(expected) : expected);
+        const r = await runCheck(check, kvm, profile, { tamper });
+        expect(r.outcome, `tampering with '${target}'`).toBe('fail');
+        expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toEqual([target]);
+      }
+    });
+  }
+});
