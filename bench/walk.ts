@@ -134,7 +134,7 @@ export function buildBenchSet(seed = 1): BenchSet {
     } else if (r < 0.9) {
       gva = highBase + 509n * 0x4000_0000n + off; // reserved bit
     } else if (r < 0.95) {
-      gva = BigInt(2 + Math.floor(rand() * 500)) << 39n; // not present at PML4
+      gva = BigInt(2 + Math.floor(rand() * 254)) << 39n; // not present at PML4
     } else {
       gva = lowBase + BigInt(Math.floor(rand() * 8 * 512)) * 0x1000n + off; // kernel page from CPL 3
       cpl = 3;

@@ -2,7 +2,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { readdirSync } from 'node:fs';
 import { Kvm, type Vm } from '../src/kvm/kvm.js';
 import { KvmError } from '../src/kvm/sys.js';
-import { CAP, MEM, RUN } from '../src/kvm/uapi.js';
+import { CAP, MADV, MEM, RUN } from '../src/kvm/uapi.js';
 import { describeKvm } from './support/kvm.js';
 
 const fds = () => readdirSync('/proc/self/fd').length;
@@ -173,6 +173,66 @@ describeKvm('KVM binding', () => {
         expect(fd).toBeGreaterThan(0);
       } catch (e) {
         expect((e as Error).message).toMatch(/^KVM_CREATE_GUEST_MEMFD failed: E[A-Z]+/);
+      }
+    } finally {
+      vm.close();
+    }
+  });
+});
+
+describeKvm('host memory behind memslots', () => {
+  let kvm: Kvm;
+  beforeAll(() => {
+    kvm = Kvm.open();
+  });
+  afterAll(() => kvm.close());
+
+  it('MADV_DONTNEED drops anonymous pages: the guest then reads zeroes', async () => {
+    // mov al, [0x3000]; out 0x10, al; hlt
+    const vm = realMode(kvm, [0xa0, 0x00, 0x30, 0xe6, 0x10, 0xf4]);
+    try {
+      vm.mem.write(0x3000n, [0x5a]);
+      vm.memslot(0).madvise(0x3000, 0x1000, MADV.DONTNEED);
+      const r = await vm.vcpus[0]!.run();
+      expect(r.exit.reason === 'io' && [...r.exit.data]).toEqual([0]);
+    } finally {
+      vm.close();
+    }
+  });
+
+  it('punching a hole in a memfd backing zeroes it for host and guest', async () => {
+    const vm = kvm.createVm();
+    try {
+      const s = vm.addMemslot({ slot: 0, gpa: 0n, size: 0x10000, backing: { kind: 'memfd' } });
+      expect(s.memfd).toBeGreaterThan(0);
+      vm.mem.write(0x4000n, [1, 2, 3, 4]);
+      s.punchHole(0x4000, 0x1000);
+      expect([...vm.mem.bytes(0x4000n, 4)]).toEqual([0, 0, 0, 0]);
+    } finally {
+      vm.close();
+    }
+  });
+
+  it('names bad ranges and missing backings', () => {
+    const vm = kvm.createVm();
+    try {
+      const s = vm.addMemslot({ slot: 0, gpa: 0n, size: 0x4000 });
+      expect(() => s.madvise(0x3000, 0x2000, MADV.DONTNEED)).toThrow(/madvise: range \+0x3000\/0x2000 is not page-aligned inside memslot 0/);
+      expect(() => s.punchHole(0, 0x1000)).toThrow(/memslot 0 is not backed by a memfd/);
+      expect(() => vm.addMemslot({ slot: 1, gpa: 0x10000n, size: 0x1001 })).toThrow(/memslot 1: size 0x1001 is not a positive multiple of 4 KiB/);
+    } finally {
+      vm.close();
+    }
+  });
+
+  it('hugetlb backing works or fails naming mmap and the errno', () => {
+    const vm = kvm.createVm();
+    try {
+      try {
+        const s = vm.addMemslot({ slot: 0, gpa: 0n, size: 0x200000, backing: { kind: 'hugetlb', pageSize: '2M' } });
+        expect(s.size).toBe(0x200000);
+      } catch (e) {
+        expect((e as Error).message).toMatch(/^mmap\(hugetlb 2M\) failed: E[A-Z]+/);
       }
     } finally {
       vm.close();

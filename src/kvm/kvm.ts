@@ -6,7 +6,7 @@ import { decodeRegs, decodeSregs, encodeRegs, encodeSregs, type Regs, type Sregs
 import { StatsReader } from './stats.js';
 import { VcpuThread } from './thread.js';
 import {
-  CAP, FALLOC, IOCTL, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_LOG_PAGE_OFFSET,
+  CAP, EXIT, FALLOC, IOCTL, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_LOG_PAGE_OFFSET,
   MADV, MAP, MEM, MFD, O_RDWR, PROT, RUN, SIZEOF,
 } from './uapi.js';
 
@@ -144,6 +144,27 @@ export class Memslot {
   }
   contains(gpa: bigint, len = 1): boolean {
     return gpa >= this.gpa && gpa + BigInt(len) <= this.gpa + BigInt(this.size);
+  }
+  private range(call: string, offset: number, len: number): void {
+    if (offset < 0 || len <= 0 || offset + len > this.size || offset % PAGE_SIZE) {
+      throw new RangeError(`${call}: range +0x${offset.toString(16)}/0x${len.toString(16)} is not page-aligned inside memslot ${this.slot} (0x${this.size.toString(16)} bytes)`);
+    }
+  }
+  /** madvise() on part of the backing (MADV.DONTNEED, HUGEPAGE, NOHUGEPAGE, ...). */
+  madvise(offset: number, len: number, advice: number): void {
+    this.range('madvise', offset, len);
+    check('madvise', addon().madvise(this.memory, offset, len, advice), `memslot ${this.slot}`);
+  }
+  /** mprotect() on part of the backing (PROT bits). */
+  mprotect(offset: number, len: number, prot: number): void {
+    this.range('mprotect', offset, len);
+    check('mprotect', addon().mprotect(this.memory, offset, len, prot), `memslot ${this.slot}`);
+  }
+  /** fallocate(PUNCH_HOLE) on a memfd-backed slot's file. */
+  punchHole(offset: number, len: number): void {
+    this.range('fallocate', offset, len);
+    if (this.memfd < 0) throw new Error(`memslot ${this.slot} is not backed by a memfd`);
+    punchHole(this.memfd, offset, len);
   }
 }
 
@@ -574,7 +595,10 @@ export class Vcpu {
         clearTimeout(timer);
         this.runView.setUint8(RUN.immediate_exit, 0);
       }
-      if (reply.ret < 0 && reply.ret !== -4 /* EINTR */) throw new KvmError('KVM_RUN', -reply.ret);
+      // KVM_RUN fails with EFAULT and fills kvm_run for a memory-fault exit
+      // (KVM_CAP_MEMORY_FAULT_INFO); that is an exit to report, not an error.
+      const memoryFault = reply.ret === -14 && this.runView.getUint32(RUN.exit_reason, true) === EXIT.KVM_EXIT_MEMORY_FAULT;
+      if (reply.ret < 0 && reply.ret !== -4 /* EINTR */ && !memoryFault) throw new KvmError('KVM_RUN', -reply.ret);
       const exit: Exit = reply.ret === -4 ? { reason: 'intr' } : decodeExit(this.runView);
       return { exit, timedOut: timedOut && exit.reason === 'intr', exits: reply.exits, console: reply.console, ns: reply.ns };
     } finally {

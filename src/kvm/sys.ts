@@ -86,3 +86,11 @@ export function check(call: string, r: number, detail?: string): number {
   if (r < 0) throw new KvmError(call, -r, detail);
   return r;
 }
+
+/** The host does not offer what a check or a guest needs: "not applicable here", never a pass. */
+export class NotApplicable extends Error {
+  constructor(reason: string) {
+    super(reason);
+    this.name = 'NotApplicable';
+  }
+}

@@ -439,8 +439,7 @@ function run(c: Compiled, cr3: bigint, access: Access, readPte: ReadPte): WalkRe
     for (let i = 0; i < levels.length; i++) {
       const l = levels[i]!;
       let add = 0n;
-      if ((l.pte & PTE_A) === 0n) add = PTE_A;
-      if (l.leaf && (l.pte & PTE_A) === 0n) add = PTE_A;
+      if ((l.pte & PTE_A) === 0n && (l.leaf || !c.noAccessedUpper)) add = PTE_A;
       if (l.leaf && setD) add |= PTE_D;
       if (add !== 0n) adWrites.push({ level: l.level, pteGpa: l.pteGpa, old: l.pte, new: l.pte | add });
     }

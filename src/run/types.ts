@@ -60,10 +60,4 @@ export interface Check {
   run(ctx: CheckContext): Promise<void>;
 }
 
-/** Thrown by a check that finds at run time that its oracle is unavailable. */
-export class NotApplicable extends Error {
-  constructor(reason: string) {
-    super(reason);
-    this.name = 'NotApplicable';
-  }
-}
+export { NotApplicable } from '../kvm/sys.js';

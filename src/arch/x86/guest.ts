@@ -4,6 +4,7 @@ import { describeExit, type Exit } from '../../kvm/exits.js';
 import { Kvm, Vcpu, Vm, type Backing, type CpuidEntry, type RunResult } from '../../kvm/kvm.js';
 import type { Asm } from './asm.js';
 import { bringUp, type BringUp, type BringUpOptions } from './bringup.js';
+import { NotApplicable } from '../../kvm/sys.js';
 import { CHANNEL_PORT, CONSOLE_PORT, EXC_LOG_CAPACITY, EXC_LOG_ENTRY, EXC_LOG_HEADER, LAYOUT, OP, VECTOR_NAMES } from './layout.js';
 
 export interface ExceptionRecord {
@@ -61,10 +62,14 @@ export class X86Guest {
     opts: GuestOptions = {},
   ) {
     const memSize = opts.memSize ?? Number(LAYOUT.identityEnd);
+    this.cpuid = opts.cpuid ?? vm.kvm.supportedCpuid();
+    const leaf7 = this.cpuid.find((e) => e.function === 7 && e.index === 0);
+    if (opts.levels === 5 && !(leaf7 && (leaf7.ecx >>> 16) & 1)) {
+      throw new NotApplicable('5-level paging needs LA57, which this vCPU\'s CPUID does not offer');
+    }
     vm.addMemslot({ slot: 0, gpa: 0n, size: memSize, flags: opts.slotFlags ?? 0, backing: opts.backing });
     this.boot = bringUp(vm.mem, opts);
     this.vcpu = vm.createVcpu(0);
-    this.cpuid = opts.cpuid ?? vm.kvm.supportedCpuid();
     this.vcpu.setCpuid(this.cpuid);
     this.vcpu.setSregs(this.boot.sregs(this.vcpu.getSregs()));
   }
