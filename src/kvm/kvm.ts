@@ -576,6 +576,12 @@ export class Vcpu {
     return this.statsReader;
   }
 
+  /** The kernel thread id that runs this vCPU (acquiring its thread now if needed), e.g. for trace filters. */
+  async tid(): Promise<number> {
+    this.thread ??= await VcpuThread.acquire();
+    return this.thread.tid;
+  }
+
   /** Runs the vCPU on its own thread until an exit that needs the caller, or the time limit. */
   async run(opts: RunOptions = {}): Promise<RunResult> {
     if (this.closed) throw new Error(`vCPU ${this.id} is closed`);

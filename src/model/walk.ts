@@ -70,11 +70,11 @@
 //   permission_fault() returned 0, so a faulting walk changes no entry: the model's
 //   adWrites is [] for every fault. The architecture allows this: SDM §4.8 sets A
 //   on entries "used as part of linear-address translation" and a faulting walk
-//   produces no translation, and the leaf's A/D must not be set on a fault. Whether
-//   hardware sets A on the *upper* entries of a faulting walk is implementation
-//   specific (the legacy note under "Interrupt 14" in SDM §6.15 says the PDE's A is
-//   set on a protection fault; kvm-unit-tests x86/access.c ignores pde.A on faults
-//   for that reason). KVM sets none; see the note at the end of this comment.
+//   produces no translation; D is set only by a write that happens. What hardware
+//   does to A on a faulting walk is not pinned down: the note under "Interrupt 14"
+//   in SDM §6.15 says the PDE's A is set on a protection fault and the PTE's is
+//   model specific, and kvm-unit-tests x86/access.c ignores pde.A (but checks that
+//   pte.A stays clear) on faulting accesses. KVM sets none; see the note at the end.
 //   On success: A is set on every entry lacking it; D on the leaf of a write when
 //   clear. KVM loops level = max_level down to the leaf level, i.e. root first,
 //   and does one cmpxchg per entry that changes (A and D of the leaf together), so
@@ -95,8 +95,10 @@
 //
 // Where KVM and the architecture differ (or might), as far as this walker is concerned:
 //   * A bits on a faulting walk: see above. KVM never sets A on a faulting walk;
-//     bare-metal Intel parts set A on the upper entries they used. The architecture
-//     permits both for 4/5-level paging, so the model follows KVM (empty adWrites).
+//     a processor may set A on the upper entries it used (SDM §6.15 note, §4.10.3:
+//     paging-structure caches may be filled, after setting A, even when no
+//     translation results). The architecture permits both for 4/5-level paging, so
+//     the model follows KVM (empty adWrites) and this is recorded, not flagged.
 //   * SMAP and implicit accesses: KVM's permission_fault() decides "not subject to
 //     SMAP" from EFLAGS.AC and the PFERR_IMPLICIT_ACCESS flag of its synthetic
 //     access code. On the shadow-paging #PF path the access code is the hardware
@@ -104,7 +106,8 @@
 //     EFLAGS.AC = 1 (at CPL 0, or at CPL 3 since the CPL term was dropped in favour
 //     of PFERR_IMPLICIT_ACCESS) is judged as an explicit one with the SMAP override.
 //     The architecture always applies SMAP to implicit accesses; the model follows
-//     the architecture (implicitSupervisor: true).
+//     the architecture (implicitSupervisor: true). Read from the source, not yet
+//     confirmed by a run: a mismatch here in a live comparison is a finding.
 
 import { physAddrRsvdMask, PTE_A, PTE_D, bitRange, PTE_NX, PTE_PS, PTE_G } from '../arch/x86/pte.js';
 

@@ -1,0 +1,589 @@
+// Expected values below are worked out by hand from the rules (KVM's TDP MMU
+// and arm64 stage-2), not captured from the model.
+
+import { describe, expect, test } from 'vitest';
+import { HUGE_ZERO_PFN, Memslots, ZERO_PFN, type Memslot } from '../src/model/memslots.js';
+import {
+  SPTE_LEAF,
+  SPTE_P,
+  SPTE_W,
+  SPTE_X,
+  Table,
+  Tdp,
+  armLevel,
+  decodeSpte,
+  fromArmLevel,
+  makeSpte,
+  slotMaxLevel,
+  sptePfn,
+  tdpIter,
+  type Flush,
+  type TdpEvent,
+  type TdpOptions,
+} from '../src/model/tdp.js';
+
+const H = 0x7f0000000000n; // 1 GiB-aligned HVA
+const BASE = 0x100000; // GFN of GPA 4 GiB, 1 GiB-aligned
+const G1 = 512 * 512; // 4 KiB pages in 1 GiB
+
+function slot(p: Partial<Memslot> = {}): Memslot {
+  return {
+    slot: 0,
+    asId: 0,
+    baseGfn: BASE,
+    npages: 1024,
+    hva: H,
+    flags: { logDirty: false, readonly: false },
+    backing: { kind: 'anon', pageSize: 4096 },
+    ...p,
+  };
+}
+const hugetlb2m = { kind: 'hugetlb2m', pageSize: 2 << 20 } as const;
+const hugetlb1g = { kind: 'hugetlb1g', pageSize: 1 << 30 } as const;
+const thp = { kind: 'thp', pageSize: 2 << 20 } as const;
+
+function vm(opts: TdpOptions = {}, ...slots: Memslot[]) {
+  const ms = new Memslots({ asIds: opts.arch === 'arm64' ? 1 : 2, maxGfn: opts.levels === 5 ? 2 ** 45 : 2 ** 36 });
+  const tdp = new Tdp(ms, opts);
+  for (const s of slots) tdp.setMemslot(s);
+  return { ms, tdp };
+}
+
+function kinds(events: TdpEvent[]): string[] {
+  return events.map((e) => (e.kind === 'spte' ? `spte@${e.level}` : e.kind));
+}
+
+// A small hand-built tree, root level 3:
+//   root[0] -> A (level 2, gfn 0): A[0] -> B (level 1): B[0], B[1] 4 KiB leaves
+//                                  A[1] = 2 MiB leaf at gfn 512
+//   root[1] = 1 GiB leaf at gfn 262144
+function smallTree(): Table {
+  const leaf = (pfn: number) => makeSpte(pfn, SPTE_P | SPTE_LEAF | SPTE_W);
+  const link = (parent: Table, i: number, child: Table) => {
+    parent.spte[i] = makeSpte(child.id, SPTE_P | SPTE_W);
+    parent.child![i] = child;
+  };
+  const root = new Table(1, 3, 0);
+  const a = new Table(2, 2, 0);
+  const b = new Table(3, 1, 0);
+  link(root, 0, a);
+  link(a, 0, b);
+  b.spte[0] = leaf(100);
+  b.spte[1] = leaf(101);
+  a.spte[1] = leaf(512);
+  root.spte[1] = leaf(G1);
+  return root;
+}
+
+function visit(root: Table, start: number, end: number, only?: 'all' | 'present' | 'presentLeaf'): [number, number][] {
+  const seen: [number, number][] = [];
+  for (const it of tdpIter(root, start, end, { only })) seen.push([it.level, it.gfn]);
+  return seen;
+}
+
+describe('tdpIter', () => {
+  test('pre-order over a small tree, by filter', () => {
+    const root = smallTree();
+    expect(visit(root, 0, 2 * G1, 'present')).toEqual([
+      [3, 0],
+      [2, 0],
+      [1, 0],
+      [1, 1],
+      [2, 512],
+      [3, G1],
+    ]);
+    expect(visit(root, 0, 2 * G1, 'presentLeaf')).toEqual([
+      [1, 0],
+      [1, 1],
+      [2, 512],
+      [3, G1],
+    ]);
+    expect(visit(root, 0, 3, 'all')).toEqual([
+      [3, 0],
+      [2, 0],
+      [1, 0],
+      [1, 1],
+      [1, 2],
+    ]);
+  });
+
+  test('a range starting and ending mid-table', () => {
+    const root = smallTree();
+    const all = visit(root, 1, 513, 'all');
+    // root[0], A[0], B[1..511], A[1]: 2 + 511 + 1 entries
+    expect(all.length).toBe(514);
+    expect(all.slice(0, 3)).toEqual([
+      [3, 0],
+      [2, 0],
+      [1, 1],
+    ]);
+    expect(all.slice(-2)).toEqual([
+      [1, 511],
+      [2, 512],
+    ]);
+    // Starting at 600 the walk goes down to A[1] and never sees B.
+    expect(visit(root, 600, G1 + 1, 'present')).toEqual([
+      [3, 0],
+      [2, 512],
+      [3, G1],
+    ]);
+    expect(visit(root, 0, 2, 'presentLeaf')).toEqual([
+      [1, 0],
+      [1, 1],
+    ]);
+    expect(visit(root, 5, 5, 'all')).toEqual([]);
+  });
+
+  test('the state of tdp_iter is visible', () => {
+    const root = smallTree();
+    const it = tdpIter(root, 1, 2);
+    const steps: { level: number; gfn: number; index: number; table: number; pfn: number }[] = [];
+    for (const e of it) steps.push({ level: e.level, gfn: e.gfn, index: e.index, table: e.table.id, pfn: sptePfn(e.old) });
+    expect(steps).toEqual([
+      { level: 3, gfn: 0, index: 0, table: 1, pfn: 2 },
+      { level: 2, gfn: 0, index: 0, table: 2, pfn: 3 },
+      { level: 1, gfn: 1, index: 1, table: 3, pfn: 101 },
+    ]);
+  });
+
+  test('early stop runs the clean-up exactly once and reports the pending flush', () => {
+    const root = smallTree();
+    let released = 0;
+    const flushed: Flush[][] = [];
+    const it = tdpIter(root, 0, 2 * G1, { only: 'presentLeaf', onRelease: () => released++, onFlush: (r) => flushed.push(r) });
+    let n = 0;
+    for (const e of it) {
+      e.flush(e.gfn, e.level);
+      if (++n === 2) break;
+    }
+    expect(released).toBe(1);
+    expect(flushed).toEqual([[{ start: 0, end: 2 }]]);
+    expect(it.held).toBe(false);
+    it.return();
+    expect(it.next().done).toBe(true);
+    expect(released).toBe(1);
+
+    // A throw inside the loop releases too.
+    let released2 = 0;
+    expect(() => {
+      for (const e of tdpIter(root, 0, 10, { onRelease: () => released2++ })) if (e.level === 1) throw new Error('stop');
+    }).toThrow('stop');
+    expect(released2).toBe(1);
+
+    // Running to the end releases once; return() afterwards does nothing more.
+    let released3 = 0;
+    const it3 = tdpIter(root, 0, 10, { onRelease: () => released3++ });
+    for (const e of it3) void e;
+    it3.return();
+    expect(released3).toBe(1);
+  });
+
+  test('yield points: resched restarts from the root and always makes progress', () => {
+    const root = smallTree();
+    const seen: [number, number][] = [];
+    const flushed: Flush[][] = [];
+    const it = tdpIter(root, 0, 2 * G1, { only: 'present', yieldEvery: 2, onFlush: (r) => flushed.push(r) });
+    for (const e of it) {
+      if (e.yieldPoint && e.resched()) continue;
+      seen.push([e.level, e.gfn]);
+      if (e.old & SPTE_LEAF) e.flush(e.gfn, e.level);
+    }
+    // 2nd entry: no progress yet, no yield. 4th (B[1]): yields, restart at gfn 1.
+    // 6th (A[0] again): refused. 8th (A[1]): yields, restart at 512. 10th: refused.
+    expect(seen).toEqual([
+      [3, 0],
+      [2, 0],
+      [1, 0],
+      [3, 0],
+      [2, 0],
+      [1, 1],
+      [3, 0],
+      [2, 512],
+      [3, G1],
+    ]);
+    expect(it.yields).toBe(2);
+    expect(flushed).toEqual([
+      [{ start: 0, end: 1 }],
+      [{ start: 1, end: 2 }],
+      [
+        { start: 512, end: 1024 },
+        { start: G1, end: 2 * G1 },
+      ],
+    ]);
+  });
+
+  test('retry hands out the same entry again, re-read, after a failed update', () => {
+    const { tdp } = vm({}, slot());
+    tdp.fault(0, BASE, { write: true });
+    tdp.fault(0, BASE + 1, { write: true });
+    const seen: [number, number, boolean][] = [];
+    let raced = false;
+    for (const it of tdp.walk(0, BASE, BASE + 2, null, { only: 'presentLeaf' })) {
+      seen.push([it.level, it.gfn, (it.old & SPTE_W) !== 0]);
+      if (!raced) {
+        raced = true;
+        tdp.writeProtect(0, it.gfn, it.gfn + 1); // another walk gets there first
+        expect(tdp.trySet(it, 0)).toBe(false);
+        expect(it.old & SPTE_W).toBe(0);
+        it.retry();
+        continue;
+      }
+    }
+    expect(seen).toEqual([
+      [1, BASE, true],
+      [1, BASE, false],
+      [1, BASE + 1, true],
+    ]);
+    expect(tdp.activeWalks).toBe(0);
+  });
+
+  test('5-level root: one entry per level down to a 4 KiB leaf', () => {
+    const gfn = 2 ** 40 + 7;
+    const { tdp } = vm({ levels: 5 }, slot({ baseGfn: 2 ** 40, npages: 16 }));
+    expect(tdp.fault(0, gfn, { write: true })).toMatchObject({ kind: 'map', level: 1 });
+    const path: [number, number][] = [];
+    for (const it of tdpIter(tdp.root(0), gfn, gfn + 1)) path.push([it.level, it.gfn]);
+    expect(path).toEqual([
+      [5, 0],
+      [4, 2 ** 36 * 16],
+      [3, 2 ** 40],
+      [2, 2 ** 40],
+      [1, gfn],
+    ]);
+  });
+});
+
+describe('levels', () => {
+  test('arm64 lookup levels map onto model levels', () => {
+    expect([0, 1, 2, 3].map(fromArmLevel)).toEqual([4, 3, 2, 1]);
+    expect(armLevel(2)).toBe(2);
+    expect(armLevel(1)).toBe(3);
+    expect(new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 28 }), { arch: 'arm64', startLevel: 1 }).rootLevel).toBe(3);
+    const t48 = new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 36 }), { arch: 'arm64', startLevel: 0 });
+    expect([t48.rootLevel, t48.root(0).size]).toEqual([4, 512]);
+    // 40-bit IPA, start level 1: two concatenated level-1 tables.
+    const t40 = new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 28 }), { arch: 'arm64', startLevel: 1, ipaBits: 40 });
+    expect([t40.root(0).size, t40.maxGfn]).toEqual([1024, 2 ** 28]);
+    expect(() => new Tdp(new Memslots({ asIds: 1 }), { arch: 'arm64', startLevel: 1, ipaBits: 48 })).toThrow(/starts at level 0/);
+  });
+});
+
+describe('fault-in level', () => {
+  test('host page size: 4K anon, THP 2M, hugetlb 2M and 1G', () => {
+    const { tdp } = vm(
+      {},
+      slot({ slot: 0, baseGfn: BASE, npages: 1024 }),
+      slot({ slot: 1, baseGfn: BASE + G1, npages: 1024, hva: H + 0x40000000n, backing: thp }),
+      slot({ slot: 2, baseGfn: BASE + 2 * G1, npages: 1024, hva: H + 0x80000000n, backing: hugetlb2m }),
+      slot({ slot: 3, baseGfn: BASE + 3 * G1, npages: G1, hva: H + 0xc0000000n, backing: hugetlb1g }),
+    );
+    expect(tdp.fault(0, BASE + 5, { write: true })).toMatchObject({ kind: 'map', level: 1 });
+    expect(tdp.fault(0, BASE + G1 + 5, { write: true })).toMatchObject({ kind: 'map', level: 2 });
+    expect(tdp.fault(0, BASE + 2 * G1 + 515, { write: true })).toMatchObject({ kind: 'map', level: 2 });
+    expect(tdp.fault(0, BASE + 3 * G1 + 9, { write: true })).toMatchObject({ kind: 'map', level: 3 });
+    expect(tdp.mappings(0)).toEqual([
+      { start: BASE + 5, end: BASE + 6, level: 1, writable: true, executable: true },
+      { start: BASE + G1, end: BASE + G1 + 512, level: 2, writable: true, executable: true },
+      { start: BASE + 2 * G1 + 512, end: BASE + 2 * G1 + 1024, level: 2, writable: true, executable: true },
+      { start: BASE + 3 * G1, end: BASE + 4 * G1, level: 3, writable: true, executable: true },
+    ]);
+  });
+
+  test('slot rule: the huge page lies inside the slot, GPA and HVA congruent', () => {
+    const s = slot({ npages: 768 });
+    expect(slotMaxLevel(s, BASE + 10)).toBe(2);
+    expect(slotMaxLevel(s, BASE + 600)).toBe(1); // [BASE+512, BASE+1024) runs past the slot
+    expect(slotMaxLevel(slot({ npages: G1 }), BASE + 77)).toBe(3);
+    expect(slotMaxLevel(slot({ baseGfn: BASE + 256, npages: 4096 }), BASE + 1024)).toBe(1); // GPA ≢ HVA mod 2M
+    expect(slotMaxLevel(slot({ baseGfn: BASE + 512, npages: 2 * G1, hva: H + 0x200000n }), BASE + G1)).toBe(3);
+    expect(slotMaxLevel(slot({ baseGfn: BASE + 512, npages: 2 * G1 }), BASE + G1)).toBe(2); // ≢ mod 1G
+
+    // A hugetlb 1G page behind a slot congruent only modulo 2M maps at 2M.
+    const { tdp } = vm({}, slot({ baseGfn: BASE + 512, npages: 2 * G1, hva: H, backing: hugetlb1g }));
+    expect(tdp.fault(0, BASE + 512 + 3, { write: true })).toMatchObject({ level: 2 });
+    // ... and one congruent modulo nothing maps at 4K.
+    const v2 = vm({}, slot({ baseGfn: BASE + 256, npages: 1024, hva: H, backing: hugetlb2m }));
+    expect(v2.tdp.fault(0, BASE + 256 + 300, { write: true })).toMatchObject({ level: 1 });
+  });
+
+  test('dirty logging forces 4K', () => {
+    const { tdp } = vm({}, slot({ npages: G1, backing: hugetlb1g, flags: { logDirty: true, readonly: false } }));
+    expect(tdp.fault(0, BASE + 1000, { write: true })).toMatchObject({ kind: 'map', level: 1 });
+    expect(tdp.peekDirty(0, 0)).toEqual([BASE + 1000]);
+  });
+
+  test('read-only slot: reads map non-writable, writes are emulated', () => {
+    const { tdp } = vm({}, slot({ backing: hugetlb2m, flags: { logDirty: false, readonly: true } }));
+    const r = tdp.fault(0, BASE + 1);
+    expect(r.level).toBe(2);
+    expect(decodeSpte(r.spte)).toMatchObject({ writable: false, mmuWritable: false, hostWritable: true });
+    expect(tdp.fault(0, BASE + 2, { write: true }).kind).toBe('emulate');
+  });
+
+  test('nx_huge_pages: exec faults split the huge page, huge leaves are not executable', () => {
+    const { tdp } = vm({ nxHugePages: true }, slot({ npages: 1024, backing: hugetlb2m }));
+    expect(tdp.fault(0, BASE + 3)).toMatchObject({ kind: 'map', level: 2 });
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + 512, level: 2, writable: true, executable: false }]);
+    expect(tdp.fault(0, BASE + 4, { exec: true })).toMatchObject({ kind: 'map', level: 1 });
+    // The 2M leaf was split into 512 executable 4K leaves.
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + 512, level: 1, writable: true, executable: true }]);
+    expect(tdp.events.filter((e) => e.kind === 'split')).toEqual([{ kind: 'split', asId: 0, gfn: BASE, level: 2 }]);
+    // A later read fault in that 2M does not rebuild the huge page over the NX-split table.
+    tdp.zap(0, BASE + 7, BASE + 8);
+    expect(tdp.fault(0, BASE + 7)).toMatchObject({ kind: 'map', level: 1 });
+    // Another 2M block still maps huge for reads.
+    expect(tdp.fault(0, BASE + 600)).toMatchObject({ level: 2 });
+  });
+
+  test('never-written anonymous memory maps the zero page read-only', () => {
+    const { tdp } = vm({}, slot(), slot({ slot: 1, baseGfn: BASE + 4096, npages: 1024, hva: H + 0x40000000n, backing: thp }));
+    const r = tdp.fault(0, BASE + 9);
+    expect([r.level, sptePfn(r.spte), (r.spte & SPTE_W) !== 0]).toEqual([1, ZERO_PFN, false]);
+    const n = tdp.events.length;
+    const w = tdp.fault(0, BASE + 9, { write: true });
+    expect(w.kind).toBe('map');
+    expect(sptePfn(w.spte)).not.toBe(ZERO_PFN);
+    expect(w.spte & SPTE_W).toBe(SPTE_W);
+    // The host's copy-on-write invalidates the page: zap, flush, then the new leaf.
+    expect(tdp.events.slice(n)).toEqual([
+      { kind: 'spte', asId: 0, gfn: BASE + 9, level: 1, old: r.spte, new: 0 },
+      { kind: 'flush', asId: 0, ranges: [{ start: BASE + 9, end: BASE + 10 }] },
+      { kind: 'spte', asId: 0, gfn: BASE + 9, level: 1, old: 0, new: w.spte },
+    ]);
+
+    // THP: the huge zero page at 2M; a write splits it and maps 4K.
+    const t = tdp.fault(0, BASE + 4096 + 20);
+    expect([t.level, sptePfn(t.spte), (t.spte & SPTE_W) !== 0]).toEqual([2, HUGE_ZERO_PFN, false]);
+    expect(tdp.fault(0, BASE + 4096 + 21, { write: true })).toMatchObject({ kind: 'map', level: 1 });
+    expect(tdp.lookup(0, BASE + 4096 + 20)).toBeUndefined();
+    expect(tdp.mappings(0, BASE + 4096, BASE + 4096 + 512)).toEqual([
+      { start: BASE + 4096 + 21, end: BASE + 4096 + 22, level: 1, writable: true, executable: true },
+    ]);
+    // A read next door now gets the 4K zero page.
+    expect(sptePfn(tdp.fault(0, BASE + 4096 + 22).spte)).toBe(ZERO_PFN);
+  });
+
+  test('fast path restores write access in place; spurious faults change nothing', () => {
+    const { tdp } = vm({}, slot());
+    tdp.fault(0, BASE, { write: true });
+    tdp.writeProtect(0, BASE, BASE + 1);
+    const f = tdp.fault(0, BASE, { write: true });
+    expect(f).toMatchObject({ kind: 'fast', level: 1 });
+    expect(tdp.events.at(-1)).toMatchObject({ kind: 'spte', fast: true });
+    expect(tdp.fault(0, BASE, { write: true }).kind).toBe('spurious');
+  });
+
+  test('no memslot: x86 caches an MMIO SPTE, a new slot replaces it', () => {
+    const { tdp } = vm({});
+    expect(tdp.fault(0, 0x500).kind).toBe('mmio');
+    expect(decodeSpte(tdp.lookup(0, 0x500)!.spte)).toMatchObject({ mmio: true, present: false });
+    tdp.setMemslot(slot({ baseGfn: 0x400, npages: 512 }));
+    expect(tdp.fault(0, 0x500, { write: true })).toMatchObject({ kind: 'map', level: 1 });
+  });
+});
+
+describe('zap', () => {
+  test('flush covers exactly the zapped entries; a huge leaf goes whole', () => {
+    const { tdp } = vm({}, slot(), slot({ slot: 1, baseGfn: BASE + 4096, npages: 1024, hva: H + 0x40000000n, backing: hugetlb2m }));
+    for (const g of [10, 11, 12]) tdp.fault(0, BASE + g, { write: true });
+    tdp.fault(0, BASE + 4096 + 3, { write: true });
+    const z = tdp.zap(0, BASE + 10, BASE + 12);
+    expect(z.flush).toEqual([{ start: BASE + 10, end: BASE + 12 }]);
+    expect(z.zapped).toBe(2);
+    expect(z.removed).toEqual([]);
+    expect(tdp.lookup(0, BASE + 12)?.level).toBe(1);
+    expect(tdp.zap(0, BASE + 4096 + 5, BASE + 4096 + 6).flush).toEqual([{ start: BASE + 4096, end: BASE + 4096 + 512 }]);
+    expect(tdp.lookup(0, BASE + 4096 + 3)).toBeUndefined();
+  });
+
+  test('x86 keeps tables unless asked; with tables the subtree is removed and torn down', () => {
+    const { tdp } = vm({}, slot());
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(0, BASE + 2, { write: true });
+    tdp.fault(0, BASE + 700, { write: true });
+    const z = tdp.zap(0, BASE, BASE + 512, { tables: true });
+    expect(z.flush).toEqual([{ start: BASE, end: BASE + 512 }]);
+    expect(z.removed.map((r) => [r.gfn, r.level, r.sptes.map((s) => s.gfn)])).toEqual([[BASE, 1, [BASE + 1, BASE + 2]]]);
+    expect(z.removed[0].table.freed).toBe(true);
+    expect(kinds(tdp.events.slice(-3))).toEqual(['spte@2', 'flush', 'teardown']);
+    expect(tdp.lookup(0, BASE + 700)?.level).toBe(1);
+  });
+
+  test('removeTable returns the subtree for a later teardown', () => {
+    const { tdp } = vm({}, slot());
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(0, BASE + 5, { write: true });
+    const { removed, flush } = tdp.removeTable(0, BASE + 3, 1);
+    expect(flush).toEqual([{ start: BASE, end: BASE + 512 }]);
+    expect(removed!.sptes.map((s) => [s.gfn, s.level])).toEqual([
+      [BASE + 1, 1],
+      [BASE + 5, 1],
+    ]);
+    expect(removed!.table.freed).toBe(false);
+    expect(tdp.lookup(0, BASE + 1)).toBeUndefined();
+    tdp.teardown([removed!]);
+    expect(removed!.table.freed).toBe(true);
+    expect(tdp.events.at(-1)).toEqual({ kind: 'teardown', asId: 0, gfn: BASE, level: 1, sptes: 2 });
+  });
+});
+
+describe('dirty logging', () => {
+  test('enabling it splits each 2M leaf into 512 write-protected 4K leaves', () => {
+    const s = slot({ npages: 1024, backing: hugetlb2m });
+    const { tdp } = vm({}, s);
+    const a = tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(0, BASE + 513, { write: true });
+    tdp.setMemslot({ ...s, flags: { logDirty: true, readonly: false } });
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + 1024, level: 1, writable: false, executable: true }]);
+    expect(tdp.events.filter((e) => e.kind === 'split').length).toBe(2);
+    expect(sptePfn(tdp.lookup(0, BASE + 3)!.spte)).toBe(sptePfn(a.spte) + 3);
+    // A write restores W through the fast path and is logged once.
+    expect(tdp.fault(0, BASE + 3, { write: true }).kind).toBe('fast');
+    expect(tdp.getDirtyLog(0, 0)).toEqual([BASE + 3]);
+    expect(tdp.lookup(0, BASE + 3)!.spte & SPTE_W).toBe(0);
+    expect(tdp.getDirtyLog(0, 0)).toEqual([]);
+  });
+
+  test('without eager split a write splits on demand; disabling lets huge pages come back', () => {
+    const s = slot({ npages: 512, backing: hugetlb2m });
+    const { tdp } = vm({ eagerSplit: false }, s);
+    tdp.fault(0, BASE, { write: true });
+    tdp.setMemslot({ ...s, flags: { logDirty: true, readonly: false } });
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + 512, level: 2, writable: false, executable: true }]);
+    expect(tdp.fault(0, BASE + 8, { write: true })).toMatchObject({ kind: 'map', level: 1 });
+    expect(tdp.mappings(0)).toEqual([
+      { start: BASE, end: BASE + 8, level: 1, writable: false, executable: true },
+      { start: BASE + 8, end: BASE + 9, level: 1, writable: true, executable: true },
+      { start: BASE + 9, end: BASE + 512, level: 1, writable: false, executable: true },
+    ]);
+    expect(tdp.peekDirty(0, 0)).toEqual([BASE + 8]);
+    tdp.setMemslot(s);
+    expect(tdp.mappings(0)).toEqual([]);
+    expect(tdp.fault(0, BASE + 8)).toMatchObject({ level: 2 });
+  });
+
+  test('clearDirty removes W and D from writable leaves and flushes them', () => {
+    const { tdp } = vm({}, slot());
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(0, BASE + 2);
+    tdp.fault(0, BASE + 3, { write: true });
+    expect(tdp.clearDirty(0, BASE, BASE + 512)).toEqual([
+      { start: BASE + 1, end: BASE + 2 },
+      { start: BASE + 3, end: BASE + 4 },
+    ]);
+    expect(decodeSpte(tdp.lookup(0, BASE + 3)!.spte)).toMatchObject({ writable: false, dirty: false, mmuWritable: true });
+  });
+
+  test('split of a 1G leaf goes through 2M to 4K', () => {
+    const { tdp } = vm({}, slot({ npages: G1, backing: hugetlb1g }));
+    tdp.fault(0, BASE, { write: true });
+    expect(tdp.split(0, BASE, BASE + G1, 2).split).toBe(1);
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + G1, level: 2, writable: true, executable: true }]);
+    expect(tdp.split(0, BASE, BASE + G1, 1)).toEqual({ split: 512, flush: [] });
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + G1, level: 1, writable: true, executable: true }]);
+  });
+});
+
+describe('table replaced by a huge leaf', () => {
+  test('x86: set the leaf, flush, then tear the table down', () => {
+    const s = slot({ npages: 512, backing: hugetlb2m, flags: { logDirty: true, readonly: false } });
+    const { ms, tdp } = vm({}, s);
+    tdp.fault(0, BASE + 1, { write: true });
+    ms.set({ ...s, flags: { logDirty: false, readonly: false } }); // no collapse pass
+    const n = tdp.events.length;
+    expect(tdp.fault(0, BASE + 2, { write: true })).toMatchObject({ kind: 'map', level: 2 });
+    expect(kinds(tdp.events.slice(n))).toEqual(['spte@2', 'flush', 'teardown']);
+    expect(tdp.events[n + 1]).toEqual({ kind: 'flush', asId: 0, ranges: [{ start: BASE, end: BASE + 512 }] });
+  });
+
+  test('arm64: break-before-make, then the removed table is torn down', () => {
+    const s = slot({ npages: 512, backing: hugetlb2m, flags: { logDirty: true, readonly: false } });
+    const { tdp } = vm({ arch: 'arm64' }, s);
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(0, BASE + 2, { write: true });
+    tdp.setMemslot({ ...s, flags: { logDirty: false, readonly: false } });
+    const n = tdp.events.length;
+    const r = tdp.fault(0, BASE + 3, { write: true });
+    expect(r).toMatchObject({ kind: 'map', level: 2 });
+    const ev = tdp.events.slice(n);
+    expect(kinds(ev)).toEqual(['spte@2', 'flush', 'spte@2', 'teardown']);
+    expect(ev[0]).toMatchObject({ gfn: BASE, new: 0 });
+    expect(ev[1]).toEqual({ kind: 'flush', asId: 0, ranges: [{ start: BASE, end: BASE + 512 }] });
+    expect(ev[2]).toMatchObject({ old: 0, new: r.spte });
+    expect(ev[3]).toEqual({ kind: 'teardown', asId: 0, gfn: BASE, level: 1, sptes: 2 });
+  });
+
+  test('arm64: logging breaks a block into an empty table, one page mapped', () => {
+    const s = slot({ npages: 512, backing: hugetlb2m });
+    const { tdp } = vm({ arch: 'arm64' }, s);
+    expect(tdp.fault(0, BASE + 4, { write: true })).toMatchObject({ level: 2 });
+    tdp.setMemslot({ ...s, flags: { logDirty: true, readonly: false } });
+    const n = tdp.events.length;
+    expect(tdp.fault(0, BASE + 6, { write: true })).toMatchObject({ kind: 'map', level: 1 });
+    expect(kinds(tdp.events.slice(n))).toEqual(['spte@2', 'flush', 'spte@2', 'spte@1']);
+    expect(tdp.mappings(0)).toEqual([{ start: BASE + 6, end: BASE + 7, level: 1, writable: true, executable: false }]);
+  });
+
+  test('arm64: exec permission is added in place on an exec fault', () => {
+    const { tdp } = vm({ arch: 'arm64' }, slot());
+    tdp.fault(0, BASE, { write: true });
+    expect(tdp.fault(0, BASE, { exec: true })).toMatchObject({ kind: 'relax', level: 1 });
+    expect(decodeSpte(tdp.lookup(0, BASE)!.spte)).toMatchObject({ writable: true, executable: true });
+  });
+});
+
+describe('host changes through the HVA-range walk', () => {
+  test('munmap zaps the alias in both address spaces; later faults get EFAULT', () => {
+    const { tdp } = vm({}, slot(), slot({ asId: 1 }));
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(1, BASE + 1, { write: true });
+    const r = tdp.invalidateHva(H, H + 0x2000n, 'munmap');
+    expect(r.ranges.map((g) => [g.asId, g.start, g.end])).toEqual([
+      [0, BASE, BASE + 2],
+      [1, BASE, BASE + 2],
+    ]);
+    expect(r.flush).toEqual([
+      { start: BASE + 1, end: BASE + 2 },
+      { start: BASE + 1, end: BASE + 2 },
+    ]);
+    expect(tdp.lookup(0, BASE + 1)).toBeUndefined();
+    expect(tdp.lookup(1, BASE + 1)).toBeUndefined();
+    expect(tdp.fault(0, BASE + 1).kind).toBe('efault');
+  });
+
+  test('DONTNEED of part of a THP notifies the whole 2M', () => {
+    const { tdp } = vm({}, slot({ backing: thp }));
+    expect(tdp.fault(0, BASE + 1, { write: true })).toMatchObject({ level: 2 });
+    const r = tdp.invalidateHva(H + 0x1000n, H + 0x2000n, 'dontneed');
+    expect(r.flush).toEqual([{ start: BASE, end: BASE + 512 }]);
+    // The rest of the THP is still there at 4K; the dropped page reads as zero.
+    expect(tdp.fault(0, BASE + 2)).toMatchObject({ level: 1 });
+    expect(decodeSpte(tdp.lookup(0, BASE + 2)!.spte).writable).toBe(true);
+    expect(sptePfn(tdp.fault(0, BASE + 1).spte)).toBe(ZERO_PFN);
+  });
+});
+
+describe('wrong-model switches', () => {
+  test('levelOffByOne maps one level lower', () => {
+    const ok = vm({}, slot({ backing: hugetlb2m }));
+    const bad = vm({ wrong: { levelOffByOne: true } }, slot({ backing: hugetlb2m }));
+    expect(ok.tdp.fault(0, BASE, { write: true }).level).toBe(2);
+    expect(bad.tdp.fault(0, BASE, { write: true }).level).toBe(1);
+    const okG = vm({}, slot({ npages: G1, backing: hugetlb1g }));
+    const badG = vm({ wrong: { levelOffByOne: true } }, slot({ npages: G1, backing: hugetlb1g }));
+    expect(okG.tdp.fault(0, BASE).level).toBe(3);
+    expect(badG.tdp.fault(0, BASE).level).toBe(2);
+  });
+
+  test('zapOneShort leaves the last page mapped', () => {
+    for (const [wrong, flush, left] of [
+      [false, { start: BASE + 10, end: BASE + 13 }, undefined],
+      [true, { start: BASE + 10, end: BASE + 12 }, 1],
+    ] as const) {
+      const { tdp } = vm({ wrong: { zapOneShort: wrong } }, slot());
+      for (const g of [10, 11, 12]) tdp.fault(0, BASE + g, { write: true });
+      expect(tdp.zap(0, BASE + 10, BASE + 13).flush).toEqual([flush]);
+      expect(tdp.lookup(0, BASE + 12)?.level).toBe(left);
+    }
+  });
+});
