@@ -7,7 +7,6 @@ import {
   SPTE_LEAF,
   SPTE_P,
   SPTE_W,
-  SPTE_X,
   Table,
   Tdp,
   armLevel,
@@ -43,7 +42,8 @@ const hugetlb1g = { kind: 'hugetlb1g', pageSize: 1 << 30 } as const;
 const thp = { kind: 'thp', pageSize: 2 << 20 } as const;
 
 function vm(opts: TdpOptions = {}, ...slots: Memslot[]) {
-  const ms = new Memslots({ asIds: opts.arch === 'arm64' ? 1 : 2, maxGfn: opts.levels === 5 ? 2 ** 45 : 2 ** 36 });
+  const maxGfn = opts.arch === 'arm64' ? 2 ** 28 : opts.levels === 5 ? 2 ** 45 : 2 ** 36;
+  const ms = new Memslots({ asIds: opts.arch === 'arm64' ? 1 : 2, maxGfn });
   const tdp = new Tdp(ms, opts);
   for (const s of slots) tdp.setMemslot(s);
   return { ms, tdp };
@@ -238,16 +238,19 @@ describe('tdpIter', () => {
   });
 
   test('5-level root: one entry per level down to a 4 KiB leaf', () => {
-    const gfn = 2 ** 40 + 7;
-    const { tdp } = vm({ levels: 5 }, slot({ baseGfn: 2 ** 40, npages: 16 }));
+    const g4 = 2 ** 40 + 3 * 2 ** 27; // first GFN of the level-4 entry
+    const g3 = g4 + 5 * 2 ** 18;
+    const g2 = g3 + 7 * 512;
+    const gfn = g2 + 9;
+    const { tdp } = vm({ levels: 5 }, slot({ baseGfn: g2, npages: 16 }));
     expect(tdp.fault(0, gfn, { write: true })).toMatchObject({ kind: 'map', level: 1 });
     const path: [number, number][] = [];
     for (const it of tdpIter(tdp.root(0), gfn, gfn + 1)) path.push([it.level, it.gfn]);
     expect(path).toEqual([
-      [5, 0],
-      [4, 2 ** 36 * 16],
-      [3, 2 ** 40],
-      [2, 2 ** 40],
+      [5, 2 ** 40],
+      [4, g4],
+      [3, g3],
+      [2, g2],
       [1, gfn],
     ]);
   });

@@ -428,12 +428,8 @@ export class HostMm {
   /** The current host mapping of `hva`, without faulting anything in. */
   lookup(hva: bigint): HostPage | undefined {
     const page = Number(hva >> 12n);
-    for (let level = 1; level <= 3; level++) {
-      const head = page - (page % UNIT[level]!);
-      const u = this.units[level]!.get(head);
-      if (u) return { pfn: u.pfn + (page - head), level, writable: !u.zero };
-    }
-    return undefined;
+    const cur = this.find(page);
+    return cur && hostPage(cur, page);
   }
 
   /** Resolve an access by KVM (hva_to_pfn with or without FOLL_WRITE). Undefined: EFAULT. */
@@ -468,8 +464,7 @@ export class HostMm {
       if (level === 1) this.pteMapped.add(page - (page % 512));
       cur = { unit, level, head };
     }
-    const { unit, level, head } = cur;
-    return { page: { pfn: unit.pfn + (page - head), level, writable: !unit.zero }, notify };
+    return { page: hostPage(cur, page), notify };
   }
 
   /**
@@ -553,6 +548,10 @@ export class HostMm {
       yield* [...map].filter(([head]) => head + n > ps && head < pe);
     }
   }
+}
+
+function hostPage(cur: { unit: Unit; level: number; head: number }, page: number): HostPage {
+  return { pfn: cur.unit.pfn + (page - cur.head), level: cur.level, writable: !cur.unit.zero };
 }
 
 function pageRange(page: number, n: number): [bigint, bigint] {

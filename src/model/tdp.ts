@@ -133,8 +133,6 @@ export function decodeSpte(s: Spte): SpteInfo {
 export class Table {
   readonly spte: Float64Array;
   readonly child: (Table | null)[] | null;
-  /** Present entries (arm64 keeps the same count as the page's refcount). */
-  live = 0;
   /** Created by a fault whose huge page the NX-huge-page rule refused (x86). */
   nxDisallowed = false;
   /** Torn down after removal: nothing may use it any more. */
@@ -593,7 +591,7 @@ export class Tdp {
    *  - it changes the entry only if the entry still holds it.old; otherwise it
    *    refreshes it.old and returns false, and the caller retries the entry
    *    (it.retry(); continue);
-   *  - it keeps Table.child and Table.live in step with the packed value;
+   *  - it keeps Table.child in step with the packed value;
    *  - it logs the change, marked `fast` when it comes from the fast
    *    page-fault path (which kvm_tdp_mmu_spte_changed does not show);
    *  - it marks the GFN dirty when a 4 KiB leaf becomes writable, or changes
@@ -612,7 +610,6 @@ export class Tdp {
     }
     table.spte[index] = spte;
     it.old = spte;
-    table.live += (isPresent(spte) ? 1 : 0) - (isPresent(old) ? 1 : 0);
     this.log(fast ? { kind: 'spte', asId: it.asId, gfn, level, old, new: spte, fast } : { kind: 'spte', asId: it.asId, gfn, level, old, new: spte });
     if (table.child) {
       const gone = table.child[index];
@@ -753,6 +750,7 @@ export class Tdp {
    * invalidate, flush, install, then tear down what the break removed.
    */
   private map(f: FaultCtx): FaultResult {
+    let linked = false;
     for (const it of this.walk(f.asId, f.gfn, f.gfn + 1, null)) {
       // disallowed_hugepage_adjust: do not rebuild a huge page over a table
       // that exists because the NX-huge-page rule split it.
@@ -761,7 +759,7 @@ export class Tdp {
       if (it.level === f.goal) {
         const leaf = this.leafFor(f, it.level);
         const old = it.old;
-        if (old === leaf) return { kind: 'spurious', gfn: f.gfn, level: it.level, spte: leaf };
+        if (old === leaf) return { kind: linked ? 'map' : 'spurious', gfn: f.gfn, level: it.level, spte: leaf };
         if (this.arch === 'arm64' && isPresent(old) && (isTable(old) || sptePfn(old) !== sptePfn(leaf))) {
           if (!this.trySet(it, 0)) {
             it.retry();
@@ -807,6 +805,7 @@ export class Tdp {
         it.retry();
         continue;
       }
+      linked = true;
       if (wasLeaf) this.log({ kind: 'split', asId: f.asId, gfn: it.gfn, level: it.level });
     }
     throw new Error(`map walk for gfn ${f.gfn} never reached level ${f.goal}`);
@@ -867,12 +866,13 @@ export class Tdp {
     const flush: Flush[] = [];
     for (const it of this.walk(asId, start, end, flush, { only: 'presentLeaf' })) {
       if (it.yieldPoint && it.resched()) continue;
-      if ((it.old & (SPTE_W | SPTE_D)) === 0) continue;
-      if (!this.trySet(it, withoutBits(it.old, SPTE_W | SPTE_D))) {
+      const old = it.old;
+      if ((old & (SPTE_W | SPTE_D)) === 0) continue;
+      if (!this.trySet(it, withoutBits(old, SPTE_W | SPTE_D))) {
         it.retry();
         continue;
       }
-      if ((it.old & SPTE_W) === 0) it.flush(it.gfn, it.level);
+      if ((old & SPTE_W) !== 0) it.flush(it.gfn, it.level);
     }
     return flush;
   }
@@ -887,13 +887,14 @@ export class Tdp {
     if (!slot) throw new MemslotError('EINVAL', `no slot ${slotId} in as_id ${asId}`);
     if (!slot.flags.logDirty) throw new MemslotError('EINVAL', `slot ${slotId} does not log dirty pages`);
     const set = this.dirtySet(slot);
-    const gfns = [...set].sort((a, b) => a - b);
+    const harvested = new Set(set);
+    const gfns = [...harvested].sort((a, b) => a - b);
     set.clear();
     if (gfns.length === 0) return gfns;
     const flush: Flush[] = [];
     for (const it of this.walk(asId, gfns[0], gfns[gfns.length - 1] + 1, flush, { only: 'presentLeaf' })) {
       if (it.yieldPoint && it.resched()) continue;
-      if (it.level > 1 || (it.old & SPTE_W) === 0 || !gfns.includes(it.gfn)) continue;
+      if (it.level > 1 || (it.old & SPTE_W) === 0 || !harvested.has(it.gfn)) continue;
       if (!this.trySet(it, withoutBits(it.old, SPTE_W))) {
         it.retry();
         continue;
@@ -1114,7 +1115,6 @@ export class Tdp {
     let flags = spteFlags(huge);
     if (level - 1 === 1 && this.nxHugePages) flags |= SPTE_X;
     for (let i = 0; i < 512; i++) child.spte[i] = makeSpte(pfn + i * step, flags);
-    child.live = 512;
     return child;
   }
 
@@ -1158,5 +1158,4 @@ function free(table: Table): void {
   if (table.child) for (const c of table.child) if (c) free(c);
   table.spte.fill(0);
   table.child?.fill(null);
-  table.live = 0;
 }

@@ -1,0 +1,250 @@
+// Expected values are worked out by hand from KVM's memslot rules and the
+// HVA -> GFN arithmetic of kvm_handle_hva_range, not captured from the model.
+
+import { describe, expect, test } from 'vitest';
+import {
+  HUGE_ZERO_PFN,
+  HostMm,
+  KVM_MEM_LOG_DIRTY_PAGES,
+  KVM_MEM_READONLY,
+  MemslotError,
+  Memslots,
+  ZERO_PFN,
+  fromRegion,
+  hvaRangeOp,
+  hvaRanges,
+  type GfnRange,
+  type Memslot,
+} from '../src/model/memslots.js';
+import { Tdp } from '../src/model/tdp.js';
+
+const H = 0x7f0000000000n;
+
+function slot(p: Partial<Memslot> = {}): Memslot {
+  return {
+    slot: 0,
+    asId: 0,
+    baseGfn: 0x1000,
+    npages: 512,
+    hva: H,
+    flags: { logDirty: false, readonly: false },
+    backing: { kind: 'anon', pageSize: 4096 },
+    ...p,
+  };
+}
+
+function rejects(fn: () => unknown, errno: string, problem: RegExp): void {
+  let err: unknown;
+  try {
+    fn();
+  } catch (e) {
+    err = e;
+  }
+  expect(err).toBeInstanceOf(MemslotError);
+  expect((err as MemslotError).errno).toBe(errno);
+  expect((err as MemslotError).problem).toMatch(problem);
+}
+
+describe('memslot updates', () => {
+  test('create, flags, move, no change, delete', () => {
+    const ms = new Memslots();
+    expect(ms.set(slot()).change).toBe('create');
+    expect(ms.set(slot({ flags: { logDirty: true, readonly: false } })).change).toBe('flags');
+    expect(ms.set(slot({ baseGfn: 0x3000, flags: { logDirty: true, readonly: false } })).change).toBe('move');
+    expect(ms.set(slot({ baseGfn: 0x3000, flags: { logDirty: true, readonly: false } })).change).toBe('none');
+    expect(ms.find(0, 0x3000 + 511)?.slot).toBe(0);
+    expect(ms.find(0, 0x1000)).toBeUndefined();
+    expect(ms.set(slot({ npages: 0 })).change).toBe('delete');
+    expect(ms.list(0)).toEqual([]);
+  });
+
+  test('a stored slot is a copy', () => {
+    const ms = new Memslots();
+    const s = slot();
+    ms.set(s);
+    s.flags.logDirty = true;
+    expect(ms.get(0, 0)!.flags.logDirty).toBe(false);
+  });
+
+  test('rejections name the problem', () => {
+    const ms = new Memslots();
+    ms.set(slot());
+    rejects(() => ms.set(slot({ slot: 1, baseGfn: 0x11ff, hva: H + 0x400000n })), 'EEXIST', /slot 1 overlaps slot 0 \[0x1000, 0x1200\)/);
+    rejects(() => ms.set(slot({ slot: 1, baseGfn: 0x2000, hva: H + 0x800n })), 'EINVAL', /not page-aligned/);
+    rejects(() => ms.set(slot({ asId: 2 })), 'EINVAL', /as_id 2 is outside \[0, 2\)/);
+    rejects(() => ms.set(slot({ slot: 40000 })), 'EINVAL', /slot id 40000/);
+    rejects(() => ms.set(slot({ npages: 1024 })), 'EINVAL', /size of an existing slot cannot change/);
+    rejects(() => ms.set(slot({ hva: H + 0x1000n })), 'EINVAL', /userspace_addr of an existing slot cannot change/);
+    rejects(() => ms.set(slot({ flags: { logDirty: false, readonly: true } })), 'EINVAL', /KVM_MEM_READONLY cannot be toggled/);
+    rejects(() => ms.set(slot({ slot: 2, npages: 0 })), 'EINVAL', /no slot 2 in as_id 0 to delete/);
+    rejects(() => ms.set(slot({ slot: 3, baseGfn: 2 ** 36 - 10, hva: H + 0x10000000n })), 'EINVAL', /beyond the MMU's limit/);
+    rejects(() => ms.set(slot({ slot: 3, baseGfn: 0x9000, hva: (1n << 47n) - 0x1000n })), 'EINVAL', /user address space/);
+    rejects(
+      () => ms.set(slot({ slot: 3, baseGfn: 0x9000, backing: { kind: 'guest_memfd', pageSize: 4096 }, flags: { logDirty: false, readonly: true } })),
+      'EINVAL',
+      /READONLY cannot be combined with guest_memfd/,
+    );
+    rejects(
+      () => ms.set(slot({ slot: 3, baseGfn: 0x9000, backing: { kind: 'guest_memfd', pageSize: 4096 }, flags: { logDirty: true, readonly: false } })),
+      'EINVAL',
+      /dirty logging is not supported on a guest_memfd slot/,
+    );
+    rejects(() => ms.set(slot({ slot: 3, baseGfn: 0x9000, backing: { kind: 'anon', pageSize: 2 << 20 } })), 'EINVAL', /anon backing cannot have page size 2097152/);
+    rejects(
+      () => ms.set(slot({ slot: 3, baseGfn: 0x9000, hva: H + 0x1000n, backing: { kind: 'hugetlb2m', pageSize: 2 << 20 } })),
+      'EINVAL',
+      /hugetlb mapping is aligned to and sized in 2 MiB pages/,
+    );
+    // A move onto another slot is refused too.
+    ms.set(slot({ slot: 1, baseGfn: 0x4000, hva: H + 0x400000n }));
+    rejects(() => ms.set(slot({ slot: 1, baseGfn: 0x1100, hva: H + 0x400000n })), 'EEXIST', /overlaps slot 0/);
+  });
+
+  test('fromRegion: as_id from the slot field, byte-level checks', () => {
+    const s = fromRegion(
+      { slot: (1 << 16) | 5, flags: KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY, guestPhysAddr: 0x100000000n, memorySize: 0x200000n, userspaceAddr: H },
+      { kind: 'anon', pageSize: 4096 },
+    );
+    expect([s.asId, s.slot, s.baseGfn, s.npages, s.flags.logDirty, s.flags.readonly]).toEqual([1, 5, 0x100000, 512, true, true]);
+    const r = { slot: 0, flags: 0, guestPhysAddr: 0n, memorySize: 0x1000n, userspaceAddr: H };
+    const anon = { kind: 'anon', pageSize: 4096 } as const;
+    rejects(() => fromRegion({ ...r, flags: 0x10 }, anon), 'EINVAL', /unknown flag bits 0x10/);
+    rejects(() => fromRegion({ ...r, memorySize: 0x1800n }, anon), 'EINVAL', /memory_size is not a multiple/);
+    rejects(() => fromRegion({ ...r, guestPhysAddr: 0x10n }, anon), 'EINVAL', /guest_phys_addr is not page-aligned/);
+    rejects(() => fromRegion(r, { kind: 'guest_memfd', pageSize: 4096 }), 'EINVAL', /KVM_MEM_GUEST_MEMFD/);
+  });
+
+  test('find with several slots', () => {
+    const ms = new Memslots();
+    ms.set(slot({ slot: 0, baseGfn: 0x1000 }));
+    ms.set(slot({ slot: 1, baseGfn: 0x100, hva: H + 0x200000n }));
+    ms.set(slot({ slot: 2, baseGfn: 0x8000, hva: H + 0x400000n }));
+    expect([0x100, 0x2ff, 0x300, 0x1000, 0x11ff, 0x8000, 0x81ff, 0x8200].map((g) => ms.find(0, g)?.slot)).toEqual([1, 1, undefined, 0, 0, 2, 2, undefined]);
+    expect(ms.find(1, 0x1000)).toBeUndefined();
+  });
+});
+
+describe('HVA range operator', () => {
+  // as0: A (hva H) and B (hva H + 2M); as1: C aliases A's memory (SMM view).
+  function threeSlots(): Memslots {
+    const ms = new Memslots();
+    ms.set(slot({ slot: 1, baseGfn: 0x5000, hva: H + 0x200000n }));
+    ms.set(slot({ slot: 0, baseGfn: 0x1000, hva: H }));
+    ms.set(slot({ asId: 1, slot: 0, baseGfn: 0x1000, hva: H }));
+    return ms;
+  }
+  const view = (r: GfnRange) => [r.asId, r.slot.slot, r.start, r.end];
+
+  test('GFN ranges cover every page the HVA range touches', () => {
+    const ms = threeSlots();
+    expect([...hvaRanges(ms, H + 0x1800n, H + 0x201001n)].map(view)).toEqual([
+      [0, 0, 0x1001, 0x1200],
+      [0, 1, 0x5000, 0x5002],
+      [1, 0, 0x1001, 0x1200],
+    ]);
+    expect([...hvaRanges(ms, H + 0x400000n, H + 0x500000n)]).toEqual([]);
+  });
+
+  test('stops at the first error and reports how far it got', () => {
+    const ms = threeSlots();
+    const called: number[][] = [];
+    const r = hvaRangeOp(ms, H + 0x1800n, H + 0x201001n, (g) => {
+      called.push(view(g));
+      return g.slot.slot === 1 ? new Error('EFAULT') : undefined;
+    });
+    expect(r.error?.message).toBe('EFAULT');
+    expect(r.done.map(view)).toEqual([[0, 0, 0x1001, 0x1200]]);
+    expect(view(r.failed!)).toEqual([0, 1, 0x5000, 0x5002]);
+    expect(called.length).toBe(2); // address space 1 never visited
+    expect(ms.readers).toBe(0);
+
+    const all = hvaRangeOp(ms, H, H + 0x400000n, () => undefined);
+    expect([all.error, all.failed, all.done.length]).toEqual([undefined, undefined, 3]);
+    expect(hvaRangeOp(ms, H, H, () => undefined).error).toBeInstanceOf(MemslotError);
+  });
+
+  test('the handler zaps the TDP model until the error', () => {
+    const ms = new Memslots();
+    const tdp = new Tdp(ms);
+    tdp.setMemslot(slot({ slot: 0, baseGfn: 0x1000, hva: H }));
+    tdp.setMemslot(slot({ asId: 1, slot: 0, baseGfn: 0x1000, hva: H }));
+    for (const as of [0, 1]) for (const g of [0x1002, 0x1003]) tdp.fault(as, g, { write: true });
+    const r = hvaRangeOp(ms, H + 0x2000n, H + 0x4000n, (g) => {
+      if (g.asId === 1) return new Error('stop');
+      tdp.zap(g.asId, g.start, g.end);
+      return undefined;
+    });
+    expect(r.done.map(view)).toEqual([[0, 0, 0x1002, 0x1004]]);
+    expect(tdp.mappings(0)).toEqual([]);
+    expect(tdp.mappings(1)).toEqual([{ start: 0x1002, end: 0x1004, level: 1, writable: true, executable: true }]);
+    expect(tdp.events.filter((e) => e.kind === 'flush')).toEqual([{ kind: 'flush', asId: 0, ranges: [{ start: 0x1002, end: 0x1004 }] }]);
+  });
+
+  test('a memslot update inside the walk is refused; an abandoned walk lets go', () => {
+    const ms = threeSlots();
+    expect(() =>
+      hvaRangeOp(ms, H, H + 0x1000n, () => {
+        ms.set(slot({ slot: 7, baseGfn: 0x9000 }));
+        return undefined;
+      }),
+    ).toThrow(/EBUSY: memslot update inside an hvaRanges\(\) walk/);
+    expect(ms.readers).toBe(0);
+    expect(ms.get(0, 7)).toBeUndefined();
+    for (const r of hvaRanges(ms, H, H + 0x1000n)) {
+      expect(ms.readers).toBe(1);
+      void r;
+      break;
+    }
+    expect(ms.readers).toBe(0);
+    expect(ms.set(slot({ slot: 7, baseGfn: 0x9000 })).change).toBe('create');
+  });
+});
+
+describe('host memory', () => {
+  const anon = slot();
+  const thp = slot({ backing: { kind: 'thp', pageSize: 2 << 20 } });
+  const memfd = slot({ backing: { kind: 'memfd', pageSize: 4096 } });
+  const huge1g = slot({ npages: 512 * 512, backing: { kind: 'hugetlb1g', pageSize: 1 << 30 } });
+
+  test('anon: zero page on read, a write replaces it and notifies its page', () => {
+    const mm = new HostMm();
+    expect(mm.fault(anon, H + 0x3000n, false)).toEqual({ page: { pfn: ZERO_PFN, level: 1, writable: false }, notify: [] });
+    const w = mm.fault(anon, H + 0x3000n, true)!;
+    expect(w.page.writable).toBe(true);
+    expect(w.notify).toEqual([[H + 0x3000n, H + 0x4000n]]);
+    expect(mm.fault(anon, H + 0x3000n, false)!.page).toEqual(w.page);
+  });
+
+  test('THP: huge zero page, then split on write', () => {
+    const mm = new HostMm();
+    expect(mm.fault(thp, H + 0x5000n, false)!.page).toEqual({ pfn: HUGE_ZERO_PFN + 5, level: 2, writable: false });
+    const w = mm.fault(thp, H + 0x5000n, true)!;
+    expect(w.notify).toEqual([
+      [H, H + 0x200000n],
+      [H + 0x5000n, H + 0x6000n],
+    ]);
+    expect(w.page.level).toBe(1);
+    expect(mm.lookup(H + 0x6000n)).toEqual({ pfn: ZERO_PFN, level: 1, writable: false });
+  });
+
+  test('hugetlb 1G: one frame range, aligned; munmap makes faults fail', () => {
+    const mm = new HostMm();
+    const p = mm.fault(huge1g, H + 0x3000n, false)!.page;
+    expect([p.level, p.writable, (p.pfn - 3) % (512 * 512)]).toEqual([3, true, 0]);
+    expect(mm.lookup(H + 0x7000n)).toEqual({ pfn: p.pfn + 4, level: 3, writable: true });
+    expect(mm.invalidate(H, H + 0x40000000n, 'munmap')).toEqual([[H, H + 0x40000000n]]);
+    expect(mm.lookup(H + 0x7000n)).toBeUndefined();
+    expect(mm.fault(huge1g, H + 0x2000n, false)).toBeUndefined();
+  });
+
+  test('DONTNEED keeps page-cache pages, punch-hole drops them, mprotect keeps all', () => {
+    const mm = new HostMm();
+    const p = mm.fault(memfd, H, true)!.page;
+    mm.invalidate(H, H + 0x1000n, 'dontneed');
+    expect(mm.lookup(H)).toEqual(p);
+    mm.invalidate(H, H + 0x1000n, 'mprotect');
+    expect(mm.lookup(H)).toEqual(p);
+    mm.invalidate(H, H + 0x1000n, 'punch_hole');
+    expect(mm.lookup(H)).toBeUndefined();
+  });
+});
