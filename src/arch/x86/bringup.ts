@@ -3,7 +3,7 @@
 // state entered directly through KVM_SET_SREGS.
 import type { Regs, Segment, Sregs } from '../../kvm/regs.js';
 import { Asm } from './asm.js';
-import { CHANNEL_PORT, ERROR_CODE_VECTORS, EXC_LOG_CAPACITY, EXC_LOG_ENTRY, EXC_LOG_HEADER, LAYOUT, OP, SEL } from './layout.js';
+import { CHANNEL_PORT, ERROR_CODE_VECTORS, EXC_LOG_CAPACITY, EXC_LOG_ENTRY, EXC_LOG_HEADER, LAYOUT, MAILBOX, OP, RETURN_GVA, RING0_VECTOR, SEL } from './layout.js';
 import { PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW, PTE_US } from './pte.js';
 import { PageTables, type PhysMem } from './tables.js';
 
@@ -88,6 +88,11 @@ function handlers(): { code: Uint8Array; stubs: number[] } {
   a.label('common')
     .push('rax').push('rbx').push('rcx').push('rdx')
     // Frame: rdx rcx rbx rax vector errcode rip cs rflags rsp ss
+    // A fetch fault at RETURN_GVA is the user program's way back to ring 0.
+    .movImm('rax', RETURN_GVA)
+    .load(8, 'rcx', { base: 'rsp', disp: 48 })
+    .cmp('rax', 'rcx')
+    .jcc('e', 'user_return')
     .movImm('rbx', log)
     .load(4, 'rax', { base: 'rbx' })
     .mov('rcx', 'rax')
@@ -113,13 +118,21 @@ function handlers(): { code: Uint8Array; stubs: number[] } {
     .pop('rdx').pop('rcx').pop('rbx').pop('rax')
     .add('rsp', 16)
     .iretq()
+    .label('user_return')
+    .pop('rdx').pop('rcx').pop('rbx').pop('rax')
+    .label('ring0')
+    // Drop the user frame and continue in ring 0 where the program asked.
+    .load(8, 'rsp', { disp: Number(LAYOUT.mailbox) + MAILBOX.ring0Rsp })
+    .jmp({ disp: Number(LAYOUT.mailbox) + MAILBOX.ring0Rip })
     .label('unexpected')
     .movImm('rax', OP.exception)
     .out(4, CHANNEL_PORT)
     .label('stuck')
     .hlt()
     .jmp('stuck');
-  return { code: a.assemble().code, stubs };
+  const out = a.assemble();
+  stubs[RING0_VECTOR] = out.labels.get('ring0')!;
+  return { code: out.code, stubs };
 }
 
 function idt(stubs: number[]): Uint8Array {
@@ -129,7 +142,7 @@ function idt(stubs: number[]): Uint8Array {
     const o = v * 16;
     dv.setUint16(o, addr & 0xffff, true);
     dv.setUint16(o + 2, SEL.kcode, true);
-    b[o + 5] = v === 3 || v === 0x80 ? 0xee : 0x8e; // present interrupt gate; #BP and 0x80 callable from CPL 3
+    b[o + 5] = v === 3 || v === RING0_VECTOR ? 0xee : 0x8e; // present interrupt gate; #BP and the ring-0 return callable from CPL 3
     dv.setUint16(o + 6, (addr >>> 16) & 0xffff, true);
     dv.setUint32(o + 8, Math.floor(addr / 2 ** 32), true);
   });

@@ -5,7 +5,7 @@ import { Kvm, Vcpu, Vm, type Backing, type CpuidEntry, type RunResult } from '..
 import type { Asm } from './asm.js';
 import { bringUp, type BringUp, type BringUpOptions } from './bringup.js';
 import { NotApplicable } from '../../kvm/sys.js';
-import { CHANNEL_PORT, CONSOLE_PORT, EXC_LOG_CAPACITY, EXC_LOG_ENTRY, EXC_LOG_HEADER, LAYOUT, OP, VECTOR_NAMES } from './layout.js';
+import { RETURN_GVA, CHANNEL_PORT, CONSOLE_PORT, EXC_LOG_CAPACITY, EXC_LOG_ENTRY, EXC_LOG_HEADER, LAYOUT, MAILBOX, OP, SEL, VECTOR_NAMES } from './layout.js';
 
 export interface ExceptionRecord {
   vector: number;
@@ -175,8 +175,37 @@ export const channel = {
    */
   guarded(a: Asm, access: (a: Asm) => void): Asm {
     const resume = `resume_${a.size()}`;
-    a.push('rax').movLabel('rax', resume).store(8, { disp: Number(LAYOUT.mailbox) }, 'rax').pop('rax');
+    a.push('rax').movLabel('rax', resume).store(8, { disp: Number(LAYOUT.mailbox) + MAILBOX.fixup }, 'rax').pop('rax');
     access(a);
-    return a.label(resume).storeImm(8, { disp: Number(LAYOUT.mailbox) }, 0);
+    return a.label(resume).storeImm(8, { disp: Number(LAYOUT.mailbox) + MAILBOX.fixup }, 0);
+  },
+  /**
+   * Runs code at CPL 3 and comes back to ring 0 right after: control enters
+   * ring 3 at `userEntry` (on a user-accessible page), and the user code must
+   * end with a jump to RETURN_GVA. rax and r11 are clobbered.
+   */
+  toUser(a: Asm, userEntry: bigint, rflags = 2n): Asm {
+    const back = `ring0_${a.size()}`;
+    const mb = Number(LAYOUT.mailbox);
+    a.movLabel('rax', back).store(8, { disp: mb + MAILBOX.ring0Rip }, 'rax')
+      .store(8, { disp: mb + MAILBOX.ring0Rsp }, 'rsp')
+      .push(SEL.udata).push(Number(LAYOUT.userStackTop)).push(Number(rflags | 2n)).push(SEL.ucode)
+      .movImm('rax', userEntry).push('rax');
+    return a.iretq().label(back);
+  },
+  /**
+   * One access at CPL 3 whose fault resumes in ring 3 right after it: the
+   * access goes into the user program `u`, the ring-0 program `k` arms the
+   * fixup, enters ring 3, and disarms it on return.
+   */
+  userAccess(k: Asm, u: Asm, access: (u: Asm) => void, rflags = 2n): Asm {
+    const entry = BigInt(u.pc);
+    access(u);
+    const resume = BigInt(u.pc);
+    u.movImm('r11', RETURN_GVA).jmp('r11');
+    const fixup = { disp: Number(LAYOUT.mailbox) + MAILBOX.fixup };
+    k.movImm('rax', resume).store(8, fixup, 'rax');
+    channel.toUser(k, entry, rflags);
+    return k.storeImm(8, fixup, 0);
   },
 };

@@ -8,7 +8,7 @@ export const LAYOUT = {
   idt: 0x3000n,
   /** Exception log: u32 count at +0, entries of 32 bytes from +64. */
   excLog: 0x4000n,
-  /** Mailbox: +0 fixup RIP (the handler resumes there once and clears it). */
+  /** Mailbox: see MAILBOX for the fields. */
   mailbox: 0x5000n,
   handlers: 0x6000n,
   kernelStackTop: 0xc000n,
@@ -23,6 +23,29 @@ export const LAYOUT = {
   data: 0x200000n,
   identityEnd: 0x400000n,
 } as const;
+
+/** Offsets in the mailbox page. */
+export const MAILBOX = {
+  /** Fixup RIP: an exception handler resumes there once and clears it. */
+  fixup: 0,
+  /** Where vector RING0_VECTOR resumes in ring 0, and with which RSP. */
+  ring0Rip: 8,
+  ring0Rsp: 16,
+} as const;
+/**
+ * The way back from CPL 3: user code jumps to RETURN_GVA, which no table maps;
+ * the #PF handler sees that fault address, drops the user frame without
+ * logging, and continues in ring 0 at MAILBOX.ring0Rip. An exception is used
+ * because exception delivery works on every host: KVM's emulator cannot
+ * emulate `int n` outside real mode (a host that emulates every instruction
+ * raises #UD), and on kvm_pvm an emulated `syscall` left the next fetch
+ * checked as a user access. `int RING0_VECTOR` reaches the same code on hosts
+ * that execute it natively.
+ */
+export const RETURN_GVA = 0xfff000n;
+export const RING0_VECTOR = 0x81;
+
+
 
 export const EXC_LOG_ENTRY = 32;
 export const EXC_LOG_HEADER = 64;

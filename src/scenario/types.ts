@@ -1,0 +1,104 @@
+// A scenario is data: memslots, the guest's paging mode, mappings, and a
+// program of guest and host steps, with optional explicit expectations that
+// override the model. This file is the validated, normalised form; the JSON
+// form (addresses as "0x..." strings or safe integers) is described by
+// schema.ts and docs/scenarios.md.
+
+export type PageSize = '4K' | '2M' | '1G';
+export type AccessKind = 'read' | 'write' | 'exec';
+
+export interface PteAttrs {
+  /** Present (default true). */
+  p: boolean;
+  /** Writable (R/W). */
+  w: boolean;
+  /** User (U/S). */
+  u: boolean;
+  /** Execute-disable (bit 63). */
+  nx: boolean;
+  a: boolean;
+  d: boolean;
+  g: boolean;
+  pwt: boolean;
+  pcd: boolean;
+  /** Protection key 0..15 (leaf only). */
+  pkey: number;
+}
+
+/** Raw bits applied after the attributes: value = (value & ~clear) | set. */
+export interface RawBits {
+  /** 1 = 4K PTE ... 4/5 = root entry, as KVM counts. */
+  level: number;
+  set: bigint;
+  clear: bigint;
+}
+
+export interface Mapping {
+  gva: bigint;
+  gpa: bigint;
+  /** Bytes; a multiple of the page size. */
+  size: bigint;
+  page: PageSize;
+  leaf: PteAttrs;
+  /** Attributes of the non-leaf entries this mapping creates. */
+  table: PteAttrs;
+  raw: RawBits[];
+}
+
+export interface MemslotDecl {
+  slot: number;
+  gpa: bigint;
+  size: bigint;
+  backing: 'anon' | 'shared' | 'memfd' | 'thp' | 'hugetlb2m' | 'hugetlb1g';
+  logDirty: boolean;
+  readonly: boolean;
+}
+
+export interface PagingDecl {
+  levels: 4 | 5;
+  cr0: { wp: boolean };
+  cr4: { smep: boolean; smap: boolean; pke: boolean };
+  efer: { nxe: boolean };
+  pkru: number;
+  /** Model vendor; 'auto' takes it from the guest's CPUID. */
+  vendor: 'auto' | 'intel' | 'amd';
+}
+
+/** What a guest access is expected to do, overriding the model where given. */
+export interface AccessExpect {
+  /** false = no fault; a number = #PF with this error code. */
+  fault?: false | number;
+  /** Value a read returns (bytes of the access size, little-endian). */
+  value?: bigint;
+  /** PTE values after the step, by level. */
+  ptes?: { level: number; value: bigint }[];
+}
+
+export type GuestStep =
+  | { kind: 'access'; access: AccessKind; gva: bigint; size: 1 | 2 | 4 | 8; cpl: 0 | 3; value: bigint; eflagsAc: boolean; expect?: AccessExpect }
+  | { kind: 'invlpg'; gva: bigint }
+  | { kind: 'reload-cr3' }
+  | { kind: 'set-cr0-wp'; value: boolean }
+  | { kind: 'set-cr4'; bit: 'smep' | 'smap' | 'pke'; value: boolean };
+
+export type HostStep =
+  | { kind: 'write-pte'; gva: bigint; level: number; set: bigint; clear: bigint; value?: bigint }
+  | { kind: 'clear-ad'; gva: bigint }
+  | { kind: 'get-dirty-log'; slot: number; expect?: bigint[] }
+  | { kind: 'clear-dirty-log'; slot: number }
+  | { kind: 'translate'; gva: bigint; expect?: { valid: boolean; gpa?: bigint } };
+
+export type Step = ({ side: 'guest' } & GuestStep) | ({ side: 'host' } & HostStep);
+
+export interface Scenario {
+  name: string;
+  description: string;
+  arch: 'x86_64';
+  vcpus: 1;
+  memslots: MemslotDecl[];
+  paging: PagingDecl;
+  mappings: Mapping[];
+  steps: Step[];
+  /** Path of the file it came from, for messages. */
+  source?: string;
+}
