@@ -259,7 +259,9 @@ const timeoutKick: Check = {
       const s = await g.run({ timeoutMs: 150 });
       const ms = performance.now() - t0;
       ctx.expect('stop', 'timeout', s.kind);
-      ctx.expect('kicked within 1 s of the limit', true, ms >= 150 && ms < 1150);
+      // Node timers may fire up to a millisecond early; a loaded 2-core
+      // machine may deliver the kick late, but not by seconds.
+      ctx.expect('kicked at the limit (within -10 ms / +2 s)', true, ms >= 140 && ms < 2150);
       const b = new Asm({ origin: Number(LAYOUT.code) + 0x1000 });
       channel.done(b);
       g.load(b);
