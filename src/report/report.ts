@@ -9,10 +9,11 @@ export function human(r: RunReport): string {
   const w = Math.max(10, ...r.checks.map((c) => c.name.length));
   for (const c of r.checks) {
     out.push(`${MARK[c.outcome]}  ${c.name.padEnd(w)}  ${c.durationMs.toFixed(1).padStart(8)} ms  ${c.description}`);
+    if (c.cases) out.push(`      ${c.cases.checked} cases: ${Object.entries(c.cases.byOutcome).map(([k, n]) => `${k} ${n}`).join(', ')}`);
     out.push(...detail(c).map((l) => `      ${l}`));
   }
   const s = r.summary;
-  out.push(`${s.passed} passed, ${s.failed} failed, ${s.notApplicable} not applicable, ${s.errors} errors (${(s.durationMs / 1000).toFixed(2)} s)`);
+  out.push(`${s.passed} passed, ${s.failed} failed, ${s.notApplicable} not applicable, ${s.errors} errors (${(s.durationMs / 1000).toFixed(2)} s)${s.casesChecked ? `; ${s.casesChecked} cases checked` : ''}`);
   return out.join('\n');
 }
 

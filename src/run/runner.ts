@@ -10,12 +10,14 @@ import { NotApplicable, type Check, type CheckResult, type Comparison, type RunR
 export interface RunOptions {
   tamper?: Tamper;
   onResult?: (r: CheckResult) => void;
+  onProgress?: (check: string, done: number, total: number) => void;
 }
 
 export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opts: RunOptions = {}): Promise<CheckResult> {
   const t0 = performance.now();
   const comparisons: Comparison[] = [];
   const notes: string[] = [];
+  let cases: CheckResult['cases'];
   const result = (outcome: CheckResult['outcome'], reason?: string): CheckResult => ({
     name: check.name,
     description: check.description,
@@ -24,6 +26,7 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
     reason,
     notes,
     durationMs: performance.now() - t0,
+    ...(cases ? { cases } : {}),
   });
   const missing = check.needs.filter((o) => !profile.oracles[o].available);
   if (missing.length) {
@@ -38,6 +41,12 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
         comparisons.push({ what, expected: show(exp), observed: show(observed), ok: same(exp, observed) });
       },
       note: (l) => notes.push(l),
+      cases(c) {
+        cases ??= { checked: 0, byOutcome: {} };
+        cases.checked += c.checked;
+        for (const [k, n] of Object.entries(c.byOutcome)) cases.byOutcome[k] = (cases.byOutcome[k] ?? 0) + n;
+      },
+      progress: (done, total) => opts.onProgress?.(check.name, done, total),
     });
   } catch (e) {
     if (e instanceof NotApplicable) return result('not_applicable', e.message);
@@ -67,6 +76,7 @@ export async function runChecks(checks: readonly Check[], kvm: Kvm, profile: Hos
       notApplicable: count('not_applicable'),
       errors: count('error'),
       durationMs: performance.now() - t0,
+      casesChecked: results.reduce((n, r) => n + (r.cases?.checked ?? 0), 0),
     },
   };
 }

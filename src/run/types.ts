@@ -21,6 +21,14 @@ export interface CheckResult {
   reason?: string;
   notes: string[];
   durationMs: number;
+  /** For checks that check many cases (the access matrix): counts per outcome. */
+  cases?: CaseCounts;
+}
+
+export interface CaseCounts {
+  checked: number;
+  /** e.g. { pass: 19990, 'fault P|W': 1234, mismatch: 0 } — keys are the check's own. */
+  byOutcome: Record<string, number>;
 }
 
 export interface Summary {
@@ -30,6 +38,8 @@ export interface Summary {
   notApplicable: number;
   errors: number;
   durationMs: number;
+  /** Sum of CheckResult.cases.checked over the run (0 when no check counts cases). */
+  casesChecked: number;
 }
 
 export interface RunReport {
@@ -50,6 +60,10 @@ export interface CheckContext {
   /** Records a comparison; equality is structural, bigints and bytes included. */
   expect(what: string, expected: unknown, observed: unknown): void;
   note(line: string): void;
+  /** Adds case counts (many-case checks); a mismatching case must also be recorded with expect(). */
+  cases(counts: CaseCounts): void;
+  /** Progress for a terminal (done of total); ignored when nobody listens. */
+  progress(done: number, total: number): void;
 }
 
 export interface Check {
