@@ -6,7 +6,7 @@
 // stdout: a table, or with --json exactly one JSON array. Progress goes to stderr.
 // Exit status 0 whether or not targets are met; 1 only if the bench itself failed.
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
@@ -14,6 +14,7 @@ import { runInNewContext } from 'node:vm';
 import { Kvm } from '../src/kvm/kvm.js';
 import { packageRoot } from '../src/kvm/sys.js';
 import { exitRoundtrip, lifecycleOnce, vmLifecycle } from './kvm.js';
+import { benchTdpIter } from './tdp.js';
 import { benchModelWalks } from './walk.js';
 
 interface Entry {
@@ -116,6 +117,8 @@ function findGc(): (() => void) | undefined {
 }
 
 const openFds = (): number => readdirSync('/proc/self/fd').length;
+/** kvm_run mappings still in the address space (each one keeps its vCPU, and so its VM, alive). */
+const vcpuMappings = (): number => readFileSync('/proc/self/maps', 'utf8').split('\n').filter((l) => l.includes('anon_inode:kvm-vcpu')).length;
 const settle = (): Promise<void> => new Promise((r) => setTimeout(r, 50));
 
 async function kvmBenches(kvm: Kvm, o: Options): Promise<Entry[]> {
@@ -155,7 +158,7 @@ async function kvmBenches(kvm: Kvm, o: Options): Promise<Entry[]> {
     await lifecycleOnce(kvm);
     await settle();
     gc?.();
-    const fd0 = openFds(), rss0 = process.memoryUsage().rss;
+    const fd0 = openFds(), rss0 = process.memoryUsage().rss, maps0 = vcpuMappings();
     const t0 = process.hrtime.bigint();
     for (let i = 0; i < o.leak; i++) {
       await lifecycleOnce(kvm);
@@ -165,8 +168,8 @@ async function kvmBenches(kvm: Kvm, o: Options): Promise<Entry[]> {
     await settle();
     gc?.();
     gc?.();
-    const fd1 = openFds(), rss1 = process.memoryUsage().rss;
-    progress(`leak check: ${o.leak} lifecycles at ${fmt(leakUs, 0)} µs each; fds ${fd0} -> ${fd1}; RSS ${fmt(rss0 / 2 ** 20, 1)} -> ${fmt(rss1 / 2 ** 20, 1)} MiB${gc ? ' (after gc)' : ''}`);
+    const fd1 = openFds(), rss1 = process.memoryUsage().rss, maps1 = vcpuMappings();
+    progress(`leak check: ${o.leak} lifecycles at ${fmt(leakUs, 0)} µs each; fds ${fd0} -> ${fd1}; kvm-vcpu mappings ${maps0} -> ${maps1}; RSS ${fmt(rss0 / 2 ** 20, 1)} -> ${fmt(rss1 / 2 ** 20, 1)} MiB${gc ? ' (after gc)' : ''}`);
     entries.push({ name: 'vm_lifecycle_fd_growth', unit: 'count', value: fd1 - fd0 });
     entries.push({ name: 'vm_lifecycle_rss_growth_mb', unit: 'MB', value: round((rss1 - rss0) / 2 ** 20, 2) });
     return entries;
@@ -184,30 +187,11 @@ const KVM_ENTRIES: [string, string][] = [
   ['vm_lifecycle_rss_growth_mb', 'MB'],
 ];
 
-// bench/tdp.ts is loaded at run time through a computed specifier so that this
-// file builds whether or not that module exists yet; when it is missing the
-// entry is reported with a note instead of a value.
-const TDP_MODULE = './tdp.js';
-async function benchTdp(): Promise<Entry> {
-  let mod: { benchTdpIter?: () => Entry | Promise<Entry> };
-  try {
-    mod = (await import(TDP_MODULE)) as typeof mod;
-  } catch (e) {
-    const err = e as NodeJS.ErrnoException;
-    if (err.code !== 'ERR_MODULE_NOT_FOUND') throw e;
-    return { name: 'tdp_iter_1m_gfn_ms', unit: 'ms', value: null, note: 'bench/tdp.ts is not built (dist/bench/tdp.js missing)' };
-  }
-  if (typeof mod.benchTdpIter !== 'function') {
-    return { name: 'tdp_iter_1m_gfn_ms', unit: 'ms', value: null, note: 'bench/tdp.ts does not export benchTdpIter' };
-  }
-  return await mod.benchTdpIter();
-}
-
 function table(entries: Entry[]): string {
   const rows = [['bench', 'value', 'unit', 'C reference', 'ratio', 'target', 'met']];
   for (const e of entries) {
     const t = TARGETS[e.name];
-    const value = e.value === null ? `not available here: ${e.note ?? ''}` : e.value >= 1e5 ? Math.round(e.value).toLocaleString('en-US') : String(e.value);
+    const value = e.value === null ? (e.note?.startsWith('failed') ? e.note : `not available here: ${e.note ?? 'unknown reason'}`) : e.value >= 1e5 ? Math.round(e.value).toLocaleString('en-US') : String(e.value);
     rows.push([
       e.name,
       value,
@@ -218,9 +202,9 @@ function table(entries: Entry[]): string {
       e.value === null || !t ? '-' : t.met(e) ? 'yes' : 'NO',
     ]);
   }
-  const widths = rows[0]!.map((_, j) => Math.max(...rows.filter((r) => !r[1]!.startsWith('not available')).map((r) => r[j]!.length)));
+  const widths = rows[0]!.map((_, j) => Math.max(...rows.filter((r) => j === 0 || r[2] !== '' || r === rows[0]).map((r) => r[j]!.length)));
   return rows
-    .map((r) => (r[1]!.startsWith('not available') ? `${r[0]!.padEnd(widths[0]!)}  ${r[1]}` : r.map((c, j) => c.padEnd(widths[j]!)).join('  ').trimEnd()))
+    .map((r) => (r !== rows[0] && r[2] === '' ? `${r[0]!.padEnd(widths[0]!)}  ${r[1]}` : r.map((c, j) => c.padEnd(widths[j]!)).join('  ').trimEnd()))
     .join('\n');
 }
 
@@ -251,12 +235,19 @@ async function main(): Promise<number> {
     for (const [name, unit] of KVM_ENTRIES) entries.push({ name, unit, value: null, note: unavailable });
   }
 
-  progress('model_walks_per_s');
-  entries.push(benchModelWalks());
-  progress('tdp_iter_1m_gfn_ms');
-  const tdp = await benchTdp();
-  if (tdp.value === null) progress(`tdp_iter_1m_gfn_ms skipped: ${tdp.note}`);
-  entries.push(tdp);
+  for (const [name, unit, bench] of [
+    ['model_walks_per_s', 'walks/s', benchModelWalks],
+    ['tdp_iter_1m_gfn_ms', 'ms', benchTdpIter],
+  ] as const) {
+    progress(name);
+    try {
+      entries.push(bench());
+    } catch (e) {
+      failed = true;
+      progress(`${name} failed: ${(e as Error).stack ?? String(e)}`);
+      entries.push({ name, unit, value: null, note: `failed: ${(e as Error).message}` });
+    }
+  }
 
   if (o.json) process.stdout.write(`${JSON.stringify(entries)}\n`);
   else process.stdout.write(`${table(entries)}\n`);
