@@ -183,6 +183,21 @@ Napi::Value Write(const Napi::CallbackInfo &info) {
   return num(env, kh::write_fd((int)i64(info[0]), d, n));
 }
 
+// runLoop(fd, runAddress: bigint, consolePort, maxExits, out: Uint8Array, result: Int32Array[3])
+// -> KVM_RUN's last result; result[0] = exits, result[1] = console bytes.
+Napi::Value RunLoop(const Napi::CallbackInfo &info) {
+  ARGS(6);
+  uint8_t *out, *res;
+  size_t cap, rlen;
+  if (!bytes(info[4], &out, &cap) || !bytes(info[5], &res, &rlen) || rlen < 8) return fail(env, "runLoop: bad buffers");
+  void *run = reinterpret_cast<void *>((uintptr_t)u64(info[1]));
+  uint32_t len = 0, exits = 0;
+  int64_t r = kh::run_loop((int)i64(info[0]), run, (uint16_t)i64(info[2]), (uint32_t)i64(info[3]), out, cap, &len, &exits);
+  reinterpret_cast<uint32_t *>(res)[0] = exits;
+  reinterpret_cast<uint32_t *>(res)[1] = len;
+  return num(env, r);
+}
+
 Napi::Value Gettid(const Napi::CallbackInfo &info) { return num(info.Env(), kh::gettid_()); }
 Napi::Value KickInstall(const Napi::CallbackInfo &info) { return num(info.Env(), kh::kick_install()); }
 Napi::Value KickSignal(const Napi::CallbackInfo &info) { return num(info.Env(), kh::kick_signal()); }
@@ -206,6 +221,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("ftruncate", Napi::Function::New(env, Ftruncate));
   exports.Set("pread", Napi::Function::New(env, Pread));
   exports.Set("write", Napi::Function::New(env, Write));
+  exports.Set("runLoop", Napi::Function::New(env, RunLoop));
   exports.Set("gettid", Napi::Function::New(env, Gettid));
   exports.Set("kickInstall", Napi::Function::New(env, KickInstall));
   exports.Set("kickSignal", Napi::Function::New(env, KickSignal));

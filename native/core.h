@@ -27,6 +27,13 @@ int64_t truncate_fd(int fd, int64_t len);
 int64_t pread_fd(int fd, void *buf, size_t len, int64_t off);
 int64_t write_fd(int fd, const void *buf, size_t len);
 
+// KVM_RUN until an exit other than `out` to console_port (0 = none), or
+// max_exits returns. Console bytes go to out (up to cap; *out_len counts
+// them). Returns KVM_RUN's last result (0 or -errno); *exits counts returns.
+// `run` is the vCPU's mapped kvm_run; any thread may call this.
+int64_t run_loop(int fd, void *run, uint16_t console_port, uint32_t max_exits, uint8_t *out, size_t cap,
+                 uint32_t *out_len, uint32_t *exits);
+
 int64_t gettid_();
 // Installs (once) the handler for the kick signal; KVM_RUN returns -EINTR when
 // it arrives, and immediate_exit covers the window before entry.

@@ -83,8 +83,10 @@ export class Kvm {
   checkExtension(cap: number): number {
     return check('KVM_CHECK_EXTENSION', addon().ioctl(this.fd, IOCTL.KVM_CHECK_EXTENSION, cap));
   }
+  private mmapSize = 0;
+  /** Size of a vCPU mapping (asked once; it does not change). */
   vcpuMmapSize(): number {
-    return check('KVM_GET_VCPU_MMAP_SIZE', addon().ioctl(this.fd, IOCTL.KVM_GET_VCPU_MMAP_SIZE));
+    return (this.mmapSize ||= check('KVM_GET_VCPU_MMAP_SIZE', addon().ioctl(this.fd, IOCTL.KVM_GET_VCPU_MMAP_SIZE)));
   }
   supportedCpuid(): CpuidEntry[] {
     for (let cap = 64; ; cap *= 2) {
@@ -399,7 +401,7 @@ export class Vm {
       addon().close(fd);
       throw e;
     }
-    const v = new Vcpu(this, id, fd, run, size);
+    const v = new Vcpu(this, id, fd, run);
     this.vcpus.push(v);
     return v;
   }
@@ -497,6 +499,7 @@ export interface Translation {
 export class Vcpu {
   /** The main thread's own view of kvm_run (exit decoding, immediate_exit). */
   readonly runView: DataView;
+  private readonly runAddress: bigint;
   private thread: VcpuThread | undefined;
   private statsReader: StatsReader | undefined;
   private statsFd = -1;
@@ -509,9 +512,9 @@ export class Vcpu {
     readonly id: number,
     readonly fd: number,
     private readonly runMap: ArrayBuffer,
-    private readonly mmapSize: number,
   ) {
     this.runView = new DataView(runMap);
+    this.runAddress = addon().addressOf(runMap);
   }
 
   private get<T>(call: string, req: number, size: number, decode: (b: Uint8Array) => T): T {
@@ -596,7 +599,7 @@ export class Vcpu {
       }, opts.timeoutMs ?? 10_000);
       let reply;
       try {
-        reply = await thread.run({ fd: this.fd, mmapSize: this.mmapSize, consolePort: opts.consolePort ?? 0, maxExits: opts.maxExits ?? 1 << 30 });
+        reply = await thread.run({ fd: this.fd, run: this.runAddress, consolePort: opts.consolePort ?? 0, maxExits: opts.maxExits ?? 1 << 30 });
       } finally {
         clearTimeout(timer);
         this.runView.setUint8(RUN.immediate_exit, 0);
@@ -645,7 +648,12 @@ export class Vcpu {
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    if (this.thread) VcpuThread.release(this.thread, this.fd);
+    if (this.thread) {
+      // kvm_run must stay mapped until the thread has left KVM_RUN.
+      if (this.running) this.kickThread(this.thread);
+      this.thread.waitIdle();
+      VcpuThread.release(this.thread);
+    }
     if (this.ring) addon().munmap(this.ring.map);
     addon().munmap(this.runMap);
     if (this.statsFd >= 0) addon().close(this.statsFd);

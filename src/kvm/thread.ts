@@ -1,18 +1,21 @@
 // One OS thread per running vCPU. KVM_RUN blocks its thread, so it never runs
 // on the libuv pool or on the main thread: each vCPU borrows a worker thread
-// from a small pool of its own, keeps it while it lives, and the worker maps
-// its own view of kvm_run (mappings are not shared across isolates).
+// from a small pool of its own and keeps it while it lives.
 //
-// The worker's loop handles only what must not cost a round trip: output on
-// the console port is collected and the guest continues. Every other exit
-// returns to the owner, which decodes it from its own kvm_run view.
+// Owner and worker talk through shared memory, not messages: the worker
+// sleeps in Atomics.wait on a command word and the owner wakes it with
+// Atomics.notify, a futex wake instead of two event-loop hops. The worker
+// calls the native run loop with the address of the owner's kvm_run mapping
+// (memory is shared by all threads; only ArrayBuffer views are per isolate),
+// which collects console output without leaving native code and returns on
+// every other exit; the owner decodes that exit from its own view.
 import { Worker } from 'node:worker_threads';
 import { addonPath } from './sys.js';
-import { EXIT, IOCTL, KVM_EXIT_IO_OUT, MAP, PROT, RUN } from './uapi.js';
 
 export interface RunRequest {
   fd: number;
-  mmapSize: number;
+  /** Address of the vCPU's kvm_run mapping; it must stay mapped until the run returns. */
+  run: bigint;
   /** Port whose `out` bytes are collected without leaving the thread; 0 for none. */
   consolePort: number;
   /** Stop after this many console exits even if the guest goes on. */
@@ -28,107 +31,143 @@ export interface RunReply {
   ns: number;
 }
 
+/** Words of the shared control block. */
+const W = {
+  cmd: 0, // sequence number of the last command (owner increments)
+  op: 1,
+  fd: 2,
+  runLo: 3,
+  runHi: 4,
+  consolePort: 5,
+  maxExits: 6,
+  done: 8, // sequence number of the last finished command (worker sets)
+  ret: 9,
+  exits: 10,
+  consoleLen: 11,
+  nsLo: 12,
+  nsHi: 13,
+  tid: 14,
+} as const;
+const OP = { run: 1, exit: 2 } as const;
+const CONSOLE_BYTES = 65536;
+/** How long run() blocks the event loop waiting for a short run before yielding to it. */
+const SYNC_WAIT_MS = 1;
+
 const workerSource = `
-const { parentPort, workerData } = require('node:worker_threads');
+const { workerData } = require('node:worker_threads');
 const k = require(workerData.addonPath);
-const C = workerData.c;
+const W = workerData.w, OP = workerData.op;
+const ctl = new Int32Array(workerData.ctl);
+const out = new Uint8Array(workerData.console);
+const res = new Int32Array(2);
 k.kickInstall();
-let fd = -1, map = null, dv = null;
-function attach(newFd, size) {
-  if (fd === newFd && map) return;
-  detach();
-  const m = k.mmap(size, C.PROT_RW, C.MAP_SHARED, newFd, 0);
-  if (typeof m === 'number') throw new Error('mmap of kvm_run failed: ' + m);
-  fd = newFd; map = m; dv = new DataView(m);
-}
-function detach() { if (map) k.munmap(map); fd = -1; map = null; dv = null; }
-parentPort.on('message', (m) => {
-  if (m.op === 'detach') { if (m.fd === fd) detach(); return; }
-  if (m.op === 'exit') { detach(); process.exit(0); }
-  const t0 = process.hrtime.bigint();
-  let ret = 0, exits = 0, out = [];
-  try { attach(m.fd, m.mmapSize); } catch (e) { parentPort.postMessage({ ret: -9, exits: 0, console: new Uint8Array(0), ns: 0 }); return; }
-  for (;;) {
-    ret = k.ioctl(fd, C.KVM_RUN, 0);
-    if (ret < 0) break;
-    exits++;
-    if (m.consolePort && dv.getUint32(C.EXIT_REASON, true) === C.EXIT_IO &&
-        dv.getUint16(C.IO_PORT, true) === m.consolePort && dv.getUint8(C.IO_DIR) === C.IO_OUT) {
-      const len = dv.getUint8(C.IO_SIZE) * dv.getUint32(C.IO_COUNT, true);
-      const off = Number(dv.getBigUint64(C.IO_DATA_OFFSET, true));
-      if (out.length < 65536) out.push(...new Uint8Array(map, off, len));
-      if (exits < m.maxExits) continue;
-    }
-    break;
+ctl[W.tid] = k.gettid();
+let seen = 0;
+Atomics.store(ctl, W.done, 0);
+Atomics.notify(ctl, W.done);
+for (;;) {
+  Atomics.wait(ctl, W.cmd, seen);
+  seen = Atomics.load(ctl, W.cmd);
+  const op = ctl[W.op];
+  if (op === OP.run) {
+    const run = (BigInt(ctl[W.runHi] >>> 0) << 32n) | BigInt(ctl[W.runLo] >>> 0);
+    const t0 = process.hrtime.bigint();
+    ctl[W.ret] = k.runLoop(ctl[W.fd], run, ctl[W.consolePort], ctl[W.maxExits], out, res);
+    const ns = process.hrtime.bigint() - t0;
+    ctl[W.exits] = res[0]; ctl[W.consoleLen] = res[1];
+    ctl[W.nsLo] = Number(ns & 0xffffffffn) | 0; ctl[W.nsHi] = Number(ns >> 32n) | 0;
   }
-  const ns = Number(process.hrtime.bigint() - t0);
-  parentPort.postMessage({ ret, exits, console: Uint8Array.from(out), ns });
-});
-parentPort.postMessage({ tid: k.gettid() });
+  Atomics.store(ctl, W.done, seen);
+  Atomics.notify(ctl, W.done);
+  if (op === OP.exit) break;
+}
 `;
 
-const constantsForWorker = {
-  PROT_RW: PROT.READ | PROT.WRITE,
-  MAP_SHARED: MAP.SHARED,
-  KVM_RUN: IOCTL.KVM_RUN,
-  EXIT_REASON: RUN.exit_reason,
-  EXIT_IO: EXIT.KVM_EXIT_IO,
-  IO_PORT: RUN.io_port,
-  IO_DIR: RUN.io_direction,
-  IO_OUT: KVM_EXIT_IO_OUT,
-  IO_SIZE: RUN.io_size,
-  IO_COUNT: RUN.io_count,
-  IO_DATA_OFFSET: RUN.io_data_offset,
-};
-
 export class VcpuThread {
-  private pending: ((r: RunReply) => void) | undefined;
+  private seq = 0;
+  private busy = false;
   private constructor(
     private readonly worker: Worker,
+    private readonly ctl: Int32Array,
+    private readonly console: Uint8Array,
     /** Kernel thread id, the target of kicks. */
     readonly tid: number,
-  ) {
-    worker.on('message', (r: RunReply) => {
-      const p = this.pending;
-      this.pending = undefined;
-      p?.(r);
-    });
-  }
+  ) {}
 
   static async spawn(): Promise<VcpuThread> {
-    const worker = new Worker(workerSource, { eval: true, workerData: { addonPath, c: constantsForWorker } });
-    const tid = await new Promise<number>((resolve, reject) => {
-      worker.once('message', (m: { tid: number }) => resolve(m.tid));
-      worker.once('error', reject);
-    });
+    const ctlBuf = new SharedArrayBuffer(64 * 4);
+    const consoleBuf = new SharedArrayBuffer(CONSOLE_BYTES);
+    const ctl = new Int32Array(ctlBuf);
+    Atomics.store(ctl, W.done, -1);
+    const worker = new Worker(workerSource, { eval: true, workerData: { addonPath, w: W, op: OP, ctl: ctlBuf, console: consoleBuf } });
+    const failed = new Promise<never>((_, reject) => worker.once('error', reject));
+    // Atomics.waitAsync does not keep Node's event loop alive by itself; the
+    // worker is referenced while the owner waits on it, and only then.
+    await Promise.race([Atomics.waitAsync(ctl, W.done, -1).value, failed]);
     worker.unref();
-    return new VcpuThread(worker, tid);
+    return new VcpuThread(worker, ctl, new Uint8Array(consoleBuf), ctl[W.tid]!);
   }
 
-  run(req: RunRequest): Promise<RunReply> {
-    if (this.pending) throw new Error('vCPU thread is already running a vCPU');
-    return new Promise<RunReply>((resolve, reject) => {
-      const onError = (e: Error) => {
-        this.pending = undefined;
-        reject(e);
+  /** Posts a command; it is finished when `done` reaches the returned sequence number. */
+  private post(op: number, fields: Partial<Record<keyof typeof W, number>> = {}): number {
+    for (const [k, v] of Object.entries(fields)) this.ctl[W[k as keyof typeof W]] = v;
+    this.ctl[W.op] = op;
+    const seq = ++this.seq;
+    Atomics.store(this.ctl, W.cmd, seq);
+    Atomics.notify(this.ctl, W.cmd);
+    return seq;
+  }
+
+  private finished(seq: number): boolean {
+    return Atomics.load(this.ctl, W.done) === seq;
+  }
+
+  async run(req: RunRequest): Promise<RunReply> {
+    if (this.busy) throw new Error('vCPU thread is already running a vCPU');
+    this.busy = true;
+    try {
+      const seq = this.post(OP.run, {
+        fd: req.fd,
+        runLo: Number(req.run & 0xffffffffn) | 0,
+        runHi: Number(req.run >> 32n) | 0,
+        consolePort: req.consolePort,
+        maxExits: Math.min(req.maxExits, 0x7fffffff),
+      });
+      // Most runs end within a fraction of a millisecond: wait for those
+      // synchronously (a futex wake-up, ~10 µs) and only then fall back to an
+      // asynchronous wait (an event-loop hop, ~100 µs on an idle machine). The
+      // event loop is held for at most SYNC_WAIT_MS per run.
+      Atomics.wait(this.ctl, W.done, seq - 1, SYNC_WAIT_MS);
+      if (!this.finished(seq)) {
+        this.worker.ref();
+        try {
+          while (!this.finished(seq)) await Atomics.waitAsync(this.ctl, W.done, seq - 1).value;
+        } finally {
+          this.worker.unref();
+        }
+      }
+      const c = this.ctl;
+      return {
+        ret: c[W.ret]!,
+        exits: c[W.exits]!,
+        console: this.console.slice(0, c[W.consoleLen]),
+        ns: (c[W.nsHi]! >>> 0) * 2 ** 32 + (c[W.nsLo]! >>> 0),
       };
-      this.worker.once('error', onError);
-      this.pending = (r) => {
-        this.worker.off('error', onError);
-        resolve(r);
-      };
-      this.worker.ref();
-      this.worker.postMessage(req);
-    }).finally(() => this.worker.unref());
+    } finally {
+      this.busy = false;
+    }
   }
 
-  /** Drops the thread's kvm_run mapping of `fd` (the vCPU is going away). */
-  detach(fd: number): void {
-    this.worker.postMessage({ op: 'detach', fd });
+  /** Blocks until the last command has finished (after a kick, a run returns promptly). */
+  waitIdle(): void {
+    while (!this.finished(this.seq)) Atomics.wait(this.ctl, W.done, Atomics.load(this.ctl, W.done), 1000);
   }
 
-  terminate(): Promise<number> {
-    return this.worker.terminate();
+  /** Ends the thread. */
+  exit(): void {
+    this.waitIdle();
+    this.post(OP.exit);
+    this.waitIdle();
   }
 
   // Idle threads are kept for the next vCPU: spawning a worker costs
@@ -137,9 +176,9 @@ export class VcpuThread {
   static async acquire(): Promise<VcpuThread> {
     return VcpuThread.idle.pop() ?? VcpuThread.spawn();
   }
-  static release(t: VcpuThread, fd: number): void {
-    t.detach(fd);
+  /** Returns an idle thread to the pool. */
+  static release(t: VcpuThread): void {
     if (VcpuThread.idle.length < 8) VcpuThread.idle.push(t);
-    else void t.terminate();
+    else t.exit();
   }
 }
