@@ -1,0 +1,544 @@
+// Scenario files: read, parse, validate (shape from schema.ts's field tables,
+// then the semantic rules below), and convert to the Scenario type. Every error
+// names the JSON path of the field it is about.
+//
+// Semantic rules (run once the file has the right shape):
+//   memslots  slot 0 is bring-up's ([0, 0x400000)); user slots are 1 and above,
+//             declared once, 4K aligned (hugetlb: aligned to their page), not
+//             overlapping bring-up memory or each other, below 2^52.
+//   mappings  gva, gpa and size aligned to the page size; the GVA range canonical
+//             for the paging mode and clear of the identity map [0, 0x400000) and
+//             of RETURN_GVA's page; no two mappings overlap; GPAs below 2^52;
+//             raw levels exist (not above paging.levels, not below the leaf) and
+//             are not bring-up's entries or the entry that would map RETURN_GVA;
+//             mappings that share a table entry the scenario creates give it the
+//             same table attributes; the tables fit bring-up's table pool.
+//   steps     accesses stay inside one 4K page, values fit their size, EFLAGS.AC
+//             only at CPL 0; levels in write-pte and expect.ptes exist for a
+//             mapping covering the gva (write-pte: not a bring-up entry);
+//             clear-ad needs a mapping; dirty-log steps name a declared slot
+//             with logDirty; expected dirty GPAs are 4K aligned and in the slot.
+// Step gvas that no mapping covers are allowed: that is how not-present faults
+// are tested.
+import { readdirSync, readFileSync, existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { LAYOUT, RETURN_GVA } from '../arch/x86/layout.js';
+import { levelSpan, LEVEL_NAMES, PAGE_4K } from '../arch/x86/pte.js';
+import { MAX_NR_PAGES } from '../model/memslots.js';
+import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.js';
+import { at, checkJson, SCENARIO, toJson, type Json } from './schema.js';
+import type { AccessExpect, GuestStep, HostStep, Mapping, MemslotDecl, PagingDecl, PteAttrs, Scenario, Step } from './types.js';
+
+/** A scenario that cannot be loaded: the message is "<path>: <first error>" and a count of the others. */
+export class ScenarioError extends Error {
+  constructor(
+    readonly source: string,
+    readonly errors: readonly string[],
+  ) {
+    const more = errors.length - 1;
+    const first = (errors[0] ?? 'invalid').replace(/\s*\n\s*/g, ' ');
+    super(`${source}: ${first}${more > 0 ? ` (and ${more} more error${more === 1 ? '' : 's'})` : ''}`);
+    this.name = 'ScenarioError';
+  }
+}
+
+export type Validation = { ok: true; scenario: Scenario } | { ok: false; errors: string[] };
+
+/** Validates a parsed scenario file: the normalised Scenario, or every error found. */
+export function validateScenario(json: unknown): Validation {
+  const errors: string[] = [];
+  const n = checkJson(SCENARIO, json, '', errors);
+  if (errors.length > 0 || n === undefined) return { ok: false, errors };
+  const s = toScenario(n as Obj);
+  semanticErrors(s, json as Obj, errors);
+  return errors.length > 0 ? { ok: false, errors } : { ok: true, scenario: s };
+}
+
+/** Parses and validates scenario text; throws ScenarioError. */
+export function parseScenario(text: string, source: string): Scenario {
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (e) {
+    throw new ScenarioError(source, [`not valid JSON: ${(e as Error).message}`]);
+  }
+  const v = validateScenario(json);
+  if (!v.ok) throw new ScenarioError(source, v.errors);
+  return { ...v.scenario, source };
+}
+
+/** Reads, parses and validates a scenario file; throws ScenarioError. */
+export function loadScenario(path: string): Scenario {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const why = code === 'ENOENT' ? 'no such file' : code === 'EISDIR' ? 'is a directory' : code === 'EACCES' ? 'permission denied' : (e as Error).message;
+    throw new ScenarioError(path, [`cannot read: ${why}`]);
+  }
+  return parseScenario(text, path);
+}
+
+/** Directory of the built-in scenarios (guests/scenarios at the package root). */
+export function builtinScenarioDir(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (let i = 0; i < 4; i++) {
+    dir = dirname(dir);
+    const candidate = join(dir, 'guests', 'scenarios');
+    if (existsSync(candidate)) return candidate;
+  }
+  throw new Error('guests/scenarios not found above the installed module');
+}
+
+/** Names of the built-in scenarios, sorted. */
+export function builtinScenarios(): string[] {
+  return readdirSync(builtinScenarioDir())
+    .filter((f) => f.endsWith('.json'))
+    .map((f) => f.slice(0, -5))
+    .sort();
+}
+
+/**
+ * A scenario argument as a path: a file path as given, or the name of a
+ * built-in scenario. A bare name that is neither throws a ScenarioError
+ * listing the built-in names.
+ */
+export function resolveScenario(arg: string): string {
+  if (arg.includes('/') || arg.endsWith('.json') || existsSync(arg)) return arg;
+  const builtin = join(builtinScenarioDir(), `${arg}.json`);
+  if (existsSync(builtin)) return builtin;
+  throw new ScenarioError(arg, [`no such file, and no built-in scenario of that name (built-in: ${builtinScenarios().join(', ')})`]);
+}
+
+// ---------------------------------------------------------------------------------
+// Normalised JSON -> Scenario, and back.
+
+type Obj = Record<string, unknown>;
+
+function toAttrs(o: Obj): PteAttrs {
+  return {
+    p: o.p as boolean,
+    w: o.w as boolean,
+    u: o.u as boolean,
+    nx: o.nx as boolean,
+    a: o.a as boolean,
+    d: (o.d as boolean | undefined) ?? false,
+    g: (o.g as boolean | undefined) ?? false,
+    pwt: o.pwt as boolean,
+    pcd: o.pcd as boolean,
+    pkey: (o.pkey as number | undefined) ?? 0,
+  };
+}
+
+function toExpect(o: Obj | undefined): AccessExpect | undefined {
+  if (!o) return undefined;
+  const e: AccessExpect = {};
+  if (o.fault !== undefined) e.fault = o.fault === false ? false : Number(o.fault as bigint);
+  if (o.value !== undefined) e.value = o.value as bigint;
+  if (o.ptes !== undefined) e.ptes = (o.ptes as Obj[]).map((p) => ({ level: p.level as number, value: p.value as bigint }));
+  return e;
+}
+
+function toStep(o: Obj): Step {
+  if ('guest' in o) {
+    const g = o.guest as string;
+    let step: GuestStep;
+    switch (g) {
+      case 'read':
+      case 'write':
+      case 'exec': {
+        const expect = toExpect(o.expect as Obj | undefined);
+        step = {
+          kind: 'access',
+          access: g,
+          gva: o.gva as bigint,
+          size: g === 'exec' ? 1 : (o.size as 1 | 2 | 4 | 8),
+          cpl: o.cpl as 0 | 3,
+          value: g === 'write' ? (o.value as bigint) : 0n,
+          eflagsAc: g === 'exec' ? false : (o.eflagsAc as boolean),
+          ...(expect ? { expect } : {}),
+        };
+        break;
+      }
+      case 'invlpg':
+        step = { kind: 'invlpg', gva: o.gva as bigint };
+        break;
+      case 'reload-cr3':
+        step = { kind: 'reload-cr3' };
+        break;
+      case 'set-cr0-wp':
+        step = { kind: 'set-cr0-wp', value: o.value as boolean };
+        break;
+      default:
+        step = { kind: 'set-cr4', bit: o.bit as 'smep' | 'smap' | 'pke', value: o.value as boolean };
+    }
+    return { side: 'guest', ...step };
+  }
+  let step: HostStep;
+  switch (o.host as string) {
+    case 'write-pte':
+      step = {
+        kind: 'write-pte',
+        gva: o.gva as bigint,
+        level: o.level as number,
+        set: (o.set as bigint | undefined) ?? 0n,
+        clear: (o.clear as bigint | undefined) ?? 0n,
+        ...(o.value !== undefined ? { value: o.value as bigint } : {}),
+      };
+      break;
+    case 'clear-ad':
+      step = { kind: 'clear-ad', gva: o.gva as bigint };
+      break;
+    case 'get-dirty-log':
+      step = { kind: 'get-dirty-log', slot: o.slot as number, ...(o.expect !== undefined ? { expect: o.expect as bigint[] } : {}) };
+      break;
+    case 'clear-dirty-log':
+      step = { kind: 'clear-dirty-log', slot: o.slot as number };
+      break;
+    default: {
+      const e = o.expect as Obj | undefined;
+      step = {
+        kind: 'translate',
+        gva: o.gva as bigint,
+        ...(e ? { expect: { valid: e.valid as boolean, ...(e.gpa !== undefined ? { gpa: e.gpa as bigint } : {}) } } : {}),
+      };
+    }
+  }
+  return { side: 'host', ...step };
+}
+
+function toScenario(n: Obj): Scenario {
+  const p = n.paging as Obj;
+  const paging: PagingDecl = {
+    levels: p.levels as 4 | 5,
+    cr0: { ...(p.cr0 as { wp: boolean }) },
+    cr4: { ...(p.cr4 as { smep: boolean; smap: boolean; pke: boolean }) },
+    efer: { ...(p.efer as { nxe: boolean }) },
+    pkru: Number(p.pkru as bigint),
+    vendor: p.vendor as PagingDecl['vendor'],
+  };
+  const mappings: Mapping[] = (n.mappings as Obj[]).map((m) => {
+    const page = m.page as Mapping['page'];
+    return {
+      gva: m.gva as bigint,
+      gpa: m.gpa as bigint,
+      size: (m.size as bigint | undefined) ?? levelSpan(leafLevel({ page })),
+      page,
+      leaf: toAttrs(m.leaf as Obj),
+      table: toAttrs(m.table as Obj),
+      raw: (m.raw as Obj[]).map((r) => ({ level: r.level as number, set: r.set as bigint, clear: r.clear as bigint })),
+    };
+  });
+  return {
+    name: n.name as string,
+    description: n.description as string,
+    arch: 'x86_64',
+    vcpus: 1,
+    memslots: (n.memslots as Obj[]).map((m) => ({ ...m }) as unknown as MemslotDecl),
+    paging,
+    mappings,
+    steps: (n.steps as Obj[]).map(toStep),
+  };
+}
+
+function expectJson(e: AccessExpect | undefined, withValue: boolean): Obj | undefined {
+  if (!e) return undefined;
+  return {
+    ...(e.fault !== undefined ? { fault: e.fault === false ? false : BigInt(e.fault) } : {}),
+    ...(withValue && e.value !== undefined ? { value: e.value } : {}),
+    ...(e.ptes ? { ptes: e.ptes } : {}),
+  };
+}
+
+function stepJson(s: Step): Obj {
+  if (s.side === 'guest') {
+    switch (s.kind) {
+      case 'access': {
+        const { access, gva, size, cpl, value, eflagsAc } = s;
+        if (access === 'exec') return { guest: access, gva, cpl, expect: expectJson(s.expect, false) };
+        return {
+          guest: access,
+          gva,
+          size,
+          cpl,
+          ...(access === 'write' ? { value } : {}),
+          eflagsAc,
+          expect: expectJson(s.expect, access === 'read'),
+        };
+      }
+      case 'invlpg':
+        return { guest: 'invlpg', gva: s.gva };
+      case 'reload-cr3':
+        return { guest: 'reload-cr3' };
+      case 'set-cr0-wp':
+        return { guest: 'set-cr0-wp', value: s.value };
+      case 'set-cr4':
+        return { guest: 'set-cr4', bit: s.bit, value: s.value };
+    }
+  }
+  switch (s.kind) {
+    case 'write-pte':
+      return s.value !== undefined
+        ? { host: s.kind, gva: s.gva, level: s.level, value: s.value }
+        : { host: s.kind, gva: s.gva, level: s.level, set: s.set, clear: s.clear };
+    case 'clear-ad':
+      return { host: s.kind, gva: s.gva };
+    case 'get-dirty-log':
+      return { host: s.kind, slot: s.slot, expect: s.expect };
+    case 'clear-dirty-log':
+      return { host: s.kind, slot: s.slot };
+    case 'translate':
+      return { host: s.kind, gva: s.gva, expect: s.expect };
+  }
+}
+
+/** The JSON form of a scenario, every field written out; validating it gives the scenario back. */
+export function scenarioToJson(s: Scenario): Json {
+  const table = ({ p, w, u, pwt, pcd, a, nx }: PteAttrs) => ({ p, w, u, pwt, pcd, a, nx });
+  const leaf = ({ p, w, u, pwt, pcd, a, d, g, nx, pkey }: PteAttrs) => ({ p, w, u, pwt, pcd, a, d, g, nx, pkey });
+  return toJson({
+    name: s.name,
+    description: s.description,
+    arch: s.arch,
+    vcpus: s.vcpus,
+    memslots: s.memslots,
+    paging: { ...s.paging, pkru: BigInt(s.paging.pkru) },
+    mappings: s.mappings.map((m) => ({ gva: m.gva, gpa: m.gpa, page: m.page, size: m.size, leaf: leaf(m.leaf), table: table(m.table), raw: m.raw })),
+    steps: s.steps.map(stepJson),
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// Semantic rules.
+
+const hex = (v: bigint) => `0x${v.toString(16)}`;
+const range = (from: bigint, size: bigint) => `[${hex(from)}, ${hex(from + size)})`;
+const overlaps = (a: bigint, as: bigint, b: bigint, bs: bigint) => a < b + bs && b < a + as;
+const PHYS_LIMIT = 1n << 52n;
+const TOP = 1n << 64n;
+const BACKING_PAGE: Record<MemslotDecl['backing'], bigint> = {
+  anon: PAGE_4K,
+  shared: PAGE_4K,
+  memfd: PAGE_4K,
+  thp: PAGE_4K,
+  hugetlb2m: 1n << 21n,
+  hugetlb1g: 1n << 30n,
+};
+
+/** Whether [gva, gva + size) lies in one canonical half for the paging mode. */
+function canonicalRange(gva: bigint, size: bigint, levels: 4 | 5): boolean {
+  const half = 1n << BigInt(levels === 5 ? 56 : 47);
+  const end = gva + size; // exclusive
+  return end <= half || (gva >= TOP - half && end <= TOP);
+}
+
+function pageName(level: number): string {
+  return level === 3 ? '1G' : level === 2 ? '2M' : '4K';
+}
+
+function memslotErrors(s: Scenario, err: (path: string, msg: string) => void): void {
+  const seen = new Map<number, number>();
+  s.memslots.forEach((m, i) => {
+    const p = `memslots[${i}]`;
+    if (m.slot === 0) err(`${p}.slot`, `slot 0 is reserved for bring-up memory [0x0, ${hex(LAYOUT.identityEnd)}); use 1 or above`);
+    const j = seen.get(m.slot);
+    if (j !== undefined) err(`${p}.slot`, `slot ${m.slot} is already declared by memslots[${j}]`);
+    else seen.set(m.slot, i);
+    const page = BACKING_PAGE[m.backing];
+    if (m.gpa % page !== 0n) err(`${p}.gpa`, `${hex(m.gpa)} is not aligned to the ${m.backing} page size ${hex(page)}`);
+    if (m.size === 0n || m.size % page !== 0n) err(`${p}.size`, `${hex(m.size)} is not a non-zero multiple of the ${m.backing} page size ${hex(page)}`);
+    if (m.size / PAGE_4K > BigInt(MAX_NR_PAGES)) err(`${p}.size`, `${hex(m.size)} is larger than KVM's limit of ${MAX_NR_PAGES} pages per slot`);
+    if (m.gpa + m.size > PHYS_LIMIT) err(`${p}.gpa`, `${range(m.gpa, m.size)} goes beyond 2^52, the largest guest-physical address`);
+    if (overlaps(m.gpa, m.size, 0n, LAYOUT.identityEnd)) err(`${p}.gpa`, `${range(m.gpa, m.size)} overlaps bring-up memory [0x0, ${hex(LAYOUT.identityEnd)}) (slot 0)`);
+    s.memslots.slice(0, i).forEach((o, k) => {
+      if (overlaps(m.gpa, m.size, o.gpa, o.size)) err(`${p}.gpa`, `${range(m.gpa, m.size)} overlaps memslots[${k}] ${range(o.gpa, o.size)}`);
+    });
+  });
+}
+
+/** Table pages the mappings need beyond bring-up's, and the room left in the pool. */
+function tablePool(s: Scenario): { need: bigint; room: bigint } {
+  const top = s.paging.levels;
+  // Each non-leaf entry the scenario creates points to one new table. Count the
+  // distinct such entries per level as merged intervals of entry numbers.
+  let need = 0n;
+  for (let level = 2; level <= top; level++) {
+    const shift = BigInt(9 * (level - 1) + 12);
+    const spans = s.mappings
+      .filter((m) => level > leafLevel(m))
+      .map((m) => [m.gva >> shift, (m.gva + m.size - 1n) >> shift] as [bigint, bigint])
+      .sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+    const bringUpLast = (LAYOUT.identityEnd - 1n) >> shift; // entries 0..bringUpLast are bring-up's
+    let lastEnd = -1n;
+    for (const [from0, to] of spans) {
+      const from = from0 > lastEnd ? from0 : lastEnd + 1n;
+      if (from > to) continue;
+      lastEnd = to;
+      const ownFrom = from > bringUpLast ? from : bringUpLast + 1n;
+      if (ownFrom <= to) need += to - ownFrom + 1n;
+    }
+  }
+  // Bring-up's own tables: the root, and one per non-leaf entry covering [0x1000, identityEnd).
+  let bringUp = 1n;
+  for (let level = 2; level <= top; level++) bringUp += ((LAYOUT.identityEnd - 1n) >> BigInt(9 * (level - 1) + 12)) + 1n;
+  return { need, room: (LAYOUT.tablePoolEnd - LAYOUT.tablePool) / PAGE_4K - bringUp };
+}
+
+function mappingErrors(s: Scenario, json: Obj, err: (path: string, msg: string) => void): void {
+  const levels = s.paging.levels;
+  const pool = tablePool(s);
+  if (pool.need > pool.room) err('mappings', `the page tables need ${pool.need} table pages but bring-up's pool has room for ${pool.room}`);
+  // Owner and table attributes of each non-leaf entry the scenario creates (only checked when the pool fits, which bounds the count).
+  const owners = new Map<string, { index: number; attrs: string }>();
+  const jsonMappings = (json.mappings ?? []) as Obj[];
+
+  s.mappings.forEach((m, i) => {
+    const p = `mappings[${i}]`;
+    const leaf = leafLevel(m);
+    const span = levelSpan(leaf);
+    const page = m.page;
+    let placed = true;
+    if (m.gva % span !== 0n) (err(`${p}.gva`, `${hex(m.gva)} is not aligned to ${page} pages`), (placed = false));
+    if (m.gpa % span !== 0n) err(`${p}.gpa`, `${hex(m.gpa)} is not aligned to ${page} pages`);
+    if (m.size === 0n || m.size % span !== 0n) (err(`${p}.size`, `${hex(m.size)} is not a non-zero multiple of ${page}`), (placed = false));
+    if (!placed) return;
+    if (m.gpa + m.size > PHYS_LIMIT) err(`${p}.gpa`, `${range(m.gpa, m.size)} goes beyond 2^52, the largest guest-physical address`);
+    if (!canonicalRange(m.gva, m.size, levels)) {
+      const half = 1n << BigInt(levels === 5 ? 56 : 47);
+      err(`${p}.gva`, `${range(m.gva, m.size)} is not canonical with ${levels}-level paging (it must lie below ${hex(half)} or at or above ${hex(TOP - half)})`);
+      return;
+    }
+    if (overlaps(m.gva, m.size, 0n, LAYOUT.identityEnd)) {
+      err(`${p}.gva`, `${range(m.gva, m.size)} overlaps the bring-up identity map [0x0, ${hex(LAYOUT.identityEnd)})`);
+      return;
+    }
+    if (overlaps(m.gva, m.size, RETURN_GVA, PAGE_4K)) {
+      err(`${p}.gva`, `${range(m.gva, m.size)} covers RETURN_GVA ${hex(RETURN_GVA)}, which must stay unmapped (it is the way back from CPL 3)`);
+      return;
+    }
+    const clash = s.mappings.findIndex((o, k) => k < i && overlaps(m.gva, m.size, o.gva, o.size));
+    if (clash >= 0) {
+      const o = s.mappings[clash]!;
+      err(`${p}.gva`, `${range(m.gva, m.size)} overlaps mappings[${clash}] ${range(o.gva, o.size)}`);
+      return;
+    }
+
+    m.raw.forEach((r, k) => {
+      const rp = `${p}.raw[${k}].level`;
+      if (r.level > levels) return err(rp, `there is no level-${r.level} entry with ${levels}-level paging`);
+      if (r.level < leaf) return err(rp, `${page} pages have no level-${r.level} entry (their leaf is level ${leaf})`);
+      for (const va of [m.gva, m.gva + m.size - 1n]) {
+        if (isBringUpEntry(va, r.level)) return err(rp, `the level-${r.level} entry for ${hex(va)} is also bring-up's (it maps [0x0, ${hex(LAYOUT.identityEnd)})); it cannot be overridden`);
+        if (coversReturnGva(va, r.level)) return err(rp, `the level-${r.level} entry for ${hex(va)} also covers RETURN_GVA ${hex(RETURN_GVA)}; it cannot be overridden`);
+      }
+    });
+
+    const created = (level: number) => !isBringUpEntry(m.gva, level) || !isBringUpEntry(m.gva + m.size - 1n, level);
+    let createsAny = false;
+    for (let level = leaf + 1; level <= levels; level++) if (created(level)) createsAny = true;
+    if (!createsAny && jsonMappings[i]?.table !== undefined) {
+      err(`${p}.table`, 'every table entry above this mapping is bring-up\'s, so these attributes would apply to nothing');
+    }
+    if (pool.need > pool.room) return;
+    const attrs = JSON.stringify(toJson(m.table));
+    for (let level = leaf + 1; level <= levels; level++) {
+      const lspan = levelSpan(level);
+      for (let va = m.gva & ~(lspan - 1n); va < m.gva + m.size; va += lspan) {
+        if (isBringUpEntry(va, level)) continue;
+        const key = `${level}:${hex(va)}`;
+        const owner = owners.get(key);
+        if (!owner) owners.set(key, { index: i, attrs });
+        else if (owner.attrs !== attrs && owner.index !== i) {
+          err(`${p}.table`, `differs from mappings[${owner.index}].table, and both use the ${LEVEL_NAMES[level]} for ${hex(va)}`);
+          return;
+        }
+      }
+    }
+  });
+}
+
+/**
+ * Checks that the entry at `level` for `gva` is one the scenario knows (a
+ * mapping covers gva and the level is between its leaf and the root);
+ * `write` also refuses bring-up's entries and the one covering RETURN_GVA.
+ */
+function entryError(s: Scenario, gva: bigint, level: number, write: boolean): string | undefined {
+  if (level > s.paging.levels) return `there is no level-${level} entry with ${s.paging.levels}-level paging`;
+  const m = mappingAt(s, gva);
+  if (!m) return `no mapping covers ${hex(gva)}, so its level-${level} entry is not known`;
+  const leaf = leafLevel(m);
+  if (level < leaf) return `${hex(gva)} is mapped by ${pageName(leaf)} pages, which have no level-${level} entry`;
+  if (write && isBringUpEntry(gva, level)) return `the level-${level} entry for ${hex(gva)} is bring-up's; it cannot be written`;
+  if (write && coversReturnGva(gva, level)) return `the level-${level} entry for ${hex(gva)} also covers RETURN_GVA ${hex(RETURN_GVA)}; it cannot be written`;
+  return undefined;
+}
+
+function stepErrors(s: Scenario, json: Obj, err: (path: string, msg: string) => void): void {
+  const jsonSteps = (json.steps ?? []) as Obj[];
+  const slotError = (slot: number): string | undefined => {
+    if (slot === 0) return 'slot 0 is bring-up memory, which does not log dirty pages';
+    const m = s.memslots.find((x) => x.slot === slot);
+    if (!m) return `memslot ${slot} is not declared in "memslots"`;
+    if (!m.logDirty) return `memslot ${slot} does not log dirty pages (set "logDirty": true)`;
+    return undefined;
+  };
+  const ptesErrors = (p: string, gva: bigint, ptes: { level: number }[] | undefined) =>
+    ptes?.forEach((e, k) => {
+      const why = entryError(s, gva, e.level, false);
+      if (why) err(`${p}.expect.ptes[${k}].level`, why);
+    });
+
+  s.steps.forEach((st, i) => {
+    const p = `steps[${i}]`;
+    if (st.side === 'guest') {
+      if (st.kind !== 'access') return;
+      if (st.access !== 'exec') {
+        const off = st.gva & 0xfffn;
+        if (off + BigInt(st.size) > PAGE_4K) err(`${p}.gva`, `${st.size === 8 ? 'an' : 'a'} ${st.size}-byte access at ${hex(st.gva)} crosses a 4K page boundary; split it into two steps`);
+        const limit = 1n << BigInt(8 * st.size);
+        if (st.access === 'write' && st.value >= limit) err(`${p}.value`, `${hex(st.value)} does not fit in ${st.size} byte${st.size > 1 ? 's' : ''}`);
+        if (st.expect?.value !== undefined && st.expect.value >= limit) err(`${p}.expect.value`, `${hex(st.expect.value)} does not fit in ${st.size} byte${st.size > 1 ? 's' : ''}`);
+        if (st.eflagsAc && st.cpl === 3) err(`${p}.eflagsAc`, 'EFLAGS.AC overrides SMAP only for CPL 0 accesses; a CPL 3 access is a user access');
+      }
+      ptesErrors(p, st.gva, st.expect?.ptes);
+      return;
+    }
+    switch (st.kind) {
+      case 'write-pte': {
+        const j = jsonSteps[i]!;
+        if (j.value !== undefined && (j.set !== undefined || j.clear !== undefined)) err(`${p}.value`, 'give either "value" or "set"/"clear", not both');
+        if (j.value === undefined && j.set === undefined && j.clear === undefined) err(p, 'write-pte needs "set", "clear" or "value"');
+        const why = entryError(s, st.gva, st.level, true);
+        if (why) err(`${p}.level`, why);
+        return;
+      }
+      case 'clear-ad':
+        if (!mappingAt(s, st.gva)) err(`${p}.gva`, `no mapping covers ${hex(st.gva)}; clear-ad works on a mapping's entries`);
+        return;
+      case 'get-dirty-log':
+      case 'clear-dirty-log': {
+        const why = slotError(st.slot);
+        if (why) return err(`${p}.slot`, why);
+        if (st.kind === 'clear-dirty-log') return;
+        const m = s.memslots.find((x) => x.slot === st.slot)!;
+        st.expect?.forEach((gpa, k) => {
+          if (gpa % PAGE_4K !== 0n) err(`${p}.expect[${k}]`, `${hex(gpa)} is not 4K aligned`);
+          else if (gpa < m.gpa || gpa >= m.gpa + m.size) err(`${p}.expect[${k}]`, `${hex(gpa)} is not inside memslot ${m.slot} ${range(m.gpa, m.size)}`);
+        });
+        return;
+      }
+      case 'translate':
+        if (st.expect && !st.expect.valid && st.expect.gpa !== undefined) err(`${p}.expect.gpa`, 'an invalid translation has no gpa');
+        return;
+    }
+  });
+}
+
+function semanticErrors(s: Scenario, json: Obj, errors: string[]): void {
+  const err = (path: string, msg: string) => void errors.push(at(path, msg));
+  memslotErrors(s, err);
+  mappingErrors(s, json, err);
+  stepErrors(s, json, err);
+}

@@ -1,0 +1,491 @@
+// The JSON form of a scenario as tables of fields, one per object. Three
+// readers use the same tables, so they cannot disagree:
+//   checkJson()      validates a parsed file and returns it normalised (64-bit
+//                    values as bigints, defaults filled in), or errors naming
+//                    the JSON path of each bad field;
+//   jsonSchema()     the JSON Schema (draft 2020-12) in docs/scenario.schema.json;
+//   fieldReference() the field tables of docs/scenarios.md.
+// The semantic checks (alignment, overlaps, levels, ...) and the conversion to
+// the Scenario type are in load.ts.
+
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+interface Doc {
+  /** One sentence for the schema's description and the docs. */
+  doc: string;
+}
+
+/** A 64-bit (or 32-bit) value: "0x..." or a non-negative safe integer. */
+export interface U64Spec extends Doc {
+  kind: 'u64';
+  bits: 32 | 64;
+}
+export interface IntSpec extends Doc {
+  kind: 'int';
+  min: number;
+  max: number;
+}
+export interface EnumSpec extends Doc {
+  kind: 'enum';
+  values: readonly (string | number)[];
+}
+export interface BoolSpec extends Doc {
+  kind: 'bool';
+}
+export interface StringSpec extends Doc {
+  kind: 'string';
+  pattern?: { re: string; what: string };
+}
+/** false, or a #PF error code (32-bit value). */
+export interface FaultSpec extends Doc {
+  kind: 'fault';
+}
+export interface ArraySpec extends Doc {
+  kind: 'array';
+  items: Spec;
+}
+export interface Field {
+  spec: Spec;
+  required?: true;
+  /** Default in the JSON form; absent and not required means "not given". */
+  default?: Json;
+  /** Default as the docs should say it, when it is not a constant. */
+  defaultDoc?: string;
+}
+export interface ObjectSpec extends Doc {
+  kind: 'object';
+  /** Heading in the docs. */
+  name: string;
+  fields: Record<string, Field>;
+}
+/** Objects told apart by which tag field they carry ("guest" or "host") and its value. */
+export interface TaggedSpec extends Doc {
+  kind: 'tagged';
+  name: string;
+  variants: readonly { tag: string; value: string; spec: ObjectSpec }[];
+}
+export type Spec = U64Spec | IntSpec | EnumSpec | BoolSpec | StringSpec | FaultSpec | ArraySpec | ObjectSpec | TaggedSpec;
+
+// ---------------------------------------------------------------------------------
+// The field tables.
+
+const u64 = (doc: string): U64Spec => ({ kind: 'u64', bits: 64, doc });
+const u32 = (doc: string): U64Spec => ({ kind: 'u64', bits: 32, doc });
+const bool = (doc: string): BoolSpec => ({ kind: 'bool', doc });
+const oneOf = (values: readonly (string | number)[], doc: string): EnumSpec => ({ kind: 'enum', values, doc });
+const int = (min: number, max: number, doc: string): IntSpec => ({ kind: 'int', min, max, doc });
+const object = (name: string, doc: string, fields: Record<string, Field>): ObjectSpec => ({ kind: 'object', name, doc, fields });
+const array = (items: Spec, doc: string): ArraySpec => ({ kind: 'array', items, doc });
+const req = (spec: Spec): Field => ({ spec, required: true });
+const opt = (spec: Spec, dflt?: Json): Field => (dflt === undefined ? { spec } : { spec, default: dflt });
+
+const LEAF_ATTRS = object('leaf attributes', 'Bits of the leaf entry (the PTE, or the PDE/PDPTE of a 2M/1G page).', {
+  p: opt(bool('Present (bit 0).'), true),
+  w: opt(bool('Writable, R/W (bit 1).'), false),
+  u: opt(bool('User, U/S (bit 2).'), false),
+  pwt: opt(bool('Page-level write-through (bit 3).'), false),
+  pcd: opt(bool('Page-level cache disable (bit 4).'), false),
+  a: opt(bool('Accessed (bit 5).'), false),
+  d: opt(bool('Dirty (bit 6).'), false),
+  g: opt(bool('Global (bit 8).'), false),
+  nx: opt(bool('Execute-disable (bit 63); a reserved bit when EFER.NXE = 0.'), false),
+  pkey: opt(int(0, 15, 'Protection key (bits 62:59), used when CR4.PKE = 1.'), 0),
+});
+
+const TABLE_ATTRS = object('table attributes', 'Bits of the non-leaf entries the mapping creates.', {
+  p: opt(bool('Present (bit 0).'), true),
+  w: opt(bool('Writable, R/W (bit 1).'), true),
+  u: opt(bool('User, U/S (bit 2).'), true),
+  pwt: opt(bool('Page-level write-through (bit 3).'), false),
+  pcd: opt(bool('Page-level cache disable (bit 4).'), false),
+  a: opt(bool('Accessed (bit 5).'), false),
+  nx: opt(bool('Execute-disable (bit 63); a reserved bit when EFER.NXE = 0.'), false),
+});
+
+const LEVEL = int(1, 5, 'Entry level: 1 = PTE, 2 = PDE, 3 = PDPTE, 4 = PML4E, 5 = PML5E.');
+
+const RAW = object('raw override', 'Bits forced into the entry at one level for every page of the mapping: value = (value & ~clear) | set.', {
+  level: req(LEVEL),
+  set: opt(u64('Bits to set, reserved bits included.'), '0x0'),
+  clear: opt(u64('Bits to clear.'), '0x0'),
+});
+
+const MAPPING = object('mapping', 'GVA range -> GPA range with pages of one size, added to the bring-up page tables.', {
+  gva: req(u64('First guest-virtual address; aligned to the page size.')),
+  gpa: req(u64('First guest-physical address; aligned to the page size.')),
+  page: opt(oneOf(['4K', '2M', '1G'], 'Page size (1G needs PDPE1GB on the host).'), '4K'),
+  size: { spec: u64('Bytes; a non-zero multiple of the page size.'), defaultDoc: 'one page' },
+  leaf: opt(LEAF_ATTRS, {}),
+  table: opt(TABLE_ATTRS, {}),
+  raw: opt(array(RAW, 'Raw bit overrides, applied in order after every mapping is built.'), []),
+});
+
+const MEMSLOT = object('memslot', 'A user memslot (slot 0, GPA [0, 0x400000), belongs to bring-up).', {
+  slot: req(int(0, 32767, 'Slot number, 1 or above.')),
+  gpa: req(u64('Guest-physical base; 4K aligned (2M/1G for hugetlb backings).')),
+  size: req(u64('Bytes; a multiple of the backing page size.')),
+  backing: opt(oneOf(['anon', 'shared', 'memfd', 'thp', 'hugetlb2m', 'hugetlb1g'], 'Host memory behind the slot.'), 'anon'),
+  logDirty: opt(bool('KVM_MEM_LOG_DIRTY_PAGES: the slot keeps a dirty log.'), false),
+  readonly: opt(bool('KVM_MEM_READONLY: guest writes exit to the host as MMIO.'), false),
+});
+
+const PAGING = object('paging', "The guest's paging mode when the first step runs.", {
+  levels: opt(oneOf([4, 5], '4-level or 5-level paging (5 needs LA57 on the host).'), 4),
+  cr0: opt(object('paging.cr0', 'CR0 bits.', { wp: opt(bool('CR0.WP: supervisor writes honour R/W.'), true) }), {}),
+  cr4: opt(
+    object('paging.cr4', 'CR4 bits (each needs the host feature of the same name).', {
+      smep: opt(bool('CR4.SMEP: supervisor fetches from user pages fault.'), false),
+      smap: opt(bool('CR4.SMAP: supervisor data accesses to user pages fault unless EFLAGS.AC = 1.'), false),
+      pke: opt(bool('CR4.PKE: protection keys for user pages.'), false),
+    }),
+    {},
+  ),
+  efer: opt(object('paging.efer', 'EFER bits.', { nxe: opt(bool('EFER.NXE: bit 63 of an entry is execute-disable (else reserved).'), true) }), {}),
+  pkru: opt(u32('PKRU: AD of key i is bit 2i, WD is bit 2i+1.'), '0x0'),
+  vendor: opt(oneOf(['auto', 'intel', 'amd'], "Vendor whose reserved-bit rules the model applies; auto takes the guest CPUID's."), 'auto'),
+});
+
+const GVA = req(u64('Guest-virtual address.'));
+const CPL = opt(oneOf([0, 3], 'Privilege level of the access.'), 0);
+const EFLAGS_AC = opt(bool('EFLAGS.AC during a CPL 0 access (the SMAP override).'), false);
+const SIZE = opt(oneOf([1, 2, 4, 8], 'Bytes accessed; the access must not cross a 4K page boundary.'), 8);
+const FAULT = opt({ kind: 'fault', doc: 'false: no fault; a number: #PF with this error code.' });
+const PTES = opt(array(object('expected pte', 'An entry value after the step.', { level: req(LEVEL), value: req(u64('Expected 64-bit entry value.')) }), 'Entry values after the step, by level.'));
+
+const expectOf = (name: string, fields: Record<string, Field>) =>
+  opt(object(name, 'Expectations that replace the model\'s prediction where given.', fields));
+
+const guest = (value: string, doc: string, fields: Record<string, Field>) => ({
+  tag: 'guest',
+  value,
+  spec: object(`guest ${value}`, doc, { guest: req(oneOf([value], 'Step kind.')), ...fields }),
+});
+const host = (value: string, doc: string, fields: Record<string, Field>) => ({
+  tag: 'host',
+  value,
+  spec: object(`host ${value}`, doc, { host: req(oneOf([value], 'Step kind.')), ...fields }),
+});
+
+const STEP: TaggedSpec = {
+  kind: 'tagged',
+  name: 'step',
+  doc: 'One guest step (code the vCPU runs) or host step (done while the vCPU is stopped).',
+  variants: [
+    guest('read', 'A load of `size` bytes from `gva`.', {
+      gva: GVA,
+      size: SIZE,
+      cpl: CPL,
+      eflagsAc: EFLAGS_AC,
+      expect: expectOf('read expect', { fault: FAULT, value: opt(u64('Value read (little-endian, `size` bytes).')), ptes: PTES }),
+    }),
+    guest('write', 'A store of `value` (`size` bytes) to `gva`.', {
+      gva: GVA,
+      size: SIZE,
+      cpl: CPL,
+      value: opt(u64('Value stored; must fit in `size` bytes.'), '0x0'),
+      eflagsAc: EFLAGS_AC,
+      expect: expectOf('write expect', { fault: FAULT, ptes: PTES }),
+    }),
+    guest('exec', 'A call to `gva` (the engine puts a `ret` there when memory backs it).', {
+      gva: GVA,
+      cpl: CPL,
+      expect: expectOf('exec expect', { fault: FAULT, ptes: PTES }),
+    }),
+    guest('invlpg', 'INVLPG of `gva`.', { gva: GVA }),
+    guest('reload-cr3', 'MOV CR3 with its own value: flushes non-global TLB entries.', {}),
+    guest('set-cr0-wp', 'Sets or clears CR0.WP.', { value: req(bool('New CR0.WP.')) }),
+    guest('set-cr4', 'Sets or clears one CR4 bit.', {
+      bit: req(oneOf(['smep', 'smap', 'pke'], 'Which bit.')),
+      value: req(bool('New value of the bit.')),
+    }),
+    host('write-pte', 'Writes the entry at `level` for `gva`: `value` replaces it, else (old & ~clear) | set.', {
+      gva: GVA,
+      level: req(LEVEL),
+      set: opt(u64('Bits to set.')),
+      clear: opt(u64('Bits to clear.')),
+      value: opt(u64('New entry value; exclusive with set and clear.')),
+    }),
+    host('clear-ad', 'Clears A and D in every entry the walk of `gva` reads.', { gva: GVA }),
+    host('get-dirty-log', "KVM_GET_DIRTY_LOG of a user slot; compared with `expect`, else with the model's pages.", {
+      slot: req(int(0, 32767, 'Slot number.')),
+      expect: opt(array(u64('GPA of a page expected dirty.'), 'GPAs of the pages expected dirty (4K aligned, inside the slot).')),
+    }),
+    host('clear-dirty-log', 'KVM_CLEAR_DIRTY_LOG of the whole slot.', { slot: req(int(0, 32767, 'Slot number.')) }),
+    host('translate', "KVM_TRANSLATE of `gva`; compared with `expect`, else with the model's walk.", {
+      gva: GVA,
+      expect: opt(
+        object('translate expect', 'Expected KVM_TRANSLATE result.', {
+          valid: req(bool('Whether a translation exists.')),
+          gpa: opt(u64('GPA it gives (only when valid).')),
+        }),
+      ),
+    }),
+  ],
+};
+
+export const SCENARIO = object('scenario', 'A kvmharness scenario: memory, paging, mappings and a program of steps.', {
+  name: req({ kind: 'string', doc: 'Short name, used as the check name.', pattern: { re: '^[A-Za-z0-9][A-Za-z0-9_.-]*$', what: "a name of letters, digits, '_', '.' and '-'" } }),
+  description: req({ kind: 'string', doc: 'What the scenario shows, in a sentence or two.' }),
+  arch: opt(oneOf(['x86_64'], 'Guest architecture.'), 'x86_64'),
+  vcpus: opt(oneOf([1], 'Number of vCPUs.'), 1),
+  memslots: opt(array(MEMSLOT, 'User memslots.'), []),
+  paging: opt(PAGING, {}),
+  mappings: opt(array(MAPPING, 'Mappings added to the bring-up page tables.'), []),
+  steps: opt(array(STEP, 'The program, run in order.'), []),
+});
+
+// ---------------------------------------------------------------------------------
+// Values.
+
+const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
+const hexRe = (bits: 32 | 64) => `^0[xX]0*[0-9a-fA-F]{1,${bits / 4}}$`;
+const U64_RE = { 32: new RegExp(hexRe(32)), 64: new RegExp(hexRe(64)) };
+
+/** Text of a value in an error message (JSON, shortened). */
+function show(v: unknown): string {
+  const s = JSON.stringify(v) ?? String(v);
+  return s.length > 40 ? `${s.slice(0, 37)}...` : s;
+}
+
+function u64What(bits: 32 | 64): string {
+  return bits === 64 ? 'a hex string like "0x1000" or a non-negative integer' : 'a 32-bit value: a hex string like "0x4" or an integer up to 4294967295';
+}
+
+/** Parses a u64 field value; a string error says what was expected. */
+function parseU64(v: unknown, bits: 32 | 64 = 64): bigint | string {
+  const what = `expected ${u64What(bits)}, got ${show(v)}`;
+  if (typeof v === 'string') {
+    if (U64_RE[bits].test(v)) return BigInt(v);
+    if (/^0[xX][0-9a-fA-F]+$/.test(v)) return `expected at most ${bits} bits, got ${show(v)}`;
+    return what;
+  }
+  if (typeof v === 'number' && Number.isInteger(v) && v >= 0) {
+    if (!Number.isSafeInteger(v)) return `expected a hex string for a value above 2^53 (an integer that large is not exact), got ${show(v)}`;
+    if (bits === 32 && v > 0xffffffff) return `expected at most ${bits} bits, got ${v}`;
+    return BigInt(v);
+  }
+  return what;
+}
+
+function enumWhat(values: readonly (string | number)[]): string {
+  const shown = values.map((x) => show(x));
+  if (shown.length === 1) return shown[0]!;
+  return `one of ${shown.join(', ')}`;
+}
+
+/** Path of a field: a.b, a[3], a["odd key"]. */
+function fieldPath(base: string, key: string | number): string {
+  if (typeof key === 'number') return `${base}[${key}]`;
+  if (/^[A-Za-z_][A-Za-z0-9_-]*$/.test(key)) return base ? `${base}.${key}` : key;
+  return `${base}[${JSON.stringify(key)}]`;
+}
+
+const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+
+/** The error string for a path (the top level has an empty path). */
+export function at(path: string, message: string): string {
+  return `${path || '(top level)'}: ${message}`;
+}
+
+/**
+ * Validates `v` against `spec`, appending "path: message" strings to `errors`.
+ * Returns the normalised value (bigints for u64 fields, defaults filled in,
+ * fields in table order) or undefined where the value was bad.
+ */
+export function checkJson(spec: Spec, v: unknown, path: string, errors: string[]): unknown {
+  const bad = (message: string) => {
+    errors.push(at(path, message));
+    return undefined;
+  };
+  switch (spec.kind) {
+    case 'u64': {
+      const r = parseU64(v, spec.bits);
+      return typeof r === 'string' ? bad(r) : r;
+    }
+    case 'int':
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < spec.min || v > spec.max) {
+        return bad(`expected an integer from ${spec.min} to ${spec.max}, got ${show(v)}`);
+      }
+      return v;
+    case 'enum':
+      if (!spec.values.includes(v as string | number)) return bad(`expected ${enumWhat(spec.values)}, got ${show(v)}`);
+      return v;
+    case 'bool':
+      if (typeof v !== 'boolean') return bad(`expected true or false, got ${show(v)}`);
+      return v;
+    case 'string':
+      if (typeof v !== 'string' || v.length === 0) return bad(`expected a non-empty string, got ${show(v)}`);
+      if (spec.pattern && !new RegExp(spec.pattern.re).test(v)) return bad(`expected ${spec.pattern.what}, got ${show(v)}`);
+      return v;
+    case 'fault': {
+      if (v === false) return false;
+      const r = parseU64(v, 32);
+      return typeof r === 'string' ? bad(`expected false or a #PF error code (a hex string like "0x7" or an integer), got ${show(v)}`) : r;
+    }
+    case 'array': {
+      if (!Array.isArray(v)) return bad(`expected an array, got ${show(v)}`);
+      const before = errors.length;
+      const out = v.map((x, i) => checkJson(spec.items, x, fieldPath(path, i), errors));
+      return errors.length === before ? out : undefined;
+    }
+    case 'object':
+      if (!isObject(v)) return bad(`expected an object, got ${show(v)}`);
+      return checkObject(spec, v, path, errors);
+    case 'tagged': {
+      if (!isObject(v)) return bad(`expected an object, got ${show(v)}`);
+      const tags = [...new Set(spec.variants.map((x) => x.tag))];
+      const present = tags.filter((t) => t in v);
+      if (present.length !== 1) {
+        const names = tags.map((t) => `a "${t}"`).join(' or ');
+        return bad(present.length === 0 ? `expected ${names} field` : `expected ${names} field, not both`);
+      }
+      const tag = present[0]!;
+      const variant = spec.variants.find((x) => x.tag === tag && x.value === v[tag]);
+      if (!variant) {
+        const values = spec.variants.filter((x) => x.tag === tag).map((x) => x.value);
+        errors.push(at(fieldPath(path, tag), `expected ${enumWhat(values)}, got ${show(v[tag])}`));
+        return undefined;
+      }
+      return checkObject(variant.spec, v, path, errors);
+    }
+  }
+}
+
+function checkObject(spec: ObjectSpec, v: Record<string, unknown>, path: string, errors: string[]): Record<string, unknown> | undefined {
+  const before = errors.length;
+  const known = Object.keys(spec.fields);
+  const got = new Map<string, unknown>();
+  for (const [k, x] of Object.entries(v)) {
+    const field = Object.hasOwn(spec.fields, k) ? spec.fields[k] : undefined;
+    if (!field) errors.push(at(fieldPath(path, k), `unknown field (known: ${known.join(', ')})`));
+    else got.set(k, checkJson(field.spec, x, fieldPath(path, k), errors));
+  }
+  const out: Record<string, unknown> = {};
+  for (const [k, field] of Object.entries(spec.fields)) {
+    if (got.has(k)) out[k] = got.get(k);
+    else if (field.required) errors.push(at(fieldPath(path, k), 'required field missing'));
+    else if (field.default !== undefined) out[k] = checkJson(field.spec, field.default, fieldPath(path, k), errors);
+  }
+  return errors.length === before ? out : undefined;
+}
+
+/** The JSON form of a normalised value (bigints as lowercase "0x..." strings). */
+export function toJson(v: unknown): Json {
+  if (typeof v === 'bigint') return `0x${v.toString(16)}`;
+  if (Array.isArray(v)) return v.map(toJson);
+  if (isObject(v)) {
+    const out: Record<string, Json> = {};
+    for (const [k, x] of Object.entries(v)) if (x !== undefined) out[k] = toJson(x);
+    return out;
+  }
+  return v as Json;
+}
+
+// ---------------------------------------------------------------------------------
+// JSON Schema.
+
+function schemaOf(spec: Spec): Record<string, Json> {
+  switch (spec.kind) {
+    case 'u64':
+      return {
+        description: spec.doc,
+        oneOf: [
+          { type: 'string', pattern: hexRe(spec.bits) },
+          { type: 'integer', minimum: 0, maximum: spec.bits === 64 ? Number(MAX_SAFE) : 0xffffffff },
+        ],
+      };
+    case 'int':
+      return { description: spec.doc, type: 'integer', minimum: spec.min, maximum: spec.max };
+    case 'enum':
+      return spec.values.length === 1 ? { description: spec.doc, const: spec.values[0]! } : { description: spec.doc, enum: [...spec.values] };
+    case 'bool':
+      return { description: spec.doc, type: 'boolean' };
+    case 'string':
+      return { description: spec.doc, type: 'string', minLength: 1, ...(spec.pattern ? { pattern: spec.pattern.re } : {}) };
+    case 'fault':
+      return {
+        description: spec.doc,
+        oneOf: [{ const: false }, { type: 'string', pattern: hexRe(32) }, { type: 'integer', minimum: 0, maximum: 0xffffffff }],
+      };
+    case 'array':
+      return { description: spec.doc, type: 'array', items: schemaOf(spec.items) };
+    case 'object': {
+      const properties: Record<string, Json> = {};
+      for (const [k, f] of Object.entries(spec.fields)) {
+        properties[k] = { ...schemaOf(f.spec), ...(f.default !== undefined ? { default: f.default } : {}) };
+      }
+      const required = Object.entries(spec.fields).filter(([, f]) => f.required).map(([k]) => k);
+      return { description: spec.doc, type: 'object', properties, ...(required.length ? { required } : {}), additionalProperties: false };
+    }
+    case 'tagged':
+      return { description: spec.doc, type: 'object', oneOf: spec.variants.map((x) => schemaOf(x.spec)) };
+  }
+}
+
+/** The JSON Schema (draft 2020-12) of a scenario file, as docs/scenario.schema.json holds it. */
+export function jsonSchema(): Record<string, Json> {
+  return {
+    $schema: 'https://json-schema.org/draft/2020-12/schema',
+    title: 'kvmharness scenario',
+    ...schemaOf(SCENARIO),
+  };
+}
+
+// ---------------------------------------------------------------------------------
+// Field reference for the docs.
+
+function typeText(spec: Spec): string {
+  switch (spec.kind) {
+    case 'u64':
+      return spec.bits === 64 ? 'u64' : 'u32';
+    case 'int':
+      return `integer ${spec.min}..${spec.max}`;
+    case 'enum':
+      return spec.values.map((x) => `\`${JSON.stringify(x)}\``).join(' \\| ');
+    case 'bool':
+      return 'boolean';
+    case 'string':
+      return 'string';
+    case 'fault':
+      return '`false` \\| u32';
+    case 'array':
+      return `array of ${typeText(spec.items)}`;
+    case 'object':
+      return `object (${spec.name})`;
+    case 'tagged':
+      return `${spec.name}`;
+  }
+}
+
+function collect(spec: Spec, out: (ObjectSpec | TaggedSpec)[]): void {
+  if (spec.kind === 'array') collect(spec.items, out);
+  if (spec.kind === 'tagged') {
+    if (out.includes(spec)) return;
+    out.push(spec);
+    for (const v of spec.variants) collect(v.spec, out);
+  }
+  if (spec.kind === 'object') {
+    if (out.includes(spec) || out.some((o) => o.name === spec.name)) return;
+    out.push(spec);
+    for (const f of Object.values(spec.fields)) collect(f.spec, out);
+  }
+}
+
+/** Markdown tables of every object's fields, as docs/scenarios.md holds them between its markers. */
+export function fieldReference(): string {
+  const objects: (ObjectSpec | TaggedSpec)[] = [];
+  collect(SCENARIO, objects);
+  const parts: string[] = [];
+  for (const o of objects) {
+    if (o.kind === 'tagged') {
+      parts.push(`#### ${o.name}\n\n${o.doc} Kinds: ${o.variants.map((x) => `\`${x.tag}: ${x.value}\``).join(', ')}.\n`);
+      continue;
+    }
+    const rows = Object.entries(o.fields).map(([k, f]) => {
+      const dflt = f.required ? 'required' : f.default !== undefined ? `\`${JSON.stringify(f.default)}\`` : (f.defaultDoc ?? 'not given');
+      return `| \`${k}\` | ${typeText(f.spec)} | ${dflt} | ${f.spec.doc} |`;
+    });
+    parts.push(`#### ${o.name}\n\n${o.doc}\n\n| field | type | default | meaning |\n|---|---|---|---|\n${rows.join('\n')}\n`);
+  }
+  return parts.join('\n');
+}

@@ -1,0 +1,258 @@
+// `kvmharness walk`: the model's walk for one access in a scenario's tables.
+// The expected tables are derived by hand: bring-up takes table pages 0x10000
+// (PML4), 0x11000 (PDPT), 0x12000 (PD), 0x13000 and 0x14000 (PTs) from its pool,
+// and the scenario's mappings take the next pages in order:
+//   mapping 0, gva 0x8000000000: PML4 index 1 -> PDPT 0x15000 -> PD 0x16000 -> PT 0x17000
+//   mapping 1, gva 0x8000001000: PTE 1 of that PT
+//   mapping 2, gva 0x8000400000: 2M leaf in PDE 2 of PD 0x16000
+//   mapping 3, gva 0x10000000000: PML4 index 2 -> PDPT 0x18000 -> PD 0x19000 -> PT 0x1a000
+// Entry bits: P 0x1, W 0x2, U 0x4, A 0x20, D 0x40, PS 0x80, NX bit 63 (SDM vol. 3A §4.5).
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { walkCommand } from '../src/cli/walk.js';
+import { builtinScenarios } from '../src/scenario/load.js';
+import { describeKvm } from './support/kvm.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'kvmharness-walk-'));
+const SCENARIO = join(dir, 'walk_table.json');
+writeFileSync(
+  SCENARIO,
+  JSON.stringify({
+    name: 'walk_table',
+    description: 'Hand-built tables for the walk command tests.',
+    mappings: [
+      { gva: '0x8000000000', gpa: '0x401000', leaf: { w: true, u: true } },
+      { gva: '0x8000001000', gpa: '0x402000', leaf: { u: true, nx: true } },
+      { gva: '0x8000400000', gpa: '0x600000', page: '2M', leaf: { w: true, a: true } },
+      { gva: '0x10000000000', gpa: '0x403000', table: { u: false }, raw: [{ level: 3, set: '0x8000000000000' }] },
+    ],
+  }),
+);
+
+const HEADER = (access: string, cpu = 'defaults (--no-probe): vendor amd, maxphyaddr 48, pdpe1gb 1') => [
+  `scenario  walk_table (${SCENARIO})`,
+  `cpu       ${cpu}`,
+  'paging    4-level, CR3 0x10000, CR0.WP=1, CR4.SMEP=0 SMAP=0 PKE=0, EFER.NXE=1, PKRU 0x0, amd rules',
+  `access    ${access}`,
+  '',
+];
+
+function run(...args: string[]) {
+  return walkCommand([SCENARIO, '--no-probe', ...args]);
+}
+
+describe('kvmharness walk: text', () => {
+  it('a read through four fresh levels: the GPA, and A set on every entry, root first', () => {
+    const r = run('--gva', '0x8000000123');
+    expect(r.stderr).toBe('');
+    expect(r.exitCode).toBe(0);
+    expect(r.stdout).toBe(
+      [
+        ...HEADER('read 0x8000000123 at CPL 0'),
+        'level  entry at  value               flags',
+        'PML4E  0x10008   0x0000000000015007  P W U',
+        'PDPTE  0x15000   0x0000000000016007  P W U',
+        'PDE    0x16000   0x0000000000017007  P W U',
+        'PTE    0x17000   0x0000000000401007  P W U  (leaf)',
+        '',
+        'result    gpa 0x401123 (4K page)',
+        'rights    W=1 U=1 X=1',
+        'A/D       PML4E 0x10008: 0x15007 -> 0x15027 (+A)',
+        '          PDPTE 0x15000: 0x16007 -> 0x16027 (+A)',
+        '          PDE   0x16000: 0x17007 -> 0x17027 (+A)',
+        '          PTE   0x17000: 0x401007 -> 0x401027 (+A)',
+        '',
+      ].join('\n'),
+    );
+  });
+
+  it('a user write to a read-only user page: #PF P|W|U and no A/D writes', () => {
+    expect(run('--gva', '0x8000001008', '--access', 'write', '--cpl', '3').stdout).toBe(
+      [
+        ...HEADER('write 0x8000001008 at CPL 3'),
+        'level  entry at  value               flags',
+        'PML4E  0x10008   0x0000000000015007  P W U',
+        'PDPTE  0x15000   0x0000000000016007  P W U',
+        'PDE    0x16000   0x0000000000017007  P W U',
+        'PTE    0x17008   0x8000000000402005  P U NX  (leaf)',
+        '',
+        'result    #PF error code 0x7 (P|W|U), CR2 0x8000001008: protection:write',
+        'A/D       none (a faulting walk sets no A or D bit)',
+        '',
+      ].join('\n'),
+    );
+  });
+
+  it('a write to a 2M page: the PDE is the leaf and gets D (its A is already set)', () => {
+    expect(run('--gva', '0x8000400010', '--access', 'write').stdout).toBe(
+      [
+        ...HEADER('write 0x8000400010 at CPL 0'),
+        'level  entry at  value               flags',
+        'PML4E  0x10008   0x0000000000015007  P W U',
+        'PDPTE  0x15000   0x0000000000016007  P W U',
+        'PDE    0x16010   0x00000000006000a3  P W A PS  (leaf)',
+        '',
+        'result    gpa 0x600010 (2M page)',
+        'rights    W=1 U=0 X=1',
+        'A/D       PML4E 0x10008: 0x15007 -> 0x15027 (+A)',
+        '          PDPTE 0x15000: 0x16007 -> 0x16027 (+A)',
+        '          PDE   0x16010: 0x6000a3 -> 0x6000e3 (+D)',
+        '',
+      ].join('\n'),
+    );
+  });
+
+  it('bit 51 in a PDPTE is reserved with MAXPHYADDR 48; with 52 it is an address bit', () => {
+    expect(run('--gva', '0x10000000000').stdout).toBe(
+      [
+        ...HEADER('read 0x10000000000 at CPL 0'),
+        'level  entry at  value               flags',
+        'PML4E  0x10010   0x0000000000018003  P W',
+        'PDPTE  0x18000   0x0008000000019003  P W',
+        '',
+        'result    #PF error code 0x9 (P|RSVD), CR2 0x10000000000: reserved',
+        'A/D       none (a faulting walk sets no A or D bit)',
+        '',
+      ].join('\n'),
+    );
+    // Bits 51:12 of the PDPTE now address the PD: 0x8000000019000, where nothing is written.
+    expect(run('--gva', '0x10000000000', '--maxphyaddr', '52').stdout).toBe(
+      [
+        ...HEADER('read 0x10000000000 at CPL 0', 'defaults (--no-probe, --maxphyaddr 52): vendor amd, maxphyaddr 52, pdpe1gb 1'),
+        'level  entry at         value               flags',
+        'PML4E  0x10010          0x0000000000018003  P W',
+        'PDPTE  0x18000          0x0008000000019003  P W',
+        'PDE    0x8000000019000  0x0000000000000000  np',
+        '',
+        'result    #PF error code 0x0 (0), CR2 0x10000000000: not-present',
+        'A/D       none (a faulting walk sets no A or D bit)',
+        '',
+      ].join('\n'),
+    );
+  });
+
+  it('a not-present PTE, and a non-canonical address', () => {
+    expect(run('--gva', '0x8000002000').stdout).toBe(
+      [
+        ...HEADER('read 0x8000002000 at CPL 0'),
+        'level  entry at  value               flags',
+        'PML4E  0x10008   0x0000000000015007  P W U',
+        'PDPTE  0x15000   0x0000000000016007  P W U',
+        'PDE    0x16000   0x0000000000017007  P W U',
+        'PTE    0x17010   0x0000000000000000  np',
+        '',
+        'result    #PF error code 0x0 (0), CR2 0x8000002000: not-present',
+        'A/D       none (a faulting walk sets no A or D bit)',
+        '',
+      ].join('\n'),
+    );
+    expect(run('--gva', '0x800000000000', '--vendor', 'intel').stdout).toBe(
+      [
+        `scenario  walk_table (${SCENARIO})`,
+        'cpu       defaults (--no-probe, --vendor intel): vendor intel, maxphyaddr 48, pdpe1gb 1',
+        'paging    4-level, CR3 0x10000, CR0.WP=1, CR4.SMEP=0 SMAP=0 PKE=0, EFER.NXE=1, PKRU 0x0, intel rules',
+        'access    read 0x800000000000 at CPL 0',
+        '',
+        'result    #GP: 0x800000000000 is not canonical with 4-level paging (no page walk)',
+        'A/D       none (a faulting walk sets no A or D bit)',
+        '',
+      ].join('\n'),
+    );
+  });
+
+  it('takes a built-in scenario by name and a decimal address', () => {
+    const r = walkCommand(['write_protect', '--gva', String(0x8000000010), '--access', 'write', '--no-probe']);
+    expect(r.exitCode).toBe(0);
+    expect(r.stdout).toMatch(/^scenario  write_protect \(\S+guests\/scenarios\/write_protect\.json\)\n/);
+    expect(r.stdout).toContain('\nPTE    0x17000   0x0000000000401001  P  (leaf)\n');
+    expect(r.stdout).toContain('\nresult    #PF error code 0x3 (P|W), CR2 0x8000000010: protection:write\n');
+  });
+});
+
+describe('kvmharness walk: JSON', () => {
+  it('a fetch from an NX page', () => {
+    const r = run('--gva', '0x8000001000', '--access', 'exec', '--json');
+    expect(r.exitCode).toBe(0);
+    expect(JSON.parse(r.stdout)).toEqual({
+      scenario: { name: 'walk_table', source: SCENARIO },
+      cpu: { from: 'defaults', why: '--no-probe', vendor: 'amd', maxPhyAddr: 48, pdpe1gb: true },
+      paging: { levels: 4, cr3: '0x10000', cr0Wp: true, cr4Smep: false, cr4Smap: false, cr4Pke: false, eferNxe: true, pkru: '0x0', vendor: 'amd' },
+      access: { gva: '0x8000001000', kind: 'exec', cpl: 0, eflagsAc: false },
+      levels: [
+        { level: 4, name: 'PML4E', pteGpa: '0x10008', pte: '0x15007', flags: 'P W U', leaf: false },
+        { level: 3, name: 'PDPTE', pteGpa: '0x15000', pte: '0x16007', flags: 'P W U', leaf: false },
+        { level: 2, name: 'PDE', pteGpa: '0x16000', pte: '0x17007', flags: 'P W U', leaf: false },
+        { level: 1, name: 'PTE', pteGpa: '0x17008', pte: '0x8000000000402005', flags: 'P U NX', leaf: true },
+      ],
+      // a supervisor fetch; EFER.NXE = 1 sets I
+      result: { ok: false, exception: '#PF', errorCode: '0x11', decoded: 'P|I', cr2: '0x8000001000', reason: 'protection:nx' },
+      adWrites: [],
+    });
+  });
+
+  it('a successful read with --ac', () => {
+    const j = JSON.parse(run('--gva', '0x8000400fff', '--ac', '--json').stdout);
+    expect(j.access).toEqual({ gva: '0x8000400fff', kind: 'read', cpl: 0, eflagsAc: true });
+    expect(j.result).toEqual({ ok: true, gpa: '0x600fff', pageSize: '0x200000', effective: { w: true, u: false, x: true } });
+    expect(j.adWrites).toEqual([
+      { level: 4, name: 'PML4E', pteGpa: '0x10008', old: '0x15007', new: '0x15027' },
+      { level: 3, name: 'PDPTE', pteGpa: '0x15000', old: '0x16007', new: '0x16027' },
+    ]);
+  });
+});
+
+describe('kvmharness walk: bad input exits 2 with one line', () => {
+  const bad = join(dir, 'bad.json');
+  writeFileSync(bad, JSON.stringify({ name: 'bad', description: 'd', steps: [{ guest: 'read', gva: '12z' }, { guest: 'exec', gva: '0x1', size: 1 }] }));
+  const cases: [string, string[], string][] = [
+    ['an unparseable address', [SCENARIO, '--gva', '12z'], "kvmharness: --gva: expected a 64-bit address like 0x1000 (or decimal), got '12z'"],
+    ['an address over 64 bits', [SCENARIO, '--gva', '0x10000000000000000'], "kvmharness: --gva: expected a 64-bit address like 0x1000 (or decimal), got '0x10000000000000000'"],
+    ['an unknown access', [SCENARIO, '--gva', '0x1000', '--access', 'fetch'], "kvmharness: --access: expected read, write or exec, got 'fetch'"],
+    ['CPL 1', [SCENARIO, '--gva', '0x1000', '--cpl', '1'], "kvmharness: --cpl: expected 0 or 3, got '1'"],
+    ['an unknown vendor', [SCENARIO, '--gva', '0x1000', '--vendor', 'via'], "kvmharness: --vendor: expected intel or amd, got 'via'"],
+    ['MAXPHYADDR 60', [SCENARIO, '--gva', '0x1000', '--maxphyaddr', '60'], "kvmharness: --maxphyaddr: expected a number of bits from 32 to 52, got '60'"],
+    ['EFLAGS.AC at CPL 3', [SCENARIO, '--gva', '0x1000', '--cpl', '3', '--ac'], 'kvmharness: --ac: EFLAGS.AC overrides SMAP only for CPL 0 accesses'],
+    ['no --gva', [SCENARIO], "error: required option '--gva <addr>' not specified"],
+    ['an unknown option', [SCENARIO, '--gva', '0x1000', '--bogus'], "error: unknown option '--bogus'"],
+    ['a missing file', [join(dir, 'missing.json'), '--gva', '0x1000'], `kvmharness: ${join(dir, 'missing.json')}: cannot read: no such file`],
+    [
+      'an unknown built-in name',
+      ['no_such_scenario', '--gva', '0x1000'],
+      `kvmharness: no_such_scenario: no such file, and no built-in scenario of that name (built-in: ${builtinScenarios().join(', ')})`,
+    ],
+    [
+      'an invalid scenario',
+      [bad, '--gva', '0x1000'],
+      `kvmharness: ${bad}: steps[0].gva: expected a hex string like "0x1000" or a non-negative integer, got "12z" (and 1 more error)`,
+    ],
+  ];
+  for (const [what, args, line] of cases) {
+    it(what, () => {
+      const r = walkCommand([...args, '--no-probe']);
+      expect(r.exitCode).toBe(2);
+      expect(r.stdout).toBe('');
+      expect(r.stderr).toBe(`${line}\n`);
+    });
+  }
+});
+
+describe('kvmharness walk: CPU features', () => {
+  it('falls back to the defaults, and says why, when the device is not KVM', () => {
+    const r = walkCommand([SCENARIO, '--gva', '0x8000000000', '--device', join(dir, 'no-kvm')]);
+    expect(r.exitCode).toBe(0);
+    expect(r.stdout.split('\n')[1]).toMatch(/^cpu {7}defaults \(no KVM: [^\n]*no-kvm[^\n]*\): vendor amd, maxphyaddr 48, pdpe1gb 1$/);
+  });
+});
+
+describeKvm('kvmharness walk with KVM', () => {
+  it('takes vendor, MAXPHYADDR and PDPE1GB from the probe', () => {
+    const r = walkCommand([SCENARIO, '--gva', '0x8000000000']);
+    expect(r.exitCode).toBe(0);
+    expect(r.stdout.split('\n')[1]).toMatch(/^cpu {7}probe of \S+: vendor \S+, maxphyaddr \d+, pdpe1gb [01]$/);
+    const j = JSON.parse(walkCommand([SCENARIO, '--gva', '0x8000000000', '--json', '--vendor', 'intel']).stdout);
+    expect(j.cpu).toMatchObject({ from: 'probe', vendor: 'intel' });
+    expect(j.paging.vendor).toBe('intel');
+  });
+});
