@@ -8,22 +8,44 @@ import { formatProfile, probe } from '../probe/probe.js';
 import { human, json, junit, ktap } from '../report/report.js';
 import { exitStatus, runChecks } from '../run/runner.js';
 import type { Check } from '../run/types.js';
+import { scenarioCheck } from '../run/engine.js';
+import { builtinScenarios, loadScenario, resolveScenario, ScenarioError } from '../scenario/load.js';
+import { registerWalk, WalkUsageError } from './walk.js';
 
 /** A usage error: exit status 2 with one line. */
 class UsageError extends Error {}
 
-const SUITES: Record<string, readonly Check[]> = { smoke: SMOKE };
-const ALL: readonly Check[] = Object.values(SUITES).flat();
+/** Each built-in scenario as two checks: results and A/D, then KVM's walker trace. */
+function scenarioChecks(): Check[] {
+  return builtinScenarios().flatMap((name) => {
+    const sc = loadScenario(resolveScenario(name));
+    return [scenarioCheck(sc), scenarioCheck(sc, { trace: true })];
+  });
+}
 
-/** Resolves names (check names or suite names) to checks, in the order given. */
+function suites(): Record<string, readonly Check[]> {
+  return { smoke: SMOKE, scenarios: scenarioChecks() };
+}
+
+/**
+ * Resolves names to checks, in the order given: suite names, check names, or
+ * paths of scenario files (anything ending in .json).
+ */
 export function selectChecks(names: string[]): Check[] {
-  if (names.length === 0) return [...ALL];
+  const all = suites();
+  if (names.length === 0) return Object.values(all).flat();
+  const everything = Object.values(all).flat();
   const out: Check[] = [];
   for (const n of names) {
-    const suite = SUITES[n];
-    const found = suite ?? ALL.filter((c) => c.name === n);
+    let found: readonly Check[];
+    if (n.endsWith('.json')) {
+      const sc = loadScenario(n);
+      found = [scenarioCheck(sc), scenarioCheck(sc, { trace: true })];
+    } else {
+      found = all[n] ?? everything.filter((c) => c.name === n);
+    }
     if (found.length === 0) throw new UsageError(`unknown check or suite '${n}' (see \`kvmharness run --list\`)`);
-    for (const c of found) if (!out.includes(c)) out.push(c);
+    for (const c of found) if (!out.some((o) => o.name === c.name)) out.push(c);
   }
   return out;
 }
@@ -77,6 +99,8 @@ export function program(): Command {
         kvm.close();
       }
     });
+
+  registerWalk(p);
   return p;
 }
 
@@ -88,7 +112,8 @@ export async function main(argv: string[]): Promise<number> {
     if (e instanceof CommanderError) return e.exitCode === 0 ? 0 : 2;
     const msg = e instanceof Error ? e.message : String(e);
     process.stderr.write(`kvmharness: ${msg}\n`);
-    if (process.env.KVMHARNESS_DEBUG && e instanceof Error && !(e instanceof HostError) && !(e instanceof UsageError)) process.stderr.write(`${e.stack}\n`);
+    const expected = e instanceof HostError || e instanceof UsageError || e instanceof ScenarioError || e instanceof WalkUsageError;
+    if (process.env.KVMHARNESS_DEBUG && e instanceof Error && !expected) process.stderr.write(`${e.stack}\n`);
     return 2;
   }
 }

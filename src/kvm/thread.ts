@@ -50,8 +50,8 @@ const W = {
 } as const;
 const OP = { run: 1, exit: 2 } as const;
 const CONSOLE_BYTES = 65536;
-/** How long run() blocks the event loop waiting for a short run before yielding to it. */
-const SYNC_WAIT_MS = 1;
+/** How long run() polls for a short run to finish before yielding to the event loop. */
+const SPIN_NS = 300_000n;
 
 const workerSource = `
 const { workerData } = require('node:worker_threads');
@@ -133,11 +133,13 @@ export class VcpuThread {
         consolePort: req.consolePort,
         maxExits: Math.min(req.maxExits, 0x7fffffff),
       });
-      // Most runs end within a fraction of a millisecond: wait for those
-      // synchronously (a futex wake-up, ~10 µs) and only then fall back to an
-      // asynchronous wait (an event-loop hop, ~100 µs on an idle machine). The
-      // event loop is held for at most SYNC_WAIT_MS per run.
-      Atomics.wait(this.ctl, W.done, seq - 1, SYNC_WAIT_MS);
+      // Most runs end within a fraction of a millisecond: poll for those
+      // (a few µs each) before yielding to the event loop (a hop of ~100 µs on
+      // an idle machine). Polling, not Atomics.wait: a signal that arrives while
+      // the main thread sleeps in Atomics.wait was seen to be lost, Ctrl-C
+      // included. The event loop is held for at most SPIN_NS per run.
+      const until = process.hrtime.bigint() + SPIN_NS;
+      while (!this.finished(seq) && process.hrtime.bigint() < until);
       if (!this.finished(seq)) {
         this.worker.ref();
         try {
@@ -160,7 +162,7 @@ export class VcpuThread {
 
   /** Blocks until the last command has finished (after a kick, a run returns promptly). */
   waitIdle(): void {
-    while (!this.finished(this.seq)) Atomics.wait(this.ctl, W.done, Atomics.load(this.ctl, W.done), 1000);
+    while (!this.finished(this.seq));
   }
 
   /** Ends the thread. */

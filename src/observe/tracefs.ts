@@ -109,18 +109,28 @@ export function ensureTracefs(): void {
 }
 
 const live = new Set<TraceSession>();
+
+/** Removes every open session's instance (exit paths call this). */
+export function closeAllSessions(): void {
+  for (const s of live) s.close();
+}
+
 let hooked = false;
 
-function hookExit(): void {
+/**
+ * Removes instances on process exit and on SIGINT/SIGTERM/SIGHUP (then exits
+ * 130/143/129). Programs call this at start-up so that no signal can arrive
+ * between creating an instance and hooking its removal; open() calls it too.
+ */
+export function hookExit(): void {
   if (hooked) return;
   hooked = true;
-  process.on('exit', () => {
-    for (const s of live) s.close();
-  });
-  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
-    process.once(sig, () => {
-      for (const s of live) s.close();
-      process.exit(sig === 'SIGINT' ? 130 : 143);
+  process.on('exit', closeAllSessions);
+  const codes = { SIGINT: 130, SIGTERM: 143, SIGHUP: 129 } as const;
+  for (const sig of Object.keys(codes) as (keyof typeof codes)[]) {
+    process.on(sig, () => {
+      closeAllSessions();
+      process.exit(codes[sig]);
     });
   }
 }
@@ -142,11 +152,11 @@ export class TraceSession {
     for (const e of events) {
       if (!existsSync(join(TRACEFS, 'events', e, 'format'))) throw new NotApplicable(`trace event ${e} does not exist in this kernel`);
     }
+    hookExit();
     const dir = join(TRACEFS, 'instances', `kvmharness-${process.pid}-${seq++}`);
     mkdirSync(dir);
     const s = new TraceSession(dir);
     live.add(s);
-    hookExit();
     try {
       s.write('tracing_on', '0');
       s.write('buffer_size_kb', String(bufferKb));

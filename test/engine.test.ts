@@ -1,0 +1,139 @@
+import { spawn } from 'node:child_process';
+import { existsSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Kvm } from '../src/kvm/kvm.js';
+import type { ModelFault } from '../src/model/walk.js';
+import { probe, type HostProfile } from '../src/probe/probe.js';
+import { scenarioCheck, tracedWalks } from '../src/run/engine.js';
+import { runCheck } from '../src/run/runner.js';
+import { builtinScenarios, loadScenario, resolveScenario } from '../src/scenario/load.js';
+import type { Scenario } from '../src/scenario/types.js';
+import { parseFormat, parseTrace, TRACEFS, type TraceEvent } from '../src/observe/tracefs.js';
+import { describeKvm } from './support/kvm.js';
+
+const WALK_FORMAT = `name: kvm_mmu_pagetable_walk
+ID: 1
+format:
+	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
+	field:int common_pid;	offset:4;	size:4;	signed:1;
+
+	field:__u64 addr;	offset:8;	size:8;	signed:0;
+	field:__u32 pferr;	offset:16;	size:4;	signed:0;
+
+print fmt: "addr %llx pferr %x %s", REC->addr, REC->pferr, __print_flags(REC->pferr, "|", { ((((1UL))) << (0)), "P" })
+`;
+const ELEMENT_FORMAT = `name: kvm_mmu_paging_element
+format:
+	field:__u64 pte;	offset:8;	size:8;	signed:0;
+	field:__u32 level;	offset:16;	size:4;	signed:0;
+
+print fmt: "pte %llx level %u", REC->pte, REC->level
+`;
+
+describe('tracefs parsing', () => {
+  it('reads fields and builds a matcher from the print fmt', () => {
+    const f = parseFormat('kvmmmu/kvm_mmu_pagetable_walk', WALK_FORMAT);
+    expect(f.fields.map((x) => [x.name, x.offset, x.size])).toEqual([['addr', 8, 8], ['pferr', 16, 4]]);
+    expect(f.printArgs).toEqual(['addr', 'pferr']); // the flags decoding is a call, not a field
+    expect(f.parse!('addr 7000000 pferr 2 W')).toEqual({ addr: 0x7000000n, pferr: 2n });
+    expect(f.parse!('something else')).toBeUndefined();
+  });
+
+  it('parses trace lines into events and groups walks', () => {
+    const formats = new Map([
+      ['kvmmmu/kvm_mmu_pagetable_walk', parseFormat('kvmmmu/kvm_mmu_pagetable_walk', WALK_FORMAT)],
+      ['kvmmmu/kvm_mmu_paging_element', parseFormat('kvmmmu/kvm_mmu_paging_element', ELEMENT_FORMAT)],
+    ]);
+    const text = [
+      '# tracer: nop',
+      '            node-27011   [000] .....   652.775399: kvm_mmu_pagetable_walk: addr 7000000 pferr 0 ',
+      '            node-27011   [000] .....   652.775399: kvm_mmu_paging_element: pte 11027 level 4',
+      '            node-27011   [001] .....   652.775400: kvm_mmu_paging_element: pte 0 level 3',
+    ].join('\n');
+    const ev = parseTrace(text, formats);
+    expect(ev.map((e) => [e.id, e.pid, e.cpu])).toEqual([
+      ['kvmmmu/kvm_mmu_pagetable_walk', 27011, 0],
+      ['kvmmmu/kvm_mmu_paging_element', 27011, 0],
+      ['kvmmmu/kvm_mmu_paging_element', 27011, 1],
+    ]);
+    const extra: TraceEvent[] = [{ id: 'kvmmmu/kvm_mmu_walker_error', pid: 1, cpu: 0, ts: 0, fields: { pferr: 0n }, text: '' }];
+    expect(tracedWalks([...ev, ...extra])).toEqual([
+      { addr: 0x7000000n, pferr: 0, elements: [{ level: 4, pte: 0x11027n }, { level: 3, pte: 0n }], error: 0, accessed: [], dirty: [] },
+    ]);
+  });
+});
+
+const ours = () => (existsSync(join(TRACEFS, 'instances')) ? readdirSync(join(TRACEFS, 'instances')).filter((d) => d.startsWith(`kvmharness-${process.pid}-`)) : []);
+
+describeKvm('scenarios on this host', () => {
+  let kvm: Kvm;
+  let profile: HostProfile;
+  const load = (name: string): Scenario => loadScenario(resolveScenario(name));
+  beforeAll(() => {
+    kvm = Kvm.open();
+    profile = probe();
+  });
+  afterAll(() => kvm.close());
+
+  for (const name of builtinScenarios()) {
+    for (const trace of [false, true]) {
+      it(`${name}${trace ? ' (walker trace)' : ''} passes or says why it cannot run here`, async () => {
+        const r = await runCheck(scenarioCheck(load(name), { trace }), kvm, profile);
+        const why = [r.reason, ...r.comparisons.filter((c) => !c.ok).map((c) => `${c.what}: expected ${c.expected} observed ${c.observed}`)].join('\n');
+        expect(['pass', 'not_applicable'], why).toContain(r.outcome);
+        if (r.outcome === 'not_applicable') expect(r.reason).toMatch(/\S/);
+      });
+    }
+  }
+
+  it('leaves no tracefs instance behind', () => {
+    expect(ours()).toEqual([]);
+  });
+
+  // A deliberately wrong model must be caught by each oracle: the exception
+  // log (error codes), the A/D read-back, and KVM's walker tracepoints.
+  const wrong: [string, ModelFault, RegExp][] = [
+    ['write_protect', 'ignore-wp', /exceptions/],
+    ['accessed_dirty', 'dirty-on-read', /PTEs after/],
+    ['accessed_dirty', 'no-accessed-on-upper', /PTEs after/],
+    ['nx', 'ignore-nx', /exceptions/],
+    ['reserved_bits', 'rsvd-as-not-present', /exceptions/],
+  ];
+  for (const [name, fault, oracle] of wrong) {
+    it(`${name}: a model with '${fault}' is reported by the direct oracles and by the walker trace`, async () => {
+      const sc = load(name);
+      // Explicit expectations override the model; drop them so that the model decides.
+      const bare: Scenario = { ...sc, steps: sc.steps.map((s) => (s.side === 'guest' && s.kind === 'access' ? { ...s, expect: undefined } : s)) };
+      const direct = await runCheck(scenarioCheck(bare, { faults: new Set([fault]) }), kvm, profile);
+      expect(direct.outcome).toBe('fail');
+      expect(direct.comparisons.filter((c) => !c.ok).map((c) => c.what).join('\n')).toMatch(oracle);
+      const traced = await runCheck(scenarioCheck(bare, { faults: new Set([fault]), trace: true }), kvm, profile);
+      if (traced.outcome === 'not_applicable') return;
+      expect(traced.comparisons.filter((c) => !c.ok).map((c) => c.what).join('\n')).toMatch(/KVM walker trace/);
+    });
+  }
+
+  it('reports a wrong explicit expectation', async () => {
+    const sc = load('write_protect');
+    const i = sc.steps.findIndex((s) => s.side === 'guest' && s.kind === 'access');
+    const steps = sc.steps.map((s, j) => (j === i && s.side === 'guest' && s.kind === 'access' ? { ...s, expect: { fault: 0x4 as const } } : s));
+    const r = await runCheck(scenarioCheck({ ...sc, steps }), kvm, profile);
+    expect(r.outcome).toBe('fail');
+    expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toContain(`step ${i} ${(steps[i] as { access: string }).access}${8 * (steps[i] as { size: number }).size} ${'0x' + (steps[i] as { gva: bigint }).gva.toString(16)} cpl${(steps[i] as { cpl: number }).cpl}: exceptions`);
+  });
+
+  it('removes its tracefs instance when interrupted', async () => {
+    const cli = join(import.meta.dirname, '..', 'dist', 'src', 'cli', 'bin.js');
+    const child = spawn(process.execPath, [cli, 'run', 'scenarios'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    // Wait until an instance of the child exists, then interrupt it.
+    const deadline = Date.now() + 30_000;
+    while (!readdirSync(join(TRACEFS, 'instances')).some((d) => d.startsWith(`kvmharness-${child.pid}-`)) && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    child.kill('SIGINT');
+    const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+    expect(code).toBe(130);
+    expect(readdirSync(join(TRACEFS, 'instances')).filter((d) => d.startsWith(`kvmharness-${child.pid}-`))).toEqual([]);
+  });
+});
