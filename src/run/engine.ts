@@ -14,7 +14,7 @@ import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
 import { decodeErrorCode, walkWith, type PagingConfig, type WalkResult, type ModelFault } from '../model/walk.js';
 import { bringUpOptions, buildScenarioTables, pagingConfigFor } from '../scenario/build.js';
 import type { GuestStep, Scenario, Step } from '../scenario/types.js';
-import { MEM } from '../kvm/uapi.js';
+import { MADV, MEM, RUN } from '../kvm/uapi.js';
 import { NotApplicable, type Check, type CheckContext } from './types.js';
 
 const PAGE = 0x1000n;
@@ -100,7 +100,16 @@ interface Prediction {
   walk: WalkResult;
   expectFault: false | number;
   expectValue?: bigint;
+  /** The MMIO exit the access should cause, if any. */
+  mmio?: { gpa: bigint; len: number; isWrite: boolean; data?: Uint8Array };
   expectPtes: { level: number; at: bigint; value: bigint }[];
+}
+
+/** What the engine returns for MMIO reads (truncated to the access size). */
+export const MMIO_FILL = 0x5a5a5a5a5a5a5a5an;
+
+function leBytes(v: bigint, n: number): Uint8Array {
+  return Uint8Array.from({ length: n }, (_, i) => Number((v >> BigInt(8 * i)) & 0xffn));
 }
 
 /** Writes the code of one guest step; returns nothing to predict for non-access steps. */
@@ -201,14 +210,22 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
 
     if (opts.trace) trace = TraceSession.open(WALKER_EVENTS, [await g.vcpu.tid()]);
 
+    // The model's view of guest-physical memory: which slot backs which GPAs.
+    const modelSlots = new Map<number, { gpa: bigint; size: bigint; readonly: boolean; logDirty: boolean }>([
+      [0, { gpa: 0n, size: LAYOUT.identityEnd, readonly: false, logDirty: false }],
+      ...sc.memslots.map((m) => [m.slot, { gpa: m.gpa, size: m.size, readonly: m.readonly, logDirty: m.logDirty }] as const),
+    ]);
+    const backing = (gpa: bigint, len: number) =>
+      [...modelSlots.values()].find((m) => gpa >= m.gpa && gpa + BigInt(len) <= m.gpa + m.size);
+
     // Pages each dirty-logged slot should report at its next get-dirty-log.
     const expectedDirty = new Map<number, Set<bigint>>();
     const markDirty = (gpa: bigint) => {
-      const slot = [...g.vm.slots.values()].find((m) => m.contains(gpa) && m.flags & MEM.KVM_MEM_LOG_DIRTY_PAGES);
-      if (!slot) return;
-      const set = expectedDirty.get(slot.slot) ?? new Set<bigint>();
+      const slot = [...modelSlots].find(([, m]) => m.logDirty && gpa >= m.gpa && gpa < m.gpa + m.size)?.[0];
+      if (slot === undefined) return;
+      const set = expectedDirty.get(slot) ?? new Set<bigint>();
       set.add(gpa & ~(PAGE - 1n));
-      expectedDirty.set(slot.slot, set);
+      expectedDirty.set(slot, set);
     };
 
     for (let i = 0; i < sc.steps.length; i++) {
@@ -217,9 +234,16 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
       let pred: Prediction | undefined;
       if (s.side === 'guest' && s.kind === 'access') {
         const w = walkWith(faults, cfg, g.boot.tables.root, { gva: s.gva, kind: s.access, cpl: s.cpl, eflagsAc: s.eflagsAc, size: s.size }, read);
-        const modelValue = s.access === 'read' && w.ok && g.mem.slotOf(w.gpa, s.size)
-          ? BigInt.asUintN(s.size * 8, littleEndian(g.mem.bytes(w.gpa, s.size)))
+        // A walk that ends at a GPA no slot backs (or a write to a read-only
+        // slot) leaves the guest as an MMIO exit; the engine answers reads
+        // with MMIO_FILL.
+        const slot = w.ok ? backing(w.gpa, s.size) : undefined;
+        const mmio = w.ok && s.access !== 'exec' && (!slot || (slot.readonly && s.access === 'write'))
+          ? { gpa: w.gpa, len: s.size, isWrite: s.access === 'write', ...(s.access === 'write' ? { data: leBytes(s.value, s.size) } : {}) }
           : undefined;
+        const modelValue = s.access !== 'read' || !w.ok ? undefined
+          : mmio ? BigInt.asUintN(s.size * 8, MMIO_FILL)
+          : BigInt.asUintN(s.size * 8, littleEndian(g.mem.bytes(w.gpa, s.size)));
         const after = new Map(w.levels.map((l) => [l.pteGpa, l.pte]));
         for (const a of w.adWrites) after.set(a.pteGpa, a.new);
         pred = {
@@ -228,6 +252,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
           walk: w,
           expectFault: s.expect?.fault ?? (w.ok ? false : w.errorCode),
           expectValue: s.expect?.value ?? (w.ok ? modelValue : 0n),
+          mmio,
           expectPtes: s.expect?.ptes
             ? s.expect.ptes.map((p) => ({ level: p.level, at: built.entries(s.gva, p.level), value: p.value }))
             : w.levels.map((l) => ({ level: l.level, at: l.pteGpa, value: after.get(l.pteGpa)! })),
@@ -236,7 +261,15 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
       if (s.side === 'guest') {
         g.clearExceptions();
         trace?.clear();
-        const stop = await g.run();
+        let stop = await g.run();
+        const mmioSeen: unknown[] = [];
+        while (stop.kind === 'exit' && stop.exit.reason === 'mmio' && mmioSeen.length < 4) {
+          const e = stop.exit;
+          mmioSeen.push({ gpa: e.gpa, len: e.len, isWrite: e.isWrite, ...(e.isWrite ? { data: e.data.subarray(0, e.len) } : {}) });
+          if (!e.isWrite) g.vcpu.runView.setBigUint64(RUN.mmio_data, MMIO_FILL, true);
+          stop = await g.run();
+        }
+        if (pred) ctx.expect(`${name}: MMIO exits`, pred.mmio ? [pred.mmio] : [], mmioSeen);
         if (stop.kind !== 'sync' || stop.id !== BigInt(i)) {
           ctx.expect(`${name}: guest reaches the end of the step`, `sync ${i}`, describeStop(stop));
           return;
@@ -250,7 +283,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
           ctx.expect(`${name}: PTEs after`, pred.expectPtes.map((p) => ({ level: p.level, at: p.at, value: p.value })), pred.expectPtes.map((p) => ({ level: p.level, at: p.at, value: read(p.at) })));
           if (pred.walk.ok) {
             for (const a of pred.walk.adWrites) markDirty(a.pteGpa);
-            if (s.access === 'write') markDirty(pred.walk.gpa);
+            if (s.access === 'write' && !pred.mmio) markDirty(pred.walk.gpa);
           }
           if (trace) compareTrace(ctx, name, s.gva, pred.walk, trace.take());
           ctx.note(`${name}: model ${describeWalk(pred.walk)}`);
@@ -287,6 +320,23 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
           g.vm.clearDirtyLog(s.slot, 0, slot.npages);
           break;
         }
+        case 'memslot-delete':
+          g.vm.deleteMemslot(s.slot);
+          modelSlots.delete(s.slot);
+          expectedDirty.delete(s.slot);
+          break;
+        case 'memslot-move':
+          g.vm.moveMemslot(s.slot, s.gpa);
+          modelSlots.set(s.slot, { ...modelSlots.get(s.slot)!, gpa: s.gpa });
+          break;
+        case 'memslot-flags':
+          g.vm.setMemslotFlags(s.slot, (s.logDirty ? MEM.KVM_MEM_LOG_DIRTY_PAGES : 0) | (s.readonly ? MEM.KVM_MEM_READONLY : 0));
+          modelSlots.set(s.slot, { ...modelSlots.get(s.slot)!, logDirty: s.logDirty, readonly: s.readonly });
+          if (!s.logDirty) expectedDirty.delete(s.slot);
+          break;
+        case 'madvise':
+          g.vm.memslot(s.slot).madvise(Number(s.offset), Number(s.size), { dontneed: MADV.DONTNEED, hugepage: MADV.HUGEPAGE, nohugepage: MADV.NOHUGEPAGE }[s.advice]);
+          break;
         case 'translate': {
           const w = walkWith(faults, cfg, g.boot.tables.root, { gva: s.gva, kind: 'read', cpl: 0 }, read);
           const expected = s.expect ?? (w.ok ? { valid: true, gpa: w.gpa } : { valid: false });

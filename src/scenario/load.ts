@@ -197,6 +197,18 @@ function toStep(o: Obj): Step {
     case 'clear-dirty-log':
       step = { kind: 'clear-dirty-log', slot: o.slot as number };
       break;
+    case 'memslot-delete':
+      step = { kind: 'memslot-delete', slot: o.slot as number };
+      break;
+    case 'memslot-move':
+      step = { kind: 'memslot-move', slot: o.slot as number, gpa: o.gpa as bigint };
+      break;
+    case 'memslot-flags':
+      step = { kind: 'memslot-flags', slot: o.slot as number, logDirty: o.logDirty as boolean, readonly: o.readonly as boolean };
+      break;
+    case 'madvise':
+      step = { kind: 'madvise', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint, advice: o.advice as 'dontneed' | 'hugepage' | 'nohugepage' };
+      break;
     default: {
       const e = o.expect as Obj | undefined;
       step = {
@@ -291,6 +303,14 @@ function stepJson(s: Step): Obj {
       return { host: s.kind, slot: s.slot };
     case 'translate':
       return { host: s.kind, gva: s.gva, expect: s.expect };
+    case 'memslot-delete':
+      return { host: s.kind, slot: s.slot };
+    case 'memslot-move':
+      return { host: s.kind, slot: s.slot, gpa: s.gpa };
+    case 'memslot-flags':
+      return { host: s.kind, slot: s.slot, logDirty: s.logDirty, readonly: s.readonly };
+    case 'madvise':
+      return { host: s.kind, slot: s.slot, offset: s.offset, size: s.size, advice: s.advice };
   }
 }
 
@@ -477,11 +497,14 @@ function entryError(s: Scenario, gva: bigint, level: number, write: boolean): st
 
 function stepErrors(s: Scenario, json: Obj, err: (path: string, msg: string) => void): void {
   const jsonSteps = (json.steps ?? []) as Obj[];
-  const slotError = (slot: number): string | undefined => {
+  /** Why the slot cannot be asked for its dirty log at step `at`; logging follows memslot-flags steps. */
+  const slotError = (slot: number, at: number): string | undefined => {
     if (slot === 0) return 'slot 0 is bring-up memory, which does not log dirty pages';
     const m = s.memslots.find((x) => x.slot === slot);
     if (!m) return `memslot ${slot} is not declared in "memslots"`;
-    if (!m.logDirty) return `memslot ${slot} does not log dirty pages (set "logDirty": true)`;
+    let logging = m.logDirty;
+    for (const x of s.steps.slice(0, at)) if (x.side === 'host' && x.kind === 'memslot-flags' && x.slot === slot) logging = x.logDirty;
+    if (!logging) return `memslot ${slot} does not log dirty pages here (set "logDirty": true, or turn it on with a memslot-flags step)`;
     return undefined;
   };
   const ptesErrors = (p: string, gva: bigint, ptes: { level: number }[] | undefined) =>
@@ -519,7 +542,7 @@ function stepErrors(s: Scenario, json: Obj, err: (path: string, msg: string) => 
         return;
       case 'get-dirty-log':
       case 'clear-dirty-log': {
-        const why = slotError(st.slot);
+        const why = slotError(st.slot, i);
         if (why) return err(`${p}.slot`, why);
         if (st.kind === 'clear-dirty-log') return;
         const m = s.memslots.find((x) => x.slot === st.slot)!;
@@ -532,6 +555,31 @@ function stepErrors(s: Scenario, json: Obj, err: (path: string, msg: string) => 
       case 'translate':
         if (st.expect && !st.expect.valid && st.expect.gpa !== undefined) err(`${p}.expect.gpa`, 'an invalid translation has no gpa');
         return;
+      case 'memslot-delete':
+      case 'memslot-move':
+      case 'memslot-flags':
+      case 'madvise': {
+        const m = s.memslots.find((x) => x.slot === st.slot);
+        if (!m) return err(`${p}.slot`, `memslot ${st.slot} is not declared in "memslots"`);
+        const gone = s.steps.slice(0, i).some((x) => x.side === 'host' && x.kind === 'memslot-delete' && x.slot === st.slot);
+        if (gone) return err(`${p}.slot`, `memslot ${st.slot} was deleted by an earlier step`);
+        if (st.kind === 'memslot-move') {
+          if (st.gpa % PAGE_4K !== 0n) err(`${p}.gpa`, `${hex(st.gpa)} is not 4K aligned`);
+          else if (st.gpa < 0x400000n) err(`${p}.gpa`, `${hex(st.gpa)} is inside bring-up memory [0x0, 0x400000)`);
+          else {
+            const clash = s.memslots.find((x) => x.slot !== st.slot && st.gpa < x.gpa + x.size && x.gpa < st.gpa + m.size);
+            if (clash) err(`${p}.gpa`, `memslot ${st.slot} moved to ${range(st.gpa, m.size)} would overlap memslot ${clash.slot} ${range(clash.gpa, clash.size)}`);
+          }
+        }
+        if (st.kind === 'memslot-flags' && st.readonly !== m.readonly) {
+          err(`${p}.readonly`, `KVM does not let a memslot's read-only flag change (memslot ${st.slot} is declared ${m.readonly ? 'read-only' : 'writable'}); delete it and declare another`);
+        }
+        if (st.kind === 'madvise') {
+          if (st.offset % PAGE_4K !== 0n || st.size % PAGE_4K !== 0n || st.size === 0n) err(p, 'offset and size must be 4K aligned and size non-zero');
+          else if (st.offset + st.size > m.size) err(`${p}.size`, `${hex(st.offset)}+${hex(st.size)} runs past the end of memslot ${st.slot} (${hex(m.size)} bytes)`);
+        }
+        return;
+      }
     }
   });
 }

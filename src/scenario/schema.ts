@@ -211,6 +211,24 @@ const STEP: TaggedSpec = {
       expect: opt(array(u64('GPA of a page expected dirty.'), 'GPAs of the pages expected dirty (4K aligned, inside the slot).')),
     }),
     host('clear-dirty-log', 'KVM_CLEAR_DIRTY_LOG of the whole slot.', { slot: req(int(0, 32767, 'Slot number.')) }),
+    host('memslot-delete', 'Deletes a user memslot (KVM_SET_USER_MEMORY_REGION with size 0) and frees its host memory; guest accesses to its GPAs then exit as MMIO.', {
+      slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
+    }),
+    host('memslot-move', "Moves a user memslot to a new GPA, keeping its host memory; the guest's tables still hold the old GPAs.", {
+      slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
+      gpa: req(u64('New guest-physical base (4K aligned, outside [0, 0x400000)).')),
+    }),
+    host('memslot-flags', "Changes the flags of a user memslot: dirty logging on or off (KVM refuses to change the read-only flag, so `readonly` must stay as declared).", {
+      slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
+      logDirty: opt(bool('KVM_MEM_LOG_DIRTY_PAGES.'), false),
+      readonly: opt(bool('KVM_MEM_READONLY; must equal the declared value.'), false),
+    }),
+    host('madvise', "madvise() on part of a user memslot's host memory.", {
+      slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
+      offset: req(u64('Byte offset in the slot (4K aligned).')),
+      size: req(u64('Bytes (a multiple of 4K).')),
+      advice: req(oneOf(['dontneed', 'hugepage', 'nohugepage'], 'MADV_DONTNEED, MADV_HUGEPAGE or MADV_NOHUGEPAGE.')),
+    }),
     host('translate', "KVM_TRANSLATE of `gva`; compared with `expect`, else with the model's walk.", {
       gva: GVA,
       expect: opt(

@@ -86,7 +86,14 @@ export type HostStep =
   | { kind: 'clear-ad'; gva: bigint }
   | { kind: 'get-dirty-log'; slot: number; expect?: bigint[] }
   | { kind: 'clear-dirty-log'; slot: number }
-  | { kind: 'translate'; gva: bigint; expect?: { valid: boolean; gpa?: bigint } };
+  | { kind: 'translate'; gva: bigint; expect?: { valid: boolean; gpa?: bigint } }
+  /** KVM_SET_USER_MEMORY_REGION with size 0; the host memory is freed. */
+  | { kind: 'memslot-delete'; slot: number }
+  /** The slot's host memory now appears at `gpa`. */
+  | { kind: 'memslot-move'; slot: number; gpa: bigint }
+  | { kind: 'memslot-flags'; slot: number; logDirty: boolean; readonly: boolean }
+  /** madvise() on [offset, offset+size) of the slot's host memory. */
+  | { kind: 'madvise'; slot: number; offset: bigint; size: bigint; advice: 'dontneed' | 'hugepage' | 'nohugepage' };
 
 export type Step = ({ side: 'guest' } & GuestStep) | ({ side: 'host' } & HostStep);
 
