@@ -137,3 +137,20 @@ describeKvm('scenarios on this host', () => {
     expect(readdirSync(join(TRACEFS, 'instances')).filter((d) => d.startsWith(`kvmharness-${child.pid}-`))).toEqual([]);
   });
 });
+
+describe('shadow-page oracle parsing', () => {
+  it('reads gfn, level, direct and new from kvm_mmu_get_page text', async () => {
+    const { parseShadowPage, guestTablePages } = await import('../src/checks/shadow.js');
+    const ev = (text: string): TraceEvent => ({ id: 'kvmmmu/kvm_mmu_get_page', pid: 1, cpu: 0, ts: 0, fields: {}, text });
+    expect(parseShadowPage(ev('sp gen 0 gfn 10 l4 8-byte q0 wux nxe ad root 0 sync new'))).toEqual({ gfn: 0x10n, level: 4, direct: false, created: true });
+    expect(parseShadowPage(ev('sp gen 0 gfn 200 l1 8-byte q0 direct wux nxe ad root 0 sync existing'))).toEqual({ gfn: 0x200n, level: 1, direct: true, created: false });
+    // A 4-level tree: root 0x1000 -> PDPT 0x2000 -> PD 0x3000 with one 2M leaf at 0x200000 and one PT 0x4000.
+    const mem = new Map<bigint, bigint>([
+      [0x1000n, 0x2000n | 1n],
+      [0x2000n, 0x3000n | 1n],
+      [0x3000n, 0x200000n | 0x81n],
+      [0x3008n, 0x4000n | 1n],
+    ]);
+    expect([...guestTablePages(0x1000n, 4, (a) => mem.get(a) ?? 0n)].sort()).toEqual(['1@4', '2@3', '200@1 direct', '3@2', '4@1'].sort());
+  });
+});

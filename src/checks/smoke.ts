@@ -7,6 +7,7 @@ import { PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW, PTE_US } from '../arch/x86/pte.js'
 import { CAP, MEM, RUN } from '../kvm/uapi.js';
 import { walk, type AccessKind } from '../model/walk.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
+import { shadowPages } from './shadow.js';
 import { pagingConfig, pteReader } from './x86.js';
 
 const PAGE = 0x1000n;
@@ -279,5 +280,6 @@ export const SMOKE: readonly Check[] = [
   guestPageFault,
   translateCheck,
   timeoutKick,
+  shadowPages,
 ];
 
