@@ -14,6 +14,7 @@ import { runInNewContext } from 'node:vm';
 import { Kvm } from '../src/kvm/kvm.js';
 import { packageRoot } from '../src/kvm/sys.js';
 import { exitRoundtrip, lifecycleOnce, vmLifecycle } from './kvm.js';
+import { benchMatrix } from './matrix.js';
 import { benchTdpIter } from './tdp.js';
 import { benchModelWalks } from './walk.js';
 
@@ -38,6 +39,8 @@ const TARGETS: Record<string, Target> = {
   vm_lifecycle_rss_growth_mb: { text: '< 20 MB', met: (e) => e.value !== null && e.value < 20 },
   model_walks_per_s: { text: '>= 2,000,000', met: (e) => e.value !== null && e.value >= 2_000_000 },
   tdp_iter_1m_gfn_ms: { text: '<= 50 ms', met: (e) => e.value !== null && e.value <= 50 },
+  matrix_cases_per_s: { text: '>= 20,000', met: (e) => e.value !== null && e.value >= 20_000 },
+  matrix_full_4level_s: { text: '< 300 s', met: (e) => e.value !== null && e.value < 300 },
 };
 
 interface Options {
@@ -46,10 +49,11 @@ interface Options {
   exits: number;
   lifecycles: number;
   leak: number;
+  matrixFull: boolean;
 }
 
 function parseArgs(argv: string[]): Options {
-  const o: Options = { json: false, rounds: 7, exits: 30_000, lifecycles: 300, leak: 10_000 };
+  const o: Options = { json: false, rounds: 7, exits: 30_000, lifecycles: 300, leak: 10_000, matrixFull: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const int = (): number => {
@@ -62,8 +66,9 @@ function parseArgs(argv: string[]): Options {
     else if (a === '--exits') o.exits = int();
     else if (a === '--lifecycles') o.lifecycles = int();
     else if (a === '--leak') o.leak = int();
+    else if (a === '--matrix-full') o.matrixFull = true;
     else if (a === '--help' || a === '-h') {
-      process.stderr.write('usage: node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N]\n');
+      process.stderr.write('usage: node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--matrix-full]\n');
       process.exit(0);
     } else throw new Error(`unknown argument ${a}`);
   }
@@ -223,6 +228,13 @@ async function main(): Promise<number> {
   if (kvm) {
     try {
       entries.push(...(await kvmBenches(kvm, o)));
+      progress('access matrix');
+      try {
+        entries.push(...(await benchMatrix({ full: o.matrixFull })));
+      } catch (e) {
+        failed = true;
+        entries.push({ name: 'matrix_cases_per_s', unit: 'cases/s', value: null, note: `failed: ${(e as Error).message.split('\n')[0]}` });
+      }
     } catch (e) {
       failed = true;
       progress(`KVM benches failed: ${(e as Error).message}`);
@@ -233,6 +245,7 @@ async function main(): Promise<number> {
   } else {
     progress(`KVM benches: not available here: ${unavailable}`);
     for (const [name, unit] of KVM_ENTRIES) entries.push({ name, unit, value: null, note: unavailable });
+    entries.push({ name: 'matrix_cases_per_s', unit: 'cases/s', value: null, note: unavailable });
   }
 
   for (const [name, unit, bench] of [

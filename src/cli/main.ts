@@ -11,6 +11,7 @@ import type { Check } from '../run/types.js';
 import { scenarioCheck } from '../run/engine.js';
 import { builtinScenarios, loadScenario, resolveScenario, ScenarioError } from '../scenario/load.js';
 import { registerWalk, WalkUsageError } from './walk.js';
+import { accessMatrix } from '../matrix/check.js';
 
 /** A usage error: exit status 2 with one line. */
 class UsageError extends Error {}
@@ -23,16 +24,31 @@ function scenarioChecks(): Check[] {
   });
 }
 
-function suites(): Record<string, readonly Check[]> {
-  return { smoke: SMOKE, scenarios: scenarioChecks() };
+/** The access-matrix sample of the default run: finishes in well under 30 s here. */
+const DEFAULT_MATRIX_SAMPLE = 300_000;
+
+export interface MatrixOptions {
+  mode?: '4level' | '5level';
+  sample?: number;
+  seed?: number;
+}
+
+function suites(m: MatrixOptions = {}): Record<string, readonly Check[]> {
+  return {
+    smoke: SMOKE,
+    scenarios: scenarioChecks(),
+    'access-matrix': [accessMatrix({ mode: m.mode, seed: m.seed ?? 1, sample: m.sample ?? DEFAULT_MATRIX_SAMPLE })],
+  };
 }
 
 /**
  * Resolves names to checks, in the order given: suite names, check names, or
  * paths of scenario files (anything ending in .json).
  */
-export function selectChecks(names: string[]): Check[] {
-  const all = suites();
+export function selectChecks(names: string[], matrix: MatrixOptions = {}): Check[] {
+  const all = suites(matrix);
+  // Named explicitly without --sample, the access matrix runs every legal case.
+  if (names.includes('access-matrix')) all['access-matrix'] = [accessMatrix({ mode: matrix.mode, seed: matrix.seed ?? 1, sample: matrix.sample })];
   if (names.length === 0) return Object.values(all).flat();
   const everything = Object.values(all).flat();
   const out: Check[] = [];
@@ -48,6 +64,13 @@ export function selectChecks(names: string[]): Check[] {
     for (const c of found) if (!out.some((o) => o.name === c.name)) out.push(c);
   }
   return out;
+}
+
+/** A one-line progress bar on a terminal: `name [#####.....] done/total`. */
+function progressBar(check: string, done: number, total: number): void {
+  const w = 30;
+  const fill = total ? Math.round((done / total) * w) : 0;
+  process.stderr.write(`\r\x1b[K${check} [${'#'.repeat(fill)}${'.'.repeat(w - fill)}] ${done}/${total}`);
 }
 
 function deviceOption(): Option {
@@ -76,10 +99,20 @@ export function program(): Command {
     .option('--ktap', 'print the report as KTAP')
     .option('--junit <file>', 'also write a JUnit XML report to FILE')
     .option('--list', 'list the checks and exit')
+    .option('--sample <n>', 'access matrix: check a reproducible random subset of N cases')
+    .option('--seed <s>', 'access matrix: seed of the subset (default 1)')
+    .option('--mode <mode>', 'access matrix: 4level or 5level (default 4level)')
     .addOption(deviceOption())
-    .action(async (names: string[], o: { json?: boolean; ktap?: boolean; junit?: string; list?: boolean; device?: string }) => {
+    .action(async (names: string[], o: { json?: boolean; ktap?: boolean; junit?: string; list?: boolean; device?: string; sample?: string; seed?: string; mode?: string }) => {
       if (o.json && o.ktap) throw new UsageError('--json and --ktap are exclusive');
-      const checks = selectChecks(names);
+      const count = (flag: string, v: string | undefined, min: number) => {
+        if (v === undefined) return undefined;
+        if (!/^\d+$/.test(v) || Number(v) < min || !Number.isSafeInteger(Number(v))) throw new UsageError(`${flag} needs an integer >= ${min}, got '${v}'`);
+        return Number(v);
+      };
+      if (o.mode !== undefined && o.mode !== '4level' && o.mode !== '5level') throw new UsageError(`--mode must be 4level or 5level, got '${o.mode}'`);
+      const matrix: MatrixOptions = { mode: o.mode as MatrixOptions['mode'], sample: count('--sample', o.sample, 1), seed: count('--seed', o.seed, 0) };
+      const checks = selectChecks(names, matrix);
       if (o.list) {
         for (const c of checks) console.log(`${c.name.padEnd(28)} ${c.description}`);
         return;
@@ -89,9 +122,9 @@ export function program(): Command {
       try {
         const live = !o.json && !o.ktap && process.stderr.isTTY;
         const report = await runChecks(checks, kvm, prof, {
-          onResult: live ? (r) => process.stderr.write(`${r.outcome === 'pass' ? '.' : r.outcome === 'not_applicable' ? 's' : 'F'}`) : undefined,
+          onResult: live ? (r) => process.stderr.write(`\r\x1b[K${r.outcome === 'pass' ? 'PASS' : r.outcome === 'not_applicable' ? 'N/A ' : 'FAIL'} ${r.name}\n`) : undefined,
+          onProgress: live ? progressBar : undefined,
         });
-        if (live) process.stderr.write('\n');
         console.log(o.json ? json(report) : o.ktap ? ktap(report) : human(report));
         if (o.junit) writeFileSync(o.junit, junit(report) + '\n');
         process.exitCode = exitStatus(report);
