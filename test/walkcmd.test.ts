@@ -256,3 +256,126 @@ describeKvm('kvmharness walk with KVM', () => {
     expect(j.paging.vendor).toBe('intel');
   });
 });
+
+// --nested: both dimensions over an empty TDP model. Expected values are worked
+// out by hand. accessed_dirty's tables: CR3 0x10000, PDPT 0x15000, PD 0x16000,
+// PT 0x17000 (bring-up's pool, slot 0), data 0x401000 (slot 1); both slots
+// anonymous 4 KiB memory, so every TDP leaf is 4 KiB. With n guest and m TDP
+// levels there are (n + 1)(m + 1) - 1 references before the data access:
+// 24 for 4 x 4, 29 for 4 x 5, 35 for 5 x 5. In the empty tree the first GPA
+// (0x10008) misses at the TDP root; its fault builds the tables down to level 1
+// for [0, 2 MiB), so the other table pages miss at level 1; the data page lies
+// in the next 2 MiB, which has no level-1 table yet: it misses at level 2.
+describe('kvmharness walk --nested', () => {
+  const TDP4 = ['tdp', 'tdp', 'tdp', 'tdp'];
+  const KINDS_4X4 = [...TDP4, 'guest-pte', ...TDP4, 'guest-pte', ...TDP4, 'guest-pte', ...TDP4, 'guest-pte', ...TDP4, 'data'];
+
+  function nested(...args: string[]) {
+    const r = walkCommand([...args, '--nested', '--no-probe']);
+    expect(r.stderr).toBe('');
+    expect(r.exitCode).toBe(0);
+    return r.stdout;
+  }
+
+  it('accessed_dirty, a read: 24 references, the kinds in order, then the data access', () => {
+    const j = JSON.parse(nested('accessed_dirty', '--gva', '0x8000000000', '--json'));
+    expect(j.totals).toEqual({ references: 24, tdp: 20, guestPte: 4, tdpMisses: 5 });
+    expect(j.end).toBe('data');
+    expect(j.refs.map((x: { kind: string }) => x.kind)).toEqual(KINDS_4X4);
+    expect(j.refs.map((x: { step: number }) => x.step)).toEqual(Array.from({ length: 25 }, (_, i) => i + 1));
+    const tdpRefs = j.refs.filter((x: { kind: string }) => x.kind === 'tdp');
+    expect(tdpRefs.map((x: { tdpLevel: number }) => x.tdpLevel)).toEqual([4, 3, 2, 1, 4, 3, 2, 1, 4, 3, 2, 1, 4, 3, 2, 1, 4, 3, 2, 1]);
+    expect(tdpRefs.map((x: { gpa: string }) => x.gpa)).toEqual(['0x10008', '0x15000', '0x16000', '0x17000', '0x401000'].flatMap((g) => [g, g, g, g]));
+    // Guest table accesses are TDP writes; the data page is translated for the guest's read.
+    expect(tdpRefs.map((x: { access: string }) => x.access)).toEqual([...Array(16).fill('write'), 'read', 'read', 'read', 'read']);
+    // Misses at steps 1 (root), 9, 14, 19 (level 1) and 23 (level 2); each faulted in as a 4 KiB mapping.
+    const missed = j.refs.filter((x: { hit: boolean }) => !x.hit);
+    expect(missed.map((x: { step: number; tdpLevel: number }) => [x.step, x.tdpLevel])).toEqual([[1, 4], [9, 1], [14, 1], [19, 1], [23, 2]]);
+    expect(missed.map((x: { fault: { kind: string; level: number } }) => [x.fault.kind, x.fault.level])).toEqual(Array(5).fill(['map', 1]));
+    expect(missed.every((x: { spte: string }) => x.spte === '0x0')).toBe(true);
+    // The guest entries as the plain walk reads them, each getting A.
+    const entries = j.refs.filter((x: { kind: string }) => x.kind === 'guest-pte');
+    expect(entries.map((x: { guestLevel: number; gpa: string; pte: string; adWrite: { new: string } }) => [x.guestLevel, x.gpa, x.pte, x.adWrite.new])).toEqual([
+      [4, '0x10008', '0x15007', '0x15027'],
+      [3, '0x15000', '0x16007', '0x16027'],
+      [2, '0x16000', '0x17007', '0x17027'],
+      [1, '0x17000', '0x401003', '0x401023'],
+    ]);
+    expect(j.refs[24]).toMatchObject({ step: 25, kind: 'data', guestLevel: 0, gpa: '0x401000', access: 'read', hit: true });
+    expect(j.refs[24].hostAddr).toMatch(/^0x[0-9a-f]*000$/);
+    // Slot 0 is bring-up's; HVAs from 1 GiB, each slot at the next 1 GiB boundary plus its GPA modulo 1 GiB.
+    expect(j.tdp).toEqual({
+      levels: 4,
+      asId: 0,
+      slots: [
+        { slot: 0, gpa: '0x0', size: '0x400000', backing: 'anon', hva: '0x40000000', readonly: false, logDirty: false },
+        { slot: 1, gpa: '0x400000', size: '0x400000', backing: 'anon', hva: '0x80400000', readonly: false, logDirty: false },
+      ],
+    });
+    expect(j.result).toEqual({ ok: true, gpa: '0x401000', pageSize: '0x1000', effective: { w: true, u: false, x: true } });
+  });
+
+  it('text: a row per reference with what is read, the GPA, hit or miss and the mapping level; then the totals', () => {
+    const out = nested('accessed_dirty', '--gva', '0x8000001000', '--access', 'write');
+    const lines = out.split('\n');
+    expect(lines.slice(4, 7)).toEqual([
+      'tdp       4-level x86, empty at start, misses faulted in; guest table accesses are TDP writes',
+      'memslots  0 [0x0, 0x400000) anon, hva 0x40000000',
+      '          1 [0x400000, 0x800000) anon, hva 0x80400000',
+    ]);
+    const start = lines.indexOf('') + 1;
+    expect(lines[start]).toMatch(/^step  read {9}gpa {6}host +value {15}result$/);
+    // step, what is read, GPA, result (host column and value left out)
+    const rows = lines.slice(start + 1, start + 21).map((l) => {
+      const cols = l.trim().split(/ {2,}/);
+      return [cols[0], cols[1], cols[2], cols.at(-1)];
+    });
+    const tdpRows = (first: number, gpa: string, miss: number | undefined) =>
+      [4, 3, 2, 1].map((level, i) => [String(first + i), `TDP level ${level}`, gpa, level === miss ? 'miss: mapped 4K (level 1)' : 'hit']);
+    expect(rows).toEqual([
+      ...tdpRows(1, '0x10008', 4),
+      ['5', 'guest PML4E', '0x10008', 'hit'],
+      ...tdpRows(6, '0x15000', 1),
+      ['10', 'guest PDPTE', '0x15000', 'hit'],
+      ...tdpRows(11, '0x16000', 1),
+      ['15', 'guest PDE', '0x16000', 'hit'],
+      ...tdpRows(16, '0x17008', 1),
+      ['20', 'guest PTE', '0x17008', 'hit'],
+    ]);
+    expect(lines[start + 21]).toBe('');
+    // A write to a read-only page at CPL 0 with CR0.WP = 1: the guest walk stops at the PTE.
+    expect(lines.slice(start + 22)).toEqual([
+      'result    #PF error code 0x3 (P|W), CR2 0x8000001000: protection:write',
+      'totals    20 references (16 TDP, 4 guest PTE), then no data access (the guest walk faulted); 4 TDP misses',
+      '',
+    ]);
+  });
+
+  it('--tdp-levels 5: 4 x 5 gives 29 references; the first GPA misses at the level-5 root', () => {
+    const j = JSON.parse(nested('accessed_dirty', '--gva', '0x8000000000', '--tdp-levels', '5', '--json'));
+    expect(j.totals).toEqual({ references: 29, tdp: 25, guestPte: 4, tdpMisses: 5 });
+    expect(j.tdp.levels).toBe(5);
+    expect(j.refs[0]).toMatchObject({ kind: 'tdp', tdpLevel: 5, hit: false });
+  });
+
+  it('five_level: 5 x 5 gives 35 references, 5 x 4 gives 29', () => {
+    const five = JSON.parse(nested('five_level', '--gva', '0x1000000000000', '--tdp-levels', '5', '--json'));
+    expect(five.totals).toMatchObject({ references: 35, tdp: 30, guestPte: 5 });
+    expect(five.end).toBe('data');
+    const four = JSON.parse(nested('five_level', '--gva', '0x1000000000000', '--json'));
+    expect(four.totals).toMatchObject({ references: 29, tdp: 24, guestPte: 5 });
+  });
+
+  it('bad --tdp-levels use exits 2 with one line', () => {
+    const cases: [string[], string][] = [
+      [['--tdp-levels', '5'], 'kvmharness: --tdp-levels: only with --nested'],
+      [['--nested', '--tdp-levels', '3'], "kvmharness: --tdp-levels: expected 4 or 5, got '3'"],
+    ];
+    for (const [args, line] of cases) {
+      const r = walkCommand(['accessed_dirty', '--gva', '0x8000000000', '--no-probe', ...args]);
+      expect(r.exitCode).toBe(2);
+      expect(r.stdout).toBe('');
+      expect(r.stderr).toBe(`${line}\n`);
+    }
+  });
+});

@@ -2,14 +2,34 @@
 // in a scenario's tables as they are before the first step, without a guest.
 // The tables are built by bring-up and buildScenarioTables() in a MemImage, the
 // same code the engine runs on real guest memory.
+//
+// With --nested it prints both dimensions (model/nested.ts): every TDP and
+// guest-table reference of the access, over a TDP model of the scenario's
+// memslots that is empty, as at VM start. The model VM (scenarioTdp):
+//   - slot 0 is bring-up's [0, 4 MiB), anonymous memory with 4 KiB pages (the
+//     engine's X86Guest), then the scenario's memslots, all in address space 0;
+//   - backings: anon -> 4 KiB anonymous, shared and memfd -> 4 KiB page cache,
+//     thp -> THP (2 MiB), hugetlb2m / hugetlb1g -> hugetlbfs 2 MiB / 1 GiB;
+//   - each slot's HVA is congruent to its GPA modulo 1 GiB, the layout in
+//     which every huge page the backing offers may be mapped (a real mmap may
+//     be less aligned: then KVM maps smaller);
+//   - host pages that bring-up and the table builder wrote are populated, as
+//     the VMM's writes populated them; other memory is untouched (a read of
+//     untouched anonymous memory finds the zero page).
+// The walk faults every miss into that tree (faultIn: true), so a page faulted
+// in by one reference hits on the next.
 import { Command, CommanderError } from 'commander';
 import { bringUp } from '../arch/x86/bringup.js';
+import { LAYOUT } from '../arch/x86/layout.js';
 import { describePte, LEVEL_NAMES } from '../arch/x86/pte.js';
+import { gfnToHva, MemslotError, Memslots, type Backing, type Memslot } from '../model/memslots.js';
+import { nestedWalk, type NestedFault, type NestedRef, type NestedWalk } from '../model/nested.js';
+import { PAGES, Tdp } from '../model/tdp.js';
 import { decodeErrorCode, walk, type AccessKind, type PagingConfig, type WalkResult } from '../model/walk.js';
 import { probe } from '../probe/probe.js';
 import { bringUpOptions, buildScenarioTables, MemImage, pagingConfigFor } from '../scenario/build.js';
 import { loadScenario, resolveScenario } from '../scenario/load.js';
-import type { Scenario } from '../scenario/types.js';
+import type { MemslotDecl, Scenario } from '../scenario/types.js';
 
 /** A bad argument: the CLI prints it as one line and exits 2. */
 export class WalkUsageError extends Error {}
@@ -25,6 +45,9 @@ export interface WalkOptions {
   probe: boolean;
   device?: string;
   json?: boolean;
+  nested?: boolean;
+  /** 4 or 5 (default 4); only with --nested. */
+  tdpLevels?: string;
 }
 
 /** CPU features the model uses, and where they came from. */
@@ -51,6 +74,8 @@ function parseAddress(s: string): bigint {
 
 function parseArgs(o: WalkOptions): { gva: bigint; kind: AccessKind; cpl: 0 | 3; ac: boolean } {
   const gva = parseAddress(o.gva);
+  if (o.tdpLevels !== undefined && !o.nested) throw new WalkUsageError('--tdp-levels: only with --nested');
+  if (o.tdpLevels !== undefined && o.tdpLevels !== '4' && o.tdpLevels !== '5') throw new WalkUsageError(`--tdp-levels: expected 4 or 5, got '${o.tdpLevels}'`);
   if (o.access !== 'read' && o.access !== 'write' && o.access !== 'exec') throw new WalkUsageError(`--access: expected read, write or exec, got '${o.access}'`);
   if (o.cpl !== '0' && o.cpl !== '3') throw new WalkUsageError(`--cpl: expected 0 or 3, got '${o.cpl}'`);
   if (o.vendor !== undefined && o.vendor !== 'intel' && o.vendor !== 'amd') throw new WalkUsageError(`--vendor: expected intel or amd, got '${o.vendor}'`);
@@ -88,17 +113,109 @@ interface WalkRun {
   result: WalkResult;
 }
 
-function runWalk(file: string, o: WalkOptions): WalkRun {
+interface NestedRun extends WalkRun {
+  tdp: ScenarioTdp;
+  nested: NestedWalk;
+}
+
+/** A MemImage that remembers which 4 KiB guest frames were written. */
+class TouchedImage extends MemImage {
+  readonly touched = new Set<number>();
+
+  override write64(gpa: bigint, v: bigint): void {
+    this.touch(gpa, 8);
+    super.write64(gpa, v);
+  }
+
+  override write(gpa: bigint, bytes: ArrayLike<number>): void {
+    this.touch(gpa, bytes.length);
+    super.write(gpa, bytes);
+  }
+
+  private touch(gpa: bigint, n: number): void {
+    if (n === 0) return;
+    for (let gfn = Number(gpa >> 12n); gfn <= Number((gpa + BigInt(n - 1)) >> 12n); gfn++) this.touched.add(gfn);
+  }
+}
+
+function runWalk(file: string, o: WalkOptions): WalkRun | NestedRun {
   const access = parseArgs(o);
   const scenario = loadScenario(resolveScenario(file));
-  const mem = new MemImage();
+  const mem = new TouchedImage();
   const boot = bringUp(mem, bringUpOptions(scenario));
   buildScenarioTables(scenario, mem, boot);
   const cpu = chooseCpu(o);
   const cfg = pagingConfigFor(scenario, cpu);
   const cr3 = boot.tables.root;
-  const result = walk(cfg, cr3, { gva: access.gva, kind: access.kind, cpl: access.cpl, eflagsAc: access.ac }, (gpa) => mem.read64(gpa));
-  return { scenario, cpu, cfg, cr3, access, result };
+  const guestAccess = { gva: access.gva, kind: access.kind, cpl: access.cpl, eflagsAc: access.ac };
+  const read = (gpa: bigint) => mem.read64(gpa);
+  if (!o.nested) return { scenario, cpu, cfg, cr3, access, result: walk(cfg, cr3, guestAccess, read) };
+  const tdp = scenarioTdp(scenario, o.tdpLevels === '5' ? 5 : 4, mem.touched);
+  const nested = nestedWalk(cfg, cr3, guestAccess, read, tdp.tdp, 0, { faultIn: true });
+  return { scenario, cpu, cfg, cr3, access, result: nested.guest, tdp, nested };
+}
+
+/** The TDP model of a scenario's VM, and the memslots it was given. */
+export interface ScenarioTdp {
+  tdp: Tdp;
+  levels: 4 | 5;
+  /** Slot 0 (bring-up's) first, then the scenario's, with the backing declared. */
+  slots: { slot: Memslot; declared: MemslotDecl['backing'] }[];
+}
+
+const G1 = 1n << 30n;
+
+/** The model's backing for a scenario backing. */
+const BACKINGS: Record<MemslotDecl['backing'], Backing> = {
+  anon: { kind: 'anon', pageSize: 4096 },
+  shared: { kind: 'memfd', pageSize: 4096 },
+  memfd: { kind: 'memfd', pageSize: 4096 },
+  thp: { kind: 'thp', pageSize: 2 << 20 },
+  hugetlb2m: { kind: 'hugetlb2m', pageSize: 2 << 20 },
+  hugetlb1g: { kind: 'hugetlb1g', pageSize: 1 << 30 },
+};
+
+/**
+ * A TDP model (x86, `levels`-level) with a scenario's memslots and nothing
+ * mapped, as at VM start; the host pages of the frames in `written` are
+ * populated by a write, as the VMM's writes populated them. See the header
+ * for the layout.
+ */
+export function scenarioTdp(s: Scenario, levels: 4 | 5, written: Iterable<number>): ScenarioTdp {
+  const decls: MemslotDecl[] = [
+    { slot: 0, gpa: 0n, size: LAYOUT.identityEnd, backing: 'anon', logDirty: false, readonly: false },
+    ...s.memslots,
+  ];
+  // x86 guest-physical addresses: 48 bits with 4-level TDP, 52 (MAXPHYADDR's limit) with 5-level.
+  const slots = new Memslots({ maxGfn: levels === 5 ? 2 ** 40 : 2 ** 36 });
+  const tdp = new Tdp(slots, { arch: 'x86', levels });
+  const out: ScenarioTdp['slots'] = [];
+  let next = G1;
+  for (const d of decls) {
+    const hva = ((next + G1 - 1n) & ~(G1 - 1n)) + (d.gpa & (G1 - 1n));
+    next = hva + d.size;
+    const slot: Memslot = {
+      slot: d.slot,
+      asId: 0,
+      baseGfn: Number(d.gpa >> 12n),
+      npages: Number(d.size >> 12n),
+      hva,
+      flags: { logDirty: d.logDirty, readonly: d.readonly },
+      backing: BACKINGS[d.backing],
+    };
+    try {
+      tdp.setMemslot(slot);
+    } catch (e) {
+      if (!(e instanceof MemslotError)) throw e;
+      throw new WalkUsageError(`--nested: memslot ${d.slot} does not fit a ${levels}-level TDP: ${e.problem}`);
+    }
+    out.push({ slot, declared: d.backing });
+  }
+  for (const gfn of written) {
+    const slot = slots.find(0, gfn);
+    if (slot) tdp.host.fault(slot, gfnToHva(slot, gfn), true);
+  }
+  return { tdp, levels, slots: out };
 }
 
 const bit = (b: boolean) => (b ? '1' : '0');
@@ -108,15 +225,36 @@ function adDelta(oldV: bigint, newV: bigint): string {
   return [added & 0x20n ? '+A' : '', added & 0x40n ? '+D' : ''].filter(Boolean).join(' ');
 }
 
+const kvLine = (k: string, v: string) => `${k.padEnd(10)}${v}`;
+
+/** scenario, cpu, paging and access lines. */
+function headerLines(r: WalkRun): string[] {
+  const { cfg } = r;
+  return [
+    kvLine('scenario', `${r.scenario.name} (${r.scenario.source})`),
+    kvLine('cpu', `${r.cpu.from === 'probe' ? r.cpu.why : `defaults (${r.cpu.why})`}: vendor ${r.cpu.vendor}, maxphyaddr ${r.cpu.maxPhyAddr}, pdpe1gb ${bit(r.cpu.pdpe1gb)}`),
+    kvLine('paging', `${cfg.levels}-level, CR3 ${hex(r.cr3)}, CR0.WP=${bit(cfg.cr0Wp)}, CR4.SMEP=${bit(cfg.cr4Smep)} SMAP=${bit(cfg.cr4Smap)} PKE=${bit(cfg.cr4Pke)}, EFER.NXE=${bit(cfg.efer.nxe)}, PKRU ${hex(cfg.pkru)}, ${cfg.vendor} rules`),
+    kvLine('access', `${r.access.kind} ${hex(r.access.gva)} at CPL ${r.access.cpl}${r.access.ac ? ' with EFLAGS.AC=1' : ''}`),
+  ];
+}
+
+/** The guest walk's outcome: GPA and rights, or the exception. */
+function resultLines(r: WalkRun): string[] {
+  const { cfg, result: w } = r;
+  if (w.ok) {
+    return [
+      kvLine('result', `gpa ${hex(w.gpa)} (${PAGE_NAMES[w.pageSize.toString()]} page)`),
+      kvLine('rights', `W=${bit(w.effective.w)} U=${bit(w.effective.u)} X=${bit(w.effective.x)}`),
+    ];
+  }
+  if (w.reason === 'non-canonical') return [kvLine('result', `#GP: ${hex(w.cr2)} is not canonical with ${cfg.levels}-level paging (no page walk)`)];
+  return [kvLine('result', `#PF error code ${hex(w.errorCode)} (${decodeErrorCode(w.errorCode)}), CR2 ${hex(w.cr2)}: ${w.reason}`)];
+}
+
 /** The walk as text: a table of the entries read, the result, the A/D writes. */
 function formatWalk(r: WalkRun): string {
-  const { cfg, result: w } = r;
-  const lines: string[] = [];
-  const kv = (k: string, v: string) => lines.push(`${k.padEnd(10)}${v}`);
-  kv('scenario', `${r.scenario.name} (${r.scenario.source})`);
-  kv('cpu', `${r.cpu.from === 'probe' ? r.cpu.why : `defaults (${r.cpu.why})`}: vendor ${r.cpu.vendor}, maxphyaddr ${r.cpu.maxPhyAddr}, pdpe1gb ${bit(r.cpu.pdpe1gb)}`);
-  kv('paging', `${cfg.levels}-level, CR3 ${hex(r.cr3)}, CR0.WP=${bit(cfg.cr0Wp)}, CR4.SMEP=${bit(cfg.cr4Smep)} SMAP=${bit(cfg.cr4Smap)} PKE=${bit(cfg.cr4Pke)}, EFER.NXE=${bit(cfg.efer.nxe)}, PKRU ${hex(cfg.pkru)}, ${cfg.vendor} rules`);
-  kv('access', `${r.access.kind} ${hex(r.access.gva)} at CPL ${r.access.cpl}${r.access.ac ? ' with EFLAGS.AC=1' : ''}`);
+  const { result: w } = r;
+  const lines = headerLines(r);
   lines.push('');
   if (w.levels.length > 0) {
     const atWidth = Math.max(8, ...w.levels.map((l) => hex(l.pteGpa).length));
@@ -126,21 +264,97 @@ function formatWalk(r: WalkRun): string {
     }
     lines.push('');
   }
-  if (w.ok) {
-    kv('result', `gpa ${hex(w.gpa)} (${PAGE_NAMES[w.pageSize.toString()]} page)`);
-    kv('rights', `W=${bit(w.effective.w)} U=${bit(w.effective.u)} X=${bit(w.effective.x)}`);
-  } else if (w.reason === 'non-canonical') {
-    kv('result', `#GP: ${hex(w.cr2)} is not canonical with ${cfg.levels}-level paging (no page walk)`);
-  } else {
-    kv('result', `#PF error code ${hex(w.errorCode)} (${decodeErrorCode(w.errorCode)}), CR2 ${hex(w.cr2)}: ${w.reason}`);
+  lines.push(...resultLines(r));
+  if (w.adWrites.length === 0) lines.push(kvLine('A/D', w.ok ? 'none (already set)' : 'none (a faulting walk sets no A or D bit)'));
+  w.adWrites.forEach((a, i) => lines.push(kvLine(i === 0 ? 'A/D' : '', `${LEVEL_NAMES[a.level]!.padEnd(5)} ${hex(a.pteGpa)}: ${hex(a.old)} -> ${hex(a.new)} (${adDelta(a.old, a.new)})`)));
+  return lines.join('\n');
+}
+
+/** Page size a TDP level maps: 4K, 2M, 1G. */
+function levelPage(level: number): string {
+  return PAGE_NAMES[String(PAGES[level]! * 4096)] ?? `level ${level}`;
+}
+
+/** What the TDP model did about a miss, in a few words. */
+function describeFault(f: NestedFault): string {
+  switch (f.kind) {
+    case 'map':
+      return `mapped ${levelPage(f.level)} (level ${f.level})`;
+    case 'fast':
+      return `W restored in place (fast path, level ${f.level})`;
+    case 'relax':
+      return `permissions relaxed (level ${f.level})`;
+    case 'spurious':
+      return `already mapped (level ${f.level})`;
+    case 'mmio':
+      return 'no memslot: MMIO exit';
+    case 'emulate':
+      return 'write to a read-only memslot: emulated';
+    case 'efault':
+      return 'no host page: EFAULT exit';
   }
-  if (w.adWrites.length === 0) kv('A/D', w.ok ? 'none (already set)' : 'none (a faulting walk sets no A or D bit)');
-  w.adWrites.forEach((a, i) => kv(i === 0 ? 'A/D' : '', `${LEVEL_NAMES[a.level]!.padEnd(5)} ${hex(a.pteGpa)}: ${hex(a.old)} -> ${hex(a.new)} (${adDelta(a.old, a.new)})`));
+}
+
+/** What a reference reads, e.g. "TDP level 4", "guest PML4E", "data write". */
+function refWhat(ref: NestedRef): string {
+  if (ref.kind === 'tdp') return `TDP level ${ref.tdpLevel}`;
+  if (ref.kind === 'guest-pte') return `guest ${LEVEL_NAMES[ref.guestLevel]}`;
+  return `data ${ref.access}`;
+}
+
+function refValue(ref: NestedRef): string {
+  if (ref.spte !== undefined) return pad16(BigInt(ref.spte));
+  if (ref.pte !== undefined) return pad16(ref.pte);
+  return '';
+}
+
+function refResult(ref: NestedRef): string {
+  if (ref.fault) return `miss: ${describeFault(ref.fault)}`;
+  if (!ref.hit) return 'miss';
+  if (ref.adWrite) return `hit, ${adDelta(ref.adWrite.old, ref.adWrite.new)}`;
+  return 'hit';
+}
+
+const END_TEXT: Record<NestedWalk['end'], string> = {
+  data: 'the data access',
+  'guest-fault': 'no data access (the guest walk faulted)',
+  'tdp-exit': 'no data access (a TDP miss exits to the host)',
+};
+
+/** The nested walk as text: the TDP model, a table of every reference, the result, the totals. */
+function formatNested(r: NestedRun): string {
+  const { nested: n, tdp } = r;
+  const lines = headerLines(r);
+  lines.push(kvLine('tdp', `${tdp.levels}-level x86, empty at start, misses faulted in; guest table accesses are TDP writes`));
+  tdp.slots.forEach(({ slot: s, declared }, i) => {
+    const gpa = BigInt(s.baseGfn) << 12n;
+    const size = BigInt(s.npages) << 12n;
+    const flags = [s.flags.readonly ? ' readonly' : '', s.flags.logDirty ? ' logDirty' : ''].join('');
+    lines.push(kvLine(i === 0 ? 'memslots' : '', `${s.slot} [${hex(gpa)}, ${hex(gpa + size)}) ${declared}${flags}, hva ${hex(s.hva)}`));
+  });
+  lines.push('');
+  if (n.refs.length > 0) {
+    const w = (f: (x: NestedRef) => string, title: string) => Math.max(title.length, ...n.refs.map((x) => f(x).length));
+    const gpaW = w((x) => hex(x.gpa), 'gpa');
+    const hostW = w((x) => (x.hostAddr === undefined ? '' : hex(x.hostAddr)), 'host');
+    const whatW = w(refWhat, 'read');
+    lines.push(`step  ${'read'.padEnd(whatW)}  ${'gpa'.padEnd(gpaW)}  ${'host'.padEnd(hostW)}  ${'value'.padEnd(18)}  result`);
+    n.refs.forEach((x, i) => {
+      const host = x.hostAddr === undefined ? '' : hex(x.hostAddr);
+      lines.push(`${String(i + 1).padStart(4)}  ${refWhat(x).padEnd(whatW)}  ${hex(x.gpa).padEnd(gpaW)}  ${host.padEnd(hostW)}  ${refValue(x).padEnd(18)}  ${refResult(x)}`);
+    });
+    lines.push('');
+  }
+  lines.push(...resultLines(r));
+  const data = n.refs.find((x) => x.kind === 'data');
+  if (data?.hostAddr !== undefined) lines.push(kvLine('host', hex(data.hostAddr)));
+  const t = n.totals;
+  lines.push(kvLine('totals', `${t.references} references (${t.tdp} TDP, ${t.guestPte} guest PTE), then ${END_TEXT[n.end]}; ${t.tdpMisses} TDP miss${t.tdpMisses === 1 ? '' : 'es'}`));
   return lines.join('\n');
 }
 
 /** The walk as JSON (bigints as "0x..." strings). */
-function walkJson(r: WalkRun): unknown {
+function walkJson(r: WalkRun): Record<string, unknown> {
   const { cfg, result: w } = r;
   return {
     scenario: { name: r.scenario.name, source: r.scenario.source },
@@ -167,6 +381,48 @@ function walkJson(r: WalkRun): unknown {
   };
 }
 
+/** One reference as JSON: only the fields its kind has. */
+function refJson(x: NestedRef, i: number): unknown {
+  return {
+    step: i + 1,
+    kind: x.kind,
+    guestLevel: x.guestLevel,
+    ...(x.tdpLevel !== undefined ? { tdpLevel: x.tdpLevel } : {}),
+    gpa: hex(x.gpa),
+    ...(x.hostAddr !== undefined ? { hostAddr: hex(x.hostAddr) } : {}),
+    ...(x.spte !== undefined ? { spte: hex(x.spte) } : {}),
+    ...(x.pte !== undefined ? { pte: hex(x.pte) } : {}),
+    ...(x.access !== undefined ? { access: x.access } : {}),
+    hit: x.hit,
+    ...(x.fault ? { fault: { kind: x.fault.kind, level: x.fault.level, spte: hex(x.fault.spte), what: describeFault(x.fault) } } : {}),
+    ...(x.adWrite ? { adWrite: { old: hex(x.adWrite.old), new: hex(x.adWrite.new) } } : {}),
+  };
+}
+
+/** The nested walk as JSON: the guest walk's fields, the TDP model, every reference, the totals. */
+function nestedJson(r: NestedRun): unknown {
+  const { nested: n, tdp } = r;
+  return {
+    ...walkJson(r),
+    tdp: {
+      levels: tdp.levels,
+      asId: 0,
+      slots: tdp.slots.map(({ slot: s, declared }) => ({
+        slot: s.slot,
+        gpa: hex(BigInt(s.baseGfn) << 12n),
+        size: hex(BigInt(s.npages) << 12n),
+        backing: declared,
+        hva: hex(s.hva),
+        readonly: s.flags.readonly,
+        logDirty: s.flags.logDirty,
+      })),
+    },
+    refs: n.refs.map(refJson),
+    end: n.end,
+    totals: n.totals,
+  };
+}
+
 /** Adds the `walk` command to a program; output goes to `out` (default: stdout). */
 export function registerWalk(program: Command, out: (s: string) => void = (s) => void process.stdout.write(s)): Command {
   return program
@@ -182,9 +438,12 @@ export function registerWalk(program: Command, out: (s: string) => void = (s) =>
     .option('--no-probe', 'do not read CPU features from KVM; use the defaults')
     .option('--device <path>', 'KVM device to probe (default: $KVMHARNESS_DEVICE or /dev/kvm)')
     .option('--json', 'print JSON')
+    .option('--nested', 'print both dimensions: every TDP and guest-table reference, over an empty TDP model of the memslots')
+    .option('--tdp-levels <n>', 'with --nested: TDP levels, 4 or 5 (default 4)')
     .action((file: string, o: WalkOptions) => {
       const r = runWalk(file, o);
-      out(`${o.json ? JSON.stringify(walkJson(r), null, 2) : formatWalk(r)}\n`);
+      const text = 'nested' in r ? (o.json ? JSON.stringify(nestedJson(r), null, 2) : formatNested(r)) : o.json ? JSON.stringify(walkJson(r), null, 2) : formatWalk(r);
+      out(`${text}\n`);
     });
 }
 
