@@ -12,6 +12,9 @@ export const GUEST = {
   loop: [0xe6, 0xe9, 0xeb, 0xfc],
   /** hlt */
   hlt: [0xf4],
+  /** 32-bit flat: mov edi, 0x100000; 1: mov [edi], al; add edi, 0x1000; dec ecx; jnz 1b; hlt */
+  touch: [0xbf, 0x00, 0x00, 0x10, 0x00, 0x88, 0x07, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, 0x49, 0x75, 0xf5, 0xf4],
+  touchBase: 0x100000,
 } as const;
 
 /** One memslot, the code, one vCPU in real mode at the code (the same steps as ref.c). */
@@ -79,4 +82,32 @@ export async function vmLifecycle(kvm: Kvm, n: number): Promise<number> {
   const t0 = process.hrtime.bigint();
   for (let i = 0; i < n; i++) await lifecycleOnce(kvm);
   return Number(process.hrtime.bigint() - t0) / n / 1e3;
+}
+
+/**
+ * fault_in: a fresh VM whose guest (32-bit flat protected mode) writes one
+ * byte to each of n untouched pages; µs per page for the run alone.
+ */
+export async function faultIn(kvm: Kvm, n: number): Promise<number> {
+  const vm = kvm.createVm();
+  try {
+    vm.addMemslot({ slot: 0, gpa: 0n, size: GUEST.touchBase + n * 4096 });
+    vm.mem.write(GUEST.codeGpa, GUEST.touch);
+    const vcpu = vm.createVcpu();
+    const s = vcpu.getSregs();
+    const flat = { ...s.ds, base: 0n, limit: 0xffffffff, selector: 0x10, type: 3, present: 1, db: 1, s: 1, g: 1, l: 0, dpl: 0, avl: 0, unusable: 0 };
+    vcpu.setSregs({ ...s, ds: flat, es: flat, ss: flat, fs: flat, gs: flat, cs: { ...flat, selector: 0x8, type: 11 }, cr0: s.cr0 | 1n });
+    const r = Object.fromEntries(REG_NAMES.map((x) => [x, 0n])) as Regs;
+    r.rip = GUEST.codeGpa;
+    r.rcx = BigInt(n);
+    r.rflags = 2n;
+    vcpu.setRegs(r);
+    const t0 = process.hrtime.bigint();
+    const res = await vcpu.run({ timeoutMs: 60_000 });
+    const ns = Number(process.hrtime.bigint() - t0);
+    if (res.exit.reason !== 'hlt') throw new Error(`fault_in: exit ${res.exit.reason}, expected hlt`);
+    return ns / n / 1e3;
+  } finally {
+    vm.close();
+  }
 }

@@ -32,6 +32,11 @@
 /* The guest programs; bench/kvm.ts writes the same bytes. */
 static const uint8_t loop_code[] = {0xe6, PORT, 0xeb, 0xfc}; /* out 0xe9, al; jmp -4 */
 static const uint8_t hlt_code[] = {0xf4};                    /* hlt */
+/* 32-bit flat protected mode: mov edi, 0x100000; 1: mov [edi], al; add edi, 0x1000;
+   dec ecx; jnz 1b; hlt — touches ECX pages from 1 MiB up. */
+static const uint8_t touch_code[] = {0xbf, 0x00, 0x00, 0x10, 0x00, 0x88, 0x07, 0x81, 0xc7, 0x00,
+                                     0x10, 0x00, 0x00, 0x49, 0x75, 0xf5, 0xf4};
+#define TOUCH_BASE 0x100000UL
 
 static void die(const char *what) {
   fprintf(stderr, "ref: %s: %s\n", what, strerror(errno));
@@ -101,9 +106,52 @@ static void expect_exit(struct vm *v, unsigned reason) {
   }
 }
 
+/* fault_in: a fresh VM whose guest writes one byte to each of n untouched pages; the time of the run. */
+static double fault_in(int kvm, size_t run_size, long n) {
+  size_t size = TOUCH_BASE + (size_t)n * 4096;
+  int vm = ioctl(kvm, KVM_CREATE_VM, 0);
+  if (vm < 0) die("KVM_CREATE_VM");
+  uint8_t *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (mem == MAP_FAILED) die("mmap(guest memory)");
+  memcpy(mem + CODE_GPA, touch_code, sizeof touch_code);
+  struct kvm_userspace_memory_region region = {.slot = 0, .guest_phys_addr = 0, .memory_size = size, .userspace_addr = (uint64_t)(uintptr_t)mem};
+  if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) < 0) die("KVM_SET_USER_MEMORY_REGION");
+  int vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
+  if (vcpu < 0) die("KVM_CREATE_VCPU");
+  struct kvm_run *run = mmap(NULL, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
+  if (run == MAP_FAILED) die("mmap(kvm_run)");
+  struct kvm_sregs s;
+  if (ioctl(vcpu, KVM_GET_SREGS, &s) < 0) die("KVM_GET_SREGS");
+  struct kvm_segment flat = {.base = 0, .limit = 0xffffffff, .selector = 0x10, .type = 3, .present = 1, .db = 1, .s = 1, .g = 1};
+  s.ds = s.es = s.ss = s.fs = s.gs = flat;
+  flat.selector = 0x8;
+  flat.type = 11;
+  s.cs = flat;
+  s.cr0 |= 1;
+  if (ioctl(vcpu, KVM_SET_SREGS, &s) < 0) die("KVM_SET_SREGS");
+  struct kvm_regs r;
+  memset(&r, 0, sizeof r);
+  r.rip = CODE_GPA;
+  r.rcx = (uint64_t)n;
+  r.rflags = 2;
+  if (ioctl(vcpu, KVM_SET_REGS, &r) < 0) die("KVM_SET_REGS");
+  double t0 = now_ns();
+  if (ioctl(vcpu, KVM_RUN, 0) < 0) die("KVM_RUN");
+  double t1 = now_ns();
+  if (run->exit_reason != KVM_EXIT_HLT) {
+    fprintf(stderr, "ref: fault_in: exit reason %u\n", run->exit_reason);
+    exit(1);
+  }
+  munmap(run, run_size);
+  close(vcpu);
+  close(vm);
+  munmap(mem, size);
+  return t1 - t0;
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) {
-    fprintf(stderr, "usage: %s exit_roundtrip|vm_lifecycle N\n", argv[0]);
+    fprintf(stderr, "usage: %s exit_roundtrip|vm_lifecycle|fault_in N\n", argv[0]);
     return 2;
   }
   long n = strtol(argv[2], NULL, 10);
@@ -145,6 +193,10 @@ int main(int argc, char **argv) {
     }
     double t1 = now_ns();
     printf("{\"bench\":\"vm_lifecycle\",\"n\":%ld,\"us_per_lifecycle\":%.1f}\n", n, (t1 - t0) / (double)n / 1e3);
+  } else if (strcmp(argv[1], "fault_in") == 0) {
+    fault_in(kvm, (size_t)run_size, 16); /* warm-up */
+    double ns = fault_in(kvm, (size_t)run_size, n);
+    printf("{\"bench\":\"fault_in\",\"n\":%ld,\"us_per_page\":%.3f}\n", n, ns / (double)n / 1e3);
   } else {
     fprintf(stderr, "ref: unknown bench '%s'\n", argv[1]);
     return 2;

@@ -515,6 +515,9 @@ export class Vcpu {
   ) {
     this.runView = new DataView(runMap);
     this.runAddress = addon().addressOf(runMap);
+    // Take a pooled thread now and wake it, so that it is awake by the first run.
+    this.thread = VcpuThread.tryAcquire();
+    this.thread?.wake();
   }
 
   private get<T>(call: string, req: number, size: number, decode: (b: Uint8Array) => T): T {

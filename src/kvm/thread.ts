@@ -48,8 +48,10 @@ const W = {
   nsHi: 13,
   tid: 14,
 } as const;
-const OP = { run: 1, exit: 2 } as const;
+const OP = { run: 1, exit: 2, wake: 3 } as const;
 const CONSOLE_BYTES = 65536;
+/** How long a vCPU thread woken ahead of its first run polls for it before it sleeps. */
+const WAKE_SPIN_NS = 500_000n;
 /** How long run() polls for a short run to finish before yielding to the event loop. */
 const SPIN_NS = 300_000n;
 
@@ -65,7 +67,14 @@ ctl[W.tid] = k.gettid();
 let seen = 0;
 Atomics.store(ctl, W.done, 0);
 Atomics.notify(ctl, W.done);
+let spinNs = 0n;
 for (;;) {
+  // After a wake-up command, poll for the next command for a short while
+  // before sleeping again: waking a sleeping thread costs tens of µs (more
+  // inside a VM, where an idle CPU is halted).
+  const spinUntil = process.hrtime.bigint() + spinNs;
+  while (Atomics.load(ctl, W.cmd) === seen && process.hrtime.bigint() < spinUntil);
+  spinNs = 0n;
   Atomics.wait(ctl, W.cmd, seen);
   seen = Atomics.load(ctl, W.cmd);
   const op = ctl[W.op];
@@ -77,6 +86,7 @@ for (;;) {
     ctl[W.exits] = res[0]; ctl[W.consoleLen] = res[1];
     ctl[W.nsLo] = Number(ns & 0xffffffffn) | 0; ctl[W.nsHi] = Number(ns >> 32n) | 0;
   }
+  else if (op === OP.wake) spinNs = workerData.wakeSpinNs;
   Atomics.store(ctl, W.done, seen);
   Atomics.notify(ctl, W.done);
   if (op === OP.exit) break;
@@ -99,7 +109,7 @@ export class VcpuThread {
     const consoleBuf = new SharedArrayBuffer(CONSOLE_BYTES);
     const ctl = new Int32Array(ctlBuf);
     Atomics.store(ctl, W.done, -1);
-    const worker = new Worker(workerSource, { eval: true, workerData: { addonPath, w: W, op: OP, ctl: ctlBuf, console: consoleBuf } });
+    const worker = new Worker(workerSource, { eval: true, workerData: { addonPath, w: W, op: OP, ctl: ctlBuf, console: consoleBuf, wakeSpinNs: WAKE_SPIN_NS } });
     const failed = new Promise<never>((_, reject) => worker.once('error', reject));
     // Atomics.waitAsync does not keep Node's event loop alive by itself; the
     // worker is referenced while the owner waits on it, and only then.
@@ -160,6 +170,14 @@ export class VcpuThread {
     }
   }
 
+  /**
+   * Wakes the thread ahead of a run that is about to come (a vCPU was just
+   * created): it then polls for the run instead of sleeping through it.
+   */
+  wake(): void {
+    if (!this.busy && this.finished(this.seq)) this.post(OP.wake);
+  }
+
   /** Blocks until the last command has finished (after a kick, a run returns promptly). */
   waitIdle(): void {
     while (!this.finished(this.seq));
@@ -177,6 +195,10 @@ export class VcpuThread {
   private static idle: VcpuThread[] = [];
   static async acquire(): Promise<VcpuThread> {
     return VcpuThread.idle.pop() ?? VcpuThread.spawn();
+  }
+  /** An idle thread if one is ready now (never spawns). */
+  static tryAcquire(): VcpuThread | undefined {
+    return VcpuThread.idle.pop();
   }
   /** Returns an idle thread to the pool. */
   static release(t: VcpuThread): void {
