@@ -1,16 +1,16 @@
 import { spawn } from 'node:child_process';
 import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { Kvm } from '../src/kvm/kvm.js';
 import type { ModelFault } from '../src/model/walk.js';
-import { probe, type HostProfile } from '../src/probe/probe.js';
+import type { HostProfile } from '../src/probe/probe.js';
 import { scenarioCheck, tracedWalks } from '../src/run/engine.js';
 import { runCheck } from '../src/run/runner.js';
 import { builtinScenarios, loadScenario, resolveScenario } from '../src/scenario/load.js';
 import type { Scenario } from '../src/scenario/types.js';
 import { parseFormat, parseTrace, TRACEFS, type TraceEvent } from '../src/observe/tracefs.js';
-import { describeKvm } from './support/kvm.js';
+import { describeKvm, failures, withHost } from './support/kvm.js';
 
 const WALK_FORMAT = `name: kvm_mmu_pagetable_walk
 ID: 1
@@ -70,17 +70,16 @@ describeKvm('scenarios on this host', () => {
   let kvm: Kvm;
   let profile: HostProfile;
   const load = (name: string): Scenario => loadScenario(resolveScenario(name));
-  beforeAll(() => {
-    kvm = Kvm.open();
-    profile = probe();
+  withHost((k, p) => {
+    kvm = k;
+    profile = p;
   });
-  afterAll(() => kvm.close());
 
   for (const name of builtinScenarios()) {
     for (const trace of [false, true]) {
       it(`${name}${trace ? ' (walker trace)' : ''} passes or says why it cannot run here`, async () => {
         const r = await runCheck(scenarioCheck(load(name), { trace }), kvm, profile);
-        const why = [r.reason, ...r.comparisons.filter((c) => !c.ok).map((c) => `${c.what}: expected ${c.expected} observed ${c.observed}`)].join('\n');
+        const why = failures(r);
         expect(['pass', 'not_applicable'], why).toContain(r.outcome);
         if (r.outcome === 'not_applicable') expect(r.reason).toMatch(/\S/);
       });

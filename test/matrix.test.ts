@@ -2,16 +2,16 @@
 // over the flag word, and kvm-unit-tests access.c's own rules transliterated), the
 // seeded sample, and live runs against /dev/kvm with the real model and with
 // deliberately wrong ones.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { Kvm } from '../src/kvm/kvm.js';
 import { agrees, observe, prepareBatch } from '../src/matrix/batch.js';
 import { accessMatrix, batchRanges, formatRerun, matrixConfig, runAlone } from '../src/matrix/check.js';
 import { CASE, caseName, caseSpace, controlState, countCases, enumerateCases, isLegal, sampleCases, type CaseSpace, type MatrixFeatures } from '../src/matrix/flags.js';
 import { MatrixMachine } from '../src/matrix/machine.js';
 import { compileWalk, type ModelFault } from '../src/model/walk.js';
-import { probe, type HostProfile } from '../src/probe/probe.js';
+import type { HostProfile } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';
-import { describeKvm } from './support/kvm.js';
+import { describeKvm, failures, withHost } from './support/kvm.js';
 
 const HOST_LIKE: MatrixFeatures = { nx: true, smep: false, smap: false, pku: false, maxPhyAddr: 48 };
 
@@ -237,14 +237,11 @@ describe('sampling', () => {
 describeKvm('access matrix on this host', () => {
   let kvm: Kvm;
   let profile: HostProfile;
-  beforeAll(() => {
-    kvm = Kvm.open();
-    profile = probe();
+  withHost((k, p) => {
+    kvm = k;
+    profile = p;
   });
-  afterAll(() => kvm.close());
 
-  const failures = (r: Awaited<ReturnType<typeof runCheck>>) =>
-    [r.reason, ...r.comparisons.filter((c) => !c.ok).slice(0, 5).map((c) => `${c.what}: expected ${c.expected} observed ${c.observed}`)].join('\n');
 
   it('agrees with the model on a sample, over many batches in both buffers', async () => {
     const r = await runCheck(accessMatrix({ sample: 4000, seed: 1, batchSize: 256 }), kvm, profile);

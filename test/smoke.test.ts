@@ -1,10 +1,10 @@
-import { afterAll, beforeAll, expect, it } from 'vitest';
+import { expect, it } from 'vitest';
 import { SMOKE } from '../src/checks/smoke.js';
 import { Kvm } from '../src/kvm/kvm.js';
-import { probe, type HostProfile } from '../src/probe/probe.js';
+import type { HostProfile } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';
 import type { Tamper } from '../src/run/types.js';
-import { describeKvm } from './support/kvm.js';
+import { describeKvm, failures, withHost } from './support/kvm.js';
 
 /** Makes an expectation wrong in a way that cannot be equal to what was observed. */
 function wrong(v: unknown): unknown {
@@ -20,11 +20,10 @@ function wrong(v: unknown): unknown {
 describeKvm('smoke suite on this host', () => {
   let kvm: Kvm;
   let profile: HostProfile;
-  beforeAll(() => {
-    kvm = Kvm.open();
-    profile = probe();
+  withHost((k, p) => {
+    kvm = k;
+    profile = p;
   });
-  afterAll(() => kvm.close());
 
   it('has at least 7 checks with unique names', () => {
     const names = SMOKE.map((c) => c.name);
@@ -35,7 +34,7 @@ describeKvm('smoke suite on this host', () => {
   for (const check of SMOKE) {
     it(`${check.name} passes`, async () => {
       const r = await runCheck(check, kvm, profile);
-      const why = [r.reason, ...r.comparisons.filter((c) => !c.ok).map((c) => `${c.what}: expected ${c.expected} observed ${c.observed}`)].join('\n');
+      const why = failures(r);
       expect(r.outcome, why).toBe('pass');
       expect(r.comparisons.length).toBeGreaterThan(0);
     });

@@ -715,7 +715,7 @@ describe('KVM userspace ABI of src/kvm against the C headers', () => {
     expect(byteDiff(name, fromHex(s.hex), got, s.fields)).toEqual([]);
   };
   const newVm = () => new Vm({} as Kvm, 100);
-  const newVcpu = (vm = newVm()) => new Vcpu(vm, 0, 101, new ArrayBuffer(4096), 4096);
+  const newVcpu = (vm = newVm()) => new Vcpu(vm, 0, 101, new ArrayBuffer(4096));
 
   it('compiles and runs the probe program with cc', () => {
     const p = probe();

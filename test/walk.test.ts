@@ -878,7 +878,7 @@ function reference(c: PagingConfig, cr3: bigint, a: Access, mem: Mem): WalkResul
   let rw = true, us = true, xd = false;
   let leafLevel = 0;
   let leafPte = 0n;
-  for (let lvl = c.levels; lvl >= 1; lvl--) {
+  for (let lvl: number = c.levels; lvl >= 1; lvl--) {
     const idx = (gva >> BigInt(12 + 9 * (lvl - 1))) & 0x1ffn;
     const at = table + idx * 8n;
     const e = mem.get(at) ?? 0n;

@@ -264,25 +264,14 @@ export class Vm {
 
   /** Raw KVM_SET_USER_MEMORY_REGION; size 0 deletes the slot. */
   setUserMemoryRegion(slot: number, flags: number, gpa: bigint, size: bigint, hva: bigint, asId = 0): void {
-    const b = new Uint8Array(SIZEOF.kvm_userspace_memory_region);
-    const dv = new DataView(b.buffer);
-    dv.setUint32(0, (asId << 16) | slot, true);
-    dv.setUint32(4, flags, true);
-    dv.setBigUint64(8, gpa, true);
-    dv.setBigUint64(16, size, true);
-    dv.setBigUint64(24, hva, true);
+    const b = memoryRegion(SIZEOF.kvm_userspace_memory_region, slot, flags, gpa, size, hva, asId);
     check('KVM_SET_USER_MEMORY_REGION', addon().ioctlBuf(this.fd, IOCTL.KVM_SET_USER_MEMORY_REGION, b), `slot ${slot}`);
   }
 
   /** Raw KVM_SET_USER_MEMORY_REGION2 (guest_memfd binding). */
   setUserMemoryRegion2(slot: number, flags: number, gpa: bigint, size: bigint, hva: bigint, gmemFd: number, gmemOffset: bigint, asId = 0): void {
-    const b = new Uint8Array(SIZEOF.kvm_userspace_memory_region2);
+    const b = memoryRegion(SIZEOF.kvm_userspace_memory_region2, slot, flags, gpa, size, hva, asId);
     const dv = new DataView(b.buffer);
-    dv.setUint32(0, (asId << 16) | slot, true);
-    dv.setUint32(4, flags, true);
-    dv.setBigUint64(8, gpa, true);
-    dv.setBigUint64(16, size, true);
-    dv.setBigUint64(24, hva, true);
     dv.setBigUint64(32, gmemOffset, true);
     dv.setUint32(40, gmemFd, true);
     check('KVM_SET_USER_MEMORY_REGION2', addon().ioctlBuf(this.fd, IOCTL.KVM_SET_USER_MEMORY_REGION2, b), `slot ${slot}`);
@@ -417,6 +406,18 @@ export class Vm {
     for (const s of this.slots.values()) freeBacking(s);
     this.slots.clear();
   }
+}
+
+/** kvm_userspace_memory_region, or the same leading fields of region2 in a larger buffer. */
+function memoryRegion(size: number, slot: number, flags: number, gpa: bigint, bytes: bigint, hva: bigint, asId: number): Uint8Array {
+  const b = new Uint8Array(size);
+  const dv = new DataView(b.buffer);
+  dv.setUint32(0, (asId << 16) | slot, true);
+  dv.setUint32(4, flags, true);
+  dv.setBigUint64(8, gpa, true);
+  dv.setBigUint64(16, bytes, true);
+  dv.setBigUint64(24, hva, true);
+  return b;
 }
 
 function mmapResult(call: string, m: ArrayBuffer | number): ArrayBuffer {

@@ -22,7 +22,7 @@ import {
   PTE_NX,
   PTE_P,
   PTE_PCD,
-  PTE_PKEY_SHIFT,
+  PTE_PKEY_SHIFT, PTE_PKEY_MASK,
   PTE_PWT,
   PTE_RW,
   PTE_US,
@@ -51,15 +51,7 @@ function leafBits(a: PteAttrs): bigint {
 
 /** Bits of a non-leaf entry for these attributes (D, G and the key do not exist there). */
 function tableBits(a: PteAttrs): bigint {
-  return (
-    (a.p ? PTE_P : 0n) |
-    (a.w ? PTE_RW : 0n) |
-    (a.u ? PTE_US : 0n) |
-    (a.pwt ? PTE_PWT : 0n) |
-    (a.pcd ? PTE_PCD : 0n) |
-    (a.a ? PTE_A : 0n) |
-    (a.nx ? PTE_NX : 0n)
-  );
+  return leafBits(a) & ~(PTE_D | PTE_G | PTE_PKEY_MASK);
 }
 
 /** Level of a mapping's leaf entries: 1, 2 or 3. */
