@@ -2,8 +2,7 @@
 // instance filtered to the harness's own vCPU threads; it is removed on every
 // exit path — close(), process exit, SIGINT/SIGTERM — so runs never disturb
 // each other or leave state behind.
-import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
+import { hostFs } from '../kvm/hostfs.js';
 import { join } from 'node:path';
 import { NotApplicable } from '../kvm/sys.js';
 
@@ -99,10 +98,11 @@ export function parseTrace(text: string, formats: ReadonlyMap<string, EventForma
 
 /** Mounts tracefs when it is not mounted and the process may do so. */
 export function ensureTracefs(): void {
-  if (existsSync(join(TRACEFS, 'events'))) return;
-  if (process.getuid?.() !== 0) throw new NotApplicable('tracefs is not mounted and mounting it needs root');
+  const fs = hostFs();
+  if (fs.exists(join(TRACEFS, 'events'))) return;
+  if (fs.uid() !== 0) throw new NotApplicable('tracefs is not mounted and mounting it needs root');
   try {
-    execFileSync('mount', ['-t', 'tracefs', 'nodev', TRACEFS], { stdio: 'pipe' });
+    fs.mountTracefs(TRACEFS);
   } catch (e) {
     throw new NotApplicable(`tracefs is not mounted and mounting failed: ${(e as Error).message.split('\n')[0]}`);
   }
@@ -150,11 +150,11 @@ export class TraceSession {
   static open(events: readonly string[], pids: readonly number[], bufferKb = 4096): TraceSession {
     ensureTracefs();
     for (const e of events) {
-      if (!existsSync(join(TRACEFS, 'events', e, 'format'))) throw new NotApplicable(`trace event ${e} does not exist in this kernel`);
+      if (!hostFs().exists(join(TRACEFS, 'events', e, 'format'))) throw new NotApplicable(`trace event ${e} does not exist in this kernel`);
     }
     hookExit();
     const dir = join(TRACEFS, 'instances', `kvmharness-${process.pid}-${seq++}`);
-    mkdirSync(dir);
+    hostFs().mkdir(dir);
     const s = new TraceSession(dir);
     live.add(s);
     try {
@@ -162,7 +162,7 @@ export class TraceSession {
       s.write('buffer_size_kb', String(bufferKb));
       s.setPids(pids);
       for (const e of events) {
-        s.formats.set(e, parseFormat(e, readFileSync(join(TRACEFS, 'events', e, 'format'), 'utf8')));
+        s.formats.set(e, parseFormat(e, hostFs().read(join(TRACEFS, 'events', e, 'format')) ?? ''));
         s.write(`events/${e}/enable`, '1');
       }
       s.write('tracing_on', '1');
@@ -174,7 +174,7 @@ export class TraceSession {
   }
 
   private write(file: string, value: string): void {
-    writeFileSync(join(this.dir, file), value);
+    hostFs().write(join(this.dir, file), value);
   }
 
   /** Restricts the instance to these thread ids (set_event_pid). */
@@ -188,7 +188,7 @@ export class TraceSession {
 
   /** Returns the events recorded since the last clear() and clears the buffer. */
   take(): TraceEvent[] {
-    const text = readFileSync(join(this.dir, 'trace'), 'utf8');
+    const text = hostFs().read(join(this.dir, 'trace')) ?? '';
     this.clear();
     return parseTrace(text, this.formats);
   }
@@ -204,7 +204,7 @@ export class TraceSession {
       // the instance may be half-made; removing it is what matters
     }
     try {
-      rmdirSync(this.dir);
+      hostFs().rmdir(this.dir);
     } catch {
       // already gone
     }

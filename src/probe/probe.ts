@@ -1,7 +1,6 @@
 // The host profile: what KVM is here, and from that, which oracles this host
 // offers. Reads sysfs/procfs and asks KVM; changes nothing.
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
-import { arch } from 'node:os';
+import { hostFs } from '../kvm/hostfs.js';
 import { Kvm, type CpuidEntry } from '../kvm/kvm.js';
 import { CAP, type CapName } from '../kvm/uapi.js';
 
@@ -58,13 +57,8 @@ export interface HostProfile {
   oracles: Record<Oracle, OracleState>;
 }
 
-const read = (p: string): string | undefined => {
-  try {
-    return readFileSync(p, 'utf8').trim();
-  } catch {
-    return undefined;
-  }
-};
+const read = (p: string): string | undefined => hostFs().read(p)?.trim();
+const existsSync = (p: string): boolean => hostFs().exists(p);
 
 /** The bracketed choice of a sysfs selector like "always [madvise] never". */
 const selected = (s: string | undefined) => s?.match(/\[([^\]]+)\]/)?.[1] ?? s ?? 'unknown';
@@ -104,7 +98,7 @@ export function detectFlavour(mods: (name: string) => boolean, cmdline: string, 
 
 export function tracefsState(root = '/sys/kernel/tracing'): TracefsState {
   if (existsSync(`${root}/events`)) return 'mounted';
-  const mountable = existsSync(root) && process.getuid?.() === 0 && (read('/proc/filesystems') ?? '').includes('tracefs');
+  const mountable = existsSync(root) && hostFs().uid() === 0 && (read('/proc/filesystems') ?? '').includes('tracefs');
   return mountable ? 'mountable' : 'absent';
 }
 
@@ -175,7 +169,7 @@ export function deriveOracles(p: Omit<HostProfile, 'oracles'>): Record<Oracle, O
 export function probe(device?: string): HostProfile {
   const kvm = Kvm.open(device);
   try {
-    const machine = arch();
+    const machine = hostFs().arch();
     const mods = (m: string) => existsSync(`/sys/module/${m}`);
     const flavour = detectFlavour(mods, read('/proc/cmdline') ?? '', machine);
     const param = (m: string, p: string) => read(`/sys/module/${m}/parameters/${p}`);
@@ -207,7 +201,7 @@ export function probe(device?: string): HostProfile {
     const hugetlb: HostProfile['hugetlb'] = {};
     const hpDir = '/sys/kernel/mm/hugepages';
     if (existsSync(hpDir)) {
-      for (const d of readdirSync(hpDir)) {
+      for (const d of hostFs().list(hpDir)) {
         const size = d.replace(/^hugepages-/, '');
         hugetlb[size] = { total: Number(read(`${hpDir}/${d}/nr_hugepages`) ?? 0), free: Number(read(`${hpDir}/${d}/free_hugepages`) ?? 0) };
       }
