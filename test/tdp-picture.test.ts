@@ -41,3 +41,31 @@ describe('TDP picture from kvm_tdp_mmu_spte_changed', () => {
     expect(pic.leaf(1, 0x1003n)).toBeUndefined(); // another address space
   });
 });
+
+// On a TDP host with the TDP MMU (the lab's npt-tdp profile), a deliberately
+// wrong TDP model must be caught by the per-GFN comparison.
+import { tdpPicture } from '../src/checks/tdp.js';
+import { Kvm } from '../src/kvm/kvm.js';
+import { probe } from '../src/probe/probe.js';
+import { runCheck } from '../src/run/runner.js';
+import { kvmUnavailable } from './support/kvm.js';
+
+const tdpHost = (() => {
+  if (kvmUnavailable) return `no KVM: ${kvmUnavailable}`;
+  const o = probe().oracles.tdp_spte_tracepoints;
+  return o.available ? undefined : o.why;
+})();
+
+describe.skipIf(tdpHost !== undefined)(`TDP picture against wrong TDP models${tdpHost ? ` [skipped: ${tdpHost}]` : ''}`, () => {
+  for (const wrong of [{ zapOneShort: true }, { levelOffByOne: true }]) {
+    it(`catches ${Object.keys(wrong)[0]}`, async () => {
+      const kvm = Kvm.open();
+      try {
+        const r = await runCheck(tdpPicture({ wrong }), kvm, probe());
+        expect(r.outcome).toBe('fail');
+      } finally {
+        kvm.close();
+      }
+    });
+  }
+});

@@ -8,6 +8,7 @@ import { CAP, MEM, RUN } from '../kvm/uapi.js';
 import { walk, type AccessKind } from '../model/walk.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 import { shadowPages } from './shadow.js';
+import { tdpPicture } from './tdp.js';
 import { pagingConfig, pteReader } from './x86.js';
 
 const PAGE = 0x1000n;
@@ -281,5 +282,6 @@ export const SMOKE: readonly Check[] = [
   translateCheck,
   timeoutKick,
   shadowPages,
+  tdpPicture(),
 ];
 
