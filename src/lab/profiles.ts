@@ -1,0 +1,129 @@
+// The lab's profiles: which KVM configuration a lab boot gives, as data.
+//
+// A profile names the architecture, the QEMU machine that offers hardware
+// virtualization under TCG, the kernel command line, and KVM's module
+// parameters. x86 profiles are booted (src/lab/qemu.ts); the arm64 ones are
+// recorded here from the measured recipe but not booted yet.
+
+/** Something the lab cannot do: a bad kernel path, a missing tool, a failed boot. The message is one line unless it carries a console tail. */
+export class LabError extends Error {
+  constructor(
+    message: string,
+    /** The console log file of a failed boot, kept for reading. */
+    readonly consoleLog?: string,
+  ) {
+    super(message);
+    this.name = 'LabError';
+  }
+}
+
+export type LabArch = 'x86_64' | 'arm64';
+
+/** Module parameters by module name (underscores, as in /sys/module), then parameter name. */
+export type ModParams = Record<string, Record<string, string>>;
+
+export interface Profile {
+  name: string;
+  arch: LabArch;
+  summary: string;
+  /** QEMU's program. */
+  qemu: string;
+  /** The machine: accelerator, CPU, memory, firmware. Kernel, initrd, console and agent channel are added by bootLab. */
+  machine: readonly string[];
+  /** The kernel's console device (no /dev/). */
+  console: string;
+  /** The guest device the agent talks on. */
+  agentTty: string;
+  /** Kernel command line words besides console=, for example kvm-arm.mode=nvhe. */
+  append: readonly string[];
+  /** The modules /init loads, dependencies first resolved from the kernel's module tree; empty where KVM is built in. */
+  modules: readonly string[];
+  /** KVM's parameters: given to insmod, or on the command line when the module is built in. */
+  modparams: ModParams;
+}
+
+/** The x86 lab: AMD SVM with nested paging offered by TCG; 4-level NPT (no LA57). */
+const X86_MACHINE = [
+  '-accel', 'tcg', '-cpu', 'max,-la57', '-m', '1G', '-smp', '1',
+  '-bios', '/usr/share/qemu/qboot.rom',
+] as const;
+
+/** The arm64 lab: EL2 offered by TCG, GICv3. */
+const ARM64_MACHINE = [
+  '-M', 'virt,virtualization=on,gic-version=3', '-cpu', 'max,pauth-impdef=on', '-accel', 'tcg', '-m', '1G', '-smp', '1',
+] as const;
+
+/** The KVM modules of each architecture and the config option that builds each. */
+export const KVM_MODULES: Record<LabArch, readonly { module: string; config: string }[]> = {
+  x86_64: [
+    { module: 'kvm', config: 'CONFIG_KVM' },
+    { module: 'kvm_amd', config: 'CONFIG_KVM_AMD' },
+  ],
+  arm64: [], // built in (CONFIG_KVM=y)
+};
+
+function x86(name: string, summary: string, modparams: ModParams): Profile {
+  const modules = KVM_MODULES.x86_64.map((m) => m.module);
+  return { name, arch: 'x86_64', summary, qemu: 'qemu-system-x86_64', machine: X86_MACHINE, console: 'ttyS0', agentTty: '/dev/ttyS1', append: [], modules, modparams };
+}
+
+function arm64(name: string, summary: string, append: string[]): Profile {
+  // The virt machine has one non-secure PL011; the agent's channel would be a
+  // virtio console (hvc0). Not booted yet.
+  return { name, arch: 'arm64', summary, qemu: 'qemu-system-aarch64', machine: ARM64_MACHINE, console: 'ttyAMA0', agentTty: '/dev/hvc0', append, modules: [], modparams: {} };
+}
+
+export const PROFILES: readonly Profile[] = [
+  x86('npt-tdp', 'AMD NPT, TDP MMU (kvm tdp_mmu=1, kvm_amd npt=1 nested=0)', { kvm: { tdp_mmu: '1' }, kvm_amd: { npt: '1', nested: '0' } }),
+  x86('npt-legacy', 'AMD NPT, legacy (non-TDP) MMU (kvm tdp_mmu=0, kvm_amd npt=1 nested=0)', { kvm: { tdp_mmu: '0' }, kvm_amd: { npt: '1', nested: '0' } }),
+  x86('shadow', 'shadow paging (kvm_amd npt=0 nested=0)', { kvm_amd: { npt: '0', nested: '0' } }),
+  arm64('vhe', 'arm64 VHE (KVM at EL2, the default with -cpu max)', []),
+  arm64('nvhe', 'arm64 nVHE (kvm-arm.mode=nvhe)', ['kvm-arm.mode=nvhe']),
+  arm64('protected', 'arm64 protected nVHE (kvm-arm.mode=protected)', ['kvm-arm.mode=protected']),
+];
+
+export const DEFAULT_PROFILE = 'npt-tdp';
+
+/** The profile of that name with `modparams` ("kvm.tdp_mmu=0 kvm_amd.avic=1") merged over its own. */
+export function profile(name: string, modparams?: string): Profile {
+  const p = PROFILES.find((q) => q.name === name);
+  if (!p) throw new LabError(`unknown lab profile '${name}' (known: ${PROFILES.map((q) => q.name).join(', ')})`);
+  return modparams === undefined ? p : withModparams(p, modparams);
+}
+
+/** The module name as the kernel spells it in /sys/module: dashes become underscores. */
+export function moduleName(s: string): string {
+  return s.replace(/-/g, '_');
+}
+
+// Words end up in /init (a shell script) and on the kernel command line: keep
+// them to characters that need no quoting in either.
+const MODPARAM = /^([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)=([A-Za-z0-9_.,:+-]*)$/;
+
+/** Parses whitespace-separated words "module.param=value" ("kvm.tdp_mmu=0 kvm-amd.avic=1"). */
+export function parseModparams(s: string): ModParams {
+  const out: ModParams = {};
+  for (const word of s.trim().split(/\s+/).filter(Boolean)) {
+    const m = MODPARAM.exec(word);
+    if (!m) throw new LabError(`bad module parameter '${word}': expected module.param=value (value of letters, digits and _.,:+-)`);
+    const mod = moduleName(m[1]!);
+    (out[mod] ??= {})[m[2]!] = m[3]!;
+  }
+  return out;
+}
+
+/** A copy of p with the extra parameters merged over its own (the later word wins). */
+export function withModparams(p: Profile, extra: string | ModParams): Profile {
+  const add = typeof extra === 'string' ? parseModparams(extra) : extra;
+  const modparams: ModParams = {};
+  for (const [mod, params] of Object.entries(p.modparams)) modparams[mod] = { ...params };
+  for (const [mod, params] of Object.entries(add)) modparams[moduleName(mod)] = { ...modparams[moduleName(mod)], ...params };
+  return { ...p, modparams };
+}
+
+/** "kvm.tdp_mmu=1 kvm_amd.npt=1 …", for logs and reports. */
+export function formatModparams(m: ModParams): string {
+  return Object.entries(m)
+    .flatMap(([mod, params]) => Object.entries(params).map(([k, v]) => `${mod}.${k}=${v}`))
+    .join(' ');
+}

@@ -1,0 +1,351 @@
+// The lab's boot machinery: profiles, the initramfs, kernel checks, and one
+// live boot under QEMU/TCG (KVMHARNESS_LAB=1: it downloads Debian's kernel once
+// and boots for a few seconds).
+import { execFileSync, spawnSync } from 'node:child_process';
+import { chmodSync, closeSync, constants, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { gunzipSync } from 'node:zlib';
+import { afterAll, describe, expect, it } from 'vitest';
+import { labFetch, resolveKernel, type LabKernel } from '../src/lab/fetch.js';
+import { buildInitramfs, initScript, modulePlan } from '../src/lab/initramfs.js';
+import { LabError, PROFILES, parseModparams, profile, withModparams } from '../src/lab/profiles.js';
+import { bootLab, kernelCmdline, qemuArgs } from '../src/lab/qemu.js';
+
+const work = mkdtempSync(join(tmpdir(), 'kvmharness-labtest-'));
+afterAll(() => rmSync(work, { recursive: true, force: true }));
+
+/** The LabError a call throws (fails the test when it throws something else or nothing). */
+async function labError(f: () => unknown): Promise<LabError> {
+  try {
+    await f();
+  } catch (e) {
+    if (e instanceof LabError) return e;
+    throw e;
+  }
+  throw new Error('expected a LabError');
+}
+
+/** A fake module: ELF-ish bytes with a .modinfo naming its dependencies and vermagic. */
+function fakeKo(depends: string, vermagic = '6.1.0-test'): Buffer {
+  return Buffer.from(`\x7fELF fake\0license=GPL\0depends=${depends}\0vermagic=${vermagic} SMP mod_unload \0`, 'latin1');
+}
+
+/** lib/modules/<v>/kernel/... with irqbypass, kvm, ccp, kvm-amd (kvm.ko xz-compressed), no modules.dep. */
+function fakeModules(root: string, v = '6.1.0-test', vermagic = v): string {
+  const dir = join(root, 'lib', 'modules', v);
+  const put = (rel: string, data: Buffer): void => {
+    mkdirSync(join(dir, rel, '..'), { recursive: true });
+    writeFileSync(join(dir, rel), data);
+  };
+  put('kernel/virt/lib/irqbypass.ko', fakeKo('', vermagic));
+  put('kernel/drivers/crypto/ccp/ccp.ko', fakeKo('', vermagic));
+  put('kernel/arch/x86/kvm/kvm-amd.ko', fakeKo('kvm,ccp', vermagic));
+  put('kernel/arch/x86/kvm/kvm.ko.xz', execFileSync('xz', ['-c'], { input: fakeKo('irqbypass', vermagic) }));
+  put('modules.builtin', Buffer.from('kernel/fs/ext4/ext4.ko\n'));
+  return dir;
+}
+
+/** A minimal x86_64 ELF carrying the PVH entry note (or not) and a "Linux version" banner. */
+function fakeVmlinux(path: string, opts: { pvh: boolean; release?: string }): string {
+  const note = Buffer.alloc(20);
+  note.writeUInt32LE(4, 0); // namesz
+  note.writeUInt32LE(4, 4); // descsz
+  note.writeUInt32LE(opts.pvh ? 18 : 17, 8); // XEN_ELFNOTE_PHYS32_ENTRY
+  note.write('Xen\0', 12, 'latin1');
+  const ehdr = Buffer.alloc(64);
+  ehdr.writeUInt32BE(0x7f454c46, 0);
+  ehdr[4] = 2; // ELFCLASS64
+  ehdr[5] = 1; // little-endian
+  ehdr[6] = 1;
+  ehdr.writeUInt16LE(2, 0x10); // ET_EXEC
+  ehdr.writeUInt16LE(62, 0x12); // EM_X86_64
+  ehdr.writeBigUInt64LE(64n, 0x20); // e_phoff
+  ehdr.writeUInt16LE(56, 0x36);
+  ehdr.writeUInt16LE(1, 0x38);
+  const phdr = Buffer.alloc(56);
+  phdr.writeUInt32LE(4, 0); // PT_NOTE
+  phdr.writeBigUInt64LE(120n, 8);
+  phdr.writeBigUInt64LE(20n, 32);
+  writeFileSync(path, Buffer.concat([ehdr, phdr, note, Buffer.from(`\0Linux version ${opts.release ?? '6.1.0-test'} (test@host) #1 SMP\0`)]));
+  return path;
+}
+
+const CONFIG = ['CONFIG_KVM=m', 'CONFIG_KVM_AMD=m', 'CONFIG_TRACING=y', 'CONFIG_SERIAL_8250=y', 'CONFIG_SERIAL_8250_CONSOLE=y', 'CONFIG_BLK_DEV_INITRD=y', 'CONFIG_RD_GZIP=y', 'CONFIG_DEVTMPFS=y', 'CONFIG_PVH=y'];
+
+/** A fake busybox: a script that lists applets like `busybox --list-full`. */
+function fakeBusybox(dir: string): string {
+  const p = join(dir, 'busybox');
+  writeFileSync(p, '#!/bin/sh\nprintf "bin/sh\\nbin/mount\\nsbin/insmod\\nsbin/poweroff\\nusr/bin/[\\n"\n');
+  chmodSync(p, 0o755);
+  return p;
+}
+
+function fakeKernel(name: string, opts: { config?: string[] } = {}): { dir: string; vmlinux: string; modules: string } {
+  const dir = join(work, name);
+  mkdirSync(dir, { recursive: true });
+  const modules = fakeModules(dir);
+  const vmlinux = fakeVmlinux(join(dir, 'vmlinux'), { pvh: true });
+  writeFileSync(join(dir, 'config-6.1.0-test'), (opts.config ?? CONFIG).join('\n') + '\n');
+  return { dir, vmlinux, modules };
+}
+
+describe('lab profiles', () => {
+  it('gives each x86 profile its KVM module parameters', () => {
+    expect(profile('npt-tdp').modparams).toEqual({ kvm: { tdp_mmu: '1' }, kvm_amd: { npt: '1', nested: '0' } });
+    expect(profile('npt-legacy').modparams).toEqual({ kvm: { tdp_mmu: '0' }, kvm_amd: { npt: '1', nested: '0' } });
+    expect(profile('shadow').modparams.kvm_amd?.npt).toBe('0');
+    for (const p of PROFILES.filter((q) => q.arch === 'x86_64')) {
+      expect(p.machine.join(' ')).toContain('-cpu max,-la57');
+      expect(p.agentTty).toBe('/dev/ttyS1');
+    }
+  });
+
+  it('merges --modparams over the profile and rejects malformed words', async () => {
+    const p = profile('npt-tdp', 'kvm.tdp_mmu=0 kvm-amd.avic=1 kvm.eager_page_split=N');
+    expect(p.modparams).toEqual({ kvm: { tdp_mmu: '0', eager_page_split: 'N' }, kvm_amd: { npt: '1', nested: '0', avic: '1' } });
+    expect(profile('npt-tdp').modparams.kvm?.tdp_mmu).toBe('1'); // the built-in profile is unchanged
+    expect(withModparams(profile('shadow'), { kvm: { halt_poll_ns: '0' } }).modparams.kvm).toEqual({ halt_poll_ns: '0' });
+    expect((await labError(() => parseModparams('tdp_mmu=1'))).message).toMatch(/bad module parameter 'tdp_mmu=1'/);
+    expect((await labError(() => parseModparams("kvm.x=$(reboot)"))).message).toMatch(/bad module parameter/);
+    expect((await labError(() => profile('ept'))).message).toMatch(/unknown lab profile 'ept' \(known: npt-tdp, npt-legacy, shadow, vhe, nvhe, protected\)/);
+  });
+
+  it('records the arm64 profiles as data', () => {
+    expect(profile('nvhe').append).toEqual(['kvm-arm.mode=nvhe']);
+    expect(profile('protected').append).toEqual(['kvm-arm.mode=protected']);
+    expect(profile('vhe').append).toEqual([]);
+    for (const n of ['vhe', 'nvhe', 'protected']) {
+      const p = profile(n);
+      expect(p.qemu).toBe('qemu-system-aarch64');
+      expect(p.machine.join(' ')).toContain('virt,virtualization=on,gic-version=3');
+      expect(p.machine.join(' ')).toContain('max,pauth-impdef=on');
+      expect(p.console).toBe('ttyAMA0');
+    }
+  });
+
+  it('builds QEMU arguments: ttyS0 the console on stdio, ttyS1 the agent pipe, PVH through qboot', async () => {
+    const k: LabKernel = { arch: 'x86_64', version: '6.1.0-test', vmlinux: '/k/vmlinux', bzImage: '/k/bzImage', modulesDir: undefined, busybox: '/bb', builtin: ['kvm', 'kvm_amd'] };
+    const args = qemuArgs({ kernel: k, initramfs: '/i.gz', profile: profile('npt-tdp'), agentPath: '/t/agent' });
+    const s = args.join(' ');
+    expect(s).toContain('-accel tcg -cpu max,-la57 -m 1G -smp 1 -bios /usr/share/qemu/qboot.rom');
+    expect(s).toContain('-kernel /k/vmlinux -initrd /i.gz');
+    expect(s).toContain('-no-reboot');
+    // Serial ports are numbered in the order given: console first, agent second.
+    const serials = args.flatMap((a, i) => (a === '-serial' ? [args[i + 1]] : []));
+    expect(serials).toEqual(['chardev:console', 'chardev:agent']);
+    expect(args).toContain('stdio,id=console,signal=off');
+    expect(args).toContain('pipe,id=agent,path=/t/agent');
+    // Built-in KVM takes its parameters on the command line.
+    expect(args[args.indexOf('-append') + 1]).toBe('console=ttyS0 panic=-1 quiet kvm.tdp_mmu=1 kvm_amd.npt=1 kvm_amd.nested=0');
+    // Without a PVH vmlinux: the bzImage through SeaBIOS.
+    const bz = qemuArgs({ kernel: { ...k, vmlinux: undefined }, initramfs: '/i.gz', profile: profile('npt-tdp'), agentPath: '/t/agent' });
+    expect(bz).not.toContain('-bios');
+    expect(bz.join(' ')).toContain('-kernel /k/bzImage');
+    expect((await labError(() => qemuArgs({ kernel: k, initramfs: '/i.gz', profile: profile('nvhe'), agentPath: '/t/a' }))).message).toMatch(/only x86_64 labs are wired/);
+  });
+});
+
+describe('lab initramfs', () => {
+  const k = fakeKernel('initramfs');
+  const kernel: LabKernel = { arch: 'x86_64', version: '6.1.0-test', vmlinux: k.vmlinux, modulesDir: k.modules, busybox: fakeBusybox(k.dir), builtin: [] };
+  const agent = join(k.dir, 'agent-bin');
+  writeFileSync(agent, 'AGENT BINARY');
+
+  /** `cpio -t -v` of the gzip'd archive, and one member's contents. */
+  const list = (gz: Buffer): string => execFileSync('cpio', ['-t', '-v', '--quiet'], { input: gunzipSync(gz), encoding: 'utf8' });
+  const member = (gz: Buffer, name: string): Buffer => execFileSync('cpio', ['-i', '--to-stdout', '--quiet', name], { input: gunzipSync(gz) });
+
+  it('holds busybox and its links, the KVM modules with dependencies, the agent and /init', () => {
+    const out = buildInitramfs({ kernel, agentBinary: agent, profile: profile('npt-tdp'), out: join(k.dir, 'initrd.gz') });
+    const gz = readFileSync(out);
+    const t = list(gz);
+    const names = execFileSync('cpio', ['-t', '--quiet'], { input: gunzipSync(gz), encoding: 'utf8' }).split('\n');
+    for (const n of ['init', 'agent', 'bin/busybox', 'dev/console', 'lib/modules/irqbypass.ko', 'lib/modules/kvm.ko', 'lib/modules/ccp.ko', 'lib/modules/kvm-amd.ko']) {
+      expect(names).toContain(n);
+    }
+    expect(t).toMatch(/^l.* bin\/sh -> \/bin\/busybox$/m);
+    expect(t).toMatch(/^l.* usr\/bin\/\[ -> \/bin\/busybox$/m);
+    expect(t).toMatch(/^crw------- .* dev\/console$/m);
+    expect(t).toMatch(/^-rwxr-xr-x .* init$/m);
+    // kvm.ko.xz went in decompressed.
+    expect(member(gz, 'lib/modules/kvm.ko').toString('latin1')).toContain('depends=irqbypass');
+    expect(member(gz, 'agent').toString()).toBe('AGENT BINARY');
+
+    const init = member(gz, 'init').toString();
+    expect(init.startsWith('#!/bin/sh\n')).toBe(true);
+    for (const s of ['mount -t proc proc /proc', 'mount -t sysfs sysfs /sys', 'mount -t devtmpfs devtmpfs /dev', 'mount -t tracefs nodev /sys/kernel/tracing']) expect(init).toContain(s);
+    const insmods = init.split('\n').filter((l) => l.includes(' insmod /lib/modules/'));
+    expect(insmods.map((l) => l.slice(l.indexOf(' insmod ') + 1))).toEqual([
+      'insmod /lib/modules/irqbypass.ko',
+      'insmod /lib/modules/kvm.ko tdp_mmu=1',
+      'insmod /lib/modules/ccp.ko',
+      'insmod /lib/modules/kvm-amd.ko npt=1 nested=0',
+    ]);
+    expect(init).toContain("step 'insmod kvm-amd.ko' insmod");
+    expect(init).toContain('echo "KVMHARNESS-LAB-FAIL $*"');
+    expect(init).toContain('echo "KVMHARNESS-LAB-READY $(uname -r)"');
+    expect(init).toMatch(/READY[^\n]*\n\/agent \/dev\/ttyS1\n/);
+    expect(init).toMatch(/\/agent \/dev\/ttyS1\n.*\npoweroff -f\n/);
+    expect(init).toContain('stty -F /dev/ttyS1 raw -echo');
+    // The /init parses with the host's sh.
+    expect(spawnSync('sh', ['-n'], { input: init }).status).toBe(0);
+  });
+
+  it('puts parameters of modules the lab does not load in an error, and built-in ones on the command line', async () => {
+    const p = profile('npt-tdp', 'kvm_intel.ept=0');
+    expect((await labError(() => modulePlan(kernel, p))).message).toMatch(/module parameters for kvm_intel, which the lab does not load/);
+    const builtin: LabKernel = { ...kernel, modulesDir: undefined, builtin: ['kvm', 'kvm_amd'] };
+    expect(modulePlan(builtin, profile('shadow'))).toEqual({ loads: [], cmdline: ['kvm_amd.npt=0', 'kvm_amd.nested=0'] });
+    expect(kernelCmdline(builtin, profile('shadow'))).toBe('console=ttyS0 panic=-1 quiet kvm_amd.npt=0 kvm_amd.nested=0');
+  });
+
+  it('installs busybox links at boot when the busybox cannot run here', () => {
+    const init = initScript(profile('shadow'), [], { installApplets: true });
+    expect(init.split('\n')[3]).toBe('/bin/busybox --install -s');
+  });
+});
+
+describe('lab kernel paths', () => {
+  const bb = fakeBusybox(work);
+
+  it('names a missing kernel or modules path', async () => {
+    expect((await labError(() => resolveKernel({ kernel: '/no/such/bzImage', busybox: bb }))).message).toBe('kernel image not found: /no/such/bzImage');
+    const k = fakeKernel('paths');
+    expect((await labError(() => resolveKernel({ kernel: k.vmlinux, modules: '/no/such/modules', busybox: bb }))).message).toBe('modules directory not found: /no/such/modules');
+    expect((await labError(() => resolveKernel({ kernel: k.dir, busybox: bb }))).message).toMatch(/kernel image is not a file/);
+    const junk = join(work, 'junk');
+    writeFileSync(junk, 'not a kernel');
+    expect((await labError(() => resolveKernel({ kernel: junk, busybox: bb }))).message).toMatch(/neither a bzImage nor an ELF vmlinux/);
+  });
+
+  it('accepts a vmlinux with its modules and config', async () => {
+    const k = fakeKernel('good');
+    const kernel = await resolveKernel({ kernel: k.vmlinux, modules: k.modules, busybox: bb });
+    expect(kernel).toMatchObject({ arch: 'x86_64', version: '6.1.0-test', vmlinux: k.vmlinux, modulesDir: k.modules, config: join(k.dir, 'config-6.1.0-test'), builtin: [] });
+    // lib/modules or the tree root are accepted for lib/modules/<version>.
+    expect((await resolveKernel({ kernel: k.vmlinux, modules: k.dir, busybox: bb })).modulesDir).toBe(k.modules);
+  });
+
+  it('names the missing KVM module or config option', async () => {
+    const k = fakeKernel('nokvm');
+    const empty = join(k.dir, 'lib', 'modules', 'empty');
+    mkdirSync(empty);
+    rmSync(join(k.dir, 'config-6.1.0-test'));
+    const e1 = await labError(() => resolveKernel({ kernel: k.vmlinux, modules: empty, busybox: bb }));
+    expect(e1.message).toMatch(/no kvm\.ko in .*empty \(the lab needs a kernel built with CONFIG_KVM\)/);
+    expect(e1.message).toMatch(/no kvm-amd\.ko .*CONFIG_KVM_AMD/);
+    expect(e1.message.includes('\n')).toBe(false);
+
+    const c = fakeKernel('noamd', { config: CONFIG.filter((l) => !l.startsWith('CONFIG_KVM_AMD')).concat('# CONFIG_KVM_AMD is not set', '# CONFIG_TRACING is not set') });
+    const e2 = await labError(() => resolveKernel({ kernel: c.vmlinux, modules: c.modules, busybox: bb }));
+    expect(e2.message).toMatch(/CONFIG_KVM_AMD is not set/);
+    expect(e2.message).toMatch(/CONFIG_TRACING is not set/);
+
+    const bare = join(work, 'bare-vmlinux');
+    fakeVmlinux(bare, { pvh: true });
+    expect((await labError(() => resolveKernel({ kernel: bare, busybox: bb }))).message).toMatch(
+      /the lab needs kvm\.ko \(unless CONFIG_KVM=y\) and kvm-amd\.ko \(unless CONFIG_KVM_AMD=y\): give the modules directory/,
+    );
+
+    rmSync(join(k.modules, 'kernel', 'drivers', 'crypto', 'ccp', 'ccp.ko'));
+    writeFileSync(join(k.dir, 'config-6.1.0-test'), CONFIG.join('\n'));
+    expect((await labError(() => resolveKernel({ kernel: k.vmlinux, modules: k.modules, busybox: bb }))).message).toMatch(/kvm-amd\.ko needs ccp\.ko, which is not in/);
+  });
+
+  it('names CONFIG_PVH for a vmlinux without a PVH entry, and mismatched modules', async () => {
+    const k = fakeKernel('nopvh');
+    fakeVmlinux(k.vmlinux, { pvh: false });
+    expect((await labError(() => resolveKernel({ kernel: k.vmlinux, modules: k.modules, busybox: bb }))).message).toMatch(/has no PVH entry \(CONFIG_PVH is not set\)/);
+    fakeVmlinux(k.vmlinux, { pvh: true, release: '6.1.0-other' });
+    expect((await labError(() => resolveKernel({ kernel: k.vmlinux, modules: k.modules, busybox: bb }))).message).toMatch(/the modules are built for 6\.1\.0-test but the kernel is 6\.1\.0-other/);
+  });
+});
+
+// ---------------------------------------------------------------------------
+// One live boot: the default kernel, a stand-in agent, bytes both ways.
+
+const live = process.env.KVMHARNESS_LAB === '1';
+const gcc = spawnSync('gcc', ['--version']).status === 0;
+const skipLive = !live ? 'set KVMHARNESS_LAB=1 to download the lab kernel and boot it (~10 s)' : !gcc ? 'no gcc for the stand-in agent' : undefined;
+
+const STAND_IN_AGENT = String.raw`
+#include <fcntl.h>
+#include <termios.h>
+#include <unistd.h>
+/* Opens the agent line raw, says AGENT-HELLO, echoes every line back. */
+int main(int argc, char **argv) {
+  int fd = open(argc > 1 ? argv[1] : "/dev/ttyS1", O_RDWR | O_NOCTTY);
+  if (fd < 0) return 1;
+  struct termios t;
+  if (tcgetattr(fd, &t) == 0) { cfmakeraw(&t); tcsetattr(fd, TCSANOW, &t); }
+  if (write(fd, "AGENT-HELLO\n", 12) != 12) return 1;
+  char line[4096];
+  size_t n = 0;
+  char c;
+  while (read(fd, &c, 1) == 1) {
+    line[n++] = c;
+    if (c == '\n' || n == sizeof line) {
+      if (write(fd, line, n) != (ssize_t)n) return 1;
+      n = 0;
+    }
+  }
+  return 0;
+}
+`;
+
+describe.skipIf(skipLive !== undefined)(`lab live boot${skipLive ? ` [skipped: ${skipLive}]` : ''}`, () => {
+  it('boots npt-tdp, talks to the agent over ttyS1 both ways, and leaves no QEMU behind', async () => {
+    const logs: string[] = [];
+    const log = (s: string): void => {
+      logs.push(s);
+    };
+    const kernel = await labFetch({ log });
+    expect(kernel.version).toMatch(/-amd64$/);
+    const dir = join(work, 'live');
+    mkdirSync(dir);
+    writeFileSync(join(dir, 'agent.c'), STAND_IN_AGENT);
+    execFileSync('gcc', ['-static', '-O2', '-o', join(dir, 'agent'), join(dir, 'agent.c')]);
+    const p = profile('npt-tdp');
+    const initramfs = buildInitramfs({ kernel, agentBinary: join(dir, 'agent'), profile: p, out: join(dir, 'initrd.gz') });
+    const lab = await bootLab({ kernel, initramfs, profile: p, log });
+    let rs: net.Socket | undefined;
+    let wfd: number | undefined;
+    try {
+      expect(lab.kernelRelease).toBe(kernel.version);
+      expect(lab.params).toEqual({ 'kvm.tdp_mmu': 'Y', 'kvm_amd.npt': 'Y', 'kvm_amd.nested': '0' });
+      expect(logs.some((l) => /ready in \d+\.\d s/.test(l))).toBe(true);
+      process.stderr.write(`lab boot: ${(lab.bootMs / 1000).toFixed(2)} s to READY\n`);
+
+      let got = Buffer.alloc(0);
+      rs = new net.Socket({ fd: openSync(lab.agentOut, constants.O_RDONLY | constants.O_NONBLOCK), readable: true, writable: false });
+      rs.on('data', (d: Buffer) => (got = Buffer.concat([got, d])));
+      const until = async (want: Buffer): Promise<void> => {
+        for (const t0 = Date.now(); !got.includes(want); await new Promise((r) => setTimeout(r, 10))) {
+          if (Date.now() - t0 > 15_000) throw new Error(`waited for ${JSON.stringify(want.toString('latin1'))}, got ${JSON.stringify(got.toString('latin1'))}\n${lab.consoleTail()}`);
+        }
+      };
+      await until(Buffer.from('AGENT-HELLO\n'));
+      wfd = openSync(lab.agentIn, 'w');
+      got = Buffer.alloc(0);
+      writeSync(wfd, 'ping from the host\n');
+      await until(Buffer.from('ping from the host\n'));
+      // 8-bit clean: every byte value but the line end, through the line and back.
+      const bytes = Buffer.from(Array.from({ length: 256 }, (_, i) => i).filter((b) => b !== 0x0a));
+      const line = Buffer.concat([bytes, Buffer.from('\n')]);
+      got = Buffer.alloc(0);
+      writeSync(wfd, line);
+      await until(Buffer.from('\n'));
+      expect(got.equals(line)).toBe(true);
+    } finally {
+      rs?.destroy();
+      if (wfd !== undefined) closeSync(wfd);
+      await lab.close();
+    }
+    expect(() => process.kill(lab.pid, 0)).toThrow(/ESRCH/);
+    expect(spawnSync('pgrep', ['-f', lab.agentIn.replace(/\.in$/, '')]).status).toBe(1);
+    expect(existsSync(lab.consoleLog)).toBe(false);
+    await lab.close(); // twice is fine
+  });
+});
