@@ -12,6 +12,25 @@ import {
 
 export const PAGE_SIZE = 4096;
 
+/** The part of the lab's remote addon a vCPU needs to run there. */
+interface RemoteKvm {
+  remote: true;
+  gettid(): number;
+  remoteRun(fd: number, run: bigint, consolePort: number, maxExits: number, timeoutMs: number): {
+    ret: number;
+    exits: number;
+    console: Uint8Array;
+    ns: number;
+    timedOut: boolean;
+  };
+}
+
+/** The remote addon when KVM calls go to the lab, else undefined. */
+function remote(): RemoteKvm | undefined {
+  const a = addon() as Partial<RemoteKvm>;
+  return a.remote === true && typeof a.remoteRun === 'function' ? (a as RemoteKvm) : undefined;
+}
+
 export function defaultDevice(): string {
   return process.env.KVMHARNESS_DEVICE || '/dev/kvm';
 }
@@ -517,8 +536,10 @@ export class Vcpu {
     this.runView = new DataView(runMap);
     this.runAddress = addon().addressOf(runMap);
     // Take a pooled thread now and wake it, so that it is awake by the first run.
-    this.thread = VcpuThread.tryAcquire();
-    this.thread?.wake();
+    if (!remote()) {
+      this.thread = VcpuThread.tryAcquire();
+      this.thread?.wake();
+    }
   }
 
   private get<T>(call: string, req: number, size: number, decode: (b: Uint8Array) => T): T {
@@ -585,6 +606,8 @@ export class Vcpu {
 
   /** The kernel thread id that runs this vCPU (acquiring its thread now if needed), e.g. for trace filters. */
   async tid(): Promise<number> {
+    const r = remote();
+    if (r) return r.gettid();
     this.thread ??= await VcpuThread.acquire();
     return this.thread.tid;
   }
@@ -593,6 +616,8 @@ export class Vcpu {
   async run(opts: RunOptions = {}): Promise<RunResult> {
     if (this.closed) throw new Error(`vCPU ${this.id} is closed`);
     if (this.running) throw new Error(`vCPU ${this.id} is already running`);
+    const r = remote();
+    if (r) return this.runRemote(r, opts);
     this.running = true;
     try {
       const thread = (this.thread ??= await VcpuThread.acquire());
@@ -617,6 +642,19 @@ export class Vcpu {
     } finally {
       this.running = false;
     }
+  }
+
+  /**
+   * In the lab the agent runs KVM_RUN in its own process with the time limit
+   * applied there; the call is synchronous, and kvm_run comes back with it.
+   */
+  private runRemote(r: RemoteKvm, opts: RunOptions): RunResult {
+    const res = r.remoteRun(this.fd, this.runAddress, opts.consolePort ?? 0, opts.maxExits ?? 1 << 30, opts.timeoutMs ?? 10_000);
+    this.runView.setUint8(RUN.immediate_exit, 0);
+    const memoryFault = res.ret === -14 && this.runView.getUint32(RUN.exit_reason, true) === EXIT.KVM_EXIT_MEMORY_FAULT;
+    if (res.ret < 0 && res.ret !== -4 && !memoryFault) throw new KvmError('KVM_RUN', -res.ret);
+    const exit: Exit = res.ret === -4 ? { reason: 'intr' } : decodeExit(this.runView);
+    return { exit, timedOut: res.timedOut, exits: res.exits, console: res.console, ns: res.ns };
   }
 
   /** Forces a running vCPU out of KVM_RUN (it returns with an intr exit). */
@@ -653,10 +691,17 @@ export class Vcpu {
     if (this.closed) return;
     this.closed = true;
     if (this.thread) {
-      // kvm_run must stay mapped until the thread has left KVM_RUN.
-      if (this.running) this.kickThread(this.thread);
-      this.thread.waitIdle();
-      VcpuThread.release(this.thread);
+      // kvm_run must stay mapped until the thread has left KVM_RUN; a thread
+      // that does not leave it is abandoned with its mapping (never reused).
+      const t = this.thread;
+      if (this.running) this.kickThread(t);
+      try {
+        t.waitIdle(() => this.kickThread(t));
+      } catch (e) {
+        addon().close(this.fd);
+        throw e;
+      }
+      VcpuThread.release(t);
     }
     if (this.ring) addon().munmap(this.ring.map);
     addon().munmap(this.runMap);

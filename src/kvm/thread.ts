@@ -118,8 +118,14 @@ export class VcpuThread {
     return new VcpuThread(worker, ctl, new Uint8Array(consoleBuf), ctl[W.tid]!);
   }
 
-  /** Posts a command; it is finished when `done` reaches the returned sequence number. */
+  /**
+   * Posts a command; it is finished when `done` reaches the returned sequence
+   * number. The previous command must have finished first: the worker reads
+   * the fields after it sees the sequence number change, so overwriting them
+   * early would hand it the next command's fields under the previous number.
+   */
   private post(op: number, fields: Partial<Record<keyof typeof W, number>> = {}): number {
+    while (!this.finished(this.seq));
     for (const [k, v] of Object.entries(fields)) this.ctl[W[k as keyof typeof W]] = v;
     this.ctl[W.op] = op;
     const seq = ++this.seq;
@@ -153,7 +159,11 @@ export class VcpuThread {
       if (!this.finished(seq)) {
         this.worker.ref();
         try {
-          while (!this.finished(seq)) await Atomics.waitAsync(this.ctl, W.done, seq - 1).value;
+          // Wait on the value `done` has now: waiting on any other value
+          // returns at once, and such a loop would starve the event loop.
+          for (let cur = Atomics.load(this.ctl, W.done); cur !== seq; cur = Atomics.load(this.ctl, W.done)) {
+            await Atomics.waitAsync(this.ctl, W.done, cur).value;
+          }
         } finally {
           this.worker.unref();
         }
@@ -178,9 +188,23 @@ export class VcpuThread {
     if (!this.busy && this.finished(this.seq)) this.post(OP.wake);
   }
 
-  /** Blocks until the last command has finished (after a kick, a run returns promptly). */
-  waitIdle(): void {
-    while (!this.finished(this.seq));
+  /**
+   * Blocks until the last command has finished. `kick` (if given) is repeated
+   * every 10 ms in case a run re-entered KVM_RUN after an earlier kick; after
+   * `limitMs` the thread is given up with an error rather than waited for
+   * forever.
+   */
+  waitIdle(kick?: () => void, limitMs = 5000): void {
+    const start = performance.now();
+    let lastKick = start;
+    while (!this.finished(this.seq)) {
+      const now = performance.now();
+      if (kick && now - lastKick > 10) {
+        kick();
+        lastKick = now;
+      }
+      if (now - start > limitMs) throw new Error(`vCPU thread ${this.tid} did not leave KVM_RUN within ${limitMs} ms`);
+    }
   }
 
   /** Ends the thread. */
