@@ -138,7 +138,7 @@ describe('lab profiles', () => {
     expect(args).toContain('stdio,id=console,signal=off');
     expect(args).toContain('pipe,id=agent,path=/t/agent');
     // Built-in KVM takes its parameters on the command line.
-    expect(args[args.indexOf('-append') + 1]).toBe('console=ttyS0 panic=-1 quiet kvm.tdp_mmu=1 kvm_amd.npt=1 kvm_amd.nested=0');
+    expect(args[args.indexOf('-append') + 1]).toBe('console=ttyS0 panic=-1 quiet hugepages=8 kvm.tdp_mmu=1 kvm_amd.npt=1 kvm_amd.nested=0');
     // Without a PVH vmlinux: the bzImage through SeaBIOS.
     const bz = qemuArgs({ kernel: { ...k, vmlinux: undefined }, initramfs: '/i.gz', profile: profile('npt-tdp'), agentPath: '/t/agent' });
     expect(bz).not.toContain('-bios');
@@ -186,8 +186,8 @@ describe('lab initramfs', () => {
     expect(init).toContain("step 'insmod kvm-amd.ko' insmod");
     expect(init).toContain('echo "KVMHARNESS-LAB-FAIL $*"');
     expect(init).toContain('echo "KVMHARNESS-LAB-READY $(uname -r)"');
-    expect(init).toMatch(/READY[^\n]*\n\/agent \/dev\/ttyS1\n/);
-    expect(init).toMatch(/\/agent \/dev\/ttyS1\n.*\npoweroff -f\n/);
+    expect(init).toMatch(/READY[^\n]*\n\/agent --dev \/dev\/ttyS1\n/);
+    expect(init).toMatch(/\/agent --dev \/dev\/ttyS1\n.*\npoweroff -f\n/);
     expect(init).toContain('stty -F /dev/ttyS1 raw -echo');
     // The /init parses with the host's sh.
     expect(spawnSync('sh', ['-n'], { input: init }).status).toBe(0);
@@ -198,7 +198,7 @@ describe('lab initramfs', () => {
     expect((await labError(() => modulePlan(kernel, p))).message).toMatch(/module parameters for kvm_intel, which the lab does not load/);
     const builtin: LabKernel = { ...kernel, modulesDir: undefined, builtin: ['kvm', 'kvm_amd'] };
     expect(modulePlan(builtin, profile('shadow'))).toEqual({ loads: [], cmdline: ['kvm_amd.npt=0', 'kvm_amd.nested=0'] });
-    expect(kernelCmdline(builtin, profile('shadow'))).toBe('console=ttyS0 panic=-1 quiet kvm_amd.npt=0 kvm_amd.nested=0');
+    expect(kernelCmdline(builtin, profile('shadow'))).toBe('console=ttyS0 panic=-1 quiet hugepages=8 kvm_amd.npt=0 kvm_amd.nested=0');
   });
 
   it('installs busybox links at boot when the busybox cannot run here', () => {

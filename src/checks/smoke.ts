@@ -143,16 +143,24 @@ const readonlySlot: Check = {
 };
 
 const DATA_GVA = 0x40000000n;
-const DATA_GPA = 0x300000n;
+/** A dirty-logged slot holding the check's page tables and data; code and bring-up stay in slot 0. */
+const LOGGED_GPA = 0x400000n;
+const DATA_GPA = 0x600000n;
 
 const dirtyLogAd: Check = {
   name: 'dirty_log_walker_ad',
   description: 'the dirty log lists exactly the page written plus the page-table pages whose A/D bits the walker set',
   needs: ['dirty_log', 'ad_bits'],
   async run(ctx) {
-    await withGuest(ctx, { slotFlags: MEM.KVM_MEM_LOG_DIRTY_PAGES }, async (g) => {
-      // Fresh tables below the shared PML4E, all with A/D clear.
-      g.boot.tables.map(DATA_GVA, DATA_GPA, PAGE, '4K', { leaf: PTE_P | PTE_RW | PTE_NX, table: PTE_P | PTE_RW | PTE_US });
+    await withGuest(ctx, {}, async (g) => {
+      g.vm.addMemslot({ slot: 1, gpa: LOGGED_GPA, size: 0x400000, flags: MEM.KVM_MEM_LOG_DIRTY_PAGES });
+      // Fresh tables below the shared PML4E and PDPT, in the logged slot, all
+      // with A/D clear. (A hardware TDP walker, e.g. AMD NPT, needs write
+      // access to every guest table page it reads; here those are exactly
+      // the pages whose A bit the walk sets, so both kinds of host agree.)
+      let next = LOGGED_GPA;
+      const alloc = () => ((next += PAGE), next - PAGE);
+      g.boot.tables.map(DATA_GVA, DATA_GPA, PAGE, '4K', { leaf: PTE_P | PTE_RW | PTE_NX, table: PTE_P | PTE_RW | PTE_US, alloc });
       const cfg = pagingConfig(g, ctx.profile.cpu!);
       const read = pteReader(g);
       const model = walk(cfg, g.boot.tables.root, { gva: DATA_GVA + 0x80n, kind: 'write', cpl: 0 }, read);
@@ -161,14 +169,16 @@ const dirtyLogAd: Check = {
       a.movImm('rbx', DATA_GVA + 0x80n).movImm('rax', 0x77).store(1, { base: 'rbx' }, 'rax');
       channel.done(a);
       g.load(a);
-      g.vm.getDirtyLog(0); // start from a clean log
+      g.vm.getDirtyLog(1); // start from a clean log
       ctx.expect('stop', 'done', stopKey(await g.run()));
-      const bitmap = g.vm.getDirtyLog(0);
+      const bitmap = g.vm.getDirtyLog(1);
       const dirty: bigint[] = [];
       bitmap.forEach((byte, i) => {
-        for (let b = 0; b < 8; b++) if (byte & (1 << b)) dirty.push(BigInt(i * 8 + b) * PAGE);
+        for (let b = 0; b < 8; b++) if (byte & (1 << b)) dirty.push(LOGGED_GPA + BigInt(i * 8 + b) * PAGE);
       });
-      const expected = [...new Set([...model.adWrites.map((w) => w.pteGpa & ~(PAGE - 1n)), model.gpa & ~(PAGE - 1n)])].sort((x, y) => (x < y ? -1 : 1));
+      const inSlot = (x: bigint) => x >= LOGGED_GPA && x < LOGGED_GPA + 0x400000n;
+      const pages = [...model.adWrites.map((w) => w.pteGpa & ~(PAGE - 1n)), model.gpa & ~(PAGE - 1n)].filter(inSlot);
+      const expected = [...new Set(pages)].sort((x, y) => (x < y ? -1 : 1));
       ctx.expect('dirty pages', expected.map(hex), dirty.map(hex));
       ctx.expect('PTEs after the walk', model.adWrites.map((w) => ({ at: w.pteGpa, value: w.new })), model.adWrites.map((w) => ({ at: w.pteGpa, value: read(w.pteGpa) })));
       ctx.note(`walk: ${model.levels.map((l) => `L${l.level}@${hex(l.pteGpa)}=${hex(l.pte)}`).join(' ')}`);

@@ -7,14 +7,16 @@ import { HostError } from '../kvm/sys.js';
 import { formatProfile, probe } from '../probe/probe.js';
 import { human, json, junit, ktap } from '../report/report.js';
 import { exitStatus, runChecks } from '../run/runner.js';
-import type { Check } from '../run/types.js';
+import type { Check, RunReport } from '../run/types.js';
+import { registerLab } from './lab.js';
+import { LabError } from '../lab/profiles.js';
 import { scenarioCheck } from '../run/engine.js';
 import { builtinScenarios, loadScenario, resolveScenario, ScenarioError } from '../scenario/load.js';
 import { registerWalk, WalkUsageError } from './walk.js';
 import { accessMatrix } from '../matrix/check.js';
 
 /** A usage error: exit status 2 with one line. */
-class UsageError extends Error {}
+export class UsageError extends Error {}
 
 /** Each built-in scenario as two checks: results and A/D, then KVM's walker trace. */
 function scenarioChecks(): Check[] {
@@ -92,9 +94,32 @@ export function program(): Command {
       console.log(o.json ? JSON.stringify(prof, null, 2) : formatProfile(prof));
     });
 
-  p.command('run')
-    .description('run checks against KVM (default: every built-in check)')
-    .argument('[names...]', 'checks or suites to run')
+  addRunOptions(p.command('run').description('run checks against KVM (default: every built-in check)')).action(
+    async (names: string[], o: RunCliOptions) => {
+      process.exitCode = await executeRun(names, o);
+    },
+  );
+
+  registerWalk(p);
+  registerLab(p);
+  return p;
+}
+
+export interface RunCliOptions {
+  json?: boolean;
+  ktap?: boolean;
+  junit?: string;
+  list?: boolean;
+  device?: string;
+  sample?: string;
+  seed?: string;
+  mode?: string;
+}
+
+/** The options of `run`, shared with `lab run`. */
+export function addRunOptions(c: Command): Command {
+  return c
+    .argument('[names...]', 'checks, suites or scenario files to run')
     .option('--json', 'print the report as JSON')
     .option('--ktap', 'print the report as KTAP')
     .option('--junit <file>', 'also write a JUnit XML report to FILE')
@@ -102,39 +127,52 @@ export function program(): Command {
     .option('--sample <n>', 'access matrix: check a reproducible random subset of N cases')
     .option('--seed <s>', 'access matrix: seed of the subset (default 1)')
     .option('--mode <mode>', 'access matrix: 4level or 5level (default 4level)')
-    .addOption(deviceOption())
-    .action(async (names: string[], o: { json?: boolean; ktap?: boolean; junit?: string; list?: boolean; device?: string; sample?: string; seed?: string; mode?: string }) => {
-      if (o.json && o.ktap) throw new UsageError('--json and --ktap are exclusive');
-      const count = (flag: string, v: string | undefined, min: number) => {
-        if (v === undefined) return undefined;
-        if (!/^\d+$/.test(v) || Number(v) < min || !Number.isSafeInteger(Number(v))) throw new UsageError(`${flag} needs an integer >= ${min}, got '${v}'`);
-        return Number(v);
-      };
-      if (o.mode !== undefined && o.mode !== '4level' && o.mode !== '5level') throw new UsageError(`--mode must be 4level or 5level, got '${o.mode}'`);
-      const matrix: MatrixOptions = { mode: o.mode as MatrixOptions['mode'], sample: count('--sample', o.sample, 1), seed: count('--seed', o.seed, 0) };
-      const checks = selectChecks(names, matrix);
-      if (o.list) {
-        for (const c of checks) console.log(`${c.name.padEnd(28)} ${c.description}`);
-        return;
-      }
-      const prof = probe(o.device);
-      const kvm = Kvm.open(o.device);
-      try {
-        const live = !o.json && !o.ktap && process.stderr.isTTY;
-        const report = await runChecks(checks, kvm, prof, {
-          onResult: live ? (r) => process.stderr.write(`\r\x1b[K${r.outcome === 'pass' ? 'PASS' : r.outcome === 'not_applicable' ? 'N/A ' : 'FAIL'} ${r.name}\n`) : undefined,
-          onProgress: live ? progressBar : undefined,
-        });
-        console.log(o.json ? json(report) : o.ktap ? ktap(report) : human(report));
-        if (o.junit) writeFileSync(o.junit, junit(report) + '\n');
-        process.exitCode = exitStatus(report);
-      } finally {
-        kvm.close();
-      }
-    });
+    .addOption(deviceOption());
+}
 
-  registerWalk(p);
-  return p;
+/** Parses run options into the checks to run. */
+export function checksFor(names: string[], o: RunCliOptions): Check[] {
+  if (o.json && o.ktap) throw new UsageError('--json and --ktap are exclusive');
+  const count = (flag: string, v: string | undefined, min: number) => {
+    if (v === undefined) return undefined;
+    if (!/^\d+$/.test(v) || Number(v) < min || !Number.isSafeInteger(Number(v))) throw new UsageError(`${flag} needs an integer >= ${min}, got '${v}'`);
+    return Number(v);
+  };
+  if (o.mode !== undefined && o.mode !== '4level' && o.mode !== '5level') throw new UsageError(`--mode must be 4level or 5level, got '${o.mode}'`);
+  const matrix: MatrixOptions = { mode: o.mode as MatrixOptions['mode'], sample: count('--sample', o.sample, 1), seed: count('--seed', o.seed, 0) };
+  return selectChecks(names, matrix);
+}
+
+/** Runs checks against the KVM that addon() reaches (this host's, or the lab's) and prints the report. */
+export async function runReport(checks: Check[], o: RunCliOptions): Promise<RunReport> {
+  const prof = probe(o.device);
+  const kvm = Kvm.open(o.device);
+  try {
+    const live = !o.json && !o.ktap && process.stderr.isTTY;
+    return await runChecks(checks, kvm, prof, {
+      onResult: live ? (r) => process.stderr.write(`\r\x1b[K${r.outcome === 'pass' ? 'PASS' : r.outcome === 'not_applicable' ? 'N/A ' : 'FAIL'} ${r.name}\n`) : undefined,
+      onProgress: live ? progressBar : undefined,
+    });
+  } finally {
+    kvm.close();
+  }
+}
+
+export function printReport(report: RunReport, o: RunCliOptions): void {
+  console.log(o.json ? json(report) : o.ktap ? ktap(report) : human(report));
+  if (o.junit) writeFileSync(o.junit, junit(report) + '\n');
+}
+
+/** `run`: returns the exit status. */
+export async function executeRun(names: string[], o: RunCliOptions): Promise<number> {
+  const checks = checksFor(names, o);
+  if (o.list) {
+    for (const c of checks) console.log(`${c.name.padEnd(28)} ${c.description}`);
+    return 0;
+  }
+  const report = await runReport(checks, o);
+  printReport(report, o);
+  return exitStatus(report);
 }
 
 export async function main(argv: string[]): Promise<number> {
@@ -145,7 +183,7 @@ export async function main(argv: string[]): Promise<number> {
     if (e instanceof CommanderError) return e.exitCode === 0 ? 0 : 2;
     const msg = e instanceof Error ? e.message : String(e);
     process.stderr.write(`kvmharness: ${msg}\n`);
-    const expected = e instanceof HostError || e instanceof UsageError || e instanceof ScenarioError || e instanceof WalkUsageError;
+    const expected = e instanceof HostError || e instanceof UsageError || e instanceof ScenarioError || e instanceof WalkUsageError || e instanceof LabError;
     if (process.env.KVMHARNESS_DEBUG && e instanceof Error && !expected) process.stderr.write(`${e.stack}\n`);
     return 2;
   }

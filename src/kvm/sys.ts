@@ -43,7 +43,19 @@ export const packageRoot: string = (() => {
 export const addonPath = join(packageRoot, 'build', 'Release', 'kvmharness.node');
 
 let loaded: Addon | undefined;
+let override: Addon | undefined;
+
+/** Routes every addon() call to `a` (e.g. the lab's RemoteAddon) until resetAddon(). */
+export function setAddon(a: Addon): void {
+  override = a;
+}
+/** Back to the native addon. */
+export function resetAddon(): void {
+  override = undefined;
+}
+
 export function addon(): Addon {
+  if (override) return override;
   if (!loaded) {
     if (!existsSync(addonPath)) {
       throw new HostError(`the native addon is not built (${addonPath}); run \`npm install\` in ${packageRoot}`);

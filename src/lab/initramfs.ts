@@ -120,7 +120,7 @@ export function initScript(profile: Profile, loads: readonly ModuleLoad[], opts:
       Object.keys(params).map((k) => `echo "KVMHARNESS-LAB-PARAM ${mod}.${k}=$(cat /sys/module/${mod}/parameters/${k} 2>/dev/null)"`),
     ),
     'echo "KVMHARNESS-LAB-READY $(uname -r)"',
-    `/agent ${profile.agentTty}`,
+    `/agent --dev ${profile.agentTty}`,
     'echo "KVMHARNESS-LAB-EXIT $?"',
     'poweroff -f',
     'reboot -f',

@@ -43,9 +43,13 @@ export const QBOOT = '/usr/share/qemu/qboot.rom';
 const DEFAULT_BOOT_TIMEOUT_MS = 60_000;
 const GRACE_MS = 2_000;
 
-/** The kernel command line: console, no reboot loop on panic, quiet, the profile's words, parameters of built-in modules. */
+/**
+ * The kernel command line: console, no reboot loop on panic, quiet, eight
+ * 2 MiB huge pages reserved (hugetlb-backed memslots, so that checks can see
+ * 2 MiB TDP mappings), the profile's words, parameters of built-in modules.
+ */
 export function kernelCmdline(kernel: LabKernel, profile: Profile): string {
-  return [`console=${profile.console}`, 'panic=-1', 'quiet', ...profile.append, ...modulePlan(kernel, profile).cmdline].join(' ');
+  return [`console=${profile.console}`, 'panic=-1', 'quiet', 'hugepages=8', ...profile.append, ...modulePlan(kernel, profile).cmdline].join(' ');
 }
 
 /**

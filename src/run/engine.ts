@@ -163,6 +163,9 @@ function stepName(i: number, s: Step): string {
 export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineOptions = {}): Promise<void> {
   const cpu = ctx.profile.cpu;
   if (!cpu) throw new NotApplicable('x86 scenarios need an x86 host');
+  if (opts.trace && ctx.profile.tdp.enabled) {
+    throw new NotApplicable("with TDP the hardware walks the guest's tables; KVM's walker tracepoints see only the accesses it emulates");
+  }
   if (sc.paging.levels === 5 && !cpu.la57) throw new NotApplicable('5-level paging needs LA57, which this host does not offer');
   for (const b of ['smep', 'smap', 'pke'] as const) {
     const feature = b === 'pke' ? 'pku' : b;

@@ -16,6 +16,8 @@ export interface MapOptions {
   leaf: bigint;
   /** Bits for table entries created on the way down (default P|RW|US). */
   table?: bigint;
+  /** Where tables created on the way down come from (default: the builder's allocator). */
+  alloc?: () => bigint;
 }
 
 export class PageTables {
@@ -31,21 +33,21 @@ export class PageTables {
     this.root = this.newTable();
   }
 
-  private newTable(): bigint {
-    const gpa = this.allocPage();
+  private newTable(alloc: () => bigint = this.allocPage): bigint {
+    const gpa = alloc();
     for (let i = 0n; i < 4096n; i += 8n) this.mem.write64(gpa + i, 0n);
     this.tablePages.push(gpa);
     return gpa;
   }
 
   /** GPA of the entry for `gva` at `level`, creating tables above it with `table` bits. */
-  entry(gva: bigint, level: number, table: bigint = PTE_P | PTE_RW | PTE_US): bigint {
+  entry(gva: bigint, level: number, table: bigint = PTE_P | PTE_RW | PTE_US, alloc?: () => bigint): bigint {
     let tableGpa = this.root;
     for (let l = this.levels; l > level; l--) {
       const e = tableGpa + BigInt(pteIndex(gva, l) * 8);
       let v = this.mem.read64(e);
       if (!(v & PTE_P) || (v & PTE_PS && l <= 3)) {
-        v = this.newTable() | table;
+        v = this.newTable(alloc) | table;
         this.mem.write64(e, v);
       }
       tableGpa = v & PTE_ADDR_MASK;
@@ -62,7 +64,7 @@ export class PageTables {
     }
     const ps = level > 1 ? PTE_PS : 0n;
     for (let off = 0n; off < size; off += span) {
-      this.mem.write64(this.entry(gva + off, level, opts.table), (gpa + off) | opts.leaf | ps);
+      this.mem.write64(this.entry(gva + off, level, opts.table, opts.alloc), (gpa + off) | opts.leaf | ps);
     }
   }
 

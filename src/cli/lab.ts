@@ -1,0 +1,122 @@
+// kvmharness lab: run the checks against the KVM of a kernel under test,
+// booted in QEMU. The checks, models and reports stay in this process; the
+// lab's agent performs the KVM calls.
+import type { Command } from 'commander';
+import { labFetch } from '../lab/fetch.js';
+import { DEFAULT_PROFILE, LabError, PROFILES } from '../lab/profiles.js';
+import { openLab, type LabSessionOptions } from '../lab/session.js';
+import { exitStatus } from '../run/runner.js';
+import type { RunReport } from '../run/types.js';
+import { addRunOptions, checksFor, printReport, runReport, type RunCliOptions } from './main.js';
+
+const log = (s: string) => void process.stderr.write(`lab: ${s}\n`);
+
+interface LabCliOptions {
+  arch?: string;
+  profile?: string;
+  kernel?: string;
+  modules?: string;
+  modparams?: string;
+  bootTimeout?: string;
+}
+
+function sessionOptions(o: LabCliOptions, profile: string): LabSessionOptions {
+  if (o.arch && o.arch !== 'x86_64' && o.arch !== 'arm64') throw new LabError(`--arch must be x86_64 or arm64, got '${o.arch}'`);
+  const timeout = o.bootTimeout === undefined ? undefined : Number(o.bootTimeout) * 1000;
+  if (timeout !== undefined && !(timeout > 0)) throw new LabError(`--boot-timeout needs a positive number of seconds, got '${o.bootTimeout}'`);
+  return { profile, modparams: o.modparams, kernel: o.kernel, modules: o.modules, bootTimeoutMs: timeout, log };
+}
+
+/** `lab run -- <run arguments>`: the arguments after `--` are those of `kvmharness run`. */
+function runArgs(c: Command, rest: string[]): { names: string[]; o: RunCliOptions } {
+  const sub = addRunOptions(c.createCommand('run')).exitOverride();
+  sub.parse(rest[0] === 'run' ? rest.slice(1) : rest, { from: 'user' });
+  return { names: sub.args, o: sub.opts<RunCliOptions>() };
+}
+
+export function registerLab(program: Command): Command {
+  const lab = program.command('lab').description('run the checks against the KVM of a kernel under test, booted in QEMU');
+
+  lab
+    .command('fetch')
+    .description("download and unpack Debian's stock kernel and what the lab needs (cached per user)")
+    .option('--refresh', 'download again even if cached')
+    .action(async (o: { refresh?: boolean }) => {
+      const k = await labFetch({ log, refresh: o.refresh });
+      console.log(`${k.arch} kernel ${k.version}: ${k.vmlinux ?? k.bzImage}`);
+    });
+
+  const labOptions = (c: Command) =>
+    c
+      .option('--arch <arch>', 'x86_64 (arm64 profiles are not wired yet)', 'x86_64')
+      .option('--kernel <image>', 'your kernel (bzImage or vmlinux) instead of the cached Debian one')
+      .option('--modules <dir>', "your kernel's modules directory (lib/modules/<version>)")
+      .option('--modparams <params>', "extra module parameters, e.g. 'kvm.eager_page_split=0'")
+      .option('--boot-timeout <s>', 'give up on a boot after this many seconds (default 60)');
+
+  labOptions(lab.command('run'))
+    .description('boot the kernel with one profile and run `kvmharness run` against its KVM')
+    .option('--profile <name>', `${PROFILES.map((p) => p.name).join(', ')}`, DEFAULT_PROFILE)
+    .argument('[run...]', 'arguments of `kvmharness run`, after --')
+    .action(async (rest: string[], o: LabCliOptions & { profile: string }, c: Command) => {
+      const { names, o: ro } = runArgs(c, rest);
+      const checks = checksFor(names, ro);
+      const s = await openLab(sessionOptions(o, o.profile));
+      let report: RunReport;
+      try {
+        report = await runReport(checks, ro);
+      } finally {
+        await s.close();
+      }
+      printReport(report, ro);
+      process.exitCode = exitStatus(report);
+    });
+
+  labOptions(lab.command('matrix'))
+    .description('run `kvmharness run` under every profile and tabulate the results per profile')
+    .argument('[run...]', 'arguments of `kvmharness run`, after --')
+    .action(async (rest: string[], o: LabCliOptions, c: Command) => {
+      const { names, o: ro } = runArgs(c, rest);
+      const checks = checksFor(names, ro);
+      const results = new Map<string, RunReport | string>();
+      for (const p of PROFILES) {
+        if (p.arch !== 'x86_64') {
+          results.set(p.name, `not available here: ${p.arch} profiles do not boot in this version`);
+          continue;
+        }
+        log(`profile ${p.name}`);
+        const s = await openLab(sessionOptions(o, p.name));
+        try {
+          results.set(p.name, await runReport(checks, { ...ro, json: true }));
+        } finally {
+          await s.close();
+        }
+      }
+      console.log(matrixTable(results));
+      const failed = [...results.values()].some((r) => typeof r !== 'string' && exitStatus(r) !== 0);
+      process.exitCode = failed ? 1 : 0;
+    });
+  return lab;
+}
+
+/** Checks as rows, profiles as columns; a row is marked where profiles disagree. */
+export function matrixTable(results: ReadonlyMap<string, RunReport | string>): string {
+  const profiles = [...results.keys()];
+  const reports = profiles.map((p) => results.get(p)!);
+  const names = [...new Set(reports.flatMap((r) => (typeof r === 'string' ? [] : r.checks.map((c) => c.name))))];
+  const mark = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERR' } as const;
+  const w = Math.max(5, ...names.map((n) => n.length));
+  const cw = Math.max(...profiles.map((p) => p.length), 4);
+  const lines = [`${'check'.padEnd(w)}  ${profiles.map((p) => p.padEnd(cw)).join('  ')}`];
+  for (const n of names) {
+    const cells = reports.map((r) => (typeof r === 'string' ? '-' : mark[r.checks.find((c) => c.name === n)?.outcome ?? 'error']));
+    const differs = new Set(cells.filter((c) => c !== '-')).size > 1;
+    lines.push(`${n.padEnd(w)}  ${cells.map((c) => c.padEnd(cw)).join('  ')}${differs ? '  <- differs' : ''}`);
+  }
+  lines.push('');
+  profiles.forEach((p, i) => {
+    const r = reports[i]!;
+    lines.push(typeof r === 'string' ? `${p}: ${r}` : `${p}: ${r.summary.passed} passed, ${r.summary.failed} failed, ${r.summary.notApplicable} not applicable, ${r.summary.errors} errors`);
+  });
+  return lines.join('\n');
+}
