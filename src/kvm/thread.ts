@@ -56,7 +56,7 @@ const WAKE_SPIN_NS = 500_000n;
 const SPIN_NS = 300_000n;
 
 const workerSource = `
-const { workerData } = require('node:worker_threads');
+const { workerData, parentPort } = require('node:worker_threads');
 const k = require(workerData.addonPath);
 const W = workerData.w, OP = workerData.op;
 const ctl = new Int32Array(workerData.ctl);
@@ -66,7 +66,7 @@ k.kickInstall();
 ctl[W.tid] = k.gettid();
 let seen = 0;
 Atomics.store(ctl, W.done, 0);
-Atomics.notify(ctl, W.done);
+parentPort.postMessage(0);
 let spinNs = 0n;
 for (;;) {
   // After a wake-up command, poll for the next command for a short while
@@ -89,6 +89,8 @@ for (;;) {
   else if (op === OP.wake) spinNs = workerData.wakeSpinNs;
   Atomics.store(ctl, W.done, seen);
   Atomics.notify(ctl, W.done);
+  // An owner that stopped polling waits for this message on its event loop.
+  if (op === OP.run) parentPort.postMessage(seen);
   if (op === OP.exit) break;
 }
 `;
@@ -96,13 +98,18 @@ for (;;) {
 export class VcpuThread {
   private seq = 0;
   private busy = false;
+  private waiter: { seq: number; resolve: () => void } | undefined;
   private constructor(
     private readonly worker: Worker,
     private readonly ctl: Int32Array,
     private readonly console: Uint8Array,
     /** Kernel thread id, the target of kicks. */
     readonly tid: number,
-  ) {}
+  ) {
+    worker.on('message', (seq: number) => {
+      if (this.waiter && seq >= this.waiter.seq) this.waiter.resolve();
+    });
+  }
 
   static async spawn(): Promise<VcpuThread> {
     const ctlBuf = new SharedArrayBuffer(64 * 4);
@@ -110,10 +117,10 @@ export class VcpuThread {
     const ctl = new Int32Array(ctlBuf);
     Atomics.store(ctl, W.done, -1);
     const worker = new Worker(workerSource, { eval: true, workerData: { addonPath, w: W, op: OP, ctl: ctlBuf, console: consoleBuf, wakeSpinNs: WAKE_SPIN_NS } });
-    const failed = new Promise<never>((_, reject) => worker.once('error', reject));
-    // Atomics.waitAsync does not keep Node's event loop alive by itself; the
-    // worker is referenced while the owner waits on it, and only then.
-    await Promise.race([Atomics.waitAsync(ctl, W.done, -1).value, failed]);
+    await new Promise<void>((resolve, reject) => {
+      worker.once('error', reject);
+      worker.once('message', () => resolve());
+    });
     worker.unref();
     return new VcpuThread(worker, ctl, new Uint8Array(consoleBuf), ctl[W.tid]!);
   }
@@ -159,11 +166,14 @@ export class VcpuThread {
       if (!this.finished(seq)) {
         this.worker.ref();
         try {
-          // Wait on the value `done` has now: waiting on any other value
-          // returns at once, and such a loop would starve the event loop.
-          for (let cur = Atomics.load(this.ctl, W.done); cur !== seq; cur = Atomics.load(this.ctl, W.done)) {
-            await Atomics.waitAsync(this.ctl, W.done, cur).value;
-          }
+          // The worker posts a message when a run ends; waiting for it keeps
+          // the event loop (timers, the time-limit kick, Ctrl-C) running.
+          // Atomics.waitAsync was used here and was seen to spin.
+          await new Promise<void>((resolve) => {
+            this.waiter = { seq, resolve };
+            if (this.finished(seq)) resolve();
+          });
+          this.waiter = undefined;
         } finally {
           this.worker.unref();
         }
