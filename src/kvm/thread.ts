@@ -47,6 +47,8 @@ const W = {
   nsLo: 12,
   nsHi: 13,
   tid: 14,
+  /** 1 while the owner waits for the worker's message (it stopped polling). */
+  waiting: 15,
 } as const;
 const OP = { run: 1, exit: 2, wake: 3 } as const;
 const CONSOLE_BYTES = 65536;
@@ -90,7 +92,7 @@ for (;;) {
   Atomics.store(ctl, W.done, seen);
   Atomics.notify(ctl, W.done);
   // An owner that stopped polling waits for this message on its event loop.
-  if (op === OP.run) parentPort.postMessage(seen);
+  if (op === OP.run && Atomics.load(ctl, W.waiting) === 1) parentPort.postMessage(seen);
   if (op === OP.exit) break;
 }
 `;
@@ -169,10 +171,14 @@ export class VcpuThread {
           // The worker posts a message when a run ends; waiting for it keeps
           // the event loop (timers, the time-limit kick, Ctrl-C) running.
           // Atomics.waitAsync was used here and was seen to spin.
+          // Set `waiting` before the last look at `done`, and the worker looks
+          // at `waiting` after setting `done`: one of the two sees the other.
           await new Promise<void>((resolve) => {
             this.waiter = { seq, resolve };
+            Atomics.store(this.ctl, W.waiting, 1);
             if (this.finished(seq)) resolve();
           });
+          Atomics.store(this.ctl, W.waiting, 0);
           this.waiter = undefined;
         } finally {
           this.worker.unref();
