@@ -2,13 +2,15 @@
 // on the libuv pool or on the main thread: each vCPU borrows a worker thread
 // from a small pool of its own and keeps it while it lives.
 //
-// Owner and worker talk through shared memory, not messages: the worker
-// sleeps in Atomics.wait on a command word and the owner wakes it with
-// Atomics.notify, a futex wake instead of two event-loop hops. The worker
-// calls the native run loop with the address of the owner's kvm_run mapping
-// (memory is shared by all threads; only ArrayBuffer views are per isolate),
-// which collects console output without leaving native code and returns on
-// every other exit; the owner decodes that exit from its own view.
+// Owner and worker talk through shared memory: the worker sleeps in
+// Atomics.wait on a command word and the owner wakes it with Atomics.notify,
+// a futex wake instead of two event-loop hops. The owner polls the worker's
+// 'done' word, and only a run that outlasts the polling is waited for with a
+// message. The worker calls the native run loop with the address of the
+// owner's kvm_run mapping (memory is shared by all threads; only ArrayBuffer
+// views are per isolate), which collects console output without leaving
+// native code and returns on every other exit; the owner decodes that exit
+// from its own view.
 import { Worker } from 'node:worker_threads';
 import { addonPath } from './sys.js';
 
@@ -90,7 +92,6 @@ for (;;) {
   }
   else if (op === OP.wake) spinNs = workerData.wakeSpinNs;
   Atomics.store(ctl, W.done, seen);
-  Atomics.notify(ctl, W.done);
   // An owner that stopped polling waits for this message on its event loop.
   if (op === OP.run && Atomics.load(ctl, W.waiting) === 1) parentPort.postMessage(seen);
   if (op === OP.exit) break;

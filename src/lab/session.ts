@@ -89,7 +89,7 @@ export async function openLab(o: LabSessionOptions): Promise<LabSession> {
     if (!existsSync(lab.agentOut)) throw new LabError('the lab has no agent line');
     readFd = openSync(lab.agentOut, fsc.O_RDONLY);
     writeFd = openSync(lab.agentIn, fsc.O_WRONLY);
-    const remote = await connectWithRetry(readFd, writeFd, lab, o.log);
+    const remote = connect(readFd, writeFd, lab);
     setAddon(remote);
     const prevFs = setHostFs(remoteFs(remote));
     o.log(`lab ready in ${(lab.bootMs / 1000).toFixed(1)} s: ${lab.kernelRelease}, ${Object.entries(lab.params).map(([k, v]) => `${k}=${v}`).join(' ')}`);
@@ -121,19 +121,11 @@ export async function openLab(o: LabSessionOptions): Promise<LabSession> {
   }
 }
 
-/** The agent starts just after READY; its first reply may take a moment. */
-async function connectWithRetry(readFd: number, writeFd: number, lab: Lab, log: (s: string) => void): Promise<RemoteAddon> {
-  await new Promise((r) => setTimeout(r, 300));
-  let last: unknown;
-  for (let i = 0; i < 3; i++) {
-    if (!lab.running()) break;
-    try {
-      return RemoteAddon.connect(readFd, writeFd, { rpcTimeoutMs: 20_000 });
-    } catch (e) {
-      last = e;
-      log(`agent not answering yet: ${(e as Error).message}`);
-      await new Promise((r) => setTimeout(r, 500));
-    }
+/** Connects to the agent; the handshake itself repeats its hello until the agent, started just after READY, answers. */
+function connect(readFd: number, writeFd: number, lab: Lab): RemoteAddon {
+  try {
+    return RemoteAddon.connect(readFd, writeFd, { rpcTimeoutMs: 20_000 });
+  } catch (e) {
+    throw new LabError(`the lab's agent did not answer: ${(e as Error).message}\n${lab.consoleTail(20)}`);
   }
-  throw new LabError(`the lab's agent did not answer: ${(last as Error)?.message ?? 'QEMU exited'}\n${lab.consoleTail(20)}`);
 }
