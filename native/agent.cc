@@ -8,7 +8,10 @@
 // coherent. The wire format and the coherence rules are in
 // docs/lab-protocol.md; the host side is src/lab/protocol.ts and remote.ts.
 //
+// The same sources build for x86_64 and arm64 (nothing here is x86-only; on
+// arm64 the run loop simply never sees an io exit):
 // Build: g++ -O2 -static -o kvmharness-agent native/agent.cc native/core.cc
+//        aarch64-linux-gnu-g++ -O2 -static -o kvmharness-agent-arm64 native/agent.cc native/core.cc
 #include <cerrno>
 #include <cstdarg>
 #include <csetjmp>

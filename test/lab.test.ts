@@ -143,7 +143,24 @@ describe('lab profiles', () => {
     const bz = qemuArgs({ kernel: { ...k, vmlinux: undefined }, initramfs: '/i.gz', profile: profile('npt-tdp'), agentPath: '/t/agent' });
     expect(bz).not.toContain('-bios');
     expect(bz.join(' ')).toContain('-kernel /k/bzImage');
-    expect((await labError(() => qemuArgs({ kernel: k, initramfs: '/i.gz', profile: profile('nvhe'), agentPath: '/t/a' }))).message).toMatch(/only x86_64 labs are wired/);
+    expect((await labError(() => qemuArgs({ kernel: k, initramfs: '/i.gz', profile: profile('nvhe'), agentPath: '/t/a' }))).message).toMatch(/profile nvhe is for arm64, the kernel 6\.1\.0-test is x86_64/);
+  });
+
+  it('builds arm64 QEMU arguments: the Image on virt with EL2, the console on the PL011, the agent on a named virtio-serial port', () => {
+    const k: LabKernel = { arch: 'arm64', version: '6.1.0-test-arm64', image: '/k/Image', modulesDir: undefined, busybox: '/bb', builtin: ['kvm', 'virtio_mmio', 'virtio_console'] };
+    for (const name of ['vhe', 'nvhe', 'protected']) {
+      const args = qemuArgs({ kernel: k, initramfs: '/i.gz', profile: profile(name), agentPath: '/t/agent' });
+      const s = args.join(' ');
+      expect(s).toContain('-M virt,virtualization=on,gic-version=3 -cpu max,pauth-impdef=on -accel tcg');
+      expect(s).toContain('-kernel /k/Image -initrd /i.gz');
+      expect(s).toContain('-no-reboot');
+      expect(args.flatMap((a, i) => (a === '-serial' ? [args[i + 1]] : []))).toEqual(['chardev:console']);
+      expect(args).toContain('pipe,id=agent,path=/t/agent');
+      expect(s).toContain('-device virtio-serial-device');
+      expect(s).toContain('-device virtserialport,chardev=agent,name=kvmharness.agent,nr=1');
+      const mode = { vhe: '', nvhe: ' kvm-arm.mode=nvhe', protected: ' kvm-arm.mode=protected' }[name];
+      expect(args[args.indexOf('-append') + 1]).toBe(`console=ttyAMA0 panic=-1 quiet hugepages=8${mode}`);
+    }
   });
 });
 
@@ -201,6 +218,21 @@ describe('lab initramfs', () => {
     expect(kernelCmdline(builtin, profile('shadow'))).toBe('console=ttyS0 panic=-1 quiet hugepages=8 kvm_amd.npt=0 kvm_amd.nested=0');
   });
 
+  it('arm64: loads the virtio channel modules, waits for the named port and runs the agent on it', () => {
+    const init = initScript(profile('nvhe'), [
+      { name: 'virtio_mmio', file: 'virtio_mmio.ko', source: '/m/virtio_mmio.ko', params: [] },
+      { name: 'virtio_console', file: 'virtio_console.ko', source: '/m/virtio_console.ko', params: [] },
+    ], { installApplets: true });
+    const insmods = init.split('\n').filter((l) => l.includes(' insmod /lib/modules/')).map((l) => l.slice(l.indexOf(' insmod ') + 1));
+    expect(insmods).toEqual(['insmod /lib/modules/virtio_mmio.ko', 'insmod /lib/modules/virtio_console.ko']);
+    expect(init).toContain('cat /sys/class/virtio-ports/$p/name');
+    expect(init).toContain('fail "no virtio port kvmharness.agent for the agent"');
+    expect(init).not.toContain('stty');
+    expect(init).not.toMatch(/\/\*/); // /init runs with set -f: no globs
+    expect(init).toMatch(/READY[^\n]*\n\/agent --virtio-port kvmharness\.agent\n/);
+    expect(spawnSync('sh', ['-n'], { input: init }).status).toBe(0);
+  });
+
   it('installs busybox links at boot when the busybox cannot run here', () => {
     const init = initScript(profile('shadow'), [], { installApplets: true });
     expect(init.split('\n')[3]).toBe('/bin/busybox --install -s');
@@ -254,6 +286,36 @@ describe('lab kernel paths', () => {
     expect((await labError(() => resolveKernel({ kernel: k.vmlinux, modules: k.modules, busybox: bb }))).message).toMatch(/kvm-amd\.ko needs ccp\.ko, which is not in/);
   });
 
+  it('arm64: accepts an Image with its virtio modules, names what is missing, and refuses an Image for x86', async () => {
+    const dir = join(work, 'arm64');
+    const v = '6.1.0-test-arm64';
+    const modules = join(dir, 'lib', 'modules', v);
+    mkdirSync(join(modules, 'kernel', 'drivers', 'virtio'), { recursive: true });
+    mkdirSync(join(modules, 'kernel', 'drivers', 'char'), { recursive: true });
+    writeFileSync(join(modules, 'kernel', 'drivers', 'virtio', 'virtio_mmio.ko'), fakeKo('', v));
+    writeFileSync(join(modules, 'kernel', 'drivers', 'char', 'virtio_console.ko'), fakeKo('', v));
+    // An arm64 Image: the boot header's magic "ARM\x64" at 0x38, then the banner.
+    const header = Buffer.alloc(64);
+    header.writeUInt32LE(0x644d5241, 0x38);
+    const image = join(dir, 'Image');
+    writeFileSync(image, Buffer.concat([header, Buffer.from(`\0Linux version ${v} (test@host) #1 SMP\0`)]));
+    const config = ['CONFIG_KVM=y', 'CONFIG_TRACING=y', 'CONFIG_SERIAL_AMBA_PL011=y', 'CONFIG_SERIAL_AMBA_PL011_CONSOLE=y', 'CONFIG_VIRTIO_MMIO=m', 'CONFIG_VIRTIO_CONSOLE=m', 'CONFIG_BLK_DEV_INITRD=y', 'CONFIG_RD_GZIP=y', 'CONFIG_DEVTMPFS=y'];
+    writeFileSync(join(dir, `config-${v}`), config.join('\n') + '\n');
+    const k = await resolveKernel({ arch: 'arm64', kernel: image, modules, busybox: bb });
+    expect(k).toMatchObject({ arch: 'arm64', version: v, image, modulesDir: modules, builtin: ['kvm'] });
+    expect(modulePlan(k, profile('nvhe')).loads.map((l) => l.name)).toEqual(['virtio_mmio', 'virtio_console']);
+
+    expect((await labError(() => resolveKernel({ kernel: image, modules, busybox: bb }))).message).toMatch(/is an arm64 Image: use --arch arm64/);
+    const k86 = fakeKernel('not-arm64');
+    expect((await labError(() => resolveKernel({ arch: 'arm64', kernel: k86.vmlinux, busybox: bb }))).message).toMatch(/is not an arm64 Image/);
+
+    writeFileSync(join(dir, `config-${v}`), config.map((l) => (l === 'CONFIG_KVM=y' ? 'CONFIG_KVM=m' : l)).join('\n') + '\n');
+    rmSync(join(modules, 'kernel', 'drivers', 'char', 'virtio_console.ko'));
+    const e = await labError(() => resolveKernel({ arch: 'arm64', kernel: image, modules, busybox: bb }));
+    expect(e.message).toMatch(/CONFIG_KVM is =m \(needed for KVM \(built in on arm64\)\)/);
+    expect(e.message).toMatch(/no virtio_console\.ko in .* \(the lab needs a kernel built with CONFIG_VIRTIO_CONSOLE\)/);
+  });
+
   it('names CONFIG_PVH for a vmlinux without a PVH entry, and mismatched modules', async () => {
     const k = fakeKernel('nopvh');
     fakeVmlinux(k.vmlinux, { pvh: false });
@@ -274,9 +336,9 @@ const STAND_IN_AGENT = String.raw`
 #include <fcntl.h>
 #include <termios.h>
 #include <unistd.h>
-/* Opens the agent line raw, says AGENT-HELLO, echoes every line back. */
+/* Opens the agent line raw (/init runs it as "/agent --dev PATH"), says AGENT-HELLO, echoes every line back. */
 int main(int argc, char **argv) {
-  int fd = open(argc > 1 ? argv[1] : "/dev/ttyS1", O_RDWR | O_NOCTTY);
+  int fd = open(argc > 1 ? argv[argc - 1] : "/dev/ttyS1", O_RDWR | O_NOCTTY);
   if (fd < 0) return 1;
   struct termios t;
   if (tcgetattr(fd, &t) == 0) { cfmakeraw(&t); tcsetattr(fd, TCSANOW, &t); }

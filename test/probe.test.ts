@@ -30,10 +30,23 @@ describe('probe', () => {
     expect(detectFlavour(() => false, '', 'x64')).toBe('unknown');
   });
 
+  it('on arm64, believes the kernel log over the command line', () => {
+    const log = (mode: string) => `Booting Linux on physical CPU 0x0\nCPU: All CPU(s) started at EL2\nkvm [1]: IPA Size Limit: 48 bits\nkvm [1]: ${mode} mode initialized successfully`;
+    expect(detectFlavour(() => false, 'kvm-arm.mode=nvhe', 'arm64', log('Hyp'))).toBe('arm64-nvhe');
+    expect(detectFlavour(() => false, 'kvm-arm.mode=protected', 'arm64', log('Protected nVHE'))).toBe('arm64-protected');
+    expect(detectFlavour(() => false, '', 'arm64', log('VHE'))).toBe('arm64-vhe');
+    // Asked for nVHE, initialised in VHE (the log wins); asked for nothing, initialised in nVHE.
+    expect(detectFlavour(() => false, 'kvm-arm.mode=nvhe', 'arm64', log('VHE'))).toBe('arm64-vhe');
+    expect(detectFlavour(() => false, '', 'arm64', log('Hyp'))).toBe('arm64-nvhe');
+    // The log no longer holds the line: the command line decides.
+    expect(detectFlavour(() => false, 'kvm-arm.mode=protected', 'arm64', 'unrelated')).toBe('arm64-protected');
+  });
+
   it('kvm_pvm: software walker and shadow pages, no fault stats, no TDP events', () => {
     expect(avail(base)).toEqual({
       exits: true, exception_log: true, ad_bits: true, dirty_log: true, dirty_ring: true, translate: true,
       stats_faults: false, walker_tracepoints: true, tdp_spte_tracepoints: false, shadow_page_tracepoints: true,
+      stage2_fault_tracepoints: false,
     });
   });
 

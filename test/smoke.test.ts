@@ -1,5 +1,5 @@
 import { expect, it } from 'vitest';
-import { SMOKE } from '../src/checks/smoke.js';
+import { X86_SMOKE as SMOKE } from '../src/checks/smoke.js';
 import { Kvm } from '../src/kvm/kvm.js';
 import type { HostProfile } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';

@@ -4,6 +4,7 @@
 import { describe, expect, it } from 'vitest';
 import {
   MODEL_FAULTS,
+  accessedLatitude,
   NON_CANONICAL,
   PFERR,
   compileWalk,
@@ -1066,5 +1067,60 @@ describe('properties over random entries', () => {
     expect(rsvd).toBeGreaterThan(1000);
     expect(prot).toBeGreaterThan(1000);
     expect(faults).toBeGreaterThan(5000);
+  });
+});
+
+// Who walks: KVM's software walker, a processor under TDP, or QEMU's TCG (the
+// lab). Expected values follow the GuestWalker rules in src/model/walk.ts.
+describe('guest walker variants', () => {
+  const amd = (walker: PagingConfig['walker']) => cfg({ vendor: 'amd', walker });
+
+  it('a reserved-bit fault: RSVD|P for KVM and a processor, RSVD without P for QEMU TCG', () => {
+    const m = tables();
+    m.set(PT + 6n * 8n, PTE[6] | bit(51));
+    for (const [walker, ec] of [['kvm', EC.RSVD | EC.P], ['cpu', EC.RSVD | EC.P], ['qemu-tcg', EC.RSVD]] as const) {
+      expect(expectFault(run(m, { gva: 0x6000n }, cfg({ walker }))).errorCode, walker).toBe(ec);
+    }
+  });
+
+  it('bit 8 of an AMD PML4E is reserved for KVM and a processor, ignored by QEMU TCG', () => {
+    const m = tables();
+    m.set(PML4, PML4E0 | G);
+    expect(expectFault(run(m, { gva: 0x1000n }, amd('kvm'))).errorCode).toBe(EC.RSVD | EC.P);
+    expect(expectFault(run(m, { gva: 0x1000n }, amd('cpu'))).errorCode).toBe(EC.RSVD | EC.P);
+    expect(expectOk(run(m, { gva: 0x1000n }, amd('qemu-tcg'))).gpa).toBe(0x10_1000n);
+  });
+
+  it('accessedLatitude: none for KVM\'s walker or a walk that succeeds', () => {
+    const m = tables();
+    m.set(PML4, PDPT | P | W | U); // A clear on the PML4E
+    m.set(PT + 6n * 8n, 0n); // not present
+    const w = run(m, { gva: 0x6000n }, cfg());
+    expect(accessedLatitude(w, 'kvm')).toEqual([]);
+    expect(accessedLatitude(run(m, { gva: 0x1000n }), 'cpu')).toEqual([]);
+  });
+
+  it('accessedLatitude: the present upper entries of a not-present walk, never the not-present entry, and only entries with A clear', () => {
+    const m = tables();
+    m.set(PML4, PDPT | P | W | U); // A clear
+    m.set(PDPT, PD | P | W | U | A); // A already set: nothing to allow
+    m.set(PD, PT | P | W | U); // A clear
+    m.set(PT + 6n * 8n, 0n);
+    const w = run(m, { gva: 0x6000n });
+    expect(accessedLatitude(w, 'cpu')).toEqual([0x1000n, 0x3000n]);
+    expect(accessedLatitude(w, 'qemu-tcg')).toEqual([0x1000n, 0x3000n]);
+  });
+
+  it('accessedLatitude: the reserved entry itself only for QEMU TCG; every entry of a protection fault', () => {
+    const m = tables();
+    m.set(PML4, PDPT | P | W | U);
+    m.set(PT + 6n * 8n, PTE[6] | bit(51)); // A clear, reserved bit
+    const w = run(m, { gva: 0x6000n });
+    expect(accessedLatitude(w, 'cpu')).toEqual([0x1000n]);
+    expect(accessedLatitude(w, 'qemu-tcg')).toEqual([0x1000n, 0x4030n]);
+    m.set(PT + 6n * 8n, PTE[6] & ~W); // user RO, A clear: a write faults on protection
+    const p = run(m, { gva: 0x6000n, kind: 'write', cpl: 3 });
+    expect(expectFault(p).reason).toBe('protection:write');
+    expect(accessedLatitude(p, 'cpu')).toEqual([0x1000n, 0x4030n]);
   });
 });

@@ -10,6 +10,7 @@ import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 import { shadowPages } from './shadow.js';
 import { tdpPicture } from './tdp.js';
 import { pagingConfig, pteReader } from './x86.js';
+import { ARM64_SMOKE } from './arm64.js';
 
 const PAGE = 0x1000n;
 const hex = (v: bigint) => `0x${v.toString(16)}`;
@@ -282,7 +283,8 @@ const timeoutKick: Check = {
   },
 };
 
-export const SMOKE: readonly Check[] = [
+/** The suite's x86 checks: their guests are x86-64 programs. */
+export const X86_SMOKE: readonly Check[] = [
   realModeIo,
   longModeStoreLoad,
   mmioUnbacked,
@@ -293,5 +295,8 @@ export const SMOKE: readonly Check[] = [
   timeoutKick,
   shadowPages,
   tdpPicture(),
-];
+].map((c) => ({ ...c, arch: 'x64' }));
+
+/** The smoke suite: a run takes the checks of the KVM host's architecture (runner.forHostArch). */
+export const SMOKE: readonly Check[] = [...X86_SMOKE, ...ARM64_SMOKE];
 

@@ -3,13 +3,13 @@
 // lab's agent performs the KVM calls.
 import type { Command } from 'commander';
 import { labFetch } from '../lab/fetch.js';
-import { DEFAULT_PROFILE, LabError, PROFILES } from '../lab/profiles.js';
+import { DEFAULT_PROFILE, LabError, PROFILES, type LabArch } from '../lab/profiles.js';
 import { openLab, type LabSessionOptions } from '../lab/session.js';
 import { exitStatus } from '../run/runner.js';
 import type { RunReport } from '../run/types.js';
 import { addRunOptions, checksFor, printReport, runReport, type RunCliOptions } from './main.js';
 
-const log = (s: string) => void process.stderr.write(`lab: ${s}\n`);
+const log = (s: string) => void process.stderr.write(`${s.startsWith('lab: ') ? s : `lab: ${s}`}\n`);
 
 interface LabCliOptions {
   arch?: string;
@@ -24,14 +24,28 @@ function sessionOptions(o: LabCliOptions, profile: string): LabSessionOptions {
   if (o.arch && o.arch !== 'x86_64' && o.arch !== 'arm64') throw new LabError(`--arch must be x86_64 or arm64, got '${o.arch}'`);
   const timeout = o.bootTimeout === undefined ? undefined : Number(o.bootTimeout) * 1000;
   if (timeout !== undefined && !(timeout > 0)) throw new LabError(`--boot-timeout needs a positive number of seconds, got '${o.bootTimeout}'`);
-  return { profile, modparams: o.modparams, kernel: o.kernel, modules: o.modules, bootTimeoutMs: timeout, log };
+  return { profile, arch: o.arch as LabArch | undefined, modparams: o.modparams, kernel: o.kernel, modules: o.modules, bootTimeoutMs: timeout, log };
 }
+
+/** The profile of `lab run`: --profile, else the default of --arch (arm64: nvhe). */
+function runProfile(o: LabCliOptions & { profile?: string }): string {
+  return o.profile ?? (o.arch === 'arm64' ? 'nvhe' : DEFAULT_PROFILE);
+}
+
+/** The access-matrix sample of a lab run without --sample: one batch. */
+const LAB_MATRIX_SAMPLE = 2048;
 
 /** `lab run -- <run arguments>`: the arguments after `--` are those of `kvmharness run`. */
 function runArgs(c: Command, rest: string[]): { names: string[]; o: RunCliOptions } {
   const sub = addRunOptions(c.createCommand('run')).exitOverride();
   sub.parse(rest[0] === 'run' ? rest.slice(1) : rest, { from: 'user' });
-  return { names: sub.args, o: sub.opts<RunCliOptions>() };
+  const o = { ...sub.opts<RunCliOptions>(), progressLines: true };
+  if (o.sample === undefined) {
+    // Every batch of the access matrix crosses the lab's serial line (about 30 cases/s).
+    o.sample = String(LAB_MATRIX_SAMPLE);
+    if (sub.args.length === 0 || sub.args.includes('access-matrix')) log(`the access matrix checks a ${LAB_MATRIX_SAMPLE}-case sample in the lab (--sample N for more)`);
+  }
+  return { names: sub.args, o };
 }
 
 export function registerLab(program: Command): Command {
@@ -41,14 +55,18 @@ export function registerLab(program: Command): Command {
     .command('fetch')
     .description("download and unpack Debian's stock kernel and what the lab needs (cached per user)")
     .option('--refresh', 'download again even if cached')
-    .action(async (o: { refresh?: boolean }) => {
-      const k = await labFetch({ log, refresh: o.refresh });
-      console.log(`${k.arch} kernel ${k.version}: ${k.vmlinux ?? k.bzImage}`);
+    .option('--arch <arch>', 'x86_64 or arm64 (default: both)')
+    .action(async (o: { refresh?: boolean; arch?: string }) => {
+      if (o.arch && o.arch !== 'x86_64' && o.arch !== 'arm64') throw new LabError(`--arch must be x86_64 or arm64, got '${o.arch}'`);
+      for (const arch of o.arch ? [o.arch as LabArch] : (['x86_64', 'arm64'] as const)) {
+        const k = await labFetch({ log, refresh: o.refresh, arch });
+        console.log(`${k.arch} kernel ${k.version}: ${k.image ?? k.vmlinux ?? k.bzImage}`);
+      }
     });
 
   const labOptions = (c: Command) =>
     c
-      .option('--arch <arch>', 'x86_64 (arm64 profiles are not wired yet)', 'x86_64')
+      .option('--arch <arch>', 'x86_64 or arm64 (default: the profile\'s)')
       .option('--kernel <image>', 'your kernel (bzImage or vmlinux) instead of the cached Debian one')
       .option('--modules <dir>', "your kernel's modules directory (lib/modules/<version>)")
       .option('--modparams <params>', "extra module parameters, e.g. 'kvm.eager_page_split=0'")
@@ -56,12 +74,12 @@ export function registerLab(program: Command): Command {
 
   labOptions(lab.command('run'))
     .description('boot the kernel with one profile and run `kvmharness run` against its KVM')
-    .option('--profile <name>', `${PROFILES.map((p) => p.name).join(', ')}`, DEFAULT_PROFILE)
+    .option('--profile <name>', `${PROFILES.map((p) => p.name).join(', ')} (default ${DEFAULT_PROFILE}; with --arch arm64, nvhe)`)
     .argument('[run...]', 'arguments of `kvmharness run`, after --')
-    .action(async (rest: string[], o: LabCliOptions & { profile: string }, c: Command) => {
+    .action(async (rest: string[], o: LabCliOptions & { profile?: string }, c: Command) => {
       const { names, o: ro } = runArgs(c, rest);
       const checks = checksFor(names, ro);
-      const s = await openLab(sessionOptions(o, o.profile));
+      const s = await openLab(sessionOptions(o, runProfile(o)));
       let report: RunReport;
       try {
         report = await runReport(checks, ro);
@@ -79,9 +97,11 @@ export function registerLab(program: Command): Command {
       const { names, o: ro } = runArgs(c, rest);
       const checks = checksFor(names, ro);
       const results = new Map<string, RunReport | string>();
+      // Your own kernel (--kernel) is of one architecture: --arch, else x86_64.
+      const only = o.arch ?? (o.kernel ? 'x86_64' : undefined);
       for (const p of PROFILES) {
-        if (p.arch !== 'x86_64') {
-          results.set(p.name, `not available here: ${p.arch} profiles do not boot in this version`);
+        if (only && p.arch !== only) {
+          results.set(p.name, `not run: ${o.arch ? `--arch ${o.arch}` : `--kernel is an ${only} kernel (add --arch to choose)`}`);
           continue;
         }
         log(`profile ${p.name}`);
@@ -109,7 +129,11 @@ export function matrixTable(results: ReadonlyMap<string, RunReport | string>): s
   const cw = Math.max(...profiles.map((p) => p.length), 4);
   const lines = [`${'check'.padEnd(w)}  ${profiles.map((p) => p.padEnd(cw)).join('  ')}`];
   for (const n of names) {
-    const cells = reports.map((r) => (typeof r === 'string' ? '-' : mark[r.checks.find((c) => c.name === n)?.outcome ?? 'error']));
+    // '-': the profile did not run, or the check is not of its architecture.
+    const cells = reports.map((r) => {
+      const c = typeof r === 'string' ? undefined : r.checks.find((x) => x.name === n);
+      return c ? mark[c.outcome] : '-';
+    });
     const differs = new Set(cells.filter((c) => c !== '-')).size > 1;
     lines.push(`${n.padEnd(w)}  ${cells.map((c) => c.padEnd(cw)).join('  ')}${differs ? '  <- differs' : ''}`);
   }

@@ -7,7 +7,7 @@ import { HostError } from '../kvm/sys.js';
 import { formatProfile, probe } from '../probe/probe.js';
 import { human, json, junit, ktap } from '../report/report.js';
 import { exitStatus, runChecks } from '../run/runner.js';
-import type { Check, RunReport } from '../run/types.js';
+import type { Check, CheckResult, RunReport } from '../run/types.js';
 import { registerLab } from './lab.js';
 import { LabError } from '../lab/profiles.js';
 import { scenarioCheck } from '../run/engine.js';
@@ -114,6 +114,8 @@ export interface RunCliOptions {
   sample?: string;
   seed?: string;
   mode?: string;
+  /** Print one line per finished check on stderr even when it is not a terminal (lab runs, which take minutes). */
+  progressLines?: boolean;
 }
 
 /** The options of `run`, shared with `lab run`. */
@@ -149,8 +151,14 @@ export async function runReport(checks: Check[], o: RunCliOptions): Promise<RunR
   const kvm = Kvm.open(o.device);
   try {
     const live = !o.json && !o.ktap && process.stderr.isTTY;
+    const tag = (r: CheckResult) => (r.outcome === 'pass' ? 'PASS' : r.outcome === 'not_applicable' ? 'N/A ' : r.outcome === 'error' ? 'ERR ' : 'FAIL');
+    let done = 0;
     return await runChecks(checks, kvm, prof, {
-      onResult: live ? (r) => process.stderr.write(`\r\x1b[K${r.outcome === 'pass' ? 'PASS' : r.outcome === 'not_applicable' ? 'N/A ' : 'FAIL'} ${r.name}\n`) : undefined,
+      onResult: live
+        ? (r) => process.stderr.write(`\r\x1b[K${tag(r)} ${r.name}\n`)
+        : o.progressLines
+          ? (r) => process.stderr.write(`[${++done}/${checks.length}] ${tag(r)} ${r.name} (${(r.durationMs / 1000).toFixed(1)} s)\n`)
+          : undefined,
       onProgress: live ? progressBar : undefined,
     });
   } finally {

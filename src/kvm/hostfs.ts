@@ -3,7 +3,7 @@
 // through the agent. The probe reads sysfs through it and tracefs sessions
 // are driven through it; nothing else uses it.
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
+import { closeSync, constants, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmdirSync, writeFileSync } from 'node:fs';
 import { arch } from 'node:os';
 
 export interface HostFs {
@@ -21,6 +21,27 @@ export interface HostFs {
   list(path: string): string[];
   /** mount -t tracefs nodev PATH */
   mountTracefs(path: string): void;
+  /** The kernel's message buffer as /dev/kmsg gives it (read without waiting), or undefined when it cannot be read. */
+  kernelLog?(): string | undefined;
+}
+
+const O_NONBLOCK = 0o4000; // the same on x86-64 and arm64
+
+/** Reads /dev/kmsg record by record until EAGAIN; `read` returns bytes or -errno (EPIPE: a record was overwritten, go on). */
+export function drainKmsg(read: () => Uint8Array | number, max = 100_000): string {
+  const lines: string[] = [];
+  for (let i = 0; i < max; i++) {
+    const b = read();
+    if (typeof b === 'number') {
+      if (b === -32) continue; // EPIPE
+      break;
+    }
+    if (!b.length) break;
+    const text = Buffer.from(b).toString('utf8');
+    // "prio,seq,usec,flags;message\n": the message part.
+    lines.push(text.slice(text.indexOf(';') + 1).replace(/\n$/, ''));
+  }
+  return lines.join('\n');
 }
 
 export const localFs: HostFs = {
@@ -46,6 +67,27 @@ export const localFs: HostFs = {
   },
   mountTracefs(path) {
     execFileSync('mount', ['-t', 'tracefs', 'nodev', path], { stdio: 'pipe' });
+  },
+  kernelLog() {
+    let fd: number;
+    try {
+      fd = openSync('/dev/kmsg', constants.O_RDONLY | O_NONBLOCK);
+    } catch {
+      return undefined;
+    }
+    try {
+      const buf = Buffer.alloc(8192);
+      return drainKmsg(() => {
+        try {
+          return buf.subarray(0, readSync(fd, buf, 0, buf.length, null));
+        } catch (e) {
+          const code = (e as NodeJS.ErrnoException).code;
+          return code === 'EPIPE' ? -32 : -11;
+        }
+      });
+    } finally {
+      closeSync(fd);
+    }
   },
 };
 

@@ -198,3 +198,64 @@ export const MADV = { NORMAL: 0, DONTNEED: 4, REMOVE: 9, HUGEPAGE: 14, NOHUGEPAG
 export const MFD = { CLOEXEC: 1, ALLOW_SEALING: 2, HUGETLB: 4 } as const;
 export const FALLOC = { KEEP_SIZE: 1, PUNCH_HOLE: 2 } as const;
 export const O_RDWR = 2;
+
+// ---- arm64 ------------------------------------------------------------------
+// arm64 uses the generic _IOC layout, so its ioctl numbers come from ioc() as
+// the x86 ones do. Kept apart from IOCTL/SIZEOF, which test/uapi.test.ts checks
+// against the x86 <linux/kvm.h>; test/arm64.test.ts checks these against the
+// arm64 headers of the cross toolchain.
+
+/** arm64 struct sizes in bytes. */
+export const ARM64_SIZEOF = {
+  /** struct kvm_vcpu_init { __u32 target; __u32 features[7]; } */
+  kvm_vcpu_init: 32,
+  /** struct kvm_one_reg { __u64 id; __u64 addr; } */
+  kvm_one_reg: 16,
+  /** struct kvm_reg_list { __u64 n; __u64 reg[]; } */
+  kvm_reg_list: 8,
+} as const;
+
+export const ARM64_IOCTL = {
+  KVM_GET_ONE_REG: iow(0xab, ARM64_SIZEOF.kvm_one_reg),
+  KVM_SET_ONE_REG: iow(0xac, ARM64_SIZEOF.kvm_one_reg),
+  KVM_ARM_VCPU_INIT: iow(0xae, ARM64_SIZEOF.kvm_vcpu_init),
+  KVM_ARM_PREFERRED_TARGET: ior(0xaf, ARM64_SIZEOF.kvm_vcpu_init),
+  KVM_GET_REG_LIST: iowr(0xb0, ARM64_SIZEOF.kvm_reg_list),
+} as const;
+
+export const ARM64_CAP = {
+  KVM_CAP_ARM_PSCI: 87,
+  KVM_CAP_ARM_PSCI_0_2: 102,
+  KVM_CAP_ARM_VM_IPA_SIZE: 165,
+} as const;
+
+/** Bits of kvm_vcpu_init.features[0]. */
+export const KVM_ARM_VCPU_POWER_OFF = 0;
+export const KVM_ARM_VCPU_EL1_32BIT = 1;
+export const KVM_ARM_VCPU_PSCI_0_2 = 2;
+
+/** kvm_run.system_event.type */
+export const KVM_SYSTEM_EVENT = { SHUTDOWN: 1, RESET: 2, CRASH: 3 } as const;
+
+/** One-reg ids: KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | (offset in struct kvm_regs / 4). */
+export const KVM_REG_ARM64 = 0x6000000000000000n;
+export const KVM_REG_SIZE_U64 = 0x0030000000000000n;
+export const KVM_REG_ARM_CORE = 0x0010n << 16n;
+
+/** Byte offsets in arm64 struct kvm_regs (struct user_pt_regs first: regs[31], sp, pc, pstate). */
+export const ARM64_CORE = {
+  x: (n: number) => n * 8,
+  sp: 31 * 8,
+  pc: 32 * 8,
+  pstate: 33 * 8,
+  sp_el1: 34 * 8,
+  elr_el1: 35 * 8,
+} as const;
+
+/** The one-reg id of the 64-bit core register at `offset` in struct kvm_regs. */
+export function arm64CoreReg(offset: number): bigint {
+  return KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | BigInt(offset / 4);
+}
+
+/** PSCI 0.2 function ids (SMC32 calling convention), called with hvc #0. */
+export const PSCI = { VERSION: 0x84000000, SYSTEM_OFF: 0x84000008, SYSTEM_RESET: 0x84000009 } as const;

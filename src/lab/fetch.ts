@@ -1,6 +1,6 @@
-// The lab's kernel: Debian's stock x86_64 kernel fetched into a per-user cache,
-// or the user's own kernel and modules, checked for what the lab needs before
-// any boot.
+// The lab's kernel: Debian's stock x86_64 or arm64 kernel fetched into a
+// per-user cache, or the user's own kernel and modules, checked for what the
+// lab needs before any boot.
 //
 // Nothing is installed system-wide except tools (QEMU, xz): the kernel and
 // busybox packages are downloaded with `apt-get download` and unpacked with
@@ -15,20 +15,22 @@ import {
 import { homedir } from 'node:os';
 import { basename, delimiter, dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { gunzipSync } from 'node:zlib';
-import { KVM_MODULES, LabError, moduleName } from './profiles.js';
+import { ARM64_CHANNEL_MODULES, KVM_MODULES, LabError, moduleName, type LabArch } from './profiles.js';
 
 export { LabError } from './profiles.js';
 
 /** A kernel the lab can boot, with what /init needs from its module tree. */
 export interface LabKernel {
-  arch: 'x86_64';
+  arch: LabArch;
   /** The release, as `uname -r` prints it: 6.1.0-56-amd64. */
   version: string;
+  /** arm64: the uncompressed Image, booted directly. */
+  image?: string;
   /** The uncompressed ELF kernel with a PVH entry, booted directly (fast, 4-level NPT); undefined when the kernel has no PVH entry. */
   vmlinux?: string;
   /** The compressed kernel, booted only when there is no PVH vmlinux. */
   bzImage?: string;
-  /** lib/modules/<version>; undefined when the KVM modules are built in. */
+  /** lib/modules/<version>; undefined when everything the lab loads is built in. */
   modulesDir?: string;
   /** A static busybox for the initramfs. */
   busybox: string;
@@ -106,12 +108,25 @@ export const X86_TOOLS: readonly Tool[] = [
   { need: 'xz', pkg: 'xz-utils' },
 ];
 
+/** What booting the arm64 lab needs on the host: QEMU and the cross toolchain for the agent. */
+export const ARM64_TOOLS: readonly Tool[] = [
+  { need: 'qemu-system-aarch64', pkg: 'qemu-system-arm' },
+  { need: 'aarch64-linux-gnu-g++', pkg: 'g++-aarch64-linux-gnu' },
+  { need: '/usr/aarch64-linux-gnu/lib/libc.a', pkg: 'libc6-dev-arm64-cross' },
+];
+
+/** The tools each architecture's lab needs. */
+export const LAB_TOOLS: Record<LabArch, readonly Tool[]> = { x86_64: X86_TOOLS, arm64: ARM64_TOOLS };
+
+/** Debian's name of each lab architecture. */
+const DEB_ARCH: Record<LabArch, string> = { x86_64: 'amd64', arm64: 'arm64' };
+
 const isRoot = (): boolean => process.getuid?.() === 0;
 
 let aptUpdated = false;
 
-async function aptUpdate(log: (s: string) => void): Promise<void> {
-  if (aptUpdated) return;
+async function aptUpdate(log: (s: string) => void, force = false): Promise<void> {
+  if (aptUpdated && !force) return;
   if (!isRoot()) throw new LabError('the package lists need `apt-get update`, which needs root');
   log('lab: apt-get update');
   const r = await run('apt-get', ['update']);
@@ -127,6 +142,24 @@ async function apt(cmd: string, args: readonly string[], log: (s: string) => voi
     r = await run(cmd, args, { cwd });
   }
   return r;
+}
+
+/**
+ * Makes Debian's packages of a foreign architecture visible to apt
+ * (`dpkg --add-architecture` and `apt-get update`, as root); nothing of that
+ * architecture is installed, the lab only downloads and unpacks.
+ */
+async function ensureDebArch(arch: LabArch, log: (s: string) => void): Promise<void> {
+  const deb = DEB_ARCH[arch];
+  const native = (await run('dpkg', ['--print-architecture'])).stdout.trim();
+  if (native === deb) return;
+  const foreign = (await run('dpkg', ['--print-foreign-architectures'])).stdout.split(/\s+/);
+  if (foreign.includes(deb)) return;
+  if (!isRoot()) throw new LabError(`the ${arch} lab needs Debian's ${deb} packages: run \`dpkg --add-architecture ${deb} && apt-get update\` as root`);
+  log(`lab: dpkg --add-architecture ${deb}`);
+  const r = await run('dpkg', ['--add-architecture', deb]);
+  if (r.code !== 0) throw new LabError(`dpkg --add-architecture ${deb} failed: ${lastLine(r)}`);
+  await aptUpdate(log, true);
 }
 
 /** Installs the packages of whichever tools are missing (needs root), updating the package lists first when a package is not found. */
@@ -190,8 +223,10 @@ async function unpackDeb(pkg: string, dest: string, log: (s: string) => void, af
 }
 
 interface Manifest {
+  arch?: LabArch;
   version: string;
   package: string;
+  image?: string;
   vmlinux: string;
   bzImage: string;
   modulesDir: string;
@@ -200,21 +235,23 @@ interface Manifest {
   builtin: string[];
 }
 
-function readManifest(root: string): LabKernel | undefined {
+function readManifest(root: string, arch: LabArch): LabKernel | undefined {
   try {
     const m = JSON.parse(readFileSync(join(root, 'default.json'), 'utf8')) as Manifest;
+    if ((m.arch ?? 'x86_64') !== arch) return undefined;
     const k: LabKernel = {
-      arch: 'x86_64',
+      arch,
       version: m.version,
+      image: m.image ? join(root, m.image) : undefined,
       vmlinux: m.vmlinux ? join(root, m.vmlinux) : undefined,
-      bzImage: join(root, m.bzImage),
+      bzImage: m.bzImage ? join(root, m.bzImage) : undefined,
       modulesDir: join(root, m.modulesDir),
       busybox: join(root, m.busybox),
       config: m.config ? join(root, m.config) : undefined,
       builtin: m.builtin,
       package: m.package,
     };
-    const paths = [k.vmlinux, k.bzImage, k.modulesDir, k.busybox].filter((p) => p !== undefined);
+    const paths = [k.image, k.vmlinux, k.bzImage, k.modulesDir, k.busybox].filter((p) => p !== undefined);
     return paths.length >= 3 && paths.every((p) => existsSync(p)) ? k : undefined;
   } catch {
     return undefined;
@@ -224,8 +261,10 @@ function readManifest(root: string): LabKernel | undefined {
 function writeManifest(root: string, k: LabKernel): void {
   const rel = (p: string | undefined): string => (p ? relative(root, p) : '');
   const m: Manifest = {
+    arch: k.arch,
     version: k.version,
     package: k.package ?? '',
+    image: k.image ? rel(k.image) : undefined,
     vmlinux: rel(k.vmlinux),
     bzImage: rel(k.bzImage),
     modulesDir: rel(k.modulesDir),
@@ -238,12 +277,12 @@ function writeManifest(root: string, k: LabKernel): void {
   renameSync(tmp, join(root, 'default.json'));
 }
 
-/** Debian's static busybox for x86_64, unpacked into the cache; returns the binary's path. */
-async function fetchBusybox(cache: string, log: (s: string) => void): Promise<string> {
-  const root = join(cache, 'x86_64');
+/** Debian's static busybox for the lab's architecture, unpacked into the cache; returns the binary's path. */
+async function fetchBusybox(cache: string, log: (s: string) => void, arch: LabArch = 'x86_64'): Promise<string> {
+  const root = join(cache, arch);
   const have = existsSync(root) ? readdirSync(root).filter((d) => d.startsWith('busybox-static_')).sort() : [];
   for (const d of have.reverse()) if (existsSync(join(root, d, 'bin', 'busybox'))) return join(root, d, 'bin', 'busybox');
-  const pkg = 'busybox-static:amd64';
+  const pkg = `busybox-static:${DEB_ARCH[arch]}`;
   const dest = join(root, `busybox-static_${safeName(await candidateVersion(pkg, log))}`);
   await unpackDeb(pkg, dest, log);
   const bin = join(dest, 'bin', 'busybox');
@@ -251,13 +290,14 @@ async function fetchBusybox(cache: string, log: (s: string) => void): Promise<st
   return bin;
 }
 
-/** The real kernel package linux-image-amd64 depends on now: linux-image-6.1.0-56-amd64. */
-async function kernelPackage(log: (s: string) => void): Promise<string> {
+/** The real kernel package linux-image-amd64 (-arm64) depends on now: linux-image-6.1.0-56-amd64. */
+async function kernelPackage(log: (s: string) => void, arch: LabArch = 'x86_64'): Promise<string> {
+  const deb = DEB_ARCH[arch];
   for (;;) {
-    const dep = await apt('apt-cache', ['depends', 'linux-image-amd64:amd64'], log);
+    const dep = await apt('apt-cache', ['depends', `linux-image-${deb}:${deb}`], log);
     const pkg = /Depends:\s*(linux-image-[^\s:]+)/.exec(dep.stdout)?.[1];
     if (pkg) return pkg;
-    if (aptUpdated || !isRoot()) throw new LabError(`cannot find Debian's x86_64 kernel package (apt-cache depends linux-image-amd64: ${dep.code !== 0 ? lastLine(dep) : 'no linux-image dependency'})`);
+    if (aptUpdated || !isRoot()) throw new LabError(`cannot find Debian's ${arch} kernel package (apt-cache depends linux-image-${deb}: ${dep.code !== 0 ? lastLine(dep) : 'no linux-image dependency'})`);
     await aptUpdate(log);
   }
 }
@@ -268,13 +308,14 @@ async function kernelPackage(log: (s: string) => void): Promise<string> {
  * into the per-user cache on first use; later calls are offline. Installs the
  * tools the lab needs when missing. `refresh` looks for a newer kernel package.
  */
-export async function labFetch(opts: { cacheDir?: string; log: (s: string) => void; refresh?: boolean }): Promise<LabKernel> {
+export async function labFetch(opts: { cacheDir?: string; log: (s: string) => void; refresh?: boolean; arch?: LabArch }): Promise<LabKernel> {
+  if (opts.arch === 'arm64') return fetchArm64(opts);
   const { log } = opts;
   const cache = labCacheDir(opts.cacheDir);
   const root = join(cache, 'x86_64');
   await ensureTools(X86_TOOLS, log);
   if (!opts.refresh) {
-    const k = readManifest(root);
+    const k = readManifest(root, 'x86_64');
     if (k) {
       log(`lab: kernel ${k.version} (cached)`);
       return k;
@@ -310,6 +351,46 @@ export async function labFetch(opts: { cacheDir?: string; log: (s: string) => vo
   return k;
 }
 
+/**
+ * Debian's stock arm64 kernel (the package linux-image-arm64 depends on) and
+ * static busybox, downloaded and unpacked into the cache like the x86 ones.
+ * The package's vmlinuz is an uncompressed Image; KVM is built in, and the
+ * agent's virtio channel comes from the module tree.
+ */
+async function fetchArm64(opts: { cacheDir?: string; log: (s: string) => void; refresh?: boolean }): Promise<LabKernel> {
+  const { log } = opts;
+  const cache = labCacheDir(opts.cacheDir);
+  const root = join(cache, 'arm64');
+  await ensureTools(ARM64_TOOLS, log);
+  if (!opts.refresh) {
+    const k = readManifest(root, 'arm64');
+    if (k) {
+      log(`lab: arm64 kernel ${k.version} (cached)`);
+      return k;
+    }
+  }
+  await ensureDebArch('arm64', log);
+  mkdirSync(root, { recursive: true });
+  log("lab: looking up Debian's arm64 kernel package");
+  const pkg = await kernelPackage(log, 'arm64');
+  const pkgVersion = await candidateVersion(`${pkg}:arm64`, log);
+  const release = pkg.slice('linux-image-'.length);
+  const dir = join(root, safeName(`${pkg}_${pkgVersion}`));
+  await unpackDeb(`${pkg}:arm64`, dir, log);
+  const busybox = await fetchBusybox(cache, log, 'arm64');
+  const k = checkArm64Kernel({
+    version: release,
+    image: join(dir, 'boot', `vmlinuz-${release}`),
+    modulesDir: join(dir, 'lib', 'modules', release),
+    config: join(dir, 'boot', `config-${release}`),
+    busybox,
+    package: `${pkg} ${pkgVersion}`,
+  });
+  writeManifest(root, k);
+  log(`lab: arm64 kernel ${k.version} (${k.package}) cached in ${dir}`);
+  return k;
+}
+
 // ---------------------------------------------------------------------------
 // Kernel images
 
@@ -325,6 +406,8 @@ function head(path: string, n: number): Buffer {
 }
 
 const isElf = (b: Buffer): boolean => b.length >= 64 && b.readUInt32BE(0) === 0x7f454c46;
+/** The arm64 Image header: magic "ARM\x64" at offset 0x38 (Documentation/arm64/booting.rst). */
+const isArm64Image = (b: Buffer): boolean => b.length >= 64 && b.readUInt32LE(0x38) === 0x644d5241;
 const isBzImage = (b: Buffer): boolean => b.length >= 0x260 && b.toString('latin1', 0x202, 0x206) === 'HdrS';
 
 /** The release word of a bzImage's kernel_version string ("6.1.0-56-amd64 (debian-kernel@…) #1 …"). */
@@ -597,6 +680,71 @@ function checkKernel(c: Candidate): LabKernel {
   };
 }
 
+/** Options the arm64 lab needs, and what for. */
+const ARM64_NEEDS: readonly { option: string; values: string; why: string }[] = [
+  { option: 'CONFIG_KVM', values: 'y', why: 'KVM (built in on arm64)' },
+  { option: 'CONFIG_TRACING', values: 'y', why: "tracefs for KVM's tracepoints" },
+  { option: 'CONFIG_SERIAL_AMBA_PL011', values: 'y', why: 'the PL011 console' },
+  { option: 'CONFIG_SERIAL_AMBA_PL011_CONSOLE', values: 'y', why: 'the console on ttyAMA0' },
+  { option: 'CONFIG_VIRTIO_MMIO', values: 'ym', why: "the virt machine's virtio transport (the agent's line)" },
+  { option: 'CONFIG_VIRTIO_CONSOLE', values: 'ym', why: "the agent's virtio-serial port" },
+  { option: 'CONFIG_BLK_DEV_INITRD', values: 'y', why: 'the initramfs' },
+  { option: 'CONFIG_RD_GZIP', values: 'y', why: 'the gzip initramfs' },
+  { option: 'CONFIG_DEVTMPFS', values: 'y', why: '/dev' },
+];
+
+/**
+ * The arm64 counterpart of checkKernel(): KVM built in, the virtio modules
+ * of the agent's channel in the module tree unless built in, their vermagic
+ * against the release, an Image to boot.
+ */
+function checkArm64Kernel(c: Omit<Candidate, 'vmlinux' | 'bzImage'> & { image?: string }): LabKernel {
+  const problems: string[] = [];
+  const text = c.configText ?? (c.config && existsSync(c.config) ? readFileSync(c.config, 'utf8') : undefined);
+  const config = text === undefined ? undefined : parseConfig(text);
+  if (config) {
+    for (const n of ARM64_NEEDS) {
+      const v = config.get(n.option) ?? 'n';
+      if (!n.values.includes(v)) problems.push(`${n.option} is ${v === 'n' ? 'not set' : `=${v}`} (needed for ${n.why})`);
+    }
+  }
+  const tree = c.modulesDir ? moduleTree(c.modulesDir) : undefined;
+  const builtin = new Set<string>(['kvm']);
+  const wanted: string[] = [];
+  for (const m of ARM64_CHANNEL_MODULES) {
+    const v = config?.get(m.config);
+    if (v === 'y' || tree?.builtin.has(m.module)) builtin.add(m.module);
+    else if (config && v !== 'm') continue; // reported above
+    else if (!tree) problems.push(`the lab needs ${m.module.replace(/_/g, '-')}.ko${config ? '' : ` (unless ${m.config}=y)`}: give the modules directory lib/modules/<version>`);
+    else if (!tree.files.has(m.module)) problems.push(`no ${m.module}.ko in ${tree.dir} (the lab needs a kernel built with ${m.config})`);
+    else wanted.push(m.module);
+  }
+  let vermagic: string | undefined;
+  if (tree && wanted.length && problems.length === 0) {
+    try {
+      loadOrder(tree, wanted, builtin);
+      vermagic = modinfo(readModule(tree.files.get(wanted[0]!)!), 'vermagic')?.split(' ')[0];
+    } catch (e) {
+      if (!(e instanceof LabError)) throw e;
+      problems.push(e.message);
+    }
+  }
+  const version = c.version ?? vermagic;
+  if (vermagic && version && vermagic !== version) problems.push(`the modules are built for ${vermagic} but the kernel is ${version}`);
+  if (!c.image) problems.push('no arm64 Image to boot');
+  if (problems.length) throw new LabError(`kernel ${c.image ?? c.modulesDir}: ${problems.join('; ')}`);
+  return {
+    arch: 'arm64',
+    version: version ?? 'unknown',
+    image: c.image,
+    modulesDir: c.modulesDir,
+    busybox: c.busybox,
+    config: c.config && existsSync(c.config) ? c.config : undefined,
+    builtin: [...builtin],
+    package: c.package,
+  };
+}
+
 /** Throws a one-line LabError unless `path` exists and is readable. */
 function readable(path: string, what: string): string {
   const p = resolve(path);
@@ -634,12 +782,14 @@ export async function resolveKernel(opts: {
   config?: string;
   busybox?: string;
   cacheDir?: string;
+  arch?: LabArch;
   log?: (s: string) => void;
 }): Promise<LabKernel> {
   const log = opts.log ?? (() => {});
+  const arch = opts.arch ?? 'x86_64';
   if (!opts.kernel) {
     if (opts.modules) throw new LabError('a modules directory was given without a kernel');
-    return labFetch({ cacheDir: opts.cacheDir, log });
+    return labFetch({ cacheDir: opts.cacheDir, log, arch });
   }
   const image = readable(opts.kernel, 'kernel image');
   if (!statSync(image).isFile()) throw new LabError(`kernel image is not a file: ${opts.kernel}`);
@@ -650,6 +800,20 @@ export async function resolveKernel(opts: {
   }
   const config = opts.config ? readable(opts.config, 'kernel config') : undefined;
   const h = head(image, 0x1000);
+  if (arch === 'arm64') {
+    if (!isArm64Image(h)) throw new LabError(`kernel image ${opts.kernel} is not an arm64 Image (no "ARM\\x64" magic at 0x38; pass arch/arm64/boot/Image)`);
+    const img = readFileSync(image);
+    const version = elfRelease(img);
+    const configText = config ? undefined : embeddedConfig(img);
+    const found = config ?? configCandidates(image, version, modulesDir).find((p) => existsSync(p));
+    if (!found && configText === undefined) log('lab: no kernel config found; checking the module tree only');
+    const k = checkArm64Kernel({ version, image, modulesDir, config: found, configText: found ? undefined : configText, busybox: '' });
+    if (opts.busybox) return { ...k, busybox: readable(opts.busybox, 'busybox') };
+    await ensureTools(ARM64_TOOLS, log);
+    await ensureDebArch('arm64', log);
+    return { ...k, busybox: await fetchBusybox(labCacheDir(opts.cacheDir), log, 'arm64') };
+  }
+  if (isArm64Image(h)) throw new LabError(`kernel image ${opts.kernel} is an arm64 Image: use --arch arm64 with an arm64 profile`);
   let vmlinux: string | undefined;
   let bzImage: string | undefined;
   let version: string | undefined;

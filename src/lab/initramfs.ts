@@ -112,21 +112,45 @@ export function initScript(profile: Profile, loads: readonly ModuleLoad[], opts:
     'step "mount tracefs" mount -t tracefs nodev /sys/kernel/tracing',
     'step "mount /tmp" mount -t tmpfs tmpfs /tmp',
     ...loads.map((l) => `step ${q(`insmod ${l.file}`)} insmod /lib/modules/${l.file}${l.params.map((p) => ` ${p}`).join('')}`),
-    '[ -c /dev/kvm ] || fail "no /dev/kvm after loading the KVM modules"',
-    `[ -c ${profile.agentTty} ] || fail "no ${profile.agentTty} for the agent"`,
-    // Raw before the agent opens it: the line is 8-bit clean from the first byte.
-    `step ${q(`stty ${profile.agentTty}`)} stty -F ${profile.agentTty} raw -echo clocal -crtscts`,
+    `[ -c /dev/kvm ] || fail "no /dev/kvm after loading ${loads.length && profile.arch === 'x86_64' ? 'the KVM modules' : 'KVM'}"`,
+    ...(profile.agentPort ? agentPortWait(profile.agentPort) : [
+      `[ -c ${profile.agentTty} ] || fail "no ${profile.agentTty} for the agent"`,
+      // Raw before the agent opens it: the line is 8-bit clean from the first byte.
+      `step ${q(`stty ${profile.agentTty}`)} stty -F ${profile.agentTty} raw -echo clocal -crtscts`,
+    ]),
     ...Object.entries(profile.modparams).flatMap(([mod, params]) =>
       Object.keys(params).map((k) => `echo "KVMHARNESS-LAB-PARAM ${mod}.${k}=$(cat /sys/module/${mod}/parameters/${k} 2>/dev/null)"`),
     ),
     'echo "KVMHARNESS-LAB-READY $(uname -r)"',
-    `/agent --dev ${profile.agentTty}`,
+    profile.agentPort ? `/agent --virtio-port ${profile.agentPort}` : `/agent --dev ${profile.agentTty}`,
     'echo "KVMHARNESS-LAB-EXIT $?"',
     'poweroff -f',
     'reboot -f',
     '',
   ];
   return lines.join('\n');
+}
+
+/**
+ * Waits (up to 5 s) for the host to name the agent's virtio-serial port: the
+ * name arrives on the device's control queue after the driver has bound. A
+ * virtio port is a plain character device, no tty, so no stty is needed.
+ */
+function agentPortWait(port: string): string[] {
+  // No globs: /init runs with `set -f`.
+  return [
+    'i=0',
+    'port=',
+    'while [ -z "$port" ]; do',
+    '  for p in $(ls /sys/class/virtio-ports 2>/dev/null); do',
+    `    [ "$(cat /sys/class/virtio-ports/$p/name 2>/dev/null)" = ${port} ] && port=$p`,
+    '  done',
+    '  [ -n "$port" ] && break',
+    `  i=$((i + 1)); [ $i -le 500 ] || fail "no virtio port ${port} for the agent"`,
+    '  usleep 10000',
+    'done',
+    `[ -c /dev/$port ] || fail "no /dev/$port for the agent's virtio port ${port}"`,
+  ];
 }
 
 /** busybox's applets as paths ("bin/sh", "usr/bin/env"), when the binary runs here; undefined for a foreign one. */

@@ -2,8 +2,7 @@
 //
 // A profile names the architecture, the QEMU machine that offers hardware
 // virtualization under TCG, the kernel command line, and KVM's module
-// parameters. x86 profiles are booted (src/lab/qemu.ts); the arm64 ones are
-// recorded here from the measured recipe but not booted yet.
+// parameters. Both architectures boot under QEMU's TCG (src/lab/qemu.ts).
 
 /** Something the lab cannot do: a bad kernel path, a missing tool, a failed boot. The message is one line unless it carries a console tail. */
 export class LabError extends Error {
@@ -34,9 +33,15 @@ export interface Profile {
   console: string;
   /** The guest device the agent talks on. */
   agentTty: string;
+  /**
+   * The name of the virtio-serial port the agent talks on, when its line is
+   * one (arm64: the virt machine has a single PL011, the console); then
+   * agentTty is that port's device node, which is not a tty.
+   */
+  agentPort?: string;
   /** Kernel command line words besides console=, for example kvm-arm.mode=nvhe. */
   append: readonly string[];
-  /** The modules /init loads, dependencies first resolved from the kernel's module tree; empty where KVM is built in. */
+  /** The modules /init loads (KVM's, or the agent channel's where KVM is built in), dependencies resolved from the kernel's module tree. */
   modules: readonly string[];
   /** KVM's parameters: given to insmod, or on the command line when the module is built in. */
   modparams: ModParams;
@@ -62,15 +67,28 @@ export const KVM_MODULES: Record<LabArch, readonly { module: string; config: str
   arm64: [], // built in (CONFIG_KVM=y)
 };
 
+/** arm64: what the agent's virtio-serial port needs, loaded unless built in (Debian builds both as modules). */
+export const ARM64_CHANNEL_MODULES: readonly { module: string; config: string }[] = [
+  { module: 'virtio_mmio', config: 'CONFIG_VIRTIO_MMIO' },
+  { module: 'virtio_console', config: 'CONFIG_VIRTIO_CONSOLE' },
+];
+
+/** The virtio-serial port name of the arm64 agent line. */
+export const ARM64_AGENT_PORT = 'kvmharness.agent';
+
 function x86(name: string, summary: string, modparams: ModParams): Profile {
   const modules = KVM_MODULES.x86_64.map((m) => m.module);
   return { name, arch: 'x86_64', summary, qemu: 'qemu-system-x86_64', machine: X86_MACHINE, console: 'ttyS0', agentTty: '/dev/ttyS1', append: [], modules, modparams };
 }
 
 function arm64(name: string, summary: string, append: string[]): Profile {
-  // The virt machine has one non-secure PL011; the agent's channel would be a
-  // virtio console (hvc0). Not booted yet.
-  return { name, arch: 'arm64', summary, qemu: 'qemu-system-aarch64', machine: ARM64_MACHINE, console: 'ttyAMA0', agentTty: '/dev/hvc0', append, modules: [], modparams: {} };
+  // The virt machine has one non-secure PL011 (the console); the agent's line
+  // is a virtio-serial port: raw bytes, no tty layer in between.
+  const modules = ARM64_CHANNEL_MODULES.map((m) => m.module);
+  return {
+    name, arch: 'arm64', summary, qemu: 'qemu-system-aarch64', machine: ARM64_MACHINE, console: 'ttyAMA0',
+    agentTty: '/dev/vport0p1', agentPort: ARM64_AGENT_PORT, append, modules, modparams: {},
+  };
 }
 
 export const PROFILES: readonly Profile[] = [

@@ -2,9 +2,11 @@
 // for /init's READY line on the console, and hands the agent's serial line to
 // the caller as two FIFOs.
 //
-// ttyS0 (the console) is QEMU's stdout, copied to a log file and watched for
-// KVMHARNESS-LAB-* lines. ttyS1 is a pipe chardev: QEMU reads <dir>/agent.in
-// and writes <dir>/agent.out, raw bytes both ways. QEMU is torn down on
+// The console (x86 ttyS0, arm64 the PL011 ttyAMA0) is QEMU's stdout, copied
+// to a log file and watched for KVMHARNESS-LAB-* lines. The agent's line (x86
+// ttyS1; arm64 a virtio-serial port, the virt machine having one PL011) is a
+// pipe chardev: QEMU reads <dir>/agent.in and writes <dir>/agent.out, raw
+// bytes both ways. QEMU is torn down on
 // close(), on a failed boot, on process exit and on SIGINT/SIGTERM, and dies
 // with this process (parent-death signal) when setpriv is there.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
@@ -59,7 +61,8 @@ export function kernelCmdline(kernel: LabKernel, profile: Profile): string {
  */
 export function qemuArgs(o: { kernel: LabKernel; initramfs: string; profile: Profile; agentPath: string }): string[] {
   const { kernel, profile } = o;
-  if (profile.arch !== 'x86_64') throw new LabError(`profile ${profile.name} (${profile.arch}) cannot be booted yet: only x86_64 labs are wired`);
+  if (profile.arch !== kernel.arch) throw new LabError(`profile ${profile.name} is for ${profile.arch}, the kernel ${kernel.version} is ${kernel.arch}`);
+  if (profile.arch === 'arm64') return arm64Args(o);
   // A PVH vmlinux boots fast through qboot; a bzImage goes through SeaBIOS.
   const image = kernel.vmlinux ?? kernel.bzImage;
   if (!image) throw new LabError(`kernel ${kernel.version} has no bootable image`);
@@ -74,6 +77,28 @@ export function qemuArgs(o: { kernel: LabKernel; initramfs: string; profile: Pro
     '-serial', 'chardev:console',
     '-chardev', `pipe,id=agent,path=${o.agentPath}`,
     '-serial', 'chardev:agent',
+  ];
+}
+
+/**
+ * arm64: the Image booted directly on the virt machine; the console on the
+ * PL011, the agent on a named virtio-serial port (virtio-mmio transport).
+ */
+function arm64Args(o: { kernel: LabKernel; initramfs: string; profile: Profile; agentPath: string }): string[] {
+  const { kernel, profile } = o;
+  if (!kernel.image) throw new LabError(`kernel ${kernel.version} has no arm64 Image`);
+  if (!profile.agentPort) throw new LabError(`profile ${profile.name} names no virtio port for the agent`);
+  return [
+    ...profile.machine,
+    '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot', '-net', 'none',
+    '-kernel', kernel.image,
+    '-initrd', o.initramfs,
+    '-append', kernelCmdline(kernel, profile),
+    '-chardev', 'stdio,id=console,signal=off',
+    '-serial', 'chardev:console',
+    '-device', 'virtio-serial-device',
+    '-chardev', `pipe,id=agent,path=${o.agentPath}`,
+    '-device', `virtserialport,chardev=agent,name=${profile.agentPort},nr=1`,
   ];
 }
 
@@ -225,7 +250,7 @@ export async function bootLab(opts: { kernel: LabKernel; initramfs: string; prof
   const { kernel, profile } = opts;
   if (!existsSync(opts.initramfs)) throw new LabError(`initramfs not found: ${opts.initramfs}`);
   const qemu = which(profile.qemu);
-  if (!qemu) throw new LabError(`${profile.qemu} is not installed (the lab's fetch installs it: apt-get install qemu-system-x86)`);
+  if (!qemu) throw new LabError(`${profile.qemu} is not installed (the lab's fetch installs it: apt-get install ${profile.arch === 'arm64' ? 'qemu-system-arm' : 'qemu-system-x86'})`);
   if (kernel.vmlinux && profile.machine.includes(QBOOT) && !existsSync(QBOOT)) throw new LabError(`${QBOOT} is missing (package qemu-system-data)`);
 
   sweepStale();

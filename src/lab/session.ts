@@ -1,20 +1,23 @@
 // One lab session: a kernel under test booted in QEMU with the agent on its
-// second serial line, and this process pointed at it — every KVM call goes
+// own line (x86: the second serial port; arm64: a virtio-serial port), and
+// this process pointed at it — every KVM call goes
 // through the RemoteAddon, sysfs and tracefs through the agent — so the
 // unchanged checks, models and reports run here against the lab's KVM.
-import { closeSync, existsSync, mkdirSync, openSync } from 'node:fs';
-import { join } from 'node:path';
+import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { constants as fsc } from 'node:fs';
-import { setHostFs, type HostFs } from '../kvm/hostfs.js';
+import { drainKmsg, setHostFs, type HostFs } from '../kvm/hostfs.js';
 import { resetAddon, setAddon } from '../kvm/sys.js';
 import { labCacheDir, resolveKernel, type LabKernel } from './fetch.js';
 import { buildInitramfs } from './initramfs.js';
-import { profile as profileNamed, LabError, type Profile } from './profiles.js';
+import { profile as profileNamed, LabError, type LabArch, type Profile } from './profiles.js';
 import { bootLab, type Lab } from './qemu.js';
-import { buildAgent, RemoteAddon } from './remote.js';
+import { agentSources, buildAgent, RemoteAddon } from './remote.js';
 
 export interface LabSessionOptions {
   profile: string;
+  /** The architecture asked for (--arch); the profile must be of it. */
+  arch?: LabArch;
   modparams?: string;
   kernel?: string;
   modules?: string;
@@ -31,6 +34,8 @@ export interface LabSession {
 }
 
 const ARCH: Record<string, string> = { x86_64: 'x64', aarch64: 'arm64' };
+/** O_NONBLOCK in the lab (the same value on x86-64 and arm64). */
+const O_NONBLOCK = 0o4000;
 
 /** The lab's files as the agent reaches them (tracefs is mounted by /init). */
 export function remoteFs(r: RemoteAddon): HostFs {
@@ -61,25 +66,44 @@ export function remoteFs(r: RemoteAddon): HostFs {
     mountTracefs(path) {
       if (!exists(`${path}/events`)) throw new Error('tracefs is not mounted in the lab');
     },
+    kernelLog() {
+      const fd = r.open('/dev/kmsg', fsc.O_RDONLY | O_NONBLOCK);
+      if (fd < 0) return undefined;
+      try {
+        return drainKmsg(() => r.read(fd, 8192));
+      } finally {
+        r.close(fd);
+      }
+    },
   };
 }
 
-/** The agent binary for the lab's architecture, built once into the cache. */
-function agentBinary(log: (s: string) => void): string {
+/** The compiler of each architecture's static agent (arm64: Debian's cross compiler). */
+const AGENT_CXX: Record<LabArch, string> = { x86_64: process.env.CXX || 'g++', arm64: 'aarch64-linux-gnu-g++' };
+
+/**
+ * The agent binary for the lab's architecture, built into the cache, and
+ * built again when a source file is newer than it.
+ */
+function agentBinary(arch: LabArch, log: (s: string) => void): string {
   const dir = join(labCacheDir(), 'agent');
   mkdirSync(dir, { recursive: true });
-  const out = join(dir, 'kvmharness-agent-x86_64');
-  log('building the lab agent (static)');
-  buildAgent(out);
+  const out = join(dir, `kvmharness-agent-${arch}`);
+  const newest = Math.max(...[...agentSources, join(dirname(agentSources[0]!), 'core.h')].map((f) => statSync(f).mtimeMs));
+  if (existsSync(out) && statSync(out).mtimeMs >= newest) return out;
+  log(`building the lab agent (static, ${arch})`);
+  const tmp = `${out}.${process.pid}.tmp`;
+  buildAgent(tmp, AGENT_CXX[arch]);
+  renameSync(tmp, out);
   return out;
 }
 
 /** Boots the lab and points this process's KVM calls and host files at it. */
 export async function openLab(o: LabSessionOptions): Promise<LabSession> {
   const prof = profileNamed(o.profile, o.modparams);
-  if (prof.arch !== 'x86_64') throw new LabError(`lab profile ${prof.name} (${prof.arch}) is not available here: only x86_64 profiles boot in this version`);
-  const kernel = await resolveKernel({ kernel: o.kernel, modules: o.modules, log: o.log });
-  const agent = agentBinary(o.log);
+  if (o.arch && prof.arch !== o.arch) throw new LabError(`lab profile ${prof.name} is for ${prof.arch}, not ${o.arch}`);
+  const kernel = await resolveKernel({ kernel: o.kernel, modules: o.modules, arch: prof.arch, log: o.log });
+  const agent = agentBinary(prof.arch, o.log);
   const initramfs = buildInitramfs({ kernel, agentBinary: agent, profile: prof, out: join(labCacheDir(), `initramfs-${prof.name}-${kernel.version}.cpio.gz`) });
   o.log(`booting ${kernel.version} (${prof.name})`);
   const lab = await bootLab({ kernel, initramfs, profile: prof, bootTimeoutMs: o.bootTimeoutMs, log: o.log });
@@ -92,7 +116,6 @@ export async function openLab(o: LabSessionOptions): Promise<LabSession> {
     const remote = connect(readFd, writeFd, lab);
     setAddon(remote);
     const prevFs = setHostFs(remoteFs(remote));
-    o.log(`lab ready in ${(lab.bootMs / 1000).toFixed(1)} s: ${lab.kernelRelease}, ${Object.entries(lab.params).map(([k, v]) => `${k}=${v}`).join(' ')}`);
     return {
       lab,
       kernel,

@@ -114,6 +114,21 @@ import { physAddrRsvdMask, PTE_A, PTE_D, bitRange, PTE_NX, PTE_PS, PTE_G } from 
 export type Vendor = 'intel' | 'amd';
 export type AccessKind = 'read' | 'write' | 'exec';
 
+/**
+ * Who walks the guest's page tables when the guest accesses memory.
+ * - 'kvm': KVM's software walker (shadow paging: every guest #PF goes through
+ *   it). The model's rules are KVM's.
+ * - 'cpu': the processor, under TDP (EPT/NPT). Same rules, except that a
+ *   processor may set A on the entries a faulting walk used (see "A bits on a
+ *   faulting walk" below): accessedLatitude() names them.
+ * - 'qemu-tcg': QEMU's TCG emulating the processor (the lab's kernels under
+ *   test run on it). As 'cpu', and TCG's own deviations from the architecture,
+ *   measured in the lab (README, Findings): a reserved-bit #PF has P = 0 in its
+ *   error code; bit 8 of an AMD PML4E is not reserved; A may also be set on
+ *   the entry whose reserved bit ended the walk.
+ */
+export type GuestWalker = 'kvm' | 'cpu' | 'qemu-tcg';
+
 export interface PagingConfig {
   levels: 4 | 5;
   /** Guest CPUID vendor (KVM keys the AMD reserved-bit rule on guest_cpuid_is_amd_or_hygon). */
@@ -129,6 +144,8 @@ export interface PagingConfig {
   pdpe1gb: boolean;
   /** PKRU, 32 bits: AD of key i is bit 2i, WD is bit 2i+1. */
   pkru: number;
+  /** Who walks the guest's tables (default 'kvm'). */
+  walker?: GuestWalker;
 }
 
 export interface Access {
@@ -196,7 +213,8 @@ export const MODEL_FAULTS: readonly ModelFault[] = [
 ];
 
 export type ReadPte = (gpa: bigint) => bigint;
-export type CompiledWalk = (cr3: bigint, access: Access, readPte: ReadPte) => WalkResult;
+/** A walk under one pre-compiled configuration; `walker` is the configuration's. */
+export type CompiledWalk = ((cr3: bigint, access: Access, readPte: ReadPte) => WalkResult) & { readonly walker: GuestWalker };
 
 // ---------------------------------------------------------------------------------
 // Compilation: everything derived from the configuration, as plain numbers.
@@ -213,6 +231,9 @@ interface Compiled {
   readonly smap: boolean;
   readonly pke: boolean;
   readonly pkru: number;
+  readonly walker: GuestWalker;
+  // a reserved-bit fault's error code lacks P (qemu-tcg)
+  readonly rsvdNoP: boolean;
   readonly fetchI: number; // PFERR.I when fetches report I/D, else 0
   // reserved-bit masks split in 32-bit halves, indexed level * 2 + PS
   readonly rsvdLo: Int32Array;
@@ -235,7 +256,7 @@ export function reservedMask(cfg: PagingConfig, level: number, ps: 0 | 1): bigin
   switch (level) {
     case 5:
     case 4:
-      return high | PTE_PS | (cfg.vendor === 'amd' ? PTE_G : 0n);
+      return high | PTE_PS | (cfg.vendor === 'amd' && cfg.walker !== 'qemu-tcg' ? PTE_G : 0n);
     case 3:
       return ps ? high | (cfg.pdpe1gb ? 0n : PTE_PS) | bitRange(13, 29) : high;
     case 2:
@@ -270,6 +291,8 @@ function compile(cfg: PagingConfig, faults?: ReadonlySet<ModelFault>): Compiled 
     smap: cfg.cr4Smap,
     pke: cfg.cr4Pke,
     pkru: cfg.pkru >>> 0,
+    walker: cfg.walker ?? 'kvm',
+    rsvdNoP: cfg.walker === 'qemu-tcg',
     fetchI: cfg.efer.nxe || cfg.cr4Smep ? PFERR.I : 0,
     rsvdLo,
     rsvdHi,
@@ -393,7 +416,7 @@ function run(c: Compiled, cr3: bigint, access: Access, readPte: ReadPte): WalkRe
     if ((lo & c.rsvdLo[k]!) !== 0 || (hi & c.rsvdHi[k]!) !== 0) {
       levels.push({ level, pteGpa, pte, leaf: false });
       if (c.rsvdAsNp) return fault(baseEc, gLo, gHi, levels, 'not-present');
-      return fault(PFERR.RSVD | PFERR.P | baseEc, gLo, gHi, levels, 'reserved');
+      return fault(PFERR.RSVD | (c.rsvdNoP ? 0 : PFERR.P) | baseEc, gLo, gHi, levels, 'reserved');
     }
     // Past the reserved check, PS = 1 can only remain at level 2 or 3.
     const leaf = level === 1 || ps === 1;
@@ -479,7 +502,8 @@ function compiledFor(cfg: PagingConfig): Compiled {
     c.pkru === cfg.pkru >>> 0 &&
     c.vendor === cfg.vendor &&
     c.maxPhyAddr === cfg.maxPhyAddr &&
-    c.pdpe1gb === cfg.pdpe1gb
+    c.pdpe1gb === cfg.pdpe1gb &&
+    c.walker === (cfg.walker ?? 'kvm')
   )
     return c;
   const fresh = compile(cfg);
@@ -514,7 +538,7 @@ export function walkWith(
  */
 export function compileWalk(cfg: PagingConfig, faults?: ReadonlySet<ModelFault>): CompiledWalk {
   const c = compile(cfg, faults);
-  return (cr3, access, readPte) => run(c, cr3, access, readPte);
+  return Object.assign((cr3: bigint, access: Access, readPte: ReadPte) => run(c, cr3, access, readPte), { walker: c.walker });
 }
 
 const EC_NAMES: ReadonlyArray<readonly [number, string]> = [
@@ -544,4 +568,24 @@ export function decodeErrorCode(ec: number): string {
   }
   if (rest !== 0) parts.push(`0x${(rest >>> 0).toString(16)}`);
   return parts.join('|');
+}
+
+/**
+ * Entries whose A bit the guest's walker may set although the model (KVM's
+ * rule: a faulting walk writes no A/D) leaves it clear: for a processor, the
+ * present entries a faulting walk used — every entry of a protection fault,
+ * the ones above the entry that ended a not-present or reserved-bit walk — and
+ * for QEMU TCG also the reserved entry itself. Empty for KVM's walker and for
+ * walks that succeed (their A/D writes are exact).
+ */
+export function accessedLatitude(w: WalkResult, walker: GuestWalker = 'kvm'): bigint[] {
+  if (w.ok || walker === 'kvm' || w.errorCode === NON_CANONICAL) return [];
+  const last = w.levels.length - 1;
+  const out: bigint[] = [];
+  w.levels.forEach((l, i) => {
+    if ((l.pte & 1n) === 0n || (l.pte & PTE_A) !== 0n) return;
+    if (i === last && w.reason === 'reserved' && walker !== 'qemu-tcg') return;
+    out.push(l.pteGpa);
+  });
+  return out;
 }

@@ -1,5 +1,6 @@
 // The host profile: what KVM is here, and from that, which oracles this host
 // offers. Reads sysfs/procfs and asks KVM; changes nothing.
+import type { GuestWalker } from '../model/walk.js';
 import { hostFs } from '../kvm/hostfs.js';
 import { Kvm, type CpuidEntry } from '../kvm/kvm.js';
 import { CAP, type CapName } from '../kvm/uapi.js';
@@ -18,6 +19,7 @@ export const ORACLES = [
   'walker_tracepoints',
   'tdp_spte_tracepoints',
   'shadow_page_tracepoints',
+  'stage2_fault_tracepoints',
 ] as const;
 export type Oracle = (typeof ORACLES)[number];
 
@@ -29,6 +31,8 @@ export interface OracleState {
 
 export interface CpuFeatures {
   vendor: string;
+  /** The processor's name: the brand string (CPUID 0x80000002..4) where KVM reports one, else the host's /proc/cpuinfo model name, e.g. "QEMU TCG CPU version 2.5+" inside the lab. */
+  brand: string;
   maxPhyAddr: number;
   linearAddressBits: number;
   nx: boolean;
@@ -83,10 +87,22 @@ export const TRACE_EVENTS = [
   'kvmmmu/kvm_mmu_spte_requested',
   'kvm/kvm_page_fault',
   'kvm/kvm_mmio',
+  'kvm/kvm_guest_fault',
 ] as const;
 
-export function detectFlavour(mods: (name: string) => boolean, cmdline: string, machine: string): Flavour {
+/**
+ * The KVM flavour. On arm64 the kernel log says which mode KVM initialised
+ * in (kvm_arm_init: "VHE mode initialized successfully", "Hyp mode
+ * initialized successfully" for nVHE, "Protected nVHE mode initialized
+ * successfully"); the command line's kvm-arm.mode is what was asked for, and
+ * decides only when the log no longer holds that line.
+ */
+export function detectFlavour(mods: (name: string) => boolean, cmdline: string, machine: string, kernelLog?: string): Flavour {
   if (machine === 'arm64') {
+    const log = kernelLog ?? '';
+    if (/Protected nVHE mode initialized successfully/.test(log)) return 'arm64-protected';
+    if (/\bVHE mode initialized successfully/.test(log)) return 'arm64-vhe';
+    if (/Hyp mode initialized successfully/.test(log)) return 'arm64-nvhe';
     const mode = cmdline.match(/kvm-arm\.mode=(\S+)/)?.[1];
     if (mode === 'protected') return 'arm64-protected';
     if (mode === 'nvhe') return 'arm64-nvhe';
@@ -111,8 +127,13 @@ function cpuFeatures(entries: CpuidEntry[]): CpuFeatures {
   const l7 = leaf(7);
   const e1 = leaf(0x80000001);
   const e8 = leaf(0x80000008);
+  const brandLeaves = [0x80000002, 0x80000003, 0x80000004].map((fn) => leaf(fn));
+  const brand = brandLeaves.every((l) => l)
+    ? Buffer.from(new Uint32Array(brandLeaves.flatMap((l) => [l!.eax, l!.ebx, l!.ecx, l!.edx])).buffer).toString('latin1').replace(/\0.*$/s, '').trim()
+    : '';
   return {
     vendor,
+    brand,
     maxPhyAddr: e8 ? e8.eax & 0xff : 36,
     linearAddressBits: e8 ? (e8.eax >> 8) & 0xff : 48,
     nx: !!e1 && ((e1.edx >>> 20) & 1) === 1,
@@ -144,6 +165,7 @@ export function deriveOracles(p: Omit<HostProfile, 'oracles'>): Record<Oracle, O
   if (!p.capabilities.KVM_CAP_BINARY_STATS_FD) o.stats_faults = no('no binary stats fd');
   else if (p.flavour === 'kvm_pvm') o.stats_faults = no('kvm_pvm: pf_* and pages_* do not count guest accesses (every guest instruction is emulated)');
   else if (p.flavour === 'unknown') o.stats_faults = no('unknown KVM flavour');
+  else if (p.arch === 'arm64') o.stats_faults = no('arm64 KVM has no pf_* / pages_* fault statistics');
   else o.stats_faults = yes(`pf_* and pages_* count ${p.tdp.enabled ? 'TDP' : 'shadow'} faults`);
   const walkerEvents = ['kvmmmu/kvm_mmu_pagetable_walk', 'kvmmmu/kvm_mmu_paging_element', 'kvmmmu/kvm_mmu_walker_error'].every(ev);
   o.walker_tracepoints = !x86
@@ -158,6 +180,11 @@ export function deriveOracles(p: Omit<HostProfile, 'oracles'>): Record<Oracle, O
       : ev('kvmmmu/kvm_tdp_mmu_spte_changed')
         ? yes('kvm_tdp_mmu_spte_changed' + tracefsWhy)
         : no(p.tracefs.state === 'absent' ? 'tracefs absent' : 'kvm_tdp_mmu_spte_changed missing');
+  o.stage2_fault_tracepoints = p.arch !== 'arm64'
+    ? no('arm64 stage-2 only')
+    : ev('kvm/kvm_guest_fault')
+      ? yes('kvm_guest_fault: every stage-2 abort with its IPA, syndrome and FAR' + tracefsWhy)
+      : no(p.tracefs.state === 'absent' ? 'tracefs absent' : 'kvm_guest_fault missing');
   o.shadow_page_tracepoints = p.tdp.enabled
     ? no('TDP is on: no shadow pages for guest tables')
     : ev('kvmmmu/kvm_mmu_get_page')
@@ -171,7 +198,7 @@ export function probe(device?: string): HostProfile {
   try {
     const machine = hostFs().arch();
     const mods = (m: string) => existsSync(`/sys/module/${m}`);
-    const flavour = detectFlavour(mods, read('/proc/cmdline') ?? '', machine);
+    const flavour = detectFlavour(mods, read('/proc/cmdline') ?? '', machine, machine === 'arm64' ? hostFs().kernelLog?.() : undefined);
     const param = (m: string, p: string) => read(`/sys/module/${m}/parameters/${p}`);
     const moduleParams: Record<string, string> = {};
     for (const [m, ps] of Object.entries(MEMORY_PARAMS)) {
@@ -197,6 +224,8 @@ export function probe(device?: string): HostProfile {
       vm.close();
     }
     const cpu = machine === 'x64' ? cpuFeatures(kvm.supportedCpuid()) : null;
+    // KVM reports no brand string; under TDP the host's processor walks the guest's tables, so its name is the one that counts.
+    if (cpu && !cpu.brand) cpu.brand = (read('/proc/cpuinfo') ?? '').match(/^model name\s*:\s*(.*)$/m)?.[1]?.trim() ?? '';
     const thpEnabled = read('/sys/kernel/mm/transparent_hugepage/enabled');
     const hugetlb: HostProfile['hugetlb'] = {};
     const hpDir = '/sys/kernel/mm/hugepages';
@@ -254,4 +283,14 @@ export function formatProfile(p: HostProfile): string {
   lines.push('oracles');
   for (const [k, v] of Object.entries(p.oracles)) lines.push(`  ${k.padEnd(24)} ${v.available ? 'yes' : 'no '}  ${v.why}`);
   return lines.join('\n');
+}
+
+/**
+ * Who walks the guest's page tables on this host: KVM's software walker
+ * without TDP (and on kvm_pvm, which emulates the guest), the processor under
+ * TDP — QEMU's TCG when the processor is QEMU's emulated one (the lab).
+ */
+export function guestWalkerOf(p: Pick<HostProfile, 'tdp' | 'flavour' | 'cpu'>): GuestWalker {
+  if (!p.tdp.enabled || p.flavour === 'kvm_pvm') return 'kvm';
+  return /\bQEMU TCG\b/.test(p.cpu?.brand ?? '') ? 'qemu-tcg' : 'cpu';
 }

@@ -28,6 +28,9 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
     durationMs: performance.now() - t0,
     ...(cases ? { cases } : {}),
   });
+  if (check.arch && check.arch !== profile.arch) {
+    return result('not_applicable', `${check.arch} guest; this KVM host is ${profile.arch}`);
+  }
   const missing = check.needs.filter((o) => !profile.oracles[o].available);
   if (missing.length) {
     return result('not_applicable', missing.map((o) => `${o}: ${profile.oracles[o].why}`).join('; '));
@@ -57,10 +60,21 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
   return result(comparisons.every((c) => c.ok) ? 'pass' : 'fail');
 }
 
+/**
+ * The checks a run takes: a list that holds checks built for this host's
+ * architecture (a suite such as smoke, which has both) runs those and the
+ * architecture-neutral ones; a list of other architectures' checks only is
+ * kept whole, and each is reported not applicable.
+ */
+export function forHostArch(checks: readonly Check[], arch: string): readonly Check[] {
+  const own = checks.filter((c) => !c.arch || c.arch === arch);
+  return own.length > 0 ? own : checks;
+}
+
 export async function runChecks(checks: readonly Check[], kvm: Kvm, profile: HostProfile, opts: RunOptions = {}): Promise<RunReport> {
   const t0 = performance.now();
   const results: CheckResult[] = [];
-  for (const c of checks) {
+  for (const c of forHostArch(checks, profile.arch)) {
     const r = await runCheck(c, kvm, profile, opts);
     results.push(r);
     opts.onResult?.(r);

@@ -71,6 +71,8 @@ export interface Check {
   description: string;
   /** Oracles the check needs; missing ones make it "not applicable here". */
   needs: Oracle[];
+  /** The KVM host architecture the check's guest is built for ('x64', 'arm64'); none: any. */
+  arch?: string;
   run(ctx: CheckContext): Promise<void>;
 }
 

@@ -1,0 +1,302 @@
+// The arm64 smoke checks: guest programs at EL1 with the MMU off (so guest
+// addresses are IPAs and only stage-2 is in play), each recording expected
+// against observed for the runner's differ. The suite runs on arm64 KVM
+// hosts, such as the lab's vhe / nvhe / protected profiles.
+import { A64 } from '../arch/arm64/asm.js';
+import { decodeAbort, parseGuestFault } from '../arch/arm64/esr.js';
+import { Arm64Guest, channel, describeStop, LAYOUT, type GuestStop } from '../arch/arm64/guest.js';
+import type { Memslot as KvmMemslot } from '../kvm/kvm.js';
+import { CAP, MEM, RUN } from '../kvm/uapi.js';
+import { Memslots, type Backing } from '../model/memslots.js';
+import { Tdp } from '../model/tdp.js';
+import { TraceSession } from '../observe/tracefs.js';
+import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
+
+const PAGE = 0x1000n;
+const hex = (v: bigint) => `0x${v.toString(16)}`;
+/** Memslot 1 of the checks that need data memory. */
+const DATA = 0x20000000n;
+/** An IPA no memslot covers (and not the channel's). */
+const UNBACKED = 0x30000000n;
+
+/** A guest for the duration of one check; always closed. */
+async function withGuest<T>(ctx: CheckContext, fn: (g: Arm64Guest) => Promise<T>): Promise<T> {
+  if (ctx.profile.arch !== 'arm64') throw new NotApplicable('arm64 guests only');
+  const g = Arm64Guest.create(ctx.kvm);
+  try {
+    return await fn(g);
+  } finally {
+    g.close();
+  }
+}
+
+/** A stop for comparison: 'done', 'sync 0x…', or the exit. */
+const stopKey = (s: GuestStop): string => describeStop(s);
+
+/** An MMIO exit as a plain record (data cut to its length), or the stop that came instead. */
+function mmioOf(s: GuestStop): unknown {
+  if (s.kind !== 'exit' || s.exit.reason !== 'mmio') return stopKey(s);
+  const e = s.exit;
+  return e.isWrite ? { gpa: e.gpa, len: e.len, isWrite: true, data: e.data.subarray(0, e.len) } : { gpa: e.gpa, len: e.len, isWrite: false };
+}
+
+const storeLoad: Check = {
+  name: 'arm64_store_load',
+  arch: 'arm64',
+  description: 'arm64: 1/2/4/8-byte stores reach guest memory, loads read them back (registers through KVM_GET_ONE_REG)',
+  needs: ['exits'],
+  async run(ctx) {
+    await withGuest(ctx, async (g) => {
+      g.vm.addMemslot({ slot: 1, gpa: DATA, size: 0x10000, backing: { kind: 'anon', thp: false } });
+      const value = 0x8877665544332211n;
+      const a = new A64(LAYOUT.code);
+      a.mov64(0, DATA + 0x1000n).mov64(1, value);
+      a.str(8, 1, 0, 0).str(4, 1, 0, 8).str(2, 1, 0, 12).str(1, 1, 0, 14);
+      // x9..x12: PSCI SYSTEM_OFF (done) returns in x0..x3.
+      a.ldr(8, 9, 0, 0).ldr(4, 10, 0, 8).ldr(2, 11, 0, 12).ldr(1, 12, 0, 14);
+      channel.done(a);
+      g.load(a);
+      ctx.expect('stop', 'done', stopKey(await g.run()));
+      ctx.expect('loaded values (x9..x12)', [value, value & 0xffffffffn, value & 0xffffn, value & 0xffn], [9, 10, 11, 12].map((n) => g.reg(n)));
+      ctx.expect('guest memory', new Uint8Array([0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x11, 0x22, 0x33, 0x44, 0x11, 0x22, 0x11, 0]), g.mem.bytes(DATA + 0x1000n, 16).slice());
+    });
+  },
+};
+
+const mmioUnbacked: Check = {
+  name: 'arm64_mmio_unbacked_ipa',
+  arch: 'arm64',
+  description: 'arm64: an IPA outside every memslot exits as MMIO with the exact address, length and data; a read completes with the data the host supplies',
+  needs: ['exits'],
+  async run(ctx) {
+    await withGuest(ctx, async (g) => {
+      const a = new A64(LAYOUT.code);
+      a.mov64(0, UNBACKED).mov64(1, 0x1122334455667788n).mov64(2, 0xcafef00d);
+      a.str(4, 2, 0, 0x10); // MMIO write, 4 bytes
+      a.str(8, 1, 0, 0x18); // MMIO write, 8 bytes
+      a.ldr(2, 3, 0, 0x20); // MMIO read, 2 bytes
+      a.ldr(1, 4, 0, 0x23); // MMIO read, 1 byte
+      channel.sync(a, 3);
+      channel.sync(a, 4);
+      channel.done(a);
+      g.load(a);
+      const bytes = (...b: number[]) => new Uint8Array(b);
+      ctx.expect('write exit, 4 bytes', { gpa: UNBACKED + 0x10n, len: 4, isWrite: true, data: bytes(0x0d, 0xf0, 0xfe, 0xca) }, mmioOf(await g.run()));
+      ctx.expect('write exit, 8 bytes', { gpa: UNBACKED + 0x18n, len: 8, isWrite: true, data: bytes(0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11) }, mmioOf(await g.run()));
+      ctx.expect('read exit, 2 bytes', { gpa: UNBACKED + 0x20n, len: 2, isWrite: false }, mmioOf(await g.run()));
+      g.vcpu.runView.setUint16(RUN.mmio_data, 0xbeef, true);
+      ctx.expect('read exit, 1 byte', { gpa: UNBACKED + 0x23n, len: 1, isWrite: false }, mmioOf(await g.run()));
+      g.vcpu.runView.setUint8(RUN.mmio_data, 0xa5);
+      ctx.expect('2-byte value the guest read', 'sync 0xbeef', stopKey(await g.run()));
+      ctx.expect('1-byte value the guest read', 'sync 0xa5', stopKey(await g.run()));
+      ctx.expect('final stop', 'done', stopKey(await g.run()));
+    });
+  },
+};
+
+const readonlySlot: Check = {
+  name: 'arm64_readonly_memslot',
+  arch: 'arm64',
+  description: 'arm64: a write to a read-only memslot exits as MMIO and leaves memory unchanged; reads see the memory',
+  needs: ['exits'],
+  async run(ctx) {
+    if (!ctx.kvm.checkExtension(CAP.KVM_CAP_READONLY_MEM)) throw new NotApplicable('KVM_CAP_READONLY_MEM is 0');
+    await withGuest(ctx, async (g) => {
+      const slot = g.vm.addMemslot({ slot: 1, gpa: DATA, size: 0x1000, flags: MEM.KVM_MEM_READONLY });
+      new DataView(slot.memory).setBigUint64(0, 0x0123456789abcdefn, true);
+      const a = new A64(LAYOUT.code);
+      a.mov64(0, DATA).ldr(8, 1, 0, 0);
+      channel.sync(a, 1);
+      a.mov64(2, 0x55).str(1, 2, 0, 8);
+      channel.done(a);
+      g.load(a);
+      ctx.expect('value read from the slot', 'sync 0x123456789abcdef', stopKey(await g.run()));
+      ctx.expect('write exit', { gpa: DATA + 8n, len: 1, isWrite: true, data: new Uint8Array([0x55]) }, mmioOf(await g.run()));
+      ctx.expect('final stop', 'done', stopKey(await g.run()));
+      ctx.expect('slot memory after the write', 0n, BigInt(new Uint8Array(slot.memory)[8]!));
+    });
+  },
+};
+
+/** The model's view of a harness memslot: same GFNs, same host address. */
+function modelSlot(s: KvmMemslot, backing: Backing) {
+  return {
+    slot: s.slot,
+    asId: 0,
+    baseGfn: Number(s.gpa / PAGE),
+    npages: s.npages,
+    hva: s.hva,
+    flags: { logDirty: (s.flags & MEM.KVM_MEM_LOG_DIRTY_PAGES) !== 0, readonly: (s.flags & MEM.KVM_MEM_READONLY) !== 0 },
+    backing,
+  };
+}
+
+const ANON_4K: Backing = { kind: 'anon', pageSize: 0x1000 };
+
+/**
+ * A stage-2 model of the guest's VM: arm64, 40-bit IPA (KVM's default VM
+ * type), one address space, user addresses below 2^48 (48-bit VA kernels).
+ */
+function stage2Model(slots: readonly { s: KvmMemslot; backing: Backing }[]): Tdp {
+  const tdp = new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 28, hvaLimit: (1n << 48n) - PAGE }), { arch: 'arm64', startLevel: 1, ipaBits: 40 });
+  for (const { s, backing } of slots) tdp.setMemslot(modelSlot(s, backing));
+  return tdp;
+}
+
+/** The model's host learns that the harness itself wrote these pages (present and writable before the guest runs). */
+function hostWrote(tdp: Tdp, s: KvmMemslot, offsets: readonly bigint[]): void {
+  const slot = tdp.slots.find(0, Number(s.gpa / PAGE))!;
+  for (const off of offsets) tdp.host.fault(slot, s.hva + off, true);
+}
+
+const gfnOf = (ipa: bigint) => Number(ipa / PAGE);
+
+const dirtyLog: Check = {
+  name: 'arm64_dirty_log',
+  arch: 'arm64',
+  description: 'arm64: the dirty log lists exactly the pages the guest wrote, before and after KVM_GET_DIRTY_LOG re-protects them, as the stage-2 model harvests them',
+  needs: ['dirty_log'],
+  async run(ctx) {
+    await withGuest(ctx, async (g) => {
+      const s = g.vm.addMemslot({ slot: 1, gpa: DATA, size: 0x10000, flags: MEM.KVM_MEM_LOG_DIRTY_PAGES, backing: { kind: 'anon', thp: false } });
+      const rounds: { write: number[]; read: number[] }[] = [
+        { write: [1, 3, 7, 3], read: [5, 9, 1] },
+        { write: [3, 12], read: [7, 14] },
+      ];
+      const a = new A64(LAYOUT.code);
+      a.mov64(0, DATA).mov64(1, 0x5a);
+      rounds.forEach((r, i) => {
+        for (const p of r.write) a.mov64(2, BigInt(p) * PAGE + 0x40n * BigInt(i + 1)).strReg(1, 1, 0, 2);
+        for (const p of r.read) a.mov64(2, BigInt(p) * PAGE).ldrReg(8, 3, 0, 2);
+        a.mov64(4, i + 1);
+        channel.sync(a, 4);
+      });
+      channel.done(a);
+      g.load(a);
+      const tdp = stage2Model([{ s: g.code, backing: ANON_4K }, { s, backing: ANON_4K }]);
+      hostWrote(tdp, g.code, [0n]);
+      tdp.fault(0, gfnOf(LAYOUT.code), { exec: true });
+      const page = (gfn: number) => hex(BigInt(gfn) * PAGE);
+      ctx.expect('dirty log before the guest runs', [], logPages(g.vm.getDirtyLog(1), DATA));
+      tdp.getDirtyLog(0, 1);
+      for (const [i, r] of rounds.entries()) {
+        ctx.expect(`stop after round ${i + 1}`, `sync 0x${i + 1}`, stopKey(await g.run()));
+        for (const p of r.write) tdp.fault(0, gfnOf(DATA) + p, { write: true });
+        for (const p of r.read) tdp.fault(0, gfnOf(DATA) + p, {});
+        const model = tdp.getDirtyLog(0, 1).map(page);
+        ctx.expect(`round ${i + 1}: the model's dirty pages are the pages written`, [...new Set(r.write)].sort((x, y) => x - y).map((p) => page(gfnOf(DATA) + p)), model);
+        ctx.expect(`round ${i + 1}: dirty log`, model, logPages(g.vm.getDirtyLog(1), DATA));
+      }
+      ctx.expect('final stop', 'done', stopKey(await g.run()));
+    });
+  },
+};
+
+/** The IPAs of the set bits of a dirty bitmap. */
+function logPages(bitmap: Uint8Array, base: bigint): string[] {
+  const out: string[] = [];
+  bitmap.forEach((byte, i) => {
+    for (let b = 0; b < 8; b++) if (byte & (1 << b)) out.push(hex(base + BigInt(i * 8 + b) * PAGE));
+  });
+  return out;
+}
+
+interface Touch {
+  addr: bigint;
+  size: 1 | 2 | 4 | 8;
+  write: boolean;
+}
+
+const stage2Faults: Check = {
+  name: 'arm64_stage2_faults',
+  arch: 'arm64',
+  description: 'arm64: kvm_guest_fault names exactly the IPAs the guest touched that stage-2 did not yet permit, in order, with access and fault kind as the stage-2 model predicts',
+  needs: ['stage2_fault_tracepoints'],
+  async run(ctx) {
+    await withGuest(ctx, async (g) => {
+      const s = g.vm.addMemslot({ slot: 1, gpa: DATA, size: 0x10000, backing: { kind: 'anon', thp: false } });
+      // Pages 0-3 written by the host first (present and writable in the
+      // host); pages 5 and 6 never touched before the guest does.
+      for (let p = 0n; p < 4n; p++) g.mem.write(DATA + p * PAGE + 0x800n, [0xc0, 0xde, Number(p)]);
+      const touches: Touch[] = [
+        { addr: DATA + 0x18n, size: 8, write: true },
+        { addr: DATA + 0x1040n, size: 4, write: false },
+        { addr: DATA + 0x1080n, size: 4, write: true }, // mapped writable by the read before
+        { addr: DATA + 0x100n, size: 8, write: false },
+        { addr: DATA + 0x5022n, size: 2, write: false }, // never written: the host's zero page, read-only
+        { addr: DATA + 0x5300n, size: 8, write: false },
+        { addr: DATA + 0x6007n, size: 1, write: true },
+        { addr: UNBACKED + 0x40n, size: 4, write: false }, // no memslot: a fault, then an MMIO exit
+        { addr: DATA + 0x3008n, size: 8, write: true },
+      ];
+      const a = new A64(LAYOUT.code);
+      a.mov64(1, 0x77);
+      for (const t of touches) {
+        a.mov64(0, t.addr);
+        if (t.write) a.str(t.size, 1, 0, 0);
+        else a.ldr(t.size, 2, 0, 0);
+      }
+      channel.done(a);
+      g.load(a);
+
+      // The model: every access in order; one that stage-2 does not permit yet faults.
+      const tdp = stage2Model([{ s: g.code, backing: ANON_4K }, { s, backing: ANON_4K }]);
+      hostWrote(tdp, g.code, [0n]);
+      hostWrote(tdp, s, [0n, 0x1000n, 0x2000n, 0x3000n]);
+      const expected: unknown[] = [];
+      const access = (addr: bigint, kind: 'read' | 'write' | 'exec') => {
+        const gfn = gfnOf(addr);
+        const before = tdp.lookup(0, gfn);
+        const r = tdp.fault(0, gfn, { write: kind === 'write', exec: kind === 'exec' });
+        if (r.kind !== 'spurious') expected.push({ ipa: hex(addr & ~(PAGE - 1n)), far: hex(addr), access: kind, fault: before ? 'permission' : 'translation' });
+      };
+      access(LAYOUT.code, 'exec');
+      for (const t of touches) access(t.addr, t.write ? 'write' : 'read');
+
+      const trace = TraceSession.open(['kvm/kvm_guest_fault'], [await g.vcpu.tid()]);
+      try {
+        let stop = await g.run();
+        while (stop.kind === 'exit' && stop.exit.reason === 'mmio' && !stop.exit.isWrite) stop = await g.run();
+        ctx.expect('stop', 'done', stopKey(stop));
+        const observed = trace.take().map((e): unknown => {
+          const f = parseGuestFault(e.text);
+          if (!f) return { unparsed: e.text };
+          const ab = decodeAbort(f.esr);
+          return { ipa: hex(f.ipa), far: hex(f.far), access: ab?.access ?? `esr ${hex(f.esr)}`, fault: ab?.fault ?? `esr ${hex(f.esr)}` };
+        });
+        ctx.expect('stage-2 faults, in order', expected, observed);
+      } finally {
+        trace.close();
+      }
+      ctx.note('a write to a page first read as the zero page faults twice in KVM (permission, then translation after the MMU notifier unmaps it); the program does not do that');
+    });
+  },
+};
+
+const timeoutKick: Check = {
+  name: 'arm64_runaway_vcpu_timeout',
+  arch: 'arm64',
+  description: 'arm64: a guest spinning forever is kicked out of KVM_RUN at the time limit and the vCPU can run again',
+  needs: ['exits'],
+  async run(ctx) {
+    await withGuest(ctx, async (g) => {
+      const a = new A64(LAYOUT.code);
+      const spin = a.here('spin');
+      a.b(spin);
+      g.load(a);
+      const t0 = performance.now();
+      const s = await g.run({ timeoutMs: 150 });
+      const ms = performance.now() - t0;
+      ctx.expect('stop', 'timeout', s.kind);
+      // The lab adds the agent's round trip on top of the limit.
+      ctx.expect('kicked at the limit (within -10 ms / +2 s)', true, ms >= 140 && ms < 2150);
+      const b = new A64(LAYOUT.code + 0x1000n);
+      channel.done(b);
+      g.load(b);
+      ctx.expect('runs again after the kick', 'done', stopKey(await g.run()));
+      ctx.expect('pc after SYSTEM_OFF (hvc returned)', b.base + BigInt(b.offset), g.pc());
+    });
+  },
+};
+
+export const ARM64_SMOKE: readonly Check[] = [storeLoad, mmioUnbacked, readonlySlot, dirtyLog, stage2Faults, timeoutKick];
