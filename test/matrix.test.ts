@@ -330,3 +330,21 @@ describeKvm('access matrix on this host', () => {
     }
   });
 });
+
+describe('A bits a CPU walker may set on a faulting walk', () => {
+  const p = { gva: 0x8000000000, pdeGpa: 0x9000, pde: 0x1000n | 1n, pteGpa: 0xa000, pte: 0n, dataGpa: 0xb000, record: 0xc000 };
+  const e = { ec: 0, pde: 0x1001n, pte: 0n, value: 7n, data: 7n, mayA: 0 };
+  const o = { ec: 0, cr2: 0x8000000000n, pde: 0x1021n, pte: 0n, value: 7n, data: 7n };
+
+  it('an A bit the model allows is accepted; without the allowance it is a mismatch', () => {
+    expect(agrees(0, p, { ...e, mayA: 1 }, o)).toBe(true);
+    expect(agrees(0, p, e, o)).toBe(false);
+  });
+
+  it('the allowance covers only A on the named entry: D, another bit, or the other entry still mismatch', () => {
+    expect(agrees(0, p, { ...e, mayA: 1 }, { ...o, pde: 0x1061n })).toBe(false);
+    expect(agrees(0, p, { ...e, mayA: 2 }, o)).toBe(false);
+    expect(agrees(0, p, { ...e, mayA: 3 }, { ...o, pde: 0x1001n, pte: 0x20n })).toBe(true);
+    expect(agrees(0, p, { ...e, mayA: 1 }, { ...o, ec: 1 })).toBe(false);
+  });
+});

@@ -7,9 +7,9 @@
 import { availableParallelism } from 'node:os';
 import { describeStop } from '../arch/x86/guest.js';
 import { describePte, LEVEL_NAMES } from '../arch/x86/pte.js';
-import { compileWalk, decodeErrorCode, type CompiledWalk, type ModelFault, type PagingConfig, type WalkResult } from '../model/walk.js';
+import { compileWalk, decodeErrorCode, type CompiledWalk, type GuestWalker, type ModelFault, type PagingConfig, type WalkResult } from '../model/walk.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
-import type { CpuFeatures } from '../probe/probe.js';
+import { guestWalkerOf, type CpuFeatures } from '../probe/probe.js';
 import { show } from '../run/differ.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 import { agrees, comparable, observe, outcomeKey, prepareBatch, type Batch } from './batch.js';
@@ -52,8 +52,9 @@ const WALK_EVENTS = [
 const hex = (v: bigint | number): string => `0x${v.toString(16)}`;
 
 /** The model's configuration for one control state. */
-export function matrixConfig(cpu: CpuFeatures, levels: 4 | 5, f: number): PagingConfig {
+export function matrixConfig(cpu: CpuFeatures, levels: 4 | 5, f: number, walker: GuestWalker = 'kvm'): PagingConfig {
   return {
+    walker,
     levels,
     vendor: cpu.vendor === 'GenuineIntel' ? 'intel' : 'amd',
     maxPhyAddr: cpu.maxPhyAddr,
@@ -110,11 +111,13 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
   const cases = opts.sample === undefined ? Uint32Array.from(enumerateCases(space)) : sampleCases(space, opts.sample, opts.seed ?? 1);
   ctx.note(`${cases.length} of ${countCases(space)} legal cases (${levels}-level paging)`);
 
+  const walker = guestWalkerOf(ctx.profile);
+  if (walker !== 'kvm') ctx.note(`the guest's walks are ${walker === 'qemu-tcg' ? 'QEMU TCG\'s (README, Findings: its deviations are modelled)' : 'the processor\'s'}; A bits a faulting walk may set are accepted either way`);
   const models = new Map<number, CompiledWalk>();
   const modelFor = (f: number): CompiledWalk => {
     const s = controlState(f);
     let w = models.get(s);
-    if (!w) models.set(s, (w = compileWalk(matrixConfig(cpu, levels, f), opts.faults)));
+    if (!w) models.set(s, (w = compileWalk(matrixConfig(cpu, levels, f, walker), opts.faults)));
     return w;
   };
 
@@ -220,10 +223,10 @@ export interface Rerun {
 }
 
 /** Runs one case in a fresh guest (a batch of one) with the walker tracepoints on. */
-export async function runAlone(ctx: Pick<CheckContext, 'kvm'>, cpu: CpuFeatures, levels: 4 | 5, f: number, faults?: ReadonlySet<ModelFault>): Promise<Rerun> {
+export async function runAlone(ctx: Pick<CheckContext, 'kvm'>, cpu: CpuFeatures, levels: 4 | 5, f: number, faults?: ReadonlySet<ModelFault>, walker: GuestWalker = 'kvm'): Promise<Rerun> {
   const m = MatrixMachine.create(ctx.kvm, { levels, batchSize: 1, smap: cpu.smap, pku: cpu.pku });
   try {
-    const b = prepareBatch(m, compileWalk(matrixConfig(cpu, levels, f), faults), 0, 0, Uint32Array.of(f), 0, 1, true);
+    const b = prepareBatch(m, compileWalk(matrixConfig(cpu, levels, f, walker), faults), 0, 0, Uint32Array.of(f), 0, 1, true);
     m.arm(0, 1, m.control(f));
     let trace: TraceSession | undefined;
     let kvm: TraceEvent[][] | string = 'not traced';
@@ -263,7 +266,7 @@ export function walksOf(events: TraceEvent[], gva: number): TraceEvent[][] {
 async function rerunAlone(ctx: CheckContext, cpu: CpuFeatures, levels: 4 | 5, space: CaseSpace, f: number, faults?: ReadonlySet<ModelFault>): Promise<string> {
   let r: Rerun;
   try {
-    r = await runAlone(ctx, cpu, levels, f, faults);
+    r = await runAlone(ctx, cpu, levels, f, faults, guestWalkerOf(ctx.profile));
   } catch (e) {
     return `re-run of ${caseName(f, space.offered)} failed: ${(e as Error).message}`;
   }
