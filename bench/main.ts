@@ -1,7 +1,7 @@
 // `npm run bench`: the harness against a C reference on the same KVM work, a
 // leak check over many VM lifecycles, and the pure-model benches.
 //
-//   node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N]
+//   node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--no-lab]
 //
 // stdout: a table, or with --json exactly one JSON array. Progress goes to stderr.
 // Exit status 0 whether or not targets are met; 1 only if the bench itself failed.
@@ -14,6 +14,7 @@ import { runInNewContext } from 'node:vm';
 import { Kvm } from '../src/kvm/kvm.js';
 import { packageRoot } from '../src/kvm/sys.js';
 import { exitRoundtrip, faultIn, lifecycleOnce, vmLifecycle } from './kvm.js';
+import { benchLab } from './lab.js';
 import { benchMatrix } from './matrix.js';
 import { benchTdpIter } from './tdp.js';
 import { benchModelWalks } from './walk.js';
@@ -42,6 +43,7 @@ const TARGETS: Record<string, Target> = {
   tdp_iter_1m_gfn_ms: { text: '<= 50 ms', met: (e) => e.value !== null && e.value <= 50 },
   matrix_cases_per_s: { text: '>= 20,000', met: (e) => e.value !== null && e.value >= 20_000 },
   matrix_full_4level_s: { text: '< 300 s', met: (e) => e.value !== null && e.value < 300 },
+  lab_boot_s: { text: '<= 5 s', met: (e) => e.value !== null && e.value <= 5 },
 };
 
 interface Options {
@@ -52,10 +54,12 @@ interface Options {
   leak: number;
   matrixFull: boolean;
   pages: number;
+  lab: boolean;
+  labBoots: number;
 }
 
 function parseArgs(argv: string[]): Options {
-  const o: Options = { json: false, rounds: 7, exits: 30_000, lifecycles: 300, leak: 10_000, matrixFull: false, pages: 4096 };
+  const o: Options = { json: false, rounds: 7, exits: 30_000, lifecycles: 300, leak: 10_000, matrixFull: false, pages: 4096, lab: true, labBoots: 3 };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const int = (): number => {
@@ -70,8 +74,10 @@ function parseArgs(argv: string[]): Options {
     else if (a === '--leak') o.leak = int();
     else if (a === '--matrix-full') o.matrixFull = true;
     else if (a === '--pages') o.pages = int();
+    else if (a === '--no-lab') o.lab = false;
+    else if (a === '--lab-boots') o.labBoots = int();
     else if (a === '--help' || a === '-h') {
-      process.stderr.write('usage: node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--pages N] [--matrix-full]\n');
+      process.stderr.write('usage: node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--pages N] [--matrix-full] [--no-lab] [--lab-boots N]\n');
       process.exit(0);
     } else throw new Error(`unknown argument ${a}`);
   }
@@ -200,6 +206,11 @@ async function kvmBenches(kvm: Kvm, o: Options): Promise<Entry[]> {
 
 const round = (x: number, digits: number): number => Number(x.toFixed(digits));
 
+const LAB_ENTRIES: [string, string][] = [
+  ['lab_boot_s', 's'],
+  ['lab_check_ms', 'ms'],
+];
+
 const KVM_ENTRIES: [string, string][] = [
   ['exit_roundtrip', 'us/exit'],
   ['vm_lifecycle', 'us'],
@@ -262,6 +273,20 @@ async function main(): Promise<number> {
     progress(`KVM benches: not available here: ${unavailable}`);
     for (const [name, unit] of KVM_ENTRIES) entries.push({ name, unit, value: null, note: unavailable });
     entries.push({ name: 'matrix_cases_per_s', unit: 'cases/s', value: null, note: unavailable });
+  }
+
+  if (!o.lab) {
+    for (const [name, unit] of LAB_ENTRIES) entries.push({ name, unit, value: null, note: 'not run (--no-lab)' });
+  } else if (unavailable) {
+    for (const [name, unit] of LAB_ENTRIES) entries.push({ name, unit, value: null, note: `not available here: the local reference needs KVM: ${unavailable}` });
+  } else {
+    progress('lab (npt-tdp)');
+    try {
+      entries.push(...(await benchLab({ boots: o.labBoots, runs: 9, log: progress })));
+    } catch (e) {
+      progress(`lab benches: ${(e as Error).message.split('\n')[0]}`);
+      for (const [name, unit] of LAB_ENTRIES) entries.push({ name, unit, value: null, note: `not available here: ${(e as Error).message.split('\n')[0]}` });
+    }
   }
 
   for (const [name, unit, bench] of [

@@ -43,6 +43,10 @@ function fakeModules(root: string, v = '6.1.0-test', vermagic = v): string {
   put('kernel/drivers/crypto/ccp/ccp.ko', fakeKo('', vermagic));
   put('kernel/arch/x86/kvm/kvm-amd.ko', fakeKo('kvm,ccp', vermagic));
   put('kernel/arch/x86/kvm/kvm.ko.xz', execFileSync('xz', ['-c'], { input: fakeKo('irqbypass', vermagic) }));
+  put('kernel/drivers/virtio/virtio.ko', fakeKo('', vermagic));
+  put('kernel/drivers/virtio/virtio_ring.ko', fakeKo('virtio', vermagic));
+  put('kernel/drivers/virtio/virtio_pci.ko', fakeKo('virtio_ring,virtio', vermagic));
+  put('kernel/drivers/char/virtio_console.ko', fakeKo('virtio_ring,virtio', vermagic));
   put('modules.builtin', Buffer.from('kernel/fs/ext4/ext4.ko\n'));
   return dir;
 }
@@ -72,7 +76,7 @@ function fakeVmlinux(path: string, opts: { pvh: boolean; release?: string }): st
   return path;
 }
 
-const CONFIG = ['CONFIG_KVM=m', 'CONFIG_KVM_AMD=m', 'CONFIG_TRACING=y', 'CONFIG_SERIAL_8250=y', 'CONFIG_SERIAL_8250_CONSOLE=y', 'CONFIG_BLK_DEV_INITRD=y', 'CONFIG_RD_GZIP=y', 'CONFIG_DEVTMPFS=y', 'CONFIG_PVH=y'];
+const CONFIG = ['CONFIG_KVM=m', 'CONFIG_KVM_AMD=m', 'CONFIG_TRACING=y', 'CONFIG_SERIAL_8250=y', 'CONFIG_SERIAL_8250_CONSOLE=y', 'CONFIG_PCI=y', 'CONFIG_VIRTIO_PCI=m', 'CONFIG_VIRTIO_CONSOLE=m', 'CONFIG_BLK_DEV_INITRD=y', 'CONFIG_RD_GZIP=y', 'CONFIG_DEVTMPFS=y', 'CONFIG_PVH=y'];
 
 /** A fake busybox: a script that lists applets like `busybox --list-full`. */
 function fakeBusybox(dir: string): string {
@@ -98,7 +102,8 @@ describe('lab profiles', () => {
     expect(profile('shadow').modparams.kvm_amd?.npt).toBe('0');
     for (const p of PROFILES.filter((q) => q.arch === 'x86_64')) {
       expect(p.machine.join(' ')).toContain('-cpu max,-la57');
-      expect(p.agentTty).toBe('/dev/ttyS1');
+      expect(p.agentTty).toBe('/dev/vport0p1');
+      expect(p.agentPort).toBe('kvmharness.agent');
     }
   });
 
@@ -125,18 +130,19 @@ describe('lab profiles', () => {
     }
   });
 
-  it('builds QEMU arguments: ttyS0 the console on stdio, ttyS1 the agent pipe, PVH through qboot', async () => {
-    const k: LabKernel = { arch: 'x86_64', version: '6.1.0-test', vmlinux: '/k/vmlinux', bzImage: '/k/bzImage', modulesDir: undefined, busybox: '/bb', builtin: ['kvm', 'kvm_amd'] };
+  it('builds QEMU arguments: ttyS0 the console on stdio, the agent on a virtio-serial port on PCI, PVH through qboot', async () => {
+    const k: LabKernel = { arch: 'x86_64', version: '6.1.0-test', vmlinux: '/k/vmlinux', bzImage: '/k/bzImage', modulesDir: undefined, busybox: '/bb', builtin: ['kvm', 'kvm_amd', 'virtio_pci', 'virtio_console'] };
     const args = qemuArgs({ kernel: k, initramfs: '/i.gz', profile: profile('npt-tdp'), agentPath: '/t/agent' });
     const s = args.join(' ');
     expect(s).toContain('-accel tcg -cpu max,-la57 -m 1G -smp 1 -bios /usr/share/qemu/qboot.rom');
     expect(s).toContain('-kernel /k/vmlinux -initrd /i.gz');
     expect(s).toContain('-no-reboot');
-    // Serial ports are numbered in the order given: console first, agent second.
+    // One serial port, the console; the agent's pipe backs a named virtio-serial port.
     const serials = args.flatMap((a, i) => (a === '-serial' ? [args[i + 1]] : []));
-    expect(serials).toEqual(['chardev:console', 'chardev:agent']);
+    expect(serials).toEqual(['chardev:console']);
     expect(args).toContain('stdio,id=console,signal=off');
     expect(args).toContain('pipe,id=agent,path=/t/agent');
+    expect(s).toContain('-device virtio-serial-pci -chardev pipe,id=agent,path=/t/agent -device virtserialport,chardev=agent,name=kvmharness.agent,nr=1');
     // Built-in KVM takes its parameters on the command line.
     expect(args[args.indexOf('-append') + 1]).toBe('console=ttyS0 panic=-1 quiet hugepages=8 kvm.tdp_mmu=1 kvm_amd.npt=1 kvm_amd.nested=0');
     // Without a PVH vmlinux: the bzImage through SeaBIOS.
@@ -179,7 +185,7 @@ describe('lab initramfs', () => {
     const gz = readFileSync(out);
     const t = list(gz);
     const names = execFileSync('cpio', ['-t', '--quiet'], { input: gunzipSync(gz), encoding: 'utf8' }).split('\n');
-    for (const n of ['init', 'agent', 'bin/busybox', 'dev/console', 'lib/modules/irqbypass.ko', 'lib/modules/kvm.ko', 'lib/modules/ccp.ko', 'lib/modules/kvm-amd.ko']) {
+    for (const n of ['init', 'agent', 'bin/busybox', 'dev/console', 'lib/modules/irqbypass.ko', 'lib/modules/kvm.ko', 'lib/modules/ccp.ko', 'lib/modules/kvm-amd.ko', 'lib/modules/virtio_pci.ko', 'lib/modules/virtio_console.ko']) {
       expect(names).toContain(n);
     }
     expect(t).toMatch(/^l.* bin\/sh -> \/bin\/busybox$/m);
@@ -199,13 +205,18 @@ describe('lab initramfs', () => {
       'insmod /lib/modules/kvm.ko tdp_mmu=1',
       'insmod /lib/modules/ccp.ko',
       'insmod /lib/modules/kvm-amd.ko npt=1 nested=0',
+      'insmod /lib/modules/virtio.ko',
+      'insmod /lib/modules/virtio_ring.ko',
+      'insmod /lib/modules/virtio_pci.ko',
+      'insmod /lib/modules/virtio_console.ko',
     ]);
     expect(init).toContain("step 'insmod kvm-amd.ko' insmod");
     expect(init).toContain('echo "KVMHARNESS-LAB-FAIL $*"');
     expect(init).toContain('echo "KVMHARNESS-LAB-READY $(uname -r)"');
-    expect(init).toMatch(/READY[^\n]*\n\/agent --dev \/dev\/ttyS1\n/);
-    expect(init).toMatch(/\/agent --dev \/dev\/ttyS1\n.*\npoweroff -f\n/);
-    expect(init).toContain('stty -F /dev/ttyS1 raw -echo');
+    expect(init).toMatch(/READY[^\n]*\n\/agent --virtio-port kvmharness\.agent\n/);
+    expect(init).toMatch(/\/agent --virtio-port kvmharness\.agent\n.*\npoweroff -f\n/);
+    expect(init).toContain('/sys/class/virtio-ports');
+    expect(init).not.toContain('stty');
     // The /init parses with the host's sh.
     expect(spawnSync('sh', ['-n'], { input: init }).status).toBe(0);
   });
@@ -213,7 +224,7 @@ describe('lab initramfs', () => {
   it('puts parameters of modules the lab does not load in an error, and built-in ones on the command line', async () => {
     const p = profile('npt-tdp', 'kvm_intel.ept=0');
     expect((await labError(() => modulePlan(kernel, p))).message).toMatch(/module parameters for kvm_intel, which the lab does not load/);
-    const builtin: LabKernel = { ...kernel, modulesDir: undefined, builtin: ['kvm', 'kvm_amd'] };
+    const builtin: LabKernel = { ...kernel, modulesDir: undefined, builtin: ['kvm', 'kvm_amd', 'virtio_pci', 'virtio_console'] };
     expect(modulePlan(builtin, profile('shadow'))).toEqual({ loads: [], cmdline: ['kvm_amd.npt=0', 'kvm_amd.nested=0'] });
     expect(kernelCmdline(builtin, profile('shadow'))).toBe('console=ttyS0 panic=-1 quiet hugepages=8 kvm_amd.npt=0 kvm_amd.nested=0');
   });
@@ -278,7 +289,7 @@ describe('lab kernel paths', () => {
     const bare = join(work, 'bare-vmlinux');
     fakeVmlinux(bare, { pvh: true });
     expect((await labError(() => resolveKernel({ kernel: bare, busybox: bb }))).message).toMatch(
-      /the lab needs kvm\.ko \(unless CONFIG_KVM=y\) and kvm-amd\.ko \(unless CONFIG_KVM_AMD=y\): give the modules directory/,
+      /the lab needs kvm\.ko \(unless CONFIG_KVM=y\) and kvm-amd\.ko \(unless CONFIG_KVM_AMD=y\) and virtio-pci\.ko \(unless CONFIG_VIRTIO_PCI=y\) and virtio-console\.ko \(unless CONFIG_VIRTIO_CONSOLE=y\): give the modules directory/,
     );
 
     rmSync(join(k.modules, 'kernel', 'drivers', 'crypto', 'ccp', 'ccp.ko'));
@@ -336,9 +347,11 @@ const STAND_IN_AGENT = String.raw`
 #include <fcntl.h>
 #include <termios.h>
 #include <unistd.h>
-/* Opens the agent line raw (/init runs it as "/agent --dev PATH"), says AGENT-HELLO, echoes every line back. */
+/* Opens the agent line (/init runs "/agent --dev PATH" or "/agent --virtio-port NAME", whose port is
+   /dev/vport0p1, the only one), says AGENT-HELLO, echoes every line back. */
 int main(int argc, char **argv) {
-  int fd = open(argc > 1 ? argv[argc - 1] : "/dev/ttyS1", O_RDWR | O_NOCTTY);
+  const char *dev = argc > 1 && argv[argc - 1][0] == '/' ? argv[argc - 1] : "/dev/vport0p1";
+  int fd = open(dev, O_RDWR | O_NOCTTY);
   if (fd < 0) return 1;
   struct termios t;
   if (tcgetattr(fd, &t) == 0) { cfmakeraw(&t); tcsetattr(fd, TCSANOW, &t); }
@@ -358,7 +371,7 @@ int main(int argc, char **argv) {
 `;
 
 describe.skipIf(skipLive !== undefined)(`lab live boot${skipLive ? ` [skipped: ${skipLive}]` : ''}`, () => {
-  it('boots npt-tdp, talks to the agent over ttyS1 both ways, and leaves no QEMU behind', async () => {
+  it('boots npt-tdp, talks to the agent over its virtio-serial port both ways, and leaves no QEMU behind', async () => {
     const logs: string[] = [];
     const log = (s: string): void => {
       logs.push(s);

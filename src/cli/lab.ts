@@ -5,6 +5,7 @@ import type { Command } from 'commander';
 import { labFetch } from '../lab/fetch.js';
 import { DEFAULT_PROFILE, LabError, PROFILES, type LabArch } from '../lab/profiles.js';
 import { openLab, type LabSessionOptions } from '../lab/session.js';
+import { abTable, compareAb } from '../lab/ab.js';
 import { exitStatus } from '../run/runner.js';
 import type { RunReport } from '../run/types.js';
 import { addRunOptions, checksFor, printReport, runReport, type RunCliOptions } from './main.js';
@@ -74,11 +75,40 @@ export function registerLab(program: Command): Command {
 
   labOptions(lab.command('run'))
     .description('boot the kernel with one profile and run `kvmharness run` against its KVM')
+    .option('--baseline-kernel <image>', 'A/B: also run against this kernel and report the checks whose outcomes or times differ')
+    .option('--baseline-modules <dir>', "the baseline kernel's modules directory")
+    .option('--repeat <n>', 'A/B: runs of the checks per kernel, for the timing comparison (default 3)')
     .option('--profile <name>', `${PROFILES.map((p) => p.name).join(', ')} (default ${DEFAULT_PROFILE}; with --arch arm64, nvhe)`)
     .argument('[run...]', 'arguments of `kvmharness run`, after --')
-    .action(async (rest: string[], o: LabCliOptions & { profile?: string }, c: Command) => {
+    .action(async (rest: string[], o: LabCliOptions & { profile?: string; baselineKernel?: string; baselineModules?: string; repeat?: string }, c: Command) => {
       const { names, o: ro } = runArgs(c, rest);
       const checks = checksFor(names, ro);
+      if (o.baselineKernel !== undefined || o.baselineModules !== undefined || o.repeat !== undefined) {
+        if (o.baselineKernel === undefined) throw new LabError('--baseline-modules and --repeat need --baseline-kernel');
+        const repeat = o.repeat === undefined ? 3 : Number(o.repeat);
+        if (!Number.isInteger(repeat) || repeat < 1) throw new LabError(`--repeat needs an integer >= 1, got '${o.repeat}'`);
+        const runs = async (kernel: string | undefined, modules: string | undefined, label: string) => {
+          log(`${label}: ${kernel ?? 'the cached Debian kernel'}`);
+          const s = await openLab({ ...sessionOptions(o, runProfile(o)), kernel, modules });
+          const out: RunReport[] = [];
+          try {
+            for (let i = 0; i < repeat; i++) {
+              log(`${label}: run ${i + 1}/${repeat}`);
+              out.push(await runReport(checks, { ...ro, json: true }));
+            }
+          } finally {
+            await s.close();
+          }
+          return out;
+        };
+        const base = await runs(o.baselineKernel, o.baselineModules, 'baseline');
+        const mine = await runs(o.kernel, o.modules, 'kernel');
+        const ab = compareAb(base, mine);
+        if (ro.json) console.log(JSON.stringify({ baseline: o.baselineKernel, kernel: o.kernel ?? null, repeat, ...ab }, null, 2));
+        else console.log(abTable(ab, { baseline: o.baselineKernel, kernel: o.kernel ?? 'the cached Debian kernel' }));
+        process.exitCode = ab.outcomeDiffs > 0 || mine.some((r) => exitStatus(r) !== 0) ? 1 : 0;
+        return;
+      }
       const s = await openLab(sessionOptions(o, runProfile(o)));
       let report: RunReport;
       try {

@@ -15,7 +15,7 @@ import {
 import { homedir } from 'node:os';
 import { basename, delimiter, dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { gunzipSync } from 'node:zlib';
-import { ARM64_CHANNEL_MODULES, KVM_MODULES, LabError, moduleName, type LabArch } from './profiles.js';
+import { ARM64_CHANNEL_MODULES, KVM_MODULES, X86_CHANNEL_MODULES, LabError, moduleName, type LabArch } from './profiles.js';
 
 export { LabError } from './profiles.js';
 
@@ -606,8 +606,11 @@ const X86_NEEDS: readonly { option: string; values: string; why: string }[] = [
   { option: 'CONFIG_KVM', values: 'ym', why: 'KVM' },
   { option: 'CONFIG_KVM_AMD', values: 'ym', why: 'AMD SVM/NPT' },
   { option: 'CONFIG_TRACING', values: 'y', why: "tracefs for KVM's tracepoints" },
-  { option: 'CONFIG_SERIAL_8250', values: 'y', why: 'the serial console and agent line' },
+  { option: 'CONFIG_SERIAL_8250', values: 'y', why: 'the serial console' },
   { option: 'CONFIG_SERIAL_8250_CONSOLE', values: 'y', why: 'the console on ttyS0' },
+  { option: 'CONFIG_PCI', values: 'y', why: "the agent's virtio-serial port (virtio-pci)" },
+  { option: 'CONFIG_VIRTIO_PCI', values: 'ym', why: "the agent's virtio-serial port" },
+  { option: 'CONFIG_VIRTIO_CONSOLE', values: 'ym', why: "the agent's virtio-serial port" },
   { option: 'CONFIG_BLK_DEV_INITRD', values: 'y', why: 'the initramfs' },
   { option: 'CONFIG_RD_GZIP', values: 'y', why: 'the gzip initramfs' },
   { option: 'CONFIG_DEVTMPFS', values: 'y', why: '/dev' },
@@ -643,7 +646,7 @@ function checkKernel(c: Candidate): LabKernel {
   const builtin = new Set<string>();
   const tree = c.modulesDir ? moduleTree(c.modulesDir) : undefined;
   const unplaced: string[] = [];
-  for (const m of KVM_MODULES.x86_64) {
+  for (const m of [...KVM_MODULES.x86_64, ...X86_CHANNEL_MODULES]) {
     const v = config?.get(m.config);
     const file = `${m.module.replace(/_/g, '-')}.ko`;
     if (v === 'y' || tree?.builtin.has(m.module)) builtin.add(m.module);
@@ -655,7 +658,7 @@ function checkKernel(c: Candidate): LabKernel {
   let vermagic: string | undefined;
   if (tree && problems.length === 0) {
     try {
-      const order = loadOrder(tree, KVM_MODULES.x86_64.map((m) => m.module), builtin);
+      const order = loadOrder(tree, [...KVM_MODULES.x86_64, ...X86_CHANNEL_MODULES].map((m) => m.module), builtin);
       const kvm = order.find((n) => n === 'kvm') ?? order[0];
       if (kvm) vermagic = modinfo(readModule(tree.files.get(kvm)!), 'vermagic')?.split(' ')[0];
     } catch (e) {

@@ -1,7 +1,7 @@
 // The lab's initramfs: a gzip'd newc cpio with static busybox, the KVM modules
 // and their dependencies, the agent, and an /init that loads KVM with the
 // profile's parameters, says READY on the console and runs the agent on its
-// serial line. /init powers the machine off on any failure and when the agent
+// virtio-serial port. /init powers the machine off on any failure and when the agent
 // exits, so the host never waits on a guest that can't go on.
 import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';

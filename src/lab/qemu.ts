@@ -1,10 +1,10 @@
 // The lab's QEMU process: boots the lab kernel and initramfs under TCG, waits
-// for /init's READY line on the console, and hands the agent's serial line to
-// the caller as two FIFOs.
+// for /init's READY line on the console, and hands the agent's line to the
+// caller as two FIFOs.
 //
 // The console (x86 ttyS0, arm64 the PL011 ttyAMA0) is QEMU's stdout, copied
-// to a log file and watched for KVMHARNESS-LAB-* lines. The agent's line (x86
-// ttyS1; arm64 a virtio-serial port, the virt machine having one PL011) is a
+// to a log file and watched for KVMHARNESS-LAB-* lines. The agent's line (a
+// named virtio-serial port: virtio-pci on x86, virtio-mmio on arm64) is a
 // pipe chardev: QEMU reads <dir>/agent.in and writes <dir>/agent.out, raw
 // bytes both ways. QEMU is torn down on
 // close(), on a failed boot, on process exit and on SIGINT/SIGTERM, and dies
@@ -19,7 +19,7 @@ import { LabError, type Profile } from './profiles.js';
 
 /** A booted lab: KVM loaded with the profile's parameters, the agent started on its line. */
 export interface Lab {
-  /** FIFO the host writes; the bytes arrive on the guest's agent line (ttyS1). */
+  /** FIFO the host writes; the bytes arrive on the guest's agent line (its virtio-serial port). */
   readonly agentIn: string;
   /** FIFO the host reads; the bytes the guest wrote on its agent line. */
   readonly agentOut: string;
@@ -56,8 +56,8 @@ export function kernelCmdline(kernel: LabKernel, profile: Profile): string {
 
 /**
  * QEMU's arguments (an array for spawn, never a shell line). The console is
- * the first serial port on stdio; the agent's line is the second, on a pipe
- * chardev at `agentPath` (QEMU opens agentPath.in and agentPath.out).
+ * the serial port on stdio; the agent's line is a named virtio-serial port on
+ * a pipe chardev at `agentPath` (QEMU opens agentPath.in and agentPath.out).
  */
 export function qemuArgs(o: { kernel: LabKernel; initramfs: string; profile: Profile; agentPath: string }): string[] {
   const { kernel, profile } = o;
@@ -75,8 +75,9 @@ export function qemuArgs(o: { kernel: LabKernel; initramfs: string; profile: Pro
     '-append', kernelCmdline(kernel, profile),
     '-chardev', 'stdio,id=console,signal=off',
     '-serial', 'chardev:console',
+    '-device', 'virtio-serial-pci',
     '-chardev', `pipe,id=agent,path=${o.agentPath}`,
-    '-serial', 'chardev:agent',
+    '-device', `virtserialport,chardev=agent,name=${profile.agentPort ?? 'kvmharness.agent'},nr=1`,
   ];
 }
 
