@@ -151,6 +151,26 @@ Napi::Value Mprotect(const Napi::CallbackInfo &info) {
   return num(env, kh::protect(p, l, (int)i64(info[3])));
 }
 
+// unmapRange(buffer, offset, len): munmap of part of a mapped buffer. The
+// buffer stays attached; the caller must not touch the range until remapRange.
+Napi::Value UnmapRange(const Napi::CallbackInfo &info) {
+  ARGS(3);
+  uint8_t *p;
+  size_t l;
+  if (!range(info, &p, &l)) return fail(env, "unmapRange: range outside the buffer");
+  return num(env, kh::unmap(p, l));
+}
+
+// remapRange(buffer, offset, len, prot, flags, fd, fileOffset): mmap with
+// MAP_FIXED over part of a mapped buffer.
+Napi::Value RemapRange(const Napi::CallbackInfo &info) {
+  ARGS(7);
+  uint8_t *p;
+  size_t l;
+  if (!range(info, &p, &l)) return fail(env, "remapRange: range outside the buffer");
+  return num(env, kh::map_fixed(p, l, (int)i64(info[3]), (int)i64(info[4]), (int)i64(info[5]), i64(info[6])));
+}
+
 Napi::Value MemfdCreate(const Napi::CallbackInfo &info) {
   ARGS(2);
   std::string name = info[0].As<Napi::String>().Utf8Value();
@@ -216,6 +236,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("addressOf", Napi::Function::New(env, AddressOf));
   exports.Set("madvise", Napi::Function::New(env, Madvise));
   exports.Set("mprotect", Napi::Function::New(env, Mprotect));
+  exports.Set("unmapRange", Napi::Function::New(env, UnmapRange));
+  exports.Set("remapRange", Napi::Function::New(env, RemapRange));
   exports.Set("memfdCreate", Napi::Function::New(env, MemfdCreate));
   exports.Set("fallocate", Napi::Function::New(env, Fallocate));
   exports.Set("ftruncate", Napi::Function::New(env, Ftruncate));

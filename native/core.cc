@@ -29,6 +29,11 @@ int64_t map(size_t len, int prot, int flags, int fd, int64_t offset) {
   return (int64_t)(uintptr_t)p;
 }
 int64_t unmap(void *addr, size_t len) { return ret(::munmap(addr, len)); }
+int64_t map_fixed(void *addr, size_t len, int prot, int flags, int fd, int64_t offset) {
+  void *p = ::mmap(addr, len, prot, flags | MAP_FIXED, fd, (off_t)offset);
+  if (p == MAP_FAILED) return -errno;
+  return p == addr ? 0 : -EINVAL;
+}
 int64_t advise(void *addr, size_t len, int advice) { return ret(::madvise(addr, len, advice)); }
 int64_t protect(void *addr, size_t len, int prot) { return ret(::mprotect(addr, len, prot)); }
 int64_t memfd(const char *name, unsigned flags) { return ret(::syscall(SYS_memfd_create, name, flags)); }

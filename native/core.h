@@ -19,6 +19,8 @@ int64_t ioctl_ptr(int fd, unsigned long req, void *arg);
 // mmap returns the address or -errno (addresses below 2^63 on every Linux ABI).
 int64_t map(size_t len, int prot, int flags, int fd, int64_t offset);
 int64_t unmap(void *addr, size_t len);
+// mmap with MAP_FIXED at addr (replacing whatever is mapped there); 0 or -errno.
+int64_t map_fixed(void *addr, size_t len, int prot, int flags, int fd, int64_t offset);
 int64_t advise(void *addr, size_t len, int advice);
 int64_t protect(void *addr, size_t len, int prot);
 int64_t memfd(const char *name, unsigned flags);

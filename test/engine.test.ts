@@ -122,6 +122,99 @@ describeKvm('scenarios on this host', () => {
     expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toContain(`step ${i} ${(steps[i] as { access: string }).access}${8 * (steps[i] as { size: number }).size} ${'0x' + (steps[i] as { gva: bigint }).gva.toString(16)} cpl${(steps[i] as { cpl: number }).cpl}: exceptions`);
   });
 
+  it('reports a wrong stats expectation, naming the step and the stat', async () => {
+    const sc = load('memslot_delete');
+    const i = sc.steps.findIndex((s) => s.stats?.mmio_exits?.delta === 1n);
+    expect(i).toBeGreaterThan(0);
+    const steps = sc.steps.map((s, j) => (j === i ? { ...s, stats: { mmio_exits: { op: '=' as const, delta: 0n } } } : s));
+    const r = await runCheck(scenarioCheck({ ...sc, steps }), kvm, profile);
+    expect(r.outcome).toBe('fail');
+    const bad = r.comparisons.filter((c) => !c.ok);
+    expect(bad.map((c) => [c.what.replace(/^step (\d+) .*: /, 'step $1: '), c.expected, c.observed])).toEqual([[`step ${i}: stats mmio_exits`, '"0"', '"+1"']]);
+  });
+
+  it('a range that the delta misses is reported too', async () => {
+    const sc = load('dirty_log');
+    const i = sc.steps.findIndex((s) => s.stats?.remote_tlb_flush_requests?.op === '>=');
+    const steps = sc.steps.map((s, j) => (j === i ? { ...s, stats: { remote_tlb_flush_requests: { op: '<=' as const, delta: 0n } } } : s));
+    const r = await runCheck(scenarioCheck({ ...sc, steps }), kvm, profile);
+    expect(r.outcome).toBe('fail');
+    expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toEqual([expect.stringMatching(new RegExp(`^step ${i} host get-dirty-log: stats remote_tlb_flush_requests$`))]);
+  });
+
+  it('a fault stat is compared only where the probe offers stats_faults; elsewhere it is noted, never passed', async () => {
+    const sc = load('madvise_refault');
+    const i = sc.steps.findIndex((s) => s.stats?.pf_fixed);
+    expect(i).toBeGreaterThan(0);
+    const r = await runCheck(scenarioCheck(sc), kvm, profile);
+    const compared = r.comparisons.filter((c) => c.what.endsWith('stats pf_fixed'));
+    if (profile.oracles.stats_faults.available) {
+      expect(compared).toHaveLength(1);
+      return;
+    }
+    expect(compared).toEqual([]);
+    expect(r.notes.filter((n) => n.includes('stats pf_fixed'))).toEqual([expect.stringMatching(/^step \d+ .*: stats pf_fixed >=1: not applicable here \(stats_faults: /)]);
+    // The same scenario on a profile that claims fault stats compares them.
+    const claimed: HostProfile = { ...profile, oracles: { ...profile.oracles, stats_faults: { available: true, why: 'test' } } };
+    const r2 = await runCheck(scenarioCheck(sc), kvm, claimed);
+    expect(r2.comparisons.filter((c) => c.what.endsWith('stats pf_fixed'))).toHaveLength(1);
+  });
+
+  // The host dimension: a TDP model whose zap leaves out the last page of its
+  // range keeps the munmap'd / mprotect'd page mapped, so it predicts that the
+  // access succeeds; KVM refaults it and finds no host memory.
+  for (const name of ['munmap_remap', 'mprotect_backing']) {
+    it(`${name}: a TDP model with zapOneShort is reported by the refault`, async () => {
+      const good = await runCheck(scenarioCheck(load(name)), kvm, profile);
+      expect(good.outcome, failures(good)).toBe('pass');
+      const r = await runCheck(scenarioCheck(load(name), { tdpWrong: { zapOneShort: true } }), kvm, profile);
+      expect(r.outcome).toBe('fail');
+      expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what).join('\n')).toMatch(/MMIO exits|KVM_RUN stops for the missing host memory|guest reaches the end of the step/);
+    });
+  }
+
+  it('a wrong prediction of how KVM_RUN stops for missing host memory is reported', async () => {
+    const sc = load('munmap_remap');
+    const r = await runCheck(scenarioCheck(sc), kvm, profile, {
+      tamper: (_c, what, e) => (what.endsWith('KVM_RUN stops for the missing host memory') ? { exit: 'memory_fault', gpa: 0x1001000n, size: 0x1000n, flags: 0n } : e),
+    });
+    expect(r.outcome).toBe('fail');
+    expect(r.comparisons.filter((c) => !c.ok).map((c) => [c.what, c.observed])).toEqual([
+      ['step 5 read64 0x8000001000 cpl3: KVM_RUN stops for the missing host memory', '{kvmRun: "EFAULT"}'],
+      ['step 15 read64 0x8000010000 cpl3: KVM_RUN stops for the missing host memory', '{kvmRun: "EFAULT"}'],
+    ]);
+  });
+
+  // Races: a model that drops one dirty bit, and every comparison fed a wrong expectation.
+  for (const [name, logged] of [['race_dirty_log_dontneed', 'target 0 (slot 1)'], ['race_dirty_log_dontneed_cpl3', 'target 0 (slot 1)'], ['memslot_delete_running', 'target 1 (slot 2)']]) {
+    it(`${name}: a race model that drops one dirty bit is reported`, async () => {
+      const r = await runCheck(scenarioCheck(load(name!), { race: { dropDirtyBit: true } }), kvm, profile);
+      expect(r.outcome).toBe('fail');
+      const bad = r.comparisons.filter((c) => !c.ok);
+      expect(bad.map((c) => c.what)).toEqual([`race: ${logged}: dirty log over all rounds`]);
+      // The observed log has the page the model left out.
+      expect(bad[0]!.observed.length).toBeGreaterThan(bad[0]!.expected.length);
+    });
+  }
+
+  for (const name of ['race_dirty_log_dontneed', 'memslot_delete_running']) {
+    it(`${name}: every race comparison reports a wrong expectation`, async () => {
+      const ok = await runCheck(scenarioCheck(load(name)), kvm, profile);
+      expect(ok.outcome, failures(ok)).toBe('pass');
+      const r = await runCheck(scenarioCheck(load(name)), kvm, profile, { tamper: (_c, _w, e) => ['wrong', e] });
+      expect(r.comparisons.map((c) => [c.what, c.ok])).toEqual(ok.comparisons.map((c) => [c.what, false]));
+    });
+  }
+
+  it('dirty_log_thp: a model that logs whole 2 MiB blocks is reported', async () => {
+    const sc = load('dirty_log_thp');
+    const i = sc.steps.findIndex((s) => s.side === 'host' && s.kind === 'get-dirty-log' && (s.expect?.length ?? 0) === 2);
+    const block = Array.from({ length: 512 }, (_, k) => `0x${(0x1000000 + k * 0x1000).toString(16)}`);
+    const r = await runCheck(scenarioCheck(sc), kvm, profile, { tamper: (_c, what, e) => (what === `step ${i} host get-dirty-log: dirty pages` ? block : e) });
+    expect(r.outcome).toBe('fail');
+    expect(r.comparisons.filter((c) => !c.ok).map((c) => [c.what, c.observed])).toEqual([[`step ${i} host get-dirty-log: dirty pages`, '["0x1001000", "0x11ff000"]']]);
+  });
+
   it('removes its tracefs instance when interrupted', async () => {
     const cli = join(import.meta.dirname, '..', 'dist', 'src', 'cli', 'bin.js');
     const child = spawn(process.execPath, [cli, 'run', 'scenarios'], { stdio: ['ignore', 'pipe', 'pipe'] });

@@ -12,6 +12,7 @@ import { walk, type WalkResult } from '../src/model/walk.js';
 import { bringUpOptions, buildScenarioTables, MemImage, pagingConfigFor } from '../src/scenario/build.js';
 import { builtinScenarioDir, builtinScenarios, loadScenario, parseScenario, ScenarioError, scenarioToJson, validateScenario } from '../src/scenario/load.js';
 import { fieldReference, jsonSchema } from '../src/scenario/schema.js';
+import { statClass } from '../src/scenario/stats.js';
 import type { Scenario } from '../src/scenario/types.js';
 
 const ROOT = join(import.meta.dirname, '..');
@@ -154,13 +155,15 @@ describe('scenario validation: shape', () => {
     ['an empty description', edit((j) => (j.description = '')), ['description: expected a non-empty string, got ""']],
     ['a bad name', edit((j) => (j.name = 'two words')), ['name: expected a name of letters, digits, \'_\', \'.\' and \'-\', got "two words"']],
     ['fields named like Object.prototype members, and an odd key', JSON.parse('{"name":"t","description":"d","__proto__":1,"constructor":2,"a b":3}'), [
-      '__proto__: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps)',
-      'constructor: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps)',
-      '["a b"]: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps)',
+      '__proto__: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps, race)',
+      'constructor: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps, race)',
+      '["a b"]: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps, race)',
     ]],
-    ['an unknown top-level field', edit((j) => (j.cpus = 2)), ['cpus: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps)']],
+    ['an unknown top-level field', edit((j) => (j.cpus = 2)), ['cpus: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps, race)']],
     ['another architecture', edit((j) => (j.arch = 'arm64')), ['arch: expected "x86_64", got "arm64"']],
-    ['two vCPUs', edit((j) => (j.vcpus = 2)), ['vcpus: expected 1, got 2']],
+    ['five vCPUs', edit((j) => (j.vcpus = 5)), ['vcpus: expected one of 1, 2, 3, 4, got 5']],
+    ['a race without targets', edit((j) => (j.race = { pages: 1, rounds: 1 })), ['race.targets: required field missing']],
+    ['a race op that does not exist', edit((j) => (j.race = { pages: 1, rounds: 1, targets: [{ slot: 1, gva: 0, host: ['munmap'] }] })), ['race.targets[0].host[0]: expected one of "dirty-log", "dontneed", "toggle-dirty-log", "delete", got "munmap"']],
     [
       'a misspelt mapping field',
       edit((j) => (j.mappings[0] = { gvaa: '0x8000000000', gpa: '0x401000' })),
@@ -188,16 +191,20 @@ describe('scenario validation: shape', () => {
     [
       'an unknown host step',
       edit((j) => (j.steps = [{ host: 'reboot' }])),
-      ['steps[0].host: expected one of "write-pte", "clear-ad", "get-dirty-log", "clear-dirty-log", "memslot-delete", "memslot-move", "memslot-flags", "madvise", "translate", got "reboot"'],
+      ['steps[0].host: expected one of "write-pte", "clear-ad", "get-dirty-log", "clear-dirty-log", "memslot-delete", "memslot-move", "memslot-flags", "madvise", "munmap", "remap", "mprotect", "pre-fault", "translate", got "reboot"'],
     ],
-    ['a size on an exec step', edit((j) => (j.steps = [{ guest: 'exec', gva: '0x8000000000', size: 1 }])), ['steps[0].size: unknown field (known: guest, gva, cpl, expect)']],
-    ['a value on a read step', edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000', value: 1 }])), ['steps[0].value: unknown field (known: guest, gva, size, cpl, eflagsAc, expect)']],
+    ['a size on an exec step', edit((j) => (j.steps = [{ guest: 'exec', gva: '0x8000000000', size: 1 }])), ['steps[0].size: unknown field (known: guest, gva, cpl, expect, stats)']],
+    ['a value on a read step', edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000', value: 1 }])), ['steps[0].value: unknown field (known: guest, gva, size, cpl, eflagsAc, expect, stats)']],
     ['an expected value on a write', edit((j) => (j.steps = [{ guest: 'write', gva: '0x8000000000', expect: { value: 1 } }])), ['steps[0].expect.value: unknown field (known: fault, ptes)']],
     ['size 3', edit((j) => (j.steps[0]!.size = 3)), ['steps[0].size: expected one of 1, 2, 4, 8, got 3']],
     ['CPL 1', edit((j) => (j.steps[0]!.cpl = 1)), ['steps[0].cpl: expected one of 0, 3, got 1']],
     ['fault: true', edit((j) => (j.steps[0]!.expect = { fault: true })), ['steps[0].expect.fault: expected false or a #PF error code (a hex string like "0x7" or an integer), got true']],
     ['set-cr4 of an unknown bit', edit((j) => (j.steps = [{ guest: 'set-cr4', bit: 'la57', value: true }])), ['steps[0].bit: expected one of "smep", "smap", "pke", got "la57"']],
     ['set-cr0-wp without a value', edit((j) => (j.steps = [{ guest: 'set-cr0-wp' }])), ['steps[0].value: required field missing']],
+    ['stats that are not an object', edit((j) => (j.steps[0]!.stats = ['pf_fixed'])), ['steps[0].stats: expected an object of stat name -> expected delta, got ["pf_fixed"]']],
+    ['an unknown stat', edit((j) => (j.steps[0]!.stats = { pf_fixd: 1 })), [expect.stringMatching(/^steps\[0\]\.stats\.pf_fixd: unknown stat \(known: pf_taken, pf_fixed, .*mmio_exits.*\)$/) as unknown as string]],
+    ['a stat expectation of the wrong syntax', edit((j) => (j.steps = [{ host: 'get-dirty-log', slot: 1, stats: { remote_tlb_flush: '>1' } }])), ['steps[0].stats.remote_tlb_flush: expected an integer delta or a string like ">=1", "+3", "-2" or "<=0", got ">1"']],
+    ['a fractional stat delta', edit((j) => (j.steps[0]!.stats = { mmio_exits: 0.5 })), ['steps[0].stats.mmio_exits: expected an integer delta or a string like ">=1", "+3" or "-2", got 0.5']],
     ['a get-dirty-log expect that is not a list of addresses', edit((j) => (j.steps = [{ host: 'get-dirty-log', slot: 1, expect: ['0x401000', 'page 2'] }])), [`steps[0].expect[1]: ${HEX}, got "page 2"`]],
   ];
   for (const [what, json, errors] of cases) {
@@ -375,6 +382,68 @@ describe('scenario validation: semantic rules', () => {
       ['steps[0].size: 0xf000+0x2000 runs past the end of memslot 1 (0x10000 bytes)'],
     ],
     [
+      'a remap of memory no munmap took away, and an mprotect of unmapped memory',
+      edit((j) => {
+        j.memslots = [{ slot: 1, gpa: '0x1000000', size: '0x10000' }];
+        j.steps = [
+          { host: 'remap', slot: 1, offset: '0x0', size: '0x1000' },
+          { host: 'munmap', slot: 1, offset: '0x1000', size: '0x2000' },
+          { host: 'mprotect', slot: 1, offset: '0x2000', size: '0x1000', prot: 'read' },
+          { host: 'remap', slot: 1, offset: '0x1000', size: '0x2000' },
+          { host: 'mprotect', slot: 1, offset: '0x2000', size: '0x1000', prot: 'read' },
+        ];
+      }),
+      [
+        'steps[0]: remap needs the whole range unmapped by earlier munmap steps; 0x0+0x1000 of memslot 1 is not',
+        "steps[2]: memslot 1's memory at offset 0x2000 was unmapped by an earlier munmap step (remap it first)",
+      ],
+    ],
+    [
+      'munmap of a hugetlb slot in 4K pieces, and a pre-fault outside every slot',
+      edit((j) => {
+        j.memslots = [{ slot: 1, gpa: '0x1000000', size: '0x200000', backing: 'hugetlb2m' }];
+        j.steps = [{ host: 'munmap', slot: 1, offset: '0x1000', size: '0x1000' }, { host: 'pre-fault', gpa: '0x3000000', size: '0x1000' }];
+      }),
+      ['steps[0]: offset and size must be hugetlb2m page (0x200000) aligned and size non-zero', 'steps[1].gpa: 0x3000000 is not inside a declared user memslot'],
+    ],
+    ['two vCPUs without a race', edit((j) => (j.vcpus = 2)), ['vcpus: 2 vCPUs need a "race" (steps run on one vCPU)']],
+    [
+      'a race on one vCPU, with steps, over an unmapped page, a slot without a log, and a slot both logged and toggled',
+      edit((j) => {
+        j.memslots = [{ slot: 1, gpa: '0x1000000', size: '0x10000', logDirty: true }, { slot: 2, gpa: '0x2000000', size: '0x10000' }, { slot: 3, gpa: '0x3000000', size: '0x10000', logDirty: true }];
+        j.mappings = [
+          { gva: '0x8000000000', gpa: '0x1000000', size: '0x1000', leaf: { w: true } },
+          { gva: '0x8000100000', gpa: '0x2000000', size: '0x2000', leaf: { w: true } },
+          { gva: '0x8000200000', gpa: '0x3000000', size: '0x2000', leaf: { w: true } },
+        ];
+        j.race = {
+          pages: 2,
+          rounds: 1,
+          targets: [
+            { slot: 1, gva: '0x8000000000', host: ['dirty-log'] },
+            { slot: 2, gva: '0x8000100000', host: ['dirty-log'] },
+            { slot: 3, gva: '0x8000200000', host: ['dirty-log', 'toggle-dirty-log'] },
+          ],
+        };
+      }),
+      [
+        'vcpus: a race needs at least 2 vCPUs',
+        'steps: a race scenario has no steps',
+        'race.targets[0].gva: 0x8000001000 is not covered by a present, writable mapping without raw overrides',
+        'race.targets[1].host: "dirty-log" needs memslot 2 declared with "logDirty": true',
+        'race.targets[2].host: "dirty-log" and "toggle-dirty-log" on one slot would leave the pages logged in a round unknown; use two targets',
+      ],
+    ],
+    [
+      'a CPL 3 race over supervisor pages',
+      edit((j) => {
+        j.vcpus = 2;
+        j.steps = [];
+        j.race = { pages: 1, rounds: 1, cpl: 3, targets: [{ slot: 1, gva: '0x8000000000', host: ['dirty-log'] }] };
+      }),
+      ['race.targets[0].gva: 0x8000000000 is not mapped for user accesses, which a CPL 3 race needs'],
+    ],
+    [
       'the dirty log of a slot that keeps none',
       edit((j) => {
         j.memslots[0]!.logDirty = false;
@@ -449,8 +518,8 @@ describe('loading scenario files', () => {
       );
       expect((e as ScenarioError).errors).toHaveLength(3);
     }
-    const one = file('one.json', JSON.stringify(edit((j) => (j.vcpus = 4))));
-    expect(() => loadScenario(one)).toThrow(`${one}: vcpus: expected 1, got 4`);
+    const one = file('one.json', JSON.stringify(edit((j) => (j.vcpus = 9))));
+    expect(() => loadScenario(one)).toThrow(`${one}: vcpus: expected one of 1, 2, 3, 4, got 9`);
     expect(() => loadScenario(one)).not.toThrow(/more error/);
   });
 
@@ -494,7 +563,11 @@ describe('round trip', () => {
       { host: 'get-dirty-log', slot: 1 },
       { host: 'clear-dirty-log', slot: 1 },
       { host: 'translate', gva: '0x8000000000', expect: { valid: false } },
-      { host: 'translate', gva: '0xffff800000000000' },
+      { host: 'munmap', slot: 1, offset: '0x1000', size: '0x1000' },
+      { host: 'remap', slot: 1, offset: '0x1000', size: '0x1000' },
+      { host: 'mprotect', slot: 1, offset: '0x0', size: '0x2000', prot: 'none' },
+      { host: 'pre-fault', gpa: '0x400000', size: '0x2000' },
+      { host: 'translate', gva: '0xffff800000000000', stats: { mmio_exits: 0, pages_4k: '-2', pf_fixed: '>=1', remote_tlb_flush: '<=3', exits: '+4' } },
     ];
   });
 
@@ -502,6 +575,17 @@ describe('round trip', () => {
     const s = ok(rich);
     const again = ok(JSON.parse(JSON.stringify(scenarioToJson(s))));
     expect(again).toEqual(s);
+  });
+
+  it('a race scenario survives the round trip', () => {
+    const s = ok(edit((j) => {
+      j.vcpus = 3;
+      j.steps = [];
+      j.mappings[0]!.size = '0x6000';
+      j.race = { pages: 2, rounds: 7, cpl: 0, targets: [{ slot: 1, gva: '0x8000000000', host: ['dirty-log', 'dontneed'] }] };
+    }));
+    expect(s.race).toEqual({ pages: 2, rounds: 7, cpl: 0, targets: [{ slot: 1, gva: 0x8000000000n, host: ['dirty-log', 'dontneed'] }] });
+    expect(ok(JSON.parse(JSON.stringify(scenarioToJson(s))))).toEqual(s);
   });
 
   it('writes 64-bit values as lowercase hex strings and every default out', () => {
@@ -525,7 +609,12 @@ describe('round trip', () => {
 // Generated documents.
 
 /** A validator for the JSON Schema subset jsonSchema() uses, to show the schema accepts and rejects what the validator does. */
+let schemaRoot: J = {};
 function schemaAccepts(schema: J, v: unknown): boolean {
+  if (typeof schema.$ref === 'string') {
+    const [, name] = /^#\/\$defs\/(.+)$/.exec(schema.$ref)!;
+    return schemaAccepts((schemaRoot.$defs as Record<string, J>)[name!]!, v);
+  }
   if ('const' in schema && v !== schema.const) return false;
   if (schema.enum && !(schema.enum as unknown[]).includes(v)) return false;
   const t = schema.type as string | undefined;
@@ -548,9 +637,11 @@ function schemaAccepts(schema: J, v: unknown): boolean {
     const props = (schema.properties ?? {}) as Record<string, J>;
     if (((schema.required ?? []) as string[]).some((k) => !(k in o))) return false;
     for (const [k, x] of Object.entries(o)) {
+      if (schema.propertyNames && !schemaAccepts(schema.propertyNames as J, k)) return false;
       if (props[k]) {
         if (!schemaAccepts(props[k]!, x)) return false;
       } else if (schema.additionalProperties === false) return false;
+      else if (typeof schema.additionalProperties === 'object' && !schemaAccepts(schema.additionalProperties as J, x)) return false;
     }
   }
   if (schema.oneOf && (schema.oneOf as J[]).filter((s) => schemaAccepts(s, v)).length !== 1) return false;
@@ -593,6 +684,7 @@ describe('generated documents', () => {
 
   it('the schema accepts every built-in scenario and rejects what the validator rejects for shape', () => {
     const schema = jsonSchema();
+    schemaRoot = schema;
     expect(schema.$schema).toBe('https://json-schema.org/draft/2020-12/schema');
     for (const name of builtinScenarios()) {
       expect(schemaAccepts(schema, JSON.parse(readFileSync(join(builtinScenarioDir(), `${name}.json`), 'utf8'))), name).toBe(true);
@@ -606,6 +698,8 @@ describe('generated documents', () => {
       edit((j) => (j.steps = [{ host: 'reboot' }])),
       edit((j) => (j.paging = { pkru: '0x100000000' })),
       edit((j) => (j.steps[0]!.gva = '0x10000000000000000')),
+      edit((j) => (j.steps[0]!.stats = { pf_fixd: 1 })),
+      edit((j) => (j.steps[0]!.stats = { pf_fixed: '>1' })),
       { name: 'x' },
     ]) {
       expect(errorsOf(bad)).not.toEqual([]);
@@ -723,11 +817,21 @@ describe('built-in scenarios', () => {
       expect(steps.some((st) => st.kind === kind), kind).toBe(true);
     }
     expect(all.some((s) => s.memslots.some((m) => m.logDirty && m.slot >= 1 && m.gpa >= 0x400000n))).toBe(true);
+    // The host dimension: host memory changes, stats, THP with dirty logging, races.
+    for (const kind of ['munmap', 'remap', 'mprotect', 'pre-fault', 'madvise', 'memslot-delete', 'memslot-flags']) {
+      expect(steps.some((st) => st.kind === kind), kind).toBe(true);
+    }
+    expect(steps.filter((st) => st.stats).length).toBeGreaterThanOrEqual(2);
+    expect(all.filter((s) => s.steps.some((st) => st.stats && Object.keys(st.stats).some((k) => statClass(k) === 'general'))).length).toBeGreaterThanOrEqual(2);
+    expect(all.some((s) => s.memslots.some((m) => m.backing === 'thp') && s.steps.some((st) => st.kind === 'memslot-flags' && st.logDirty))).toBe(true);
+    const ops = new Set(all.flatMap((s) => s.race?.targets.flatMap((t) => t.host) ?? []));
+    for (const op of ['dirty-log', 'dontneed', 'toggle-dirty-log', 'delete']) expect(ops.has(op as never), op).toBe(true);
+    expect(all.some((s) => s.race?.cpl === 3)).toBe(true);
   });
 
   // Scenarios that change memslots or host memory need the engine's model of
   // guest-physical memory; test/engine.test.ts runs those against KVM.
-  const HOST_MEMORY_STEPS = new Set(['memslot-delete', 'memslot-move', 'memslot-flags', 'madvise']);
+  const HOST_MEMORY_STEPS = new Set(['memslot-delete', 'memslot-move', 'memslot-flags', 'madvise', 'munmap', 'remap', 'mprotect', 'pre-fault']);
   const pureWalk = names.filter((n) => !loadScenario(join(builtinScenarioDir(), `${n}.json`)).steps.some((st) => HOST_MEMORY_STEPS.has(st.kind)));
   for (const n of pureWalk) {
     it(`${n}: its explicit expectations agree with the model`, () => {

@@ -1,7 +1,8 @@
 // The file-system view of the machine whose KVM is under test: this host's
 // own files, or (in the lab) the files of the kernel under test, reached
-// through the agent. The probe reads sysfs through it and tracefs sessions
-// are driven through it; nothing else uses it.
+// through the agent. The probe reads sysfs through it, tracefs sessions are
+// driven through it, and Memslot.hugeBytes reads /proc/self/smaps of the
+// process that holds guest memory through it; nothing else uses it.
 import { execFileSync } from 'node:child_process';
 import { closeSync, constants, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmdirSync, writeFileSync } from 'node:fs';
 import { arch } from 'node:os';

@@ -1,8 +1,9 @@
 // One type per file descriptor: Kvm (the device), Vm, Vcpu. Every method is a
 // thin, total wrapper: it returns a value or throws a KvmError naming the call.
-import { addon, check, HostError, KvmError } from './sys.js';
+import { addon, check, HostError, KvmError, NotApplicable } from './sys.js';
 import { decodeExit, type Exit } from './exits.js';
 import { decodeRegs, decodeSregs, encodeRegs, encodeSregs, type Regs, type Sregs } from './regs.js';
+import { hostFs } from './hostfs.js';
 import { StatsReader } from './stats.js';
 import { VcpuThread } from './thread.js';
 import {
@@ -143,8 +144,17 @@ export interface MemslotSpec {
   guestMemfd?: { fd: number; offset: bigint };
 }
 
+/** A page of a slot's backing that the process must not touch as usual. */
+export type PageState = 'unmapped' | 'prot-none' | 'prot-read';
+
 /** A memslot and the host memory behind it. */
 export class Memslot {
+  /**
+   * Pages (by index in the slot) that munmap or mprotect made unusable:
+   * reading an unmapped or PROT_NONE page, or writing a PROT_READ one, from
+   * this process would fault, so GuestMemory refuses to.
+   */
+  pageStates = new Map<number, PageState>();
   constructor(
     readonly slot: number,
     readonly asId: number,
@@ -180,6 +190,73 @@ export class Memslot {
   mprotect(offset: number, len: number, prot: number): void {
     this.range('mprotect', offset, len);
     check('mprotect', addon().mprotect(this.memory, offset, len, prot), `memslot ${this.slot}`);
+    const state: PageState | undefined = !(prot & PROT.READ) ? 'prot-none' : !(prot & PROT.WRITE) ? 'prot-read' : undefined;
+    this.setStates(offset, len, state);
+  }
+  /** munmap() of part of the backing; remap() puts memory back. Needs the local addon. */
+  munmap(offset: number, len: number): void {
+    this.range('munmap', offset, len);
+    const a = addon();
+    if (!a.unmapRange) throw new NotApplicable('munmap of part of a memslot needs the local addon (not the lab\'s remote one)');
+    check('munmap', a.unmapRange(this.memory, offset, len), `memslot ${this.slot}`);
+    this.setStates(offset, len, 'unmapped');
+  }
+  /**
+   * Maps fresh memory of the slot's backing kind over part of it (MAP_FIXED):
+   * anonymous and hugetlb memory comes back zeroed, a memfd's pages with the
+   * file's contents, shared anonymous memory as a new zeroed object.
+   */
+  remap(offset: number, len: number): void {
+    this.range('remap', offset, len);
+    const a = addon();
+    if (!a.remapRange) throw new NotApplicable('remapping part of a memslot needs the local addon (not the lab\'s remote one)');
+    const b = this.backing;
+    const rw = PROT.READ | PROT.WRITE;
+    const flags = b.kind === 'anon' ? MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE
+      : b.kind === 'shared' ? MAP.SHARED | MAP.ANONYMOUS
+      : b.kind === 'memfd' ? MAP.SHARED
+      : MAP.PRIVATE | MAP.ANONYMOUS | MAP.HUGETLB | (b.pageSize === '1G' ? MAP.HUGE_1GB : MAP.HUGE_2MB);
+    check('mmap(MAP_FIXED)', a.remapRange(this.memory, offset, len, rw, flags, b.kind === 'memfd' ? this.memfd : -1, b.kind === 'memfd' ? offset : 0), `memslot ${this.slot}`);
+    if (b.kind === 'anon' && b.thp !== undefined) check('madvise', a.madvise(this.memory, offset, len, b.thp ? MADV.HUGEPAGE : MADV.NOHUGEPAGE));
+    this.setStates(offset, len, undefined);
+  }
+  private setStates(offset: number, len: number, state: PageState | undefined): void {
+    for (let p = offset / PAGE_SIZE; p < (offset + len) / PAGE_SIZE; p++) {
+      if (state) this.pageStates.set(p, state);
+      else this.pageStates.delete(p);
+    }
+  }
+  /**
+   * Bytes of the backing the host maps with transparent huge pages
+   * (AnonHugePages of the VMAs inside the slot, from /proc/self/smaps of the
+   * process holding the memory), or undefined when smaps cannot be read.
+   */
+  hugeBytes(): number | undefined {
+    const smaps = hostFs().read('/proc/self/smaps');
+    if (smaps === undefined) return undefined;
+    const end = this.hva + BigInt(this.size);
+    let inside = false;
+    let total = 0;
+    for (const line of smaps.split('\n')) {
+      const vma = /^([0-9a-f]+)-([0-9a-f]+) /.exec(line);
+      if (vma) {
+        const from = BigInt(`0x${vma[1]}`);
+        inside = from >= this.hva && from < end;
+        continue;
+      }
+      const huge = inside ? /^AnonHugePages:\s+(\d+) kB/.exec(line) : null;
+      if (huge) total += Number(huge[1]) * 1024;
+    }
+    return total;
+  }
+  /** Why this process cannot read (or write) [offset, offset+len) of the backing now, or undefined. */
+  untouchable(offset: number, len: number, write: boolean): PageState | undefined {
+    if (this.pageStates.size === 0) return undefined;
+    for (let p = Math.floor(offset / PAGE_SIZE); p * PAGE_SIZE < offset + len; p++) {
+      const st = this.pageStates.get(p);
+      if (st === 'unmapped' || st === 'prot-none' || (st === 'prot-read' && write)) return st;
+    }
+    return undefined;
   }
   /** fallocate(PUNCH_HOLE) on a memfd-backed slot's file. */
   punchHole(offset: number, len: number): void {
@@ -196,21 +273,23 @@ export class GuestMemory {
     for (const s of this.slots()) if (s.asId === 0 && s.contains(gpa, len)) return s;
     return undefined;
   }
-  /** A live view of [gpa, gpa+len) inside one memslot. */
-  bytes(gpa: bigint, len: number): Uint8Array {
+  /** A live view of [gpa, gpa+len) inside one memslot; refused where the backing is unmapped or protected. */
+  bytes(gpa: bigint, len: number, write = false): Uint8Array {
     const s = this.slotOf(gpa, len);
     if (!s) throw new RangeError(`GPA range 0x${gpa.toString(16)}+0x${len.toString(16)} is not inside one memslot`);
+    const why = s.untouchable(Number(gpa - s.gpa), len, write);
+    if (why) throw new RangeError(`GPA range 0x${gpa.toString(16)}+0x${len.toString(16)}: the host memory behind it is ${why}`);
     return new Uint8Array(s.memory, Number(gpa - s.gpa), len);
   }
   write(gpa: bigint, data: ArrayLike<number>): void {
-    this.bytes(gpa, data.length).set(data);
+    this.bytes(gpa, data.length, true).set(data);
   }
   read64(gpa: bigint): bigint {
     const b = this.bytes(gpa, 8);
     return new DataView(b.buffer, b.byteOffset, 8).getBigUint64(0, true);
   }
   write64(gpa: bigint, v: bigint): void {
-    const b = this.bytes(gpa, 8);
+    const b = this.bytes(gpa, 8, true);
     new DataView(b.buffer, b.byteOffset, 8).setBigUint64(0, BigInt.asUintN(64, v), true);
   }
   read32(gpa: bigint): number {
@@ -218,7 +297,7 @@ export class GuestMemory {
     return new DataView(b.buffer, b.byteOffset, 4).getUint32(0, true);
   }
   write32(gpa: bigint, v: number): void {
-    const b = this.bytes(gpa, 4);
+    const b = this.bytes(gpa, 4, true);
     new DataView(b.buffer, b.byteOffset, 4).setUint32(0, v >>> 0, true);
   }
 }
@@ -236,6 +315,7 @@ export class Vm {
   private statsReader: StatsReader | undefined;
   private statsFd = -1;
   private readonly fds: number[] = [];
+  private readonly detached: Memslot[] = [];
   dirtyRingBytes = 0;
   private closed = false;
 
@@ -335,6 +415,7 @@ export class Vm {
     const s = this.memslot(slot, asId);
     this.setUserMemoryRegion(slot, s.flags, gpa, BigInt(s.size), s.hva, asId);
     const moved = new Memslot(s.slot, asId, gpa, s.size, s.flags, s.memory, s.hva, s.memfd, s.backing);
+    moved.pageStates = s.pageStates;
     this.slots.set(`${asId}:${slot}`, moved);
     return moved;
   }
@@ -344,6 +425,19 @@ export class Vm {
     this.setUserMemoryRegion(slot, 0, s.gpa, 0n, 0n, asId);
     this.slots.delete(`${asId}:${slot}`);
     freeBacking(s);
+  }
+
+  /**
+   * Deletes a memslot from KVM but keeps its host memory mapped until the VM
+   * is closed, so that what the guest wrote there before the deletion can
+   * still be read (the returned Memslot; it is no longer in `slots`).
+   */
+  detachMemslot(slot: number, asId = 0): Memslot {
+    const s = this.memslot(slot, asId);
+    this.setUserMemoryRegion(slot, 0, s.gpa, 0n, 0n, asId);
+    this.slots.delete(`${asId}:${slot}`);
+    this.detached.push(s);
+    return s;
   }
 
   /** KVM_GET_DIRTY_LOG: one bit per page of the slot. */
@@ -423,7 +517,9 @@ export class Vm {
     for (const fd of this.fds) addon().close(fd);
     addon().close(this.fd);
     for (const s of this.slots.values()) freeBacking(s);
+    for (const s of this.detached) freeBacking(s);
     this.slots.clear();
+    this.detached.length = 0;
   }
 }
 

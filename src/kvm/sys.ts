@@ -16,6 +16,10 @@ export interface Addon {
   addressOf(buf: ArrayBufferView | ArrayBuffer): bigint;
   madvise(buf: ArrayBuffer, offset: number, len: number, advice: number): number;
   mprotect(buf: ArrayBuffer, offset: number, len: number, prot: number): number;
+  /** munmap of part of a mapped buffer (the buffer stays attached). Local addon only. */
+  unmapRange?(buf: ArrayBuffer, offset: number, len: number): number;
+  /** mmap(MAP_FIXED) over part of a mapped buffer. Local addon only. */
+  remapRange?(buf: ArrayBuffer, offset: number, len: number, prot: number, flags: number, fd: number, fileOffset: number): number;
   memfdCreate(name: string, flags: number): number;
   fallocate(fd: number, mode: number, offset: number, len: number): number;
   ftruncate(fd: number, len: number): number;

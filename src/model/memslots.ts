@@ -423,6 +423,8 @@ export class HostMm {
   /** 2 MiB blocks (by first page) that hold 4 KiB mappings: no PMD may be installed there. */
   private readonly pteMapped = new Set<number>();
   private readonly unmapped: [number, number][] = [];
+  /** Pages whose VMA protection is not read-write (mprotect), by 4 KiB HVA page number. */
+  private readonly prot = new Map<number, 'none' | 'read'>();
   private nextPfn = FIRST_PFN;
 
   /** The current host mapping of `hva`, without faulting anything in. */
@@ -436,6 +438,8 @@ export class HostMm {
   fault(slot: Memslot, hva: bigint, write: boolean): HostFault | undefined {
     const page = Number(hva >> 12n);
     if (this.unmapped.some(([s, e]) => page >= s && page < e)) return undefined;
+    const prot = this.prot.get(page);
+    if (prot === 'none' || (prot === 'read' && write)) return undefined;
     const notify: [bigint, bigint][] = [];
     let cur = this.find(page);
     if (cur && cur.unit.zero && write) {
@@ -464,7 +468,9 @@ export class HostMm {
       if (level === 1) this.pteMapped.add(page - (page % 512));
       cur = { unit, level, head };
     }
-    return { page: hostPage(cur, page), notify };
+    // A PROT_READ page is mapped for reads only, like the zero page.
+    const hp = hostPage(cur, page);
+    return { page: prot === 'read' ? { ...hp, writable: false } : hp, notify };
   }
 
   /**
@@ -502,6 +508,39 @@ export class HostMm {
     }
     notify.push([start, end]);
     return notify;
+  }
+
+  /**
+   * mprotect of [start, end): later faults that the protection forbids (any
+   * access under PROT_NONE, a write under PROT_READ) fail with EFAULT. The
+   * pages themselves stay; the caller reports the range to the MMU notifiers
+   * with invalidate(start, end, 'mprotect').
+   */
+  protect(start: bigint, end: bigint, prot: 'none' | 'read' | 'read-write'): void {
+    for (let p = Number(start >> 12n); p < Number((end + 4095n) >> 12n); p++) {
+      if (prot === 'read-write') this.prot.delete(p);
+      else this.prot.set(p, prot);
+    }
+  }
+
+  /**
+   * mmap(MAP_FIXED) of fresh memory over [start, end), after a munmap: faults
+   * there succeed again, on new pages (the old ones went with the munmap),
+   * with read-write protection.
+   */
+  remap(start: bigint, end: bigint): void {
+    const ps = Number(start >> 12n);
+    const pe = Number((end + 4095n) >> 12n);
+    const keep: [number, number][] = [];
+    for (const [s, e] of this.unmapped) {
+      if (e <= ps || s >= pe) keep.push([s, e]);
+      else {
+        if (s < ps) keep.push([s, ps]);
+        if (e > pe) keep.push([pe, e]);
+      }
+    }
+    this.unmapped.splice(0, this.unmapped.length, ...keep);
+    for (let p = ps; p < pe; p++) this.prot.delete(p);
   }
 
   private find(page: number): { unit: Unit; level: number; head: number } | undefined {

@@ -887,10 +887,33 @@ export class Tdp {
     if (!slot) throw new MemslotError('EINVAL', `no slot ${slotId} in as_id ${asId}`);
     if (!slot.flags.logDirty) throw new MemslotError('EINVAL', `slot ${slotId} does not log dirty pages`);
     const set = this.dirtySet(slot);
-    const harvested = new Set(set);
-    const gfns = [...harvested].sort((a, b) => a - b);
+    const gfns = [...set].sort((a, b) => a - b);
     set.clear();
-    if (gfns.length === 0) return gfns;
+    this.reprotect(asId, gfns);
+    return gfns;
+  }
+
+  /**
+   * KVM_CLEAR_DIRTY_LOG (manual protect): the slot's logged GFNs in
+   * [first, first + count) of the slot leave the log, sorted, and each is
+   * re-protected as KVM_GET_DIRTY_LOG does without manual protect.
+   */
+  clearDirtyLog(asId: number, slotId: number, first: number, count: number): number[] {
+    const slot = this.slots.get(asId, slotId);
+    if (!slot) throw new MemslotError('EINVAL', `no slot ${slotId} in as_id ${asId}`);
+    if (!slot.flags.logDirty) throw new MemslotError('EINVAL', `slot ${slotId} does not log dirty pages`);
+    const set = this.dirtySet(slot);
+    const lo = slot.baseGfn + first;
+    const gfns = [...set].filter((g) => g >= lo && g < lo + count).sort((a, b) => a - b);
+    for (const g of gfns) set.delete(g);
+    this.reprotect(asId, gfns);
+    return gfns;
+  }
+
+  /** W off on the 4 KiB leaves of `gfns` (sorted), so their next write faults and is logged. */
+  private reprotect(asId: number, gfns: number[]): void {
+    if (gfns.length === 0) return;
+    const harvested = new Set(gfns);
     const flush: Flush[] = [];
     for (const it of this.walk(asId, gfns[0], gfns[gfns.length - 1] + 1, flush, { only: 'presentLeaf' })) {
       if (it.yieldPoint && it.resched()) continue;
@@ -901,7 +924,6 @@ export class Tdp {
       }
       it.flush(it.gfn, 1);
     }
-    return gfns;
   }
 
   /**

@@ -28,7 +28,8 @@ import { levelSpan, LEVEL_NAMES, PAGE_4K } from '../arch/x86/pte.js';
 import { MAX_NR_PAGES } from '../model/memslots.js';
 import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.js';
 import { at, checkJson, SCENARIO, toJson, type Json } from './schema.js';
-import type { AccessExpect, GuestStep, HostStep, Mapping, MemslotDecl, PagingDecl, PteAttrs, Scenario, Step } from './types.js';
+import { showStatExpect } from './stats.js';
+import type { AccessExpect, GuestStep, HostStep, Mapping, MemslotDecl, PagingDecl, PteAttrs, RaceDecl, RaceOp, Scenario, Step, StepStats } from './types.js';
 
 /** A scenario that cannot be loaded: the message is "<path>: <first error>" and a count of the others. */
 export class ScenarioError extends Error {
@@ -142,6 +143,11 @@ function toExpect(o: Obj | undefined): AccessExpect | undefined {
 }
 
 function toStep(o: Obj): Step {
+  const step = toStepKind(o);
+  return o.stats !== undefined ? { ...step, stats: o.stats as StepStats } : step;
+}
+
+function toStepKind(o: Obj): Step {
   if ('guest' in o) {
     const g = o.guest as string;
     let step: GuestStep;
@@ -209,6 +215,16 @@ function toStep(o: Obj): Step {
     case 'madvise':
       step = { kind: 'madvise', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint, advice: o.advice as 'dontneed' | 'hugepage' | 'nohugepage' };
       break;
+    case 'munmap':
+    case 'remap':
+      step = { kind: o.host as 'munmap' | 'remap', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint };
+      break;
+    case 'mprotect':
+      step = { kind: 'mprotect', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint, prot: o.prot as 'none' | 'read' | 'read-write' };
+      break;
+    case 'pre-fault':
+      step = { kind: 'pre-fault', gpa: o.gpa as bigint, size: o.size as bigint };
+      break;
     default: {
       const e = o.expect as Obj | undefined;
       step = {
@@ -247,11 +263,21 @@ function toScenario(n: Obj): Scenario {
     name: n.name as string,
     description: n.description as string,
     arch: 'x86_64',
-    vcpus: 1,
+    vcpus: n.vcpus as number,
+    ...(n.race ? { race: toRace(n.race as Obj) } : {}),
     memslots: (n.memslots as Obj[]).map((m) => ({ ...m }) as unknown as MemslotDecl),
     paging,
     mappings,
     steps: (n.steps as Obj[]).map(toStep),
+  };
+}
+
+function toRace(r: Obj): RaceDecl {
+  return {
+    pages: r.pages as number,
+    rounds: r.rounds as number,
+    cpl: r.cpl as 0 | 3,
+    targets: (r.targets as Obj[]).map((t) => ({ slot: t.slot as number, gva: t.gva as bigint, host: [...(t.host as RaceOp[])] })),
   };
 }
 
@@ -265,6 +291,12 @@ function expectJson(e: AccessExpect | undefined, withValue: boolean): Obj | unde
 }
 
 function stepJson(s: Step): Obj {
+  const o = stepKindJson(s);
+  if (s.stats) o.stats = Object.fromEntries(Object.entries(s.stats).map(([k, e]) => [k, showStatExpect(e)]));
+  return o;
+}
+
+function stepKindJson(s: Step): Obj {
   if (s.side === 'guest') {
     switch (s.kind) {
       case 'access': {
@@ -311,6 +343,13 @@ function stepJson(s: Step): Obj {
       return { host: s.kind, slot: s.slot, logDirty: s.logDirty, readonly: s.readonly };
     case 'madvise':
       return { host: s.kind, slot: s.slot, offset: s.offset, size: s.size, advice: s.advice };
+    case 'munmap':
+    case 'remap':
+      return { host: s.kind, slot: s.slot, offset: s.offset, size: s.size };
+    case 'mprotect':
+      return { host: s.kind, slot: s.slot, offset: s.offset, size: s.size, prot: s.prot };
+    case 'pre-fault':
+      return { host: s.kind, gpa: s.gpa, size: s.size };
   }
 }
 
@@ -327,6 +366,7 @@ export function scenarioToJson(s: Scenario): Json {
     paging: { ...s.paging, pkru: BigInt(s.paging.pkru) },
     mappings: s.mappings.map((m) => ({ gva: m.gva, gpa: m.gpa, page: m.page, size: m.size, leaf: leaf(m.leaf), table: table(m.table), raw: m.raw })),
     steps: s.steps.map(stepJson),
+    ...(s.race ? { race: s.race } : {}),
   });
 }
 
@@ -555,10 +595,20 @@ function stepErrors(s: Scenario, json: Obj, err: (path: string, msg: string) => 
       case 'translate':
         if (st.expect && !st.expect.valid && st.expect.gpa !== undefined) err(`${p}.expect.gpa`, 'an invalid translation has no gpa');
         return;
+      case 'pre-fault': {
+        const m = s.memslots.find((x) => st.gpa >= x.gpa && st.gpa < x.gpa + x.size);
+        if (st.gpa % PAGE_4K !== 0n || st.size % PAGE_4K !== 0n || st.size === 0n) return err(p, 'gpa and size must be 4K aligned and size non-zero');
+        if (!m) return err(`${p}.gpa`, `${hex(st.gpa)} is not inside a declared user memslot`);
+        if (st.gpa + st.size > m.gpa + m.size) return err(`${p}.size`, `${range(st.gpa, st.size)} runs past the end of memslot ${m.slot} ${range(m.gpa, m.size)}`);
+        return;
+      }
       case 'memslot-delete':
       case 'memslot-move':
       case 'memslot-flags':
-      case 'madvise': {
+      case 'madvise':
+      case 'munmap':
+      case 'remap':
+      case 'mprotect': {
         const m = s.memslots.find((x) => x.slot === st.slot);
         if (!m) return err(`${p}.slot`, `memslot ${st.slot} is not declared in "memslots"`);
         const gone = s.steps.slice(0, i).some((x) => x.side === 'host' && x.kind === 'memslot-delete' && x.slot === st.slot);
@@ -574,13 +624,74 @@ function stepErrors(s: Scenario, json: Obj, err: (path: string, msg: string) => 
         if (st.kind === 'memslot-flags' && st.readonly !== m.readonly) {
           err(`${p}.readonly`, `KVM does not let a memslot's read-only flag change (memslot ${st.slot} is declared ${m.readonly ? 'read-only' : 'writable'}); delete it and declare another`);
         }
-        if (st.kind === 'madvise') {
-          if (st.offset % PAGE_4K !== 0n || st.size % PAGE_4K !== 0n || st.size === 0n) err(p, 'offset and size must be 4K aligned and size non-zero');
-          else if (st.offset + st.size > m.size) err(`${p}.size`, `${hex(st.offset)}+${hex(st.size)} runs past the end of memslot ${st.slot} (${hex(m.size)} bytes)`);
+        if (st.kind === 'madvise' || st.kind === 'munmap' || st.kind === 'remap' || st.kind === 'mprotect') {
+          const unit = st.kind === 'madvise' ? PAGE_4K : BACKING_PAGE[m.backing];
+          const what = unit === PAGE_4K ? '4K' : `${m.backing} page (${hex(unit)})`;
+          if (st.offset % unit !== 0n || st.size % unit !== 0n || st.size === 0n) return err(p, `offset and size must be ${what} aligned and size non-zero`);
+          if (st.offset + st.size > m.size) return err(`${p}.size`, `${hex(st.offset)}+${hex(st.size)} runs past the end of memslot ${st.slot} (${hex(m.size)} bytes)`);
+          // Pages of the range that an earlier munmap took away (and no remap gave back).
+          const unmapped = unmappedBy(s.steps.slice(0, i), st.slot, st.offset, st.size);
+          if (st.kind === 'remap' && unmapped.length * Number(PAGE_4K) !== Number(st.size)) err(p, `remap needs the whole range unmapped by earlier munmap steps; ${hex(st.offset)}+${hex(st.size)} of memslot ${st.slot} is not`);
+          if (st.kind !== 'remap' && unmapped.length > 0) err(p, `memslot ${st.slot}'s memory at offset ${hex(unmapped[0]!)} was unmapped by an earlier munmap step (remap it first)`);
         }
         return;
       }
     }
+  });
+}
+
+/** Offsets of the 4K pages of [offset, offset+size) that `steps` leave unmapped in a slot. */
+function unmappedBy(steps: readonly Step[], slot: number, offset: bigint, size: bigint): bigint[] {
+  const gone = new Set<bigint>();
+  for (const x of steps) {
+    if (x.side !== 'host' || (x.kind !== 'munmap' && x.kind !== 'remap') || x.slot !== slot) continue;
+    for (let o = x.offset; o < x.offset + x.size; o += PAGE_4K) {
+      if (x.kind === 'munmap') gone.add(o);
+      else gone.delete(o);
+    }
+  }
+  const out: bigint[] = [];
+  for (let o = offset; o < offset + size; o += PAGE_4K) if (gone.has(o)) out.push(o);
+  return out;
+}
+
+/**
+ * A race needs more than one vCPU and no steps; each target's pages
+ * (vcpus x pages) are mapped writable, in order, onto its slot; logging ops
+ * need the slot's dirty log, and one slot is not both logged and toggled.
+ */
+function raceErrors(s: Scenario, err: (path: string, msg: string) => void): void {
+  const r = s.race;
+  if (!r) {
+    if (s.vcpus > 1) err('vcpus', `${s.vcpus} vCPUs need a "race" (steps run on one vCPU)`);
+    return;
+  }
+  if (s.vcpus < 2) err('vcpus', 'a race needs at least 2 vCPUs');
+  if (s.steps.length > 0) err('steps', 'a race scenario has no steps');
+  const used = new Map<number, number>();
+  r.targets.forEach((t, i) => {
+    const p = `race.targets[${i}]`;
+    const m = s.memslots.find((x) => x.slot === t.slot);
+    if (!m) return err(`${p}.slot`, `memslot ${t.slot} is not declared in "memslots"`);
+    const k = used.get(t.slot);
+    if (k !== undefined) return err(`${p}.slot`, `memslot ${t.slot} is already the slot of race.targets[${k}]`);
+    used.set(t.slot, i);
+    const n = BigInt(s.vcpus * r.pages);
+    if (t.gva % PAGE_4K !== 0n) return err(`${p}.gva`, `${hex(t.gva)} is not 4K aligned`);
+    const first = mappingAt(s, t.gva);
+    for (let j = 0n; j < n; j++) {
+      const va = t.gva + j * PAGE_4K;
+      const mm = mappingAt(s, va);
+      if (!mm || !mm.leaf.w || !mm.leaf.p || !mm.table.w || mm.raw.length > 0) return err(`${p}.gva`, `${hex(va)} is not covered by a present, writable mapping without raw overrides`);
+      if (r.cpl === 3 && !(mm.leaf.u && mm.table.u)) return err(`${p}.gva`, `${hex(va)} is not mapped for user accesses, which a CPL 3 race needs`);
+      const gpa = mm.gpa + (va - mm.gva);
+      const want = (first ? first.gpa + (t.gva - first.gva) : 0n) + j * PAGE_4K;
+      if (gpa !== want || gpa < m.gpa || gpa + PAGE_4K > m.gpa + m.size) return err(`${p}.gva`, `${hex(va)} does not map page ${j} of the target inside memslot ${t.slot} ${range(m.gpa, m.size)}`);
+    }
+    const ops = new Set(t.host);
+    if (ops.has('delete') && t.host.length !== 1) err(`${p}.host`, '"delete" takes the slot away for good, so it must be the target\'s only operation');
+    if (ops.has('dirty-log') && !m.logDirty) err(`${p}.host`, `"dirty-log" needs memslot ${t.slot} declared with "logDirty": true`);
+    if (ops.has('dirty-log') && ops.has('toggle-dirty-log')) err(`${p}.host`, '"dirty-log" and "toggle-dirty-log" on one slot would leave the pages logged in a round unknown; use two targets');
   });
 }
 
@@ -589,4 +700,5 @@ function semanticErrors(s: Scenario, json: Obj, errors: string[]): void {
   memslotErrors(s, err);
   mappingErrors(s, json, err);
   stepErrors(s, json, err);
+  raceErrors(s, err);
 }

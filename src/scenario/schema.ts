@@ -7,6 +7,7 @@
 //   fieldReference() the field tables of docs/scenarios.md.
 // The semantic checks (alignment, overlaps, levels, ...) and the conversion to
 // the Scenario type are in load.ts.
+import { parseStatExpect, STAT_NAMES, STAT_VALUE_RE } from './stats.js';
 
 export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
 
@@ -40,6 +41,10 @@ export interface StringSpec extends Doc {
 export interface FaultSpec extends Doc {
   kind: 'fault';
 }
+/** Stat name -> expected delta over the step (see stats.ts). */
+export interface StatsSpec extends Doc {
+  kind: 'stats';
+}
 export interface ArraySpec extends Doc {
   kind: 'array';
   items: Spec;
@@ -64,7 +69,8 @@ export interface TaggedSpec extends Doc {
   name: string;
   variants: readonly { tag: string; value: string; spec: ObjectSpec }[];
 }
-export type Spec = U64Spec | IntSpec | EnumSpec | BoolSpec | StringSpec | FaultSpec | ArraySpec | ObjectSpec | TaggedSpec;
+export type Spec = U64Spec | IntSpec | EnumSpec | BoolSpec | StringSpec | FaultSpec | StatsSpec | ArraySpec | ObjectSpec | TaggedSpec;
+
 
 // ---------------------------------------------------------------------------------
 // The field tables.
@@ -155,15 +161,20 @@ const PTES = opt(array(object('expected pte', 'An entry value after the step.', 
 const expectOf = (name: string, fields: Record<string, Field>) =>
   opt(object(name, 'Expectations that replace the model\'s prediction where given.', fields));
 
+const STATS = opt({
+  kind: 'stats',
+  doc: 'Expected changes of KVM stats over the step, by stat name: an integer (exact delta), "+n"/"-n" (exact), ">=n" or "<=n"; checked where the host\'s stats describe it, else reported not applicable here.',
+});
+
 const guest = (value: string, doc: string, fields: Record<string, Field>) => ({
   tag: 'guest',
   value,
-  spec: object(`guest ${value}`, doc, { guest: req(oneOf([value], 'Step kind.')), ...fields }),
+  spec: object(`guest ${value}`, doc, { guest: req(oneOf([value], 'Step kind.')), ...fields, stats: STATS }),
 });
 const host = (value: string, doc: string, fields: Record<string, Field>) => ({
   tag: 'host',
   value,
-  spec: object(`host ${value}`, doc, { host: req(oneOf([value], 'Step kind.')), ...fields }),
+  spec: object(`host ${value}`, doc, { host: req(oneOf([value], 'Step kind.')), ...fields, stats: STATS }),
 });
 
 const STEP: TaggedSpec = {
@@ -229,6 +240,26 @@ const STEP: TaggedSpec = {
       size: req(u64('Bytes (a multiple of 4K).')),
       advice: req(oneOf(['dontneed', 'hugepage', 'nohugepage'], 'MADV_DONTNEED, MADV_HUGEPAGE or MADV_NOHUGEPAGE.')),
     }),
+    host('munmap', "munmap() of part of a user memslot's host memory; the slot stays, so guest accesses there fail in the host (see docs/scenarios.md for what each host reports).", {
+      slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
+      offset: req(u64('Byte offset in the slot (aligned to the backing page size).')),
+      size: req(u64('Bytes (a multiple of the backing page size).')),
+    }),
+    host('remap', 'mmap(MAP_FIXED) of fresh memory of the slot\'s backing kind over a range an earlier munmap step took away: anonymous memory comes back zeroed, a memfd with its contents.', {
+      slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
+      offset: req(u64('Byte offset in the slot (aligned to the backing page size).')),
+      size: req(u64('Bytes (a multiple of the backing page size).')),
+    }),
+    host('mprotect', "mprotect() of part of a user memslot's host memory; `read-write` restores it.", {
+      slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
+      offset: req(u64('Byte offset in the slot (aligned to the backing page size).')),
+      size: req(u64('Bytes (a multiple of the backing page size).')),
+      prot: req(oneOf(['none', 'read', 'read-write'], 'PROT_NONE, PROT_READ or PROT_READ|PROT_WRITE.')),
+    }),
+    host('pre-fault', 'KVM_PRE_FAULT_MEMORY of a GPA range: KVM maps it ahead of guest accesses. Not applicable on hosts without KVM_CAP_PRE_FAULT_MEMORY (the step is then skipped and reported so).', {
+      gpa: req(u64('First guest-physical address (4K aligned, inside a user memslot).')),
+      size: req(u64('Bytes (a non-zero multiple of 4K, inside the same memslot).')),
+    }),
     host('translate', "KVM_TRANSLATE of `gva`; compared with `expect`, else with the model's walk.", {
       gva: GVA,
       expect: opt(
@@ -245,11 +276,23 @@ export const SCENARIO = object('scenario', 'A kvmharness scenario: memory, pagin
   name: req({ kind: 'string', doc: 'Short name, used as the check name.', pattern: { re: '^[A-Za-z0-9][A-Za-z0-9_.-]*$', what: "a name of letters, digits, '_', '.' and '-'" } }),
   description: req({ kind: 'string', doc: 'What the scenario shows, in a sentence or two.' }),
   arch: opt(oneOf(['x86_64'], 'Guest architecture.'), 'x86_64'),
-  vcpus: opt(oneOf([1], 'Number of vCPUs.'), 1),
+  vcpus: opt(oneOf([1, 2, 3, 4], 'Number of vCPUs; more than one needs a `race`.'), 1),
   memslots: opt(array(MEMSLOT, 'User memslots.'), []),
   paging: opt(PAGING, {}),
   mappings: opt(array(MAPPING, 'Mappings added to the bring-up page tables.'), []),
   steps: opt(array(STEP, 'The program, run in order.'), []),
+  race: opt(
+    object('race', 'A multi-vCPU race, instead of steps: each vCPU writes its own pages of every target again and again (on its own thread) while the host runs the targets\' operations round after round; then the vCPUs make a final pass and stop, and nothing may be lost.', {
+      pages: req(int(1, 64, 'Pages each vCPU writes in each target.')),
+      rounds: req(int(1, 1000, 'Host rounds; in each the host waits until every vCPU has finished another pass.')),
+      cpl: opt(oneOf([0, 3], 'Privilege level of the vCPUs\' loops (CPL 3 needs user mappings of the targets).'), 0),
+      targets: req(array(object('race target', 'A range of guest pages and what the host does to its memslot in each round.', {
+        slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
+        gva: req(u64('First guest-virtual address; a writable mapping must cover vcpus x pages pages from it, in the slot.')),
+        host: req(array(oneOf(['dirty-log', 'dontneed', 'toggle-dirty-log', 'delete'], 'KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG of the slot, MADV_DONTNEED of the target\'s pages, dirty logging turned off or on, or (once, in the middle round, and alone) deleting the slot while the vCPUs write it.'), 'Host operations in each round, in order.')),
+      }), 'The targets.')),
+    }),
+  ),
 });
 
 // ---------------------------------------------------------------------------------
@@ -340,6 +383,21 @@ export function checkJson(spec: Spec, v: unknown, path: string, errors: string[]
       const r = parseU64(v, 32);
       return typeof r === 'string' ? bad(`expected false or a #PF error code (a hex string like "0x7" or an integer), got ${show(v)}`) : r;
     }
+    case 'stats': {
+      if (!isObject(v)) return bad(`expected an object of stat name -> expected delta, got ${show(v)}`);
+      const before = errors.length;
+      const out: Record<string, unknown> = {};
+      for (const [k, x] of Object.entries(v)) {
+        if (!STAT_NAMES.includes(k)) {
+          errors.push(at(fieldPath(path, k), `unknown stat (known: ${STAT_NAMES.join(', ')})`));
+          continue;
+        }
+        const e = parseStatExpect(x);
+        if (typeof e === 'string') errors.push(at(fieldPath(path, k), e));
+        else out[k] = e;
+      }
+      return errors.length === before ? out : undefined;
+    }
     case 'array': {
       if (!Array.isArray(v)) return bad(`expected an array, got ${show(v)}`);
       const before = errors.length;
@@ -425,6 +483,8 @@ function schemaOf(spec: Spec): Record<string, Json> {
         description: spec.doc,
         oneOf: [{ const: false }, { type: 'string', pattern: hexRe(32) }, { type: 'integer', minimum: 0, maximum: 0xffffffff }],
       };
+    case 'stats':
+      return { description: spec.doc, $ref: '#/$defs/stats' };
     case 'array':
       return { description: spec.doc, type: 'array', items: schemaOf(spec.items) };
     case 'object': {
@@ -446,6 +506,14 @@ export function jsonSchema(): Record<string, Json> {
     $schema: 'https://json-schema.org/draft/2020-12/schema',
     title: 'kvmharness scenario',
     ...schemaOf(SCENARIO),
+    $defs: {
+      // One definition for every step's "stats" (the stat names are many).
+      stats: {
+        type: 'object',
+        propertyNames: { enum: [...STAT_NAMES] },
+        additionalProperties: { oneOf: [{ type: 'integer' }, { type: 'string', pattern: STAT_VALUE_RE.source }] },
+      },
+    },
   };
 }
 
@@ -466,6 +534,8 @@ function typeText(spec: Spec): string {
       return 'string';
     case 'fault':
       return '`false` \\| u32';
+    case 'stats':
+      return 'object (stat name -> integer \\| string)';
     case 'array':
       return `array of ${typeText(spec.items)}`;
     case 'object':

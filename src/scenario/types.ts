@@ -3,6 +3,7 @@
 // override the model. This file is the validated, normalised form; the JSON
 // form (addresses as "0x..." strings or safe integers) is described by
 // schema.ts and docs/scenarios.md.
+import type { StatExpect } from './stats.js';
 
 export type PageSize = '4K' | '2M' | '1G';
 export type AccessKind = 'read' | 'write' | 'exec';
@@ -93,15 +94,43 @@ export type HostStep =
   | { kind: 'memslot-move'; slot: number; gpa: bigint }
   | { kind: 'memslot-flags'; slot: number; logDirty: boolean; readonly: boolean }
   /** madvise() on [offset, offset+size) of the slot's host memory. */
-  | { kind: 'madvise'; slot: number; offset: bigint; size: bigint; advice: 'dontneed' | 'hugepage' | 'nohugepage' };
+  | { kind: 'madvise'; slot: number; offset: bigint; size: bigint; advice: 'dontneed' | 'hugepage' | 'nohugepage' }
+  /** munmap() of [offset, offset+size) of the slot's host memory; the slot stays. */
+  | { kind: 'munmap'; slot: number; offset: bigint; size: bigint }
+  /** mmap(MAP_FIXED) of fresh memory of the slot's backing kind over a range an earlier munmap took away. */
+  | { kind: 'remap'; slot: number; offset: bigint; size: bigint }
+  | { kind: 'mprotect'; slot: number; offset: bigint; size: bigint; prot: 'none' | 'read' | 'read-write' }
+  /** KVM_PRE_FAULT_MEMORY of [gpa, gpa+size) (where the host has KVM_CAP_PRE_FAULT_MEMORY). */
+  | { kind: 'pre-fault'; gpa: bigint; size: bigint };
 
-export type Step = ({ side: 'guest' } & GuestStep) | ({ side: 'host' } & HostStep);
+/** Expected changes of KVM stats over a step, by stat name (see stats.ts). */
+export type StepStats = Record<string, StatExpect>;
+
+export type Step = (({ side: 'guest' } & GuestStep) | ({ side: 'host' } & HostStep)) & { stats?: StepStats };
+
+/** What the host does to one race target in every round of a race. */
+export type RaceOp = 'dirty-log' | 'dontneed' | 'toggle-dirty-log' | 'delete';
+
+/**
+ * A race: every vCPU writes its own pages of each target over and over while
+ * the host runs `rounds` rounds of the targets' operations; then a final pass.
+ */
+export interface RaceDecl {
+  /** Pages per vCPU in each target. */
+  pages: number;
+  rounds: number;
+  /** Privilege level the vCPUs' loops run at. */
+  cpl: 0 | 3;
+  targets: { slot: number; gva: bigint; host: RaceOp[] }[];
+}
 
 export interface Scenario {
   name: string;
   description: string;
   arch: 'x86_64';
-  vcpus: 1;
+  vcpus: number;
+  /** A multi-vCPU race instead of steps (src/run/race.ts). */
+  race?: RaceDecl;
   memslots: MemslotDecl[];
   paging: PagingDecl;
   mappings: Mapping[];
