@@ -122,6 +122,19 @@ describeKvm('scenarios on this host', () => {
     expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toContain(`step ${i} ${(steps[i] as { access: string }).access}${8 * (steps[i] as { size: number }).size} ${'0x' + (steps[i] as { gva: bigint }).gva.toString(16)} cpl${(steps[i] as { cpl: number }).cpl}: exceptions`);
   });
 
+  it('guest-side write-pte and clear-ad really change the entries: dropping them makes the next accesses disagree', async () => {
+    for (const name of ['invlpg_write_pte', 'accessed_dirty']) {
+      const sc = load(name);
+      const kinds = sc.steps.filter((s) => s.side === 'guest' && (s.kind === 'write-pte' || s.kind === 'clear-ad')).length;
+      expect(kinds, name).toBeGreaterThan(0);
+      expect((await runCheck(scenarioCheck(sc), kvm, profile)).outcome, name).toBe('pass');
+      // The same scenario with those guest stores turned into no-ops (INVLPG of the address instead).
+      const steps = sc.steps.map((s) => (s.side === 'guest' && (s.kind === 'write-pte' || s.kind === 'clear-ad') ? { side: 'guest' as const, kind: 'invlpg' as const, gva: s.gva } : s));
+      const r = await runCheck(scenarioCheck({ ...sc, steps }), kvm, profile);
+      expect(r.outcome, name).toBe('fail');
+    }
+  });
+
   it('reports a wrong stats expectation, naming the step and the stat', async () => {
     const sc = load('memslot_delete');
     const i = sc.steps.findIndex((s) => s.stats?.mmio_exits?.delta === 1n);

@@ -186,7 +186,7 @@ describe('scenario validation: shape', () => {
     [
       'an unknown guest step',
       edit((j) => (j.steps = [{ guest: 'jump', gva: '0x1000' }])),
-      ['steps[0].guest: expected one of "read", "write", "exec", "invlpg", "reload-cr3", "set-cr0-wp", "set-cr4", got "jump"'],
+      ['steps[0].guest: expected one of "read", "write", "exec", "invlpg", "reload-cr3", "set-cr0-wp", "set-cr4", "write-pte", "clear-ad", got "jump"'],
     ],
     [
       'an unknown host step',
@@ -728,7 +728,8 @@ function simulate(s: Scenario, cpu = { vendor: 'amd', maxPhyAddr: 48, pdpe1gb: t
   const dirtyLogs: { step: number; pages: bigint[] }[] = [];
   const translations: { step: number; valid: boolean; gpa?: bigint }[] = [];
   s.steps.forEach((st, i) => {
-    if (st.side === 'guest') {
+    // write-pte and clear-ad change memory the same way from either side.
+    if (st.side === 'guest' && st.kind !== 'write-pte' && st.kind !== 'clear-ad') {
       if (st.kind === 'set-cr0-wp') cfg = { ...cfg, cr0Wp: st.value };
       if (st.kind === 'set-cr4') cfg = { ...cfg, [{ smep: 'cr4Smep', smap: 'cr4Smap', pke: 'cr4Pke' }[st.bit]]: st.value };
       if (st.kind !== 'access') return;

@@ -12,18 +12,21 @@ import { registerLab } from './lab.js';
 import { LabError } from '../lab/profiles.js';
 import { scenarioCheck } from '../run/engine.js';
 import { builtinScenarios, loadScenario, resolveScenario, ScenarioError } from '../scenario/load.js';
+import type { Scenario } from '../scenario/types.js';
 import { registerWalk, WalkUsageError } from './walk.js';
 import { accessMatrix } from '../matrix/check.js';
 
 /** A usage error: exit status 2 with one line. */
 export class UsageError extends Error {}
 
-/** Each built-in scenario as two checks: results and A/D, then KVM's walker trace. */
+/** A scenario as two checks: results and A/D, then KVM's walker trace (a race has no single walk to trace: one check). */
+function checksOf(sc: Scenario): Check[] {
+  return sc.race ? [scenarioCheck(sc)] : [scenarioCheck(sc), scenarioCheck(sc, { trace: true })];
+}
+
+/** Every built-in scenario's checks. */
 function scenarioChecks(): Check[] {
-  return builtinScenarios().flatMap((name) => {
-    const sc = loadScenario(resolveScenario(name));
-    return [scenarioCheck(sc), scenarioCheck(sc, { trace: true })];
-  });
+  return builtinScenarios().flatMap((name) => checksOf(loadScenario(resolveScenario(name))));
 }
 
 /** The access-matrix sample of the default run: finishes in well under 30 s here. */
@@ -58,7 +61,7 @@ export function selectChecks(names: string[], matrix: MatrixOptions = {}): Check
     let found: readonly Check[];
     if (n.endsWith('.json')) {
       const sc = loadScenario(n);
-      found = [scenarioCheck(sc), scenarioCheck(sc, { trace: true })];
+      found = checksOf(sc);
     } else {
       found = all[n] ?? everything.filter((c) => c.name === n);
     }

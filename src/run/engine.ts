@@ -130,8 +130,35 @@ function leBytes(v: bigint, n: number): Uint8Array {
 }
 
 /** Writes the code of one guest step; returns nothing to predict for non-access steps. */
-function emitGuestStep(k: Asm, u: Asm, s: GuestStep, pkru: number): void {
+/** Where the guest's own page-table writes go: the GPAs of the entries a step names. */
+interface EntryFinder {
+  /** The entry at `level` for `gva`. */
+  entry(gva: bigint, level: number): bigint;
+  /** Every entry the walk of `gva` reads. */
+  walk(gva: bigint): bigint[];
+}
+
+/** A store of 8 bytes by the guest to a page-table entry, through the identity map: (old & ~clear) | set, or value. */
+function emitPteStore(k: Asm, at: bigint, change: { set: bigint; clear: bigint; value?: bigint }): void {
+  if (at + 8n > LAYOUT.identityEnd) throw new Error(`the entry at ${hex(at)} is outside the guest's identity map; a guest step cannot write it`);
+  k.movImm('rbx', at);
+  if (change.value !== undefined) k.movImm('rax', change.value);
+  else {
+    k.load(8, 'rax', { base: 'rbx' });
+    k.movImm('rcx', BigInt.asUintN(64, ~change.clear)).and('rax', 'rcx');
+    k.movImm('rcx', change.set).or('rax', 'rcx');
+  }
+  k.store(8, { base: 'rbx' }, 'rax');
+}
+
+function emitGuestStep(k: Asm, u: Asm, s: GuestStep, pkru: number, entries: EntryFinder): void {
   switch (s.kind) {
+    case 'write-pte':
+      emitPteStore(k, entries.entry(s.gva, s.level), s);
+      return;
+    case 'clear-ad':
+      for (const at of entries.walk(s.gva)) emitPteStore(k, at, { set: 0n, clear: PTE_A | PTE_D });
+      return;
     case 'access': {
       const body = (a: Asm) => {
         a.movImm('rbx', s.gva);
@@ -226,6 +253,10 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
       });
     }
     const built = buildScenarioTables(sc, g.mem, g.boot);
+    const finder: EntryFinder = {
+      entry: (gva, level) => built.entries(gva, level),
+      walk: (gva) => walkWith(new Set(), { ...cfg, cr0Wp: false, cr4Smep: false, cr4Smap: false, cr4Pke: false }, g.boot.tables.root, { gva, kind: 'read', cpl: 0 }, (a) => g.mem.read64(a)).levels.map((l) => l.pteGpa),
+    };
     let cfg: PagingConfig = { ...pagingConfigFor(sc, cpu), walker: guestWalkerOf(ctx.profile) };
     if (cfg.walker === 'qemu-tcg') ctx.note('the guest\'s walks are QEMU TCG\'s (TDP on an emulated CPU): the model applies TCG\'s measured deviations (README, Findings)');
     else if (cfg.walker === 'cpu') ctx.note('the guest\'s walks are the processor\'s (TDP): A bits a faulting walk may set are accepted either way');
@@ -246,7 +277,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     const u = new Asm({ origin: Number(LAYOUT.userCode) });
     if (cfg.cr4Pke) emitWrpkru(k, cfg.pkru);
     sc.steps.forEach((s, i) => {
-      if (s.side === 'guest') emitGuestStep(k, u, s, cfg.pkru);
+      if (s.side === 'guest') emitGuestStep(k, u, s, cfg.pkru, finder);
       channel.sync(k, i);
     });
     channel.done(k);
@@ -711,6 +742,7 @@ export function scenarioCheck(sc: Scenario, opts: EngineOptions = {}): Check {
     return {
       name: opts.trace ? `${sc.name}:walker-trace` : sc.name,
       description: sc.description,
+      arch: 'x64',
       needs: ['dirty_log'],
       run: (ctx) => {
         if (opts.trace) throw new NotApplicable('a race has no single guest walk per step to compare with the walker tracepoints');
@@ -721,6 +753,7 @@ export function scenarioCheck(sc: Scenario, opts: EngineOptions = {}): Check {
   return {
     name: opts.trace ? `${sc.name}:walker-trace` : sc.name,
     description: opts.trace ? `${sc.description} — KVM's walker tracepoints against the model's walk` : sc.description,
+    arch: 'x64',
     needs: opts.trace ? ['exception_log', 'ad_bits', 'walker_tracepoints'] : ['exception_log', 'ad_bits'],
     run: (ctx) => runScenario(ctx, sc, opts),
   };

@@ -29,7 +29,7 @@ import { MAX_NR_PAGES } from '../model/memslots.js';
 import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.js';
 import { at, checkJson, SCENARIO, toJson, type Json } from './schema.js';
 import { showStatExpect } from './stats.js';
-import type { AccessExpect, GuestStep, HostStep, Mapping, MemslotDecl, PagingDecl, PteAttrs, RaceDecl, RaceOp, Scenario, Step, StepStats } from './types.js';
+import type { AccessExpect, GuestStep, HostStep, Mapping, MemslotDecl, PagingDecl, PteAttrs, PteWriteStep, RaceDecl, RaceOp, Scenario, Step, StepStats } from './types.js';
 
 /** A scenario that cannot be loaded: the message is "<path>: <first error>" and a count of the others. */
 export class ScenarioError extends Error {
@@ -147,6 +147,17 @@ function toStep(o: Obj): Step {
   return o.stats !== undefined ? { ...step, stats: o.stats as StepStats } : step;
 }
 
+function pteWrite(o: Obj): PteWriteStep {
+  return {
+    kind: 'write-pte',
+    gva: o.gva as bigint,
+    level: o.level as number,
+    set: (o.set as bigint | undefined) ?? 0n,
+    clear: (o.clear as bigint | undefined) ?? 0n,
+    ...(o.value !== undefined ? { value: o.value as bigint } : {}),
+  };
+}
+
 function toStepKind(o: Obj): Step {
   if ('guest' in o) {
     const g = o.guest as string;
@@ -177,6 +188,12 @@ function toStepKind(o: Obj): Step {
       case 'set-cr0-wp':
         step = { kind: 'set-cr0-wp', value: o.value as boolean };
         break;
+      case 'write-pte':
+        step = pteWrite(o);
+        break;
+      case 'clear-ad':
+        step = { kind: 'clear-ad', gva: o.gva as bigint };
+        break;
       default:
         step = { kind: 'set-cr4', bit: o.bit as 'smep' | 'smap' | 'pke', value: o.value as boolean };
     }
@@ -185,14 +202,7 @@ function toStepKind(o: Obj): Step {
   let step: HostStep;
   switch (o.host as string) {
     case 'write-pte':
-      step = {
-        kind: 'write-pte',
-        gva: o.gva as bigint,
-        level: o.level as number,
-        set: (o.set as bigint | undefined) ?? 0n,
-        clear: (o.clear as bigint | undefined) ?? 0n,
-        ...(o.value !== undefined ? { value: o.value as bigint } : {}),
-      };
+      step = pteWrite(o);
       break;
     case 'clear-ad':
       step = { kind: 'clear-ad', gva: o.gva as bigint };
@@ -320,6 +330,12 @@ function stepKindJson(s: Step): Obj {
         return { guest: 'set-cr0-wp', value: s.value };
       case 'set-cr4':
         return { guest: 'set-cr4', bit: s.bit, value: s.value };
+      case 'write-pte':
+        return s.value !== undefined
+          ? { guest: s.kind, gva: s.gva, level: s.level, value: s.value }
+          : { guest: s.kind, gva: s.gva, level: s.level, set: s.set, clear: s.clear };
+      case 'clear-ad':
+        return { guest: s.kind, gva: s.gva };
     }
   }
   switch (s.kind) {
@@ -555,7 +571,7 @@ function stepErrors(s: Scenario, json: Obj, err: (path: string, msg: string) => 
 
   s.steps.forEach((st, i) => {
     const p = `steps[${i}]`;
-    if (st.side === 'guest') {
+    if (st.side === 'guest' && st.kind !== 'write-pte' && st.kind !== 'clear-ad') {
       if (st.kind !== 'access') return;
       if (st.access !== 'exec') {
         const off = st.gva & 0xfffn;

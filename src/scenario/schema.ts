@@ -209,7 +209,15 @@ const STEP: TaggedSpec = {
       bit: req(oneOf(['smep', 'smap', 'pke'], 'Which bit.')),
       value: req(bool('New value of the bit.')),
     }),
-    host('write-pte', 'Writes the entry at `level` for `gva`: `value` replaces it, else (old & ~clear) | set.', {
+    guest('write-pte', 'The guest rewrites the entry at `level` for `gva` with a store through the identity map (so a shadow MMU sees the write): `value` replaces it, else (old & ~clear) | set.', {
+      gva: GVA,
+      level: req(LEVEL),
+      set: opt(u64('Bits to set.')),
+      clear: opt(u64('Bits to clear.')),
+      value: opt(u64('New entry value; exclusive with set and clear.')),
+    }),
+    guest('clear-ad', 'The guest clears A and D in every entry the walk of `gva` reads, with stores through the identity map.', { gva: GVA }),
+    host('write-pte', 'The VMM writes the entry at `level` for `gva` (a shadow MMU does not see this write): `value` replaces it, else (old & ~clear) | set.', {
       gva: GVA,
       level: req(LEVEL),
       set: opt(u64('Bits to set.')),

@@ -75,7 +75,14 @@ export interface AccessExpect {
   ptes?: { level: number; value: bigint }[];
 }
 
+/** Rewrites one page-table entry (by the guest itself when a guest step, by the VMM when a host step). */
+export type PteWriteStep = { kind: 'write-pte'; gva: bigint; level: number; set: bigint; clear: bigint; value?: bigint };
+/** Clears A and D in every entry the walk of `gva` reads. */
+export type ClearAdStep = { kind: 'clear-ad'; gva: bigint };
+
 export type GuestStep =
+  | PteWriteStep
+  | ClearAdStep
   | { kind: 'access'; access: AccessKind; gva: bigint; size: 1 | 2 | 4 | 8; cpl: 0 | 3; value: bigint; eflagsAc: boolean; expect?: AccessExpect }
   | { kind: 'invlpg'; gva: bigint }
   | { kind: 'reload-cr3' }
@@ -83,8 +90,8 @@ export type GuestStep =
   | { kind: 'set-cr4'; bit: 'smep' | 'smap' | 'pke'; value: boolean };
 
 export type HostStep =
-  | { kind: 'write-pte'; gva: bigint; level: number; set: bigint; clear: bigint; value?: bigint }
-  | { kind: 'clear-ad'; gva: bigint }
+  | PteWriteStep
+  | ClearAdStep
   | { kind: 'get-dirty-log'; slot: number; expect?: bigint[] }
   | { kind: 'clear-dirty-log'; slot: number }
   | { kind: 'translate'; gva: bigint; expect?: { valid: boolean; gpa?: bigint } }
