@@ -6,6 +6,7 @@ import { labFetch } from '../lab/fetch.js';
 import { DEFAULT_PROFILE, LabError, PROFILES, type LabArch } from '../lab/profiles.js';
 import { openLab, type LabSessionOptions } from '../lab/session.js';
 import { abTable, compareAb } from '../lab/ab.js';
+import { formatProfile, probe } from '../probe/probe.js';
 import { exitStatus } from '../run/runner.js';
 import type { RunReport } from '../run/types.js';
 import { addRunOptions, checksFor, printReport, runReport, type RunCliOptions } from './main.js';
@@ -118,6 +119,20 @@ export function registerLab(program: Command): Command {
       }
       printReport(report, ro);
       process.exitCode = exitStatus(report);
+    });
+
+  labOptions(lab.command('probe'))
+    .description("boot the kernel with one profile and print its KVM's profile and oracles, as `kvmharness probe` does here")
+    .option('--profile <name>', `${PROFILES.map((p) => p.name).join(', ')} (default ${DEFAULT_PROFILE}; with --arch arm64, nvhe)`)
+    .option('--json', 'print JSON')
+    .action(async (o: LabCliOptions & { profile?: string; json?: boolean }) => {
+      const s = await openLab(sessionOptions(o, runProfile(o)));
+      try {
+        const prof = probe();
+        console.log(o.json ? JSON.stringify(prof, null, 2) : formatProfile(prof));
+      } finally {
+        await s.close();
+      }
     });
 
   labOptions(lab.command('matrix'))

@@ -274,6 +274,7 @@ export function formatProfile(p: HostProfile): string {
     const c = p.cpu;
     const f = (['nx', 'smep', 'smap', 'pku', 'la57', 'pdpe1gb'] as const).map((k) => `${k}=${c[k] ? 1 : 0}`).join(' ');
     kv('guest cpu', `${c.vendor} maxphyaddr=${c.maxPhyAddr} ${f}`);
+    kv('guest walks', `${guestWalkerOf(p)} (host cpu: ${c.brand || 'unknown'})`);
   }
   kv('thp', p.thp ? `${p.thp.enabled} (defrag ${p.thp.defrag})` : 'absent');
   kv('hugetlb', Object.entries(p.hugetlb).map(([k, v]) => `${k}: ${v.free}/${v.total} free`).join(', ') || 'none');
