@@ -10,14 +10,7 @@ import { probe } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';
 import type { Check } from '../src/run/types.js';
 
-export interface LabEntry {
-  name: string;
-  unit: string;
-  value: number | null;
-  reference?: number;
-  ratio?: number;
-  note?: string;
-}
+import type { Entry } from './main.js';
 
 const FIRST = 'real_mode_io';
 const MEASURED = 'long_mode_store_load';
@@ -56,7 +49,7 @@ async function timeCheck(c: Check, n: number): Promise<number[]> {
  * the first check; in the last boot, `runs` runs of one check, compared with
  * as many runs of it here (measured first, before the lab takes the addon).
  */
-export async function benchLab(o: { boots: number; runs: number; log: (s: string) => void }): Promise<LabEntry[]> {
+export async function benchLab(o: { boots: number; runs: number; log: (s: string) => void }): Promise<Entry[]> {
   const local = await timeCheck(check(MEASURED), o.runs);
   const bootS: number[] = [];
   let inLab: number[] = [];

@@ -19,7 +19,7 @@ import { benchMatrix } from './matrix.js';
 import { benchTdpIter } from './tdp.js';
 import { benchModelWalks } from './walk.js';
 
-interface Entry {
+export interface Entry {
   name: string;
   unit: string;
   value: number | null;

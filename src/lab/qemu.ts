@@ -67,18 +67,7 @@ export function qemuArgs(o: { kernel: LabKernel; initramfs: string; profile: Pro
   const image = kernel.vmlinux ?? kernel.bzImage;
   if (!image) throw new LabError(`kernel ${kernel.version} has no bootable image`);
   const machine = kernel.vmlinux ? [...profile.machine] : dropBios(profile.machine);
-  return [
-    ...machine,
-    '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot', '-net', 'none',
-    '-kernel', image,
-    '-initrd', o.initramfs,
-    '-append', kernelCmdline(kernel, profile),
-    '-chardev', 'stdio,id=console,signal=off',
-    '-serial', 'chardev:console',
-    '-device', 'virtio-serial-pci',
-    '-chardev', `pipe,id=agent,path=${o.agentPath}`,
-    '-device', `virtserialport,chardev=agent,name=${profile.agentPort ?? 'kvmharness.agent'},nr=1`,
-  ];
+  return bootArgs(machine, image, o, 'virtio-serial-pci');
 }
 
 /**
@@ -88,18 +77,23 @@ export function qemuArgs(o: { kernel: LabKernel; initramfs: string; profile: Pro
 function arm64Args(o: { kernel: LabKernel; initramfs: string; profile: Profile; agentPath: string }): string[] {
   const { kernel, profile } = o;
   if (!kernel.image) throw new LabError(`kernel ${kernel.version} has no arm64 Image`);
-  if (!profile.agentPort) throw new LabError(`profile ${profile.name} names no virtio port for the agent`);
+  return bootArgs([...profile.machine], kernel.image, o, 'virtio-serial-device');
+}
+
+/** The arguments both architectures share: no defaults, the image and initramfs, the console on stdio, the agent's named port on `bus`. */
+function bootArgs(machine: string[], image: string, o: { kernel: LabKernel; initramfs: string; profile: Profile; agentPath: string }, bus: string): string[] {
+  if (!o.profile.agentPort) throw new LabError(`profile ${o.profile.name} names no virtio port for the agent`);
   return [
-    ...profile.machine,
+    ...machine,
     '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot', '-net', 'none',
-    '-kernel', kernel.image,
+    '-kernel', image,
     '-initrd', o.initramfs,
-    '-append', kernelCmdline(kernel, profile),
+    '-append', kernelCmdline(o.kernel, o.profile),
     '-chardev', 'stdio,id=console,signal=off',
     '-serial', 'chardev:console',
-    '-device', 'virtio-serial-device',
+    '-device', bus,
     '-chardev', `pipe,id=agent,path=${o.agentPath}`,
-    '-device', `virtserialport,chardev=agent,name=${profile.agentPort},nr=1`,
+    '-device', `virtserialport,chardev=agent,name=${o.profile.agentPort},nr=1`,
   ];
 }
 

@@ -29,7 +29,7 @@ import { MAX_NR_PAGES } from '../model/memslots.js';
 import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.js';
 import { at, checkJson, SCENARIO, toJson, type Json } from './schema.js';
 import { showStatExpect } from './stats.js';
-import type { AccessExpect, GuestStep, HostStep, Mapping, MemslotDecl, PagingDecl, PteAttrs, PteWriteStep, RaceDecl, RaceOp, Scenario, Step, StepStats } from './types.js';
+import type { AccessExpect, GuestStep, HostStep, Mapping, MemslotDecl, PagingDecl, PteAttrs, PteWriteStep, ClearAdStep, RaceDecl, RaceOp, Scenario, Step, StepStats } from './types.js';
 
 /** A scenario that cannot be loaded: the message is "<path>: <first error>" and a count of the others. */
 export class ScenarioError extends Error {
@@ -159,6 +159,12 @@ function pteWrite(o: Obj): PteWriteStep {
 }
 
 function toStepKind(o: Obj): Step {
+  // Page-table edits are steps of either side: by the guest's own stores, or by the VMM.
+  const either = (o.guest ?? o.host) as string;
+  if (either === 'write-pte' || either === 'clear-ad') {
+    const step: PteWriteStep | ClearAdStep = either === 'write-pte' ? pteWrite(o) : { kind: 'clear-ad', gva: o.gva as bigint };
+    return 'guest' in o ? { side: 'guest', ...step } : { side: 'host', ...step };
+  }
   if ('guest' in o) {
     const g = o.guest as string;
     let step: GuestStep;
@@ -188,12 +194,6 @@ function toStepKind(o: Obj): Step {
       case 'set-cr0-wp':
         step = { kind: 'set-cr0-wp', value: o.value as boolean };
         break;
-      case 'write-pte':
-        step = pteWrite(o);
-        break;
-      case 'clear-ad':
-        step = { kind: 'clear-ad', gva: o.gva as bigint };
-        break;
       default:
         step = { kind: 'set-cr4', bit: o.bit as 'smep' | 'smap' | 'pke', value: o.value as boolean };
     }
@@ -201,12 +201,6 @@ function toStepKind(o: Obj): Step {
   }
   let step: HostStep;
   switch (o.host as string) {
-    case 'write-pte':
-      step = pteWrite(o);
-      break;
-    case 'clear-ad':
-      step = { kind: 'clear-ad', gva: o.gva as bigint };
-      break;
     case 'get-dirty-log':
       step = { kind: 'get-dirty-log', slot: o.slot as number, ...(o.expect !== undefined ? { expect: o.expect as bigint[] } : {}) };
       break;
