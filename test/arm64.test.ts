@@ -2,14 +2,14 @@
 // abort decoding, the runner's choice of checks by architecture, and — with
 // KVMHARNESS_LAB=1 — the arm64 lab: each profile boots and probes as itself,
 // the arm64 smoke checks pass, and each reports a deliberately wrong
-// expectation, naming exactly it.
+// expectation, naming exactly it (and the block-over-table check a wrong model).
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeAbort, parseGuestFault } from '../src/arch/arm64/esr.js';
-import { ARM64_SMOKE } from '../src/checks/arm64.js';
+import { ARM64_SMOKE, blockReplacesTable } from '../src/checks/arm64.js';
 import { SMOKE, X86_SMOKE } from '../src/checks/smoke.js';
 import { Kvm } from '../src/kvm/kvm.js';
 import * as U from '../src/kvm/uapi.js';
@@ -151,5 +151,20 @@ for (const name of ['nvhe', 'vhe', 'protected'] as const) {
         }
       }, 120_000);
     }
+
+    it.skipIf(name !== 'nvhe')('arm64_block_replaces_table reports a model that maps the block at 4 KiB', async () => {
+      const r = await runCheck(blockReplacesTable({ wrong: { levelOffByOne: true } }), kvm, profile);
+      expect(r.outcome, failures(r)).toBe('fail');
+      const bad = r.comparisons.filter((c) => !c.ok);
+      expect(bad.map((c) => c.what)).toEqual(['stage-2 faults, in order']);
+      // KVM: one level-3 fault (the read that maps the block). The wrong model
+      // maps that read at 4 KiB, so the two writes after it fault at level 3
+      // too: a translation fault, and a permission fault on the page the
+      // dirty log write-protected.
+      const level3 = (text: string) => text.match(/level: 3\}/g)?.length ?? 0;
+      expect(level3(bad[0]!.observed)).toBe(1);
+      expect(level3(bad[0]!.expected)).toBe(3);
+      expect(bad[0]!.expected).toMatch(/access: "write", fault: "permission", ipa: "0x[0-9a-f]+", level: 3\}\]$/);
+    }, 60_000);
   });
 }

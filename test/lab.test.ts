@@ -1,7 +1,7 @@
 // The lab's boot machinery: profiles, the initramfs, kernel checks, and one
 // live boot under QEMU/TCG (KVMHARNESS_LAB=1: it downloads Debian's kernel once
 // and boots for a few seconds).
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { chmodSync, closeSync, constants, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
@@ -423,4 +423,33 @@ describe.skipIf(skipLive !== undefined)(`lab live boot${skipLive ? ` [skipped: $
     expect(existsSync(lab.consoleLog)).toBe(false);
     await lab.close(); // twice is fine
   });
+});
+
+describe.skipIf(skipLive !== undefined)(`lab run and Ctrl-C${skipLive ? ` [skipped: ${skipLive}]` : ''}`, () => {
+  it('a SIGINT in the middle of the checks ends the run within seconds and leaves no QEMU behind', async () => {
+    const bin = join(import.meta.dirname, '..', 'dist', 'src', 'cli', 'bin.js');
+    const child = spawn(process.execPath, [bin, 'lab', 'run', '--profile', 'shadow', '--', 'run', 'scenarios'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let err = '';
+    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    const exited = new Promise<void>((resolve) => child.on('exit', () => resolve()));
+    const results = () => (err.match(/^\[\d+\/\d+\] /gm) ?? []).length;
+    // Wait until checks are running in the lab (three results), then interrupt.
+    for (const t0 = Date.now(); results() < 3; await new Promise((r) => setTimeout(r, 50))) {
+      if (Date.now() - t0 > 120_000) throw new Error(`no checks finished in the lab:\n${err}`);
+    }
+    const qemus = spawnSync('pgrep', ['-P', String(child.pid), 'qemu-system'], { encoding: 'utf8' }).stdout.trim().split('\n').filter(Boolean).map(Number);
+    expect(qemus.length).toBe(1);
+    const before = results();
+    const t1 = Date.now();
+    child.kill('SIGINT');
+    await exited;
+    expect(Date.now() - t1).toBeLessThan(10_000);
+    expect(child.exitCode === 0).toBe(false);
+    // At most the check that was running finishes; the rest never start.
+    expect(results() - before).toBeLessThanOrEqual(1);
+    // QEMU was sent SIGTERM (SIGKILL after a grace period) before this process died.
+    const alive = (pid: number) => spawnSync('ps', ['-o', 'stat=', '-p', String(pid)], { encoding: 'utf8' }).stdout.trim().replace(/^Z.*/, '') !== '';
+    for (const t0 = Date.now(); qemus.some(alive) && Date.now() - t0 < 5_000; await new Promise((r) => setTimeout(r, 100)));
+    expect(qemus.filter(alive)).toEqual([]);
+  }, 180_000);
 });

@@ -4,11 +4,11 @@
 // hosts, such as the lab's vhe / nvhe / protected profiles.
 import { A64 } from '../arch/arm64/asm.js';
 import { decodeAbort, parseGuestFault } from '../arch/arm64/esr.js';
-import { Arm64Guest, channel, describeStop, LAYOUT, type GuestStop } from '../arch/arm64/guest.js';
+import { Arm64Guest, channel, CHANNEL, describeStop, LAYOUT, type GuestStop } from '../arch/arm64/guest.js';
 import type { Memslot as KvmMemslot } from '../kvm/kvm.js';
 import { CAP, MEM, RUN } from '../kvm/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
-import { Tdp } from '../model/tdp.js';
+import { armLevel, isTable, Tdp, type WrongModel } from '../model/tdp.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 
@@ -137,8 +137,8 @@ const ANON_4K: Backing = { kind: 'anon', pageSize: 0x1000 };
  * A stage-2 model of the guest's VM: arm64, 40-bit IPA (KVM's default VM
  * type), one address space, user addresses below 2^48 (48-bit VA kernels).
  */
-function stage2Model(slots: readonly { s: KvmMemslot; backing: Backing }[]): Tdp {
-  const tdp = new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 28, hvaLimit: (1n << 48n) - PAGE }), { arch: 'arm64', startLevel: 1, ipaBits: 40 });
+function stage2Model(slots: readonly { s: KvmMemslot; backing: Backing }[], wrong?: WrongModel): Tdp {
+  const tdp = new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 28, hvaLimit: (1n << 48n) - PAGE }), { arch: 'arm64', startLevel: 1, ipaBits: 40, wrong });
   for (const { s, backing } of slots) tdp.setMemslot(modelSlot(s, backing));
   return tdp;
 }
@@ -273,6 +273,128 @@ const stage2Faults: Check = {
   },
 };
 
+const MIB2 = 0x200000n;
+/** <asm-generic/mman-common.h>: prefault page tables writable (Linux 5.14). */
+const MADV_POPULATE_WRITE = 23;
+const THP_2M: Backing = { kind: 'thp', pageSize: 0x200000 };
+
+/** The arm64 lookup level at which a walk of the model's stage-2 to `gfn` stops: the level of its first non-table entry. */
+function walkEnd(tdp: Tdp, gfn: number): number {
+  for (const it of tdp.walk(0, gfn, gfn + 1, null)) {
+    if (isTable(it.old)) continue;
+    return armLevel(it.level);
+  }
+  throw new Error(`the model's walk to gfn ${gfn} found no entry`);
+}
+
+/**
+ * arm64_block_replaces_table, optionally against a deliberately wrong model
+ * (tests use that to see the mismatch reported).
+ *
+ * A 4 MiB memslot of anonymous memory with MADV_HUGEPAGE holds one 2 MiB
+ * block whose HVA is 2 MiB aligned; the slot is placed so that its IPA is
+ * 2 MiB aligned too (GPA and HVA congruent modulo 2 MiB). The host faults
+ * the block in by writing (MADV_POPULATE_WRITE) so that a transparent huge
+ * page backs it, measured through AnonHugePages in smaps before and after the
+ * guest runs; without one the check is not applicable.
+ * The slot logs dirty pages, so the guest's first write maps one 4 KiB page
+ * under a level-3 table. Dirty logging then goes off (a flags-only change,
+ * which on arm64 leaves stage-2 as it is), and the guest reads a second page
+ * of the block: a translation fault at level 3, after which KVM may map the
+ * whole 2 MiB, replacing the table with a block (break-before-make). A write
+ * to a third page and a write to the first then tell a block (no fault) from
+ * 4 KiB mappings (a fault each).
+ */
+export function blockReplacesTable(opts: { wrong?: WrongModel } = {}): Check {
+  return {
+    name: 'arm64_block_replaces_table',
+    arch: 'arm64',
+    description: 'arm64: after dirty logging stops, a fault in a THP-backed 2 MiB block that holds a 4 KiB page under a table maps the block (the table replaced); kvm_guest_fault as the stage-2 model predicts',
+    needs: ['stage2_fault_tracepoints', 'dirty_log'],
+    async run(ctx) {
+      const thp = ctx.profile.thp;
+      if (!thp || thp.enabled === 'never') throw new NotApplicable(`transparent huge pages are ${thp ? 'disabled (enabled: never)' : 'absent (no /sys/kernel/mm/transparent_hugepage)'}`);
+      await withGuest(ctx, async (g) => {
+        let s = g.vm.addMemslot({ slot: 1, gpa: DATA, size: Number(2n * MIB2), flags: MEM.KVM_MEM_LOG_DIRTY_PAGES, backing: { kind: 'anon', thp: true } });
+        // The one 2 MiB-aligned HVA block inside the mapping, and an IPA congruent with it.
+        const skew = s.hva % MIB2;
+        if (skew !== 0n) s = g.vm.moveMemslot(1, DATA + skew);
+        const block = s.gpa + (skew === 0n ? 0n : MIB2 - skew);
+        ctx.note(`slot hva ${hex(s.hva)} (${skew === 0n ? '2 MiB aligned' : `${hex(skew)} past a 2 MiB boundary`}), ipa ${hex(s.gpa)}; block ipa ${hex(block)}`);
+        // Faulted in by writes (MADV_POPULATE_WRITE), the block gets a THP. A
+        // first access by a read would map the huge zero page, and a write to
+        // that splits it into 4 KiB pages (6.1 do_huge_pmd_wp_page); the
+        // agent's writes compare the page before they write it, so writing
+        // the markers alone leaves no THP.
+        s.madvise(Number(block - s.gpa), Number(MIB2), MADV_POPULATE_WRITE);
+        const offsets = [0n, 0x1000n, 0x1ff000n].map((o) => block - s.gpa + o);
+        for (const off of offsets) g.mem.write(s.gpa + off + 0x800n, [0xb1, 0x0c]);
+        const huge = s.hugeBytes();
+        if (huge === undefined) throw new NotApplicable('smaps of the process holding the memory cannot be read, so a transparent huge page cannot be confirmed');
+        if (huge < Number(MIB2)) throw new NotApplicable(`no transparent huge page backs the block after the host wrote it (AnonHugePages ${huge / 1024} kB; THP ${thp.enabled}, defrag ${thp.defrag})`);
+
+        const p0 = block + 0x10n;
+        const p1 = block + 0x1008n;
+        const p511 = block + 0x1ff020n;
+        const a = new A64(LAYOUT.code);
+        a.mov64(1, 0x77).mov64(0, p0).str(8, 1, 0, 0); // dirty logging on: a 4 KiB page
+        a.mov64(3, 1);
+        channel.sync(a, 3);
+        a.mov64(0, p1).ldr(8, 2, 0, 0); // dirty logging off: the block
+        a.mov64(0, p511).str(8, 1, 0, 0);
+        a.mov64(0, p0).str(4, 1, 0, 8);
+        channel.done(a);
+        g.load(a);
+
+        const tdp = stage2Model([{ s: g.code, backing: ANON_4K }, { s, backing: THP_2M }], opts.wrong);
+        hostWrote(tdp, g.code, [0n]);
+        hostWrote(tdp, s, offsets);
+        const expected: unknown[] = [];
+        const access = (addr: bigint, kind: 'read' | 'write' | 'exec') => {
+          const gfn = gfnOf(addr);
+          const before = tdp.lookup(0, gfn);
+          const level = walkEnd(tdp, gfn);
+          const r = tdp.fault(0, gfn, { write: kind === 'write', exec: kind === 'exec' });
+          if (r.kind !== 'spurious') expected.push({ ipa: hex(addr & ~(PAGE - 1n)), access: kind, fault: before ? 'permission' : 'translation', level });
+        };
+        const observe = (e: { text: string }): unknown => {
+          const f = parseGuestFault(e.text);
+          if (!f) return { unparsed: e.text };
+          const ab = decodeAbort(f.esr);
+          return { ipa: hex(f.ipa), access: ab?.access ?? `esr ${hex(f.esr)}`, fault: ab?.fault ?? `esr ${hex(f.esr)}`, level: ab?.level };
+        };
+        const mapping = (ipa: bigint) => {
+          const m = tdp.lookup(0, gfnOf(ipa));
+          return m ? `${m.level === 2 ? '2 MiB' : m.level === 1 ? '4 KiB' : `level ${m.level}`}` : 'none';
+        };
+
+        const trace = TraceSession.open(['kvm/kvm_guest_fault'], [await g.vcpu.tid()]);
+        try {
+          access(LAYOUT.code, 'exec');
+          access(p0, 'write');
+          access(LAYOUT.channel + CHANNEL.sync, 'write');
+          ctx.expect('stop after the first write', 'sync 0x1', stopKey(await g.run()));
+          const first = mapping(p0);
+          ctx.expect('dirty log while logging (the first write)', tdp.getDirtyLog(0, 1).map((gfn) => hex(BigInt(gfn) * PAGE)), logPages(g.vm.getDirtyLog(1), s.gpa));
+          g.vm.setMemslotFlags(1, 0);
+          tdp.setMemslot(modelSlot(s, THP_2M));
+          access(p1, 'read');
+          const second = mapping(p1);
+          access(p511, 'write');
+          access(p0, 'write');
+          ctx.expect('final stop', 'done', stopKey(await g.run()));
+          ctx.expect('stage-2 faults, in order', expected, trace.take().map(observe));
+          ctx.note(`the model maps the first write at ${first} and the read after logging stopped at ${second}`);
+        } finally {
+          trace.close();
+        }
+        const after = s.hugeBytes();
+        ctx.expect('the block is still a transparent huge page after the run', true, after !== undefined && after >= Number(MIB2));
+      });
+    },
+  };
+}
+
 const timeoutKick: Check = {
   name: 'arm64_runaway_vcpu_timeout',
   arch: 'arm64',
@@ -299,4 +421,4 @@ const timeoutKick: Check = {
   },
 };
 
-export const ARM64_SMOKE: readonly Check[] = [storeLoad, mmioUnbacked, readonlySlot, dirtyLog, stage2Faults, timeoutKick];
+export const ARM64_SMOKE: readonly Check[] = [storeLoad, mmioUnbacked, readonlySlot, dirtyLog, stage2Faults, blockReplacesTable(), timeoutKick];

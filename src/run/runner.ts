@@ -75,6 +75,9 @@ export async function runChecks(checks: readonly Check[], kvm: Kvm, profile: Hos
   const t0 = performance.now();
   const results: CheckResult[] = [];
   for (const c of forHostArch(checks, profile.arch)) {
+    // A turn of the event loop between checks: a run whose KVM calls are all
+    // synchronous (the lab's) would otherwise see Ctrl-C only when it ends.
+    await new Promise<void>((resolve) => setImmediate(resolve));
     const r = await runCheck(c, kvm, profile, opts);
     results.push(r);
     opts.onResult?.(r);
