@@ -79,15 +79,15 @@ export const X86_CHANNEL_MODULES: readonly { module: string; config: string }[] 
   { module: 'virtio_console', config: 'CONFIG_VIRTIO_CONSOLE' },
 ];
 
-/** The virtio-serial port name of the agent line. */
-export const ARM64_AGENT_PORT = 'kvmharness.agent';
+/** The name of the virtio-serial port the agent talks on (both architectures). */
+export const AGENT_PORT = 'kvmharness.agent';
 
 function x86(name: string, summary: string, modparams: ModParams): Profile {
   // The agent's line is a virtio-serial port on PCI: a 16550 line carries about 60 KB/s.
   const modules = [...KVM_MODULES.x86_64, ...X86_CHANNEL_MODULES].map((m) => m.module);
   return {
     name, arch: 'x86_64', summary, qemu: 'qemu-system-x86_64', machine: X86_MACHINE, console: 'ttyS0',
-    agentTty: '/dev/vport0p1', agentPort: ARM64_AGENT_PORT, append: [], modules, modparams,
+    agentTty: '/dev/vport0p1', agentPort: AGENT_PORT, append: [], modules, modparams,
   };
 }
 
@@ -97,7 +97,7 @@ function arm64(name: string, summary: string, append: string[]): Profile {
   const modules = ARM64_CHANNEL_MODULES.map((m) => m.module);
   return {
     name, arch: 'arm64', summary, qemu: 'qemu-system-aarch64', machine: ARM64_MACHINE, console: 'ttyAMA0',
-    agentTty: '/dev/vport0p1', agentPort: ARM64_AGENT_PORT, append, modules, modparams: {},
+    agentTty: '/dev/vport0p1', agentPort: AGENT_PORT, append, modules, modparams: {},
   };
 }
 

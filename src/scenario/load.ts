@@ -301,6 +301,13 @@ function stepJson(s: Step): Obj {
 }
 
 function stepKindJson(s: Step): Obj {
+  // Page-table edits read the same from either side.
+  if (s.kind === 'write-pte' || s.kind === 'clear-ad') {
+    const body = s.kind === 'clear-ad' ? { gva: s.gva }
+      : s.value !== undefined ? { gva: s.gva, level: s.level, value: s.value }
+      : { gva: s.gva, level: s.level, set: s.set, clear: s.clear };
+    return { [s.side]: s.kind, ...body };
+  }
   if (s.side === 'guest') {
     switch (s.kind) {
       case 'access': {
@@ -324,21 +331,9 @@ function stepKindJson(s: Step): Obj {
         return { guest: 'set-cr0-wp', value: s.value };
       case 'set-cr4':
         return { guest: 'set-cr4', bit: s.bit, value: s.value };
-      case 'write-pte':
-        return s.value !== undefined
-          ? { guest: s.kind, gva: s.gva, level: s.level, value: s.value }
-          : { guest: s.kind, gva: s.gva, level: s.level, set: s.set, clear: s.clear };
-      case 'clear-ad':
-        return { guest: s.kind, gva: s.gva };
     }
   }
   switch (s.kind) {
-    case 'write-pte':
-      return s.value !== undefined
-        ? { host: s.kind, gva: s.gva, level: s.level, value: s.value }
-        : { host: s.kind, gva: s.gva, level: s.level, set: s.set, clear: s.clear };
-    case 'clear-ad':
-      return { host: s.kind, gva: s.gva };
     case 'get-dirty-log':
       return { host: s.kind, slot: s.slot, expect: s.expect };
     case 'clear-dirty-log':
