@@ -253,22 +253,23 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
       });
     }
     const built = buildScenarioTables(sc, g.mem, g.boot);
-    const finder: EntryFinder = {
-      entry: (gva, level) => built.entries(gva, level),
-      walk: (gva) => walkWith(new Set(), { ...cfg, cr0Wp: false, cr4Smep: false, cr4Smap: false, cr4Pke: false }, g.boot.tables.root, { gva, kind: 'read', cpl: 0 }, (a) => g.mem.read64(a)).levels.map((l) => l.pteGpa),
-    };
     let cfg: PagingConfig = { ...pagingConfigFor(sc, cpu), walker: guestWalkerOf(ctx.profile) };
     if (cfg.walker === 'qemu-tcg') ctx.note('the guest\'s walks are QEMU TCG\'s (TDP on an emulated CPU): the model applies TCG\'s measured deviations (README, Findings)');
     else if (cfg.walker === 'cpu') ctx.note('the guest\'s walks are the processor\'s (TDP): A bits a faulting walk may set are accepted either way');
     const faults = opts.faults ?? new Set<ModelFault>();
     const read = (gpa: bigint) => g.mem.read64(gpa);
+    // Where the tables lead for `gva` as they are now, whatever the access rights: no WP, SMEP, SMAP or keys.
+    const plainWalk = (gva: bigint) =>
+      walkWith(new Set(), { ...cfg, cr0Wp: false, cr4Smep: false, cr4Smap: false, cr4Pke: false }, g.boot.tables.root, { gva, kind: 'read', cpl: 0 }, read);
+    const finder: EntryFinder = {
+      entry: (gva, level) => built.entries(gva, level),
+      walk: (gva) => plainWalk(gva).levels.map((l) => l.pteGpa),
+    };
 
     // Code for exec accesses: a `ret` at each target that memory backs.
     for (const s of sc.steps) {
       if (s.side !== 'guest' || s.kind !== 'access' || s.access !== 'exec') continue;
-      // Where the mapping leads, whatever the access rights: no WP, SMEP, SMAP or keys.
-      const plain = { ...cfg, cr0Wp: false, cr4Smep: false, cr4Smap: false, cr4Pke: false };
-      const w = walkWith(new Set(), plain, g.boot.tables.root, { gva: s.gva, kind: 'read', cpl: 0 }, read);
+      const w = plainWalk(s.gva);
       if (w.ok && g.mem.slotOf(w.gpa)) g.mem.write(w.gpa, [0xc3]);
     }
 
@@ -467,8 +468,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
           break;
         }
         case 'clear-ad': {
-          const w = walkWith(new Set(), cfg, g.boot.tables.root, { gva: s.gva, kind: 'read', cpl: 0 }, read);
-          for (const l of w.levels) g.mem.write64(l.pteGpa, l.pte & ~(PTE_A | PTE_D));
+          for (const l of plainWalk(s.gva).levels) g.mem.write64(l.pteGpa, l.pte & ~(PTE_A | PTE_D));
           break;
         }
         case 'get-dirty-log': {
