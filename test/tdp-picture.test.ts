@@ -1,6 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import { decodeTdpSpte, TdpPicture, X86_SPTE } from '../src/observe/tdp-picture.js';
 import type { TraceEvent } from '../src/observe/tracefs.js';
+import { Memslots } from '../src/model/memslots.js';
+import { Tdp } from '../src/model/tdp.js';
 
 const ev = (gfn: bigint, level: number, oldSpte: bigint, newSpte: bigint, asId = 0): TraceEvent => ({
   id: 'kvmmmu/kvm_tdp_mmu_spte_changed',
@@ -42,11 +44,54 @@ describe('TDP picture from kvm_tdp_mmu_spte_changed', () => {
   });
 });
 
+describe('TDP model: dirty logging over a huge page', () => {
+  // One 2 MiB THP block at GFN 0x2200 (HVA and GPA congruent), written by the host.
+  const setup = (opts: ConstructorParameters<typeof Tdp>[1] = {}) => {
+    const tdp = new Tdp(new Memslots(), { levels: 4, ...opts });
+    const slot = { slot: 1, asId: 0, baseGfn: 0x2200, npages: 512, hva: 0x7f0000200000n, flags: { logDirty: false, readonly: false }, backing: { kind: 'thp' as const, pageSize: 0x200000 } };
+    tdp.setMemslot(slot);
+    tdp.host.fault(slot, slot.hva, true);
+    expect(tdp.fault(0, 0x2200, { write: true })).toMatchObject({ kind: 'map', level: 2 });
+    return { tdp, slot };
+  };
+  const levels = (tdp: Tdp) => tdp.mappings(0, 0x2200, 0x2400).map((m) => `${m.start.toString(16)}-${m.end.toString(16)} L${m.level} ${m.writable ? 'W' : 'R'}`);
+
+  it('eager split, one logged write, collapse back to 2 MiB', () => {
+    const { tdp, slot } = setup();
+    tdp.setMemslot({ ...slot, flags: { logDirty: true, readonly: false } });
+    expect(levels(tdp)).toEqual(['2200-2400 L1 R']);
+    expect(tdp.fault(0, 0x2237, { write: true }).kind).toBe('fast');
+    expect(tdp.getDirtyLog(0, 1)).toEqual([0x2237]);
+    tdp.setMemslot(slot);
+    expect(levels(tdp)).toEqual([]);
+    expect(tdp.fault(0, 0x2300, {})).toMatchObject({ kind: 'map', level: 2 });
+    expect(levels(tdp)).toEqual(['2200-2400 L2 W']);
+  });
+
+  it('without eager split, a logged write splits the huge leaf, or with splitOnFault off zaps it (Linux 6.1)', () => {
+    for (const splitOnFault of [true, false]) {
+      const { tdp, slot } = setup({ eagerSplit: false, splitOnFault });
+      tdp.setMemslot({ ...slot, flags: { logDirty: true, readonly: false } });
+      expect(levels(tdp)).toEqual(['2200-2400 L2 R']);
+      expect(tdp.fault(0, 0x2237, { write: true })).toMatchObject({ kind: 'map', level: 1 });
+      expect(levels(tdp)).toEqual(splitOnFault ? ['2200-2237 L1 R', '2237-2238 L1 W', '2238-2400 L1 R'] : ['2237-2238 L1 W']);
+      expect(tdp.getDirtyLog(0, 1)).toEqual([0x2237]);
+    }
+  });
+
+  it('noCollapse (a deliberately wrong model) keeps the 4 KiB leaves after logging stops', () => {
+    const { tdp, slot } = setup({ wrong: { noCollapse: true } });
+    tdp.setMemslot({ ...slot, flags: { logDirty: true, readonly: false } });
+    tdp.setMemslot(slot);
+    expect(levels(tdp)).toEqual(['2200-2400 L1 R']);
+  });
+});
+
 // On a TDP host with the TDP MMU, a deliberately wrong TDP model must be
 // caught by the per-GFN comparison. Without one here, KVMHARNESS_LAB=1 runs
 // these in the lab's npt-tdp profile (a kernel booted under QEMU).
 import { afterAll, beforeAll } from 'vitest';
-import { tdpPicture } from '../src/checks/tdp.js';
+import { tdpDirtyLogSplitCoalesce, tdpPicture } from '../src/checks/tdp.js';
 import { Kvm } from '../src/kvm/kvm.js';
 import { openLab, type LabSession } from '../src/lab/session.js';
 import { probe } from '../src/probe/probe.js';
@@ -79,6 +124,36 @@ describe.skipIf(skip !== undefined)(`TDP picture against wrong TDP models${skip 
       kvm.close();
     }
   });
+
+  it('dirty logging over a THP block: the correct model agrees with KVM', async () => {
+    const kvm = Kvm.open();
+    try {
+      const r = await runCheck(tdpDirtyLogSplitCoalesce(), kvm, probe());
+      expect(r.outcome, JSON.stringify({ reason: r.reason, failed: r.comparisons.filter((c) => !c.ok) })).toBe('pass');
+      expect(r.comparisons.length).toBeGreaterThan(8);
+    } finally {
+      kvm.close();
+    }
+  });
+
+  // Each wrong model must fail the step it gets wrong.
+  const wrongSplitCoalesce: { name: string; opts: Parameters<typeof tdpDirtyLogSplitCoalesce>[0]; step: string }[] = [
+    { name: 'levelOffByOne', opts: { wrong: { levelOffByOne: true } }, step: '1. after the guest writes the block' },
+    { name: 'no eager split', opts: { eagerSplit: false }, step: '2. after dirty logging starts' },
+    { name: 'noCollapse', opts: { wrong: { noCollapse: true } }, step: '5. after the guest touches the block again' },
+  ];
+  for (const w of wrongSplitCoalesce) {
+    it(`dirty logging over a THP block: catches ${w.name}`, async () => {
+      const kvm = Kvm.open();
+      try {
+        const r = await runCheck(tdpDirtyLogSplitCoalesce(w.opts), kvm, probe());
+        expect(r.outcome, r.reason).toBe('fail');
+        expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toContain(`${w.step}: mappings of the block's 512 GFNs`);
+      } finally {
+        kvm.close();
+      }
+    });
+  }
 
   for (const wrong of [{ zapOneShort: true }, { levelOffByOne: true }]) {
     it(`catches ${Object.keys(wrong)[0]}`, async () => {

@@ -8,7 +8,7 @@ import { CAP, MEM, RUN } from '../kvm/uapi.js';
 import { walk, type AccessKind } from '../model/walk.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 import { shadowPages } from './shadow.js';
-import { tdpPicture } from './tdp.js';
+import { tdpDirtyLogSplitCoalesce, tdpPicture } from './tdp.js';
 import { pagingConfig, pteReader } from './x86.js';
 import { ARM64_SMOKE } from './arm64.js';
 
@@ -295,6 +295,7 @@ export const X86_SMOKE: readonly Check[] = [
   timeoutKick,
   shadowPages,
   tdpPicture(),
+  tdpDirtyLogSplitCoalesce(),
 ].map((c) => ({ ...c, arch: 'x64' }));
 
 /** The smoke suite: a run takes the checks of the KVM host's architecture (runner.forHostArch). */

@@ -1,18 +1,22 @@
 // The host dimension, GFN by GFN: KVM's TDP mappings as kvm_tdp_mmu_spte_changed
 // shows them, against the TDP model's, after guest faults and after a host
-// MADV_DONTNEED zaps part of a slot. Needs a TDP host with the TDP MMU (the
-// lab's npt-tdp profile on machines without hardware TDP).
+// MADV_DONTNEED zaps part of a slot (tdp_spte_picture), and through dirty
+// logging over a THP-backed 2 MiB block: split, one logged write, collapse
+// back once logging stops (tdp_dirty_log_split_coalesce). Both need a TDP
+// host with the TDP MMU (the lab's npt-tdp profile on machines without
+// hardware TDP).
 import { Asm } from '../arch/x86/asm.js';
-import { channel, X86Guest } from '../arch/x86/guest.js';
+import { channel, describeStop, X86Guest } from '../arch/x86/guest.js';
 import { LAYOUT } from '../arch/x86/layout.js';
 import { PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW } from '../arch/x86/pte.js';
+import { hostFs } from '../kvm/hostfs.js';
 import type { Memslot as KvmMemslot } from '../kvm/kvm.js';
-import { MADV } from '../kvm/uapi.js';
+import { MADV, MEM } from '../kvm/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
-import { Tdp, decodeSpte, type WrongModel } from '../model/tdp.js';
-import { TdpPicture } from '../observe/tdp-picture.js';
+import { PAGES, Tdp, decodeSpte, isLeaf, isPresent, type WrongModel } from '../model/tdp.js';
+import { decodeTdpSpte, TdpPicture } from '../observe/tdp-picture.js';
 import { TraceSession } from '../observe/tracefs.js';
-import type { Check, CheckContext } from '../run/types.js';
+import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 
 const PAGE = 0x1000;
 const SMALL_GPA = 0x1000000n; // 2 MiB of anonymous memory with 4 KiB host pages
@@ -110,6 +114,225 @@ async function run(ctx: CheckContext, wrong: WrongModel): Promise<void> {
     picture.add(trace.take());
     tdp.invalidateHva(small.hva, small.hva + BigInt(3 * PAGE), 'dontneed');
     compare('after MADV_DONTNEED of 3 pages');
+  } finally {
+    trace?.close();
+    g.close();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// tdp_dirty_log_split_coalesce
+
+const MIB2 = 0x200000n;
+/** Memslot 1 of the dirty-logging check: 4 MiB, so that a 2 MiB-aligned host block lies inside. */
+const DL_GPA = 0x2000000n;
+const DL_GVA = 0x80000000n;
+/** <asm-generic/mman-common.h>: prefault page tables writable (Linux 5.14). */
+const MADV_POPULATE_WRITE = 23;
+const THP_2M: Backing = { kind: 'thp', pageSize: 0x200000 };
+/** Pages of the block the guest writes while dirty logging is on, and touches after it is off. */
+const DIRTIED = 0x37;
+const AFTER_READ = 0x100;
+const AFTER_WRITE = 0x1ff;
+
+/** One GFN as a mapping description: level, permission, or not mapped. */
+type Picture = (gfn: number) => string;
+
+/** A block's GFNs as runs of equal description: "+0x0..+0x1ff level 2 writable". */
+function runsOf(base: number, npages: number, describe: Picture): string[] {
+  const out: string[] = [];
+  let start = 0;
+  let cur = describe(base);
+  for (let i = 1; i <= npages; i++) {
+    const d = i < npages ? describe(base + i) : undefined;
+    if (d === cur) continue;
+    out.push(`+0x${start.toString(16)}..+0x${(i - 1).toString(16)} ${cur}`);
+    start = i;
+    if (d !== undefined) cur = d;
+  }
+  return out;
+}
+
+/**
+ * tdp_dirty_log_split_coalesce, optionally against a deliberately wrong model
+ * (`wrong`, or `eagerSplit` overriding kvm.eager_page_split) so that tests see
+ * the mismatch reported.
+ *
+ * A 4 MiB slot of anonymous memory with MADV_HUGEPAGE is placed so that the
+ * one 2 MiB-aligned host block inside it is 2 MiB aligned in guest-physical
+ * space too; MADV_POPULATE_WRITE faults it in as a transparent huge page,
+ * confirmed through AnonHugePages in smaps (else: not applicable). Then, with
+ * every kvm_tdp_mmu_spte_changed event recorded:
+ *  1. the guest writes the block (a 2 MiB leaf);
+ *  2. dirty logging goes on (eager split to 4 KiB leaves when
+ *     kvm.eager_page_split is set, then write protection of the leaves);
+ *  3. the guest writes one page (the fast page-fault path restores W, which
+ *     the tracepoint does not show: the traced changes during the run are
+ *     compared, then KVM_GET_DIRTY_LOG, which re-protects the page, traced);
+ *  4. dirty logging goes off (x86 zaps the tables a huge page can replace);
+ *  5. the guest reads one page and writes another (a 2 MiB leaf again).
+ * After each step the per-GFN picture of the block (level, writable,
+ * present) is compared with the TDP model fed the same operations, and the
+ * dirty log with the model's.
+ */
+export function tdpDirtyLogSplitCoalesce(opts: { wrong?: WrongModel; eagerSplit?: boolean } = {}): Check {
+  return {
+    name: 'tdp_dirty_log_split_coalesce',
+    description:
+      "KVM's TDP mappings of a THP-backed 2 MiB block (kvm_tdp_mmu_spte_changed) equal the TDP model's through dirty logging on (split to 4 KiB), one logged write, and logging off (collapse back to 2 MiB); dirty log as the model's",
+    needs: ['tdp_spte_tracepoints', 'dirty_log'],
+    run: (ctx) => runSplitCoalesce(ctx, opts),
+  };
+}
+
+async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: WrongModel; eagerSplit?: boolean }): Promise<void> {
+  const thp = ctx.profile.thp;
+  if (!thp || thp.enabled === 'never') throw new NotApplicable(`transparent huge pages are ${thp ? 'disabled (enabled: never)' : 'absent (no /sys/kernel/mm/transparent_hugepage)'}`);
+  const params = ctx.profile.moduleParams;
+  const yes = (v: string | undefined) => v === 'Y' || v === 'y' || v === '1';
+  // With Intel PML, KVM logs dirty pages by clearing D bits instead of W
+  // (kvm_mmu_slot_leaf_clear_dirty); the model write-protects.
+  if (ctx.profile.tdp.kind === 'ept' && yes(params['kvm_intel.pml'])) throw new NotApplicable('kvm_intel.pml=Y: KVM logs dirty pages through PML and D bits, while the TDP model logs them by write protection');
+  const splitParam = params['kvm.eager_page_split'];
+  const eagerSplit = opts.eagerSplit ?? yes(splitParam);
+  ctx.note(`kvm.eager_page_split=${splitParam ?? 'absent (no eager split)'}; the model ${eagerSplit ? 'splits' : 'does not split'} huge pages when dirty logging starts`);
+  // Linux 6.1's TDP MMU zaps a huge leaf that a 4 KiB fault must go below
+  // (later kernels split it); that happens here when eager split is off.
+  const release = hostFs().read('/proc/sys/kernel/osrelease')?.trim();
+  const version = release ? /^(\d+)\.(\d+)/.exec(release) : null;
+  const splitOnFault = version ? Number(version[1]) * 1000 + Number(version[2]) > 6001 : true;
+  ctx.note(`kernel ${release ?? 'release unknown'}: a 4 KiB fault under a huge leaf ${splitOnFault ? 'splits' : 'zaps'} it in the model`);
+
+  const g = X86Guest.create(ctx.kvm);
+  let trace: TraceSession | undefined;
+  try {
+    let s = g.vm.addMemslot({ slot: 1, gpa: DL_GPA, size: Number(2n * MIB2), backing: { kind: 'anon', thp: true } });
+    const skew = s.hva % MIB2;
+    if (skew !== 0n) s = g.vm.moveMemslot(1, DL_GPA + skew);
+    const blockOff = skew === 0n ? 0n : MIB2 - skew;
+    const block = s.gpa + blockOff;
+    ctx.note(`slot hva 0x${s.hva.toString(16)}, gpa 0x${s.gpa.toString(16)}; block gpa 0x${block.toString(16)}`);
+    try {
+      s.madvise(Number(blockOff), Number(MIB2), MADV_POPULATE_WRITE);
+    } catch (e) {
+      throw new NotApplicable(`MADV_POPULATE_WRITE failed (${(e as Error).message}), so the block cannot be faulted in as a transparent huge page`);
+    }
+    const huge = s.hugeBytes();
+    if (huge === undefined) throw new NotApplicable('smaps of the process holding the memory cannot be read, so a transparent huge page cannot be confirmed');
+    if (huge < Number(MIB2)) throw new NotApplicable(`no transparent huge page backs the block after the host wrote it (AnonHugePages ${huge / 1024} kB; THP ${thp.enabled}, defrag ${thp.defrag})`);
+
+    const leaf = PTE_P | PTE_RW | PTE_A | PTE_D | PTE_NX;
+    g.boot.tables.map(DL_GVA, block, MIB2, '4K', { leaf });
+    const gva = (page: number) => DL_GVA + BigInt(page * PAGE) + 0x80n;
+    const a = new Asm({ origin: Number(LAYOUT.code) });
+    a.movImm('rbx', gva(0)).store(8, { base: 'rbx' }, 'rbx');
+    channel.sync(a, 1);
+    a.movImm('rbx', gva(DIRTIED)).store(8, { base: 'rbx' }, 'rbx');
+    channel.sync(a, 2);
+    a.movImm('rbx', gva(AFTER_READ)).load(8, 'rax', { base: 'rbx' });
+    a.movImm('rbx', gva(AFTER_WRITE)).store(8, { base: 'rbx' }, 'rbx');
+    channel.done(a);
+    g.load(a);
+
+    // The model VM: the slot at the same host address, its block already
+    // written by the host (a THP).
+    const nxHugePages = yes(params['kvm.nx_huge_pages']);
+    const tdp = new Tdp(new Memslots(), { levels: 4, wrong: opts.wrong, eagerSplit, nxHugePages, splitOnFault });
+    const slotOf = (logDirty: boolean) => ({ ...modelSlot(s, THP_2M), flags: { logDirty, readonly: false } });
+    tdp.setMemslot(slotOf(false));
+    tdp.host.fault(tdp.slots.find(0, Number(s.gpa) / PAGE)!, s.hva + blockOff, true);
+
+    const base = Number(block) / PAGE;
+    const flavour = ctx.profile.tdp.kind === 'ept' ? 'ept' : 'npt';
+    const picture = new TdpPicture(flavour);
+    const inBlock = (gfn: number) => gfn >= base && gfn < base + 512;
+    const modelMapping: Picture = (gfn) => {
+      const m = tdp.lookup(0, gfn);
+      if (!m || !isPresent(m.spte)) return 'not mapped';
+      return mappingOf({ level: m.level, writable: decodeSpte(m.spte).writable });
+    };
+    const kvmMapping: Picture = (gfn) => mappingOf(picture.leaf(0, BigInt(gfn)));
+    const covers = (gfn: number, level: number) => inBlock(gfn) || (gfn <= base && gfn + PAGES[level] > base);
+    const change = (gfn: number, level: number, from: string, to: string) => `+0x${(gfn - base).toString(16)}@${level} ${from} -> ${to}`;
+    const kvmKind = (spte: unknown, level: number) => {
+      const m = decodeTdpSpte(typeof spte === 'bigint' ? spte : 0n, level, flavour);
+      return !m.present ? 'none' : !m.leaf ? 'table' : m.writable ? 'leaf W' : 'leaf R';
+    };
+    const modelKind = (spte: number) => (!isPresent(spte) ? 'none' : !isLeaf(spte) ? 'table' : decodeSpte(spte).writable ? 'leaf W' : 'leaf R');
+    /** Takes the trace into the picture; returns the traced changes of entries mapping the block ("+gfn@level old -> new"). */
+    const take = (): string[] => {
+      const events = trace!.take();
+      picture.add(events);
+      const seen: string[] = [];
+      for (const e of events) {
+        if (e.id !== 'kvmmmu/kvm_tdp_mmu_spte_changed' || typeof e.fields.gfn !== 'bigint') continue;
+        const gfn = Number(e.fields.gfn);
+        const level = Number(e.fields.level);
+        if (covers(gfn, level)) seen.push(change(gfn, level, kvmKind(e.fields.old_spte, level), kvmKind(e.fields.new_spte, level)));
+      }
+      return seen;
+    };
+    const summary = (changes: string[]) => {
+      const byLevel = new Map<string, number>();
+      for (const c of changes) {
+        const l = c.slice(c.indexOf('@') + 1, c.indexOf(' '));
+        byLevel.set(l, (byLevel.get(l) ?? 0) + 1);
+      }
+      return [...byLevel].map(([l, n]) => `${n} at level ${l}`).join(', ') || 'none';
+    };
+    const compare = (what: string, changes: string[]) => {
+      ctx.note(`${what}: ${changes.length} traced SPTE changes over the block (${summary(changes)}); KVM: ${runsOf(base, 512, kvmMapping).join('; ')}`);
+      ctx.expect(`${what}: mappings of the block's 512 GFNs`, runsOf(base, 512, modelMapping), runsOf(base, 512, kvmMapping));
+    };
+    const page = (gfn: number) => `+0x${(gfn - base).toString(16)}`;
+    const dirtyPages = (bitmap: Uint8Array) => {
+      const out: string[] = [];
+      bitmap.forEach((byte, i) => {
+        for (let b = 0; b < 8; b++) if (byte & (1 << b)) out.push(page(Number(s.gpa) / PAGE + i * 8 + b));
+      });
+      return out;
+    };
+
+    trace = TraceSession.open(['kvmmmu/kvm_tdp_mmu_spte_changed'], []);
+    trace.clear();
+
+    // 1. The guest writes the block.
+    ctx.expect('stop after the first write', 'sync 1', describeStop(await g.run()));
+    tdp.fault(0, base, { write: true });
+    compare('1. after the guest writes the block', take());
+
+    // 2. Dirty logging on.
+    g.vm.setMemslotFlags(1, MEM.KVM_MEM_LOG_DIRTY_PAGES);
+    tdp.setMemslot(slotOf(true));
+    compare('2. after dirty logging starts', take());
+    ctx.expect('2. dirty log before the guest writes', tdp.getDirtyLog(0, 1).map(page), dirtyPages(g.vm.getDirtyLog(1)));
+
+    // 3. One page written while logging.
+    const mark = tdp.events.length;
+    ctx.expect('stop after the logged write', 'sync 2', describeStop(await g.run()));
+    const r = tdp.fault(0, base + DIRTIED, { write: true });
+    // The fast page-fault path restores W without kvm_tdp_mmu_spte_changed.
+    const modelChanges = tdp.events
+      .slice(mark)
+      .flatMap((e) => (e.kind === 'spte' && !e.fast && covers(e.gfn, e.level) ? [change(e.gfn, e.level, modelKind(e.old), modelKind(e.new))] : []));
+    ctx.note(`3. the model's fault for the logged write: ${r.kind} at level ${r.level}`);
+    ctx.expect('3. traced SPTE changes over the block during the logged write', modelChanges, take());
+    ctx.expect('3. dirty log after the logged write', tdp.getDirtyLog(0, 1).map(page), dirtyPages(g.vm.getDirtyLog(1)));
+    compare('3. after KVM_GET_DIRTY_LOG', take());
+
+    // 4. Dirty logging off.
+    g.vm.setMemslotFlags(1, 0);
+    tdp.setMemslot(slotOf(false));
+    compare('4. after dirty logging stops', take());
+
+    // 5. The guest touches the block again.
+    ctx.expect('final stop', 'done', describeStop(await g.run()));
+    tdp.fault(0, base + AFTER_READ, {});
+    tdp.fault(0, base + AFTER_WRITE, { write: true });
+    compare('5. after the guest touches the block again', take());
+
+    const after = s.hugeBytes();
+    ctx.expect('the block is still a transparent huge page after the run', true, after !== undefined && after >= Number(MIB2));
   } finally {
     trace?.close();
     g.close();

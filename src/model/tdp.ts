@@ -415,6 +415,8 @@ export interface WrongModel {
   levelOffByOne?: boolean;
   /** A zap leaves out the last page of its range. */
   zapOneShort?: boolean;
+  /** x86: dirty logging off leaves the 4 KiB mappings in place (no zap of collapsible tables). */
+  noCollapse?: boolean;
 }
 
 export interface TdpOptions {
@@ -435,6 +437,13 @@ export interface TdpOptions {
   dic?: boolean;
   /** x86: deleting or moving a slot zaps every mapping (kvm_mmu_zap_all_fast; default on). */
   slotZapAll?: boolean;
+  /**
+   * x86: a fault that must map below a present huge leaf splits the leaf
+   * into 512 smaller ones (tdp_mmu_split_huge_page in kvm_tdp_mmu_map; the
+   * default). Off: the fault zaps the huge leaf and links an empty table,
+   * so only the faulting page is mapped, as Linux 6.1's TDP MMU does.
+   */
+  splitOnFault?: boolean;
   /** Walks raise a yield point every N entries (0: never). */
   yieldEvery?: number;
   /** Keep the event log (default on). */
@@ -520,6 +529,7 @@ export class Tdp {
   private readonly mmioCaching: boolean;
   private readonly dic: boolean;
   private readonly slotZapAll: boolean;
+  private readonly splitOnFault: boolean;
   private readonly yieldEvery: number;
   private readonly record: boolean;
   private readonly wrong: WrongModel;
@@ -555,6 +565,7 @@ export class Tdp {
     this.mmioCaching = opts.mmioCaching ?? true;
     this.dic = opts.dic ?? false;
     this.slotZapAll = opts.slotZapAll ?? true;
+    this.splitOnFault = opts.splitOnFault ?? true;
     this.yieldEvery = opts.yieldEvery ?? 0;
     this.record = opts.record ?? true;
     this.wrong = { ...opts.wrong };
@@ -744,7 +755,8 @@ export class Tdp {
    * The map walk (kvm_tdp_mmu_map; stage-2: kvm_pgtable_stage2_map). Down to
    * the goal level, linking a table wherever there is none: an empty one over
    * a hole; over a huge leaf above the goal, x86 links the split leaf (512
-   * smaller leaves) while arm64 breaks the block and links an empty table.
+   * smaller leaves; without splitOnFault it zaps the leaf and links an empty
+   * table) while arm64 breaks the block and links an empty table.
    * At the goal level the leaf goes in; on arm64 replacing a valid entry with
    * a different output (or a table with a block) is break-before-make:
    * invalidate, flush, install, then tear down what the break removed.
@@ -788,7 +800,7 @@ export class Tdp {
       let child: Table;
       if (!isPresent(it.old)) {
         child = this.newTable(it.level - 1, it.gfn);
-      } else if (this.arch === 'x86') {
+      } else if (this.arch === 'x86' && this.splitOnFault) {
         child = this.splitChildren(it.old, it.level, it.gfn);
       } else {
         if (!this.trySet(it, 0)) {
@@ -1040,7 +1052,7 @@ export class Tdp {
           this.writeProtect(ch.new.asId, ch.new.baseGfn, slotEnd(ch.new), 1);
         } else {
           this.dirty.delete(dirtyKey(ch.new));
-          if (this.arch === 'x86') this.zapCollapsible(ch.new);
+          if (this.arch === 'x86' && !this.wrong.noCollapse) this.zapCollapsible(ch.new);
         }
         break;
       case 'create':
