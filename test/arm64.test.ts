@@ -18,6 +18,7 @@ import { probe, type HostProfile } from '../src/probe/probe.js';
 import { forHostArch, runCheck } from '../src/run/runner.js';
 import type { Tamper } from '../src/run/types.js';
 import { failures } from './support/kvm.js';
+import { wrong } from './support/wrong.js';
 
 describe('arm64 stage-2 aborts', () => {
   it('parses kvm_guest_fault events as the 6.1 kernel prints them', () => {
@@ -94,17 +95,6 @@ describe.skipIf(!crossCc)(`arm64 uapi${crossCc ? '' : ' [skipped: no aarch64-lin
 
 const live = process.env.KVMHARNESS_LAB === '1';
 const skipLab = live ? undefined : 'set KVMHARNESS_LAB=1 to fetch the arm64 lab kernel and boot its profiles (~40 s)';
-
-/** Makes an expectation wrong in a way that cannot be equal to what was observed. */
-function wrong(v: unknown): unknown {
-  if (typeof v === 'bigint') return v + 1n;
-  if (typeof v === 'number') return v + 1;
-  if (typeof v === 'string') return `${v}-not`;
-  if (typeof v === 'boolean') return !v;
-  if (v instanceof Uint8Array) return Uint8Array.from([...v, 0xee]);
-  if (Array.isArray(v)) return [...v, 'extra'];
-  return { ...(v as object), tampered: true };
-}
 
 const FLAVOUR = { vhe: 'arm64-vhe', nvhe: 'arm64-nvhe', protected: 'arm64-protected' } as const;
 
