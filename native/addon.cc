@@ -226,6 +226,118 @@ Napi::Value Kick(const Napi::CallbackInfo &info) {
   return num(env, kh::kick(i64(info[0])));
 }
 
+// A vCPU thread's owner: the thread itself, and the JS callback it notifies
+// (through a thread-safe function) when a run ends while the owner waits.
+struct ThreadHandle {
+  kh::VcpuThread *thread = nullptr;
+  napi_threadsafe_function tsfn = nullptr;
+  Napi::Reference<Napi::Value> ctl, console;
+  bool ref = false;
+};
+
+void CallDone(napi_env env, napi_value cb, void *, void *data) {
+  if (env == nullptr || cb == nullptr) return;
+  napi_value seq;
+  napi_create_int32(env, (int32_t)(intptr_t)data, &seq);
+  napi_value undefined;
+  napi_get_undefined(env, &undefined);
+  napi_call_function(env, undefined, cb, 1, &seq, nullptr);
+}
+
+void Notify(void *arg, int32_t seq) {
+  napi_call_threadsafe_function(static_cast<ThreadHandle *>(arg)->tsfn, (void *)(intptr_t)seq, napi_tsfn_nonblocking);
+}
+
+// threadStart(ctl: Int32Array over a SharedArrayBuffer, console: Uint8Array,
+// onDone(seq)) -> handle (an External), or -errno. The thread's tid is in
+// ctl[14] when it returns.
+Napi::Value ThreadStart(const Napi::CallbackInfo &info) {
+  ARGS(3);
+  uint8_t *ctl, *out;
+  size_t clen, cap;
+  if (!bytes(info[0], &ctl, &clen) || clen < kh::CTL_WORDS * 4 || !bytes(info[1], &out, &cap) || !info[2].IsFunction())
+    return fail(env, "threadStart: bad arguments");
+  auto *h = new ThreadHandle();
+  napi_value name = Napi::String::New(env, "kvmharness vCPU thread");
+  if (napi_create_threadsafe_function(env, info[2], nullptr, name, 0, 1, nullptr, nullptr, nullptr, CallDone,
+                                      &h->tsfn) != napi_ok) {
+    delete h;
+    return fail(env, "threadStart: napi_create_threadsafe_function failed");
+  }
+  napi_unref_threadsafe_function(env, h->tsfn);
+  h->ctl = Napi::Persistent(info[0]);
+  h->console = Napi::Persistent(info[1]);
+  int64_t err = 0;
+  h->thread = kh::thread_start(reinterpret_cast<int32_t *>(ctl), out, cap, Notify, h, &err);
+  if (!h->thread) {
+    napi_release_threadsafe_function(h->tsfn, napi_tsfn_abort);
+    delete h;
+    return num(env, err);
+  }
+  // A handle whose thread was joined is freed with its External; one whose
+  // thread never ended (abandoned in KVM_RUN) is kept, with its buffers.
+  return Napi::External<ThreadHandle>::New(env, h, [](Napi::Env, ThreadHandle *t) {
+    if (!t->thread) delete t;
+  });
+}
+
+ThreadHandle *handle(const Napi::Value &v) {
+  return v.IsExternal() ? v.As<Napi::External<ThreadHandle>>().Data() : nullptr;
+}
+
+// threadPost(handle): wakes the thread after a new command word.
+Napi::Value ThreadPost(const Napi::CallbackInfo &info) {
+  ARGS(1);
+  ThreadHandle *h = handle(info[0]);
+  if (!h || !h->thread) return fail(env, "threadPost: not a live vCPU thread");
+  uint8_t *ctl;
+  size_t n;
+  bytes(h->ctl.Value(), &ctl, &n);
+  kh::thread_post(reinterpret_cast<int32_t *>(ctl));
+  return env.Undefined();
+}
+
+// threadPoll(handle, seq, spinUs) -> whether the thread finished command `seq`
+// within spinUs (polling, the caller's thread stays awake).
+Napi::Value ThreadPoll(const Napi::CallbackInfo &info) {
+  ARGS(3);
+  ThreadHandle *h = handle(info[0]);
+  if (!h || !h->thread) return fail(env, "threadPoll: not a live vCPU thread");
+  uint8_t *ctl;
+  size_t n;
+  bytes(h->ctl.Value(), &ctl, &n);
+  bool done = kh::thread_poll(reinterpret_cast<int32_t *>(ctl), (int32_t)i64(info[1]), (uint64_t)i64(info[2]) * 1000u);
+  return Napi::Boolean::New(env, done);
+}
+
+// threadRef(handle, on): whether a pending notification keeps the event loop alive.
+Napi::Value ThreadRef(const Napi::CallbackInfo &info) {
+  ARGS(2);
+  ThreadHandle *h = handle(info[0]);
+  if (!h || !h->thread) return fail(env, "threadRef: not a live vCPU thread");
+  bool on = info[1].ToBoolean();
+  if (on != h->ref) {
+    if (on) napi_ref_threadsafe_function(env, h->tsfn);
+    else napi_unref_threadsafe_function(env, h->tsfn);
+    h->ref = on;
+  }
+  return env.Undefined();
+}
+
+// threadJoin(handle): after an exit command, waits for the thread and frees it.
+Napi::Value ThreadJoin(const Napi::CallbackInfo &info) {
+  ARGS(1);
+  ThreadHandle *h = handle(info[0]);
+  if (!h || !h->thread) return fail(env, "threadJoin: not a live vCPU thread");
+  int64_t r = kh::thread_join(h->thread);
+  h->thread = nullptr;
+  napi_release_threadsafe_function(h->tsfn, napi_tsfn_release);
+  h->tsfn = nullptr;
+  h->ctl.Reset();
+  h->console.Reset();
+  return num(env, r);
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("open", Napi::Function::New(env, Open));
   exports.Set("close", Napi::Function::New(env, Close));
@@ -248,6 +360,11 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("kickInstall", Napi::Function::New(env, KickInstall));
   exports.Set("kickSignal", Napi::Function::New(env, KickSignal));
   exports.Set("kick", Napi::Function::New(env, Kick));
+  exports.Set("threadStart", Napi::Function::New(env, ThreadStart));
+  exports.Set("threadPost", Napi::Function::New(env, ThreadPost));
+  exports.Set("threadPoll", Napi::Function::New(env, ThreadPoll));
+  exports.Set("threadRef", Napi::Function::New(env, ThreadRef));
+  exports.Set("threadJoin", Napi::Function::New(env, ThreadJoin));
   return exports;
 }
 

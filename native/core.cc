@@ -3,7 +3,10 @@
 #include <cerrno>
 #include <csignal>
 #include <cstring>
+#include <ctime>
 #include <fcntl.h>
+#include <linux/futex.h>
+#include <pthread.h>
 #include <linux/kvm.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -86,6 +89,103 @@ int64_t kick_install() {
   if (::sigaction(kick_signal(), &sa, nullptr) < 0) return -errno;
   done = true;
   return 0;
+}
+
+struct VcpuThread {
+  pthread_t th;
+  int32_t *ctl;
+  uint8_t *console;
+  size_t cap;
+  void (*notify)(void *, int32_t);
+  void *arg;
+};
+
+static inline int32_t load(int32_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+static inline void store(int32_t *p, int32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+static inline void relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+static uint64_t now_ns() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void *thread_main(void *p) {
+  auto *t = static_cast<VcpuThread *>(p);
+  int32_t *c = t->ctl;
+  sigset_t only_kick;
+  sigfillset(&only_kick);
+  sigdelset(&only_kick, kick_signal());
+  pthread_sigmask(SIG_SETMASK, &only_kick, nullptr);
+  store(&c[CTL_TID], (int32_t)gettid_());
+  int32_t seen = load(&c[CTL_CMD]);
+  store(&c[CTL_DONE], seen);
+  for (;;) {
+    while (load(&c[CTL_CMD]) == seen) ::syscall(SYS_futex, &c[CTL_CMD], FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+    seen = load(&c[CTL_CMD]);
+    int32_t op = load(&c[CTL_OP]);
+    if (op == OP_RUN) {
+      void *run = reinterpret_cast<void *>(((uint64_t)(uint32_t)c[CTL_RUN_HI] << 32) | (uint32_t)c[CTL_RUN_LO]);
+      uint32_t len = 0, exits = 0;
+      uint64_t t0 = now_ns();
+      int64_t r = run_loop(c[CTL_FD], run, (uint16_t)c[CTL_CONSOLE_PORT], (uint32_t)c[CTL_MAX_EXITS], t->console,
+                           t->cap, &len, &exits);
+      uint64_t ns = now_ns() - t0;
+      c[CTL_RET] = (int32_t)r;
+      c[CTL_EXITS] = (int32_t)exits;
+      c[CTL_CONSOLE_LEN] = (int32_t)len;
+      c[CTL_NS_LO] = (int32_t)(uint32_t)ns;
+      c[CTL_NS_HI] = (int32_t)(uint32_t)(ns >> 32);
+    }
+    store(&c[CTL_DONE], seen);
+    // An owner that stopped polling waits for the notification. It sets
+    // WAITING before its last look at DONE, and this looks at WAITING after
+    // setting DONE: one of the two sees the other.
+    if (op == OP_RUN && load(&c[CTL_WAITING]) == 1) t->notify(t->arg, seen);
+    if (op == OP_EXIT) break;
+  }
+  return nullptr;
+}
+
+VcpuThread *thread_start(int32_t *ctl, uint8_t *console, size_t cap, void (*notify)(void *, int32_t), void *arg,
+                         int64_t *err) {
+  auto *t = new VcpuThread{{}, ctl, console, cap, notify, arg};
+  store(&ctl[CTL_TID], 0);
+  store(&ctl[CTL_DONE], -1);
+  int e = pthread_create(&t->th, nullptr, thread_main, t);
+  if (e) {
+    delete t;
+    *err = -e;
+    return nullptr;
+  }
+  while (load(&ctl[CTL_DONE]) == -1) sched_yield();
+  return t;
+}
+
+void thread_post(int32_t *ctl) { ::syscall(SYS_futex, &ctl[CTL_CMD], FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0); }
+
+bool thread_poll(int32_t *ctl, int32_t seq, uint64_t spin_ns) {
+  if (load(&ctl[CTL_DONE]) == seq) return true;
+  uint64_t until = now_ns() + spin_ns;
+  for (;;) {
+    for (int i = 0; i < 64; i++) {
+      if (load(&ctl[CTL_DONE]) == seq) return true;
+      relax();
+    }
+    if (now_ns() >= until) return load(&ctl[CTL_DONE]) == seq;
+  }
+}
+
+int64_t thread_join(VcpuThread *t) {
+  int e = pthread_join(t->th, nullptr);
+  delete t;
+  return -e;
 }
 
 int64_t kick(int64_t tid) { return ret(::syscall(SYS_tgkill, ::getpid(), (pid_t)tid, kick_signal())); }

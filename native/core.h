@@ -37,6 +37,31 @@ int64_t run_loop(int fd, void *run, uint16_t console_port, uint32_t max_exits, u
                  uint32_t *out_len, uint32_t *exits);
 
 int64_t gettid_();
+
+// A vCPU thread: a plain OS thread that sleeps on a futex in a control block
+// of 32-bit words shared with its owner, runs run_loop when told, and calls
+// `notify` when a run ends while the owner waits for it (ctl[CTL_WAITING]).
+// The owner writes the command's fields, then ctl[CTL_CMD] (a sequence
+// number), then calls thread_post; the thread stores the sequence number in
+// ctl[CTL_DONE] when the command has finished. The kick signal is the only
+// signal the thread accepts.
+enum : int {
+  CTL_CMD = 0, CTL_OP = 1, CTL_FD = 2, CTL_RUN_LO = 3, CTL_RUN_HI = 4, CTL_CONSOLE_PORT = 5,
+  CTL_MAX_EXITS = 6, CTL_DONE = 8, CTL_RET = 9, CTL_EXITS = 10, CTL_CONSOLE_LEN = 11,
+  CTL_NS_LO = 12, CTL_NS_HI = 13, CTL_TID = 14, CTL_WAITING = 15, CTL_WORDS = 16
+};
+enum : int { OP_RUN = 1, OP_EXIT = 2 };
+struct VcpuThread;
+// Starts a thread; returns it, or nullptr with *err = -errno. ctl and console
+// must outlive it. The thread's tid is in ctl[CTL_TID] when this returns.
+VcpuThread *thread_start(int32_t *ctl, uint8_t *console, size_t cap, void (*notify)(void *, int32_t), void *arg,
+                         int64_t *err);
+// Wakes the thread after a new ctl[CTL_CMD].
+void thread_post(int32_t *ctl);
+// Polls ctl[CTL_DONE] for `seq` for up to spin_ns; true when it got there.
+bool thread_poll(int32_t *ctl, int32_t seq, uint64_t spin_ns);
+// Waits for a thread that has been told OP_EXIT, and frees it.
+int64_t thread_join(VcpuThread *t);
 // Installs (once) the handler for the kick signal; KVM_RUN returns -EINTR when
 // it arrives, and immediate_exit covers the window before entry.
 int64_t kick_install();

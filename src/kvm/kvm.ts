@@ -631,11 +631,6 @@ export class Vcpu {
   ) {
     this.runView = new DataView(runMap);
     this.runAddress = addon().addressOf(runMap);
-    // Take a pooled thread now and wake it, so that it is awake by the first run.
-    if (!remote()) {
-      this.thread = VcpuThread.tryAcquire();
-      this.thread?.wake();
-    }
   }
 
   private get<T>(call: string, req: number, size: number, decode: (b: Uint8Array) => T): T {
@@ -704,7 +699,7 @@ export class Vcpu {
   async tid(): Promise<number> {
     const r = remote();
     if (r) return r.gettid();
-    this.thread ??= await VcpuThread.acquire();
+    this.thread ??= VcpuThread.acquire();
     return this.thread.tid;
   }
 
@@ -716,7 +711,7 @@ export class Vcpu {
     if (r) return this.runRemote(r, opts);
     this.running = true;
     try {
-      const thread = (this.thread ??= await VcpuThread.acquire());
+      const thread = (this.thread ??= VcpuThread.acquire());
       let timedOut = false;
       const timer = setTimeout(() => {
         timedOut = true;

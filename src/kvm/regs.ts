@@ -43,29 +43,48 @@ export interface Sregs extends Record<SegName, Segment> {
 
 export function decodeRegs(b: Uint8Array): Regs {
   const dv = new DataView(b.buffer, b.byteOffset, SIZEOF.kvm_regs);
-  const r = {} as Regs;
-  REG_NAMES.forEach((n, i) => (r[n] = dv.getBigUint64(i * 8, true)));
-  return r;
+  const q = (i: number): bigint => dv.getBigUint64(i * 8, true);
+  return {
+    rax: q(0), rbx: q(1), rcx: q(2), rdx: q(3), rsi: q(4), rdi: q(5), rsp: q(6), rbp: q(7),
+    r8: q(8), r9: q(9), r10: q(10), r11: q(11), r12: q(12), r13: q(13), r14: q(14), r15: q(15), rip: q(16), rflags: q(17),
+  };
 }
 
 export function encodeRegs(r: Regs, b = new Uint8Array(SIZEOF.kvm_regs)): Uint8Array {
   const dv = new DataView(b.buffer, b.byteOffset, SIZEOF.kvm_regs);
-  REG_NAMES.forEach((n, i) => dv.setBigUint64(i * 8, BigInt.asUintN(64, r[n]), true));
+  for (let i = 0; i < REG_NAMES.length; i++) dv.setBigUint64(i * 8, BigInt.asUintN(64, r[REG_NAMES[i]!]), true);
   return b;
 }
 
-const SEG_FIELDS = ['type', 'present', 'dpl', 'db', 's', 'l', 'g', 'avl', 'unusable'] as const;
-
 function getSeg(dv: DataView, o: number): Segment {
-  const s = { base: dv.getBigUint64(o, true), limit: dv.getUint32(o + 8, true), selector: dv.getUint16(o + 12, true) } as Segment;
-  SEG_FIELDS.forEach((f, i) => (s[f] = dv.getUint8(o + 14 + i)));
-  return s;
+  return {
+    base: dv.getBigUint64(o, true),
+    limit: dv.getUint32(o + 8, true),
+    selector: dv.getUint16(o + 12, true),
+    type: dv.getUint8(o + 14),
+    present: dv.getUint8(o + 15),
+    dpl: dv.getUint8(o + 16),
+    db: dv.getUint8(o + 17),
+    s: dv.getUint8(o + 18),
+    l: dv.getUint8(o + 19),
+    g: dv.getUint8(o + 20),
+    avl: dv.getUint8(o + 21),
+    unusable: dv.getUint8(o + 22),
+  };
 }
 function setSeg(dv: DataView, o: number, s: Segment): void {
   dv.setBigUint64(o, s.base, true);
   dv.setUint32(o + 8, s.limit >>> 0, true);
   dv.setUint16(o + 12, s.selector, true);
-  SEG_FIELDS.forEach((f, i) => dv.setUint8(o + 14 + i, s[f]));
+  dv.setUint8(o + 14, s.type);
+  dv.setUint8(o + 15, s.present);
+  dv.setUint8(o + 16, s.dpl);
+  dv.setUint8(o + 17, s.db);
+  dv.setUint8(o + 18, s.s);
+  dv.setUint8(o + 19, s.l);
+  dv.setUint8(o + 20, s.g);
+  dv.setUint8(o + 21, s.avl);
+  dv.setUint8(o + 22, s.unusable);
   dv.setUint8(o + 23, 0);
 }
 
@@ -76,23 +95,25 @@ const BITMAP_OFF = CR_OFF + CR_NAMES.length * 8; // 280
 
 export function decodeSregs(b: Uint8Array): Sregs {
   const dv = new DataView(b.buffer, b.byteOffset, SIZEOF.kvm_sregs);
-  const s = {} as Sregs;
-  SEG_NAMES.forEach((n, i) => (s[n] = getSeg(dv, i * SIZEOF.kvm_segment)));
-  s.gdt = { base: dv.getBigUint64(DT_OFF, true), limit: dv.getUint16(DT_OFF + 8, true) };
-  s.idt = { base: dv.getBigUint64(DT_OFF + 16, true), limit: dv.getUint16(DT_OFF + 24, true) };
-  CR_NAMES.forEach((n, i) => (s[n] = dv.getBigUint64(CR_OFF + i * 8, true)));
-  s.interruptBitmap = [0, 1, 2, 3].map((i) => dv.getBigUint64(BITMAP_OFF + i * 8, true));
-  return s;
+  const seg = (i: number): Segment => getSeg(dv, i * SIZEOF.kvm_segment);
+  const q = (o: number): bigint => dv.getBigUint64(o, true);
+  return {
+    cs: seg(0), ds: seg(1), es: seg(2), fs: seg(3), gs: seg(4), ss: seg(5), tr: seg(6), ldt: seg(7),
+    gdt: { base: q(DT_OFF), limit: dv.getUint16(DT_OFF + 8, true) },
+    idt: { base: q(DT_OFF + 16), limit: dv.getUint16(DT_OFF + 24, true) },
+    cr0: q(CR_OFF), cr2: q(CR_OFF + 8), cr3: q(CR_OFF + 16), cr4: q(CR_OFF + 24), cr8: q(CR_OFF + 32), efer: q(CR_OFF + 40), apicBase: q(CR_OFF + 48),
+    interruptBitmap: [q(BITMAP_OFF), q(BITMAP_OFF + 8), q(BITMAP_OFF + 16), q(BITMAP_OFF + 24)],
+  };
 }
 
 export function encodeSregs(s: Sregs, b = new Uint8Array(SIZEOF.kvm_sregs)): Uint8Array {
   const dv = new DataView(b.buffer, b.byteOffset, SIZEOF.kvm_sregs);
-  SEG_NAMES.forEach((n, i) => setSeg(dv, i * SIZEOF.kvm_segment, s[n]));
+  for (let i = 0; i < SEG_NAMES.length; i++) setSeg(dv, i * SIZEOF.kvm_segment, s[SEG_NAMES[i]!]);
   dv.setBigUint64(DT_OFF, s.gdt.base, true);
   dv.setUint16(DT_OFF + 8, s.gdt.limit, true);
   dv.setBigUint64(DT_OFF + 16, s.idt.base, true);
   dv.setUint16(DT_OFF + 24, s.idt.limit, true);
-  CR_NAMES.forEach((n, i) => dv.setBigUint64(CR_OFF + i * 8, s[n], true));
-  s.interruptBitmap.forEach((v, i) => dv.setBigUint64(BITMAP_OFF + i * 8, v, true));
+  for (let i = 0; i < CR_NAMES.length; i++) dv.setBigUint64(CR_OFF + i * 8, s[CR_NAMES[i]!], true);
+  for (let i = 0; i < 4; i++) dv.setBigUint64(BITMAP_OFF + i * 8, s.interruptBitmap[i] ?? 0n, true);
   return b;
 }

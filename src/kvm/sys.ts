@@ -32,6 +32,20 @@ export interface Addon {
   kick(tid: number): number;
 }
 
+/** The native addon's vCPU threads (never remote: a lab's vCPUs run in its agent). */
+export interface ThreadAddon {
+  /** Starts a thread on a control block of 16 words; a handle, or -errno. */
+  threadStart(ctl: Int32Array, console: Uint8Array, onDone: (seq: number) => void): unknown;
+  /** Wakes the thread after a new command word. */
+  threadPost(handle: unknown): void;
+  /** Polls up to spinUs for the thread to finish command `seq`; whether it did. */
+  threadPoll(handle: unknown, seq: number, spinUs: number): boolean;
+  /** Whether a pending notification keeps the event loop alive. */
+  threadRef(handle: unknown, on: boolean): void;
+  /** After an exit command: waits for the thread and frees it (0 or -errno). */
+  threadJoin(handle: unknown): number;
+}
+
 /** The package's root directory (where package.json and build/ live). */
 export const packageRoot: string = (() => {
   let dir = dirname(fileURLToPath(import.meta.url));
@@ -46,7 +60,7 @@ export const packageRoot: string = (() => {
 
 export const addonPath = join(packageRoot, 'build', 'Release', 'kvmharness.node');
 
-let loaded: Addon | undefined;
+let loaded: (Addon & ThreadAddon) | undefined;
 let override: Addon | undefined;
 
 /** Routes every addon() call to `a` (e.g. the lab's RemoteAddon) until resetAddon(). */
@@ -59,12 +73,16 @@ export function resetAddon(): void {
 }
 
 export function addon(): Addon {
-  if (override) return override;
+  return override ?? localAddon();
+}
+
+/** The native addon of this process, whatever addon() is routed to. */
+export function localAddon(): Addon & ThreadAddon {
   if (!loaded) {
     if (!existsSync(addonPath)) {
       throw new HostError(`the native addon is not built (${addonPath}); run \`npm install\` in ${packageRoot}`);
     }
-    loaded = createRequire(import.meta.url)(addonPath) as Addon;
+    loaded = createRequire(import.meta.url)(addonPath) as Addon & ThreadAddon;
   }
   return loaded;
 }
