@@ -1,5 +1,8 @@
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { readdirSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { Kvm, type Vm } from '../src/kvm/kvm.js';
 import { KvmError } from '../src/kvm/sys.js';
 import { CAP, MADV, MEM, RUN } from '../src/kvm/uapi.js';
@@ -146,6 +149,22 @@ describeKvm('KVM binding', () => {
       vm.close();
     }
     expect(fds()).toBe(start);
+  });
+
+  it('creates VMs while signals keep arriving (KVM_CREATE_VM is retried after EINTR)', () => {
+    // The CPU profiler interrupts the process every 10 µs with SIGPROF;
+    // without the retry, one of 300 KVM_CREATE_VMs fails with EINTR.
+    const dir = mkdtempSync(join(tmpdir(), 'kvmharness-eintr-'));
+    try {
+      const kvmJs = new URL('../dist/src/kvm/kvm.js', import.meta.url).href;
+      const script = `const { Kvm } = await import(${JSON.stringify(kvmJs)}); const k = Kvm.open(); for (let i = 0; i < 300; i++) k.createVm().close(); k.close(); console.log('done');`;
+      const r = spawnSync(process.execPath, ['--cpu-prof', '--cpu-prof-interval', '10', '--cpu-prof-dir', dir, '--input-type=module', '-e', script], { encoding: 'utf8' });
+      expect(r.stderr).not.toContain('EINTR');
+      expect(r.stdout.trim()).toBe('done');
+      expect(r.status).toBe(0);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('moves and deletes memslots and sees the new layout', () => {

@@ -118,7 +118,11 @@ export class Kvm {
     }
   }
   createVm(type = 0): Vm {
-    const fd = check('KVM_CREATE_VM', addon().ioctl(this.fd, IOCTL.KVM_CREATE_VM, type));
+    // KVM_CREATE_VM fails with EINTR when a signal arrives while it registers
+    // its MMU notifier (mm_take_all_locks); try again, as QEMU does.
+    let r = addon().ioctl(this.fd, IOCTL.KVM_CREATE_VM, type);
+    for (let i = 0; r === -4 /* EINTR */ && i < 100; i++) r = addon().ioctl(this.fd, IOCTL.KVM_CREATE_VM, type);
+    const fd = check('KVM_CREATE_VM', r);
     return new Vm(this, fd);
   }
   close(): void {
