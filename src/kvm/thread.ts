@@ -21,6 +21,14 @@ export interface RunRequest {
   consolePort: number;
   /** Stop after this many console exits even if the guest goes on. */
   maxExits: number;
+  /**
+   * Called once if the run outlasts the polling and the owner goes back to
+   * the event loop to wait (e.g. to arm a time limit; a run that ends while
+   * polled never needs one).
+   */
+  onWait?: () => void;
+  /** Poll for at most this long (µs; default and maximum 1000). */
+  pollUs?: number;
 }
 export interface RunReply {
   /** KVM_RUN's result: 0, or -errno (-EINTR after a kick). */
@@ -122,7 +130,8 @@ export class VcpuThread {
       // that arrives while the main thread sleeps in Atomics.wait was seen to
       // be lost, Ctrl-C included. The event loop is held for at most SPIN_US
       // per run.
-      if (!this.k.threadPoll(this.handle, seq, SPIN_US)) {
+      if (!this.k.threadPoll(this.handle, seq, Math.min(SPIN_US, req.pollUs ?? SPIN_US))) {
+        req.onWait?.();
         this.k.threadRef(this.handle, true);
         try {
           // The thread notifies the event loop when a run ends; waiting for
