@@ -100,16 +100,16 @@ function buildReference(dir: string): string {
   const src = join(packageRoot, 'bench', 'ref', 'ref.c');
   const out = join(dir, 'ref');
   try {
-    execFileSync(cc, ['-O2', '-o', out, src], { stdio: ['ignore', 'ignore', 'pipe'] });
+    execFileSync(cc, ['-O2', '-pthread', '-o', out, src], { stdio: ['ignore', 'ignore', 'pipe'] });
   } catch (e) {
     const err = e as NodeJS.ErrnoException & { stderr?: Buffer };
     if (err.code === 'ENOENT') throw new Error(`no C compiler: \`${cc}\` was not found (install gcc, or set CC) — it is needed to build the C reference ${src}`);
-    throw new Error(`building the C reference failed: ${cc} -O2 -o ${out} ${src}\n${err.stderr?.toString() ?? err.message}`);
+    throw new Error(`building the C reference failed: ${cc} -O2 -pthread -o ${out} ${src}\n${err.stderr?.toString() ?? err.message}`);
   }
   return out;
 }
 
-function runReference(ref: string, bench: 'exit_roundtrip' | 'vm_lifecycle' | 'fault_in', n: number): number {
+function runReference(ref: string, bench: 'exit_roundtrip' | 'vm_lifecycle' | 'vm_lifecycle_threaded' | 'fault_in', n: number): number {
   const out = execFileSync(ref, [bench, String(n)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
   const r = JSON.parse(out.trim()) as { ns_per_exit?: number; us_per_lifecycle?: number; us_per_page?: number };
   const v = bench === 'exit_roundtrip' ? r.ns_per_exit! / 1e3 : bench === 'fault_in' ? r.us_per_page! : r.us_per_lifecycle!;
@@ -142,7 +142,7 @@ async function kvmBenches(kvm: Kvm, o: Options): Promise<Entry[]> {
     const ref = buildReference(dir);
 
     const cExit: number[] = [], hExit: number[] = [], hExitThread: number[] = [];
-    const cLife: number[] = [], hLife: number[] = [];
+    const cLife: number[] = [], cLifeThreaded: number[] = [], hLife: number[] = [];
     for (let i = 0; i < o.rounds; i++) {
       progress(`exit_roundtrip round ${i + 1}/${o.rounds} (${o.exits} exits, C then harness)`);
       cExit.push(runReference(ref, 'exit_roundtrip', o.exits));
@@ -151,8 +151,9 @@ async function kvmBenches(kvm: Kvm, o: Options): Promise<Entry[]> {
       hExitThread.push(h.threadUsPerExit);
     }
     for (let i = 0; i < o.rounds; i++) {
-      progress(`vm_lifecycle round ${i + 1}/${o.rounds} (${o.lifecycles} lifecycles, C then harness)`);
+      progress(`vm_lifecycle round ${i + 1}/${o.rounds} (${o.lifecycles} lifecycles, C, threaded C, harness)`);
       cLife.push(runReference(ref, 'vm_lifecycle', o.lifecycles));
+      cLifeThreaded.push(runReference(ref, 'vm_lifecycle_threaded', o.lifecycles));
       hLife.push(await vmLifecycle(kvm, o.lifecycles));
     }
     const cFault: number[] = [], hFault: number[] = [];
@@ -163,7 +164,7 @@ async function kvmBenches(kvm: Kvm, o: Options): Promise<Entry[]> {
     }
     progress(`fault_in µs/page: C ${spread(cFault, 3)}; harness ${spread(hFault, 3)}`);
     progress(`exit_roundtrip µs/exit: C ${spread(cExit)}; harness ${spread(hExit)}; harness vCPU thread loop ${spread(hExitThread)}`);
-    progress(`vm_lifecycle µs: C ${spread(cLife, 0)}; harness ${spread(hLife, 0)}`);
+    progress(`vm_lifecycle µs: C ${spread(cLife, 0)}; threaded C ${spread(cLifeThreaded, 0)}; harness ${spread(hLife, 0)}`);
 
     const entries: Entry[] = [];
     // The ratio is the median of each round's harness/C ratio: a round's two
@@ -176,6 +177,10 @@ async function kvmBenches(kvm: Kvm, o: Options): Promise<Entry[]> {
     };
     entries.push(withRef('exit_roundtrip', 'us/exit', hExit, cExit));
     entries.push(withRef('vm_lifecycle', 'us', hLife, cLife));
+    // Where the difference comes from: C with the harness's thread design
+    // against plain C, and the harness against that threaded C.
+    entries.push(withRef('vm_lifecycle_threaded_c', 'us', cLifeThreaded, cLife));
+    entries.push(withRef('vm_lifecycle_vs_threaded_c', 'us', hLife, cLifeThreaded));
     entries.push(withRef('fault_in', 'us/page', hFault, cFault));
 
     // Leak check: many lifecycles in this process (the vCPU thread already exists).
@@ -214,6 +219,8 @@ const LAB_ENTRIES: [string, string][] = [
 const KVM_ENTRIES: [string, string][] = [
   ['exit_roundtrip', 'us/exit'],
   ['vm_lifecycle', 'us'],
+  ['vm_lifecycle_threaded_c', 'us'],
+  ['vm_lifecycle_vs_threaded_c', 'us'],
   ['fault_in', 'us/page'],
   ['vm_lifecycle_fd_growth', 'count'],
   ['vm_lifecycle_rss_growth_mb', 'MB'],
