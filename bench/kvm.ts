@@ -2,7 +2,7 @@
 // bench/ref/ref.c does the same work in plain C; the guests are byte-identical:
 // real mode, CS base 0, one 64 KiB memslot at GPA 0, code at 0x1000.
 import { Kvm, type Vcpu, type Vm } from '../src/kvm/kvm.js';
-import { REG_NAMES, type Regs } from '../src/kvm/regs.js';
+import { zeroRegs } from '../src/kvm/regs.js';
 
 export const GUEST = {
   memSize: 0x10000,
@@ -26,11 +26,7 @@ function realModeGuest(vm: Vm, code: readonly number[]): Vcpu {
   s.cs.base = 0n;
   s.cs.selector = 0;
   vcpu.setSregs(s);
-  const r = Object.fromEntries(REG_NAMES.map((n) => [n, 0n])) as Regs;
-  r.rip = GUEST.codeGpa;
-  r.rax = BigInt('x'.charCodeAt(0));
-  r.rflags = 2n;
-  vcpu.setRegs(r);
+  vcpu.setRegs({ ...zeroRegs(), rip: GUEST.codeGpa, rax: BigInt('x'.charCodeAt(0)), rflags: 2n });
   return vcpu;
 }
 
@@ -97,11 +93,7 @@ export async function faultIn(kvm: Kvm, n: number): Promise<number> {
     const s = vcpu.getSregs();
     const flat = { ...s.ds, base: 0n, limit: 0xffffffff, selector: 0x10, type: 3, present: 1, db: 1, s: 1, g: 1, l: 0, dpl: 0, avl: 0, unusable: 0 };
     vcpu.setSregs({ ...s, ds: flat, es: flat, ss: flat, fs: flat, gs: flat, cs: { ...flat, selector: 0x8, type: 11 }, cr0: s.cr0 | 1n });
-    const r = Object.fromEntries(REG_NAMES.map((x) => [x, 0n])) as Regs;
-    r.rip = GUEST.codeGpa;
-    r.rcx = BigInt(n);
-    r.rflags = 2n;
-    vcpu.setRegs(r);
+    vcpu.setRegs({ ...zeroRegs(), rip: GUEST.codeGpa, rcx: BigInt(n), rflags: 2n });
     const t0 = process.hrtime.bigint();
     const res = await vcpu.run({ timeoutMs: 60_000 });
     const ns = Number(process.hrtime.bigint() - t0);

@@ -527,10 +527,20 @@ export class Vm {
   }
 }
 
-/** kvm_userspace_memory_region, or the same leading fields of region2 in a larger buffer. */
+// Scratch buffers for the fixed-size structures of synchronous ioctls: the
+// call copies in or out before it returns and decoding builds new objects,
+// so one buffer per structure serves every VM and vCPU. Allocating each time
+// cost an off-heap ArrayBuffer per call.
+const scratch = {
+  region: new Uint8Array(SIZEOF.kvm_userspace_memory_region2),
+  regs: new Uint8Array(SIZEOF.kvm_regs),
+  sregs: new Uint8Array(SIZEOF.kvm_sregs),
+};
+
+/** kvm_userspace_memory_region, or the same leading fields of region2 (zeroed beyond them). */
 function memoryRegion(size: number, slot: number, flags: number, gpa: bigint, bytes: bigint, hva: bigint, asId: number): Uint8Array {
-  const b = new Uint8Array(size);
-  const dv = new DataView(b.buffer);
+  const b = scratch.region.subarray(0, size).fill(0);
+  const dv = new DataView(b.buffer, b.byteOffset, size);
   dv.setUint32(0, (asId << 16) | slot, true);
   dv.setUint32(4, flags, true);
   dv.setBigUint64(8, gpa, true);
@@ -637,23 +647,19 @@ export class Vcpu {
     this.runAddress = addon().addressOf(runMap);
   }
 
-  private get<T>(call: string, req: number, size: number, decode: (b: Uint8Array) => T): T {
-    const b = new Uint8Array(size);
-    check(call, addon().ioctlBuf(this.fd, req, b));
-    return decode(b);
-  }
-
   getRegs(): Regs {
-    return this.get('KVM_GET_REGS', IOCTL.KVM_GET_REGS, SIZEOF.kvm_regs, decodeRegs);
+    check('KVM_GET_REGS', addon().ioctlBuf(this.fd, IOCTL.KVM_GET_REGS, scratch.regs));
+    return decodeRegs(scratch.regs);
   }
   setRegs(r: Regs): void {
-    check('KVM_SET_REGS', addon().ioctlBuf(this.fd, IOCTL.KVM_SET_REGS, encodeRegs(r)));
+    check('KVM_SET_REGS', addon().ioctlBuf(this.fd, IOCTL.KVM_SET_REGS, encodeRegs(r, scratch.regs)));
   }
   getSregs(): Sregs {
-    return this.get('KVM_GET_SREGS', IOCTL.KVM_GET_SREGS, SIZEOF.kvm_sregs, decodeSregs);
+    check('KVM_GET_SREGS', addon().ioctlBuf(this.fd, IOCTL.KVM_GET_SREGS, scratch.sregs));
+    return decodeSregs(scratch.sregs);
   }
   setSregs(s: Sregs): void {
-    check('KVM_SET_SREGS', addon().ioctlBuf(this.fd, IOCTL.KVM_SET_SREGS, encodeSregs(s)));
+    check('KVM_SET_SREGS', addon().ioctlBuf(this.fd, IOCTL.KVM_SET_SREGS, encodeSregs(s, scratch.sregs)));
   }
   setCpuid(entries: readonly CpuidEntry[]): void {
     check('KVM_SET_CPUID2', addon().ioctlBuf(this.fd, IOCTL.KVM_SET_CPUID2, cpuidBuffer(entries)));
@@ -720,21 +726,23 @@ export class Vcpu {
       const start = performance.now();
       let timedOut = false;
       let timer: NodeJS.Timeout | undefined;
-      // The time limit is armed only when the run outlasts the thread's
-      // polling (about 1 ms): a timer per run cost ~15 µs, more than the
-      // short runs it would never fire on.
-      const onWait = (): void => {
-        timer = setTimeout(() => {
-          timedOut = true;
-          this.kickThread(thread);
-        }, Math.max(0, limitMs - (performance.now() - start)));
-      };
+      const seq = thread.start({ fd: this.fd, run: this.runAddress, consolePort: opts.consolePort ?? 0, maxExits: opts.maxExits ?? 1 << 30 });
       let reply;
       try {
-        reply = await thread.run({ fd: this.fd, run: this.runAddress, consolePort: opts.consolePort ?? 0, maxExits: opts.maxExits ?? 1 << 30, onWait, pollUs: Math.floor(limitMs * 1000) });
+        if (!thread.poll(seq, Math.floor(limitMs * 1000))) {
+          // The time limit is armed only when the run outlasts the polling
+          // (about 1 ms): a timer per run cost ~15 µs, more than the short
+          // runs it would never fire on.
+          timer = setTimeout(() => {
+            timedOut = true;
+            this.kickThread(thread);
+          }, Math.max(0, limitMs - (performance.now() - start)));
+          await thread.wait(seq);
+        }
       } finally {
         if (timer) clearTimeout(timer);
         this.runView.setUint8(RUN.immediate_exit, 0);
+        reply = thread.finish();
       }
       // KVM_RUN fails with EFAULT and fills kvm_run for a memory-fault exit
       // (KVM_CAP_MEMORY_FAULT_INFO); that is an exit to report, not an error.

@@ -41,6 +41,11 @@ export interface Sregs extends Record<SegName, Segment> {
   interruptBitmap: bigint[];
 }
 
+/** All general-purpose registers zero (a new object each call). */
+export function zeroRegs(): Regs {
+  return { rax: 0n, rbx: 0n, rcx: 0n, rdx: 0n, rsi: 0n, rdi: 0n, rsp: 0n, rbp: 0n, r8: 0n, r9: 0n, r10: 0n, r11: 0n, r12: 0n, r13: 0n, r14: 0n, r15: 0n, rip: 0n, rflags: 0n };
+}
+
 export function decodeRegs(b: Uint8Array): Regs {
   const dv = new DataView(b.buffer, b.byteOffset, SIZEOF.kvm_regs);
   const q = (i: number): bigint => dv.getBigUint64(i * 8, true);
@@ -52,7 +57,8 @@ export function decodeRegs(b: Uint8Array): Regs {
 
 export function encodeRegs(r: Regs, b = new Uint8Array(SIZEOF.kvm_regs)): Uint8Array {
   const dv = new DataView(b.buffer, b.byteOffset, SIZEOF.kvm_regs);
-  for (let i = 0; i < REG_NAMES.length; i++) dv.setBigUint64(i * 8, BigInt.asUintN(64, r[REG_NAMES[i]!]), true);
+  // setBigUint64 stores a negative or too large value modulo 2^64 itself.
+  for (let i = 0; i < REG_NAMES.length; i++) dv.setBigUint64(i * 8, r[REG_NAMES[i]!], true);
   return b;
 }
 

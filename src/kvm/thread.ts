@@ -21,14 +21,6 @@ export interface RunRequest {
   consolePort: number;
   /** Stop after this many console exits even if the guest goes on. */
   maxExits: number;
-  /**
-   * Called once if the run outlasts the polling and the owner goes back to
-   * the event loop to wait (e.g. to arm a time limit; a run that ends while
-   * polled never needs one).
-   */
-  onWait?: () => void;
-  /** Poll for at most this long (µs; default and maximum 1000). */
-  pollUs?: number;
 }
 export interface RunReply {
   /** KVM_RUN's result: 0, or -errno (-EINTR after a kick). */
@@ -62,6 +54,8 @@ const W = {
 const WORDS = 16;
 const OP = { run: 1, exit: 2 } as const;
 const CONSOLE_BYTES = 65536;
+/** The console output of a run that wrote none (a copy per run cost an ArrayBuffer). */
+const NO_BYTES = new Uint8Array(0);
 /** How long run() polls for a short run to finish before yielding to the event loop. */
 const SPIN_US = 1000;
 
@@ -112,53 +106,72 @@ export class VcpuThread {
     return Atomics.load(this.ctl, W.done) === seq;
   }
 
-  async run(req: RunRequest): Promise<RunReply> {
+  /** Starts a run; returns its sequence number for poll() and wait(). finish() ends it. */
+  start(req: RunRequest): number {
     if (this.busy) throw new Error('vCPU thread is already running a vCPU');
+    while (!this.finished(this.seq));
     this.busy = true;
+    const c = this.ctl;
+    c[W.fd] = req.fd;
+    c[W.runLo] = Number(req.run & 0xffffffffn) | 0;
+    c[W.runHi] = Number(req.run >> 32n) | 0;
+    c[W.consolePort] = req.consolePort;
+    c[W.maxExits] = Math.min(req.maxExits, 0x7fffffff);
+    return this.post(OP.run);
+  }
+
+  /**
+   * Most runs end within a fraction of a millisecond: poll for those
+   * (natively, without allocating) before yielding to the event loop (a hop
+   * of ~100 µs on an idle machine). Polling, not sleeping: a signal that
+   * arrives while the main thread sleeps in Atomics.wait was seen to be lost,
+   * Ctrl-C included. The event loop is held for at most SPIN_US per run.
+   */
+  poll(seq: number, pollUs = SPIN_US): boolean {
+    return this.k.threadPoll(this.handle, seq, Math.min(SPIN_US, pollUs));
+  }
+
+  /** Waits on the event loop (timers, the time-limit kick, Ctrl-C keep running) for run `seq` to end. */
+  async wait(seq: number): Promise<void> {
+    this.k.threadRef(this.handle, true);
     try {
-      while (!this.finished(this.seq));
-      const c = this.ctl;
-      c[W.fd] = req.fd;
-      c[W.runLo] = Number(req.run & 0xffffffffn) | 0;
-      c[W.runHi] = Number(req.run >> 32n) | 0;
-      c[W.consolePort] = req.consolePort;
-      c[W.maxExits] = Math.min(req.maxExits, 0x7fffffff);
-      const seq = this.post(OP.run);
-      // Most runs end within a fraction of a millisecond: poll for those
-      // (natively, without allocating) before yielding to the event loop (a
-      // hop of ~100 µs on an idle machine). Polling, not sleeping: a signal
-      // that arrives while the main thread sleeps in Atomics.wait was seen to
-      // be lost, Ctrl-C included. The event loop is held for at most SPIN_US
-      // per run.
-      if (!this.k.threadPoll(this.handle, seq, Math.min(SPIN_US, req.pollUs ?? SPIN_US))) {
-        req.onWait?.();
-        this.k.threadRef(this.handle, true);
-        try {
-          // The thread notifies the event loop when a run ends; waiting for
-          // that keeps the event loop (timers, the time-limit kick, Ctrl-C)
-          // running. Set `waiting` before the last look at `done`, and the
-          // thread looks at `waiting` after setting `done`: one of the two
-          // sees the other.
-          await new Promise<void>((resolve) => {
-            this.waiter = { seq, resolve };
-            Atomics.store(this.ctl, W.waiting, 1);
-            if (this.finished(seq)) resolve();
-          });
-          Atomics.store(this.ctl, W.waiting, 0);
-          this.waiter = undefined;
-        } finally {
-          this.k.threadRef(this.handle, false);
-        }
-      }
-      return {
-        ret: c[W.ret]!,
-        exits: c[W.exits]!,
-        console: this.console.slice(0, c[W.consoleLen]),
-        ns: (c[W.nsHi]! >>> 0) * 2 ** 32 + (c[W.nsLo]! >>> 0),
-      };
+      // The thread notifies the event loop when a run ends. Set `waiting`
+      // before the last look at `done`, and the thread looks at `waiting`
+      // after setting `done`: one of the two sees the other.
+      await new Promise<void>((resolve) => {
+        this.waiter = { seq, resolve };
+        Atomics.store(this.ctl, W.waiting, 1);
+        if (this.finished(seq)) resolve();
+      });
+      Atomics.store(this.ctl, W.waiting, 0);
+      this.waiter = undefined;
     } finally {
-      this.busy = false;
+      this.k.threadRef(this.handle, false);
     }
+  }
+
+  /** The result of the run that just ended; the thread is free for the next one. */
+  finish(): RunReply {
+    const c = this.ctl;
+    this.busy = false;
+    return {
+      ret: c[W.ret]!,
+      exits: c[W.exits]!,
+      console: c[W.consoleLen] ? this.console.slice(0, c[W.consoleLen]) : NO_BYTES,
+      ns: (c[W.nsHi]! >>> 0) * 2 ** 32 + (c[W.nsLo]! >>> 0),
+    };
+  }
+
+  /** start, poll, wait if needed, finish. */
+  async run(req: RunRequest): Promise<RunReply> {
+    const seq = this.start(req);
+    try {
+      if (!this.poll(seq)) await this.wait(seq);
+    } catch (e) {
+      this.busy = false;
+      throw e;
+    }
+    return this.finish();
   }
 
   /**
