@@ -67,19 +67,21 @@ export async function benchLab(o: { boots: number; runs: number; log: (s: string
   }
   const lab = median(inLab);
   const here = median(local);
+  o.log(`lab_boot_s: boots ${bootS.map((x) => x.toFixed(2)).join(', ')} s; lab_check_ms: ${lab.toFixed(1)} ms in the lab, ${here.toFixed(1)} ms here`);
+  const round = (x: number, d: number): number => Number(x.toFixed(d));
   return [
     {
       name: 'lab_boot_s',
       unit: 's',
-      value: median(bootS),
+      value: round(median(bootS), 2),
       note: `npt-tdp, QEMU start to the end of ${FIRST}; boots ${bootS.map((x) => x.toFixed(2)).join(', ')}`,
     },
     {
       name: 'lab_check_ms',
       unit: 'ms',
-      value: lab,
-      reference: here,
-      ratio: lab / here,
+      value: round(lab, 1),
+      reference: round(here, 1),
+      ratio: round(lab / here, 3),
       note: `${MEASURED}, median of ${o.runs}; reference: the same check on this host's KVM, not C`,
     },
   ];
