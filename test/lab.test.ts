@@ -144,7 +144,7 @@ describe('lab profiles', () => {
     expect(args).toContain('pipe,id=agent,path=/t/agent');
     expect(s).toContain('-device virtio-serial-pci -chardev pipe,id=agent,path=/t/agent -device virtserialport,chardev=agent,name=kvmharness.agent,nr=1');
     // Built-in KVM takes its parameters on the command line.
-    expect(args[args.indexOf('-append') + 1]).toBe('console=ttyS0 panic=-1 quiet hugepages=8 cryptomgr.notests=1 initcall_blacklist=crypto_kdf108_init kvm.tdp_mmu=1 kvm_amd.npt=1 kvm_amd.nested=0');
+    expect(args[args.indexOf('-append') + 1]).toBe('console=ttyS0 panic=-1 quiet hugepages=8 cryptomgr.notests=1 initcall_blacklist=crypto_kdf108_init pci=noacpi kvm.tdp_mmu=1 kvm_amd.npt=1 kvm_amd.nested=0');
     // Without a PVH vmlinux: the bzImage through SeaBIOS.
     const bz = qemuArgs({ kernel: { ...k, vmlinux: undefined }, initramfs: '/i.gz', profile: profile('npt-tdp'), agentPath: '/t/agent' });
     expect(bz).not.toContain('-bios');
@@ -226,7 +226,7 @@ describe('lab initramfs', () => {
     expect((await labError(() => modulePlan(kernel, p))).message).toMatch(/module parameters for kvm_intel, which the lab does not load/);
     const builtin: LabKernel = { ...kernel, modulesDir: undefined, builtin: ['kvm', 'kvm_amd', 'virtio_pci', 'virtio_console'] };
     expect(modulePlan(builtin, profile('shadow'))).toEqual({ loads: [], cmdline: ['kvm_amd.npt=0', 'kvm_amd.nested=0'] });
-    expect(kernelCmdline(builtin, profile('shadow'))).toBe('console=ttyS0 panic=-1 quiet hugepages=8 cryptomgr.notests=1 initcall_blacklist=crypto_kdf108_init kvm_amd.npt=0 kvm_amd.nested=0');
+    expect(kernelCmdline(builtin, profile('shadow'))).toBe('console=ttyS0 panic=-1 quiet hugepages=8 cryptomgr.notests=1 initcall_blacklist=crypto_kdf108_init pci=noacpi kvm_amd.npt=0 kvm_amd.nested=0');
   });
 
   it('arm64: loads the virtio channel modules, waits for the named port and runs the agent on it', () => {
