@@ -285,28 +285,23 @@ ThreadHandle *handle(const Napi::Value &v) {
   return v.IsExternal() ? v.As<Napi::External<ThreadHandle>>().Data() : nullptr;
 }
 
-// threadPost(handle): wakes the thread after a new command word.
+// threadPost(handle, onCallerCpu): wakes the thread after a new command word,
+// first pinning it to the caller's CPU when onCallerCpu is true.
 Napi::Value ThreadPost(const Napi::CallbackInfo &info) {
-  ARGS(1);
+  ARGS(2);
   ThreadHandle *h = handle(info[0]);
   if (!h || !h->thread) return fail(env, "threadPost: not a live vCPU thread");
-  uint8_t *ctl;
-  size_t n;
-  bytes(h->ctl.Value(), &ctl, &n);
-  kh::thread_post(reinterpret_cast<int32_t *>(ctl));
+  kh::thread_post(h->thread, info[1].ToBoolean());
   return env.Undefined();
 }
 
-// threadPoll(handle, seq, spinUs) -> whether the thread finished command `seq`
-// within spinUs (polling, the caller's thread stays awake).
-Napi::Value ThreadPoll(const Napi::CallbackInfo &info) {
+// threadWait(handle, seq, waitUs) -> whether the thread finished command `seq`
+// within waitUs. The caller's thread sleeps meanwhile; a signal ends the wait.
+Napi::Value ThreadWait(const Napi::CallbackInfo &info) {
   ARGS(3);
   ThreadHandle *h = handle(info[0]);
-  if (!h || !h->thread) return fail(env, "threadPoll: not a live vCPU thread");
-  uint8_t *ctl;
-  size_t n;
-  bytes(h->ctl.Value(), &ctl, &n);
-  bool done = kh::thread_poll(reinterpret_cast<int32_t *>(ctl), (int32_t)i64(info[1]), (uint64_t)i64(info[2]) * 1000u);
+  if (!h || !h->thread) return fail(env, "threadWait: not a live vCPU thread");
+  bool done = kh::thread_wait(h->thread, (int32_t)i64(info[1]), (uint64_t)i64(info[2]) * 1000u);
   return Napi::Boolean::New(env, done);
 }
 
@@ -362,7 +357,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("kick", Napi::Function::New(env, Kick));
   exports.Set("threadStart", Napi::Function::New(env, ThreadStart));
   exports.Set("threadPost", Napi::Function::New(env, ThreadPost));
-  exports.Set("threadPoll", Napi::Function::New(env, ThreadPoll));
+  exports.Set("threadWait", Napi::Function::New(env, ThreadWait));
   exports.Set("threadRef", Napi::Function::New(env, ThreadRef));
   exports.Set("threadJoin", Napi::Function::New(env, ThreadJoin));
   return exports;

@@ -1,6 +1,7 @@
 #include "core.h"
 
 #include <cerrno>
+#include <sched.h>
 #include <csignal>
 #include <cstring>
 #include <ctime>
@@ -93,6 +94,9 @@ int64_t kick_install() {
 
 struct VcpuThread {
   pthread_t th;
+  pid_t tid;
+  cpu_set_t all;  // the thread's affinity when it started
+  int pinned;     // the CPU it is pinned to for a hand-off, or -1
   int32_t *ctl;
   uint8_t *console;
   size_t cap;
@@ -144,6 +148,8 @@ static void *thread_main(void *p) {
       c[CTL_NS_HI] = (int32_t)(uint32_t)(ns >> 32);
     }
     store(&c[CTL_DONE], seen);
+    // The owner may sleep on DONE (thread_wait).
+    ::syscall(SYS_futex, &c[CTL_DONE], FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
     // An owner that stopped polling waits for the notification. It sets
     // WAITING before its last look at DONE, and this looks at WAITING after
     // setting DONE: one of the two sees the other.
@@ -155,7 +161,7 @@ static void *thread_main(void *p) {
 
 VcpuThread *thread_start(int32_t *ctl, uint8_t *console, size_t cap, void (*notify)(void *, int32_t), void *arg,
                          int64_t *err) {
-  auto *t = new VcpuThread{{}, ctl, console, cap, notify, arg};
+  auto *t = new VcpuThread{{}, 0, {}, -1, ctl, console, cap, notify, arg};
   store(&ctl[CTL_TID], 0);
   store(&ctl[CTL_DONE], -1);
   int e = pthread_create(&t->th, nullptr, thread_main, t);
@@ -165,21 +171,52 @@ VcpuThread *thread_start(int32_t *ctl, uint8_t *console, size_t cap, void (*noti
     return nullptr;
   }
   while (load(&ctl[CTL_DONE]) == -1) sched_yield();
+  t->tid = (pid_t)load(&ctl[CTL_TID]);
+  if (sched_getaffinity(t->tid, sizeof t->all, &t->all) < 0) CPU_ZERO(&t->all);
   return t;
 }
 
-void thread_post(int32_t *ctl) { ::syscall(SYS_futex, &ctl[CTL_CMD], FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0); }
-
-bool thread_poll(int32_t *ctl, int32_t seq, uint64_t spin_ns) {
-  if (load(&ctl[CTL_DONE]) == seq) return true;
-  uint64_t until = now_ns() + spin_ns;
-  for (;;) {
-    for (int i = 0; i < 64; i++) {
-      if (load(&ctl[CTL_DONE]) == seq) return true;
-      relax();
+void thread_post(VcpuThread *t, bool on_caller_cpu) {
+  if (on_caller_cpu && CPU_COUNT(&t->all) > 1) {
+    int cpu = sched_getcpu();
+    if (cpu >= 0 && cpu != t->pinned && CPU_ISSET(cpu, &t->all)) {
+      cpu_set_t one;
+      CPU_ZERO(&one);
+      CPU_SET(cpu, &one);
+      if (sched_setaffinity(t->tid, sizeof one, &one) == 0) t->pinned = cpu;
     }
-    if (now_ns() >= until) return load(&ctl[CTL_DONE]) == seq;
   }
+  ::syscall(SYS_futex, &t->ctl[CTL_CMD], FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
+}
+
+// Gives a thread that is still running its start-up affinity back. It is
+// first sent off the caller's CPU (queued there behind the caller, it would
+// wait for a load balance, milliseconds), so that a long run goes on beside
+// the caller instead of taking turns with it.
+static void unpin(VcpuThread *t) {
+  if (t->pinned < 0) return;
+  cpu_set_t others = t->all;
+  CPU_CLR(t->pinned, &others);
+  if (CPU_COUNT(&others) > 0) sched_setaffinity(t->tid, sizeof others, &others);
+  if (sched_setaffinity(t->tid, sizeof t->all, &t->all) == 0) t->pinned = -1;
+}
+
+bool thread_wait(VcpuThread *t, int32_t seq, uint64_t wait_ns) {
+  int32_t *done = &t->ctl[CTL_DONE];
+  uint64_t until = now_ns() + wait_ns;
+  for (;;) {
+    int32_t v = load(done);
+    if (v == seq) return true;
+    uint64_t now = now_ns();
+    if (now >= until) break;
+    struct timespec ts = {(time_t)((until - now) / 1000000000u), (long)((until - now) % 1000000000u)};
+    long r = ::syscall(SYS_futex, done, FUTEX_WAIT_PRIVATE, v, &ts, nullptr, 0);
+    if (r < 0 && errno == EINTR) break;  // a signal: let the caller's event loop see it
+  }
+  if (load(done) == seq) return true;
+  // A long run: let it move to another CPU while the caller goes on.
+  unpin(t);
+  return false;
 }
 
 int64_t thread_join(VcpuThread *t) {

@@ -56,10 +56,14 @@ struct VcpuThread;
 // must outlive it. The thread's tid is in ctl[CTL_TID] when this returns.
 VcpuThread *thread_start(int32_t *ctl, uint8_t *console, size_t cap, void (*notify)(void *, int32_t), void *arg,
                          int64_t *err);
-// Wakes the thread after a new ctl[CTL_CMD].
-void thread_post(int32_t *ctl);
-// Polls ctl[CTL_DONE] for `seq` for up to spin_ns; true when it got there.
-bool thread_poll(int32_t *ctl, int32_t seq, uint64_t spin_ns);
+// Wakes the thread after a new ctl[CTL_CMD]. With on_caller_cpu, the thread
+// is first pinned to the CPU the caller runs on, so that the hand-off and the
+// caller's wait (thread_wait) stay on one CPU instead of waking another.
+void thread_post(VcpuThread *t, bool on_caller_cpu);
+// Sleeps until the thread has finished command `seq`, for up to wait_ns or
+// until a signal arrives; true when it finished. When it has not, the
+// thread is unpinned (its start-up affinity again) and goes on alone.
+bool thread_wait(VcpuThread *t, int32_t seq, uint64_t wait_ns);
 // Waits for a thread that has been told OP_EXIT, and frees it.
 int64_t thread_join(VcpuThread *t);
 // Installs (once) the handler for the kick signal; KVM_RUN returns -EINTR when

@@ -9,9 +9,10 @@
  *                          run to HLT, munmap, close vCPU, close VM; prints µs
  *   ref vm_lifecycle_threaded N
  *                          the same, with KVM_RUN on a second thread that sleeps
- *                          on a futex between runs while the first one polls
- *                          for the end of the run: the harness's thread design
- *                          without JavaScript
+ *                          on a futex between runs, pinned to the first one's
+ *                          CPU, while the first one sleeps on a futex until the
+ *                          run ends: the harness's thread design without
+ *                          JavaScript
  *
  * Output: one JSON line on stdout, e.g.
  *   {"bench":"exit_roundtrip","n":30000,"ns_per_exit":9012.3}
@@ -23,6 +24,7 @@
 #include <linux/futex.h>
 #include <linux/kvm.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -160,26 +162,35 @@ static double fault_in(int kvm, size_t run_size, long n) {
 /* The vCPU thread of vm_lifecycle_threaded: runs fd `run_fd` when `cmd` moves on. */
 static int cmd, done, run_fd;
 static long run_ret;
+static pid_t vcpu_tid;
+static int pinned_cpu = -1;
 static void *vcpu_thread(void *arg) {
   int seen = 0;
+  __atomic_store_n(&vcpu_tid, (pid_t)syscall(SYS_gettid), __ATOMIC_SEQ_CST);
   for (;;) {
     while (__atomic_load_n(&cmd, __ATOMIC_SEQ_CST) == seen) syscall(SYS_futex, &cmd, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
     seen = __atomic_load_n(&cmd, __ATOMIC_SEQ_CST);
     run_ret = ioctl(run_fd, KVM_RUN, 0) < 0 ? -errno : 0;
     __atomic_store_n(&done, seen, __ATOMIC_SEQ_CST);
+    syscall(SYS_futex, &done, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
   }
   return arg;
 }
 
 static void run_on_thread(struct vm *v) {
+  /* Hand the run over on this CPU (the harness pins its vCPU thread the same way). */
+  int cpu = sched_getcpu();
+  if (cpu >= 0 && cpu != pinned_cpu) {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    if (sched_setaffinity(vcpu_tid, sizeof one, &one) == 0) pinned_cpu = cpu;
+  }
   run_fd = v->vcpu;
   int seq = __atomic_add_fetch(&cmd, 1, __ATOMIC_SEQ_CST);
   syscall(SYS_futex, &cmd, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
-  while (__atomic_load_n(&done, __ATOMIC_SEQ_CST) != seq) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-  }
+  int d;
+  while ((d = __atomic_load_n(&done, __ATOMIC_SEQ_CST)) != seq) syscall(SYS_futex, &done, FUTEX_WAIT_PRIVATE, d, NULL, NULL, 0);
   if (run_ret < 0) {
     errno = (int)-run_ret;
     die("KVM_RUN");
@@ -237,6 +248,7 @@ int main(int argc, char **argv) {
   } else if (strcmp(argv[1], "vm_lifecycle_threaded") == 0) {
     pthread_t t;
     if (pthread_create(&t, NULL, vcpu_thread, NULL) != 0) die("pthread_create");
+    while (__atomic_load_n(&vcpu_tid, __ATOMIC_SEQ_CST) == 0) sched_yield();
     struct vm v;
     vm_create(kvm, (size_t)run_size, hlt_code, sizeof hlt_code, &v); /* warm-up */
     run_on_thread(&v);

@@ -27,6 +27,17 @@ interface RemoteKvm {
 }
 
 /** The remote addon when KVM calls go to the lab, else undefined. */
+/**
+ * When the event loop last had a turn, as far as vCPU runs know. A run that
+ * ends while its caller waits natively resolves without the event loop, so
+ * a caller that loops on runs (a vCPU exiting to the host thousands of
+ * times) would starve timers, I/O and Ctrl-C; run() yields once it has been
+ * longer than TURN_MS.
+ */
+let lastTurn = 0;
+const TURN_MS = 4;
+const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+
 function remote(): RemoteKvm | undefined {
   const a = addon() as Partial<RemoteKvm>;
   return a.remote === true && typeof a.remoteRun === 'function' ? (a as RemoteKvm) : undefined;
@@ -738,6 +749,7 @@ export class Vcpu {
             this.kickThread(thread);
           }, Math.max(0, limitMs - (performance.now() - start)));
           await thread.wait(seq);
+          lastTurn = performance.now();
         }
       } finally {
         if (timer) clearTimeout(timer);
@@ -749,6 +761,10 @@ export class Vcpu {
       const memoryFault = reply.ret === -14 && this.runView.getUint32(RUN.exit_reason, true) === EXIT.KVM_EXIT_MEMORY_FAULT;
       if (reply.ret < 0 && reply.ret !== -4 /* EINTR */ && !memoryFault) throw new KvmError('KVM_RUN', -reply.ret);
       const exit: Exit = reply.ret === -4 ? { reason: 'intr' } : decodeExit(this.runView);
+      if (performance.now() - lastTurn > TURN_MS) {
+        await turn();
+        lastTurn = performance.now();
+      }
       return { exit, timedOut: timedOut && exit.reason === 'intr', exits: reply.exits, console: reply.console, ns: reply.ns };
     } finally {
       this.running = false;

@@ -36,10 +36,10 @@ export interface Addon {
 export interface ThreadAddon {
   /** Starts a thread on a control block of 16 words; a handle, or -errno. */
   threadStart(ctl: Int32Array, console: Uint8Array, onDone: (seq: number) => void): unknown;
-  /** Wakes the thread after a new command word. */
-  threadPost(handle: unknown): void;
-  /** Polls up to spinUs for the thread to finish command `seq`; whether it did. */
-  threadPoll(handle: unknown, seq: number, spinUs: number): boolean;
+  /** Wakes the thread after a new command word, first pinning it to the caller's CPU if asked. */
+  threadPost(handle: unknown, onCallerCpu: boolean): void;
+  /** Sleeps up to waitUs (a signal ends it early) for the thread to finish command `seq`; whether it did. An unfinished run is unpinned. */
+  threadWait(handle: unknown, seq: number, waitUs: number): boolean;
   /** Whether a pending notification keeps the event loop alive. */
   threadRef(handle: unknown, on: boolean): void;
   /** After an exit command: waits for the thread and frees it (0 or -errno). */

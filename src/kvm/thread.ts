@@ -93,12 +93,12 @@ export class VcpuThread {
    * the fields after it sees the sequence number change, so overwriting them
    * early would hand it the next command's fields under the previous number.
    */
-  private post(op: number): number {
+  private post(op: number, onCallerCpu = false): number {
     while (!this.finished(this.seq));
     this.ctl[W.op] = op;
     const seq = ++this.seq;
     Atomics.store(this.ctl, W.cmd, seq);
-    this.k.threadPost(this.handle);
+    this.k.threadPost(this.handle, onCallerCpu);
     return seq;
   }
 
@@ -117,18 +117,20 @@ export class VcpuThread {
     c[W.runHi] = Number(req.run >> 32n) | 0;
     c[W.consolePort] = req.consolePort;
     c[W.maxExits] = Math.min(req.maxExits, 0x7fffffff);
-    return this.post(OP.run);
+    return this.post(OP.run, true);
   }
 
   /**
-   * Most runs end within a fraction of a millisecond: poll for those
-   * (natively, without allocating) before yielding to the event loop (a hop
-   * of ~100 µs on an idle machine). Polling, not sleeping: a signal that
-   * arrives while the main thread sleeps in Atomics.wait was seen to be lost,
-   * Ctrl-C included. The event loop is held for at most SPIN_US per run.
+   * Most runs end within a fraction of a millisecond. The run starts on the
+   * caller's CPU (post pins the thread there) and the caller sleeps on the
+   * thread's 'done' word for up to SPIN_US, natively: the hand-off is then
+   * a switch between two threads on one CPU, where waking a thread on an idle
+   * CPU cost ~100 µs on a VM host. A longer run is unpinned and waited for on
+   * the event loop (wait()). A signal ends the sleep early, so Ctrl-C is seen
+   * at once (V8's Atomics.wait was seen to lose it).
    */
   poll(seq: number, pollUs = SPIN_US): boolean {
-    return this.k.threadPoll(this.handle, seq, Math.min(SPIN_US, pollUs));
+    return this.k.threadWait(this.handle, seq, Math.min(SPIN_US, pollUs));
   }
 
   /** Waits on the event loop (timers, the time-limit kick, Ctrl-C keep running) for run `seq` to end. */
