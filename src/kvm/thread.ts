@@ -5,9 +5,10 @@
 //
 // Owner and thread talk through a control block of 32-bit words in shared
 // memory: the thread sleeps on a futex on the command word, and the owner
-// wakes it with threadPost. The owner polls the thread's 'done' word, and only
-// a run that outlasts the polling is waited for with a notification (a
-// thread-safe function call onto the event loop). The thread runs the native
+// wakes it with threadPost (for a run, after pinning it to the owner's CPU).
+// The owner sleeps on the thread's 'done' word for up to 1 ms, and only a run
+// that outlasts that is waited for with a notification (a thread-safe
+// function call onto the event loop). The thread runs the native
 // run loop on the owner's kvm_run mapping, which collects console output
 // without leaving native code and returns on every other exit; the owner
 // decodes that exit from its own view.
