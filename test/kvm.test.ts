@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Kvm, type Vm } from '../src/kvm/kvm.js';
@@ -85,6 +85,45 @@ describeKvm('KVM binding', () => {
       const k = await p;
       expect(k.exit.reason).toBe('intr');
       expect(k.timedOut).toBe(false);
+    } finally {
+      vm.close();
+    }
+  });
+
+  it('gives timers a turn while a caller loops on short runs', async () => {
+    const vm = realMode(kvm, [0xf4, 0xeb, 0xfd]); // 1: hlt; jmp 1b — every run ends at once
+    try {
+      const v = vm.vcpus[0]!;
+      const t0 = performance.now();
+      let firedAfter = -1;
+      setTimeout(() => (firedAfter = performance.now() - t0), 5);
+      let runs = 0;
+      while (firedAfter < 0 && performance.now() - t0 < 2000) {
+        expect((await v.run()).exit.reason).toBe('hlt');
+        runs++;
+      }
+      // Runs end while the caller sleeps natively and resolve without the
+      // event loop; without a turn every few ms the timer waits for the loop.
+      expect(firedAfter).toBeGreaterThan(0);
+      expect(firedAfter).toBeLessThan(100);
+      expect(runs).toBeGreaterThan(1);
+    } finally {
+      vm.close();
+    }
+  });
+
+  it('moves a long run off the caller\'s CPU with its start-up affinity back', async () => {
+    const allowed = (tid: number | string) => readFileSync(`/proc/self/task/${tid}/status`, 'utf8').match(/Cpus_allowed_list:\s*(\S+)/)![1];
+    const vm = realMode(kvm, [0xeb, 0xfe]); // jmp $
+    try {
+      const v = vm.vcpus[0]!;
+      const tid = await v.tid();
+      const p = v.run({ timeoutMs: 300 });
+      // A short run is pinned to the caller's CPU; past the caller's 1 ms wait
+      // the thread's affinity is the process's again.
+      await new Promise((r) => setTimeout(r, 50));
+      expect(allowed(tid)).toBe(allowed(process.pid));
+      expect((await p).timedOut).toBe(true);
     } finally {
       vm.close();
     }

@@ -26,7 +26,6 @@ interface RemoteKvm {
   };
 }
 
-/** The remote addon when KVM calls go to the lab, else undefined. */
 /**
  * When the event loop last had a turn, as far as vCPU runs know. A run that
  * ends while its caller waits natively resolves without the event loop, so
@@ -38,6 +37,7 @@ let lastTurn = 0;
 const TURN_MS = 4;
 const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 
+/** The remote addon when KVM calls go to the lab, else undefined. */
 function remote(): RemoteKvm | undefined {
   const a = addon() as Partial<RemoteKvm>;
   return a.remote === true && typeof a.remoteRun === 'function' ? (a as RemoteKvm) : undefined;
