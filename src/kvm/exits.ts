@@ -16,11 +16,18 @@ export type Exit =
 
 export type ExitReason = Exit['reason'];
 
+/** A copy of `len` bytes at `off` in kvm_run. */
+function bytesAt(run: DataView, off: number, len: number): Uint8Array {
+  return new Uint8Array(run.buffer, run.byteOffset + off, len).slice();
+}
+/** Up to 16 u64s at `off` in kvm_run. */
+function u64sAt(run: DataView, off: number, n: number): bigint[] {
+  return Array.from({ length: Math.min(n, 16) }, (_, i) => run.getBigUint64(off + 8 * i, true));
+}
+
 /** Decodes the exit in `run` (a view of the whole kvm_run mapping). */
 export function decodeExit(run: DataView): Exit {
   const raw = run.getUint32(RUN.exit_reason, true);
-  const bytes = (off: number, len: number) => new Uint8Array(run.buffer, run.byteOffset + off, len).slice();
-  const u64s = (off: number, n: number) => Array.from({ length: Math.min(n, 16) }, (_, i) => run.getBigUint64(off + 8 * i, true));
   switch (raw) {
     case EXIT.KVM_EXIT_IO: {
       const size = run.getUint8(RUN.io_size);
@@ -28,7 +35,7 @@ export function decodeExit(run: DataView): Exit {
       const dataOffset = Number(run.getBigUint64(RUN.io_data_offset, true));
       const direction = run.getUint8(RUN.io_direction) === KVM_EXIT_IO_OUT ? 'out' : 'in';
       const len = size * count;
-      const data = dataOffset + len <= run.byteLength ? bytes(dataOffset, len) : new Uint8Array(0);
+      const data = dataOffset + len <= run.byteLength ? bytesAt(run, dataOffset, len) : new Uint8Array(0);
       return { reason: 'io', direction, port: run.getUint16(RUN.io_port, true), size, count, dataOffset, data };
     }
     case EXIT.KVM_EXIT_MMIO: {
@@ -38,7 +45,7 @@ export function decodeExit(run: DataView): Exit {
         gpa: run.getBigUint64(RUN.mmio_phys_addr, true),
         len,
         isWrite: run.getUint8(RUN.mmio_is_write) !== 0,
-        data: bytes(RUN.mmio_data, Math.min(len, 8)),
+        data: bytesAt(run, RUN.mmio_data, Math.min(len, 8)),
       };
     }
     case EXIT.KVM_EXIT_HLT:
@@ -49,7 +56,7 @@ export function decodeExit(run: DataView): Exit {
       return {
         reason: 'internal_error',
         suberror: run.getUint32(RUN.internal_suberror, true),
-        data: u64s(RUN.internal_data, run.getUint32(RUN.internal_ndata, true)),
+        data: u64sAt(run, RUN.internal_data, run.getUint32(RUN.internal_ndata, true)),
       };
     case EXIT.KVM_EXIT_FAIL_ENTRY:
       return {
@@ -71,7 +78,7 @@ export function decodeExit(run: DataView): Exit {
       return {
         reason: 'system_event',
         type: run.getUint32(RUN.system_event_type, true),
-        data: u64s(RUN.system_event_data, run.getUint32(RUN.system_event_ndata, true)),
+        data: u64sAt(run, RUN.system_event_data, run.getUint32(RUN.system_event_ndata, true)),
       };
     case EXIT.KVM_EXIT_EXCEPTION:
       return { reason: 'exception', exception: run.getUint32(RUN.ex_exception, true), errorCode: run.getUint32(RUN.ex_error_code, true) };

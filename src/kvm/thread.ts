@@ -114,8 +114,10 @@ export class VcpuThread {
     this.busy = true;
     const c = this.ctl;
     c[W.fd] = req.fd;
-    c[W.runLo] = Number(req.run & 0xffffffffn) | 0;
-    c[W.runHi] = Number(req.run >> 32n) | 0;
+    // User-space addresses are below 2^47: exact as a double, no BigInt arithmetic per run.
+    const run = Number(req.run);
+    c[W.runLo] = run % 2 ** 32 | 0;
+    c[W.runHi] = Math.floor(run / 2 ** 32) | 0;
     c[W.consolePort] = req.consolePort;
     c[W.maxExits] = Math.min(req.maxExits, 0x7fffffff);
     return this.post(OP.run, true);
@@ -184,6 +186,7 @@ export class VcpuThread {
    * forever.
    */
   waitIdle(kick?: () => void, limitMs = 5000): void {
+    if (this.finished(this.seq)) return;
     const start = performance.now();
     let lastKick = start;
     while (!this.finished(this.seq)) {
