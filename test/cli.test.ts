@@ -1,5 +1,5 @@
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -83,10 +83,14 @@ describeKvm('kvmharness CLI on this host', () => {
   });
 
   it('writes a JUnit file', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'kvmharness-'));
-    const file = join(dir, 'junit.xml');
-    const r = cli(['run', 'real_mode_io', '--junit', file]);
-    expect(r.status).toBe(0);
-    expect(readFileSync(file, 'utf8')).toMatch(/<testcase classname="kvmharness\.[^"]+" name="real_mode_io"/);
+    const dir = mkdtempSync(join(tmpdir(), 'kvmharness-junit-'));
+    try {
+      const file = join(dir, 'junit.xml');
+      const r = cli(['run', 'real_mode_io', '--junit', file]);
+      expect(r.status).toBe(0);
+      expect(readFileSync(file, 'utf8')).toMatch(/<testcase classname="kvmharness\.[^"]+" name="real_mode_io"/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

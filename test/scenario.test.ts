@@ -3,10 +3,10 @@
 // generated schema and field reference, the built-in scenarios, and the page
 // tables built from a scenario. Expected entry values are derived by hand from
 // the entry layout (SDM vol. 3A §4.5) and bring-up's documented pool order.
-import { mkdtempSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { bringUp, CR4 } from '../src/arch/x86/bringup.js';
 import { walk, type WalkResult } from '../src/model/walk.js';
 import { bringUpOptions, buildScenarioTables, MemImage, pagingConfigFor } from '../src/scenario/build.js';
@@ -496,6 +496,7 @@ describe('scenario validation: semantic rules', () => {
 
 describe('loading scenario files', () => {
   const dir = mkdtempSync(join(tmpdir(), 'kvmharness-scenario-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
   const file = (name: string, text: string) => {
     const p = join(dir, name);
     writeFileSync(p, text);

@@ -7,15 +7,16 @@
 //   mapping 2, gva 0x8000400000: 2M leaf in PDE 2 of PD 0x16000
 //   mapping 3, gva 0x10000000000: PML4 index 2 -> PDPT 0x18000 -> PD 0x19000 -> PT 0x1a000
 // Entry bits: P 0x1, W 0x2, U 0x4, A 0x20, D 0x40, PS 0x80, NX bit 63 (SDM vol. 3A §4.5).
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { walkCommand } from '../src/cli/walk.js';
 import { builtinScenarios } from '../src/scenario/load.js';
 import { describeKvm } from './support/kvm.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'kvmharness-walk-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
 const SCENARIO = join(dir, 'walk_table.json');
 writeFileSync(
   SCENARIO,
