@@ -57,8 +57,8 @@ const OP = { run: 1, exit: 2 } as const;
 const CONSOLE_BYTES = 65536;
 /** The console output of a run that wrote none (a copy per run cost an ArrayBuffer). */
 const NO_BYTES = new Uint8Array(0);
-/** How long run() polls for a short run to finish before yielding to the event loop. */
-const SPIN_US = 1000;
+/** How long the caller sleeps on a run before waiting for it on the event loop. */
+const SHORT_WAIT_US = 1000;
 
 export class VcpuThread {
   private seq = 0;
@@ -126,14 +126,14 @@ export class VcpuThread {
   /**
    * Most runs end within a fraction of a millisecond. The run starts on the
    * caller's CPU (post pins the thread there) and the caller sleeps on the
-   * thread's 'done' word for up to SPIN_US, natively: the hand-off is then
+   * thread's 'done' word for up to SHORT_WAIT_US, natively: the hand-off is then
    * a switch between two threads on one CPU, where waking a thread on an idle
    * CPU cost ~100 µs on a VM host. A longer run is unpinned and waited for on
    * the event loop (wait()). A signal ends the sleep early, so Ctrl-C is seen
    * at once (V8's Atomics.wait was seen to lose it).
    */
-  poll(seq: number, pollUs = SPIN_US): boolean {
-    return this.k.threadWait(this.handle, seq, Math.min(SPIN_US, pollUs));
+  poll(seq: number, pollUs = SHORT_WAIT_US): boolean {
+    return this.k.threadWait(this.handle, seq, Math.min(SHORT_WAIT_US, pollUs));
   }
 
   /** Waits on the event loop (timers, the time-limit kick, Ctrl-C keep running) for run `seq` to end. */
