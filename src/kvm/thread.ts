@@ -167,18 +167,6 @@ export class VcpuThread {
     };
   }
 
-  /** start, poll, wait if needed, finish. */
-  async run(req: RunRequest): Promise<RunReply> {
-    const seq = this.start(req);
-    try {
-      if (!this.poll(seq)) await this.wait(seq);
-    } catch (e) {
-      this.busy = false;
-      throw e;
-    }
-    return this.finish();
-  }
-
   /**
    * Blocks until the last command has finished. `kick` (if given) is repeated
    * every 10 ms in case a run re-entered KVM_RUN after an earlier kick; after
