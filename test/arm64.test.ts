@@ -12,7 +12,7 @@ import { decodeAbort, parseGuestFault } from '../src/arch/arm64/esr.js';
 import { ARM64_SMOKE, blockReplacesTable } from '../src/checks/arm64.js';
 import { SMOKE, X86_SMOKE } from '../src/checks/smoke.js';
 import { Kvm } from '../src/kvm/kvm.js';
-import * as U from '../src/kvm/uapi.js';
+import * as U from '../src/uapi/uapi.js';
 import { openLab, type LabSession } from '../src/lab/session.js';
 import { probe, type HostProfile } from '../src/probe/probe.js';
 import { forHostArch, runCheck } from '../src/run/runner.js';

@@ -5,7 +5,7 @@
 import { describe, expect, it } from 'vitest';
 import { Kvm } from '../src/kvm/kvm.js';
 import { KvmError } from '../src/kvm/sys.js';
-import { PROT } from '../src/kvm/uapi.js';
+import { PROT } from '../src/uapi/uapi.js';
 import { Memslots, type Memslot } from '../src/model/memslots.js';
 import { Tdp } from '../src/model/tdp.js';
 import { parseStatExpect, showStatExpect, statClass, statHolds, statNotApplicable } from '../src/scenario/stats.js';

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Kvm, type Vm } from '../src/kvm/kvm.js';
 import { KvmError } from '../src/kvm/sys.js';
-import { CAP, MADV, MEM, RUN } from '../src/kvm/uapi.js';
+import { CAP, MADV, MEM, RUN } from '../src/uapi/uapi.js';
 import { describeKvm } from './support/kvm.js';
 
 const fds = () => readdirSync('/proc/self/fd').length;

@@ -5,8 +5,6 @@ import { describe, expect, test } from 'vitest';
 import {
   HUGE_ZERO_PFN,
   HostMm,
-  KVM_MEM_LOG_DIRTY_PAGES,
-  KVM_MEM_READONLY,
   MemslotError,
   Memslots,
   ZERO_PFN,
@@ -17,6 +15,9 @@ import {
   type Memslot,
 } from '../src/model/memslots.js';
 import { Tdp } from '../src/model/tdp.js';
+import { MEM } from '../src/uapi/uapi.js';
+
+const { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY } = MEM;
 
 const H = 0x7f0000000000n;
 

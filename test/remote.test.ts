@@ -10,7 +10,7 @@ import { decodeExit } from '../src/kvm/exits.js';
 import { Kvm } from '../src/kvm/kvm.js';
 import { decodeRegs, decodeSregs, encodeRegs, encodeSregs } from '../src/kvm/regs.js';
 import { addon, resetAddon, setAddon } from '../src/kvm/sys.js';
-import { CAP, IOCTL, MADV, MAP, MEM, O_RDWR, PROT, RUN, SIZEOF } from '../src/kvm/uapi.js';
+import { CAP, IOCTL, MADV, MAP, MEM, O_RDWR, PROT, RUN, SIZEOF } from '../src/uapi/uapi.js';
 import {
   Args, Channel, decodeReplyBody, decodeReplyHeader, encodeRequest, OP, REP_HEADER, REP_MAGIC,
   END_MAGIC, requestSize,

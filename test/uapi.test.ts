@@ -1,7 +1,7 @@
 /**
  * KVM's userspace ABI as src/kvm defines it, checked against the C headers.
  *
- * 1. A C program generated from the tables in src/kvm/uapi.ts is compiled once
+ * 1. A C program generated from the tables in src/uapi/uapi.ts is compiled once
  *    with `cc` against the installed <linux/kvm.h> and prints, as JSON, every
  *    ioctl number, capability, exit reason, flag, host constant, struct size and
  *    kvm_run offset that the header defines (an entry it lacks prints as null).
@@ -22,7 +22,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
-import * as U from '../src/kvm/uapi.js';
+import * as U from '../src/uapi/uapi.js';
 import { decodeRegs, decodeSregs, encodeRegs, encodeSregs, REG_NAMES, SEG_NAMES, type Regs, type Segment, type Sregs } from '../src/kvm/regs.js';
 import { decodeStatValues, parseStatsLayout } from '../src/kvm/stats.js';
 import { decodeExit } from '../src/kvm/exits.js';

@@ -6,7 +6,7 @@ import { A64 } from '../arch/arm64/asm.js';
 import { decodeAbort, parseGuestFault } from '../arch/arm64/esr.js';
 import { Arm64Guest, channel, CHANNEL, describeStop, LAYOUT, type GuestStop } from '../arch/arm64/guest.js';
 import type { Memslot as KvmMemslot } from '../kvm/kvm.js';
-import { CAP, MEM, RUN } from '../kvm/uapi.js';
+import { CAP, MEM, RUN } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
 import { armLevel, isTable, Tdp, type WrongModel } from '../model/tdp.js';
 import { TraceSession } from '../observe/tracefs.js';

@@ -4,7 +4,7 @@ import { Asm } from '../arch/x86/asm.js';
 import { X86Guest, channel, describeStop, type GuestStop } from '../arch/x86/guest.js';
 import { LAYOUT } from '../arch/x86/layout.js';
 import { PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW, PTE_US } from '../arch/x86/pte.js';
-import { CAP, MEM, RUN } from '../kvm/uapi.js';
+import { CAP, MEM, RUN } from '../uapi/uapi.js';
 import { walk, type AccessKind } from '../model/walk.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 import { shadowPages } from './shadow.js';

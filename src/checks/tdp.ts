@@ -11,7 +11,7 @@ import { LAYOUT } from '../arch/x86/layout.js';
 import { PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW } from '../arch/x86/pte.js';
 import { hostFs } from '../kvm/hostfs.js';
 import type { Memslot as KvmMemslot } from '../kvm/kvm.js';
-import { MADV, MEM } from '../kvm/uapi.js';
+import { MADV, MEM } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
 import { PAGES, Tdp, decodeSpte, isLeaf, isPresent, type WrongModel } from '../model/tdp.js';
 import { decodeTdpSpte, TdpPicture } from '../observe/tdp-picture.js';

@@ -1,5 +1,5 @@
 // KVM exits as one discriminated union, decoded from a vCPU's kvm_run page.
-import { EXIT, KVM_EXIT_IO_OUT, RUN } from './uapi.js';
+import { EXIT, KVM_EXIT_IO_OUT, RUN } from '../uapi/uapi.js';
 
 export type Exit =
   | { reason: 'io'; direction: 'in' | 'out'; port: number; size: number; count: number; dataOffset: number; data: Uint8Array }

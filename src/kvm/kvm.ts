@@ -9,7 +9,7 @@ import { VcpuThread } from './thread.js';
 import {
   CAP, EXIT, FALLOC, IOCTL, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_LOG_PAGE_OFFSET,
   MADV, MAP, MEM, MFD, O_RDWR, PROT, RUN, SIZEOF,
-} from './uapi.js';
+} from '../uapi/uapi.js';
 
 export const PAGE_SIZE = 4096;
 

@@ -1,5 +1,5 @@
 // kvm_regs / kvm_sregs as plain objects, with their byte layouts in one place.
-import { SIZEOF } from './uapi.js';
+import { SIZEOF } from '../uapi/uapi.js';
 
 export const REG_NAMES = [
   'rax', 'rbx', 'rcx', 'rdx', 'rsi', 'rdi', 'rsp', 'rbp',

@@ -1,6 +1,6 @@
 // KVM's binary stats (KVM_GET_STATS_FD): the header and descriptors are parsed
 // once; each read() returns the current values by name.
-import { SIZEOF } from './uapi.js';
+import { SIZEOF } from '../uapi/uapi.js';
 
 export type StatType = 'cumulative' | 'instant' | 'peak' | 'linear_hist' | 'log_hist';
 export type StatUnit = 'none' | 'bytes' | 'seconds' | 'cycles' | 'boolean';

@@ -12,7 +12,7 @@ import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { addonPath, HostError, packageRoot, type Addon } from '../kvm/sys.js';
-import { IOCTL } from '../kvm/uapi.js';
+import { IOCTL } from '../uapi/uapi.js';
 import {
   Args, Channel, LabProtocolError, OP, PAGE, PROTOCOL_VERSION,
   REQ_PULL, type ChannelOptions, type ReadEntry, type Reply, type Request, type WriteEntry,

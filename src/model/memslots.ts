@@ -17,6 +17,8 @@
 // GFNs and page counts are numbers (a GFN is below 2^45 even with 5-level
 // paging); HVAs are bigints, as in the uapi structures.
 
+import { MEM } from '../uapi/uapi.js';
+
 export const PAGE_SHIFT = 12;
 export const PAGE_SIZE = 4096;
 const PAGE_SIZE_N = 4096n;
@@ -25,9 +27,7 @@ const PAGE_SIZE_N = 4096n;
 export const MAX_NR_PAGES = 2 ** 31 - 1;
 
 /** struct kvm_userspace_memory_region(2) flag bits. */
-export const KVM_MEM_LOG_DIRTY_PAGES = 1 << 0;
-export const KVM_MEM_READONLY = 1 << 1;
-export const KVM_MEM_GUEST_MEMFD = 1 << 2;
+const { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEM_GUEST_MEMFD } = MEM;
 
 export type BackingKind = 'anon' | 'thp' | 'hugetlb2m' | 'hugetlb1g' | 'memfd' | 'guest_memfd';
 

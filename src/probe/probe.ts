@@ -3,7 +3,7 @@
 import type { GuestWalker } from '../model/walk.js';
 import { hostFs } from '../kvm/hostfs.js';
 import { Kvm, type CpuidEntry } from '../kvm/kvm.js';
-import { CAP, type CapName } from '../kvm/uapi.js';
+import { CAP, type CapName } from '../uapi/uapi.js';
 
 export type Flavour = 'kvm_intel' | 'kvm_amd' | 'kvm_pvm' | 'arm64-vhe' | 'arm64-nvhe' | 'arm64-protected' | 'unknown';
 export type TracefsState = 'mounted' | 'mountable' | 'absent';

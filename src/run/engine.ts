@@ -19,7 +19,7 @@ import { accessedLatitude, decodeErrorCode, PFERR, walkWith, type PagingConfig, 
 import { bringUpOptions, buildScenarioTables, slotBacking, pagingConfigFor } from '../scenario/build.js';
 import { showDelta, showStatExpect, statHolds, statNotApplicable } from '../scenario/stats.js';
 import type { GuestStep, Scenario, Step, StepStats } from '../scenario/types.js';
-import { MADV, MEM, PROT, RUN } from '../kvm/uapi.js';
+import { MADV, MEM, PROT, RUN } from '../uapi/uapi.js';
 import { KvmError } from '../kvm/sys.js';
 import { Memslots, type Memslot as ModelSlot } from '../model/memslots.js';
 import { Tdp, type WrongModel } from '../model/tdp.js';

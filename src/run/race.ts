@@ -27,7 +27,7 @@ import { LAYOUT, SEL } from '../arch/x86/layout.js';
 import { describeExit } from '../kvm/exits.js';
 import type { Vcpu } from '../kvm/kvm.js';
 import { addon } from '../kvm/sys.js';
-import { MADV, MEM, RUN } from '../kvm/uapi.js';
+import { MADV, MEM, RUN } from '../uapi/uapi.js';
 import { bringUpOptions, buildScenarioTables, slotBacking } from '../scenario/build.js';
 import type { RaceDecl, Scenario } from '../scenario/types.js';
 import { NotApplicable, type CheckContext } from './types.js';

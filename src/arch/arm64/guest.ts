@@ -9,7 +9,7 @@
 import type { Exit } from '../../kvm/exits.js';
 import { describeExit } from '../../kvm/exits.js';
 import type { Kvm, Memslot, Vcpu, Vm } from '../../kvm/kvm.js';
-import { KVM_SYSTEM_EVENT, PSCI } from '../../kvm/uapi.js';
+import { KVM_SYSTEM_EVENT, PSCI } from '../../uapi/uapi.js';
 import type { A64 } from './asm.js';
 import { getOneReg, preferredTarget, REG, setOneReg, vcpuInit, type VcpuInit } from './vcpu.js';
 

@@ -4,7 +4,7 @@
 // wrappers like src/kvm/kvm.ts: a value or a KvmError naming the call.
 import type { Vcpu, Vm } from '../../kvm/kvm.js';
 import { addon, check } from '../../kvm/sys.js';
-import { ARM64_CORE, ARM64_IOCTL, ARM64_SIZEOF, arm64CoreReg, KVM_ARM_VCPU_PSCI_0_2 } from '../../kvm/uapi.js';
+import { ARM64_CORE, ARM64_IOCTL, ARM64_SIZEOF, arm64CoreReg, KVM_ARM_VCPU_PSCI_0_2 } from '../../uapi/uapi.js';
 
 /** struct kvm_vcpu_init, decoded. */
 export interface VcpuInit {
