@@ -8,7 +8,8 @@ import { Arm64Guest, channel, CHANNEL, describeStop, LAYOUT, type GuestStop } fr
 import type { Memslot as KvmMemslot } from '../kvm/kvm.js';
 import { CAP, MEM, RUN } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
-import { armLevel, isTable, Tdp, type WrongModel } from '../model/tdp.js';
+import { armLevel, isTable } from '../model/spte.js';
+import { Tdp, type WrongModel } from '../model/tdp.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 
