@@ -48,21 +48,12 @@ import {
   type Spte,
 } from './spte.js';
 import { Table, TdpIter, tdpIter, type Flush, type Only, type Removed } from './tdp-iter.js';
+import type { WrongTdp } from './wrong.js';
 
 // ---------------------------------------------------------------------------
 // The model
 
 export type Arch = 'x86' | 'arm64';
-
-/** Deliberate mistakes, for proving that an oracle notices a wrong model. */
-export interface WrongModel {
-  /** Fault-in maps one level below the allowed one (a 2 MiB mapping becomes 4 KiB). */
-  levelOffByOne?: boolean;
-  /** A zap leaves out the last page of its range. */
-  zapOneShort?: boolean;
-  /** x86: dirty logging off leaves the 4 KiB mappings in place (no zap of collapsible tables). */
-  noCollapse?: boolean;
-}
 
 export interface TdpOptions {
   arch?: Arch;
@@ -93,7 +84,8 @@ export interface TdpOptions {
   yieldEvery?: number;
   /** Keep the event log (default on). */
   record?: boolean;
-  wrong?: WrongModel;
+  /** Test-only: a deliberately wrong model (wrong.ts). */
+  wrong?: WrongTdp;
 }
 
 export type TdpEvent =
@@ -177,7 +169,7 @@ export class Tdp {
   private readonly splitOnFault: boolean;
   private readonly yieldEvery: number;
   private readonly record: boolean;
-  private readonly wrong: WrongModel;
+  private readonly wrong: WrongTdp;
   private nextTableId = 1;
 
   constructor(
