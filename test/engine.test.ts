@@ -11,6 +11,7 @@ import { builtinScenarios, loadScenario, resolveScenario } from '../src/scenario
 import type { Scenario } from '../src/scenario/types.js';
 import { parseFormat, parseTrace, TRACEFS, type TraceEvent } from '../src/observe/tracefs.js';
 import { describeKvm, failures, withHost } from './support/kvm.js';
+import { wrong as wrongValue } from './support/wrong.js';
 
 const WALK_FORMAT = `name: kvm_mmu_pagetable_walk
 ID: 1
@@ -214,8 +215,8 @@ describeKvm('scenarios on this host', () => {
     it(`${name}: every race comparison reports a wrong expectation`, async () => {
       const ok = await runCheck(scenarioCheck(load(name)), kvm, profile);
       expect(ok.outcome, failures(ok)).toBe('pass');
-      const r = await runCheck(scenarioCheck(load(name)), kvm, profile, { wrongExpectation: (_c, _w, e) => ['wrong', e] });
-      expect(r.comparisons.map((c) => [c.what, c.ok])).toEqual(ok.comparisons.map((c) => [c.what, false]));
+      const r = await runCheck(scenarioCheck(load(name)), kvm, profile, { wrongExpectation: (_c, _w, e) => wrongValue(e) });
+      expect(r.comparisons.map((c) => [c.what, c.ok]), r.reason).toEqual(ok.comparisons.map((c) => [c.what, false]));
     });
   }
 

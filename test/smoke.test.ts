@@ -5,7 +5,7 @@ import type { HostProfile } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';
 import type { WrongExpectation } from '../src/run/types.js';
 import { describeKvm, failures, withHost } from './support/kvm.js';
-import { wrong } from './support/wrong.js';
+import { wrongs } from './support/wrong.js';
 
 describeKvm('smoke suite on this host', () => {
   let kvm: Kvm;
@@ -36,15 +36,26 @@ describeKvm('smoke suite on this host', () => {
     });
 
     it(`${check.name} reports a deliberately wrong expectation`, async () => {
-      // Each comparison of the check in turn gets a wrong expectation; the
-      // check must fail and name exactly that comparison.
+      // Each comparison of the check in turn gets each wrong expectation that
+      // keeps the shape (same-length bytes, a neighbouring value, one page more
+      // or less: test/support/wrong.ts); the check must fail and name exactly
+      // that comparison.
       const clean = await runCheck(check, kvm, profile);
       if (clean.outcome !== 'not_applicable') expect(clean.comparisons.length).toBeGreaterThan(0);
       for (const target of clean.comparisons.map((c) => c.what)) {
-        const wrongExpectation: WrongExpectation = (_c, what, expected) => (what === target ? wrong(expected) : expected);
-        const r = await runCheck(check, kvm, profile, { wrongExpectation });
-        expect(r.outcome, `a wrong expectation for '${target}'`).toBe('fail');
-        expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toEqual([target]);
+        for (let k = 0; ; k++) {
+          let variants = 0;
+          const wrongExpectation: WrongExpectation = (_c, what, expected) => {
+            if (what !== target) return expected;
+            const all = wrongs(expected);
+            variants = all.length;
+            return all[k];
+          };
+          const r = await runCheck(check, kvm, profile, { wrongExpectation });
+          expect(r.outcome, `wrong expectation ${k} for '${target}'`).toBe('fail');
+          expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toEqual([target]);
+          if (k + 1 >= variants) break;
+        }
       }
     });
   }
