@@ -192,6 +192,18 @@ describeKvm('scenarios on this host', () => {
     expect([...mistakesFed].sort()).toEqual(KVM_MISTAKES.map(([m]) => m).sort());
   });
 
+  it('pdpte_ps: a PS=1 PDPTE is checked live, as a reserved-bit fault on a host without 1 GiB pages', async () => {
+    for (const trace of [false, true]) {
+      const r = await runCheck(scenarioCheck(load('pdpte_ps'), { trace }), kvm, profile);
+      if (trace && r.outcome === 'not_applicable') continue;
+      expect(r.outcome, failures(r)).toBe('pass');
+      const faults = r.comparisons.filter((c) => c.what.endsWith(': exceptions')).map((c) => c.expected);
+      if (!profile.cpu!.pdpe1gb) {
+        expect(faults).toEqual([0x9, 0xb, 0xd].map((ec) => `[{cr2: 0x8000000010, errorCode: 0x${ec.toString(16)}, vector: 14}]`));
+      }
+    }
+  });
+
   it('reports a wrong explicit expectation', async () => {
     const sc = load('write_protect');
     const i = sc.steps.findIndex((s) => s.side === 'guest' && s.kind === 'access');
