@@ -6,6 +6,7 @@ export default defineConfig({
   test: {
     include: [
       'test/differ.test.ts',
+      'test/spte.test.ts',
       'test/walk.test.ts',
       'test/tdp.test.ts',
       'test/memslots.test.ts',

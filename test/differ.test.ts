@@ -78,6 +78,29 @@ describe('the differ', () => {
   });
 });
 
+describe('canonical text', () => {
+  it('is the text a report shows: hex bigints and bytes, separators, sorted keys and set members', () => {
+    expect(show([1n, 2n])).toBe('[0x1, 0x2]');
+    expect(show(new Uint8Array([0x0d, 0xf0]))).toBe('<0df0>');
+    expect(show(new Uint16Array([1]))).toBe('Uint16Array<0100>');
+    expect(show(new Map([[1n, 'a'], [2n, 'b']]))).toBe('Map{0x1: "a", 0x2: "b"}');
+    expect(show(new Set([3, 1, 2]))).toBe('Set{1, 2, 3}');
+    expect(show({ b: 1, a: [true, null] })).toBe('{a: [true, null], b: 1}');
+    expect(show(undefined)).toBe('undefined');
+    expect(show(NaN)).toBe('NaN');
+    expect(show('x')).toBe('"x"');
+  });
+
+  it('makes no two different values one text', () => {
+    expect(same({ a: 1, b: 2 }, { b: 2, a: 1 })).toBe(true); // key order is not a difference
+    expect(same([1, 23], [12, 3])).toBe(false);
+    expect(same([1], { 0: 1 })).toBe(false);
+    expect(same(new Map([[1, 2]]), { 1: 2 })).toBe(false);
+    expect(same(NaN, null)).toBe(false);
+    expect(same(new Set(['a', 'b']), new Set(['a, "b'])) ).toBe(false);
+  });
+});
+
 describe('the shape-keeping wrong variants', () => {
   it('keep lengths, flip one bit, add or drop one member', () => {
     const bytes = wrong(new Uint8Array([1, 2, 3])) as Uint8Array;
