@@ -8,7 +8,9 @@ import { Arm64Guest, channel, CHANNEL, describeStop, LAYOUT, type GuestStop } fr
 import type { Memslot as KvmMemslot } from '../kvm/kvm.js';
 import { CAP, MEM, RUN } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
+import { modelSlot } from '../model/vm.js';
 import { armLevel, isTable, Tdp, type WrongModel } from '../model/tdp.js';
+import { dirtyPages } from '../observe/dirty-log.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 
@@ -118,19 +120,6 @@ const readonlySlot: Check = {
   },
 };
 
-/** The model's view of a harness memslot: same GFNs, same host address. */
-function modelSlot(s: KvmMemslot, backing: Backing) {
-  return {
-    slot: s.slot,
-    asId: 0,
-    baseGfn: Number(s.gpa / PAGE),
-    npages: s.npages,
-    hva: s.hva,
-    flags: { logDirty: (s.flags & MEM.KVM_MEM_LOG_DIRTY_PAGES) !== 0, readonly: (s.flags & MEM.KVM_MEM_READONLY) !== 0 },
-    backing,
-  };
-}
-
 const ANON_4K: Backing = { kind: 'anon', pageSize: 0x1000 };
 
 /**
@@ -177,7 +166,7 @@ const dirtyLog: Check = {
       hostWrote(tdp, g.code, [0n]);
       tdp.fault(0, gfnOf(LAYOUT.code), { exec: true });
       const page = (gfn: number) => hex(BigInt(gfn) * PAGE);
-      ctx.expect('dirty log before the guest runs', [], logPages(g.vm.getDirtyLog(1), DATA));
+      ctx.expect('dirty log before the guest runs', [], dirtyPages(g.vm.getDirtyLog(1), DATA).map(hex));
       tdp.getDirtyLog(0, 1);
       for (const [i, r] of rounds.entries()) {
         ctx.expect(`stop after round ${i + 1}`, `sync 0x${i + 1}`, stopKey(await g.run()));
@@ -185,21 +174,12 @@ const dirtyLog: Check = {
         for (const p of r.read) tdp.fault(0, gfnOf(DATA) + p, {});
         const model = tdp.getDirtyLog(0, 1).map(page);
         ctx.expect(`round ${i + 1}: the model's dirty pages are the pages written`, [...new Set(r.write)].sort((x, y) => x - y).map((p) => page(gfnOf(DATA) + p)), model);
-        ctx.expect(`round ${i + 1}: dirty log`, model, logPages(g.vm.getDirtyLog(1), DATA));
+        ctx.expect(`round ${i + 1}: dirty log`, model, dirtyPages(g.vm.getDirtyLog(1), DATA).map(hex));
       }
       ctx.expect('final stop', 'done', stopKey(await g.run()));
     });
   },
 };
-
-/** The IPAs of the set bits of a dirty bitmap. */
-function logPages(bitmap: Uint8Array, base: bigint): string[] {
-  const out: string[] = [];
-  bitmap.forEach((byte, i) => {
-    for (let b = 0; b < 8; b++) if (byte & (1 << b)) out.push(hex(base + BigInt(i * 8 + b) * PAGE));
-  });
-  return out;
-}
 
 interface Touch {
   addr: bigint;
@@ -375,7 +355,7 @@ export function blockReplacesTable(opts: { wrong?: WrongModel } = {}): Check {
           access(LAYOUT.channel + CHANNEL.sync, 'write');
           ctx.expect('stop after the first write', 'sync 0x1', stopKey(await g.run()));
           const first = mapping(p0);
-          ctx.expect('dirty log while logging (the first write)', tdp.getDirtyLog(0, 1).map((gfn) => hex(BigInt(gfn) * PAGE)), logPages(g.vm.getDirtyLog(1), s.gpa));
+          ctx.expect('dirty log while logging (the first write)', tdp.getDirtyLog(0, 1).map((gfn) => hex(BigInt(gfn) * PAGE)), dirtyPages(g.vm.getDirtyLog(1), s.gpa).map(hex));
           g.vm.setMemslotFlags(1, 0);
           tdp.setMemslot(modelSlot(s, THP_2M));
           access(p1, 'read');

@@ -13,7 +13,9 @@ import { hostFs } from '../kvm/hostfs.js';
 import type { Memslot as KvmMemslot } from '../kvm/kvm.js';
 import { MADV, MEM } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
+import { modelSlot } from '../model/vm.js';
 import { PAGES, Tdp, decodeSpte, isLeaf, isPresent, type WrongModel } from '../model/tdp.js';
+import { dirtyPages } from '../observe/dirty-log.js';
 import { decodeTdpSpte, TdpPicture } from '../observe/tdp-picture.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
@@ -26,18 +28,6 @@ const GVA = 0x40000000n;
 interface Touch {
   gfn: number;
   write: boolean;
-}
-
-function modelSlot(s: KvmMemslot, backing: Backing) {
-  return {
-    slot: s.slot,
-    asId: 0,
-    baseGfn: Number(s.gpa) / PAGE,
-    npages: s.npages,
-    hva: s.hva,
-    flags: { logDirty: false, readonly: false },
-    backing,
-  };
 }
 
 function mappingOf(m: { level: number; writable: boolean } | undefined): string {
@@ -285,13 +275,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: WrongModel; e
       ctx.expect(`${what}: mappings of the block's 512 GFNs`, runsOf(base, 512, modelMapping), runsOf(base, 512, kvmMapping));
     };
     const page = (gfn: number) => `+0x${(gfn - base).toString(16)}`;
-    const dirtyPages = (bitmap: Uint8Array) => {
-      const out: string[] = [];
-      bitmap.forEach((byte, i) => {
-        for (let b = 0; b < 8; b++) if (byte & (1 << b)) out.push(page(Number(s.gpa) / PAGE + i * 8 + b));
-      });
-      return out;
-    };
+    const dirtyLog = (bitmap: Uint8Array) => dirtyPages(bitmap, s.gpa).map((gpa) => page(Number(gpa) / PAGE));
 
     trace = TraceSession.open(['kvmmmu/kvm_tdp_mmu_spte_changed'], []);
     trace.clear();
@@ -305,7 +289,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: WrongModel; e
     g.vm.setMemslotFlags(1, MEM.KVM_MEM_LOG_DIRTY_PAGES);
     tdp.setMemslot(slotOf(true));
     compare('2. after dirty logging starts', take());
-    ctx.expect('2. dirty log before the guest writes', tdp.getDirtyLog(0, 1).map(page), dirtyPages(g.vm.getDirtyLog(1)));
+    ctx.expect('2. dirty log before the guest writes', tdp.getDirtyLog(0, 1).map(page), dirtyLog(g.vm.getDirtyLog(1)));
 
     // 3. One page written while logging.
     const mark = tdp.events.length;
@@ -317,7 +301,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: WrongModel; e
       .flatMap((e) => (e.kind === 'spte' && !e.fast && covers(e.gfn, e.level) ? [change(e.gfn, e.level, modelKind(e.old), modelKind(e.new))] : []));
     ctx.note(`3. the model's fault for the logged write: ${r.kind} at level ${r.level}`);
     ctx.expect('3. traced SPTE changes over the block during the logged write', modelChanges, take());
-    ctx.expect('3. dirty log after the logged write', tdp.getDirtyLog(0, 1).map(page), dirtyPages(g.vm.getDirtyLog(1)));
+    ctx.expect('3. dirty log after the logged write', tdp.getDirtyLog(0, 1).map(page), dirtyLog(g.vm.getDirtyLog(1)));
     compare('3. after KVM_GET_DIRTY_LOG', take());
 
     // 4. Dirty logging off.
