@@ -1,6 +1,7 @@
 // KVM's binary stats around a step: a snapshot of every scalar stat of the
-// VM and the vCPU (KVM_GET_STATS_FD), and the change of each between two
-// snapshots. Histograms are left out.
+// VM and the vCPU (KVM_GET_STATS_FD readers), by name; histograms are left
+// out. The engine compares the change between two snapshots with a step's
+// expectations.
 
 /** A stats file descriptor's reader (src/kvm/stats.ts StatsReader). */
 export interface StatsSource {
