@@ -19,8 +19,8 @@ import { PTE_A } from '../arch/x86/pte.js';
 import { KvmError } from '../kvm/sys.js';
 import type { Memslot } from '../model/memslots.js';
 import { BACKINGS, memFlags, modelSlot, ModelVm } from '../model/vm.js';
-import { accessedLatitude, walkWith, type ModelFault, type PagingConfig, type WalkResult } from '../model/walk.js';
-import type { WrongModel } from '../model/tdp.js';
+import { accessedLatitude, walkWith, type PagingConfig, type WalkResult } from '../model/walk.js';
+import type { Wrong, WrongWalk } from '../model/wrong.js';
 import { readStats } from '../observe/stats.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
 import { tracedWalks, WALKER_EVENTS } from '../observe/walker-trace.js';
@@ -32,21 +32,17 @@ import { RUN } from '../uapi/uapi.js';
 import { same, show } from './differ.js';
 import { hostFaultPath, tdpLogsDirty, tdpModelOptions } from './host-policy.js';
 import { describeWalk, MMIO_FILL, modelAsTrace, predictAccess, type AccessStep, type Prediction } from './predict.js';
-import { runRace, type RaceOptions } from './race.js';
+import { runRace } from './race.js';
 import { emitWrpkru, guestAction, hostAction, type EntryFinder, type HostEnv } from './step-actions.js';
 import { NotApplicable, type Check, type CheckContext } from './types.js';
 
 const hex = (v: bigint | number) => `0x${v.toString(16)}`;
 
 export interface EngineOptions {
-  /** Test-only: a deliberately wrong model. */
-  faults?: ReadonlySet<ModelFault>;
   /** Compare KVM's walker tracepoints with the model's walk (needs tracefs). */
   trace?: boolean;
-  /** Test-only: a deliberately wrong TDP model (host dimension). */
-  tdpWrong?: WrongModel;
-  /** Test-only: a deliberately wrong race model. */
-  race?: RaceOptions;
+  /** Test-only: a deliberately wrong model (walk, TDP, race; model/wrong.ts). */
+  wrong?: Wrong;
 }
 
 /** How a run ended: a guest stop, or KVM_RUN failing (EFAULT without a memory-fault exit), which is an observation. */
@@ -116,7 +112,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
 class ScenarioRun {
   /** The model VM: the VM's memslots and host memory, the TDP model over them, the pages expected dirty. */
   readonly vm: ModelVm;
-  readonly faults: ReadonlySet<ModelFault>;
+  readonly wrongWalk: ReadonlySet<WrongWalk>;
   readonly entries: EntryFinder;
   readonly host: HostEnv;
   readonly tdpDirty: boolean;
@@ -134,7 +130,7 @@ class ScenarioRun {
     public cfg: PagingConfig,
     manualProtect: boolean,
   ) {
-    this.faults = opts.faults ?? new Set<ModelFault>();
+    this.wrongWalk = opts.wrong?.walk ?? new Set<WrongWalk>();
     this.entries = {
       entry: (gva, level) => built.entries(gva, level),
       walk: (gva) => this.plainWalk(gva).levels.map((l) => l.pteGpa),
@@ -143,7 +139,7 @@ class ScenarioRun {
     // declared backings (slot 0, bring-up's, is anonymous memory).
     const declared = new Map(sc.memslots.map((m) => [m.slot, m.backing]));
     const slotOf = (slot: number): Memslot => modelSlot(g.vm.memslot(slot), BACKINGS[declared.get(slot) ?? 'anon'].page);
-    this.vm = new ModelVm({ ...tdpModelOptions(ctx.profile), record: false, ...(opts.tdpWrong ? { wrong: opts.tdpWrong } : {}) });
+    this.vm = new ModelVm({ ...tdpModelOptions(ctx.profile), record: false, ...(opts.wrong?.tdp ? { wrong: opts.wrong.tdp } : {}) });
     this.vm.setSlot(slotOf(0));
     for (const m of sc.memslots) this.vm.setSlot(slotOf(m.slot));
     this.tdpDirty = tdpLogsDirty(ctx.profile);
@@ -161,7 +157,7 @@ class ScenarioRun {
 
   /** The model's walk of an access in the guest's tables as they are now. */
   walk(access: Parameters<typeof walkWith>[3]): WalkResult {
-    return walkWith(this.faults, this.cfg, this.g.boot.tables.root, access, (gpa) => this.read(gpa));
+    return walkWith(this.wrongWalk, this.cfg, this.g.boot.tables.root, access, (gpa) => this.read(gpa));
   }
 
   /** Where the tables lead for `gva` as they are now, whatever the access rights: no WP, SMEP, SMAP or keys. */
@@ -418,7 +414,7 @@ export function scenarioCheck(sc: Scenario, opts: EngineOptions = {}): Check {
       needs: ['dirty_log'],
       run: (ctx) => {
         if (opts.trace) throw new NotApplicable('a race has no single guest walk per step to compare with the walker tracepoints');
-        return runRace(ctx, { ...sc, race }, opts.race);
+        return runRace(ctx, { ...sc, race }, opts.wrong?.race);
       },
     };
   }
