@@ -730,7 +730,8 @@ function compareTrace(ctx: CheckContext, name: string, gva: bigint, w: WalkResul
   if (!w.ok && accessException(w).vector === 13) {
     // A non-canonical address raises #GP before any walk.
     if (walks.length === 0) ctx.note(`${name}: no walk for a non-canonical address (#GP), as the model says`);
-    else ctx.expect(`${name}: KVM walker trace`, 'no kvm_mmu_pagetable_walk (#GP before any walk)', `${walks.length} walk(s)`);
+    else ctx.expect(`${name}: KVM walker trace`, 'no kvm_mmu_pagetable_walk (#GP before any walk)',
+      `${walks.length} walk(s)`);
     return;
   }
   if (walks.length === 0) {
