@@ -31,8 +31,14 @@ function detail(c: CheckResult): string[] {
   return lines;
 }
 
+/**
+ * The version of the JSON report's format (docs/report.schema.json). Raised
+ * when a field is removed or changes meaning; new fields keep it.
+ */
+export const REPORT_VERSION = 1;
+
 export function json(r: RunReport): string {
-  return JSON.stringify(r, null, 2);
+  return JSON.stringify({ version: REPORT_VERSION, ...r }, null, 2);
 }
 
 /** KTAP version 1, as the kernel's KUnit and kselftests print it. */
