@@ -23,12 +23,15 @@ const report: RunReport = {
     { name: 'b', description: 'fails', outcome: 'fail', comparisons: [{ what: 'x', expected: '1', observed: '2', ok: false }], notes: ['n'], durationMs: 2 },
     { name: 'c', description: 'n/a', outcome: 'not_applicable', reason: 'no TDP', comparisons: [], notes: [], durationMs: 0 },
     { name: 'd', description: 'errs', outcome: 'error', reason: 'KVM_RUN failed: EFAULT', comparisons: [], notes: [], durationMs: 0 },
+    { name: 'f', description: 'interrupted', outcome: 'not_run', reason: 'the run was interrupted by SIGTERM', comparisons: [], notes: [], durationMs: 0 },
     {
       name: 'e', description: 'many cases', outcome: 'pass', comparisons: [], notes: [], durationMs: 5,
       cases: { checked: 3, byOutcome: { pass: 2, 'fault P|W': 1 } },
     },
   ],
-  summary: { total: 5, passed: 2, failed: 1, notApplicable: 1, errors: 1, durationMs: 8, casesChecked: 3 },
+  summary: {
+    total: 6, passed: 2, failed: 1, notApplicable: 1, errors: 1, notRun: 1, interrupted: 'SIGTERM', durationMs: 8, casesChecked: 3,
+  },
 };
 
 describe('JSON report schema', () => {
@@ -50,7 +53,7 @@ describe('JSON report schema', () => {
   });
 
   it('documents every outcome value the types allow', () => {
-    const outcomes: RunReport['checks'][number]['outcome'][] = ['pass', 'fail', 'not_applicable', 'error'];
+    const outcomes: RunReport['checks'][number]['outcome'][] = ['pass', 'fail', 'not_applicable', 'error', 'not_run'];
     expect(schema.$defs.outcome.enum).toEqual(outcomes);
     for (const o of outcomes) expect(schema.$defs.outcome.description).toContain(`${o}:`);
   });
