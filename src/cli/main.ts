@@ -5,6 +5,8 @@ import { SMOKE } from '../checks/smoke.js';
 import { Kvm } from '../kvm/kvm.js';
 import { HostError } from '../kvm/sys.js';
 import { formatProfile, probe } from '../probe/probe.js';
+import { localTarget } from '../target/local.js';
+import type { Target } from '../target/target.js';
 import { human, json, junit, ktap } from '../report/report.js';
 import { exitStatus, forHostArch, runChecks } from '../run/runner.js';
 import type { Check, CheckResult, RunReport } from '../run/types.js';
@@ -93,7 +95,7 @@ export function program(): Command {
     .option('--json', 'print JSON')
     .addOption(deviceOption())
     .action((o: { json?: boolean; device?: string }) => {
-      const prof = probe(o.device);
+      const prof = probe(localTarget, o.device);
       console.log(o.json ? JSON.stringify(prof, null, 2) : formatProfile(prof));
     });
 
@@ -148,10 +150,10 @@ export function checksFor(names: string[], o: RunCliOptions): Check[] {
   return selectChecks(names, matrix);
 }
 
-/** Runs checks against the KVM that addon() reaches (this host's, or the lab's) and prints the report. */
-export async function runReport(checks: Check[], o: RunCliOptions): Promise<RunReport> {
-  const prof = probe(o.device);
-  const kvm = Kvm.open(o.device);
+/** Runs checks against the KVM of `target` (this host's, or the lab's) and prints the report. */
+export async function runReport(target: Target, checks: Check[], o: RunCliOptions): Promise<RunReport> {
+  const prof = probe(target, o.device);
+  const kvm = Kvm.open(target, o.device);
   try {
     const live = !o.json && !o.ktap && process.stderr.isTTY;
     const tag = (r: CheckResult) => (r.outcome === 'pass' ? 'PASS' : r.outcome === 'not_applicable' ? 'N/A ' : r.outcome === 'error' ? 'ERR ' : 'FAIL');
@@ -182,7 +184,7 @@ export async function executeRun(names: string[], o: RunCliOptions): Promise<num
     for (const c of checks) console.log(`${c.name.padEnd(28)} ${c.description}`);
     return 0;
   }
-  const report = await runReport(checks, o);
+  const report = await runReport(localTarget, checks, o);
   printReport(report, o);
   return exitStatus(report);
 }

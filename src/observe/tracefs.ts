@@ -2,9 +2,9 @@
 // instance filtered to the harness's own vCPU threads; it is removed on every
 // exit path — close(), process exit, SIGINT/SIGTERM — so runs never disturb
 // each other or leave state behind.
-import { hostFs } from '../kvm/hostfs.js';
 import { join } from 'node:path';
 import { NotApplicable } from '../kvm/sys.js';
+import type { HostFs } from '../target/fs.js';
 
 export const TRACEFS = '/sys/kernel/tracing';
 
@@ -96,9 +96,8 @@ export function parseTrace(text: string, formats: ReadonlyMap<string, EventForma
   return out;
 }
 
-/** Mounts tracefs when it is not mounted and the process may do so. */
-export function ensureTracefs(): void {
-  const fs = hostFs();
+/** Mounts the target's tracefs when it is not mounted and the process may do so. */
+export function ensureTracefs(fs: HostFs): void {
   if (fs.exists(join(TRACEFS, 'events'))) return;
   if (fs.uid() !== 0) throw new NotApplicable('tracefs is not mounted and mounting it needs root');
   try {
@@ -141,28 +140,33 @@ export class TraceSession {
   readonly formats = new Map<string, EventFormat>();
   private closed = false;
 
-  private constructor(readonly dir: string) {}
+  private constructor(
+    /** The files of the target whose kernel is traced. */
+    private readonly fs: HostFs,
+    readonly dir: string,
+  ) {}
 
   /**
-   * Creates a private instance with `events` enabled for the given thread ids.
-   * Events the kernel does not have make the session NotApplicable.
+   * Creates a private instance in the tracefs of `fs` with `events` enabled
+   * for the given thread ids. Events the kernel does not have make the
+   * session NotApplicable.
    */
-  static open(events: readonly string[], pids: readonly number[], bufferKb = 4096): TraceSession {
-    ensureTracefs();
+  static open(fs: HostFs, events: readonly string[], pids: readonly number[], bufferKb = 4096): TraceSession {
+    ensureTracefs(fs);
     for (const e of events) {
-      if (!hostFs().exists(join(TRACEFS, 'events', e, 'format'))) throw new NotApplicable(`trace event ${e} does not exist in this kernel`);
+      if (!fs.exists(join(TRACEFS, 'events', e, 'format'))) throw new NotApplicable(`trace event ${e} does not exist in this kernel`);
     }
     hookExit();
     const dir = join(TRACEFS, 'instances', `kvmharness-${process.pid}-${seq++}`);
-    hostFs().mkdir(dir);
-    const s = new TraceSession(dir);
+    fs.mkdir(dir);
+    const s = new TraceSession(fs, dir);
     live.add(s);
     try {
       s.write('tracing_on', '0');
       s.write('buffer_size_kb', String(bufferKb));
       s.setPids(pids);
       for (const e of events) {
-        s.formats.set(e, parseFormat(e, hostFs().read(join(TRACEFS, 'events', e, 'format')) ?? ''));
+        s.formats.set(e, parseFormat(e, fs.read(join(TRACEFS, 'events', e, 'format')) ?? ''));
         s.write(`events/${e}/enable`, '1');
       }
       s.write('tracing_on', '1');
@@ -174,7 +178,7 @@ export class TraceSession {
   }
 
   private write(file: string, value: string): void {
-    hostFs().write(join(this.dir, file), value);
+    this.fs.write(join(this.dir, file), value);
   }
 
   /** Restricts the instance to these thread ids (set_event_pid). */
@@ -188,7 +192,7 @@ export class TraceSession {
 
   /** Returns the events recorded since the last clear() and clears the buffer. */
   take(): TraceEvent[] {
-    const text = hostFs().read(join(this.dir, 'trace')) ?? '';
+    const text = this.fs.read(join(this.dir, 'trace')) ?? '';
     this.clear();
     return parseTrace(text, this.formats);
   }
@@ -204,7 +208,7 @@ export class TraceSession {
       // the instance may be half-made; removing it is what matters
     }
     try {
-      hostFs().rmdir(this.dir);
+      this.fs.rmdir(this.dir);
     } catch {
       // already gone
     }
