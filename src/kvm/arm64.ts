@@ -18,5 +18,6 @@ export function encodeVcpuInit(init: VcpuInit, b = new Uint8Array(ARM64_SIZEOF.k
 
 export function decodeVcpuInit(b: Uint8Array): VcpuInit {
   const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
-  return { target: dv.getUint32(0, true), features: Array.from({ length: 7 }, (_, i) => dv.getUint32(4 + 4 * i, true)) };
+  const features = Array.from({ length: 7 }, (_, i) => dv.getUint32(4 + 4 * i, true));
+  return { target: dv.getUint32(0, true), features };
 }

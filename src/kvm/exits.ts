@@ -67,7 +67,8 @@ export function decodeExit(run: DataView): Exit {
       const direction: 'in' | 'out' = run.getUint8(RUN.io_direction) === KVM_EXIT_IO_OUT ? 'out' : 'in';
       const len = size * count;
       const data = dataOffset + len <= run.byteLength ? bytesAt(run, dataOffset, len) : new Uint8Array(0);
-      const e = { reason: 'io' as const, direction, port: run.getUint16(RUN.io_port, true), size, count, dataOffset, data };
+      const port = run.getUint16(RUN.io_port, true);
+      const e = { reason: 'io' as const, direction, port, size, count, dataOffset, data };
       return completing(e, (bytes: Uint8Array) => {
         if (direction === 'out') throw new Error(`an io out exit (port 0x${e.port.toString(16)}) takes no data`);
         if (bytes.length > len || dataOffset + len > run.byteLength) {

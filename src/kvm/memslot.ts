@@ -82,7 +82,9 @@ export class Memslot {
   munmap(offset: number, len: number): void {
     this.range('munmap', offset, len);
     const r = this.target.ranges;
-    if (!r) throw new Unsupported('munmap of part of a memslot', `the ${this.target.name} target cannot unmap part of a mapping`);
+    if (!r) {
+      throw new Unsupported('munmap of part of a memslot', `the ${this.target.name} target cannot unmap part of a mapping`);
+    }
     check('munmap', r.unmapRange(this.memory, offset, len), `memslot ${this.slot}`);
     this.setStates(offset, len, 'unmapped');
   }
@@ -94,7 +96,9 @@ export class Memslot {
   remap(offset: number, len: number): void {
     this.range('remap', offset, len);
     const r = this.target.ranges;
-    if (!r) throw new Unsupported('remapping part of a memslot', `the ${this.target.name} target cannot map over part of a mapping`);
+    if (!r) {
+      throw new Unsupported('remapping part of a memslot', `the ${this.target.name} target cannot map over part of a mapping`);
+    }
     const b = this.backing;
     const rw = PROT.READ | PROT.WRITE;
     const flags = b.kind === 'anon' ? MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE

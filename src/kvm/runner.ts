@@ -72,7 +72,8 @@ export class ThreadRunner implements VcpuRunner {
     let timer: NodeJS.Timeout | undefined;
     let reply: RunReply;
     try {
-      const seq = thread.start({ fd: this.vcpu.fd, run: this.vcpu.runAddress, consolePort: limits.consolePort, maxExits: limits.maxExits });
+      const { fd, runAddress } = this.vcpu;
+      const seq = thread.start({ fd, run: runAddress, consolePort: limits.consolePort, maxExits: limits.maxExits });
       try {
         if (!thread.poll(seq, Math.floor(limits.timeoutMs * 1000))) {
           // The time limit is armed only when the run outlasts the polling

@@ -11,7 +11,9 @@ import { statsReaderFor, type StatsReader } from './stats.js';
 import { PAGE_SIZE } from './memslot.js';
 import type { Vm } from './vm.js';
 import { encodeVcpuInit, type VcpuInit } from './arm64.js';
-import { ARM64_IOCTL, IOCTL, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_LOG_PAGE_OFFSET, MAP, PROT, RUN, SIZEOF } from '../uapi/uapi.js';
+import {
+  ARM64_IOCTL, IOCTL, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_LOG_PAGE_OFFSET, MAP, PROT, RUN, SIZEOF,
+} from '../uapi/uapi.js';
 
 export interface RunOptions {
   /** Kick the vCPU after this long and report a timeout (default 10 s). */
@@ -135,7 +137,8 @@ export class Vcpu {
   }
   /** arm64: KVM_ARM_VCPU_INIT (again: a reset to the registers' reset values). */
   armVcpuInit(init: VcpuInit): void {
-    check('KVM_ARM_VCPU_INIT', this.sys.ioctlBuf(this.fd, ARM64_IOCTL.KVM_ARM_VCPU_INIT, encodeVcpuInit(init)), `target ${init.target}`);
+    const r = this.sys.ioctlBuf(this.fd, ARM64_IOCTL.KVM_ARM_VCPU_INIT, encodeVcpuInit(init));
+    check('KVM_ARM_VCPU_INIT', r, `target ${init.target}`);
   }
   /** KVM_GET_ONE_REG of a 64-bit register. */
   getOneReg(id: bigint): bigint {
@@ -175,7 +178,8 @@ export class Vcpu {
         maxExits: opts.maxExits ?? 1 << 30,
       });
       const exit = runExit(reply.ret, this.runView);
-      return { exit, timedOut: reply.timedOut && exit.reason === 'intr', exits: reply.exits, console: reply.console, ns: reply.ns };
+      const timedOut = reply.timedOut && exit.reason === 'intr';
+      return { exit, timedOut, exits: reply.exits, console: reply.console, ns: reply.ns };
     } finally {
       this.running = false;
     }
