@@ -7,7 +7,7 @@ import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync } from
 import { dirname, join } from 'node:path';
 import { constants as fsc } from 'node:fs';
 import type { Target } from '../target/target.js';
-import { labCacheDir, resolveKernel, type LabKernel } from './fetch.js';
+import { labCacheDir, resolveKernel, type LabKernel } from './fetch/index.js';
 import { buildInitramfs } from './initramfs.js';
 import { profile as profileNamed, LabError, type LabArch, type Profile } from './profiles.js';
 import { bootLab, type Lab } from './qemu.js';
