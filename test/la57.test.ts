@@ -4,8 +4,10 @@
 // the reason, never an error.
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { X86Guest } from '../src/arch/x86/guest.js';
-import { Kvm, type CpuidEntry } from '../src/kvm/kvm.js';
+import type { CpuidEntry } from '../src/kvm/cpuid.js';
+import { Kvm } from '../src/kvm/kvm.js';
 import { NotApplicable } from '../src/kvm/sys.js';
+import { localTarget } from '../src/target/local.js';
 import { describeKvm } from './support/kvm.js';
 
 const LA57 = 1 << 16; // CPUID.(EAX=7,ECX=0):ECX[16]
@@ -13,7 +15,7 @@ const LA57 = 1 << 16; // CPUID.(EAX=7,ECX=0):ECX[16]
 describeKvm('5-level paging bring-up', () => {
   let kvm: Kvm;
   beforeAll(() => {
-    kvm = Kvm.open();
+    kvm = Kvm.open(localTarget);
   });
   afterAll(() => kvm.close());
 
