@@ -19,7 +19,7 @@ import { PTE_A } from '../arch/x86/pte.js';
 import { KvmError } from '../kvm/sys.js';
 import type { Memslot } from '../model/memslots.js';
 import { BACKINGS, memFlags, modelSlot, ModelVm } from '../model/vm.js';
-import { accessedLatitude, walkWith, type PagingConfig, type WalkResult } from '../model/walk.js';
+import { accessException, accessedLatitude, walkWith, type PagingConfig, type WalkResult } from '../model/walk.js';
 import type { Wrong, WrongWalk } from '../model/wrong.js';
 import { readStats } from '../observe/stats.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
@@ -28,7 +28,6 @@ import { guestWalkerOf } from '../probe/probe.js';
 import { bringUpOptions, buildScenarioTables, pagingConfigFor, slotBacking, type ScenarioTables } from '../scenario/build.js';
 import { showDelta, showStatExpect, statHolds, statNotApplicable } from '../scenario/stats.js';
 import type { Scenario, Step, StepStats } from '../scenario/types.js';
-import { RUN } from '../uapi/uapi.js';
 import { same, show } from './differ.js';
 import { hostFaultPath, tdpLogsDirty, tdpModelOptions } from './host-policy.js';
 import { describeWalk, MMIO_FILL, modelAsTrace, predictAccess, type AccessStep, type Prediction } from './predict.js';
@@ -100,7 +99,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     else if (cfg.walker === 'cpu') ctx.note('the guest\'s walks are the processor\'s (TDP): A bits a faulting walk may set are accepted either way');
     const run = new ScenarioRun(ctx, sc, opts, g, built, cfg, manualProtect);
     run.load();
-    if (opts.trace) trace = run.trace = TraceSession.open(WALKER_EVENTS, [await g.vcpu.tid()]);
+    if (opts.trace) trace = run.trace = TraceSession.open(ctx.target.fs, WALKER_EVENTS, [await g.vcpu.tid()]);
     await run.steps();
   } finally {
     trace?.close();
@@ -238,6 +237,8 @@ class ScenarioRun {
     const { ctx, g } = this;
     const pred = s.kind === 'access' ? this.predict(s, name) : undefined;
     if (!(await this.finishPending())) return false;
+    // A #GP leaves CR2 as it was when the step began.
+    const cr2Before = pred?.expectFault === 'gp' ? g.vcpu.getSregs().cr2 : undefined;
     g.clearExceptions();
     this.trace?.clear();
     let stop = await this.runGuest();
@@ -245,7 +246,7 @@ class ScenarioRun {
     while (stop.kind === 'exit' && stop.exit.reason === 'mmio' && mmioSeen.length < 4) {
       const e = stop.exit;
       mmioSeen.push({ gpa: e.gpa, len: e.len, isWrite: e.isWrite, ...(e.isWrite ? { data: e.data.subarray(0, e.len) } : {}) });
-      if (!e.isWrite) g.vcpu.runView.setBigUint64(RUN.mmio_data, MMIO_FILL, true);
+      if (!e.isWrite) e.complete(MMIO_FILL);
       stop = await this.runGuest();
     }
     if (pred) ctx.expect(`${name}: MMIO exits`, pred.mmio ? [pred.mmio] : [], mmioSeen);
@@ -262,7 +263,7 @@ class ScenarioRun {
     checkStats();
     const paging = guestAction(s).paging;
     if (paging) this.cfg = paging(this.cfg, s);
-    if (pred && s.kind === 'access' && stop.kind === 'sync') this.compareAccess(s, name, pred, stop.values[0]!);
+    if (pred && s.kind === 'access' && stop.kind === 'sync') this.compareAccess(s, name, pred, stop.values[0]!, cr2Before);
     return true;
   }
 
@@ -290,10 +291,13 @@ class ScenarioRun {
   }
 
   /** The access's observations against the prediction: exceptions, value read, PTEs, walker trace; then the dirty pages it made. */
-  compareAccess(s: AccessStep, name: string, pred: Prediction, value: bigint): void {
+  compareAccess(s: AccessStep, name: string, pred: Prediction, value: bigint, cr2Before: bigint | undefined): void {
     const { ctx, g, cfg } = this;
     const exc = g.exceptions();
-    ctx.expect(`${name}: exceptions`, pred.expectFault === false ? [] : [{ vector: 14, errorCode: BigInt(pred.expectFault), cr2: s.gva }], exc.map(pick));
+    const expected = pred.expectFault === false ? []
+      : pred.expectFault === 'gp' ? [{ vector: 13, errorCode: 0n, cr2: cr2Before! }]
+      : [{ vector: 14, errorCode: BigInt(pred.expectFault), cr2: s.gva }];
+    ctx.expect(`${name}: exceptions`, expected, exc.map(pick));
     if (s.access === 'read') ctx.expect(`${name}: value read`, pred.expectValue ?? 0n, BigInt.asUintN(s.size * 8, value));
     // A processor may set A on the entries a faulting walk used; KVM's walker never does.
     const mayA = new Set(accessedLatitude(pred.walk, cfg.walker));
@@ -386,6 +390,13 @@ function littleEndian(b: Uint8Array): bigint {
 function compareTrace(ctx: CheckContext, name: string, gva: bigint, w: WalkResult, events: TraceEvent[]): void {
   const walks = tracedWalks(events).filter((t) => t.addr === gva);
   const model = modelAsTrace(w);
+  if (!w.ok && accessException(w).vector === 13) {
+    // A non-canonical address raises #GP before any walk.
+    if (walks.length === 0) ctx.note(`${name}: no walk for a non-canonical address (#GP), as the model says`);
+    else ctx.expect(`${name}: KVM walker trace`, 'no kvm_mmu_pagetable_walk (#GP before any walk)',
+      `${walks.length} walk(s)`);
+    return;
+  }
   if (walks.length === 0) {
     // A translation KVM still holds (a shadow page or a cached walk) is used
     // without walking, as a TLB hit is: allowed when the walk would change

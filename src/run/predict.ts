@@ -5,7 +5,7 @@
 // TDP model). A function of model data: the guest's memory reaches it only
 // through `peek`.
 import { describePte, PTE_A, PTE_D } from '../arch/x86/pte.js';
-import { decodeErrorCode, PFERR, type PagingConfig, type WalkResult } from '../model/walk.js';
+import { accessException, decodeErrorCode, PFERR, type PagingConfig, type WalkResult } from '../model/walk.js';
 import type { ModelVm } from '../model/vm.js';
 import type { TracedWalk } from '../observe/walker-trace.js';
 import type { HostProfile } from '../probe/probe.js';
@@ -21,7 +21,8 @@ export const MMIO_FILL = 0x5a5a5a5a5a5a5a5an;
 
 export interface Prediction {
   walk: WalkResult;
-  expectFault: false | number;
+  /** false: no exception; a number: #PF with this error code; 'gp': #GP(0) with CR2 unchanged. */
+  expectFault: false | number | 'gp';
   expectValue?: bigint | string;
   /** The MMIO exit the access should cause, if any. */
   mmio?: { gpa: bigint; len: number; isWrite: boolean; data?: Uint8Array };
@@ -79,7 +80,8 @@ export function predictAccess(s: AccessStep, w: WalkResult, from: PredictFrom): 
   for (const a of w.adWrites) after.set(a.pteGpa, a.new);
   return {
     walk: w,
-    expectFault: s.expect?.fault !== undefined ? walkerErrorCode(s.expect.fault, from.walker, from.note) : w.ok ? false : w.errorCode,
+    expectFault: s.expect?.fault !== undefined ? walkerErrorCode(s.expect.fault, from.walker, from.note)
+      : w.ok ? false : accessException(w).vector === 13 ? 'gp' : w.errorCode,
     expectValue: s.expect?.value ?? (w.ok ? modelValue : 0n),
     mmio,
     ...(hostFault && hostFault.path !== 'mmio' ? { hostFault } : {}),
@@ -108,5 +110,7 @@ export function modelAsTrace(w: WalkResult): Omit<TracedWalk, 'addr' | 'pferr'> 
 /** The walk, level by level, for the notes. */
 export function describeWalk(w: WalkResult): string {
   const lv = w.levels.map((l) => `L${l.level} ${hex(l.pteGpa)}=${hex(l.pte)} [${describePte(l.pte, l.level)}]`).join('; ');
-  return w.ok ? `${lv} -> gpa ${hex(w.gpa)}` : `${lv} -> #PF ${decodeErrorCode(w.errorCode)} (${w.reason})`;
+  if (w.ok) return `${lv} -> gpa ${hex(w.gpa)}`;
+  if (accessException(w).vector === 13) return '#GP(0): not canonical, no walk';
+  return `${lv} -> #PF ${decodeErrorCode(w.errorCode)} (${w.reason})`;
 }
