@@ -52,7 +52,10 @@ function compile(text: string): string[] {
     return ts
       .getPreEmitDiagnostics(program)
       .filter((d) => d.category === ts.DiagnosticCategory.Error)
-      .map((d) => `${d.file && d.file.fileName !== file ? `${d.file.fileName}: ` : ''}${ts.flattenDiagnosticMessageText(d.messageText, '\n')}`);
+      .map((d) => {
+        const where = d.file && d.file.fileName !== file ? `${d.file.fileName}: ` : '';
+        return `${where}${ts.flattenDiagnosticMessageText(d.messageText, '\n')}`;
+      });
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

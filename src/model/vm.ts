@@ -63,7 +63,13 @@ export function memFlags(f: { logDirty: boolean; readonly: boolean }): number {
 /** The model's view of a memslot: the same GFNs at the same host address, with `backing` behind it. */
 export function modelSlot(s: SlotRegion, backing: Backing): Memslot {
   return fromRegion(
-    { slot: (s.asId << 16) | s.slot, flags: s.flags, guestPhysAddr: s.gpa, memorySize: BigInt(s.size), userspaceAddr: s.hva },
+    {
+      slot: (s.asId << 16) | s.slot,
+      flags: s.flags,
+      guestPhysAddr: s.gpa,
+      memorySize: BigInt(s.size),
+      userspaceAddr: s.hva,
+    },
     backing,
   );
 }
@@ -73,7 +79,8 @@ export function declaredSlot(
   d: { slot: number; gpa: bigint; size: bigint; backing: BackingName; logDirty: boolean; readonly: boolean },
   hva: bigint,
 ): Memslot {
-  return modelSlot({ slot: d.slot, asId: 0, gpa: d.gpa, size: d.size, hva, flags: memFlags(d) }, BACKINGS[d.backing].page);
+  const region = { slot: d.slot, asId: 0, gpa: d.gpa, size: d.size, hva, flags: memFlags(d) };
+  return modelSlot(region, BACKINGS[d.backing].page);
 }
 
 const hex = (v: bigint | number) => `0x${v.toString(16)}`;

@@ -25,7 +25,9 @@ import { readStats } from '../observe/stats.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
 import { tracedWalks, WALKER_EVENTS } from '../observe/walker-trace.js';
 import { guestWalkerOf } from '../probe/probe.js';
-import { bringUpOptions, buildScenarioTables, pagingConfigFor, slotBacking, type ScenarioTables } from '../scenario/build.js';
+import {
+  bringUpOptions, buildScenarioTables, pagingConfigFor, slotBacking, type ScenarioTables,
+} from '../scenario/build.js';
 import { showDelta, showStatExpect, statHolds, statNotApplicable } from '../scenario/stats.js';
 import type { Scenario, Step, StepStats } from '../scenario/types.js';
 import { same, show } from './differ.js';
@@ -46,6 +48,9 @@ export interface EngineOptions {
 
 /** How a run ended: a guest stop, or KVM_RUN failing (EFAULT without a memory-fault exit), which is an observation. */
 type Stop = GuestStop | { kind: 'kvm_run_error'; errno: string };
+
+type GuestSideStep = Extract<Step, { side: 'guest' }>;
+type HostSideStep = Extract<Step, { side: 'host' }>;
 
 /** An access that stopped for missing host memory, redone by the next run. */
 interface Pending {
@@ -91,7 +96,8 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     const manualProtect = sc.steps.some((s) => s.side === 'host' && s.kind === 'clear-dirty-log');
     if (manualProtect) g.vm.enableManualDirtyLogProtect();
     for (const m of sc.memslots) {
-      g.vm.addMemslot({ slot: m.slot, gpa: m.gpa, size: Number(m.size), backing: slotBacking(m.backing), flags: memFlags(m) });
+      const backing = slotBacking(m.backing);
+      g.vm.addMemslot({ slot: m.slot, gpa: m.gpa, size: Number(m.size), backing, flags: memFlags(m) });
     }
     const built = buildScenarioTables(sc, g.mem, g.boot);
     const cfg: PagingConfig = { ...pagingConfigFor(sc, cpu), walker: guestWalkerOf(ctx.profile) };
@@ -137,8 +143,10 @@ class ScenarioRun {
     // The host dimension: the VM's memslots at their real HVAs, with the
     // declared backings (slot 0, bring-up's, is anonymous memory).
     const declared = new Map(sc.memslots.map((m) => [m.slot, m.backing]));
-    const slotOf = (slot: number): Memslot => modelSlot(g.vm.memslot(slot), BACKINGS[declared.get(slot) ?? 'anon'].page);
-    this.vm = new ModelVm({ ...tdpModelOptions(ctx.profile), record: false, ...(opts.wrong?.tdp ? { wrong: opts.wrong.tdp } : {}) });
+    const slotOf = (slot: number): Memslot =>
+      modelSlot(g.vm.memslot(slot), BACKINGS[declared.get(slot) ?? 'anon'].page);
+    const wrong = opts.wrong?.tdp ? { wrong: opts.wrong.tdp } : {};
+    this.vm = new ModelVm({ ...tdpModelOptions(ctx.profile), record: false, ...wrong });
     this.vm.setSlot(slotOf(0));
     for (const m of sc.memslots) this.vm.setSlot(slotOf(m.slot));
     this.tdpDirty = tdpLogsDirty(ctx.profile);
@@ -204,7 +212,9 @@ class ScenarioRun {
       const checkStats = () => {
         if (s.stats) compareStats(ctx, name, s.stats, statsBefore, statsBefore && this.readStats());
       };
-      const go = s.side === 'guest' ? await this.guestStep(i, s, name, checkStats) : await this.hostStep(i, s, name, checkStats);
+      const go = s.side === 'guest'
+        ? await this.guestStep(i, s, name, checkStats)
+        : await this.hostStep(i, s, name, checkStats);
       if (!go) return;
     }
     if (!(await this.finishPending())) return;
@@ -233,7 +243,7 @@ class ScenarioRun {
   }
 
   /** A guest step: predict (accesses), run, observe and compare. Returns whether the scenario goes on. */
-  async guestStep(i: number, s: Extract<Step, { side: 'guest' }>, name: string, checkStats: () => void): Promise<boolean> {
+  async guestStep(i: number, s: GuestSideStep, name: string, checkStats: () => void): Promise<boolean> {
     const { ctx, g } = this;
     const pred = s.kind === 'access' ? this.predict(s, name) : undefined;
     if (!(await this.finishPending())) return false;
@@ -263,12 +273,14 @@ class ScenarioRun {
     checkStats();
     const paging = guestAction(s).paging;
     if (paging) this.cfg = paging(this.cfg, s);
-    if (pred && s.kind === 'access' && stop.kind === 'sync') this.compareAccess(s, name, pred, stop.values[0]!, cr2Before);
+    if (pred && s.kind === 'access' && stop.kind === 'sync') {
+      this.compareAccess(s, name, pred, stop.values[0]!, cr2Before);
+    }
     return true;
   }
 
   /** A host step (the vCPU is stopped at the previous sync), then the run to its own sync. */
-  async hostStep(i: number, s: Extract<Step, { side: 'host' }>, name: string, checkStats: () => void): Promise<boolean> {
+  async hostStep(i: number, s: HostSideStep, name: string, checkStats: () => void): Promise<boolean> {
     hostAction(s).act(this.host, s, name);
     // Host steps have a sync too; let the guest reach the next one (after
     // redoing an access that stopped for missing host memory).
@@ -290,7 +302,7 @@ class ScenarioRun {
     });
   }
 
-  /** The access's observations against the prediction: exceptions, value read, PTEs, walker trace; then the dirty pages it made. */
+  /** The access's observations against the prediction (exceptions, value read, PTEs, walker trace); then its dirty pages. */
   compareAccess(s: AccessStep, name: string, pred: Prediction, value: bigint, cr2Before: bigint | undefined): void {
     const { ctx, g, cfg } = this;
     const exc = g.exceptions();

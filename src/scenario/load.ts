@@ -32,7 +32,9 @@ import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.j
 import { at, checkJson, SCENARIO, toJson, type Json } from './schema.js';
 import { showStatExpect } from './stats.js';
 import { BACKING_PAGE, hex, kindOfTag, range, STEP_KINDS, stepKind, type Side, type StepKind } from './steps.js';
-import type { Mapping, MemslotDecl, PagingDecl, PteAttrs, RaceDecl, RaceOp, Scenario, Step, StepStats } from './types.js';
+import type {
+  Mapping, MemslotDecl, PagingDecl, PteAttrs, RaceDecl, RaceOp, Scenario, Step, StepStats,
+} from './types.js';
 
 /** A scenario that cannot be loaded: the message is "<path>: <first error>" and a count of the others. */
 export class ScenarioError extends Error {
@@ -142,7 +144,10 @@ function toStep(o: Obj, path: string, errors: string[]): Step | undefined {
   const side: Side = 'guest' in o ? 'guest' : 'host';
   const tag = o[side] as string;
   const kind = kindOfTag(side, tag);
-  if (kind === undefined) return void errors.push(at(`${path}.${side}`, `no ${side} step kind is called ${JSON.stringify(tag)}`));
+  if (kind === undefined) {
+    errors.push(at(`${path}.${side}`, `no ${side} step kind is called ${JSON.stringify(tag)}`));
+    return undefined;
+  }
   const step = (STEP_KINDS[kind] as StepKind<Step>).decode(o, side);
   return o.stats !== undefined ? { ...step, stats: o.stats as StepStats } : step;
 }

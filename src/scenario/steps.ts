@@ -189,7 +189,9 @@ function unmappedBy(steps: readonly Step[], slot: number, offset: bigint, size: 
 }
 
 /** The rules of madvise, munmap, remap and mprotect: a range of a live slot's memory, mapped unless remapped. */
-function hostRangeErrors(c: StepCheck, st: { kind: 'madvise' | 'munmap' | 'remap' | 'mprotect'; slot: number; offset: bigint; size: bigint }): void {
+type HostRangeStep = { kind: 'madvise' | 'munmap' | 'remap' | 'mprotect'; slot: number; offset: bigint; size: bigint };
+
+function hostRangeErrors(c: StepCheck, st: HostRangeStep): void {
   const m = liveSlot(c, st.slot);
   if (!m) return;
   const p = c.p;
@@ -251,7 +253,8 @@ export const STEP_KINDS: StepKindTable = {
     encode(s) {
       const { access, gva, size, cpl, value, eflagsAc } = s;
       if (access === 'exec') return { guest: access, gva, cpl, expect: expectJson(s.expect, false) };
-      return { guest: access, gva, size, cpl, ...(access === 'write' ? { value } : {}), eflagsAc, expect: expectJson(s.expect, access === 'read') };
+      const expect = expectJson(s.expect, access === 'read');
+      return { guest: access, gva, size, cpl, ...(access === 'write' ? { value } : {}), eflagsAc, expect };
     },
     validate(st, c) {
       const p = c.p;
@@ -294,7 +297,9 @@ export const STEP_KINDS: StepKindTable = {
         value: req(bool('New value of the bit.')),
       }),
     ],
-    decode: (o) => ({ side: 'guest', kind: 'set-cr4', bit: o.bit as 'smep' | 'smap' | 'pke', value: o.value as boolean }),
+    decode: (o) => ({
+      side: 'guest', kind: 'set-cr4', bit: o.bit as 'smep' | 'smap' | 'pke', value: o.value as boolean,
+    }),
     encode: (s) => ({ guest: 'set-cr4', bit: s.bit, value: s.value }),
     validate() {},
   },
@@ -306,7 +311,9 @@ export const STEP_KINDS: StepKindTable = {
     ],
     decode: (o, side) => ({ side, ...pteWrite(o) }),
     encode(s) {
-      const body = s.value !== undefined ? { gva: s.gva, level: s.level, value: s.value } : { gva: s.gva, level: s.level, set: s.set, clear: s.clear };
+      const body = s.value !== undefined
+        ? { gva: s.gva, level: s.level, value: s.value }
+        : { gva: s.gva, level: s.level, set: s.set, clear: s.clear };
       return { [s.side]: s.kind, ...body };
     },
     validate(st, c) {
@@ -335,7 +342,10 @@ export const STEP_KINDS: StepKindTable = {
         expect: opt(array(u64('GPA of a page expected dirty.'), 'GPAs of the pages expected dirty (4K aligned, inside the slot).')),
       }),
     ],
-    decode: (o) => ({ side: 'host', kind: 'get-dirty-log', slot: o.slot as number, ...(o.expect !== undefined ? { expect: o.expect as bigint[] } : {}) }),
+    decode: (o) => ({
+      side: 'host', kind: 'get-dirty-log', slot: o.slot as number,
+      ...(o.expect !== undefined ? { expect: o.expect as bigint[] } : {}),
+    }),
     encode: (s) => ({ host: s.kind, slot: s.slot, expect: s.expect }),
     validate(st, c) {
       const why = logSlotError(c, st.slot);
@@ -397,7 +407,10 @@ export const STEP_KINDS: StepKindTable = {
         readonly: opt(bool('KVM_MEM_READONLY; must equal the declared value.'), false),
       }),
     ],
-    decode: (o) => ({ side: 'host', kind: 'memslot-flags', slot: o.slot as number, logDirty: o.logDirty as boolean, readonly: o.readonly as boolean }),
+    decode: (o) => ({
+      side: 'host', kind: 'memslot-flags', slot: o.slot as number,
+      logDirty: o.logDirty as boolean, readonly: o.readonly as boolean,
+    }),
     encode: (s) => ({ host: s.kind, slot: s.slot, logDirty: s.logDirty, readonly: s.readonly }),
     validate(st, c) {
       const m = liveSlot(c, st.slot);
@@ -426,7 +439,9 @@ export const STEP_KINDS: StepKindTable = {
     variants: [
       host('munmap', "munmap() of part of a user memslot's host memory; the slot stays, so guest accesses there fail in the host (see docs/scenarios.md for what each host reports).", HOST_RANGE),
     ],
-    decode: (o) => ({ side: 'host', kind: 'munmap', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint }),
+    decode: (o) => ({
+      side: 'host', kind: 'munmap', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint,
+    }),
     encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size }),
     validate: (st, c) => hostRangeErrors(c, st),
   },
@@ -434,7 +449,9 @@ export const STEP_KINDS: StepKindTable = {
     variants: [
       host('remap', 'mmap(MAP_FIXED) of fresh memory of the slot\'s backing kind over a range an earlier munmap step took away: anonymous memory comes back zeroed, a memfd with its contents.', HOST_RANGE),
     ],
-    decode: (o) => ({ side: 'host', kind: 'remap', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint }),
+    decode: (o) => ({
+      side: 'host', kind: 'remap', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint,
+    }),
     encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size }),
     validate: (st, c) => hostRangeErrors(c, st),
   },
