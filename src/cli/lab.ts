@@ -2,7 +2,7 @@
 // booted in QEMU. The checks, models and reports stay in this process; the
 // lab's agent performs the KVM calls.
 import type { Command } from 'commander';
-import { labFetch } from '../lab/fetch.js';
+import { labFetch } from '../lab/fetch/index.js';
 import { DEFAULT_PROFILE, LabError, PROFILES, type LabArch } from '../lab/profiles.js';
 import { openLab, type LabSessionOptions } from '../lab/session.js';
 import { abTable, compareAb } from '../lab/ab.js';

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { constants as fsc } from 'node:fs';
 import { drainKmsg, setHostFs, type HostFs } from '../kvm/hostfs.js';
 import { resetAddon, setAddon } from '../kvm/sys.js';
-import { labCacheDir, resolveKernel, type LabKernel } from './fetch.js';
+import { labCacheDir, resolveKernel, type LabKernel } from './fetch/index.js';
 import { buildInitramfs } from './initramfs.js';
 import { profile as profileNamed, LabError, type LabArch, type Profile } from './profiles.js';
 import { bootLab, type Lab } from './qemu.js';

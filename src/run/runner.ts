@@ -5,10 +5,10 @@ import type { Kvm } from '../kvm/kvm.js';
 import { HostError } from '../kvm/sys.js';
 import type { HostProfile } from '../probe/probe.js';
 import { same, show } from './differ.js';
-import { NotApplicable, type Check, type CheckResult, type Comparison, type RunReport, type Tamper } from './types.js';
+import { NotApplicable, type Check, type CheckResult, type Comparison, type RunReport, type WrongExpectation } from './types.js';
 
 export interface RunOptions {
-  tamper?: Tamper;
+  wrongExpectation?: WrongExpectation;
   onResult?: (r: CheckResult) => void;
   onProgress?: (check: string, done: number, total: number) => void;
 }
@@ -40,7 +40,7 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
       kvm,
       profile,
       expect(what, expected, observed) {
-        const exp = opts.tamper ? opts.tamper(check.name, what, expected) : expected;
+        const exp = opts.wrongExpectation ? opts.wrongExpectation(check.name, what, expected) : expected;
         comparisons.push({ what, expected: show(exp), observed: show(observed), ok: same(exp, observed) });
       },
       note: (l) => notes.push(l),

@@ -50,9 +50,11 @@ export interface RunReport {
 
 /**
  * Lets a caller replace an expectation before it is compared; tests use it to
- * feed a deliberately wrong expectation and see the mismatch reported.
+ * feed a deliberately wrong expectation and see the mismatch reported. (A
+ * deliberately wrong model, which makes its expectations wrong at the source,
+ * is model/wrong.ts's Wrong.)
  */
-export type Tamper = (check: string, what: string, expected: unknown) => unknown;
+export type WrongExpectation = (check: string, what: string, expected: unknown) => unknown;
 
 export interface CheckContext {
   kvm: Kvm;
