@@ -42,7 +42,10 @@ function threadTable(w: Readonly<Record<string, number>> = W, words = WORDS, op 
 
 type Scalar = 'PROTOCOL_VERSION' | 'REQ_MAGIC' | 'REP_MAGIC' | 'END_MAGIC' | 'REQ_HEADER' | 'REP_HEADER' | 'ENTRY' |
   'PAGE' | 'MAX_FRAME' | 'REQ_PULL' | 'ENTRY_ZERO';
-type Protocol = Record<Scalar, number> & { OP: Readonly<Record<string, number>>; STATUS: Readonly<Record<string, number>> };
+type Protocol = Record<Scalar, number> & {
+  OP: Readonly<Record<string, number>>;
+  STATUS: Readonly<Record<string, number>>;
+};
 
 /** src/lab/protocol.ts's constants under the C++ names. */
 function protocolTable(p: Protocol = P): Table {
@@ -80,7 +83,8 @@ function cValues(h: Header, changed?: string): Table {
   const names = declaredNames(changed ?? readFileSync(h.path, 'utf8'));
   const src = join(dir, `p${n}.cc`);
   const exe = join(dir, `p${n}`);
-  const lines = names.map((k, i) => `  std::printf("%s\\"${k}\\": %llu", ${i ? '","' : '""'}, (unsigned long long)(${k}));`);
+  const sep = (i: number) => (i ? '","' : '""');
+  const lines = names.map((k, i) => `  std::printf("%s\\"${k}\\": %llu", ${sep(i)}, (unsigned long long)(${k}));`);
   writeFileSync(src, [
     '#include <cstdio>',
     `#include "${header}"`,
@@ -95,7 +99,9 @@ function cValues(h: Header, changed?: string): Table {
   ].join('\n'));
   const cxx = process.env.CXX || 'g++';
   const cc = spawnSync(cxx, ['-std=c++17', '-Wall', '-Werror', '-o', exe, src], { encoding: 'utf8' });
-  if (cc.error) throw new Error(`${cxx}: ${cc.error.message} (these tests compile the native headers: install g++, or set CXX)`);
+  if (cc.error) {
+    throw new Error(`${cxx}: ${cc.error.message} (these tests compile the native headers: install g++, or set CXX)`);
+  }
   if (cc.status !== 0) throw new Error(`${cxx} failed on a program including ${h.path}:\n${cc.stderr}`);
   const r = spawnSync(exe, [], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`${exe} exited with ${r.status}:\n${r.stderr}`);
