@@ -117,7 +117,7 @@ export function registerLab(program: Command): Command {
       } finally {
         await s.close();
       }
-      printReport(report, ro);
+      await printReport(report, ro);
       process.exitCode = exitStatus(report);
     });
 
@@ -169,7 +169,7 @@ export function matrixTable(results: ReadonlyMap<string, RunReport | string>): s
   const profiles = [...results.keys()];
   const reports = profiles.map((p) => results.get(p)!);
   const names = [...new Set(reports.flatMap((r) => (typeof r === 'string' ? [] : r.checks.map((c) => c.name))))];
-  const mark = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERR' } as const;
+  const mark = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERR', not_run: 'SKIP' } as const;
   const w = Math.max(5, ...names.map((n) => n.length));
   const cw = Math.max(...profiles.map((p) => p.length), 4);
   const lines = [`${'check'.padEnd(w)}  ${profiles.map((p) => p.padEnd(cw)).join('  ')}`];
