@@ -29,7 +29,7 @@ import {
 } from '../arch/x86/pte.js';
 import { PAGE_LEVEL, PageTables } from '../arch/x86/tables.js';
 import type { PagingConfig, Vendor } from '../model/walk.js';
-import type { Backing } from '../kvm/kvm.js';
+import type { HostBacking } from '../kvm/memslot.js';
 import type { Mapping, MemslotDecl, PteAttrs, Scenario } from './types.js';
 
 const hex = (v: bigint) => `0x${v.toString(16)}`;
@@ -233,7 +233,7 @@ export class MemImage implements GuestMem {
  * "always" a guest write would otherwise fault in a 2 MiB page, and KVM would
  * then map its neighbours writable (and log them dirty) on read faults.
  */
-export function slotBacking(b: MemslotDecl['backing']): Backing {
+export function slotBacking(b: MemslotDecl['backing']): HostBacking {
   switch (b) {
     case 'anon':
       return { kind: 'anon', thp: false };
