@@ -63,7 +63,11 @@ describe('checks by architecture', () => {
 const crossCc = spawnSync('aarch64-linux-gnu-gcc', ['--version']).status === 0 ? 'aarch64-linux-gnu-gcc' : undefined;
 
 describe.skipIf(!crossCc)(`arm64 uapi${crossCc ? '' : ' [skipped: no aarch64-linux-gnu-gcc for the arm64 headers (apt-get install gcc-aarch64-linux-gnu)]'}`, () => {
-  const work = mkdtempSync(join(tmpdir(), 'kvmharness-arm64-uapi-'));
+  // Made in beforeAll, not while collecting: a skipped suite's body still runs, its hooks do not.
+  let work = '';
+  beforeAll(() => {
+    work = mkdtempSync(join(tmpdir(), 'kvmharness-arm64-uapi-'));
+  });
   afterAll(() => rmSync(work, { recursive: true, force: true }));
 
   it('ioctl numbers, struct sizes, feature bits and core register ids equal the headers', () => {
@@ -106,8 +110,8 @@ for (const name of ['nvhe', 'vhe', 'protected'] as const) {
     beforeAll(async () => {
       s = await openLab({ profile: name, arch: 'arm64', log: () => {} });
       process.stderr.write(`arm64 lab ${name}: ${(s.lab.bootMs / 1000).toFixed(2)} s to READY\n`);
-      kvm = Kvm.open();
-      profile = probe();
+      kvm = Kvm.open(s.target);
+      profile = probe(s.target);
     }, 120_000);
     afterAll(async () => {
       kvm?.close();

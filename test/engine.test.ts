@@ -5,11 +5,12 @@ import { describe, expect, it } from 'vitest';
 import { Kvm } from '../src/kvm/kvm.js';
 import type { WrongWalk } from '../src/model/wrong.js';
 import type { HostProfile } from '../src/probe/probe.js';
-import { scenarioCheck, tracedWalks } from '../src/run/engine.js';
+import { scenarioCheck } from '../src/run/engine.js';
 import { runCheck } from '../src/run/runner.js';
 import { builtinScenarios, loadScenario, resolveScenario } from '../src/scenario/load.js';
 import type { Scenario } from '../src/scenario/types.js';
 import { parseFormat, parseTrace, TRACEFS, type TraceEvent } from '../src/observe/tracefs.js';
+import { tracedWalks } from '../src/observe/walker-trace.js';
 import { describeKvm, failures, withHost } from './support/kvm.js';
 import { wrong as wrongValue } from './support/wrong.js';
 

@@ -5,12 +5,14 @@
 import { A64 } from '../arch/arm64/asm.js';
 import { decodeAbort, parseGuestFault } from '../arch/arm64/esr.js';
 import { Arm64Guest, channel, CHANNEL, describeStop, LAYOUT, type GuestStop } from '../arch/arm64/guest.js';
-import type { Memslot as KvmMemslot } from '../kvm/kvm.js';
-import { CAP, MEM, RUN } from '../uapi/uapi.js';
+import type { Memslot as KvmMemslot } from '../kvm/memslot.js';
+import { CAP, MEM } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
+import { modelSlot } from '../model/vm.js';
 import { armLevel, isTable } from '../model/spte.js';
 import { Tdp } from '../model/tdp.js';
 import type { Wrong, WrongTdp } from '../model/wrong.js';
+import { dirtyPages } from '../observe/dirty-log.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 
@@ -85,10 +87,15 @@ const mmioUnbacked: Check = {
       const bytes = (...b: number[]) => new Uint8Array(b);
       ctx.expect('write exit, 4 bytes', { gpa: UNBACKED + 0x10n, len: 4, isWrite: true, data: bytes(0x0d, 0xf0, 0xfe, 0xca) }, mmioOf(await g.run()));
       ctx.expect('write exit, 8 bytes', { gpa: UNBACKED + 0x18n, len: 8, isWrite: true, data: bytes(0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11) }, mmioOf(await g.run()));
-      ctx.expect('read exit, 2 bytes', { gpa: UNBACKED + 0x20n, len: 2, isWrite: false }, mmioOf(await g.run()));
-      g.vcpu.runView.setUint16(RUN.mmio_data, 0xbeef, true);
-      ctx.expect('read exit, 1 byte', { gpa: UNBACKED + 0x23n, len: 1, isWrite: false }, mmioOf(await g.run()));
-      g.vcpu.runView.setUint8(RUN.mmio_data, 0xa5);
+      const completeRead = (st: GuestStop, value: bigint) => {
+        if (st.kind === 'exit' && st.exit.reason === 'mmio' && !st.exit.isWrite) st.exit.complete(value);
+      };
+      const read2 = await g.run();
+      ctx.expect('read exit, 2 bytes', { gpa: UNBACKED + 0x20n, len: 2, isWrite: false }, mmioOf(read2));
+      completeRead(read2, 0xbeefn);
+      const read1 = await g.run();
+      ctx.expect('read exit, 1 byte', { gpa: UNBACKED + 0x23n, len: 1, isWrite: false }, mmioOf(read1));
+      completeRead(read1, 0xa5n);
       ctx.expect('2-byte value the guest read', 'sync 0xbeef', stopKey(await g.run()));
       ctx.expect('1-byte value the guest read', 'sync 0xa5', stopKey(await g.run()));
       ctx.expect('final stop', 'done', stopKey(await g.run()));
@@ -119,19 +126,6 @@ const readonlySlot: Check = {
     });
   },
 };
-
-/** The model's view of a harness memslot: same GFNs, same host address. */
-function modelSlot(s: KvmMemslot, backing: Backing) {
-  return {
-    slot: s.slot,
-    asId: 0,
-    baseGfn: Number(s.gpa / PAGE),
-    npages: s.npages,
-    hva: s.hva,
-    flags: { logDirty: (s.flags & MEM.KVM_MEM_LOG_DIRTY_PAGES) !== 0, readonly: (s.flags & MEM.KVM_MEM_READONLY) !== 0 },
-    backing,
-  };
-}
 
 const ANON_4K: Backing = { kind: 'anon', pageSize: 0x1000 };
 
@@ -179,7 +173,7 @@ const dirtyLog: Check = {
       hostWrote(tdp, g.code, [0n]);
       tdp.fault(0, gfnOf(LAYOUT.code), { exec: true });
       const page = (gfn: number) => hex(BigInt(gfn) * PAGE);
-      ctx.expect('dirty log before the guest runs', [], logPages(g.vm.getDirtyLog(1), DATA));
+      ctx.expect('dirty log before the guest runs', [], dirtyPages(g.vm.getDirtyLog(1), DATA).map(hex));
       tdp.getDirtyLog(0, 1);
       for (const [i, r] of rounds.entries()) {
         ctx.expect(`stop after round ${i + 1}`, `sync 0x${i + 1}`, stopKey(await g.run()));
@@ -187,21 +181,12 @@ const dirtyLog: Check = {
         for (const p of r.read) tdp.fault(0, gfnOf(DATA) + p, {});
         const model = tdp.getDirtyLog(0, 1).map(page);
         ctx.expect(`round ${i + 1}: the model's dirty pages are the pages written`, [...new Set(r.write)].sort((x, y) => x - y).map((p) => page(gfnOf(DATA) + p)), model);
-        ctx.expect(`round ${i + 1}: dirty log`, model, logPages(g.vm.getDirtyLog(1), DATA));
+        ctx.expect(`round ${i + 1}: dirty log`, model, dirtyPages(g.vm.getDirtyLog(1), DATA).map(hex));
       }
       ctx.expect('final stop', 'done', stopKey(await g.run()));
     });
   },
 };
-
-/** The IPAs of the set bits of a dirty bitmap. */
-function logPages(bitmap: Uint8Array, base: bigint): string[] {
-  const out: string[] = [];
-  bitmap.forEach((byte, i) => {
-    for (let b = 0; b < 8; b++) if (byte & (1 << b)) out.push(hex(base + BigInt(i * 8 + b) * PAGE));
-  });
-  return out;
-}
 
 interface Touch {
   addr: bigint;
@@ -255,7 +240,7 @@ const stage2Faults: Check = {
       access(LAYOUT.code, 'exec');
       for (const t of touches) access(t.addr, t.write ? 'write' : 'read');
 
-      const trace = TraceSession.open(['kvm/kvm_guest_fault'], [await g.vcpu.tid()]);
+      const trace = TraceSession.open(ctx.target.fs, ['kvm/kvm_guest_fault'], [await g.vcpu.tid()]);
       try {
         let stop = await g.run();
         while (stop.kind === 'exit' && stop.exit.reason === 'mmio' && !stop.exit.isWrite) stop = await g.run();
@@ -370,14 +355,14 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
           return m ? `${m.level === 2 ? '2 MiB' : m.level === 1 ? '4 KiB' : `level ${m.level}`}` : 'none';
         };
 
-        const trace = TraceSession.open(['kvm/kvm_guest_fault'], [await g.vcpu.tid()]);
+        const trace = TraceSession.open(ctx.target.fs, ['kvm/kvm_guest_fault'], [await g.vcpu.tid()]);
         try {
           access(LAYOUT.code, 'exec');
           access(p0, 'write');
           access(LAYOUT.channel + CHANNEL.sync, 'write');
           ctx.expect('stop after the first write', 'sync 0x1', stopKey(await g.run()));
           const first = mapping(p0);
-          ctx.expect('dirty log while logging (the first write)', tdp.getDirtyLog(0, 1).map((gfn) => hex(BigInt(gfn) * PAGE)), logPages(g.vm.getDirtyLog(1), s.gpa));
+          ctx.expect('dirty log while logging (the first write)', tdp.getDirtyLog(0, 1).map((gfn) => hex(BigInt(gfn) * PAGE)), dirtyPages(g.vm.getDirtyLog(1), s.gpa).map(hex));
           g.vm.setMemslotFlags(1, 0);
           tdp.setMemslot(modelSlot(s, THP_2M));
           access(p1, 'read');

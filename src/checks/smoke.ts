@@ -4,8 +4,9 @@ import { Asm } from '../arch/x86/asm.js';
 import { X86Guest, channel, describeStop, type GuestStop } from '../arch/x86/guest.js';
 import { LAYOUT } from '../arch/x86/layout.js';
 import { PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW, PTE_US } from '../arch/x86/pte.js';
-import { CAP, MEM, RUN } from '../uapi/uapi.js';
+import { CAP, MEM } from '../uapi/uapi.js';
 import { walk, type AccessKind } from '../model/walk.js';
+import { dirtyPages } from '../observe/dirty-log.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 import { shadowPages } from './shadow.js';
 import { tdpDirtyLogSplitCoalesce, tdpPicture } from './tdp.js';
@@ -107,7 +108,7 @@ const mmioUnbacked: Check = {
       ctx.expect('read exit', { reason: 'mmio', gpa: UNBACKED_GPA + 0x30n, len: 2, isWrite: false },
         r.kind === 'exit' && r.exit.reason === 'mmio' ? { reason: 'mmio', gpa: r.exit.gpa, len: r.exit.len, isWrite: r.exit.isWrite } : stopKey(r));
       // Complete the read with data the guest must then see.
-      g.vcpu.runView.setUint16(RUN.mmio_data, 0xbeef, true);
+      if (r.kind === 'exit' && r.exit.reason === 'mmio' && !r.exit.isWrite) r.exit.complete(0xbeefn);
       const s = await g.run();
       ctx.expect('value the guest read', 0xbeefn, s.kind === 'sync' ? s.values[0] : stopKey(s));
     });
@@ -173,10 +174,7 @@ const dirtyLogAd: Check = {
       g.vm.getDirtyLog(1); // start from a clean log
       ctx.expect('stop', 'done', stopKey(await g.run()));
       const bitmap = g.vm.getDirtyLog(1);
-      const dirty: bigint[] = [];
-      bitmap.forEach((byte, i) => {
-        for (let b = 0; b < 8; b++) if (byte & (1 << b)) dirty.push(LOGGED_GPA + BigInt(i * 8 + b) * PAGE);
-      });
+      const dirty = dirtyPages(bitmap, LOGGED_GPA);
       const inSlot = (x: bigint) => x >= LOGGED_GPA && x < LOGGED_GPA + 0x400000n;
       const pages = [...model.adWrites.map((w) => w.pteGpa & ~(PAGE - 1n)), model.gpa & ~(PAGE - 1n)].filter(inSlot);
       const expected = [...new Set(pages)].sort((x, y) => (x < y ? -1 : 1));

@@ -2,7 +2,7 @@
 // booted in QEMU. The checks, models and reports stay in this process; the
 // lab's agent performs the KVM calls.
 import type { Command } from 'commander';
-import { labFetch } from '../lab/fetch.js';
+import { labFetch } from '../lab/fetch/index.js';
 import { DEFAULT_PROFILE, LabError, PROFILES, type LabArch } from '../lab/profiles.js';
 import { openLab, type LabSessionOptions } from '../lab/session.js';
 import { abTable, compareAb } from '../lab/ab.js';
@@ -95,7 +95,7 @@ export function registerLab(program: Command): Command {
           try {
             for (let i = 0; i < repeat; i++) {
               log(`${label}: run ${i + 1}/${repeat}`);
-              out.push(await runReport(checks, { ...ro, json: true }));
+              out.push(await runReport(s.target, checks, { ...ro, json: true }));
             }
           } finally {
             await s.close();
@@ -113,11 +113,11 @@ export function registerLab(program: Command): Command {
       const s = await openLab(sessionOptions(o, runProfile(o)));
       let report: RunReport;
       try {
-        report = await runReport(checks, ro);
+        report = await runReport(s.target, checks, ro);
       } finally {
         await s.close();
       }
-      printReport(report, ro);
+      await printReport(report, ro);
       process.exitCode = exitStatus(report);
     });
 
@@ -128,7 +128,7 @@ export function registerLab(program: Command): Command {
     .action(async (o: LabCliOptions & { profile?: string; json?: boolean }) => {
       const s = await openLab(sessionOptions(o, runProfile(o)));
       try {
-        const prof = probe();
+        const prof = probe(s.target);
         console.log(o.json ? JSON.stringify(prof, null, 2) : formatProfile(prof));
       } finally {
         await s.close();
@@ -152,7 +152,7 @@ export function registerLab(program: Command): Command {
         log(`profile ${p.name}`);
         const s = await openLab(sessionOptions(o, p.name));
         try {
-          results.set(p.name, await runReport(checks, { ...ro, json: true }));
+          results.set(p.name, await runReport(s.target, checks, { ...ro, json: true }));
         } finally {
           await s.close();
         }
@@ -169,7 +169,7 @@ export function matrixTable(results: ReadonlyMap<string, RunReport | string>): s
   const profiles = [...results.keys()];
   const reports = profiles.map((p) => results.get(p)!);
   const names = [...new Set(reports.flatMap((r) => (typeof r === 'string' ? [] : r.checks.map((c) => c.name))))];
-  const mark = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERR' } as const;
+  const mark = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERR', not_run: 'SKIP' } as const;
   const w = Math.max(5, ...names.map((n) => n.length));
   const cw = Math.max(...profiles.map((p) => p.length), 4);
   const lines = [`${'check'.padEnd(w)}  ${profiles.map((p) => p.padEnd(cw)).join('  ')}`];

@@ -1,12 +1,17 @@
 // kvmharness command line: thin; parsing and exit codes only.
 import { Command, CommanderError, Option } from 'commander';
-import { writeFileSync } from 'node:fs';
 import { SMOKE } from '../checks/smoke.js';
 import { Kvm } from '../kvm/kvm.js';
 import { HostError } from '../kvm/sys.js';
-import { formatProfile, probe } from '../probe/probe.js';
+import { formatProfile, probe, type HostProfile } from '../probe/probe.js';
+import { localTarget } from '../target/local.js';
+import { localFs } from '../target/fs.js';
+import type { Target } from '../target/target.js';
 import { human, json, junit, ktap } from '../report/report.js';
-import { exitStatus, forHostArch, runChecks } from '../run/runner.js';
+import { exitStatus, forHostArch, interruptedReport, runChecks } from '../run/runner.js';
+import { onInterrupt } from '../run/interrupt.js';
+import { removeStaleInstances } from '../observe/tracefs.js';
+import { OutputError, writeReportFile, writeStdout } from './output.js';
 import type { Check, CheckResult, RunReport } from '../run/types.js';
 import { registerLab } from './lab.js';
 import { LabError } from '../lab/profiles.js';
@@ -93,7 +98,7 @@ export function program(): Command {
     .option('--json', 'print JSON')
     .addOption(deviceOption())
     .action((o: { json?: boolean; device?: string }) => {
-      const prof = probe(o.device);
+      const prof = probe(localTarget, o.device);
       console.log(o.json ? JSON.stringify(prof, null, 2) : formatProfile(prof));
     });
 
@@ -148,21 +153,35 @@ export function checksFor(names: string[], o: RunCliOptions): Check[] {
   return selectChecks(names, matrix);
 }
 
-/** Runs checks against the KVM that addon() reaches (this host's, or the lab's) and prints the report. */
-export async function runReport(checks: Check[], o: RunCliOptions): Promise<RunReport> {
-  const prof = probe(o.device);
-  const kvm = Kvm.open(o.device);
+/** A run under way, for the report of an interrupted run: the host once probed, and the results so far. */
+export interface RunSoFar {
+  profile?: HostProfile;
+  results: CheckResult[];
+  startMs: number;
+}
+
+/** Runs checks against the KVM of `target` (this host's, or the lab's) and prints the report. */
+export async function runReport(target: Target, checks: Check[], o: RunCliOptions, soFar?: RunSoFar): Promise<RunReport> {
+  const prof = probe(target, o.device);
+  const kvm = Kvm.open(target, o.device);
+  if (soFar) soFar.profile = prof;
   try {
     const live = !o.json && !o.ktap && process.stderr.isTTY;
     const tag = (r: CheckResult) => (r.outcome === 'pass' ? 'PASS' : r.outcome === 'not_applicable' ? 'N/A ' : r.outcome === 'error' ? 'ERR ' : 'FAIL');
     let done = 0;
     const total = forHostArch(checks, prof.arch).length;
+    const show = live
+      ? (r: CheckResult) => process.stderr.write(`\r\x1b[K${tag(r)} ${r.name}\n`)
+      : o.progressLines
+        ? (r: CheckResult) => process.stderr.write(`[${++done}/${total}] ${tag(r)} ${r.name} (${(r.durationMs / 1000).toFixed(1)} s)\n`)
+        : undefined;
     return await runChecks(checks, kvm, prof, {
-      onResult: live
-        ? (r) => process.stderr.write(`\r\x1b[K${tag(r)} ${r.name}\n`)
-        : o.progressLines
-          ? (r) => process.stderr.write(`[${++done}/${total}] ${tag(r)} ${r.name} (${(r.durationMs / 1000).toFixed(1)} s)\n`)
-          : undefined,
+      onResult: soFar
+        ? (r) => {
+            soFar.results.push(r);
+            show?.(r);
+          }
+        : show,
       onProgress: live ? progressBar : undefined,
     });
   } finally {
@@ -170,9 +189,23 @@ export async function runReport(checks: Check[], o: RunCliOptions): Promise<RunR
   }
 }
 
-export function printReport(report: RunReport, o: RunCliOptions): void {
-  console.log(o.json ? json(report) : o.ktap ? ktap(report) : human(report));
-  if (o.junit) writeFileSync(o.junit, junit(report) + '\n');
+/** Prints the report and writes the JUnit file; resolves once both are written whole (OutputError when not). */
+export async function printReport(report: RunReport, o: RunCliOptions): Promise<void> {
+  let failed: unknown;
+  try {
+    await writeStdout((o.json ? json(report) : o.ktap ? ktap(report) : human(report)) + '\n');
+  } catch (e) {
+    failed = e;
+  }
+  // The JUnit file is written even when standard output failed.
+  if (o.junit) {
+    try {
+      writeReportFile(o.junit, junit(report) + '\n', 'JUnit');
+    } catch (e) {
+      failed ??= e;
+    }
+  }
+  if (failed) throw failed;
 }
 
 /** `run`: returns the exit status. */
@@ -182,8 +215,24 @@ export async function executeRun(names: string[], o: RunCliOptions): Promise<num
     for (const c of checks) console.log(`${c.name.padEnd(28)} ${c.description}`);
     return 0;
   }
-  const report = await runReport(checks, o);
-  printReport(report, o);
+  removeStaleInstances(localFs);
+  // Interrupted (SIGINT, SIGTERM, ...), the run still reports what it checked
+  // and marks the rest not run; the process then exits 128 + the signal.
+  const soFar: RunSoFar = { results: [], startMs: performance.now() };
+  const off = onInterrupt(async (sig) => {
+    if (!soFar.profile) {
+      process.stderr.write(`kvmharness: interrupted by ${sig} before any check ran\n`);
+      return;
+    }
+    await printReport(interruptedReport(checks, soFar.results, soFar.profile, performance.now() - soFar.startMs, sig), o);
+  });
+  let report: RunReport;
+  try {
+    report = await runReport(localTarget, checks, o, soFar);
+  } finally {
+    off();
+  }
+  await printReport(report, o);
   return exitStatus(report);
 }
 
@@ -195,7 +244,7 @@ export async function main(argv: string[]): Promise<number> {
     if (e instanceof CommanderError) return e.exitCode === 0 ? 0 : 2;
     const msg = e instanceof Error ? e.message : String(e);
     process.stderr.write(`kvmharness: ${msg}\n`);
-    const expected = e instanceof HostError || e instanceof UsageError || e instanceof ScenarioError || e instanceof WalkUsageError || e instanceof LabError;
+    const expected = e instanceof OutputError || e instanceof HostError || e instanceof UsageError || e instanceof ScenarioError || e instanceof WalkUsageError || e instanceof LabError;
     if (process.env.KVMHARNESS_DEBUG && e instanceof Error && !expected) process.stderr.write(`${e.stack}\n`);
     return 2;
   }

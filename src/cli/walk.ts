@@ -22,12 +22,14 @@ import { Command, CommanderError } from 'commander';
 import { bringUp } from '../arch/x86/bringup.js';
 import { LAYOUT } from '../arch/x86/layout.js';
 import { describePte, LEVEL_NAMES } from '../arch/x86/pte.js';
-import { gfnToHva, MemslotError, Memslots, type Backing, type Memslot } from '../model/memslots.js';
+import { gfnToHva, MemslotError, Memslots, type Memslot } from '../model/memslots.js';
 import { nestedWalk, type NestedFault, type NestedRef, type NestedWalk } from '../model/nested.js';
 import { PAGES } from '../model/spte.js';
 import { Tdp } from '../model/tdp.js';
+import { declaredSlot } from '../model/vm.js';
 import { decodeErrorCode, walk, type AccessKind, type PagingConfig, type WalkResult } from '../model/walk.js';
 import { probe } from '../probe/probe.js';
+import { localTarget } from '../target/local.js';
 import { bringUpOptions, buildScenarioTables, MemImage, pagingConfigFor } from '../scenario/build.js';
 import { loadScenario, resolveScenario } from '../scenario/load.js';
 import type { MemslotDecl, Scenario } from '../scenario/types.js';
@@ -93,7 +95,7 @@ function chooseCpu(o: Pick<WalkOptions, 'probe' | 'device' | 'vendor' | 'maxphya
   let cpu: CpuChoice = { from: 'defaults', why: '--no-probe', ...DEFAULT_CPU };
   if (o.probe) {
     try {
-      const p = probe(o.device);
+      const p = probe(localTarget, o.device);
       if (p.cpu) cpu = { from: 'probe', why: `probe of ${p.device}`, vendor: p.cpu.vendor, maxPhyAddr: p.cpu.maxPhyAddr, pdpe1gb: p.cpu.pdpe1gb };
       else cpu = { ...cpu, why: `${p.device} offers no x86 CPUID` };
     } catch (e) {
@@ -166,16 +168,6 @@ export interface ScenarioTdp {
 
 const G1 = 1n << 30n;
 
-/** The model's backing for a scenario backing. */
-const BACKINGS: Record<MemslotDecl['backing'], Backing> = {
-  anon: { kind: 'anon', pageSize: 4096 },
-  shared: { kind: 'memfd', pageSize: 4096 },
-  memfd: { kind: 'memfd', pageSize: 4096 },
-  thp: { kind: 'thp', pageSize: 2 << 20 },
-  hugetlb2m: { kind: 'hugetlb2m', pageSize: 2 << 20 },
-  hugetlb1g: { kind: 'hugetlb1g', pageSize: 1 << 30 },
-};
-
 /**
  * A TDP model (x86, `levels`-level) with a scenario's memslots and nothing
  * mapped, as at VM start; the host pages of the frames in `written` are
@@ -195,16 +187,9 @@ export function scenarioTdp(s: Scenario, levels: 4 | 5, written: Iterable<number
   for (const d of decls) {
     const hva = ((next + G1 - 1n) & ~(G1 - 1n)) + (d.gpa & (G1 - 1n));
     next = hva + d.size;
-    const slot: Memslot = {
-      slot: d.slot,
-      asId: 0,
-      baseGfn: Number(d.gpa >> 12n),
-      npages: Number(d.size >> 12n),
-      hva,
-      flags: { logDirty: d.logDirty, readonly: d.readonly },
-      backing: BACKINGS[d.backing],
-    };
+    let slot: Memslot;
     try {
+      slot = declaredSlot(d, hva);
       tdp.setMemslot(slot);
     } catch (e) {
       if (!(e instanceof MemslotError)) throw e;

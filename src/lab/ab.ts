@@ -65,7 +65,7 @@ export function compareAb(baseline: readonly RunReport[], kernel: readonly RunRe
   return { rows, outcomeDiffs: rows.filter((r) => r.outcomeDiffers).length, timeDiffs: rows.filter((r) => r.timeDiffers).length };
 }
 
-const OUT: Record<Outcome, string> = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERROR' };
+const OUT: Record<Outcome, string> = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERROR', not_run: 'NOT RUN' };
 
 function outcomes(os: Outcome[]): string {
   const set = [...new Set(os)];

@@ -1,7 +1,7 @@
 // Formatters only: a RunReport in, text out.
 import type { CheckResult, RunReport } from '../run/types.js';
 
-const MARK: Record<CheckResult['outcome'], string> = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A ', error: 'ERR ' };
+const MARK: Record<CheckResult['outcome'], string> = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A ', error: 'ERR ', not_run: 'SKIP' };
 
 export function human(r: RunReport): string {
   const out: string[] = [];
@@ -13,7 +13,8 @@ export function human(r: RunReport): string {
     out.push(...detail(c).map((l) => `      ${l}`));
   }
   const s = r.summary;
-  out.push(`${s.passed} passed, ${s.failed} failed, ${s.notApplicable} not applicable, ${s.errors} errors (${(s.durationMs / 1000).toFixed(2)} s)${s.casesChecked ? `; ${s.casesChecked} cases checked` : ''}`);
+  const notRun = s.notRun || s.interrupted ? `, ${s.notRun} not run${s.interrupted ? ` (interrupted by ${s.interrupted})` : ''}` : '';
+  out.push(`${s.passed} passed, ${s.failed} failed, ${s.notApplicable} not applicable, ${s.errors} errors${notRun} (${(s.durationMs / 1000).toFixed(2)} s)${s.casesChecked ? `; ${s.casesChecked} cases checked` : ''}`);
   return out.join('\n');
 }
 
@@ -22,6 +23,7 @@ function detail(c: CheckResult): string[] {
   const lines: string[] = [];
   if (c.outcome === 'not_applicable') lines.push(`not applicable here: ${c.reason}`);
   if (c.outcome === 'error') lines.push(`error: ${c.reason}`);
+  if (c.outcome === 'not_run') lines.push(`not run: ${c.reason}`);
   for (const m of c.comparisons) {
     if (m.ok) continue;
     lines.push(`${m.what}: expected ${m.expected}`);
@@ -31,8 +33,14 @@ function detail(c: CheckResult): string[] {
   return lines;
 }
 
+/**
+ * The version of the JSON report's format (docs/report.schema.json). Raised
+ * when a field is removed or changes meaning; new fields keep it.
+ */
+export const REPORT_VERSION = 1;
+
 export function json(r: RunReport): string {
-  return JSON.stringify(r, null, 2);
+  return JSON.stringify({ version: REPORT_VERSION, ...r }, null, 2);
 }
 
 /** KTAP version 1, as the kernel's KUnit and kselftests print it. */
@@ -42,10 +50,11 @@ export function ktap(r: RunReport): string {
     for (const l of detail(c)) out.push(`# ${l}`);
     const name = c.name.replace(/#/g, '_');
     if (c.outcome === 'not_applicable') out.push(`ok ${i + 1} ${name} # SKIP not applicable here: ${oneLine(c.reason ?? '')}`);
+    else if (c.outcome === 'not_run') out.push(`ok ${i + 1} ${name} # SKIP not run: ${oneLine(c.reason ?? '')}`);
     else out.push(`${c.outcome === 'pass' ? 'ok' : 'not ok'} ${i + 1} ${name}`);
   });
   const s = r.summary;
-  out.push(`# ${name(s.passed, s.failed, s.notApplicable, s.errors)}`);
+  out.push(`# ${name(s.passed, s.failed, s.notApplicable + s.notRun, s.errors)}`);
   return out.join('\n');
 }
 
@@ -60,16 +69,19 @@ const xml = (s: string) =>
 
 export function junit(r: RunReport): string {
   const s = r.summary;
+  const skipped = s.notApplicable + s.notRun;
   const out = [
     '<?xml version="1.0" encoding="UTF-8"?>',
-    `<testsuites tests="${s.total}" failures="${s.failed}" errors="${s.errors}" skipped="${s.notApplicable}" time="${(s.durationMs / 1000).toFixed(3)}">`,
-    `  <testsuite name="kvmharness" hostname="${xml(r.host.flavour)}" tests="${s.total}" failures="${s.failed}" errors="${s.errors}" skipped="${s.notApplicable}" time="${(s.durationMs / 1000).toFixed(3)}">`,
+    // Jenkins' junit-10.xsd allows skipped on <testsuite> only (test/fixtures/junit-10.xsd).
+    `<testsuites tests="${s.total}" failures="${s.failed}" errors="${s.errors}" time="${(s.durationMs / 1000).toFixed(3)}">`,
+    `  <testsuite name="kvmharness" hostname="${xml(r.host.flavour)}" tests="${s.total}" failures="${s.failed}" errors="${s.errors}" skipped="${skipped}" time="${(s.durationMs / 1000).toFixed(3)}">`,
   ];
   for (const c of r.checks) {
     const open = `    <testcase classname="kvmharness.${xml(r.host.flavour)}" name="${xml(c.name)}" time="${(c.durationMs / 1000).toFixed(3)}"`;
     const body = detail(c).join('\n');
     if (c.outcome === 'pass') out.push(`${open}/>`);
     else if (c.outcome === 'not_applicable') out.push(`${open}><skipped message="${xml(`not applicable here: ${oneLine(c.reason ?? '')}`)}"/></testcase>`);
+    else if (c.outcome === 'not_run') out.push(`${open}><skipped message="${xml(`not run: ${oneLine(c.reason ?? '')}`)}"/></testcase>`);
     else {
       const tag = c.outcome === 'fail' ? 'failure' : 'error';
       const first = c.comparisons.find((m) => !m.ok);

@@ -2,7 +2,7 @@
 // comparisons, the differ decides pass/fail, and nothing a check does can stop
 // the checks after it.
 import type { Kvm } from '../kvm/kvm.js';
-import { HostError } from '../kvm/sys.js';
+import { HostError, Unsupported } from '../kvm/sys.js';
 import type { HostProfile } from '../probe/probe.js';
 import { same, show } from './differ.js';
 import { NotApplicable, type Check, type CheckResult, type Comparison, type RunReport, type WrongExpectation, type WrongObservation } from './types.js';
@@ -38,6 +38,7 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
   }
   try {
     await check.run({
+      target: kvm.target,
       kvm,
       profile,
       expect(what, expected, observed) {
@@ -54,7 +55,8 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
       progress: (done, total) => opts.onProgress?.(check.name, done, total),
     });
   } catch (e) {
-    if (e instanceof NotApplicable) return result('not_applicable', e.message);
+    // The target lacking an operation is "not applicable here" too.
+    if (e instanceof NotApplicable || e instanceof Unsupported) return result('not_applicable', e.message);
     if (e instanceof HostError) throw e;
     return result('error', e instanceof Error ? e.message : String(e));
   }
@@ -84,6 +86,11 @@ export async function runChecks(checks: readonly Check[], kvm: Kvm, profile: Hos
     results.push(r);
     opts.onResult?.(r);
   }
+  return reportOf(profile, results, performance.now() - t0);
+}
+
+/** The report of these results. */
+export function reportOf(profile: HostProfile, results: CheckResult[], durationMs: number, interrupted?: string): RunReport {
   const count = (o: CheckResult['outcome']) => results.filter((r) => r.outcome === o).length;
   return {
     host: { arch: profile.arch, flavour: profile.flavour, tdp: profile.tdp, tdpMmu: profile.tdpMmu, device: profile.device },
@@ -94,10 +101,39 @@ export async function runChecks(checks: readonly Check[], kvm: Kvm, profile: Hos
       failed: count('fail'),
       notApplicable: count('not_applicable'),
       errors: count('error'),
-      durationMs: performance.now() - t0,
+      notRun: count('not_run'),
+      ...(interrupted ? { interrupted } : {}),
+      durationMs,
       casesChecked: results.reduce((n, r) => n + (r.cases?.checked ?? 0), 0),
     },
   };
+}
+
+/**
+ * The report of a run interrupted by `signal`: the results it has, then every
+ * other check of `checks` (those forHostArch keeps) as not run; the first of
+ * them was under way.
+ */
+export function interruptedReport(
+  checks: readonly Check[],
+  done: readonly CheckResult[],
+  profile: HostProfile,
+  durationMs: number,
+  signal: string,
+): RunReport {
+  const rest = forHostArch(checks, profile.arch).filter((c) => !done.some((r) => r.name === c.name));
+  const notRun = rest.map(
+    (c, i): CheckResult => ({
+      name: c.name,
+      description: c.description,
+      outcome: 'not_run',
+      comparisons: [],
+      reason: i === 0 ? `interrupted by ${signal} while it ran` : `the run was interrupted by ${signal}`,
+      notes: [],
+      durationMs: 0,
+    }),
+  );
+  return reportOf(profile, [...done, ...notRun], durationMs, signal);
 }
 
 /** 0 when nothing failed or errored; 1 otherwise. */

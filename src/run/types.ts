@@ -1,8 +1,10 @@
 // What a check is, what it produced, and how a run is summarised.
 import type { Kvm } from '../kvm/kvm.js';
+import type { Target } from '../target/target.js';
 import type { HostProfile, Oracle } from '../probe/probe.js';
 
-export type Outcome = 'pass' | 'fail' | 'not_applicable' | 'error';
+/** not_run: the run was interrupted (SIGINT, SIGTERM, ...) before the check finished or began. */
+export type Outcome = 'pass' | 'fail' | 'not_applicable' | 'error' | 'not_run';
 
 /** One expected-against-observed record; ok is decided by the differ, not the check. */
 export interface Comparison {
@@ -17,7 +19,7 @@ export interface CheckResult {
   description: string;
   outcome: Outcome;
   comparisons: Comparison[];
-  /** Why the check is not applicable, or the error that stopped it. */
+  /** Why the check is not applicable or was not run, or the error that stopped it. */
   reason?: string;
   notes: string[];
   durationMs: number;
@@ -37,6 +39,10 @@ export interface Summary {
   failed: number;
   notApplicable: number;
   errors: number;
+  /** Checks left unfinished by an interrupted run. */
+  notRun: number;
+  /** The signal that interrupted the run, if one did. */
+  interrupted?: string;
   durationMs: number;
   /** Sum of CheckResult.cases.checked over the run (0 when no check counts cases). */
   casesChecked: number;
@@ -64,6 +70,9 @@ export type WrongExpectation = (check: string, what: string, expected: unknown) 
 export type WrongObservation = (check: string, what: string, observed: unknown) => unknown;
 
 export interface CheckContext {
+  /** The machine under test: its files (tracefs, sysfs) and what it can do. */
+  target: Target;
+  /** Its KVM device (opened on `target`). */
   kvm: Kvm;
   profile: HostProfile;
   /** Records a comparison; equality is structural, bigints and bytes included. */

@@ -29,7 +29,7 @@ import {
 } from '../arch/x86/pte.js';
 import { PAGE_LEVEL, PageTables } from '../arch/x86/tables.js';
 import type { PagingConfig, Vendor } from '../model/walk.js';
-import type { Backing } from '../kvm/kvm.js';
+import { BACKINGS, type HostAlloc } from '../model/vm.js';
 import type { Mapping, MemslotDecl, PteAttrs, Scenario } from './types.js';
 
 const hex = (v: bigint) => `0x${v.toString(16)}`;
@@ -226,24 +226,7 @@ export class MemImage implements GuestMem {
   }
 }
 
-/**
- * The host memory behind a scenario's memslot. 'anon' asks for no transparent
- * huge pages (MADV_NOHUGEPAGE): 4 KiB pages whatever the host's THP mode, which
- * is what the host model (src/model/memslots.ts) takes 'anon' to be. Under THP
- * "always" a guest write would otherwise fault in a 2 MiB page, and KVM would
- * then map its neighbours writable (and log them dirty) on read faults.
- */
-export function slotBacking(b: MemslotDecl['backing']): Backing {
-  switch (b) {
-    case 'anon':
-      return { kind: 'anon', thp: false };
-    case 'thp':
-      return { kind: 'anon', thp: true };
-    case 'hugetlb2m':
-      return { kind: 'hugetlb', pageSize: '2M' };
-    case 'hugetlb1g':
-      return { kind: 'hugetlb', pageSize: '1G' };
-    default:
-      return { kind: b };
-  }
+/** The host memory behind a scenario's memslot, from the one table of backings (model/vm.ts BACKINGS). */
+export function slotBacking(b: MemslotDecl['backing']): HostAlloc {
+  return BACKINGS[b].alloc;
 }
