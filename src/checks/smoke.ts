@@ -8,6 +8,7 @@ import { CAP, MEM } from '../uapi/uapi.js';
 import { walk, type AccessKind } from '../model/walk.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 import { shadowPages } from './shadow.js';
+import { shadowMmuModel } from './shadow-mmu.js';
 import { tdpDirtyLogSplitCoalesce, tdpPicture } from './tdp.js';
 import { pagingConfig, pteReader } from './x86.js';
 import { ARM64_SMOKE } from './arm64.js';
@@ -294,6 +295,7 @@ export const X86_SMOKE: readonly Check[] = [
   translateCheck,
   timeoutKick,
   shadowPages,
+  shadowMmuModel(),
   tdpPicture(),
   tdpDirtyLogSplitCoalesce(),
 ].map((c) => ({ ...c, arch: 'x64' }));

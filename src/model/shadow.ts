@@ -414,6 +414,23 @@ export class ShadowMmu {
    * KVM_REQ_MMU_SYNC syncs the current root.
    */
   enter(): void {
+    this.requests();
+    this.load();
+  }
+
+  /**
+   * Between two guest operations: a native host enters the guest again
+   * after every exit, so pending requests run at once; an emulated host
+   * (kvm_pvm, as measured here) only loads a missing root before the next
+   * instruction and leaves the requests to the next KVM_RUN.
+   */
+  private settle(): void {
+    if (this.cfg.exec === 'native') this.enter();
+    else this.load();
+  }
+
+  /** KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, then KVM_REQ_MMU_SYNC. */
+  private requests(): void {
     for (const p of this.prevRoots.filter((r) => r.sp.invalid)) this.freeRoot(p.sp);
     this.prevRoots = this.prevRoots.filter((r) => !r.sp.invalid);
     if (this.root?.invalid) {
@@ -424,6 +441,10 @@ export class ShadowMmu {
       this.syncPending = false;
       if (this.root) this.syncRoots();
     }
+  }
+
+  /** kvm_mmu_reload() / kvm_mmu_load(): a root for the current CR3 when there is none. */
+  private load(): void {
     if (!this.root) {
       this.root = this.getPage(this.cr3 >> 12n, { level: this.cfg.levels, direct: false, access: ACC.ALL });
       this.root.rootCount++;
@@ -448,7 +469,7 @@ export class ShadowMmu {
     const pgd = cr3 & ADDR;
     this.tlb.clear();
     this.syncPending = true;
-    if (pgd === this.cr3) return;
+    if (pgd === this.cr3) return this.settle();
     const old = this.root ? { pgd: this.cr3, sp: this.root } : undefined;
     this.cr3 = pgd;
     const k = this.prevRoots.findIndex((r) => r.pgd === pgd && !r.sp.invalid);
@@ -457,12 +478,14 @@ export class ShadowMmu {
       if (old) this.prevRoots.unshift(old);
       this.root = hit.sp;
       hit.sp.flooding = 0;
+      this.settle();
       return;
     }
     if (old) this.prevRoots.unshift(old);
     const evicted = this.prevRoots.length > KVM_MMU_NUM_PREV_ROOTS ? this.prevRoots.pop() : undefined;
     if (evicted) this.freeRoot(evicted.sp);
     this.root = undefined;
+    this.settle();
   }
 
   /** kvm_mmu_sync_roots(): the current root, when it has unsync pages below it. */
@@ -510,11 +533,13 @@ export class ShadowMmu {
       if (!sp.unsyncChildren.size) break;
       sp = sp.spt.get(i);
     }
+    this.settle();
   }
 
   /** A memslot deleted or moved: kvm_mmu_zap_all_fast(), every page zapped, roots reloaded at the next entry. */
   zapAll(): void {
-    const all = [...this.hash.values()].flat().sort((a, b) => b.id - a.id);
+    // kvm_zap_obsolete_pages(): oldest first (active_mmu_pages from its tail).
+    const all = [...this.hash.values()].flat().sort((a, b) => a.id - b.id);
     for (const sp of all) if (!sp.invalid) this.zap(sp);
     this.tlb.clear();
   }
@@ -583,6 +608,7 @@ export class ShadowMmu {
     const frames = this.tlb.get(vpn) ?? new Set<bigint>();
     frames.add(shadow ?? w.gfn);
     this.tlb.set(vpn, frames);
+    this.settle();
     return { gpa: (w.gfn << 12n) | (gva & 0xfffn), allowed: [...allowed].sort((a, b) => (a < b ? -1 : 1)), shadow };
   }
 
