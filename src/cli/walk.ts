@@ -24,6 +24,7 @@ import { LAYOUT } from '../arch/x86/layout.js';
 import { describePte, LEVEL_NAMES } from '../arch/x86/pte.js';
 import { gfnToHva, MemslotError, Memslots, type Backing, type Memslot } from '../model/memslots.js';
 import { nestedWalk, type NestedFault, type NestedRef, type NestedWalk } from '../model/nested.js';
+import { ShadowMmu, type SpInfo } from '../model/shadow.js';
 import { PAGES } from '../model/spte.js';
 import { Tdp } from '../model/tdp.js';
 import { decodeErrorCode, walk, type AccessKind, type PagingConfig, type WalkResult } from '../model/walk.js';
@@ -50,6 +51,8 @@ export interface WalkOptions {
   nested?: boolean;
   /** 4 or 5 (default 4); only with --nested. */
   tdpLevels?: string;
+  /** Also the shadow pages the shadow MMU model uses for the access. */
+  shadow?: boolean;
 }
 
 /** CPU features the model uses, and where they came from. */
@@ -113,6 +116,8 @@ interface WalkRun {
   cr3: bigint;
   access: { gva: bigint; kind: AccessKind; cpl: 0 | 3; ac: boolean };
   result: WalkResult;
+  /** --shadow: the shadow pages on the access's path, root first, after it. */
+  shadow?: SpInfo[];
 }
 
 interface NestedRun extends WalkRun {
@@ -151,10 +156,32 @@ function runWalk(file: string, o: WalkOptions): WalkRun | NestedRun {
   const cr3 = boot.tables.root;
   const guestAccess = { gva: access.gva, kind: access.kind, cpl: access.cpl, eflagsAc: access.ac };
   const read = (gpa: bigint) => mem.read64(gpa);
-  if (!o.nested) return { scenario, cpu, cfg, cr3, access, result: walk(cfg, cr3, guestAccess, read) };
+  if (!o.nested) {
+    const result = walk(cfg, cr3, guestAccess, read);
+    return { scenario, cpu, cfg, cr3, access, result, ...(o.shadow ? { shadow: shadowPath(mem, cfg, cr3, access) } : {}) };
+  }
   const tdp = scenarioTdp(scenario, o.tdpLevels === '5' ? 5 : 4, mem.touched);
   const nested = nestedWalk(cfg, cr3, guestAccess, read, tdp.tdp, 0, { faultIn: true });
   return { scenario, cpu, cfg, cr3, access, result: nested.guest, tdp, nested };
+}
+
+/**
+ * The shadow pages a native shadow-MMU host uses for the access, from an
+ * empty shadow MMU (model/shadow.ts): the root at entry, then the access
+ * faults in a page per guest table. The model writes to its own overlay.
+ */
+function shadowPath(mem: MemImage, cfg: PagingConfig, cr3: bigint, a: WalkRun['access']): SpInfo[] {
+  const overlay = new Map<bigint, bigint>();
+  const view = { read64: (g: bigint) => overlay.get(g) ?? mem.read64(g), write64: (g: bigint, v: bigint) => void overlay.set(g, v) };
+  const mmu = new ShadowMmu({ levels: cfg.levels, exec: 'native', cr0Wp: cfg.cr0Wp }, view, cr3);
+  mmu.enter();
+  mmu.access(a.gva, a.kind);
+  return mmu.path(a.gva);
+}
+
+function shadowLines(sps: SpInfo[]): string[] {
+  if (!sps.length) return [kvLine('shadow', 'no shadow page (the guest walk faults)')];
+  return sps.map((sp, i) => kvLine(i === 0 ? 'shadow' : '', `l${sp.level} gfn ${hex(sp.gfn)}${sp.direct ? ' direct' : ''} ${sp.unsync ? 'unsync' : 'sync'}${i === 0 ? ' (root)' : ''}`));
 }
 
 /** The TDP model of a scenario's VM, and the memslots it was given. */
@@ -442,9 +469,13 @@ export function registerWalk(program: Command, out: (s: string) => void = (s) =>
     .option('--json', 'print JSON')
     .option('--nested', 'print both dimensions: every TDP and guest-table reference, over an empty TDP model of the memslots')
     .option('--tdp-levels <n>', 'with --nested: TDP levels, 4 or 5 (default 4)')
+    .option('--shadow', 'also the shadow pages a shadow-MMU host uses for the access (model/shadow.ts), and whether each is unsync')
     .action((file: string, o: WalkOptions) => {
       const r = runWalk(file, o);
-      const text = 'nested' in r ? (o.json ? JSON.stringify(nestedJson(r), null, 2) : formatNested(r)) : o.json ? JSON.stringify(walkJson(r), null, 2) : formatWalk(r);
+      const shadow = r.shadow?.map((sp) => ({ gfn: hex(sp.gfn), level: sp.level, direct: sp.direct, unsync: sp.unsync }));
+      const text = 'nested' in r ? (o.json ? JSON.stringify(nestedJson(r), null, 2) : formatNested(r))
+        : o.json ? JSON.stringify({ ...walkJson(r), ...(shadow ? { shadow } : {}) }, null, 2)
+        : [formatWalk(r), ...(r.shadow ? shadowLines(r.shadow) : [])].join('\n');
       out(`${text}\n`);
     });
 }
