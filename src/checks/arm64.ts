@@ -3,13 +3,14 @@
 // against observed for the runner's differ. The suite runs on arm64 KVM
 // hosts, such as the lab's vhe / nvhe / protected profiles.
 import { A64 } from '../arch/arm64/asm.js';
-import { decodeAbort, parseGuestFault } from '../arch/arm64/esr.js';
+import { decodeAbort } from '../arch/arm64/esr.js';
 import { Arm64Guest, channel, CHANNEL, describeStop, LAYOUT, type GuestStop } from '../arch/arm64/guest.js';
 import type { Memslot as KvmMemslot } from '../kvm/kvm.js';
 import { CAP, MEM, RUN } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
 import { armLevel, isTable, Tdp, type WrongModel } from '../model/tdp.js';
 import { TraceSession } from '../observe/tracefs.js';
+import { parseGuestFault } from '../observe/stage2-faults.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 
 const PAGE = 0x1000n;
