@@ -1,7 +1,8 @@
 // A/B comparison of two kernels' reports: outcomes that differ, and times that
 // differ beyond the noise of the repeats.
 import { describe, expect, it } from 'vitest';
-import { abTable, beyondNoise, compareAb } from '../src/lab/ab.js';
+import { beyondNoise, compareAb } from '../src/lab/ab.js';
+import { abTable } from '../src/report/ab-table.js';
 import type { CheckResult, Outcome, RunReport } from '../src/run/types.js';
 
 function report(checks: [string, Outcome, number][]): RunReport {

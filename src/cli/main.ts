@@ -4,10 +4,11 @@ import { writeFileSync } from 'node:fs';
 import { SMOKE } from '../checks/smoke.js';
 import { Kvm } from '../kvm/kvm.js';
 import { HostError } from '../kvm/sys.js';
-import { formatProfile, probe } from '../probe/probe.js';
-import { human, json, junit, ktap } from '../report/report.js';
+import { probe } from '../probe/probe.js';
+import { formatProfile } from '../report/profile.js';
+import { human, json, junit, ktap, tag } from '../report/report.js';
 import { exitStatus, forHostArch, runChecks } from '../run/runner.js';
-import type { Check, CheckResult, RunReport } from '../run/types.js';
+import type { Check, RunReport } from '../run/types.js';
 import { registerLab } from './lab.js';
 import { LabError } from '../lab/profiles.js';
 import { scenarioCheck } from '../run/engine.js';
@@ -154,14 +155,13 @@ export async function runReport(checks: Check[], o: RunCliOptions): Promise<RunR
   const kvm = Kvm.open(o.device);
   try {
     const live = !o.json && !o.ktap && process.stderr.isTTY;
-    const tag = (r: CheckResult) => (r.outcome === 'pass' ? 'PASS' : r.outcome === 'not_applicable' ? 'N/A ' : r.outcome === 'error' ? 'ERR ' : 'FAIL');
     let done = 0;
     const total = forHostArch(checks, prof.arch).length;
     return await runChecks(checks, kvm, prof, {
       onResult: live
-        ? (r) => process.stderr.write(`\r\x1b[K${tag(r)} ${r.name}\n`)
+        ? (r) => process.stderr.write(`\r\x1b[K${tag(r.outcome)} ${r.name}\n`)
         : o.progressLines
-          ? (r) => process.stderr.write(`[${++done}/${total}] ${tag(r)} ${r.name} (${(r.durationMs / 1000).toFixed(1)} s)\n`)
+          ? (r) => process.stderr.write(`[${++done}/${total}] ${tag(r.outcome)} ${r.name} (${(r.durationMs / 1000).toFixed(1)} s)\n`)
           : undefined,
       onProgress: live ? progressBar : undefined,
     });

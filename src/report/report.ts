@@ -1,14 +1,18 @@
 // Formatters only: a RunReport in, text out.
-import type { CheckResult, RunReport } from '../run/types.js';
+import type { CheckResult, Outcome, RunReport } from '../run/types.js';
 
-const MARK: Record<CheckResult['outcome'], string> = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A ', error: 'ERR ' };
+/** The mark of each outcome, in every table and progress line that prints one. */
+export const MARK: Record<Outcome, string> = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERR' };
+
+/** An outcome's mark padded to one width, for a column. */
+export const tag = (o: Outcome): string => MARK[o].padEnd(4);
 
 export function human(r: RunReport): string {
   const out: string[] = [];
   out.push(`host: ${r.host.flavour} on ${r.host.arch}, TDP ${r.host.tdp.enabled ? r.host.tdp.kind : 'off'}, tdp_mmu ${r.host.tdpMmu ? 'on' : 'off'} (${r.host.device})`);
   const w = Math.max(10, ...r.checks.map((c) => c.name.length));
   for (const c of r.checks) {
-    out.push(`${MARK[c.outcome]}  ${c.name.padEnd(w)}  ${c.durationMs.toFixed(1).padStart(8)} ms  ${c.description}`);
+    out.push(`${tag(c.outcome)}  ${c.name.padEnd(w)}  ${c.durationMs.toFixed(1).padStart(8)} ms  ${c.description}`);
     if (c.cases) out.push(`      ${c.cases.checked} cases: ${Object.entries(c.cases.byOutcome).map(([k, n]) => `${k} ${n}`).join(', ')}`);
     out.push(...detail(c).map((l) => `      ${l}`));
   }
@@ -45,11 +49,12 @@ export function ktap(r: RunReport): string {
     else out.push(`${c.outcome === 'pass' ? 'ok' : 'not ok'} ${i + 1} ${name}`);
   });
   const s = r.summary;
-  out.push(`# ${name(s.passed, s.failed, s.notApplicable, s.errors)}`);
+  out.push(`# ${totals(s.passed, s.failed, s.notApplicable, s.errors)}`);
   return out.join('\n');
 }
 
-function name(p: number, f: number, n: number, e: number): string {
+/** KTAP's totals line: errors count as failures. */
+function totals(p: number, f: number, n: number, e: number): string {
   return `totals: pass:${p} fail:${f + e} skip:${n}`;
 }
 
