@@ -12,7 +12,7 @@ import { probe } from '../probe/probe.js';
 import { formatProfile } from '../report/profile.js';
 import { exitStatus } from '../run/runner.js';
 import type { RunReport } from '../run/types.js';
-import { addRunOptions, checksFor, printReport, runReport, type RunCliOptions } from './main.js';
+import { addRunOptions, checksFor, printReport, runReport, type RunCliOptions } from './run.js';
 
 const log = (s: string) => void process.stderr.write(`${s.startsWith('lab: ') ? s : `lab: ${s}`}\n`);
 

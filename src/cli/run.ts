@@ -1,0 +1,103 @@
+// `kvmharness run`, and the run options `lab run` shares: arguments in,
+// checks run, report out.
+import { Option, type Command } from 'commander';
+import { writeFileSync } from 'node:fs';
+import { selectChecks, type MatrixOptions } from '../checks/suites.js';
+import { Kvm } from '../kvm/kvm.js';
+import { probe } from '../probe/probe.js';
+import { human, json, junit, ktap, tag } from '../report/report.js';
+import { exitStatus, forHostArch, runChecks } from '../run/runner.js';
+import type { Check, RunReport } from '../run/types.js';
+
+/** A usage error: exit status 2 with one line. */
+export class UsageError extends Error {}
+
+/** A one-line progress bar on a terminal: `name [#####.....] done/total`. */
+function progressBar(check: string, done: number, total: number): void {
+  const w = 30;
+  const fill = total ? Math.round((done / total) * w) : 0;
+  process.stderr.write(`\r\x1b[K${check} [${'#'.repeat(fill)}${'.'.repeat(w - fill)}] ${done}/${total}`);
+}
+
+export function deviceOption(): Option {
+  return new Option('--device <path>', 'KVM device (default: $KVMHARNESS_DEVICE or /dev/kvm)');
+}
+
+export interface RunCliOptions {
+  json?: boolean;
+  ktap?: boolean;
+  junit?: string;
+  list?: boolean;
+  device?: string;
+  sample?: string;
+  seed?: string;
+  mode?: string;
+  /** Print one line per finished check on stderr even when it is not a terminal (lab runs, which take minutes). */
+  progressLines?: boolean;
+}
+
+/** The options of `run`, shared with `lab run`. */
+export function addRunOptions(c: Command): Command {
+  return c
+    .argument('[names...]', 'checks, suites or scenario files to run')
+    .option('--json', 'print the report as JSON')
+    .option('--ktap', 'print the report as KTAP')
+    .option('--junit <file>', 'also write a JUnit XML report to FILE')
+    .option('--list', 'list the checks and exit')
+    .option('--sample <n>', 'access matrix: check a reproducible random subset of N cases')
+    .option('--seed <s>', 'access matrix: seed of the subset (default 1)')
+    .option('--mode <mode>', 'access matrix: 4level or 5level (default 4level)')
+    .addOption(deviceOption());
+}
+
+/** Parses run options into the checks to run. */
+export function checksFor(names: string[], o: RunCliOptions): Check[] {
+  if (o.json && o.ktap) throw new UsageError('--json and --ktap are exclusive');
+  const count = (flag: string, v: string | undefined, min: number) => {
+    if (v === undefined) return undefined;
+    if (!/^\d+$/.test(v) || Number(v) < min || !Number.isSafeInteger(Number(v))) throw new UsageError(`${flag} needs an integer >= ${min}, got '${v}'`);
+    return Number(v);
+  };
+  if (o.mode !== undefined && o.mode !== '4level' && o.mode !== '5level') throw new UsageError(`--mode must be 4level or 5level, got '${o.mode}'`);
+  const matrix: MatrixOptions = { mode: o.mode as MatrixOptions['mode'], sample: count('--sample', o.sample, 1), seed: count('--seed', o.seed, 0) };
+  return selectChecks(names, matrix);
+}
+
+/** Runs checks against the KVM that addon() reaches (this host's, or the lab's) and prints the report. */
+export async function runReport(checks: Check[], o: RunCliOptions): Promise<RunReport> {
+  const prof = probe(o.device);
+  const kvm = Kvm.open(o.device);
+  try {
+    const live = !o.json && !o.ktap && process.stderr.isTTY;
+    let done = 0;
+    const total = forHostArch(checks, prof.arch).length;
+    return await runChecks(checks, kvm, prof, {
+      onResult: live
+        ? (r) => process.stderr.write(`\r\x1b[K${tag(r.outcome)} ${r.name}\n`)
+        : o.progressLines
+          ? (r) => process.stderr.write(`[${++done}/${total}] ${tag(r.outcome)} ${r.name} (${(r.durationMs / 1000).toFixed(1)} s)\n`)
+          : undefined,
+      onProgress: live ? progressBar : undefined,
+    });
+  } finally {
+    kvm.close();
+  }
+}
+
+export function printReport(report: RunReport, o: RunCliOptions): void {
+  console.log(o.json ? json(report) : o.ktap ? ktap(report) : human(report));
+  if (o.junit) writeFileSync(o.junit, junit(report) + '\n');
+}
+
+/** `run`: returns the exit status. */
+export async function executeRun(names: string[], o: RunCliOptions): Promise<number> {
+  const checks = checksFor(names, o);
+  if (o.list) {
+    for (const c of checks) console.log(`${c.name.padEnd(28)} ${c.description}`);
+    return 0;
+  }
+  const report = await runReport(checks, o);
+  printReport(report, o);
+  return exitStatus(report);
+}
+
