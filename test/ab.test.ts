@@ -8,7 +8,7 @@ import type { CheckResult, Outcome, RunReport } from '../src/run/types.js';
 function report(checks: [string, Outcome, number][]): RunReport {
   const cs: CheckResult[] = checks.map(([name, outcome, durationMs]) => ({ name, description: '', outcome, comparisons: [], notes: [], durationMs }));
   return {
-    host: { arch: 'x64', flavour: 'kvm_amd', tdp: { enabled: true, kind: 'npt' }, tdpMmu: true, device: '/dev/kvm' },
+    host: { arch: 'x86_64', flavour: 'kvm_amd', tdp: { enabled: true, kind: 'npt' }, tdpMmu: true, device: '/dev/kvm' },
     checks: cs,
     summary: { total: cs.length, passed: 0, failed: 0, notApplicable: 0, errors: 0, durationMs: 0, casesChecked: 0 },
   };

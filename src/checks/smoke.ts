@@ -296,7 +296,7 @@ export const X86_SMOKE: readonly Check[] = [
   shadowPages,
   tdpPicture(),
   tdpDirtyLogSplitCoalesce(),
-].map((c) => ({ ...c, arch: 'x64' }));
+].map((c) => ({ ...c, arch: 'x86_64' }));
 
 /** The smoke suite: a run takes the checks of the KVM host's architecture (runner.forHostArch). */
 export const SMOKE: readonly Check[] = [...X86_SMOKE, ...ARM64_SMOKE];

@@ -4,7 +4,7 @@ import { SelectionError } from '../checks/suites.js';
 import { HostError } from '../kvm/sys.js';
 import { LabError } from '../lab/profiles.js';
 import { probe } from '../probe/probe.js';
-import { formatProfile } from '../report/profile.js';
+import { formatProfile, profileJson } from '../report/profile.js';
 import { ScenarioError } from '../scenario/load.js';
 import { registerLab } from './lab.js';
 import { addRunOptions, deviceOption, executeRun, UsageError, type RunCliOptions } from './run.js';
@@ -22,7 +22,7 @@ export function program(): Command {
     .addOption(deviceOption())
     .action((o: { json?: boolean; device?: string }) => {
       const prof = probe(o.device);
-      console.log(o.json ? JSON.stringify(prof, null, 2) : formatProfile(prof));
+      console.log(o.json ? profileJson(prof) : formatProfile(prof));
     });
 
   addRunOptions(p.command('run').description('run checks against KVM (default: every built-in check)')).action(

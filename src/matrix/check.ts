@@ -83,7 +83,7 @@ export function accessMatrix(opts: AccessMatrixOptions = {}): Check {
   const what = opts.sample === undefined ? 'every legal case' : `${opts.sample} sampled cases (seed ${opts.seed ?? 1})`;
   return {
     name: 'access-matrix',
-    arch: 'x64',
+    arch: 'x86_64',
     description: `PTE/PDE bits x access x CPL x control bits (the access.c class, ${opts.mode ?? '4level'}): ${what}, each checked against the walk model (fault, error code, CR2, value, A/D)`,
     needs: ['exits', 'ad_bits'],
     run: (ctx) => runMatrix(ctx, opts),

@@ -1,8 +1,10 @@
 // The host profile: what KVM is here, and from that, which oracles this host
 // offers. Reads sysfs/procfs and asks KVM; changes nothing.
+import { archOfNode, type Arch } from '../arch/arch.js';
 import type { GuestWalker } from '../model/walk.js';
 import { hostFs } from '../kvm/hostfs.js';
 import { Kvm, type CpuidEntry } from '../kvm/kvm.js';
+import { HostError } from '../kvm/sys.js';
 import { CAP, type CapName } from '../uapi/uapi.js';
 
 export type Flavour = 'kvm_intel' | 'kvm_amd' | 'kvm_pvm' | 'arm64-vhe' | 'arm64-nvhe' | 'arm64-protected' | 'unknown';
@@ -44,7 +46,7 @@ export interface CpuFeatures {
 }
 
 export interface HostProfile {
-  arch: string;
+  arch: Arch;
   device: string;
   flavour: Flavour;
   tdp: { enabled: boolean; kind: 'ept' | 'npt' | 'stage2' | 'none' };
@@ -97,7 +99,7 @@ export const TRACE_EVENTS = [
  * successfully"); the command line's kvm-arm.mode is what was asked for, and
  * decides only when the log no longer holds that line.
  */
-export function detectFlavour(mods: (name: string) => boolean, cmdline: string, machine: string, kernelLog?: string): Flavour {
+export function detectFlavour(mods: (name: string) => boolean, cmdline: string, machine: Arch, kernelLog?: string): Flavour {
   if (machine === 'arm64') {
     const log = kernelLog ?? '';
     if (/Protected nVHE mode initialized successfully/.test(log)) return 'arm64-protected';
@@ -149,7 +151,7 @@ function cpuFeatures(entries: CpuidEntry[]): CpuFeatures {
 export function deriveOracles(p: Omit<HostProfile, 'oracles'>): Record<Oracle, OracleState> {
   const yes = (why: string): OracleState => ({ available: true, why });
   const no = (why: string): OracleState => ({ available: false, why });
-  const x86 = p.arch === 'x64';
+  const x86 = p.arch === 'x86_64';
   const ev = (name: string) => p.tracefs.state === 'mounted' ? p.tracefs.events[name] === true : p.tracefs.state === 'mountable';
   const tracefsWhy = p.tracefs.state === 'mountable' ? ' (tracefs not mounted; kvmharness mounts it as root)' : '';
   const softwareWalker = p.flavour === 'kvm_pvm' || !p.tdp.enabled;
@@ -196,7 +198,9 @@ export function deriveOracles(p: Omit<HostProfile, 'oracles'>): Record<Oracle, O
 export function probe(device?: string): HostProfile {
   const kvm = Kvm.open(device);
   try {
-    const machine = hostFs().arch();
+    const node = hostFs().arch();
+    const machine = archOfNode(node);
+    if (!machine) throw new HostError(`KVM on ${node}: kvmharness knows x86_64 and arm64 hosts only`);
     const mods = (m: string) => existsSync(`/sys/module/${m}`);
     const flavour = detectFlavour(mods, read('/proc/cmdline') ?? '', machine, machine === 'arm64' ? hostFs().kernelLog?.() : undefined);
     const param = (m: string, p: string) => read(`/sys/module/${m}/parameters/${p}`);
@@ -223,7 +227,7 @@ export function probe(device?: string): HostProfile {
     } finally {
       vm.close();
     }
-    const cpu = machine === 'x64' ? cpuFeatures(kvm.supportedCpuid()) : null;
+    const cpu = machine === 'x86_64' ? cpuFeatures(kvm.supportedCpuid()) : null;
     // KVM reports no brand string; under TDP the host's processor walks the guest's tables, so its name is the one that counts.
     if (cpu && !cpu.brand) cpu.brand = (read('/proc/cpuinfo') ?? '').match(/^model name\s*:\s*(.*)$/m)?.[1]?.trim() ?? '';
     const thpEnabled = read('/sys/kernel/mm/transparent_hugepage/enabled');

@@ -1,10 +1,16 @@
 // `kvmharness probe`: a host profile as text.
+import { nodeArch } from '../arch/arch.js';
 import { guestWalkerOf, type HostProfile } from '../probe/probe.js';
+
+/** The profile as `probe --json` prints it: the KVM host's architecture by Node's name, as before it had one. */
+export function profileJson(p: HostProfile): string {
+  return JSON.stringify({ ...p, arch: nodeArch(p.arch) }, null, 2);
+}
 
 export function formatProfile(p: HostProfile): string {
   const lines: string[] = [];
   const kv = (k: string, v: string) => lines.push(`${k.padEnd(18)} ${v}`);
-  kv('arch', p.arch);
+  kv('arch', nodeArch(p.arch));
   kv('device', `${p.device} (API ${p.apiVersion})`);
   kv('flavour', p.flavour);
   kv('tdp', p.tdp.enabled ? `on (${p.tdp.kind})` : 'off (shadow MMU)');

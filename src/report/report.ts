@@ -1,4 +1,5 @@
 // Formatters only: a RunReport in, text out.
+import { nodeArch } from '../arch/arch.js';
 import type { CheckResult, Outcome, RunReport } from '../run/types.js';
 
 /** The mark of each outcome, in every table and progress line that prints one. */
@@ -9,7 +10,7 @@ export const tag = (o: Outcome): string => MARK[o].padEnd(4);
 
 export function human(r: RunReport): string {
   const out: string[] = [];
-  out.push(`host: ${r.host.flavour} on ${r.host.arch}, TDP ${r.host.tdp.enabled ? r.host.tdp.kind : 'off'}, tdp_mmu ${r.host.tdpMmu ? 'on' : 'off'} (${r.host.device})`);
+  out.push(`host: ${r.host.flavour} on ${nodeArch(r.host.arch)}, TDP ${r.host.tdp.enabled ? r.host.tdp.kind : 'off'}, tdp_mmu ${r.host.tdpMmu ? 'on' : 'off'} (${r.host.device})`);
   const w = Math.max(10, ...r.checks.map((c) => c.name.length));
   for (const c of r.checks) {
     out.push(`${tag(c.outcome)}  ${c.name.padEnd(w)}  ${c.durationMs.toFixed(1).padStart(8)} ms  ${c.description}`);
@@ -35,8 +36,9 @@ function detail(c: CheckResult): string[] {
   return lines;
 }
 
+/** The report as JSON; the KVM host's architecture by Node's name, as before it had one. */
 export function json(r: RunReport): string {
-  return JSON.stringify(r, null, 2);
+  return JSON.stringify({ ...r, host: { ...r.host, arch: nodeArch(r.host.arch) } }, null, 2);
 }
 
 /** KTAP version 1, as the kernel's KUnit and kselftests print it. */

@@ -300,7 +300,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     // (after munmap / mprotect / madvise) and which GFNs a host change zaps.
     const host = hostModel(ctx, g, sc, opts.tdpWrong);
     // Under TDP the dirty log is what KVM's TDP MMU logs; the TDP model predicts it.
-    const tdpDirty = ctx.profile.tdp.enabled && ctx.profile.arch === 'x64';
+    const tdpDirty = ctx.profile.tdp.enabled && ctx.profile.arch === 'x86_64';
     /** Guest memory as the host process sees it; a model that expects memory where the host has none gets a description instead. */
     const peek = (gpa: bigint, size: number): bigint | string => {
       const st = g.mem.slotOf(gpa, size);
@@ -742,7 +742,7 @@ export function scenarioCheck(sc: Scenario, opts: EngineOptions = {}): Check {
     return {
       name: opts.trace ? `${sc.name}:walker-trace` : sc.name,
       description: sc.description,
-      arch: 'x64',
+      arch: 'x86_64',
       needs: ['dirty_log'],
       run: (ctx) => {
         if (opts.trace) throw new NotApplicable('a race has no single guest walk per step to compare with the walker tracepoints');
@@ -753,7 +753,7 @@ export function scenarioCheck(sc: Scenario, opts: EngineOptions = {}): Check {
   return {
     name: opts.trace ? `${sc.name}:walker-trace` : sc.name,
     description: opts.trace ? `${sc.description} — KVM's walker tracepoints against the model's walk` : sc.description,
-    arch: 'x64',
+    arch: 'x86_64',
     needs: opts.trace ? ['exception_log', 'ad_bits', 'walker_tracepoints'] : ['exception_log', 'ad_bits'],
     run: (ctx) => runScenario(ctx, sc, opts),
   };
