@@ -160,7 +160,7 @@ export function scenarioTdp(s: Scenario, levels: 4 | 5, written: Iterable<number
   ];
   // x86 guest-physical addresses: 48 bits with 4-level TDP, 52 (MAXPHYADDR's limit) with 5-level.
   const slots = new Memslots({ maxGfn: levels === 5 ? 2 ** 40 : 2 ** 36 });
-  const tdp = new Tdp(slots, { arch: 'x86', levels });
+  const tdp = new Tdp(slots, { arch: 'x86_64', levels });
   const out: ScenarioTdp['slots'] = [];
   let next = G1;
   for (const d of decls) {

@@ -20,6 +20,7 @@
 // arm64 level 1 blocks are level-3 leaves here, level 2 blocks are level-2
 // leaves, level 3 pages are level-1 leaves.
 
+import type { Arch } from '../arch/arch.js';
 import {
   HostMm,
   gfnToHva,
@@ -407,8 +408,6 @@ export function tdpIter(root: Table, start: number, end: number, opts: IterOptio
 // ---------------------------------------------------------------------------
 // The model
 
-export type Arch = 'x86' | 'arm64';
-
 /** Deliberate mistakes, for proving that an oracle notices a wrong model. */
 export interface WrongModel {
   /** Fault-in maps one level below the allowed one (a 2 MiB mapping becomes 4 KiB). */
@@ -539,9 +538,9 @@ export class Tdp {
     readonly slots: Memslots,
     opts: TdpOptions = {},
   ) {
-    this.arch = opts.arch ?? 'x86';
+    this.arch = opts.arch ?? 'x86_64';
     let rootSize = 512;
-    if (this.arch === 'x86') {
+    if (this.arch === 'x86_64') {
       const levels = opts.levels ?? 4;
       if (levels !== 4 && levels !== 5) throw new RangeError(`x86 TDP has 4 or 5 levels, not ${levels}`);
       this.rootLevel = levels;
@@ -560,8 +559,8 @@ export class Tdp {
     }
     if (slots.maxGfn > this.maxGfn)
       throw new RangeError(`memslots allow GFNs up to ${slots.maxGfn}, beyond what the TDP maps (${this.maxGfn})`);
-    this.nxHugePages = this.arch === 'x86' && (opts.nxHugePages ?? false);
-    this.eagerSplit = opts.eagerSplit ?? this.arch === 'x86';
+    this.nxHugePages = this.arch === 'x86_64' && (opts.nxHugePages ?? false);
+    this.eagerSplit = opts.eagerSplit ?? this.arch === 'x86_64';
     this.mmioCaching = opts.mmioCaching ?? true;
     this.dic = opts.dic ?? false;
     this.slotZapAll = opts.slotZapAll ?? true;
@@ -652,7 +651,7 @@ export class Tdp {
 
     const cur = this.lookup(asId, gfn);
     if (cur && isLeaf(cur.spte) && permits(cur.spte, write, exec)) return { kind: 'spurious', gfn, ...cur };
-    if (this.arch === 'x86' && cur && isLeaf(cur.spte) && write && (cur.spte & SPTE_MMU_W) !== 0 && permits(cur.spte, false, exec)) {
+    if (this.arch === 'x86_64' && cur && isLeaf(cur.spte) && write && (cur.spte & SPTE_MMU_W) !== 0 && permits(cur.spte, false, exec)) {
       // fast_page_fault: write access restored in place, except on a huge
       // page of a dirty-logging slot (only one page could be logged dirty).
       if (!(cur.level > 1 && slot.flags.logDirty)) return this.fastFault(asId, gfn);
@@ -704,7 +703,7 @@ export class Tdp {
     const canWrite = f.page.writable && !slot.flags.readonly;
     let flags = SPTE_P | SPTE_LEAF | SPTE_A;
     if (f.page.writable) flags |= SPTE_HOST_W;
-    if (this.arch === 'x86') {
+    if (this.arch === 'x86_64') {
       if (canWrite) flags |= SPTE_W | SPTE_D | SPTE_MMU_W;
       if (!(level > 1 && this.nxHugePages)) flags |= SPTE_X;
     } else {
@@ -719,7 +718,7 @@ export class Tdp {
 
   /** No memslot: x86 caches an MMIO SPTE at 4 KiB, arm64 installs nothing. */
   private mmio(asId: number, gfn: number): FaultResult {
-    if (this.arch !== 'x86' || !this.mmioCaching) return { kind: 'mmio', gfn, level: 0, spte: 0 };
+    if (this.arch !== 'x86_64' || !this.mmioCaching) return { kind: 'mmio', gfn, level: 0, spte: 0 };
     const f: FaultCtx = { asId, gfn, slot: undefined, page: undefined, write: false, exec: false, goal: 1, reqLevel: 1, hugeDisallowed: false };
     return { ...this.map(f), kind: 'mmio' };
   }
@@ -800,7 +799,7 @@ export class Tdp {
       let child: Table;
       if (!isPresent(it.old)) {
         child = this.newTable(it.level - 1, it.gfn);
-      } else if (this.arch === 'x86' && this.splitOnFault) {
+      } else if (this.arch === 'x86_64' && this.splitOnFault) {
         child = this.splitChildren(it.old, it.level, it.gfn);
       } else {
         if (!this.trySet(it, 0)) {
@@ -1040,7 +1039,7 @@ export class Tdp {
       case 'delete':
       case 'move':
         this.dirty.delete(dirtyKey(ch.old));
-        if (this.arch === 'x86' && this.slotZapAll) {
+        if (this.arch === 'x86_64' && this.slotZapAll) {
           for (let asId = 0; asId < this.roots.length; asId++) this.zap(asId, 0, this.maxGfn, { tables: true });
         } else {
           this.zap(ch.old.asId, ch.old.baseGfn, slotEnd(ch.old), { tables: true });
@@ -1052,7 +1051,7 @@ export class Tdp {
           this.writeProtect(ch.new.asId, ch.new.baseGfn, slotEnd(ch.new), 1);
         } else {
           this.dirty.delete(dirtyKey(ch.new));
-          if (this.arch === 'x86' && !this.wrong.noCollapse) this.zapCollapsible(ch.new);
+          if (this.arch === 'x86_64' && !this.wrong.noCollapse) this.zapCollapsible(ch.new);
         }
         break;
       case 'create':
