@@ -7,6 +7,7 @@
 import { availableParallelism } from 'node:os';
 import { describeStop } from '../arch/x86/guest.js';
 import { compileWalk, type CompiledWalk, type GuestWalker, type ModelFault, type PagingConfig } from '../model/walk.js';
+import { pagingConfigOf } from '../model/paging.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
 import { formatRerun, type Rerun } from '../report/rerun.js';
 import { guestWalkerOf, type CpuFeatures } from '../probe/probe.js';
@@ -50,19 +51,16 @@ const WALK_EVENTS = [
 
 /** The model's configuration for one control state. */
 export function matrixConfig(cpu: CpuFeatures, levels: 4 | 5, f: number, walker: GuestWalker = 'kvm'): PagingConfig {
-  return {
-    walker,
+  const mode = {
     levels,
-    vendor: cpu.vendor === 'GenuineIntel' ? 'intel' : 'amd',
-    maxPhyAddr: cpu.maxPhyAddr,
     cr0Wp: (f & CASE.WP) !== 0,
     cr4Smep: (f & CASE.SMEP) !== 0,
     cr4Smap: (f & CASE.SMAP) !== 0,
     cr4Pke: (f & CASE.PKE) !== 0,
     efer: { nxe: (f & CASE.NXE) !== 0 },
-    pdpe1gb: cpu.pdpe1gb,
     pkru: f & CASE.PKE ? pkruFor(f) : 0,
   };
+  return pagingConfigOf(cpu, mode, { walker });
 }
 
 /** [from, to) ranges of sorted cases: one control state each, at most `size` long. */
