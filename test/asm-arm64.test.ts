@@ -21,7 +21,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   A64, SYSREG_NAMES, SYSREG_READONLY, type Cond, type Label, type SysReg, type SysRegEncoding,
 } from '../src/arch/arm64/asm.js';
-import { assembleCases, byteMismatches as asMismatches, encodeAll, hexBytes } from './support/binutils.js';
+import { mulberry32 } from '../src/model/prng.js';
+import { assembleCases, byteMismatches as asMismatches, describeComparisons, encodeAll, hexBytes } from './support/binutils.js';
 
 // ---- register names and immediates as the disassembler prints them ---------------
 
@@ -434,24 +435,7 @@ if (binutilsMissing && process.env.KVMHARNESS_REQUIRE_KVM === '1') {
       if (tmp) rmSync(tmp, { recursive: true, force: true });
     });
 
-    describe('encoder bytes equal GNU as bytes', () => {
-      it('as assembles the case texts without warnings', () => {
-        expect(gasWarnings).toBe('');
-      });
-      for (const [name, cases] of groups) {
-        it(`${name} (${cases.length} cases)`, () => {
-          expect(byteMismatches(cases)).toEqual([]);
-        });
-      }
-    });
-
-    describe('objdump reads the encoder output as the case texts', () => {
-      for (const [name, cases] of groups) {
-        it(`${name} (${cases.length} cases)`, () => {
-          expect(disasmMismatches(cases)).toEqual([]);
-        });
-      }
-    });
+    describeComparisons(groups, { warnings: () => gasWarnings, byteMismatches, disasmMismatches });
 
     describe('the comparison catches a wrong encoding', () => {
       it('reports a 32-bit add against as', () => {
@@ -492,8 +476,8 @@ describe('mov64 picks the shortest sequence', () => {
   }
 
   it('loads every value of a seeded sample of 16-bit chunk patterns in max(1, 4 - max(#0x0000, #0xffff)) instructions', () => {
-    let seed = 12345;
-    const rand = () => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) >>> 16;
+    const next = mulberry32(12345);
+    const rand = () => next() >>> 16;
     const kinds = [() => 0, () => 0xffff, () => rand(), () => rand() & 0xff, () => 0x8000];
     for (let n = 0; n < 5000; n++) {
       const chunks = [0, 1, 2, 3].map(() => kinds[rand() % kinds.length]!());

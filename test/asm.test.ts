@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Asm, type Cond, type Mem, type Reg64, type Size } from '../src/arch/x86/asm.js';
-import { assembleCases, byteMismatches as asMismatches, encodeAll, hexBytes } from './support/binutils.js';
+import { assembleCases, byteMismatches as asMismatches, describeComparisons, encodeAll, hexBytes } from './support/binutils.js';
 
 // ---- register names as the disassembler prints them ---------------------------
 
@@ -402,26 +402,7 @@ describe('against GNU binutils', () => {
     if (tmp) rmSync(tmp, { recursive: true, force: true });
   });
 
-  describe('encoder bytes equal GNU as bytes', () => {
-    it('as assembles the case texts without warnings', () => {
-      expect(gasWarnings).toBe('');
-    });
-    for (const [name, cases] of groups) {
-      it(`${name} (${cases.length} cases)`, () => {
-        expect(byteMismatches(cases)).toEqual([]);
-      });
-    }
-  });
-
-  describe('objdump reads the encoder output as the case texts', () => {
-    for (const [name, cases] of groups) {
-      const code = cases.filter((k) => !k.data);
-      if (code.length === 0) continue;
-      it(`${name} (${code.length} cases)`, () => {
-        expect(disasmMismatches(code)).toEqual([]);
-      });
-    }
-  });
+  describeComparisons(groups, { warnings: () => gasWarnings, byteMismatches, disasmMismatches, disassembled: (k) => !k.data });
 
   describe('the comparison catches a wrong encoding', () => {
     it('reports the naive [r13] encoding against as', () => {

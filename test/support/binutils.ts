@@ -3,6 +3,7 @@
 // laid out back to back for objdump, and the bytes compared case by case.
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
 
 /** Runs a binutils tool and returns what it printed (stdout, then stderr). */
 export type Tool = (tool: string, args: string[]) => string;
@@ -68,5 +69,38 @@ export function byteMismatches<C extends { text: string }>(cases: C[], asBytes: 
       return [`${k.text}: encoder threw ${(e as Error).message}`];
     }
     return want === got ? [] : [`${k.text}: as ${want} | encoder ${got}`];
+  });
+}
+
+/**
+ * The two comparisons, one test per group of cases: as's bytes against the
+ * encoder's, and objdump's reading of the encoder's bytes against the case
+ * texts (of the cases `disassembled` keeps: data has no reading).
+ */
+export function describeComparisons<C>(groups: Map<string, C[]>, o: {
+  warnings: () => string;
+  byteMismatches: (cases: C[]) => string[];
+  disasmMismatches: (cases: C[]) => string[];
+  disassembled?: (k: C) => boolean;
+}): void {
+  describe('encoder bytes equal GNU as bytes', () => {
+    it('as assembles the case texts without warnings', () => {
+      expect(o.warnings()).toBe('');
+    });
+    for (const [name, cases] of groups) {
+      it(`${name} (${cases.length} cases)`, () => {
+        expect(o.byteMismatches(cases)).toEqual([]);
+      });
+    }
+  });
+
+  describe('objdump reads the encoder output as the case texts', () => {
+    for (const [name, cases] of groups) {
+      const code = o.disassembled ? cases.filter(o.disassembled) : cases;
+      if (code.length === 0) continue;
+      it(`${name} (${code.length} cases)`, () => {
+        expect(o.disasmMismatches(code)).toEqual([]);
+      });
+    }
   });
 }
