@@ -6,7 +6,8 @@
 
 import { performance } from 'node:perf_hooks';
 import { Memslots } from '../src/model/memslots.js';
-import { Tdp, tdpIter } from '../src/model/tdp.js';
+import { Tdp } from '../src/model/tdp.js';
+import { tdpIter } from '../src/model/tdp-iter.js';
 
 const GFNS = 1_000_000;
 const RUNS = 9;

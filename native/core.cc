@@ -138,6 +138,9 @@ static void *thread_main(void *p) {
       c[CTL_CONSOLE_LEN] = (int32_t)len;
       c[CTL_NS_LO] = (int32_t)(uint32_t)ns;
       c[CTL_NS_HI] = (int32_t)(uint32_t)(ns >> 32);
+    } else if (op == OP_WRITE) {
+      uint32_t len = (uint32_t)c[CTL_MAX_EXITS];
+      c[CTL_RET] = (int32_t)write_fd(c[CTL_FD], t->console, len < t->cap ? len : t->cap);
     }
     store(&c[CTL_DONE], seen);
     // The owner may sleep on DONE (thread_wait).

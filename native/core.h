@@ -50,7 +50,10 @@ enum : int {
   CTL_MAX_EXITS = 6, CTL_DONE = 8, CTL_RET = 9, CTL_EXITS = 10, CTL_CONSOLE_LEN = 11,
   CTL_NS_LO = 12, CTL_NS_HI = 13, CTL_TID = 14, CTL_WAITING = 15, CTL_WORDS = 16
 };
-enum : int { OP_RUN = 1, OP_EXIT = 2 };
+// OP_WRITE: write(ctl[CTL_FD], console, ctl[CTL_MAX_EXITS] bytes) from the
+// thread itself, result in ctl[CTL_RET] (a tracefs trace_marker write, which
+// tracefs records under the thread id it sees).
+enum : int { OP_RUN = 1, OP_EXIT = 2, OP_WRITE = 3 };
 struct VcpuThread;
 // Starts a thread; returns it, or nullptr with *err = -errno. ctl and console
 // must outlive it. The thread's tid is in ctl[CTL_TID] when this returns.

@@ -17,7 +17,7 @@ import * as U from '../src/uapi/uapi.js';
 import { openLab, type LabSession } from '../src/lab/session.js';
 import { probe, type HostProfile } from '../src/probe/probe.js';
 import { forHostArch, runCheck } from '../src/run/runner.js';
-import type { Tamper } from '../src/run/types.js';
+import type { WrongExpectation } from '../src/run/types.js';
 import { failures } from './support/kvm.js';
 import { wrong } from './support/wrong.js';
 
@@ -130,21 +130,21 @@ for (const name of ['nvhe', 'vhe', 'protected'] as const) {
         expect(r.outcome, failures(r)).toBe('pass');
       }, 60_000);
 
-      // The tampering runs once, on the first profile: it is about the checks, not the kernel.
+      // The wrong expectations run once, on the first profile: it is about the checks, not the kernel.
       it.skipIf(name !== 'nvhe')(`${check.name} reports a deliberately wrong expectation`, async () => {
         const clean = await runCheck(check, kvm, profile);
         expect(clean.comparisons.length).toBeGreaterThan(0);
         for (const target of clean.comparisons.map((c) => c.what)) {
-          const tamper: Tamper = (_c, what, expected) => (what === target ? wrong(expected) : expected);
-          const r = await runCheck(check, kvm, profile, { tamper });
-          expect(r.outcome, `tampering with '${target}'`).toBe('fail');
+          const wrongExpectation: WrongExpectation = (_c, what, expected) => (what === target ? wrong(expected) : expected);
+          const r = await runCheck(check, kvm, profile, { wrongExpectation });
+          expect(r.outcome, `a wrong expectation for '${target}'`).toBe('fail');
           expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toEqual([target]);
         }
       }, 120_000);
     }
 
     it.skipIf(name !== 'nvhe')('arm64_block_replaces_table reports a model that maps the block at 4 KiB', async () => {
-      const r = await runCheck(blockReplacesTable({ wrong: { levelOffByOne: true } }), kvm, profile);
+      const r = await runCheck(blockReplacesTable({ wrong: { tdp: { levelOffByOne: true } } }), kvm, profile);
       expect(r.outcome, failures(r)).toBe('fail');
       const bad = r.comparisons.filter((c) => !c.ok);
       expect(bad.map((c) => c.what)).toEqual(['stage-2 faults, in order']);

@@ -3,7 +3,7 @@ import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { Kvm } from '../src/kvm/kvm.js';
-import type { ModelFault } from '../src/model/walk.js';
+import type { WrongWalk } from '../src/model/wrong.js';
 import type { HostProfile } from '../src/probe/probe.js';
 import { scenarioCheck, tracedWalks } from '../src/run/engine.js';
 import { runCheck } from '../src/run/runner.js';
@@ -92,22 +92,22 @@ describeKvm('scenarios on this host', () => {
 
   // A deliberately wrong model must be caught by each oracle: the exception
   // log (error codes), the A/D read-back, and KVM's walker tracepoints.
-  const wrong: [string, ModelFault, RegExp][] = [
+  const wrong: [string, WrongWalk, RegExp][] = [
     ['write_protect', 'ignore-wp', /exceptions/],
     ['accessed_dirty', 'dirty-on-read', /PTEs after/],
     ['accessed_dirty', 'no-accessed-on-upper', /PTEs after/],
     ['nx', 'ignore-nx', /exceptions/],
     ['reserved_bits', 'rsvd-as-not-present', /exceptions/],
   ];
-  for (const [name, fault, oracle] of wrong) {
-    it(`${name}: a model with '${fault}' is reported by the direct oracles and by the walker trace`, async () => {
+  for (const [name, mistake, oracle] of wrong) {
+    it(`${name}: a model with '${mistake}' is reported by the direct oracles and by the walker trace`, async () => {
       const sc = load(name);
       // Explicit expectations override the model; drop them so that the model decides.
       const bare: Scenario = { ...sc, steps: sc.steps.map((s) => (s.side === 'guest' && s.kind === 'access' ? { ...s, expect: undefined } : s)) };
-      const direct = await runCheck(scenarioCheck(bare, { faults: new Set([fault]) }), kvm, profile);
+      const direct = await runCheck(scenarioCheck(bare, { wrong: { walk: new Set([mistake]) } }), kvm, profile);
       expect(direct.outcome).toBe('fail');
       expect(direct.comparisons.filter((c) => !c.ok).map((c) => c.what).join('\n')).toMatch(oracle);
-      const traced = await runCheck(scenarioCheck(bare, { faults: new Set([fault]), trace: true }), kvm, profile);
+      const traced = await runCheck(scenarioCheck(bare, { wrong: { walk: new Set([mistake]) }, trace: true }), kvm, profile);
       if (traced.outcome === 'not_applicable') return;
       expect(traced.comparisons.filter((c) => !c.ok).map((c) => c.what).join('\n')).toMatch(/KVM walker trace/);
     });
@@ -180,7 +180,7 @@ describeKvm('scenarios on this host', () => {
     it(`${name}: a TDP model with zapOneShort is reported by the refault`, async () => {
       const good = await runCheck(scenarioCheck(load(name)), kvm, profile);
       expect(good.outcome, failures(good)).toBe('pass');
-      const r = await runCheck(scenarioCheck(load(name), { tdpWrong: { zapOneShort: true } }), kvm, profile);
+      const r = await runCheck(scenarioCheck(load(name), { wrong: { tdp: { zapOneShort: true } } }), kvm, profile);
       expect(r.outcome).toBe('fail');
       expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what).join('\n')).toMatch(/MMIO exits|KVM_RUN stops for the missing host memory|guest reaches the end of the step/);
     });
@@ -189,7 +189,7 @@ describeKvm('scenarios on this host', () => {
   it('a wrong prediction of how KVM_RUN stops for missing host memory is reported', async () => {
     const sc = load('munmap_remap');
     const r = await runCheck(scenarioCheck(sc), kvm, profile, {
-      tamper: (_c, what, e) => (what.endsWith('KVM_RUN stops for the missing host memory') ? { exit: 'memory_fault', gpa: 0x1001000n, size: 0x1000n, flags: 0n } : e),
+      wrongExpectation: (_c, what, e) => (what.endsWith('KVM_RUN stops for the missing host memory') ? { exit: 'memory_fault', gpa: 0x1001000n, size: 0x1000n, flags: 0n } : e),
     });
     expect(r.outcome).toBe('fail');
     expect(r.comparisons.filter((c) => !c.ok).map((c) => [c.what, c.observed])).toEqual([
@@ -201,7 +201,7 @@ describeKvm('scenarios on this host', () => {
   // Races: a model that drops one dirty bit, and every comparison fed a wrong expectation.
   for (const [name, logged] of [['race_dirty_log_dontneed', 'target 0 (slot 1)'], ['race_dirty_log_dontneed_cpl3', 'target 0 (slot 1)'], ['memslot_delete_running', 'target 1 (slot 2)']]) {
     it(`${name}: a race model that drops one dirty bit is reported`, async () => {
-      const r = await runCheck(scenarioCheck(load(name!), { race: { dropDirtyBit: true } }), kvm, profile);
+      const r = await runCheck(scenarioCheck(load(name!), { wrong: { race: { dropDirtyBit: true } } }), kvm, profile);
       expect(r.outcome).toBe('fail');
       const bad = r.comparisons.filter((c) => !c.ok);
       expect(bad.map((c) => c.what)).toEqual([`race: ${logged}: dirty log over all rounds`]);
@@ -214,7 +214,7 @@ describeKvm('scenarios on this host', () => {
     it(`${name}: every race comparison reports a wrong expectation`, async () => {
       const ok = await runCheck(scenarioCheck(load(name)), kvm, profile);
       expect(ok.outcome, failures(ok)).toBe('pass');
-      const r = await runCheck(scenarioCheck(load(name)), kvm, profile, { tamper: (_c, _w, e) => ['wrong', e] });
+      const r = await runCheck(scenarioCheck(load(name)), kvm, profile, { wrongExpectation: (_c, _w, e) => ['wrong', e] });
       expect(r.comparisons.map((c) => [c.what, c.ok])).toEqual(ok.comparisons.map((c) => [c.what, false]));
     });
   }
@@ -223,7 +223,7 @@ describeKvm('scenarios on this host', () => {
     const sc = load('dirty_log_thp');
     const i = sc.steps.findIndex((s) => s.side === 'host' && s.kind === 'get-dirty-log' && (s.expect?.length ?? 0) === 2);
     const block = Array.from({ length: 512 }, (_, k) => `0x${(0x1000000 + k * 0x1000).toString(16)}`);
-    const r = await runCheck(scenarioCheck(sc), kvm, profile, { tamper: (_c, what, e) => (what === `step ${i} host get-dirty-log: dirty pages` ? block : e) });
+    const r = await runCheck(scenarioCheck(sc), kvm, profile, { wrongExpectation: (_c, what, e) => (what === `step ${i} host get-dirty-log: dirty pages` ? block : e) });
     expect(r.outcome).toBe('fail');
     expect(r.comparisons.filter((c) => !c.ok).map((c) => [c.what, c.observed])).toEqual([[`step ${i} host get-dirty-log: dirty pages`, '["0x1001000", "0x11ff000"]']]);
   });

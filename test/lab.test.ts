@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { afterAll, describe, expect, it } from 'vitest';
-import { labFetch, resolveKernel, type LabKernel } from '../src/lab/fetch.js';
+import { labFetch, resolveKernel, type LabKernel } from '../src/lab/fetch/index.js';
 import { buildInitramfs, initScript, modulePlan } from '../src/lab/initramfs.js';
 import { LabError, PROFILES, parseModparams, profile, withModparams } from '../src/lab/profiles.js';
 import { bootLab, kernelCmdline, qemuArgs } from '../src/lab/qemu.js';

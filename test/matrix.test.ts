@@ -8,7 +8,8 @@ import { agrees, observe, prepareBatch } from '../src/matrix/batch.js';
 import { accessMatrix, batchRanges, matrixConfig, runAlone } from '../src/matrix/check.js';
 import { CASE, caseName, caseSpace, controlState, countCases, enumerateCases, isLegal, sampleCases, type CaseSpace, type MatrixFeatures } from '../src/matrix/flags.js';
 import { MatrixMachine } from '../src/matrix/machine.js';
-import { compileWalk, type ModelFault } from '../src/model/walk.js';
+import { compileWalk } from '../src/model/walk.js';
+import type { WrongWalk } from '../src/model/wrong.js';
 import type { HostProfile } from '../src/probe/probe.js';
 import { formatRerun } from '../src/report/rerun.js';
 import { runCheck } from '../src/run/runner.js';
@@ -276,10 +277,10 @@ describeKvm('access matrix on this host', () => {
     }
   });
 
-  const FAULTS: ModelFault[] = ['ignore-wp', 'dirty-on-read', 'ignore-nx', 'no-accessed-on-upper', 'rsvd-as-not-present'];
-  for (const fault of FAULTS) {
-    it(`reports mismatches with a wrong model (${fault})`, async () => {
-      const r = await runCheck(accessMatrix({ sample: 1500, seed: 1, faults: new Set([fault]) }), kvm, profile);
+  const WRONG: WrongWalk[] = ['ignore-wp', 'dirty-on-read', 'ignore-nx', 'no-accessed-on-upper', 'rsvd-as-not-present'];
+  for (const mistake of WRONG) {
+    it(`reports mismatches with a wrong model (${mistake})`, async () => {
+      const r = await runCheck(accessMatrix({ sample: 1500, seed: 1, wrong: { walk: new Set([mistake]) } }), kvm, profile);
       expect(r.outcome).toBe('fail');
       const bad = r.cases!.byOutcome.mismatch ?? 0;
       expect(bad).toBeGreaterThan(0);
@@ -297,7 +298,7 @@ describeKvm('access matrix on this host', () => {
   }
 
   it('reports the same mismatches in the same order on one vCPU and on two', async () => {
-    const run = (lanes: number) => runCheck(accessMatrix({ sample: 1500, seed: 3, lanes, faults: new Set<ModelFault>(['ignore-nx']) }), kvm, profile);
+    const run = (lanes: number) => runCheck(accessMatrix({ sample: 1500, seed: 3, lanes, wrong: { walk: new Set<WrongWalk>(['ignore-nx']) } }), kvm, profile);
     const one = await run(1);
     const two = await run(2);
     expect(one.notes.join('\n')).toMatch(/on 1 vCPU,/);

@@ -2,12 +2,10 @@
 // HVA -> GFN arithmetic of kvm_handle_hva_range, not captured from the model.
 
 import { describe, expect, test } from 'vitest';
+import { HUGE_ZERO_PFN, HostMm, ZERO_PFN } from '../src/model/host-mm.js';
 import {
-  HUGE_ZERO_PFN,
-  HostMm,
   MemslotError,
   Memslots,
-  ZERO_PFN,
   fromRegion,
   hvaRangeOp,
   hvaRanges,

@@ -10,7 +10,7 @@ const report: RunReport = {
     { name: 'c_na', description: 'n/a', outcome: 'not_applicable', reason: 'tdp_spte_tracepoints: no TDP on this host', comparisons: [], notes: [], durationMs: 0 },
     { name: 'd_err', description: 'errs', outcome: 'error', reason: 'KVM_RUN failed: EFAULT', comparisons: [], notes: [], durationMs: 0 },
   ],
-  summary: { total: 4, passed: 1, failed: 1, notApplicable: 1, errors: 1, durationMs: 3, casesChecked: 0 },
+  summary: { total: 4, passed: 1, failed: 1, notApplicable: 1, errors: 1, durationMs: 3, notRun: 0, casesChecked: 0 },
 };
 
 describe('reporters', () => {

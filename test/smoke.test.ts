@@ -3,7 +3,7 @@ import { X86_SMOKE as SMOKE } from '../src/checks/smoke.js';
 import { Kvm } from '../src/kvm/kvm.js';
 import type { HostProfile } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';
-import type { Tamper } from '../src/run/types.js';
+import type { WrongExpectation } from '../src/run/types.js';
 import { describeKvm, failures, withHost } from './support/kvm.js';
 import { wrong } from './support/wrong.js';
 
@@ -41,9 +41,9 @@ describeKvm('smoke suite on this host', () => {
       const clean = await runCheck(check, kvm, profile);
       if (clean.outcome !== 'not_applicable') expect(clean.comparisons.length).toBeGreaterThan(0);
       for (const target of clean.comparisons.map((c) => c.what)) {
-        const tamper: Tamper = (_c, what, expected) => (what === target ? wrong(expected) : expected);
-        const r = await runCheck(check, kvm, profile, { tamper });
-        expect(r.outcome, `tampering with '${target}'`).toBe('fail');
+        const wrongExpectation: WrongExpectation = (_c, what, expected) => (what === target ? wrong(expected) : expected);
+        const r = await runCheck(check, kvm, profile, { wrongExpectation });
+        expect(r.outcome, `a wrong expectation for '${target}'`).toBe('fail');
         expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toEqual([target]);
       }
     });

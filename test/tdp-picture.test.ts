@@ -138,9 +138,9 @@ describe.skipIf(skip !== undefined)(`TDP picture against wrong TDP models${skip 
 
   // Each wrong model must fail the step it gets wrong.
   const wrongSplitCoalesce: { name: string; opts: Parameters<typeof tdpDirtyLogSplitCoalesce>[0]; step: string }[] = [
-    { name: 'levelOffByOne', opts: { wrong: { levelOffByOne: true } }, step: '1. after the guest writes the block' },
+    { name: 'levelOffByOne', opts: { wrong: { tdp: { levelOffByOne: true } } }, step: '1. after the guest writes the block' },
     { name: 'no eager split', opts: { eagerSplit: false }, step: '2. after dirty logging starts' },
-    { name: 'noCollapse', opts: { wrong: { noCollapse: true } }, step: '5. after the guest touches the block again' },
+    { name: 'noCollapse', opts: { wrong: { tdp: { noCollapse: true } } }, step: '5. after the guest touches the block again' },
   ];
   for (const w of wrongSplitCoalesce) {
     it(`dirty logging over a THP block: catches ${w.name}`, async () => {
@@ -159,7 +159,7 @@ describe.skipIf(skip !== undefined)(`TDP picture against wrong TDP models${skip 
     it(`catches ${Object.keys(wrong)[0]}`, async () => {
       const kvm = Kvm.open();
       try {
-        const r = await runCheck(tdpPicture({ wrong }), kvm, probe());
+        const r = await runCheck(tdpPicture({ wrong: { tdp: wrong } }), kvm, probe());
         expect(r.outcome).toBe('fail');
         expect(r.comparisons.some((c) => !c.ok)).toBe(true);
       } finally {

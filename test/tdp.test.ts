@@ -2,24 +2,11 @@
 // and arm64 stage-2), not captured from the model.
 
 import { describe, expect, test } from 'vitest';
-import { HUGE_ZERO_PFN, Memslots, ZERO_PFN, type Memslot } from '../src/model/memslots.js';
-import {
-  SPTE_LEAF,
-  SPTE_P,
-  SPTE_W,
-  Table,
-  Tdp,
-  armLevel,
-  decodeSpte,
-  fromArmLevel,
-  makeSpte,
-  slotMaxLevel,
-  sptePfn,
-  tdpIter,
-  type Flush,
-  type TdpEvent,
-  type TdpOptions,
-} from '../src/model/tdp.js';
+import { HUGE_ZERO_PFN, ZERO_PFN } from '../src/model/host-mm.js';
+import { Memslots, type Memslot } from '../src/model/memslots.js';
+import { SPTE_LEAF, SPTE_P, SPTE_W, armLevel, decodeSpte, fromArmLevel, makeSpte, sptePfn } from '../src/model/spte.js';
+import { Table, tdpIter, type Flush } from '../src/model/tdp-iter.js';
+import { Tdp, slotMaxLevel, type TdpEvent, type TdpOptions } from '../src/model/tdp.js';
 
 const H = 0x7f0000000000n; // 1 GiB-aligned HVA
 const BASE = 0x100000; // GFN of GPA 4 GiB, 1 GiB-aligned

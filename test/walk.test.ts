@@ -3,7 +3,6 @@
 // architecture leaves a choice), never captured from the model's output.
 import { describe, expect, it } from 'vitest';
 import {
-  MODEL_FAULTS,
   accessedLatitude,
   NON_CANONICAL,
   PFERR,
@@ -13,12 +12,12 @@ import {
   walkWith,
   type Access,
   type AdWrite,
-  type ModelFault,
   type PagingConfig,
   type WalkLevel,
   type WalkResult,
 } from '../src/model/walk.js';
 import { mulberry32 } from '../src/model/prng.js';
+import { WRONG_WALKS, type WrongWalk } from '../src/model/wrong.js';
 import { describePte, largePageRsvdMask, leafAddrMask, physAddrRsvdMask, pteIndex, pteKey } from '../src/arch/x86/pte.js';
 
 // Entry bits, written out independently of src/arch/x86/pte.ts.
@@ -708,8 +707,8 @@ describe('accessed and dirty', () => {
   });
 });
 
-describe('model faults flip outcomes', () => {
-  const cases: Record<ModelFault, { c: PagingConfig; m: () => Mem; a: Access }> = {
+describe('wrong walk models flip outcomes', () => {
+  const cases: Record<WrongWalk, { c: PagingConfig; m: () => Mem; a: Access }> = {
     'ignore-wp': { c: cfg(), m: tables, a: { gva: 0x5000n, kind: 'write', cpl: 0 } },
     'no-accessed-on-upper': {
       c: cfg(),
@@ -733,8 +732,8 @@ describe('model faults flip outcomes', () => {
     },
   };
 
-  it('covers every fault', () => {
-    expect(Object.keys(cases).sort()).toEqual([...MODEL_FAULTS].sort());
+  it('covers every wrong walk', () => {
+    expect(Object.keys(cases).sort()).toEqual([...WRONG_WALKS].sort());
   });
 
   it('ignore-wp: a supervisor write to a read-only page succeeds', () => {
@@ -771,7 +770,7 @@ describe('model faults flip outcomes', () => {
     expect(expectFault(walkWith(new Set(['rsvd-as-not-present']), c, CR3, a, reader(m()))).errorCode).toBe(0);
   });
 
-  it('with no faults walkWith equals walk', () => {
+  it('with nothing wrong walkWith equals walk', () => {
     for (const { c, m, a } of Object.values(cases)) {
       expect(walkWith(new Set(), c, CR3, a, reader(m()))).toEqual(walk(c, CR3, a, reader(m())));
     }

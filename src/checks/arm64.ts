@@ -8,7 +8,9 @@ import { Arm64Guest, channel, CHANNEL, describeStop, LAYOUT, type GuestStop } fr
 import type { Memslot as KvmMemslot } from '../kvm/kvm.js';
 import { CAP, MEM, RUN } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
-import { armLevel, isTable, Tdp, type WrongModel } from '../model/tdp.js';
+import { armLevel, isTable } from '../model/spte.js';
+import { Tdp } from '../model/tdp.js';
+import type { Wrong, WrongTdp } from '../model/wrong.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { parseGuestFault } from '../observe/stage2-faults.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
@@ -132,7 +134,7 @@ const ANON_4K: Backing = { kind: 'anon', pageSize: 0x1000 };
  * A stage-2 model of the guest's VM: arm64, 40-bit IPA (KVM's default VM
  * type), one address space, user addresses below 2^48 (48-bit VA kernels).
  */
-function stage2Model(slots: readonly { s: KvmMemslot; backing: Backing }[], wrong?: WrongModel): Tdp {
+function stage2Model(slots: readonly { s: KvmMemslot; backing: Backing }[], wrong?: WrongTdp): Tdp {
   const tdp = new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 28, hvaLimit: (1n << 48n) - PAGE }), { arch: 'arm64', startLevel: 1, ipaBits: 40, wrong });
   for (const { s, backing } of slots) tdp.setMemslot(modelSlot(s, backing));
   return tdp;
@@ -300,7 +302,7 @@ function walkEnd(tdp: Tdp, gfn: number): number {
  * to a third page and a write to the first then tell a block (no fault) from
  * 4 KiB mappings (a fault each).
  */
-export function blockReplacesTable(opts: { wrong?: WrongModel } = {}): Check {
+export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
   return {
     name: 'arm64_block_replaces_table',
     arch: 'arm64',
@@ -341,7 +343,7 @@ export function blockReplacesTable(opts: { wrong?: WrongModel } = {}): Check {
         channel.done(a);
         g.load(a);
 
-        const tdp = stage2Model([{ s: g.code, backing: ANON_4K }, { s, backing: THP_2M }], opts.wrong);
+        const tdp = stage2Model([{ s: g.code, backing: ANON_4K }, { s, backing: THP_2M }], opts.wrong?.tdp);
         hostWrote(tdp, g.code, [0n]);
         hostWrote(tdp, s, offsets);
         const expected: unknown[] = [];

@@ -13,7 +13,9 @@ import { hostFs } from '../kvm/hostfs.js';
 import type { Memslot as KvmMemslot } from '../kvm/kvm.js';
 import { MADV, MEM } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
-import { PAGES, Tdp, decodeSpte, isLeaf, isPresent, type WrongModel } from '../model/tdp.js';
+import { PAGES, decodeSpte, isLeaf, isPresent } from '../model/spte.js';
+import { Tdp } from '../model/tdp.js';
+import type { Wrong, WrongTdp } from '../model/wrong.js';
 import { decodeTdpSpte, TdpPicture } from '../observe/tdp-picture.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
@@ -44,16 +46,16 @@ function mappingOf(m: { level: number; writable: boolean } | undefined): string 
   return m ? `level ${m.level} ${m.writable ? 'writable' : 'read-only'}` : 'not mapped';
 }
 
-export function tdpPicture(opts: { wrong?: WrongModel } = {}): Check {
+export function tdpPicture(opts: { wrong?: Wrong } = {}): Check {
   return {
     name: 'tdp_spte_picture',
     description: "KVM's TDP mappings per GFN (kvm_tdp_mmu_spte_changed) equal the TDP model's after guest faults and after MADV_DONTNEED zaps part of a slot",
     needs: ['tdp_spte_tracepoints'],
-    run: (ctx) => run(ctx, opts.wrong ?? {}),
+    run: (ctx) => run(ctx, opts.wrong?.tdp ?? {}),
   };
 }
 
-async function run(ctx: CheckContext, wrong: WrongModel): Promise<void> {
+async function run(ctx: CheckContext, wrong: WrongTdp): Promise<void> {
   const g = X86Guest.create(ctx.kvm);
   let trace: TraceSession | undefined;
   try {
@@ -175,7 +177,7 @@ function runsOf(base: number, npages: number, describe: Picture): string[] {
  * present) is compared with the TDP model fed the same operations, and the
  * dirty log with the model's.
  */
-export function tdpDirtyLogSplitCoalesce(opts: { wrong?: WrongModel; eagerSplit?: boolean } = {}): Check {
+export function tdpDirtyLogSplitCoalesce(opts: { wrong?: Wrong; eagerSplit?: boolean } = {}): Check {
   return {
     name: 'tdp_dirty_log_split_coalesce',
     description:
@@ -185,7 +187,7 @@ export function tdpDirtyLogSplitCoalesce(opts: { wrong?: WrongModel; eagerSplit?
   };
 }
 
-async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: WrongModel; eagerSplit?: boolean }): Promise<void> {
+async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerSplit?: boolean }): Promise<void> {
   const thp = ctx.profile.thp;
   if (!thp || thp.enabled === 'never') throw new NotApplicable(`transparent huge pages are ${thp ? 'disabled (enabled: never)' : 'absent (no /sys/kernel/mm/transparent_hugepage)'}`);
   const params = ctx.profile.moduleParams;
@@ -237,7 +239,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: WrongModel; e
     // The model VM: the slot at the same host address, its block already
     // written by the host (a THP).
     const nxHugePages = yes(params['kvm.nx_huge_pages']);
-    const tdp = new Tdp(new Memslots(), { levels: 4, wrong: opts.wrong, eagerSplit, nxHugePages, splitOnFault });
+    const tdp = new Tdp(new Memslots(), { levels: 4, wrong: opts.wrong?.tdp, eagerSplit, nxHugePages, splitOnFault });
     const slotOf = (logDirty: boolean) => ({ ...modelSlot(s, THP_2M), flags: { logDirty, readonly: false } });
     tdp.setMemslot(slotOf(false));
     tdp.host.fault(tdp.slots.find(0, Number(s.gpa) / PAGE)!, s.hva + blockOff, true);

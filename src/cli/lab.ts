@@ -2,7 +2,7 @@
 // booted in QEMU. The checks, models and reports stay in this process; the
 // lab's agent performs the KVM calls.
 import type { Command } from 'commander';
-import { labFetch } from '../lab/fetch.js';
+import { labFetch } from '../lab/fetch/index.js';
 import { ARCHES, isArch, type Arch } from '../arch/arch.js';
 import { DEFAULT_PROFILE, LabError, PROFILES } from '../lab/profiles.js';
 import { openLab, type LabSessionOptions } from '../lab/session.js';
@@ -128,7 +128,7 @@ export function registerLab(program: Command): Command {
       } finally {
         await s.close();
       }
-      printReport(report, ro);
+      await printReport(report, ro);
       process.exitCode = exitStatus(report);
     });
 

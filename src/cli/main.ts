@@ -7,6 +7,7 @@ import { probe } from '../probe/probe.js';
 import { formatProfile, profileJson } from '../report/profile.js';
 import { ScenarioError } from '../scenario/load.js';
 import { registerLab } from './lab.js';
+import { OutputError } from './output.js';
 import { addRunOptions, deviceOption, executeRun, UsageError, type RunCliOptions } from './run.js';
 import { registerWalk, WalkUsageError } from './walk.js';
 
@@ -44,7 +45,7 @@ export async function main(argv: string[]): Promise<number> {
     if (e instanceof CommanderError) return e.exitCode === 0 ? 0 : 2;
     const msg = e instanceof Error ? e.message : String(e);
     process.stderr.write(`kvmharness: ${msg}\n`);
-    const expected = e instanceof HostError || e instanceof UsageError || e instanceof SelectionError || e instanceof ScenarioError || e instanceof WalkUsageError || e instanceof LabError;
+    const expected = e instanceof OutputError || e instanceof HostError || e instanceof UsageError || e instanceof SelectionError || e instanceof ScenarioError || e instanceof WalkUsageError || e instanceof LabError;
     if (process.env.KVMHARNESS_DEBUG && e instanceof Error && !expected) process.stderr.write(`${e.stack}\n`);
     return 2;
   }

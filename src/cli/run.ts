@@ -1,13 +1,15 @@
 // `kvmharness run`, and the run options `lab run` shares: arguments in,
 // checks run, report out.
 import { Option, type Command } from 'commander';
-import { writeFileSync } from 'node:fs';
 import { selectChecks, type MatrixOptions } from '../checks/suites.js';
 import { Kvm } from '../kvm/kvm.js';
-import { probe } from '../probe/probe.js';
+import { removeStaleInstances } from '../observe/tracefs.js';
+import { probe, type HostProfile } from '../probe/probe.js';
 import { human, json, junit, ktap, tag } from '../report/report.js';
-import { exitStatus, forHostArch, runChecks } from '../run/runner.js';
-import type { Check, RunReport } from '../run/types.js';
+import { onInterrupt } from '../run/interrupt.js';
+import { exitStatus, forHostArch, interruptedReport, runChecks } from '../run/runner.js';
+import type { Check, CheckResult, RunReport } from '../run/types.js';
+import { writeReportFile, writeStdout } from './output.js';
 
 /** A usage error: exit status 2 with one line. */
 export class UsageError extends Error {}
@@ -63,20 +65,34 @@ export function checksFor(names: string[], o: RunCliOptions): Check[] {
   return selectChecks(names, matrix);
 }
 
+/** A run under way, for the report of an interrupted run: the host once probed, and the results so far. */
+export interface RunSoFar {
+  profile?: HostProfile;
+  results: CheckResult[];
+  startMs: number;
+}
+
 /** Runs checks against the KVM that addon() reaches (this host's, or the lab's) and prints the report. */
-export async function runReport(checks: Check[], o: RunCliOptions): Promise<RunReport> {
+export async function runReport(checks: Check[], o: RunCliOptions, soFar?: RunSoFar): Promise<RunReport> {
   const prof = probe(o.device);
   const kvm = Kvm.open(o.device);
+  if (soFar) soFar.profile = prof;
   try {
     const live = !o.json && !o.ktap && process.stderr.isTTY;
     let done = 0;
     const total = forHostArch(checks, prof.arch).length;
+    const show = live
+      ? (r: CheckResult) => process.stderr.write(`\r\x1b[K${tag(r.outcome)} ${r.name}\n`)
+      : o.progressLines
+        ? (r: CheckResult) => process.stderr.write(`[${++done}/${total}] ${tag(r.outcome)} ${r.name} (${(r.durationMs / 1000).toFixed(1)} s)\n`)
+        : undefined;
     return await runChecks(checks, kvm, prof, {
-      onResult: live
-        ? (r) => process.stderr.write(`\r\x1b[K${tag(r.outcome)} ${r.name}\n`)
-        : o.progressLines
-          ? (r) => process.stderr.write(`[${++done}/${total}] ${tag(r.outcome)} ${r.name} (${(r.durationMs / 1000).toFixed(1)} s)\n`)
-          : undefined,
+      onResult: soFar
+        ? (r) => {
+            soFar.results.push(r);
+            show?.(r);
+          }
+        : show,
       onProgress: live ? progressBar : undefined,
     });
   } finally {
@@ -84,9 +100,23 @@ export async function runReport(checks: Check[], o: RunCliOptions): Promise<RunR
   }
 }
 
-export function printReport(report: RunReport, o: RunCliOptions): void {
-  console.log(o.json ? json(report) : o.ktap ? ktap(report) : human(report));
-  if (o.junit) writeFileSync(o.junit, junit(report) + '\n');
+/** Prints the report and writes the JUnit file; resolves once both are written whole (OutputError when not). */
+export async function printReport(report: RunReport, o: RunCliOptions): Promise<void> {
+  let failed: unknown;
+  try {
+    await writeStdout((o.json ? json(report) : o.ktap ? ktap(report) : human(report)) + '\n');
+  } catch (e) {
+    failed = e;
+  }
+  // The JUnit file is written even when standard output failed.
+  if (o.junit) {
+    try {
+      writeReportFile(o.junit, junit(report) + '\n', 'JUnit');
+    } catch (e) {
+      failed ??= e;
+    }
+  }
+  if (failed) throw failed;
 }
 
 /** `run`: returns the exit status. */
@@ -96,8 +126,24 @@ export async function executeRun(names: string[], o: RunCliOptions): Promise<num
     for (const c of checks) console.log(`${c.name.padEnd(28)} ${c.description}`);
     return 0;
   }
-  const report = await runReport(checks, o);
-  printReport(report, o);
+  removeStaleInstances();
+  // Interrupted (SIGINT, SIGTERM, ...), the run still reports what it checked
+  // and marks the rest not run; the process then exits 128 + the signal.
+  const soFar: RunSoFar = { results: [], startMs: performance.now() };
+  const off = onInterrupt(async (sig) => {
+    if (!soFar.profile) {
+      process.stderr.write(`kvmharness: interrupted by ${sig} before any check ran\n`);
+      return;
+    }
+    await printReport(interruptedReport(checks, soFar.results, soFar.profile, performance.now() - soFar.startMs, sig), o);
+  });
+  let report: RunReport;
+  try {
+    report = await runReport(checks, o, soFar);
+  } finally {
+    off();
+  }
+  await printReport(report, o);
   return exitStatus(report);
 }
 

@@ -53,7 +53,7 @@ const W = {
   waiting: 15,
 } as const;
 const WORDS = 16;
-const OP = { run: 1, exit: 2 } as const;
+const OP = { run: 1, exit: 2, write: 3 } as const;
 const CONSOLE_BYTES = 65536;
 /** The console output of a run that wrote none (a copy per run cost an ArrayBuffer). */
 const NO_BYTES = new Uint8Array(0);
@@ -76,6 +76,7 @@ export class VcpuThread {
     if (typeof this.handle === 'number') throw new Error(`starting a vCPU thread failed: errno ${-this.handle}`);
     this.seq = Atomics.load(ctl, W.done);
     this.tid = Atomics.load(ctl, W.tid);
+    VcpuThread.live.set(this.tid, this);
   }
   /** Kernel thread id, the target of kicks. */
   readonly tid: number;
@@ -187,11 +188,39 @@ export class VcpuThread {
     }
   }
 
+  /**
+   * Has the thread itself write `data` to `fd`; returns write(2)'s result
+   * (bytes written, or -errno). Tracefs records a write to trace_marker under
+   * the thread id it sees, which inside a PID namespace is not `tid`.
+   */
+  write(fd: number, data: Uint8Array, limitMs = 5000): number {
+    if (this.busy) throw new Error('vCPU thread is running a vCPU');
+    if (data.length > CONSOLE_BYTES) throw new RangeError(`a vCPU thread writes at most ${CONSOLE_BYTES} bytes`);
+    while (!this.finished(this.seq));
+    this.console.set(data);
+    this.ctl[W.fd] = fd;
+    this.ctl[W.maxExits] = data.length;
+    const seq = this.post(OP.write);
+    const start = performance.now();
+    while (!this.poll(seq)) {
+      if (performance.now() - start > limitMs) throw new Error(`vCPU thread ${this.tid} did not finish a write within ${limitMs} ms`);
+    }
+    return this.ctl[W.ret]!;
+  }
+
   /** Ends the thread. */
   exit(): void {
     this.waitIdle();
     this.post(OP.exit);
     this.k.threadJoin(this.handle);
+    VcpuThread.live.delete(this.tid);
+  }
+
+  /** Threads that have not exited, by tid. */
+  private static live = new Map<number, VcpuThread>();
+  /** The live thread with this tid (as this process's PID namespace numbers it), if it is one of ours. */
+  static byTid(tid: number): VcpuThread | undefined {
+    return VcpuThread.live.get(tid);
   }
 
   // Idle threads are kept for the next vCPU.

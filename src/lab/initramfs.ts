@@ -7,7 +7,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { gzipSync } from 'node:zlib';
-import { loadOrder, moduleTree, readModule, type LabKernel } from './fetch.js';
+import { loadOrder, moduleTree, readModule, type LabKernel } from './fetch/index.js';
 import { LabError, type Profile } from './profiles.js';
 
 /** One file, directory, symlink or device node of the archive. */

@@ -17,9 +17,6 @@ export class LabError extends Error {
   }
 }
 
-/** lab/fetch.ts's name for Arch. */
-export type LabArch = Arch;
-
 /** Module parameters by module name (underscores, as in /sys/module), then parameter name. */
 export type ModParams = Record<string, Record<string, string>>;
 

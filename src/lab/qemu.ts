@@ -13,7 +13,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { which, type LabKernel } from './fetch.js';
+import { which, type LabKernel } from './fetch/index.js';
 import { modulePlan } from './initramfs.js';
 import { LabError, type Profile } from './profiles.js';
 

@@ -9,7 +9,7 @@ import { constants as fsc } from 'node:fs';
 import type { Arch } from '../arch/arch.js';
 import { drainKmsg, setHostFs, type HostFs } from '../kvm/hostfs.js';
 import { resetAddon, setAddon } from '../kvm/sys.js';
-import { labCacheDir, resolveKernel, type LabKernel } from './fetch.js';
+import { labCacheDir, resolveKernel, type LabKernel } from './fetch/index.js';
 import { buildInitramfs } from './initramfs.js';
 import { profile as profileNamed, LabError, type Profile } from './profiles.js';
 import { bootLab, type Lab } from './qemu.js';

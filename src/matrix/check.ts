@@ -6,8 +6,9 @@
 // report shows the model's walk next to the walk KVM did.
 import { availableParallelism } from 'node:os';
 import { describeStop } from '../arch/x86/guest.js';
-import { compileWalk, type CompiledWalk, type GuestWalker, type ModelFault, type PagingConfig } from '../model/walk.js';
+import { compileWalk, type CompiledWalk, type GuestWalker, type PagingConfig } from '../model/walk.js';
 import { pagingConfigOf } from '../model/paging.js';
+import type { Wrong, WrongWalk } from '../model/wrong.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
 import { formatRerun, type Rerun } from '../report/rerun.js';
 import { guestWalkerOf, type CpuFeatures } from '../probe/probe.js';
@@ -25,7 +26,7 @@ export interface AccessMatrixOptions {
   /** Cases per guest entry (default 2048). */
   batchSize?: number;
   /** A deliberately wrong model (test use only): the check must then report mismatches. */
-  faults?: ReadonlySet<ModelFault>;
+  wrong?: Wrong;
   /** Guests running batches side by side, each on its own vCPU thread (default: 2 where the host has 2 or more CPUs). */
   lanes?: number;
 }
@@ -113,7 +114,7 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
   const modelFor = (f: number): CompiledWalk => {
     const s = controlState(f);
     let w = models.get(s);
-    if (!w) models.set(s, (w = compileWalk(matrixConfig(cpu, levels, f, walker), opts.faults)));
+    if (!w) models.set(s, (w = compileWalk(matrixConfig(cpu, levels, f, walker), opts.wrong?.walk)));
     return w;
   };
 
@@ -200,7 +201,7 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
   if (mismatchCount > mismatches.length) ctx.note(`${mismatchCount - mismatches.length} more mismatching cases are counted but not listed`);
 
   for (const x of mismatches.slice(0, RERUN_CAP)) {
-    ctx.note(await rerunAlone(ctx, cpu, levels, space, x.f, opts.faults));
+    ctx.note(await rerunAlone(ctx, cpu, levels, space, x.f, opts.wrong?.walk));
   }
 }
 
@@ -208,10 +209,10 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
 // A mismatching case alone, with KVM's walker traced.
 
 /** Runs one case in a fresh guest (a batch of one) with the walker tracepoints on. */
-export async function runAlone(ctx: Pick<CheckContext, 'kvm'>, cpu: CpuFeatures, levels: 4 | 5, f: number, faults?: ReadonlySet<ModelFault>, walker: GuestWalker = 'kvm'): Promise<Rerun> {
+export async function runAlone(ctx: Pick<CheckContext, 'kvm'>, cpu: CpuFeatures, levels: 4 | 5, f: number, wrong?: ReadonlySet<WrongWalk>, walker: GuestWalker = 'kvm'): Promise<Rerun> {
   const m = MatrixMachine.create(ctx.kvm, { levels, batchSize: 1, smap: cpu.smap, pku: cpu.pku });
   try {
-    const b = prepareBatch(m, compileWalk(matrixConfig(cpu, levels, f, walker), faults), 0, 0, Uint32Array.of(f), 0, 1, true);
+    const b = prepareBatch(m, compileWalk(matrixConfig(cpu, levels, f, walker), wrong), 0, 0, Uint32Array.of(f), 0, 1, true);
     m.arm(0, 1, m.control(f));
     let trace: TraceSession | undefined;
     let kvm: TraceEvent[][] | string = 'not traced';
@@ -248,10 +249,10 @@ export function walksOf(events: TraceEvent[], gva: number): TraceEvent[][] {
   return walks;
 }
 
-async function rerunAlone(ctx: CheckContext, cpu: CpuFeatures, levels: 4 | 5, space: CaseSpace, f: number, faults?: ReadonlySet<ModelFault>): Promise<string> {
+async function rerunAlone(ctx: CheckContext, cpu: CpuFeatures, levels: 4 | 5, space: CaseSpace, f: number, wrong?: ReadonlySet<WrongWalk>): Promise<string> {
   let r: Rerun;
   try {
-    r = await runAlone(ctx, cpu, levels, f, faults, guestWalkerOf(ctx.profile));
+    r = await runAlone(ctx, cpu, levels, f, wrong, guestWalkerOf(ctx.profile));
   } catch (e) {
     return `re-run of ${caseName(f, space.offered)} failed: ${(e as Error).message}`;
   }

@@ -73,7 +73,8 @@
 // stands in for the host frame of the table page (as in a table SPTE's frame
 // field).
 
-import { decodeSpte, isTable, type FaultKind, type FaultResult, type Spte, type Tdp } from './tdp.js';
+import { decodeSpte, isTable, type Spte } from './spte.js';
+import type { FaultKind, FaultResult, Tdp } from './tdp.js';
 import { walk, type Access, type AccessKind, type AdWrite, type PagingConfig, type ReadPte, type WalkResult } from './walk.js';
 
 export type NestedRefKind = 'tdp' | 'guest-pte' | 'data';

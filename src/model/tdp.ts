@@ -1,422 +1,58 @@
 // The host dimension of two-dimensional paging: what KVM maps for each guest
 // frame, modelled in the shape of the x86 TDP MMU (EPT/NPT) and of arm64
-// stage-2.
+// stage-2 (the model's tdp_mmu.c).
 //
-// - `Table` / `Spte`: the tree. One root per address space (as_id).
-// - `TdpIter`: a pre-order walk over [start, end) with the state of the
-//   kernel's struct tdp_iter in plain view (level, gfn, table, index, old).
-//   Used in for…of; stepping is down / side / up; the caller can retry an
-//   entry, stop early (clean-up runs in return()), and yield at yield points.
-// - `Tdp`: the operations, each one loop over a walk: fault-in, zap,
-//   write-protect, clear-dirty, dirty-log harvest, huge-page split, removal
-//   of a table, the stage-2 break-before-make, and the queries lookup() and
-//   mappings().
+// - `Tdp`: the operations, each one loop over a walk (tdp-iter.ts): fault-in,
+//   zap, write-protect, clear-dirty, dirty-log harvest, huge-page split,
+//   removal of a table, the stage-2 break-before-make, and the queries
+//   lookup() and mappings().
+// - The SPTE encoding and the level arithmetic (arm64 level conversion
+//   included) are in spte.ts; the tree and its iterator in tdp-iter.ts; the
+//   memslots in memslots.ts and the host memory behind them in host-mm.ts.
 //
-// Levels are numbered the way KVM's x86 MMU numbers them everywhere in this
-// file: 1 = 4 KiB leaf, 2 = 2 MiB, 3 = 1 GiB, 4 and 5 = upper tables.
-// arm64 numbers its lookup levels the other way round (0 = top, 3 = 4 KiB);
-// armLevel() / fromArmLevel() convert, and nothing else here uses arm64's
-// numbering. With the 4 KiB granule both numberings describe the same tables:
-// arm64 level 1 blocks are level-3 leaves here, level 2 blocks are level-2
-// leaves, level 3 pages are level-1 leaves.
+// Levels are numbered the way KVM's x86 MMU numbers them (spte.ts): 1 = 4 KiB
+// leaf, 2 = 2 MiB, 3 = 1 GiB, 4 and 5 = upper tables.
 
 import type { Arch } from '../arch/arch.js';
+import { HostMm, type HostChange, type HostPage } from './host-mm.js';
 import {
-  HostMm,
   gfnToHva,
   hvaRanges,
   slotEnd,
   type GfnRange,
-  type HostChange,
-  type HostPage,
   type Memslot,
   type MemslotChange,
   type Memslots,
   MemslotError,
 } from './memslots.js';
-
-// ---------------------------------------------------------------------------
-// Levels
-
-/** 4 KiB pages that one entry at `level` maps: 1, 512, 512^2, 512^3, 512^4. */
-export const PAGES: readonly number[] = [0, 1, 512, 512 ** 2, 512 ** 3, 512 ** 4];
-
-/** arm64 lookup level (0..3) of a model level (4..1). */
-export function armLevel(level: number): number {
-  return 4 - level;
-}
-
-/** Model level (4..1) of an arm64 lookup level (0..3). */
-export function fromArmLevel(lookupLevel: number): number {
-  return 4 - lookupLevel;
-}
-
-function roundDown(gfn: number, level: number): number {
-  return gfn - (gfn % PAGES[level]);
-}
-
-// ---------------------------------------------------------------------------
-// SPTEs
-//
-// A model SPTE is a number: flag bits in bits 11:0, a frame number from bit
-// 12 up (spte = pfn * 4096 + flags). Frames stay below 2^41, so every SPTE is
-// an exact integer below 2^53. For a table entry the frame field holds the
-// child table's id. Flag bits are tested with `&` (exact for bits below 32);
-// they are set and cleared with withBits()/withoutBits(), never with `|`/`&~`,
-// which would cut the value to 32 bits.
-
-export type Spte = number;
-
-export const SPTE_P = 0x1; // present (KVM: shadow-present)
-export const SPTE_W = 0x2; // writable
-export const SPTE_X = 0x4; // executable
-export const SPTE_A = 0x20; // accessed
-export const SPTE_D = 0x40; // dirty
-export const SPTE_LEAF = 0x80; // maps memory (any level; KVM: is_last_spte)
-export const SPTE_HOST_W = 0x100; // host mapping writable (KVM: host-writable)
-export const SPTE_MMU_W = 0x200; // KVM may make it writable without the slow path (KVM: mmu-writable)
-export const SPTE_MMIO = 0x400; // not present: cached MMIO (x86)
-
-export function makeSpte(pfn: number, flags: number): Spte {
-  return pfn * 4096 + flags;
-}
-export function sptePfn(s: Spte): number {
-  return Math.floor(s / 4096);
-}
-export function spteFlags(s: Spte): number {
-  return s % 4096;
-}
-export function isPresent(s: Spte): boolean {
-  return (s & SPTE_P) !== 0;
-}
-export function isLeaf(s: Spte): boolean {
-  return (s & (SPTE_P | SPTE_LEAF)) === (SPTE_P | SPTE_LEAF);
-}
-export function isTable(s: Spte): boolean {
-  return (s & (SPTE_P | SPTE_LEAF)) === SPTE_P;
-}
-function withBits(s: Spte, bits: number): Spte {
-  return s + (bits & ~spteFlags(s));
-}
-function withoutBits(s: Spte, bits: number): Spte {
-  return s - (bits & spteFlags(s));
-}
-
-export interface SpteInfo {
-  present: boolean;
-  leaf: boolean;
-  mmio: boolean;
-  pfn: number;
-  writable: boolean;
-  executable: boolean;
-  accessed: boolean;
-  dirty: boolean;
-  hostWritable: boolean;
-  mmuWritable: boolean;
-}
-
-export function decodeSpte(s: Spte): SpteInfo {
-  return {
-    present: isPresent(s),
-    leaf: isLeaf(s),
-    mmio: (s & SPTE_MMIO) !== 0,
-    pfn: sptePfn(s),
-    writable: (s & SPTE_W) !== 0,
-    executable: (s & SPTE_X) !== 0,
-    accessed: (s & SPTE_A) !== 0,
-    dirty: (s & SPTE_D) !== 0,
-    hostWritable: (s & SPTE_HOST_W) !== 0,
-    mmuWritable: (s & SPTE_MMU_W) !== 0,
-  };
-}
-
-/** One page of SPTEs. `child[i]` is the table `spte[i]` points to, kept in step by Tdp.trySet(). */
-export class Table {
-  readonly spte: Float64Array;
-  readonly child: (Table | null)[] | null;
-  /** Created by a fault whose huge page the NX-huge-page rule refused (x86). */
-  nxDisallowed = false;
-  /** Torn down after removal: nothing may use it any more. */
-  freed = false;
-
-  constructor(
-    readonly id: number,
-    readonly level: number,
-    /** First GFN the table maps. */
-    readonly gfn: number,
-    readonly size = 512,
-  ) {
-    this.spte = new Float64Array(size);
-    this.child = level > 1 ? new Array<Table | null>(size).fill(null) : null;
-  }
-}
-
-// ---------------------------------------------------------------------------
-// The iterator
-
-/** A GFN range [start, end) whose TLB entries must be flushed. */
-export interface Flush {
-  start: number;
-  end: number;
-}
-
-/** A table unlinked from the tree, with every present SPTE of its subtree, awaiting teardown. */
-export interface Removed {
-  asId: number;
-  /** First GFN and level of the removed table itself. */
-  gfn: number;
-  level: number;
-  table: Table;
-  sptes: { gfn: number; level: number; spte: Spte }[];
-}
-
-export type Only = 'all' | 'present' | 'presentLeaf';
-
-export interface IterOptions {
-  asId?: number;
-  /** Lowest level the walk descends to (for_each_tdp_pte_min_level). */
-  minLevel?: number;
-  /** 'present' and 'presentLeaf' skip other entries (for_each_tdp_present(_leaf)_pte). */
-  only?: Only;
-  /** Raise `yieldPoint` on every N-th entry handed out (0: never). */
-  yieldEvery?: number;
-  /** Receives the pending TLB flush ranges when they are flushed. */
-  onFlush?: (ranges: Flush[]) => void;
-  /** Runs once, when the walk ends or is abandoned. */
-  onRelease?: () => void;
-}
-
-const DONE: IteratorReturnResult<undefined> = { done: true, value: undefined };
-
-/**
- * A pre-order walk over the entries mapping [start, end), as struct tdp_iter.
- *
- * Between two next() calls the fields describe the current entry: `level`,
- * `gfn` (first GFN it maps), `table` and `index` (the sptep), `old` (the SPTE
- * value read). next() tries, in order: step down into the table `old` points
- * to (re-reading the entry first), step sideways, step up and sideways; the
- * walk ends when it runs off the root or past `end`.
- *
- * The walk holds something until it ends (the model of rcu_read_lock and of
- * the pending TLB flush): release happens exactly once, from next() at the
- * end or from return() when a for…of stops early (break, return, throw). It
- * flushes what is pending and calls onRelease.
- */
-export class TdpIter {
-  readonly root: Table;
-  readonly rootLevel: number;
-  readonly minLevel: number;
-  readonly start: number;
-  readonly end: number;
-  readonly asId: number;
-  readonly only: Only;
-  /** path[level]: the table the walk is in at each level. */
-  readonly path: Table[] = [];
-  level: number;
-  gfn: number;
-  table: Table;
-  index: number;
-  old: Spte;
-  /** The GFN the walk is heading for; a restart after a yield walks down to it again. */
-  nextLastLevelGfn: number;
-  yieldedGfn: number;
-  valid: boolean;
-  /** Set by resched(): the next step restarts from the root. */
-  yielded = false;
-  /** True on every `yieldEvery`-th entry: the caller may call resched() here. */
-  yieldPoint = false;
-  /** Entries handed out so far, and yields taken. */
-  visited = 0;
-  yields = 0;
-  /** TLB flush ranges accumulated and not yet flushed. */
-  readonly flushes: Flush[] = [];
-  /** Tables this walk unlinked (Tdp.trySet puts them here) and not yet torn down. */
-  readonly removed: Removed[] = [];
-  held = true;
-  private fresh = true;
-  /** Flag bits an entry must have to be handed out: none, P, or P and LEAF. */
-  private readonly wantMask: number;
-  private readonly yieldEvery: number;
-  private readonly onFlush: ((ranges: Flush[]) => void) | undefined;
-  private readonly onRelease: (() => void) | undefined;
-  private readonly result: IteratorYieldResult<TdpIter> = { done: false, value: this };
-
-  constructor(root: Table, start: number, end: number, opts: IterOptions = {}) {
-    this.root = root;
-    this.rootLevel = root.level;
-    this.minLevel = opts.minLevel ?? 1;
-    this.start = start;
-    this.end = Math.min(end, root.gfn + root.size * PAGES[root.level]);
-    this.asId = opts.asId ?? 0;
-    this.only = opts.only ?? 'all';
-    this.wantMask = this.only === 'all' ? 0 : this.only === 'present' ? SPTE_P : SPTE_P | SPTE_LEAF;
-    this.yieldEvery = opts.yieldEvery ?? 0;
-    this.onFlush = opts.onFlush;
-    this.onRelease = opts.onRelease;
-    // tdp_iter_start + tdp_iter_restart
-    this.nextLastLevelGfn = Math.max(start, root.gfn);
-    this.yieldedGfn = this.nextLastLevelGfn;
-    this.level = this.rootLevel;
-    this.table = root;
-    this.path[this.level] = root;
-    this.gfn = roundDown(this.nextLastLevelGfn, this.level);
-    this.index = (this.gfn - root.gfn) / PAGES[this.level];
-    this.old = 0;
-    this.valid = start < this.end;
-  }
-
-  [Symbol.iterator](): TdpIter {
-    return this;
-  }
-
-  next(): IteratorResult<TdpIter, undefined> {
-    if (!this.held) return DONE;
-    for (;;) {
-      if (this.fresh) {
-        this.fresh = false;
-        if (this.valid) this.old = this.table.spte[this.index];
-      } else {
-        this.step();
-      }
-      if (!this.valid || this.gfn >= this.end) {
-        this.release();
-        return DONE;
-      }
-      if ((this.old & this.wantMask) === this.wantMask) {
-        this.visited++;
-        this.yieldPoint = this.yieldEvery > 0 && this.visited % this.yieldEvery === 0;
-        return this.result;
-      }
-    }
-  }
-
-  /** Stop early: runs the clean-up (once), whatever the caller's reason. */
-  return(): IteratorResult<TdpIter, undefined> {
-    this.release();
-    return DONE;
-  }
-
-  /** Hand out the current entry again on the next next(), re-read (after a failed trySet). */
-  retry(): void {
-    this.fresh = true;
-  }
-
-  /**
-   * cond_resched() at a yield point: flush what is pending, let go, and
-   * restart from the root at nextLastLevelGfn on the next step. Refuses
-   * (returns false) when the walk has not moved on since it last yielded, so
-   * that it always makes progress. The caller `continue`s after a true.
-   */
-  resched(): boolean {
-    if (this.nextLastLevelGfn === this.yieldedGfn) return false;
-    this.flushNow();
-    this.yields++;
-    this.yielded = true;
-    return true;
-  }
-
-  /** Add the span of an entry at (gfn, level) to the pending TLB flush. */
-  flush(gfn: number, level: number): void {
-    const end = gfn + PAGES[level];
-    const last = this.flushes[this.flushes.length - 1];
-    if (last && gfn <= last.end && end >= last.start) {
-      last.start = Math.min(last.start, gfn);
-      last.end = Math.max(last.end, end);
-    } else {
-      this.flushes.push({ start: gfn, end });
-    }
-  }
-
-  /** Flush what is pending now (break-before-make needs the flush before the make). */
-  flushNow(): void {
-    if (this.flushes.length === 0) return;
-    const ranges = this.flushes.splice(0);
-    this.onFlush?.(ranges);
-  }
-
-  private release(): void {
-    if (!this.held) return;
-    this.held = false;
-    this.valid = false;
-    this.flushNow();
-    this.onRelease?.();
-  }
-
-  // tdp_iter_next
-  private step(): void {
-    if (this.yielded) {
-      this.restart();
-      return;
-    }
-    if (this.stepDown()) return;
-    do {
-      if (this.stepSide()) return;
-    } while (this.stepUp());
-    this.valid = false;
-  }
-
-  private restart(): void {
-    this.yielded = false;
-    this.yieldedGfn = this.nextLastLevelGfn;
-    this.level = this.rootLevel;
-    this.table = this.root;
-    this.gfn = roundDown(this.nextLastLevelGfn, this.level);
-    this.index = (this.gfn - this.root.gfn) / PAGES[this.level];
-    this.old = this.table.spte[this.index];
-  }
-
-  private stepDown(): boolean {
-    if (this.level === this.minLevel) return false;
-    // Re-read: never walk into a table that is no longer linked from here.
-    this.old = this.table.spte[this.index];
-    if (!isTable(this.old)) return false;
-    const child = this.table.child![this.index]!;
-    this.level--;
-    this.path[this.level] = child;
-    this.table = child;
-    this.gfn = roundDown(this.nextLastLevelGfn, this.level);
-    this.index = (this.gfn - child.gfn) / PAGES[this.level];
-    this.old = child.spte[this.index];
-    return true;
-  }
-
-  private stepSide(): boolean {
-    if (this.index === this.table.size - 1) return false;
-    this.gfn += PAGES[this.level];
-    this.nextLastLevelGfn = this.gfn;
-    this.index++;
-    this.old = this.table.spte[this.index];
-    return true;
-  }
-
-  private stepUp(): boolean {
-    if (this.level === this.rootLevel) return false;
-    this.level++;
-    this.table = this.path[this.level];
-    this.gfn = roundDown(this.gfn, this.level);
-    this.index = (this.gfn - this.table.gfn) / PAGES[this.level];
-    this.old = this.table.spte[this.index];
-    return true;
-  }
-}
-
-/** `for (const it of tdpIter(root, start, end)) { ... }` */
-export function tdpIter(root: Table, start: number, end: number, opts: IterOptions = {}): TdpIter {
-  return new TdpIter(root, start, end, opts);
-}
+import {
+  PAGES,
+  SPTE_A,
+  SPTE_D,
+  SPTE_HOST_W,
+  SPTE_LEAF,
+  SPTE_MMIO,
+  SPTE_MMU_W,
+  SPTE_P,
+  SPTE_W,
+  SPTE_X,
+  fromArmLevel,
+  isLeaf,
+  isPresent,
+  isTable,
+  makeSpte,
+  roundDown,
+  sptePfn,
+  spteFlags,
+  withBits,
+  withoutBits,
+  type Spte,
+} from './spte.js';
+import { Table, TdpIter, tdpIter, type Flush, type Only, type Removed } from './tdp-iter.js';
+import type { WrongTdp } from './wrong.js';
 
 // ---------------------------------------------------------------------------
 // The model
-
-/** Deliberate mistakes, for proving that an oracle notices a wrong model. */
-export interface WrongModel {
-  /** Fault-in maps one level below the allowed one (a 2 MiB mapping becomes 4 KiB). */
-  levelOffByOne?: boolean;
-  /** A zap leaves out the last page of its range. */
-  zapOneShort?: boolean;
-  /** x86: dirty logging off leaves the 4 KiB mappings in place (no zap of collapsible tables). */
-  noCollapse?: boolean;
-}
 
 export interface TdpOptions {
   arch?: Arch;
@@ -447,7 +83,8 @@ export interface TdpOptions {
   yieldEvery?: number;
   /** Keep the event log (default on). */
   record?: boolean;
-  wrong?: WrongModel;
+  /** Test-only: a deliberately wrong model (wrong.ts). */
+  wrong?: WrongTdp;
 }
 
 export type TdpEvent =
@@ -531,7 +168,7 @@ export class Tdp {
   private readonly splitOnFault: boolean;
   private readonly yieldEvery: number;
   private readonly record: boolean;
-  private readonly wrong: WrongModel;
+  private readonly wrong: WrongTdp;
   private nextTableId = 1;
 
   constructor(

@@ -110,6 +110,7 @@
 //     confirmed by a run: a mismatch here in a live comparison is a finding.
 
 import { physAddrRsvdMask, PTE_A, PTE_D, bitRange, PTE_NX, PTE_PS, PTE_G } from '../arch/x86/pte.js';
+import type { WrongWalk } from './wrong.js';
 
 export type Vendor = 'intel' | 'amd';
 export type AccessKind = 'read' | 'write' | 'exec';
@@ -202,16 +203,6 @@ export const PFERR = { P: 1, W: 2, U: 4, RSVD: 8, I: 16 /* fetch */, PK: 32 } as
 /** errorCode of a non-canonical access: not a #PF; the processor raises #GP/#SS. */
 export const NON_CANONICAL = -1;
 
-/** Deliberate rule changes, used only to show that the oracles notice a wrong model. */
-export type ModelFault = 'ignore-wp' | 'no-accessed-on-upper' | 'dirty-on-read' | 'ignore-nx' | 'rsvd-as-not-present';
-export const MODEL_FAULTS: readonly ModelFault[] = [
-  'ignore-wp',
-  'no-accessed-on-upper',
-  'dirty-on-read',
-  'ignore-nx',
-  'rsvd-as-not-present',
-];
-
 export type ReadPte = (gpa: bigint) => bigint;
 /** A walk under one pre-compiled configuration; `walker` is the configuration's. */
 export type CompiledWalk = ((cr3: bigint, access: Access, readPte: ReadPte) => WalkResult) & { readonly walker: GuestWalker };
@@ -241,7 +232,7 @@ interface Compiled {
   // canonical check on the high 32 bits of the address
   readonly canonShift: number;
   readonly canonOnes: number;
-  // model faults
+  // a deliberately wrong model (wrong.ts)
   readonly ignoreWp: boolean;
   readonly noAccessedUpper: boolean;
   readonly dirtyOnRead: boolean;
@@ -268,7 +259,7 @@ export function reservedMask(cfg: PagingConfig, level: number, ps: 0 | 1): bigin
   }
 }
 
-function compile(cfg: PagingConfig, faults?: ReadonlySet<ModelFault>): Compiled {
+function compile(cfg: PagingConfig, wrong?: ReadonlySet<WrongWalk>): Compiled {
   if (cfg.levels !== 4 && cfg.levels !== 5) throw new RangeError(`levels must be 4 or 5, got ${cfg.levels}`);
   const rsvdLo = new Int32Array(12);
   const rsvdHi = new Int32Array(12);
@@ -279,7 +270,7 @@ function compile(cfg: PagingConfig, faults?: ReadonlySet<ModelFault>): Compiled 
       rsvdHi[level * 2 + ps] = Number(m >> 32n) | 0;
     }
   }
-  const f = faults ?? new Set<ModelFault>();
+  const f = wrong ?? new Set<WrongWalk>();
   return {
     vendor: cfg.vendor,
     maxPhyAddr: cfg.maxPhyAddr,
@@ -521,23 +512,23 @@ export function walk(cfg: PagingConfig, cr3: bigint, access: Access, readPte: Re
   return run(compiledFor(cfg), cr3, access, readPte);
 }
 
-/** The same walk with some rules deliberately broken (test use only). */
+/** The same walk with some rules deliberately broken (test use only; wrong.ts). */
 export function walkWith(
-  faults: ReadonlySet<ModelFault>,
+  wrong: ReadonlySet<WrongWalk>,
   cfg: PagingConfig,
   cr3: bigint,
   access: Access,
   readPte: ReadPte,
 ): WalkResult {
-  return run(compile(cfg, faults), cr3, access, readPte);
+  return run(compile(cfg, wrong), cr3, access, readPte);
 }
 
 /**
  * Pre-compile a configuration (a snapshot: later changes to `cfg` are not seen).
  * The returned function is the fastest way to run many walks under one configuration.
  */
-export function compileWalk(cfg: PagingConfig, faults?: ReadonlySet<ModelFault>): CompiledWalk {
-  const c = compile(cfg, faults);
+export function compileWalk(cfg: PagingConfig, wrong?: ReadonlySet<WrongWalk>): CompiledWalk {
+  const c = compile(cfg, wrong);
   return Object.assign((cr3: bigint, access: Access, readPte: ReadPte) => run(c, cr3, access, readPte), { walker: c.walker });
 }
 

@@ -1,10 +1,32 @@
 // KVM's tracepoints as plain records. Each session is a private tracefs
 // instance filtered to the harness's own vCPU threads; it is removed on every
-// exit path — close(), process exit, SIGINT/SIGTERM — so runs never disturb
-// each other or leave state behind.
-import { hostFs } from '../kvm/hostfs.js';
+// exit path — close(), process exit, SIGINT/SIGTERM/SIGHUP/SIGQUIT/SIGUSR2 —
+// so runs never disturb each other; what SIGKILL leaves the next run removes.
+//
+// Containers. tracefs is the host's: it numbers threads in the initial PID
+// namespace, both in set_event_pid and in the events it records, while a
+// process in a PID namespace (a container, `unshare -p`) knows its threads by
+// its own namespace's numbers. /proc's NSpid cannot bridge the two there: a
+// container's /proc is its own namespace's and lists no outer id. So the
+// session asks tracefs itself: each thread to filter on writes a marker to the
+// instance's trace_marker (a vCPU thread does so from native code,
+// VcpuThread.write), and the pid tracefs recorded with the marker is the id
+// to filter on. Learnt once per thread; outside a namespace it is the same id.
+//
+// Instance names are `kvmharness-<pid>-<random>-<n>`: the random part keeps
+// two processes with one pid in two namespaces apart. A session keeps its
+// instance's trace_marker open while it lives, and the kernel refuses (EBUSY)
+// to remove an instance any of whose files is open; so at start-up a run
+// removes every kvmharness-* instance the kernel lets it remove (one created
+// in the last seconds excepted): those are exactly the ones whose owner died
+// without removing them, whatever namespace it ran in.
+import { randomBytes } from 'node:crypto';
+import { closeSync, constants, openSync, rmdirSync, statSync, writeSync } from 'node:fs';
+import { hostFs, localFs } from '../kvm/hostfs.js';
 import { join } from 'node:path';
 import { NotApplicable } from '../kvm/sys.js';
+import { VcpuThread } from '../kvm/thread.js';
+import { hookSignals, onCleanup } from '../run/interrupt.js';
 
 export const TRACEFS = '/sys/kernel/tracing';
 
@@ -118,33 +140,84 @@ export function closeAllSessions(): void {
 let hooked = false;
 
 /**
- * Removes instances on process exit and on SIGINT/SIGTERM/SIGHUP (then exits
- * 130/143/129). Programs call this at start-up so that no signal can arrive
- * between creating an instance and hooking its removal; open() calls it too.
+ * Removes instances on process exit and on SIGINT/SIGTERM/SIGHUP/SIGQUIT/
+ * SIGUSR2 (then exits 128 + the signal's number, run/interrupt.ts). Programs
+ * call this at start-up so that no signal can arrive between creating an
+ * instance and hooking its removal; open() calls it too.
  */
 export function hookExit(): void {
   if (hooked) return;
   hooked = true;
-  process.on('exit', closeAllSessions);
-  const codes = { SIGINT: 130, SIGTERM: 143, SIGHUP: 129 } as const;
-  for (const sig of Object.keys(codes) as (keyof typeof codes)[]) {
-    process.on(sig, () => {
-      closeAllSessions();
-      process.exit(codes[sig]);
-    });
+  onCleanup(closeAllSessions);
+  hookSignals();
+}
+
+const PREFIX = 'kvmharness-';
+/** This process's part of its instances' names: its pid, for a reader, and random bits, unique across namespaces. */
+const OWNER = `${process.pid}-${randomBytes(4).toString('hex')}`;
+/** An instance younger than this may be a live run's between its mkdir and its opening trace_marker. */
+const STALE_AFTER_MS = 2000;
+let seq = 0;
+let swept = false;
+
+/** Whether tracefs is this host's (not the lab's, reached through its agent). */
+const isLocal = () => hostFs() === localFs;
+
+/**
+ * Removes the tracefs instances of runs that died without removing them
+ * (SIGKILL): every kvmharness-* instance the kernel lets us remove, since it
+ * refuses while a live session holds one of its files open. Says so through
+ * `say`; returns the names removed. Once per process; this host only (a
+ * lab boots a fresh kernel), and only where tracefs is mounted.
+ */
+export function removeStaleInstances(say: (line: string) => void = (l) => process.stderr.write(`${l}\n`)): string[] {
+  if (swept || !isLocal()) return [];
+  swept = true;
+  const dir = join(TRACEFS, 'instances');
+  const removed: string[] = [];
+  for (const name of localFs.list(dir)) {
+    const m = /^kvmharness-(\d+)-(?:([0-9a-f]{8})-)?\d+$/.exec(name);
+    if (!m || name.startsWith(`${PREFIX}${OWNER}-`)) continue;
+    // Names without the random part come from versions that held no file open:
+    // theirs is stale when their pid is gone (as far as this namespace can tell).
+    if (!m[2] && alive(Number(m[1]))) continue;
+    const path = join(dir, name);
+    try {
+      if (Date.now() - statSync(path).mtimeMs < STALE_AFTER_MS) continue;
+      rmdirSync(path);
+    } catch {
+      continue; // EBUSY: its owner is alive; or gone already, or not ours to remove
+    }
+    removed.push(name);
+    say(`kvmharness: removed stale tracefs instance ${name}`);
+  }
+  return removed;
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code !== 'ESRCH';
   }
 }
 
-let seq = 0;
+/** The thread id tracefs sees, per thread (a VcpuThread, or this process's main thread), once learnt. */
+const tracedIds = new WeakMap<object, number>();
+const MAIN_THREAD = {};
 
 export class TraceSession {
   readonly formats = new Map<string, EventFormat>();
   private closed = false;
+  /** The instance's trace_marker, held open while the session lives: it keeps the instance from being taken as stale. */
+  private marker: number | undefined;
 
   private constructor(readonly dir: string) {}
 
   /**
-   * Creates a private instance with `events` enabled for the given thread ids.
+   * Creates a private instance with `events` enabled for the given thread ids
+   * (as this process knows them: its vCPU threads' or its own pid).
    * Events the kernel does not have make the session NotApplicable.
    */
   static open(events: readonly string[], pids: readonly number[], bufferKb = 4096): TraceSession {
@@ -153,11 +226,13 @@ export class TraceSession {
       if (!hostFs().exists(join(TRACEFS, 'events', e, 'format'))) throw new NotApplicable(`trace event ${e} does not exist in this kernel`);
     }
     hookExit();
-    const dir = join(TRACEFS, 'instances', `kvmharness-${process.pid}-${seq++}`);
+    removeStaleInstances();
+    const dir = join(TRACEFS, 'instances', isLocal() ? `${PREFIX}${OWNER}-${seq++}` : `${PREFIX}${process.pid}-${seq++}`);
     hostFs().mkdir(dir);
     const s = new TraceSession(dir);
     live.add(s);
     try {
+      if (isLocal()) s.marker = openSync(join(dir, 'trace_marker'), constants.O_WRONLY);
       s.write('tracing_on', '0');
       s.write('buffer_size_kb', String(bufferKb));
       s.setPids(pids);
@@ -177,9 +252,54 @@ export class TraceSession {
     hostFs().write(join(this.dir, file), value);
   }
 
-  /** Restricts the instance to these thread ids (set_event_pid). */
+  /** Restricts the instance to these threads (set_event_pid), given by the ids this process knows them by. */
   setPids(pids: readonly number[]): void {
-    this.write('set_event_pid', pids.join(' ') || '');
+    this.write('set_event_pid', this.traced(pids).join(' ') || '');
+  }
+
+  /**
+   * The ids tracefs knows these threads by (see the top of this file). Each
+   * thread not met before writes a marker to the instance; the pid recorded
+   * with it is the answer. In the lab, tracefs is the lab kernel's and its
+   * agent's thread ids are that kernel's own: nothing to learn.
+   */
+  private traced(tids: readonly number[]): number[] {
+    if (!isLocal() || tids.length === 0) return [...tids];
+    const key = (tid: number): object => {
+      if (tid === process.pid) return MAIN_THREAD;
+      const t = VcpuThread.byTid(tid);
+      if (!t) throw new Error(`thread ${tid} is neither this process's main thread nor one of its vCPU threads: tracefs cannot be told its id`);
+      return t;
+    };
+    const keys = tids.map(key);
+    const unknown = keys.map((k, i) => [k, tids[i]!] as const).filter(([k]) => !tracedIds.has(k));
+    if (unknown.length) this.learn(unknown);
+    return keys.map((k) => tracedIds.get(k)!);
+  }
+
+  private learn(threads: readonly (readonly [object, number])[]): void {
+    const nonce = randomBytes(6).toString('hex');
+    const wasOn = hostFs().read(join(this.dir, 'tracing_on'))?.trim() === '1';
+    this.write('tracing_on', '1');
+    for (const [k, tid] of threads) {
+      const text = Buffer.from(`kvmharness-thread ${nonce} ${tid}\n`);
+      const n = k === MAIN_THREAD ? writeSync(this.marker!, text) : (k as VcpuThread).write(this.marker!, text);
+      if (n !== text.length) throw new Error(`writing a trace marker from thread ${tid} failed${n < 0 ? `: errno ${-n}` : ''}`);
+    }
+    const text = hostFs().read(join(this.dir, 'trace')) ?? '';
+    this.clear();
+    if (!wasOn) this.write('tracing_on', '0');
+    const marks = new Map<number, number>();
+    for (const line of text.split('\n')) {
+      const m = LINE.exec(line);
+      const mark = m?.[5] === 'tracing_mark_write' ? /^kvmharness-thread (\w+) (\d+)$/.exec(m[6]!.trim()) : null;
+      if (mark && mark[1] === nonce) marks.set(Number(mark[2]), Number(m![2]));
+    }
+    for (const [k, tid] of threads) {
+      const id = marks.get(tid);
+      if (id === undefined) throw new Error(`tracefs recorded no marker from thread ${tid}, so its id there is unknown`);
+      tracedIds.set(k, id);
+    }
   }
 
   clear(): void {
@@ -202,6 +322,10 @@ export class TraceSession {
       for (const e of this.formats.keys()) this.write(`events/${e}/enable`, '0');
     } catch {
       // the instance may be half-made; removing it is what matters
+    }
+    if (this.marker !== undefined) {
+      closeSync(this.marker);
+      this.marker = undefined;
     }
     try {
       hostFs().rmdir(this.dir);

@@ -3,8 +3,8 @@ import { TIME_FRACTION, type AbReport, type AbRow } from '../lab/ab.js';
 import type { Outcome } from '../run/types.js';
 import { MARK } from './report.js';
 
-/** The A/B table spells an error out. */
-const OUT: Record<Outcome, string> = { ...MARK, error: 'ERROR' };
+/** The A/B table spells out an error and a check not run. */
+const OUT: Record<Outcome, string> = { ...MARK, error: 'ERROR', not_run: 'NOT RUN' };
 
 function outcomes(os: Outcome[]): string {
   const set = [...new Set(os)];

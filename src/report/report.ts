@@ -3,7 +3,7 @@ import { nodeArch } from '../arch/arch.js';
 import type { CheckResult, Outcome, RunReport } from '../run/types.js';
 
 /** The mark of each outcome, in every table and progress line that prints one. */
-export const MARK: Record<Outcome, string> = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERR' };
+export const MARK: Record<Outcome, string> = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERR', not_run: 'SKIP' };
 
 /** An outcome's mark padded to one width, for a column. */
 export const tag = (o: Outcome): string => MARK[o].padEnd(4);
@@ -18,7 +18,8 @@ export function human(r: RunReport): string {
     out.push(...detail(c).map((l) => `      ${l}`));
   }
   const s = r.summary;
-  out.push(`${s.passed} passed, ${s.failed} failed, ${s.notApplicable} not applicable, ${s.errors} errors (${(s.durationMs / 1000).toFixed(2)} s)${s.casesChecked ? `; ${s.casesChecked} cases checked` : ''}`);
+  const notRun = s.notRun || s.interrupted ? `, ${s.notRun} not run${s.interrupted ? ` (interrupted by ${s.interrupted})` : ''}` : '';
+  out.push(`${s.passed} passed, ${s.failed} failed, ${s.notApplicable} not applicable, ${s.errors} errors${notRun} (${(s.durationMs / 1000).toFixed(2)} s)${s.casesChecked ? `; ${s.casesChecked} cases checked` : ''}`);
   return out.join('\n');
 }
 
@@ -27,6 +28,7 @@ function detail(c: CheckResult): string[] {
   const lines: string[] = [];
   if (c.outcome === 'not_applicable') lines.push(`not applicable here: ${c.reason}`);
   if (c.outcome === 'error') lines.push(`error: ${c.reason}`);
+  if (c.outcome === 'not_run') lines.push(`not run: ${c.reason}`);
   for (const m of c.comparisons) {
     if (m.ok) continue;
     lines.push(`${m.what}: expected ${m.expected}`);
@@ -48,10 +50,11 @@ export function ktap(r: RunReport): string {
     for (const l of detail(c)) out.push(`# ${l}`);
     const name = c.name.replace(/#/g, '_');
     if (c.outcome === 'not_applicable') out.push(`ok ${i + 1} ${name} # SKIP not applicable here: ${oneLine(c.reason ?? '')}`);
+    else if (c.outcome === 'not_run') out.push(`ok ${i + 1} ${name} # SKIP not run: ${oneLine(c.reason ?? '')}`);
     else out.push(`${c.outcome === 'pass' ? 'ok' : 'not ok'} ${i + 1} ${name}`);
   });
   const s = r.summary;
-  out.push(`# ${totals(s.passed, s.failed, s.notApplicable, s.errors)}`);
+  out.push(`# ${totals(s.passed, s.failed, s.notApplicable + s.notRun, s.errors)}`);
   return out.join('\n');
 }
 
@@ -67,16 +70,18 @@ const xml = (s: string) =>
 
 export function junit(r: RunReport): string {
   const s = r.summary;
+  const skipped = s.notApplicable + s.notRun;
   const out = [
     '<?xml version="1.0" encoding="UTF-8"?>',
-    `<testsuites tests="${s.total}" failures="${s.failed}" errors="${s.errors}" skipped="${s.notApplicable}" time="${(s.durationMs / 1000).toFixed(3)}">`,
-    `  <testsuite name="kvmharness" hostname="${xml(r.host.flavour)}" tests="${s.total}" failures="${s.failed}" errors="${s.errors}" skipped="${s.notApplicable}" time="${(s.durationMs / 1000).toFixed(3)}">`,
+    `<testsuites tests="${s.total}" failures="${s.failed}" errors="${s.errors}" skipped="${skipped}" time="${(s.durationMs / 1000).toFixed(3)}">`,
+    `  <testsuite name="kvmharness" hostname="${xml(r.host.flavour)}" tests="${s.total}" failures="${s.failed}" errors="${s.errors}" skipped="${skipped}" time="${(s.durationMs / 1000).toFixed(3)}">`,
   ];
   for (const c of r.checks) {
     const open = `    <testcase classname="kvmharness.${xml(r.host.flavour)}" name="${xml(c.name)}" time="${(c.durationMs / 1000).toFixed(3)}"`;
     const body = detail(c).join('\n');
     if (c.outcome === 'pass') out.push(`${open}/>`);
     else if (c.outcome === 'not_applicable') out.push(`${open}><skipped message="${xml(`not applicable here: ${oneLine(c.reason ?? '')}`)}"/></testcase>`);
+    else if (c.outcome === 'not_run') out.push(`${open}><skipped message="${xml(`not run: ${oneLine(c.reason ?? '')}`)}"/></testcase>`);
     else {
       const tag = c.outcome === 'fail' ? 'failure' : 'error';
       const first = c.comparisons.find((m) => !m.ok);

@@ -3,7 +3,7 @@
 import { describePte, LEVEL_NAMES } from '../arch/x86/pte.js';
 import type { Memslot } from '../model/memslots.js';
 import type { NestedFault, NestedRef, NestedWalk } from '../model/nested.js';
-import { PAGES } from '../model/tdp.js';
+import { PAGES } from '../model/spte.js';
 import { decodeErrorCode, type AccessKind, type PagingConfig, type WalkResult } from '../model/walk.js';
 import type { Scenario } from '../scenario/types.js';
 

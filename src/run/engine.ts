@@ -15,17 +15,18 @@ import { channel, describeStop, X86Guest, type ExceptionRecord, type GuestStop }
 import { LAYOUT } from '../arch/x86/layout.js';
 import { describePte, PTE_A, PTE_D } from '../arch/x86/pte.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
-import { accessedLatitude, decodeErrorCode, PFERR, walkWith, type PagingConfig, type WalkResult, type ModelFault } from '../model/walk.js';
+import { accessedLatitude, decodeErrorCode, PFERR, walkWith, type PagingConfig, type WalkResult } from '../model/walk.js';
 import { bringUpOptions, buildScenarioTables, slotBacking, pagingConfigFor } from '../scenario/build.js';
 import { showDelta, showStatExpect, statHolds, statNotApplicable } from '../scenario/stats.js';
 import type { GuestStep, Scenario, Step, StepStats } from '../scenario/types.js';
 import { MADV, MEM, PROT, RUN } from '../uapi/uapi.js';
 import { KvmError } from '../kvm/sys.js';
 import { Memslots, type Memslot as ModelSlot } from '../model/memslots.js';
-import { Tdp, type WrongModel } from '../model/tdp.js';
+import { Tdp } from '../model/tdp.js';
+import type { Wrong, WrongTdp, WrongWalk } from '../model/wrong.js';
 import { guestWalkerOf, type HostProfile } from '../probe/probe.js';
 import { same, show } from './differ.js';
-import { runRace, type RaceOptions } from './race.js';
+import { runRace } from './race.js';
 import { NotApplicable, type Check, type CheckContext } from './types.js';
 
 const PAGE = 0x1000n;
@@ -40,14 +41,10 @@ export const WALKER_EVENTS = [
 ] as const;
 
 export interface EngineOptions {
-  /** Test-only: a deliberately wrong model. */
-  faults?: ReadonlySet<ModelFault>;
   /** Compare KVM's walker tracepoints with the model's walk (needs tracefs). */
   trace?: boolean;
-  /** Test-only: a deliberately wrong TDP model (host dimension). */
-  tdpWrong?: WrongModel;
-  /** Test-only: a deliberately wrong race model. */
-  race?: RaceOptions;
+  /** Test-only: a deliberately wrong model (walk, TDP, race; model/wrong.ts). */
+  wrong?: Wrong;
 }
 
 /** One walk as KVM's walker tracepoints show it. */
@@ -256,7 +253,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     let cfg: PagingConfig = { ...pagingConfigFor(sc, cpu), walker: guestWalkerOf(ctx.profile) };
     if (cfg.walker === 'qemu-tcg') ctx.note('the guest\'s walks are QEMU TCG\'s (TDP on an emulated CPU): the model applies TCG\'s measured deviations (README, Findings)');
     else if (cfg.walker === 'cpu') ctx.note('the guest\'s walks are the processor\'s (TDP): A bits a faulting walk may set are accepted either way');
-    const faults = opts.faults ?? new Set<ModelFault>();
+    const wrongWalk = opts.wrong?.walk ?? new Set<WrongWalk>();
     const read = (gpa: bigint) => g.mem.read64(gpa);
     // Where the tables lead for `gva` as they are now, whatever the access rights: no WP, SMEP, SMAP or keys.
     const plainWalk = (gva: bigint) =>
@@ -298,7 +295,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     // The host dimension: a TDP model over the same memslots and host memory
     // (src/model/tdp.ts). It says which guest accesses find their host memory
     // (after munmap / mprotect / madvise) and which GFNs a host change zaps.
-    const host = hostModel(ctx, g, sc, opts.tdpWrong);
+    const host = hostModel(ctx, g, sc, opts.wrong?.tdp);
     // Under TDP the dirty log is what KVM's TDP MMU logs; the TDP model predicts it.
     const tdpDirty = ctx.profile.tdp.enabled && ctx.profile.arch === 'x86_64';
     /** Guest memory as the host process sees it; a model that expects memory where the host has none gets a description instead. */
@@ -375,7 +372,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
       };
       let pred: Prediction | undefined;
       if (s.side === 'guest' && s.kind === 'access') {
-        const w = walkWith(faults, cfg, g.boot.tables.root, { gva: s.gva, kind: s.access, cpl: s.cpl, eflagsAc: s.eflagsAc, size: s.size }, read);
+        const w = walkWith(wrongWalk, cfg, g.boot.tables.root, { gva: s.gva, kind: s.access, cpl: s.cpl, eflagsAc: s.eflagsAc, size: s.size }, read);
         // A walk that ends at a GPA no slot backs (or a write to a read-only
         // slot) leaves the guest as an MMIO exit; the engine answers reads
         // with MMIO_FILL.
@@ -548,7 +545,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
           break;
         }
         case 'translate': {
-          const w = walkWith(faults, cfg, g.boot.tables.root, { gva: s.gva, kind: 'read', cpl: 0 }, read);
+          const w = walkWith(wrongWalk, cfg, g.boot.tables.root, { gva: s.gva, kind: 'read', cpl: 0 }, read);
           const expected = s.expect ?? (w.ok ? { valid: true, gpa: w.gpa } : { valid: false });
           const t = g.vcpu.translate(s.gva);
           ctx.expect(`${name}: KVM_TRANSLATE`, expected, t.valid ? { valid: true, gpa: t.gpa } : { valid: false });
@@ -639,7 +636,7 @@ function observedStop(stop: GuestStop | { kind: 'kvm_run_error'; errno: string }
  * (Tdp.invalidateHva: every slot the HVA range maps, no early stop), and
  * guest accesses fault in through it.
  */
-function hostModel(ctx: CheckContext, g: X86Guest, sc: Scenario, wrong?: WrongModel) {
+function hostModel(ctx: CheckContext, g: X86Guest, sc: Scenario, wrong?: WrongTdp) {
   const params = ctx.profile.moduleParams;
   const tdp = new Tdp(new Memslots(), {
     eagerSplit: params['kvm.eager_page_split'] !== 'N',
@@ -746,7 +743,7 @@ export function scenarioCheck(sc: Scenario, opts: EngineOptions = {}): Check {
       needs: ['dirty_log'],
       run: (ctx) => {
         if (opts.trace) throw new NotApplicable('a race has no single guest walk per step to compare with the walker tracepoints');
-        return runRace(ctx, { ...sc, race }, opts.race);
+        return runRace(ctx, { ...sc, race }, opts.wrong?.race);
       },
     };
   }

@@ -28,6 +28,7 @@ import { describeExit } from '../kvm/exits.js';
 import type { Vcpu } from '../kvm/kvm.js';
 import { addon } from '../kvm/sys.js';
 import { MADV, MEM, RUN } from '../uapi/uapi.js';
+import type { WrongRace } from '../model/wrong.js';
 import { bringUpOptions, buildScenarioTables, slotBacking } from '../scenario/build.js';
 import type { RaceDecl, Scenario } from '../scenario/types.js';
 import { NotApplicable, type CheckContext } from './types.js';
@@ -53,15 +54,13 @@ const RECORD = (v: number) => LAYOUT.userStackBase + BigInt(v) * 0x100n;
 const R = { rounds: 0n, bad: 8n, badWrote: 16n, badRead: 24n, badGva: 32n, finished: 40n } as const;
 const STOP = LAYOUT.userStackBase + 0x1000n;
 
-export interface RaceOptions {
-  /** Test-only: a model that leaves one page out of the first logged target's expected dirty pages. */
-  dropDirtyBit?: boolean;
-}
-
-/** What the race model expects: per target, the GPAs written, and which of them the dirty log must hold. */
-export function raceModel(sc: Scenario & { race: RaceDecl }, opts: RaceOptions = {}) {
+/**
+ * What the race model expects: per target, the GPAs written, and which of
+ * them the dirty log must hold. `wrong`: test-only, a deliberately wrong model.
+ */
+export function raceModel(sc: Scenario & { race: RaceDecl }, wrong: WrongRace = {}) {
   const r = sc.race;
-  let dropped = !opts.dropDirtyBit;
+  let dropped = !wrong.dropDirtyBit;
   return r.targets.map((t) => {
     const m = sc.mappings.find((x) => t.gva >= x.gva && t.gva < x.gva + x.size)!;
     const base = m.gpa + (t.gva - m.gva);
@@ -115,7 +114,7 @@ function emitVcpu(a: Asm, sc: Scenario & { race: RaceDecl }, v: number): void {
 const sleep = (ms: number) => new Promise<void>((res) => setTimeout(res, ms));
 
 /** Runs a race scenario (see the file comment). */
-export async function runRace(ctx: CheckContext, sc: Scenario & { race: RaceDecl }, opts: RaceOptions = {}): Promise<void> {
+export async function runRace(ctx: CheckContext, sc: Scenario & { race: RaceDecl }, wrong: WrongRace = {}): Promise<void> {
   if (!ctx.profile.cpu) throw new NotApplicable('x86 scenarios need an x86 host');
   if ((addon() as { remote?: boolean }).remote === true) {
     throw new NotApplicable("a race needs vCPU threads running beside the host's operations; the lab's remote addon runs KVM_RUN synchronously");
@@ -269,7 +268,7 @@ export async function runRace(ctx: CheckContext, sc: Scenario & { race: RaceDecl
     }).filter((x) => x !== undefined);
     ctx.expect('race: every read-back saw its write', [], bad);
 
-    const model = raceModel(sc, opts);
+    const model = raceModel(sc, wrong);
     ctx.expect('race: no MMIO exits outside deleted slots', [], strayMmio);
     for (const [i, m] of model.entries()) {
       const t = m.target;

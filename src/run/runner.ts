@@ -6,10 +6,10 @@ import type { Kvm } from '../kvm/kvm.js';
 import { HostError } from '../kvm/sys.js';
 import type { HostProfile } from '../probe/probe.js';
 import { same, show } from './differ.js';
-import { NotApplicable, type Check, type CheckResult, type Comparison, type RunReport, type Tamper } from './types.js';
+import { NotApplicable, type Check, type CheckResult, type Comparison, type RunReport, type WrongExpectation } from './types.js';
 
 export interface RunOptions {
-  tamper?: Tamper;
+  wrongExpectation?: WrongExpectation;
   onResult?: (r: CheckResult) => void;
   onProgress?: (check: string, done: number, total: number) => void;
 }
@@ -41,7 +41,7 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
       kvm,
       profile,
       expect(what, expected, observed) {
-        const exp = opts.tamper ? opts.tamper(check.name, what, expected) : expected;
+        const exp = opts.wrongExpectation ? opts.wrongExpectation(check.name, what, expected) : expected;
         comparisons.push({ what, expected: show(exp), observed: show(observed), ok: same(exp, observed) });
       },
       note: (l) => notes.push(l),
@@ -83,6 +83,11 @@ export async function runChecks(checks: readonly Check[], kvm: Kvm, profile: Hos
     results.push(r);
     opts.onResult?.(r);
   }
+  return reportOf(profile, results, performance.now() - t0);
+}
+
+/** The report of these results. */
+export function reportOf(profile: HostProfile, results: CheckResult[], durationMs: number, interrupted?: string): RunReport {
   const count = (o: CheckResult['outcome']) => results.filter((r) => r.outcome === o).length;
   return {
     host: { arch: profile.arch, flavour: profile.flavour, tdp: profile.tdp, tdpMmu: profile.tdpMmu, device: profile.device },
@@ -93,10 +98,39 @@ export async function runChecks(checks: readonly Check[], kvm: Kvm, profile: Hos
       failed: count('fail'),
       notApplicable: count('not_applicable'),
       errors: count('error'),
-      durationMs: performance.now() - t0,
+      notRun: count('not_run'),
+      ...(interrupted ? { interrupted } : {}),
+      durationMs,
       casesChecked: results.reduce((n, r) => n + (r.cases?.checked ?? 0), 0),
     },
   };
+}
+
+/**
+ * The report of a run interrupted by `signal`: the results it has, then every
+ * other check of `checks` (those forHostArch keeps) as not run; the first of
+ * them was under way.
+ */
+export function interruptedReport(
+  checks: readonly Check[],
+  done: readonly CheckResult[],
+  profile: HostProfile,
+  durationMs: number,
+  signal: string,
+): RunReport {
+  const rest = forHostArch(checks, profile.arch).filter((c) => !done.some((r) => r.name === c.name));
+  const notRun = rest.map(
+    (c, i): CheckResult => ({
+      name: c.name,
+      description: c.description,
+      outcome: 'not_run',
+      comparisons: [],
+      reason: i === 0 ? `interrupted by ${signal} while it ran` : `the run was interrupted by ${signal}`,
+      notes: [],
+      durationMs: 0,
+    }),
+  );
+  return reportOf(profile, [...done, ...notRun], durationMs, signal);
 }
 
 /** 0 when nothing failed or errored; 1 otherwise. */

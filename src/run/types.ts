@@ -3,7 +3,8 @@ import type { Arch } from '../arch/arch.js';
 import type { Kvm } from '../kvm/kvm.js';
 import type { HostProfile, Oracle } from '../probe/probe.js';
 
-export type Outcome = 'pass' | 'fail' | 'not_applicable' | 'error';
+/** not_run: the run was interrupted (SIGINT, SIGTERM, ...) before the check finished or began. */
+export type Outcome = 'pass' | 'fail' | 'not_applicable' | 'error' | 'not_run';
 
 /** One expected-against-observed record; ok is decided by the differ, not the check. */
 export interface Comparison {
@@ -18,7 +19,7 @@ export interface CheckResult {
   description: string;
   outcome: Outcome;
   comparisons: Comparison[];
-  /** Why the check is not applicable, or the error that stopped it. */
+  /** Why the check is not applicable or was not run, or the error that stopped it. */
   reason?: string;
   notes: string[];
   durationMs: number;
@@ -38,6 +39,10 @@ export interface Summary {
   failed: number;
   notApplicable: number;
   errors: number;
+  /** Checks left unfinished by an interrupted run. */
+  notRun: number;
+  /** The signal that interrupted the run, if one did. */
+  interrupted?: string;
   durationMs: number;
   /** Sum of CheckResult.cases.checked over the run (0 when no check counts cases). */
   casesChecked: number;
@@ -51,9 +56,11 @@ export interface RunReport {
 
 /**
  * Lets a caller replace an expectation before it is compared; tests use it to
- * feed a deliberately wrong expectation and see the mismatch reported.
+ * feed a deliberately wrong expectation and see the mismatch reported. (A
+ * deliberately wrong model, which makes its expectations wrong at the source,
+ * is model/wrong.ts's Wrong.)
  */
-export type Tamper = (check: string, what: string, expected: unknown) => unknown;
+export type WrongExpectation = (check: string, what: string, expected: unknown) => unknown;
 
 export interface CheckContext {
   kvm: Kvm;

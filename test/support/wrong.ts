@@ -6,5 +6,5 @@ export function wrong(v: unknown): unknown {
   if (typeof v === 'boolean') return !v;
   if (v instanceof Uint8Array) return Uint8Array.from([...v, 0xee]);
   if (Array.isArray(v)) return [...v, 'extra'];
-  return { ...(v as object), tampered: true };
+  return { ...(v as object), wrong: true };
 }

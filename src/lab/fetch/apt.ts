@@ -1,0 +1,153 @@
+// Debian's packages into the lab's cache: apt-get download and dpkg-deb -x,
+// never an install of a kernel. The package lists are refreshed
+// (`apt-get update`) once when a lookup fails, and a foreign architecture is
+// added to dpkg when the lab needs its packages.
+import { spawn } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import type { Arch } from '../../arch/arch.js';
+import { LabError } from '../profiles.js';
+
+interface Ran {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs a program (no shell) to completion; rejects only when it cannot be started. */
+function run(cmd: string, args: readonly string[], opts: { cwd?: string } = {}): Promise<Ran> {
+  return new Promise((done, fail) => {
+    const child = spawn(cmd, args, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive', LC_ALL: 'C' } });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (s: string) => (stdout += s));
+    child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
+    child.on('error', (e) => fail(new LabError(`cannot run ${cmd}: ${(e as NodeJS.ErrnoException).code ?? e.message}`)));
+    child.on('close', (code, signal) => done({ code: code ?? (signal ? 128 : 1), stdout, stderr }));
+  });
+}
+
+/** The last meaningful line of a failed command's output, for a one-line message. */
+function lastLine(r: Ran): string {
+  const lines = `${r.stderr}\n${r.stdout}`.split('\n').map((l) => l.trim()).filter((l) => l && !l.startsWith('W:'));
+  const err = lines.filter((l) => l.startsWith('E:'));
+  return (err[err.length - 1] ?? lines[lines.length - 1] ?? `exit status ${r.code}`).slice(0, 300);
+}
+
+/** Debian's name of each lab architecture. */
+export const DEB_ARCH: Record<Arch, string> = { x86_64: 'amd64', arm64: 'arm64' };
+
+export const isRoot = (): boolean => process.getuid?.() === 0;
+
+let aptUpdated = false;
+
+async function aptUpdate(log: (s: string) => void, force = false): Promise<void> {
+  if (aptUpdated && !force) return;
+  if (!isRoot()) throw new LabError('the package lists need `apt-get update`, which needs root');
+  log('lab: apt-get update');
+  const r = await run('apt-get', ['update']);
+  if (r.code !== 0) throw new LabError(`apt-get update failed: ${lastLine(r)}`);
+  aptUpdated = true;
+}
+
+/** Runs an apt command; when it fails and the lists were not refreshed yet, runs `apt-get update` and tries once more. */
+async function apt(cmd: string, args: readonly string[], log: (s: string) => void, cwd?: string): Promise<Ran> {
+  let r = await run(cmd, args, { cwd });
+  if (r.code !== 0 && !aptUpdated && isRoot()) {
+    await aptUpdate(log);
+    r = await run(cmd, args, { cwd });
+  }
+  return r;
+}
+
+/** `apt-get install -y --no-install-recommends` (needs root); throws a LabError naming the packages when it fails. */
+export async function aptInstall(pkgs: readonly string[], log: (s: string) => void): Promise<void> {
+  const r = await apt('apt-get', ['install', '-y', '--no-install-recommends', ...pkgs], log);
+  if (r.code !== 0) throw new LabError(`apt-get install ${pkgs.join(' ')} failed: ${lastLine(r)}`);
+}
+
+/**
+ * Makes Debian's packages of a foreign architecture visible to apt
+ * (`dpkg --add-architecture` and `apt-get update`, as root); nothing of that
+ * architecture is installed, the lab only downloads and unpacks.
+ */
+export async function ensureDebArch(arch: Arch, log: (s: string) => void): Promise<void> {
+  const deb = DEB_ARCH[arch];
+  const native = (await run('dpkg', ['--print-architecture'])).stdout.trim();
+  if (native === deb) return;
+  const foreign = (await run('dpkg', ['--print-foreign-architectures'])).stdout.split(/\s+/);
+  if (foreign.includes(deb)) return;
+  if (!isRoot()) throw new LabError(`the ${arch} lab needs Debian's ${deb} packages: run \`dpkg --add-architecture ${deb} && apt-get update\` as root`);
+  log(`lab: dpkg --add-architecture ${deb}`);
+  const r = await run('dpkg', ['--add-architecture', deb]);
+  if (r.code !== 0) throw new LabError(`dpkg --add-architecture ${deb} failed: ${lastLine(r)}`);
+  await aptUpdate(log, true);
+}
+
+/** "1:1.35.0-4+deb12u1" → "1_1.35.0-4+deb12u1": safe in a file name. */
+export const safeName = (s: string): string => s.replace(/[^A-Za-z0-9.+_-]/g, '_');
+
+/** The candidate version of a package. */
+export async function candidateVersion(pkg: string, log: (s: string) => void): Promise<string> {
+  const r = await apt('apt-cache', ['show', '--no-all-versions', pkg], log);
+  const v = /^Version:\s*(\S+)/m.exec(r.stdout)?.[1];
+  if (r.code !== 0 || !v) throw new LabError(`no Debian package ${pkg} here (${r.code !== 0 ? lastLine(r) : 'no version'}); the lab needs Debian's apt repositories`);
+  return v;
+}
+
+/** The real kernel package linux-image-amd64 (-arm64) depends on now: linux-image-6.1.0-56-amd64. */
+export async function kernelPackage(log: (s: string) => void, arch: Arch): Promise<string> {
+  const deb = DEB_ARCH[arch];
+  for (;;) {
+    const dep = await apt('apt-cache', ['depends', `linux-image-${deb}:${deb}`], log);
+    const pkg = /Depends:\s*(linux-image-[^\s:]+)/.exec(dep.stdout)?.[1];
+    if (pkg) return pkg;
+    if (aptUpdated || !isRoot()) throw new LabError(`cannot find Debian's ${arch} kernel package (apt-cache depends linux-image-${deb}: ${dep.code !== 0 ? lastLine(dep) : 'no linux-image dependency'})`);
+    await aptUpdate(log);
+  }
+}
+
+/**
+ * Downloads a package with `apt-get download` and unpacks it with `dpkg-deb -x`
+ * into `dest`, atomically: a partial unpack never looks complete. `after` runs
+ * on the unpacked tree before it is moved into place.
+ */
+export async function unpackDeb(pkg: string, dest: string, log: (s: string) => void, after?: (root: string) => Promise<void>): Promise<void> {
+  if (existsSync(dest)) return;
+  mkdirSync(dirname(dest), { recursive: true });
+  const tmp = mkdtempSync(join(dirname(dest), `.partial-${process.pid}-`));
+  try {
+    log(`lab: downloading ${pkg}`);
+    const t0 = Date.now();
+    const dl = await apt('apt-get', ['download', pkg], log, tmp);
+    const deb = readdirSync(tmp).find((f) => f.endsWith('.deb'));
+    if (dl.code !== 0 || !deb) throw new LabError(`apt-get download ${pkg} failed: ${lastLine(dl)}`);
+    const root = join(tmp, 'root');
+    const x = await run('dpkg-deb', ['-x', join(tmp, deb), root]);
+    if (x.code !== 0) throw new LabError(`dpkg-deb -x ${deb} failed: ${lastLine(x)}`);
+    rmSync(join(tmp, deb));
+    if (after) await after(root);
+    log(`lab: ${pkg} unpacked in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+    try {
+      renameSync(root, dest);
+    } catch (e) {
+      // Another process finished the same unpack first: use theirs.
+      if (!existsSync(dest)) throw e;
+    }
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+/** Debian's static busybox for the lab's architecture, unpacked into the cache; returns the binary's path. */
+export async function fetchBusybox(cache: string, log: (s: string) => void, arch: Arch): Promise<string> {
+  const root = join(cache, arch);
+  const have = existsSync(root) ? readdirSync(root).filter((d) => d.startsWith('busybox-static_')).sort() : [];
+  for (const d of have.reverse()) if (existsSync(join(root, d, 'bin', 'busybox'))) return join(root, d, 'bin', 'busybox');
+  const pkg = `busybox-static:${DEB_ARCH[arch]}`;
+  const dest = join(root, `busybox-static_${safeName(await candidateVersion(pkg, log))}`);
+  await unpackDeb(pkg, dest, log);
+  const bin = join(dest, 'bin', 'busybox');
+  if (!existsSync(bin)) throw new LabError(`busybox-static unpacked without bin/busybox (in ${dest})`);
+  return bin;
+}
