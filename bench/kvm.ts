@@ -1,7 +1,9 @@
 // The KVM workloads of `npm run bench`, through the harness (Kvm / Vm / Vcpu).
 // bench/ref/ref.c does the same work in plain C; the guests are byte-identical:
 // real mode, CS base 0, one 64 KiB memslot at GPA 0, code at 0x1000.
-import { Kvm, type Vcpu, type Vm } from '../src/kvm/kvm.js';
+import { Kvm } from '../src/kvm/kvm.js';
+import type { Vcpu } from '../src/kvm/vcpu.js';
+import type { Vm } from '../src/kvm/vm.js';
 import { zeroRegs } from '../src/kvm/regs.js';
 
 export const GUEST = {

@@ -5,6 +5,8 @@
 // the lab cannot boot, the entries say why and carry no value.
 import { SMOKE } from '../src/checks/smoke.js';
 import { Kvm } from '../src/kvm/kvm.js';
+import { localTarget } from '../src/target/local.js';
+import type { Target } from '../src/target/target.js';
 import { openLab } from '../src/lab/session.js';
 import { probe } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';
@@ -27,10 +29,10 @@ function median(xs: number[]): number {
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
 
-/** ms per run of `c` against the KVM that addon() reaches now, over `n` runs; every run must pass. */
-async function timeCheck(c: Check, n: number): Promise<number[]> {
-  const prof = probe();
-  const kvm = Kvm.open();
+/** ms per run of `c` against the KVM of `target`, over `n` runs; every run must pass. */
+async function timeCheck(target: Target, c: Check, n: number): Promise<number[]> {
+  const prof = probe(target);
+  const kvm = Kvm.open(target);
   try {
     const out: number[] = [];
     for (let i = 0; i < n; i++) {
@@ -47,10 +49,10 @@ async function timeCheck(c: Check, n: number): Promise<number[]> {
 /**
  * `boots` boots of the npt-tdp profile: each from QEMU's start to the end of
  * the first check; in the last boot, `runs` runs of one check, compared with
- * as many runs of it here (measured first, before the lab takes the addon).
+ * as many runs of it here (measured first, before the lab boots).
  */
 export async function benchLab(o: { boots: number; runs: number; log: (s: string) => void }): Promise<Entry[]> {
-  const local = await timeCheck(check(MEASURED), o.runs);
+  const local = await timeCheck(localTarget, check(MEASURED), o.runs);
   const bootS: number[] = [];
   let inLab: number[] = [];
   for (let b = 0; b < o.boots; b++) {
@@ -58,9 +60,9 @@ export async function benchLab(o: { boots: number; runs: number; log: (s: string
     const t0 = performance.now();
     const s = await openLab({ profile: 'npt-tdp', log: (m) => void (b === 0 && o.log(m)) });
     try {
-      await timeCheck(check(FIRST), 1);
+      await timeCheck(s.target, check(FIRST), 1);
       bootS.push((performance.now() - t0) / 1000);
-      if (b === o.boots - 1) inLab = await timeCheck(check(MEASURED), o.runs);
+      if (b === o.boots - 1) inLab = await timeCheck(s.target, check(MEASURED), o.runs);
     } finally {
       await s.close();
     }

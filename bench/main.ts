@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { Kvm } from '../src/kvm/kvm.js';
+import { localTarget } from '../src/target/local.js';
 import { packageRoot } from '../src/kvm/sys.js';
 import { exitRoundtrip, faultIn, lifecycleOnce, vmLifecycle } from './kvm.js';
 import type { Entry } from './entry.js';
@@ -247,7 +248,7 @@ async function main(): Promise<number> {
   let kvm: Kvm | undefined;
   let unavailable: string | undefined;
   try {
-    kvm = Kvm.open();
+    kvm = Kvm.open(localTarget);
   } catch (e) {
     unavailable = (e as Error).message;
   }

@@ -6,6 +6,7 @@
 //   benchMatrix({ full: true })   also matrix_full_4level_s (every legal case; minutes)
 import { accessMatrix } from '../src/matrix/check.js';
 import { Kvm } from '../src/kvm/kvm.js';
+import { localTarget } from '../src/target/local.js';
 import { probe } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';
 
@@ -33,8 +34,8 @@ export async function benchMatrix(opts: MatrixBenchOptions = {}): Promise<Matrix
   const cases = opts.cases ?? 100_000;
   const rounds = opts.rounds ?? 3;
   const log = opts.log ?? ((l: string) => void process.stderr.write(`bench: ${l}\n`));
-  const profile = probe();
-  const kvm = Kvm.open();
+  const profile = probe(localTarget);
+  const kvm = Kvm.open(localTarget);
   try {
     const timed = async (sample: number | undefined, seed: number) => {
       const t0 = performance.now();

@@ -107,8 +107,8 @@ for (const name of ['nvhe', 'vhe', 'protected'] as const) {
     beforeAll(async () => {
       s = await openLab({ profile: name, arch: 'arm64', log: () => {} });
       process.stderr.write(`arm64 lab ${name}: ${(s.lab.bootMs / 1000).toFixed(2)} s to READY\n`);
-      kvm = Kvm.open();
-      profile = probe();
+      kvm = Kvm.open(s.target);
+      profile = probe(s.target);
     }, 120_000);
     afterAll(async () => {
       kvm?.close();

@@ -4,6 +4,7 @@
 // expectation syntax (src/scenario/stats.ts).
 import { describe, expect, it } from 'vitest';
 import { Kvm } from '../src/kvm/kvm.js';
+import { localTarget } from '../src/target/local.js';
 import { KvmError } from '../src/kvm/sys.js';
 import { PROT } from '../src/uapi/uapi.js';
 import { Memslots, type Memslot } from '../src/model/memslots.js';
@@ -110,7 +111,7 @@ describe('stats expectations', () => {
 
 describeKvm('munmap, remap and mprotect of part of a memslot', () => {
   it('unmapped and protected pages are refused by GuestMemory, and remap brings fresh memory back', () => {
-    const kvm = Kvm.open();
+    const kvm = Kvm.open(localTarget);
     const vm = kvm.createVm();
     try {
       const s = vm.addMemslot({ slot: 1, gpa: 0x1000000n, size: 0x4000 });
@@ -138,7 +139,7 @@ describeKvm('munmap, remap and mprotect of part of a memslot', () => {
   });
 
   it('hugeBytes reads the slot\'s AnonHugePages: none for 4K anonymous memory', () => {
-    const kvm = Kvm.open();
+    const kvm = Kvm.open(localTarget);
     const vm = kvm.createVm();
     try {
       const s = vm.addMemslot({ slot: 1, gpa: 0x1000000n, size: 0x400000, backing: { kind: 'anon', thp: false } });
@@ -155,7 +156,7 @@ describeKvm('munmap, remap and mprotect of part of a memslot', () => {
   });
 
   it('a memfd page comes back with the file data', () => {
-    const kvm = Kvm.open();
+    const kvm = Kvm.open(localTarget);
     const vm = kvm.createVm();
     try {
       const s = vm.addMemslot({ slot: 1, gpa: 0x1000000n, size: 0x2000, backing: { kind: 'memfd' } });
@@ -170,7 +171,7 @@ describeKvm('munmap, remap and mprotect of part of a memslot', () => {
   });
 
   it('a detached memslot is gone from KVM but its memory stays readable until the VM closes', () => {
-    const kvm = Kvm.open();
+    const kvm = Kvm.open(localTarget);
     const vm = kvm.createVm();
     try {
       vm.addMemslot({ slot: 1, gpa: 0x1000000n, size: 0x1000 });

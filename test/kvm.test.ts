@@ -3,7 +3,9 @@ import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Kvm, type Vm } from '../src/kvm/kvm.js';
+import { Kvm } from '../src/kvm/kvm.js';
+import { localTarget } from '../src/target/local.js';
+import type { Vm } from '../src/kvm/vm.js';
 import { KvmError } from '../src/kvm/sys.js';
 import { CAP, MADV, MEM, RUN } from '../src/uapi/uapi.js';
 import { describeKvm } from './support/kvm.js';
@@ -25,7 +27,7 @@ function realMode(kvm: Kvm, bytes: number[], flags = 0): Vm {
 describeKvm('KVM binding', () => {
   let kvm: Kvm;
   beforeAll(() => {
-    kvm = Kvm.open();
+    kvm = Kvm.open(localTarget);
   });
   afterAll(() => kvm.close());
 
@@ -53,6 +55,26 @@ describeKvm('KVM binding', () => {
       expect(r1.exit).toMatchObject({ reason: 'io', direction: 'out', port: 0x10, size: 1, count: 1 });
       expect(r1.exit.reason === 'io' && [...r1.exit.data]).toEqual([0x42]);
       expect((await v.run()).exit).toEqual({ reason: 'hlt' });
+    } finally {
+      vm.close();
+    }
+  });
+
+  it('completes an io in exit: the guest reads the bytes given to complete()', async () => {
+    const vm = realMode(kvm, [0xe4, 0x10, 0xe6, 0x11, 0xf4]); // in al, 0x10; out 0x11, al; hlt
+    try {
+      const v = vm.vcpus[0]!;
+      const r1 = await v.run();
+      expect(r1.exit).toMatchObject({ reason: 'io', direction: 'in', port: 0x10, size: 1, count: 1 });
+      if (r1.exit.reason !== 'io') throw new Error('no io exit');
+      expect(() => r1.exit.reason === 'io' && r1.exit.complete(new Uint8Array([1, 2]))).toThrow(/2 bytes for 1/);
+      r1.exit.complete(new Uint8Array([0x5a]));
+      const r2 = await v.run();
+      expect(r2.exit).toMatchObject({ reason: 'io', direction: 'out', port: 0x11 });
+      expect(r2.exit.reason === 'io' && [...r2.exit.data]).toEqual([0x5a]);
+      // The completion is not part of the exit's value.
+      expect(Object.keys(r2.exit)).not.toContain('complete');
+      expect(() => r2.exit.reason === 'io' && r2.exit.complete(new Uint8Array([0]))).toThrow(/takes no data/);
     } finally {
       vm.close();
     }
@@ -196,7 +218,12 @@ describeKvm('KVM binding', () => {
     const dir = mkdtempSync(join(tmpdir(), 'kvmharness-eintr-'));
     try {
       const kvmJs = new URL('../dist/src/kvm/kvm.js', import.meta.url).href;
-      const script = `const { Kvm } = await import(${JSON.stringify(kvmJs)}); const k = Kvm.open(); for (let i = 0; i < 300; i++) k.createVm().close(); k.close(); console.log('done');`;
+      const localJs = new URL('../dist/src/target/local.js', import.meta.url).href;
+      const script = [
+        `const { Kvm } = await import(${JSON.stringify(kvmJs)});`,
+        `const { localTarget } = await import(${JSON.stringify(localJs)});`,
+        "const k = Kvm.open(localTarget); for (let i = 0; i < 300; i++) k.createVm().close(); k.close(); console.log('done');",
+      ].join(' ');
       const r = spawnSync(process.execPath, ['--cpu-prof', '--cpu-prof-interval', '10', '--cpu-prof-dir', dir, '--input-type=module', '-e', script], { encoding: 'utf8' });
       expect(r.stderr).not.toContain('EINTR');
       expect(r.stdout.trim()).toBe('done');
@@ -241,7 +268,7 @@ describeKvm('KVM binding', () => {
 describeKvm('host memory behind memslots', () => {
   let kvm: Kvm;
   beforeAll(() => {
-    kvm = Kvm.open();
+    kvm = Kvm.open(localTarget);
   });
   afterAll(() => kvm.close());
 

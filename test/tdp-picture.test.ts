@@ -96,11 +96,13 @@ import { Kvm } from '../src/kvm/kvm.js';
 import { openLab, type LabSession } from '../src/lab/session.js';
 import { probe } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';
+import { localTarget } from '../src/target/local.js';
+import type { Target } from '../src/target/target.js';
 import { kvmUnavailable } from './support/kvm.js';
 
 const tdpHost = (() => {
   if (kvmUnavailable) return `no KVM: ${kvmUnavailable}`;
-  const o = probe().oracles.tdp_spte_tracepoints;
+  const o = probe(localTarget).oracles.tdp_spte_tracepoints;
   return o.available ? undefined : o.why;
 })();
 const inLab = tdpHost !== undefined && process.env.KVMHARNESS_LAB === '1';
@@ -108,17 +110,22 @@ const skip = tdpHost === undefined || inLab ? undefined : `${tdpHost}; set KVMHA
 
 describe.skipIf(skip !== undefined)(`TDP picture against wrong TDP models${skip ? ` [skipped: ${skip}]` : inLab ? ' (lab, npt-tdp)' : ''}`, () => {
   let lab: LabSession | undefined;
+  /** This host, or the lab's npt-tdp profile. */
+  let target: Target = localTarget;
   beforeAll(async () => {
-    if (inLab) lab = await openLab({ profile: 'npt-tdp', log: () => {} });
+    if (inLab) {
+      lab = await openLab({ profile: 'npt-tdp', log: () => {} });
+      target = lab.target;
+    }
   }, 180_000);
   afterAll(async () => {
     await lab?.close();
   });
 
   it('the correct model agrees with KVM', async () => {
-    const kvm = Kvm.open();
+    const kvm = Kvm.open(target);
     try {
-      const r = await runCheck(tdpPicture(), kvm, probe());
+      const r = await runCheck(tdpPicture(), kvm, probe(target));
       expect(r.outcome, JSON.stringify(r.comparisons.filter((c) => !c.ok))).toBe('pass');
     } finally {
       kvm.close();
@@ -126,9 +133,9 @@ describe.skipIf(skip !== undefined)(`TDP picture against wrong TDP models${skip 
   });
 
   it('dirty logging over a THP block: the correct model agrees with KVM', async () => {
-    const kvm = Kvm.open();
+    const kvm = Kvm.open(target);
     try {
-      const r = await runCheck(tdpDirtyLogSplitCoalesce(), kvm, probe());
+      const r = await runCheck(tdpDirtyLogSplitCoalesce(), kvm, probe(target));
       expect(r.outcome, JSON.stringify({ reason: r.reason, failed: r.comparisons.filter((c) => !c.ok) })).toBe('pass');
       expect(r.comparisons.length).toBeGreaterThan(8);
     } finally {
@@ -144,9 +151,9 @@ describe.skipIf(skip !== undefined)(`TDP picture against wrong TDP models${skip 
   ];
   for (const w of wrongSplitCoalesce) {
     it(`dirty logging over a THP block: catches ${w.name}`, async () => {
-      const kvm = Kvm.open();
+      const kvm = Kvm.open(target);
       try {
-        const r = await runCheck(tdpDirtyLogSplitCoalesce(w.opts), kvm, probe());
+        const r = await runCheck(tdpDirtyLogSplitCoalesce(w.opts), kvm, probe(target));
         expect(r.outcome, r.reason).toBe('fail');
         expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toContain(`${w.step}: mappings of the block's 512 GFNs`);
       } finally {
@@ -157,9 +164,9 @@ describe.skipIf(skip !== undefined)(`TDP picture against wrong TDP models${skip 
 
   for (const wrong of [{ zapOneShort: true }, { levelOffByOne: true }]) {
     it(`catches ${Object.keys(wrong)[0]}`, async () => {
-      const kvm = Kvm.open();
+      const kvm = Kvm.open(target);
       try {
-        const r = await runCheck(tdpPicture({ wrong: { tdp: wrong } }), kvm, probe());
+        const r = await runCheck(tdpPicture({ wrong: { tdp: wrong } }), kvm, probe(target));
         expect(r.outcome).toBe('fail');
         expect(r.comparisons.some((c) => !c.ok)).toBe(true);
       } finally {

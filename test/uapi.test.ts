@@ -14,23 +14,30 @@
  *    offsets derived the same way.
  * 3. The byte layouts hard-coded in regs.ts, kvm.ts, stats.ts and exits.ts are
  *    checked against the sample bytes: decoders must read the C values back and
- *    encoders must produce the C bytes. kvm.ts runs against a recording stand-in
- *    for the native addon, so what it would pass to ioctl() is compared with C.
+ *    encoders must produce the C bytes. kvm.ts runs on a target whose addon is a
+ *    recording stand-in, so what it would pass to ioctl() is compared with C.
  */
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import * as U from '../src/uapi/uapi.js';
 import { decodeRegs, decodeSregs, encodeRegs, encodeSregs, REG_NAMES, SEG_NAMES, type Regs, type Segment, type Sregs } from '../src/kvm/regs.js';
 import { decodeStatValues, parseStatsLayout } from '../src/kvm/stats.js';
 import { decodeExit } from '../src/kvm/exits.js';
-import { Memslot, Vcpu, Vm, type CpuidEntry, type Kvm } from '../src/kvm/kvm.js';
+import type { CpuidEntry } from '../src/kvm/cpuid.js';
+import type { Kvm } from '../src/kvm/kvm.js';
+import { Memslot } from '../src/kvm/memslot.js';
+import { Vcpu } from '../src/kvm/vcpu.js';
+import { Vm } from '../src/kvm/vm.js';
+import type { Addon } from '../src/kvm/sys.js';
+import { localFs } from '../src/target/fs.js';
+import type { Target } from '../src/target/target.js';
 
 // ---- a recording stand-in for the native addon ---------------------------------
 
-const fake = vi.hoisted(() => {
+const fake = (() => {
   type Buf = ArrayBufferView | ArrayBuffer;
   const view = (b: Buf) => (b instanceof ArrayBuffer ? new Uint8Array(b) : new Uint8Array(b.buffer, b.byteOffset, b.byteLength));
   const state = {
@@ -58,12 +65,16 @@ const fake = vi.hoisted(() => {
     close: () => 0,
   };
   return { state, addon };
-});
+})();
 
-vi.mock('../src/kvm/sys.js', async (importOriginal) => {
-  const actual = await importOriginal<typeof import('../src/kvm/sys.js')>();
-  return { ...actual, addon: () => fake.addon };
-});
+/** A target whose system calls are the stand-in's. */
+const fakeTarget = {
+  name: 'fake',
+  addon: fake.addon as unknown as Addon,
+  fs: localFs,
+  runner: () => ({ run: () => ({ ret: 0, exits: 0, console: new Uint8Array(0), ns: 0, timedOut: false }), tid: () => 0, kick() {}, close() {} }),
+  concurrentRuns: false,
+} satisfies Target;
 
 // ---- what is checked: TypeScript values and the C expressions for them --------
 
@@ -714,7 +725,7 @@ describe('KVM userspace ABI of src/kvm against the C headers', () => {
     const s = sample(name);
     expect(byteDiff(name, fromHex(s.hex), got, s.fields)).toEqual([]);
   };
-  const newVm = () => new Vm({} as Kvm, 100);
+  const newVm = () => new Vm({ target: fakeTarget } as unknown as Kvm, 100);
   const newVcpu = (vm = newVm()) => new Vcpu(vm, 0, 101, new ArrayBuffer(4096));
 
   it('compiles and runs the probe program with cc', () => {
@@ -823,7 +834,7 @@ describe('KVM userspace ABI of src/kvm against the C headers', () => {
 
     it('kvm.ts: KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG arguments', () => {
       const vm = newVm();
-      vm.slots.set(`${AS_ID}:${SLOT}`, new Memslot(SLOT, AS_ID, GPA, SLOT_SIZE, 0, new ArrayBuffer(0), HVA, -1, { kind: 'anon' }));
+      vm.slots.set(`${AS_ID}:${SLOT}`, new Memslot(fakeTarget, SLOT, AS_ID, GPA, SLOT_SIZE, 0, new ArrayBuffer(0), HVA, -1, { kind: 'anon' }));
       fake.state.address = BITMAP_ADDR;
       vm.getDirtyLog(SLOT, AS_ID);
       expectBytes('kvm_dirty_log', lastCall(U.IOCTL.KVM_GET_DIRTY_LOG));

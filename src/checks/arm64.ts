@@ -5,8 +5,8 @@
 import { A64 } from '../arch/arm64/asm.js';
 import { decodeAbort } from '../arch/arm64/esr.js';
 import { Arm64Guest, channel, CHANNEL, describeStop, LAYOUT, type GuestStop } from '../arch/arm64/guest.js';
-import type { Memslot as KvmMemslot } from '../kvm/kvm.js';
-import { CAP, MEM, RUN } from '../uapi/uapi.js';
+import type { Memslot as KvmMemslot } from '../kvm/memslot.js';
+import { CAP, MEM } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
 import { armLevel, isTable } from '../model/spte.js';
 import { Tdp } from '../model/tdp.js';
@@ -80,10 +80,15 @@ const mmioUnbacked: Check = {
       const bytes = (...b: number[]) => new Uint8Array(b);
       ctx.expect('write exit, 4 bytes', { reason: 'mmio', gpa: UNBACKED + 0x10n, len: 4, isWrite: true, data: bytes(0x0d, 0xf0, 0xfe, 0xca) }, mmioOf(await g.run(), stopKey));
       ctx.expect('write exit, 8 bytes', { reason: 'mmio', gpa: UNBACKED + 0x18n, len: 8, isWrite: true, data: bytes(0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11) }, mmioOf(await g.run(), stopKey));
-      ctx.expect('read exit, 2 bytes', { reason: 'mmio', gpa: UNBACKED + 0x20n, len: 2, isWrite: false }, mmioOf(await g.run(), stopKey));
-      g.vcpu.runView.setUint16(RUN.mmio_data, 0xbeef, true);
-      ctx.expect('read exit, 1 byte', { reason: 'mmio', gpa: UNBACKED + 0x23n, len: 1, isWrite: false }, mmioOf(await g.run(), stopKey));
-      g.vcpu.runView.setUint8(RUN.mmio_data, 0xa5);
+      const completeRead = (st: GuestStop, value: bigint) => {
+        if (st.kind === 'exit' && st.exit.reason === 'mmio' && !st.exit.isWrite) st.exit.complete(value);
+      };
+      const read2 = await g.run();
+      ctx.expect('read exit, 2 bytes', { reason: 'mmio', gpa: UNBACKED + 0x20n, len: 2, isWrite: false }, mmioOf(read2, stopKey));
+      completeRead(read2, 0xbeefn);
+      const read1 = await g.run();
+      ctx.expect('read exit, 1 byte', { reason: 'mmio', gpa: UNBACKED + 0x23n, len: 1, isWrite: false }, mmioOf(read1, stopKey));
+      completeRead(read1, 0xa5n);
       ctx.expect('2-byte value the guest read', 'sync 0xbeef', stopKey(await g.run()));
       ctx.expect('1-byte value the guest read', 'sync 0xa5', stopKey(await g.run()));
       ctx.expect('final stop', 'done', stopKey(await g.run()));
@@ -250,7 +255,7 @@ const stage2Faults: Check = {
       access(LAYOUT.code, 'exec');
       for (const t of touches) access(t.addr, t.write ? 'write' : 'read');
 
-      const trace = TraceSession.open(['kvm/kvm_guest_fault'], [await g.vcpu.tid()]);
+      const trace = TraceSession.open(ctx.target.fs, ['kvm/kvm_guest_fault'], [await g.vcpu.tid()]);
       try {
         let stop = await g.run();
         while (stop.kind === 'exit' && stop.exit.reason === 'mmio' && !stop.exit.isWrite) stop = await g.run();
@@ -365,7 +370,7 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
           return m ? `${m.level === 2 ? '2 MiB' : m.level === 1 ? '4 KiB' : `level ${m.level}`}` : 'none';
         };
 
-        const trace = TraceSession.open(['kvm/kvm_guest_fault'], [await g.vcpu.tid()]);
+        const trace = TraceSession.open(ctx.target.fs, ['kvm/kvm_guest_fault'], [await g.vcpu.tid()]);
         try {
           access(LAYOUT.code, 'exec');
           access(p0, 'write');

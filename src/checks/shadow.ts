@@ -34,7 +34,7 @@ export const shadowPages: Check = {
       a.movImm('rax', rootA).movToCr(3, 'rax');
       channel.done(a);
       g.load(a);
-      trace = TraceSession.open(['kvmmmu/kvm_mmu_get_page'], [await g.vcpu.tid()]);
+      trace = TraceSession.open(ctx.target.fs, ['kvmmmu/kvm_mmu_get_page'], [await g.vcpu.tid()]);
       const stop = await g.run();
       ctx.expect('guest finishes', 'done', stop.kind);
       const pages = trace.take().map(parseShadowPage).filter((p): p is ShadowPage => !!p);

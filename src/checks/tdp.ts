@@ -9,8 +9,7 @@ import { Asm } from '../arch/x86/asm.js';
 import { channel, describeStop, X86Guest } from '../arch/x86/guest.js';
 import { LAYOUT } from '../arch/x86/layout.js';
 import { PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW } from '../arch/x86/pte.js';
-import { hostFs } from '../kvm/hostfs.js';
-import type { Memslot as KvmMemslot } from '../kvm/kvm.js';
+import type { Memslot as KvmMemslot } from '../kvm/memslot.js';
 import { MADV, MEM } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
 import { PAGES, decodeSpte, isLeaf, isPresent } from '../model/spte.js';
@@ -93,7 +92,7 @@ async function run(ctx: CheckContext, wrong: WrongTdp): Promise<void> {
     tdp.setMemslot(modelSlot(small, { kind: 'anon', pageSize: PAGE }));
     if (huge) tdp.setMemslot(modelSlot(huge, { kind: 'hugetlb2m', pageSize: 0x200000 }));
 
-    trace = TraceSession.open(['kvmmmu/kvm_tdp_mmu_spte_changed'], [await g.vcpu.tid()]);
+    trace = TraceSession.open(ctx.target.fs, ['kvmmmu/kvm_tdp_mmu_spte_changed'], [await g.vcpu.tid()]);
     ctx.expect('guest finishes', 'done', (await g.run()).kind);
     const flavour = ctx.profile.tdp.kind === 'ept' ? 'ept' : 'npt';
     const picture = new TdpPicture(flavour, trace.take());
@@ -200,7 +199,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
   ctx.note(`kvm.eager_page_split=${splitParam ?? 'absent (no eager split)'}; the model ${eagerSplit ? 'splits' : 'does not split'} huge pages when dirty logging starts`);
   // Linux 6.1's TDP MMU zaps a huge leaf that a 4 KiB fault must go below
   // (later kernels split it); that happens here when eager split is off.
-  const release = hostFs().read('/proc/sys/kernel/osrelease')?.trim();
+  const release = ctx.target.fs.read('/proc/sys/kernel/osrelease')?.trim();
   const version = release ? /^(\d+)\.(\d+)/.exec(release) : null;
   const splitOnFault = version ? Number(version[1]) * 1000 + Number(version[2]) > 6001 : true;
   ctx.note(`kernel ${release ?? 'release unknown'}: a 4 KiB fault under a huge leaf ${splitOnFault ? 'splits' : 'zaps'} it in the model`);
@@ -295,7 +294,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
       return out;
     };
 
-    trace = TraceSession.open(['kvmmmu/kvm_tdp_mmu_spte_changed'], []);
+    trace = TraceSession.open(ctx.target.fs, ['kvmmmu/kvm_tdp_mmu_spte_changed'], []);
     trace.clear();
 
     // 1. The guest writes the block.

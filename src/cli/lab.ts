@@ -106,7 +106,7 @@ export function registerLab(program: Command): Command {
           try {
             for (let i = 0; i < repeat; i++) {
               log(`${label}: run ${i + 1}/${repeat}`);
-              out.push(await runReport(checks, { ...ro, json: true }));
+              out.push(await runReport(s.target, checks, { ...ro, json: true }));
             }
           } finally {
             await s.close();
@@ -124,7 +124,7 @@ export function registerLab(program: Command): Command {
       const s = await openLab(sessionOptions(o, runProfile(o)));
       let report: RunReport;
       try {
-        report = await runReport(checks, ro);
+        report = await runReport(s.target, checks, ro);
       } finally {
         await s.close();
       }
@@ -139,7 +139,7 @@ export function registerLab(program: Command): Command {
     .action(async (o: LabCliOptions & { profile?: string; json?: boolean }) => {
       const s = await openLab(sessionOptions(o, runProfile(o)));
       try {
-        const prof = probe();
+        const prof = probe(s.target);
         console.log(o.json ? profileJson(prof) : formatProfile(prof));
       } finally {
         await s.close();
@@ -163,7 +163,7 @@ export function registerLab(program: Command): Command {
         log(`profile ${p.name}`);
         const s = await openLab(sessionOptions(o, p.name));
         try {
-          results.set(p.name, await runReport(checks, { ...ro, json: true }));
+          results.set(p.name, await runReport(s.target, checks, { ...ro, json: true }));
         } finally {
           await s.close();
         }

@@ -6,6 +6,7 @@ import { LabError } from '../lab/profiles.js';
 import { probe } from '../probe/probe.js';
 import { formatProfile, profileJson } from '../report/profile.js';
 import { ScenarioError } from '../scenario/load.js';
+import { localTarget } from '../target/local.js';
 import { registerLab } from './lab.js';
 import { OutputError } from './output.js';
 import { addRunOptions, deviceOption, executeRun, UsageError, type RunCliOptions } from './run.js';
@@ -22,7 +23,7 @@ export function program(): Command {
     .option('--json', 'print JSON')
     .addOption(deviceOption())
     .action((o: { json?: boolean; device?: string }) => {
-      const prof = probe(o.device);
+      const prof = probe(localTarget, o.device);
       console.log(o.json ? profileJson(prof) : formatProfile(prof));
     });
 

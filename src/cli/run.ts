@@ -5,6 +5,9 @@ import { selectChecks, type MatrixOptions } from '../checks/suites.js';
 import { Kvm } from '../kvm/kvm.js';
 import { removeStaleInstances } from '../observe/tracefs.js';
 import { probe, type HostProfile } from '../probe/probe.js';
+import { localFs } from '../target/fs.js';
+import { localTarget } from '../target/local.js';
+import type { Target } from '../target/target.js';
 import { human, json, junit, ktap, tag } from '../report/report.js';
 import { onInterrupt } from '../run/interrupt.js';
 import { exitStatus, forHostArch, interruptedReport, runChecks } from '../run/runner.js';
@@ -72,10 +75,10 @@ export interface RunSoFar {
   startMs: number;
 }
 
-/** Runs checks against the KVM that addon() reaches (this host's, or the lab's) and prints the report. */
-export async function runReport(checks: Check[], o: RunCliOptions, soFar?: RunSoFar): Promise<RunReport> {
-  const prof = probe(o.device);
-  const kvm = Kvm.open(o.device);
+/** Runs checks against the KVM of `target` (this host's, or the lab's) and prints the report. */
+export async function runReport(target: Target, checks: Check[], o: RunCliOptions, soFar?: RunSoFar): Promise<RunReport> {
+  const prof = probe(target, o.device);
+  const kvm = Kvm.open(target, o.device);
   if (soFar) soFar.profile = prof;
   try {
     const live = !o.json && !o.ktap && process.stderr.isTTY;
@@ -126,7 +129,7 @@ export async function executeRun(names: string[], o: RunCliOptions): Promise<num
     for (const c of checks) console.log(`${c.name.padEnd(28)} ${c.description}`);
     return 0;
   }
-  removeStaleInstances();
+  removeStaleInstances(localFs);
   // Interrupted (SIGINT, SIGTERM, ...), the run still reports what it checked
   // and marks the rest not run; the process then exits 128 + the signal.
   const soFar: RunSoFar = { results: [], startMs: performance.now() };
@@ -139,7 +142,7 @@ export async function executeRun(names: string[], o: RunCliOptions): Promise<num
   });
   let report: RunReport;
   try {
-    report = await runReport(checks, o, soFar);
+    report = await runReport(localTarget, checks, o, soFar);
   } finally {
     off();
   }

@@ -27,6 +27,7 @@ import { Tdp } from '../model/tdp.js';
 import { walk, type AccessKind } from '../model/walk.js';
 import { probe } from '../probe/probe.js';
 import { formatNested, formatWalk, nestedJson, walkJson, type CpuChoice, type NestedRun, type WalkRun } from '../report/walk.js';
+import { localTarget } from '../target/local.js';
 import { bringUpOptions, buildScenarioTables, MemImage, pagingConfigFor } from '../scenario/build.js';
 import { loadScenario, resolveScenario } from '../scenario/load.js';
 import type { MemslotDecl, Scenario } from '../scenario/types.js';
@@ -78,7 +79,7 @@ function chooseCpu(o: Pick<WalkOptions, 'probe' | 'device' | 'vendor' | 'maxphya
   let cpu: CpuChoice = { from: 'defaults', why: '--no-probe', ...DEFAULT_CPU };
   if (o.probe) {
     try {
-      const p = probe(o.device);
+      const p = probe(localTarget, o.device);
       if (p.cpu) cpu = { from: 'probe', why: `probe of ${p.device}`, vendor: p.cpu.vendor, maxPhyAddr: p.cpu.maxPhyAddr, pdpe1gb: p.cpu.pdpe1gb };
       else cpu = { ...cpu, why: `${p.device} offers no x86 CPUID` };
     } catch (e) {

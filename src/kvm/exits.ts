@@ -1,9 +1,32 @@
 // KVM exits as one discriminated union, decoded from a vCPU's kvm_run page.
+// An exit that waits for data from the host (an MMIO read, a port `in`)
+// carries its completion: complete() writes the data into kvm_run, where the
+// next KVM_RUN hands it to the guest.
+import { constants } from 'node:os';
 import { EXIT, KVM_EXIT_IO_OUT, RUN } from '../uapi/uapi.js';
+import { KvmError } from './sys.js';
 
 export type Exit =
-  | { reason: 'io'; direction: 'in' | 'out'; port: number; size: number; count: number; dataOffset: number; data: Uint8Array }
-  | { reason: 'mmio'; gpa: bigint; len: number; isWrite: boolean; data: Uint8Array }
+  | {
+      reason: 'io';
+      direction: 'in' | 'out';
+      port: number;
+      size: number;
+      count: number;
+      dataOffset: number;
+      data: Uint8Array;
+      /** For `in`: the size * count bytes the guest reads, written into kvm_run for the next run. */
+      complete(data: Uint8Array): void;
+    }
+  | {
+      reason: 'mmio';
+      gpa: bigint;
+      len: number;
+      isWrite: boolean;
+      data: Uint8Array;
+      /** For a read: the value the guest reads (its low `len` bytes), written into kvm_run for the next run. */
+      complete(value: bigint): void;
+    }
   | { reason: 'hlt' }
   | { reason: 'shutdown' }
   | { reason: 'internal_error'; suberror: number; data: bigint[] }
@@ -25,6 +48,14 @@ function u64sAt(run: DataView, off: number, n: number): bigint[] {
   return Array.from({ length: Math.min(n, 16) }, (_, i) => run.getBigUint64(off + 8 * i, true));
 }
 
+/**
+ * Attaches an exit's completion as a property that is not part of its value:
+ * comparisons, reports and copies of the exit see only the decoded fields.
+ */
+function completing<E extends object, D>(e: E, complete: (data: D) => void): E & { complete(data: D): void } {
+  return Object.defineProperty(e, 'complete', { value: complete }) as E & { complete(data: D): void };
+}
+
 /** Decodes the exit in `run` (a view of the whole kvm_run mapping). */
 export function decodeExit(run: DataView): Exit {
   const raw = run.getUint32(RUN.exit_reason, true);
@@ -33,20 +64,32 @@ export function decodeExit(run: DataView): Exit {
       const size = run.getUint8(RUN.io_size);
       const count = run.getUint32(RUN.io_count, true);
       const dataOffset = Number(run.getBigUint64(RUN.io_data_offset, true));
-      const direction = run.getUint8(RUN.io_direction) === KVM_EXIT_IO_OUT ? 'out' : 'in';
+      const direction: 'in' | 'out' = run.getUint8(RUN.io_direction) === KVM_EXIT_IO_OUT ? 'out' : 'in';
       const len = size * count;
       const data = dataOffset + len <= run.byteLength ? bytesAt(run, dataOffset, len) : new Uint8Array(0);
-      return { reason: 'io', direction, port: run.getUint16(RUN.io_port, true), size, count, dataOffset, data };
+      const port = run.getUint16(RUN.io_port, true);
+      const e = { reason: 'io' as const, direction, port, size, count, dataOffset, data };
+      return completing(e, (bytes: Uint8Array) => {
+        if (direction === 'out') throw new Error(`an io out exit (port 0x${e.port.toString(16)}) takes no data`);
+        if (bytes.length > len || dataOffset + len > run.byteLength) {
+          throw new RangeError(`io in exit (port 0x${e.port.toString(16)}): ${bytes.length} bytes for ${len}`);
+        }
+        new Uint8Array(run.buffer, run.byteOffset + dataOffset, bytes.length).set(bytes);
+      });
     }
     case EXIT.KVM_EXIT_MMIO: {
       const len = run.getUint32(RUN.mmio_len, true);
-      return {
-        reason: 'mmio',
+      const e = {
+        reason: 'mmio' as const,
         gpa: run.getBigUint64(RUN.mmio_phys_addr, true),
         len,
         isWrite: run.getUint8(RUN.mmio_is_write) !== 0,
         data: bytesAt(run, RUN.mmio_data, Math.min(len, 8)),
       };
+      return completing(e, (value: bigint) => {
+        if (e.isWrite) throw new Error(`an MMIO write exit (gpa 0x${e.gpa.toString(16)}) takes no data`);
+        run.setBigUint64(RUN.mmio_data, BigInt.asUintN(64, value), true);
+      });
     }
     case EXIT.KVM_EXIT_HLT:
       return { reason: 'hlt' };
@@ -87,6 +130,21 @@ export function decodeExit(run: DataView): Exit {
     default:
       return { reason: 'unknown', raw };
   }
+}
+
+const { EFAULT, EINTR } = constants.errno;
+
+/**
+ * The exit of a KVM_RUN that returned `ret`, from its kvm_run: -EINTR (a
+ * kick, the time limit, a signal) is an intr exit; -EFAULT with a
+ * memory-fault exit filled in (KVM_CAP_MEMORY_FAULT_INFO) is that exit, not
+ * an error; any other -errno throws a KvmError.
+ */
+export function runExit(ret: number, run: DataView): Exit {
+  if (ret === -EINTR) return { reason: 'intr' };
+  const memoryFault = ret === -EFAULT && run.getUint32(RUN.exit_reason, true) === EXIT.KVM_EXIT_MEMORY_FAULT;
+  if (ret < 0 && !memoryFault) throw new KvmError('KVM_RUN', -ret);
+  return decodeExit(run);
 }
 
 export const INTERNAL_ERROR_SUBERRORS: Record<number, string> = {

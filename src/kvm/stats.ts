@@ -1,6 +1,7 @@
 // KVM's binary stats (KVM_GET_STATS_FD): the header and descriptors are parsed
 // once; each read() returns the current values by name.
 import { SIZEOF } from '../uapi/uapi.js';
+import { check, KvmError, type Addon } from './sys.js';
 
 export type StatType = 'cumulative' | 'instant' | 'peak' | 'linear_hist' | 'log_hist';
 export type StatUnit = 'none' | 'bytes' | 'seconds' | 'cycles' | 'boolean';
@@ -118,4 +119,12 @@ export class StatsReader {
   has(name: string): boolean {
     return this.descs.some((d) => d.name === name);
   }
+}
+
+/** A stats reader over a VM's or a vCPU's stats fd. */
+export function statsReaderFor(a: Addon, fd: number): StatsReader {
+  return new StatsReader((buf, pos) => {
+    const n = check('pread(stats fd)', a.pread(fd, buf, pos));
+    if (n !== buf.byteLength) throw new KvmError('pread(stats fd)', 5, `short read ${n} of ${buf.byteLength}`);
+  });
 }

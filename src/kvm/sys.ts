@@ -16,10 +16,6 @@ export interface Addon {
   addressOf(buf: ArrayBufferView | ArrayBuffer): bigint;
   madvise(buf: ArrayBuffer, offset: number, len: number, advice: number): number;
   mprotect(buf: ArrayBuffer, offset: number, len: number, prot: number): number;
-  /** munmap of part of a mapped buffer (the buffer stays attached). Local addon only. */
-  unmapRange?(buf: ArrayBuffer, offset: number, len: number): number;
-  /** mmap(MAP_FIXED) over part of a mapped buffer. Local addon only. */
-  remapRange?(buf: ArrayBuffer, offset: number, len: number, prot: number, flags: number, fd: number, fileOffset: number): number;
   memfdCreate(name: string, flags: number): number;
   fallocate(fd: number, mode: number, offset: number, len: number): number;
   ftruncate(fd: number, len: number): number;
@@ -32,7 +28,15 @@ export interface Addon {
   kick(tid: number): number;
 }
 
-/** The native addon's vCPU threads (never remote: a lab's vCPUs run in its agent). */
+/** Mapping over part of a mapped buffer, which a target may offer (the native addon does). */
+export interface RangeMapping {
+  /** munmap of part of a mapped buffer (the buffer stays attached). */
+  unmapRange(buf: ArrayBuffer, offset: number, len: number): number;
+  /** mmap(MAP_FIXED) over part of a mapped buffer. */
+  remapRange(buf: ArrayBuffer, offset: number, len: number, prot: number, flags: number, fd: number, fileOffset: number): number;
+}
+
+/** The native addon's vCPU threads (this host's: ThreadRunner uses them). */
 export interface ThreadAddon {
   /** Starts a thread on a control block of 16 words; a handle, or -errno. */
   threadStart(ctl: Int32Array, console: Uint8Array, onDone: (seq: number) => void): unknown;
@@ -60,29 +64,16 @@ export const packageRoot: string = (() => {
 
 export const addonPath = join(packageRoot, 'build', 'Release', 'kvmharness.node');
 
-let loaded: (Addon & ThreadAddon) | undefined;
-let override: Addon | undefined;
+export type NativeAddon = Addon & RangeMapping & ThreadAddon;
+let loaded: NativeAddon | undefined;
 
-/** Routes every addon() call to `a` (e.g. the lab's RemoteAddon) until resetAddon(). */
-export function setAddon(a: Addon): void {
-  override = a;
-}
-/** Back to the native addon. */
-export function resetAddon(): void {
-  override = undefined;
-}
-
-export function addon(): Addon {
-  return override ?? localAddon();
-}
-
-/** The native addon of this process, whatever addon() is routed to. */
-export function localAddon(): Addon & ThreadAddon {
+/** The native addon of this process (the local target's system calls). */
+export function localAddon(): NativeAddon {
   if (!loaded) {
     if (!existsSync(addonPath)) {
       throw new HostError(`the native addon is not built (${addonPath}); run \`npm install\` in ${packageRoot}`);
     }
-    loaded = createRequire(import.meta.url)(addonPath) as Addon & ThreadAddon;
+    loaded = createRequire(import.meta.url)(addonPath) as NativeAddon;
   }
   return loaded;
 }
@@ -116,10 +107,30 @@ export class HostError extends Error {
   }
 }
 
+/**
+ * The target does not offer an operation (a capability it lacks). The
+ * binding's error; the harness reports it as "not applicable here".
+ */
+export class Unsupported extends Error {
+  constructor(
+    readonly call: string,
+    why: string,
+  ) {
+    super(`${call}: ${why}`);
+    this.name = 'Unsupported';
+  }
+}
+
 /** Returns r, or throws a KvmError naming the call when r is -errno. */
 export function check(call: string, r: number, detail?: string): number {
   if (r < 0) throw new KvmError(call, -r, detail);
   return r;
+}
+
+/** A mapping, or throws a KvmError naming the call when mmap returned -errno. */
+export function mapped(call: string, m: ArrayBuffer | number): ArrayBuffer {
+  if (typeof m === 'number') throw new KvmError(call, -m);
+  return m;
 }
 
 /** The host does not offer what a check or a guest needs: "not applicable here", never a pass. */

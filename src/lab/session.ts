@@ -1,19 +1,20 @@
 // One lab session: a kernel under test booted in QEMU with the agent on its
 // own line (x86: the second serial port; arm64: a virtio-serial port), and
-// this process pointed at it — every KVM call goes
-// through the RemoteAddon, sysfs and tracefs through the agent — so the
-// unchanged checks, models and reports run here against the lab's KVM.
+// a target for it — KVM calls through the RemoteAddon, sysfs and tracefs
+// through the agent — so that the unchanged checks, models and reports run
+// here against the lab's KVM when they are handed that target.
 import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { constants as fsc } from 'node:fs';
 import type { Arch } from '../arch/arch.js';
-import { drainKmsg, setHostFs, type HostFs } from '../kvm/hostfs.js';
-import { resetAddon, setAddon } from '../kvm/sys.js';
+import type { Target } from '../target/target.js';
 import { labCacheDir, resolveKernel, type LabKernel } from './fetch/index.js';
 import { buildInitramfs } from './initramfs.js';
 import { profile as profileNamed, LabError, type Profile } from './profiles.js';
 import { bootLab, type Lab } from './qemu.js';
-import { agentSources, buildAgent, RemoteAddon } from './remote.js';
+import { RemoteAddon } from './remote/addon.js';
+import { agentSources, buildAgent } from './remote/agent-process.js';
+import { remoteTarget } from './remote/target.js';
 
 export interface LabSessionOptions {
   profile: string;
@@ -31,52 +32,9 @@ export interface LabSession {
   kernel: LabKernel;
   profile: Profile;
   remote: RemoteAddon;
+  /** The lab's KVM and files, for Kvm.open, probe and the checks. */
+  target: Target;
   close(): Promise<void>;
-}
-
-const ARCH: Record<string, string> = { x86_64: 'x64', aarch64: 'arm64' };
-/** O_NONBLOCK in the lab (the same value on x86-64 and arm64). */
-const O_NONBLOCK = 0o4000;
-
-/** The lab's files as the agent reaches them (tracefs is mounted by /init). */
-export function remoteFs(r: RemoteAddon): HostFs {
-  const exists = (path: string) => {
-    const fd = r.open(path, fsc.O_RDONLY);
-    if (fd < 0) return false;
-    r.close(fd);
-    return true;
-  };
-  const fail = (what: string, path: string, ret: number) => {
-    if (ret < 0) throw new Error(`${what} ${path} in the lab failed: errno ${-ret}`);
-  };
-  return {
-    arch: () => ARCH[r.info.machine] ?? r.info.machine,
-    uid: () => 0,
-    read(path) {
-      try {
-        return r.readFile(path).toString('utf8');
-      } catch {
-        return undefined;
-      }
-    },
-    write: (path, data) => fail('write', path, r.writeFile(path, data)),
-    exists,
-    mkdir: (path) => fail('mkdir', path, r.mkdir(path)),
-    rmdir: (path) => fail('rmdir', path, r.rmdir(path)),
-    list: () => [],
-    mountTracefs(path) {
-      if (!exists(`${path}/events`)) throw new Error('tracefs is not mounted in the lab');
-    },
-    kernelLog() {
-      const fd = r.open('/dev/kmsg', fsc.O_RDONLY | O_NONBLOCK);
-      if (fd < 0) return undefined;
-      try {
-        return drainKmsg(() => r.read(fd, 8192));
-      } finally {
-        r.close(fd);
-      }
-    },
-  };
 }
 
 /** The compiler of each architecture's static agent (arm64: Debian's cross compiler). */
@@ -99,7 +57,7 @@ function agentBinary(arch: Arch, log: (s: string) => void): string {
   return out;
 }
 
-/** Boots the lab and points this process's KVM calls and host files at it. */
+/** Boots the lab and connects to its agent; the session's target reaches its KVM and files. */
 export async function openLab(o: LabSessionOptions): Promise<LabSession> {
   const prof = profileNamed(o.profile, o.modparams);
   if (o.arch && prof.arch !== o.arch) throw new LabError(`lab profile ${prof.name} is for ${prof.arch}, not ${o.arch}`);
@@ -115,16 +73,13 @@ export async function openLab(o: LabSessionOptions): Promise<LabSession> {
     readFd = openSync(lab.agentOut, fsc.O_RDONLY);
     writeFd = openSync(lab.agentIn, fsc.O_WRONLY);
     const remote = connect(readFd, writeFd, lab);
-    setAddon(remote);
-    const prevFs = setHostFs(remoteFs(remote));
     return {
       lab,
       kernel,
       profile: prof,
       remote,
+      target: remoteTarget(remote),
       async close() {
-        resetAddon();
-        setHostFs(prevFs);
         try {
           remote.disconnect();
         } catch {

@@ -217,7 +217,7 @@ export async function runAlone(ctx: Pick<CheckContext, 'kvm'>, cpu: CpuFeatures,
     let trace: TraceSession | undefined;
     let kvm: TraceEvent[][] | string = 'not traced';
     try {
-      trace = TraceSession.open(WALK_EVENTS, [await m.guest.vcpu.tid()]);
+      trace = TraceSession.open(ctx.kvm.target.fs, WALK_EVENTS, [await m.guest.vcpu.tid()]);
     } catch (e) {
       kvm = `tracefs unavailable: ${(e as Error).message}`;
     }

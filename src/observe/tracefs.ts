@@ -22,11 +22,11 @@
 // without removing them, whatever namespace it ran in.
 import { randomBytes } from 'node:crypto';
 import { closeSync, constants, openSync, rmdirSync, statSync, writeSync } from 'node:fs';
-import { hostFs, localFs } from '../kvm/hostfs.js';
 import { join } from 'node:path';
 import { NotApplicable } from '../kvm/sys.js';
 import { VcpuThread } from '../kvm/thread.js';
 import { hookSignals, onCleanup } from '../run/interrupt.js';
+import { localFs, type HostFs } from '../target/fs.js';
 
 export const TRACEFS = '/sys/kernel/tracing';
 
@@ -118,9 +118,8 @@ export function parseTrace(text: string, formats: ReadonlyMap<string, EventForma
   return out;
 }
 
-/** Mounts tracefs when it is not mounted and the process may do so. */
-export function ensureTracefs(): void {
-  const fs = hostFs();
+/** Mounts the target's tracefs when it is not mounted and the process may do so. */
+export function ensureTracefs(fs: HostFs): void {
   if (fs.exists(join(TRACEFS, 'events'))) return;
   if (fs.uid() !== 0) throw new NotApplicable('tracefs is not mounted and mounting it needs root');
   try {
@@ -160,9 +159,6 @@ const STALE_AFTER_MS = 2000;
 let seq = 0;
 let swept = false;
 
-/** Whether tracefs is this host's (not the lab's, reached through its agent). */
-const isLocal = () => hostFs() === localFs;
-
 /**
  * Removes the tracefs instances of runs that died without removing them
  * (SIGKILL): every kvmharness-* instance the kernel lets us remove, since it
@@ -170,8 +166,11 @@ const isLocal = () => hostFs() === localFs;
  * `say`; returns the names removed. Once per process; this host only (a
  * lab boots a fresh kernel), and only where tracefs is mounted.
  */
-export function removeStaleInstances(say: (line: string) => void = (l) => process.stderr.write(`${l}\n`)): string[] {
-  if (swept || !isLocal()) return [];
+export function removeStaleInstances(
+  fs: HostFs,
+  say: (line: string) => void = (l) => process.stderr.write(`${l}\n`),
+): string[] {
+  if (swept || fs !== localFs) return [];
   swept = true;
   const dir = join(TRACEFS, 'instances');
   const removed: string[] = [];
@@ -213,31 +212,37 @@ export class TraceSession {
   /** The instance's trace_marker, held open while the session lives: it keeps the instance from being taken as stale. */
   private marker: number | undefined;
 
-  private constructor(readonly dir: string) {}
+  private constructor(
+    /** The files of the target whose kernel is traced. */
+    private readonly fs: HostFs,
+    readonly dir: string,
+  ) {}
 
   /**
-   * Creates a private instance with `events` enabled for the given thread ids
-   * (as this process knows them: its vCPU threads' or its own pid).
-   * Events the kernel does not have make the session NotApplicable.
+   * Creates a private instance in the tracefs of `fs` with `events` enabled
+   * for the given thread ids (as this process knows them: its vCPU threads'
+   * or its own pid). Events the kernel does not have make the session
+   * NotApplicable.
    */
-  static open(events: readonly string[], pids: readonly number[], bufferKb = 4096): TraceSession {
-    ensureTracefs();
+  static open(fs: HostFs, events: readonly string[], pids: readonly number[], bufferKb = 4096): TraceSession {
+    ensureTracefs(fs);
     for (const e of events) {
-      if (!hostFs().exists(join(TRACEFS, 'events', e, 'format'))) throw new NotApplicable(`trace event ${e} does not exist in this kernel`);
+      if (!fs.exists(join(TRACEFS, 'events', e, 'format'))) throw new NotApplicable(`trace event ${e} does not exist in this kernel`);
     }
     hookExit();
-    removeStaleInstances();
-    const dir = join(TRACEFS, 'instances', isLocal() ? `${PREFIX}${OWNER}-${seq++}` : `${PREFIX}${process.pid}-${seq++}`);
-    hostFs().mkdir(dir);
-    const s = new TraceSession(dir);
+    removeStaleInstances(fs);
+    const local = fs === localFs;
+    const dir = join(TRACEFS, 'instances', local ? `${PREFIX}${OWNER}-${seq++}` : `${PREFIX}${process.pid}-${seq++}`);
+    fs.mkdir(dir);
+    const s = new TraceSession(fs, dir);
     live.add(s);
     try {
-      if (isLocal()) s.marker = openSync(join(dir, 'trace_marker'), constants.O_WRONLY);
+      if (local) s.marker = openSync(join(dir, 'trace_marker'), constants.O_WRONLY);
       s.write('tracing_on', '0');
       s.write('buffer_size_kb', String(bufferKb));
       s.setPids(pids);
       for (const e of events) {
-        s.formats.set(e, parseFormat(e, hostFs().read(join(TRACEFS, 'events', e, 'format')) ?? ''));
+        s.formats.set(e, parseFormat(e, fs.read(join(TRACEFS, 'events', e, 'format')) ?? ''));
         s.write(`events/${e}/enable`, '1');
       }
       s.write('tracing_on', '1');
@@ -249,7 +254,7 @@ export class TraceSession {
   }
 
   private write(file: string, value: string): void {
-    hostFs().write(join(this.dir, file), value);
+    this.fs.write(join(this.dir, file), value);
   }
 
   /** Restricts the instance to these threads (set_event_pid), given by the ids this process knows them by. */
@@ -264,7 +269,7 @@ export class TraceSession {
    * agent's thread ids are that kernel's own: nothing to learn.
    */
   private traced(tids: readonly number[]): number[] {
-    if (!isLocal() || tids.length === 0) return [...tids];
+    if (this.fs !== localFs || tids.length === 0) return [...tids];
     const key = (tid: number): object => {
       if (tid === process.pid) return MAIN_THREAD;
       const t = VcpuThread.byTid(tid);
@@ -279,14 +284,14 @@ export class TraceSession {
 
   private learn(threads: readonly (readonly [object, number])[]): void {
     const nonce = randomBytes(6).toString('hex');
-    const wasOn = hostFs().read(join(this.dir, 'tracing_on'))?.trim() === '1';
+    const wasOn = this.fs.read(join(this.dir, 'tracing_on'))?.trim() === '1';
     this.write('tracing_on', '1');
     for (const [k, tid] of threads) {
       const text = Buffer.from(`kvmharness-thread ${nonce} ${tid}\n`);
       const n = k === MAIN_THREAD ? writeSync(this.marker!, text) : (k as VcpuThread).write(this.marker!, text);
       if (n !== text.length) throw new Error(`writing a trace marker from thread ${tid} failed${n < 0 ? `: errno ${-n}` : ''}`);
     }
-    const text = hostFs().read(join(this.dir, 'trace')) ?? '';
+    const text = this.fs.read(join(this.dir, 'trace')) ?? '';
     this.clear();
     if (!wasOn) this.write('tracing_on', '0');
     const marks = new Map<number, number>();
@@ -308,7 +313,7 @@ export class TraceSession {
 
   /** Returns the events recorded since the last clear() and clears the buffer. */
   take(): TraceEvent[] {
-    const text = hostFs().read(join(this.dir, 'trace')) ?? '';
+    const text = this.fs.read(join(this.dir, 'trace')) ?? '';
     this.clear();
     return parseTrace(text, this.formats);
   }
@@ -328,7 +333,7 @@ export class TraceSession {
       this.marker = undefined;
     }
     try {
-      hostFs().rmdir(this.dir);
+      this.fs.rmdir(this.dir);
     } catch {
       // already gone
     }

@@ -2,8 +2,10 @@
 // offers. Reads sysfs/procfs and asks KVM; changes nothing.
 import { archOfNode, type Arch } from '../arch/arch.js';
 import type { GuestWalker } from '../model/walk.js';
-import { hostFs } from '../kvm/hostfs.js';
-import { Kvm, type CpuidEntry } from '../kvm/kvm.js';
+import type { CpuidEntry } from '../kvm/cpuid.js';
+import { Kvm } from '../kvm/kvm.js';
+import type { HostFs } from '../target/fs.js';
+import type { Target } from '../target/target.js';
 import { HostError } from '../kvm/sys.js';
 import { CAP, type CapName } from '../uapi/uapi.js';
 
@@ -63,8 +65,8 @@ export interface HostProfile {
   oracles: Record<Oracle, OracleState>;
 }
 
-const read = (p: string): string | undefined => hostFs().read(p)?.trim();
-const existsSync = (p: string): boolean => hostFs().exists(p);
+/** A file of the target, trimmed; undefined when it cannot be read. */
+const readIn = (fs: HostFs, p: string): string | undefined => fs.read(p)?.trim();
 
 /** The bracketed choice of a sysfs selector like "always [madvise] never". */
 const selected = (s: string | undefined) => s?.match(/\[([^\]]+)\]/)?.[1] ?? s ?? 'unknown';
@@ -114,9 +116,9 @@ export function detectFlavour(mods: (name: string) => boolean, cmdline: string, 
   return 'unknown';
 }
 
-export function tracefsState(root = '/sys/kernel/tracing'): TracefsState {
-  if (existsSync(`${root}/events`)) return 'mounted';
-  const mountable = existsSync(root) && hostFs().uid() === 0 && (read('/proc/filesystems') ?? '').includes('tracefs');
+export function tracefsState(fs: HostFs, root = '/sys/kernel/tracing'): TracefsState {
+  if (fs.exists(`${root}/events`)) return 'mounted';
+  const mountable = fs.exists(root) && fs.uid() === 0 && (readIn(fs, '/proc/filesystems') ?? '').includes('tracefs');
   return mountable ? 'mountable' : 'absent';
 }
 
@@ -195,14 +197,18 @@ export function deriveOracles(p: Omit<HostProfile, 'oracles'>): Record<Oracle, O
   return o;
 }
 
-export function probe(device?: string): HostProfile {
-  const kvm = Kvm.open(device);
+/** The profile of the KVM at `device` on `target`. */
+export function probe(target: Target, device?: string): HostProfile {
+  const fs = target.fs;
+  const read = (p: string) => readIn(fs, p);
+  const existsSync = (p: string) => fs.exists(p);
+  const kvm = Kvm.open(target, device);
   try {
-    const node = hostFs().arch();
+    const node = fs.arch();
     const machine = archOfNode(node);
     if (!machine) throw new HostError(`KVM on ${node}: kvmharness knows x86_64 and arm64 hosts only`);
     const mods = (m: string) => existsSync(`/sys/module/${m}`);
-    const flavour = detectFlavour(mods, read('/proc/cmdline') ?? '', machine, machine === 'arm64' ? hostFs().kernelLog?.() : undefined);
+    const flavour = detectFlavour(mods, read('/proc/cmdline') ?? '', machine, machine === 'arm64' ? fs.kernelLog?.() : undefined);
     const param = (m: string, p: string) => read(`/sys/module/${m}/parameters/${p}`);
     const moduleParams: Record<string, string> = {};
     for (const [m, ps] of Object.entries(MEMORY_PARAMS)) {
@@ -234,12 +240,12 @@ export function probe(device?: string): HostProfile {
     const hugetlb: HostProfile['hugetlb'] = {};
     const hpDir = '/sys/kernel/mm/hugepages';
     if (existsSync(hpDir)) {
-      for (const d of hostFs().list(hpDir)) {
+      for (const d of fs.list(hpDir)) {
         const size = d.replace(/^hugepages-/, '');
         hugetlb[size] = { total: Number(read(`${hpDir}/${d}/nr_hugepages`) ?? 0), free: Number(read(`${hpDir}/${d}/free_hugepages`) ?? 0) };
       }
     }
-    const tstate = tracefsState();
+    const tstate = tracefsState(fs);
     const events: Record<string, boolean> = {};
     if (tstate === 'mounted') for (const e of TRACE_EVENTS) events[e] = existsSync(`/sys/kernel/tracing/events/${e}/format`);
     const base: Omit<HostProfile, 'oracles'> = {

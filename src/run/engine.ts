@@ -19,7 +19,7 @@ import { accessedLatitude, decodeErrorCode, PFERR, walkWith, type PagingConfig, 
 import { bringUpOptions, buildScenarioTables, slotBacking, pagingConfigFor } from '../scenario/build.js';
 import { showDelta, showStatExpect, statHolds, statNotApplicable } from '../scenario/stats.js';
 import type { GuestStep, Scenario, Step, StepStats } from '../scenario/types.js';
-import { MADV, MEM, PROT, RUN } from '../uapi/uapi.js';
+import { MADV, MEM, PROT } from '../uapi/uapi.js';
 import { KvmError } from '../kvm/sys.js';
 import { Memslots, type Memslot as ModelSlot } from '../model/memslots.js';
 import { Tdp } from '../model/tdp.js';
@@ -282,7 +282,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     g.mem.write(LAYOUT.userCode, u.assemble().code);
     g.load(k);
 
-    if (opts.trace) trace = TraceSession.open(WALKER_EVENTS, [await g.vcpu.tid()]);
+    if (opts.trace) trace = TraceSession.open(ctx.target.fs, WALKER_EVENTS, [await g.vcpu.tid()]);
 
     // The model's view of guest-physical memory: which slot backs which GPAs.
     const modelSlots = new Map<number, { gpa: bigint; size: bigint; readonly: boolean; logDirty: boolean }>([
@@ -413,7 +413,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
         while (stop.kind === 'exit' && stop.exit.reason === 'mmio' && mmioSeen.length < 4) {
           const e = stop.exit;
           mmioSeen.push({ gpa: e.gpa, len: e.len, isWrite: e.isWrite, ...(e.isWrite ? { data: e.data.subarray(0, e.len) } : {}) });
-          if (!e.isWrite) g.vcpu.runView.setBigUint64(RUN.mmio_data, MMIO_FILL, true);
+          if (!e.isWrite) e.complete(MMIO_FILL);
           stop = await runGuest();
         }
         if (pred) ctx.expect(`${name}: MMIO exits`, pred.mmio ? [pred.mmio] : [], mmioSeen);

@@ -25,9 +25,8 @@ import { Asm } from '../arch/x86/asm.js';
 import { X86Guest } from '../arch/x86/guest.js';
 import { LAYOUT, SEL } from '../arch/x86/layout.js';
 import { describeExit } from '../kvm/exits.js';
-import type { Vcpu } from '../kvm/kvm.js';
-import { addon } from '../kvm/sys.js';
-import { MADV, MEM, RUN } from '../uapi/uapi.js';
+import type { Vcpu } from '../kvm/vcpu.js';
+import { MADV, MEM } from '../uapi/uapi.js';
 import type { WrongRace } from '../model/wrong.js';
 import { bringUpOptions, buildScenarioTables, slotBacking } from '../scenario/build.js';
 import type { RaceDecl, Scenario } from '../scenario/types.js';
@@ -116,8 +115,8 @@ const sleep = (ms: number) => new Promise<void>((res) => setTimeout(res, ms));
 /** Runs a race scenario (see the file comment). */
 export async function runRace(ctx: CheckContext, sc: Scenario & { race: RaceDecl }, wrong: WrongRace = {}): Promise<void> {
   if (!ctx.profile.cpu) throw new NotApplicable('x86 scenarios need an x86 host');
-  if ((addon() as { remote?: boolean }).remote === true) {
-    throw new NotApplicable("a race needs vCPU threads running beside the host's operations; the lab's remote addon runs KVM_RUN synchronously");
+  if (!ctx.target.concurrentRuns) {
+    throw new NotApplicable(`a race needs vCPU threads running beside the host's operations; the ${ctx.target.name} target runs KVM_RUN synchronously`);
   }
   const r = sc.race;
   const g = X86Guest.create(ctx.kvm, { ...bringUpOptions(sc), memSize: Number(LAYOUT.identityEnd) });
@@ -184,7 +183,7 @@ export async function runRace(ctx: CheckContext, sc: Scenario & { race: RaceDecl
             // the memory held when the slot went (a write just before the
             // deletion landed in memory; its read-back comes after).
             const d = deleted.find((x) => e.gpa >= x.start && e.gpa < x.end)!;
-            vc.runView.setBigUint64(RUN.mmio_data, mmio.get(e.gpa) ?? d.memory.getBigUint64(Number(e.gpa - d.start), true), true);
+            e.complete(mmio.get(e.gpa) ?? d.memory.getBigUint64(Number(e.gpa - d.start), true));
           }
           continue;
         }

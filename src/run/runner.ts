@@ -3,7 +3,7 @@
 // the checks after it.
 import { nodeArch, type Arch } from '../arch/arch.js';
 import type { Kvm } from '../kvm/kvm.js';
-import { HostError } from '../kvm/sys.js';
+import { HostError, Unsupported } from '../kvm/sys.js';
 import type { HostProfile } from '../probe/probe.js';
 import { same, show } from './differ.js';
 import { NotApplicable, type Check, type CheckResult, type Comparison, type RunReport, type WrongExpectation } from './types.js';
@@ -38,6 +38,7 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
   }
   try {
     await check.run({
+      target: kvm.target,
       kvm,
       profile,
       expect(what, expected, observed) {
@@ -53,7 +54,8 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
       progress: (done, total) => opts.onProgress?.(check.name, done, total),
     });
   } catch (e) {
-    if (e instanceof NotApplicable) return result('not_applicable', e.message);
+    // The target lacking an operation is "not applicable here" too.
+    if (e instanceof NotApplicable || e instanceof Unsupported) return result('not_applicable', e.message);
     if (e instanceof HostError) throw e;
     return result('error', e instanceof Error ? e.message : String(e));
   }

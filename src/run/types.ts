@@ -1,6 +1,7 @@
 // What a check is, what it produced, and how a run is summarised.
 import type { Arch } from '../arch/arch.js';
 import type { Kvm } from '../kvm/kvm.js';
+import type { Target } from '../target/target.js';
 import type { HostProfile, Oracle } from '../probe/probe.js';
 
 /** not_run: the run was interrupted (SIGINT, SIGTERM, ...) before the check finished or began. */
@@ -63,6 +64,9 @@ export interface RunReport {
 export type WrongExpectation = (check: string, what: string, expected: unknown) => unknown;
 
 export interface CheckContext {
+  /** The machine under test: its files (tracefs, sysfs) and what it can do. */
+  target: Target;
+  /** Its KVM device (opened on `target`). */
   kvm: Kvm;
   profile: HostProfile;
   /** Records a comparison; equality is structural, bigints and bytes included. */

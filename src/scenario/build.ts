@@ -30,7 +30,7 @@ import {
 import { PAGE_LEVEL, PageTables } from '../arch/x86/tables.js';
 import { pagingConfigOf, type PagingCpu } from '../model/paging.js';
 import type { PagingConfig } from '../model/walk.js';
-import type { Backing } from '../kvm/kvm.js';
+import type { HostBacking } from '../kvm/memslot.js';
 import type { Mapping, MemslotDecl, PteAttrs, Scenario } from './types.js';
 
 const hex = (v: bigint) => `0x${v.toString(16)}`;
@@ -227,7 +227,7 @@ export class MemImage implements GuestMem {
  * "always" a guest write would otherwise fault in a 2 MiB page, and KVM would
  * then map its neighbours writable (and log them dirty) on read faults.
  */
-export function slotBacking(b: MemslotDecl['backing']): Backing {
+export function slotBacking(b: MemslotDecl['backing']): HostBacking {
   switch (b) {
     case 'anon':
       return { kind: 'anon', thp: false };

@@ -3,6 +3,7 @@
 // then a missing KVM fails the suite.
 import { afterAll, beforeAll, describe, it } from 'vitest';
 import { Kvm } from '../../src/kvm/kvm.js';
+import { localTarget } from '../../src/target/local.js';
 import { probe, type HostProfile } from '../../src/probe/probe.js';
 import type { CheckResult } from '../../src/run/types.js';
 
@@ -10,7 +11,7 @@ export const kvmRequired = process.env.KVMHARNESS_REQUIRE_KVM === '1';
 
 export const kvmUnavailable: string | undefined = (() => {
   try {
-    Kvm.open().close();
+    Kvm.open(localTarget).close();
     return undefined;
   } catch (e) {
     return (e as Error).message;
@@ -36,8 +37,8 @@ export function describeKvm(name: string, fn: () => void): void {
 export function withHost(use: (kvm: Kvm, profile: HostProfile) => void): void {
   let kvm: Kvm | undefined;
   beforeAll(() => {
-    kvm = Kvm.open();
-    use(kvm, probe());
+    kvm = Kvm.open(localTarget);
+    use(kvm, probe(localTarget));
   });
   afterAll(() => kvm?.close());
 }

@@ -8,10 +8,13 @@
 // aligned single-register loads and stores, which KVM can emulate as MMIO.
 import type { Exit } from '../../kvm/exits.js';
 import { describeExit } from '../../kvm/exits.js';
-import type { Kvm, Memslot, Vcpu, Vm } from '../../kvm/kvm.js';
+import type { Kvm } from '../../kvm/kvm.js';
+import type { Memslot } from '../../kvm/memslot.js';
+import type { Vcpu } from '../../kvm/vcpu.js';
+import type { Vm } from '../../kvm/vm.js';
 import { KVM_SYSTEM_EVENT, PSCI } from '../../uapi/uapi.js';
 import type { A64 } from './asm.js';
-import { getOneReg, preferredTarget, REG, setOneReg, vcpuInit, type VcpuInit } from './vcpu.js';
+import { preferredTarget, REG, vcpuInit, type VcpuInit } from './vcpu.js';
 
 export const LAYOUT = {
   /** Memslot 0: the guest's code. */
@@ -103,19 +106,19 @@ export class Arm64Guest {
     }
     this.mem.write(a.base, bytes);
     if (opts.reset) vcpuInit(this.vcpu, this.target);
-    setOneReg(this.vcpu, REG.pc, a.base);
+    this.vcpu.setOneReg(REG.pc, a.base);
   }
 
   reg(n: number): bigint {
-    return getOneReg(this.vcpu, REG.x(n));
+    return this.vcpu.getOneReg(REG.x(n));
   }
 
   setReg(n: number, v: bigint): void {
-    setOneReg(this.vcpu, REG.x(n), v);
+    this.vcpu.setOneReg(REG.x(n), v);
   }
 
   pc(): bigint {
-    return getOneReg(this.vcpu, REG.pc);
+    return this.vcpu.getOneReg(REG.pc);
   }
 
   /** Runs until the guest reports, exits for another reason, or the time limit. */

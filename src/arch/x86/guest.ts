@@ -1,7 +1,11 @@
 // A long-mode x86-64 guest on one VM: memory, bring-up, a program, and the
 // guest -> host channel decoded into stops.
 import { describeExit, type Exit } from '../../kvm/exits.js';
-import { Kvm, Vcpu, Vm, type Backing, type CpuidEntry, type RunResult } from '../../kvm/kvm.js';
+import { Kvm } from '../../kvm/kvm.js';
+import type { CpuidEntry } from '../../kvm/cpuid.js';
+import type { HostBacking } from '../../kvm/memslot.js';
+import { Vcpu, type RunResult } from '../../kvm/vcpu.js';
+import { Vm } from '../../kvm/vm.js';
 import type { Asm } from './asm.js';
 import { bringUp, type BringUp, type BringUpOptions } from './bringup.js';
 import { NotApplicable } from '../../kvm/sys.js';
@@ -26,7 +30,7 @@ export interface GuestOptions extends BringUpOptions {
   /** Size of memslot 0 at GPA 0 (default 4 MiB, the identity-mapped region). */
   memSize?: number;
   slotFlags?: number;
-  backing?: Backing;
+  backing?: HostBacking;
   /** CPUID for the vCPU (default: everything KVM supports). */
   cpuid?: CpuidEntry[];
 }

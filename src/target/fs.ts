@@ -1,8 +1,8 @@
-// The file-system view of the machine whose KVM is under test: this host's
-// own files, or (in the lab) the files of the kernel under test, reached
-// through the agent. The probe reads sysfs through it, tracefs sessions are
-// driven through it, and Memslot.hugeBytes reads /proc/self/smaps of the
-// process that holds guest memory through it; nothing else uses it.
+// The file-system view of a target: this host's own files, or another
+// machine's, reached through whatever carries its system calls. The probe
+// reads sysfs through it, tracefs sessions are driven through it, and
+// Memslot.hugeBytes reads /proc/self/smaps of the process that holds guest
+// memory through it; nothing else uses it.
 import { execFileSync } from 'node:child_process';
 import { closeSync, constants, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmdirSync, writeFileSync } from 'node:fs';
 import { arch } from 'node:os';
@@ -91,14 +91,3 @@ export const localFs: HostFs = {
     }
   },
 };
-
-let current: HostFs = localFs;
-export function hostFs(): HostFs {
-  return current;
-}
-/** Points probe and tracefs at another machine's files (the lab); returns the previous view. */
-export function setHostFs(fs: HostFs): HostFs {
-  const prev = current;
-  current = fs;
-  return prev;
-}

@@ -1,0 +1,231 @@
+// A memslot and the host memory behind it: allocation of the backing (the
+// host side of a memslot, HostBacking), operations on it (madvise, mprotect,
+// munmap and remap, hole punching, THP accounting), and GuestMemory, the
+// guest-physical view through the slots.
+import { check, mapped, Unsupported, type Addon } from './sys.js';
+import { FALLOC, MADV, MAP, MFD, PROT } from '../uapi/uapi.js';
+import type { Target } from '../target/target.js';
+
+export const PAGE_SIZE = 4096;
+
+/** The host memory behind a memslot (the model's page backing is another thing). */
+export type HostBacking =
+  | { kind: 'anon'; thp?: boolean }
+  | { kind: 'shared' }
+  | { kind: 'memfd'; hugetlb?: boolean }
+  | { kind: 'hugetlb'; pageSize: '2M' | '1G' };
+
+export interface MemslotSpec {
+  slot: number;
+  gpa: bigint;
+  size: number;
+  flags?: number;
+  backing?: HostBacking;
+  /** Address space (x86: 1 is SMM). */
+  asId?: number;
+  /** guest_memfd to bind (KVM_SET_USER_MEMORY_REGION2 with KVM_MEM_GUEST_MEMFD). */
+  guestMemfd?: { fd: number; offset: bigint };
+}
+
+/** A page of a slot's backing that the process must not touch as usual. */
+export type PageState = 'unmapped' | 'prot-none' | 'prot-read';
+
+/** A memslot and the host memory behind it. */
+export class Memslot {
+  /**
+   * Pages (by index in the slot) that munmap or mprotect made unusable:
+   * reading an unmapped or PROT_NONE page, or writing a PROT_READ one, from
+   * this process would fault, so GuestMemory refuses to.
+   */
+  pageStates = new Map<number, PageState>();
+  constructor(
+    /** The target whose memory this is. */
+    readonly target: Target,
+    readonly slot: number,
+    readonly asId: number,
+    readonly gpa: bigint,
+    readonly size: number,
+    public flags: number,
+    readonly memory: ArrayBuffer,
+    readonly hva: bigint,
+    /** memfd backing this slot, or -1. */
+    readonly memfd: number,
+    readonly backing: HostBacking,
+  ) {}
+  get bytes(): Uint8Array {
+    return new Uint8Array(this.memory);
+  }
+  get npages(): number {
+    return this.size / PAGE_SIZE;
+  }
+  contains(gpa: bigint, len = 1): boolean {
+    return gpa >= this.gpa && gpa + BigInt(len) <= this.gpa + BigInt(this.size);
+  }
+  private range(call: string, offset: number, len: number): void {
+    if (offset < 0 || len <= 0 || offset + len > this.size || offset % PAGE_SIZE) {
+      throw new RangeError(`${call}: range +0x${offset.toString(16)}/0x${len.toString(16)} is not page-aligned inside memslot ${this.slot} (0x${this.size.toString(16)} bytes)`);
+    }
+  }
+  /** madvise() on part of the backing (MADV.DONTNEED, HUGEPAGE, NOHUGEPAGE, ...). */
+  madvise(offset: number, len: number, advice: number): void {
+    this.range('madvise', offset, len);
+    check('madvise', this.target.addon.madvise(this.memory, offset, len, advice), `memslot ${this.slot}`);
+  }
+  /** mprotect() on part of the backing (PROT bits). */
+  mprotect(offset: number, len: number, prot: number): void {
+    this.range('mprotect', offset, len);
+    check('mprotect', this.target.addon.mprotect(this.memory, offset, len, prot), `memslot ${this.slot}`);
+    const state: PageState | undefined = !(prot & PROT.READ) ? 'prot-none' : !(prot & PROT.WRITE) ? 'prot-read' : undefined;
+    this.setStates(offset, len, state);
+  }
+  /** munmap() of part of the backing; remap() puts memory back. Needs a target that maps ranges. */
+  munmap(offset: number, len: number): void {
+    this.range('munmap', offset, len);
+    const r = this.target.ranges;
+    if (!r) {
+      throw new Unsupported('munmap of part of a memslot', `the ${this.target.name} target cannot unmap part of a mapping`);
+    }
+    check('munmap', r.unmapRange(this.memory, offset, len), `memslot ${this.slot}`);
+    this.setStates(offset, len, 'unmapped');
+  }
+  /**
+   * Maps fresh memory of the slot's backing kind over part of it (MAP_FIXED):
+   * anonymous and hugetlb memory comes back zeroed, a memfd's pages with the
+   * file's contents, shared anonymous memory as a new zeroed object.
+   */
+  remap(offset: number, len: number): void {
+    this.range('remap', offset, len);
+    const r = this.target.ranges;
+    if (!r) {
+      throw new Unsupported('remapping part of a memslot', `the ${this.target.name} target cannot map over part of a mapping`);
+    }
+    const b = this.backing;
+    const rw = PROT.READ | PROT.WRITE;
+    const flags = b.kind === 'anon' ? MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE
+      : b.kind === 'shared' ? MAP.SHARED | MAP.ANONYMOUS
+      : b.kind === 'memfd' ? MAP.SHARED
+      : MAP.PRIVATE | MAP.ANONYMOUS | MAP.HUGETLB | (b.pageSize === '1G' ? MAP.HUGE_1GB : MAP.HUGE_2MB);
+    check('mmap(MAP_FIXED)', r.remapRange(this.memory, offset, len, rw, flags, b.kind === 'memfd' ? this.memfd : -1, b.kind === 'memfd' ? offset : 0), `memslot ${this.slot}`);
+    if (b.kind === 'anon' && b.thp !== undefined) check('madvise', this.target.addon.madvise(this.memory, offset, len, b.thp ? MADV.HUGEPAGE : MADV.NOHUGEPAGE));
+    this.setStates(offset, len, undefined);
+  }
+  private setStates(offset: number, len: number, state: PageState | undefined): void {
+    for (let p = offset / PAGE_SIZE; p < (offset + len) / PAGE_SIZE; p++) {
+      if (state) this.pageStates.set(p, state);
+      else this.pageStates.delete(p);
+    }
+  }
+  /**
+   * Bytes of the backing the host maps with transparent huge pages
+   * (AnonHugePages of the VMAs inside the slot, from /proc/self/smaps of the
+   * process holding the memory), or undefined when smaps cannot be read.
+   */
+  hugeBytes(): number | undefined {
+    const smaps = this.target.fs.read('/proc/self/smaps');
+    if (smaps === undefined) return undefined;
+    const end = this.hva + BigInt(this.size);
+    let inside = false;
+    let total = 0;
+    for (const line of smaps.split('\n')) {
+      const vma = /^([0-9a-f]+)-([0-9a-f]+) /.exec(line);
+      if (vma) {
+        const from = BigInt(`0x${vma[1]}`);
+        inside = from >= this.hva && from < end;
+        continue;
+      }
+      const huge = inside ? /^AnonHugePages:\s+(\d+) kB/.exec(line) : null;
+      if (huge) total += Number(huge[1]) * 1024;
+    }
+    return total;
+  }
+  /** Why this process cannot read (or write) [offset, offset+len) of the backing now, or undefined. */
+  untouchable(offset: number, len: number, write: boolean): PageState | undefined {
+    if (this.pageStates.size === 0) return undefined;
+    for (let p = Math.floor(offset / PAGE_SIZE); p * PAGE_SIZE < offset + len; p++) {
+      const st = this.pageStates.get(p);
+      if (st === 'unmapped' || st === 'prot-none' || (st === 'prot-read' && write)) return st;
+    }
+    return undefined;
+  }
+  /** fallocate(PUNCH_HOLE) on a memfd-backed slot's file. */
+  punchHole(offset: number, len: number): void {
+    this.range('fallocate', offset, len);
+    if (this.memfd < 0) throw new Error(`memslot ${this.slot} is not backed by a memfd`);
+    punchHole(this.target.addon, this.memfd, offset, len);
+  }
+
+  /** Unmaps the backing and closes its memfd. */
+  free(): void {
+    this.target.addon.munmap(this.memory);
+    if (this.memfd >= 0) this.target.addon.close(this.memfd);
+  }
+}
+
+/** Guest-physical memory as seen through the memslots of address space 0. */
+export class GuestMemory {
+  constructor(private readonly slots: () => Iterable<Memslot>) {}
+  slotOf(gpa: bigint, len = 1): Memslot | undefined {
+    for (const s of this.slots()) if (s.asId === 0 && s.contains(gpa, len)) return s;
+    return undefined;
+  }
+  /** A live view of [gpa, gpa+len) inside one memslot; refused where the backing is unmapped or protected. */
+  bytes(gpa: bigint, len: number, write = false): Uint8Array {
+    const s = this.slotOf(gpa, len);
+    if (!s) throw new RangeError(`GPA range 0x${gpa.toString(16)}+0x${len.toString(16)} is not inside one memslot`);
+    const why = s.untouchable(Number(gpa - s.gpa), len, write);
+    if (why) throw new RangeError(`GPA range 0x${gpa.toString(16)}+0x${len.toString(16)}: the host memory behind it is ${why}`);
+    return new Uint8Array(s.memory, Number(gpa - s.gpa), len);
+  }
+  write(gpa: bigint, data: ArrayLike<number>): void {
+    this.bytes(gpa, data.length, true).set(data);
+  }
+  read64(gpa: bigint): bigint {
+    const b = this.bytes(gpa, 8);
+    return new DataView(b.buffer, b.byteOffset, 8).getBigUint64(0, true);
+  }
+  write64(gpa: bigint, v: bigint): void {
+    const b = this.bytes(gpa, 8, true);
+    new DataView(b.buffer, b.byteOffset, 8).setBigUint64(0, BigInt.asUintN(64, v), true);
+  }
+  read32(gpa: bigint): number {
+    const b = this.bytes(gpa, 4);
+    return new DataView(b.buffer, b.byteOffset, 4).getUint32(0, true);
+  }
+  write32(gpa: bigint, v: number): void {
+    const b = this.bytes(gpa, 4, true);
+    new DataView(b.buffer, b.byteOffset, 4).setUint32(0, v >>> 0, true);
+  }
+}
+
+/** Maps `size` bytes of host memory of kind `b` (for memfd backing, a new memfd named `name`). */
+export function allocBacking(a: Addon, b: HostBacking, size: number, name: string): { memory: ArrayBuffer; memfd: number } {
+  const rw = PROT.READ | PROT.WRITE;
+  switch (b.kind) {
+    case 'anon': {
+      const memory = mapped('mmap(anonymous)', a.mmap(size, rw, MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE, -1, 0));
+      if (b.thp !== undefined) check('madvise', a.madvise(memory, 0, size, b.thp ? MADV.HUGEPAGE : MADV.NOHUGEPAGE));
+      return { memory, memfd: -1 };
+    }
+    case 'shared':
+      return { memory: mapped('mmap(shared)', a.mmap(size, rw, MAP.SHARED | MAP.ANONYMOUS, -1, 0)), memfd: -1 };
+    case 'hugetlb': {
+      const flag = b.pageSize === '1G' ? MAP.HUGE_1GB : MAP.HUGE_2MB;
+      return { memory: mapped(`mmap(hugetlb ${b.pageSize})`, a.mmap(size, rw, MAP.PRIVATE | MAP.ANONYMOUS | MAP.HUGETLB | flag, -1, 0)), memfd: -1 };
+    }
+    case 'memfd': {
+      const fd = check('memfd_create', a.memfdCreate(name, MFD.CLOEXEC | (b.hugetlb ? MFD.HUGETLB : 0)));
+      try {
+        check('ftruncate(memfd)', a.ftruncate(fd, size));
+        return { memory: mapped('mmap(memfd)', a.mmap(size, rw, MAP.SHARED, fd, 0)), memfd: fd };
+      } catch (e) {
+        a.close(fd);
+        throw e;
+      }
+    }
+  }
+}
+
+/** fallocate(PUNCH_HOLE|KEEP_SIZE) on a memfd-backed slot's file. */
+export function punchHole(a: Addon, fd: number, offset: number, len: number): void {
+  check('fallocate(PUNCH_HOLE)', a.fallocate(fd, FALLOC.PUNCH_HOLE | FALLOC.KEEP_SIZE, offset, len));
+}

@@ -1,0 +1,254 @@
+// A VM file descriptor (KVM_CREATE_VM): memslots, dirty logging, guest_memfd,
+// memory attributes, stats, and the vCPUs it creates.
+import { check, mapped, type Addon } from './sys.js';
+import { statsReaderFor, type StatsReader } from './stats.js';
+import { allocBacking, GuestMemory, Memslot, PAGE_SIZE, type MemslotSpec } from './memslot.js';
+import { Vcpu } from './vcpu.js';
+import type { Kvm } from './kvm.js';
+import { decodeVcpuInit, type VcpuInit } from './arm64.js';
+import { ARM64_IOCTL, ARM64_SIZEOF, CAP, IOCTL, MAP, MEM, PROT, SIZEOF } from '../uapi/uapi.js';
+
+export class Vm {
+  readonly slots = new Map<string, Memslot>();
+  readonly vcpus: Vcpu[] = [];
+  readonly mem = new GuestMemory(() => this.slots.values());
+  private statsReader: StatsReader | undefined;
+  private statsFd = -1;
+  private readonly fds: number[] = [];
+  private readonly detached: Memslot[] = [];
+  dirtyRingBytes = 0;
+  private closed = false;
+
+  /** System calls on the VM's target. */
+  private readonly sys: Addon;
+
+  constructor(
+    readonly kvm: Kvm,
+    readonly fd: number,
+  ) {
+    this.sys = kvm.target.addon;
+  }
+
+  checkExtension(cap: number): number {
+    return check('KVM_CHECK_EXTENSION', this.sys.ioctl(this.fd, IOCTL.KVM_CHECK_EXTENSION, cap));
+  }
+
+  enableCap(cap: number, args: readonly bigint[] = [], flags = 0, name = 'KVM_ENABLE_CAP'): void {
+    const b = new Uint8Array(SIZEOF.kvm_enable_cap);
+    const dv = new DataView(b.buffer);
+    dv.setUint32(0, cap, true);
+    dv.setUint32(4, flags, true);
+    args.forEach((a, i) => dv.setBigUint64(8 + 8 * i, a, true));
+    check(name, this.sys.ioctlBuf(this.fd, IOCTL.KVM_ENABLE_CAP, b), `cap ${cap}`);
+  }
+
+  /** Manual dirty-log protection: GET_DIRTY_LOG stops write-protecting; CLEAR_DIRTY_LOG does it. */
+  enableManualDirtyLogProtect(initiallySet = false): void {
+    this.enableCap(CAP.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, [initiallySet ? 3n : 1n], 0, 'KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)');
+  }
+
+  /** Enables the per-vCPU dirty ring (before any vCPU exists); bytes = entries * 16. */
+  enableDirtyRing(bytes: number): void {
+    this.enableCap(CAP.KVM_CAP_DIRTY_LOG_RING, [BigInt(bytes)], 0, 'KVM_ENABLE_CAP(DIRTY_LOG_RING)');
+    this.dirtyRingBytes = bytes;
+  }
+
+  resetDirtyRings(): number {
+    return check('KVM_RESET_DIRTY_RINGS', this.sys.ioctl(this.fd, IOCTL.KVM_RESET_DIRTY_RINGS));
+  }
+
+  setTssAddr(addr: number): void {
+    check('KVM_SET_TSS_ADDR', this.sys.ioctl(this.fd, IOCTL.KVM_SET_TSS_ADDR, addr));
+  }
+
+  setIdentityMapAddr(addr: bigint): void {
+    const b = new BigUint64Array([addr]);
+    check('KVM_SET_IDENTITY_MAP_ADDR', this.sys.ioctlBuf(this.fd, IOCTL.KVM_SET_IDENTITY_MAP_ADDR, b));
+  }
+
+  /** Raw KVM_SET_USER_MEMORY_REGION; size 0 deletes the slot. */
+  setUserMemoryRegion(slot: number, flags: number, gpa: bigint, size: bigint, hva: bigint, asId = 0): void {
+    const b = memoryRegion(SIZEOF.kvm_userspace_memory_region, slot, flags, gpa, size, hva, asId);
+    check('KVM_SET_USER_MEMORY_REGION', this.sys.ioctlBuf(this.fd, IOCTL.KVM_SET_USER_MEMORY_REGION, b), `slot ${slot}`);
+  }
+
+  /** Raw KVM_SET_USER_MEMORY_REGION2 (guest_memfd binding). */
+  setUserMemoryRegion2(slot: number, flags: number, gpa: bigint, size: bigint, hva: bigint, gmemFd: number, gmemOffset: bigint, asId = 0): void {
+    const b = memoryRegion(SIZEOF.kvm_userspace_memory_region2, slot, flags, gpa, size, hva, asId);
+    const dv = new DataView(b.buffer);
+    dv.setBigUint64(32, gmemOffset, true);
+    dv.setUint32(40, gmemFd, true);
+    check('KVM_SET_USER_MEMORY_REGION2', this.sys.ioctlBuf(this.fd, IOCTL.KVM_SET_USER_MEMORY_REGION2, b), `slot ${slot}`);
+  }
+
+  /** Allocates host memory for a memslot and registers it. */
+  addMemslot(spec: MemslotSpec): Memslot {
+    const { slot, gpa, size, flags = 0, backing = { kind: 'anon' }, asId = 0 } = spec;
+    if (size <= 0 || size % PAGE_SIZE) throw new RangeError(`memslot ${slot}: size 0x${size.toString(16)} is not a positive multiple of 4 KiB`);
+    if (gpa % BigInt(PAGE_SIZE)) throw new RangeError(`memslot ${slot}: gpa 0x${gpa.toString(16)} is not 4 KiB aligned`);
+    const { memory, memfd } = allocBacking(this.sys, backing, size, `kvmharness-slot${slot}`);
+    const hva = this.sys.addressOf(memory);
+    const s = new Memslot(this.kvm.target, slot, asId, gpa, size, flags, memory, hva, memfd, backing);
+    try {
+      if (spec.guestMemfd) {
+        this.setUserMemoryRegion2(slot, flags | MEM.KVM_MEM_GUEST_MEMFD, gpa, BigInt(size), hva, spec.guestMemfd.fd, spec.guestMemfd.offset, asId);
+      } else {
+        this.setUserMemoryRegion(slot, flags, gpa, BigInt(size), hva, asId);
+      }
+    } catch (e) {
+      s.free();
+      throw e;
+    }
+    this.slots.set(`${asId}:${slot}`, s);
+    return s;
+  }
+
+  memslot(slot: number, asId = 0): Memslot {
+    const s = this.slots.get(`${asId}:${slot}`);
+    if (!s) throw new RangeError(`no memslot ${slot} in address space ${asId}`);
+    return s;
+  }
+
+  setMemslotFlags(slot: number, flags: number, asId = 0): void {
+    const s = this.memslot(slot, asId);
+    this.setUserMemoryRegion(slot, flags, s.gpa, BigInt(s.size), s.hva, asId);
+    s.flags = flags;
+  }
+
+  /** Moves a memslot to a new GPA (the host memory stays). */
+  moveMemslot(slot: number, gpa: bigint, asId = 0): Memslot {
+    const s = this.memslot(slot, asId);
+    this.setUserMemoryRegion(slot, s.flags, gpa, BigInt(s.size), s.hva, asId);
+    const moved = new Memslot(s.target, s.slot, asId, gpa, s.size, s.flags, s.memory, s.hva, s.memfd, s.backing);
+    moved.pageStates = s.pageStates;
+    this.slots.set(`${asId}:${slot}`, moved);
+    return moved;
+  }
+
+  deleteMemslot(slot: number, asId = 0): void {
+    const s = this.memslot(slot, asId);
+    this.setUserMemoryRegion(slot, 0, s.gpa, 0n, 0n, asId);
+    this.slots.delete(`${asId}:${slot}`);
+    s.free();
+  }
+
+  /**
+   * Deletes a memslot from KVM but keeps its host memory mapped until the VM
+   * is closed, so that what the guest wrote there before the deletion can
+   * still be read (the returned Memslot; it is no longer in `slots`).
+   */
+  detachMemslot(slot: number, asId = 0): Memslot {
+    const s = this.memslot(slot, asId);
+    this.setUserMemoryRegion(slot, 0, s.gpa, 0n, 0n, asId);
+    this.slots.delete(`${asId}:${slot}`);
+    this.detached.push(s);
+    return s;
+  }
+
+  /** KVM_GET_DIRTY_LOG: one bit per page of the slot. */
+  getDirtyLog(slot: number, asId = 0): Uint8Array {
+    const s = this.memslot(slot, asId);
+    const bitmap = new Uint8Array(Math.ceil(s.npages / 64) * 8);
+    const b = new Uint8Array(SIZEOF.kvm_dirty_log);
+    const dv = new DataView(b.buffer);
+    dv.setUint32(0, (asId << 16) | slot, true);
+    dv.setBigUint64(8, this.sys.addressOf(bitmap), true);
+    check('KVM_GET_DIRTY_LOG', this.sys.ioctlBuf(this.fd, IOCTL.KVM_GET_DIRTY_LOG, b), `slot ${slot}`);
+    return bitmap;
+  }
+
+  /** KVM_CLEAR_DIRTY_LOG for pages [first, first+num) of the slot; bitmap bit i = page first+i. */
+  clearDirtyLog(slot: number, first: number, num: number, bitmap?: Uint8Array, asId = 0): void {
+    const bits = bitmap ?? new Uint8Array(Math.ceil(num / 64) * 8).fill(0xff);
+    const b = new Uint8Array(SIZEOF.kvm_clear_dirty_log);
+    const dv = new DataView(b.buffer);
+    dv.setUint32(0, (asId << 16) | slot, true);
+    dv.setUint32(4, num, true);
+    dv.setBigUint64(8, BigInt(first), true);
+    dv.setBigUint64(16, this.sys.addressOf(bits), true);
+    check('KVM_CLEAR_DIRTY_LOG', this.sys.ioctlBuf(this.fd, IOCTL.KVM_CLEAR_DIRTY_LOG, b), `slot ${slot}`);
+  }
+
+  createGuestMemfd(size: bigint, flags = 0n): number {
+    const b = new Uint8Array(SIZEOF.kvm_create_guest_memfd);
+    const dv = new DataView(b.buffer);
+    dv.setBigUint64(0, size, true);
+    dv.setBigUint64(8, flags, true);
+    const fd = check('KVM_CREATE_GUEST_MEMFD', this.sys.ioctlBuf(this.fd, IOCTL.KVM_CREATE_GUEST_MEMFD, b));
+    this.fds.push(fd);
+    return fd;
+  }
+
+  setMemoryAttributes(gpa: bigint, size: bigint, attributes: bigint): void {
+    const b = new Uint8Array(SIZEOF.kvm_memory_attributes);
+    const dv = new DataView(b.buffer);
+    dv.setBigUint64(0, gpa, true);
+    dv.setBigUint64(8, size, true);
+    dv.setBigUint64(16, attributes, true);
+    check('KVM_SET_MEMORY_ATTRIBUTES', this.sys.ioctlBuf(this.fd, IOCTL.KVM_SET_MEMORY_ATTRIBUTES, b));
+  }
+
+  /** arm64: KVM_ARM_PREFERRED_TARGET, the vCPU target KVM suggests for this host's CPUs. */
+  armPreferredTarget(): VcpuInit {
+    const b = new Uint8Array(ARM64_SIZEOF.kvm_vcpu_init);
+    check('KVM_ARM_PREFERRED_TARGET', this.sys.ioctlBuf(this.fd, ARM64_IOCTL.KVM_ARM_PREFERRED_TARGET, b));
+    return decodeVcpuInit(b);
+  }
+
+  stats(): StatsReader {
+    if (!this.statsReader) {
+      this.statsFd = check('KVM_GET_STATS_FD', this.sys.ioctl(this.fd, IOCTL.KVM_GET_STATS_FD));
+      this.statsReader = statsReaderFor(this.sys, this.statsFd);
+    }
+    return this.statsReader;
+  }
+
+  createVcpu(id = this.vcpus.length): Vcpu {
+    const fd = check('KVM_CREATE_VCPU', this.sys.ioctl(this.fd, IOCTL.KVM_CREATE_VCPU, id));
+    let run: ArrayBuffer;
+    let size: number;
+    try {
+      size = this.kvm.vcpuMmapSize();
+      const m = this.sys.mmap(size, PROT.READ | PROT.WRITE, MAP.SHARED, fd, 0);
+      run = mapped('mmap(kvm_run)', m);
+    } catch (e) {
+      this.sys.close(fd);
+      throw e;
+    }
+    const v = new Vcpu(this, id, fd, run);
+    this.vcpus.push(v);
+    return v;
+  }
+
+  /** Releases everything the VM holds: vCPUs, memslot memory, stats and other fds. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const v of this.vcpus) v.close();
+    if (this.statsFd >= 0) this.sys.close(this.statsFd);
+    for (const fd of this.fds) this.sys.close(fd);
+    this.sys.close(this.fd);
+    for (const s of this.slots.values()) s.free();
+    for (const s of this.detached) s.free();
+    this.slots.clear();
+    this.detached.length = 0;
+  }
+}
+
+// The region structure of synchronous ioctls: the call copies it in before it
+// returns, so one buffer serves every VM. Allocating each time cost an
+// off-heap ArrayBuffer per call.
+const region = new Uint8Array(SIZEOF.kvm_userspace_memory_region2);
+
+/** kvm_userspace_memory_region, or the same leading fields of region2 (zeroed beyond them). */
+function memoryRegion(size: number, slot: number, flags: number, gpa: bigint, bytes: bigint, hva: bigint, asId: number): Uint8Array {
+  const b = region.subarray(0, size).fill(0);
+  const dv = new DataView(b.buffer, b.byteOffset, size);
+  dv.setUint32(0, (asId << 16) | slot, true);
+  dv.setUint32(4, flags, true);
+  dv.setBigUint64(8, gpa, true);
+  dv.setBigUint64(16, bytes, true);
+  dv.setBigUint64(24, hva, true);
+  return b;
+}
+
