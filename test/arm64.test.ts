@@ -64,7 +64,11 @@ describe('checks by architecture', () => {
 const crossCc = spawnSync('aarch64-linux-gnu-gcc', ['--version']).status === 0 ? 'aarch64-linux-gnu-gcc' : undefined;
 
 describe.skipIf(!crossCc)(`arm64 uapi${crossCc ? '' : ' [skipped: no aarch64-linux-gnu-gcc for the arm64 headers (apt-get install gcc-aarch64-linux-gnu)]'}`, () => {
-  const work = mkdtempSync(join(tmpdir(), 'kvmharness-arm64-uapi-'));
+  // Made in beforeAll, not while collecting: a skipped suite's body still runs, its hooks do not.
+  let work = '';
+  beforeAll(() => {
+    work = mkdtempSync(join(tmpdir(), 'kvmharness-arm64-uapi-'));
+  });
   afterAll(() => rmSync(work, { recursive: true, force: true }));
 
   it('ioctl numbers, struct sizes, feature bits and core register ids equal the headers', () => {

@@ -38,9 +38,15 @@ function detail(c: CheckResult): string[] {
   return lines;
 }
 
+/**
+ * The version of the JSON report's format (docs/report.schema.json). Raised
+ * when a field is removed or changes meaning; new fields keep it.
+ */
+export const REPORT_VERSION = 1;
+
 /** The report as JSON; the KVM host's architecture by Node's name, as before it had one. */
 export function json(r: RunReport): string {
-  return JSON.stringify({ ...r, host: { ...r.host, arch: nodeArch(r.host.arch) } }, null, 2);
+  return JSON.stringify({ version: REPORT_VERSION, ...r, host: { ...r.host, arch: nodeArch(r.host.arch) } }, null, 2);
 }
 
 /** KTAP version 1, as the kernel's KUnit and kselftests print it. */
@@ -73,7 +79,8 @@ export function junit(r: RunReport): string {
   const skipped = s.notApplicable + s.notRun;
   const out = [
     '<?xml version="1.0" encoding="UTF-8"?>',
-    `<testsuites tests="${s.total}" failures="${s.failed}" errors="${s.errors}" skipped="${skipped}" time="${(s.durationMs / 1000).toFixed(3)}">`,
+    // Jenkins' junit-10.xsd allows skipped on <testsuite> only (test/fixtures/junit-10.xsd).
+    `<testsuites tests="${s.total}" failures="${s.failed}" errors="${s.errors}" time="${(s.durationMs / 1000).toFixed(3)}">`,
     `  <testsuite name="kvmharness" hostname="${xml(r.host.flavour)}" tests="${s.total}" failures="${s.failed}" errors="${s.errors}" skipped="${skipped}" time="${(s.durationMs / 1000).toFixed(3)}">`,
   ];
   for (const c of r.checks) {

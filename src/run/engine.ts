@@ -15,7 +15,7 @@ import { channel, describeStop, X86Guest, type ExceptionRecord, type GuestStop }
 import { LAYOUT } from '../arch/x86/layout.js';
 import { describePte, PTE_A, PTE_D } from '../arch/x86/pte.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
-import { accessedLatitude, decodeErrorCode, PFERR, walkWith, type PagingConfig, type WalkResult } from '../model/walk.js';
+import { accessException, accessedLatitude, decodeErrorCode, PFERR, walkWith, type PagingConfig, type WalkResult } from '../model/walk.js';
 import { bringUpOptions, buildScenarioTables, slotBacking, pagingConfigFor } from '../scenario/build.js';
 import { showDelta, showStatExpect, statHolds, statNotApplicable } from '../scenario/stats.js';
 import type { GuestStep, Scenario, Step, StepStats } from '../scenario/types.js';
@@ -103,14 +103,17 @@ export function modelAsTrace(w: WalkResult): Omit<TracedWalk, 'addr' | 'pferr'> 
 
 function describeWalk(w: WalkResult): string {
   const lv = w.levels.map((l) => `L${l.level} ${hex(l.pteGpa)}=${hex(l.pte)} [${describePte(l.pte, l.level)}]`).join('; ');
-  return w.ok ? `${lv} -> gpa ${hex(w.gpa)}` : `${lv} -> #PF ${decodeErrorCode(w.errorCode)} (${w.reason})`;
+  if (w.ok) return `${lv} -> gpa ${hex(w.gpa)}`;
+  if (accessException(w).vector === 13) return '#GP(0): not canonical, no walk';
+  return `${lv} -> #PF ${decodeErrorCode(w.errorCode)} (${w.reason})`;
 }
 
 interface Prediction {
   step: number;
   what: string;
   walk: WalkResult;
-  expectFault: false | number;
+  /** false: no exception; a number: #PF with this error code; 'gp': #GP(0) with CR2 unchanged. */
+  expectFault: false | number | 'gp';
   expectValue?: bigint | string;
   /** The MMIO exit the access should cause, if any. */
   mmio?: { gpa: bigint; len: number; isWrite: boolean; data?: Uint8Array };
@@ -395,7 +398,8 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
           step: i,
           what: name,
           walk: w,
-          expectFault: s.expect?.fault !== undefined ? walkerErrorCode(s.expect.fault, cfg.walker, (m) => ctx.note(`${name}: ${m}`)) : w.ok ? false : w.errorCode,
+          expectFault: s.expect?.fault !== undefined ? walkerErrorCode(s.expect.fault, cfg.walker, (m) => ctx.note(`${name}: ${m}`))
+            : w.ok ? false : accessException(w).vector === 13 ? 'gp' : w.errorCode,
           expectValue: s.expect?.value ?? (w.ok ? modelValue : 0n),
           mmio,
           ...(hostFault && hostFault.path !== 'mmio' ? { hostFault } : {}),
@@ -406,6 +410,8 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
       }
       if (s.side === 'guest') {
         if (!(await finishPending())) return;
+        // A #GP leaves CR2 as it was when the step began.
+        const cr2Before = pred?.expectFault === 'gp' ? g.vcpu.getSregs().cr2 : undefined;
         g.clearExceptions();
         trace?.clear();
         let stop = await runGuest();
@@ -435,7 +441,10 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
         if (s.kind === 'set-cr4') cfg = { ...cfg, [{ smep: 'cr4Smep', smap: 'cr4Smap', pke: 'cr4Pke' }[s.bit]]: s.value };
         if (pred && s.kind === 'access') {
           const exc = g.exceptions();
-          ctx.expect(`${name}: exceptions`, pred.expectFault === false ? [] : [{ vector: 14, errorCode: BigInt(pred.expectFault), cr2: s.gva }], exc.map(pick));
+          const expected = pred.expectFault === false ? []
+            : pred.expectFault === 'gp' ? [{ vector: 13, errorCode: 0n, cr2: cr2Before! }]
+            : [{ vector: 14, errorCode: BigInt(pred.expectFault), cr2: s.gva }];
+          ctx.expect(`${name}: exceptions`, expected, exc.map(pick));
           if (s.access === 'read') ctx.expect(`${name}: value read`, pred.expectValue ?? 0n, BigInt.asUintN(s.size * 8, stop.values[0]!));
           // A processor may set A on the entries a faulting walk used; KVM's walker never does.
           const mayA = new Set(accessedLatitude(pred.walk, cfg.walker));
@@ -715,6 +724,13 @@ function littleEndian(b: Uint8Array): bigint {
 function compareTrace(ctx: CheckContext, name: string, gva: bigint, w: WalkResult, events: TraceEvent[]): void {
   const walks = tracedWalks(events).filter((t) => t.addr === gva);
   const model = modelAsTrace(w);
+  if (!w.ok && accessException(w).vector === 13) {
+    // A non-canonical address raises #GP before any walk.
+    if (walks.length === 0) ctx.note(`${name}: no walk for a non-canonical address (#GP), as the model says`);
+    else ctx.expect(`${name}: KVM walker trace`, 'no kvm_mmu_pagetable_walk (#GP before any walk)',
+      `${walks.length} walk(s)`);
+    return;
+  }
   if (walks.length === 0) {
     // A translation KVM still holds (a shadow page or a cached walk) is used
     // without walking, as a TLB hit is: allowed when the walk would change
