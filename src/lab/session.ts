@@ -4,7 +4,7 @@
 // through the agent — so that the unchanged checks, models and reports run
 // here against the lab's KVM when they are handed that target.
 import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { constants as fsc } from 'node:fs';
 import type { Arch } from '../arch/arch.js';
 import type { Target } from '../target/target.js';
@@ -13,7 +13,7 @@ import { buildInitramfs } from './initramfs.js';
 import { profile as profileNamed, LabError, type Profile } from './profiles.js';
 import { bootLab, type Lab } from './qemu.js';
 import { RemoteAddon } from './remote/addon.js';
-import { agentSources, buildAgent } from './remote/agent-process.js';
+import { agentHeaders, agentSources, buildAgent } from './remote/agent-process.js';
 import { remoteTarget } from './remote/target.js';
 
 export interface LabSessionOptions {
@@ -48,7 +48,7 @@ function agentBinary(arch: Arch, log: (s: string) => void): string {
   const dir = join(labCacheDir(), 'agent');
   mkdirSync(dir, { recursive: true });
   const out = join(dir, `kvmharness-agent-${arch}`);
-  const newest = Math.max(...[...agentSources, join(dirname(agentSources[0]!), 'core.h')].map((f) => statSync(f).mtimeMs));
+  const newest = Math.max(...[...agentSources, ...agentHeaders].map((f) => statSync(f).mtimeMs));
   if (existsSync(out) && statSync(out).mtimeMs >= newest) return out;
   log(`building the lab agent (static, ${arch})`);
   const tmp = `${out}.${process.pid}.tmp`;
