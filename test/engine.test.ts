@@ -5,11 +5,12 @@ import { describe, expect, it } from 'vitest';
 import { Kvm } from '../src/kvm/kvm.js';
 import type { WrongWalk } from '../src/model/wrong.js';
 import type { HostProfile } from '../src/probe/probe.js';
-import { scenarioCheck, tracedWalks } from '../src/run/engine.js';
+import { scenarioCheck } from '../src/run/engine.js';
 import { runCheck } from '../src/run/runner.js';
 import { builtinScenarios, loadScenario, resolveScenario } from '../src/scenario/load.js';
 import type { Scenario } from '../src/scenario/types.js';
 import { parseFormat, parseTrace, TRACEFS, type TraceEvent } from '../src/observe/tracefs.js';
+import { tracedWalks } from '../src/observe/walker-trace.js';
 import { describeKvm, failures, withHost } from './support/kvm.js';
 
 const WALK_FORMAT = `name: kvm_mmu_pagetable_walk
@@ -245,7 +246,7 @@ describeKvm('scenarios on this host', () => {
 
 describe('shadow-page oracle parsing', () => {
   it('reads gfn, level, direct and new from kvm_mmu_get_page text', async () => {
-    const { parseShadowPage, guestTablePages } = await import('../src/checks/shadow.js');
+    const { parseShadowPage, guestTablePages } = await import('../src/observe/shadow-pages.js');
     const ev = (text: string): TraceEvent => ({ id: 'kvmmmu/kvm_mmu_get_page', pid: 1, cpu: 0, ts: 0, fields: {}, text });
     expect(parseShadowPage(ev('sp gen 0 gfn 10 l4 8-byte q0 wux nxe ad root 0 sync new'))).toEqual({ gfn: 0x10n, level: 4, direct: false, created: true });
     expect(parseShadowPage(ev('sp gen 0 gfn 200 l1 8-byte q0 direct wux nxe ad root 0 sync existing'))).toEqual({ gfn: 0x200n, level: 1, direct: true, created: false });

@@ -3,6 +3,7 @@
 // architecture leaves a choice), never captured from the model's output.
 import { describe, expect, it } from 'vitest';
 import {
+  accessException,
   accessedLatitude,
   NON_CANONICAL,
   PFERR,
@@ -16,6 +17,7 @@ import {
   type WalkLevel,
   type WalkResult,
 } from '../src/model/walk.js';
+import { mulberry32 } from '../src/model/prng.js';
 import { WRONG_WALKS, type WrongWalk } from '../src/model/wrong.js';
 import { describePte, largePageRsvdMask, leafAddrMask, physAddrRsvdMask, pteIndex, pteKey } from '../src/arch/x86/pte.js';
 
@@ -221,6 +223,39 @@ describe('canonical addresses', () => {
     const last = 0x0000_7fff_ffff_fffcn;
     expect(expectFault(run(tables(), { gva: last, size: 4 })).errorCode).toBe(0);
     expect(expectFault(run(tables(), { gva: last, size: 8 })).errorCode).toBe(-1);
+  });
+
+  // SDM vol. 3A §3.3.7.1: a non-canonical reference raises #GP (#SS for the
+  // stack) with error code 0 (§6.15, interrupt 13: "the processor ... pushes
+  // an error code of 0" for such a fault), and only #PF loads CR2 (§6.15,
+  // interrupt 14). So the exception carries no walk result at all.
+  it('a non-canonical access raises #GP(0) and leaves CR2 alone; a walk fault is a #PF with CR2', () => {
+    // 0x0000_8000_0000_0000: bit 47 = 1, bits 63:48 = 0 -> not canonical with 4 levels.
+    expect(accessException(expectFault(run(tables(), { gva: 0x0000_8000_0000_0000n })))).toEqual({
+      vector: 13, errorCode: 0, cr2: 'unchanged',
+    });
+    // A write that ends in the hole: the last byte 0x8000_0000_0003 is not canonical.
+    expect(accessException(expectFault(run(tables(), { gva: 0x0000_7fff_ffff_fffcn, kind: 'write', size: 8 })))).toEqual({
+      vector: 13, errorCode: 0, cr2: 'unchanged',
+    });
+    // A fetch and a CPL 3 read there: still #GP(0), no W/U/I bits (no #PF error code at all).
+    for (const a of [{ kind: 'exec' as const }, { kind: 'read' as const, cpl: 3 as const }]) {
+      expect(accessException(expectFault(run(tables(), { gva: 0xfff0_0000_0000_0000n, ...a })))).toEqual({
+        vector: 13, errorCode: 0, cr2: 'unchanged',
+      });
+    }
+    // 5 levels: bit 56 = 0 and bits 63:57 = 1 (0xfe00_...) is not canonical; 0x0000_8000_0000_0000 is,
+    // and walks: PML5E[0] (the table at CR3) is present, the level-4 entry [256] is not -> #PF,
+    // error code 0 (read, CPL 0), CR2 = the address.
+    const c5 = cfg({ levels: 5 });
+    expect(accessException(expectFault(run(tables(), { gva: 0xfe00_0000_0000_0000n }, c5))).vector).toBe(13);
+    expect(accessException(expectFault(run(tables(), { gva: 0x0000_8000_0000_0000n }, c5)))).toEqual({
+      vector: 14, errorCode: 0, cr2: 0x0000_8000_0000_0000n,
+    });
+    // 4 levels, canonical upper half, PML4E[256] not present, CPL 3 read: #PF U (0x4), CR2 = the address.
+    expect(accessException(expectFault(run(tables(), { gva: 0xffff_8000_0000_0000n, cpl: 3 })))).toEqual({
+      vector: 14, errorCode: 4, cr2: 0xffff_8000_0000_0000n,
+    });
   });
 
   it('negative bigints are read as 64-bit two\'s complement', () => {
@@ -843,18 +878,6 @@ describe('pte helpers', () => {
 // ---------------------------------------------------------------------------------
 // Property tests: random entries along one path, random configuration and access.
 
-function xorshift(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s;
-  };
-}
-
 /**
  * Straightforward reference written from the SDM/APM text (bigint arithmetic,
  * no shared code with the model). Used as a second oracle in the property test.
@@ -1007,7 +1030,7 @@ describe('properties over random entries', () => {
   }
 
   it('invariants hold and the model agrees with the reference', () => {
-    const next = xorshift(0xc0ffee);
+    const next = mulberry32(0xc0ffee);
     let oks = 0, faults = 0, rsvd = 0, prot = 0;
     for (let n = 0; n < 20000; n++) {
       const { c, cr3, mem, a } = randomCase(next);
