@@ -142,6 +142,8 @@ async function run(ctx: CheckContext, wrong: Wrong | undefined): Promise<void> {
         model.zapAll();
       }
       model.enter();
+      // The guest fetches its code first: on a native host that faults in the code's tables.
+      model.access(LAYOUT.code, 'exec');
       for (const op of p.ops) {
         if ('read' in op) {
           const seen = model.access(op.read, 'read');
