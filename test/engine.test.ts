@@ -337,7 +337,7 @@ describeKvm('scenarios on this host', () => {
 
 describe('shadow-page oracle parsing', () => {
   it('reads gfn, level, direct and new from kvm_mmu_get_page text', async () => {
-    const { parseShadowPage, guestTablePages } = await import('../src/checks/shadow.js');
+    const { parseShadowPage, guestTablePages } = await import('../src/observe/shadow-pages.js');
     const ev = (text: string): TraceEvent => ({ id: 'kvmmmu/kvm_mmu_get_page', pid: 1, cpu: 0, ts: 0, fields: {}, text });
     expect(parseShadowPage(ev('sp gen 0 gfn 10 l4 8-byte q0 wux nxe ad root 0 sync new'))).toEqual({ gfn: 0x10n, level: 4, direct: false, created: true });
     expect(parseShadowPage(ev('sp gen 0 gfn 200 l1 8-byte q0 direct wux nxe ad root 0 sync existing'))).toEqual({ gfn: 0x200n, level: 1, direct: true, created: false });

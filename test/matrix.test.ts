@@ -5,13 +5,14 @@
 import { describe, expect, it } from 'vitest';
 import { Kvm } from '../src/kvm/kvm.js';
 import { agrees, comparable, observe, prepareBatch, type Observed } from '../src/matrix/batch.js';
-import { accessMatrix, batchRanges, formatRerun, matrixConfig, runAlone } from '../src/matrix/check.js';
+import { accessMatrix, batchRanges, matrixConfig, runAlone } from '../src/matrix/check.js';
 import { CASE, caseName, caseSpace, controlState, countCases, enumerateCases, isLegal, sampleCases, type CaseSpace, type MatrixFeatures } from '../src/matrix/flags.js';
 import { classesOf, Coverage, offeredClasses } from '../src/matrix/coverage.js';
 import { MatrixMachine } from '../src/matrix/machine.js';
 import { compileWalk, PFERR } from '../src/model/walk.js';
 import type { WrongWalk } from '../src/model/wrong.js';
 import type { HostProfile } from '../src/probe/probe.js';
+import { formatRerun } from '../src/report/rerun.js';
 import type { CheckResult, Comparison } from '../src/run/types.js';
 import { show } from '../src/run/differ.js';
 import { runCheck } from '../src/run/runner.js';

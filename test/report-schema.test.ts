@@ -17,7 +17,7 @@ const problems = (doc: unknown): string[] =>
   validate(doc) ? [] : (validate.errors ?? []).map((e) => `${e.instancePath || '/'} ${e.message}`);
 
 const report: RunReport = {
-  host: { arch: 'x64', flavour: 'kvm_pvm', tdp: { enabled: false, kind: 'none' }, tdpMmu: false, device: '/dev/kvm' },
+  host: { arch: 'x86_64', flavour: 'kvm_pvm', tdp: { enabled: false, kind: 'none' }, tdpMmu: false, device: '/dev/kvm' },
   checks: [
     { name: 'a', description: 'passes', outcome: 'pass', comparisons: [{ what: 'x', expected: '1', observed: '1', ok: true }], notes: [], durationMs: 1 },
     { name: 'b', description: 'fails', outcome: 'fail', comparisons: [{ what: 'x', expected: '1', observed: '2', ok: false }], notes: ['n'], durationMs: 2 },

@@ -7,7 +7,7 @@ import { human, json, junit, ktap } from '../src/report/report.js';
 import type { RunReport } from '../src/run/types.js';
 
 const report: RunReport = {
-  host: { arch: 'x64', flavour: 'kvm_pvm', tdp: { enabled: false, kind: 'none' }, tdpMmu: false, device: '/dev/kvm' },
+  host: { arch: 'x86_64', flavour: 'kvm_pvm', tdp: { enabled: false, kind: 'none' }, tdpMmu: false, device: '/dev/kvm' },
   checks: [
     { name: 'a_pass', description: 'passes', outcome: 'pass', comparisons: [{ what: 'x', expected: '1', observed: '1', ok: true }], notes: [], durationMs: 1 },
     { name: 'b_fail', description: 'fails', outcome: 'fail', comparisons: [{ what: 'gpa', expected: '0x10', observed: '0x11', ok: false }], notes: ['walk: L4'], durationMs: 2 },
@@ -48,6 +48,13 @@ describe('reporters', () => {
   it('JSON keeps the summary fields', () => {
     const j = JSON.parse(json(report));
     expect(j.summary).toMatchObject({ passed: 1, failed: 1, notApplicable: 1, errors: 1 });
+  });
+
+  it("prints the KVM host's architecture by Node's name, in text and JSON", () => {
+    expect(human(report).split('\n')[0]).toBe('host: kvm_pvm on x64, TDP off, tdp_mmu off (/dev/kvm)');
+    expect(Object.keys(JSON.parse(json(report)).host)).toEqual(Object.keys(report.host));
+    expect(JSON.parse(json(report)).host.arch).toBe('x64');
+    expect(JSON.parse(json({ ...report, host: { ...report.host, arch: 'arm64' } })).host.arch).toBe('arm64');
   });
 
   it('JUnit: counts, a failure with the first mismatch, a skipped case, escaped text', () => {

@@ -17,6 +17,7 @@ import {
   type WalkLevel,
   type WalkResult,
 } from '../src/model/walk.js';
+import { mulberry32 } from '../src/model/prng.js';
 import { WRONG_WALKS, type WrongWalk } from '../src/model/wrong.js';
 import { describePte, largePageRsvdMask, leafAddrMask, physAddrRsvdMask, pteIndex, pteKey } from '../src/arch/x86/pte.js';
 
@@ -877,18 +878,6 @@ describe('pte helpers', () => {
 // ---------------------------------------------------------------------------------
 // Property tests: random entries along one path, random configuration and access.
 
-function xorshift(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s;
-  };
-}
-
 /**
  * Straightforward reference written from the SDM/APM text (bigint arithmetic,
  * no shared code with the model). Used as a second oracle in the property test.
@@ -1041,7 +1030,7 @@ describe('properties over random entries', () => {
   }
 
   it('invariants hold and the model agrees with the reference', () => {
-    const next = xorshift(0xc0ffee);
+    const next = mulberry32(0xc0ffee);
     let oks = 0, faults = 0, rsvd = 0, prot = 0;
     for (let n = 0; n < 20000; n++) {
       const { c, cr3, mem, a } = randomCase(next);

@@ -3,13 +3,17 @@
 // lab's agent performs the KVM calls.
 import type { Command } from 'commander';
 import { labFetch } from '../lab/fetch/index.js';
-import { DEFAULT_PROFILE, LabError, PROFILES, type LabArch } from '../lab/profiles.js';
+import { ARCHES, isArch, type Arch } from '../arch/arch.js';
+import { DEFAULT_PROFILE, LabError, PROFILES } from '../lab/profiles.js';
 import { openLab, type LabSessionOptions } from '../lab/session.js';
-import { abTable, compareAb } from '../lab/ab.js';
-import { formatProfile, probe } from '../probe/probe.js';
+import { compareAb } from '../lab/ab.js';
+import { abTable } from '../report/ab-table.js';
+import { matrixTable } from '../report/matrix-table.js';
+import { probe } from '../probe/probe.js';
+import { formatProfile, profileJson } from '../report/profile.js';
 import { exitStatus } from '../run/runner.js';
 import type { RunReport } from '../run/types.js';
-import { addRunOptions, checksFor, printReport, runReport, type RunCliOptions } from './main.js';
+import { addRunOptions, checksFor, printReport, runReport, type RunCliOptions } from './run.js';
 
 const log = (s: string) => void process.stderr.write(`${s.startsWith('lab: ') ? s : `lab: ${s}`}\n`);
 
@@ -22,11 +26,18 @@ interface LabCliOptions {
   bootTimeout?: string;
 }
 
+/** --arch, checked: x86_64 or arm64. */
+function archOption(arch: string | undefined): Arch | undefined {
+  if (!arch) return undefined;
+  if (!isArch(arch)) throw new LabError(`--arch must be ${ARCHES.join(' or ')}, got '${arch}'`);
+  return arch;
+}
+
 function sessionOptions(o: LabCliOptions, profile: string): LabSessionOptions {
-  if (o.arch && o.arch !== 'x86_64' && o.arch !== 'arm64') throw new LabError(`--arch must be x86_64 or arm64, got '${o.arch}'`);
+  const arch = archOption(o.arch);
   const timeout = o.bootTimeout === undefined ? undefined : Number(o.bootTimeout) * 1000;
   if (timeout !== undefined && !(timeout > 0)) throw new LabError(`--boot-timeout needs a positive number of seconds, got '${o.bootTimeout}'`);
-  return { profile, arch: o.arch as LabArch | undefined, modparams: o.modparams, kernel: o.kernel, modules: o.modules, bootTimeoutMs: timeout, log };
+  return { profile, arch, modparams: o.modparams, kernel: o.kernel, modules: o.modules, bootTimeoutMs: timeout, log };
 }
 
 /** The profile of `lab run`: --profile, else the default of --arch (arm64: nvhe). */
@@ -59,8 +70,8 @@ export function registerLab(program: Command): Command {
     .option('--refresh', 'download again even if cached')
     .option('--arch <arch>', 'x86_64 or arm64 (default: both)')
     .action(async (o: { refresh?: boolean; arch?: string }) => {
-      if (o.arch && o.arch !== 'x86_64' && o.arch !== 'arm64') throw new LabError(`--arch must be x86_64 or arm64, got '${o.arch}'`);
-      for (const arch of o.arch ? [o.arch as LabArch] : (['x86_64', 'arm64'] as const)) {
+      const only = archOption(o.arch);
+      for (const arch of only ? [only] : ARCHES) {
         const k = await labFetch({ log, refresh: o.refresh, arch });
         console.log(`${k.arch} kernel ${k.version}: ${k.image ?? k.vmlinux ?? k.bzImage}`);
       }
@@ -129,7 +140,7 @@ export function registerLab(program: Command): Command {
       const s = await openLab(sessionOptions(o, runProfile(o)));
       try {
         const prof = probe(s.target);
-        console.log(o.json ? JSON.stringify(prof, null, 2) : formatProfile(prof));
+        console.log(o.json ? profileJson(prof) : formatProfile(prof));
       } finally {
         await s.close();
       }
@@ -162,30 +173,4 @@ export function registerLab(program: Command): Command {
       process.exitCode = failed ? 1 : 0;
     });
   return lab;
-}
-
-/** Checks as rows, profiles as columns; a row is marked where profiles disagree. */
-export function matrixTable(results: ReadonlyMap<string, RunReport | string>): string {
-  const profiles = [...results.keys()];
-  const reports = profiles.map((p) => results.get(p)!);
-  const names = [...new Set(reports.flatMap((r) => (typeof r === 'string' ? [] : r.checks.map((c) => c.name))))];
-  const mark = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERR', not_run: 'SKIP' } as const;
-  const w = Math.max(5, ...names.map((n) => n.length));
-  const cw = Math.max(...profiles.map((p) => p.length), 4);
-  const lines = [`${'check'.padEnd(w)}  ${profiles.map((p) => p.padEnd(cw)).join('  ')}`];
-  for (const n of names) {
-    // '-': the profile did not run, or the check is not of its architecture.
-    const cells = reports.map((r) => {
-      const c = typeof r === 'string' ? undefined : r.checks.find((x) => x.name === n);
-      return c ? mark[c.outcome] : '-';
-    });
-    const differs = new Set(cells.filter((c) => c !== '-')).size > 1;
-    lines.push(`${n.padEnd(w)}  ${cells.map((c) => c.padEnd(cw)).join('  ')}${differs ? '  <- differs' : ''}`);
-  }
-  lines.push('');
-  profiles.forEach((p, i) => {
-    const r = reports[i]!;
-    lines.push(typeof r === 'string' ? `${p}: ${r}` : `${p}: ${r.summary.passed} passed, ${r.summary.failed} failed, ${r.summary.notApplicable} not applicable, ${r.summary.errors} errors`);
-  });
-  return lines.join('\n');
 }

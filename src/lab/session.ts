@@ -6,10 +6,11 @@
 import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { constants as fsc } from 'node:fs';
+import type { Arch } from '../arch/arch.js';
 import type { Target } from '../target/target.js';
 import { labCacheDir, resolveKernel, type LabKernel } from './fetch/index.js';
 import { buildInitramfs } from './initramfs.js';
-import { profile as profileNamed, LabError, type LabArch, type Profile } from './profiles.js';
+import { profile as profileNamed, LabError, type Profile } from './profiles.js';
 import { bootLab, type Lab } from './qemu.js';
 import { RemoteAddon } from './remote/addon.js';
 import { agentHeaders, agentSources, buildAgent } from './remote/agent-process.js';
@@ -18,7 +19,7 @@ import { remoteTarget } from './remote/target.js';
 export interface LabSessionOptions {
   profile: string;
   /** The architecture asked for (--arch); the profile must be of it. */
-  arch?: LabArch;
+  arch?: Arch;
   modparams?: string;
   kernel?: string;
   modules?: string;
@@ -37,13 +38,13 @@ export interface LabSession {
 }
 
 /** The compiler of each architecture's static agent (arm64: Debian's cross compiler). */
-const AGENT_CXX: Record<LabArch, string> = { x86_64: process.env.CXX || 'g++', arm64: 'aarch64-linux-gnu-g++' };
+const AGENT_CXX: Record<Arch, string> = { x86_64: process.env.CXX || 'g++', arm64: 'aarch64-linux-gnu-g++' };
 
 /**
  * The agent binary for the lab's architecture, built into the cache, and
  * built again when a source file is newer than it.
  */
-function agentBinary(arch: LabArch, log: (s: string) => void): string {
+function agentBinary(arch: Arch, log: (s: string) => void): string {
   const dir = join(labCacheDir(), 'agent');
   mkdirSync(dir, { recursive: true });
   const out = join(dir, `kvmharness-agent-${arch}`);

@@ -6,12 +6,12 @@
 // report shows the model's walk next to the walk KVM did.
 import { availableParallelism } from 'node:os';
 import { describeStop } from '../arch/x86/guest.js';
-import { describePte, LEVEL_NAMES } from '../arch/x86/pte.js';
-import { compileWalk, decodeErrorCode, type CompiledWalk, type GuestWalker, type PagingConfig, type WalkResult } from '../model/walk.js';
+import { compileWalk, type CompiledWalk, type GuestWalker, type PagingConfig } from '../model/walk.js';
+import { pagingConfigOf } from '../model/paging.js';
 import type { Wrong, WrongWalk } from '../model/wrong.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
+import { formatRerun, type Rerun } from '../report/rerun.js';
 import { guestWalkerOf, type CpuFeatures } from '../probe/probe.js';
-import { show } from '../run/differ.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 import { agrees, comparable, observe, outcomeKey, prepareBatch, type Batch, type Observed, type Placement } from './batch.js';
 import { Coverage } from './coverage.js';
@@ -55,23 +55,18 @@ const WALK_EVENTS = [
   'kvmmmu/kvm_mmu_walker_error',
 ];
 
-const hex = (v: bigint | number): string => `0x${v.toString(16)}`;
-
 /** The model's configuration for one control state. */
 export function matrixConfig(cpu: CpuFeatures, levels: 4 | 5, f: number, walker: GuestWalker = 'kvm'): PagingConfig {
-  return {
-    walker,
+  const mode = {
     levels,
-    vendor: cpu.vendor === 'GenuineIntel' ? 'intel' : 'amd',
-    maxPhyAddr: cpu.maxPhyAddr,
     cr0Wp: (f & CASE.WP) !== 0,
     cr4Smep: (f & CASE.SMEP) !== 0,
     cr4Smap: (f & CASE.SMAP) !== 0,
     cr4Pke: (f & CASE.PKE) !== 0,
     efer: { nxe: (f & CASE.NXE) !== 0 },
-    pdpe1gb: cpu.pdpe1gb,
     pkru: f & CASE.PKE ? pkruFor(f) : 0,
   };
+  return pagingConfigOf(cpu, mode, { walker });
 }
 
 /** [from, to) ranges of sorted cases: one control state each, at most `size` long. */
@@ -92,7 +87,7 @@ export function accessMatrix(opts: AccessMatrixOptions = {}): Check {
   const what = opts.sample === undefined ? 'every legal case' : `${opts.sample} sampled cases (seed ${opts.seed ?? 1})`;
   return {
     name: 'access-matrix',
-    arch: 'x64',
+    arch: 'x86_64',
     description: `PTE/PDE bits x access x CPL x control bits (the access.c class, ${opts.mode ?? '4level'}): ${what}, each checked against the walk model (fault, error code, CR2, value, A/D)`,
     needs: ['exits', 'ad_bits'],
     run: (ctx) => runMatrix(ctx, opts),
@@ -224,17 +219,6 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
 // ---------------------------------------------------------------------------------
 // A mismatching case alone, with KVM's walker traced.
 
-export interface Rerun {
-  name: string;
-  gva: number;
-  expected: object;
-  observed: object;
-  agrees: boolean;
-  model: WalkResult[];
-  /** KVM's walks of the case's GVA, or why there are none. */
-  kvm: TraceEvent[][] | string;
-}
-
 /** Runs one case in a fresh guest (a batch of one) with the walker tracepoints on. */
 export async function runAlone(ctx: Pick<CheckContext, 'kvm'>, cpu: CpuFeatures, levels: 4 | 5, f: number, wrong?: ReadonlySet<WrongWalk>, walker: GuestWalker = 'kvm'): Promise<Rerun> {
   const m = MatrixMachine.create(ctx.kvm, { levels, batchSize: 1, smap: cpu.smap, pku: cpu.pku });
@@ -284,54 +268,4 @@ async function rerunAlone(ctx: CheckContext, cpu: CpuFeatures, levels: 4 | 5, sp
     return `re-run of ${caseName(f, space.offered)} failed: ${(e as Error).message}`;
   }
   return formatRerun(r, caseName(f, space.offered));
-}
-
-/** The model's walk and KVM's traced walk of one case, side by side. */
-export function formatRerun(r: Rerun, name = r.name): string {
-  const lines = [
-    `re-run alone: ${name} at gva ${hex(r.gva)}: ${r.agrees ? 'KVM agreed with the model this time' : 'the mismatch reproduces'}`,
-    `  expected ${show(r.expected)}`,
-    `  observed ${show(r.observed)}`,
-  ];
-  const model = r.model.flatMap((w, i) => [`  model walk ${i + 1}${r.model.length > 1 ? (i === 0 ? ' (the supervisor read first)' : ' (the access)') : ''}:`, ...modelLines(w)]);
-  const kvm = typeof r.kvm === 'string'
-    ? [`  KVM: ${r.kvm}`]
-    : r.kvm.length === 0
-      ? ['  KVM: no walk of this GVA was traced']
-      : r.kvm.flatMap((w, i) => [`  KVM walk ${i + 1}:`, ...kvmLines(w)]);
-  const width = Math.max(...model.map((l) => l.length)) + 2;
-  const rows = Math.max(model.length, kvm.length);
-  for (let i = 0; i < rows; i++) lines.push(`${(model[i] ?? '').padEnd(width)}| ${kvm[i] ?? ''}`.trimEnd());
-  return lines.join('\n');
-}
-
-function modelLines(w: WalkResult): string[] {
-  const out = w.levels.map((l) => `    ${LEVEL_NAMES[l.level]} @${hex(l.pteGpa)} = ${hex(l.pte)} (${describePte(l.pte, l.level)})`);
-  if (w.ok) {
-    out.push(`    ok gpa ${hex(w.gpa)}`);
-    for (const a of w.adWrites) out.push(`    ${LEVEL_NAMES[a.level]} @${hex(a.pteGpa)} := ${hex(a.new)} (A/D)`);
-  } else out.push(`    #PF ${decodeErrorCode(w.errorCode)} (${w.reason})`);
-  return out;
-}
-
-function kvmLines(w: TraceEvent[]): string[] {
-  return w.map((e) => {
-    const x = e.fields;
-    switch (e.id) {
-      case 'kvmmmu/kvm_mmu_pagetable_walk':
-        return `    walk addr ${hex(x.addr as bigint)} access ${decodeErrorCode(Number(x.pferr))}`;
-      case 'kvmmmu/kvm_mmu_paging_element': {
-        const level = Number(x.level);
-        return `    ${LEVEL_NAMES[level] ?? `L${level}`} = ${hex(x.pte as bigint)} (${describePte(x.pte as bigint, level)})`;
-      }
-      case 'kvmmmu/kvm_mmu_set_accessed_bit':
-        return `    set A @${hex(x.gpa as bigint)}`;
-      case 'kvmmmu/kvm_mmu_set_dirty_bit':
-        return `    set D @${hex(x.gpa as bigint)}`;
-      case 'kvmmmu/kvm_mmu_walker_error':
-        return `    #PF ${decodeErrorCode(Number(x.pferr))}`;
-      default:
-        return `    ${e.id} ${e.text}`;
-    }
-  });
 }

@@ -433,7 +433,7 @@ export function scenarioCheck(sc: Scenario, opts: EngineOptions = {}): Check {
     return {
       name: opts.trace ? `${sc.name}:walker-trace` : sc.name,
       description: sc.description,
-      arch: 'x64',
+      arch: 'x86_64',
       needs: ['dirty_log'],
       run: (ctx) => {
         if (opts.trace) throw new NotApplicable('a race has no single guest walk per step to compare with the walker tracepoints');
@@ -444,7 +444,7 @@ export function scenarioCheck(sc: Scenario, opts: EngineOptions = {}): Check {
   return {
     name: opts.trace ? `${sc.name}:walker-trace` : sc.name,
     description: opts.trace ? `${sc.description} — KVM's walker tracepoints against the model's walk` : sc.description,
-    arch: 'x64',
+    arch: 'x86_64',
     needs: opts.trace ? ['exception_log', 'ad_bits', 'walker_tracepoints'] : ['exception_log', 'ad_bits'],
     run: (ctx) => runScenario(ctx, sc, opts),
   };

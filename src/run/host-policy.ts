@@ -45,7 +45,7 @@ export function hostFaultPath(profile: HostProfile, access: 'read' | 'write' | '
  * model's log adds to the pages the guest wrote.
  */
 export function tdpLogsDirty(profile: HostProfile): boolean {
-  return profile.tdp.enabled && profile.arch === 'x64';
+  return profile.tdp.enabled && profile.arch === 'x86_64';
 }
 
 /** The TDP model's options for this host's kvm module parameters. */

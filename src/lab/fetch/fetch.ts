@@ -3,7 +3,8 @@
 // use and named by the cache's manifest; later fetches are offline.
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { LabError, type LabArch } from '../profiles.js';
+import type { Arch } from '../../arch/arch.js';
+import { LabError } from '../profiles.js';
 import { candidateVersion, DEB_ARCH, ensureDebArch, fetchBusybox, kernelPackage, safeName, unpackDeb } from './apt.js';
 import { labCacheDir, readManifest, writeManifest } from './cache.js';
 import { extractVmlinux, hasPvhNote } from './image.js';
@@ -34,7 +35,7 @@ const vmlinuz = (dir: string, release: string): string => join(dir, 'boot', `vml
 
 /** How Debian's kernel of each architecture is named in the log, prepared while unpacking, and checked. */
 const DEBIAN_KERNEL: Record<
-  LabArch,
+  Arch,
   {
     /** The kernel as the log names it. */
     name: string;
@@ -79,7 +80,7 @@ const DEBIAN_KERNEL: Record<
  * are offline. Installs the tools the lab needs when missing. `refresh` looks
  * for a newer kernel package.
  */
-export async function labFetch(opts: { cacheDir?: string; log: (s: string) => void; refresh?: boolean; arch?: LabArch }): Promise<LabKernel> {
+export async function labFetch(opts: { cacheDir?: string; log: (s: string) => void; refresh?: boolean; arch?: Arch }): Promise<LabKernel> {
   const { log } = opts;
   const arch = opts.arch ?? 'x86_64';
   const debian = DEBIAN_KERNEL[arch];
