@@ -148,6 +148,41 @@ describeKvm('kvmharness CLI on this host', () => {
     expect(rep.summary.passed).toBeGreaterThanOrEqual(7);
   });
 
+  // As a container without tracefs and without CAP_SYS_ADMIN: a private mount
+  // namespace with read-only tmpfs over tracefs and debugfs, the capability
+  // dropped. The probe says why tracefs is out of reach, and the trace checks
+  // are not applicable with that reason.
+  const canHide = process.getuid?.() === 0 && existsSync('/usr/bin/unshare') && existsSync('/usr/bin/setpriv') && existsSync('/sys/kernel/tracing');
+  it.skipIf(!canHide)('where tracefs cannot be reached, the probe says why and the trace checks are not applicable', () => {
+    const hidden = (args: string[]) => {
+      const script = 'mount -t tmpfs -o ro tmpfs /sys/kernel/tracing && { mount -t tmpfs -o ro tmpfs /sys/kernel/debug 2>/dev/null || true; } '
+        + '&& exec setpriv --bounding-set=-sys_admin --inh-caps=-sys_admin "$@"';
+      const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', script, 'sh', process.execPath, CLI, ...args], { encoding: 'utf8', timeout: 120_000 });
+      return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+    };
+    const why = 'not mounted, and mounting it needs CAP_SYS_ADMIN, which this process lacks, as in a container without it';
+    const p = hidden(['probe', '--json']);
+    expect(p.status).toBe(0);
+    const prof = JSON.parse(p.stdout);
+    expect(prof.tracefs).toEqual({ state: 'absent', path: '/sys/kernel/tracing', events: {}, why });
+    const x86 = prof.arch === 'x64';
+    const names = x86 ? ['nx', 'nx:walker-trace', 'shadow_pages_follow_guest_tables'] : ['arm64_stage2_faults'];
+    const r = hidden(['run', ...names, '--json']);
+    expect(r.status, r.stderr).toBe(0);
+    const checks = JSON.parse(r.stdout).checks as { name: string; outcome: string; reason?: string }[];
+    const trace = checks.filter((c) => c.name !== 'nx');
+    if (x86) {
+      expect(trace.find((c) => c.name === 'nx:walker-trace')).toMatchObject({ outcome: 'not_applicable', reason: `walker_tracepoints: tracefs absent: ${why}` });
+      // Under TDP there are no shadow pages, whatever tracefs offers.
+      const shadow = trace.find((c) => c.name === 'shadow_pages_follow_guest_tables')!;
+      expect(shadow.outcome).toBe('not_applicable');
+      if (!prof.tdp.enabled) expect(shadow.reason).toBe(`shadow_page_tracepoints: tracefs absent: ${why}`);
+      expect(checks.find((c) => c.name === 'nx')!.outcome).toMatch(/^(pass|not_applicable)$/);
+    } else {
+      expect(trace[0]).toMatchObject({ outcome: 'not_applicable', reason: `stage2_fault_tracepoints: tracefs absent: ${why}` });
+    }
+  });
+
   it('writes a JUnit file', () => {
     const dir = mkdtempSync(join(tmpdir(), 'kvmharness-junit-'));
     try {

@@ -76,7 +76,13 @@ export const localFs: HostFs = {
     }
   },
   mountTracefs(path) {
-    execFileSync('mount', ['-t', 'tracefs', 'nodev', path], { stdio: 'pipe' });
+    try {
+      execFileSync('mount', ['-t', 'tracefs', 'nodev', path], { stdio: 'pipe' });
+    } catch (e) {
+      // What mount said (e.g. "permission denied"), not "Command failed: ...".
+      const said = String((e as { stderr?: unknown }).stderr ?? '').trim().split('\n').pop();
+      throw new Error(`mount -t tracefs on ${path} failed: ${said || (e as Error).message.split('\n')[0]}`);
+    }
   },
   kernelLog() {
     let fd: number;
