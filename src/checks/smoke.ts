@@ -9,6 +9,7 @@ import { walk, type AccessKind } from '../model/walk.js';
 import { dirtyPages } from '../observe/dirty-log.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 import { shadowPages } from './shadow.js';
+import { shadowMmuModel } from './shadow-mmu.js';
 import { tdpDirtyLogSplitCoalesce, tdpPicture } from './tdp.js';
 import { pagingConfig, pteReader } from './x86.js';
 import { ARM64_SMOKE } from './arm64.js';
@@ -284,6 +285,7 @@ export const X86_SMOKE: readonly Check[] = [
   translateCheck,
   timeoutKick,
   shadowPages,
+  shadowMmuModel(),
   tdpPicture(),
   tdpDirtyLogSplitCoalesce(),
 ].map((c) => ({ ...c, arch: 'x86_64' }));
