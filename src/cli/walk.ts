@@ -75,13 +75,18 @@ function parseArgs(o: WalkOptions): { gva: bigint; kind: AccessKind; cpl: 0 | 3;
   if (o.maxphyaddr !== undefined && !(/^[0-9]+$/.test(o.maxphyaddr) && Number(o.maxphyaddr) >= 32 && Number(o.maxphyaddr) <= 52)) {
     throw new WalkUsageError(`--maxphyaddr: expected a number of bits from 32 to 52, got '${o.maxphyaddr}'`);
   }
-  if (o.pdpe1gb !== undefined && o.pdpe1gb !== '0' && o.pdpe1gb !== '1') throw new WalkUsageError(`--pdpe1gb: expected 0 or 1, got '${o.pdpe1gb}'`);
+  if (o.pdpe1gb !== undefined && o.pdpe1gb !== '0' && o.pdpe1gb !== '1') {
+    throw new WalkUsageError(`--pdpe1gb: expected 0 or 1, got '${o.pdpe1gb}'`);
+  }
   const cpl = o.cpl === '3' ? 3 : 0;
   if (o.ac && cpl === 3) throw new WalkUsageError('--ac: EFLAGS.AC overrides SMAP only for CPL 0 accesses');
   return { gva, kind: o.access, cpl, ac: o.ac === true };
 }
 
-/** The CPU the model assumes: this host's KVM CPUID when it can be read, else defaults; --vendor/--maxphyaddr/--pdpe1gb override either. */
+/**
+ * The CPU the model assumes: this host's KVM CPUID when it can be read, else
+ * defaults; --vendor/--maxphyaddr/--pdpe1gb override either.
+ */
 function chooseCpu(o: Pick<WalkOptions, 'probe' | 'device' | 'vendor' | 'maxphyaddr' | 'pdpe1gb'>): CpuChoice {
   let cpu: CpuChoice = { from: 'defaults', why: '--no-probe', ...DEFAULT_CPU };
   if (o.probe) {

@@ -31,8 +31,11 @@ export function owningGroup(target: Pick<Target, 'fs'>, path: string): string | 
 export function permissionHint(target: Pick<Target, 'fs'>, path: string): string {
   const group = owningGroup(target, path);
   if (group === undefined) return `run as root, or add your user to the group that owns ${path}`;
-  if (group === 'root') return `${path} is owned by group root: run as root, or give it a group of its own (e.g. kvm) that your user is in`;
-  return `run as root, or add your user to group ${group}, which owns ${path}: sudo usermod -aG ${group} $USER, then log in again`;
+  if (group === 'root') {
+    return `${path} is owned by group root: run as root, or give it a group of its own (e.g. kvm) that your user is in`;
+  }
+  return `run as root, or add your user to group ${group}, which owns ${path}: `
+    + `sudo usermod -aG ${group} $USER, then log in again`;
 }
 
 export class Kvm {
@@ -54,7 +57,9 @@ export class Kvm {
       const e = -r;
       if (e === ENOENT) throw new HostError(`${path} does not exist: this host has no KVM (load kvm_intel/kvm_amd, or point --device / KVMHARNESS_DEVICE at the device)`);
       if (e === EACCES || e === EPERM) throw new HostError(`${path}: permission denied (${permissionHint(target, path)})`);
-      if (e === EISDIR) throw new HostError(`${path} is a directory, not a KVM device (point --device / KVMHARNESS_DEVICE at the device node, as /dev/kvm)`);
+      if (e === EISDIR) {
+        throw new HostError(`${path} is a directory, not a KVM device (point --device / KVMHARNESS_DEVICE at the device node, as /dev/kvm)`);
+      }
       throw new HostError(`cannot open ${path}: ${new KvmError('open', e).message}`);
     }
     const kvm = new Kvm(target, r, path);

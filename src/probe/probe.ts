@@ -139,7 +139,8 @@ export function tracefsReach(fs: HostFs, root = '/sys/kernel/tracing'): { state:
   if (fs.uid() !== 0) return absent('not mounted, and mounting it needs root');
   const capEff = readIn(fs, '/proc/self/status')?.match(/^CapEff:\s*([0-9a-f]+)$/m)?.[1];
   if (capEff !== undefined && ((BigInt(`0x${capEff}`) >> CAP_SYS_ADMIN) & 1n) === 0n) {
-    return absent('not mounted, and mounting it needs CAP_SYS_ADMIN, which this process lacks, as in a container without it');
+    return absent('not mounted, and mounting it needs CAP_SYS_ADMIN, which this process lacks, '
+      + 'as in a container without it');
   }
   const uidMap = readIn(fs, '/proc/self/uid_map');
   if (uidMap !== undefined && !/^0\s+0\s+4294967295$/.test(uidMap)) {

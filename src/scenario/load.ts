@@ -69,7 +69,9 @@ export function jsonDepth(json: unknown): number {
     const [v, d] = todo.pop()!;
     if (v === null || typeof v !== 'object') continue;
     if (d > max) max = d;
-    for (const x of Array.isArray(v) ? v : Object.values(v)) if (x !== null && typeof x === 'object') todo.push([x, d + 1]);
+    for (const x of Array.isArray(v) ? v : Object.values(v)) {
+      if (x !== null && typeof x === 'object') todo.push([x, d + 1]);
+    }
   }
   return max;
 }
@@ -77,7 +79,9 @@ export function jsonDepth(json: unknown): number {
 /** Validates a parsed scenario file: the normalised Scenario, or every error found. */
 export function validateScenario(json: unknown): Validation {
   const depth = jsonDepth(json);
-  if (depth > MAX_DEPTH) return { ok: false, errors: [`(top level): nests ${depth} levels deep; a scenario nests at most ${MAX_DEPTH}`] };
+  if (depth > MAX_DEPTH) {
+    return { ok: false, errors: [`(top level): nests ${depth} levels deep; a scenario nests at most ${MAX_DEPTH}`] };
+  }
   const errors: string[] = [];
   const n = checkJson(SCENARIO, json, '', errors);
   if (errors.length > 0 || n === undefined) return { ok: false, errors };
@@ -273,7 +277,8 @@ function memslotErrors(s: Scenario, err: (path: string, msg: string) => void): v
     if (m.size === 0n || m.size % page !== 0n) err(`${p}.size`, `${hex(m.size)} is not a non-zero multiple of the ${m.backing} page size ${hex(page)}`);
     if (m.size / PAGE_4K > BigInt(MAX_NR_PAGES)) err(`${p}.size`, `${hex(m.size)} is larger than KVM's limit of ${MAX_NR_PAGES} pages per slot`);
     else if (m.size > MAX_SLOT_BYTES) {
-      err(`${p}.size`, `${hex(m.size)} is larger than ${hex(MAX_SLOT_BYTES)} (4 GiB), the most the harness maps for one slot (one ArrayBuffer)`);
+      const most = `${hex(MAX_SLOT_BYTES)} (4 GiB), the most the harness maps for one slot (one ArrayBuffer)`;
+      err(`${p}.size`, `${hex(m.size)} is larger than ${most}`);
     }
     if (m.gpa + m.size > PHYS_LIMIT) err(`${p}.gpa`, `${range(m.gpa, m.size)} goes beyond 2^52, the largest guest-physical address`);
     if (overlaps(m.gpa, m.size, 0n, LAYOUT.identityEnd)) err(`${p}.gpa`, `${range(m.gpa, m.size)} overlaps bring-up memory [0x0, ${hex(LAYOUT.identityEnd)}) (slot 0)`);

@@ -214,8 +214,12 @@ function hostRangeErrors(c: StepCheck, st: HostRangeStep): void {
   // Pages of the range that an earlier munmap took away (and no remap gave back).
   const unmapped = unmappedBy(c.s.steps.slice(0, c.i), st.slot, st.offset, st.size);
   const bytes = unmapped.reduce((n, [a, b]) => n + (b - a), 0n);
-  if (st.kind === 'remap' && bytes !== st.size) c.err(p, `remap needs the whole range unmapped by earlier munmap steps; ${hex(st.offset)}+${hex(st.size)} of memslot ${st.slot} is not`);
-  if (st.kind !== 'remap' && unmapped.length > 0) c.err(p, `memslot ${st.slot}'s memory at offset ${hex(unmapped[0]![0])} was unmapped by an earlier munmap step (remap it first)`);
+  if (st.kind === 'remap' && bytes !== st.size) {
+    c.err(p, `remap needs the whole range unmapped by earlier munmap steps; ${hex(st.offset)}+${hex(st.size)} of memslot ${st.slot} is not`);
+  }
+  if (st.kind !== 'remap' && unmapped.length > 0) {
+    c.err(p, `memslot ${st.slot}'s memory at offset ${hex(unmapped[0]![0])} was unmapped by an earlier munmap step (remap it first)`);
+  }
 }
 
 const fits = (size: number) => `${size} byte${size > 1 ? 's' : ''}`;
