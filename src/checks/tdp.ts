@@ -1,8 +1,11 @@
 // The host dimension, GFN by GFN: KVM's TDP mappings as kvm_tdp_mmu_spte_changed
 // shows them, against the TDP model's, after guest faults and after a host
-// MADV_DONTNEED zaps part of a slot (tdp_spte_picture), and through dirty
-// logging over a THP-backed 2 MiB block: split, one logged write, collapse
-// back once logging stops (tdp_dirty_log_split_coalesce). Both need a TDP
+// MADV_DONTNEED zaps part of a slot (tdp_spte_picture: the slot's first
+// pages, then a range from inside it to its last page; and a first fault in a
+// slot that logs dirty pages), and through dirty logging over a THP-backed
+// 2 MiB block: split, one logged write, collapse back once logging stops,
+// then a zap of part of the block, which starts inside the huge leaf
+// (tdp_dirty_log_split_coalesce). Both need a TDP
 // host with the TDP MMU (the lab's npt-tdp profile on machines without
 // hardware TDP).
 import { Asm } from '../arch/x86/asm.js';
@@ -24,6 +27,8 @@ import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 const PAGE = 0x1000;
 const SMALL_GPA = 0x1000000n; // 2 MiB of anonymous memory with 4 KiB host pages
 const HUGE_GPA = 0x1200000n; // 2 MiB of hugetlb memory, when the host has a free huge page
+const LOGGED_GPA = 0x1400000n; // 16 KiB that log dirty pages from the start
+const LOGGED_SIZE = 0x4000;
 const GVA = 0x40000000n;
 
 interface Touch {
@@ -38,7 +43,7 @@ function mappingOf(m: { level: number; writable: boolean } | undefined): string 
 export function tdpPicture(opts: { wrong?: Wrong } = {}): Check {
   return {
     name: 'tdp_spte_picture',
-    description: "KVM's TDP mappings per GFN (kvm_tdp_mmu_spte_changed) equal the TDP model's after guest faults and after MADV_DONTNEED zaps part of a slot",
+    description: "KVM's TDP mappings per GFN (kvm_tdp_mmu_spte_changed) equal the TDP model's after guest faults (a slot's last page, first faults in a dirty-logged slot) and after MADV_DONTNEED zaps part of a slot",
     needs: ['tdp_spte_tracepoints'],
     run: (ctx) => run(ctx, opts.wrong?.tdp ?? {}),
   };
@@ -55,15 +60,23 @@ async function run(ctx: CheckContext, wrong: WrongTdp): Promise<void> {
     } catch (e) {
       ctx.note(`no hugetlb slot: ${(e as Error).message} (2 MiB mappings not compared)`);
     }
+    const logged = g.vm.addMemslot({
+      slot: 3, gpa: LOGGED_GPA, size: LOGGED_SIZE, flags: MEM.KVM_MEM_LOG_DIRTY_PAGES, backing: { kind: 'anon', thp: false },
+    });
     const leaf = PTE_P | PTE_RW | PTE_A | PTE_D | PTE_NX;
     g.boot.tables.map(GVA, SMALL_GPA, 0x200000n, '4K', { leaf });
     if (huge) g.boot.tables.map(GVA + 0x200000n, HUGE_GPA, 0x200000n, '4K', { leaf });
+    g.boot.tables.map(GVA + (LOGGED_GPA - SMALL_GPA), LOGGED_GPA, BigInt(LOGGED_SIZE), '4K', { leaf });
 
-    // Writes to four pages, reads of two never-written pages, writes to two
-    // pages of the huge slot (one 2 MiB mapping on a TDP host).
-    const touches: Touch[] = [0, 1, 2, 3].map((i) => ({ gfn: Number(SMALL_GPA) / PAGE + i, write: true }));
-    touches.push(...[4, 5].map((i) => ({ gfn: Number(SMALL_GPA) / PAGE + i, write: false })));
+    // Writes to four pages and to the slot's last page, reads of two
+    // never-written pages, writes to two pages of the huge slot (one 2 MiB
+    // mapping on a TDP host), and first faults in the dirty-logged slot: a
+    // write, a read and a write.
+    const smallGfn = Number(SMALL_GPA) / PAGE;
+    const touches: Touch[] = [0, 1, 2, 3, 0x1ff].map((i) => ({ gfn: smallGfn + i, write: true }));
+    touches.push(...[4, 5].map((i) => ({ gfn: smallGfn + i, write: false })));
     if (huge) touches.push(...[0, 7].map((i) => ({ gfn: Number(HUGE_GPA) / PAGE + i, write: true })));
+    touches.push(...[0, 1, 3].map((i) => ({ gfn: Number(LOGGED_GPA) / PAGE + i, write: i !== 1 })));
     const a = new Asm({ origin: Number(LAYOUT.code) });
     for (const t of touches) {
       const gva = GVA + BigInt(t.gfn * PAGE) - SMALL_GPA;
@@ -81,6 +94,7 @@ async function run(ctx: CheckContext, wrong: WrongTdp): Promise<void> {
     tdp.setMemslot(modelSlot(slot0, { kind: 'anon', pageSize: PAGE }));
     tdp.setMemslot(modelSlot(small, { kind: 'anon', pageSize: PAGE }));
     if (huge) tdp.setMemslot(modelSlot(huge, { kind: 'hugetlb2m', pageSize: 0x200000 }));
+    tdp.setMemslot(modelSlot(logged, { kind: 'anon', pageSize: PAGE }));
 
     trace = TraceSession.open(ctx.target.fs, ['kvmmmu/kvm_tdp_mmu_spte_changed'], [await g.vcpu.tid()]);
     ctx.expect('guest finishes', 'done', (await g.run()).kind);
@@ -105,6 +119,19 @@ async function run(ctx: CheckContext, wrong: WrongTdp): Promise<void> {
     picture.add(trace.take());
     tdp.invalidateHva(small.hva, small.hva + BigInt(3 * PAGE), 'dontneed');
     compare('after MADV_DONTNEED of 3 pages');
+
+    // MADV_DONTNEED from inside the slot to its last page.
+    trace.clear();
+    const from = 4 * PAGE;
+    small.madvise(from, small.size - from, MADV.DONTNEED);
+    picture.add(trace.take());
+    tdp.invalidateHva(small.hva + BigInt(from), small.hva + BigInt(small.size), 'dontneed');
+    compare('after MADV_DONTNEED from page 4 to the end of the slot');
+
+    // Last, as it write-protects the logged pages again (outside the traced vCPU thread).
+    const page = (gpa: bigint) => `0x${gpa.toString(16)}`;
+    const modelLog = tdp.getDirtyLog(0, 3).map((gfn) => page(BigInt(gfn * PAGE)));
+    ctx.expect('dirty log of the logged slot', modelLog, dirtyPages(g.vm.getDirtyLog(3), LOGGED_GPA).map(page));
   } finally {
     trace?.close();
     g.close();
@@ -125,6 +152,8 @@ const THP_2M: Backing = { kind: 'thp', pageSize: 0x200000 };
 const DIRTIED = 0x37;
 const AFTER_READ = 0x100;
 const AFTER_WRITE = 0x1ff;
+/** First of the two pages of the block zapped at the end. */
+const STRADDLE = 0x81;
 
 /** One GFN as a mapping description: level, permission, or not mapped. */
 type Picture = (gfn: number) => string;
@@ -161,7 +190,9 @@ function runsOf(base: number, npages: number, describe: Picture): string[] {
  *     the tracepoint does not show: the traced changes during the run are
  *     compared, then KVM_GET_DIRTY_LOG, which re-protects the page, traced);
  *  4. dirty logging goes off (x86 zaps the tables a huge page can replace);
- *  5. the guest reads one page and writes another (a 2 MiB leaf again).
+ *  5. the guest reads one page and writes another (a 2 MiB leaf again);
+ *  6. MADV_DONTNEED of two pages inside the block: the zapped range starts
+ *     inside the 2 MiB leaf.
  * After each step the per-GFN picture of the block (level, writable,
  * present) is compared with the TDP model fed the same operations, and the
  * dirty log with the model's.
@@ -170,7 +201,7 @@ export function tdpDirtyLogSplitCoalesce(opts: { wrong?: Wrong; eagerSplit?: boo
   return {
     name: 'tdp_dirty_log_split_coalesce',
     description:
-      "KVM's TDP mappings of a THP-backed 2 MiB block (kvm_tdp_mmu_spte_changed) equal the TDP model's through dirty logging on (split to 4 KiB), one logged write, and logging off (collapse back to 2 MiB); dirty log as the model's",
+      "KVM's TDP mappings of a THP-backed 2 MiB block (kvm_tdp_mmu_spte_changed) equal the TDP model's through dirty logging on (split to 4 KiB), one logged write, logging off (collapse back to 2 MiB) and a zap starting inside the 2 MiB leaf; dirty log as the model's",
     needs: ['tdp_spte_tracepoints', 'dirty_log'],
     run: (ctx) => runSplitCoalesce(ctx, opts),
   };
@@ -318,6 +349,14 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
 
     const after = s.hugeBytes();
     ctx.expect('the block is still a transparent huge page after the run', true, after !== undefined && after >= Number(MIB2));
+
+    // 6. MADV_DONTNEED of two pages inside the block: the range starts inside
+    // the 2 MiB leaf, which goes as a whole (the host splits its huge page).
+    trace.setPids([]); // the zap runs in this process, not on the vCPU thread
+    s.madvise(Number(blockOff) + STRADDLE * PAGE, 2 * PAGE, MADV.DONTNEED);
+    const from = s.hva + blockOff + BigInt(STRADDLE * PAGE);
+    tdp.invalidateHva(from, from + BigInt(2 * PAGE), 'dontneed');
+    compare('6. after MADV_DONTNEED of 2 pages starting inside the 2 MiB leaf', take());
   } finally {
     trace?.close();
     g.close();
