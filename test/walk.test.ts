@@ -10,6 +10,7 @@ import {
   compileWalk,
   decodeErrorCode,
   walk,
+  reservedMask,
   walkWith,
   type Access,
   type AdWrite,
@@ -1212,6 +1213,65 @@ describe('what mutation testing found untested', () => {
     expect(expectOk(run(tables(), { gva: 0x1000n, kind: 'write' })).adWrites).toEqual([]);
     const w = expectOk(run(tables(), { gva: 0x7000n, kind: 'write' }));
     expect(w.adWrites).toEqual([{ level: 1, pteGpa: PT + 7n * 8n, old: PTE[7], new: PTE[7] | D }]);
+  });
+
+  it('turning on CR4.PKE alone in a configuration already walked with takes effect', () => {
+    const c = cfg({ pkru: 1 << (2 * 3) }); // AD of key 3, CR4.PKE = 0
+    const m = tables();
+    expect(run(m, { gva: 0x8000n, cpl: 3 }, c).ok).toBe(true);
+    c.cr4Pke = true; // nothing else changes
+    // PTE 8: user page, key 3, whose AD is set: a user read faults with P|U|PK.
+    expect(expectFault(run(m, { gva: 0x8000n, cpl: 3 }, c)).errorCode).toBe(EC.P | EC.U | EC.PK);
+    c.cr4Pke = false;
+    expect(run(m, { gva: 0x8000n, cpl: 3 }, c).ok).toBe(true);
+  });
+
+  it('changing only the walker of a configuration already walked with takes effect', () => {
+    const c = cfg();
+    const m = tables();
+    m.set(PT + 8n, PTE[1] | bit(51)); // reserved at MAXPHYADDR 48
+    expect(expectFault(run(m, { gva: 0x1000n }, c)).errorCode).toBe(EC.RSVD | EC.P);
+    c.walker = 'qemu-tcg'; // TCG reports a reserved-bit fault without P
+    expect(expectFault(run(m, { gva: 0x1000n }, c)).errorCode).toBe(EC.RSVD);
+    c.walker = 'kvm';
+    expect(expectFault(run(m, { gva: 0x1000n }, c)).errorCode).toBe(EC.RSVD | EC.P);
+  });
+
+  it('an access whose first byte is below the upper half and whose last byte is in it is not canonical', () => {
+    // 0xffff_7fff_ffff_fffc: bits 63:47 are not all equal; its last byte 0xffff_8000_0000_0003 is canonical.
+    const r = expectFault(run(tables(), { gva: 0xffff_7fff_ffff_fffcn, size: 8 }));
+    expect(r.errorCode).toBe(NON_CANONICAL);
+    expect(expectFault(run(tables(), { gva: 0xffff_7fff_ffff_fffcn })).errorCode).toBe(NON_CANONICAL);
+  });
+
+  it('every level and PS value of a freshly compiled walk has its own reserved-bit mask', () => {
+    // A configuration object never walked with before, compiled once, so the masks are built in this test.
+    const w = compileWalk(cfg());
+    const go = (m: Mem, gva: bigint) => w(CR3, { gva, kind: 'read', cpl: 0 }, reader(m));
+    // 4 KiB PTE with PAT (bit 7) and frame bit 20: neither is reserved (bits 20:13 are only in a 2 MiB PDE).
+    const pat = tables();
+    pat.set(PT + 8n, 0x10_0000n | P | W | U | A | D | PS);
+    expect(expectOk(go(pat, 0x1000n)).gpa).toBe(0x10_0000n);
+    // 2 MiB PDE with frame bit 21 (an address bit there, reserved only in a 1 GiB PDPTE): translates.
+    const big = tables();
+    big.set(PD + 8n, 0x20_0000n | P | W | U | A | D | PS);
+    expect(expectOk(go(big, 0x20_0123n)).gpa).toBe(0x20_0123n);
+    // 1 GiB PDPTE: a leaf, PS not reserved with PDPE1GB; with bit 13 set it is.
+    expect(expectOk(go(tables(), 0x4000_0123n)).gpa).toBe(0x8000_0123n);
+    const r13 = tables();
+    r13.set(PDPT + 8n, PDPTE1_1G | bit(13));
+    expect(expectFault(go(r13, 0x4000_0000n)).reason).toBe('reserved');
+    // 2 MiB PDE with bit 13 set: reserved.
+    big.set(PD + 8n, 0x20_0000n | P | W | U | A | D | PS | bit(13));
+    expect(expectFault(go(big, 0x20_0000n)).reason).toBe('reserved');
+  });
+
+  it('a paging mode of other than 4 or 5 levels, and an entry level outside 1..5, are refused', () => {
+    const read: Access = { gva: 0x1000n, kind: 'read', cpl: 0 };
+    expect(() => walk(cfg({ levels: 3 as 4 }), CR3, read, reader(tables()))).toThrow(new RangeError('levels must be 4 or 5, got 3'));
+    expect(() => compileWalk(cfg({ levels: 6 as 5 }))).toThrow(new RangeError('levels must be 4 or 5, got 6'));
+    expect(() => reservedMask(cfg(), 0, 0)).toThrow(new RangeError('no paging level 0'));
+    expect(() => reservedMask(cfg(), 6, 1)).toThrow(new RangeError('no paging level 6'));
   });
 
   it('the wrong walks give the reasons they are named for', () => {

@@ -251,7 +251,6 @@ interface Compiled {
   readonly canonShift: number;
   readonly canonOnes: number;
   // a deliberately wrong model (wrong.ts)
-  readonly ignoreWp: boolean;
   readonly noAccessedUpper: boolean;
   readonly dirtyOnRead: boolean;
   readonly ignoreNx: boolean;
@@ -309,7 +308,6 @@ function compile(cfg: PagingConfig, wrong?: ReadonlySet<WrongWalk>): Compiled {
     // 5-level: bits 63:56 equal -> bits 31:24 of the high half
     canonShift: cfg.levels === 5 ? 24 : 15,
     canonOnes: cfg.levels === 5 ? 0xff : 0x1ffff,
-    ignoreWp: f.has('ignore-wp'),
     noAccessedUpper: f.has('no-accessed-on-upper'),
     dirtyOnRead: f.has('dirty-on-read'),
     ignoreNx: f.has('ignore-nx'),
@@ -452,7 +450,8 @@ function run(c: Compiled, cr3: bigint, access: Access, readPte: ReadPte): WalkRe
     if (!effX) causes |= C_NX;
     if (sup && c.smep && effU) causes |= C_SMEP;
   } else if (effU) {
-    if (sup && c.smap && !(access.eflagsAc === true && !implicit && access.cpl !== 3)) causes |= C_SMAP;
+    // EFLAGS.AC overrides SMAP for explicit accesses only; an explicit supervisor access is at CPL < 3 (sup).
+    if (sup && c.smap && !(access.eflagsAc === true && !implicit)) causes |= C_SMAP;
     if (c.pke) {
       const rights = (c.pkru >>> (((hi >>> 27) & 0xf) * 2)) & 3; // key = leaf bits 62:59
       if ((rights & 1) !== 0 || ((rights & 2) !== 0 && write && (user || c.wp))) causes |= C_PK;
