@@ -205,6 +205,24 @@ describeKvm('scenarios on this host', () => {
     }
   });
 
+  it('an implicit read is a descriptor load at its gva: it faults where the page is absent and reads nothing', async () => {
+    const sc = load('smap_implicit');
+    // Without SMAP (not needed for this): one user page, one not-present page.
+    const base = { ...sc, paging: { ...sc.paging, cr4: { ...sc.paging.cr4, smap: false } } };
+    const m = sc.mappings[1]!;
+    const mappings = [sc.mappings[0]!, { ...m, leaf: { ...m.leaf, p: false } }];
+    const read = (gva: bigint, eflagsAc: boolean) => ({
+      side: 'guest' as const, kind: 'access' as const, access: 'read' as const, gva, size: 8 as const, cpl: 0 as const,
+      value: 0n, eflagsAc, implicit: true,
+    });
+    const steps = [read(0x8000000200n, false), read(0x8000001200n, true), read(0x8000000208n, true)];
+    const r = await runCheck(scenarioCheck({ ...base, mappings, steps }), kvm, profile);
+    expect(r.outcome, failures(r)).toBe('pass');
+    const faults = r.comparisons.filter((c) => c.what.endsWith(': exceptions')).map((c) => c.observed);
+    expect(faults).toEqual(['[]', '[{cr2: 0x8000001200, errorCode: 0x0, vector: 14}]', '[]']);
+    expect(r.comparisons.some((c) => c.what.includes('value read'))).toBe(false);
+  });
+
   it('reports a wrong explicit expectation', async () => {
     const sc = load('write_protect');
     const i = sc.steps.findIndex((s) => s.side === 'guest' && s.kind === 'access');

@@ -194,7 +194,15 @@ describe('scenario validation: shape', () => {
       ['steps[0].host: expected one of "write-pte", "clear-ad", "get-dirty-log", "clear-dirty-log", "memslot-delete", "memslot-move", "memslot-flags", "madvise", "munmap", "remap", "mprotect", "pre-fault", "translate", got "reboot"'],
     ],
     ['a size on an exec step', edit((j) => (j.steps = [{ guest: 'exec', gva: '0x8000000000', size: 1 }])), ['steps[0].size: unknown field (known: guest, gva, cpl, expect, stats)']],
-    ['a value on a read step', edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000', value: 1 }])), ['steps[0].value: unknown field (known: guest, gva, size, cpl, eflagsAc, expect, stats)']],
+    ['an implicit read that is not a CPL 0 read of 8 aligned bytes', edit((j) => (j.steps = [
+      { guest: 'read', gva: '0x8000000004', size: 4, cpl: 3, implicit: true, expect: { value: 1 } },
+    ])), [
+      'steps[0].cpl: an implicit read is made at CPL 0 (the LDT is loaded there)',
+      'steps[0].size: an implicit read loads one 8-byte descriptor: size must be 8',
+      'steps[0].gva: an implicit read\'s descriptor at 0x8000000004 must be 8-aligned',
+      'steps[0].expect.value: an implicit read returns no value',
+    ]],
+    ['a value on a read step', edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000', value: 1 }])), ['steps[0].value: unknown field (known: guest, gva, size, cpl, eflagsAc, implicit, expect, stats)']],
     ['an expected value on a write', edit((j) => (j.steps = [{ guest: 'write', gva: '0x8000000000', expect: { value: 1 } }])), ['steps[0].expect.value: unknown field (known: fault, ptes)']],
     ['size 3', edit((j) => (j.steps[0]!.size = 3)), ['steps[0].size: expected one of 1, 2, 4, 8, got 3']],
     ['CPL 1', edit((j) => (j.steps[0]!.cpl = 1)), ['steps[0].cpl: expected one of 0, 3, got 1']],

@@ -34,7 +34,9 @@ import { same, show } from './differ.js';
 import { hostFaultPath, tdpLogsDirty, tdpModelOptions } from './host-policy.js';
 import { describeWalk, MMIO_FILL, modelAsTrace, predictAccess, type AccessStep, type Prediction } from './predict.js';
 import { runRace } from './race.js';
-import { emitWrpkru, guestAction, hostAction, type EntryFinder, type HostEnv } from './step-actions.js';
+import {
+  emitWrpkru, guestAction, hostAction, IMPLICIT_DESCRIPTOR, type EntryFinder, type HostEnv,
+} from './step-actions.js';
 import { NotApplicable, type Check, type CheckContext } from './types.js';
 
 const hex = (v: bigint | number) => `0x${v.toString(16)}`;
@@ -189,6 +191,12 @@ class ScenarioRun {
       const w = this.plainWalk(s.gva);
       if (w.ok && g.mem.slotOf(w.gpa)) g.mem.write(w.gpa, [0xc3]);
     }
+    // A data descriptor where each implicit read finds its LDT entry.
+    for (const s of sc.steps) {
+      if (s.side !== 'guest' || s.kind !== 'access' || !s.implicit) continue;
+      const w = this.plainWalk(s.gva);
+      if (w.ok && g.mem.slotOf(w.gpa, 8)) g.mem.write64(w.gpa, IMPLICIT_DESCRIPTOR);
+    }
     const k = new Asm({ origin: Number(LAYOUT.code) });
     const u = new Asm({ origin: Number(LAYOUT.userCode) });
     if (cfg.cr4Pke) emitWrpkru(k, cfg.pkru);
@@ -291,7 +299,8 @@ class ScenarioRun {
   }
 
   predict(s: AccessStep, name: string): Prediction {
-    const w = this.walk({ gva: s.gva, kind: s.access, cpl: s.cpl, eflagsAc: s.eflagsAc, size: s.size });
+    const implicit = s.implicit ? { implicitSupervisor: true } : {};
+    const w = this.walk({ gva: s.gva, kind: s.access, cpl: s.cpl, eflagsAc: s.eflagsAc, size: s.size, ...implicit });
     return predictAccess(s, w, {
       vm: this.vm,
       profile: this.ctx.profile,
@@ -310,7 +319,7 @@ class ScenarioRun {
       : pred.expectFault === 'gp' ? [{ vector: 13, errorCode: 0n, cr2: cr2Before! }]
       : [{ vector: 14, errorCode: BigInt(pred.expectFault), cr2: pred.walk.ok ? s.gva : pred.walk.cr2 }];
     ctx.expect(`${name}: exceptions`, expected, exc.map(pick));
-    if (s.access === 'read') ctx.expect(`${name}: value read`, pred.expectValue ?? 0n, BigInt.asUintN(s.size * 8, value));
+    if (s.access === 'read' && !s.implicit) ctx.expect(`${name}: value read`, pred.expectValue ?? 0n, BigInt.asUintN(s.size * 8, value));
     // A processor may set A on the entries a faulting walk used; KVM's walker never does.
     const mayA = new Set(accessedLatitude(pred.walk, cfg.walker));
     const ptesSeen = pred.expectPtes.map((p) => ({ level: p.level, at: p.at, value: this.read(p.at) }));

@@ -100,6 +100,39 @@ export function emitWrpkru(k: Asm, value: number): void {
   k.movImm('rax', BigInt(value >>> 0)).movImm('rcx', 0).movImm('rdx', 0).wrpkru();
 }
 
+/** GDT slot of the LDT descriptor an implicit read uses (after bring-up's six entries), and its selector. */
+const LDT_SELECTOR = 0x30n;
+/** Where the guest builds the GDTR image that covers the LDT descriptor (in the GDT's page, past it). */
+const GDTR_IMAGE = LAYOUT.gdt + 0x40n;
+/** Selector of entry 0 of the LDT (TI = 1, RPL 0). */
+const LDT_ENTRY0 = 0x4n;
+/** The data descriptor an implicit read finds at its gva: flat, present, DPL 0, read/write, accessed (so no A write). */
+export const IMPLICIT_DESCRIPTOR = 0x00cf93000000ffffn;
+
+/**
+ * An implicit supervisor read of the 8 bytes at `gva`: the guest points a
+ * one-entry LDT at gva (a 16-byte system descriptor in the GDT, whose limit
+ * it raises), loads it, and loads FS with the LDT's entry 0, so the processor
+ * reads the descriptor as a supervisor access whatever EFLAGS.AC says. A
+ * fault there is taken with the fixup of channel.guarded; FS and LDTR are
+ * nulled afterwards.
+ */
+function emitImplicitRead(k: Asm, gva: bigint, ac: boolean): void {
+  const lo = 0x7n | ((gva & 0xffffffn) << 16n) | (0x82n << 40n) | (((gva >> 24n) & 0xffn) << 56n);
+  k.movImm('rbx', LAYOUT.gdt + LDT_SELECTOR);
+  k.movImm('rax', lo).store(8, { base: 'rbx' }, 'rax');
+  k.movImm('rax', gva >> 32n).store(8, { base: 'rbx', disp: 8 }, 'rax');
+  k.movImm('rbx', GDTR_IMAGE);
+  k.movImm('rax', LDT_SELECTOR + 0xfn).store(2, { base: 'rbx' }, 'rax');
+  k.movImm('rax', LAYOUT.gdt).store(8, { base: 'rbx', disp: 2 }, 'rax');
+  k.lgdt({ base: 'rbx' });
+  k.movImm('rax', LDT_SELECTOR).lldt('rax');
+  if (ac) k.pushfq().pop('rax').bts('rax', 18).push('rax').popfq();
+  channel.guarded(k, (a) => void a.movImm('rax', LDT_ENTRY0).movToSeg('fs', 'rax'));
+  if (ac) k.pushfq().pop('rax').btr('rax', 18).push('rax').popfq();
+  k.movImm('rax', 0).movToSeg('fs', 'rax').lldt('rax');
+}
+
 const CR4_BITS = { smep: 20, smap: 21, pke: 22 } as const;
 const CR4_CONFIG = { smep: 'cr4Smep', smap: 'cr4Smap', pke: 'cr4Pke' } as const;
 const ADVICE = { dontneed: MADV.DONTNEED, hugepage: MADV.HUGEPAGE, nohugepage: MADV.NOHUGEPAGE };
@@ -108,6 +141,7 @@ const PROTS = { none: PROT.NONE, read: PROT.READ, 'read-write': PROT.READ | PROT
 export const STEP_ACTIONS: StepActionTable = {
   access: {
     emit({ k, u }, s) {
+      if (s.implicit) return emitImplicitRead(k, s.gva, s.eflagsAc);
       const body = (a: Asm) => {
         a.movImm('rbx', s.gva);
         if (s.access === 'read') a.load(s.size, 'rsi', { base: 'rbx' });

@@ -259,6 +259,9 @@ export const STEP_KINDS: StepKindTable = {
         size: SIZE,
         cpl: CPL,
         eflagsAc: EFLAGS_AC,
+        implicit: opt(bool('An implicit supervisor read instead of a load: the guest loads FS from an LDT whose only '
+          + 'descriptor is at `gva` (the engine writes a data descriptor there). SMAP applies whatever EFLAGS.AC is. '
+          + 'CPL 0, size 8, `gva` 8-aligned; no value is compared.'), false),
         expect: expectOf('read expect', { fault: FAULT, value: opt(u64('Value read (little-endian, `size` bytes).')), ptes: PTES }),
       }),
       guest('write', 'A store of `value` (`size` bytes) to `gva`.', {
@@ -287,6 +290,7 @@ export const STEP_KINDS: StepKindTable = {
         cpl: o.cpl as 0 | 3,
         value: g === 'write' ? (o.value as bigint) : 0n,
         eflagsAc: g === 'exec' ? false : (o.eflagsAc as boolean),
+        ...(o.implicit === true ? { implicit: true } : {}),
         ...(expect ? { expect } : {}),
       };
     },
@@ -294,7 +298,8 @@ export const STEP_KINDS: StepKindTable = {
       const { access, gva, size, cpl, value, eflagsAc } = s;
       if (access === 'exec') return { guest: access, gva, cpl, expect: expectJson(s.expect, false) };
       const expect = expectJson(s.expect, access === 'read');
-      return { guest: access, gva, size, cpl, ...(access === 'write' ? { value } : {}), eflagsAc, expect };
+      const implicit = s.implicit ? { implicit: true } : {};
+      return { guest: access, gva, size, cpl, ...(access === 'write' ? { value } : {}), eflagsAc, ...implicit, expect };
     },
     validate(st, c) {
       const p = c.p;
@@ -307,6 +312,12 @@ export const STEP_KINDS: StepKindTable = {
         if (st.access === 'write' && st.value >= limit) c.err(`${p}.value`, `${hex(st.value)} does not fit in ${fits(st.size)}`);
         if (st.expect?.value !== undefined && st.expect.value >= limit) c.err(`${p}.expect.value`, `${hex(st.expect.value)} does not fit in ${fits(st.size)}`);
         if (st.eflagsAc && st.cpl === 3) c.err(`${p}.eflagsAc`, 'EFLAGS.AC overrides SMAP only for CPL 0 accesses; a CPL 3 access is a user access');
+      }
+      if (st.implicit) {
+        if (st.cpl !== 0) c.err(`${p}.cpl`, 'an implicit read is made at CPL 0 (the LDT is loaded there)');
+        if (st.size !== 8) c.err(`${p}.size`, 'an implicit read loads one 8-byte descriptor: size must be 8');
+        if (st.gva % 8n !== 0n) c.err(`${p}.gva`, `an implicit read's descriptor at ${hex(st.gva)} must be 8-aligned`);
+        if (st.expect?.value !== undefined) c.err(`${p}.expect.value`, 'an implicit read returns no value');
       }
       st.expect?.ptes?.forEach((e, k) => {
         const why = entryError(c.s, st.gva, e.level, false);

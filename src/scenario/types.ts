@@ -84,7 +84,12 @@ export type ClearAdStep = { kind: 'clear-ad'; gva: bigint };
 export type GuestStep =
   | PteWriteStep
   | ClearAdStep
-  | { kind: 'access'; access: AccessKind; gva: bigint; size: 1 | 2 | 4 | 8; cpl: 0 | 3; value: bigint; eflagsAc: boolean; expect?: AccessExpect }
+  | {
+    kind: 'access'; access: AccessKind; gva: bigint; size: 1 | 2 | 4 | 8; cpl: 0 | 3; value: bigint; eflagsAc: boolean;
+    /** A read made as an implicit supervisor access: the processor loads a segment descriptor from an LDT at gva. */
+    implicit?: boolean;
+    expect?: AccessExpect;
+  }
   | { kind: 'invlpg'; gva: bigint }
   | { kind: 'reload-cr3' }
   | { kind: 'set-cr0-wp'; value: boolean }
