@@ -141,10 +141,22 @@ export class ShadowFollow {
   step(s: Step, faulted: boolean, name: string): void {
     if (this.stopped) return;
     if (s.side === 'guest') this.model.enter();
+    if (s.side === 'guest' && s.kind === 'access') this.staleNote(s.gva, name);
     const why = faulted ? undefined : (SHADOW_STEPS[s.kind] as ShadowStep<Step>)(this, s);
     if (s.side === 'host') this.model.enter();
     if (why) return this.stop(name, why);
     this.compare(name);
+  }
+
+  /** Says so when the model's shadow PTE for `gva` maps a frame the architecture no longer allows. */
+  private staleNote(gva: bigint, name: string): void {
+    const frame = this.model.stale(gva);
+    if (frame === undefined) return;
+    this.env.ctx.note(
+      `${name}: the shadow model says KVM still maps 0x${gva.toString(16)} to frame 0x${frame.toString(16)}, ` +
+        "which the guest's tables no longer allow: they changed by a write KVM did not see, in a page that is not " +
+        'unsync, and INVLPG and a CR3 load re-read only unsync pages',
+    );
   }
 
   /** Ends the comparison: from here on the run does what the model does not cover. */
