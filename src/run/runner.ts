@@ -6,10 +6,11 @@ import type { Kvm } from '../kvm/kvm.js';
 import { HostError, Unsupported } from '../kvm/sys.js';
 import type { HostProfile } from '../probe/probe.js';
 import { same, show } from './differ.js';
-import { NotApplicable, type Check, type CheckResult, type Comparison, type RunReport, type WrongExpectation } from './types.js';
+import { NotApplicable, type Check, type CheckResult, type Comparison, type RunReport, type WrongExpectation, type WrongObservation } from './types.js';
 
 export interface RunOptions {
   wrongExpectation?: WrongExpectation;
+  wrongObservation?: WrongObservation;
   onResult?: (r: CheckResult) => void;
   onProgress?: (check: string, done: number, total: number) => void;
 }
@@ -43,7 +44,8 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
       profile,
       expect(what, expected, observed) {
         const exp = opts.wrongExpectation ? opts.wrongExpectation(check.name, what, expected) : expected;
-        comparisons.push({ what, expected: show(exp), observed: show(observed), ok: same(exp, observed) });
+        const obs = opts.wrongObservation ? opts.wrongObservation(check.name, what, observed) : observed;
+        comparisons.push({ what, expected: show(exp), observed: show(obs), ok: same(exp, obs) });
       },
       note: (l) => notes.push(l),
       cases(c) {
