@@ -15,7 +15,8 @@ import type { Wrong, WrongTdp } from '../model/wrong.js';
 import { dirtyPages } from '../observe/dirty-log.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { parseGuestFault } from '../observe/stage2-faults.js';
-import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from '../run/types.js';
 import { expectKickAtLimit, mmioOf } from './stops.js';
 
 const PAGE = 0x1000n;

@@ -7,7 +7,8 @@ import { PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW, PTE_US } from '../arch/x86/pte.js'
 import { CAP, MEM } from '../uapi/uapi.js';
 import { walk, type AccessKind } from '../model/walk.js';
 import { dirtyPages } from '../observe/dirty-log.js';
-import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from '../run/types.js';
 import { shadowPages } from './shadow.js';
 import { tdpDirtyLogSplitCoalesce, tdpPicture } from './tdp.js';
 import { pagingConfig, pteReader } from './x86.js';

@@ -35,7 +35,8 @@ import { hostFaultPath, tdpLogsDirty, tdpModelOptions } from './host-policy.js';
 import { describeWalk, MMIO_FILL, modelAsTrace, predictAccess, type AccessStep, type Prediction } from './predict.js';
 import { runRace } from './race.js';
 import { emitWrpkru, guestAction, hostAction, type EntryFinder, type HostEnv } from './step-actions.js';
-import { NotApplicable, type Check, type CheckContext } from './types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from './types.js';
 
 const hex = (v: bigint | number) => `0x${v.toString(16)}`;
 
