@@ -18,9 +18,8 @@ import { parseGuestFault } from '../observe/stage2-faults.js';
 import { NotApplicable } from '../base/not-applicable.js';
 import type { Check, CheckContext } from '../run/types.js';
 import { expectKickAtLimit, mmioOf } from './stops.js';
+import { hex, PAGE } from '../base/units.js';
 
-const PAGE = 0x1000n;
-const hex = (v: bigint) => `0x${v.toString(16)}`;
 /** Memslot 1 of the checks that need data memory. */
 const DATA = 0x20000000n;
 /** An IPA no memslot covers (and not the channel's). */

@@ -14,9 +14,7 @@ import { tdpDirtyLogSplitCoalesce, tdpPicture } from './tdp.js';
 import { pagingConfig, pteReader } from './x86.js';
 import { ARM64_SMOKE } from './arm64.js';
 import { expectKickAtLimit, mmioOf } from './stops.js';
-
-const PAGE = 0x1000n;
-const hex = (v: bigint) => `0x${v.toString(16)}`;
+import { hex, PAGE } from '../base/units.js';
 
 /** A guest for the duration of one check; always closed. */
 async function withGuest<T>(ctx: CheckContext, opts: ConstructorParameters<typeof X86Guest>[1], fn: (g: X86Guest) => Promise<T>): Promise<T> {

@@ -6,8 +6,7 @@ import { check, mapped, Unsupported, type Addon } from './sys.js';
 import { FALLOC, MADV, MAP, MFD, PROT } from '../uapi/uapi.js';
 import type { Target } from './target.js';
 import type { HostBacking } from '../base/host-backing.js';
-
-export const PAGE_SIZE = 4096;
+import { PAGE_SIZE } from '../base/units.js';
 
 export interface MemslotSpec {
   slot: number;

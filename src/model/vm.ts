@@ -15,6 +15,7 @@ import type { HostBacking } from '../base/host-backing.js';
 import { MEM } from '../uapi/uapi.js';
 import { fromRegion, Memslots, type Backing, type Memslot } from './memslots.js';
 import { Tdp, type FaultResult, type TdpOptions } from './tdp.js';
+import { hex, PAGE } from '../base/units.js';
 
 /** The backing kinds a scenario (and the harness) declares for a memslot. */
 export type BackingName = 'anon' | 'shared' | 'memfd' | 'thp' | 'hugetlb2m' | 'hugetlb1g';
@@ -76,9 +77,6 @@ export function declaredSlot(
   const region = { slot: d.slot, asId: 0, gpa: d.gpa, size: d.size, hva, flags: memFlags(d) };
   return modelSlot(region, BACKINGS[d.backing].page);
 }
-
-const hex = (v: bigint | number) => `0x${v.toString(16)}`;
-const PAGE = 0x1000n;
 
 /** A host change of part of a slot's memory, as the MMU notifier reports it. */
 export type MemChange = 'munmap' | 'dontneed' | 'mprotect';

@@ -37,8 +37,7 @@ import { runRace } from './race.js';
 import { emitWrpkru, guestAction, hostAction, type EntryFinder, type HostEnv } from './step-actions.js';
 import { NotApplicable } from '../base/not-applicable.js';
 import type { Check, CheckContext } from './types.js';
-
-const hex = (v: bigint | number) => `0x${v.toString(16)}`;
+import { hex } from '../base/units.js';
 
 export interface EngineOptions {
   /** Compare KVM's walker tracepoints with the model's walk (needs tracefs). */

@@ -33,8 +33,7 @@ import type { PagingConfig } from '../model/walk.js';
 import type { HostBacking } from '../base/host-backing.js';
 import { BACKINGS } from '../model/vm.js';
 import type { Mapping, MemslotDecl, PteAttrs, Scenario } from './types.js';
-
-const hex = (v: bigint) => `0x${v.toString(16)}`;
+import { hex } from '../base/units.js';
 
 /** Bits of a leaf entry for these attributes (PS is added by the table builder). */
 function leafBits(a: PteAttrs): bigint {

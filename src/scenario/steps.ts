@@ -14,6 +14,7 @@ import { PAGE_4K } from '../arch/x86/pte.js';
 import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.js';
 import { array, bool, int, object, oneOf, opt, req, u64, type Field } from './spec.js';
 import type { AccessExpect, MemslotDecl, PteWriteStep, Scenario, Step } from './types.js';
+import { hex } from '../base/units.js';
 
 type Obj = Record<string, unknown>;
 export type Side = Step['side'];
@@ -54,7 +55,6 @@ export interface StepCheck {
   err(path: string, msg: string): void;
 }
 
-export const hex = (v: bigint) => `0x${v.toString(16)}`;
 export const range = (from: bigint, size: bigint) => `[${hex(from)}, ${hex(from + size)})`;
 
 /** The unit of a slot's host memory operations: its backing's page (THP slots are 4K mappings). */
