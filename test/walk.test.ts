@@ -1146,3 +1146,80 @@ describe('guest walker variants', () => {
     expect(accessedLatitude(p, 'cpu')).toEqual([0x1000n, 0x4030n]);
   });
 });
+
+// Gaps mutation testing found: each test below kills mutants that every other test let live.
+describe('what mutation testing found untested', () => {
+  it('a configuration object changed between walks is compiled again, field by field', () => {
+    const c = cfg({ cr0Wp: false, cr4Smep: false, cr4Smap: false, cr4Pke: false, efer: { nxe: true }, pdpe1gb: true });
+    const m = tables();
+    // Each change turns an access that translates into one that faults (or the reverse).
+    const flips: [string, () => void, Partial<Access> & { gva: bigint }][] = [
+      ['CR0.WP', () => (c.cr0Wp = true), { gva: 0x5000n, kind: 'write' }],
+      ['CR4.SMEP', () => (c.cr4Smep = true), { gva: 0x1000n, kind: 'exec' }],
+      ['CR4.SMAP', () => (c.cr4Smap = true), { gva: 0x1000n }],
+      ['CR4.PKE', () => ((c.cr4Pke = true), (c.pkru = 1 << (2 * 3))), { gva: 0x8000n, cpl: 3 }],
+      ['PKRU', () => (c.pkru = 0), { gva: 0x8000n, cpl: 3 }],
+      ['EFER.NXE', () => (c.efer = { nxe: false }), { gva: 0x4000n }],
+      ['PDPE1GB', () => (c.pdpe1gb = false), { gva: 0x4000_0000n }],
+      ['MAXPHYADDR', () => (c.maxPhyAddr = 36), { gva: 0x20_0000n }],
+      ['levels', () => (c.levels = 5), { gva: 0x1000n }],
+    ];
+    if (c.maxPhyAddr === 48) m.set(PD + 8n, PDE1_2M | bit(40)); // an address bit at 48, reserved at 36
+    for (const [what, change, access] of flips) {
+      const before = run(m, access, c);
+      change();
+      const after = run(m, access, c);
+      expect(after.ok === before.ok && (after.ok || !before.ok && after.errorCode === before.errorCode), what).toBe(false);
+    }
+  });
+
+  it('the vendor and the walker of a changed configuration take effect too', () => {
+    const c = cfg({ vendor: 'intel' });
+    const m = tables();
+    m.set(PML4, PML4E0 | bit(8)); // reserved in an AMD PML4E only
+    expect(run(m, { gva: 0x1000n }, c).ok).toBe(true);
+    c.vendor = 'amd';
+    expect(run(m, { gva: 0x1000n }, c).ok).toBe(false);
+    const w = cfg();
+    const np = tables();
+    np.set(PT + 8n, 0n);
+    expect(walk(w, CR3, { gva: 0x1000n, kind: 'read', cpl: 0 }, reader(np)).ok).toBe(false);
+    expect(compileWalk(cfg()).walker).toBe('kvm');
+    expect(compileWalk(cfg({ walker: 'cpu' })).walker).toBe('cpu');
+    expect(compileWalk(cfg({ walker: 'qemu-tcg' })).walker).toBe('qemu-tcg');
+  });
+
+  it('an access whose last byte crosses out of the canonical range is not canonical', () => {
+    const top = 0x7fff_ffff_fff8n; // the last quadword below the hole
+    const r = run(tables(), { gva: top, size: 8 });
+    expect(r.ok === false && r.errorCode === NON_CANONICAL).toBe(false);
+    const across = expectFault(run(tables(), { gva: top + 1n, size: 8 }));
+    expect(across.errorCode).toBe(NON_CANONICAL);
+    const one = run(tables(), { gva: 0x7fff_ffff_ffffn, size: 1 });
+    expect(one.ok === false && one.errorCode === NON_CANONICAL).toBe(false);
+  });
+
+  it('KVM\'s own walker is allowed no A bit on a faulting walk; a CPU walker is', () => {
+    const m = tables();
+    m.set(PT + 8n, PTE[6] & ~W); // user RO with A clear: a write faults
+    const f = expectFault(run(m, { gva: 0x1000n, kind: 'write', cpl: 3 }));
+    expect(accessedLatitude(f)).toEqual([]);
+    expect(accessedLatitude(f, 'kvm')).toEqual([]);
+    expect(accessedLatitude(f, 'cpu')).toContain(PT + 8n);
+  });
+
+  it('walks that set no A/D bit write nothing; one that sets D writes only the leaf\'s D', () => {
+    expect(expectOk(run(tables(), { gva: 0x1000n, kind: 'write' })).adWrites).toEqual([]);
+    const w = expectOk(run(tables(), { gva: 0x7000n, kind: 'write' }));
+    expect(w.adWrites).toEqual([{ level: 1, pteGpa: PT + 7n * 8n, old: PTE[7], new: PTE[7] | D }]);
+  });
+
+  it('the wrong walks give the reasons they are named for', () => {
+    const m = tables();
+    m.set(PT + 8n, PTE[1] | bit(51));
+    const rsvd = expectFault(walkWith(new Set<WrongWalk>(['rsvd-as-not-present']), cfg(), CR3, { gva: 0x1000n, kind: 'read', cpl: 0 }, reader(m)));
+    expect(rsvd.reason).toBe('not-present');
+    const wp = walkWith(new Set<WrongWalk>(['ignore-wp']), cfg(), CR3, { gva: 0x5000n, kind: 'write', cpl: 0 }, reader(tables()));
+    expect(wp.ok).toBe(true);
+  });
+});

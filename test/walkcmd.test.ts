@@ -69,6 +69,22 @@ describe('kvmharness walk: text', () => {
     );
   });
 
+  it('--shadow: the shadow pages of the access; a write to the walk\'s own page table makes it unsync', () => {
+    // Bring-up's identity map: root 0x10, PDPT 0x11, PD 0x12, PT 0x13 (the pool's first pages);
+    // 0x13000 is that PT itself, writable, so a write to it gets a writable shadow PTE and
+    // the level-1 shadow page of 0x13 goes unsync (mmu_try_to_unsync_pages).
+    const r = run('--gva', '0x13000', '--access', 'write', '--shadow');
+    expect(r.exitCode, r.stderr).toBe(0);
+    expect(r.stdout.split('\n').slice(-5, -1)).toEqual([
+      'shadow    l4 gfn 0x10 sync (root)',
+      '          l3 gfn 0x11 sync',
+      '          l2 gfn 0x12 sync',
+      '          l1 gfn 0x13 unsync',
+    ]);
+    const j = JSON.parse(run('--gva', '0x13000', '--shadow', '--json').stdout);
+    expect(j.shadow.map((s: { unsync: boolean }) => s.unsync)).toEqual([false, false, false, false]);
+  });
+
   it('a user write to a read-only user page: #PF P|W|U and no A/D writes', () => {
     expect(run('--gva', '0x8000001008', '--access', 'write', '--cpl', '3').stdout).toBe(
       [
@@ -244,6 +260,27 @@ describe('kvmharness walk: CPU features', () => {
     const r = walkCommand([SCENARIO, '--gva', '0x8000000000', '--device', join(dir, 'no-kvm')]);
     expect(r.exitCode).toBe(0);
     expect(r.stdout.split('\n')[1]).toMatch(/^cpu {7}defaults \(no KVM: [^\n]*no-kvm[^\n]*\): vendor amd, maxphyaddr 48, pdpe1gb 1$/);
+  });
+});
+
+describe('kvmharness walk --pdpe1gb', () => {
+  it('says whether 1 GiB pages exist, over the defaults: without them a PS PDPTE is reserved', () => {
+    const walk = (...args: string[]) => walkCommand(['huge_1g', '--gva', '0x8000000000', '--no-probe', ...args]);
+    const on = walk('--pdpe1gb', '1');
+    expect(on.exitCode).toBe(0);
+    expect(on.stdout).toContain('cpu       defaults (--no-probe, --pdpe1gb 1): vendor amd, maxphyaddr 48, pdpe1gb 1\n');
+    expect(on.stdout).not.toContain('RSVD');
+    const off = walk('--pdpe1gb', '0', '--json');
+    expect(off.exitCode).toBe(0);
+    const j = JSON.parse(off.stdout);
+    expect(j.cpu).toEqual({ from: 'defaults', why: '--no-probe, --pdpe1gb 0', vendor: 'amd', maxPhyAddr: 48, pdpe1gb: false });
+    expect(walk('--pdpe1gb', '0').stdout).toMatch(/^result {4}#PF error code 0x9 \(P\|RSVD\), CR2 0x8000000000: reserved$/m);
+  });
+
+  it('takes only 0 or 1', () => {
+    const r = walkCommand(['huge_1g', '--gva', '0x8000000000', '--no-probe', '--pdpe1gb', 'yes']);
+    expect(r.exitCode).toBe(2);
+    expect(r.stderr).toBe("kvmharness: --pdpe1gb: expected 0 or 1, got 'yes'\n");
   });
 });
 

@@ -10,6 +10,7 @@ import { dirtyPages } from '../observe/dirty-log.js';
 import { NotApplicable } from '../base/not-applicable.js';
 import type { Check, CheckContext } from '../run/types.js';
 import { shadowPages } from './shadow.js';
+import { shadowMmuModel } from './shadow-mmu.js';
 import { tdpDirtyLogSplitCoalesce, tdpPicture } from './tdp.js';
 import { pagingConfig, pteReader } from './x86.js';
 import { ARM64_SMOKE } from './arm64.js';
@@ -283,6 +284,7 @@ export const X86_SMOKE: readonly Check[] = [
   translateCheck,
   timeoutKick,
   shadowPages,
+  shadowMmuModel(),
   tdpPicture(),
   tdpDirtyLogSplitCoalesce(),
 ].map((c) => ({ ...c, arch: 'x86_64' }));

@@ -23,11 +23,12 @@ import { bringUp } from '../arch/x86/bringup.js';
 import { LAYOUT } from '../arch/x86/layout.js';
 import { gfnToHva, MemslotError, Memslots, type Memslot } from '../model/memslots.js';
 import { nestedWalk } from '../model/nested.js';
+import { ShadowMmu, type SpInfo } from '../model/shadow.js';
 import { Tdp } from '../model/tdp.js';
 import { declaredSlot } from '../model/vm.js';
-import { walk, type AccessKind } from '../model/walk.js';
+import { walk, type AccessKind, type PagingConfig } from '../model/walk.js';
 import { probe } from '../probe/probe.js';
-import { formatNested, formatWalk, nestedJson, walkJson, type CpuChoice, type NestedRun, type WalkRun } from '../report/walk.js';
+import { formatNested, formatWalk, nestedJson, shadowJson, shadowLines, walkJson, type CpuChoice, type NestedRun, type WalkRun } from '../report/walk.js';
 import { localTarget } from '../target/local.js';
 import { bringUpOptions, buildScenarioTables, MemImage, pagingConfigFor } from '../scenario/build.js';
 import { loadScenario, resolveScenario } from '../scenario/load.js';
@@ -43,6 +44,8 @@ export interface WalkOptions {
   ac?: boolean;
   vendor?: string;
   maxphyaddr?: string;
+  /** '0' or '1': whether 1 GiB pages exist (CPUID PDPE1GB), over the probe's or the default. */
+  pdpe1gb?: string;
   /** false with --no-probe. */
   probe: boolean;
   device?: string;
@@ -50,6 +53,8 @@ export interface WalkOptions {
   nested?: boolean;
   /** 4 or 5 (default 4); only with --nested. */
   tdpLevels?: string;
+  /** Also the shadow pages the shadow MMU model uses for the access. */
+  shadow?: boolean;
 }
 
 const DEFAULT_CPU = { vendor: 'amd', maxPhyAddr: 48, pdpe1gb: true } as const;
@@ -70,13 +75,19 @@ function parseArgs(o: WalkOptions): { gva: bigint; kind: AccessKind; cpl: 0 | 3;
   if (o.maxphyaddr !== undefined && !(/^[0-9]+$/.test(o.maxphyaddr) && Number(o.maxphyaddr) >= 32 && Number(o.maxphyaddr) <= 52)) {
     throw new WalkUsageError(`--maxphyaddr: expected a number of bits from 32 to 52, got '${o.maxphyaddr}'`);
   }
+  if (o.pdpe1gb !== undefined && o.pdpe1gb !== '0' && o.pdpe1gb !== '1') {
+    throw new WalkUsageError(`--pdpe1gb: expected 0 or 1, got '${o.pdpe1gb}'`);
+  }
   const cpl = o.cpl === '3' ? 3 : 0;
   if (o.ac && cpl === 3) throw new WalkUsageError('--ac: EFLAGS.AC overrides SMAP only for CPL 0 accesses');
   return { gva, kind: o.access, cpl, ac: o.ac === true };
 }
 
-/** The CPU the model assumes: this host's KVM CPUID when it can be read, else defaults; --vendor/--maxphyaddr override either. */
-function chooseCpu(o: Pick<WalkOptions, 'probe' | 'device' | 'vendor' | 'maxphyaddr'>): CpuChoice {
+/**
+ * The CPU the model assumes: this host's KVM CPUID when it can be read, else
+ * defaults; --vendor/--maxphyaddr/--pdpe1gb override either.
+ */
+function chooseCpu(o: Pick<WalkOptions, 'probe' | 'device' | 'vendor' | 'maxphyaddr' | 'pdpe1gb'>): CpuChoice {
   let cpu: CpuChoice = { from: 'defaults', why: '--no-probe', ...DEFAULT_CPU };
   if (o.probe) {
     try {
@@ -89,6 +100,7 @@ function chooseCpu(o: Pick<WalkOptions, 'probe' | 'device' | 'vendor' | 'maxphya
   }
   if (o.vendor !== undefined) cpu = { ...cpu, vendor: o.vendor, why: `${cpu.why}, --vendor ${o.vendor}` };
   if (o.maxphyaddr !== undefined) cpu = { ...cpu, maxPhyAddr: Number(o.maxphyaddr), why: `${cpu.why}, --maxphyaddr ${o.maxphyaddr}` };
+  if (o.pdpe1gb !== undefined) cpu = { ...cpu, pdpe1gb: o.pdpe1gb === '1', why: `${cpu.why}, --pdpe1gb ${o.pdpe1gb}` };
   return cpu;
 }
 
@@ -123,11 +135,29 @@ function runWalk(file: string, o: WalkOptions): WalkRun | NestedRun {
   const cr3 = boot.tables.root;
   const guestAccess = { gva: access.gva, kind: access.kind, cpl: access.cpl, eflagsAc: access.ac };
   const read = (gpa: bigint) => mem.read64(gpa);
-  if (!o.nested) return { scenario, cpu, cfg, cr3, access, result: walk(cfg, cr3, guestAccess, read) };
+  if (!o.nested) {
+    const result = walk(cfg, cr3, guestAccess, read);
+    return { scenario, cpu, cfg, cr3, access, result, ...(o.shadow ? { shadow: shadowPath(mem, cfg, cr3, access) } : {}) };
+  }
   const tdp = scenarioTdp(scenario, o.tdpLevels === '5' ? 5 : 4, mem.touched);
   const nested = nestedWalk(cfg, cr3, guestAccess, read, tdp.tdp, 0, { faultIn: true });
   return { scenario, cpu, cfg, cr3, access, result: nested.guest, tdp, nested };
 }
+
+/**
+ * The shadow pages a native shadow-MMU host uses for the access, from an
+ * empty shadow MMU (model/shadow.ts): the root at entry, then the access
+ * faults in a page per guest table. The model writes to its own overlay.
+ */
+function shadowPath(mem: MemImage, cfg: PagingConfig, cr3: bigint, a: WalkRun['access']): SpInfo[] {
+  const overlay = new Map<bigint, bigint>();
+  const view = { read64: (g: bigint) => overlay.get(g) ?? mem.read64(g), write64: (g: bigint, v: bigint) => void overlay.set(g, v) };
+  const mmu = new ShadowMmu({ levels: cfg.levels, exec: 'native', cr0Wp: cfg.cr0Wp }, view, cr3);
+  mmu.enter();
+  mmu.access(a.gva, a.kind);
+  return mmu.path(a.gva);
+}
+
 
 /** The TDP model of a scenario's VM, and the memslots it was given. */
 export interface ScenarioTdp {
@@ -187,14 +217,19 @@ export function registerWalk(program: Command, out: (s: string) => void = (s) =>
     .option('--ac', 'EFLAGS.AC = 1 (the SMAP override of a CPL 0 access)')
     .option('--vendor <name>', 'CPU vendor for the model, intel or amd (default: the probe\'s, else amd)')
     .option('--maxphyaddr <bits>', 'MAXPHYADDR for the model (default: the probe\'s, else 48)')
+    .option('--pdpe1gb <0|1>', 'whether 1 GiB pages exist for the model (CPUID PDPE1GB; default: the probe\'s, else 1)')
     .option('--no-probe', 'do not read CPU features from KVM; use the defaults')
     .option('--device <path>', 'KVM device to probe (default: $KVMHARNESS_DEVICE or /dev/kvm)')
     .option('--json', 'print JSON')
     .option('--nested', 'print both dimensions: every TDP and guest-table reference, over an empty TDP model of the memslots')
     .option('--tdp-levels <n>', 'with --nested: TDP levels, 4 or 5 (default 4)')
+    .option('--shadow', 'also the shadow pages a shadow-MMU host uses for the access (model/shadow.ts), and whether each is unsync')
     .action((file: string, o: WalkOptions) => {
       const r = runWalk(file, o);
-      const text = 'nested' in r ? (o.json ? JSON.stringify(nestedJson(r), null, 2) : formatNested(r)) : o.json ? JSON.stringify(walkJson(r), null, 2) : formatWalk(r);
+      const shadow = r.shadow && shadowJson(r.shadow);
+      const text = 'nested' in r ? (o.json ? JSON.stringify(nestedJson(r), null, 2) : formatNested(r))
+        : o.json ? JSON.stringify({ ...walkJson(r), ...(shadow ? { shadow } : {}) }, null, 2)
+        : [formatWalk(r), ...(r.shadow ? shadowLines(r.shadow) : [])].join('\n');
       out(`${text}\n`);
     });
 }

@@ -36,6 +36,8 @@ export interface HostFs {
   exists(path: string): boolean;
   mkdir(path: string): void;
   rmdir(path: string): void;
+  /** The group id that owns a file, or undefined when it cannot be found (the permission hint names the group). */
+  gidOf?(path: string): number | undefined;
   /** Entries of a directory ([] when it cannot be read). */
   list(path: string): string[];
   /** mount -t tracefs nodev PATH */

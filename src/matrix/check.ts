@@ -14,7 +14,8 @@ import { formatRerun, type Rerun } from '../report/rerun.js';
 import { guestWalkerOf, type CpuFeatures } from '../probe/probe.js';
 import { NotApplicable } from '../base/not-applicable.js';
 import type { Check, CheckContext } from '../run/types.js';
-import { agrees, comparable, observe, outcomeKey, prepareBatch, type Batch } from './batch.js';
+import { agrees, comparable, observe, outcomeKey, prepareBatch, type Batch, type Observed, type Placement } from './batch.js';
+import { Coverage } from './coverage.js';
 import { CASE, caseName, caseSpace, controlState, countCases, enumerateCases, sampleCases, type CaseSpace } from './flags.js';
 import { MatrixMachine, pkruFor } from './machine.js';
 
@@ -30,6 +31,10 @@ export interface AccessMatrixOptions {
   wrong?: Wrong;
   /** Guests running batches side by side, each on its own vCPU thread (default: 2 where the host has 2 or more CPUs). */
   lanes?: number;
+  /** A deliberately wrong observation (test use only): what KVM could wrongly do to a case; the check must report it. */
+  wrongObservation?: (f: number, observed: Observed, at: Placement) => Observed;
+  /** A deliberately wrong case list (test use only), e.g. one that drops a class: the coverage must report it. */
+  wrongCases?: (cases: Uint32Array) => Uint32Array;
 }
 
 /** One lane per CPU, at most two: the host side of a lane needs a share of a CPU too. */
@@ -106,7 +111,8 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
   const batchSize = opts.batchSize ?? DEFAULT_BATCH;
   const space = caseSpace(cpu);
   ctx.note(`not enumerated on this vCPU: ${space.skipped.length ? space.skipped.join('; ') : 'nothing'}`);
-  const cases = opts.sample === undefined ? Uint32Array.from(enumerateCases(space)) : sampleCases(space, opts.sample, opts.seed ?? 1);
+  const drawn = opts.sample === undefined ? Uint32Array.from(enumerateCases(space)) : sampleCases(space, opts.sample, opts.seed ?? 1);
+  const cases = opts.wrongCases ? opts.wrongCases(drawn) : drawn;
   ctx.note(`${cases.length} of ${countCases(space)} legal cases (${levels}-level paging)`);
 
   const walker = guestWalkerOf(ctx.profile);
@@ -123,12 +129,15 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
   let mismatches: Mismatch[] = [];
   let mismatchCount = 0;
   let checked = 0;
+  const coverage = new Coverage(space);
   const verify = (m: MatrixMachine, b: Batch, first: number) => {
     for (let i = 0; i < b.flags.length; i++) {
       const f = b.flags[i]!;
       const e = b.expected[i]!;
-      const o = observe(m, b, i);
+      const seen = observe(m, b, i);
+      const o = opts.wrongObservation ? opts.wrongObservation(f, seen, b.at[i]!) : seen;
       checked++;
+      coverage.add(f, e.ec);
       if (agrees(f, b.at[i]!, e, o)) {
         const k = outcomeKey(e);
         byOutcome[k] = (byOutcome[k] ?? 0) + 1;
@@ -197,6 +206,8 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
   if (stopped) ctx.expect('every batch ran to its end', 'done', stopped);
 
   ctx.cases({ checked, byOutcome });
+  for (const line of coverage.lines()) ctx.note(line);
+  ctx.expect('coverage: classes this vCPU offers that no checked case fell in', [], coverage.missing());
   for (const x of mismatches) ctx.expect(caseName(x.f, space.offered), x.expected, x.observed);
   ctx.expect('mismatching cases', 0, mismatchCount);
   if (mismatchCount > mismatches.length) ctx.note(`${mismatchCount - mismatches.length} more mismatching cases are counted but not listed`);

@@ -3,6 +3,7 @@
 import { describePte, LEVEL_NAMES } from '../arch/x86/pte.js';
 import type { Memslot } from '../model/memslots.js';
 import type { NestedFault, NestedRef, NestedWalk } from '../model/nested.js';
+import type { SpInfo } from '../model/shadow.js';
 import { PAGES } from '../model/spte.js';
 import { decodeErrorCode, type AccessKind, type PagingConfig, type WalkResult } from '../model/walk.js';
 import type { Scenario } from '../scenario/types.js';
@@ -29,6 +30,8 @@ export interface WalkRun {
   cr3: bigint;
   access: { gva: bigint; kind: AccessKind; cpl: 0 | 3; ac: boolean };
   result: WalkResult;
+  /** --shadow: the shadow pages on the access's path, root first, after it. */
+  shadow?: SpInfo[];
 }
 
 /** A walk with --nested: the TDP model it ran over, and every reference. */
@@ -246,4 +249,16 @@ export function nestedJson(r: NestedRun): unknown {
     end: n.end,
     totals: n.totals,
   };
+}
+
+/** --shadow: the shadow page of each guest table on the walk, root first, and its sync state. */
+export function shadowLines(sps: SpInfo[]): string[] {
+  if (!sps.length) return [kvLine('shadow', 'no shadow page (the guest walk faults)')];
+  return sps.map((sp, i) =>
+    kvLine(i === 0 ? 'shadow' : '', `l${sp.level} gfn ${hex(sp.gfn)}${sp.direct ? ' direct' : ''} ${sp.unsync ? 'unsync' : 'sync'}${i === 0 ? ' (root)' : ''}`),
+  );
+}
+
+export function shadowJson(sps: SpInfo[]): unknown[] {
+  return sps.map((sp) => ({ gfn: hex(sp.gfn), level: sp.level, direct: sp.direct, unsync: sp.unsync }));
 }

@@ -7,10 +7,11 @@ import { HostError, Unsupported } from '../kvm/sys.js';
 import type { HostProfile } from '../probe/probe.js';
 import { same, show } from './differ.js';
 import { NotApplicable } from '../base/not-applicable.js';
-import type { Check, CheckResult, Comparison, RunReport, WrongExpectation } from './types.js';
+import type { Check, CheckResult, Comparison, RunReport, WrongExpectation, WrongObservation } from './types.js';
 
 export interface RunOptions {
   wrongExpectation?: WrongExpectation;
+  wrongObservation?: WrongObservation;
   onResult?: (r: CheckResult) => void;
   onProgress?: (check: string, done: number, total: number) => void;
 }
@@ -44,7 +45,8 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
       profile,
       expect(what, expected, observed) {
         const exp = opts.wrongExpectation ? opts.wrongExpectation(check.name, what, expected) : expected;
-        comparisons.push({ what, expected: show(exp), observed: show(observed), ok: same(exp, observed) });
+        const obs = opts.wrongObservation ? opts.wrongObservation(check.name, what, observed) : observed;
+        comparisons.push({ what, expected: show(exp), observed: show(obs), ok: same(exp, obs) });
       },
       note: (l) => notes.push(l),
       cases(c) {

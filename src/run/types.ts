@@ -63,6 +63,13 @@ export interface RunReport {
  */
 export type WrongExpectation = (check: string, what: string, expected: unknown) => unknown;
 
+/**
+ * Lets a caller replace an observation before it is compared; tests use it to
+ * feed what KVM could wrongly produce (a page-aligned CR2, a missing A bit, an
+ * extra dirty page) and see the check report it.
+ */
+export type WrongObservation = (check: string, what: string, observed: unknown) => unknown;
+
 export interface CheckContext {
   /** The machine under test: its files (tracefs, sysfs) and what it can do. */
   target: Target;

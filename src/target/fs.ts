@@ -4,7 +4,7 @@
 // Memslot.hugeBytes reads /proc/self/smaps of the process that holds guest
 // memory through it; nothing else uses it.
 import { execFileSync } from 'node:child_process';
-import { closeSync, constants, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmdirSync, writeFileSync } from 'node:fs';
+import { closeSync, constants, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmdirSync, statSync, writeFileSync } from 'node:fs';
 import { arch } from 'node:os';
 import type { HostFs } from '../kvm/target.js';
 
@@ -38,6 +38,13 @@ export const localFs: HostFs = {
     }
   },
   write: (path, data) => writeFileSync(path, data),
+  gidOf(path) {
+    try {
+      return statSync(path).gid;
+    } catch {
+      return undefined;
+    }
+  },
   exists: (path) => existsSync(path),
   mkdir: (path) => mkdirSync(path),
   rmdir: (path) => rmdirSync(path),
@@ -49,7 +56,13 @@ export const localFs: HostFs = {
     }
   },
   mountTracefs(path) {
-    execFileSync('mount', ['-t', 'tracefs', 'nodev', path], { stdio: 'pipe' });
+    try {
+      execFileSync('mount', ['-t', 'tracefs', 'nodev', path], { stdio: 'pipe' });
+    } catch (e) {
+      // What mount said (e.g. "permission denied"), not "Command failed: ...".
+      const said = String((e as { stderr?: unknown }).stderr ?? '').trim().split('\n').pop();
+      throw new Error(`mount -t tracefs on ${path} failed: ${said || (e as Error).message.split('\n')[0]}`);
+    }
   },
   kernelLog() {
     let fd: number;
