@@ -7,7 +7,7 @@ import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync } from
 import { join } from 'node:path';
 import { constants as fsc } from 'node:fs';
 import type { Arch } from '../arch/arch.js';
-import type { Target } from '../target/target.js';
+import type { Target } from '../kvm/target.js';
 import { labCacheDir, resolveKernel, type LabKernel } from './fetch/index.js';
 import { buildInitramfs } from './initramfs.js';
 import { profile as profileNamed, LabError, type Profile } from './profiles.js';

@@ -36,9 +36,9 @@ import { describeWalk, MMIO_FILL, modelAsTrace, predictAccess, type AccessStep, 
 import { runRace } from './race.js';
 import { ShadowFollow } from './shadow-follow.js';
 import { emitWrpkru, guestAction, hostAction, type EntryFinder, type HostEnv } from './step-actions.js';
-import { NotApplicable, type Check, type CheckContext } from './types.js';
-
-const hex = (v: bigint | number) => `0x${v.toString(16)}`;
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from './types.js';
+import { hex } from '../base/units.js';
 
 export interface EngineOptions {
   /** Compare KVM's walker tracepoints with the model's walk (needs tracefs). */
