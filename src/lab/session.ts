@@ -7,7 +7,7 @@ import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync } from
 import { join } from 'node:path';
 import { constants as fsc } from 'node:fs';
 import type { Arch } from '../arch/arch.js';
-import type { Target } from '../target/target.js';
+import type { Target } from '../kvm/target.js';
 import { labCacheDir, resolveKernel, type LabKernel } from './fetch/index.js';
 import { buildInitramfs } from './initramfs.js';
 import { profile as profileNamed, LabError, type Profile } from './profiles.js';
@@ -63,7 +63,12 @@ export async function openLab(o: LabSessionOptions): Promise<LabSession> {
   if (o.arch && prof.arch !== o.arch) throw new LabError(`lab profile ${prof.name} is for ${prof.arch}, not ${o.arch}`);
   const kernel = await resolveKernel({ kernel: o.kernel, modules: o.modules, arch: prof.arch, log: o.log });
   const agent = agentBinary(prof.arch, o.log);
-  const initramfs = buildInitramfs({ kernel, agentBinary: agent, profile: prof, out: join(labCacheDir(), `initramfs-${prof.name}-${kernel.version}.cpio.gz`) });
+  const initramfs = buildInitramfs({
+    kernel,
+    agentBinary: agent,
+    profile: prof,
+    out: join(labCacheDir(), `initramfs-${prof.name}-${kernel.version}.cpio.gz`),
+  });
   o.log(`booting ${kernel.version} (${prof.name})`);
   const lab = await bootLab({ kernel, initramfs, profile: prof, bootTimeoutMs: o.bootTimeoutMs, log: o.log });
   let readFd = -1;
@@ -95,7 +100,13 @@ export async function openLab(o: LabSessionOptions): Promise<LabSession> {
     throw e;
   }
   function closeFds() {
-    for (const fd of [readFd, writeFd]) if (fd >= 0) try { closeSync(fd); } catch { /* closed */ }
+    for (const fd of [readFd, writeFd])
+      if (fd >= 0)
+        try {
+          closeSync(fd);
+        } catch {
+          /* closed */
+        }
     readFd = writeFd = -1;
   }
 }
