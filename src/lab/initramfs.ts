@@ -4,8 +4,9 @@
 // virtio-serial port. /init powers the machine off on any failure and when the agent
 // exits, so the host never waits on a guest that can't go on.
 import { spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
-import { basename } from 'node:path';
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { loadOrder, moduleTree, readModule, type LabKernel } from './fetch/index.js';
 import { LabError, type Profile } from './profiles.js';
@@ -161,10 +162,13 @@ function applets(busybox: string): string[] | undefined {
 }
 
 /**
- * Writes the lab's initramfs to `out` (gzip'd newc cpio) and returns `out`:
+ * Writes the lab's initramfs (gzip'd newc cpio) and returns its path:
  * /init, busybox and its applet links, /lib/modules/*.ko (decompressed), /agent.
+ * With `dir`, the file is `<dir>/initramfs-<profile>-<hash of the archive>.cpio.gz`,
+ * kept and reused while its content is the same: two runs that boot different
+ * modules never write or read each other's file. Written atomically either way.
  */
-export function buildInitramfs(opts: { kernel: LabKernel; agentBinary: string; profile: Profile; out: string }): string {
+export function buildInitramfs(opts: { kernel: LabKernel; agentBinary: string; profile: Profile; out?: string; dir?: string }): string {
   const { kernel, profile } = opts;
   if (!existsSync(opts.agentBinary)) throw new LabError(`agent binary not found: ${opts.agentBinary}`);
   if (!existsSync(kernel.busybox)) throw new LabError(`busybox not found: ${kernel.busybox}`);
@@ -188,8 +192,22 @@ export function buildInitramfs(opts: { kernel: LabKernel; agentBinary: string; p
   for (const l of loads) entries.push(file(`lib/modules/${l.file}`, readModule(l.source)));
   entries.push(file('agent', readFileSync(opts.agentBinary), 0o755));
   entries.push(file('init', Buffer.from(initScript(profile, loads, { installApplets: !links })), 0o755));
-  const tmp = `${opts.out}.${process.pid}.tmp`;
-  writeFileSync(tmp, gzipSync(newc(entries), { level: 6 }));
-  renameSync(tmp, opts.out);
-  return opts.out;
+  const archive = newc(entries);
+  let out = opts.out;
+  if (out === undefined) {
+    if (opts.dir === undefined) throw new LabError('buildInitramfs needs out or dir');
+    mkdirSync(opts.dir, { recursive: true });
+    const key = createHash('sha256').update(archive).digest('hex').slice(0, 20);
+    out = join(opts.dir, `initramfs-${profile.name}-${key}.cpio.gz`);
+    if (existsSync(out)) return out;
+  }
+  const tmp = `${out}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
+  try {
+    writeFileSync(tmp, gzipSync(archive, { level: 6 }));
+    renameSync(tmp, out);
+  } catch (e) {
+    rmSync(tmp, { force: true });
+    throw e;
+  }
+  return out;
 }

@@ -3,7 +3,8 @@
 // a target for it — KVM calls through the RemoteAddon, sysfs and tracefs
 // through the agent — so that the unchanged checks, models and reports run
 // here against the lab's KVM when they are handed that target.
-import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { constants as fsc } from 'node:fs';
 import type { Target } from '../target/target.js';
@@ -22,6 +23,8 @@ export interface LabSessionOptions {
   modparams?: string;
   kernel?: string;
   modules?: string;
+  /** The lab release to boot (lab fetch --release); default the newest. */
+  release?: string;
   bootTimeoutMs?: number;
   log: (s: string) => void;
 }
@@ -40,19 +43,27 @@ export interface LabSession {
 const AGENT_CXX: Record<LabArch, string> = { x86_64: process.env.CXX || 'g++', arm64: 'aarch64-linux-gnu-g++' };
 
 /**
- * The agent binary for the lab's architecture, built into the cache, and
- * built again when a source file is newer than it.
+ * The agent binary for the lab's architecture, built into the cache under a
+ * name keyed by its sources' content and the compiler: a changed source makes
+ * a new binary and never rewrites one another run may be booting.
  */
 function agentBinary(arch: LabArch, log: (s: string) => void): string {
   const dir = join(labCacheDir(), 'agent');
   mkdirSync(dir, { recursive: true });
-  const out = join(dir, `kvmharness-agent-${arch}`);
-  const newest = Math.max(...[...agentSources, join(dirname(agentSources[0]!), 'core.h')].map((f) => statSync(f).mtimeMs));
-  if (existsSync(out) && statSync(out).mtimeMs >= newest) return out;
+  const h = createHash('sha256').update(AGENT_CXX[arch]);
+  const native = dirname(agentSources[0]!);
+  const files = readdirSync(native).filter((f) => /\.(cc|h)$/.test(f)).sort();
+  for (const f of files) h.update(f).update(readFileSync(join(native, f)));
+  const out = join(dir, `kvmharness-agent-${arch}-${h.digest('hex').slice(0, 16)}`);
+  if (existsSync(out)) return out;
   log(`building the lab agent (static, ${arch})`);
-  const tmp = `${out}.${process.pid}.tmp`;
-  buildAgent(tmp, AGENT_CXX[arch]);
-  renameSync(tmp, out);
+  const tmp = `${out}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
+  try {
+    buildAgent(tmp, AGENT_CXX[arch]);
+    renameSync(tmp, out);
+  } finally {
+    rmSync(tmp, { force: true });
+  }
   return out;
 }
 
@@ -60,9 +71,9 @@ function agentBinary(arch: LabArch, log: (s: string) => void): string {
 export async function openLab(o: LabSessionOptions): Promise<LabSession> {
   const prof = profileNamed(o.profile, o.modparams);
   if (o.arch && prof.arch !== o.arch) throw new LabError(`lab profile ${prof.name} is for ${prof.arch}, not ${o.arch}`);
-  const kernel = await resolveKernel({ kernel: o.kernel, modules: o.modules, arch: prof.arch, log: o.log });
+  const kernel = await resolveKernel({ kernel: o.kernel, modules: o.modules, release: o.release, arch: prof.arch, log: o.log });
   const agent = agentBinary(prof.arch, o.log);
-  const initramfs = buildInitramfs({ kernel, agentBinary: agent, profile: prof, out: join(labCacheDir(), `initramfs-${prof.name}-${kernel.version}.cpio.gz`) });
+  const initramfs = buildInitramfs({ kernel, agentBinary: agent, profile: prof, dir: join(labCacheDir(), 'initramfs') });
   o.log(`booting ${kernel.version} (${prof.name})`);
   const lab = await bootLab({ kernel, initramfs, profile: prof, bootTimeoutMs: o.bootTimeoutMs, log: o.log });
   let readFd = -1;
