@@ -1,5 +1,6 @@
 // The host profile: what KVM is here, and from that, which oracles this host
 // offers. Reads sysfs/procfs and asks KVM; changes nothing.
+import { kernelBehaviours } from '../model/kernel.js';
 import type { GuestWalker } from '../model/walk.js';
 import type { CpuidEntry } from '../kvm/cpuid.js';
 import { Kvm } from '../kvm/kvm.js';
@@ -61,6 +62,8 @@ export interface HostProfile {
   hugetlb: Record<string, { total: number; free: number }>;
   tracefs: { state: TracefsState; path: string; events: Record<string, boolean> };
   oracles: Record<Oracle, OracleState>;
+  /** The kernel's release (`uname -r`) and the release-dependent KVM behaviours the models assume for it (model/kernel.ts). */
+  kernel?: { release: string | null; behaviours: ReturnType<typeof kernelBehaviours> };
 }
 
 /** A file of the target, trimmed; undefined when it cannot be read. */
@@ -260,7 +263,9 @@ export function probe(target: Target, device?: string): HostProfile {
       hugetlb,
       tracefs: { state: tstate, path: '/sys/kernel/tracing', events },
     };
-    return { ...base, oracles: deriveOracles(base) };
+    const release = read('/proc/sys/kernel/osrelease') ?? null;
+    const kernel = { release, behaviours: kernelBehaviours(release ?? undefined) };
+    return { ...base, oracles: deriveOracles(base), kernel };
   } finally {
     kvm.close();
   }
@@ -289,6 +294,10 @@ export function formatProfile(p: HostProfile): string {
   for (const [k, v] of Object.entries(p.capabilities)) lines.push(`  ${k.replace(/^KVM_CAP_/, '').padEnd(30)} ${v}`);
   lines.push('oracles');
   for (const [k, v] of Object.entries(p.oracles)) lines.push(`  ${k.padEnd(24)} ${v.available ? 'yes' : 'no '}  ${v.why}`);
+  if (p.kernel) {
+    lines.push(`kernel ${p.kernel.release ?? '(release unknown)'}: the models assume`);
+    for (const [k, v] of Object.entries(p.kernel.behaviours)) lines.push(`  ${k.padEnd(24)} ${v.on ? 'yes' : 'no '}  ${v.why}`);
+  }
   return lines.join('\n');
 }
 
