@@ -2,7 +2,7 @@
 // live boot under QEMU/TCG (KVMHARNESS_LAB=1: it downloads Debian's kernel once
 // and boots for a few seconds).
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
-import { chmodSync, closeSync, constants, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { chmodSync, closeSync, constants, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -219,6 +219,20 @@ describe('lab initramfs', () => {
     expect(init).not.toContain('stty');
     // The /init parses with the host's sh.
     expect(spawnSync('sh', ['-n'], { input: init }).status).toBe(0);
+  });
+
+  it('names the file by its content in a cache directory: the same content is reused, other modules get another file', () => {
+    const dir = join(k.dir, 'initramfs-cache');
+    const a = buildInitramfs({ kernel, agentBinary: agent, profile: profile('npt-tdp'), dir });
+    const size = readFileSync(a).length;
+    expect(a).toMatch(/initramfs-npt-tdp-[0-9a-f]{20}\.cpio\.gz$/);
+    expect(buildInitramfs({ kernel, agentBinary: agent, profile: profile('npt-tdp'), dir })).toBe(a);
+    expect(readFileSync(a).length).toBe(size);
+    const b = buildInitramfs({ kernel, agentBinary: agent, profile: profile('npt-tdp', 'kvm.eager_page_split=0'), dir });
+    expect(b).not.toBe(a);
+    expect(existsSync(a) && existsSync(b)).toBe(true);
+    // Nothing half-written is left behind.
+    expect(readdirSync(dir).filter((f) => f.endsWith('.tmp'))).toEqual([]);
   });
 
   it('puts parameters of modules the lab does not load in an error, and built-in ones on the command line', async () => {
@@ -452,4 +466,23 @@ describe.skipIf(skipLive !== undefined)(`lab run and Ctrl-C${skipLive ? ` [skipp
     for (const t0 = Date.now(); qemus.some(alive) && Date.now() - t0 < 5_000; await new Promise((r) => setTimeout(r, 100)));
     expect(qemus.filter(alive)).toEqual([]);
   }, 180_000);
+});
+
+describe.skipIf(skipLive !== undefined)(`two lab runs at once${skipLive ? ` [skipped: ${skipLive}]` : ''}`, () => {
+  it('each boots its own initramfs (its own module parameters) and both pass', async () => {
+    const bin = join(import.meta.dirname, '..', 'dist', 'src', 'cli', 'bin.js');
+    const start = (split: string) => {
+      const child = spawn(process.execPath, [bin, 'lab', 'probe', '--release', '6.1', '--json', '--modparams', `kvm.eager_page_split=${split}`], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      let err = '';
+      child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+      child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+      return new Promise<{ code: number | null; out: string; err: string }>((resolve) => child.on('exit', (code) => resolve({ code, out, err })));
+    };
+    const [a, b] = await Promise.all([start('0'), start('1')]);
+    expect(a.code, a.err).toBe(0);
+    expect(b.code, b.err).toBe(0);
+    expect(JSON.parse(a.out).moduleParams['kvm.eager_page_split']).toBe('N');
+    expect(JSON.parse(b.out).moduleParams['kvm.eager_page_split']).toBe('Y');
+  }, 240_000);
 });
