@@ -264,6 +264,11 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     };
     const modelKind = (spte: number) => (!isPresent(spte) ? 'none' : !isLeaf(spte) ? 'table' : decodeSpte(spte).writable ? 'leaf W' : 'leaf R');
     /** Takes the trace into the picture; returns the traced changes of entries mapping the block ("+gfn@level old -> new"). */
+    // The host's reclaim ages the block (MGLRU walks secondary MMUs): an
+    // Accessed bit cleared, which 6.13 on traces (kvm_tdp_mmu_age_spte) and
+    // the model does not model. Such changes are counted, not compared.
+    const accessed = flavour === 'ept' ? 1n << 8n : 1n << 5n;
+    let aged = 0;
     const take = (): string[] => {
       const events = trace!.take();
       picture.add(events);
@@ -272,7 +277,13 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
         if (e.id !== 'kvmmmu/kvm_tdp_mmu_spte_changed' || typeof e.fields.gfn !== 'bigint') continue;
         const gfn = Number(e.fields.gfn);
         const level = Number(e.fields.level);
-        if (covers(gfn, level)) seen.push(change(gfn, level, kvmKind(e.fields.old_spte, level), kvmKind(e.fields.new_spte, level)));
+        if (!covers(gfn, level)) continue;
+        const { old_spte: o, new_spte: n } = e.fields;
+        if (typeof o === 'bigint' && typeof n === 'bigint' && (o ^ n) === accessed && (n & accessed) === 0n) {
+          aged++;
+          continue;
+        }
+        seen.push(change(gfn, level, kvmKind(o, level), kvmKind(n, level)));
       }
       return seen;
     };
@@ -350,6 +361,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     };
     compare('5. after the guest touches the block again', take(), tracedModel);
 
+    if (aged) ctx.note(`${aged} traced changes over the block only cleared the Accessed bit (the host's reclaim aging it): not compared`);
     const after = s.hugeBytes();
     ctx.expect('the block is still a transparent huge page after the run', true, after !== undefined && after >= Number(MIB2));
   } finally {
