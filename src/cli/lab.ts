@@ -4,6 +4,7 @@
 import type { Command } from 'commander';
 import { labFetch, labRelease, RELEASES } from '../lab/fetch/index.js';
 import { DEFAULT_PROFILE, LabError, PROFILES, profile as profileNamed, type LabArch } from '../lab/profiles.js';
+import { labSource } from '../lab/kvm-source.js';
 import { openLab, type LabSessionOptions } from '../lab/session.js';
 import { abTable, compareAb } from '../lab/ab.js';
 import { releaseDiffs, type ReleaseCell } from '../report/release-diff.js';
@@ -22,6 +23,7 @@ interface LabCliOptions {
   modparams?: string;
   bootTimeout?: string;
   release?: string;
+  kvmSource?: string;
 }
 
 const RELEASE_NAMES = RELEASES.map((r) => `${r.name} (${r.suite})`).join(', ');
@@ -33,7 +35,7 @@ function sessionOptions(o: LabCliOptions, profile: string): LabSessionOptions {
   if (o.release !== undefined) labRelease(o.release);
   return {
     profile, arch: o.arch as LabArch | undefined, modparams: o.modparams, kernel: o.kernel, modules: o.modules,
-    release: o.release, bootTimeoutMs: timeout, log,
+    release: o.release, kvmSource: o.kvmSource, bootTimeoutMs: timeout, log,
   };
 }
 
@@ -78,12 +80,23 @@ export function registerLab(program: Command): Command {
       }
     });
 
+  lab
+    .command('source')
+    .description("unpack Debian's source of a release's exact x86 kernel (KVM's directories) into DIR, for --kvm-source")
+    .option('--release <name>', `${RELEASE_NAMES} (default: the newest)`)
+    .option('--full', 'the whole tree, not only arch/x86/kvm and virt/kvm')
+    .argument('<dir>', 'an empty or new directory')
+    .action(async (dir: string, o: { release?: string; full?: boolean }) => {
+      console.log(await labSource({ release: o.release, dir, full: o.full, log }));
+    });
+
   const labOptions = (c: Command) =>
     c
       .option('--arch <arch>', 'x86_64 or arm64 (default: the profile\'s)')
       .option('--kernel <image>', 'your kernel (bzImage or vmlinux) instead of the cached Debian one, or a release name')
       .option('--modules <dir>', "your kernel's modules directory (lib/modules/<version>)")
       .option('--modparams <params>', "extra module parameters, e.g. 'kvm.eager_page_split=0'")
+      .option('--kvm-source <dir>', "x86: build KVM from this kernel source tree against the release's headers and boot it")
       .option('--boot-timeout <s>', 'give up on a boot after this many seconds (default 60)');
 
   const release = (c: Command) => c.option('--release <name>', `the lab kernel: ${RELEASE_NAMES} (default: the newest)`);
@@ -104,7 +117,7 @@ export function registerLab(program: Command): Command {
         if (!Number.isInteger(repeat) || repeat < 1) throw new LabError(`--repeat needs an integer >= 1, got '${o.repeat}'`);
         const runs = async (kernel: string | undefined, modules: string | undefined, label: string, release?: string) => {
           log(`${label}: ${kernel ?? `the cached Debian kernel ${labRelease(release).name}`}`);
-          const s = await openLab({ ...sessionOptions(o, runProfile(o)), kernel, modules, release });
+          const s = await openLab({ ...sessionOptions(o, runProfile(o)), kernel, modules, release, kvmSource: label === 'kernel' ? o.kvmSource : undefined });
           const out: RunReport[] = [];
           try {
             for (let i = 0; i < repeat; i++) {

@@ -66,6 +66,7 @@ export function modulePlan(kernel: LabKernel, profile: Profile): { loads: Module
   if (wanted.length) {
     if (!kernel.modulesDir) throw new LabError(`the kernel ${kernel.version} has no modules directory and ${wanted.join(', ')} is not built in`);
     const tree = moduleTree(kernel.modulesDir);
+    for (const [name, file] of Object.entries(kernel.moduleOverrides ?? {})) tree.files.set(name, file);
     loads = loadOrder(tree, wanted, new Set([...tree.builtin, ...builtin])).map((name) => {
       const source = tree.files.get(name)!;
       const params = Object.entries(profile.modparams[name] ?? {}).map(([k, v]) => `${k}=${v}`);

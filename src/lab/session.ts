@@ -10,6 +10,7 @@ import { constants as fsc } from 'node:fs';
 import type { Target } from '../target/target.js';
 import { labCacheDir, resolveKernel, type LabKernel } from './fetch/index.js';
 import { buildInitramfs } from './initramfs.js';
+import { sourceRelease, withKvmSource } from './kvm-source.js';
 import { profile as profileNamed, LabError, type LabArch, type Profile } from './profiles.js';
 import { bootLab, type Lab } from './qemu.js';
 import { RemoteAddon } from './remote/addon.js';
@@ -23,8 +24,10 @@ export interface LabSessionOptions {
   modparams?: string;
   kernel?: string;
   modules?: string;
-  /** The lab release to boot (lab fetch --release); default the newest. */
+  /** The lab release to boot (lab fetch --release); default the newest, or the release `lab source` made kvmSource of. */
   release?: string;
+  /** A kernel source tree whose KVM is built and booted instead of the stock modules (x86). */
+  kvmSource?: string;
   bootTimeoutMs?: number;
   log: (s: string) => void;
 }
@@ -71,7 +74,9 @@ function agentBinary(arch: LabArch, log: (s: string) => void): string {
 export async function openLab(o: LabSessionOptions): Promise<LabSession> {
   const prof = profileNamed(o.profile, o.modparams);
   if (o.arch && prof.arch !== o.arch) throw new LabError(`lab profile ${prof.name} is for ${prof.arch}, not ${o.arch}`);
-  const kernel = await resolveKernel({ kernel: o.kernel, modules: o.modules, release: o.release, arch: prof.arch, log: o.log });
+  const release = o.release ?? (o.kvmSource && !o.kernel ? sourceRelease(o.kvmSource) : undefined);
+  let kernel = await resolveKernel({ kernel: o.kernel, modules: o.modules, release, arch: prof.arch, log: o.log });
+  if (o.kvmSource) kernel = await withKvmSource(kernel, o.kvmSource, o.log);
   const agent = agentBinary(prof.arch, o.log);
   const initramfs = buildInitramfs({ kernel, agentBinary: agent, profile: prof, dir: join(labCacheDir(), 'initramfs') });
   o.log(`booting ${kernel.version} (${prof.name})`);

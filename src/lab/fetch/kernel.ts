@@ -29,6 +29,8 @@ export interface LabKernel {
   package?: string;
   /** The lab release it is (lab fetch --release): "6.12"; undefined for the user's own kernel. */
   release?: string;
+  /** Modules booted instead of the tree's (module name → .ko), e.g. KVM built from a source tree (--kvm-source). */
+  moduleOverrides?: Readonly<Record<string, string>>;
 }
 
 /** A config option the lab needs: "y" or "y or m" ("ym"), and what for. */
