@@ -486,3 +486,37 @@ describe.skipIf(skipLive !== undefined)(`two lab runs at once${skipLive ? ` [ski
     expect(JSON.parse(b.out).moduleParams['kvm.eager_page_split']).toBe('Y');
   }, 240_000);
 });
+
+describe.skipIf(skipLive !== undefined)(`lab run --kvm-source${skipLive ? ` [skipped: ${skipLive}]` : ''}`, () => {
+  it('two runs with different KVM source trees started together each boot their own modules', async () => {
+    const { labSource, SOURCE_MARK } = await import('../src/lab/kvm-source.js');
+    const { breakZapping } = await import('../bench/kvm-source.js');
+    const { labCacheDir } = await import('../src/lab/fetch/index.js');
+    // Kept in the cache: later runs build incrementally.
+    const root = join(labCacheDir(), 'test-kvm-source');
+    const stock = join(root, 'stock');
+    const broken = join(root, 'broken');
+    for (const dir of [stock, broken]) {
+      if (existsSync(join(dir, SOURCE_MARK))) continue;
+      rmSync(dir, { recursive: true, force: true });
+      await labSource({ release: '6.1', dir, log: () => {} });
+    }
+    const tdpMmu = join(broken, 'arch', 'x86', 'kvm', 'mmu', 'tdp_mmu.c');
+    const text = readFileSync(tdpMmu, 'utf8');
+    if (!text.includes('if (iter.level > PG_LEVEL_4K) tdp_mmu_set_spte')) writeFileSync(tdpMmu, breakZapping(text));
+    const bin = join(import.meta.dirname, '..', 'dist', 'src', 'cli', 'bin.js');
+    const start = (tree: string) => {
+      const child = spawn(process.execPath, [bin, 'lab', 'run', '--kvm-source', tree, '--profile', 'npt-tdp', '--', 'run', 'tdp_spte_picture'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+      child.stderr.on('data', (d: Buffer) => (out += d.toString()));
+      return new Promise<{ code: number | null; out: string }>((resolve) => child.on('exit', (code) => resolve({ code, out })));
+    };
+    const [a, b] = await Promise.all([start(stock), start(broken)]);
+    expect(a.out).toMatch(/^PASS +tdp_spte_picture/m);
+    expect(a.code, a.out).toBe(0);
+    expect(b.out).toMatch(/^FAIL +tdp_spte_picture/m);
+    expect(b.out).toMatch(/after MADV_DONTNEED of 3 pages: gfn 0x[0-9a-f]+: expected "not mapped"/);
+    expect(b.code).toBe(1);
+  }, 900_000);
+});
