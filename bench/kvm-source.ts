@@ -15,7 +15,7 @@ import { openLab } from '../src/lab/session.js';
 import { probe } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';
 import type { Outcome } from '../src/run/types.js';
-import type { Entry } from './main.js';
+import type { Entry } from './entry.js';
 
 const RELEASE = '6.1';
 const ZAP = 'tdp_mmu_set_spte(kvm, &iter, 0);';

@@ -12,7 +12,7 @@ import { probe } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';
 import type { Check } from '../src/run/types.js';
 
-import type { Entry } from './main.js';
+import type { Entry } from './entry.js';
 
 const FIRST = 'real_mode_io';
 const MEASURED = 'long_mode_store_load';

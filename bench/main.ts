@@ -16,19 +16,11 @@ import { localTarget } from '../src/target/local.js';
 import { packageRoot } from '../src/kvm/sys.js';
 import { exitRoundtrip, faultIn, lifecycleOnce, vmLifecycle } from './kvm.js';
 import { benchKvmSource } from './kvm-source.js';
+import type { Entry } from './entry.js';
 import { benchLab } from './lab.js';
 import { benchMatrix } from './matrix.js';
 import { benchTdpIter } from './tdp.js';
 import { benchModelWalks } from './walk.js';
-
-export interface Entry {
-  name: string;
-  unit: string;
-  value: number | null;
-  reference?: number;
-  ratio?: number;
-  note?: string;
-}
 
 interface Target {
   text: string;

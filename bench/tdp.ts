@@ -14,7 +14,7 @@ const RUNS = 9;
 
 export function benchTdpIter(): { name: 'tdp_iter_1m_gfn_ms'; unit: 'ms'; value: number } {
   const slots = new Memslots({ asIds: 1 });
-  const tdp = new Tdp(slots, { arch: 'x86', record: false });
+  const tdp = new Tdp(slots, { arch: 'x86_64', record: false });
   const npages = Math.ceil(GFNS / 512) * 512;
   tdp.setMemslot({
     slot: 0,

@@ -13,6 +13,7 @@
 // faults (not present, user->supervisor, write to read-only, NX fetch, SMEP, SMAP,
 // reserved bits).
 
+import { mulberry32 } from '../src/model/prng.js';
 import { walk, type Access, type PagingConfig } from '../src/model/walk.js';
 
 const P = 1n, RW = 2n, US = 4n, A = 32n, D = 64n, PS = 128n, NX = 1n << 63n;
@@ -24,21 +25,9 @@ interface BenchSet {
   accesses: Access[];
 }
 
-function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    // xorshift32
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 4294967296;
-  };
-}
-
 export function buildBenchSet(seed = 1): BenchSet {
-  const rand = rng(seed);
+  const next = mulberry32(seed);
+  const rand = () => next() / 2 ** 32;
   const mem = new Map<bigint, bigint>();
   let nextFrame = 0x100000n; // tables from 1 MiB up
   const alloc = (): bigint => {

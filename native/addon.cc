@@ -1,4 +1,4 @@
-// Thin node-addon-api wrapper over the core. Returns raw results: a number
+// Thin node-addon-api wrapper over the core and the vCPU threads. Returns raw results: a number
 // (negative errno on failure) or a buffer; the TypeScript layer names calls,
 // decodes structures and raises errors.
 #include <napi.h>
@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core.h"
+#include "vcpu_thread.h"
 
 namespace {
 
@@ -203,21 +204,6 @@ Napi::Value Write(const Napi::CallbackInfo &info) {
   return num(env, kh::write_fd((int)i64(info[0]), d, n));
 }
 
-// runLoop(fd, runAddress: bigint, consolePort, maxExits, out: Uint8Array, result: Int32Array[3])
-// -> KVM_RUN's last result; result[0] = exits, result[1] = console bytes.
-Napi::Value RunLoop(const Napi::CallbackInfo &info) {
-  ARGS(6);
-  uint8_t *out, *res;
-  size_t cap, rlen;
-  if (!bytes(info[4], &out, &cap) || !bytes(info[5], &res, &rlen) || rlen < 8) return fail(env, "runLoop: bad buffers");
-  void *run = reinterpret_cast<void *>((uintptr_t)u64(info[1]));
-  uint32_t len = 0, exits = 0;
-  int64_t r = kh::run_loop((int)i64(info[0]), run, (uint16_t)i64(info[2]), (uint32_t)i64(info[3]), out, cap, &len, &exits);
-  reinterpret_cast<uint32_t *>(res)[0] = exits;
-  reinterpret_cast<uint32_t *>(res)[1] = len;
-  return num(env, r);
-}
-
 Napi::Value Gettid(const Napi::CallbackInfo &info) { return num(info.Env(), kh::gettid_()); }
 Napi::Value KickInstall(const Napi::CallbackInfo &info) { return num(info.Env(), kh::kick_install()); }
 Napi::Value KickSignal(const Napi::CallbackInfo &info) { return num(info.Env(), kh::kick_signal()); }
@@ -250,7 +236,7 @@ void Notify(void *arg, int32_t seq) {
 
 // threadStart(ctl: Int32Array over a SharedArrayBuffer, console: Uint8Array,
 // onDone(seq)) -> handle (an External), or -errno. The thread's tid is in
-// ctl[14] when it returns.
+// ctl[CTL_TID] when it returns.
 Napi::Value ThreadStart(const Napi::CallbackInfo &info) {
   ARGS(3);
   uint8_t *ctl, *out;
@@ -350,7 +336,6 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("ftruncate", Napi::Function::New(env, Ftruncate));
   exports.Set("pread", Napi::Function::New(env, Pread));
   exports.Set("write", Napi::Function::New(env, Write));
-  exports.Set("runLoop", Napi::Function::New(env, RunLoop));
   exports.Set("gettid", Napi::Function::New(env, Gettid));
   exports.Set("kickInstall", Napi::Function::New(env, KickInstall));
   exports.Set("kickSignal", Napi::Function::New(env, KickSignal));

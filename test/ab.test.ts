@@ -1,13 +1,14 @@
 // A/B comparison of two kernels' reports: outcomes that differ, and times that
 // differ beyond the noise of the repeats.
 import { describe, expect, it } from 'vitest';
-import { abTable, beyondNoise, compareAb } from '../src/lab/ab.js';
+import { beyondNoise, compareAb } from '../src/lab/ab.js';
+import { abTable } from '../src/report/ab-table.js';
 import type { CheckResult, Outcome, RunReport } from '../src/run/types.js';
 
 function report(checks: [string, Outcome, number][]): RunReport {
   const cs: CheckResult[] = checks.map(([name, outcome, durationMs]) => ({ name, description: '', outcome, comparisons: [], notes: [], durationMs }));
   return {
-    host: { arch: 'x64', flavour: 'kvm_amd', tdp: { enabled: true, kind: 'npt' }, tdpMmu: true, device: '/dev/kvm' },
+    host: { arch: 'x86_64', flavour: 'kvm_amd', tdp: { enabled: true, kind: 'npt' }, tdpMmu: true, device: '/dev/kvm' },
     checks: cs,
     summary: { total: cs.length, passed: 0, failed: 0, notApplicable: 0, errors: 0, durationMs: 0, notRun: 0, casesChecked: 0 },
   };

@@ -14,13 +14,15 @@
  * under KVMHARNESS_REQUIRE_KVM=1 (CI), where it fails.
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   A64, SYSREG_NAMES, SYSREG_READONLY, type Cond, type Label, type SysReg, type SysRegEncoding,
 } from '../src/arch/arm64/asm.js';
+import { mulberry32 } from '../src/model/prng.js';
+import { assembleCases, byteMismatches as asMismatches, describeComparisons, encodeAll, hexBytes } from './support/binutils.js';
 
 // ---- register names and immediates as the disassembler prints them ---------------
 
@@ -331,7 +333,6 @@ const ALL: Case[] = [...[...groups.values()].flat(), WRONG];
 const statements = (s: string) => s.split(/[;\n]/).map((x) => x.trim()).filter((x) => x !== '');
 /** objdump's text without its trailing comment, spaces collapsed and none after commas. */
 const normalize = (s: string) => s.replace(/\s*\/\/.*$/, '').replace(/\s+/g, ' ').replace(/ ?, ?/g, ',').trim();
-const hexBytes = (b: ArrayLike<number>) => Array.from(b, (x) => x.toString(16).padStart(2, '0')).join(' ');
 
 function encode(k: Case): Buffer {
   const a = new A64(k.base ?? 0n);
@@ -384,38 +385,16 @@ function runBinutils(): void {
   tmp = mkdtempSync(join(tmpdir(), 'asm-arm64-test-'));
 
   // 1. as: every case between the symbols c<i> and c<i+1>.
-  const src = ['.text'];
-  ALL.forEach((k, i) => src.push(`c${i}:`, ...statements(k.gas ?? k.text)));
-  src.push(`c${ALL.length}:`, '');
-  const s = join(tmp, 'cases.s'), o = join(tmp, 'cases.o'), bin = join(tmp, 'cases.bin');
-  writeFileSync(s, src.join('\n'));
-  gasWarnings = run('as', ['-o', o, s]);
-  run('objcopy', ['-O', 'binary', '-j', '.text', o, bin]);
-  const text = readFileSync(bin);
-  const addr = new Map<string, number>();
-  for (const line of run('nm', [o]).split('\n')) {
-    const m = /^([0-9a-f]+) \w (c\d+)$/.exec(line);
-    if (m) addr.set(m[2]!, parseInt(m[1]!, 16));
-  }
-  ALL.forEach((k, i) => gasBytes.set(k, text.subarray(addr.get(`c${i}`)!, addr.get(`c${i + 1}`)!)));
+  const as = assembleCases(run, tmp, ['.text'], ALL.map((k) => statements(k.gas ?? k.text).join('\n')));
+  gasWarnings = as.warnings;
+  ALL.forEach((k, i) => gasBytes.set(k, as.bytes[i]!));
 
   // 2. objdump: the encoder's output for all cases, back to back.
-  const parts = ALL.map((k) => {
-    try {
-      return encode(k);
-    } catch {
-      return Buffer.alloc(0); // reported by byteMismatches
-    }
-  });
-  const starts: number[] = [];
-  let total = 0;
-  for (const p of parts) { starts.push(total); total += p.length; }
-  const ebin = join(tmp, 'encoder.bin');
-  writeFileSync(ebin, Buffer.concat(parts));
-  const insns = parseObjdump(run('objdump', ['-D', '-z', '-b', 'binary', '-m', 'aarch64', ebin]));
+  const { file, ranges } = encodeAll(tmp, ALL, encode);
+  const insns = parseObjdump(run('objdump', ['-D', '-z', '-b', 'binary', '-m', 'aarch64', file]));
   let j = 0;
   ALL.forEach((k, i) => {
-    const start = starts[i]!, end = start + parts[i]!.length;
+    const [start, end] = ranges[i]!;
     const mine: Insn[] = [];
     while (j < insns.length && insns[j]!.offset < end) mine.push(insns[j++]!);
     disasm.set(k, { start, insns: mine });
@@ -423,18 +402,7 @@ function runBinutils(): void {
 }
 
 /** Differences between the encoder and as for these cases. */
-function byteMismatches(cases: Case[]): string[] {
-  return cases.flatMap((k) => {
-    const want = hexBytes(gasBytes.get(k)!);
-    let got: string;
-    try {
-      got = hexBytes(encode(k));
-    } catch (e) {
-      return [`${k.text}: encoder threw ${(e as Error).message}`];
-    }
-    return want === got ? [] : [`${k.text}: as ${want} | encoder ${got}`];
-  });
-}
+const byteMismatches = (cases: Case[]): string[] => asMismatches(cases, gasBytes, encode);
 
 /** Differences between objdump's reading of the encoder's bytes and the case texts. */
 function disasmMismatches(cases: Case[]): string[] {
@@ -467,24 +435,7 @@ if (binutilsMissing && process.env.KVMHARNESS_REQUIRE_KVM === '1') {
       if (tmp) rmSync(tmp, { recursive: true, force: true });
     });
 
-    describe('encoder bytes equal GNU as bytes', () => {
-      it('as assembles the case texts without warnings', () => {
-        expect(gasWarnings).toBe('');
-      });
-      for (const [name, cases] of groups) {
-        it(`${name} (${cases.length} cases)`, () => {
-          expect(byteMismatches(cases)).toEqual([]);
-        });
-      }
-    });
-
-    describe('objdump reads the encoder output as the case texts', () => {
-      for (const [name, cases] of groups) {
-        it(`${name} (${cases.length} cases)`, () => {
-          expect(disasmMismatches(cases)).toEqual([]);
-        });
-      }
-    });
+    describeComparisons(groups, { warnings: () => gasWarnings, byteMismatches, disasmMismatches });
 
     describe('the comparison catches a wrong encoding', () => {
       it('reports a 32-bit add against as', () => {
@@ -525,8 +476,8 @@ describe('mov64 picks the shortest sequence', () => {
   }
 
   it('loads every value of a seeded sample of 16-bit chunk patterns in max(1, 4 - max(#0x0000, #0xffff)) instructions', () => {
-    let seed = 12345;
-    const rand = () => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) >>> 16;
+    const next = mulberry32(12345);
+    const rand = () => next() >>> 16;
     const kinds = [() => 0, () => 0xffff, () => rand(), () => rand() & 0xff, () => 0x8000];
     for (let n = 0; n < 5000; n++) {
       const chunks = [0, 1, 2, 3].map(() => kinds[rand() % kinds.length]!());

@@ -9,11 +9,12 @@
  * boundary and text is compared with the case's text.
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Asm, type Cond, type Mem, type Reg64, type Size } from '../src/arch/x86/asm.js';
+import { assembleCases, byteMismatches as asMismatches, describeComparisons, encodeAll, hexBytes } from './support/binutils.js';
 
 // ---- register names as the disassembler prints them ---------------------------
 
@@ -317,7 +318,6 @@ const statements = (s: string) => s.split(';').map((x) => x.trim()).filter((x) =
 /** The text with objdump's `ds:ADDR` written `[ADDR]` (as warns about a segment on lea). */
 const gasSource = (k: Case) => k.gas ?? statements(k.text).map((x) => x.replace(/ds:(0x[0-9a-f]+)/, '[$1]')).join('\n');
 const normalize = (s: string) => s.replace(/\s+/g, ' ').replace(/ ?, ?/g, ',').trim();
-const hexBytes = (b: ArrayLike<number>) => Array.from(b, (x) => x.toString(16).padStart(2, '0')).join(' ');
 
 function encode(k: Case): Uint8Array {
   const a = new Asm({ origin: k.origin ?? 0 });
@@ -362,40 +362,16 @@ function runBinutils(): void {
   for (const tool of ['as', 'nm', 'objcopy', 'objdump']) run(tool, ['--version']);
 
   // 1. as: every case between the symbols c<i> and c<i+1>.
-  const src = ['.intel_syntax noprefix', '.code64', '.text'];
-  ALL.forEach((k, i) => src.push(`c${i}:`, gasSource(k)));
-  src.push(`c${ALL.length}:`, '');
-  const s = join(tmp, 'cases.s'), o = join(tmp, 'cases.o'), bin = join(tmp, 'cases.bin');
-  writeFileSync(s, src.join('\n'));
-  gasWarnings = run('as', ['--64', '-o', o, s]);
-  run('objcopy', ['-O', 'binary', '-j', '.text', o, bin]);
-  const text = readFileSync(bin);
-  const at = new Map<string, number>();
-  for (const line of run('nm', [o]).split('\n')) {
-    const m = /^([0-9a-f]+) \w (c\d+)$/.exec(line);
-    if (m) at.set(m[2]!, parseInt(m[1]!, 16));
-  }
-  ALL.forEach((k, i) => gasBytes.set(k, text.subarray(at.get(`c${i}`)!, at.get(`c${i + 1}`)!)));
+  const as = assembleCases(run, tmp, ['.intel_syntax noprefix', '.code64', '.text'], ALL.map(gasSource), ['--64']);
+  gasWarnings = as.warnings;
+  ALL.forEach((k, i) => gasBytes.set(k, as.bytes[i]!));
 
   // 2. objdump: the encoder's output for all code cases, back to back.
-  const parts = CODE.map((k) => {
-    try {
-      return encode(k);
-    } catch {
-      return new Uint8Array(); // reported by byteMismatches
-    }
-  });
-  const starts: number[] = [];
-  let total = 0;
-  for (const p of parts) { starts.push(total); total += p.length; }
-  const all = new Uint8Array(total);
-  parts.forEach((p, i) => all.set(p, starts[i]!));
-  const ebin = join(tmp, 'encoder.bin');
-  writeFileSync(ebin, all);
-  const insns = parseObjdump(run('objdump', ['-D', '-z', '-b', 'binary', '-m', 'i386:x86-64', '-M', 'intel', ebin]));
+  const { file, ranges, total } = encodeAll(tmp, CODE, encode);
+  const insns = parseObjdump(run('objdump', ['-D', '-z', '-b', 'binary', '-m', 'i386:x86-64', '-M', 'intel', file]));
   const offsets = new Set(insns.map((x) => x.offset));
   CODE.forEach((k, i) => {
-    const start = starts[i]!, end = start + parts[i]!.length;
+    const [start, end] = ranges[i]!;
     disasm.set(k, {
       start,
       insns: insns.filter((x) => x.offset >= start && x.offset < end),
@@ -405,18 +381,7 @@ function runBinutils(): void {
 }
 
 /** Differences between the encoder and as for these cases. */
-function byteMismatches(cases: Case[]): string[] {
-  return cases.flatMap((k) => {
-    const want = hexBytes(gasBytes.get(k)!);
-    let got: string;
-    try {
-      got = hexBytes(encode(k));
-    } catch (e) {
-      return [`${k.text}: encoder threw ${(e as Error).message}`];
-    }
-    return want === got ? [] : [`${k.text}: as ${want} | encoder ${got}`];
-  });
-}
+const byteMismatches = (cases: Case[]): string[] => asMismatches(cases, gasBytes, encode);
 
 /** Differences between objdump's reading of the encoder's bytes and the case texts. */
 function disasmMismatches(cases: Case[]): string[] {
@@ -437,26 +402,7 @@ describe('against GNU binutils', () => {
     if (tmp) rmSync(tmp, { recursive: true, force: true });
   });
 
-  describe('encoder bytes equal GNU as bytes', () => {
-    it('as assembles the case texts without warnings', () => {
-      expect(gasWarnings).toBe('');
-    });
-    for (const [name, cases] of groups) {
-      it(`${name} (${cases.length} cases)`, () => {
-        expect(byteMismatches(cases)).toEqual([]);
-      });
-    }
-  });
-
-  describe('objdump reads the encoder output as the case texts', () => {
-    for (const [name, cases] of groups) {
-      const code = cases.filter((k) => !k.data);
-      if (code.length === 0) continue;
-      it(`${name} (${code.length} cases)`, () => {
-        expect(disasmMismatches(code)).toEqual([]);
-      });
-    }
-  });
+  describeComparisons(groups, { warnings: () => gasWarnings, byteMismatches, disasmMismatches, disassembled: (k) => !k.data });
 
   describe('the comparison catches a wrong encoding', () => {
     it('reports the naive [r13] encoding against as', () => {

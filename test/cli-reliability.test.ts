@@ -49,7 +49,7 @@ async function untilInstance(pid: number | undefined, limitMs = 60_000): Promise
 }
 
 describe('the report of an interrupted run', () => {
-  const profile = { arch: 'x64', flavour: 'kvm', tdp: { enabled: false }, tdpMmu: false, device: '/dev/kvm' } as unknown as HostProfile;
+  const profile = { arch: 'x86_64', flavour: 'kvm', tdp: { enabled: false }, tdpMmu: false, device: '/dev/kvm' } as unknown as HostProfile;
   const check = (name: string): Check => ({ name, description: `${name} does things`, needs: [], run: async () => {} });
   const checks = ['a', 'b', 'c', 'd'].map(check);
   const done: CheckResult[] = [

@@ -5,12 +5,14 @@ import { describe, expect, it } from 'vitest';
 import { Kvm } from '../src/kvm/kvm.js';
 import type { WrongWalk } from '../src/model/wrong.js';
 import type { HostProfile } from '../src/probe/probe.js';
-import { scenarioCheck, tracedWalks } from '../src/run/engine.js';
+import { scenarioCheck } from '../src/run/engine.js';
 import { runCheck } from '../src/run/runner.js';
 import { builtinScenarios, loadScenario, resolveScenario } from '../src/scenario/load.js';
 import type { Scenario } from '../src/scenario/types.js';
 import { parseFormat, parseTrace, TRACEFS, type TraceEvent } from '../src/observe/tracefs.js';
+import { tracedWalks } from '../src/observe/walker-trace.js';
 import { describeKvm, failures, withHost } from './support/kvm.js';
+import { wrong as wrongValue } from './support/wrong.js';
 
 const WALK_FORMAT = `name: kvm_mmu_pagetable_walk
 ID: 1
@@ -113,6 +115,96 @@ describeKvm('scenarios on this host', () => {
     });
   }
 
+  // Observations KVM could wrongly produce, fed to each oracle of a scenario in
+  // turn: each must fail the check naming exactly the comparison it spoiled.
+  type Fault = { vector: number; errorCode: bigint; cr2: bigint };
+  type Pte = { level: number; at: bigint; value: bigint };
+  type Trace = { accessed: bigint[]; dirty: bigint[] };
+  const KVM_MISTAKES: [string, RegExp, (o: unknown) => unknown | undefined][] = [
+    // CR2 of the page rather than of the byte (or, at a page-aligned address, the byte after it).
+    ['a page-aligned CR2', /: exceptions$/, (o) => {
+      const log = o as Fault[];
+      if (log.length === 0) return undefined;
+      const cr2 = log[0]!.cr2 & 0xfffn ? log[0]!.cr2 & ~0xfffn : log[0]!.cr2 | 8n;
+      return [{ ...log[0]!, cr2 }, ...log.slice(1)];
+    }],
+    ['one flipped error-code flag', /: exceptions$/, (o) => {
+      const log = o as Fault[];
+      return log.length ? [{ ...log[0]!, errorCode: log[0]!.errorCode ^ 2n }, ...log.slice(1)] : undefined;
+    }],
+    ['a missing A bit', /: PTEs after$/, (o) => {
+      const ptes = o as Pte[];
+      const i = ptes.findIndex((p) => p.value & 0x20n);
+      return i < 0 ? undefined : ptes.map((p, j) => (j === i ? { ...p, value: p.value & ~0x20n } : p));
+    }],
+    ['an extra D bit', /: PTEs after$/, (o) => {
+      const ptes = o as Pte[];
+      const i = ptes.findIndex((p) => p.level === 1 && p.value & 1n && !(p.value & 0x40n));
+      return i < 0 ? undefined : ptes.map((p, j) => (j === i ? { ...p, value: p.value | 0x40n } : p));
+    }],
+    ['an extra dirty page', /: dirty pages$/, (o) => {
+      const pages = o as string[];
+      const last = pages.length ? BigInt(pages.at(-1)!) : 0x1000n;
+      return [...pages, `0x${(last + 0x1000n).toString(16)}`];
+    }],
+    ['a missing dirty page', /: dirty pages$/, (o) => ((o as string[]).length ? (o as string[]).slice(1) : undefined)],
+    ['a missing A bit in the walker trace', /: KVM walker trace$/, (o) => {
+      const t = o as Trace;
+      return typeof o === 'object' && t.accessed.length ? { ...t, accessed: t.accessed.slice(1) } : undefined;
+    }],
+    ['an extra D bit in the walker trace', /: KVM walker trace$/, (o) => {
+      const t = o as Trace;
+      return typeof o === 'object' && t.accessed.length ? { ...t, dirty: [...t.dirty, t.accessed[0]!] } : undefined;
+    }],
+  ];
+  const mistakesFed = new Set<string>();
+  for (const [name, trace] of [['write_protect', false], ['accessed_dirty', true], ['dirty_log', false], ['nx', true]] as const) {
+    it(`${name}${trace ? ' (traced)' : ''}: every oracle reports observations KVM could wrongly produce`, async () => {
+      const check = scenarioCheck(load(name), { trace });
+      const clean = await runCheck(check, kvm, profile);
+      if (clean.outcome === 'not_applicable') return;
+      expect(clean.outcome, failures(clean)).toBe('pass');
+      let fed = 0;
+      for (const [mistake, at, tamper] of KVM_MISTAKES) {
+        // The first comparison the mistake matches and applies to.
+        for (const target of clean.comparisons.map((c) => c.what).filter((w) => at.test(w))) {
+          let applied = false;
+          const r = await runCheck(check, kvm, profile, {
+            wrongObservation: (_c, what, o) => {
+              if (what !== target) return o;
+              const t = tamper(o);
+              applied = t !== undefined;
+              return applied ? t : o;
+            },
+          });
+          if (!applied) continue;
+          fed++;
+          mistakesFed.add(mistake);
+          expect(r.outcome, `${mistake} at '${target}'`).toBe('fail');
+          expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what), mistake).toEqual([target]);
+          break;
+        }
+      }
+      expect(fed).toBeGreaterThan(0);
+    });
+  }
+
+  it('fed each of those observations to some oracle', () => {
+    expect([...mistakesFed].sort()).toEqual(KVM_MISTAKES.map(([m]) => m).sort());
+  });
+
+  it('pdpte_ps: a PS=1 PDPTE is checked live, as a reserved-bit fault on a host without 1 GiB pages', async () => {
+    for (const trace of [false, true]) {
+      const r = await runCheck(scenarioCheck(load('pdpte_ps'), { trace }), kvm, profile);
+      if (trace && r.outcome === 'not_applicable') continue;
+      expect(r.outcome, failures(r)).toBe('pass');
+      const faults = r.comparisons.filter((c) => c.what.endsWith(': exceptions')).map((c) => c.expected);
+      if (!profile.cpu!.pdpe1gb) {
+        expect(faults).toEqual([0x9, 0xb, 0xd].map((ec) => `[{cr2: 0x8000000010, errorCode: 0x${ec.toString(16)}, vector: 14}]`));
+      }
+    }
+  });
+
   it('reports a wrong explicit expectation', async () => {
     const sc = load('write_protect');
     const i = sc.steps.findIndex((s) => s.side === 'guest' && s.kind === 'access');
@@ -214,8 +306,8 @@ describeKvm('scenarios on this host', () => {
     it(`${name}: every race comparison reports a wrong expectation`, async () => {
       const ok = await runCheck(scenarioCheck(load(name)), kvm, profile);
       expect(ok.outcome, failures(ok)).toBe('pass');
-      const r = await runCheck(scenarioCheck(load(name)), kvm, profile, { wrongExpectation: (_c, _w, e) => ['wrong', e] });
-      expect(r.comparisons.map((c) => [c.what, c.ok])).toEqual(ok.comparisons.map((c) => [c.what, false]));
+      const r = await runCheck(scenarioCheck(load(name)), kvm, profile, { wrongExpectation: (_c, _w, e) => wrongValue(e) });
+      expect(r.comparisons.map((c) => [c.what, c.ok]), r.reason).toEqual(ok.comparisons.map((c) => [c.what, false]));
     });
   }
 
@@ -245,7 +337,7 @@ describeKvm('scenarios on this host', () => {
 
 describe('shadow-page oracle parsing', () => {
   it('reads gfn, level, direct and new from kvm_mmu_get_page text', async () => {
-    const { parseShadowPage, guestTablePages } = await import('../src/checks/shadow.js');
+    const { parseShadowPage, guestTablePages } = await import('../src/observe/shadow-pages.js');
     const ev = (text: string): TraceEvent => ({ id: 'kvmmmu/kvm_mmu_get_page', pid: 1, cpu: 0, ts: 0, fields: {}, text });
     expect(parseShadowPage(ev('sp gen 0 gfn 10 l4 8-byte q0 wux nxe ad root 0 sync new'))).toEqual({ gfn: 0x10n, level: 4, direct: false, created: true });
     expect(parseShadowPage(ev('sp gen 0 gfn 200 l1 8-byte q0 direct wux nxe ad root 0 sync existing'))).toEqual({ gfn: 0x200n, level: 1, direct: true, created: false });

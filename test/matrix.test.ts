@@ -4,13 +4,17 @@
 // deliberately wrong ones.
 import { describe, expect, it } from 'vitest';
 import { Kvm } from '../src/kvm/kvm.js';
-import { agrees, observe, prepareBatch } from '../src/matrix/batch.js';
-import { accessMatrix, batchRanges, formatRerun, matrixConfig, runAlone } from '../src/matrix/check.js';
+import { agrees, comparable, observe, prepareBatch, type Observed } from '../src/matrix/batch.js';
+import { accessMatrix, batchRanges, matrixConfig, runAlone } from '../src/matrix/check.js';
 import { CASE, caseName, caseSpace, controlState, countCases, enumerateCases, isLegal, sampleCases, type CaseSpace, type MatrixFeatures } from '../src/matrix/flags.js';
+import { classesOf, Coverage, offeredClasses } from '../src/matrix/coverage.js';
 import { MatrixMachine } from '../src/matrix/machine.js';
-import { compileWalk } from '../src/model/walk.js';
+import { compileWalk, PFERR } from '../src/model/walk.js';
 import type { WrongWalk } from '../src/model/wrong.js';
 import type { HostProfile } from '../src/probe/probe.js';
+import { formatRerun } from '../src/report/rerun.js';
+import type { CheckResult, Comparison } from '../src/run/types.js';
+import { show } from '../src/run/differ.js';
 import { runCheck } from '../src/run/runner.js';
 import { describeKvm, failures, withHost } from './support/kvm.js';
 
@@ -254,6 +258,15 @@ describeKvm('access matrix on this host', () => {
     expect(Object.keys(r.cases!.byOutcome).some((k) => k.startsWith('ok fault'))).toBe(true);
     const batches = [...batchRanges(sampleCases(caseSpace(profile.cpu!), 4000, 1), 256)].length;
     expect(r.notes.join('\n')).toMatch(new RegExp(`4000 cases in ${batches} batches, ${batches} guest entries`));
+    // Coverage: every class the vCPU offers, with its count, and none missing.
+    const coverage = r.comparisons.find((c) => c.what.startsWith('coverage'));
+    expect(coverage?.ok, coverage?.observed).toBe(true);
+    const offered = offeredClasses(caseSpace(profile.cpu!));
+    for (const [d, classes] of Object.entries(offered)) {
+      const line = r.notes.find((n) => n.startsWith(`coverage by ${d}: `));
+      expect(line, d).toBeDefined();
+      for (const c of classes) expect(line).toMatch(new RegExp(`${c.replace(/[|]/g, '\\|')}: [1-9]\\d*`));
+    }
   });
 
   it('runs a CPL 3 access through tables the guest rewrote after an earlier CPL 3 access', async () => {
@@ -283,8 +296,12 @@ describeKvm('access matrix on this host', () => {
       expect(r.outcome).toBe('fail');
       const bad = r.cases!.byOutcome.mismatch ?? 0;
       expect(bad).toBeGreaterThan(0);
-      const listed = r.comparisons.filter((c) => !c.ok && c.what !== 'mismatching cases');
+      const listed = caseComparisons(r);
       expect(listed.length).toBe(Math.min(bad, 200));
+      // The outcome classes are the model's: one that never predicts a class leaves a hole in the coverage too.
+      const hole = r.comparisons.find((c) => c.what.startsWith('coverage'))!;
+      expect(hole.ok, hole.observed).toBe(mistake !== 'rsvd-as-not-present');
+      if (!hole.ok) expect(hole.observed).toBe('["outcome: reserved bit"]');
       expect(listed[0]!.what).toMatch(/^pte=\S+ pde=\S+ .*wp=[01] smep=[01] nx=[01]$/);
       expect(r.comparisons.find((c) => c.what === 'mismatching cases')?.observed).toBe(String(bad));
       // Each listed mismatch (up to 20) is re-run alone, with the walks side by side.
@@ -295,6 +312,49 @@ describeKvm('access matrix on this host', () => {
       expect(reruns[0]).toMatch(/KVM walk 1|tracefs unavailable/);
     });
   }
+
+  // Observations KVM could wrongly produce, each changing one field of the cases
+  // it touches: the check must fail, count exactly those cases, and list each
+  // with exactly that field differing.
+  const D = 0x40n;
+  const A = 0x20n;
+  const WRONG_OBSERVATIONS: [string, string, (f: number, o: Observed) => Observed][] = [
+    ['a page-aligned CR2', 'cr2', (_f, o) => (o.ec >= 0 && (o.cr2 & 0xfffn) !== 0n ? { ...o, cr2: o.cr2 & ~0xfffn } : o)],
+    ['CR2 one byte off', 'cr2', (_f, o) => (o.ec >= 0 ? { ...o, cr2: o.cr2 ^ 1n } : o)],
+    ['a missing A bit on the PDE', 'pde', (_f, o) => (o.ec === -1 && o.pde & A ? { ...o, pde: o.pde & ~A } : o)],
+    ['an extra D bit on the PTE', 'pte', (f, o) => (o.ec === -1 && !(f & CASE.PDE_PS) && !(o.pte & D) ? { ...o, pte: o.pte | D } : o)],
+    ['one flipped error-code flag (U)', 'fault', (_f, o) => (o.ec >= 0 ? { ...o, ec: o.ec ^ PFERR.U } : o)],
+    ['a read value one off', 'value', (f, o) => (o.ec === -1 && !(f & (CASE.WRITE | CASE.FETCH)) ? { ...o, value: o.value ^ 1n } : o)],
+    ['a lost write', 'data', (f, o) => (o.ec === -1 && f & CASE.WRITE ? { ...o, data: o.data ^ 1n } : o)],
+  ];
+  for (const [name, field, tamper] of WRONG_OBSERVATIONS) {
+    it(`reports ${name}, naming the ${field} of each case it touched`, async () => {
+      let touched = 0;
+      const wrongObservation = (f: number, o: Observed): Observed => {
+        const t = tamper(f, o);
+        if (t !== o) touched++;
+        return t;
+      };
+      const r = await runCheck(accessMatrix({ sample: 1500, seed: 2, wrongObservation }), kvm, profile);
+      expect(touched).toBeGreaterThan(0);
+      expect(r.outcome).toBe('fail');
+      expect(r.cases!.byOutcome.mismatch).toBe(touched);
+      const listed = caseComparisons(r);
+      expect(listed.length).toBe(Math.min(touched, 200));
+      for (const c of listed) expect(differingFields(c), c.what).toEqual([field]);
+    });
+  }
+
+  it('reports a case list that drops a whole class (EFER.NXE = 1) by its coverage', async () => {
+    const r = await runCheck(accessMatrix({ sample: 4000, seed: 1, wrongCases: (c) => c.filter((f) => !(f & CASE.NXE)) }), kvm, profile);
+    expect(r.outcome).toBe('fail');
+    expect(r.cases!.byOutcome.mismatch ?? 0).toBe(0);
+    const bad = r.comparisons.filter((c) => !c.ok);
+    expect(bad.map((c) => c.what)).toEqual(['coverage: classes this vCPU offers that no checked case fell in']);
+    expect(bad[0]!.observed).toMatch(/control state: nx=1 wp=0/);
+    expect(bad[0]!.observed).toMatch(/control state: nx=1 wp=1/);
+    expect(bad[0]!.observed).not.toMatch(/nx=0/);
+  });
 
   it('reports the same mismatches in the same order on one vCPU and on two', async () => {
     const run = (lanes: number) => runCheck(accessMatrix({ sample: 1500, seed: 3, lanes, wrong: { walk: new Set<WrongWalk>(['ignore-nx']) } }), kvm, profile);
@@ -323,7 +383,8 @@ describeKvm('access matrix on this host', () => {
   });
 
   it('is not applicable in 5-level mode without LA57', async () => {
-    const r = await runCheck(accessMatrix({ sample: 100, seed: 1, mode: '5level' }), kvm, profile);
+    // Large enough to cover every control state of a vCPU with SMEP, SMAP and PKU (80 of them).
+    const r = await runCheck(accessMatrix({ sample: 3000, seed: 1, mode: '5level' }), kvm, profile);
     if (profile.cpu?.la57) expect(r.outcome, failures(r)).toBe('pass');
     else {
       expect(r.outcome).toBe('not_applicable');
@@ -334,7 +395,7 @@ describeKvm('access matrix on this host', () => {
 
 describe('A bits a CPU walker may set on a faulting walk', () => {
   const p = { gva: 0x8000000000, pdeGpa: 0x9000, pde: 0x1000n | 1n, pteGpa: 0xa000, pte: 0n, dataGpa: 0xb000, record: 0xc000 };
-  const e = { ec: 0, pde: 0x1001n, pte: 0n, value: 7n, data: 7n, mayA: 0 };
+  const e = { ec: 0, cr2: 0x8000000000n, pde: 0x1001n, pte: 0n, value: 7n, data: 7n, mayA: 0 };
   const o = { ec: 0, cr2: 0x8000000000n, pde: 0x1021n, pte: 0n, value: 7n, data: 7n };
 
   it('an A bit the model allows is accepted; without the allowance it is a mismatch', () => {
@@ -347,5 +408,107 @@ describe('A bits a CPU walker may set on a faulting walk', () => {
     expect(agrees(0, p, { ...e, mayA: 2 }, o)).toBe(false);
     expect(agrees(0, p, { ...e, mayA: 3 }, { ...o, pde: 0x1001n, pte: 0x20n })).toBe(true);
     expect(agrees(0, p, { ...e, mayA: 1 }, { ...o, ec: 1 })).toBe(false);
+  });
+});
+
+/** The matrix's per-case comparisons that failed. */
+function caseComparisons(r: CheckResult): Comparison[] {
+  return r.comparisons.filter((c) => !c.ok && c.what !== 'mismatching cases' && !c.what.startsWith('coverage'));
+}
+
+/** The fields of a case's `{k: v, ...}` expected and observed texts that differ. */
+function differingFields(c: Comparison): string[] {
+  const fields = (t: string) => new Map(t.slice(1, -1).split(', ').map((kv) => kv.split(': ') as [string, string]));
+  const e = fields(c.expected);
+  const o = fields(c.observed);
+  return [...new Set([...e.keys(), ...o.keys()])].filter((k) => e.get(k) !== o.get(k)).sort();
+}
+
+describe('wrong observations of one case', () => {
+  // A supervisor read through a present, writable 4 KiB PTE that faults on its PTE's reserved bit 51.
+  const p = { gva: 0x8000201238, pdeGpa: 0x9000, pde: 0xa027n, pteGpa: 0xa000, pte: 0x8_0000_000b_0003n, dataGpa: 0xb238, record: 0xc000 };
+  const e = { ec: PFERR.P | PFERR.RSVD, cr2: 0x8000201238n, pde: 0xa027n, pte: 0x8_0000_000b_0003n, value: 7n, data: 7n, mayA: 0 };
+  const o: Observed = { ec: e.ec, cr2: e.cr2, pde: e.pde, pte: e.pte, value: 0n, data: 7n };
+  const diff = (x: Observed) => {
+    const c = comparable(0, p, e, x);
+    return differingFields({ what: '', expected: show(c.expected), observed: show(c.observed), ok: false });
+  };
+
+  it('agrees with what the model says', () => {
+    expect(agrees(0, p, e, o)).toBe(true);
+    expect(diff(o)).toEqual([]);
+  });
+
+  it('compares CR2 with the model\'s faulting address, to the byte', () => {
+    expect(agrees(0, p, e, { ...o, cr2: 0x8000201000n })).toBe(false);
+    expect(diff({ ...o, cr2: 0x8000201000n })).toEqual(['cr2']);
+    expect(agrees(0, p, e, { ...o, cr2: 0x8000201239n })).toBe(false);
+    // The model's CR2, not the case's address: a model that says otherwise is what is compared.
+    expect(agrees(0, p, { ...e, cr2: 0x8000201000n }, { ...o, cr2: 0x8000201000n })).toBe(true);
+    expect(comparable(0, p, { ...e, cr2: 0x1234n }, o).expected).toMatchObject({ cr2: 0x1234n });
+  });
+
+  it('reports a flipped error-code flag, a missing A bit and an extra D bit, each as its own field', () => {
+    expect(agrees(0, p, e, { ...o, ec: e.ec ^ PFERR.W })).toBe(false);
+    expect(diff({ ...o, ec: e.ec ^ PFERR.W })).toEqual(['fault']);
+    expect(agrees(0, p, e, { ...o, pde: e.pde & ~0x20n })).toBe(false);
+    expect(diff({ ...o, pde: e.pde & ~0x20n })).toEqual(['pde']);
+    expect(agrees(0, p, e, { ...o, pte: e.pte | 0x40n })).toBe(false);
+    expect(diff({ ...o, pte: e.pte | 0x40n })).toEqual(['pte']);
+    expect(agrees(0, p, e, { ...o, data: 8n })).toBe(false);
+    expect(diff({ ...o, data: 8n })).toEqual(['data']);
+  });
+
+  it('compares the value of a read that did not fault', () => {
+    const ok = { ...e, ec: -1, cr2: 0n };
+    const seen: Observed = { ...o, ec: -1, value: 7n };
+    expect(agrees(0, p, ok, seen)).toBe(true);
+    expect(agrees(0, p, ok, { ...seen, value: 6n })).toBe(false);
+    expect(diff({ ...seen, value: 6n }).length).toBeGreaterThan(0);
+    expect(agrees(0, p, ok, { ...seen, ec: PFERR.P })).toBe(false);
+  });
+});
+
+describe('coverage', () => {
+  it('offers the classes of the vCPU: 4 control states and no protection-key faults here, 80 states with everything', () => {
+    const here = offeredClasses(caseSpace(HOST_LIKE));
+    expect(here['control state']).toEqual(['nx=0 wp=0', 'nx=1 wp=0', 'nx=0 wp=1', 'nx=1 wp=1']);
+    expect(here.outcome).toEqual(['no fault', 'not present', 'protection', 'reserved bit']);
+    expect(here.access).toHaveLength(6);
+    const all = offeredClasses(caseSpace({ nx: true, smep: true, smap: true, pku: true, maxPhyAddr: 36 }));
+    expect(all['control state']).toHaveLength(80);
+    expect(new Set(all['control state']).size).toBe(80);
+    expect(all.outcome).toContain('protection key');
+  });
+
+  it('names a case\'s classes', () => {
+    const f = CASE.PDE_PS | CASE.USER | CASE.WRITE | CASE.TWICE | CASE.NXE;
+    expect(classesOf(f, PFERR.P | PFERR.W | PFERR.U, caseSpace(HOST_LIKE).offered)).toEqual({
+      'control state': 'nx=1 wp=0', access: 'write after a read', CPL: '3', leaf: '2 MiB', outcome: 'protection',
+    });
+    expect(classesOf(CASE.PKE | CASE.PKRU_WD, PFERR.P | PFERR.PK, 0xffffffff)['control state']).toBe('nx=0 wp=0 smep=0 smap=0 pke=1 pkru1=wd');
+    expect(classesOf(0, PFERR.RSVD | PFERR.P, 0).outcome).toBe('reserved bit');
+    expect(classesOf(0, 0, 0).outcome).toBe('not present');
+    expect(classesOf(0, -1, 0).outcome).toBe('no fault');
+  });
+
+  it('finds nothing missing in a sample that covers the space, and names each class a dropped class leaves out', () => {
+    const space = caseSpace(HOST_LIKE);
+    const sample = sampleCases(space, 4000, 1);
+    const outcomes = [-1, PFERR.P, 0, PFERR.RSVD | PFERR.P];
+    const full = new Coverage(space);
+    sample.forEach((f, i) => full.add(f, outcomes[i % 4]!));
+    expect(full.missing()).toEqual([]);
+    expect(full.lines()).toHaveLength(5);
+    expect(full.lines()[0]).toMatch(/^coverage by control state: nx=0 wp=0: \d+, nx=1 wp=0: \d+, nx=0 wp=1: \d+, nx=1 wp=1: \d+$/);
+    const noNx = new Coverage(space);
+    sample.forEach((f, i) => f & CASE.NXE || noNx.add(f, outcomes[i % 4]!));
+    expect(noNx.missing()).toEqual(['control state: nx=1 wp=0', 'control state: nx=1 wp=1']);
+    const noRsvd = new Coverage(space);
+    sample.forEach((f, i) => noRsvd.add(f, outcomes[i % 3]!));
+    expect(noRsvd.missing()).toEqual(['outcome: reserved bit']);
+    const noUser = new Coverage(space);
+    sample.forEach((f, i) => f & CASE.USER || noUser.add(f, outcomes[i % 4]!));
+    expect(noUser.missing()).toEqual(['CPL: 3']);
   });
 });

@@ -1,9 +1,11 @@
 import { describe, expect, it } from 'vitest';
 import { deriveOracles, detectFlavour, type HostProfile } from '../src/probe/probe.js';
+import { archOfNode } from '../src/arch/arch.js';
+import { formatProfile, profileJson } from '../src/report/profile.js';
 
 type Base = Omit<HostProfile, 'oracles'>;
 const base: Base = {
-  arch: 'x64',
+  arch: 'x86_64',
   device: '/dev/kvm',
   flavour: 'kvm_pvm',
   tdp: { enabled: false, kind: 'none' },
@@ -22,12 +24,12 @@ const avail = (p: Base) => Object.fromEntries(Object.entries(deriveOracles(p)).m
 
 describe('probe', () => {
   it('detects the flavour from loaded modules and the arm64 command line', () => {
-    expect(detectFlavour((m) => m === 'kvm_pvm', '', 'x64')).toBe('kvm_pvm');
-    expect(detectFlavour((m) => m === 'kvm_amd', '', 'x64')).toBe('kvm_amd');
+    expect(detectFlavour((m) => m === 'kvm_pvm', '', 'x86_64')).toBe('kvm_pvm');
+    expect(detectFlavour((m) => m === 'kvm_amd', '', 'x86_64')).toBe('kvm_amd');
     expect(detectFlavour(() => false, 'quiet kvm-arm.mode=nvhe', 'arm64')).toBe('arm64-nvhe');
     expect(detectFlavour(() => false, 'kvm-arm.mode=protected', 'arm64')).toBe('arm64-protected');
     expect(detectFlavour(() => false, '', 'arm64')).toBe('arm64-vhe');
-    expect(detectFlavour(() => false, '', 'x64')).toBe('unknown');
+    expect(detectFlavour(() => false, '', 'x86_64')).toBe('unknown');
   });
 
   it('on arm64, believes the kernel log over the command line', () => {
@@ -72,5 +74,16 @@ describe('probe', () => {
   it('a mounted tracefs without the kvmmmu events offers no walker oracle', () => {
     const o = avail({ ...base, tracefs: { state: 'mounted', path: '/sys/kernel/tracing', events: {} } });
     expect(o.walker_tracepoints).toBe(false);
+  });
+});
+
+describe('the architecture', () => {
+  it("maps Node's names once, and the profile prints Node's name, as it always has", () => {
+    expect([archOfNode('x64'), archOfNode('arm64'), archOfNode('ia32')]).toEqual(['x86_64', 'arm64', undefined]);
+    const p: HostProfile = { ...base, oracles: deriveOracles(base) };
+    expect(formatProfile(p).split('\n')[0]).toBe(`${'arch'.padEnd(18)} x64`);
+    expect(Object.keys(JSON.parse(profileJson(p)))).toEqual(Object.keys(p));
+    expect(JSON.parse(profileJson(p)).arch).toBe('x64');
+    expect(JSON.parse(profileJson({ ...p, arch: 'arm64' })).arch).toBe('arm64');
   });
 });

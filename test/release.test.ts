@@ -9,7 +9,7 @@ const check = (name: string, outcome: CheckResult['outcome'], reason?: string): 
   name, description: '', outcome, comparisons: [], notes: [], durationMs: 1, ...(reason ? { reason } : {}),
 });
 const report = (checks: CheckResult[]): RunReport => ({
-  host: { arch: 'x64', flavour: 'kvm_amd', tdp: { enabled: true, kind: 'npt' }, tdpMmu: true, device: '/dev/kvm' },
+  host: { arch: 'x86_64', flavour: 'kvm_amd', tdp: { enabled: true, kind: 'npt' }, tdpMmu: true, device: '/dev/kvm' },
   checks,
   summary: { total: checks.length, passed: 0, failed: 0, notApplicable: 0, errors: 0, notRun: 0, durationMs: 1, casesChecked: 0 },
 });

@@ -10,6 +10,7 @@ import { decodeExit } from '../src/kvm/exits.js';
 import { Kvm } from '../src/kvm/kvm.js';
 import { decodeRegs, decodeSregs, encodeRegs, encodeSregs } from '../src/kvm/regs.js';
 import { localAddon, Unsupported } from '../src/kvm/sys.js';
+import { VcpuThread } from '../src/kvm/thread.js';
 import { CAP, IOCTL, MADV, MAP, MEM, O_RDWR, PROT, RUN, SIZEOF } from '../src/uapi/uapi.js';
 import {
   Args, Channel, decodeReplyBody, decodeReplyHeader, encodeRequest, OP, REP_HEADER, REP_MAGIC,
@@ -475,7 +476,7 @@ describeKvm('remote Addon over a local agent', () => {
         ra.remoteRun(g.vcpu, g.runAddr, 0, 1, 5000);
       });
 
-      // The same guest run locally through the native run loop, for reference.
+      // The same guest run locally on a native vCPU thread (the local run path), for reference.
       const lvm = local.ioctl(lkvm, IOCTL.KVM_CREATE_VM, 0);
       const lmem = local.mmap(0x10000, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE, -1, 0) as ArrayBuffer;
       new Uint8Array(lmem).set(code, 0x1000);
@@ -492,10 +493,18 @@ describeKvm('remote Addon over a local agent', () => {
       const rb = new Uint8Array(SIZEOF.kvm_regs);
       local.ioctlBuf(lvcpu, IOCTL.KVM_GET_REGS, rb);
       local.ioctlBuf(lvcpu, IOCTL.KVM_SET_REGS, encodeRegs({ ...decodeRegs(rb), rip: 0x1000n, rflags: 2n }));
-      const out = new Uint8Array(64);
-      const res = new Int32Array(2);
-      const lrunAddr = local.addressOf(lrun);
-      rows.push(['run to an io exit, native run loop (main thread)', timeIt(1000, () => local.runLoop(lvcpu, lrunAddr, 0, 1, out, res))]);
+      const req = { fd: lvcpu, run: local.addressOf(lrun), consolePort: 0, maxExits: 1 };
+      const thread = VcpuThread.acquire();
+      try {
+        rows.push(['run to an io exit, native vCPU thread', timeIt(1000, () => {
+          const seq = thread.start(req);
+          while (!thread.poll(seq));
+          thread.finish();
+        })]);
+      } finally {
+        VcpuThread.release(thread);
+      }
+      expect(decodeExit(new DataView(lrun))).toMatchObject({ reason: 'io', port: 0x10 });
       local.munmap(lrun);
       local.close(lvcpu);
       local.close(lvm);

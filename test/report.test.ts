@@ -1,9 +1,13 @@
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { human, json, junit, ktap } from '../src/report/report.js';
 import type { RunReport } from '../src/run/types.js';
 
 const report: RunReport = {
-  host: { arch: 'x64', flavour: 'kvm_pvm', tdp: { enabled: false, kind: 'none' }, tdpMmu: false, device: '/dev/kvm' },
+  host: { arch: 'x86_64', flavour: 'kvm_pvm', tdp: { enabled: false, kind: 'none' }, tdpMmu: false, device: '/dev/kvm' },
   checks: [
     { name: 'a_pass', description: 'passes', outcome: 'pass', comparisons: [{ what: 'x', expected: '1', observed: '1', ok: true }], notes: [], durationMs: 1 },
     { name: 'b_fail', description: 'fails', outcome: 'fail', comparisons: [{ what: 'gpa', expected: '0x10', observed: '0x11', ok: false }], notes: ['walk: L4'], durationMs: 2 },
@@ -12,6 +16,10 @@ const report: RunReport = {
   ],
   summary: { total: 4, passed: 1, failed: 1, notApplicable: 1, errors: 1, durationMs: 3, notRun: 0, casesChecked: 0 },
 };
+
+/** Jenkins' JUnit schema, and xmllint (Debian's libxml2-utils) to check a file against it. */
+const JUNIT_XSD = join(import.meta.dirname, 'fixtures', 'junit-10.xsd');
+const xmllint = (file: string) => spawnSync('xmllint', ['--noout', '--schema', JUNIT_XSD, file], { encoding: 'utf8' });
 
 describe('reporters', () => {
   it('KTAP: version line, plan, one result line per check, SKIP for not applicable', () => {
@@ -42,11 +50,56 @@ describe('reporters', () => {
     expect(j.summary).toMatchObject({ passed: 1, failed: 1, notApplicable: 1, errors: 1 });
   });
 
+  it("prints the KVM host's architecture by Node's name, in text and JSON", () => {
+    expect(human(report).split('\n')[0]).toBe('host: kvm_pvm on x64, TDP off, tdp_mmu off (/dev/kvm)');
+    expect(Object.keys(JSON.parse(json(report)).host)).toEqual(Object.keys(report.host));
+    expect(JSON.parse(json(report)).host.arch).toBe('x64');
+    expect(JSON.parse(json({ ...report, host: { ...report.host, arch: 'arm64' } })).host.arch).toBe('arm64');
+  });
+
   it('JUnit: counts, a failure with the first mismatch, a skipped case, escaped text', () => {
     const x = junit({ ...report, checks: report.checks.map((c) => (c.name === 'd_err' ? { ...c, reason: 'a<b & "c"' } : c)) });
-    expect(x).toMatch(/<testsuites tests="4" failures="1" errors="1" skipped="1"/);
+    expect(x).toMatch(/<testsuites tests="4" failures="1" errors="1" time="/);
+    expect(x).toMatch(/<testsuite name="kvmharness" hostname="kvm_pvm" tests="4" failures="1" errors="1" skipped="1"/);
     expect(x).toMatch(/<failure message="gpa: expected 0x10, observed 0x11">/);
     expect(x).toMatch(/<skipped message="not applicable here: /);
     expect(x).toContain('a&lt;b &amp; &quot;c&quot;');
+  });
+
+  it('JUnit validates against Jenkins\' junit-10.xsd (xmllint, package libxml2-utils)', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'kvmharness-junit-xsd-'));
+    try {
+      // Every outcome, markup in every text, and a long run's time.
+      const all: RunReport = {
+        ...report,
+        checks: report.checks.map((c) => ({
+          ...c,
+          reason: c.reason && `${c.reason} <&> "'`,
+          notes: ['a <note> & more'],
+        })),
+        summary: { ...report.summary, durationMs: 1234567.891 },
+      };
+      const file = join(dir, 'junit.xml');
+      writeFileSync(file, junit(all) + '\n');
+      const r = xmllint(file);
+      expect(r.error, 'xmllint (apt-get install libxml2-utils)').toBeUndefined();
+      expect(r.stderr).toBe(`${file} validates\n`);
+      expect(r.status).toBe(0);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('the schema test can fail: skipped on <testsuites> is rejected', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'kvmharness-junit-xsd-'));
+    try {
+      const file = join(dir, 'junit.xml');
+      writeFileSync(file, junit(report).replace('<testsuites ', '<testsuites skipped="1" '));
+      const r = xmllint(file);
+      expect(r.stderr).toMatch(/attribute 'skipped': The attribute 'skipped' is not allowed/);
+      expect(r.status).not.toBe(0);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

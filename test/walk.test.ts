@@ -3,6 +3,7 @@
 // architecture leaves a choice), never captured from the model's output.
 import { describe, expect, it } from 'vitest';
 import {
+  accessException,
   accessedLatitude,
   NON_CANONICAL,
   PFERR,
@@ -16,6 +17,7 @@ import {
   type WalkLevel,
   type WalkResult,
 } from '../src/model/walk.js';
+import { mulberry32 } from '../src/model/prng.js';
 import { WRONG_WALKS, type WrongWalk } from '../src/model/wrong.js';
 import { describePte, largePageRsvdMask, leafAddrMask, physAddrRsvdMask, pteIndex, pteKey } from '../src/arch/x86/pte.js';
 
@@ -221,6 +223,39 @@ describe('canonical addresses', () => {
     const last = 0x0000_7fff_ffff_fffcn;
     expect(expectFault(run(tables(), { gva: last, size: 4 })).errorCode).toBe(0);
     expect(expectFault(run(tables(), { gva: last, size: 8 })).errorCode).toBe(-1);
+  });
+
+  // SDM vol. 3A §3.3.7.1: a non-canonical reference raises #GP (#SS for the
+  // stack) with error code 0 (§6.15, interrupt 13: "the processor ... pushes
+  // an error code of 0" for such a fault), and only #PF loads CR2 (§6.15,
+  // interrupt 14). So the exception carries no walk result at all.
+  it('a non-canonical access raises #GP(0) and leaves CR2 alone; a walk fault is a #PF with CR2', () => {
+    // 0x0000_8000_0000_0000: bit 47 = 1, bits 63:48 = 0 -> not canonical with 4 levels.
+    expect(accessException(expectFault(run(tables(), { gva: 0x0000_8000_0000_0000n })))).toEqual({
+      vector: 13, errorCode: 0, cr2: 'unchanged',
+    });
+    // A write that ends in the hole: the last byte 0x8000_0000_0003 is not canonical.
+    expect(accessException(expectFault(run(tables(), { gva: 0x0000_7fff_ffff_fffcn, kind: 'write', size: 8 })))).toEqual({
+      vector: 13, errorCode: 0, cr2: 'unchanged',
+    });
+    // A fetch and a CPL 3 read there: still #GP(0), no W/U/I bits (no #PF error code at all).
+    for (const a of [{ kind: 'exec' as const }, { kind: 'read' as const, cpl: 3 as const }]) {
+      expect(accessException(expectFault(run(tables(), { gva: 0xfff0_0000_0000_0000n, ...a })))).toEqual({
+        vector: 13, errorCode: 0, cr2: 'unchanged',
+      });
+    }
+    // 5 levels: bit 56 = 0 and bits 63:57 = 1 (0xfe00_...) is not canonical; 0x0000_8000_0000_0000 is,
+    // and walks: PML5E[0] (the table at CR3) is present, the level-4 entry [256] is not -> #PF,
+    // error code 0 (read, CPL 0), CR2 = the address.
+    const c5 = cfg({ levels: 5 });
+    expect(accessException(expectFault(run(tables(), { gva: 0xfe00_0000_0000_0000n }, c5))).vector).toBe(13);
+    expect(accessException(expectFault(run(tables(), { gva: 0x0000_8000_0000_0000n }, c5)))).toEqual({
+      vector: 14, errorCode: 0, cr2: 0x0000_8000_0000_0000n,
+    });
+    // 4 levels, canonical upper half, PML4E[256] not present, CPL 3 read: #PF U (0x4), CR2 = the address.
+    expect(accessException(expectFault(run(tables(), { gva: 0xffff_8000_0000_0000n, cpl: 3 })))).toEqual({
+      vector: 14, errorCode: 4, cr2: 0xffff_8000_0000_0000n,
+    });
   });
 
   it('negative bigints are read as 64-bit two\'s complement', () => {
@@ -843,18 +878,6 @@ describe('pte helpers', () => {
 // ---------------------------------------------------------------------------------
 // Property tests: random entries along one path, random configuration and access.
 
-function xorshift(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s;
-  };
-}
-
 /**
  * Straightforward reference written from the SDM/APM text (bigint arithmetic,
  * no shared code with the model). Used as a second oracle in the property test.
@@ -1007,7 +1030,7 @@ describe('properties over random entries', () => {
   }
 
   it('invariants hold and the model agrees with the reference', () => {
-    const next = xorshift(0xc0ffee);
+    const next = mulberry32(0xc0ffee);
     let oks = 0, faults = 0, rsvd = 0, prot = 0;
     for (let n = 0; n < 20000; n++) {
       const { c, cr3, mem, a } = randomCase(next);
@@ -1121,5 +1144,82 @@ describe('guest walker variants', () => {
     const p = run(m, { gva: 0x6000n, kind: 'write', cpl: 3 });
     expect(expectFault(p).reason).toBe('protection:write');
     expect(accessedLatitude(p, 'cpu')).toEqual([0x1000n, 0x4030n]);
+  });
+});
+
+// Gaps mutation testing found: each test below kills mutants that every other test let live.
+describe('what mutation testing found untested', () => {
+  it('a configuration object changed between walks is compiled again, field by field', () => {
+    const c = cfg({ cr0Wp: false, cr4Smep: false, cr4Smap: false, cr4Pke: false, efer: { nxe: true }, pdpe1gb: true });
+    const m = tables();
+    // Each change turns an access that translates into one that faults (or the reverse).
+    const flips: [string, () => void, Partial<Access> & { gva: bigint }][] = [
+      ['CR0.WP', () => (c.cr0Wp = true), { gva: 0x5000n, kind: 'write' }],
+      ['CR4.SMEP', () => (c.cr4Smep = true), { gva: 0x1000n, kind: 'exec' }],
+      ['CR4.SMAP', () => (c.cr4Smap = true), { gva: 0x1000n }],
+      ['CR4.PKE', () => ((c.cr4Pke = true), (c.pkru = 1 << (2 * 3))), { gva: 0x8000n, cpl: 3 }],
+      ['PKRU', () => (c.pkru = 0), { gva: 0x8000n, cpl: 3 }],
+      ['EFER.NXE', () => (c.efer = { nxe: false }), { gva: 0x4000n }],
+      ['PDPE1GB', () => (c.pdpe1gb = false), { gva: 0x4000_0000n }],
+      ['MAXPHYADDR', () => (c.maxPhyAddr = 36), { gva: 0x20_0000n }],
+      ['levels', () => (c.levels = 5), { gva: 0x1000n }],
+    ];
+    if (c.maxPhyAddr === 48) m.set(PD + 8n, PDE1_2M | bit(40)); // an address bit at 48, reserved at 36
+    for (const [what, change, access] of flips) {
+      const before = run(m, access, c);
+      change();
+      const after = run(m, access, c);
+      expect(after.ok === before.ok && (after.ok || !before.ok && after.errorCode === before.errorCode), what).toBe(false);
+    }
+  });
+
+  it('the vendor and the walker of a changed configuration take effect too', () => {
+    const c = cfg({ vendor: 'intel' });
+    const m = tables();
+    m.set(PML4, PML4E0 | bit(8)); // reserved in an AMD PML4E only
+    expect(run(m, { gva: 0x1000n }, c).ok).toBe(true);
+    c.vendor = 'amd';
+    expect(run(m, { gva: 0x1000n }, c).ok).toBe(false);
+    const w = cfg();
+    const np = tables();
+    np.set(PT + 8n, 0n);
+    expect(walk(w, CR3, { gva: 0x1000n, kind: 'read', cpl: 0 }, reader(np)).ok).toBe(false);
+    expect(compileWalk(cfg()).walker).toBe('kvm');
+    expect(compileWalk(cfg({ walker: 'cpu' })).walker).toBe('cpu');
+    expect(compileWalk(cfg({ walker: 'qemu-tcg' })).walker).toBe('qemu-tcg');
+  });
+
+  it('an access whose last byte crosses out of the canonical range is not canonical', () => {
+    const top = 0x7fff_ffff_fff8n; // the last quadword below the hole
+    const r = run(tables(), { gva: top, size: 8 });
+    expect(r.ok === false && r.errorCode === NON_CANONICAL).toBe(false);
+    const across = expectFault(run(tables(), { gva: top + 1n, size: 8 }));
+    expect(across.errorCode).toBe(NON_CANONICAL);
+    const one = run(tables(), { gva: 0x7fff_ffff_ffffn, size: 1 });
+    expect(one.ok === false && one.errorCode === NON_CANONICAL).toBe(false);
+  });
+
+  it('KVM\'s own walker is allowed no A bit on a faulting walk; a CPU walker is', () => {
+    const m = tables();
+    m.set(PT + 8n, PTE[6] & ~W); // user RO with A clear: a write faults
+    const f = expectFault(run(m, { gva: 0x1000n, kind: 'write', cpl: 3 }));
+    expect(accessedLatitude(f)).toEqual([]);
+    expect(accessedLatitude(f, 'kvm')).toEqual([]);
+    expect(accessedLatitude(f, 'cpu')).toContain(PT + 8n);
+  });
+
+  it('walks that set no A/D bit write nothing; one that sets D writes only the leaf\'s D', () => {
+    expect(expectOk(run(tables(), { gva: 0x1000n, kind: 'write' })).adWrites).toEqual([]);
+    const w = expectOk(run(tables(), { gva: 0x7000n, kind: 'write' }));
+    expect(w.adWrites).toEqual([{ level: 1, pteGpa: PT + 7n * 8n, old: PTE[7], new: PTE[7] | D }]);
+  });
+
+  it('the wrong walks give the reasons they are named for', () => {
+    const m = tables();
+    m.set(PT + 8n, PTE[1] | bit(51));
+    const rsvd = expectFault(walkWith(new Set<WrongWalk>(['rsvd-as-not-present']), cfg(), CR3, { gva: 0x1000n, kind: 'read', cpl: 0 }, reader(m)));
+    expect(rsvd.reason).toBe('not-present');
+    const wp = walkWith(new Set<WrongWalk>(['ignore-wp']), cfg(), CR3, { gva: 0x5000n, kind: 'write', cpl: 0 }, reader(tables()));
+    expect(wp.ok).toBe(true);
   });
 });

@@ -69,6 +69,22 @@ describe('kvmharness walk: text', () => {
     );
   });
 
+  it('--shadow: the shadow pages of the access; a write to the walk\'s own page table makes it unsync', () => {
+    // Bring-up's identity map: root 0x10, PDPT 0x11, PD 0x12, PT 0x13 (the pool's first pages);
+    // 0x13000 is that PT itself, writable, so a write to it gets a writable shadow PTE and
+    // the level-1 shadow page of 0x13 goes unsync (mmu_try_to_unsync_pages).
+    const r = run('--gva', '0x13000', '--access', 'write', '--shadow');
+    expect(r.exitCode, r.stderr).toBe(0);
+    expect(r.stdout.split('\n').slice(-5, -1)).toEqual([
+      'shadow    l4 gfn 0x10 sync (root)',
+      '          l3 gfn 0x11 sync',
+      '          l2 gfn 0x12 sync',
+      '          l1 gfn 0x13 unsync',
+    ]);
+    const j = JSON.parse(run('--gva', '0x13000', '--shadow', '--json').stdout);
+    expect(j.shadow.map((s: { unsync: boolean }) => s.unsync)).toEqual([false, false, false, false]);
+  });
+
   it('a user write to a read-only user page: #PF P|W|U and no A/D writes', () => {
     expect(run('--gva', '0x8000001008', '--access', 'write', '--cpl', '3').stdout).toBe(
       [

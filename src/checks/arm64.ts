@@ -3,16 +3,20 @@
 // against observed for the runner's differ. The suite runs on arm64 KVM
 // hosts, such as the lab's vhe / nvhe / protected profiles.
 import { A64 } from '../arch/arm64/asm.js';
-import { decodeAbort, parseGuestFault } from '../arch/arm64/esr.js';
+import { decodeAbort } from '../arch/arm64/esr.js';
 import { Arm64Guest, channel, CHANNEL, describeStop, LAYOUT, type GuestStop } from '../arch/arm64/guest.js';
 import type { Memslot as KvmMemslot } from '../kvm/memslot.js';
 import { CAP, MEM } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
+import { modelSlot } from '../model/vm.js';
 import { armLevel, isTable } from '../model/spte.js';
 import { Tdp } from '../model/tdp.js';
 import type { Wrong, WrongTdp } from '../model/wrong.js';
+import { dirtyPages } from '../observe/dirty-log.js';
 import { TraceSession } from '../observe/tracefs.js';
+import { parseGuestFault } from '../observe/stage2-faults.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
+import { expectKickAtLimit, mmioOf } from './stops.js';
 
 const PAGE = 0x1000n;
 const hex = (v: bigint) => `0x${v.toString(16)}`;
@@ -34,13 +38,6 @@ async function withGuest<T>(ctx: CheckContext, fn: (g: Arm64Guest) => Promise<T>
 
 /** A stop for comparison: 'done', 'sync 0x…', or the exit. */
 const stopKey = (s: GuestStop): string => describeStop(s);
-
-/** An MMIO exit as a plain record (data cut to its length), or the stop that came instead. */
-function mmioOf(s: GuestStop): unknown {
-  if (s.kind !== 'exit' || s.exit.reason !== 'mmio') return stopKey(s);
-  const e = s.exit;
-  return e.isWrite ? { gpa: e.gpa, len: e.len, isWrite: true, data: e.data.subarray(0, e.len) } : { gpa: e.gpa, len: e.len, isWrite: false };
-}
 
 const storeLoad: Check = {
   name: 'arm64_store_load',
@@ -83,16 +80,16 @@ const mmioUnbacked: Check = {
       channel.done(a);
       g.load(a);
       const bytes = (...b: number[]) => new Uint8Array(b);
-      ctx.expect('write exit, 4 bytes', { gpa: UNBACKED + 0x10n, len: 4, isWrite: true, data: bytes(0x0d, 0xf0, 0xfe, 0xca) }, mmioOf(await g.run()));
-      ctx.expect('write exit, 8 bytes', { gpa: UNBACKED + 0x18n, len: 8, isWrite: true, data: bytes(0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11) }, mmioOf(await g.run()));
+      ctx.expect('write exit, 4 bytes', { reason: 'mmio', gpa: UNBACKED + 0x10n, len: 4, isWrite: true, data: bytes(0x0d, 0xf0, 0xfe, 0xca) }, mmioOf(await g.run(), stopKey));
+      ctx.expect('write exit, 8 bytes', { reason: 'mmio', gpa: UNBACKED + 0x18n, len: 8, isWrite: true, data: bytes(0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11) }, mmioOf(await g.run(), stopKey));
       const completeRead = (st: GuestStop, value: bigint) => {
         if (st.kind === 'exit' && st.exit.reason === 'mmio' && !st.exit.isWrite) st.exit.complete(value);
       };
       const read2 = await g.run();
-      ctx.expect('read exit, 2 bytes', { gpa: UNBACKED + 0x20n, len: 2, isWrite: false }, mmioOf(read2));
+      ctx.expect('read exit, 2 bytes', { reason: 'mmio', gpa: UNBACKED + 0x20n, len: 2, isWrite: false }, mmioOf(read2, stopKey));
       completeRead(read2, 0xbeefn);
       const read1 = await g.run();
-      ctx.expect('read exit, 1 byte', { gpa: UNBACKED + 0x23n, len: 1, isWrite: false }, mmioOf(read1));
+      ctx.expect('read exit, 1 byte', { reason: 'mmio', gpa: UNBACKED + 0x23n, len: 1, isWrite: false }, mmioOf(read1, stopKey));
       completeRead(read1, 0xa5n);
       ctx.expect('2-byte value the guest read', 'sync 0xbeef', stopKey(await g.run()));
       ctx.expect('1-byte value the guest read', 'sync 0xa5', stopKey(await g.run()));
@@ -118,25 +115,12 @@ const readonlySlot: Check = {
       channel.done(a);
       g.load(a);
       ctx.expect('value read from the slot', 'sync 0x123456789abcdef', stopKey(await g.run()));
-      ctx.expect('write exit', { gpa: DATA + 8n, len: 1, isWrite: true, data: new Uint8Array([0x55]) }, mmioOf(await g.run()));
+      ctx.expect('write exit', { reason: 'mmio', gpa: DATA + 8n, len: 1, isWrite: true, data: new Uint8Array([0x55]) }, mmioOf(await g.run(), stopKey));
       ctx.expect('final stop', 'done', stopKey(await g.run()));
       ctx.expect('slot memory after the write', 0n, BigInt(new Uint8Array(slot.memory)[8]!));
     });
   },
 };
-
-/** The model's view of a harness memslot: same GFNs, same host address. */
-function modelSlot(s: KvmMemslot, backing: Backing) {
-  return {
-    slot: s.slot,
-    asId: 0,
-    baseGfn: Number(s.gpa / PAGE),
-    npages: s.npages,
-    hva: s.hva,
-    flags: { logDirty: (s.flags & MEM.KVM_MEM_LOG_DIRTY_PAGES) !== 0, readonly: (s.flags & MEM.KVM_MEM_READONLY) !== 0 },
-    backing,
-  };
-}
 
 const ANON_4K: Backing = { kind: 'anon', pageSize: 0x1000 };
 
@@ -184,7 +168,7 @@ const dirtyLog: Check = {
       hostWrote(tdp, g.code, [0n]);
       tdp.fault(0, gfnOf(LAYOUT.code), { exec: true });
       const page = (gfn: number) => hex(BigInt(gfn) * PAGE);
-      ctx.expect('dirty log before the guest runs', [], logPages(g.vm.getDirtyLog(1), DATA));
+      ctx.expect('dirty log before the guest runs', [], dirtyPages(g.vm.getDirtyLog(1), DATA).map(hex));
       tdp.getDirtyLog(0, 1);
       for (const [i, r] of rounds.entries()) {
         ctx.expect(`stop after round ${i + 1}`, `sync 0x${i + 1}`, stopKey(await g.run()));
@@ -192,21 +176,12 @@ const dirtyLog: Check = {
         for (const p of r.read) tdp.fault(0, gfnOf(DATA) + p, {});
         const model = tdp.getDirtyLog(0, 1).map(page);
         ctx.expect(`round ${i + 1}: the model's dirty pages are the pages written`, [...new Set(r.write)].sort((x, y) => x - y).map((p) => page(gfnOf(DATA) + p)), model);
-        ctx.expect(`round ${i + 1}: dirty log`, model, logPages(g.vm.getDirtyLog(1), DATA));
+        ctx.expect(`round ${i + 1}: dirty log`, model, dirtyPages(g.vm.getDirtyLog(1), DATA).map(hex));
       }
       ctx.expect('final stop', 'done', stopKey(await g.run()));
     });
   },
 };
-
-/** The IPAs of the set bits of a dirty bitmap. */
-function logPages(bitmap: Uint8Array, base: bigint): string[] {
-  const out: string[] = [];
-  bitmap.forEach((byte, i) => {
-    for (let b = 0; b < 8; b++) if (byte & (1 << b)) out.push(hex(base + BigInt(i * 8 + b) * PAGE));
-  });
-  return out;
-}
 
 interface Touch {
   addr: bigint;
@@ -382,7 +357,7 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
           access(LAYOUT.channel + CHANNEL.sync, 'write');
           ctx.expect('stop after the first write', 'sync 0x1', stopKey(await g.run()));
           const first = mapping(p0);
-          ctx.expect('dirty log while logging (the first write)', tdp.getDirtyLog(0, 1).map((gfn) => hex(BigInt(gfn) * PAGE)), logPages(g.vm.getDirtyLog(1), s.gpa));
+          ctx.expect('dirty log while logging (the first write)', tdp.getDirtyLog(0, 1).map((gfn) => hex(BigInt(gfn) * PAGE)), dirtyPages(g.vm.getDirtyLog(1), s.gpa).map(hex));
           g.vm.setMemslotFlags(1, 0);
           tdp.setMemslot(modelSlot(s, THP_2M));
           access(p1, 'read');
@@ -413,12 +388,7 @@ const timeoutKick: Check = {
       const spin = a.here('spin');
       a.b(spin);
       g.load(a);
-      const t0 = performance.now();
-      const s = await g.run({ timeoutMs: 150 });
-      const ms = performance.now() - t0;
-      ctx.expect('stop', 'timeout', s.kind);
-      // The lab adds the agent's round trip on top of the limit.
-      ctx.expect('kicked at the limit (within -10 ms / +2 s)', true, ms >= 140 && ms < 2150);
+      await expectKickAtLimit(ctx, (o) => g.run(o));
       const b = new A64(LAYOUT.code + 0x1000n);
       channel.done(b);
       g.load(b);

@@ -13,9 +13,11 @@ import { PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW } from '../arch/x86/pte.js';
 import type { Memslot as KvmMemslot } from '../kvm/memslot.js';
 import { MADV, MEM } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
+import { modelSlot } from '../model/vm.js';
 import { PAGES, decodeSpte, isLeaf, isPresent } from '../model/spte.js';
 import { Tdp } from '../model/tdp.js';
 import type { Wrong, WrongTdp } from '../model/wrong.js';
+import { dirtyPages } from '../observe/dirty-log.js';
 import { decodeTdpSpte, TdpPicture } from '../observe/tdp-picture.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
@@ -28,18 +30,6 @@ const GVA = 0x40000000n;
 interface Touch {
   gfn: number;
   write: boolean;
-}
-
-function modelSlot(s: KvmMemslot, backing: Backing) {
-  return {
-    slot: s.slot,
-    asId: 0,
-    baseGfn: Number(s.gpa) / PAGE,
-    npages: s.npages,
-    hva: s.hva,
-    flags: { logDirty: false, readonly: false },
-    backing,
-  };
 }
 
 function mappingOf(m: { level: number; writable: boolean } | undefined): string {
@@ -300,13 +290,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
       ctx.expect(`${what}: mappings of the block's 512 GFNs`, runsOf(base, 512, model), runsOf(base, 512, kvmMapping));
     };
     const page = (gfn: number) => `+0x${(gfn - base).toString(16)}`;
-    const dirtyPages = (bitmap: Uint8Array) => {
-      const out: string[] = [];
-      bitmap.forEach((byte, i) => {
-        for (let b = 0; b < 8; b++) if (byte & (1 << b)) out.push(page(Number(s.gpa) / PAGE + i * 8 + b));
-      });
-      return out;
-    };
+    const dirtyLog = (bitmap: Uint8Array) => dirtyPages(bitmap, s.gpa).map((gpa) => page(Number(gpa) / PAGE));
 
     trace = TraceSession.open(ctx.target.fs, ['kvmmmu/kvm_tdp_mmu_spte_changed'], []);
     trace.clear();
@@ -320,7 +304,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     g.vm.setMemslotFlags(1, MEM.KVM_MEM_LOG_DIRTY_PAGES);
     tdp.setMemslot(slotOf(true));
     compare('2. after dirty logging starts', take());
-    ctx.expect('2. dirty log before the guest writes', tdp.getDirtyLog(0, 1).map(page), dirtyPages(g.vm.getDirtyLog(1)));
+    ctx.expect('2. dirty log before the guest writes', tdp.getDirtyLog(0, 1).map(page), dirtyLog(g.vm.getDirtyLog(1)));
 
     // 3. One page written while logging.
     const mark = tdp.events.length;
@@ -332,7 +316,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
       .flatMap((e) => (e.kind === 'spte' && !e.fast && covers(e.gfn, e.level) ? [change(e.gfn, e.level, modelKind(e.old), modelKind(e.new))] : []));
     ctx.note(`3. the model's fault for the logged write: ${r.kind} at level ${r.level}`);
     ctx.expect('3. traced SPTE changes over the block during the logged write', modelChanges, take());
-    ctx.expect('3. dirty log after the logged write', tdp.getDirtyLog(0, 1).map(page), dirtyPages(g.vm.getDirtyLog(1)));
+    ctx.expect('3. dirty log after the logged write', tdp.getDirtyLog(0, 1).map(page), dirtyLog(g.vm.getDirtyLog(1)));
     compare('3. after KVM_GET_DIRTY_LOG', take());
 
     // 4. Dirty logging off.

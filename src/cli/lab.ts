@@ -3,15 +3,19 @@
 // lab's agent performs the KVM calls.
 import type { Command } from 'commander';
 import { labFetch, labRelease, RELEASES } from '../lab/fetch/index.js';
-import { DEFAULT_PROFILE, LabError, PROFILES, profile as profileNamed, type LabArch } from '../lab/profiles.js';
+import { ARCHES, isArch, type Arch } from '../arch/arch.js';
+import { DEFAULT_PROFILE, LabError, PROFILES, profile as profileNamed } from '../lab/profiles.js';
 import { labSource } from '../lab/kvm-source.js';
 import { openLab, type LabSessionOptions } from '../lab/session.js';
-import { abTable, compareAb } from '../lab/ab.js';
+import { compareAb } from '../lab/ab.js';
+import { abTable } from '../report/ab-table.js';
+import { matrixTable } from '../report/matrix-table.js';
 import { releaseDiffs, type ReleaseCell } from '../report/release-diff.js';
-import { formatProfile, probe } from '../probe/probe.js';
+import { probe } from '../probe/probe.js';
+import { formatProfile, profileJson } from '../report/profile.js';
 import { exitStatus } from '../run/runner.js';
 import type { RunReport } from '../run/types.js';
-import { addRunOptions, checksFor, printReport, runReport, type RunCliOptions } from './main.js';
+import { addRunOptions, checksFor, printReport, runReport, type RunCliOptions } from './run.js';
 
 const log = (s: string) => void process.stderr.write(`${s.startsWith('lab: ') ? s : `lab: ${s}`}\n`);
 
@@ -28,13 +32,20 @@ interface LabCliOptions {
 
 const RELEASE_NAMES = RELEASES.map((r) => `${r.name} (${r.suite})`).join(', ');
 
+/** --arch, checked: x86_64 or arm64. */
+function archOption(arch: string | undefined): Arch | undefined {
+  if (!arch) return undefined;
+  if (!isArch(arch)) throw new LabError(`--arch must be ${ARCHES.join(' or ')}, got '${arch}'`);
+  return arch;
+}
+
 function sessionOptions(o: LabCliOptions, profile: string): LabSessionOptions {
-  if (o.arch && o.arch !== 'x86_64' && o.arch !== 'arm64') throw new LabError(`--arch must be x86_64 or arm64, got '${o.arch}'`);
+  const arch = archOption(o.arch);
   const timeout = o.bootTimeout === undefined ? undefined : Number(o.bootTimeout) * 1000;
   if (timeout !== undefined && !(timeout > 0)) throw new LabError(`--boot-timeout needs a positive number of seconds, got '${o.bootTimeout}'`);
   if (o.release !== undefined) labRelease(o.release);
   return {
-    profile, arch: o.arch as LabArch | undefined, modparams: o.modparams, kernel: o.kernel, modules: o.modules,
+    profile, arch, modparams: o.modparams, kernel: o.kernel, modules: o.modules,
     release: o.release, kvmSource: o.kvmSource, bootTimeoutMs: timeout, log,
   };
 }
@@ -70,10 +81,10 @@ export function registerLab(program: Command): Command {
     .option('--arch <arch>', 'x86_64 or arm64 (default: both)')
     .option('--release <names>', `kernel release(s), comma-separated: ${RELEASE_NAMES} (default: the newest)`)
     .action(async (o: { refresh?: boolean; arch?: string; release?: string }) => {
-      if (o.arch && o.arch !== 'x86_64' && o.arch !== 'arm64') throw new LabError(`--arch must be x86_64 or arm64, got '${o.arch}'`);
+      const only = archOption(o.arch);
       const releases = o.release === undefined ? [labRelease(undefined)] : o.release.split(',').map((r) => labRelease(r.trim()));
       for (const release of releases) {
-        for (const arch of o.arch ? [o.arch as LabArch] : (['x86_64', 'arm64'] as const)) {
+        for (const arch of only ? [only] : ARCHES) {
           const k = await labFetch({ log, refresh: o.refresh, arch, release: release.name });
           console.log(`${release.name} ${k.arch} kernel ${k.version}: ${k.image ?? k.vmlinux ?? k.bzImage}`);
         }
@@ -157,7 +168,7 @@ export function registerLab(program: Command): Command {
       const s = await openLab(sessionOptions(o, runProfile(o)));
       try {
         const prof = probe(s.target);
-        console.log(o.json ? JSON.stringify(prof, null, 2) : formatProfile(prof));
+        console.log(o.json ? profileJson(prof) : formatProfile(prof));
       } finally {
         await s.close();
       }
@@ -214,30 +225,4 @@ export function registerLab(program: Command): Command {
       process.exitCode = failed ? 1 : 0;
     });
   return lab;
-}
-
-/** Checks as rows, profiles as columns; a row is marked where profiles disagree. */
-export function matrixTable(results: ReadonlyMap<string, RunReport | string>): string {
-  const profiles = [...results.keys()];
-  const reports = profiles.map((p) => results.get(p)!);
-  const names = [...new Set(reports.flatMap((r) => (typeof r === 'string' ? [] : r.checks.map((c) => c.name))))];
-  const mark = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERR', not_run: 'SKIP' } as const;
-  const w = Math.max(5, ...names.map((n) => n.length));
-  const cw = Math.max(...profiles.map((p) => p.length), 4);
-  const lines = [`${'check'.padEnd(w)}  ${profiles.map((p) => p.padEnd(cw)).join('  ')}`];
-  for (const n of names) {
-    // '-': the profile did not run, or the check is not of its architecture.
-    const cells = reports.map((r) => {
-      const c = typeof r === 'string' ? undefined : r.checks.find((x) => x.name === n);
-      return c ? mark[c.outcome] : '-';
-    });
-    const differs = new Set(cells.filter((c) => c !== '-')).size > 1;
-    lines.push(`${n.padEnd(w)}  ${cells.map((c) => c.padEnd(cw)).join('  ')}${differs ? '  <- differs' : ''}`);
-  }
-  lines.push('');
-  profiles.forEach((p, i) => {
-    const r = reports[i]!;
-    lines.push(typeof r === 'string' ? `${p}: ${r}` : `${p}: ${r.summary.passed} passed, ${r.summary.failed} failed, ${r.summary.notApplicable} not applicable, ${r.summary.errors} errors`);
-  });
-  return lines.join('\n');
 }

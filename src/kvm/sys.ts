@@ -21,7 +21,6 @@ export interface Addon {
   ftruncate(fd: number, len: number): number;
   pread(fd: number, buf: ArrayBufferView | ArrayBuffer, pos: number): number;
   write(fd: number, buf: ArrayBufferView | ArrayBuffer): number;
-  runLoop(fd: number, run: bigint, consolePort: number, maxExits: number, out: Uint8Array, result: Int32Array): number;
   gettid(): number;
   kickInstall(): number;
   kickSignal(): number;

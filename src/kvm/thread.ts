@@ -33,8 +33,8 @@ export interface RunReply {
   ns: number;
 }
 
-/** Words of the shared control block (native/core.h, CTL_*). */
-const W = {
+/** Words of the shared control block (native/vcpu_thread.h, CTL_*; test/native-abi.test.ts compares them). */
+export const W = {
   cmd: 0, // sequence number of the last command (owner increments)
   op: 1,
   fd: 2,
@@ -52,8 +52,8 @@ const W = {
   /** 1 while the owner waits for the thread's notification (it stopped polling). */
   waiting: 15,
 } as const;
-const WORDS = 16;
-const OP = { run: 1, exit: 2, write: 3 } as const;
+export const WORDS = 16;
+export const OP = { run: 1, exit: 2, write: 3 } as const;
 const CONSOLE_BYTES = 65536;
 /** The console output of a run that wrote none (a copy per run cost an ArrayBuffer). */
 const NO_BYTES = new Uint8Array(0);

@@ -1,7 +1,7 @@
 // A/B: the same checks against two kernels (the one under test and a
 // baseline), each run several times in one boot, compared check by check: the
 // outcomes that differ, and the timings that differ beyond the noise of the
-// repeats.
+// repeats. The table is formatted by report/ab-table.ts.
 import type { CheckResult, Outcome, RunReport } from '../run/types.js';
 
 /** A timing differs beyond noise when the medians differ by more than this fraction of the smaller one… */
@@ -63,30 +63,4 @@ export function compareAb(baseline: readonly RunReport[], kernel: readonly RunRe
     return { name, baseline: bo, kernel: ko, outcomeDiffers, baselineMs, kernelMs, timeDiffers };
   });
   return { rows, outcomeDiffs: rows.filter((r) => r.outcomeDiffers).length, timeDiffs: rows.filter((r) => r.timeDiffers).length };
-}
-
-const OUT: Record<Outcome, string> = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERROR', not_run: 'NOT RUN' };
-
-function outcomes(os: Outcome[]): string {
-  const set = [...new Set(os)];
-  return set.length === 1 ? OUT[set[0]!] : os.map((o) => OUT[o]).join('/');
-}
-
-function ms(t: AbRow['baselineMs']): string {
-  return t ? `${t.median.toFixed(1)} ms (${t.min.toFixed(1)}–${t.max.toFixed(1)})` : '-';
-}
-
-/** The table: every check, its outcomes and median times on both kernels, and what differs. */
-export function abTable(r: AbReport, labels: { baseline: string; kernel: string }): string {
-  const w = Math.max(5, ...r.rows.map((x) => x.name.length));
-  const cols = r.rows.map((x) => [outcomes(x.baseline), ms(x.baselineMs), outcomes(x.kernel), ms(x.kernelMs)]);
-  const cw = [0, 1, 2, 3].map((j) => Math.max(j % 2 ? 8 : 7, ...cols.map((c) => c[j]!.length)));
-  const head = ['baseline', 'time', 'kernel', 'time'].map((h, j) => h.padEnd(cw[j]!)).join('  ');
-  const lines = [`baseline: ${labels.baseline}`, `kernel:   ${labels.kernel}`, '', `${'check'.padEnd(w)}  ${head}`];
-  r.rows.forEach((x, i) => {
-    const marks = [x.outcomeDiffers ? 'outcome differs' : '', x.timeDiffers ? 'time differs' : ''].filter(Boolean).join(', ');
-    lines.push(`${x.name.padEnd(w)}  ${cols[i]!.map((c, j) => c.padEnd(cw[j]!)).join('  ')}${marks ? `  <- ${marks}` : ''}`);
-  });
-  lines.push('', `${r.outcomeDiffs} check(s) with differing outcomes, ${r.timeDiffs} with times that differ beyond noise (medians more than ${TIME_FRACTION * 100}% apart and the repeats' ranges disjoint)`);
-  return lines.join('\n');
 }

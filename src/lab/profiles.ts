@@ -3,6 +3,7 @@
 // A profile names the architecture, the QEMU machine that offers hardware
 // virtualization under TCG, the kernel command line, and KVM's module
 // parameters. Both architectures boot under QEMU's TCG (src/lab/qemu.ts).
+import type { Arch } from '../arch/arch.js';
 
 /** Something the lab cannot do: a bad kernel path, a missing tool, a failed boot. The message is one line unless it carries a console tail. */
 export class LabError extends Error {
@@ -16,14 +17,12 @@ export class LabError extends Error {
   }
 }
 
-export type LabArch = 'x86_64' | 'arm64';
-
 /** Module parameters by module name (underscores, as in /sys/module), then parameter name. */
 export type ModParams = Record<string, Record<string, string>>;
 
 export interface Profile {
   name: string;
-  arch: LabArch;
+  arch: Arch;
   summary: string;
   /** QEMU's program. */
   qemu: string;
@@ -59,7 +58,7 @@ const ARM64_MACHINE = [
 ] as const;
 
 /** The KVM modules of each architecture and the config option that builds each. */
-export const KVM_MODULES: Record<LabArch, readonly { module: string; config: string }[]> = {
+export const KVM_MODULES: Record<Arch, readonly { module: string; config: string }[]> = {
   x86_64: [
     { module: 'kvm', config: 'CONFIG_KVM' },
     { module: 'kvm_amd', config: 'CONFIG_KVM_AMD' },

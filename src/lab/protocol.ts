@@ -5,7 +5,8 @@
 // written with fs.writeSync and its reply read with fs.readSync before the
 // call returns. A watchdog thread enforces a deadline on every reply (a
 // blocking read cannot time out by itself). docs/lab-protocol.md describes
-// the format; native/agent.cc is the other end.
+// the format; native/agent/ is the other end (its constants in native/agent/wire.h,
+// which test/native-abi.test.ts compares with the exports here).
 import { closeSync, constants as fsc, openSync, readSync, writeSync } from 'node:fs';
 import { Worker } from 'node:worker_threads';
 

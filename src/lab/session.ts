@@ -4,23 +4,24 @@
 // through the agent — so that the unchanged checks, models and reports run
 // here against the lab's KVM when they are handed that target.
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
 import { constants as fsc } from 'node:fs';
+import type { Arch } from '../arch/arch.js';
 import type { Target } from '../target/target.js';
 import { labCacheDir, resolveKernel, type LabKernel } from './fetch/index.js';
 import { buildInitramfs } from './initramfs.js';
 import { sourceRelease, withKvmSource } from './kvm-source.js';
-import { profile as profileNamed, LabError, type LabArch, type Profile } from './profiles.js';
+import { profile as profileNamed, LabError, type Profile } from './profiles.js';
 import { bootLab, type Lab } from './qemu.js';
 import { RemoteAddon } from './remote/addon.js';
-import { agentSources, buildAgent } from './remote/agent-process.js';
+import { agentHeaders, agentSources, buildAgent } from './remote/agent-process.js';
 import { remoteTarget } from './remote/target.js';
 
 export interface LabSessionOptions {
   profile: string;
   /** The architecture asked for (--arch); the profile must be of it. */
-  arch?: LabArch;
+  arch?: Arch;
   modparams?: string;
   kernel?: string;
   modules?: string;
@@ -43,20 +44,18 @@ export interface LabSession {
 }
 
 /** The compiler of each architecture's static agent (arm64: Debian's cross compiler). */
-const AGENT_CXX: Record<LabArch, string> = { x86_64: process.env.CXX || 'g++', arm64: 'aarch64-linux-gnu-g++' };
+const AGENT_CXX: Record<Arch, string> = { x86_64: process.env.CXX || 'g++', arm64: 'aarch64-linux-gnu-g++' };
 
 /**
  * The agent binary for the lab's architecture, built into the cache under a
  * name keyed by its sources' content and the compiler: a changed source makes
  * a new binary and never rewrites one another run may be booting.
  */
-function agentBinary(arch: LabArch, log: (s: string) => void): string {
+function agentBinary(arch: Arch, log: (s: string) => void): string {
   const dir = join(labCacheDir(), 'agent');
   mkdirSync(dir, { recursive: true });
   const h = createHash('sha256').update(AGENT_CXX[arch]);
-  const native = dirname(agentSources[0]!);
-  const files = readdirSync(native).filter((f) => /\.(cc|h)$/.test(f)).sort();
-  for (const f of files) h.update(f).update(readFileSync(join(native, f)));
+  for (const f of [...agentSources, ...agentHeaders]) h.update(f).update(readFileSync(f));
   const out = join(dir, `kvmharness-agent-${arch}-${h.digest('hex').slice(0, 16)}`);
   if (existsSync(out)) return out;
   log(`building the lab agent (static, ${arch})`);

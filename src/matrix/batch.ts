@@ -23,8 +23,10 @@ export interface Placement {
 
 /** What the model says a case does. */
 export interface Expected {
-  /** -1: no fault; else the #PF error code (CR2 is then the case's GVA). */
+  /** -1: no fault; else the #PF error code. */
   ec: number;
+  /** The faulting address the model gives CR2 (a fault only; 0 otherwise). */
+  cr2: bigint;
   pde: bigint;
   pte: bigint;
   /** The value a read returns (reads that do not fault). */
@@ -189,7 +191,7 @@ export function predict(model: CompiledWalk, cr3: bigint, f: number, p: Placemen
   apply(w);
   latitude(w);
   const wrote = w.ok && f & CASE.WRITE; // a write stores the GVA itself
-  return { ec: w.ok ? -1 : w.errorCode, pde, pte, value: tag, data: wrote ? gva : tag, mayA, walks };
+  return { ec: w.ok ? -1 : w.errorCode, cr2: w.ok ? 0n : w.cr2, pde, pte, value: tag, data: wrote ? gva : tag, mayA, walks };
 }
 
 /**
@@ -218,12 +220,16 @@ export function observe(m: MatrixMachine, b: Batch, i: number): Observed {
   };
 }
 
-/** Whether a case did what the model says: fault and error code, CR2, value read, data, PDE and PTE. */
-export function agrees(f: number, p: Placement, e: Expected, o: Observed): boolean {
+/**
+ * Whether a case did what the model says: fault and error code, CR2 (the model's,
+ * to the byte), value read, data, PDE and PTE. `p` is unused: every field is
+ * compared with the model's prediction, none with the case's own placement.
+ */
+export function agrees(f: number, _p: Placement, e: Expected, o: Observed): boolean {
   if (o.ec !== e.ec || o.data !== e.data) return false;
   if (o.pde !== e.pde && !(e.mayA & 1 && o.pde === (e.pde | PTE_A))) return false;
   if (o.pte !== e.pte && !(e.mayA & 2 && o.pte === (e.pte | PTE_A))) return false;
-  if (e.ec >= 0) return o.cr2 === BigInt(p.gva);
+  if (e.ec >= 0) return o.cr2 === e.cr2;
   return f & (CASE.WRITE | CASE.FETCH) ? true : o.value === e.value;
 }
 
@@ -244,7 +250,7 @@ export function comparable(f: number, p: Placement, e: Expected, o: Observed): {
     obs.pte = o.pte;
   }
   if (e.ec >= 0 || o.ec >= 0) {
-    exp.cr2 = e.ec >= 0 ? BigInt(p.gva) : 'none';
+    exp.cr2 = e.ec >= 0 ? e.cr2 : 'none';
     obs.cr2 = o.ec >= 0 ? o.cr2 : 'none';
   }
   if (read && e.ec === -1) {

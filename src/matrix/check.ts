@@ -6,14 +6,15 @@
 // report shows the model's walk next to the walk KVM did.
 import { availableParallelism } from 'node:os';
 import { describeStop } from '../arch/x86/guest.js';
-import { describePte, LEVEL_NAMES } from '../arch/x86/pte.js';
-import { compileWalk, decodeErrorCode, type CompiledWalk, type GuestWalker, type PagingConfig, type WalkResult } from '../model/walk.js';
+import { compileWalk, type CompiledWalk, type GuestWalker, type PagingConfig } from '../model/walk.js';
+import { pagingConfigOf } from '../model/paging.js';
 import type { Wrong, WrongWalk } from '../model/wrong.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
+import { formatRerun, type Rerun } from '../report/rerun.js';
 import { guestWalkerOf, type CpuFeatures } from '../probe/probe.js';
-import { show } from '../run/differ.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
-import { agrees, comparable, observe, outcomeKey, prepareBatch, type Batch } from './batch.js';
+import { agrees, comparable, observe, outcomeKey, prepareBatch, type Batch, type Observed, type Placement } from './batch.js';
+import { Coverage } from './coverage.js';
 import { CASE, caseName, caseSpace, controlState, countCases, enumerateCases, sampleCases, type CaseSpace } from './flags.js';
 import { MatrixMachine, pkruFor } from './machine.js';
 
@@ -29,6 +30,10 @@ export interface AccessMatrixOptions {
   wrong?: Wrong;
   /** Guests running batches side by side, each on its own vCPU thread (default: 2 where the host has 2 or more CPUs). */
   lanes?: number;
+  /** A deliberately wrong observation (test use only): what KVM could wrongly do to a case; the check must report it. */
+  wrongObservation?: (f: number, observed: Observed, at: Placement) => Observed;
+  /** A deliberately wrong case list (test use only), e.g. one that drops a class: the coverage must report it. */
+  wrongCases?: (cases: Uint32Array) => Uint32Array;
 }
 
 /** One lane per CPU, at most two: the host side of a lane needs a share of a CPU too. */
@@ -50,23 +55,18 @@ const WALK_EVENTS = [
   'kvmmmu/kvm_mmu_walker_error',
 ];
 
-const hex = (v: bigint | number): string => `0x${v.toString(16)}`;
-
 /** The model's configuration for one control state. */
 export function matrixConfig(cpu: CpuFeatures, levels: 4 | 5, f: number, walker: GuestWalker = 'kvm'): PagingConfig {
-  return {
-    walker,
+  const mode = {
     levels,
-    vendor: cpu.vendor === 'GenuineIntel' ? 'intel' : 'amd',
-    maxPhyAddr: cpu.maxPhyAddr,
     cr0Wp: (f & CASE.WP) !== 0,
     cr4Smep: (f & CASE.SMEP) !== 0,
     cr4Smap: (f & CASE.SMAP) !== 0,
     cr4Pke: (f & CASE.PKE) !== 0,
     efer: { nxe: (f & CASE.NXE) !== 0 },
-    pdpe1gb: cpu.pdpe1gb,
     pkru: f & CASE.PKE ? pkruFor(f) : 0,
   };
+  return pagingConfigOf(cpu, mode, { walker });
 }
 
 /** [from, to) ranges of sorted cases: one control state each, at most `size` long. */
@@ -87,7 +87,7 @@ export function accessMatrix(opts: AccessMatrixOptions = {}): Check {
   const what = opts.sample === undefined ? 'every legal case' : `${opts.sample} sampled cases (seed ${opts.seed ?? 1})`;
   return {
     name: 'access-matrix',
-    arch: 'x64',
+    arch: 'x86_64',
     description: `PTE/PDE bits x access x CPL x control bits (the access.c class, ${opts.mode ?? '4level'}): ${what}, each checked against the walk model (fault, error code, CR2, value, A/D)`,
     needs: ['exits', 'ad_bits'],
     run: (ctx) => runMatrix(ctx, opts),
@@ -110,7 +110,8 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
   const batchSize = opts.batchSize ?? DEFAULT_BATCH;
   const space = caseSpace(cpu);
   ctx.note(`not enumerated on this vCPU: ${space.skipped.length ? space.skipped.join('; ') : 'nothing'}`);
-  const cases = opts.sample === undefined ? Uint32Array.from(enumerateCases(space)) : sampleCases(space, opts.sample, opts.seed ?? 1);
+  const drawn = opts.sample === undefined ? Uint32Array.from(enumerateCases(space)) : sampleCases(space, opts.sample, opts.seed ?? 1);
+  const cases = opts.wrongCases ? opts.wrongCases(drawn) : drawn;
   ctx.note(`${cases.length} of ${countCases(space)} legal cases (${levels}-level paging)`);
 
   const walker = guestWalkerOf(ctx.profile);
@@ -127,12 +128,15 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
   let mismatches: Mismatch[] = [];
   let mismatchCount = 0;
   let checked = 0;
+  const coverage = new Coverage(space);
   const verify = (m: MatrixMachine, b: Batch, first: number) => {
     for (let i = 0; i < b.flags.length; i++) {
       const f = b.flags[i]!;
       const e = b.expected[i]!;
-      const o = observe(m, b, i);
+      const seen = observe(m, b, i);
+      const o = opts.wrongObservation ? opts.wrongObservation(f, seen, b.at[i]!) : seen;
       checked++;
+      coverage.add(f, e.ec);
       if (agrees(f, b.at[i]!, e, o)) {
         const k = outcomeKey(e);
         byOutcome[k] = (byOutcome[k] ?? 0) + 1;
@@ -201,6 +205,8 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
   if (stopped) ctx.expect('every batch ran to its end', 'done', stopped);
 
   ctx.cases({ checked, byOutcome });
+  for (const line of coverage.lines()) ctx.note(line);
+  ctx.expect('coverage: classes this vCPU offers that no checked case fell in', [], coverage.missing());
   for (const x of mismatches) ctx.expect(caseName(x.f, space.offered), x.expected, x.observed);
   ctx.expect('mismatching cases', 0, mismatchCount);
   if (mismatchCount > mismatches.length) ctx.note(`${mismatchCount - mismatches.length} more mismatching cases are counted but not listed`);
@@ -212,17 +218,6 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
 
 // ---------------------------------------------------------------------------------
 // A mismatching case alone, with KVM's walker traced.
-
-export interface Rerun {
-  name: string;
-  gva: number;
-  expected: object;
-  observed: object;
-  agrees: boolean;
-  model: WalkResult[];
-  /** KVM's walks of the case's GVA, or why there are none. */
-  kvm: TraceEvent[][] | string;
-}
 
 /** Runs one case in a fresh guest (a batch of one) with the walker tracepoints on. */
 export async function runAlone(ctx: Pick<CheckContext, 'kvm'>, cpu: CpuFeatures, levels: 4 | 5, f: number, wrong?: ReadonlySet<WrongWalk>, walker: GuestWalker = 'kvm'): Promise<Rerun> {
@@ -273,54 +268,4 @@ async function rerunAlone(ctx: CheckContext, cpu: CpuFeatures, levels: 4 | 5, sp
     return `re-run of ${caseName(f, space.offered)} failed: ${(e as Error).message}`;
   }
   return formatRerun(r, caseName(f, space.offered));
-}
-
-/** The model's walk and KVM's traced walk of one case, side by side. */
-export function formatRerun(r: Rerun, name = r.name): string {
-  const lines = [
-    `re-run alone: ${name} at gva ${hex(r.gva)}: ${r.agrees ? 'KVM agreed with the model this time' : 'the mismatch reproduces'}`,
-    `  expected ${show(r.expected)}`,
-    `  observed ${show(r.observed)}`,
-  ];
-  const model = r.model.flatMap((w, i) => [`  model walk ${i + 1}${r.model.length > 1 ? (i === 0 ? ' (the supervisor read first)' : ' (the access)') : ''}:`, ...modelLines(w)]);
-  const kvm = typeof r.kvm === 'string'
-    ? [`  KVM: ${r.kvm}`]
-    : r.kvm.length === 0
-      ? ['  KVM: no walk of this GVA was traced']
-      : r.kvm.flatMap((w, i) => [`  KVM walk ${i + 1}:`, ...kvmLines(w)]);
-  const width = Math.max(...model.map((l) => l.length)) + 2;
-  const rows = Math.max(model.length, kvm.length);
-  for (let i = 0; i < rows; i++) lines.push(`${(model[i] ?? '').padEnd(width)}| ${kvm[i] ?? ''}`.trimEnd());
-  return lines.join('\n');
-}
-
-function modelLines(w: WalkResult): string[] {
-  const out = w.levels.map((l) => `    ${LEVEL_NAMES[l.level]} @${hex(l.pteGpa)} = ${hex(l.pte)} (${describePte(l.pte, l.level)})`);
-  if (w.ok) {
-    out.push(`    ok gpa ${hex(w.gpa)}`);
-    for (const a of w.adWrites) out.push(`    ${LEVEL_NAMES[a.level]} @${hex(a.pteGpa)} := ${hex(a.new)} (A/D)`);
-  } else out.push(`    #PF ${decodeErrorCode(w.errorCode)} (${w.reason})`);
-  return out;
-}
-
-function kvmLines(w: TraceEvent[]): string[] {
-  return w.map((e) => {
-    const x = e.fields;
-    switch (e.id) {
-      case 'kvmmmu/kvm_mmu_pagetable_walk':
-        return `    walk addr ${hex(x.addr as bigint)} access ${decodeErrorCode(Number(x.pferr))}`;
-      case 'kvmmmu/kvm_mmu_paging_element': {
-        const level = Number(x.level);
-        return `    ${LEVEL_NAMES[level] ?? `L${level}`} = ${hex(x.pte as bigint)} (${describePte(x.pte as bigint, level)})`;
-      }
-      case 'kvmmmu/kvm_mmu_set_accessed_bit':
-        return `    set A @${hex(x.gpa as bigint)}`;
-      case 'kvmmmu/kvm_mmu_set_dirty_bit':
-        return `    set D @${hex(x.gpa as bigint)}`;
-      case 'kvmmmu/kvm_mmu_walker_error':
-        return `    #PF ${decodeErrorCode(Number(x.pferr))}`;
-      default:
-        return `    ${e.id} ${e.text}`;
-    }
-  });
 }

@@ -9,6 +9,7 @@
 // control state a batch shares (see controlState()).
 //
 // Pure: no KVM, no I/O.
+import { mulberry32 } from '../model/prng.js';
 
 export const CASE = {
   PTE_P: 1 << 0,
@@ -139,18 +140,6 @@ export function countCases(space: CaseSpace): number {
   let n = 0;
   for (let f = 0; f !== -1; f = bump(f, space.offered)) if (isLegal(f)) n++;
   return n;
-}
-
-/** mulberry32: a small seeded PRNG giving 32-bit unsigned integers. */
-export function mulberry32(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  };
 }
 
 /**

@@ -13,6 +13,7 @@
 // Levels are numbered the way KVM's x86 MMU numbers them (spte.ts): 1 = 4 KiB
 // leaf, 2 = 2 MiB, 3 = 1 GiB, 4 and 5 = upper tables.
 
+import type { Arch } from '../arch/arch.js';
 import { HostMm, type HostChange, type HostPage } from './host-mm.js';
 import {
   gfnToHva,
@@ -52,8 +53,6 @@ import type { WrongTdp } from './wrong.js';
 
 // ---------------------------------------------------------------------------
 // The model
-
-export type Arch = 'x86' | 'arm64';
 
 export interface TdpOptions {
   arch?: Arch;
@@ -184,9 +183,9 @@ export class Tdp {
     readonly slots: Memslots,
     opts: TdpOptions = {},
   ) {
-    this.arch = opts.arch ?? 'x86';
+    this.arch = opts.arch ?? 'x86_64';
     let rootSize = 512;
-    if (this.arch === 'x86') {
+    if (this.arch === 'x86_64') {
       const levels = opts.levels ?? 4;
       if (levels !== 4 && levels !== 5) throw new RangeError(`x86 TDP has 4 or 5 levels, not ${levels}`);
       this.rootLevel = levels;
@@ -205,8 +204,8 @@ export class Tdp {
     }
     if (slots.maxGfn > this.maxGfn)
       throw new RangeError(`memslots allow GFNs up to ${slots.maxGfn}, beyond what the TDP maps (${this.maxGfn})`);
-    this.nxHugePages = this.arch === 'x86' && (opts.nxHugePages ?? false);
-    this.eagerSplit = opts.eagerSplit ?? this.arch === 'x86';
+    this.nxHugePages = this.arch === 'x86_64' && (opts.nxHugePages ?? false);
+    this.eagerSplit = opts.eagerSplit ?? this.arch === 'x86_64';
     this.mmioCaching = opts.mmioCaching ?? true;
     this.dic = opts.dic ?? false;
     this.slotZapAll = opts.slotZapAll ?? true;
@@ -298,7 +297,7 @@ export class Tdp {
 
     const cur = this.lookup(asId, gfn);
     if (cur && isLeaf(cur.spte) && permits(cur.spte, write, exec)) return { kind: 'spurious', gfn, ...cur };
-    if (this.arch === 'x86' && cur && isLeaf(cur.spte) && write && (cur.spte & SPTE_MMU_W) !== 0 && permits(cur.spte, false, exec)) {
+    if (this.arch === 'x86_64' && cur && isLeaf(cur.spte) && write && (cur.spte & SPTE_MMU_W) !== 0 && permits(cur.spte, false, exec)) {
       // fast_page_fault: write access restored in place, except on a huge
       // page of a dirty-logging slot (only one page could be logged dirty).
       if (!(cur.level > 1 && slot.flags.logDirty)) return this.fastFault(asId, gfn);
@@ -350,7 +349,7 @@ export class Tdp {
     const canWrite = f.page.writable && !slot.flags.readonly;
     let flags = SPTE_P | SPTE_LEAF | SPTE_A;
     if (f.page.writable) flags |= SPTE_HOST_W;
-    if (this.arch === 'x86') {
+    if (this.arch === 'x86_64') {
       if (canWrite) flags |= SPTE_W | SPTE_D | SPTE_MMU_W;
       if (!(level > 1 && this.nxHugePages)) flags |= SPTE_X;
     } else {
@@ -365,7 +364,7 @@ export class Tdp {
 
   /** No memslot: x86 caches an MMIO SPTE at 4 KiB, arm64 installs nothing. */
   private mmio(asId: number, gfn: number): FaultResult {
-    if (this.arch !== 'x86' || !this.mmioCaching) return { kind: 'mmio', gfn, level: 0, spte: 0 };
+    if (this.arch !== 'x86_64' || !this.mmioCaching) return { kind: 'mmio', gfn, level: 0, spte: 0 };
     const f: FaultCtx = { asId, gfn, slot: undefined, page: undefined, write: false, exec: false, goal: 1, reqLevel: 1, hugeDisallowed: false };
     return { ...this.map(f), kind: 'mmio' };
   }
@@ -446,7 +445,7 @@ export class Tdp {
       let child: Table;
       if (!isPresent(it.old)) {
         child = this.newTable(it.level - 1, it.gfn);
-      } else if (this.arch === 'x86' && this.splitOnFault) {
+      } else if (this.arch === 'x86_64' && this.splitOnFault) {
         child = this.splitChildren(it.old, it.level, it.gfn);
       } else {
         if (!this.trySet(it, 0)) {
@@ -697,7 +696,7 @@ export class Tdp {
       case 'delete':
       case 'move':
         this.dirty.delete(dirtyKey(ch.old));
-        if (this.arch === 'x86' && this.slotZapAll) {
+        if (this.arch === 'x86_64' && this.slotZapAll) {
           for (let asId = 0; asId < this.roots.length; asId++) this.zap(asId, 0, this.maxGfn, { tables: true });
         } else {
           this.zap(ch.old.asId, ch.old.baseGfn, slotEnd(ch.old), { tables: true });
@@ -709,7 +708,7 @@ export class Tdp {
           this.writeProtect(ch.new.asId, ch.new.baseGfn, slotEnd(ch.new), 1);
         } else {
           this.dirty.delete(dirtyKey(ch.new));
-          if (this.arch === 'x86' && !this.wrong.noCollapse) this.zapCollapsible(ch.new);
+          if (this.arch === 'x86_64' && !this.wrong.noCollapse) this.zapCollapsible(ch.new);
         }
         break;
       case 'create':

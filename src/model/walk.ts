@@ -203,6 +203,24 @@ export const PFERR = { P: 1, W: 2, U: 4, RSVD: 8, I: 16 /* fetch */, PK: 32 } as
 /** errorCode of a non-canonical access: not a #PF; the processor raises #GP/#SS. */
 export const NON_CANONICAL = -1;
 
+/** The exception a faulting access delivers: vector, error code and what CR2 holds after it. */
+export type AccessException =
+  | { vector: 13; errorCode: 0; cr2: 'unchanged' }
+  | { vector: 14; errorCode: number; cr2: bigint };
+
+/**
+ * The exception of a faulting walk. A non-canonical address never reaches the
+ * walk (SDM vol. 3A §3.3.7.1): the access raises #GP(0), or #SS(0) when it is
+ * a stack reference (SS-based: push, pop, RSP/RBP-based operands), which the
+ * harness's accesses are not. Only #PF loads CR2 (§6.15, interrupt 14), so
+ * after a #GP CR2 still holds its earlier value. Every other fault is a #PF
+ * with the walk's error code and CR2 = the faulting address.
+ */
+export function accessException(w: Extract<WalkResult, { ok: false }>): AccessException {
+  if (w.errorCode === NON_CANONICAL) return { vector: 13, errorCode: 0, cr2: 'unchanged' };
+  return { vector: 14, errorCode: w.errorCode, cr2: w.cr2 };
+}
+
 export type ReadPte = (gpa: bigint) => bigint;
 /** A walk under one pre-compiled configuration; `walker` is the configuration's. */
 export type CompiledWalk = ((cr3: bigint, access: Access, readPte: ReadPte) => WalkResult) & { readonly walker: GuestWalker };

@@ -6,6 +6,7 @@
 // - `WrongWalk`: a rule the guest walk model (walk.ts) breaks.
 // - `WrongTdp`: a mistake of the TDP model (tdp.ts).
 // - `WrongRace`: a mistake of the race model (run/race.ts).
+// - `WrongShadow`: a mistake of the shadow MMU model (shadow.ts).
 //
 // Each model takes only its own part (walk.ts a set of WrongWalk, Tdp a
 // WrongTdp); a check or the scenario engine takes the whole `Wrong` and hands
@@ -40,9 +41,20 @@ export interface WrongRace {
   dropDirtyBit?: boolean;
 }
 
+/**
+ * Mistakes of the shadow MMU model: an unsync page is never synced (neither
+ * by the unsync walk nor by INVLPG); the unsync walk skips the last marked
+ * child of each parent; writes never flood (no upper-level page is zapped for
+ * repeated writes).
+ */
+export type WrongShadow = 'never-sync' | 'sync-misses-last-child' | 'no-flooding';
+
+export const WRONG_SHADOWS: readonly WrongShadow[] = ['never-sync', 'sync-misses-last-child', 'no-flooding'];
+
 /** A wrong model for a check: each part makes one model wrong. */
 export interface Wrong {
   walk?: ReadonlySet<WrongWalk>;
   tdp?: WrongTdp;
   race?: WrongRace;
+  shadow?: WrongShadow;
 }

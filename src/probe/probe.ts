@@ -1,11 +1,13 @@
 // The host profile: what KVM is here, and from that, which oracles this host
 // offers. Reads sysfs/procfs and asks KVM; changes nothing.
 import { kernelBehaviours } from '../model/kernel.js';
+import { archOfNode, type Arch } from '../arch/arch.js';
 import type { GuestWalker } from '../model/walk.js';
 import type { CpuidEntry } from '../kvm/cpuid.js';
 import { Kvm } from '../kvm/kvm.js';
 import type { HostFs } from '../target/fs.js';
 import type { Target } from '../target/target.js';
+import { HostError } from '../kvm/sys.js';
 import { CAP, type CapName } from '../uapi/uapi.js';
 
 export type Flavour = 'kvm_intel' | 'kvm_amd' | 'kvm_pvm' | 'arm64-vhe' | 'arm64-nvhe' | 'arm64-protected' | 'unknown';
@@ -47,7 +49,7 @@ export interface CpuFeatures {
 }
 
 export interface HostProfile {
-  arch: string;
+  arch: Arch;
   device: string;
   flavour: Flavour;
   tdp: { enabled: boolean; kind: 'ept' | 'npt' | 'stage2' | 'none' };
@@ -102,7 +104,7 @@ export const TRACE_EVENTS = [
  * successfully"); the command line's kvm-arm.mode is what was asked for, and
  * decides only when the log no longer holds that line.
  */
-export function detectFlavour(mods: (name: string) => boolean, cmdline: string, machine: string, kernelLog?: string): Flavour {
+export function detectFlavour(mods: (name: string) => boolean, cmdline: string, machine: Arch, kernelLog?: string): Flavour {
   if (machine === 'arm64') {
     const log = kernelLog ?? '';
     if (/Protected nVHE mode initialized successfully/.test(log)) return 'arm64-protected';
@@ -154,7 +156,7 @@ function cpuFeatures(entries: CpuidEntry[]): CpuFeatures {
 export function deriveOracles(p: Omit<HostProfile, 'oracles'>): Record<Oracle, OracleState> {
   const yes = (why: string): OracleState => ({ available: true, why });
   const no = (why: string): OracleState => ({ available: false, why });
-  const x86 = p.arch === 'x64';
+  const x86 = p.arch === 'x86_64';
   const ev = (name: string) => p.tracefs.state === 'mounted' ? p.tracefs.events[name] === true : p.tracefs.state === 'mountable';
   const tracefsWhy = p.tracefs.state === 'mountable' ? ' (tracefs not mounted; kvmharness mounts it as root)' : '';
   const softwareWalker = p.flavour === 'kvm_pvm' || !p.tdp.enabled;
@@ -205,7 +207,9 @@ export function probe(target: Target, device?: string): HostProfile {
   const existsSync = (p: string) => fs.exists(p);
   const kvm = Kvm.open(target, device);
   try {
-    const machine = fs.arch();
+    const node = fs.arch();
+    const machine = archOfNode(node);
+    if (!machine) throw new HostError(`KVM on ${node}: kvmharness knows x86_64 and arm64 hosts only`);
     const mods = (m: string) => existsSync(`/sys/module/${m}`);
     const flavour = detectFlavour(mods, read('/proc/cmdline') ?? '', machine, machine === 'arm64' ? fs.kernelLog?.() : undefined);
     const param = (m: string, p: string) => read(`/sys/module/${m}/parameters/${p}`);
@@ -232,7 +236,7 @@ export function probe(target: Target, device?: string): HostProfile {
     } finally {
       vm.close();
     }
-    const cpu = machine === 'x64' ? cpuFeatures(kvm.supportedCpuid()) : null;
+    const cpu = machine === 'x86_64' ? cpuFeatures(kvm.supportedCpuid()) : null;
     // KVM reports no brand string; under TDP the host's processor walks the guest's tables, so its name is the one that counts.
     if (cpu && !cpu.brand) cpu.brand = (read('/proc/cpuinfo') ?? '').match(/^model name\s*:\s*(.*)$/m)?.[1]?.trim() ?? '';
     const thpEnabled = read('/sys/kernel/mm/transparent_hugepage/enabled');
@@ -269,36 +273,6 @@ export function probe(target: Target, device?: string): HostProfile {
   } finally {
     kvm.close();
   }
-}
-
-export function formatProfile(p: HostProfile): string {
-  const lines: string[] = [];
-  const kv = (k: string, v: string) => lines.push(`${k.padEnd(18)} ${v}`);
-  kv('arch', p.arch);
-  kv('device', `${p.device} (API ${p.apiVersion})`);
-  kv('flavour', p.flavour);
-  kv('tdp', p.tdp.enabled ? `on (${p.tdp.kind})` : 'off (shadow MMU)');
-  kv('tdp_mmu', p.tdpMmu === null ? 'n/a' : p.tdpMmu ? 'on' : 'off');
-  kv('module params', Object.entries(p.moduleParams).map(([k, v]) => `${k}=${v}`).join(' '));
-  kv('memslots / vcpus', `${p.maxMemslots} / ${p.maxVcpus}`);
-  if (p.cpu) {
-    const c = p.cpu;
-    const f = (['nx', 'smep', 'smap', 'pku', 'la57', 'pdpe1gb'] as const).map((k) => `${k}=${c[k] ? 1 : 0}`).join(' ');
-    kv('guest cpu', `${c.vendor} maxphyaddr=${c.maxPhyAddr} ${f}`);
-    kv('guest walks', `${guestWalkerOf(p)} (host cpu: ${c.brand || 'unknown'})`);
-  }
-  kv('thp', p.thp ? `${p.thp.enabled} (defrag ${p.thp.defrag})` : 'absent');
-  kv('hugetlb', Object.entries(p.hugetlb).map(([k, v]) => `${k}: ${v.free}/${v.total} free`).join(', ') || 'none');
-  kv('tracefs', p.tracefs.state);
-  lines.push('capabilities');
-  for (const [k, v] of Object.entries(p.capabilities)) lines.push(`  ${k.replace(/^KVM_CAP_/, '').padEnd(30)} ${v}`);
-  lines.push('oracles');
-  for (const [k, v] of Object.entries(p.oracles)) lines.push(`  ${k.padEnd(24)} ${v.available ? 'yes' : 'no '}  ${v.why}`);
-  if (p.kernel) {
-    lines.push(`kernel ${p.kernel.release ?? '(release unknown)'}: the models assume`);
-    for (const [k, v] of Object.entries(p.kernel.behaviours)) lines.push(`  ${k.padEnd(24)} ${v.on ? 'yes' : 'no '}  ${v.why}`);
-  }
-  return lines.join('\n');
 }
 
 /**

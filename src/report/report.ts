@@ -1,14 +1,19 @@
 // Formatters only: a RunReport in, text out.
-import type { CheckResult, RunReport } from '../run/types.js';
+import { nodeArch } from '../arch/arch.js';
+import type { CheckResult, Outcome, RunReport } from '../run/types.js';
 
-const MARK: Record<CheckResult['outcome'], string> = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A ', error: 'ERR ', not_run: 'SKIP' };
+/** The mark of each outcome, in every table and progress line that prints one. */
+export const MARK: Record<Outcome, string> = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERR', not_run: 'SKIP' };
+
+/** An outcome's mark padded to one width, for a column. */
+export const tag = (o: Outcome): string => MARK[o].padEnd(4);
 
 export function human(r: RunReport): string {
   const out: string[] = [];
-  out.push(`host: ${r.host.flavour} on ${r.host.arch}, TDP ${r.host.tdp.enabled ? r.host.tdp.kind : 'off'}, tdp_mmu ${r.host.tdpMmu ? 'on' : 'off'} (${r.host.device})`);
+  out.push(`host: ${r.host.flavour} on ${nodeArch(r.host.arch)}, TDP ${r.host.tdp.enabled ? r.host.tdp.kind : 'off'}, tdp_mmu ${r.host.tdpMmu ? 'on' : 'off'} (${r.host.device})`);
   const w = Math.max(10, ...r.checks.map((c) => c.name.length));
   for (const c of r.checks) {
-    out.push(`${MARK[c.outcome]}  ${c.name.padEnd(w)}  ${c.durationMs.toFixed(1).padStart(8)} ms  ${c.description}`);
+    out.push(`${tag(c.outcome)}  ${c.name.padEnd(w)}  ${c.durationMs.toFixed(1).padStart(8)} ms  ${c.description}`);
     if (c.cases) out.push(`      ${c.cases.checked} cases: ${Object.entries(c.cases.byOutcome).map(([k, n]) => `${k} ${n}`).join(', ')}`);
     out.push(...detail(c).map((l) => `      ${l}`));
   }
@@ -33,8 +38,15 @@ function detail(c: CheckResult): string[] {
   return lines;
 }
 
+/**
+ * The version of the JSON report's format (docs/report.schema.json). Raised
+ * when a field is removed or changes meaning; new fields keep it.
+ */
+export const REPORT_VERSION = 1;
+
+/** The report as JSON; the KVM host's architecture by Node's name, as before it had one. */
 export function json(r: RunReport): string {
-  return JSON.stringify(r, null, 2);
+  return JSON.stringify({ version: REPORT_VERSION, ...r, host: { ...r.host, arch: nodeArch(r.host.arch) } }, null, 2);
 }
 
 /** KTAP version 1, as the kernel's KUnit and kselftests print it. */
@@ -48,11 +60,12 @@ export function ktap(r: RunReport): string {
     else out.push(`${c.outcome === 'pass' ? 'ok' : 'not ok'} ${i + 1} ${name}`);
   });
   const s = r.summary;
-  out.push(`# ${name(s.passed, s.failed, s.notApplicable + s.notRun, s.errors)}`);
+  out.push(`# ${totals(s.passed, s.failed, s.notApplicable + s.notRun, s.errors)}`);
   return out.join('\n');
 }
 
-function name(p: number, f: number, n: number, e: number): string {
+/** KTAP's totals line: errors count as failures. */
+function totals(p: number, f: number, n: number, e: number): string {
   return `totals: pass:${p} fail:${f + e} skip:${n}`;
 }
 
@@ -66,7 +79,8 @@ export function junit(r: RunReport): string {
   const skipped = s.notApplicable + s.notRun;
   const out = [
     '<?xml version="1.0" encoding="UTF-8"?>',
-    `<testsuites tests="${s.total}" failures="${s.failed}" errors="${s.errors}" skipped="${skipped}" time="${(s.durationMs / 1000).toFixed(3)}">`,
+    // Jenkins' junit-10.xsd allows skipped on <testsuite> only (test/fixtures/junit-10.xsd).
+    `<testsuites tests="${s.total}" failures="${s.failed}" errors="${s.errors}" time="${(s.durationMs / 1000).toFixed(3)}">`,
     `  <testsuite name="kvmharness" hostname="${xml(r.host.flavour)}" tests="${s.total}" failures="${s.failed}" errors="${s.errors}" skipped="${skipped}" time="${(s.durationMs / 1000).toFixed(3)}">`,
   ];
   for (const c of r.checks) {

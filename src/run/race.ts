@@ -27,7 +27,9 @@ import { LAYOUT, SEL } from '../arch/x86/layout.js';
 import { describeExit } from '../kvm/exits.js';
 import type { Vcpu } from '../kvm/vcpu.js';
 import { MADV, MEM } from '../uapi/uapi.js';
+import { memFlags } from '../model/vm.js';
 import type { WrongRace } from '../model/wrong.js';
+import { dirtyPages } from '../observe/dirty-log.js';
 import { bringUpOptions, buildScenarioTables, slotBacking } from '../scenario/build.js';
 import type { RaceDecl, Scenario } from '../scenario/types.js';
 import { NotApplicable, type CheckContext } from './types.js';
@@ -127,7 +129,7 @@ export async function runRace(ctx: CheckContext, sc: Scenario & { race: RaceDecl
     if (logs) g.vm.enableManualDirtyLogProtect();
     for (const m of sc.memslots) {
       const backing = slotBacking(m.backing);
-      g.vm.addMemslot({ slot: m.slot, gpa: m.gpa, size: Number(m.size), backing, flags: (m.logDirty ? MEM.KVM_MEM_LOG_DIRTY_PAGES : 0) | (m.readonly ? MEM.KVM_MEM_READONLY : 0) });
+      g.vm.addMemslot({ slot: m.slot, gpa: m.gpa, size: Number(m.size), backing, flags: memFlags(m) });
     }
     buildScenarioTables(sc, g.mem, g.boot);
     // CPL 0 runs from the kernel code region, CPL 3 from the user one.
@@ -215,9 +217,7 @@ export async function runRace(ctx: CheckContext, sc: Scenario & { race: RaceDecl
       const s = slot(n);
       const bitmap = g.vm.getDirtyLog(n);
       const set = union.get(n) ?? new Set<bigint>();
-      bitmap.forEach((byte, b) => {
-        for (let j = 0; j < 8; j++) if (byte & (1 << j)) set.add(s.gpa + BigInt(b * 8 + j) * PAGE);
-      });
+      for (const gpa of dirtyPages(bitmap, s.gpa)) set.add(gpa);
       union.set(n, set);
       if (clear) g.vm.clearDirtyLog(n, 0, Math.ceil(s.npages / 64) * 64, bitmap);
     };

@@ -1,14 +1,16 @@
 // Runs checks one after another: each gets a context that records
 // comparisons, the differ decides pass/fail, and nothing a check does can stop
 // the checks after it.
+import { nodeArch, type Arch } from '../arch/arch.js';
 import type { Kvm } from '../kvm/kvm.js';
 import { HostError, Unsupported } from '../kvm/sys.js';
 import type { HostProfile } from '../probe/probe.js';
 import { same, show } from './differ.js';
-import { NotApplicable, type Check, type CheckResult, type Comparison, type RunReport, type WrongExpectation } from './types.js';
+import { NotApplicable, type Check, type CheckResult, type Comparison, type RunReport, type WrongExpectation, type WrongObservation } from './types.js';
 
 export interface RunOptions {
   wrongExpectation?: WrongExpectation;
+  wrongObservation?: WrongObservation;
   onResult?: (r: CheckResult) => void;
   onProgress?: (check: string, done: number, total: number) => void;
 }
@@ -29,7 +31,7 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
     ...(cases ? { cases } : {}),
   });
   if (check.arch && check.arch !== profile.arch) {
-    return result('not_applicable', `${check.arch} guest; this KVM host is ${profile.arch}`);
+    return result('not_applicable', `${nodeArch(check.arch)} guest; this KVM host is ${nodeArch(profile.arch)}`);
   }
   const missing = check.needs.filter((o) => !profile.oracles[o].available);
   if (missing.length) {
@@ -42,7 +44,8 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
       profile,
       expect(what, expected, observed) {
         const exp = opts.wrongExpectation ? opts.wrongExpectation(check.name, what, expected) : expected;
-        comparisons.push({ what, expected: show(exp), observed: show(observed), ok: same(exp, observed) });
+        const obs = opts.wrongObservation ? opts.wrongObservation(check.name, what, observed) : observed;
+        comparisons.push({ what, expected: show(exp), observed: show(obs), ok: same(exp, obs) });
       },
       note: (l) => notes.push(l),
       cases(c) {
@@ -68,7 +71,7 @@ export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opt
  * architecture-neutral ones; a list of other architectures' checks only is
  * kept whole, and each is reported not applicable.
  */
-export function forHostArch(checks: readonly Check[], arch: string): readonly Check[] {
+export function forHostArch(checks: readonly Check[], arch: Arch): readonly Check[] {
   const own = checks.filter((c) => !c.arch || c.arch === arch);
   return own.length > 0 ? own : checks;
 }

@@ -1,4 +1,5 @@
 // What a check is, what it produced, and how a run is summarised.
+import type { Arch } from '../arch/arch.js';
 import type { Kvm } from '../kvm/kvm.js';
 import type { Target } from '../target/target.js';
 import type { HostProfile, Oracle } from '../probe/probe.js';
@@ -62,6 +63,13 @@ export interface RunReport {
  */
 export type WrongExpectation = (check: string, what: string, expected: unknown) => unknown;
 
+/**
+ * Lets a caller replace an observation before it is compared; tests use it to
+ * feed what KVM could wrongly produce (a page-aligned CR2, a missing A bit, an
+ * extra dirty page) and see the check report it.
+ */
+export type WrongObservation = (check: string, what: string, observed: unknown) => unknown;
+
 export interface CheckContext {
   /** The machine under test: its files (tracefs, sysfs) and what it can do. */
   target: Target;
@@ -82,8 +90,8 @@ export interface Check {
   description: string;
   /** Oracles the check needs; missing ones make it "not applicable here". */
   needs: Oracle[];
-  /** The KVM host architecture the check's guest is built for ('x64', 'arm64'); none: any. */
-  arch?: string;
+  /** The KVM host architecture the check's guest is built for; none: any. */
+  arch?: Arch;
   run(ctx: CheckContext): Promise<void>;
 }
 

@@ -28,8 +28,9 @@ import {
   PTE_US,
 } from '../arch/x86/pte.js';
 import { PAGE_LEVEL, PageTables } from '../arch/x86/tables.js';
-import type { PagingConfig, Vendor } from '../model/walk.js';
-import type { HostBacking } from '../kvm/memslot.js';
+import { pagingConfigOf, type PagingCpu } from '../model/paging.js';
+import type { PagingConfig } from '../model/walk.js';
+import { BACKINGS, type HostAlloc } from '../model/vm.js';
 import type { Mapping, MemslotDecl, PteAttrs, Scenario } from './types.js';
 
 const hex = (v: bigint) => `0x${v.toString(16)}`;
@@ -149,26 +150,19 @@ export function buildScenarioTables(s: Scenario, mem: GuestMem, boot: BringUp): 
   };
 }
 
-/** Model vendor for a CPUID vendor string: KVM applies the AMD rules to AMD and Hygon guests. */
-function vendorOf(cpuVendor: string): Vendor {
-  return cpuVendor === 'AuthenticAMD' || cpuVendor === 'HygonGenuine' || cpuVendor === 'amd' ? 'amd' : 'intel';
-}
-
 /** The walk model's configuration for a scenario's initial paging state on a CPU. */
-export function pagingConfigFor(s: Scenario, cpu: { vendor: string; maxPhyAddr: number; pdpe1gb: boolean }): PagingConfig {
+export function pagingConfigFor(s: Scenario, cpu: PagingCpu): PagingConfig {
   const p = s.paging;
-  return {
+  const mode = {
     levels: p.levels,
-    vendor: p.vendor === 'auto' ? vendorOf(cpu.vendor) : p.vendor,
-    maxPhyAddr: cpu.maxPhyAddr,
     cr0Wp: p.cr0.wp,
     cr4Smep: p.cr4.smep,
     cr4Smap: p.cr4.smap,
     cr4Pke: p.cr4.pke,
     efer: { nxe: p.efer.nxe },
-    pdpe1gb: cpu.pdpe1gb,
     pkru: p.pkru,
   };
+  return pagingConfigOf(cpu, mode, { vendor: p.vendor === 'auto' ? undefined : p.vendor });
 }
 
 /** Bring-up options for a scenario's initial paging state. */
@@ -226,24 +220,7 @@ export class MemImage implements GuestMem {
   }
 }
 
-/**
- * The host memory behind a scenario's memslot. 'anon' asks for no transparent
- * huge pages (MADV_NOHUGEPAGE): 4 KiB pages whatever the host's THP mode, which
- * is what the host model (src/model/memslots.ts) takes 'anon' to be. Under THP
- * "always" a guest write would otherwise fault in a 2 MiB page, and KVM would
- * then map its neighbours writable (and log them dirty) on read faults.
- */
-export function slotBacking(b: MemslotDecl['backing']): HostBacking {
-  switch (b) {
-    case 'anon':
-      return { kind: 'anon', thp: false };
-    case 'thp':
-      return { kind: 'anon', thp: true };
-    case 'hugetlb2m':
-      return { kind: 'hugetlb', pageSize: '2M' };
-    case 'hugetlb1g':
-      return { kind: 'hugetlb', pageSize: '1G' };
-    default:
-      return { kind: b };
-  }
+/** The host memory behind a scenario's memslot, from the one table of backings (model/vm.ts BACKINGS). */
+export function slotBacking(b: MemslotDecl['backing']): HostAlloc {
+  return BACKINGS[b].alloc;
 }

@@ -1,6 +1,7 @@
 // Scenario files: read, parse, validate (shape from schema.ts's field tables,
-// then the semantic rules below), and convert to the Scenario type. Every error
-// names the JSON path of the field it is about.
+// then the semantic rules below), and convert to the Scenario type (steps by
+// the table of step kinds in steps.ts). Every error names the JSON path of the
+// field it is about.
 //
 // Semantic rules (run once the file has the right shape):
 //   memslots  slot 0 is bring-up's ([0, 0x400000)); user slots are 1 and above,
@@ -17,7 +18,8 @@
 //             only at CPL 0; levels in write-pte and expect.ptes exist for a
 //             mapping covering the gva (write-pte: not a bring-up entry);
 //             clear-ad needs a mapping; dirty-log steps name a declared slot
-//             with logDirty; expected dirty GPAs are 4K aligned and in the slot.
+//             with logDirty; expected dirty GPAs are 4K aligned and in the slot
+//             (each kind's rules are its `validate` in steps.ts).
 // Step gvas that no mapping covers are allowed: that is how not-present faults
 // are tested.
 import { readdirSync, readFileSync, existsSync } from 'node:fs';
@@ -29,7 +31,10 @@ import { MAX_NR_PAGES } from '../model/memslots.js';
 import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.js';
 import { at, checkJson, SCENARIO, toJson, type Json } from './schema.js';
 import { showStatExpect } from './stats.js';
-import type { AccessExpect, GuestStep, HostStep, Mapping, MemslotDecl, PagingDecl, PteAttrs, PteWriteStep, ClearAdStep, RaceDecl, RaceOp, Scenario, Step, StepStats } from './types.js';
+import { BACKING_PAGE, hex, kindOfTag, range, STEP_KINDS, stepKind, type Side, type StepKind } from './steps.js';
+import type {
+  Mapping, MemslotDecl, PagingDecl, PteAttrs, RaceDecl, RaceOp, Scenario, Step, StepStats,
+} from './types.js';
 
 /** A scenario that cannot be loaded: the message is "<path>: <first error>" and a count of the others. */
 export class ScenarioError extends Error {
@@ -51,7 +56,8 @@ export function validateScenario(json: unknown): Validation {
   const errors: string[] = [];
   const n = checkJson(SCENARIO, json, '', errors);
   if (errors.length > 0 || n === undefined) return { ok: false, errors };
-  const s = toScenario(n as Obj);
+  const s = toScenario(n as Obj, errors);
+  if (errors.length > 0) return { ok: false, errors };
   semanticErrors(s, json as Obj, errors);
   return errors.length > 0 ? { ok: false, errors } : { ok: true, scenario: s };
 }
@@ -133,115 +139,20 @@ function toAttrs(o: Obj): PteAttrs {
   };
 }
 
-function toExpect(o: Obj | undefined): AccessExpect | undefined {
-  if (!o) return undefined;
-  const e: AccessExpect = {};
-  if (o.fault !== undefined) e.fault = o.fault === false ? false : Number(o.fault as bigint);
-  if (o.value !== undefined) e.value = o.value as bigint;
-  if (o.ptes !== undefined) e.ptes = (o.ptes as Obj[]).map((p) => ({ level: p.level as number, value: p.value as bigint }));
-  return e;
-}
-
-function toStep(o: Obj): Step {
-  const step = toStepKind(o);
+/** A step from its normalised JSON, by the table of step kinds; a tag no kind has is an error at `path`. */
+function toStep(o: Obj, path: string, errors: string[]): Step | undefined {
+  const side: Side = 'guest' in o ? 'guest' : 'host';
+  const tag = o[side] as string;
+  const kind = kindOfTag(side, tag);
+  if (kind === undefined) {
+    errors.push(at(`${path}.${side}`, `no ${side} step kind is called ${JSON.stringify(tag)}`));
+    return undefined;
+  }
+  const step = (STEP_KINDS[kind] as StepKind<Step>).decode(o, side);
   return o.stats !== undefined ? { ...step, stats: o.stats as StepStats } : step;
 }
 
-function pteWrite(o: Obj): PteWriteStep {
-  return {
-    kind: 'write-pte',
-    gva: o.gva as bigint,
-    level: o.level as number,
-    set: (o.set as bigint | undefined) ?? 0n,
-    clear: (o.clear as bigint | undefined) ?? 0n,
-    ...(o.value !== undefined ? { value: o.value as bigint } : {}),
-  };
-}
-
-function toStepKind(o: Obj): Step {
-  // Page-table edits are steps of either side: by the guest's own stores, or by the VMM.
-  const either = (o.guest ?? o.host) as string;
-  if (either === 'write-pte' || either === 'clear-ad') {
-    const step: PteWriteStep | ClearAdStep = either === 'write-pte' ? pteWrite(o) : { kind: 'clear-ad', gva: o.gva as bigint };
-    return 'guest' in o ? { side: 'guest', ...step } : { side: 'host', ...step };
-  }
-  if ('guest' in o) {
-    const g = o.guest as string;
-    let step: GuestStep;
-    switch (g) {
-      case 'read':
-      case 'write':
-      case 'exec': {
-        const expect = toExpect(o.expect as Obj | undefined);
-        step = {
-          kind: 'access',
-          access: g,
-          gva: o.gva as bigint,
-          size: g === 'exec' ? 1 : (o.size as 1 | 2 | 4 | 8),
-          cpl: o.cpl as 0 | 3,
-          value: g === 'write' ? (o.value as bigint) : 0n,
-          eflagsAc: g === 'exec' ? false : (o.eflagsAc as boolean),
-          ...(expect ? { expect } : {}),
-        };
-        break;
-      }
-      case 'invlpg':
-        step = { kind: 'invlpg', gva: o.gva as bigint };
-        break;
-      case 'reload-cr3':
-        step = { kind: 'reload-cr3' };
-        break;
-      case 'set-cr0-wp':
-        step = { kind: 'set-cr0-wp', value: o.value as boolean };
-        break;
-      default:
-        step = { kind: 'set-cr4', bit: o.bit as 'smep' | 'smap' | 'pke', value: o.value as boolean };
-    }
-    return { side: 'guest', ...step };
-  }
-  let step: HostStep;
-  switch (o.host as string) {
-    case 'get-dirty-log':
-      step = { kind: 'get-dirty-log', slot: o.slot as number, ...(o.expect !== undefined ? { expect: o.expect as bigint[] } : {}) };
-      break;
-    case 'clear-dirty-log':
-      step = { kind: 'clear-dirty-log', slot: o.slot as number };
-      break;
-    case 'memslot-delete':
-      step = { kind: 'memslot-delete', slot: o.slot as number };
-      break;
-    case 'memslot-move':
-      step = { kind: 'memslot-move', slot: o.slot as number, gpa: o.gpa as bigint };
-      break;
-    case 'memslot-flags':
-      step = { kind: 'memslot-flags', slot: o.slot as number, logDirty: o.logDirty as boolean, readonly: o.readonly as boolean };
-      break;
-    case 'madvise':
-      step = { kind: 'madvise', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint, advice: o.advice as 'dontneed' | 'hugepage' | 'nohugepage' };
-      break;
-    case 'munmap':
-    case 'remap':
-      step = { kind: o.host as 'munmap' | 'remap', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint };
-      break;
-    case 'mprotect':
-      step = { kind: 'mprotect', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint, prot: o.prot as 'none' | 'read' | 'read-write' };
-      break;
-    case 'pre-fault':
-      step = { kind: 'pre-fault', gpa: o.gpa as bigint, size: o.size as bigint };
-      break;
-    default: {
-      const e = o.expect as Obj | undefined;
-      step = {
-        kind: 'translate',
-        gva: o.gva as bigint,
-        ...(e ? { expect: { valid: e.valid as boolean, ...(e.gpa !== undefined ? { gpa: e.gpa as bigint } : {}) } } : {}),
-      };
-    }
-  }
-  return { side: 'host', ...step };
-}
-
-function toScenario(n: Obj): Scenario {
+function toScenario(n: Obj, errors: string[]): Scenario {
   const p = n.paging as Obj;
   const paging: PagingDecl = {
     levels: p.levels as 4 | 5,
@@ -272,7 +183,7 @@ function toScenario(n: Obj): Scenario {
     memslots: (n.memslots as Obj[]).map((m) => ({ ...m }) as unknown as MemslotDecl),
     paging,
     mappings,
-    steps: (n.steps as Obj[]).map(toStep),
+    steps: (n.steps as Obj[]).flatMap((o, i) => toStep(o, `steps[${i}]`, errors) ?? []),
   };
 }
 
@@ -285,77 +196,10 @@ function toRace(r: Obj): RaceDecl {
   };
 }
 
-function expectJson(e: AccessExpect | undefined, withValue: boolean): Obj | undefined {
-  if (!e) return undefined;
-  return {
-    ...(e.fault !== undefined ? { fault: e.fault === false ? false : BigInt(e.fault) } : {}),
-    ...(withValue && e.value !== undefined ? { value: e.value } : {}),
-    ...(e.ptes ? { ptes: e.ptes } : {}),
-  };
-}
-
 function stepJson(s: Step): Obj {
-  const o = stepKindJson(s);
+  const o = stepKind(s).encode(s);
   if (s.stats) o.stats = Object.fromEntries(Object.entries(s.stats).map(([k, e]) => [k, showStatExpect(e)]));
   return o;
-}
-
-function stepKindJson(s: Step): Obj {
-  // Page-table edits read the same from either side.
-  if (s.kind === 'write-pte' || s.kind === 'clear-ad') {
-    const body = s.kind === 'clear-ad' ? { gva: s.gva }
-      : s.value !== undefined ? { gva: s.gva, level: s.level, value: s.value }
-      : { gva: s.gva, level: s.level, set: s.set, clear: s.clear };
-    return { [s.side]: s.kind, ...body };
-  }
-  if (s.side === 'guest') {
-    switch (s.kind) {
-      case 'access': {
-        const { access, gva, size, cpl, value, eflagsAc } = s;
-        if (access === 'exec') return { guest: access, gva, cpl, expect: expectJson(s.expect, false) };
-        return {
-          guest: access,
-          gva,
-          size,
-          cpl,
-          ...(access === 'write' ? { value } : {}),
-          eflagsAc,
-          expect: expectJson(s.expect, access === 'read'),
-        };
-      }
-      case 'invlpg':
-        return { guest: 'invlpg', gva: s.gva };
-      case 'reload-cr3':
-        return { guest: 'reload-cr3' };
-      case 'set-cr0-wp':
-        return { guest: 'set-cr0-wp', value: s.value };
-      case 'set-cr4':
-        return { guest: 'set-cr4', bit: s.bit, value: s.value };
-    }
-  }
-  switch (s.kind) {
-    case 'get-dirty-log':
-      return { host: s.kind, slot: s.slot, expect: s.expect };
-    case 'clear-dirty-log':
-      return { host: s.kind, slot: s.slot };
-    case 'translate':
-      return { host: s.kind, gva: s.gva, expect: s.expect };
-    case 'memslot-delete':
-      return { host: s.kind, slot: s.slot };
-    case 'memslot-move':
-      return { host: s.kind, slot: s.slot, gpa: s.gpa };
-    case 'memslot-flags':
-      return { host: s.kind, slot: s.slot, logDirty: s.logDirty, readonly: s.readonly };
-    case 'madvise':
-      return { host: s.kind, slot: s.slot, offset: s.offset, size: s.size, advice: s.advice };
-    case 'munmap':
-    case 'remap':
-      return { host: s.kind, slot: s.slot, offset: s.offset, size: s.size };
-    case 'mprotect':
-      return { host: s.kind, slot: s.slot, offset: s.offset, size: s.size, prot: s.prot };
-    case 'pre-fault':
-      return { host: s.kind, gpa: s.gpa, size: s.size };
-  }
 }
 
 /** The JSON form of a scenario, every field written out; validating it gives the scenario back. */
@@ -378,29 +222,15 @@ export function scenarioToJson(s: Scenario): Json {
 // ---------------------------------------------------------------------------------
 // Semantic rules.
 
-const hex = (v: bigint) => `0x${v.toString(16)}`;
-const range = (from: bigint, size: bigint) => `[${hex(from)}, ${hex(from + size)})`;
 const overlaps = (a: bigint, as: bigint, b: bigint, bs: bigint) => a < b + bs && b < a + as;
 const PHYS_LIMIT = 1n << 52n;
 const TOP = 1n << 64n;
-const BACKING_PAGE: Record<MemslotDecl['backing'], bigint> = {
-  anon: PAGE_4K,
-  shared: PAGE_4K,
-  memfd: PAGE_4K,
-  thp: PAGE_4K,
-  hugetlb2m: 1n << 21n,
-  hugetlb1g: 1n << 30n,
-};
 
 /** Whether [gva, gva + size) lies in one canonical half for the paging mode. */
 function canonicalRange(gva: bigint, size: bigint, levels: 4 | 5): boolean {
   const half = 1n << BigInt(levels === 5 ? 56 : 47);
   const end = gva + size; // exclusive
   return end <= half || (gva >= TOP - half && end <= TOP);
-}
-
-function pageName(level: number): string {
-  return level === 3 ? '1G' : level === 2 ? '2M' : '4K';
 }
 
 function memslotErrors(s: Scenario, err: (path: string, msg: string) => void): void {
@@ -524,140 +354,10 @@ function mappingErrors(s: Scenario, json: Obj, err: (path: string, msg: string) 
   });
 }
 
-/**
- * Checks that the entry at `level` for `gva` is one the scenario knows (a
- * mapping covers gva and the level is between its leaf and the root);
- * `write` also refuses bring-up's entries and the one covering RETURN_GVA.
- */
-function entryError(s: Scenario, gva: bigint, level: number, write: boolean): string | undefined {
-  if (level > s.paging.levels) return `there is no level-${level} entry with ${s.paging.levels}-level paging`;
-  const m = mappingAt(s, gva);
-  if (!m) return `no mapping covers ${hex(gva)}, so its level-${level} entry is not known`;
-  const leaf = leafLevel(m);
-  if (level < leaf) return `${hex(gva)} is mapped by ${pageName(leaf)} pages, which have no level-${level} entry`;
-  if (write && isBringUpEntry(gva, level)) return `the level-${level} entry for ${hex(gva)} is bring-up's; it cannot be written`;
-  if (write && coversReturnGva(gva, level)) return `the level-${level} entry for ${hex(gva)} also covers RETURN_GVA ${hex(RETURN_GVA)}; it cannot be written`;
-  return undefined;
-}
-
+/** Each step's rules, by the table of step kinds (steps.ts). */
 function stepErrors(s: Scenario, json: Obj, err: (path: string, msg: string) => void): void {
   const jsonSteps = (json.steps ?? []) as Obj[];
-  /** Why the slot cannot be asked for its dirty log at step `at`; logging follows memslot-flags steps. */
-  const slotError = (slot: number, at: number): string | undefined => {
-    if (slot === 0) return 'slot 0 is bring-up memory, which does not log dirty pages';
-    const m = s.memslots.find((x) => x.slot === slot);
-    if (!m) return `memslot ${slot} is not declared in "memslots"`;
-    let logging = m.logDirty;
-    for (const x of s.steps.slice(0, at)) if (x.side === 'host' && x.kind === 'memslot-flags' && x.slot === slot) logging = x.logDirty;
-    if (!logging) return `memslot ${slot} does not log dirty pages here (set "logDirty": true, or turn it on with a memslot-flags step)`;
-    return undefined;
-  };
-  const ptesErrors = (p: string, gva: bigint, ptes: { level: number }[] | undefined) =>
-    ptes?.forEach((e, k) => {
-      const why = entryError(s, gva, e.level, false);
-      if (why) err(`${p}.expect.ptes[${k}].level`, why);
-    });
-
-  s.steps.forEach((st, i) => {
-    const p = `steps[${i}]`;
-    if (st.side === 'guest' && st.kind !== 'write-pte' && st.kind !== 'clear-ad') {
-      if (st.kind !== 'access') return;
-      if (st.access !== 'exec') {
-        const off = st.gva & 0xfffn;
-        if (off + BigInt(st.size) > PAGE_4K) err(`${p}.gva`, `${st.size === 8 ? 'an' : 'a'} ${st.size}-byte access at ${hex(st.gva)} crosses a 4K page boundary; split it into two steps`);
-        const limit = 1n << BigInt(8 * st.size);
-        if (st.access === 'write' && st.value >= limit) err(`${p}.value`, `${hex(st.value)} does not fit in ${st.size} byte${st.size > 1 ? 's' : ''}`);
-        if (st.expect?.value !== undefined && st.expect.value >= limit) err(`${p}.expect.value`, `${hex(st.expect.value)} does not fit in ${st.size} byte${st.size > 1 ? 's' : ''}`);
-        if (st.eflagsAc && st.cpl === 3) err(`${p}.eflagsAc`, 'EFLAGS.AC overrides SMAP only for CPL 0 accesses; a CPL 3 access is a user access');
-      }
-      ptesErrors(p, st.gva, st.expect?.ptes);
-      return;
-    }
-    switch (st.kind) {
-      case 'write-pte': {
-        const j = jsonSteps[i]!;
-        if (j.value !== undefined && (j.set !== undefined || j.clear !== undefined)) err(`${p}.value`, 'give either "value" or "set"/"clear", not both');
-        if (j.value === undefined && j.set === undefined && j.clear === undefined) err(p, 'write-pte needs "set", "clear" or "value"');
-        const why = entryError(s, st.gva, st.level, true);
-        if (why) err(`${p}.level`, why);
-        return;
-      }
-      case 'clear-ad':
-        if (!mappingAt(s, st.gva)) err(`${p}.gva`, `no mapping covers ${hex(st.gva)}; clear-ad works on a mapping's entries`);
-        return;
-      case 'get-dirty-log':
-      case 'clear-dirty-log': {
-        const why = slotError(st.slot, i);
-        if (why) return err(`${p}.slot`, why);
-        if (st.kind === 'clear-dirty-log') return;
-        const m = s.memslots.find((x) => x.slot === st.slot)!;
-        st.expect?.forEach((gpa, k) => {
-          if (gpa % PAGE_4K !== 0n) err(`${p}.expect[${k}]`, `${hex(gpa)} is not 4K aligned`);
-          else if (gpa < m.gpa || gpa >= m.gpa + m.size) err(`${p}.expect[${k}]`, `${hex(gpa)} is not inside memslot ${m.slot} ${range(m.gpa, m.size)}`);
-        });
-        return;
-      }
-      case 'translate':
-        if (st.expect && !st.expect.valid && st.expect.gpa !== undefined) err(`${p}.expect.gpa`, 'an invalid translation has no gpa');
-        return;
-      case 'pre-fault': {
-        const m = s.memslots.find((x) => st.gpa >= x.gpa && st.gpa < x.gpa + x.size);
-        if (st.gpa % PAGE_4K !== 0n || st.size % PAGE_4K !== 0n || st.size === 0n) return err(p, 'gpa and size must be 4K aligned and size non-zero');
-        if (!m) return err(`${p}.gpa`, `${hex(st.gpa)} is not inside a declared user memslot`);
-        if (st.gpa + st.size > m.gpa + m.size) return err(`${p}.size`, `${range(st.gpa, st.size)} runs past the end of memslot ${m.slot} ${range(m.gpa, m.size)}`);
-        return;
-      }
-      case 'memslot-delete':
-      case 'memslot-move':
-      case 'memslot-flags':
-      case 'madvise':
-      case 'munmap':
-      case 'remap':
-      case 'mprotect': {
-        const m = s.memslots.find((x) => x.slot === st.slot);
-        if (!m) return err(`${p}.slot`, `memslot ${st.slot} is not declared in "memslots"`);
-        const gone = s.steps.slice(0, i).some((x) => x.side === 'host' && x.kind === 'memslot-delete' && x.slot === st.slot);
-        if (gone) return err(`${p}.slot`, `memslot ${st.slot} was deleted by an earlier step`);
-        if (st.kind === 'memslot-move') {
-          if (st.gpa % PAGE_4K !== 0n) err(`${p}.gpa`, `${hex(st.gpa)} is not 4K aligned`);
-          else if (st.gpa < 0x400000n) err(`${p}.gpa`, `${hex(st.gpa)} is inside bring-up memory [0x0, 0x400000)`);
-          else {
-            const clash = s.memslots.find((x) => x.slot !== st.slot && st.gpa < x.gpa + x.size && x.gpa < st.gpa + m.size);
-            if (clash) err(`${p}.gpa`, `memslot ${st.slot} moved to ${range(st.gpa, m.size)} would overlap memslot ${clash.slot} ${range(clash.gpa, clash.size)}`);
-          }
-        }
-        if (st.kind === 'memslot-flags' && st.readonly !== m.readonly) {
-          err(`${p}.readonly`, `KVM does not let a memslot's read-only flag change (memslot ${st.slot} is declared ${m.readonly ? 'read-only' : 'writable'}); delete it and declare another`);
-        }
-        if (st.kind === 'madvise' || st.kind === 'munmap' || st.kind === 'remap' || st.kind === 'mprotect') {
-          const unit = st.kind === 'madvise' ? PAGE_4K : BACKING_PAGE[m.backing];
-          const what = unit === PAGE_4K ? '4K' : `${m.backing} page (${hex(unit)})`;
-          if (st.offset % unit !== 0n || st.size % unit !== 0n || st.size === 0n) return err(p, `offset and size must be ${what} aligned and size non-zero`);
-          if (st.offset + st.size > m.size) return err(`${p}.size`, `${hex(st.offset)}+${hex(st.size)} runs past the end of memslot ${st.slot} (${hex(m.size)} bytes)`);
-          // Pages of the range that an earlier munmap took away (and no remap gave back).
-          const unmapped = unmappedBy(s.steps.slice(0, i), st.slot, st.offset, st.size);
-          if (st.kind === 'remap' && unmapped.length * Number(PAGE_4K) !== Number(st.size)) err(p, `remap needs the whole range unmapped by earlier munmap steps; ${hex(st.offset)}+${hex(st.size)} of memslot ${st.slot} is not`);
-          if (st.kind !== 'remap' && unmapped.length > 0) err(p, `memslot ${st.slot}'s memory at offset ${hex(unmapped[0]!)} was unmapped by an earlier munmap step (remap it first)`);
-        }
-        return;
-      }
-    }
-  });
-}
-
-/** Offsets of the 4K pages of [offset, offset+size) that `steps` leave unmapped in a slot. */
-function unmappedBy(steps: readonly Step[], slot: number, offset: bigint, size: bigint): bigint[] {
-  const gone = new Set<bigint>();
-  for (const x of steps) {
-    if (x.side !== 'host' || (x.kind !== 'munmap' && x.kind !== 'remap') || x.slot !== slot) continue;
-    for (let o = x.offset; o < x.offset + x.size; o += PAGE_4K) {
-      if (x.kind === 'munmap') gone.add(o);
-      else gone.delete(o);
-    }
-  }
-  const out: bigint[] = [];
-  for (let o = offset; o < offset + size; o += PAGE_4K) if (gone.has(o)) out.push(o);
-  return out;
+  s.steps.forEach((st, i) => stepKind(st).validate(st, { s, i, p: `steps[${i}]`, json: jsonSteps[i]!, err }));
 }
 
 /**

@@ -5,85 +5,20 @@
 //                    the JSON path of each bad field;
 //   jsonSchema()     the JSON Schema (draft 2020-12) in docs/scenario.schema.json;
 //   fieldReference() the field tables of docs/scenarios.md.
-// The semantic checks (alignment, overlaps, levels, ...) and the conversion to
-// the Scenario type are in load.ts.
+// The steps' fields come from the table of step kinds (steps.ts). The semantic
+// checks (alignment, overlaps, levels, ...) and the conversion to the Scenario
+// type are in load.ts and steps.ts.
+import {
+  array, bool, int, object, oneOf, opt, req, u32, u64,
+  type Json, type ObjectSpec, type Spec, type TaggedSpec,
+} from './spec.js';
 import { parseStatExpect, STAT_NAMES, STAT_VALUE_RE } from './stats.js';
+import { LEVEL, stepVariants } from './steps.js';
 
-export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
-
-interface Doc {
-  /** One sentence for the schema's description and the docs. */
-  doc: string;
-}
-
-/** A 64-bit (or 32-bit) value: "0x..." or a non-negative safe integer. */
-export interface U64Spec extends Doc {
-  kind: 'u64';
-  bits: 32 | 64;
-}
-export interface IntSpec extends Doc {
-  kind: 'int';
-  min: number;
-  max: number;
-}
-export interface EnumSpec extends Doc {
-  kind: 'enum';
-  values: readonly (string | number)[];
-}
-export interface BoolSpec extends Doc {
-  kind: 'bool';
-}
-export interface StringSpec extends Doc {
-  kind: 'string';
-  pattern?: { re: string; what: string };
-}
-/** false, or a #PF error code (32-bit value). */
-export interface FaultSpec extends Doc {
-  kind: 'fault';
-}
-/** Stat name -> expected delta over the step (see stats.ts). */
-export interface StatsSpec extends Doc {
-  kind: 'stats';
-}
-export interface ArraySpec extends Doc {
-  kind: 'array';
-  items: Spec;
-}
-export interface Field {
-  spec: Spec;
-  required?: true;
-  /** Default in the JSON form; absent and not required means "not given". */
-  default?: Json;
-  /** Default as the docs should say it, when it is not a constant. */
-  defaultDoc?: string;
-}
-export interface ObjectSpec extends Doc {
-  kind: 'object';
-  /** Heading in the docs. */
-  name: string;
-  fields: Record<string, Field>;
-}
-/** Objects told apart by which tag field they carry ("guest" or "host") and its value. */
-export interface TaggedSpec extends Doc {
-  kind: 'tagged';
-  name: string;
-  variants: readonly { tag: string; value: string; spec: ObjectSpec }[];
-}
-export type Spec = U64Spec | IntSpec | EnumSpec | BoolSpec | StringSpec | FaultSpec | StatsSpec | ArraySpec | ObjectSpec | TaggedSpec;
-
+export type { Json } from './spec.js';
 
 // ---------------------------------------------------------------------------------
 // The field tables.
-
-const u64 = (doc: string): U64Spec => ({ kind: 'u64', bits: 64, doc });
-const u32 = (doc: string): U64Spec => ({ kind: 'u64', bits: 32, doc });
-const bool = (doc: string): BoolSpec => ({ kind: 'bool', doc });
-const oneOf = (values: readonly (string | number)[], doc: string): EnumSpec => ({ kind: 'enum', values, doc });
-const int = (min: number, max: number, doc: string): IntSpec => ({ kind: 'int', min, max, doc });
-const object = (name: string, doc: string, fields: Record<string, Field>): ObjectSpec => ({ kind: 'object', name, doc, fields });
-const array = (items: Spec, doc: string): ArraySpec => ({ kind: 'array', items, doc });
-const req = (spec: Spec): Field => ({ spec, required: true });
-const opt = (spec: Spec, dflt?: Json): Field => (dflt === undefined ? { spec } : { spec, default: dflt });
 
 const LEAF_ATTRS = object('leaf attributes', 'Bits of the leaf entry (the PTE, or the PDE/PDPTE of a 2M/1G page).', {
   p: opt(bool('Present (bit 0).'), true),
@@ -107,8 +42,6 @@ const TABLE_ATTRS = object('table attributes', 'Bits of the non-leaf entries the
   a: opt(bool('Accessed (bit 5).'), false),
   nx: opt(bool('Execute-disable (bit 63); a reserved bit when EFER.NXE = 0.'), false),
 });
-
-const LEVEL = int(1, 5, 'Entry level: 1 = PTE, 2 = PDE, 3 = PDPTE, 4 = PML4E, 5 = PML5E.');
 
 const RAW = object('raw override', 'Bits forced into the entry at one level for every page of the mapping: value = (value & ~clear) | set.', {
   level: req(LEVEL),
@@ -151,133 +84,21 @@ const PAGING = object('paging', "The guest's paging mode when the first step run
   vendor: opt(oneOf(['auto', 'intel', 'amd'], "Vendor whose reserved-bit rules the model applies; auto takes the guest CPUID's."), 'auto'),
 });
 
-const GVA = req(u64('Guest-virtual address.'));
-const CPL = opt(oneOf([0, 3], 'Privilege level of the access.'), 0);
-const EFLAGS_AC = opt(bool('EFLAGS.AC during a CPL 0 access (the SMAP override).'), false);
-const SIZE = opt(oneOf([1, 2, 4, 8], 'Bytes accessed; the access must not cross a 4K page boundary.'), 8);
-const FAULT = opt({ kind: 'fault', doc: 'false: no fault; a number: #PF with this error code.' });
-const PTES = opt(array(object('expected pte', 'An entry value after the step.', { level: req(LEVEL), value: req(u64('Expected 64-bit entry value.')) }), 'Entry values after the step, by level.'));
-
-const expectOf = (name: string, fields: Record<string, Field>) =>
-  opt(object(name, 'Expectations that replace the model\'s prediction where given.', fields));
-
 const STATS = opt({
   kind: 'stats',
   doc: 'Expected changes of KVM stats over the step, by stat name: an integer (exact delta), "+n"/"-n" (exact), ">=n" or "<=n"; checked where the host\'s stats describe it, else reported not applicable here.',
 });
 
-const guest = (value: string, doc: string, fields: Record<string, Field>) => ({
-  tag: 'guest',
-  value,
-  spec: object(`guest ${value}`, doc, { guest: req(oneOf([value], 'Step kind.')), ...fields, stats: STATS }),
-});
-const host = (value: string, doc: string, fields: Record<string, Field>) => ({
-  tag: 'host',
-  value,
-  spec: object(`host ${value}`, doc, { host: req(oneOf([value], 'Step kind.')), ...fields, stats: STATS }),
-});
-
+/** The steps' variants from the table of step kinds (steps.ts): the tag field, the kind's fields, "stats". */
 const STEP: TaggedSpec = {
   kind: 'tagged',
   name: 'step',
   doc: 'One guest step (code the vCPU runs) or host step (done while the vCPU is stopped).',
-  variants: [
-    guest('read', 'A load of `size` bytes from `gva`.', {
-      gva: GVA,
-      size: SIZE,
-      cpl: CPL,
-      eflagsAc: EFLAGS_AC,
-      expect: expectOf('read expect', { fault: FAULT, value: opt(u64('Value read (little-endian, `size` bytes).')), ptes: PTES }),
-    }),
-    guest('write', 'A store of `value` (`size` bytes) to `gva`.', {
-      gva: GVA,
-      size: SIZE,
-      cpl: CPL,
-      value: opt(u64('Value stored; must fit in `size` bytes.'), '0x0'),
-      eflagsAc: EFLAGS_AC,
-      expect: expectOf('write expect', { fault: FAULT, ptes: PTES }),
-    }),
-    guest('exec', 'A call to `gva` (the engine puts a `ret` there when memory backs it).', {
-      gva: GVA,
-      cpl: CPL,
-      expect: expectOf('exec expect', { fault: FAULT, ptes: PTES }),
-    }),
-    guest('invlpg', 'INVLPG of `gva`.', { gva: GVA }),
-    guest('reload-cr3', 'MOV CR3 with its own value: flushes non-global TLB entries.', {}),
-    guest('set-cr0-wp', 'Sets or clears CR0.WP.', { value: req(bool('New CR0.WP.')) }),
-    guest('set-cr4', 'Sets or clears one CR4 bit.', {
-      bit: req(oneOf(['smep', 'smap', 'pke'], 'Which bit.')),
-      value: req(bool('New value of the bit.')),
-    }),
-    guest('write-pte', 'The guest rewrites the entry at `level` for `gva` with a store through the identity map (so a shadow MMU sees the write): `value` replaces it, else (old & ~clear) | set.', {
-      gva: GVA,
-      level: req(LEVEL),
-      set: opt(u64('Bits to set.')),
-      clear: opt(u64('Bits to clear.')),
-      value: opt(u64('New entry value; exclusive with set and clear.')),
-    }),
-    guest('clear-ad', 'The guest clears A and D in every entry the walk of `gva` reads, with stores through the identity map.', { gva: GVA }),
-    host('write-pte', 'The VMM writes the entry at `level` for `gva` (a shadow MMU does not see this write): `value` replaces it, else (old & ~clear) | set.', {
-      gva: GVA,
-      level: req(LEVEL),
-      set: opt(u64('Bits to set.')),
-      clear: opt(u64('Bits to clear.')),
-      value: opt(u64('New entry value; exclusive with set and clear.')),
-    }),
-    host('clear-ad', 'Clears A and D in every entry the walk of `gva` reads.', { gva: GVA }),
-    host('get-dirty-log', "KVM_GET_DIRTY_LOG of a user slot; compared with `expect`, else with the model's pages.", {
-      slot: req(int(0, 32767, 'Slot number.')),
-      expect: opt(array(u64('GPA of a page expected dirty.'), 'GPAs of the pages expected dirty (4K aligned, inside the slot).')),
-    }),
-    host('clear-dirty-log', 'KVM_CLEAR_DIRTY_LOG of the whole slot.', { slot: req(int(0, 32767, 'Slot number.')) }),
-    host('memslot-delete', 'Deletes a user memslot (KVM_SET_USER_MEMORY_REGION with size 0) and frees its host memory; guest accesses to its GPAs then exit as MMIO.', {
-      slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
-    }),
-    host('memslot-move', "Moves a user memslot to a new GPA, keeping its host memory; the guest's tables still hold the old GPAs.", {
-      slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
-      gpa: req(u64('New guest-physical base (4K aligned, outside [0, 0x400000)).')),
-    }),
-    host('memslot-flags', "Changes the flags of a user memslot: dirty logging on or off (KVM refuses to change the read-only flag, so `readonly` must stay as declared).", {
-      slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
-      logDirty: opt(bool('KVM_MEM_LOG_DIRTY_PAGES.'), false),
-      readonly: opt(bool('KVM_MEM_READONLY; must equal the declared value.'), false),
-    }),
-    host('madvise', "madvise() on part of a user memslot's host memory.", {
-      slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
-      offset: req(u64('Byte offset in the slot (4K aligned).')),
-      size: req(u64('Bytes (a multiple of 4K).')),
-      advice: req(oneOf(['dontneed', 'hugepage', 'nohugepage'], 'MADV_DONTNEED, MADV_HUGEPAGE or MADV_NOHUGEPAGE.')),
-    }),
-    host('munmap', "munmap() of part of a user memslot's host memory; the slot stays, so guest accesses there fail in the host (see docs/scenarios.md for what each host reports).", {
-      slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
-      offset: req(u64('Byte offset in the slot (aligned to the backing page size).')),
-      size: req(u64('Bytes (a multiple of the backing page size).')),
-    }),
-    host('remap', 'mmap(MAP_FIXED) of fresh memory of the slot\'s backing kind over a range an earlier munmap step took away: anonymous memory comes back zeroed, a memfd with its contents.', {
-      slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
-      offset: req(u64('Byte offset in the slot (aligned to the backing page size).')),
-      size: req(u64('Bytes (a multiple of the backing page size).')),
-    }),
-    host('mprotect', "mprotect() of part of a user memslot's host memory; `read-write` restores it.", {
-      slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
-      offset: req(u64('Byte offset in the slot (aligned to the backing page size).')),
-      size: req(u64('Bytes (a multiple of the backing page size).')),
-      prot: req(oneOf(['none', 'read', 'read-write'], 'PROT_NONE, PROT_READ or PROT_READ|PROT_WRITE.')),
-    }),
-    host('pre-fault', 'KVM_PRE_FAULT_MEMORY of a GPA range: KVM maps it ahead of guest accesses. Not applicable on hosts without KVM_CAP_PRE_FAULT_MEMORY (the step is then skipped and reported so).', {
-      gpa: req(u64('First guest-physical address (4K aligned, inside a user memslot).')),
-      size: req(u64('Bytes (a non-zero multiple of 4K, inside the same memslot).')),
-    }),
-    host('translate', "KVM_TRANSLATE of `gva`; compared with `expect`, else with the model's walk.", {
-      gva: GVA,
-      expect: opt(
-        object('translate expect', 'Expected KVM_TRANSLATE result.', {
-          valid: req(bool('Whether a translation exists.')),
-          gpa: opt(u64('GPA it gives (only when valid).')),
-        }),
-      ),
-    }),
-  ],
+  variants: stepVariants().map((v) => ({
+    tag: v.side,
+    value: v.tag,
+    spec: object(`${v.side} ${v.tag}`, v.doc, { [v.side]: req(oneOf([v.tag], 'Step kind.')), ...v.fields, stats: STATS }),
+  })),
 };
 
 export const SCENARIO = object('scenario', 'A kvmharness scenario: memory, paging, mappings and a program of steps.', {

@@ -3,6 +3,7 @@
 // override the model. This file is the validated, normalised form; the JSON
 // form (addresses as "0x..." strings or safe integers) is described by
 // schema.ts and docs/scenarios.md.
+import type { BackingName } from '../model/vm.js';
 import type { StatExpect } from './stats.js';
 
 export type PageSize = '4K' | '2M' | '1G';
@@ -50,7 +51,7 @@ export interface MemslotDecl {
   slot: number;
   gpa: bigint;
   size: bigint;
-  backing: 'anon' | 'shared' | 'memfd' | 'thp' | 'hugetlb2m' | 'hugetlb1g';
+  backing: BackingName;
   logDirty: boolean;
   readonly: boolean;
 }

@@ -7,8 +7,9 @@ import type { HostBacking } from '../../kvm/memslot.js';
 import { Vcpu, type RunResult } from '../../kvm/vcpu.js';
 import { Vm } from '../../kvm/vm.js';
 import type { Asm } from './asm.js';
-import { bringUp, type BringUp, type BringUpOptions } from './bringup.js';
-import { NotApplicable } from '../../kvm/sys.js';
+import type { Sregs } from '../../kvm/regs.js';
+import { bringUp, CR4, type BringUp, type BringUpOptions } from './bringup.js';
+import { KvmError, NotApplicable } from '../../kvm/sys.js';
 import { RETURN_GVA, CHANNEL_PORT, CONSOLE_PORT, EXC_LOG_CAPACITY, EXC_LOG_ENTRY, EXC_LOG_HEADER, LAYOUT, MAILBOX, OP, SEL, VECTOR_NAMES } from './layout.js';
 
 export interface ExceptionRecord {
@@ -54,6 +55,35 @@ export function describeException(r: ExceptionRecord): string {
   return `${VECTOR_NAMES[r.vector] || `vector ${r.vector}`} error code 0x${r.errorCode.toString(16)} cr2 0x${r.cr2.toString(16)} rip 0x${r.rip.toString(16)}`;
 }
 
+const EINVAL = 22;
+
+/**
+ * KVM_SET_SREGS with the bring-up's long-mode state, after KVM_SET_CPUID2.
+ * KVM takes CR4.LA57 only when it is not among the vCPU's reserved CR4 bits,
+ * which KVM_SET_CPUID2 computes from the CPUID given *and* KVM's own
+ * capabilities: a CPUID bit KVM itself lacks (kvm_pvm has LA57 only where the
+ * host kernel runs 5-level paging) still makes CR4.LA57 reserved, and
+ * KVM_SET_SREGS fails with EINVAL. The CPUID bit alone does not tell, so the
+ * same state without LA57 is tried: if KVM takes that, the refusal is of
+ * 5-level paging, a limit of this host rather than an error.
+ */
+function setLongModeSregs(vcpu: Vcpu, sregs: Sregs): void {
+  try {
+    vcpu.setSregs(sregs);
+  } catch (e) {
+    if (!(sregs.cr4 & CR4.LA57) || !(e instanceof KvmError) || e.errno !== EINVAL) throw e;
+    try {
+      vcpu.setSregs({ ...sregs, cr4: sregs.cr4 & ~CR4.LA57 });
+    } catch {
+      throw e;
+    }
+    throw new NotApplicable(
+      "5-level paging: KVM refuses CR4.LA57 (KVM_SET_SREGS: EINVAL) although this vCPU's CPUID offers LA57; " +
+        'KVM itself does not support it on this host',
+    );
+  }
+}
+
 export class X86Guest {
   readonly vcpu: Vcpu;
   readonly boot: BringUp;
@@ -75,7 +105,7 @@ export class X86Guest {
     this.boot = bringUp(vm.mem, opts);
     this.vcpu = vm.createVcpu(0);
     this.vcpu.setCpuid(this.cpuid);
-    this.vcpu.setSregs(this.boot.sregs(this.vcpu.getSregs()));
+    setLongModeSregs(this.vcpu, this.boot.sregs(this.vcpu.getSregs()));
   }
 
   /** Creates a VM with one vCPU in long mode; close() releases everything. */

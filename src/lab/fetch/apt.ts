@@ -8,7 +8,8 @@
 import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { LabError, type LabArch } from '../profiles.js';
+import type { Arch } from '../../arch/arch.js';
+import { LabError } from '../profiles.js';
 
 interface Ran {
   code: number;
@@ -37,7 +38,7 @@ function lastLine(r: Ran): string {
 }
 
 /** Debian's name of each lab architecture. */
-export const DEB_ARCH: Record<LabArch, string> = { x86_64: 'amd64', arm64: 'arm64' };
+export const DEB_ARCH: Record<Arch, string> = { x86_64: 'amd64', arm64: 'arm64' };
 
 export const isRoot = (): boolean => process.getuid?.() === 0;
 
@@ -136,7 +137,7 @@ export async function aptInstall(pkgs: readonly string[], log: (s: string) => vo
  * (`dpkg --add-architecture` and `apt-get update`, as root); nothing of that
  * architecture is installed, the lab only downloads and unpacks.
  */
-export async function ensureDebArch(arch: LabArch, log: (s: string) => void): Promise<void> {
+export async function ensureDebArch(arch: Arch, log: (s: string) => void): Promise<void> {
   const deb = DEB_ARCH[arch];
   const native = (await run('dpkg', ['--print-architecture'])).stdout.trim();
   if (native === deb) return;
@@ -164,7 +165,7 @@ export async function candidateVersion(pkg: string, log: (s: string) => void, sr
 }
 
 /** The real kernel package linux-image-amd64 (-arm64) depends on now: linux-image-6.1.0-56-amd64. */
-export async function kernelPackage(log: (s: string) => void, arch: LabArch, src: AptSource = HOST): Promise<string> {
+export async function kernelPackage(log: (s: string) => void, arch: Arch, src: AptSource = HOST): Promise<string> {
   const deb = DEB_ARCH[arch];
   for (;;) {
     const dep = await apt('apt-cache', ['depends', `linux-image-${deb}:${deb}`], log, undefined, src);
@@ -224,7 +225,7 @@ export async function unpackDeb(
 }
 
 /** Debian's static busybox for the lab's architecture, unpacked into the cache; returns the binary's path. */
-export async function fetchBusybox(cache: string, log: (s: string) => void, arch: LabArch, src: AptSource = HOST): Promise<string> {
+export async function fetchBusybox(cache: string, log: (s: string) => void, arch: Arch, src: AptSource = HOST): Promise<string> {
   const root = join(cache, arch);
   const have = existsSync(root) ? readdirSync(root).filter((d) => d.startsWith('busybox-static_')).sort() : [];
   for (const d of have.reverse()) if (existsSync(join(root, d, 'bin', 'busybox'))) return join(root, d, 'bin', 'busybox');

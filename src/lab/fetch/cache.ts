@@ -3,7 +3,7 @@
 import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { isAbsolute, join, relative, resolve } from 'node:path';
-import type { LabArch } from '../profiles.js';
+import type { Arch } from '../../arch/arch.js';
 import type { LabKernel } from './kernel.js';
 
 /** `$XDG_CACHE_HOME/kvmharness/lab`, or `~/.cache/kvmharness/lab`. */
@@ -15,7 +15,7 @@ export function labCacheDir(cacheDir?: string): string {
 
 /** `<cache>/<arch>/default.json`: the kernel's paths relative to `<cache>/<arch>`. */
 interface Manifest {
-  arch?: LabArch;
+  arch?: Arch;
   version: string;
   package: string;
   image?: string;
@@ -30,7 +30,7 @@ interface Manifest {
 }
 
 /** The kernel the manifest in `root` names, when it is of `arch` and its files are all there. */
-export function readManifest(root: string, arch: LabArch): LabKernel | undefined {
+export function readManifest(root: string, arch: Arch): LabKernel | undefined {
   try {
     const m = JSON.parse(readFileSync(join(root, 'default.json'), 'utf8')) as Manifest;
     if ((m.arch ?? 'x86_64') !== arch) return undefined;

@@ -3,7 +3,8 @@
 // use and named by the cache's manifest; later fetches are offline.
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { LabError, type LabArch } from '../profiles.js';
+import type { Arch } from '../../arch/arch.js';
+import { LabError } from '../profiles.js';
 import { aptRefresh, candidateVersion, packageDepends, DEB_ARCH, fetchBusybox, kernelPackage, labAptSource, safeName, unpackDeb } from './apt.js';
 import { labCacheDir, readManifest, writeManifest } from './cache.js';
 import { extractVmlinux, hasPvhNote } from './image.js';
@@ -52,7 +53,7 @@ const modulesOf = (dir: string, release: string): string =>
 
 /** How Debian's kernel of each architecture is named in the log, prepared while unpacking, and checked. */
 const DEBIAN_KERNEL: Record<
-  LabArch,
+  Arch,
   {
     /** The kernel as the log names it. */
     name: string;
@@ -98,7 +99,7 @@ export async function labFetch(opts: {
   cacheDir?: string;
   log: (s: string) => void;
   refresh?: boolean;
-  arch?: LabArch;
+  arch?: Arch;
   release?: string;
 }): Promise<LabKernel> {
   const { log } = opts;

@@ -2,13 +2,14 @@
 // architecture's lab needs from a kernel's config, its module tree and its
 // image, known before any boot.
 import { existsSync, readFileSync } from 'node:fs';
-import { ARM64_CHANNEL_MODULES, KVM_MODULES, X86_CHANNEL_MODULES, LabError, type LabArch } from '../profiles.js';
+import type { Arch } from '../../arch/arch.js';
+import { ARM64_CHANNEL_MODULES, KVM_MODULES, X86_CHANNEL_MODULES, LabError } from '../profiles.js';
 import { parseConfig } from './config.js';
 import { loadOrder, modinfo, moduleTree, readModule } from './modules.js';
 
 /** A kernel the lab can boot, with what /init needs from its module tree. */
 export interface LabKernel {
-  arch: LabArch;
+  arch: Arch;
   /** The release, as `uname -r` prints it: 6.1.0-56-amd64. */
   version: string;
   /** arm64: the uncompressed Image, booted directly. */

@@ -1,7 +1,8 @@
 // The lab's kernel releases: Debian's stock kernels named by their kernel
 // series, each from the Debian suite that ships it, each cached apart.
 import { join } from 'node:path';
-import { LabError, type LabArch } from '../profiles.js';
+import type { Arch } from '../../arch/arch.js';
+import { LabError } from '../profiles.js';
 
 /** A kernel release the lab fetches by name. */
 export interface LabRelease {
@@ -35,7 +36,7 @@ export const isReleaseName = (s: string): boolean => RELEASES.some((x) => x.name
  * Where a release's kernel of `arch` is cached: 6.1 where the lab has always
  * kept its one kernel, `<cache>/<arch>`; the others in `<cache>/<release>/<arch>`.
  */
-export function releaseRoot(cache: string, release: LabRelease, arch: LabArch): string {
+export function releaseRoot(cache: string, release: LabRelease, arch: Arch): string {
   return release.name === '6.1' ? join(cache, arch) : join(cache, release.name, arch);
 }
 

@@ -3,7 +3,8 @@
 import { createHash } from 'node:crypto';
 import { accessSync, constants, existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { LabError, type LabArch } from '../profiles.js';
+import type { Arch } from '../../arch/arch.js';
+import { LabError } from '../profiles.js';
 import { ensureDebArch, fetchBusybox } from './apt.js';
 import { labCacheDir } from './cache.js';
 import { findConfig } from './config.js';
@@ -44,7 +45,7 @@ export async function resolveKernel(opts: {
   config?: string;
   busybox?: string;
   cacheDir?: string;
-  arch?: LabArch;
+  arch?: Arch;
   log?: (s: string) => void;
 }): Promise<LabKernel> {
   const log = opts.log ?? (() => {});

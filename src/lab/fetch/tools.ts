@@ -2,7 +2,8 @@
 // on $PATH or installed from Debian's packages.
 import { accessSync, constants, existsSync, statSync } from 'node:fs';
 import { delimiter, join } from 'node:path';
-import { LabError, type LabArch } from '../profiles.js';
+import type { Arch } from '../../arch/arch.js';
+import { LabError } from '../profiles.js';
 import { aptInstall, isRoot } from './apt.js';
 
 /** The program's path on $PATH (plus the sbin directories), or undefined. */
@@ -43,7 +44,7 @@ export const ARM64_TOOLS: readonly Tool[] = [
 ];
 
 /** The tools each architecture's lab needs. */
-export const LAB_TOOLS: Record<LabArch, readonly Tool[]> = { x86_64: X86_TOOLS, arm64: ARM64_TOOLS };
+export const LAB_TOOLS: Record<Arch, readonly Tool[]> = { x86_64: X86_TOOLS, arm64: ARM64_TOOLS };
 
 /** Installs the packages of whichever tools are missing (needs root), updating the package lists first when a package is not found. */
 export async function ensureTools(tools: readonly Tool[], log: (s: string) => void): Promise<void> {

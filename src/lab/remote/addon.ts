@@ -37,8 +37,6 @@ export interface RemoteOptions extends ChannelOptions {
   pullAfterIoctls?: readonly number[];
   /** Pull after every ioctl (slow with large memory; for suspicion of a missed change). */
   pullAfterEveryIoctl?: boolean;
-  /** Time limit of runLoop() (the Addon entry point without one). Default 10 s. */
-  runTimeoutMs?: number;
   /** Size of the agent-side scratch arena for buffers passed by address. Default 1 MiB. */
   scratchBytes?: number;
   /** Diff mirrors only on pages present in this process (via /proc/self/pagemap). Default true. */
@@ -97,14 +95,12 @@ export class RemoteAddon implements Addon {
   private arenaUsed = 0;
   private readonly pullAfter: Set<number>;
   private readonly pullAll: boolean;
-  private readonly runTimeoutMs: number;
 
   private constructor(ch: Channel, opts: RemoteOptions) {
     this.ch = ch;
     this.mirrors = new Mirrors(loadNative(), opts.usePagemap ?? true);
     this.pullAfter = new Set([IOCTL.KVM_RUN, IOCTL.KVM_RESET_DIRTY_RINGS, ...(opts.pullAfterIoctls ?? [])]);
     this.pullAll = opts.pullAfterEveryIoctl ?? false;
-    this.runTimeoutMs = opts.runTimeoutMs ?? 10_000;
     this.arenaSize = opts.scratchBytes ?? 1 << 20;
     const hello = this.ch.handshake({ op: OP.hello }, opts.helloRetryMs ?? 1000, opts.connectTimeoutMs ?? this.ch.rpcTimeoutMs);
     const info = JSON.parse(Buffer.from(hello.payload).toString('utf8')) as AgentInfo;
@@ -286,16 +282,6 @@ export class RemoteAddon implements Addon {
 
   write(fd: number, buf: ArrayBufferView | ArrayBuffer): number {
     return this.rpc({ op: OP.write, args: new Args().i32(fd).u32(0).bytes(bytesOf(buf)).done() }).result;
-  }
-
-  /** The Addon's run loop, carried out by the agent with the default time limit (runTimeoutMs). */
-  runLoop(fd: number, run: bigint, consolePort: number, maxExits: number, out: Uint8Array, result: Int32Array): number {
-    const r = this.remoteRun(fd, run, consolePort, maxExits, this.runTimeoutMs);
-    const n = Math.min(r.console.length, out.length);
-    out.set(r.console.subarray(0, n));
-    result[0] = r.exits;
-    result[1] = n;
-    return r.ret;
   }
 
   /**

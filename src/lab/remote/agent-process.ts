@@ -8,7 +8,9 @@ import { join } from 'node:path';
 import { HostError, packageRoot } from '../../kvm/sys.js';
 import { RemoteAddon, type RemoteOptions } from './addon.js';
 
-export const agentSources = [join(packageRoot, 'native', 'agent.cc'), join(packageRoot, 'native', 'core.cc')];
+export const agentSources = ['agent/main.cc', 'agent/mirror.cc', 'core.cc'].map((f) => join(packageRoot, 'native', f));
+/** The headers the agent's sources include (a newer one means a rebuild too). */
+export const agentHeaders = ['agent/wire.h', 'agent/mirror.h', 'core.h'].map((f) => join(packageRoot, 'native', f));
 
 /** Builds the static agent binary at `out` (g++ -O2 -static; `cxx` may name a cross compiler). */
 export function buildAgent(out: string, cxx = process.env.CXX || 'g++'): string {

@@ -5,16 +5,16 @@
 // stdout by default, or a device (`--dev /dev/ttyS1`, `--virtio-port NAME`).
 // Every operation maps onto one function of the native core (core.cc), plus
 // memory operations that keep the host's mirrors of the agent's mappings
-// coherent. The wire format and the coherence rules are in
-// docs/lab-protocol.md; the host side is src/lab/protocol.ts and remote.ts.
+// coherent (mirror.cc). The wire format (wire.h) and the coherence rules are
+// in docs/lab-protocol.md; the host side is src/lab/protocol.ts and remote.ts.
+// This file holds the channel, the dispatch of requests and the run time limit.
 //
 // The same sources build for x86_64 and arm64 (nothing here is x86-only; on
 // arm64 the run loop simply never sees an io exit):
-// Build: g++ -O2 -static -o kvmharness-agent native/agent.cc native/core.cc
-//        aarch64-linux-gnu-g++ -O2 -static -o kvmharness-agent-arm64 native/agent.cc native/core.cc
+// Build: g++ -O2 -static -std=c++17 -o kvmharness-agent native/agent/*.cc native/core.cc
+//        aarch64-linux-gnu-g++ -O2 -static -std=c++17 -o kvmharness-agent-arm64 native/agent/*.cc native/core.cc
 #include <cerrno>
 #include <cstdarg>
-#include <csetjmp>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
@@ -26,61 +26,22 @@
 #include <linux/kvm.h>
 #include <string>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/statfs.h>
-#include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/utsname.h>
 #include <termios.h>
 #include <unistd.h>
 #include <vector>
 
-#include "core.h"
+#include "../core.h"
+#include "mirror.h"
+#include "wire.h"
 
 namespace {
 
-// ---- wire format (docs/lab-protocol.md) ------------------------------------
+using namespace kh::agent;
 
-constexpr uint32_t REQ_MAGIC = 0x5152484b;  // "KHRQ"
-constexpr uint32_t REP_MAGIC = 0x5052484b;  // "KHRP"
-constexpr uint32_t END_MAGIC = 0x4e45484b;  // "KHEN"
-constexpr uint32_t PROTOCOL_VERSION = 1;
-constexpr size_t REQ_HEADER = 24;
-constexpr size_t REP_HEADER = 40;
-constexpr size_t ENTRY = 16;  // {u64 addr, u32 len, u32 flags}
-constexpr size_t MAX_FRAME = (size_t)1 << 31;
-constexpr size_t PAGE = 4096;
 constexpr size_t CONSOLE_CAP = 65536;
-
-enum Op : uint16_t {
-  OP_NOP = 0,
-  OP_HELLO = 1,
-  OP_OPEN = 2,
-  OP_CLOSE = 3,
-  OP_IOCTL = 4,
-  OP_IOCTL_BUF = 5,
-  OP_MMAP = 6,
-  OP_MUNMAP = 7,
-  OP_MADVISE = 8,
-  OP_MPROTECT = 9,
-  OP_MEMFD = 10,
-  OP_FALLOCATE = 11,
-  OP_FTRUNCATE = 12,
-  OP_PREAD = 13,
-  OP_WRITE = 14,
-  OP_PEEK = 15,
-  OP_POKE = 16,
-  OP_RUN = 17,
-  OP_READ = 18,
-  OP_MKDIR = 19,
-  OP_RMDIR = 20,
-  OP_EXIT = 21,
-};
-
-enum ReqFlag : uint16_t { REQ_PULL = 1 };
-enum EntryFlag : uint32_t { ENTRY_ZERO = 1 };
-enum Status : uint16_t { ST_OK = 0, ST_BAD_REQUEST = 1, ST_FAULT = 2 };
 
 bool verbose = false;
 
@@ -92,216 +53,6 @@ void logf(const char *fmt, ...) {
   std::vfprintf(stderr, fmt, ap);
   std::fprintf(stderr, "\n");
   va_end(ap);
-}
-
-template <typename T>
-T get(const uint8_t *p) {
-  T v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-struct Out {
-  std::vector<uint8_t> b;
-  template <typename T>
-  void put(T v) {
-    size_t o = b.size();
-    b.resize(o + sizeof v);
-    std::memcpy(b.data() + o, &v, sizeof v);
-  }
-  void bytes(const void *p, size_t n) {
-    size_t o = b.size();
-    b.resize(o + n);
-    if (n) std::memcpy(b.data() + o, p, n);
-  }
-};
-
-// ---- guarded memory access -------------------------------------------------
-// A copy from or to a mapping may fault (PROT_NONE, a truncated memfd, a
-// hugetlb page that cannot be allocated); the fault turns into an error reply
-// instead of killing the agent.
-
-sigjmp_buf fault_jmp;
-volatile sig_atomic_t fault_armed = 0;
-
-void on_fault(int sig, siginfo_t *, void *) {
-  if (fault_armed) {
-    fault_armed = 0;
-    siglongjmp(fault_jmp, 1);
-  }
-  std::signal(sig, SIG_DFL);
-  std::raise(sig);
-}
-
-// Runs f; false if it faulted (f is abandoned at the faulting access).
-template <typename F>
-bool guarded(F &&f) {
-  if (sigsetjmp(fault_jmp, 1)) return false;
-  fault_armed = 1;
-  f();
-  fault_armed = 0;
-  return true;
-}
-
-// ---- mappings ---------------------------------------------------------------
-
-struct Mapping {
-  uint8_t *addr;
-  size_t len;
-  bool tracked;
-  // Residency from mincore() is meaningful (anonymous memory, tmpfs, hugetlbfs):
-  // pages that are not resident read as zeroes and are never touched by a scan.
-  bool mincore_ok;
-  uint8_t *snap;                  // tracked: the content the host last saw
-  std::vector<uint8_t> nonzero;   // tracked: per page, snapshot page is not all zero
-  size_t pages() const { return (len + PAGE - 1) / PAGE; }
-};
-
-std::vector<Mapping> maps;
-
-Mapping *find_map(uint64_t addr, uint64_t len) {
-  for (auto &m : maps) {
-    uint64_t a = (uint64_t)(uintptr_t)m.addr;
-    if (addr >= a && len <= m.len && addr - a <= m.len - len) return &m;
-  }
-  return nullptr;
-}
-
-bool all_zero(const uint8_t *p, size_t n) {
-  static const uint8_t zero[PAGE] = {};
-  return std::memcmp(p, zero, n) == 0;
-}
-
-// Scans one tracked mapping for pages whose content differs from the snapshot,
-// updates the snapshot and appends the changed ranges to `pulled`.
-void scan(Mapping &m, Out &pulled, uint32_t &npulled) {
-  size_t n = m.pages();
-  std::vector<uint8_t> resident(n, 1);
-  if (m.mincore_ok && ::mincore(m.addr, m.len, resident.data()) < 0) std::fill(resident.begin(), resident.end(), 1);
-  // 0 = unchanged, 1 = changed (data), 2 = became zero.
-  std::vector<uint8_t> change(n, 0);
-  volatile size_t i = 0;
-  while (i < n) {
-    bool ok = guarded([&] {
-      for (; i < n; i = i + 1) {
-        size_t off = i * PAGE;
-        size_t len = off + PAGE <= m.len ? PAGE : m.len - off;
-        if (!(resident[i] & 1)) {
-          if (m.nonzero[i]) {
-            std::memset(m.snap + off, 0, len);
-            change[i] = 2;
-          }
-          continue;
-        }
-        if (std::memcmp(m.addr + off, m.snap + off, len) != 0) {
-          std::memcpy(m.snap + off, m.addr + off, len);
-          change[i] = 1;
-        }
-      }
-    });
-    if (!ok) i = i + 1;  // unreadable page: leave it out
-  }
-  // A changed page whose new content is all zero travels as a zero entry.
-  for (size_t k = 0; k < n; k++) {
-    if (change[k] == 1) {
-      size_t off = k * PAGE;
-      size_t len = off + PAGE <= m.len ? PAGE : m.len - off;
-      if (all_zero(m.snap + off, len)) change[k] = 2;
-    }
-    if (change[k]) m.nonzero[k] = change[k] == 1;
-  }
-  // Consecutive pages of the same kind travel as one entry.
-  for (size_t p = 0; p < n;) {
-    if (!change[p]) {
-      p++;
-      continue;
-    }
-    size_t q = p + 1;
-    while (q < n && change[q] == change[p]) q++;
-    size_t off = p * PAGE;
-    size_t end = q * PAGE < m.len ? q * PAGE : m.len;
-    pulled.put<uint64_t>((uint64_t)(uintptr_t)(m.addr + off));
-    pulled.put<uint32_t>((uint32_t)(end - off));
-    pulled.put<uint32_t>(change[p] == 2 ? (uint32_t)ENTRY_ZERO : 0u);
-    if (change[p] == 1) pulled.bytes(m.snap + off, end - off);
-    npulled++;
-    p = q;
-  }
-}
-
-// Applies one host write. Inside a tracked mapping, whole pages are merged
-// with the snapshot: bytes the host changed win, bytes only the agent's side
-// changed are kept (and reported by the next scan). Returns false on a fault.
-bool apply_write(uint64_t addr, const uint8_t *data, uint32_t len, bool zero) {
-  Mapping *m = find_map(addr, len);
-  uint8_t *dst = reinterpret_cast<uint8_t *>((uintptr_t)addr);
-  static const uint8_t zeros[PAGE] = {};
-  return guarded([&] {
-    if (m && m->tracked && (addr - (uint64_t)(uintptr_t)m->addr) % PAGE == 0) {
-      size_t base = addr - (uint64_t)(uintptr_t)m->addr;
-      for (size_t o = 0; o < len; o += PAGE) {
-        size_t n = len - o < PAGE ? len - o : PAGE;
-        const uint8_t *h = zero ? zeros : data + o;
-        uint8_t *a = dst + o;
-        uint8_t *s = m->snap + base + o;
-        if (std::memcmp(a, s, n) == 0) {
-          std::memcpy(a, h, n);
-        } else {
-          for (size_t k = 0; k < n; k++)
-            if (h[k] != s[k]) a[k] = h[k];
-        }
-        std::memcpy(s, h, n);
-        m->nonzero[(base + o) / PAGE] = !zero && !all_zero(h, n);
-      }
-    } else if (zero) {
-      for (size_t o = 0; o < len; o += PAGE) std::memset(dst + o, 0, len - o < PAGE ? len - o : PAGE);
-    } else {
-      std::memcpy(dst, data, len);
-    }
-  });
-}
-
-bool guarded_read(uint8_t *dst, uint64_t addr, size_t len) {
-  return guarded([&] { std::memcpy(dst, reinterpret_cast<const void *>((uintptr_t)addr), len); });
-}
-
-int64_t do_mmap(uint64_t len, int prot, int flags, int fd, int64_t off, bool track) {
-  int64_t r = kh::map((size_t)len, prot, flags, fd, off);
-  if (r < 0) return r;
-  Mapping m{};
-  m.addr = reinterpret_cast<uint8_t *>((uintptr_t)r);
-  m.len = (size_t)len;
-  m.tracked = track;
-  if (fd < 0) {
-    m.mincore_ok = true;
-  } else {
-    struct statfs sf;
-    m.mincore_ok = (flags & MAP_SHARED) && ::fstatfs(fd, &sf) == 0 &&
-                   (sf.f_type == 0x01021994 /* TMPFS_MAGIC */ || sf.f_type == (long)0x958458f6 /* HUGETLBFS_MAGIC */);
-  }
-  if (track) {
-    void *s = ::mmap(nullptr, m.len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (s == MAP_FAILED) {
-      int e = errno;
-      kh::unmap(m.addr, m.len);
-      return -e;
-    }
-    m.snap = static_cast<uint8_t *>(s);
-    m.nonzero.assign(m.pages(), 0);
-  }
-  maps.push_back(std::move(m));
-  return r;
-}
-
-int64_t do_munmap(uint64_t addr, uint64_t len) {
-  for (size_t i = 0; i < maps.size(); i++) {
-    if ((uint64_t)(uintptr_t)maps[i].addr == addr && maps[i].len == len) {
-      if (maps[i].snap) ::munmap(maps[i].snap, maps[i].len);
-      maps.erase(maps.begin() + (long)i);
-      return kh::unmap(reinterpret_cast<void *>((uintptr_t)addr), (size_t)len);
-    }
-  }
-  return -EINVAL;  // only whole mappings this agent made
 }
 
 // ---- runs with a time limit --------------------------------------------------
@@ -536,8 +287,7 @@ void dispatch(uint16_t op, Args &a, Reply &r) {
       uint32_t track = a.take<uint32_t>();
       int64_t off = a.take<int64_t>();
       if (!a.ok) break;
-      r.result = do_mmap(len, prot, flags, fd, off, track != 0);
-      if (r.result >= 0 && track) scan(maps.back(), r.pulled, r.npulled);
+      r.result = do_mmap(len, prot, flags, fd, off, track != 0, r.pulled, r.npulled);
       return;
     }
     case OP_MUNMAP: {
@@ -629,7 +379,7 @@ void dispatch(uint16_t op, Args &a, Reply &r) {
       if (!a.ok) break;
       // Raw: a poke inside a tracked mapping leaves the snapshot alone, so the
       // next scan reports the poked pages to the host.
-      r.result = guarded([&] { std::memcpy(reinterpret_cast<void *>((uintptr_t)addr), s, n); }) ? 0 : -EFAULT;
+      r.result = guarded_write(addr, s, n) ? 0 : -EFAULT;
       return;
     }
     case OP_RUN: {
@@ -639,7 +389,7 @@ void dispatch(uint16_t op, Args &a, Reply &r) {
       uint32_t max_exits = a.take<uint32_t>();
       uint32_t timeout_ms = a.take<uint32_t>();
       if (!a.ok) break;
-      if (!find_map(run_addr, PAGE)) {
+      if (!mapped(run_addr, PAGE)) {
         r.result = -EFAULT;  // not a mapping of this agent: KVM_RUN would write through it
         return;
       }
@@ -766,10 +516,7 @@ bool serve_one(std::vector<uint8_t> &frame) {
       r.nreads++;
     }
   }
-  if (r.status == ST_OK && (flags & REQ_PULL)) {
-    for (auto &m : maps)
-      if (m.tracked) scan(m, r.pulled, r.npulled);
-  }
+  if (r.status == ST_OK && (flags & REQ_PULL)) scan_tracked(r.pulled, r.npulled);
   if (!send_reply(seq, op, r)) return false;
   return !exit_requested;
 }
@@ -861,12 +608,7 @@ int main(int argc, char **argv) {
   if (out_fd != in_fd) prepare_channel(out_fd);
   std::signal(SIGPIPE, SIG_IGN);
 
-  struct sigaction sa = {};
-  sa.sa_sigaction = on_fault;
-  sa.sa_flags = SA_SIGINFO | SA_NODEFER;
-  sigemptyset(&sa.sa_mask);
-  ::sigaction(SIGSEGV, &sa, nullptr);
-  ::sigaction(SIGBUS, &sa, nullptr);
+  guard_install();
   struct sigaction al = {};
   al.sa_handler = on_alarm;
   al.sa_flags = 0;  // no SA_RESTART: KVM_RUN must return -EINTR

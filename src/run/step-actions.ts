@@ -1,0 +1,270 @@
+// What running each scenario step kind does, as one table keyed like the
+// scenario's table of step kinds (src/scenario/steps.ts): a guest kind has
+// `emit` (its code in the guest program) and, where it changes the paging
+// state the model walks with, `paging`; a host kind has `act`, which does the
+// host's change to the VM and the same change to the model VM, side by side,
+// in one place. StepActionTable makes each entry carry what its kind's sides
+// need, so a kind added to Step without its handler does not compile.
+//
+// Apart from src/scenario because it needs the KVM binding and the x86
+// assembler; the scenario room stays pure.
+import { Asm } from '../arch/x86/asm.js';
+import { channel, type X86Guest } from '../arch/x86/guest.js';
+import { LAYOUT } from '../arch/x86/layout.js';
+import { PTE_A, PTE_D } from '../arch/x86/pte.js';
+import type { Memslot } from '../model/memslots.js';
+import { memFlags, type ModelVm } from '../model/vm.js';
+import type { PagingConfig, WalkResult } from '../model/walk.js';
+import { dirtyPages } from '../observe/dirty-log.js';
+import type { Scenario, Step } from '../scenario/types.js';
+import { MADV, PROT } from '../uapi/uapi.js';
+import type { CheckContext } from './types.js';
+
+const PAGE = 0x1000n;
+const hex = (v: bigint | number) => `0x${v.toString(16)}`;
+
+/** Where the guest's own page-table writes go: the GPAs of the entries a step names. */
+export interface EntryFinder {
+  /** The entry at `level` for `gva`. */
+  entry(gva: bigint, level: number): bigint;
+  /** Every entry the walk of `gva` reads. */
+  walk(gva: bigint): bigint[];
+}
+
+/** Where a guest step's code goes: the kernel program, the user program (CPL 3 accesses), and what it needs to know. */
+export interface Emitter {
+  k: Asm;
+  u: Asm;
+  /** PKRU to load when the step turns CR4.PKE on. */
+  pkru: number;
+  entries: EntryFinder;
+}
+
+/** What a host step acts on: the VM and the model VM, and the model's walks as the tables are now. */
+export interface HostEnv {
+  ctx: CheckContext;
+  sc: Scenario;
+  g: X86Guest;
+  vm: ModelVm;
+  /** The model's walk of a read of `gva` at CPL 0, with the scenario's deliberate model mistakes. */
+  translate(gva: bigint): WalkResult;
+  /** Where the tables lead for `gva` as they are now, whatever the access rights. */
+  plainWalk(gva: bigint): WalkResult;
+  entries: EntryFinder;
+  /** The model's view of the VM's slot `slot` as it is now. */
+  slotOf(slot: number): Memslot;
+  /** The dirty log is the TDP MMU's (host-policy.ts tdpLogsDirty). */
+  tdpDirty: boolean;
+  /** The VM has KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 on. */
+  manualProtect: boolean;
+}
+
+type GuestSide<S> = Extract<S, { side: 'guest' }>;
+type HostSide<S> = Extract<S, { side: 'host' }>;
+
+export interface GuestAction<S> {
+  emit(e: Emitter, s: S): void;
+  /** The paging state after the step, where the step changes it. */
+  paging?(cfg: PagingConfig, s: S): PagingConfig;
+}
+
+export interface HostAction<S> {
+  /** Does the step to the VM and to the model VM; `name` heads the step's notes and comparisons. */
+  act(h: HostEnv, s: S, name: string): void;
+}
+
+/** The handlers a kind needs: guest ones if it has a guest side, host ones if it has a host side. */
+export type StepAction<S> = ([GuestSide<S>] extends [never] ? unknown : GuestAction<GuestSide<S>>) &
+  ([HostSide<S>] extends [never] ? unknown : HostAction<HostSide<S>>);
+
+/** One entry per kind of the union `U`: a kind without its handlers does not compile. */
+export type StepActionTable<U extends { kind: string; side: string } = Step> = {
+  [K in U['kind']]: StepAction<Extract<U, { kind: K }>>;
+};
+
+/** A store of 8 bytes by the guest to a page-table entry, through the identity map: (old & ~clear) | set, or value. */
+function emitPteStore(k: Asm, at: bigint, change: { set: bigint; clear: bigint; value?: bigint }): void {
+  if (at + 8n > LAYOUT.identityEnd) throw new Error(`the entry at ${hex(at)} is outside the guest's identity map; a guest step cannot write it`);
+  k.movImm('rbx', at);
+  if (change.value !== undefined) k.movImm('rax', change.value);
+  else {
+    k.load(8, 'rax', { base: 'rbx' });
+    k.movImm('rcx', BigInt.asUintN(64, ~change.clear)).and('rax', 'rcx');
+    k.movImm('rcx', change.set).or('rax', 'rcx');
+  }
+  k.store(8, { base: 'rbx' }, 'rax');
+}
+
+/** PKRU := value (WRPKRU needs CR4.PKE = 1, ECX = EDX = 0). */
+export function emitWrpkru(k: Asm, value: number): void {
+  k.movImm('rax', BigInt(value >>> 0)).movImm('rcx', 0).movImm('rdx', 0).wrpkru();
+}
+
+const CR4_BITS = { smep: 20, smap: 21, pke: 22 } as const;
+const CR4_CONFIG = { smep: 'cr4Smep', smap: 'cr4Smap', pke: 'cr4Pke' } as const;
+const ADVICE = { dontneed: MADV.DONTNEED, hugepage: MADV.HUGEPAGE, nohugepage: MADV.NOHUGEPAGE };
+const PROTS = { none: PROT.NONE, read: PROT.READ, 'read-write': PROT.READ | PROT.WRITE };
+
+export const STEP_ACTIONS: StepActionTable = {
+  access: {
+    emit({ k, u }, s) {
+      const body = (a: Asm) => {
+        a.movImm('rbx', s.gva);
+        if (s.access === 'read') a.load(s.size, 'rsi', { base: 'rbx' });
+        else if (s.access === 'write') a.movImm('rax', s.value).store(s.size, { base: 'rbx' }, 'rax');
+        else a.call('rbx');
+      };
+      k.movImm('rsi', 0);
+      if (s.cpl === 3) channel.userAccess(k, u, body, s.eflagsAc ? 1n << 18n : 2n);
+      else if (s.eflagsAc) {
+        // EFLAGS.AC at CPL 0 through the flags image (STAC would need SMAP).
+        k.pushfq().pop('rax').bts('rax', 18).push('rax').popfq();
+        channel.guarded(k, body);
+        k.pushfq().pop('rax').btr('rax', 18).push('rax').popfq();
+      } else channel.guarded(k, body);
+    },
+  },
+  invlpg: {
+    emit: ({ k }, s) => void k.movImm('rbx', s.gva).invlpg({ base: 'rbx' }),
+  },
+  'reload-cr3': {
+    emit: ({ k }) => void k.movFromCr('rax', 3).movToCr(3, 'rax'),
+  },
+  'set-cr0-wp': {
+    emit({ k }, s) {
+      k.movFromCr('rax', 0);
+      if (s.value) k.bts('rax', 16);
+      else k.btr('rax', 16);
+      k.movToCr(0, 'rax');
+    },
+    paging: (cfg, s) => ({ ...cfg, cr0Wp: s.value }),
+  },
+  'set-cr4': {
+    emit({ k, pkru }, s) {
+      k.movFromCr('rax', 4);
+      if (s.value) k.bts('rax', CR4_BITS[s.bit]);
+      else k.btr('rax', CR4_BITS[s.bit]);
+      k.movToCr(4, 'rax');
+      if (s.bit === 'pke' && s.value) emitWrpkru(k, pkru);
+    },
+    paging: (cfg, s) => ({ ...cfg, [CR4_CONFIG[s.bit]]: s.value }),
+  },
+  'write-pte': {
+    emit: ({ k, entries }, s) => emitPteStore(k, entries.entry(s.gva, s.level), s),
+    act({ g, entries }, s) {
+      const at = entries.entry(s.gva, s.level);
+      const old = g.mem.read64(at);
+      g.mem.write64(at, s.value ?? ((old & ~s.clear) | s.set));
+    },
+  },
+  'clear-ad': {
+    emit({ k, entries }, s) {
+      for (const at of entries.walk(s.gva)) emitPteStore(k, at, { set: 0n, clear: PTE_A | PTE_D });
+    },
+    act({ g, plainWalk }, s) {
+      for (const l of plainWalk(s.gva).levels) g.mem.write64(l.pteGpa, l.pte & ~(PTE_A | PTE_D));
+    },
+  },
+  'get-dirty-log': {
+    act({ ctx, g, vm, tdpDirty, manualProtect }, s, name) {
+      const slot = g.vm.memslot(s.slot);
+      const observed = dirtyPages(g.vm.getDirtyLog(s.slot), slot.gpa).map(hex);
+      const modelPages = vm.harvestDirty(s.slot);
+      const pages = new Set((s.expect ?? modelPages).map((x) => x & ~(PAGE - 1n)));
+      if (tdpDirty) {
+        // KVM's TDP MMU installs a writable SPTE on a read fault too when the host page is
+        // writable, and logs the page dirty as it does (make_spte): the TDP model's log.
+        const logged = (manualProtect ? vm.tdp.peekDirty(0, s.slot) : vm.tdp.getDirtyLog(0, s.slot)).map((gfn) => BigInt(gfn) << 12n);
+        const extra = logged.filter((p) => !pages.has(p));
+        for (const p of extra) pages.add(p);
+        if (extra.length) ctx.note(`${name}: the TDP model also expects ${extra.map(hex).join(', ')}: mapped writable on a read fault, so logged dirty (README, Findings)`);
+      }
+      const expected = [...pages].sort((a, b) => (a < b ? -1 : 1)).map(hex);
+      ctx.expect(`${name}: dirty pages`, expected, observed);
+    },
+  },
+  'clear-dirty-log': {
+    act({ g, vm, tdpDirty }, s) {
+      const slot = g.vm.memslot(s.slot);
+      g.vm.clearDirtyLog(s.slot, 0, slot.npages);
+      if (tdpDirty) vm.tdp.clearDirtyLog(0, s.slot, 0, Number(slot.npages));
+    },
+  },
+  'memslot-delete': {
+    act({ g, vm }, s) {
+      g.vm.deleteMemslot(s.slot);
+      vm.deleteSlot(s.slot);
+    },
+  },
+  'memslot-move': {
+    act({ g, vm, slotOf }, s) {
+      g.vm.moveMemslot(s.slot, s.gpa);
+      vm.setSlot(slotOf(s.slot));
+    },
+  },
+  'memslot-flags': {
+    act({ ctx, sc, g, vm, slotOf }, s, name) {
+      if (sc.memslots.find((m) => m.slot === s.slot)?.backing === 'thp') {
+        const huge = g.vm.memslot(s.slot).hugeBytes();
+        ctx.note(`${name}: host backing before the change: ${huge === undefined ? 'unknown (no smaps)' : `${huge >> 10} KiB of ${g.vm.memslot(s.slot).size >> 10} KiB in transparent huge pages`}`);
+      }
+      g.vm.setMemslotFlags(s.slot, memFlags(s));
+      vm.setSlot(slotOf(s.slot));
+    },
+  },
+  madvise: {
+    act({ ctx, g, vm }, s, name) {
+      g.vm.memslot(s.slot).madvise(Number(s.offset), Number(s.size), ADVICE[s.advice]);
+      if (s.advice === 'dontneed') ctx.note(`${name}: ${vm.change(s.slot, s.offset, s.size, 'dontneed')}`);
+    },
+  },
+  munmap: {
+    act({ ctx, g, vm }, s, name) {
+      g.vm.memslot(s.slot).munmap(Number(s.offset), Number(s.size));
+      ctx.note(`${name}: ${vm.change(s.slot, s.offset, s.size, 'munmap')}`);
+    },
+  },
+  remap: {
+    act({ g, vm }, s) {
+      g.vm.memslot(s.slot).remap(Number(s.offset), Number(s.size));
+      vm.remap(s.slot, s.offset, s.size);
+    },
+  },
+  mprotect: {
+    act({ ctx, g, vm }, s, name) {
+      g.vm.memslot(s.slot).mprotect(Number(s.offset), Number(s.size), PROTS[s.prot]);
+      ctx.note(`${name}: ${vm.change(s.slot, s.offset, s.size, 'mprotect', s.prot)}`);
+    },
+  },
+  'pre-fault': {
+    act({ ctx, g, vm }, s, name) {
+      if (!ctx.profile.capabilities.KVM_CAP_PRE_FAULT_MEMORY) {
+        ctx.note(`${name}: not applicable here (KVM_CAP_PRE_FAULT_MEMORY is 0); the step is skipped`);
+        return;
+      }
+      // KVM_PRE_FAULT_MEMORY may stop early (a signal, a reschedule): call again for the rest.
+      let left = s.size;
+      for (let tries = 0; left > 0n && tries < 64; tries++) left = g.vcpu.preFault(s.gpa + s.size - left, left);
+      ctx.expect(`${name}: KVM_PRE_FAULT_MEMORY bytes left`, 0n, left);
+      ctx.note(`${name}: ${vm.preFault(s.gpa, s.size)}`);
+    },
+  },
+  translate: {
+    act({ ctx, g, translate }, s, name) {
+      const w = translate(s.gva);
+      const expected = s.expect ?? (w.ok ? { valid: true, gpa: w.gpa } : { valid: false });
+      const t = g.vcpu.translate(s.gva);
+      ctx.expect(`${name}: KVM_TRANSLATE`, expected, t.valid ? { valid: true, gpa: t.gpa } : { valid: false });
+    },
+  },
+};
+
+/** The handlers of a guest step's kind (the one place the union is narrowed by lookup). */
+export function guestAction<S extends GuestSide<Step>>(s: S): GuestAction<S> {
+  return STEP_ACTIONS[s.kind] as unknown as GuestAction<S>;
+}
+
+/** The handlers of a host step's kind. */
+export function hostAction<S extends HostSide<Step>>(s: S): HostAction<S> {
+  return STEP_ACTIONS[s.kind] as unknown as HostAction<S>;
+}

@@ -1,0 +1,298 @@
+// The shadow MMU model (src/model/shadow.ts). Expected events, stats and
+// translations are worked out by hand from KVM's rules (mmu.c as cited in the
+// model's comments), not captured from the model; the emulated-host case is
+// what a kvm_pvm host recorded (kvm_mmu_get_page / kvm_mmu_prepare_zap_page
+// events and the VM stats) for the same guest program.
+
+import { describe, expect, test } from 'vitest';
+import { ShadowMmu, Sp, clearParents, misaligned, spName, unsyncWalk, type ShadowEvent } from '../src/model/shadow.js';
+import { WRONG_SHADOWS, type WrongShadow } from '../src/model/wrong.js';
+
+const P = 1n;
+const RW = 2n;
+const T = P | RW | 4n | 0x20n; // table entry: present, writable, user, accessed
+
+class Mem {
+  readonly m = new Map<bigint, bigint>();
+  read64(gpa: bigint): bigint {
+    return this.m.get(gpa) ?? 0n;
+  }
+  write64(gpa: bigint, v: bigint): void {
+    this.m.set(gpa, v);
+  }
+  set(table: bigint, i: number, v: bigint): void {
+    this.write64((table << 12n) + BigInt(i * 8), v);
+  }
+}
+
+// Guest tables (gfns): root 0x10 -> PDPT 0x11 -> PD 0x12 -> PT 0x13 and PT 0x14.
+// VA (0x4000_0000: L4 0, L3 1, L2 0, L1 0) maps data 0x100; VA + 0x1000 maps PT 0x13
+// itself and VA + 0x2000 maps PT 0x14, so the guest can write its own PTEs.
+// VB = VA + 2 MiB (L2 1) is mapped by PT 0x14 to data 0x200.
+// VC (0x8000_0000: L3 2) goes through PD 0x22 / PT 0x23 and maps PD 0x12 at VC.
+const VA = 0x4000_0000n;
+const VB = VA + 0x20_0000n;
+const VC = 0x8000_0000n;
+
+function tables(): Mem {
+  const m = new Mem();
+  m.set(0x10n, 0, (0x11n << 12n) | T);
+  m.set(0x11n, 1, (0x12n << 12n) | T);
+  m.set(0x12n, 0, (0x13n << 12n) | T);
+  m.set(0x12n, 1, (0x14n << 12n) | T);
+  m.set(0x13n, 0, (0x100n << 12n) | T);
+  m.set(0x13n, 1, (0x13n << 12n) | T);
+  m.set(0x13n, 2, (0x14n << 12n) | T);
+  m.set(0x14n, 0, (0x200n << 12n) | T);
+  m.set(0x11n, 2, (0x22n << 12n) | T);
+  m.set(0x22n, 0, (0x23n << 12n) | T);
+  m.set(0x23n, 0, (0x12n << 12n) | T);
+  return m;
+}
+
+const ev = (es: ShadowEvent[]) =>
+  es.map((e) => `${e.kind} ${spName({ ...e.sp, unsync: false })}${e.kind === 'get' ? (e.created ? ' new' : ' existing') : ''}${e.sp.unsync ? ' (unsync)' : ''}`);
+
+function native(wrong?: WrongShadow) {
+  const mem = tables();
+  const mmu = new ShadowMmu({ levels: 4, exec: 'native', wrong }, mem, 0x10000n);
+  mmu.enter();
+  return { mem, mmu };
+}
+
+/** The guest writes PTE `i` of PT `pt` through its mapping at `via` (a PTE value pointing at `frame`). */
+function writePte(mmu: ShadowMmu, via: bigint, i: number, frame: bigint) {
+  return mmu.access(via + BigInt(i * 8), 'write', (frame << 12n) | T);
+}
+
+describe('shadow model: unsync, INVLPG, CR3 load (native host)', () => {
+  test('first entry loads the root; a read builds one page per guest table on the walk', () => {
+    const { mmu } = native();
+    expect(ev(mmu.take())).toEqual(['get 10@4 new']);
+    const a = mmu.access(VA, 'read');
+    expect(a).toEqual({ gpa: 0x100000n, allowed: [0x100n], shadow: 0x100n });
+    expect(ev(mmu.take())).toEqual(['get 11@3 new', 'get 12@2 new', 'get 13@1 new']);
+    expect(mmu.path(VA).map(spName)).toEqual(['10@4', '11@3', '12@2', '13@1']);
+    expect(mmu.stats).toMatchObject({ mmu_cache_miss: 4, mmu_unsync: 0, mmu_pte_write: 0 });
+  });
+
+  test('a write to a last-level table through a writable mapping unsyncs it; old or new until INVLPG', () => {
+    const { mmu } = native();
+    mmu.access(VA, 'read');
+    mmu.take();
+    // The write faults (no leaf for VA+0x1000), the leaf is for frame 0x13, a
+    // level-1 shadowed table: not write-tracked, so it goes unsync, the write lands.
+    writePte(mmu, VA + 0x1000n, 0, 0x101n);
+    expect(ev(mmu.take())).toEqual(['unsync 13@1']);
+    expect(mmu.stats).toMatchObject({ mmu_unsync: 1, mmu_pte_write: 0 });
+    expect(mmu.pages().filter((p) => p.unsync).map(spName)).toEqual(['13@1 unsync']);
+    // No invalidation: the architecture allows the old frame; KVM's shadow PTE still maps it.
+    expect(mmu.access(VA, 'read')).toEqual({ gpa: 0x101000n, allowed: [0x100n, 0x101n], shadow: 0x100n });
+    // INVLPG re-reads the one PTE of the unsync page on the path; the page stays unsync.
+    mmu.invlpg(VA);
+    expect(mmu.take()).toEqual([]);
+    expect(mmu.access(VA, 'read')).toEqual({ gpa: 0x101000n, allowed: [0x101n], shadow: 0x101n });
+    expect(mmu.stats.mmu_unsync).toBe(1);
+  });
+
+  test('a CR3 load syncs the unsync page (write-protecting it again) and clears the bitmaps', () => {
+    const { mmu } = native();
+    mmu.access(VA, 'read');
+    writePte(mmu, VA + 0x1000n, 0, 0x101n);
+    mmu.take();
+    mmu.setCr3(0x10000n);
+    mmu.enter();
+    expect(ev(mmu.take())).toEqual(['sync 13@1 (unsync)']);
+    expect(mmu.stats.mmu_unsync).toBe(0);
+    expect(mmu.access(VA, 'read')).toEqual({ gpa: 0x101000n, allowed: [0x101n], shadow: 0x101n });
+    // Written again: the leaf for 0x13 is read-only now, the write faults and unsyncs again.
+    writePte(mmu, VA + 0x1000n, 0, 0x102n);
+    expect(ev(mmu.take())).toEqual(['unsync 13@1']);
+  });
+
+  test('one walk syncs several unsync children of one parent, in index order', () => {
+    const { mmu } = native();
+    mmu.access(VA, 'read');
+    mmu.take();
+    mmu.access(VB, 'read');
+    writePte(mmu, VA + 0x1000n, 0, 0x101n); // PT 0x13
+    writePte(mmu, VA + 0x2000n, 0, 0x201n); // PT 0x14 (its shadow page is linked at PD index 1)
+    expect(ev(mmu.take())).toEqual(['get 14@1 new', 'unsync 13@1', 'unsync 14@1']);
+    mmu.setCr3(0x10000n);
+    mmu.enter();
+    expect(ev(mmu.take())).toEqual(['sync 13@1 (unsync)', 'sync 14@1 (unsync)']);
+    expect(mmu.stats.mmu_unsync).toBe(0);
+    expect(mmu.access(VB, 'read').allowed).toEqual([0x201n]);
+    expect(mmu.access(VB, 'read').shadow).toBe(0x201n);
+  });
+
+  test('an upper-level table written three times from elsewhere is zapped (write flooding)', () => {
+    const { mmu } = native();
+    mmu.access(VA, 'read');
+    mmu.take();
+    // PD 0x12 is write-tracked: every write through VC (its path avoids 0x12) faults and is
+    // emulated before any shadow page is built for VC (page_fault_handle_page_track).
+    mmu.access(VC + 8n * 5n, 'write', 0n);
+    mmu.access(VC + 8n * 6n, 'write', 0n);
+    expect(mmu.stats).toMatchObject({ mmu_pte_write: 2, mmu_flooded: 0, mmu_shadow_zapped: 0 });
+    mmu.access(VC + 8n * 7n, 'write', 0n);
+    expect(mmu.stats).toMatchObject({ mmu_pte_write: 3, mmu_flooded: 1, mmu_shadow_zapped: 1 });
+    expect(ev(mmu.take())).toEqual(['zap 12@2']);
+    expect(mmu.path(VA).map(spName)).toEqual(['10@4', '11@3']);
+  });
+
+  test('writes through an address whose walk goes through the table keep clearing its count', () => {
+    const { mmu, mem } = native();
+    // Map PD 0x12 at VA + 0x3000 (PT 0x13 index 3): the write's own walk uses PD 0x12.
+    mem.set(0x13n, 3, (0x12n << 12n) | T);
+    mmu.access(VA, 'read');
+    for (let i = 0; i < 5; i++) mmu.access(VA + 0x3000n + 8n * BigInt(10 + i), 'write', 0n);
+    expect(mmu.stats).toMatchObject({ mmu_pte_write: 5, mmu_flooded: 0 });
+  });
+
+  test('a table page reused at an upper level zaps its unsync level-1 page (role change)', () => {
+    const { mmu, mem } = native();
+    mmu.access(VA, 'read');
+    writePte(mmu, VA + 0x1000n, 0, 0x101n);
+    mmu.take();
+    // The guest makes 0x13 a page directory too: PDPT index 3 -> 0x13 (VD = 0xc000_0000).
+    // Its entry 0 (now 0x101) is then a page table; 0x101 entry 0 maps 0x300.
+    mem.set(0x11n, 3, (0x13n << 12n) | T);
+    mem.set(0x101n, 0, (0x300n << 12n) | T);
+    expect(mmu.access(0xc000_0000n, 'read').gpa).toBe(0x300000n);
+    expect(ev(mmu.take())).toEqual(['zap 13@1 (unsync)', 'sync 13@1 (unsync)', 'get 13@2 new', 'get 101@1 new']);
+    expect(mmu.stats).toMatchObject({ mmu_unsync: 0, mmu_shadow_zapped: 1 });
+  });
+
+  test('a memslot change zaps every page; the next entry loads a new root', () => {
+    const { mmu } = native();
+    mmu.access(VA, 'read');
+    mmu.take();
+    mmu.zapAll();
+    expect(ev(mmu.take())).toEqual(['zap 10@4', 'zap 11@3', 'zap 12@2', 'zap 13@1']);
+    mmu.enter();
+    expect(ev(mmu.take())).toEqual(['zap 10@4', 'get 10@4 new']);
+  });
+});
+
+describe('shadow model: an emulated host (every instruction emulated)', () => {
+  test('only the root exists; every write counts; the third write to the root zaps it', () => {
+    const mem = tables();
+    const mmu = new ShadowMmu({ levels: 4, exec: 'emulated' }, mem, 0x10000n);
+    mmu.enter();
+    expect(ev(mmu.take())).toEqual(['get 10@4 new']);
+    expect(mmu.access(VA, 'read')).toEqual({ gpa: 0x100000n, allowed: [0x100n], shadow: undefined });
+    // The PTE write: emulated, counted, nothing shadows 0x13. The emulator walks the new PTE at once.
+    mmu.access(VA + 0x1000n, 'write', (0x101n << 12n) | T);
+    expect(mmu.access(VA, 'read')).toEqual({ gpa: 0x101000n, allowed: [0x100n, 0x101n], shadow: undefined });
+    mmu.invlpg(VA);
+    expect(mmu.access(VA, 'read').allowed).toEqual([0x101n]);
+    expect(mmu.take()).toEqual([]);
+    // Three writes to the root page (identity-mapped at 0x10000 here).
+    mem.set(0x11n, 0, (0x30n << 12n) | T);
+    mem.set(0x30n, 0, (0x31n << 12n) | T);
+    mem.set(0x31n, 0x10, (0x10n << 12n) | T);
+    for (let i = 0; i < 3; i++) mmu.access(0x10000n + 8n * 200n, 'write', 0n);
+    expect(mmu.stats).toEqual({ mmu_unsync: 0, mmu_shadow_zapped: 1, mmu_pte_write: 4, mmu_flooded: 1, mmu_cache_miss: 1 });
+    expect(mmu.take().map((e) => `${e.kind} ${spName(e.sp)} root ${e.sp.rootCount}`)).toEqual(['zap 10@4 root 1']);
+    mmu.enter();
+    expect(mmu.take().map((e) => `${e.kind} ${spName(e.sp)} root ${e.sp.rootCount}${e.sp.invalid ? ' invalid' : ''}`)).toEqual([
+      'zap 10@4 root 0 invalid',
+      'get 10@4 root 0',
+    ]);
+    expect(mmu.stats).toMatchObject({ mmu_shadow_zapped: 2, mmu_cache_miss: 2 });
+  });
+
+  test('a CR3 switch to a cached root reuses it without a lookup and clears its flooding count', () => {
+    const mem = tables();
+    mem.set(0x40n, 0, (0x11n << 12n) | T); // a second root sharing the PDPT
+    const mmu = new ShadowMmu({ levels: 4, exec: 'emulated' }, mem, 0x10000n);
+    mmu.enter();
+    mmu.setCr3(0x40000n);
+    mmu.enter();
+    mmu.setCr3(0x10000n);
+    mmu.enter();
+    expect(ev(mmu.take())).toEqual(['get 10@4 new', 'get 40@4 new']);
+  });
+});
+
+describe('shadow model: the unsync walk (__mmu_unsync_walk)', () => {
+  function tree() {
+    const root = new Sp(1, 0x10n, { level: 3, direct: false, access: 7 });
+    const pd = new Sp(2, 0x11n, { level: 2, direct: false, access: 7 });
+    const a = new Sp(3, 0x12n, { level: 1, direct: false, access: 7 });
+    const b = new Sp(4, 0x13n, { level: 1, direct: false, access: 7 });
+    const clean = new Sp(5, 0x14n, { level: 1, direct: false, access: 7 });
+    root.spt.set(7, pd);
+    pd.spt.set(2, a).set(9, clean).set(300, b);
+    a.unsync = b.unsync = true;
+    root.unsyncChildren.add(7);
+    pd.unsyncChildren.add(2).add(9).add(300).add(400); // 9: stale (clean child), 400: no entry
+    return { root, pd, a, b };
+  }
+
+  test('yields unsync leaves depth first by index; the caller clears the path', () => {
+    const { root, pd } = tree();
+    const seen: string[] = [];
+    for (const { sp, path } of unsyncWalk(root)) {
+      seen.push(`${spName(sp)} via ${path.map((p) => `${p.sp.gfn.toString(16)}[${p.index}]`).join(' ')}`);
+      sp.unsync = false;
+      clearParents(path);
+    }
+    expect(seen).toEqual(['12@1 unsync via 10[7] 11[2]', '13@1 unsync via 10[7] 11[300]']);
+    // Clearing stops at a parent with bits left (11[400], stale until visited), so the
+    // root keeps its bit: one pass is not enough, as mmu_sync_children's loop knows.
+    expect([...pd.unsyncChildren]).toEqual([]);
+    expect([...root.unsyncChildren]).toEqual([7]);
+    expect([...unsyncWalk(root)]).toEqual([]);
+    expect([...root.unsyncChildren]).toEqual([]);
+  });
+
+  test('a caller that stops early leaves the rest marked', () => {
+    const { root, pd } = tree();
+    for (const { path } of unsyncWalk(root)) {
+      clearParents(path);
+      break;
+    }
+    expect([...pd.unsyncChildren].sort((x, y) => x - y)).toEqual([9, 300, 400]);
+    expect([...root.unsyncChildren]).toEqual([7]);
+  });
+
+  test('detect_write_misaligned', () => {
+    expect(misaligned(0x1000n, 8)).toBe(false);
+    expect(misaligned(0x1000n, 1)).toBe(false);
+    expect(misaligned(0x1004n, 4)).toBe(false);
+    expect(misaligned(0x1004n, 8)).toBe(true);
+    expect(misaligned(0x1001n, 2)).toBe(true);
+  });
+});
+
+describe('shadow model: deliberately wrong models are caught', () => {
+  // The same story as the tests above, compared with the hand-worked answers.
+  function story(wrong?: WrongShadow): string[] {
+    const { mmu } = native(wrong);
+    mmu.access(VA, 'read');
+    mmu.access(VB, 'read');
+    writePte(mmu, VA + 0x1000n, 0, 0x101n);
+    writePte(mmu, VA + 0x2000n, 0, 0x201n);
+    mmu.invlpg(VA);
+    const out = [`after invlpg VA shadow ${mmu.access(VA, 'read').shadow?.toString(16)}`];
+    mmu.setCr3(0x10000n);
+    mmu.enter();
+    out.push(`after cr3 VB shadow ${mmu.access(VB, 'read').shadow?.toString(16)}`, `unsync ${mmu.stats.mmu_unsync}`);
+    mmu.take();
+    mmu.access(VC, 'write', 0n);
+    mmu.access(VC + 8n, 'write', 0n);
+    mmu.access(VC + 16n, 'write', 0n);
+    out.push(`flooded ${mmu.stats.mmu_flooded}`);
+    return out;
+  }
+  const right = ['after invlpg VA shadow 101', 'after cr3 VB shadow 201', 'unsync 0', 'flooded 1'];
+
+  test('the right model gives the hand-worked answers', () => {
+    expect(story()).toEqual(right);
+  });
+  test.each(WRONG_SHADOWS.map((w) => [w]))('%s is caught', (w) => {
+    expect(story(w)).not.toEqual(right);
+  });
+});

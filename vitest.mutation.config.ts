@@ -1,0 +1,23 @@
+// The unit tests of the models and the differ, without KVM: what `npm run
+// mutation` runs against each mutant of src/model/ and src/run/differ.ts.
+import { defineConfig } from 'vitest/config';
+
+export default defineConfig({
+  test: {
+    include: [
+      'test/differ.test.ts',
+      'test/spte.test.ts',
+      'test/walk.test.ts',
+      'test/tdp.test.ts',
+      'test/memslots.test.ts',
+      'test/nested.test.ts',
+      'test/scenario.test.ts',
+      'test/tdp-picture.test.ts',
+      'test/hostmem.test.ts',
+      'test/engine.test.ts',
+    ],
+    env: { KVMHARNESS_NO_KVM: '1' },
+    testTimeout: 120_000,
+    hookTimeout: 120_000,
+  },
+});
