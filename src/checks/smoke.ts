@@ -10,7 +10,7 @@ import { dirtyPages } from '../observe/dirty-log.js';
 import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
 import { shadowPages } from './shadow.js';
 import { shadowMmuModel } from './shadow-mmu.js';
-import { tdpDirtyLogSplitCoalesce, tdpPicture } from './tdp.js';
+import { tdpDirtyLogSplitCoalesce, tdpPicture, tdpPreFault } from './tdp.js';
 import { pagingConfig, pteReader } from './x86.js';
 import { ARM64_SMOKE } from './arm64.js';
 import { expectKickAtLimit, mmioOf } from './stops.js';
@@ -288,6 +288,7 @@ export const X86_SMOKE: readonly Check[] = [
   shadowMmuModel(),
   tdpPicture(),
   tdpDirtyLogSplitCoalesce(),
+  tdpPreFault(),
 ].map((c) => ({ ...c, arch: 'x86_64' }));
 
 /** The smoke suite: a run takes the checks of the KVM host's architecture (runner.forHostArch). */

@@ -113,6 +113,90 @@ async function run(ctx: CheckContext, wrong: WrongTdp): Promise<void> {
 }
 
 // ---------------------------------------------------------------------------
+// tdp_pre_fault
+
+/** The pages KVM_PRE_FAULT_MEMORY maps ahead of the guest in tdp_pre_fault. */
+const PRE_FAULT_PAGES = 16;
+
+/**
+ * tdp_pre_fault: KVM_PRE_FAULT_MEMORY (Linux 6.10 on) of 16 pages of an
+ * anonymous slot (the first four written by the host, the rest never touched)
+ * and of two pages of a hugetlb slot maps them before any guest access as
+ * the TDP model's read faults do: the written pages writable at 4 KiB, the
+ * untouched ones read-only over the host's zero page, the hugetlb pages with
+ * one 2 MiB leaf. Compared through kvm_tdp_mmu_spte_changed, page by page.
+ */
+export function tdpPreFault(opts: { wrong?: Wrong } = {}): Check {
+  return {
+    name: 'tdp_pre_fault',
+    description:
+      "KVM_PRE_FAULT_MEMORY maps a GPA range ahead of the guest as the TDP model's read faults do (kvm_tdp_mmu_spte_changed): host-written pages writable, untouched ones read-only, hugetlb at 2 MiB",
+    needs: ['tdp_spte_tracepoints'],
+    run: (ctx) => runPreFault(ctx, opts.wrong?.tdp),
+  };
+}
+
+async function runPreFault(ctx: CheckContext, wrong: WrongTdp | undefined): Promise<void> {
+  if (!ctx.profile.capabilities.KVM_CAP_PRE_FAULT_MEMORY) {
+    const release = ctx.profile.kernel?.release;
+    throw new NotApplicable(`KVM_PRE_FAULT_MEMORY came in Linux 6.10; ${release ? `kernel ${release}` : 'this KVM'} has no KVM_CAP_PRE_FAULT_MEMORY`);
+  }
+  const g = X86Guest.create(ctx.kvm);
+  let trace: TraceSession | undefined;
+  try {
+    const small = g.vm.addMemslot({ slot: 1, gpa: SMALL_GPA, size: 0x200000, backing: { kind: 'anon', thp: false } });
+    let huge: KvmMemslot | undefined;
+    try {
+      huge = g.vm.addMemslot({ slot: 2, gpa: HUGE_GPA, size: 0x200000, backing: { kind: 'hugetlb', pageSize: '2M' } });
+    } catch (e) {
+      ctx.note(`no hugetlb slot: ${(e as Error).message} (2 MiB mappings not compared)`);
+    }
+    // The host writes the first four pages; the rest stay untouched.
+    small.madvise(0, 4 * PAGE, MADV_POPULATE_WRITE);
+    // One run loads the vCPU's MMU (pre-faulting needs its root).
+    const a = new Asm({ origin: Number(LAYOUT.code) });
+    channel.done(a);
+    g.load(a);
+    ctx.expect('guest finishes', 'done', (await g.run()).kind);
+
+    const slots = new Memslots();
+    const tdp = new Tdp(slots, { levels: 4, wrong });
+    const slot0 = [...g.vm.slots.values()].find((s) => s.slot === 0)!;
+    tdp.setMemslot(modelSlot(slot0, { kind: 'anon', pageSize: PAGE }));
+    tdp.setMemslot(modelSlot(small, { kind: 'anon', pageSize: PAGE }));
+    if (huge) tdp.setMemslot(modelSlot(huge, { kind: 'hugetlb2m', pageSize: 0x200000 }));
+    for (let i = 0; i < 4; i++) tdp.host.fault(tdp.slots.find(0, Number(SMALL_GPA) / PAGE)!, small.hva + BigInt(i * PAGE), true);
+    if (huge) tdp.host.fault(tdp.slots.find(0, Number(HUGE_GPA) / PAGE)!, huge.hva, true);
+    huge?.madvise(0, 0x200000, MADV_POPULATE_WRITE);
+
+    // The ioctl runs in this process, not on the vCPU thread.
+    trace = TraceSession.open(ctx.target.fs, ['kvmmmu/kvm_tdp_mmu_spte_changed'], []);
+    trace.clear();
+    const ranges: [bigint, number][] = [[SMALL_GPA, PRE_FAULT_PAGES]];
+    if (huge) ranges.push([HUGE_GPA, 2]);
+    for (const [gpa, pages] of ranges) {
+      const size = BigInt(pages * PAGE);
+      let left = size;
+      for (let tries = 0; left > 0n && tries < 64; tries++) left = g.vcpu.preFault(gpa + size - left, left);
+      ctx.expect(`KVM_PRE_FAULT_MEMORY of ${pages} pages at 0x${gpa.toString(16)}: bytes left`, 0n, left);
+      for (let i = 0; i < pages; i++) tdp.fault(0, Number(gpa) / PAGE + i);
+    }
+    const picture = new TdpPicture(ctx.profile.tdp.kind === 'ept' ? 'ept' : 'npt', trace.take());
+    for (const [gpa, pages] of ranges) {
+      for (let i = 0; i < pages; i++) {
+        const gfn = Number(gpa) / PAGE + i;
+        const m = tdp.lookup(0, gfn);
+        const model = m ? { level: m.level, writable: decodeSpte(m.spte).writable } : undefined;
+        ctx.expect(`after KVM_PRE_FAULT_MEMORY: gfn 0x${gfn.toString(16)}`, mappingOf(model), mappingOf(picture.leaf(0, BigInt(gfn))));
+      }
+    }
+  } finally {
+    trace?.close();
+    g.close();
+  }
+}
+
+// ---------------------------------------------------------------------------
 // tdp_dirty_log_split_coalesce
 
 const MIB2 = 0x200000n;
