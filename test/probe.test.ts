@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { deriveOracles, detectFlavour, type HostProfile } from '../src/probe/probe.js';
+import { deriveOracles, detectFlavour, tracefsReach, type HostProfile } from '../src/probe/probe.js';
+import type { HostFs } from '../src/target/fs.js';
 import { archOfNode } from '../src/arch/arch.js';
 import { formatProfile, profileJson } from '../src/report/profile.js';
 
@@ -69,6 +70,42 @@ describe('probe', () => {
   it('no tracefs means no tracepoint oracle of any kind', () => {
     const o = avail({ ...base, tracefs: { state: 'absent', path: '', events: {} } });
     expect(o).toMatchObject({ walker_tracepoints: false, tdp_spte_tracepoints: false, shadow_page_tracepoints: false });
+  });
+
+  it('tracefs out of reach: the oracles say why', () => {
+    const why = 'not mounted, and mounting it needs CAP_SYS_ADMIN, which this process lacks, as in a container without it';
+    const o = deriveOracles({ ...base, tracefs: { state: 'absent', path: '/sys/kernel/tracing', events: {}, why } });
+    expect(o.walker_tracepoints).toEqual({ available: false, why: `tracefs absent: ${why}` });
+    expect(o.shadow_page_tracepoints).toEqual({ available: false, why: `tracefs absent: ${why}` });
+    const p: HostProfile = { ...base, tracefs: { state: 'absent', path: '/sys/kernel/tracing', events: {}, why }, oracles: o };
+    expect(formatProfile(p)).toContain(`\ntracefs            absent (${why})\n`);
+  });
+
+  it('tracefs is mountable only by root with CAP_SYS_ADMIN in the initial user namespace', () => {
+    const files = (over: Record<string, string | undefined> = {}, uid = 0, dirs = ['/sys/kernel/tracing']): HostFs => {
+      const f: Record<string, string | undefined> = {
+        '/proc/filesystems': 'nodev\tsysfs\nnodev\ttracefs\n',
+        '/proc/self/status': 'Name:\tnode\nCapEff:\t000001ffffffffff\n',
+        '/proc/self/uid_map': '         0          0 4294967295\n',
+        ...over,
+      };
+      return { read: (p: string) => f[p], exists: (p: string) => dirs.includes(p), uid: () => uid } as unknown as HostFs;
+    };
+    expect(tracefsReach(files())).toEqual({ state: 'mountable' });
+    expect(tracefsReach(files({}, 0, ['/sys/kernel/tracing', '/sys/kernel/tracing/events']))).toEqual({ state: 'mounted' });
+    // Unreadable /proc/self files are no obstacle.
+    expect(tracefsReach(files({ '/proc/self/status': undefined, '/proc/self/uid_map': undefined }))).toEqual({ state: 'mountable' });
+    const absent = (fs: HostFs) => tracefsReach(fs).why;
+    expect(absent(files({ '/proc/filesystems': 'nodev\tsysfs\n' }))).toBe('the kernel offers no tracefs');
+    expect(absent(files({}, 0, []))).toBe('not mounted, and there is no /sys/kernel/tracing to mount it on');
+    expect(absent(files({}, 1000))).toBe('not mounted, and mounting it needs root');
+    // CAP_SYS_ADMIN is bit 21: 0x1fffdfffff lacks it.
+    expect(absent(files({ '/proc/self/status': 'CapEff:\t0000001fffdfffff\n' }))).toBe(
+      'not mounted, and mounting it needs CAP_SYS_ADMIN, which this process lacks, as in a container without it',
+    );
+    expect(absent(files({ '/proc/self/uid_map': '         0     100000      65536\n' }))).toBe(
+      'not mounted, and this process runs in a user namespace, where tracefs cannot be mounted',
+    );
   });
 
   it('a mounted tracefs without the kvmmmu events offers no walker oracle', () => {

@@ -461,10 +461,80 @@ describe('scenario validation: semantic rules', () => {
       edit((j) => (j.steps = [{ host: 'translate', gva: '0x8000000000', expect: { valid: false, gpa: '0x401000' } }])),
       ['steps[0].expect.gpa: an invalid translation has no gpa'],
     ],
+    [
+      "an exec at RETURN_GVA and a read in its page",
+      edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000' }, { guest: 'read', gva: '0xfff008' }, { guest: 'exec', gva: '0xfff000' }])),
+      [1, 2].map((i) => `steps[${i}].gva: ${i === 1 ? '0xfff008' : '0xfff000'} is in the page of the harness's RETURN_GVA 0xfff000, `
+        + 'which stays unmapped as the way back from CPL 3 (a fault there is taken for that return); use another address'),
+    ],
+    [
+      'a write and an exec of bring-up memory',
+      edit((j) => (j.steps = [{ guest: 'read', gva: '0x3000' }, { guest: 'write', gva: '0x3000' }, { guest: 'exec', gva: '0x100000', cpl: 3 }])),
+      [
+        "steps[1].gva: 0x3000 is in bring-up memory [0x0, 0x400000) (the guest's descriptor tables, handlers, stacks, code and page tables), "
+          + 'which a step may read but not write',
+        "steps[2].gva: 0x100000 is in bring-up memory [0x0, 0x400000) (the guest's descriptor tables, handlers, stacks, code and page tables), "
+          + 'which a step may read but not execute',
+      ],
+    ],
+    [
+      "an exec through a mapping onto bring-up's GPAs",
+      edit((j) => {
+        j.mappings.push({ gva: '0x9000000000', gpa: '0x100000' });
+        j.steps = [{ guest: 'read', gva: '0x9000000000' }, { guest: 'exec', gva: '0x9000000000' }];
+      }),
+      [
+        "steps[1].gva: 0x9000000000 is mapped to 0x100000, in bring-up memory [0x0, 0x400000) (the guest's descriptor tables, handlers, "
+          + 'stacks, code and page tables), which a step may read but not execute',
+      ],
+    ],
+    [
+      'a memslot over 4 GiB',
+      edit((j) => (j.memslots[0]!.size = '0x100001000')),
+      ['memslots[0].size: 0x100001000 is larger than 0x100000000 (4 GiB), the most the harness maps for one slot (one ArrayBuffer)'],
+    ],
   ];
   for (const [what, json, errors] of cases) {
     it(`rejects ${what}`, () => expect(errorsOf(json)).toEqual(errors));
   }
+
+  it('accepts a memslot of exactly 4 GiB', () => {
+    expect(errorsOf(edit((j) => (j.memslots[0]!.size = '0x100000000')))).toEqual([]);
+  });
+
+  it('checks host ranges of any size at once, never page by page', () => {
+    const t0 = performance.now();
+    const huge = edit((j) => {
+      j.memslots[0]!.size = '0x10000';
+      j.steps = [
+        { host: 'munmap', slot: 1, offset: '0x0', size: '0x8000000000000000' },
+        { host: 'munmap', slot: 1, offset: '0x1000', size: '0x1000' },
+        { host: 'remap', slot: 1, offset: '0x0', size: '0xfffffffffffff000' },
+      ];
+    });
+    expect(errorsOf(huge)).toEqual([
+      'steps[0].size: 0x0+0x8000000000000000 runs past the end of memslot 1 (0x10000 bytes)',
+      "steps[1]: memslot 1's memory at offset 0x1000 was unmapped by an earlier munmap step (remap it first)",
+      'steps[2].size: 0x0+0xfffffffffffff000 runs past the end of memslot 1 (0x10000 bytes)',
+    ]);
+    expect(performance.now() - t0).toBeLessThan(2000);
+  });
+
+  it('tells a partly unmapped range from a wholly unmapped one', () => {
+    const steps = (...more: J[]) => edit((j) => (j.steps = [
+      { host: 'munmap', slot: 1, offset: '0x1000', size: '0x2000' },
+      { host: 'remap', slot: 1, offset: '0x2000', size: '0x1000' },
+      ...more,
+    ]));
+    expect(errorsOf(steps({ host: 'remap', slot: 1, offset: '0x1000', size: '0x1000' }))).toEqual([]);
+    expect(errorsOf(steps({ host: 'remap', slot: 1, offset: '0x1000', size: '0x2000' }))).toEqual([
+      'steps[2]: remap needs the whole range unmapped by earlier munmap steps; 0x1000+0x2000 of memslot 1 is not',
+    ]);
+    expect(errorsOf(steps({ host: 'madvise', slot: 1, offset: '0x2000', size: '0x3000', advice: 'dontneed' }))).toEqual([]);
+    expect(errorsOf(steps({ host: 'mprotect', slot: 1, offset: '0x0', size: '0x3000', prot: 'read' }))).toEqual([
+      "steps[2]: memslot 1's memory at offset 0x1000 was unmapped by an earlier munmap step (remap it first)",
+    ]);
+  });
 
   it('allows step addresses that no mapping covers (not-present faults)', () => {
     const s = ok(edit((j) => (j.steps = [{ guest: 'read', gva: '0x9000000000' }, { host: 'translate', gva: '0x9000000000' }, { guest: 'invlpg', gva: '0x1234' }])));
@@ -529,6 +599,11 @@ describe('loading scenario files', () => {
     expect(() => loadScenario(dir)).toThrow(`${dir}: cannot read: is a directory`);
     const p = file('syntax.json', '{ "name": "x", }');
     expect(() => loadScenario(p)).toThrow(new RegExp(`^${p.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: not valid JSON: [^\\n]+$`));
+  });
+
+  it('names the file and the depth of a file nested too deep, before validation recurses', () => {
+    const p = file('deep.json', JSON.stringify(base()).replace('"steps":[', `"steps":[${'['.repeat(4999)}${']'.repeat(4999)},`));
+    expect(() => loadScenario(p)).toThrow(new ScenarioError(p, ['(top level): nests 5001 levels deep; a scenario nests at most 64']));
   });
 
   it('parseScenario names its source in errors', () => {

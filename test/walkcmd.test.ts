@@ -263,6 +263,27 @@ describe('kvmharness walk: CPU features', () => {
   });
 });
 
+describe('kvmharness walk --pdpe1gb', () => {
+  it('says whether 1 GiB pages exist, over the defaults: without them a PS PDPTE is reserved', () => {
+    const walk = (...args: string[]) => walkCommand(['huge_1g', '--gva', '0x8000000000', '--no-probe', ...args]);
+    const on = walk('--pdpe1gb', '1');
+    expect(on.exitCode).toBe(0);
+    expect(on.stdout).toContain('cpu       defaults (--no-probe, --pdpe1gb 1): vendor amd, maxphyaddr 48, pdpe1gb 1\n');
+    expect(on.stdout).not.toContain('RSVD');
+    const off = walk('--pdpe1gb', '0', '--json');
+    expect(off.exitCode).toBe(0);
+    const j = JSON.parse(off.stdout);
+    expect(j.cpu).toEqual({ from: 'defaults', why: '--no-probe, --pdpe1gb 0', vendor: 'amd', maxPhyAddr: 48, pdpe1gb: false });
+    expect(walk('--pdpe1gb', '0').stdout).toMatch(/^result {4}#PF error code 0x9 \(P\|RSVD\), CR2 0x8000000000: reserved$/m);
+  });
+
+  it('takes only 0 or 1', () => {
+    const r = walkCommand(['huge_1g', '--gva', '0x8000000000', '--no-probe', '--pdpe1gb', 'yes']);
+    expect(r.exitCode).toBe(2);
+    expect(r.stderr).toBe("kvmharness: --pdpe1gb: expected 0 or 1, got 'yes'\n");
+  });
+});
+
 describeKvm('kvmharness walk with KVM', () => {
   it('takes vendor, MAXPHYADDR and PDPE1GB from the probe', () => {
     const r = walkCommand([SCENARIO, '--gva', '0x8000000000']);

@@ -29,6 +29,13 @@ export interface MatrixOptions {
   seed?: number;
 }
 
+/** The suites by name, with what each holds (for `run --help`). */
+export const SUITE_DOCS: Readonly<Record<string, string>> = {
+  smoke: 'small guests: exits, memslots, dirty log, #PF, KVM_TRANSLATE, shadow and TDP pictures (x86 or arm64)',
+  scenarios: 'every built-in scenario (guests/scenarios): results and A/D, then the walker trace',
+  'access-matrix': `the access matrix, a sample of ${DEFAULT_MATRIX_SAMPLE} cases (every legal case when named alone)`,
+};
+
 /** The suites by name: smoke, the built-in scenarios, the access matrix (sampled). */
 function suites(m: MatrixOptions = {}): Record<string, readonly Check[]> {
   return {

@@ -1,7 +1,7 @@
 // `kvmharness run`, and the run options `lab run` shares: arguments in,
 // checks run, report out.
 import { Option, type Command } from 'commander';
-import { selectChecks, type MatrixOptions } from '../checks/suites.js';
+import { selectChecks, SUITE_DOCS, type MatrixOptions } from '../checks/suites.js';
 import { Kvm } from '../kvm/kvm.js';
 import { removeStaleInstances } from '../observe/tracefs.js';
 import { probe, type HostProfile } from '../probe/probe.js';
@@ -53,6 +53,23 @@ export function addRunOptions(c: Command): Command {
     .option('--seed <s>', 'access matrix: seed of the subset (default 1)')
     .option('--mode <mode>', 'access matrix: 4level or 5level (default 4level)')
     .addOption(deviceOption());
+}
+
+/** What `run --help` says after the options: the suites and the exit statuses. */
+export function runHelpText(): string {
+  const w = Math.max(...Object.keys(SUITE_DOCS).map((n) => n.length));
+  return [
+    '',
+    'Suites (with no names, all of them):',
+    ...Object.entries(SUITE_DOCS).map(([n, d]) => `  ${n.padEnd(w)}  ${d}`),
+    'A name may also be a check (see --list) or a scenario file (*.json).',
+    '',
+    'Exit status:',
+    '  0      every check passed or was not applicable',
+    '  1      a check failed or ended in an error',
+    '  2      bad usage, no usable KVM device, a scenario that does not load, or a report not written',
+    '  128+N  interrupted by signal N (130 SIGINT, 143 SIGTERM); the report covers what was checked',
+  ].join('\n');
 }
 
 /** Parses run options into the checks to run. */

@@ -44,6 +44,8 @@ export interface WalkOptions {
   ac?: boolean;
   vendor?: string;
   maxphyaddr?: string;
+  /** '0' or '1': whether 1 GiB pages exist (CPUID PDPE1GB), over the probe's or the default. */
+  pdpe1gb?: string;
   /** false with --no-probe. */
   probe: boolean;
   device?: string;
@@ -73,13 +75,19 @@ function parseArgs(o: WalkOptions): { gva: bigint; kind: AccessKind; cpl: 0 | 3;
   if (o.maxphyaddr !== undefined && !(/^[0-9]+$/.test(o.maxphyaddr) && Number(o.maxphyaddr) >= 32 && Number(o.maxphyaddr) <= 52)) {
     throw new WalkUsageError(`--maxphyaddr: expected a number of bits from 32 to 52, got '${o.maxphyaddr}'`);
   }
+  if (o.pdpe1gb !== undefined && o.pdpe1gb !== '0' && o.pdpe1gb !== '1') {
+    throw new WalkUsageError(`--pdpe1gb: expected 0 or 1, got '${o.pdpe1gb}'`);
+  }
   const cpl = o.cpl === '3' ? 3 : 0;
   if (o.ac && cpl === 3) throw new WalkUsageError('--ac: EFLAGS.AC overrides SMAP only for CPL 0 accesses');
   return { gva, kind: o.access, cpl, ac: o.ac === true };
 }
 
-/** The CPU the model assumes: this host's KVM CPUID when it can be read, else defaults; --vendor/--maxphyaddr override either. */
-function chooseCpu(o: Pick<WalkOptions, 'probe' | 'device' | 'vendor' | 'maxphyaddr'>): CpuChoice {
+/**
+ * The CPU the model assumes: this host's KVM CPUID when it can be read, else
+ * defaults; --vendor/--maxphyaddr/--pdpe1gb override either.
+ */
+function chooseCpu(o: Pick<WalkOptions, 'probe' | 'device' | 'vendor' | 'maxphyaddr' | 'pdpe1gb'>): CpuChoice {
   let cpu: CpuChoice = { from: 'defaults', why: '--no-probe', ...DEFAULT_CPU };
   if (o.probe) {
     try {
@@ -92,6 +100,7 @@ function chooseCpu(o: Pick<WalkOptions, 'probe' | 'device' | 'vendor' | 'maxphya
   }
   if (o.vendor !== undefined) cpu = { ...cpu, vendor: o.vendor, why: `${cpu.why}, --vendor ${o.vendor}` };
   if (o.maxphyaddr !== undefined) cpu = { ...cpu, maxPhyAddr: Number(o.maxphyaddr), why: `${cpu.why}, --maxphyaddr ${o.maxphyaddr}` };
+  if (o.pdpe1gb !== undefined) cpu = { ...cpu, pdpe1gb: o.pdpe1gb === '1', why: `${cpu.why}, --pdpe1gb ${o.pdpe1gb}` };
   return cpu;
 }
 
@@ -208,6 +217,7 @@ export function registerWalk(program: Command, out: (s: string) => void = (s) =>
     .option('--ac', 'EFLAGS.AC = 1 (the SMAP override of a CPL 0 access)')
     .option('--vendor <name>', 'CPU vendor for the model, intel or amd (default: the probe\'s, else amd)')
     .option('--maxphyaddr <bits>', 'MAXPHYADDR for the model (default: the probe\'s, else 48)')
+    .option('--pdpe1gb <0|1>', 'whether 1 GiB pages exist for the model (CPUID PDPE1GB; default: the probe\'s, else 1)')
     .option('--no-probe', 'do not read CPU features from KVM; use the defaults')
     .option('--device <path>', 'KVM device to probe (default: $KVMHARNESS_DEVICE or /dev/kvm)')
     .option('--json', 'print JSON')

@@ -10,10 +10,32 @@ import { Vm } from './vm.js';
 import type { Target } from '../target/target.js';
 import { IOCTL, O_RDWR } from '../uapi/uapi.js';
 
-const { E2BIG, EACCES, EINTR, ENOENT, EPERM } = constants.errno;
+const { E2BIG, EACCES, EINTR, EISDIR, ENOENT, EPERM } = constants.errno;
 
 export function defaultDevice(): string {
   return process.env.KVMHARNESS_DEVICE || '/dev/kvm';
+}
+
+/** The group that owns `path` by name, from the target's /etc/group (undefined when either is unknown). */
+export function owningGroup(target: Pick<Target, 'fs'>, path: string): string | undefined {
+  const gid = target.fs.gidOf?.(path);
+  if (gid === undefined) return undefined;
+  for (const line of (target.fs.read('/etc/group') ?? '').split('\n')) {
+    const [name, , id] = line.split(':');
+    if (name && id !== undefined && Number(id) === gid && /^\d+$/.test(id)) return name;
+  }
+  return undefined;
+}
+
+/** What to do about a device the user may not open: join the group that owns it, named when it is known. */
+export function permissionHint(target: Pick<Target, 'fs'>, path: string): string {
+  const group = owningGroup(target, path);
+  if (group === undefined) return `run as root, or add your user to the group that owns ${path}`;
+  if (group === 'root') {
+    return `${path} is owned by group root: run as root, or give it a group of its own (e.g. kvm) that your user is in`;
+  }
+  return `run as root, or add your user to group ${group}, which owns ${path}: `
+    + `sudo usermod -aG ${group} $USER, then log in again`;
 }
 
 export class Kvm {
@@ -34,7 +56,10 @@ export class Kvm {
     if (r < 0) {
       const e = -r;
       if (e === ENOENT) throw new HostError(`${path} does not exist: this host has no KVM (load kvm_intel/kvm_amd, or point --device / KVMHARNESS_DEVICE at the device)`);
-      if (e === EACCES || e === EPERM) throw new HostError(`${path}: permission denied (run as root, or add your user to the group that owns ${path})`);
+      if (e === EACCES || e === EPERM) throw new HostError(`${path}: permission denied (${permissionHint(target, path)})`);
+      if (e === EISDIR) {
+        throw new HostError(`${path} is a directory, not a KVM device (point --device / KVMHARNESS_DEVICE at the device node, as /dev/kvm)`);
+      }
       throw new HostError(`cannot open ${path}: ${new KvmError('open', e).message}`);
     }
     const kvm = new Kvm(target, r, path);

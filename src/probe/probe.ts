@@ -62,7 +62,8 @@ export interface HostProfile {
   cpu: CpuFeatures | null;
   thp: { enabled: string; defrag: string } | null;
   hugetlb: Record<string, { total: number; free: number }>;
-  tracefs: { state: TracefsState; path: string; events: Record<string, boolean> };
+  /** `why`: when tracefs is absent, what keeps it out of reach. */
+  tracefs: { state: TracefsState; path: string; events: Record<string, boolean>; why?: string };
   oracles: Record<Oracle, OracleState>;
   /** The kernel's release (`uname -r`) and the release-dependent KVM behaviours the models assume for it (model/kernel.ts). */
   kernel?: { release: string | null; behaviours: ReturnType<typeof kernelBehaviours> };
@@ -120,9 +121,35 @@ export function detectFlavour(mods: (name: string) => boolean, cmdline: string, 
 }
 
 export function tracefsState(fs: HostFs, root = '/sys/kernel/tracing'): TracefsState {
-  if (fs.exists(`${root}/events`)) return 'mounted';
-  const mountable = fs.exists(root) && fs.uid() === 0 && (readIn(fs, '/proc/filesystems') ?? '').includes('tracefs');
-  return mountable ? 'mountable' : 'absent';
+  return tracefsReach(fs, root).state;
+}
+
+/** CAP_SYS_ADMIN's bit in /proc/self/status's CapEff: mounting tracefs needs it. */
+const CAP_SYS_ADMIN = 21n;
+
+/**
+ * Whether the target's tracefs is mounted, or this process could mount it,
+ * and when neither, why not. Mounting needs root with CAP_SYS_ADMIN in the
+ * initial user namespace (tracefs cannot be mounted in another), which a
+ * container often lacks even as root; an unreadable /proc/self file counts
+ * as no obstacle.
+ */
+export function tracefsReach(fs: HostFs, root = '/sys/kernel/tracing'): { state: TracefsState; why?: string } {
+  if (fs.exists(`${root}/events`)) return { state: 'mounted' };
+  const absent = (why: string) => ({ state: 'absent' as const, why });
+  if (!(readIn(fs, '/proc/filesystems') ?? '').includes('tracefs')) return absent('the kernel offers no tracefs');
+  if (!fs.exists(root)) return absent(`not mounted, and there is no ${root} to mount it on`);
+  if (fs.uid() !== 0) return absent('not mounted, and mounting it needs root');
+  const capEff = readIn(fs, '/proc/self/status')?.match(/^CapEff:\s*([0-9a-f]+)$/m)?.[1];
+  if (capEff !== undefined && ((BigInt(`0x${capEff}`) >> CAP_SYS_ADMIN) & 1n) === 0n) {
+    return absent('not mounted, and mounting it needs CAP_SYS_ADMIN, which this process lacks, '
+      + 'as in a container without it');
+  }
+  const uidMap = readIn(fs, '/proc/self/uid_map');
+  if (uidMap !== undefined && !/^0\s+0\s+4294967295$/.test(uidMap)) {
+    return absent('not mounted, and this process runs in a user namespace, where tracefs cannot be mounted');
+  }
+  return { state: 'mountable' };
 }
 
 function cpuFeatures(entries: CpuidEntry[]): CpuFeatures {
@@ -159,6 +186,7 @@ export function deriveOracles(p: Omit<HostProfile, 'oracles'>): Record<Oracle, O
   const x86 = p.arch === 'x86_64';
   const ev = (name: string) => p.tracefs.state === 'mounted' ? p.tracefs.events[name] === true : p.tracefs.state === 'mountable';
   const tracefsWhy = p.tracefs.state === 'mountable' ? ' (tracefs not mounted; kvmharness mounts it as root)' : '';
+  const absent = p.tracefs.why ? `tracefs absent: ${p.tracefs.why}` : 'tracefs absent';
   const softwareWalker = p.flavour === 'kvm_pvm' || !p.tdp.enabled;
   const o = {} as Record<Oracle, OracleState>;
   o.exits = yes('KVM_RUN exit records');
@@ -178,7 +206,7 @@ export function deriveOracles(p: Omit<HostProfile, 'oracles'>): Record<Oracle, O
   o.walker_tracepoints = !x86
     ? no('x86 software walker only')
     : !walkerEvents
-      ? no(p.tracefs.state === 'absent' ? 'tracefs absent' : 'kvmmmu walker events missing')
+      ? no(p.tracefs.state === 'absent' ? absent : 'kvmmmu walker events missing')
       : yes((softwareWalker ? 'KVM walks guest tables in software for every guest access' : 'only for emulated accesses and KVM_TRANSLATE') + tracefsWhy);
   o.tdp_spte_tracepoints = !p.tdp.enabled
     ? no('no TDP on this host')
@@ -186,17 +214,17 @@ export function deriveOracles(p: Omit<HostProfile, 'oracles'>): Record<Oracle, O
       ? no('tdp_mmu is off: the legacy MMU does not fire kvm_tdp_mmu_spte_changed')
       : ev('kvmmmu/kvm_tdp_mmu_spte_changed')
         ? yes('kvm_tdp_mmu_spte_changed' + tracefsWhy)
-        : no(p.tracefs.state === 'absent' ? 'tracefs absent' : 'kvm_tdp_mmu_spte_changed missing');
+        : no(p.tracefs.state === 'absent' ? absent : 'kvm_tdp_mmu_spte_changed missing');
   o.stage2_fault_tracepoints = p.arch !== 'arm64'
     ? no('arm64 stage-2 only')
     : ev('kvm/kvm_guest_fault')
       ? yes('kvm_guest_fault: every stage-2 abort with its IPA, syndrome and FAR' + tracefsWhy)
-      : no(p.tracefs.state === 'absent' ? 'tracefs absent' : 'kvm_guest_fault missing');
+      : no(p.tracefs.state === 'absent' ? absent : 'kvm_guest_fault missing');
   o.shadow_page_tracepoints = p.tdp.enabled
     ? no('TDP is on: no shadow pages for guest tables')
     : ev('kvmmmu/kvm_mmu_get_page')
       ? yes('kvm_mmu_get_page / prepare_zap_page for the shadow MMU' + tracefsWhy)
-      : no(p.tracefs.state === 'absent' ? 'tracefs absent' : 'kvm_mmu_get_page missing');
+      : no(p.tracefs.state === 'absent' ? absent : 'kvm_mmu_get_page missing');
   return o;
 }
 
@@ -248,7 +276,7 @@ export function probe(target: Target, device?: string): HostProfile {
         hugetlb[size] = { total: Number(read(`${hpDir}/${d}/nr_hugepages`) ?? 0), free: Number(read(`${hpDir}/${d}/free_hugepages`) ?? 0) };
       }
     }
-    const tstate = tracefsState(fs);
+    const { state: tstate, why: tracefsWhy } = tracefsReach(fs);
     const events: Record<string, boolean> = {};
     if (tstate === 'mounted') for (const e of TRACE_EVENTS) events[e] = existsSync(`/sys/kernel/tracing/events/${e}/format`);
     const base: Omit<HostProfile, 'oracles'> = {
@@ -265,7 +293,7 @@ export function probe(target: Target, device?: string): HostProfile {
       cpu,
       thp: thpEnabled ? { enabled: selected(thpEnabled), defrag: selected(read('/sys/kernel/mm/transparent_hugepage/defrag')) } : null,
       hugetlb,
-      tracefs: { state: tstate, path: '/sys/kernel/tracing', events },
+      tracefs: { state: tstate, path: '/sys/kernel/tracing', events, ...(tracefsWhy ? { why: tracefsWhy } : {}) },
     };
     const release = read('/proc/sys/kernel/osrelease') ?? null;
     const kernel = { release, behaviours: kernelBehaviours(release ?? undefined) };

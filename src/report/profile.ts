@@ -25,7 +25,7 @@ export function formatProfile(p: HostProfile): string {
   }
   kv('thp', p.thp ? `${p.thp.enabled} (defrag ${p.thp.defrag})` : 'absent');
   kv('hugetlb', Object.entries(p.hugetlb).map(([k, v]) => `${k}: ${v.free}/${v.total} free`).join(', ') || 'none');
-  kv('tracefs', p.tracefs.state);
+  kv('tracefs', p.tracefs.why ? `${p.tracefs.state} (${p.tracefs.why})` : p.tracefs.state);
   lines.push('capabilities');
   for (const [k, v] of Object.entries(p.capabilities)) lines.push(`  ${k.replace(/^KVM_CAP_/, '').padEnd(30)} ${v}`);
   lines.push('oracles');

@@ -308,7 +308,7 @@ class ScenarioRun {
     const exc = g.exceptions();
     const expected = pred.expectFault === false ? []
       : pred.expectFault === 'gp' ? [{ vector: 13, errorCode: 0n, cr2: cr2Before! }]
-      : [{ vector: 14, errorCode: BigInt(pred.expectFault), cr2: s.gva }];
+      : [{ vector: 14, errorCode: BigInt(pred.expectFault), cr2: pred.walk.ok ? s.gva : pred.walk.cr2 }];
     ctx.expect(`${name}: exceptions`, expected, exc.map(pick));
     if (s.access === 'read') ctx.expect(`${name}: value read`, pred.expectValue ?? 0n, BigInt.asUintN(s.size * 8, value));
     // A processor may set A on the entries a faulting walk used; KVM's walker never does.

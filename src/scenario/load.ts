@@ -4,9 +4,11 @@
 // field it is about.
 //
 // Semantic rules (run once the file has the right shape):
+//   file      nests at most MAX_DEPTH levels (checked before anything else).
 //   memslots  slot 0 is bring-up's ([0, 0x400000)); user slots are 1 and above,
 //             declared once, 4K aligned (hugetlb: aligned to their page), not
-//             overlapping bring-up memory or each other, below 2^52.
+//             overlapping bring-up memory or each other, below 2^52, at most
+//             4 GiB (MAX_SLOT_BYTES).
 //   mappings  gva, gpa and size aligned to the page size; the GVA range canonical
 //             for the paging mode and clear of the identity map [0, 0x400000) and
 //             of RETURN_GVA's page; no two mappings overlap; GPAs below 2^52;
@@ -15,7 +17,8 @@
 //             mappings that share a table entry the scenario creates give it the
 //             same table attributes; the tables fit bring-up's table pool.
 //   steps     accesses stay inside one 4K page, values fit their size, EFLAGS.AC
-//             only at CPL 0; levels in write-pte and expect.ptes exist for a
+//             only at CPL 0; no access in RETURN_GVA's page, no write or exec
+//             of bring-up memory; levels in write-pte and expect.ptes exist for a
 //             mapping covering the gva (write-pte: not a bring-up entry);
 //             clear-ad needs a mapping; dirty-log steps name a declared slot
 //             with logDirty; expected dirty GPAs are 4K aligned and in the slot
@@ -51,8 +54,34 @@ export class ScenarioError extends Error {
 
 export type Validation = { ok: true; scenario: Scenario } | { ok: false; errors: string[] };
 
+/**
+ * How deep a scenario file may nest arrays and objects. The deepest field of
+ * the format (steps[i].expect.ptes[k].value) is 5 levels down; the bound keeps
+ * validation, which recurses, from running out of stack on a hostile file.
+ */
+export const MAX_DEPTH = 64;
+
+/** How deep `json` nests arrays and objects (the top level is 1), counted without recursion. */
+export function jsonDepth(json: unknown): number {
+  let max = 0;
+  const todo: [unknown, number][] = [[json, 1]];
+  while (todo.length > 0) {
+    const [v, d] = todo.pop()!;
+    if (v === null || typeof v !== 'object') continue;
+    if (d > max) max = d;
+    for (const x of Array.isArray(v) ? v : Object.values(v)) {
+      if (x !== null && typeof x === 'object') todo.push([x, d + 1]);
+    }
+  }
+  return max;
+}
+
 /** Validates a parsed scenario file: the normalised Scenario, or every error found. */
 export function validateScenario(json: unknown): Validation {
+  const depth = jsonDepth(json);
+  if (depth > MAX_DEPTH) {
+    return { ok: false, errors: [`(top level): nests ${depth} levels deep; a scenario nests at most ${MAX_DEPTH}`] };
+  }
   const errors: string[] = [];
   const n = checkJson(SCENARIO, json, '', errors);
   if (errors.length > 0 || n === undefined) return { ok: false, errors };
@@ -224,6 +253,8 @@ export function scenarioToJson(s: Scenario): Json {
 
 const overlaps = (a: bigint, as: bigint, b: bigint, bs: bigint) => a < b + bs && b < a + as;
 const PHYS_LIMIT = 1n << 52n;
+/** The largest user slot: the harness maps a slot's memory as one ArrayBuffer, which V8 limits to 4 GiB in Node 20. */
+export const MAX_SLOT_BYTES = 1n << 32n;
 const TOP = 1n << 64n;
 
 /** Whether [gva, gva + size) lies in one canonical half for the paging mode. */
@@ -245,6 +276,10 @@ function memslotErrors(s: Scenario, err: (path: string, msg: string) => void): v
     if (m.gpa % page !== 0n) err(`${p}.gpa`, `${hex(m.gpa)} is not aligned to the ${m.backing} page size ${hex(page)}`);
     if (m.size === 0n || m.size % page !== 0n) err(`${p}.size`, `${hex(m.size)} is not a non-zero multiple of the ${m.backing} page size ${hex(page)}`);
     if (m.size / PAGE_4K > BigInt(MAX_NR_PAGES)) err(`${p}.size`, `${hex(m.size)} is larger than KVM's limit of ${MAX_NR_PAGES} pages per slot`);
+    else if (m.size > MAX_SLOT_BYTES) {
+      const most = `${hex(MAX_SLOT_BYTES)} (4 GiB), the most the harness maps for one slot (one ArrayBuffer)`;
+      err(`${p}.size`, `${hex(m.size)} is larger than ${most}`);
+    }
     if (m.gpa + m.size > PHYS_LIMIT) err(`${p}.gpa`, `${range(m.gpa, m.size)} goes beyond 2^52, the largest guest-physical address`);
     if (overlaps(m.gpa, m.size, 0n, LAYOUT.identityEnd)) err(`${p}.gpa`, `${range(m.gpa, m.size)} overlaps bring-up memory [0x0, ${hex(LAYOUT.identityEnd)}) (slot 0)`);
     s.memslots.slice(0, i).forEach((o, k) => {

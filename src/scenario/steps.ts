@@ -9,7 +9,7 @@
 // StepKindTable maps every kind of the Step union to its entry, so a kind
 // added to the union without an entry does not compile (the shape of zx's
 // LogFormatters). A JSON tag with no entry is an error naming the field.
-import { RETURN_GVA } from '../arch/x86/layout.js';
+import { LAYOUT, RETURN_GVA } from '../arch/x86/layout.js';
 import { PAGE_4K } from '../arch/x86/pte.js';
 import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.js';
 import { array, bool, int, object, oneOf, opt, req, u64, type Field } from './spec.js';
@@ -173,19 +173,31 @@ function liveSlot(c: StepCheck, slot: number): MemslotDecl | undefined {
   return m;
 }
 
-/** Offsets of the 4K pages of [offset, offset+size) that `steps` leave unmapped in a slot. */
-function unmappedBy(steps: readonly Step[], slot: number, offset: bigint, size: bigint): bigint[] {
-  const gone = new Set<bigint>();
+/**
+ * The parts of [offset, offset+size) of a slot's memory that `steps` leave
+ * unmapped (munmap takes a range away, remap gives it back), as sorted,
+ * disjoint [from, to) intervals. Kept as intervals, not pages: a size comes
+ * from the file and may be anything up to 2^64 (even in a step already
+ * rejected for it).
+ */
+function unmappedBy(steps: readonly Step[], slot: number, offset: bigint, size: bigint): [bigint, bigint][] {
+  let gone: [bigint, bigint][] = [];
   for (const x of steps) {
     if (x.side !== 'host' || (x.kind !== 'munmap' && x.kind !== 'remap') || x.slot !== slot) continue;
-    for (let o = x.offset; o < x.offset + x.size; o += PAGE_4K) {
-      if (x.kind === 'munmap') gone.add(o);
-      else gone.delete(o);
+    const [from, to] = [x.offset, x.offset + x.size];
+    const kept: [bigint, bigint][] = [];
+    for (const [a, b] of gone) {
+      if (b <= from || a >= to) kept.push([a, b]);
+      else {
+        if (a < from) kept.push([a, from]);
+        if (b > to) kept.push([to, b]);
+      }
     }
+    if (x.kind === 'munmap') kept.push([from, to]);
+    gone = kept.sort((p, q) => (p[0] < q[0] ? -1 : p[0] > q[0] ? 1 : 0));
   }
-  const out: bigint[] = [];
-  for (let o = offset; o < offset + size; o += PAGE_4K) if (gone.has(o)) out.push(o);
-  return out;
+  const end = offset + size;
+  return gone.filter(([a, b]) => a < end && b > offset).map(([a, b]) => [a > offset ? a : offset, b < end ? b : end]);
 }
 
 /** The rules of madvise, munmap, remap and mprotect: a range of a live slot's memory, mapped unless remapped. */
@@ -201,11 +213,39 @@ function hostRangeErrors(c: StepCheck, st: HostRangeStep): void {
   if (st.offset + st.size > m.size) return c.err(`${p}.size`, `${hex(st.offset)}+${hex(st.size)} runs past the end of memslot ${st.slot} (${hex(m.size)} bytes)`);
   // Pages of the range that an earlier munmap took away (and no remap gave back).
   const unmapped = unmappedBy(c.s.steps.slice(0, c.i), st.slot, st.offset, st.size);
-  if (st.kind === 'remap' && unmapped.length * Number(PAGE_4K) !== Number(st.size)) c.err(p, `remap needs the whole range unmapped by earlier munmap steps; ${hex(st.offset)}+${hex(st.size)} of memslot ${st.slot} is not`);
-  if (st.kind !== 'remap' && unmapped.length > 0) c.err(p, `memslot ${st.slot}'s memory at offset ${hex(unmapped[0]!)} was unmapped by an earlier munmap step (remap it first)`);
+  const bytes = unmapped.reduce((n, [a, b]) => n + (b - a), 0n);
+  if (st.kind === 'remap' && bytes !== st.size) {
+    c.err(p, `remap needs the whole range unmapped by earlier munmap steps; ${hex(st.offset)}+${hex(st.size)} of memslot ${st.slot} is not`);
+  }
+  if (st.kind !== 'remap' && unmapped.length > 0) {
+    c.err(p, `memslot ${st.slot}'s memory at offset ${hex(unmapped[0]![0])} was unmapped by an earlier munmap step (remap it first)`);
+  }
 }
 
 const fits = (size: number) => `${size} byte${size > 1 ? 's' : ''}`;
+
+/**
+ * Why an access at `gva` would touch what the harness reserves: RETURN_GVA's
+ * page (a fetch fault at RETURN_GVA is taken for the return from CPL 3, so an
+ * exec there at CPL 0 shuts the guest down), or, for writes and execs (the
+ * engine stores a `ret` at an exec's target), bring-up memory: the identity
+ * map, or a mapping onto its GPAs.
+ */
+function reservedAccess(s: Scenario, st: { access: 'read' | 'write' | 'exec'; gva: bigint }): string | undefined {
+  if ((st.gva & ~(PAGE_4K - 1n)) === RETURN_GVA) {
+    return `${hex(st.gva)} is in the page of the harness's RETURN_GVA ${hex(RETURN_GVA)}, which stays unmapped `
+      + 'as the way back from CPL 3 (a fault there is taken for that return); use another address';
+  }
+  if (st.access === 'read') return undefined;
+  const bringUp = `bring-up memory [0x0, ${hex(LAYOUT.identityEnd)}) `
+    + "(the guest's descriptor tables, handlers, stacks, code and page tables), which a step may read but not "
+    + (st.access === 'write' ? 'write' : 'execute');
+  if (st.gva < LAYOUT.identityEnd) return `${hex(st.gva)} is in ${bringUp}`;
+  const m = mappingAt(s, st.gva);
+  const gpa = m ? m.gpa + (st.gva - m.gva) : undefined;
+  if (gpa !== undefined && gpa < LAYOUT.identityEnd) return `${hex(st.gva)} is mapped to ${hex(gpa)}, in ${bringUp}`;
+  return undefined;
+}
 
 // ---------------------------------------------------------------------------------
 // The table. Its order is the order of the variants in the schema and the docs
@@ -258,6 +298,8 @@ export const STEP_KINDS: StepKindTable = {
     },
     validate(st, c) {
       const p = c.p;
+      const reserved = reservedAccess(c.s, st);
+      if (reserved) c.err(`${p}.gva`, reserved);
       if (st.access !== 'exec') {
         const off = st.gva & 0xfffn;
         if (off + BigInt(st.size) > PAGE_4K) c.err(`${p}.gva`, `${st.size === 8 ? 'an' : 'a'} ${st.size}-byte access at ${hex(st.gva)} crosses a 4K page boundary; split it into two steps`);

@@ -4,7 +4,7 @@
 // Memslot.hugeBytes reads /proc/self/smaps of the process that holds guest
 // memory through it; nothing else uses it.
 import { execFileSync } from 'node:child_process';
-import { closeSync, constants, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmdirSync, writeFileSync } from 'node:fs';
+import { closeSync, constants, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmdirSync, statSync, writeFileSync } from 'node:fs';
 import { arch } from 'node:os';
 
 export interface HostFs {
@@ -18,6 +18,8 @@ export interface HostFs {
   exists(path: string): boolean;
   mkdir(path: string): void;
   rmdir(path: string): void;
+  /** The group id that owns a file, or undefined when it cannot be found (the permission hint names the group). */
+  gidOf?(path: string): number | undefined;
   /** Entries of a directory ([] when it cannot be read). */
   list(path: string): string[];
   /** mount -t tracefs nodev PATH */
@@ -56,6 +58,13 @@ export const localFs: HostFs = {
     }
   },
   write: (path, data) => writeFileSync(path, data),
+  gidOf(path) {
+    try {
+      return statSync(path).gid;
+    } catch {
+      return undefined;
+    }
+  },
   exists: (path) => existsSync(path),
   mkdir: (path) => mkdirSync(path),
   rmdir: (path) => rmdirSync(path),
@@ -67,7 +76,13 @@ export const localFs: HostFs = {
     }
   },
   mountTracefs(path) {
-    execFileSync('mount', ['-t', 'tracefs', 'nodev', path], { stdio: 'pipe' });
+    try {
+      execFileSync('mount', ['-t', 'tracefs', 'nodev', path], { stdio: 'pipe' });
+    } catch (e) {
+      // What mount said (e.g. "permission denied"), not "Command failed: ...".
+      const said = String((e as { stderr?: unknown }).stderr ?? '').trim().split('\n').pop();
+      throw new Error(`mount -t tracefs on ${path} failed: ${said || (e as Error).message.split('\n')[0]}`);
+    }
   },
   kernelLog() {
     let fd: number;
