@@ -2,6 +2,7 @@
 // addresses are IPAs and only stage-2 is in play), each recording expected
 // against observed for the runner's differ. The suite runs on arm64 KVM
 // hosts, such as the lab's vhe / nvhe / protected profiles.
+import { kernelBehaviours } from '../model/kernel.js';
 import { A64 } from '../arch/arm64/asm.js';
 import { decodeAbort } from '../arch/arm64/esr.js';
 import { Arm64Guest, channel, CHANNEL, describeStop, LAYOUT, type GuestStop } from '../arch/arm64/guest.js';
@@ -128,8 +129,11 @@ const ANON_4K: Backing = { kind: 'anon', pageSize: 0x1000 };
  * A stage-2 model of the guest's VM: arm64, 40-bit IPA (KVM's default VM
  * type), one address space, user addresses below 2^48 (48-bit VA kernels).
  */
-function stage2Model(slots: readonly { s: KvmMemslot; backing: Backing }[], wrong?: WrongTdp): Tdp {
-  const tdp = new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 28, hvaLimit: (1n << 48n) - PAGE }), { arch: 'arm64', startLevel: 1, ipaBits: 40, wrong });
+function stage2Model(ctx: CheckContext, slots: readonly { s: KvmMemslot; backing: Backing }[], wrong?: WrongTdp): Tdp {
+  // Protected mode walks a guest's stage-2 from level 0 in later kernels (model/kernel.ts).
+  const level0 = ctx.profile.flavour === 'arm64-protected' && (ctx.profile.kernel?.behaviours ?? kernelBehaviours(undefined)).protectedStage2Level0.on;
+  const geometry = level0 ? ({ startLevel: 0, ipaBits: 48 } as const) : ({ startLevel: 1, ipaBits: 40 } as const);
+  const tdp = new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 28, hvaLimit: (1n << 48n) - PAGE }), { arch: 'arm64', ...geometry, wrong });
   for (const { s, backing } of slots) tdp.setMemslot(modelSlot(s, backing));
   return tdp;
 }
@@ -164,7 +168,7 @@ const dirtyLog: Check = {
       });
       channel.done(a);
       g.load(a);
-      const tdp = stage2Model([{ s: g.code, backing: ANON_4K }, { s, backing: ANON_4K }]);
+      const tdp = stage2Model(ctx, [{ s: g.code, backing: ANON_4K }, { s, backing: ANON_4K }]);
       hostWrote(tdp, g.code, [0n]);
       tdp.fault(0, gfnOf(LAYOUT.code), { exec: true });
       const page = (gfn: number) => hex(BigInt(gfn) * PAGE);
@@ -222,7 +226,7 @@ const stage2Faults: Check = {
       g.load(a);
 
       // The model: every access in order; one that stage-2 does not permit yet faults.
-      const tdp = stage2Model([{ s: g.code, backing: ANON_4K }, { s, backing: ANON_4K }]);
+      const tdp = stage2Model(ctx, [{ s: g.code, backing: ANON_4K }, { s, backing: ANON_4K }]);
       hostWrote(tdp, g.code, [0n]);
       hostWrote(tdp, s, [0n, 0x1000n, 0x2000n, 0x3000n]);
       const expected: unknown[] = [];
@@ -328,7 +332,7 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
         channel.done(a);
         g.load(a);
 
-        const tdp = stage2Model([{ s: g.code, backing: ANON_4K }, { s, backing: THP_2M }], opts.wrong?.tdp);
+        const tdp = stage2Model(ctx, [{ s: g.code, backing: ANON_4K }, { s, backing: THP_2M }], opts.wrong?.tdp);
         hostWrote(tdp, g.code, [0n]);
         hostWrote(tdp, s, offsets);
         const expected: unknown[] = [];
