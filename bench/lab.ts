@@ -6,7 +6,7 @@
 import { SMOKE } from '../src/checks/smoke.js';
 import { Kvm } from '../src/kvm/kvm.js';
 import { localTarget } from '../src/target/local.js';
-import type { Target } from '../src/target/target.js';
+import type { Target } from '../src/kvm/target.js';
 import { openLab } from '../src/lab/session.js';
 import { probe } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';

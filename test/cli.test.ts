@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { SUITE_DOCS } from '../src/checks/suites.js';
 import { Kvm, permissionHint } from '../src/kvm/kvm.js';
-import type { Target } from '../src/target/target.js';
+import type { Target } from '../src/kvm/target.js';
 import { describeKvm } from './support/kvm.js';
 
 const CLI = join(import.meta.dirname, '..', 'dist', 'src', 'cli', 'bin.js');

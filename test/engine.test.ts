@@ -3,7 +3,7 @@ import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { Kvm } from '../src/kvm/kvm.js';
-import type { WrongWalk } from '../src/model/wrong.js';
+import type { WrongShadow, WrongWalk } from '../src/model/wrong.js';
 import type { HostProfile } from '../src/probe/probe.js';
 import { scenarioCheck } from '../src/run/engine.js';
 import { runCheck } from '../src/run/runner.js';
@@ -289,6 +289,27 @@ describeKvm('scenarios on this host', () => {
       ['step 15 read64 0x8000010000 cpl3: KVM_RUN stops for the missing host memory', '{kvmRun: "EFAULT"}'],
     ]);
   });
+
+  // The shadow MMU model beside the run: a model that never floods is caught
+  // on any shadow-MMU host (kvm_pvm zaps the flooded root, a native host the
+  // flooded page directory); one whose sync misses the last child, or that
+  // never syncs, only where the guest runs on the shadow pages (unsync pages
+  // exist there alone).
+  const shadowWrong: [string, WrongShadow, boolean][] = [
+    ['shadow_write_flooding', 'no-flooding', false],
+    ['shadow_unsync_children', 'sync-misses-last-child', true],
+    ['shadow_unsync_cr3_reload', 'never-sync', true],
+  ];
+  for (const [name, mistake, nativeOnly] of shadowWrong) {
+    it(`${name}: a shadow model with ${mistake} is reported where the shadow comparison applies`, async () => {
+      const r = await runCheck(scenarioCheck(load(name), { wrong: { shadow: mistake } }), kvm, profile);
+      const applies = r.notes.some((n) => n.startsWith('shadow model: '));
+      const caught = applies && (!nativeOnly || r.notes.some((n) => n.startsWith('shadow model: native')));
+      if (!caught) return expect(['pass', 'not_applicable']).toContain(r.outcome);
+      expect(r.outcome).toBe('fail');
+      expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what).join('\n')).toMatch(/shadow-page events|shadow pages/);
+    });
+  }
 
   // Races: a model that drops one dirty bit, and every comparison fed a wrong expectation.
   for (const [name, logged] of [['race_dirty_log_dontneed', 'target 0 (slot 1)'], ['race_dirty_log_dontneed_cpl3', 'target 0 (slot 1)'], ['memslot_delete_running', 'target 1 (slot 2)']]) {

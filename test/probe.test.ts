@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { deriveOracles, detectFlavour, tracefsReach, type HostProfile } from '../src/probe/probe.js';
-import type { HostFs } from '../src/target/fs.js';
+import type { HostFs } from '../src/kvm/target.js';
 import { archOfNode } from '../src/arch/arch.js';
 import { formatProfile, profileJson } from '../src/report/profile.js';
 

@@ -296,3 +296,47 @@ describe('shadow model: deliberately wrong models are caught', () => {
     expect(story(w)).not.toEqual(right);
   });
 });
+
+describe('shadow model: a VMM write to a guest page table (the shadow findings)', () => {
+  test('KVM keeps the old frame through INVLPG and a CR3 load while the page table is not unsync', () => {
+    const { mem, mmu } = native();
+    mmu.access(VA, 'read');
+    mem.set(0x13n, 0, 0n); // the VMM clears the PTE: no trap
+    mmu.invlpg(VA);
+    expect(mmu.stale(VA)).toBe(0x100n);
+    mmu.setCr3(0x10000n);
+    expect(mmu.stale(VA)).toBe(0x100n);
+    // The architecture allows nothing now; the model's shadow PTE still maps 0x100.
+    expect(mmu.access(VA, 'read')).toEqual({ gpa: undefined, allowed: [] });
+  });
+
+  test('a guest store that makes the page table unsync lets INVLPG see the VMM write', () => {
+    const { mem, mmu } = native();
+    mmu.access(VA, 'read');
+    mem.set(0x13n, 0, 0n);
+    writePte(mmu, VA + 0x1000n, 3, 0x101n); // another entry of PT 0x13: unsync
+    // Before the guest invalidates, its TLB may still hold the old translation: not stale yet.
+    expect(mmu.stale(VA)).toBeUndefined();
+    mmu.invlpg(VA);
+    expect(mmu.stale(VA)).toBeUndefined();
+    expect(mmu.path(VA).map(spName)).toEqual(['10@4', '11@3', '12@2', '13@1 unsync']);
+  });
+
+  test('zapping every page (a memslot change) makes KVM see it', () => {
+    const { mem, mmu } = native();
+    mmu.access(VA, 'read');
+    mem.set(0x13n, 0, 0n);
+    mmu.zapAll();
+    mmu.enter();
+    expect(mmu.stale(VA)).toBeUndefined();
+  });
+
+  test('an emulated host has no shadow PTE of its own to go stale', () => {
+    const mem = tables();
+    const mmu = new ShadowMmu({ levels: 4, exec: 'emulated' }, mem, 0x10000n);
+    mmu.enter();
+    mmu.access(VA, 'read');
+    mem.set(0x13n, 0, 0n);
+    expect(mmu.stale(VA)).toBeUndefined();
+  });
+});

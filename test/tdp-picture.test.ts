@@ -97,7 +97,7 @@ import { openLab, type LabSession } from '../src/lab/session.js';
 import { probe } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';
 import { localTarget } from '../src/target/local.js';
-import type { Target } from '../src/target/target.js';
+import type { Target } from '../src/kvm/target.js';
 import { kvmUnavailable } from './support/kvm.js';
 
 const tdpHost = (() => {

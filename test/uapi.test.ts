@@ -33,7 +33,7 @@ import { Vcpu } from '../src/kvm/vcpu.js';
 import { Vm } from '../src/kvm/vm.js';
 import type { Addon } from '../src/kvm/sys.js';
 import { localFs } from '../src/target/fs.js';
-import type { Target } from '../src/target/target.js';
+import type { Target } from '../src/kvm/target.js';
 
 // ---- a recording stand-in for the native addon ---------------------------------
 

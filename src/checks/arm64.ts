@@ -16,11 +16,11 @@ import type { Wrong, WrongTdp } from '../model/wrong.js';
 import { dirtyPages } from '../observe/dirty-log.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { parseGuestFault } from '../observe/stage2-faults.js';
-import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from '../run/types.js';
 import { expectKickAtLimit, mmioOf } from './stops.js';
+import { hex, PAGE } from '../base/units.js';
 
-const PAGE = 0x1000n;
-const hex = (v: bigint) => `0x${v.toString(16)}`;
 /** Memslot 1 of the checks that need data memory. */
 const DATA = 0x20000000n;
 /** An IPA no memslot covers (and not the channel's). */

@@ -15,7 +15,8 @@ import { ShadowMmu, type GuestMem, type ShadowEvent, type ShadowStats } from '..
 import type { Wrong } from '../model/wrong.js';
 import { parseShadowEvent, SHADOW_EVENTS, SHADOW_STATS, ShadowPicture, type ObservedSp } from '../observe/shadow-mmu.js';
 import { TraceSession } from '../observe/tracefs.js';
-import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from '../run/types.js';
 
 /** What the guest does, as the program and the model both read it. */
 type Op =

@@ -10,7 +10,8 @@ import { channel, X86Guest } from '../arch/x86/guest.js';
 import { LAYOUT } from '../arch/x86/layout.js';
 import { guestTablePages, parseShadowPage, type ShadowPage } from '../observe/shadow-pages.js';
 import { TraceSession } from '../observe/tracefs.js';
-import { NotApplicable, type Check } from '../run/types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check } from '../run/types.js';
 
 const key = (p: ShadowPage) => `${p.gfn.toString(16)}@${p.level}${p.direct ? ' direct' : ''}`;
 

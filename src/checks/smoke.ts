@@ -7,16 +7,15 @@ import { PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW, PTE_US } from '../arch/x86/pte.js'
 import { CAP, MEM } from '../uapi/uapi.js';
 import { walk, type AccessKind } from '../model/walk.js';
 import { dirtyPages } from '../observe/dirty-log.js';
-import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from '../run/types.js';
 import { shadowPages } from './shadow.js';
 import { shadowMmuModel } from './shadow-mmu.js';
 import { tdpDirtyLogSplitCoalesce, tdpPicture, tdpPreFault } from './tdp.js';
 import { pagingConfig, pteReader } from './x86.js';
 import { ARM64_SMOKE } from './arm64.js';
 import { expectKickAtLimit, mmioOf } from './stops.js';
-
-const PAGE = 0x1000n;
-const hex = (v: bigint) => `0x${v.toString(16)}`;
+import { hex, PAGE } from '../base/units.js';
 
 /** A guest for the duration of one check; always closed. */
 async function withGuest<T>(ctx: CheckContext, opts: ConstructorParameters<typeof X86Guest>[1], fn: (g: X86Guest) => Promise<T>): Promise<T> {

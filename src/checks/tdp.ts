@@ -20,9 +20,10 @@ import type { Wrong, WrongTdp } from '../model/wrong.js';
 import { dirtyPages } from '../observe/dirty-log.js';
 import { decodeTdpSpte, TdpPicture } from '../observe/tdp-picture.js';
 import { TraceSession } from '../observe/tracefs.js';
-import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from '../run/types.js';
+import { PAGE_SIZE as PAGE } from '../base/units.js';
 
-const PAGE = 0x1000;
 const SMALL_GPA = 0x1000000n; // 2 MiB of anonymous memory with 4 KiB host pages
 const HUGE_GPA = 0x1200000n; // 2 MiB of hugetlb memory, when the host has a free huge page
 const GVA = 0x40000000n;

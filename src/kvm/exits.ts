@@ -5,6 +5,7 @@
 import { constants } from 'node:os';
 import { EXIT, KVM_EXIT_IO_OUT, RUN } from '../uapi/uapi.js';
 import { KvmError } from './sys.js';
+import { hex } from '../base/units.js';
 
 export type Exit =
   | {
@@ -156,7 +157,6 @@ export const INTERNAL_ERROR_SUBERRORS: Record<number, string> = {
 
 /** One line describing an exit, for reports. */
 export function describeExit(e: Exit): string {
-  const hex = (v: bigint | number) => `0x${v.toString(16)}`;
   const dataHex = (d: Uint8Array) => Buffer.from(d).toString('hex');
   switch (e.reason) {
     case 'io':

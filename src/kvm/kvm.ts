@@ -7,7 +7,7 @@ import { constants } from 'node:os';
 import { check, HostError, KvmError, type Addon } from './sys.js';
 import { cpuidBuffer, decodeCpuid, type CpuidEntry } from './cpuid.js';
 import { Vm } from './vm.js';
-import type { Target } from '../target/target.js';
+import type { Target } from './target.js';
 import { IOCTL, O_RDWR } from '../uapi/uapi.js';
 
 const { E2BIG, EACCES, EINTR, EISDIR, ENOENT, EPERM } = constants.errno;

@@ -4,16 +4,9 @@
 // guest-physical view through the slots.
 import { check, mapped, Unsupported, type Addon } from './sys.js';
 import { FALLOC, MADV, MAP, MFD, PROT } from '../uapi/uapi.js';
-import type { Target } from '../target/target.js';
-
-export const PAGE_SIZE = 4096;
-
-/** The host memory behind a memslot (the model's page backing is another thing). */
-export type HostBacking =
-  | { kind: 'anon'; thp?: boolean }
-  | { kind: 'shared' }
-  | { kind: 'memfd'; hugetlb?: boolean }
-  | { kind: 'hugetlb'; pageSize: '2M' | '1G' };
+import type { Target } from './target.js';
+import type { HostBacking } from '../base/host-backing.js';
+import { PAGE_SIZE } from '../base/units.js';
 
 export interface MemslotSpec {
   slot: number;

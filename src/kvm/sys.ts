@@ -131,11 +131,3 @@ export function mapped(call: string, m: ArrayBuffer | number): ArrayBuffer {
   if (typeof m === 'number') throw new KvmError(call, -m);
   return m;
 }
-
-/** The host does not offer what a check or a guest needs: "not applicable here", never a pass. */
-export class NotApplicable extends Error {
-  constructor(reason: string) {
-    super(reason);
-    this.name = 'NotApplicable';
-  }
-}

@@ -8,7 +8,7 @@ import { runExit, type Exit } from './exits.js';
 import { decodeRegs, decodeSregs, encodeRegs, encodeSregs, type Regs, type Sregs } from './regs.js';
 import type { VcpuRunner } from './runner.js';
 import { statsReaderFor, type StatsReader } from './stats.js';
-import { PAGE_SIZE } from './memslot.js';
+import { PAGE_SIZE } from '../base/units.js';
 import type { Vm } from './vm.js';
 import { encodeVcpuInit, type VcpuInit } from './arm64.js';
 import {

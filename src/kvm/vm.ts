@@ -2,7 +2,8 @@
 // memory attributes, stats, and the vCPUs it creates.
 import { check, mapped, type Addon } from './sys.js';
 import { statsReaderFor, type StatsReader } from './stats.js';
-import { allocBacking, GuestMemory, Memslot, PAGE_SIZE, type MemslotSpec } from './memslot.js';
+import { allocBacking, GuestMemory, Memslot, type MemslotSpec } from './memslot.js';
+import { PAGE_SIZE } from '../base/units.js';
 import { Vcpu } from './vcpu.js';
 import type { Kvm } from './kvm.js';
 import { decodeVcpuInit, type VcpuInit } from './arm64.js';

@@ -8,7 +8,7 @@ import { closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, r
 import { join } from 'node:path';
 import { constants as fsc } from 'node:fs';
 import type { Arch } from '../arch/arch.js';
-import type { Target } from '../target/target.js';
+import type { Target } from '../kvm/target.js';
 import { labCacheDir, resolveKernel, type LabKernel } from './fetch/index.js';
 import { buildInitramfs } from './initramfs.js';
 import { sourceRelease, withKvmSource } from './kvm-source.js';

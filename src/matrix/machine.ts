@@ -54,15 +54,15 @@ import { X86Guest } from '../arch/x86/guest.js';
 import { CHANNEL_PORT, LAYOUT, OP, RETURN_GVA, SEL } from '../arch/x86/layout.js';
 import type { Kvm } from '../kvm/kvm.js';
 import { CASE } from './flags.js';
+import { PAGE_SIZE } from '../base/units.js';
 
-export const PAGE = 0x1000;
 const MIB = 0x100000;
 export const HEADER = Number(LAYOUT.data);
 export const RECORD = 48;
 const FRAMES = HEADER + 0x800;
 /** A quadword the guest may write when a case has no PTE (2 MiB pages) and for the terminator. */
 export const SCRATCH = HEADER + 0x40;
-const RECORDS = HEADER + PAGE;
+const RECORDS = HEADER + PAGE_SIZE;
 const RECORDS_BYTES = 0xf0000; // per buffer, inside the identity-mapped data region
 /** Cases per batch at most (one record is the terminator). */
 export const MAX_BATCH = Math.floor(RECORDS_BYTES / RECORD) - 1;
@@ -120,7 +120,7 @@ export interface MachineOptions {
 /** Geometry of the page tables of one buffer. */
 function tableGeometry(batchSize: number) {
   const chunks = Math.ceil(batchSize / 512);
-  const bytes = (1 + 2 * chunks + batchSize) * PAGE;
+  const bytes = (1 + 2 * chunks + batchSize) * PAGE_SIZE;
   return { chunks, span: Math.ceil(bytes / (2 * MIB)) * 2 * MIB };
 }
 
@@ -206,10 +206,10 @@ export class MatrixMachine {
     return TABLES + b * this.geo.span;
   }
   pd(b: number, g: number, m: number): number {
-    return this.tables(b) + (1 + g * this.geo.chunks + m) * PAGE;
+    return this.tables(b) + (1 + g * this.geo.chunks + m) * PAGE_SIZE;
   }
   pt(b: number, i: number): number {
-    return this.tables(b) + (1 + 2 * this.geo.chunks + i) * PAGE;
+    return this.tables(b) + (1 + 2 * this.geo.chunks + i) * PAGE_SIZE;
   }
 
   /** Control registers for a case's control state. */

@@ -612,6 +612,23 @@ export class ShadowMmu {
     return { gpa: (w.gfn << 12n) | (gva & 0xfffn), allowed: [...allowed].sort((a, b) => (a < b ? -1 : 1)), shadow };
   }
 
+  /**
+   * Native hosts: the frame a present shadow PTE still maps for `gva` when
+   * the architecture no longer allows it (neither the guest's walk now nor a
+   * translation the guest's TLB may hold): the processor uses that PTE
+   * without asking KVM. This happens when the guest's tables changed by a
+   * write KVM did not see (the VMM's) in a page that is not unsync: INVLPG
+   * and a CR3 load re-read only unsync pages. Undefined when there is none.
+   */
+  stale(gva: bigint): bigint | undefined {
+    if (this.cfg.exec !== 'native') return undefined;
+    const leaf = this.leafFor(gva);
+    if (!leaf) return undefined;
+    const w = this.guestWalk(gva);
+    if (w?.gfn === leaf.gfn || this.tlb.get(gva >> 12n)?.has(leaf.gfn)) return undefined;
+    return leaf.gfn;
+  }
+
   private pathSps(gva: bigint): Sp[] {
     const out: Sp[] = [];
     for (let sp: Sp | Leaf | undefined = this.root; isSp(sp); sp = sp.spt.get(index(gva, sp.role.level))) out.push(sp);

@@ -23,10 +23,11 @@
 import { randomBytes } from 'node:crypto';
 import { closeSync, constants, openSync, rmdirSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { NotApplicable } from '../kvm/sys.js';
+import { NotApplicable } from '../base/not-applicable.js';
 import { VcpuThread } from '../kvm/thread.js';
-import { hookSignals, onCleanup } from '../run/interrupt.js';
-import { localFs, type HostFs } from '../target/fs.js';
+import { hookSignals, onCleanup } from '../base/interrupt.js';
+import type { HostFs } from '../kvm/target.js';
+import { localFs } from '../target/fs.js';
 
 export const TRACEFS = '/sys/kernel/tracing';
 
@@ -140,7 +141,7 @@ let hooked = false;
 
 /**
  * Removes instances on process exit and on SIGINT/SIGTERM/SIGHUP/SIGQUIT/
- * SIGUSR2 (then exits 128 + the signal's number, run/interrupt.ts). Programs
+ * SIGUSR2 (then exits 128 + the signal's number, base/interrupt.ts). Programs
  * call this at start-up so that no signal can arrive between creating an
  * instance and hooking its removal; open() calls it too.
  */

@@ -5,8 +5,7 @@ import { archOfNode, type Arch } from '../arch/arch.js';
 import type { GuestWalker } from '../model/walk.js';
 import type { CpuidEntry } from '../kvm/cpuid.js';
 import { Kvm } from '../kvm/kvm.js';
-import type { HostFs } from '../target/fs.js';
-import type { Target } from '../target/target.js';
+import type { HostFs, Target } from '../kvm/target.js';
 import { HostError } from '../kvm/sys.js';
 import { CAP, type CapName } from '../uapi/uapi.js';
 

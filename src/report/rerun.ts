@@ -4,8 +4,7 @@ import { describePte, LEVEL_NAMES } from '../arch/x86/pte.js';
 import { decodeErrorCode, type WalkResult } from '../model/walk.js';
 import type { TraceEvent } from '../observe/tracefs.js';
 import { show } from '../run/differ.js';
-
-const hex = (v: bigint | number): string => `0x${v.toString(16)}`;
+import { hex } from '../base/units.js';
 
 /** One case run alone (matrix/check.ts runAlone). */
 export interface Rerun {

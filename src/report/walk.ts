@@ -7,8 +7,8 @@ import type { SpInfo } from '../model/shadow.js';
 import { PAGES } from '../model/spte.js';
 import { decodeErrorCode, type AccessKind, type PagingConfig, type WalkResult } from '../model/walk.js';
 import type { Scenario } from '../scenario/types.js';
+import { hex } from '../base/units.js';
 
-const hex = (v: bigint | number) => `0x${v.toString(16)}`;
 const pad16 = (v: bigint) => `0x${v.toString(16).padStart(16, '0')}`;
 const PAGE_NAMES: Record<string, string> = { '4096': '4K', '2097152': '2M', '1073741824': '1G' };
 

@@ -34,10 +34,11 @@ import { same, show } from './differ.js';
 import { hostFaultPath, tdpLogsDirty, tdpModelOptions } from './host-policy.js';
 import { describeWalk, MMIO_FILL, modelAsTrace, predictAccess, type AccessStep, type Prediction } from './predict.js';
 import { runRace } from './race.js';
+import { ShadowFollow } from './shadow-follow.js';
 import { emitWrpkru, guestAction, hostAction, type EntryFinder, type HostEnv } from './step-actions.js';
-import { NotApplicable, type Check, type CheckContext } from './types.js';
-
-const hex = (v: bigint | number) => `0x${v.toString(16)}`;
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from './types.js';
+import { hex } from '../base/units.js';
 
 export interface EngineOptions {
   /** Compare KVM's walker tracepoints with the model's walk (needs tracefs). */
@@ -92,6 +93,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
   const cpu = hostCpu(ctx, sc, opts);
   const g = X86Guest.create(ctx.kvm, { ...bringUpOptions(sc), memSize: Number(LAYOUT.identityEnd) });
   let trace: TraceSession | undefined;
+  let shadow: ShadowFollow | undefined;
   try {
     const manualProtect = sc.steps.some((s) => s.side === 'host' && s.kind === 'clear-dirty-log');
     if (manualProtect) g.vm.enableManualDirtyLogProtect();
@@ -106,8 +108,11 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     const run = new ScenarioRun(ctx, sc, opts, g, built, cfg, manualProtect);
     run.load();
     if (opts.trace) trace = run.trace = TraceSession.open(ctx.target.fs, WALKER_EVENTS, [await g.vcpu.tid()]);
+    const follow = { ctx, sc, g, built, walk: (gva: bigint) => run.entries.walk(gva), wrong: opts.wrong?.shadow };
+    shadow = run.shadow = await ShadowFollow.open(follow);
     await run.steps();
   } finally {
+    shadow?.close();
     trace?.close();
     g.close();
   }
@@ -123,6 +128,8 @@ class ScenarioRun {
   readonly tdpDirty: boolean;
   readonly canReadStats: boolean;
   trace: TraceSession | undefined;
+  /** The shadow MMU model beside the run, on a shadow-MMU host with its tracepoints. */
+  shadow: ShadowFollow | undefined;
   pending: Pending | undefined;
 
   constructor(
@@ -265,6 +272,7 @@ class ScenarioRun {
       ctx.expect(`${name}: KVM_RUN stops for the missing host memory`, pred.hostFault.stop, observedStop(stop));
       if (!same(pred.hostFault.stop, observedStop(stop))) return false;
       ctx.note(`${name}: ${pred.hostFault.why}`);
+      this.shadow?.stop(name, 'an access that stops for missing host memory is not in the shadow model');
       this.pending = { step: i, name, access: s, walk: pred.walk, gpa: pred.hostFault.gpa };
       checkStats();
       return true;
@@ -276,6 +284,7 @@ class ScenarioRun {
     if (pred && s.kind === 'access' && stop.kind === 'sync') {
       this.compareAccess(s, name, pred, stop.values[0]!, cr2Before);
     }
+    this.shadow?.step(s, pred !== undefined && pred.expectFault !== false, name);
     return true;
   }
 
@@ -287,6 +296,7 @@ class ScenarioRun {
     if (!(await this.finishPending())) return false;
     if (!this.reachedSync(await this.runGuest(), i, name)) return false;
     checkStats();
+    this.shadow?.step(s, false, name);
     return true;
   }
 

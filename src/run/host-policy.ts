@@ -5,8 +5,7 @@
 // function of the host profile only.
 import type { TdpOptions } from '../model/tdp.js';
 import type { HostProfile } from '../probe/probe.js';
-
-const hex = (v: bigint) => `0x${v.toString(16)}`;
+import { hex } from '../base/units.js';
 
 /** How KVM_RUN stops when a guest access needs host memory that is not there. */
 export interface HostFaultPrediction {

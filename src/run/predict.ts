@@ -11,8 +11,7 @@ import type { TracedWalk } from '../observe/walker-trace.js';
 import type { HostProfile } from '../probe/probe.js';
 import type { GuestStep } from '../scenario/types.js';
 import { hostFaultPath, type HostFaultPrediction } from './host-policy.js';
-
-const hex = (v: bigint | number) => `0x${v.toString(16)}`;
+import { hex } from '../base/units.js';
 
 export type AccessStep = Extract<GuestStep, { kind: 'access' }>;
 

@@ -32,10 +32,9 @@ import type { WrongRace } from '../model/wrong.js';
 import { dirtyPages } from '../observe/dirty-log.js';
 import { bringUpOptions, buildScenarioTables, slotBacking } from '../scenario/build.js';
 import type { RaceDecl, Scenario } from '../scenario/types.js';
-import { NotApplicable, type CheckContext } from './types.js';
-
-const PAGE = 0x1000n;
-const hex = (v: bigint | number) => `0x${v.toString(16)}`;
+import { NotApplicable } from '../base/not-applicable.js';
+import type { CheckContext } from './types.js';
+import { hex, PAGE } from '../base/units.js';
 
 /** The final pass writes with this round number. */
 export const FINAL_ROUND = 0xffffffn;

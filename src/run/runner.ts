@@ -6,7 +6,8 @@ import type { Kvm } from '../kvm/kvm.js';
 import { HostError, Unsupported } from '../kvm/sys.js';
 import type { HostProfile } from '../probe/probe.js';
 import { same, show } from './differ.js';
-import { NotApplicable, type Check, type CheckResult, type Comparison, type RunReport, type WrongExpectation, type WrongObservation } from './types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckResult, Comparison, RunReport, WrongExpectation, WrongObservation } from './types.js';
 
 export interface RunOptions {
   wrongExpectation?: WrongExpectation;

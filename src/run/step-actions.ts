@@ -19,9 +19,7 @@ import { dirtyPages } from '../observe/dirty-log.js';
 import type { Scenario, Step } from '../scenario/types.js';
 import { MADV, PROT } from '../uapi/uapi.js';
 import type { CheckContext } from './types.js';
-
-const PAGE = 0x1000n;
-const hex = (v: bigint | number) => `0x${v.toString(16)}`;
+import { hex, PAGE } from '../base/units.js';
 
 /** Where the guest's own page-table writes go: the GPAs of the entries a step names. */
 export interface EntryFinder {

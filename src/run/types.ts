@@ -1,7 +1,7 @@
 // What a check is, what it produced, and how a run is summarised.
 import type { Arch } from '../arch/arch.js';
 import type { Kvm } from '../kvm/kvm.js';
-import type { Target } from '../target/target.js';
+import type { Target } from '../kvm/target.js';
 import type { HostProfile, Oracle } from '../probe/probe.js';
 
 /** not_run: the run was interrupted (SIGINT, SIGTERM, ...) before the check finished or began. */
@@ -95,4 +95,3 @@ export interface Check {
   run(ctx: CheckContext): Promise<void>;
 }
 
-export { NotApplicable } from '../kvm/sys.js';

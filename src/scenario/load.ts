@@ -34,10 +34,11 @@ import { MAX_NR_PAGES } from '../model/memslots.js';
 import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.js';
 import { at, checkJson, SCENARIO, toJson, type Json } from './schema.js';
 import { showStatExpect } from './stats.js';
-import { BACKING_PAGE, hex, kindOfTag, range, STEP_KINDS, stepKind, type Side, type StepKind } from './steps.js';
+import { BACKING_PAGE, kindOfTag, range, STEP_KINDS, stepKind, type Side, type StepKind } from './steps.js';
 import type {
   Mapping, MemslotDecl, PagingDecl, PteAttrs, RaceDecl, RaceOp, Scenario, Step, StepStats,
 } from './types.js';
+import { hex } from '../base/units.js';
 
 /** A scenario that cannot be loaded: the message is "<path>: <first error>" and a count of the others. */
 export class ScenarioError extends Error {

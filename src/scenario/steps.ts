@@ -14,6 +14,7 @@ import { PAGE_4K } from '../arch/x86/pte.js';
 import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.js';
 import { array, bool, int, object, oneOf, opt, req, u64, type Field } from './spec.js';
 import type { AccessExpect, MemslotDecl, PteWriteStep, Scenario, Step } from './types.js';
+import { hex } from '../base/units.js';
 
 type Obj = Record<string, unknown>;
 export type Side = Step['side'];
@@ -54,7 +55,6 @@ export interface StepCheck {
   err(path: string, msg: string): void;
 }
 
-export const hex = (v: bigint) => `0x${v.toString(16)}`;
 export const range = (from: bigint, size: bigint) => `[${hex(from)}, ${hex(from + size)})`;
 
 /** The unit of a slot's host memory operations: its backing's page (THP slots are 4K mappings). */
@@ -220,6 +220,17 @@ function hostRangeErrors(c: StepCheck, st: HostRangeStep): void {
   if (st.kind !== 'remap' && unmapped.length > 0) {
     c.err(p, `memslot ${st.slot}'s memory at offset ${hex(unmapped[0]![0])} was unmapped by an earlier munmap step (remap it first)`);
   }
+}
+
+/** A kind whose step is a range of a slot's host memory and nothing more (munmap, remap). */
+function rangeKind<S extends Extract<Step, { kind: 'munmap' | 'remap' }>>(kind: S['kind'], doc: string): StepKind<S> {
+  return {
+    variants: [host(kind, doc, HOST_RANGE)],
+    decode: (o) =>
+      ({ side: 'host', kind, slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint }) as S,
+    encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size }),
+    validate: (st, c) => hostRangeErrors(c, st),
+  };
 }
 
 const fits = (size: number) => `${size} byte${size > 1 ? 's' : ''}`;
@@ -477,26 +488,14 @@ export const STEP_KINDS: StepKindTable = {
     encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size, advice: s.advice }),
     validate: (st, c) => hostRangeErrors(c, st),
   },
-  munmap: {
-    variants: [
-      host('munmap', "munmap() of part of a user memslot's host memory; the slot stays, so guest accesses there fail in the host (see docs/scenarios.md for what each host reports).", HOST_RANGE),
-    ],
-    decode: (o) => ({
-      side: 'host', kind: 'munmap', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint,
-    }),
-    encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size }),
-    validate: (st, c) => hostRangeErrors(c, st),
-  },
-  remap: {
-    variants: [
-      host('remap', 'mmap(MAP_FIXED) of fresh memory of the slot\'s backing kind over a range an earlier munmap step took away: anonymous memory comes back zeroed, a memfd with its contents.', HOST_RANGE),
-    ],
-    decode: (o) => ({
-      side: 'host', kind: 'remap', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint,
-    }),
-    encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size }),
-    validate: (st, c) => hostRangeErrors(c, st),
-  },
+  munmap: rangeKind(
+    'munmap',
+    "munmap() of part of a user memslot's host memory; the slot stays, so guest accesses there fail in the host (see docs/scenarios.md for what each host reports).",
+  ),
+  remap: rangeKind(
+    'remap',
+    'mmap(MAP_FIXED) of fresh memory of the slot\'s backing kind over a range an earlier munmap step took away: anonymous memory comes back zeroed, a memfd with its contents.',
+  ),
   mprotect: {
     variants: [
       host('mprotect', "mprotect() of part of a user memslot's host memory; `read-write` restores it.", {

@@ -16,6 +16,7 @@
  * and bad register numbers throw a RangeError naming the instruction and the
  * value.
  */
+import { signedHex as hex } from '../../base/units.js';
 
 /** A general-purpose register number 0..30; 31 means xzr/wzr or sp, per instruction. */
 export type XReg = number;
@@ -104,11 +105,6 @@ const PCREL = {
 type PcRelKind = keyof typeof PCREL;
 
 type Fixup = { index: number; label: Label; kind: PcRelKind; insn: string };
-
-const hex = (v: bigint | number): string => {
-  const b = BigInt(v);
-  return b < 0n ? `-0x${(-b).toString(16)}` : `0x${b.toString(16)}`;
-};
 
 /** An integer in lo..hi, or a RangeError naming the instruction, the operand and the value. */
 function int(insn: string, what: string, v: number, lo: number, hi: number, fmt: (x: number) => string = hex): number {

@@ -12,6 +12,7 @@
  * when it fits and disp32 otherwise, disp8 = 0 for an rbp/r13 base, a SIB byte
  * for an rsp/r12 base and SIB with no base for absolute addresses.
  */
+import { signedHex as hex } from '../../base/units.js';
 
 /** General-purpose registers in encoding order: the index is the register number. */
 const REGS = [
@@ -143,11 +144,6 @@ const U32: readonly [bigint, bigint] = [0n, 0xffff_ffffn];
 /** How to write an immediate: signed or unsigned views of `bits` bits are both accepted. */
 function anyInt(bits: number): readonly [bigint, bigint] {
   return [-(1n << BigInt(bits - 1)), (1n << BigInt(bits)) - 1n];
-}
-
-function hex(v: bigint | number): string {
-  const b = BigInt(v);
-  return b < 0n ? `-0x${(-b).toString(16)}` : `0x${b.toString(16)}`;
 }
 
 /** Convert to bigint, rejecting non-integers and numbers that lost precision. */

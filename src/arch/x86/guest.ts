@@ -3,13 +3,14 @@
 import { describeExit, type Exit } from '../../kvm/exits.js';
 import { Kvm } from '../../kvm/kvm.js';
 import type { CpuidEntry } from '../../kvm/cpuid.js';
-import type { HostBacking } from '../../kvm/memslot.js';
+import type { HostBacking } from '../../base/host-backing.js';
 import { Vcpu, type RunResult } from '../../kvm/vcpu.js';
 import { Vm } from '../../kvm/vm.js';
 import type { Asm } from './asm.js';
 import type { Sregs } from '../../kvm/regs.js';
 import { bringUp, CR4, type BringUp, type BringUpOptions } from './bringup.js';
-import { KvmError, NotApplicable } from '../../kvm/sys.js';
+import { KvmError } from '../../kvm/sys.js';
+import { NotApplicable } from '../../base/not-applicable.js';
 import { RETURN_GVA, CHANNEL_PORT, CONSOLE_PORT, EXC_LOG_CAPACITY, EXC_LOG_ENTRY, EXC_LOG_HEADER, LAYOUT, MAILBOX, OP, SEL, VECTOR_NAMES } from './layout.js';
 
 export interface ExceptionRecord {
