@@ -41,7 +41,11 @@ function valuesOf(typeOnly: boolean, clause: string): string[] {
   if (typeOnly) return [];
   const braces = clause.match(/\{([^}]*)\}/);
   // a default import, or `* as name` (the whole module: '*')
-  const outside = clause.replace(/\{[^}]*\}/, '').replace(/\*\s+as\s+\w+/, '*').replace(/,/g, ' ').trim();
+  const outside = clause
+    .replace(/\{[^}]*\}/, '')
+    .replace(/\*\s+as\s+\w+/, '*')
+    .replace(/,/g, ' ')
+    .trim();
   const names = outside ? outside.split(/\s+/) : [];
   for (const n of braces ? braces[1]!.split(',') : []) {
     const s = n.trim();
@@ -162,30 +166,35 @@ describe('the rooms of src/', () => {
 
   it('catches an import that breaks each rule', () => {
     const i = (from: string, to: string, ...values: string[]): Import => ({ from, to, values });
-    expect(breaches([
-      i('base/units.ts', 'kvm/sys.ts', 'check'),
-      i('kvm/vm.ts', 'target/local.ts', 'localTarget'),
-      i('kvm/kvm.ts', 'lab/session.ts'),
-      i('model/tdp.ts', 'kvm/vm.ts'),
-      i('model/vm.ts', 'arch/arch.ts', 'nodeArch'),
-      i('observe/tracefs.ts', 'run/differ.ts', 'same'),
-      i('report/report.ts', 'run/runner.ts', 'runChecks'),
-      i('report/report.ts', 'run/differ.ts', 'show', 'same'),
-    ])).toEqual([
+    expect(
+      breaches([
+        i('base/units.ts', 'kvm/sys.ts', 'check'),
+        i('kvm/vm.ts', 'target/local.ts', 'localTarget'),
+        i('kvm/kvm.ts', 'lab/session.ts'),
+        i('model/tdp.ts', 'kvm/vm.ts'),
+        i('model/vm.ts', 'arch/arch.ts', 'nodeArch'),
+        i('observe/tracefs.ts', 'run/differ.ts', 'same'),
+        i('report/report.ts', 'run/runner.ts', 'runChecks'),
+        i('report/report.ts', 'run/differ.ts', 'show', 'same'),
+      ]),
+    ).toEqual([
       'base/units.ts -> kvm/sys.ts: src/base imports nothing outside itself',
       'kvm/vm.ts -> target/local.ts: src/kvm imports only src/kvm, src/uapi and src/base',
       'kvm/kvm.ts -> lab/session.ts: src/kvm imports only src/kvm, src/uapi and src/base',
-      'model/tdp.ts -> kvm/vm.ts: src/model imports only src/model, src/uapi, src/base and arch/x86/pte.ts'
-        + ' (types from arch/arch.ts)',
-      'model/vm.ts -> arch/arch.ts: src/model imports only src/model, src/uapi, src/base and arch/x86/pte.ts'
-        + ' (types from arch/arch.ts)',
+      'model/tdp.ts -> kvm/vm.ts: src/model imports only src/model, src/uapi, src/base and arch/x86/pte.ts' +
+        ' (types from arch/arch.ts)',
+      'model/vm.ts -> arch/arch.ts: src/model imports only src/model, src/uapi, src/base and arch/x86/pte.ts' +
+        ' (types from arch/arch.ts)',
       'observe/tracefs.ts -> run/differ.ts: src/observe imports nothing from src/run',
       'report/report.ts -> run/runner.ts: src/report takes only types from src/run (not runChecks)',
       'report/report.ts -> run/differ.ts: src/report takes only types from src/run (not same)',
     ]);
     expect(breaches([i('report/report.ts', 'run/types.ts'), i('model/tdp.ts', 'arch/arch.ts')])).toEqual([]);
-    expect(circle([i('kvm/kvm.ts', 'target/target.ts'), i('target/local.ts', 'kvm/sys.ts')]))
-      .toEqual(['kvm', 'target', 'kvm']);
+    expect(circle([i('kvm/kvm.ts', 'target/target.ts'), i('target/local.ts', 'kvm/sys.ts')])).toEqual([
+      'kvm',
+      'target',
+      'kvm',
+    ]);
     expect(circle([i('a/x.ts', 'b/y.ts'), i('b/y.ts', 'c/z.ts'), i('c/z.ts', 'a/x.ts')])).toEqual(['a', 'b', 'c', 'a']);
     expect(circle([i('a/x.ts', 'b/y.ts'), i('b/y.ts', 'c/z.ts')])).toBeUndefined();
   });
@@ -198,7 +207,7 @@ describe('the rooms of src/', () => {
       "import * as P from './p.js';",
       "export { h } from './d.js';",
       "export type { I } from './e.js';",
-      "import {",
+      'import {',
       '  type J,',
       '  k,',
       "} from './f.js';",

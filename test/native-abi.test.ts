@@ -40,8 +40,18 @@ function threadTable(w: Readonly<Record<string, number>> = CTL, words = CTL_WORD
   return { ...prefixed('CTL_', w), CTL_WORDS: words, ...prefixed('OP_', op) };
 }
 
-type Scalar = 'PROTOCOL_VERSION' | 'REQ_MAGIC' | 'REP_MAGIC' | 'END_MAGIC' | 'REQ_HEADER' | 'REP_HEADER' | 'ENTRY' |
-  'PAGE' | 'MAX_FRAME' | 'REQ_PULL' | 'ENTRY_ZERO';
+type Scalar =
+  | 'PROTOCOL_VERSION'
+  | 'REQ_MAGIC'
+  | 'REP_MAGIC'
+  | 'END_MAGIC'
+  | 'REQ_HEADER'
+  | 'REP_HEADER'
+  | 'ENTRY'
+  | 'PAGE'
+  | 'MAX_FRAME'
+  | 'REQ_PULL'
+  | 'ENTRY_ZERO';
 type Protocol = Record<Scalar, number> & {
   OP: Readonly<Record<string, number>>;
   STATUS: Readonly<Record<string, number>>;
@@ -51,7 +61,15 @@ type Protocol = Record<Scalar, number> & {
 function protocolTable(p: Protocol = P): Table {
   const { PROTOCOL_VERSION, REQ_MAGIC, REP_MAGIC, END_MAGIC, REQ_HEADER, REP_HEADER, ENTRY, PAGE, MAX_FRAME } = p;
   return {
-    PROTOCOL_VERSION, REQ_MAGIC, REP_MAGIC, END_MAGIC, REQ_HEADER, REP_HEADER, ENTRY, PAGE, MAX_FRAME,
+    PROTOCOL_VERSION,
+    REQ_MAGIC,
+    REP_MAGIC,
+    END_MAGIC,
+    REQ_HEADER,
+    REP_HEADER,
+    ENTRY,
+    PAGE,
+    MAX_FRAME,
     REQ_PULL: p.REQ_PULL,
     ENTRY_ZERO: p.ENTRY_ZERO,
     ...prefixed('OP_', p.OP),
@@ -85,18 +103,21 @@ function cValues(h: Header, changed?: string): Table {
   const exe = join(dir, `p${n}`);
   const sep = (i: number) => (i ? '","' : '""');
   const lines = names.map((k, i) => `  std::printf("%s\\"${k}\\": %llu", ${sep(i)}, (unsigned long long)(${k}));`);
-  writeFileSync(src, [
-    '#include <cstdio>',
-    `#include "${header}"`,
-    `using namespace ${h.namespace};`,
-    'int main() {',
-    '  std::printf("{");',
-    ...lines,
-    '  std::printf("}\\n");',
-    '  return 0;',
-    '}',
-    '',
-  ].join('\n'));
+  writeFileSync(
+    src,
+    [
+      '#include <cstdio>',
+      `#include "${header}"`,
+      `using namespace ${h.namespace};`,
+      'int main() {',
+      '  std::printf("{");',
+      ...lines,
+      '  std::printf("}\\n");',
+      '  return 0;',
+      '}',
+      '',
+    ].join('\n'),
+  );
   const cxx = process.env.CXX || 'g++';
   const cc = spawnSync(cxx, ['-std=c++17', '-Wall', '-Werror', '-o', exe, src], { encoding: 'utf8' });
   if (cc.error) {

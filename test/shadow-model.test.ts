@@ -51,7 +51,10 @@ function tables(): Mem {
 }
 
 const ev = (es: ShadowEvent[]) =>
-  es.map((e) => `${e.kind} ${spName({ ...e.sp, unsync: false })}${e.kind === 'get' ? (e.created ? ' new' : ' existing') : ''}${e.sp.unsync ? ' (unsync)' : ''}`);
+  es.map(
+    (e) =>
+      `${e.kind} ${spName({ ...e.sp, unsync: false })}${e.kind === 'get' ? (e.created ? ' new' : ' existing') : ''}${e.sp.unsync ? ' (unsync)' : ''}`,
+  );
 
 function native(wrong?: WrongShadow) {
   const mem = tables();
@@ -85,7 +88,12 @@ describe('shadow model: unsync, INVLPG, CR3 load (native host)', () => {
     writePte(mmu, VA + 0x1000n, 0, 0x101n);
     expect(ev(mmu.take())).toEqual(['unsync 13@1']);
     expect(mmu.stats).toMatchObject({ mmu_unsync: 1, mmu_pte_write: 0 });
-    expect(mmu.pages().filter((p) => p.unsync).map(spName)).toEqual(['13@1 unsync']);
+    expect(
+      mmu
+        .pages()
+        .filter((p) => p.unsync)
+        .map(spName),
+    ).toEqual(['13@1 unsync']);
     // No invalidation: the architecture allows the old frame; KVM's shadow PTE still maps it.
     expect(mmu.access(VA, 'read')).toEqual({ gpa: 0x101000n, allowed: [0x100n, 0x101n], shadow: 0x100n });
     // INVLPG re-reads the one PTE of the unsync page on the path; the page stays unsync.
@@ -193,13 +201,18 @@ describe('shadow model: an emulated host (every instruction emulated)', () => {
     mem.set(0x30n, 0, (0x31n << 12n) | T);
     mem.set(0x31n, 0x10, (0x10n << 12n) | T);
     for (let i = 0; i < 3; i++) mmu.access(0x10000n + 8n * 200n, 'write', 0n);
-    expect(mmu.stats).toEqual({ mmu_unsync: 0, mmu_shadow_zapped: 1, mmu_pte_write: 4, mmu_flooded: 1, mmu_cache_miss: 1 });
+    expect(mmu.stats).toEqual({
+      mmu_unsync: 0,
+      mmu_shadow_zapped: 1,
+      mmu_pte_write: 4,
+      mmu_flooded: 1,
+      mmu_cache_miss: 1,
+    });
     expect(mmu.take().map((e) => `${e.kind} ${spName(e.sp)} root ${e.sp.rootCount}`)).toEqual(['zap 10@4 root 1']);
     mmu.enter();
-    expect(mmu.take().map((e) => `${e.kind} ${spName(e.sp)} root ${e.sp.rootCount}${e.sp.invalid ? ' invalid' : ''}`)).toEqual([
-      'zap 10@4 root 0 invalid',
-      'get 10@4 root 0',
-    ]);
+    expect(
+      mmu.take().map((e) => `${e.kind} ${spName(e.sp)} root ${e.sp.rootCount}${e.sp.invalid ? ' invalid' : ''}`),
+    ).toEqual(['zap 10@4 root 0 invalid', 'get 10@4 root 0']);
     expect(mmu.stats).toMatchObject({ mmu_shadow_zapped: 2, mmu_cache_miss: 2 });
   });
 

@@ -66,13 +66,16 @@ function runArgs(c: Command, rest: string[]): { names: string[]; o: RunCliOption
   if (o.sample === undefined) {
     // Every batch of the access matrix crosses the lab's serial line (about 30 cases/s).
     o.sample = String(LAB_MATRIX_SAMPLE);
-    if (sub.args.length === 0 || sub.args.includes('access-matrix')) log(`the access matrix checks a ${LAB_MATRIX_SAMPLE}-case sample in the lab (--sample N for more)`);
+    if (sub.args.length === 0 || sub.args.includes('access-matrix'))
+      log(`the access matrix checks a ${LAB_MATRIX_SAMPLE}-case sample in the lab (--sample N for more)`);
   }
   return { names: sub.args, o };
 }
 
 export function registerLab(program: Command): Command {
-  const lab = program.command('lab').description('run the checks against the KVM of a kernel under test, booted in QEMU');
+  const lab = program
+    .command('lab')
+    .description('run the checks against the KVM of a kernel under test, booted in QEMU');
 
   lab
     .command('fetch')
@@ -117,7 +120,10 @@ export function registerLab(program: Command): Command {
     .option('--baseline-kernel <image>', 'A/B: also run against this kernel (an image or a release name) and report the checks whose outcomes or times differ')
     .option('--baseline-modules <dir>', "the baseline kernel's modules directory")
     .option('--repeat <n>', 'A/B: runs of the checks per kernel, for the timing comparison (default 3)')
-    .option('--profile <name>', `${PROFILES.map((p) => p.name).join(', ')} (default ${DEFAULT_PROFILE}; with --arch arm64, nvhe)`)
+    .option(
+      '--profile <name>',
+      `${PROFILES.map((p) => p.name).join(', ')} (default ${DEFAULT_PROFILE}; with --arch arm64, nvhe)`,
+    )
     .argument('[run...]', 'arguments of `kvmharness run`, after --')
     .action(async (rest: string[], o: LabCliOptions & { profile?: string; baselineKernel?: string; baselineModules?: string; repeat?: string }, c: Command) => {
       const { names, o: ro } = runArgs(c, rest);

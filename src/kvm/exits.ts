@@ -125,7 +125,11 @@ export function decodeExit(run: DataView): Exit {
         data: u64sAt(run, RUN.system_event_data, run.getUint32(RUN.system_event_ndata, true)),
       };
     case EXIT.KVM_EXIT_EXCEPTION:
-      return { reason: 'exception', exception: run.getUint32(RUN.ex_exception, true), errorCode: run.getUint32(RUN.ex_error_code, true) };
+      return {
+        reason: 'exception',
+        exception: run.getUint32(RUN.ex_exception, true),
+        errorCode: run.getUint32(RUN.ex_error_code, true),
+      };
     case EXIT.KVM_EXIT_INTR:
       return { reason: 'intr' };
     default:

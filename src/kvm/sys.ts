@@ -32,7 +32,15 @@ export interface RangeMapping {
   /** munmap of part of a mapped buffer (the buffer stays attached). */
   unmapRange(buf: ArrayBuffer, offset: number, len: number): number;
   /** mmap(MAP_FIXED) over part of a mapped buffer. */
-  remapRange(buf: ArrayBuffer, offset: number, len: number, prot: number, flags: number, fd: number, fileOffset: number): number;
+  remapRange(
+    buf: ArrayBuffer,
+    offset: number,
+    len: number,
+    prot: number,
+    flags: number,
+    fd: number,
+    fileOffset: number,
+  ): number;
 }
 
 /** The native addon's vCPU threads (this host's: ThreadRunner uses them). */

@@ -117,7 +117,7 @@ export class VcpuThread {
     c[CTL.fd] = req.fd;
     // User-space addresses are below 2^47: exact as a double, no BigInt arithmetic per run.
     const run = Number(req.run);
-    c[CTL.runLo] = run % 2 ** 32 | 0;
+    c[CTL.runLo] = (run % 2 ** 32) | 0;
     c[CTL.runHi] = Math.floor(run / 2 ** 32) | 0;
     c[CTL.consolePort] = req.consolePort;
     c[CTL.maxExits] = Math.min(req.maxExits, 0x7fffffff);
@@ -203,7 +203,8 @@ export class VcpuThread {
     const seq = this.post(OP.write);
     const start = performance.now();
     while (!this.poll(seq)) {
-      if (performance.now() - start > limitMs) throw new Error(`vCPU thread ${this.tid} did not finish a write within ${limitMs} ms`);
+      if (performance.now() - start > limitMs)
+        throw new Error(`vCPU thread ${this.tid} did not finish a write within ${limitMs} ms`);
     }
     return this.ctl[CTL.ret]!;
   }

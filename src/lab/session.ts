@@ -109,7 +109,13 @@ export async function openLab(o: LabSessionOptions): Promise<LabSession> {
     throw e;
   }
   function closeFds() {
-    for (const fd of [readFd, writeFd]) if (fd >= 0) try { closeSync(fd); } catch { /* closed */ }
+    for (const fd of [readFd, writeFd])
+      if (fd >= 0)
+        try {
+          closeSync(fd);
+        } catch {
+          /* closed */
+        }
     readFd = writeFd = -1;
   }
 }

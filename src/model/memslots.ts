@@ -181,7 +181,10 @@ export class Memslots {
     if (!old) change = { change: 'create', new: s };
     else {
       if (s.npages !== old.npages)
-        throw new MemslotError('EINVAL', `slot ${slot}: size of an existing slot cannot change (${old.npages} -> ${s.npages} pages)`);
+        throw new MemslotError(
+          'EINVAL',
+          `slot ${slot}: size of an existing slot cannot change (${old.npages} -> ${s.npages} pages)`,
+        );
       if (s.hva !== old.hva)
         throw new MemslotError('EINVAL', `slot ${slot}: userspace_addr of an existing slot cannot change`);
       if (s.flags.readonly !== old.flags.readonly)
@@ -222,17 +225,26 @@ export class Memslots {
     if (!Number.isInteger(s.baseGfn) || s.baseGfn < 0)
       throw new MemslotError('EINVAL', `slot ${slot}: base GFN ${s.baseGfn} is not a frame number`);
     if (slotEnd(s) > this.maxGfn)
-      throw new MemslotError('EINVAL', `slot ${slot}: ends at GFN ${hex(slotEnd(s))}, beyond the MMU's limit ${hex(this.maxGfn)}`);
+      throw new MemslotError(
+        'EINVAL',
+        `slot ${slot}: ends at GFN ${hex(slotEnd(s))}, beyond the MMU's limit ${hex(this.maxGfn)}`,
+      );
     if (s.hva % PAGE !== 0n)
       throw new MemslotError('EINVAL', `slot ${slot}: userspace_addr 0x${s.hva.toString(16)} is not page-aligned`);
     if (s.hva < 0n || slotHvaEnd(s) > this.hvaLimit)
       throw new MemslotError('EINVAL', `slot ${slot}: userspace range ends beyond the user address space (access_ok)`);
     if (!SIZES[backing.kind].includes(backing.pageSize))
-      throw new MemslotError('EINVAL', `slot ${slot}: ${backing.kind} backing cannot have page size ${backing.pageSize}`);
+      throw new MemslotError(
+        'EINVAL',
+        `slot ${slot}: ${backing.kind} backing cannot have page size ${backing.pageSize}`,
+      );
     if (backing.kind === 'hugetlb2m' || backing.kind === 'hugetlb1g') {
       const size = BigInt(backing.pageSize);
       if (s.hva % size !== 0n || (BigInt(s.npages) * PAGE) % size !== 0n)
-        throw new MemslotError('EINVAL', `slot ${slot}: a hugetlb mapping is aligned to and sized in ${backing.pageSize >> 20} MiB pages`);
+        throw new MemslotError(
+          'EINVAL',
+          `slot ${slot}: a hugetlb mapping is aligned to and sized in ${backing.pageSize >> 20} MiB pages`,
+        );
     }
   }
 }
@@ -254,12 +266,13 @@ export interface MemoryRegion {
 export function fromRegion(r: MemoryRegion, backing: Backing): Memslot {
   const known = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD;
   if (r.flags & ~known) throw new MemslotError('EINVAL', `unknown flag bits 0x${(r.flags & ~known).toString(16)}`);
-  if ((r.flags & KVM_MEM_GUEST_MEMFD) !== 0 !== (backing.kind === 'guest_memfd'))
+  if (((r.flags & KVM_MEM_GUEST_MEMFD) !== 0) !== (backing.kind === 'guest_memfd'))
     throw new MemslotError('EINVAL', 'KVM_MEM_GUEST_MEMFD must be set exactly for a guest_memfd backing');
   if (r.memorySize % PAGE !== 0n) throw new MemslotError('EINVAL', 'memory_size is not a multiple of the page size');
   if (r.guestPhysAddr % PAGE !== 0n) throw new MemslotError('EINVAL', 'guest_phys_addr is not page-aligned');
   if (r.userspaceAddr % PAGE !== 0n) throw new MemslotError('EINVAL', 'userspace_addr is not page-aligned');
-  if (r.guestPhysAddr + r.memorySize >= 1n << 64n) throw new MemslotError('EINVAL', 'guest_phys_addr + memory_size wraps');
+  if (r.guestPhysAddr + r.memorySize >= 1n << 64n)
+    throw new MemslotError('EINVAL', 'guest_phys_addr + memory_size wraps');
   return {
     slot: r.slot & 0xffff,
     asId: r.slot >>> 16,

@@ -122,7 +122,7 @@ export class ModelVm {
   /** The slot that holds all of [gpa, gpa + len), if one does. */
   slotAt(gpa: bigint, len: number): Memslot | undefined {
     const m = this.tdp.slots.find(0, Number(gpa >> 12n));
-    return m && gpa + BigInt(len) <= (BigInt(m.baseGfn + m.npages) << 12n) ? m : undefined;
+    return m && gpa + BigInt(len) <= BigInt(m.baseGfn + m.npages) << 12n ? m : undefined;
   }
 
   /** The guest wrote `gpa`: its page is dirty if a logging slot holds it. */
@@ -154,7 +154,9 @@ export class ModelVm {
     const end = start + size;
     const first = m.baseGfn + Number(offset >> 12n);
     const last = first + Number(size >> 12n);
-    const mapped = tdp.mappings(0, first, last).reduce((n, r) => n + Math.min(r.end, last) - Math.max(r.start, first), 0);
+    const mapped = tdp
+      .mappings(0, first, last)
+      .reduce((n, r) => n + Math.min(r.end, last) - Math.max(r.start, first), 0);
     if (prot) tdp.host.protect(start, end, prot);
     const { ranges } = tdp.invalidateHva(start, end, why);
     const gfnRange = (a: number, b: number) => `GFN [${hex(a)}, ${hex(b)})`;

@@ -16,7 +16,12 @@ export interface RunOptions {
   onProgress?: (check: string, done: number, total: number) => void;
 }
 
-export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opts: RunOptions = {}): Promise<CheckResult> {
+export async function runCheck(
+  check: Check,
+  kvm: Kvm,
+  profile: HostProfile,
+  opts: RunOptions = {},
+): Promise<CheckResult> {
   const t0 = performance.now();
   const comparisons: Comparison[] = [];
   const notes: string[] = [];
@@ -77,7 +82,12 @@ export function forHostArch(checks: readonly Check[], arch: Arch): readonly Chec
   return own.length > 0 ? own : checks;
 }
 
-export async function runChecks(checks: readonly Check[], kvm: Kvm, profile: HostProfile, opts: RunOptions = {}): Promise<RunReport> {
+export async function runChecks(
+  checks: readonly Check[],
+  kvm: Kvm,
+  profile: HostProfile,
+  opts: RunOptions = {},
+): Promise<RunReport> {
   const t0 = performance.now();
   const results: CheckResult[] = [];
   for (const c of forHostArch(checks, profile.arch)) {
@@ -92,10 +102,21 @@ export async function runChecks(checks: readonly Check[], kvm: Kvm, profile: Hos
 }
 
 /** The report of these results. */
-export function reportOf(profile: HostProfile, results: CheckResult[], durationMs: number, interrupted?: string): RunReport {
+export function reportOf(
+  profile: HostProfile,
+  results: CheckResult[],
+  durationMs: number,
+  interrupted?: string,
+): RunReport {
   const count = (o: CheckResult['outcome']) => results.filter((r) => r.outcome === o).length;
   return {
-    host: { arch: profile.arch, flavour: profile.flavour, tdp: profile.tdp, tdpMmu: profile.tdpMmu, device: profile.device },
+    host: {
+      arch: profile.arch,
+      flavour: profile.flavour,
+      tdp: profile.tdp,
+      tdpMmu: profile.tdpMmu,
+      device: profile.device,
+    },
     checks: results,
     summary: {
       total: results.length,
@@ -124,17 +145,15 @@ export function interruptedReport(
   signal: string,
 ): RunReport {
   const rest = forHostArch(checks, profile.arch).filter((c) => !done.some((r) => r.name === c.name));
-  const notRun = rest.map(
-    (c, i): CheckResult => ({
-      name: c.name,
-      description: c.description,
-      outcome: 'not_run',
-      comparisons: [],
-      reason: i === 0 ? `interrupted by ${signal} while it ran` : `the run was interrupted by ${signal}`,
-      notes: [],
-      durationMs: 0,
-    }),
-  );
+  const notRun = rest.map((c, i): CheckResult => ({
+    name: c.name,
+    description: c.description,
+    outcome: 'not_run',
+    comparisons: [],
+    reason: i === 0 ? `interrupted by ${signal} while it ran` : `the run was interrupted by ${signal}`,
+    notes: [],
+    durationMs: 0,
+  }));
   return reportOf(profile, [...done, ...notRun], durationMs, signal);
 }
 

@@ -38,11 +38,15 @@ export interface FollowEnv {
 /** Why the shadow comparison does not apply on this host or to this scenario, or which host kind the model is. */
 export function shadowHost(ctx: CheckContext, sc: Scenario): { exec: HostExec } | { why: string } {
   const p = ctx.profile;
-  if (p.tdp.enabled && p.flavour !== 'kvm_pvm') return { why: "TDP is on: KVM shadows no guest tables, the guest's walks are the processor's" };
-  if (!p.oracles.shadow_page_tracepoints.available) return { why: `no shadow-page tracepoints (${p.oracles.shadow_page_tracepoints.why})` };
+  if (p.tdp.enabled && p.flavour !== 'kvm_pvm')
+    return { why: "TDP is on: KVM shadows no guest tables, the guest's walks are the processor's" };
+  if (!p.oracles.shadow_page_tracepoints.available)
+    return { why: `no shadow-page tracepoints (${p.oracles.shadow_page_tracepoints.why})` };
   if (p.flavour === 'kvm_pvm') {
     if (sc.steps.some((s) => s.side === 'guest' && s.kind === 'access' && s.cpl === 3)) {
-      return { why: "kvm_pvm runs CPL 3 code on shadow pages and emulates CPL 0; the model's emulated host covers CPL 0 only" };
+      return {
+        why: "kvm_pvm runs CPL 3 code on shadow pages and emulates CPL 0; the model's emulated host covers CPL 0 only",
+      };
     }
     return { exec: 'emulated' };
   }
@@ -109,7 +113,11 @@ export class ShadowFollow {
     const { g, sc } = env;
     this.root = g.boot.tables.root;
     const mem = { read64: (gpa: bigint) => g.mem.read64(gpa), write64: () => {} };
-    this.model = new ShadowMmu({ levels: sc.paging.levels, exec, cr0Wp: sc.paging.cr0.wp, wrong: env.wrong }, mem, this.root);
+    this.model = new ShadowMmu(
+      { levels: sc.paging.levels, exec, cr0Wp: sc.paging.cr0.wp, wrong: env.wrong },
+      mem,
+      this.root,
+    );
     this.gfns = scenarioTables(env);
     env.ctx.note(
       `shadow model: ${exec} host; shadow pages of the scenario's tables (${[...this.gfns].map((x) => x.toString(16)).join(', ') || 'none'}) ` +
@@ -169,16 +177,28 @@ export class ShadowFollow {
   /** The step's shadow-page events and the picture they add up to, against the model's, for the scenario's tables. */
   private compare(name: string): void {
     const { ctx } = this.env;
-    const observed = this.trace.take().map(parseShadowEvent).filter((e): e is ObservedSp => !!e);
+    const observed = this.trace
+      .take()
+      .map(parseShadowEvent)
+      .filter((e): e is ObservedSp => !!e);
     for (const e of observed) this.picture.add(e);
     const mine = (e: { gfn: bigint; direct: boolean }) => !e.direct && this.gfns.has(e.gfn);
     ctx.expect(
       `${name}: shadow-page events`,
-      this.model.take().filter((e) => mine(e.sp)).map(modelEvent),
+      this.model
+        .take()
+        .filter((e) => mine(e.sp))
+        .map(modelEvent),
       observed.filter(mine).map(observedEvent),
     );
-    const pages = this.model.pages().filter((p) => !p.invalid && mine(p)).map(pageName).sort();
-    const seen = this.picture.list().filter((k) => !k.includes('direct') && this.gfns.has(BigInt(`0x${k.split('@')[0]}`)));
+    const pages = this.model
+      .pages()
+      .filter((p) => !p.invalid && mine(p))
+      .map(pageName)
+      .sort();
+    const seen = this.picture
+      .list()
+      .filter((k) => !k.includes('direct') && this.gfns.has(BigInt(`0x${k.split('@')[0]}`)));
     ctx.expect(`${name}: shadow pages`, pages, seen);
   }
 }

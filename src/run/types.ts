@@ -94,4 +94,3 @@ export interface Check {
   arch?: Arch;
   run(ctx: CheckContext): Promise<void>;
 }
-

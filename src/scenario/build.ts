@@ -22,7 +22,8 @@ import {
   PTE_NX,
   PTE_P,
   PTE_PCD,
-  PTE_PKEY_SHIFT, PTE_PKEY_MASK,
+  PTE_PKEY_SHIFT,
+  PTE_PKEY_MASK,
   PTE_PWT,
   PTE_RW,
   PTE_US,
@@ -144,7 +145,8 @@ export function buildScenarioTables(s: Scenario, mem: GuestMem, boot: BringUp): 
     tables,
     entries(gva, level) {
       const e = at.get(entryKey(gva, level));
-      if (e === undefined) throw new RangeError(`no level-${level} entry is known for ${hex(gva)}: no mapping covers it at that level`);
+      if (e === undefined)
+        throw new RangeError(`no level-${level} entry is known for ${hex(gva)}: no mapping covers it at that level`);
       return e;
     },
   };

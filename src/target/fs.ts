@@ -4,7 +4,19 @@
 // Memslot.hugeBytes reads /proc/self/smaps of the process that holds guest
 // memory through it; nothing else uses it.
 import { execFileSync } from 'node:child_process';
-import { closeSync, constants, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmdirSync, statSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  constants,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  rmdirSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { arch } from 'node:os';
 import type { HostFs } from '../kvm/target.js';
 
@@ -60,7 +72,10 @@ export const localFs: HostFs = {
       execFileSync('mount', ['-t', 'tracefs', 'nodev', path], { stdio: 'pipe' });
     } catch (e) {
       // What mount said (e.g. "permission denied"), not "Command failed: ...".
-      const said = String((e as { stderr?: unknown }).stderr ?? '').trim().split('\n').pop();
+      const said = String((e as { stderr?: unknown }).stderr ?? '')
+        .trim()
+        .split('\n')
+        .pop();
       throw new Error(`mount -t tracefs on ${path} failed: ${said || (e as Error).message.split('\n')[0]}`);
     }
   },

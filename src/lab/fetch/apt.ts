@@ -20,19 +20,28 @@ interface Ran {
 /** Runs a program (no shell) to completion; rejects only when it cannot be started. */
 function run(cmd: string, args: readonly string[], opts: { cwd?: string } = {}): Promise<Ran> {
   return new Promise((done, fail) => {
-    const child = spawn(cmd, args, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive', LC_ALL: 'C' } });
+    const child = spawn(cmd, args, {
+      cwd: opts.cwd,
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive', LC_ALL: 'C' },
+    });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (s: string) => (stdout += s));
     child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
-    child.on('error', (e) => fail(new LabError(`cannot run ${cmd}: ${(e as NodeJS.ErrnoException).code ?? e.message}`)));
+    child.on('error', (e) =>
+      fail(new LabError(`cannot run ${cmd}: ${(e as NodeJS.ErrnoException).code ?? e.message}`)),
+    );
     child.on('close', (code, signal) => done({ code: code ?? (signal ? 128 : 1), stdout, stderr }));
   });
 }
 
 /** The last meaningful line of a failed command's output, for a one-line message. */
 function lastLine(r: Ran): string {
-  const lines = `${r.stderr}\n${r.stdout}`.split('\n').map((l) => l.trim()).filter((l) => l && !l.startsWith('W:'));
+  const lines = `${r.stderr}\n${r.stdout}`
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l && !l.startsWith('W:'));
   const err = lines.filter((l) => l.startsWith('E:'));
   return (err[err.length - 1] ?? lines[lines.length - 1] ?? `exit status ${r.code}`).slice(0, 300);
 }
@@ -143,7 +152,10 @@ export async function ensureDebArch(arch: Arch, log: (s: string) => void): Promi
   if (native === deb) return;
   const foreign = (await run('dpkg', ['--print-foreign-architectures'])).stdout.split(/\s+/);
   if (foreign.includes(deb)) return;
-  if (!isRoot()) throw new LabError(`the ${arch} lab needs Debian's ${deb} packages: run \`dpkg --add-architecture ${deb} && apt-get update\` as root`);
+  if (!isRoot())
+    throw new LabError(
+      `the ${arch} lab needs Debian's ${deb} packages: run \`dpkg --add-architecture ${deb} && apt-get update\` as root`,
+    );
   log(`lab: dpkg --add-architecture ${deb}`);
   const r = await run('dpkg', ['--add-architecture', deb]);
   if (r.code !== 0) throw new LabError(`dpkg --add-architecture ${deb} failed: ${lastLine(r)}`);
@@ -160,7 +172,10 @@ export const safeName = (s: string): string => s.replace(/[^A-Za-z0-9.+_-]/g, '_
 export async function candidateVersion(pkg: string, log: (s: string) => void, src: AptSource = HOST): Promise<string> {
   const r = await apt('apt-cache', ['show', '--no-all-versions', pkg], log, undefined, src);
   const v = /^Version:\s*(\S+)/m.exec(r.stdout)?.[1];
-  if (r.code !== 0 || !v) throw new LabError(`no Debian package ${pkg} here (${r.code !== 0 ? lastLine(r) : 'no version'}); the lab needs Debian's apt repositories`);
+  if (r.code !== 0 || !v)
+    throw new LabError(
+      `no Debian package ${pkg} here (${r.code !== 0 ? lastLine(r) : 'no version'}); the lab needs Debian's apt repositories`,
+    );
   return v;
 }
 
@@ -227,8 +242,13 @@ export async function unpackDeb(
 /** Debian's static busybox for the lab's architecture, unpacked into the cache; returns the binary's path. */
 export async function fetchBusybox(cache: string, log: (s: string) => void, arch: Arch, src: AptSource = HOST): Promise<string> {
   const root = join(cache, arch);
-  const have = existsSync(root) ? readdirSync(root).filter((d) => d.startsWith('busybox-static_')).sort() : [];
-  for (const d of have.reverse()) if (existsSync(join(root, d, 'bin', 'busybox'))) return join(root, d, 'bin', 'busybox');
+  const have = existsSync(root)
+    ? readdirSync(root)
+        .filter((d) => d.startsWith('busybox-static_'))
+        .sort()
+    : [];
+  for (const d of have.reverse())
+    if (existsSync(join(root, d, 'bin', 'busybox'))) return join(root, d, 'bin', 'busybox');
   const pkg = `busybox-static:${DEB_ARCH[arch]}`;
   const dest = join(root, `busybox-static_${safeName(await candidateVersion(pkg, log, src))}`);
   await unpackDeb(pkg, dest, log, undefined, src);

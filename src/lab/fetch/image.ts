@@ -49,7 +49,7 @@ export function hasPvhNote(b: Buffer): boolean {
     if (ph + 56 > b.length || b.readUInt32LE(ph) !== 4) continue; // PT_NOTE
     const off = Number(b.readBigUInt64LE(ph + 8));
     const end = Math.min(off + Number(b.readBigUInt64LE(ph + 32)), b.length);
-    for (let n = off; n + 12 <= end; ) {
+    for (let n = off; n + 12 <= end;) {
       const namesz = b.readUInt32LE(n);
       const descsz = b.readUInt32LE(n + 4);
       const type = b.readUInt32LE(n + 8);
@@ -90,7 +90,10 @@ export function extractVmlinux(bzImage: string, out: string): void {
     writeFileSync(out, gunzipSync(p.subarray(0, p.length - 4)));
     return;
   }
-  if (!tool) throw new LabError(`${bzImage}: the kernel is compressed in a format the lab cannot unpack (magic ${p.subarray(0, 4).toString('hex')}); pass the uncompressed vmlinux instead`);
+  if (!tool)
+    throw new LabError(
+      `${bzImage}: the kernel is compressed in a format the lab cannot unpack (magic ${p.subarray(0, 4).toString('hex')}); pass the uncompressed vmlinux instead`,
+    );
   if (!which(tool[0])) throw new LabError(`${bzImage} is ${tool[0]}-compressed and ${tool[0]} is not installed`);
   const tmp = `${out}.${process.pid}.tmp`;
   const fd = openSync(tmp, 'w');
