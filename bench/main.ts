@@ -55,7 +55,18 @@ interface Options {
 }
 
 function parseArgs(argv: string[]): Options {
-  const o: Options = { json: false, rounds: 7, exits: 30_000, lifecycles: 300, leak: 10_000, matrixFull: false, pages: 4096, lab: true, labBoots: 3, kvmSource: true };
+  const o: Options = {
+    json: false,
+    rounds: 7,
+    exits: 30_000,
+    lifecycles: 300,
+    leak: 10_000,
+    matrixFull: false,
+    pages: 4096,
+    lab: true,
+    labBoots: 3,
+    kvmSource: true,
+  };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const int = (): number => {
@@ -74,7 +85,9 @@ function parseArgs(argv: string[]): Options {
     else if (a === '--lab-boots') o.labBoots = int();
     else if (a === '--no-kvm-source') o.kvmSource = false;
     else if (a === '--help' || a === '-h') {
-      process.stderr.write('usage: node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--pages N] [--matrix-full] [--no-lab] [--lab-boots N] [--no-kvm-source]\n');
+      process.stderr.write(
+        'usage: node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--pages N] [--matrix-full] [--no-lab] [--lab-boots N] [--no-kvm-source]\n',
+      );
       process.exit(0);
     } else throw new Error(`unknown argument ${a}`);
   }
@@ -351,7 +364,8 @@ async function main(): Promise<number> {
       entries.push(...(await benchLab({ boots: o.labBoots, runs: 9, log: progress })));
     } catch (e) {
       progress(`lab benches: ${(e as Error).message.split('\n')[0]}`);
-      for (const [name, unit] of LAB_ENTRIES.slice(0, 2)) entries.push({ name, unit, value: null, note: `not available here: ${(e as Error).message.split('\n')[0]}` });
+      for (const [name, unit] of LAB_ENTRIES.slice(0, 2))
+        entries.push({ name, unit, value: null, note: `not available here: ${(e as Error).message.split('\n')[0]}` });
     }
     if (!o.kvmSource) {
       entries.push({ name: 'lab_kvm_source_verdict_s', unit: 's', value: null, note: 'not run (--no-kvm-source)' });
@@ -361,7 +375,12 @@ async function main(): Promise<number> {
         entries.push(await benchKvmSource({ log: progress }));
       } catch (e) {
         progress(`lab_kvm_source_verdict_s: ${(e as Error).message.split('\n')[0]}`);
-        entries.push({ name: 'lab_kvm_source_verdict_s', unit: 's', value: null, note: `not available here: ${(e as Error).message.split('\n')[0]}` });
+        entries.push({
+          name: 'lab_kvm_source_verdict_s',
+          unit: 's',
+          value: null,
+          note: `not available here: ${(e as Error).message.split('\n')[0]}`,
+        });
       }
     }
   }

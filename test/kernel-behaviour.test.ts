@@ -14,9 +14,23 @@ describe('kernel behaviours', () => {
 
   it('gives each lab release its TDP MMU behaviours, with the reason', () => {
     const on = (r: string) => Object.fromEntries(Object.entries(kernelBehaviours(r)).map(([k, v]) => [k, v.on]));
-    expect(on('6.1.0-50-amd64')).toEqual({ splitOnFault: false, recoverHugeInPlace: false, protectedStage2Level0: false });
-    expect(on('6.12.118+deb13-amd64')).toEqual({ splitOnFault: true, recoverHugeInPlace: false, protectedStage2Level0: true });
-    expect(on('7.2.13+deb14-amd64')).toEqual({ splitOnFault: true, recoverHugeInPlace: true, protectedStage2Level0: true });
-    expect(kernelBehaviours('6.12.118+deb13-amd64').recoverHugeInPlace.why).toMatch(/zaps collapsible .* \(6\.12 < 6\.13\)/);
+    expect(on('6.1.0-50-amd64')).toEqual({
+      splitOnFault: false,
+      recoverHugeInPlace: false,
+      protectedStage2Level0: false,
+    });
+    expect(on('6.12.118+deb13-amd64')).toEqual({
+      splitOnFault: true,
+      recoverHugeInPlace: false,
+      protectedStage2Level0: true,
+    });
+    expect(on('7.2.13+deb14-amd64')).toEqual({
+      splitOnFault: true,
+      recoverHugeInPlace: true,
+      protectedStage2Level0: true,
+    });
+    expect(kernelBehaviours('6.12.118+deb13-amd64').recoverHugeInPlace.why).toMatch(
+      /zaps collapsible .* \(6\.12 < 6\.13\)/,
+    );
   });
 });

@@ -2,7 +2,20 @@
 // live boot under QEMU/TCG (KVMHARNESS_LAB=1: it downloads Debian's kernel once
 // and boots for a few seconds).
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
-import { chmodSync, closeSync, constants, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import {
+  chmodSync,
+  closeSync,
+  constants,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -316,7 +329,12 @@ describe('lab initramfs', () => {
     expect(a).toMatch(/initramfs-npt-tdp-[0-9a-f]{20}\.cpio\.gz$/);
     expect(buildInitramfs({ kernel, agentBinary: agent, profile: profile('npt-tdp'), dir })).toBe(a);
     expect(readFileSync(a).length).toBe(size);
-    const b = buildInitramfs({ kernel, agentBinary: agent, profile: profile('npt-tdp', 'kvm.eager_page_split=0'), dir });
+    const b = buildInitramfs({
+      kernel,
+      agentBinary: agent,
+      profile: profile('npt-tdp', 'kvm.eager_page_split=0'),
+      dir,
+    });
     expect(b).not.toBe(a);
     expect(existsSync(a) && existsSync(b)).toBe(true);
     // Nothing half-written is left behind.
@@ -652,12 +670,18 @@ describe.skipIf(skipLive !== undefined)(`two lab runs at once${skipLive ? ` [ski
   it('each boots its own initramfs (its own module parameters) and both pass', async () => {
     const bin = join(import.meta.dirname, '..', 'dist', 'src', 'cli', 'bin.js');
     const start = (split: string) => {
-      const child = spawn(process.execPath, [bin, 'lab', 'probe', '--release', '6.1', '--json', '--modparams', `kvm.eager_page_split=${split}`], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const child = spawn(
+        process.execPath,
+        [bin, 'lab', 'probe', '--release', '6.1', '--json', '--modparams', `kvm.eager_page_split=${split}`],
+        { stdio: ['ignore', 'pipe', 'pipe'] },
+      );
       let out = '';
       let err = '';
       child.stdout.on('data', (d: Buffer) => (out += d.toString()));
       child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-      return new Promise<{ code: number | null; out: string; err: string }>((resolve) => child.on('exit', (code) => resolve({ code, out, err })));
+      return new Promise<{ code: number | null; out: string; err: string }>((resolve) =>
+        child.on('exit', (code) => resolve({ code, out, err })),
+      );
     };
     const [a, b] = await Promise.all([start('0'), start('1')]);
     expect(a.code, a.err).toBe(0);
@@ -686,11 +710,17 @@ describe.skipIf(skipLive !== undefined)(`lab run --kvm-source${skipLive ? ` [ski
     if (!text.includes('if (iter.level > PG_LEVEL_4K) tdp_mmu_set_spte')) writeFileSync(tdpMmu, breakZapping(text));
     const bin = join(import.meta.dirname, '..', 'dist', 'src', 'cli', 'bin.js');
     const start = (tree: string) => {
-      const child = spawn(process.execPath, [bin, 'lab', 'run', '--kvm-source', tree, '--profile', 'npt-tdp', '--', 'run', 'tdp_spte_picture'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const child = spawn(
+        process.execPath,
+        [bin, 'lab', 'run', '--kvm-source', tree, '--profile', 'npt-tdp', '--', 'run', 'tdp_spte_picture'],
+        { stdio: ['ignore', 'pipe', 'pipe'] },
+      );
       let out = '';
       child.stdout.on('data', (d: Buffer) => (out += d.toString()));
       child.stderr.on('data', (d: Buffer) => (out += d.toString()));
-      return new Promise<{ code: number | null; out: string }>((resolve) => child.on('exit', (code) => resolve({ code, out })));
+      return new Promise<{ code: number | null; out: string }>((resolve) =>
+        child.on('exit', (code) => resolve({ code, out })),
+      );
     };
     const [a, b] = await Promise.all([start(stock), start(broken)]);
     expect(a.out).toMatch(/^PASS +tdp_spte_picture/m);

@@ -6,12 +6,27 @@ import { releaseDiffs } from '../src/report/release-diff.js';
 import type { CheckResult, RunReport } from '../src/run/types.js';
 
 const check = (name: string, outcome: CheckResult['outcome'], reason?: string): CheckResult => ({
-  name, description: '', outcome, comparisons: [], notes: [], durationMs: 1, ...(reason ? { reason } : {}),
+  name,
+  description: '',
+  outcome,
+  comparisons: [],
+  notes: [],
+  durationMs: 1,
+  ...(reason ? { reason } : {}),
 });
 const report = (checks: CheckResult[]): RunReport => ({
   host: { arch: 'x86_64', flavour: 'kvm_amd', tdp: { enabled: true, kind: 'npt' }, tdpMmu: true, device: '/dev/kvm' },
   checks,
-  summary: { total: checks.length, passed: 0, failed: 0, notApplicable: 0, errors: 0, notRun: 0, durationMs: 1, casesChecked: 0 },
+  summary: {
+    total: checks.length,
+    passed: 0,
+    failed: 0,
+    notApplicable: 0,
+    errors: 0,
+    notRun: 0,
+    durationMs: 1,
+    casesChecked: 0,
+  },
 });
 
 describe('lab releases', () => {
@@ -29,12 +44,18 @@ describe('lab releases', () => {
 
   it('refuses a suite whose kernel has moved to another series', () => {
     expect(() => checkSeries(labRelease('7.2'), '7.2.13-1', 'linux-image-7.2.13+deb14-amd64')).not.toThrow();
-    expect(() => checkSeries(labRelease('7.2'), '7.3.1-1', 'linux-image-7.3.1+deb14-amd64')).toThrow(/not of the 7\.2 series/);
+    expect(() => checkSeries(labRelease('7.2'), '7.3.1-1', 'linux-image-7.3.1+deb14-amd64')).toThrow(
+      /not of the 7\.2 series/,
+    );
   });
 
   it('names the checks whose outcome differs between releases, with the reason', () => {
     const diffs = releaseDiffs([
-      { release: '6.1', profile: 'npt-tdp', report: report([check('a', 'pass'), check('pre-fault', 'not_applicable', 'no KVM_PRE_FAULT_MEMORY')]) },
+      {
+        release: '6.1',
+        profile: 'npt-tdp',
+        report: report([check('a', 'pass'), check('pre-fault', 'not_applicable', 'no KVM_PRE_FAULT_MEMORY')]),
+      },
       { release: '7.2', profile: 'npt-tdp', report: report([check('a', 'pass'), check('pre-fault', 'pass')]) },
       { release: '7.2', profile: 'shadow', report: 'did not boot: x' },
     ]);

@@ -167,9 +167,15 @@ const ANON_4K: Backing = { kind: 'anon', pageSize: 0x1000 };
  */
 function stage2Model(ctx: CheckContext, slots: readonly { s: KvmMemslot; backing: Backing }[], wrong?: WrongTdp): Tdp {
   // Protected mode walks a guest's stage-2 from level 0 in later kernels (model/kernel.ts).
-  const level0 = ctx.profile.flavour === 'arm64-protected' && (ctx.profile.kernel?.behaviours ?? kernelBehaviours(undefined)).protectedStage2Level0.on;
+  const level0 =
+    ctx.profile.flavour === 'arm64-protected' &&
+    (ctx.profile.kernel?.behaviours ?? kernelBehaviours(undefined)).protectedStage2Level0.on;
   const geometry = level0 ? ({ startLevel: 0, ipaBits: 48 } as const) : ({ startLevel: 1, ipaBits: 40 } as const);
-  const tdp = new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 28, hvaLimit: (1n << 48n) - PAGE }), { arch: 'arm64', ...geometry, wrong });
+  const tdp = new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 28, hvaLimit: (1n << 48n) - PAGE }), {
+    arch: 'arm64',
+    ...geometry,
+    wrong,
+  });
   for (const { s, backing } of slots) tdp.setMemslot(modelSlot(s, backing));
   return tdp;
 }
@@ -211,7 +217,10 @@ const dirtyLog: Check = {
       });
       channel.done(a);
       g.load(a);
-      const tdp = stage2Model(ctx, [{ s: g.code, backing: ANON_4K }, { s, backing: ANON_4K }]);
+      const tdp = stage2Model(ctx, [
+        { s: g.code, backing: ANON_4K },
+        { s, backing: ANON_4K },
+      ]);
       hostWrote(tdp, g.code, [0n]);
       tdp.fault(0, gfnOf(LAYOUT.code), { exec: true });
       const page = (gfn: number) => hex(BigInt(gfn) * PAGE);
@@ -274,7 +283,10 @@ const stage2Faults: Check = {
       g.load(a);
 
       // The model: every access in order; one that stage-2 does not permit yet faults.
-      const tdp = stage2Model(ctx, [{ s: g.code, backing: ANON_4K }, { s, backing: ANON_4K }]);
+      const tdp = stage2Model(ctx, [
+        { s: g.code, backing: ANON_4K },
+        { s, backing: ANON_4K },
+      ]);
       hostWrote(tdp, g.code, [0n]);
       hostWrote(tdp, s, [0n, 0x1000n, 0x2000n, 0x3000n]);
       const expected: unknown[] = [];
@@ -411,7 +423,14 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
         channel.done(a);
         g.load(a);
 
-        const tdp = stage2Model(ctx, [{ s: g.code, backing: ANON_4K }, { s, backing: THP_2M }], opts.wrong?.tdp);
+        const tdp = stage2Model(
+          ctx,
+          [
+            { s: g.code, backing: ANON_4K },
+            { s, backing: THP_2M },
+          ],
+          opts.wrong?.tdp,
+        );
         hostWrote(tdp, g.code, [0n]);
         hostWrote(tdp, s, offsets);
         const expected: unknown[] = [];

@@ -141,7 +141,9 @@ export function tdpPreFault(opts: { wrong?: Wrong } = {}): Check {
 async function runPreFault(ctx: CheckContext, wrong: WrongTdp | undefined): Promise<void> {
   if (!ctx.profile.capabilities.KVM_CAP_PRE_FAULT_MEMORY) {
     const release = ctx.profile.kernel?.release;
-    throw new NotApplicable(`KVM_PRE_FAULT_MEMORY came in Linux 6.10; ${release ? `kernel ${release}` : 'this KVM'} has no KVM_CAP_PRE_FAULT_MEMORY`);
+    throw new NotApplicable(
+      `KVM_PRE_FAULT_MEMORY came in Linux 6.10; ${release ? `kernel ${release}` : 'this KVM'} has no KVM_CAP_PRE_FAULT_MEMORY`,
+    );
   }
   const g = X86Guest.create(ctx.kvm);
   let trace: TraceSession | undefined;
@@ -167,7 +169,8 @@ async function runPreFault(ctx: CheckContext, wrong: WrongTdp | undefined): Prom
     tdp.setMemslot(modelSlot(slot0, { kind: 'anon', pageSize: PAGE }));
     tdp.setMemslot(modelSlot(small, { kind: 'anon', pageSize: PAGE }));
     if (huge) tdp.setMemslot(modelSlot(huge, { kind: 'hugetlb2m', pageSize: 0x200000 }));
-    for (let i = 0; i < 4; i++) tdp.host.fault(tdp.slots.find(0, Number(SMALL_GPA) / PAGE)!, small.hva + BigInt(i * PAGE), true);
+    for (let i = 0; i < 4; i++)
+      tdp.host.fault(tdp.slots.find(0, Number(SMALL_GPA) / PAGE)!, small.hva + BigInt(i * PAGE), true);
     if (huge) tdp.host.fault(tdp.slots.find(0, Number(HUGE_GPA) / PAGE)!, huge.hva, true);
     huge?.madvise(0, 0x200000, MADV_POPULATE_WRITE);
 
@@ -189,7 +192,11 @@ async function runPreFault(ctx: CheckContext, wrong: WrongTdp | undefined): Prom
         const gfn = Number(gpa) / PAGE + i;
         const m = tdp.lookup(0, gfn);
         const model = m ? { level: m.level, writable: decodeSpte(m.spte).writable } : undefined;
-        ctx.expect(`after KVM_PRE_FAULT_MEMORY: gfn 0x${gfn.toString(16)}`, mappingOf(model), mappingOf(picture.leaf(0, BigInt(gfn))));
+        ctx.expect(
+          `after KVM_PRE_FAULT_MEMORY: gfn 0x${gfn.toString(16)}`,
+          mappingOf(model),
+          mappingOf(picture.leaf(0, BigInt(gfn))),
+        );
       }
     }
   } finally {
@@ -333,7 +340,14 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     // The model VM: the slot at the same host address, its block already
     // written by the host (a THP).
     const nxHugePages = yes(params['kvm.nx_huge_pages']);
-    const tdp = new Tdp(new Memslots(), { levels: 4, wrong: opts.wrong?.tdp, eagerSplit, nxHugePages, splitOnFault, recoverHugeInPlace });
+    const tdp = new Tdp(new Memslots(), {
+      levels: 4,
+      wrong: opts.wrong?.tdp,
+      eagerSplit,
+      nxHugePages,
+      splitOnFault,
+      recoverHugeInPlace,
+    });
     const slotOf = (logDirty: boolean) => ({ ...modelSlot(s, THP_2M), flags: { logDirty, readonly: false } });
     tdp.setMemslot(slotOf(false));
     tdp.host.fault(tdp.slots.find(0, Number(s.gpa) / PAGE)!, s.hva + blockOff, true);
@@ -390,7 +404,9 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
       return [...byLevel].map(([l, n]) => `${n} at level ${l}`).join(', ') || 'none';
     };
     const compare = (what: string, changes: string[], model: Picture = modelMapping) => {
-      ctx.note(`${what}: ${changes.length} traced SPTE changes over the block (${summary(changes)}); KVM: ${runsOf(base, 512, kvmMapping).join('; ')}`);
+      ctx.note(
+        `${what}: ${changes.length} traced SPTE changes over the block (${summary(changes)}); KVM: ${runsOf(base, 512, kvmMapping).join('; ')}`,
+      );
       ctx.expect(`${what}: mappings of the block's 512 GFNs`, runsOf(base, 512, model), runsOf(base, 512, kvmMapping));
     };
     const page = (gfn: number) => `+0x${(gfn - base).toString(16)}`;
@@ -442,9 +458,11 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     tdp.fault(0, base + AFTER_WRITE, { write: true });
     const untraced = new Map<string, number>();
     for (const e of tdp.events.slice(mark5)) {
-      if (e.kind === 'spte' && e.fast && !untraced.has(`${e.gfn}@${e.level}`)) untraced.set(`${e.gfn}@${e.level}`, e.old);
+      if (e.kind === 'spte' && e.fast && !untraced.has(`${e.gfn}@${e.level}`))
+        untraced.set(`${e.gfn}@${e.level}`, e.old);
     }
-    if (untraced.size) ctx.note(`5. the model restores W by the fast page-fault path at ${untraced.size} leaf (not traced)`);
+    if (untraced.size)
+      ctx.note(`5. the model restores W by the fast page-fault path at ${untraced.size} leaf (not traced)`);
     const tracedModel: Picture = (gfn) => {
       const m = tdp.lookup(0, gfn);
       if (!m || !isPresent(m.spte)) return 'not mapped';
@@ -453,7 +471,10 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     };
     compare('5. after the guest touches the block again', take(), tracedModel);
 
-    if (aged) ctx.note(`${aged} traced changes over the block only cleared the Accessed bit (the host's reclaim aging it): not compared`);
+    if (aged)
+      ctx.note(
+        `${aged} traced changes over the block only cleared the Accessed bit (the host's reclaim aging it): not compared`,
+      );
     const after = s.hugeBytes();
     ctx.expect(
       'the block is still a transparent huge page after the run',

@@ -202,7 +202,13 @@ function applets(busybox: string): string[] | undefined {
  * kept and reused while its content is the same: two runs that boot different
  * modules never write or read each other's file. Written atomically either way.
  */
-export function buildInitramfs(opts: { kernel: LabKernel; agentBinary: string; profile: Profile; out?: string; dir?: string }): string {
+export function buildInitramfs(opts: {
+  kernel: LabKernel;
+  agentBinary: string;
+  profile: Profile;
+  out?: string;
+  dir?: string;
+}): string {
   const { kernel, profile } = opts;
   if (!existsSync(opts.agentBinary)) throw new LabError(`agent binary not found: ${opts.agentBinary}`);
   if (!existsSync(kernel.busybox)) throw new LabError(`busybox not found: ${kernel.busybox}`);

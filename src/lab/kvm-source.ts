@@ -40,7 +40,9 @@ function run(cmd: string, args: readonly string[], log?: (s: string) => void): P
     };
     child.stdout.on('data', take);
     child.stderr.on('data', take);
-    child.on('error', (e) => fail(new LabError(`cannot run ${cmd}: ${(e as NodeJS.ErrnoException).code ?? e.message}`)));
+    child.on('error', (e) =>
+      fail(new LabError(`cannot run ${cmd}: ${(e as NodeJS.ErrnoException).code ?? e.message}`)),
+    );
     child.on('close', (code) => {
       if (log && code !== 0) log(out.split('\n').slice(-20).join('\n'));
       done({ code: code ?? 1, out });
@@ -53,11 +55,19 @@ function run(cmd: string, args: readonly string[], log?: (s: string) => void): P
  * exactly the version of the release's cached kernel, its KVM directories
  * (arch/x86/kvm, virt/kvm; `full`: the whole tree) unpacked into DIR.
  */
-export async function labSource(o: { release?: string; dir: string; full?: boolean; log: (s: string) => void }): Promise<string> {
+export async function labSource(o: {
+  release?: string;
+  dir: string;
+  full?: boolean;
+  log: (s: string) => void;
+}): Promise<string> {
   const release = labRelease(o.release);
   const kernel = await labFetch({ release: release.name, arch: 'x86_64', log: o.log });
   const pkgVersion = kernel.package?.split(' ')[1];
-  if (!pkgVersion) throw new LabError(`the cached ${release.name} kernel does not name its Debian package; run \`lab fetch --release ${release.name} --refresh\``);
+  if (!pkgVersion)
+    throw new LabError(
+      `the cached ${release.name} kernel does not name its Debian package; run \`lab fetch --release ${release.name} --refresh\``,
+    );
   const pkg = `linux-source-${release.name}`;
   const cache = labCacheDir();
   const where = join(cache, 'source', `${pkg}_${pkgVersion}`);
@@ -67,7 +77,9 @@ export async function labSource(o: { release?: string; dir: string; full?: boole
     const have = await candidateVersion(pkg, o.log, suite).catch(() => undefined);
     const src = have === pkgVersion ? suite : undefined;
     await unpackDeb(`${pkg}=${pkgVersion}`, where, o.log, undefined, src).catch((e: unknown) => {
-      throw new LabError(`no ${pkg} ${pkgVersion} (the source of ${kernel.version}) in Debian's archive here: ${(e as Error).message}`);
+      throw new LabError(
+        `no ${pkg} ${pkgVersion} (the source of ${kernel.version}) in Debian's archive here: ${(e as Error).message}`,
+      );
     });
   }
   const tarball = join(where, 'usr', 'src', `${pkg}.tar.xz`);
@@ -77,10 +89,15 @@ export async function labSource(o: { release?: string; dir: string; full?: boole
   mkdirSync(dir, { recursive: true });
   const top = `${pkg}/`;
   const parts = o.full ? [] : ['arch/x86/kvm', 'virt/kvm'].map((p) => top + p);
-  o.log(`lab: unpacking ${o.full ? 'the whole tree' : 'arch/x86/kvm and virt/kvm'} of ${pkg} ${pkgVersion} into ${dir}`);
+  o.log(
+    `lab: unpacking ${o.full ? 'the whole tree' : 'arch/x86/kvm and virt/kvm'} of ${pkg} ${pkgVersion} into ${dir}`,
+  );
   const r = await run('tar', ['-xJf', tarball, '-C', dir, '--strip-components=1', ...parts]);
   if (r.code !== 0) throw new LabError(`tar could not unpack ${tarball}: ${r.out.trim().split('\n').pop()}`);
-  writeFileSync(join(dir, SOURCE_MARK), JSON.stringify({ release: release.name, kernel: kernel.version, package: `${pkg} ${pkgVersion}` }, null, 2) + '\n');
+  writeFileSync(
+    join(dir, SOURCE_MARK),
+    JSON.stringify({ release: release.name, kernel: kernel.version, package: `${pkg} ${pkgVersion}` }, null, 2) + '\n',
+  );
   return dir;
 }
 
@@ -94,7 +111,11 @@ export function moduleVersions(ko: Buffer): Map<string, number> {
   const shstrndx = ko.readUInt16LE(0x3e);
   const sec = (i: number) => {
     const h = shoff + i * shentsize;
-    return { name: ko.readUInt32LE(h), offset: Number(ko.readBigUInt64LE(h + 0x18)), size: Number(ko.readBigUInt64LE(h + 0x20)) };
+    return {
+      name: ko.readUInt32LE(h),
+      offset: Number(ko.readBigUInt64LE(h + 0x18)),
+      size: Number(ko.readBigUInt64LE(h + 0x20)),
+    };
   };
   const strtab = sec(shstrndx);
   for (let i = 0; i < shnum; i++) {
@@ -123,7 +144,8 @@ export function mismatch(built: Buffer, stock: Buffer, name: string): string | u
   const bs = moduleVersions(built);
   const ss = moduleVersions(stock);
   const off = [...bs].filter(([sym, crc]) => ss.has(sym) && ss.get(sym) !== crc).map(([sym]) => sym);
-  if (off.length) return `${name}: ${off.length} symbol version(s) differ from the booted kernel's (${off.slice(0, 3).join(', ')}${off.length > 3 ? ', …' : ''})`;
+  if (off.length)
+    return `${name}: ${off.length} symbol version(s) differ from the booted kernel's (${off.slice(0, 3).join(', ')}${off.length > 3 ? ', …' : ''})`;
   return undefined;
 }
 
@@ -135,9 +157,12 @@ async function headersDir(kernel: LabKernel, log: (s: string) => void): Promise<
   try {
     await aptInstall([`linux-headers-${kernel.version}`], log);
   } catch (e) {
-    throw new LabError(`cannot build against ${kernel.version}: ${(e as Error).message} (its headers must install on this host)`);
+    throw new LabError(
+      `cannot build against ${kernel.version}: ${(e as Error).message} (its headers must install on this host)`,
+    );
   }
-  if (!existsSync(join(dir, 'Makefile'))) throw new LabError(`linux-headers-${kernel.version} installed no ${dir}/Makefile`);
+  if (!existsSync(join(dir, 'Makefile')))
+    throw new LabError(`linux-headers-${kernel.version} installed no ${dir}/Makefile`);
   return dir;
 }
 
@@ -152,7 +177,9 @@ export function kbuildFor(makefile: string): string {
     '# Written by kvmharness lab run --kvm-source: KVM built out of tree against',
     "# the lab kernel's headers. Remove it to build in a full tree again.",
     'ccflags-y += -I $(src)/..',
-    makefile.replace(/\$\(srctree\)\/arch\/x86\/kvm/g, '$(src)').replace(/\$\(srctree\)\/virt\/kvm/g, '$(src)/../../../virt/kvm'),
+    makefile
+      .replace(/\$\(srctree\)\/arch\/x86\/kvm/g, '$(src)')
+      .replace(/\$\(srctree\)\/virt\/kvm/g, '$(src)/../../../virt/kvm'),
   ].join('\n');
 }
 
@@ -163,11 +190,14 @@ export function kbuildFor(makefile: string): string {
  */
 export async function withKvmSource(kernel: LabKernel, dir: string, log: (s: string) => void): Promise<LabKernel> {
   if (kernel.arch !== 'x86_64') throw new LabError('--kvm-source builds x86 KVM: use an x86 profile');
-  if (!kernel.modulesDir) throw new LabError(`the kernel ${kernel.version} has no module tree to check the built modules against`);
+  if (!kernel.modulesDir)
+    throw new LabError(`the kernel ${kernel.version} has no module tree to check the built modules against`);
   const kvmDir = resolve(dir, 'arch', 'x86', 'kvm');
   const makefile = join(kvmDir, 'Makefile');
   if (!existsSync(makefile) || !existsSync(resolve(dir, 'virt', 'kvm'))) {
-    throw new LabError(`${dir} is not a kernel source tree with arch/x86/kvm and virt/kvm (\`lab source --release R DIR\` makes one)`);
+    throw new LabError(
+      `${dir} is not a kernel source tree with arch/x86/kvm and virt/kvm (\`lab source --release R DIR\` makes one)`,
+    );
   }
   const headers = await headersDir(kernel, log);
   const kbuild = kbuildFor(readFileSync(makefile, 'utf8'));
@@ -180,7 +210,8 @@ export async function withKvmSource(kernel: LabKernel, dir: string, log: (s: str
   log(`lab: building KVM from ${dir} against ${headers}`);
   const t0 = Date.now();
   const r = await run('make', ['-C', headers, `M=${kvmDir}`, `-j${Math.max(1, cpus().length)}`, 'modules'], log);
-  if (r.code !== 0) throw new LabError(`building KVM from ${dir} failed (make exit ${r.code}); the compiler's last lines are above`);
+  if (r.code !== 0)
+    throw new LabError(`building KVM from ${dir} failed (make exit ${r.code}); the compiler's last lines are above`);
   log(`lab: KVM built in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
   const stock = moduleTree(kernel.modulesDir);
   const overrides: Record<string, string> = {};

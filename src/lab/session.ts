@@ -77,7 +77,12 @@ export async function openLab(o: LabSessionOptions): Promise<LabSession> {
   let kernel = await resolveKernel({ kernel: o.kernel, modules: o.modules, release, arch: prof.arch, log: o.log });
   if (o.kvmSource) kernel = await withKvmSource(kernel, o.kvmSource, o.log);
   const agent = agentBinary(prof.arch, o.log);
-  const initramfs = buildInitramfs({ kernel, agentBinary: agent, profile: prof, dir: join(labCacheDir(), 'initramfs') });
+  const initramfs = buildInitramfs({
+    kernel,
+    agentBinary: agent,
+    profile: prof,
+    dir: join(labCacheDir(), 'initramfs'),
+  });
   o.log(`booting ${kernel.version} (${prof.name})`);
   const lab = await bootLab({ kernel, initramfs, profile: prof, bootTimeoutMs: o.bootTimeoutMs, log: o.log });
   let readFd = -1;

@@ -52,7 +52,9 @@ export function atLeast(version: readonly [number, number] | undefined, since: s
 }
 
 /** The behaviours' settings for a release, each with the sentence that says why. */
-export function kernelBehaviours(release: string | undefined): Record<KernelBehaviour['key'], { on: boolean; why: string }> {
+export function kernelBehaviours(
+  release: string | undefined,
+): Record<KernelBehaviour['key'], { on: boolean; why: string }> {
   const v = kernelVersion(release);
   const out = {} as Record<KernelBehaviour['key'], { on: boolean; why: string }>;
   for (const b of KERNEL_BEHAVIOURS) {

@@ -3,7 +3,13 @@
 // `lab matrix --release A,B`.
 import type { Outcome, RunReport } from '../run/types.js';
 
-const MARK: Record<Outcome, string> = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERR', not_run: 'SKIP' };
+const MARK: Record<Outcome, string> = {
+  pass: 'PASS',
+  fail: 'FAIL',
+  not_applicable: 'N/A',
+  error: 'ERR',
+  not_run: 'SKIP',
+};
 
 /** One run of the matrix: a release and a profile, and the run's report or why it did not run. */
 export interface ReleaseCell {
@@ -24,7 +30,10 @@ export function releaseDiffs(cells: readonly ReleaseCell[]): string[] {
     if (runs.length < 2) continue;
     const names = [...new Set(runs.flatMap((c) => (c.report as RunReport).checks.map((x) => x.name)))];
     for (const n of names) {
-      const per = runs.map((c) => ({ release: c.release, check: (c.report as RunReport).checks.find((x) => x.name === n) }));
+      const per = runs.map((c) => ({
+        release: c.release,
+        check: (c.report as RunReport).checks.find((x) => x.name === n),
+      }));
       if (new Set(per.map((x) => x.check?.outcome ?? '-')).size < 2) continue;
       const what = per.map(({ release, check }) => {
         if (!check) return `${release} -`;

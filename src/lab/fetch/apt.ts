@@ -85,7 +85,8 @@ export function labAptSource(cache: string, suite: string): AptSource {
   if (known) return known;
   const lists = SUITE_LISTS[suite];
   if (!lists) throw new LabError(`no lab apt configuration for Debian ${suite}`);
-  for (const d of ['lists/partial', 'cache/archives/partial', 'preferences.d']) mkdirSync(join(dir, d), { recursive: true });
+  for (const d of ['lists/partial', 'cache/archives/partial', 'preferences.d'])
+    mkdirSync(join(dir, d), { recursive: true });
   const keyring = '/usr/share/keyrings/debian-archive-keyring.gpg';
   const text = lists.map((l) => {
     const [archive, s] = l.split(' ');
@@ -125,7 +126,13 @@ async function aptUpdate(log: (s: string) => void, force = false, src: AptSource
 }
 
 /** Runs an apt command; when it fails and the lists were not refreshed yet, runs `apt-get update` and tries once more. */
-async function apt(cmd: string, args: readonly string[], log: (s: string) => void, cwd?: string, src: AptSource = HOST): Promise<Ran> {
+async function apt(
+  cmd: string,
+  args: readonly string[],
+  log: (s: string) => void,
+  cwd?: string,
+  src: AptSource = HOST,
+): Promise<Ran> {
   if (!src.updated && !hasLists(src)) await aptUpdate(log, false, src);
   let r = await run(cmd, [...src.options, ...args], { cwd });
   if (r.code !== 0 && !src.updated && isRoot()) {
@@ -186,7 +193,10 @@ export async function kernelPackage(log: (s: string) => void, arch: Arch, src: A
     const dep = await apt('apt-cache', ['depends', `linux-image-${deb}:${deb}`], log, undefined, src);
     const pkg = /Depends:\s*(linux-image-[^\s:]+)/.exec(dep.stdout)?.[1];
     if (pkg) return pkg;
-    if (src.updated || !isRoot()) throw new LabError(`cannot find Debian's ${arch} kernel package in ${src.name} sources (apt-cache depends linux-image-${deb}: ${dep.code !== 0 ? lastLine(dep) : 'no linux-image dependency'})`);
+    if (src.updated || !isRoot())
+      throw new LabError(
+        `cannot find Debian's ${arch} kernel package in ${src.name} sources (apt-cache depends linux-image-${deb}: ${dep.code !== 0 ? lastLine(dep) : 'no linux-image dependency'})`,
+      );
     await aptUpdate(log, false, src);
   }
 }
@@ -219,7 +229,8 @@ export async function unpackDeb(
     const t0 = Date.now();
     const dl = await apt('apt-get', ['download', ...pkgs], log, tmp, src);
     const debs = readdirSync(tmp).filter((f) => f.endsWith('.deb'));
-    if (dl.code !== 0 || debs.length < pkgs.length) throw new LabError(`apt-get download ${pkgs.join(' ')} failed: ${lastLine(dl)}`);
+    if (dl.code !== 0 || debs.length < pkgs.length)
+      throw new LabError(`apt-get download ${pkgs.join(' ')} failed: ${lastLine(dl)}`);
     const root = join(tmp, 'root');
     for (const deb of debs) {
       const x = await run('dpkg-deb', ['-x', join(tmp, deb), root]);
@@ -240,7 +251,12 @@ export async function unpackDeb(
 }
 
 /** Debian's static busybox for the lab's architecture, unpacked into the cache; returns the binary's path. */
-export async function fetchBusybox(cache: string, log: (s: string) => void, arch: Arch, src: AptSource = HOST): Promise<string> {
+export async function fetchBusybox(
+  cache: string,
+  log: (s: string) => void,
+  arch: Arch,
+  src: AptSource = HOST,
+): Promise<string> {
   const root = join(cache, arch);
   const have = existsSync(root)
     ? readdirSync(root)

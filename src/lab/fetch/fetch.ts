@@ -5,7 +5,17 @@ import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Arch } from '../../arch/arch.js';
 import { LabError } from '../profiles.js';
-import { aptRefresh, candidateVersion, packageDepends, DEB_ARCH, fetchBusybox, kernelPackage, labAptSource, safeName, unpackDeb } from './apt.js';
+import {
+  aptRefresh,
+  candidateVersion,
+  packageDepends,
+  DEB_ARCH,
+  fetchBusybox,
+  kernelPackage,
+  labAptSource,
+  safeName,
+  unpackDeb,
+} from './apt.js';
 import { labCacheDir, readManifest, writeManifest } from './cache.js';
 import { extractVmlinux, hasPvhNote } from './image.js';
 import { checkArm64Kernel, checkX86Kernel, type LabKernel } from './kernel.js';
@@ -68,7 +78,8 @@ const DEBIAN_KERNEL: Record<
     name: 'kernel',
     unpacked: async (tree, u, log) => {
       const bz = vmlinuz(tree, u.release);
-      if (!existsSync(bz)) throw new LabError(`${u.pkg} has no boot/vmlinuz-${u.release} nor usr/lib/modules/${u.release}/vmlinuz`);
+      if (!existsSync(bz))
+        throw new LabError(`${u.pkg} has no boot/vmlinuz-${u.release} nor usr/lib/modules/${u.release}/vmlinuz`);
       log('lab: extracting vmlinux from the bzImage');
       extractVmlinux(bz, join(tree, 'vmlinux'));
     },
@@ -128,7 +139,9 @@ export async function labFetch(opts: {
   const u: Unpacked = { pkg, release: version, dir: join(root, safeName(`${pkg}_${pkgVersion}`)) };
   const unpacked = debian.unpacked;
   // sid splits the kernel into linux-base-, linux-binary- and linux-modules-<release>.
-  const parts = (await packageDepends(deb, log, src)).filter((d) => new RegExp(`^linux-(base|binary|modules)-${escape(version)}$`).test(d));
+  const parts = (await packageDepends(deb, log, src)).filter((d) =>
+    new RegExp(`^linux-(base|binary|modules)-${escape(version)}$`).test(d),
+  );
   const debs = [deb, ...parts.map((d) => `${d}:${DEB_ARCH[arch]}`)];
   await unpackDeb(debs, u.dir, log, unpacked && ((tree) => unpacked(tree, u, log)), src);
   const busybox = await fetchBusybox(cache, log, arch, src);

@@ -25,7 +25,10 @@ export const NEWEST_RELEASE = RELEASES[RELEASES.length - 1]!.name;
 export function labRelease(name: string | undefined): LabRelease {
   if (name === undefined) return RELEASES[RELEASES.length - 1]!;
   const r = RELEASES.find((x) => x.name === name || x.suite === name);
-  if (!r) throw new LabError(`unknown lab release '${name}' (known: ${RELEASES.map((x) => `${x.name} (${x.suite})`).join(', ')})`);
+  if (!r)
+    throw new LabError(
+      `unknown lab release '${name}' (known: ${RELEASES.map((x) => `${x.name} (${x.suite})`).join(', ')})`,
+    );
   return r;
 }
 
@@ -44,6 +47,8 @@ export function releaseRoot(cache: string, release: LabRelease, arch: Arch): str
 export function checkSeries(release: LabRelease, pkgVersion: string, pkg: string): void {
   const series = /^(\d+\.\d+)[.-]/.exec(pkgVersion)?.[1];
   if (series !== release.name) {
-    throw new LabError(`Debian ${release.suite}'s kernel is now ${pkg} ${pkgVersion}, not of the ${release.name} series the lab names by '${release.name}'`);
+    throw new LabError(
+      `Debian ${release.suite}'s kernel is now ${pkg} ${pkgVersion}, not of the ${release.name} series the lab names by '${release.name}'`,
+    );
   }
 }

@@ -58,7 +58,8 @@ export async function resolveKernel(opts: {
   const log = opts.log ?? (() => {});
   const arch = opts.arch ?? 'x86_64';
   if (opts.kernel && isReleaseName(opts.kernel) && !existsSync(opts.kernel)) {
-    if (opts.release !== undefined) throw new LabError(`--kernel ${opts.kernel} names a release: give it or --release, not both`);
+    if (opts.release !== undefined)
+      throw new LabError(`--kernel ${opts.kernel} names a release: give it or --release, not both`);
     if (opts.modules) throw new LabError(`--kernel ${opts.kernel} names a lab release, which brings its own modules`);
     return labFetch({ cacheDir: opts.cacheDir, log, arch, release: opts.kernel });
   }
