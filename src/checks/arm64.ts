@@ -17,6 +17,7 @@ import { dirtyPages } from '../observe/dirty-log.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { parseGuestFault } from '../observe/stage2-faults.js';
 import { NotApplicable } from '../base/not-applicable.js';
+import { confirmThp, needThp } from './thp.js';
 import type { Check, CheckContext } from '../run/types.js';
 import { expectKickAtLimit, mmioOf } from './stops.js';
 import { hex, PAGE } from '../base/units.js';
@@ -372,11 +373,7 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
       'arm64: after dirty logging stops, a fault in a THP-backed 2 MiB block that holds a 4 KiB page under a table maps the block (the table replaced); kvm_guest_fault as the stage-2 model predicts',
     needs: ['stage2_fault_tracepoints', 'dirty_log'],
     async run(ctx) {
-      const thp = ctx.profile.thp;
-      if (!thp || thp.enabled === 'never')
-        throw new NotApplicable(
-          `transparent huge pages are ${thp ? 'disabled (enabled: never)' : 'absent (no /sys/kernel/mm/transparent_hugepage)'}`,
-        );
+      const thp = needThp(ctx.profile);
       await withGuest(ctx, async (g) => {
         let s = g.vm.addMemslot({
           slot: 1,
@@ -400,15 +397,7 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
         s.madvise(Number(block - s.gpa), Number(MIB2), MADV_POPULATE_WRITE);
         const offsets = [0n, 0x1000n, 0x1ff000n].map((o) => block - s.gpa + o);
         for (const off of offsets) g.mem.write(s.gpa + off + 0x800n, [0xb1, 0x0c]);
-        const huge = s.hugeBytes();
-        if (huge === undefined)
-          throw new NotApplicable(
-            'smaps of the process holding the memory cannot be read, so a transparent huge page cannot be confirmed',
-          );
-        if (huge < Number(MIB2))
-          throw new NotApplicable(
-            `no transparent huge page backs the block after the host wrote it (AnonHugePages ${huge / 1024} kB; THP ${thp.enabled}, defrag ${thp.defrag})`,
-          );
+        confirmThp(s, thp, Number(MIB2));
 
         const p0 = block + 0x10n;
         const p1 = block + 0x1008n;

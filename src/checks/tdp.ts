@@ -21,6 +21,7 @@ import { dirtyPages } from '../observe/dirty-log.js';
 import { decodeTdpSpte, TdpPicture } from '../observe/tdp-picture.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { NotApplicable } from '../base/not-applicable.js';
+import { confirmThp, needThp } from './thp.js';
 import type { Check, CheckContext } from '../run/types.js';
 import { PAGE_SIZE as PAGE } from '../base/units.js';
 
@@ -271,11 +272,7 @@ export function tdpDirtyLogSplitCoalesce(opts: { wrong?: Wrong; eagerSplit?: boo
 }
 
 async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerSplit?: boolean }): Promise<void> {
-  const thp = ctx.profile.thp;
-  if (!thp || thp.enabled === 'never')
-    throw new NotApplicable(
-      `transparent huge pages are ${thp ? 'disabled (enabled: never)' : 'absent (no /sys/kernel/mm/transparent_hugepage)'}`,
-    );
+  const thp = needThp(ctx.profile);
   const params = ctx.profile.moduleParams;
   const yes = (v: string | undefined) => v === 'Y' || v === 'y' || v === '1';
   // With Intel PML, KVM logs dirty pages by clearing D bits instead of W
@@ -314,15 +311,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
         `MADV_POPULATE_WRITE failed (${(e as Error).message}), so the block cannot be faulted in as a transparent huge page`,
       );
     }
-    const huge = s.hugeBytes();
-    if (huge === undefined)
-      throw new NotApplicable(
-        'smaps of the process holding the memory cannot be read, so a transparent huge page cannot be confirmed',
-      );
-    if (huge < Number(MIB2))
-      throw new NotApplicable(
-        `no transparent huge page backs the block after the host wrote it (AnonHugePages ${huge / 1024} kB; THP ${thp.enabled}, defrag ${thp.defrag})`,
-      );
+    confirmThp(s, thp, Number(MIB2));
 
     const leaf = PTE_P | PTE_RW | PTE_A | PTE_D | PTE_NX;
     g.boot.tables.map(DL_GVA, block, MIB2, '4K', { leaf });
