@@ -258,17 +258,21 @@ export async function fetchBusybox(
   src: AptSource = HOST,
 ): Promise<string> {
   const root = join(cache, arch);
+  // bookworm's package has bin/busybox; trixie's and sid's (merged /usr) usr/bin/busybox.
+  const binOf = (dir: string) => ['bin', 'usr/bin'].map((d) => join(dir, d, 'busybox')).find((p) => existsSync(p));
   const have = existsSync(root)
     ? readdirSync(root)
         .filter((d) => d.startsWith('busybox-static_'))
         .sort()
     : [];
-  for (const d of have.reverse())
-    if (existsSync(join(root, d, 'bin', 'busybox'))) return join(root, d, 'bin', 'busybox');
+  for (const d of have.reverse()) {
+    const bin = binOf(join(root, d));
+    if (bin) return bin;
+  }
   const pkg = `busybox-static:${DEB_ARCH[arch]}`;
   const dest = join(root, `busybox-static_${safeName(await candidateVersion(pkg, log, src))}`);
   await unpackDeb(pkg, dest, log, undefined, src);
-  const bin = join(dest, 'bin', 'busybox');
-  if (!existsSync(bin)) throw new LabError(`busybox-static unpacked without bin/busybox (in ${dest})`);
+  const bin = binOf(dest);
+  if (!bin) throw new LabError(`busybox-static unpacked without bin/busybox or usr/bin/busybox (in ${dest})`);
   return bin;
 }
