@@ -5,6 +5,7 @@ import type { Command } from 'commander';
 import { labFetch } from '../lab/fetch/index.js';
 import { ARCHES, isArch, type Arch } from '../arch/arch.js';
 import { DEFAULT_PROFILE, LabError, PROFILES } from '../lab/profiles.js';
+import { FAULT_ENV, withFault } from '../lab/fault.js';
 import { openLab, type LabSessionOptions } from '../lab/session.js';
 import { compareAb } from '../lab/ab.js';
 import { abTable } from '../report/ab-table.js';
@@ -124,7 +125,8 @@ export function registerLab(program: Command): Command {
       const s = await openLab(sessionOptions(o, runProfile(o)));
       let report: RunReport;
       try {
-        report = await runReport(s.target, checks, ro);
+        const fault = process.env[FAULT_ENV];
+        report = await runReport(s.target, fault ? withFault(checks, fault, s.lab.pid) : checks, ro);
       } finally {
         await s.close();
       }
