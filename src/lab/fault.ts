@@ -39,9 +39,10 @@ export function withFault(checks: readonly Check[], spec: string, qemuPid: numbe
               process.kill(qemuPid, 'SIGSTOP');
               fs.read('/proc/version');
             } else {
-              fs.write('/dev/kmsg', '<4>------------[ cut here ]------------');
-              fs.write('/dev/kmsg', '<4>kvmharness: an injected warning');
-              fs.write('/dev/kmsg', `<4>${INJECTED_WARNING}`);
+              // One record a write, ended by a newline (else it waits for its continuation).
+              fs.write('/dev/kmsg', '<4>------------[ cut here ]------------\n');
+              fs.write('/dev/kmsg', '<4>kvmharness: an injected warning\n');
+              fs.write('/dev/kmsg', `<4>${INJECTED_WARNING}\n`);
             }
             await c.run(ctx);
           },

@@ -28,6 +28,8 @@ interface Rule {
 const inFn = (where: string | undefined) => (where ? ` in ${where}` : '');
 const withSaid = (said: string | undefined) => (said ? `: ${said}` : '');
 
+const OOPS: Rule = { re: /^Oops: (.*)$/, title: (m, w) => `Oops: ${m[1]}${inFn(w)}` };
+
 const RULES: readonly Rule[] = [
   { re: /kernel BUG at (\S+?)!?$/, title: (m, w, s) => `kernel BUG ${w ? `in ${w}` : `at ${m[1]}`}${withSaid(s)}` },
   {
@@ -36,9 +38,9 @@ const RULES: readonly Rule[] = [
     title: (m, _w, s) => `WARNING in ${m[2]}${withSaid(s)}`,
   },
   { re: /BUG: (soft lockup|workqueue lockup)\b.*$/, title: (m) => m[0] },
-  { re: /BUG: (.*?)(?:,? (?:at )?address:? ?[0-9a-fx]+)?$/, title: (m, w) => `BUG: ${m[1]}${inFn(w)}` },
-  { re: /^Oops: (.*)$/, title: (m, w) => `Oops: ${m[1]}${inFn(w)}` },
+  OOPS,
   { re: /^Internal error: (.*)$/, title: (m, w) => `Internal error: ${m[1]}${inFn(w)}` },
+  { re: /BUG: (.*?)(?:,? (?:at )?address:? ?[0-9a-fx]+)?$/, title: (m, w) => `BUG: ${m[1]}${inFn(w)}` },
   { re: /^(?:rcu: )?INFO: (rcu_\w+ (?:self-)?detected stalls?.*|task .* blocked for more than \d+ seconds)/, title: (m) => m[1]! },
   { re: /^NMI watchdog: Watchdog detected hard LOCKUP.*$/, title: (m) => m[0] },
   { re: /^Kernel panic - not syncing: (.*)$/, title: (m) => `kernel panic: ${m[1]}` },
@@ -84,7 +86,9 @@ export function kernelProblems(text: string): KernelProblem[] {
     for (const rule of RULES) {
       const m = rule.re.exec(l.text);
       if (!m) continue;
-      if (!rule.kvmOnly || fromKvm(l.text)) found.push({ at, rule, m });
+      // x86 prints "Oops: ..." a few lines after the BUG: line that says what happened.
+      const sameOops = rule.title === OOPS.title && found.length > 0 && at - found[found.length - 1]!.at <= 6;
+      if ((!rule.kvmOnly || fromKvm(l.text)) && !sameOops) found.push({ at, rule, m });
       break;
     }
   });

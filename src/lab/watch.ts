@@ -96,8 +96,9 @@ export function labWatch(lab: Lab, remote: RemoteAddon, timeoutMs: number): Kern
         : (failure?.message ?? 'the lab stopped answering');
       const dead = problems[0]?.message ?? (lab.running() ? `hang: ${why}` : `the lab's QEMU exited: ${why}`);
       if (!problems.length) {
+        // Nothing new on the console: its last lines, as they were.
         const lines = text.split('\n').filter((l) => l.trim());
-        problems.push({ message: dead, excerpt: lines.slice(-TAIL) });
+        problems.push({ message: dead, excerpt: lines.length ? lines.slice(-TAIL) : lab.consoleTail(TAIL).split('\n') });
       }
       return { problems, dead };
     },
