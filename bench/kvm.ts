@@ -54,7 +54,9 @@ export async function exitRoundtrip(kvm: Kvm, n: number): Promise<RoundtripResul
     const r = await vcpu.run({ consolePort: GUEST.port, maxExits: n, timeoutMs });
     const ns = Number(process.hrtime.bigint() - t0);
     if (r.timedOut || r.exits !== n || r.exit.reason !== 'io' || r.exit.port !== GUEST.port) {
-      throw new Error(`exit_roundtrip: ${r.exits} of ${n} exits, last exit ${r.exit.reason}${r.timedOut ? ' (timed out)' : ''}`);
+      throw new Error(
+        `exit_roundtrip: ${r.exits} of ${n} exits, last exit ${r.exit.reason}${r.timedOut ? ' (timed out)' : ''}`,
+      );
     }
     return { usPerExit: ns / n / 1e3, threadUsPerExit: r.ns / n / 1e3 };
   } finally {
@@ -93,8 +95,31 @@ export async function faultIn(kvm: Kvm, n: number): Promise<number> {
     vm.mem.write(GUEST.codeGpa, GUEST.touch);
     const vcpu = vm.createVcpu();
     const s = vcpu.getSregs();
-    const flat = { ...s.ds, base: 0n, limit: 0xffffffff, selector: 0x10, type: 3, present: 1, db: 1, s: 1, g: 1, l: 0, dpl: 0, avl: 0, unusable: 0 };
-    vcpu.setSregs({ ...s, ds: flat, es: flat, ss: flat, fs: flat, gs: flat, cs: { ...flat, selector: 0x8, type: 11 }, cr0: s.cr0 | 1n });
+    const flat = {
+      ...s.ds,
+      base: 0n,
+      limit: 0xffffffff,
+      selector: 0x10,
+      type: 3,
+      present: 1,
+      db: 1,
+      s: 1,
+      g: 1,
+      l: 0,
+      dpl: 0,
+      avl: 0,
+      unusable: 0,
+    };
+    vcpu.setSregs({
+      ...s,
+      ds: flat,
+      es: flat,
+      ss: flat,
+      fs: flat,
+      gs: flat,
+      cs: { ...flat, selector: 0x8, type: 11 },
+      cr0: s.cr0 | 1n,
+    });
     vcpu.setRegs({ ...zeroRegs(), rip: GUEST.codeGpa, rcx: BigInt(n), rflags: 2n });
     const t0 = process.hrtime.bigint();
     const res = await vcpu.run({ timeoutMs: 60_000 });

@@ -6,7 +6,7 @@
 import { SMOKE } from '../src/checks/smoke.js';
 import { Kvm } from '../src/kvm/kvm.js';
 import { localTarget } from '../src/target/local.js';
-import type { Target } from '../src/target/target.js';
+import type { Target } from '../src/kvm/target.js';
 import { openLab } from '../src/lab/session.js';
 import { probe } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';
@@ -37,7 +37,8 @@ async function timeCheck(target: Target, c: Check, n: number): Promise<number[]>
     const out: number[] = [];
     for (let i = 0; i < n; i++) {
       const r = await runCheck(c, kvm, prof);
-      if (r.outcome !== 'pass') throw new Error(`${c.name} did not pass (${r.outcome}${r.reason ? `: ${r.reason}` : ''})`);
+      if (r.outcome !== 'pass')
+        throw new Error(`${c.name} did not pass (${r.outcome}${r.reason ? `: ${r.reason}` : ''})`);
       out.push(r.durationMs);
     }
     return out;
@@ -69,7 +70,9 @@ export async function benchLab(o: { boots: number; runs: number; log: (s: string
   }
   const lab = median(inLab);
   const here = median(local);
-  o.log(`lab_boot_s: boots ${bootS.map((x) => x.toFixed(2)).join(', ')} s; lab_check_ms: ${lab.toFixed(1)} ms in the lab, ${here.toFixed(1)} ms here`);
+  o.log(
+    `lab_boot_s: boots ${bootS.map((x) => x.toFixed(2)).join(', ')} s; lab_check_ms: ${lab.toFixed(1)} ms in the lab, ${here.toFixed(1)} ms here`,
+  );
   const round = (x: number, d: number): number => Number(x.toFixed(d));
   return [
     {

@@ -52,7 +52,17 @@ interface Options {
 }
 
 function parseArgs(argv: string[]): Options {
-  const o: Options = { json: false, rounds: 7, exits: 30_000, lifecycles: 300, leak: 10_000, matrixFull: false, pages: 4096, lab: true, labBoots: 3 };
+  const o: Options = {
+    json: false,
+    rounds: 7,
+    exits: 30_000,
+    lifecycles: 300,
+    leak: 10_000,
+    matrixFull: false,
+    pages: 4096,
+    lab: true,
+    labBoots: 3,
+  };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const int = (): number => {
@@ -70,7 +80,9 @@ function parseArgs(argv: string[]): Options {
     else if (a === '--no-lab') o.lab = false;
     else if (a === '--lab-boots') o.labBoots = int();
     else if (a === '--help' || a === '-h') {
-      process.stderr.write('usage: node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--pages N] [--matrix-full] [--no-lab] [--lab-boots N]\n');
+      process.stderr.write(
+        'usage: node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--pages N] [--matrix-full] [--no-lab] [--lab-boots N]\n',
+      );
       process.exit(0);
     } else throw new Error(`unknown argument ${a}`);
   }
@@ -85,7 +97,8 @@ function median(xs: number[]): number {
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
 const fmt = (x: number, digits = 2): string => x.toFixed(digits);
-const spread = (xs: number[], digits = 2): string => `min ${fmt(Math.min(...xs), digits)} median ${fmt(median(xs), digits)} max ${fmt(Math.max(...xs), digits)}`;
+const spread = (xs: number[], digits = 2): string =>
+  `min ${fmt(Math.min(...xs), digits)} median ${fmt(median(xs), digits)} max ${fmt(Math.max(...xs), digits)}`;
 
 /** Builds bench/ref/ref.c into a temporary directory; returns the program's path. */
 function buildReference(dir: string): string {
@@ -96,16 +109,26 @@ function buildReference(dir: string): string {
     execFileSync(cc, ['-O2', '-pthread', '-o', out, src], { stdio: ['ignore', 'ignore', 'pipe'] });
   } catch (e) {
     const err = e as NodeJS.ErrnoException & { stderr?: Buffer };
-    if (err.code === 'ENOENT') throw new Error(`no C compiler: \`${cc}\` was not found (install gcc, or set CC) — it is needed to build the C reference ${src}`);
-    throw new Error(`building the C reference failed: ${cc} -O2 -pthread -o ${out} ${src}\n${err.stderr?.toString() ?? err.message}`);
+    if (err.code === 'ENOENT')
+      throw new Error(
+        `no C compiler: \`${cc}\` was not found (install gcc, or set CC) — it is needed to build the C reference ${src}`,
+      );
+    throw new Error(
+      `building the C reference failed: ${cc} -O2 -pthread -o ${out} ${src}\n${err.stderr?.toString() ?? err.message}`,
+    );
   }
   return out;
 }
 
-function runReference(ref: string, bench: 'exit_roundtrip' | 'vm_lifecycle' | 'vm_lifecycle_threaded' | 'fault_in', n: number): number {
+function runReference(
+  ref: string,
+  bench: 'exit_roundtrip' | 'vm_lifecycle' | 'vm_lifecycle_threaded' | 'fault_in',
+  n: number,
+): number {
   const out = execFileSync(ref, [bench, String(n)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
   const r = JSON.parse(out.trim()) as { ns_per_exit?: number; us_per_lifecycle?: number; us_per_page?: number };
-  const v = bench === 'exit_roundtrip' ? r.ns_per_exit! / 1e3 : bench === 'fault_in' ? r.us_per_page! : r.us_per_lifecycle!;
+  const v =
+    bench === 'exit_roundtrip' ? r.ns_per_exit! / 1e3 : bench === 'fault_in' ? r.us_per_page! : r.us_per_lifecycle!;
   if (!Number.isFinite(v)) throw new Error(`the C reference printed no result: ${out}`);
   return v;
 }
@@ -125,7 +148,10 @@ function findGc(): (() => void) | undefined {
 
 const openFds = (): number => readdirSync('/proc/self/fd').length;
 /** kvm_run mappings still in the address space (each one keeps its vCPU, and so its VM, alive). */
-const vcpuMappings = (): number => readFileSync('/proc/self/maps', 'utf8').split('\n').filter((l) => l.includes('anon_inode:kvm-vcpu')).length;
+const vcpuMappings = (): number =>
+  readFileSync('/proc/self/maps', 'utf8')
+    .split('\n')
+    .filter((l) => l.includes('anon_inode:kvm-vcpu')).length;
 const settle = (): Promise<void> => new Promise((r) => setTimeout(r, 50));
 
 async function kvmBenches(kvm: Kvm, o: Options): Promise<Entry[]> {
@@ -134,8 +160,12 @@ async function kvmBenches(kvm: Kvm, o: Options): Promise<Entry[]> {
     progress('building the C reference');
     const ref = buildReference(dir);
 
-    const cExit: number[] = [], hExit: number[] = [], hExitThread: number[] = [];
-    const cLife: number[] = [], cLifeThreaded: number[] = [], hLife: number[] = [];
+    const cExit: number[] = [],
+      hExit: number[] = [],
+      hExitThread: number[] = [];
+    const cLife: number[] = [],
+      cLifeThreaded: number[] = [],
+      hLife: number[] = [];
     for (let i = 0; i < o.rounds; i++) {
       progress(`exit_roundtrip round ${i + 1}/${o.rounds} (${o.exits} exits, C then harness)`);
       cExit.push(runReference(ref, 'exit_roundtrip', o.exits));
@@ -149,22 +179,28 @@ async function kvmBenches(kvm: Kvm, o: Options): Promise<Entry[]> {
       cLifeThreaded.push(runReference(ref, 'vm_lifecycle_threaded', o.lifecycles));
       hLife.push(await vmLifecycle(kvm, o.lifecycles));
     }
-    const cFault: number[] = [], hFault: number[] = [];
+    const cFault: number[] = [],
+      hFault: number[] = [];
     for (let i = 0; i < o.rounds; i++) {
       progress(`fault_in round ${i + 1}/${o.rounds} (${o.pages} pages, C then harness)`);
       cFault.push(runReference(ref, 'fault_in', o.pages));
       hFault.push(await faultIn(kvm, o.pages));
     }
     progress(`fault_in µs/page: C ${spread(cFault, 3)}; harness ${spread(hFault, 3)}`);
-    progress(`exit_roundtrip µs/exit: C ${spread(cExit)}; harness ${spread(hExit)}; harness vCPU thread loop ${spread(hExitThread)}`);
-    progress(`vm_lifecycle µs: C ${spread(cLife, 0)}; threaded C ${spread(cLifeThreaded, 0)}; harness ${spread(hLife, 0)}`);
+    progress(
+      `exit_roundtrip µs/exit: C ${spread(cExit)}; harness ${spread(hExit)}; harness vCPU thread loop ${spread(hExitThread)}`,
+    );
+    progress(
+      `vm_lifecycle µs: C ${spread(cLife, 0)}; threaded C ${spread(cLifeThreaded, 0)}; harness ${spread(hLife, 0)}`,
+    );
 
     const entries: Entry[] = [];
     // The ratio is the median of each round's harness/C ratio: a round's two
     // measurements run back to back, so slow drifts of a shared machine
     // cancel out, where a ratio of two medians would keep them.
     const withRef = (name: string, unit: string, h: number[], c: number[]): Entry => {
-      const value = median(h), reference = median(c);
+      const value = median(h),
+        reference = median(c);
       const ratio = median(h.map((x, i) => x / c[i]!));
       return { name, unit, value: round(value, 3), reference: round(reference, 3), ratio: round(ratio, 3) };
     };
@@ -182,18 +218,27 @@ async function kvmBenches(kvm: Kvm, o: Options): Promise<Entry[]> {
     await lifecycleOnce(kvm);
     await settle();
     gc?.();
-    const fd0 = openFds(), rss0 = process.memoryUsage().rss, maps0 = vcpuMappings();
+    const fd0 = openFds(),
+      rss0 = process.memoryUsage().rss,
+      maps0 = vcpuMappings();
     const t0 = process.hrtime.bigint();
     for (let i = 0; i < o.leak; i++) {
       await lifecycleOnce(kvm);
-      if ((i + 1) % 2000 === 0) progress(`leak check: ${i + 1}/${o.leak} lifecycles, ${openFds()} fds, RSS ${fmt(process.memoryUsage().rss / 2 ** 20, 1)} MiB`);
+      if ((i + 1) % 2000 === 0)
+        progress(
+          `leak check: ${i + 1}/${o.leak} lifecycles, ${openFds()} fds, RSS ${fmt(process.memoryUsage().rss / 2 ** 20, 1)} MiB`,
+        );
     }
     const leakUs = Number(process.hrtime.bigint() - t0) / o.leak / 1e3;
     await settle();
     gc?.();
     gc?.();
-    const fd1 = openFds(), rss1 = process.memoryUsage().rss, maps1 = vcpuMappings();
-    progress(`leak check: ${o.leak} lifecycles at ${fmt(leakUs, 0)} µs each; fds ${fd0} -> ${fd1}; kvm-vcpu mappings ${maps0} -> ${maps1}; RSS ${fmt(rss0 / 2 ** 20, 1)} -> ${fmt(rss1 / 2 ** 20, 1)} MiB${gc ? ' (after gc)' : ''}`);
+    const fd1 = openFds(),
+      rss1 = process.memoryUsage().rss,
+      maps1 = vcpuMappings();
+    progress(
+      `leak check: ${o.leak} lifecycles at ${fmt(leakUs, 0)} µs each; fds ${fd0} -> ${fd1}; kvm-vcpu mappings ${maps0} -> ${maps1}; RSS ${fmt(rss0 / 2 ** 20, 1)} -> ${fmt(rss1 / 2 ** 20, 1)} MiB${gc ? ' (after gc)' : ''}`,
+    );
     entries.push({ name: 'vm_lifecycle_fd_growth', unit: 'count', value: fd1 - fd0 });
     entries.push({ name: 'vm_lifecycle_rss_growth_mb', unit: 'MB', value: round((rss1 - rss0) / 2 ** 20, 2) });
     return entries;
@@ -223,7 +268,14 @@ function table(entries: Entry[]): string {
   const rows = [['bench', 'value', 'unit', 'C reference', 'ratio', 'target', 'met']];
   for (const e of entries) {
     const t = TARGETS[e.name];
-    const value = e.value === null ? (e.note?.startsWith('failed') ? e.note : `not available here: ${e.note ?? 'unknown reason'}`) : e.value >= 1e5 ? Math.round(e.value).toLocaleString('en-US') : String(e.value);
+    const value =
+      e.value === null
+        ? e.note?.startsWith('failed')
+          ? e.note
+          : `not available here: ${e.note ?? 'unknown reason'}`
+        : e.value >= 1e5
+          ? Math.round(e.value).toLocaleString('en-US')
+          : String(e.value);
     rows.push([
       e.name,
       value,
@@ -234,9 +286,18 @@ function table(entries: Entry[]): string {
       e.value === null || !t ? '-' : t.met(e) ? 'yes' : 'NO',
     ]);
   }
-  const widths = rows[0]!.map((_, j) => Math.max(...rows.filter((r) => j === 0 || r[2] !== '' || r === rows[0]).map((r) => r[j]!.length)));
+  const widths = rows[0]!.map((_, j) =>
+    Math.max(...rows.filter((r) => j === 0 || r[2] !== '' || r === rows[0]).map((r) => r[j]!.length)),
+  );
   return rows
-    .map((r) => (r !== rows[0] && r[2] === '' ? `${r[0]!.padEnd(widths[0]!)}  ${r[1]}` : r.map((c, j) => c.padEnd(widths[j]!)).join('  ').trimEnd()))
+    .map((r) =>
+      r !== rows[0] && r[2] === ''
+        ? `${r[0]!.padEnd(widths[0]!)}  ${r[1]}`
+        : r
+            .map((c, j) => c.padEnd(widths[j]!))
+            .join('  ')
+            .trimEnd(),
+    )
     .join('\n');
 }
 
@@ -260,12 +321,18 @@ async function main(): Promise<number> {
         entries.push(...(await benchMatrix({ full: o.matrixFull })));
       } catch (e) {
         failed = true;
-        entries.push({ name: 'matrix_cases_per_s', unit: 'cases/s', value: null, note: `failed: ${(e as Error).message.split('\n')[0]}` });
+        entries.push({
+          name: 'matrix_cases_per_s',
+          unit: 'cases/s',
+          value: null,
+          note: `failed: ${(e as Error).message.split('\n')[0]}`,
+        });
       }
     } catch (e) {
       failed = true;
       progress(`KVM benches failed: ${(e as Error).message}`);
-      for (const [name, unit] of KVM_ENTRIES) entries.push({ name, unit, value: null, note: `failed: ${(e as Error).message.split('\n')[0]}` });
+      for (const [name, unit] of KVM_ENTRIES)
+        entries.push({ name, unit, value: null, note: `failed: ${(e as Error).message.split('\n')[0]}` });
     } finally {
       kvm.close();
     }
@@ -278,14 +345,21 @@ async function main(): Promise<number> {
   if (!o.lab) {
     for (const [name, unit] of LAB_ENTRIES) entries.push({ name, unit, value: null, note: 'not run (--no-lab)' });
   } else if (unavailable) {
-    for (const [name, unit] of LAB_ENTRIES) entries.push({ name, unit, value: null, note: `not available here: the local reference needs KVM: ${unavailable}` });
+    for (const [name, unit] of LAB_ENTRIES)
+      entries.push({
+        name,
+        unit,
+        value: null,
+        note: `not available here: the local reference needs KVM: ${unavailable}`,
+      });
   } else {
     progress('lab (npt-tdp)');
     try {
       entries.push(...(await benchLab({ boots: o.labBoots, runs: 9, log: progress })));
     } catch (e) {
       progress(`lab benches: ${(e as Error).message.split('\n')[0]}`);
-      for (const [name, unit] of LAB_ENTRIES) entries.push({ name, unit, value: null, note: `not available here: ${(e as Error).message.split('\n')[0]}` });
+      for (const [name, unit] of LAB_ENTRIES)
+        entries.push({ name, unit, value: null, note: `not available here: ${(e as Error).message.split('\n')[0]}` });
     }
   }
 

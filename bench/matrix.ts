@@ -41,7 +41,17 @@ export async function benchMatrix(opts: MatrixBenchOptions = {}): Promise<Matrix
       const t0 = performance.now();
       const r = await runCheck(accessMatrix({ sample, seed }), kvm, profile);
       const s = (performance.now() - t0) / 1000;
-      if (r.outcome !== 'pass') throw new Error(`access-matrix did not pass (${r.outcome}): ${r.reason ?? r.comparisons.filter((c) => !c.ok).map((c) => c.what).slice(0, 3).join('; ')}`);
+      if (r.outcome !== 'pass')
+        throw new Error(
+          `access-matrix did not pass (${r.outcome}): ${
+            r.reason ??
+            r.comparisons
+              .filter((c) => !c.ok)
+              .map((c) => c.what)
+              .slice(0, 3)
+              .join('; ')
+          }`,
+        );
       return { s, checked: r.cases?.checked ?? 0 };
     };
     await timed(2000, 99); // warm-up: JIT, vCPU thread
@@ -49,7 +59,9 @@ export async function benchMatrix(opts: MatrixBenchOptions = {}): Promise<Matrix
     for (let i = 0; i < rounds; i++) {
       const { s, checked } = await timed(cases, i + 1);
       rates.push(checked / s);
-      log(`matrix_cases_per_s round ${i + 1}/${rounds}: ${checked} cases in ${s.toFixed(2)} s = ${Math.round(checked / s)} cases/s`);
+      log(
+        `matrix_cases_per_s round ${i + 1}/${rounds}: ${checked} cases in ${s.toFixed(2)} s = ${Math.round(checked / s)} cases/s`,
+      );
     }
     const out: MatrixBenchEntry[] = [{ name: 'matrix_cases_per_s', unit: 'cases/s', value: Math.round(median(rates)) }];
     if (opts.full) {

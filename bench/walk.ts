@@ -16,7 +16,13 @@
 import { mulberry32 } from '../src/model/prng.js';
 import { walk, type Access, type PagingConfig } from '../src/model/walk.js';
 
-const P = 1n, RW = 2n, US = 4n, A = 32n, D = 64n, PS = 128n, NX = 1n << 63n;
+const P = 1n,
+  RW = 2n,
+  US = 4n,
+  A = 32n,
+  D = 64n,
+  PS = 128n,
+  NX = 1n << 63n;
 
 interface BenchSet {
   cfg: PagingConfig;

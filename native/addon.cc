@@ -123,7 +123,7 @@ Napi::Value AddressOf(const Napi::CallbackInfo &info) {
   return Napi::BigInt::New(env, (uint64_t)(uintptr_t)d);
 }
 
-// Range helpers: (buffer, offset, len, value).
+// Range calls: (buffer, offset, len, ...), the range inside the buffer.
 bool range(const Napi::CallbackInfo &info, uint8_t **p, size_t *len) {
   uint8_t *d;
   size_t n;
@@ -136,40 +136,37 @@ bool range(const Napi::CallbackInfo &info, uint8_t **p, size_t *len) {
   return true;
 }
 
-Napi::Value Madvise(const Napi::CallbackInfo &info) {
-  ARGS(4);
+// A range call with `nargs` arguments: call(p, len) on the range, or an
+// exception naming the call when the range is outside the buffer.
+template <typename Call>
+Napi::Value on_range(const Napi::CallbackInfo &info, const char *name, size_t nargs, Call call) {
+  ARGS(nargs);
   uint8_t *p;
   size_t l;
-  if (!range(info, &p, &l)) return fail(env, "madvise: range outside the buffer");
-  return num(env, kh::advise(p, l, (int)i64(info[3])));
+  if (!range(info, &p, &l)) return fail(env, (std::string(name) + ": range outside the buffer").c_str());
+  return num(env, call(p, l));
+}
+
+Napi::Value Madvise(const Napi::CallbackInfo &info) {
+  return on_range(info, "madvise", 4, [&](uint8_t *p, size_t l) { return kh::advise(p, l, (int)i64(info[3])); });
 }
 
 Napi::Value Mprotect(const Napi::CallbackInfo &info) {
-  ARGS(4);
-  uint8_t *p;
-  size_t l;
-  if (!range(info, &p, &l)) return fail(env, "mprotect: range outside the buffer");
-  return num(env, kh::protect(p, l, (int)i64(info[3])));
+  return on_range(info, "mprotect", 4, [&](uint8_t *p, size_t l) { return kh::protect(p, l, (int)i64(info[3])); });
 }
 
 // unmapRange(buffer, offset, len): munmap of part of a mapped buffer. The
 // buffer stays attached; the caller must not touch the range until remapRange.
 Napi::Value UnmapRange(const Napi::CallbackInfo &info) {
-  ARGS(3);
-  uint8_t *p;
-  size_t l;
-  if (!range(info, &p, &l)) return fail(env, "unmapRange: range outside the buffer");
-  return num(env, kh::unmap(p, l));
+  return on_range(info, "unmapRange", 3, [](uint8_t *p, size_t l) { return kh::unmap(p, l); });
 }
 
 // remapRange(buffer, offset, len, prot, flags, fd, fileOffset): mmap with
 // MAP_FIXED over part of a mapped buffer.
 Napi::Value RemapRange(const Napi::CallbackInfo &info) {
-  ARGS(7);
-  uint8_t *p;
-  size_t l;
-  if (!range(info, &p, &l)) return fail(env, "remapRange: range outside the buffer");
-  return num(env, kh::map_fixed(p, l, (int)i64(info[3]), (int)i64(info[4]), (int)i64(info[5]), i64(info[6])));
+  return on_range(info, "remapRange", 7, [&](uint8_t *p, size_t l) {
+    return kh::map_fixed(p, l, (int)i64(info[3]), (int)i64(info[4]), (int)i64(info[5]), i64(info[6]));
+  });
 }
 
 Napi::Value MemfdCreate(const Napi::CallbackInfo &info) {

@@ -7,7 +7,7 @@
 // thread's `done` word; KVM_RUN on libuv's pool cost 45-52 µs per exit.
 //
 // The control block's word layout (CTL_*, OP_*) is mirrored by
-// src/kvm/thread.ts (W, WORDS, OP); test/native-abi.test.ts compiles this
+// src/kvm/thread.ts (CTL, CTL_WORDS, OP); test/native-abi.test.ts compiles this
 // header and compares the two.
 #pragma once
 #include <cstddef>

@@ -6,26 +6,73 @@ import { abTable } from '../src/report/ab-table.js';
 import type { CheckResult, Outcome, RunReport } from '../src/run/types.js';
 
 function report(checks: [string, Outcome, number][]): RunReport {
-  const cs: CheckResult[] = checks.map(([name, outcome, durationMs]) => ({ name, description: '', outcome, comparisons: [], notes: [], durationMs }));
+  const cs: CheckResult[] = checks.map(([name, outcome, durationMs]) => ({
+    name,
+    description: '',
+    outcome,
+    comparisons: [],
+    notes: [],
+    durationMs,
+  }));
   return {
     host: { arch: 'x86_64', flavour: 'kvm_amd', tdp: { enabled: true, kind: 'npt' }, tdpMmu: true, device: '/dev/kvm' },
     checks: cs,
-    summary: { total: cs.length, passed: 0, failed: 0, notApplicable: 0, errors: 0, durationMs: 0, notRun: 0, casesChecked: 0 },
+    summary: {
+      total: cs.length,
+      passed: 0,
+      failed: 0,
+      notApplicable: 0,
+      errors: 0,
+      durationMs: 0,
+      notRun: 0,
+      casesChecked: 0,
+    },
   };
 }
 
 describe('A/B comparison', () => {
   it('the same outcomes and overlapping times: nothing differs', () => {
     const r = compareAb(
-      [report([['a', 'pass', 10], ['b', 'not_applicable', 0]]), report([['a', 'pass', 12], ['b', 'not_applicable', 0]])],
-      [report([['a', 'pass', 11], ['b', 'not_applicable', 0]]), report([['a', 'pass', 13], ['b', 'not_applicable', 0]])],
+      [
+        report([
+          ['a', 'pass', 10],
+          ['b', 'not_applicable', 0],
+        ]),
+        report([
+          ['a', 'pass', 12],
+          ['b', 'not_applicable', 0],
+        ]),
+      ],
+      [
+        report([
+          ['a', 'pass', 11],
+          ['b', 'not_applicable', 0],
+        ]),
+        report([
+          ['a', 'pass', 13],
+          ['b', 'not_applicable', 0],
+        ]),
+      ],
     );
     expect(r.outcomeDiffs).toBe(0);
     expect(r.timeDiffs).toBe(0);
   });
 
   it('a check that passes on the baseline and fails on the kernel is reported', () => {
-    const r = compareAb([report([['a', 'pass', 10], ['b', 'pass', 5]])], [report([['a', 'fail', 10], ['b', 'pass', 5]])]);
+    const r = compareAb(
+      [
+        report([
+          ['a', 'pass', 10],
+          ['b', 'pass', 5],
+        ]),
+      ],
+      [
+        report([
+          ['a', 'fail', 10],
+          ['b', 'pass', 5],
+        ]),
+      ],
+    );
     expect(r.rows.filter((x) => x.outcomeDiffers).map((x) => x.name)).toEqual(['a']);
     expect(abTable(r, { baseline: 'B', kernel: 'A' })).toMatch(/^a .*PASS.*FAIL.*<- outcome differs$/m);
   });
@@ -33,9 +80,21 @@ describe('A/B comparison', () => {
   it('a check that flips between repeats of one kernel is reported, and a check missing on one side', () => {
     const r = compareAb(
       [report([['a', 'pass', 10]]), report([['a', 'fail', 10]])],
-      [report([['a', 'pass', 10], ['c', 'pass', 1]]), report([['a', 'pass', 10], ['c', 'pass', 1]])],
+      [
+        report([
+          ['a', 'pass', 10],
+          ['c', 'pass', 1],
+        ]),
+        report([
+          ['a', 'pass', 10],
+          ['c', 'pass', 1],
+        ]),
+      ],
     );
-    expect(r.rows.map((x) => [x.name, x.outcomeDiffers])).toEqual([['a', true], ['c', true]]);
+    expect(r.rows.map((x) => [x.name, x.outcomeDiffers])).toEqual([
+      ['a', true],
+      ['c', true],
+    ]);
   });
 
   it('times: medians far apart with disjoint ranges differ; overlapping ranges or close medians do not', () => {

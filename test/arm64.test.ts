@@ -24,9 +24,17 @@ import { wrong } from './support/wrong.js';
 describe('arm64 stage-2 aborts', () => {
   it('parses kvm_guest_fault events as the 6.1 kernel prints them', () => {
     expect(parseGuestFault('ipa 0x20005000, hsr 0x93c1804f, hxfar 0x20005008, pc 0x00000010000010')).toEqual({
-      ipa: 0x20005000n, esr: 0x93c1804fn, far: 0x20005008n, pc: 0x10000010n,
+      ipa: 0x20005000n,
+      esr: 0x93c1804fn,
+      far: 0x20005008n,
+      pc: 0x10000010n,
     });
-    expect(parseGuestFault('ipa 0, hsr 0x82000005, hxfar 0, pc 0x0000000000000000')).toEqual({ ipa: 0n, esr: 0x82000005n, far: 0n, pc: 0n });
+    expect(parseGuestFault('ipa 0, hsr 0x82000005, hxfar 0, pc 0x0000000000000000')).toEqual({
+      ipa: 0n,
+      esr: 0x82000005n,
+      far: 0n,
+      pc: 0n,
+    });
     expect(parseGuestFault('vcpu 0 exit')).toBeUndefined();
   });
 
@@ -63,38 +71,46 @@ describe('checks by architecture', () => {
 
 const crossCc = spawnSync('aarch64-linux-gnu-gcc', ['--version']).status === 0 ? 'aarch64-linux-gnu-gcc' : undefined;
 
-describe.skipIf(!crossCc)(`arm64 uapi${crossCc ? '' : ' [skipped: no aarch64-linux-gnu-gcc for the arm64 headers (apt-get install gcc-aarch64-linux-gnu)]'}`, () => {
-  // Made in beforeAll, not while collecting: a skipped suite's body still runs, its hooks do not.
-  let work = '';
-  beforeAll(() => {
-    work = mkdtempSync(join(tmpdir(), 'kvmharness-arm64-uapi-'));
-  });
-  afterAll(() => rmSync(work, { recursive: true, force: true }));
+describe.skipIf(!crossCc)(
+  `arm64 uapi${crossCc ? '' : ' [skipped: no aarch64-linux-gnu-gcc for the arm64 headers (apt-get install gcc-aarch64-linux-gnu)]'}`,
+  () => {
+    // Made in beforeAll, not while collecting: a skipped suite's body still runs, its hooks do not.
+    let work = '';
+    beforeAll(() => {
+      work = mkdtempSync(join(tmpdir(), 'kvmharness-arm64-uapi-'));
+    });
+    afterAll(() => rmSync(work, { recursive: true, force: true }));
 
-  it('ioctl numbers, struct sizes, feature bits and core register ids equal the headers', () => {
-    const u64 = (v: number | bigint) => `${BigInt(v)}ULL`;
-    const asserts = [
-      ...Object.entries(U.ARM64_IOCTL).map(([k, v]) => `_Static_assert((unsigned long long)${k} == ${u64(v)}, "${k}");`),
-      `_Static_assert(sizeof(struct kvm_vcpu_init) == ${U.ARM64_SIZEOF.kvm_vcpu_init}, "kvm_vcpu_init");`,
-      `_Static_assert(sizeof(struct kvm_one_reg) == ${U.ARM64_SIZEOF.kvm_one_reg}, "kvm_one_reg");`,
-      `_Static_assert(sizeof(struct kvm_reg_list) == ${U.ARM64_SIZEOF.kvm_reg_list}, "kvm_reg_list");`,
-      ...Object.entries(U.ARM64_CAP).map(([k, v]) => `_Static_assert(${k} == ${v}, "${k}");`),
-      `_Static_assert(KVM_ARM_VCPU_PSCI_0_2 == ${U.KVM_ARM_VCPU_PSCI_0_2}, "PSCI_0_2");`,
-      `_Static_assert(KVM_ARM_VCPU_POWER_OFF == ${U.KVM_ARM_VCPU_POWER_OFF}, "POWER_OFF");`,
-      `_Static_assert(KVM_SYSTEM_EVENT_SHUTDOWN == ${U.KVM_SYSTEM_EVENT.SHUTDOWN}, "SHUTDOWN");`,
-      `_Static_assert((KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG(regs.pc)) == ${u64(U.arm64CoreReg(U.ARM64_CORE.pc))}, "pc");`,
-      `_Static_assert((KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG(regs.pstate)) == ${u64(U.arm64CoreReg(U.ARM64_CORE.pstate))}, "pstate");`,
-      `_Static_assert((KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG(regs.sp)) == ${u64(U.arm64CoreReg(U.ARM64_CORE.sp))}, "sp");`,
-      `_Static_assert((KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG(regs.regs[7])) == ${u64(U.arm64CoreReg(U.ARM64_CORE.x(7)))}, "x7");`,
-      `_Static_assert((KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG(sp_el1)) == ${u64(U.arm64CoreReg(U.ARM64_CORE.sp_el1))}, "sp_el1");`,
-    ];
-    const src = join(work, 'abi.c');
-    writeFileSync(src, `#include <stddef.h>\n#include <linux/kvm.h>\n${asserts.join('\n')}\nint main(void) { return 0; }\n`);
-    const r = spawnSync(crossCc!, ['-fsyntax-only', src], { encoding: 'utf8' });
-    expect(r.stderr).toBe('');
-    expect(r.status).toBe(0);
-  });
-});
+    it('ioctl numbers, struct sizes, feature bits and core register ids equal the headers', () => {
+      const u64 = (v: number | bigint) => `${BigInt(v)}ULL`;
+      const asserts = [
+        ...Object.entries(U.ARM64_IOCTL).map(
+          ([k, v]) => `_Static_assert((unsigned long long)${k} == ${u64(v)}, "${k}");`,
+        ),
+        `_Static_assert(sizeof(struct kvm_vcpu_init) == ${U.ARM64_SIZEOF.kvm_vcpu_init}, "kvm_vcpu_init");`,
+        `_Static_assert(sizeof(struct kvm_one_reg) == ${U.ARM64_SIZEOF.kvm_one_reg}, "kvm_one_reg");`,
+        `_Static_assert(sizeof(struct kvm_reg_list) == ${U.ARM64_SIZEOF.kvm_reg_list}, "kvm_reg_list");`,
+        ...Object.entries(U.ARM64_CAP).map(([k, v]) => `_Static_assert(${k} == ${v}, "${k}");`),
+        `_Static_assert(KVM_ARM_VCPU_PSCI_0_2 == ${U.KVM_ARM_VCPU_PSCI_0_2}, "PSCI_0_2");`,
+        `_Static_assert(KVM_ARM_VCPU_POWER_OFF == ${U.KVM_ARM_VCPU_POWER_OFF}, "POWER_OFF");`,
+        `_Static_assert(KVM_SYSTEM_EVENT_SHUTDOWN == ${U.KVM_SYSTEM_EVENT.SHUTDOWN}, "SHUTDOWN");`,
+        `_Static_assert((KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG(regs.pc)) == ${u64(U.arm64CoreReg(U.ARM64_CORE.pc))}, "pc");`,
+        `_Static_assert((KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG(regs.pstate)) == ${u64(U.arm64CoreReg(U.ARM64_CORE.pstate))}, "pstate");`,
+        `_Static_assert((KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG(regs.sp)) == ${u64(U.arm64CoreReg(U.ARM64_CORE.sp))}, "sp");`,
+        `_Static_assert((KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG(regs.regs[7])) == ${u64(U.arm64CoreReg(U.ARM64_CORE.x(7)))}, "x7");`,
+        `_Static_assert((KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | KVM_REG_ARM_CORE_REG(sp_el1)) == ${u64(U.arm64CoreReg(U.ARM64_CORE.sp_el1))}, "sp_el1");`,
+      ];
+      const src = join(work, 'abi.c');
+      writeFileSync(
+        src,
+        `#include <stddef.h>\n#include <linux/kvm.h>\n${asserts.join('\n')}\nint main(void) { return 0; }\n`,
+      );
+      const r = spawnSync(crossCc!, ['-fsyntax-only', src], { encoding: 'utf8' });
+      expect(r.stderr).toBe('');
+      expect(r.status).toBe(0);
+    });
+  },
+);
 
 // ---- the arm64 lab -------------------------------------------------------------
 
@@ -135,31 +151,40 @@ for (const name of ['nvhe', 'vhe', 'protected'] as const) {
       }, 60_000);
 
       // The wrong expectations run once, on the first profile: it is about the checks, not the kernel.
-      it.skipIf(name !== 'nvhe')(`${check.name} reports a deliberately wrong expectation`, async () => {
-        const clean = await runCheck(check, kvm, profile);
-        expect(clean.comparisons.length).toBeGreaterThan(0);
-        for (const target of clean.comparisons.map((c) => c.what)) {
-          const wrongExpectation: WrongExpectation = (_c, what, expected) => (what === target ? wrong(expected) : expected);
-          const r = await runCheck(check, kvm, profile, { wrongExpectation });
-          expect(r.outcome, `a wrong expectation for '${target}'`).toBe('fail');
-          expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toEqual([target]);
-        }
-      }, 120_000);
+      it.skipIf(name !== 'nvhe')(
+        `${check.name} reports a deliberately wrong expectation`,
+        async () => {
+          const clean = await runCheck(check, kvm, profile);
+          expect(clean.comparisons.length).toBeGreaterThan(0);
+          for (const target of clean.comparisons.map((c) => c.what)) {
+            const wrongExpectation: WrongExpectation = (_c, what, expected) =>
+              what === target ? wrong(expected) : expected;
+            const r = await runCheck(check, kvm, profile, { wrongExpectation });
+            expect(r.outcome, `a wrong expectation for '${target}'`).toBe('fail');
+            expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toEqual([target]);
+          }
+        },
+        120_000,
+      );
     }
 
-    it.skipIf(name !== 'nvhe')('arm64_block_replaces_table reports a model that maps the block at 4 KiB', async () => {
-      const r = await runCheck(blockReplacesTable({ wrong: { tdp: { levelOffByOne: true } } }), kvm, profile);
-      expect(r.outcome, failures(r)).toBe('fail');
-      const bad = r.comparisons.filter((c) => !c.ok);
-      expect(bad.map((c) => c.what)).toEqual(['stage-2 faults, in order']);
-      // KVM: one level-3 fault (the read that maps the block). The wrong model
-      // maps that read at 4 KiB, so the two writes after it fault at level 3
-      // too: a translation fault, and a permission fault on the page the
-      // dirty log write-protected.
-      const level3 = (text: string) => text.match(/level: 3\}/g)?.length ?? 0;
-      expect(level3(bad[0]!.observed)).toBe(1);
-      expect(level3(bad[0]!.expected)).toBe(3);
-      expect(bad[0]!.expected).toMatch(/access: "write", fault: "permission", ipa: "0x[0-9a-f]+", level: 3\}\]$/);
-    }, 60_000);
+    it.skipIf(name !== 'nvhe')(
+      'arm64_block_replaces_table reports a model that maps the block at 4 KiB',
+      async () => {
+        const r = await runCheck(blockReplacesTable({ wrong: { tdp: { levelOffByOne: true } } }), kvm, profile);
+        expect(r.outcome, failures(r)).toBe('fail');
+        const bad = r.comparisons.filter((c) => !c.ok);
+        expect(bad.map((c) => c.what)).toEqual(['stage-2 faults, in order']);
+        // KVM: one level-3 fault (the read that maps the block). The wrong model
+        // maps that read at 4 KiB, so the two writes after it fault at level 3
+        // too: a translation fault, and a permission fault on the page the
+        // dirty log write-protected.
+        const level3 = (text: string) => text.match(/level: 3\}/g)?.length ?? 0;
+        expect(level3(bad[0]!.observed)).toBe(1);
+        expect(level3(bad[0]!.expected)).toBe(3);
+        expect(bad[0]!.expected).toMatch(/access: "write", fault: "permission", ipa: "0x[0-9a-f]+", level: 3\}\]$/);
+      },
+      60_000,
+    );
   });
 }

@@ -14,14 +14,88 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Asm, type Cond, type Mem, type Reg64, type Size } from '../src/arch/x86/asm.js';
-import { assembleCases, byteMismatches as asMismatches, describeComparisons, encodeAll, hexBytes } from './support/binutils.js';
+import {
+  assembleCases,
+  byteMismatches as asMismatches,
+  describeComparisons,
+  encodeAll,
+  hexBytes,
+} from './support/binutils.js';
 
 // ---- register names as the disassembler prints them ---------------------------
 
-const R64 = ['rax', 'rcx', 'rdx', 'rbx', 'rsp', 'rbp', 'rsi', 'rdi', 'r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15'] as const;
-const R32 = ['eax', 'ecx', 'edx', 'ebx', 'esp', 'ebp', 'esi', 'edi', 'r8d', 'r9d', 'r10d', 'r11d', 'r12d', 'r13d', 'r14d', 'r15d'];
-const R16 = ['ax', 'cx', 'dx', 'bx', 'sp', 'bp', 'si', 'di', 'r8w', 'r9w', 'r10w', 'r11w', 'r12w', 'r13w', 'r14w', 'r15w'];
-const R8 = ['al', 'cl', 'dl', 'bl', 'spl', 'bpl', 'sil', 'dil', 'r8b', 'r9b', 'r10b', 'r11b', 'r12b', 'r13b', 'r14b', 'r15b'];
+const R64 = [
+  'rax',
+  'rcx',
+  'rdx',
+  'rbx',
+  'rsp',
+  'rbp',
+  'rsi',
+  'rdi',
+  'r8',
+  'r9',
+  'r10',
+  'r11',
+  'r12',
+  'r13',
+  'r14',
+  'r15',
+] as const;
+const R32 = [
+  'eax',
+  'ecx',
+  'edx',
+  'ebx',
+  'esp',
+  'ebp',
+  'esi',
+  'edi',
+  'r8d',
+  'r9d',
+  'r10d',
+  'r11d',
+  'r12d',
+  'r13d',
+  'r14d',
+  'r15d',
+];
+const R16 = [
+  'ax',
+  'cx',
+  'dx',
+  'bx',
+  'sp',
+  'bp',
+  'si',
+  'di',
+  'r8w',
+  'r9w',
+  'r10w',
+  'r11w',
+  'r12w',
+  'r13w',
+  'r14w',
+  'r15w',
+];
+const R8 = [
+  'al',
+  'cl',
+  'dl',
+  'bl',
+  'spl',
+  'bpl',
+  'sil',
+  'dil',
+  'r8b',
+  'r9b',
+  'r10b',
+  'r11b',
+  'r12b',
+  'r13b',
+  'r14b',
+  'r15b',
+];
 const BY_SIZE: Record<Size, readonly string[]> = { 1: R8, 2: R16, 4: R32, 8: R64 };
 const PTR: Record<Size, string> = { 1: 'BYTE PTR', 2: 'WORD PTR', 4: 'DWORD PTR', 8: 'QWORD PTR' };
 const sub = (r: Reg64, size: Size) => BY_SIZE[size][R64.indexOf(r)]!;
@@ -71,19 +145,36 @@ const IMMS = [0, 1, 0x7f, -1, -0x80, 0x80, -0x81, 0x1234, 0x7fffffff, -0x8000000
 
 // Register-register and register-immediate arithmetic.
 const ALU_OPS = ['add', 'or', 'adc', 'sbb', 'and', 'sub', 'xor', 'cmp'] as const;
-group('alu', ALU_OPS.flatMap((op) => [
-  ...R64.map((r, i) => c(`${op} ${r}, ${R64[(i * 5 + 3) % 16]}`, (a) => a[op](r, R64[(i * 5 + 3) % 16]!))),
-  ...R64.flatMap((r) => IMMS.map((v) => c(`${op} ${r}, ${hx(v)}`, (a) => a[op](r, v)))),
-]));
+group(
+  'alu',
+  ALU_OPS.flatMap((op) => [
+    ...R64.map((r, i) => c(`${op} ${r}, ${R64[(i * 5 + 3) % 16]}`, (a) => a[op](r, R64[(i * 5 + 3) % 16]!))),
+    ...R64.flatMap((r) => IMMS.map((v) => c(`${op} ${r}, ${hx(v)}`, (a) => a[op](r, v)))),
+  ]),
+);
 group('test', [
   ...R64.map((r, i) => c(`test ${r}, ${R64[15 - i]}`, (a) => a.test(r, R64[15 - i]!))),
   ...R64.flatMap((r) => IMMS.map((v) => c(`test ${r}, ${hx(v)}`, (a) => a.test(r, v)))),
 ]);
-group('mov reg', R64.flatMap((d) => R64.map((s) => c(`mov ${d}, ${s}`, (a) => a.mov(d, s)))));
+group(
+  'mov reg',
+  R64.flatMap((d) => R64.map((s) => c(`mov ${d}, ${s}`, (a) => a.mov(d, s)))),
+);
 
 const MOV_IMMS: (number | bigint)[] = [
-  0, 1, 0x7fffffff, 0x80000000, 0xffffffff, 0x100000000, -1, -0x80000000, -0x80000001,
-  0x123456789abcdef0n, 0xffffffffffffffffn, 0x8000000000000000n, -(2n ** 63n),
+  0,
+  1,
+  0x7fffffff,
+  0x80000000,
+  0xffffffff,
+  0x100000000,
+  -1,
+  -0x80000000,
+  -0x80000001,
+  0x123456789abcdef0n,
+  0xffffffffffffffffn,
+  0x8000000000000000n,
+  -(2n ** 63n),
 ];
 /** The form movImm must pick: mov r32 (zero-extends), mov r64 with simm32, or movabs. */
 function movImmText(r: Reg64, v: number | bigint): string {
@@ -93,26 +184,42 @@ function movImmText(r: Reg64, v: number | bigint): string {
   if (s >= -(2n ** 31n) && s < 2n ** 31n) return `mov ${r}, ${hx(u)}`;
   return `movabs ${r}, ${hx(u)}`;
 }
-group('movImm', R64.flatMap((r) => MOV_IMMS.map((v) => c(movImmText(r, v), (a) => a.movImm(r, v)))));
+group(
+  'movImm',
+  R64.flatMap((r) => MOV_IMMS.map((v) => c(movImmText(r, v), (a) => a.movImm(r, v)))),
+);
 
 const SHIFT_OPS = ['rol', 'ror', 'rcl', 'rcr', 'shl', 'shr', 'sar'] as const;
-group('shift', SHIFT_OPS.flatMap((op) => R64.flatMap((r) => [
-  c(`${op} ${r}, 1`, (a) => a[op](r, 1)),
-  c(`${op} ${r}, cl`, (a) => a[op](r, 'cl')),
-  c(`${op} ${r}, 0x0`, (a) => a[op](r, 0)),
-  c(`${op} ${r}, 0xc`, (a) => a[op](r, 12)),
-  c(`${op} ${r}, 0x3f`, (a) => a[op](r, 63)),
-])));
+group(
+  'shift',
+  SHIFT_OPS.flatMap((op) =>
+    R64.flatMap((r) => [
+      c(`${op} ${r}, 1`, (a) => a[op](r, 1)),
+      c(`${op} ${r}, cl`, (a) => a[op](r, 'cl')),
+      c(`${op} ${r}, 0x0`, (a) => a[op](r, 0)),
+      c(`${op} ${r}, 0xc`, (a) => a[op](r, 12)),
+      c(`${op} ${r}, 0x3f`, (a) => a[op](r, 63)),
+    ]),
+  ),
+);
 
 const UNARY_OPS = ['inc', 'dec', 'neg', 'not'] as const;
-group('unary', UNARY_OPS.flatMap((op) => R64.map((r) => c(`${op} ${r}`, (a) => a[op](r)))));
+group(
+  'unary',
+  UNARY_OPS.flatMap((op) => R64.map((r) => c(`${op} ${r}`, (a) => a[op](r)))),
+);
 
 const BT_OPS = ['bt', 'bts', 'btr', 'btc'] as const;
-group('bit test', BT_OPS.flatMap((op) => R64.flatMap((r, i) => [
-  c(`${op} ${r}, 0x0`, (a) => a[op](r, 0)),
-  c(`${op} ${r}, 0x3f`, (a) => a[op](r, 63)),
-  c(`${op} ${r}, ${R64[(i + 7) % 16]}`, (a) => a[op](r, R64[(i + 7) % 16]!)),
-])));
+group(
+  'bit test',
+  BT_OPS.flatMap((op) =>
+    R64.flatMap((r, i) => [
+      c(`${op} ${r}, 0x0`, (a) => a[op](r, 0)),
+      c(`${op} ${r}, 0x3f`, (a) => a[op](r, 63)),
+      c(`${op} ${r}, ${R64[(i + 7) % 16]}`, (a) => a[op](r, R64[(i + 7) % 16]!)),
+    ]),
+  ),
+);
 
 group('push/pop', [
   ...R64.map((r) => c(`push ${r}`, (a) => a.push(r))),
@@ -127,51 +234,105 @@ group('push/pop', [
 const BASES: (Reg64 | undefined)[] = [undefined, ...R64];
 const INDEXES: { index?: Reg64; scale?: 1 | 2 | 4 | 8 }[] = [
   {},
-  { index: 'rax' }, { index: 'rax', scale: 2 }, { index: 'rax', scale: 4 }, { index: 'rax', scale: 8 },
-  { index: 'rbp', scale: 1 }, { index: 'rbp', scale: 8 }, { index: 'r12', scale: 1 }, { index: 'r12', scale: 4 },
-  { index: 'r13', scale: 2 }, { index: 'r15', scale: 8 }, { index: 'rdi', scale: 1 },
+  { index: 'rax' },
+  { index: 'rax', scale: 2 },
+  { index: 'rax', scale: 4 },
+  { index: 'rax', scale: 8 },
+  { index: 'rbp', scale: 1 },
+  { index: 'rbp', scale: 8 },
+  { index: 'r12', scale: 1 },
+  { index: 'r12', scale: 4 },
+  { index: 'r13', scale: 2 },
+  { index: 'r15', scale: 8 },
+  { index: 'rdi', scale: 1 },
 ];
 const DISPS = [0, 1, -1, 0x7f, -0x80, 0x80, -0x81, 0x12345678, 0x7fffffff, -0x80000000];
-const ALL_MEMS: PlainMem[] = BASES.flatMap((base) => INDEXES.flatMap((ix) => DISPS.map((disp) => ({ ...(base ? { base } : {}), ...ix, disp }))));
-group('lea addressing', ALL_MEMS.map((m, i) => {
-  const dst = R64[i % 16]!;
-  return c(`lea ${dst}, ${memText(m)}`, (a) => a.lea(dst, m));
-}));
+const ALL_MEMS: PlainMem[] = BASES.flatMap((base) =>
+  INDEXES.flatMap((ix) => DISPS.map((disp) => ({ ...(base ? { base } : {}), ...ix, disp }))),
+);
+group(
+  'lea addressing',
+  ALL_MEMS.map((m, i) => {
+    const dst = R64[i % 16]!;
+    return c(`lea ${dst}, ${memText(m)}`, (a) => a.lea(dst, m));
+  }),
+);
 
 /** A smaller set of memory operands, with every special case, for the other memory forms. */
 const MEMS: PlainMem[] = [
-  { base: 'rax' }, { base: 'rsp' }, { base: 'rbp' }, { base: 'r12' }, { base: 'r13' }, { base: 'r8' },
-  { base: 'r15', disp: 0x7f }, { base: 'rbx', disp: -0x80 }, { base: 'rcx', disp: 0x80 }, { base: 'rdx', disp: -0x81 },
-  { base: 'rsi', disp: 0x7fffffff }, { base: 'rdi', disp: -0x80000000 }, { base: 'rbp', disp: 8 },
-  { base: 'r13', disp: 0x1000 }, { base: 'rsp', disp: 8 }, { base: 'r12', disp: -8 },
-  { base: 'rax', index: 'rbx' }, { base: 'rbp', index: 'rax', scale: 2 }, { base: 'r13', index: 'r12', scale: 4, disp: 0x10 },
-  { base: 'rsp', index: 'rbp', scale: 8 }, { base: 'r12', index: 'r13', scale: 1, disp: -0x100 },
+  { base: 'rax' },
+  { base: 'rsp' },
+  { base: 'rbp' },
+  { base: 'r12' },
+  { base: 'r13' },
+  { base: 'r8' },
+  { base: 'r15', disp: 0x7f },
+  { base: 'rbx', disp: -0x80 },
+  { base: 'rcx', disp: 0x80 },
+  { base: 'rdx', disp: -0x81 },
+  { base: 'rsi', disp: 0x7fffffff },
+  { base: 'rdi', disp: -0x80000000 },
+  { base: 'rbp', disp: 8 },
+  { base: 'r13', disp: 0x1000 },
+  { base: 'rsp', disp: 8 },
+  { base: 'r12', disp: -8 },
+  { base: 'rax', index: 'rbx' },
+  { base: 'rbp', index: 'rax', scale: 2 },
+  { base: 'r13', index: 'r12', scale: 4, disp: 0x10 },
+  { base: 'rsp', index: 'rbp', scale: 8 },
+  { base: 'r12', index: 'r13', scale: 1, disp: -0x100 },
   { base: 'r9', index: 'r15', scale: 8, disp: 0x12345678 },
-  { index: 'rax', scale: 8 }, { index: 'r12', scale: 2, disp: 0x1000 }, { index: 'rbp', disp: -8 },
-  { disp: 0x1000 }, { disp: 0 }, { disp: -0x80 }, { disp: 0x7fffffff }, { disp: -0x80000000 },
+  { index: 'rax', scale: 8 },
+  { index: 'r12', scale: 2, disp: 0x1000 },
+  { index: 'rbp', disp: -8 },
+  { disp: 0x1000 },
+  { disp: 0 },
+  { disp: -0x80 },
+  { disp: 0x7fffffff },
+  { disp: -0x80000000 },
 ];
 const SIZES: Size[] = [1, 2, 4, 8];
 
-group('load', SIZES.flatMap((size) => MEMS.map((m, i) => {
-  const dst = R64[(i * 3) % 16]!;
-  const text = size < 4
-    ? `movzx ${sub(dst, 4)}, ${PTR[size]} ${memText(m)}`
-    : `mov ${sub(dst, size)}, ${PTR[size]} ${memText(m)}`;
-  return c(text, (a) => a.load(size, dst, m));
-})));
-group('store', SIZES.flatMap((size) => MEMS.flatMap((m, i) => [R64[i % 16]!, R64[(i + 4) % 16]!].map((src) =>
-  c(`mov ${PTR[size]} ${memText(m)}, ${sub(src, size)}`, (a) => a.store(size, m, src))))));
+group(
+  'load',
+  SIZES.flatMap((size) =>
+    MEMS.map((m, i) => {
+      const dst = R64[(i * 3) % 16]!;
+      const text =
+        size < 4
+          ? `movzx ${sub(dst, 4)}, ${PTR[size]} ${memText(m)}`
+          : `mov ${sub(dst, size)}, ${PTR[size]} ${memText(m)}`;
+      return c(text, (a) => a.load(size, dst, m));
+    }),
+  ),
+);
+group(
+  'store',
+  SIZES.flatMap((size) =>
+    MEMS.flatMap((m, i) =>
+      [R64[i % 16]!, R64[(i + 4) % 16]!].map((src) =>
+        c(`mov ${PTR[size]} ${memText(m)}, ${sub(src, size)}`, (a) => a.store(size, m, src)),
+      ),
+    ),
+  ),
+);
 const STORE_IMMS: Record<Size, number[]> = {
   1: [0, 0x7f, 0xff, -1, -0x80],
   2: [0, 0x1234, 0xffff, -1, -0x8000],
   4: [0, 0x12345678, 0xffffffff, -1, -0x80000000],
   8: [0, 1, -1, 0x7fffffff, -0x80000000],
 };
-group('storeImm', SIZES.flatMap((size) => MEMS.flatMap((m, i) => {
-  const imms = STORE_IMMS[size];
-  return [imms[i % imms.length]!, imms[(i + 2) % imms.length]!].map((v) =>
-    c(`mov ${PTR[size]} ${memText(m)}, ${hx(v, size === 8 ? 64 : size * 8)}`, (a) => a.storeImm(size, m, v)));
-})));
+group(
+  'storeImm',
+  SIZES.flatMap((size) =>
+    MEMS.flatMap((m, i) => {
+      const imms = STORE_IMMS[size];
+      return [imms[i % imms.length]!, imms[(i + 2) % imms.length]!].map((v) =>
+        c(`mov ${PTR[size]} ${memText(m)}, ${hx(v, size === 8 ? 64 : size * 8)}`, (a) => a.storeImm(size, m, v)),
+      );
+    }),
+  ),
+);
 group('indirect branch', [
   ...R64.flatMap((r) => [c(`jmp ${r}`, (a) => a.jmp(r)), c(`call ${r}`, (a) => a.call(r))]),
   ...MEMS.flatMap((m) => [
@@ -179,43 +340,76 @@ group('indirect branch', [
     c(`call QWORD PTR ${memText(m)}`, (a) => a.call(m)),
   ]),
 ]);
-group('descriptor tables', MEMS.flatMap((m) => [
-  c(`lgdt ${memText(m)}`, (a) => a.lgdt(m)),
-  c(`lidt ${memText(m)}`, (a) => a.lidt(m)),
-  c(`sgdt ${memText(m)}`, (a) => a.sgdt(m)),
-  c(`sidt ${memText(m)}`, (a) => a.sidt(m)),
-  c(`invlpg BYTE PTR ${memText(m)}`, (a) => a.invlpg(m)),
-]));
+group(
+  'descriptor tables',
+  MEMS.flatMap((m) => [
+    c(`lgdt ${memText(m)}`, (a) => a.lgdt(m)),
+    c(`lidt ${memText(m)}`, (a) => a.lidt(m)),
+    c(`sgdt ${memText(m)}`, (a) => a.sgdt(m)),
+    c(`sidt ${memText(m)}`, (a) => a.sidt(m)),
+    c(`invlpg BYTE PTR ${memText(m)}`, (a) => a.invlpg(m)),
+  ]),
+);
 
 // rip-relative operands: the displacement counts from the end of the instruction,
 // including any immediate that follows it.
 const ripDis = (text: string, len: number, target: number) => (s: number) =>
   `${text.replace('$', sdisp(target - len))} # ${hx(s + target)}`;
 group('rip-relative', [
-  c('lea rax, [rip+0x1]', (a) => a.lea('rax', { rip: 't' }).nop().label('t'),
-    { gas: 'lea rax, [rip+1f]; nop; 1:', dis: [ripDis('lea rax,[rip$]', 7, 8), 'nop'] }),
-  c('lea r13, [rip+0x11]', (a) => a.lea('r13', { rip: 't', disp: 0x10 }).nop().label('t'),
-    { gas: 'lea r13, [rip+1f+0x10]; nop; 1:', dis: [ripDis('lea r13,[rip$]', 7, 0x18), 'nop'] }),
-  c('lea rax, [rip-0x8]', (a) => a.label('t').nop().lea('rax', { rip: 't', disp: -1 }),
-    { gas: '1: nop; lea rax, [rip+1b-1]', dis: ['nop', (s) => `lea rax,[rip+0xfffffffffffffff7] # ${hx(s - 1)}`] }),
-  c('mov rcx, QWORD PTR [rip+0x0]', (a) => a.load(8, 'rcx', { rip: 't' }).label('t'),
-    { gas: 'mov rcx, QWORD PTR [rip+1f]; 1:', dis: [ripDis('mov rcx,QWORD PTR [rip$]', 7, 7)] }),
-  c('movzx r9d, BYTE PTR [rip]', (a) => a.load(1, 'r9', { rip: 't' }).label('t'),
-    { gas: 'movzx r9d, BYTE PTR [rip+1f]; 1:', dis: [ripDis('movzx r9d,BYTE PTR [rip$]', 8, 8)] }),
-  c('mov BYTE PTR [rip], sil', (a) => a.store(1, { rip: 't' }, 'rsi').label('t'),
-    { gas: 'mov BYTE PTR [rip+1f], sil; 1:', dis: [ripDis('mov BYTE PTR [rip$],sil', 7, 7)] }),
-  c('mov DWORD PTR [rip], imm', (a) => a.storeImm(4, { rip: 't' }, 5).label('t'),
-    { gas: 'mov DWORD PTR [rip+1f], 0x5; 1:', dis: [ripDis('mov DWORD PTR [rip$],0x5', 10, 10)] }),
-  c('mov WORD PTR [rip], imm', (a) => a.storeImm(2, { rip: 't' }, 0x1234).label('t'),
-    { gas: 'mov WORD PTR [rip+1f], 0x1234; 1:', dis: [ripDis('mov WORD PTR [rip$],0x1234', 9, 9)] }),
-  c('mov QWORD PTR [rip], imm', (a) => a.label('t').storeImm(8, { rip: 't', disp: 8 }, -1),
-    { gas: '1: mov QWORD PTR [rip+1b+8], -1', dis: [(s) => `mov QWORD PTR [rip+0xfffffffffffffffd],0xffffffffffffffff # ${hx(s + 8)}`] }),
-  c('jmp QWORD PTR [rip]', (a) => a.jmp({ rip: 't' }).label('t').u64(0),
-    { gas: 'jmp QWORD PTR [rip+1f]; 1: .quad 0', dis: [ripDis('jmp QWORD PTR [rip$]', 6, 6), 'add BYTE PTR [rax],al', 'add BYTE PTR [rax],al', 'add BYTE PTR [rax],al', 'add BYTE PTR [rax],al'] }),
-  c('lgdt [rip]', (a) => a.lgdt({ rip: 't' }).label('t'),
-    { gas: 'lgdt [rip+1f]; 1:', dis: [ripDis('lgdt [rip$]', 7, 7)] }),
-  c('invlpg [rip]', (a) => a.invlpg({ rip: 't' }).label('t'),
-    { gas: 'invlpg BYTE PTR [rip+1f]; 1:', dis: [ripDis('invlpg BYTE PTR [rip$]', 7, 7)] }),
+  c('lea rax, [rip+0x1]', (a) => a.lea('rax', { rip: 't' }).nop().label('t'), {
+    gas: 'lea rax, [rip+1f]; nop; 1:',
+    dis: [ripDis('lea rax,[rip$]', 7, 8), 'nop'],
+  }),
+  c('lea r13, [rip+0x11]', (a) => a.lea('r13', { rip: 't', disp: 0x10 }).nop().label('t'), {
+    gas: 'lea r13, [rip+1f+0x10]; nop; 1:',
+    dis: [ripDis('lea r13,[rip$]', 7, 0x18), 'nop'],
+  }),
+  c('lea rax, [rip-0x8]', (a) => a.label('t').nop().lea('rax', { rip: 't', disp: -1 }), {
+    gas: '1: nop; lea rax, [rip+1b-1]',
+    dis: ['nop', (s) => `lea rax,[rip+0xfffffffffffffff7] # ${hx(s - 1)}`],
+  }),
+  c('mov rcx, QWORD PTR [rip+0x0]', (a) => a.load(8, 'rcx', { rip: 't' }).label('t'), {
+    gas: 'mov rcx, QWORD PTR [rip+1f]; 1:',
+    dis: [ripDis('mov rcx,QWORD PTR [rip$]', 7, 7)],
+  }),
+  c('movzx r9d, BYTE PTR [rip]', (a) => a.load(1, 'r9', { rip: 't' }).label('t'), {
+    gas: 'movzx r9d, BYTE PTR [rip+1f]; 1:',
+    dis: [ripDis('movzx r9d,BYTE PTR [rip$]', 8, 8)],
+  }),
+  c('mov BYTE PTR [rip], sil', (a) => a.store(1, { rip: 't' }, 'rsi').label('t'), {
+    gas: 'mov BYTE PTR [rip+1f], sil; 1:',
+    dis: [ripDis('mov BYTE PTR [rip$],sil', 7, 7)],
+  }),
+  c('mov DWORD PTR [rip], imm', (a) => a.storeImm(4, { rip: 't' }, 5).label('t'), {
+    gas: 'mov DWORD PTR [rip+1f], 0x5; 1:',
+    dis: [ripDis('mov DWORD PTR [rip$],0x5', 10, 10)],
+  }),
+  c('mov WORD PTR [rip], imm', (a) => a.storeImm(2, { rip: 't' }, 0x1234).label('t'), {
+    gas: 'mov WORD PTR [rip+1f], 0x1234; 1:',
+    dis: [ripDis('mov WORD PTR [rip$],0x1234', 9, 9)],
+  }),
+  c('mov QWORD PTR [rip], imm', (a) => a.label('t').storeImm(8, { rip: 't', disp: 8 }, -1), {
+    gas: '1: mov QWORD PTR [rip+1b+8], -1',
+    dis: [(s) => `mov QWORD PTR [rip+0xfffffffffffffffd],0xffffffffffffffff # ${hx(s + 8)}`],
+  }),
+  c('jmp QWORD PTR [rip]', (a) => a.jmp({ rip: 't' }).label('t').u64(0), {
+    gas: 'jmp QWORD PTR [rip+1f]; 1: .quad 0',
+    dis: [
+      ripDis('jmp QWORD PTR [rip$]', 6, 6),
+      'add BYTE PTR [rax],al',
+      'add BYTE PTR [rax],al',
+      'add BYTE PTR [rax],al',
+      'add BYTE PTR [rax],al',
+    ],
+  }),
+  c('lgdt [rip]', (a) => a.lgdt({ rip: 't' }).label('t'), {
+    gas: 'lgdt [rip+1f]; 1:',
+    dis: [ripDis('lgdt [rip$]', 7, 7)],
+  }),
+  c('invlpg [rip]', (a) => a.invlpg({ rip: 't' }).label('t'), {
+    gas: 'invlpg BYTE PTR [rip+1f]; 1:',
+    dis: [ripDis('invlpg BYTE PTR [rip$]', 7, 7)],
+  }),
 ]);
 
 // Branches to labels are always rel32 ({disp32} makes as do the same); loop/jrcxz are rel8.
@@ -228,11 +422,20 @@ group('branches', [
   c('call forward', (a) => a.call('t').int3().label('t'), { gas: 'call 1f; int3; 1:', dis: [to('call', 6), 'int3'] }),
   c('call backward', (a) => a.label('t').ret().call('t'), { gas: '1: ret; call 1b', dis: ['ret', to('call', 0)] }),
   ...CONDS.flatMap((cc) => [
-    c(`j${cc} forward`, (a) => a.jcc(cc, 't').nop().label('t'), { gas: `{disp32} j${cc} 1f; nop; 1:`, dis: [to(`j${cc}`, 7), 'nop'] }),
-    c(`j${cc} backward`, (a) => a.label('t').hlt().jcc(cc, 't'), { gas: `1: hlt; {disp32} j${cc} 1b`, dis: ['hlt', to(`j${cc}`, 0)] }),
+    c(`j${cc} forward`, (a) => a.jcc(cc, 't').nop().label('t'), {
+      gas: `{disp32} j${cc} 1f; nop; 1:`,
+      dis: [to(`j${cc}`, 7), 'nop'],
+    }),
+    c(`j${cc} backward`, (a) => a.label('t').hlt().jcc(cc, 't'), {
+      gas: `1: hlt; {disp32} j${cc} 1b`,
+      dis: ['hlt', to(`j${cc}`, 0)],
+    }),
   ]),
   c('jz alias', (a) => a.jcc('z', 't').label('t'), { gas: '{disp32} je 1f; 1:', dis: [to('je', 6)] }),
-  c('loop backward', (a) => a.label('t').dec('rax').loop('t'), { gas: '1: dec rax; loop 1b', dis: ['dec rax', to('loop', 0)] }),
+  c('loop backward', (a) => a.label('t').dec('rax').loop('t'), {
+    gas: '1: dec rax; loop 1b',
+    dis: ['dec rax', to('loop', 0)],
+  }),
   c('loop forward', (a) => a.loop('t').nop().label('t'), { gas: 'loop 1f; nop; 1:', dis: [to('loop', 3), 'nop'] }),
   c('jrcxz', (a) => a.jrcxz('t').nop().label('t'), { gas: 'jrcxz 1f; nop; 1:', dis: [to('jrcxz', 3), 'nop'] }),
   c('ret', (a) => a.ret()),
@@ -241,23 +444,32 @@ group('branches', [
 // Absolute label addresses depend on the origin.
 group('label addresses', [
   c('movabs rax, 0x10000a', (a) => a.movLabel('rax', 't').label('t'), { origin: 0x100000 }),
-  c('nop; nop; nop; nop; movabs r15, 0x7fff0000000e', (a) => a.nop().nop().nop().nop().movLabel('r15', 't').label('t'), {
-    origin: 0x7fff00000000,
-  }),
+  c(
+    'nop; nop; nop; nop; movabs r15, 0x7fff0000000e',
+    (a) => a.nop().nop().nop().nop().movLabel('r15', 't').label('t'),
+    {
+      origin: 0x7fff00000000,
+    },
+  ),
   c('mov eax, 0x200005', (a) => a.movLabel('rax', 't', 32).label('t'), { origin: 0x200000 }),
   c('mov r11d, 0xfffffff6', (a) => a.label('t').movLabel('r11', 't', 32), { origin: 0xfffffff6 }),
   c('label table', (a) => a.u64Label('t').label('t'), { origin: 0x1000, gas: '.quad 0x1008', data: true }),
 ]);
 
 group('system', [
-  ...([0, 2, 3, 4, 8] as const).flatMap((cr) => R64.flatMap((r, i) => i % 5 === cr % 5 || r === 'r15' || r === 'rax' ? [
-    c(`mov cr${cr}, ${r}`, (a) => a.movToCr(cr, r)),
-    c(`mov ${r}, cr${cr}`, (a) => a.movFromCr(r, cr)),
-  ] : [])),
-  ...(['ds', 'es', 'ss', 'fs', 'gs'] as const).flatMap((s) => (['rax', 'rdi', 'r8', 'r15'] as const).map((r) =>
-    c(`mov ${s}, ${sub(r, 4)}`, (a) => a.movToSeg(s, r)))),
-  ...(['cs', 'ds', 'es', 'ss', 'fs', 'gs'] as const).flatMap((s) => (['rcx', 'r12'] as const).map((r) =>
-    c(`mov ${sub(r, 4)}, ${s}`, (a) => a.movFromSeg(r, s)))),
+  ...([0, 2, 3, 4, 8] as const).flatMap((cr) =>
+    R64.flatMap((r, i) =>
+      i % 5 === cr % 5 || r === 'r15' || r === 'rax'
+        ? [c(`mov cr${cr}, ${r}`, (a) => a.movToCr(cr, r)), c(`mov ${r}, cr${cr}`, (a) => a.movFromCr(r, cr))]
+        : [],
+    ),
+  ),
+  ...(['ds', 'es', 'ss', 'fs', 'gs'] as const).flatMap((s) =>
+    (['rax', 'rdi', 'r8', 'r15'] as const).map((r) => c(`mov ${s}, ${sub(r, 4)}`, (a) => a.movToSeg(s, r))),
+  ),
+  ...(['cs', 'ds', 'es', 'ss', 'fs', 'gs'] as const).flatMap((s) =>
+    (['rcx', 'r12'] as const).map((r) => c(`mov ${sub(r, 4)}, ${s}`, (a) => a.movFromSeg(r, s))),
+  ),
   ...R64.flatMap((r) => [c(`ltr ${sub(r, 2)}`, (a) => a.ltr(r)), c(`lldt ${sub(r, 2)}`, (a) => a.lldt(r))]),
   ...([1, 2, 4] as const).flatMap((size) => {
     const acc = sub('rax', size);
@@ -282,16 +494,39 @@ group('system', [
       c(`rep movs ${dst}, ${PTR[size]} ds:[rsi]`, (a) => a.repMovs(size)),
     ];
   }),
-  ...([
-    ['nop', (a) => a.nop()], ['hlt', (a) => a.hlt()], ['cli', (a) => a.cli()], ['sti', (a) => a.sti()],
-    ['cld', (a) => a.cld()], ['std', (a) => a.std()], ['int3', (a) => a.int3()], ['iretq', (a) => a.iretq()],
-    ['ud2', (a) => a.ud2()], ['cpuid', (a) => a.cpuid()], ['rdmsr', (a) => a.rdmsr()], ['wrmsr', (a) => a.wrmsr()],
-    ['rdtsc', (a) => a.rdtsc()], ['rdtscp', (a) => a.rdtscp()], ['pause', (a) => a.pause()],
-    ['lfence', (a) => a.lfence()], ['mfence', (a) => a.mfence()], ['sfence', (a) => a.sfence()],
-    ['stac', (a) => a.stac()], ['clac', (a) => a.clac()], ['rdpkru', (a) => a.rdpkru()], ['wrpkru', (a) => a.wrpkru()],
-    ['swapgs', (a) => a.swapgs()], ['xgetbv', (a) => a.xgetbv()], ['xsetbv', (a) => a.xsetbv()],
-    ['wbinvd', (a) => a.wbinvd()], ['clts', (a) => a.clts()], ['syscall', (a) => a.syscall()], ['vmcall', (a) => a.vmcall()],
-  ] as [string, (a: Asm) => unknown][]).map(([text, build]) => c(text, build)),
+  ...(
+    [
+      ['nop', (a) => a.nop()],
+      ['hlt', (a) => a.hlt()],
+      ['cli', (a) => a.cli()],
+      ['sti', (a) => a.sti()],
+      ['cld', (a) => a.cld()],
+      ['std', (a) => a.std()],
+      ['int3', (a) => a.int3()],
+      ['iretq', (a) => a.iretq()],
+      ['ud2', (a) => a.ud2()],
+      ['cpuid', (a) => a.cpuid()],
+      ['rdmsr', (a) => a.rdmsr()],
+      ['wrmsr', (a) => a.wrmsr()],
+      ['rdtsc', (a) => a.rdtsc()],
+      ['rdtscp', (a) => a.rdtscp()],
+      ['pause', (a) => a.pause()],
+      ['lfence', (a) => a.lfence()],
+      ['mfence', (a) => a.mfence()],
+      ['sfence', (a) => a.sfence()],
+      ['stac', (a) => a.stac()],
+      ['clac', (a) => a.clac()],
+      ['rdpkru', (a) => a.rdpkru()],
+      ['wrpkru', (a) => a.wrpkru()],
+      ['swapgs', (a) => a.swapgs()],
+      ['xgetbv', (a) => a.xgetbv()],
+      ['xsetbv', (a) => a.xsetbv()],
+      ['wbinvd', (a) => a.wbinvd()],
+      ['clts', (a) => a.clts()],
+      ['syscall', (a) => a.syscall()],
+      ['vmcall', (a) => a.vmcall()],
+    ] as [string, (a: Asm) => unknown][]
+  ).map(([text, build]) => c(text, build)),
 ]);
 
 group('data', [
@@ -299,10 +534,22 @@ group('data', [
   c('bytes from Uint8Array', (a) => a.bytes(new Uint8Array([0xde, 0xad])), { gas: '.byte 0xde, 0xad', data: true }),
   c('u8', (a) => a.u8(0xab).u8(-1), { gas: '.byte 0xab, 0xff', data: true }),
   c('u16', (a) => a.u16(0x1234).u16(0xffff).u16(-2), { gas: '.word 0x1234, 0xffff, 0xfffe', data: true }),
-  c('u32', (a) => a.u32(0x12345678).u32(0xffffffff).u32(-0x80000000), { gas: '.long 0x12345678, 0xffffffff, 0x80000000', data: true }),
-  c('u64', (a) => a.u64(0x123456789abcdef0n).u64(-1).u64(2 ** 53 - 1), {
-    gas: '.quad 0x123456789abcdef0, 0xffffffffffffffff, 0x1fffffffffffff', data: true,
+  c('u32', (a) => a.u32(0x12345678).u32(0xffffffff).u32(-0x80000000), {
+    gas: '.long 0x12345678, 0xffffffff, 0x80000000',
+    data: true,
   }),
+  c(
+    'u64',
+    (a) =>
+      a
+        .u64(0x123456789abcdef0n)
+        .u64(-1)
+        .u64(2 ** 53 - 1),
+    {
+      gas: '.quad 0x123456789abcdef0, 0xffffffffffffffff, 0x1fffffffffffff',
+      data: true,
+    },
+  ),
   c('ascii', (a) => a.ascii('Hello, guest!\n'), { gas: '.ascii "Hello, guest!\\n"', data: true }),
 ]);
 
@@ -314,9 +561,17 @@ const WRONG: Case = c('mov rax, QWORD PTR [r13+0x0]', (a) => a.bytes([0x49, 0x8b
 const ALL: Case[] = [...[...groups.values()].flat(), WRONG];
 const CODE: Case[] = ALL.filter((k) => !k.data);
 
-const statements = (s: string) => s.split(';').map((x) => x.trim()).filter((x) => x !== '');
+const statements = (s: string) =>
+  s
+    .split(';')
+    .map((x) => x.trim())
+    .filter((x) => x !== '');
 /** The text with objdump's `ds:ADDR` written `[ADDR]` (as warns about a segment on lea). */
-const gasSource = (k: Case) => k.gas ?? statements(k.text).map((x) => x.replace(/ds:(0x[0-9a-f]+)/, '[$1]')).join('\n');
+const gasSource = (k: Case) =>
+  k.gas ??
+  statements(k.text)
+    .map((x) => x.replace(/ds:(0x[0-9a-f]+)/, '[$1]'))
+    .join('\n');
 const normalize = (s: string) => s.replace(/\s+/g, ' ').replace(/ ?, ?/g, ',').trim();
 
 function encode(k: Case): Uint8Array {
@@ -329,9 +584,11 @@ function run(tool: string, args: string[]): string {
   const r = spawnSync(tool, args, { encoding: 'utf8', maxBuffer: 256 * 1024 * 1024 });
   if (r.error) {
     const code = (r.error as NodeJS.ErrnoException).code;
-    throw new Error(code === 'ENOENT'
-      ? `GNU binutils is required for the encoder tests but '${tool}' was not found; install binutils (e.g. apt-get install binutils)`
-      : `${tool}: ${r.error.message}`);
+    throw new Error(
+      code === 'ENOENT'
+        ? `GNU binutils is required for the encoder tests but '${tool}' was not found; install binutils (e.g. apt-get install binutils)`
+        : `${tool}: ${r.error.message}`,
+    );
   }
   if (r.status !== 0) throw new Error(`${tool} ${args.join(' ')} failed (${r.status}):\n${r.stderr}`);
   return r.stdout + r.stderr;
@@ -391,7 +648,8 @@ function disasmMismatches(cases: Case[]): string[] {
     const got = d.insns.map((x) => x.text);
     const problems: string[] = [];
     if (!d.startsOnBoundary) problems.push(`${k.text}: instruction boundary does not match the case boundary`);
-    if (JSON.stringify(want) !== JSON.stringify(got)) problems.push(`${k.text}: objdump says ${JSON.stringify(got)}, expected ${JSON.stringify(want)}`);
+    if (JSON.stringify(want) !== JSON.stringify(got))
+      problems.push(`${k.text}: objdump says ${JSON.stringify(got)}, expected ${JSON.stringify(want)}`);
     return problems;
   });
 }
@@ -402,11 +660,18 @@ describe('against GNU binutils', () => {
     if (tmp) rmSync(tmp, { recursive: true, force: true });
   });
 
-  describeComparisons(groups, { warnings: () => gasWarnings, byteMismatches, disasmMismatches, disassembled: (k) => !k.data });
+  describeComparisons(groups, {
+    warnings: () => gasWarnings,
+    byteMismatches,
+    disasmMismatches,
+    disassembled: (k) => !k.data,
+  });
 
   describe('the comparison catches a wrong encoding', () => {
     it('reports the naive [r13] encoding against as', () => {
-      expect(byteMismatches([WRONG])).toEqual(['mov rax, QWORD PTR [r13+0x0]: as 49 8b 45 00 | encoder 49 8b 05 00 00 00 00']);
+      expect(byteMismatches([WRONG])).toEqual([
+        'mov rax, QWORD PTR [r13+0x0]: as 49 8b 45 00 | encoder 49 8b 05 00 00 00 00',
+      ]);
     });
     it('reports it against objdump too', () => {
       expect(disasmMismatches([WRONG])).toEqual([
@@ -430,20 +695,29 @@ describe('label fix-ups', () => {
     const a = new Asm();
     a.label('top').jmp('end').call('fn').jcc('ne', 'top').label('fn').ret().label('end').hlt();
     const { code, labels } = a.assemble();
-    expect(hexBytes(code)).toBe([
-      'e9 0c 00 00 00', // jmp end: 0x11 - 0x05
-      'e8 06 00 00 00', // call fn: 0x10 - 0x0a
-      '0f 85 f0 ff ff ff', // jne top: 0x00 - 0x10
-      'c3', 'f4',
-    ].join(' '));
-    expect([...labels]).toEqual([['top', 0], ['fn', 0x10], ['end', 0x11]]);
+    expect(hexBytes(code)).toBe(
+      [
+        'e9 0c 00 00 00', // jmp end: 0x11 - 0x05
+        'e8 06 00 00 00', // call fn: 0x10 - 0x0a
+        '0f 85 f0 ff ff ff', // jne top: 0x00 - 0x10
+        'c3',
+        'f4',
+      ].join(' '),
+    );
+    expect([...labels]).toEqual([
+      ['top', 0],
+      ['fn', 0x10],
+      ['end', 0x11],
+    ]);
   });
 
   it('patches loop rel8 and rejects targets out of rel8 range', () => {
     expect(bytesOf((a) => a.label('l').nop().loop('l'))).toBe('90 e2 fd');
     const far = new Asm().label('l').bytes(new Uint8Array(127)).loop('l');
     expect(() => far.assemble()).toThrow(/label 'l' out of range: rel8 displacement -0x81/);
-    expect(hexBytes(new Asm().label('l').bytes(new Uint8Array(126)).loop('l').assemble().code.subarray(126))).toBe('e2 80');
+    expect(hexBytes(new Asm().label('l').bytes(new Uint8Array(126)).loop('l').assemble().code.subarray(126))).toBe(
+      'e2 80',
+    );
   });
 
   it('computes rip-relative displacements from the end of the instruction, after any immediate', () => {
@@ -462,15 +736,17 @@ describe('label fix-ups', () => {
   it('movLabel gives the absolute address origin + offset, 64- or 32-bit', () => {
     expect(bytesOf((a) => a.nop().label('x').movLabel('rdx', 'x'), 0x40_0000)).toBe('90 48 ba 01 00 40 00 00 00 00 00');
     expect(bytesOf((a) => a.movLabel('r9', 'x', 32).label('x'), 0x7000)).toBe('41 b9 06 70 00 00');
-    expect(() => new Asm({ origin: 0xffff_fffe }).movLabel('rax', 'x', 32).label('x').assemble())
-      .toThrow(/label 'x' out of range: 32-bit address 0x100000003/);
+    expect(() => new Asm({ origin: 0xffff_fffe }).movLabel('rax', 'x', 32).label('x').assemble()).toThrow(
+      /label 'x' out of range: 32-bit address 0x100000003/,
+    );
   });
 
   it('labels map holds absolute addresses; size() and repeated assemble() are consistent', () => {
     const a = new Asm({ origin: 0x1000 }).nop().label('a').jmp('b').label('b');
     expect(a.size()).toBe(6);
     expect(a.pc).toBe(0x1006);
-    const r1 = a.assemble(), r2 = a.assemble();
+    const r1 = a.assemble(),
+      r2 = a.assemble();
     expect(r1.labels.get('a')).toBe(0x1001);
     expect(r1.labels.get('b')).toBe(0x1006);
     expect(hexBytes(r1.code)).toBe(hexBytes(r2.code));
@@ -537,9 +813,13 @@ describe('errors name the problem', () => {
     expect(bad((a) => a.lea('rax', { base: 'rax', index: 'rsp' }))).toThrow('rsp cannot be an index register');
     expect(bad((a) => a.lea('rax', { base: 'rax', index: 'rbx', scale: cast<1>(3) }))).toThrow('invalid scale 3');
     expect(bad((a) => a.lea('rax', { base: 'rax', scale: 2 }))).toThrow('scale 2 given without an index register');
-    expect(bad((a) => a.lea('rax', { base: 'rax', disp: 0x8000_0000 }))).toThrow('displacement 0x80000000 out of range');
+    expect(bad((a) => a.lea('rax', { base: 'rax', disp: 0x8000_0000 }))).toThrow(
+      'displacement 0x80000000 out of range',
+    );
     expect(bad((a) => a.lea('rax', { disp: 1.5 }))).toThrow('displacement 1.5 is not an integer');
-    expect(bad((a) => a.lea('rax', cast<Mem>({ rip: 'x', base: 'rax' })))).toThrow('rip-relative operand cannot also have a base');
+    expect(bad((a) => a.lea('rax', cast<Mem>({ rip: 'x', base: 'rax' })))).toThrow(
+      'rip-relative operand cannot also have a base',
+    );
     expect(bad((a) => a.lgdt(cast<Mem>('rax')))).toThrow('lgdt takes a memory operand');
   });
 
@@ -550,7 +830,9 @@ describe('errors name the problem', () => {
     expect(bad((a) => a.movImm('rax', 2n ** 64n))).toThrow('immediate 0x10000000000000000 out of range');
     expect(bad((a) => a.movImm('rax', 2 ** 53))).toThrow('not an integer in the safe range (use a bigint)');
     expect(bad((a) => a.storeImm(1, { base: 'rax' }, 0x100))).toThrow('1-byte store immediate 0x100 out of range');
-    expect(bad((a) => a.storeImm(8, { base: 'rax' }, 0xffff_ffff))).toThrow('8-byte store immediate 0xffffffff out of range');
+    expect(bad((a) => a.storeImm(8, { base: 'rax' }, 0xffff_ffff))).toThrow(
+      '8-byte store immediate 0xffffffff out of range',
+    );
     expect(bad((a) => a.shl('rax', 64))).toThrow('shift count 0x40 out of range 0x0..0x3f');
     expect(bad((a) => a.bts('rax', -1))).toThrow('bit index -0x1 out of range');
     expect(bad((a) => a.int(256))).toThrow('interrupt vector 0x100 out of range');

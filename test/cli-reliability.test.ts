@@ -49,7 +49,13 @@ async function untilInstance(pid: number | undefined, limitMs = 60_000): Promise
 }
 
 describe('the report of an interrupted run', () => {
-  const profile = { arch: 'x86_64', flavour: 'kvm', tdp: { enabled: false }, tdpMmu: false, device: '/dev/kvm' } as unknown as HostProfile;
+  const profile = {
+    arch: 'x86_64',
+    flavour: 'kvm',
+    tdp: { enabled: false },
+    tdpMmu: false,
+    device: '/dev/kvm',
+  } as unknown as HostProfile;
   const check = (name: string): Check => ({ name, description: `${name} does things`, needs: [], run: async () => {} });
   const checks = ['a', 'b', 'c', 'd'].map(check);
   const done: CheckResult[] = [
@@ -58,7 +64,12 @@ describe('the report of an interrupted run', () => {
   const r = interruptedReport(checks, done, profile, 5, 'SIGTERM');
 
   it('marks the check under way and the rest not run', () => {
-    expect(r.checks.map((c) => [c.name, c.outcome])).toEqual([['a', 'pass'], ['b', 'not_run'], ['c', 'not_run'], ['d', 'not_run']]);
+    expect(r.checks.map((c) => [c.name, c.outcome])).toEqual([
+      ['a', 'pass'],
+      ['b', 'not_run'],
+      ['c', 'not_run'],
+      ['d', 'not_run'],
+    ]);
     expect(r.checks[1]!.reason).toBe('interrupted by SIGTERM while it ran');
     expect(r.checks[2]!.reason).toBe('the run was interrupted by SIGTERM');
     expect(r.summary).toMatchObject({ total: 4, passed: 1, notRun: 3, interrupted: 'SIGTERM' });
@@ -68,12 +79,16 @@ describe('the report of an interrupted run', () => {
     const h = human(r);
     expect(h).toMatch(/^SKIP {2}b /m);
     expect(h).toMatch(/^ {6}not run: interrupted by SIGTERM while it ran$/m);
-    expect(h.split('\n').at(-1)).toMatch(/^1 passed, 0 failed, 0 not applicable, 0 errors, 3 not run \(interrupted by SIGTERM\) /);
+    expect(h.split('\n').at(-1)).toMatch(
+      /^1 passed, 0 failed, 0 not applicable, 0 errors, 3 not run \(interrupted by SIGTERM\) /,
+    );
     const k = ktap(r);
     expect(k).toContain('ok 3 c # SKIP not run: the run was interrupted by SIGTERM');
     expect(k.split('\n').at(-1)).toBe('# totals: pass:1 fail:0 skip:3');
     const j = junit(r);
-    expect(j).toContain('<testcase classname="kvmharness.kvm" name="d" time="0.000"><skipped message="not run: the run was interrupted by SIGTERM"/></testcase>');
+    expect(j).toContain(
+      '<testcase classname="kvmharness.kvm" name="d" time="0.000"><skipped message="not run: the run was interrupted by SIGTERM"/></testcase>',
+    );
     expect(j).toMatch(/<testsuite name="kvmharness" [^>]*tests="4" failures="0" errors="0" skipped="3"/);
   });
 
@@ -86,7 +101,9 @@ describe('the report of an interrupted run', () => {
 
 describeKvm('reports that survive pipes and signals', () => {
   it('a consumer reading the JSON report from a pipe gets all of it', () => {
-    const r = sh(`$CLI run scenarios --json | node -e 'const t = require("fs").readFileSync(0, "utf8"); JSON.parse(t); console.log(t.length)'`);
+    const r = sh(
+      `$CLI run scenarios --json | node -e 'const t = require("fs").readFileSync(0, "utf8"); JSON.parse(t); console.log(t.length)'`,
+    );
     expect(r.status, r.stderr).toBe(0);
     // Well beyond a pipe's 64 KiB.
     expect(Number(r.stdout.trim())).toBeGreaterThan(256 * 1024);
@@ -100,7 +117,9 @@ describeKvm('reports that survive pipes and signals', () => {
     try {
       const j = sh(`$CLI run real_mode_io --junit ${dir}/no/such/dir/junit.xml`);
       expect(j.status).toBe(2);
-      expect(j.stderr).toMatch(new RegExp(`^kvmharness: writing the JUnit report to ${dir}/no/such/dir/junit.xml failed: ENOENT[^\\n]*\\n$`));
+      expect(j.stderr).toMatch(
+        new RegExp(`^kvmharness: writing the JUnit report to ${dir}/no/such/dir/junit.xml failed: ENOENT[^\\n]*\\n$`),
+      );
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
@@ -134,7 +153,10 @@ describeKvm('reports that survive pipes and signals', () => {
     }
   });
 
-  for (const [sig, code] of [['SIGQUIT', 131], ['SIGUSR2', 140]] as const) {
+  for (const [sig, code] of [
+    ['SIGQUIT', 131],
+    ['SIGUSR2', 140],
+  ] as const) {
     it(`${sig} removes the run's tracefs instance and reports (exit ${code})`, async () => {
       const { child, exited } = start(['run', 'scenarios', '--ktap']);
       await untilInstance(child.pid);

@@ -26,12 +26,37 @@ const KINDS: [string, () => unknown][] = [
   ['GFN list (numbers)', () => [0x1001, 0x1002, 0x11ff]],
   ['page set (Set of GFNs)', () => new Set([0x1001, 0x1002])],
   ['empty page set', () => []],
-  ['I/O exit with data', () => ({ reason: 'io', direction: 'out', port: 0x42, size: 1, count: 1, data: new Uint8Array([0x5a]) })],
-  ['MMIO exit with data', () => ({ reason: 'mmio', gpa: 0x100000010n, len: 4, isWrite: true, data: new Uint8Array([0x0d, 0xf0, 0xfe, 0xca]) })],
+  [
+    'I/O exit with data',
+    () => ({ reason: 'io', direction: 'out', port: 0x42, size: 1, count: 1, data: new Uint8Array([0x5a]) }),
+  ],
+  [
+    'MMIO exit with data',
+    () => ({
+      reason: 'mmio',
+      gpa: 0x100000010n,
+      len: 4,
+      isWrite: true,
+      data: new Uint8Array([0x0d, 0xf0, 0xfe, 0xca]),
+    }),
+  ],
   ['exception log', () => [{ vector: 14, errorCode: 0x7, cr2: 0x8000001234n }]],
-  ['PTEs after a walk', () => [{ at: 0x3000n, value: 0x4027n }, { at: 0x4008n, value: 0x5067n }]],
+  [
+    'PTEs after a walk',
+    () => [
+      { at: 0x3000n, value: 0x4027n },
+      { at: 0x4008n, value: 0x5067n },
+    ],
+  ],
   ['SPTE mapping', () => ({ level: 1, pfn: 0x1234n, writable: true, huge: false })],
-  ['slot values (Map)', () => new Map<bigint, bigint | string>([[0x2000n, 7n], [0x3000n, 'no MMIO write']])],
+  [
+    'slot values (Map)',
+    () =>
+      new Map<bigint, bigint | string>([
+        [0x2000n, 7n],
+        [0x3000n, 'no MMIO write'],
+      ]),
+  ],
   ['matrix case', () => ({ fault: 'P|W|U', pde: 0x1067n, pte: 0x2025n, cr2: 0x8000200008n, data: 0xabcdn })],
 ];
 
@@ -83,7 +108,14 @@ describe('canonical text', () => {
     expect(show([1n, 2n])).toBe('[0x1, 0x2]');
     expect(show(new Uint8Array([0x0d, 0xf0]))).toBe('<0df0>');
     expect(show(new Uint16Array([1]))).toBe('Uint16Array<0100>');
-    expect(show(new Map([[1n, 'a'], [2n, 'b']]))).toBe('Map{0x1: "a", 0x2: "b"}');
+    expect(
+      show(
+        new Map([
+          [1n, 'a'],
+          [2n, 'b'],
+        ]),
+      ),
+    ).toBe('Map{0x1: "a", 0x2: "b"}');
     expect(show(new Set([3, 1, 2]))).toBe('Set{1, 2, 3}');
     expect(show({ b: 1, a: [true, null] })).toBe('{a: [true, null], b: 1}');
     expect(show(undefined)).toBe('undefined');
@@ -97,7 +129,7 @@ describe('canonical text', () => {
     expect(same([1], { 0: 1 })).toBe(false);
     expect(same(new Map([[1, 2]]), { 1: 2 })).toBe(false);
     expect(same(NaN, null)).toBe(false);
-    expect(same(new Set(['a', 'b']), new Set(['a, "b'])) ).toBe(false);
+    expect(same(new Set(['a', 'b']), new Set(['a, "b']))).toBe(false);
   });
 });
 
@@ -111,7 +143,12 @@ describe('the shape-keeping wrong variants', () => {
     expect(wrong('sync 0xbeef')).toBe('sync 0xbeee');
     expect(wrong('done')).toBe('donx');
     expect(wrongs(['0x1000', '0x2000']).slice(0, 2)).toEqual([['0x1000'], ['0x1000', '0x2000', '0x2001']]);
-    expect(wrongs({ a: 1n, b: [2] })).toEqual([{ a: 0n, b: [2] }, { a: 1n, b: [] }, { a: 1n, b: [2, 3] }, { a: 1n, b: [3] }]);
+    expect(wrongs({ a: 1n, b: [2] })).toEqual([
+      { a: 0n, b: [2] },
+      { a: 1n, b: [] },
+      { a: 1n, b: [2, 3] },
+      { a: 1n, b: [3] },
+    ]);
   });
 });
 
@@ -128,7 +165,9 @@ describe('the runner decides with the differ', () => {
             ctx.expect(kind, make(), make());
           },
         };
-        const r = await runCheck(check, {} as Kvm, {} as HostProfile, { wrongExpectation: (_c, what, e) => (what === kind ? w : e) });
+        const r = await runCheck(check, {} as Kvm, {} as HostProfile, {
+          wrongExpectation: (_c, what, e) => (what === kind ? w : e),
+        });
         expect(r.outcome, show(w)).toBe('fail');
         expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toEqual([kind]);
         const clean = await runCheck(check, {} as Kvm, {} as HostProfile);

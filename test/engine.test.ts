@@ -3,7 +3,7 @@ import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { Kvm } from '../src/kvm/kvm.js';
-import type { WrongWalk } from '../src/model/wrong.js';
+import type { WrongShadow, WrongWalk } from '../src/model/wrong.js';
 import type { HostProfile } from '../src/probe/probe.js';
 import { scenarioCheck } from '../src/run/engine.js';
 import { runCheck } from '../src/run/runner.js';
@@ -36,7 +36,10 @@ print fmt: "pte %llx level %u", REC->pte, REC->level
 describe('tracefs parsing', () => {
   it('reads fields and builds a matcher from the print fmt', () => {
     const f = parseFormat('kvmmmu/kvm_mmu_pagetable_walk', WALK_FORMAT);
-    expect(f.fields.map((x) => [x.name, x.offset, x.size])).toEqual([['addr', 8, 8], ['pferr', 16, 4]]);
+    expect(f.fields.map((x) => [x.name, x.offset, x.size])).toEqual([
+      ['addr', 8, 8],
+      ['pferr', 16, 4],
+    ]);
     expect(f.printArgs).toEqual(['addr', 'pferr']); // the flags decoding is a call, not a field
     expect(f.parse!('addr 7000000 pferr 2 W')).toEqual({ addr: 0x7000000n, pferr: 2n });
     expect(f.parse!('something else')).toBeUndefined();
@@ -59,14 +62,29 @@ describe('tracefs parsing', () => {
       ['kvmmmu/kvm_mmu_paging_element', 27011, 0],
       ['kvmmmu/kvm_mmu_paging_element', 27011, 1],
     ]);
-    const extra: TraceEvent[] = [{ id: 'kvmmmu/kvm_mmu_walker_error', pid: 1, cpu: 0, ts: 0, fields: { pferr: 0n }, text: '' }];
+    const extra: TraceEvent[] = [
+      { id: 'kvmmmu/kvm_mmu_walker_error', pid: 1, cpu: 0, ts: 0, fields: { pferr: 0n }, text: '' },
+    ];
     expect(tracedWalks([...ev, ...extra])).toEqual([
-      { addr: 0x7000000n, pferr: 0, elements: [{ level: 4, pte: 0x11027n }, { level: 3, pte: 0n }], error: 0, accessed: [], dirty: [] },
+      {
+        addr: 0x7000000n,
+        pferr: 0,
+        elements: [
+          { level: 4, pte: 0x11027n },
+          { level: 3, pte: 0n },
+        ],
+        error: 0,
+        accessed: [],
+        dirty: [],
+      },
     ]);
   });
 });
 
-const ours = () => (existsSync(join(TRACEFS, 'instances')) ? readdirSync(join(TRACEFS, 'instances')).filter((d) => d.startsWith(`kvmharness-${process.pid}-`)) : []);
+const ours = () =>
+  existsSync(join(TRACEFS, 'instances'))
+    ? readdirSync(join(TRACEFS, 'instances')).filter((d) => d.startsWith(`kvmharness-${process.pid}-`))
+    : [];
 
 describeKvm('scenarios on this host', () => {
   let kvm: Kvm;
@@ -105,13 +123,30 @@ describeKvm('scenarios on this host', () => {
     it(`${name}: a model with '${mistake}' is reported by the direct oracles and by the walker trace`, async () => {
       const sc = load(name);
       // Explicit expectations override the model; drop them so that the model decides.
-      const bare: Scenario = { ...sc, steps: sc.steps.map((s) => (s.side === 'guest' && s.kind === 'access' ? { ...s, expect: undefined } : s)) };
+      const bare: Scenario = {
+        ...sc,
+        steps: sc.steps.map((s) => (s.side === 'guest' && s.kind === 'access' ? { ...s, expect: undefined } : s)),
+      };
       const direct = await runCheck(scenarioCheck(bare, { wrong: { walk: new Set([mistake]) } }), kvm, profile);
       expect(direct.outcome).toBe('fail');
-      expect(direct.comparisons.filter((c) => !c.ok).map((c) => c.what).join('\n')).toMatch(oracle);
-      const traced = await runCheck(scenarioCheck(bare, { wrong: { walk: new Set([mistake]) }, trace: true }), kvm, profile);
+      expect(
+        direct.comparisons
+          .filter((c) => !c.ok)
+          .map((c) => c.what)
+          .join('\n'),
+      ).toMatch(oracle);
+      const traced = await runCheck(
+        scenarioCheck(bare, { wrong: { walk: new Set([mistake]) }, trace: true }),
+        kvm,
+        profile,
+      );
       if (traced.outcome === 'not_applicable') return;
-      expect(traced.comparisons.filter((c) => !c.ok).map((c) => c.what).join('\n')).toMatch(/KVM walker trace/);
+      expect(
+        traced.comparisons
+          .filter((c) => !c.ok)
+          .map((c) => c.what)
+          .join('\n'),
+      ).toMatch(/KVM walker trace/);
     });
   }
 
@@ -122,43 +157,76 @@ describeKvm('scenarios on this host', () => {
   type Trace = { accessed: bigint[]; dirty: bigint[] };
   const KVM_MISTAKES: [string, RegExp, (o: unknown) => unknown | undefined][] = [
     // CR2 of the page rather than of the byte (or, at a page-aligned address, the byte after it).
-    ['a page-aligned CR2', /: exceptions$/, (o) => {
-      const log = o as Fault[];
-      if (log.length === 0) return undefined;
-      const cr2 = log[0]!.cr2 & 0xfffn ? log[0]!.cr2 & ~0xfffn : log[0]!.cr2 | 8n;
-      return [{ ...log[0]!, cr2 }, ...log.slice(1)];
-    }],
-    ['one flipped error-code flag', /: exceptions$/, (o) => {
-      const log = o as Fault[];
-      return log.length ? [{ ...log[0]!, errorCode: log[0]!.errorCode ^ 2n }, ...log.slice(1)] : undefined;
-    }],
-    ['a missing A bit', /: PTEs after$/, (o) => {
-      const ptes = o as Pte[];
-      const i = ptes.findIndex((p) => p.value & 0x20n);
-      return i < 0 ? undefined : ptes.map((p, j) => (j === i ? { ...p, value: p.value & ~0x20n } : p));
-    }],
-    ['an extra D bit', /: PTEs after$/, (o) => {
-      const ptes = o as Pte[];
-      const i = ptes.findIndex((p) => p.level === 1 && p.value & 1n && !(p.value & 0x40n));
-      return i < 0 ? undefined : ptes.map((p, j) => (j === i ? { ...p, value: p.value | 0x40n } : p));
-    }],
-    ['an extra dirty page', /: dirty pages$/, (o) => {
-      const pages = o as string[];
-      const last = pages.length ? BigInt(pages.at(-1)!) : 0x1000n;
-      return [...pages, `0x${(last + 0x1000n).toString(16)}`];
-    }],
+    [
+      'a page-aligned CR2',
+      /: exceptions$/,
+      (o) => {
+        const log = o as Fault[];
+        if (log.length === 0) return undefined;
+        const cr2 = log[0]!.cr2 & 0xfffn ? log[0]!.cr2 & ~0xfffn : log[0]!.cr2 | 8n;
+        return [{ ...log[0]!, cr2 }, ...log.slice(1)];
+      },
+    ],
+    [
+      'one flipped error-code flag',
+      /: exceptions$/,
+      (o) => {
+        const log = o as Fault[];
+        return log.length ? [{ ...log[0]!, errorCode: log[0]!.errorCode ^ 2n }, ...log.slice(1)] : undefined;
+      },
+    ],
+    [
+      'a missing A bit',
+      /: PTEs after$/,
+      (o) => {
+        const ptes = o as Pte[];
+        const i = ptes.findIndex((p) => p.value & 0x20n);
+        return i < 0 ? undefined : ptes.map((p, j) => (j === i ? { ...p, value: p.value & ~0x20n } : p));
+      },
+    ],
+    [
+      'an extra D bit',
+      /: PTEs after$/,
+      (o) => {
+        const ptes = o as Pte[];
+        const i = ptes.findIndex((p) => p.level === 1 && p.value & 1n && !(p.value & 0x40n));
+        return i < 0 ? undefined : ptes.map((p, j) => (j === i ? { ...p, value: p.value | 0x40n } : p));
+      },
+    ],
+    [
+      'an extra dirty page',
+      /: dirty pages$/,
+      (o) => {
+        const pages = o as string[];
+        const last = pages.length ? BigInt(pages.at(-1)!) : 0x1000n;
+        return [...pages, `0x${(last + 0x1000n).toString(16)}`];
+      },
+    ],
     ['a missing dirty page', /: dirty pages$/, (o) => ((o as string[]).length ? (o as string[]).slice(1) : undefined)],
-    ['a missing A bit in the walker trace', /: KVM walker trace$/, (o) => {
-      const t = o as Trace;
-      return typeof o === 'object' && t.accessed.length ? { ...t, accessed: t.accessed.slice(1) } : undefined;
-    }],
-    ['an extra D bit in the walker trace', /: KVM walker trace$/, (o) => {
-      const t = o as Trace;
-      return typeof o === 'object' && t.accessed.length ? { ...t, dirty: [...t.dirty, t.accessed[0]!] } : undefined;
-    }],
+    [
+      'a missing A bit in the walker trace',
+      /: KVM walker trace$/,
+      (o) => {
+        const t = o as Trace;
+        return typeof o === 'object' && t.accessed.length ? { ...t, accessed: t.accessed.slice(1) } : undefined;
+      },
+    ],
+    [
+      'an extra D bit in the walker trace',
+      /: KVM walker trace$/,
+      (o) => {
+        const t = o as Trace;
+        return typeof o === 'object' && t.accessed.length ? { ...t, dirty: [...t.dirty, t.accessed[0]!] } : undefined;
+      },
+    ],
   ];
   const mistakesFed = new Set<string>();
-  for (const [name, trace] of [['write_protect', false], ['accessed_dirty', true], ['dirty_log', false], ['nx', true]] as const) {
+  for (const [name, trace] of [
+    ['write_protect', false],
+    ['accessed_dirty', true],
+    ['dirty_log', false],
+    ['nx', true],
+  ] as const) {
     it(`${name}${trace ? ' (traced)' : ''}: every oracle reports observations KVM could wrongly produce`, async () => {
       const check = scenarioCheck(load(name), { trace });
       const clean = await runCheck(check, kvm, profile);
@@ -181,7 +249,10 @@ describeKvm('scenarios on this host', () => {
           fed++;
           mistakesFed.add(mistake);
           expect(r.outcome, `${mistake} at '${target}'`).toBe('fail');
-          expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what), mistake).toEqual([target]);
+          expect(
+            r.comparisons.filter((c) => !c.ok).map((c) => c.what),
+            mistake,
+          ).toEqual([target]);
           break;
         }
       }
@@ -200,7 +271,9 @@ describeKvm('scenarios on this host', () => {
       expect(r.outcome, failures(r)).toBe('pass');
       const faults = r.comparisons.filter((c) => c.what.endsWith(': exceptions')).map((c) => c.expected);
       if (!profile.cpu!.pdpe1gb) {
-        expect(faults).toEqual([0x9, 0xb, 0xd].map((ec) => `[{cr2: 0x8000000010, errorCode: 0x${ec.toString(16)}, vector: 14}]`));
+        expect(faults).toEqual(
+          [0x9, 0xb, 0xd].map((ec) => `[{cr2: 0x8000000010, errorCode: 0x${ec.toString(16)}, vector: 14}]`),
+        );
       }
     }
   });
@@ -208,20 +281,30 @@ describeKvm('scenarios on this host', () => {
   it('reports a wrong explicit expectation', async () => {
     const sc = load('write_protect');
     const i = sc.steps.findIndex((s) => s.side === 'guest' && s.kind === 'access');
-    const steps = sc.steps.map((s, j) => (j === i && s.side === 'guest' && s.kind === 'access' ? { ...s, expect: { fault: 0x4 as const } } : s));
+    const steps = sc.steps.map((s, j) =>
+      j === i && s.side === 'guest' && s.kind === 'access' ? { ...s, expect: { fault: 0x4 as const } } : s,
+    );
     const r = await runCheck(scenarioCheck({ ...sc, steps }), kvm, profile);
     expect(r.outcome).toBe('fail');
-    expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toContain(`step ${i} ${(steps[i] as { access: string }).access}${8 * (steps[i] as { size: number }).size} ${'0x' + (steps[i] as { gva: bigint }).gva.toString(16)} cpl${(steps[i] as { cpl: number }).cpl}: exceptions`);
+    expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toContain(
+      `step ${i} ${(steps[i] as { access: string }).access}${8 * (steps[i] as { size: number }).size} ${'0x' + (steps[i] as { gva: bigint }).gva.toString(16)} cpl${(steps[i] as { cpl: number }).cpl}: exceptions`,
+    );
   });
 
   it('guest-side write-pte and clear-ad really change the entries: dropping them makes the next accesses disagree', async () => {
     for (const name of ['invlpg_write_pte', 'accessed_dirty']) {
       const sc = load(name);
-      const kinds = sc.steps.filter((s) => s.side === 'guest' && (s.kind === 'write-pte' || s.kind === 'clear-ad')).length;
+      const kinds = sc.steps.filter(
+        (s) => s.side === 'guest' && (s.kind === 'write-pte' || s.kind === 'clear-ad'),
+      ).length;
       expect(kinds, name).toBeGreaterThan(0);
       expect((await runCheck(scenarioCheck(sc), kvm, profile)).outcome, name).toBe('pass');
       // The same scenario with those guest stores turned into no-ops (INVLPG of the address instead).
-      const steps = sc.steps.map((s) => (s.side === 'guest' && (s.kind === 'write-pte' || s.kind === 'clear-ad') ? { side: 'guest' as const, kind: 'invlpg' as const, gva: s.gva } : s));
+      const steps = sc.steps.map((s) =>
+        s.side === 'guest' && (s.kind === 'write-pte' || s.kind === 'clear-ad')
+          ? { side: 'guest' as const, kind: 'invlpg' as const, gva: s.gva }
+          : s,
+      );
       const r = await runCheck(scenarioCheck({ ...sc, steps }), kvm, profile);
       expect(r.outcome, name).toBe('fail');
     }
@@ -231,20 +314,28 @@ describeKvm('scenarios on this host', () => {
     const sc = load('memslot_delete');
     const i = sc.steps.findIndex((s) => s.stats?.mmio_exits?.delta === 1n);
     expect(i).toBeGreaterThan(0);
-    const steps = sc.steps.map((s, j) => (j === i ? { ...s, stats: { mmio_exits: { op: '=' as const, delta: 0n } } } : s));
+    const steps = sc.steps.map((s, j) =>
+      j === i ? { ...s, stats: { mmio_exits: { op: '=' as const, delta: 0n } } } : s,
+    );
     const r = await runCheck(scenarioCheck({ ...sc, steps }), kvm, profile);
     expect(r.outcome).toBe('fail');
     const bad = r.comparisons.filter((c) => !c.ok);
-    expect(bad.map((c) => [c.what.replace(/^step (\d+) .*: /, 'step $1: '), c.expected, c.observed])).toEqual([[`step ${i}: stats mmio_exits`, '"0"', '"+1"']]);
+    expect(bad.map((c) => [c.what.replace(/^step (\d+) .*: /, 'step $1: '), c.expected, c.observed])).toEqual([
+      [`step ${i}: stats mmio_exits`, '"0"', '"+1"'],
+    ]);
   });
 
   it('a range that the delta misses is reported too', async () => {
     const sc = load('dirty_log');
     const i = sc.steps.findIndex((s) => s.stats?.remote_tlb_flush_requests?.op === '>=');
-    const steps = sc.steps.map((s, j) => (j === i ? { ...s, stats: { remote_tlb_flush_requests: { op: '<=' as const, delta: 0n } } } : s));
+    const steps = sc.steps.map((s, j) =>
+      j === i ? { ...s, stats: { remote_tlb_flush_requests: { op: '<=' as const, delta: 0n } } } : s,
+    );
     const r = await runCheck(scenarioCheck({ ...sc, steps }), kvm, profile);
     expect(r.outcome).toBe('fail');
-    expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toEqual([expect.stringMatching(new RegExp(`^step ${i} host get-dirty-log: stats remote_tlb_flush_requests$`))]);
+    expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toEqual([
+      expect.stringMatching(new RegExp(`^step ${i} host get-dirty-log: stats remote_tlb_flush_requests$`)),
+    ]);
   });
 
   it('a fault stat is compared only where the probe offers stats_faults; elsewhere it is noted, never passed', async () => {
@@ -258,9 +349,14 @@ describeKvm('scenarios on this host', () => {
       return;
     }
     expect(compared).toEqual([]);
-    expect(r.notes.filter((n) => n.includes('stats pf_fixed'))).toEqual([expect.stringMatching(/^step \d+ .*: stats pf_fixed >=1: not applicable here \(stats_faults: /)]);
+    expect(r.notes.filter((n) => n.includes('stats pf_fixed'))).toEqual([
+      expect.stringMatching(/^step \d+ .*: stats pf_fixed >=1: not applicable here \(stats_faults: /),
+    ]);
     // The same scenario on a profile that claims fault stats compares them.
-    const claimed: HostProfile = { ...profile, oracles: { ...profile.oracles, stats_faults: { available: true, why: 'test' } } };
+    const claimed: HostProfile = {
+      ...profile,
+      oracles: { ...profile.oracles, stats_faults: { available: true, why: 'test' } },
+    };
     const r2 = await runCheck(scenarioCheck(sc), kvm, claimed);
     expect(r2.comparisons.filter((c) => c.what.endsWith('stats pf_fixed'))).toHaveLength(1);
   });
@@ -274,14 +370,22 @@ describeKvm('scenarios on this host', () => {
       expect(good.outcome, failures(good)).toBe('pass');
       const r = await runCheck(scenarioCheck(load(name), { wrong: { tdp: { zapOneShort: true } } }), kvm, profile);
       expect(r.outcome).toBe('fail');
-      expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what).join('\n')).toMatch(/MMIO exits|KVM_RUN stops for the missing host memory|guest reaches the end of the step/);
+      expect(
+        r.comparisons
+          .filter((c) => !c.ok)
+          .map((c) => c.what)
+          .join('\n'),
+      ).toMatch(/MMIO exits|KVM_RUN stops for the missing host memory|guest reaches the end of the step/);
     });
   }
 
   it('a wrong prediction of how KVM_RUN stops for missing host memory is reported', async () => {
     const sc = load('munmap_remap');
     const r = await runCheck(scenarioCheck(sc), kvm, profile, {
-      wrongExpectation: (_c, what, e) => (what.endsWith('KVM_RUN stops for the missing host memory') ? { exit: 'memory_fault', gpa: 0x1001000n, size: 0x1000n, flags: 0n } : e),
+      wrongExpectation: (_c, what, e) =>
+        what.endsWith('KVM_RUN stops for the missing host memory')
+          ? { exit: 'memory_fault', gpa: 0x1001000n, size: 0x1000n, flags: 0n }
+          : e,
     });
     expect(r.outcome).toBe('fail');
     expect(r.comparisons.filter((c) => !c.ok).map((c) => [c.what, c.observed])).toEqual([
@@ -290,8 +394,38 @@ describeKvm('scenarios on this host', () => {
     ]);
   });
 
+  // The shadow MMU model beside the run: a model that never floods is caught
+  // on any shadow-MMU host (kvm_pvm zaps the flooded root, a native host the
+  // flooded page directory); one whose sync misses the last child, or that
+  // never syncs, only where the guest runs on the shadow pages (unsync pages
+  // exist there alone).
+  const shadowWrong: [string, WrongShadow, boolean][] = [
+    ['shadow_write_flooding', 'no-flooding', false],
+    ['shadow_unsync_children', 'sync-misses-last-child', true],
+    ['shadow_unsync_cr3_reload', 'never-sync', true],
+  ];
+  for (const [name, mistake, nativeOnly] of shadowWrong) {
+    it(`${name}: a shadow model with ${mistake} is reported where the shadow comparison applies`, async () => {
+      const r = await runCheck(scenarioCheck(load(name), { wrong: { shadow: mistake } }), kvm, profile);
+      const applies = r.notes.some((n) => n.startsWith('shadow model: '));
+      const caught = applies && (!nativeOnly || r.notes.some((n) => n.startsWith('shadow model: native')));
+      if (!caught) return expect(['pass', 'not_applicable']).toContain(r.outcome);
+      expect(r.outcome).toBe('fail');
+      expect(
+        r.comparisons
+          .filter((c) => !c.ok)
+          .map((c) => c.what)
+          .join('\n'),
+      ).toMatch(/shadow-page events|shadow pages/);
+    });
+  }
+
   // Races: a model that drops one dirty bit, and every comparison fed a wrong expectation.
-  for (const [name, logged] of [['race_dirty_log_dontneed', 'target 0 (slot 1)'], ['race_dirty_log_dontneed_cpl3', 'target 0 (slot 1)'], ['memslot_delete_running', 'target 1 (slot 2)']]) {
+  for (const [name, logged] of [
+    ['race_dirty_log_dontneed', 'target 0 (slot 1)'],
+    ['race_dirty_log_dontneed_cpl3', 'target 0 (slot 1)'],
+    ['memslot_delete_running', 'target 1 (slot 2)'],
+  ]) {
     it(`${name}: a race model that drops one dirty bit is reported`, async () => {
       const r = await runCheck(scenarioCheck(load(name!), { wrong: { race: { dropDirtyBit: true } } }), kvm, profile);
       expect(r.outcome).toBe('fail');
@@ -306,18 +440,29 @@ describeKvm('scenarios on this host', () => {
     it(`${name}: every race comparison reports a wrong expectation`, async () => {
       const ok = await runCheck(scenarioCheck(load(name)), kvm, profile);
       expect(ok.outcome, failures(ok)).toBe('pass');
-      const r = await runCheck(scenarioCheck(load(name)), kvm, profile, { wrongExpectation: (_c, _w, e) => wrongValue(e) });
-      expect(r.comparisons.map((c) => [c.what, c.ok]), r.reason).toEqual(ok.comparisons.map((c) => [c.what, false]));
+      const r = await runCheck(scenarioCheck(load(name)), kvm, profile, {
+        wrongExpectation: (_c, _w, e) => wrongValue(e),
+      });
+      expect(
+        r.comparisons.map((c) => [c.what, c.ok]),
+        r.reason,
+      ).toEqual(ok.comparisons.map((c) => [c.what, false]));
     });
   }
 
   it('dirty_log_thp: a model that logs whole 2 MiB blocks is reported', async () => {
     const sc = load('dirty_log_thp');
-    const i = sc.steps.findIndex((s) => s.side === 'host' && s.kind === 'get-dirty-log' && (s.expect?.length ?? 0) === 2);
+    const i = sc.steps.findIndex(
+      (s) => s.side === 'host' && s.kind === 'get-dirty-log' && (s.expect?.length ?? 0) === 2,
+    );
     const block = Array.from({ length: 512 }, (_, k) => `0x${(0x1000000 + k * 0x1000).toString(16)}`);
-    const r = await runCheck(scenarioCheck(sc), kvm, profile, { wrongExpectation: (_c, what, e) => (what === `step ${i} host get-dirty-log: dirty pages` ? block : e) });
+    const r = await runCheck(scenarioCheck(sc), kvm, profile, {
+      wrongExpectation: (_c, what, e) => (what === `step ${i} host get-dirty-log: dirty pages` ? block : e),
+    });
     expect(r.outcome).toBe('fail');
-    expect(r.comparisons.filter((c) => !c.ok).map((c) => [c.what, c.observed])).toEqual([[`step ${i} host get-dirty-log: dirty pages`, '["0x1001000", "0x11ff000"]']]);
+    expect(r.comparisons.filter((c) => !c.ok).map((c) => [c.what, c.observed])).toEqual([
+      [`step ${i} host get-dirty-log: dirty pages`, '["0x1001000", "0x11ff000"]'],
+    ]);
   });
 
   it('removes its tracefs instance when interrupted', async () => {
@@ -325,7 +470,10 @@ describeKvm('scenarios on this host', () => {
     const child = spawn(process.execPath, [cli, 'run', 'scenarios'], { stdio: ['ignore', 'pipe', 'pipe'] });
     // Wait until an instance of the child exists, then interrupt it.
     const deadline = Date.now() + 30_000;
-    while (!readdirSync(join(TRACEFS, 'instances')).some((d) => d.startsWith(`kvmharness-${child.pid}-`)) && Date.now() < deadline) {
+    while (
+      !readdirSync(join(TRACEFS, 'instances')).some((d) => d.startsWith(`kvmharness-${child.pid}-`)) &&
+      Date.now() < deadline
+    ) {
       await new Promise((r) => setTimeout(r, 5));
     }
     child.kill('SIGINT');
@@ -338,9 +486,26 @@ describeKvm('scenarios on this host', () => {
 describe('shadow-page oracle parsing', () => {
   it('reads gfn, level, direct and new from kvm_mmu_get_page text', async () => {
     const { parseShadowPage, guestTablePages } = await import('../src/observe/shadow-pages.js');
-    const ev = (text: string): TraceEvent => ({ id: 'kvmmmu/kvm_mmu_get_page', pid: 1, cpu: 0, ts: 0, fields: {}, text });
-    expect(parseShadowPage(ev('sp gen 0 gfn 10 l4 8-byte q0 wux nxe ad root 0 sync new'))).toEqual({ gfn: 0x10n, level: 4, direct: false, created: true });
-    expect(parseShadowPage(ev('sp gen 0 gfn 200 l1 8-byte q0 direct wux nxe ad root 0 sync existing'))).toEqual({ gfn: 0x200n, level: 1, direct: true, created: false });
+    const ev = (text: string): TraceEvent => ({
+      id: 'kvmmmu/kvm_mmu_get_page',
+      pid: 1,
+      cpu: 0,
+      ts: 0,
+      fields: {},
+      text,
+    });
+    expect(parseShadowPage(ev('sp gen 0 gfn 10 l4 8-byte q0 wux nxe ad root 0 sync new'))).toEqual({
+      gfn: 0x10n,
+      level: 4,
+      direct: false,
+      created: true,
+    });
+    expect(parseShadowPage(ev('sp gen 0 gfn 200 l1 8-byte q0 direct wux nxe ad root 0 sync existing'))).toEqual({
+      gfn: 0x200n,
+      level: 1,
+      direct: true,
+      created: false,
+    });
     // A 4-level tree: root 0x1000 -> PDPT 0x2000 -> PD 0x3000 with one 2M leaf at 0x200000 and one PT 0x4000.
     const mem = new Map<bigint, bigint>([
       [0x1000n, 0x2000n | 1n],
@@ -348,6 +513,8 @@ describe('shadow-page oracle parsing', () => {
       [0x3000n, 0x200000n | 0x81n],
       [0x3008n, 0x4000n | 1n],
     ]);
-    expect([...guestTablePages(0x1000n, 4, (a) => mem.get(a) ?? 0n)].sort()).toEqual(['1@4', '2@3', '200@1 direct', '3@2', '4@1'].sort());
+    expect([...guestTablePages(0x1000n, 4, (a) => mem.get(a) ?? 0n)].sort()).toEqual(
+      ['1@4', '2@3', '200@1 direct', '3@2', '4@1'].sort(),
+    );
   });
 });

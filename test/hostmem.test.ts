@@ -15,7 +15,13 @@ import { describeKvm } from './support/kvm.js';
 
 const HVA = 0x7f0000000000n;
 const slot = (): Memslot => ({
-  slot: 1, asId: 0, baseGfn: 0x1000, npages: 16, hva: HVA, flags: { logDirty: false, readonly: false }, backing: { kind: 'anon', pageSize: 4096 },
+  slot: 1,
+  asId: 0,
+  baseGfn: 0x1000,
+  npages: 16,
+  hva: HVA,
+  flags: { logDirty: false, readonly: false },
+  backing: { kind: 'anon', pageSize: 4096 },
 });
 
 describe('host memory model: mprotect and remap', () => {
@@ -76,8 +82,10 @@ describe('stats expectations', () => {
     expect(parseStatExpect('0')).toEqual({ op: '=', delta: 0n });
     expect(parseStatExpect('>=1')).toEqual({ op: '>=', delta: 1n });
     expect(parseStatExpect('<=0')).toEqual({ op: '<=', delta: 0n });
-    for (const bad of ['>1', '=1', '01', '1.5', '', ' 1', true, null, 1.5]) expect(typeof parseStatExpect(bad), String(bad)).toBe('string');
-    for (const v of [3, -2, 0, '>=1', '<=7']) expect(parseStatExpect(showStatExpect(parseStatExpect(v) as never))).toEqual(parseStatExpect(v));
+    for (const bad of ['>1', '=1', '01', '1.5', '', ' 1', true, null, 1.5])
+      expect(typeof parseStatExpect(bad), String(bad)).toBe('string');
+    for (const v of [3, -2, 0, '>=1', '<=7'])
+      expect(parseStatExpect(showStatExpect(parseStatExpect(v) as never))).toEqual(parseStatExpect(v));
   });
 
   it('decides each kind of expectation', () => {
@@ -138,7 +146,7 @@ describeKvm('munmap, remap and mprotect of part of a memslot', () => {
     }
   });
 
-  it('hugeBytes reads the slot\'s AnonHugePages: none for 4K anonymous memory', () => {
+  it("hugeBytes reads the slot's AnonHugePages: none for 4K anonymous memory", () => {
     const kvm = Kvm.open(localTarget);
     const vm = kvm.createVm();
     try {

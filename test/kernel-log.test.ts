@@ -9,7 +9,7 @@ import type { HostProfile } from '../src/probe/probe.js';
 import { human, junit, ktap } from '../src/report/report.js';
 import { exitStatus, runChecks } from '../src/run/runner.js';
 import type { Check } from '../src/run/types.js';
-import type { KernelProblem, KernelWatch } from '../src/target/target.js';
+import type { KernelProblem, KernelWatch } from '../src/kvm/target.js';
 
 const BUG = `[   41.100000] kvm: some earlier message
 [   42.123456] Invalid SPTE change: cannot replace a present leaf
@@ -26,7 +26,7 @@ const BUG = `[   41.100000] kvm: some earlier message
 [   42.124100]  tdp_mmu_set_spte_atomic+0x9a/0xf0 [kvm]`;
 
 describe('kernel log problems', () => {
-  it("names a BUG after the function it hit and the message printed before it", () => {
+  it('names a BUG after the function it hit and the message printed before it', () => {
     const [p, ...rest] = kernelProblems(BUG);
     expect(p!.message).toBe('kernel BUG in __handle_changed_spte: Invalid SPTE change: cannot replace a present leaf');
     expect(p!.excerpt).toContain('[   42.123510] kernel BUG at arch/x86/kvm/mmu/tdp_mmu.c:512!');
@@ -74,18 +74,32 @@ describe('kernel log problems', () => {
   });
 
   it('reads /dev/kmsg records as console lines, a record of several lines split', () => {
-    const text = kmsgLines(['3,10,42123456,-;Invalid SPTE change: cannot replace\\x0adifferent PFN!\n SUBSYSTEM=x', '4,11,42123500,c;next']);
-    expect(text.split('\n')).toEqual(['[   42.123456] Invalid SPTE change: cannot replace', '[   42.123456] different PFN!', '[   42.123500] next']);
+    const text = kmsgLines([
+      '3,10,42123456,-;Invalid SPTE change: cannot replace\\x0adifferent PFN!\n SUBSYSTEM=x',
+      '4,11,42123500,c;next',
+    ]);
+    expect(text.split('\n')).toEqual([
+      '[   42.123456] Invalid SPTE change: cannot replace',
+      '[   42.123456] different PFN!',
+      '[   42.123500] next',
+    ]);
     expect(kernelProblems('[ 1.0] all is well\n[ 2.0] kvm: loaded')).toEqual([]);
   });
 });
 
 const profile = {
-  arch: 'x86_64', device: '/dev/kvm', flavour: 'kvm_amd', tdp: { enabled: true, kind: 'npt' }, tdpMmu: true, oracles: {},
+  arch: 'x86_64',
+  device: '/dev/kvm',
+  flavour: 'kvm_amd',
+  tdp: { enabled: true, kind: 'npt' },
+  tdpMmu: true,
+  oracles: {},
 } as unknown as HostProfile;
 
 const check = (name: string, ok = true): Check => ({
-  name, description: name, needs: [],
+  name,
+  description: name,
+  needs: [],
   run: async (ctx) => ctx.expect('x', 1, ok ? 1 : 2),
 });
 
@@ -97,11 +111,18 @@ function kvmWith(script: { problems: KernelProblem[]; dead?: string }[]): Kvm {
 }
 
 describe('a kernel problem as a verdict', () => {
-  const bug: KernelProblem = { message: 'kernel BUG in __handle_changed_spte: Invalid SPTE change', excerpt: ['kernel BUG at x!'] };
+  const bug: KernelProblem = {
+    message: 'kernel BUG in __handle_changed_spte: Invalid SPTE change',
+    excerpt: ['kernel BUG at x!'],
+  };
 
   it('a WARN during a check fails that check; the run goes on', async () => {
     const warn: KernelProblem = { message: 'WARNING in kvm_mmu_free_roots', excerpt: ['WARNING: ...'] };
-    const r = await runChecks([check('a'), check('b'), check('c')], kvmWith([{ problems: [] }, { problems: [] }, { problems: [warn] }]), profile);
+    const r = await runChecks(
+      [check('a'), check('b'), check('c')],
+      kvmWith([{ problems: [] }, { problems: [] }, { problems: [warn] }]),
+      profile,
+    );
     expect(r.checks.map((c) => c.outcome)).toEqual(['pass', 'fail', 'pass']);
     expect(r.checks[1]!.reason).toBe('WARNING in kvm_mmu_free_roots');
     expect(r.checks[1]!.kernel).toEqual([warn]);
@@ -111,11 +132,25 @@ describe('a kernel problem as a verdict', () => {
   });
 
   it('a crash fails the check that ran, names the kernel message, and the rest is not run', async () => {
-    const r = await runChecks([check('a'), check('b'), check('c')], kvmWith([{ problems: [] }, { problems: [] }, { problems: [bug], dead: bug.message }]), profile);
-    expect(r.checks.map((c) => [c.name, c.outcome])).toEqual([['a', 'pass'], ['b', 'fail'], ['c', 'not_run']]);
+    const r = await runChecks(
+      [check('a'), check('b'), check('c')],
+      kvmWith([{ problems: [] }, { problems: [] }, { problems: [bug], dead: bug.message }]),
+      profile,
+    );
+    expect(r.checks.map((c) => [c.name, c.outcome])).toEqual([
+      ['a', 'pass'],
+      ['b', 'fail'],
+      ['c', 'not_run'],
+    ]);
     expect(r.checks[1]!.reason).toBe(bug.message);
     expect(r.checks[2]!.reason).toBe(`the kernel under test stopped during b: ${bug.message}`);
-    expect(r.summary).toMatchObject({ total: 3, passed: 1, failed: 1, notRun: 1, stopped: `the kernel under test stopped during b: ${bug.message}` });
+    expect(r.summary).toMatchObject({
+      total: 3,
+      passed: 1,
+      failed: 1,
+      notRun: 1,
+      stopped: `the kernel under test stopped during b: ${bug.message}`,
+    });
     expect(exitStatus(r)).toBe(1);
     const text = human(r);
     expect(text).toContain(`kernel: ${bug.message}`);
@@ -126,7 +161,14 @@ describe('a kernel problem as a verdict', () => {
   });
 
   it('an error the crash caused stays in the notes of the failed check', async () => {
-    const broken: Check = { name: 'b', description: 'b', needs: [], run: async () => { throw new Error('the lab channel is broken'); } };
+    const broken: Check = {
+      name: 'b',
+      description: 'b',
+      needs: [],
+      run: async () => {
+        throw new Error('the lab channel is broken');
+      },
+    };
     const r = await runChecks([broken], kvmWith([{ problems: [] }, { problems: [bug], dead: bug.message }]), profile);
     expect(r.checks[0]).toMatchObject({ outcome: 'fail', reason: bug.message });
     expect(r.checks[0]!.notes).toEqual(['the check itself: error: the lab channel is broken']);

@@ -41,8 +41,12 @@ describeKvm('KVM binding', () => {
     const vm = kvm.createVm();
     try {
       // Unaligned GPA: KVM answers EINVAL.
-      expect(() => vm.setUserMemoryRegion(0, 0, 0x123n, 0x1000n, 0n)).toThrowError(new KvmError('KVM_SET_USER_MEMORY_REGION', 22, 'slot 0'));
-      expect(() => vm.setUserMemoryRegion(0, 0, 0x123n, 0x1000n, 0n)).toThrow(/^KVM_SET_USER_MEMORY_REGION failed: EINVAL/);
+      expect(() => vm.setUserMemoryRegion(0, 0, 0x123n, 0x1000n, 0n)).toThrowError(
+        new KvmError('KVM_SET_USER_MEMORY_REGION', 22, 'slot 0'),
+      );
+      expect(() => vm.setUserMemoryRegion(0, 0, 0x123n, 0x1000n, 0n)).toThrow(
+        /^KVM_SET_USER_MEMORY_REGION failed: EINVAL/,
+      );
     } finally {
       vm.close();
     }
@@ -135,8 +139,9 @@ describeKvm('KVM binding', () => {
     }
   });
 
-  it('moves a long run off the caller\'s CPU with its start-up affinity back', async () => {
-    const allowed = (tid: number | string) => readFileSync(`/proc/self/task/${tid}/status`, 'utf8').match(/Cpus_allowed_list:\s*(\S+)/)![1];
+  it("moves a long run off the caller's CPU with its start-up affinity back", async () => {
+    const allowed = (tid: number | string) =>
+      readFileSync(`/proc/self/task/${tid}/status`, 'utf8').match(/Cpus_allowed_list:\s*(\S+)/)![1];
     const vm = realMode(kvm, [0xeb, 0xfe]); // jmp $
     try {
       const v = vm.vcpus[0]!;
@@ -158,7 +163,9 @@ describeKvm('KVM binding', () => {
     try {
       expect((await vm.vcpus[0]!.run()).exit.reason).toBe('hlt');
       const log = vm.getDirtyLog(0);
-      const pages = [...log].flatMap((b, i) => [0, 1, 2, 3, 4, 5, 6, 7].filter((j) => b & (1 << j)).map((j) => i * 8 + j));
+      const pages = [...log].flatMap((b, i) =>
+        [0, 1, 2, 3, 4, 5, 6, 7].filter((j) => b & (1 << j)).map((j) => i * 8 + j),
+      );
       expect(pages).toEqual([3, 5]);
       expect([...vm.getDirtyLog(0)].every((b) => b === 0)).toBe(true);
     } finally {
@@ -225,7 +232,11 @@ describeKvm('KVM binding', () => {
         `const { localTarget } = await import(${JSON.stringify(localJs)});`,
         "const k = Kvm.open(localTarget); for (let i = 0; i < 300; i++) k.createVm().close(); k.close(); console.log('done');",
       ].join(' ');
-      const r = spawnSync(process.execPath, ['--cpu-prof', '--cpu-prof-interval', '10', '--cpu-prof-dir', dir, '--input-type=module', '-e', script], { encoding: 'utf8' });
+      const r = spawnSync(
+        process.execPath,
+        ['--cpu-prof', '--cpu-prof-interval', '10', '--cpu-prof-dir', dir, '--input-type=module', '-e', script],
+        { encoding: 'utf8' },
+      );
       expect(r.stderr).not.toContain('EINTR');
       expect(r.stdout.trim()).toBe('done');
       expect(r.status).toBe(0);
@@ -315,9 +326,13 @@ describeKvm('host memory behind memslots', () => {
     const vm = kvm.createVm();
     try {
       const s = vm.addMemslot({ slot: 0, gpa: 0n, size: 0x4000 });
-      expect(() => s.madvise(0x3000, 0x2000, MADV.DONTNEED)).toThrow(/madvise: range \+0x3000\/0x2000 is not page-aligned inside memslot 0/);
+      expect(() => s.madvise(0x3000, 0x2000, MADV.DONTNEED)).toThrow(
+        /madvise: range \+0x3000\/0x2000 is not page-aligned inside memslot 0/,
+      );
       expect(() => s.punchHole(0, 0x1000)).toThrow(/memslot 0 is not backed by a memfd/);
-      expect(() => vm.addMemslot({ slot: 1, gpa: 0x10000n, size: 0x1001 })).toThrow(/memslot 1: size 0x1001 is not a positive multiple of 4 KiB/);
+      expect(() => vm.addMemslot({ slot: 1, gpa: 0x10000n, size: 0x1001 })).toThrow(
+        /memslot 1: size 0x1001 is not a positive multiple of 4 KiB/,
+      );
     } finally {
       vm.close();
     }

@@ -6,7 +6,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { X86Guest } from '../src/arch/x86/guest.js';
 import type { CpuidEntry } from '../src/kvm/cpuid.js';
 import { Kvm } from '../src/kvm/kvm.js';
-import { NotApplicable } from '../src/kvm/sys.js';
+import { NotApplicable } from '../src/base/not-applicable.js';
 import { localTarget } from '../src/target/local.js';
 import { describeKvm } from './support/kvm.js';
 

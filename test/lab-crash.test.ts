@@ -19,7 +19,9 @@ const ROOT = join(import.meta.dirname, '..');
 const BIN = join(ROOT, 'dist', 'src', 'cli', 'bin.js');
 const results = mkdtempSync(join(tmpdir(), 'kvmharness-crashtest-'));
 afterAll(() => rmSync(results, { recursive: true, force: true }));
-const validate = new Ajv2020({ allErrors: true, strict: true }).compile(JSON.parse(readFileSync(join(ROOT, 'docs', 'report.schema.json'), 'utf8')));
+const validate = new Ajv2020({ allErrors: true, strict: true }).compile(
+  JSON.parse(readFileSync(join(ROOT, 'docs', 'report.schema.json'), 'utf8')),
+);
 
 /** The check the fault hits: the second of the smoke suite on x86. */
 const HIT = 'long_mode_store_load';
@@ -57,11 +59,19 @@ describe.skipIf(!live || process.arch !== 'x64')('a lab kernel that crashes, han
     const hit = report.checks.findIndex((c) => c.name === HIT);
     expect(hit).toBeGreaterThan(0);
     expect(report.checks[hit]).toMatchObject({ outcome: 'fail', reason: 'kernel panic: sysrq triggered crash' });
-    expect(report.checks[hit]!.kernel![0]!.excerpt.some((l) => l.includes('Kernel panic - not syncing: sysrq triggered crash'))).toBe(true);
+    expect(
+      report.checks[hit]!.kernel![0]!.excerpt.some((l) =>
+        l.includes('Kernel panic - not syncing: sysrq triggered crash'),
+      ),
+    ).toBe(true);
     expect(report.checks.slice(0, hit).every((c) => c.outcome === 'pass')).toBe(true);
-    expect(report.checks.slice(hit + 1).every((c) => c.outcome === 'not_run' && c.reason!.includes(`stopped during ${HIT}`))).toBe(true);
+    expect(
+      report.checks.slice(hit + 1).every((c) => c.outcome === 'not_run' && c.reason!.includes(`stopped during ${HIT}`)),
+    ).toBe(true);
     expect(report.summary.total).toBe(report.checks.length);
-    expect(report.summary.stopped).toBe(`the kernel under test stopped during ${HIT}: kernel panic: sysrq triggered crash`);
+    expect(report.summary.stopped).toBe(
+      `the kernel under test stopped during ${HIT}: kernel panic: sysrq triggered crash`,
+    );
     // The whole console, kept in the results directory.
     expect(report.consoleLog!.startsWith(results)).toBe(true);
     const log = readFileSync(report.consoleLog!, 'latin1');
@@ -86,7 +96,10 @@ describe.skipIf(!live || process.arch !== 'x64')('a lab kernel that crashes, han
     const { status, report } = await labRun('warn');
     expect(status).toBe(1);
     const hit = report.checks.find((c) => c.name === HIT)!;
-    expect(hit).toMatchObject({ outcome: 'fail', reason: 'WARNING in kvmharness_injected_warning: kvmharness: an injected warning' });
+    expect(hit).toMatchObject({
+      outcome: 'fail',
+      reason: 'WARNING in kvmharness_injected_warning: kvmharness: an injected warning',
+    });
     expect(report.checks.filter((c) => c.outcome === 'fail').map((c) => c.name)).toEqual([HIT]);
     expect(report.summary.notRun).toBe(0);
     expect(report.summary.stopped).toBeUndefined();

@@ -2,7 +2,19 @@
 // live boot under QEMU/TCG (KVMHARNESS_LAB=1: it downloads Debian's kernel once
 // and boots for a few seconds).
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
-import { chmodSync, closeSync, constants, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import {
+  chmodSync,
+  closeSync,
+  constants,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -72,11 +84,32 @@ function fakeVmlinux(path: string, opts: { pvh: boolean; release?: string }): st
   phdr.writeUInt32LE(4, 0); // PT_NOTE
   phdr.writeBigUInt64LE(120n, 8);
   phdr.writeBigUInt64LE(20n, 32);
-  writeFileSync(path, Buffer.concat([ehdr, phdr, note, Buffer.from(`\0Linux version ${opts.release ?? '6.1.0-test'} (test@host) #1 SMP\0`)]));
+  writeFileSync(
+    path,
+    Buffer.concat([
+      ehdr,
+      phdr,
+      note,
+      Buffer.from(`\0Linux version ${opts.release ?? '6.1.0-test'} (test@host) #1 SMP\0`),
+    ]),
+  );
   return path;
 }
 
-const CONFIG = ['CONFIG_KVM=m', 'CONFIG_KVM_AMD=m', 'CONFIG_TRACING=y', 'CONFIG_SERIAL_8250=y', 'CONFIG_SERIAL_8250_CONSOLE=y', 'CONFIG_PCI=y', 'CONFIG_VIRTIO_PCI=m', 'CONFIG_VIRTIO_CONSOLE=m', 'CONFIG_BLK_DEV_INITRD=y', 'CONFIG_RD_GZIP=y', 'CONFIG_DEVTMPFS=y', 'CONFIG_PVH=y'];
+const CONFIG = [
+  'CONFIG_KVM=m',
+  'CONFIG_KVM_AMD=m',
+  'CONFIG_TRACING=y',
+  'CONFIG_SERIAL_8250=y',
+  'CONFIG_SERIAL_8250_CONSOLE=y',
+  'CONFIG_PCI=y',
+  'CONFIG_VIRTIO_PCI=m',
+  'CONFIG_VIRTIO_CONSOLE=m',
+  'CONFIG_BLK_DEV_INITRD=y',
+  'CONFIG_RD_GZIP=y',
+  'CONFIG_DEVTMPFS=y',
+  'CONFIG_PVH=y',
+];
 
 /** A fake busybox: a script that lists applets like `busybox --list-full`. */
 function fakeBusybox(dir: string): string {
@@ -109,12 +142,19 @@ describe('lab profiles', () => {
 
   it('merges --modparams over the profile and rejects malformed words', async () => {
     const p = profile('npt-tdp', 'kvm.tdp_mmu=0 kvm-amd.avic=1 kvm.eager_page_split=N');
-    expect(p.modparams).toEqual({ kvm: { tdp_mmu: '0', eager_page_split: 'N' }, kvm_amd: { npt: '1', nested: '0', avic: '1' } });
+    expect(p.modparams).toEqual({
+      kvm: { tdp_mmu: '0', eager_page_split: 'N' },
+      kvm_amd: { npt: '1', nested: '0', avic: '1' },
+    });
     expect(profile('npt-tdp').modparams.kvm?.tdp_mmu).toBe('1'); // the built-in profile is unchanged
-    expect(withModparams(profile('shadow'), { kvm: { halt_poll_ns: '0' } }).modparams.kvm).toEqual({ halt_poll_ns: '0' });
+    expect(withModparams(profile('shadow'), { kvm: { halt_poll_ns: '0' } }).modparams.kvm).toEqual({
+      halt_poll_ns: '0',
+    });
     expect((await labError(() => parseModparams('tdp_mmu=1'))).message).toMatch(/bad module parameter 'tdp_mmu=1'/);
-    expect((await labError(() => parseModparams("kvm.x=$(reboot)"))).message).toMatch(/bad module parameter/);
-    expect((await labError(() => profile('ept'))).message).toMatch(/unknown lab profile 'ept' \(known: npt-tdp, npt-legacy, shadow, vhe, nvhe, protected\)/);
+    expect((await labError(() => parseModparams('kvm.x=$(reboot)'))).message).toMatch(/bad module parameter/);
+    expect((await labError(() => profile('ept'))).message).toMatch(
+      /unknown lab profile 'ept' \(known: npt-tdp, npt-legacy, shadow, vhe, nvhe, protected\)/,
+    );
   });
 
   it('records the arm64 profiles as data', () => {
@@ -131,7 +171,15 @@ describe('lab profiles', () => {
   });
 
   it('builds QEMU arguments: ttyS0 the console on stdio, the agent on a virtio-serial port on PCI, PVH through qboot', async () => {
-    const k: LabKernel = { arch: 'x86_64', version: '6.1.0-test', vmlinux: '/k/vmlinux', bzImage: '/k/bzImage', modulesDir: undefined, busybox: '/bb', builtin: ['kvm', 'kvm_amd', 'virtio_pci', 'virtio_console'] };
+    const k: LabKernel = {
+      arch: 'x86_64',
+      version: '6.1.0-test',
+      vmlinux: '/k/vmlinux',
+      bzImage: '/k/bzImage',
+      modulesDir: undefined,
+      busybox: '/bb',
+      builtin: ['kvm', 'kvm_amd', 'virtio_pci', 'virtio_console'],
+    };
     const args = qemuArgs({ kernel: k, initramfs: '/i.gz', profile: profile('npt-tdp'), agentPath: '/t/agent' });
     const s = args.join(' ');
     expect(s).toContain('-accel tcg -cpu max,-la57 -m 1G -smp 1 -bios /usr/share/qemu/qboot.rom');
@@ -142,18 +190,37 @@ describe('lab profiles', () => {
     expect(serials).toEqual(['chardev:console']);
     expect(args).toContain('stdio,id=console,signal=off');
     expect(args).toContain('pipe,id=agent,path=/t/agent');
-    expect(s).toContain('-device virtio-serial-pci -chardev pipe,id=agent,path=/t/agent -device virtserialport,chardev=agent,name=kvmharness.agent,nr=1');
+    expect(s).toContain(
+      '-device virtio-serial-pci -chardev pipe,id=agent,path=/t/agent -device virtserialport,chardev=agent,name=kvmharness.agent,nr=1',
+    );
     // Built-in KVM takes its parameters on the command line.
-    expect(args[args.indexOf('-append') + 1]).toBe('console=ttyS0 panic=-1 quiet hugepages=8 cryptomgr.notests=1 initcall_blacklist=crypto_kdf108_init pci=noacpi kvm.tdp_mmu=1 kvm_amd.npt=1 kvm_amd.nested=0');
+    expect(args[args.indexOf('-append') + 1]).toBe(
+      'console=ttyS0 panic=-1 quiet hugepages=8 cryptomgr.notests=1 initcall_blacklist=crypto_kdf108_init pci=noacpi kvm.tdp_mmu=1 kvm_amd.npt=1 kvm_amd.nested=0',
+    );
     // Without a PVH vmlinux: the bzImage through SeaBIOS.
-    const bz = qemuArgs({ kernel: { ...k, vmlinux: undefined }, initramfs: '/i.gz', profile: profile('npt-tdp'), agentPath: '/t/agent' });
+    const bz = qemuArgs({
+      kernel: { ...k, vmlinux: undefined },
+      initramfs: '/i.gz',
+      profile: profile('npt-tdp'),
+      agentPath: '/t/agent',
+    });
     expect(bz).not.toContain('-bios');
     expect(bz.join(' ')).toContain('-kernel /k/bzImage');
-    expect((await labError(() => qemuArgs({ kernel: k, initramfs: '/i.gz', profile: profile('nvhe'), agentPath: '/t/a' }))).message).toMatch(/profile nvhe is for arm64, the kernel 6\.1\.0-test is x86_64/);
+    expect(
+      (await labError(() => qemuArgs({ kernel: k, initramfs: '/i.gz', profile: profile('nvhe'), agentPath: '/t/a' })))
+        .message,
+    ).toMatch(/profile nvhe is for arm64, the kernel 6\.1\.0-test is x86_64/);
   });
 
   it('builds arm64 QEMU arguments: the Image on virt with EL2, the console on the PL011, the agent on a named virtio-serial port', () => {
-    const k: LabKernel = { arch: 'arm64', version: '6.1.0-test-arm64', image: '/k/Image', modulesDir: undefined, busybox: '/bb', builtin: ['kvm', 'virtio_mmio', 'virtio_console'] };
+    const k: LabKernel = {
+      arch: 'arm64',
+      version: '6.1.0-test-arm64',
+      image: '/k/Image',
+      modulesDir: undefined,
+      busybox: '/bb',
+      builtin: ['kvm', 'virtio_mmio', 'virtio_console'],
+    };
     for (const name of ['vhe', 'nvhe', 'protected']) {
       const args = qemuArgs({ kernel: k, initramfs: '/i.gz', profile: profile(name), agentPath: '/t/agent' });
       const s = args.join(' ');
@@ -165,27 +232,54 @@ describe('lab profiles', () => {
       expect(s).toContain('-device virtio-serial-device');
       expect(s).toContain('-device virtserialport,chardev=agent,name=kvmharness.agent,nr=1');
       const mode = { vhe: '', nvhe: ' kvm-arm.mode=nvhe', protected: ' kvm-arm.mode=protected' }[name];
-      expect(args[args.indexOf('-append') + 1]).toBe(`console=ttyAMA0 panic=-1 quiet hugepages=8 cryptomgr.notests=1 initcall_blacklist=crypto_kdf108_init${mode}`);
+      expect(args[args.indexOf('-append') + 1]).toBe(
+        `console=ttyAMA0 panic=-1 quiet hugepages=8 cryptomgr.notests=1 initcall_blacklist=crypto_kdf108_init${mode}`,
+      );
     }
   });
 });
 
 describe('lab initramfs', () => {
   const k = fakeKernel('initramfs');
-  const kernel: LabKernel = { arch: 'x86_64', version: '6.1.0-test', vmlinux: k.vmlinux, modulesDir: k.modules, busybox: fakeBusybox(k.dir), builtin: [] };
+  const kernel: LabKernel = {
+    arch: 'x86_64',
+    version: '6.1.0-test',
+    vmlinux: k.vmlinux,
+    modulesDir: k.modules,
+    busybox: fakeBusybox(k.dir),
+    builtin: [],
+  };
   const agent = join(k.dir, 'agent-bin');
   writeFileSync(agent, 'AGENT BINARY');
 
   /** `cpio -t -v` of the gzip'd archive, and one member's contents. */
-  const list = (gz: Buffer): string => execFileSync('cpio', ['-t', '-v', '--quiet'], { input: gunzipSync(gz), encoding: 'utf8' });
-  const member = (gz: Buffer, name: string): Buffer => execFileSync('cpio', ['-i', '--to-stdout', '--quiet', name], { input: gunzipSync(gz) });
+  const list = (gz: Buffer): string =>
+    execFileSync('cpio', ['-t', '-v', '--quiet'], { input: gunzipSync(gz), encoding: 'utf8' });
+  const member = (gz: Buffer, name: string): Buffer =>
+    execFileSync('cpio', ['-i', '--to-stdout', '--quiet', name], { input: gunzipSync(gz) });
 
   it('holds busybox and its links, the KVM modules with dependencies, the agent and /init', () => {
-    const out = buildInitramfs({ kernel, agentBinary: agent, profile: profile('npt-tdp'), out: join(k.dir, 'initrd.gz') });
+    const out = buildInitramfs({
+      kernel,
+      agentBinary: agent,
+      profile: profile('npt-tdp'),
+      out: join(k.dir, 'initrd.gz'),
+    });
     const gz = readFileSync(out);
     const t = list(gz);
     const names = execFileSync('cpio', ['-t', '--quiet'], { input: gunzipSync(gz), encoding: 'utf8' }).split('\n');
-    for (const n of ['init', 'agent', 'bin/busybox', 'dev/console', 'lib/modules/irqbypass.ko', 'lib/modules/kvm.ko', 'lib/modules/ccp.ko', 'lib/modules/kvm-amd.ko', 'lib/modules/virtio_pci.ko', 'lib/modules/virtio_console.ko']) {
+    for (const n of [
+      'init',
+      'agent',
+      'bin/busybox',
+      'dev/console',
+      'lib/modules/irqbypass.ko',
+      'lib/modules/kvm.ko',
+      'lib/modules/ccp.ko',
+      'lib/modules/kvm-amd.ko',
+      'lib/modules/virtio_pci.ko',
+      'lib/modules/virtio_console.ko',
+    ]) {
       expect(names).toContain(n);
     }
     expect(t).toMatch(/^l.* bin\/sh -> \/bin\/busybox$/m);
@@ -198,7 +292,13 @@ describe('lab initramfs', () => {
 
     const init = member(gz, 'init').toString();
     expect(init.startsWith('#!/bin/sh\n')).toBe(true);
-    for (const s of ['mount -t proc proc /proc', 'mount -t sysfs sysfs /sys', 'mount -t devtmpfs devtmpfs /dev', 'mount -t tracefs nodev /sys/kernel/tracing']) expect(init).toContain(s);
+    for (const s of [
+      'mount -t proc proc /proc',
+      'mount -t sysfs sysfs /sys',
+      'mount -t devtmpfs devtmpfs /dev',
+      'mount -t tracefs nodev /sys/kernel/tracing',
+    ])
+      expect(init).toContain(s);
     const insmods = init.split('\n').filter((l) => l.includes(' insmod /lib/modules/'));
     expect(insmods.map((l) => l.slice(l.indexOf(' insmod ') + 1))).toEqual([
       'insmod /lib/modules/irqbypass.ko',
@@ -223,18 +323,36 @@ describe('lab initramfs', () => {
 
   it('puts parameters of modules the lab does not load in an error, and built-in ones on the command line', async () => {
     const p = profile('npt-tdp', 'kvm_intel.ept=0');
-    expect((await labError(() => modulePlan(kernel, p))).message).toMatch(/module parameters for kvm_intel, which the lab does not load/);
-    const builtin: LabKernel = { ...kernel, modulesDir: undefined, builtin: ['kvm', 'kvm_amd', 'virtio_pci', 'virtio_console'] };
-    expect(modulePlan(builtin, profile('shadow'))).toEqual({ loads: [], cmdline: ['kvm_amd.npt=0', 'kvm_amd.nested=0'] });
-    expect(kernelCmdline(builtin, profile('shadow'))).toBe('console=ttyS0 panic=-1 quiet hugepages=8 cryptomgr.notests=1 initcall_blacklist=crypto_kdf108_init pci=noacpi kvm_amd.npt=0 kvm_amd.nested=0');
+    expect((await labError(() => modulePlan(kernel, p))).message).toMatch(
+      /module parameters for kvm_intel, which the lab does not load/,
+    );
+    const builtin: LabKernel = {
+      ...kernel,
+      modulesDir: undefined,
+      builtin: ['kvm', 'kvm_amd', 'virtio_pci', 'virtio_console'],
+    };
+    expect(modulePlan(builtin, profile('shadow'))).toEqual({
+      loads: [],
+      cmdline: ['kvm_amd.npt=0', 'kvm_amd.nested=0'],
+    });
+    expect(kernelCmdline(builtin, profile('shadow'))).toBe(
+      'console=ttyS0 panic=-1 quiet hugepages=8 cryptomgr.notests=1 initcall_blacklist=crypto_kdf108_init pci=noacpi kvm_amd.npt=0 kvm_amd.nested=0',
+    );
   });
 
   it('arm64: loads the virtio channel modules, waits for the named port and runs the agent on it', () => {
-    const init = initScript(profile('nvhe'), [
-      { name: 'virtio_mmio', file: 'virtio_mmio.ko', source: '/m/virtio_mmio.ko', params: [] },
-      { name: 'virtio_console', file: 'virtio_console.ko', source: '/m/virtio_console.ko', params: [] },
-    ], { installApplets: true });
-    const insmods = init.split('\n').filter((l) => l.includes(' insmod /lib/modules/')).map((l) => l.slice(l.indexOf(' insmod ') + 1));
+    const init = initScript(
+      profile('nvhe'),
+      [
+        { name: 'virtio_mmio', file: 'virtio_mmio.ko', source: '/m/virtio_mmio.ko', params: [] },
+        { name: 'virtio_console', file: 'virtio_console.ko', source: '/m/virtio_console.ko', params: [] },
+      ],
+      { installApplets: true },
+    );
+    const insmods = init
+      .split('\n')
+      .filter((l) => l.includes(' insmod /lib/modules/'))
+      .map((l) => l.slice(l.indexOf(' insmod ') + 1));
     expect(insmods).toEqual(['insmod /lib/modules/virtio_mmio.ko', 'insmod /lib/modules/virtio_console.ko']);
     expect(init).toContain('cat /sys/class/virtio-ports/$p/name');
     expect(init).toContain('fail "no virtio port kvmharness.agent for the agent"');
@@ -254,19 +372,34 @@ describe('lab kernel paths', () => {
   const bb = fakeBusybox(work);
 
   it('names a missing kernel or modules path', async () => {
-    expect((await labError(() => resolveKernel({ kernel: '/no/such/bzImage', busybox: bb }))).message).toBe('kernel image not found: /no/such/bzImage');
+    expect((await labError(() => resolveKernel({ kernel: '/no/such/bzImage', busybox: bb }))).message).toBe(
+      'kernel image not found: /no/such/bzImage',
+    );
     const k = fakeKernel('paths');
-    expect((await labError(() => resolveKernel({ kernel: k.vmlinux, modules: '/no/such/modules', busybox: bb }))).message).toBe('modules directory not found: /no/such/modules');
-    expect((await labError(() => resolveKernel({ kernel: k.dir, busybox: bb }))).message).toMatch(/kernel image is not a file/);
+    expect(
+      (await labError(() => resolveKernel({ kernel: k.vmlinux, modules: '/no/such/modules', busybox: bb }))).message,
+    ).toBe('modules directory not found: /no/such/modules');
+    expect((await labError(() => resolveKernel({ kernel: k.dir, busybox: bb }))).message).toMatch(
+      /kernel image is not a file/,
+    );
     const junk = join(work, 'junk');
     writeFileSync(junk, 'not a kernel');
-    expect((await labError(() => resolveKernel({ kernel: junk, busybox: bb }))).message).toMatch(/neither a bzImage nor an ELF vmlinux/);
+    expect((await labError(() => resolveKernel({ kernel: junk, busybox: bb }))).message).toMatch(
+      /neither a bzImage nor an ELF vmlinux/,
+    );
   });
 
   it('accepts a vmlinux with its modules and config', async () => {
     const k = fakeKernel('good');
     const kernel = await resolveKernel({ kernel: k.vmlinux, modules: k.modules, busybox: bb });
-    expect(kernel).toMatchObject({ arch: 'x86_64', version: '6.1.0-test', vmlinux: k.vmlinux, modulesDir: k.modules, config: join(k.dir, 'config-6.1.0-test'), builtin: [] });
+    expect(kernel).toMatchObject({
+      arch: 'x86_64',
+      version: '6.1.0-test',
+      vmlinux: k.vmlinux,
+      modulesDir: k.modules,
+      config: join(k.dir, 'config-6.1.0-test'),
+      builtin: [],
+    });
     // lib/modules or the tree root are accepted for lib/modules/<version>.
     expect((await resolveKernel({ kernel: k.vmlinux, modules: k.dir, busybox: bb })).modulesDir).toBe(k.modules);
   });
@@ -281,7 +414,12 @@ describe('lab kernel paths', () => {
     expect(e1.message).toMatch(/no kvm-amd\.ko .*CONFIG_KVM_AMD/);
     expect(e1.message.includes('\n')).toBe(false);
 
-    const c = fakeKernel('noamd', { config: CONFIG.filter((l) => !l.startsWith('CONFIG_KVM_AMD')).concat('# CONFIG_KVM_AMD is not set', '# CONFIG_TRACING is not set') });
+    const c = fakeKernel('noamd', {
+      config: CONFIG.filter((l) => !l.startsWith('CONFIG_KVM_AMD')).concat(
+        '# CONFIG_KVM_AMD is not set',
+        '# CONFIG_TRACING is not set',
+      ),
+    });
     const e2 = await labError(() => resolveKernel({ kernel: c.vmlinux, modules: c.modules, busybox: bb }));
     expect(e2.message).toMatch(/CONFIG_KVM_AMD is not set/);
     expect(e2.message).toMatch(/CONFIG_TRACING is not set/);
@@ -294,7 +432,9 @@ describe('lab kernel paths', () => {
 
     rmSync(join(k.modules, 'kernel', 'drivers', 'crypto', 'ccp', 'ccp.ko'));
     writeFileSync(join(k.dir, 'config-6.1.0-test'), CONFIG.join('\n'));
-    expect((await labError(() => resolveKernel({ kernel: k.vmlinux, modules: k.modules, busybox: bb }))).message).toMatch(/kvm-amd\.ko needs ccp\.ko, which is not in/);
+    expect(
+      (await labError(() => resolveKernel({ kernel: k.vmlinux, modules: k.modules, busybox: bb }))).message,
+    ).toMatch(/kvm-amd\.ko needs ccp\.ko, which is not in/);
   });
 
   it('arm64: accepts an Image with its virtio modules, names what is missing, and refuses an Image for x86', async () => {
@@ -310,29 +450,52 @@ describe('lab kernel paths', () => {
     header.writeUInt32LE(0x644d5241, 0x38);
     const image = join(dir, 'Image');
     writeFileSync(image, Buffer.concat([header, Buffer.from(`\0Linux version ${v} (test@host) #1 SMP\0`)]));
-    const config = ['CONFIG_KVM=y', 'CONFIG_TRACING=y', 'CONFIG_SERIAL_AMBA_PL011=y', 'CONFIG_SERIAL_AMBA_PL011_CONSOLE=y', 'CONFIG_VIRTIO_MMIO=m', 'CONFIG_VIRTIO_CONSOLE=m', 'CONFIG_BLK_DEV_INITRD=y', 'CONFIG_RD_GZIP=y', 'CONFIG_DEVTMPFS=y'];
+    const config = [
+      'CONFIG_KVM=y',
+      'CONFIG_TRACING=y',
+      'CONFIG_SERIAL_AMBA_PL011=y',
+      'CONFIG_SERIAL_AMBA_PL011_CONSOLE=y',
+      'CONFIG_VIRTIO_MMIO=m',
+      'CONFIG_VIRTIO_CONSOLE=m',
+      'CONFIG_BLK_DEV_INITRD=y',
+      'CONFIG_RD_GZIP=y',
+      'CONFIG_DEVTMPFS=y',
+    ];
     writeFileSync(join(dir, `config-${v}`), config.join('\n') + '\n');
     const k = await resolveKernel({ arch: 'arm64', kernel: image, modules, busybox: bb });
     expect(k).toMatchObject({ arch: 'arm64', version: v, image, modulesDir: modules, builtin: ['kvm'] });
     expect(modulePlan(k, profile('nvhe')).loads.map((l) => l.name)).toEqual(['virtio_mmio', 'virtio_console']);
 
-    expect((await labError(() => resolveKernel({ kernel: image, modules, busybox: bb }))).message).toMatch(/is an arm64 Image: use --arch arm64/);
+    expect((await labError(() => resolveKernel({ kernel: image, modules, busybox: bb }))).message).toMatch(
+      /is an arm64 Image: use --arch arm64/,
+    );
     const k86 = fakeKernel('not-arm64');
-    expect((await labError(() => resolveKernel({ arch: 'arm64', kernel: k86.vmlinux, busybox: bb }))).message).toMatch(/is not an arm64 Image/);
+    expect((await labError(() => resolveKernel({ arch: 'arm64', kernel: k86.vmlinux, busybox: bb }))).message).toMatch(
+      /is not an arm64 Image/,
+    );
 
-    writeFileSync(join(dir, `config-${v}`), config.map((l) => (l === 'CONFIG_KVM=y' ? 'CONFIG_KVM=m' : l)).join('\n') + '\n');
+    writeFileSync(
+      join(dir, `config-${v}`),
+      config.map((l) => (l === 'CONFIG_KVM=y' ? 'CONFIG_KVM=m' : l)).join('\n') + '\n',
+    );
     rmSync(join(modules, 'kernel', 'drivers', 'char', 'virtio_console.ko'));
     const e = await labError(() => resolveKernel({ arch: 'arm64', kernel: image, modules, busybox: bb }));
     expect(e.message).toMatch(/CONFIG_KVM is =m \(needed for KVM \(built in on arm64\)\)/);
-    expect(e.message).toMatch(/no virtio_console\.ko in .* \(the lab needs a kernel built with CONFIG_VIRTIO_CONSOLE\)/);
+    expect(e.message).toMatch(
+      /no virtio_console\.ko in .* \(the lab needs a kernel built with CONFIG_VIRTIO_CONSOLE\)/,
+    );
   });
 
   it('names CONFIG_PVH for a vmlinux without a PVH entry, and mismatched modules', async () => {
     const k = fakeKernel('nopvh');
     fakeVmlinux(k.vmlinux, { pvh: false });
-    expect((await labError(() => resolveKernel({ kernel: k.vmlinux, modules: k.modules, busybox: bb }))).message).toMatch(/has no PVH entry \(CONFIG_PVH is not set\)/);
+    expect(
+      (await labError(() => resolveKernel({ kernel: k.vmlinux, modules: k.modules, busybox: bb }))).message,
+    ).toMatch(/has no PVH entry \(CONFIG_PVH is not set\)/);
     fakeVmlinux(k.vmlinux, { pvh: true, release: '6.1.0-other' });
-    expect((await labError(() => resolveKernel({ kernel: k.vmlinux, modules: k.modules, busybox: bb }))).message).toMatch(/the modules are built for 6\.1\.0-test but the kernel is 6\.1\.0-other/);
+    expect(
+      (await labError(() => resolveKernel({ kernel: k.vmlinux, modules: k.modules, busybox: bb }))).message,
+    ).toMatch(/the modules are built for 6\.1\.0-test but the kernel is 6\.1\.0-other/);
   });
 });
 
@@ -341,7 +504,11 @@ describe('lab kernel paths', () => {
 
 const live = process.env.KVMHARNESS_LAB === '1';
 const gcc = spawnSync('gcc', ['--version']).status === 0;
-const skipLive = !live ? 'set KVMHARNESS_LAB=1 to download the lab kernel and boot it (~10 s)' : !gcc ? 'no gcc for the stand-in agent' : undefined;
+const skipLive = !live
+  ? 'set KVMHARNESS_LAB=1 to download the lab kernel and boot it (~10 s)'
+  : !gcc
+    ? 'no gcc for the stand-in agent'
+    : undefined;
 
 const STAND_IN_AGENT = String.raw`
 #include <fcntl.h>
@@ -383,7 +550,12 @@ describe.skipIf(skipLive !== undefined)(`lab live boot${skipLive ? ` [skipped: $
     writeFileSync(join(dir, 'agent.c'), STAND_IN_AGENT);
     execFileSync('gcc', ['-static', '-O2', '-o', join(dir, 'agent'), join(dir, 'agent.c')]);
     const p = profile('npt-tdp');
-    const initramfs = buildInitramfs({ kernel, agentBinary: join(dir, 'agent'), profile: p, out: join(dir, 'initrd.gz') });
+    const initramfs = buildInitramfs({
+      kernel,
+      agentBinary: join(dir, 'agent'),
+      profile: p,
+      out: join(dir, 'initrd.gz'),
+    });
     const lab = await bootLab({ kernel, initramfs, profile: p, log });
     let rs: net.Socket | undefined;
     let wfd: number | undefined;
@@ -394,11 +566,18 @@ describe.skipIf(skipLive !== undefined)(`lab live boot${skipLive ? ` [skipped: $
       process.stderr.write(`lab boot: ${(lab.bootMs / 1000).toFixed(2)} s to READY\n`);
 
       let got = Buffer.alloc(0);
-      rs = new net.Socket({ fd: openSync(lab.agentOut, constants.O_RDONLY | constants.O_NONBLOCK), readable: true, writable: false });
+      rs = new net.Socket({
+        fd: openSync(lab.agentOut, constants.O_RDONLY | constants.O_NONBLOCK),
+        readable: true,
+        writable: false,
+      });
       rs.on('data', (d: Buffer) => (got = Buffer.concat([got, d])));
       const until = async (want: Buffer): Promise<void> => {
         for (const t0 = Date.now(); !got.includes(want); await new Promise((r) => setTimeout(r, 10))) {
-          if (Date.now() - t0 > 15_000) throw new Error(`waited for ${JSON.stringify(want.toString('latin1'))}, got ${JSON.stringify(got.toString('latin1'))}\n${lab.consoleTail()}`);
+          if (Date.now() - t0 > 15_000)
+            throw new Error(
+              `waited for ${JSON.stringify(want.toString('latin1'))}, got ${JSON.stringify(got.toString('latin1'))}\n${lab.consoleTail()}`,
+            );
         }
       };
       await until(Buffer.from('AGENT-HELLO\n'));
@@ -428,7 +607,9 @@ describe.skipIf(skipLive !== undefined)(`lab live boot${skipLive ? ` [skipped: $
 describe.skipIf(skipLive !== undefined)(`lab run and Ctrl-C${skipLive ? ` [skipped: ${skipLive}]` : ''}`, () => {
   it('a SIGINT in the middle of the checks ends the run within seconds and leaves no QEMU behind', async () => {
     const bin = join(import.meta.dirname, '..', 'dist', 'src', 'cli', 'bin.js');
-    const child = spawn(process.execPath, [bin, 'lab', 'run', '--profile', 'shadow', '--', 'run', 'scenarios'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [bin, 'lab', 'run', '--profile', 'shadow', '--', 'run', 'scenarios'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let err = '';
     child.stderr.on('data', (d: Buffer) => (err += d.toString()));
     const exited = new Promise<void>((resolve) => child.on('exit', () => resolve()));
@@ -437,7 +618,11 @@ describe.skipIf(skipLive !== undefined)(`lab run and Ctrl-C${skipLive ? ` [skipp
     for (const t0 = Date.now(); results() < 3; await new Promise((r) => setTimeout(r, 50))) {
       if (Date.now() - t0 > 120_000) throw new Error(`no checks finished in the lab:\n${err}`);
     }
-    const qemus = spawnSync('pgrep', ['-P', String(child.pid), 'qemu-system'], { encoding: 'utf8' }).stdout.trim().split('\n').filter(Boolean).map(Number);
+    const qemus = spawnSync('pgrep', ['-P', String(child.pid), 'qemu-system'], { encoding: 'utf8' })
+      .stdout.trim()
+      .split('\n')
+      .filter(Boolean)
+      .map(Number);
     expect(qemus.length).toBe(1);
     const before = results();
     const t1 = Date.now();
@@ -448,8 +633,15 @@ describe.skipIf(skipLive !== undefined)(`lab run and Ctrl-C${skipLive ? ` [skipp
     // At most the check that was running finishes; the rest never start.
     expect(results() - before).toBeLessThanOrEqual(1);
     // QEMU was sent SIGTERM (SIGKILL after a grace period) before this process died.
-    const alive = (pid: number) => spawnSync('ps', ['-o', 'stat=', '-p', String(pid)], { encoding: 'utf8' }).stdout.trim().replace(/^Z.*/, '') !== '';
-    for (const t0 = Date.now(); qemus.some(alive) && Date.now() - t0 < 5_000; await new Promise((r) => setTimeout(r, 100)));
+    const alive = (pid: number) =>
+      spawnSync('ps', ['-o', 'stat=', '-p', String(pid)], { encoding: 'utf8' })
+        .stdout.trim()
+        .replace(/^Z.*/, '') !== '';
+    for (
+      const t0 = Date.now();
+      qemus.some(alive) && Date.now() - t0 < 5_000;
+      await new Promise((r) => setTimeout(r, 100))
+    );
     expect(qemus.filter(alive)).toEqual([]);
   }, 180_000);
 });

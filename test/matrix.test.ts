@@ -6,7 +6,18 @@ import { describe, expect, it } from 'vitest';
 import { Kvm } from '../src/kvm/kvm.js';
 import { agrees, comparable, observe, prepareBatch, type Observed } from '../src/matrix/batch.js';
 import { accessMatrix, batchRanges, matrixConfig, runAlone } from '../src/matrix/check.js';
-import { CASE, caseName, caseSpace, controlState, countCases, enumerateCases, isLegal, sampleCases, type CaseSpace, type MatrixFeatures } from '../src/matrix/flags.js';
+import {
+  CASE,
+  caseName,
+  caseSpace,
+  controlState,
+  countCases,
+  enumerateCases,
+  isLegal,
+  sampleCases,
+  type CaseSpace,
+  type MatrixFeatures,
+} from '../src/matrix/flags.js';
 import { classesOf, Coverage, offeredClasses } from '../src/matrix/coverage.js';
 import { MatrixMachine } from '../src/matrix/machine.js';
 import { compileWalk, PFERR } from '../src/model/walk.js';
@@ -57,18 +68,65 @@ function bruteForce(bits: number[]): number {
 
 /** The flag bits a host like this development host offers, listed by hand. */
 const HOST_BITS = [
-  CASE.PTE_P, CASE.PTE_W, CASE.PTE_U, CASE.PTE_A, CASE.PTE_D, CASE.PTE_NX, CASE.PTE_R51,
-  CASE.PDE_P, CASE.PDE_W, CASE.PDE_U, CASE.PDE_A, CASE.PDE_D, CASE.PDE_PS, CASE.PDE_NX, CASE.PDE_R51, CASE.PDE_R13,
-  CASE.PDPTE_RO, CASE.USER, CASE.WRITE, CASE.FETCH, CASE.TWICE, CASE.NXE, CASE.WP,
+  CASE.PTE_P,
+  CASE.PTE_W,
+  CASE.PTE_U,
+  CASE.PTE_A,
+  CASE.PTE_D,
+  CASE.PTE_NX,
+  CASE.PTE_R51,
+  CASE.PDE_P,
+  CASE.PDE_W,
+  CASE.PDE_U,
+  CASE.PDE_A,
+  CASE.PDE_D,
+  CASE.PDE_PS,
+  CASE.PDE_NX,
+  CASE.PDE_R51,
+  CASE.PDE_R13,
+  CASE.PDPTE_RO,
+  CASE.USER,
+  CASE.WRITE,
+  CASE.FETCH,
+  CASE.TWICE,
+  CASE.NXE,
+  CASE.WP,
 ];
 
 // kvm-unit-tests x86/access.c's flag word, in its own bit order, and its rules
 // (ac_test_legal, ac_test_bump_one, the invalid mask of ac_test_run).
 const AC = {
-  PTE_W: 0, PTE_U: 1, PTE_A: 2, PTE_D: 3, PTE_NX: 4, PTE_P: 5, PTE_51: 6, PTE_36: 7,
-  PDE_W: 8, PDE_U: 9, PDE_A: 10, PDE_D: 11, PDE_PSE: 12, PDE_NX: 13, PDE_P: 14, PDE_51: 15, PDE_36: 16, PDE_13: 17,
-  PDPTE_RO: 18, PKU_AD: 19, PKU_WD: 20, PKEY: 21, USER: 22, WRITE: 23, FETCH: 24, TWICE: 25,
-  NX: 26, WP: 27, SMEP: 28, PKE: 29, FEP: 30,
+  PTE_W: 0,
+  PTE_U: 1,
+  PTE_A: 2,
+  PTE_D: 3,
+  PTE_NX: 4,
+  PTE_P: 5,
+  PTE_51: 6,
+  PTE_36: 7,
+  PDE_W: 8,
+  PDE_U: 9,
+  PDE_A: 10,
+  PDE_D: 11,
+  PDE_PSE: 12,
+  PDE_NX: 13,
+  PDE_P: 14,
+  PDE_51: 15,
+  PDE_36: 16,
+  PDE_13: 17,
+  PDPTE_RO: 18,
+  PKU_AD: 19,
+  PKU_WD: 20,
+  PKEY: 21,
+  USER: 22,
+  WRITE: 23,
+  FETCH: 24,
+  TWICE: 25,
+  NX: 26,
+  WP: 27,
+  SMEP: 28,
+  PKE: 29,
+  FEP: 30,
 } as const;
 const NR_AC_FLAGS = 31;
 const acm = (...names: (keyof typeof AC)[]) => names.reduce((m, n) => m | (1 << AC[n]), 0);
@@ -100,13 +158,36 @@ function* accessC(): Generator<number> {
 /** An access.c flag word in this project's layout. */
 function fromAccessC(a: number): number {
   const map: [keyof typeof AC, number][] = [
-    ['PTE_W', CASE.PTE_W], ['PTE_U', CASE.PTE_U], ['PTE_A', CASE.PTE_A], ['PTE_D', CASE.PTE_D], ['PTE_NX', CASE.PTE_NX],
-    ['PTE_P', CASE.PTE_P], ['PTE_51', CASE.PTE_R51], ['PTE_36', CASE.PTE_R36],
-    ['PDE_W', CASE.PDE_W], ['PDE_U', CASE.PDE_U], ['PDE_A', CASE.PDE_A], ['PDE_D', CASE.PDE_D], ['PDE_PSE', CASE.PDE_PS],
-    ['PDE_NX', CASE.PDE_NX], ['PDE_P', CASE.PDE_P], ['PDE_51', CASE.PDE_R51], ['PDE_36', CASE.PDE_R36], ['PDE_13', CASE.PDE_R13],
-    ['PDPTE_RO', CASE.PDPTE_RO], ['PKU_AD', CASE.PKRU_AD], ['PKU_WD', CASE.PKRU_WD], ['PKEY', CASE.PKEY],
-    ['USER', CASE.USER], ['WRITE', CASE.WRITE], ['FETCH', CASE.FETCH], ['TWICE', CASE.TWICE],
-    ['NX', CASE.NXE], ['WP', CASE.WP], ['SMEP', CASE.SMEP], ['PKE', CASE.PKE],
+    ['PTE_W', CASE.PTE_W],
+    ['PTE_U', CASE.PTE_U],
+    ['PTE_A', CASE.PTE_A],
+    ['PTE_D', CASE.PTE_D],
+    ['PTE_NX', CASE.PTE_NX],
+    ['PTE_P', CASE.PTE_P],
+    ['PTE_51', CASE.PTE_R51],
+    ['PTE_36', CASE.PTE_R36],
+    ['PDE_W', CASE.PDE_W],
+    ['PDE_U', CASE.PDE_U],
+    ['PDE_A', CASE.PDE_A],
+    ['PDE_D', CASE.PDE_D],
+    ['PDE_PSE', CASE.PDE_PS],
+    ['PDE_NX', CASE.PDE_NX],
+    ['PDE_P', CASE.PDE_P],
+    ['PDE_51', CASE.PDE_R51],
+    ['PDE_36', CASE.PDE_R36],
+    ['PDE_13', CASE.PDE_R13],
+    ['PDPTE_RO', CASE.PDPTE_RO],
+    ['PKU_AD', CASE.PKRU_AD],
+    ['PKU_WD', CASE.PKRU_WD],
+    ['PKEY', CASE.PKEY],
+    ['USER', CASE.USER],
+    ['WRITE', CASE.WRITE],
+    ['FETCH', CASE.FETCH],
+    ['TWICE', CASE.TWICE],
+    ['NX', CASE.NXE],
+    ['WP', CASE.WP],
+    ['SMEP', CASE.SMEP],
+    ['PKE', CASE.PKE],
   ];
   let f = 0;
   for (const [n, b] of map) if (a & (1 << AC[n])) f += b;
@@ -160,8 +241,25 @@ describe('case enumeration', () => {
   it('agrees with the brute force on a space with SMAP, PKU and the 32nd bit', () => {
     // A narrower space keeps the brute force short: the PTE and PDE bits that
     // interact with the features, plus every feature bit.
-    const bits = [CASE.PTE_P, CASE.PTE_W, CASE.PTE_U, CASE.PTE_NX, CASE.PTE_R51, CASE.PDE_PS, CASE.PDE_R13, CASE.PKEY,
-      CASE.USER, CASE.WRITE, CASE.FETCH, CASE.AC, CASE.NXE, CASE.SMAP, CASE.PKE, CASE.PKRU_AD, CASE.PKRU_WD];
+    const bits = [
+      CASE.PTE_P,
+      CASE.PTE_W,
+      CASE.PTE_U,
+      CASE.PTE_NX,
+      CASE.PTE_R51,
+      CASE.PDE_PS,
+      CASE.PDE_R13,
+      CASE.PKEY,
+      CASE.USER,
+      CASE.WRITE,
+      CASE.FETCH,
+      CASE.AC,
+      CASE.NXE,
+      CASE.SMAP,
+      CASE.PKE,
+      CASE.PKRU_AD,
+      CASE.PKRU_WD,
+    ];
     const space: CaseSpace = { offered: bits.reduce((a, b) => a + b, 0) >>> 0, skipped: [] };
     const all = [...enumerateCases(space)];
     expect(all.length).toBe(bruteForce(bits));
@@ -175,7 +273,8 @@ describe('case enumeration', () => {
     let groups = 0;
     let lastState = -1;
     for (const f of enumerateCases(s)) {
-      if (f <= prev || (f & ~s.offered) !== 0 || !legalByHand(f)) throw new Error(`bad case ${caseName(f)} after ${caseName(prev)}`);
+      if (f <= prev || (f & ~s.offered) !== 0 || !legalByHand(f))
+        throw new Error(`bad case ${caseName(f)} after ${caseName(prev)}`);
       if (controlState(f) !== lastState) {
         groups++;
         lastState = controlState(f);
@@ -186,9 +285,22 @@ describe('case enumeration', () => {
   });
 
   it('names cases readably', () => {
-    const f = CASE.PTE_P | CASE.PTE_W | CASE.PTE_U | CASE.PDE_P | CASE.PDE_W | CASE.PDE_U | CASE.PDE_PS | CASE.USER | CASE.WRITE | CASE.WP | CASE.NXE;
+    const f =
+      CASE.PTE_P |
+      CASE.PTE_W |
+      CASE.PTE_U |
+      CASE.PDE_P |
+      CASE.PDE_W |
+      CASE.PDE_U |
+      CASE.PDE_PS |
+      CASE.USER |
+      CASE.WRITE |
+      CASE.WP |
+      CASE.NXE;
     expect(caseName(f, caseSpace(HOST_LIKE).offered)).toBe('pte=P|W|U pde=P|W|U|PS user write wp=1 smep=0 nx=1');
-    expect(caseName(CASE.PTE_R51 | CASE.PDPTE_RO | CASE.TWICE | CASE.FETCH)).toBe('pte=r51 pde=0 pdpte=ro sup fetch twice wp=0 smep=0 smap=0 nx=0 pke=0');
+    expect(caseName(CASE.PTE_R51 | CASE.PDPTE_RO | CASE.TWICE | CASE.FETCH)).toBe(
+      'pte=r51 pde=0 pdpte=ro sup fetch twice wp=0 smep=0 smap=0 nx=0 pke=0',
+    );
   });
 });
 
@@ -206,7 +318,8 @@ describe('sampling', () => {
     const a = sampleCases(s, 20000, 1);
     expect(a.length).toBe(20000);
     for (let i = 0; i < a.length; i++) {
-      if ((i > 0 && a[i]! <= a[i - 1]!) || !legalByHand(a[i]!) || (a[i]! & ~s.offered) !== 0) throw new Error(`bad sample ${caseName(a[i]!)}`);
+      if ((i > 0 && a[i]! <= a[i - 1]!) || !legalByHand(a[i]!) || (a[i]! & ~s.offered) !== 0)
+        throw new Error(`bad sample ${caseName(a[i]!)}`);
     }
   });
 
@@ -218,7 +331,10 @@ describe('sampling', () => {
   });
 
   it('uses the dense path reproducibly and returns everything when asked for more than exists', () => {
-    const small: CaseSpace = { offered: CASE.PTE_P | CASE.PTE_W | CASE.PTE_NX | CASE.PTE_R51 | CASE.WRITE | CASE.FETCH | CASE.NXE, skipped: [] };
+    const small: CaseSpace = {
+      offered: CASE.PTE_P | CASE.PTE_W | CASE.PTE_NX | CASE.PTE_R51 | CASE.WRITE | CASE.FETCH | CASE.NXE,
+      skipped: [],
+    };
     const total = countCases(small);
     const dense = sampleCases(small, Math.floor(total / 2), 9);
     expect(dense).toEqual(sampleCases(small, Math.floor(total / 2), 9));
@@ -247,7 +363,6 @@ describeKvm('access matrix on this host', () => {
     profile = p;
   });
 
-
   it('agrees with the model on a sample, over many batches in both buffers', async () => {
     const r = await runCheck(accessMatrix({ sample: 4000, seed: 1, batchSize: 256 }), kvm, profile);
     expect(r.name).toBe('access-matrix');
@@ -272,7 +387,20 @@ describeKvm('access matrix on this host', () => {
   it('runs a CPL 3 access through tables the guest rewrote after an earlier CPL 3 access', async () => {
     // The same GVA, PDE and page table in two consecutive batches of one buffer:
     // first a user write that succeeds, then the PDE is not present.
-    const ok = CASE.NXE | CASE.WP | CASE.PDE_P | CASE.PDE_W | CASE.PDE_U | CASE.PDE_A | CASE.PTE_P | CASE.PTE_W | CASE.PTE_U | CASE.PTE_A | CASE.PTE_D | CASE.USER | CASE.WRITE;
+    const ok =
+      CASE.NXE |
+      CASE.WP |
+      CASE.PDE_P |
+      CASE.PDE_W |
+      CASE.PDE_U |
+      CASE.PDE_A |
+      CASE.PTE_P |
+      CASE.PTE_W |
+      CASE.PTE_U |
+      CASE.PTE_A |
+      CASE.PTE_D |
+      CASE.USER |
+      CASE.WRITE;
     const gone = ok & ~CASE.PDE_P;
     const m = MatrixMachine.create(kvm, { levels: 4, batchSize: 1, smap: false, pku: false });
     try {
@@ -292,7 +420,11 @@ describeKvm('access matrix on this host', () => {
   const WRONG: WrongWalk[] = ['ignore-wp', 'dirty-on-read', 'ignore-nx', 'no-accessed-on-upper', 'rsvd-as-not-present'];
   for (const mistake of WRONG) {
     it(`reports mismatches with a wrong model (${mistake})`, async () => {
-      const r = await runCheck(accessMatrix({ sample: 1500, seed: 1, wrong: { walk: new Set([mistake]) } }), kvm, profile);
+      const r = await runCheck(
+        accessMatrix({ sample: 1500, seed: 1, wrong: { walk: new Set([mistake]) } }),
+        kvm,
+        profile,
+      );
       expect(r.outcome).toBe('fail');
       const bad = r.cases!.byOutcome.mismatch ?? 0;
       expect(bad).toBeGreaterThan(0);
@@ -319,12 +451,24 @@ describeKvm('access matrix on this host', () => {
   const D = 0x40n;
   const A = 0x20n;
   const WRONG_OBSERVATIONS: [string, string, (f: number, o: Observed) => Observed][] = [
-    ['a page-aligned CR2', 'cr2', (_f, o) => (o.ec >= 0 && (o.cr2 & 0xfffn) !== 0n ? { ...o, cr2: o.cr2 & ~0xfffn } : o)],
+    [
+      'a page-aligned CR2',
+      'cr2',
+      (_f, o) => (o.ec >= 0 && (o.cr2 & 0xfffn) !== 0n ? { ...o, cr2: o.cr2 & ~0xfffn } : o),
+    ],
     ['CR2 one byte off', 'cr2', (_f, o) => (o.ec >= 0 ? { ...o, cr2: o.cr2 ^ 1n } : o)],
     ['a missing A bit on the PDE', 'pde', (_f, o) => (o.ec === -1 && o.pde & A ? { ...o, pde: o.pde & ~A } : o)],
-    ['an extra D bit on the PTE', 'pte', (f, o) => (o.ec === -1 && !(f & CASE.PDE_PS) && !(o.pte & D) ? { ...o, pte: o.pte | D } : o)],
+    [
+      'an extra D bit on the PTE',
+      'pte',
+      (f, o) => (o.ec === -1 && !(f & CASE.PDE_PS) && !(o.pte & D) ? { ...o, pte: o.pte | D } : o),
+    ],
     ['one flipped error-code flag (U)', 'fault', (_f, o) => (o.ec >= 0 ? { ...o, ec: o.ec ^ PFERR.U } : o)],
-    ['a read value one off', 'value', (f, o) => (o.ec === -1 && !(f & (CASE.WRITE | CASE.FETCH)) ? { ...o, value: o.value ^ 1n } : o)],
+    [
+      'a read value one off',
+      'value',
+      (f, o) => (o.ec === -1 && !(f & (CASE.WRITE | CASE.FETCH)) ? { ...o, value: o.value ^ 1n } : o),
+    ],
     ['a lost write', 'data', (f, o) => (o.ec === -1 && f & CASE.WRITE ? { ...o, data: o.data ^ 1n } : o)],
   ];
   for (const [name, field, tamper] of WRONG_OBSERVATIONS) {
@@ -346,7 +490,11 @@ describeKvm('access matrix on this host', () => {
   }
 
   it('reports a case list that drops a whole class (EFER.NXE = 1) by its coverage', async () => {
-    const r = await runCheck(accessMatrix({ sample: 4000, seed: 1, wrongCases: (c) => c.filter((f) => !(f & CASE.NXE)) }), kvm, profile);
+    const r = await runCheck(
+      accessMatrix({ sample: 4000, seed: 1, wrongCases: (c) => c.filter((f) => !(f & CASE.NXE)) }),
+      kvm,
+      profile,
+    );
     expect(r.outcome).toBe('fail');
     expect(r.cases!.byOutcome.mismatch ?? 0).toBe(0);
     const bad = r.comparisons.filter((c) => !c.ok);
@@ -357,7 +505,12 @@ describeKvm('access matrix on this host', () => {
   });
 
   it('reports the same mismatches in the same order on one vCPU and on two', async () => {
-    const run = (lanes: number) => runCheck(accessMatrix({ sample: 1500, seed: 3, lanes, wrong: { walk: new Set<WrongWalk>(['ignore-nx']) } }), kvm, profile);
+    const run = (lanes: number) =>
+      runCheck(
+        accessMatrix({ sample: 1500, seed: 3, lanes, wrong: { walk: new Set<WrongWalk>(['ignore-nx']) } }),
+        kvm,
+        profile,
+      );
     const one = await run(1);
     const two = await run(2);
     expect(one.notes.join('\n')).toMatch(/on 1 vCPU,/);
@@ -367,7 +520,8 @@ describeKvm('access matrix on this host', () => {
   });
 
   it('re-runs one case alone and shows both walks', async () => {
-    const f = CASE.NXE | CASE.WP | CASE.PDE_P | CASE.PDE_W | CASE.PDE_U | CASE.PTE_P | CASE.PTE_U | CASE.USER | CASE.WRITE;
+    const f =
+      CASE.NXE | CASE.WP | CASE.PDE_P | CASE.PDE_W | CASE.PDE_U | CASE.PTE_P | CASE.PTE_U | CASE.USER | CASE.WRITE;
     const r = await runAlone({ kvm }, profile.cpu!, 4, f);
     expect(r.agrees).toBe(true);
     expect(r.model).toHaveLength(1);
@@ -394,7 +548,15 @@ describeKvm('access matrix on this host', () => {
 });
 
 describe('A bits a CPU walker may set on a faulting walk', () => {
-  const p = { gva: 0x8000000000, pdeGpa: 0x9000, pde: 0x1000n | 1n, pteGpa: 0xa000, pte: 0n, dataGpa: 0xb000, record: 0xc000 };
+  const p = {
+    gva: 0x8000000000,
+    pdeGpa: 0x9000,
+    pde: 0x1000n | 1n,
+    pteGpa: 0xa000,
+    pte: 0n,
+    dataGpa: 0xb000,
+    record: 0xc000,
+  };
   const e = { ec: 0, cr2: 0x8000000000n, pde: 0x1001n, pte: 0n, value: 7n, data: 7n, mayA: 0 };
   const o = { ec: 0, cr2: 0x8000000000n, pde: 0x1021n, pte: 0n, value: 7n, data: 7n };
 
@@ -418,7 +580,13 @@ function caseComparisons(r: CheckResult): Comparison[] {
 
 /** The fields of a case's `{k: v, ...}` expected and observed texts that differ. */
 function differingFields(c: Comparison): string[] {
-  const fields = (t: string) => new Map(t.slice(1, -1).split(', ').map((kv) => kv.split(': ') as [string, string]));
+  const fields = (t: string) =>
+    new Map(
+      t
+        .slice(1, -1)
+        .split(', ')
+        .map((kv) => kv.split(': ') as [string, string]),
+    );
   const e = fields(c.expected);
   const o = fields(c.observed);
   return [...new Set([...e.keys(), ...o.keys()])].filter((k) => e.get(k) !== o.get(k)).sort();
@@ -426,8 +594,24 @@ function differingFields(c: Comparison): string[] {
 
 describe('wrong observations of one case', () => {
   // A supervisor read through a present, writable 4 KiB PTE that faults on its PTE's reserved bit 51.
-  const p = { gva: 0x8000201238, pdeGpa: 0x9000, pde: 0xa027n, pteGpa: 0xa000, pte: 0x8_0000_000b_0003n, dataGpa: 0xb238, record: 0xc000 };
-  const e = { ec: PFERR.P | PFERR.RSVD, cr2: 0x8000201238n, pde: 0xa027n, pte: 0x8_0000_000b_0003n, value: 7n, data: 7n, mayA: 0 };
+  const p = {
+    gva: 0x8000201238,
+    pdeGpa: 0x9000,
+    pde: 0xa027n,
+    pteGpa: 0xa000,
+    pte: 0x8_0000_000b_0003n,
+    dataGpa: 0xb238,
+    record: 0xc000,
+  };
+  const e = {
+    ec: PFERR.P | PFERR.RSVD,
+    cr2: 0x8000201238n,
+    pde: 0xa027n,
+    pte: 0x8_0000_000b_0003n,
+    value: 7n,
+    data: 7n,
+    mayA: 0,
+  };
   const o: Observed = { ec: e.ec, cr2: e.cr2, pde: e.pde, pte: e.pte, value: 0n, data: 7n };
   const diff = (x: Observed) => {
     const c = comparable(0, p, e, x);
@@ -439,7 +623,7 @@ describe('wrong observations of one case', () => {
     expect(diff(o)).toEqual([]);
   });
 
-  it('compares CR2 with the model\'s faulting address, to the byte', () => {
+  it("compares CR2 with the model's faulting address, to the byte", () => {
     expect(agrees(0, p, e, { ...o, cr2: 0x8000201000n })).toBe(false);
     expect(diff({ ...o, cr2: 0x8000201000n })).toEqual(['cr2']);
     expect(agrees(0, p, e, { ...o, cr2: 0x8000201239n })).toBe(false);
@@ -481,12 +665,18 @@ describe('coverage', () => {
     expect(all.outcome).toContain('protection key');
   });
 
-  it('names a case\'s classes', () => {
+  it("names a case's classes", () => {
     const f = CASE.PDE_PS | CASE.USER | CASE.WRITE | CASE.TWICE | CASE.NXE;
     expect(classesOf(f, PFERR.P | PFERR.W | PFERR.U, caseSpace(HOST_LIKE).offered)).toEqual({
-      'control state': 'nx=1 wp=0', access: 'write after a read', CPL: '3', leaf: '2 MiB', outcome: 'protection',
+      'control state': 'nx=1 wp=0',
+      access: 'write after a read',
+      CPL: '3',
+      leaf: '2 MiB',
+      outcome: 'protection',
     });
-    expect(classesOf(CASE.PKE | CASE.PKRU_WD, PFERR.P | PFERR.PK, 0xffffffff)['control state']).toBe('nx=0 wp=0 smep=0 smap=0 pke=1 pkru1=wd');
+    expect(classesOf(CASE.PKE | CASE.PKRU_WD, PFERR.P | PFERR.PK, 0xffffffff)['control state']).toBe(
+      'nx=0 wp=0 smep=0 smap=0 pke=1 pkru1=wd',
+    );
     expect(classesOf(0, PFERR.RSVD | PFERR.P, 0).outcome).toBe('reserved bit');
     expect(classesOf(0, 0, 0).outcome).toBe('not present');
     expect(classesOf(0, -1, 0).outcome).toBe('no fault');
@@ -500,7 +690,9 @@ describe('coverage', () => {
     sample.forEach((f, i) => full.add(f, outcomes[i % 4]!));
     expect(full.missing()).toEqual([]);
     expect(full.lines()).toHaveLength(5);
-    expect(full.lines()[0]).toMatch(/^coverage by control state: nx=0 wp=0: \d+, nx=1 wp=0: \d+, nx=0 wp=1: \d+, nx=1 wp=1: \d+$/);
+    expect(full.lines()[0]).toMatch(
+      /^coverage by control state: nx=0 wp=0: \d+, nx=1 wp=0: \d+, nx=0 wp=1: \d+, nx=1 wp=1: \d+$/,
+    );
     const noNx = new Coverage(space);
     sample.forEach((f, i) => f & CASE.NXE || noNx.add(f, outcomes[i % 4]!));
     expect(noNx.missing()).toEqual(['control state: nx=1 wp=0', 'control state: nx=1 wp=1']);

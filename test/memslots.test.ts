@@ -68,29 +68,66 @@ describe('memslot updates', () => {
   test('rejections name the problem', () => {
     const ms = new Memslots();
     ms.set(slot());
-    rejects(() => ms.set(slot({ slot: 1, baseGfn: 0x11ff, hva: H + 0x400000n })), 'EEXIST', /slot 1 overlaps slot 0 \[0x1000, 0x1200\)/);
+    rejects(
+      () => ms.set(slot({ slot: 1, baseGfn: 0x11ff, hva: H + 0x400000n })),
+      'EEXIST',
+      /slot 1 overlaps slot 0 \[0x1000, 0x1200\)/,
+    );
     rejects(() => ms.set(slot({ slot: 1, baseGfn: 0x2000, hva: H + 0x800n })), 'EINVAL', /not page-aligned/);
     rejects(() => ms.set(slot({ asId: 2 })), 'EINVAL', /as_id 2 is outside \[0, 2\)/);
     rejects(() => ms.set(slot({ slot: 40000 })), 'EINVAL', /slot id 40000/);
     rejects(() => ms.set(slot({ npages: 1024 })), 'EINVAL', /size of an existing slot cannot change/);
     rejects(() => ms.set(slot({ hva: H + 0x1000n })), 'EINVAL', /userspace_addr of an existing slot cannot change/);
-    rejects(() => ms.set(slot({ flags: { logDirty: false, readonly: true } })), 'EINVAL', /KVM_MEM_READONLY cannot be toggled/);
-    rejects(() => ms.set(slot({ slot: 2, npages: 0 })), 'EINVAL', /no slot 2 in as_id 0 to delete/);
-    rejects(() => ms.set(slot({ slot: 3, baseGfn: 2 ** 36 - 10, hva: H + 0x10000000n })), 'EINVAL', /beyond the MMU's limit/);
-    rejects(() => ms.set(slot({ slot: 3, baseGfn: 0x9000, hva: (1n << 47n) - 0x1000n })), 'EINVAL', /user address space/);
     rejects(
-      () => ms.set(slot({ slot: 3, baseGfn: 0x9000, backing: { kind: 'guest_memfd', pageSize: 4096 }, flags: { logDirty: false, readonly: true } })),
+      () => ms.set(slot({ flags: { logDirty: false, readonly: true } })),
+      'EINVAL',
+      /KVM_MEM_READONLY cannot be toggled/,
+    );
+    rejects(() => ms.set(slot({ slot: 2, npages: 0 })), 'EINVAL', /no slot 2 in as_id 0 to delete/);
+    rejects(
+      () => ms.set(slot({ slot: 3, baseGfn: 2 ** 36 - 10, hva: H + 0x10000000n })),
+      'EINVAL',
+      /beyond the MMU's limit/,
+    );
+    rejects(
+      () => ms.set(slot({ slot: 3, baseGfn: 0x9000, hva: (1n << 47n) - 0x1000n })),
+      'EINVAL',
+      /user address space/,
+    );
+    rejects(
+      () =>
+        ms.set(
+          slot({
+            slot: 3,
+            baseGfn: 0x9000,
+            backing: { kind: 'guest_memfd', pageSize: 4096 },
+            flags: { logDirty: false, readonly: true },
+          }),
+        ),
       'EINVAL',
       /READONLY cannot be combined with guest_memfd/,
     );
     rejects(
-      () => ms.set(slot({ slot: 3, baseGfn: 0x9000, backing: { kind: 'guest_memfd', pageSize: 4096 }, flags: { logDirty: true, readonly: false } })),
+      () =>
+        ms.set(
+          slot({
+            slot: 3,
+            baseGfn: 0x9000,
+            backing: { kind: 'guest_memfd', pageSize: 4096 },
+            flags: { logDirty: true, readonly: false },
+          }),
+        ),
       'EINVAL',
       /dirty logging is not supported on a guest_memfd slot/,
     );
-    rejects(() => ms.set(slot({ slot: 3, baseGfn: 0x9000, backing: { kind: 'anon', pageSize: 2 << 20 } })), 'EINVAL', /anon backing cannot have page size 2097152/);
     rejects(
-      () => ms.set(slot({ slot: 3, baseGfn: 0x9000, hva: H + 0x1000n, backing: { kind: 'hugetlb2m', pageSize: 2 << 20 } })),
+      () => ms.set(slot({ slot: 3, baseGfn: 0x9000, backing: { kind: 'anon', pageSize: 2 << 20 } })),
+      'EINVAL',
+      /anon backing cannot have page size 2097152/,
+    );
+    rejects(
+      () =>
+        ms.set(slot({ slot: 3, baseGfn: 0x9000, hva: H + 0x1000n, backing: { kind: 'hugetlb2m', pageSize: 2 << 20 } })),
       'EINVAL',
       /hugetlb mapping is aligned to and sized in 2 MiB pages/,
     );
@@ -101,10 +138,23 @@ describe('memslot updates', () => {
 
   test('fromRegion: as_id from the slot field, byte-level checks', () => {
     const s = fromRegion(
-      { slot: (1 << 16) | 5, flags: KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY, guestPhysAddr: 0x100000000n, memorySize: 0x200000n, userspaceAddr: H },
+      {
+        slot: (1 << 16) | 5,
+        flags: KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY,
+        guestPhysAddr: 0x100000000n,
+        memorySize: 0x200000n,
+        userspaceAddr: H,
+      },
       { kind: 'anon', pageSize: 4096 },
     );
-    expect([s.asId, s.slot, s.baseGfn, s.npages, s.flags.logDirty, s.flags.readonly]).toEqual([1, 5, 0x100000, 512, true, true]);
+    expect([s.asId, s.slot, s.baseGfn, s.npages, s.flags.logDirty, s.flags.readonly]).toEqual([
+      1,
+      5,
+      0x100000,
+      512,
+      true,
+      true,
+    ]);
     const r = { slot: 0, flags: 0, guestPhysAddr: 0n, memorySize: 0x1000n, userspaceAddr: H };
     const anon = { kind: 'anon', pageSize: 4096 } as const;
     rejects(() => fromRegion({ ...r, flags: 0x10 }, anon), 'EINVAL', /unknown flag bits 0x10/);
@@ -118,7 +168,16 @@ describe('memslot updates', () => {
     ms.set(slot({ slot: 0, baseGfn: 0x1000 }));
     ms.set(slot({ slot: 1, baseGfn: 0x100, hva: H + 0x200000n }));
     ms.set(slot({ slot: 2, baseGfn: 0x8000, hva: H + 0x400000n }));
-    expect([0x100, 0x2ff, 0x300, 0x1000, 0x11ff, 0x8000, 0x81ff, 0x8200].map((g) => ms.find(0, g)?.slot)).toEqual([1, 1, undefined, 0, 0, 2, 2, undefined]);
+    expect([0x100, 0x2ff, 0x300, 0x1000, 0x11ff, 0x8000, 0x81ff, 0x8200].map((g) => ms.find(0, g)?.slot)).toEqual([
+      1,
+      1,
+      undefined,
+      0,
+      0,
+      2,
+      2,
+      undefined,
+    ]);
     expect(ms.find(1, 0x1000)).toBeUndefined();
   });
 });
@@ -176,7 +235,9 @@ describe('HVA range operator', () => {
     expect(r.done.map(view)).toEqual([[0, 0, 0x1002, 0x1004]]);
     expect(tdp.mappings(0)).toEqual([]);
     expect(tdp.mappings(1)).toEqual([{ start: 0x1002, end: 0x1004, level: 1, writable: true, executable: true }]);
-    expect(tdp.events.filter((e) => e.kind === 'flush')).toEqual([{ kind: 'flush', asId: 0, ranges: [{ start: 0x1002, end: 0x1004 }] }]);
+    expect(tdp.events.filter((e) => e.kind === 'flush')).toEqual([
+      { kind: 'flush', asId: 0, ranges: [{ start: 0x1002, end: 0x1004 }] },
+    ]);
   });
 
   test('a memslot update inside the walk is refused; an abandoned walk lets go', () => {
@@ -207,7 +268,10 @@ describe('host memory', () => {
 
   test('anon: zero page on read, a write replaces it and notifies its page', () => {
     const mm = new HostMm();
-    expect(mm.fault(anon, H + 0x3000n, false)).toEqual({ page: { pfn: ZERO_PFN, level: 1, writable: false }, notify: [] });
+    expect(mm.fault(anon, H + 0x3000n, false)).toEqual({
+      page: { pfn: ZERO_PFN, level: 1, writable: false },
+      notify: [],
+    });
     const w = mm.fault(anon, H + 0x3000n, true)!;
     expect(w.page.writable).toBe(true);
     expect(w.notify).toEqual([[H + 0x3000n, H + 0x4000n]]);

@@ -3,7 +3,7 @@
  * test/uapi.test.ts checks <linux/kvm.h>:
  *
  * - the vCPU thread's control block: native/vcpu_thread.h (CTL_*, OP_*) and src/kvm/thread.ts
- *   (W, WORDS, OP);
+ *   (CTL, CTL_WORDS, OP);
  * - the lab agent's wire constants: native/agent/wire.h and src/lab/protocol.ts.
  *
  * A small C++ program that includes the header prints every constant the header declares as
@@ -18,7 +18,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { packageRoot } from '../src/kvm/sys.js';
-import { OP as THREAD_OP, W, WORDS } from '../src/kvm/thread.js';
+import { CTL, CTL_WORDS, OP as THREAD_OP } from '../src/kvm/thread.js';
 import * as P from '../src/lab/protocol.js';
 
 type Table = Record<string, number>;
@@ -36,12 +36,22 @@ const prefixed = (prefix: string, t: Readonly<Record<string, number>>): Table =>
   Object.fromEntries(Object.entries(t).map(([k, v]) => [prefix + snake(k), v]));
 
 /** src/kvm/thread.ts's control block under the C++ names. */
-function threadTable(w: Readonly<Record<string, number>> = W, words = WORDS, op = THREAD_OP): Table {
+function threadTable(w: Readonly<Record<string, number>> = CTL, words = CTL_WORDS, op = THREAD_OP): Table {
   return { ...prefixed('CTL_', w), CTL_WORDS: words, ...prefixed('OP_', op) };
 }
 
-type Scalar = 'PROTOCOL_VERSION' | 'REQ_MAGIC' | 'REP_MAGIC' | 'END_MAGIC' | 'REQ_HEADER' | 'REP_HEADER' | 'ENTRY' |
-  'PAGE' | 'MAX_FRAME' | 'REQ_PULL' | 'ENTRY_ZERO';
+type Scalar =
+  | 'PROTOCOL_VERSION'
+  | 'REQ_MAGIC'
+  | 'REP_MAGIC'
+  | 'END_MAGIC'
+  | 'REQ_HEADER'
+  | 'REP_HEADER'
+  | 'ENTRY'
+  | 'PAGE'
+  | 'MAX_FRAME'
+  | 'REQ_PULL'
+  | 'ENTRY_ZERO';
 type Protocol = Record<Scalar, number> & {
   OP: Readonly<Record<string, number>>;
   STATUS: Readonly<Record<string, number>>;
@@ -51,7 +61,15 @@ type Protocol = Record<Scalar, number> & {
 function protocolTable(p: Protocol = P): Table {
   const { PROTOCOL_VERSION, REQ_MAGIC, REP_MAGIC, END_MAGIC, REQ_HEADER, REP_HEADER, ENTRY, PAGE, MAX_FRAME } = p;
   return {
-    PROTOCOL_VERSION, REQ_MAGIC, REP_MAGIC, END_MAGIC, REQ_HEADER, REP_HEADER, ENTRY, PAGE, MAX_FRAME,
+    PROTOCOL_VERSION,
+    REQ_MAGIC,
+    REP_MAGIC,
+    END_MAGIC,
+    REQ_HEADER,
+    REP_HEADER,
+    ENTRY,
+    PAGE,
+    MAX_FRAME,
     REQ_PULL: p.REQ_PULL,
     ENTRY_ZERO: p.ENTRY_ZERO,
     ...prefixed('OP_', p.OP),
@@ -85,18 +103,21 @@ function cValues(h: Header, changed?: string): Table {
   const exe = join(dir, `p${n}`);
   const sep = (i: number) => (i ? '","' : '""');
   const lines = names.map((k, i) => `  std::printf("%s\\"${k}\\": %llu", ${sep(i)}, (unsigned long long)(${k}));`);
-  writeFileSync(src, [
-    '#include <cstdio>',
-    `#include "${header}"`,
-    `using namespace ${h.namespace};`,
-    'int main() {',
-    '  std::printf("{");',
-    ...lines,
-    '  std::printf("}\\n");',
-    '  return 0;',
-    '}',
-    '',
-  ].join('\n'));
+  writeFileSync(
+    src,
+    [
+      '#include <cstdio>',
+      `#include "${header}"`,
+      `using namespace ${h.namespace};`,
+      'int main() {',
+      '  std::printf("{");',
+      ...lines,
+      '  std::printf("}\\n");',
+      '  return 0;',
+      '}',
+      '',
+    ].join('\n'),
+  );
   const cxx = process.env.CXX || 'g++';
   const cc = spawnSync(cxx, ['-std=c++17', '-Wall', '-Werror', '-o', exe, src], { encoding: 'utf8' });
   if (cc.error) {
@@ -138,9 +159,9 @@ describe('native/agent/wire.h and src/lab/protocol.ts', () => {
 describe('the comparison fails when one side changes', () => {
   it('sees a changed, an added and a dropped TypeScript entry', () => {
     const c = cValues(VCPU_THREAD);
-    expect(compare(c, threadTable({ ...W, done: 7 }))).toEqual(['CTL_DONE: C++ 8, TypeScript 7']);
-    expect(compare(c, threadTable({ ...W, spare: 7 }))).toEqual(['CTL_SPARE: only in TypeScript (7)']);
-    const { tid: _, ...noTid } = W;
+    expect(compare(c, threadTable({ ...CTL, done: 7 }))).toEqual(['CTL_DONE: C++ 8, TypeScript 7']);
+    expect(compare(c, threadTable({ ...CTL, spare: 7 }))).toEqual(['CTL_SPARE: only in TypeScript (7)']);
+    const { tid: _, ...noTid } = CTL;
     expect(compare(c, threadTable(noTid))).toEqual(['CTL_TID: only in C++ (14)']);
     const w = cValues(WIRE);
     expect(compare(w, protocolTable({ ...P, OP: { ...P.OP, run: 99 } }))).toEqual(['OP_RUN: C++ 17, TypeScript 99']);

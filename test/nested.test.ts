@@ -19,13 +19,28 @@ import { copyTdp, nestedWalk, type NestedOptions, type NestedRef } from '../src/
 import { Tdp } from '../src/model/tdp.js';
 import type { Access, PagingConfig } from '../src/model/walk.js';
 
-const P = 0x1n, W = 0x2n, U = 0x4n, A = 0x20n, D = 0x40n;
+const P = 0x1n,
+  W = 0x2n,
+  U = 0x4n,
+  A = 0x20n,
+  D = 0x40n;
 const GVA = (1n << 39n) | (2n << 30n) | (3n << 21n) | (4n << 12n) | 0x56n;
 const IDX = [0n, 4n, 3n, 2n, 1n, 0n]; // IDX[level]: the GVA's index at that guest level
 const H = 0x7f0000000000n; // 1 GiB-aligned HVA
 
 function cfg(levels: 4 | 5): PagingConfig {
-  return { levels, vendor: 'intel', maxPhyAddr: 48, cr0Wp: true, cr4Smep: false, cr4Smap: false, cr4Pke: false, efer: { nxe: true }, pdpe1gb: true, pkru: 0 };
+  return {
+    levels,
+    vendor: 'intel',
+    maxPhyAddr: 48,
+    cr0Wp: true,
+    cr4Smep: false,
+    cr4Smap: false,
+    cr4Pke: false,
+    efer: { nxe: true },
+    pdpe1gb: true,
+    pkru: 0,
+  };
 }
 
 const anon: Backing = { kind: 'anon', pageSize: 4096 };
@@ -34,7 +49,16 @@ const hugetlb1g: Backing = { kind: 'hugetlb1g', pageSize: 1 << 30 };
 
 /** Slot 1: GPA [1 MiB, 5 MiB), anonymous 4 KiB pages, HVA congruent to the GPA. */
 function slot(p: Partial<Memslot> = {}): Memslot {
-  return { slot: 1, asId: 0, baseGfn: 0x100, npages: 1024, hva: H + 0x100000n, flags: { logDirty: false, readonly: false }, backing: anon, ...p };
+  return {
+    slot: 1,
+    asId: 0,
+    baseGfn: 0x100,
+    npages: 1024,
+    hva: H + 0x100000n,
+    flags: { logDirty: false, readonly: false },
+    backing: anon,
+    ...p,
+  };
 }
 
 function vm(tdpLevels: 4 | 5, ...slots: Memslot[]): Tdp {
@@ -118,12 +142,27 @@ describe('reference counts: (n + 1)(m + 1) - 1 with everything mapped at 4 KiB',
     mapAll(tdp, g);
     const r = run(g, 4, tdp);
     const tdpWalk = ['T4', 'T3', 'T2', 'T1'];
-    expect(shape(r.refs)).toEqual([...tdpWalk, 'G4', ...tdpWalk, 'G3', ...tdpWalk, 'G2', ...tdpWalk, 'G1', ...tdpWalk, 'D']);
+    expect(shape(r.refs)).toEqual([
+      ...tdpWalk,
+      'G4',
+      ...tdpWalk,
+      'G3',
+      ...tdpWalk,
+      'G2',
+      ...tdpWalk,
+      'G1',
+      ...tdpWalk,
+      'D',
+    ]);
     // The GPAs translated: each entry's own address, then the data's.
     const pteGpas = [0x100008n, 0x101010n, 0x102018n, 0x103020n];
     expect(r.refs.filter((x) => x.kind === 'guest-pte').map((x) => x.gpa)).toEqual(pteGpas);
-    expect(r.refs.filter((x) => x.kind === 'tdp').map((x) => x.gpa)).toEqual([...pteGpas, 0x104056n].flatMap((gpa) => [gpa, gpa, gpa, gpa]));
-    expect(r.refs.filter((x) => x.kind === 'tdp').map((x) => x.guestLevel)).toEqual([4, 3, 2, 1, 0].flatMap((l) => [l, l, l, l]));
+    expect(r.refs.filter((x) => x.kind === 'tdp').map((x) => x.gpa)).toEqual(
+      [...pteGpas, 0x104056n].flatMap((gpa) => [gpa, gpa, gpa, gpa]),
+    );
+    expect(r.refs.filter((x) => x.kind === 'tdp').map((x) => x.guestLevel)).toEqual(
+      [4, 3, 2, 1, 0].flatMap((l) => [l, l, l, l]),
+    );
     const data = r.refs[24]!;
     expect(data).toMatchObject({ kind: 'data', guestLevel: 0, gpa: 0x104056n, access: 'read', hit: true });
     // The host address keeps the page offset, and the data page's leaf SPTE gives its frame.
@@ -146,7 +185,8 @@ describe('hits and misses', () => {
     // its level-1 SPTE.
     expect(misses(r.refs)).toEqual([9, 19, 24]);
     expect(r.totals).toMatchObject({ references: 24, tdpMisses: 3 });
-    for (const step of [9, 19, 24]) expect(r.refs[step - 1]).toMatchObject({ tdpLevel: 1, spte: 0, fault: { kind: 'map', level: 1 } });
+    for (const step of [9, 19, 24])
+      expect(r.refs[step - 1]).toMatchObject({ tdpLevel: 1, spte: 0, fault: { kind: 'map', level: 1 } });
     expect(r.end).toBe('data');
   });
 
@@ -160,13 +200,15 @@ describe('hits and misses', () => {
     expect(r.totals).toMatchObject({ references: 24, tdpMisses: 5 });
   });
 
-  test('faultIn: false leaves the caller\'s tree, host memory and events alone; faultIn: true maps the misses', () => {
+  test("faultIn: false leaves the caller's tree, host memory and events alone; faultIn: true maps the misses", () => {
     const g = guest(4);
     const tdp = vm(4, slot());
     tdp.fault(0, 0x100, { write: true });
     const before = { mappings: tdp.mappings(0), events: tdp.events.length, host: tdp.host.lookup(H + 0x101000n) };
     const dry = run(g, 4, tdp, read, { faultIn: false });
-    expect({ mappings: tdp.mappings(0), events: tdp.events.length, host: tdp.host.lookup(H + 0x101000n) }).toEqual(before);
+    expect({ mappings: tdp.mappings(0), events: tdp.events.length, host: tdp.host.lookup(H + 0x101000n) }).toEqual(
+      before,
+    );
     const wet = run(g, 4, tdp, read, { faultIn: true });
     expect(wet.refs.map((x) => [x.hit, x.fault?.level])).toEqual(dry.refs.map((x) => [x.hit, x.fault?.level]));
     // Tables faulted for write (host pages allocated); the data page for a read
@@ -201,14 +243,21 @@ describe('access rights the TDP references need', () => {
     const g = guest(4);
     const r = run(g, 4, vm(4, slot()), { gva: GVA, kind: 'exec', cpl: 0 });
     expect(r.refs.filter((x) => x.kind === 'tdp' && x.guestLevel > 0).every((x) => x.access === 'write')).toBe(true);
-    expect(r.refs.filter((x) => x.guestLevel === 0).map((x) => x.access)).toEqual(['exec', 'exec', 'exec', 'exec', 'exec']);
+    expect(r.refs.filter((x) => x.guestLevel === 0).map((x) => x.access)).toEqual([
+      'exec',
+      'exec',
+      'exec',
+      'exec',
+      'exec',
+    ]);
   });
 
   test("'ad-only': reads, except the entries whose A/D bits the walk sets; those writes are on the guest entries", () => {
     const g = guest(4, { bits: 0n });
     g.mem.set(0x100008n, g.mem.get(0x100008n)! | A); // the PML4E already has A
     const r = run(g, 4, vm(4, slot()), write, { faultIn: false, tableWrites: 'ad-only' });
-    const byGuestLevel = (l: number) => r.refs.filter((x) => x.kind === 'tdp' && x.guestLevel === l).map((x) => x.access);
+    const byGuestLevel = (l: number) =>
+      r.refs.filter((x) => x.kind === 'tdp' && x.guestLevel === l).map((x) => x.access);
     expect(byGuestLevel(4)).toEqual(['read', 'read', 'read', 'read']);
     for (const l of [3, 2, 1]) expect(byGuestLevel(l)).toEqual(['write', 'write', 'write', 'write']);
     const entries = r.refs.filter((x) => x.kind === 'guest-pte');
@@ -231,14 +280,23 @@ describe('mapping level of a miss, by memslot layout and backing', () => {
     // Level 4 hits (the table faults made the root entry); the level-3 entry of
     // GPA 1 GiB is empty; the fault maps a 2 MiB leaf at level 2 under a new
     // level-2 table, which the walk reads next. 3 TDP references, not 4.
-    expect(dataRefs.map((x) => [x.tdpLevel, x.hit])).toEqual([[4, true], [3, false], [2, true]]);
+    expect(dataRefs.map((x) => [x.tdpLevel, x.hit])).toEqual([
+      [4, true],
+      [3, false],
+      [2, true],
+    ]);
     expect(dataRefs[1]!.fault).toMatchObject({ kind: 'map', level: 2 });
     expect(r.totals.references).toBe(23);
   });
 
   test('THP, HVA off by 4 KiB from the GPA: no 2 MiB block is congruent, so level 1', () => {
     const { dataRefs } = layout({ backing: thp, hva: H + 0x40001000n });
-    expect(dataRefs.map((x) => [x.tdpLevel, x.hit])).toEqual([[4, true], [3, false], [2, true], [1, true]]);
+    expect(dataRefs.map((x) => [x.tdpLevel, x.hit])).toEqual([
+      [4, true],
+      [3, false],
+      [2, true],
+      [1, true],
+    ]);
     expect(dataRefs[1]!.fault).toMatchObject({ kind: 'map', level: 1 });
   });
 
@@ -249,7 +307,10 @@ describe('mapping level of a miss, by memslot layout and backing', () => {
 
   test('hugetlb 1 GiB, 1 GiB-aligned: maps at level 3', () => {
     const { dataRefs } = layout({ backing: hugetlb1g, npages: 512 * 512 });
-    expect(dataRefs.map((x) => [x.tdpLevel, x.hit])).toEqual([[4, true], [3, false]]);
+    expect(dataRefs.map((x) => [x.tdpLevel, x.hit])).toEqual([
+      [4, true],
+      [3, false],
+    ]);
     expect(dataRefs[1]!.fault).toMatchObject({ kind: 'map', level: 3 });
   });
 
@@ -318,7 +379,8 @@ describe('copyTdp', () => {
     const b = make();
     const before = a.mappings(0);
     const c = copyTdp(a);
-    for (const gfn of [0x201, 0x300, 0x480]) expect(c.fault(0, gfn, { write: true })).toEqual(b.fault(0, gfn, { write: true }));
+    for (const gfn of [0x201, 0x300, 0x480])
+      expect(c.fault(0, gfn, { write: true })).toEqual(b.fault(0, gfn, { write: true }));
     expect(c.mappings(0)).toEqual(b.mappings(0));
     expect(c.events).toEqual(b.events);
     expect(a.mappings(0)).toEqual(before);

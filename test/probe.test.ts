@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { deriveOracles, detectFlavour, tracefsReach, type HostProfile } from '../src/probe/probe.js';
-import type { HostFs } from '../src/target/fs.js';
+import type { HostFs } from '../src/kvm/target.js';
 import { archOfNode } from '../src/arch/arch.js';
 import { formatProfile, profileJson } from '../src/report/profile.js';
 
@@ -34,9 +34,12 @@ describe('probe', () => {
   });
 
   it('on arm64, believes the kernel log over the command line', () => {
-    const log = (mode: string) => `Booting Linux on physical CPU 0x0\nCPU: All CPU(s) started at EL2\nkvm [1]: IPA Size Limit: 48 bits\nkvm [1]: ${mode} mode initialized successfully`;
+    const log = (mode: string) =>
+      `Booting Linux on physical CPU 0x0\nCPU: All CPU(s) started at EL2\nkvm [1]: IPA Size Limit: 48 bits\nkvm [1]: ${mode} mode initialized successfully`;
     expect(detectFlavour(() => false, 'kvm-arm.mode=nvhe', 'arm64', log('Hyp'))).toBe('arm64-nvhe');
-    expect(detectFlavour(() => false, 'kvm-arm.mode=protected', 'arm64', log('Protected nVHE'))).toBe('arm64-protected');
+    expect(detectFlavour(() => false, 'kvm-arm.mode=protected', 'arm64', log('Protected nVHE'))).toBe(
+      'arm64-protected',
+    );
     expect(detectFlavour(() => false, '', 'arm64', log('VHE'))).toBe('arm64-vhe');
     // Asked for nVHE, initialised in VHE (the log wins); asked for nothing, initialised in nVHE.
     expect(detectFlavour(() => false, 'kvm-arm.mode=nvhe', 'arm64', log('VHE'))).toBe('arm64-vhe');
@@ -47,8 +50,16 @@ describe('probe', () => {
 
   it('kvm_pvm: software walker and shadow pages, no fault stats, no TDP events', () => {
     expect(avail(base)).toEqual({
-      exits: true, exception_log: true, ad_bits: true, dirty_log: true, dirty_ring: true, translate: true,
-      stats_faults: false, walker_tracepoints: true, tdp_spte_tracepoints: false, shadow_page_tracepoints: true,
+      exits: true,
+      exception_log: true,
+      ad_bits: true,
+      dirty_log: true,
+      dirty_ring: true,
+      translate: true,
+      stats_faults: false,
+      walker_tracepoints: true,
+      tdp_spte_tracepoints: false,
+      shadow_page_tracepoints: true,
       stage2_fault_tracepoints: false,
     });
   });
@@ -59,10 +70,24 @@ describe('probe', () => {
       flavour: 'kvm_amd',
       tdp: { enabled: true, kind: 'npt' },
       tdpMmu: true,
-      tracefs: { state: 'mounted', path: '/sys/kernel/tracing', events: { 'kvmmmu/kvm_tdp_mmu_spte_changed': true, 'kvmmmu/kvm_mmu_pagetable_walk': true, 'kvmmmu/kvm_mmu_paging_element': true, 'kvmmmu/kvm_mmu_walker_error': true } },
+      tracefs: {
+        state: 'mounted',
+        path: '/sys/kernel/tracing',
+        events: {
+          'kvmmmu/kvm_tdp_mmu_spte_changed': true,
+          'kvmmmu/kvm_mmu_pagetable_walk': true,
+          'kvmmmu/kvm_mmu_paging_element': true,
+          'kvmmmu/kvm_mmu_walker_error': true,
+        },
+      },
     };
     const o = avail(p);
-    expect(o).toMatchObject({ stats_faults: true, tdp_spte_tracepoints: true, shadow_page_tracepoints: false, walker_tracepoints: true });
+    expect(o).toMatchObject({
+      stats_faults: true,
+      tdp_spte_tracepoints: true,
+      shadow_page_tracepoints: false,
+      walker_tracepoints: true,
+    });
     expect(deriveOracles(p).walker_tracepoints.why).toMatch(/only for emulated accesses/);
     expect(avail({ ...p, tdpMmu: false }).tdp_spte_tracepoints).toBe(false);
   });
@@ -73,11 +98,16 @@ describe('probe', () => {
   });
 
   it('tracefs out of reach: the oracles say why', () => {
-    const why = 'not mounted, and mounting it needs CAP_SYS_ADMIN, which this process lacks, as in a container without it';
+    const why =
+      'not mounted, and mounting it needs CAP_SYS_ADMIN, which this process lacks, as in a container without it';
     const o = deriveOracles({ ...base, tracefs: { state: 'absent', path: '/sys/kernel/tracing', events: {}, why } });
     expect(o.walker_tracepoints).toEqual({ available: false, why: `tracefs absent: ${why}` });
     expect(o.shadow_page_tracepoints).toEqual({ available: false, why: `tracefs absent: ${why}` });
-    const p: HostProfile = { ...base, tracefs: { state: 'absent', path: '/sys/kernel/tracing', events: {}, why }, oracles: o };
+    const p: HostProfile = {
+      ...base,
+      tracefs: { state: 'absent', path: '/sys/kernel/tracing', events: {}, why },
+      oracles: o,
+    };
     expect(formatProfile(p)).toContain(`\ntracefs            absent (${why})\n`);
   });
 
@@ -89,12 +119,20 @@ describe('probe', () => {
         '/proc/self/uid_map': '         0          0 4294967295\n',
         ...over,
       };
-      return { read: (p: string) => f[p], exists: (p: string) => dirs.includes(p), uid: () => uid } as unknown as HostFs;
+      return {
+        read: (p: string) => f[p],
+        exists: (p: string) => dirs.includes(p),
+        uid: () => uid,
+      } as unknown as HostFs;
     };
     expect(tracefsReach(files())).toEqual({ state: 'mountable' });
-    expect(tracefsReach(files({}, 0, ['/sys/kernel/tracing', '/sys/kernel/tracing/events']))).toEqual({ state: 'mounted' });
+    expect(tracefsReach(files({}, 0, ['/sys/kernel/tracing', '/sys/kernel/tracing/events']))).toEqual({
+      state: 'mounted',
+    });
     // Unreadable /proc/self files are no obstacle.
-    expect(tracefsReach(files({ '/proc/self/status': undefined, '/proc/self/uid_map': undefined }))).toEqual({ state: 'mountable' });
+    expect(tracefsReach(files({ '/proc/self/status': undefined, '/proc/self/uid_map': undefined }))).toEqual({
+      state: 'mountable',
+    });
     const absent = (fs: HostFs) => tracefsReach(fs).why;
     expect(absent(files({ '/proc/filesystems': 'nodev\tsysfs\n' }))).toBe('the kernel offers no tracefs');
     expect(absent(files({}, 0, []))).toBe('not mounted, and there is no /sys/kernel/tracing to mount it on');

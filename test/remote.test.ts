@@ -13,8 +13,16 @@ import { localAddon, Unsupported } from '../src/kvm/sys.js';
 import { VcpuThread } from '../src/kvm/thread.js';
 import { CAP, IOCTL, MADV, MAP, MEM, O_RDWR, PROT, RUN, SIZEOF } from '../src/uapi/uapi.js';
 import {
-  Args, Channel, decodeReplyBody, decodeReplyHeader, encodeRequest, OP, REP_HEADER, REP_MAGIC,
-  END_MAGIC, requestSize,
+  Args,
+  Channel,
+  decodeReplyBody,
+  decodeReplyHeader,
+  encodeRequest,
+  OP,
+  REP_HEADER,
+  REP_MAGIC,
+  END_MAGIC,
+  requestSize,
 } from '../src/lab/protocol.js';
 import { RemoteAddon } from '../src/lab/remote/addon.js';
 import { buildAgent, spawnAgentProcess, spawnLocalAgent, type LocalAgent } from '../src/lab/remote/agent-process.js';
@@ -29,7 +37,9 @@ beforeAll(() => {
   try {
     execFileSync(process.env.CXX || 'g++', ['--version'], { stdio: 'ignore' });
   } catch {
-    throw new Error('these tests build the lab agent with g++ -static: install g++ (and the static C library, libc6-dev), or set CXX');
+    throw new Error(
+      'these tests build the lab agent with g++ -static: install g++ (and the static C library, libc6-dev), or set CXX',
+    );
   }
   agentPath = buildAgent(join(dir, 'kvmharness-agent'));
 });
@@ -57,7 +67,18 @@ function timeIt(n: number, f: () => void): Timing {
 
 describe('lab protocol frames', () => {
   it('encodes a request with writes, reads and arguments, and sizes it exactly', () => {
-    const req = { op: OP.ioctlBuf, flags: 1, writes: [{ addr: 0x1000n, data: new Uint8Array([1, 2, 3]) }], reads: [{ addr: 0x2000n, len: 8 }], args: new Args().i32(5).u32(0).u64(0xae80).bytes(new Uint8Array([9])).done() };
+    const req = {
+      op: OP.ioctlBuf,
+      flags: 1,
+      writes: [{ addr: 0x1000n, data: new Uint8Array([1, 2, 3]) }],
+      reads: [{ addr: 0x2000n, len: 8 }],
+      args: new Args()
+        .i32(5)
+        .u32(0)
+        .u64(0xae80)
+        .bytes(new Uint8Array([9]))
+        .done(),
+    };
     const b = encodeRequest(7, req, Buffer.alloc(requestSize(req)));
     expect(b.length).toBe(24 + 16 + 3 + 16 + 17 + 4);
     expect(b.readUInt32LE(4)).toBe(7);
@@ -86,7 +107,9 @@ describe('lab protocol frames', () => {
     expect(r.result).toBe(-22);
     expect([...r.payload]).toEqual([0xaa, 0xbb]);
     expect([...r.reads[0]!]).toEqual([1, 2, 3, 4]);
-    expect(r.pulled.map((e) => ({ ...e, data: [...e.data!] }))).toEqual([{ addr: 0x5000n, len: 4, zero: false, data: [5, 6, 7, 8] }]);
+    expect(r.pulled.map((e) => ({ ...e, data: [...e.data!] }))).toEqual([
+      { addr: 0x5000n, len: 4, zero: false, data: [5, 6, 7, 8] },
+    ]);
     h.writeUInt32LE(0x12345678, 0);
     expect(() => decodeReplyHeader(h)).toThrow(/desync: reply magic/);
     body.writeUInt32LE(0, 26);
@@ -145,7 +168,7 @@ describe('lab agent (no KVM needed)', () => {
     expect(m.byteLength).toBe(0); // detached
   });
 
-  it('reads and writes the lab\'s files', () => {
+  it("reads and writes the lab's files", () => {
     const f = join(dir, 'file.txt');
     expect(ra.writeFile(f, 'x')).toBe(-2); // O_TRUNC without O_CREAT
     execFileSync('sh', ['-c', `echo hello > ${f}`]);
@@ -163,7 +186,9 @@ describe('lab agent (no KVM needed)', () => {
     try {
       expect(ch.call({ op: OP.nop }).result).toBe(0);
       writeSync(p.writeFd, Buffer.from('line noise'));
-      expect(() => ch.call({ op: OP.nop })).toThrow(/desync: reply #4294967295 to request #2 \(nop\): desync: bad request magic/);
+      expect(() => ch.call({ op: OP.nop })).toThrow(
+        /desync: reply #4294967295 to request #2 \(nop\): desync: bad request magic/,
+      );
       expect(() => ch.call({ op: OP.nop })).toThrow(/the lab channel is broken/);
     } finally {
       ch.close();
@@ -172,7 +197,7 @@ describe('lab agent (no KVM needed)', () => {
     }
   });
 
-  it('connects through line noise and stale replies, and leaves the caller\'s descriptors open', () => {
+  it("connects through line noise and stale replies, and leaves the caller's descriptors open", () => {
     const p = spawnAgentProcess(agentPath);
     try {
       // Noise and a reply to some earlier request wait in the reply FIFO.
@@ -214,7 +239,9 @@ describe('lab agent (no KVM needed)', () => {
     try {
       stopped.child.kill('SIGSTOP');
       const t0 = Date.now();
-      expect(() => stopped.addon.ioctl(3, IOCTL.KVM_GET_API_VERSION)).toThrow(/no reply from the agent within the deadline/);
+      expect(() => stopped.addon.ioctl(3, IOCTL.KVM_GET_API_VERSION)).toThrow(
+        /no reply from the agent within the deadline/,
+      );
       expect(Date.now() - t0).toBeLessThan(5000);
     } finally {
       stopped.child.kill('SIGKILL');
@@ -273,7 +300,12 @@ function rawVm(a: RemoteAddon, kvm: number, code: number[], slotFlags = 0): RawV
   if (typeof runBuf === 'number') throw new Error(`mmap(kvm_run): ${runBuf}`);
   realModeVcpu(a, vcpu, 0x1000n);
   return {
-    vm, vcpu, mem, memBuf, run: new DataView(runBuf), runAddr: a.addressOf(runBuf),
+    vm,
+    vcpu,
+    mem,
+    memBuf,
+    run: new DataView(runBuf),
+    runAddr: a.addressOf(runBuf),
     close() {
       a.munmap(runBuf);
       a.close(vcpu);
@@ -300,11 +332,13 @@ describeKvm('remote Addon over a local agent', () => {
   it('opens /dev/kvm in the agent: API version 12', () => {
     expect(kvm).toBeGreaterThan(0);
     expect(ra.ioctl(kvm, IOCTL.KVM_GET_API_VERSION)).toBe(12);
-    expect(ra.ioctl(kvm, IOCTL.KVM_CHECK_EXTENSION, CAP.KVM_CAP_USER_MEMORY2 >= 0 ? CAP.KVM_CAP_NR_MEMSLOTS : 0)).toBeGreaterThan(0);
+    expect(
+      ra.ioctl(kvm, IOCTL.KVM_CHECK_EXTENSION, CAP.KVM_CAP_USER_MEMORY2 >= 0 ? CAP.KVM_CAP_NR_MEMSLOTS : 0),
+    ).toBeGreaterThan(0);
     expect(ra.ioctl(kvm, IOCTL.KVM_GET_VCPU_MMAP_SIZE)).toBeGreaterThanOrEqual(4096);
   });
 
-  it('returns KVM\'s refusals as -errno', () => {
+  it("returns KVM's refusals as -errno", () => {
     const vm = ra.ioctl(kvm, IOCTL.KVM_CREATE_VM, 0);
     try {
       const region = new DataView(new ArrayBuffer(SIZEOF.kvm_userspace_memory_region));
@@ -393,7 +427,9 @@ describeKvm('remote Addon over a local agent', () => {
       log.setUint32(0, 0, true);
       log.setBigUint64(8, ra.addressOf(bitmap), true);
       expect(ra.ioctlBuf(g.vm, IOCTL.KVM_GET_DIRTY_LOG, log)).toBe(0);
-      const pages = [...bitmap].flatMap((b, i) => [0, 1, 2, 3, 4, 5, 6, 7].filter((j) => b & (1 << j)).map((j) => i * 8 + j));
+      const pages = [...bitmap].flatMap((b, i) =>
+        [0, 1, 2, 3, 4, 5, 6, 7].filter((j) => b & (1 << j)).map((j) => i * 8 + j),
+      );
       expect(pages).toEqual([3, 5]);
       // Scratch is released after the ioctl; the next bitmap reads clean.
       const again = new Uint8Array(8).fill(0xee);
@@ -447,7 +483,10 @@ describeKvm('remote Addon over a local agent', () => {
     const local = localAddon();
     const lkvm = local.open('/dev/kvm', O_RDWR);
     const rows: [string, Timing][] = [];
-    rows.push(['KVM_CHECK_EXTENSION, native addon', timeIt(2000, () => local.ioctl(lkvm, IOCTL.KVM_CHECK_EXTENSION, CAP.KVM_CAP_NR_MEMSLOTS))]);
+    rows.push([
+      'KVM_CHECK_EXTENSION, native addon',
+      timeIt(2000, () => local.ioctl(lkvm, IOCTL.KVM_CHECK_EXTENSION, CAP.KVM_CAP_NR_MEMSLOTS)),
+    ]);
     const remoteIoctl = timeIt(2000, () => ra.ioctl(kvm, IOCTL.KVM_CHECK_EXTENSION, CAP.KVM_CAP_NR_MEMSLOTS));
     rows.push(['KVM_CHECK_EXTENSION, remote (no mirrors)', remoteIoctl]);
     const sregs = new Uint8Array(SIZEOF.kvm_sregs);
@@ -455,14 +494,20 @@ describeKvm('remote Addon over a local agent', () => {
     // A guest that exits on every entry: out 0x10, al; jmp back.
     const code = [0xe6, 0x10, 0xeb, 0xfc];
     const g = rawVm(ra, kvm, code);
-    rows.push(['KVM_GET_SREGS, remote (mirrors: 64 KiB memslot, kvm_run)', timeIt(2000, () => ra.ioctlBuf(g.vcpu, IOCTL.KVM_GET_SREGS, sregs))]);
+    rows.push([
+      'KVM_GET_SREGS, remote (mirrors: 64 KiB memslot, kvm_run)',
+      timeIt(2000, () => ra.ioctlBuf(g.vcpu, IOCTL.KVM_GET_SREGS, sregs)),
+    ]);
     // A 4 MiB mirror with 64 pages in use, scattered (the worst case for the diff).
     const big = ra.mmap(0x400000, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE, -1, 0);
     if (typeof big === 'number') throw new Error(`mmap: ${big}`);
     const bu = new Uint8Array(big);
     for (let p = 0; p < 64; p++) bu[p * 0x10000] = p + 1;
     try {
-      rows.push(['KVM_GET_SREGS, remote (+ 4 MiB mirror, 64 pages in use)', timeIt(2000, () => ra.ioctlBuf(g.vcpu, IOCTL.KVM_GET_SREGS, sregs))]);
+      rows.push([
+        'KVM_GET_SREGS, remote (+ 4 MiB mirror, 64 pages in use)',
+        timeIt(2000, () => ra.ioctlBuf(g.vcpu, IOCTL.KVM_GET_SREGS, sregs)),
+      ]);
       let agentNs = 0;
       let runs = 0;
       const remoteRun = timeIt(1000, () => {
@@ -478,14 +523,26 @@ describeKvm('remote Addon over a local agent', () => {
 
       // The same guest run locally on a native vCPU thread (the local run path), for reference.
       const lvm = local.ioctl(lkvm, IOCTL.KVM_CREATE_VM, 0);
-      const lmem = local.mmap(0x10000, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE, -1, 0) as ArrayBuffer;
+      const lmem = local.mmap(
+        0x10000,
+        PROT.READ | PROT.WRITE,
+        MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE,
+        -1,
+        0,
+      ) as ArrayBuffer;
       new Uint8Array(lmem).set(code, 0x1000);
       const region = new DataView(new ArrayBuffer(SIZEOF.kvm_userspace_memory_region));
       region.setBigUint64(16, 0x10000n, true);
       region.setBigUint64(24, local.addressOf(lmem), true);
       expect(local.ioctlBuf(lvm, IOCTL.KVM_SET_USER_MEMORY_REGION, region)).toBe(0);
       const lvcpu = local.ioctl(lvm, IOCTL.KVM_CREATE_VCPU, 0);
-      const lrun = local.mmap(local.ioctl(lkvm, IOCTL.KVM_GET_VCPU_MMAP_SIZE), PROT.READ | PROT.WRITE, MAP.SHARED, lvcpu, 0) as ArrayBuffer;
+      const lrun = local.mmap(
+        local.ioctl(lkvm, IOCTL.KVM_GET_VCPU_MMAP_SIZE),
+        PROT.READ | PROT.WRITE,
+        MAP.SHARED,
+        lvcpu,
+        0,
+      ) as ArrayBuffer;
       const sb = new Uint8Array(SIZEOF.kvm_sregs);
       local.ioctlBuf(lvcpu, IOCTL.KVM_GET_SREGS, sb);
       const s = decodeSregs(sb);
@@ -496,11 +553,14 @@ describeKvm('remote Addon over a local agent', () => {
       const req = { fd: lvcpu, run: local.addressOf(lrun), consolePort: 0, maxExits: 1 };
       const thread = VcpuThread.acquire();
       try {
-        rows.push(['run to an io exit, native vCPU thread', timeIt(1000, () => {
-          const seq = thread.start(req);
-          while (!thread.poll(seq));
-          thread.finish();
-        })]);
+        rows.push([
+          'run to an io exit, native vCPU thread',
+          timeIt(1000, () => {
+            const seq = thread.start(req);
+            while (!thread.poll(seq));
+            thread.finish();
+          }),
+        ]);
       } finally {
         VcpuThread.release(thread);
       }
@@ -513,11 +573,16 @@ describeKvm('remote Addon over a local agent', () => {
       rows.push(['run to an io exit, remote (wall)', remoteRun]);
       const inLoop = agentNs / runs;
       rows.push(["  of which in the agent's run loop (mean)", { median: inLoop, mean: inLoop }]);
-      rows.push(['  per-run overhead (wall - agent loop)', { median: remoteRun.median - inLoop, mean: remoteRun.mean - inLoop }]);
+      rows.push([
+        '  per-run overhead (wall - agent loop)',
+        { median: remoteRun.median - inLoop, mean: remoteRun.mean - inLoop },
+      ]);
       rows.push(['run to an io exit, remote, 1 page pushed first', remoteRunPush]);
       const st = ra.stats;
-      process.stdout.write(`\nlab protocol over a local agent (FIFOs), median / mean:\n${rows.map(([k, v]) => `  ${k.padEnd(58)} ${us(v.median).padStart(10)} ${us(v.mean).padStart(10)}`).join('\n')}\n` +
-        `  totals: ${st.rpcs} round trips, ${st.pagesPushed} pages pushed, ${st.pagesPulled} pages pulled, host diffing ${us(st.diffNs / st.rpcs)} per round trip\n`);
+      process.stdout.write(
+        `\nlab protocol over a local agent (FIFOs), median / mean:\n${rows.map(([k, v]) => `  ${k.padEnd(58)} ${us(v.median).padStart(10)} ${us(v.mean).padStart(10)}`).join('\n')}\n` +
+          `  totals: ${st.rpcs} round trips, ${st.pagesPushed} pages pushed, ${st.pagesPulled} pages pulled, host diffing ${us(st.diffNs / st.rpcs)} per round trip\n`,
+      );
       expect(remoteIoctl.median).toBeGreaterThan(rows[0]![1].median);
     } finally {
       local.close(lkvm);

@@ -17,20 +17,77 @@ const problems = (doc: unknown): string[] =>
   validate(doc) ? [] : (validate.errors ?? []).map((e) => `${e.instancePath || '/'} ${e.message}`);
 
 const report: RunReport = {
-  host: { arch: 'x86_64', flavour: 'kvm_pvm', tdp: { enabled: false, kind: 'none' }, tdpMmu: false, device: '/dev/kvm' },
+  host: {
+    arch: 'x86_64',
+    flavour: 'kvm_pvm',
+    tdp: { enabled: false, kind: 'none' },
+    tdpMmu: false,
+    device: '/dev/kvm',
+  },
   checks: [
-    { name: 'a', description: 'passes', outcome: 'pass', comparisons: [{ what: 'x', expected: '1', observed: '1', ok: true }], notes: [], durationMs: 1 },
-    { name: 'b', description: 'fails', outcome: 'fail', comparisons: [{ what: 'x', expected: '1', observed: '2', ok: false }], notes: ['n'], durationMs: 2 },
-    { name: 'c', description: 'n/a', outcome: 'not_applicable', reason: 'no TDP', comparisons: [], notes: [], durationMs: 0 },
-    { name: 'd', description: 'errs', outcome: 'error', reason: 'KVM_RUN failed: EFAULT', comparisons: [], notes: [], durationMs: 0 },
-    { name: 'f', description: 'interrupted', outcome: 'not_run', reason: 'the run was interrupted by SIGTERM', comparisons: [], notes: [], durationMs: 0 },
     {
-      name: 'e', description: 'many cases', outcome: 'pass', comparisons: [], notes: [], durationMs: 5,
+      name: 'a',
+      description: 'passes',
+      outcome: 'pass',
+      comparisons: [{ what: 'x', expected: '1', observed: '1', ok: true }],
+      notes: [],
+      durationMs: 1,
+    },
+    {
+      name: 'b',
+      description: 'fails',
+      outcome: 'fail',
+      comparisons: [{ what: 'x', expected: '1', observed: '2', ok: false }],
+      notes: ['n'],
+      durationMs: 2,
+    },
+    {
+      name: 'c',
+      description: 'n/a',
+      outcome: 'not_applicable',
+      reason: 'no TDP',
+      comparisons: [],
+      notes: [],
+      durationMs: 0,
+    },
+    {
+      name: 'd',
+      description: 'errs',
+      outcome: 'error',
+      reason: 'KVM_RUN failed: EFAULT',
+      comparisons: [],
+      notes: [],
+      durationMs: 0,
+    },
+    {
+      name: 'f',
+      description: 'interrupted',
+      outcome: 'not_run',
+      reason: 'the run was interrupted by SIGTERM',
+      comparisons: [],
+      notes: [],
+      durationMs: 0,
+    },
+    {
+      name: 'e',
+      description: 'many cases',
+      outcome: 'pass',
+      comparisons: [],
+      notes: [],
+      durationMs: 5,
       cases: { checked: 3, byOutcome: { pass: 2, 'fault P|W': 1 } },
     },
   ],
   summary: {
-    total: 6, passed: 2, failed: 1, notApplicable: 1, errors: 1, notRun: 1, interrupted: 'SIGTERM', durationMs: 8, casesChecked: 3,
+    total: 6,
+    passed: 2,
+    failed: 1,
+    notApplicable: 1,
+    errors: 1,
+    notRun: 1,
+    interrupted: 'SIGTERM',
+    durationMs: 8,
+    casesChecked: 3,
   },
 };
 
@@ -46,15 +103,40 @@ describe('JSON report schema', () => {
       ...report,
       checks: [
         {
-          name: 'g', description: 'crashed', outcome: 'fail', reason: 'kernel BUG in __handle_changed_spte: Invalid SPTE change',
-          comparisons: [], notes: [], durationMs: 3,
-          kernel: [{ message: 'kernel BUG in __handle_changed_spte: Invalid SPTE change', excerpt: ['kernel BUG at arch/x86/kvm/mmu/tdp_mmu.c:1!'] }],
+          name: 'g',
+          description: 'crashed',
+          outcome: 'fail',
+          reason: 'kernel BUG in __handle_changed_spte: Invalid SPTE change',
+          comparisons: [],
+          notes: [],
+          durationMs: 3,
+          kernel: [
+            {
+              message: 'kernel BUG in __handle_changed_spte: Invalid SPTE change',
+              excerpt: ['kernel BUG at arch/x86/kvm/mmu/tdp_mmu.c:1!'],
+            },
+          ],
         },
-        { name: 'h', description: 'after', outcome: 'not_run', reason: 'the kernel under test stopped during g', comparisons: [], notes: [], durationMs: 0 },
+        {
+          name: 'h',
+          description: 'after',
+          outcome: 'not_run',
+          reason: 'the kernel under test stopped during g',
+          comparisons: [],
+          notes: [],
+          durationMs: 0,
+        },
       ],
       summary: {
-        total: 2, passed: 0, failed: 1, notApplicable: 0, errors: 0, notRun: 1, stopped: 'the kernel under test stopped during g',
-        durationMs: 3, casesChecked: 0,
+        total: 2,
+        passed: 0,
+        failed: 1,
+        notApplicable: 0,
+        errors: 0,
+        notRun: 1,
+        stopped: 'the kernel under test stopped during g',
+        durationMs: 3,
+        casesChecked: 0,
       },
       consoleLog: '/tmp/results/console.log',
     };
@@ -82,7 +164,10 @@ describe('JSON report schema', () => {
 describeKvm('JSON report schema, real runs', () => {
   it('`run --json` output validates', () => {
     const cli = join(ROOT, 'dist', 'src', 'cli', 'bin.js');
-    const r = spawnSync(process.execPath, [cli, 'run', '--json', 'real_mode_io', 'five_level', 'nx'], { encoding: 'utf8', timeout: 120_000 });
+    const r = spawnSync(process.execPath, [cli, 'run', '--json', 'real_mode_io', 'five_level', 'nx'], {
+      encoding: 'utf8',
+      timeout: 120_000,
+    });
     expect(r.stderr).toBe('');
     const doc = JSON.parse(r.stdout);
     expect(problems(doc)).toEqual([]);

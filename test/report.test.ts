@@ -7,12 +7,48 @@ import { human, json, junit, ktap } from '../src/report/report.js';
 import type { RunReport } from '../src/run/types.js';
 
 const report: RunReport = {
-  host: { arch: 'x86_64', flavour: 'kvm_pvm', tdp: { enabled: false, kind: 'none' }, tdpMmu: false, device: '/dev/kvm' },
+  host: {
+    arch: 'x86_64',
+    flavour: 'kvm_pvm',
+    tdp: { enabled: false, kind: 'none' },
+    tdpMmu: false,
+    device: '/dev/kvm',
+  },
   checks: [
-    { name: 'a_pass', description: 'passes', outcome: 'pass', comparisons: [{ what: 'x', expected: '1', observed: '1', ok: true }], notes: [], durationMs: 1 },
-    { name: 'b_fail', description: 'fails', outcome: 'fail', comparisons: [{ what: 'gpa', expected: '0x10', observed: '0x11', ok: false }], notes: ['walk: L4'], durationMs: 2 },
-    { name: 'c_na', description: 'n/a', outcome: 'not_applicable', reason: 'tdp_spte_tracepoints: no TDP on this host', comparisons: [], notes: [], durationMs: 0 },
-    { name: 'd_err', description: 'errs', outcome: 'error', reason: 'KVM_RUN failed: EFAULT', comparisons: [], notes: [], durationMs: 0 },
+    {
+      name: 'a_pass',
+      description: 'passes',
+      outcome: 'pass',
+      comparisons: [{ what: 'x', expected: '1', observed: '1', ok: true }],
+      notes: [],
+      durationMs: 1,
+    },
+    {
+      name: 'b_fail',
+      description: 'fails',
+      outcome: 'fail',
+      comparisons: [{ what: 'gpa', expected: '0x10', observed: '0x11', ok: false }],
+      notes: ['walk: L4'],
+      durationMs: 2,
+    },
+    {
+      name: 'c_na',
+      description: 'n/a',
+      outcome: 'not_applicable',
+      reason: 'tdp_spte_tracepoints: no TDP on this host',
+      comparisons: [],
+      notes: [],
+      durationMs: 0,
+    },
+    {
+      name: 'd_err',
+      description: 'errs',
+      outcome: 'error',
+      reason: 'KVM_RUN failed: EFAULT',
+      comparisons: [],
+      notes: [],
+      durationMs: 0,
+    },
   ],
   summary: { total: 4, passed: 1, failed: 1, notApplicable: 1, errors: 1, durationMs: 3, notRun: 0, casesChecked: 0 },
 };
@@ -34,7 +70,9 @@ describe('reporters', () => {
       'not ok 4 d_err',
     ]);
     expect(lines).toContain('# gpa: expected 0x10');
-    expect(lines.every((l) => l.startsWith('#') || /^(not )?ok \d+ /.test(l) || l === 'KTAP version 1' || l === '1..4')).toBe(true);
+    expect(
+      lines.every((l) => l.startsWith('#') || /^(not )?ok \d+ /.test(l) || l === 'KTAP version 1' || l === '1..4'),
+    ).toBe(true);
   });
 
   it('human: names the failing comparison with expected and observed', () => {
@@ -58,7 +96,10 @@ describe('reporters', () => {
   });
 
   it('JUnit: counts, a failure with the first mismatch, a skipped case, escaped text', () => {
-    const x = junit({ ...report, checks: report.checks.map((c) => (c.name === 'd_err' ? { ...c, reason: 'a<b & "c"' } : c)) });
+    const x = junit({
+      ...report,
+      checks: report.checks.map((c) => (c.name === 'd_err' ? { ...c, reason: 'a<b & "c"' } : c)),
+    });
     expect(x).toMatch(/<testsuites tests="4" failures="1" errors="1" time="/);
     expect(x).toMatch(/<testsuite name="kvmharness" hostname="kvm_pvm" tests="4" failures="1" errors="1" skipped="1"/);
     expect(x).toMatch(/<failure message="gpa: expected 0x10, observed 0x11">/);
@@ -66,7 +107,7 @@ describe('reporters', () => {
     expect(x).toContain('a&lt;b &amp; &quot;c&quot;');
   });
 
-  it('JUnit validates against Jenkins\' junit-10.xsd (xmllint, package libxml2-utils)', () => {
+  it("JUnit validates against Jenkins' junit-10.xsd (xmllint, package libxml2-utils)", () => {
     const dir = mkdtempSync(join(tmpdir(), 'kvmharness-junit-xsd-'));
     try {
       // Every outcome, markup in every text, and a long run's time.

@@ -10,7 +10,15 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { bringUp, CR4 } from '../src/arch/x86/bringup.js';
 import { walk, type WalkResult } from '../src/model/walk.js';
 import { bringUpOptions, buildScenarioTables, MemImage, pagingConfigFor } from '../src/scenario/build.js';
-import { builtinScenarioDir, builtinScenarios, loadScenario, parseScenario, ScenarioError, scenarioToJson, validateScenario } from '../src/scenario/load.js';
+import {
+  builtinScenarioDir,
+  builtinScenarios,
+  loadScenario,
+  parseScenario,
+  ScenarioError,
+  scenarioToJson,
+  validateScenario,
+} from '../src/scenario/load.js';
 import { fieldReference, jsonSchema } from '../src/scenario/schema.js';
 import { statClass } from '../src/scenario/stats.js';
 import type { Scenario } from '../src/scenario/types.js';
@@ -19,7 +27,15 @@ const ROOT = join(import.meta.dirname, '..');
 const UPDATE = process.env.KVMHARNESS_UPDATE_DOCS === '1';
 
 // Entry bits, written out independently of src/arch/x86/pte.ts.
-const P = 1n, W = 2n, U = 4n, PWT = 8n, PCD = 16n, A = 32n, D = 64n, PS = 128n, G = 256n;
+const P = 1n,
+  W = 2n,
+  U = 4n,
+  PWT = 8n,
+  PCD = 16n,
+  A = 32n,
+  D = 64n,
+  PS = 128n,
+  G = 256n;
 const NX = 1n << 63n;
 
 type J = Record<string, unknown>;
@@ -61,15 +77,44 @@ describe('scenario defaults', () => {
       arch: 'x86_64',
       vcpus: 1,
       memslots: [],
-      paging: { levels: 4, cr0: { wp: true }, cr4: { smep: false, smap: false, pke: false }, efer: { nxe: true }, pkru: 0, vendor: 'auto' },
+      paging: {
+        levels: 4,
+        cr0: { wp: true },
+        cr4: { smep: false, smap: false, pke: false },
+        efer: { nxe: true },
+        pkru: 0,
+        vendor: 'auto',
+      },
       mappings: [
         {
           gva: 0x8000000000n,
           gpa: 0x1000n,
           size: 0x1000n,
           page: '4K',
-          leaf: { p: true, w: false, u: false, nx: false, a: false, d: false, g: false, pwt: false, pcd: false, pkey: 0 },
-          table: { p: true, w: true, u: true, nx: false, a: false, d: false, g: false, pwt: false, pcd: false, pkey: 0 },
+          leaf: {
+            p: true,
+            w: false,
+            u: false,
+            nx: false,
+            a: false,
+            d: false,
+            g: false,
+            pwt: false,
+            pcd: false,
+            pkey: 0,
+          },
+          table: {
+            p: true,
+            w: true,
+            u: true,
+            nx: false,
+            a: false,
+            d: false,
+            g: false,
+            pwt: false,
+            pcd: false,
+            pkey: 0,
+          },
           raw: [],
         },
       ],
@@ -97,7 +142,14 @@ describe('scenario defaults', () => {
       mappings: [{ gva: '0x8000000000', gpa: '0x401000' }],
       steps: [
         { guest: 'read', gva: '0x8000000008' },
-        { guest: 'write', gva: '0x8000000008', size: 4, value: 7, cpl: 3, expect: { fault: '0x7', ptes: [{ level: 1, value: '0x401001' }] } },
+        {
+          guest: 'write',
+          gva: '0x8000000008',
+          size: 4,
+          value: 7,
+          cpl: 3,
+          expect: { fault: '0x7', ptes: [{ level: 1, value: '0x401001' }] },
+        },
         { guest: 'exec', gva: '0x8000000000', expect: { fault: false } },
         { guest: 'read', gva: 0, eflagsAc: true, expect: { value: '0xff' } },
         { guest: 'invlpg', gva: '0x8000000000' },
@@ -114,10 +166,49 @@ describe('scenario defaults', () => {
       ],
     });
     expect(s.steps).toEqual([
-      { side: 'guest', kind: 'access', access: 'read', gva: 0x8000000008n, size: 8, cpl: 0, value: 0n, eflagsAc: false },
-      { side: 'guest', kind: 'access', access: 'write', gva: 0x8000000008n, size: 4, cpl: 3, value: 7n, eflagsAc: false, expect: { fault: 7, ptes: [{ level: 1, value: 0x401001n }] } },
-      { side: 'guest', kind: 'access', access: 'exec', gva: 0x8000000000n, size: 1, cpl: 0, value: 0n, eflagsAc: false, expect: { fault: false } },
-      { side: 'guest', kind: 'access', access: 'read', gva: 0n, size: 8, cpl: 0, value: 0n, eflagsAc: true, expect: { value: 0xffn } },
+      {
+        side: 'guest',
+        kind: 'access',
+        access: 'read',
+        gva: 0x8000000008n,
+        size: 8,
+        cpl: 0,
+        value: 0n,
+        eflagsAc: false,
+      },
+      {
+        side: 'guest',
+        kind: 'access',
+        access: 'write',
+        gva: 0x8000000008n,
+        size: 4,
+        cpl: 3,
+        value: 7n,
+        eflagsAc: false,
+        expect: { fault: 7, ptes: [{ level: 1, value: 0x401001n }] },
+      },
+      {
+        side: 'guest',
+        kind: 'access',
+        access: 'exec',
+        gva: 0x8000000000n,
+        size: 1,
+        cpl: 0,
+        value: 0n,
+        eflagsAc: false,
+        expect: { fault: false },
+      },
+      {
+        side: 'guest',
+        kind: 'access',
+        access: 'read',
+        gva: 0n,
+        size: 8,
+        cpl: 0,
+        value: 0n,
+        eflagsAc: true,
+        expect: { value: 0xffn },
+      },
       { side: 'guest', kind: 'invlpg', gva: 0x8000000000n },
       { side: 'guest', kind: 'reload-cr3' },
       { side: 'guest', kind: 'set-cr0-wp', value: false },
@@ -133,10 +224,14 @@ describe('scenario defaults', () => {
   });
 
   it('reads hex in either case, with leading zeros, and safe integers', () => {
-    const s = ok(edit((j) => (j.mappings[0] = { gva: '0X0000008000000000', gpa: 0x401000, size: '0x1000', leaf: { w: true } })));
+    const s = ok(
+      edit((j) => (j.mappings[0] = { gva: '0X0000008000000000', gpa: 0x401000, size: '0x1000', leaf: { w: true } })),
+    );
     expect(s.mappings[0]!.gva).toBe(0x8000000000n);
     expect(s.mappings[0]!.gpa).toBe(0x401000n);
-    expect(ok(edit((j) => (j.steps[0]!.gva = '0xFFFFFFFFFFFFF000'))).steps[0]).toMatchObject({ gva: 0xfffffffffffff000n });
+    expect(ok(edit((j) => (j.steps[0]!.gva = '0xFFFFFFFFFFFFF000'))).steps[0]).toMatchObject({
+      gva: 0xfffffffffffff000n,
+    });
   });
 });
 
@@ -146,66 +241,209 @@ describe('scenario validation: shape', () => {
     ['a bad hex string', edit((j) => (j.steps[0]!.gva = '12z')), [`steps[0].gva: ${HEX}, got "12z"`]],
     ['a negative number', edit((j) => (j.steps[0]!.gva = -1)), [`steps[0].gva: ${HEX}, got -1`]],
     ['a fraction', edit((j) => (j.mappings[0]!.gpa = 4096.5)), [`mappings[0].gpa: ${HEX}, got 4096.5`]],
-    ['a hex value over 64 bits', edit((j) => (j.steps[0]!.gva = '0x10000000000000000')), ['steps[0].gva: expected at most 64 bits, got "0x10000000000000000"']],
-    ['an inexact integer', edit((j) => (j.steps[0]!.gva = 2 ** 60)), ['steps[0].gva: expected a hex string for a value above 2^53 (an integer that large is not exact), got 1152921504606847000']],
-    ['a 32-bit value over 32 bits', edit((j) => (j.paging = { pkru: '0x100000000' })), ['paging.pkru: expected at most 32 bits, got "0x100000000"']],
+    [
+      'a hex value over 64 bits',
+      edit((j) => (j.steps[0]!.gva = '0x10000000000000000')),
+      ['steps[0].gva: expected at most 64 bits, got "0x10000000000000000"'],
+    ],
+    [
+      'an inexact integer',
+      edit((j) => (j.steps[0]!.gva = 2 ** 60)),
+      [
+        'steps[0].gva: expected a hex string for a value above 2^53 (an integer that large is not exact), got 1152921504606847000',
+      ],
+    ],
+    [
+      'a 32-bit value over 32 bits',
+      edit((j) => (j.paging = { pkru: '0x100000000' })),
+      ['paging.pkru: expected at most 32 bits, got "0x100000000"'],
+    ],
     ['a top level that is not an object', [], ['(top level): expected an object, got []']],
     ['JSON null', null, ['(top level): expected an object, got null']],
-    ['missing name and description', { mappings: [] }, ['name: required field missing', 'description: required field missing']],
+    [
+      'missing name and description',
+      { mappings: [] },
+      ['name: required field missing', 'description: required field missing'],
+    ],
     ['an empty description', edit((j) => (j.description = '')), ['description: expected a non-empty string, got ""']],
-    ['a bad name', edit((j) => (j.name = 'two words')), ['name: expected a name of letters, digits, \'_\', \'.\' and \'-\', got "two words"']],
-    ['fields named like Object.prototype members, and an odd key', JSON.parse('{"name":"t","description":"d","__proto__":1,"constructor":2,"a b":3}'), [
-      '__proto__: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps, race)',
-      'constructor: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps, race)',
-      '["a b"]: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps, race)',
-    ]],
-    ['an unknown top-level field', edit((j) => (j.cpus = 2)), ['cpus: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps, race)']],
+    [
+      'a bad name',
+      edit((j) => (j.name = 'two words')),
+      ["name: expected a name of letters, digits, '_', '.' and '-', got \"two words\""],
+    ],
+    [
+      'fields named like Object.prototype members, and an odd key',
+      JSON.parse('{"name":"t","description":"d","__proto__":1,"constructor":2,"a b":3}'),
+      [
+        '__proto__: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps, race)',
+        'constructor: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps, race)',
+        '["a b"]: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps, race)',
+      ],
+    ],
+    [
+      'an unknown top-level field',
+      edit((j) => (j.cpus = 2)),
+      ['cpus: unknown field (known: name, description, arch, vcpus, memslots, paging, mappings, steps, race)'],
+    ],
     ['another architecture', edit((j) => (j.arch = 'arm64')), ['arch: expected "x86_64", got "arm64"']],
     ['five vCPUs', edit((j) => (j.vcpus = 5)), ['vcpus: expected one of 1, 2, 3, 4, got 5']],
-    ['a race without targets', edit((j) => (j.race = { pages: 1, rounds: 1 })), ['race.targets: required field missing']],
-    ['a race op that does not exist', edit((j) => (j.race = { pages: 1, rounds: 1, targets: [{ slot: 1, gva: 0, host: ['munmap'] }] })), ['race.targets[0].host[0]: expected one of "dirty-log", "dontneed", "toggle-dirty-log", "delete", got "munmap"']],
+    [
+      'a race without targets',
+      edit((j) => (j.race = { pages: 1, rounds: 1 })),
+      ['race.targets: required field missing'],
+    ],
+    [
+      'a race op that does not exist',
+      edit((j) => (j.race = { pages: 1, rounds: 1, targets: [{ slot: 1, gva: 0, host: ['munmap'] }] })),
+      ['race.targets[0].host[0]: expected one of "dirty-log", "dontneed", "toggle-dirty-log", "delete", got "munmap"'],
+    ],
     [
       'a misspelt mapping field',
       edit((j) => (j.mappings[0] = { gvaa: '0x8000000000', gpa: '0x401000' })),
-      ['mappings[0].gvaa: unknown field (known: gva, gpa, page, size, leaf, table, raw)', 'mappings[0].gva: required field missing'],
+      [
+        'mappings[0].gvaa: unknown field (known: gva, gpa, page, size, leaf, table, raw)',
+        'mappings[0].gva: required field missing',
+      ],
     ],
-    ['a leaf-only bit in table attributes', edit((j) => (j.mappings[0]!.table = { d: true })), ['mappings[0].table.d: unknown field (known: p, w, u, pwt, pcd, a, nx)']],
-    ['a string for a boolean', edit((j) => (j.mappings[0]!.leaf = { w: 'yes' })), ['mappings[0].leaf.w: expected true or false, got "yes"']],
-    ['a key out of range', edit((j) => (j.mappings[0]!.leaf = { pkey: 16 })), ['mappings[0].leaf.pkey: expected an integer from 0 to 15, got 16']],
-    ['an unknown page size', edit((j) => (j.mappings[0]!.page = '8K')), ['mappings[0].page: expected one of "4K", "2M", "1G", got "8K"']],
-    ['a raw override without a level', edit((j) => (j.mappings[0]!.raw = [{ set: '0x80' }])), ['mappings[0].raw[0].level: required field missing']],
-    ['level 6', edit((j) => (j.mappings[0]!.raw = [{ level: 6 }])), ['mappings[0].raw[0].level: expected an integer from 1 to 5, got 6']],
+    [
+      'a leaf-only bit in table attributes',
+      edit((j) => (j.mappings[0]!.table = { d: true })),
+      ['mappings[0].table.d: unknown field (known: p, w, u, pwt, pcd, a, nx)'],
+    ],
+    [
+      'a string for a boolean',
+      edit((j) => (j.mappings[0]!.leaf = { w: 'yes' })),
+      ['mappings[0].leaf.w: expected true or false, got "yes"'],
+    ],
+    [
+      'a key out of range',
+      edit((j) => (j.mappings[0]!.leaf = { pkey: 16 })),
+      ['mappings[0].leaf.pkey: expected an integer from 0 to 15, got 16'],
+    ],
+    [
+      'an unknown page size',
+      edit((j) => (j.mappings[0]!.page = '8K')),
+      ['mappings[0].page: expected one of "4K", "2M", "1G", got "8K"'],
+    ],
+    [
+      'a raw override without a level',
+      edit((j) => (j.mappings[0]!.raw = [{ set: '0x80' }])),
+      ['mappings[0].raw[0].level: required field missing'],
+    ],
+    [
+      'level 6',
+      edit((j) => (j.mappings[0]!.raw = [{ level: 6 }])),
+      ['mappings[0].raw[0].level: expected an integer from 1 to 5, got 6'],
+    ],
     ['paging levels 3', edit((j) => (j.paging = { levels: 3 })), ['paging.levels: expected one of 4, 5, got 3']],
-    ['an unknown vendor', edit((j) => (j.paging = { vendor: 'via' })), ['paging.vendor: expected one of "auto", "intel", "amd", got "via"']],
-    ['an unknown CR4 bit', edit((j) => (j.paging = { cr4: { la57: true } })), ['paging.cr4.la57: unknown field (known: smep, smap, pke)']],
-    ['an unknown backing', edit((j) => (j.memslots[0]!.backing = 'file')), ['memslots[0].backing: expected one of "anon", "shared", "memfd", "thp", "hugetlb2m", "hugetlb1g", got "file"']],
+    [
+      'an unknown vendor',
+      edit((j) => (j.paging = { vendor: 'via' })),
+      ['paging.vendor: expected one of "auto", "intel", "amd", got "via"'],
+    ],
+    [
+      'an unknown CR4 bit',
+      edit((j) => (j.paging = { cr4: { la57: true } })),
+      ['paging.cr4.la57: unknown field (known: smep, smap, pke)'],
+    ],
+    [
+      'an unknown backing',
+      edit((j) => (j.memslots[0]!.backing = 'file')),
+      ['memslots[0].backing: expected one of "anon", "shared", "memfd", "thp", "hugetlb2m", "hugetlb1g", got "file"'],
+    ],
     ['memslots not an array', edit((j) => ((j as J).memslots = {})), ['memslots: expected an array, got {}']],
-    ['a step that is not an object', edit((j) => ((j as J).steps = ['read'])), ['steps[0]: expected an object, got "read"']],
-    ['a step with neither tag', edit((j) => (j.steps = [{ gva: '0x1000' }])), ['steps[0]: expected a "guest" or a "host" field']],
-    ['a step with both tags', edit((j) => (j.steps = [{ guest: 'read', host: 'clear-ad', gva: '0x1000' }])), ['steps[0]: expected a "guest" or a "host" field, not both']],
+    [
+      'a step that is not an object',
+      edit((j) => ((j as J).steps = ['read'])),
+      ['steps[0]: expected an object, got "read"'],
+    ],
+    [
+      'a step with neither tag',
+      edit((j) => (j.steps = [{ gva: '0x1000' }])),
+      ['steps[0]: expected a "guest" or a "host" field'],
+    ],
+    [
+      'a step with both tags',
+      edit((j) => (j.steps = [{ guest: 'read', host: 'clear-ad', gva: '0x1000' }])),
+      ['steps[0]: expected a "guest" or a "host" field, not both'],
+    ],
     [
       'an unknown guest step',
       edit((j) => (j.steps = [{ guest: 'jump', gva: '0x1000' }])),
-      ['steps[0].guest: expected one of "read", "write", "exec", "invlpg", "reload-cr3", "set-cr0-wp", "set-cr4", "write-pte", "clear-ad", got "jump"'],
+      [
+        'steps[0].guest: expected one of "read", "write", "exec", "invlpg", "reload-cr3", "set-cr0-wp", "set-cr4", "write-pte", "clear-ad", got "jump"',
+      ],
     ],
     [
       'an unknown host step',
       edit((j) => (j.steps = [{ host: 'reboot' }])),
-      ['steps[0].host: expected one of "write-pte", "clear-ad", "get-dirty-log", "clear-dirty-log", "memslot-delete", "memslot-move", "memslot-flags", "madvise", "munmap", "remap", "mprotect", "pre-fault", "translate", got "reboot"'],
+      [
+        'steps[0].host: expected one of "write-pte", "clear-ad", "get-dirty-log", "clear-dirty-log", "memslot-delete", "memslot-move", "memslot-flags", "madvise", "munmap", "remap", "mprotect", "pre-fault", "translate", got "reboot"',
+      ],
     ],
-    ['a size on an exec step', edit((j) => (j.steps = [{ guest: 'exec', gva: '0x8000000000', size: 1 }])), ['steps[0].size: unknown field (known: guest, gva, cpl, expect, stats)']],
-    ['a value on a read step', edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000', value: 1 }])), ['steps[0].value: unknown field (known: guest, gva, size, cpl, eflagsAc, expect, stats)']],
-    ['an expected value on a write', edit((j) => (j.steps = [{ guest: 'write', gva: '0x8000000000', expect: { value: 1 } }])), ['steps[0].expect.value: unknown field (known: fault, ptes)']],
+    [
+      'a size on an exec step',
+      edit((j) => (j.steps = [{ guest: 'exec', gva: '0x8000000000', size: 1 }])),
+      ['steps[0].size: unknown field (known: guest, gva, cpl, expect, stats)'],
+    ],
+    [
+      'a value on a read step',
+      edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000', value: 1 }])),
+      ['steps[0].value: unknown field (known: guest, gva, size, cpl, eflagsAc, expect, stats)'],
+    ],
+    [
+      'an expected value on a write',
+      edit((j) => (j.steps = [{ guest: 'write', gva: '0x8000000000', expect: { value: 1 } }])),
+      ['steps[0].expect.value: unknown field (known: fault, ptes)'],
+    ],
     ['size 3', edit((j) => (j.steps[0]!.size = 3)), ['steps[0].size: expected one of 1, 2, 4, 8, got 3']],
     ['CPL 1', edit((j) => (j.steps[0]!.cpl = 1)), ['steps[0].cpl: expected one of 0, 3, got 1']],
-    ['fault: true', edit((j) => (j.steps[0]!.expect = { fault: true })), ['steps[0].expect.fault: expected false or a #PF error code (a hex string like "0x7" or an integer), got true']],
-    ['set-cr4 of an unknown bit', edit((j) => (j.steps = [{ guest: 'set-cr4', bit: 'la57', value: true }])), ['steps[0].bit: expected one of "smep", "smap", "pke", got "la57"']],
-    ['set-cr0-wp without a value', edit((j) => (j.steps = [{ guest: 'set-cr0-wp' }])), ['steps[0].value: required field missing']],
-    ['stats that are not an object', edit((j) => (j.steps[0]!.stats = ['pf_fixed'])), ['steps[0].stats: expected an object of stat name -> expected delta, got ["pf_fixed"]']],
-    ['an unknown stat', edit((j) => (j.steps[0]!.stats = { pf_fixd: 1 })), [expect.stringMatching(/^steps\[0\]\.stats\.pf_fixd: unknown stat \(known: pf_taken, pf_fixed, .*mmio_exits.*\)$/) as unknown as string]],
-    ['a stat expectation of the wrong syntax', edit((j) => (j.steps = [{ host: 'get-dirty-log', slot: 1, stats: { remote_tlb_flush: '>1' } }])), ['steps[0].stats.remote_tlb_flush: expected an integer delta or a string like ">=1", "+3", "-2" or "<=0", got ">1"']],
-    ['a fractional stat delta', edit((j) => (j.steps[0]!.stats = { mmio_exits: 0.5 })), ['steps[0].stats.mmio_exits: expected an integer delta or a string like ">=1", "+3" or "-2", got 0.5']],
-    ['a get-dirty-log expect that is not a list of addresses', edit((j) => (j.steps = [{ host: 'get-dirty-log', slot: 1, expect: ['0x401000', 'page 2'] }])), [`steps[0].expect[1]: ${HEX}, got "page 2"`]],
+    [
+      'fault: true',
+      edit((j) => (j.steps[0]!.expect = { fault: true })),
+      ['steps[0].expect.fault: expected false or a #PF error code (a hex string like "0x7" or an integer), got true'],
+    ],
+    [
+      'set-cr4 of an unknown bit',
+      edit((j) => (j.steps = [{ guest: 'set-cr4', bit: 'la57', value: true }])),
+      ['steps[0].bit: expected one of "smep", "smap", "pke", got "la57"'],
+    ],
+    [
+      'set-cr0-wp without a value',
+      edit((j) => (j.steps = [{ guest: 'set-cr0-wp' }])),
+      ['steps[0].value: required field missing'],
+    ],
+    [
+      'stats that are not an object',
+      edit((j) => (j.steps[0]!.stats = ['pf_fixed'])),
+      ['steps[0].stats: expected an object of stat name -> expected delta, got ["pf_fixed"]'],
+    ],
+    [
+      'an unknown stat',
+      edit((j) => (j.steps[0]!.stats = { pf_fixd: 1 })),
+      [
+        expect.stringMatching(
+          /^steps\[0\]\.stats\.pf_fixd: unknown stat \(known: pf_taken, pf_fixed, .*mmio_exits.*\)$/,
+        ) as unknown as string,
+      ],
+    ],
+    [
+      'a stat expectation of the wrong syntax',
+      edit((j) => (j.steps = [{ host: 'get-dirty-log', slot: 1, stats: { remote_tlb_flush: '>1' } }])),
+      [
+        'steps[0].stats.remote_tlb_flush: expected an integer delta or a string like ">=1", "+3", "-2" or "<=0", got ">1"',
+      ],
+    ],
+    [
+      'a fractional stat delta',
+      edit((j) => (j.steps[0]!.stats = { mmio_exits: 0.5 })),
+      ['steps[0].stats.mmio_exits: expected an integer delta or a string like ">=1", "+3" or "-2", got 0.5'],
+    ],
+    [
+      'a get-dirty-log expect that is not a list of addresses',
+      edit((j) => (j.steps = [{ host: 'get-dirty-log', slot: 1, expect: ['0x401000', 'page 2'] }])),
+      [`steps[0].expect[1]: ${HEX}, got "page 2"`],
+    ],
   ];
   for (const [what, json, errors] of cases) {
     it(`rejects ${what}`, () => expect(errorsOf(json)).toEqual(errors));
@@ -214,7 +452,10 @@ describe('scenario validation: shape', () => {
   it('reports every shape error, in document order, before any semantic rule runs', () => {
     const j = edit((j) => {
       j.mappings[0]!.gva = '0x1'; // misaligned, but semantic: not reported while the shape is wrong
-      j.steps = [{ guest: 'read', gva: 'x' }, { guest: 'write', gva: '0x8000000000', cpl: 2 }];
+      j.steps = [
+        { guest: 'read', gva: 'x' },
+        { guest: 'write', gva: '0x8000000000', cpl: 2 },
+      ];
     });
     expect(errorsOf(j)).toEqual([`steps[0].gva: ${HEX}, got "x"`, 'steps[1].cpl: expected one of 0, 3, got 2']);
   });
@@ -222,7 +463,11 @@ describe('scenario validation: shape', () => {
 
 describe('scenario validation: semantic rules', () => {
   const cases: [string, J, string[]][] = [
-    ['memslot 0', edit((j) => (j.memslots[0]!.slot = 0)), ['memslots[0].slot: slot 0 is reserved for bring-up memory [0x0, 0x400000); use 1 or above']],
+    [
+      'memslot 0',
+      edit((j) => (j.memslots[0]!.slot = 0)),
+      ['memslots[0].slot: slot 0 is reserved for bring-up memory [0x0, 0x400000); use 1 or above'],
+    ],
     [
       'a memslot over bring-up memory',
       edit((j) => (j.memslots[0]!.gpa = '0x300000')),
@@ -231,65 +476,110 @@ describe('scenario validation: semantic rules', () => {
     [
       'two memslots with one number, overlapping',
       edit((j) => j.memslots.push({ slot: 1, gpa: '0x600000', size: '0x400000' })),
-      ['memslots[1].slot: slot 1 is already declared by memslots[0]', 'memslots[1].gpa: [0x600000, 0xa00000) overlaps memslots[0] [0x400000, 0x800000)'],
+      [
+        'memslots[1].slot: slot 1 is already declared by memslots[0]',
+        'memslots[1].gpa: [0x600000, 0xa00000) overlaps memslots[0] [0x400000, 0x800000)',
+      ],
     ],
-    ['a misaligned memslot', edit((j) => (j.memslots[0]!.size = '0x1800')), ['memslots[0].size: 0x1800 is not a non-zero multiple of the anon page size 0x1000']],
+    [
+      'a misaligned memslot',
+      edit((j) => (j.memslots[0]!.size = '0x1800')),
+      ['memslots[0].size: 0x1800 is not a non-zero multiple of the anon page size 0x1000'],
+    ],
     [
       'a hugetlb2m memslot at a 4K boundary',
       edit((j) => (j.memslots[0] = { slot: 1, gpa: '0x401000', size: '0x200000', backing: 'hugetlb2m' })),
       ['memslots[0].gpa: 0x401000 is not aligned to the hugetlb2m page size 0x200000'],
     ],
-    ['a memslot past 2^52', edit((j) => (j.memslots[0]!.gpa = '0xfffffffffff000')), ['memslots[0].gpa: [0xfffffffffff000, 0x1000000003ff000) goes beyond 2^52, the largest guest-physical address']],
-    ['a misaligned gva', edit((j) => (j.mappings[0]!.gva = '0x8000000800')), ['mappings[0].gva: 0x8000000800 is not aligned to 4K pages']],
+    [
+      'a memslot past 2^52',
+      edit((j) => (j.memslots[0]!.gpa = '0xfffffffffff000')),
+      ['memslots[0].gpa: [0xfffffffffff000, 0x1000000003ff000) goes beyond 2^52, the largest guest-physical address'],
+    ],
+    [
+      'a misaligned gva',
+      edit((j) => (j.mappings[0]!.gva = '0x8000000800')),
+      ['mappings[0].gva: 0x8000000800 is not aligned to 4K pages'],
+    ],
     [
       'a 2M mapping at a 4K gpa',
       edit((j) => (j.mappings[0] = { gva: '0x8000000000', gpa: '0x401000', page: '2M' })),
       ['mappings[0].gpa: 0x401000 is not aligned to 2M pages'],
     ],
-    ['a size that is not whole pages', edit((j) => (j.mappings[0]!.size = '0x1800')), ['mappings[0].size: 0x1800 is not a non-zero multiple of 4K']],
+    [
+      'a size that is not whole pages',
+      edit((j) => (j.mappings[0]!.size = '0x1800')),
+      ['mappings[0].size: 0x1800 is not a non-zero multiple of 4K'],
+    ],
     ['a zero size', edit((j) => (j.mappings[0]!.size = 0)), ['mappings[0].size: 0x0 is not a non-zero multiple of 4K']],
     [
       'overlapping mappings',
       edit((j) => j.mappings.push({ gva: '0x7fffffe000', gpa: '0x402000', size: '0x3000' })),
       ['mappings[1].gva: [0x7fffffe000, 0x8000001000) overlaps mappings[0] [0x8000000000, 0x8000001000)'],
     ],
-    ['a mapping in the identity map', edit((j) => (j.mappings[0]!.gva = '0x3ff000')), ['mappings[0].gva: [0x3ff000, 0x400000) overlaps the bring-up identity map [0x0, 0x400000)']],
+    [
+      'a mapping in the identity map',
+      edit((j) => (j.mappings[0]!.gva = '0x3ff000')),
+      ['mappings[0].gva: [0x3ff000, 0x400000) overlaps the bring-up identity map [0x0, 0x400000)'],
+    ],
     [
       "a mapping over RETURN_GVA's page",
       edit((j) => (j.mappings[0] = { gva: '0xe00000', gpa: '0x400000', page: '2M' })),
-      ['mappings[0].gva: [0xe00000, 0x1000000) covers RETURN_GVA 0xfff000, which must stay unmapped (it is the way back from CPL 3)'],
+      [
+        'mappings[0].gva: [0xe00000, 0x1000000) covers RETURN_GVA 0xfff000, which must stay unmapped (it is the way back from CPL 3)',
+      ],
     ],
     [
       'a non-canonical mapping with 4-level paging',
       edit((j) => (j.mappings[0]!.gva = '0x800000000000')),
-      ['mappings[0].gva: [0x800000000000, 0x800000001000) is not canonical with 4-level paging (it must lie below 0x800000000000 or at or above 0xffff800000000000)'],
+      [
+        'mappings[0].gva: [0x800000000000, 0x800000001000) is not canonical with 4-level paging (it must lie below 0x800000000000 or at or above 0xffff800000000000)',
+      ],
     ],
     [
       'a mapping that crosses into the non-canonical hole',
       edit((j) => (j.mappings[0] = { gva: '0x7ffffffff000', gpa: '0x401000', size: '0x2000' })),
-      ['mappings[0].gva: [0x7ffffffff000, 0x800000001000) is not canonical with 4-level paging (it must lie below 0x800000000000 or at or above 0xffff800000000000)'],
+      [
+        'mappings[0].gva: [0x7ffffffff000, 0x800000001000) is not canonical with 4-level paging (it must lie below 0x800000000000 or at or above 0xffff800000000000)',
+      ],
     ],
-    ['a gpa past 2^52', edit((j) => (j.mappings[0]!.gpa = '0x10000000000000')), ['mappings[0].gpa: [0x10000000000000, 0x10000000001000) goes beyond 2^52, the largest guest-physical address']],
-    ['a level-5 override with 4-level paging', edit((j) => (j.mappings[0]!.raw = [{ level: 5, set: '0x80' }])), ['mappings[0].raw[0].level: there is no level-5 entry with 4-level paging']],
+    [
+      'a gpa past 2^52',
+      edit((j) => (j.mappings[0]!.gpa = '0x10000000000000')),
+      ['mappings[0].gpa: [0x10000000000000, 0x10000000001000) goes beyond 2^52, the largest guest-physical address'],
+    ],
+    [
+      'a level-5 override with 4-level paging',
+      edit((j) => (j.mappings[0]!.raw = [{ level: 5, set: '0x80' }])),
+      ['mappings[0].raw[0].level: there is no level-5 entry with 4-level paging'],
+    ],
     [
       'a level-1 override on 2M pages',
-      edit((j) => (j.mappings[0] = { gva: '0x8000000000', gpa: '0x400000', page: '2M', raw: [{ level: 1, set: '0x2' }] })),
+      edit(
+        (j) => (j.mappings[0] = { gva: '0x8000000000', gpa: '0x400000', page: '2M', raw: [{ level: 1, set: '0x2' }] }),
+      ),
       ['mappings[0].raw[0].level: 2M pages have no level-1 entry (their leaf is level 2)'],
     ],
     [
       "an override of bring-up's PML4E",
       edit((j) => (j.mappings[0] = { gva: '0x40000000', gpa: '0x401000', raw: [{ level: 4, clear: '0x1' }] })),
-      ["mappings[0].raw[0].level: the level-4 entry for 0x40000000 is also bring-up's (it maps [0x0, 0x400000)); it cannot be overridden"],
+      [
+        "mappings[0].raw[0].level: the level-4 entry for 0x40000000 is also bring-up's (it maps [0x0, 0x400000)); it cannot be overridden",
+      ],
     ],
     [
       'an override of the PDE that covers RETURN_GVA',
       edit((j) => (j.mappings[0] = { gva: '0xe00000', gpa: '0x401000', raw: [{ level: 2, set: '0x80' }] })),
-      ['mappings[0].raw[0].level: the level-2 entry for 0xe00000 also covers RETURN_GVA 0xfff000; it cannot be overridden'],
+      [
+        'mappings[0].raw[0].level: the level-2 entry for 0xe00000 also covers RETURN_GVA 0xfff000; it cannot be overridden',
+      ],
     ],
     [
       "table attributes on a mapping whose tables are all bring-up's",
       edit((j) => (j.mappings[0] = { gva: '0x600000', gpa: '0x600000', page: '2M', table: { u: false } })),
-      ["mappings[0].table: every table entry above this mapping is bring-up's, so these attributes would apply to nothing"],
+      [
+        "mappings[0].table: every table entry above this mapping is bring-up's, so these attributes would apply to nothing",
+      ],
     ],
     [
       'two mappings that disagree on a shared table entry',
@@ -301,13 +591,29 @@ describe('scenario validation: semantic rules', () => {
       edit((j) => (j.mappings[0] = { gva: '0x8000000000', gpa: '0x0', page: '2M', size: '0x20000000000' })),
       ["mappings: the page tables need 2052 table pages but bring-up's pool has room for 235"],
     ],
-    ['an access across a page boundary', edit((j) => (j.steps[0]!.gva = '0x8000000ffc')), ['steps[0].gva: an 8-byte access at 0x8000000ffc crosses a 4K page boundary; split it into two steps']],
-    ['a value wider than the access', edit((j) => (j.steps = [{ guest: 'write', gva: '0x8000000000', size: 1, value: '0x100' }])), ['steps[0].value: 0x100 does not fit in 1 byte']],
-    ['an expected value wider than the read', edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000', size: 2, expect: { value: '0x10000' } }])), ['steps[0].expect.value: 0x10000 does not fit in 2 bytes']],
-    ['EFLAGS.AC at CPL 3', edit((j) => {
+    [
+      'an access across a page boundary',
+      edit((j) => (j.steps[0]!.gva = '0x8000000ffc')),
+      ['steps[0].gva: an 8-byte access at 0x8000000ffc crosses a 4K page boundary; split it into two steps'],
+    ],
+    [
+      'a value wider than the access',
+      edit((j) => (j.steps = [{ guest: 'write', gva: '0x8000000000', size: 1, value: '0x100' }])),
+      ['steps[0].value: 0x100 does not fit in 1 byte'],
+    ],
+    [
+      'an expected value wider than the read',
+      edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000', size: 2, expect: { value: '0x10000' } }])),
+      ['steps[0].expect.value: 0x10000 does not fit in 2 bytes'],
+    ],
+    [
+      'EFLAGS.AC at CPL 3',
+      edit((j) => {
         j.steps[0]!.cpl = 3;
         j.steps[0]!.eflagsAc = true;
-      }), ['steps[0].eflagsAc: EFLAGS.AC overrides SMAP only for CPL 0 accesses; a CPL 3 access is a user access']],
+      }),
+      ['steps[0].eflagsAc: EFLAGS.AC overrides SMAP only for CPL 0 accesses; a CPL 3 access is a user access'],
+    ],
     [
       'expected PTEs of an unmapped address',
       edit((j) => (j.steps = [{ guest: 'read', gva: '0x9000000000', expect: { ptes: [{ level: 4, value: 0 }] } }])),
@@ -321,7 +627,11 @@ describe('scenario validation: semantic rules', () => {
       }),
       ['steps[0].expect.ptes[0].level: 0x8000000000 is mapped by 2M pages, which have no level-1 entry'],
     ],
-    ['write-pte with nothing to write', edit((j) => (j.steps = [{ host: 'write-pte', gva: '0x8000000000', level: 1 }])), ['steps[0]: write-pte needs "set", "clear" or "value"']],
+    [
+      'write-pte with nothing to write',
+      edit((j) => (j.steps = [{ host: 'write-pte', gva: '0x8000000000', level: 1 }])),
+      ['steps[0]: write-pte needs "set", "clear" or "value"'],
+    ],
     [
       'write-pte with value and set',
       edit((j) => (j.steps = [{ host: 'write-pte', gva: '0x8000000000', level: 1, value: 0, set: 1 }])),
@@ -340,10 +650,26 @@ describe('scenario validation: semantic rules', () => {
       }),
       ["steps[0].level: the level-4 entry for 0x40000000 is bring-up's; it cannot be written"],
     ],
-    ['write-pte at level 5 with 4-level paging', edit((j) => (j.steps = [{ host: 'write-pte', gva: '0x8000000000', level: 5, clear: 1 }])), ['steps[0].level: there is no level-5 entry with 4-level paging']],
-    ['clear-ad of an unmapped address', edit((j) => (j.steps = [{ host: 'clear-ad', gva: '0x9000000000' }])), ['steps[0].gva: no mapping covers 0x9000000000; clear-ad works on a mapping\'s entries']],
-    ['the dirty log of an undeclared slot', edit((j) => (j.steps = [{ host: 'get-dirty-log', slot: 2 }])), ['steps[0].slot: memslot 2 is not declared in "memslots"']],
-    ['the dirty log of slot 0', edit((j) => (j.steps = [{ host: 'clear-dirty-log', slot: 0 }])), ['steps[0].slot: slot 0 is bring-up memory, which does not log dirty pages']],
+    [
+      'write-pte at level 5 with 4-level paging',
+      edit((j) => (j.steps = [{ host: 'write-pte', gva: '0x8000000000', level: 5, clear: 1 }])),
+      ['steps[0].level: there is no level-5 entry with 4-level paging'],
+    ],
+    [
+      'clear-ad of an unmapped address',
+      edit((j) => (j.steps = [{ host: 'clear-ad', gva: '0x9000000000' }])),
+      ["steps[0].gva: no mapping covers 0x9000000000; clear-ad works on a mapping's entries"],
+    ],
+    [
+      'the dirty log of an undeclared slot',
+      edit((j) => (j.steps = [{ host: 'get-dirty-log', slot: 2 }])),
+      ['steps[0].slot: memslot 2 is not declared in "memslots"'],
+    ],
+    [
+      'the dirty log of slot 0',
+      edit((j) => (j.steps = [{ host: 'clear-dirty-log', slot: 0 }])),
+      ['steps[0].slot: slot 0 is bring-up memory, which does not log dirty pages'],
+    ],
     [
       'a memslot step on an undeclared slot',
       edit((j) => (j.steps = [{ host: 'memslot-delete', slot: 9 }])),
@@ -353,14 +679,20 @@ describe('scenario validation: semantic rules', () => {
       'a step on a slot deleted earlier',
       edit((j) => {
         j.memslots = [{ slot: 1, gpa: '0x1000000', size: '0x10000' }];
-        j.steps = [{ host: 'memslot-delete', slot: 1 }, { host: 'madvise', slot: 1, offset: '0x0', size: '0x1000', advice: 'dontneed' }];
+        j.steps = [
+          { host: 'memslot-delete', slot: 1 },
+          { host: 'madvise', slot: 1, offset: '0x0', size: '0x1000', advice: 'dontneed' },
+        ];
       }),
       ['steps[1].slot: memslot 1 was deleted by an earlier step'],
     ],
     [
       'a move onto another slot',
       edit((j) => {
-        j.memslots = [{ slot: 1, gpa: '0x1000000', size: '0x10000' }, { slot: 2, gpa: '0x2000000', size: '0x10000' }];
+        j.memslots = [
+          { slot: 1, gpa: '0x1000000', size: '0x10000' },
+          { slot: 2, gpa: '0x2000000', size: '0x10000' },
+        ];
         j.steps = [{ host: 'memslot-move', slot: 1, gpa: '0x2008000' }];
       }),
       ['steps[0].gpa: memslot 1 moved to [0x2008000, 0x2018000) would overlap memslot 2 [0x2000000, 0x2010000)'],
@@ -371,7 +703,9 @@ describe('scenario validation: semantic rules', () => {
         j.memslots = [{ slot: 1, gpa: '0x1000000', size: '0x10000' }];
         j.steps = [{ host: 'memslot-flags', slot: 1, readonly: true }];
       }),
-      ["steps[0].readonly: KVM does not let a memslot's read-only flag change (memslot 1 is declared writable); delete it and declare another"],
+      [
+        "steps[0].readonly: KVM does not let a memslot's read-only flag change (memslot 1 is declared writable); delete it and declare another",
+      ],
     ],
     [
       'madvise past the end of the slot',
@@ -402,15 +736,25 @@ describe('scenario validation: semantic rules', () => {
       'munmap of a hugetlb slot in 4K pieces, and a pre-fault outside every slot',
       edit((j) => {
         j.memslots = [{ slot: 1, gpa: '0x1000000', size: '0x200000', backing: 'hugetlb2m' }];
-        j.steps = [{ host: 'munmap', slot: 1, offset: '0x1000', size: '0x1000' }, { host: 'pre-fault', gpa: '0x3000000', size: '0x1000' }];
+        j.steps = [
+          { host: 'munmap', slot: 1, offset: '0x1000', size: '0x1000' },
+          { host: 'pre-fault', gpa: '0x3000000', size: '0x1000' },
+        ];
       }),
-      ['steps[0]: offset and size must be hugetlb2m page (0x200000) aligned and size non-zero', 'steps[1].gpa: 0x3000000 is not inside a declared user memslot'],
+      [
+        'steps[0]: offset and size must be hugetlb2m page (0x200000) aligned and size non-zero',
+        'steps[1].gpa: 0x3000000 is not inside a declared user memslot',
+      ],
     ],
     ['two vCPUs without a race', edit((j) => (j.vcpus = 2)), ['vcpus: 2 vCPUs need a "race" (steps run on one vCPU)']],
     [
       'a race on one vCPU, with steps, over an unmapped page, a slot without a log, and a slot both logged and toggled',
       edit((j) => {
-        j.memslots = [{ slot: 1, gpa: '0x1000000', size: '0x10000', logDirty: true }, { slot: 2, gpa: '0x2000000', size: '0x10000' }, { slot: 3, gpa: '0x3000000', size: '0x10000', logDirty: true }];
+        j.memslots = [
+          { slot: 1, gpa: '0x1000000', size: '0x10000', logDirty: true },
+          { slot: 2, gpa: '0x2000000', size: '0x10000' },
+          { slot: 3, gpa: '0x3000000', size: '0x10000', logDirty: true },
+        ];
         j.mappings = [
           { gva: '0x8000000000', gpa: '0x1000000', size: '0x1000', leaf: { w: true } },
           { gva: '0x8000100000', gpa: '0x2000000', size: '0x2000', leaf: { w: true } },
@@ -449,12 +793,17 @@ describe('scenario validation: semantic rules', () => {
         j.memslots[0]!.logDirty = false;
         j.steps = [{ host: 'get-dirty-log', slot: 1 }];
       }),
-      ['steps[0].slot: memslot 1 does not log dirty pages here (set "logDirty": true, or turn it on with a memslot-flags step)'],
+      [
+        'steps[0].slot: memslot 1 does not log dirty pages here (set "logDirty": true, or turn it on with a memslot-flags step)',
+      ],
     ],
     [
       'expected dirty pages that are misaligned or outside the slot',
       edit((j) => (j.steps = [{ host: 'get-dirty-log', slot: 1, expect: ['0x401008', '0x800000'] }])),
-      ['steps[0].expect[0]: 0x401008 is not 4K aligned', 'steps[0].expect[1]: 0x800000 is not inside memslot 1 [0x400000, 0x800000)'],
+      [
+        'steps[0].expect[0]: 0x401008 is not 4K aligned',
+        'steps[0].expect[1]: 0x800000 is not inside memslot 1 [0x400000, 0x800000)',
+      ],
     ],
     [
       'an invalid translation with a gpa',
@@ -462,36 +811,58 @@ describe('scenario validation: semantic rules', () => {
       ['steps[0].expect.gpa: an invalid translation has no gpa'],
     ],
     [
-      "an exec at RETURN_GVA and a read in its page",
-      edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000' }, { guest: 'read', gva: '0xfff008' }, { guest: 'exec', gva: '0xfff000' }])),
-      [1, 2].map((i) => `steps[${i}].gva: ${i === 1 ? '0xfff008' : '0xfff000'} is in the page of the harness's RETURN_GVA 0xfff000, `
-        + 'which stays unmapped as the way back from CPL 3 (a fault there is taken for that return); use another address'),
+      'an exec at RETURN_GVA and a read in its page',
+      edit(
+        (j) =>
+          (j.steps = [
+            { guest: 'read', gva: '0x8000000000' },
+            { guest: 'read', gva: '0xfff008' },
+            { guest: 'exec', gva: '0xfff000' },
+          ]),
+      ),
+      [1, 2].map(
+        (i) =>
+          `steps[${i}].gva: ${i === 1 ? '0xfff008' : '0xfff000'} is in the page of the harness's RETURN_GVA 0xfff000, ` +
+          'which stays unmapped as the way back from CPL 3 (a fault there is taken for that return); use another address',
+      ),
     ],
     [
       'a write and an exec of bring-up memory',
-      edit((j) => (j.steps = [{ guest: 'read', gva: '0x3000' }, { guest: 'write', gva: '0x3000' }, { guest: 'exec', gva: '0x100000', cpl: 3 }])),
+      edit(
+        (j) =>
+          (j.steps = [
+            { guest: 'read', gva: '0x3000' },
+            { guest: 'write', gva: '0x3000' },
+            { guest: 'exec', gva: '0x100000', cpl: 3 },
+          ]),
+      ),
       [
-        "steps[1].gva: 0x3000 is in bring-up memory [0x0, 0x400000) (the guest's descriptor tables, handlers, stacks, code and page tables), "
-          + 'which a step may read but not write',
-        "steps[2].gva: 0x100000 is in bring-up memory [0x0, 0x400000) (the guest's descriptor tables, handlers, stacks, code and page tables), "
-          + 'which a step may read but not execute',
+        "steps[1].gva: 0x3000 is in bring-up memory [0x0, 0x400000) (the guest's descriptor tables, handlers, stacks, code and page tables), " +
+          'which a step may read but not write',
+        "steps[2].gva: 0x100000 is in bring-up memory [0x0, 0x400000) (the guest's descriptor tables, handlers, stacks, code and page tables), " +
+          'which a step may read but not execute',
       ],
     ],
     [
       "an exec through a mapping onto bring-up's GPAs",
       edit((j) => {
         j.mappings.push({ gva: '0x9000000000', gpa: '0x100000' });
-        j.steps = [{ guest: 'read', gva: '0x9000000000' }, { guest: 'exec', gva: '0x9000000000' }];
+        j.steps = [
+          { guest: 'read', gva: '0x9000000000' },
+          { guest: 'exec', gva: '0x9000000000' },
+        ];
       }),
       [
-        "steps[1].gva: 0x9000000000 is mapped to 0x100000, in bring-up memory [0x0, 0x400000) (the guest's descriptor tables, handlers, "
-          + 'stacks, code and page tables), which a step may read but not execute',
+        "steps[1].gva: 0x9000000000 is mapped to 0x100000, in bring-up memory [0x0, 0x400000) (the guest's descriptor tables, handlers, " +
+          'stacks, code and page tables), which a step may read but not execute',
       ],
     ],
     [
       'a memslot over 4 GiB',
       edit((j) => (j.memslots[0]!.size = '0x100001000')),
-      ['memslots[0].size: 0x100001000 is larger than 0x100000000 (4 GiB), the most the harness maps for one slot (one ArrayBuffer)'],
+      [
+        'memslots[0].size: 0x100001000 is larger than 0x100000000 (4 GiB), the most the harness maps for one slot (one ArrayBuffer)',
+      ],
     ],
   ];
   for (const [what, json, errors] of cases) {
@@ -521,23 +892,38 @@ describe('scenario validation: semantic rules', () => {
   });
 
   it('tells a partly unmapped range from a wholly unmapped one', () => {
-    const steps = (...more: J[]) => edit((j) => (j.steps = [
-      { host: 'munmap', slot: 1, offset: '0x1000', size: '0x2000' },
-      { host: 'remap', slot: 1, offset: '0x2000', size: '0x1000' },
-      ...more,
-    ]));
+    const steps = (...more: J[]) =>
+      edit(
+        (j) =>
+          (j.steps = [
+            { host: 'munmap', slot: 1, offset: '0x1000', size: '0x2000' },
+            { host: 'remap', slot: 1, offset: '0x2000', size: '0x1000' },
+            ...more,
+          ]),
+      );
     expect(errorsOf(steps({ host: 'remap', slot: 1, offset: '0x1000', size: '0x1000' }))).toEqual([]);
     expect(errorsOf(steps({ host: 'remap', slot: 1, offset: '0x1000', size: '0x2000' }))).toEqual([
       'steps[2]: remap needs the whole range unmapped by earlier munmap steps; 0x1000+0x2000 of memslot 1 is not',
     ]);
-    expect(errorsOf(steps({ host: 'madvise', slot: 1, offset: '0x2000', size: '0x3000', advice: 'dontneed' }))).toEqual([]);
+    expect(errorsOf(steps({ host: 'madvise', slot: 1, offset: '0x2000', size: '0x3000', advice: 'dontneed' }))).toEqual(
+      [],
+    );
     expect(errorsOf(steps({ host: 'mprotect', slot: 1, offset: '0x0', size: '0x3000', prot: 'read' }))).toEqual([
       "steps[2]: memslot 1's memory at offset 0x1000 was unmapped by an earlier munmap step (remap it first)",
     ]);
   });
 
   it('allows step addresses that no mapping covers (not-present faults)', () => {
-    const s = ok(edit((j) => (j.steps = [{ guest: 'read', gva: '0x9000000000' }, { host: 'translate', gva: '0x9000000000' }, { guest: 'invlpg', gva: '0x1234' }])));
+    const s = ok(
+      edit(
+        (j) =>
+          (j.steps = [
+            { guest: 'read', gva: '0x9000000000' },
+            { host: 'translate', gva: '0x9000000000' },
+            { guest: 'invlpg', gva: '0x1234' },
+          ]),
+      ),
+    );
     expect(s.steps).toHaveLength(3);
   });
 
@@ -558,7 +944,12 @@ describe('scenario validation: semantic rules', () => {
   it('accepts mappings that share table entries with the same attributes, and overrides of the shared entries', () => {
     const j = edit((j) => {
       j.mappings[0]!.table = { a: true };
-      j.mappings.push({ gva: '0x8000001000', gpa: '0x402000', table: { a: true }, raw: [{ level: 2, set: '0x8000000000000000' }] });
+      j.mappings.push({
+        gva: '0x8000001000',
+        gpa: '0x402000',
+        table: { a: true },
+        raw: [{ level: 2, set: '0x8000000000000000' }],
+      });
     });
     expect(errorsOf(j)).toEqual([]);
   });
@@ -579,7 +970,18 @@ describe('loading scenario files', () => {
   });
 
   it('says "<path>: <first error>" and how many more', () => {
-    const p = file('bad.json', JSON.stringify(edit((j) => (j.steps = [{ guest: 'read', gva: '12z', cpl: 2 }, { guest: 'exec', gva: -3 }]))));
+    const p = file(
+      'bad.json',
+      JSON.stringify(
+        edit(
+          (j) =>
+            (j.steps = [
+              { guest: 'read', gva: '12z', cpl: 2 },
+              { guest: 'exec', gva: -3 },
+            ]),
+        ),
+      ),
+    );
     try {
       loadScenario(p);
     } catch (e) {
@@ -595,15 +997,24 @@ describe('loading scenario files', () => {
   });
 
   it('reports unreadable files and bad JSON on one line', () => {
-    expect(() => loadScenario(join(dir, 'missing.json'))).toThrow(`${join(dir, 'missing.json')}: cannot read: no such file`);
+    expect(() => loadScenario(join(dir, 'missing.json'))).toThrow(
+      `${join(dir, 'missing.json')}: cannot read: no such file`,
+    );
     expect(() => loadScenario(dir)).toThrow(`${dir}: cannot read: is a directory`);
     const p = file('syntax.json', '{ "name": "x", }');
-    expect(() => loadScenario(p)).toThrow(new RegExp(`^${p.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: not valid JSON: [^\\n]+$`));
+    expect(() => loadScenario(p)).toThrow(
+      new RegExp(`^${p.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: not valid JSON: [^\\n]+$`),
+    );
   });
 
   it('names the file and the depth of a file nested too deep, before validation recurses', () => {
-    const p = file('deep.json', JSON.stringify(base()).replace('"steps":[', `"steps":[${'['.repeat(4999)}${']'.repeat(4999)},`));
-    expect(() => loadScenario(p)).toThrow(new ScenarioError(p, ['(top level): nests 5001 levels deep; a scenario nests at most 64']));
+    const p = file(
+      'deep.json',
+      JSON.stringify(base()).replace('"steps":[', `"steps":[${'['.repeat(4999)}${']'.repeat(4999)},`),
+    );
+    expect(() => loadScenario(p)).toThrow(
+      new ScenarioError(p, ['(top level): nests 5001 levels deep; a scenario nests at most 64']),
+    );
   });
 
   it('parseScenario names its source in errors', () => {
@@ -613,7 +1024,14 @@ describe('loading scenario files', () => {
 
 describe('round trip', () => {
   const rich = edit((j) => {
-    j.paging = { levels: 4, cr0: { wp: false }, cr4: { smep: true, smap: true, pke: true }, efer: { nxe: false }, pkru: '0x24', vendor: 'intel' };
+    j.paging = {
+      levels: 4,
+      cr0: { wp: false },
+      cr4: { smep: true, smap: true, pke: true },
+      efer: { nxe: false },
+      pkru: '0x24',
+      vendor: 'intel',
+    };
     j.memslots.push({ slot: 2, gpa: '0x40000000', size: '0x40000000', backing: 'hugetlb1g', readonly: true });
     j.mappings.push({
       gva: '0xffff800000000000',
@@ -622,10 +1040,20 @@ describe('round trip', () => {
       size: '0x80000000',
       leaf: { p: false, w: true, u: true, nx: true, a: true, d: true, g: true, pwt: true, pcd: true, pkey: 9 },
       table: { p: false, w: false, u: false, nx: true, a: true, pwt: true, pcd: true },
-      raw: [{ level: 3, set: '0x8000000000000', clear: '0x1' }, { level: 4, set: '0x80' }],
+      raw: [
+        { level: 3, set: '0x8000000000000', clear: '0x1' },
+        { level: 4, set: '0x80' },
+      ],
     });
     j.steps = [
-      { guest: 'write', gva: '0x8000000ff8', size: 8, cpl: 3, value: '0xffffffffffffffff', expect: { fault: '0x27', ptes: [{ level: 1, value: '0x8000000000401063' }] } },
+      {
+        guest: 'write',
+        gva: '0x8000000ff8',
+        size: 8,
+        cpl: 3,
+        value: '0xffffffffffffffff',
+        expect: { fault: '0x27', ptes: [{ level: 1, value: '0x8000000000401063' }] },
+      },
       { guest: 'read', gva: '0x8000000000', size: 2, eflagsAc: true, expect: { fault: false, value: '0xbeef' } },
       { guest: 'exec', gva: '0x8000000000', cpl: 3 },
       { guest: 'invlpg', gva: '0x8000000000' },
@@ -643,7 +1071,11 @@ describe('round trip', () => {
       { host: 'remap', slot: 1, offset: '0x1000', size: '0x1000' },
       { host: 'mprotect', slot: 1, offset: '0x0', size: '0x2000', prot: 'none' },
       { host: 'pre-fault', gpa: '0x400000', size: '0x2000' },
-      { host: 'translate', gva: '0xffff800000000000', stats: { mmio_exits: 0, pages_4k: '-2', pf_fixed: '>=1', remote_tlb_flush: '<=3', exits: '+4' } },
+      {
+        host: 'translate',
+        gva: '0xffff800000000000',
+        stats: { mmio_exits: 0, pages_4k: '-2', pf_fixed: '>=1', remote_tlb_flush: '<=3', exits: '+4' },
+      },
     ];
   });
 
@@ -654,18 +1086,32 @@ describe('round trip', () => {
   });
 
   it('a race scenario survives the round trip', () => {
-    const s = ok(edit((j) => {
-      j.vcpus = 3;
-      j.steps = [];
-      j.mappings[0]!.size = '0x6000';
-      j.race = { pages: 2, rounds: 7, cpl: 0, targets: [{ slot: 1, gva: '0x8000000000', host: ['dirty-log', 'dontneed'] }] };
-    }));
-    expect(s.race).toEqual({ pages: 2, rounds: 7, cpl: 0, targets: [{ slot: 1, gva: 0x8000000000n, host: ['dirty-log', 'dontneed'] }] });
+    const s = ok(
+      edit((j) => {
+        j.vcpus = 3;
+        j.steps = [];
+        j.mappings[0]!.size = '0x6000';
+        j.race = {
+          pages: 2,
+          rounds: 7,
+          cpl: 0,
+          targets: [{ slot: 1, gva: '0x8000000000', host: ['dirty-log', 'dontneed'] }],
+        };
+      }),
+    );
+    expect(s.race).toEqual({
+      pages: 2,
+      rounds: 7,
+      cpl: 0,
+      targets: [{ slot: 1, gva: 0x8000000000n, host: ['dirty-log', 'dontneed'] }],
+    });
     expect(ok(JSON.parse(JSON.stringify(scenarioToJson(s))))).toEqual(s);
   });
 
   it('writes 64-bit values as lowercase hex strings and every default out', () => {
-    const j = scenarioToJson(ok({ name: 'min', description: 'd', mappings: [{ gva: 549755813888, gpa: '0X401000' }] })) as J;
+    const j = scenarioToJson(
+      ok({ name: 'min', description: 'd', mappings: [{ gva: 549755813888, gpa: '0X401000' }] }),
+    ) as J;
     expect(j.mappings).toEqual([
       {
         gva: '0x8000000000',
@@ -677,7 +1123,14 @@ describe('round trip', () => {
         raw: [],
       },
     ]);
-    expect(j.paging).toEqual({ levels: 4, cr0: { wp: true }, cr4: { smep: false, smap: false, pke: false }, efer: { nxe: true }, pkru: '0x0', vendor: 'auto' });
+    expect(j.paging).toEqual({
+      levels: 4,
+      cr0: { wp: true },
+      cr4: { smep: false, smap: false, pke: false },
+      efer: { nxe: true },
+      pkru: '0x0',
+      vendor: 'auto',
+    });
   });
 });
 
@@ -717,7 +1170,8 @@ function schemaAccepts(schema: J, v: unknown): boolean {
       if (props[k]) {
         if (!schemaAccepts(props[k]!, x)) return false;
       } else if (schema.additionalProperties === false) return false;
-      else if (typeof schema.additionalProperties === 'object' && !schemaAccepts(schema.additionalProperties as J, x)) return false;
+      else if (typeof schema.additionalProperties === 'object' && !schemaAccepts(schema.additionalProperties as J, x))
+        return false;
     }
   }
   if (schema.oneOf && (schema.oneOf as J[]).filter((s) => schemaAccepts(s, v)).length !== 1) return false;
@@ -747,7 +1201,10 @@ describe('generated documents', () => {
     const part = between(text, /<!-- field-reference:begin[^>]*-->\n/, '<!-- field-reference:end -->');
     const generated = `\n${fieldReference()}\n`;
     if (UPDATE) writeFileSync(path, part.before + generated + part.after);
-    expect(between(readFileSync(path, 'utf8'), /<!-- field-reference:begin[^>]*-->\n/, '<!-- field-reference:end -->').inside).toBe(generated);
+    expect(
+      between(readFileSync(path, 'utf8'), /<!-- field-reference:begin[^>]*-->\n/, '<!-- field-reference:end -->')
+        .inside,
+    ).toBe(generated);
   });
 
   it('the field reference documents every field with its default', () => {
@@ -763,7 +1220,10 @@ describe('generated documents', () => {
     schemaRoot = schema;
     expect(schema.$schema).toBe('https://json-schema.org/draft/2020-12/schema');
     for (const name of builtinScenarios()) {
-      expect(schemaAccepts(schema, JSON.parse(readFileSync(join(builtinScenarioDir(), `${name}.json`), 'utf8'))), name).toBe(true);
+      expect(
+        schemaAccepts(schema, JSON.parse(readFileSync(join(builtinScenarioDir(), `${name}.json`), 'utf8'))),
+        name,
+      ).toBe(true);
     }
     expect(schemaAccepts(schema, base())).toBe(true);
     for (const bad of [
@@ -807,15 +1267,26 @@ function simulate(s: Scenario, cpu = { vendor: 'amd', maxPhyAddr: 48, pdpe1gb: t
     // write-pte and clear-ad change memory the same way from either side.
     if (st.side === 'guest' && st.kind !== 'write-pte' && st.kind !== 'clear-ad') {
       if (st.kind === 'set-cr0-wp') cfg = { ...cfg, cr0Wp: st.value };
-      if (st.kind === 'set-cr4') cfg = { ...cfg, [{ smep: 'cr4Smep', smap: 'cr4Smap', pke: 'cr4Pke' }[st.bit]]: st.value };
+      if (st.kind === 'set-cr4')
+        cfg = { ...cfg, [{ smep: 'cr4Smep', smap: 'cr4Smap', pke: 'cr4Pke' }[st.bit]]: st.value };
       if (st.kind !== 'access') return;
-      const w = walk(cfg, boot.tables.root, { gva: st.gva, kind: st.access, cpl: st.cpl, eflagsAc: st.eflagsAc, size: st.size }, read);
+      const w = walk(
+        cfg,
+        boot.tables.root,
+        { gva: st.gva, kind: st.access, cpl: st.cpl, eflagsAc: st.eflagsAc, size: st.size },
+        read,
+      );
       let value: bigint | undefined;
       if (w.ok) {
         for (const a of w.adWrites) mem.write64(a.pteGpa, a.new);
         if (st.access === 'write') {
-          mem.write(w.gpa, [...Array(st.size).keys()].map((b) => Number((st.value >> BigInt(8 * b)) & 0xffn)));
-          for (const m of s.memslots) if (m.logDirty && w.gpa >= m.gpa && w.gpa < m.gpa + m.size) dirty.set(m.slot, (dirty.get(m.slot) ?? new Set()).add(w.gpa & ~0xfffn));
+          mem.write(
+            w.gpa,
+            [...Array(st.size).keys()].map((b) => Number((st.value >> BigInt(8 * b)) & 0xffn)),
+          );
+          for (const m of s.memslots)
+            if (m.logDirty && w.gpa >= m.gpa && w.gpa < m.gpa + m.size)
+              dirty.set(m.slot, (dirty.get(m.slot) ?? new Set()).add(w.gpa & ~0xfffn));
         }
         if (st.access === 'read') value = BigInt.asUintN(st.size * 8, mem.read64(w.gpa));
       }
@@ -827,7 +1298,7 @@ function simulate(s: Scenario, cpu = { vendor: 'amd', maxPhyAddr: 48, pdpe1gb: t
     switch (st.kind) {
       case 'write-pte': {
         const e = built.entries(st.gva, st.level);
-        mem.write64(e, st.value ?? ((mem.read64(e) & ~st.clear) | st.set));
+        mem.write64(e, st.value ?? (mem.read64(e) & ~st.clear) | st.set);
         return;
       }
       case 'clear-ad': {
@@ -879,37 +1350,84 @@ describe('built-in scenarios', () => {
   it('together they cover the cases the suite promises', () => {
     const all = names.map((n) => loadScenario(join(builtinScenarioDir(), `${n}.json`)));
     const steps = all.flatMap((s) => s.steps);
-    const faults = new Set(steps.flatMap((st) => (st.side === 'guest' && st.kind === 'access' && typeof st.expect?.fault === 'number' ? [st.expect.fault] : [])));
+    const faults = new Set(
+      steps.flatMap((st) =>
+        st.side === 'guest' && st.kind === 'access' && typeof st.expect?.fault === 'number' ? [st.expect.fault] : [],
+      ),
+    );
     // not present (supervisor read, write, user read, fetch), protection with W/U/I, reserved
-    for (const ec of [0x0, 0x2, 0x4, 0x10, 0x3, 0x5, 0x7, 0x11, 0x9, 0xb, 0xd]) expect(faults.has(ec), `error code 0x${ec.toString(16)}`).toBe(true);
+    for (const ec of [0x0, 0x2, 0x4, 0x10, 0x3, 0x5, 0x7, 0x11, 0x9, 0xb, 0xd])
+      expect(faults.has(ec), `error code 0x${ec.toString(16)}`).toBe(true);
     const raws = all.flatMap((s) => s.mappings.flatMap((m) => m.raw));
-    for (const level of [2, 3, 4]) expect(raws.some((r) => r.level === level && r.clear & P), `not-present level ${level}`).toBe(true);
-    expect(all.some((s) => s.mappings.some((m) => !m.leaf.p)), 'not-present leaf').toBe(true);
+    for (const level of [2, 3, 4])
+      expect(
+        raws.some((r) => r.level === level && r.clear & P),
+        `not-present level ${level}`,
+      ).toBe(true);
+    expect(
+      all.some((s) => s.mappings.some((m) => !m.leaf.p)),
+      'not-present leaf',
+    ).toBe(true);
     expect(raws.some((r) => r.level === 4 && r.set & PS)).toBe(true); // PS in a PML4E
     expect(raws.some((r) => r.set & (1n << 51n))).toBe(true); // bit 51
     expect(raws.some((r) => r.level === 2 && r.set & NX)).toBe(true); // NX in a PDE
     expect(all.some((s) => s.mappings.some((m) => m.page === '2M'))).toBe(true);
     expect(steps.some((st) => st.kind === 'set-cr0-wp')).toBe(true);
-    for (const kind of ['clear-ad', 'write-pte', 'get-dirty-log', 'clear-dirty-log', 'translate', 'invlpg', 'reload-cr3']) {
-      expect(steps.some((st) => st.kind === kind), kind).toBe(true);
+    for (const kind of [
+      'clear-ad',
+      'write-pte',
+      'get-dirty-log',
+      'clear-dirty-log',
+      'translate',
+      'invlpg',
+      'reload-cr3',
+    ]) {
+      expect(
+        steps.some((st) => st.kind === kind),
+        kind,
+      ).toBe(true);
     }
     expect(all.some((s) => s.memslots.some((m) => m.logDirty && m.slot >= 1 && m.gpa >= 0x400000n))).toBe(true);
     // The host dimension: host memory changes, stats, THP with dirty logging, races.
     for (const kind of ['munmap', 'remap', 'mprotect', 'pre-fault', 'madvise', 'memslot-delete', 'memslot-flags']) {
-      expect(steps.some((st) => st.kind === kind), kind).toBe(true);
+      expect(
+        steps.some((st) => st.kind === kind),
+        kind,
+      ).toBe(true);
     }
     expect(steps.filter((st) => st.stats).length).toBeGreaterThanOrEqual(2);
-    expect(all.filter((s) => s.steps.some((st) => st.stats && Object.keys(st.stats).some((k) => statClass(k) === 'general'))).length).toBeGreaterThanOrEqual(2);
-    expect(all.some((s) => s.memslots.some((m) => m.backing === 'thp') && s.steps.some((st) => st.kind === 'memslot-flags' && st.logDirty))).toBe(true);
+    expect(
+      all.filter((s) => s.steps.some((st) => st.stats && Object.keys(st.stats).some((k) => statClass(k) === 'general')))
+        .length,
+    ).toBeGreaterThanOrEqual(2);
+    expect(
+      all.some(
+        (s) =>
+          s.memslots.some((m) => m.backing === 'thp') &&
+          s.steps.some((st) => st.kind === 'memslot-flags' && st.logDirty),
+      ),
+    ).toBe(true);
     const ops = new Set(all.flatMap((s) => s.race?.targets.flatMap((t) => t.host) ?? []));
-    for (const op of ['dirty-log', 'dontneed', 'toggle-dirty-log', 'delete']) expect(ops.has(op as never), op).toBe(true);
+    for (const op of ['dirty-log', 'dontneed', 'toggle-dirty-log', 'delete'])
+      expect(ops.has(op as never), op).toBe(true);
     expect(all.some((s) => s.race?.cpl === 3)).toBe(true);
   });
 
   // Scenarios that change memslots or host memory need the engine's model of
   // guest-physical memory; test/engine.test.ts runs those against KVM.
-  const HOST_MEMORY_STEPS = new Set(['memslot-delete', 'memslot-move', 'memslot-flags', 'madvise', 'munmap', 'remap', 'mprotect', 'pre-fault']);
-  const pureWalk = names.filter((n) => !loadScenario(join(builtinScenarioDir(), `${n}.json`)).steps.some((st) => HOST_MEMORY_STEPS.has(st.kind)));
+  const HOST_MEMORY_STEPS = new Set([
+    'memslot-delete',
+    'memslot-move',
+    'memslot-flags',
+    'madvise',
+    'munmap',
+    'remap',
+    'mprotect',
+    'pre-fault',
+  ]);
+  const pureWalk = names.filter(
+    (n) => !loadScenario(join(builtinScenarioDir(), `${n}.json`)).steps.some((st) => HOST_MEMORY_STEPS.has(st.kind)),
+  );
   for (const n of pureWalk) {
     it(`${n}: its explicit expectations agree with the model`, () => {
       const s = loadScenario(join(builtinScenarioDir(), `${n}.json`));
@@ -925,11 +1443,13 @@ describe('built-in scenarios', () => {
       }
       for (const d of dirtyLogs) {
         const st = s.steps[d.step]!;
-        if (st.side === 'host' && st.kind === 'get-dirty-log' && st.expect) expect(d.pages, `${n} step ${d.step}`).toEqual(st.expect);
+        if (st.side === 'host' && st.kind === 'get-dirty-log' && st.expect)
+          expect(d.pages, `${n} step ${d.step}`).toEqual(st.expect);
       }
       for (const t of translations) {
         const st = s.steps[t.step]!;
-        if (st.side === 'host' && st.kind === 'translate' && st.expect) expect({ valid: t.valid, ...(t.gpa !== undefined ? { gpa: t.gpa } : {}) }).toEqual(st.expect);
+        if (st.side === 'host' && st.kind === 'translate' && st.expect)
+          expect({ valid: t.valid, ...(t.gpa !== undefined ? { gpa: t.gpa } : {}) }).toEqual(st.expect);
       }
     });
   }
@@ -947,11 +1467,32 @@ describe('buildScenarioTables', () => {
     description: 'd',
     mappings: [
       // PML4[1] -> PDPT 0x15000 -> PD 0x16000 -> PT 0x17000; PTE 0 and 1
-      { gva: '0x8000000000', gpa: '0x401000', size: '0x2000', leaf: { w: true, u: true, g: true, pkey: 3 }, table: { a: true } },
+      {
+        gva: '0x8000000000',
+        gpa: '0x401000',
+        size: '0x2000',
+        leaf: { w: true, u: true, g: true, pkey: 3 },
+        table: { a: true },
+      },
       // PML4[2] -> PDPT 0x18000 -> PD 0x19000; PDE 1 is a 2M leaf
-      { gva: '0x10000200000', gpa: '0x600000', page: '2M', leaf: { nx: true, pcd: true, pwt: true, d: true, a: true }, table: { p: false, w: false, u: false, nx: true } },
+      {
+        gva: '0x10000200000',
+        gpa: '0x600000',
+        page: '2M',
+        leaf: { nx: true, pcd: true, pwt: true, d: true, a: true },
+        table: { p: false, w: false, u: false, nx: true },
+      },
       // PML4[0] (bring-up's) -> PDPT 0x11000 entry 1 -> PD 0x1a000 -> PT 0x1b000
-      { gva: '0x40000000', gpa: '0x403000', leaf: { p: false }, raw: [{ level: 1, set: '0x8000000000000' }, { level: 3, set: '0x10' }, { level: 2, clear: '0x2' }] },
+      {
+        gva: '0x40000000',
+        gpa: '0x403000',
+        leaf: { p: false },
+        raw: [
+          { level: 1, set: '0x8000000000000' },
+          { level: 3, set: '0x10' },
+          { level: 2, clear: '0x2' },
+        ],
+      },
     ],
   });
 
@@ -974,7 +1515,7 @@ describe('buildScenarioTables', () => {
       ['PML4E of mapping 1', 0x10000200000n, 4, 0x10010n, 0x18000n | NX],
       ['PDPTE of mapping 1', 0x10000200000n, 3, 0x18000n, 0x19000n | NX],
       ['PDE (2M leaf) of mapping 1', 0x10000200000n, 2, 0x19008n, 0x600000n | P | PWT | PCD | A | D | PS | NX],
-      ['PML4E of mapping 2 (bring-up\'s, untouched)', 0x40000000n, 4, 0x10000n, 0x11000n | P | W | U | A],
+      ["PML4E of mapping 2 (bring-up's, untouched)", 0x40000000n, 4, 0x10000n, 0x11000n | P | W | U | A],
       ['PDPTE of mapping 2 (created; PCD set by raw)', 0x40000000n, 3, 0x11008n, 0x1a000n | P | W | U | PCD],
       ['PDE of mapping 2 (R/W cleared by raw)', 0x40000000n, 2, 0x1a000n, 0x1b000n | P | U],
       ['PTE of mapping 2 (not present, bit 51 set by raw)', 0x40000000n, 1, 0x1b000n, 0x403000n | (1n << 51n)],
@@ -983,16 +1524,35 @@ describe('buildScenarioTables', () => {
       expect(built.entries(gva, level), what).toBe(at);
       expect(mem.read64(at), what).toBe(value);
     }
-    expect(() => built.entries(0x9000000000n, 1)).toThrow('no level-1 entry is known for 0x9000000000: no mapping covers it at that level');
+    expect(() => built.entries(0x9000000000n, 1)).toThrow(
+      'no level-1 entry is known for 0x9000000000: no mapping covers it at that level',
+    );
   });
 
   it('a non-present table entry does not make later pages allocate new tables', () => {
-    const t = ok({ name: 't', description: 'd', mappings: [{ gva: '0x8000000000', gpa: '0x401000', size: '0x3000', table: { p: false } }] });
+    const t = ok({
+      name: 't',
+      description: 'd',
+      mappings: [{ gva: '0x8000000000', gpa: '0x401000', size: '0x3000', table: { p: false } }],
+    });
     const mem = new MemImage();
     const boot = bringUp(mem, bringUpOptions(t));
     const built = buildScenarioTables(t, mem, boot);
-    expect(boot.tables.tablePages).toEqual([0x10000n, 0x11000n, 0x12000n, 0x13000n, 0x14000n, 0x15000n, 0x16000n, 0x17000n]);
-    expect([0, 1, 2].map((i) => built.entries(0x8000000000n + BigInt(i) * 0x1000n, 1))).toEqual([0x17000n, 0x17008n, 0x17010n]);
+    expect(boot.tables.tablePages).toEqual([
+      0x10000n,
+      0x11000n,
+      0x12000n,
+      0x13000n,
+      0x14000n,
+      0x15000n,
+      0x16000n,
+      0x17000n,
+    ]);
+    expect([0, 1, 2].map((i) => built.entries(0x8000000000n + BigInt(i) * 0x1000n, 1))).toEqual([
+      0x17000n,
+      0x17008n,
+      0x17010n,
+    ]);
     expect(mem.read64(0x10008n)).toBe(0x15000n | W | U);
   });
 
@@ -1011,7 +1571,9 @@ describe('buildScenarioTables', () => {
     const r = walk(cfg, boot.tables.root, { gva: 0x8000001234n, kind: 'write', cpl: 3 }, (g) => mem.read64(g));
     expect(r).toMatchObject({ ok: true, gpa: 0x402234n, pageSize: 0x1000n });
     // mapping 1's PML4E is not present (table p: false)
-    expect(walk(cfg, boot.tables.root, { gva: 0x10000200000n, kind: 'read', cpl: 0 }, (g) => mem.read64(g))).toMatchObject({ ok: false, errorCode: 0, reason: 'not-present' });
+    expect(
+      walk(cfg, boot.tables.root, { gva: 0x10000200000n, kind: 'read', cpl: 0 }, (g) => mem.read64(g)),
+    ).toMatchObject({ ok: false, errorCode: 0, reason: 'not-present' });
   });
 });
 
@@ -1019,7 +1581,13 @@ describe('paging configuration', () => {
   const s = ok({
     name: 'p',
     description: 'd',
-    paging: { levels: 5, cr0: { wp: false }, cr4: { smep: true, smap: false, pke: true }, efer: { nxe: false }, pkru: '0x24' },
+    paging: {
+      levels: 5,
+      cr0: { wp: false },
+      cr4: { smep: true, smap: false, pke: true },
+      efer: { nxe: false },
+      pkru: '0x24',
+    },
   });
 
   it('pagingConfigFor takes the mode from the scenario and MAXPHYADDR, PDPE1GB and the vendor from the CPU', () => {

@@ -9,19 +9,43 @@ import type { HostProfile } from '../src/probe/probe.js';
 import { runCheck } from '../src/run/runner.js';
 import { describeKvm, failures, withHost } from './support/kvm.js';
 
-const event = (id: string, text: string): TraceEvent => ({ id: `kvmmmu/${id}`, pid: 1, cpu: 0, ts: 0, fields: {}, text });
+const event = (id: string, text: string): TraceEvent => ({
+  id: `kvmmmu/${id}`,
+  pid: 1,
+  cpu: 0,
+  ts: 0,
+  fields: {},
+  text,
+});
 
 describe('shadow-page events', () => {
   test('parses the four events as this host prints them', () => {
-    expect(parseShadowEvent(event('kvm_mmu_get_page', 'sp gen 0 gfn 10 l4 8-byte q0 wux nxe ad root 0 sync new'))).toEqual({
-      kind: 'get', gfn: 0x10n, level: 4, direct: false, access: 7, invalid: false, rootCount: 0, unsync: false, created: true,
+    expect(
+      parseShadowEvent(event('kvm_mmu_get_page', 'sp gen 0 gfn 10 l4 8-byte q0 wux nxe ad root 0 sync new')),
+    ).toEqual({
+      kind: 'get',
+      gfn: 0x10n,
+      level: 4,
+      direct: false,
+      access: 7,
+      invalid: false,
+      rootCount: 0,
+      unsync: false,
+      created: true,
     });
-    expect(parseShadowEvent(event('kvm_mmu_prepare_zap_page', 'sp gen 0 gfn 10 l4 8-byte q0 wux invalid nxe ad root 0 sync')))
-      .toMatchObject({ kind: 'zap', invalid: true, rootCount: 0 });
-    expect(parseShadowEvent(event('kvm_mmu_sync_page', 'sp gen 1 gfn 1a3 l1 8-byte q0 -u- !nxe !ad root 0 unsync')))
-      .toMatchObject({ kind: 'sync', gfn: 0x1a3n, level: 1, access: 4, unsync: true });
-    expect(parseShadowEvent(event('kvm_mmu_get_page', 'sp gen 0 gfn 200 l1 8-byte q0 direct w-x nxe ad root 0 sync existing')))
-      .toMatchObject({ direct: true, access: 3, created: false });
+    expect(
+      parseShadowEvent(
+        event('kvm_mmu_prepare_zap_page', 'sp gen 0 gfn 10 l4 8-byte q0 wux invalid nxe ad root 0 sync'),
+      ),
+    ).toMatchObject({ kind: 'zap', invalid: true, rootCount: 0 });
+    expect(
+      parseShadowEvent(event('kvm_mmu_sync_page', 'sp gen 1 gfn 1a3 l1 8-byte q0 -u- !nxe !ad root 0 unsync')),
+    ).toMatchObject({ kind: 'sync', gfn: 0x1a3n, level: 1, access: 4, unsync: true });
+    expect(
+      parseShadowEvent(
+        event('kvm_mmu_get_page', 'sp gen 0 gfn 200 l1 8-byte q0 direct w-x nxe ad root 0 sync existing'),
+      ),
+    ).toMatchObject({ direct: true, access: 3, created: false });
     expect(parseShadowEvent(event('kvm_mmu_pagetable_walk', 'addr 1000 pferr 0 '))).toBeUndefined();
   });
 
@@ -58,6 +82,11 @@ describeKvm('shadow_mmu_follows_model on this host', () => {
     const r = await runCheck(shadowMmuModel({ wrong: { shadow: 'no-flooding' } }), kvm, profile);
     if (r.outcome === 'not_applicable') return;
     expect(r.outcome).toBe('fail');
-    expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what).join('\n')).toMatch(/write flooding/);
+    expect(
+      r.comparisons
+        .filter((c) => !c.ok)
+        .map((c) => c.what)
+        .join('\n'),
+    ).toMatch(/write flooding/);
   });
 });

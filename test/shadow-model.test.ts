@@ -51,7 +51,10 @@ function tables(): Mem {
 }
 
 const ev = (es: ShadowEvent[]) =>
-  es.map((e) => `${e.kind} ${spName({ ...e.sp, unsync: false })}${e.kind === 'get' ? (e.created ? ' new' : ' existing') : ''}${e.sp.unsync ? ' (unsync)' : ''}`);
+  es.map(
+    (e) =>
+      `${e.kind} ${spName({ ...e.sp, unsync: false })}${e.kind === 'get' ? (e.created ? ' new' : ' existing') : ''}${e.sp.unsync ? ' (unsync)' : ''}`,
+  );
 
 function native(wrong?: WrongShadow) {
   const mem = tables();
@@ -85,7 +88,12 @@ describe('shadow model: unsync, INVLPG, CR3 load (native host)', () => {
     writePte(mmu, VA + 0x1000n, 0, 0x101n);
     expect(ev(mmu.take())).toEqual(['unsync 13@1']);
     expect(mmu.stats).toMatchObject({ mmu_unsync: 1, mmu_pte_write: 0 });
-    expect(mmu.pages().filter((p) => p.unsync).map(spName)).toEqual(['13@1 unsync']);
+    expect(
+      mmu
+        .pages()
+        .filter((p) => p.unsync)
+        .map(spName),
+    ).toEqual(['13@1 unsync']);
     // No invalidation: the architecture allows the old frame; KVM's shadow PTE still maps it.
     expect(mmu.access(VA, 'read')).toEqual({ gpa: 0x101000n, allowed: [0x100n, 0x101n], shadow: 0x100n });
     // INVLPG re-reads the one PTE of the unsync page on the path; the page stays unsync.
@@ -193,13 +201,18 @@ describe('shadow model: an emulated host (every instruction emulated)', () => {
     mem.set(0x30n, 0, (0x31n << 12n) | T);
     mem.set(0x31n, 0x10, (0x10n << 12n) | T);
     for (let i = 0; i < 3; i++) mmu.access(0x10000n + 8n * 200n, 'write', 0n);
-    expect(mmu.stats).toEqual({ mmu_unsync: 0, mmu_shadow_zapped: 1, mmu_pte_write: 4, mmu_flooded: 1, mmu_cache_miss: 1 });
+    expect(mmu.stats).toEqual({
+      mmu_unsync: 0,
+      mmu_shadow_zapped: 1,
+      mmu_pte_write: 4,
+      mmu_flooded: 1,
+      mmu_cache_miss: 1,
+    });
     expect(mmu.take().map((e) => `${e.kind} ${spName(e.sp)} root ${e.sp.rootCount}`)).toEqual(['zap 10@4 root 1']);
     mmu.enter();
-    expect(mmu.take().map((e) => `${e.kind} ${spName(e.sp)} root ${e.sp.rootCount}${e.sp.invalid ? ' invalid' : ''}`)).toEqual([
-      'zap 10@4 root 0 invalid',
-      'get 10@4 root 0',
-    ]);
+    expect(
+      mmu.take().map((e) => `${e.kind} ${spName(e.sp)} root ${e.sp.rootCount}${e.sp.invalid ? ' invalid' : ''}`),
+    ).toEqual(['zap 10@4 root 0 invalid', 'get 10@4 root 0']);
     expect(mmu.stats).toMatchObject({ mmu_shadow_zapped: 2, mmu_cache_miss: 2 });
   });
 
@@ -294,5 +307,49 @@ describe('shadow model: deliberately wrong models are caught', () => {
   });
   test.each(WRONG_SHADOWS.map((w) => [w]))('%s is caught', (w) => {
     expect(story(w)).not.toEqual(right);
+  });
+});
+
+describe('shadow model: a VMM write to a guest page table (the shadow findings)', () => {
+  test('KVM keeps the old frame through INVLPG and a CR3 load while the page table is not unsync', () => {
+    const { mem, mmu } = native();
+    mmu.access(VA, 'read');
+    mem.set(0x13n, 0, 0n); // the VMM clears the PTE: no trap
+    mmu.invlpg(VA);
+    expect(mmu.stale(VA)).toBe(0x100n);
+    mmu.setCr3(0x10000n);
+    expect(mmu.stale(VA)).toBe(0x100n);
+    // The architecture allows nothing now; the model's shadow PTE still maps 0x100.
+    expect(mmu.access(VA, 'read')).toEqual({ gpa: undefined, allowed: [] });
+  });
+
+  test('a guest store that makes the page table unsync lets INVLPG see the VMM write', () => {
+    const { mem, mmu } = native();
+    mmu.access(VA, 'read');
+    mem.set(0x13n, 0, 0n);
+    writePte(mmu, VA + 0x1000n, 3, 0x101n); // another entry of PT 0x13: unsync
+    // Before the guest invalidates, its TLB may still hold the old translation: not stale yet.
+    expect(mmu.stale(VA)).toBeUndefined();
+    mmu.invlpg(VA);
+    expect(mmu.stale(VA)).toBeUndefined();
+    expect(mmu.path(VA).map(spName)).toEqual(['10@4', '11@3', '12@2', '13@1 unsync']);
+  });
+
+  test('zapping every page (a memslot change) makes KVM see it', () => {
+    const { mem, mmu } = native();
+    mmu.access(VA, 'read');
+    mem.set(0x13n, 0, 0n);
+    mmu.zapAll();
+    mmu.enter();
+    expect(mmu.stale(VA)).toBeUndefined();
+  });
+
+  test('an emulated host has no shadow PTE of its own to go stale', () => {
+    const mem = tables();
+    const mmu = new ShadowMmu({ levels: 4, exec: 'emulated' }, mem, 0x10000n);
+    mmu.enter();
+    mmu.access(VA, 'read');
+    mem.set(0x13n, 0, 0n);
+    expect(mmu.stale(VA)).toBeUndefined();
   });
 });

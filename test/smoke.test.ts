@@ -27,7 +27,10 @@ describeKvm('smoke suite on this host', () => {
       const why = failures(r);
       if (r.outcome === 'not_applicable') {
         // Only for an oracle the probe says this host lacks, with the reason.
-        expect(check.needs.some((o) => !profile.oracles[o].available), why).toBe(true);
+        expect(
+          check.needs.some((o) => !profile.oracles[o].available),
+          why,
+        ).toBe(true);
         expect(r.reason).toMatch(/\S/);
         return;
       }
@@ -86,14 +89,34 @@ describeKvm('smoke suite on this host', () => {
   type Fault = { vector: number; errorCode: bigint; cr2: bigint };
   type Pte = { at: bigint; value: bigint };
   const KVM_MISTAKES: [string, string, string, (o: unknown) => unknown, RegExp][] = [
-    ['a page-aligned CR2', 'guest_page_fault', 'exception log',
-      (o) => (o as Fault[]).map((x) => ({ ...x, cr2: x.cr2 & ~0xfffn })), /cr2: 0x70001000\b/],
-    ['one flipped error-code flag', 'guest_page_fault', 'exception log',
-      (o) => (o as Fault[]).map((x, i) => (i === 1 ? { ...x, errorCode: x.errorCode ^ 4n } : x)), /errorCode: 0x7\b/],
-    ['a missing A bit', 'dirty_log_walker_ad', 'PTEs after the walk',
-      (o) => (o as Pte[]).map((x, i) => (i === 0 ? { ...x, value: x.value & ~0x20n } : x)), /value: 0x[0-9a-f]*[0-9a-f][013489cd]\b/],
-    ['an extra dirty page', 'dirty_log_walker_ad', 'dirty pages',
-      (o) => [...(o as string[]), `0x${(BigInt((o as string[]).at(-1)!) + 0x1000n).toString(16)}`], /\S/],
+    [
+      'a page-aligned CR2',
+      'guest_page_fault',
+      'exception log',
+      (o) => (o as Fault[]).map((x) => ({ ...x, cr2: x.cr2 & ~0xfffn })),
+      /cr2: 0x70001000\b/,
+    ],
+    [
+      'one flipped error-code flag',
+      'guest_page_fault',
+      'exception log',
+      (o) => (o as Fault[]).map((x, i) => (i === 1 ? { ...x, errorCode: x.errorCode ^ 4n } : x)),
+      /errorCode: 0x7\b/,
+    ],
+    [
+      'a missing A bit',
+      'dirty_log_walker_ad',
+      'PTEs after the walk',
+      (o) => (o as Pte[]).map((x, i) => (i === 0 ? { ...x, value: x.value & ~0x20n } : x)),
+      /value: 0x[0-9a-f]*[0-9a-f][013489cd]\b/,
+    ],
+    [
+      'an extra dirty page',
+      'dirty_log_walker_ad',
+      'dirty pages',
+      (o) => [...(o as string[]), `0x${(BigInt((o as string[]).at(-1)!) + 0x1000n).toString(16)}`],
+      /\S/,
+    ],
     ['a missing dirty page', 'dirty_log_walker_ad', 'dirty pages', (o) => (o as string[]).slice(1), /\S/],
   ];
   for (const [mistake, name, target, tamper, seen] of KVM_MISTAKES) {
@@ -101,7 +124,9 @@ describeKvm('smoke suite on this host', () => {
       const check = byName(name);
       const clean = await runCheck(check, kvm, profile);
       if (clean.outcome === 'not_applicable') return;
-      const r = await runCheck(check, kvm, profile, { wrongObservation: (_c, what, o) => (what === target ? tamper(o) : o) });
+      const r = await runCheck(check, kvm, profile, {
+        wrongObservation: (_c, what, o) => (what === target ? tamper(o) : o),
+      });
       expect(r.outcome).toBe('fail');
       const bad = r.comparisons.filter((c) => !c.ok);
       expect(bad.map((c) => c.what)).toEqual([target]);

@@ -2,7 +2,11 @@ import { describe, expect, it } from 'vitest';
 import { decodeStatValues, parseStatsLayout, statDeltas } from '../src/kvm/stats.js';
 
 /** Builds a stats fd image the way KVM lays it out: header, id, descriptors, data. */
-function image(nameSize: number, descs: { name: string; flags: number; exponent?: number; size: number; offset: number; bucket?: number }[], data: bigint[]) {
+function image(
+  nameSize: number,
+  descs: { name: string; flags: number; exponent?: number; size: number; offset: number; bucket?: number }[],
+  data: bigint[],
+) {
   const headerSize = 24;
   const idOffset = headerSize;
   const descOffset = idOffset + nameSize;
@@ -63,7 +67,13 @@ describe('stats parser', () => {
     const after = new Map(before);
     after.set('pf_taken', 9n);
     after.set('pages_4k', 90n);
-    expect(statDeltas(descs, before, after)).toEqual(new Map([['pf_taken', 4n], ['pages_4k', 90n], ['halt_poll_ns', 0n]]));
+    expect(statDeltas(descs, before, after)).toEqual(
+      new Map([
+        ['pf_taken', 4n],
+        ['pages_4k', 90n],
+        ['halt_poll_ns', 0n],
+      ]),
+    );
   });
 
   it('refuses a descriptor with an unknown type', () => {

@@ -125,7 +125,8 @@ describe('tdpIter', () => {
     const root = smallTree();
     const it = tdpIter(root, 1, 2);
     const steps: { level: number; gfn: number; index: number; table: number; pfn: number }[] = [];
-    for (const e of it) steps.push({ level: e.level, gfn: e.gfn, index: e.index, table: e.table.id, pfn: sptePfn(e.old) });
+    for (const e of it)
+      steps.push({ level: e.level, gfn: e.gfn, index: e.index, table: e.table.id, pfn: sptePfn(e.old) });
     expect(steps).toEqual([
       { level: 3, gfn: 0, index: 0, table: 1, pfn: 2 },
       { level: 2, gfn: 0, index: 0, table: 2, pfn: 3 },
@@ -137,7 +138,11 @@ describe('tdpIter', () => {
     const root = smallTree();
     let released = 0;
     const flushed: Flush[][] = [];
-    const it = tdpIter(root, 0, 2 * G1, { only: 'presentLeaf', onRelease: () => released++, onFlush: (r) => flushed.push(r) });
+    const it = tdpIter(root, 0, 2 * G1, {
+      only: 'presentLeaf',
+      onRelease: () => released++,
+      onFlush: (r) => flushed.push(r),
+    });
     let n = 0;
     for (const e of it) {
       e.flush(e.gfn, e.level);
@@ -153,7 +158,8 @@ describe('tdpIter', () => {
     // A throw inside the loop releases too.
     let released2 = 0;
     expect(() => {
-      for (const e of tdpIter(root, 0, 10, { onRelease: () => released2++ })) if (e.level === 1) throw new Error('stop');
+      for (const e of tdpIter(root, 0, 10, { onRelease: () => released2++ }))
+        if (e.level === 1) throw new Error('stop');
     }).toThrow('stop');
     expect(released2).toBe(1);
 
@@ -254,7 +260,9 @@ describe('levels', () => {
     // 40-bit IPA, start level 1: two concatenated level-1 tables.
     const t40 = new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 28 }), { arch: 'arm64', startLevel: 1, ipaBits: 40 });
     expect([t40.root(0).size, t40.maxGfn]).toEqual([1024, 2 ** 28]);
-    expect(() => new Tdp(new Memslots({ asIds: 1 }), { arch: 'arm64', startLevel: 1, ipaBits: 48 })).toThrow(/starts at level 0/);
+    expect(() => new Tdp(new Memslots({ asIds: 1 }), { arch: 'arm64', startLevel: 1, ipaBits: 48 })).toThrow(
+      /starts at level 0/,
+    );
   });
 });
 
@@ -326,7 +334,11 @@ describe('fault-in level', () => {
   });
 
   test('never-written anonymous memory maps the zero page read-only', () => {
-    const { tdp } = vm({}, slot(), slot({ slot: 1, baseGfn: BASE + 4096, npages: 1024, hva: H + 0x40000000n, backing: thp }));
+    const { tdp } = vm(
+      {},
+      slot(),
+      slot({ slot: 1, baseGfn: BASE + 4096, npages: 1024, hva: H + 0x40000000n, backing: thp }),
+    );
     const r = tdp.fault(0, BASE + 9);
     expect([r.level, sptePfn(r.spte), (r.spte & SPTE_W) !== 0]).toEqual([1, ZERO_PFN, false]);
     const n = tdp.events.length;
@@ -374,7 +386,11 @@ describe('fault-in level', () => {
 
 describe('zap', () => {
   test('flush covers exactly the zapped entries; a huge leaf goes whole', () => {
-    const { tdp } = vm({}, slot(), slot({ slot: 1, baseGfn: BASE + 4096, npages: 1024, hva: H + 0x40000000n, backing: hugetlb2m }));
+    const { tdp } = vm(
+      {},
+      slot(),
+      slot({ slot: 1, baseGfn: BASE + 4096, npages: 1024, hva: H + 0x40000000n, backing: hugetlb2m }),
+    );
     for (const g of [10, 11, 12]) tdp.fault(0, BASE + g, { write: true });
     tdp.fault(0, BASE + 4096 + 3, { write: true });
     const z = tdp.zap(0, BASE + 10, BASE + 12);
@@ -382,7 +398,9 @@ describe('zap', () => {
     expect(z.zapped).toBe(2);
     expect(z.removed).toEqual([]);
     expect(tdp.lookup(0, BASE + 12)?.level).toBe(1);
-    expect(tdp.zap(0, BASE + 4096 + 5, BASE + 4096 + 6).flush).toEqual([{ start: BASE + 4096, end: BASE + 4096 + 512 }]);
+    expect(tdp.zap(0, BASE + 4096 + 5, BASE + 4096 + 6).flush).toEqual([
+      { start: BASE + 4096, end: BASE + 4096 + 512 },
+    ]);
     expect(tdp.lookup(0, BASE + 4096 + 3)).toBeUndefined();
   });
 
@@ -393,7 +411,9 @@ describe('zap', () => {
     tdp.fault(0, BASE + 700, { write: true });
     const z = tdp.zap(0, BASE, BASE + 512, { tables: true });
     expect(z.flush).toEqual([{ start: BASE, end: BASE + 512 }]);
-    expect(z.removed.map((r) => [r.gfn, r.level, r.sptes.map((s) => s.gfn)])).toEqual([[BASE, 1, [BASE + 1, BASE + 2]]]);
+    expect(z.removed.map((r) => [r.gfn, r.level, r.sptes.map((s) => s.gfn)])).toEqual([
+      [BASE, 1, [BASE + 1, BASE + 2]],
+    ]);
     expect(z.removed[0].table.freed).toBe(true);
     expect(kinds(tdp.events.slice(-3))).toEqual(['spte@2', 'flush', 'teardown']);
     expect(tdp.lookup(0, BASE + 700)?.level).toBe(1);
@@ -461,7 +481,11 @@ describe('dirty logging', () => {
       { start: BASE + 1, end: BASE + 2 },
       { start: BASE + 3, end: BASE + 4 },
     ]);
-    expect(decodeSpte(tdp.lookup(0, BASE + 3)!.spte)).toMatchObject({ writable: false, dirty: false, mmuWritable: true });
+    expect(decodeSpte(tdp.lookup(0, BASE + 3)!.spte)).toMatchObject({
+      writable: false,
+      dirty: false,
+      mmuWritable: true,
+    });
   });
 
   test('split of a 1G leaf goes through 2M to 4K', () => {

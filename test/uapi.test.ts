@@ -23,7 +23,17 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import * as U from '../src/uapi/uapi.js';
-import { decodeRegs, decodeSregs, encodeRegs, encodeSregs, REG_NAMES, SEG_NAMES, type Regs, type Segment, type Sregs } from '../src/kvm/regs.js';
+import {
+  decodeRegs,
+  decodeSregs,
+  encodeRegs,
+  encodeSregs,
+  REG_NAMES,
+  SEG_NAMES,
+  type Regs,
+  type Segment,
+  type Sregs,
+} from '../src/kvm/regs.js';
 import { decodeStatValues, parseStatsLayout } from '../src/kvm/stats.js';
 import { decodeExit } from '../src/kvm/exits.js';
 import type { CpuidEntry } from '../src/kvm/cpuid.js';
@@ -33,13 +43,14 @@ import { Vcpu } from '../src/kvm/vcpu.js';
 import { Vm } from '../src/kvm/vm.js';
 import type { Addon } from '../src/kvm/sys.js';
 import { localFs } from '../src/target/fs.js';
-import type { Target } from '../src/target/target.js';
+import type { Target } from '../src/kvm/target.js';
 
 // ---- a recording stand-in for the native addon ---------------------------------
 
 const fake = (() => {
   type Buf = ArrayBufferView | ArrayBuffer;
-  const view = (b: Buf) => (b instanceof ArrayBuffer ? new Uint8Array(b) : new Uint8Array(b.buffer, b.byteOffset, b.byteLength));
+  const view = (b: Buf) =>
+    b instanceof ArrayBuffer ? new Uint8Array(b) : new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
   const state = {
     /** ioctlBuf calls: the request and a copy of the buffer as passed in. */
     calls: [] as { req: number; bytes: Uint8Array }[],
@@ -72,7 +83,12 @@ const fakeTarget = {
   name: 'fake',
   addon: fake.addon as unknown as Addon,
   fs: localFs,
-  runner: () => ({ run: () => ({ ret: 0, exits: 0, console: new Uint8Array(0), ns: 0, timedOut: false }), tid: () => 0, kick() {}, close() {} }),
+  runner: () => ({
+    run: () => ({ ret: 0, exits: 0, console: new Uint8Array(0), ns: 0, timedOut: false }),
+    tid: () => 0,
+    kick() {},
+    close() {},
+  }),
   concurrentRuns: false,
 } satisfies Target;
 
@@ -178,9 +194,24 @@ const GROUPS: Record<string, Entry[]> = {
   })),
   // Where the code puts the entries of a struct with a flexible array member.
   flex: [
-    { key: 'kvm_cpuid2.entries (kvm.ts: SIZEOF.kvm_cpuid2)', ts: U.SIZEOF.kvm_cpuid2, c: 'offsetof(struct kvm_cpuid2, entries)', guard: null },
-    { key: 'kvm_msrs.entries (kvm.ts: SIZEOF.kvm_msrs)', ts: U.SIZEOF.kvm_msrs, c: 'offsetof(struct kvm_msrs, entries)', guard: null },
-    { key: 'kvm_stats_desc.name (stats.ts: SIZEOF.kvm_stats_desc)', ts: U.SIZEOF.kvm_stats_desc, c: 'offsetof(struct kvm_stats_desc, name)', guard: 'KVM_GET_STATS_FD' },
+    {
+      key: 'kvm_cpuid2.entries (kvm.ts: SIZEOF.kvm_cpuid2)',
+      ts: U.SIZEOF.kvm_cpuid2,
+      c: 'offsetof(struct kvm_cpuid2, entries)',
+      guard: null,
+    },
+    {
+      key: 'kvm_msrs.entries (kvm.ts: SIZEOF.kvm_msrs)',
+      ts: U.SIZEOF.kvm_msrs,
+      c: 'offsetof(struct kvm_msrs, entries)',
+      guard: null,
+    },
+    {
+      key: 'kvm_stats_desc.name (stats.ts: SIZEOF.kvm_stats_desc)',
+      ts: U.SIZEOF.kvm_stats_desc,
+      c: 'offsetof(struct kvm_stats_desc, name)',
+      guard: 'KVM_GET_STATS_FD',
+    },
   ],
 };
 const ENTRIES: Entry[] = Object.values(GROUPS).flat();
@@ -285,7 +316,15 @@ const KERNEL_LAYOUTS: Record<string, Layout> = {
   // guest_memfd_offset 32, guest_memfd 40, pad1 44, pad2[14] 48..159
   kvm_userspace_memory_region2: {
     size: 160,
-    offsets: { slot: 0, flags: 4, guest_phys_addr: 8, memory_size: 16, userspace_addr: 24, guest_memfd_offset: 32, guest_memfd: 40 },
+    offsets: {
+      slot: 0,
+      flags: 4,
+      guest_phys_addr: 8,
+      memory_size: 16,
+      userspace_addr: 24,
+      guest_memfd_offset: 32,
+      guest_memfd: 40,
+    },
   },
   // size 0, flags 8, reserved[6] 16..63
   kvm_create_guest_memfd: { size: 64, offsets: { size: 0, flags: 8 } },
@@ -321,7 +360,9 @@ interface SampleSpec {
 }
 const fld = (m: string, w: Field['w'], v: Val | number): Field => ({ m, w, v: typeof v === 'number' ? BigInt(v) : v });
 
-const REGS: Regs = Object.fromEntries(REG_NAMES.map((n, i) => [n, BigInt.asUintN(64, 0x1122334455667788n * BigInt(i + 1))])) as Regs;
+const REGS: Regs = Object.fromEntries(
+  REG_NAMES.map((n, i) => [n, BigInt.asUintN(64, 0x1122334455667788n * BigInt(i + 1))]),
+) as Regs;
 
 const sampleSeg = (i: number): Segment => ({
   base: BigInt.asUintN(64, 0x0f1e2d3c4b5a6978n * BigInt(i + 3)),
@@ -352,10 +393,28 @@ const SREGS: Sregs = {
 };
 
 const SEG_FIELDS = [
-  ['base', 8], ['limit', 4], ['selector', 2], ['type', 1], ['present', 1], ['dpl', 1],
-  ['db', 1], ['s', 1], ['l', 1], ['g', 1], ['avl', 1], ['unusable', 1],
+  ['base', 8],
+  ['limit', 4],
+  ['selector', 2],
+  ['type', 1],
+  ['present', 1],
+  ['dpl', 1],
+  ['db', 1],
+  ['s', 1],
+  ['l', 1],
+  ['g', 1],
+  ['avl', 1],
+  ['unusable', 1],
 ] as const;
-const CR_FIELDS = [['cr0', 'cr0'], ['cr2', 'cr2'], ['cr3', 'cr3'], ['cr4', 'cr4'], ['cr8', 'cr8'], ['efer', 'efer'], ['apic_base', 'apicBase']] as const;
+const CR_FIELDS = [
+  ['cr0', 'cr0'],
+  ['cr2', 'cr2'],
+  ['cr3', 'cr3'],
+  ['cr4', 'cr4'],
+  ['cr8', 'cr8'],
+  ['efer', 'efer'],
+  ['apic_base', 'apicBase'],
+] as const;
 
 /** kvm_sregs as C members and values. */
 function sregsFields(s: Sregs): Field[] {
@@ -389,24 +448,50 @@ const CPUID: CpuidEntry[] = [
   { function: 0x7, index: 0x1, flags: 0x1, eax: 0xa0a1a2a3, ebx: 0xb0b1b2b3, ecx: 0xc0c1c2c3, edx: 0xd0d1d2d3 },
   { function: 0x80000008, index: 0x0, flags: 0x0, eax: 0x3030, ebx: 0x01020304, ecx: 0xfffffffe, edx: 0x7fffffff },
 ];
-const MSRS = new Map<number, bigint>([[0x10, 0x0123456789abcdefn], [0xc0000080, 0xd01n]]);
+const MSRS = new Map<number, bigint>([
+  [0x10, 0x0123456789abcdefn],
+  [0xc0000080, 0xd01n],
+]);
 
 const cpuidFields = (entries: readonly CpuidEntry[]): Field[] => [
   fld('nent', 4, entries.length),
   ...entries.flatMap((e, i) =>
-    (['function', 'index', 'flags', 'eax', 'ebx', 'ecx', 'edx'] as const).map((k) => fld(`entries[${i}].${k}`, 4, e[k]))),
+    (['function', 'index', 'flags', 'eax', 'ebx', 'ecx', 'edx'] as const).map((k) =>
+      fld(`entries[${i}].${k}`, 4, e[k]),
+    ),
+  ),
 ];
 const msrFields = (withData: boolean): Field[] => [
   fld('nmsrs', 4, MSRS.size),
-  ...[...MSRS].flatMap(([index, data], i) => [fld(`entries[${i}].index`, 4, index), fld(`entries[${i}].data`, 8, withData ? data : 0n)]),
+  ...[...MSRS].flatMap(([index, data], i) => [
+    fld(`entries[${i}].index`, 4, index),
+    fld(`entries[${i}].data`, 8, withData ? data : 0n),
+  ]),
 ];
 const gfn = (name: string, flags: string, slot: number, offset: bigint): SampleSpec => ({
-  name, struct: 'kvm_dirty_gfn', guard: 'KVM_DIRTY_GFN_F_DIRTY',
+  name,
+  struct: 'kvm_dirty_gfn',
+  guard: 'KVM_DIRTY_GFN_F_DIRTY',
   fields: [fld('flags', 4, flags), fld('slot', 4, slot), fld('offset', 8, offset)],
 });
-const statsDesc = (name: string, flags: string, exponent: number, size: number, offset: number, bucket: number): SampleSpec => ({
-  name, struct: 'kvm_stats_desc', guard: 'KVM_GET_STATS_FD',
-  fields: [fld('flags', 4, flags), fld('exponent', 2, exponent), fld('size', 2, size), fld('offset', 4, offset), fld('bucket_size', 4, bucket)],
+const statsDesc = (
+  name: string,
+  flags: string,
+  exponent: number,
+  size: number,
+  offset: number,
+  bucket: number,
+): SampleSpec => ({
+  name,
+  struct: 'kvm_stats_desc',
+  guard: 'KVM_GET_STATS_FD',
+  fields: [
+    fld('flags', 4, flags),
+    fld('exponent', 2, exponent),
+    fld('size', 2, size),
+    fld('offset', 4, offset),
+    fld('bucket_size', 4, bucket),
+  ],
 });
 const run = (name: string, fields: Field[], guard?: string): SampleSpec => ({ name, struct: 'kvm_run', guard, fields });
 
@@ -416,53 +501,120 @@ const SAMPLES: SampleSpec[] = [
   { name: 'kvm_regs', struct: 'kvm_regs', fields: regsFields(REGS) },
   { name: 'kvm_sregs', struct: 'kvm_sregs', fields: sregsFields(SREGS) },
   {
-    name: 'kvm_userspace_memory_region', struct: 'kvm_userspace_memory_region',
-    fields: [fld('slot', 4, SLOT_FIELD), fld('flags', 4, 3), fld('guest_phys_addr', 8, GPA), fld('memory_size', 8, SLOT_SIZE), fld('userspace_addr', 8, HVA)],
-  },
-  {
-    name: 'kvm_userspace_memory_region2', struct: 'kvm_userspace_memory_region2', guard: 'KVM_SET_USER_MEMORY_REGION2',
+    name: 'kvm_userspace_memory_region',
+    struct: 'kvm_userspace_memory_region',
     fields: [
-      fld('slot', 4, SLOT_FIELD), fld('flags', 4, 5), fld('guest_phys_addr', 8, GPA), fld('memory_size', 8, SLOT_SIZE),
-      fld('userspace_addr', 8, HVA), fld('guest_memfd_offset', 8, GMEM_OFFSET), fld('guest_memfd', 4, GMEM_FD),
+      fld('slot', 4, SLOT_FIELD),
+      fld('flags', 4, 3),
+      fld('guest_phys_addr', 8, GPA),
+      fld('memory_size', 8, SLOT_SIZE),
+      fld('userspace_addr', 8, HVA),
     ],
   },
-  { name: 'kvm_dirty_log', struct: 'kvm_dirty_log', fields: [fld('slot', 4, SLOT_FIELD), fld('dirty_bitmap', 8, BITMAP_ADDR)] },
   {
-    name: 'kvm_clear_dirty_log', struct: 'kvm_clear_dirty_log', guard: 'KVM_CLEAR_DIRTY_LOG',
-    fields: [fld('slot', 4, SLOT_FIELD), fld('num_pages', 4, CLEAR.num), fld('first_page', 8, CLEAR.first), fld('dirty_bitmap', 8, BITMAP_ADDR)],
+    name: 'kvm_userspace_memory_region2',
+    struct: 'kvm_userspace_memory_region2',
+    guard: 'KVM_SET_USER_MEMORY_REGION2',
+    fields: [
+      fld('slot', 4, SLOT_FIELD),
+      fld('flags', 4, 5),
+      fld('guest_phys_addr', 8, GPA),
+      fld('memory_size', 8, SLOT_SIZE),
+      fld('userspace_addr', 8, HVA),
+      fld('guest_memfd_offset', 8, GMEM_OFFSET),
+      fld('guest_memfd', 4, GMEM_FD),
+    ],
   },
   {
-    name: 'kvm_enable_cap', struct: 'kvm_enable_cap',
-    fields: [fld('cap', 4, ENABLE_CAP.cap), fld('flags', 4, ENABLE_CAP.flags), ...ENABLE_CAP.args.map((a, i) => fld(`args[${i}]`, 8, a))],
+    name: 'kvm_dirty_log',
+    struct: 'kvm_dirty_log',
+    fields: [fld('slot', 4, SLOT_FIELD), fld('dirty_bitmap', 8, BITMAP_ADDR)],
+  },
+  {
+    name: 'kvm_clear_dirty_log',
+    struct: 'kvm_clear_dirty_log',
+    guard: 'KVM_CLEAR_DIRTY_LOG',
+    fields: [
+      fld('slot', 4, SLOT_FIELD),
+      fld('num_pages', 4, CLEAR.num),
+      fld('first_page', 8, CLEAR.first),
+      fld('dirty_bitmap', 8, BITMAP_ADDR),
+    ],
+  },
+  {
+    name: 'kvm_enable_cap',
+    struct: 'kvm_enable_cap',
+    fields: [
+      fld('cap', 4, ENABLE_CAP.cap),
+      fld('flags', 4, ENABLE_CAP.flags),
+      ...ENABLE_CAP.args.map((a, i) => fld(`args[${i}]`, 8, a)),
+    ],
   },
   { name: 'kvm_translation (in)', struct: 'kvm_translation', fields: [fld('linear_address', 8, GVA)] },
   {
-    name: 'kvm_translation (out a)', struct: 'kvm_translation',
-    fields: [fld('linear_address', 8, GVA), fld('physical_address', 8, 0x0000001234567000n), fld('valid', 1, 1), fld('writeable', 1, 0), fld('usermode', 1, 1)],
+    name: 'kvm_translation (out a)',
+    struct: 'kvm_translation',
+    fields: [
+      fld('linear_address', 8, GVA),
+      fld('physical_address', 8, 0x0000001234567000n),
+      fld('valid', 1, 1),
+      fld('writeable', 1, 0),
+      fld('usermode', 1, 1),
+    ],
   },
   {
-    name: 'kvm_translation (out b)', struct: 'kvm_translation',
-    fields: [fld('linear_address', 8, GVA), fld('physical_address', 8, 0x00000000fee00000n), fld('valid', 1, 0), fld('writeable', 1, 1), fld('usermode', 1, 0)],
+    name: 'kvm_translation (out b)',
+    struct: 'kvm_translation',
+    fields: [
+      fld('linear_address', 8, GVA),
+      fld('physical_address', 8, 0x00000000fee00000n),
+      fld('valid', 1, 0),
+      fld('writeable', 1, 1),
+      fld('usermode', 1, 0),
+    ],
   },
   {
-    name: 'kvm_create_guest_memfd', struct: 'kvm_create_guest_memfd', guard: 'KVM_CREATE_GUEST_MEMFD',
+    name: 'kvm_create_guest_memfd',
+    struct: 'kvm_create_guest_memfd',
+    guard: 'KVM_CREATE_GUEST_MEMFD',
     fields: [fld('size', 8, GMEM_SIZE), fld('flags', 8, GMEM_FLAGS)],
   },
   {
-    name: 'kvm_memory_attributes', struct: 'kvm_memory_attributes', guard: 'KVM_SET_MEMORY_ATTRIBUTES',
+    name: 'kvm_memory_attributes',
+    struct: 'kvm_memory_attributes',
+    guard: 'KVM_SET_MEMORY_ATTRIBUTES',
     fields: [fld('address', 8, ATTR.gpa), fld('size', 8, ATTR.size), fld('attributes', 8, ATTR.attributes)],
   },
   {
-    name: 'kvm_pre_fault_memory (in)', struct: 'kvm_pre_fault_memory', guard: 'KVM_PRE_FAULT_MEMORY',
+    name: 'kvm_pre_fault_memory (in)',
+    struct: 'kvm_pre_fault_memory',
+    guard: 'KVM_PRE_FAULT_MEMORY',
     fields: [fld('gpa', 8, PREFAULT.gpa), fld('size', 8, PREFAULT.size)],
   },
   {
-    name: 'kvm_pre_fault_memory (out)', struct: 'kvm_pre_fault_memory', guard: 'KVM_PRE_FAULT_MEMORY',
+    name: 'kvm_pre_fault_memory (out)',
+    struct: 'kvm_pre_fault_memory',
+    guard: 'KVM_PRE_FAULT_MEMORY',
     fields: [fld('gpa', 8, PREFAULT.gpa + PREFAULT.size - PREFAULT.left), fld('size', 8, PREFAULT.left)],
   },
-  { name: 'kvm_cpuid2 + 2 entries', struct: 'kvm_cpuid2', extra: '2 * sizeof(struct kvm_cpuid_entry2)', fields: cpuidFields(CPUID) },
-  { name: 'kvm_msrs + 2 entries', struct: 'kvm_msrs', extra: '2 * sizeof(struct kvm_msr_entry)', fields: msrFields(true) },
-  { name: 'kvm_msrs + 2 entries (indices only)', struct: 'kvm_msrs', extra: '2 * sizeof(struct kvm_msr_entry)', fields: msrFields(false) },
+  {
+    name: 'kvm_cpuid2 + 2 entries',
+    struct: 'kvm_cpuid2',
+    extra: '2 * sizeof(struct kvm_cpuid_entry2)',
+    fields: cpuidFields(CPUID),
+  },
+  {
+    name: 'kvm_msrs + 2 entries',
+    struct: 'kvm_msrs',
+    extra: '2 * sizeof(struct kvm_msr_entry)',
+    fields: msrFields(true),
+  },
+  {
+    name: 'kvm_msrs + 2 entries (indices only)',
+    struct: 'kvm_msrs',
+    extra: '2 * sizeof(struct kvm_msr_entry)',
+    fields: msrFields(false),
+  },
   gfn('kvm_dirty_gfn #0', 'KVM_DIRTY_GFN_F_DIRTY', (1 << 16) | 5, 0x1234n),
   gfn('kvm_dirty_gfn #1', 'KVM_DIRTY_GFN_F_DIRTY', 2, 0x00000007ffff0001n),
   gfn('kvm_dirty_gfn #2', '0', 3, 0x99n),
@@ -470,43 +622,80 @@ const SAMPLES: SampleSpec[] = [
   gfn('kvm_dirty_gfn #0 (reset)', 'KVM_DIRTY_GFN_F_RESET', (1 << 16) | 5, 0x1234n),
   gfn('kvm_dirty_gfn #1 (reset)', 'KVM_DIRTY_GFN_F_RESET', 2, 0x00000007ffff0001n),
   {
-    name: 'kvm_stats_header', struct: 'kvm_stats_header', guard: 'KVM_GET_STATS_FD',
+    name: 'kvm_stats_header',
+    struct: 'kvm_stats_header',
+    guard: 'KVM_GET_STATS_FD',
     fields: [
-      fld('flags', 4, 0), fld('name_size', 4, STATS.nameSize), fld('num_desc', 4, STATS.numDesc),
-      fld('id_offset', 4, STATS.idOffset), fld('desc_offset', 4, STATS.descOffset), fld('data_offset', 4, STATS.dataOffset),
+      fld('flags', 4, 0),
+      fld('name_size', 4, STATS.nameSize),
+      fld('num_desc', 4, STATS.numDesc),
+      fld('id_offset', 4, STATS.idOffset),
+      fld('desc_offset', 4, STATS.descOffset),
+      fld('data_offset', 4, STATS.dataOffset),
     ],
   },
   statsDesc('kvm_stats_desc #0', 'KVM_STATS_TYPE_PEAK | KVM_STATS_UNIT_BYTES | KVM_STATS_BASE_POW2', -3, 1, 8, 0),
-  statsDesc('kvm_stats_desc #1', 'KVM_STATS_TYPE_LINEAR_HIST | KVM_STATS_UNIT_SECONDS | KVM_STATS_BASE_POW10', -9, 4, 16, 7),
+  statsDesc(
+    'kvm_stats_desc #1',
+    'KVM_STATS_TYPE_LINEAR_HIST | KVM_STATS_UNIT_SECONDS | KVM_STATS_BASE_POW10',
+    -9,
+    4,
+    16,
+    7,
+  ),
   statsDesc('kvm_stats_desc #2', 'KVM_STATS_TYPE_LOG_HIST | KVM_STATS_UNIT_CYCLES | KVM_STATS_BASE_POW10', 0, 2, 48, 0),
   statsDesc('kvm_stats_desc #3', 'KVM_STATS_TYPE_INSTANT | KVM_STATS_UNIT_BOOLEAN | KVM_STATS_BASE_POW10', 0, 1, 64, 0),
   statsDesc('kvm_stats_desc #4', 'KVM_STATS_TYPE_CUMULATIVE | KVM_STATS_UNIT_NONE | KVM_STATS_BASE_POW10', 0, 1, 0, 0),
   run('kvm_run: io', [
-    fld('exit_reason', 4, 'KVM_EXIT_IO'), fld('io.direction', 1, 'KVM_EXIT_IO_OUT'), fld('io.size', 1, 2),
-    fld('io.port', 2, 0x3f8), fld('io.count', 4, 3), fld('io.data_offset', 8, 4096),
+    fld('exit_reason', 4, 'KVM_EXIT_IO'),
+    fld('io.direction', 1, 'KVM_EXIT_IO_OUT'),
+    fld('io.size', 1, 2),
+    fld('io.port', 2, 0x3f8),
+    fld('io.count', 4, 3),
+    fld('io.data_offset', 8, 4096),
   ]),
   run('kvm_run: mmio', [
-    fld('exit_reason', 4, 'KVM_EXIT_MMIO'), fld('mmio.phys_addr', 8, 0xd0000128n),
+    fld('exit_reason', 4, 'KVM_EXIT_MMIO'),
+    fld('mmio.phys_addr', 8, 0xd0000128n),
     ...[0xa1, 0xb2, 0xc3, 0xd4, 0xe5, 0xf6, 0x07, 0x18].map((b, i) => fld(`mmio.data[${i}]`, 1, b)),
-    fld('mmio.len', 4, 8), fld('mmio.is_write', 1, 1),
+    fld('mmio.len', 4, 8),
+    fld('mmio.is_write', 1, 1),
   ]),
   run('kvm_run: internal', [
-    fld('exit_reason', 4, 'KVM_EXIT_INTERNAL_ERROR'), fld('internal.suberror', 4, 'KVM_INTERNAL_ERROR_EMULATION'),
-    fld('internal.ndata', 4, 3), fld('internal.data[0]', 8, 0x1111n), fld('internal.data[1]', 8, 0x2222000000000000n), fld('internal.data[2]', 8, 0x33n),
+    fld('exit_reason', 4, 'KVM_EXIT_INTERNAL_ERROR'),
+    fld('internal.suberror', 4, 'KVM_INTERNAL_ERROR_EMULATION'),
+    fld('internal.ndata', 4, 3),
+    fld('internal.data[0]', 8, 0x1111n),
+    fld('internal.data[1]', 8, 0x2222000000000000n),
+    fld('internal.data[2]', 8, 0x33n),
   ]),
   run('kvm_run: fail_entry', [
-    fld('exit_reason', 4, 'KVM_EXIT_FAIL_ENTRY'), fld('fail_entry.hardware_entry_failure_reason', 8, 0x80000021n), fld('fail_entry.cpu', 4, 5),
+    fld('exit_reason', 4, 'KVM_EXIT_FAIL_ENTRY'),
+    fld('fail_entry.hardware_entry_failure_reason', 8, 0x80000021n),
+    fld('fail_entry.cpu', 4, 5),
   ]),
   run('kvm_run: system_event', [
-    fld('exit_reason', 4, 'KVM_EXIT_SYSTEM_EVENT'), fld('system_event.type', 4, 'KVM_SYSTEM_EVENT_RESET'),
-    fld('system_event.ndata', 4, 2), fld('system_event.data[0]', 8, 0xabcdn), fld('system_event.data[1]', 8, 0x0123456789n),
+    fld('exit_reason', 4, 'KVM_EXIT_SYSTEM_EVENT'),
+    fld('system_event.type', 4, 'KVM_SYSTEM_EVENT_RESET'),
+    fld('system_event.ndata', 4, 2),
+    fld('system_event.data[0]', 8, 0xabcdn),
+    fld('system_event.data[1]', 8, 0x0123456789n),
   ]),
-  run('kvm_run: ex', [fld('exit_reason', 4, 'KVM_EXIT_EXCEPTION'), fld('ex.exception', 4, 13), fld('ex.error_code', 4, 0x18)]),
-  run('kvm_run: memory_fault', [
-    fld('exit_reason', 4, BigInt(KERNEL_VALUES['EXIT.KVM_EXIT_MEMORY_FAULT']!)),
-    fld('memory_fault.flags', 8, BigInt(KERNEL_VALUES['uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE']!)),
-    fld('memory_fault.gpa', 8, 0x0000000180000000n), fld('memory_fault.size', 8, 0x1000n),
-  ], 'KVM_EXIT_MEMORY_FAULT'),
+  run('kvm_run: ex', [
+    fld('exit_reason', 4, 'KVM_EXIT_EXCEPTION'),
+    fld('ex.exception', 4, 13),
+    fld('ex.error_code', 4, 0x18),
+  ]),
+  run(
+    'kvm_run: memory_fault',
+    [
+      fld('exit_reason', 4, BigInt(KERNEL_VALUES['EXIT.KVM_EXIT_MEMORY_FAULT']!)),
+      fld('memory_fault.flags', 8, BigInt(KERNEL_VALUES['uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE']!)),
+      fld('memory_fault.gpa', 8, 0x0000000180000000n),
+      fld('memory_fault.size', 8, 0x1000n),
+    ],
+    'KVM_EXIT_MEMORY_FAULT',
+  ),
 ];
 
 // ---- the C program ------------------------------------------------------------
@@ -558,7 +747,9 @@ function cProgram(): string {
       '    memset(b, 0, sizeof b);',
       ...s.fields.map((f) => `    v->${f.m} = (__typeof__(v->${f.m}))(uintptr_t)${cLiteral(f.v)};`),
       `    sample_begin(${cString(cString(s.name))}, sizeof b);`,
-      ...s.fields.map((f) => `    field(${cString(cString(f.m))}, offsetof(struct ${s.struct}, ${f.m}), sizeof(v->${f.m}));`),
+      ...s.fields.map(
+        (f) => `    field(${cString(cString(f.m))}, offsetof(struct ${s.struct}, ${f.m}), sizeof(v->${f.m}));`,
+      ),
       '    sample_end(b, sizeof b);',
       '  }',
     ];
@@ -593,7 +784,9 @@ function buildProbe(dir: string): Probe {
     throw cc.error;
   }
   if (cc.status !== 0) {
-    throw new Error(`cc failed (${cc.status}) on ${src}; if <linux/kvm.h> is missing, install linux-libc-dev (and gcc):\n${cc.stderr}`);
+    throw new Error(
+      `cc failed (${cc.status}) on ${src}; if <linux/kvm.h> is missing, install linux-libc-dev (and gcc):\n${cc.stderr}`,
+    );
   }
   const r = spawnSync(exe, [], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
   if (r.error) throw r.error;
@@ -643,7 +836,9 @@ function byteDiff(label: string, ref: Uint8Array, got: Uint8Array, fields: Recor
     const [name, [o, w]] = hit ?? [`(unnamed byte ${i})`, [i, 1] as [number, number]];
     if (seen.has(name)) continue;
     seen.add(name);
-    out.push(`${label}.${name} at ${o}..${o + w - 1}: reference ${hexOf(ref.subarray(o, o + w))}, TypeScript ${hexOf(got.subarray(o, o + w))}`);
+    out.push(
+      `${label}.${name} at ${o}..${o + w - 1}: reference ${hexOf(ref.subarray(o, o + w))}, TypeScript ${hexOf(got.subarray(o, o + w))}`,
+    );
   }
   return out;
 }
@@ -657,9 +852,11 @@ function encodeLayout(spec: SampleSpec, layout: Layout): ProbeSample {
   for (const f of spec.fields) {
     const o = layout.offsets[f.m];
     if (o === undefined) throw new Error(`${spec.name}: no kernel offset for ${f.m}`);
-    if (typeof f.v === 'string') throw new Error(`${spec.name}.${f.m}: a C expression cannot be laid out without the header`);
+    if (typeof f.v === 'string')
+      throw new Error(`${spec.name}.${f.m}: a C expression cannot be laid out without the header`);
     const bits = BigInt(8 * f.w);
-    if (f.v >= 1n << bits || f.v < -(1n << (bits - 1n))) throw new Error(`${spec.name}.${f.m}: ${f.v} does not fit ${f.w} bytes`);
+    if (f.v >= 1n << bits || f.v < -(1n << (bits - 1n)))
+      throw new Error(`${spec.name}.${f.m}: ${f.v} does not fit ${f.w} bytes`);
     const v = BigInt.asUintN(8 * f.w, f.v);
     for (let i = 0; i < f.w; i++) b[o + i] = Number((v >> BigInt(8 * i)) & 0xffn);
     fields[f.m] = [o, f.w];
@@ -703,7 +900,10 @@ describe('KVM userspace ABI of src/kvm against the C headers', () => {
     if (c === undefined) throw new Error(`the probe printed no sample ${name}`);
     if (c !== null) return { ...c, source: 'header' };
     const layout = KERNEL_LAYOUTS[spec.struct];
-    if (!layout) throw new Error(`${name}: struct ${spec.struct} is absent from the installed header and has no kernel layout literal`);
+    if (!layout)
+      throw new Error(
+        `${name}: struct ${spec.struct} is absent from the installed header and has no kernel layout literal`,
+      );
     return { ...encodeLayout(spec, layout), source: 'kernel' };
   };
   const bytesOf = (name: string) => fromHex(sample(name).hex);
@@ -751,8 +951,13 @@ describe('KVM userspace ABI of src/kvm against the C headers', () => {
     it('where flexible array members start', group('flex'));
 
     it('lists what the installed header lacks (checked only against the kernel literals below)', () => {
-      const absent = [...absentKeys(), ...SAMPLES.filter((s) => probe().samples[s.name] === null).map((s) => `sample ${s.name}`)];
-      console.log(`Installed <linux/kvm.h> is Linux ${probe().header}; it lacks ${absent.length} entries:\n  ${absent.join('\n  ')}`);
+      const absent = [
+        ...absentKeys(),
+        ...SAMPLES.filter((s) => probe().samples[s.name] === null).map((s) => `sample ${s.name}`),
+      ];
+      console.log(
+        `Installed <linux/kvm.h> is Linux ${probe().header}; it lacks ${absent.length} entries:\n  ${absent.join('\n  ')}`,
+      );
       // Every entry is either defined by the header (a number) or left to the next step (null).
       const defined = Object.keys(TS_VALUES).filter((k) => typeof probe().values[k] === 'number');
       expect(absentKeys().length + defined.length).toBe(ENTRIES.length);
@@ -782,7 +987,8 @@ describe('KVM userspace ABI of src/kvm against the C headers', () => {
         const c = probe().samples[s.name];
         const layout = KERNEL_LAYOUTS[s.struct];
         if (!c || !layout) continue;
-        if (c.size !== layout.size) problems.push(`${s.name}: sizeof ${c.size} in the header, ${layout.size} in the literal`);
+        if (c.size !== layout.size)
+          problems.push(`${s.name}: sizeof ${c.size} in the header, ${layout.size} in the literal`);
         for (const [m, [off]] of Object.entries(c.fields)) {
           const lit = layout.offsets[m];
           if (lit === undefined) continue;
@@ -805,7 +1011,9 @@ describe('KVM userspace ABI of src/kvm against the C headers', () => {
       for (const s of SAMPLES) {
         const c = probe().samples[s.name];
         if (!c) continue;
-        for (const f of s.fields) if (c.fields[f.m]![1] !== f.w) problems.push(`${s.name}.${f.m}: ${c.fields[f.m]![1]} bytes in C, ${f.w} in the sample`);
+        for (const f of s.fields)
+          if (c.fields[f.m]![1] !== f.w)
+            problems.push(`${s.name}.${f.m}: ${c.fields[f.m]![1]} bytes in C, ${f.w} in the sample`);
       }
       expect(problems).toEqual([]);
     });
@@ -834,7 +1042,10 @@ describe('KVM userspace ABI of src/kvm against the C headers', () => {
 
     it('kvm.ts: KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG arguments', () => {
       const vm = newVm();
-      vm.slots.set(`${AS_ID}:${SLOT}`, new Memslot(fakeTarget, SLOT, AS_ID, GPA, SLOT_SIZE, 0, new ArrayBuffer(0), HVA, -1, { kind: 'anon' }));
+      vm.slots.set(
+        `${AS_ID}:${SLOT}`,
+        new Memslot(fakeTarget, SLOT, AS_ID, GPA, SLOT_SIZE, 0, new ArrayBuffer(0), HVA, -1, { kind: 'anon' }),
+      );
       fake.state.address = BITMAP_ADDR;
       vm.getDirtyLog(SLOT, AS_ID);
       expectBytes('kvm_dirty_log', lastCall(U.IOCTL.KVM_GET_DIRTY_LOG));
@@ -850,8 +1061,14 @@ describe('KVM userspace ABI of src/kvm against the C headers', () => {
     it('kvm.ts: KVM_TRANSLATE argument in and result out', () => {
       const v = newVcpu();
       for (const [out, expected] of [
-        ['kvm_translation (out a)', { gva: GVA, gpa: 0x0000001234567000n, valid: true, writeable: false, usermode: true }],
-        ['kvm_translation (out b)', { gva: GVA, gpa: 0x00000000fee00000n, valid: false, writeable: true, usermode: false }],
+        [
+          'kvm_translation (out a)',
+          { gva: GVA, gpa: 0x0000001234567000n, valid: true, writeable: false, usermode: true },
+        ],
+        [
+          'kvm_translation (out b)',
+          { gva: GVA, gpa: 0x00000000fee00000n, valid: false, writeable: true, usermode: false },
+        ],
       ] as const) {
         fake.state.reply = (_req, buf) => (buf.set(bytesOf(out).subarray(0, buf.length)), 0);
         expect(v.translate(GVA)).toEqual(expected);
@@ -933,13 +1150,45 @@ describe('KVM userspace ABI of src/kvm against the C headers', () => {
 
       const all = parseStatsLayout((len, pos) => image.slice(pos, pos + len));
       expect(all.header).toEqual({
-        flags: 0, nameSize: STATS.nameSize, numDesc: STATS.numDesc, id: STATS.id, descOffset: STATS.descOffset, dataOffset: STATS.dataOffset,
+        flags: 0,
+        nameSize: STATS.nameSize,
+        numDesc: STATS.numDesc,
+        id: STATS.id,
+        descOffset: STATS.descOffset,
+        dataOffset: STATS.dataOffset,
       });
       expect(all.descs).toEqual([
         { name: 'pages_4k', type: 'peak', unit: 'bytes', base: 2, exponent: -3, size: 1, offset: 8, bucketSize: 0 },
-        { name: 'halt_wait_hist', type: 'linear_hist', unit: 'seconds', base: 10, exponent: -9, size: 4, offset: 16, bucketSize: 7 },
-        { name: 'exit_log_hist', type: 'log_hist', unit: 'cycles', base: 10, exponent: 0, size: 2, offset: 48, bucketSize: 0 },
-        { name: 'guest_mode', type: 'instant', unit: 'boolean', base: 10, exponent: 0, size: 1, offset: 64, bucketSize: 0 },
+        {
+          name: 'halt_wait_hist',
+          type: 'linear_hist',
+          unit: 'seconds',
+          base: 10,
+          exponent: -9,
+          size: 4,
+          offset: 16,
+          bucketSize: 7,
+        },
+        {
+          name: 'exit_log_hist',
+          type: 'log_hist',
+          unit: 'cycles',
+          base: 10,
+          exponent: 0,
+          size: 2,
+          offset: 48,
+          bucketSize: 0,
+        },
+        {
+          name: 'guest_mode',
+          type: 'instant',
+          unit: 'boolean',
+          base: 10,
+          exponent: 0,
+          size: 1,
+          offset: 64,
+          bucketSize: 0,
+        },
         { name: 'exits', type: 'cumulative', unit: 'none', base: 10, exponent: 0, size: 1, offset: 0, bucketSize: 0 },
       ]);
       const values = decodeStatValues(all.descs, image.subarray(STATS.dataOffset));
@@ -958,33 +1207,59 @@ describe('KVM userspace ABI of src/kvm against the C headers', () => {
         const b = image('kvm_run: io');
         b.set([1, 2, 3, 4, 5, 6], 4096);
         expect(decodeExit(new DataView(b.buffer))).toEqual({
-          reason: 'io', direction: 'out', port: 0x3f8, size: 2, count: 3, dataOffset: 4096, data: new Uint8Array([1, 2, 3, 4, 5, 6]),
+          reason: 'io',
+          direction: 'out',
+          port: 0x3f8,
+          size: 2,
+          count: 3,
+          dataOffset: 4096,
+          data: new Uint8Array([1, 2, 3, 4, 5, 6]),
         });
       });
       it('mmio', () => {
         expect(decodeExit(new DataView(image('kvm_run: mmio').buffer))).toEqual({
-          reason: 'mmio', gpa: 0xd0000128n, len: 8, isWrite: true, data: new Uint8Array([0xa1, 0xb2, 0xc3, 0xd4, 0xe5, 0xf6, 0x07, 0x18]),
+          reason: 'mmio',
+          gpa: 0xd0000128n,
+          len: 8,
+          isWrite: true,
+          data: new Uint8Array([0xa1, 0xb2, 0xc3, 0xd4, 0xe5, 0xf6, 0x07, 0x18]),
         });
       });
       it('internal error', () => {
         expect(decodeExit(new DataView(image('kvm_run: internal').buffer))).toEqual({
-          reason: 'internal_error', suberror: 1, data: [0x1111n, 0x2222000000000000n, 0x33n],
+          reason: 'internal_error',
+          suberror: 1,
+          data: [0x1111n, 0x2222000000000000n, 0x33n],
         });
       });
       it('fail_entry', () => {
-        expect(decodeExit(new DataView(image('kvm_run: fail_entry').buffer))).toEqual({ reason: 'fail_entry', hardwareReason: 0x80000021n, cpu: 5 });
+        expect(decodeExit(new DataView(image('kvm_run: fail_entry').buffer))).toEqual({
+          reason: 'fail_entry',
+          hardwareReason: 0x80000021n,
+          cpu: 5,
+        });
       });
       it('system_event', () => {
         expect(decodeExit(new DataView(image('kvm_run: system_event').buffer))).toEqual({
-          reason: 'system_event', type: 2, data: [0xabcdn, 0x0123456789n],
+          reason: 'system_event',
+          type: 2,
+          data: [0xabcdn, 0x0123456789n],
         });
       });
       it('exception', () => {
-        expect(decodeExit(new DataView(image('kvm_run: ex').buffer))).toEqual({ reason: 'exception', exception: 13, errorCode: 0x18 });
+        expect(decodeExit(new DataView(image('kvm_run: ex').buffer))).toEqual({
+          reason: 'exception',
+          exception: 13,
+          errorCode: 0x18,
+        });
       });
       it('memory_fault', () => {
         expect(decodeExit(new DataView(image('kvm_run: memory_fault').buffer))).toEqual({
-          reason: 'memory_fault', flags: 8n, gpa: 0x0000000180000000n, size: 0x1000n, private: true,
+          reason: 'memory_fault',
+          flags: 8n,
+          gpa: 0x0000000180000000n,
+          size: 0x1000n,
+          private: true,
         });
       });
     });
@@ -994,7 +1269,11 @@ describe('KVM userspace ABI of src/kvm against the C headers', () => {
     it('a wrong ioctl number or size is reported by the comparison used above', () => {
       const p = probe();
       // KVM_GET_REGS as if kvm_regs were 152 bytes: _IOR(KVMIO, 0x81, 152).
-      const wrong = { 'IOCTL.KVM_GET_REGS': 2 * 2 ** 30 + 152 * 2 ** 16 + 0xae81, 'SIZEOF.kvm_sregs': 320, 'PROT.READ': 1 };
+      const wrong = {
+        'IOCTL.KVM_GET_REGS': 2 * 2 ** 30 + 152 * 2 ** 16 + 0xae81,
+        'SIZEOF.kvm_sregs': 320,
+        'PROT.READ': 1,
+      };
       const r = compare(p.values, wrong);
       expect(r.checked).toEqual(['PROT.READ']);
       expect(r.mismatches).toEqual([
@@ -1010,7 +1289,9 @@ describe('KVM userspace ABI of src/kvm against the C headers', () => {
         `IOCTL.KVM_PRE_FAULT_MEMORY: reference ${fmt(0xc040aed5)}, TypeScript ${fmt(0xc018aed5)}`,
         'RUN.memory_fault_gpa: reference 0x28 (40), TypeScript 0x30 (48)',
       ]);
-      expect(compare(KERNEL_VALUES, { 'CAP.KVM_CAP_NOT_A_CAP': 1 }).mismatches).toEqual(['CAP.KVM_CAP_NOT_A_CAP: no reference value (TypeScript 0x1 (1))']);
+      expect(compare(KERNEL_VALUES, { 'CAP.KVM_CAP_NOT_A_CAP': 1 }).mismatches).toEqual([
+        'CAP.KVM_CAP_NOT_A_CAP: no reference value (TypeScript 0x1 (1))',
+      ]);
     });
 
     it('a struct encoded with a field at the wrong offset is reported by field name', () => {

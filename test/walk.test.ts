@@ -19,10 +19,25 @@ import {
 } from '../src/model/walk.js';
 import { mulberry32 } from '../src/model/prng.js';
 import { WRONG_WALKS, type WrongWalk } from '../src/model/wrong.js';
-import { describePte, largePageRsvdMask, leafAddrMask, physAddrRsvdMask, pteIndex, pteKey } from '../src/arch/x86/pte.js';
+import {
+  describePte,
+  largePageRsvdMask,
+  leafAddrMask,
+  physAddrRsvdMask,
+  pteIndex,
+  pteKey,
+} from '../src/arch/x86/pte.js';
 
 // Entry bits, written out independently of src/arch/x86/pte.ts.
-const P = 1n, W = 2n, U = 4n, PWT = 8n, PCD = 16n, A = 32n, D = 64n, PS = 128n, G = 256n;
+const P = 1n,
+  W = 2n,
+  U = 4n,
+  PWT = 8n,
+  PCD = 16n,
+  A = 32n,
+  D = 64n,
+  PS = 128n,
+  G = 256n;
 const PAT_LARGE = 1n << 12n;
 const NX = 1n << 63n;
 const bit = (n: number): bigint => 1n << BigInt(n);
@@ -52,7 +67,10 @@ function cfg(over: Partial<PagingConfig> = {}): PagingConfig {
 //   PD[1]:   2 MiB page at 0x0060_0000      (gva 0x0020_0000 .. 0x003f_ffff)
 //   PT[i]:   4 KiB pages at 0x0010_0000 + i*0x1000 (gva i*0x1000), flags per index
 const CR3 = 0x1000n;
-const PML4 = 0x1000n, PDPT = 0x2000n, PD = 0x3000n, PT = 0x4000n;
+const PML4 = 0x1000n,
+  PDPT = 0x2000n,
+  PD = 0x3000n,
+  PT = 0x4000n;
 const PML4E0 = PDPT | P | W | U | A;
 const PDPTE0 = PD | P | W | U | A;
 const PDPTE1_1G = 0x8000_0000n | P | W | U | A | D | PS;
@@ -81,7 +99,10 @@ function tables(): Mem {
   for (const [i, v] of Object.entries(PTE)) m.set(PT + BigInt(i) * 8n, v);
   return m;
 }
-const reader = (m: Mem) => (gpa: bigint): bigint => m.get(gpa) ?? 0n;
+const reader =
+  (m: Mem) =>
+  (gpa: bigint): bigint =>
+    m.get(gpa) ?? 0n;
 
 function run(m: Mem, a: Partial<Access> & { gva: bigint }, c: PagingConfig = cfg(), cr3 = CR3): WalkResult {
   const access: Access = { kind: 'read', cpl: 0, ...a };
@@ -232,16 +253,24 @@ describe('canonical addresses', () => {
   it('a non-canonical access raises #GP(0) and leaves CR2 alone; a walk fault is a #PF with CR2', () => {
     // 0x0000_8000_0000_0000: bit 47 = 1, bits 63:48 = 0 -> not canonical with 4 levels.
     expect(accessException(expectFault(run(tables(), { gva: 0x0000_8000_0000_0000n })))).toEqual({
-      vector: 13, errorCode: 0, cr2: 'unchanged',
+      vector: 13,
+      errorCode: 0,
+      cr2: 'unchanged',
     });
     // A write that ends in the hole: the last byte 0x8000_0000_0003 is not canonical.
-    expect(accessException(expectFault(run(tables(), { gva: 0x0000_7fff_ffff_fffcn, kind: 'write', size: 8 })))).toEqual({
-      vector: 13, errorCode: 0, cr2: 'unchanged',
+    expect(
+      accessException(expectFault(run(tables(), { gva: 0x0000_7fff_ffff_fffcn, kind: 'write', size: 8 }))),
+    ).toEqual({
+      vector: 13,
+      errorCode: 0,
+      cr2: 'unchanged',
     });
     // A fetch and a CPL 3 read there: still #GP(0), no W/U/I bits (no #PF error code at all).
     for (const a of [{ kind: 'exec' as const }, { kind: 'read' as const, cpl: 3 as const }]) {
       expect(accessException(expectFault(run(tables(), { gva: 0xfff0_0000_0000_0000n, ...a })))).toEqual({
-        vector: 13, errorCode: 0, cr2: 'unchanged',
+        vector: 13,
+        errorCode: 0,
+        cr2: 'unchanged',
       });
     }
     // 5 levels: bit 56 = 0 and bits 63:57 = 1 (0xfe00_...) is not canonical; 0x0000_8000_0000_0000 is,
@@ -250,15 +279,19 @@ describe('canonical addresses', () => {
     const c5 = cfg({ levels: 5 });
     expect(accessException(expectFault(run(tables(), { gva: 0xfe00_0000_0000_0000n }, c5))).vector).toBe(13);
     expect(accessException(expectFault(run(tables(), { gva: 0x0000_8000_0000_0000n }, c5)))).toEqual({
-      vector: 14, errorCode: 0, cr2: 0x0000_8000_0000_0000n,
+      vector: 14,
+      errorCode: 0,
+      cr2: 0x0000_8000_0000_0000n,
     });
     // 4 levels, canonical upper half, PML4E[256] not present, CPL 3 read: #PF U (0x4), CR2 = the address.
     expect(accessException(expectFault(run(tables(), { gva: 0xffff_8000_0000_0000n, cpl: 3 })))).toEqual({
-      vector: 14, errorCode: 4, cr2: 0xffff_8000_0000_0000n,
+      vector: 14,
+      errorCode: 4,
+      cr2: 0xffff_8000_0000_0000n,
     });
   });
 
-  it('negative bigints are read as 64-bit two\'s complement', () => {
+  it("negative bigints are read as 64-bit two's complement", () => {
     const r = expectFault(run(tables(), { gva: -0x8000_0000_0000n + 0x10n }));
     expect(r.cr2).toBe(0xffff_8000_0000_0010n);
     expect(r.errorCode).toBe(0);
@@ -284,7 +317,10 @@ describe('not-present entries', () => {
   it('a not-present PTE, supervisor read: error code 0', () => {
     const r = expectFault(run(tables(), { gva: 0x1f_f123n }));
     expect(r.errorCode).toBe(0);
-    expect(r.levels).toEqual([...path4k(0).slice(0, 3), { level: 1, pteGpa: 0x4000n + 0x1ffn * 8n, pte: 0n, leaf: false }]);
+    expect(r.levels).toEqual([
+      ...path4k(0).slice(0, 3),
+      { level: 1, pteGpa: 0x4000n + 0x1ffn * 8n, pte: 0n, leaf: false },
+    ]);
     expect(r.cr2).toBe(0x1f_f123n);
   });
 
@@ -445,9 +481,7 @@ describe('reserved bits', () => {
   it('a reserved-bit fault reports W, U and I of the access', () => {
     const m = tables();
     m.set(PT + 8n, PTE[1] | bit(50));
-    expect(expectFault(run(m, { gva: 0x1000n, kind: 'exec', cpl: 3 })).errorCode).toBe(
-      EC.RSVD | EC.P | EC.U | EC.I,
-    );
+    expect(expectFault(run(m, { gva: 0x1000n, kind: 'exec', cpl: 3 })).errorCode).toBe(EC.RSVD | EC.P | EC.U | EC.I);
     expect(expectFault(run(m, { gva: 0x1000n, kind: 'write' })).errorCode).toBe(EC.RSVD | EC.P | EC.W);
   });
 
@@ -613,8 +647,9 @@ describe('permissions', () => {
       true,
     );
     expect(
-      expectFault(run(tables(), { gva: 0x9000n, kind: 'write', cpl: 3 }, cfg({ cr4Pke: true, pkru: wd5, cr0Wp: false })))
-        .errorCode,
+      expectFault(
+        run(tables(), { gva: 0x9000n, kind: 'write', cpl: 3 }, cfg({ cr4Pke: true, pkru: wd5, cr0Wp: false })),
+      ).errorCode,
     ).toBe(EC.P | EC.W | EC.U | EC.PK);
   });
 
@@ -657,7 +692,9 @@ describe('permissions', () => {
 describe('accessed and dirty', () => {
   it('a read sets A on every entry lacking it, root first, and never D', () => {
     const m = tables();
-    const e4 = PDPT | P | W | U, e3 = PD | P | W | U, e2 = PT | P | W | U;
+    const e4 = PDPT | P | W | U,
+      e3 = PD | P | W | U,
+      e2 = PT | P | W | U;
     m.set(PML4, e4);
     m.set(PDPT, e3);
     m.set(PD, e2);
@@ -887,7 +924,8 @@ function reference(c: PagingConfig, cr3: bigint, a: Access, mem: Mem): WalkResul
   const vaBits = c.levels === 5 ? 57 : 48;
   const top = gva >> BigInt(vaBits - 1);
   const ones = (1n << BigInt(64 - vaBits + 1)) - 1n;
-  if (top !== 0n && top !== ones) return { ok: false, errorCode: -1, cr2: gva, levels: [], adWrites: [], reason: 'non-canonical' };
+  if (top !== 0n && top !== ones)
+    return { ok: false, errorCode: -1, cr2: gva, levels: [], adWrites: [], reason: 'non-canonical' };
   const userMode = a.cpl === 3 && !a.implicitSupervisor;
   let ecBase = 0;
   if (a.kind === 'write') ecBase |= 2;
@@ -898,7 +936,9 @@ function reference(c: PagingConfig, cr3: bigint, a: Access, mem: Mem): WalkResul
   for (let b = maxPa; b < 52n; b++) addrRsvd |= 1n << b;
   const levels: WalkLevel[] = [];
   let table = cr3 & 0x000f_ffff_ffff_f000n;
-  let rw = true, us = true, xd = false;
+  let rw = true,
+    us = true,
+    xd = false;
   let leafLevel = 0;
   let leafPte = 0n;
   for (let lvl: number = c.levels; lvl >= 1; lvl--) {
@@ -977,7 +1017,26 @@ function reference(c: PagingConfig, cr3: bigint, a: Access, mem: Mem): WalkResul
 }
 
 describe('properties over random entries', () => {
-  const FLAG_POOL = [P, W, U, PWT, PCD, A, D, PS, G, NX, bit(12), bit(13), bit(20), bit(29), bit(47), bit(51), key(1), key(6)];
+  const FLAG_POOL = [
+    P,
+    W,
+    U,
+    PWT,
+    PCD,
+    A,
+    D,
+    PS,
+    G,
+    NX,
+    bit(12),
+    bit(13),
+    bit(20),
+    bit(29),
+    bit(47),
+    bit(51),
+    key(1),
+    key(6),
+  ];
 
   function randomCase(next: () => number) {
     const pick = (n: number) => next() % n;
@@ -1031,7 +1090,10 @@ describe('properties over random entries', () => {
 
   it('invariants hold and the model agrees with the reference', () => {
     const next = mulberry32(0xc0ffee);
-    let oks = 0, faults = 0, rsvd = 0, prot = 0;
+    let oks = 0,
+      faults = 0,
+      rsvd = 0,
+      prot = 0;
     for (let n = 0; n < 20000; n++) {
       const { c, cr3, mem, a } = randomCase(next);
       const r = walk(c, cr3, a, reader(mem));
@@ -1100,7 +1162,11 @@ describe('guest walker variants', () => {
   it('a reserved-bit fault: RSVD|P for KVM and a processor, RSVD without P for QEMU TCG', () => {
     const m = tables();
     m.set(PT + 6n * 8n, PTE[6] | bit(51));
-    for (const [walker, ec] of [['kvm', EC.RSVD | EC.P], ['cpu', EC.RSVD | EC.P], ['qemu-tcg', EC.RSVD]] as const) {
+    for (const [walker, ec] of [
+      ['kvm', EC.RSVD | EC.P],
+      ['cpu', EC.RSVD | EC.P],
+      ['qemu-tcg', EC.RSVD],
+    ] as const) {
       expect(expectFault(run(m, { gva: 0x6000n }, cfg({ walker }))).errorCode, walker).toBe(ec);
     }
   });
@@ -1113,7 +1179,7 @@ describe('guest walker variants', () => {
     expect(expectOk(run(m, { gva: 0x1000n }, amd('qemu-tcg'))).gpa).toBe(0x10_1000n);
   });
 
-  it('accessedLatitude: none for KVM\'s walker or a walk that succeeds', () => {
+  it("accessedLatitude: none for KVM's walker or a walk that succeeds", () => {
     const m = tables();
     m.set(PML4, PDPT | P | W | U); // A clear on the PML4E
     m.set(PT + 6n * 8n, 0n); // not present
@@ -1169,7 +1235,9 @@ describe('what mutation testing found untested', () => {
       const before = run(m, access, c);
       change();
       const after = run(m, access, c);
-      expect(after.ok === before.ok && (after.ok || !before.ok && after.errorCode === before.errorCode), what).toBe(false);
+      expect(after.ok === before.ok && (after.ok || (!before.ok && after.errorCode === before.errorCode)), what).toBe(
+        false,
+      );
     }
   });
 
@@ -1199,7 +1267,7 @@ describe('what mutation testing found untested', () => {
     expect(one.ok === false && one.errorCode === NON_CANONICAL).toBe(false);
   });
 
-  it('KVM\'s own walker is allowed no A bit on a faulting walk; a CPU walker is', () => {
+  it("KVM's own walker is allowed no A bit on a faulting walk; a CPU walker is", () => {
     const m = tables();
     m.set(PT + 8n, PTE[6] & ~W); // user RO with A clear: a write faults
     const f = expectFault(run(m, { gva: 0x1000n, kind: 'write', cpl: 3 }));
@@ -1208,7 +1276,7 @@ describe('what mutation testing found untested', () => {
     expect(accessedLatitude(f, 'cpu')).toContain(PT + 8n);
   });
 
-  it('walks that set no A/D bit write nothing; one that sets D writes only the leaf\'s D', () => {
+  it("walks that set no A/D bit write nothing; one that sets D writes only the leaf's D", () => {
     expect(expectOk(run(tables(), { gva: 0x1000n, kind: 'write' })).adWrites).toEqual([]);
     const w = expectOk(run(tables(), { gva: 0x7000n, kind: 'write' }));
     expect(w.adWrites).toEqual([{ level: 1, pteGpa: PT + 7n * 8n, old: PTE[7], new: PTE[7] | D }]);
@@ -1217,9 +1285,23 @@ describe('what mutation testing found untested', () => {
   it('the wrong walks give the reasons they are named for', () => {
     const m = tables();
     m.set(PT + 8n, PTE[1] | bit(51));
-    const rsvd = expectFault(walkWith(new Set<WrongWalk>(['rsvd-as-not-present']), cfg(), CR3, { gva: 0x1000n, kind: 'read', cpl: 0 }, reader(m)));
+    const rsvd = expectFault(
+      walkWith(
+        new Set<WrongWalk>(['rsvd-as-not-present']),
+        cfg(),
+        CR3,
+        { gva: 0x1000n, kind: 'read', cpl: 0 },
+        reader(m),
+      ),
+    );
     expect(rsvd.reason).toBe('not-present');
-    const wp = walkWith(new Set<WrongWalk>(['ignore-wp']), cfg(), CR3, { gva: 0x5000n, kind: 'write', cpl: 0 }, reader(tables()));
+    const wp = walkWith(
+      new Set<WrongWalk>(['ignore-wp']),
+      cfg(),
+      CR3,
+      { gva: 0x5000n, kind: 'write', cpl: 0 },
+      reader(tables()),
+    );
     expect(wp.ok).toBe(true);
   });
 });

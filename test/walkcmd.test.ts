@@ -69,7 +69,7 @@ describe('kvmharness walk: text', () => {
     );
   });
 
-  it('--shadow: the shadow pages of the access; a write to the walk\'s own page table makes it unsync', () => {
+  it("--shadow: the shadow pages of the access; a write to the walk's own page table makes it unsync", () => {
     // Bring-up's identity map: root 0x10, PDPT 0x11, PD 0x12, PT 0x13 (the pool's first pages);
     // 0x13000 is that PT itself, writable, so a write to it gets a writable shadow PTE and
     // the level-1 shadow page of 0x13 goes unsync (mmu_try_to_unsync_pages).
@@ -137,7 +137,10 @@ describe('kvmharness walk: text', () => {
     // Bits 51:12 of the PDPTE now address the PD: 0x8000000019000, where nothing is written.
     expect(run('--gva', '0x10000000000', '--maxphyaddr', '52').stdout).toBe(
       [
-        ...HEADER('read 0x10000000000 at CPL 0', 'defaults (--no-probe, --maxphyaddr 52): vendor amd, maxphyaddr 52, pdpe1gb 1'),
+        ...HEADER(
+          'read 0x10000000000 at CPL 0',
+          'defaults (--no-probe, --maxphyaddr 52): vendor amd, maxphyaddr 52, pdpe1gb 1',
+        ),
         'level  entry at         value               flags',
         'PML4E  0x10010          0x0000000000018003  P W',
         'PDPTE  0x18000          0x0008000000019003  P W',
@@ -195,7 +198,17 @@ describe('kvmharness walk: JSON', () => {
     expect(JSON.parse(r.stdout)).toEqual({
       scenario: { name: 'walk_table', source: SCENARIO },
       cpu: { from: 'defaults', why: '--no-probe', vendor: 'amd', maxPhyAddr: 48, pdpe1gb: true },
-      paging: { levels: 4, cr3: '0x10000', cr0Wp: true, cr4Smep: false, cr4Smap: false, cr4Pke: false, eferNxe: true, pkru: '0x0', vendor: 'amd' },
+      paging: {
+        levels: 4,
+        cr3: '0x10000',
+        cr0Wp: true,
+        cr4Smep: false,
+        cr4Smap: false,
+        cr4Pke: false,
+        eferNxe: true,
+        pkru: '0x0',
+        vendor: 'amd',
+      },
       access: { gva: '0x8000001000', kind: 'exec', cpl: 0, eflagsAc: false },
       levels: [
         { level: 4, name: 'PML4E', pteGpa: '0x10008', pte: '0x15007', flags: 'P W U', leaf: false },
@@ -204,7 +217,14 @@ describe('kvmharness walk: JSON', () => {
         { level: 1, name: 'PTE', pteGpa: '0x17008', pte: '0x8000000000402005', flags: 'P U NX', leaf: true },
       ],
       // a supervisor fetch; EFER.NXE = 1 sets I
-      result: { ok: false, exception: '#PF', errorCode: '0x11', decoded: 'P|I', cr2: '0x8000001000', reason: 'protection:nx' },
+      result: {
+        ok: false,
+        exception: '#PF',
+        errorCode: '0x11',
+        decoded: 'P|I',
+        cr2: '0x8000001000',
+        reason: 'protection:nx',
+      },
       adWrites: [],
     });
   });
@@ -212,7 +232,12 @@ describe('kvmharness walk: JSON', () => {
   it('a successful read with --ac', () => {
     const j = JSON.parse(run('--gva', '0x8000400fff', '--ac', '--json').stdout);
     expect(j.access).toEqual({ gva: '0x8000400fff', kind: 'read', cpl: 0, eflagsAc: true });
-    expect(j.result).toEqual({ ok: true, gpa: '0x600fff', pageSize: '0x200000', effective: { w: true, u: false, x: true } });
+    expect(j.result).toEqual({
+      ok: true,
+      gpa: '0x600fff',
+      pageSize: '0x200000',
+      effective: { w: true, u: false, x: true },
+    });
     expect(j.adWrites).toEqual([
       { level: 4, name: 'PML4E', pteGpa: '0x10008', old: '0x15007', new: '0x15027' },
       { level: 3, name: 'PDPTE', pteGpa: '0x15000', old: '0x16007', new: '0x16027' },
@@ -222,18 +247,56 @@ describe('kvmharness walk: JSON', () => {
 
 describe('kvmharness walk: bad input exits 2 with one line', () => {
   const bad = join(dir, 'bad.json');
-  writeFileSync(bad, JSON.stringify({ name: 'bad', description: 'd', steps: [{ guest: 'read', gva: '12z' }, { guest: 'exec', gva: '0x1', size: 1 }] }));
+  writeFileSync(
+    bad,
+    JSON.stringify({
+      name: 'bad',
+      description: 'd',
+      steps: [
+        { guest: 'read', gva: '12z' },
+        { guest: 'exec', gva: '0x1', size: 1 },
+      ],
+    }),
+  );
   const cases: [string, string[], string][] = [
-    ['an unparseable address', [SCENARIO, '--gva', '12z'], "kvmharness: --gva: expected a 64-bit address like 0x1000 (or decimal), got '12z'"],
-    ['an address over 64 bits', [SCENARIO, '--gva', '0x10000000000000000'], "kvmharness: --gva: expected a 64-bit address like 0x1000 (or decimal), got '0x10000000000000000'"],
-    ['an unknown access', [SCENARIO, '--gva', '0x1000', '--access', 'fetch'], "kvmharness: --access: expected read, write or exec, got 'fetch'"],
+    [
+      'an unparseable address',
+      [SCENARIO, '--gva', '12z'],
+      "kvmharness: --gva: expected a 64-bit address like 0x1000 (or decimal), got '12z'",
+    ],
+    [
+      'an address over 64 bits',
+      [SCENARIO, '--gva', '0x10000000000000000'],
+      "kvmharness: --gva: expected a 64-bit address like 0x1000 (or decimal), got '0x10000000000000000'",
+    ],
+    [
+      'an unknown access',
+      [SCENARIO, '--gva', '0x1000', '--access', 'fetch'],
+      "kvmharness: --access: expected read, write or exec, got 'fetch'",
+    ],
     ['CPL 1', [SCENARIO, '--gva', '0x1000', '--cpl', '1'], "kvmharness: --cpl: expected 0 or 3, got '1'"],
-    ['an unknown vendor', [SCENARIO, '--gva', '0x1000', '--vendor', 'via'], "kvmharness: --vendor: expected intel or amd, got 'via'"],
-    ['MAXPHYADDR 60', [SCENARIO, '--gva', '0x1000', '--maxphyaddr', '60'], "kvmharness: --maxphyaddr: expected a number of bits from 32 to 52, got '60'"],
-    ['EFLAGS.AC at CPL 3', [SCENARIO, '--gva', '0x1000', '--cpl', '3', '--ac'], 'kvmharness: --ac: EFLAGS.AC overrides SMAP only for CPL 0 accesses'],
+    [
+      'an unknown vendor',
+      [SCENARIO, '--gva', '0x1000', '--vendor', 'via'],
+      "kvmharness: --vendor: expected intel or amd, got 'via'",
+    ],
+    [
+      'MAXPHYADDR 60',
+      [SCENARIO, '--gva', '0x1000', '--maxphyaddr', '60'],
+      "kvmharness: --maxphyaddr: expected a number of bits from 32 to 52, got '60'",
+    ],
+    [
+      'EFLAGS.AC at CPL 3',
+      [SCENARIO, '--gva', '0x1000', '--cpl', '3', '--ac'],
+      'kvmharness: --ac: EFLAGS.AC overrides SMAP only for CPL 0 accesses',
+    ],
     ['no --gva', [SCENARIO], "error: required option '--gva <addr>' not specified"],
     ['an unknown option', [SCENARIO, '--gva', '0x1000', '--bogus'], "error: unknown option '--bogus'"],
-    ['a missing file', [join(dir, 'missing.json'), '--gva', '0x1000'], `kvmharness: ${join(dir, 'missing.json')}: cannot read: no such file`],
+    [
+      'a missing file',
+      [join(dir, 'missing.json'), '--gva', '0x1000'],
+      `kvmharness: ${join(dir, 'missing.json')}: cannot read: no such file`,
+    ],
     [
       'an unknown built-in name',
       ['no_such_scenario', '--gva', '0x1000'],
@@ -259,7 +322,9 @@ describe('kvmharness walk: CPU features', () => {
   it('falls back to the defaults, and says why, when the device is not KVM', () => {
     const r = walkCommand([SCENARIO, '--gva', '0x8000000000', '--device', join(dir, 'no-kvm')]);
     expect(r.exitCode).toBe(0);
-    expect(r.stdout.split('\n')[1]).toMatch(/^cpu {7}defaults \(no KVM: [^\n]*no-kvm[^\n]*\): vendor amd, maxphyaddr 48, pdpe1gb 1$/);
+    expect(r.stdout.split('\n')[1]).toMatch(
+      /^cpu {7}defaults \(no KVM: [^\n]*no-kvm[^\n]*\): vendor amd, maxphyaddr 48, pdpe1gb 1$/,
+    );
   });
 });
 
@@ -273,8 +338,16 @@ describe('kvmharness walk --pdpe1gb', () => {
     const off = walk('--pdpe1gb', '0', '--json');
     expect(off.exitCode).toBe(0);
     const j = JSON.parse(off.stdout);
-    expect(j.cpu).toEqual({ from: 'defaults', why: '--no-probe, --pdpe1gb 0', vendor: 'amd', maxPhyAddr: 48, pdpe1gb: false });
-    expect(walk('--pdpe1gb', '0').stdout).toMatch(/^result {4}#PF error code 0x9 \(P\|RSVD\), CR2 0x8000000000: reserved$/m);
+    expect(j.cpu).toEqual({
+      from: 'defaults',
+      why: '--no-probe, --pdpe1gb 0',
+      vendor: 'amd',
+      maxPhyAddr: 48,
+      pdpe1gb: false,
+    });
+    expect(walk('--pdpe1gb', '0').stdout).toMatch(
+      /^result {4}#PF error code 0x9 \(P\|RSVD\), CR2 0x8000000000: reserved$/m,
+    );
   });
 
   it('takes only 0 or 1', () => {
@@ -306,7 +379,18 @@ describeKvm('kvmharness walk with KVM', () => {
 // in the next 2 MiB, which has no level-1 table yet: it misses at level 2.
 describe('kvmharness walk --nested', () => {
   const TDP4 = ['tdp', 'tdp', 'tdp', 'tdp'];
-  const KINDS_4X4 = [...TDP4, 'guest-pte', ...TDP4, 'guest-pte', ...TDP4, 'guest-pte', ...TDP4, 'guest-pte', ...TDP4, 'data'];
+  const KINDS_4X4 = [
+    ...TDP4,
+    'guest-pte',
+    ...TDP4,
+    'guest-pte',
+    ...TDP4,
+    'guest-pte',
+    ...TDP4,
+    'guest-pte',
+    ...TDP4,
+    'data',
+  ];
 
   function nested(...args: string[]) {
     const r = walkCommand([...args, '--nested', '--no-probe']);
@@ -322,24 +406,56 @@ describe('kvmharness walk --nested', () => {
     expect(j.refs.map((x: { kind: string }) => x.kind)).toEqual(KINDS_4X4);
     expect(j.refs.map((x: { step: number }) => x.step)).toEqual(Array.from({ length: 25 }, (_, i) => i + 1));
     const tdpRefs = j.refs.filter((x: { kind: string }) => x.kind === 'tdp');
-    expect(tdpRefs.map((x: { tdpLevel: number }) => x.tdpLevel)).toEqual([4, 3, 2, 1, 4, 3, 2, 1, 4, 3, 2, 1, 4, 3, 2, 1, 4, 3, 2, 1]);
-    expect(tdpRefs.map((x: { gpa: string }) => x.gpa)).toEqual(['0x10008', '0x15000', '0x16000', '0x17000', '0x401000'].flatMap((g) => [g, g, g, g]));
+    expect(tdpRefs.map((x: { tdpLevel: number }) => x.tdpLevel)).toEqual([
+      4, 3, 2, 1, 4, 3, 2, 1, 4, 3, 2, 1, 4, 3, 2, 1, 4, 3, 2, 1,
+    ]);
+    expect(tdpRefs.map((x: { gpa: string }) => x.gpa)).toEqual(
+      ['0x10008', '0x15000', '0x16000', '0x17000', '0x401000'].flatMap((g) => [g, g, g, g]),
+    );
     // Guest table accesses are TDP writes; the data page is translated for the guest's read.
-    expect(tdpRefs.map((x: { access: string }) => x.access)).toEqual([...Array(16).fill('write'), 'read', 'read', 'read', 'read']);
+    expect(tdpRefs.map((x: { access: string }) => x.access)).toEqual([
+      ...Array(16).fill('write'),
+      'read',
+      'read',
+      'read',
+      'read',
+    ]);
     // Misses at steps 1 (root), 9, 14, 19 (level 1) and 23 (level 2); each faulted in as a 4 KiB mapping.
     const missed = j.refs.filter((x: { hit: boolean }) => !x.hit);
-    expect(missed.map((x: { step: number; tdpLevel: number }) => [x.step, x.tdpLevel])).toEqual([[1, 4], [9, 1], [14, 1], [19, 1], [23, 2]]);
-    expect(missed.map((x: { fault: { kind: string; level: number } }) => [x.fault.kind, x.fault.level])).toEqual(Array(5).fill(['map', 1]));
+    expect(missed.map((x: { step: number; tdpLevel: number }) => [x.step, x.tdpLevel])).toEqual([
+      [1, 4],
+      [9, 1],
+      [14, 1],
+      [19, 1],
+      [23, 2],
+    ]);
+    expect(missed.map((x: { fault: { kind: string; level: number } }) => [x.fault.kind, x.fault.level])).toEqual(
+      Array(5).fill(['map', 1]),
+    );
     expect(missed.every((x: { spte: string }) => x.spte === '0x0')).toBe(true);
     // The guest entries as the plain walk reads them, each getting A.
     const entries = j.refs.filter((x: { kind: string }) => x.kind === 'guest-pte');
-    expect(entries.map((x: { guestLevel: number; gpa: string; pte: string; adWrite: { new: string } }) => [x.guestLevel, x.gpa, x.pte, x.adWrite.new])).toEqual([
+    expect(
+      entries.map((x: { guestLevel: number; gpa: string; pte: string; adWrite: { new: string } }) => [
+        x.guestLevel,
+        x.gpa,
+        x.pte,
+        x.adWrite.new,
+      ]),
+    ).toEqual([
       [4, '0x10008', '0x15007', '0x15027'],
       [3, '0x15000', '0x16007', '0x16027'],
       [2, '0x16000', '0x17007', '0x17027'],
       [1, '0x17000', '0x401003', '0x401023'],
     ]);
-    expect(j.refs[24]).toMatchObject({ step: 25, kind: 'data', guestLevel: 0, gpa: '0x401000', access: 'read', hit: true });
+    expect(j.refs[24]).toMatchObject({
+      step: 25,
+      kind: 'data',
+      guestLevel: 0,
+      gpa: '0x401000',
+      access: 'read',
+      hit: true,
+    });
     expect(j.refs[24].hostAddr).toMatch(/^0x[0-9a-f]*000$/);
     // Slot 0 is bring-up's; HVAs from 1 GiB, each slot at the next 1 GiB boundary plus its GPA modulo 1 GiB.
     expect(j.tdp).toEqual({
@@ -347,10 +463,23 @@ describe('kvmharness walk --nested', () => {
       asId: 0,
       slots: [
         { slot: 0, gpa: '0x0', size: '0x400000', backing: 'anon', hva: '0x40000000', readonly: false, logDirty: false },
-        { slot: 1, gpa: '0x400000', size: '0x400000', backing: 'anon', hva: '0x80400000', readonly: false, logDirty: false },
+        {
+          slot: 1,
+          gpa: '0x400000',
+          size: '0x400000',
+          backing: 'anon',
+          hva: '0x80400000',
+          readonly: false,
+          logDirty: false,
+        },
       ],
     });
-    expect(j.result).toEqual({ ok: true, gpa: '0x401000', pageSize: '0x1000', effective: { w: true, u: false, x: true } });
+    expect(j.result).toEqual({
+      ok: true,
+      gpa: '0x401000',
+      pageSize: '0x1000',
+      effective: { w: true, u: false, x: true },
+    });
   });
 
   it('text: a row per reference with what is read, the GPA, hit or miss and the mapping level; then the totals', () => {
@@ -369,7 +498,12 @@ describe('kvmharness walk --nested', () => {
       return [cols[0], cols[1], cols[2], cols.at(-1)];
     });
     const tdpRows = (first: number, gpa: string, miss: number | undefined) =>
-      [4, 3, 2, 1].map((level, i) => [String(first + i), `TDP level ${level}`, gpa, level === miss ? 'miss: mapped 4K (level 1)' : 'hit']);
+      [4, 3, 2, 1].map((level, i) => [
+        String(first + i),
+        `TDP level ${level}`,
+        gpa,
+        level === miss ? 'miss: mapped 4K (level 1)' : 'hit',
+      ]);
     expect(rows).toEqual([
       ...tdpRows(1, '0x10008', 4),
       ['5', 'guest PML4E', '0x10008', 'hit'],

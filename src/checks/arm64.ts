@@ -15,11 +15,11 @@ import type { Wrong, WrongTdp } from '../model/wrong.js';
 import { dirtyPages } from '../observe/dirty-log.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { parseGuestFault } from '../observe/stage2-faults.js';
-import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from '../run/types.js';
 import { expectKickAtLimit, mmioOf } from './stops.js';
+import { hex, PAGE } from '../base/units.js';
 
-const PAGE = 0x1000n;
-const hex = (v: bigint) => `0x${v.toString(16)}`;
 /** Memslot 1 of the checks that need data memory. */
 const DATA = 0x20000000n;
 /** An IPA no memslot covers (and not the channel's). */
@@ -42,7 +42,8 @@ const stopKey = (s: GuestStop): string => describeStop(s);
 const storeLoad: Check = {
   name: 'arm64_store_load',
   arch: 'arm64',
-  description: 'arm64: 1/2/4/8-byte stores reach guest memory, loads read them back (registers through KVM_GET_ONE_REG)',
+  description:
+    'arm64: 1/2/4/8-byte stores reach guest memory, loads read them back (registers through KVM_GET_ONE_REG)',
   needs: ['exits'],
   async run(ctx) {
     await withGuest(ctx, async (g) => {
@@ -56,8 +57,16 @@ const storeLoad: Check = {
       channel.done(a);
       g.load(a);
       ctx.expect('stop', 'done', stopKey(await g.run()));
-      ctx.expect('loaded values (x9..x12)', [value, value & 0xffffffffn, value & 0xffffn, value & 0xffn], [9, 10, 11, 12].map((n) => g.reg(n)));
-      ctx.expect('guest memory', new Uint8Array([0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x11, 0x22, 0x33, 0x44, 0x11, 0x22, 0x11, 0]), g.mem.bytes(DATA + 0x1000n, 16).slice());
+      ctx.expect(
+        'loaded values (x9..x12)',
+        [value, value & 0xffffffffn, value & 0xffffn, value & 0xffn],
+        [9, 10, 11, 12].map((n) => g.reg(n)),
+      );
+      ctx.expect(
+        'guest memory',
+        new Uint8Array([0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x11, 0x22, 0x33, 0x44, 0x11, 0x22, 0x11, 0]),
+        g.mem.bytes(DATA + 0x1000n, 16).slice(),
+      );
     });
   },
 };
@@ -65,7 +74,8 @@ const storeLoad: Check = {
 const mmioUnbacked: Check = {
   name: 'arm64_mmio_unbacked_ipa',
   arch: 'arm64',
-  description: 'arm64: an IPA outside every memslot exits as MMIO with the exact address, length and data; a read completes with the data the host supplies',
+  description:
+    'arm64: an IPA outside every memslot exits as MMIO with the exact address, length and data; a read completes with the data the host supplies',
   needs: ['exits'],
   async run(ctx) {
     await withGuest(ctx, async (g) => {
@@ -80,16 +90,38 @@ const mmioUnbacked: Check = {
       channel.done(a);
       g.load(a);
       const bytes = (...b: number[]) => new Uint8Array(b);
-      ctx.expect('write exit, 4 bytes', { reason: 'mmio', gpa: UNBACKED + 0x10n, len: 4, isWrite: true, data: bytes(0x0d, 0xf0, 0xfe, 0xca) }, mmioOf(await g.run(), stopKey));
-      ctx.expect('write exit, 8 bytes', { reason: 'mmio', gpa: UNBACKED + 0x18n, len: 8, isWrite: true, data: bytes(0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11) }, mmioOf(await g.run(), stopKey));
+      ctx.expect(
+        'write exit, 4 bytes',
+        { reason: 'mmio', gpa: UNBACKED + 0x10n, len: 4, isWrite: true, data: bytes(0x0d, 0xf0, 0xfe, 0xca) },
+        mmioOf(await g.run(), stopKey),
+      );
+      ctx.expect(
+        'write exit, 8 bytes',
+        {
+          reason: 'mmio',
+          gpa: UNBACKED + 0x18n,
+          len: 8,
+          isWrite: true,
+          data: bytes(0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11),
+        },
+        mmioOf(await g.run(), stopKey),
+      );
       const completeRead = (st: GuestStop, value: bigint) => {
         if (st.kind === 'exit' && st.exit.reason === 'mmio' && !st.exit.isWrite) st.exit.complete(value);
       };
       const read2 = await g.run();
-      ctx.expect('read exit, 2 bytes', { reason: 'mmio', gpa: UNBACKED + 0x20n, len: 2, isWrite: false }, mmioOf(read2, stopKey));
+      ctx.expect(
+        'read exit, 2 bytes',
+        { reason: 'mmio', gpa: UNBACKED + 0x20n, len: 2, isWrite: false },
+        mmioOf(read2, stopKey),
+      );
       completeRead(read2, 0xbeefn);
       const read1 = await g.run();
-      ctx.expect('read exit, 1 byte', { reason: 'mmio', gpa: UNBACKED + 0x23n, len: 1, isWrite: false }, mmioOf(read1, stopKey));
+      ctx.expect(
+        'read exit, 1 byte',
+        { reason: 'mmio', gpa: UNBACKED + 0x23n, len: 1, isWrite: false },
+        mmioOf(read1, stopKey),
+      );
       completeRead(read1, 0xa5n);
       ctx.expect('2-byte value the guest read', 'sync 0xbeef', stopKey(await g.run()));
       ctx.expect('1-byte value the guest read', 'sync 0xa5', stopKey(await g.run()));
@@ -115,7 +147,11 @@ const readonlySlot: Check = {
       channel.done(a);
       g.load(a);
       ctx.expect('value read from the slot', 'sync 0x123456789abcdef', stopKey(await g.run()));
-      ctx.expect('write exit', { reason: 'mmio', gpa: DATA + 8n, len: 1, isWrite: true, data: new Uint8Array([0x55]) }, mmioOf(await g.run(), stopKey));
+      ctx.expect(
+        'write exit',
+        { reason: 'mmio', gpa: DATA + 8n, len: 1, isWrite: true, data: new Uint8Array([0x55]) },
+        mmioOf(await g.run(), stopKey),
+      );
       ctx.expect('final stop', 'done', stopKey(await g.run()));
       ctx.expect('slot memory after the write', 0n, BigInt(new Uint8Array(slot.memory)[8]!));
     });
@@ -129,7 +165,12 @@ const ANON_4K: Backing = { kind: 'anon', pageSize: 0x1000 };
  * type), one address space, user addresses below 2^48 (48-bit VA kernels).
  */
 function stage2Model(slots: readonly { s: KvmMemslot; backing: Backing }[], wrong?: WrongTdp): Tdp {
-  const tdp = new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 28, hvaLimit: (1n << 48n) - PAGE }), { arch: 'arm64', startLevel: 1, ipaBits: 40, wrong });
+  const tdp = new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 28, hvaLimit: (1n << 48n) - PAGE }), {
+    arch: 'arm64',
+    startLevel: 1,
+    ipaBits: 40,
+    wrong,
+  });
   for (const { s, backing } of slots) tdp.setMemslot(modelSlot(s, backing));
   return tdp;
 }
@@ -145,11 +186,18 @@ const gfnOf = (ipa: bigint) => Number(ipa / PAGE);
 const dirtyLog: Check = {
   name: 'arm64_dirty_log',
   arch: 'arm64',
-  description: 'arm64: the dirty log lists exactly the pages the guest wrote, before and after KVM_GET_DIRTY_LOG re-protects them, as the stage-2 model harvests them',
+  description:
+    'arm64: the dirty log lists exactly the pages the guest wrote, before and after KVM_GET_DIRTY_LOG re-protects them, as the stage-2 model harvests them',
   needs: ['dirty_log'],
   async run(ctx) {
     await withGuest(ctx, async (g) => {
-      const s = g.vm.addMemslot({ slot: 1, gpa: DATA, size: 0x10000, flags: MEM.KVM_MEM_LOG_DIRTY_PAGES, backing: { kind: 'anon', thp: false } });
+      const s = g.vm.addMemslot({
+        slot: 1,
+        gpa: DATA,
+        size: 0x10000,
+        flags: MEM.KVM_MEM_LOG_DIRTY_PAGES,
+        backing: { kind: 'anon', thp: false },
+      });
       const rounds: { write: number[]; read: number[] }[] = [
         { write: [1, 3, 7, 3], read: [5, 9, 1] },
         { write: [3, 12], read: [7, 14] },
@@ -164,7 +212,10 @@ const dirtyLog: Check = {
       });
       channel.done(a);
       g.load(a);
-      const tdp = stage2Model([{ s: g.code, backing: ANON_4K }, { s, backing: ANON_4K }]);
+      const tdp = stage2Model([
+        { s: g.code, backing: ANON_4K },
+        { s, backing: ANON_4K },
+      ]);
       hostWrote(tdp, g.code, [0n]);
       tdp.fault(0, gfnOf(LAYOUT.code), { exec: true });
       const page = (gfn: number) => hex(BigInt(gfn) * PAGE);
@@ -175,7 +226,11 @@ const dirtyLog: Check = {
         for (const p of r.write) tdp.fault(0, gfnOf(DATA) + p, { write: true });
         for (const p of r.read) tdp.fault(0, gfnOf(DATA) + p, {});
         const model = tdp.getDirtyLog(0, 1).map(page);
-        ctx.expect(`round ${i + 1}: the model's dirty pages are the pages written`, [...new Set(r.write)].sort((x, y) => x - y).map((p) => page(gfnOf(DATA) + p)), model);
+        ctx.expect(
+          `round ${i + 1}: the model's dirty pages are the pages written`,
+          [...new Set(r.write)].sort((x, y) => x - y).map((p) => page(gfnOf(DATA) + p)),
+          model,
+        );
         ctx.expect(`round ${i + 1}: dirty log`, model, dirtyPages(g.vm.getDirtyLog(1), DATA).map(hex));
       }
       ctx.expect('final stop', 'done', stopKey(await g.run()));
@@ -192,7 +247,8 @@ interface Touch {
 const stage2Faults: Check = {
   name: 'arm64_stage2_faults',
   arch: 'arm64',
-  description: 'arm64: kvm_guest_fault names exactly the IPAs the guest touched that stage-2 did not yet permit, in order, with access and fault kind as the stage-2 model predicts',
+  description:
+    'arm64: kvm_guest_fault names exactly the IPAs the guest touched that stage-2 did not yet permit, in order, with access and fault kind as the stage-2 model predicts',
   needs: ['stage2_fault_tracepoints'],
   async run(ctx) {
     await withGuest(ctx, async (g) => {
@@ -222,7 +278,10 @@ const stage2Faults: Check = {
       g.load(a);
 
       // The model: every access in order; one that stage-2 does not permit yet faults.
-      const tdp = stage2Model([{ s: g.code, backing: ANON_4K }, { s, backing: ANON_4K }]);
+      const tdp = stage2Model([
+        { s: g.code, backing: ANON_4K },
+        { s, backing: ANON_4K },
+      ]);
       hostWrote(tdp, g.code, [0n]);
       hostWrote(tdp, s, [0n, 0x1000n, 0x2000n, 0x3000n]);
       const expected: unknown[] = [];
@@ -230,7 +289,13 @@ const stage2Faults: Check = {
         const gfn = gfnOf(addr);
         const before = tdp.lookup(0, gfn);
         const r = tdp.fault(0, gfn, { write: kind === 'write', exec: kind === 'exec' });
-        if (r.kind !== 'spurious') expected.push({ ipa: hex(addr & ~(PAGE - 1n)), far: hex(addr), access: kind, fault: before ? 'permission' : 'translation' });
+        if (r.kind !== 'spurious')
+          expected.push({
+            ipa: hex(addr & ~(PAGE - 1n)),
+            far: hex(addr),
+            access: kind,
+            fault: before ? 'permission' : 'translation',
+          });
       };
       access(LAYOUT.code, 'exec');
       for (const t of touches) access(t.addr, t.write ? 'write' : 'read');
@@ -244,13 +309,20 @@ const stage2Faults: Check = {
           const f = parseGuestFault(e.text);
           if (!f) return { unparsed: e.text };
           const ab = decodeAbort(f.esr);
-          return { ipa: hex(f.ipa), far: hex(f.far), access: ab?.access ?? `esr ${hex(f.esr)}`, fault: ab?.fault ?? `esr ${hex(f.esr)}` };
+          return {
+            ipa: hex(f.ipa),
+            far: hex(f.far),
+            access: ab?.access ?? `esr ${hex(f.esr)}`,
+            fault: ab?.fault ?? `esr ${hex(f.esr)}`,
+          };
         });
         ctx.expect('stage-2 faults, in order', expected, observed);
       } finally {
         trace.close();
       }
-      ctx.note('a write to a page first read as the zero page faults twice in KVM (permission, then translation after the MMU notifier unmaps it); the program does not do that');
+      ctx.note(
+        'a write to a page first read as the zero page faults twice in KVM (permission, then translation after the MMU notifier unmaps it); the program does not do that',
+      );
     });
   },
 };
@@ -291,18 +363,30 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
   return {
     name: 'arm64_block_replaces_table',
     arch: 'arm64',
-    description: 'arm64: after dirty logging stops, a fault in a THP-backed 2 MiB block that holds a 4 KiB page under a table maps the block (the table replaced); kvm_guest_fault as the stage-2 model predicts',
+    description:
+      'arm64: after dirty logging stops, a fault in a THP-backed 2 MiB block that holds a 4 KiB page under a table maps the block (the table replaced); kvm_guest_fault as the stage-2 model predicts',
     needs: ['stage2_fault_tracepoints', 'dirty_log'],
     async run(ctx) {
       const thp = ctx.profile.thp;
-      if (!thp || thp.enabled === 'never') throw new NotApplicable(`transparent huge pages are ${thp ? 'disabled (enabled: never)' : 'absent (no /sys/kernel/mm/transparent_hugepage)'}`);
+      if (!thp || thp.enabled === 'never')
+        throw new NotApplicable(
+          `transparent huge pages are ${thp ? 'disabled (enabled: never)' : 'absent (no /sys/kernel/mm/transparent_hugepage)'}`,
+        );
       await withGuest(ctx, async (g) => {
-        let s = g.vm.addMemslot({ slot: 1, gpa: DATA, size: Number(2n * MIB2), flags: MEM.KVM_MEM_LOG_DIRTY_PAGES, backing: { kind: 'anon', thp: true } });
+        let s = g.vm.addMemslot({
+          slot: 1,
+          gpa: DATA,
+          size: Number(2n * MIB2),
+          flags: MEM.KVM_MEM_LOG_DIRTY_PAGES,
+          backing: { kind: 'anon', thp: true },
+        });
         // The one 2 MiB-aligned HVA block inside the mapping, and an IPA congruent with it.
         const skew = s.hva % MIB2;
         if (skew !== 0n) s = g.vm.moveMemslot(1, DATA + skew);
         const block = s.gpa + (skew === 0n ? 0n : MIB2 - skew);
-        ctx.note(`slot hva ${hex(s.hva)} (${skew === 0n ? '2 MiB aligned' : `${hex(skew)} past a 2 MiB boundary`}), ipa ${hex(s.gpa)}; block ipa ${hex(block)}`);
+        ctx.note(
+          `slot hva ${hex(s.hva)} (${skew === 0n ? '2 MiB aligned' : `${hex(skew)} past a 2 MiB boundary`}), ipa ${hex(s.gpa)}; block ipa ${hex(block)}`,
+        );
         // Faulted in by writes (MADV_POPULATE_WRITE), the block gets a THP. A
         // first access by a read would map the huge zero page, and a write to
         // that splits it into 4 KiB pages (6.1 do_huge_pmd_wp_page); the
@@ -312,8 +396,14 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
         const offsets = [0n, 0x1000n, 0x1ff000n].map((o) => block - s.gpa + o);
         for (const off of offsets) g.mem.write(s.gpa + off + 0x800n, [0xb1, 0x0c]);
         const huge = s.hugeBytes();
-        if (huge === undefined) throw new NotApplicable('smaps of the process holding the memory cannot be read, so a transparent huge page cannot be confirmed');
-        if (huge < Number(MIB2)) throw new NotApplicable(`no transparent huge page backs the block after the host wrote it (AnonHugePages ${huge / 1024} kB; THP ${thp.enabled}, defrag ${thp.defrag})`);
+        if (huge === undefined)
+          throw new NotApplicable(
+            'smaps of the process holding the memory cannot be read, so a transparent huge page cannot be confirmed',
+          );
+        if (huge < Number(MIB2))
+          throw new NotApplicable(
+            `no transparent huge page backs the block after the host wrote it (AnonHugePages ${huge / 1024} kB; THP ${thp.enabled}, defrag ${thp.defrag})`,
+          );
 
         const p0 = block + 0x10n;
         const p1 = block + 0x1008n;
@@ -328,7 +418,13 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
         channel.done(a);
         g.load(a);
 
-        const tdp = stage2Model([{ s: g.code, backing: ANON_4K }, { s, backing: THP_2M }], opts.wrong?.tdp);
+        const tdp = stage2Model(
+          [
+            { s: g.code, backing: ANON_4K },
+            { s, backing: THP_2M },
+          ],
+          opts.wrong?.tdp,
+        );
         hostWrote(tdp, g.code, [0n]);
         hostWrote(tdp, s, offsets);
         const expected: unknown[] = [];
@@ -337,13 +433,24 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
           const before = tdp.lookup(0, gfn);
           const level = walkEnd(tdp, gfn);
           const r = tdp.fault(0, gfn, { write: kind === 'write', exec: kind === 'exec' });
-          if (r.kind !== 'spurious') expected.push({ ipa: hex(addr & ~(PAGE - 1n)), access: kind, fault: before ? 'permission' : 'translation', level });
+          if (r.kind !== 'spurious')
+            expected.push({
+              ipa: hex(addr & ~(PAGE - 1n)),
+              access: kind,
+              fault: before ? 'permission' : 'translation',
+              level,
+            });
         };
         const observe = (e: { text: string }): unknown => {
           const f = parseGuestFault(e.text);
           if (!f) return { unparsed: e.text };
           const ab = decodeAbort(f.esr);
-          return { ipa: hex(f.ipa), access: ab?.access ?? `esr ${hex(f.esr)}`, fault: ab?.fault ?? `esr ${hex(f.esr)}`, level: ab?.level };
+          return {
+            ipa: hex(f.ipa),
+            access: ab?.access ?? `esr ${hex(f.esr)}`,
+            fault: ab?.fault ?? `esr ${hex(f.esr)}`,
+            level: ab?.level,
+          };
         };
         const mapping = (ipa: bigint) => {
           const m = tdp.lookup(0, gfnOf(ipa));
@@ -357,7 +464,11 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
           access(LAYOUT.channel + CHANNEL.sync, 'write');
           ctx.expect('stop after the first write', 'sync 0x1', stopKey(await g.run()));
           const first = mapping(p0);
-          ctx.expect('dirty log while logging (the first write)', tdp.getDirtyLog(0, 1).map((gfn) => hex(BigInt(gfn) * PAGE)), dirtyPages(g.vm.getDirtyLog(1), s.gpa).map(hex));
+          ctx.expect(
+            'dirty log while logging (the first write)',
+            tdp.getDirtyLog(0, 1).map((gfn) => hex(BigInt(gfn) * PAGE)),
+            dirtyPages(g.vm.getDirtyLog(1), s.gpa).map(hex),
+          );
           g.vm.setMemslotFlags(1, 0);
           tdp.setMemslot(modelSlot(s, THP_2M));
           access(p1, 'read');
@@ -371,7 +482,11 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
           trace.close();
         }
         const after = s.hugeBytes();
-        ctx.expect('the block is still a transparent huge page after the run', true, after !== undefined && after >= Number(MIB2));
+        ctx.expect(
+          'the block is still a transparent huge page after the run',
+          true,
+          after !== undefined && after >= Number(MIB2),
+        );
       });
     },
   };
@@ -398,4 +513,12 @@ const timeoutKick: Check = {
   },
 };
 
-export const ARM64_SMOKE: readonly Check[] = [storeLoad, mmioUnbacked, readonlySlot, dirtyLog, stage2Faults, blockReplacesTable(), timeoutKick];
+export const ARM64_SMOKE: readonly Check[] = [
+  storeLoad,
+  mmioUnbacked,
+  readonlySlot,
+  dirtyLog,
+  stage2Faults,
+  blockReplacesTable(),
+  timeoutKick,
+];

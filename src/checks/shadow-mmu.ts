@@ -13,16 +13,19 @@ import { LAYOUT } from '../arch/x86/layout.js';
 import { PTE_A, PTE_P, PTE_RW, PTE_US } from '../arch/x86/pte.js';
 import { ShadowMmu, type GuestMem, type ShadowEvent, type ShadowStats } from '../model/shadow.js';
 import type { Wrong } from '../model/wrong.js';
-import { parseShadowEvent, SHADOW_EVENTS, SHADOW_STATS, ShadowPicture, type ObservedSp } from '../observe/shadow-mmu.js';
+import {
+  parseShadowEvent,
+  SHADOW_EVENTS,
+  SHADOW_STATS,
+  ShadowPicture,
+  type ObservedSp,
+} from '../observe/shadow-mmu.js';
 import { TraceSession } from '../observe/tracefs.js';
-import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from '../run/types.js';
 
 /** What the guest does, as the program and the model both read it. */
-type Op =
-  | { read: bigint }
-  | { write: bigint; value: bigint }
-  | { invlpg: bigint }
-  | { cr3: bigint };
+type Op = { read: bigint } | { write: bigint; value: bigint } | { invlpg: bigint } | { cr3: bigint };
 
 interface Phase {
   name: string;
@@ -64,14 +67,20 @@ async function run(ctx: CheckContext, wrong: Wrong | undefined): Promise<void> {
     pte(ptB, 0, FRAME(10));
     for (let k = 0; k < 16; k++) g.mem.write64(FRAME(k), FRAME(k));
     const root = t.root;
-    const writePte = (via: bigint, i: number, frame: bigint): Op => ({ write: via + BigInt(i * 8), value: frame | TABLE });
+    const writePte = (via: bigint, i: number, frame: bigint): Op => ({
+      write: via + BigInt(i * 8),
+      value: frame | TABLE,
+    });
 
     const phases: Phase[] = [
       {
         name: 'unsync then INVLPG',
         ops: [{ read: VA }, writePte(VA + 0x1000n, 0, FRAME(1)), { read: VA }, { invlpg: VA }, { read: VA }],
       },
-      { name: 'unsync then CR3 reload', ops: [writePte(VA + 0x1000n, 0, FRAME(2)), { read: VA }, { cr3: root }, { read: VA }] },
+      {
+        name: 'unsync then CR3 reload',
+        ops: [writePte(VA + 0x1000n, 0, FRAME(2)), { read: VA }, { cr3: root }, { read: VA }],
+      },
       {
         name: 'two unsync children, one sync walk',
         ops: [
@@ -89,8 +98,12 @@ async function run(ctx: CheckContext, wrong: Wrong | undefined): Promise<void> {
       {
         // Three writes to the root, then three to the PD, through the identity map.
         name: 'write flooding',
-        ops: [200, 201, 202].map((i) => ({ write: root + BigInt(i * 8), value: 0n }) as Op)
-          .concat([300, 301, 302].map((i) => ({ write: pd + BigInt(i * 8), value: 0n })), [{ read: VA }]),
+        ops: [200, 201, 202]
+          .map((i) => ({ write: root + BigInt(i * 8), value: 0n }) as Op)
+          .concat(
+            [300, 301, 302].map((i) => ({ write: pd + BigInt(i * 8), value: 0n })),
+            [{ read: VA }],
+          ),
       },
     ];
 
@@ -103,15 +116,20 @@ async function run(ctx: CheckContext, wrong: Wrong | undefined): Promise<void> {
     };
     const exec = ctx.profile.flavour === 'kvm_pvm' ? 'emulated' : 'native';
     const model = new ShadowMmu({ levels: t.levels, exec, wrong: wrong?.shadow }, mem, root);
-    ctx.note(`model: ${exec} host (${exec === 'emulated' ? 'every guest instruction is emulated' : 'the guest runs on the shadow tables'})`);
+    ctx.note(
+      `model: ${exec} host (${exec === 'emulated' ? 'every guest instruction is emulated' : 'the guest runs on the shadow tables'})`,
+    );
 
     const a = new Asm({ origin: Number(LAYOUT.code) });
     let slot = 0;
     const reads: { phase: number; gva: bigint; slot: number; allowed: bigint[] }[] = [];
     phases.forEach((p, n) => {
       for (const op of p.ops) {
-        if ('read' in op) a.movImm('rcx', op.read).load(8, 'rax', { base: 'rcx' }).movImm('rcx', RESULTS + BigInt(8 * slot++))
-          .store(8, { base: 'rcx' }, 'rax');
+        if ('read' in op)
+          a.movImm('rcx', op.read)
+            .load(8, 'rax', { base: 'rcx' })
+            .movImm('rcx', RESULTS + BigInt(8 * slot++))
+            .store(8, { base: 'rcx' }, 'rax');
         else if ('write' in op) a.movImm('rcx', op.write).movImm('rax', op.value).store(8, { base: 'rcx' }, 'rax');
         else if ('invlpg' in op) a.movImm('rcx', op.invlpg).invlpg({ base: 'rcx' });
         else a.movImm('rax', op.cr3).movToCr(3, 'rax');
@@ -150,28 +168,42 @@ async function run(ctx: CheckContext, wrong: Wrong | undefined): Promise<void> {
           reads.push({ phase: n, gva: op.read, slot, allowed: seen.allowed });
           // The guest stores what it read: one more write for the shadow MMU to see.
           model.access(RESULTS + BigInt(8 * slot++), 'write', seen.gpa ?? 0n);
-        }
-        else if ('write' in op) model.access(op.write, 'write', op.value);
+        } else if ('write' in op) model.access(op.write, 'write', op.value);
         else if ('invlpg' in op) model.invlpg(op.invlpg);
         else model.setCr3(op.cr3);
       }
       const stop = await g.run();
-      ctx.expect(`${tag}: guest reaches the phase's end`, `sync ${n + 1}`, stop.kind === 'sync' ? `sync ${stop.id}` : stop.kind);
+      ctx.expect(
+        `${tag}: guest reaches the phase's end`,
+        `sync ${n + 1}`,
+        stop.kind === 'sync' ? `sync ${stop.id}` : stop.kind,
+      );
       if (stop.kind !== 'sync') return;
 
-      const observed = trace.take().map(parseShadowEvent).filter((e): e is ObservedSp => !!e);
+      const observed = trace
+        .take()
+        .map(parseShadowEvent)
+        .filter((e): e is ObservedSp => !!e);
       for (const e of observed) picture.add(e);
       ctx.expect(`${tag}: shadow-page events`, model.take().map(modelEvent), observed.map(observedEvent));
       ctx.expect(`${tag}: shadow pages`, modelPicture(model), picture.list());
       const after = readStats();
-      ctx.expect(`${tag}: shadow MMU stats (change)`, delta(model.stats, modelBefore, statNames), delta(after, before, statNames));
+      ctx.expect(
+        `${tag}: shadow MMU stats (change)`,
+        delta(model.stats, modelBefore, statNames),
+        delta(after, before, statNames),
+      );
       before = after;
       modelBefore = { ...model.stats };
       for (const r of reads.filter((x) => x.phase === n)) {
         const seen = g.mem.read64(RESULTS + BigInt(8 * r.slot)) >> 12n;
         const allowed = r.allowed.map((f) => f.toString(16));
         const want = allowed.length === 1 ? allowed[0] : `one of ${allowed.join(', ')}`;
-        ctx.expect(`${tag}: read ${r.slot} of 0x${r.gva.toString(16)} sees frame`, want, r.allowed.includes(seen) ? want : seen.toString(16));
+        ctx.expect(
+          `${tag}: read ${r.slot} of 0x${r.gva.toString(16)} sees frame`,
+          want,
+          r.allowed.includes(seen) ? want : seen.toString(16),
+        );
       }
     }
     ctx.expect('guest finishes', 'done', (await g.run()).kind);
@@ -198,7 +230,11 @@ function modelPicture(m: ShadowMmu): string[] {
     .sort();
 }
 
-function delta(now: ShadowStats | Record<string, number>, then: ShadowStats | Record<string, number>, names: readonly string[]) {
+function delta(
+  now: ShadowStats | Record<string, number>,
+  then: ShadowStats | Record<string, number>,
+  names: readonly string[],
+) {
   const n = now as unknown as Record<string, number>;
   const t = then as unknown as Record<string, number>;
   return Object.fromEntries(names.map((s) => [s, n[s]! - t[s]!]));

@@ -10,13 +10,15 @@ import { channel, X86Guest } from '../arch/x86/guest.js';
 import { LAYOUT } from '../arch/x86/layout.js';
 import { guestTablePages, parseShadowPage, type ShadowPage } from '../observe/shadow-pages.js';
 import { TraceSession } from '../observe/tracefs.js';
-import { NotApplicable, type Check } from '../run/types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check } from '../run/types.js';
 
 const key = (p: ShadowPage) => `${p.gfn.toString(16)}@${p.level}${p.direct ? ' direct' : ''}`;
 
 export const shadowPages: Check = {
   name: 'shadow_pages_follow_guest_tables',
-  description: "without TDP, every shadow page KVM creates shadows a guest page-table page at its own level, and each CR3 the guest loads gets a root",
+  description:
+    'without TDP, every shadow page KVM creates shadows a guest page-table page at its own level, and each CR3 the guest loads gets a root',
   needs: ['shadow_page_tracepoints'],
   async run(ctx) {
     if (!ctx.profile.cpu) throw new NotApplicable('x86 guests only');
@@ -37,12 +39,26 @@ export const shadowPages: Check = {
       trace = TraceSession.open(ctx.target.fs, ['kvmmmu/kvm_mmu_get_page'], [await g.vcpu.tid()]);
       const stop = await g.run();
       ctx.expect('guest finishes', 'done', stop.kind);
-      const pages = trace.take().map(parseShadowPage).filter((p): p is ShadowPage => !!p);
+      const pages = trace
+        .take()
+        .map(parseShadowPage)
+        .filter((p): p is ShadowPage => !!p);
       const levels = g.boot.tables.levels;
-      const allowed = new Set([...guestTablePages(rootA, levels, (x) => g.mem.read64(x)), ...guestTablePages(rootB, levels, (x) => g.mem.read64(x))]);
+      const allowed = new Set([
+        ...guestTablePages(rootA, levels, (x) => g.mem.read64(x)),
+        ...guestTablePages(rootB, levels, (x) => g.mem.read64(x)),
+      ]);
       const seen = new Set(pages.map(key));
-      ctx.expect('roots of the loaded CR3s have shadow pages', [rootA, rootB].map((r) => `${(r >> 12n).toString(16)}@${levels}`), [rootA, rootB].map((r) => `${(r >> 12n).toString(16)}@${levels}`).filter((k) => seen.has(k)));
-      ctx.expect('shadow pages that shadow no guest table page at their level', [], [...seen].filter((k) => !allowed.has(k)));
+      ctx.expect(
+        'roots of the loaded CR3s have shadow pages',
+        [rootA, rootB].map((r) => `${(r >> 12n).toString(16)}@${levels}`),
+        [rootA, rootB].map((r) => `${(r >> 12n).toString(16)}@${levels}`).filter((k) => seen.has(k)),
+      );
+      ctx.expect(
+        'shadow pages that shadow no guest table page at their level',
+        [],
+        [...seen].filter((k) => !allowed.has(k)),
+      );
       ctx.note(`shadow pages: ${[...seen].join(', ') || 'none'} (${pages.filter((p) => p.created).length} created)`);
     } finally {
       trace?.close();

@@ -7,19 +7,22 @@ import { PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW, PTE_US } from '../arch/x86/pte.js'
 import { CAP, MEM } from '../uapi/uapi.js';
 import { walk, type AccessKind } from '../model/walk.js';
 import { dirtyPages } from '../observe/dirty-log.js';
-import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from '../run/types.js';
 import { shadowPages } from './shadow.js';
 import { shadowMmuModel } from './shadow-mmu.js';
 import { tdpDirtyLogSplitCoalesce, tdpPicture } from './tdp.js';
 import { pagingConfig, pteReader } from './x86.js';
 import { ARM64_SMOKE } from './arm64.js';
 import { expectKickAtLimit, mmioOf } from './stops.js';
-
-const PAGE = 0x1000n;
-const hex = (v: bigint) => `0x${v.toString(16)}`;
+import { hex, PAGE } from '../base/units.js';
 
 /** A guest for the duration of one check; always closed. */
-async function withGuest<T>(ctx: CheckContext, opts: ConstructorParameters<typeof X86Guest>[1], fn: (g: X86Guest) => Promise<T>): Promise<T> {
+async function withGuest<T>(
+  ctx: CheckContext,
+  opts: ConstructorParameters<typeof X86Guest>[1],
+  fn: (g: X86Guest) => Promise<T>,
+): Promise<T> {
   if (!ctx.profile.cpu) throw new NotApplicable('x86 guests only');
   const g = X86Guest.create(ctx.kvm, opts);
   try {
@@ -50,8 +53,13 @@ const realModeIo: Check = {
       v.setRegs({ ...v.getRegs(), rip: 0x1000n, rflags: 2n });
       const first = await v.run({ timeoutMs: 5000 });
       const io = first.exit.reason === 'io' ? first.exit : undefined;
-      ctx.expect('exit 1', { reason: 'io', direction: 'out', port: 0x42, size: 1, count: 1, data: new Uint8Array([0x5a]) },
-        io ? { reason: io.reason, direction: io.direction, port: io.port, size: io.size, count: io.count, data: io.data } : first.exit);
+      ctx.expect(
+        'exit 1',
+        { reason: 'io', direction: 'out', port: 0x42, size: 1, count: 1, data: new Uint8Array([0x5a]) },
+        io
+          ? { reason: io.reason, direction: io.direction, port: io.port, size: io.size, count: io.count, data: io.data }
+          : first.exit,
+      );
       const second = await v.run({ timeoutMs: 5000 });
       ctx.expect('exit 2', 'hlt', second.exit.reason);
       ctx.expect('rip after hlt', 0x1005n, v.getRegs().rip);
@@ -71,15 +79,26 @@ const longModeStoreLoad: Check = {
       const value = 0x8877665544332211n;
       const a = new Asm({ origin: Number(LAYOUT.code) });
       a.movImm('rbx', base).movImm('rax', value);
-      a.store(8, { base: 'rbx' }, 'rax').store(4, { base: 'rbx', disp: 8 }, 'rax').store(2, { base: 'rbx', disp: 12 }, 'rax').store(1, { base: 'rbx', disp: 14 }, 'rax');
-      a.load(8, 'rsi', { base: 'rbx' }).load(4, 'rdx', { base: 'rbx', disp: 8 }).load(2, 'rcx', { base: 'rbx', disp: 12 }).load(1, 'r8', { base: 'rbx', disp: 14 });
+      a.store(8, { base: 'rbx' }, 'rax')
+        .store(4, { base: 'rbx', disp: 8 }, 'rax')
+        .store(2, { base: 'rbx', disp: 12 }, 'rax')
+        .store(1, { base: 'rbx', disp: 14 }, 'rax');
+      a.load(8, 'rsi', { base: 'rbx' })
+        .load(4, 'rdx', { base: 'rbx', disp: 8 })
+        .load(2, 'rcx', { base: 'rbx', disp: 12 })
+        .load(1, 'r8', { base: 'rbx', disp: 14 });
       channel.sync(a, 1);
       channel.done(a);
       g.load(a);
       const s = await g.run();
       ctx.expect('stop', 'sync 1', stopKey(s));
-      if (s.kind === 'sync') ctx.expect('loaded values', [value, value & 0xffffffffn, value & 0xffffn, value & 0xffn], s.values.slice(0, 4));
-      ctx.expect('guest memory', new Uint8Array([0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x11, 0x22, 0x33, 0x44, 0x11, 0x22, 0x11, 0]), g.mem.bytes(base, 16).slice());
+      if (s.kind === 'sync')
+        ctx.expect('loaded values', [value, value & 0xffffffffn, value & 0xffffn, value & 0xffn], s.values.slice(0, 4));
+      ctx.expect(
+        'guest memory',
+        new Uint8Array([0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x11, 0x22, 0x33, 0x44, 0x11, 0x22, 0x11, 0]),
+        g.mem.bytes(base, 16).slice(),
+      );
       ctx.expect('final stop', 'done', stopKey(await g.run()));
     });
   },
@@ -103,10 +122,20 @@ const mmioUnbacked: Check = {
       channel.sync(a, 2);
       channel.done(a);
       g.load(a);
-      const write = { reason: 'mmio', gpa: UNBACKED_GPA + 0x10n, len: 4, isWrite: true, data: new Uint8Array([0x0d, 0xf0, 0xfe, 0xca]) };
+      const write = {
+        reason: 'mmio',
+        gpa: UNBACKED_GPA + 0x10n,
+        len: 4,
+        isWrite: true,
+        data: new Uint8Array([0x0d, 0xf0, 0xfe, 0xca]),
+      };
       ctx.expect('write exit', write, mmioOf(await g.run(), stopKey));
       const r = await g.run();
-      ctx.expect('read exit', { reason: 'mmio', gpa: UNBACKED_GPA + 0x30n, len: 2, isWrite: false }, mmioOf(r, stopKey));
+      ctx.expect(
+        'read exit',
+        { reason: 'mmio', gpa: UNBACKED_GPA + 0x30n, len: 2, isWrite: false },
+        mmioOf(r, stopKey),
+      );
       // Complete the read with data the guest must then see.
       if (r.kind === 'exit' && r.exit.reason === 'mmio' && !r.exit.isWrite) r.exit.complete(0xbeefn);
       const s = await g.run();
@@ -161,13 +190,19 @@ const dirtyLogAd: Check = {
       // the pages whose A bit the walk sets, so both kinds of host agree.)
       let next = LOGGED_GPA;
       const alloc = () => ((next += PAGE), next - PAGE);
-      g.boot.tables.map(DATA_GVA, DATA_GPA, PAGE, '4K', { leaf: PTE_P | PTE_RW | PTE_NX, table: PTE_P | PTE_RW | PTE_US, alloc });
+      g.boot.tables.map(DATA_GVA, DATA_GPA, PAGE, '4K', {
+        leaf: PTE_P | PTE_RW | PTE_NX,
+        table: PTE_P | PTE_RW | PTE_US,
+        alloc,
+      });
       const cfg = pagingConfig(g, ctx.profile.cpu!);
       const read = pteReader(g);
       const model = walk(cfg, g.boot.tables.root, { gva: DATA_GVA + 0x80n, kind: 'write', cpl: 0 }, read);
       if (!model.ok) throw new Error(`the model faults on the check's own mapping: ${model.reason}`);
       const a = new Asm({ origin: Number(LAYOUT.code) });
-      a.movImm('rbx', DATA_GVA + 0x80n).movImm('rax', 0x77).store(1, { base: 'rbx' }, 'rax');
+      a.movImm('rbx', DATA_GVA + 0x80n)
+        .movImm('rax', 0x77)
+        .store(1, { base: 'rbx' }, 'rax');
       channel.done(a);
       g.load(a);
       g.vm.getDirtyLog(1); // start from a clean log
@@ -178,7 +213,11 @@ const dirtyLogAd: Check = {
       const pages = [...model.adWrites.map((w) => w.pteGpa & ~(PAGE - 1n)), model.gpa & ~(PAGE - 1n)].filter(inSlot);
       const expected = [...new Set(pages)].sort((x, y) => (x < y ? -1 : 1));
       ctx.expect('dirty pages', expected.map(hex), dirty.map(hex));
-      ctx.expect('PTEs after the walk', model.adWrites.map((w) => ({ at: w.pteGpa, value: w.new })), model.adWrites.map((w) => ({ at: w.pteGpa, value: read(w.pteGpa) })));
+      ctx.expect(
+        'PTEs after the walk',
+        model.adWrites.map((w) => ({ at: w.pteGpa, value: w.new })),
+        model.adWrites.map((w) => ({ at: w.pteGpa, value: read(w.pteGpa) })),
+      );
       ctx.note(`walk: ${model.levels.map((l) => `L${l.level}@${hex(l.pteGpa)}=${hex(l.pte)}`).join(' ')}`);
     });
   },
@@ -193,19 +232,28 @@ interface FaultCase {
 
 const guestPageFault: Check = {
   name: 'guest_page_fault',
-  description: 'guest #PFs are recorded with the CR2 and error code the model predicts (not present, write to read-only, fetch from NX)',
+  description:
+    'guest #PFs are recorded with the CR2 and error code the model predicts (not present, write to read-only, fetch from NX)',
   needs: ['exception_log'],
   async run(ctx) {
     await withGuest(ctx, {}, async (g) => {
       const cases: FaultCase[] = [
         { what: 'read of a not-present page', gva: 0x70000000n, kind: 'read', leaf: 0n },
         { what: 'write to a read-only page', gva: 0x70001008n, kind: 'write', leaf: PTE_P | PTE_A | PTE_D },
-        { what: 'fetch from an NX page', gva: 0x70002000n, kind: 'exec', leaf: PTE_P | PTE_RW | PTE_A | PTE_D | PTE_NX },
+        {
+          what: 'fetch from an NX page',
+          gva: 0x70002000n,
+          kind: 'exec',
+          leaf: PTE_P | PTE_RW | PTE_A | PTE_D | PTE_NX,
+        },
         { what: 'write to a writable page (no fault)', gva: 0x70003010n, kind: 'write', leaf: PTE_P | PTE_RW | PTE_NX },
       ];
       const a = new Asm({ origin: Number(LAYOUT.code) });
       cases.forEach((c, i) => {
-        g.boot.tables.map(c.gva & ~(PAGE - 1n), LAYOUT.data + BigInt(i) * PAGE, PAGE, '4K', { leaf: c.leaf, table: PTE_P | PTE_RW | PTE_US | PTE_A });
+        g.boot.tables.map(c.gva & ~(PAGE - 1n), LAYOUT.data + BigInt(i) * PAGE, PAGE, '4K', {
+          leaf: c.leaf,
+          table: PTE_P | PTE_RW | PTE_US | PTE_A,
+        });
         if (c.leaf === 0n) g.mem.write64(g.boot.tables.entry(c.gva, 1), 0n);
         a.movImm('rbx', c.gva);
         channel.guarded(a, (a) => {
@@ -217,10 +265,18 @@ const guestPageFault: Check = {
       channel.done(a);
       g.load(a);
       const cfg = pagingConfig(g, ctx.profile.cpu!);
-      const predicted = cases.map((c) => walk(cfg, g.boot.tables.root, { gva: c.gva, kind: c.kind, cpl: 0 }, pteReader(g)));
+      const predicted = cases.map((c) =>
+        walk(cfg, g.boot.tables.root, { gva: c.gva, kind: c.kind, cpl: 0 }, pteReader(g)),
+      );
       ctx.expect('stop', 'done', stopKey(await g.run()));
-      const expected = predicted.flatMap((p) => (p.ok ? [] : [{ vector: 14, errorCode: BigInt(p.errorCode), cr2: p.cr2 }]));
-      ctx.expect('exception log', expected, g.exceptions().map(({ vector, errorCode, cr2 }) => ({ vector, errorCode, cr2 })));
+      const expected = predicted.flatMap((p) =>
+        p.ok ? [] : [{ vector: 14, errorCode: BigInt(p.errorCode), cr2: p.cr2 }],
+      );
+      ctx.expect(
+        'exception log',
+        expected,
+        g.exceptions().map(({ vector, errorCode, cr2 }) => ({ vector, errorCode, cr2 })),
+      );
     });
   },
 };
@@ -292,4 +348,3 @@ export const X86_SMOKE: readonly Check[] = [
 
 /** The smoke suite: a run takes the checks of the KVM host's architecture (runner.forHostArch). */
 export const SMOKE: readonly Check[] = [...X86_SMOKE, ...ARM64_SMOKE];
-

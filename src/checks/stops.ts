@@ -10,7 +10,9 @@ type Stop = { kind: string; exit?: Exit };
 export function mmioOf<S extends Stop>(s: S, other: (s: S) => string): unknown {
   const e = s.kind === 'exit' ? s.exit : undefined;
   if (e?.reason !== 'mmio') return other(s);
-  return e.isWrite ? { ...e, data: e.data.subarray(0, e.len) } : { reason: 'mmio', gpa: e.gpa, len: e.len, isWrite: false };
+  return e.isWrite
+    ? { ...e, data: e.data.subarray(0, e.len) }
+    : { reason: 'mmio', gpa: e.gpa, len: e.len, isWrite: false };
 }
 
 /** The time limit of a runaway guest's run. */
@@ -22,7 +24,10 @@ const LIMIT_MS = 150;
  * early; a loaded 2-core machine may deliver the kick late, and the lab adds
  * the agent's round trip, but not seconds.
  */
-export async function expectKickAtLimit(ctx: CheckContext, run: (o: { timeoutMs: number }) => Promise<{ kind: string }>): Promise<void> {
+export async function expectKickAtLimit(
+  ctx: CheckContext,
+  run: (o: { timeoutMs: number }) => Promise<{ kind: string }>,
+): Promise<void> {
   const t0 = performance.now();
   const s = await run({ timeoutMs: LIMIT_MS });
   const ms = performance.now() - t0;

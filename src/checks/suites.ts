@@ -52,7 +52,8 @@ function suites(m: MatrixOptions = {}): Record<string, readonly Check[]> {
 export function selectChecks(names: string[], matrix: MatrixOptions = {}): Check[] {
   const all = suites(matrix);
   // Named explicitly without --sample, the access matrix runs every legal case.
-  if (names.includes('access-matrix')) all['access-matrix'] = [accessMatrix({ mode: matrix.mode, seed: matrix.seed ?? 1, sample: matrix.sample })];
+  if (names.includes('access-matrix'))
+    all['access-matrix'] = [accessMatrix({ mode: matrix.mode, seed: matrix.seed ?? 1, sample: matrix.sample })];
   if (names.length === 0) return Object.values(all).flat();
   const everything = Object.values(all).flat();
   const out: Check[] = [];
@@ -69,4 +70,3 @@ export function selectChecks(names: string[], matrix: MatrixOptions = {}): Check
   }
   return out;
 }
-

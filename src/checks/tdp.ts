@@ -19,9 +19,10 @@ import type { Wrong, WrongTdp } from '../model/wrong.js';
 import { dirtyPages } from '../observe/dirty-log.js';
 import { decodeTdpSpte, TdpPicture } from '../observe/tdp-picture.js';
 import { TraceSession } from '../observe/tracefs.js';
-import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from '../run/types.js';
+import { PAGE_SIZE as PAGE } from '../base/units.js';
 
-const PAGE = 0x1000;
 const SMALL_GPA = 0x1000000n; // 2 MiB of anonymous memory with 4 KiB host pages
 const HUGE_GPA = 0x1200000n; // 2 MiB of hugetlb memory, when the host has a free huge page
 const GVA = 0x40000000n;
@@ -38,7 +39,8 @@ function mappingOf(m: { level: number; writable: boolean } | undefined): string 
 export function tdpPicture(opts: { wrong?: Wrong } = {}): Check {
   return {
     name: 'tdp_spte_picture',
-    description: "KVM's TDP mappings per GFN (kvm_tdp_mmu_spte_changed) equal the TDP model's after guest faults and after MADV_DONTNEED zaps part of a slot",
+    description:
+      "KVM's TDP mappings per GFN (kvm_tdp_mmu_spte_changed) equal the TDP model's after guest faults and after MADV_DONTNEED zaps part of a slot",
     needs: ['tdp_spte_tracepoints'],
     run: (ctx) => run(ctx, opts.wrong?.tdp ?? {}),
   };
@@ -178,21 +180,31 @@ export function tdpDirtyLogSplitCoalesce(opts: { wrong?: Wrong; eagerSplit?: boo
 
 async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerSplit?: boolean }): Promise<void> {
   const thp = ctx.profile.thp;
-  if (!thp || thp.enabled === 'never') throw new NotApplicable(`transparent huge pages are ${thp ? 'disabled (enabled: never)' : 'absent (no /sys/kernel/mm/transparent_hugepage)'}`);
+  if (!thp || thp.enabled === 'never')
+    throw new NotApplicable(
+      `transparent huge pages are ${thp ? 'disabled (enabled: never)' : 'absent (no /sys/kernel/mm/transparent_hugepage)'}`,
+    );
   const params = ctx.profile.moduleParams;
   const yes = (v: string | undefined) => v === 'Y' || v === 'y' || v === '1';
   // With Intel PML, KVM logs dirty pages by clearing D bits instead of W
   // (kvm_mmu_slot_leaf_clear_dirty); the model write-protects.
-  if (ctx.profile.tdp.kind === 'ept' && yes(params['kvm_intel.pml'])) throw new NotApplicable('kvm_intel.pml=Y: KVM logs dirty pages through PML and D bits, while the TDP model logs them by write protection');
+  if (ctx.profile.tdp.kind === 'ept' && yes(params['kvm_intel.pml']))
+    throw new NotApplicable(
+      'kvm_intel.pml=Y: KVM logs dirty pages through PML and D bits, while the TDP model logs them by write protection',
+    );
   const splitParam = params['kvm.eager_page_split'];
   const eagerSplit = opts.eagerSplit ?? yes(splitParam);
-  ctx.note(`kvm.eager_page_split=${splitParam ?? 'absent (no eager split)'}; the model ${eagerSplit ? 'splits' : 'does not split'} huge pages when dirty logging starts`);
+  ctx.note(
+    `kvm.eager_page_split=${splitParam ?? 'absent (no eager split)'}; the model ${eagerSplit ? 'splits' : 'does not split'} huge pages when dirty logging starts`,
+  );
   // Linux 6.1's TDP MMU zaps a huge leaf that a 4 KiB fault must go below
   // (later kernels split it); that happens here when eager split is off.
   const release = ctx.target.fs.read('/proc/sys/kernel/osrelease')?.trim();
   const version = release ? /^(\d+)\.(\d+)/.exec(release) : null;
   const splitOnFault = version ? Number(version[1]) * 1000 + Number(version[2]) > 6001 : true;
-  ctx.note(`kernel ${release ?? 'release unknown'}: a 4 KiB fault under a huge leaf ${splitOnFault ? 'splits' : 'zaps'} it in the model`);
+  ctx.note(
+    `kernel ${release ?? 'release unknown'}: a 4 KiB fault under a huge leaf ${splitOnFault ? 'splits' : 'zaps'} it in the model`,
+  );
 
   const g = X86Guest.create(ctx.kvm);
   let trace: TraceSession | undefined;
@@ -206,11 +218,19 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     try {
       s.madvise(Number(blockOff), Number(MIB2), MADV_POPULATE_WRITE);
     } catch (e) {
-      throw new NotApplicable(`MADV_POPULATE_WRITE failed (${(e as Error).message}), so the block cannot be faulted in as a transparent huge page`);
+      throw new NotApplicable(
+        `MADV_POPULATE_WRITE failed (${(e as Error).message}), so the block cannot be faulted in as a transparent huge page`,
+      );
     }
     const huge = s.hugeBytes();
-    if (huge === undefined) throw new NotApplicable('smaps of the process holding the memory cannot be read, so a transparent huge page cannot be confirmed');
-    if (huge < Number(MIB2)) throw new NotApplicable(`no transparent huge page backs the block after the host wrote it (AnonHugePages ${huge / 1024} kB; THP ${thp.enabled}, defrag ${thp.defrag})`);
+    if (huge === undefined)
+      throw new NotApplicable(
+        'smaps of the process holding the memory cannot be read, so a transparent huge page cannot be confirmed',
+      );
+    if (huge < Number(MIB2))
+      throw new NotApplicable(
+        `no transparent huge page backs the block after the host wrote it (AnonHugePages ${huge / 1024} kB; THP ${thp.enabled}, defrag ${thp.defrag})`,
+      );
 
     const leaf = PTE_P | PTE_RW | PTE_A | PTE_D | PTE_NX;
     g.boot.tables.map(DL_GVA, block, MIB2, '4K', { leaf });
@@ -244,12 +264,14 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     };
     const kvmMapping: Picture = (gfn) => mappingOf(picture.leaf(0, BigInt(gfn)));
     const covers = (gfn: number, level: number) => inBlock(gfn) || (gfn <= base && gfn + PAGES[level] > base);
-    const change = (gfn: number, level: number, from: string, to: string) => `+0x${(gfn - base).toString(16)}@${level} ${from} -> ${to}`;
+    const change = (gfn: number, level: number, from: string, to: string) =>
+      `+0x${(gfn - base).toString(16)}@${level} ${from} -> ${to}`;
     const kvmKind = (spte: unknown, level: number) => {
       const m = decodeTdpSpte(typeof spte === 'bigint' ? spte : 0n, level, flavour);
       return !m.present ? 'none' : !m.leaf ? 'table' : m.writable ? 'leaf W' : 'leaf R';
     };
-    const modelKind = (spte: number) => (!isPresent(spte) ? 'none' : !isLeaf(spte) ? 'table' : decodeSpte(spte).writable ? 'leaf W' : 'leaf R');
+    const modelKind = (spte: number) =>
+      !isPresent(spte) ? 'none' : !isLeaf(spte) ? 'table' : decodeSpte(spte).writable ? 'leaf W' : 'leaf R';
     /** Takes the trace into the picture; returns the traced changes of entries mapping the block ("+gfn@level old -> new"). */
     const take = (): string[] => {
       const events = trace!.take();
@@ -259,7 +281,8 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
         if (e.id !== 'kvmmmu/kvm_tdp_mmu_spte_changed' || typeof e.fields.gfn !== 'bigint') continue;
         const gfn = Number(e.fields.gfn);
         const level = Number(e.fields.level);
-        if (covers(gfn, level)) seen.push(change(gfn, level, kvmKind(e.fields.old_spte, level), kvmKind(e.fields.new_spte, level)));
+        if (covers(gfn, level))
+          seen.push(change(gfn, level, kvmKind(e.fields.old_spte, level), kvmKind(e.fields.new_spte, level)));
       }
       return seen;
     };
@@ -272,8 +295,14 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
       return [...byLevel].map(([l, n]) => `${n} at level ${l}`).join(', ') || 'none';
     };
     const compare = (what: string, changes: string[]) => {
-      ctx.note(`${what}: ${changes.length} traced SPTE changes over the block (${summary(changes)}); KVM: ${runsOf(base, 512, kvmMapping).join('; ')}`);
-      ctx.expect(`${what}: mappings of the block's 512 GFNs`, runsOf(base, 512, modelMapping), runsOf(base, 512, kvmMapping));
+      ctx.note(
+        `${what}: ${changes.length} traced SPTE changes over the block (${summary(changes)}); KVM: ${runsOf(base, 512, kvmMapping).join('; ')}`,
+      );
+      ctx.expect(
+        `${what}: mappings of the block's 512 GFNs`,
+        runsOf(base, 512, modelMapping),
+        runsOf(base, 512, kvmMapping),
+      );
     };
     const page = (gfn: number) => `+0x${(gfn - base).toString(16)}`;
     const dirtyLog = (bitmap: Uint8Array) => dirtyPages(bitmap, s.gpa).map((gpa) => page(Number(gpa) / PAGE));
@@ -299,7 +328,11 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     // The fast page-fault path restores W without kvm_tdp_mmu_spte_changed.
     const modelChanges = tdp.events
       .slice(mark)
-      .flatMap((e) => (e.kind === 'spte' && !e.fast && covers(e.gfn, e.level) ? [change(e.gfn, e.level, modelKind(e.old), modelKind(e.new))] : []));
+      .flatMap((e) =>
+        e.kind === 'spte' && !e.fast && covers(e.gfn, e.level)
+          ? [change(e.gfn, e.level, modelKind(e.old), modelKind(e.new))]
+          : [],
+      );
     ctx.note(`3. the model's fault for the logged write: ${r.kind} at level ${r.level}`);
     ctx.expect('3. traced SPTE changes over the block during the logged write', modelChanges, take());
     ctx.expect('3. dirty log after the logged write', tdp.getDirtyLog(0, 1).map(page), dirtyLog(g.vm.getDirtyLog(1)));
@@ -317,7 +350,11 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     compare('5. after the guest touches the block again', take());
 
     const after = s.hugeBytes();
-    ctx.expect('the block is still a transparent huge page after the run', true, after !== undefined && after >= Number(MIB2));
+    ctx.expect(
+      'the block is still a transparent huge page after the run',
+      true,
+      after !== undefined && after >= Number(MIB2),
+    );
   } finally {
     trace?.close();
     g.close();

@@ -37,7 +37,8 @@ function archOption(arch: string | undefined): Arch | undefined {
 function sessionOptions(o: LabCliOptions, profile: string): LabSessionOptions {
   const arch = archOption(o.arch);
   const timeout = o.bootTimeout === undefined ? undefined : Number(o.bootTimeout) * 1000;
-  if (timeout !== undefined && !(timeout > 0)) throw new LabError(`--boot-timeout needs a positive number of seconds, got '${o.bootTimeout}'`);
+  if (timeout !== undefined && !(timeout > 0))
+    throw new LabError(`--boot-timeout needs a positive number of seconds, got '${o.bootTimeout}'`);
   return { profile, arch, modparams: o.modparams, kernel: o.kernel, modules: o.modules, bootTimeoutMs: timeout, log };
 }
 
@@ -57,13 +58,16 @@ function runArgs(c: Command, rest: string[]): { names: string[]; o: RunCliOption
   if (o.sample === undefined) {
     // Every batch of the access matrix crosses the lab's serial line (about 30 cases/s).
     o.sample = String(LAB_MATRIX_SAMPLE);
-    if (sub.args.length === 0 || sub.args.includes('access-matrix')) log(`the access matrix checks a ${LAB_MATRIX_SAMPLE}-case sample in the lab (--sample N for more)`);
+    if (sub.args.length === 0 || sub.args.includes('access-matrix'))
+      log(`the access matrix checks a ${LAB_MATRIX_SAMPLE}-case sample in the lab (--sample N for more)`);
   }
   return { names: sub.args, o };
 }
 
 export function registerLab(program: Command): Command {
-  const lab = program.command('lab').description('run the checks against the KVM of a kernel under test, booted in QEMU');
+  const lab = program
+    .command('lab')
+    .description('run the checks against the KVM of a kernel under test, booted in QEMU');
 
   lab
     .command('fetch')
@@ -80,7 +84,7 @@ export function registerLab(program: Command): Command {
 
   const labOptions = (c: Command) =>
     c
-      .option('--arch <arch>', 'x86_64 or arm64 (default: the profile\'s)')
+      .option('--arch <arch>', "x86_64 or arm64 (default: the profile's)")
       .option('--kernel <image>', 'your kernel (bzImage or vmlinux) instead of the cached Debian one')
       .option('--modules <dir>', "your kernel's modules directory (lib/modules/<version>)")
       .option('--modparams <params>', "extra module parameters, e.g. 'kvm.eager_page_split=0'")
@@ -88,55 +92,77 @@ export function registerLab(program: Command): Command {
 
   labOptions(lab.command('run'))
     .description('boot the kernel with one profile and run `kvmharness run` against its KVM')
-    .option('--baseline-kernel <image>', 'A/B: also run against this kernel and report the checks whose outcomes or times differ')
+    .option(
+      '--baseline-kernel <image>',
+      'A/B: also run against this kernel and report the checks whose outcomes or times differ',
+    )
     .option('--baseline-modules <dir>', "the baseline kernel's modules directory")
     .option('--repeat <n>', 'A/B: runs of the checks per kernel, for the timing comparison (default 3)')
-    .option('--profile <name>', `${PROFILES.map((p) => p.name).join(', ')} (default ${DEFAULT_PROFILE}; with --arch arm64, nvhe)`)
+    .option(
+      '--profile <name>',
+      `${PROFILES.map((p) => p.name).join(', ')} (default ${DEFAULT_PROFILE}; with --arch arm64, nvhe)`,
+    )
     .argument('[run...]', 'arguments of `kvmharness run`, after --')
-    .action(async (rest: string[], o: LabCliOptions & { profile?: string; baselineKernel?: string; baselineModules?: string; repeat?: string }, c: Command) => {
-      const { names, o: ro } = runArgs(c, rest);
-      const checks = checksFor(names, ro);
-      if (o.baselineKernel !== undefined || o.baselineModules !== undefined || o.repeat !== undefined) {
-        if (o.baselineKernel === undefined) throw new LabError('--baseline-modules and --repeat need --baseline-kernel');
-        const repeat = o.repeat === undefined ? 3 : Number(o.repeat);
-        if (!Number.isInteger(repeat) || repeat < 1) throw new LabError(`--repeat needs an integer >= 1, got '${o.repeat}'`);
-        const runs = async (kernel: string | undefined, modules: string | undefined, label: string) => {
-          log(`${label}: ${kernel ?? 'the cached Debian kernel'}`);
-          const s = await openLab({ ...sessionOptions(o, runProfile(o)), kernel, modules });
-          const out: RunReport[] = [];
-          try {
-            for (let i = 0; i < repeat; i++) {
-              log(`${label}: run ${i + 1}/${repeat}`);
-              out.push(await runReport(s.target, checks, { ...ro, json: true }));
+    .action(
+      async (
+        rest: string[],
+        o: LabCliOptions & { profile?: string; baselineKernel?: string; baselineModules?: string; repeat?: string },
+        c: Command,
+      ) => {
+        const { names, o: ro } = runArgs(c, rest);
+        const checks = checksFor(names, ro);
+        if (o.baselineKernel !== undefined || o.baselineModules !== undefined || o.repeat !== undefined) {
+          if (o.baselineKernel === undefined)
+            throw new LabError('--baseline-modules and --repeat need --baseline-kernel');
+          const repeat = o.repeat === undefined ? 3 : Number(o.repeat);
+          if (!Number.isInteger(repeat) || repeat < 1)
+            throw new LabError(`--repeat needs an integer >= 1, got '${o.repeat}'`);
+          const runs = async (kernel: string | undefined, modules: string | undefined, label: string) => {
+            log(`${label}: ${kernel ?? 'the cached Debian kernel'}`);
+            const s = await openLab({ ...sessionOptions(o, runProfile(o)), kernel, modules });
+            const out: RunReport[] = [];
+            try {
+              for (let i = 0; i < repeat; i++) {
+                log(`${label}: run ${i + 1}/${repeat}`);
+                out.push(await runReport(s.target, checks, { ...ro, json: true }));
+              }
+            } finally {
+              await s.close();
             }
-          } finally {
-            await s.close();
-          }
-          return out;
-        };
-        const base = await runs(o.baselineKernel, o.baselineModules, 'baseline');
-        const mine = await runs(o.kernel, o.modules, 'kernel');
-        const ab = compareAb(base, mine);
-        if (ro.json) console.log(JSON.stringify({ baseline: o.baselineKernel, kernel: o.kernel ?? null, repeat, ...ab }, null, 2));
-        else console.log(abTable(ab, { baseline: o.baselineKernel, kernel: o.kernel ?? 'the cached Debian kernel' }));
-        process.exitCode = ab.outcomeDiffs > 0 || mine.some((r) => exitStatus(r) !== 0) ? 1 : 0;
-        return;
-      }
-      const s = await openLab(sessionOptions(o, runProfile(o)));
-      let report: RunReport;
-      try {
-        const fault = process.env[FAULT_ENV];
-        report = await runReport(s.target, fault ? withFault(checks, fault, s.lab.pid) : checks, ro);
-      } finally {
-        await s.close();
-      }
-      await printReport(report, ro);
-      process.exitCode = exitStatus(report);
-    });
+            return out;
+          };
+          const base = await runs(o.baselineKernel, o.baselineModules, 'baseline');
+          const mine = await runs(o.kernel, o.modules, 'kernel');
+          const ab = compareAb(base, mine);
+          if (ro.json)
+            console.log(
+              JSON.stringify({ baseline: o.baselineKernel, kernel: o.kernel ?? null, repeat, ...ab }, null, 2),
+            );
+          else console.log(abTable(ab, { baseline: o.baselineKernel, kernel: o.kernel ?? 'the cached Debian kernel' }));
+          process.exitCode = ab.outcomeDiffs > 0 || mine.some((r) => exitStatus(r) !== 0) ? 1 : 0;
+          return;
+        }
+        const s = await openLab(sessionOptions(o, runProfile(o)));
+        let report: RunReport;
+        try {
+          const fault = process.env[FAULT_ENV];
+          report = await runReport(s.target, fault ? withFault(checks, fault, s.lab.pid) : checks, ro);
+        } finally {
+          await s.close();
+        }
+        await printReport(report, ro);
+        process.exitCode = exitStatus(report);
+      },
+    );
 
   labOptions(lab.command('probe'))
-    .description("boot the kernel with one profile and print its KVM's profile and oracles, as `kvmharness probe` does here")
-    .option('--profile <name>', `${PROFILES.map((p) => p.name).join(', ')} (default ${DEFAULT_PROFILE}; with --arch arm64, nvhe)`)
+    .description(
+      "boot the kernel with one profile and print its KVM's profile and oracles, as `kvmharness probe` does here",
+    )
+    .option(
+      '--profile <name>',
+      `${PROFILES.map((p) => p.name).join(', ')} (default ${DEFAULT_PROFILE}; with --arch arm64, nvhe)`,
+    )
     .option('--json', 'print JSON')
     .action(async (o: LabCliOptions & { profile?: string; json?: boolean }) => {
       const s = await openLab(sessionOptions(o, runProfile(o)));
@@ -159,7 +185,10 @@ export function registerLab(program: Command): Command {
       const only = o.arch ?? (o.kernel ? 'x86_64' : undefined);
       for (const p of PROFILES) {
         if (only && p.arch !== only) {
-          results.set(p.name, `not run: ${o.arch ? `--arch ${o.arch}` : `--kernel is an ${only} kernel (add --arch to choose)`}`);
+          results.set(
+            p.name,
+            `not run: ${o.arch ? `--arch ${o.arch}` : `--kernel is an ${only} kernel (add --arch to choose)`}`,
+          );
           continue;
         }
         log(`profile ${p.name}`);

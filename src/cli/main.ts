@@ -36,7 +36,7 @@ export function program(): Command {
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
 
   p.command('probe')
-    .description('print this host\'s KVM profile and the oracles it offers')
+    .description("print this host's KVM profile and the oracles it offers")
     .option('--json', 'print JSON')
     .addOption(deviceOption())
     .action((o: { json?: boolean; device?: string }) => {
@@ -46,11 +46,9 @@ export function program(): Command {
 
   addRunOptions(p.command('run').description('run checks against KVM (default: every built-in check)'))
     .addHelpText('after', runHelpText())
-    .action(
-    async (names: string[], o: RunCliOptions) => {
+    .action(async (names: string[], o: RunCliOptions) => {
       process.exitCode = await executeRun(names, o);
-    },
-  );
+    });
 
   registerWalk(p);
   registerLab(p);
@@ -65,7 +63,14 @@ export async function main(argv: string[]): Promise<number> {
     if (e instanceof CommanderError) return e.exitCode === 0 ? 0 : 2;
     const msg = e instanceof Error ? e.message : String(e);
     process.stderr.write(`kvmharness: ${msg}\n`);
-    const expected = e instanceof OutputError || e instanceof HostError || e instanceof UsageError || e instanceof SelectionError || e instanceof ScenarioError || e instanceof WalkUsageError || e instanceof LabError;
+    const expected =
+      e instanceof OutputError ||
+      e instanceof HostError ||
+      e instanceof UsageError ||
+      e instanceof SelectionError ||
+      e instanceof ScenarioError ||
+      e instanceof WalkUsageError ||
+      e instanceof LabError;
     if (process.env.KVMHARNESS_DEBUG && e instanceof Error && !expected) process.stderr.write(`${e.stack}\n`);
     return 2;
   }

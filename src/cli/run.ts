@@ -7,9 +7,9 @@ import { removeStaleInstances } from '../observe/tracefs.js';
 import { probe, type HostProfile } from '../probe/probe.js';
 import { localFs } from '../target/fs.js';
 import { localTarget } from '../target/local.js';
-import type { Target } from '../target/target.js';
+import type { Target } from '../kvm/target.js';
 import { human, json, junit, ktap, tag } from '../report/report.js';
-import { onInterrupt } from '../run/interrupt.js';
+import { onInterrupt } from '../base/interrupt.js';
 import { exitStatus, forHostArch, interruptedReport, runChecks } from '../run/runner.js';
 import type { Check, CheckResult, RunReport } from '../run/types.js';
 import { writeReportFile, writeStdout } from './output.js';
@@ -77,11 +77,17 @@ export function checksFor(names: string[], o: RunCliOptions): Check[] {
   if (o.json && o.ktap) throw new UsageError('--json and --ktap are exclusive');
   const count = (flag: string, v: string | undefined, min: number) => {
     if (v === undefined) return undefined;
-    if (!/^\d+$/.test(v) || Number(v) < min || !Number.isSafeInteger(Number(v))) throw new UsageError(`${flag} needs an integer >= ${min}, got '${v}'`);
+    if (!/^\d+$/.test(v) || Number(v) < min || !Number.isSafeInteger(Number(v)))
+      throw new UsageError(`${flag} needs an integer >= ${min}, got '${v}'`);
     return Number(v);
   };
-  if (o.mode !== undefined && o.mode !== '4level' && o.mode !== '5level') throw new UsageError(`--mode must be 4level or 5level, got '${o.mode}'`);
-  const matrix: MatrixOptions = { mode: o.mode as MatrixOptions['mode'], sample: count('--sample', o.sample, 1), seed: count('--seed', o.seed, 0) };
+  if (o.mode !== undefined && o.mode !== '4level' && o.mode !== '5level')
+    throw new UsageError(`--mode must be 4level or 5level, got '${o.mode}'`);
+  const matrix: MatrixOptions = {
+    mode: o.mode as MatrixOptions['mode'],
+    sample: count('--sample', o.sample, 1),
+    seed: count('--seed', o.seed, 0),
+  };
   return selectChecks(names, matrix);
 }
 
@@ -93,7 +99,12 @@ export interface RunSoFar {
 }
 
 /** Runs checks against the KVM of `target` (this host's, or the lab's) and prints the report. */
-export async function runReport(target: Target, checks: Check[], o: RunCliOptions, soFar?: RunSoFar): Promise<RunReport> {
+export async function runReport(
+  target: Target,
+  checks: Check[],
+  o: RunCliOptions,
+  soFar?: RunSoFar,
+): Promise<RunReport> {
   const prof = probe(target, o.device);
   const kvm = Kvm.open(target, o.device);
   if (soFar) soFar.profile = prof;
@@ -105,7 +116,10 @@ export async function runReport(target: Target, checks: Check[], o: RunCliOption
     const show = live
       ? (r: CheckResult) => process.stderr.write(`\r\x1b[K${tag(r.outcome)} ${r.name}\n`)
       : o.progressLines
-        ? (r: CheckResult) => process.stderr.write(`[${++done}/${total}] ${tag(r.outcome)} ${r.name} (${(r.durationMs / 1000).toFixed(1)} s)\n`)
+        ? (r: CheckResult) =>
+            process.stderr.write(
+              `[${++done}/${total}] ${tag(r.outcome)} ${r.name} (${(r.durationMs / 1000).toFixed(1)} s)\n`,
+            )
         : undefined;
     report = await runChecks(checks, kvm, prof, {
       onResult: soFar
@@ -162,7 +176,10 @@ export async function executeRun(names: string[], o: RunCliOptions): Promise<num
       process.stderr.write(`kvmharness: interrupted by ${sig} before any check ran\n`);
       return;
     }
-    await printReport(interruptedReport(checks, soFar.results, soFar.profile, performance.now() - soFar.startMs, sig), o);
+    await printReport(
+      interruptedReport(checks, soFar.results, soFar.profile, performance.now() - soFar.startMs, sig),
+      o,
+    );
   });
   let report: RunReport;
   try {
@@ -173,4 +190,3 @@ export async function executeRun(names: string[], o: RunCliOptions): Promise<num
   await printReport(report, o);
   return exitStatus(report);
 }
-

@@ -28,7 +28,17 @@ import { Tdp } from '../model/tdp.js';
 import { declaredSlot } from '../model/vm.js';
 import { walk, type AccessKind, type PagingConfig } from '../model/walk.js';
 import { probe } from '../probe/probe.js';
-import { formatNested, formatWalk, nestedJson, shadowJson, shadowLines, walkJson, type CpuChoice, type NestedRun, type WalkRun } from '../report/walk.js';
+import {
+  formatNested,
+  formatWalk,
+  nestedJson,
+  shadowJson,
+  shadowLines,
+  walkJson,
+  type CpuChoice,
+  type NestedRun,
+  type WalkRun,
+} from '../report/walk.js';
 import { localTarget } from '../target/local.js';
 import { bringUpOptions, buildScenarioTables, MemImage, pagingConfigFor } from '../scenario/build.js';
 import { loadScenario, resolveScenario } from '../scenario/load.js';
@@ -68,11 +78,17 @@ function parseAddress(s: string): bigint {
 function parseArgs(o: WalkOptions): { gva: bigint; kind: AccessKind; cpl: 0 | 3; ac: boolean } {
   const gva = parseAddress(o.gva);
   if (o.tdpLevels !== undefined && !o.nested) throw new WalkUsageError('--tdp-levels: only with --nested');
-  if (o.tdpLevels !== undefined && o.tdpLevels !== '4' && o.tdpLevels !== '5') throw new WalkUsageError(`--tdp-levels: expected 4 or 5, got '${o.tdpLevels}'`);
-  if (o.access !== 'read' && o.access !== 'write' && o.access !== 'exec') throw new WalkUsageError(`--access: expected read, write or exec, got '${o.access}'`);
+  if (o.tdpLevels !== undefined && o.tdpLevels !== '4' && o.tdpLevels !== '5')
+    throw new WalkUsageError(`--tdp-levels: expected 4 or 5, got '${o.tdpLevels}'`);
+  if (o.access !== 'read' && o.access !== 'write' && o.access !== 'exec')
+    throw new WalkUsageError(`--access: expected read, write or exec, got '${o.access}'`);
   if (o.cpl !== '0' && o.cpl !== '3') throw new WalkUsageError(`--cpl: expected 0 or 3, got '${o.cpl}'`);
-  if (o.vendor !== undefined && o.vendor !== 'intel' && o.vendor !== 'amd') throw new WalkUsageError(`--vendor: expected intel or amd, got '${o.vendor}'`);
-  if (o.maxphyaddr !== undefined && !(/^[0-9]+$/.test(o.maxphyaddr) && Number(o.maxphyaddr) >= 32 && Number(o.maxphyaddr) <= 52)) {
+  if (o.vendor !== undefined && o.vendor !== 'intel' && o.vendor !== 'amd')
+    throw new WalkUsageError(`--vendor: expected intel or amd, got '${o.vendor}'`);
+  if (
+    o.maxphyaddr !== undefined &&
+    !(/^[0-9]+$/.test(o.maxphyaddr) && Number(o.maxphyaddr) >= 32 && Number(o.maxphyaddr) <= 52)
+  ) {
     throw new WalkUsageError(`--maxphyaddr: expected a number of bits from 32 to 52, got '${o.maxphyaddr}'`);
   }
   if (o.pdpe1gb !== undefined && o.pdpe1gb !== '0' && o.pdpe1gb !== '1') {
@@ -92,14 +108,22 @@ function chooseCpu(o: Pick<WalkOptions, 'probe' | 'device' | 'vendor' | 'maxphya
   if (o.probe) {
     try {
       const p = probe(localTarget, o.device);
-      if (p.cpu) cpu = { from: 'probe', why: `probe of ${p.device}`, vendor: p.cpu.vendor, maxPhyAddr: p.cpu.maxPhyAddr, pdpe1gb: p.cpu.pdpe1gb };
+      if (p.cpu)
+        cpu = {
+          from: 'probe',
+          why: `probe of ${p.device}`,
+          vendor: p.cpu.vendor,
+          maxPhyAddr: p.cpu.maxPhyAddr,
+          pdpe1gb: p.cpu.pdpe1gb,
+        };
       else cpu = { ...cpu, why: `${p.device} offers no x86 CPUID` };
     } catch (e) {
       cpu = { ...cpu, why: `no KVM: ${(e as Error).message.split('\n')[0]}` };
     }
   }
   if (o.vendor !== undefined) cpu = { ...cpu, vendor: o.vendor, why: `${cpu.why}, --vendor ${o.vendor}` };
-  if (o.maxphyaddr !== undefined) cpu = { ...cpu, maxPhyAddr: Number(o.maxphyaddr), why: `${cpu.why}, --maxphyaddr ${o.maxphyaddr}` };
+  if (o.maxphyaddr !== undefined)
+    cpu = { ...cpu, maxPhyAddr: Number(o.maxphyaddr), why: `${cpu.why}, --maxphyaddr ${o.maxphyaddr}` };
   if (o.pdpe1gb !== undefined) cpu = { ...cpu, pdpe1gb: o.pdpe1gb === '1', why: `${cpu.why}, --pdpe1gb ${o.pdpe1gb}` };
   return cpu;
 }
@@ -137,7 +161,15 @@ function runWalk(file: string, o: WalkOptions): WalkRun | NestedRun {
   const read = (gpa: bigint) => mem.read64(gpa);
   if (!o.nested) {
     const result = walk(cfg, cr3, guestAccess, read);
-    return { scenario, cpu, cfg, cr3, access, result, ...(o.shadow ? { shadow: shadowPath(mem, cfg, cr3, access) } : {}) };
+    return {
+      scenario,
+      cpu,
+      cfg,
+      cr3,
+      access,
+      result,
+      ...(o.shadow ? { shadow: shadowPath(mem, cfg, cr3, access) } : {}),
+    };
   }
   const tdp = scenarioTdp(scenario, o.tdpLevels === '5' ? 5 : 4, mem.touched);
   const nested = nestedWalk(cfg, cr3, guestAccess, read, tdp.tdp, 0, { faultIn: true });
@@ -151,13 +183,15 @@ function runWalk(file: string, o: WalkOptions): WalkRun | NestedRun {
  */
 function shadowPath(mem: MemImage, cfg: PagingConfig, cr3: bigint, a: WalkRun['access']): SpInfo[] {
   const overlay = new Map<bigint, bigint>();
-  const view = { read64: (g: bigint) => overlay.get(g) ?? mem.read64(g), write64: (g: bigint, v: bigint) => void overlay.set(g, v) };
+  const view = {
+    read64: (g: bigint) => overlay.get(g) ?? mem.read64(g),
+    write64: (g: bigint, v: bigint) => void overlay.set(g, v),
+  };
   const mmu = new ShadowMmu({ levels: cfg.levels, exec: 'native', cr0Wp: cfg.cr0Wp }, view, cr3);
   mmu.enter();
   mmu.access(a.gva, a.kind);
   return mmu.path(a.gva);
 }
-
 
 /** The TDP model of a scenario's VM, and the memslots it was given. */
 export interface ScenarioTdp {
@@ -206,7 +240,10 @@ export function scenarioTdp(s: Scenario, levels: 4 | 5, written: Iterable<number
 }
 
 /** Adds the `walk` command to a program; output goes to `out` (default: stdout). */
-export function registerWalk(program: Command, out: (s: string) => void = (s) => void process.stdout.write(s)): Command {
+export function registerWalk(
+  program: Command,
+  out: (s: string) => void = (s) => void process.stdout.write(s),
+): Command {
   return program
     .command('walk')
     .description("print the model's page walk for one access in a scenario's tables, without running a guest")
@@ -215,21 +252,32 @@ export function registerWalk(program: Command, out: (s: string) => void = (s) =>
     .option('--access <kind>', 'read, write or exec', 'read')
     .option('--cpl <n>', 'privilege level of the access, 0 or 3', '0')
     .option('--ac', 'EFLAGS.AC = 1 (the SMAP override of a CPL 0 access)')
-    .option('--vendor <name>', 'CPU vendor for the model, intel or amd (default: the probe\'s, else amd)')
-    .option('--maxphyaddr <bits>', 'MAXPHYADDR for the model (default: the probe\'s, else 48)')
-    .option('--pdpe1gb <0|1>', 'whether 1 GiB pages exist for the model (CPUID PDPE1GB; default: the probe\'s, else 1)')
+    .option('--vendor <name>', "CPU vendor for the model, intel or amd (default: the probe's, else amd)")
+    .option('--maxphyaddr <bits>', "MAXPHYADDR for the model (default: the probe's, else 48)")
+    .option('--pdpe1gb <0|1>', "whether 1 GiB pages exist for the model (CPUID PDPE1GB; default: the probe's, else 1)")
     .option('--no-probe', 'do not read CPU features from KVM; use the defaults')
     .option('--device <path>', 'KVM device to probe (default: $KVMHARNESS_DEVICE or /dev/kvm)')
     .option('--json', 'print JSON')
-    .option('--nested', 'print both dimensions: every TDP and guest-table reference, over an empty TDP model of the memslots')
+    .option(
+      '--nested',
+      'print both dimensions: every TDP and guest-table reference, over an empty TDP model of the memslots',
+    )
     .option('--tdp-levels <n>', 'with --nested: TDP levels, 4 or 5 (default 4)')
-    .option('--shadow', 'also the shadow pages a shadow-MMU host uses for the access (model/shadow.ts), and whether each is unsync')
+    .option(
+      '--shadow',
+      'also the shadow pages a shadow-MMU host uses for the access (model/shadow.ts), and whether each is unsync',
+    )
     .action((file: string, o: WalkOptions) => {
       const r = runWalk(file, o);
       const shadow = r.shadow && shadowJson(r.shadow);
-      const text = 'nested' in r ? (o.json ? JSON.stringify(nestedJson(r), null, 2) : formatNested(r))
-        : o.json ? JSON.stringify({ ...walkJson(r), ...(shadow ? { shadow } : {}) }, null, 2)
-        : [formatWalk(r), ...(r.shadow ? shadowLines(r.shadow) : [])].join('\n');
+      const text =
+        'nested' in r
+          ? o.json
+            ? JSON.stringify(nestedJson(r), null, 2)
+            : formatNested(r)
+          : o.json
+            ? JSON.stringify({ ...walkJson(r), ...(shadow ? { shadow } : {}) }, null, 2)
+            : [formatWalk(r), ...(r.shadow ? shadowLines(r.shadow) : [])].join('\n');
       out(`${text}\n`);
     });
 }

@@ -19,7 +19,9 @@ export function cpuidBuffer(entries: readonly CpuidEntry[], capacity = entries.l
   dv.setUint32(0, capacity, true);
   entries.forEach((e, i) => {
     const o = SIZEOF.kvm_cpuid2 + i * SIZEOF.kvm_cpuid_entry2;
-    [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx].forEach((v, j) => dv.setUint32(o + 4 * j, v >>> 0, true));
+    [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx].forEach((v, j) =>
+      dv.setUint32(o + 4 * j, v >>> 0, true),
+    );
   });
   return b;
 }

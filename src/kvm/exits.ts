@@ -5,6 +5,7 @@
 import { constants } from 'node:os';
 import { EXIT, KVM_EXIT_IO_OUT, RUN } from '../uapi/uapi.js';
 import { KvmError } from './sys.js';
+import { hex } from '../base/units.js';
 
 export type Exit =
   | {
@@ -124,7 +125,11 @@ export function decodeExit(run: DataView): Exit {
         data: u64sAt(run, RUN.system_event_data, run.getUint32(RUN.system_event_ndata, true)),
       };
     case EXIT.KVM_EXIT_EXCEPTION:
-      return { reason: 'exception', exception: run.getUint32(RUN.ex_exception, true), errorCode: run.getUint32(RUN.ex_error_code, true) };
+      return {
+        reason: 'exception',
+        exception: run.getUint32(RUN.ex_exception, true),
+        errorCode: run.getUint32(RUN.ex_error_code, true),
+      };
     case EXIT.KVM_EXIT_INTR:
       return { reason: 'intr' };
     default:
@@ -156,7 +161,6 @@ export const INTERNAL_ERROR_SUBERRORS: Record<number, string> = {
 
 /** One line describing an exit, for reports. */
 export function describeExit(e: Exit): string {
-  const hex = (v: bigint | number) => `0x${v.toString(16)}`;
   const dataHex = (d: Uint8Array) => Buffer.from(d).toString('hex');
   switch (e.reason) {
     case 'io':

@@ -7,7 +7,7 @@ import { constants } from 'node:os';
 import { check, HostError, KvmError, type Addon } from './sys.js';
 import { cpuidBuffer, decodeCpuid, type CpuidEntry } from './cpuid.js';
 import { Vm } from './vm.js';
-import type { Target } from '../target/target.js';
+import type { Target } from './target.js';
 import { IOCTL, O_RDWR } from '../uapi/uapi.js';
 
 const { E2BIG, EACCES, EINTR, EISDIR, ENOENT, EPERM } = constants.errno;
@@ -34,8 +34,10 @@ export function permissionHint(target: Pick<Target, 'fs'>, path: string): string
   if (group === 'root') {
     return `${path} is owned by group root: run as root, or give it a group of its own (e.g. kvm) that your user is in`;
   }
-  return `run as root, or add your user to group ${group}, which owns ${path}: `
-    + `sudo usermod -aG ${group} $USER, then log in again`;
+  return (
+    `run as root, or add your user to group ${group}, which owns ${path}: ` +
+    `sudo usermod -aG ${group} $USER, then log in again`
+  );
 }
 
 export class Kvm {
@@ -55,10 +57,16 @@ export class Kvm {
     const r = target.addon.open(path, O_RDWR);
     if (r < 0) {
       const e = -r;
-      if (e === ENOENT) throw new HostError(`${path} does not exist: this host has no KVM (load kvm_intel/kvm_amd, or point --device / KVMHARNESS_DEVICE at the device)`);
-      if (e === EACCES || e === EPERM) throw new HostError(`${path}: permission denied (${permissionHint(target, path)})`);
+      if (e === ENOENT)
+        throw new HostError(
+          `${path} does not exist: this host has no KVM (load kvm_intel/kvm_amd, or point --device / KVMHARNESS_DEVICE at the device)`,
+        );
+      if (e === EACCES || e === EPERM)
+        throw new HostError(`${path}: permission denied (${permissionHint(target, path)})`);
       if (e === EISDIR) {
-        throw new HostError(`${path} is a directory, not a KVM device (point --device / KVMHARNESS_DEVICE at the device node, as /dev/kvm)`);
+        throw new HostError(
+          `${path} is a directory, not a KVM device (point --device / KVMHARNESS_DEVICE at the device node, as /dev/kvm)`,
+        );
       }
       throw new HostError(`cannot open ${path}: ${new KvmError('open', e).message}`);
     }

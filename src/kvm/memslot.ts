@@ -4,16 +4,9 @@
 // guest-physical view through the slots.
 import { check, mapped, Unsupported, type Addon } from './sys.js';
 import { FALLOC, MADV, MAP, MFD, PROT } from '../uapi/uapi.js';
-import type { Target } from '../target/target.js';
-
-export const PAGE_SIZE = 4096;
-
-/** The host memory behind a memslot (the model's page backing is another thing). */
-export type HostBacking =
-  | { kind: 'anon'; thp?: boolean }
-  | { kind: 'shared' }
-  | { kind: 'memfd'; hugetlb?: boolean }
-  | { kind: 'hugetlb'; pageSize: '2M' | '1G' };
+import type { Target } from './target.js';
+import type { HostBacking } from '../base/host-backing.js';
+import { PAGE_SIZE } from '../base/units.js';
 
 export interface MemslotSpec {
   slot: number;
@@ -63,7 +56,9 @@ export class Memslot {
   }
   private range(call: string, offset: number, len: number): void {
     if (offset < 0 || len <= 0 || offset + len > this.size || offset % PAGE_SIZE) {
-      throw new RangeError(`${call}: range +0x${offset.toString(16)}/0x${len.toString(16)} is not page-aligned inside memslot ${this.slot} (0x${this.size.toString(16)} bytes)`);
+      throw new RangeError(
+        `${call}: range +0x${offset.toString(16)}/0x${len.toString(16)} is not page-aligned inside memslot ${this.slot} (0x${this.size.toString(16)} bytes)`,
+      );
     }
   }
   /** madvise() on part of the backing (MADV.DONTNEED, HUGEPAGE, NOHUGEPAGE, ...). */
@@ -75,7 +70,11 @@ export class Memslot {
   mprotect(offset: number, len: number, prot: number): void {
     this.range('mprotect', offset, len);
     check('mprotect', this.target.addon.mprotect(this.memory, offset, len, prot), `memslot ${this.slot}`);
-    const state: PageState | undefined = !(prot & PROT.READ) ? 'prot-none' : !(prot & PROT.WRITE) ? 'prot-read' : undefined;
+    const state: PageState | undefined = !(prot & PROT.READ)
+      ? 'prot-none'
+      : !(prot & PROT.WRITE)
+        ? 'prot-read'
+        : undefined;
     this.setStates(offset, len, state);
   }
   /** munmap() of part of the backing; remap() puts memory back. Needs a target that maps ranges. */
@@ -83,7 +82,10 @@ export class Memslot {
     this.range('munmap', offset, len);
     const r = this.target.ranges;
     if (!r) {
-      throw new Unsupported('munmap of part of a memslot', `the ${this.target.name} target cannot unmap part of a mapping`);
+      throw new Unsupported(
+        'munmap of part of a memslot',
+        `the ${this.target.name} target cannot unmap part of a mapping`,
+      );
     }
     check('munmap', r.unmapRange(this.memory, offset, len), `memslot ${this.slot}`);
     this.setStates(offset, len, 'unmapped');
@@ -97,16 +99,36 @@ export class Memslot {
     this.range('remap', offset, len);
     const r = this.target.ranges;
     if (!r) {
-      throw new Unsupported('remapping part of a memslot', `the ${this.target.name} target cannot map over part of a mapping`);
+      throw new Unsupported(
+        'remapping part of a memslot',
+        `the ${this.target.name} target cannot map over part of a mapping`,
+      );
     }
     const b = this.backing;
     const rw = PROT.READ | PROT.WRITE;
-    const flags = b.kind === 'anon' ? MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE
-      : b.kind === 'shared' ? MAP.SHARED | MAP.ANONYMOUS
-      : b.kind === 'memfd' ? MAP.SHARED
-      : MAP.PRIVATE | MAP.ANONYMOUS | MAP.HUGETLB | (b.pageSize === '1G' ? MAP.HUGE_1GB : MAP.HUGE_2MB);
-    check('mmap(MAP_FIXED)', r.remapRange(this.memory, offset, len, rw, flags, b.kind === 'memfd' ? this.memfd : -1, b.kind === 'memfd' ? offset : 0), `memslot ${this.slot}`);
-    if (b.kind === 'anon' && b.thp !== undefined) check('madvise', this.target.addon.madvise(this.memory, offset, len, b.thp ? MADV.HUGEPAGE : MADV.NOHUGEPAGE));
+    const flags =
+      b.kind === 'anon'
+        ? MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE
+        : b.kind === 'shared'
+          ? MAP.SHARED | MAP.ANONYMOUS
+          : b.kind === 'memfd'
+            ? MAP.SHARED
+            : MAP.PRIVATE | MAP.ANONYMOUS | MAP.HUGETLB | (b.pageSize === '1G' ? MAP.HUGE_1GB : MAP.HUGE_2MB);
+    check(
+      'mmap(MAP_FIXED)',
+      r.remapRange(
+        this.memory,
+        offset,
+        len,
+        rw,
+        flags,
+        b.kind === 'memfd' ? this.memfd : -1,
+        b.kind === 'memfd' ? offset : 0,
+      ),
+      `memslot ${this.slot}`,
+    );
+    if (b.kind === 'anon' && b.thp !== undefined)
+      check('madvise', this.target.addon.madvise(this.memory, offset, len, b.thp ? MADV.HUGEPAGE : MADV.NOHUGEPAGE));
     this.setStates(offset, len, undefined);
   }
   private setStates(offset: number, len: number, state: PageState | undefined): void {
@@ -193,7 +215,10 @@ export class GuestMemory {
     const s = this.slotOf(gpa, len);
     if (!s) throw new RangeError(`GPA range 0x${gpa.toString(16)}+0x${len.toString(16)} is not inside one memslot`);
     const why = s.untouchable(Number(gpa - s.gpa), len, write);
-    if (why) throw new RangeError(`GPA range 0x${gpa.toString(16)}+0x${len.toString(16)}: the host memory behind it is ${why}`);
+    if (why)
+      throw new RangeError(
+        `GPA range 0x${gpa.toString(16)}+0x${len.toString(16)}: the host memory behind it is ${why}`,
+      );
     return new Uint8Array(s.memory, Number(gpa - s.gpa), len);
   }
   write(gpa: bigint, data: ArrayLike<number>): void {
@@ -218,7 +243,12 @@ export class GuestMemory {
 }
 
 /** Maps `size` bytes of host memory of kind `b` (for memfd backing, a new memfd named `name`). */
-export function allocBacking(a: Addon, b: HostBacking, size: number, name: string): { memory: ArrayBuffer; memfd: number } {
+export function allocBacking(
+  a: Addon,
+  b: HostBacking,
+  size: number,
+  name: string,
+): { memory: ArrayBuffer; memfd: number } {
   const rw = PROT.READ | PROT.WRITE;
   switch (b.kind) {
     case 'anon': {
@@ -230,7 +260,13 @@ export function allocBacking(a: Addon, b: HostBacking, size: number, name: strin
       return { memory: mapped('mmap(shared)', a.mmap(size, rw, MAP.SHARED | MAP.ANONYMOUS, -1, 0)), memfd: -1 };
     case 'hugetlb': {
       const flag = b.pageSize === '1G' ? MAP.HUGE_1GB : MAP.HUGE_2MB;
-      return { memory: mapped(`mmap(hugetlb ${b.pageSize})`, a.mmap(size, rw, MAP.PRIVATE | MAP.ANONYMOUS | MAP.HUGETLB | flag, -1, 0)), memfd: -1 };
+      return {
+        memory: mapped(
+          `mmap(hugetlb ${b.pageSize})`,
+          a.mmap(size, rw, MAP.PRIVATE | MAP.ANONYMOUS | MAP.HUGETLB | flag, -1, 0),
+        ),
+        memfd: -1,
+      };
     }
     case 'memfd': {
       const fd = check('memfd_create', a.memfdCreate(name, MFD.CLOEXEC | (b.hugetlb ? MFD.HUGETLB : 0)));

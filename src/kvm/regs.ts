@@ -2,8 +2,24 @@
 import { SIZEOF } from '../uapi/uapi.js';
 
 export const REG_NAMES = [
-  'rax', 'rbx', 'rcx', 'rdx', 'rsi', 'rdi', 'rsp', 'rbp',
-  'r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15', 'rip', 'rflags',
+  'rax',
+  'rbx',
+  'rcx',
+  'rdx',
+  'rsi',
+  'rdi',
+  'rsp',
+  'rbp',
+  'r8',
+  'r9',
+  'r10',
+  'r11',
+  'r12',
+  'r13',
+  'r14',
+  'r15',
+  'rip',
+  'rflags',
 ] as const;
 export type RegName = (typeof REG_NAMES)[number];
 export type Regs = Record<RegName, bigint>;
@@ -43,15 +59,50 @@ export interface Sregs extends Record<SegName, Segment> {
 
 /** All general-purpose registers zero (a new object each call). */
 export function zeroRegs(): Regs {
-  return { rax: 0n, rbx: 0n, rcx: 0n, rdx: 0n, rsi: 0n, rdi: 0n, rsp: 0n, rbp: 0n, r8: 0n, r9: 0n, r10: 0n, r11: 0n, r12: 0n, r13: 0n, r14: 0n, r15: 0n, rip: 0n, rflags: 0n };
+  return {
+    rax: 0n,
+    rbx: 0n,
+    rcx: 0n,
+    rdx: 0n,
+    rsi: 0n,
+    rdi: 0n,
+    rsp: 0n,
+    rbp: 0n,
+    r8: 0n,
+    r9: 0n,
+    r10: 0n,
+    r11: 0n,
+    r12: 0n,
+    r13: 0n,
+    r14: 0n,
+    r15: 0n,
+    rip: 0n,
+    rflags: 0n,
+  };
 }
 
 export function decodeRegs(b: Uint8Array): Regs {
   const dv = new DataView(b.buffer, b.byteOffset, SIZEOF.kvm_regs);
   const q = (i: number): bigint => dv.getBigUint64(i * 8, true);
   return {
-    rax: q(0), rbx: q(1), rcx: q(2), rdx: q(3), rsi: q(4), rdi: q(5), rsp: q(6), rbp: q(7),
-    r8: q(8), r9: q(9), r10: q(10), r11: q(11), r12: q(12), r13: q(13), r14: q(14), r15: q(15), rip: q(16), rflags: q(17),
+    rax: q(0),
+    rbx: q(1),
+    rcx: q(2),
+    rdx: q(3),
+    rsi: q(4),
+    rdi: q(5),
+    rsp: q(6),
+    rbp: q(7),
+    r8: q(8),
+    r9: q(9),
+    r10: q(10),
+    r11: q(11),
+    r12: q(12),
+    r13: q(13),
+    r14: q(14),
+    r15: q(15),
+    rip: q(16),
+    rflags: q(17),
   };
 }
 
@@ -104,10 +155,23 @@ export function decodeSregs(b: Uint8Array): Sregs {
   const seg = (i: number): Segment => getSeg(dv, i * SIZEOF.kvm_segment);
   const q = (o: number): bigint => dv.getBigUint64(o, true);
   return {
-    cs: seg(0), ds: seg(1), es: seg(2), fs: seg(3), gs: seg(4), ss: seg(5), tr: seg(6), ldt: seg(7),
+    cs: seg(0),
+    ds: seg(1),
+    es: seg(2),
+    fs: seg(3),
+    gs: seg(4),
+    ss: seg(5),
+    tr: seg(6),
+    ldt: seg(7),
     gdt: { base: q(DT_OFF), limit: dv.getUint16(DT_OFF + 8, true) },
     idt: { base: q(DT_OFF + 16), limit: dv.getUint16(DT_OFF + 24, true) },
-    cr0: q(CR_OFF), cr2: q(CR_OFF + 8), cr3: q(CR_OFF + 16), cr4: q(CR_OFF + 24), cr8: q(CR_OFF + 32), efer: q(CR_OFF + 40), apicBase: q(CR_OFF + 48),
+    cr0: q(CR_OFF),
+    cr2: q(CR_OFF + 8),
+    cr3: q(CR_OFF + 16),
+    cr4: q(CR_OFF + 24),
+    cr8: q(CR_OFF + 32),
+    efer: q(CR_OFF + 40),
+    apicBase: q(CR_OFF + 48),
     interruptBitmap: [q(BITMAP_OFF), q(BITMAP_OFF + 8), q(BITMAP_OFF + 16), q(BITMAP_OFF + 24)],
   };
 }

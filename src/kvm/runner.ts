@@ -79,10 +79,13 @@ export class ThreadRunner implements VcpuRunner {
           // The time limit is armed only when the run outlasts the polling
           // (about 1 ms): a timer per run cost ~15 µs, more than the short
           // runs it would never fire on.
-          timer = setTimeout(() => {
-            timedOut = true;
-            this.kickThread(thread);
-          }, Math.max(0, limits.timeoutMs - (performance.now() - start)));
+          timer = setTimeout(
+            () => {
+              timedOut = true;
+              this.kickThread(thread);
+            },
+            Math.max(0, limits.timeoutMs - (performance.now() - start)),
+          );
           await thread.wait(seq);
           lastTurn = performance.now();
         }

@@ -30,7 +30,10 @@ const TYPES: StatType[] = ['cumulative', 'instant', 'peak', 'linear_hist', 'log_
 const UNITS: StatUnit[] = ['none', 'bytes', 'seconds', 'cycles', 'boolean'];
 
 /** Parses a stats header plus descriptors from the bytes at the start of a stats fd. */
-export function parseStatsLayout(read: (len: number, pos: number) => Uint8Array): { header: StatsHeader; descs: StatDesc[] } {
+export function parseStatsLayout(read: (len: number, pos: number) => Uint8Array): {
+  header: StatsHeader;
+  descs: StatDesc[];
+} {
   const h = read(SIZEOF.kvm_stats_header, 0);
   const hv = new DataView(h.buffer, h.byteOffset, h.byteLength);
   const nameSize = hv.getUint32(4, true);
@@ -42,7 +45,14 @@ export function parseStatsLayout(read: (len: number, pos: number) => Uint8Array)
     const z = b.indexOf(0);
     return Buffer.from(b.subarray(0, z < 0 ? b.length : z)).toString('latin1');
   };
-  const header: StatsHeader = { flags: hv.getUint32(0, true), nameSize, numDesc, id: cstr(read(nameSize, idOffset)), descOffset, dataOffset };
+  const header: StatsHeader = {
+    flags: hv.getUint32(0, true),
+    nameSize,
+    numDesc,
+    id: cstr(read(nameSize, idOffset)),
+    descOffset,
+    dataOffset,
+  };
   const descSize = SIZEOF.kvm_stats_desc + nameSize;
   const all = read(descSize * numDesc, descOffset);
   const dv = new DataView(all.buffer, all.byteOffset, all.byteLength);
@@ -52,7 +62,8 @@ export function parseStatsLayout(read: (len: number, pos: number) => Uint8Array)
     const flags = dv.getUint32(o, true);
     const type = TYPES[flags & 0xf];
     const unit = UNITS[(flags >> 4) & 0xf];
-    if (type === undefined || unit === undefined) throw new Error(`stats descriptor ${i}: unknown type/unit in flags 0x${flags.toString(16)}`);
+    if (type === undefined || unit === undefined)
+      throw new Error(`stats descriptor ${i}: unknown type/unit in flags 0x${flags.toString(16)}`);
     descs.push({
       name: cstr(all.subarray(o + SIZEOF.kvm_stats_desc, o + descSize)),
       type,
@@ -74,7 +85,11 @@ export function decodeStatValues(descs: readonly StatDesc[], data: Uint8Array): 
   const out: StatValues = new Map();
   for (const d of descs) {
     if (d.size === 1) out.set(d.name, dv.getBigUint64(d.offset, true));
-    else out.set(d.name, Array.from({ length: d.size }, (_, i) => dv.getBigUint64(d.offset + 8 * i, true)));
+    else
+      out.set(
+        d.name,
+        Array.from({ length: d.size }, (_, i) => dv.getBigUint64(d.offset + 8 * i, true)),
+      );
   }
   return out;
 }
@@ -100,9 +115,7 @@ export class StatsReader {
   readonly descs: StatDesc[];
   private readonly dataLen: number;
   private readonly buf: Uint8Array;
-  constructor(
-    private readonly pread: (buf: Uint8Array, pos: number) => void,
-  ) {
+  constructor(private readonly pread: (buf: Uint8Array, pos: number) => void) {
     const read = (len: number, pos: number) => {
       const b = new Uint8Array(len);
       if (len) pread(b, pos);

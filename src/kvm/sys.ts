@@ -32,7 +32,15 @@ export interface RangeMapping {
   /** munmap of part of a mapped buffer (the buffer stays attached). */
   unmapRange(buf: ArrayBuffer, offset: number, len: number): number;
   /** mmap(MAP_FIXED) over part of a mapped buffer. */
-  remapRange(buf: ArrayBuffer, offset: number, len: number, prot: number, flags: number, fd: number, fileOffset: number): number;
+  remapRange(
+    buf: ArrayBuffer,
+    offset: number,
+    len: number,
+    prot: number,
+    flags: number,
+    fd: number,
+    fileOffset: number,
+  ): number;
 }
 
 /** The native addon's vCPU threads (this host's: ThreadRunner uses them). */
@@ -130,12 +138,4 @@ export function check(call: string, r: number, detail?: string): number {
 export function mapped(call: string, m: ArrayBuffer | number): ArrayBuffer {
   if (typeof m === 'number') throw new KvmError(call, -m);
   return m;
-}
-
-/** The host does not offer what a check or a guest needs: "not applicable here", never a pass. */
-export class NotApplicable extends Error {
-  constructor(reason: string) {
-    super(reason);
-    this.name = 'NotApplicable';
-  }
 }

@@ -34,7 +34,7 @@ export interface RunReply {
 }
 
 /** Words of the shared control block (native/vcpu_thread.h, CTL_*; test/native-abi.test.ts compares them). */
-export const W = {
+export const CTL = {
   cmd: 0, // sequence number of the last command (owner increments)
   op: 1,
   fd: 2,
@@ -52,7 +52,7 @@ export const W = {
   /** 1 while the owner waits for the thread's notification (it stopped polling). */
   waiting: 15,
 } as const;
-export const WORDS = 16;
+export const CTL_WORDS = 16;
 export const OP = { run: 1, exit: 2, write: 3 } as const;
 const CONSOLE_BYTES = 65536;
 /** The console output of a run that wrote none (a copy per run cost an ArrayBuffer). */
@@ -74,15 +74,15 @@ export class VcpuThread {
       if (this.waiter && seq >= this.waiter.seq) this.waiter.resolve();
     });
     if (typeof this.handle === 'number') throw new Error(`starting a vCPU thread failed: errno ${-this.handle}`);
-    this.seq = Atomics.load(ctl, W.done);
-    this.tid = Atomics.load(ctl, W.tid);
+    this.seq = Atomics.load(ctl, CTL.done);
+    this.tid = Atomics.load(ctl, CTL.tid);
     VcpuThread.live.set(this.tid, this);
   }
   /** Kernel thread id, the target of kicks. */
   readonly tid: number;
 
   static spawn(): VcpuThread {
-    const ctl = new Int32Array(new SharedArrayBuffer(WORDS * 4));
+    const ctl = new Int32Array(new SharedArrayBuffer(CTL_WORDS * 4));
     const console = new Uint8Array(new SharedArrayBuffer(CONSOLE_BYTES));
     const k = localAddon();
     k.kickInstall();
@@ -97,15 +97,15 @@ export class VcpuThread {
    */
   private post(op: number, onCallerCpu = false): number {
     while (!this.finished(this.seq));
-    this.ctl[W.op] = op;
+    this.ctl[CTL.op] = op;
     const seq = ++this.seq;
-    Atomics.store(this.ctl, W.cmd, seq);
+    Atomics.store(this.ctl, CTL.cmd, seq);
     this.k.threadPost(this.handle, onCallerCpu);
     return seq;
   }
 
   private finished(seq: number): boolean {
-    return Atomics.load(this.ctl, W.done) === seq;
+    return Atomics.load(this.ctl, CTL.done) === seq;
   }
 
   /** Starts a run; returns its sequence number for poll() and wait(). finish() ends it. */
@@ -114,13 +114,13 @@ export class VcpuThread {
     while (!this.finished(this.seq));
     this.busy = true;
     const c = this.ctl;
-    c[W.fd] = req.fd;
+    c[CTL.fd] = req.fd;
     // User-space addresses are below 2^47: exact as a double, no BigInt arithmetic per run.
     const run = Number(req.run);
-    c[W.runLo] = run % 2 ** 32 | 0;
-    c[W.runHi] = Math.floor(run / 2 ** 32) | 0;
-    c[W.consolePort] = req.consolePort;
-    c[W.maxExits] = Math.min(req.maxExits, 0x7fffffff);
+    c[CTL.runLo] = (run % 2 ** 32) | 0;
+    c[CTL.runHi] = Math.floor(run / 2 ** 32) | 0;
+    c[CTL.consolePort] = req.consolePort;
+    c[CTL.maxExits] = Math.min(req.maxExits, 0x7fffffff);
     return this.post(OP.run, true);
   }
 
@@ -146,10 +146,10 @@ export class VcpuThread {
       // after setting `done`: one of the two sees the other.
       await new Promise<void>((resolve) => {
         this.waiter = { seq, resolve };
-        Atomics.store(this.ctl, W.waiting, 1);
+        Atomics.store(this.ctl, CTL.waiting, 1);
         if (this.finished(seq)) resolve();
       });
-      Atomics.store(this.ctl, W.waiting, 0);
+      Atomics.store(this.ctl, CTL.waiting, 0);
       this.waiter = undefined;
     } finally {
       this.k.threadRef(this.handle, false);
@@ -161,10 +161,10 @@ export class VcpuThread {
     const c = this.ctl;
     this.busy = false;
     return {
-      ret: c[W.ret]!,
-      exits: c[W.exits]!,
-      console: c[W.consoleLen] ? this.console.slice(0, c[W.consoleLen]) : NO_BYTES,
-      ns: (c[W.nsHi]! >>> 0) * 2 ** 32 + (c[W.nsLo]! >>> 0),
+      ret: c[CTL.ret]!,
+      exits: c[CTL.exits]!,
+      console: c[CTL.consoleLen] ? this.console.slice(0, c[CTL.consoleLen]) : NO_BYTES,
+      ns: (c[CTL.nsHi]! >>> 0) * 2 ** 32 + (c[CTL.nsLo]! >>> 0),
     };
   }
 
@@ -198,14 +198,15 @@ export class VcpuThread {
     if (data.length > CONSOLE_BYTES) throw new RangeError(`a vCPU thread writes at most ${CONSOLE_BYTES} bytes`);
     while (!this.finished(this.seq));
     this.console.set(data);
-    this.ctl[W.fd] = fd;
-    this.ctl[W.maxExits] = data.length;
+    this.ctl[CTL.fd] = fd;
+    this.ctl[CTL.maxExits] = data.length;
     const seq = this.post(OP.write);
     const start = performance.now();
     while (!this.poll(seq)) {
-      if (performance.now() - start > limitMs) throw new Error(`vCPU thread ${this.tid} did not finish a write within ${limitMs} ms`);
+      if (performance.now() - start > limitMs)
+        throw new Error(`vCPU thread ${this.tid} did not finish a write within ${limitMs} ms`);
     }
-    return this.ctl[W.ret]!;
+    return this.ctl[CTL.ret]!;
   }
 
   /** Ends the thread. */

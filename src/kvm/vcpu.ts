@@ -8,11 +8,19 @@ import { runExit, type Exit } from './exits.js';
 import { decodeRegs, decodeSregs, encodeRegs, encodeSregs, type Regs, type Sregs } from './regs.js';
 import type { VcpuRunner } from './runner.js';
 import { statsReaderFor, type StatsReader } from './stats.js';
-import { PAGE_SIZE } from './memslot.js';
+import { PAGE_SIZE } from '../base/units.js';
 import type { Vm } from './vm.js';
 import { encodeVcpuInit, type VcpuInit } from './arm64.js';
 import {
-  ARM64_IOCTL, IOCTL, KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, KVM_DIRTY_LOG_PAGE_OFFSET, MAP, PROT, RUN, SIZEOF,
+  ARM64_IOCTL,
+  IOCTL,
+  KVM_DIRTY_GFN_F_DIRTY,
+  KVM_DIRTY_GFN_F_RESET,
+  KVM_DIRTY_LOG_PAGE_OFFSET,
+  MAP,
+  PROT,
+  RUN,
+  SIZEOF,
 } from '../uapi/uapi.js';
 
 export interface RunOptions {
@@ -112,12 +120,15 @@ export class Vcpu {
     const n = check('KVM_GET_MSRS', this.sys.ioctlBuf(this.fd, IOCTL.KVM_GET_MSRS, b));
     if (n !== indices.length) throw new KvmError('KVM_GET_MSRS', 22, `MSR 0x${indices[n]!.toString(16)} not readable`);
     const dv = new DataView(b.buffer);
-    return new Map(indices.map((idx, i) => [idx, dv.getBigUint64(SIZEOF.kvm_msrs + i * SIZEOF.kvm_msr_entry + 8, true)]));
+    return new Map(
+      indices.map((idx, i) => [idx, dv.getBigUint64(SIZEOF.kvm_msrs + i * SIZEOF.kvm_msr_entry + 8, true)]),
+    );
   }
   setMsrs(values: ReadonlyMap<number, bigint>): void {
     const entries = [...values];
     const n = check('KVM_SET_MSRS', this.sys.ioctlBuf(this.fd, IOCTL.KVM_SET_MSRS, msrBuffer(entries)));
-    if (n !== entries.length) throw new KvmError('KVM_SET_MSRS', 22, `MSR 0x${entries[n]![0].toString(16)} not writable`);
+    if (n !== entries.length)
+      throw new KvmError('KVM_SET_MSRS', 22, `MSR 0x${entries[n]![0].toString(16)} not writable`);
   }
   translate(gva: bigint): Translation {
     const b = new Uint8Array(SIZEOF.kvm_translation);
@@ -194,7 +205,16 @@ export class Vcpu {
   harvestDirtyRing(): DirtyGfn[] {
     if (!this.vm.dirtyRingBytes) throw new Error('the dirty ring is not enabled on this VM');
     if (!this.ring) {
-      const m = mapped('mmap(dirty ring)', this.sys.mmap(this.vm.dirtyRingBytes, PROT.READ | PROT.WRITE, MAP.SHARED, this.fd, KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE));
+      const m = mapped(
+        'mmap(dirty ring)',
+        this.sys.mmap(
+          this.vm.dirtyRingBytes,
+          PROT.READ | PROT.WRITE,
+          MAP.SHARED,
+          this.fd,
+          KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE,
+        ),
+      );
       this.ring = { map: m, view: new DataView(m), entries: this.vm.dirtyRingBytes / SIZEOF.kvm_dirty_gfn, next: 0 };
     }
     const r = this.ring;

@@ -2,7 +2,8 @@
 // memory attributes, stats, and the vCPUs it creates.
 import { check, mapped, type Addon } from './sys.js';
 import { statsReaderFor, type StatsReader } from './stats.js';
-import { allocBacking, GuestMemory, Memslot, PAGE_SIZE, type MemslotSpec } from './memslot.js';
+import { allocBacking, GuestMemory, Memslot, type MemslotSpec } from './memslot.js';
+import { PAGE_SIZE } from '../base/units.js';
 import { Vcpu } from './vcpu.js';
 import type { Kvm } from './kvm.js';
 import { decodeVcpuInit, type VcpuInit } from './arm64.js';
@@ -44,7 +45,12 @@ export class Vm {
 
   /** Manual dirty-log protection: GET_DIRTY_LOG stops write-protecting; CLEAR_DIRTY_LOG does it. */
   enableManualDirtyLogProtect(initiallySet = false): void {
-    this.enableCap(CAP.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, [initiallySet ? 3n : 1n], 0, 'KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)');
+    this.enableCap(
+      CAP.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+      [initiallySet ? 3n : 1n],
+      0,
+      'KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)',
+    );
   }
 
   /** Enables the per-vCPU dirty ring (before any vCPU exists); bytes = entries * 16. */
@@ -69,29 +75,57 @@ export class Vm {
   /** Raw KVM_SET_USER_MEMORY_REGION; size 0 deletes the slot. */
   setUserMemoryRegion(slot: number, flags: number, gpa: bigint, size: bigint, hva: bigint, asId = 0): void {
     const b = memoryRegion(SIZEOF.kvm_userspace_memory_region, slot, flags, gpa, size, hva, asId);
-    check('KVM_SET_USER_MEMORY_REGION', this.sys.ioctlBuf(this.fd, IOCTL.KVM_SET_USER_MEMORY_REGION, b), `slot ${slot}`);
+    check(
+      'KVM_SET_USER_MEMORY_REGION',
+      this.sys.ioctlBuf(this.fd, IOCTL.KVM_SET_USER_MEMORY_REGION, b),
+      `slot ${slot}`,
+    );
   }
 
   /** Raw KVM_SET_USER_MEMORY_REGION2 (guest_memfd binding). */
-  setUserMemoryRegion2(slot: number, flags: number, gpa: bigint, size: bigint, hva: bigint, gmemFd: number, gmemOffset: bigint, asId = 0): void {
+  setUserMemoryRegion2(
+    slot: number,
+    flags: number,
+    gpa: bigint,
+    size: bigint,
+    hva: bigint,
+    gmemFd: number,
+    gmemOffset: bigint,
+    asId = 0,
+  ): void {
     const b = memoryRegion(SIZEOF.kvm_userspace_memory_region2, slot, flags, gpa, size, hva, asId);
     const dv = new DataView(b.buffer);
     dv.setBigUint64(32, gmemOffset, true);
     dv.setUint32(40, gmemFd, true);
-    check('KVM_SET_USER_MEMORY_REGION2', this.sys.ioctlBuf(this.fd, IOCTL.KVM_SET_USER_MEMORY_REGION2, b), `slot ${slot}`);
+    check(
+      'KVM_SET_USER_MEMORY_REGION2',
+      this.sys.ioctlBuf(this.fd, IOCTL.KVM_SET_USER_MEMORY_REGION2, b),
+      `slot ${slot}`,
+    );
   }
 
   /** Allocates host memory for a memslot and registers it. */
   addMemslot(spec: MemslotSpec): Memslot {
     const { slot, gpa, size, flags = 0, backing = { kind: 'anon' }, asId = 0 } = spec;
-    if (size <= 0 || size % PAGE_SIZE) throw new RangeError(`memslot ${slot}: size 0x${size.toString(16)} is not a positive multiple of 4 KiB`);
-    if (gpa % BigInt(PAGE_SIZE)) throw new RangeError(`memslot ${slot}: gpa 0x${gpa.toString(16)} is not 4 KiB aligned`);
+    if (size <= 0 || size % PAGE_SIZE)
+      throw new RangeError(`memslot ${slot}: size 0x${size.toString(16)} is not a positive multiple of 4 KiB`);
+    if (gpa % BigInt(PAGE_SIZE))
+      throw new RangeError(`memslot ${slot}: gpa 0x${gpa.toString(16)} is not 4 KiB aligned`);
     const { memory, memfd } = allocBacking(this.sys, backing, size, `kvmharness-slot${slot}`);
     const hva = this.sys.addressOf(memory);
     const s = new Memslot(this.kvm.target, slot, asId, gpa, size, flags, memory, hva, memfd, backing);
     try {
       if (spec.guestMemfd) {
-        this.setUserMemoryRegion2(slot, flags | MEM.KVM_MEM_GUEST_MEMFD, gpa, BigInt(size), hva, spec.guestMemfd.fd, spec.guestMemfd.offset, asId);
+        this.setUserMemoryRegion2(
+          slot,
+          flags | MEM.KVM_MEM_GUEST_MEMFD,
+          gpa,
+          BigInt(size),
+          hva,
+          spec.guestMemfd.fd,
+          spec.guestMemfd.offset,
+          asId,
+        );
       } else {
         this.setUserMemoryRegion(slot, flags, gpa, BigInt(size), hva, asId);
       }
@@ -241,7 +275,15 @@ export class Vm {
 const region = new Uint8Array(SIZEOF.kvm_userspace_memory_region2);
 
 /** kvm_userspace_memory_region, or the same leading fields of region2 (zeroed beyond them). */
-function memoryRegion(size: number, slot: number, flags: number, gpa: bigint, bytes: bigint, hva: bigint, asId: number): Uint8Array {
+function memoryRegion(
+  size: number,
+  slot: number,
+  flags: number,
+  gpa: bigint,
+  bytes: bigint,
+  hva: bigint,
+  asId: number,
+): Uint8Array {
   const b = region.subarray(0, size).fill(0);
   const dv = new DataView(b.buffer, b.byteOffset, size);
   dv.setUint32(0, (asId << 16) | slot, true);
@@ -251,4 +293,3 @@ function memoryRegion(size: number, slot: number, flags: number, gpa: bigint, by
   dv.setBigUint64(24, hva, true);
   return b;
 }
-

@@ -62,5 +62,9 @@ export function compareAb(baseline: readonly RunReport[], kernel: readonly RunRe
     const timeDiffers = !!baselineMs && !!kernelMs && beyondNoise(baselineMs, kernelMs);
     return { name, baseline: bo, kernel: ko, outcomeDiffers, baselineMs, kernelMs, timeDiffers };
   });
-  return { rows, outcomeDiffs: rows.filter((r) => r.outcomeDiffers).length, timeDiffs: rows.filter((r) => r.timeDiffers).length };
+  return {
+    rows,
+    outcomeDiffs: rows.filter((r) => r.outcomeDiffers).length,
+    timeDiffs: rows.filter((r) => r.timeDiffers).length,
+  };
 }

@@ -16,12 +16,14 @@ export const FAULT_ENV = 'KVMHARNESS_LAB_FAULT';
 export function parseFault(spec: string): { check: string; fault: LabFault } {
   const eq = spec.lastIndexOf('=');
   const fault = spec.slice(eq + 1) as LabFault;
-  if (eq <= 0 || !FAULTS.includes(fault)) throw new LabError(`${FAULT_ENV} must be <check>=${FAULTS.join('|')}, got '${spec}'`);
+  if (eq <= 0 || !FAULTS.includes(fault))
+    throw new LabError(`${FAULT_ENV} must be <check>=${FAULTS.join('|')}, got '${spec}'`);
   return { check: spec.slice(0, eq), fault };
 }
 
 /** The warning `warn` writes: as __warn prints one from KVM's TDP MMU. */
-export const INJECTED_WARNING = 'WARNING: CPU: 0 PID: 1 at arch/x86/kvm/mmu/tdp_mmu.c:1 kvmharness_injected_warning+0x0/0x10 [kvm]';
+export const INJECTED_WARNING =
+  'WARNING: CPU: 0 PID: 1 at arch/x86/kvm/mmu/tdp_mmu.c:1 kvmharness_injected_warning+0x0/0x10 [kvm]';
 
 /** `checks` with the named one starting with the fault; `qemuPid` is the lab's QEMU (for hang). */
 export function withFault(checks: readonly Check[], spec: string, qemuPid: number): Check[] {

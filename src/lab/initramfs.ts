@@ -35,7 +35,21 @@ export function newc(entries: readonly CpioEntry[]): Buffer {
   const put = (ino: number, e: CpioEntry): void => {
     const data = e.data ?? Buffer.alloc(0);
     const name = Buffer.from(`${e.path}\0`, 'utf8');
-    const fields = [ino, e.mode, 0, 0, (e.mode & 0o170000) === S_IFDIR ? 2 : 1, 0, data.length, 0, 0, e.rdev?.[0] ?? 0, e.rdev?.[1] ?? 0, name.length, 0];
+    const fields = [
+      ino,
+      e.mode,
+      0,
+      0,
+      (e.mode & 0o170000) === S_IFDIR ? 2 : 1,
+      0,
+      data.length,
+      0,
+      0,
+      e.rdev?.[0] ?? 0,
+      e.rdev?.[1] ?? 0,
+      name.length,
+      0,
+    ];
     const head = Buffer.from('070701' + fields.map((f) => f.toString(16).padStart(8, '0')).join(''), 'latin1');
     parts.push(head, name, pad4(head.length + name.length), data, pad4(data.length));
   };
@@ -58,12 +72,16 @@ export interface ModuleLoad {
  * the `module.param=value` words for modules built into the kernel.
  */
 export function modulePlan(kernel: LabKernel, profile: Profile): { loads: ModuleLoad[]; cmdline: string[] } {
-  if (profile.arch !== kernel.arch) throw new LabError(`profile ${profile.name} is for ${profile.arch}, the kernel is ${kernel.arch}`);
+  if (profile.arch !== kernel.arch)
+    throw new LabError(`profile ${profile.name} is for ${profile.arch}, the kernel is ${kernel.arch}`);
   const builtin = new Set(kernel.builtin);
   const wanted = profile.modules.filter((m) => !builtin.has(m));
   let loads: ModuleLoad[] = [];
   if (wanted.length) {
-    if (!kernel.modulesDir) throw new LabError(`the kernel ${kernel.version} has no modules directory and ${wanted.join(', ')} is not built in`);
+    if (!kernel.modulesDir)
+      throw new LabError(
+        `the kernel ${kernel.version} has no modules directory and ${wanted.join(', ')} is not built in`,
+      );
     const tree = moduleTree(kernel.modulesDir);
     loads = loadOrder(tree, wanted, new Set([...tree.builtin, ...builtin])).map((name) => {
       const source = tree.files.get(name)!;
@@ -75,7 +93,9 @@ export function modulePlan(kernel: LabKernel, profile: Profile): { loads: Module
   for (const [mod, params] of Object.entries(profile.modparams)) {
     if (loads.some((l) => l.name === mod)) continue;
     if (!builtin.has(mod) && profile.modules.length > 0) {
-      throw new LabError(`module parameters for ${mod}, which the lab does not load (it loads ${loads.map((l) => l.name).join(', ')})`);
+      throw new LabError(
+        `module parameters for ${mod}, which the lab does not load (it loads ${loads.map((l) => l.name).join(', ')})`,
+      );
     }
     for (const [k, v] of Object.entries(params)) cmdline.push(`${mod}.${k}=${v}`);
   }
@@ -83,7 +103,11 @@ export function modulePlan(kernel: LabKernel, profile: Profile): { loads: Module
 }
 
 /** The /init script: everything it prints to the host starts with KVMHARNESS-LAB-. */
-export function initScript(profile: Profile, loads: readonly ModuleLoad[], opts: { installApplets?: boolean } = {}): string {
+export function initScript(
+  profile: Profile,
+  loads: readonly ModuleLoad[],
+  opts: { installApplets?: boolean } = {},
+): string {
   const q = (s: string): string => `'${s.replace(/'/g, `'\\''`)}'`;
   const lines = [
     '#!/bin/sh',
@@ -111,15 +135,21 @@ export function initScript(profile: Profile, loads: readonly ModuleLoad[], opts:
     'step "mount /dev" mount -t devtmpfs devtmpfs /dev',
     'step "mount tracefs" mount -t tracefs nodev /sys/kernel/tracing',
     'step "mount /tmp" mount -t tmpfs tmpfs /tmp',
-    ...loads.map((l) => `step ${q(`insmod ${l.file}`)} insmod /lib/modules/${l.file}${l.params.map((p) => ` ${p}`).join('')}`),
+    ...loads.map(
+      (l) => `step ${q(`insmod ${l.file}`)} insmod /lib/modules/${l.file}${l.params.map((p) => ` ${p}`).join('')}`,
+    ),
     `[ -c /dev/kvm ] || fail "no /dev/kvm after loading ${loads.length && profile.arch === 'x86_64' ? 'the KVM modules' : 'KVM'}"`,
-    ...(profile.agentPort ? agentPortWait(profile.agentPort) : [
-      `[ -c ${profile.agentTty} ] || fail "no ${profile.agentTty} for the agent"`,
-      // Raw before the agent opens it: the line is 8-bit clean from the first byte.
-      `step ${q(`stty ${profile.agentTty}`)} stty -F ${profile.agentTty} raw -echo clocal -crtscts`,
-    ]),
+    ...(profile.agentPort
+      ? agentPortWait(profile.agentPort)
+      : [
+          `[ -c ${profile.agentTty} ] || fail "no ${profile.agentTty} for the agent"`,
+          // Raw before the agent opens it: the line is 8-bit clean from the first byte.
+          `step ${q(`stty ${profile.agentTty}`)} stty -F ${profile.agentTty} raw -echo clocal -crtscts`,
+        ]),
     ...Object.entries(profile.modparams).flatMap(([mod, params]) =>
-      Object.keys(params).map((k) => `echo "KVMHARNESS-LAB-PARAM ${mod}.${k}=$(cat /sys/module/${mod}/parameters/${k} 2>/dev/null)"`),
+      Object.keys(params).map(
+        (k) => `echo "KVMHARNESS-LAB-PARAM ${mod}.${k}=$(cat /sys/module/${mod}/parameters/${k} 2>/dev/null)"`,
+      ),
     ),
     'echo "KVMHARNESS-LAB-READY $(uname -r)"',
     profile.agentPort ? `/agent --virtio-port ${profile.agentPort}` : `/agent --dev ${profile.agentTty}`,
@@ -157,14 +187,22 @@ function agentPortWait(port: string): string[] {
 function applets(busybox: string): string[] | undefined {
   const r = spawnSync(busybox, ['--list-full'], { encoding: 'utf8' });
   if (r.status !== 0 || !r.stdout) return undefined;
-  return r.stdout.split('\n').map((l) => l.trim().replace(/^\/+/, '')).filter((l) => /^[\w./[-]+$/.test(l));
+  return r.stdout
+    .split('\n')
+    .map((l) => l.trim().replace(/^\/+/, ''))
+    .filter((l) => /^[\w./[-]+$/.test(l));
 }
 
 /**
  * Writes the lab's initramfs to `out` (gzip'd newc cpio) and returns `out`:
  * /init, busybox and its applet links, /lib/modules/*.ko (decompressed), /agent.
  */
-export function buildInitramfs(opts: { kernel: LabKernel; agentBinary: string; profile: Profile; out: string }): string {
+export function buildInitramfs(opts: {
+  kernel: LabKernel;
+  agentBinary: string;
+  profile: Profile;
+  out: string;
+}): string {
   const { kernel, profile } = opts;
   if (!existsSync(opts.agentBinary)) throw new LabError(`agent binary not found: ${opts.agentBinary}`);
   if (!existsSync(kernel.busybox)) throw new LabError(`busybox not found: ${kernel.busybox}`);
@@ -173,7 +211,22 @@ export function buildInitramfs(opts: { kernel: LabKernel; agentBinary: string; p
   const dir = (path: string): CpioEntry => ({ path, mode: S_IFDIR | 0o755 });
   const file = (path: string, data: Buffer, perm = 0o644): CpioEntry => ({ path, mode: S_IFREG | perm, data });
   const entries: CpioEntry[] = [
-    ...['bin', 'sbin', 'usr', 'usr/bin', 'usr/sbin', 'dev', 'proc', 'sys', 'tmp', 'run', 'etc', 'root', 'lib', 'lib/modules'].map(dir),
+    ...[
+      'bin',
+      'sbin',
+      'usr',
+      'usr/bin',
+      'usr/sbin',
+      'dev',
+      'proc',
+      'sys',
+      'tmp',
+      'run',
+      'etc',
+      'root',
+      'lib',
+      'lib/modules',
+    ].map(dir),
     // The kernel opens /dev/console for /init before devtmpfs is mounted.
     { path: 'dev/console', mode: S_IFCHR | 0o600, rdev: [5, 1] },
     { path: 'dev/null', mode: S_IFCHR | 0o666, rdev: [1, 3] },

@@ -2,7 +2,7 @@
 // KVM, lockups and hung tasks, found in its console or in /dev/kmsg records,
 // each named as the kernel named it ("kernel BUG in __handle_changed_spte:
 // Invalid SPTE change: ...") with the lines around it. Text in, problems out.
-import type { KernelProblem } from '../target/target.js';
+import type { KernelProblem } from '../kvm/target.js';
 
 /** Lines of context kept before a problem's first line, and at most after it. */
 const BEFORE = 8;
@@ -41,7 +41,10 @@ const RULES: readonly Rule[] = [
   OOPS,
   { re: /^Internal error: (.*)$/, title: (m, w) => `Internal error: ${m[1]}${inFn(w)}` },
   { re: /BUG: (.*?)(?:,? (?:at )?address:? ?[0-9a-fx]+)?$/, title: (m, w) => `BUG: ${m[1]}${inFn(w)}` },
-  { re: /^(?:rcu: )?INFO: (rcu_\w+ (?:self-)?detected stalls?.*|task .* blocked for more than \d+ seconds)/, title: (m) => m[1]! },
+  {
+    re: /^(?:rcu: )?INFO: (rcu_\w+ (?:self-)?detected stalls?.*|task .* blocked for more than \d+ seconds)/,
+    title: (m) => m[1]!,
+  },
   { re: /^NMI watchdog: Watchdog detected hard LOCKUP.*$/, title: (m) => m[0] },
   { re: /^Kernel panic - not syncing: (.*)$/, title: (m) => `kernel panic: ${m[1]}` },
 ];
@@ -58,7 +61,12 @@ function fromKvm(text: string): boolean {
  * "cut here" line or another problem. A BUG prints its "cut here" line after
  * the message, a WARN before it.
  */
-function saidBefore(lines: readonly { ts?: number; text: string }[], at: number, starts: ReadonlySet<number>, bug: boolean): string | undefined {
+function saidBefore(
+  lines: readonly { ts?: number; text: string }[],
+  at: number,
+  starts: ReadonlySet<number>,
+  bug: boolean,
+): string | undefined {
   let i = at - 1;
   if (bug) while (i >= 0 && CUT_HERE.test(lines[i]!.text)) i--;
   let first: number | undefined;

@@ -48,13 +48,30 @@ export interface Profile {
 
 /** The x86 lab: AMD SVM with nested paging offered by TCG; 4-level NPT (no LA57). */
 const X86_MACHINE = [
-  '-accel', 'tcg', '-cpu', 'max,-la57', '-m', '1G', '-smp', '1',
-  '-bios', '/usr/share/qemu/qboot.rom',
+  '-accel',
+  'tcg',
+  '-cpu',
+  'max,-la57',
+  '-m',
+  '1G',
+  '-smp',
+  '1',
+  '-bios',
+  '/usr/share/qemu/qboot.rom',
 ] as const;
 
 /** The arm64 lab: EL2 offered by TCG, GICv3. */
 const ARM64_MACHINE = [
-  '-M', 'virt,virtualization=on,gic-version=3', '-cpu', 'max,pauth-impdef=on', '-accel', 'tcg', '-m', '1G', '-smp', '1',
+  '-M',
+  'virt,virtualization=on,gic-version=3',
+  '-cpu',
+  'max,pauth-impdef=on',
+  '-accel',
+  'tcg',
+  '-m',
+  '1G',
+  '-smp',
+  '1',
 ] as const;
 
 /** The KVM modules of each architecture and the config option that builds each. */
@@ -92,8 +109,17 @@ function x86(name: string, summary: string, modparams: ModParams): Profile {
   // The agent's line is a virtio-serial port on PCI: a 16550 line carries about 60 KB/s.
   const modules = [...KVM_MODULES.x86_64, ...X86_CHANNEL_MODULES].map((m) => m.module);
   return {
-    name, arch: 'x86_64', summary, qemu: 'qemu-system-x86_64', machine: X86_MACHINE, console: 'ttyS0',
-    agentTty: '/dev/vport0p1', agentPort: AGENT_PORT, append: [...X86_APPEND], modules, modparams,
+    name,
+    arch: 'x86_64',
+    summary,
+    qemu: 'qemu-system-x86_64',
+    machine: X86_MACHINE,
+    console: 'ttyS0',
+    agentTty: '/dev/vport0p1',
+    agentPort: AGENT_PORT,
+    append: [...X86_APPEND],
+    modules,
+    modparams,
   };
 }
 
@@ -102,14 +128,29 @@ function arm64(name: string, summary: string, append: string[]): Profile {
   // is a virtio-serial port: raw bytes, no tty layer in between.
   const modules = ARM64_CHANNEL_MODULES.map((m) => m.module);
   return {
-    name, arch: 'arm64', summary, qemu: 'qemu-system-aarch64', machine: ARM64_MACHINE, console: 'ttyAMA0',
-    agentTty: '/dev/vport0p1', agentPort: AGENT_PORT, append, modules, modparams: {},
+    name,
+    arch: 'arm64',
+    summary,
+    qemu: 'qemu-system-aarch64',
+    machine: ARM64_MACHINE,
+    console: 'ttyAMA0',
+    agentTty: '/dev/vport0p1',
+    agentPort: AGENT_PORT,
+    append,
+    modules,
+    modparams: {},
   };
 }
 
 export const PROFILES: readonly Profile[] = [
-  x86('npt-tdp', 'AMD NPT, TDP MMU (kvm tdp_mmu=1, kvm_amd npt=1 nested=0)', { kvm: { tdp_mmu: '1' }, kvm_amd: { npt: '1', nested: '0' } }),
-  x86('npt-legacy', 'AMD NPT, legacy (non-TDP) MMU (kvm tdp_mmu=0, kvm_amd npt=1 nested=0)', { kvm: { tdp_mmu: '0' }, kvm_amd: { npt: '1', nested: '0' } }),
+  x86('npt-tdp', 'AMD NPT, TDP MMU (kvm tdp_mmu=1, kvm_amd npt=1 nested=0)', {
+    kvm: { tdp_mmu: '1' },
+    kvm_amd: { npt: '1', nested: '0' },
+  }),
+  x86('npt-legacy', 'AMD NPT, legacy (non-TDP) MMU (kvm tdp_mmu=0, kvm_amd npt=1 nested=0)', {
+    kvm: { tdp_mmu: '0' },
+    kvm_amd: { npt: '1', nested: '0' },
+  }),
   x86('shadow', 'shadow paging (kvm_amd npt=0 nested=0)', { kvm_amd: { npt: '0', nested: '0' } }),
   arm64('vhe', 'arm64 VHE (KVM at EL2, the default with -cpu max)', []),
   arm64('nvhe', 'arm64 nVHE (kvm-arm.mode=nvhe)', ['kvm-arm.mode=nvhe']),
@@ -139,7 +180,10 @@ export function parseModparams(s: string): ModParams {
   const out: ModParams = {};
   for (const word of s.trim().split(/\s+/).filter(Boolean)) {
     const m = MODPARAM.exec(word);
-    if (!m) throw new LabError(`bad module parameter '${word}': expected module.param=value (value of letters, digits and _.,:+-)`);
+    if (!m)
+      throw new LabError(
+        `bad module parameter '${word}': expected module.param=value (value of letters, digits and _.,:+-)`,
+      );
     const mod = moduleName(m[1]!);
     (out[mod] ??= {})[m[2]!] = m[3]!;
   }
@@ -151,7 +195,8 @@ export function withModparams(p: Profile, extra: string | ModParams): Profile {
   const add = typeof extra === 'string' ? parseModparams(extra) : extra;
   const modparams: ModParams = {};
   for (const [mod, params] of Object.entries(p.modparams)) modparams[mod] = { ...params };
-  for (const [mod, params] of Object.entries(add)) modparams[moduleName(mod)] = { ...modparams[moduleName(mod)], ...params };
+  for (const [mod, params] of Object.entries(add))
+    modparams[moduleName(mod)] = { ...modparams[moduleName(mod)], ...params };
   return { ...p, modparams };
 }
 

@@ -224,7 +224,10 @@ export interface ReplyHeader {
 export function decodeReplyHeader(h: Uint8Array): ReplyHeader {
   const b = Buffer.from(h.buffer, h.byteOffset, REP_HEADER);
   const magic = b.readUInt32LE(0);
-  if (magic !== REP_MAGIC) throw new LabProtocolError(`desync: reply magic 0x${magic.toString(16).padStart(8, '0')}, expected 0x${REP_MAGIC.toString(16)}`);
+  if (magic !== REP_MAGIC)
+    throw new LabProtocolError(
+      `desync: reply magic 0x${magic.toString(16).padStart(8, '0')}, expected 0x${REP_MAGIC.toString(16)}`,
+    );
   const total = b.readUInt32LE(8);
   if (total < REP_HEADER + 4 || total > MAX_FRAME) throw new LabProtocolError(`desync: reply length ${total}`);
   return {
@@ -242,14 +245,18 @@ export function decodeReplyHeader(h: Uint8Array): ReplyHeader {
 /** Decodes a reply's body (the bytes after the header, trailer included). */
 export function decodeReplyBody(h: ReplyHeader, body: Buffer, readLens: readonly number[]): Reply {
   const end = body.length - 4;
-  if (end < 0 || body.readUInt32LE(end) !== END_MAGIC) throw new LabProtocolError(`desync: bad end marker in the reply to ${opName(h.op)} #${h.seq}`);
+  if (end < 0 || body.readUInt32LE(end) !== END_MAGIC)
+    throw new LabProtocolError(`desync: bad end marker in the reply to ${opName(h.op)} #${h.seq}`);
   const short = () => new LabProtocolError(`desync: reply to ${opName(h.op)} #${h.seq} is shorter than its contents`);
   let at = 0;
   if (h.payloadLen > end) throw short();
   const payload = body.subarray(0, h.payloadLen);
   at = h.payloadLen;
   const reads: Uint8Array[] = [];
-  if (h.status === STATUS.ok && h.nreads !== readLens.length) throw new LabProtocolError(`reply to ${opName(h.op)} #${h.seq} has ${h.nreads} reads, ${readLens.length} were asked`);
+  if (h.status === STATUS.ok && h.nreads !== readLens.length)
+    throw new LabProtocolError(
+      `reply to ${opName(h.op)} #${h.seq} has ${h.nreads} reads, ${readLens.length} were asked`,
+    );
   for (let i = 0; i < h.nreads; i++) {
     const len = readLens[i] ?? 0;
     if (at + len > end) throw short();
@@ -271,7 +278,8 @@ export function decodeReplyBody(h: ReplyHeader, body: Buffer, readLens: readonly
     }
     pulled.push({ addr, len, zero, data });
   }
-  if (at !== end) throw new LabProtocolError(`desync: ${end - at} stray bytes in the reply to ${opName(h.op)} #${h.seq}`);
+  if (at !== end)
+    throw new LabProtocolError(`desync: ${end - at} stray bytes in the reply to ${opName(h.op)} #${h.seq}`);
   return { op: h.op, status: h.status, result64: h.result64, result: Number(h.result64), payload, reads, pulled };
 }
 
@@ -436,7 +444,9 @@ export class Channel {
         if (this.ctl) Atomics.store(this.ctl, WD.armed, 0);
       }
     }
-    const e = new LabTimeoutError(`the agent did not answer ${opName(req.op)} within ${totalMs} ms (${last?.message ?? 'no attempt'})`);
+    const e = new LabTimeoutError(
+      `the agent did not answer ${opName(req.op)} within ${totalMs} ms (${last?.message ?? 'no attempt'})`,
+    );
     this.broken ??= e;
     throw e;
   }
@@ -467,16 +477,24 @@ export class Channel {
         this.readBody(h, seq); // someone else's reply: skip it
       }
       if (h.seq !== seq) {
-        const detail = h.status !== STATUS.ok ? `: ${Buffer.from(this.readBody(h, seq)).subarray(0, h.payloadLen).toString('utf8')}` : '';
+        const detail =
+          h.status !== STATUS.ok
+            ? `: ${Buffer.from(this.readBody(h, seq)).subarray(0, h.payloadLen).toString('utf8')}`
+            : '';
         throw new LabProtocolError(`desync: reply #${h.seq} to request #${seq} (${opName(req.op)})${detail}`);
       }
-      if (h.op !== req.op) throw new LabProtocolError(`desync: reply to ${opName(h.op)}, request was ${opName(req.op)}`);
+      if (h.op !== req.op)
+        throw new LabProtocolError(`desync: reply to ${opName(h.op)}, request was ${opName(req.op)}`);
       const body = this.readBody(h, seq);
       this.disarm(seq);
       this.stats.calls++;
       this.stats.bytesSent += frame.length;
       this.stats.bytesReceived += h.total;
-      const reply = decodeReplyBody(h, body, (req.reads ?? []).map((r) => r.len));
+      const reply = decodeReplyBody(
+        h,
+        body,
+        (req.reads ?? []).map((r) => r.len),
+      );
       if (reply.status !== STATUS.ok) {
         const msg = Buffer.from(reply.payload).toString('utf8');
         throw new LabProtocolError(`agent refused ${opName(req.op)}: ${msg}`);
@@ -550,7 +568,8 @@ export class Channel {
           Atomics.wait(this.sleeper, 0, 0, idle++ < 10 ? 0.05 : 1);
           continue;
         }
-        if (code === 'EPIPE') throw new LabProtocolError('the agent closed the channel (EPIPE while sending a request)');
+        if (code === 'EPIPE')
+          throw new LabProtocolError('the agent closed the channel (EPIPE while sending a request)');
         throw new LabProtocolError(`writing to the agent failed: ${(e as Error).message}`);
       }
       off += n;

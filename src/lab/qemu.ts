@@ -10,7 +10,18 @@
 // close(), on a failed boot, on process exit and on SIGINT/SIGTERM, and dies
 // with this process (parent-death signal) when setpriv is there.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { which, type LabKernel } from './fetch/index.js';
@@ -70,7 +81,15 @@ export const SKIP_AT_BOOT = ['cryptomgr.notests=1', 'initcall_blacklist=crypto_k
  * built-in modules.
  */
 export function kernelCmdline(kernel: LabKernel, profile: Profile): string {
-  return [`console=${profile.console}`, 'panic=-1', 'quiet', 'hugepages=8', ...SKIP_AT_BOOT, ...profile.append, ...modulePlan(kernel, profile).cmdline].join(' ');
+  return [
+    `console=${profile.console}`,
+    'panic=-1',
+    'quiet',
+    'hugepages=8',
+    ...SKIP_AT_BOOT,
+    ...profile.append,
+    ...modulePlan(kernel, profile).cmdline,
+  ].join(' ');
 }
 
 /**
@@ -80,7 +99,10 @@ export function kernelCmdline(kernel: LabKernel, profile: Profile): string {
  */
 export function qemuArgs(o: { kernel: LabKernel; initramfs: string; profile: Profile; agentPath: string }): string[] {
   const { kernel, profile } = o;
-  if (profile.arch !== kernel.arch) throw new LabError(`profile ${profile.name} is for ${profile.arch}, the kernel ${kernel.version} is ${kernel.arch}`);
+  if (profile.arch !== kernel.arch)
+    throw new LabError(
+      `profile ${profile.name} is for ${profile.arch}, the kernel ${kernel.version} is ${kernel.arch}`,
+    );
   if (profile.arch === 'arm64') return arm64Args(o);
   // A PVH vmlinux boots fast through qboot; a bzImage goes through SeaBIOS.
   const image = kernel.vmlinux ?? kernel.bzImage;
@@ -100,19 +122,38 @@ function arm64Args(o: { kernel: LabKernel; initramfs: string; profile: Profile; 
 }
 
 /** The arguments both architectures share: no defaults, the image and initramfs, the console on stdio, the agent's named port on `bus`. */
-function bootArgs(machine: string[], image: string, o: { kernel: LabKernel; initramfs: string; profile: Profile; agentPath: string }, bus: string): string[] {
+function bootArgs(
+  machine: string[],
+  image: string,
+  o: { kernel: LabKernel; initramfs: string; profile: Profile; agentPath: string },
+  bus: string,
+): string[] {
   if (!o.profile.agentPort) throw new LabError(`profile ${o.profile.name} names no virtio port for the agent`);
   return [
     ...machine,
-    '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot', '-net', 'none',
-    '-kernel', image,
-    '-initrd', o.initramfs,
-    '-append', kernelCmdline(o.kernel, o.profile),
-    '-chardev', 'stdio,id=console,signal=off',
-    '-serial', 'chardev:console',
-    '-device', bus,
-    '-chardev', `pipe,id=agent,path=${o.agentPath}`,
-    '-device', `virtserialport,chardev=agent,name=${o.profile.agentPort},nr=1`,
+    '-nodefaults',
+    '-no-user-config',
+    '-display',
+    'none',
+    '-no-reboot',
+    '-net',
+    'none',
+    '-kernel',
+    image,
+    '-initrd',
+    o.initramfs,
+    '-append',
+    kernelCmdline(o.kernel, o.profile),
+    '-chardev',
+    'stdio,id=console,signal=off',
+    '-serial',
+    'chardev:console',
+    '-device',
+    bus,
+    '-chardev',
+    `pipe,id=agent,path=${o.agentPath}`,
+    '-device',
+    `virtserialport,chardev=agent,name=${o.profile.agentPort},nr=1`,
   ];
 }
 
@@ -156,7 +197,7 @@ function killSync(r: Running, graceMs: number): void {
   if (pid !== undefined && r.child.exitCode === null && r.child.signalCode === null && !dead(pid)) {
     try {
       process.kill(pid, 'SIGTERM');
-      for (const t0 = Date.now(); !dead(pid) && Date.now() - t0 < graceMs; ) Atomics.wait(sleeper, 0, 0, 10);
+      for (const t0 = Date.now(); !dead(pid) && Date.now() - t0 < graceMs;) Atomics.wait(sleeper, 0, 0, 10);
       if (!dead(pid)) process.kill(pid, 'SIGKILL');
     } catch {
       // already gone
@@ -184,7 +225,8 @@ function sweepStale(): void {
     const dir = join(tmpdir(), n);
     try {
       const owner = Number(readFileSync(join(dir, 'owner'), 'utf8'));
-      if (owner !== process.pid && existsSync(join(dir, 'agent.in')) && dead(owner)) rmSync(dir, { recursive: true, force: true });
+      if (owner !== process.pid && existsSync(join(dir, 'agent.in')) && dead(owner))
+        rmSync(dir, { recursive: true, force: true });
     } catch {
       // not ours, or gone already
     }
@@ -225,7 +267,10 @@ async function stop(r: Running): Promise<void> {
     const exited = new Promise<void>((done) => c.once('exit', () => done()));
     c.kill('SIGTERM');
     let timer: NodeJS.Timeout | undefined;
-    const late = await Promise.race([exited.then(() => false), new Promise<boolean>((done) => (timer = setTimeout(() => done(true), GRACE_MS)))]);
+    const late = await Promise.race([
+      exited.then(() => false),
+      new Promise<boolean>((done) => (timer = setTimeout(() => done(true), GRACE_MS))),
+    ]);
     clearTimeout(timer);
     if (late) {
       c.kill('SIGKILL');
@@ -242,7 +287,10 @@ const MARK = /KVMHARNESS-LAB-(READY|FAIL|PARAM|EXIT)\b ?(.*)$/;
 
 /** Console lines, control characters other than tab removed. */
 function cleanLines(text: string): string[] {
-  return text.split('\n').map((l) => l.replace(/[\x00-\x08\x0b-\x1f\x7f]/g, '')).filter((l) => l.trim() !== '');
+  return text
+    .split('\n')
+    .map((l) => l.replace(/[\x00-\x08\x0b-\x1f\x7f]/g, ''))
+    .filter((l) => l.trim() !== '');
 }
 
 function tailOf(file: string, n: number): string {
@@ -272,8 +320,12 @@ export async function bootLab(opts: {
   const { kernel, profile } = opts;
   if (!existsSync(opts.initramfs)) throw new LabError(`initramfs not found: ${opts.initramfs}`);
   const qemu = which(profile.qemu);
-  if (!qemu) throw new LabError(`${profile.qemu} is not installed (the lab's fetch installs it: apt-get install ${profile.arch === 'arm64' ? 'qemu-system-arm' : 'qemu-system-x86'})`);
-  if (kernel.vmlinux && profile.machine.includes(QBOOT) && !existsSync(QBOOT)) throw new LabError(`${QBOOT} is missing (package qemu-system-data)`);
+  if (!qemu)
+    throw new LabError(
+      `${profile.qemu} is not installed (the lab's fetch installs it: apt-get install ${profile.arch === 'arm64' ? 'qemu-system-arm' : 'qemu-system-x86'})`,
+    );
+  if (kernel.vmlinux && profile.machine.includes(QBOOT) && !existsSync(QBOOT))
+    throw new LabError(`${QBOOT} is missing (package qemu-system-data)`);
 
   sweepStale();
   const dir = mkdtempSync(join(tmpdir(), LAB_DIR_PREFIX));
@@ -328,7 +380,7 @@ export async function bootLab(opts: {
   const rbuf = Buffer.alloc(1 << 16);
   const poll = (): void => {
     if (!logOpen) return;
-    for (let n; (n = readSync(readFd, rbuf, 0, rbuf.length, null)) > 0; ) {
+    for (let n; (n = readSync(readFd, rbuf, 0, rbuf.length, null)) > 0;) {
       const lines = (partial + rbuf.toString('latin1', 0, n)).split('\n');
       partial = lines.pop()!;
       for (const l of lines) onLine(l.replace(/\r$/, ''));
@@ -366,16 +418,42 @@ export async function bootLab(opts: {
       failed = (why) => reject(new LabError(`lab boot failed: ${why}`));
       child.once('error', (e) => reject(new LabError(`cannot start ${qemu}: ${e.message}`)));
       // Read everything QEMU wrote first: a FAIL line gives the better reason.
-      child.once('exit', (code, signal) =>
-        void drained.then(() => reject(new LabError(panic ? `the lab kernel panicked during boot: ${panic}` : `QEMU exited during boot (${signal ?? `status ${code}`})`))),
+      child.once(
+        'exit',
+        (code, signal) =>
+          void drained.then(() =>
+            reject(
+              new LabError(
+                panic
+                  ? `the lab kernel panicked during boot: ${panic}`
+                  : `QEMU exited during boot (${signal ?? `status ${code}`})`,
+              ),
+            ),
+          ),
       );
       const limit = opts.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS;
-      timer = setTimeout(() => reject(new LabError(`lab boot timed out after ${Number((limit / 1000).toFixed(1))} s without KVMHARNESS-LAB-READY`)), limit);
+      timer = setTimeout(
+        () =>
+          reject(
+            new LabError(
+              `lab boot timed out after ${Number((limit / 1000).toFixed(1))} s without KVMHARNESS-LAB-READY`,
+            ),
+          ),
+        limit,
+      );
     });
     clearTimeout(timer);
     ready = failed = undefined;
     const bootMs = Date.now() - t0;
-    log(`lab: ready in ${(bootMs / 1000).toFixed(1)} s (${release}${Object.keys(params).length ? `, ${Object.entries(params).map(([k, v]) => `${k}=${v}`).join(' ')}` : ''})`);
+    log(
+      `lab: ready in ${(bootMs / 1000).toFixed(1)} s (${release}${
+        Object.keys(params).length
+          ? `, ${Object.entries(params)
+              .map(([k, v]) => `${k}=${v}`)
+              .join(' ')}`
+          : ''
+      })`,
+    );
     let closing: Promise<void> | undefined;
     return {
       agentIn: `${agentPath}.in`,

@@ -7,7 +7,7 @@ import { closeSync, existsSync, mkdirSync, openSync, readdirSync, renameSync, rm
 import { join } from 'node:path';
 import { constants as fsc } from 'node:fs';
 import type { Arch } from '../arch/arch.js';
-import type { Target } from '../target/target.js';
+import type { Target } from '../kvm/target.js';
 import { labCacheDir, resolveKernel, type LabKernel } from './fetch/index.js';
 import { buildInitramfs } from './initramfs.js';
 import { profile as profileNamed, LabError, type Profile } from './profiles.js';
@@ -59,9 +59,15 @@ export function resultsRoot(): string {
 function resultsDir(profile: string): string {
   const root = resultsRoot();
   mkdirSync(root, { recursive: true });
-  const old = readdirSync(root).filter((n) => /^\d{8}T\d{6}Z-/.test(n)).sort();
-  for (const n of old.slice(0, Math.max(0, old.length - RESULTS_KEPT + 1))) rmSync(join(root, n), { recursive: true, force: true });
-  const stamp = new Date().toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
+  const old = readdirSync(root)
+    .filter((n) => /^\d{8}T\d{6}Z-/.test(n))
+    .sort();
+  for (const n of old.slice(0, Math.max(0, old.length - RESULTS_KEPT + 1)))
+    rmSync(join(root, n), { recursive: true, force: true });
+  const stamp = new Date()
+    .toISOString()
+    .replace(/[-:]/g, '')
+    .replace(/\.\d+Z$/, 'Z');
   for (let i = 0; ; i++) {
     const dir = join(root, `${stamp}-${profile}-${process.pid}${i ? `-${i}` : ''}`);
     if (existsSync(dir)) continue;
@@ -96,11 +102,23 @@ export async function openLab(o: LabSessionOptions): Promise<LabSession> {
   if (o.arch && prof.arch !== o.arch) throw new LabError(`lab profile ${prof.name} is for ${prof.arch}, not ${o.arch}`);
   const kernel = await resolveKernel({ kernel: o.kernel, modules: o.modules, arch: prof.arch, log: o.log });
   const agent = agentBinary(prof.arch, o.log);
-  const initramfs = buildInitramfs({ kernel, agentBinary: agent, profile: prof, out: join(labCacheDir(), `initramfs-${prof.name}-${kernel.version}.cpio.gz`) });
+  const initramfs = buildInitramfs({
+    kernel,
+    agentBinary: agent,
+    profile: prof,
+    out: join(labCacheDir(), `initramfs-${prof.name}-${kernel.version}.cpio.gz`),
+  });
   o.log(`booting ${kernel.version} (${prof.name})`);
   const results = resultsDir(prof.name);
   const consoleLog = join(results, 'console.log');
-  const lab = await bootLab({ kernel, initramfs, profile: prof, bootTimeoutMs: o.bootTimeoutMs, log: o.log, consoleLog });
+  const lab = await bootLab({
+    kernel,
+    initramfs,
+    profile: prof,
+    bootTimeoutMs: o.bootTimeoutMs,
+    log: o.log,
+    consoleLog,
+  });
   let readFd = -1;
   let writeFd = -1;
   try {
@@ -131,7 +149,13 @@ export async function openLab(o: LabSessionOptions): Promise<LabSession> {
     throw e;
   }
   function closeFds() {
-    for (const fd of [readFd, writeFd]) if (fd >= 0) try { closeSync(fd); } catch { /* closed */ }
+    for (const fd of [readFd, writeFd])
+      if (fd >= 0)
+        try {
+          closeSync(fd);
+        } catch {
+          /* closed */
+        }
     readFd = writeFd = -1;
   }
 }

@@ -2,7 +2,7 @@
 // answers, the console log when it no longer does (the kernel crashed or
 // hung), each problem named by kernel-log.ts.
 import { constants as fsc, readFileSync, statSync } from 'node:fs';
-import type { KernelProblem, KernelWatch } from '../target/target.js';
+import type { KernelProblem, KernelWatch } from '../kvm/target.js';
 import { kernelProblems } from './kernel-log.js';
 import { LabTimeoutError } from './protocol.js';
 import type { Lab } from './qemu.js';
@@ -43,7 +43,10 @@ function sizeOf(file: string): number {
 
 function readFrom(file: string, from: number): string {
   try {
-    return readFileSync(file).subarray(from).toString('latin1').replace(/[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]/g, '');
+    return readFileSync(file)
+      .subarray(from)
+      .toString('latin1')
+      .replace(/[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]/g, '');
   } catch {
     return '';
   }
@@ -91,14 +94,18 @@ export function labWatch(lab: Lab, remote: RemoteAddon, timeoutMs: number): Kern
       consoleAt = sizeOf(lab.consoleLog);
       const problems: KernelProblem[] = kernelProblems(text);
       const failure = remote.failure;
-      const why = failure instanceof LabTimeoutError && failure.reason === 'deadline'
-        ? `no reply from the lab within ${Number((timeoutMs / 1000).toFixed(1))} s`
-        : (failure?.message ?? 'the lab stopped answering');
+      const why =
+        failure instanceof LabTimeoutError && failure.reason === 'deadline'
+          ? `no reply from the lab within ${Number((timeoutMs / 1000).toFixed(1))} s`
+          : (failure?.message ?? 'the lab stopped answering');
       const dead = problems[0]?.message ?? (lab.running() ? `hang: ${why}` : `the lab's QEMU exited: ${why}`);
       if (!problems.length) {
         // Nothing new on the console: its last lines, as they were.
         const lines = text.split('\n').filter((l) => l.trim());
-        problems.push({ message: dead, excerpt: lines.length ? lines.slice(-TAIL) : lab.consoleTail(TAIL).split('\n') });
+        problems.push({
+          message: dead,
+          excerpt: lines.length ? lines.slice(-TAIL) : lab.consoleTail(TAIL).split('\n'),
+        });
       }
       return { problems, dead };
     },

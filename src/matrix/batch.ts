@@ -2,7 +2,13 @@
 // record and data into a buffer, predict every case with the walk model, and
 // after the guest ran, read back what happened and compare.
 import { RETURN_GVA } from '../arch/x86/layout.js';
-import { accessedLatitude, decodeErrorCode, type AccessKind, type CompiledWalk, type WalkResult } from '../model/walk.js';
+import {
+  accessedLatitude,
+  decodeErrorCode,
+  type AccessKind,
+  type CompiledWalk,
+  type WalkResult,
+} from '../model/walk.js';
 import { PTE_A } from '../arch/x86/pte.js';
 import { CASE } from './flags.js';
 import { bufferBase, dataTag, MatrixMachine, PD_CHUNKS, RECORD, routineIndex, SCRATCH } from './machine.js';
@@ -64,20 +70,38 @@ export const accessKind = (f: number): AccessKind => (f & CASE.WRITE ? 'write' :
 
 /** Entry bits of the PDE and PTE encodings: [flag, low-half bit, high-half bit]. */
 const PTE_BITS: [number, number, number][] = [
-  [CASE.PTE_P, 1, 0], [CASE.PTE_W, 2, 0], [CASE.PTE_U, 4, 0], [CASE.PTE_A, 0x20, 0], [CASE.PTE_D, 0x40, 0],
-  [CASE.PTE_NX, 0, 0x80000000], [CASE.PTE_R51, 0, 1 << 19], [CASE.PTE_R36, 0, 1 << 4],
+  [CASE.PTE_P, 1, 0],
+  [CASE.PTE_W, 2, 0],
+  [CASE.PTE_U, 4, 0],
+  [CASE.PTE_A, 0x20, 0],
+  [CASE.PTE_D, 0x40, 0],
+  [CASE.PTE_NX, 0, 0x80000000],
+  [CASE.PTE_R51, 0, 1 << 19],
+  [CASE.PTE_R36, 0, 1 << 4],
 ];
 const PDE_BITS: [number, number, number][] = [
-  [CASE.PDE_P, 1, 0], [CASE.PDE_W, 2, 0], [CASE.PDE_U, 4, 0], [CASE.PDE_A, 0x20, 0], [CASE.PDE_D, 0x40, 0],
-  [CASE.PDE_PS, 0x80, 0], [CASE.PDE_R13, 0x2000, 0],
-  [CASE.PDE_NX, 0, 0x80000000], [CASE.PDE_R51, 0, 1 << 19], [CASE.PDE_R36, 0, 1 << 4],
+  [CASE.PDE_P, 1, 0],
+  [CASE.PDE_W, 2, 0],
+  [CASE.PDE_U, 4, 0],
+  [CASE.PDE_A, 0x20, 0],
+  [CASE.PDE_D, 0x40, 0],
+  [CASE.PDE_PS, 0x80, 0],
+  [CASE.PDE_R13, 0x2000, 0],
+  [CASE.PDE_NX, 0, 0x80000000],
+  [CASE.PDE_R51, 0, 1 << 19],
+  [CASE.PDE_R36, 0, 1 << 4],
 ];
 const KEY1 = 1 << 27; // protection key 1 in bits 62:59 (high half bits 30:27)
 const KEY2 = 2 << 27;
 
 /** Low and high halves of an entry for every combination of its flag bits (PTE: bits 0-7, PDE: bits 8-17). */
-function encodings(table: [number, number, number][], shift: number, width: number): { lo: Uint32Array; hi: Uint32Array } {
-  const lo = new Uint32Array(1 << width), hi = new Uint32Array(1 << width);
+function encodings(
+  table: [number, number, number][],
+  shift: number,
+  width: number,
+): { lo: Uint32Array; hi: Uint32Array } {
+  const lo = new Uint32Array(1 << width),
+    hi = new Uint32Array(1 << width);
   for (let v = 0; v < 1 << width; v++) {
     for (const [flag, l, h] of table) {
       if ((v << shift) & flag) {
@@ -98,7 +122,16 @@ const u64 = (lo: number, hi: number): bigint => (BigInt(hi >>> 0) << 32n) | BigI
  * (a walk compiled for the batch's control state). The PDE and PTE go into the
  * case's record: the guest stores them (see machine.ts). The caller arms the header.
  */
-export function prepareBatch(m: MatrixMachine, model: CompiledWalk, buf: number, seq: number, cases: Uint32Array, from: number, to: number, keepWalks = false): Batch {
+export function prepareBatch(
+  m: MatrixMachine,
+  model: CompiledWalk,
+  buf: number,
+  seq: number,
+  cases: Uint32Array,
+  from: number,
+  to: number,
+  keepWalks = false,
+): Batch {
   const n = to - from;
   const flags = cases.subarray(from, to);
   const at: Placement[] = new Array(n);
@@ -150,7 +183,15 @@ export function prepareBatch(m: MatrixMachine, model: CompiledWalk, buf: number,
     u32[r + 9] = gva / TWO32;
     u32[r + 10] = m.routines[routineIndex(f)]!;
     u32[r + 11] = 0;
-    at[i] = { gva, pdeGpa, pde: u64(pde.lo, pde.hi), pteGpa, pte: pteGpa < 0 ? 0n : u64(pte.lo, pte.hi), dataGpa, record };
+    at[i] = {
+      gva,
+      pdeGpa,
+      pde: u64(pde.lo, pde.hi),
+      pteGpa,
+      pte: pteGpa < 0 ? 0n : u64(pte.lo, pte.hi),
+      dataGpa,
+      record,
+    };
     expected[i] = predict(model, cr3, f, at[i]!, read, u64(tag.lo, tag.hi), keepWalks);
   }
   return { buf, seq, flags, at, expected };
@@ -160,7 +201,15 @@ export function prepareBatch(m: MatrixMachine, model: CompiledWalk, buf: number,
  * The model's outcome for one case. A twice case first does a supervisor read;
  * its A/D writes (if it did not fault) are what the second walk reads.
  */
-export function predict(model: CompiledWalk, cr3: bigint, f: number, p: Placement, read: (gpa: bigint) => bigint, tag: bigint, keepWalks = false): Expected {
+export function predict(
+  model: CompiledWalk,
+  cr3: bigint,
+  f: number,
+  p: Placement,
+  read: (gpa: bigint) => bigint,
+  tag: bigint,
+  keepWalks = false,
+): Expected {
   const pdeGpa = BigInt(p.pdeGpa);
   const pteGpa = BigInt(p.pteGpa);
   let pde = p.pde;
@@ -191,7 +240,16 @@ export function predict(model: CompiledWalk, cr3: bigint, f: number, p: Placemen
   apply(w);
   latitude(w);
   const wrote = w.ok && f & CASE.WRITE; // a write stores the GVA itself
-  return { ec: w.ok ? -1 : w.errorCode, cr2: w.ok ? 0n : w.cr2, pde, pte, value: tag, data: wrote ? gva : tag, mayA, walks };
+  return {
+    ec: w.ok ? -1 : w.errorCode,
+    cr2: w.ok ? 0n : w.cr2,
+    pde,
+    pte,
+    value: tag,
+    data: wrote ? gva : tag,
+    mayA,
+    walks,
+  };
 }
 
 /**
@@ -204,7 +262,8 @@ export function observe(m: MatrixMachine, b: Batch, i: number): Observed {
   const f = b.flags[i]!;
   const u32 = m.u32;
   const r = p.record / 4;
-  const lo = u32[r]!, hi = u32[r + 1]!;
+  const lo = u32[r]!,
+    hi = u32[r + 1]!;
   const cr2 = u64(u32[r + 2]!, u32[r + 3]!);
   const none = (lo === p.pdeGpa && hi === 0) || (lo === 0xffffffff && hi === 0xffffffff);
   let ec: number;
@@ -238,7 +297,8 @@ export function outcomeKey(e: Expected): string {
   return e.ec < 0 ? 'ok' : `ok fault ${decodeErrorCode(e.ec)}`;
 }
 
-const faultText = (ec: number): string => (ec === -1 ? 'none' : ec === -2 ? 'no record (never came back from CPL 3)' : decodeErrorCode(ec));
+const faultText = (ec: number): string =>
+  ec === -1 ? 'none' : ec === -2 ? 'no record (never came back from CPL 3)' : decodeErrorCode(ec);
 
 /** Expected and observed as comparable records, for ctx.expect. Fields that do not apply are left out. */
 export function comparable(f: number, p: Placement, e: Expected, o: Observed): { expected: object; observed: object } {

@@ -12,10 +12,29 @@ import type { Wrong, WrongWalk } from '../model/wrong.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
 import { formatRerun, type Rerun } from '../report/rerun.js';
 import { guestWalkerOf, type CpuFeatures } from '../probe/probe.js';
-import { NotApplicable, type Check, type CheckContext } from '../run/types.js';
-import { agrees, comparable, observe, outcomeKey, prepareBatch, type Batch, type Observed, type Placement } from './batch.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from '../run/types.js';
+import {
+  agrees,
+  comparable,
+  observe,
+  outcomeKey,
+  prepareBatch,
+  type Batch,
+  type Observed,
+  type Placement,
+} from './batch.js';
 import { Coverage } from './coverage.js';
-import { CASE, caseName, caseSpace, controlState, countCases, enumerateCases, sampleCases, type CaseSpace } from './flags.js';
+import {
+  CASE,
+  caseName,
+  caseSpace,
+  controlState,
+  countCases,
+  enumerateCases,
+  sampleCases,
+  type CaseSpace,
+} from './flags.js';
 import { MatrixMachine, pkruFor } from './machine.js';
 
 export interface AccessMatrixOptions {
@@ -82,8 +101,10 @@ export function* batchRanges(cases: Uint32Array, size: number): Generator<[numbe
 }
 
 export function accessMatrix(opts: AccessMatrixOptions = {}): Check {
-  if (opts.mode !== undefined && opts.mode !== '4level' && opts.mode !== '5level') throw new RangeError(`mode must be 4level or 5level, got ${String(opts.mode)}`);
-  if (opts.sample !== undefined && (!Number.isInteger(opts.sample) || opts.sample < 0)) throw new RangeError(`sample must be a non-negative integer, got ${opts.sample}`);
+  if (opts.mode !== undefined && opts.mode !== '4level' && opts.mode !== '5level')
+    throw new RangeError(`mode must be 4level or 5level, got ${String(opts.mode)}`);
+  if (opts.sample !== undefined && (!Number.isInteger(opts.sample) || opts.sample < 0))
+    throw new RangeError(`sample must be a non-negative integer, got ${opts.sample}`);
   const what = opts.sample === undefined ? 'every legal case' : `${opts.sample} sampled cases (seed ${opts.seed ?? 1})`;
   return {
     name: 'access-matrix',
@@ -106,16 +127,23 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
   const cpu = ctx.profile.cpu;
   if (!cpu) throw new NotApplicable('the access matrix runs x86 guests only');
   const levels = opts.mode === '5level' ? 5 : 4;
-  if (levels === 5 && !cpu.la57) throw new NotApplicable('5-level paging needs LA57, which this vCPU\'s CPUID does not offer');
+  if (levels === 5 && !cpu.la57)
+    throw new NotApplicable("5-level paging needs LA57, which this vCPU's CPUID does not offer");
   const batchSize = opts.batchSize ?? DEFAULT_BATCH;
   const space = caseSpace(cpu);
   ctx.note(`not enumerated on this vCPU: ${space.skipped.length ? space.skipped.join('; ') : 'nothing'}`);
-  const drawn = opts.sample === undefined ? Uint32Array.from(enumerateCases(space)) : sampleCases(space, opts.sample, opts.seed ?? 1);
+  const drawn =
+    opts.sample === undefined
+      ? Uint32Array.from(enumerateCases(space))
+      : sampleCases(space, opts.sample, opts.seed ?? 1);
   const cases = opts.wrongCases ? opts.wrongCases(drawn) : drawn;
   ctx.note(`${cases.length} of ${countCases(space)} legal cases (${levels}-level paging)`);
 
   const walker = guestWalkerOf(ctx.profile);
-  if (walker !== 'kvm') ctx.note(`the guest's walks are ${walker === 'qemu-tcg' ? 'QEMU TCG\'s (README, Findings: its deviations are modelled)' : 'the processor\'s'}; A bits a faulting walk may set are accepted either way`);
+  if (walker !== 'kvm')
+    ctx.note(
+      `the guest's walks are ${walker === 'qemu-tcg' ? "QEMU TCG's (README, Findings: its deviations are modelled)" : "the processor's"}; A bits a faulting walk may set are accepted either way`,
+    );
   const models = new Map<number, CompiledWalk>();
   const modelFor = (f: number): CompiledWalk => {
     const s = controlState(f);
@@ -146,7 +174,8 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
       mismatchCount++;
       mismatches.push({ index: first + i, f, ...comparable(f, b.at[i]!, e, o) });
       // Keep the first EXPECT_CAP in case order, whichever lane found them.
-      if (mismatches.length >= 2 * EXPECT_CAP) mismatches = mismatches.sort((x, y) => x.index - y.index).slice(0, EXPECT_CAP);
+      if (mismatches.length >= 2 * EXPECT_CAP)
+        mismatches = mismatches.sort((x, y) => x.index - y.index).slice(0, EXPECT_CAP);
     }
   };
 
@@ -190,18 +219,25 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
   const machines: MatrixMachine[] = [];
   const t0 = performance.now();
   try {
-    for (let i = 0; i < lanes; i++) machines.push(MatrixMachine.create(ctx.kvm, { levels, batchSize, smap: cpu.smap, pku: cpu.pku }));
-    const results = await Promise.allSettled(machines.map((m) => lane(m).catch((e: unknown) => {
-      stopped ??= `a lane failed: ${(e as Error).message}`; // the other lanes take no more batches
-      throw e;
-    })));
+    for (let i = 0; i < lanes; i++)
+      machines.push(MatrixMachine.create(ctx.kvm, { levels, batchSize, smap: cpu.smap, pku: cpu.pku }));
+    const results = await Promise.allSettled(
+      machines.map((m) =>
+        lane(m).catch((e: unknown) => {
+          stopped ??= `a lane failed: ${(e as Error).message}`; // the other lanes take no more batches
+          throw e;
+        }),
+      ),
+    );
     for (const r of results) if (r.status === 'rejected') throw r.reason;
   } finally {
     for (const m of machines) m.close();
   }
   mismatches = mismatches.sort((x, y) => x.index - y.index).slice(0, EXPECT_CAP);
   const s = (performance.now() - t0) / 1000;
-  ctx.note(`${checked} cases in ${ranges.length} batches, ${exits} guest entries on ${lanes} vCPU${lanes > 1 ? 's' : ''}, ${s.toFixed(2)} s (${Math.round(checked / s)} cases/s)`);
+  ctx.note(
+    `${checked} cases in ${ranges.length} batches, ${exits} guest entries on ${lanes} vCPU${lanes > 1 ? 's' : ''}, ${s.toFixed(2)} s (${Math.round(checked / s)} cases/s)`,
+  );
   if (stopped) ctx.expect('every batch ran to its end', 'done', stopped);
 
   ctx.cases({ checked, byOutcome });
@@ -209,7 +245,8 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
   ctx.expect('coverage: classes this vCPU offers that no checked case fell in', [], coverage.missing());
   for (const x of mismatches) ctx.expect(caseName(x.f, space.offered), x.expected, x.observed);
   ctx.expect('mismatching cases', 0, mismatchCount);
-  if (mismatchCount > mismatches.length) ctx.note(`${mismatchCount - mismatches.length} more mismatching cases are counted but not listed`);
+  if (mismatchCount > mismatches.length)
+    ctx.note(`${mismatchCount - mismatches.length} more mismatching cases are counted but not listed`);
 
   for (const x of mismatches.slice(0, RERUN_CAP)) {
     ctx.note(await rerunAlone(ctx, cpu, levels, space, x.f, opts.wrong?.walk));
@@ -220,10 +257,26 @@ async function runMatrix(ctx: CheckContext, opts: AccessMatrixOptions): Promise<
 // A mismatching case alone, with KVM's walker traced.
 
 /** Runs one case in a fresh guest (a batch of one) with the walker tracepoints on. */
-export async function runAlone(ctx: Pick<CheckContext, 'kvm'>, cpu: CpuFeatures, levels: 4 | 5, f: number, wrong?: ReadonlySet<WrongWalk>, walker: GuestWalker = 'kvm'): Promise<Rerun> {
+export async function runAlone(
+  ctx: Pick<CheckContext, 'kvm'>,
+  cpu: CpuFeatures,
+  levels: 4 | 5,
+  f: number,
+  wrong?: ReadonlySet<WrongWalk>,
+  walker: GuestWalker = 'kvm',
+): Promise<Rerun> {
   const m = MatrixMachine.create(ctx.kvm, { levels, batchSize: 1, smap: cpu.smap, pku: cpu.pku });
   try {
-    const b = prepareBatch(m, compileWalk(matrixConfig(cpu, levels, f, walker), wrong), 0, 0, Uint32Array.of(f), 0, 1, true);
+    const b = prepareBatch(
+      m,
+      compileWalk(matrixConfig(cpu, levels, f, walker), wrong),
+      0,
+      0,
+      Uint32Array.of(f),
+      0,
+      1,
+      true,
+    );
     m.arm(0, 1, m.control(f));
     let trace: TraceSession | undefined;
     let kvm: TraceEvent[][] | string = 'not traced';
@@ -241,7 +294,14 @@ export async function runAlone(ctx: Pick<CheckContext, 'kvm'>, cpu: CpuFeatures,
     }
     const o = observe(m, b, 0);
     const e = b.expected[0]!;
-    return { name: caseName(f), gva: b.at[0]!.gva, ...comparable(f, b.at[0]!, e, o), agrees: agrees(f, b.at[0]!, e, o), model: e.walks ?? [], kvm };
+    return {
+      name: caseName(f),
+      gva: b.at[0]!.gva,
+      ...comparable(f, b.at[0]!, e, o),
+      agrees: agrees(f, b.at[0]!, e, o),
+      model: e.walks ?? [],
+      kvm,
+    };
   } finally {
     m.close();
   }
@@ -260,7 +320,14 @@ export function walksOf(events: TraceEvent[], gva: number): TraceEvent[][] {
   return walks;
 }
 
-async function rerunAlone(ctx: CheckContext, cpu: CpuFeatures, levels: 4 | 5, space: CaseSpace, f: number, wrong?: ReadonlySet<WrongWalk>): Promise<string> {
+async function rerunAlone(
+  ctx: CheckContext,
+  cpu: CpuFeatures,
+  levels: 4 | 5,
+  space: CaseSpace,
+  f: number,
+  wrong?: ReadonlySet<WrongWalk>,
+): Promise<string> {
   let r: Rerun;
   try {
     r = await runAlone(ctx, cpu, levels, f, wrong, guestWalkerOf(ctx.profile));

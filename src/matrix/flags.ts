@@ -98,9 +98,15 @@ export function caseSpace(cpu: MatrixFeatures): CaseSpace {
   if (!cpu.nx) drop(CASE.NXE, 'EFER.NXE: no NX in CPUID (bit 63 is then always a reserved bit)');
   if (!cpu.smep) drop(CASE.SMEP, 'CR4.SMEP: no SMEP in CPUID');
   if (!cpu.smap) drop(CASE.SMAP | CASE.AC, 'CR4.SMAP and EFLAGS.AC: no SMAP in CPUID');
-  if (!cpu.pku) drop(CASE.PKE | CASE.PKRU_AD | CASE.PKRU_WD | CASE.PKEY, 'CR4.PKE, PKRU AD/WD and protection keys: no PKU in CPUID');
-  if (cpu.maxPhyAddr >= 52) drop(CASE.PTE_R51 | CASE.PDE_R51, `reserved bit 51: MAXPHYADDR ${cpu.maxPhyAddr} makes it an address bit`);
-  if (cpu.maxPhyAddr > 36) drop(CASE.PTE_R36 | CASE.PDE_R36, `reserved bit 36: MAXPHYADDR ${cpu.maxPhyAddr} makes it an address bit`);
+  if (!cpu.pku)
+    drop(
+      CASE.PKE | CASE.PKRU_AD | CASE.PKRU_WD | CASE.PKEY,
+      'CR4.PKE, PKRU AD/WD and protection keys: no PKU in CPUID',
+    );
+  if (cpu.maxPhyAddr >= 52)
+    drop(CASE.PTE_R51 | CASE.PDE_R51, `reserved bit 51: MAXPHYADDR ${cpu.maxPhyAddr} makes it an address bit`);
+  if (cpu.maxPhyAddr > 36)
+    drop(CASE.PTE_R36 | CASE.PDE_R36, `reserved bit 36: MAXPHYADDR ${cpu.maxPhyAddr} makes it an address bit`);
   return { offered: offered >>> 0, skipped };
 }
 
@@ -187,12 +193,26 @@ export function sampleCases(space: CaseSpace, n: number, seed: number): Uint32Ar
 // Names.
 
 const PTE_NAMES: [number, string][] = [
-  [CASE.PTE_P, 'P'], [CASE.PTE_W, 'W'], [CASE.PTE_U, 'U'], [CASE.PTE_A, 'A'], [CASE.PTE_D, 'D'],
-  [CASE.PTE_NX, 'NX'], [CASE.PTE_R51, 'r51'], [CASE.PTE_R36, 'r36'],
+  [CASE.PTE_P, 'P'],
+  [CASE.PTE_W, 'W'],
+  [CASE.PTE_U, 'U'],
+  [CASE.PTE_A, 'A'],
+  [CASE.PTE_D, 'D'],
+  [CASE.PTE_NX, 'NX'],
+  [CASE.PTE_R51, 'r51'],
+  [CASE.PTE_R36, 'r36'],
 ];
 const PDE_NAMES: [number, string][] = [
-  [CASE.PDE_P, 'P'], [CASE.PDE_W, 'W'], [CASE.PDE_U, 'U'], [CASE.PDE_A, 'A'], [CASE.PDE_D, 'D'],
-  [CASE.PDE_PS, 'PS'], [CASE.PDE_NX, 'NX'], [CASE.PDE_R51, 'r51'], [CASE.PDE_R36, 'r36'], [CASE.PDE_R13, 'r13'],
+  [CASE.PDE_P, 'P'],
+  [CASE.PDE_W, 'W'],
+  [CASE.PDE_U, 'U'],
+  [CASE.PDE_A, 'A'],
+  [CASE.PDE_D, 'D'],
+  [CASE.PDE_PS, 'PS'],
+  [CASE.PDE_NX, 'NX'],
+  [CASE.PDE_R51, 'r51'],
+  [CASE.PDE_R36, 'r36'],
+  [CASE.PDE_R13, 'r13'],
 ];
 
 function bits(f: number, names: [number, string][]): string {
@@ -218,7 +238,8 @@ export function caseName(f: number, offered = 0xffffffff): string {
   parts.push(`nx=${on(CASE.NXE)}`);
   if (offered & CASE.PKE) {
     parts.push(`pke=${on(CASE.PKE)}`);
-    if (f & (CASE.PKRU_AD | CASE.PKRU_WD)) parts.push(`pkru1=${[f & CASE.PKRU_AD ? 'ad' : '', f & CASE.PKRU_WD ? 'wd' : ''].filter(Boolean).join('|')}`);
+    if (f & (CASE.PKRU_AD | CASE.PKRU_WD))
+      parts.push(`pkru1=${[f & CASE.PKRU_AD ? 'ad' : '', f & CASE.PKRU_WD ? 'wd' : ''].filter(Boolean).join('|')}`);
   }
   return parts.join(' ');
 }

@@ -54,15 +54,15 @@ import { X86Guest } from '../arch/x86/guest.js';
 import { CHANNEL_PORT, LAYOUT, OP, RETURN_GVA, SEL } from '../arch/x86/layout.js';
 import type { Kvm } from '../kvm/kvm.js';
 import { CASE } from './flags.js';
+import { PAGE_SIZE } from '../base/units.js';
 
-export const PAGE = 0x1000;
 const MIB = 0x100000;
 export const HEADER = Number(LAYOUT.data);
 export const RECORD = 48;
 const FRAMES = HEADER + 0x800;
 /** A quadword the guest may write when a case has no PTE (2 MiB pages) and for the terminator. */
 export const SCRATCH = HEADER + 0x40;
-const RECORDS = HEADER + PAGE;
+const RECORDS = HEADER + PAGE_SIZE;
 const RECORDS_BYTES = 0xf0000; // per buffer, inside the identity-mapped data region
 /** Cases per batch at most (one record is the terminator). */
 export const MAX_BATCH = Math.floor(RECORDS_BYTES / RECORD) - 1;
@@ -84,12 +84,21 @@ export const bufferBase = {
 };
 
 /** Routine selector bits: which code a case jumps to. */
-const R_WRITE = 1, R_FETCH = 2, R_USER = 4, R_TWICE = 8, R_AC = 16;
+const R_WRITE = 1,
+  R_FETCH = 2,
+  R_USER = 4,
+  R_TWICE = 8,
+  R_AC = 16;
 const ROUTINES = 32;
 
 export function routineIndex(f: number): number {
-  return (f & CASE.WRITE ? R_WRITE : 0) | (f & CASE.FETCH ? R_FETCH : 0) | (f & CASE.USER ? R_USER : 0)
-    | (f & CASE.TWICE ? R_TWICE : 0) | (f & CASE.AC ? R_AC : 0);
+  return (
+    (f & CASE.WRITE ? R_WRITE : 0) |
+    (f & CASE.FETCH ? R_FETCH : 0) |
+    (f & CASE.USER ? R_USER : 0) |
+    (f & CASE.TWICE ? R_TWICE : 0) |
+    (f & CASE.AC ? R_AC : 0)
+  );
 }
 
 /** Control registers for a batch: the bring-up's, with WP/SMEP/SMAP/PKE/NXE and PKRU from the flags. */
@@ -120,7 +129,7 @@ export interface MachineOptions {
 /** Geometry of the page tables of one buffer. */
 function tableGeometry(batchSize: number) {
   const chunks = Math.ceil(batchSize / 512);
-  const bytes = (1 + 2 * chunks + batchSize) * PAGE;
+  const bytes = (1 + 2 * chunks + batchSize) * PAGE_SIZE;
   return { chunks, span: Math.ceil(bytes / (2 * MIB)) * 2 * MIB };
 }
 
@@ -206,17 +215,21 @@ export class MatrixMachine {
     return TABLES + b * this.geo.span;
   }
   pd(b: number, g: number, m: number): number {
-    return this.tables(b) + (1 + g * this.geo.chunks + m) * PAGE;
+    return this.tables(b) + (1 + g * this.geo.chunks + m) * PAGE_SIZE;
   }
   pt(b: number, i: number): number {
-    return this.tables(b) + (1 + 2 * this.geo.chunks + i) * PAGE;
+    return this.tables(b) + (1 + 2 * this.geo.chunks + i) * PAGE_SIZE;
   }
 
   /** Control registers for a case's control state. */
   control(f: number): ControlRegs {
     const boot = this.guest.boot;
     const cr0 = (boot.cr0 & ~CR0.WP) | (f & CASE.WP ? CR0.WP : 0n);
-    const cr4 = (boot.cr4 & ~(CR4.SMEP | CR4.SMAP | CR4.PKE)) | (f & CASE.SMEP ? CR4.SMEP : 0n) | (f & CASE.SMAP ? CR4.SMAP : 0n) | (f & CASE.PKE ? CR4.PKE : 0n);
+    const cr4 =
+      (boot.cr4 & ~(CR4.SMEP | CR4.SMAP | CR4.PKE)) |
+      (f & CASE.SMEP ? CR4.SMEP : 0n) |
+      (f & CASE.SMAP ? CR4.SMAP : 0n) |
+      (f & CASE.PKE ? CR4.PKE : 0n);
     const efer = (boot.efer & ~EFER.NXE) | (f & CASE.NXE ? EFER.NXE : 0n);
     return { cr0, cr4, efer, pkru: f & CASE.PKE ? pkruFor(f) : 0 };
   }
@@ -249,36 +262,46 @@ const POP_M64_RDI = [0x8f, 0x07];
 /** The batch program (supervisor) and the ring-3 stubs (user). */
 function program(opts: MachineOptions) {
   const k = new Asm({ origin: Number(LAYOUT.code) });
-  const next = (a: Asm) => a
-    .pop('rdi').bytes(POP_M64_RDI) // PDE
-    .pop('rdi').bytes(POP_M64_RDI) // PTE
-    .pop('rbx')
-    .invlpg({ base: 'rbx' })
-    .ret();
+  const next = (a: Asm) =>
+    a
+      .pop('rdi')
+      .bytes(POP_M64_RDI) // PDE
+      .pop('rdi')
+      .bytes(POP_M64_RDI) // PTE
+      .pop('rbx')
+      .invlpg({ base: 'rbx' })
+      .ret();
 
   // Batch prologue: control state from the header, registers, first case.
   k.label('batch')
     .movImm('rsi', HEADER)
-    .load(8, 'rax', { base: 'rsi', disp: 8 }).movToCr(0, 'rax')
-    .load(8, 'rax', { base: 'rsi', disp: 16 }).movToCr(4, 'rax')
+    .load(8, 'rax', { base: 'rsi', disp: 8 })
+    .movToCr(0, 'rax')
+    .load(8, 'rax', { base: 'rsi', disp: 16 })
+    .movToCr(4, 'rax')
     .movImm('rcx', IA32_EFER)
-    .load(4, 'rax', { base: 'rsi', disp: 24 }).load(4, 'rdx', { base: 'rsi', disp: 28 })
+    .load(4, 'rax', { base: 'rsi', disp: 24 })
+    .load(4, 'rdx', { base: 'rsi', disp: 28 })
     .wrmsr();
   if (opts.pku) {
-    k.load(8, 'rax', { base: 'rsi', disp: 16 }).bt('rax', 22).jcc('nc', 'no_pke')
-      .movImm('rcx', 0).movImm('rdx', 0).load(4, 'rax', { base: 'rsi', disp: 32 }).wrpkru()
+    k.load(8, 'rax', { base: 'rsi', disp: 16 })
+      .bt('rax', 22)
+      .jcc('nc', 'no_pke')
+      .movImm('rcx', 0)
+      .movImm('rdx', 0)
+      .load(4, 'rax', { base: 'rsi', disp: 32 })
+      .wrpkru()
       .label('no_pke');
   }
-  k.movLabel('r14', 'next')
-    .load(8, 'rsp', { base: 'rsi' })
-    .label('next');
+  k.movLabel('r14', 'next').load(8, 'rsp', { base: 'rsi' }).label('next');
   next(k);
 
   k.label('done').movImm('rax', OP.done).out(4, CHANNEL_PORT).jmp('batch');
 
   // The lean #PF handler: the CPU wrote the error code at the record's start.
   k.label('pf')
-    .movFromCr('rdx', 2).store(8, { base: 'rsp', disp: 8 }, 'rdx')
+    .movFromCr('rdx', 2)
+    .store(8, { base: 'rsp', disp: 8 }, 'rdx')
     .store(8, { base: 'rsp', disp: 16 }, 'rax')
     .add('rsp', RECORD);
   if (opts.smap) k.clac();
@@ -330,6 +353,8 @@ function program(opts: MachineOptions) {
  * case position — what a read must return.
  */
 export function dataTag(seq: number, i: number, user: boolean): { lo: number; hi: number } {
-  return { lo: ((user ? JMP_R11 : JMP_R14) | ((seq & 0xff) << 24)) >>> 0, hi: (i | ((seq >>> 8) & 0xff) << 24) >>> 0 };
+  return {
+    lo: ((user ? JMP_R11 : JMP_R14) | ((seq & 0xff) << 24)) >>> 0,
+    hi: (i | (((seq >>> 8) & 0xff) << 24)) >>> 0,
+  };
 }
-

@@ -7,7 +7,8 @@
 // HVAs are bigints, as in the uapi structures; host frames and HVA page
 // numbers are numbers.
 
-import { PAGE_SIZE, type Memslot } from './memslots.js';
+import type { Memslot } from './memslots.js';
+import { PAGE_SIZE } from '../base/units.js';
 
 /** Host frame of the shared zero page and of the huge zero page (2 MiB aligned). */
 export const ZERO_PFN = 0x100;

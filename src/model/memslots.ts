@@ -16,10 +16,9 @@
 // paging); HVAs are bigints, as in the uapi structures.
 
 import { MEM } from '../uapi/uapi.js';
+import { hex, PAGE } from '../base/units.js';
 
 export const PAGE_SHIFT = 12;
-export const PAGE_SIZE = 4096;
-const PAGE_SIZE_N = 4096n;
 
 /** KVM_MEM_MAX_NR_PAGES: the largest slot KVM accepts, in 4 KiB pages. */
 export const MAX_NR_PAGES = 2 ** 31 - 1;
@@ -95,12 +94,12 @@ export function slotEnd(s: Memslot): number {
 }
 
 export function slotHvaEnd(s: Memslot): bigint {
-  return s.hva + BigInt(s.npages) * PAGE_SIZE_N;
+  return s.hva + BigInt(s.npages) * PAGE;
 }
 
 /** HVA of `gfn` inside slot `s` (__gfn_to_hva_memslot). */
 export function gfnToHva(s: Memslot, gfn: number): bigint {
-  return s.hva + BigInt(gfn - s.baseGfn) * PAGE_SIZE_N;
+  return s.hva + BigInt(gfn - s.baseGfn) * PAGE;
 }
 
 /**
@@ -124,7 +123,7 @@ export class Memslots {
     this.asIds = opts.asIds ?? 2;
     this.maxSlots = opts.maxSlots ?? 32764;
     this.maxGfn = opts.maxGfn ?? 2 ** 36;
-    this.hvaLimit = opts.hvaLimit ?? (1n << 47n) - PAGE_SIZE_N;
+    this.hvaLimit = opts.hvaLimit ?? (1n << 47n) - PAGE;
     this.spaces = Array.from({ length: this.asIds }, () => []);
     this.last = new Array<Memslot | undefined>(this.asIds);
   }
@@ -182,7 +181,10 @@ export class Memslots {
     if (!old) change = { change: 'create', new: s };
     else {
       if (s.npages !== old.npages)
-        throw new MemslotError('EINVAL', `slot ${slot}: size of an existing slot cannot change (${old.npages} -> ${s.npages} pages)`);
+        throw new MemslotError(
+          'EINVAL',
+          `slot ${slot}: size of an existing slot cannot change (${old.npages} -> ${s.npages} pages)`,
+        );
       if (s.hva !== old.hva)
         throw new MemslotError('EINVAL', `slot ${slot}: userspace_addr of an existing slot cannot change`);
       if (s.flags.readonly !== old.flags.readonly)
@@ -223,17 +225,26 @@ export class Memslots {
     if (!Number.isInteger(s.baseGfn) || s.baseGfn < 0)
       throw new MemslotError('EINVAL', `slot ${slot}: base GFN ${s.baseGfn} is not a frame number`);
     if (slotEnd(s) > this.maxGfn)
-      throw new MemslotError('EINVAL', `slot ${slot}: ends at GFN ${hex(slotEnd(s))}, beyond the MMU's limit ${hex(this.maxGfn)}`);
-    if (s.hva % PAGE_SIZE_N !== 0n)
+      throw new MemslotError(
+        'EINVAL',
+        `slot ${slot}: ends at GFN ${hex(slotEnd(s))}, beyond the MMU's limit ${hex(this.maxGfn)}`,
+      );
+    if (s.hva % PAGE !== 0n)
       throw new MemslotError('EINVAL', `slot ${slot}: userspace_addr 0x${s.hva.toString(16)} is not page-aligned`);
     if (s.hva < 0n || slotHvaEnd(s) > this.hvaLimit)
       throw new MemslotError('EINVAL', `slot ${slot}: userspace range ends beyond the user address space (access_ok)`);
     if (!SIZES[backing.kind].includes(backing.pageSize))
-      throw new MemslotError('EINVAL', `slot ${slot}: ${backing.kind} backing cannot have page size ${backing.pageSize}`);
+      throw new MemslotError(
+        'EINVAL',
+        `slot ${slot}: ${backing.kind} backing cannot have page size ${backing.pageSize}`,
+      );
     if (backing.kind === 'hugetlb2m' || backing.kind === 'hugetlb1g') {
       const size = BigInt(backing.pageSize);
-      if (s.hva % size !== 0n || (BigInt(s.npages) * PAGE_SIZE_N) % size !== 0n)
-        throw new MemslotError('EINVAL', `slot ${slot}: a hugetlb mapping is aligned to and sized in ${backing.pageSize >> 20} MiB pages`);
+      if (s.hva % size !== 0n || (BigInt(s.npages) * PAGE) % size !== 0n)
+        throw new MemslotError(
+          'EINVAL',
+          `slot ${slot}: a hugetlb mapping is aligned to and sized in ${backing.pageSize >> 20} MiB pages`,
+        );
     }
   }
 }
@@ -255,12 +266,13 @@ export interface MemoryRegion {
 export function fromRegion(r: MemoryRegion, backing: Backing): Memslot {
   const known = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD;
   if (r.flags & ~known) throw new MemslotError('EINVAL', `unknown flag bits 0x${(r.flags & ~known).toString(16)}`);
-  if ((r.flags & KVM_MEM_GUEST_MEMFD) !== 0 !== (backing.kind === 'guest_memfd'))
+  if (((r.flags & KVM_MEM_GUEST_MEMFD) !== 0) !== (backing.kind === 'guest_memfd'))
     throw new MemslotError('EINVAL', 'KVM_MEM_GUEST_MEMFD must be set exactly for a guest_memfd backing');
-  if (r.memorySize % PAGE_SIZE_N !== 0n) throw new MemslotError('EINVAL', 'memory_size is not a multiple of the page size');
-  if (r.guestPhysAddr % PAGE_SIZE_N !== 0n) throw new MemslotError('EINVAL', 'guest_phys_addr is not page-aligned');
-  if (r.userspaceAddr % PAGE_SIZE_N !== 0n) throw new MemslotError('EINVAL', 'userspace_addr is not page-aligned');
-  if (r.guestPhysAddr + r.memorySize >= 1n << 64n) throw new MemslotError('EINVAL', 'guest_phys_addr + memory_size wraps');
+  if (r.memorySize % PAGE !== 0n) throw new MemslotError('EINVAL', 'memory_size is not a multiple of the page size');
+  if (r.guestPhysAddr % PAGE !== 0n) throw new MemslotError('EINVAL', 'guest_phys_addr is not page-aligned');
+  if (r.userspaceAddr % PAGE !== 0n) throw new MemslotError('EINVAL', 'userspace_addr is not page-aligned');
+  if (r.guestPhysAddr + r.memorySize >= 1n << 64n)
+    throw new MemslotError('EINVAL', 'guest_phys_addr + memory_size wraps');
   return {
     slot: r.slot & 0xffff,
     asId: r.slot >>> 16,
@@ -278,10 +290,6 @@ function cloneSlot(s: Memslot): Memslot {
     flags: Object.freeze({ ...s.flags }),
     backing: Object.freeze({ ...s.backing }),
   });
-}
-
-function hex(n: number): string {
-  return '0x' + n.toString(16);
 }
 
 // ---------------------------------------------------------------------------
@@ -319,7 +327,7 @@ export function* hvaRanges(slots: Memslots, hvaStart: bigint, hvaEnd: bigint): G
           asId,
           slot: s,
           start: s.baseGfn + Number((lo - s.hva) >> 12n),
-          end: s.baseGfn + Number((hi - s.hva + PAGE_SIZE_N - 1n) >> 12n),
+          end: s.baseGfn + Number((hi - s.hva + PAGE - 1n) >> 12n),
         };
       }
     }

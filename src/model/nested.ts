@@ -75,7 +75,15 @@
 
 import { decodeSpte, isTable, type Spte } from './spte.js';
 import type { FaultKind, FaultResult, Tdp } from './tdp.js';
-import { walk, type Access, type AccessKind, type AdWrite, type PagingConfig, type ReadPte, type WalkResult } from './walk.js';
+import {
+  walk,
+  type Access,
+  type AccessKind,
+  type AdWrite,
+  type PagingConfig,
+  type ReadPte,
+  type WalkResult,
+} from './walk.js';
 
 export type NestedRefKind = 'tdp' | 'guest-pte' | 'data';
 
@@ -193,7 +201,15 @@ export function nestedWalk(
     const need: AccessKind = tableWrites === 'always' || adWrite ? 'write' : 'read';
     const hostAddr = translate(trees, asId, l.pteGpa, need, l.level, refs);
     if (hostAddr === undefined) return finish('tdp-exit');
-    refs.push({ kind: 'guest-pte', guestLevel: l.level, gpa: l.pteGpa, hostAddr, pte: l.pte, hit: true, ...(adWrite ? { adWrite } : {}) });
+    refs.push({
+      kind: 'guest-pte',
+      guestLevel: l.level,
+      gpa: l.pteGpa,
+      hostAddr,
+      pte: l.pte,
+      hit: true,
+      ...(adWrite ? { adWrite } : {}),
+    });
   }
   if (!guest.ok) return finish('guest-fault');
 
@@ -212,7 +228,14 @@ export function nestedWalk(
  * translation: if the tree still does not permit the access after it, the
  * translation ends there.
  */
-function translate(trees: Trees, asId: number, gpa: bigint, need: AccessKind, guestLevel: number, refs: NestedRef[]): bigint | undefined {
+function translate(
+  trees: Trees,
+  asId: number,
+  gpa: bigint,
+  need: AccessKind,
+  guestLevel: number,
+  refs: NestedRef[],
+): bigint | undefined {
   const gfn = Number(gpa >> 12n);
   const write = need === 'write';
   const exec = need === 'exec';

@@ -226,7 +226,13 @@ export class ShadowMmu {
   private readonly hash = new Map<bigint, Sp[]>();
   private nextId = 1;
   private events: ShadowEvent[] = [];
-  readonly stats: ShadowStats = { mmu_unsync: 0, mmu_shadow_zapped: 0, mmu_pte_write: 0, mmu_flooded: 0, mmu_cache_miss: 0 };
+  readonly stats: ShadowStats = {
+    mmu_unsync: 0,
+    mmu_shadow_zapped: 0,
+    mmu_pte_write: 0,
+    mmu_flooded: 0,
+    mmu_cache_miss: 0,
+  };
   /** Guest CR3 (the pgd), and the root KVM uses for it once loaded. */
   private cr3: bigint;
   root: Sp | undefined;
@@ -255,14 +261,16 @@ export class ShadowMmu {
   /** Every valid shadow page, oldest first, plus the invalid roots still in use. */
   pages(): SpInfo[] {
     const all = [...this.hash.values()].flat();
-    for (const r of [this.root, ...this.prevRoots.map((p) => p.sp)]) if (r && r.invalid && !all.includes(r)) all.push(r);
+    for (const r of [this.root, ...this.prevRoots.map((p) => p.sp)])
+      if (r && r.invalid && !all.includes(r)) all.push(r);
     return all.sort((a, b) => a.id - b.id).map(spInfo);
   }
 
   /** The shadow pages an access to `gva` goes through, root first (the shadow walk, for_each_shadow_entry). */
   path(gva: bigint): SpInfo[] {
     const out: SpInfo[] = [];
-    for (let sp: Sp | Leaf | undefined = this.root; isSp(sp); sp = sp.spt.get(index(gva, sp.role.level))) out.push(spInfo(sp));
+    for (let sp: Sp | Leaf | undefined = this.root; isSp(sp); sp = sp.spt.get(index(gva, sp.role.level)))
+      out.push(spInfo(sp));
     return out;
   }
 
@@ -503,7 +511,7 @@ export class ShadowMmu {
     if (this.cfg.wrong === 'never-sync') return;
     // Walk again until a walk finds nothing: clearing stops at a parent with
     // bits left, some of them stale, which only the next walk clears.
-    for (let found = true; found; ) {
+    for (let found = true; found;) {
       found = false;
       for (const { sp, path } of unsyncWalk(parent, this.cfg.wrong)) {
         found = true;
@@ -527,7 +535,7 @@ export class ShadowMmu {
   invlpg(gva: bigint): void {
     this.tlb.delete(gva >> 12n);
     if (this.cfg.wrong === 'never-sync') return;
-    for (let sp: Sp | Leaf | undefined = this.root; isSp(sp); ) {
+    for (let sp: Sp | Leaf | undefined = this.root; isSp(sp);) {
       const i = index(gva, sp.role.level);
       if (sp.unsync) this.syncSpte(sp, i);
       if (!sp.unsyncChildren.size) break;
@@ -612,6 +620,23 @@ export class ShadowMmu {
     return { gpa: (w.gfn << 12n) | (gva & 0xfffn), allowed: [...allowed].sort((a, b) => (a < b ? -1 : 1)), shadow };
   }
 
+  /**
+   * Native hosts: the frame a present shadow PTE still maps for `gva` when
+   * the architecture no longer allows it (neither the guest's walk now nor a
+   * translation the guest's TLB may hold): the processor uses that PTE
+   * without asking KVM. This happens when the guest's tables changed by a
+   * write KVM did not see (the VMM's) in a page that is not unsync: INVLPG
+   * and a CR3 load re-read only unsync pages. Undefined when there is none.
+   */
+  stale(gva: bigint): bigint | undefined {
+    if (this.cfg.exec !== 'native') return undefined;
+    const leaf = this.leafFor(gva);
+    if (!leaf) return undefined;
+    const w = this.guestWalk(gva);
+    if (w?.gfn === leaf.gfn || this.tlb.get(gva >> 12n)?.has(leaf.gfn)) return undefined;
+    return leaf.gfn;
+  }
+
   private pathSps(gva: bigint): Sp[] {
     const out: Sp[] = [];
     for (let sp: Sp | Leaf | undefined = this.root; isSp(sp); sp = sp.spt.get(index(gva, sp.role.level))) out.push(sp);
@@ -639,13 +664,21 @@ export class ShadowMmu {
     for (const step of w.steps) {
       if (step.level === 1 || (step.level <= 3 && step.pte & PS)) break;
       const tableGfn = (step.pte & ADDR) >> 12n;
-      sp = this.child(sp, index(gva, sp.role.level), tableGfn, { level: step.level - 1, direct: false, access: step.access });
+      sp = this.child(sp, index(gva, sp.role.level), tableGfn, {
+        level: step.level - 1,
+        direct: false,
+        access: step.access,
+      });
     }
     while (sp.role.level > 1) {
       // A guest huge page: direct pages down to 4 KiB.
       const span = 1n << BigInt(9 * (sp.role.level - 1));
       const base = w.gfn & ~(span - 1n);
-      sp = this.child(sp, index(gva, sp.role.level), base, { level: sp.role.level - 1, direct: true, access: w.access });
+      sp = this.child(sp, index(gva, sp.role.level), base, {
+        level: sp.role.level - 1,
+        direct: true,
+        access: w.access,
+      });
     }
     const guestWritable = (w.access & ACC.W) !== 0 || !(this.cfg.cr0Wp ?? true);
     let writable = kind === 'write' && guestWritable;

@@ -104,4 +104,3 @@ export function decodeSpte(s: Spte): SpteInfo {
     mmuWritable: (s & SPTE_MMU_W) !== 0,
   };
 }
-

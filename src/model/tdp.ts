@@ -189,7 +189,9 @@ export class Tdp {
       const ipaBits = opts.ipaBits ?? (startLevel === 0 ? 48 : 40);
       const levels = Math.floor((ipaBits - 8) / 9);
       if (levels !== 4 - startLevel)
-        throw new RangeError(`arm64 stage-2 with a ${ipaBits}-bit IPA starts at level ${4 - levels}, not ${startLevel}`);
+        throw new RangeError(
+          `arm64 stage-2 with a ${ipaBits}-bit IPA starts at level ${4 - levels}, not ${startLevel}`,
+        );
       this.rootLevel = fromArmLevel(startLevel);
       rootSize = 2 ** (ipaBits - 12 - 9 * (this.rootLevel - 1));
       this.maxGfn = 2 ** (ipaBits - 12);
@@ -215,7 +217,13 @@ export class Tdp {
   }
 
   /** Open a walk over one address space; every operation below is a for…of over one. */
-  walk(asId: number, start: number, end: number, flush: Flush[] | null, opts: { only?: Only; minLevel?: number } = {}): TdpIter {
+  walk(
+    asId: number,
+    start: number,
+    end: number,
+    flush: Flush[] | null,
+    opts: { only?: Only; minLevel?: number } = {},
+  ): TdpIter {
     this.activeWalks++;
     return new TdpIter(this.root(asId), start, Math.min(end, this.maxGfn), {
       asId,
@@ -257,13 +265,22 @@ export class Tdp {
     }
     table.spte[index] = spte;
     it.old = spte;
-    this.log(fast ? { kind: 'spte', asId: it.asId, gfn, level, old, new: spte, fast } : { kind: 'spte', asId: it.asId, gfn, level, old, new: spte });
+    this.log(
+      fast
+        ? { kind: 'spte', asId: it.asId, gfn, level, old, new: spte, fast }
+        : { kind: 'spte', asId: it.asId, gfn, level, old, new: spte },
+    );
     if (table.child) {
       const gone = table.child[index];
       table.child[index] = isTable(spte) ? child : null;
       if (gone && gone !== table.child[index]) it.removed.push(this.detached(it.asId, gone));
     }
-    if (level === 1 && isLeaf(spte) && (spte & SPTE_W) !== 0 && !(isLeaf(old) && (old & SPTE_W) !== 0 && sptePfn(old) === sptePfn(spte))) {
+    if (
+      level === 1 &&
+      isLeaf(spte) &&
+      (spte & SPTE_W) !== 0 &&
+      !(isLeaf(old) && (old & SPTE_W) !== 0 && sptePfn(old) === sptePfn(spte))
+    ) {
       const slot = this.slots.find(it.asId, gfn);
       if (slot?.flags.logDirty) this.dirtySet(slot).add(gfn);
     }
@@ -288,7 +305,14 @@ export class Tdp {
 
     const cur = this.lookup(asId, gfn);
     if (cur && isLeaf(cur.spte) && permits(cur.spte, write, exec)) return { kind: 'spurious', gfn, ...cur };
-    if (this.arch === 'x86_64' && cur && isLeaf(cur.spte) && write && (cur.spte & SPTE_MMU_W) !== 0 && permits(cur.spte, false, exec)) {
+    if (
+      this.arch === 'x86_64' &&
+      cur &&
+      isLeaf(cur.spte) &&
+      write &&
+      (cur.spte & SPTE_MMU_W) !== 0 &&
+      permits(cur.spte, false, exec)
+    ) {
       // fast_page_fault: write access restored in place, except on a huge
       // page of a dirty-logging slot (only one page could be logged dirty).
       if (!(cur.level > 1 && slot.flags.logDirty)) return this.fastFault(asId, gfn);
@@ -303,7 +327,8 @@ export class Tdp {
     if (this.arch === 'arm64') {
       const now = this.lookup(asId, gfn);
       const leaf = this.leafFor(f, f.goal);
-      if (now && isLeaf(now.spte) && now.level === f.goal && sptePfn(now.spte) === sptePfn(leaf)) return this.relax(asId, gfn, leaf);
+      if (now && isLeaf(now.spte) && now.level === f.goal && sptePfn(now.spte) === sptePfn(leaf))
+        return this.relax(asId, gfn, leaf);
     }
     return this.map(f);
   }
@@ -356,7 +381,17 @@ export class Tdp {
   /** No memslot: x86 caches an MMIO SPTE at 4 KiB, arm64 installs nothing. */
   private mmio(asId: number, gfn: number): FaultResult {
     if (this.arch !== 'x86_64' || !this.mmioCaching) return { kind: 'mmio', gfn, level: 0, spte: 0 };
-    const f: FaultCtx = { asId, gfn, slot: undefined, page: undefined, write: false, exec: false, goal: 1, reqLevel: 1, hugeDisallowed: false };
+    const f: FaultCtx = {
+      asId,
+      gfn,
+      slot: undefined,
+      page: undefined,
+      write: false,
+      exec: false,
+      goal: 1,
+      reqLevel: 1,
+      hugeDisallowed: false,
+    };
     return { ...this.map(f), kind: 'mmio' };
   }
 
@@ -402,7 +437,14 @@ export class Tdp {
     for (const it of this.walk(f.asId, f.gfn, f.gfn + 1, null)) {
       // disallowed_hugepage_adjust: do not rebuild a huge page over a table
       // that exists because the NX-huge-page rule split it.
-      if (this.nxHugePages && it.level > 1 && it.level === f.goal && isTable(it.old) && it.table.child![it.index]!.nxDisallowed) f.goal--;
+      if (
+        this.nxHugePages &&
+        it.level > 1 &&
+        it.level === f.goal &&
+        isTable(it.old) &&
+        it.table.child![it.index]!.nxDisallowed
+      )
+        f.goal--;
 
       if (it.level === f.goal) {
         const leaf = this.leafFor(f, it.level);
@@ -748,7 +790,14 @@ export class Tdp {
       const executable = (it.old & SPTE_X) !== 0;
       const next = it.gfn + PAGES[it.level];
       const last = runs[runs.length - 1];
-      if (last && last.end === it.gfn && last.level === it.level && last.writable === writable && last.executable === executable) last.end = next;
+      if (
+        last &&
+        last.end === it.gfn &&
+        last.level === it.level &&
+        last.writable === writable &&
+        last.executable === executable
+      )
+        last.end = next;
       else runs.push({ start: it.gfn, end: next, level: it.level, writable, executable });
     }
     return runs;

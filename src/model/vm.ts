@@ -11,19 +11,14 @@
 // declared kind and which host pages the model then sees behind it.
 //
 // Pure: no binding import; the binding's types are met structurally.
+import type { HostBacking } from '../base/host-backing.js';
 import { MEM } from '../uapi/uapi.js';
 import { fromRegion, Memslots, type Backing, type Memslot } from './memslots.js';
 import { Tdp, type FaultResult, type TdpOptions } from './tdp.js';
+import { hex, PAGE } from '../base/units.js';
 
 /** The backing kinds a scenario (and the harness) declares for a memslot. */
 export type BackingName = 'anon' | 'shared' | 'memfd' | 'thp' | 'hugetlb2m' | 'hugetlb1g';
-
-/** How the VMM allocates a slot's memory (the shape of src/kvm's Backing). */
-export type HostAlloc =
-  | { kind: 'anon'; thp: boolean }
-  | { kind: 'shared' }
-  | { kind: 'memfd' }
-  | { kind: 'hugetlb'; pageSize: '2M' | '1G' };
 
 /**
  * Each declared backing: how the VMM allocates it and the host pages the
@@ -34,7 +29,7 @@ export type HostAlloc =
  * writable (and log them dirty) on read faults. 'shared' is a MAP_SHARED
  * mapping of page cache, which the model treats as a memfd.
  */
-export const BACKINGS: Readonly<Record<BackingName, { alloc: HostAlloc; page: Backing }>> = {
+export const BACKINGS: Readonly<Record<BackingName, { alloc: HostBacking; page: Backing }>> = {
   anon: { alloc: { kind: 'anon', thp: false }, page: { kind: 'anon', pageSize: 4096 } },
   shared: { alloc: { kind: 'shared' }, page: { kind: 'memfd', pageSize: 4096 } },
   memfd: { alloc: { kind: 'memfd' }, page: { kind: 'memfd', pageSize: 4096 } },
@@ -83,9 +78,6 @@ export function declaredSlot(
   return modelSlot(region, BACKINGS[d.backing].page);
 }
 
-const hex = (v: bigint | number) => `0x${v.toString(16)}`;
-const PAGE = 0x1000n;
-
 /** A host change of part of a slot's memory, as the MMU notifier reports it. */
 export type MemChange = 'munmap' | 'dontneed' | 'mprotect';
 
@@ -130,7 +122,7 @@ export class ModelVm {
   /** The slot that holds all of [gpa, gpa + len), if one does. */
   slotAt(gpa: bigint, len: number): Memslot | undefined {
     const m = this.tdp.slots.find(0, Number(gpa >> 12n));
-    return m && gpa + BigInt(len) <= (BigInt(m.baseGfn + m.npages) << 12n) ? m : undefined;
+    return m && gpa + BigInt(len) <= BigInt(m.baseGfn + m.npages) << 12n ? m : undefined;
   }
 
   /** The guest wrote `gpa`: its page is dirty if a logging slot holds it. */
@@ -162,7 +154,9 @@ export class ModelVm {
     const end = start + size;
     const first = m.baseGfn + Number(offset >> 12n);
     const last = first + Number(size >> 12n);
-    const mapped = tdp.mappings(0, first, last).reduce((n, r) => n + Math.min(r.end, last) - Math.max(r.start, first), 0);
+    const mapped = tdp
+      .mappings(0, first, last)
+      .reduce((n, r) => n + Math.min(r.end, last) - Math.max(r.start, first), 0);
     if (prot) tdp.host.protect(start, end, prot);
     const { ranges } = tdp.invalidateHva(start, end, why);
     const gfnRange = (a: number, b: number) => `GFN [${hex(a)}, ${hex(b)})`;

@@ -205,8 +205,7 @@ export const NON_CANONICAL = -1;
 
 /** The exception a faulting access delivers: vector, error code and what CR2 holds after it. */
 export type AccessException =
-  | { vector: 13; errorCode: 0; cr2: 'unchanged' }
-  | { vector: 14; errorCode: number; cr2: bigint };
+  { vector: 13; errorCode: 0; cr2: 'unchanged' } | { vector: 14; errorCode: number; cr2: bigint };
 
 /**
  * The exception of a faulting walk. A non-canonical address never reaches the
@@ -223,7 +222,9 @@ export function accessException(w: Extract<WalkResult, { ok: false }>): AccessEx
 
 export type ReadPte = (gpa: bigint) => bigint;
 /** A walk under one pre-compiled configuration; `walker` is the configuration's. */
-export type CompiledWalk = ((cr3: bigint, access: Access, readPte: ReadPte) => WalkResult) & { readonly walker: GuestWalker };
+export type CompiledWalk = ((cr3: bigint, access: Access, readPte: ReadPte) => WalkResult) & {
+  readonly walker: GuestWalker;
+};
 
 // ---------------------------------------------------------------------------------
 // Compilation: everything derived from the configuration, as plain numbers.
@@ -334,7 +335,12 @@ const PAGE_OFFSET_MASK = [0, 2 ** 12 - 1, 2 ** 21 - 1, 2 ** 30 - 1];
 const PAGE_SIZE_BIG = [0n, 1n << 12n, 1n << 21n, 1n << 30n];
 
 // Protection-fault cause bits, and their reason strings (built once per combination).
-const C_USER = 1, C_WRITE = 2, C_NX = 4, C_SMEP = 8, C_SMAP = 16, C_PK = 32;
+const C_USER = 1,
+  C_WRITE = 2,
+  C_NX = 4,
+  C_SMEP = 8,
+  C_SMAP = 16,
+  C_PK = 32;
 const CAUSE_NAMES = ['user', 'write', 'nx', 'smep', 'smap', 'pk'];
 const REASONS: string[] = [];
 for (let m = 0; m < 64; m++) {
@@ -547,7 +553,9 @@ export function walkWith(
  */
 export function compileWalk(cfg: PagingConfig, wrong?: ReadonlySet<WrongWalk>): CompiledWalk {
   const c = compile(cfg, wrong);
-  return Object.assign((cr3: bigint, access: Access, readPte: ReadPte) => run(c, cr3, access, readPte), { walker: c.walker });
+  return Object.assign((cr3: bigint, access: Access, readPte: ReadPte) => run(c, cr3, access, readPte), {
+    walker: c.walker,
+  });
 }
 
 const EC_NAMES: ReadonlyArray<readonly [number, string]> = [

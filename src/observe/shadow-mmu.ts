@@ -13,7 +13,13 @@ export const SHADOW_EVENTS = [
   'kvmmmu/kvm_mmu_prepare_zap_page',
 ] as const;
 
-export const SHADOW_STATS = ['mmu_unsync', 'mmu_shadow_zapped', 'mmu_pte_write', 'mmu_flooded', 'mmu_cache_miss'] as const;
+export const SHADOW_STATS = [
+  'mmu_unsync',
+  'mmu_shadow_zapped',
+  'mmu_pte_write',
+  'mmu_flooded',
+  'mmu_cache_miss',
+] as const;
 
 const KINDS: Record<string, ObservedSp['kind']> = {
   'kvmmmu/kvm_mmu_get_page': 'get',

@@ -16,7 +16,12 @@ export interface ShadowPage {
 export function parseShadowPage(e: TraceEvent): ShadowPage | undefined {
   const m = /\bgfn ([0-9a-f]+) l(\d)\b/.exec(e.text);
   if (!m) return undefined;
-  return { gfn: BigInt(`0x${m[1]}`), level: Number(m[2]), direct: / direct\b/.test(e.text), created: /\bnew\s*$/.test(e.text) };
+  return {
+    gfn: BigInt(`0x${m[1]}`),
+    level: Number(m[2]),
+    direct: / direct\b/.test(e.text),
+    created: /\bnew\s*$/.test(e.text),
+  };
 }
 
 /**

@@ -23,10 +23,11 @@
 import { randomBytes } from 'node:crypto';
 import { closeSync, constants, openSync, rmdirSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { NotApplicable } from '../kvm/sys.js';
+import { NotApplicable } from '../base/not-applicable.js';
 import { VcpuThread } from '../kvm/thread.js';
-import { hookSignals, onCleanup } from '../run/interrupt.js';
-import { localFs, type HostFs } from '../target/fs.js';
+import { hookSignals, onCleanup } from '../base/interrupt.js';
+import type { HostFs } from '../kvm/target.js';
+import { localFs } from '../target/fs.js';
 
 export const TRACEFS = '/sys/kernel/tracing';
 
@@ -113,7 +114,14 @@ export function parseTrace(text: string, formats: ReadonlyMap<string, EventForma
     const f = byName.get(m[5]!);
     if (!f) continue;
     const payload = m[6]!;
-    out.push({ id: f.id, pid: Number(m[2]), cpu: Number(m[3]), ts: Number(m[4]), fields: f.parse?.(payload) ?? {}, text: payload });
+    out.push({
+      id: f.id,
+      pid: Number(m[2]),
+      cpu: Number(m[3]),
+      ts: Number(m[4]),
+      fields: f.parse?.(payload) ?? {},
+      text: payload,
+    });
   }
   return out;
 }
@@ -140,7 +148,7 @@ let hooked = false;
 
 /**
  * Removes instances on process exit and on SIGINT/SIGTERM/SIGHUP/SIGQUIT/
- * SIGUSR2 (then exits 128 + the signal's number, run/interrupt.ts). Programs
+ * SIGUSR2 (then exits 128 + the signal's number, base/interrupt.ts). Programs
  * call this at start-up so that no signal can arrive between creating an
  * instance and hooking its removal; open() calls it too.
  */
@@ -227,7 +235,8 @@ export class TraceSession {
   static open(fs: HostFs, events: readonly string[], pids: readonly number[], bufferKb = 4096): TraceSession {
     ensureTracefs(fs);
     for (const e of events) {
-      if (!fs.exists(join(TRACEFS, 'events', e, 'format'))) throw new NotApplicable(`trace event ${e} does not exist in this kernel`);
+      if (!fs.exists(join(TRACEFS, 'events', e, 'format')))
+        throw new NotApplicable(`trace event ${e} does not exist in this kernel`);
     }
     hookExit();
     removeStaleInstances(fs);
@@ -273,7 +282,10 @@ export class TraceSession {
     const key = (tid: number): object => {
       if (tid === process.pid) return MAIN_THREAD;
       const t = VcpuThread.byTid(tid);
-      if (!t) throw new Error(`thread ${tid} is neither this process's main thread nor one of its vCPU threads: tracefs cannot be told its id`);
+      if (!t)
+        throw new Error(
+          `thread ${tid} is neither this process's main thread nor one of its vCPU threads: tracefs cannot be told its id`,
+        );
       return t;
     };
     const keys = tids.map(key);
@@ -289,7 +301,8 @@ export class TraceSession {
     for (const [k, tid] of threads) {
       const text = Buffer.from(`kvmharness-thread ${nonce} ${tid}\n`);
       const n = k === MAIN_THREAD ? writeSync(this.marker!, text) : (k as VcpuThread).write(this.marker!, text);
-      if (n !== text.length) throw new Error(`writing a trace marker from thread ${tid} failed${n < 0 ? `: errno ${-n}` : ''}`);
+      if (n !== text.length)
+        throw new Error(`writing a trace marker from thread ${tid} failed${n < 0 ? `: errno ${-n}` : ''}`);
     }
     const text = this.fs.read(join(this.dir, 'trace')) ?? '';
     this.clear();
@@ -302,7 +315,8 @@ export class TraceSession {
     }
     for (const [k, tid] of threads) {
       const id = marks.get(tid);
-      if (id === undefined) throw new Error(`tracefs recorded no marker from thread ${tid}, so its id there is unknown`);
+      if (id === undefined)
+        throw new Error(`tracefs recorded no marker from thread ${tid}, so its id there is unknown`);
       tracedIds.set(k, id);
     }
   }

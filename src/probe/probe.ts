@@ -4,8 +4,7 @@ import { archOfNode, type Arch } from '../arch/arch.js';
 import type { GuestWalker } from '../model/walk.js';
 import type { CpuidEntry } from '../kvm/cpuid.js';
 import { Kvm } from '../kvm/kvm.js';
-import type { HostFs } from '../target/fs.js';
-import type { Target } from '../target/target.js';
+import type { HostFs, Target } from '../kvm/target.js';
 import { HostError } from '../kvm/sys.js';
 import { CAP, type CapName } from '../uapi/uapi.js';
 
@@ -73,7 +72,16 @@ const readIn = (fs: HostFs, p: string): string | undefined => fs.read(p)?.trim()
 const selected = (s: string | undefined) => s?.match(/\[([^\]]+)\]/)?.[1] ?? s ?? 'unknown';
 
 const MEMORY_PARAMS: Record<string, string[]> = {
-  kvm: ['tdp_mmu', 'eager_page_split', 'nx_huge_pages', 'nx_huge_pages_recovery_ratio', 'mmio_caching', 'flush_on_reuse', 'eager_zap_unsync_children', 'allow_unsafe_mappings'],
+  kvm: [
+    'tdp_mmu',
+    'eager_page_split',
+    'nx_huge_pages',
+    'nx_huge_pages_recovery_ratio',
+    'mmio_caching',
+    'flush_on_reuse',
+    'eager_zap_unsync_children',
+    'allow_unsafe_mappings',
+  ],
   kvm_intel: ['ept', 'eptad', 'pml', 'unrestricted_guest', 'nested'],
   kvm_amd: ['npt', 'nested', 'avic'],
   kvm_pvm: [],
@@ -102,7 +110,12 @@ export const TRACE_EVENTS = [
  * successfully"); the command line's kvm-arm.mode is what was asked for, and
  * decides only when the log no longer holds that line.
  */
-export function detectFlavour(mods: (name: string) => boolean, cmdline: string, machine: Arch, kernelLog?: string): Flavour {
+export function detectFlavour(
+  mods: (name: string) => boolean,
+  cmdline: string,
+  machine: Arch,
+  kernelLog?: string,
+): Flavour {
   if (machine === 'arm64') {
     const log = kernelLog ?? '';
     if (/Protected nVHE mode initialized successfully/.test(log)) return 'arm64-protected';
@@ -139,8 +152,9 @@ export function tracefsReach(fs: HostFs, root = '/sys/kernel/tracing'): { state:
   if (fs.uid() !== 0) return absent('not mounted, and mounting it needs root');
   const capEff = readIn(fs, '/proc/self/status')?.match(/^CapEff:\s*([0-9a-f]+)$/m)?.[1];
   if (capEff !== undefined && ((BigInt(`0x${capEff}`) >> CAP_SYS_ADMIN) & 1n) === 0n) {
-    return absent('not mounted, and mounting it needs CAP_SYS_ADMIN, which this process lacks, '
-      + 'as in a container without it');
+    return absent(
+      'not mounted, and mounting it needs CAP_SYS_ADMIN, which this process lacks, ' + 'as in a container without it',
+    );
   }
   const uidMap = readIn(fs, '/proc/self/uid_map');
   if (uidMap !== undefined && !/^0\s+0\s+4294967295$/.test(uidMap)) {
@@ -152,15 +166,16 @@ export function tracefsReach(fs: HostFs, root = '/sys/kernel/tracing'): { state:
 function cpuFeatures(entries: CpuidEntry[]): CpuFeatures {
   const leaf = (fn: number, idx = 0) => entries.find((e) => e.function === fn && e.index === idx);
   const l0 = leaf(0);
-  const vendor = l0
-    ? Buffer.from(new Uint32Array([l0.ebx, l0.edx, l0.ecx]).buffer).toString('latin1')
-    : 'unknown';
+  const vendor = l0 ? Buffer.from(new Uint32Array([l0.ebx, l0.edx, l0.ecx]).buffer).toString('latin1') : 'unknown';
   const l7 = leaf(7);
   const e1 = leaf(0x80000001);
   const e8 = leaf(0x80000008);
   const brandLeaves = [0x80000002, 0x80000003, 0x80000004].map((fn) => leaf(fn));
   const brand = brandLeaves.every((l) => l)
-    ? Buffer.from(new Uint32Array(brandLeaves.flatMap((l) => [l!.eax, l!.ebx, l!.ecx, l!.edx])).buffer).toString('latin1').replace(/\0.*$/s, '').trim()
+    ? Buffer.from(new Uint32Array(brandLeaves.flatMap((l) => [l!.eax, l!.ebx, l!.ecx, l!.edx])).buffer)
+        .toString('latin1')
+        .replace(/\0.*$/s, '')
+        .trim()
     : '';
   return {
     vendor,
@@ -181,30 +196,45 @@ export function deriveOracles(p: Omit<HostProfile, 'oracles'>): Record<Oracle, O
   const yes = (why: string): OracleState => ({ available: true, why });
   const no = (why: string): OracleState => ({ available: false, why });
   const x86 = p.arch === 'x86_64';
-  const ev = (name: string) => p.tracefs.state === 'mounted' ? p.tracefs.events[name] === true : p.tracefs.state === 'mountable';
+  const ev = (name: string) =>
+    p.tracefs.state === 'mounted' ? p.tracefs.events[name] === true : p.tracefs.state === 'mountable';
   const tracefsWhy = p.tracefs.state === 'mountable' ? ' (tracefs not mounted; kvmharness mounts it as root)' : '';
   const absent = p.tracefs.why ? `tracefs absent: ${p.tracefs.why}` : 'tracefs absent';
   const softwareWalker = p.flavour === 'kvm_pvm' || !p.tdp.enabled;
   const o = {} as Record<Oracle, OracleState>;
   o.exits = yes('KVM_RUN exit records');
-  o.exception_log = x86 ? yes('guest IDT handlers record vector, error code, CR2 and RIP') : no('x86 guest bring-up only');
-  o.ad_bits = x86 ? yes('guest page tables are read back from guest memory after each step') : no('x86 guest tables only');
+  o.exception_log = x86
+    ? yes('guest IDT handlers record vector, error code, CR2 and RIP')
+    : no('x86 guest bring-up only');
+  o.ad_bits = x86
+    ? yes('guest page tables are read back from guest memory after each step')
+    : no('x86 guest tables only');
   o.dirty_log = yes('KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG');
-  o.dirty_ring = (p.capabilities.KVM_CAP_DIRTY_LOG_RING ?? 0) > 0 || (p.capabilities.KVM_CAP_DIRTY_LOG_RING_ACQ_REL ?? 0) > 0
-    ? yes(`KVM_CAP_DIRTY_LOG_RING = ${p.capabilities.KVM_CAP_DIRTY_LOG_RING}`)
-    : no('KVM_CAP_DIRTY_LOG_RING is 0');
+  o.dirty_ring =
+    (p.capabilities.KVM_CAP_DIRTY_LOG_RING ?? 0) > 0 || (p.capabilities.KVM_CAP_DIRTY_LOG_RING_ACQ_REL ?? 0) > 0
+      ? yes(`KVM_CAP_DIRTY_LOG_RING = ${p.capabilities.KVM_CAP_DIRTY_LOG_RING}`)
+      : no('KVM_CAP_DIRTY_LOG_RING is 0');
   o.translate = x86 ? yes('KVM_TRANSLATE walks the guest tables') : no('KVM_TRANSLATE is x86 only');
   if (!p.capabilities.KVM_CAP_BINARY_STATS_FD) o.stats_faults = no('no binary stats fd');
-  else if (p.flavour === 'kvm_pvm') o.stats_faults = no('kvm_pvm: pf_* and pages_* do not count guest accesses (every guest instruction is emulated)');
+  else if (p.flavour === 'kvm_pvm')
+    o.stats_faults = no('kvm_pvm: pf_* and pages_* do not count guest accesses (every guest instruction is emulated)');
   else if (p.flavour === 'unknown') o.stats_faults = no('unknown KVM flavour');
   else if (p.arch === 'arm64') o.stats_faults = no('arm64 KVM has no pf_* / pages_* fault statistics');
   else o.stats_faults = yes(`pf_* and pages_* count ${p.tdp.enabled ? 'TDP' : 'shadow'} faults`);
-  const walkerEvents = ['kvmmmu/kvm_mmu_pagetable_walk', 'kvmmmu/kvm_mmu_paging_element', 'kvmmmu/kvm_mmu_walker_error'].every(ev);
+  const walkerEvents = [
+    'kvmmmu/kvm_mmu_pagetable_walk',
+    'kvmmmu/kvm_mmu_paging_element',
+    'kvmmmu/kvm_mmu_walker_error',
+  ].every(ev);
   o.walker_tracepoints = !x86
     ? no('x86 software walker only')
     : !walkerEvents
       ? no(p.tracefs.state === 'absent' ? absent : 'kvmmmu walker events missing')
-      : yes((softwareWalker ? 'KVM walks guest tables in software for every guest access' : 'only for emulated accesses and KVM_TRANSLATE') + tracefsWhy);
+      : yes(
+          (softwareWalker
+            ? 'KVM walks guest tables in software for every guest access'
+            : 'only for emulated accesses and KVM_TRANSLATE') + tracefsWhy,
+        );
   o.tdp_spte_tracepoints = !p.tdp.enabled
     ? no('no TDP on this host')
     : p.tdpMmu === false
@@ -212,11 +242,12 @@ export function deriveOracles(p: Omit<HostProfile, 'oracles'>): Record<Oracle, O
       : ev('kvmmmu/kvm_tdp_mmu_spte_changed')
         ? yes('kvm_tdp_mmu_spte_changed' + tracefsWhy)
         : no(p.tracefs.state === 'absent' ? absent : 'kvm_tdp_mmu_spte_changed missing');
-  o.stage2_fault_tracepoints = p.arch !== 'arm64'
-    ? no('arm64 stage-2 only')
-    : ev('kvm/kvm_guest_fault')
-      ? yes('kvm_guest_fault: every stage-2 abort with its IPA, syndrome and FAR' + tracefsWhy)
-      : no(p.tracefs.state === 'absent' ? absent : 'kvm_guest_fault missing');
+  o.stage2_fault_tracepoints =
+    p.arch !== 'arm64'
+      ? no('arm64 stage-2 only')
+      : ev('kvm/kvm_guest_fault')
+        ? yes('kvm_guest_fault: every stage-2 abort with its IPA, syndrome and FAR' + tracefsWhy)
+        : no(p.tracefs.state === 'absent' ? absent : 'kvm_guest_fault missing');
   o.shadow_page_tracepoints = p.tdp.enabled
     ? no('TDP is on: no shadow pages for guest tables')
     : ev('kvmmmu/kvm_mmu_get_page')
@@ -236,7 +267,12 @@ export function probe(target: Target, device?: string): HostProfile {
     const machine = archOfNode(node);
     if (!machine) throw new HostError(`KVM on ${node}: kvmharness knows x86_64 and arm64 hosts only`);
     const mods = (m: string) => existsSync(`/sys/module/${m}`);
-    const flavour = detectFlavour(mods, read('/proc/cmdline') ?? '', machine, machine === 'arm64' ? fs.kernelLog?.() : undefined);
+    const flavour = detectFlavour(
+      mods,
+      read('/proc/cmdline') ?? '',
+      machine,
+      machine === 'arm64' ? fs.kernelLog?.() : undefined,
+    );
     const param = (m: string, p: string) => read(`/sys/module/${m}/parameters/${p}`);
     const moduleParams: Record<string, string> = {};
     for (const [m, ps] of Object.entries(MEMORY_PARAMS)) {
@@ -263,19 +299,24 @@ export function probe(target: Target, device?: string): HostProfile {
     }
     const cpu = machine === 'x86_64' ? cpuFeatures(kvm.supportedCpuid()) : null;
     // KVM reports no brand string; under TDP the host's processor walks the guest's tables, so its name is the one that counts.
-    if (cpu && !cpu.brand) cpu.brand = (read('/proc/cpuinfo') ?? '').match(/^model name\s*:\s*(.*)$/m)?.[1]?.trim() ?? '';
+    if (cpu && !cpu.brand)
+      cpu.brand = (read('/proc/cpuinfo') ?? '').match(/^model name\s*:\s*(.*)$/m)?.[1]?.trim() ?? '';
     const thpEnabled = read('/sys/kernel/mm/transparent_hugepage/enabled');
     const hugetlb: HostProfile['hugetlb'] = {};
     const hpDir = '/sys/kernel/mm/hugepages';
     if (existsSync(hpDir)) {
       for (const d of fs.list(hpDir)) {
         const size = d.replace(/^hugepages-/, '');
-        hugetlb[size] = { total: Number(read(`${hpDir}/${d}/nr_hugepages`) ?? 0), free: Number(read(`${hpDir}/${d}/free_hugepages`) ?? 0) };
+        hugetlb[size] = {
+          total: Number(read(`${hpDir}/${d}/nr_hugepages`) ?? 0),
+          free: Number(read(`${hpDir}/${d}/free_hugepages`) ?? 0),
+        };
       }
     }
     const { state: tstate, why: tracefsWhy } = tracefsReach(fs);
     const events: Record<string, boolean> = {};
-    if (tstate === 'mounted') for (const e of TRACE_EVENTS) events[e] = existsSync(`/sys/kernel/tracing/events/${e}/format`);
+    if (tstate === 'mounted')
+      for (const e of TRACE_EVENTS) events[e] = existsSync(`/sys/kernel/tracing/events/${e}/format`);
     const base: Omit<HostProfile, 'oracles'> = {
       arch: machine,
       device: kvm.path,
@@ -288,7 +329,9 @@ export function probe(target: Target, device?: string): HostProfile {
       maxMemslots: capabilities.KVM_CAP_NR_MEMSLOTS ?? 0,
       maxVcpus: capabilities.KVM_CAP_MAX_VCPUS ?? 0,
       cpu,
-      thp: thpEnabled ? { enabled: selected(thpEnabled), defrag: selected(read('/sys/kernel/mm/transparent_hugepage/defrag')) } : null,
+      thp: thpEnabled
+        ? { enabled: selected(thpEnabled), defrag: selected(read('/sys/kernel/mm/transparent_hugepage/defrag')) }
+        : null,
       hugetlb,
       tracefs: { state: tstate, path: '/sys/kernel/tracing', events, ...(tracefsWhy ? { why: tracefsWhy } : {}) },
     };

@@ -23,9 +23,16 @@ export function abTable(r: AbReport, labels: { baseline: string; kernel: string 
   const head = ['baseline', 'time', 'kernel', 'time'].map((h, j) => h.padEnd(cw[j]!)).join('  ');
   const lines = [`baseline: ${labels.baseline}`, `kernel:   ${labels.kernel}`, '', `${'check'.padEnd(w)}  ${head}`];
   r.rows.forEach((x, i) => {
-    const marks = [x.outcomeDiffers ? 'outcome differs' : '', x.timeDiffers ? 'time differs' : ''].filter(Boolean).join(', ');
-    lines.push(`${x.name.padEnd(w)}  ${cols[i]!.map((c, j) => c.padEnd(cw[j]!)).join('  ')}${marks ? `  <- ${marks}` : ''}`);
+    const marks = [x.outcomeDiffers ? 'outcome differs' : '', x.timeDiffers ? 'time differs' : '']
+      .filter(Boolean)
+      .join(', ');
+    lines.push(
+      `${x.name.padEnd(w)}  ${cols[i]!.map((c, j) => c.padEnd(cw[j]!)).join('  ')}${marks ? `  <- ${marks}` : ''}`,
+    );
   });
-  lines.push('', `${r.outcomeDiffs} check(s) with differing outcomes, ${r.timeDiffs} with times that differ beyond noise (medians more than ${TIME_FRACTION * 100}% apart and the repeats' ranges disjoint)`);
+  lines.push(
+    '',
+    `${r.outcomeDiffs} check(s) with differing outcomes, ${r.timeDiffs} with times that differ beyond noise (medians more than ${TIME_FRACTION * 100}% apart and the repeats' ranges disjoint)`,
+  );
   return lines.join('\n');
 }

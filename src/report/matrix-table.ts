@@ -22,7 +22,11 @@ export function matrixTable(results: ReadonlyMap<string, RunReport | string>): s
   lines.push('');
   profiles.forEach((p, i) => {
     const r = reports[i]!;
-    lines.push(typeof r === 'string' ? `${p}: ${r}` : `${p}: ${r.summary.passed} passed, ${r.summary.failed} failed, ${r.summary.notApplicable} not applicable, ${r.summary.errors} errors`);
+    lines.push(
+      typeof r === 'string'
+        ? `${p}: ${r}`
+        : `${p}: ${r.summary.passed} passed, ${r.summary.failed} failed, ${r.summary.notApplicable} not applicable, ${r.summary.errors} errors`,
+    );
   });
   return lines.join('\n');
 }

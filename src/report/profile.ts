@@ -15,7 +15,12 @@ export function formatProfile(p: HostProfile): string {
   kv('flavour', p.flavour);
   kv('tdp', p.tdp.enabled ? `on (${p.tdp.kind})` : 'off (shadow MMU)');
   kv('tdp_mmu', p.tdpMmu === null ? 'n/a' : p.tdpMmu ? 'on' : 'off');
-  kv('module params', Object.entries(p.moduleParams).map(([k, v]) => `${k}=${v}`).join(' '));
+  kv(
+    'module params',
+    Object.entries(p.moduleParams)
+      .map(([k, v]) => `${k}=${v}`)
+      .join(' '),
+  );
   kv('memslots / vcpus', `${p.maxMemslots} / ${p.maxVcpus}`);
   if (p.cpu) {
     const c = p.cpu;
@@ -24,11 +29,17 @@ export function formatProfile(p: HostProfile): string {
     kv('guest walks', `${guestWalkerOf(p)} (host cpu: ${c.brand || 'unknown'})`);
   }
   kv('thp', p.thp ? `${p.thp.enabled} (defrag ${p.thp.defrag})` : 'absent');
-  kv('hugetlb', Object.entries(p.hugetlb).map(([k, v]) => `${k}: ${v.free}/${v.total} free`).join(', ') || 'none');
+  kv(
+    'hugetlb',
+    Object.entries(p.hugetlb)
+      .map(([k, v]) => `${k}: ${v.free}/${v.total} free`)
+      .join(', ') || 'none',
+  );
   kv('tracefs', p.tracefs.why ? `${p.tracefs.state} (${p.tracefs.why})` : p.tracefs.state);
   lines.push('capabilities');
   for (const [k, v] of Object.entries(p.capabilities)) lines.push(`  ${k.replace(/^KVM_CAP_/, '').padEnd(30)} ${v}`);
   lines.push('oracles');
-  for (const [k, v] of Object.entries(p.oracles)) lines.push(`  ${k.padEnd(24)} ${v.available ? 'yes' : 'no '}  ${v.why}`);
+  for (const [k, v] of Object.entries(p.oracles))
+    lines.push(`  ${k.padEnd(24)} ${v.available ? 'yes' : 'no '}  ${v.why}`);
   return lines.join('\n');
 }

@@ -3,24 +3,39 @@ import { nodeArch } from '../arch/arch.js';
 import type { CheckResult, Outcome, RunReport } from '../run/types.js';
 
 /** The mark of each outcome, in every table and progress line that prints one. */
-export const MARK: Record<Outcome, string> = { pass: 'PASS', fail: 'FAIL', not_applicable: 'N/A', error: 'ERR', not_run: 'SKIP' };
+export const MARK: Record<Outcome, string> = {
+  pass: 'PASS',
+  fail: 'FAIL',
+  not_applicable: 'N/A',
+  error: 'ERR',
+  not_run: 'SKIP',
+};
 
 /** An outcome's mark padded to one width, for a column. */
 export const tag = (o: Outcome): string => MARK[o].padEnd(4);
 
 export function human(r: RunReport): string {
   const out: string[] = [];
-  out.push(`host: ${r.host.flavour} on ${nodeArch(r.host.arch)}, TDP ${r.host.tdp.enabled ? r.host.tdp.kind : 'off'}, tdp_mmu ${r.host.tdpMmu ? 'on' : 'off'} (${r.host.device})`);
+  out.push(
+    `host: ${r.host.flavour} on ${nodeArch(r.host.arch)}, TDP ${r.host.tdp.enabled ? r.host.tdp.kind : 'off'}, tdp_mmu ${r.host.tdpMmu ? 'on' : 'off'} (${r.host.device})`,
+  );
   const w = Math.max(10, ...r.checks.map((c) => c.name.length));
   for (const c of r.checks) {
     out.push(`${tag(c.outcome)}  ${c.name.padEnd(w)}  ${c.durationMs.toFixed(1).padStart(8)} ms  ${c.description}`);
-    if (c.cases) out.push(`      ${c.cases.checked} cases: ${Object.entries(c.cases.byOutcome).map(([k, n]) => `${k} ${n}`).join(', ')}`);
+    if (c.cases)
+      out.push(
+        `      ${c.cases.checked} cases: ${Object.entries(c.cases.byOutcome)
+          .map(([k, n]) => `${k} ${n}`)
+          .join(', ')}`,
+      );
     out.push(...detail(c).map((l) => `      ${l}`));
   }
   const s = r.summary;
   const why = s.interrupted ? ` (interrupted by ${s.interrupted})` : s.stopped ? ` (${s.stopped})` : '';
   const notRun = s.notRun || s.interrupted ? `, ${s.notRun} not run${why}` : '';
-  out.push(`${s.passed} passed, ${s.failed} failed, ${s.notApplicable} not applicable, ${s.errors} errors${notRun} (${(s.durationMs / 1000).toFixed(2)} s)${s.casesChecked ? `; ${s.casesChecked} cases checked` : ''}`);
+  out.push(
+    `${s.passed} passed, ${s.failed} failed, ${s.notApplicable} not applicable, ${s.errors} errors${notRun} (${(s.durationMs / 1000).toFixed(2)} s)${s.casesChecked ? `; ${s.casesChecked} cases checked` : ''}`,
+  );
   if (s.stopped && !s.notRun) out.push(`stopped: ${s.stopped}`);
   if (r.consoleLog) out.push(`console log of the kernel under test: ${r.consoleLog}`);
   return out.join('\n');
@@ -62,7 +77,8 @@ export function ktap(r: RunReport): string {
   r.checks.forEach((c, i) => {
     for (const l of detail(c)) out.push(`# ${l}`);
     const name = c.name.replace(/#/g, '_');
-    if (c.outcome === 'not_applicable') out.push(`ok ${i + 1} ${name} # SKIP not applicable here: ${oneLine(c.reason ?? '')}`);
+    if (c.outcome === 'not_applicable')
+      out.push(`ok ${i + 1} ${name} # SKIP not applicable here: ${oneLine(c.reason ?? '')}`);
     else if (c.outcome === 'not_run') out.push(`ok ${i + 1} ${name} # SKIP not run: ${oneLine(c.reason ?? '')}`);
     else out.push(`${c.outcome === 'pass' ? 'ok' : 'not ok'} ${i + 1} ${name}`);
   });
@@ -95,12 +111,18 @@ export function junit(r: RunReport): string {
     const open = `    <testcase classname="kvmharness.${xml(r.host.flavour)}" name="${xml(c.name)}" time="${(c.durationMs / 1000).toFixed(3)}"`;
     const body = detail(c).join('\n');
     if (c.outcome === 'pass') out.push(`${open}/>`);
-    else if (c.outcome === 'not_applicable') out.push(`${open}><skipped message="${xml(`not applicable here: ${oneLine(c.reason ?? '')}`)}"/></testcase>`);
-    else if (c.outcome === 'not_run') out.push(`${open}><skipped message="${xml(`not run: ${oneLine(c.reason ?? '')}`)}"/></testcase>`);
+    else if (c.outcome === 'not_applicable')
+      out.push(`${open}><skipped message="${xml(`not applicable here: ${oneLine(c.reason ?? '')}`)}"/></testcase>`);
+    else if (c.outcome === 'not_run')
+      out.push(`${open}><skipped message="${xml(`not run: ${oneLine(c.reason ?? '')}`)}"/></testcase>`);
     else {
       const tag = c.outcome === 'fail' ? 'failure' : 'error';
       const first = c.comparisons.find((m) => !m.ok);
-      const msg = c.kernel?.length ? (c.reason ?? c.outcome) : first ? `${first.what}: expected ${first.expected}, observed ${first.observed}` : (c.reason ?? c.outcome);
+      const msg = c.kernel?.length
+        ? (c.reason ?? c.outcome)
+        : first
+          ? `${first.what}: expected ${first.expected}, observed ${first.observed}`
+          : (c.reason ?? c.outcome);
       out.push(`${open}><${tag} message="${xml(oneLine(msg))}">${xml(body)}</${tag}></testcase>`);
     }
   }

@@ -4,8 +4,7 @@ import { describePte, LEVEL_NAMES } from '../arch/x86/pte.js';
 import { decodeErrorCode, type WalkResult } from '../model/walk.js';
 import type { TraceEvent } from '../observe/tracefs.js';
 import { show } from '../run/differ.js';
-
-const hex = (v: bigint | number): string => `0x${v.toString(16)}`;
+import { hex } from '../base/units.js';
 
 /** One case run alone (matrix/check.ts runAlone). */
 export interface Rerun {
@@ -26,12 +25,16 @@ export function formatRerun(r: Rerun, name = r.name): string {
     `  expected ${show(r.expected)}`,
     `  observed ${show(r.observed)}`,
   ];
-  const model = r.model.flatMap((w, i) => [`  model walk ${i + 1}${r.model.length > 1 ? (i === 0 ? ' (the supervisor read first)' : ' (the access)') : ''}:`, ...modelLines(w)]);
-  const kvm = typeof r.kvm === 'string'
-    ? [`  KVM: ${r.kvm}`]
-    : r.kvm.length === 0
-      ? ['  KVM: no walk of this GVA was traced']
-      : r.kvm.flatMap((w, i) => [`  KVM walk ${i + 1}:`, ...kvmLines(w)]);
+  const model = r.model.flatMap((w, i) => [
+    `  model walk ${i + 1}${r.model.length > 1 ? (i === 0 ? ' (the supervisor read first)' : ' (the access)') : ''}:`,
+    ...modelLines(w),
+  ]);
+  const kvm =
+    typeof r.kvm === 'string'
+      ? [`  KVM: ${r.kvm}`]
+      : r.kvm.length === 0
+        ? ['  KVM: no walk of this GVA was traced']
+        : r.kvm.flatMap((w, i) => [`  KVM walk ${i + 1}:`, ...kvmLines(w)]);
   const width = Math.max(...model.map((l) => l.length)) + 2;
   const rows = Math.max(model.length, kvm.length);
   for (let i = 0; i < rows; i++) lines.push(`${(model[i] ?? '').padEnd(width)}| ${kvm[i] ?? ''}`.trimEnd());
@@ -39,7 +42,9 @@ export function formatRerun(r: Rerun, name = r.name): string {
 }
 
 function modelLines(w: WalkResult): string[] {
-  const out = w.levels.map((l) => `    ${LEVEL_NAMES[l.level]} @${hex(l.pteGpa)} = ${hex(l.pte)} (${describePte(l.pte, l.level)})`);
+  const out = w.levels.map(
+    (l) => `    ${LEVEL_NAMES[l.level]} @${hex(l.pteGpa)} = ${hex(l.pte)} (${describePte(l.pte, l.level)})`,
+  );
   if (w.ok) {
     out.push(`    ok gpa ${hex(w.gpa)}`);
     for (const a of w.adWrites) out.push(`    ${LEVEL_NAMES[a.level]} @${hex(a.pteGpa)} := ${hex(a.new)} (A/D)`);

@@ -7,8 +7,8 @@ import type { SpInfo } from '../model/shadow.js';
 import { PAGES } from '../model/spte.js';
 import { decodeErrorCode, type AccessKind, type PagingConfig, type WalkResult } from '../model/walk.js';
 import type { Scenario } from '../scenario/types.js';
+import { hex } from '../base/units.js';
 
-const hex = (v: bigint | number) => `0x${v.toString(16)}`;
 const pad16 = (v: bigint) => `0x${v.toString(16).padStart(16, '0')}`;
 const PAGE_NAMES: Record<string, string> = { '4096': '4K', '2097152': '2M', '1073741824': '1G' };
 
@@ -60,9 +60,18 @@ function headerLines(r: WalkRun): string[] {
   const { cfg } = r;
   return [
     kvLine('scenario', `${r.scenario.name} (${r.scenario.source})`),
-    kvLine('cpu', `${r.cpu.from === 'probe' ? r.cpu.why : `defaults (${r.cpu.why})`}: vendor ${r.cpu.vendor}, maxphyaddr ${r.cpu.maxPhyAddr}, pdpe1gb ${bit(r.cpu.pdpe1gb)}`),
-    kvLine('paging', `${cfg.levels}-level, CR3 ${hex(r.cr3)}, CR0.WP=${bit(cfg.cr0Wp)}, CR4.SMEP=${bit(cfg.cr4Smep)} SMAP=${bit(cfg.cr4Smap)} PKE=${bit(cfg.cr4Pke)}, EFER.NXE=${bit(cfg.efer.nxe)}, PKRU ${hex(cfg.pkru)}, ${cfg.vendor} rules`),
-    kvLine('access', `${r.access.kind} ${hex(r.access.gva)} at CPL ${r.access.cpl}${r.access.ac ? ' with EFLAGS.AC=1' : ''}`),
+    kvLine(
+      'cpu',
+      `${r.cpu.from === 'probe' ? r.cpu.why : `defaults (${r.cpu.why})`}: vendor ${r.cpu.vendor}, maxphyaddr ${r.cpu.maxPhyAddr}, pdpe1gb ${bit(r.cpu.pdpe1gb)}`,
+    ),
+    kvLine(
+      'paging',
+      `${cfg.levels}-level, CR3 ${hex(r.cr3)}, CR0.WP=${bit(cfg.cr0Wp)}, CR4.SMEP=${bit(cfg.cr4Smep)} SMAP=${bit(cfg.cr4Smap)} PKE=${bit(cfg.cr4Pke)}, EFER.NXE=${bit(cfg.efer.nxe)}, PKRU ${hex(cfg.pkru)}, ${cfg.vendor} rules`,
+    ),
+    kvLine(
+      'access',
+      `${r.access.kind} ${hex(r.access.gva)} at CPL ${r.access.cpl}${r.access.ac ? ' with EFLAGS.AC=1' : ''}`,
+    ),
   ];
 }
 
@@ -75,8 +84,14 @@ function resultLines(r: WalkRun): string[] {
       kvLine('rights', `W=${bit(w.effective.w)} U=${bit(w.effective.u)} X=${bit(w.effective.x)}`),
     ];
   }
-  if (w.reason === 'non-canonical') return [kvLine('result', `#GP: ${hex(w.cr2)} is not canonical with ${cfg.levels}-level paging (no page walk)`)];
-  return [kvLine('result', `#PF error code ${hex(w.errorCode)} (${decodeErrorCode(w.errorCode)}), CR2 ${hex(w.cr2)}: ${w.reason}`)];
+  if (w.reason === 'non-canonical')
+    return [kvLine('result', `#GP: ${hex(w.cr2)} is not canonical with ${cfg.levels}-level paging (no page walk)`)];
+  return [
+    kvLine(
+      'result',
+      `#PF error code ${hex(w.errorCode)} (${decodeErrorCode(w.errorCode)}), CR2 ${hex(w.cr2)}: ${w.reason}`,
+    ),
+  ];
 }
 
 /** The walk as text: a table of the entries read, the result, the A/D writes. */
@@ -88,13 +103,23 @@ export function formatWalk(r: WalkRun): string {
     const atWidth = Math.max(8, ...w.levels.map((l) => hex(l.pteGpa).length));
     lines.push(`level  ${'entry at'.padEnd(atWidth)}  ${'value'.padEnd(18)}  flags`);
     for (const l of w.levels) {
-      lines.push(`${LEVEL_NAMES[l.level]!.padEnd(5)}  ${hex(l.pteGpa).padEnd(atWidth)}  ${pad16(l.pte)}  ${describePte(l.pte, l.level)}${l.leaf ? '  (leaf)' : ''}`);
+      lines.push(
+        `${LEVEL_NAMES[l.level]!.padEnd(5)}  ${hex(l.pteGpa).padEnd(atWidth)}  ${pad16(l.pte)}  ${describePte(l.pte, l.level)}${l.leaf ? '  (leaf)' : ''}`,
+      );
     }
     lines.push('');
   }
   lines.push(...resultLines(r));
-  if (w.adWrites.length === 0) lines.push(kvLine('A/D', w.ok ? 'none (already set)' : 'none (a faulting walk sets no A or D bit)'));
-  w.adWrites.forEach((a, i) => lines.push(kvLine(i === 0 ? 'A/D' : '', `${LEVEL_NAMES[a.level]!.padEnd(5)} ${hex(a.pteGpa)}: ${hex(a.old)} -> ${hex(a.new)} (${adDelta(a.old, a.new)})`)));
+  if (w.adWrites.length === 0)
+    lines.push(kvLine('A/D', w.ok ? 'none (already set)' : 'none (a faulting walk sets no A or D bit)'));
+  w.adWrites.forEach((a, i) =>
+    lines.push(
+      kvLine(
+        i === 0 ? 'A/D' : '',
+        `${LEVEL_NAMES[a.level]!.padEnd(5)} ${hex(a.pteGpa)}: ${hex(a.old)} -> ${hex(a.new)} (${adDelta(a.old, a.new)})`,
+      ),
+    ),
+  );
   return lines.join('\n');
 }
 
@@ -153,12 +178,19 @@ const END_TEXT: Record<NestedWalk['end'], string> = {
 export function formatNested(r: NestedRun): string {
   const { nested: n, tdp } = r;
   const lines = headerLines(r);
-  lines.push(kvLine('tdp', `${tdp.levels}-level x86, empty at start, misses faulted in; guest table accesses are TDP writes`));
+  lines.push(
+    kvLine('tdp', `${tdp.levels}-level x86, empty at start, misses faulted in; guest table accesses are TDP writes`),
+  );
   tdp.slots.forEach(({ slot: s, declared }, i) => {
     const gpa = BigInt(s.baseGfn) << 12n;
     const size = BigInt(s.npages) << 12n;
     const flags = [s.flags.readonly ? ' readonly' : '', s.flags.logDirty ? ' logDirty' : ''].join('');
-    lines.push(kvLine(i === 0 ? 'memslots' : '', `${s.slot} [${hex(gpa)}, ${hex(gpa + size)}) ${declared}${flags}, hva ${hex(s.hva)}`));
+    lines.push(
+      kvLine(
+        i === 0 ? 'memslots' : '',
+        `${s.slot} [${hex(gpa)}, ${hex(gpa + size)}) ${declared}${flags}, hva ${hex(s.hva)}`,
+      ),
+    );
   });
   lines.push('');
   if (n.refs.length > 0) {
@@ -166,10 +198,14 @@ export function formatNested(r: NestedRun): string {
     const gpaW = w((x) => hex(x.gpa), 'gpa');
     const hostW = w((x) => (x.hostAddr === undefined ? '' : hex(x.hostAddr)), 'host');
     const whatW = w(refWhat, 'read');
-    lines.push(`step  ${'read'.padEnd(whatW)}  ${'gpa'.padEnd(gpaW)}  ${'host'.padEnd(hostW)}  ${'value'.padEnd(18)}  result`);
+    lines.push(
+      `step  ${'read'.padEnd(whatW)}  ${'gpa'.padEnd(gpaW)}  ${'host'.padEnd(hostW)}  ${'value'.padEnd(18)}  result`,
+    );
     n.refs.forEach((x, i) => {
       const host = x.hostAddr === undefined ? '' : hex(x.hostAddr);
-      lines.push(`${String(i + 1).padStart(4)}  ${refWhat(x).padEnd(whatW)}  ${hex(x.gpa).padEnd(gpaW)}  ${host.padEnd(hostW)}  ${refValue(x).padEnd(18)}  ${refResult(x)}`);
+      lines.push(
+        `${String(i + 1).padStart(4)}  ${refWhat(x).padEnd(whatW)}  ${hex(x.gpa).padEnd(gpaW)}  ${host.padEnd(hostW)}  ${refValue(x).padEnd(18)}  ${refResult(x)}`,
+      );
     });
     lines.push('');
   }
@@ -177,7 +213,12 @@ export function formatNested(r: NestedRun): string {
   const data = n.refs.find((x) => x.kind === 'data');
   if (data?.hostAddr !== undefined) lines.push(kvLine('host', hex(data.hostAddr)));
   const t = n.totals;
-  lines.push(kvLine('totals', `${t.references} references (${t.tdp} TDP, ${t.guestPte} guest PTE), then ${END_TEXT[n.end]}; ${t.tdpMisses} TDP miss${t.tdpMisses === 1 ? '' : 'es'}`));
+  lines.push(
+    kvLine(
+      'totals',
+      `${t.references} references (${t.tdp} TDP, ${t.guestPte} guest PTE), then ${END_TEXT[n.end]}; ${t.tdpMisses} TDP miss${t.tdpMisses === 1 ? '' : 'es'}`,
+    ),
+  );
   return lines.join('\n');
 }
 
@@ -186,7 +227,13 @@ export function walkJson(r: WalkRun): Record<string, unknown> {
   const { cfg, result: w } = r;
   return {
     scenario: { name: r.scenario.name, source: r.scenario.source },
-    cpu: { from: r.cpu.from, why: r.cpu.why, vendor: r.cpu.vendor, maxPhyAddr: r.cpu.maxPhyAddr, pdpe1gb: r.cpu.pdpe1gb },
+    cpu: {
+      from: r.cpu.from,
+      why: r.cpu.why,
+      vendor: r.cpu.vendor,
+      maxPhyAddr: r.cpu.maxPhyAddr,
+      pdpe1gb: r.cpu.pdpe1gb,
+    },
     paging: {
       levels: cfg.levels,
       cr3: hex(r.cr3),
@@ -199,13 +246,33 @@ export function walkJson(r: WalkRun): Record<string, unknown> {
       vendor: cfg.vendor,
     },
     access: { gva: hex(r.access.gva), kind: r.access.kind, cpl: r.access.cpl, eflagsAc: r.access.ac },
-    levels: w.levels.map((l) => ({ level: l.level, name: LEVEL_NAMES[l.level], pteGpa: hex(l.pteGpa), pte: hex(l.pte), flags: describePte(l.pte, l.level), leaf: l.leaf })),
+    levels: w.levels.map((l) => ({
+      level: l.level,
+      name: LEVEL_NAMES[l.level],
+      pteGpa: hex(l.pteGpa),
+      pte: hex(l.pte),
+      flags: describePte(l.pte, l.level),
+      leaf: l.leaf,
+    })),
     result: w.ok
       ? { ok: true, gpa: hex(w.gpa), pageSize: hex(w.pageSize), effective: w.effective }
       : w.reason === 'non-canonical'
         ? { ok: false, exception: '#GP', reason: w.reason, address: hex(w.cr2) }
-        : { ok: false, exception: '#PF', errorCode: hex(w.errorCode), decoded: decodeErrorCode(w.errorCode), cr2: hex(w.cr2), reason: w.reason },
-    adWrites: w.adWrites.map((a) => ({ level: a.level, name: LEVEL_NAMES[a.level], pteGpa: hex(a.pteGpa), old: hex(a.old), new: hex(a.new) })),
+        : {
+            ok: false,
+            exception: '#PF',
+            errorCode: hex(w.errorCode),
+            decoded: decodeErrorCode(w.errorCode),
+            cr2: hex(w.cr2),
+            reason: w.reason,
+          },
+    adWrites: w.adWrites.map((a) => ({
+      level: a.level,
+      name: LEVEL_NAMES[a.level],
+      pteGpa: hex(a.pteGpa),
+      old: hex(a.old),
+      new: hex(a.new),
+    })),
   };
 }
 
@@ -222,7 +289,9 @@ function refJson(x: NestedRef, i: number): unknown {
     ...(x.pte !== undefined ? { pte: hex(x.pte) } : {}),
     ...(x.access !== undefined ? { access: x.access } : {}),
     hit: x.hit,
-    ...(x.fault ? { fault: { kind: x.fault.kind, level: x.fault.level, spte: hex(x.fault.spte), what: describeFault(x.fault) } } : {}),
+    ...(x.fault
+      ? { fault: { kind: x.fault.kind, level: x.fault.level, spte: hex(x.fault.spte), what: describeFault(x.fault) } }
+      : {}),
     ...(x.adWrite ? { adWrite: { old: hex(x.adWrite.old), new: hex(x.adWrite.new) } } : {}),
   };
 }
@@ -255,7 +324,10 @@ export function nestedJson(r: NestedRun): unknown {
 export function shadowLines(sps: SpInfo[]): string[] {
   if (!sps.length) return [kvLine('shadow', 'no shadow page (the guest walk faults)')];
   return sps.map((sp, i) =>
-    kvLine(i === 0 ? 'shadow' : '', `l${sp.level} gfn ${hex(sp.gfn)}${sp.direct ? ' direct' : ''} ${sp.unsync ? 'unsync' : 'sync'}${i === 0 ? ' (root)' : ''}`),
+    kvLine(
+      i === 0 ? 'shadow' : '',
+      `l${sp.level} gfn ${hex(sp.gfn)}${sp.direct ? ' direct' : ''} ${sp.unsync ? 'unsync' : 'sync'}${i === 0 ? ' (root)' : ''}`,
+    ),
   );
 }
 

@@ -26,7 +26,11 @@ import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
 import { tracedWalks, WALKER_EVENTS } from '../observe/walker-trace.js';
 import { guestWalkerOf } from '../probe/probe.js';
 import {
-  bringUpOptions, buildScenarioTables, pagingConfigFor, slotBacking, type ScenarioTables,
+  bringUpOptions,
+  buildScenarioTables,
+  pagingConfigFor,
+  slotBacking,
+  type ScenarioTables,
 } from '../scenario/build.js';
 import { showDelta, showStatExpect, statHolds, statNotApplicable } from '../scenario/stats.js';
 import type { Scenario, Step, StepStats } from '../scenario/types.js';
@@ -34,10 +38,11 @@ import { same, show } from './differ.js';
 import { hostFaultPath, tdpLogsDirty, tdpModelOptions } from './host-policy.js';
 import { describeWalk, MMIO_FILL, modelAsTrace, predictAccess, type AccessStep, type Prediction } from './predict.js';
 import { runRace } from './race.js';
+import { ShadowFollow } from './shadow-follow.js';
 import { emitWrpkru, guestAction, hostAction, type EntryFinder, type HostEnv } from './step-actions.js';
-import { NotApplicable, type Check, type CheckContext } from './types.js';
-
-const hex = (v: bigint | number) => `0x${v.toString(16)}`;
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckContext } from './types.js';
+import { hex } from '../base/units.js';
 
 export interface EngineOptions {
   /** Compare KVM's walker tracepoints with the model's walk (needs tracefs). */
@@ -72,15 +77,23 @@ function hostCpu(ctx: CheckContext, sc: Scenario, opts: EngineOptions) {
   const cpu = ctx.profile.cpu;
   if (!cpu) throw new NotApplicable('x86 scenarios need an x86 host');
   if (opts.trace && ctx.profile.tdp.enabled) {
-    throw new NotApplicable("with TDP the hardware walks the guest's tables; KVM's walker tracepoints see only the accesses it emulates");
+    throw new NotApplicable(
+      "with TDP the hardware walks the guest's tables; KVM's walker tracepoints see only the accesses it emulates",
+    );
   }
-  if (sc.paging.levels === 5 && !cpu.la57) throw new NotApplicable('5-level paging needs LA57, which this host does not offer');
+  if (sc.paging.levels === 5 && !cpu.la57)
+    throw new NotApplicable('5-level paging needs LA57, which this host does not offer');
   for (const b of ['smep', 'smap', 'pke'] as const) {
     const feature = b === 'pke' ? 'pku' : b;
-    const used = sc.paging.cr4[b] || sc.steps.some((s) => s.side === 'guest' && s.kind === 'set-cr4' && s.bit === b && s.value);
-    if (used && !cpu[feature]) throw new NotApplicable(`CR4.${b.toUpperCase()} needs ${feature.toUpperCase()}, which this host's KVM does not offer`);
+    const used =
+      sc.paging.cr4[b] || sc.steps.some((s) => s.side === 'guest' && s.kind === 'set-cr4' && s.bit === b && s.value);
+    if (used && !cpu[feature])
+      throw new NotApplicable(
+        `CR4.${b.toUpperCase()} needs ${feature.toUpperCase()}, which this host's KVM does not offer`,
+      );
   }
-  if (sc.mappings.some((m) => m.page === '1G') && !cpu.pdpe1gb) throw new NotApplicable('1 GiB pages need PDPE1GB, which this host does not offer');
+  if (sc.mappings.some((m) => m.page === '1G') && !cpu.pdpe1gb)
+    throw new NotApplicable('1 GiB pages need PDPE1GB, which this host does not offer');
   return cpu;
 }
 
@@ -92,6 +105,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
   const cpu = hostCpu(ctx, sc, opts);
   const g = X86Guest.create(ctx.kvm, { ...bringUpOptions(sc), memSize: Number(LAYOUT.identityEnd) });
   let trace: TraceSession | undefined;
+  let shadow: ShadowFollow | undefined;
   try {
     const manualProtect = sc.steps.some((s) => s.side === 'host' && s.kind === 'clear-dirty-log');
     if (manualProtect) g.vm.enableManualDirtyLogProtect();
@@ -101,13 +115,20 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     }
     const built = buildScenarioTables(sc, g.mem, g.boot);
     const cfg: PagingConfig = { ...pagingConfigFor(sc, cpu), walker: guestWalkerOf(ctx.profile) };
-    if (cfg.walker === 'qemu-tcg') ctx.note('the guest\'s walks are QEMU TCG\'s (TDP on an emulated CPU): the model applies TCG\'s measured deviations (README, Findings)');
-    else if (cfg.walker === 'cpu') ctx.note('the guest\'s walks are the processor\'s (TDP): A bits a faulting walk may set are accepted either way');
+    if (cfg.walker === 'qemu-tcg')
+      ctx.note(
+        "the guest's walks are QEMU TCG's (TDP on an emulated CPU): the model applies TCG's measured deviations (README, Findings)",
+      );
+    else if (cfg.walker === 'cpu')
+      ctx.note("the guest's walks are the processor's (TDP): A bits a faulting walk may set are accepted either way");
     const run = new ScenarioRun(ctx, sc, opts, g, built, cfg, manualProtect);
     run.load();
     if (opts.trace) trace = run.trace = TraceSession.open(ctx.target.fs, WALKER_EVENTS, [await g.vcpu.tid()]);
+    const follow = { ctx, sc, g, built, walk: (gva: bigint) => run.entries.walk(gva), wrong: opts.wrong?.shadow };
+    shadow = run.shadow = await ShadowFollow.open(follow);
     await run.steps();
   } finally {
+    shadow?.close();
     trace?.close();
     g.close();
   }
@@ -123,6 +144,8 @@ class ScenarioRun {
   readonly tdpDirty: boolean;
   readonly canReadStats: boolean;
   trace: TraceSession | undefined;
+  /** The shadow MMU model beside the run, on a shadow-MMU host with its tracepoints. */
+  shadow: ShadowFollow | undefined;
   pending: Pending | undefined;
 
   constructor(
@@ -152,7 +175,14 @@ class ScenarioRun {
     this.tdpDirty = tdpLogsDirty(ctx.profile);
     this.canReadStats = !!ctx.profile.capabilities.KVM_CAP_BINARY_STATS_FD;
     this.host = {
-      ctx, sc, g, vm: this.vm, entries: this.entries, slotOf, manualProtect, tdpDirty: this.tdpDirty,
+      ctx,
+      sc,
+      g,
+      vm: this.vm,
+      entries: this.entries,
+      slotOf,
+      manualProtect,
+      tdpDirty: this.tdpDirty,
       translate: (gva) => this.walk({ gva, kind: 'read', cpl: 0 }),
       plainWalk: (gva) => this.plainWalk(gva),
     };
@@ -212,9 +242,8 @@ class ScenarioRun {
       const checkStats = () => {
         if (s.stats) compareStats(ctx, name, s.stats, statsBefore, statsBefore && this.readStats());
       };
-      const go = s.side === 'guest'
-        ? await this.guestStep(i, s, name, checkStats)
-        : await this.hostStep(i, s, name, checkStats);
+      const go =
+        s.side === 'guest' ? await this.guestStep(i, s, name, checkStats) : await this.hostStep(i, s, name, checkStats);
       if (!go) return;
     }
     if (!(await this.finishPending())) return;
@@ -255,7 +284,12 @@ class ScenarioRun {
     const mmioSeen: unknown[] = [];
     while (stop.kind === 'exit' && stop.exit.reason === 'mmio' && mmioSeen.length < 4) {
       const e = stop.exit;
-      mmioSeen.push({ gpa: e.gpa, len: e.len, isWrite: e.isWrite, ...(e.isWrite ? { data: e.data.subarray(0, e.len) } : {}) });
+      mmioSeen.push({
+        gpa: e.gpa,
+        len: e.len,
+        isWrite: e.isWrite,
+        ...(e.isWrite ? { data: e.data.subarray(0, e.len) } : {}),
+      });
       if (!e.isWrite) e.complete(MMIO_FILL);
       stop = await this.runGuest();
     }
@@ -265,6 +299,7 @@ class ScenarioRun {
       ctx.expect(`${name}: KVM_RUN stops for the missing host memory`, pred.hostFault.stop, observedStop(stop));
       if (!same(pred.hostFault.stop, observedStop(stop))) return false;
       ctx.note(`${name}: ${pred.hostFault.why}`);
+      this.shadow?.stop(name, 'an access that stops for missing host memory is not in the shadow model');
       this.pending = { step: i, name, access: s, walk: pred.walk, gpa: pred.hostFault.gpa };
       checkStats();
       return true;
@@ -276,6 +311,7 @@ class ScenarioRun {
     if (pred && s.kind === 'access' && stop.kind === 'sync') {
       this.compareAccess(s, name, pred, stop.values[0]!, cr2Before);
     }
+    this.shadow?.step(s, pred !== undefined && pred.expectFault !== false, name);
     return true;
   }
 
@@ -287,6 +323,7 @@ class ScenarioRun {
     if (!(await this.finishPending())) return false;
     if (!this.reachedSync(await this.runGuest(), i, name)) return false;
     checkStats();
+    this.shadow?.step(s, false, name);
     return true;
   }
 
@@ -306,18 +343,25 @@ class ScenarioRun {
   compareAccess(s: AccessStep, name: string, pred: Prediction, value: bigint, cr2Before: bigint | undefined): void {
     const { ctx, g, cfg } = this;
     const exc = g.exceptions();
-    const expected = pred.expectFault === false ? []
-      : pred.expectFault === 'gp' ? [{ vector: 13, errorCode: 0n, cr2: cr2Before! }]
-      : [{ vector: 14, errorCode: BigInt(pred.expectFault), cr2: pred.walk.ok ? s.gva : pred.walk.cr2 }];
+    const expected =
+      pred.expectFault === false
+        ? []
+        : pred.expectFault === 'gp'
+          ? [{ vector: 13, errorCode: 0n, cr2: cr2Before! }]
+          : [{ vector: 14, errorCode: BigInt(pred.expectFault), cr2: pred.walk.ok ? s.gva : pred.walk.cr2 }];
     ctx.expect(`${name}: exceptions`, expected, exc.map(pick));
-    if (s.access === 'read') ctx.expect(`${name}: value read`, pred.expectValue ?? 0n, BigInt.asUintN(s.size * 8, value));
+    if (s.access === 'read')
+      ctx.expect(`${name}: value read`, pred.expectValue ?? 0n, BigInt.asUintN(s.size * 8, value));
     // A processor may set A on the entries a faulting walk used; KVM's walker never does.
     const mayA = new Set(accessedLatitude(pred.walk, cfg.walker));
     const ptesSeen = pred.expectPtes.map((p) => ({ level: p.level, at: p.at, value: this.read(p.at) }));
     const ptesExpected = pred.expectPtes.map((p, k) => {
       const seen = ptesSeen[k]!.value;
-      if (!mayA.has(p.at) || seen !== (p.value | PTE_A) || seen === p.value) return { level: p.level, at: p.at, value: p.value };
-      ctx.note(`${name}: the ${cfg.walker} walker set A on the level-${p.level} entry at ${hex(p.at)} of a faulting walk (allowed)`);
+      if (!mayA.has(p.at) || seen !== (p.value | PTE_A) || seen === p.value)
+        return { level: p.level, at: p.at, value: p.value };
+      ctx.note(
+        `${name}: the ${cfg.walker} walker set A on the level-${p.level} entry at ${hex(p.at)} of a faulting walk (allowed)`,
+      );
       return { level: p.level, at: p.at, value: seen };
     });
     ctx.expect(`${name}: PTEs after`, ptesExpected, ptesSeen);
@@ -340,7 +384,9 @@ class ScenarioRun {
       // Nothing restored the host memory: the access fails again.
       const again = hostFaultPath(ctx.profile, p.access.access, p.access.cpl, p.gpa, p.access.size);
       ctx.expect(`${p.name}: run again without the host memory`, again.stop, observedStop(stop));
-      ctx.note(`${p.name}: the vCPU cannot get past this access until a host step restores its memory; the steps after it are not run`);
+      ctx.note(
+        `${p.name}: the vCPU cannot get past this access until a host step restores its memory; the steps after it are not run`,
+      );
       return false;
     }
     if (stop.kind !== 'sync' || stop.id !== BigInt(p.step)) {
@@ -350,7 +396,12 @@ class ScenarioRun {
     const gpa = p.gpa;
     ctx.expect(`${p.name}: redone: exceptions`, [], g.exceptions().map(pick));
     const bytes = (gpa: bigint) => littleEndian(g.mem.bytes(gpa, p.access.size));
-    if (p.access.access === 'read') ctx.expect(`${p.name}: redone: value read`, BigInt.asUintN(p.access.size * 8, bytes(gpa)), BigInt.asUintN(p.access.size * 8, stop.values[0]!));
+    if (p.access.access === 'read')
+      ctx.expect(
+        `${p.name}: redone: value read`,
+        BigInt.asUintN(p.access.size * 8, bytes(gpa)),
+        BigInt.asUintN(p.access.size * 8, stop.values[0]!),
+      );
     if (p.access.access === 'write') {
       ctx.expect(`${p.name}: redone: value in memory`, p.access.value, bytes(gpa));
       vm.markDirty(gpa);
@@ -366,7 +417,13 @@ class ScenarioRun {
  * step. A stat this host's stats do not describe (statNotApplicable) is
  * reported as not applicable here, in the notes; it is never compared.
  */
-function compareStats(ctx: CheckContext, name: string, want: StepStats, before: Map<string, bigint> | undefined, after: Map<string, bigint> | undefined): void {
+function compareStats(
+  ctx: CheckContext,
+  name: string,
+  want: StepStats,
+  before: Map<string, bigint> | undefined,
+  after: Map<string, bigint> | undefined,
+): void {
   for (const [stat, e] of Object.entries(want)) {
     const why = statNotApplicable(stat, ctx.profile, !!before?.has(stat) && !!after?.has(stat));
     const shown = showStatExpect(e);
@@ -384,7 +441,8 @@ function compareStats(ctx: CheckContext, name: string, want: StepStats, before: 
 /** A stop in the terms hostFaultPath predicts. */
 function observedStop(stop: Stop): unknown {
   if (stop.kind === 'kvm_run_error') return { kvmRun: stop.errno };
-  if (stop.kind === 'exit' && stop.exit.reason === 'memory_fault') return { exit: 'memory_fault', gpa: stop.exit.gpa, size: stop.exit.size, flags: stop.exit.flags };
+  if (stop.kind === 'exit' && stop.exit.reason === 'memory_fault')
+    return { exit: 'memory_fault', gpa: stop.exit.gpa, size: stop.exit.size, flags: stop.exit.flags };
   return describeStop(stop);
 }
 
@@ -405,8 +463,12 @@ function compareTrace(ctx: CheckContext, name: string, gva: bigint, w: WalkResul
   if (!w.ok && accessException(w).vector === 13) {
     // A non-canonical address raises #GP before any walk.
     if (walks.length === 0) ctx.note(`${name}: no walk for a non-canonical address (#GP), as the model says`);
-    else ctx.expect(`${name}: KVM walker trace`, 'no kvm_mmu_pagetable_walk (#GP before any walk)',
-      `${walks.length} walk(s)`);
+    else
+      ctx.expect(
+        `${name}: KVM walker trace`,
+        'no kvm_mmu_pagetable_walk (#GP before any walk)',
+        `${walks.length} walk(s)`,
+      );
     return;
   }
   if (walks.length === 0) {
@@ -423,7 +485,12 @@ function compareTrace(ctx: CheckContext, name: string, gva: bigint, w: WalkResul
   // The access's own walk is the first one for its address; a retried
   // instruction may walk again, and that walk must agree as well.
   const kvm = walks[0]!;
-  ctx.expect(`${name}: KVM walker trace`, model, { elements: kvm.elements, ...(kvm.error !== undefined ? { error: kvm.error } : {}), accessed: kvm.accessed, dirty: kvm.dirty });
+  ctx.expect(`${name}: KVM walker trace`, model, {
+    elements: kvm.elements,
+    ...(kvm.error !== undefined ? { error: kvm.error } : {}),
+    accessed: kvm.accessed,
+    dirty: kvm.dirty,
+  });
 }
 
 /** A scenario as a check; `trace` makes the walker-tracepoint variant. */
@@ -436,7 +503,8 @@ export function scenarioCheck(sc: Scenario, opts: EngineOptions = {}): Check {
       arch: 'x86_64',
       needs: ['dirty_log'],
       run: (ctx) => {
-        if (opts.trace) throw new NotApplicable('a race has no single guest walk per step to compare with the walker tracepoints');
+        if (opts.trace)
+          throw new NotApplicable('a race has no single guest walk per step to compare with the walker tracepoints');
         return runRace(ctx, { ...sc, race }, opts.wrong?.race);
       },
     };

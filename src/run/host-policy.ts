@@ -5,8 +5,7 @@
 // function of the host profile only.
 import type { TdpOptions } from '../model/tdp.js';
 import type { HostProfile } from '../probe/probe.js';
-
-const hex = (v: bigint) => `0x${v.toString(16)}`;
+import { hex } from '../base/units.js';
 
 /** How KVM_RUN stops when a guest access needs host memory that is not there. */
 export interface HostFaultPrediction {
@@ -31,11 +30,27 @@ export interface HostFaultPrediction {
  *   private (guest_memfd) memory, so even with KVM_CAP_MEMORY_FAULT_INFO the
  *   exit reason is stale here: measured on kvm_pvm at CPL 3.
  */
-export function hostFaultPath(profile: HostProfile, access: 'read' | 'write' | 'exec', cpl: 0 | 3, gpa: bigint, size: number): HostFaultPrediction {
+export function hostFaultPath(
+  profile: HostProfile,
+  access: 'read' | 'write' | 'exec',
+  cpl: 0 | 3,
+  gpa: bigint,
+  size: number,
+): HostFaultPrediction {
   if (profile.flavour === 'kvm_pvm' && cpl === 0 && access !== 'exec') {
-    return { path: 'mmio', gpa, stop: undefined, why: `kvm_pvm emulates CPL 0: the emulator cannot ${access} the host memory and exits as MMIO` };
+    return {
+      path: 'mmio',
+      gpa,
+      stop: undefined,
+      why: `kvm_pvm emulates CPL 0: the emulator cannot ${access} the host memory and exits as MMIO`,
+    };
   }
-  return { path: 'efault', gpa, stop: { kvmRun: 'EFAULT' }, why: `KVM_RUN failed with EFAULT for the ${size}-byte ${access} of GPA ${hex(gpa)}; the vCPU redoes it on its next run` };
+  return {
+    path: 'efault',
+    gpa,
+    stop: { kvmRun: 'EFAULT' },
+    why: `KVM_RUN failed with EFAULT for the ${size}-byte ${access} of GPA ${hex(gpa)}; the vCPU redoes it on its next run`,
+  };
 }
 
 /**

@@ -11,8 +11,7 @@ import type { TracedWalk } from '../observe/walker-trace.js';
 import type { HostProfile } from '../probe/probe.js';
 import type { GuestStep } from '../scenario/types.js';
 import { hostFaultPath, type HostFaultPrediction } from './host-policy.js';
-
-const hex = (v: bigint | number) => `0x${v.toString(16)}`;
+import { hex } from '../base/units.js';
 
 export type AccessStep = Extract<GuestStep, { kind: 'access' }>;
 
@@ -52,9 +51,15 @@ function leBytes(v: bigint, n: number): Uint8Array {
  * TCG reports reserved-bit faults without P (README, Findings); the model does
  * the same for its own predictions (GuestWalker 'qemu-tcg').
  */
-function walkerErrorCode(fault: number | false, walker: PagingConfig['walker'], note: (m: string) => void): number | false {
+function walkerErrorCode(
+  fault: number | false,
+  walker: PagingConfig['walker'],
+  note: (m: string) => void,
+): number | false {
   if (fault === false || walker !== 'qemu-tcg' || (fault & PFERR.RSVD) === 0 || (fault & PFERR.P) === 0) return fault;
-  note(`expected error code ${hex(fault)} taken as ${hex(fault & ~PFERR.P)}: QEMU TCG reports reserved-bit faults without P`);
+  note(
+    `expected error code ${hex(fault)} taken as ${hex(fault & ~PFERR.P)}: QEMU TCG reports reserved-bit faults without P`,
+  );
   return fault & ~PFERR.P;
 }
 
@@ -68,20 +73,39 @@ export function predictAccess(s: AccessStep, w: WalkResult, from: PredictFrom): 
   // against the access fails in the host; what the guest sees then
   // depends on the host's path (hostFaultPath).
   const fault = w.ok && slot ? from.vm.fault(w.gpa, s.access) : undefined;
-  const hostFault = w.ok && fault?.kind === 'efault' ? hostFaultPath(from.profile, s.access, s.cpl, w.gpa, s.size) : undefined;
-  const mmio = w.ok && s.access !== 'exec' && (!slot || (slot.flags.readonly && s.access === 'write') || hostFault?.path === 'mmio')
-    ? { gpa: w.gpa, len: s.size, isWrite: s.access === 'write', ...(s.access === 'write' ? { data: leBytes(s.value, s.size) } : {}) }
-    : undefined;
-  const modelValue = s.access !== 'read' || !w.ok ? undefined
-    : mmio ? BigInt.asUintN(s.size * 8, MMIO_FILL)
-    : hostFault ? undefined
-    : from.peek(w.gpa, s.size);
+  const hostFault =
+    w.ok && fault?.kind === 'efault' ? hostFaultPath(from.profile, s.access, s.cpl, w.gpa, s.size) : undefined;
+  const mmio =
+    w.ok &&
+    s.access !== 'exec' &&
+    (!slot || (slot.flags.readonly && s.access === 'write') || hostFault?.path === 'mmio')
+      ? {
+          gpa: w.gpa,
+          len: s.size,
+          isWrite: s.access === 'write',
+          ...(s.access === 'write' ? { data: leBytes(s.value, s.size) } : {}),
+        }
+      : undefined;
+  const modelValue =
+    s.access !== 'read' || !w.ok
+      ? undefined
+      : mmio
+        ? BigInt.asUintN(s.size * 8, MMIO_FILL)
+        : hostFault
+          ? undefined
+          : from.peek(w.gpa, s.size);
   const after = new Map(w.levels.map((l) => [l.pteGpa, l.pte]));
   for (const a of w.adWrites) after.set(a.pteGpa, a.new);
   return {
     walk: w,
-    expectFault: s.expect?.fault !== undefined ? walkerErrorCode(s.expect.fault, from.walker, from.note)
-      : w.ok ? false : accessException(w).vector === 13 ? 'gp' : w.errorCode,
+    expectFault:
+      s.expect?.fault !== undefined
+        ? walkerErrorCode(s.expect.fault, from.walker, from.note)
+        : w.ok
+          ? false
+          : accessException(w).vector === 13
+            ? 'gp'
+            : w.errorCode,
     expectValue: s.expect?.value ?? (w.ok ? modelValue : 0n),
     mmio,
     ...(hostFault && hostFault.path !== 'mmio' ? { hostFault } : {}),
@@ -96,8 +120,8 @@ export function modelAsTrace(w: WalkResult): Omit<TracedWalk, 'addr' | 'pferr'> 
   const accessed: bigint[] = [];
   const dirty: bigint[] = [];
   for (const a of w.adWrites) {
-    if ((a.new & PTE_A) && !(a.old & PTE_A)) accessed.push(a.pteGpa);
-    if ((a.new & PTE_D) && !(a.old & PTE_D)) dirty.push(a.pteGpa);
+    if (a.new & PTE_A && !(a.old & PTE_A)) accessed.push(a.pteGpa);
+    if (a.new & PTE_D && !(a.old & PTE_D)) dirty.push(a.pteGpa);
   }
   return {
     elements: w.levels.map((l) => ({ level: l.level, pte: l.pte })),
@@ -109,7 +133,9 @@ export function modelAsTrace(w: WalkResult): Omit<TracedWalk, 'addr' | 'pferr'> 
 
 /** The walk, level by level, for the notes. */
 export function describeWalk(w: WalkResult): string {
-  const lv = w.levels.map((l) => `L${l.level} ${hex(l.pteGpa)}=${hex(l.pte)} [${describePte(l.pte, l.level)}]`).join('; ');
+  const lv = w.levels
+    .map((l) => `L${l.level} ${hex(l.pteGpa)}=${hex(l.pte)} [${describePte(l.pte, l.level)}]`)
+    .join('; ');
   if (w.ok) return `${lv} -> gpa ${hex(w.gpa)}`;
   if (accessException(w).vector === 13) return '#GP(0): not canonical, no walk';
   return `${lv} -> #PF ${decodeErrorCode(w.errorCode)} (${w.reason})`;

@@ -32,10 +32,9 @@ import type { WrongRace } from '../model/wrong.js';
 import { dirtyPages } from '../observe/dirty-log.js';
 import { bringUpOptions, buildScenarioTables, slotBacking } from '../scenario/build.js';
 import type { RaceDecl, Scenario } from '../scenario/types.js';
-import { NotApplicable, type CheckContext } from './types.js';
-
-const PAGE = 0x1000n;
-const hex = (v: bigint | number) => `0x${v.toString(16)}`;
+import { NotApplicable } from '../base/not-applicable.js';
+import type { CheckContext } from './types.js';
+import { hex, PAGE } from '../base/units.js';
 
 /** The final pass writes with this round number. */
 export const FINAL_ROUND = 0xffffffn;
@@ -86,7 +85,9 @@ function emitVcpu(a: Asm, sc: Scenario & { race: RaceDecl }, v: number): void {
   const L = (n: string) => `v${v}_${n}`;
   const rec = RECORD(v);
   a.label(L('entry'));
-  a.movImm('r13', 0).movImm('r14', 0).movImm('r15', BigInt(v) << 56n);
+  a.movImm('r13', 0)
+    .movImm('r14', 0)
+    .movImm('r15', BigInt(v) << 56n);
   a.label(L('pass'));
   r.targets.forEach((t, i) => {
     const discards = t.host.includes('dontneed');
@@ -97,17 +98,27 @@ function emitVcpu(a: Asm, sc: Scenario & { race: RaceDecl }, v: number): void {
     a.store(8, { base: 'r8' }, 'rax').load(8, 'rbx', { base: 'r8' });
     a.cmp('rbx', 'rax').jcc('e', L(`t${i}_ok`));
     if (discards) a.test('rbx', 'rbx').jcc('e', L(`t${i}_ok`));
-    a.movImm('rdx', rec).store(8, { base: 'rdx', disp: Number(R.badWrote) }, 'rax').store(8, { base: 'rdx', disp: Number(R.badRead) }, 'rbx');
-    a.store(8, { base: 'rdx', disp: Number(R.badGva) }, 'r8').load(8, 'rsi', { base: 'rdx', disp: Number(R.bad) }).inc('rsi').store(8, { base: 'rdx', disp: Number(R.bad) }, 'rsi');
+    a.movImm('rdx', rec)
+      .store(8, { base: 'rdx', disp: Number(R.badWrote) }, 'rax')
+      .store(8, { base: 'rdx', disp: Number(R.badRead) }, 'rbx');
+    a.store(8, { base: 'rdx', disp: Number(R.badGva) }, 'r8')
+      .load(8, 'rsi', { base: 'rdx', disp: Number(R.bad) })
+      .inc('rsi')
+      .store(8, { base: 'rdx', disp: Number(R.bad) }, 'rsi');
     a.label(L(`t${i}_ok`));
-    a.add('r8', Number(PAGE)).inc('rcx').cmp('rcx', r.pages).jcc('b', L(`t${i}`));
+    a.add('r8', Number(PAGE))
+      .inc('rcx')
+      .cmp('rcx', r.pages)
+      .jcc('b', L(`t${i}`));
   });
   a.test('r14', 'r14').jcc('ne', L('finish'));
   a.inc('r13').movImm('rdx', rec).store(8, { base: 'rdx' }, 'r13');
   a.movImm('rdx', STOP).load(8, 'rax', { base: 'rdx' }).test('rax', 'rax').jcc('e', L('pass'));
   a.movImm('r13', FINAL_ROUND).movImm('r14', 1).jmp(L('pass'));
   a.label(L('finish'));
-  a.movImm('rdx', rec).movImm('rax', 1).store(8, { base: 'rdx', disp: Number(R.finished) }, 'rax');
+  a.movImm('rdx', rec)
+    .movImm('rax', 1)
+    .store(8, { base: 'rdx', disp: Number(R.finished) }, 'rax');
   a.label(L('spin'));
   a.jmp(L('spin'));
 }
@@ -115,10 +126,16 @@ function emitVcpu(a: Asm, sc: Scenario & { race: RaceDecl }, v: number): void {
 const sleep = (ms: number) => new Promise<void>((res) => setTimeout(res, ms));
 
 /** Runs a race scenario (see the file comment). */
-export async function runRace(ctx: CheckContext, sc: Scenario & { race: RaceDecl }, wrong: WrongRace = {}): Promise<void> {
+export async function runRace(
+  ctx: CheckContext,
+  sc: Scenario & { race: RaceDecl },
+  wrong: WrongRace = {},
+): Promise<void> {
   if (!ctx.profile.cpu) throw new NotApplicable('x86 scenarios need an x86 host');
   if (!ctx.target.concurrentRuns) {
-    throw new NotApplicable(`a race needs vCPU threads running beside the host's operations; the ${ctx.target.name} target runs KVM_RUN synchronously`);
+    throw new NotApplicable(
+      `a race needs vCPU threads running beside the host's operations; the ${ctx.target.name} target runs KVM_RUN synchronously`,
+    );
   }
   const r = sc.race;
   const g = X86Guest.create(ctx.kvm, { ...bringUpOptions(sc), memSize: Number(LAYOUT.identityEnd) });
@@ -148,12 +165,23 @@ export async function runRace(ctx: CheckContext, sc: Scenario & { race: RaceDecl
     }
     vcpus.forEach((vc, v) => {
       // Separate stacks (nothing is pushed in the loop, but an exception would).
-      vc.setRegs({ ...g.boot.regs(BigInt(prog.labels.get(`v${v}_entry`)!), vc.getRegs()), rsp: (user ? LAYOUT.userStackTop : LAYOUT.kernelStackTop) - BigInt(v) * 0x400n });
+      vc.setRegs({
+        ...g.boot.regs(BigInt(prog.labels.get(`v${v}_entry`)!), vc.getRegs()),
+        rsp: (user ? LAYOUT.userStackTop : LAYOUT.kernelStackTop) - BigInt(v) * 0x400n,
+      });
       if (user) {
         // Enter ring 3 directly: user code and data segments (DPL 3).
         const sr = vc.getSregs();
         const udata = { ...sr.ds, selector: SEL.udata, dpl: 3 };
-        vc.setSregs({ ...sr, cs: { ...sr.cs, selector: SEL.ucode, dpl: 3 }, ds: udata, es: udata, fs: udata, gs: udata, ss: udata });
+        vc.setSregs({
+          ...sr,
+          cs: { ...sr.cs, selector: SEL.ucode, dpl: 3 },
+          ds: udata,
+          es: udata,
+          fs: udata,
+          gs: udata,
+          ss: udata,
+        });
       }
     });
 
@@ -189,7 +217,8 @@ export async function runRace(ctx: CheckContext, sc: Scenario & { race: RaceDecl
           }
           continue;
         }
-        if (e.reason === 'mmio' && strayMmio.length < 4) strayMmio.push({ vcpu: v, gpa: e.gpa, len: e.len, isWrite: e.isWrite });
+        if (e.reason === 'mmio' && strayMmio.length < 4)
+          strayMmio.push({ vcpu: v, gpa: e.gpa, len: e.len, isWrite: e.isWrite });
         // Kicked out after the final pass, or stopped by something else.
         const done = e.reason === 'intr' && !res.timedOut && g.mem.read64(RECORD(v) + R.finished) === 1n;
         return done ? 'done' : res.timedOut ? 'timed out' : `exit ${describeExit(e)}`;
@@ -235,7 +264,8 @@ export async function runRace(ctx: CheckContext, sc: Scenario & { race: RaceDecl
               const gone = g.vm.detachMemslot(t.slot);
               deleted.push({ start: gone.gpa, end: gone.gpa + BigInt(gone.size), memory: new DataView(gone.memory) });
             } else if (op === 'dirty-log') harvest(t.slot, true);
-            else if (op === 'dontneed') s.madvise(targetOffset(sc, t), sc.vcpus * r.pages * Number(PAGE), MADV.DONTNEED);
+            else if (op === 'dontneed')
+              s.madvise(targetOffset(sc, t), sc.vcpus * r.pages * Number(PAGE), MADV.DONTNEED);
             else g.vm.setMemslotFlags(t.slot, s.flags ^ MEM.KVM_MEM_LOG_DIRTY_PAGES);
           }
         }
@@ -253,18 +283,38 @@ export async function runRace(ctx: CheckContext, sc: Scenario & { race: RaceDecl
     g.mem.write64(STOP, 1n);
     // Every vCPU spins after its final pass; kick each out once it has got there.
     const until = performance.now() + 10_000;
-    while (vcpus.some((_, v) => g.mem.read64(RECORD(v) + R.finished) !== 1n && !finished.has(v)) && performance.now() < until) await sleep(1);
+    while (
+      vcpus.some((_, v) => g.mem.read64(RECORD(v) + R.finished) !== 1n && !finished.has(v)) &&
+      performance.now() < until
+    )
+      await sleep(1);
     for (const vc of vcpus) vc.kick();
     const ends = await Promise.all(runs);
     runs.length = 0;
 
-    ctx.expect('race: every vCPU finishes', vcpus.map(() => 'done'), ends);
+    ctx.expect(
+      'race: every vCPU finishes',
+      vcpus.map(() => 'done'),
+      ends,
+    );
     ctx.expect('race: every host round overlaps a whole pass of every vCPU', r.rounds, overlapped);
-    ctx.note(`race: ${sc.vcpus} vCPUs made ${afterRounds.join(' / ')} passes during ${overlapped} host rounds (${ops} host operations)${deleted.length ? `; ${mmioExits} MMIO exits for deleted slots` : ''}`);
-    const bad = vcpus.map((_, v) => {
-      const n = g.mem.read64(RECORD(v) + R.bad);
-      return n === 0n ? undefined : { vcpu: v, mismatches: n, gva: g.mem.read64(RECORD(v) + R.badGva), wrote: g.mem.read64(RECORD(v) + R.badWrote), read: g.mem.read64(RECORD(v) + R.badRead) };
-    }).filter((x) => x !== undefined);
+    ctx.note(
+      `race: ${sc.vcpus} vCPUs made ${afterRounds.join(' / ')} passes during ${overlapped} host rounds (${ops} host operations)${deleted.length ? `; ${mmioExits} MMIO exits for deleted slots` : ''}`,
+    );
+    const bad = vcpus
+      .map((_, v) => {
+        const n = g.mem.read64(RECORD(v) + R.bad);
+        return n === 0n
+          ? undefined
+          : {
+              vcpu: v,
+              mismatches: n,
+              gva: g.mem.read64(RECORD(v) + R.badGva),
+              wrote: g.mem.read64(RECORD(v) + R.badWrote),
+              read: g.mem.read64(RECORD(v) + R.badRead),
+            };
+      })
+      .filter((x) => x !== undefined);
     ctx.expect('race: every read-back saw its write', [], bad);
 
     const model = raceModel(sc, wrong);
@@ -274,8 +324,15 @@ export async function runRace(ctx: CheckContext, sc: Scenario & { race: RaceDecl
       const what = `race: target ${i} (slot ${t.slot})`;
       if (t.host.includes('delete')) {
         // The slot went away under the running vCPUs: the final writes exit as MMIO.
-        const want = m.pages.map((gpa, k) => ({ gpa, value: raceValue(Math.floor(k / r.pages), FINAL_ROUND, k % r.pages) }));
-        ctx.expect(`${what}: deleted while running, the final writes exit as MMIO`, want, m.pages.map((gpa) => ({ gpa, value: mmio.get(gpa) ?? 'no MMIO write' })));
+        const want = m.pages.map((gpa, k) => ({
+          gpa,
+          value: raceValue(Math.floor(k / r.pages), FINAL_ROUND, k % r.pages),
+        }));
+        ctx.expect(
+          `${what}: deleted while running, the final writes exit as MMIO`,
+          want,
+          m.pages.map((gpa) => ({ gpa, value: mmio.get(gpa) ?? 'no MMIO write' })),
+        );
         continue;
       }
       const lost: { gpa: string; value: bigint }[] = [];
@@ -288,11 +345,19 @@ export async function runRace(ctx: CheckContext, sc: Scenario & { race: RaceDecl
       ctx.expect(`${what}: every page holds its final write`, [], lost);
       if (t.host.includes('dirty-log')) {
         harvest(t.slot, false);
-        ctx.expect(`${what}: dirty log over all rounds`, m.dirty.map(hex), [...union.get(t.slot)!].sort((x, y) => (x < y ? -1 : 1)).map(hex));
+        ctx.expect(
+          `${what}: dirty log over all rounds`,
+          m.dirty.map(hex),
+          [...union.get(t.slot)!].sort((x, y) => (x < y ? -1 : 1)).map(hex),
+        );
       } else if (t.host.includes('toggle-dirty-log')) {
         union.delete(t.slot);
         harvest(t.slot, false);
-        ctx.expect(`${what}: dirty log after the final pass`, m.dirty.map(hex), [...union.get(t.slot)!].sort((x, y) => (x < y ? -1 : 1)).map(hex));
+        ctx.expect(
+          `${what}: dirty log after the final pass`,
+          m.dirty.map(hex),
+          [...union.get(t.slot)!].sort((x, y) => (x < y ? -1 : 1)).map(hex),
+        );
       }
     }
   } finally {

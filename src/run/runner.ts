@@ -5,9 +5,10 @@ import { nodeArch, type Arch } from '../arch/arch.js';
 import type { Kvm } from '../kvm/kvm.js';
 import { HostError, Unsupported } from '../kvm/sys.js';
 import type { HostProfile } from '../probe/probe.js';
-import type { KernelProblem } from '../target/target.js';
+import type { KernelProblem } from '../kvm/target.js';
 import { same, show } from './differ.js';
-import { NotApplicable, type Check, type CheckResult, type Comparison, type RunReport, type WrongExpectation, type WrongObservation } from './types.js';
+import { NotApplicable } from '../base/not-applicable.js';
+import type { Check, CheckResult, Comparison, RunReport, WrongExpectation, WrongObservation } from './types.js';
 
 export interface RunOptions {
   wrongExpectation?: WrongExpectation;
@@ -16,7 +17,12 @@ export interface RunOptions {
   onProgress?: (check: string, done: number, total: number) => void;
 }
 
-export async function runCheck(check: Check, kvm: Kvm, profile: HostProfile, opts: RunOptions = {}): Promise<CheckResult> {
+export async function runCheck(
+  check: Check,
+  kvm: Kvm,
+  profile: HostProfile,
+  opts: RunOptions = {},
+): Promise<CheckResult> {
   const t0 = performance.now();
   const comparisons: Comparison[] = [];
   const notes: string[] = [];
@@ -77,7 +83,12 @@ export function forHostArch(checks: readonly Check[], arch: Arch): readonly Chec
   return own.length > 0 ? own : checks;
 }
 
-export async function runChecks(checks: readonly Check[], kvm: Kvm, profile: HostProfile, opts: RunOptions = {}): Promise<RunReport> {
+export async function runChecks(
+  checks: readonly Check[],
+  kvm: Kvm,
+  profile: HostProfile,
+  opts: RunOptions = {},
+): Promise<RunReport> {
   const t0 = performance.now();
   const results: CheckResult[] = [];
   const watch = kvm.target.watch;
@@ -114,20 +125,41 @@ export async function runChecks(checks: readonly Check[], kvm: Kvm, profile: Hos
  */
 export function kernelVerdict(r: CheckResult, problems: KernelProblem[]): CheckResult {
   const first = problems[0]!.message;
-  const more = problems.length > 1 ? ` (and ${problems.length - 1} more kernel message${problems.length > 2 ? 's' : ''})` : '';
-  const had = r.outcome === 'error' || r.outcome === 'not_applicable' ? [`the check itself: ${r.outcome}: ${r.reason}`] : [];
+  const more =
+    problems.length > 1 ? ` (and ${problems.length - 1} more kernel message${problems.length > 2 ? 's' : ''})` : '';
+  const had =
+    r.outcome === 'error' || r.outcome === 'not_applicable' ? [`the check itself: ${r.outcome}: ${r.reason}`] : [];
   return { ...r, outcome: 'fail', reason: `${first}${more}`, kernel: problems, notes: [...had, ...r.notes] };
 }
 
 function notRun(c: Check, why: string): CheckResult {
-  return { name: c.name, description: c.description, outcome: 'not_run', comparisons: [], reason: why, notes: [], durationMs: 0 };
+  return {
+    name: c.name,
+    description: c.description,
+    outcome: 'not_run',
+    comparisons: [],
+    reason: why,
+    notes: [],
+    durationMs: 0,
+  };
 }
 
 /** The report of these results. */
-export function reportOf(profile: HostProfile, results: CheckResult[], durationMs: number, interrupted?: string): RunReport {
+export function reportOf(
+  profile: HostProfile,
+  results: CheckResult[],
+  durationMs: number,
+  interrupted?: string,
+): RunReport {
   const count = (o: CheckResult['outcome']) => results.filter((r) => r.outcome === o).length;
   return {
-    host: { arch: profile.arch, flavour: profile.flavour, tdp: profile.tdp, tdpMmu: profile.tdpMmu, device: profile.device },
+    host: {
+      arch: profile.arch,
+      flavour: profile.flavour,
+      tdp: profile.tdp,
+      tdpMmu: profile.tdpMmu,
+      device: profile.device,
+    },
     checks: results,
     summary: {
       total: results.length,
@@ -156,17 +188,15 @@ export function interruptedReport(
   signal: string,
 ): RunReport {
   const rest = forHostArch(checks, profile.arch).filter((c) => !done.some((r) => r.name === c.name));
-  const notRun = rest.map(
-    (c, i): CheckResult => ({
-      name: c.name,
-      description: c.description,
-      outcome: 'not_run',
-      comparisons: [],
-      reason: i === 0 ? `interrupted by ${signal} while it ran` : `the run was interrupted by ${signal}`,
-      notes: [],
-      durationMs: 0,
-    }),
-  );
+  const notRun = rest.map((c, i): CheckResult => ({
+    name: c.name,
+    description: c.description,
+    outcome: 'not_run',
+    comparisons: [],
+    reason: i === 0 ? `interrupted by ${signal} while it ran` : `the run was interrupted by ${signal}`,
+    notes: [],
+    durationMs: 0,
+  }));
   return reportOf(profile, [...done, ...notRun], durationMs, signal);
 }
 

@@ -19,9 +19,7 @@ import { dirtyPages } from '../observe/dirty-log.js';
 import type { Scenario, Step } from '../scenario/types.js';
 import { MADV, PROT } from '../uapi/uapi.js';
 import type { CheckContext } from './types.js';
-
-const PAGE = 0x1000n;
-const hex = (v: bigint | number) => `0x${v.toString(16)}`;
+import { hex, PAGE } from '../base/units.js';
 
 /** Where the guest's own page-table writes go: the GPAs of the entries a step names. */
 export interface EntryFinder {
@@ -84,7 +82,8 @@ export type StepActionTable<U extends { kind: string; side: string } = Step> = {
 
 /** A store of 8 bytes by the guest to a page-table entry, through the identity map: (old & ~clear) | set, or value. */
 function emitPteStore(k: Asm, at: bigint, change: { set: bigint; clear: bigint; value?: bigint }): void {
-  if (at + 8n > LAYOUT.identityEnd) throw new Error(`the entry at ${hex(at)} is outside the guest's identity map; a guest step cannot write it`);
+  if (at + 8n > LAYOUT.identityEnd)
+    throw new Error(`the entry at ${hex(at)} is outside the guest's identity map; a guest step cannot write it`);
   k.movImm('rbx', at);
   if (change.value !== undefined) k.movImm('rax', change.value);
   else {
@@ -97,7 +96,10 @@ function emitPteStore(k: Asm, at: bigint, change: { set: bigint; clear: bigint; 
 
 /** PKRU := value (WRPKRU needs CR4.PKE = 1, ECX = EDX = 0). */
 export function emitWrpkru(k: Asm, value: number): void {
-  k.movImm('rax', BigInt(value >>> 0)).movImm('rcx', 0).movImm('rdx', 0).wrpkru();
+  k.movImm('rax', BigInt(value >>> 0))
+    .movImm('rcx', 0)
+    .movImm('rdx', 0)
+    .wrpkru();
 }
 
 const CR4_BITS = { smep: 20, smap: 21, pke: 22 } as const;
@@ -154,7 +156,7 @@ export const STEP_ACTIONS: StepActionTable = {
     act({ g, entries }, s) {
       const at = entries.entry(s.gva, s.level);
       const old = g.mem.read64(at);
-      g.mem.write64(at, s.value ?? ((old & ~s.clear) | s.set));
+      g.mem.write64(at, s.value ?? (old & ~s.clear) | s.set);
     },
   },
   'clear-ad': {
@@ -174,10 +176,15 @@ export const STEP_ACTIONS: StepActionTable = {
       if (tdpDirty) {
         // KVM's TDP MMU installs a writable SPTE on a read fault too when the host page is
         // writable, and logs the page dirty as it does (make_spte): the TDP model's log.
-        const logged = (manualProtect ? vm.tdp.peekDirty(0, s.slot) : vm.tdp.getDirtyLog(0, s.slot)).map((gfn) => BigInt(gfn) << 12n);
+        const logged = (manualProtect ? vm.tdp.peekDirty(0, s.slot) : vm.tdp.getDirtyLog(0, s.slot)).map(
+          (gfn) => BigInt(gfn) << 12n,
+        );
         const extra = logged.filter((p) => !pages.has(p));
         for (const p of extra) pages.add(p);
-        if (extra.length) ctx.note(`${name}: the TDP model also expects ${extra.map(hex).join(', ')}: mapped writable on a read fault, so logged dirty (README, Findings)`);
+        if (extra.length)
+          ctx.note(
+            `${name}: the TDP model also expects ${extra.map(hex).join(', ')}: mapped writable on a read fault, so logged dirty (README, Findings)`,
+          );
       }
       const expected = [...pages].sort((a, b) => (a < b ? -1 : 1)).map(hex);
       ctx.expect(`${name}: dirty pages`, expected, observed);
@@ -206,7 +213,9 @@ export const STEP_ACTIONS: StepActionTable = {
     act({ ctx, sc, g, vm, slotOf }, s, name) {
       if (sc.memslots.find((m) => m.slot === s.slot)?.backing === 'thp') {
         const huge = g.vm.memslot(s.slot).hugeBytes();
-        ctx.note(`${name}: host backing before the change: ${huge === undefined ? 'unknown (no smaps)' : `${huge >> 10} KiB of ${g.vm.memslot(s.slot).size >> 10} KiB in transparent huge pages`}`);
+        ctx.note(
+          `${name}: host backing before the change: ${huge === undefined ? 'unknown (no smaps)' : `${huge >> 10} KiB of ${g.vm.memslot(s.slot).size >> 10} KiB in transparent huge pages`}`,
+        );
       }
       g.vm.setMemslotFlags(s.slot, memFlags(s));
       vm.setSlot(slotOf(s.slot));

@@ -1,7 +1,7 @@
 // What a check is, what it produced, and how a run is summarised.
 import type { Arch } from '../arch/arch.js';
 import type { Kvm } from '../kvm/kvm.js';
-import type { KernelProblem, Target } from '../target/target.js';
+import type { KernelProblem, Target } from '../kvm/target.js';
 import type { HostProfile, Oracle } from '../probe/probe.js';
 
 /**
@@ -103,5 +103,3 @@ export interface Check {
   arch?: Arch;
   run(ctx: CheckContext): Promise<void>;
 }
-
-export { NotApplicable } from '../kvm/sys.js';

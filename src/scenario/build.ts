@@ -22,7 +22,8 @@ import {
   PTE_NX,
   PTE_P,
   PTE_PCD,
-  PTE_PKEY_SHIFT, PTE_PKEY_MASK,
+  PTE_PKEY_SHIFT,
+  PTE_PKEY_MASK,
   PTE_PWT,
   PTE_RW,
   PTE_US,
@@ -30,10 +31,10 @@ import {
 import { PAGE_LEVEL, PageTables } from '../arch/x86/tables.js';
 import { pagingConfigOf, type PagingCpu } from '../model/paging.js';
 import type { PagingConfig } from '../model/walk.js';
-import { BACKINGS, type HostAlloc } from '../model/vm.js';
+import type { HostBacking } from '../base/host-backing.js';
+import { BACKINGS } from '../model/vm.js';
 import type { Mapping, MemslotDecl, PteAttrs, Scenario } from './types.js';
-
-const hex = (v: bigint) => `0x${v.toString(16)}`;
+import { hex } from '../base/units.js';
 
 /** Bits of a leaf entry for these attributes (PS is added by the table builder). */
 function leafBits(a: PteAttrs): bigint {
@@ -144,7 +145,8 @@ export function buildScenarioTables(s: Scenario, mem: GuestMem, boot: BringUp): 
     tables,
     entries(gva, level) {
       const e = at.get(entryKey(gva, level));
-      if (e === undefined) throw new RangeError(`no level-${level} entry is known for ${hex(gva)}: no mapping covers it at that level`);
+      if (e === undefined)
+        throw new RangeError(`no level-${level} entry is known for ${hex(gva)}: no mapping covers it at that level`);
       return e;
     },
   };
@@ -221,6 +223,6 @@ export class MemImage implements GuestMem {
 }
 
 /** The host memory behind a scenario's memslot, from the one table of backings (model/vm.ts BACKINGS). */
-export function slotBacking(b: MemslotDecl['backing']): HostAlloc {
+export function slotBacking(b: MemslotDecl['backing']): HostBacking {
   return BACKINGS[b].alloc;
 }

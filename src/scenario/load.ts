@@ -34,10 +34,19 @@ import { MAX_NR_PAGES } from '../model/memslots.js';
 import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.js';
 import { at, checkJson, SCENARIO, toJson, type Json } from './schema.js';
 import { showStatExpect } from './stats.js';
-import { BACKING_PAGE, hex, kindOfTag, range, STEP_KINDS, stepKind, type Side, type StepKind } from './steps.js';
+import { BACKING_PAGE, kindOfTag, range, STEP_KINDS, stepKind, type Side, type StepKind } from './steps.js';
 import type {
-  Mapping, MemslotDecl, PagingDecl, PteAttrs, RaceDecl, RaceOp, Scenario, Step, StepStats,
+  Mapping,
+  MemslotDecl,
+  PagingDecl,
+  PteAttrs,
+  RaceDecl,
+  RaceOp,
+  Scenario,
+  Step,
+  StepStats,
 } from './types.js';
+import { hex } from '../base/units.js';
 
 /** A scenario that cannot be loaded: the message is "<path>: <first error>" and a count of the others. */
 export class ScenarioError extends Error {
@@ -111,7 +120,14 @@ export function loadScenario(path: string): Scenario {
     text = readFileSync(path, 'utf8');
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    const why = code === 'ENOENT' ? 'no such file' : code === 'EISDIR' ? 'is a directory' : code === 'EACCES' ? 'permission denied' : (e as Error).message;
+    const why =
+      code === 'ENOENT'
+        ? 'no such file'
+        : code === 'EISDIR'
+          ? 'is a directory'
+          : code === 'EACCES'
+            ? 'permission denied'
+            : (e as Error).message;
     throw new ScenarioError(path, [`cannot read: ${why}`]);
   }
   return parseScenario(text, path);
@@ -145,7 +161,9 @@ export function resolveScenario(arg: string): string {
   if (arg.includes('/') || arg.endsWith('.json') || existsSync(arg)) return arg;
   const builtin = join(builtinScenarioDir(), `${arg}.json`);
   if (existsSync(builtin)) return builtin;
-  throw new ScenarioError(arg, [`no such file, and no built-in scenario of that name (built-in: ${builtinScenarios().join(', ')})`]);
+  throw new ScenarioError(arg, [
+    `no such file, and no built-in scenario of that name (built-in: ${builtinScenarios().join(', ')})`,
+  ]);
 }
 
 // ---------------------------------------------------------------------------------
@@ -221,7 +239,11 @@ function toRace(r: Obj): RaceDecl {
     pages: r.pages as number,
     rounds: r.rounds as number,
     cpl: r.cpl as 0 | 3,
-    targets: (r.targets as Obj[]).map((t) => ({ slot: t.slot as number, gva: t.gva as bigint, host: [...(t.host as RaceOp[])] })),
+    targets: (r.targets as Obj[]).map((t) => ({
+      slot: t.slot as number,
+      gva: t.gva as bigint,
+      host: [...(t.host as RaceOp[])],
+    })),
   };
 }
 
@@ -242,7 +264,15 @@ export function scenarioToJson(s: Scenario): Json {
     vcpus: s.vcpus,
     memslots: s.memslots,
     paging: { ...s.paging, pkru: BigInt(s.paging.pkru) },
-    mappings: s.mappings.map((m) => ({ gva: m.gva, gpa: m.gpa, page: m.page, size: m.size, leaf: leaf(m.leaf), table: table(m.table), raw: m.raw })),
+    mappings: s.mappings.map((m) => ({
+      gva: m.gva,
+      gpa: m.gpa,
+      page: m.page,
+      size: m.size,
+      leaf: leaf(m.leaf),
+      table: table(m.table),
+      raw: m.raw,
+    })),
     steps: s.steps.map(stepJson),
     ...(s.race ? { race: s.race } : {}),
   });
@@ -268,22 +298,28 @@ function memslotErrors(s: Scenario, err: (path: string, msg: string) => void): v
   const seen = new Map<number, number>();
   s.memslots.forEach((m, i) => {
     const p = `memslots[${i}]`;
-    if (m.slot === 0) err(`${p}.slot`, `slot 0 is reserved for bring-up memory [0x0, ${hex(LAYOUT.identityEnd)}); use 1 or above`);
+    if (m.slot === 0)
+      err(`${p}.slot`, `slot 0 is reserved for bring-up memory [0x0, ${hex(LAYOUT.identityEnd)}); use 1 or above`);
     const j = seen.get(m.slot);
     if (j !== undefined) err(`${p}.slot`, `slot ${m.slot} is already declared by memslots[${j}]`);
     else seen.set(m.slot, i);
     const page = BACKING_PAGE[m.backing];
     if (m.gpa % page !== 0n) err(`${p}.gpa`, `${hex(m.gpa)} is not aligned to the ${m.backing} page size ${hex(page)}`);
-    if (m.size === 0n || m.size % page !== 0n) err(`${p}.size`, `${hex(m.size)} is not a non-zero multiple of the ${m.backing} page size ${hex(page)}`);
-    if (m.size / PAGE_4K > BigInt(MAX_NR_PAGES)) err(`${p}.size`, `${hex(m.size)} is larger than KVM's limit of ${MAX_NR_PAGES} pages per slot`);
+    if (m.size === 0n || m.size % page !== 0n)
+      err(`${p}.size`, `${hex(m.size)} is not a non-zero multiple of the ${m.backing} page size ${hex(page)}`);
+    if (m.size / PAGE_4K > BigInt(MAX_NR_PAGES))
+      err(`${p}.size`, `${hex(m.size)} is larger than KVM's limit of ${MAX_NR_PAGES} pages per slot`);
     else if (m.size > MAX_SLOT_BYTES) {
       const most = `${hex(MAX_SLOT_BYTES)} (4 GiB), the most the harness maps for one slot (one ArrayBuffer)`;
       err(`${p}.size`, `${hex(m.size)} is larger than ${most}`);
     }
-    if (m.gpa + m.size > PHYS_LIMIT) err(`${p}.gpa`, `${range(m.gpa, m.size)} goes beyond 2^52, the largest guest-physical address`);
-    if (overlaps(m.gpa, m.size, 0n, LAYOUT.identityEnd)) err(`${p}.gpa`, `${range(m.gpa, m.size)} overlaps bring-up memory [0x0, ${hex(LAYOUT.identityEnd)}) (slot 0)`);
+    if (m.gpa + m.size > PHYS_LIMIT)
+      err(`${p}.gpa`, `${range(m.gpa, m.size)} goes beyond 2^52, the largest guest-physical address`);
+    if (overlaps(m.gpa, m.size, 0n, LAYOUT.identityEnd))
+      err(`${p}.gpa`, `${range(m.gpa, m.size)} overlaps bring-up memory [0x0, ${hex(LAYOUT.identityEnd)}) (slot 0)`);
     s.memslots.slice(0, i).forEach((o, k) => {
-      if (overlaps(m.gpa, m.size, o.gpa, o.size)) err(`${p}.gpa`, `${range(m.gpa, m.size)} overlaps memslots[${k}] ${range(o.gpa, o.size)}`);
+      if (overlaps(m.gpa, m.size, o.gpa, o.size))
+        err(`${p}.gpa`, `${range(m.gpa, m.size)} overlaps memslots[${k}] ${range(o.gpa, o.size)}`);
     });
   });
 }
@@ -312,14 +348,16 @@ function tablePool(s: Scenario): { need: bigint; room: bigint } {
   }
   // Bring-up's own tables: the root, and one per non-leaf entry covering [0x1000, identityEnd).
   let bringUp = 1n;
-  for (let level = 2; level <= top; level++) bringUp += ((LAYOUT.identityEnd - 1n) >> BigInt(9 * (level - 1) + 12)) + 1n;
+  for (let level = 2; level <= top; level++)
+    bringUp += ((LAYOUT.identityEnd - 1n) >> BigInt(9 * (level - 1) + 12)) + 1n;
   return { need, room: (LAYOUT.tablePoolEnd - LAYOUT.tablePool) / PAGE_4K - bringUp };
 }
 
 function mappingErrors(s: Scenario, json: Obj, err: (path: string, msg: string) => void): void {
   const levels = s.paging.levels;
   const pool = tablePool(s);
-  if (pool.need > pool.room) err('mappings', `the page tables need ${pool.need} table pages but bring-up's pool has room for ${pool.room}`);
+  if (pool.need > pool.room)
+    err('mappings', `the page tables need ${pool.need} table pages but bring-up's pool has room for ${pool.room}`);
   // Owner and table attributes of each non-leaf entry the scenario creates (only checked when the pool fits, which bounds the count).
   const owners = new Map<string, { index: number; attrs: string }>();
   const jsonMappings = (json.mappings ?? []) as Obj[];
@@ -332,12 +370,17 @@ function mappingErrors(s: Scenario, json: Obj, err: (path: string, msg: string) 
     let placed = true;
     if (m.gva % span !== 0n) (err(`${p}.gva`, `${hex(m.gva)} is not aligned to ${page} pages`), (placed = false));
     if (m.gpa % span !== 0n) err(`${p}.gpa`, `${hex(m.gpa)} is not aligned to ${page} pages`);
-    if (m.size === 0n || m.size % span !== 0n) (err(`${p}.size`, `${hex(m.size)} is not a non-zero multiple of ${page}`), (placed = false));
+    if (m.size === 0n || m.size % span !== 0n)
+      (err(`${p}.size`, `${hex(m.size)} is not a non-zero multiple of ${page}`), (placed = false));
     if (!placed) return;
-    if (m.gpa + m.size > PHYS_LIMIT) err(`${p}.gpa`, `${range(m.gpa, m.size)} goes beyond 2^52, the largest guest-physical address`);
+    if (m.gpa + m.size > PHYS_LIMIT)
+      err(`${p}.gpa`, `${range(m.gpa, m.size)} goes beyond 2^52, the largest guest-physical address`);
     if (!canonicalRange(m.gva, m.size, levels)) {
       const half = 1n << BigInt(levels === 5 ? 56 : 47);
-      err(`${p}.gva`, `${range(m.gva, m.size)} is not canonical with ${levels}-level paging (it must lie below ${hex(half)} or at or above ${hex(TOP - half)})`);
+      err(
+        `${p}.gva`,
+        `${range(m.gva, m.size)} is not canonical with ${levels}-level paging (it must lie below ${hex(half)} or at or above ${hex(TOP - half)})`,
+      );
       return;
     }
     if (overlaps(m.gva, m.size, 0n, LAYOUT.identityEnd)) {
@@ -345,7 +388,10 @@ function mappingErrors(s: Scenario, json: Obj, err: (path: string, msg: string) 
       return;
     }
     if (overlaps(m.gva, m.size, RETURN_GVA, PAGE_4K)) {
-      err(`${p}.gva`, `${range(m.gva, m.size)} covers RETURN_GVA ${hex(RETURN_GVA)}, which must stay unmapped (it is the way back from CPL 3)`);
+      err(
+        `${p}.gva`,
+        `${range(m.gva, m.size)} covers RETURN_GVA ${hex(RETURN_GVA)}, which must stay unmapped (it is the way back from CPL 3)`,
+      );
       return;
     }
     const clash = s.mappings.findIndex((o, k) => k < i && overlaps(m.gva, m.size, o.gva, o.size));
@@ -360,8 +406,16 @@ function mappingErrors(s: Scenario, json: Obj, err: (path: string, msg: string) 
       if (r.level > levels) return err(rp, `there is no level-${r.level} entry with ${levels}-level paging`);
       if (r.level < leaf) return err(rp, `${page} pages have no level-${r.level} entry (their leaf is level ${leaf})`);
       for (const va of [m.gva, m.gva + m.size - 1n]) {
-        if (isBringUpEntry(va, r.level)) return err(rp, `the level-${r.level} entry for ${hex(va)} is also bring-up's (it maps [0x0, ${hex(LAYOUT.identityEnd)})); it cannot be overridden`);
-        if (coversReturnGva(va, r.level)) return err(rp, `the level-${r.level} entry for ${hex(va)} also covers RETURN_GVA ${hex(RETURN_GVA)}; it cannot be overridden`);
+        if (isBringUpEntry(va, r.level))
+          return err(
+            rp,
+            `the level-${r.level} entry for ${hex(va)} is also bring-up's (it maps [0x0, ${hex(LAYOUT.identityEnd)})); it cannot be overridden`,
+          );
+        if (coversReturnGva(va, r.level))
+          return err(
+            rp,
+            `the level-${r.level} entry for ${hex(va)} also covers RETURN_GVA ${hex(RETURN_GVA)}; it cannot be overridden`,
+          );
       }
     });
 
@@ -369,7 +423,10 @@ function mappingErrors(s: Scenario, json: Obj, err: (path: string, msg: string) 
     let createsAny = false;
     for (let level = leaf + 1; level <= levels; level++) if (created(level)) createsAny = true;
     if (!createsAny && jsonMappings[i]?.table !== undefined) {
-      err(`${p}.table`, 'every table entry above this mapping is bring-up\'s, so these attributes would apply to nothing');
+      err(
+        `${p}.table`,
+        "every table entry above this mapping is bring-up's, so these attributes would apply to nothing",
+      );
     }
     if (pool.need > pool.room) return;
     const attrs = JSON.stringify(toJson(m.table));
@@ -381,7 +438,10 @@ function mappingErrors(s: Scenario, json: Obj, err: (path: string, msg: string) 
         const owner = owners.get(key);
         if (!owner) owners.set(key, { index: i, attrs });
         else if (owner.attrs !== attrs && owner.index !== i) {
-          err(`${p}.table`, `differs from mappings[${owner.index}].table, and both use the ${LEVEL_NAMES[level]} for ${hex(va)}`);
+          err(
+            `${p}.table`,
+            `differs from mappings[${owner.index}].table, and both use the ${LEVEL_NAMES[level]} for ${hex(va)}`,
+          );
           return;
         }
       }
@@ -422,16 +482,28 @@ function raceErrors(s: Scenario, err: (path: string, msg: string) => void): void
     for (let j = 0n; j < n; j++) {
       const va = t.gva + j * PAGE_4K;
       const mm = mappingAt(s, va);
-      if (!mm || !mm.leaf.w || !mm.leaf.p || !mm.table.w || mm.raw.length > 0) return err(`${p}.gva`, `${hex(va)} is not covered by a present, writable mapping without raw overrides`);
-      if (r.cpl === 3 && !(mm.leaf.u && mm.table.u)) return err(`${p}.gva`, `${hex(va)} is not mapped for user accesses, which a CPL 3 race needs`);
+      if (!mm || !mm.leaf.w || !mm.leaf.p || !mm.table.w || mm.raw.length > 0)
+        return err(`${p}.gva`, `${hex(va)} is not covered by a present, writable mapping without raw overrides`);
+      if (r.cpl === 3 && !(mm.leaf.u && mm.table.u))
+        return err(`${p}.gva`, `${hex(va)} is not mapped for user accesses, which a CPL 3 race needs`);
       const gpa = mm.gpa + (va - mm.gva);
       const want = (first ? first.gpa + (t.gva - first.gva) : 0n) + j * PAGE_4K;
-      if (gpa !== want || gpa < m.gpa || gpa + PAGE_4K > m.gpa + m.size) return err(`${p}.gva`, `${hex(va)} does not map page ${j} of the target inside memslot ${t.slot} ${range(m.gpa, m.size)}`);
+      if (gpa !== want || gpa < m.gpa || gpa + PAGE_4K > m.gpa + m.size)
+        return err(
+          `${p}.gva`,
+          `${hex(va)} does not map page ${j} of the target inside memslot ${t.slot} ${range(m.gpa, m.size)}`,
+        );
     }
     const ops = new Set(t.host);
-    if (ops.has('delete') && t.host.length !== 1) err(`${p}.host`, '"delete" takes the slot away for good, so it must be the target\'s only operation');
-    if (ops.has('dirty-log') && !m.logDirty) err(`${p}.host`, `"dirty-log" needs memslot ${t.slot} declared with "logDirty": true`);
-    if (ops.has('dirty-log') && ops.has('toggle-dirty-log')) err(`${p}.host`, '"dirty-log" and "toggle-dirty-log" on one slot would leave the pages logged in a round unknown; use two targets');
+    if (ops.has('delete') && t.host.length !== 1)
+      err(`${p}.host`, '"delete" takes the slot away for good, so it must be the target\'s only operation');
+    if (ops.has('dirty-log') && !m.logDirty)
+      err(`${p}.host`, `"dirty-log" needs memslot ${t.slot} declared with "logDirty": true`);
+    if (ops.has('dirty-log') && ops.has('toggle-dirty-log'))
+      err(
+        `${p}.host`,
+        '"dirty-log" and "toggle-dirty-log" on one slot would leave the pages logged in a round unknown; use two targets',
+      );
   });
 }
 

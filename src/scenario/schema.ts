@@ -9,8 +9,19 @@
 // checks (alignment, overlaps, levels, ...) and the conversion to the Scenario
 // type are in load.ts and steps.ts.
 import {
-  array, bool, int, object, oneOf, opt, req, u32, u64,
-  type Json, type ObjectSpec, type Spec, type TaggedSpec,
+  array,
+  bool,
+  int,
+  object,
+  oneOf,
+  opt,
+  req,
+  u32,
+  u64,
+  type Json,
+  type ObjectSpec,
+  type Spec,
+  type TaggedSpec,
 } from './spec.js';
 import { parseStatExpect, STAT_NAMES, STAT_VALUE_RE } from './stats.js';
 import { LEVEL, stepVariants } from './steps.js';
@@ -43,11 +54,15 @@ const TABLE_ATTRS = object('table attributes', 'Bits of the non-leaf entries the
   nx: opt(bool('Execute-disable (bit 63); a reserved bit when EFER.NXE = 0.'), false),
 });
 
-const RAW = object('raw override', 'Bits forced into the entry at one level for every page of the mapping: value = (value & ~clear) | set.', {
-  level: req(LEVEL),
-  set: opt(u64('Bits to set, reserved bits included.'), '0x0'),
-  clear: opt(u64('Bits to clear.'), '0x0'),
-});
+const RAW = object(
+  'raw override',
+  'Bits forced into the entry at one level for every page of the mapping: value = (value & ~clear) | set.',
+  {
+    level: req(LEVEL),
+    set: opt(u64('Bits to set, reserved bits included.'), '0x0'),
+    clear: opt(u64('Bits to clear.'), '0x0'),
+  },
+);
 
 const MAPPING = object('mapping', 'GVA range -> GPA range with pages of one size, added to the bring-up page tables.', {
   gva: req(u64('First guest-virtual address; aligned to the page size.')),
@@ -63,7 +78,10 @@ const MEMSLOT = object('memslot', 'A user memslot (slot 0, GPA [0, 0x400000), be
   slot: req(int(0, 32767, 'Slot number, 1 or above.')),
   gpa: req(u64('Guest-physical base; 4K aligned (2M/1G for hugetlb backings).')),
   size: req(u64('Bytes; a multiple of the backing page size.')),
-  backing: opt(oneOf(['anon', 'shared', 'memfd', 'thp', 'hugetlb2m', 'hugetlb1g'], 'Host memory behind the slot.'), 'anon'),
+  backing: opt(
+    oneOf(['anon', 'shared', 'memfd', 'thp', 'hugetlb2m', 'hugetlb1g'], 'Host memory behind the slot.'),
+    'anon',
+  ),
   logDirty: opt(bool('KVM_MEM_LOG_DIRTY_PAGES: the slot keeps a dirty log.'), false),
   readonly: opt(bool('KVM_MEM_READONLY: guest writes exit to the host as MMIO.'), false),
 });
@@ -79,9 +97,17 @@ const PAGING = object('paging', "The guest's paging mode when the first step run
     }),
     {},
   ),
-  efer: opt(object('paging.efer', 'EFER bits.', { nxe: opt(bool('EFER.NXE: bit 63 of an entry is execute-disable (else reserved).'), true) }), {}),
+  efer: opt(
+    object('paging.efer', 'EFER bits.', {
+      nxe: opt(bool('EFER.NXE: bit 63 of an entry is execute-disable (else reserved).'), true),
+    }),
+    {},
+  ),
   pkru: opt(u32('PKRU: AD of key i is bit 2i, WD is bit 2i+1.'), '0x0'),
-  vendor: opt(oneOf(['auto', 'intel', 'amd'], "Vendor whose reserved-bit rules the model applies; auto takes the guest CPUID's."), 'auto'),
+  vendor: opt(
+    oneOf(['auto', 'intel', 'amd'], "Vendor whose reserved-bit rules the model applies; auto takes the guest CPUID's."),
+    'auto',
+  ),
 });
 
 const STATS = opt({
@@ -97,12 +123,20 @@ const STEP: TaggedSpec = {
   variants: stepVariants().map((v) => ({
     tag: v.side,
     value: v.tag,
-    spec: object(`${v.side} ${v.tag}`, v.doc, { [v.side]: req(oneOf([v.tag], 'Step kind.')), ...v.fields, stats: STATS }),
+    spec: object(`${v.side} ${v.tag}`, v.doc, {
+      [v.side]: req(oneOf([v.tag], 'Step kind.')),
+      ...v.fields,
+      stats: STATS,
+    }),
   })),
 };
 
 export const SCENARIO = object('scenario', 'A kvmharness scenario: memory, paging, mappings and a program of steps.', {
-  name: req({ kind: 'string', doc: 'Short name, used as the check name.', pattern: { re: '^[A-Za-z0-9][A-Za-z0-9_.-]*$', what: "a name of letters, digits, '_', '.' and '-'" } }),
+  name: req({
+    kind: 'string',
+    doc: 'Short name, used as the check name.',
+    pattern: { re: '^[A-Za-z0-9][A-Za-z0-9_.-]*$', what: "a name of letters, digits, '_', '.' and '-'" },
+  }),
   description: req({ kind: 'string', doc: 'What the scenario shows, in a sentence or two.' }),
   arch: opt(oneOf(['x86_64'], 'Guest architecture.'), 'x86_64'),
   vcpus: opt(oneOf([1, 2, 3, 4], 'Number of vCPUs; more than one needs a `race`.'), 1),
@@ -111,16 +145,37 @@ export const SCENARIO = object('scenario', 'A kvmharness scenario: memory, pagin
   mappings: opt(array(MAPPING, 'Mappings added to the bring-up page tables.'), []),
   steps: opt(array(STEP, 'The program, run in order.'), []),
   race: opt(
-    object('race', 'A multi-vCPU race, instead of steps: each vCPU writes its own pages of every target again and again (on its own thread) while the host runs the targets\' operations round after round; then the vCPUs make a final pass and stop, and nothing may be lost.', {
-      pages: req(int(1, 64, 'Pages each vCPU writes in each target.')),
-      rounds: req(int(1, 1000, 'Host rounds; in each the host waits until every vCPU has finished another pass.')),
-      cpl: opt(oneOf([0, 3], 'Privilege level of the vCPUs\' loops (CPL 3 needs user mappings of the targets).'), 0),
-      targets: req(array(object('race target', 'A range of guest pages and what the host does to its memslot in each round.', {
-        slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
-        gva: req(u64('First guest-virtual address; a writable mapping must cover vcpus x pages pages from it, in the slot.')),
-        host: req(array(oneOf(['dirty-log', 'dontneed', 'toggle-dirty-log', 'delete'], 'KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG of the slot, MADV_DONTNEED of the target\'s pages, dirty logging turned off or on, or (once, in the middle round, and alone) deleting the slot while the vCPUs write it.'), 'Host operations in each round, in order.')),
-      }), 'The targets.')),
-    }),
+    object(
+      'race',
+      "A multi-vCPU race, instead of steps: each vCPU writes its own pages of every target again and again (on its own thread) while the host runs the targets' operations round after round; then the vCPUs make a final pass and stop, and nothing may be lost.",
+      {
+        pages: req(int(1, 64, 'Pages each vCPU writes in each target.')),
+        rounds: req(int(1, 1000, 'Host rounds; in each the host waits until every vCPU has finished another pass.')),
+        cpl: opt(oneOf([0, 3], "Privilege level of the vCPUs' loops (CPL 3 needs user mappings of the targets)."), 0),
+        targets: req(
+          array(
+            object('race target', 'A range of guest pages and what the host does to its memslot in each round.', {
+              slot: req(int(1, 32767, 'Slot number (a declared user slot).')),
+              gva: req(
+                u64(
+                  'First guest-virtual address; a writable mapping must cover vcpus x pages pages from it, in the slot.',
+                ),
+              ),
+              host: req(
+                array(
+                  oneOf(
+                    ['dirty-log', 'dontneed', 'toggle-dirty-log', 'delete'],
+                    "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG of the slot, MADV_DONTNEED of the target's pages, dirty logging turned off or on, or (once, in the middle round, and alone) deleting the slot while the vCPUs write it.",
+                  ),
+                  'Host operations in each round, in order.',
+                ),
+              ),
+            }),
+            'The targets.',
+          ),
+        ),
+      },
+    ),
   ),
 });
 
@@ -138,7 +193,9 @@ function show(v: unknown): string {
 }
 
 function u64What(bits: 32 | 64): string {
-  return bits === 64 ? 'a hex string like "0x1000" or a non-negative integer' : 'a 32-bit value: a hex string like "0x4" or an integer up to 4294967295';
+  return bits === 64
+    ? 'a hex string like "0x1000" or a non-negative integer'
+    : 'a 32-bit value: a hex string like "0x4" or an integer up to 4294967295';
 }
 
 /** Parses a u64 field value; a string error says what was expected. */
@@ -150,7 +207,8 @@ function parseU64(v: unknown, bits: 32 | 64 = 64): bigint | string {
     return what;
   }
   if (typeof v === 'number' && Number.isInteger(v) && v >= 0) {
-    if (!Number.isSafeInteger(v)) return `expected a hex string for a value above 2^53 (an integer that large is not exact), got ${show(v)}`;
+    if (!Number.isSafeInteger(v))
+      return `expected a hex string for a value above 2^53 (an integer that large is not exact), got ${show(v)}`;
     if (bits === 32 && v > 0xffffffff) return `expected at most ${bits} bits, got ${v}`;
     return BigInt(v);
   }
@@ -205,12 +263,15 @@ export function checkJson(spec: Spec, v: unknown, path: string, errors: string[]
       return v;
     case 'string':
       if (typeof v !== 'string' || v.length === 0) return bad(`expected a non-empty string, got ${show(v)}`);
-      if (spec.pattern && !new RegExp(spec.pattern.re).test(v)) return bad(`expected ${spec.pattern.what}, got ${show(v)}`);
+      if (spec.pattern && !new RegExp(spec.pattern.re).test(v))
+        return bad(`expected ${spec.pattern.what}, got ${show(v)}`);
       return v;
     case 'fault': {
       if (v === false) return false;
       const r = parseU64(v, 32);
-      return typeof r === 'string' ? bad(`expected false or a #PF error code (a hex string like "0x7" or an integer), got ${show(v)}`) : r;
+      return typeof r === 'string'
+        ? bad(`expected false or a #PF error code (a hex string like "0x7" or an integer), got ${show(v)}`)
+        : r;
     }
     case 'stats': {
       if (!isObject(v)) return bad(`expected an object of stat name -> expected delta, got ${show(v)}`);
@@ -256,7 +317,12 @@ export function checkJson(spec: Spec, v: unknown, path: string, errors: string[]
   }
 }
 
-function checkObject(spec: ObjectSpec, v: Record<string, unknown>, path: string, errors: string[]): Record<string, unknown> | undefined {
+function checkObject(
+  spec: ObjectSpec,
+  v: Record<string, unknown>,
+  path: string,
+  errors: string[],
+): Record<string, unknown> | undefined {
   const before = errors.length;
   const known = Object.keys(spec.fields);
   const got = new Map<string, unknown>();
@@ -302,15 +368,26 @@ function schemaOf(spec: Spec): Record<string, Json> {
     case 'int':
       return { description: spec.doc, type: 'integer', minimum: spec.min, maximum: spec.max };
     case 'enum':
-      return spec.values.length === 1 ? { description: spec.doc, const: spec.values[0]! } : { description: spec.doc, enum: [...spec.values] };
+      return spec.values.length === 1
+        ? { description: spec.doc, const: spec.values[0]! }
+        : { description: spec.doc, enum: [...spec.values] };
     case 'bool':
       return { description: spec.doc, type: 'boolean' };
     case 'string':
-      return { description: spec.doc, type: 'string', minLength: 1, ...(spec.pattern ? { pattern: spec.pattern.re } : {}) };
+      return {
+        description: spec.doc,
+        type: 'string',
+        minLength: 1,
+        ...(spec.pattern ? { pattern: spec.pattern.re } : {}),
+      };
     case 'fault':
       return {
         description: spec.doc,
-        oneOf: [{ const: false }, { type: 'string', pattern: hexRe(32) }, { type: 'integer', minimum: 0, maximum: 0xffffffff }],
+        oneOf: [
+          { const: false },
+          { type: 'string', pattern: hexRe(32) },
+          { type: 'integer', minimum: 0, maximum: 0xffffffff },
+        ],
       };
     case 'stats':
       return { description: spec.doc, $ref: '#/$defs/stats' };
@@ -321,8 +398,16 @@ function schemaOf(spec: Spec): Record<string, Json> {
       for (const [k, f] of Object.entries(spec.fields)) {
         properties[k] = { ...schemaOf(f.spec), ...(f.default !== undefined ? { default: f.default } : {}) };
       }
-      const required = Object.entries(spec.fields).filter(([, f]) => f.required).map(([k]) => k);
-      return { description: spec.doc, type: 'object', properties, ...(required.length ? { required } : {}), additionalProperties: false };
+      const required = Object.entries(spec.fields)
+        .filter(([, f]) => f.required)
+        .map(([k]) => k);
+      return {
+        description: spec.doc,
+        type: 'object',
+        properties,
+        ...(required.length ? { required } : {}),
+        additionalProperties: false,
+      };
     }
     case 'tagged':
       return { description: spec.doc, type: 'object', oneOf: spec.variants.map((x) => schemaOf(x.spec)) };
@@ -395,14 +480,22 @@ export function fieldReference(): string {
   const parts: string[] = [];
   for (const o of objects) {
     if (o.kind === 'tagged') {
-      parts.push(`#### ${o.name}\n\n${o.doc} Kinds: ${o.variants.map((x) => `\`${x.tag}: ${x.value}\``).join(', ')}.\n`);
+      parts.push(
+        `#### ${o.name}\n\n${o.doc} Kinds: ${o.variants.map((x) => `\`${x.tag}: ${x.value}\``).join(', ')}.\n`,
+      );
       continue;
     }
     const rows = Object.entries(o.fields).map(([k, f]) => {
-      const dflt = f.required ? 'required' : f.default !== undefined ? `\`${JSON.stringify(f.default)}\`` : (f.defaultDoc ?? 'not given');
+      const dflt = f.required
+        ? 'required'
+        : f.default !== undefined
+          ? `\`${JSON.stringify(f.default)}\``
+          : (f.defaultDoc ?? 'not given');
       return `| \`${k}\` | ${typeText(f.spec)} | ${dflt} | ${f.spec.doc} |`;
     });
-    parts.push(`#### ${o.name}\n\n${o.doc}\n\n| field | type | default | meaning |\n|---|---|---|---|\n${rows.join('\n')}\n`);
+    parts.push(
+      `#### ${o.name}\n\n${o.doc}\n\n| field | type | default | meaning |\n|---|---|---|---|\n${rows.join('\n')}\n`,
+    );
   }
   return parts.join('\n');
 }

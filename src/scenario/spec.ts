@@ -63,14 +63,20 @@ export interface TaggedSpec extends Doc {
   name: string;
   variants: readonly { tag: string; value: string; spec: ObjectSpec }[];
 }
-export type Spec = U64Spec | IntSpec | EnumSpec | BoolSpec | StringSpec | FaultSpec | StatsSpec | ArraySpec | ObjectSpec | TaggedSpec;
+export type Spec =
+  U64Spec | IntSpec | EnumSpec | BoolSpec | StringSpec | FaultSpec | StatsSpec | ArraySpec | ObjectSpec | TaggedSpec;
 
 export const u64 = (doc: string): U64Spec => ({ kind: 'u64', bits: 64, doc });
 export const u32 = (doc: string): U64Spec => ({ kind: 'u64', bits: 32, doc });
 export const bool = (doc: string): BoolSpec => ({ kind: 'bool', doc });
 export const oneOf = (values: readonly (string | number)[], doc: string): EnumSpec => ({ kind: 'enum', values, doc });
 export const int = (min: number, max: number, doc: string): IntSpec => ({ kind: 'int', min, max, doc });
-export const object = (name: string, doc: string, fields: Record<string, Field>): ObjectSpec => ({ kind: 'object', name, doc, fields });
+export const object = (name: string, doc: string, fields: Record<string, Field>): ObjectSpec => ({
+  kind: 'object',
+  name,
+  doc,
+  fields,
+});
 export const array = (items: Spec, doc: string): ArraySpec => ({ kind: 'array', items, doc });
 export const req = (spec: Spec): Field => ({ spec, required: true });
 export const opt = (spec: Spec, dflt?: Json): Field => (dflt === undefined ? { spec } : { spec, default: dflt });

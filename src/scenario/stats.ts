@@ -24,15 +24,61 @@ export interface StatExpect {
 /** Scalar stats of x86 KVM's VM and vCPU stats fds (Linux 6.x), by class. */
 export const STAT_CLASSES = {
   /** Counted per KVM page fault: meaningful where the probe's stats_faults oracle says so. */
-  fault: ['pf_taken', 'pf_fixed', 'pf_emulate', 'pf_spurious', 'pf_fast', 'pf_mmio_spte_created', 'pages_4k', 'pages_2m', 'pages_1g', 'nx_lpage_splits'],
+  fault: [
+    'pf_taken',
+    'pf_fixed',
+    'pf_emulate',
+    'pf_spurious',
+    'pf_fast',
+    'pf_mmio_spte_created',
+    'pages_4k',
+    'pages_2m',
+    'pages_1g',
+    'nx_lpage_splits',
+  ],
   /** The shadow MMU's own counters (and #PFs it injects): meaningful without TDP. */
-  shadow: ['mmu_shadow_zapped', 'mmu_pte_write', 'mmu_pde_zapped', 'mmu_flooded', 'mmu_recycled', 'mmu_cache_miss', 'mmu_unsync', 'pf_guest', 'invlpg', 'max_mmu_rmap_size', 'max_mmu_page_hash_collisions'],
+  shadow: [
+    'mmu_shadow_zapped',
+    'mmu_pte_write',
+    'mmu_pde_zapped',
+    'mmu_flooded',
+    'mmu_recycled',
+    'mmu_cache_miss',
+    'mmu_unsync',
+    'pf_guest',
+    'invlpg',
+    'max_mmu_rmap_size',
+    'max_mmu_page_hash_collisions',
+  ],
   /** Exits, flushes and the rest: wherever the stats fd has them. */
   general: [
-    'remote_tlb_flush', 'remote_tlb_flush_requests', 'tlb_flush', 'exits', 'io_exits', 'mmio_exits', 'signal_exits', 'irq_window_exits',
-    'nmi_window_exits', 'halt_exits', 'request_irq_exits', 'irq_exits', 'host_state_reload', 'fpu_reload', 'insn_emulation',
-    'insn_emulation_fail', 'hypercalls', 'irq_injections', 'nmi_injections', 'req_event', 'l1d_flush', 'notify_window_exits',
-    'halt_successful_poll', 'halt_attempted_poll', 'halt_poll_invalid', 'halt_wakeup', 'blocking',
+    'remote_tlb_flush',
+    'remote_tlb_flush_requests',
+    'tlb_flush',
+    'exits',
+    'io_exits',
+    'mmio_exits',
+    'signal_exits',
+    'irq_window_exits',
+    'nmi_window_exits',
+    'halt_exits',
+    'request_irq_exits',
+    'irq_exits',
+    'host_state_reload',
+    'fpu_reload',
+    'insn_emulation',
+    'insn_emulation_fail',
+    'hypercalls',
+    'irq_injections',
+    'nmi_injections',
+    'req_event',
+    'l1d_flush',
+    'notify_window_exits',
+    'halt_successful_poll',
+    'halt_attempted_poll',
+    'halt_poll_invalid',
+    'halt_wakeup',
+    'blocking',
   ],
 } as const;
 export type StatClass = keyof typeof STAT_CLASSES;
@@ -40,7 +86,8 @@ export type StatClass = keyof typeof STAT_CLASSES;
 export const STAT_NAMES: readonly string[] = Object.values(STAT_CLASSES).flat();
 
 export function statClass(name: string): StatClass | undefined {
-  for (const [c, names] of Object.entries(STAT_CLASSES)) if ((names as readonly string[]).includes(name)) return c as StatClass;
+  for (const [c, names] of Object.entries(STAT_CLASSES))
+    if ((names as readonly string[]).includes(name)) return c as StatClass;
   return undefined;
 }
 
@@ -49,7 +96,8 @@ export const STAT_VALUE_RE = /^(>=|<=|\+|-)?(0|[1-9][0-9]{0,17})$/;
 /** Parses one expectation (a JSON integer or a string of the syntax above); a string result is the error. */
 export function parseStatExpect(v: unknown): StatExpect | string {
   if (typeof v === 'number') {
-    if (!Number.isSafeInteger(v)) return `expected an integer delta or a string like ">=1", "+3" or "-2", got ${JSON.stringify(v)}`;
+    if (!Number.isSafeInteger(v))
+      return `expected an integer delta or a string like ">=1", "+3" or "-2", got ${JSON.stringify(v)}`;
     return { op: '=', delta: BigInt(v) };
   }
   if (typeof v === 'string') {
@@ -84,7 +132,9 @@ export function statNotApplicable(name: string, profile: HostProfile, present: b
     case 'fault':
       return profile.oracles.stats_faults.available ? undefined : `stats_faults: ${profile.oracles.stats_faults.why}`;
     case 'shadow':
-      return profile.tdp.enabled ? `${name} counts shadow-MMU work; this host uses TDP (${profile.tdp.kind})` : undefined;
+      return profile.tdp.enabled
+        ? `${name} counts shadow-MMU work; this host uses TDP (${profile.tdp.kind})`
+        : undefined;
     default:
       return undefined;
   }

@@ -14,6 +14,7 @@ import { PAGE_4K } from '../arch/x86/pte.js';
 import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.js';
 import { array, bool, int, object, oneOf, opt, req, u64, type Field } from './spec.js';
 import type { AccessExpect, MemslotDecl, PteWriteStep, Scenario, Step } from './types.js';
+import { hex } from '../base/units.js';
 
 type Obj = Record<string, unknown>;
 export type Side = Step['side'];
@@ -54,7 +55,6 @@ export interface StepCheck {
   err(path: string, msg: string): void;
 }
 
-export const hex = (v: bigint) => `0x${v.toString(16)}`;
 export const range = (from: bigint, size: bigint) => `[${hex(from)}, ${hex(from + size)})`;
 
 /** The unit of a slot's host memory operations: its backing's page (THP slots are 4K mappings). */
@@ -76,14 +76,32 @@ const CPL = opt(oneOf([0, 3], 'Privilege level of the access.'), 0);
 const EFLAGS_AC = opt(bool('EFLAGS.AC during a CPL 0 access (the SMAP override).'), false);
 const SIZE = opt(oneOf([1, 2, 4, 8], 'Bytes accessed; the access must not cross a 4K page boundary.'), 8);
 const FAULT = opt({ kind: 'fault', doc: 'false: no fault; a number: #PF with this error code.' });
-const PTES = opt(array(object('expected pte', 'An entry value after the step.', { level: req(LEVEL), value: req(u64('Expected 64-bit entry value.')) }), 'Entry values after the step, by level.'));
+const PTES = opt(
+  array(
+    object('expected pte', 'An entry value after the step.', {
+      level: req(LEVEL),
+      value: req(u64('Expected 64-bit entry value.')),
+    }),
+    'Entry values after the step, by level.',
+  ),
+);
 const USER_SLOT = req(int(1, 32767, 'Slot number (a declared user slot).'));
 
 const expectOf = (name: string, fields: Record<string, Field>) =>
-  opt(object(name, 'Expectations that replace the model\'s prediction where given.', fields));
+  opt(object(name, "Expectations that replace the model's prediction where given.", fields));
 
-const guest = (tag: string, doc: string, fields: Record<string, Field>): StepVariant => ({ side: 'guest', tag, doc, fields });
-const host = (tag: string, doc: string, fields: Record<string, Field>): StepVariant => ({ side: 'host', tag, doc, fields });
+const guest = (tag: string, doc: string, fields: Record<string, Field>): StepVariant => ({
+  side: 'guest',
+  tag,
+  doc,
+  fields,
+});
+const host = (tag: string, doc: string, fields: Record<string, Field>): StepVariant => ({
+  side: 'host',
+  tag,
+  doc,
+  fields,
+});
 
 const PTE_CHANGE = {
   gva: GVA,
@@ -106,7 +124,8 @@ function toExpect(o: Obj | undefined): AccessExpect | undefined {
   const e: AccessExpect = {};
   if (o.fault !== undefined) e.fault = o.fault === false ? false : Number(o.fault as bigint);
   if (o.value !== undefined) e.value = o.value as bigint;
-  if (o.ptes !== undefined) e.ptes = (o.ptes as Obj[]).map((p) => ({ level: p.level as number, value: p.value as bigint }));
+  if (o.ptes !== undefined)
+    e.ptes = (o.ptes as Obj[]).map((p) => ({ level: p.level as number, value: p.value as bigint }));
   return e;
 }
 
@@ -148,8 +167,10 @@ function entryError(s: Scenario, gva: bigint, level: number, write: boolean): st
   if (!m) return `no mapping covers ${hex(gva)}, so its level-${level} entry is not known`;
   const leaf = leafLevel(m);
   if (level < leaf) return `${hex(gva)} is mapped by ${pageName(leaf)} pages, which have no level-${level} entry`;
-  if (write && isBringUpEntry(gva, level)) return `the level-${level} entry for ${hex(gva)} is bring-up's; it cannot be written`;
-  if (write && coversReturnGva(gva, level)) return `the level-${level} entry for ${hex(gva)} also covers RETURN_GVA ${hex(RETURN_GVA)}; it cannot be written`;
+  if (write && isBringUpEntry(gva, level))
+    return `the level-${level} entry for ${hex(gva)} is bring-up's; it cannot be written`;
+  if (write && coversReturnGva(gva, level))
+    return `the level-${level} entry for ${hex(gva)} also covers RETURN_GVA ${hex(RETURN_GVA)}; it cannot be written`;
   return undefined;
 }
 
@@ -159,8 +180,10 @@ function logSlotError(c: StepCheck, slot: number): string | undefined {
   const m = c.s.memslots.find((x) => x.slot === slot);
   if (!m) return `memslot ${slot} is not declared in "memslots"`;
   let logging = m.logDirty;
-  for (const x of c.s.steps.slice(0, c.i)) if (x.side === 'host' && x.kind === 'memslot-flags' && x.slot === slot) logging = x.logDirty;
-  if (!logging) return `memslot ${slot} does not log dirty pages here (set "logDirty": true, or turn it on with a memslot-flags step)`;
+  for (const x of c.s.steps.slice(0, c.i))
+    if (x.side === 'host' && x.kind === 'memslot-flags' && x.slot === slot) logging = x.logDirty;
+  if (!logging)
+    return `memslot ${slot} does not log dirty pages here (set "logDirty": true, or turn it on with a memslot-flags step)`;
   return undefined;
 }
 
@@ -209,17 +232,39 @@ function hostRangeErrors(c: StepCheck, st: HostRangeStep): void {
   const p = c.p;
   const unit = st.kind === 'madvise' ? PAGE_4K : BACKING_PAGE[m.backing];
   const what = unit === PAGE_4K ? '4K' : `${m.backing} page (${hex(unit)})`;
-  if (st.offset % unit !== 0n || st.size % unit !== 0n || st.size === 0n) return c.err(p, `offset and size must be ${what} aligned and size non-zero`);
-  if (st.offset + st.size > m.size) return c.err(`${p}.size`, `${hex(st.offset)}+${hex(st.size)} runs past the end of memslot ${st.slot} (${hex(m.size)} bytes)`);
+  if (st.offset % unit !== 0n || st.size % unit !== 0n || st.size === 0n)
+    return c.err(p, `offset and size must be ${what} aligned and size non-zero`);
+  if (st.offset + st.size > m.size)
+    return c.err(
+      `${p}.size`,
+      `${hex(st.offset)}+${hex(st.size)} runs past the end of memslot ${st.slot} (${hex(m.size)} bytes)`,
+    );
   // Pages of the range that an earlier munmap took away (and no remap gave back).
   const unmapped = unmappedBy(c.s.steps.slice(0, c.i), st.slot, st.offset, st.size);
   const bytes = unmapped.reduce((n, [a, b]) => n + (b - a), 0n);
   if (st.kind === 'remap' && bytes !== st.size) {
-    c.err(p, `remap needs the whole range unmapped by earlier munmap steps; ${hex(st.offset)}+${hex(st.size)} of memslot ${st.slot} is not`);
+    c.err(
+      p,
+      `remap needs the whole range unmapped by earlier munmap steps; ${hex(st.offset)}+${hex(st.size)} of memslot ${st.slot} is not`,
+    );
   }
   if (st.kind !== 'remap' && unmapped.length > 0) {
-    c.err(p, `memslot ${st.slot}'s memory at offset ${hex(unmapped[0]![0])} was unmapped by an earlier munmap step (remap it first)`);
+    c.err(
+      p,
+      `memslot ${st.slot}'s memory at offset ${hex(unmapped[0]![0])} was unmapped by an earlier munmap step (remap it first)`,
+    );
   }
+}
+
+/** A kind whose step is a range of a slot's host memory and nothing more (munmap, remap). */
+function rangeKind<S extends Extract<Step, { kind: 'munmap' | 'remap' }>>(kind: S['kind'], doc: string): StepKind<S> {
+  return {
+    variants: [host(kind, doc, HOST_RANGE)],
+    decode: (o) =>
+      ({ side: 'host', kind, slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint }) as S,
+    encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size }),
+    validate: (st, c) => hostRangeErrors(c, st),
+  };
 }
 
 const fits = (size: number) => `${size} byte${size > 1 ? 's' : ''}`;
@@ -233,13 +278,16 @@ const fits = (size: number) => `${size} byte${size > 1 ? 's' : ''}`;
  */
 function reservedAccess(s: Scenario, st: { access: 'read' | 'write' | 'exec'; gva: bigint }): string | undefined {
   if ((st.gva & ~(PAGE_4K - 1n)) === RETURN_GVA) {
-    return `${hex(st.gva)} is in the page of the harness's RETURN_GVA ${hex(RETURN_GVA)}, which stays unmapped `
-      + 'as the way back from CPL 3 (a fault there is taken for that return); use another address';
+    return (
+      `${hex(st.gva)} is in the page of the harness's RETURN_GVA ${hex(RETURN_GVA)}, which stays unmapped ` +
+      'as the way back from CPL 3 (a fault there is taken for that return); use another address'
+    );
   }
   if (st.access === 'read') return undefined;
-  const bringUp = `bring-up memory [0x0, ${hex(LAYOUT.identityEnd)}) `
-    + "(the guest's descriptor tables, handlers, stacks, code and page tables), which a step may read but not "
-    + (st.access === 'write' ? 'write' : 'execute');
+  const bringUp =
+    `bring-up memory [0x0, ${hex(LAYOUT.identityEnd)}) ` +
+    "(the guest's descriptor tables, handlers, stacks, code and page tables), which a step may read but not " +
+    (st.access === 'write' ? 'write' : 'execute');
   if (st.gva < LAYOUT.identityEnd) return `${hex(st.gva)} is in ${bringUp}`;
   const m = mappingAt(s, st.gva);
   const gpa = m ? m.gpa + (st.gva - m.gva) : undefined;
@@ -259,7 +307,11 @@ export const STEP_KINDS: StepKindTable = {
         size: SIZE,
         cpl: CPL,
         eflagsAc: EFLAGS_AC,
-        expect: expectOf('read expect', { fault: FAULT, value: opt(u64('Value read (little-endian, `size` bytes).')), ptes: PTES }),
+        expect: expectOf('read expect', {
+          fault: FAULT,
+          value: opt(u64('Value read (little-endian, `size` bytes).')),
+          ptes: PTES,
+        }),
       }),
       guest('write', 'A store of `value` (`size` bytes) to `gva`.', {
         gva: GVA,
@@ -302,11 +354,18 @@ export const STEP_KINDS: StepKindTable = {
       if (reserved) c.err(`${p}.gva`, reserved);
       if (st.access !== 'exec') {
         const off = st.gva & 0xfffn;
-        if (off + BigInt(st.size) > PAGE_4K) c.err(`${p}.gva`, `${st.size === 8 ? 'an' : 'a'} ${st.size}-byte access at ${hex(st.gva)} crosses a 4K page boundary; split it into two steps`);
+        if (off + BigInt(st.size) > PAGE_4K)
+          c.err(
+            `${p}.gva`,
+            `${st.size === 8 ? 'an' : 'a'} ${st.size}-byte access at ${hex(st.gva)} crosses a 4K page boundary; split it into two steps`,
+          );
         const limit = 1n << BigInt(8 * st.size);
-        if (st.access === 'write' && st.value >= limit) c.err(`${p}.value`, `${hex(st.value)} does not fit in ${fits(st.size)}`);
-        if (st.expect?.value !== undefined && st.expect.value >= limit) c.err(`${p}.expect.value`, `${hex(st.expect.value)} does not fit in ${fits(st.size)}`);
-        if (st.eflagsAc && st.cpl === 3) c.err(`${p}.eflagsAc`, 'EFLAGS.AC overrides SMAP only for CPL 0 accesses; a CPL 3 access is a user access');
+        if (st.access === 'write' && st.value >= limit)
+          c.err(`${p}.value`, `${hex(st.value)} does not fit in ${fits(st.size)}`);
+        if (st.expect?.value !== undefined && st.expect.value >= limit)
+          c.err(`${p}.expect.value`, `${hex(st.expect.value)} does not fit in ${fits(st.size)}`);
+        if (st.eflagsAc && st.cpl === 3)
+          c.err(`${p}.eflagsAc`, 'EFLAGS.AC overrides SMAP only for CPL 0 accesses; a CPL 3 access is a user access');
       }
       st.expect?.ptes?.forEach((e, k) => {
         const why = entryError(c.s, st.gva, e.level, false);
@@ -340,7 +399,10 @@ export const STEP_KINDS: StepKindTable = {
       }),
     ],
     decode: (o) => ({
-      side: 'guest', kind: 'set-cr4', bit: o.bit as 'smep' | 'smap' | 'pke', value: o.value as boolean,
+      side: 'guest',
+      kind: 'set-cr4',
+      bit: o.bit as 'smep' | 'smap' | 'pke',
+      value: o.value as boolean,
     }),
     encode: (s) => ({ guest: 'set-cr4', bit: s.bit, value: s.value }),
     validate() {},
@@ -348,44 +410,67 @@ export const STEP_KINDS: StepKindTable = {
   // Page-table edits are steps of either side: by the guest's own stores, or by the VMM.
   'write-pte': {
     variants: [
-      guest('write-pte', 'The guest rewrites the entry at `level` for `gva` with a store through the identity map (so a shadow MMU sees the write): `value` replaces it, else (old & ~clear) | set.', PTE_CHANGE),
-      host('write-pte', 'The VMM writes the entry at `level` for `gva` (a shadow MMU does not see this write): `value` replaces it, else (old & ~clear) | set.', PTE_CHANGE),
+      guest(
+        'write-pte',
+        'The guest rewrites the entry at `level` for `gva` with a store through the identity map (so a shadow MMU sees the write): `value` replaces it, else (old & ~clear) | set.',
+        PTE_CHANGE,
+      ),
+      host(
+        'write-pte',
+        'The VMM writes the entry at `level` for `gva` (a shadow MMU does not see this write): `value` replaces it, else (old & ~clear) | set.',
+        PTE_CHANGE,
+      ),
     ],
     decode: (o, side) => ({ side, ...pteWrite(o) }),
     encode(s) {
-      const body = s.value !== undefined
-        ? { gva: s.gva, level: s.level, value: s.value }
-        : { gva: s.gva, level: s.level, set: s.set, clear: s.clear };
+      const body =
+        s.value !== undefined
+          ? { gva: s.gva, level: s.level, value: s.value }
+          : { gva: s.gva, level: s.level, set: s.set, clear: s.clear };
       return { [s.side]: s.kind, ...body };
     },
     validate(st, c) {
       const j = c.json;
-      if (j.value !== undefined && (j.set !== undefined || j.clear !== undefined)) c.err(`${c.p}.value`, 'give either "value" or "set"/"clear", not both');
-      if (j.value === undefined && j.set === undefined && j.clear === undefined) c.err(c.p, 'write-pte needs "set", "clear" or "value"');
+      if (j.value !== undefined && (j.set !== undefined || j.clear !== undefined))
+        c.err(`${c.p}.value`, 'give either "value" or "set"/"clear", not both');
+      if (j.value === undefined && j.set === undefined && j.clear === undefined)
+        c.err(c.p, 'write-pte needs "set", "clear" or "value"');
       const why = entryError(c.s, st.gva, st.level, true);
       if (why) c.err(`${c.p}.level`, why);
     },
   },
   'clear-ad': {
     variants: [
-      guest('clear-ad', 'The guest clears A and D in every entry the walk of `gva` reads, with stores through the identity map.', { gva: GVA }),
+      guest(
+        'clear-ad',
+        'The guest clears A and D in every entry the walk of `gva` reads, with stores through the identity map.',
+        { gva: GVA },
+      ),
       host('clear-ad', 'Clears A and D in every entry the walk of `gva` reads.', { gva: GVA }),
     ],
     decode: (o, side) => ({ side, kind: 'clear-ad', gva: o.gva as bigint }),
     encode: (s) => ({ [s.side]: s.kind, gva: s.gva }),
     validate(st, c) {
-      if (!mappingAt(c.s, st.gva)) c.err(`${c.p}.gva`, `no mapping covers ${hex(st.gva)}; clear-ad works on a mapping's entries`);
+      if (!mappingAt(c.s, st.gva))
+        c.err(`${c.p}.gva`, `no mapping covers ${hex(st.gva)}; clear-ad works on a mapping's entries`);
     },
   },
   'get-dirty-log': {
     variants: [
       host('get-dirty-log', "KVM_GET_DIRTY_LOG of a user slot; compared with `expect`, else with the model's pages.", {
         slot: req(int(0, 32767, 'Slot number.')),
-        expect: opt(array(u64('GPA of a page expected dirty.'), 'GPAs of the pages expected dirty (4K aligned, inside the slot).')),
+        expect: opt(
+          array(
+            u64('GPA of a page expected dirty.'),
+            'GPAs of the pages expected dirty (4K aligned, inside the slot).',
+          ),
+        ),
       }),
     ],
     decode: (o) => ({
-      side: 'host', kind: 'get-dirty-log', slot: o.slot as number,
+      side: 'host',
+      kind: 'get-dirty-log',
+      slot: o.slot as number,
       ...(o.expect !== undefined ? { expect: o.expect as bigint[] } : {}),
     }),
     encode: (s) => ({ host: s.kind, slot: s.slot, expect: s.expect }),
@@ -395,12 +480,15 @@ export const STEP_KINDS: StepKindTable = {
       const m = c.s.memslots.find((x) => x.slot === st.slot)!;
       st.expect?.forEach((gpa, k) => {
         if (gpa % PAGE_4K !== 0n) c.err(`${c.p}.expect[${k}]`, `${hex(gpa)} is not 4K aligned`);
-        else if (gpa < m.gpa || gpa >= m.gpa + m.size) c.err(`${c.p}.expect[${k}]`, `${hex(gpa)} is not inside memslot ${m.slot} ${range(m.gpa, m.size)}`);
+        else if (gpa < m.gpa || gpa >= m.gpa + m.size)
+          c.err(`${c.p}.expect[${k}]`, `${hex(gpa)} is not inside memslot ${m.slot} ${range(m.gpa, m.size)}`);
       });
     },
   },
   'clear-dirty-log': {
-    variants: [host('clear-dirty-log', 'KVM_CLEAR_DIRTY_LOG of the whole slot.', { slot: req(int(0, 32767, 'Slot number.')) })],
+    variants: [
+      host('clear-dirty-log', 'KVM_CLEAR_DIRTY_LOG of the whole slot.', { slot: req(int(0, 32767, 'Slot number.')) }),
+    ],
     decode: (o) => ({ side: 'host', kind: 'clear-dirty-log', slot: o.slot as number }),
     encode: (s) => ({ host: s.kind, slot: s.slot }),
     validate(st, c) {
@@ -410,9 +498,13 @@ export const STEP_KINDS: StepKindTable = {
   },
   'memslot-delete': {
     variants: [
-      host('memslot-delete', 'Deletes a user memslot (KVM_SET_USER_MEMORY_REGION with size 0) and frees its host memory; guest accesses to its GPAs then exit as MMIO.', {
-        slot: USER_SLOT,
-      }),
+      host(
+        'memslot-delete',
+        'Deletes a user memslot (KVM_SET_USER_MEMORY_REGION with size 0) and frees its host memory; guest accesses to its GPAs then exit as MMIO.',
+        {
+          slot: USER_SLOT,
+        },
+      ),
     ],
     decode: (o) => ({ side: 'host', kind: 'memslot-delete', slot: o.slot as number }),
     encode: (s) => ({ host: s.kind, slot: s.slot }),
@@ -422,10 +514,14 @@ export const STEP_KINDS: StepKindTable = {
   },
   'memslot-move': {
     variants: [
-      host('memslot-move', "Moves a user memslot to a new GPA, keeping its host memory; the guest's tables still hold the old GPAs.", {
-        slot: USER_SLOT,
-        gpa: req(u64('New guest-physical base (4K aligned, outside [0, 0x400000)).')),
-      }),
+      host(
+        'memslot-move',
+        "Moves a user memslot to a new GPA, keeping its host memory; the guest's tables still hold the old GPAs.",
+        {
+          slot: USER_SLOT,
+          gpa: req(u64('New guest-physical base (4K aligned, outside [0, 0x400000)).')),
+        },
+      ),
     ],
     decode: (o) => ({ side: 'host', kind: 'memslot-move', slot: o.slot as number, gpa: o.gpa as bigint }),
     encode: (s) => ({ host: s.kind, slot: s.slot, gpa: s.gpa }),
@@ -436,28 +532,44 @@ export const STEP_KINDS: StepKindTable = {
       if (st.gpa % PAGE_4K !== 0n) c.err(`${p}.gpa`, `${hex(st.gpa)} is not 4K aligned`);
       else if (st.gpa < 0x400000n) c.err(`${p}.gpa`, `${hex(st.gpa)} is inside bring-up memory [0x0, 0x400000)`);
       else {
-        const clash = c.s.memslots.find((x) => x.slot !== st.slot && st.gpa < x.gpa + x.size && x.gpa < st.gpa + m.size);
-        if (clash) c.err(`${p}.gpa`, `memslot ${st.slot} moved to ${range(st.gpa, m.size)} would overlap memslot ${clash.slot} ${range(clash.gpa, clash.size)}`);
+        const clash = c.s.memslots.find(
+          (x) => x.slot !== st.slot && st.gpa < x.gpa + x.size && x.gpa < st.gpa + m.size,
+        );
+        if (clash)
+          c.err(
+            `${p}.gpa`,
+            `memslot ${st.slot} moved to ${range(st.gpa, m.size)} would overlap memslot ${clash.slot} ${range(clash.gpa, clash.size)}`,
+          );
       }
     },
   },
   'memslot-flags': {
     variants: [
-      host('memslot-flags', "Changes the flags of a user memslot: dirty logging on or off (KVM refuses to change the read-only flag, so `readonly` must stay as declared).", {
-        slot: USER_SLOT,
-        logDirty: opt(bool('KVM_MEM_LOG_DIRTY_PAGES.'), false),
-        readonly: opt(bool('KVM_MEM_READONLY; must equal the declared value.'), false),
-      }),
+      host(
+        'memslot-flags',
+        'Changes the flags of a user memslot: dirty logging on or off (KVM refuses to change the read-only flag, so `readonly` must stay as declared).',
+        {
+          slot: USER_SLOT,
+          logDirty: opt(bool('KVM_MEM_LOG_DIRTY_PAGES.'), false),
+          readonly: opt(bool('KVM_MEM_READONLY; must equal the declared value.'), false),
+        },
+      ),
     ],
     decode: (o) => ({
-      side: 'host', kind: 'memslot-flags', slot: o.slot as number,
-      logDirty: o.logDirty as boolean, readonly: o.readonly as boolean,
+      side: 'host',
+      kind: 'memslot-flags',
+      slot: o.slot as number,
+      logDirty: o.logDirty as boolean,
+      readonly: o.readonly as boolean,
     }),
     encode: (s) => ({ host: s.kind, slot: s.slot, logDirty: s.logDirty, readonly: s.readonly }),
     validate(st, c) {
       const m = liveSlot(c, st.slot);
       if (m && st.readonly !== m.readonly) {
-        c.err(`${c.p}.readonly`, `KVM does not let a memslot's read-only flag change (memslot ${st.slot} is declared ${m.readonly ? 'read-only' : 'writable'}); delete it and declare another`);
+        c.err(
+          `${c.p}.readonly`,
+          `KVM does not let a memslot's read-only flag change (memslot ${st.slot} is declared ${m.readonly ? 'read-only' : 'writable'}); delete it and declare another`,
+        );
       }
     },
   },
@@ -471,32 +583,24 @@ export const STEP_KINDS: StepKindTable = {
       }),
     ],
     decode: (o) => ({
-      side: 'host', kind: 'madvise', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint,
+      side: 'host',
+      kind: 'madvise',
+      slot: o.slot as number,
+      offset: o.offset as bigint,
+      size: o.size as bigint,
       advice: o.advice as 'dontneed' | 'hugepage' | 'nohugepage',
     }),
     encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size, advice: s.advice }),
     validate: (st, c) => hostRangeErrors(c, st),
   },
-  munmap: {
-    variants: [
-      host('munmap', "munmap() of part of a user memslot's host memory; the slot stays, so guest accesses there fail in the host (see docs/scenarios.md for what each host reports).", HOST_RANGE),
-    ],
-    decode: (o) => ({
-      side: 'host', kind: 'munmap', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint,
-    }),
-    encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size }),
-    validate: (st, c) => hostRangeErrors(c, st),
-  },
-  remap: {
-    variants: [
-      host('remap', 'mmap(MAP_FIXED) of fresh memory of the slot\'s backing kind over a range an earlier munmap step took away: anonymous memory comes back zeroed, a memfd with its contents.', HOST_RANGE),
-    ],
-    decode: (o) => ({
-      side: 'host', kind: 'remap', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint,
-    }),
-    encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size }),
-    validate: (st, c) => hostRangeErrors(c, st),
-  },
+  munmap: rangeKind(
+    'munmap',
+    "munmap() of part of a user memslot's host memory; the slot stays, so guest accesses there fail in the host (see docs/scenarios.md for what each host reports).",
+  ),
+  remap: rangeKind(
+    'remap',
+    "mmap(MAP_FIXED) of fresh memory of the slot's backing kind over a range an earlier munmap step took away: anonymous memory comes back zeroed, a memfd with its contents.",
+  ),
   mprotect: {
     variants: [
       host('mprotect', "mprotect() of part of a user memslot's host memory; `read-write` restores it.", {
@@ -505,7 +609,11 @@ export const STEP_KINDS: StepKindTable = {
       }),
     ],
     decode: (o) => ({
-      side: 'host', kind: 'mprotect', slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint,
+      side: 'host',
+      kind: 'mprotect',
+      slot: o.slot as number,
+      offset: o.offset as bigint,
+      size: o.size as bigint,
       prot: o.prot as 'none' | 'read' | 'read-write',
     }),
     encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size, prot: s.prot }),
@@ -513,18 +621,27 @@ export const STEP_KINDS: StepKindTable = {
   },
   'pre-fault': {
     variants: [
-      host('pre-fault', 'KVM_PRE_FAULT_MEMORY of a GPA range: KVM maps it ahead of guest accesses. Not applicable on hosts without KVM_CAP_PRE_FAULT_MEMORY (the step is then skipped and reported so).', {
-        gpa: req(u64('First guest-physical address (4K aligned, inside a user memslot).')),
-        size: req(u64('Bytes (a non-zero multiple of 4K, inside the same memslot).')),
-      }),
+      host(
+        'pre-fault',
+        'KVM_PRE_FAULT_MEMORY of a GPA range: KVM maps it ahead of guest accesses. Not applicable on hosts without KVM_CAP_PRE_FAULT_MEMORY (the step is then skipped and reported so).',
+        {
+          gpa: req(u64('First guest-physical address (4K aligned, inside a user memslot).')),
+          size: req(u64('Bytes (a non-zero multiple of 4K, inside the same memslot).')),
+        },
+      ),
     ],
     decode: (o) => ({ side: 'host', kind: 'pre-fault', gpa: o.gpa as bigint, size: o.size as bigint }),
     encode: (s) => ({ host: s.kind, gpa: s.gpa, size: s.size }),
     validate(st, c) {
       const m = c.s.memslots.find((x) => st.gpa >= x.gpa && st.gpa < x.gpa + x.size);
-      if (st.gpa % PAGE_4K !== 0n || st.size % PAGE_4K !== 0n || st.size === 0n) return c.err(c.p, 'gpa and size must be 4K aligned and size non-zero');
+      if (st.gpa % PAGE_4K !== 0n || st.size % PAGE_4K !== 0n || st.size === 0n)
+        return c.err(c.p, 'gpa and size must be 4K aligned and size non-zero');
       if (!m) return c.err(`${c.p}.gpa`, `${hex(st.gpa)} is not inside a declared user memslot`);
-      if (st.gpa + st.size > m.gpa + m.size) return c.err(`${c.p}.size`, `${range(st.gpa, st.size)} runs past the end of memslot ${m.slot} ${range(m.gpa, m.size)}`);
+      if (st.gpa + st.size > m.gpa + m.size)
+        return c.err(
+          `${c.p}.size`,
+          `${range(st.gpa, st.size)} runs past the end of memslot ${m.slot} ${range(m.gpa, m.size)}`,
+        );
     },
   },
   translate: {
@@ -545,12 +662,15 @@ export const STEP_KINDS: StepKindTable = {
         side: 'host',
         kind: 'translate',
         gva: o.gva as bigint,
-        ...(e ? { expect: { valid: e.valid as boolean, ...(e.gpa !== undefined ? { gpa: e.gpa as bigint } : {}) } } : {}),
+        ...(e
+          ? { expect: { valid: e.valid as boolean, ...(e.gpa !== undefined ? { gpa: e.gpa as bigint } : {}) } }
+          : {}),
       };
     },
     encode: (s) => ({ host: s.kind, gva: s.gva, expect: s.expect }),
     validate(st, c) {
-      if (st.expect && !st.expect.valid && st.expect.gpa !== undefined) c.err(`${c.p}.expect.gpa`, 'an invalid translation has no gpa');
+      if (st.expect && !st.expect.valid && st.expect.gpa !== undefined)
+        c.err(`${c.p}.expect.gpa`, 'an invalid translation has no gpa');
     },
   },
 };

@@ -77,14 +77,30 @@ export interface AccessExpect {
 }
 
 /** Rewrites one page-table entry (by the guest itself when a guest step, by the VMM when a host step). */
-export type PteWriteStep = { kind: 'write-pte'; gva: bigint; level: number; set: bigint; clear: bigint; value?: bigint };
+export type PteWriteStep = {
+  kind: 'write-pte';
+  gva: bigint;
+  level: number;
+  set: bigint;
+  clear: bigint;
+  value?: bigint;
+};
 /** Clears A and D in every entry the walk of `gva` reads. */
 export type ClearAdStep = { kind: 'clear-ad'; gva: bigint };
 
 export type GuestStep =
   | PteWriteStep
   | ClearAdStep
-  | { kind: 'access'; access: AccessKind; gva: bigint; size: 1 | 2 | 4 | 8; cpl: 0 | 3; value: bigint; eflagsAc: boolean; expect?: AccessExpect }
+  | {
+      kind: 'access';
+      access: AccessKind;
+      gva: bigint;
+      size: 1 | 2 | 4 | 8;
+      cpl: 0 | 3;
+      value: bigint;
+      eflagsAc: boolean;
+      expect?: AccessExpect;
+    }
   | { kind: 'invlpg'; gva: bigint }
   | { kind: 'reload-cr3' }
   | { kind: 'set-cr0-wp'; value: boolean }

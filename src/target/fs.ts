@@ -1,32 +1,24 @@
-// The file-system view of a target: this host's own files, or another
-// machine's, reached through whatever carries its system calls. The probe
+// This host's files as a target's file-system view (HostFs, kvm/target.ts);
+// another machine's are reached through whatever carries its system calls. The probe
 // reads sysfs through it, tracefs sessions are driven through it, and
 // Memslot.hugeBytes reads /proc/self/smaps of the process that holds guest
 // memory through it; nothing else uses it.
 import { execFileSync } from 'node:child_process';
-import { closeSync, constants, existsSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmdirSync, statSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  constants,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  rmdirSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { arch } from 'node:os';
-
-export interface HostFs {
-  /** Node-style architecture name of the KVM host ('x64', 'arm64'). */
-  arch(): string;
-  /** Effective uid on the KVM host. */
-  uid(): number;
-  /** File contents, or undefined when the file cannot be read. */
-  read(path: string): string | undefined;
-  write(path: string, data: string): void;
-  exists(path: string): boolean;
-  mkdir(path: string): void;
-  rmdir(path: string): void;
-  /** The group id that owns a file, or undefined when it cannot be found (the permission hint names the group). */
-  gidOf?(path: string): number | undefined;
-  /** Entries of a directory ([] when it cannot be read). */
-  list(path: string): string[];
-  /** mount -t tracefs nodev PATH */
-  mountTracefs(path: string): void;
-  /** The kernel's message buffer as /dev/kmsg gives it (read without waiting), or undefined when it cannot be read. */
-  kernelLog?(): string | undefined;
-}
+import type { HostFs } from '../kvm/target.js';
 
 const O_NONBLOCK = 0o4000; // the same on x86-64 and arm64
 
@@ -80,7 +72,10 @@ export const localFs: HostFs = {
       execFileSync('mount', ['-t', 'tracefs', 'nodev', path], { stdio: 'pipe' });
     } catch (e) {
       // What mount said (e.g. "permission denied"), not "Command failed: ...".
-      const said = String((e as { stderr?: unknown }).stderr ?? '').trim().split('\n').pop();
+      const said = String((e as { stderr?: unknown }).stderr ?? '')
+        .trim()
+        .split('\n')
+        .pop();
       throw new Error(`mount -t tracefs on ${path} failed: ${said || (e as Error).message.split('\n')[0]}`);
     }
   },

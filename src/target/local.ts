@@ -3,7 +3,7 @@
 import { ThreadRunner } from '../kvm/runner.js';
 import { localAddon } from '../kvm/sys.js';
 import { localFs } from './fs.js';
-import type { Target } from './target.js';
+import type { Target } from '../kvm/target.js';
 
 export const localTarget: Target = {
   name: 'local',

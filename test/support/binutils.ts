@@ -15,11 +15,19 @@ export const hexBytes = (b: ArrayLike<number>) => Array.from(b, (x) => x.toStrin
  * run of as (`asArgs` before `-o`), in `dir`: each case's bytes, and what as
  * warned.
  */
-export function assembleCases(run: Tool, dir: string, header: string[], sources: string[], asArgs: string[] = []): { bytes: Uint8Array[]; warnings: string } {
+export function assembleCases(
+  run: Tool,
+  dir: string,
+  header: string[],
+  sources: string[],
+  asArgs: string[] = [],
+): { bytes: Uint8Array[]; warnings: string } {
   const src = [...header];
   sources.forEach((s, i) => src.push(`c${i}:`, s));
   src.push(`c${sources.length}:`, '');
-  const s = join(dir, 'cases.s'), o = join(dir, 'cases.o'), bin = join(dir, 'cases.bin');
+  const s = join(dir, 'cases.s'),
+    o = join(dir, 'cases.o'),
+    bin = join(dir, 'cases.bin');
   writeFileSync(s, src.join('\n'));
   const warnings = run('as', [...asArgs, '-o', o, s]);
   run('objcopy', ['-O', 'binary', '-j', '.text', o, bin]);
@@ -37,7 +45,11 @@ export function assembleCases(run: Tool, dir: string, header: string[], sources:
  * where each case starts and ends. A case the encoder rejects has no bytes
  * (byteMismatches reports it).
  */
-export function encodeAll<C>(dir: string, cases: C[], encode: (k: C) => Uint8Array): { file: string; ranges: [number, number][]; total: number } {
+export function encodeAll<C>(
+  dir: string,
+  cases: C[],
+  encode: (k: C) => Uint8Array,
+): { file: string; ranges: [number, number][]; total: number } {
   const parts = cases.map((k) => {
     try {
       return encode(k);
@@ -59,7 +71,11 @@ export function encodeAll<C>(dir: string, cases: C[], encode: (k: C) => Uint8Arr
 }
 
 /** Differences between the encoder and as for these cases. */
-export function byteMismatches<C extends { text: string }>(cases: C[], asBytes: Map<C, Uint8Array>, encode: (k: C) => Uint8Array): string[] {
+export function byteMismatches<C extends { text: string }>(
+  cases: C[],
+  asBytes: Map<C, Uint8Array>,
+  encode: (k: C) => Uint8Array,
+): string[] {
   return cases.flatMap((k) => {
     const want = hexBytes(asBytes.get(k)!);
     let got: string;
@@ -77,12 +93,15 @@ export function byteMismatches<C extends { text: string }>(cases: C[], asBytes: 
  * encoder's, and objdump's reading of the encoder's bytes against the case
  * texts (of the cases `disassembled` keeps: data has no reading).
  */
-export function describeComparisons<C>(groups: Map<string, C[]>, o: {
-  warnings: () => string;
-  byteMismatches: (cases: C[]) => string[];
-  disasmMismatches: (cases: C[]) => string[];
-  disassembled?: (k: C) => boolean;
-}): void {
+export function describeComparisons<C>(
+  groups: Map<string, C[]>,
+  o: {
+    warnings: () => string;
+    byteMismatches: (cases: C[]) => string[];
+    disasmMismatches: (cases: C[]) => string[];
+    disassembled?: (k: C) => boolean;
+  },
+): void {
   describe('encoder bytes equal GNU as bytes', () => {
     it('as assembles the case texts without warnings', () => {
       expect(o.warnings()).toBe('');

@@ -16,14 +16,30 @@
  * and bad register numbers throw a RangeError naming the instruction and the
  * value.
  */
+import { signedHex as hex } from '../../base/units.js';
 
 /** A general-purpose register number 0..30; 31 means xzr/wzr or sp, per instruction. */
 export type XReg = number;
 
 /** Condition codes (the cond field of B.cond), with the usual aliases. */
 const CONDS = {
-  eq: 0, ne: 1, cs: 2, hs: 2, cc: 3, lo: 3, mi: 4, pl: 5, vs: 6, vc: 7,
-  hi: 8, ls: 9, ge: 10, lt: 11, gt: 12, le: 13, al: 14,
+  eq: 0,
+  ne: 1,
+  cs: 2,
+  hs: 2,
+  cc: 3,
+  lo: 3,
+  mi: 4,
+  pl: 5,
+  vs: 6,
+  vc: 7,
+  hi: 8,
+  ls: 9,
+  ge: 10,
+  lt: 11,
+  gt: 12,
+  le: 13,
+  al: 14,
 } as const;
 export type Cond = keyof typeof CONDS;
 
@@ -37,8 +53,14 @@ export interface SysRegEncoding {
 }
 
 type Named = SysRegEncoding & { readonly?: true };
-const sr = (op0: 2 | 3, op1: number, crn: number, crm: number, op2: number, readonly?: true): Named =>
-  ({ op0, op1, crn, crm, op2, ...(readonly ? { readonly } : {}) });
+const sr = (op0: 2 | 3, op1: number, crn: number, crm: number, op2: number, readonly?: true): Named => ({
+  op0,
+  op1,
+  crn,
+  crm,
+  op2,
+  ...(readonly ? { readonly } : {}),
+});
 
 /** Named system registers; `readonly` ones are rejected by msr. */
 const SYSREGS = {
@@ -105,14 +127,10 @@ type PcRelKind = keyof typeof PCREL;
 
 type Fixup = { index: number; label: Label; kind: PcRelKind; insn: string };
 
-const hex = (v: bigint | number): string => {
-  const b = BigInt(v);
-  return b < 0n ? `-0x${(-b).toString(16)}` : `0x${b.toString(16)}`;
-};
-
 /** An integer in lo..hi, or a RangeError naming the instruction, the operand and the value. */
 function int(insn: string, what: string, v: number, lo: number, hi: number, fmt: (x: number) => string = hex): number {
-  if (typeof v !== 'number' || !Number.isInteger(v)) throw new RangeError(`${insn}: ${what} ${String(v)} is not an integer`);
+  if (typeof v !== 'number' || !Number.isInteger(v))
+    throw new RangeError(`${insn}: ${what} ${String(v)} is not an integer`);
   if (v < lo || v > hi) throw new RangeError(`${insn}: ${what} ${fmt(v)} out of range ${fmt(lo)}..${fmt(hi)}`);
   return v;
 }
@@ -141,8 +159,12 @@ const MOVE_WIDE = { movn: 0x1280_0000, movz: 0x5280_0000, movk: 0x7280_0000 } as
 const ADDSUB_IMM = { add: 0x1100_0000, sub: 0x5100_0000, subs: 0x7100_0000 } as const;
 /** Add/subtract and logical (shifted register) opcodes with sf = 0, shift LSL #0. */
 const REG3 = {
-  add: 0x0b00_0000, sub: 0x4b00_0000, subs: 0x6b00_0000,
-  and: 0x0a00_0000, orr: 0x2a00_0000, eor: 0x4a00_0000,
+  add: 0x0b00_0000,
+  sub: 0x4b00_0000,
+  subs: 0x6b00_0000,
+  and: 0x0a00_0000,
+  orr: 0x2a00_0000,
+  eor: 0x4a00_0000,
 } as const;
 
 export class A64 {
@@ -223,9 +245,12 @@ export class A64 {
   /** The field bits for a byte displacement, range-checked. */
   private pcrel(kind: PcRelKind, delta: number, l: Label, insn: string): number {
     const { shift, bits, scale } = PCREL[kind];
-    const lo = -(2 ** (bits - 1)) * scale, hi = (2 ** (bits - 1) - 1) * scale;
+    const lo = -(2 ** (bits - 1)) * scale,
+      hi = (2 ** (bits - 1) - 1) * scale;
     if (delta < lo || delta > hi) {
-      throw new RangeError(`${insn}: label '${l.name}' at offset ${hex(delta)} from the instruction, out of range ${hex(lo)}..${hex(hi)}`);
+      throw new RangeError(
+        `${insn}: label '${l.name}' at offset ${hex(delta)} from the instruction, out of range ${hex(lo)}..${hex(hi)}`,
+      );
     }
     const imm = (delta / scale) & (2 ** bits - 1);
     if (kind === 'adr') return ((imm & 3) << 29) | ((imm >>> 2) << 5);
@@ -238,7 +263,9 @@ export class A64 {
     for (const f of this.fixups) {
       const at = this.labels.get(f.label);
       if (at === undefined) {
-        throw new Error(`bytes: label '${f.label.name}' is not bound (used by ${f.insn} at offset ${hex(f.index * 4)})`);
+        throw new Error(
+          `bytes: label '${f.label.name}' is not bound (used by ${f.insn} at offset ${hex(f.index * 4)})`,
+        );
       }
       words[f.index] = (words[f.index]! | this.pcrel(f.kind, at - f.index * 4, f.label, f.insn)) >>> 0;
     }
@@ -286,13 +313,17 @@ export class A64 {
       throw new RangeError(`mov64: value ${String(value)} is not an integer in the safe range (use a bigint)`);
     }
     const v = BigInt(value);
-    if (v < -(1n << 63n) || v >= 1n << 64n) throw new RangeError(`mov64: value ${hex(v)} out of range -0x8000000000000000..0xffffffffffffffff`);
+    if (v < -(1n << 63n) || v >= 1n << 64n)
+      throw new RangeError(`mov64: value ${hex(v)} out of range -0x8000000000000000..0xffffffffffffffff`);
     reg('mov64', 'rd', rd);
     const u = BigInt.asUintN(64, v);
     const chunks = [0, 1, 2, 3].map((i) => Number((u >> BigInt(16 * i)) & 0xffffn));
     const inverted = chunks.filter((c) => c === 0xffff).length > chunks.filter((c) => c === 0).length;
     const fill = inverted ? 0xffff : 0;
-    const first = Math.max(0, chunks.findIndex((c) => c !== fill));
+    const first = Math.max(
+      0,
+      chunks.findIndex((c) => c !== fill),
+    );
     const hw = (i: number) => (i * 16) as 0 | 16 | 32 | 48;
     if (inverted) this.movn(rd, ~chunks[first]! & 0xffff, hw(first));
     else this.movz(rd, chunks[first]!, hw(first));
@@ -309,8 +340,17 @@ export class A64 {
 
   // ---- arithmetic and logic --------------------------------------------------
 
-  private addSubImm(insn: keyof typeof ADDSUB_IMM, rd: XReg, rn: XReg, imm12: number, shift12: boolean, sf: boolean, name: string = insn): this {
-    const d = reg(name, 'rd', rd), n = reg(name, 'rn', rn);
+  private addSubImm(
+    insn: keyof typeof ADDSUB_IMM,
+    rd: XReg,
+    rn: XReg,
+    imm12: number,
+    shift12: boolean,
+    sf: boolean,
+    name: string = insn,
+  ): this {
+    const d = reg(name, 'rd', rd),
+      n = reg(name, 'rn', rn);
     const imm = int(name, 'imm12', imm12, 0, 0xfff);
     const sh = bool(name, 'shift12', shift12) ? 1 << 22 : 0;
     return this.emit(ADDSUB_IMM[insn] | sfBit(name, sf) | sh | (imm << 10) | (n << 5) | d);
@@ -337,7 +377,9 @@ export class A64 {
   }
 
   private reg3(insn: keyof typeof REG3, rd: XReg, rn: XReg, rm: XReg, sf: boolean, name: string = insn): this {
-    const d = reg(name, 'rd', rd), n = reg(name, 'rn', rn), m = reg(name, 'rm', rm);
+    const d = reg(name, 'rd', rd),
+      n = reg(name, 'rn', rn),
+      m = reg(name, 'rm', rm);
     return this.emit(REG3[insn] | sfBit(name, sf) | (m << 16) | (n << 5) | d);
   }
 
@@ -378,7 +420,8 @@ export class A64 {
 
   /** `ubfm rd, rn, #immr, #imms` (N = sf): the bitfield move under lsl and lsr. */
   private ubfm(name: string, rd: XReg, rn: XReg, immr: number, imms: number, sf: boolean): this {
-    const d = reg(name, 'rd', rd), n = reg(name, 'rn', rn);
+    const d = reg(name, 'rd', rd),
+      n = reg(name, 'rn', rn);
     const wide = sfBit(name, sf);
     return this.emit(0x5300_0000 | wide | (wide ? 1 << 22 : 0) | (immr << 16) | (imms << 10) | (n << 5) | d);
   }
@@ -408,16 +451,21 @@ export class A64 {
   /** The unsigned scaled 12-bit offset form: 0..4095*size, a multiple of size. */
   private ldst(load: boolean, size: 1 | 2 | 4 | 8, rt: XReg, rn: XReg, imm: number): this {
     const name = this.ldstName(load, size);
-    const t = reg(name, 'rt', rt), n = reg(name, 'rn', rn);
+    const t = reg(name, 'rt', rt),
+      n = reg(name, 'rn', rn);
     const off = int(name, 'offset', imm, 0, 0xfff * size);
     if (off % size !== 0) throw new RangeError(`${name}: offset ${hex(off)} is not a multiple of ${size}`);
-    return this.emit(0x3900_0000 | (LDST_SIZE[size]! << 30) | (load ? 1 << 22 : 0) | ((off / size) << 10) | (n << 5) | t);
+    return this.emit(
+      0x3900_0000 | (LDST_SIZE[size]! << 30) | (load ? 1 << 22 : 0) | ((off / size) << 10) | (n << 5) | t,
+    );
   }
 
   /** The register-offset form `[rn, rm]` (LSL #0). */
   private ldstReg(load: boolean, size: 1 | 2 | 4 | 8, rt: XReg, rn: XReg, rm: XReg): this {
     const name = this.ldstName(load, size);
-    const t = reg(name, 'rt', rt), n = reg(name, 'rn', rn), m = reg(name, 'rm', rm);
+    const t = reg(name, 'rt', rt),
+      n = reg(name, 'rn', rn),
+      m = reg(name, 'rm', rm);
     return this.emit(0x3820_6800 | (LDST_SIZE[size]! << 30) | (load ? 1 << 22 : 0) | (m << 16) | (n << 5) | t);
   }
 
@@ -555,7 +603,10 @@ export class A64 {
     let e: SysRegEncoding;
     if (typeof r === 'string') {
       const named = Object.hasOwn(SYSREGS, r) ? (SYSREGS[r] as Named) : undefined;
-      if (!named) throw new RangeError(`${insn}: unknown system register '${r}' (name one of ${SYSREG_NAMES.join(', ')} or give {op0, op1, crn, crm, op2})`);
+      if (!named)
+        throw new RangeError(
+          `${insn}: unknown system register '${r}' (name one of ${SYSREG_NAMES.join(', ')} or give {op0, op1, crn, crm, op2})`,
+        );
       if (write && named.readonly) throw new RangeError(`${insn}: system register ${r} is read-only`);
       e = named;
     } else if (typeof r === 'object' && r !== null) {

@@ -24,5 +24,7 @@ export function decodeAbort(esr: bigint): Abort | undefined {
   const access: AbortAccess = ec === EC.IABT_LOW ? 'exec' : (esr >> 6n) & 1n ? 'write' : 'read';
   const kinds: Record<number, string> = { 0b0001: 'translation', 0b0010: 'access flag', 0b0011: 'permission' };
   const kind = kinds[fsc >> 2];
-  return kind ? { access, fault: kind, level: fsc & 3 } : { access, fault: `fsc 0x${fsc.toString(16)}`, level: undefined };
+  return kind
+    ? { access, fault: kind, level: fsc & 3 }
+    : { access, fault: `fsc 0x${fsc.toString(16)}`, level: undefined };
 }

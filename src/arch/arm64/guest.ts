@@ -79,7 +79,12 @@ export class Arm64Guest {
     const vm = kvm.createVm();
     try {
       // 4 KiB host pages: stage-2 maps the code page by page, as checks expect.
-      const code = vm.addMemslot({ slot: 0, gpa: LAYOUT.code, size: LAYOUT.codeSize, backing: { kind: 'anon', thp: false } });
+      const code = vm.addMemslot({
+        slot: 0,
+        gpa: LAYOUT.code,
+        size: LAYOUT.codeSize,
+        backing: { kind: 'anon', thp: false },
+      });
       const target = preferredTarget(vm);
       const vcpu = vm.createVcpu(0);
       vcpuInit(vcpu, target);

@@ -12,26 +12,66 @@
  * when it fits and disp32 otherwise, disp8 = 0 for an rbp/r13 base, a SIB byte
  * for an rsp/r12 base and SIB with no base for absolute addresses.
  */
+import { signedHex as hex } from '../../base/units.js';
 
 /** General-purpose registers in encoding order: the index is the register number. */
 const REGS = [
-  'rax', 'rcx', 'rdx', 'rbx', 'rsp', 'rbp', 'rsi', 'rdi',
-  'r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15',
+  'rax',
+  'rcx',
+  'rdx',
+  'rbx',
+  'rsp',
+  'rbp',
+  'rsi',
+  'rdi',
+  'r8',
+  'r9',
+  'r10',
+  'r11',
+  'r12',
+  'r13',
+  'r14',
+  'r15',
 ] as const;
 
 export type Reg64 = (typeof REGS)[number];
 export type Size = 1 | 2 | 4 | 8;
 export type Scale = 1 | 2 | 4 | 8;
 /** A memory operand: `[base + index*scale + disp]`, or `[rip + label + disp]`. */
-export type Mem =
-  | { base?: Reg64; index?: Reg64; scale?: Scale; disp?: number }
-  | { rip: string; disp?: number };
+export type Mem = { base?: Reg64; index?: Reg64; scale?: Scale; disp?: number } | { rip: string; disp?: number };
 
 /** Condition codes (the low nibble of Jcc/SETcc/CMOVcc), with the usual aliases. */
 const CONDS = {
-  o: 0, no: 1, b: 2, c: 2, nae: 2, ae: 3, nb: 3, nc: 3, e: 4, z: 4, ne: 5, nz: 5,
-  be: 6, na: 6, a: 7, nbe: 7, s: 8, ns: 9, p: 10, pe: 10, np: 11, po: 11,
-  l: 12, nge: 12, ge: 13, nl: 13, le: 14, ng: 14, g: 15, nle: 15,
+  o: 0,
+  no: 1,
+  b: 2,
+  c: 2,
+  nae: 2,
+  ae: 3,
+  nb: 3,
+  nc: 3,
+  e: 4,
+  z: 4,
+  ne: 5,
+  nz: 5,
+  be: 6,
+  na: 6,
+  a: 7,
+  nbe: 7,
+  s: 8,
+  ns: 9,
+  p: 10,
+  pe: 10,
+  np: 11,
+  po: 11,
+  l: 12,
+  nge: 12,
+  ge: 13,
+  nl: 13,
+  le: 14,
+  ng: 14,
+  g: 15,
+  nle: 15,
 } as const;
 export type Cond = keyof typeof CONDS;
 
@@ -65,7 +105,10 @@ const ALU = { add: 0, or: 1, adc: 2, sbb: 3, and: 4, sub: 5, xor: 6, cmp: 7 } as
 const SHIFT = { rol: 0, ror: 1, rcl: 2, rcr: 3, shl: 4, shr: 5, sar: 7 } as const;
 /** One-operand group-3/group-5 forms: opcode and ModRM.reg extension. */
 const UNARY = {
-  inc: [0xff, 0], dec: [0xff, 1], not: [0xf7, 2], neg: [0xf7, 3],
+  inc: [0xff, 0],
+  dec: [0xff, 1],
+  not: [0xf7, 2],
+  neg: [0xf7, 3],
 } as const satisfies Record<string, readonly [number, number]>;
 /** Bit tests: 0F BA /ext ib, or 0F (A3 + 8*(ext-4)) /r with the bit index in a register. */
 const BITTEST = { bt: 4, bts: 5, btr: 6, btc: 7 } as const;
@@ -145,11 +188,6 @@ function anyInt(bits: number): readonly [bigint, bigint] {
   return [-(1n << BigInt(bits - 1)), (1n << BigInt(bits)) - 1n];
 }
 
-function hex(v: bigint | number): string {
-  const b = BigInt(v);
-  return b < 0n ? `-0x${(-b).toString(16)}` : `0x${b.toString(16)}`;
-}
-
 /** Convert to bigint, rejecting non-integers and numbers that lost precision. */
 function toBig(v: number | bigint, what: string): bigint {
   if (typeof v === 'bigint') return v;
@@ -219,12 +257,13 @@ function modrm(reg: number, rm: number | Mem): ModRM {
   const base = rm.base === undefined ? undefined : regNum(rm.base);
   const index = rm.index === undefined ? undefined : regNum(rm.index);
   if (index === 4) throw new Error('rsp cannot be an index register');
-  if (rm.scale !== undefined && index === undefined) throw new Error(`scale ${rm.scale} given without an index register`);
+  if (rm.scale !== undefined && index === undefined)
+    throw new Error(`scale ${rm.scale} given without an index register`);
   const ss = SCALE_BITS[rm.scale ?? 1];
   if (ss === undefined) throw new Error(`invalid scale ${String(rm.scale)} (expected 1, 2, 4 or 8)`);
   // SIB.index = 100 with REX.X = 0 means "no index".
   const sibIndex = index === undefined ? 4 : index & 7;
-  const rex = rexR | ((index ?? 0) >> 3) << 1 | ((base ?? 0) >> 3);
+  const rex = rexR | (((index ?? 0) >> 3) << 1) | ((base ?? 0) >> 3);
   const dispBytes = (size: number) => le(BigInt(disp), size);
 
   if (base === undefined) {
@@ -268,7 +307,8 @@ export class Asm {
 
   constructor(opts: { origin?: number } = {}) {
     const origin = opts.origin ?? 0;
-    if (!Number.isSafeInteger(origin) || origin < 0) throw new Error(`origin ${String(origin)} must be a non-negative safe integer`);
+    if (!Number.isSafeInteger(origin) || origin < 0)
+      throw new Error(`origin ${String(origin)} must be a non-negative safe integer`);
     this.origin = origin;
   }
 
@@ -296,13 +336,13 @@ export class Asm {
     for (const f of this.fixups) {
       const target = this.offsets.get(f.label);
       if (target === undefined) throw new Error(`unknown label '${f.label}'`);
-      const v = f.pcrel
-        ? BigInt(target + f.addend - f.end)
-        : BigInt(this.origin + target + f.addend);
-      const range = f.pcrel ? (f.size === 1 ? S8 : S32) : (f.size === 4 ? U32 : anyInt(64));
+      const v = f.pcrel ? BigInt(target + f.addend - f.end) : BigInt(this.origin + target + f.addend);
+      const range = f.pcrel ? (f.size === 1 ? S8 : S32) : f.size === 4 ? U32 : anyInt(64);
       if (!fits(v, range)) {
         const kind = f.pcrel ? `rel${f.size * 8} displacement` : `${f.size * 8}-bit address`;
-        throw new Error(`label '${f.label}' out of range: ${kind} ${hex(v)} does not fit ${hex(range[0])}..${hex(range[1])}`);
+        throw new Error(
+          `label '${f.label}' out of range: ${kind} ${hex(v)} does not fit ${hex(range[0])}..${hex(range[1])}`,
+        );
       }
       code.set(le(v, f.size), f.at);
     }
@@ -327,7 +367,8 @@ export class Asm {
     const head = [...(i.pfx ?? []), ...(needRex ? [0x40 | rex] : []), ...op];
     const body = m?.bytes ?? [];
     const imm = i.imm;
-    const immBytes = imm === undefined ? [] : 'value' in imm ? le(imm.value, imm.size) : new Array<number>(imm.size).fill(0);
+    const immBytes =
+      imm === undefined ? [] : 'value' in imm ? le(imm.value, imm.size) : new Array<number>(imm.size).fill(0);
     this.buf.push(...head, ...body, ...immBytes);
     const end = this.buf.length;
     if (m?.rip) {
@@ -361,7 +402,8 @@ export class Asm {
 
   private bitTest(ext: number, dst: Reg64, bit: number | Reg64): this {
     const d = regNum(dst);
-    if (typeof bit !== 'number') return this.emit({ w: true, op: [0x0f, 0xa3 + 8 * (ext - 4)], reg: regNum(bit), rm: d });
+    if (typeof bit !== 'number')
+      return this.emit({ w: true, op: [0x0f, 0xa3 + 8 * (ext - 4)], reg: regNum(bit), rm: d });
     const n = checked(bit, [0n, 63n], 'bit index');
     return this.emit({ w: true, op: [0x0f, 0xba], reg: ext, rm: d, imm: { value: n, size: 1 } });
   }
@@ -385,7 +427,8 @@ export class Asm {
     const d = regNum(dst);
     const v = BigInt.asUintN(64, checked(imm, [-(1n << 63n), (1n << 64n) - 1n], 'immediate'));
     if (v <= U32[1]) return this.emit({ op: [0xb8], opReg: d, imm: { value: v, size: 4 } });
-    if (fits(BigInt.asIntN(64, v), S32)) return this.emit({ w: true, op: [0xc7], reg: 0, rm: d, imm: { value: v, size: 4 } });
+    if (fits(BigInt.asIntN(64, v), S32))
+      return this.emit({ w: true, op: [0xc7], reg: 0, rm: d, imm: { value: v, size: 4 } });
     return this.emit({ w: true, op: [0xb8], opReg: d, imm: { value: v, size: 8 } });
   }
 
@@ -412,7 +455,14 @@ export class Asm {
   storeImm(size: Size, m: Mem, imm: number | bigint): this {
     const s = this.sized(size, 'storeImm');
     const value = checked(imm, size === 8 ? S32 : anyInt(size * 8), `${size}-byte store immediate`);
-    return this.emit({ pfx: s.pfx, w: s.w, op: [0xc6 | s.wbit], reg: 0, rm: m, imm: { value, size: size === 8 ? 4 : size } });
+    return this.emit({
+      pfx: s.pfx,
+      w: s.w,
+      op: [0xc6 | s.wbit],
+      reg: 0,
+      rm: m,
+      imm: { value, size: size === 8 ? 4 : size },
+    });
   }
 
   lea(dst: Reg64, m: Mem): this {
@@ -444,7 +494,9 @@ export class Asm {
   push(src: Reg64 | number): this {
     if (typeof src !== 'number') return this.emit({ op: [0x50], opReg: regNum(src) });
     const value = checked(src, S32, 'immediate');
-    return fits(value, S8) ? this.emit({ op: [0x6a], imm: { value, size: 1 } }) : this.emit({ op: [0x68], imm: { value, size: 4 } });
+    return fits(value, S8)
+      ? this.emit({ op: [0x6a], imm: { value, size: 1 } })
+      : this.emit({ op: [0x68], imm: { value, size: 4 } });
   }
 
   pop(dst: Reg64): this {
@@ -461,7 +513,8 @@ export class Asm {
   }
 
   private rel(label: string, size: 1 | 4): LabelRef {
-    if (typeof label !== 'string' || label === '') throw new Error(`branch target must be a label name, got ${String(label)}`);
+    if (typeof label !== 'string' || label === '')
+      throw new Error(`branch target must be a label name, got ${String(label)}`);
     return { label, addend: 0, pcrel: true, size };
   }
 
@@ -498,7 +551,8 @@ export class Asm {
   }
 
   private cr(cr: Cr): number {
-    if (!CRS.includes(cr)) throw new Error(`invalid control register cr${String(cr)} (expected ${CRS.map((c) => `cr${c}`).join(', ')})`);
+    if (!CRS.includes(cr))
+      throw new Error(`invalid control register cr${String(cr)} (expected ${CRS.map((c) => `cr${c}`).join(', ')})`);
     return cr;
   }
 
@@ -513,7 +567,8 @@ export class Asm {
   }
 
   private seg(seg: Seg, allowed: readonly Seg[]): number {
-    if (!allowed.includes(seg)) throw new Error(`invalid segment register '${String(seg)}' (expected ${allowed.join(', ')})`);
+    if (!allowed.includes(seg))
+      throw new Error(`invalid segment register '${String(seg)}' (expected ${allowed.join(', ')})`);
     return SEGS[seg];
   }
 
@@ -603,7 +658,8 @@ export class Asm {
 
   /** Pad with `fill` until the address (origin + offset) is a multiple of n (a power of two). */
   align(n: number, fill = 0x90): this {
-    if (!Number.isSafeInteger(n) || n <= 0 || (n & (n - 1)) !== 0) throw new Error(`align: ${String(n)} is not a power of two`);
+    if (!Number.isSafeInteger(n) || n <= 0 || (n & (n - 1)) !== 0)
+      throw new Error(`align: ${String(n)} is not a power of two`);
     const f = Number(checked(fill, [0n, 255n], 'align fill byte'));
     while (this.pc % n !== 0) this.buf.push(f);
     return this;
@@ -616,29 +672,57 @@ export class Asm {
     const define = (names: object, make: (name: string) => unknown) => {
       for (const name of Object.keys(names)) proto[name] = make(name);
     };
-    define(ALU, (n) => function (this: Asm, dst: Reg64, src: Reg64 | number) {
-      return this.alu(ALU[n as keyof typeof ALU], dst, src);
-    });
-    define(SHIFT, (n) => function (this: Asm, dst: Reg64, count: number | 'cl') {
-      return this.shift(SHIFT[n as keyof typeof SHIFT], dst, count);
-    });
-    define(UNARY, (n) => function (this: Asm, dst: Reg64) {
-      const [op, ext] = UNARY[n as keyof typeof UNARY];
-      return this.emit({ w: true, op: [op], reg: ext, rm: regNum(dst) });
-    });
-    define(BITTEST, (n) => function (this: Asm, dst: Reg64, bit: number | Reg64) {
-      return this.bitTest(BITTEST[n as keyof typeof BITTEST], dst, bit);
-    });
-    define(SYSMEM, (n) => function (this: Asm, m: Mem) {
-      if (typeof m !== 'object' || m === null) throw new Error(`${n} takes a memory operand`);
-      return this.emit({ op: [0x0f, 0x01], reg: SYSMEM[n as keyof typeof SYSMEM], rm: m });
-    });
-    define(SYSREG16, (n) => function (this: Asm, r: Reg64) {
-      return this.emit({ op: [0x0f, 0x00], reg: SYSREG16[n as keyof typeof SYSREG16], rm: regNum(r) });
-    });
-    define(FIXED, (n) => function (this: Asm) {
-      return this.fixed(FIXED[n as keyof typeof FIXED]);
-    });
+    define(
+      ALU,
+      (n) =>
+        function (this: Asm, dst: Reg64, src: Reg64 | number) {
+          return this.alu(ALU[n as keyof typeof ALU], dst, src);
+        },
+    );
+    define(
+      SHIFT,
+      (n) =>
+        function (this: Asm, dst: Reg64, count: number | 'cl') {
+          return this.shift(SHIFT[n as keyof typeof SHIFT], dst, count);
+        },
+    );
+    define(
+      UNARY,
+      (n) =>
+        function (this: Asm, dst: Reg64) {
+          const [op, ext] = UNARY[n as keyof typeof UNARY];
+          return this.emit({ w: true, op: [op], reg: ext, rm: regNum(dst) });
+        },
+    );
+    define(
+      BITTEST,
+      (n) =>
+        function (this: Asm, dst: Reg64, bit: number | Reg64) {
+          return this.bitTest(BITTEST[n as keyof typeof BITTEST], dst, bit);
+        },
+    );
+    define(
+      SYSMEM,
+      (n) =>
+        function (this: Asm, m: Mem) {
+          if (typeof m !== 'object' || m === null) throw new Error(`${n} takes a memory operand`);
+          return this.emit({ op: [0x0f, 0x01], reg: SYSMEM[n as keyof typeof SYSMEM], rm: m });
+        },
+    );
+    define(
+      SYSREG16,
+      (n) =>
+        function (this: Asm, r: Reg64) {
+          return this.emit({ op: [0x0f, 0x00], reg: SYSREG16[n as keyof typeof SYSREG16], rm: regNum(r) });
+        },
+    );
+    define(
+      FIXED,
+      (n) =>
+        function (this: Asm) {
+          return this.fixed(FIXED[n as keyof typeof FIXED]);
+        },
+    );
   }
 }
 

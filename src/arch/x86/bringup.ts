@@ -3,7 +3,19 @@
 // state entered directly through KVM_SET_SREGS.
 import type { Regs, Segment, Sregs } from '../../kvm/regs.js';
 import { Asm } from './asm.js';
-import { CHANNEL_PORT, ERROR_CODE_VECTORS, EXC_LOG_CAPACITY, EXC_LOG_ENTRY, EXC_LOG_HEADER, LAYOUT, MAILBOX, OP, RETURN_GVA, RING0_VECTOR, SEL } from './layout.js';
+import {
+  CHANNEL_PORT,
+  ERROR_CODE_VECTORS,
+  EXC_LOG_CAPACITY,
+  EXC_LOG_ENTRY,
+  EXC_LOG_HEADER,
+  LAYOUT,
+  MAILBOX,
+  OP,
+  RETURN_GVA,
+  RING0_VECTOR,
+  SEL,
+} from './layout.js';
 import { PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW, PTE_US } from './pte.js';
 import { PageTables, type PhysMem } from './tables.js';
 
@@ -22,11 +34,21 @@ export interface BringUpOptions {
 }
 
 export const CR0 = { PE: 1n, MP: 2n, ET: 0x10n, NE: 0x20n, WP: 1n << 16n, AM: 1n << 18n, PG: 1n << 31n } as const;
-export const CR4 = { PAE: 1n << 5n, OSFXSR: 1n << 9n, LA57: 1n << 12n, SMEP: 1n << 20n, SMAP: 1n << 21n, PKE: 1n << 22n } as const;
+export const CR4 = {
+  PAE: 1n << 5n,
+  OSFXSR: 1n << 9n,
+  LA57: 1n << 12n,
+  SMEP: 1n << 20n,
+  SMAP: 1n << 21n,
+  PKE: 1n << 22n,
+} as const;
 export const EFER = { SCE: 1n, LME: 1n << 8n, LMA: 1n << 10n, NXE: 1n << 11n } as const;
 
 /** A page allocator over the layout's table pool. */
-export function poolAllocator(start = LAYOUT.tablePool, end = LAYOUT.tablePoolEnd): { alloc: () => bigint; used: () => bigint } {
+export function poolAllocator(
+  start = LAYOUT.tablePool,
+  end = LAYOUT.tablePoolEnd,
+): { alloc: () => bigint; used: () => bigint } {
   let next = start;
   return {
     alloc() {
@@ -86,7 +108,10 @@ function handlers(): { code: Uint8Array; stubs: number[] } {
   }
   const log = Number(LAYOUT.excLog);
   a.label('common')
-    .push('rax').push('rbx').push('rcx').push('rdx')
+    .push('rax')
+    .push('rbx')
+    .push('rcx')
+    .push('rdx')
     // Frame: rdx rcx rbx rax vector errcode rip cs rflags rsp ss
     // A fetch fault at RETURN_GVA is the user program's way back to ring 0.
     .movImm('rax', RETURN_GVA)
@@ -103,10 +128,14 @@ function handlers(): { code: Uint8Array; stubs: number[] } {
     .label('slot_ok')
     .shl('rcx', Math.log2(EXC_LOG_ENTRY))
     .lea('rcx', { base: 'rbx', index: 'rcx', disp: EXC_LOG_HEADER })
-    .load(8, 'rdx', { base: 'rsp', disp: 32 }).store(8, { base: 'rcx' }, 'rdx')
-    .load(8, 'rdx', { base: 'rsp', disp: 40 }).store(8, { base: 'rcx', disp: 8 }, 'rdx')
-    .movFromCr('rdx', 2).store(8, { base: 'rcx', disp: 16 }, 'rdx')
-    .load(8, 'rdx', { base: 'rsp', disp: 48 }).store(8, { base: 'rcx', disp: 24 }, 'rdx')
+    .load(8, 'rdx', { base: 'rsp', disp: 32 })
+    .store(8, { base: 'rcx' }, 'rdx')
+    .load(8, 'rdx', { base: 'rsp', disp: 40 })
+    .store(8, { base: 'rcx', disp: 8 }, 'rdx')
+    .movFromCr('rdx', 2)
+    .store(8, { base: 'rcx', disp: 16 }, 'rdx')
+    .load(8, 'rdx', { base: 'rsp', disp: 48 })
+    .store(8, { base: 'rcx', disp: 24 }, 'rdx')
     .add('rax', 1)
     .store(4, { base: 'rbx' }, 'rax')
     .movImm('rbx', Number(LAYOUT.mailbox))
@@ -115,11 +144,17 @@ function handlers(): { code: Uint8Array; stubs: number[] } {
     .jcc('z', 'unexpected')
     .storeImm(8, { base: 'rbx' }, 0)
     .store(8, { base: 'rsp', disp: 48 }, 'rax') // resume at the fixup RIP
-    .pop('rdx').pop('rcx').pop('rbx').pop('rax')
+    .pop('rdx')
+    .pop('rcx')
+    .pop('rbx')
+    .pop('rax')
     .add('rsp', 16)
     .iretq()
     .label('user_return')
-    .pop('rdx').pop('rcx').pop('rbx').pop('rax')
+    .pop('rdx')
+    .pop('rcx')
+    .pop('rbx')
+    .pop('rax')
     .label('ring0')
     // Drop the user frame and continue in ring 0 where the program asked.
     .load(8, 'rsp', { disp: Number(LAYOUT.mailbox) + MAILBOX.ring0Rsp })
@@ -166,7 +201,8 @@ export function bringUp(mem: GuestMem, opts: BringUpOptions = {}): BringUp {
   mem.write(LAYOUT.gdt, gdt());
   mem.write(LAYOUT.tss, tss());
   const h = handlers();
-  if (LAYOUT.handlers + BigInt(h.code.length) > LAYOUT.kernelStackTop - 0x4000n) throw new Error('exception handlers overflow their region');
+  if (LAYOUT.handlers + BigInt(h.code.length) > LAYOUT.kernelStackTop - 0x4000n)
+    throw new Error('exception handlers overflow their region');
   mem.write(LAYOUT.handlers, h.code);
   mem.write(LAYOUT.idt, idt(h.stubs));
   mem.write(LAYOUT.excLog, new Uint8Array(4096));
@@ -177,7 +213,8 @@ export function bringUp(mem: GuestMem, opts: BringUpOptions = {}): BringUp {
   const table = PTE_P | PTE_RW | PTE_US | PTE_A;
   const leaf = PTE_P | PTE_RW | PTE_A | PTE_D;
   const nx = opts.nxe === false ? 0n : PTE_NX;
-  const map = (from: bigint, to: bigint, bits: bigint) => tables.map(from, from, to - from, '4K', { leaf: bits, table });
+  const map = (from: bigint, to: bigint, bits: bigint) =>
+    tables.map(from, from, to - from, '4K', { leaf: bits, table });
   map(0x1000n, LAYOUT.userStackBase, leaf | nx); // descriptor tables, logs, handlers, kernel stack
   map(LAYOUT.handlers, LAYOUT.handlers + 0x2000n, leaf); // handlers are executable
   map(LAYOUT.userStackBase, LAYOUT.userStackTop, leaf | PTE_US | nx);
@@ -190,7 +227,18 @@ export function bringUp(mem: GuestMem, opts: BringUpOptions = {}): BringUp {
   const cr4 = CR4.PAE | CR4.OSFXSR | (levels === 5 ? CR4.LA57 : 0n) | (opts.cr4 ?? 0n);
   const efer = EFER.LME | EFER.LMA | (opts.nxe === false ? 0n : EFER.NXE);
   const seg = (selector: number, type: number, l: number, db: number, dpl = 0): Segment => ({
-    base: 0n, limit: 0xffffffff, selector, type, present: 1, dpl, db, s: 1, l, g: 1, avl: 0, unusable: 0,
+    base: 0n,
+    limit: 0xffffffff,
+    selector,
+    type,
+    present: 1,
+    dpl,
+    db,
+    s: 1,
+    l,
+    g: 1,
+    avl: 0,
+    unusable: 0,
   });
   return {
     tables,
@@ -203,12 +251,32 @@ export function bringUp(mem: GuestMem, opts: BringUpOptions = {}): BringUp {
       return {
         ...base,
         cs: seg(SEL.kcode, 11, 1, 0),
-        ds: data, es: data, fs: data, gs: data, ss: data,
-        tr: { base: LAYOUT.tss, limit: 0x67, selector: SEL.tss, type: 11, present: 1, dpl: 0, db: 0, s: 0, l: 0, g: 0, avl: 0, unusable: 0 },
+        ds: data,
+        es: data,
+        fs: data,
+        gs: data,
+        ss: data,
+        tr: {
+          base: LAYOUT.tss,
+          limit: 0x67,
+          selector: SEL.tss,
+          type: 11,
+          present: 1,
+          dpl: 0,
+          db: 0,
+          s: 0,
+          l: 0,
+          g: 0,
+          avl: 0,
+          unusable: 0,
+        },
         ldt: { ...base.ldt, unusable: 1, present: 0, selector: 0 },
         gdt: { base: LAYOUT.gdt, limit: 0x2f },
         idt: { base: LAYOUT.idt, limit: 256 * 16 - 1 },
-        cr0, cr3: tables.root, cr4, efer,
+        cr0,
+        cr3: tables.root,
+        cr4,
+        efer,
       };
     },
     regs(entry, base) {

@@ -3,14 +3,27 @@
 import { describeExit, type Exit } from '../../kvm/exits.js';
 import { Kvm } from '../../kvm/kvm.js';
 import type { CpuidEntry } from '../../kvm/cpuid.js';
-import type { HostBacking } from '../../kvm/memslot.js';
+import type { HostBacking } from '../../base/host-backing.js';
 import { Vcpu, type RunResult } from '../../kvm/vcpu.js';
 import { Vm } from '../../kvm/vm.js';
 import type { Asm } from './asm.js';
 import type { Sregs } from '../../kvm/regs.js';
 import { bringUp, CR4, type BringUp, type BringUpOptions } from './bringup.js';
-import { KvmError, NotApplicable } from '../../kvm/sys.js';
-import { RETURN_GVA, CHANNEL_PORT, CONSOLE_PORT, EXC_LOG_CAPACITY, EXC_LOG_ENTRY, EXC_LOG_HEADER, LAYOUT, MAILBOX, OP, SEL, VECTOR_NAMES } from './layout.js';
+import { KvmError } from '../../kvm/sys.js';
+import { NotApplicable } from '../../base/not-applicable.js';
+import {
+  RETURN_GVA,
+  CHANNEL_PORT,
+  CONSOLE_PORT,
+  EXC_LOG_CAPACITY,
+  EXC_LOG_ENTRY,
+  EXC_LOG_HEADER,
+  LAYOUT,
+  MAILBOX,
+  OP,
+  SEL,
+  VECTOR_NAMES,
+} from './layout.js';
 
 export interface ExceptionRecord {
   vector: number;
@@ -107,7 +120,7 @@ export class X86Guest {
     this.cpuid = opts.cpuid ?? vm.kvm.supportedCpuid();
     const leaf7 = this.cpuid.find((e) => e.function === 7 && e.index === 0);
     if (opts.levels === 5 && !(leaf7 && (leaf7.ecx >>> 16) & 1)) {
-      throw new NotApplicable('5-level paging needs LA57, which this vCPU\'s CPUID does not offer');
+      throw new NotApplicable("5-level paging needs LA57, which this vCPU's CPUID does not offer");
     }
     const backing = opts.backing ?? BRINGUP_BACKING;
     vm.addMemslot({ slot: 0, gpa: 0n, size: memSize, flags: opts.slotFlags ?? 0, backing });
@@ -145,7 +158,8 @@ export class X86Guest {
     this.console += Buffer.from(r.console).toString('latin1');
     if (r.timedOut) return { kind: 'timeout' };
     const e = r.exit;
-    if (e.reason !== 'io' || e.port !== CHANNEL_PORT || e.direction !== 'out' || e.size !== 4) return { kind: 'exit', exit: e };
+    if (e.reason !== 'io' || e.port !== CHANNEL_PORT || e.direction !== 'out' || e.size !== 4)
+      return { kind: 'exit', exit: e };
     const op = new DataView(e.data.buffer, e.data.byteOffset, 4).getUint32(0, true);
     const regs = this.vcpu.getRegs();
     switch (op) {
@@ -174,7 +188,12 @@ export class X86Guest {
     const out: ExceptionRecord[] = [];
     for (let i = 0; i < Math.min(count, EXC_LOG_CAPACITY); i++) {
       const o = LAYOUT.excLog + BigInt(EXC_LOG_HEADER + i * EXC_LOG_ENTRY);
-      out.push({ vector: Number(this.mem.read64(o)), errorCode: this.mem.read64(o + 8n), cr2: this.mem.read64(o + 16n), rip: this.mem.read64(o + 24n) });
+      out.push({
+        vector: Number(this.mem.read64(o)),
+        errorCode: this.mem.read64(o + 8n),
+        cr2: this.mem.read64(o + 16n),
+        rip: this.mem.read64(o + 24n),
+      });
     }
     return out;
   }
@@ -209,8 +228,15 @@ export const channel = {
   fail(a: Asm, message: string): Asm {
     const label = `msg_${a.size()}`;
     const after = `${label}_after`;
-    return a.movLabel('rsi', label).movImm('rax', OP.fail).out(4, CHANNEL_PORT)
-      .jmp(after).label(label).ascii(message).bytes([0]).label(after);
+    return a
+      .movLabel('rsi', label)
+      .movImm('rax', OP.fail)
+      .out(4, CHANNEL_PORT)
+      .jmp(after)
+      .label(label)
+      .ascii(message)
+      .bytes([0])
+      .label(after);
   },
   /**
    * Emits `access` so that a fault in it resumes right after it: the fixup RIP
@@ -218,7 +244,10 @@ export const channel = {
    */
   guarded(a: Asm, access: (a: Asm) => void): Asm {
     const resume = `resume_${a.size()}`;
-    a.push('rax').movLabel('rax', resume).store(8, { disp: Number(LAYOUT.mailbox) + MAILBOX.fixup }, 'rax').pop('rax');
+    a.push('rax')
+      .movLabel('rax', resume)
+      .store(8, { disp: Number(LAYOUT.mailbox) + MAILBOX.fixup }, 'rax')
+      .pop('rax');
     access(a);
     return a.label(resume).storeImm(8, { disp: Number(LAYOUT.mailbox) + MAILBOX.fixup }, 0);
   },
@@ -230,10 +259,15 @@ export const channel = {
   toUser(a: Asm, userEntry: bigint, rflags = 2n): Asm {
     const back = `ring0_${a.size()}`;
     const mb = Number(LAYOUT.mailbox);
-    a.movLabel('rax', back).store(8, { disp: mb + MAILBOX.ring0Rip }, 'rax')
+    a.movLabel('rax', back)
+      .store(8, { disp: mb + MAILBOX.ring0Rip }, 'rax')
       .store(8, { disp: mb + MAILBOX.ring0Rsp }, 'rsp')
-      .push(SEL.udata).push(Number(LAYOUT.userStackTop)).push(Number(rflags | 2n)).push(SEL.ucode)
-      .movImm('rax', userEntry).push('rax');
+      .push(SEL.udata)
+      .push(Number(LAYOUT.userStackTop))
+      .push(Number(rflags | 2n))
+      .push(SEL.ucode)
+      .movImm('rax', userEntry)
+      .push('rax');
     return a.iretq().label(back);
   },
   /**

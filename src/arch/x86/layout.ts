@@ -45,8 +45,6 @@ export const MAILBOX = {
 export const RETURN_GVA = 0xfff000n;
 export const RING0_VECTOR = 0x81;
 
-
-
 export const EXC_LOG_ENTRY = 32;
 export const EXC_LOG_HEADER = 64;
 export const EXC_LOG_CAPACITY = (4096 - EXC_LOG_HEADER) / EXC_LOG_ENTRY; // 126
@@ -61,4 +59,27 @@ export const OP = { done: 0, fail: 1, sync: 2, exception: 3 } as const;
 
 /** Vectors that push an error code. */
 export const ERROR_CODE_VECTORS = new Set([8, 10, 11, 12, 13, 14, 17, 21, 29, 30]);
-export const VECTOR_NAMES = ['#DE', '#DB', 'NMI', '#BP', '#OF', '#BR', '#UD', '#NM', '#DF', 'CSO', '#TS', '#NP', '#SS', '#GP', '#PF', '', '#MF', '#AC', '#MC', '#XM', '#VE', '#CP'];
+export const VECTOR_NAMES = [
+  '#DE',
+  '#DB',
+  'NMI',
+  '#BP',
+  '#OF',
+  '#BR',
+  '#UD',
+  '#NM',
+  '#DF',
+  'CSO',
+  '#TS',
+  '#NP',
+  '#SS',
+  '#GP',
+  '#PF',
+  '',
+  '#MF',
+  '#AC',
+  '#MC',
+  '#XM',
+  '#VE',
+  '#CP',
+];

@@ -60,7 +60,9 @@ export class PageTables {
     const level = PAGE_LEVEL[page];
     const span = 1n << BigInt(levelShift(level));
     if (gva % span || gpa % span || size % span) {
-      throw new RangeError(`map: gva 0x${gva.toString(16)}, gpa 0x${gpa.toString(16)} and size 0x${size.toString(16)} must be ${page} aligned`);
+      throw new RangeError(
+        `map: gva 0x${gva.toString(16)}, gpa 0x${gpa.toString(16)} and size 0x${size.toString(16)} must be ${page} aligned`,
+      );
     }
     const ps = level > 1 ? PTE_PS : 0n;
     for (let off = 0n; off < size; off += span) {

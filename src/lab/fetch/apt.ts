@@ -17,19 +17,28 @@ interface Ran {
 /** Runs a program (no shell) to completion; rejects only when it cannot be started. */
 function run(cmd: string, args: readonly string[], opts: { cwd?: string } = {}): Promise<Ran> {
   return new Promise((done, fail) => {
-    const child = spawn(cmd, args, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive', LC_ALL: 'C' } });
+    const child = spawn(cmd, args, {
+      cwd: opts.cwd,
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive', LC_ALL: 'C' },
+    });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (s: string) => (stdout += s));
     child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
-    child.on('error', (e) => fail(new LabError(`cannot run ${cmd}: ${(e as NodeJS.ErrnoException).code ?? e.message}`)));
+    child.on('error', (e) =>
+      fail(new LabError(`cannot run ${cmd}: ${(e as NodeJS.ErrnoException).code ?? e.message}`)),
+    );
     child.on('close', (code, signal) => done({ code: code ?? (signal ? 128 : 1), stdout, stderr }));
   });
 }
 
 /** The last meaningful line of a failed command's output, for a one-line message. */
 function lastLine(r: Ran): string {
-  const lines = `${r.stderr}\n${r.stdout}`.split('\n').map((l) => l.trim()).filter((l) => l && !l.startsWith('W:'));
+  const lines = `${r.stderr}\n${r.stdout}`
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l && !l.startsWith('W:'));
   const err = lines.filter((l) => l.startsWith('E:'));
   return (err[err.length - 1] ?? lines[lines.length - 1] ?? `exit status ${r.code}`).slice(0, 300);
 }
@@ -77,7 +86,10 @@ export async function ensureDebArch(arch: Arch, log: (s: string) => void): Promi
   if (native === deb) return;
   const foreign = (await run('dpkg', ['--print-foreign-architectures'])).stdout.split(/\s+/);
   if (foreign.includes(deb)) return;
-  if (!isRoot()) throw new LabError(`the ${arch} lab needs Debian's ${deb} packages: run \`dpkg --add-architecture ${deb} && apt-get update\` as root`);
+  if (!isRoot())
+    throw new LabError(
+      `the ${arch} lab needs Debian's ${deb} packages: run \`dpkg --add-architecture ${deb} && apt-get update\` as root`,
+    );
   log(`lab: dpkg --add-architecture ${deb}`);
   const r = await run('dpkg', ['--add-architecture', deb]);
   if (r.code !== 0) throw new LabError(`dpkg --add-architecture ${deb} failed: ${lastLine(r)}`);
@@ -91,7 +103,10 @@ export const safeName = (s: string): string => s.replace(/[^A-Za-z0-9.+_-]/g, '_
 export async function candidateVersion(pkg: string, log: (s: string) => void): Promise<string> {
   const r = await apt('apt-cache', ['show', '--no-all-versions', pkg], log);
   const v = /^Version:\s*(\S+)/m.exec(r.stdout)?.[1];
-  if (r.code !== 0 || !v) throw new LabError(`no Debian package ${pkg} here (${r.code !== 0 ? lastLine(r) : 'no version'}); the lab needs Debian's apt repositories`);
+  if (r.code !== 0 || !v)
+    throw new LabError(
+      `no Debian package ${pkg} here (${r.code !== 0 ? lastLine(r) : 'no version'}); the lab needs Debian's apt repositories`,
+    );
   return v;
 }
 
@@ -102,7 +117,10 @@ export async function kernelPackage(log: (s: string) => void, arch: Arch): Promi
     const dep = await apt('apt-cache', ['depends', `linux-image-${deb}:${deb}`], log);
     const pkg = /Depends:\s*(linux-image-[^\s:]+)/.exec(dep.stdout)?.[1];
     if (pkg) return pkg;
-    if (aptUpdated || !isRoot()) throw new LabError(`cannot find Debian's ${arch} kernel package (apt-cache depends linux-image-${deb}: ${dep.code !== 0 ? lastLine(dep) : 'no linux-image dependency'})`);
+    if (aptUpdated || !isRoot())
+      throw new LabError(
+        `cannot find Debian's ${arch} kernel package (apt-cache depends linux-image-${deb}: ${dep.code !== 0 ? lastLine(dep) : 'no linux-image dependency'})`,
+      );
     await aptUpdate(log);
   }
 }
@@ -112,7 +130,12 @@ export async function kernelPackage(log: (s: string) => void, arch: Arch): Promi
  * into `dest`, atomically: a partial unpack never looks complete. `after` runs
  * on the unpacked tree before it is moved into place.
  */
-export async function unpackDeb(pkg: string, dest: string, log: (s: string) => void, after?: (root: string) => Promise<void>): Promise<void> {
+export async function unpackDeb(
+  pkg: string,
+  dest: string,
+  log: (s: string) => void,
+  after?: (root: string) => Promise<void>,
+): Promise<void> {
   if (existsSync(dest)) return;
   mkdirSync(dirname(dest), { recursive: true });
   const tmp = mkdtempSync(join(dirname(dest), `.partial-${process.pid}-`));
@@ -142,8 +165,13 @@ export async function unpackDeb(pkg: string, dest: string, log: (s: string) => v
 /** Debian's static busybox for the lab's architecture, unpacked into the cache; returns the binary's path. */
 export async function fetchBusybox(cache: string, log: (s: string) => void, arch: Arch): Promise<string> {
   const root = join(cache, arch);
-  const have = existsSync(root) ? readdirSync(root).filter((d) => d.startsWith('busybox-static_')).sort() : [];
-  for (const d of have.reverse()) if (existsSync(join(root, d, 'bin', 'busybox'))) return join(root, d, 'bin', 'busybox');
+  const have = existsSync(root)
+    ? readdirSync(root)
+        .filter((d) => d.startsWith('busybox-static_'))
+        .sort()
+    : [];
+  for (const d of have.reverse())
+    if (existsSync(join(root, d, 'bin', 'busybox'))) return join(root, d, 'bin', 'busybox');
   const pkg = `busybox-static:${DEB_ARCH[arch]}`;
   const dest = join(root, `busybox-static_${safeName(await candidateVersion(pkg, log))}`);
   await unpackDeb(pkg, dest, log);

@@ -80,7 +80,12 @@ const DEBIAN_KERNEL: Record<
  * are offline. Installs the tools the lab needs when missing. `refresh` looks
  * for a newer kernel package.
  */
-export async function labFetch(opts: { cacheDir?: string; log: (s: string) => void; refresh?: boolean; arch?: Arch }): Promise<LabKernel> {
+export async function labFetch(opts: {
+  cacheDir?: string;
+  log: (s: string) => void;
+  refresh?: boolean;
+  arch?: Arch;
+}): Promise<LabKernel> {
   const { log } = opts;
   const arch = opts.arch ?? 'x86_64';
   const debian = DEBIAN_KERNEL[arch];

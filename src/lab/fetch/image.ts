@@ -49,7 +49,7 @@ export function hasPvhNote(b: Buffer): boolean {
     if (ph + 56 > b.length || b.readUInt32LE(ph) !== 4) continue; // PT_NOTE
     const off = Number(b.readBigUInt64LE(ph + 8));
     const end = Math.min(off + Number(b.readBigUInt64LE(ph + 32)), b.length);
-    for (let n = off; n + 12 <= end; ) {
+    for (let n = off; n + 12 <= end;) {
       const namesz = b.readUInt32LE(n);
       const descsz = b.readUInt32LE(n + 4);
       const type = b.readUInt32LE(n + 8);
@@ -79,20 +79,27 @@ export function extractVmlinux(bzImage: string, out: string): void {
   if (!isBzImage(b)) throw new LabError(`${bzImage} is not a bzImage (no HdrS header)`);
   const p = bzPayload(b);
   let tool: [string, string[]] | undefined;
-  if (p.subarray(0, 6).equals(Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]))) tool = ['xz', ['-dc', '--single-stream']];
+  if (p.subarray(0, 6).equals(Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00])))
+    tool = ['xz', ['-dc', '--single-stream']];
   else if (p.readUInt32LE(0) === 0xfd2fb528) tool = ['zstd', ['-dcq']];
   else if (p[0] === 0x1f && p[1] === 0x8b) {
     writeFileSync(out, gunzipSync(p.subarray(0, p.length - 4)));
     return;
   }
-  if (!tool) throw new LabError(`${bzImage}: the kernel is compressed in a format the lab cannot unpack (magic ${p.subarray(0, 4).toString('hex')}); pass the uncompressed vmlinux instead`);
+  if (!tool)
+    throw new LabError(
+      `${bzImage}: the kernel is compressed in a format the lab cannot unpack (magic ${p.subarray(0, 4).toString('hex')}); pass the uncompressed vmlinux instead`,
+    );
   if (!which(tool[0])) throw new LabError(`${bzImage} is ${tool[0]}-compressed and ${tool[0]} is not installed`);
   const tmp = `${out}.${process.pid}.tmp`;
   const fd = openSync(tmp, 'w');
   try {
     const r = spawnSync(tool[0], tool[1], { input: p, stdio: ['pipe', fd, 'pipe'], maxBuffer: 1 << 20 });
     // zstd and xz both stop at the end of the stream; the 4 size bytes after it are the bzImage's.
-    if (r.status !== 0 || statSync(tmp).size === 0) throw new LabError(`${tool[0]} could not unpack the kernel in ${bzImage}: ${(r.stderr?.toString() ?? '').trim().split('\n')[0] ?? r.error?.message}`);
+    if (r.status !== 0 || statSync(tmp).size === 0)
+      throw new LabError(
+        `${tool[0]} could not unpack the kernel in ${bzImage}: ${(r.stderr?.toString() ?? '').trim().split('\n')[0] ?? r.error?.message}`,
+      );
   } catch (e) {
     rmSync(tmp, { force: true });
     throw e;

@@ -109,15 +109,22 @@ export function checkX86Kernel(c: Candidate): LabKernel {
     const v = config?.get(m.config);
     const file = `${m.module.replace(/_/g, '-')}.ko`;
     if (v === 'y' || tree?.builtin.has(m.module)) builtin.add(m.module);
-    else if (config && v !== 'm') continue; // reported above
+    else if (config && v !== 'm')
+      continue; // reported above
     else if (!tree) unplaced.push(config ? file : `${file} (unless ${m.config}=y)`);
-    else if (!tree.files.has(m.module)) problems.push(`no ${file} in ${tree.dir} (the lab needs a kernel built with ${m.config})`);
+    else if (!tree.files.has(m.module))
+      problems.push(`no ${file} in ${tree.dir} (the lab needs a kernel built with ${m.config})`);
   }
-  if (unplaced.length) problems.push(`the lab needs ${unplaced.join(' and ')}: give the modules directory lib/modules/<version>`);
+  if (unplaced.length)
+    problems.push(`the lab needs ${unplaced.join(' and ')}: give the modules directory lib/modules/<version>`);
   let vermagic: string | undefined;
   if (tree && problems.length === 0) {
     try {
-      const order = loadOrder(tree, [...KVM_MODULES.x86_64, ...X86_CHANNEL_MODULES].map((m) => m.module), builtin);
+      const order = loadOrder(
+        tree,
+        [...KVM_MODULES.x86_64, ...X86_CHANNEL_MODULES].map((m) => m.module),
+        builtin,
+      );
       const kvm = order.find((n) => n === 'kvm') ?? order[0];
       if (kvm) vermagic = modinfo(readModule(tree.files.get(kvm)!), 'vermagic')?.split(' ')[0];
     } catch (e) {
@@ -126,8 +133,10 @@ export function checkX86Kernel(c: Candidate): LabKernel {
     }
   }
   const version = c.version ?? vermagic;
-  if (vermagic && version && vermagic !== version) problems.push(`the modules are built for ${vermagic} but the kernel is ${version}`);
-  if (!c.vmlinux && !c.bzImage) problems.push('no bootable image (a vmlinux with a PVH entry, CONFIG_PVH=y, or a bzImage)');
+  if (vermagic && version && vermagic !== version)
+    problems.push(`the modules are built for ${vermagic} but the kernel is ${version}`);
+  if (!c.vmlinux && !c.bzImage)
+    problems.push('no bootable image (a vmlinux with a PVH entry, CONFIG_PVH=y, or a bzImage)');
   if (problems.length) throw new LabError(`kernel ${c.vmlinux ?? c.bzImage ?? c.modulesDir}: ${problems.join('; ')}`);
   return {
     arch: 'x86_64',
@@ -156,9 +165,14 @@ export function checkArm64Kernel(c: Omit<Candidate, 'vmlinux' | 'bzImage'> & { i
   for (const m of ARM64_CHANNEL_MODULES) {
     const v = config?.get(m.config);
     if (v === 'y' || tree?.builtin.has(m.module)) builtin.add(m.module);
-    else if (config && v !== 'm') continue; // reported above
-    else if (!tree) problems.push(`the lab needs ${m.module.replace(/_/g, '-')}.ko${config ? '' : ` (unless ${m.config}=y)`}: give the modules directory lib/modules/<version>`);
-    else if (!tree.files.has(m.module)) problems.push(`no ${m.module}.ko in ${tree.dir} (the lab needs a kernel built with ${m.config})`);
+    else if (config && v !== 'm')
+      continue; // reported above
+    else if (!tree)
+      problems.push(
+        `the lab needs ${m.module.replace(/_/g, '-')}.ko${config ? '' : ` (unless ${m.config}=y)`}: give the modules directory lib/modules/<version>`,
+      );
+    else if (!tree.files.has(m.module))
+      problems.push(`no ${m.module}.ko in ${tree.dir} (the lab needs a kernel built with ${m.config})`);
     else wanted.push(m.module);
   }
   let vermagic: string | undefined;
@@ -172,7 +186,8 @@ export function checkArm64Kernel(c: Omit<Candidate, 'vmlinux' | 'bzImage'> & { i
     }
   }
   const version = c.version ?? vermagic;
-  if (vermagic && version && vermagic !== version) problems.push(`the modules are built for ${vermagic} but the kernel is ${version}`);
+  if (vermagic && version && vermagic !== version)
+    problems.push(`the modules are built for ${vermagic} but the kernel is ${version}`);
   if (!c.image) problems.push('no arm64 Image to boot');
   if (problems.length) throw new LabError(`kernel ${c.image ?? c.modulesDir}: ${problems.join('; ')}`);
   return {

@@ -15,7 +15,10 @@ export function readModule(path: string): Buffer {
   else if (path.endsWith('.ko.zst')) tool = ['zstd', ['-dcq', path]];
   else throw new LabError(`${path}: not a kernel module file`);
   const r = spawnSync(tool[0], tool[1], { maxBuffer: 1 << 30 });
-  if (r.status !== 0) throw new LabError(`cannot decompress ${path}: ${r.error ? `${tool[0]} not installed` : (r.stderr.toString().trim() || `${tool[0]} failed`)}`);
+  if (r.status !== 0)
+    throw new LabError(
+      `cannot decompress ${path}: ${r.error ? `${tool[0]} not installed` : r.stderr.toString().trim() || `${tool[0]} failed`}`,
+    );
   return r.stdout;
 }
 
@@ -55,7 +58,15 @@ export function moduleTree(dir: string): ModuleTree {
       const path = line.slice(0, colon).trim();
       const name = nameOf(path);
       files.set(name, resolve(dir, path));
-      deps.set(name, line.slice(colon + 1).trim().split(/\s+/).filter(Boolean).map(nameOf));
+      deps.set(
+        name,
+        line
+          .slice(colon + 1)
+          .trim()
+          .split(/\s+/)
+          .filter(Boolean)
+          .map(nameOf),
+      );
     }
   } else {
     for (const f of readdirSync(dir, { recursive: true, encoding: 'utf8' })) {
@@ -63,7 +74,8 @@ export function moduleTree(dir: string): ModuleTree {
     }
   }
   const bi = join(dir, 'modules.builtin');
-  if (existsSync(bi)) for (const line of readFileSync(bi, 'utf8').split('\n')) if (line.trim()) builtin.add(nameOf(line.trim()));
+  if (existsSync(bi))
+    for (const line of readFileSync(bi, 'utf8').split('\n')) if (line.trim()) builtin.add(nameOf(line.trim()));
   return { dir, files, deps, builtin };
 }
 
@@ -72,15 +84,26 @@ export function moduleTree(dir: string): ModuleTree {
  * on, skipping built-in ones. Dependencies come from modules.dep, or from each
  * module's own `depends=` when the tree has no modules.dep.
  */
-export function loadOrder(tree: ModuleTree, names: readonly string[], builtin: ReadonlySet<string> = tree.builtin): string[] {
+export function loadOrder(
+  tree: ModuleTree,
+  names: readonly string[],
+  builtin: ReadonlySet<string> = tree.builtin,
+): string[] {
   const out: string[] = [];
   const visit = (name: string, from: string | undefined, path: string[]): void => {
     if (out.includes(name) || builtin.has(name)) return;
     if (path.includes(name)) throw new LabError(`module dependency cycle: ${[...path, name].join(' → ')}`);
     const file = tree.files.get(name);
-    if (!file) throw new LabError(from ? `${basename(tree.files.get(from)!).replace(MODULE_FILE, '.ko')} needs ${name}.ko, which is not in ${tree.dir}` : `no ${name}.ko in ${tree.dir}`);
+    if (!file)
+      throw new LabError(
+        from
+          ? `${basename(tree.files.get(from)!).replace(MODULE_FILE, '.ko')} needs ${name}.ko, which is not in ${tree.dir}`
+          : `no ${name}.ko in ${tree.dir}`,
+      );
     const listed = tree.deps?.get(name);
-    const direct = listed ? [...listed].reverse() : (modinfo(readModule(file), 'depends') ?? '').split(',').filter(Boolean).map(moduleName);
+    const direct = listed
+      ? [...listed].reverse()
+      : (modinfo(readModule(file), 'depends') ?? '').split(',').filter(Boolean).map(moduleName);
     for (const d of direct) visit(d, name, [...path, name]);
     out.push(name);
   };
@@ -93,7 +116,9 @@ export function modulesVersionDir(dir: string): string {
   if (existsSync(join(dir, 'modules.dep')) || existsSync(join(dir, 'kernel'))) return dir;
   for (const base of [dir, join(dir, 'lib', 'modules')]) {
     if (!existsSync(base) || !statSync(base).isDirectory()) continue;
-    const sub = readdirSync(base).filter((d) => existsSync(join(base, d, 'modules.dep')) || existsSync(join(base, d, 'kernel')));
+    const sub = readdirSync(base).filter(
+      (d) => existsSync(join(base, d, 'modules.dep')) || existsSync(join(base, d, 'kernel')),
+    );
     if (sub.length === 1) return join(base, sub[0]!);
   }
   return dir;

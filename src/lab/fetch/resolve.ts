@@ -10,7 +10,14 @@ import { labCacheDir } from './cache.js';
 import { findConfig } from './config.js';
 import { labFetch } from './fetch.js';
 import {
-  bzImageRelease, elfRelease, extractVmlinux, hasPvhNote, head, isArm64Image, isBzImage, isElf,
+  bzImageRelease,
+  elfRelease,
+  extractVmlinux,
+  hasPvhNote,
+  head,
+  isArm64Image,
+  isBzImage,
+  isElf,
 } from './image.js';
 import { checkArm64Kernel, checkX86Kernel, type LabKernel } from './kernel.js';
 import { modulesVersionDir } from './modules.js';
@@ -56,13 +63,17 @@ export async function resolveKernel(opts: {
   let modulesDir: string | undefined;
   if (opts.modules) {
     modulesDir = modulesVersionDir(readable(opts.modules, 'modules directory'));
-    if (!statSync(modulesDir).isDirectory()) throw new LabError(`modules directory is not a directory: ${opts.modules}`);
+    if (!statSync(modulesDir).isDirectory())
+      throw new LabError(`modules directory is not a directory: ${opts.modules}`);
   }
   const config = opts.config ? readable(opts.config, 'kernel config') : undefined;
   const h = head(image, 0x1000);
   let k: LabKernel;
   if (arch === 'arm64') {
-    if (!isArm64Image(h)) throw new LabError(`kernel image ${opts.kernel} is not an arm64 Image (no "ARM\\x64" magic at 0x38; pass arch/arm64/boot/Image)`);
+    if (!isArm64Image(h))
+      throw new LabError(
+        `kernel image ${opts.kernel} is not an arm64 Image (no "ARM\\x64" magic at 0x38; pass arch/arm64/boot/Image)`,
+      );
     const img = readFileSync(image);
     const version = elfRelease(img);
     const found = findConfig({ given: config, image, kernel: img, version, modulesDir }, log);
@@ -99,7 +110,10 @@ async function x86Kernel(
     const dir = join(labCacheDir(o.cacheDir), 'user', key);
     vmlinux = join(dir, 'vmlinux');
     if (!existsSync(vmlinux)) {
-      await ensureTools(X86_TOOLS.filter((t) => t.need === 'xz'), log);
+      await ensureTools(
+        X86_TOOLS.filter((t) => t.need === 'xz'),
+        log,
+      );
       mkdirSync(dir, { recursive: true });
       log(`lab: extracting vmlinux from ${given}`);
       extractVmlinux(image, vmlinux);

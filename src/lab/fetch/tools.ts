@@ -52,9 +52,13 @@ export async function ensureTools(tools: readonly Tool[], log: (s: string) => vo
   if (missing.length === 0) return;
   const pkgs = [...new Set(missing.map((t) => t.pkg))];
   const what = missing.map((t) => t.need).join(', ');
-  if (!isRoot()) throw new LabError(`the lab needs ${what}: install with \`apt-get install -y --no-install-recommends ${pkgs.join(' ')}\` as root`);
+  if (!isRoot())
+    throw new LabError(
+      `the lab needs ${what}: install with \`apt-get install -y --no-install-recommends ${pkgs.join(' ')}\` as root`,
+    );
   log(`lab: installing ${pkgs.join(' ')}`);
   await aptInstall(pkgs, log);
   const still = missing.filter((t) => !which(t.need));
-  if (still.length) throw new LabError(`still missing after installing ${pkgs.join(' ')}: ${still.map((t) => t.need).join(', ')}`);
+  if (still.length)
+    throw new LabError(`still missing after installing ${pkgs.join(' ')}: ${still.map((t) => t.need).join(', ')}`);
 }

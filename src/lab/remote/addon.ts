@@ -13,8 +13,18 @@ import { addonPath, type Addon } from '../../kvm/sys.js';
 import type { RunLimits, RunnerReply, RunnerVcpu, VcpuRunner } from '../../kvm/runner.js';
 import { IOCTL, MAP, PROT } from '../../uapi/uapi.js';
 import {
-  Args, Channel, LabProtocolError, OP, PAGE, PROTOCOL_VERSION,
-  REQ_PULL, type ChannelOptions, type ReadEntry, type Reply, type Request, type WriteEntry,
+  Args,
+  Channel,
+  LabProtocolError,
+  OP,
+  PAGE,
+  PROTOCOL_VERSION,
+  REQ_PULL,
+  type ChannelOptions,
+  type ReadEntry,
+  type Reply,
+  type Request,
+  type WriteEntry,
 } from '../protocol.js';
 import { Mirrors, type Mirror, type Native } from './mirror.js';
 
@@ -102,11 +112,19 @@ export class RemoteAddon implements Addon {
     this.pullAfter = new Set([IOCTL.KVM_RUN, IOCTL.KVM_RESET_DIRTY_RINGS, ...(opts.pullAfterIoctls ?? [])]);
     this.pullAll = opts.pullAfterEveryIoctl ?? false;
     this.arenaSize = opts.scratchBytes ?? 1 << 20;
-    const hello = this.ch.handshake({ op: OP.hello }, opts.helloRetryMs ?? 1000, opts.connectTimeoutMs ?? this.ch.rpcTimeoutMs);
+    const hello = this.ch.handshake(
+      { op: OP.hello },
+      opts.helloRetryMs ?? 1000,
+      opts.connectTimeoutMs ?? this.ch.rpcTimeoutMs,
+    );
     const info = JSON.parse(Buffer.from(hello.payload).toString('utf8')) as AgentInfo;
-    if (info.version !== PROTOCOL_VERSION) throw new LabProtocolError(`the agent speaks protocol ${info.version}, this host ${PROTOCOL_VERSION}`);
+    if (info.version !== PROTOCOL_VERSION)
+      throw new LabProtocolError(`the agent speaks protocol ${info.version}, this host ${PROTOCOL_VERSION}`);
     this.info = info;
-    const a = this.rpc({ op: OP.mmap, args: new Args().u64(this.arenaSize).i32(PROT_RW).i32(SCRATCH_MAP).i32(-1).u32(0).i64(0).done() });
+    const a = this.rpc({
+      op: OP.mmap,
+      args: new Args().u64(this.arenaSize).i32(PROT_RW).i32(SCRATCH_MAP).i32(-1).u32(0).i64(0).done(),
+    });
     if (a.result < 0) throw new LabProtocolError(`the agent cannot map its scratch arena: errno ${-a.result}`);
     this.arena = a.result64;
   }
@@ -131,7 +149,13 @@ export class RemoteAddon implements Addon {
 
   get stats(): RemoteStats {
     const s = this.ch.stats;
-    return { rpcs: s.calls, rpcNs: s.ns, bytesSent: s.bytesSent, bytesReceived: s.bytesReceived, ...this.mirrors.counters };
+    return {
+      rpcs: s.calls,
+      rpcNs: s.ns,
+      bytesSent: s.bytesSent,
+      bytesReceived: s.bytesReceived,
+      ...this.mirrors.counters,
+    };
   }
 
   // ---- coherence (mirror.ts) ----------------------------------------------
@@ -163,7 +187,10 @@ export class RemoteAddon implements Addon {
     const m = this.mirrors.get(ab);
     if (m) return m.remote + BigInt(off);
     const view = bytesOf(buf);
-    const known = this.scratch.find((s) => s.view.buffer === view.buffer && s.view.byteOffset === view.byteOffset && s.view.byteLength === view.byteLength);
+    const known = this.scratch.find(
+      (s) =>
+        s.view.buffer === view.buffer && s.view.byteOffset === view.byteOffset && s.view.byteLength === view.byteLength,
+    );
     if (known) return known.addr;
     const at = (this.arenaUsed + 63) & ~63;
     if (at + view.byteLength <= this.arenaSize) {
@@ -173,7 +200,10 @@ export class RemoteAddon implements Addon {
       return s.addr;
     }
     const len = Math.max(PAGE, Math.ceil(view.byteLength / PAGE) * PAGE);
-    const r = this.rpc({ op: OP.mmap, args: new Args().u64(len).i32(PROT_RW).i32(SCRATCH_MAP).i32(-1).u32(0).i64(0).done() });
+    const r = this.rpc({
+      op: OP.mmap,
+      args: new Args().u64(len).i32(PROT_RW).i32(SCRATCH_MAP).i32(-1).u32(0).i64(0).done(),
+    });
     if (r.result < 0) throw new LabProtocolError(`the agent cannot map ${len} bytes of scratch: errno ${-r.result}`);
     const s = { view, addr: r.result64, own: true };
     this.scratch.push(s);
@@ -191,7 +221,14 @@ export class RemoteAddon implements Addon {
     const r = this.rpc({ ...req, writes, reads, flags: pull ? REQ_PULL : 0 });
     scratch.forEach((s, i) => s.view.set(r.reads[i]!));
     for (const s of scratch) {
-      if (s.own) this.rpc({ op: OP.munmap, args: new Args().u64(s.addr).u64(Math.max(PAGE, Math.ceil(s.view.byteLength / PAGE) * PAGE)).done() });
+      if (s.own)
+        this.rpc({
+          op: OP.munmap,
+          args: new Args()
+            .u64(s.addr)
+            .u64(Math.max(PAGE, Math.ceil(s.view.byteLength / PAGE) * PAGE))
+            .done(),
+        });
     }
     return r;
   }
@@ -222,7 +259,11 @@ export class RemoteAddon implements Addon {
     const local = this.mirrors.allocLocal(len);
     const pushes: WriteEntry[] = [];
     this.mirrors.collectPushes(pushes);
-    const r = this.ch.call({ op: OP.mmap, writes: pushes, args: new Args().u64(len).i32(prot).i32(flags).i32(fd).u32(1).i64(offset).done() });
+    const r = this.ch.call({
+      op: OP.mmap,
+      writes: pushes,
+      args: new Args().u64(len).i32(prot).i32(flags).i32(fd).u32(1).i64(offset).done(),
+    });
     if (r.result < 0) {
       this.mirrors.freeLocal(local.buf);
       this.mirrors.freeLocal(local.snapBuf);
@@ -266,7 +307,11 @@ export class RemoteAddon implements Addon {
   }
 
   fallocate(fd: number, mode: number, offset: number, len: number): number {
-    return this.rpc({ op: OP.fallocate, flags: REQ_PULL, args: new Args().i32(fd).i32(mode).i64(offset).i64(len).done() }).result;
+    return this.rpc({
+      op: OP.fallocate,
+      flags: REQ_PULL,
+      args: new Args().i32(fd).i32(mode).i64(offset).i64(len).done(),
+    }).result;
   }
 
   ftruncate(fd: number, len: number): number {
@@ -293,7 +338,17 @@ export class RemoteAddon implements Addon {
   remoteRun(fd: number, runAddr: bigint, consolePort: number, maxExits: number, timeoutMs: number): RunnerReply {
     const ms = Math.max(0, Math.min(Math.ceil(timeoutMs), 0xffffffff));
     const r = this.rpc(
-      { op: OP.run, flags: REQ_PULL, args: new Args().i32(fd).u32(consolePort).u64(runAddr).u32(Math.min(Math.max(maxExits, 1), 0xffffffff)).u32(ms).done() },
+      {
+        op: OP.run,
+        flags: REQ_PULL,
+        args: new Args()
+          .i32(fd)
+          .u32(consolePort)
+          .u64(runAddr)
+          .u32(Math.min(Math.max(maxExits, 1), 0xffffffff))
+          .u32(ms)
+          .done(),
+      },
       { extraMs: ms },
     );
     const p = Buffer.from(r.payload.buffer, r.payload.byteOffset, r.payload.byteLength);
@@ -354,14 +409,16 @@ export class RemoteAddon implements Addon {
   /** Reads agent memory (raw: not a mirror update). */
   peek(addr: bigint, len: number): Uint8Array {
     const r = this.rpc({ op: OP.peek, args: new Args().u64(addr).u64(len).done() }, { push: false });
-    if (r.result < 0) throw new LabProtocolError(`peek of ${len} bytes at 0x${addr.toString(16)} failed: errno ${-r.result}`);
+    if (r.result < 0)
+      throw new LabProtocolError(`peek of ${len} bytes at 0x${addr.toString(16)} failed: errno ${-r.result}`);
     return Uint8Array.prototype.slice.call(r.payload);
   }
 
   /** Writes agent memory (raw: inside a mapping, the next pull brings the change to its mirror). */
   poke(addr: bigint, data: Uint8Array): void {
     const r = this.rpc({ op: OP.poke, args: new Args().u64(addr).bytes(data).done() }, { push: false });
-    if (r.result < 0) throw new LabProtocolError(`poke of ${data.length} bytes at 0x${addr.toString(16)} failed: errno ${-r.result}`);
+    if (r.result < 0)
+      throw new LabProtocolError(`poke of ${data.length} bytes at 0x${addr.toString(16)} failed: errno ${-r.result}`);
   }
 
   /** read(2) on an agent fd (sysfs, tracefs pipes); returns the bytes or -errno. */

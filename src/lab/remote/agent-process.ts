@@ -15,10 +15,15 @@ export const agentHeaders = ['agent/wire.h', 'agent/mirror.h', 'core.h'].map((f)
 /** Builds the static agent binary at `out` (g++ -O2 -static; `cxx` may name a cross compiler). */
 export function buildAgent(out: string, cxx = process.env.CXX || 'g++'): string {
   try {
-    execFileSync(cxx, ['-O2', '-static', '-std=c++17', '-o', out, ...agentSources], { stdio: ['ignore', 'ignore', 'pipe'] });
+    execFileSync(cxx, ['-O2', '-static', '-std=c++17', '-o', out, ...agentSources], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
   } catch (e) {
     const err = e as NodeJS.ErrnoException & { stderr?: Buffer };
-    if (err.code === 'ENOENT') throw new HostError(`building the lab agent needs a C++ compiler: ${cxx} was not found (install g++, or set CXX)`);
+    if (err.code === 'ENOENT')
+      throw new HostError(
+        `building the lab agent needs a C++ compiler: ${cxx} was not found (install g++, or set CXX)`,
+      );
     throw new HostError(`building the lab agent failed: ${err.stderr?.toString().trim() || err.message}`);
   }
   return out;

@@ -114,7 +114,7 @@ export class Mirrors {
     const present = len > PAGEMAP_MIN ? this.presentPages(m) : undefined;
     if (present) {
       // Runs of consecutive present pages are compared whole first.
-      for (let k = 0; k < present.length; ) {
+      for (let k = 0; k < present.length;) {
         let j = k + 1;
         while (j < present.length && present[j] === present[j - 1]! + 1) j++;
         const off = present[k]! * PAGE;
@@ -140,7 +140,7 @@ export class Mirrors {
         }
       }
     }
-    for (let k = 0; k < dirty.length; ) {
+    for (let k = 0; k < dirty.length;) {
       let j = k + 1;
       while (j < dirty.length && dirty[j] === dirty[j - 1]! + 1) j++;
       const off = dirty[k]! * PAGE;
@@ -171,7 +171,13 @@ export class Mirrors {
       if (p.zero) {
         const cur = m.u8.subarray(off, off + p.len);
         const snap = m.snap.subarray(off, off + p.len);
-        if (Buffer.compare(cur, snap) === 0 && this.native && m.local !== undefined && off % PAGE === 0 && p.len % PAGE === 0) {
+        if (
+          Buffer.compare(cur, snap) === 0 &&
+          this.native &&
+          m.local !== undefined &&
+          off % PAGE === 0 &&
+          p.len % PAGE === 0
+        ) {
           // Dropping the pages keeps them non-present (and out of later diffs).
           this.native.madvise(m.buf, off, p.len, MADV.DONTNEED);
           this.native.madvise(m.snapBuf, off, p.len, MADV.DONTNEED);
@@ -211,7 +217,13 @@ export class Mirrors {
     };
     const a = mk();
     const s = mk();
-    return { buf: a.buf, u8: Buffer.from(a.buf), snapBuf: s.buf, snap: Buffer.from(s.buf), local: a.local !== undefined && s.local !== undefined ? a.local : undefined };
+    return {
+      buf: a.buf,
+      u8: Buffer.from(a.buf),
+      snapBuf: s.buf,
+      snap: Buffer.from(s.buf),
+      local: a.local !== undefined && s.local !== undefined ? a.local : undefined,
+    };
   }
 
   freeLocal(ab: ArrayBuffer): void {

@@ -1,8 +1,8 @@
 // The lab as a target: KVM calls through the RemoteAddon, files through the
 // agent, each vCPU run a round trip to the agent.
 import { constants as fsc } from 'node:fs';
-import { drainKmsg, type HostFs } from '../../target/fs.js';
-import type { Target } from '../../target/target.js';
+import type { HostFs, Target } from '../../kvm/target.js';
+import { drainKmsg } from '../../target/fs.js';
 import type { RemoteAddon } from './addon.js';
 
 const ARCH: Record<string, string> = { x86_64: 'x64', aarch64: 'arm64' };
