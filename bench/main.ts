@@ -1,7 +1,7 @@
 // `npm run bench`: the harness against a C reference on the same KVM work, a
 // leak check over many VM lifecycles, and the pure-model benches.
 //
-//   node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--no-lab]
+//   node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--no-lab] [--no-kvm-source]
 //
 // stdout: a table, or with --json exactly one JSON array. Progress goes to stderr.
 // Exit status 0 whether or not targets are met; 1 only if the bench itself failed.
@@ -15,6 +15,7 @@ import { Kvm } from '../src/kvm/kvm.js';
 import { localTarget } from '../src/target/local.js';
 import { packageRoot } from '../src/kvm/sys.js';
 import { exitRoundtrip, faultIn, lifecycleOnce, vmLifecycle } from './kvm.js';
+import { benchKvmSource } from './kvm-source.js';
 import type { Entry } from './entry.js';
 import { benchLab } from './lab.js';
 import { benchMatrix } from './matrix.js';
@@ -49,6 +50,8 @@ interface Options {
   pages: number;
   lab: boolean;
   labBoots: number;
+  /** lab_kvm_source_verdict_s (--no-kvm-source skips it). */
+  kvmSource: boolean;
 }
 
 function parseArgs(argv: string[]): Options {
@@ -62,6 +65,7 @@ function parseArgs(argv: string[]): Options {
     pages: 4096,
     lab: true,
     labBoots: 3,
+    kvmSource: true,
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
@@ -79,9 +83,10 @@ function parseArgs(argv: string[]): Options {
     else if (a === '--pages') o.pages = int();
     else if (a === '--no-lab') o.lab = false;
     else if (a === '--lab-boots') o.labBoots = int();
+    else if (a === '--no-kvm-source') o.kvmSource = false;
     else if (a === '--help' || a === '-h') {
       process.stderr.write(
-        'usage: node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--pages N] [--matrix-full] [--no-lab] [--lab-boots N]\n',
+        'usage: node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--pages N] [--matrix-full] [--no-lab] [--lab-boots N] [--no-kvm-source]\n',
       );
       process.exit(0);
     } else throw new Error(`unknown argument ${a}`);
@@ -252,6 +257,7 @@ const round = (x: number, digits: number): number => Number(x.toFixed(digits));
 const LAB_ENTRIES: [string, string][] = [
   ['lab_boot_s', 's'],
   ['lab_check_ms', 'ms'],
+  ['lab_kvm_source_verdict_s', 's'],
 ];
 
 const KVM_ENTRIES: [string, string][] = [
@@ -358,8 +364,24 @@ async function main(): Promise<number> {
       entries.push(...(await benchLab({ boots: o.labBoots, runs: 9, log: progress })));
     } catch (e) {
       progress(`lab benches: ${(e as Error).message.split('\n')[0]}`);
-      for (const [name, unit] of LAB_ENTRIES)
+      for (const [name, unit] of LAB_ENTRIES.slice(0, 2))
         entries.push({ name, unit, value: null, note: `not available here: ${(e as Error).message.split('\n')[0]}` });
+    }
+    if (!o.kvmSource) {
+      entries.push({ name: 'lab_kvm_source_verdict_s', unit: 's', value: null, note: 'not run (--no-kvm-source)' });
+    } else {
+      progress('lab: KVM from a source tree (6.1, npt-tdp)');
+      try {
+        entries.push(await benchKvmSource({ log: progress }));
+      } catch (e) {
+        progress(`lab_kvm_source_verdict_s: ${(e as Error).message.split('\n')[0]}`);
+        entries.push({
+          name: 'lab_kvm_source_verdict_s',
+          unit: 's',
+          value: null,
+          note: `not available here: ${(e as Error).message.split('\n')[0]}`,
+        });
+      }
     }
   }
 

@@ -10,6 +10,7 @@ import {
   mkdirSync,
   mkdtempSync,
   openSync,
+  readdirSync,
   readFileSync,
   rmSync,
   writeFileSync,
@@ -319,6 +320,25 @@ describe('lab initramfs', () => {
     expect(init).not.toContain('stty');
     // The /init parses with the host's sh.
     expect(spawnSync('sh', ['-n'], { input: init }).status).toBe(0);
+  });
+
+  it('names the file by its content in a cache directory: the same content is reused, other modules get another file', () => {
+    const dir = join(k.dir, 'initramfs-cache');
+    const a = buildInitramfs({ kernel, agentBinary: agent, profile: profile('npt-tdp'), dir });
+    const size = readFileSync(a).length;
+    expect(a).toMatch(/initramfs-npt-tdp-[0-9a-f]{20}\.cpio\.gz$/);
+    expect(buildInitramfs({ kernel, agentBinary: agent, profile: profile('npt-tdp'), dir })).toBe(a);
+    expect(readFileSync(a).length).toBe(size);
+    const b = buildInitramfs({
+      kernel,
+      agentBinary: agent,
+      profile: profile('npt-tdp', 'kvm.eager_page_split=0'),
+      dir,
+    });
+    expect(b).not.toBe(a);
+    expect(existsSync(a) && existsSync(b)).toBe(true);
+    // Nothing half-written is left behind.
+    expect(readdirSync(dir).filter((f) => f.endsWith('.tmp'))).toEqual([]);
   });
 
   it('puts parameters of modules the lab does not load in an error, and built-in ones on the command line', async () => {
@@ -644,4 +664,69 @@ describe.skipIf(skipLive !== undefined)(`lab run and Ctrl-C${skipLive ? ` [skipp
     );
     expect(qemus.filter(alive)).toEqual([]);
   }, 180_000);
+});
+
+describe.skipIf(skipLive !== undefined)(`two lab runs at once${skipLive ? ` [skipped: ${skipLive}]` : ''}`, () => {
+  it('each boots its own initramfs (its own module parameters) and both pass', async () => {
+    const bin = join(import.meta.dirname, '..', 'dist', 'src', 'cli', 'bin.js');
+    const start = (split: string) => {
+      const child = spawn(
+        process.execPath,
+        [bin, 'lab', 'probe', '--release', '6.1', '--json', '--modparams', `kvm.eager_page_split=${split}`],
+        { stdio: ['ignore', 'pipe', 'pipe'] },
+      );
+      let out = '';
+      let err = '';
+      child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+      child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+      return new Promise<{ code: number | null; out: string; err: string }>((resolve) =>
+        child.on('exit', (code) => resolve({ code, out, err })),
+      );
+    };
+    const [a, b] = await Promise.all([start('0'), start('1')]);
+    expect(a.code, a.err).toBe(0);
+    expect(b.code, b.err).toBe(0);
+    expect(JSON.parse(a.out).moduleParams['kvm.eager_page_split']).toBe('N');
+    expect(JSON.parse(b.out).moduleParams['kvm.eager_page_split']).toBe('Y');
+  }, 240_000);
+});
+
+describe.skipIf(skipLive !== undefined)(`lab run --kvm-source${skipLive ? ` [skipped: ${skipLive}]` : ''}`, () => {
+  it('two runs with different KVM source trees started together each boot their own modules', async () => {
+    const { labSource, SOURCE_MARK } = await import('../src/lab/kvm-source.js');
+    const { breakZapping } = await import('../bench/kvm-source.js');
+    const { labCacheDir } = await import('../src/lab/fetch/index.js');
+    // Kept in the cache: later runs build incrementally.
+    const root = join(labCacheDir(), 'test-kvm-source');
+    const stock = join(root, 'stock');
+    const broken = join(root, 'broken');
+    for (const dir of [stock, broken]) {
+      if (existsSync(join(dir, SOURCE_MARK))) continue;
+      rmSync(dir, { recursive: true, force: true });
+      await labSource({ release: '6.1', dir, log: () => {} });
+    }
+    const tdpMmu = join(broken, 'arch', 'x86', 'kvm', 'mmu', 'tdp_mmu.c');
+    const text = readFileSync(tdpMmu, 'utf8');
+    if (!text.includes('if (iter.level > PG_LEVEL_4K) tdp_mmu_set_spte')) writeFileSync(tdpMmu, breakZapping(text));
+    const bin = join(import.meta.dirname, '..', 'dist', 'src', 'cli', 'bin.js');
+    const start = (tree: string) => {
+      const child = spawn(
+        process.execPath,
+        [bin, 'lab', 'run', '--kvm-source', tree, '--profile', 'npt-tdp', '--', 'run', 'tdp_spte_picture'],
+        { stdio: ['ignore', 'pipe', 'pipe'] },
+      );
+      let out = '';
+      child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+      child.stderr.on('data', (d: Buffer) => (out += d.toString()));
+      return new Promise<{ code: number | null; out: string }>((resolve) =>
+        child.on('exit', (code) => resolve({ code, out })),
+      );
+    };
+    const [a, b] = await Promise.all([start(stock), start(broken)]);
+    expect(a.out).toMatch(/^PASS +tdp_spte_picture/m);
+    expect(a.code, a.out).toBe(0);
+    expect(b.out).toMatch(/^FAIL +tdp_spte_picture/m);
+    expect(b.out).toMatch(/after MADV_DONTNEED of 3 pages: gfn 0x[0-9a-f]+: expected "not mapped"/);
+    expect(b.code).toBe(1);
+  }, 900_000);
 });

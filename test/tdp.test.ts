@@ -472,6 +472,33 @@ describe('dirty logging', () => {
     expect(tdp.fault(0, BASE + 8)).toMatchObject({ level: 2 });
   });
 
+  test('recoverHugeInPlace (Linux 6.13 on): logging off replaces the split table with a read-only huge leaf', () => {
+    const s = slot({ npages: 512, backing: hugetlb2m });
+    const { tdp } = vm({ recoverHugeInPlace: true }, s);
+    const a = tdp.fault(0, BASE, { write: true });
+    tdp.setMemslot({ ...s, flags: { logDirty: true, readonly: false } });
+    expect(tdp.fault(0, BASE + 3, { write: true }).kind).toBe('fast');
+    expect(tdp.getDirtyLog(0, 0)).toEqual([BASE + 3]);
+    tdp.setMemslot(s);
+    // The first present leaf's permissions: read-only after the dirty log re-protected it.
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + 512, level: 2, writable: false, executable: true }]);
+    expect(sptePfn(tdp.lookup(0, BASE + 7)!.spte)).toBe(sptePfn(a.spte));
+    expect(tdp.events.filter((e) => e.kind === 'teardown').length).toBe(1);
+    // A write makes it writable in place by the fast path.
+    expect(tdp.fault(0, BASE + 8, { write: true })).toMatchObject({ kind: 'fast', level: 2 });
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + 512, level: 2, writable: true, executable: true }]);
+  });
+
+  test('recoverHugeInPlace: NX huge pages make the recovered leaf non-executable', () => {
+    const s = slot({ npages: 512, backing: hugetlb2m });
+    const { tdp } = vm({ recoverHugeInPlace: true, nxHugePages: true }, s);
+    tdp.fault(0, BASE, { write: true, exec: true });
+    expect(tdp.mappings(0)[0]).toMatchObject({ level: 1, executable: true });
+    tdp.setMemslot({ ...s, flags: { logDirty: true, readonly: false } });
+    tdp.setMemslot(s);
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + 512, level: 2, writable: false, executable: false }]);
+  });
+
   test('clearDirty removes W and D from writable leaves and flushes them', () => {
     const { tdp } = vm({}, slot());
     tdp.fault(0, BASE + 1, { write: true });

@@ -2,6 +2,7 @@
 // addresses are IPAs and only stage-2 is in play), each recording expected
 // against observed for the runner's differ. The suite runs on arm64 KVM
 // hosts, such as the lab's vhe / nvhe / protected profiles.
+import { kernelBehaviours } from '../model/kernel.js';
 import { A64 } from '../arch/arm64/asm.js';
 import { decodeAbort } from '../arch/arm64/esr.js';
 import { Arm64Guest, channel, CHANNEL, describeStop, LAYOUT, type GuestStop } from '../arch/arm64/guest.js';
@@ -16,6 +17,7 @@ import { dirtyPages } from '../observe/dirty-log.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { parseGuestFault } from '../observe/stage2-faults.js';
 import { NotApplicable } from '../base/not-applicable.js';
+import { confirmThp, needThp } from './thp.js';
 import type { Check, CheckContext } from '../run/types.js';
 import { expectKickAtLimit, mmioOf } from './stops.js';
 import { hex, PAGE } from '../base/units.js';
@@ -164,11 +166,15 @@ const ANON_4K: Backing = { kind: 'anon', pageSize: 0x1000 };
  * A stage-2 model of the guest's VM: arm64, 40-bit IPA (KVM's default VM
  * type), one address space, user addresses below 2^48 (48-bit VA kernels).
  */
-function stage2Model(slots: readonly { s: KvmMemslot; backing: Backing }[], wrong?: WrongTdp): Tdp {
+function stage2Model(ctx: CheckContext, slots: readonly { s: KvmMemslot; backing: Backing }[], wrong?: WrongTdp): Tdp {
+  // Protected mode walks a guest's stage-2 from level 0 in later kernels (model/kernel.ts).
+  const level0 =
+    ctx.profile.flavour === 'arm64-protected' &&
+    (ctx.profile.kernel?.behaviours ?? kernelBehaviours(undefined)).protectedStage2Level0.on;
+  const geometry = level0 ? ({ startLevel: 0, ipaBits: 48 } as const) : ({ startLevel: 1, ipaBits: 40 } as const);
   const tdp = new Tdp(new Memslots({ asIds: 1, maxGfn: 2 ** 28, hvaLimit: (1n << 48n) - PAGE }), {
     arch: 'arm64',
-    startLevel: 1,
-    ipaBits: 40,
+    ...geometry,
     wrong,
   });
   for (const { s, backing } of slots) tdp.setMemslot(modelSlot(s, backing));
@@ -212,7 +218,7 @@ const dirtyLog: Check = {
       });
       channel.done(a);
       g.load(a);
-      const tdp = stage2Model([
+      const tdp = stage2Model(ctx, [
         { s: g.code, backing: ANON_4K },
         { s, backing: ANON_4K },
       ]);
@@ -278,7 +284,7 @@ const stage2Faults: Check = {
       g.load(a);
 
       // The model: every access in order; one that stage-2 does not permit yet faults.
-      const tdp = stage2Model([
+      const tdp = stage2Model(ctx, [
         { s: g.code, backing: ANON_4K },
         { s, backing: ANON_4K },
       ]);
@@ -367,11 +373,7 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
       'arm64: after dirty logging stops, a fault in a THP-backed 2 MiB block that holds a 4 KiB page under a table maps the block (the table replaced); kvm_guest_fault as the stage-2 model predicts',
     needs: ['stage2_fault_tracepoints', 'dirty_log'],
     async run(ctx) {
-      const thp = ctx.profile.thp;
-      if (!thp || thp.enabled === 'never')
-        throw new NotApplicable(
-          `transparent huge pages are ${thp ? 'disabled (enabled: never)' : 'absent (no /sys/kernel/mm/transparent_hugepage)'}`,
-        );
+      const thp = needThp(ctx.profile);
       await withGuest(ctx, async (g) => {
         let s = g.vm.addMemslot({
           slot: 1,
@@ -395,15 +397,7 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
         s.madvise(Number(block - s.gpa), Number(MIB2), MADV_POPULATE_WRITE);
         const offsets = [0n, 0x1000n, 0x1ff000n].map((o) => block - s.gpa + o);
         for (const off of offsets) g.mem.write(s.gpa + off + 0x800n, [0xb1, 0x0c]);
-        const huge = s.hugeBytes();
-        if (huge === undefined)
-          throw new NotApplicable(
-            'smaps of the process holding the memory cannot be read, so a transparent huge page cannot be confirmed',
-          );
-        if (huge < Number(MIB2))
-          throw new NotApplicable(
-            `no transparent huge page backs the block after the host wrote it (AnonHugePages ${huge / 1024} kB; THP ${thp.enabled}, defrag ${thp.defrag})`,
-          );
+        confirmThp(s, thp, Number(MIB2));
 
         const p0 = block + 0x10n;
         const p1 = block + 0x1008n;
@@ -419,6 +413,7 @@ export function blockReplacesTable(opts: { wrong?: Wrong } = {}): Check {
         g.load(a);
 
         const tdp = stage2Model(
+          ctx,
           [
             { s: g.code, backing: ANON_4K },
             { s, backing: THP_2M },

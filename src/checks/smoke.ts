@@ -11,7 +11,7 @@ import { NotApplicable } from '../base/not-applicable.js';
 import type { Check, CheckContext } from '../run/types.js';
 import { shadowPages } from './shadow.js';
 import { shadowMmuModel } from './shadow-mmu.js';
-import { tdpDirtyLogSplitCoalesce, tdpPicture } from './tdp.js';
+import { tdpDirtyLogSplitCoalesce, tdpPicture, tdpPreFault } from './tdp.js';
 import { pagingConfig, pteReader } from './x86.js';
 import { ARM64_SMOKE } from './arm64.js';
 import { expectKickAtLimit, mmioOf } from './stops.js';
@@ -344,6 +344,7 @@ export const X86_SMOKE: readonly Check[] = [
   shadowMmuModel(),
   tdpPicture(),
   tdpDirtyLogSplitCoalesce(),
+  tdpPreFault(),
 ].map((c) => ({ ...c, arch: 'x86_64' }));
 
 /** The smoke suite: a run takes the checks of the KVM host's architecture (runner.forHostArch). */

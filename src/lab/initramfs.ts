@@ -4,8 +4,9 @@
 // virtio-serial port. /init powers the machine off on any failure and when the agent
 // exits, so the host never waits on a guest that can't go on.
 import { spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
-import { basename } from 'node:path';
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { loadOrder, moduleTree, readModule, type LabKernel } from './fetch/index.js';
 import { LabError, type Profile } from './profiles.js';
@@ -83,6 +84,7 @@ export function modulePlan(kernel: LabKernel, profile: Profile): { loads: Module
         `the kernel ${kernel.version} has no modules directory and ${wanted.join(', ')} is not built in`,
       );
     const tree = moduleTree(kernel.modulesDir);
+    for (const [name, file] of Object.entries(kernel.moduleOverrides ?? {})) tree.files.set(name, file);
     loads = loadOrder(tree, wanted, new Set([...tree.builtin, ...builtin])).map((name) => {
       const source = tree.files.get(name)!;
       const params = Object.entries(profile.modparams[name] ?? {}).map(([k, v]) => `${k}=${v}`);
@@ -194,14 +196,18 @@ function applets(busybox: string): string[] | undefined {
 }
 
 /**
- * Writes the lab's initramfs to `out` (gzip'd newc cpio) and returns `out`:
+ * Writes the lab's initramfs (gzip'd newc cpio) and returns its path:
  * /init, busybox and its applet links, /lib/modules/*.ko (decompressed), /agent.
+ * With `dir`, the file is `<dir>/initramfs-<profile>-<hash of the archive>.cpio.gz`,
+ * kept and reused while its content is the same: two runs that boot different
+ * modules never write or read each other's file. Written atomically either way.
  */
 export function buildInitramfs(opts: {
   kernel: LabKernel;
   agentBinary: string;
   profile: Profile;
-  out: string;
+  out?: string;
+  dir?: string;
 }): string {
   const { kernel, profile } = opts;
   if (!existsSync(opts.agentBinary)) throw new LabError(`agent binary not found: ${opts.agentBinary}`);
@@ -241,8 +247,22 @@ export function buildInitramfs(opts: {
   for (const l of loads) entries.push(file(`lib/modules/${l.file}`, readModule(l.source)));
   entries.push(file('agent', readFileSync(opts.agentBinary), 0o755));
   entries.push(file('init', Buffer.from(initScript(profile, loads, { installApplets: !links })), 0o755));
-  const tmp = `${opts.out}.${process.pid}.tmp`;
-  writeFileSync(tmp, gzipSync(newc(entries), { level: 6 }));
-  renameSync(tmp, opts.out);
-  return opts.out;
+  const archive = newc(entries);
+  let out = opts.out;
+  if (out === undefined) {
+    if (opts.dir === undefined) throw new LabError('buildInitramfs needs out or dir');
+    mkdirSync(opts.dir, { recursive: true });
+    const key = createHash('sha256').update(archive).digest('hex').slice(0, 20);
+    out = join(opts.dir, `initramfs-${profile.name}-${key}.cpio.gz`);
+    if (existsSync(out)) return out;
+  }
+  const tmp = `${out}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
+  try {
+    writeFileSync(tmp, gzipSync(archive, { level: 6 }));
+    renameSync(tmp, out);
+  } catch (e) {
+    rmSync(tmp, { force: true });
+    throw e;
+  }
+  return out;
 }

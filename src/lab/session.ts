@@ -3,13 +3,15 @@
 // a target for it — KVM calls through the RemoteAddon, sysfs and tracefs
 // through the agent — so that the unchanged checks, models and reports run
 // here against the lab's KVM when they are handed that target.
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, renameSync, rmSync, statSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { constants as fsc } from 'node:fs';
 import type { Arch } from '../arch/arch.js';
 import type { Target } from '../kvm/target.js';
 import { labCacheDir, resolveKernel, type LabKernel } from './fetch/index.js';
 import { buildInitramfs } from './initramfs.js';
+import { sourceRelease, withKvmSource } from './kvm-source.js';
 import { profile as profileNamed, LabError, type Profile } from './profiles.js';
 import { bootLab, type Lab } from './qemu.js';
 import { RemoteAddon } from './remote/addon.js';
@@ -24,6 +26,10 @@ export interface LabSessionOptions {
   modparams?: string;
   kernel?: string;
   modules?: string;
+  /** The lab release to boot (lab fetch --release); default the newest, or the release `lab source` made kvmSource of. */
+  release?: string;
+  /** A kernel source tree whose KVM is built and booted instead of the stock modules (x86). */
+  kvmSource?: string;
   bootTimeoutMs?: number;
   log: (s: string) => void;
 }
@@ -80,19 +86,25 @@ function resultsDir(profile: string): string {
 const AGENT_CXX: Record<Arch, string> = { x86_64: process.env.CXX || 'g++', arm64: 'aarch64-linux-gnu-g++' };
 
 /**
- * The agent binary for the lab's architecture, built into the cache, and
- * built again when a source file is newer than it.
+ * The agent binary for the lab's architecture, built into the cache under a
+ * name keyed by its sources' content and the compiler: a changed source makes
+ * a new binary and never rewrites one another run may be booting.
  */
 function agentBinary(arch: Arch, log: (s: string) => void): string {
   const dir = join(labCacheDir(), 'agent');
   mkdirSync(dir, { recursive: true });
-  const out = join(dir, `kvmharness-agent-${arch}`);
-  const newest = Math.max(...[...agentSources, ...agentHeaders].map((f) => statSync(f).mtimeMs));
-  if (existsSync(out) && statSync(out).mtimeMs >= newest) return out;
+  const h = createHash('sha256').update(AGENT_CXX[arch]);
+  for (const f of [...agentSources, ...agentHeaders]) h.update(f).update(readFileSync(f));
+  const out = join(dir, `kvmharness-agent-${arch}-${h.digest('hex').slice(0, 16)}`);
+  if (existsSync(out)) return out;
   log(`building the lab agent (static, ${arch})`);
-  const tmp = `${out}.${process.pid}.tmp`;
-  buildAgent(tmp, AGENT_CXX[arch]);
-  renameSync(tmp, out);
+  const tmp = `${out}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
+  try {
+    buildAgent(tmp, AGENT_CXX[arch]);
+    renameSync(tmp, out);
+  } finally {
+    rmSync(tmp, { force: true });
+  }
   return out;
 }
 
@@ -100,13 +112,15 @@ function agentBinary(arch: Arch, log: (s: string) => void): string {
 export async function openLab(o: LabSessionOptions): Promise<LabSession> {
   const prof = profileNamed(o.profile, o.modparams);
   if (o.arch && prof.arch !== o.arch) throw new LabError(`lab profile ${prof.name} is for ${prof.arch}, not ${o.arch}`);
-  const kernel = await resolveKernel({ kernel: o.kernel, modules: o.modules, arch: prof.arch, log: o.log });
+  const release = o.release ?? (o.kvmSource && !o.kernel ? sourceRelease(o.kvmSource) : undefined);
+  let kernel = await resolveKernel({ kernel: o.kernel, modules: o.modules, release, arch: prof.arch, log: o.log });
+  if (o.kvmSource) kernel = await withKvmSource(kernel, o.kvmSource, o.log);
   const agent = agentBinary(prof.arch, o.log);
   const initramfs = buildInitramfs({
     kernel,
     agentBinary: agent,
     profile: prof,
-    out: join(labCacheDir(), `initramfs-${prof.name}-${kernel.version}.cpio.gz`),
+    dir: join(labCacheDir(), 'initramfs'),
   });
   o.log(`booting ${kernel.version} (${prof.name})`);
   const results = resultsDir(prof.name);

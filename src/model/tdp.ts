@@ -79,6 +79,13 @@ export interface TdpOptions {
    * so only the faulting page is mapped, as Linux 6.1's TDP MMU does.
    */
   splitOnFault?: boolean;
+  /**
+   * x86: when dirty logging stops, a table a huge page could replace is
+   * replaced in place by a huge leaf made from its first present leaf
+   * (kvm_tdp_mmu_recover_huge_pages, Linux 6.13 on; the default). Off: the
+   * table is zapped and the next fault maps huge (zap_collapsible_spte_range).
+   */
+  recoverHugeInPlace?: boolean;
   /** Walks raise a yield point every N entries (0: never). */
   yieldEvery?: number;
   /** Keep the event log (default on). */
@@ -166,6 +173,7 @@ export class Tdp {
   private readonly dic: boolean;
   private readonly slotZapAll: boolean;
   private readonly splitOnFault: boolean;
+  private readonly recoverHugeInPlace: boolean;
   private readonly yieldEvery: number;
   private readonly record: boolean;
   private readonly wrong: WrongTdp;
@@ -204,6 +212,7 @@ export class Tdp {
     this.dic = opts.dic ?? false;
     this.slotZapAll = opts.slotZapAll ?? true;
     this.splitOnFault = opts.splitOnFault ?? true;
+    this.recoverHugeInPlace = opts.recoverHugeInPlace ?? false;
     this.yieldEvery = opts.yieldEvery ?? 0;
     this.record = opts.record ?? true;
     this.wrong = { ...opts.wrong };
@@ -682,7 +691,11 @@ export class Tdp {
 
   /**
    * After dirty logging stops on x86, zap tables that a huge page could now
-   * replace, so that the next faults map huge (zap_collapsible_spte_range).
+   * replace, so that the next faults map huge (zap_collapsible_spte_range);
+   * with recoverHugeInPlace, replace each with a huge leaf made from its
+   * first present leaf instead (recover_huge_pages_range, make_huge_spte:
+   * the small leaf's permissions, the address aligned, NX when NX huge pages
+   * are on); a table without a present leaf stays.
    */
   private zapCollapsible(slot: Memslot): void {
     const flush: Flush[] = [];
@@ -693,7 +706,14 @@ export class Tdp {
       if (it.gfn < slot.baseGfn) continue;
       const hostLevel = this.host.lookup(gfnToHva(slot, it.gfn))?.level ?? 1;
       if (Math.min(hostLevel, slotMaxLevel(slot, it.gfn)) < it.level) continue;
-      if (!this.trySet(it, 0)) {
+      let spte = 0;
+      if (this.recoverHugeInPlace) {
+        const small = firstLeaf(it.table.child?.[it.index] ?? null);
+        if (small === undefined) continue;
+        const pfn = sptePfn(small) - (sptePfn(small) % PAGES[it.level]);
+        spte = makeSpte(pfn, spteFlags(small) & ~(this.nxHugePages ? SPTE_X : 0));
+      }
+      if (!this.trySet(it, spte)) {
         it.retry();
         continue;
       }
@@ -877,4 +897,18 @@ function free(table: Table): void {
   if (table.child) for (const c of table.child) if (c) free(c);
   table.spte.fill(0);
   table.child?.fill(null);
+}
+
+/** The first present leaf under a table, depth first (tdp_root_for_each_leaf_pte's first hit). */
+function firstLeaf(t: Table | null): Spte | undefined {
+  if (!t) return undefined;
+  for (let i = 0; i < 512; i++) {
+    const s = t.spte[i]!;
+    if (isLeaf(s) && isPresent(s)) return s;
+    if (isTable(s)) {
+      const hit = firstLeaf(t.child?.[i] ?? null);
+      if (hit !== undefined) return hit;
+    }
+  }
+  return undefined;
 }

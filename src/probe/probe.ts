@@ -1,5 +1,6 @@
 // The host profile: what KVM is here, and from that, which oracles this host
 // offers. Reads sysfs/procfs and asks KVM; changes nothing.
+import { kernelBehaviours } from '../model/kernel.js';
 import { archOfNode, type Arch } from '../arch/arch.js';
 import type { GuestWalker } from '../model/walk.js';
 import type { CpuidEntry } from '../kvm/cpuid.js';
@@ -63,6 +64,8 @@ export interface HostProfile {
   /** `why`: when tracefs is absent, what keeps it out of reach. */
   tracefs: { state: TracefsState; path: string; events: Record<string, boolean>; why?: string };
   oracles: Record<Oracle, OracleState>;
+  /** The kernel's release (`uname -r`) and the release-dependent KVM behaviours the models assume for it (model/kernel.ts). */
+  kernel?: { release: string | null; behaviours: ReturnType<typeof kernelBehaviours> };
 }
 
 /** A file of the target, trimmed; undefined when it cannot be read. */
@@ -335,7 +338,9 @@ export function probe(target: Target, device?: string): HostProfile {
       hugetlb,
       tracefs: { state: tstate, path: '/sys/kernel/tracing', events, ...(tracefsWhy ? { why: tracefsWhy } : {}) },
     };
-    return { ...base, oracles: deriveOracles(base) };
+    const release = read('/proc/sys/kernel/osrelease') ?? null;
+    const kernel = { release, behaviours: kernelBehaviours(release ?? undefined) };
+    return { ...base, oracles: deriveOracles(base), kernel };
   } finally {
     kvm.close();
   }

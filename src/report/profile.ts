@@ -41,5 +41,10 @@ export function formatProfile(p: HostProfile): string {
   lines.push('oracles');
   for (const [k, v] of Object.entries(p.oracles))
     lines.push(`  ${k.padEnd(24)} ${v.available ? 'yes' : 'no '}  ${v.why}`);
+  if (p.kernel) {
+    lines.push(`kernel ${p.kernel.release ?? '(release unknown)'}: the models assume`);
+    for (const [k, v] of Object.entries(p.kernel.behaviours))
+      lines.push(`  ${k.padEnd(24)} ${v.on ? 'yes' : 'no '}  ${v.why}`);
+  }
   return lines.join('\n');
 }

@@ -1,9 +1,12 @@
 // Debian's packages into the lab's cache: apt-get download and dpkg-deb -x,
 // never an install of a kernel. The package lists are refreshed
 // (`apt-get update`) once when a lookup fails, and a foreign architecture is
-// added to dpkg when the lab needs its packages.
+// added to dpkg when the lab needs its packages. A kernel release's packages
+// come through the lab's own apt configuration (its own sources list, lists
+// and status file under the cache, one per Debian suite): the host's sources
+// are left as they are.
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import type { Arch } from '../../arch/arch.js';
 import { LabError } from '../profiles.js';
@@ -48,23 +51,93 @@ export const DEB_ARCH: Record<Arch, string> = { x86_64: 'amd64', arm64: 'arm64' 
 
 export const isRoot = (): boolean => process.getuid?.() === 0;
 
-let aptUpdated = false;
+/** Which package lists apt reads: the host's, or one of the lab's own (a Debian suite's). */
+export interface AptSource {
+  /** For messages: "the host's", "trixie". */
+  name: string;
+  /** The `-o` options that point apt at this configuration (none for the host's). */
+  options: readonly string[];
+  /** Whether `apt-get update` ran for it in this process. */
+  updated: boolean;
+}
 
-async function aptUpdate(log: (s: string) => void, force = false): Promise<void> {
-  if (aptUpdated && !force) return;
+/** The host's own apt configuration. */
+const HOST: AptSource = { name: "the host's", options: [], updated: false };
+
+/** The Debian suites of each lab apt configuration: a suite and its updates. */
+const SUITE_LISTS: Record<string, readonly string[]> = {
+  bookworm: ['debian bookworm', 'debian bookworm-updates', 'debian-security bookworm-security'],
+  trixie: ['debian trixie', 'debian trixie-updates', 'debian-security trixie-security'],
+  sid: ['debian sid'],
+};
+
+const labSources = new Map<string, AptSource>();
+
+/**
+ * The lab's own apt configuration for a Debian suite, under `<cache>/apt/<suite>`:
+ * its sources list, package lists and an empty dpkg status, for both lab
+ * architectures. Needs no `dpkg --add-architecture`, and no root once the
+ * lists are there.
+ */
+export function labAptSource(cache: string, suite: string): AptSource {
+  const dir = join(cache, 'apt', suite);
+  const known = labSources.get(dir);
+  if (known) return known;
+  const lists = SUITE_LISTS[suite];
+  if (!lists) throw new LabError(`no lab apt configuration for Debian ${suite}`);
+  for (const d of ['lists/partial', 'cache/archives/partial', 'preferences.d'])
+    mkdirSync(join(dir, d), { recursive: true });
+  const keyring = '/usr/share/keyrings/debian-archive-keyring.gpg';
+  const text = lists.map((l) => {
+    const [archive, s] = l.split(' ');
+    return `deb [signed-by=${keyring}] http://deb.debian.org/${archive} ${s} main\n`;
+  });
+  writeFileSync(join(dir, 'sources.list'), text.join(''));
+  if (!existsSync(join(dir, 'status'))) writeFileSync(join(dir, 'status'), '');
+  const options = [
+    `Dir::Etc::sourcelist=${join(dir, 'sources.list')}`,
+    'Dir::Etc::sourceparts=-',
+    `Dir::Etc::preferencesparts=${join(dir, 'preferences.d')}`,
+    'Dir::Etc::preferences=/dev/null',
+    `Dir::State::Lists=${join(dir, 'lists')}`,
+    `Dir::State::status=${join(dir, 'status')}`,
+    `Dir::Cache=${join(dir, 'cache')}`,
+    'APT::Architectures::=amd64',
+    'APT::Architectures::=arm64',
+  ].flatMap((o) => ['-o', o]);
+  const src: AptSource = { name: suite, options, updated: false };
+  labSources.set(dir, src);
+  return src;
+}
+
+/** Whether the lab's apt configuration for the suite has package lists (a lookup can run without `apt-get update`). */
+const hasLists = (src: AptSource): boolean => {
+  const o = src.options.find((x) => x.startsWith('Dir::State::Lists='));
+  return !o || readdirSync(o.slice('Dir::State::Lists='.length)).some((f) => /_Packages(\.\w+)?$/.test(f));
+};
+
+async function aptUpdate(log: (s: string) => void, force = false, src: AptSource = HOST): Promise<void> {
+  if (src.updated && !force) return;
   if (!isRoot()) throw new LabError('the package lists need `apt-get update`, which needs root');
-  log('lab: apt-get update');
-  const r = await run('apt-get', ['update']);
+  log(`lab: apt-get update${src === HOST ? '' : ` (the lab's ${src.name} sources)`}`);
+  const r = await run('apt-get', [...src.options, 'update']);
   if (r.code !== 0) throw new LabError(`apt-get update failed: ${lastLine(r)}`);
-  aptUpdated = true;
+  src.updated = true;
 }
 
 /** Runs an apt command; when it fails and the lists were not refreshed yet, runs `apt-get update` and tries once more. */
-async function apt(cmd: string, args: readonly string[], log: (s: string) => void, cwd?: string): Promise<Ran> {
-  let r = await run(cmd, args, { cwd });
-  if (r.code !== 0 && !aptUpdated && isRoot()) {
-    await aptUpdate(log);
-    r = await run(cmd, args, { cwd });
+async function apt(
+  cmd: string,
+  args: readonly string[],
+  log: (s: string) => void,
+  cwd?: string,
+  src: AptSource = HOST,
+): Promise<Ran> {
+  if (!src.updated && !hasLists(src)) await aptUpdate(log, false, src);
+  let r = await run(cmd, [...src.options, ...args], { cwd });
+  if (r.code !== 0 && !src.updated && isRoot()) {
+    await aptUpdate(log, false, src);
+    r = await run(cmd, [...src.options, ...args], { cwd });
   }
   return r;
 }
@@ -96,12 +169,15 @@ export async function ensureDebArch(arch: Arch, log: (s: string) => void): Promi
   await aptUpdate(log, true);
 }
 
+/** Refreshes the package lists of `src` (`lab fetch --refresh`). */
+export const aptRefresh = (log: (s: string) => void, src: AptSource): Promise<void> => aptUpdate(log, true, src);
+
 /** "1:1.35.0-4+deb12u1" → "1_1.35.0-4+deb12u1": safe in a file name. */
 export const safeName = (s: string): string => s.replace(/[^A-Za-z0-9.+_-]/g, '_');
 
 /** The candidate version of a package. */
-export async function candidateVersion(pkg: string, log: (s: string) => void): Promise<string> {
-  const r = await apt('apt-cache', ['show', '--no-all-versions', pkg], log);
+export async function candidateVersion(pkg: string, log: (s: string) => void, src: AptSource = HOST): Promise<string> {
+  const r = await apt('apt-cache', ['show', '--no-all-versions', pkg], log, undefined, src);
   const v = /^Version:\s*(\S+)/m.exec(r.stdout)?.[1];
   if (r.code !== 0 || !v)
     throw new LabError(
@@ -111,18 +187,25 @@ export async function candidateVersion(pkg: string, log: (s: string) => void): P
 }
 
 /** The real kernel package linux-image-amd64 (-arm64) depends on now: linux-image-6.1.0-56-amd64. */
-export async function kernelPackage(log: (s: string) => void, arch: Arch): Promise<string> {
+export async function kernelPackage(log: (s: string) => void, arch: Arch, src: AptSource = HOST): Promise<string> {
   const deb = DEB_ARCH[arch];
   for (;;) {
-    const dep = await apt('apt-cache', ['depends', `linux-image-${deb}:${deb}`], log);
+    const dep = await apt('apt-cache', ['depends', `linux-image-${deb}:${deb}`], log, undefined, src);
     const pkg = /Depends:\s*(linux-image-[^\s:]+)/.exec(dep.stdout)?.[1];
     if (pkg) return pkg;
-    if (aptUpdated || !isRoot())
+    if (src.updated || !isRoot())
       throw new LabError(
-        `cannot find Debian's ${arch} kernel package (apt-cache depends linux-image-${deb}: ${dep.code !== 0 ? lastLine(dep) : 'no linux-image dependency'})`,
+        `cannot find Debian's ${arch} kernel package in ${src.name} sources (apt-cache depends linux-image-${deb}: ${dep.code !== 0 ? lastLine(dep) : 'no linux-image dependency'})`,
       );
-    await aptUpdate(log);
+    await aptUpdate(log, false, src);
   }
+}
+
+/** The names a package depends on directly ("Depends:" lines of apt-cache depends, without alternatives' markers). */
+export async function packageDepends(pkg: string, log: (s: string) => void, src: AptSource = HOST): Promise<string[]> {
+  const r = await apt('apt-cache', ['depends', pkg], log, undefined, src);
+  if (r.code !== 0) throw new LabError(`apt-cache depends ${pkg} failed: ${lastLine(r)}`);
+  return [...r.stdout.matchAll(/^\s*\|?Depends:\s*<?([^\s:>]+)/gm)].map((m) => m[1]!);
 }
 
 /**
@@ -131,26 +214,31 @@ export async function kernelPackage(log: (s: string) => void, arch: Arch): Promi
  * on the unpacked tree before it is moved into place.
  */
 export async function unpackDeb(
-  pkg: string,
+  pkg: string | readonly string[],
   dest: string,
   log: (s: string) => void,
   after?: (root: string) => Promise<void>,
+  src: AptSource = HOST,
 ): Promise<void> {
   if (existsSync(dest)) return;
   mkdirSync(dirname(dest), { recursive: true });
   const tmp = mkdtempSync(join(dirname(dest), `.partial-${process.pid}-`));
   try {
-    log(`lab: downloading ${pkg}`);
+    const pkgs = typeof pkg === 'string' ? [pkg] : pkg;
+    log(`lab: downloading ${pkgs.join(' ')}`);
     const t0 = Date.now();
-    const dl = await apt('apt-get', ['download', pkg], log, tmp);
-    const deb = readdirSync(tmp).find((f) => f.endsWith('.deb'));
-    if (dl.code !== 0 || !deb) throw new LabError(`apt-get download ${pkg} failed: ${lastLine(dl)}`);
+    const dl = await apt('apt-get', ['download', ...pkgs], log, tmp, src);
+    const debs = readdirSync(tmp).filter((f) => f.endsWith('.deb'));
+    if (dl.code !== 0 || debs.length < pkgs.length)
+      throw new LabError(`apt-get download ${pkgs.join(' ')} failed: ${lastLine(dl)}`);
     const root = join(tmp, 'root');
-    const x = await run('dpkg-deb', ['-x', join(tmp, deb), root]);
-    if (x.code !== 0) throw new LabError(`dpkg-deb -x ${deb} failed: ${lastLine(x)}`);
-    rmSync(join(tmp, deb));
+    for (const deb of debs) {
+      const x = await run('dpkg-deb', ['-x', join(tmp, deb), root]);
+      if (x.code !== 0) throw new LabError(`dpkg-deb -x ${deb} failed: ${lastLine(x)}`);
+      rmSync(join(tmp, deb));
+    }
     if (after) await after(root);
-    log(`lab: ${pkg} unpacked in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+    log(`lab: ${pkgs.join(' ')} unpacked in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
     try {
       renameSync(root, dest);
     } catch (e) {
@@ -163,7 +251,12 @@ export async function unpackDeb(
 }
 
 /** Debian's static busybox for the lab's architecture, unpacked into the cache; returns the binary's path. */
-export async function fetchBusybox(cache: string, log: (s: string) => void, arch: Arch): Promise<string> {
+export async function fetchBusybox(
+  cache: string,
+  log: (s: string) => void,
+  arch: Arch,
+  src: AptSource = HOST,
+): Promise<string> {
   const root = join(cache, arch);
   const have = existsSync(root)
     ? readdirSync(root)
@@ -173,8 +266,8 @@ export async function fetchBusybox(cache: string, log: (s: string) => void, arch
   for (const d of have.reverse())
     if (existsSync(join(root, d, 'bin', 'busybox'))) return join(root, d, 'bin', 'busybox');
   const pkg = `busybox-static:${DEB_ARCH[arch]}`;
-  const dest = join(root, `busybox-static_${safeName(await candidateVersion(pkg, log))}`);
-  await unpackDeb(pkg, dest, log);
+  const dest = join(root, `busybox-static_${safeName(await candidateVersion(pkg, log, src))}`);
+  await unpackDeb(pkg, dest, log, undefined, src);
   const bin = join(dest, 'bin', 'busybox');
   if (!existsSync(bin)) throw new LabError(`busybox-static unpacked without bin/busybox (in ${dest})`);
   return bin;

@@ -25,6 +25,8 @@ interface Manifest {
   busybox: string;
   config?: string;
   builtin: string[];
+  /** The lab release (absent in manifests written before releases: 6.1). */
+  release?: string;
 }
 
 /** The kernel the manifest in `root` names, when it is of `arch` and its files are all there. */
@@ -43,6 +45,7 @@ export function readManifest(root: string, arch: Arch): LabKernel | undefined {
       config: m.config ? join(root, m.config) : undefined,
       builtin: m.builtin,
       package: m.package,
+      release: m.release,
     };
     const paths = [k.image, k.vmlinux, k.bzImage, k.modulesDir, k.busybox].filter((p) => p !== undefined);
     return paths.length >= 3 && paths.every((p) => existsSync(p)) ? k : undefined;
@@ -65,6 +68,7 @@ export function writeManifest(root: string, k: LabKernel): void {
     busybox: rel(k.busybox),
     config: k.config ? rel(k.config) : undefined,
     builtin: [...k.builtin],
+    release: k.release,
   };
   const tmp = join(root, `.default.json.${process.pid}`);
   writeFileSync(tmp, JSON.stringify(m, null, 2) + '\n');

@@ -79,10 +79,14 @@ export function extractVmlinux(bzImage: string, out: string): void {
   if (!isBzImage(b)) throw new LabError(`${bzImage} is not a bzImage (no HdrS header)`);
   const p = bzPayload(b);
   let tool: [string, string[]] | undefined;
+  let input = p;
   if (p.subarray(0, 6).equals(Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00])))
     tool = ['xz', ['-dc', '--single-stream']];
-  else if (p.readUInt32LE(0) === 0xfd2fb528) tool = ['zstd', ['-dcq']];
-  else if (p[0] === 0x1f && p[1] === 0x8b) {
+  else if (p.readUInt32LE(0) === 0xfd2fb528) {
+    // zstd reads on after its frame: give it the frame without the bzImage's 4 size bytes.
+    tool = ['zstd', ['-dcq']];
+    input = p.subarray(0, p.length - 4);
+  } else if (p[0] === 0x1f && p[1] === 0x8b) {
     writeFileSync(out, gunzipSync(p.subarray(0, p.length - 4)));
     return;
   }
@@ -94,8 +98,8 @@ export function extractVmlinux(bzImage: string, out: string): void {
   const tmp = `${out}.${process.pid}.tmp`;
   const fd = openSync(tmp, 'w');
   try {
-    const r = spawnSync(tool[0], tool[1], { input: p, stdio: ['pipe', fd, 'pipe'], maxBuffer: 1 << 20 });
-    // zstd and xz both stop at the end of the stream; the 4 size bytes after it are the bzImage's.
+    const r = spawnSync(tool[0], tool[1], { input, stdio: ['pipe', fd, 'pipe'], maxBuffer: 1 << 20 });
+    // xz stops at the end of its stream (--single-stream); the 4 size bytes after it are the bzImage's.
     if (r.status !== 0 || statSync(tmp).size === 0)
       throw new LabError(
         `${tool[0]} could not unpack the kernel in ${bzImage}: ${(r.stderr?.toString() ?? '').trim().split('\n')[0] ?? r.error?.message}`,

@@ -12,5 +12,6 @@ export { labCacheDir } from './cache.js';
 export { labFetch } from './fetch.js';
 export type { LabKernel } from './kernel.js';
 export { loadOrder, moduleTree, readModule } from './modules.js';
+export { isReleaseName, labRelease, NEWEST_RELEASE, RELEASES, type LabRelease } from './release.js';
 export { resolveKernel } from './resolve.js';
 export { which } from './tools.js';

@@ -28,6 +28,10 @@ export interface LabKernel {
   builtin: readonly string[];
   /** The Debian package the kernel came from: "linux-image-6.1.0-56-amd64 6.1.192-2". */
   package?: string;
+  /** The lab release it is (lab fetch --release): "6.12"; undefined for the user's own kernel. */
+  release?: string;
+  /** Modules booted instead of the tree's (module name → .ko), e.g. KVM built from a source tree (--kvm-source). */
+  moduleOverrides?: Readonly<Record<string, string>>;
 }
 
 /** A config option the lab needs: "y" or "y or m" ("ym"), and what for. */

@@ -21,6 +21,7 @@ import {
 } from './image.js';
 import { checkArm64Kernel, checkX86Kernel, type LabKernel } from './kernel.js';
 import { modulesVersionDir } from './modules.js';
+import { isReleaseName } from './release.js';
 import { ensureTools, LAB_TOOLS, X86_TOOLS } from './tools.js';
 
 /** Throws a one-line LabError unless `path` exists and is readable. */
@@ -40,11 +41,13 @@ function readable(path: string, what: string): string {
  * directory (lib/modules/<version>) holding kvm.ko and kvm-amd.ko unless they
  * are built in. A bzImage is unpacked once into the cache to boot by PVH.
  * The config is looked for beside the image, in a build tree, or embedded
- * (CONFIG_IKCONFIG). Without `kernel`, the default lab kernel is fetched.
+ * (CONFIG_IKCONFIG). Without `kernel`, the lab kernel of `release` (default:
+ * the newest) is fetched; `kernel` may also name a release ("6.12").
  * `busybox` overrides the static busybox otherwise fetched into the cache.
  */
 export async function resolveKernel(opts: {
   kernel?: string;
+  release?: string;
   modules?: string;
   config?: string;
   busybox?: string;
@@ -54,10 +57,17 @@ export async function resolveKernel(opts: {
 }): Promise<LabKernel> {
   const log = opts.log ?? (() => {});
   const arch = opts.arch ?? 'x86_64';
+  if (opts.kernel && isReleaseName(opts.kernel) && !existsSync(opts.kernel)) {
+    if (opts.release !== undefined)
+      throw new LabError(`--kernel ${opts.kernel} names a release: give it or --release, not both`);
+    if (opts.modules) throw new LabError(`--kernel ${opts.kernel} names a lab release, which brings its own modules`);
+    return labFetch({ cacheDir: opts.cacheDir, log, arch, release: opts.kernel });
+  }
   if (!opts.kernel) {
     if (opts.modules) throw new LabError('a modules directory was given without a kernel');
-    return labFetch({ cacheDir: opts.cacheDir, log, arch });
+    return labFetch({ cacheDir: opts.cacheDir, log, arch, release: opts.release });
   }
+  if (opts.release !== undefined) throw new LabError('--release names a lab kernel: give it or --kernel, not both');
   const image = readable(opts.kernel, 'kernel image');
   if (!statSync(image).isFile()) throw new LabError(`kernel image is not a file: ${opts.kernel}`);
   let modulesDir: string | undefined;
