@@ -49,6 +49,29 @@ describe('shadow-page events', () => {
     expect(parseShadowEvent(event('kvm_mmu_pagetable_walk', 'addr 1000 pferr 0 '))).toBeUndefined();
   });
 
+  test('parses the access with a read bit, as Linux 7.2 prints it', () => {
+    // Lines as the lab's 7.2 kernel printed them (shadow profile).
+    expect(
+      parseShadowEvent(event('kvm_mmu_get_page', 'sp gen 0 gfn 16 l1 8-byte q0 rwux nxe ad root 0 sync new')),
+    ).toEqual({
+      kind: 'get',
+      gfn: 0x16n,
+      level: 1,
+      direct: false,
+      access: 7,
+      invalid: false,
+      rootCount: 0,
+      unsync: false,
+      created: true,
+    });
+    expect(
+      parseShadowEvent(event('kvm_mmu_unsync_page', 'sp gen 0 gfn 16 l1 8-byte q0 r-u- nxe ad root 0 sync')),
+    ).toMatchObject({ kind: 'unsync', access: 4, unsync: false });
+    expect(
+      parseShadowEvent(event('kvm_mmu_sync_page', 'sp gen 0 gfn 16 l1 8-byte q0 ---- nxe ad root 2 unsync')),
+    ).toMatchObject({ kind: 'sync', access: 0, rootCount: 2, unsync: true });
+  });
+
   test('the picture follows get, unsync, sync and zap', () => {
     const p = new ShadowPicture();
     const e = (id: string, text: string) => p.add(parseShadowEvent(event(id, text))!);

@@ -145,8 +145,13 @@ async function run(ctx: CheckContext, wrong: Wrong | undefined): Promise<void> {
       const v = stats.read();
       return Object.fromEntries(statNames.map((s) => [s, Number(v.get(s) as bigint)]));
     };
-    // This thread too: a memslot deletion zaps in the ioctl's thread.
-    trace = TraceSession.open(ctx.target.fs, SHADOW_EVENTS, [await g.vcpu.tid(), process.pid]);
+    // The thread that issues the VM's ioctls too: a memslot deletion zaps in
+    // it. Here that is this process's main thread; a target whose runs are
+    // synchronous (the lab's agent) issues ioctls and runs on one thread, and
+    // this process's pid means nothing to its kernel.
+    const vcpuTid = await g.vcpu.tid();
+    const pids = ctx.target.concurrentRuns ? [vcpuTid, process.pid] : [vcpuTid];
+    trace = TraceSession.open(ctx.target.fs, SHADOW_EVENTS, pids);
     const picture = new ShadowPicture();
     let before = readStats();
     let modelBefore = { ...model.stats };

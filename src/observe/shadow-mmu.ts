@@ -42,24 +42,40 @@ export interface ObservedSp {
   created?: boolean;
 }
 
-const SP_RE =
-  /gfn ([0-9a-f]+) l(\d) \d-byte q\d( direct)? ([w-])([u-])([x-])( invalid)? !?nxe !?ad root (\d+) (sync|unsync)(?: (new|existing))?/;
+// Each field is found on its own: kernels differ in what else the line
+// holds (6.1 prints "N-byte qQ" after the level; later kernels print other
+// role bits, and the access gains a read bit), and the fields read here keep
+// their spelling otherwise.
+const FIELD = {
+  gfn: /\bgfn ([0-9a-f]+)\b/,
+  level: /\bl(\d)\b/,
+  // "wux" up to 6.x; later kernels print a read bit first ("rwux").
+  access: /\s[r-]?([w-])([u-])([x-])(?=\s)/,
+  root: /\broot (\d+)\b/,
+  sync: /\b(unsync|sync)\b/,
+  created: /\b(new|existing)\s*$/,
+};
 
 /** Parses one shadow-page event's text; undefined for other events or text it does not know. */
 export function parseShadowEvent(e: TraceEvent): ObservedSp | undefined {
   const kind = KINDS[e.id];
-  const m = SP_RE.exec(e.text);
-  if (!kind || !m) return undefined;
+  if (!kind) return undefined;
+  const gfn = FIELD.gfn.exec(e.text);
+  const level = FIELD.level.exec(e.text);
+  const access = FIELD.access.exec(e.text);
+  const root = FIELD.root.exec(e.text);
+  const sync = FIELD.sync.exec(e.text);
+  if (!gfn || !level || !access || !root || !sync) return undefined;
   return {
     kind,
-    gfn: BigInt(`0x${m[1]}`),
-    level: Number(m[2]),
-    direct: !!m[3],
-    access: (m[4] === 'w' ? 2 : 0) | (m[5] === 'u' ? 4 : 0) | (m[6] === 'x' ? 1 : 0),
-    invalid: !!m[7],
-    rootCount: Number(m[8]),
-    unsync: m[9] === 'unsync',
-    ...(kind === 'get' ? { created: m[10] === 'new' } : {}),
+    gfn: BigInt(`0x${gfn[1]}`),
+    level: Number(level[1]),
+    direct: /\sdirect\b/.test(e.text),
+    access: (access[1] === 'w' ? 2 : 0) | (access[2] === 'u' ? 4 : 0) | (access[3] === 'x' ? 1 : 0),
+    invalid: /\sinvalid\b/.test(e.text),
+    rootCount: Number(root[1]),
+    unsync: sync[1] === 'unsync',
+    ...(kind === 'get' ? { created: FIELD.created.exec(e.text)?.[1] === 'new' } : {}),
   };
 }
 
