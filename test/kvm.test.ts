@@ -3,6 +3,7 @@ import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { X86Guest } from '../src/arch/x86/guest.js';
 import { Kvm } from '../src/kvm/kvm.js';
 import { localTarget } from '../src/target/local.js';
 import type { Vm } from '../src/kvm/vm.js';
@@ -293,6 +294,18 @@ describeKvm('host memory behind memslots', () => {
       expect(r.exit.reason === 'io' && [...r.exit.data]).toEqual([0]);
     } finally {
       vm.close();
+    }
+  });
+
+  it("the bring-up slot 0 is MADV_NOHUGEPAGE: khugepaged leaves the harness's own pages alone", () => {
+    if (process.arch !== 'x64') return;
+    const g = X86Guest.create(kvm);
+    try {
+      const flags = g.vm.memslot(0).vmFlags();
+      expect(flags, 'VmFlags of slot 0 in /proc/self/smaps').toContain('nh');
+      expect(flags).not.toContain('hg');
+    } finally {
+      g.close();
     }
   });
 

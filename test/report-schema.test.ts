@@ -98,6 +98,51 @@ describe('JSON report schema', () => {
     expect(problems(doc)).toEqual([]);
   });
 
+  it('a run the kernel under test stopped validates: the kernel message, the console log', () => {
+    const crashed: RunReport = {
+      ...report,
+      checks: [
+        {
+          name: 'g',
+          description: 'crashed',
+          outcome: 'fail',
+          reason: 'kernel BUG in __handle_changed_spte: Invalid SPTE change',
+          comparisons: [],
+          notes: [],
+          durationMs: 3,
+          kernel: [
+            {
+              message: 'kernel BUG in __handle_changed_spte: Invalid SPTE change',
+              excerpt: ['kernel BUG at arch/x86/kvm/mmu/tdp_mmu.c:1!'],
+            },
+          ],
+        },
+        {
+          name: 'h',
+          description: 'after',
+          outcome: 'not_run',
+          reason: 'the kernel under test stopped during g',
+          comparisons: [],
+          notes: [],
+          durationMs: 0,
+        },
+      ],
+      summary: {
+        total: 2,
+        passed: 0,
+        failed: 1,
+        notApplicable: 0,
+        errors: 0,
+        notRun: 1,
+        stopped: 'the kernel under test stopped during g',
+        durationMs: 3,
+        casesChecked: 0,
+      },
+      consoleLog: '/tmp/results/console.log',
+    };
+    expect(problems(JSON.parse(json(crashed)))).toEqual([]);
+  });
+
   it('rejects what the format does not allow', () => {
     const doc = JSON.parse(json(report));
     expect(problems({ ...doc, version: 2 })).toEqual(['/version must be equal to constant']);

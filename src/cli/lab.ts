@@ -6,6 +6,7 @@ import { labFetch, labRelease, RELEASES } from '../lab/fetch/index.js';
 import { ARCHES, isArch, type Arch } from '../arch/arch.js';
 import { DEFAULT_PROFILE, LabError, PROFILES, profile as profileNamed } from '../lab/profiles.js';
 import { labSource } from '../lab/kvm-source.js';
+import { FAULT_ENV, withFault } from '../lab/fault.js';
 import { openLab, type LabSessionOptions } from '../lab/session.js';
 import { compareAb } from '../lab/ab.js';
 import { abTable } from '../report/ab-table.js';
@@ -200,7 +201,8 @@ export function registerLab(program: Command): Command {
         const s = await openLab(sessionOptions(o, runProfile(o)));
         let report: RunReport;
         try {
-          report = await runReport(s.target, checks, ro);
+          const fault = process.env[FAULT_ENV];
+          report = await runReport(s.target, fault ? withFault(checks, fault, s.lab.pid) : checks, ro);
         } finally {
           await s.close();
         }

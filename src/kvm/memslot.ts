@@ -160,6 +160,26 @@ export class Memslot {
     }
     return total;
   }
+  /**
+   * The VmFlags of the mapping that holds the slot's first byte, from
+   * /proc/self/smaps of the process holding the memory ("nh": MADV_NOHUGEPAGE,
+   * "hg": MADV_HUGEPAGE), or undefined when smaps cannot be read.
+   */
+  vmFlags(): string[] | undefined {
+    const smaps = this.target.fs.read('/proc/self/smaps');
+    if (smaps === undefined) return undefined;
+    let inside = false;
+    for (const line of smaps.split('\n')) {
+      const vma = /^([0-9a-f]+)-([0-9a-f]+) /.exec(line);
+      if (vma) {
+        inside = BigInt(`0x${vma[1]}`) <= this.hva && this.hva < BigInt(`0x${vma[2]}`);
+        continue;
+      }
+      const flags = inside ? /^VmFlags:\s*(.*)$/.exec(line) : null;
+      if (flags) return flags[1]!.trim().split(/\s+/);
+    }
+    return undefined;
+  }
   /** Why this process cannot read (or write) [offset, offset+len) of the backing now, or undefined. */
   untouchable(offset: number, len: number, write: boolean): PageState | undefined {
     if (this.pageStates.size === 0) return undefined;

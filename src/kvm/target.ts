@@ -22,6 +22,28 @@ export interface Target {
   readonly concurrentRuns: boolean;
   /** munmap and mmap(MAP_FIXED) over part of a mapping, where the target offers them. */
   readonly ranges?: RangeMapping;
+  /** What its kernel logs, where it is a kernel under test (the lab's): read after every check. */
+  readonly watch?: KernelWatch;
+}
+
+/** Something the kernel under test said went wrong: a BUG, oops, panic, WARN from KVM, lockup; or a hang. */
+export interface KernelProblem {
+  /** As the kernel named it, e.g. "kernel BUG in __handle_changed_spte: Invalid SPTE change: ...". */
+  message: string;
+  /** The log lines around it. */
+  excerpt: string[];
+}
+
+/** The kernel log of a target, read check by check. */
+export interface KernelWatch {
+  /**
+   * The problems logged since the last call. `dead` says how the kernel
+   * stopped answering (it crashed or hung): then no further check can run,
+   * and the problems say why as far as its console does.
+   */
+  since(): Promise<{ problems: KernelProblem[]; dead?: string }>;
+  /** Where the whole console log of the kernel under test is kept. */
+  readonly consoleLog?: string;
 }
 
 /** The file-system view of a target (src/target/fs.ts has this host's). */

@@ -2,8 +2,8 @@
 // for /init's READY line on the console, and hands the agent's line to the
 // caller as two FIFOs.
 //
-// The console (x86 ttyS0, arm64 the PL011 ttyAMA0) is QEMU's stdout, copied
-// to a log file and watched for KVMHARNESS-LAB-* lines. The agent's line (a
+// The console (x86 ttyS0, arm64 the PL011 ttyAMA0) is QEMU's stdout, a log
+// file, read back and watched for KVMHARNESS-LAB-* lines. The agent's line (a
 // named virtio-serial port: virtio-pci on x86, virtio-mmio on arm64) is a
 // pipe chardev: QEMU reads <dir>/agent.in and writes <dir>/agent.out, raw
 // bytes both ways. QEMU is torn down on
@@ -17,6 +17,7 @@ import {
   openSync,
   readdirSync,
   readFileSync,
+  readSync,
   rmSync,
   writeFileSync,
   writeSync,
@@ -33,7 +34,11 @@ export interface Lab {
   readonly agentIn: string;
   /** FIFO the host reads; the bytes the guest wrote on its agent line. */
   readonly agentOut: string;
-  /** The guest console (kernel messages, /init, the agent's stderr). Removed by close(). */
+  /**
+   * The guest console (kernel messages, /init, the agent's stderr): the file
+   * bootLab was asked to write (kept), else one in the lab's temporary
+   * directory (removed by close()).
+   */
   readonly consoleLog: string;
   /** `uname -r` in the guest. */
   readonly kernelRelease: string;
@@ -47,6 +52,12 @@ export interface Lab {
   running(): boolean;
   /** The last lines of the console, for error messages. */
   consoleTail(lines?: number): string;
+  /**
+   * Lets QEMU's output reach the console log: until QEMU has exited and all
+   * it wrote is read, or `ms` at most while it runs (the log is written from
+   * the event loop, which a synchronous call to the agent holds up).
+   */
+  settle(ms: number): Promise<void>;
   /** Stops QEMU (SIGTERM, then SIGKILL after a grace period) and removes the lab's temporary directory. */
   close(): Promise<void>;
 }
@@ -302,6 +313,8 @@ export async function bootLab(opts: {
   profile: Profile;
   bootTimeoutMs?: number;
   log?: (s: string) => void;
+  /** Write the console log here, and keep it (default: in the lab's temporary directory). */
+  consoleLog?: string;
 }): Promise<Lab> {
   const log = opts.log ?? (() => {});
   const { kernel, profile } = opts;
@@ -318,7 +331,7 @@ export async function bootLab(opts: {
   const dir = mkdtempSync(join(tmpdir(), LAB_DIR_PREFIX));
   writeFileSync(join(dir, 'owner'), `${process.pid}\n`);
   const agentPath = join(dir, 'agent');
-  const consoleLog = join(dir, 'console.log');
+  const consoleLog = opts.consoleLog ?? join(dir, 'console.log');
   const mk = spawnSync('mkfifo', ['-m', '600', `${agentPath}.in`, `${agentPath}.out`], { encoding: 'utf8' });
   if (mk.status !== 0) {
     rmSync(dir, { recursive: true, force: true });
@@ -328,13 +341,18 @@ export async function bootLab(opts: {
   // setpriv --pdeathsig: QEMU gets SIGKILL if this process dies without running any handler.
   const setpriv = which('setpriv');
   const [cmd, argv] = setpriv ? [setpriv, ['--pdeathsig', 'KILL', '--', qemu, ...args]] : [qemu, args];
-  const logFd = openSync(consoleLog, 'w');
+  // QEMU writes the console straight into the log (its stdout is the file):
+  // a pipe read by this process's event loop would fill while a synchronous
+  // call to the agent holds that loop up, and QEMU's serial port then drops
+  // bytes (a crash's own lines among them).
+  const logFd = openSync(consoleLog, 'a');
   writeSync(logFd, `# ${[qemu, ...args].join(' ')}\n`);
+  const readFd = openSync(consoleLog, 'r');
 
   hook();
   const t0 = Date.now();
   log(`lab: booting ${kernel.version} (profile ${profile.name})…`);
-  const child = spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(cmd, argv, { stdio: ['ignore', logFd, 'pipe'] });
   const r: Running = { child, dir, keep: false };
   live.add(r);
 
@@ -358,24 +376,38 @@ export async function bootLab(opts: {
       if (eq > 0) params[rest.slice(0, eq)] = rest.slice(eq + 1).trim();
     } else if (kind === 'EXIT') log(`lab: the agent exited with status ${rest.trim()}`);
   };
-  const onData = (chunk: Buffer): void => {
-    if (logOpen) writeSync(logFd, chunk);
-    const lines = (partial + chunk.toString('latin1')).split('\n');
-    partial = lines.pop()!;
-    for (const l of lines) onLine(l.replace(/\r$/, ''));
+  // Console lines as they reach the log, read back from it.
+  const rbuf = Buffer.alloc(1 << 16);
+  const poll = (): void => {
+    if (!logOpen) return;
+    for (let n; (n = readSync(readFd, rbuf, 0, rbuf.length, null)) > 0;) {
+      const lines = (partial + rbuf.toString('latin1', 0, n)).split('\n');
+      partial = lines.pop()!;
+      for (const l of lines) onLine(l.replace(/\r$/, ''));
+    }
   };
-  child.stdout!.on('data', onData);
-  child.stderr!.on('data', onData);
-  // 'close': QEMU has exited and everything it wrote has been read.
+  const poller = setInterval(poll, 20);
+  poller.unref();
+  // QEMU's own messages (stderr) go into the log too.
+  child.stderr!.on('data', (chunk: Buffer) => {
+    if (logOpen) writeSync(logFd, chunk);
+  });
+  // 'close': QEMU has exited and everything it wrote is in the log.
   const drained = new Promise<void>((done) =>
     child.once('close', () => {
+      clearInterval(poller);
+      poll();
       if (partial) onLine(partial);
       partial = '';
       done();
     }),
   );
   const closeLog = (): void => {
-    if (logOpen) closeSync(logFd);
+    clearInterval(poller);
+    if (logOpen) {
+      closeSync(logFd);
+      closeSync(readFd);
+    }
     logOpen = false;
   };
 
@@ -433,6 +465,11 @@ export async function bootLab(opts: {
       pid: child.pid!,
       running: () => child.exitCode === null && child.signalCode === null,
       consoleTail: (n = 20) => tailOf(consoleLog, n),
+      async settle(ms) {
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([drained, new Promise((done) => (timer = setTimeout(done, ms)))]);
+        clearTimeout(timer);
+      },
       close: () =>
         (closing ??= (async () => {
           await stop(r);

@@ -4,7 +4,7 @@
 // through the agent — so that the unchanged checks, models and reports run
 // here against the lab's KVM when they are handed that target.
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { constants as fsc } from 'node:fs';
 import type { Arch } from '../arch/arch.js';
@@ -17,6 +17,7 @@ import { bootLab, type Lab } from './qemu.js';
 import { RemoteAddon } from './remote/addon.js';
 import { agentHeaders, agentSources, buildAgent } from './remote/agent-process.js';
 import { remoteTarget } from './remote/target.js';
+import { labWatch } from './watch.js';
 
 export interface LabSessionOptions {
   profile: string;
@@ -38,9 +39,47 @@ export interface LabSession {
   kernel: LabKernel;
   profile: Profile;
   remote: RemoteAddon;
-  /** The lab's KVM and files, for Kvm.open, probe and the checks. */
+  /** The lab's KVM and files, for Kvm.open, probe and the checks; its kernel log watched check by check. */
   target: Target;
+  /** The results directory of this session: console.log, the whole console, kept after close(). */
+  results: string;
   close(): Promise<void>;
+}
+
+/** How long the agent has to answer a request (beyond a run's own time limit): longer, the lab has hung. */
+export const AGENT_TIMEOUT_MS = 20_000;
+
+/** Results directories kept: the oldest beyond these are removed when a session opens. */
+const RESULTS_KEPT = 50;
+
+/**
+ * Where lab sessions keep their results (the console log):
+ * $KVMHARNESS_RESULTS, else results/ in the lab's cache.
+ */
+export function resultsRoot(): string {
+  const env = process.env.KVMHARNESS_RESULTS;
+  return env ? env : join(labCacheDir(), 'results');
+}
+
+/** A new results directory for a session of `profile`: <root>/<UTC time>-<profile>-<pid>[-n]; the oldest pruned. */
+function resultsDir(profile: string): string {
+  const root = resultsRoot();
+  mkdirSync(root, { recursive: true });
+  const old = readdirSync(root)
+    .filter((n) => /^\d{8}T\d{6}Z-/.test(n))
+    .sort();
+  for (const n of old.slice(0, Math.max(0, old.length - RESULTS_KEPT + 1)))
+    rmSync(join(root, n), { recursive: true, force: true });
+  const stamp = new Date()
+    .toISOString()
+    .replace(/[-:]/g, '')
+    .replace(/\.\d+Z$/, 'Z');
+  for (let i = 0; ; i++) {
+    const dir = join(root, `${stamp}-${profile}-${process.pid}${i ? `-${i}` : ''}`);
+    if (existsSync(dir)) continue;
+    mkdirSync(dir, { recursive: true });
+    return dir;
+  }
 }
 
 /** The compiler of each architecture's static agent (arm64: Debian's cross compiler). */
@@ -84,7 +123,16 @@ export async function openLab(o: LabSessionOptions): Promise<LabSession> {
     dir: join(labCacheDir(), 'initramfs'),
   });
   o.log(`booting ${kernel.version} (${prof.name})`);
-  const lab = await bootLab({ kernel, initramfs, profile: prof, bootTimeoutMs: o.bootTimeoutMs, log: o.log });
+  const results = resultsDir(prof.name);
+  const consoleLog = join(results, 'console.log');
+  const lab = await bootLab({
+    kernel,
+    initramfs,
+    profile: prof,
+    bootTimeoutMs: o.bootTimeoutMs,
+    log: o.log,
+    consoleLog,
+  });
   let readFd = -1;
   let writeFd = -1;
   try {
@@ -97,7 +145,8 @@ export async function openLab(o: LabSessionOptions): Promise<LabSession> {
       kernel,
       profile: prof,
       remote,
-      target: remoteTarget(remote),
+      target: { ...remoteTarget(remote), watch: labWatch(lab, remote, AGENT_TIMEOUT_MS) },
+      results,
       async close() {
         try {
           remote.disconnect();
@@ -128,7 +177,8 @@ export async function openLab(o: LabSessionOptions): Promise<LabSession> {
 /** Connects to the agent; the handshake itself repeats its hello until the agent, started just after READY, answers. */
 function connect(readFd: number, writeFd: number, lab: Lab): RemoteAddon {
   try {
-    return RemoteAddon.connect(readFd, writeFd, { rpcTimeoutMs: 20_000 });
+    // The watchdog also ends a wait when QEMU has exited (a panic ends it: -no-reboot, panic=-1).
+    return RemoteAddon.connect(readFd, writeFd, { rpcTimeoutMs: AGENT_TIMEOUT_MS, watchPid: lab.pid });
   } catch (e) {
     throw new LabError(`the lab's agent did not answer: ${(e as Error).message}\n${lab.consoleTail(20)}`);
   }

@@ -31,13 +31,13 @@ export function human(r: RunReport): string {
     out.push(...detail(c).map((l) => `      ${l}`));
   }
   const s = r.summary;
-  const notRun =
-    s.notRun || s.interrupted
-      ? `, ${s.notRun} not run${s.interrupted ? ` (interrupted by ${s.interrupted})` : ''}`
-      : '';
+  const why = s.interrupted ? ` (interrupted by ${s.interrupted})` : s.stopped ? ` (${s.stopped})` : '';
+  const notRun = s.notRun || s.interrupted ? `, ${s.notRun} not run${why}` : '';
   out.push(
     `${s.passed} passed, ${s.failed} failed, ${s.notApplicable} not applicable, ${s.errors} errors${notRun} (${(s.durationMs / 1000).toFixed(2)} s)${s.casesChecked ? `; ${s.casesChecked} cases checked` : ''}`,
   );
+  if (s.stopped && !s.notRun) out.push(`stopped: ${s.stopped}`);
+  if (r.consoleLog) out.push(`console log of the kernel under test: ${r.consoleLog}`);
   return out.join('\n');
 }
 
@@ -47,6 +47,10 @@ function detail(c: CheckResult): string[] {
   if (c.outcome === 'not_applicable') lines.push(`not applicable here: ${c.reason}`);
   if (c.outcome === 'error') lines.push(`error: ${c.reason}`);
   if (c.outcome === 'not_run') lines.push(`not run: ${c.reason}`);
+  for (const k of c.kernel ?? []) {
+    lines.push(`kernel: ${k.message}`);
+    lines.push(...k.excerpt.map((l) => `  | ${l}`));
+  }
   for (const m of c.comparisons) {
     if (m.ok) continue;
     lines.push(`${m.what}: expected ${m.expected}`);
@@ -79,6 +83,7 @@ export function ktap(r: RunReport): string {
     else out.push(`${c.outcome === 'pass' ? 'ok' : 'not ok'} ${i + 1} ${name}`);
   });
   const s = r.summary;
+  if (r.consoleLog) out.push(`# console log of the kernel under test: ${r.consoleLog}`);
   out.push(`# ${totals(s.passed, s.failed, s.notApplicable + s.notRun, s.errors)}`);
   return out.join('\n');
 }
@@ -113,9 +118,11 @@ export function junit(r: RunReport): string {
     else {
       const tag = c.outcome === 'fail' ? 'failure' : 'error';
       const first = c.comparisons.find((m) => !m.ok);
-      const msg = first
-        ? `${first.what}: expected ${first.expected}, observed ${first.observed}`
-        : (c.reason ?? c.outcome);
+      const msg = c.kernel?.length
+        ? (c.reason ?? c.outcome)
+        : first
+          ? `${first.what}: expected ${first.expected}, observed ${first.observed}`
+          : (c.reason ?? c.outcome);
       out.push(`${open}><${tag} message="${xml(oneLine(msg))}">${xml(body)}</${tag}></testcase>`);
     }
   }

@@ -5,6 +5,7 @@ import { nodeArch, type Arch } from '../arch/arch.js';
 import type { Kvm } from '../kvm/kvm.js';
 import { HostError, Unsupported } from '../kvm/sys.js';
 import type { HostProfile } from '../probe/probe.js';
+import type { KernelProblem } from '../kvm/target.js';
 import { same, show } from './differ.js';
 import { NotApplicable } from '../base/not-applicable.js';
 import type { Check, CheckResult, Comparison, RunReport, WrongExpectation, WrongObservation } from './types.js';
@@ -90,15 +91,57 @@ export async function runChecks(
 ): Promise<RunReport> {
   const t0 = performance.now();
   const results: CheckResult[] = [];
+  const watch = kvm.target.watch;
+  // What the kernel logged before the run (its boot) is none of the checks' doing.
+  let stopped = watch ? (await watch.since()).dead : undefined;
   for (const c of forHostArch(checks, profile.arch)) {
+    if (stopped) {
+      const r = notRun(c, stopped);
+      results.push(r);
+      opts.onResult?.(r);
+      continue;
+    }
     // A turn of the event loop between checks: a run whose KVM calls are all
     // synchronous (the lab's) would otherwise see Ctrl-C only when it ends.
     await new Promise<void>((resolve) => setImmediate(resolve));
-    const r = await runCheck(c, kvm, profile, opts);
+    let r = await runCheck(c, kvm, profile, opts);
+    if (watch) {
+      const k = await watch.since();
+      if (k.problems.length) r = kernelVerdict(r, k.problems);
+      if (k.dead) stopped = `the kernel under test stopped during ${c.name}: ${k.dead}`;
+    }
     results.push(r);
     opts.onResult?.(r);
   }
-  return reportOf(profile, results, performance.now() - t0);
+  const report = reportOf(profile, results, performance.now() - t0);
+  if (stopped) report.summary.stopped = stopped;
+  if (watch?.consoleLog) report.consoleLog = watch.consoleLog;
+  return report;
+}
+
+/**
+ * A check during which the kernel under test logged a problem fails, named
+ * after the kernel's message; what the check itself found stays in the result.
+ */
+export function kernelVerdict(r: CheckResult, problems: KernelProblem[]): CheckResult {
+  const first = problems[0]!.message;
+  const more =
+    problems.length > 1 ? ` (and ${problems.length - 1} more kernel message${problems.length > 2 ? 's' : ''})` : '';
+  const had =
+    r.outcome === 'error' || r.outcome === 'not_applicable' ? [`the check itself: ${r.outcome}: ${r.reason}`] : [];
+  return { ...r, outcome: 'fail', reason: `${first}${more}`, kernel: problems, notes: [...had, ...r.notes] };
+}
+
+function notRun(c: Check, why: string): CheckResult {
+  return {
+    name: c.name,
+    description: c.description,
+    outcome: 'not_run',
+    comparisons: [],
+    reason: why,
+    notes: [],
+    durationMs: 0,
+  };
 }
 
 /** The report of these results. */

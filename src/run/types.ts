@@ -1,10 +1,13 @@
 // What a check is, what it produced, and how a run is summarised.
 import type { Arch } from '../arch/arch.js';
 import type { Kvm } from '../kvm/kvm.js';
-import type { Target } from '../kvm/target.js';
+import type { KernelProblem, Target } from '../kvm/target.js';
 import type { HostProfile, Oracle } from '../probe/probe.js';
 
-/** not_run: the run was interrupted (SIGINT, SIGTERM, ...) before the check finished or began. */
+/**
+ * not_run: the run was interrupted (SIGINT, SIGTERM, ...), or the kernel
+ * under test crashed or hung, before the check finished or began.
+ */
 export type Outcome = 'pass' | 'fail' | 'not_applicable' | 'error' | 'not_run';
 
 /** One expected-against-observed record; ok is decided by the differ, not the check. */
@@ -26,6 +29,8 @@ export interface CheckResult {
   durationMs: number;
   /** For checks that check many cases (the access matrix): counts per outcome. */
   cases?: CaseCounts;
+  /** What the kernel under test logged as going wrong while the check ran (it fails the check). */
+  kernel?: KernelProblem[];
 }
 
 export interface CaseCounts {
@@ -44,6 +49,8 @@ export interface Summary {
   notRun: number;
   /** The signal that interrupted the run, if one did. */
   interrupted?: string;
+  /** Why the run stopped early, when the kernel under test crashed or hung. */
+  stopped?: string;
   durationMs: number;
   /** Sum of CheckResult.cases.checked over the run (0 when no check counts cases). */
   casesChecked: number;
@@ -53,6 +60,8 @@ export interface RunReport {
   host: Pick<HostProfile, 'arch' | 'flavour' | 'tdp' | 'tdpMmu'> & { device: string };
   checks: CheckResult[];
   summary: Summary;
+  /** Where the whole console log of the kernel under test is kept (lab runs). */
+  consoleLog?: string;
 }
 
 /**

@@ -40,10 +40,18 @@ export type GuestStop =
   | { kind: 'exit'; exit: Exit }
   | { kind: 'timeout' };
 
+/** Memslot 0's host memory unless a guest asks for other: 4 KiB pages that stay 4 KiB pages. */
+export const BRINGUP_BACKING: HostBacking = { kind: 'anon', thp: false };
+
 export interface GuestOptions extends BringUpOptions {
   /** Size of memslot 0 at GPA 0 (default 4 MiB, the identity-mapped region). */
   memSize?: number;
   slotFlags?: number;
+  /**
+   * Memslot 0's host memory (default: anonymous, MADV_NOHUGEPAGE, so that
+   * khugepaged cannot collapse the harness's code and tables, and KVM zap
+   * and refault them, in the middle of a check).
+   */
   backing?: HostBacking;
   /** CPUID for the vCPU (default: everything KVM supports). */
   cpuid?: CpuidEntry[];
@@ -114,7 +122,8 @@ export class X86Guest {
     if (opts.levels === 5 && !(leaf7 && (leaf7.ecx >>> 16) & 1)) {
       throw new NotApplicable("5-level paging needs LA57, which this vCPU's CPUID does not offer");
     }
-    vm.addMemslot({ slot: 0, gpa: 0n, size: memSize, flags: opts.slotFlags ?? 0, backing: opts.backing });
+    const backing = opts.backing ?? BRINGUP_BACKING;
+    vm.addMemslot({ slot: 0, gpa: 0n, size: memSize, flags: opts.slotFlags ?? 0, backing });
     this.boot = bringUp(vm.mem, opts);
     this.vcpu = vm.createVcpu(0);
     this.vcpu.setCpuid(this.cpuid);

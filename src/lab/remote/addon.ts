@@ -464,6 +464,11 @@ export class RemoteAddon implements Addon {
     return this.rpc({ op: OP.rmdir, args: new Args().str(path).done() }).result;
   }
 
+  /** Why the channel to the agent can no longer be used (no reply in time, the agent gone), if it cannot. */
+  get failure(): Error | undefined {
+    return this.ch.failure;
+  }
+
   /** Local mirrors by agent address (tests, diagnostics). */
   mirrorOf(remote: bigint): ArrayBuffer | undefined {
     return this.mirrors.at(remote, 1)?.buf;
