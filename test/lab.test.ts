@@ -712,7 +712,20 @@ describe.skipIf(skipLive !== undefined)(`lab run --kvm-source${skipLive ? ` [ski
     const start = (tree: string) => {
       const child = spawn(
         process.execPath,
-        [bin, 'lab', 'run', '--kvm-source', tree, '--profile', 'npt-tdp', '--', 'run', 'tdp_spte_picture'],
+        [
+          bin,
+          'lab',
+          'run',
+          '--release',
+          '6.1',
+          '--kvm-source',
+          tree,
+          '--profile',
+          'npt-tdp',
+          '--',
+          'run',
+          'tdp_spte_picture',
+        ],
         { stdio: ['ignore', 'pipe', 'pipe'] },
       );
       let out = '';
