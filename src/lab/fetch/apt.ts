@@ -116,11 +116,23 @@ const hasLists = (src: AptSource): boolean => {
   return !o || readdirSync(o.slice('Dir::State::Lists='.length)).some((f) => /_Packages(\.\w+)?$/.test(f));
 };
 
+/**
+ * apt and dpkg take their locks without waiting, so two lab runs that
+ * install or update at once (two --kvm-source builds installing the same
+ * headers) fail with "Unable to acquire the dpkg frontend lock". Every apt
+ * call of the lab's therefore waits its turn on one lock file (flock(1)).
+ */
+const APT_LOCK = '/run/lock/kvmharness-apt.lock';
+const aptLocked = (cmd: string, args: readonly string[]): [string, string[]] => [
+  'flock',
+  ['-w', '900', APT_LOCK, cmd, ...args],
+];
+
 async function aptUpdate(log: (s: string) => void, force = false, src: AptSource = HOST): Promise<void> {
   if (src.updated && !force) return;
   if (!isRoot()) throw new LabError('the package lists need `apt-get update`, which needs root');
   log(`lab: apt-get update${src === HOST ? '' : ` (the lab's ${src.name} sources)`}`);
-  const r = await run('apt-get', [...src.options, 'update']);
+  const r = await run(...aptLocked('apt-get', [...src.options, 'update']));
   if (r.code !== 0) throw new LabError(`apt-get update failed: ${lastLine(r)}`);
   src.updated = true;
 }
@@ -134,10 +146,10 @@ async function apt(
   src: AptSource = HOST,
 ): Promise<Ran> {
   if (!src.updated && !hasLists(src)) await aptUpdate(log, false, src);
-  let r = await run(cmd, [...src.options, ...args], { cwd });
+  let r = await run(...aptLocked(cmd, [...src.options, ...args]), { cwd });
   if (r.code !== 0 && !src.updated && isRoot()) {
     await aptUpdate(log, false, src);
-    r = await run(cmd, [...src.options, ...args], { cwd });
+    r = await run(...aptLocked(cmd, [...src.options, ...args]), { cwd });
   }
   return r;
 }
