@@ -53,17 +53,28 @@ export function tdpPicture(opts: { wrong?: Wrong } = {}): Check {
   };
 }
 
+/** The small anonymous slot and, where hugetlb pages can be had, the 2 MiB hugetlb slot of the picture checks. */
+function pictureSlots(ctx: CheckContext, g: X86Guest): { small: KvmMemslot; huge?: KvmMemslot } {
+  const small = g.vm.addMemslot({ slot: 1, gpa: SMALL_GPA, size: 0x200000, backing: { kind: 'anon', thp: false } });
+  try {
+    const huge = g.vm.addMemslot({
+      slot: 2,
+      gpa: HUGE_GPA,
+      size: 0x200000,
+      backing: { kind: 'hugetlb', pageSize: '2M' },
+    });
+    return { small, huge };
+  } catch (e) {
+    ctx.note(`no hugetlb slot: ${(e as Error).message} (2 MiB mappings not compared)`);
+    return { small };
+  }
+}
+
 async function run(ctx: CheckContext, wrong: WrongTdp): Promise<void> {
   const g = X86Guest.create(ctx.kvm);
   let trace: TraceSession | undefined;
   try {
-    const small = g.vm.addMemslot({ slot: 1, gpa: SMALL_GPA, size: 0x200000, backing: { kind: 'anon', thp: false } });
-    let huge: KvmMemslot | undefined;
-    try {
-      huge = g.vm.addMemslot({ slot: 2, gpa: HUGE_GPA, size: 0x200000, backing: { kind: 'hugetlb', pageSize: '2M' } });
-    } catch (e) {
-      ctx.note(`no hugetlb slot: ${(e as Error).message} (2 MiB mappings not compared)`);
-    }
+    const { small, huge } = pictureSlots(ctx, g);
     const logged = g.vm.addMemslot({
       slot: 3,
       gpa: LOGGED_GPA,
@@ -180,13 +191,7 @@ async function runPreFault(ctx: CheckContext, wrong: WrongTdp | undefined): Prom
   const g = X86Guest.create(ctx.kvm);
   let trace: TraceSession | undefined;
   try {
-    const small = g.vm.addMemslot({ slot: 1, gpa: SMALL_GPA, size: 0x200000, backing: { kind: 'anon', thp: false } });
-    let huge: KvmMemslot | undefined;
-    try {
-      huge = g.vm.addMemslot({ slot: 2, gpa: HUGE_GPA, size: 0x200000, backing: { kind: 'hugetlb', pageSize: '2M' } });
-    } catch (e) {
-      ctx.note(`no hugetlb slot: ${(e as Error).message} (2 MiB mappings not compared)`);
-    }
+    const { small, huge } = pictureSlots(ctx, g);
     // The host writes the first four pages; the rest stay untouched.
     small.madvise(0, 4 * PAGE, MADV_POPULATE_WRITE);
     // One run loads the vCPU's MMU (pre-faulting needs its root).
