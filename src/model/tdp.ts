@@ -776,6 +776,21 @@ export class Tdp {
     return { ranges, flush };
   }
 
+  /**
+   * The VMM's own access to `gfn` through the slot's HVA (not a guest access):
+   * the host page faults in as for any process, and whatever mapping the host
+   * replaces (a zero page written) is reported to the MMU notifiers and zapped.
+   * Nothing is mapped and nothing is logged dirty. Undefined: the host has no
+   * page there (munmap, a protection that forbids the access).
+   */
+  hostAccess(asId: number, gfn: number, write: boolean): HostPage | undefined {
+    const slot = this.slots.find(asId, gfn);
+    if (!slot) throw new RangeError(`no memslot holds gfn ${gfn} in address space ${asId}`);
+    const host = this.host.fault(slot, gfnToHva(slot, gfn), write);
+    for (const [s, e] of host?.notify ?? []) this.invalidateRange(s, e);
+    return host?.page;
+  }
+
   private invalidateRange(start: bigint, end: bigint): { ranges: GfnRange[]; flush: Flush[] } {
     const ranges: GfnRange[] = [];
     const flush: Flush[] = [];

@@ -165,6 +165,23 @@ export class ModelVm {
     return `model: ${why}${prot ? ` ${prot}` : ''} invalidates ${zapped}; ${pages} there refault on the next access`;
   }
 
+  /**
+   * The VMM writes [gpa, gpa + size) through the slots' HVAs: each page faults
+   * in on the host (a zero page replaced is zapped where KVM mapped it); no
+   * page is logged dirty. Returns what the model did, for the notes.
+   */
+  hostWrite(gpa: bigint, size: bigint): string {
+    const first = Number(gpa >> 12n);
+    const last = Number((gpa + size - 1n) >> 12n);
+    const before = this.tdp.mappings(0, first, last + 1).reduce((n, r) => n + r.end - r.start, 0);
+    for (let gfn = first; gfn <= last; gfn++) {
+      if (!this.tdp.hostAccess(0, gfn, true)) throw new RangeError(`the model has no host page at GFN ${hex(gfn)}`);
+    }
+    const after = this.tdp.mappings(0, first, last + 1).reduce((n, r) => n + r.end - r.start, 0);
+    const pages = last - first + 1;
+    return `model: the host writes ${pages} page${pages === 1 ? '' : 's'}, none logged dirty; ${before - after} mapped page${before - after === 1 ? '' : 's'} zapped (zero pages replaced)`;
+  }
+
   /** Fresh host memory over part of a slot (mmap MAP_FIXED after munmap). */
   remap(slot: number, offset: bigint, size: bigint): void {
     const m = this.slot(slot);

@@ -18,7 +18,7 @@ import { LAYOUT } from '../arch/x86/layout.js';
 import { PTE_A } from '../arch/x86/pte.js';
 import { KvmError } from '../kvm/sys.js';
 import type { Memslot } from '../model/memslots.js';
-import { BACKINGS, memFlags, modelSlot, ModelVm } from '../model/vm.js';
+import { BACKINGS, modelSlot, ModelVm } from '../model/vm.js';
 import { accessException, accessedLatitude, walkWith, type PagingConfig, type WalkResult } from '../model/walk.js';
 import type { Wrong, WrongWalk } from '../model/wrong.js';
 import { readStats } from '../observe/stats.js';
@@ -29,7 +29,7 @@ import {
   bringUpOptions,
   buildScenarioTables,
   pagingConfigFor,
-  slotBacking,
+  slotSpec,
   type ScenarioTables,
 } from '../scenario/build.js';
 import { showDelta, showStatExpect, statHolds, statNotApplicable } from '../scenario/stats.js';
@@ -37,6 +37,7 @@ import type { Scenario, Step, StepStats } from '../scenario/types.js';
 import { same, show } from './differ.js';
 import { hostFaultPath, tdpLogsDirty, tdpModelOptions } from './host-policy.js';
 import { describeWalk, MMIO_FILL, modelAsTrace, predictAccess, type AccessStep, type Prediction } from './predict.js';
+import { modelPageCount, thpUnconfirmed } from './model-stats.js';
 import { runRace } from './race.js';
 import { ShadowFollow } from './shadow-follow.js';
 import {
@@ -116,10 +117,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
   try {
     const manualProtect = sc.steps.some((s) => s.side === 'host' && s.kind === 'clear-dirty-log');
     if (manualProtect) g.vm.enableManualDirtyLogProtect();
-    for (const m of sc.memslots) {
-      const backing = slotBacking(m.backing);
-      g.vm.addMemslot({ slot: m.slot, gpa: m.gpa, size: Number(m.size), backing, flags: memFlags(m) });
-    }
+    for (const m of sc.memslots) if (m.created === 'at-start') g.vm.addMemslot(slotSpec(m));
     const built = buildScenarioTables(sc, g.mem, g.boot);
     const cfg: PagingConfig = { ...pagingConfigFor(sc, cpu), walker: guestWalkerOf(ctx.profile) };
     if (cfg.walker === 'qemu-tcg')
@@ -178,7 +176,7 @@ class ScenarioRun {
     const wrong = opts.wrong?.tdp ? { wrong: opts.wrong.tdp } : {};
     this.vm = new ModelVm({ ...tdpModelOptions(ctx.profile), record: false, ...wrong });
     this.vm.setSlot(slotOf(0));
-    for (const m of sc.memslots) this.vm.setSlot(slotOf(m.slot));
+    for (const m of sc.memslots) if (m.created === 'at-start') this.vm.setSlot(slotOf(m.slot));
     this.tdpDirty = tdpLogsDirty(ctx.profile);
     this.canReadStats = !!ctx.profile.capabilities.KVM_CAP_BINARY_STATS_FD;
     this.host = {
@@ -252,8 +250,11 @@ class ScenarioRun {
       const s = sc.steps[i]!;
       const name = stepName(i, s);
       const statsBefore = s.stats && this.canReadStats ? this.readStats() : undefined;
+      const modelBefore = s.stats && this.modelCounts(s.stats);
       const checkStats = () => {
-        if (s.stats) compareStats(ctx, name, s.stats, statsBefore, statsBefore && this.readStats());
+        if (!s.stats) return;
+        const model = modelBefore && { before: modelBefore, after: this.modelCounts(s.stats), thp: this.thpWhy() };
+        compareStats(ctx, name, s.stats, statsBefore, statsBefore && this.readStats(), model);
       };
       const go =
         s.side === 'guest' ? await this.guestStep(i, s, name, checkStats) : await this.hostStep(i, s, name, checkStats);
@@ -261,6 +262,17 @@ class ScenarioRun {
     }
     if (!(await this.finishPending())) return;
     ctx.expect('guest finishes', 'done', describeStop(await this.g.run()));
+  }
+
+  /** The model's counts for the step's "model" stat expectations. */
+  modelCounts(stats: StepStats): Map<string, bigint> {
+    const out = new Map<string, bigint>();
+    for (const [k, e] of Object.entries(stats)) if (e.op === 'model') out.set(k, modelPageCount(this.vm, k));
+    return out;
+  }
+
+  thpWhy(): string | undefined {
+    return thpUnconfirmed(this.sc, this.g, this.vm);
   }
 
   readStats(): Map<string, bigint> {
@@ -437,9 +449,18 @@ function compareStats(
   want: StepStats,
   before: Map<string, bigint> | undefined,
   after: Map<string, bigint> | undefined,
+  model?: { before: Map<string, bigint>; after: Map<string, bigint>; thp: string | undefined },
 ): void {
-  for (const [stat, e] of Object.entries(want)) {
-    const why = statNotApplicable(stat, ctx.profile, !!before?.has(stat) && !!after?.has(stat));
+  for (const [stat, given] of Object.entries(want)) {
+    let e = given;
+    if (given.op === 'model') {
+      // The model's delta, then compared as an exact one.
+      e = { op: '=', delta: model!.after.get(stat)! - model!.before.get(stat)! };
+      ctx.note(`${name}: stats ${stat}: the model says ${showStatExpect(e)}`);
+    }
+    const why =
+      statNotApplicable(stat, ctx.profile, !!before?.has(stat) && !!after?.has(stat)) ??
+      (given.op === 'model' ? model!.thp : undefined);
     const shown = showStatExpect(e);
     if (why) {
       ctx.note(`${name}: stats ${stat} ${shown}: not applicable here (${why})`);

@@ -17,6 +17,7 @@ import { memFlags, type ModelVm } from '../model/vm.js';
 import type { PagingConfig, WalkResult } from '../model/walk.js';
 import { dirtyPages } from '../observe/dirty-log.js';
 import type { Scenario, Step } from '../scenario/types.js';
+import { slotSpec } from '../scenario/build.js';
 import { MADV, PROT } from '../uapi/uapi.js';
 import type { CheckContext } from './types.js';
 import { hex, PAGE } from '../base/units.js';
@@ -235,6 +236,23 @@ export const STEP_ACTIONS: StepActionTable = {
     act({ g, vm }, s) {
       g.vm.deleteMemslot(s.slot);
       vm.deleteSlot(s.slot);
+    },
+  },
+  'memslot-create': {
+    act({ ctx, sc, g, vm, slotOf }, s, name) {
+      const m = sc.memslots.find((x) => x.slot === s.slot)!;
+      g.vm.addMemslot(slotSpec(m));
+      vm.setSlot(slotOf(s.slot));
+      ctx.note(`${name}: memslot ${s.slot} at ${hex(m.gpa)}, HVA ${hex(g.vm.memslot(s.slot).hva)}`);
+    },
+  },
+  'write-memory': {
+    act({ ctx, g, vm }, s, name) {
+      const word = new Uint8Array(8);
+      new DataView(word.buffer).setBigUint64(0, BigInt.asUintN(64, s.value), true);
+      const bytes = g.mem.bytes(s.gpa, Number(s.size), true);
+      for (let off = 0; off < bytes.length; off += 8) bytes.set(word, off);
+      ctx.note(`${name}: ${vm.hostWrite(s.gpa, s.size)}`);
     },
   },
   'memslot-move': {

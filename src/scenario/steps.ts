@@ -182,19 +182,51 @@ function logSlotError(c: StepCheck, slot: number): string | undefined {
   let logging = m.logDirty;
   for (const x of c.s.steps.slice(0, c.i))
     if (x.side === 'host' && x.kind === 'memslot-flags' && x.slot === slot) logging = x.logDirty;
+  const state = slotState(c.s, c.i, slot);
+  if (state !== 'live')
+    return `memslot ${slot} is ${state === 'deleted' ? 'deleted by an earlier step' : 'not created yet (memslot-create)'}`;
   if (!logging)
     return `memslot ${slot} does not log dirty pages here (set "logDirty": true, or turn it on with a memslot-flags step)`;
   return undefined;
+}
+
+/** Whether a declared slot is in KVM when step `i` runs: not yet created (by a step), live, or deleted. */
+export function slotState(s: Scenario, i: number, slot: number): 'absent' | 'live' | 'deleted' {
+  const m = s.memslots.find((x) => x.slot === slot);
+  if (!m) return 'absent';
+  let state: 'absent' | 'live' | 'deleted' = m.created === 'by-step' ? 'absent' : 'live';
+  for (const x of s.steps.slice(0, i)) {
+    if (x.side !== 'host' || !('slot' in x) || x.slot !== slot) continue;
+    if (x.kind === 'memslot-create') state = 'live';
+    if (x.kind === 'memslot-delete') state = 'deleted';
+  }
+  return state;
 }
 
 /** The declared user slot a host memory step names, or undefined after reporting why there is none here. */
 function liveSlot(c: StepCheck, slot: number): MemslotDecl | undefined {
   const m = c.s.memslots.find((x) => x.slot === slot);
   if (!m) return void c.err(`${c.p}.slot`, `memslot ${slot} is not declared in "memslots"`);
-  const gone = c.s.steps.slice(0, c.i).some((x) => x.side === 'host' && x.kind === 'memslot-delete' && x.slot === slot);
-  if (gone) return void c.err(`${c.p}.slot`, `memslot ${slot} was deleted by an earlier step`);
+  const state = slotState(c.s, c.i, slot);
+  if (state === 'deleted') return void c.err(`${c.p}.slot`, `memslot ${slot} was deleted by an earlier step`);
+  if (state === 'absent')
+    return void c.err(`${c.p}.slot`, `memslot ${slot} is created by a later memslot-create step; it is not in KVM yet`);
   return m;
 }
+
+/** The live slot that holds all of [gpa, gpa+size) at step `c.i`, or undefined after reporting why there is none. */
+function liveSlotAt(c: StepCheck, gpa: bigint, size: bigint): MemslotDecl | undefined {
+  const m = c.s.memslots.find((x) => gpa >= x.gpa && gpa < x.gpa + x.size && !c.s.steps.slice(0, c.i).some(moves(x)));
+  if (!m) return void c.err(`${c.p}.gpa`, `${hex(gpa)} is not inside a declared user memslot (at its declared GPA)`);
+  if (gpa + size > m.gpa + m.size)
+    return void c.err(
+      `${c.p}.size`,
+      `${range(gpa, size)} runs past the end of memslot ${m.slot} ${range(m.gpa, m.size)}`,
+    );
+  return liveSlot(c, m.slot);
+}
+
+const moves = (m: MemslotDecl) => (x: Step) => x.side === 'host' && x.kind === 'memslot-move' && x.slot === m.slot;
 
 /**
  * The parts of [offset, offset+size) of a slot's memory that `steps` leave
@@ -526,6 +558,69 @@ export const STEP_KINDS: StepKindTable = {
     encode: (s) => ({ host: s.kind, slot: s.slot }),
     validate(st, c) {
       liveSlot(c, st.slot);
+    },
+  },
+  'memslot-create': {
+    variants: [
+      host(
+        'memslot-create',
+        'Allocates the host memory of a slot declared `"created": "by-step"` and hands the slot to KVM (KVM_SET_USER_MEMORY_REGION) while the guest runs, over GPAs the guest may already have touched: accesses there exited as MMIO before and reach the memory after.',
+        { slot: USER_SLOT },
+      ),
+    ],
+    decode: (o) => ({ side: 'host', kind: 'memslot-create', slot: o.slot as number }),
+    encode: (s) => ({ host: s.kind, slot: s.slot }),
+    validate(st, c) {
+      const m = c.s.memslots.find((x) => x.slot === st.slot);
+      if (!m) return c.err(`${c.p}.slot`, `memslot ${st.slot} is not declared in "memslots"`);
+      if (m.created !== 'by-step')
+        return c.err(`${c.p}.slot`, `memslot ${st.slot} is created at the start; declare it "created": "by-step"`);
+      const clash = c.s.memslots.find(
+        (x) =>
+          x.slot !== st.slot &&
+          slotState(c.s, c.i, x.slot) === 'live' &&
+          x.gpa < m.gpa + m.size &&
+          m.gpa < x.gpa + x.size,
+      );
+      if (clash)
+        c.err(`${c.p}.slot`, `memslot ${st.slot} ${range(m.gpa, m.size)} would overlap live memslot ${clash.slot}`);
+    },
+  },
+  'write-memory': {
+    variants: [
+      host(
+        'write-memory',
+        "The host writes `value` (8 bytes, little-endian) to every 8-byte word of [gpa, gpa+size) through the slot's HVA, as a VMM filling guest memory does: KVM does not log these pages dirty, and a guest read then sees the value.",
+        {
+          gpa: req(u64('First guest-physical address (8-byte aligned, inside one user memslot).')),
+          size: req(u64('Bytes (a non-zero multiple of 8).')),
+          value: req(u64('The 8-byte value written to every word.')),
+        },
+      ),
+    ],
+    decode: (o) => ({
+      side: 'host',
+      kind: 'write-memory',
+      gpa: o.gpa as bigint,
+      size: o.size as bigint,
+      value: o.value as bigint,
+    }),
+    encode: (s) => ({ host: s.kind, gpa: s.gpa, size: s.size, value: s.value }),
+    validate(st, c) {
+      if (st.gpa % 8n !== 0n || st.size % 8n !== 0n || st.size === 0n)
+        return c.err(c.p, 'gpa must be 8-byte aligned and size a non-zero multiple of 8');
+      const m = liveSlotAt(c, st.gpa, st.size);
+      if (!m) return;
+      const off = st.gpa - m.gpa;
+      const page = (off / PAGE_4K) * PAGE_4K;
+      const gone = unmappedBy(
+        c.s.steps.slice(0, c.i),
+        m.slot,
+        page,
+        ((off + st.size - page + 0xfffn) / PAGE_4K) * PAGE_4K,
+      );
+      if (gone.length)
+        c.err(c.p, `memslot ${m.slot}'s memory at offset ${hex(gone[0]![0])} was unmapped by an earlier munmap step`);
     },
   },
   'memslot-move': {
