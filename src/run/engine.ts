@@ -36,7 +36,16 @@ import { showDelta, showStatExpect, statHolds, statNotApplicable } from '../scen
 import type { Scenario, Step, StepStats } from '../scenario/types.js';
 import { same, show } from './differ.js';
 import { hostFaultPath, tdpLogsDirty, tdpModelOptions } from './host-policy.js';
-import { describeWalk, MMIO_FILL, modelAsTrace, predictAccess, type AccessStep, type Prediction } from './predict.js';
+import { compareLoop, predictLoop } from './loop.js';
+import {
+  describeWalk,
+  MMIO_FILL,
+  modelAsTrace,
+  predictAccess,
+  type AccessStep,
+  type Prediction,
+  type PredictFrom,
+} from './predict.js';
 import { modelPageCount, thpUnconfirmed } from './model-stats.js';
 import { runRace } from './race.js';
 import { ShadowFollow } from './shadow-follow.js';
@@ -221,8 +230,15 @@ class ScenarioRun {
     // Code for exec accesses: a `ret` at each target that memory backs.
     for (const s of sc.steps) {
       if (s.side !== 'guest' || s.kind !== 'access' || s.access !== 'exec') continue;
-      const w = this.plainWalk(s.gva);
-      if (w.ok && g.mem.slotOf(w.gpa)) g.mem.write(w.gpa, [0xc3]);
+      for (let k = 0; k < (s.loop?.count ?? 1); k++) {
+        const w = this.plainWalk(s.gva + BigInt(k) * (s.loop?.stride ?? 0n));
+        if (
+          w.ok &&
+          g.mem.slotOf(w.gpa) &&
+          !g.mem.slotOf(w.gpa)!.untouchable(Number(w.gpa - g.mem.slotOf(w.gpa)!.gpa), 1, true)
+        )
+          g.mem.write(w.gpa, [0xc3]);
+      }
     }
     // A data descriptor where each implicit read finds its LDT entry.
     for (const s of sc.steps) {
@@ -299,6 +315,7 @@ class ScenarioRun {
   /** A guest step: predict (accesses), run, observe and compare. Returns whether the scenario goes on. */
   async guestStep(i: number, s: GuestSideStep, name: string, checkStats: () => void): Promise<boolean> {
     const { ctx, g } = this;
+    if (s.kind === 'access' && s.loop) return this.loopStep(i, s, name, checkStats);
     const pred = s.kind === 'access' ? this.predict(s, name) : undefined;
     if (!(await this.finishPending())) return false;
     // A #GP leaves CR2 as it was when the step began.
@@ -340,6 +357,28 @@ class ScenarioRun {
     return true;
   }
 
+  /** A loop step: the model predicts every access in turn (loop.ts), the guest makes them in one run. */
+  async loopStep(i: number, s: AccessStep, name: string, checkStats: () => void): Promise<boolean> {
+    if (!(await this.finishPending())) return false;
+    const env = {
+      ctx: this.ctx,
+      g: this.g,
+      vm: this.vm,
+      walk: (a: Parameters<typeof walkWith>[3], read: (gpa: bigint) => bigint) =>
+        walkWith(this.wrongWalk, this.cfg, this.g.boot.tables.root, a, read),
+      from: (n: string) => this.predictFrom(n),
+      walker: this.cfg.walker,
+    };
+    const loop = predictLoop(env, s, name);
+    this.g.clearExceptions();
+    const stop = await this.runGuest();
+    if (!this.reachedSync(stop, i, name)) return false;
+    checkStats();
+    if (stop.kind === 'sync') compareLoop(env, s, name, loop, stop.values[0]!);
+    this.shadow?.stop(name, 'a loop step is not in the shadow model');
+    return true;
+  }
+
   /** A host step (the vCPU is stopped at the previous sync), then the run to its own sync. */
   async hostStep(i: number, s: HostSideStep, name: string, checkStats: () => void): Promise<boolean> {
     hostAction(s).act(this.host, s, name);
@@ -355,14 +394,18 @@ class ScenarioRun {
   predict(s: AccessStep, name: string): Prediction {
     const implicit = s.implicit ? { implicitSupervisor: true } : {};
     const w = this.walk({ gva: s.gva, kind: s.access, cpl: s.cpl, eflagsAc: s.eflagsAc, size: s.size, ...implicit });
-    return predictAccess(s, w, {
+    return predictAccess(s, w, this.predictFrom(name));
+  }
+
+  predictFrom(name: string): PredictFrom {
+    return {
       vm: this.vm,
       profile: this.ctx.profile,
       walker: this.cfg.walker,
       peek: (gpa, size) => this.peek(gpa, size),
       entry: (gva, level) => this.built.entries(gva, level),
       note: (m) => this.ctx.note(`${name}: ${m}`),
-    });
+    };
   }
 
   /** The access's observations against the prediction (exceptions, value read, PTEs, walker trace); then its dirty pages. */

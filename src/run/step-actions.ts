@@ -145,11 +145,23 @@ export const STEP_ACTIONS: StepActionTable = {
   access: {
     emit({ k, u }, s) {
       if (s.implicit) return emitImplicitRead(k, s.gva, s.eflagsAc);
-      const body = (a: Asm) => {
-        a.movImm('rbx', s.gva);
+      const one = (a: Asm) => {
         if (s.access === 'read') a.load(s.size, 'rsi', { base: 'rbx' });
         else if (s.access === 'write') a.movImm('rax', s.value).store(s.size, { base: 'rbx' }, 'rax');
         else a.call('rbx');
+      };
+      // A loop: rcx counts down, rbx steps by the stride (rdx), rsi sums what the reads load.
+      const loop = (a: Asm, l: { count: number; stride: bigint }) => {
+        const top = `loop_${a.size()}`;
+        a.movImm('rcx', l.count).movImm('rdx', l.stride).label(top);
+        if (s.access === 'read') a.load(s.size, 'rax', { base: 'rbx' }).add('rsi', 'rax');
+        else one(a);
+        a.add('rbx', 'rdx').loop(top);
+      };
+      const body = (a: Asm) => {
+        a.movImm('rbx', s.gva);
+        if (s.loop) loop(a, s.loop);
+        else one(a);
       };
       k.movImm('rsi', 0);
       if (s.cpl === 3) channel.userAccess(k, u, body, s.eflagsAc ? 1n << 18n : 2n);

@@ -73,8 +73,22 @@ export const BACKING_PAGE: Record<MemslotDecl['backing'], bigint> = {
 export const LEVEL = int(1, 5, 'Entry level: 1 = PTE, 2 = PDE, 3 = PDPTE, 4 = PML4E, 5 = PML5E.');
 const GVA = req(u64('Guest-virtual address.'));
 const CPL = opt(oneOf([0, 3], 'Privilege level of the access.'), 0);
-const EFLAGS_AC = opt(bool('EFLAGS.AC during a CPL 0 access (the SMAP override).'), false);
+const EFLAGS_AC = opt(
+  bool(
+    'EFLAGS.AC during the access: at CPL 0 the SMAP override for data accesses; at CPL 3, and for fetches, it changes no paging rule (CR0.AM is 0, so it raises no alignment check either).',
+  ),
+  false,
+);
 const SIZE = opt(oneOf([1, 2, 4, 8], 'Bytes accessed; the access must not cross a 4K page boundary.'), 8);
+const COUNT = opt(
+  int(
+    1,
+    4096,
+    'Times the access is made, at gva, gva + stride, ... in one guest loop; the loop stops at the first fault. A read loop compares the sum (mod 2^64) of the values read.',
+  ),
+  1,
+);
+const STRIDE = opt(u64("Bytes between the loop's accesses (with `count` above 1)."), '0x1000');
 const FAULT = opt({ kind: 'fault', doc: 'false: no fault; a number: #PF with this error code.' });
 const PTES = opt(
   array(
@@ -327,6 +341,29 @@ function reservedAccess(s: Scenario, st: { access: 'read' | 'write' | 'exec'; gv
   return undefined;
 }
 
+/** The rules of a loop: every access of it is one a plain step could make; the model predicts all, so no expect. */
+function loopErrors(
+  st: Extract<Step, { kind: 'access' }>,
+  loop: { count: number; stride: bigint },
+  c: StepCheck,
+): void {
+  const p = c.p;
+  if (st.implicit) return c.err(`${p}.count`, 'an implicit read is not made in a loop');
+  if (st.expect) return c.err(`${p}.expect`, 'a loop is compared with the model only; give no "expect"');
+  if (loop.stride === 0n || loop.stride % BigInt(st.size) !== 0n)
+    return c.err(`${p}.stride`, `the stride must be a non-zero multiple of the access size (${st.size})`);
+  if (st.access === 'write' && st.value >= 1n << BigInt(8 * st.size))
+    return c.err(`${p}.value`, `${hex(st.value)} does not fit in ${fits(st.size)}`);
+  for (let k = 0; k < loop.count; k++) {
+    const gva = st.gva + BigInt(k) * loop.stride;
+    if (gva >= 1n << 64n) return c.err(`${p}.count`, `access ${k} of the loop runs past the end of the address space`);
+    const why = reservedAccess(c.s, { access: st.access, gva });
+    if (why) return c.err(`${p}.gva`, `access ${k} of the loop: ${why}`);
+    if (st.access !== 'exec' && (gva & 0xfffn) + BigInt(st.size) > PAGE_4K)
+      return c.err(`${p}.gva`, `access ${k} of the loop, at ${hex(gva)}, crosses a 4K page boundary`);
+  }
+}
+
 // ---------------------------------------------------------------------------------
 // The table. Its order is the order of the variants in the schema and the docs
 // (guest variants first, then host variants, each in table order).
@@ -339,6 +376,8 @@ export const STEP_KINDS: StepKindTable = {
         size: SIZE,
         cpl: CPL,
         eflagsAc: EFLAGS_AC,
+        count: COUNT,
+        stride: STRIDE,
         implicit: opt(
           bool(
             'An implicit supervisor read instead of a load: the guest loads FS from an LDT whose only ' +
@@ -359,11 +398,16 @@ export const STEP_KINDS: StepKindTable = {
         cpl: CPL,
         value: opt(u64('Value stored; must fit in `size` bytes.'), '0x0'),
         eflagsAc: EFLAGS_AC,
+        count: COUNT,
+        stride: STRIDE,
         expect: expectOf('write expect', { fault: FAULT, ptes: PTES }),
       }),
       guest('exec', 'A call to `gva` (the engine puts a `ret` there when memory backs it).', {
         gva: GVA,
         cpl: CPL,
+        eflagsAc: EFLAGS_AC,
+        count: COUNT,
+        stride: STRIDE,
         expect: expectOf('exec expect', { fault: FAULT, ptes: PTES }),
       }),
     ],
@@ -378,20 +422,25 @@ export const STEP_KINDS: StepKindTable = {
         size: g === 'exec' ? 1 : (o.size as 1 | 2 | 4 | 8),
         cpl: o.cpl as 0 | 3,
         value: g === 'write' ? (o.value as bigint) : 0n,
-        eflagsAc: g === 'exec' ? false : (o.eflagsAc as boolean),
+        eflagsAc: o.eflagsAc as boolean,
         ...(o.implicit === true ? { implicit: true } : {}),
+        ...((o.count as number) > 1 ? { loop: { count: o.count as number, stride: o.stride as bigint } } : {}),
         ...(expect ? { expect } : {}),
       };
     },
     encode(s) {
       const { access, gva, size, cpl, value, eflagsAc } = s;
-      if (access === 'exec') return { guest: access, gva, cpl, expect: expectJson(s.expect, false) };
+      const loop = s.loop ? { count: s.loop.count, stride: s.loop.stride } : {};
+      if (access === 'exec') return { guest: access, gva, cpl, eflagsAc, ...loop, expect: expectJson(s.expect, false) };
       const expect = expectJson(s.expect, access === 'read');
       const implicit = s.implicit ? { implicit: true } : {};
-      return { guest: access, gva, size, cpl, ...(access === 'write' ? { value } : {}), eflagsAc, ...implicit, expect };
+      const v = access === 'write' ? { value } : {};
+      return { guest: access, gva, size, cpl, ...v, eflagsAc, ...loop, ...implicit, expect };
     },
     validate(st, c) {
       const p = c.p;
+      if (st.loop) return loopErrors(st, st.loop, c);
+      if (c.json.stride !== undefined) c.err(`${p}.stride`, 'a stride needs "count" above 1');
       const reserved = reservedAccess(c.s, st);
       if (reserved) c.err(`${p}.gva`, reserved);
       if (st.access !== 'exec') {
@@ -406,8 +455,6 @@ export const STEP_KINDS: StepKindTable = {
           c.err(`${p}.value`, `${hex(st.value)} does not fit in ${fits(st.size)}`);
         if (st.expect?.value !== undefined && st.expect.value >= limit)
           c.err(`${p}.expect.value`, `${hex(st.expect.value)} does not fit in ${fits(st.size)}`);
-        if (st.eflagsAc && st.cpl === 3)
-          c.err(`${p}.eflagsAc`, 'EFLAGS.AC overrides SMAP only for CPL 0 accesses; a CPL 3 access is a user access');
       }
       if (st.implicit) {
         if (st.cpl !== 0) c.err(`${p}.cpl`, 'an implicit read is made at CPL 0 (the LDT is loaded there)');

@@ -105,6 +105,8 @@ export type GuestStep =
       eflagsAc: boolean;
       /** A read made as an implicit supervisor access: the processor loads a segment descriptor from an LDT at gva. */
       implicit?: boolean;
+      /** A loop: the access is made `count` times, at gva, gva + stride, ...; it stops at the first fault. */
+      loop?: { count: number; stride: bigint };
       expect?: AccessExpect;
     }
   | { kind: 'invlpg'; gva: bigint }
