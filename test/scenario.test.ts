@@ -620,14 +620,6 @@ describe('scenario validation: semantic rules', () => {
       ['steps[0].expect.value: 0x10000 does not fit in 2 bytes'],
     ],
     [
-      'EFLAGS.AC at CPL 3',
-      edit((j) => {
-        j.steps[0]!.cpl = 3;
-        j.steps[0]!.eflagsAc = true;
-      }),
-      ['steps[0].eflagsAc: EFLAGS.AC overrides SMAP only for CPL 0 accesses; a CPL 3 access is a user access'],
-    ],
-    [
       'expected PTEs of an unmapped address',
       edit((j) => (j.steps = [{ guest: 'read', gva: '0x9000000000', expect: { ptes: [{ level: 4, value: 0 }] } }])),
       ['steps[0].expect.ptes[0].level: no mapping covers 0x9000000000, so its level-4 entry is not known'],
