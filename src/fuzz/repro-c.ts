@@ -249,30 +249,43 @@ const cstr = (s: string) => `"${s.replace(/[\\"]/g, (c) => `\\${c}`)}"`;
 /** Text safe inside a C block comment. */
 const ctext = (s: string) => s.replace(/\*\//g, '* /');
 
-/** Non-zero byte runs of a page, split where 64 or more zero bytes separate them. */
-function runs(page: Uint8Array): { off: number; bytes: Uint8Array }[] {
-  const out: { off: number; bytes: Uint8Array }[] = [];
+/**
+ * Non-zero runs of a page as 8-byte words, split where 64 or more zero bytes
+ * separate them. A run starts and ends on a word boundary: the bytes that
+ * rounding adds are zero (they lie in a gap or at the page's end).
+ */
+function runs(page: Uint8Array): { off: number; words: bigint[] }[] {
+  const out: { off: number; words: bigint[] }[] = [];
+  const dv = new DataView(page.buffer, page.byteOffset, page.byteLength);
   let i = 0;
   while (i < page.length) {
     while (i < page.length && page[i] === 0) i++;
     if (i >= page.length) break;
-    const start = i;
+    const start = i & ~7;
     let end = i;
     while (i < page.length) {
       if (page[i] !== 0) end = ++i;
       else if (i - end >= 64) break;
       else i++;
     }
-    out.push({ off: start, bytes: page.subarray(start, end) });
+    const words: bigint[] = [];
+    for (let o = start; o < end; o += 8) words.push(dv.getBigUint64(o, true));
+    out.push({ off: start, words });
   }
   return out;
 }
 
-function byteArray(name: string, bytes: Uint8Array): string {
+/** A run of guest memory as a C array of little-endian 8-byte words (page-table entries read as they are). */
+function wordArray(name: string, words: bigint[]): string {
   const lines: string[] = [];
-  for (let i = 0; i < bytes.length; i += 16)
-    lines.push(`\t${[...bytes.subarray(i, i + 16)].map((b) => `0x${b.toString(16).padStart(2, '0')}`).join(', ')},`);
-  return `static const uint8_t ${name}[] = {\n${lines.join('\n')}\n};`;
+  for (let i = 0; i < words.length; i += 4)
+    lines.push(
+      `\t${words
+        .slice(i, i + 4)
+        .map((w) => `0x${w.toString(16)}`)
+        .join(', ')},`,
+    );
+  return `static const uint64_t ${name}[] = {\n${lines.join('\n')}\n};`;
 }
 
 // ---------------------------------------------------------------------------------
@@ -401,9 +414,9 @@ class Gen {
       for (const [idx, page] of [...s.pages].sort((a, b) => a[0] - b[0])) {
         for (const r of runs(page)) {
           const name = `slot${s.id}_${(idx * 4096 + r.off).toString(16)}`;
-          this.images.push(byteArray(name, r.bytes));
+          this.images.push(wordArray(name, r.words));
           setup.push(`copy_in(${s.id}, ${u64(idx * 4096 + r.off)}, ${name}, sizeof(${name}));`);
-          n += r.bytes.length;
+          n += r.words.length * 8;
         }
       }
     }

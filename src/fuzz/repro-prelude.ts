@@ -199,9 +199,9 @@ static inline void remap_range(struct slot *s, uint64_t off, uint64_t size)
 		fail_errno("madvise");
 }
 
-static inline void copy_in(uint32_t slot, uint64_t off, const uint8_t *bytes, uint64_t n)
+static inline void copy_in(uint32_t slot, uint64_t off, const uint64_t *words, uint64_t n)
 {
-	memcpy(slot_by_id(slot)->hva + off, bytes, n);
+	memcpy(slot_by_id(slot)->hva + off, words, n);
 }
 
 /* ---- the vCPU ---- */
