@@ -740,7 +740,7 @@ const HOST_STEPS: HostStepTable = {
   },
   'get-dirty-log'(g, s, model) {
     const { vm } = g;
-    const modelPages = vm.harvestDirty(s.slot);
+    const modelPages = vm.harvestDirty(s.slot, g.manualProtect);
     const pages = new Set((s.expect ?? modelPages).map((x) => x & ~(PAGE - 1n)));
     if (g.tdpDirty) {
       const logged = (g.manualProtect ? vm.tdp.peekDirty(0, s.slot) : vm.tdp.getDirtyLog(0, s.slot)).map(
@@ -762,7 +762,11 @@ const HOST_STEPS: HostStepTable = {
     ];
   },
   'clear-dirty-log'(g, s) {
-    if (g.tdpDirty) g.vm.tdp.clearDirtyLog(0, s.slot, 0, Number(g.mem.slot(s.slot).size >> 12n));
+    if (s.first !== undefined || s.pages !== undefined)
+      throw new ReproUnsupported('clear-dirty-log of part of a slot is not carried by a C reproducer yet');
+    const npages = Number(g.mem.slot(s.slot).size >> 12n);
+    g.vm.clearDirty(s.slot, 0, npages);
+    if (g.tdpDirty) g.vm.tdp.clearDirtyLog(0, s.slot, 0, npages);
     return [`clear_dirty(${s.slot});`];
   },
   'memslot-delete'(g, s) {

@@ -78,6 +78,22 @@ export function declaredSlot(
   return modelSlot(region, BACKINGS[d.backing].page);
 }
 
+/**
+ * Why KVM refuses KVM_CLEAR_DIRTY_LOG of pages [first, first + count) of a
+ * slot of `npages` pages (kvm_clear_dirty_log_protect, 6.1 to 7.2): the first
+ * page must be a multiple of 64 (one bitmap word), the range must lie inside
+ * the slot, and the page count must be a multiple of 64 unless the range runs
+ * to the slot's last page. Undefined when KVM takes it.
+ */
+export function clearDirtyRefusal(npages: number, first: number, count: number): string | undefined {
+  if (first % 64 !== 0) return `first page ${first} is not a multiple of 64`;
+  if (first > npages || count > npages - first)
+    return `pages [${first}, ${first + count}) run past the slot's ${npages}`;
+  if (count < npages - first && count % 64 !== 0)
+    return `${count} pages is not a multiple of 64 and does not reach the slot's end`;
+  return undefined;
+}
+
 /** A host change of part of a slot's memory, as the MMU notifier reports it. */
 export type MemChange = 'munmap' | 'dontneed' | 'mprotect';
 
@@ -134,11 +150,28 @@ export class ModelVm {
     this.dirty.set(m.slot, set);
   }
 
-  /** The pages dirtied in `slot` since the last harvest, which starts a new one. */
-  harvestDirty(slot: number): bigint[] {
+  /**
+   * KVM_GET_DIRTY_LOG of `slot`: the pages dirtied and not yet taken back.
+   * Without manual protect the get takes them back (a new harvest starts);
+   * with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (`manual`) it leaves the bitmap as
+   * it is (kvm_get_dirty_log_protect copies it), and only a
+   * KVM_CLEAR_DIRTY_LOG of their pages (clearDirty) takes them back.
+   */
+  harvestDirty(slot: number, manual = false): bigint[] {
     const pages = [...(this.dirty.get(slot) ?? [])];
-    this.dirty.delete(slot);
+    if (!manual) this.dirty.delete(slot);
     return pages;
+  }
+
+  /** KVM_CLEAR_DIRTY_LOG of pages [first, first + count) of `slot` (one that KVM accepted: clearDirtyRefusal). */
+  clearDirty(slot: number, first: number, count: number): void {
+    const set = this.dirty.get(slot);
+    if (!set) return;
+    const base = BigInt(this.slot(slot).baseGfn);
+    for (const p of set) {
+      const page = Number((p >> 12n) - base);
+      if (page >= first && page < first + count) set.delete(p);
+    }
   }
 
   /** A guest access to `gpa` faulting in through the TDP model. */

@@ -198,7 +198,7 @@ class ScenarioRun {
       slotOf,
       manualProtect,
       tdpDirty: this.tdpDirty,
-      translate: (gva) => this.walk({ gva, kind: 'read', cpl: 0 }),
+      translate: (gva) => this.kvmTranslate(gva),
       plainWalk: (gva) => this.plainWalk(gva),
     };
   }
@@ -210,6 +210,29 @@ class ScenarioRun {
   /** The model's walk of an access in the guest's tables as they are now. */
   walk(access: Parameters<typeof walkWith>[3]): WalkResult {
     return walkWith(this.wrongWalk, this.cfg, this.g.boot.tables.root, access, (gpa) => this.read(gpa));
+  }
+
+  /**
+   * KVM_TRANSLATE as KVM does it (6.1 to 7.2: kvm_mmu_gva_to_gpa_system):
+   * KVM's software walker (paging_tmpl.h) with access 0, a supervisor read,
+   * whoever walks the guest's own accesses (the processor, QEMU TCG); SMAP
+   * applies unless the vCPU's RFLAGS.AC is set, protection keys apply, W and
+   * NX do not. The walker takes no canonical check: it indexes with the
+   * address's bits 47:12 (56:12 with 5 levels), as the sign-extended address does.
+   */
+  kvmTranslate(gva: bigint): WalkResult {
+    const top = this.cfg.levels === 5 ? 56n : 47n;
+    const low = gva & ((1n << (top + 1n)) - 1n);
+    const canon = (low >> top) & 1n ? BigInt.asUintN(64, low | ~((1n << (top + 1n)) - 1n)) : low;
+    const eflagsAc = ((this.g.vcpu.getRegs().rflags >> 18n) & 1n) === 1n;
+    const cfg = { ...this.cfg, walker: 'kvm' as const };
+    return walkWith(
+      this.wrongWalk,
+      cfg,
+      this.g.boot.tables.root,
+      { gva: canon, kind: 'read', cpl: 0, eflagsAc },
+      (gpa) => this.read(gpa),
+    );
   }
 
   /** Where the tables lead for `gva` as they are now, whatever the access rights: no WP, SMEP, SMAP or keys. */

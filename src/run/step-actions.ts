@@ -13,7 +13,8 @@ import { channel, type X86Guest } from '../arch/x86/guest.js';
 import { LAYOUT } from '../arch/x86/layout.js';
 import { PTE_A, PTE_D } from '../arch/x86/pte.js';
 import type { Memslot } from '../model/memslots.js';
-import { memFlags, type ModelVm } from '../model/vm.js';
+import { clearDirtyRefusal, memFlags, type ModelVm } from '../model/vm.js';
+import { KvmError } from '../kvm/sys.js';
 import type { PagingConfig, WalkResult } from '../model/walk.js';
 import { dirtyPages } from '../observe/dirty-log.js';
 import type { Scenario, Step } from '../scenario/types.js';
@@ -45,7 +46,7 @@ export interface HostEnv {
   sc: Scenario;
   g: X86Guest;
   vm: ModelVm;
-  /** The model's walk of a read of `gva` at CPL 0, with the scenario's deliberate model mistakes. */
+  /** The model's KVM_TRANSLATE of `gva` (KVM's software walker, access 0), with the scenario's deliberate model mistakes. */
   translate(gva: bigint): WalkResult;
   /** Where the tables lead for `gva` as they are now, whatever the access rights. */
   plainWalk(gva: bigint): WalkResult;
@@ -218,7 +219,7 @@ export const STEP_ACTIONS: StepActionTable = {
     act({ ctx, g, vm, tdpDirty, manualProtect }, s, name) {
       const slot = g.vm.memslot(s.slot);
       const observed = dirtyPages(g.vm.getDirtyLog(s.slot), slot.gpa).map(hex);
-      const modelPages = vm.harvestDirty(s.slot);
+      const modelPages = vm.harvestDirty(s.slot, manualProtect);
       const pages = new Set((s.expect ?? modelPages).map((x) => x & ~(PAGE - 1n)));
       if (tdpDirty) {
         // KVM's TDP MMU installs a writable SPTE on a read fault too when the host page is
@@ -238,10 +239,27 @@ export const STEP_ACTIONS: StepActionTable = {
     },
   },
   'clear-dirty-log': {
-    act({ g, vm, tdpDirty }, s) {
-      const slot = g.vm.memslot(s.slot);
-      g.vm.clearDirtyLog(s.slot, 0, slot.npages);
-      if (tdpDirty) vm.tdp.clearDirtyLog(0, s.slot, 0, Number(slot.npages));
+    act({ ctx, g, vm, tdpDirty }, s, name) {
+      const npages = Number(g.vm.memslot(s.slot).npages);
+      const first = s.first ?? 0;
+      const count = s.pages ?? Math.max(npages - first, 0);
+      const refused = clearDirtyRefusal(npages, first, count);
+      let observed = 'ok';
+      try {
+        g.vm.clearDirtyLog(s.slot, first, count);
+      } catch (e) {
+        if (!(e instanceof KvmError) || e.call !== 'KVM_CLEAR_DIRTY_LOG') throw e;
+        observed = e.code;
+      }
+      if (refused) ctx.note(`${name}: the model says KVM refuses pages [${first}, ${first + count}): ${refused}`);
+      ctx.expect(
+        `${name}: KVM_CLEAR_DIRTY_LOG pages [${first}, ${first + count})`,
+        refused ? 'EINVAL' : 'ok',
+        observed,
+      );
+      if (refused || observed !== 'ok') return;
+      vm.clearDirty(s.slot, first, count);
+      if (tdpDirty) vm.tdp.clearDirtyLog(0, s.slot, first, count);
     },
   },
   'memslot-delete': {
@@ -328,6 +346,16 @@ export const STEP_ACTIONS: StepActionTable = {
       const expected = s.expect ?? (w.ok ? { valid: true, gpa: w.gpa } : { valid: false });
       const t = g.vcpu.translate(s.gva);
       ctx.expect(`${name}: KVM_TRANSLATE`, expected, t.valid ? { valid: true, gpa: t.gpa } : { valid: false });
+      ctx.note(`${name}: model (KVM's walker, access 0) ${w.ok ? `valid, GPA ${hex(w.gpa)}` : `invalid: ${w.reason}`}`);
+      if (s.expect) return;
+      // KVM's walker sets A on the entries of a walk that succeeds (update_accessed_dirty_bits), none on a failing one.
+      const want = w.levels.map((l) => ({
+        level: l.level,
+        at: l.pteGpa,
+        value: w.adWrites.find((a) => a.pteGpa === l.pteGpa)?.new ?? l.pte,
+      }));
+      const seen = w.levels.map((l) => ({ level: l.level, at: l.pteGpa, value: g.mem.read64(l.pteGpa) }));
+      ctx.expect(`${name}: PTEs after`, want, seen);
     },
   },
 };

@@ -582,10 +582,24 @@ export const STEP_KINDS: StepKindTable = {
   },
   'clear-dirty-log': {
     variants: [
-      host('clear-dirty-log', 'KVM_CLEAR_DIRTY_LOG of the whole slot.', { slot: req(int(0, 32767, 'Slot number.')) }),
+      host(
+        'clear-dirty-log',
+        "KVM_CLEAR_DIRTY_LOG of pages [first, first+pages) of the slot (KVM's first_page and num_pages), the whole slot by default. The model says whether KVM takes the range: `first` must be a multiple of 64 and `pages` too unless the range runs to the slot's end; a range KVM refuses is compared as EINVAL and clears nothing.",
+        {
+          slot: req(int(0, 32767, 'Slot number.')),
+          first: opt(int(0, 0x7fffffff, 'First page (index in the slot).')),
+          pages: opt(int(0, 0x7fffffff, "Number of pages; absent: to the slot's end.")),
+        },
+      ),
     ],
-    decode: (o) => ({ side: 'host', kind: 'clear-dirty-log', slot: o.slot as number }),
-    encode: (s) => ({ host: s.kind, slot: s.slot }),
+    decode: (o) => ({
+      side: 'host',
+      kind: 'clear-dirty-log',
+      slot: o.slot as number,
+      ...(o.first !== undefined ? { first: o.first as number } : {}),
+      ...(o.pages !== undefined ? { pages: o.pages as number } : {}),
+    }),
+    encode: (s) => ({ host: s.kind, slot: s.slot, first: s.first, pages: s.pages }),
     validate(st, c) {
       const why = logSlotError(c, st.slot);
       if (why) c.err(`${c.p}.slot`, why);

@@ -118,7 +118,8 @@ export type HostStep =
   | PteWriteStep
   | ClearAdStep
   | { kind: 'get-dirty-log'; slot: number; expect?: bigint[] }
-  | { kind: 'clear-dirty-log'; slot: number }
+  /** KVM_CLEAR_DIRTY_LOG of pages [first, first+pages) of the slot; absent: from page 0 / to the slot's end. */
+  | { kind: 'clear-dirty-log'; slot: number; first?: number; pages?: number }
   | { kind: 'translate'; gva: bigint; expect?: { valid: boolean; gpa?: bigint } }
   /** KVM_SET_USER_MEMORY_REGION with size 0; the host memory is freed. */
   | { kind: 'memslot-delete'; slot: number }
