@@ -15,6 +15,7 @@ import type { HostBacking } from '../base/host-backing.js';
 import { MEM } from '../uapi/uapi.js';
 import { fromRegion, Memslots, type Backing, type Memslot } from './memslots.js';
 import { Tdp, type FaultResult, type TdpOptions } from './tdp.js';
+import type { WrongVm } from './wrong.js';
 import { hex, PAGE } from '../base/units.js';
 
 /** The backing kinds a scenario (and the harness) declares for a memslot. */
@@ -109,8 +110,13 @@ export class ModelVm {
   /** Pages the guest dirtied per logged slot since the last harvest. */
   private readonly dirty = new Map<number, Set<bigint>>();
 
-  constructor(opts: TdpOptions = {}) {
-    this.tdp = new Tdp(new Memslots(), opts);
+  /** Test-only: a deliberate mistake (wrong.ts). */
+  private readonly wrongVm: WrongVm;
+
+  constructor(opts: TdpOptions & { wrongVm?: WrongVm } = {}) {
+    const { wrongVm, ...tdp } = opts;
+    this.tdp = new Tdp(new Memslots(), tdp);
+    this.wrongVm = wrongVm ?? {};
   }
 
   get slots(): Memslots {
@@ -159,7 +165,7 @@ export class ModelVm {
    */
   harvestDirty(slot: number, manual = false): bigint[] {
     const pages = [...(this.dirty.get(slot) ?? [])];
-    if (!manual) this.dirty.delete(slot);
+    if (!manual || this.wrongVm.getForgetsManual) this.dirty.delete(slot);
     return pages;
   }
 

@@ -7,6 +7,7 @@
 // - `WrongTdp`: a mistake of the TDP model (tdp.ts).
 // - `WrongRace`: a mistake of the race model (run/race.ts).
 // - `WrongShadow`: a mistake of the shadow MMU model (shadow.ts).
+// - `WrongVm`: a mistake of the model VM's dirty log (vm.ts).
 //
 // Each model takes only its own part (walk.ts a set of WrongWalk, Tdp a
 // WrongTdp); a check or the scenario engine takes the whole `Wrong` and hands
@@ -51,10 +52,17 @@ export type WrongShadow = 'never-sync' | 'sync-misses-last-child' | 'no-flooding
 
 export const WRONG_SHADOWS: readonly WrongShadow[] = ['never-sync', 'sync-misses-last-child', 'no-flooding'];
 
+/** Mistakes of the model VM's dirty log. */
+export interface WrongVm {
+  /** KVM_GET_DIRTY_LOG takes the reported pages back even with manual protect on (KVM leaves them until a clear). */
+  getForgetsManual?: boolean;
+}
+
 /** A wrong model for a check: each part makes one model wrong. */
 export interface Wrong {
   walk?: ReadonlySet<WrongWalk>;
   tdp?: WrongTdp;
   race?: WrongRace;
   shadow?: WrongShadow;
+  vm?: WrongVm;
 }

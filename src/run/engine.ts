@@ -183,7 +183,7 @@ class ScenarioRun {
     const declared = new Map(sc.memslots.map((m) => [m.slot, m.backing]));
     const slotOf = (slot: number): Memslot =>
       modelSlot(g.vm.memslot(slot), BACKINGS[declared.get(slot) ?? 'anon'].page);
-    const wrong = opts.wrong?.tdp ? { wrong: opts.wrong.tdp } : {};
+    const wrong = { ...(opts.wrong?.tdp ? { wrong: opts.wrong.tdp } : {}), wrongVm: opts.wrong?.vm };
     this.vm = new ModelVm({ ...tdpModelOptions(ctx.profile), record: false, ...wrong });
     this.vm.setSlot(slotOf(0));
     for (const m of sc.memslots) if (m.created === 'at-start') this.vm.setSlot(slotOf(m.slot));

@@ -43,7 +43,7 @@ export interface AgentInfo {
 }
 
 export interface RemoteOptions extends ChannelOptions {
-  /** Also pull after these ioctl requests (KVM_RUN and KVM_RESET_DIRTY_RINGS always pull). */
+  /** Also pull after these ioctl requests (KVM_RUN, KVM_RESET_DIRTY_RINGS and KVM_TRANSLATE always pull). */
   pullAfterIoctls?: readonly number[];
   /** Pull after every ioctl (slow with large memory; for suspicion of a missed change). */
   pullAfterEveryIoctl?: boolean;
@@ -109,7 +109,13 @@ export class RemoteAddon implements Addon {
   private constructor(ch: Channel, opts: RemoteOptions) {
     this.ch = ch;
     this.mirrors = new Mirrors(loadNative(), opts.usePagemap ?? true);
-    this.pullAfter = new Set([IOCTL.KVM_RUN, IOCTL.KVM_RESET_DIRTY_RINGS, ...(opts.pullAfterIoctls ?? [])]);
+    // KVM_TRANSLATE walks the guest's tables with KVM's walker, which sets A bits in guest memory.
+    this.pullAfter = new Set([
+      IOCTL.KVM_RUN,
+      IOCTL.KVM_RESET_DIRTY_RINGS,
+      IOCTL.KVM_TRANSLATE,
+      ...(opts.pullAfterIoctls ?? []),
+    ]);
     this.pullAll = opts.pullAfterEveryIoctl ?? false;
     this.arenaSize = opts.scratchBytes ?? 1 << 20;
     const hello = this.ch.handshake(
