@@ -552,15 +552,19 @@ export const STEP_KINDS: StepKindTable = {
   },
   'get-dirty-log': {
     variants: [
-      host('get-dirty-log', "KVM_GET_DIRTY_LOG of a user slot; compared with `expect`, else with the model's pages.", {
-        slot: req(int(0, 32767, 'Slot number.')),
-        expect: opt(
-          array(
-            u64('GPA of a page expected dirty.'),
-            'GPAs of the pages expected dirty (4K aligned, inside the slot).',
+      host(
+        'get-dirty-log',
+        "KVM_GET_DIRTY_LOG of a user slot; compared with `expect`, else with the model's pages. With manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, enabled when the scenario has a clear-dirty-log step) the get leaves the bitmap as it is: a page stays reported until a clear-dirty-log of its range.",
+        {
+          slot: req(int(0, 32767, 'Slot number.')),
+          expect: opt(
+            array(
+              u64('GPA of a page expected dirty.'),
+              'GPAs of the pages expected dirty (4K aligned, inside the slot).',
+            ),
           ),
-        ),
-      }),
+        },
+      ),
     ],
     decode: (o) => ({
       side: 'host',
@@ -818,15 +822,19 @@ export const STEP_KINDS: StepKindTable = {
   },
   translate: {
     variants: [
-      host('translate', "KVM_TRANSLATE of `gva`; compared with `expect`, else with the model's walk.", {
-        gva: GVA,
-        expect: opt(
-          object('translate expect', 'Expected KVM_TRANSLATE result.', {
-            valid: req(bool('Whether a translation exists.')),
-            gpa: opt(u64('GPA it gives (only when valid).')),
-          }),
-        ),
-      }),
+      host(
+        'translate',
+        "KVM_TRANSLATE of `gva`; compared with `expect`, else with the model of KVM's own software walker (kvm_mmu_gva_to_gpa_system, 6.1 to 7.2), whoever walks the guest's accesses: access 0, a supervisor read at CPL 0, so W, NX and U/S are not checked, SMAP applies unless the vCPU's RFLAGS.AC is set, protection keys apply, reserved bits and not-present entries give no translation, and there is no canonical check (bits 47:12, or 56:12 with 5 levels, index the walk). Without `expect` the entries of the walk are compared too: KVM's walker sets A on those of a walk that succeeds.",
+        {
+          gva: GVA,
+          expect: opt(
+            object('translate expect', 'Expected KVM_TRANSLATE result.', {
+              valid: req(bool('Whether a translation exists.')),
+              gpa: opt(u64('GPA it gives (only when valid).')),
+            }),
+          ),
+        },
+      ),
     ],
     decode(o) {
       const e = o.expect as Obj | undefined;
