@@ -1314,10 +1314,13 @@ function simulate(s: Scenario, cpu = { vendor: 'amd', maxPhyAddr: 48, pdpe1gb: t
         return;
       }
       case 'get-dirty-log':
+        if ('gpa' in st) throw new Error(`step ${i}: a dirty log over a GPA range is not simulated here`);
         dirtyLogs.push({ step: i, pages: [...(dirty.get(st.slot) ?? [])].sort((a, b) => (a < b ? -1 : 1)) });
         if (!s.steps.some((x) => x.side === 'host' && x.kind === 'clear-dirty-log')) dirty.delete(st.slot);
         return;
       case 'clear-dirty-log':
+        if ('gpa' in st || st.first !== undefined || st.pages !== undefined)
+          throw new Error(`step ${i}: a clear of part of a dirty log is not simulated here`);
         dirty.delete(st.slot);
         return;
       case 'translate': {

@@ -14,8 +14,104 @@ import type { Scenario } from '../src/scenario/types.js';
 import { describeKvm, failures, withHost } from './support/kvm.js';
 import { wrong as wrongValue } from './support/wrong.js';
 
-const NEW = ['translate_kinds', 'translate_1g_smap', 'dirty_log_clear_range'];
+const NEW = ['translate_kinds', 'translate_1g_smap', 'dirty_log_clear_range', 'host_range_across_slots'];
 const load = (name: string): Scenario => loadScenario(resolveScenario(name));
+
+type J = Record<string, unknown>;
+/** Two adjacent slots, the second not logging dirty pages. */
+function twoSlots(steps: J[]): string[] {
+  const v = validateScenario({
+    name: 't',
+    description: 'd',
+    memslots: [
+      { slot: 1, gpa: '0x1000000', size: '0x200000', logDirty: true },
+      { slot: 2, gpa: '0x1200000', size: '0x200000' },
+      { slot: 3, gpa: '0x1600000', size: '0x200000', backing: 'hugetlb2m' },
+    ],
+    mappings: [],
+    steps,
+  });
+  return v.ok ? [] : v.errors;
+}
+
+describe('host steps over GPA ranges: the rules', () => {
+  const cases: [string, J[], string[]][] = [
+    [
+      'a range that runs into a GPA no slot holds',
+      [{ host: 'munmap', gpa: '0x13f0000', size: '0x20000' }],
+      ['steps[0].gpa: [0x13f0000, 0x1410000): 0x1400000 is in no live user memslot'],
+    ],
+    [
+      'both forms at once',
+      [{ host: 'mprotect', slot: 1, offset: 0, gpa: '0x1000000', size: '0x1000', prot: 'read' }],
+      ['steps[0]: give either "slot" and "offset", or "gpa" and "size", not both'],
+    ],
+    [
+      'neither form',
+      [{ host: 'munmap', size: '0x1000' }],
+      ['steps[0]: needs "slot" and "offset", or "gpa" and "size"'],
+    ],
+    [
+      'a GPA range off 4K',
+      [{ host: 'madvise', gpa: '0x1000800', size: '0x1000', advice: 'dontneed' }],
+      ['steps[0]: gpa and size must be 4K aligned and size non-zero'],
+    ],
+    [
+      'a range that runs past the last slot',
+      [{ host: 'munmap', gpa: '0x17ff000', size: '0x2000' }],
+      ['steps[0].gpa: [0x17ff000, 0x1801000): 0x1800000 is in no live user memslot'],
+    ],
+    [
+      'a dirty-log get over a slot that does not log',
+      [{ host: 'get-dirty-log', gpa: '0x11ff000', size: '0x2000' }],
+      [
+        'steps[0].gpa: [0x11ff000, 0x1201000): memslot 2 does not log dirty pages here (set "logDirty": true, or turn it on with a memslot-flags step)',
+      ],
+    ],
+    [
+      'a dirty-log gpa without a size',
+      [{ host: 'clear-dirty-log', gpa: '0x1000000' }],
+      ['steps[0]: "gpa" needs "size"'],
+    ],
+    [
+      'a dirty-log clear with both forms',
+      [{ host: 'clear-dirty-log', slot: 1, first: 0, gpa: '0x1000000', size: '0x1000' }],
+      ['steps[0]: give either "slot" and "first" and "pages", or "gpa" and "size", not both'],
+    ],
+  ];
+  for (const [what, steps, want] of cases) it(`refuses ${what}`, () => expect(twoSlots(steps)).toEqual(want));
+
+  it("refuses a hugetlb slot's part that is not aligned to its 2M pages", () => {
+    expect(twoSlots([{ host: 'munmap', gpa: '0x1600000', size: '0x1000' }])).toEqual([
+      'steps[0]: offset and size must be hugetlb2m page (0x200000) aligned and size non-zero',
+    ]);
+  });
+
+  it('writes the GPA forms back out so that validating them gives the steps back', () => {
+    const steps = [
+      { host: 'munmap', gpa: '0x11ff000', size: '0x2000' },
+      { host: 'remap', gpa: '0x11ff000', size: '0x2000' },
+      { host: 'madvise', gpa: '0x11ff000', size: '0x2000', advice: 'dontneed' },
+      { host: 'mprotect', gpa: '0x11ff000', size: '0x2000', prot: 'read' },
+      { host: 'get-dirty-log', gpa: '0x1000000', size: '0x2000' },
+      { host: 'clear-dirty-log', gpa: '0x1000000', size: '0x2000' },
+    ];
+    const v = validateScenario({
+      name: 't',
+      description: 'd',
+      memslots: [
+        { slot: 1, gpa: '0x1000000', size: '0x200000', logDirty: true },
+        { slot: 2, gpa: '0x1200000', size: '0x200000', logDirty: true },
+      ],
+      mappings: [],
+      steps,
+    });
+    if (!v.ok) throw new Error(v.errors.join('\n'));
+    expect(v.scenario.steps[0]).toEqual({ side: 'host', kind: 'munmap', gpa: 0x11ff000n, size: 0x2000n });
+    const again = validateScenario(scenarioToJson(v.scenario));
+    expect(again.ok && again.scenario).toEqual(v.scenario);
+  });
+});
 
 describe('clear-dirty-log of part of a slot: the rules and the model', () => {
   it('writes first and pages back out so that validating it gives the step back', () => {
@@ -114,13 +210,22 @@ describeKvm('KVM_TRANSLATE and partial dirty-log clears on KVM', () => {
   });
 
   it('dirty_log_clear_range: an observation where KVM took an unaligned clear is reported', async () => {
-    const what = 'step 6 host clear-dirty-log: KVM_CLEAR_DIRTY_LOG pages [65, 128)';
+    const what = 'step 6 host clear-dirty-log: KVM_CLEAR_DIRTY_LOG of slot 1 pages [65, 128)';
     const r = await runCheck(scenarioCheck(load('dirty_log_clear_range')), kvm, profile, {
       wrongObservation: (_c, w, o) => (w === what ? 'ok' : o),
     });
     expect(r.comparisons.filter((c) => !c.ok).map((c) => [c.what, c.expected, c.observed])).toEqual([
       [what, '"EINVAL"', '"ok"'],
     ]);
+  });
+
+  it("host_range_across_slots: an observation that drops the second slot's part of a get is reported by that part", async () => {
+    const what = 'step 1 host get-dirty-log: dirty pages of slot 2 in 0x1200000..0x1240000';
+    const r = await runCheck(scenarioCheck(load('host_range_across_slots')), kvm, profile, {
+      wrongObservation: (_c, w, o) => (w === what ? [] : o),
+    });
+    expect(r.outcome).toBe('fail');
+    expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toEqual([what]);
   });
 
   it('translate_kinds: a walk model that sets no A bit above the leaf is reported where KVM set them', async () => {

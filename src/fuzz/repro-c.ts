@@ -32,7 +32,7 @@ import { tdpLogsDirty, tdpModelOptions } from '../run/host-policy.js';
 import { describeWalk, predictAccess, type AccessStep, type Prediction } from '../run/predict.js';
 import { emitWrpkru, guestAction, IMPLICIT_DESCRIPTOR, type EntryFinder } from '../run/step-actions.js';
 import { bringUpOptions, buildScenarioTables, pagingConfigFor, type ScenarioTables } from '../scenario/build.js';
-import type { Scenario, Step } from '../scenario/types.js';
+import type { GpaRange, Scenario, Step } from '../scenario/types.js';
 import { C_PRELUDE } from './repro-prelude.js';
 
 /** A scenario, or a part of one, that a reproducer cannot carry yet; the message is one line. */
@@ -100,6 +100,11 @@ export function reproducer(sc: Scenario, opts: ReproOptions): Reproducer {
   if (placed)
     throw new ReproUnsupported(
       `${sc.name}: memslot ${placed.slot}'s "hva" or "created" is not carried by a C reproducer yet`,
+    );
+  const ranged = sc.steps.findIndex(gpaForm);
+  if (ranged >= 0)
+    throw new ReproUnsupported(
+      `${sc.name}: step ${ranged}: a GPA range over slots is not carried by a C reproducer yet`,
     );
   const loop = sc.steps.findIndex((s) => s.side === 'guest' && s.kind === 'access' && s.loop);
   if (loop >= 0)
@@ -301,6 +306,10 @@ function wordArray(name: string, words: bigint[]): string {
 
 type GuestSideStep = Extract<Step, { side: 'guest' }>;
 type HostSideStep = Extract<Step, { side: 'host' }>;
+/** A host step in the form a reproducer carries: a slot, not a GPA range (refused in reproducer()). */
+const RANGE_KINDS = ['madvise', 'munmap', 'remap', 'mprotect', 'get-dirty-log', 'clear-dirty-log'] as const;
+type SlotFormStep = Exclude<HostSideStep, { kind: (typeof RANGE_KINDS)[number] } & GpaRange>;
+const gpaForm = (s: Step) => s.side === 'host' && (RANGE_KINDS as readonly string[]).includes(s.kind) && 'gpa' in s;
 
 interface Pending {
   step: number;
@@ -465,7 +474,7 @@ class Gen {
       if (s.stats)
         this.omitted.push(`${name}: stats ${Object.keys(s.stats).join(', ')} (not checked by the C program)`);
       if (s.side === 'guest') this.guestStep(i, s, name);
-      else this.hostStep(i, s, name);
+      else this.hostStep(i, s as SlotFormStep, name); // GPA ranges are refused in reproducer()
       this.line('');
     }
     if (!this.ended) {
@@ -679,7 +688,7 @@ class Gen {
     vm.fault(p.gpa, p.access.access);
   }
 
-  hostStep(i: number, s: HostSideStep, name: string): void {
+  hostStep(i: number, s: SlotFormStep, name: string): void {
     const model: string[] = [];
     const code = HOST_STEPS[s.kind](this, s as never, model);
     this.stepHeader(i, name, `the host ${describeHostStep(s)}.`, model);
@@ -719,7 +728,7 @@ class Gen {
 
 /** What a host step does in C, and to SimMem and the model VM; `model` collects the comment lines. */
 type HostCode<S> = (g: Gen, s: S, model: string[]) => string[];
-type HostStepTable = { [K in HostSideStep['kind']]: HostCode<Extract<HostSideStep, { kind: K }>> };
+type HostStepTable = { [K in SlotFormStep['kind']]: HostCode<Extract<SlotFormStep, { kind: K }>> };
 
 const HOST_STEPS: HostStepTable = {
   'write-pte'(g, s) {
@@ -875,7 +884,7 @@ function describeGuestStep(s: GuestSideStep): string {
   }
 }
 
-function describeHostStep(s: HostSideStep): string {
+function describeHostStep(s: SlotFormStep): string {
   switch (s.kind) {
     case 'write-pte':
       return `rewrites the level-${s.level} entry of ${hex(s.gva)} (${s.value !== undefined ? `:= ${hex(s.value)}` : `set ${hex(s.set)}, clear ${hex(s.clear)}`}), which a shadow MMU does not see`;

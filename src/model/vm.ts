@@ -147,6 +147,26 @@ export class ModelVm {
     return m && gpa + BigInt(len) <= BigInt(m.baseGfn + m.npages) << 12n ? m : undefined;
   }
 
+  /**
+   * Each slot's part of [gpa, gpa + size), in GPA order, as [offset,
+   * offset + size) of its memory: where a host step over a GPA range acts.
+   * Throws where no slot holds a page (scenario validation refuses such ranges).
+   */
+  pieces(gpa: bigint, size: bigint): { slot: number; offset: bigint; size: bigint }[] {
+    const out: { slot: number; offset: bigint; size: bigint }[] = [];
+    const end = gpa + size;
+    for (let at = gpa; at < end;) {
+      const m = this.tdp.slots.find(0, Number(at >> 12n));
+      if (!m) throw new RangeError(`the model VM has no memslot at GPA ${hex(at)}`);
+      const base = BigInt(m.baseGfn) << 12n;
+      const slotEnd = base + (BigInt(m.npages) << 12n);
+      const to = end < slotEnd ? end : slotEnd;
+      out.push({ slot: m.slot, offset: at - base, size: to - at });
+      at = to;
+    }
+    return out;
+  }
+
   /** The guest wrote `gpa`: its page is dirty if a logging slot holds it. */
   markDirty(gpa: bigint): void {
     const m = this.slotAt(gpa, 1);

@@ -17,7 +17,7 @@ import { clearDirtyRefusal, memFlags, type ModelVm } from '../model/vm.js';
 import { KvmError } from '../kvm/sys.js';
 import type { PagingConfig, WalkResult } from '../model/walk.js';
 import { dirtyPages } from '../observe/dirty-log.js';
-import type { Scenario, Step } from '../scenario/types.js';
+import type { HostRange, Scenario, SlotPiece, Step } from '../scenario/types.js';
 import { slotSpec } from '../scenario/build.js';
 import { MADV, PROT } from '../uapi/uapi.js';
 import type { CheckContext } from './types.js';
@@ -139,6 +139,9 @@ function emitImplicitRead(k: Asm, gva: bigint, ac: boolean): void {
 
 const CR4_BITS = { smep: 20, smap: 21, pke: 22 } as const;
 const CR4_CONFIG = { smep: 'cr4Smep', smap: 'cr4Smap', pke: 'cr4Pke' } as const;
+/** The slots' parts a host range step acts on: its slot's, or each slot's part of its GPA range. */
+const piecesOf = (vm: ModelVm, r: HostRange): SlotPiece[] => ('gpa' in r ? vm.pieces(r.gpa, r.size) : [r]);
+
 const ADVICE = { dontneed: MADV.DONTNEED, hugepage: MADV.HUGEPAGE, nohugepage: MADV.NOHUGEPAGE };
 const PROTS = { none: PROT.NONE, read: PROT.READ, 'read-write': PROT.READ | PROT.WRITE };
 
@@ -217,49 +220,64 @@ export const STEP_ACTIONS: StepActionTable = {
   },
   'get-dirty-log': {
     act({ ctx, g, vm, tdpDirty, manualProtect }, s, name) {
-      const slot = g.vm.memslot(s.slot);
-      const observed = dirtyPages(g.vm.getDirtyLog(s.slot), slot.gpa).map(hex);
-      const modelPages = vm.harvestDirty(s.slot, manualProtect);
-      const pages = new Set((s.expect ?? modelPages).map((x) => x & ~(PAGE - 1n)));
-      if (tdpDirty) {
-        // KVM's TDP MMU installs a writable SPTE on a read fault too when the host page is
-        // writable, and logs the page dirty as it does (make_spte): the TDP model's log.
-        const logged = (manualProtect ? vm.tdp.peekDirty(0, s.slot) : vm.tdp.getDirtyLog(0, s.slot)).map(
-          (gfn) => BigInt(gfn) << 12n,
-        );
-        const extra = logged.filter((p) => !pages.has(p));
-        for (const p of extra) pages.add(p);
-        if (extra.length)
-          ctx.note(
-            `${name}: the TDP model also expects ${extra.map(hex).join(', ')}: mapped writable on a read fault, so logged dirty (README, Findings)`,
-          );
+      // KVM_GET_DIRTY_LOG is of a whole slot; over a GPA range, of each slot it crosses, compared inside it.
+      const parts = 'gpa' in s ? vm.pieces(s.gpa, s.size) : [{ slot: s.slot, offset: 0n, size: undefined }];
+      for (const part of parts) {
+        const slot = g.vm.memslot(part.slot);
+        const lo = slot.gpa + part.offset;
+        const hi = lo + (part.size ?? BigInt(slot.npages) << 12n);
+        const inside = (p: bigint) => p >= lo && p < hi;
+        const observed = dirtyPages(g.vm.getDirtyLog(part.slot), slot.gpa).filter(inside).map(hex);
+        const modelPages = vm.harvestDirty(part.slot, manualProtect);
+        const pages = new Set((s.expect ?? modelPages).map((x) => x & ~(PAGE - 1n)).filter(inside));
+        const what =
+          part.size === undefined
+            ? `${name}: dirty pages`
+            : `${name}: dirty pages of slot ${part.slot} in ${hex(lo)}..${hex(hi)}`;
+        if (tdpDirty) {
+          // KVM's TDP MMU installs a writable SPTE on a read fault too when the host page is
+          // writable, and logs the page dirty as it does (make_spte): the TDP model's log.
+          const logged = (manualProtect ? vm.tdp.peekDirty(0, part.slot) : vm.tdp.getDirtyLog(0, part.slot))
+            .map((gfn) => BigInt(gfn) << 12n)
+            .filter(inside);
+          const extra = logged.filter((p) => !pages.has(p));
+          for (const p of extra) pages.add(p);
+          if (extra.length)
+            ctx.note(
+              `${what}: the TDP model also expects ${extra.map(hex).join(', ')}: mapped writable on a read fault, so logged dirty (README, Findings)`,
+            );
+        }
+        const expected = [...pages].sort((a, b) => (a < b ? -1 : 1)).map(hex);
+        ctx.expect(what, expected, observed);
       }
-      const expected = [...pages].sort((a, b) => (a < b ? -1 : 1)).map(hex);
-      ctx.expect(`${name}: dirty pages`, expected, observed);
     },
   },
   'clear-dirty-log': {
     act({ ctx, g, vm, tdpDirty }, s, name) {
-      const npages = Number(g.vm.memslot(s.slot).npages);
-      const first = s.first ?? 0;
-      const count = s.pages ?? Math.max(npages - first, 0);
-      const refused = clearDirtyRefusal(npages, first, count);
-      let observed = 'ok';
-      try {
-        g.vm.clearDirtyLog(s.slot, first, count);
-      } catch (e) {
-        if (!(e instanceof KvmError) || e.call !== 'KVM_CLEAR_DIRTY_LOG') throw e;
-        observed = e.code;
+      const parts =
+        'gpa' in s
+          ? vm
+              .pieces(s.gpa, s.size)
+              .map((p) => ({ slot: p.slot, first: Number(p.offset >> 12n), count: Number(p.size >> 12n) }))
+          : [{ slot: s.slot, first: s.first ?? 0, count: s.pages }];
+      for (const { slot, first, count: given } of parts) {
+        const npages = Number(g.vm.memslot(slot).npages);
+        const count = given ?? Math.max(npages - first, 0);
+        const refused = clearDirtyRefusal(npages, first, count);
+        let observed = 'ok';
+        try {
+          g.vm.clearDirtyLog(slot, first, count);
+        } catch (e) {
+          if (!(e instanceof KvmError) || e.call !== 'KVM_CLEAR_DIRTY_LOG') throw e;
+          observed = e.code;
+        }
+        const what = `${name}: KVM_CLEAR_DIRTY_LOG of slot ${slot} pages [${first}, ${first + count})`;
+        if (refused) ctx.note(`${what}: the model says KVM refuses it: ${refused}`);
+        ctx.expect(what, refused ? 'EINVAL' : 'ok', observed);
+        if (refused || observed !== 'ok') continue;
+        vm.clearDirty(slot, first, count);
+        if (tdpDirty) vm.tdp.clearDirtyLog(0, slot, first, count);
       }
-      if (refused) ctx.note(`${name}: the model says KVM refuses pages [${first}, ${first + count}): ${refused}`);
-      ctx.expect(
-        `${name}: KVM_CLEAR_DIRTY_LOG pages [${first}, ${first + count})`,
-        refused ? 'EINVAL' : 'ok',
-        observed,
-      );
-      if (refused || observed !== 'ok') return;
-      vm.clearDirty(s.slot, first, count);
-      if (tdpDirty) vm.tdp.clearDirtyLog(0, s.slot, first, count);
     },
   },
   'memslot-delete': {
@@ -305,26 +323,34 @@ export const STEP_ACTIONS: StepActionTable = {
   },
   madvise: {
     act({ ctx, g, vm }, s, name) {
-      g.vm.memslot(s.slot).madvise(Number(s.offset), Number(s.size), ADVICE[s.advice]);
-      if (s.advice === 'dontneed') ctx.note(`${name}: ${vm.change(s.slot, s.offset, s.size, 'dontneed')}`);
+      for (const p of piecesOf(vm, s)) {
+        g.vm.memslot(p.slot).madvise(Number(p.offset), Number(p.size), ADVICE[s.advice]);
+        if (s.advice === 'dontneed') ctx.note(`${name}: ${vm.change(p.slot, p.offset, p.size, 'dontneed')}`);
+      }
     },
   },
   munmap: {
     act({ ctx, g, vm }, s, name) {
-      g.vm.memslot(s.slot).munmap(Number(s.offset), Number(s.size));
-      ctx.note(`${name}: ${vm.change(s.slot, s.offset, s.size, 'munmap')}`);
+      for (const p of piecesOf(vm, s)) {
+        g.vm.memslot(p.slot).munmap(Number(p.offset), Number(p.size));
+        ctx.note(`${name}: ${vm.change(p.slot, p.offset, p.size, 'munmap')}`);
+      }
     },
   },
   remap: {
     act({ g, vm }, s) {
-      g.vm.memslot(s.slot).remap(Number(s.offset), Number(s.size));
-      vm.remap(s.slot, s.offset, s.size);
+      for (const p of piecesOf(vm, s)) {
+        g.vm.memslot(p.slot).remap(Number(p.offset), Number(p.size));
+        vm.remap(p.slot, p.offset, p.size);
+      }
     },
   },
   mprotect: {
     act({ ctx, g, vm }, s, name) {
-      g.vm.memslot(s.slot).mprotect(Number(s.offset), Number(s.size), PROTS[s.prot]);
-      ctx.note(`${name}: ${vm.change(s.slot, s.offset, s.size, 'mprotect', s.prot)}`);
+      for (const p of piecesOf(vm, s)) {
+        g.vm.memslot(p.slot).mprotect(Number(p.offset), Number(p.size), PROTS[s.prot]);
+        ctx.note(`${name}: ${vm.change(p.slot, p.offset, p.size, 'mprotect', s.prot)}`);
+      }
     },
   },
   'pre-fault': {

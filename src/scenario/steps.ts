@@ -13,7 +13,7 @@ import { LAYOUT, RETURN_GVA } from '../arch/x86/layout.js';
 import { PAGE_4K } from '../arch/x86/pte.js';
 import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.js';
 import { array, bool, int, object, oneOf, opt, req, u64, type Field } from './spec.js';
-import type { AccessExpect, MemslotDecl, PteWriteStep, Scenario, Step } from './types.js';
+import type { AccessExpect, HostRange, MemslotDecl, PteWriteStep, Scenario, SlotPiece, Step } from './types.js';
 import { hex } from '../base/units.js';
 
 type Obj = Record<string, unknown>;
@@ -124,10 +124,16 @@ const PTE_CHANGE = {
   clear: opt(u64('Bits to clear.')),
   value: opt(u64('New entry value; exclusive with set and clear.')),
 };
+const RANGE_GPA = opt(
+  u64(
+    "Instead of `slot` and `offset`: a guest-physical address (4K aligned). The range may cross slots, adjacent ones or with other memory between them (every page must be in a live user slot), and the step acts on each slot's part of it.",
+  ),
+);
 const HOST_RANGE = {
-  slot: USER_SLOT,
-  offset: req(u64('Byte offset in the slot (aligned to the backing page size).')),
-  size: req(u64('Bytes (a multiple of the backing page size).')),
+  slot: opt(int(1, 32767, 'Slot number (a declared user slot), with `offset`; or give `gpa` instead.')),
+  offset: opt(u64('Byte offset in the slot (aligned to the backing page size).')),
+  gpa: RANGE_GPA,
+  size: req(u64("Bytes (a multiple of the backing page size of each slot's part).")),
 };
 
 // ---------------------------------------------------------------------------------
@@ -150,6 +156,17 @@ function expectJson(e: AccessExpect | undefined, withValue: boolean): Obj | unde
     ...(withValue && e.value !== undefined ? { value: e.value } : {}),
     ...(e.ptes ? { ptes: e.ptes } : {}),
   };
+}
+
+/** The range of a host memory step: a slot's memory, or a GPA range (with `gpa`). */
+function hostRange(o: Obj): HostRange {
+  return o.gpa !== undefined
+    ? { gpa: o.gpa as bigint, size: o.size as bigint }
+    : { slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint };
+}
+
+function hostRangeJson(r: HostRange): Obj {
+  return 'gpa' in r ? { gpa: r.gpa, size: r.size } : { slot: r.slot, offset: r.offset, size: r.size };
 }
 
 function pteWrite(o: Obj): PteWriteStep {
@@ -204,6 +221,32 @@ function logSlotError(c: StepCheck, slot: number): string | undefined {
   return undefined;
 }
 
+/**
+ * The rules of a dirty-log step's range: a slot, or a GPA range whose every
+ * page is in a live slot; each slot must log dirty pages here. Returns the
+ * slots' parts, or undefined after reporting why not.
+ */
+function dirtyRange(c: StepCheck, st: { slot: number } | { gpa: bigint; size: bigint }): SlotPiece[] | undefined {
+  const j = c.json;
+  if (j.gpa !== undefined && j.size === undefined) return void c.err(c.p, '"gpa" needs "size"');
+  const pieces = rangeForm(
+    c,
+    'gpa' in st ? st : undefined,
+    j.gpa === undefined ? ['slot'] : ['slot', 'first', 'pages'],
+  );
+  if (!pieces) return undefined;
+  const parts = 'gpa' in st ? pieces : [{ slot: st.slot, offset: 0n, size: 0n }];
+  for (const p of parts) {
+    const why = logSlotError(c, p.slot);
+    if (why)
+      return void c.err(
+        `${c.p}.${'gpa' in st ? 'gpa' : 'slot'}`,
+        'gpa' in st ? `${range(st.gpa, st.size)}: ${why}` : why,
+      );
+  }
+  return parts;
+}
+
 /** Whether a declared slot is in KVM when step `i` runs: not yet created (by a step), live, or deleted. */
 export function slotState(s: Scenario, i: number, slot: number): 'absent' | 'live' | 'deleted' {
   const m = s.memslots.find((x) => x.slot === slot);
@@ -215,6 +258,68 @@ export function slotState(s: Scenario, i: number, slot: number): 'absent' | 'liv
     if (x.kind === 'memslot-delete') state = 'deleted';
   }
   return state;
+}
+
+/**
+ * Each live slot's part of [gpa, gpa+size) when step `i` runs (slots at their
+ * declared GPA, or where their last memslot-move put them), in GPA order; a
+ * string names the first GPA of the range that no live user slot holds.
+ */
+export function gpaPieces(s: Scenario, i: number, gpa: bigint, size: bigint): SlotPiece[] | string {
+  const live = s.memslots
+    .filter((m) => slotState(s, i, m.slot) === 'live')
+    .map((m) => {
+      let base = m.gpa;
+      for (const x of s.steps.slice(0, i)) if (moves(m)(x)) base = (x as { gpa: bigint }).gpa;
+      return { m, base };
+    })
+    .sort((a, b) => (a.base < b.base ? -1 : 1));
+  const out: SlotPiece[] = [];
+  const end = gpa + size;
+  let at = gpa;
+  for (const { m, base } of live) {
+    if (base + m.size <= at || base >= end) continue;
+    if (base > at) break;
+    const to = end < base + m.size ? end : base + m.size;
+    out.push({ slot: m.slot, offset: at - base, size: to - at });
+    at = to;
+  }
+  return at < end ? `${hex(at)} is in no live user memslot` : out;
+}
+
+/** The slots' parts a host range names at step `i` (rangeErrors says why a GPA range has none). */
+export function rangePieces(s: Scenario, i: number, r: HostRange): SlotPiece[] {
+  if (!('gpa' in r)) return [{ slot: r.slot, offset: r.offset, size: r.size }];
+  const p = gpaPieces(s, i, r.gpa, r.size);
+  return typeof p === 'string' ? [] : p;
+}
+
+/**
+ * The rule of a step that takes a slot (and for host memory an offset) or a
+ * GPA range: exactly one of the two forms, a GPA range 4K aligned and held by
+ * live slots. Returns the slots' parts, or undefined after reporting why not.
+ */
+function rangeForm(
+  c: StepCheck,
+  r: { gpa: bigint; size: bigint } | undefined,
+  slotFields: string[],
+): SlotPiece[] | undefined {
+  const j = c.json;
+  const given = slotFields.filter((f) => j[f] !== undefined);
+  const names = slotFields.map((f) => `"${f}"`).join(' and ');
+  if (j.gpa !== undefined && given.length)
+    return void c.err(c.p, `give either ${names}, or "gpa" and "size", not both`);
+  if (j.gpa === undefined && j.size !== undefined && !slotFields.includes('offset'))
+    return void c.err(`${c.p}.size`, '"size" goes with "gpa"');
+  if (!r) {
+    if (given.length === slotFields.length) return [];
+    return void c.err(c.p, `needs ${names}, or "gpa" and "size"`);
+  }
+  if (r.gpa % PAGE_4K !== 0n || r.size % PAGE_4K !== 0n || r.size === 0n)
+    return void c.err(c.p, 'gpa and size must be 4K aligned and size non-zero');
+  const pieces = gpaPieces(c.s, c.i, r.gpa, r.size);
+  if (typeof pieces === 'string') return void c.err(`${c.p}.gpa`, `${range(r.gpa, r.size)}: ${pieces}`);
+  return pieces;
 }
 
 /** The declared user slot a host memory step names, or undefined after reporting why there is none here. */
@@ -249,10 +354,17 @@ const moves = (m: MemslotDecl) => (x: Step) => x.side === 'host' && x.kind === '
  * from the file and may be anything up to 2^64 (even in a step already
  * rejected for it).
  */
-function unmappedBy(steps: readonly Step[], slot: number, offset: bigint, size: bigint): [bigint, bigint][] {
+function unmappedBy(s: Scenario, i: number, slot: number, offset: bigint, size: bigint): [bigint, bigint][] {
   let gone: [bigint, bigint][] = [];
-  for (const x of steps) {
-    if (x.side !== 'host' || (x.kind !== 'munmap' && x.kind !== 'remap') || x.slot !== slot) continue;
+  const parts = s.steps
+    .slice(0, i)
+    .flatMap((x, j) =>
+      x.side === 'host' && (x.kind === 'munmap' || x.kind === 'remap')
+        ? rangePieces(s, j, x).map((p) => ({ ...p, kind: x.kind }))
+        : [],
+    );
+  for (const x of parts) {
+    if (x.slot !== slot) continue;
     const [from, to] = [x.offset, x.offset + x.size];
     const kept: [bigint, bigint][] = [];
     for (const [a, b] of gone) {
@@ -269,14 +381,21 @@ function unmappedBy(steps: readonly Step[], slot: number, offset: bigint, size: 
   return gone.filter(([a, b]) => a < end && b > offset).map(([a, b]) => [a > offset ? a : offset, b < end ? b : end]);
 }
 
-/** The rules of madvise, munmap, remap and mprotect: a range of a live slot's memory, mapped unless remapped. */
-type HostRangeStep = { kind: 'madvise' | 'munmap' | 'remap' | 'mprotect'; slot: number; offset: bigint; size: bigint };
+/** The rules of madvise, munmap, remap and mprotect: a range of live slots' memory, mapped unless remapped. */
+type HostRangeStep = { kind: 'madvise' | 'munmap' | 'remap' | 'mprotect' } & HostRange;
 
 function hostRangeErrors(c: StepCheck, st: HostRangeStep): void {
+  const pieces = rangeForm(c, 'gpa' in st ? st : undefined, ['slot', 'offset']);
+  if (!pieces) return;
+  for (const piece of pieces.length ? pieces : rangePieces(c.s, c.i, st)) pieceErrors(c, st.kind, piece);
+}
+
+/** The rules of one slot's part of a host range step. */
+function pieceErrors(c: StepCheck, kind: HostRangeStep['kind'], st: SlotPiece): void {
   const m = liveSlot(c, st.slot);
   if (!m) return;
   const p = c.p;
-  const unit = st.kind === 'madvise' ? PAGE_4K : BACKING_PAGE[m.backing];
+  const unit = kind === 'madvise' ? PAGE_4K : BACKING_PAGE[m.backing];
   const what = unit === PAGE_4K ? '4K' : `${m.backing} page (${hex(unit)})`;
   if (st.offset % unit !== 0n || st.size % unit !== 0n || st.size === 0n)
     return c.err(p, `offset and size must be ${what} aligned and size non-zero`);
@@ -286,15 +405,15 @@ function hostRangeErrors(c: StepCheck, st: HostRangeStep): void {
       `${hex(st.offset)}+${hex(st.size)} runs past the end of memslot ${st.slot} (${hex(m.size)} bytes)`,
     );
   // Pages of the range that an earlier munmap took away (and no remap gave back).
-  const unmapped = unmappedBy(c.s.steps.slice(0, c.i), st.slot, st.offset, st.size);
+  const unmapped = unmappedBy(c.s, c.i, st.slot, st.offset, st.size);
   const bytes = unmapped.reduce((n, [a, b]) => n + (b - a), 0n);
-  if (st.kind === 'remap' && bytes !== st.size) {
+  if (kind === 'remap' && bytes !== st.size) {
     c.err(
       p,
       `remap needs the whole range unmapped by earlier munmap steps; ${hex(st.offset)}+${hex(st.size)} of memslot ${st.slot} is not`,
     );
   }
-  if (st.kind !== 'remap' && unmapped.length > 0) {
+  if (kind !== 'remap' && unmapped.length > 0) {
     c.err(
       p,
       `memslot ${st.slot}'s memory at offset ${hex(unmapped[0]![0])} was unmapped by an earlier munmap step (remap it first)`,
@@ -306,9 +425,8 @@ function hostRangeErrors(c: StepCheck, st: HostRangeStep): void {
 function rangeKind<S extends Extract<Step, { kind: 'munmap' | 'remap' }>>(kind: S['kind'], doc: string): StepKind<S> {
   return {
     variants: [host(kind, doc, HOST_RANGE)],
-    decode: (o) =>
-      ({ side: 'host', kind, slot: o.slot as number, offset: o.offset as bigint, size: o.size as bigint }) as S,
-    encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size }),
+    decode: (o) => ({ side: 'host', kind, ...hostRange(o) }) as S,
+    encode: (s) => ({ host: s.kind, ...hostRangeJson(s) }),
     validate: (st, c) => hostRangeErrors(c, st),
   };
 }
@@ -556,11 +674,17 @@ export const STEP_KINDS: StepKindTable = {
         'get-dirty-log',
         "KVM_GET_DIRTY_LOG of a user slot; compared with `expect`, else with the model's pages. With manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, enabled when the scenario has a clear-dirty-log step) the get leaves the bitmap as it is: a page stays reported until a clear-dirty-log of its range.",
         {
-          slot: req(int(0, 32767, 'Slot number.')),
+          slot: opt(int(0, 32767, 'Slot number; or give `gpa` and `size` instead.')),
+          gpa: opt(
+            u64(
+              'Instead of `slot`: a guest-physical address (4K aligned); the log of every slot [gpa, gpa+size) crosses is got, and compared inside the range (every page of it must be in a live logging slot).',
+            ),
+          ),
+          size: opt(u64('Bytes from `gpa` (a non-zero multiple of 4K).')),
           expect: opt(
             array(
               u64('GPA of a page expected dirty.'),
-              'GPAs of the pages expected dirty (4K aligned, inside the slot).',
+              'GPAs of the pages expected dirty (4K aligned, inside the slot or the range).',
             ),
           ),
         },
@@ -569,18 +693,28 @@ export const STEP_KINDS: StepKindTable = {
     decode: (o) => ({
       side: 'host',
       kind: 'get-dirty-log',
-      slot: o.slot as number,
+      ...(o.gpa !== undefined ? { gpa: o.gpa as bigint, size: o.size as bigint } : { slot: o.slot as number }),
       ...(o.expect !== undefined ? { expect: o.expect as bigint[] } : {}),
     }),
-    encode: (s) => ({ host: s.kind, slot: s.slot, expect: s.expect }),
+    encode: (s) => ({
+      host: s.kind,
+      ...('gpa' in s ? { gpa: s.gpa, size: s.size } : { slot: s.slot }),
+      expect: s.expect,
+    }),
     validate(st, c) {
-      const why = logSlotError(c, st.slot);
-      if (why) return c.err(`${c.p}.slot`, why);
-      const m = c.s.memslots.find((x) => x.slot === st.slot)!;
+      const pieces = dirtyRange(c, st);
+      if (!pieces) return;
+      const where =
+        'gpa' in st
+          ? { from: st.gpa, size: st.size, what: `the range ${range(st.gpa, st.size)}` }
+          : (() => {
+              const m = c.s.memslots.find((x) => x.slot === st.slot)!;
+              return { from: m.gpa, size: m.size, what: `memslot ${m.slot} ${range(m.gpa, m.size)}` };
+            })();
       st.expect?.forEach((gpa, k) => {
         if (gpa % PAGE_4K !== 0n) c.err(`${c.p}.expect[${k}]`, `${hex(gpa)} is not 4K aligned`);
-        else if (gpa < m.gpa || gpa >= m.gpa + m.size)
-          c.err(`${c.p}.expect[${k}]`, `${hex(gpa)} is not inside memslot ${m.slot} ${range(m.gpa, m.size)}`);
+        else if (gpa < where.from || gpa >= where.from + where.size)
+          c.err(`${c.p}.expect[${k}]`, `${hex(gpa)} is not inside ${where.what}`);
       });
     },
   },
@@ -590,23 +724,35 @@ export const STEP_KINDS: StepKindTable = {
         'clear-dirty-log',
         "KVM_CLEAR_DIRTY_LOG of pages [first, first+pages) of the slot (KVM's first_page and num_pages), the whole slot by default. The model says whether KVM takes the range: `first` must be a multiple of 64 and `pages` too unless the range runs to the slot's end; a range KVM refuses is compared as EINVAL and clears nothing.",
         {
-          slot: req(int(0, 32767, 'Slot number.')),
+          slot: opt(int(0, 32767, 'Slot number; or give `gpa` and `size` instead.')),
           first: opt(int(0, 0x7fffffff, 'First page (index in the slot).')),
           pages: opt(int(0, 0x7fffffff, "Number of pages; absent: to the slot's end.")),
+          gpa: opt(
+            u64(
+              "Instead of `slot`, `first` and `pages`: a guest-physical address (4K aligned); each slot's part of [gpa, gpa+size) is cleared with its own KVM_CLEAR_DIRTY_LOG, which KVM takes or refuses by the same rules (every page of the range must be in a live logging slot).",
+            ),
+          ),
+          size: opt(u64('Bytes from `gpa` (a non-zero multiple of 4K).')),
         },
       ),
     ],
     decode: (o) => ({
       side: 'host',
       kind: 'clear-dirty-log',
-      slot: o.slot as number,
-      ...(o.first !== undefined ? { first: o.first as number } : {}),
-      ...(o.pages !== undefined ? { pages: o.pages as number } : {}),
+      ...(o.gpa !== undefined
+        ? { gpa: o.gpa as bigint, size: o.size as bigint }
+        : {
+            slot: o.slot as number,
+            ...(o.first !== undefined ? { first: o.first as number } : {}),
+            ...(o.pages !== undefined ? { pages: o.pages as number } : {}),
+          }),
     }),
-    encode: (s) => ({ host: s.kind, slot: s.slot, first: s.first, pages: s.pages }),
+    encode: (s) =>
+      'gpa' in s
+        ? { host: s.kind, gpa: s.gpa, size: s.size }
+        : { host: s.kind, slot: s.slot, first: s.first, pages: s.pages },
     validate(st, c) {
-      const why = logSlotError(c, st.slot);
-      if (why) c.err(`${c.p}.slot`, why);
+      dirtyRange(c, st);
     },
   },
   'memslot-delete': {
@@ -678,12 +824,7 @@ export const STEP_KINDS: StepKindTable = {
       if (!m) return;
       const off = st.gpa - m.gpa;
       const page = (off / PAGE_4K) * PAGE_4K;
-      const gone = unmappedBy(
-        c.s.steps.slice(0, c.i),
-        m.slot,
-        page,
-        ((off + st.size - page + 0xfffn) / PAGE_4K) * PAGE_4K,
-      );
+      const gone = unmappedBy(c.s, c.i, m.slot, page, ((off + st.size - page + 0xfffn) / PAGE_4K) * PAGE_4K);
       if (gone.length)
         c.err(c.p, `memslot ${m.slot}'s memory at offset ${hex(gone[0]![0])} was unmapped by an earlier munmap step`);
     },
@@ -751,9 +892,9 @@ export const STEP_KINDS: StepKindTable = {
   },
   madvise: {
     variants: [
-      host('madvise', "madvise() on part of a user memslot's host memory.", {
-        slot: USER_SLOT,
-        offset: req(u64('Byte offset in the slot (4K aligned).')),
+      host('madvise', "madvise() on part of a user memslot's host memory, or on each slot's part of a GPA range.", {
+        ...HOST_RANGE,
+        offset: opt(u64('Byte offset in the slot (4K aligned).')),
         size: req(u64('Bytes (a multiple of 4K).')),
         advice: req(oneOf(['dontneed', 'hugepage', 'nohugepage'], 'MADV_DONTNEED, MADV_HUGEPAGE or MADV_NOHUGEPAGE.')),
       }),
@@ -761,12 +902,10 @@ export const STEP_KINDS: StepKindTable = {
     decode: (o) => ({
       side: 'host',
       kind: 'madvise',
-      slot: o.slot as number,
-      offset: o.offset as bigint,
-      size: o.size as bigint,
+      ...hostRange(o),
       advice: o.advice as 'dontneed' | 'hugepage' | 'nohugepage',
     }),
-    encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size, advice: s.advice }),
+    encode: (s) => ({ host: s.kind, ...hostRangeJson(s), advice: s.advice }),
     validate: (st, c) => hostRangeErrors(c, st),
   },
   munmap: rangeKind(
@@ -779,20 +918,22 @@ export const STEP_KINDS: StepKindTable = {
   ),
   mprotect: {
     variants: [
-      host('mprotect', "mprotect() of part of a user memslot's host memory; `read-write` restores it.", {
-        ...HOST_RANGE,
-        prot: req(oneOf(['none', 'read', 'read-write'], 'PROT_NONE, PROT_READ or PROT_READ|PROT_WRITE.')),
-      }),
+      host(
+        'mprotect',
+        "mprotect() of part of a user memslot's host memory, or of each slot's part of a GPA range; `read-write` restores it.",
+        {
+          ...HOST_RANGE,
+          prot: req(oneOf(['none', 'read', 'read-write'], 'PROT_NONE, PROT_READ or PROT_READ|PROT_WRITE.')),
+        },
+      ),
     ],
     decode: (o) => ({
       side: 'host',
       kind: 'mprotect',
-      slot: o.slot as number,
-      offset: o.offset as bigint,
-      size: o.size as bigint,
+      ...hostRange(o),
       prot: o.prot as 'none' | 'read' | 'read-write',
     }),
-    encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size, prot: s.prot }),
+    encode: (s) => ({ host: s.kind, ...hostRangeJson(s), prot: s.prot }),
     validate: (st, c) => hostRangeErrors(c, st),
   },
   'pre-fault': {

@@ -114,12 +114,29 @@ export type GuestStep =
   | { kind: 'set-cr0-wp'; value: boolean }
   | { kind: 'set-cr4'; bit: 'smep' | 'smap' | 'pke'; value: boolean };
 
+/** A guest-physical range; a step over it acts on each live slot's part of it (it may cross slots). */
+export type GpaRange = { gpa: bigint; size: bigint };
+
+/** [offset, offset+size) of one slot's host memory, or a GpaRange (the same bytes of each slot it crosses). */
+export type HostRange = { slot: number; offset: bigint; size: bigint } | GpaRange;
+
+/** One slot's part of a range: [offset, offset+size) of its memory. */
+export interface SlotPiece {
+  slot: number;
+  offset: bigint;
+  size: bigint;
+}
+
 export type HostStep =
   | PteWriteStep
   | ClearAdStep
-  | { kind: 'get-dirty-log'; slot: number; expect?: bigint[] }
-  /** KVM_CLEAR_DIRTY_LOG of pages [first, first+pages) of the slot; absent: from page 0 / to the slot's end. */
-  | { kind: 'clear-dirty-log'; slot: number; first?: number; pages?: number }
+  /** KVM_GET_DIRTY_LOG of a slot, or of every slot [gpa, gpa+size) crosses, compared inside that range. */
+  | ({ kind: 'get-dirty-log'; expect?: bigint[] } & ({ slot: number } | GpaRange))
+  /**
+   * KVM_CLEAR_DIRTY_LOG of pages [first, first+pages) of the slot (absent:
+   * from page 0 / to the slot's end), or of each slot's part of [gpa, gpa+size).
+   */
+  | ({ kind: 'clear-dirty-log' } & ({ slot: number; first?: number; pages?: number } | GpaRange))
   | { kind: 'translate'; gva: bigint; expect?: { valid: boolean; gpa?: bigint } }
   /** KVM_SET_USER_MEMORY_REGION with size 0; the host memory is freed. */
   | { kind: 'memslot-delete'; slot: number }
@@ -130,13 +147,13 @@ export type HostStep =
   /** The slot's host memory now appears at `gpa`. */
   | { kind: 'memslot-move'; slot: number; gpa: bigint }
   | { kind: 'memslot-flags'; slot: number; logDirty: boolean; readonly: boolean }
-  /** madvise() on [offset, offset+size) of the slot's host memory. */
-  | { kind: 'madvise'; slot: number; offset: bigint; size: bigint; advice: 'dontneed' | 'hugepage' | 'nohugepage' }
-  /** munmap() of [offset, offset+size) of the slot's host memory; the slot stays. */
-  | { kind: 'munmap'; slot: number; offset: bigint; size: bigint }
+  /** madvise() on part of the host memory (HostRange). */
+  | ({ kind: 'madvise'; advice: 'dontneed' | 'hugepage' | 'nohugepage' } & HostRange)
+  /** munmap() of part of the host memory; the slots stay. */
+  | ({ kind: 'munmap' } & HostRange)
   /** mmap(MAP_FIXED) of fresh memory of the slot's backing kind over a range an earlier munmap took away. */
-  | { kind: 'remap'; slot: number; offset: bigint; size: bigint }
-  | { kind: 'mprotect'; slot: number; offset: bigint; size: bigint; prot: 'none' | 'read' | 'read-write' }
+  | ({ kind: 'remap' } & HostRange)
+  | ({ kind: 'mprotect'; prot: 'none' | 'read' | 'read-write' } & HostRange)
   /** KVM_PRE_FAULT_MEMORY of [gpa, gpa+size) (where the host has KVM_CAP_PRE_FAULT_MEMORY). */
   | { kind: 'pre-fault'; gpa: bigint; size: bigint };
 
