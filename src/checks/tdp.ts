@@ -16,13 +16,15 @@ import { PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW } from '../arch/x86/pte.js';
 import type { Memslot as KvmMemslot } from '../kvm/memslot.js';
 import { MADV, MEM } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
-import { modelSlot } from '../model/vm.js';
+import { modelSlot, tdpModelFor } from '../model/vm.js';
 import { PAGES, decodeSpte, isLeaf, isPresent } from '../model/spte.js';
 import { Tdp } from '../model/tdp.js';
 import type { Wrong, WrongTdp } from '../model/wrong.js';
 import { dirtyPages } from '../observe/dirty-log.js';
 import { decodeTdpSpte, TdpPicture } from '../observe/tdp-picture.js';
 import { TraceSession } from '../observe/tracefs.js';
+import { readStats } from '../observe/stats.js';
+import { tdpObserverFor, type SptePicture, type SpteObserver } from '../observe/spte-picture.js';
 import { NotApplicable } from '../base/not-applicable.js';
 import { confirmThp, needThp } from './thp.js';
 import type { Check, CheckContext } from '../run/types.js';
@@ -43,12 +45,48 @@ function mappingOf(m: { level: number; writable: boolean } | undefined): string 
   return m ? `level ${m.level} ${m.writable ? 'writable' : 'read-only'}` : 'not mapped';
 }
 
+/** The per-GFN observer for this host's MMU, or not applicable when its tracepoints are missing. */
+function observerFor(ctx: CheckContext): SpteObserver {
+  const obs = tdpObserverFor(ctx.profile);
+  const o = ctx.profile.oracles[obs.oracle];
+  if (!o.available) throw new NotApplicable(`${obs.oracle}: ${o.why}`);
+  ctx.note(
+    obs.mmu === 'legacy'
+      ? 'legacy MMU (kvm.tdp_mmu=0): the legacy model (prefetch, no eager split, leaf zaps at logging off); zaps and write protection are untraced, so those GFNs are compared through pages_4k/pages_2m'
+      : 'TDP MMU: the TDP model against kvm_tdp_mmu_spte_changed',
+  );
+  return obs;
+}
+
+/** A GFN's mapping as far as the trace can tell: "untraced" where it cannot, the level alone where W is unknown. */
+function seen(picture: SptePicture, gfn: number, m: { level: number; writable: boolean } | undefined): string {
+  const blind = picture.blind(gfn);
+  if (blind === 'mapping') return 'untraced';
+  if (m && blind === 'writable') return `level ${m.level}`;
+  return mappingOf(m);
+}
+
+/** pages_4k, pages_2m and pages_1g of the VM (KVM's stats fd). */
+function pageStats(g: X86Guest): number[] {
+  const st = readStats([g.vm.stats()]);
+  return [0, Number(st.get('pages_4k') ?? 0n), Number(st.get('pages_2m') ?? 0n), Number(st.get('pages_1g') ?? 0n)];
+}
+
+/** The change of the three gauges as "4k +1, 2m -1", zeros left out. */
+function pageDelta(before: number[], after: number[]): string {
+  const names = ['', '4k', '2m', '1g'];
+  const out = [1, 2, 3]
+    .filter((l) => after[l]! !== before[l]!)
+    .map((l) => `${names[l]} ${after[l]! - before[l]! > 0 ? '+' : ''}${after[l]! - before[l]!}`);
+  return out.join(', ') || 'none';
+}
+
 export function tdpPicture(opts: { wrong?: Wrong } = {}): Check {
   return {
     name: 'tdp_spte_picture',
     description:
-      "KVM's TDP mappings per GFN (kvm_tdp_mmu_spte_changed) equal the TDP model's after guest faults (a slot's last page, first faults in a dirty-logged slot) and after MADV_DONTNEED zaps part of a slot",
-    needs: ['tdp_spte_tracepoints'],
+      "KVM's TDP mappings per GFN (kvm_tdp_mmu_spte_changed; legacy MMU: kvm_mmu_set_spte and the shadow-page events) equal the TDP model's after guest faults (a slot's last page, first faults in a dirty-logged slot, neighbours of host-written pages) and after MADV_DONTNEED zaps part of a slot",
+    needs: [],
     run: (ctx) => run(ctx, opts.wrong?.tdp ?? {}),
   };
 }
@@ -70,7 +108,14 @@ function pictureSlots(ctx: CheckContext, g: X86Guest): { small: KvmMemslot; huge
   }
 }
 
+/** Pages of the small slot the host writes before the guest runs: 0x10..0x17 and 0x20..0x23. */
+const HOST_WRITTEN = [
+  [0x10, 8],
+  [0x20, 4],
+] as const;
+
 async function run(ctx: CheckContext, wrong: WrongTdp): Promise<void> {
+  const obs = observerFor(ctx);
   const g = X86Guest.create(ctx.kvm);
   let trace: TraceSession | undefined;
   try {
@@ -94,6 +139,10 @@ async function run(ctx: CheckContext, wrong: WrongTdp): Promise<void> {
     const smallGfn = Number(SMALL_GPA) / PAGE;
     const touches: Touch[] = [0, 1, 2, 3, 0x1ff].map((i) => ({ gfn: smallGfn + i, write: true }));
     touches.push(...[4, 5].map((i) => ({ gfn: smallGfn + i, write: false })));
+    // Next to pages the host wrote: a read and a write (the legacy MMU
+    // prefetches their host-writable neighbours, the TDP MMU does not).
+    touches.push({ gfn: smallGfn + 0x12, write: false }, { gfn: smallGfn + 0x21, write: true });
+    for (const [first, n] of HOST_WRITTEN) small.madvise(first * PAGE, n * PAGE, MADV_POPULATE_WRITE);
     if (huge) touches.push(...[0, 7].map((i) => ({ gfn: Number(HUGE_GPA) / PAGE + i, write: true })));
     touches.push(...[0, 1, 3].map((i) => ({ gfn: Number(LOGGED_GPA) / PAGE + i, write: i !== 1 })));
     const a = new Asm({ origin: Number(LAYOUT.code) });
@@ -108,44 +157,63 @@ async function run(ctx: CheckContext, wrong: WrongTdp): Promise<void> {
 
     // The model VM: the same slots at the same host addresses.
     const slots = new Memslots();
-    const tdp = new Tdp(slots, { levels: 4, wrong });
+    const tdp = tdpModelFor(ctx.profile, slots, { levels: 4, wrong });
     const slot0 = [...g.vm.slots.values()].find((s) => s.slot === 0)!;
     tdp.setMemslot(modelSlot(slot0, { kind: 'anon', pageSize: PAGE }));
-    tdp.setMemslot(modelSlot(small, { kind: 'anon', pageSize: PAGE }));
+    const smallSlot = modelSlot(small, { kind: 'anon', pageSize: PAGE });
+    tdp.setMemslot(smallSlot);
     if (huge) tdp.setMemslot(modelSlot(huge, { kind: 'hugetlb2m', pageSize: 0x200000 }));
     tdp.setMemslot(modelSlot(logged, { kind: 'anon', pageSize: PAGE }));
+    for (const [first, n] of HOST_WRITTEN)
+      for (let i = first; i < first + n; i++) tdp.host.fault(smallSlot, small.hva + BigInt(i * PAGE), true);
 
-    trace = TraceSession.open(ctx.target.fs, ['kvmmmu/kvm_tdp_mmu_spte_changed'], [await g.vcpu.tid()]);
+    trace = TraceSession.open(ctx.target.fs, obs.events, [await g.vcpu.tid()]);
     ctx.expect('guest finishes', 'done', (await g.run()).kind);
-    const flavour = ctx.profile.tdp.kind === 'ept' ? 'ept' : 'npt';
-    const picture = new TdpPicture(flavour, trace.take());
+    const picture = obs.picture(trace.take());
     for (const t of touches) tdp.fault(0, t.gfn, { write: t.write });
+    const modelOf = (gfn: number) => {
+      const m = tdp.lookup(0, gfn);
+      return m && isPresent(m.spte) ? { level: m.level, writable: decodeSpte(m.spte).writable } : undefined;
+    };
     const compare = (what: string) => {
+      // Every GFN of the small slot as runs, then the other slots' touched GFNs.
+      ctx.expect(
+        `${what}: the small slot's 512 GFNs`,
+        runsOf(smallGfn, 512, (gfn) => seen(picture, gfn, modelOf(gfn))),
+        runsOf(smallGfn, 512, (gfn) => seen(picture, gfn, picture.leaf(0, BigInt(gfn)))),
+      );
       for (const t of touches) {
-        const m = tdp.lookup(0, t.gfn);
-        const model = m ? { level: m.level, writable: decodeSpte(m.spte).writable } : undefined;
-        const seen = picture.leaf(0, BigInt(t.gfn));
-        ctx.expect(`${what}: gfn 0x${t.gfn.toString(16)}`, mappingOf(model), mappingOf(seen));
+        if (t.gfn >= smallGfn && t.gfn < smallGfn + 512) continue;
+        const kvm = seen(picture, t.gfn, picture.leaf(0, BigInt(t.gfn)));
+        ctx.expect(`${what}: gfn 0x${t.gfn.toString(16)}`, seen(picture, t.gfn, modelOf(t.gfn)), kvm);
       }
     };
     compare('after the guest faults');
 
+    // A zap of a host range: traced under the TDP MMU; under the legacy MMU
+    // the rmap walk zaps untraced, so the pages_* gauges count what went.
+    const zap = (what: string, from: number, to: number) => {
+      trace!.clear();
+      const statsBefore = pageStats(g);
+      const modelBefore = tdp.pageCounts(0);
+      small.madvise(from * PAGE, (to - from) * PAGE, MADV.DONTNEED);
+      picture.add(trace!.take());
+      tdp.invalidateHva(small.hva + BigInt(from * PAGE), small.hva + BigInt(to * PAGE), 'dontneed');
+      picture.untraced(smallGfn + from, smallGfn + to, 'zap');
+      if (obs.mmu === 'legacy')
+        ctx.expect(
+          `${what}: change of pages_4k/2m/1g`,
+          pageDelta(modelBefore, tdp.pageCounts(0)),
+          pageDelta(statsBefore, pageStats(g)),
+        );
+      compare(what);
+    };
+    trace.setPids([]); // the zaps run in this process, not on the vCPU thread
     // MADV_DONTNEED on the first three pages of the small slot: KVM's MMU
     // notifier zaps exactly those GFNs.
-    trace.setPids([]); // the zap runs in this process, not on the vCPU thread
-    trace.clear();
-    small.madvise(0, 3 * PAGE, MADV.DONTNEED);
-    picture.add(trace.take());
-    tdp.invalidateHva(small.hva, small.hva + BigInt(3 * PAGE), 'dontneed');
-    compare('after MADV_DONTNEED of 3 pages');
-
+    zap('after MADV_DONTNEED of 3 pages', 0, 3);
     // MADV_DONTNEED from inside the slot to its last page.
-    trace.clear();
-    const from = 4 * PAGE;
-    small.madvise(from, small.size - from, MADV.DONTNEED);
-    picture.add(trace.take());
-    tdp.invalidateHva(small.hva + BigInt(from), small.hva + BigInt(small.size), 'dontneed');
-    compare('after MADV_DONTNEED from page 4 to the end of the slot');
+    zap('after MADV_DONTNEED from page 4 to the end of the slot', 4, 512);
 
     // Last, as it write-protects the logged pages again (outside the traced vCPU thread).
     const page = (gpa: bigint) => `0x${gpa.toString(16)}`;
