@@ -24,6 +24,7 @@ import { dirtyPages } from '../observe/dirty-log.js';
 import { decodeTdpSpte, TdpPicture } from '../observe/tdp-picture.js';
 import { TraceSession } from '../observe/tracefs.js';
 import { readStats } from '../observe/stats.js';
+import { parseShadowEvent } from '../observe/shadow-mmu.js';
 import { tdpObserverFor, type SptePicture, type SpteObserver } from '../observe/spte-picture.js';
 import { NotApplicable } from '../base/not-applicable.js';
 import { confirmThp, needThp } from './thp.js';
@@ -374,12 +375,14 @@ export function tdpDirtyLogSplitCoalesce(opts: { wrong?: Wrong; eagerSplit?: boo
     name: 'tdp_dirty_log_split_coalesce',
     description:
       "KVM's TDP mappings of a THP-backed 2 MiB block (kvm_tdp_mmu_spte_changed) equal the TDP model's through dirty logging on (split to 4 KiB), one logged write, logging off (collapse back to 2 MiB) and a zap starting inside the 2 MiB leaf; dirty log as the model's",
-    needs: ['tdp_spte_tracepoints', 'dirty_log'],
+    needs: ['dirty_log'],
     run: (ctx) => runSplitCoalesce(ctx, opts),
   };
 }
 
 async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerSplit?: boolean }): Promise<void> {
+  const obs = observerFor(ctx);
+  const legacy = obs.mmu === 'legacy';
   const thp = needThp(ctx.profile);
   const params = ctx.profile.moduleParams;
   const yes = (v: string | undefined) => v === 'Y' || v === 'y' || v === '1';
@@ -391,9 +394,10 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     );
   const splitParam = params['kvm.eager_page_split'];
   const eagerSplit = opts.eagerSplit ?? yes(splitParam);
-  ctx.note(
-    `kvm.eager_page_split=${splitParam ?? 'absent (no eager split)'}; the model ${eagerSplit ? 'splits' : 'does not split'} huge pages when dirty logging starts`,
-  );
+  if (!legacy)
+    ctx.note(
+      `kvm.eager_page_split=${splitParam ?? 'absent (no eager split)'}; the model ${eagerSplit ? 'splits' : 'does not split'} huge pages when dirty logging starts`,
+    );
   // Linux 6.1's TDP MMU zaps a huge leaf that a 4 KiB fault must go below
   // (later kernels split it); that happens here when eager split is off.
   // Since 6.13, dirty logging off recovers huge leaves in place.
@@ -401,7 +405,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
   const kb = ctx.profile.kernel?.behaviours ?? kernelBehaviours(release);
   const splitOnFault = kb.splitOnFault.on;
   const recoverHugeInPlace = kb.recoverHugeInPlace.on;
-  ctx.note(`kernel ${release ?? 'release unknown'}: ${kb.splitOnFault.why}; ${kb.recoverHugeInPlace.why}`);
+  if (!legacy) ctx.note(`kernel ${release ?? 'release unknown'}: ${kb.splitOnFault.why}; ${kb.recoverHugeInPlace.why}`);
 
   const g = X86Guest.create(ctx.kvm);
   let trace: TraceSession | undefined;
@@ -437,7 +441,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     // The model VM: the slot at the same host address, its block already
     // written by the host (a THP).
     const nxHugePages = yes(params['kvm.nx_huge_pages']);
-    const tdp = new Tdp(new Memslots(), {
+    const tdp = tdpModelFor(ctx.profile, new Memslots(), {
       levels: 4,
       wrong: opts.wrong?.tdp,
       eagerSplit,
@@ -451,14 +455,14 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
 
     const base = Number(block) / PAGE;
     const flavour = ctx.profile.tdp.kind === 'ept' ? 'ept' : 'npt';
-    const picture = new TdpPicture(flavour);
+    const picture = obs.picture();
     const inBlock = (gfn: number) => gfn >= base && gfn < base + 512;
     const modelMapping: Picture = (gfn) => {
       const m = tdp.lookup(0, gfn);
-      if (!m || !isPresent(m.spte)) return 'not mapped';
-      return mappingOf({ level: m.level, writable: decodeSpte(m.spte).writable });
+      if (!m || !isPresent(m.spte)) return seen(picture, gfn, undefined);
+      return seen(picture, gfn, { level: m.level, writable: decodeSpte(m.spte).writable });
     };
-    const kvmMapping: Picture = (gfn) => mappingOf(picture.leaf(0, BigInt(gfn)));
+    const kvmMapping: Picture = (gfn) => seen(picture, gfn, picture.leaf(0, BigInt(gfn)));
     const covers = (gfn: number, level: number) => inBlock(gfn) || (gfn <= base && gfn + PAGES[level] > base);
     const change = (gfn: number, level: number, from: string, to: string) =>
       `+0x${(gfn - base).toString(16)}@${level} ${from} -> ${to}`;
@@ -474,9 +478,16 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     // the model does not model. Such changes are counted, not compared.
     const accessed = flavour === 'ept' ? 1n << 8n : 1n << 5n;
     let aged = 0;
+    let zappedPages: string[] = [];
     const take = (): string[] => {
       const events = trace!.take();
       picture.add(events);
+      zappedPages = events.flatMap((e) => {
+        const sp = e.id === 'kvmmmu/kvm_mmu_prepare_zap_page' ? parseShadowEvent(e) : undefined;
+        return sp?.direct && sp.level < 4 && covers(Number(sp.gfn), sp.level + 1)
+          ? [`+0x${(Number(sp.gfn) - base).toString(16)} l${sp.level}`]
+          : [];
+      });
       const seen: string[] = [];
       for (const e of events) {
         if (e.id !== 'kvmmmu/kvm_tdp_mmu_spte_changed' || typeof e.fields.gfn !== 'bigint') continue;
@@ -509,7 +520,29 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     const page = (gfn: number) => `+0x${(gfn - base).toString(16)}`;
     const dirtyLog = (bitmap: Uint8Array) => dirtyPages(bitmap, s.gpa).map((gpa) => page(Number(gpa) / PAGE));
 
-    trace = TraceSession.open(ctx.target.fs, ['kvmmmu/kvm_tdp_mmu_spte_changed'], []);
+    // Under the legacy MMU a host operation zaps and write-protects
+    // untraced: the picture is told, and the pages_* gauges and the shadow
+    // pages zapped (kvm_mmu_prepare_zap_page) are compared instead.
+    const hostOp = (what: string, untraced: 'zap' | 'wrprot' | undefined, op: () => void) => {
+      const before = { kvm: pageStats(g), model: tdp.pageCounts(0), events: tdp.events.length };
+      op();
+      if (untraced) picture.untraced(base, base + 512, untraced);
+      if (!legacy) return;
+      ctx.expect(
+        `${what}: change of pages_4k/2m/1g`,
+        pageDelta(before.model, tdp.pageCounts(0)),
+        pageDelta(before.kvm, pageStats(g)),
+      );
+      return before.events;
+    };
+    const tablesZapped = (mark: number) =>
+      tdp.events
+        .slice(mark)
+        .flatMap((e) =>
+          e.kind === 'teardown' && covers(e.gfn, e.level + 1) ? [`+0x${(e.gfn - base).toString(16)} l${e.level}`] : [],
+        );
+
+    trace = TraceSession.open(ctx.target.fs, obs.events, []);
     trace.clear();
 
     // 1. The guest writes the block.
@@ -518,8 +551,10 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     compare('1. after the guest writes the block', take());
 
     // 2. Dirty logging on.
-    g.vm.setMemslotFlags(1, MEM.KVM_MEM_LOG_DIRTY_PAGES);
-    tdp.setMemslot(slotOf(true));
+    hostOp('2. dirty logging on', 'wrprot', () => {
+      g.vm.setMemslotFlags(1, MEM.KVM_MEM_LOG_DIRTY_PAGES);
+      tdp.setMemslot(slotOf(true));
+    });
     compare('2. after dirty logging starts', take());
     ctx.expect('2. dirty log before the guest writes', tdp.getDirtyLog(0, 1).map(page), dirtyLog(g.vm.getDirtyLog(1)));
 
@@ -536,14 +571,21 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
           : [],
       );
     ctx.note(`3. the model's fault for the logged write: ${r.kind} at level ${r.level}`);
-    ctx.expect('3. traced SPTE changes over the block during the logged write', modelChanges, take());
-    ctx.expect('3. dirty log after the logged write', tdp.getDirtyLog(0, 1).map(page), dirtyLog(g.vm.getDirtyLog(1)));
+    if (legacy) compare('3. after the logged write', take());
+    else ctx.expect('3. traced SPTE changes over the block during the logged write', modelChanges, take());
+    const logged = tdp.getDirtyLog(0, 1);
+    ctx.expect('3. dirty log after the logged write', logged.map(page), dirtyLog(g.vm.getDirtyLog(1)));
+    for (const gfn of logged) picture.untraced(gfn, gfn + 1, 'wrprot');
     compare('3. after KVM_GET_DIRTY_LOG', take());
 
     // 4. Dirty logging off.
-    g.vm.setMemslotFlags(1, 0);
-    tdp.setMemslot(slotOf(false));
+    const mark4 = hostOp('4. dirty logging off', 'zap', () => {
+      g.vm.setMemslotFlags(1, 0);
+      tdp.setMemslot(slotOf(false));
+    });
     compare('4. after dirty logging stops', take());
+    if (mark4 !== undefined)
+      ctx.expect('4. shadow pages zapped over the block (kvm_mmu_prepare_zap_page)', tablesZapped(mark4), zappedPages);
 
     // 5. The guest touches the block again. A huge leaf recovered in place
     // (6.13 on) is read-only: the write makes it writable by the fast
@@ -560,8 +602,10 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     }
     if (untraced.size)
       ctx.note(`5. the model restores W by the fast page-fault path at ${untraced.size} leaf (not traced)`);
+    // The legacy MMU's fast path is traced (fast_page_fault).
     const tracedModel: Picture = (gfn) => {
       const m = tdp.lookup(0, gfn);
+      if (legacy) return modelMapping(gfn);
       if (!m || !isPresent(m.spte)) return 'not mapped';
       const before = untraced.get(`${gfn - (gfn % PAGES[m.level]!)}@${m.level}`);
       return mappingOf({ level: m.level, writable: decodeSpte(before ?? m.spte).writable });
@@ -582,9 +626,11 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     // 6. MADV_DONTNEED of two pages inside the block: the range starts inside
     // the 2 MiB leaf, which goes as a whole (the host splits its huge page).
     trace.setPids([]); // the zap runs in this process, not on the vCPU thread
-    s.madvise(Number(blockOff) + STRADDLE * PAGE, 2 * PAGE, MADV.DONTNEED);
-    const from = s.hva + blockOff + BigInt(STRADDLE * PAGE);
-    tdp.invalidateHva(from, from + BigInt(2 * PAGE), 'dontneed');
+    hostOp('6. MADV_DONTNEED of 2 pages inside the block', 'zap', () => {
+      s.madvise(Number(blockOff) + STRADDLE * PAGE, 2 * PAGE, MADV.DONTNEED);
+      const from = s.hva + blockOff + BigInt(STRADDLE * PAGE);
+      tdp.invalidateHva(from, from + BigInt(2 * PAGE), 'dontneed');
+    });
     compare('6. after MADV_DONTNEED of 2 pages starting inside the 2 MiB leaf', take());
   } finally {
     trace?.close();
