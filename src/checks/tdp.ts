@@ -88,6 +88,7 @@ export function tdpPicture(opts: { wrong?: Wrong } = {}): Check {
     description:
       "KVM's TDP mappings per GFN (kvm_tdp_mmu_spte_changed; legacy MMU: kvm_mmu_set_spte and the shadow-page events) equal the TDP model's after guest faults (a slot's last page, first faults in a dirty-logged slot, neighbours of host-written pages) and after MADV_DONTNEED zaps part of a slot",
     needs: [],
+    needsOneOf: ['tdp_spte_tracepoints', 'legacy_spte_tracepoints'],
     run: (ctx) => run(ctx, opts.wrong?.tdp ?? {}),
   };
 }
@@ -376,6 +377,7 @@ export function tdpDirtyLogSplitCoalesce(opts: { wrong?: Wrong; eagerSplit?: boo
     description:
       "KVM's TDP mappings of a THP-backed 2 MiB block (kvm_tdp_mmu_spte_changed) equal the TDP model's through dirty logging on (split to 4 KiB), one logged write, logging off (collapse back to 2 MiB) and a zap starting inside the 2 MiB leaf; dirty log as the model's",
     needs: ['dirty_log'],
+    needsOneOf: ['tdp_spte_tracepoints', 'legacy_spte_tracepoints'],
     run: (ctx) => runSplitCoalesce(ctx, opts),
   };
 }
