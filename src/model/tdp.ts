@@ -133,6 +133,18 @@ export interface MappingRun {
   executable: boolean;
 }
 
+/**
+ * What maps one GFN, as the per-GFN picture compares it with KVM's
+ * (run/tdp-follow.ts): the level of the leaf (or of the MMIO SPTE) and its
+ * permissions. No entry: not mapped.
+ */
+export interface GfnMapping {
+  level: number;
+  writable: boolean;
+  executable: boolean;
+  mmio: boolean;
+}
+
 export interface ZapResult {
   flush: Flush[];
   removed: Removed[];
@@ -175,7 +187,13 @@ export class Tdp {
   private readonly splitOnFault: boolean;
   private readonly recoverHugeInPlace: boolean;
   private readonly yieldEvery: number;
-  private readonly record: boolean;
+  /** Keep the event log (TdpOptions.record); a follower that drains it may switch it on. */
+  record: boolean;
+  /**
+   * Operations that requested a remote TLB flush so far: each that zapped or
+   * write-protected a present SPTE (a walk that ended with flush ranges).
+   */
+  flushRequests = 0;
   private readonly wrong: WrongTdp;
   private nextTableId = 1;
 
@@ -240,6 +258,7 @@ export class Tdp {
       minLevel: opts.minLevel,
       yieldEvery: this.yieldEvery,
       onFlush: (ranges) => {
+        if (ranges.length > 0 && !this.wrong.noFlush) this.flushRequests++;
         this.log({ kind: 'flush', asId, ranges });
         flush?.push(...ranges);
       },
@@ -776,6 +795,12 @@ export class Tdp {
     return { ranges, flush };
   }
 
+  /** The VMM writes the page at `hva` of `slot`: it is populated, and a zero page it replaces is invalidated. */
+  hostWrite(slot: Memslot, hva: bigint): void {
+    const host = this.host.fault(slot, hva, true);
+    for (const [s, e] of host?.notify ?? []) this.invalidateRange(s, e);
+  }
+
   private invalidateRange(start: bigint, end: bigint): { ranges: GfnRange[]; flush: Flush[] } {
     const ranges: GfnRange[] = [];
     const flush: Flush[] = [];
@@ -821,6 +846,30 @@ export class Tdp {
       else runs.push({ start: it.gfn, end: next, level: it.level, writable, executable });
     }
     return runs;
+  }
+
+  /**
+   * Every GFN in [start, end) that a present leaf or an MMIO SPTE maps, with
+   * what maps it: the model's side of the per-GFN picture. A huge leaf
+   * contributes only its GFNs inside the range.
+   */
+  picture(asId: number, start = 0, end = this.maxGfn): Map<number, GfnMapping> {
+    const out = new Map<number, GfnMapping>();
+    for (const it of this.walk(asId, start, end, null)) {
+      if (it.old === 0 || isTable(it.old)) continue;
+      const mmio = (it.old & SPTE_MMIO) !== 0;
+      if (!mmio && !isLeaf(it.old)) continue;
+      const m: GfnMapping = {
+        level: it.level,
+        writable: !mmio && (it.old & SPTE_W) !== 0,
+        executable: !mmio && (it.old & SPTE_X) !== 0,
+        mmio,
+      };
+      const from = Math.max(it.gfn, start);
+      const to = Math.min(it.gfn + PAGES[it.level], end);
+      for (let gfn = from; gfn < to; gfn++) out.set(gfn, m);
+    }
+    return out;
   }
 
   /** Dirty GFNs logged so far for a slot, without clearing them. */

@@ -33,6 +33,8 @@ export interface WrongTdp {
   zapOneShort?: boolean;
   /** x86: dirty logging off leaves the 4 KiB mappings in place (no zap of collapsible tables). */
   noCollapse?: boolean;
+  /** A zap or write protection of present SPTEs requests no remote TLB flush. */
+  noFlush?: boolean;
 }
 
 /** Mistakes of the race model. */

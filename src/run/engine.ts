@@ -39,6 +39,7 @@ import { hostFaultPath, tdpLogsDirty, tdpModelOptions } from './host-policy.js';
 import { describeWalk, MMIO_FILL, modelAsTrace, predictAccess, type AccessStep, type Prediction } from './predict.js';
 import { runRace } from './race.js';
 import { ShadowFollow } from './shadow-follow.js';
+import { TdpFollow } from './tdp-follow.js';
 import {
   emitWrpkru,
   guestAction,
@@ -113,6 +114,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
   const g = X86Guest.create(ctx.kvm, { ...bringUpOptions(sc), memSize: Number(LAYOUT.identityEnd) });
   let trace: TraceSession | undefined;
   let shadow: ShadowFollow | undefined;
+  let tdp: TdpFollow | undefined;
   try {
     const manualProtect = sc.steps.some((s) => s.side === 'host' && s.kind === 'clear-dirty-log');
     if (manualProtect) g.vm.enableManualDirtyLogProtect();
@@ -133,8 +135,10 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     if (opts.trace) trace = run.trace = TraceSession.open(ctx.target.fs, WALKER_EVENTS, [await g.vcpu.tid()]);
     const follow = { ctx, sc, g, built, walk: (gva: bigint) => run.entries.walk(gva), wrong: opts.wrong?.shadow };
     shadow = run.shadow = await ShadowFollow.open(follow);
+    tdp = run.tdp = await TdpFollow.open({ ctx, g, vm: run.vm });
     await run.steps();
   } finally {
+    tdp?.close();
     shadow?.close();
     trace?.close();
     g.close();
@@ -153,6 +157,8 @@ class ScenarioRun {
   trace: TraceSession | undefined;
   /** The shadow MMU model beside the run, on a shadow-MMU host with its tracepoints. */
   shadow: ShadowFollow | undefined;
+  /** The per-GFN picture beside the run, where a model of this host's MMU and its tracepoints are. */
+  tdp: TdpFollow | undefined;
   pending: Pending | undefined;
 
   constructor(
@@ -224,13 +230,19 @@ class ScenarioRun {
     for (const s of sc.steps) {
       if (s.side !== 'guest' || s.kind !== 'access' || s.access !== 'exec') continue;
       const w = this.plainWalk(s.gva);
-      if (w.ok && g.mem.slotOf(w.gpa)) g.mem.write(w.gpa, [0xc3]);
+      if (w.ok && g.mem.slotOf(w.gpa)) {
+        g.mem.write(w.gpa, [0xc3]);
+        this.vm.hostWrote(w.gpa, 1);
+      }
     }
     // A data descriptor where each implicit read finds its LDT entry.
     for (const s of sc.steps) {
       if (s.side !== 'guest' || s.kind !== 'access' || !s.implicit) continue;
       const w = this.plainWalk(s.gva);
-      if (w.ok && g.mem.slotOf(w.gpa, 8)) g.mem.write64(w.gpa, IMPLICIT_DESCRIPTOR);
+      if (w.ok && g.mem.slotOf(w.gpa, 8)) {
+        g.mem.write64(w.gpa, IMPLICIT_DESCRIPTOR);
+        this.vm.hostWrote(w.gpa, 8);
+      }
     }
     const k = new Asm({ origin: Number(LAYOUT.code) });
     const u = new Asm({ origin: Number(LAYOUT.userCode) });
@@ -251,6 +263,7 @@ class ScenarioRun {
     for (let i = 0; i < sc.steps.length; i++) {
       const s = sc.steps[i]!;
       const name = stepName(i, s);
+      this.tdp?.begin();
       const statsBefore = s.stats && this.canReadStats ? this.readStats() : undefined;
       const checkStats = () => {
         if (s.stats) compareStats(ctx, name, s.stats, statsBefore, statsBefore && this.readStats());
@@ -259,8 +272,10 @@ class ScenarioRun {
         s.side === 'guest' ? await this.guestStep(i, s, name, checkStats) : await this.hostStep(i, s, name, checkStats);
       if (!go) return;
     }
+    this.tdp?.begin();
     if (!(await this.finishPending())) return;
     ctx.expect('guest finishes', 'done', describeStop(await this.g.run()));
+    this.tdp?.step('end of the program');
   }
 
   readStats(): Map<string, bigint> {
@@ -288,6 +303,7 @@ class ScenarioRun {
   async guestStep(i: number, s: GuestSideStep, name: string, checkStats: () => void): Promise<boolean> {
     const { ctx, g } = this;
     const pred = s.kind === 'access' ? this.predict(s, name) : undefined;
+    const hadPending = this.pending !== undefined;
     if (!(await this.finishPending())) return false;
     // A #GP leaves CR2 as it was when the step began.
     const cr2Before = pred?.expectFault === 'gp' ? g.vcpu.getSregs().cr2 : undefined;
@@ -315,6 +331,7 @@ class ScenarioRun {
       this.shadow?.stop(name, 'an access that stops for missing host memory is not in the shadow model');
       this.pending = { step: i, name, access: s, walk: pred.walk, gpa: pred.hostFault.gpa };
       checkStats();
+      this.tdp?.step(name, false);
       return true;
     }
     if (!this.reachedSync(stop, i, name)) return false;
@@ -325,11 +342,13 @@ class ScenarioRun {
       this.compareAccess(s, name, pred, stop.values[0]!, cr2Before);
     }
     this.shadow?.step(s, pred !== undefined && pred.expectFault !== false, name);
+    this.tdp?.step(name, !hadPending);
     return true;
   }
 
   /** A host step (the vCPU is stopped at the previous sync), then the run to its own sync. */
   async hostStep(i: number, s: HostSideStep, name: string, checkStats: () => void): Promise<boolean> {
+    const hadPending = this.pending !== undefined;
     hostAction(s).act(this.host, s, name);
     // Host steps have a sync too; let the guest reach the next one (after
     // redoing an access that stopped for missing host memory).
@@ -337,6 +356,7 @@ class ScenarioRun {
     if (!this.reachedSync(await this.runGuest(), i, name)) return false;
     checkStats();
     this.shadow?.step(s, false, name);
+    this.tdp?.step(name, !hadPending);
     return true;
   }
 
