@@ -100,6 +100,8 @@ export type TdpEvent =
   | { kind: 'flush'; asId: number; ranges: Flush[] }
   /** A huge leaf replaced by a table of 512 smaller leaves (kvm_mmu_split_huge_page); the children are not logged. */
   | { kind: 'split'; asId: number; gfn: number; level: number }
+  /** Every root of the address space invalidated and replaced (kvm_mmu_zap_all_fast). */
+  | { kind: 'roots'; asId: number }
   /** A removed table freed with its subtree. */
   | { kind: 'teardown'; asId: number; gfn: number; level: number; sptes: number };
 
@@ -123,6 +125,13 @@ export interface FaultResult {
   /** Level and value of the entry that ends up mapping gfn (0, 0 if none). */
   level: number;
   spte: Spte;
+  /**
+   * The host invalidated HVA ranges while resolving the fault (a zero page
+   * replaced, a huge page split): KVM sees its MMU-notifier sequence move,
+   * installs nothing and lets the guest fault again (is_page_fault_stale);
+   * the model maps at once. What mapped the GFN for that second fault.
+   */
+  retried?: 'none' | 'present';
 }
 
 export interface MappingRun {
@@ -349,6 +358,7 @@ export class Tdp {
     const host = this.host.fault(slot, gfnToHva(slot, gfn), write);
     if (!host) return { kind: 'efault', gfn, level: 0, spte: 0 };
     for (const [s, e] of host.notify) this.invalidateRange(s, e);
+    const retried = host.notify.length === 0 ? undefined : this.lookup(asId, gfn) ? 'present' : 'none';
 
     const f: FaultCtx = { asId, gfn, slot, page: host.page, write, exec, goal: 1, reqLevel: 1, hugeDisallowed: false };
     this.setGoal(f, host.page.level);
@@ -358,7 +368,8 @@ export class Tdp {
       if (now && isLeaf(now.spte) && now.level === f.goal && sptePfn(now.spte) === sptePfn(leaf))
         return this.relax(asId, gfn, leaf);
     }
-    return this.map(f);
+    const r = this.map(f);
+    return retried ? { ...r, retried } : r;
   }
 
   /*
@@ -758,7 +769,15 @@ export class Tdp {
       case 'move':
         this.dirty.delete(dirtyKey(ch.old));
         if (this.arch === 'x86_64' && this.slotZapAll) {
-          for (let asId = 0; asId < this.roots.length; asId++) this.zap(asId, 0, this.maxGfn, { tables: true });
+          // kvm_mmu_zap_all_fast: every root is invalidated and zapped where no
+          // vCPU can reach it; vCPUs load new roots (a TLB flush of their own),
+          // so no remote TLB flush is requested.
+          const flushRequests = this.flushRequests;
+          for (let asId = 0; asId < this.roots.length; asId++) {
+            this.zap(asId, 0, this.maxGfn, { tables: true });
+            this.log({ kind: 'roots', asId });
+          }
+          this.flushRequests = flushRequests;
         } else {
           this.zap(ch.old.asId, ch.old.baseGfn, slotEnd(ch.old), { tables: true });
         }

@@ -160,6 +160,8 @@ export class ModelVm {
     const before = !cur ? 'none' : (cur.spte & SPTE_MMIO) !== 0 ? 'mmio' : 'present';
     const result = this.tdp.fault(0, gfn, { write: access === 'write', exec: access === 'exec' });
     this.faults.push({ gfn, access, before, result });
+    // KVM retries a fault during which the host invalidated memory: the guest faults again.
+    if (result.retried) this.faults.push({ gfn, access, before: result.retried, result });
     return result;
   }
 

@@ -101,7 +101,8 @@ export class TdpPicture {
       const base = gfn & ~((1n << BigInt(9 * (level - 1))) - 1n);
       const spte = this.sptes.get(key(asId, base, level));
       if (spte === undefined) continue;
-      if (isMmioSpte(spte)) return { level, writable: false, executable: false, mmio: true };
+      // KVM caches MMIO in 4 KiB SPTEs only (a GFN without a slot maps at 4 KiB).
+      if (level === 1 && isMmioSpte(spte)) return { level, writable: false, executable: false, mmio: true };
       const m = decodeTdpSpte(spte, level, this.flavour);
       if (m.leaf) return { level, writable: m.writable, executable: m.executable, mmio: false };
       if (m.present) return undefined;
@@ -114,7 +115,8 @@ export class TdpPicture {
     for (const [k, spte] of this.sptes) {
       const [as, gfn, level] = k.split(':');
       if (Number(as) !== asId) continue;
-      if (!isMmioSpte(spte) && !decodeTdpSpte(spte, Number(level), this.flavour).leaf) continue;
+      const mmio = Number(level) === 1 && isMmioSpte(spte);
+      if (!mmio && !decodeTdpSpte(spte, Number(level), this.flavour).leaf) continue;
       const start = BigInt(`0x${gfn}`);
       yield [start, start + (1n << BigInt(9 * (Number(level) - 1)))];
     }

@@ -350,6 +350,7 @@ class ScenarioRun {
   async hostStep(i: number, s: HostSideStep, name: string, checkStats: () => void): Promise<boolean> {
     const hadPending = this.pending !== undefined;
     hostAction(s).act(this.host, s, name);
+    this.tdp?.acted();
     // Host steps have a sync too; let the guest reach the next one (after
     // redoing an access that stopped for missing host memory).
     if (!(await this.finishPending())) return false;

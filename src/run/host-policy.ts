@@ -3,6 +3,7 @@
 // whether the dirty log is the TDP MMU's (tdpLogsDirty), and the TDP model's
 // options from the host's module parameters (tdpModelOptions). Each is a
 // function of the host profile only.
+import { kernelBehaviours } from '../model/kernel.js';
 import type { TdpOptions } from '../model/tdp.js';
 import type { HostProfile } from '../probe/probe.js';
 import { hex } from '../base/units.js';
@@ -63,11 +64,14 @@ export function tdpLogsDirty(profile: HostProfile): boolean {
   return profile.tdp.enabled && profile.arch === 'x86_64';
 }
 
-/** The TDP model's options for this host's kvm module parameters. */
+/** The TDP model's options for this host's kvm module parameters and kernel release (model/kernel.ts). */
 export function tdpModelOptions(profile: HostProfile): TdpOptions {
   const params = profile.moduleParams;
+  const kb = profile.kernel?.behaviours ?? kernelBehaviours(undefined);
   return {
     eagerSplit: params['kvm.eager_page_split'] !== 'N',
     nxHugePages: params['kvm.nx_huge_pages'] === 'Y',
+    splitOnFault: kb.splitOnFault.on,
+    recoverHugeInPlace: kb.recoverHugeInPlace.on,
   };
 }

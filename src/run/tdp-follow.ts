@@ -31,8 +31,8 @@ import type { GfnMapping, TdpEvent } from '../model/tdp.js';
 import { PAGES, roundDown } from '../model/spte.js';
 import type { GuestFault, ModelVm } from '../model/vm.js';
 import { readStats } from '../observe/stats.js';
-import { parsePageFault, PFERR, TdpPicture, type ObservedFault } from '../observe/tdp-picture.js';
-import { TraceSession } from '../observe/tracefs.js';
+import { parsePageFault, PFERR, TdpPicture, X86_SPTE, type ObservedFault } from '../observe/tdp-picture.js';
+import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
 import type { HostProfile } from '../probe/probe.js';
 import type { CheckContext } from './types.js';
 import { hex } from '../base/units.js';
@@ -92,8 +92,10 @@ type Blind = 'all' | 'writable';
 const spteKey = (gfn: number, level: number) => `${gfn}@${level}`;
 
 export class TdpFollow {
-  private readonly picture: TdpPicture;
+  private picture: TdpPicture;
   private readonly blind = new Map<string, Blind>();
+  /** Events taken by acted() during the step. */
+  private readonly early: TraceEvent[] = [];
   private flushBefore = 0;
   private statsBefore: Map<string, bigint> | undefined;
   private readonly flushStat: string | undefined;
@@ -158,6 +160,18 @@ export class TdpFollow {
   }
 
   /**
+   * After a host step's action, before the guest runs again: what the action
+   * did, so that a new root (memslot deletion) starts a new picture before
+   * the new root's entries are traced.
+   */
+  acted(): void {
+    const events = this.trace.take();
+    this.picture.add(events);
+    this.early.push(...events);
+    this.learn(this.env.vm.tdp.events.splice(0));
+  }
+
+  /**
    * After a step: the trace into the picture, the faults compared and fed,
    * the flush request, then the picture GFN by GFN. `faults`: whether the
    * step's faults are the model's to predict (not after an access that
@@ -165,8 +179,9 @@ export class TdpFollow {
    */
   step(name: string, faults = true): void {
     const { vm } = this.env;
-    const events = this.trace.take();
-    this.picture.add(events);
+    const late = this.trace.take();
+    this.picture.add(late);
+    const events = [...this.early.splice(0), ...late];
     const observed = events.map(parsePageFault).filter((f): f is ObservedFault => !!f);
     const predicted = vm.takeFaults();
     const mine = new Set(predicted.map((f) => f.gfn));
@@ -178,7 +193,7 @@ export class TdpFollow {
       );
     for (const f of observed) if (!mine.has(Number(f.gpa >> 12n))) this.feed(f);
     this.learn(vm.tdp.events.splice(0));
-    this.compareFlush(name);
+    this.compareFlush(name, events);
     this.compare(name);
     this.steps++;
   }
@@ -218,7 +233,11 @@ export class TdpFollow {
   private learn(events: TdpEvent[]): void {
     for (const e of events) {
       if (e.asId !== 0) continue;
-      if (e.kind === 'split') {
+      if (e.kind === 'roots') {
+        // A new root: what the old one held is out of every vCPU's reach.
+        this.picture = new TdpPicture(this.picture.flavour);
+        this.blind.clear();
+      } else if (e.kind === 'split') {
         const step = PAGES[e.level - 1]!;
         for (let gfn = e.gfn; gfn < e.gfn + PAGES[e.level]!; gfn += step)
           this.blind.set(spteKey(gfn, e.level - 1), 'all');
@@ -231,13 +250,26 @@ export class TdpFollow {
   }
 
   /** A step that zapped or write-protected a present SPTE in the model must have requested a remote TLB flush. */
-  private compareFlush(name: string): void {
+  private compareFlush(name: string, events: TraceEvent[]): void {
     const model = this.env.vm.tdp.flushRequests - this.flushBefore;
     const stat = this.flushStat;
     const before = this.statsBefore;
     if (!stat || !before) return;
     const after = this.readStats();
     const delta = (after?.get(stat) ?? 0n) - (before.get(stat) ?? 0n);
+    if (model > 0 !== delta > 0n) {
+      const lost = events.filter((e) => {
+        const f = e.fields;
+        return (
+          e.id === 'kvmmmu/kvm_tdp_mmu_spte_changed' &&
+          typeof f.old_spte === 'bigint' &&
+          (f.old_spte & X86_SPTE.mmuPresent) !== 0n
+        );
+      });
+      this.env.ctx.note(
+        `${name}: ${stat} changed by ${delta}; the model requested ${model} flush(es); traced changes of present SPTEs: ${lost.map((e) => e.text).join('; ') || 'none'}`,
+      );
+    }
     this.env.ctx.expect(
       `${name}: remote TLB flush requested (${stat})`,
       model > 0 ? 'requested' : 'not requested',
