@@ -35,18 +35,17 @@ export interface TdpMapping {
 }
 
 /**
- * Non-present SPTE values that are not MMIO: 0 (Linux 6.1), the
- * SHADOW_NONPRESENT_VALUE of later kernels (bit 63, SUPPRESS_VE), and a
- * frozen SPTE (REMOVED_SPTE / FROZEN_SPTE, 0x5a0 with or without bit 63).
+ * A cached MMIO SPTE (is_mmio_spte): not shadow-present, and carrying the
+ * MMIO value under the MMIO mask. NPT: bit 51 and bit 0 (KVM's default when
+ * the host has fewer than 52 physical address bits); EPT: W and X without R,
+ * an EPT misconfiguration. Frozen (0x5a0) and empty (0, or bit 63 from 6.9
+ * on) entries carry neither.
  */
-function isNonPresentValue(spte: bigint): boolean {
-  const v = spte & ~(1n << 63n);
-  return v === 0n || v === 0x5a0n;
-}
-
-/** A cached MMIO SPTE: not shadow-present, and not one of the non-present values (is_mmio_spte). */
-export function isMmioSpte(spte: bigint): boolean {
-  return (spte & X86_SPTE.mmuPresent) === 0n && !isNonPresentValue(spte);
+export function isMmioSpte(spte: bigint, flavour: TdpFlavour): boolean {
+  if ((spte & X86_SPTE.mmuPresent) !== 0n) return false;
+  if (flavour === 'ept') return (spte & 7n) === 6n;
+  const mask = (1n << 51n) | 1n;
+  return (spte & mask) === mask;
 }
 
 export function decodeTdpSpte(spte: bigint, level: number, flavour: TdpFlavour): TdpMapping {
@@ -102,7 +101,8 @@ export class TdpPicture {
       const spte = this.sptes.get(key(asId, base, level));
       if (spte === undefined) continue;
       // KVM caches MMIO in 4 KiB SPTEs only (a GFN without a slot maps at 4 KiB).
-      if (level === 1 && isMmioSpte(spte)) return { level, writable: false, executable: false, mmio: true };
+      if (level === 1 && isMmioSpte(spte, this.flavour))
+        return { level, writable: false, executable: false, mmio: true };
       const m = decodeTdpSpte(spte, level, this.flavour);
       if (m.leaf) return { level, writable: m.writable, executable: m.executable, mmio: false };
       if (m.present) return undefined;
@@ -115,7 +115,7 @@ export class TdpPicture {
     for (const [k, spte] of this.sptes) {
       const [as, gfn, level] = k.split(':');
       if (Number(as) !== asId) continue;
-      const mmio = Number(level) === 1 && isMmioSpte(spte);
+      const mmio = Number(level) === 1 && isMmioSpte(spte, this.flavour);
       if (!mmio && !decodeTdpSpte(spte, Number(level), this.flavour).leaf) continue;
       const start = BigInt(`0x${gfn}`);
       yield [start, start + (1n << BigInt(9 * (Number(level) - 1)))];

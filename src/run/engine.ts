@@ -274,7 +274,9 @@ class ScenarioRun {
     }
     this.tdp?.begin();
     if (!(await this.finishPending())) return;
+    this.tdp?.beforeRun();
     ctx.expect('guest finishes', 'done', describeStop(await this.g.run()));
+    this.tdp?.afterRun();
     this.tdp?.step('end of the program');
   }
 
@@ -284,11 +286,14 @@ class ScenarioRun {
 
   /** A run; KVM_RUN failing (EFAULT without a memory-fault exit) is an observation, not an error. */
   async runGuest(): Promise<Stop> {
+    this.tdp?.beforeRun();
     try {
       return await this.g.run();
     } catch (e) {
       if (e instanceof KvmError && e.call === 'KVM_RUN') return { kind: 'kvm_run_error', errno: e.code };
       throw e;
+    } finally {
+      this.tdp?.afterRun();
     }
   }
 

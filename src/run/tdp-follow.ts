@@ -17,9 +17,11 @@
 // accesses (its code, stack, the sync channel, and the guest page-table
 // pages the processor's walk reads: kvm_page_fault with PFERR_GUEST_PAGE,
 // error-code bit 33) are not predicted: each fault KVM took there is fed to
-// the model after the step, which then decides what it maps. Bring-up
-// memory (slot 0) is the VMM's: every page of it the guest touches was
-// written by the VMM or is written by the guest, so it is fed as populated.
+// the model after the step, which then decides what it maps. What the VMM
+// writes into bring-up memory (slot 0: code, tables, the exception log it
+// clears) populates those host pages: each page whose bytes changed between
+// two runs is a host write to the model (a page written with the bytes it
+// already held is no write in the lab, whose mirror sends only changes).
 //
 // What the trace cannot see is not compared (docs/scenarios.md, "The per-GFN
 // TDP picture"): the children of a huge page split (kvm_mmu_split_huge_page
@@ -94,6 +96,8 @@ const spteKey = (gfn: number, level: number) => `${gfn}@${level}`;
 export class TdpFollow {
   private picture: TdpPicture;
   private readonly blind = new Map<string, Blind>();
+  /** Slot 0's bytes after the last run (fresh anonymous memory: zeros). */
+  private slot0 = new Uint8Array(0);
   /** Events taken by acted() during the step. */
   private readonly early: TraceEvent[] = [];
   private flushBefore = 0;
@@ -115,6 +119,8 @@ export class TdpFollow {
     this.picture = new TdpPicture(ctx.profile.tdp.kind === 'ept' ? 'ept' : 'npt');
     vm.tdp.record = true;
     vm.tdp.events.splice(0);
+    const slot0 = vm.slots.get(0, 0);
+    this.slot0 = new Uint8Array((slot0?.npages ?? 0) * 4096);
     const stats = this.readStats();
     this.flushStat = ['remote_tlb_flush_requests', 'remote_tlb_flush'].find((s) => stats?.has(s));
     ctx.note(
@@ -218,12 +224,32 @@ export class TdpFollow {
     this.env.ctx.expect(`${name}: TDP faults (gfn, access, error code)`, want, seen);
   }
 
+  /** Before a run: the pages of slot 0 the VMM changed since the last run are host writes. */
+  beforeRun(): void {
+    const { g, vm } = this.env;
+    const slot = vm.slots.get(0, 0);
+    if (!slot) return;
+    for (let i = 0; i < slot.npages; i++) {
+      const gpa = BigInt(slot.baseGfn + i) << 12n;
+      const now = g.mem.bytes(gpa, 4096);
+      const was = this.slot0.subarray(i * 4096, (i + 1) * 4096);
+      if (Buffer.compare(now, was) !== 0) vm.hostWrote(gpa, 4096);
+    }
+  }
+
+  /** After a run: slot 0 as the guest left it, for the next beforeRun(). */
+  afterRun(): void {
+    const { g, vm } = this.env;
+    const slot = vm.slots.get(0, 0);
+    if (!slot) return;
+    if (this.slot0.length !== slot.npages * 4096) this.slot0 = new Uint8Array(slot.npages * 4096);
+    this.slot0.set(g.mem.bytes(BigInt(slot.baseGfn) << 12n, slot.npages * 4096));
+  }
+
   /** A fault the model does not predict (the program's own accesses, guest page-table pages), fed to it. */
   private feed(f: ObservedFault): void {
     const { vm } = this.env;
     const gfn = Number(f.gpa >> 12n);
-    const slot = vm.slots.find(0, gfn);
-    if (slot && slot.slot === 0) vm.tdp.hostWrite(slot, slot.hva + (BigInt(gfn - slot.baseGfn) << 12n));
     const e = f.errorCode;
     vm.tdp.fault(0, gfn, { write: (e & PFERR.write) !== 0n, exec: (e & PFERR.fetch) !== 0n });
     this.fed++;
