@@ -16,7 +16,7 @@ import { probe } from '../src/probe/probe.js';
 import { scenarioCheck } from '../src/run/engine.js';
 import { runCheck } from '../src/run/runner.js';
 import { picturePair } from '../src/run/tdp-follow.js';
-import { loadScenario, resolveScenario } from '../src/scenario/load.js';
+import { loadScenario, resolveScenario, scenarioToJson, validateScenario } from '../src/scenario/load.js';
 
 /** A fixture: the two format files, then the trace lines, as the lab's tracefs gave them. */
 function labTrace(release: string) {
@@ -122,6 +122,30 @@ describe('which MMU model the picture takes, from the probe', () => {
   });
 });
 
+describe('a step\'s "tdp" expectations', () => {
+  const json = JSON.parse(readFileSync(join(__dirname, '..', 'guests', 'scenarios', 'tdp_zap_picture.json'), 'utf8'));
+
+  it('decode, and encode back to the same file', () => {
+    const v = validateScenario(json);
+    if (!v.ok) throw new Error(v.errors.join('\n'));
+    expect(v.scenario.steps[4]!.tdp).toEqual([
+      { gpa: 0x11ff000n, present: true, level: 1, writable: true, executable: true },
+    ]);
+    const again = validateScenario(scenarioToJson(v.scenario));
+    expect(again.ok && again.scenario).toEqual(v.scenario);
+  });
+
+  it('refuse a GPA that is not 4K aligned, and a page not present with a level', () => {
+    const bad = structuredClone(json);
+    bad.steps[4].tdp = [{ gpa: '0x11ff008' }, { gpa: '0x1000000', present: false, level: 1 }];
+    const v = validateScenario(bad);
+    expect(v.ok ? [] : v.errors).toEqual([
+      'steps[4].tdp[0].gpa: 0x11ff008 is not 4K aligned',
+      'steps[4].tdp[1]: a page expected not present has no level or permissions',
+    ]);
+  });
+});
+
 // In the lab: each deliberately wrong TDP model fails the step and names the GFN and field it gets wrong.
 const inLab = process.env.KVMHARNESS_LAB === '1';
 describe.skipIf(!inLab)(
@@ -166,6 +190,20 @@ describe.skipIf(!inLab)(
         what: 'step 3 host madvise: remote TLB flush requested (remote_tlb_flush_requests)',
       },
     ];
+    it('tdp_zap_picture: a wrong "tdp" expectation fails naming its step and page', async () => {
+      const sc = loadScenario(resolveScenario('tdp_zap_picture'));
+      const kvm = Kvm.open(lab!.target);
+      try {
+        const right = await runCheck(scenarioCheck(sc), kvm, probe(lab!.target));
+        expect(right.outcome, JSON.stringify(failed(right))).toBe('pass');
+        sc.steps[4] = { ...sc.steps[4]!, tdp: [{ gpa: 0x11ff000n, level: 2 }] };
+        const r = await runCheck(scenarioCheck(sc), kvm, probe(lab!.target));
+        expect(failed(r)).toEqual(['step 4 write64 0x80001ff000 cpl0: TDP expected at 0x11ff000']);
+      } finally {
+        kvm.close();
+      }
+    }, 120_000);
+
     for (const c of cases) {
       it(`${c.scenario}: the correct model passes; ${Object.keys(c.wrong)[0]} fails naming ${c.what}`, async () => {
         const right = await run(c.scenario);

@@ -336,7 +336,7 @@ class ScenarioRun {
       this.shadow?.stop(name, 'an access that stops for missing host memory is not in the shadow model');
       this.pending = { step: i, name, access: s, walk: pred.walk, gpa: pred.hostFault.gpa };
       checkStats();
-      this.tdp?.step(name, false);
+      TdpFollow.after(this.tdp, ctx, name, false, s.tdp);
       return true;
     }
     if (!this.reachedSync(stop, i, name)) return false;
@@ -347,7 +347,7 @@ class ScenarioRun {
       this.compareAccess(s, name, pred, stop.values[0]!, cr2Before);
     }
     this.shadow?.step(s, pred !== undefined && pred.expectFault !== false, name);
-    this.tdp?.step(name, !hadPending);
+    TdpFollow.after(this.tdp, ctx, name, !hadPending, s.tdp);
     return true;
   }
 
@@ -362,7 +362,7 @@ class ScenarioRun {
     if (!this.reachedSync(await this.runGuest(), i, name)) return false;
     checkStats();
     this.shadow?.step(s, false, name);
-    this.tdp?.step(name, !hadPending);
+    TdpFollow.after(this.tdp, this.ctx, name, !hadPending, s.tdp);
     return true;
   }
 

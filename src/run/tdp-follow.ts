@@ -36,6 +36,7 @@ import { readStats } from '../observe/stats.js';
 import { parsePageFault, PFERR, TdpPicture, X86_SPTE, type ObservedFault } from '../observe/tdp-picture.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
 import type { HostProfile } from '../probe/probe.js';
+import type { TdpExpect } from '../scenario/types.js';
 import type { CheckContext } from './types.js';
 import { hex } from '../base/units.js';
 
@@ -183,7 +184,7 @@ export class TdpFollow {
    * step's faults are the model's to predict (not after an access that
    * stopped for missing host memory).
    */
-  step(name: string, faults = true): void {
+  step(name: string, faults = true, expect?: readonly TdpExpect[]): void {
     const { vm } = this.env;
     const late = this.trace.take();
     this.picture.add(late);
@@ -201,7 +202,37 @@ export class TdpFollow {
     this.learn(vm.tdp.events.splice(0));
     this.compareFlush(name, events);
     this.compare(name);
+    if (expect) this.compareExpect(name, expect);
     this.steps++;
+  }
+
+  /** The step's explicit per-page expectations (a scenario's "tdp") against KVM's picture. */
+  private compareExpect(name: string, expect: readonly TdpExpect[]): void {
+    for (const e of expect) {
+      const o = this.picture.mapping(0, e.gpa >> 12n);
+      const seen: Record<string, unknown> = { present: !!o };
+      const want: Record<string, unknown> = {};
+      for (const f of ['present', 'level', 'writable', 'executable', 'mmio'] as const) {
+        if (e[f] === undefined) continue;
+        want[f] = e[f];
+        if (f !== 'present') seen[f] = o?.[f];
+      }
+      if (want.present === undefined) delete seen.present;
+      this.env.ctx.expect(`${name}: TDP expected at ${hex(e.gpa)}`, want, seen);
+    }
+  }
+
+  /** After a step, with or without a follower: a step's explicit expectations need one. */
+  static after(
+    f: TdpFollow | undefined,
+    ctx: CheckContext,
+    name: string,
+    faults: boolean,
+    expect?: readonly TdpExpect[],
+  ): void {
+    if (f) f.step(name, faults, expect);
+    else if (expect?.length)
+      ctx.note(`${name}: tdp expectations not applicable here (no per-GFN picture on this host)`);
   }
 
   /** The faults the model predicts for the scenario's accesses, in order, against KVM's at those GFNs. */
