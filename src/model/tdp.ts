@@ -10,6 +10,16 @@
 //   included) are in spte.ts; the tree and its iterator in tdp-iter.ts; the
 //   memslots in memslots.ts and the host memory behind them in host-mm.ts.
 //
+// The model is compared with KVM GFN by GFN after every scenario step where
+// the host traces SPTE changes (run/tdp-follow.ts). Some of what the model
+// writes KVM writes without a trace: the children of a huge page split
+// (`split` events; KVM fills the table before linking it) and W restored by
+// the fast page-fault path (`spte` events marked `fast`). Those are left out
+// of the comparison until a traced change reaches them (docs/scenarios.md,
+// "The per-GFN TDP picture"). `flushRequests` counts the operations that
+// must request a remote TLB flush; invalidating every root (a slot deleted
+// or moved) requests none, as in kvm_mmu_zap_all_fast.
+//
 // Levels are numbered the way KVM's x86 MMU numbers them (spte.ts): 1 = 4 KiB
 // leaf, 2 = 2 MiB, 3 = 1 GiB, 4 and 5 = upper tables.
 
