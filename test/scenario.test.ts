@@ -384,7 +384,7 @@ describe('scenario validation: shape', () => {
     [
       'a size on an exec step',
       edit((j) => (j.steps = [{ guest: 'exec', gva: '0x8000000000', size: 1 }])),
-      ['steps[0].size: unknown field (known: guest, gva, cpl, eflagsAc, count, stride, expect, stats)'],
+      ['steps[0].size: unknown field (known: guest, gva, cpl, eflagsAc, count, stride, expect, stats, tdp)'],
     ],
     [
       'an implicit read that is not a CPL 0 read of 8 aligned bytes',
@@ -403,7 +403,7 @@ describe('scenario validation: shape', () => {
       'a value on a read step',
       edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000', value: 1 }])),
       [
-        'steps[0].value: unknown field (known: guest, gva, size, cpl, eflagsAc, count, stride, implicit, expect, stats)',
+        'steps[0].value: unknown field (known: guest, gva, size, cpl, eflagsAc, count, stride, implicit, expect, stats, tdp)',
       ],
     ],
     [

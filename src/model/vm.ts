@@ -17,6 +17,7 @@ import { fromRegion, Memslots, type Backing, type Memslot } from './memslots.js'
 import { LegacyTdp } from './legacy.js';
 import { Tdp, type FaultResult, type TdpOptions } from './tdp.js';
 import { hex, PAGE } from '../base/units.js';
+import { SPTE_MMIO } from './spte.js';
 
 /** The backing kinds a scenario (and the harness) declares for a memslot. */
 export type BackingName = 'anon' | 'shared' | 'memfd' | 'thp' | 'hugetlb2m' | 'hugetlb1g';
@@ -131,6 +132,15 @@ function newTdp(slots: Memslots, opts: ModelVmOptions): Tdp {
   return new LegacyTdp(slots, { ...rest, adEnabled });
 }
 
+/** A guest access the model faulted in, with what mapped its GFN before (for the fault it predicts). */
+export interface GuestFault {
+  gfn: number;
+  access: 'read' | 'write' | 'exec';
+  /** What the TDP model had for the GFN before: nothing, a present leaf, or an MMIO SPTE. */
+  before: 'none' | 'present' | 'mmio';
+  result: FaultResult;
+}
+
 /** A host change of part of a slot's memory, as the MMU notifier reports it. */
 export type MemChange = 'munmap' | 'dontneed' | 'mprotect';
 
@@ -145,6 +155,8 @@ export class ModelVm {
   readonly tdp: Tdp;
   /** Pages the guest dirtied per logged slot since the last harvest. */
   private readonly dirty = new Map<number, Set<bigint>>();
+  /** Guest faults since the last takeFaults(). */
+  private faults: GuestFault[] = [];
 
   constructor(opts: ModelVmOptions = {}) {
     this.tdp = newTdp(new Memslots(), opts);
@@ -196,7 +208,30 @@ export class ModelVm {
 
   /** A guest access to `gpa` faulting in through the TDP model. */
   fault(gpa: bigint, access: 'read' | 'write' | 'exec'): FaultResult {
-    return this.tdp.fault(0, Number(gpa >> 12n), { write: access === 'write', exec: access === 'exec' });
+    const gfn = Number(gpa >> 12n);
+    const cur = this.tdp.lookup(0, gfn);
+    const before = !cur ? 'none' : (cur.spte & SPTE_MMIO) !== 0 ? 'mmio' : 'present';
+    const result = this.tdp.fault(0, gfn, { write: access === 'write', exec: access === 'exec' });
+    this.faults.push({ gfn, access, before, result });
+    // KVM retries a fault during which the host invalidated memory: the guest faults again.
+    if (result.retried) this.faults.push({ gfn, access, before: result.retried, result });
+    return result;
+  }
+
+  /** The guest faults since the last call. */
+  takeFaults(): GuestFault[] {
+    return this.faults.splice(0);
+  }
+
+  /**
+   * The VMM wrote [gpa, gpa + len) of a slot through its host mapping: those
+   * host pages are populated and writable (a later read fault maps them
+   * writable, not the zero page).
+   */
+  hostWrote(gpa: bigint, len: number): void {
+    for (let gfn = Number(gpa >> 12n); gfn <= Number((gpa + BigInt(Math.max(len, 1)) - 1n) >> 12n); gfn++) {
+      if (this.tdp.slots.find(0, gfn)) this.tdp.hostAccess(0, gfn, true);
+    }
   }
 
   /** A host change of part of a slot's memory; returns what the model zapped, for the notes. */

@@ -49,6 +49,7 @@ import {
 import { modelPageCount, thpUnconfirmed } from './model-stats.js';
 import { runRace } from './race.js';
 import { ShadowFollow } from './shadow-follow.js';
+import { TdpFollow } from './tdp-follow.js';
 import {
   emitWrpkru,
   guestAction,
@@ -124,6 +125,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
   const g = X86Guest.create(ctx.kvm, { ...bringUpOptions(sc), memSize: Number(LAYOUT.identityEnd) });
   let trace: TraceSession | undefined;
   let shadow: ShadowFollow | undefined;
+  let tdp: TdpFollow | undefined;
   try {
     const manualProtect = sc.steps.some((s) => s.side === 'host' && s.kind === 'clear-dirty-log');
     if (manualProtect) g.vm.enableManualDirtyLogProtect();
@@ -141,8 +143,10 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     if (opts.trace) trace = run.trace = TraceSession.open(ctx.target.fs, WALKER_EVENTS, [await g.vcpu.tid()]);
     const follow = { ctx, sc, g, built, walk: (gva: bigint) => run.entries.walk(gva), wrong: opts.wrong?.shadow };
     shadow = run.shadow = await ShadowFollow.open(follow);
+    tdp = run.tdp = await TdpFollow.open({ ctx, g, vm: run.vm });
     await run.steps();
   } finally {
+    tdp?.close();
     shadow?.close();
     trace?.close();
     g.close();
@@ -161,6 +165,8 @@ class ScenarioRun {
   trace: TraceSession | undefined;
   /** The shadow MMU model beside the run, on a shadow-MMU host with its tracepoints. */
   shadow: ShadowFollow | undefined;
+  /** The per-GFN picture beside the run, where a model of this host's MMU and its tracepoints are. */
+  tdp: TdpFollow | undefined;
   pending: Pending | undefined;
 
   constructor(
@@ -237,15 +243,20 @@ class ScenarioRun {
           w.ok &&
           g.mem.slotOf(w.gpa) &&
           !g.mem.slotOf(w.gpa)!.untouchable(Number(w.gpa - g.mem.slotOf(w.gpa)!.gpa), 1, true)
-        )
+        ) {
           g.mem.write(w.gpa, [0xc3]);
+          this.vm.hostWrote(w.gpa, 1);
+        }
       }
     }
     // A data descriptor where each implicit read finds its LDT entry.
     for (const s of sc.steps) {
       if (s.side !== 'guest' || s.kind !== 'access' || !s.implicit) continue;
       const w = this.plainWalk(s.gva);
-      if (w.ok && g.mem.slotOf(w.gpa, 8)) g.mem.write64(w.gpa, IMPLICIT_DESCRIPTOR);
+      if (w.ok && g.mem.slotOf(w.gpa, 8)) {
+        g.mem.write64(w.gpa, IMPLICIT_DESCRIPTOR);
+        this.vm.hostWrote(w.gpa, 8);
+      }
     }
     const k = new Asm({ origin: Number(LAYOUT.code) });
     const u = new Asm({ origin: Number(LAYOUT.userCode) });
@@ -266,6 +277,7 @@ class ScenarioRun {
     for (let i = 0; i < sc.steps.length; i++) {
       const s = sc.steps[i]!;
       const name = stepName(i, s);
+      this.tdp?.begin();
       const statsBefore = s.stats && this.canReadStats ? this.readStats() : undefined;
       const modelBefore = s.stats && this.modelCounts(s.stats);
       const checkStats = () => {
@@ -277,8 +289,12 @@ class ScenarioRun {
         s.side === 'guest' ? await this.guestStep(i, s, name, checkStats) : await this.hostStep(i, s, name, checkStats);
       if (!go) return;
     }
+    this.tdp?.begin();
     if (!(await this.finishPending())) return;
+    this.tdp?.beforeRun();
     ctx.expect('guest finishes', 'done', describeStop(await this.g.run()));
+    this.tdp?.afterRun();
+    this.tdp?.step('end of the program');
   }
 
   /** The model's counts for the step's "model" stat expectations. */
@@ -298,11 +314,14 @@ class ScenarioRun {
 
   /** A run; KVM_RUN failing (EFAULT without a memory-fault exit) is an observation, not an error. */
   async runGuest(): Promise<Stop> {
+    this.tdp?.beforeRun();
     try {
       return await this.g.run();
     } catch (e) {
       if (e instanceof KvmError && e.call === 'KVM_RUN') return { kind: 'kvm_run_error', errno: e.code };
       throw e;
+    } finally {
+      this.tdp?.afterRun();
     }
   }
 
@@ -318,6 +337,7 @@ class ScenarioRun {
     const { ctx, g } = this;
     if (s.kind === 'access' && s.loop) return this.loopStep(i, s, name, checkStats);
     const pred = s.kind === 'access' ? this.predict(s, name) : undefined;
+    const hadPending = this.pending !== undefined;
     if (!(await this.finishPending())) return false;
     // A #GP leaves CR2 as it was when the step began.
     const cr2Before = pred?.expectFault === 'gp' ? g.vcpu.getSregs().cr2 : undefined;
@@ -345,6 +365,7 @@ class ScenarioRun {
       this.shadow?.stop(name, 'an access that stops for missing host memory is not in the shadow model');
       this.pending = { step: i, name, access: s, walk: pred.walk, gpa: pred.hostFault.gpa };
       checkStats();
+      TdpFollow.after(this.tdp, ctx, name, false, s.tdp);
       return true;
     }
     if (!this.reachedSync(stop, i, name)) return false;
@@ -355,6 +376,7 @@ class ScenarioRun {
       this.compareAccess(s, name, pred, stop.values[0]!, cr2Before);
     }
     this.shadow?.step(s, pred !== undefined && pred.expectFault !== false, name);
+    TdpFollow.after(this.tdp, ctx, name, !hadPending, s.tdp);
     return true;
   }
 
@@ -382,13 +404,16 @@ class ScenarioRun {
 
   /** A host step (the vCPU is stopped at the previous sync), then the run to its own sync. */
   async hostStep(i: number, s: HostSideStep, name: string, checkStats: () => void): Promise<boolean> {
+    const hadPending = this.pending !== undefined;
     hostAction(s).act(this.host, s, name);
+    this.tdp?.acted();
     // Host steps have a sync too; let the guest reach the next one (after
     // redoing an access that stopped for missing host memory).
     if (!(await this.finishPending())) return false;
     if (!this.reachedSync(await this.runGuest(), i, name)) return false;
     checkStats();
     this.shadow?.step(s, false, name);
+    TdpFollow.after(this.tdp, this.ctx, name, !hadPending, s.tdp);
     return true;
   }
 

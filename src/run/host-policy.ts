@@ -4,6 +4,7 @@
 // options from the host's module parameters (tdpModelOptions). Each is a
 // function of the host profile only.
 import { tdpFactsOptions, type ModelVmOptions } from '../model/vm.js';
+import { kernelBehaviours } from '../model/kernel.js';
 import type { HostProfile } from '../probe/probe.js';
 import { hex } from '../base/units.js';
 
@@ -63,12 +64,18 @@ export function tdpLogsDirty(profile: HostProfile): boolean {
   return profile.tdp.enabled && profile.arch === 'x86_64';
 }
 
-/** The TDP model's options for this host's kvm module parameters, and its MMU (legacy under kvm.tdp_mmu=0). */
+/**
+ * The TDP model's options for this host's kvm module parameters and kernel
+ * release (model/kernel.ts), and its MMU (legacy under kvm.tdp_mmu=0).
+ */
 export function tdpModelOptions(profile: HostProfile): ModelVmOptions {
   const params = profile.moduleParams;
+  const kb = profile.kernel?.behaviours ?? kernelBehaviours(undefined);
   return {
     ...tdpFactsOptions(profile),
     eagerSplit: params['kvm.eager_page_split'] !== 'N',
     nxHugePages: params['kvm.nx_huge_pages'] === 'Y',
+    splitOnFault: kb.splitOnFault.on,
+    recoverHugeInPlace: kb.recoverHugeInPlace.on,
   };
 }

@@ -129,7 +129,21 @@ const STATS = opt({
   doc: 'Expected changes of KVM stats over the step, by stat name: an integer (exact delta), "+n"/"-n" (exact), ">=n" or "<=n", or "model" (pages_2m, pages_1g: the change of the TDP model\'s huge mappings); checked where the host\'s stats describe it, else reported not applicable here.',
 });
 
-/** The steps' variants from the table of step kinds (steps.ts): the tag field, the kind's fields, "stats". */
+const TDP = opt(
+  array(
+    object('tdp expect', "One page's mapping in KVM's TDP after the step; only the fields given are checked.", {
+      gpa: req(u64('GPA of the page (4K aligned).')),
+      present: opt(bool('Mapped by a present leaf or an MMIO SPTE.')),
+      level: opt(int(1, 5, 'Level of the leaf: 1 = 4 KiB, 2 = 2 MiB, 3 = 1 GiB.')),
+      writable: opt(bool('The leaf is writable.')),
+      executable: opt(bool('The leaf is executable.')),
+      mmio: opt(bool('A cached MMIO SPTE (no memslot at the GPA).')),
+    }),
+    "Per-page expectations of KVM's TDP after the step, compared with the per-GFN picture where the host has one (else not applicable here).",
+  ),
+);
+
+/** The steps' variants from the table of step kinds (steps.ts): the tag field, the kind's fields, "stats", "tdp". */
 const STEP: TaggedSpec = {
   kind: 'tagged',
   name: 'step',
@@ -141,6 +155,7 @@ const STEP: TaggedSpec = {
       [v.side]: req(oneOf([v.tag], 'Step kind.')),
       ...v.fields,
       stats: STATS,
+      tdp: TDP,
     }),
   })),
 };

@@ -142,7 +142,25 @@ export type HostStep =
 /** Expected changes of KVM stats over a step, by stat name (see stats.ts). */
 export type StepStats = Record<string, StatExpect>;
 
-export type Step = (({ side: 'guest' } & GuestStep) | ({ side: 'host' } & HostStep)) & { stats?: StepStats };
+/**
+ * What KVM's host-dimension MMU maps for one page after a step, as the per-GFN
+ * picture shows it (run/tdp-follow.ts); only the fields given are checked.
+ */
+export interface TdpExpect {
+  /** GPA of the page (4K aligned). */
+  gpa: bigint;
+  /** Mapped by a present leaf or an MMIO SPTE. */
+  present?: boolean;
+  level?: number;
+  writable?: boolean;
+  executable?: boolean;
+  mmio?: boolean;
+}
+
+export type Step = (({ side: 'guest' } & GuestStep) | ({ side: 'host' } & HostStep)) & {
+  stats?: StepStats;
+  tdp?: TdpExpect[];
+};
 
 /** What the host does to one race target in every round of a race. */
 export type RaceOp = 'dirty-log' | 'dontneed' | 'toggle-dirty-log' | 'delete';
