@@ -46,7 +46,11 @@ export interface Profile {
   modparams: ModParams;
 }
 
-/** The x86 lab: AMD SVM with nested paging offered by TCG; 4-level NPT (no LA57). */
+/**
+ * The x86 lab: AMD SVM with nested paging offered by TCG; 4-level NPT (no
+ * LA57). Two CPUs, so that two vCPU threads of the agent run at the same time
+ * (the race scenarios).
+ */
 const X86_MACHINE = [
   '-accel',
   'tcg',
@@ -55,7 +59,7 @@ const X86_MACHINE = [
   '-m',
   '1G',
   '-smp',
-  '1',
+  '2',
   '-bios',
   '/usr/share/qemu/qboot.rom',
 ] as const;
