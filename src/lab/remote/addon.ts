@@ -93,6 +93,21 @@ const FIONREAD = 0x541b;
  */
 const FIRST_WAIT_MS = 2;
 const POLL_WAIT_MAX_MS = 16;
+/**
+ * A run answered at once resolves without the event loop, so a caller that
+ * loops on runs (a vCPU exiting to the host thousands of times) would starve
+ * timers, the poller (other vCPUs' runs) and Ctrl-C: such a run yields once
+ * the event loop has not had a turn for this long (as ThreadRunner does).
+ */
+const TURN_MS = 4;
+let lastTurn = 0;
+const turn = (): Promise<void> =>
+  new Promise((resolve) =>
+    setImmediate(() => {
+      lastTurn = performance.now();
+      resolve();
+    }),
+  );
 
 /** A run in progress in the agent, waited for by the poller. */
 interface Pending {
@@ -473,7 +488,7 @@ export class RemoteAddon implements Addon, RangeMapping {
         const done = this.startRun(vcpu.fd, vcpu.runAddress, l, FIRST_WAIT_MS);
         if (done) {
           vcpu.immediateExit(false);
-          return done;
+          return performance.now() - lastTurn > TURN_MS ? turn().then(() => done) : done;
         }
         const tid = this.threadOf(vcpu.fd);
         return new Promise<RunnerReply>((resolve, reject) => {
@@ -500,6 +515,7 @@ export class RemoteAddon implements Addon, RangeMapping {
     // setImmediate: timers and I/O of the host get their turn between polls;
     // the wait in the agent paces them.
     setImmediate(() => {
+      lastTurn = performance.now();
       this.polling = false;
       this.poll();
     });
