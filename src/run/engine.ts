@@ -609,7 +609,7 @@ export function scenarioCheck(sc: Scenario, opts: EngineOptions = {}): Check {
       run: (ctx) => {
         if (opts.trace)
           throw new NotApplicable('a race has no single guest walk per step to compare with the walker tracepoints');
-        return runRace(ctx, { ...sc, race }, opts.wrong?.race);
+        return runRace(ctx, { ...sc, race }, opts.wrong?.race, opts.wrong?.tdp);
       },
     };
   }

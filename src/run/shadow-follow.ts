@@ -137,7 +137,10 @@ export class ShadowFollow {
       return undefined;
     }
     // This thread too: a memslot deletion zaps in the ioctl's thread.
-    const trace = TraceSession.open(env.ctx.target.fs, SHADOW_EVENTS, [await env.g.vcpu.tid(), process.pid]);
+    const trace = TraceSession.open(env.ctx.target.fs, SHADOW_EVENTS, [
+      await env.g.vcpu.tid(),
+      env.ctx.target.addon.gettid(),
+    ]);
     return new ShadowFollow(env, host.exec, trace);
   }
 
