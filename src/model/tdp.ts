@@ -776,6 +776,15 @@ export class Tdp {
     return { ranges, flush };
   }
 
+  /**
+   * The VMM writes the page at `hva` of `slot` through its own mapping: the
+   * host resolves it as a write fault, and every range it notifies (a zero
+   * page replaced) is zapped.
+   */
+  hostWrite(slot: Memslot, hva: bigint): void {
+    for (const [s, e] of this.host.fault(slot, hva, true)?.notify ?? []) this.invalidateRange(s, e);
+  }
+
   private invalidateRange(start: bigint, end: bigint): { ranges: GfnRange[]; flush: Flush[] } {
     const ranges: GfnRange[] = [];
     const flush: Flush[] = [];

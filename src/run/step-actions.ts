@@ -292,6 +292,35 @@ export const STEP_ACTIONS: StepActionTable = {
       ctx.note(`${name}: ${vm.preFault(s.gpa, s.size)}`);
     },
   },
+  'punch-hole': {
+    act({ ctx, g, vm }, s, name) {
+      g.vm.memslot(s.slot).punchHole(Number(s.offset), Number(s.size));
+      ctx.note(`${name}: ${vm.change(s.slot, s.offset, s.size, 'punch_hole')}`);
+    },
+  },
+  'write-memory': {
+    act({ ctx, g, vm }, s, name) {
+      const b = g.mem.bytes(s.gpa, s.size, true);
+      for (let i = 0; i < s.size; i++) b[i] = Number((s.value >> BigInt(8 * i)) & 0xffn);
+      const slot = vm.slotAt(s.gpa, s.size)!;
+      vm.hostWrite(slot.slot, s.gpa - (BigInt(slot.baseGfn) << 12n), BigInt(s.size));
+      ctx.note(`${name}: the VMM stored ${hex(BigInt.asUintN(s.size * 8, s.value))} at ${hex(s.gpa)}`);
+    },
+  },
+  'read-memory': {
+    act({ ctx, g }, s, name) {
+      const b = g.mem.bytes(s.gpa, s.size);
+      let v = 0n;
+      for (let i = s.size - 1; i >= 0; i--) v = (v << 8n) | BigInt(b[i]!);
+      ctx.expect(`${name}: value the VMM reads`, BigInt.asUintN(s.size * 8, s.expect), v);
+    },
+  },
+  'close-guest-memfd': {
+    act({ ctx, g, vm }, s, name) {
+      g.vm.memslot(s.slot).closeGuestMemfd();
+      ctx.note(`${name}: ${vm.closeGuestMemfd(s.slot)}`);
+    },
+  },
   translate: {
     act({ ctx, g, translate }, s, name) {
       const w = translate(s.gva);
