@@ -229,7 +229,7 @@ describe.skipIf(!lab)(`guest_memfd in the lab (6.12)${lab ? '' : ' [skipped: set
       );
       expect(r.outcome).toBe('not_applicable');
       expect(r.reason).toBe(
-        'KVM_CAP_GUEST_MEMFD is 0 and KVM_CAP_GUEST_MEMFD_FLAGS 0x0 on a default VM (KVM_CAP_VM_TYPES 0x1); KVM_CREATE_GUEST_MEMFD with MMAP|INIT_SHARED fails with EINVAL (mmap-able guest_memfd for default VMs: Linux 6.18)',
+        'KVM_CREATE_GUEST_MEMFD(MMAP|INIT_SHARED): EINVAL; default VM: KVM_CAP_GUEST_MEMFD 0, KVM_CAP_GUEST_MEMFD_FLAGS 0x0, KVM_CAP_VM_TYPES 0x1 (shared guest_memfd: Linux 6.18)',
       );
     } finally {
       kvm.close();

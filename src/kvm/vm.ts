@@ -195,10 +195,11 @@ export class Vm {
     const r = this.sys.ioctlBuf(this.fd, IOCTL.KVM_CREATE_GUEST_MEMFD, guestMemfdArgs(0x1000n, BigInt(SHARED_GMEM)));
     if (r >= 0) this.sys.close(r);
     const types = this.kvm.checkExtension(CAP.KVM_CAP_VM_TYPES);
+    // The errno first: report tables cut long reasons.
     return (
-      `KVM_CAP_GUEST_MEMFD is ${cap} and KVM_CAP_GUEST_MEMFD_FLAGS ${hex(flags)} on a default VM ` +
-      `(KVM_CAP_VM_TYPES ${hex(types)}); KVM_CREATE_GUEST_MEMFD with MMAP|INIT_SHARED ` +
-      `${r < 0 ? `fails with ${errnoName(-r)}` : 'succeeds'} (mmap-able guest_memfd for default VMs: Linux 6.18)`
+      `KVM_CREATE_GUEST_MEMFD(MMAP|INIT_SHARED): ${r < 0 ? errnoName(-r) : 'created'}; default VM: ` +
+      `KVM_CAP_GUEST_MEMFD ${cap}, KVM_CAP_GUEST_MEMFD_FLAGS ${hex(flags)}, KVM_CAP_VM_TYPES ${hex(types)} ` +
+      `(shared guest_memfd: Linux 6.18)`
     );
   }
 
