@@ -135,7 +135,7 @@ describe('guest_memfd scenario rules', () => {
         ),
       ),
     ).toEqual(["steps[1]: memslot 1's guest_memfd was closed by an earlier step"]);
-    expect(errors(base([gmem], [{ host: 'write-memory', gpa: '0x1000ffc', value: '0x1' }]))).toEqual([
+    expect(errors(base([gmem], [{ host: 'read-memory', gpa: '0x1000ffc', size: 8, expect: '0x1' }]))).toEqual([
       'steps[0].gpa: [0x1000ffc, 0x1001004) crosses a 4K page boundary',
     ]);
   });

@@ -78,7 +78,7 @@ async function run(ctx: CheckContext, wrong: Wrong | undefined): Promise<void> {
     tdp.setMemslot(modelSlot(slot0, { kind: 'anon', pageSize: PAGE }));
     const mslot = modelSlot(gm, { kind: 'guest_memfd', pageSize: PAGE });
     tdp.setMemslot(mslot);
-    tdp.hostWrite(mslot, gm.hva + BigInt(HOST_WRITTEN * PAGE));
+    tdp.hostAccess(0, gfn(HOST_WRITTEN), true);
 
     trace = TraceSession.open(ctx.target.fs, ['kvmmmu/kvm_tdp_mmu_spte_changed'], [await g.vcpu.tid()]);
     const first = await g.run();

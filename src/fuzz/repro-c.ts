@@ -98,6 +98,14 @@ export function reproducer(sc: Scenario, opts: ReproOptions): Reproducer {
     throw new ReproUnsupported(`${sc.name}: races of several vCPUs are not carried by a C reproducer yet`);
   if (sc.memslots.some((m) => m.backing === 'guest_memfd'))
     throw new ReproUnsupported(`${sc.name}: guest_memfd slots are not carried by a C reproducer yet`);
+  const placed = sc.memslots.find((m) => m.hva || m.created === 'by-step');
+  if (placed)
+    throw new ReproUnsupported(
+      `${sc.name}: memslot ${placed.slot}'s "hva" or "created" is not carried by a C reproducer yet`,
+    );
+  const loop = sc.steps.findIndex((s) => s.side === 'guest' && s.kind === 'access' && s.loop);
+  if (loop >= 0)
+    throw new ReproUnsupported(`${sc.name}: step ${loop}: loop steps are not carried by a C reproducer yet`);
   const mm = opts.mismatch;
   if (mm) {
     if (!Number.isInteger(mm.step) || mm.step < 0 || mm.step >= sc.steps.length)
@@ -765,6 +773,12 @@ const HOST_STEPS: HostStepTable = {
     g.vm.deleteSlot(s.slot);
     return [`delete_slot(${g.cslot(s.slot)});`];
   },
+  'memslot-create'() {
+    throw new ReproUnsupported('memslot-create is not carried by a C reproducer yet');
+  },
+  'write-memory'() {
+    throw new ReproUnsupported('write-memory is not carried by a C reproducer yet');
+  },
   'memslot-move'(g, s) {
     g.mem.slot(s.slot).gpa = s.gpa;
     g.vm.setSlot(g.slotOf(s.slot));
@@ -812,7 +826,6 @@ const HOST_STEPS: HostStepTable = {
   },
   // Steps of guest_memfd and memfd files and of the VMM's own accesses: not carried yet.
   'punch-hole': (_g, s) => unsupported(s),
-  'write-memory': (_g, s) => unsupported(s),
   'read-memory': (_g, s) => unsupported(s),
   'close-guest-memfd': (_g, s) => unsupported(s),
   translate(g, s, model) {
@@ -883,6 +896,10 @@ function describeHostStep(s: HostSideStep): string {
       return `deletes memslot ${s.slot} and frees its memory`;
     case 'memslot-move':
       return `moves memslot ${s.slot} to GPA ${hex(s.gpa)}`;
+    case 'memslot-create':
+      return `creates memslot ${s.slot}`;
+    case 'write-memory':
+      return `writes ${hex(s.value)} to every word of ${hex(s.gpa)}+${hex(s.size)} through the HVA`;
     case 'memslot-flags':
       return `sets the flags of memslot ${s.slot}: dirty logging ${s.logDirty ? 'on' : 'off'}, ${s.readonly ? 'read-only' : 'writable'}`;
     case 'madvise':
@@ -899,8 +916,6 @@ function describeHostStep(s: HostSideStep): string {
       return `translates ${hex(s.gva)} (KVM_TRANSLATE)`;
     case 'punch-hole':
       return `punches a hole at +${hex(s.offset)}/${hex(s.size)} of slot ${s.slot}'s file`;
-    case 'write-memory':
-      return `stores ${hex(s.value)} at GPA ${hex(s.gpa)} through its mapping`;
     case 'read-memory':
       return `reads GPA ${hex(s.gpa)} through its mapping`;
     case 'close-guest-memfd':
