@@ -349,7 +349,9 @@ describe('scenario validation: shape', () => {
     [
       'an unknown backing',
       edit((j) => (j.memslots[0]!.backing = 'file')),
-      ['memslots[0].backing: expected one of "anon", "shared", "memfd", "thp", "hugetlb2m", "hugetlb1g", got "file"'],
+      [
+        'memslots[0].backing: expected one of "anon", "shared", "memfd", "thp", "hugetlb2m", "hugetlb1g", "guest_memfd", got "file"',
+      ],
     ],
     ['memslots not an array', edit((j) => ((j as J).memslots = {})), ['memslots: expected an array, got {}']],
     [
@@ -378,7 +380,7 @@ describe('scenario validation: shape', () => {
       'an unknown host step',
       edit((j) => (j.steps = [{ host: 'reboot' }])),
       [
-        'steps[0].host: expected one of "write-pte", "clear-ad", "get-dirty-log", "clear-dirty-log", "memslot-delete", "memslot-create", "write-memory", "memslot-move", "memslot-flags", "madvise", "munmap", "remap", "mprotect", "pre-fault", "translate", got "reboot"',
+        'steps[0].host: expected one of "write-pte", "clear-ad", "get-dirty-log", "clear-dirty-log", "memslot-delete", "memslot-create", "write-memory", "memslot-move", "memslot-flags", "madvise", "munmap", "remap", "mprotect", "pre-fault", "punch-hole", "read-memory", "close-guest-memfd", "translate", got "reboot"',
       ],
     ],
     [
@@ -1431,6 +1433,9 @@ describe('built-in scenarios', () => {
     'remap',
     'mprotect',
     'pre-fault',
+    'punch-hole',
+    'read-memory',
+    'close-guest-memfd',
     'memslot-create',
     'write-memory',
   ]);

@@ -48,7 +48,7 @@ struct Mapping {
   uint8_t *addr;
   size_t len;
   bool tracked;
-  // Residency from mincore() is meaningful (anonymous memory, tmpfs, hugetlbfs):
+  // Residency from mincore() is meaningful (anonymous memory, tmpfs, hugetlbfs, guest_memfd):
   // pages that are not resident read as zeroes and are never touched by a scan.
   bool mincore_ok;
   uint8_t *snap;                  // tracked: the content the host last saw
@@ -191,7 +191,8 @@ int64_t do_mmap(uint64_t len, int prot, int flags, int fd, int64_t off, bool tra
   } else {
     struct statfs sf;
     m.mincore_ok = (flags & MAP_SHARED) && ::fstatfs(fd, &sf) == 0 &&
-                   (sf.f_type == 0x01021994 /* TMPFS_MAGIC */ || sf.f_type == (long)0x958458f6 /* HUGETLBFS_MAGIC */);
+                   (sf.f_type == 0x01021994 /* TMPFS_MAGIC */ || sf.f_type == (long)0x958458f6 /* HUGETLBFS_MAGIC */ ||
+                    sf.f_type == 0x474d454d /* GUEST_MEMFD_MAGIC: a scan must not fault its pages in */);
   }
   if (track) {
     void *s = ::mmap(nullptr, m.len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);

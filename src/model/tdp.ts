@@ -825,6 +825,7 @@ export class Tdp {
   }
 
   /**
+  /**
    * The VMM's own access to `gfn` through the slot's HVA (not a guest access):
    * the host page faults in as for any process, and whatever mapping the host
    * replaces (a zero page written) is reported to the MMU notifiers and zapped.

@@ -129,6 +129,10 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
   try {
     const manualProtect = sc.steps.some((s) => s.side === 'host' && s.kind === 'clear-dirty-log');
     if (manualProtect) g.vm.enableManualDirtyLogProtect();
+    if (sc.memslots.some((m) => m.backing === 'guest_memfd')) {
+      const why = g.vm.sharedGuestMemfdUnsupported();
+      if (why) throw new NotApplicable(why);
+    }
     for (const m of sc.memslots) if (m.created === 'at-start') g.vm.addMemslot(slotSpec(m));
     const built = buildScenarioTables(sc, g.mem, g.boot);
     const cfg: PagingConfig = { ...pagingConfigFor(sc, cpu), walker: guestWalkerOf(ctx.profile) };
@@ -359,8 +363,19 @@ class ScenarioRun {
     if (pred) ctx.expect(`${name}: MMIO exits`, pred.mmio ? [pred.mmio] : [], mmioSeen);
     if (pred?.hostFault && s.kind === 'access') {
       // The vCPU stopped at the access; it redoes it on its next run.
-      ctx.expect(`${name}: KVM_RUN stops for the missing host memory`, pred.hostFault.stop, observedStop(stop));
-      if (!same(pred.hostFault.stop, observedStop(stop))) return false;
+      const seen = observedStop(stop);
+      ctx.expect(`${name}: KVM_RUN stops for the missing host memory`, pred.hostFault.stop, seen);
+      const fault = pred.hostFault.stop as { exit?: string } | undefined;
+      if (fault?.exit === 'memory_fault' && (seen as { exit?: string } | undefined)?.exit === 'memory_fault') {
+        // The memory-fault record field by field, so a difference names the field.
+        for (const f of ['gpa', 'size', 'flags'] as const)
+          ctx.expect(
+            `${name}: memory_fault.${f}`,
+            (pred.hostFault.stop as Record<string, unknown>)[f],
+            (seen as Record<string, unknown>)[f],
+          );
+      }
+      if (!same(pred.hostFault.stop, seen)) return false;
       ctx.note(`${name}: ${pred.hostFault.why}`);
       this.shadow?.stop(name, 'an access that stops for missing host memory is not in the shadow model');
       this.pending = { step: i, name, access: s, walk: pred.walk, gpa: pred.hostFault.gpa };
@@ -477,7 +492,8 @@ class ScenarioRun {
     const stop = await this.runGuest();
     if (vm.fault(p.gpa, p.access.access).kind === 'efault') {
       // Nothing restored the host memory: the access fails again.
-      const again = hostFaultPath(ctx.profile, p.access.access, p.access.cpl, p.gpa, p.access.size);
+      const gmem = vm.slotAt(p.gpa, 1)?.backing.kind === 'guest_memfd';
+      const again = hostFaultPath(ctx.profile, p.access.access, p.access.cpl, p.gpa, p.access.size, gmem);
       ctx.expect(`${p.name}: run again without the host memory`, again.stop, observedStop(stop));
       ctx.note(
         `${p.name}: the vCPU cannot get past this access until a host step restores its memory; the steps after it are not run`,

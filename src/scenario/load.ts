@@ -328,6 +328,13 @@ function memslotErrors(s: Scenario, err: (path: string, msg: string) => void): v
       const most = `${hex(MAX_SLOT_BYTES)} (4 GiB), the most the harness maps for one slot (one ArrayBuffer)`;
       err(`${p}.size`, `${hex(m.size)} is larger than ${most}`);
     }
+    if (m.backing === 'guest_memfd' && m.hva)
+      err(`${p}.hva`, 'a guest_memfd slot is mapped where mmap puts its file; it takes no "hva" placement');
+    if (m.backing === 'guest_memfd' && (m.logDirty || m.readonly))
+      err(
+        `${p}.${m.logDirty ? 'logDirty' : 'readonly'}`,
+        `KVM refuses ${m.logDirty ? 'dirty logging' : 'KVM_MEM_READONLY'} on a guest_memfd slot`,
+      );
     if (m.gpa + m.size > PHYS_LIMIT)
       err(`${p}.gpa`, `${range(m.gpa, m.size)} goes beyond 2^52, the largest guest-physical address`);
     if (overlaps(m.gpa, m.size, 0n, LAYOUT.identityEnd))

@@ -79,7 +79,10 @@ const MEMSLOT = object('memslot', 'A user memslot (slot 0, GPA [0, 0x400000), be
   gpa: req(u64('Guest-physical base; 4K aligned (2M/1G for hugetlb backings).')),
   size: req(u64('Bytes; a multiple of the backing page size.')),
   backing: opt(
-    oneOf(['anon', 'shared', 'memfd', 'thp', 'hugetlb2m', 'hugetlb1g'], 'Host memory behind the slot.'),
+    oneOf(
+      ['anon', 'shared', 'memfd', 'thp', 'hugetlb2m', 'hugetlb1g', 'guest_memfd'],
+      'Host memory behind the slot. guest_memfd: an mmap-able, initially shared guest_memfd bound with KVM_MEM_GUEST_MEMFD (the scenario is not applicable where the VM does not offer one).',
+    ),
     'anon',
   ),
   logDirty: opt(bool('KVM_MEM_LOG_DIRTY_PAGES: the slot keeps a dirty log.'), false),

@@ -137,7 +137,13 @@ export type HostStep =
   | { kind: 'remap'; slot: number; offset: bigint; size: bigint }
   | { kind: 'mprotect'; slot: number; offset: bigint; size: bigint; prot: 'none' | 'read' | 'read-write' }
   /** KVM_PRE_FAULT_MEMORY of [gpa, gpa+size) (where the host has KVM_CAP_PRE_FAULT_MEMORY). */
-  | { kind: 'pre-fault'; gpa: bigint; size: bigint };
+  | { kind: 'pre-fault'; gpa: bigint; size: bigint }
+  /** fallocate(PUNCH_HOLE | KEEP_SIZE) of [offset, offset+size) of a memfd or guest_memfd slot's file. */
+  | { kind: 'punch-hole'; slot: number; offset: bigint; size: bigint }
+  /** The VMM reads `size` bytes at `gpa` through its own mapping of the slot; they must equal `expect`. */
+  | { kind: 'read-memory'; gpa: bigint; size: 1 | 2 | 4 | 8; expect: bigint }
+  /** The slot's guest_memfd is unmapped and closed; the slot stays. */
+  | { kind: 'close-guest-memfd'; slot: number };
 
 /** Expected changes of KVM stats over a step, by stat name (see stats.ts). */
 export type StepStats = Record<string, StatExpect>;
