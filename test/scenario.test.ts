@@ -3,6 +3,7 @@
 // generated schema and field reference, the built-in scenarios, and the page
 // tables built from a scenario. Expected entry values are derived by hand from
 // the entry layout (SDM vol. 3A §4.5) and bring-up's documented pool order.
+import { clearDirtyRefusal } from '../src/model/vm.js';
 import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -349,7 +350,9 @@ describe('scenario validation: shape', () => {
     [
       'an unknown backing',
       edit((j) => (j.memslots[0]!.backing = 'file')),
-      ['memslots[0].backing: expected one of "anon", "shared", "memfd", "thp", "hugetlb2m", "hugetlb1g", got "file"'],
+      [
+        'memslots[0].backing: expected one of "anon", "shared", "memfd", "thp", "hugetlb2m", "hugetlb1g", "guest_memfd", got "file"',
+      ],
     ],
     ['memslots not an array', edit((j) => ((j as J).memslots = {})), ['memslots: expected an array, got {}']],
     [
@@ -378,13 +381,13 @@ describe('scenario validation: shape', () => {
       'an unknown host step',
       edit((j) => (j.steps = [{ host: 'reboot' }])),
       [
-        'steps[0].host: expected one of "write-pte", "clear-ad", "get-dirty-log", "clear-dirty-log", "memslot-delete", "memslot-create", "write-memory", "memslot-move", "memslot-flags", "madvise", "munmap", "remap", "mprotect", "pre-fault", "translate", got "reboot"',
+        'steps[0].host: expected one of "write-pte", "clear-ad", "get-dirty-log", "clear-dirty-log", "memslot-delete", "memslot-create", "write-memory", "memslot-move", "memslot-flags", "madvise", "munmap", "remap", "mprotect", "pre-fault", "punch-hole", "read-memory", "close-guest-memfd", "translate", got "reboot"',
       ],
     ],
     [
       'a size on an exec step',
       edit((j) => (j.steps = [{ guest: 'exec', gva: '0x8000000000', size: 1 }])),
-      ['steps[0].size: unknown field (known: guest, gva, cpl, eflagsAc, count, stride, expect, stats)'],
+      ['steps[0].size: unknown field (known: guest, gva, cpl, eflagsAc, count, stride, expect, stats, tdp)'],
     ],
     [
       'an implicit read that is not a CPL 0 read of 8 aligned bytes',
@@ -403,7 +406,7 @@ describe('scenario validation: shape', () => {
       'a value on a read step',
       edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000', value: 1 }])),
       [
-        'steps[0].value: unknown field (known: guest, gva, size, cpl, eflagsAc, count, stride, implicit, expect, stats)',
+        'steps[0].value: unknown field (known: guest, gva, size, cpl, eflagsAc, count, stride, implicit, expect, stats, tdp)',
       ],
     ],
     [
@@ -1319,8 +1322,20 @@ function simulate(s: Scenario, cpu = { vendor: 'amd', maxPhyAddr: 48, pdpe1gb: t
         if (!s.steps.some((x) => x.side === 'host' && x.kind === 'clear-dirty-log')) dirty.delete(st.slot);
         return;
       case 'clear-dirty-log':
-        if ('gpa' in st || st.first !== undefined || st.pages !== undefined)
-          throw new Error(`step ${i}: a clear of part of a dirty log is not simulated here`);
+        if ('gpa' in st) throw new Error(`step ${i}: a clear over a GPA range is not simulated here`);
+        if (st.first !== undefined || st.pages !== undefined) {
+          // A clear of part of the slot, where KVM takes the range (clearDirtyRefusal).
+          const m = s.memslots.find((x) => x.slot === st.slot)!;
+          const npages = Number(m.size >> 12n);
+          const first = st.first ?? 0;
+          const count = st.pages ?? npages - first;
+          if (clearDirtyRefusal(npages, first, count)) return;
+          for (const p of dirty.get(st.slot) ?? []) {
+            const page = Number((p - m.gpa) >> 12n);
+            if (page >= first && page < first + count) dirty.get(st.slot)!.delete(p);
+          }
+          return;
+        }
         dirty.delete(st.slot);
         return;
       case 'translate': {
@@ -1434,6 +1449,9 @@ describe('built-in scenarios', () => {
     'remap',
     'mprotect',
     'pre-fault',
+    'punch-hole',
+    'read-memory',
+    'close-guest-memfd',
     'memslot-create',
     'write-memory',
   ]);
