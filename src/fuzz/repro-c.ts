@@ -103,6 +103,11 @@ export function reproducer(sc: Scenario, opts: ReproOptions): Reproducer {
     throw new ReproUnsupported(
       `${sc.name}: memslot ${placed.slot}'s "hva" or "created" is not carried by a C reproducer yet`,
     );
+  const inSlot = sc.mappings.findIndex((m) => m.tables);
+  if (inSlot >= 0)
+    throw new ReproUnsupported(
+      `${sc.name}: mappings[${inSlot}]: page tables in a user slot are not carried by a C reproducer yet`,
+    );
   const ranged = sc.steps.findIndex(gpaForm);
   if (ranged >= 0)
     throw new ReproUnsupported(

@@ -20,6 +20,7 @@ import {
   PTE_D,
   PTE_G,
   PTE_NX,
+  PAGE_4K,
   PTE_P,
   PTE_PCD,
   PTE_PKEY_SHIFT,
@@ -88,6 +89,41 @@ export function mappingAt(s: Pick<Scenario, 'mappings'>, gva: bigint): Mapping |
   return s.mappings.find((m) => gva >= m.gva && gva - m.gva < m.size);
 }
 
+/** Bytes of the table pages mapping `i` may create: one per non-leaf entry it covers that bring-up does not own. */
+export function tableRoom(s: Pick<Scenario, 'mappings' | 'paging'>, i: number): bigint {
+  const m = s.mappings[i]!;
+  let n = 0n;
+  for (let level = leafLevel(m) + 1; level <= s.paging.levels; level++) {
+    const shift = BigInt(levelShift(level));
+    for (let e = m.gva >> shift; e <= (m.gva + m.size - 1n) >> shift; e++) if (!isBringUpEntry(e << shift, level)) n++;
+  }
+  return n * PAGE_4K;
+}
+
+/** The parts of a slot's memory that hold mappings' page tables (`tables`): [offset, offset + room) with the mapping's index. */
+export function tablesIn(
+  s: Pick<Scenario, 'mappings' | 'paging'>,
+  slot: number,
+): { from: bigint; to: bigint; mapping: number }[] {
+  return s.mappings.flatMap((m, i) =>
+    m.tables?.slot === slot ? [{ from: m.tables.offset, to: m.tables.offset + tableRoom(s, i), mapping: i }] : [],
+  );
+}
+
+/**
+ * The mapping whose `tables` hold the entry at `level` for `gva`, if one
+ * does: the table of level-`level` entries is created by the first mapping
+ * (in order) that needs the level-(`level`+1) entry above it, unless that
+ * entry is bring-up's or `level` is the root's.
+ */
+export function tableOwner(s: Pick<Scenario, 'mappings' | 'paging'>, gva: bigint, level: number): number | undefined {
+  if (level >= s.paging.levels || isBringUpEntry(gva, level + 1)) return undefined;
+  const start = spanStart(gva, level + 1);
+  const end = start + levelSpan(level + 1);
+  const i = s.mappings.findIndex((m) => leafLevel(m) <= level && m.gva < end && start < m.gva + m.size);
+  return i >= 0 && s.mappings[i]!.tables ? i : undefined;
+}
+
 /** Key of the entry at `level` for `gva` (entries at one level are told apart by the GVA bits above the level). */
 function entryKey(gva: bigint, level: number): string {
   return `${level}:${(gva >> BigInt(levelShift(level))).toString(16)}`;
@@ -112,7 +148,10 @@ export function buildScenarioTables(s: Scenario, mem: GuestMem, boot: BringUp): 
   const at = new Map<string, bigint>();
 
   for (const m of s.mappings) {
-    tables.map(m.gva, m.gpa, m.size, m.page, { leaf: leafBits(m.leaf), table: PTE_P | PTE_RW | PTE_US });
+    const slot = m.tables && s.memslots.find((x) => x.slot === m.tables!.slot);
+    let next = slot ? slot.gpa + m.tables!.offset : 0n;
+    const alloc = slot ? { alloc: () => ((next += PAGE_4K), next - PAGE_4K) } : {};
+    tables.map(m.gva, m.gpa, m.size, m.page, { leaf: leafBits(m.leaf), table: PTE_P | PTE_RW | PTE_US, ...alloc });
     for (let level = leafLevel(m); level <= top; level++) {
       for (const va of regions(m, level)) {
         const k = entryKey(va, level);

@@ -31,7 +31,7 @@ import { fileURLToPath } from 'node:url';
 import { LAYOUT, RETURN_GVA } from '../arch/x86/layout.js';
 import { levelSpan, LEVEL_NAMES, PAGE_4K } from '../arch/x86/pte.js';
 import { MAX_NR_PAGES } from '../model/memslots.js';
-import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.js';
+import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt, tableRoom } from './build.js';
 import { at, checkJson, SCENARIO, toJson, type Json } from './schema.js';
 import { showStatExpect } from './stats.js';
 import { BACKING_PAGE, kindOfTag, range, STEP_KINDS, stepKind, type Side, type StepKind } from './steps.js';
@@ -233,6 +233,7 @@ function toScenario(n: Obj, errors: string[]): Scenario {
       leaf: toAttrs(m.leaf as Obj),
       table: toAttrs(m.table as Obj),
       raw: (m.raw as Obj[]).map((r) => ({ level: r.level as number, set: r.set as bigint, clear: r.clear as bigint })),
+      ...(m.tables ? { tables: { ...(m.tables as { slot: number; offset: bigint }) } } : {}),
     };
   });
   return {
@@ -287,6 +288,7 @@ export function scenarioToJson(s: Scenario): Json {
       leaf: leaf(m.leaf),
       table: table(m.table),
       raw: m.raw,
+      ...(m.tables ? { tables: m.tables } : {}),
     })),
     steps: s.steps.map(stepJson),
     ...(s.race ? { race: s.race } : {}),
@@ -365,7 +367,7 @@ function tablePool(s: Scenario): { need: bigint; room: bigint } {
   for (let level = 2; level <= top; level++) {
     const shift = BigInt(9 * (level - 1) + 12);
     const spans = s.mappings
-      .filter((m) => level > leafLevel(m))
+      .filter((m) => level > leafLevel(m) && !m.tables)
       .map((m) => [m.gva >> shift, (m.gva + m.size - 1n) >> shift] as [bigint, bigint])
       .sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
     const bringUpLast = (LAYOUT.identityEnd - 1n) >> shift; // entries 0..bringUpLast are bring-up's
@@ -383,6 +385,38 @@ function tablePool(s: Scenario): { need: bigint; room: bigint } {
   for (let level = 2; level <= top; level++)
     bringUp += ((LAYOUT.identityEnd - 1n) >> BigInt(9 * (level - 1) + 12)) + 1n;
   return { need, room: (LAYOUT.tablePoolEnd - LAYOUT.tablePool) / PAGE_4K - bringUp };
+}
+
+/**
+ * The rules of a mapping's `tables`: a writable user slot created at the
+ * start, with room from `offset` for every table the mapping may create,
+ * over no GPA a mapping maps and no other mapping's tables.
+ */
+function tablesErrors(
+  s: Scenario,
+  i: number,
+  t: { slot: number; offset: bigint },
+  err: (path: string, msg: string) => void,
+): void {
+  const p = `mappings[${i}].tables`;
+  const m = s.memslots.find((x) => x.slot === t.slot);
+  if (!m) return err(`${p}.slot`, `memslot ${t.slot} is not declared in "memslots"`);
+  if (m.created !== 'at-start' || m.readonly || m.backing === 'guest_memfd')
+    return err(`${p}.slot`, `memslot ${t.slot} must be writable host memory created at the start to hold page tables`);
+  if (t.offset % PAGE_4K !== 0n) return err(`${p}.offset`, `${hex(t.offset)} is not 4K aligned`);
+  const room = { size: tableRoom(s, i) };
+  if (t.offset + room.size > m.size)
+    return err(
+      `${p}.offset`,
+      `the mapping may create ${room.size / PAGE_4K} table pages, which do not fit in memslot ${t.slot} from ${hex(t.offset)} (${hex(m.size)} bytes)`,
+    );
+  const data = s.mappings.findIndex((x) => overlaps(x.gpa, x.size, m.gpa + t.offset, room.size));
+  if (data >= 0)
+    return err(p, `its table pages ${range(m.gpa + t.offset, room.size)} overlap the GPAs mappings[${data}] maps`);
+  const other = s.mappings.findIndex(
+    (x, k) => k < i && x.tables?.slot === t.slot && overlaps(x.tables.offset, tableRoom(s, k), t.offset, room.size),
+  );
+  if (other >= 0) return err(p, `its table pages overlap those of mappings[${other}] in memslot ${t.slot}`);
 }
 
 function mappingErrors(s: Scenario, json: Obj, err: (path: string, msg: string) => void): void {
@@ -432,6 +466,8 @@ function mappingErrors(s: Scenario, json: Obj, err: (path: string, msg: string) 
       err(`${p}.gva`, `${range(m.gva, m.size)} overlaps mappings[${clash}] ${range(o.gva, o.size)}`);
       return;
     }
+
+    if (m.tables) tablesErrors(s, i, m.tables, err);
 
     m.raw.forEach((r, k) => {
       const rp = `${p}.raw[${k}].level`;

@@ -72,6 +72,16 @@ const MAPPING = object('mapping', 'GVA range -> GPA range with pages of one size
   leaf: opt(LEAF_ATTRS, {}),
   table: opt(TABLE_ATTRS, {}),
   raw: opt(array(RAW, 'Raw bit overrides, applied in order after every mapping is built.'), []),
+  tables: opt(
+    object(
+      'mapping tables',
+      "Where the page tables this mapping creates (those no earlier mapping created) live: one 4K page after another from `offset` of a user slot's memory, instead of bring-up's pool. The guest's walks then read and write (A/D bits) that slot: its dirty log shows the table pages, and with TDP KVM faults them in. Guest write-pte and clear-ad steps cannot reach entries there (they store through the identity map); host steps can.",
+      {
+        slot: req(int(1, 32767, 'A user slot created at the start, writable, not guest_memfd.')),
+        offset: req(u64('Byte offset of the first table page in the slot (4K aligned).')),
+      },
+    ),
+  ),
 });
 
 const MEMSLOT = object('memslot', 'A user memslot (slot 0, GPA [0, 0x400000), belongs to bring-up).', {

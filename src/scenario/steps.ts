@@ -11,7 +11,7 @@
 // LogFormatters). A JSON tag with no entry is an error naming the field.
 import { LAYOUT, RETURN_GVA } from '../arch/x86/layout.js';
 import { PAGE_4K } from '../arch/x86/pte.js';
-import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt } from './build.js';
+import { coversReturnGva, isBringUpEntry, leafLevel, mappingAt, tableOwner, tablesIn } from './build.js';
 import { array, bool, int, object, oneOf, opt, req, u64, type Field } from './spec.js';
 import type { AccessExpect, HostRange, MemslotDecl, PteWriteStep, Scenario, SlotPiece, Step } from './types.js';
 import { hex } from '../base/units.js';
@@ -329,6 +329,30 @@ function rangeForm(
   return pieces;
 }
 
+/** Why a guest step cannot store to the entry at `level` for `gva`: it is in a page table in a user slot. */
+function inSlotTables(s: Scenario, gva: bigint, level: number, owner: number): string {
+  return (
+    `the level-${level} entry for ${hex(gva)} is in a page table in memslot ${s.mappings[owner]!.tables!.slot} ` +
+    `(mappings[${owner}].tables), outside the identity map a guest step stores through; use a host step`
+  );
+}
+
+/** Whether slot `slot` holds mappings' page tables, after reporting that it cannot be `what` then. */
+function holdsTables(c: StepCheck, slot: number, what: string): boolean {
+  const t = tablesIn(c.s, slot)[0];
+  if (t) c.err(`${c.p}.slot`, `memslot ${slot} holds the page tables of mappings[${t.mapping}]; it cannot be ${what}`);
+  return t !== undefined;
+}
+
+/** Why [offset, offset+size) of a slot cannot be changed by a host memory step: page tables live there. */
+function tablesOverlap(s: Scenario, slot: number, offset: bigint, size: bigint): string | undefined {
+  const t = tablesIn(s, slot).find((x) => x.from < offset + size && offset < x.to);
+  return (
+    t &&
+    `memslot ${slot}'s memory at ${range(t.from, t.to - t.from)} holds the page tables of mappings[${t.mapping}]; a host memory step cannot change it`
+  );
+}
+
 /** The declared user slot a host memory step names, or undefined after reporting why there is none here. */
 /** Whether an earlier close-guest-memfd step closed `slot`'s file (an error then). */
 function closedBefore(c: StepCheck, slot: number): boolean {
@@ -445,6 +469,8 @@ function pieceErrors(c: StepCheck, kind: HostRangeStep['kind'], st: SlotPiece): 
       `memslot ${st.slot} is a guest_memfd slot; of the host range steps only punch-hole applies`,
     );
   if (closedBefore(c, st.slot)) return;
+  const tables = tablesOverlap(c.s, st.slot, st.offset, st.size);
+  if (tables) return c.err(p, tables);
   const unit = kind === 'madvise' ? PAGE_4K : BACKING_PAGE[m.backing];
   const what = unit === PAGE_4K ? '4K' : `${m.backing} page (${hex(unit)})`;
   if (st.offset % unit !== 0n || st.size % unit !== 0n || st.size === 0n)
@@ -700,6 +726,10 @@ export const STEP_KINDS: StepKindTable = {
         c.err(c.p, 'write-pte needs "set", "clear" or "value"');
       const why = entryError(c.s, st.gva, st.level, true);
       if (why) c.err(`${c.p}.level`, why);
+      else if (st.side === 'guest') {
+        const owner = tableOwner(c.s, st.gva, st.level);
+        if (owner !== undefined) c.err(`${c.p}.level`, inSlotTables(c.s, st.gva, st.level, owner));
+      }
     },
   },
   'clear-ad': {
@@ -714,8 +744,13 @@ export const STEP_KINDS: StepKindTable = {
     decode: (o, side) => ({ side, kind: 'clear-ad', gva: o.gva as bigint }),
     encode: (s) => ({ [s.side]: s.kind, gva: s.gva }),
     validate(st, c) {
-      if (!mappingAt(c.s, st.gva))
-        c.err(`${c.p}.gva`, `no mapping covers ${hex(st.gva)}; clear-ad works on a mapping's entries`);
+      const m = mappingAt(c.s, st.gva);
+      if (!m) return c.err(`${c.p}.gva`, `no mapping covers ${hex(st.gva)}; clear-ad works on a mapping's entries`);
+      if (st.side !== 'guest') return;
+      for (let level = leafLevel(m); level <= c.s.paging.levels; level++) {
+        const owner = tableOwner(c.s, st.gva, level);
+        if (owner !== undefined) return c.err(`${c.p}.gva`, inSlotTables(c.s, st.gva, level, owner));
+      }
     },
   },
   'get-dirty-log': {
@@ -818,7 +853,7 @@ export const STEP_KINDS: StepKindTable = {
     decode: (o) => ({ side: 'host', kind: 'memslot-delete', slot: o.slot as number }),
     encode: (s) => ({ host: s.kind, slot: s.slot }),
     validate(st, c) {
-      liveSlot(c, st.slot);
+      if (liveSlot(c, st.slot)) holdsTables(c, st.slot, 'deleted');
     },
   },
   'memslot-create': {
@@ -877,6 +912,8 @@ export const STEP_KINDS: StepKindTable = {
       const gone = unmappedBy(c.s, c.i, m.slot, page, ((off + st.size - page + 0xfffn) / PAGE_4K) * PAGE_4K);
       if (gone.length)
         c.err(c.p, `memslot ${m.slot}'s memory at offset ${hex(gone[0]![0])} was unmapped by an earlier munmap step`);
+      const tables = tablesOverlap(c.s, m.slot, off, st.size);
+      if (tables) c.err(c.p, tables);
     },
   },
   'memslot-move': {
@@ -894,7 +931,7 @@ export const STEP_KINDS: StepKindTable = {
     encode: (s) => ({ host: s.kind, slot: s.slot, gpa: s.gpa }),
     validate(st, c) {
       const m = liveSlot(c, st.slot);
-      if (!m) return;
+      if (!m || holdsTables(c, st.slot, 'moved')) return;
       const p = c.p;
       if (m.backing === 'guest_memfd')
         return c.err(`${p}.slot`, `a guest_memfd slot cannot move (KVM: such slots are immutable); delete it instead`);

@@ -45,6 +45,12 @@ export interface Mapping {
   /** Attributes of the non-leaf entries this mapping creates. */
   table: PteAttrs;
   raw: RawBits[];
+  /**
+   * Where the table pages this mapping creates (those no earlier mapping
+   * created) come from: one 4K page after another from `offset` of a user
+   * slot's memory, instead of bring-up's pool.
+   */
+  tables?: { slot: number; offset: bigint };
 }
 
 export interface MemslotDecl {
