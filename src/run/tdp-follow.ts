@@ -142,7 +142,7 @@ export class TdpFollow {
     const { ctx, g } = env;
     // A host step's zap runs in the ioctl's thread: the main thread, where vCPUs run on threads of their own.
     const tid = await g.vcpu.tid();
-    const pids = ctx.target.concurrentRuns ? [tid, process.pid] : [tid];
+    const pids = [...new Set([tid, ctx.target.addon.gettid()])];
     return new TdpFollow(env, TraceSession.open(ctx.target.fs, pair.events, pids));
   }
 
