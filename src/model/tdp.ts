@@ -649,9 +649,25 @@ export class Tdp {
     return gfns;
   }
 
-  /** W off on the 4 KiB leaves of `gfns` (sorted), so their next write faults and is logged. */
+  /**
+   * KVM logs `gfn` dirty from the host side (mark_page_dirty: its own
+   * walker's A/D writes through the slot's HVA, e.g. for KVM_TRANSLATE),
+   * without any SPTE change.
+   */
+  markDirty(asId: number, gfn: number): void {
+    const slot = this.slots.find(asId, gfn);
+    if (slot?.flags.logDirty) this.dirtySet(slot).add(gfn);
+  }
+
+  /**
+   * W off on the 4 KiB leaves of `gfns` (sorted), so their next write faults
+   * and is logged. KVM requests a remote TLB flush whenever it took a dirty
+   * bit back (kvm_get_dirty_log_protect, kvm_clear_dirty_log_protect), even
+   * where the SPTE was already write-protected.
+   */
   private reprotect(asId: number, gfns: number[]): void {
     if (gfns.length === 0) return;
+    if (!this.wrong.noFlush) this.flushRequests++;
     const harvested = new Set(gfns);
     const flush: Flush[] = [];
     for (const it of this.walk(asId, gfns[0], gfns[gfns.length - 1] + 1, flush, { only: 'presentLeaf' })) {

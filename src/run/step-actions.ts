@@ -387,13 +387,16 @@ export const STEP_ACTIONS: StepActionTable = {
     },
   },
   translate: {
-    act({ ctx, g, vm, translate }, s, name) {
+    act({ ctx, g, vm, tdpDirty, translate }, s, name) {
       const w = translate(s.gva);
       const expected = s.expect ?? (w.ok ? { valid: true, gpa: w.gpa } : { valid: false });
       const t = g.vcpu.translate(s.gva);
       ctx.expect(`${name}: KVM_TRANSLATE`, expected, t.valid ? { valid: true, gpa: t.gpa } : { valid: false });
       // Its A writes go through the slot's HVA and mark the table pages dirty (kvm_vcpu_mark_page_dirty).
-      for (const a of w.adWrites) vm.markDirty(a.pteGpa);
+      for (const a of w.adWrites) {
+        vm.markDirty(a.pteGpa);
+        if (tdpDirty) vm.tdp.markDirty(0, Number(a.pteGpa >> 12n));
+      }
       ctx.note(`${name}: model (KVM's walker, access 0) ${w.ok ? `valid, GPA ${hex(w.gpa)}` : `invalid: ${w.reason}`}`);
       if (s.expect) return;
       // KVM's walker sets A on the entries of a walk that succeeds (update_accessed_dirty_bits), none on a failing one.
