@@ -14,7 +14,13 @@ import type { Scenario } from '../src/scenario/types.js';
 import { describeKvm, failures, withHost } from './support/kvm.js';
 import { wrong as wrongValue } from './support/wrong.js';
 
-const NEW = ['translate_kinds', 'translate_1g_smap', 'dirty_log_clear_range', 'host_range_across_slots'];
+const NEW = [
+  'translate_kinds',
+  'translate_1g_smap',
+  'dirty_log_clear_range',
+  'host_range_across_slots',
+  'tables_in_user_slot',
+];
 const load = (name: string): Scenario => loadScenario(resolveScenario(name));
 
 type J = Record<string, unknown>;
@@ -111,6 +117,52 @@ describe('host steps over GPA ranges: the rules', () => {
     const again = validateScenario(scenarioToJson(v.scenario));
     expect(again.ok && again.scenario).toEqual(v.scenario);
   });
+});
+
+describe('page tables in a user slot: the rules', () => {
+  const scenario = (mappings: J[], steps: J[] = [], slot: J = {}) => {
+    const v = validateScenario({
+      name: 't',
+      description: 'd',
+      memslots: [
+        { slot: 1, gpa: '0x1000000', size: '0x10000', logDirty: true, ...slot },
+        { slot: 2, gpa: '0x2000000', size: '0x10000' },
+      ],
+      mappings,
+      steps,
+    });
+    return v.ok ? [] : v.errors;
+  };
+  const inSlot = { gva: '0x8000000000', gpa: '0x2000000', leaf: { w: true }, tables: { slot: 1, offset: '0x0' } };
+  it('takes a mapping whose tables live in a user slot', () => expect(scenario([inSlot])).toEqual([]));
+  it('refuses tables that do not fit from the offset', () =>
+    expect(scenario([{ ...inSlot, tables: { slot: 1, offset: '0xf000' } }])).toEqual([
+      'mappings[0].tables.offset: the mapping may create 3 table pages, which do not fit in memslot 1 from 0xf000 (0x10000 bytes)',
+    ]));
+  it('refuses tables over GPAs a mapping maps', () =>
+    expect(scenario([{ ...inSlot, gpa: '0x1001000' }])).toEqual([
+      'mappings[0].tables: its table pages [0x1000000, 0x1003000) overlap the GPAs mappings[0] maps',
+    ]));
+  it('refuses a read-only slot', () =>
+    expect(scenario([inSlot], [], { readonly: true, logDirty: false })).toEqual([
+      'mappings[0].tables.slot: memslot 1 must be writable host memory created at the start to hold page tables',
+    ]));
+  it('refuses a guest store to an entry there, and host steps that would change or remove the tables', () =>
+    expect(
+      scenario(
+        [inSlot],
+        [
+          { guest: 'write-pte', gva: '0x8000000000', level: 1, set: '0x2' },
+          { host: 'write-pte', gva: '0x8000000000', level: 1, set: '0x2' },
+          { host: 'madvise', slot: 1, offset: '0x1000', size: '0x1000', advice: 'dontneed' },
+          { host: 'memslot-delete', slot: 1 },
+        ],
+      ),
+    ).toEqual([
+      'steps[0].level: the level-1 entry for 0x8000000000 is in a page table in memslot 1 (mappings[0].tables), outside the identity map a guest step stores through; use a host step',
+      "steps[2]: memslot 1's memory at [0x0, 0x3000) holds the page tables of mappings[0]; a host memory step cannot change it",
+      'steps[3].slot: memslot 1 holds the page tables of mappings[0]; it cannot be deleted',
+    ]));
 });
 
 describe('clear-dirty-log of part of a slot: the rules and the model', () => {
