@@ -302,7 +302,7 @@ describe('scenario validation: shape', () => {
       'a misspelt mapping field',
       edit((j) => (j.mappings[0] = { gvaa: '0x8000000000', gpa: '0x401000' })),
       [
-        'mappings[0].gvaa: unknown field (known: gva, gpa, page, size, leaf, table, raw)',
+        'mappings[0].gvaa: unknown field (known: gva, gpa, page, size, leaf, table, raw, tables)',
         'mappings[0].gva: required field missing',
       ],
     ],
