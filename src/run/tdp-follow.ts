@@ -46,7 +46,7 @@ import { readStats } from '../observe/stats.js';
 import { parsePageFault, PFERR, X86_SPTE, type ObservedFault } from '../observe/tdp-picture.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
 import type { HostProfile } from '../probe/probe.js';
-import type { Step, TdpExpect } from '../scenario/types.js';
+import type { GpaRange, HostRange, Step, TdpExpect } from '../scenario/types.js';
 import type { CheckContext } from './types.js';
 import { hex } from '../base/units.js';
 
@@ -154,9 +154,18 @@ type UntracedOf = {
  * page (kvm_mmu_zap_all_fast, traced); KVM_PRE_FAULT_MEMORY faults, traced.
  * `slot`: the slot now; `before`: as it was when the step began.
  */
+/** The GFNs of a GPA range. */
+const gpaRange = (r: GpaRange, what: 'zap' | 'wrprot'): UntracedRange[] => [
+  { start: Number(r.gpa >> 12n), end: Number((r.gpa + r.size + 0xfffn) >> 12n), what },
+];
+/** A host memory step's range: a slot's part, or the GFNs of a GPA range. */
+const hostRange = (r: HostRange, slot: (n: number) => Memslot | undefined): UntracedRange[] =>
+  'gpa' in r ? gpaRange(r, 'zap') : slotRange(slot(r.slot), r.offset, r.size, 'zap');
+
 const UNTRACED: UntracedOf = {
-  'get-dirty-log': (s, slot) => wholeSlot(slot(s.slot), 'wrprot'),
-  'clear-dirty-log': (s, slot) => wholeSlot(slot(s.slot), 'wrprot'),
+  // A GPA range names its GFNs; a get over it write-protects the rest of each slot too, not marked here.
+  'get-dirty-log': (s, slot) => ('gpa' in s ? gpaRange(s, 'wrprot') : wholeSlot(slot(s.slot), 'wrprot')),
+  'clear-dirty-log': (s, slot) => ('gpa' in s ? gpaRange(s, 'wrprot') : wholeSlot(slot(s.slot), 'wrprot')),
   'memslot-delete': () => [],
   'memslot-create': () => [],
   'memslot-move': () => [],
@@ -167,10 +176,10 @@ const UNTRACED: UntracedOf = {
     if (was === now) return [];
     return wholeSlot(slot(s.slot), now ? 'wrprot' : 'zap');
   },
-  madvise: (s, slot) => (s.advice === 'dontneed' ? slotRange(slot(s.slot), s.offset, s.size, 'zap') : []),
-  munmap: (s, slot) => slotRange(slot(s.slot), s.offset, s.size, 'zap'),
-  remap: (s, slot) => slotRange(slot(s.slot), s.offset, s.size, 'zap'),
-  mprotect: (s, slot) => slotRange(slot(s.slot), s.offset, s.size, 'zap'),
+  madvise: (s, slot) => (s.advice === 'dontneed' ? hostRange(s, slot) : []),
+  munmap: (s, slot) => hostRange(s, slot),
+  remap: (s, slot) => hostRange(s, slot),
+  mprotect: (s, slot) => hostRange(s, slot),
   'punch-hole': (s, slot) => slotRange(slot(s.slot), s.offset, s.size, 'zap'),
   'close-guest-memfd': (s, slot, before) => wholeSlot(before(s.slot), 'zap'),
   'pre-fault': () => [],
