@@ -248,7 +248,8 @@ export async function runRace(
       const set = union.get(n) ?? new Set<bigint>();
       for (const gpa of dirtyPages(bitmap, s.gpa)) set.add(gpa);
       union.set(n, set);
-      if (clear) g.vm.clearDirtyLog(n, 0, Math.ceil(s.npages / 64) * 64, bitmap);
+      // KVM takes a page count that is a multiple of 64 or ends at the slot's end: the slot's own count.
+      if (clear) g.vm.clearDirtyLog(n, 0, s.npages, bitmap);
     };
     let overlapped = 0;
     let ops = 0;
@@ -361,8 +362,11 @@ export async function runRace(
       }
     }
   } finally {
-    // A vCPU still running (a failed check above) is kicked by close().
+    // A vCPU still running (a failed check above) is kicked and waited for
+    // (at most 2 s) before the VM goes, so its thread is free for the next VM.
     g.mem.write64(STOP, 1n);
+    for (const vc of vcpus) vc.kick();
+    await Promise.race([Promise.allSettled(runs), sleep(2000)]);
     g.close();
     await Promise.allSettled(runs);
   }
