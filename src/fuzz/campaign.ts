@@ -11,9 +11,18 @@ import fc from 'fast-check';
 import type { Kvm } from '../kvm/kvm.js';
 import type { Wrong } from '../model/wrong.js';
 import type { HostProfile } from '../probe/probe.js';
+import { scenarioToJson, validateScenario } from '../scenario/load.js';
 import type { Scenario } from '../scenario/types.js';
 import { genHostOf, planArb, realise, scenarioSteps, type GenHost, type Plan } from './gen.js';
-import { judge, traceOffered, type Mismatch, type Verdict } from './oracle.js';
+import {
+  comparisonKind,
+  judge,
+  oraclesFor,
+  traceOffered,
+  type JudgeOptions,
+  type Mismatch,
+  type Verdict,
+} from './oracle.js';
 
 export interface Shard {
   /** 1-based. */
@@ -30,8 +39,10 @@ export interface CampaignOptions {
   shard?: Shard;
   /** Most steps per scenario. */
   maxSteps?: number;
-  /** Most scenarios run while shrinking one finding (default 400). */
+  /** Most scenarios run while shrinking one finding (default 300). */
   shrinkRuns?: number;
+  /** Most time spent shrinking one finding (default 60 s). */
+  shrinkMs?: number;
   /** Test-only: a deliberately wrong model. */
   wrong?: Wrong;
   /** Compare KVM's walker tracepoints too, where the host offers them (default true). */
@@ -83,6 +94,17 @@ export interface CampaignSummary {
   /** Why the campaign ended: cases, duration, signal, kernel. */
   ended: 'cases' | 'duration' | 'interrupted' | 'kernel';
   trace: boolean;
+}
+
+/** `sc` without the steps after its first failing one, if it has any, valid. */
+function truncated(sc: Scenario, v: Verdict): { scenario: Scenario; json: unknown } | undefined {
+  const m = v.mismatch ? /^step (\d+) /.exec(v.mismatch.what) : null;
+  if (!m || sc.race) return undefined;
+  const keep = Number(m[1]) + 1;
+  if (keep >= sc.steps.length) return undefined;
+  const json = scenarioToJson({ ...sc, steps: sc.steps.slice(0, keep) });
+  const r = validateScenario(json);
+  return r.ok ? { scenario: { ...r.scenario }, json } : undefined;
 }
 
 /** The fast-check seed of case k of a campaign with `seed` (a 32-bit mix, independent of the other cases). */
@@ -150,6 +172,9 @@ export async function campaign(kvm: Kvm, profile: HostProfile, o: CampaignOption
     let target: string | undefined;
     let last: { verdict: Verdict; scenario: Scenario; json: unknown } | undefined;
     let shrinkRuns = 0;
+    let shrinkUntil = 0;
+    const full: JudgeOptions = { trace, wrong: o.wrong };
+    let oracles = full;
     let dead = false;
     let fatal: unknown;
     const property = fc.asyncProperty(arb, async (plan) => {
@@ -159,10 +184,10 @@ export async function campaign(kvm: Kvm, profile: HostProfile, o: CampaignOption
         if (!first) sum.outcomes.invalid++;
         return true;
       }
-      if (first && shrinkRuns++ >= (o.shrinkRuns ?? 400)) return true;
+      if (first && (shrinkRuns++ >= (o.shrinkRuns ?? 300) || performance.now() > shrinkUntil)) return true;
       let v: Verdict;
       try {
-        v = await judge(r.scenario, kvm, profile, { trace, wrong: o.wrong });
+        v = await judge(r.scenario, kvm, profile, oracles);
       } catch (e) {
         // A host error (the device, the lab's channel): no case can run any more.
         fatal = e;
@@ -175,6 +200,8 @@ export async function campaign(kvm: Kvm, profile: HostProfile, o: CampaignOption
         if (!v.signature || known.has(v.signature)) return true;
         target = v.signature;
         last = { verdict: v, scenario: r.scenario, json: r.json };
+        oracles = oraclesFor(target, full);
+        shrinkUntil = performance.now() + (o.shrinkMs ?? 60_000);
         return false;
       }
       if (v.signature !== target) return true;
@@ -202,7 +229,25 @@ export async function campaign(kvm: Kvm, profile: HostProfile, o: CampaignOption
       else sum.outcomes.fail++;
       const again = v.signature ? known.get(v.signature) : undefined;
       if (again) again.repeats++;
-      const l = last as { verdict: Verdict; scenario: Scenario; json: unknown } | undefined;
+      let l = last as { verdict: Verdict; scenario: Scenario; json: unknown } | undefined;
+      if (target && l && !dead) {
+        // The steps after the first failing one, unless the failure needs them (a clear-dirty-log
+        // anywhere changes how the log works; an exec puts its `ret` in place at the start).
+        const cut = truncated(l.scenario, l.verdict);
+        if (cut) {
+          const v = await judge(cut.scenario, kvm, profile, oracles);
+          if (v.dead) dead = true;
+          if (v.signature === target) l = { verdict: v, ...cut };
+        }
+      }
+      if (target && l && oracles !== full && !dead) {
+        // The shrunk scenario judged by every oracle, as `run` will judge it.
+        const again = await judge(l.scenario, kvm, profile, full);
+        if (again.dead) dead = true;
+        const c = again.result.comparisons.find((x) => !x.ok && comparisonKind(x.what) === target);
+        if (c)
+          l = { ...l, verdict: { ...again, mismatch: { what: c.what, expected: c.expected, observed: c.observed } } };
+      }
       if (target && l) {
         const finding: Finding = {
           signature: target,

@@ -43,6 +43,8 @@ export interface Verdict {
 export interface JudgeOptions {
   /** Compare KVM's walker tracepoints too (where the host offers them). */
   trace: boolean;
+  /** false: without the shadow MMU model beside the run (default: where the host has its tracepoints). */
+  shadowFollow?: boolean;
   /** Test-only: a deliberately wrong model. */
   wrong?: Wrong;
 }
@@ -54,7 +56,7 @@ export function traceOffered(profile: HostProfile): boolean {
 
 /** Runs `sc` against KVM and judges it. */
 export async function judge(sc: Scenario, kvm: Kvm, profile: HostProfile, o: JudgeOptions): Promise<Verdict> {
-  const check = scenarioCheck(sc, { trace: o.trace && !sc.race, wrong: o.wrong });
+  const check = scenarioCheck(sc, { trace: o.trace && !sc.race, wrong: o.wrong, shadowFollow: o.shadowFollow });
   let r = await runCheck(check, kvm, profile);
   let dead: string | undefined;
   const watch = kvm.target.watch;
@@ -109,4 +111,17 @@ export function comparisonKind(what: string): string {
       ? name.split(' ').slice(0, 2).join(' ')
       : name.split(' ')[0]!;
   return `${kind}: ${general(m[2]!)}`;
+}
+
+/**
+ * The oracles a run needs to show a signature again: KVM's walker trace only
+ * for a walker-trace mismatch, the shadow MMU model only for a shadow one.
+ * Shrinking runs candidates with these alone (each tracefs session costs tens
+ * of milliseconds a step here); the shrunk scenario is judged again with all.
+ */
+export function oraclesFor(signature: string, full: JudgeOptions): JudgeOptions {
+  const field = signature.slice(signature.indexOf(': ') + 2);
+  const kernelOrError = /^(kernel|error|fail): /.test(signature);
+  if (kernelOrError) return full;
+  return { ...full, trace: full.trace && /walker trace/.test(field), shadowFollow: /shadow/.test(field) };
 }

@@ -56,6 +56,8 @@ export interface EngineOptions {
   trace?: boolean;
   /** Test-only: a deliberately wrong model (walk, TDP, race; model/wrong.ts). */
   wrong?: Wrong;
+  /** false: no shadow MMU model beside the run (the fuzzer, shrinking a mismatch of another field). */
+  shadowFollow?: boolean;
 }
 
 /** How a run ended: a guest stop, or KVM_RUN failing (EFAULT without a memory-fault exit), which is an observation. */
@@ -132,7 +134,7 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     run.load();
     if (opts.trace) trace = run.trace = TraceSession.open(ctx.target.fs, WALKER_EVENTS, [await g.vcpu.tid()]);
     const follow = { ctx, sc, g, built, walk: (gva: bigint) => run.entries.walk(gva), wrong: opts.wrong?.shadow };
-    shadow = run.shadow = await ShadowFollow.open(follow);
+    if (opts.shadowFollow !== false) shadow = run.shadow = await ShadowFollow.open(follow);
     await run.steps();
   } finally {
     shadow?.close();
