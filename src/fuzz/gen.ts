@@ -100,7 +100,9 @@ export class Picks {
   }
 }
 
-const NAT = fc.nat({ max: 0xffff });
+// Unbiased: choices are spread evenly (fast-check's bias towards small
+// numbers would make every choice the plainest); shrinking still goes to 0.
+const NAT = fc.noBias(fc.nat({ max: 0xffff }));
 const picks = (n: number) => fc.array(NAT, { minLength: n, maxLength: n });
 
 // ---------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ export function planArb(host: GenHost, o: PlanOptions = {}): fc.Arbitrary<Plan> 
   return fc.record({
     skel: picks(40),
     mappings: fc.array(picks(24), { minLength: 1, maxLength: 6 }),
-    steps: fc.array(step, { minLength: 1, maxLength: o.maxSteps ?? 24, size: 'max' }),
+    steps: fc.noBias(fc.array(step, { minLength: 1, maxLength: o.maxSteps ?? 24, size: 'max' })),
     race:
       racePct > 0
         ? fc.oneof({ arbitrary: fc.constant(null), weight: 100 - racePct }, { arbitrary: picks(24), weight: racePct })
