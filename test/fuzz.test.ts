@@ -221,8 +221,8 @@ describeKvm('kvmharness fuzz on this host', () => {
 
   it('shrinks deterministically: the same seed gives the same shrunk scenario', () => {
     const env = { KVMHARNESS_WRONG_MODEL: 'walk=dirty-on-read' };
-    const a = fuzz('det-a', ['--cases', '2', '--seed', '5'], env);
-    const b = fuzz('det-b', ['--cases', '2', '--seed', '5'], env);
+    const a = fuzz('det-a', ['--cases', '2', '--seed', '1'], env);
+    const b = fuzz('det-b', ['--cases', '2', '--seed', '1'], env);
     expect(a.doc.findings.length).toBeGreaterThan(0);
     const files = (d: typeof a.doc) =>
       d.findings.map((f) => {
