@@ -131,7 +131,7 @@ export async function executeFuzz(a: FuzzArgs): Promise<number> {
     removeStaleInstances(localFs);
     return fuzzOn(localTarget, a, wrong);
   }
-  const log = (s: string) => void process.stderr.write(`lab: ${s}\n`);
+  const log = (s: string) => void process.stderr.write(`${s.startsWith('lab: ') ? s : `lab: ${s}`}\n`);
   const s = await openLab({ profile: a.lab.profile, release: a.lab.release, log });
   try {
     return await fuzzOn(s.target, a, wrong, `${a.lab.profile} ${s.kernel.version}`);

@@ -331,7 +331,8 @@ function stepScenario(plan: Plan, host: GenHost, name: string): Scenario {
     cr0: { wp: !r.chance(20) },
     cr4: { smep: host.smep && r.chance(30), smap: host.smap && r.chance(30), pke },
     efer: { nxe: host.nx ? !r.chance(15) : false },
-    pkru: pke && r.chance(60) ? r.next() * 0x10001 : 0,
+    // Key 0 stays open: the harness's own pages (the CPL 3 stack a fetch's `call` pushes to) have key 0.
+    pkru: pke && r.chance(60) ? ((r.next() * 0x10001) & ~3) >>> 0 : 0,
     vendor: 'auto',
   };
   // Memslots: one to three, adjacent or apart, 2 MiB aligned or not.

@@ -171,13 +171,23 @@ export class ModelVm {
     this.tdp.host.remap(m.hva + offset, m.hva + offset + size);
   }
 
-  /** KVM_PRE_FAULT_MEMORY of [gpa, gpa + size); returns what the model did, for the notes. */
-  preFault(gpa: bigint, size: bigint): string {
+  /**
+   * KVM_PRE_FAULT_MEMORY of [gpa, gpa + size): page by page until one has no
+   * host memory to map (KVM stops there with EFAULT). Returns what the model
+   * did, for the notes, and the GPA where it stopped, if it did.
+   */
+  preFault(gpa: bigint, size: bigint): { note: string; efault?: bigint } {
     const kinds = new Map<string, number>();
+    let efault: bigint | undefined;
     for (let gfn = Number(gpa >> 12n); gfn < Number((gpa + size) >> 12n); gfn++) {
       const k = this.tdp.fault(0, gfn).kind;
       kinds.set(k, (kinds.get(k) ?? 0) + 1);
+      if (k === 'efault') {
+        efault = BigInt(gfn) << 12n;
+        break;
+      }
     }
-    return `model: pre-fault ${[...kinds].map(([k, n]) => `${n} ${k}`).join(', ')}`;
+    const note = `model: pre-fault ${[...kinds].map(([k, n]) => `${n} ${k}`).join(', ')}`;
+    return efault === undefined ? { note } : { note, efault };
   }
 }

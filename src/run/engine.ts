@@ -156,6 +156,8 @@ class ScenarioRun {
   /** The shadow MMU model beside the run, on a shadow-MMU host with its tracepoints. */
   shadow: ShadowFollow | undefined;
   pending: Pending | undefined;
+  /** The guest has run (its WRPKRU, first in the program, with it). */
+  ran = false;
 
   constructor(
     readonly ctx: CheckContext,
@@ -192,7 +194,8 @@ class ScenarioRun {
       slotOf,
       manualProtect,
       tdpDirty: this.tdpDirty,
-      translate: (gva) => this.walk({ gva, kind: 'read', cpl: 0 }),
+      // PKRU is the guest's once it has run its WRPKRU (the program's first instruction); 0 before.
+      translate: (gva) => this.walk({ gva, kind: 'read', cpl: 0 }, this.ran ? this.cfg : { ...this.cfg, pkru: 0 }),
       plainWalk: (gva) => this.plainWalk(gva),
     };
   }
@@ -202,8 +205,8 @@ class ScenarioRun {
   }
 
   /** The model's walk of an access in the guest's tables as they are now. */
-  walk(access: Parameters<typeof walkWith>[3]): WalkResult {
-    return walkWith(this.wrongWalk, this.cfg, this.g.boot.tables.root, access, (gpa) => this.read(gpa));
+  walk(access: Parameters<typeof walkWith>[3], cfg: PagingConfig = this.cfg): WalkResult {
+    return walkWith(this.wrongWalk, cfg, this.g.boot.tables.root, access, (gpa) => this.read(gpa));
   }
 
   /** Where the tables lead for `gva` as they are now, whatever the access rights: no WP, SMEP, SMAP or keys. */
@@ -271,6 +274,7 @@ class ScenarioRun {
 
   /** A run; KVM_RUN failing (EFAULT without a memory-fault exit) is an observation, not an error. */
   async runGuest(): Promise<Stop> {
+    this.ran = true;
     try {
       return await this.g.run();
     } catch (e) {
