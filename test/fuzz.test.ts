@@ -175,7 +175,13 @@ describeKvm('kvmharness fuzz on this host', () => {
     const doc = JSON.parse(r.stdout) as {
       cases: number;
       steps: number;
-      findings: { signature: string; steps: number; originalSteps: number; dir: string }[];
+      findings: {
+        signature: string;
+        steps: number;
+        originalSteps: number;
+        dir: string;
+        reproducer?: { written: boolean; exitCode?: number; note?: string };
+      }[];
     };
     expect(problems(doc)).toEqual([]);
     return { ...r, doc };
@@ -209,6 +215,8 @@ describeKvm('kvmharness fuzz on this host', () => {
         expect(readdirSync(f.dir)).toEqual(
           expect.arrayContaining(['scenario.json', 'original.json', 'mismatch.txt', 'mismatch.json']),
         );
+        // The C reproducer shows the wrong model's claim failing on KVM: exit 1.
+        expect(f.reproducer).toEqual({ written: true, exitCode: 1 });
         const wrongRun = runKinds(file, env);
         expect(wrongRun.status).toBe(1);
         expect(wrongRun.kinds).toContain(f.signature);

@@ -1,12 +1,13 @@
-// The hook for a finding's C reproducer (src/fuzz/repro-c.ts, where it
-// exists): it is loaded by name at run time, so the fuzzer works without it.
-// With it, every finding gets reproducer.c, built and run to confirm that it
-// shows the mismatch (exit status 1) before the finding is reported.
+// A finding's C reproducer (src/fuzz/repro-c.ts): reproducer.c, built and
+// run to confirm that it shows the mismatch (exit status 1) before the
+// finding is reported. A finding the reproducer cannot carry yet (a race) is
+// reported with the reason instead.
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Wrong } from '../model/wrong.js';
 import type { HostProfile } from '../probe/probe.js';
 import type { Finding } from './campaign.js';
+import { buildAndRun, parseMismatch, reproducer } from './repro-c.js';
 
 export interface ReproducerResult {
   /** reproducer.c was written. */
@@ -17,28 +18,7 @@ export interface ReproducerResult {
   note?: string;
 }
 
-/** What the module is expected to export. */
-interface ReproModule {
-  reproducer(
-    sc: Finding['scenario'],
-    o: { profile: HostProfile; wrong?: Wrong; mismatch?: { step: number; field?: string } },
-  ): { source: string };
-  parseMismatch(what: string): { step: number; field?: string } | undefined;
-  buildAndRun(source: string): Promise<{ exitCode: number }>;
-}
-
-/** The C reproducer module, or undefined where it does not exist. */
-async function reproModule(): Promise<ReproModule | undefined> {
-  const name = './repro-c.js';
-  try {
-    return (await import(name)) as ReproModule;
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ERR_MODULE_NOT_FOUND') return undefined;
-    throw e;
-  }
-}
-
-/** Writes `dir`/reproducer.c for `f` and confirms it, where the module exists; undefined where it does not. */
+/** Writes `dir`/reproducer.c for `f` and, with `run`, builds and runs it. */
 export async function writeReproducer(
   dir: string,
   f: Finding,
@@ -46,15 +26,13 @@ export async function writeReproducer(
   wrong: Wrong | undefined,
   /** Build and run it here (not for a lab's KVM, which this host's program cannot reach). */
   run: boolean,
-): Promise<ReproducerResult | undefined> {
-  const mod = await reproModule();
-  if (!mod) return undefined;
+): Promise<ReproducerResult> {
   try {
-    const mismatch = f.mismatch ? mod.parseMismatch(f.mismatch.what) : undefined;
-    const { source } = mod.reproducer(f.scenario, { profile, wrong, ...(mismatch ? { mismatch } : {}) });
+    const mismatch = f.mismatch ? parseMismatch(f.mismatch.what) : undefined;
+    const { source } = reproducer(f.scenario, { profile, wrong, ...(mismatch ? { mismatch } : {}) });
     writeFileSync(join(dir, 'reproducer.c'), source);
     if (!run) return { written: true, note: "not run: the finding is the lab's KVM" };
-    const r = await mod.buildAndRun(source);
+    const r = await buildAndRun(source);
     return { written: true, exitCode: r.exitCode };
   } catch (e) {
     return { written: false, note: e instanceof Error ? e.message.split('\n')[0] : String(e) };

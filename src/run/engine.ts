@@ -24,7 +24,7 @@ import type { Wrong, WrongWalk } from '../model/wrong.js';
 import { readStats } from '../observe/stats.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
 import { tracedWalks, WALKER_EVENTS } from '../observe/walker-trace.js';
-import { guestWalkerOf } from '../probe/probe.js';
+import { guestWalkerOf, type HostProfile } from '../probe/probe.js';
 import {
   bringUpOptions,
   buildScenarioTables,
@@ -75,17 +75,18 @@ interface Pending {
   gpa: bigint;
 }
 
-function stepName(i: number, s: Step): string {
+/** A step as comparisons and reproducers name it: `step 4 read64 0x8000000000 cpl3`. */
+export function stepName(i: number, s: Step): string {
   if (s.side === 'host') return `step ${i} host ${s.kind}${'gva' in s ? ` ${hex(s.gva)}` : ''}`;
   if (s.kind === 'access') return `step ${i} ${s.access}${s.size * 8} ${hex(s.gva)} cpl${s.cpl}`;
   return `step ${i} ${s.kind}`;
 }
 
 /** The x86 CPU the scenario needs, or NotApplicable saying what this host lacks. */
-function hostCpu(ctx: CheckContext, sc: Scenario, opts: EngineOptions) {
-  const cpu = ctx.profile.cpu;
+export function hostCpu(profile: HostProfile, sc: Scenario, opts: EngineOptions) {
+  const cpu = profile.cpu;
   if (!cpu) throw new NotApplicable('x86 scenarios need an x86 host');
-  if (opts.trace && ctx.profile.tdp.enabled) {
+  if (opts.trace && profile.tdp.enabled) {
     throw new NotApplicable(
       "with TDP the hardware walks the guest's tables; KVM's walker tracepoints see only the accesses it emulates",
     );
@@ -111,7 +112,7 @@ function hostCpu(ctx: CheckContext, sc: Scenario, opts: EngineOptions) {
  * step and compared element by element with the model's walk.
  */
 export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineOptions = {}): Promise<void> {
-  const cpu = hostCpu(ctx, sc, opts);
+  const cpu = hostCpu(ctx.profile, sc, opts);
   const g = X86Guest.create(ctx.kvm, { ...bringUpOptions(sc), memSize: Number(LAYOUT.identityEnd) });
   let trace: TraceSession | undefined;
   let shadow: ShadowFollow | undefined;
