@@ -103,8 +103,14 @@ export class ModelVm {
 
   /** Creates a slot, moves it or changes its flags; turning logging off forgets the pages logged so far. */
   setSlot(m: Memslot): void {
-    this.tdp.setMemslot(m);
+    const ch = this.tdp.setMemslot(m);
     if (!m.flags.logDirty) this.dirty.delete(m.slot);
+    else if (ch.change === 'move') {
+      // KVM keeps a moved slot's dirty bitmap (Tdp.setMemslot): the pages written stay dirty at their new GPAs.
+      const shift = BigInt(ch.new.baseGfn - ch.old.baseGfn) << 12n;
+      const set = this.dirty.get(m.slot);
+      if (set) this.dirty.set(m.slot, new Set([...set].map((gpa) => gpa + shift)));
+    }
   }
 
   /** Deletes a slot (KVM_SET_USER_MEMORY_REGION with size 0). */
