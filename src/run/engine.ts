@@ -195,8 +195,10 @@ class ScenarioRun {
       slotOf,
       manualProtect,
       tdpDirty: this.tdpDirty,
-      // PKRU is the guest's once it has run its WRPKRU (the program's first instruction); 0 before.
-      translate: (gva) => this.walk({ gva, kind: 'read', cpl: 0 }, this.ran ? this.cfg : { ...this.cfg, pkru: 0 }),
+      // KVM_TRANSLATE is KVM's software walker whoever walks for the guest (TCG's rules are not
+      // its rules); PKRU is the guest's once it has run its WRPKRU (its first instruction), 0 before.
+      translate: (gva) =>
+        this.walk({ gva, kind: 'read', cpl: 0 }, { ...this.cfg, walker: 'kvm', ...(this.ran ? {} : { pkru: 0 }) }),
       plainWalk: (gva) => this.plainWalk(gva),
     };
   }
