@@ -16,6 +16,7 @@ const HOSTS: Record<string, GenHost> = {
     hugetlb2m: 4,
     races: true,
     pvm: false,
+    guestMemfd: true,
   },
   pvm: {
     maxPhyAddr: 48,
@@ -29,6 +30,7 @@ const HOSTS: Record<string, GenHost> = {
     hugetlb2m: 0,
     races: true,
     pvm: true,
+    guestMemfd: false,
   },
 };
 
@@ -63,4 +65,47 @@ it('has a generator for every step kind, and each one generates its kind', () =>
   const want = [...Object.keys(STEP_KINDS).filter((k) => k !== 'access'), 'access read', 'access write', 'access exec'];
   expect([...seen].sort()).toEqual(want.sort());
   expect(races).toBeGreaterThan(0);
+});
+it('generates slots created by a step over GPAs mappings use, HVA placements and guest loops at edges', () => {
+  const host = HOSTS.everything!;
+  const seen = new Set<string>();
+  for (const plan of fc.sample(planArb(host), { seed: 3, numRuns: 1000 })) {
+    const r = realise(plan, host);
+    if (!r.ok) continue;
+    const sc = r.scenario;
+    for (const m of sc.memslots) {
+      if (m.hva) seen.add(`hva ${m.hva.modulo} ${m.hva.offset === 0n ? 'aligned' : 'misaligned'}`);
+      if (m.backing === 'guest_memfd') seen.add('guest_memfd slot');
+      if (m.created === 'by-step' && sc.mappings.some((x) => x.gpa < m.gpa + m.size && m.gpa < x.gpa + x.size))
+        seen.add('created under a mapping');
+    }
+    for (const s of sc.steps) {
+      if (s.side !== 'guest' || s.kind !== 'access' || !s.loop) continue;
+      if (s.loop.count >= 512) seen.add('loop of 512 or more');
+      if (s.loop.stride === 0x200000n) seen.add('loop over 2M edges');
+      if (s.loop.stride === BigInt(s.size)) seen.add('loop over one page');
+    }
+  }
+  expect([...seen].sort()).toEqual(
+    [
+      'created under a mapping',
+      'guest_memfd slot',
+      'hva 1G aligned',
+      'hva 1G misaligned',
+      'hva 2M aligned',
+      'hva 2M misaligned',
+      'loop of 512 or more',
+      'loop over 2M edges',
+      'loop over one page',
+    ].sort(),
+  );
+});
+it('generates no guest_memfd slot or step where guest_memfd slots do not work', () => {
+  const host = HOSTS.pvm!;
+  for (const plan of fc.sample(planArb(host), { seed: 4, numRuns: 1000 })) {
+    const r = realise(plan, host);
+    if (!r.ok) continue;
+    expect(r.scenario.memslots.filter((m) => m.backing === 'guest_memfd')).toEqual([]);
+    expect(r.scenario.steps.filter((s) => s.kind === 'close-guest-memfd')).toEqual([]);
+  }
 });

@@ -4,12 +4,12 @@
 // fails the same way under that model and passes under the right one, the
 // shrinking deterministic, and a short campaign with the right model clean.
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Ajv2020 } from 'ajv/dist/2020.js';
 import { afterAll, describe, expect, it } from 'vitest';
-import { summaryJson } from '../src/cli/fuzz.js';
+import { fuzzArgs, summaryJson } from '../src/cli/fuzz.js';
 import { caseIndexes, casePlan, caseSeed, type CampaignSummary } from '../src/fuzz/campaign.js';
 import { comparisonKind, oraclesFor, signatureOf } from '../src/fuzz/oracle.js';
 import { parseWrong } from '../src/model/wrong.js';
@@ -46,6 +46,7 @@ const HOST: GenHost = {
   hugetlb2m: 0,
   races: true,
   pvm: true,
+  guestMemfd: false,
 };
 
 describe('fuzz cases', () => {
@@ -108,9 +109,15 @@ describe('fuzz signatures', () => {
 
   it('shrinks with the trace and shadow oracles only for their own mismatches', () => {
     const full = { trace: true };
-    expect(oraclesFor('read: PTEs after', full)).toEqual({ trace: false, shadowFollow: false });
-    expect(oraclesFor('read: KVM walker trace', full)).toEqual({ trace: true, shadowFollow: false });
-    expect(oraclesFor('invlpg: shadow pages', full)).toEqual({ trace: false, shadowFollow: true });
+    const none = { trace: false, shadowFollow: false, tdpFollow: false };
+    expect(oraclesFor('read: PTEs after', full)).toEqual(none);
+    expect(oraclesFor('read: KVM walker trace', full)).toEqual({ ...none, trace: true });
+    expect(oraclesFor('invlpg: shadow pages', full)).toEqual({ ...none, shadowFollow: true });
+    expect(oraclesFor('host munmap: TDP gfn N present', full)).toEqual({ ...none, tdpFollow: true });
+    expect(oraclesFor('write: remote TLB flush requested (remote_tlb_flush)', full)).toEqual({
+      ...none,
+      tdpFollow: true,
+    });
     expect(oraclesFor('kernel: BUG', full)).toBe(full);
   });
 });
@@ -125,11 +132,30 @@ describe('fuzz options', () => {
     [['--release', '7.2'], /--release needs --lab/],
     [['--lab', 'vhe'], /scenarios are x86/],
     [['--lab', 'nonesuch'], /nonesuch/],
+    [['--kvm-source', '/tmp'], /--kvm-source needs --lab/],
+    [
+      ['--lab', 'npt-tdp', '--release', '6.1', '--kvm-source', '/nonexistent'],
+      /\/nonexistent is not a kernel source tree/,
+    ],
   ])('%j is a usage error: exit 2, one line', (args, msg) => {
     const r = cli(['fuzz', ...args]);
     expect(r.status).toBe(2);
     expect(r.stderr.trim().split('\n')).toEqual([expect.stringMatching(msg)]);
     expect(r.stdout).toBe('');
+  });
+
+  it('passes --kvm-source with --lab and --release to the lab session', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'kvmharness-src-'));
+    try {
+      mkdirSync(join(dir, 'arch', 'x86', 'kvm'), { recursive: true });
+      mkdirSync(join(dir, 'virt', 'kvm'), { recursive: true });
+      writeFileSync(join(dir, 'arch', 'x86', 'kvm', 'Makefile'), '');
+      const a = fuzzArgs({ lab: 'npt-tdp', release: '6.1', kvmSource: dir, cases: '5', seed: '1', json: true });
+      expect(a.lab).toEqual({ profile: 'npt-tdp', release: '6.1', kvmSource: dir });
+      expect(fuzzArgs({ lab: 'npt-tdp' }).lab).toEqual({ profile: 'npt-tdp' });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('refuses an unknown wrong model in its test-only variable', () => {

@@ -2,6 +2,8 @@
 // or a lab kernel's; progress on a terminal, a summary at the end, findings
 // written out. Exit 1 when anything was found, 0 otherwise, 2 on bad usage.
 import type { Command } from 'commander';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
 import { onInterrupt } from '../base/interrupt.js';
 import { campaign, type CampaignSummary, type Shard } from '../fuzz/campaign.js';
 import { findingJson, writeFinding, type WrittenFinding } from '../fuzz/findings.js';
@@ -31,6 +33,7 @@ interface FuzzCliOptions {
   shard?: string;
   lab?: string;
   release?: string;
+  kvmSource?: string;
   out?: string;
   json?: boolean;
   maxSteps?: string;
@@ -42,7 +45,8 @@ export interface FuzzArgs {
   cases?: number;
   durationMs?: number;
   shard: Shard;
-  lab?: { profile: string; release?: string };
+  /** kvmSource: KVM built from this kernel source tree, as `lab run --kvm-source` boots it. */
+  lab?: { profile: string; release?: string; kvmSource?: string };
   out: string;
   json: boolean;
   maxSteps?: number;
@@ -54,6 +58,11 @@ const int = (flag: string, v: string, min: number): number => {
     throw new UsageError(`${flag} needs an integer >= ${min}, got '${v}'`);
   return Number(v);
 };
+
+/** Whether `dir` holds KVM's sources as --kvm-source builds them (lab/kvm-source.ts checks the same when it builds). */
+function isKvmSource(dir: string): boolean {
+  return existsSync(join(dir, 'arch', 'x86', 'kvm', 'Makefile')) && existsSync(join(dir, 'virt', 'kvm'));
+}
 
 /** The options, checked: a UsageError names the first bad one. */
 export function fuzzArgs(o: FuzzCliOptions): FuzzArgs {
@@ -75,6 +84,11 @@ export function fuzzArgs(o: FuzzCliOptions): FuzzArgs {
     durationMs = s * 1000;
   } else if (cases === undefined) durationMs = DEFAULT_DURATION_S * 1000;
   if (o.release !== undefined && o.lab === undefined) throw new UsageError('--release needs --lab PROFILE');
+  if (o.kvmSource !== undefined && o.lab === undefined) throw new UsageError('--kvm-source needs --lab PROFILE');
+  if (o.kvmSource !== undefined && !isKvmSource(o.kvmSource))
+    throw new UsageError(
+      `--kvm-source ${o.kvmSource} is not a kernel source tree with arch/x86/kvm and virt/kvm (\`lab source --release R DIR\` makes one)`,
+    );
   if (o.lab !== undefined) {
     const p = profileNamed(o.lab);
     if (p.arch !== 'x86_64')
@@ -87,7 +101,15 @@ export function fuzzArgs(o: FuzzCliOptions): FuzzArgs {
     ...(cases !== undefined ? { cases } : {}),
     ...(durationMs !== undefined ? { durationMs } : {}),
     shard,
-    ...(o.lab !== undefined ? { lab: { profile: o.lab, ...(o.release ? { release: o.release } : {}) } } : {}),
+    ...(o.lab !== undefined
+      ? {
+          lab: {
+            profile: o.lab,
+            ...(o.release ? { release: o.release } : {}),
+            ...(o.kvmSource !== undefined ? { kvmSource: o.kvmSource } : {}),
+          },
+        }
+      : {}),
     out: o.out ?? 'fuzz-findings',
     json: !!o.json,
     ...(o.maxSteps !== undefined ? { maxSteps: int('--max-steps', o.maxSteps, 1) } : {}),
@@ -105,6 +127,10 @@ export function registerFuzz(program: Command): Command {
     .option('--shard <i/n>', 'run shard I of N: the cases k with k mod N = I-1')
     .option('--lab <profile>', "fuzz a lab kernel's KVM: npt-tdp, npt-legacy or shadow")
     .option('--release <r>', 'with --lab: the lab kernel release (default: the newest)')
+    .option(
+      '--kvm-source <dir>',
+      "with --lab: build KVM from this kernel source tree against the release's headers and fuzz it (as lab run)",
+    )
     .option('--out <dir>', 'where findings are written (default fuzz-findings)')
     .option('--max-steps <n>', 'most steps per scenario (default 24)')
     .option('--json', 'print the summary as JSON (docs/fuzz.schema.json)')
@@ -132,9 +158,10 @@ export async function executeFuzz(a: FuzzArgs): Promise<number> {
     return fuzzOn(localTarget, a, wrong);
   }
   const log = (s: string) => void process.stderr.write(`${s.startsWith('lab: ') ? s : `lab: ${s}`}\n`);
-  const s = await openLab({ profile: a.lab.profile, release: a.lab.release, log });
+  const s = await openLab({ profile: a.lab.profile, release: a.lab.release, kvmSource: a.lab.kvmSource, log });
   try {
-    return await fuzzOn(s.target, a, wrong, `${a.lab.profile} ${s.kernel.version}`);
+    const from = a.lab.kvmSource ? `, KVM built from ${a.lab.kvmSource}` : '';
+    return await fuzzOn(s.target, a, wrong, `${a.lab.profile} ${s.kernel.version}${from}`);
   } finally {
     await s.close();
   }

@@ -128,9 +128,19 @@ export function casePlan(host: GenHost, seed: number, k: number, maxSteps?: numb
   return fc.sample(planArb(host, { maxSteps }), { seed: caseSeed(seed, k), numRuns: 1 })[0]!;
 }
 
+/** Whether shared guest_memfd slots work on `kvm` (the campaign generates them only then): asked of a VM. */
+export function guestMemfdWorks(kvm: Kvm): boolean {
+  const vm = kvm.createVm();
+  try {
+    return vm.sharedGuestMemfdUnsupported() === undefined;
+  } finally {
+    vm.close();
+  }
+}
+
 /** Runs a campaign against `kvm`. */
 export async function campaign(kvm: Kvm, profile: HostProfile, o: CampaignOptions): Promise<CampaignSummary> {
-  const host = genHostOf(profile);
+  const host = { ...genHostOf(profile), guestMemfd: guestMemfdWorks(kvm) };
   const shard = o.shard ?? { index: 1, count: 1 };
   const trace = (o.trace ?? true) && traceOffered(profile);
   const arb = planArb(host, { maxSteps: o.maxSteps });

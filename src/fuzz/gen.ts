@@ -53,6 +53,8 @@ export interface GenHost {
   races: boolean;
   /** kvm_pvm: CPL 3 accesses to non-canonical addresses are not generated (README, Findings). */
   pvm: boolean;
+  /** Shared guest_memfd slots work here (KVM_CREATE_GUEST_MEMFD with MMAP|INIT_SHARED; campaign.ts asks a VM). */
+  guestMemfd: boolean;
 }
 
 export function genHostOf(p: HostProfile): GenHost {
@@ -69,6 +71,7 @@ export function genHostOf(p: HostProfile): GenHost {
     hugetlb2m: p.hugetlb['2048kB']?.free ?? 0,
     races: true,
     pvm: p.flavour === 'kvm_pvm',
+    guestMemfd: false,
   };
 }
 
@@ -159,6 +162,16 @@ interface SlotState {
   moved: boolean;
   /** 4K page indexes munmap took away (and no remap gave back). */
   unmapped: Set<number>;
+  /** 4K page indexes mprotect left without write (the VMM's own accesses would fault there), and those left PROT_NONE. */
+  noWrite: Set<number>;
+  noRead: Set<number>;
+  /** What the memory holds where known: 8-byte words by byte offset (absent: 0), except in `unknown` pages. */
+  words: Map<bigint, bigint>;
+  unknown: Set<number>;
+  /** Pages a stopped guest write may still land in: unknown for good. */
+  tainted: Set<number>;
+  /** close-guest-memfd closed its file. */
+  closed: boolean;
 }
 
 /** What a step generator sees. */
@@ -173,6 +186,9 @@ export interface GenState {
   /** Highest level whose entries a mapping owns (not bring-up's), by mapping. */
   topLevel: Map<Mapping, number>;
   moves: number;
+  /** Slots memslot-create added so far, and the GPA after the last one. */
+  creates: number;
+  createCursor: bigint;
 }
 
 /** One step kind's generator. */
@@ -188,8 +204,16 @@ export type StepGenTable = { [K in Step['kind']]: StepGen<Extract<Step, { kind: 
 // ---------------------------------------------------------------------------------
 // Layout.
 
-/** User slots go in [0x400000, SLOT_END); memslot-move targets from MOVE_BASE; the code slot sits between. */
+/**
+ * User slots go in [0x400000, SLOT_END); memslot-create puts its slots from
+ * CREATE_BASE (the last 2 MiB before SLOT_END, where mappings point at a hole
+ * until then: accesses there were MMIO exits) up to the code slot, or high
+ * below MAXPHYADDR (where other mappings point); memslot-move targets from
+ * MOVE_BASE.
+ */
 const SLOT_END = 0xe000000n;
+const CREATE_BASE = SLOT_END - 0x200000n;
+const CREATE_SLOT = 10;
 const CODE_SLOT = 30;
 const CODE_GPA = 0xf000000n;
 const CODE_SIZE = 0x10000n;
@@ -355,8 +379,8 @@ function stepScenario(plan: Plan, host: GenHost, name: string): Scenario {
     if (huge) gpa = alignUp(gpa, PAGE_2M);
     if (gpa + size > SLOT_END) break;
     cursor = gpa + size;
-    const backing = huge ? 'hugetlb2m' : r.pick(backings);
-    sc.memslots.push({ slot: i + 1, gpa, size, backing, logDirty: r.chance(40), readonly: r.chance(8) });
+    const backing = huge ? 'hugetlb2m' : host.guestMemfd && r.chance(15) ? 'guest_memfd' : r.pick(backings);
+    sc.memslots.push(slotDecl(r, i + 1, gpa, size, backing, 'at-start'));
   }
   const hasCode = r.chance(50);
   if (hasCode)
@@ -367,19 +391,23 @@ function stepScenario(plan: Plan, host: GenHost, name: string): Scenario {
       backing: 'anon',
       logDirty: false,
       readonly: false,
+      created: 'at-start',
     });
-  const slots: SlotState[] = sc.memslots.map((d) => ({
-    decl: d,
-    gpa: d.gpa,
-    live: true,
-    logging: d.logDirty,
-    moved: false,
-    unmapped: new Set(),
-  }));
+  const slots: SlotState[] = sc.memslots.map(slotState);
   // Mappings: in two groups of GVAs, each laid out upwards, sharing tables.
   const tableAttrs = GROUPS.map(() => attrs(r, false, host, false));
   const gvaCursor: bigint[] = [...GROUPS];
-  const st: GenState = { host, sc, slots, data: [], code: [], topLevel: new Map(), moves: 0 };
+  const st: GenState = {
+    host,
+    sc,
+    slots,
+    data: [],
+    code: [],
+    topLevel: new Map(),
+    moves: 0,
+    creates: 0,
+    createCursor: CREATE_BASE,
+  };
   plan.mappings.forEach((mp, i) => {
     const m = new Picks(mp);
     let g = m.int(2);
@@ -424,6 +452,58 @@ function stepScenario(plan: Plan, host: GenHost, name: string): Scenario {
   return sc;
 }
 
+/**
+ * A slot's declaration: dirty logging and read-only now and then (never on a
+ * guest_memfd slot: KVM refuses both), and now and then an HVA placement
+ * modulo 2M or 1G: aligned with the GPA (THP can back it with huge pages) or
+ * misaligned by a page, by all but a page, or by half.
+ */
+function slotDecl(
+  r: Picks,
+  slot: number,
+  gpa: bigint,
+  size: bigint,
+  backing: MemslotDecl['backing'],
+  created: MemslotDecl['created'],
+): MemslotDecl {
+  const gmem = backing === 'guest_memfd';
+  const d: MemslotDecl = {
+    slot,
+    gpa,
+    size,
+    backing,
+    logDirty: !gmem && r.chance(40),
+    readonly: !gmem && r.chance(8),
+    created,
+  };
+  if (!gmem && r.chance(30)) {
+    const modulo = backing === 'hugetlb2m' || r.chance(60) ? '2M' : '1G';
+    const mod = modulo === '2M' ? PAGE_2M : PAGE_1G;
+    // A hugetlb2m slot's memory starts on a 2 MiB boundary (and its GPA is one): aligned only.
+    const c = backing === 'hugetlb2m' ? 0 : r.int(5);
+    const offset = c === 0 ? 0n : c === 1 ? PAGE_4K : c === 2 ? mod - PAGE_4K : c === 3 ? mod / 2n : PAGE_2M;
+    d.hva = { modulo, offset: offset % mod };
+  }
+  return d;
+}
+
+function slotState(d: MemslotDecl): SlotState {
+  return {
+    decl: d,
+    gpa: d.gpa,
+    live: d.created === 'at-start',
+    logging: d.logDirty,
+    moved: false,
+    unmapped: new Set(),
+    noWrite: new Set(),
+    noRead: new Set(),
+    words: new Map(),
+    unknown: new Set(),
+    tainted: new Set(),
+    closed: false,
+  };
+}
+
 function raceScenario(p: number[], host: GenHost, name: string): Scenario {
   const r = new Picks(p);
   const sc = baseScenario(name);
@@ -453,6 +533,7 @@ function raceScenario(p: number[], host: GenHost, name: string): Scenario {
       backing: r.pick(['anon', 'memfd', 'thp'] as const),
       logDirty: ops.includes('dirty-log') || r.chance(30),
       readonly: false,
+      created: 'at-start',
     });
     const gva = GROUPS[0] + BigInt(i) * PAGE_1G;
     const leaf: PteAttrs = { ...PLAIN, w: true, u: true };
@@ -530,6 +611,58 @@ function entryOf(r: Picks, st: GenState): { m: Mapping; gva: bigint; level: numb
 }
 
 const liveSlots = (st: GenState) => st.slots.filter((s) => s.live && s.decl.slot !== CODE_SLOT);
+/** Live slots whose memory is an mmap of the VMM's (not guest_memfd): the targets of madvise, munmap, mprotect, flags. */
+const mmapSlots = (st: GenState) => liveSlots(st).filter((s) => s.decl.backing !== 'guest_memfd');
+
+// What the memory holds, for read-memory's expected value. Pages the guest
+// may have written, and pages whose contents a host step leaves in doubt, are
+// unknown; read-memory reads only known words.
+
+function pagesOf(offset: bigint, size: bigint): number[] {
+  const out: number[] = [];
+  for (let p = offset / PAGE_4K; p < (offset + size + PAGE_4K - 1n) / PAGE_4K; p++) out.push(Number(p));
+  return out;
+}
+
+/** The contents of [offset, offset+size) are no longer known. */
+function forget(s: SlotState, offset: bigint, size: bigint): void {
+  for (const p of pagesOf(offset, size)) s.unknown.add(p);
+}
+
+/** [offset, offset+size) (whole pages) reads as zero now, unless a write may still land there (`tainted`). */
+function zero(s: SlotState, offset: bigint, size: bigint): void {
+  for (const k of [...s.words.keys()]) if (k >= offset && k < offset + size) s.words.delete(k);
+  for (const p of pagesOf(offset, size)) if (!s.tainted.has(p)) s.unknown.delete(p);
+}
+
+/** A guest write of `size` bytes at `gva` (through the scenario's mappings, whose addresses no step changes). */
+function guestWrote(st: GenState, gva: bigint, size: bigint): void {
+  const m = st.sc.mappings.find((x) => gva >= x.gva && gva < x.gva + x.size);
+  if (!m) return;
+  const gpa = m.gpa + (gva - m.gva);
+  const s = st.slots.find((x) => x.live && gpa >= x.gpa && gpa < x.gpa + x.decl.size);
+  if (!s) return;
+  const off = gpa - s.gpa;
+  forget(s, off, size);
+  for (const p of pagesOf(off, size)) {
+    // A write stopped for missing host memory lands when a later run redoes it, after host steps.
+    if (s.unmapped.has(p) || s.noWrite.has(p)) s.tainted.add(p);
+  }
+}
+
+/** Whether a guest access to `gpa` finds host memory now: a live slot there, mapped, and writable for a write. */
+function hostProvides(st: GenState, gpa: bigint, access: 'read' | 'write'): boolean {
+  const s = st.slots.find((x) => x.live && gpa >= x.gpa && gpa < x.gpa + x.decl.size);
+  if (!s || s.closed || (access === 'write' && s.decl.readonly)) return false;
+  const p = Number((gpa - s.gpa) / PAGE_4K);
+  return !s.unmapped.has(p) && !s.noRead.has(p) && !(access === 'write' && s.noWrite.has(p));
+}
+
+/** A live slot at its declared GPA whose VMM mapping may be read (or written) at [offset, offset+size). */
+function vmmAccessible(s: SlotState, offset: bigint, size: bigint, write: boolean): boolean {
+  if (s.moved || s.closed) return false;
+  return pagesOf(offset, size).every((p) => !s.unmapped.has(p) && !s.noRead.has(p) && !(write && s.noWrite.has(p)));
+}
 
 /** A range of a slot's host memory in 4K pages: one page at an edge, across a 2 MiB edge, the whole slot. */
 function hostRange(r: Picks, s: SlotState): { offset: bigint; size: bigint } {
@@ -559,8 +692,11 @@ function touchesUnmapped(s: SlotState, offset: bigint, size: bigint): boolean {
 }
 
 /** A host range step's range on a live slot, clear of unmapped memory, in the backing's pages. */
-function clearRange(r: Picks, st: GenState): { s: SlotState; offset: bigint; size: bigint } | undefined {
-  const slots = liveSlots(st);
+function clearRange(
+  r: Picks,
+  st: GenState,
+  slots = mmapSlots(st),
+): { s: SlotState; offset: bigint; size: bigint } | undefined {
   if (!slots.length) return undefined;
   const s = r.pick(slots);
   let { offset, size } = hostRange(r, s);
@@ -571,6 +707,57 @@ function clearRange(r: Picks, st: GenState): { s: SlotState; offset: bigint; siz
   }
   if (touchesUnmapped(s, offset, size)) return undefined;
   return { s, offset, size };
+}
+
+/**
+ * A guest loop from `gva`: a stride of the access size (every byte of a
+ * page), of a page (every page of a range: across 2 MiB edges, into the page
+ * past a mapping) or of 2 MiB (huge-page edges), counts at the edges (2, 64,
+ * 512, 513). A write loop stays inside its mapping (past it may be a code
+ * page, whose `ret` must stay); a read loop may run one stride past it.
+ */
+function guestLoop(
+  r: Picks,
+  st: GenState,
+  access: 'read' | 'write',
+  gva: bigint,
+  size: number,
+): { count: number; stride: bigint } | undefined {
+  const m = st.sc.mappings.find((x) => gva >= x.gva && gva < x.gva + x.size);
+  if (!m) return undefined;
+  const stride = r.pick([BigInt(size), PAGE_4K, PAGE_4K + BigInt(size), PAGE_2M]);
+  let count = r.pick([2, 3, 64, 512, 513]);
+  const end = m.gva + m.size + (access === 'read' ? stride : 0n);
+  const fit = Number((end - BigInt(size) - gva) / stride) + 1;
+  count = Math.min(count, fit);
+  if (count < 2) return undefined;
+  // Every access stays inside one 4K page, and in memory the host provides
+  // (the engine refuses a loop access that would exit as MMIO or find no host memory).
+  for (let k = 0; k < count; k++) {
+    const a = gva + BigInt(k) * stride;
+    if ((a & (PAGE_4K - 1n)) + BigInt(size) > PAGE_4K) return undefined;
+    if (st.code.some((x) => a >= x.gva && a < x.gva + x.size) && access === 'write') return undefined;
+    const at = st.sc.mappings.find((x) => a >= x.gva && a < x.gva + x.size);
+    if (at && !hostProvides(st, at.gpa + (a - at.gva), access)) return undefined;
+  }
+  return { count, stride };
+}
+
+/** A range for write-memory or read-memory's word: an edge of the slot, a page, across a page or 2 MiB edge. */
+function memoryRange(r: Picks, s: SlotState): { offset: bigint; size: bigint } {
+  const size = s.decl.size;
+  const c = r.int(5);
+  const twoM = alignUp(s.decl.gpa + 1n, PAGE_2M) - s.decl.gpa;
+  let offset: bigint;
+  let bytes: bigint;
+  if (c === 0) [offset, bytes] = [0n, 8n];
+  else if (c === 1) [offset, bytes] = [size - 8n, 8n];
+  else if (c === 2) [offset, bytes] = [alignDown(BigInt(r.int(Number(size / PAGE_4K))) * PAGE_4K, PAGE_4K), PAGE_4K];
+  else if (c === 3) [offset, bytes] = [twoM - 8n * BigInt(1 + r.int(4)), 16n * BigInt(1 + r.int(4))];
+  else [offset, bytes] = [PAGE_4K - 8n, 16n];
+  if (offset < 0n || offset >= size) offset = 0n;
+  if (offset + bytes > size) bytes = size - offset;
+  return { offset, size: bytes };
 }
 
 // ---------------------------------------------------------------------------------
@@ -601,7 +788,11 @@ export const STEP_GENS: StepGenTable = {
       const gva = anyGva(r, st, size, st.data, cpl);
       const value = access === 'write' ? BigInt.asUintN(size * 8, r.u64()) : 0n;
       const eflagsAc = cpl === 0 && st.host.smap && r.chance(30);
-      return { side: 'guest', kind: 'access', access, gva, size, cpl, value, eflagsAc };
+      const loop = r.chance(20) ? guestLoop(r, st, access, gva, size) : undefined;
+      if (access === 'write')
+        for (let k = 0; k < (loop?.count ?? 1); k++)
+          guestWrote(st, gva + BigInt(k) * (loop?.stride ?? 0n), BigInt(size));
+      return { side: 'guest', kind: 'access', access, gva, size, cpl, value, eflagsAc, ...(loop ? { loop } : {}) };
     },
   },
   invlpg: {
@@ -675,7 +866,7 @@ export const STEP_GENS: StepGenTable = {
   'memslot-move': {
     weight: () => 2,
     gen(st, r) {
-      const s = liveSlots(st);
+      const s = mmapSlots(st);
       if (!s.length) return undefined;
       const x = r.pick(s);
       const gpa = MOVE_BASE + BigInt(st.moves++) * MOVE_STRIDE + (r.chance(30) ? PAGE_4K : 0n);
@@ -687,7 +878,7 @@ export const STEP_GENS: StepGenTable = {
   'memslot-flags': {
     weight: () => 4,
     gen(st, r) {
-      const s = liveSlots(st);
+      const s = mmapSlots(st);
       if (!s.length) return undefined;
       const x = r.pick(s);
       x.logging = r.chance(50) ? !x.logging : x.logging;
@@ -706,6 +897,9 @@ export const STEP_GENS: StepGenTable = {
       const c = clearRange(r, st);
       if (!c) return undefined;
       const advice = r.pick(['dontneed', 'hugepage', 'nohugepage'] as const);
+      // MADV_DONTNEED frees private memory (reads as zero); a shared mapping's pages stay in their file.
+      const shared = c.s.decl.backing === 'memfd' || c.s.decl.backing === 'shared';
+      if (advice === 'dontneed' && !shared) zero(c.s, c.offset, c.size);
       return { side: 'host', kind: 'madvise', slot: c.s.decl.slot, offset: c.offset, size: c.size, advice };
     },
   },
@@ -721,7 +915,7 @@ export const STEP_GENS: StepGenTable = {
   remap: {
     weight: () => 3,
     gen(st, r) {
-      const s = liveSlots(st).filter((x) => x.unmapped.size > 0);
+      const s = mmapSlots(st).filter((x) => x.unmapped.size > 0);
       if (!s.length) return undefined;
       const x = r.pick(s);
       // A run of unmapped pages: the first, or all of it.
@@ -733,6 +927,9 @@ export const STEP_GENS: StepGenTable = {
       if (start % unit !== 0 || (end - start) % unit !== 0) return undefined;
       for (let p = start; p < end; p++) x.unmapped.delete(p);
       const offset = BigInt(start) * PAGE_4K;
+      // Fresh anonymous memory is zero; a memfd's pages come back from its file.
+      if (x.decl.backing !== 'memfd') zero(x, offset, BigInt(end - start) * PAGE_4K);
+      for (let p = start; p < end; p++) [x.noRead, x.noWrite].forEach((set) => set.delete(p));
       return { side: 'host', kind: 'remap', slot: x.decl.slot, offset, size: BigInt(end - start) * PAGE_4K };
     },
   },
@@ -742,17 +939,107 @@ export const STEP_GENS: StepGenTable = {
       const c = clearRange(r, st);
       if (!c) return undefined;
       const prot = r.pick(['read-write', 'read', 'none'] as const);
+      for (const p of pagesOf(c.offset, c.size)) {
+        if (prot === 'read-write') c.s.noWrite.delete(p);
+        else c.s.noWrite.add(p);
+        if (prot === 'none') c.s.noRead.add(p);
+        else c.s.noRead.delete(p);
+      }
       return { side: 'host', kind: 'mprotect', slot: c.s.decl.slot, offset: c.offset, size: c.size, prot };
     },
   },
   'pre-fault': {
     weight: (h) => (h.preFault ? 3 : 0),
     gen(st, r) {
-      const s = liveSlots(st).filter((x) => !x.moved);
+      const s = liveSlots(st).filter((x) => !x.moved && !x.closed);
       if (!s.length) return undefined;
       const x = r.pick(s);
       const { offset, size } = hostRange(r, x);
       return { side: 'host', kind: 'pre-fault', gpa: x.decl.gpa + offset, size };
+    },
+  },
+  'memslot-create': {
+    weight: () => 2,
+    gen(st, r) {
+      if (st.creates >= 3) return undefined;
+      const pages = BigInt(r.pick([1, 16, 64, 512, 513]));
+      const size = pages * PAGE_4K;
+      const c = r.int(5);
+      // Over the hole the mappings point at (their accesses there were MMIO exits), or high below MAXPHYADDR.
+      const gpa =
+        c === 4 && st.creates === 0
+          ? alignDown((1n << BigInt(st.host.maxPhyAddr)) - size - PAGE_2M * BigInt(r.int(2)), PAGE_4K)
+          : alignUp(st.createCursor, c === 0 ? PAGE_2M : PAGE_4K) + (c === 1 ? PAGE_4K : 0n);
+      if (gpa < CODE_GPA + CODE_SIZE && CODE_GPA < gpa + size) return undefined;
+      if (st.sc.memslots.some((m) => m.gpa < gpa + size && gpa < m.gpa + m.size)) return undefined;
+      if (st.slots.some((x) => x.moved && x.gpa < gpa + size && gpa < x.gpa + x.decl.size)) return undefined;
+      const backings: MemslotDecl['backing'][] = ['anon', 'memfd', 'shared', 'thp'];
+      if (st.host.guestMemfd) backings.push('guest_memfd');
+      const decl = slotDecl(r, CREATE_SLOT + st.creates, gpa, size, r.pick(backings), 'by-step');
+      st.sc.memslots.push(decl);
+      const x = slotState(decl);
+      x.live = true;
+      st.slots.push(x);
+      st.creates++;
+      if (gpa >= st.createCursor && gpa < CODE_GPA) st.createCursor = gpa + size;
+      return { side: 'host', kind: 'memslot-create', slot: decl.slot };
+    },
+  },
+  'write-memory': {
+    weight: () => 4,
+    gen(st, r) {
+      const s = liveSlots(st);
+      if (!s.length) return undefined;
+      const x = r.pick(s);
+      const { offset, size } = memoryRange(r, x);
+      if (!vmmAccessible(x, offset, size, true)) return undefined;
+      const value = r.chance(20) ? 0n : r.u64();
+      for (let o = offset; o < offset + size; o += 8n) x.words.set(o, value);
+      // A whole page written is known again; a part of an unknown page is not.
+      for (const p of pagesOf(offset, size)) {
+        const whole = BigInt(p) * PAGE_4K >= offset && BigInt(p + 1) * PAGE_4K <= offset + size;
+        if (whole && !x.tainted.has(p)) x.unknown.delete(p);
+      }
+      return { side: 'host', kind: 'write-memory', gpa: x.decl.gpa + offset, size, value };
+    },
+  },
+  'read-memory': {
+    weight: () => 4,
+    gen(st, r) {
+      const s = liveSlots(st);
+      if (!s.length) return undefined;
+      const x = r.pick(s);
+      // A word that write-memory wrote, else an edge of the slot.
+      const written = [...x.words.keys()];
+      const word = written.length && r.chance(70) ? r.pick(written) : alignDown(memoryRange(r, x).offset, 8n);
+      const size = r.pick([8, 4, 2, 1] as const);
+      const offset = word + BigInt(r.int(8 / size) * size);
+      if (!vmmAccessible(x, offset, BigInt(size), false) || x.unknown.has(Number(offset / PAGE_4K))) return undefined;
+      const v = x.words.get(word) ?? 0n;
+      const expect = BigInt.asUintN(size * 8, v >> (8n * (offset - word)));
+      return { side: 'host', kind: 'read-memory', gpa: x.decl.gpa + offset, size, expect };
+    },
+  },
+  'punch-hole': {
+    weight: () => 3,
+    gen(st, r) {
+      const slots = liveSlots(st).filter(
+        (x) => !x.closed && (x.decl.backing === 'memfd' || x.decl.backing === 'guest_memfd'),
+      );
+      const c = clearRange(r, st, slots);
+      if (!c) return undefined;
+      zero(c.s, c.offset, c.size);
+      return { side: 'host', kind: 'punch-hole', slot: c.s.decl.slot, offset: c.offset, size: c.size };
+    },
+  },
+  'close-guest-memfd': {
+    weight: (h) => (h.guestMemfd ? 1 : 0),
+    gen(st, r) {
+      const s = liveSlots(st).filter((x) => x.decl.backing === 'guest_memfd' && !x.closed);
+      if (!s.length) return undefined;
+      const x = r.pick(s);
+      x.closed = true;
+      return { side: 'host', kind: 'close-guest-memfd', slot: x.decl.slot };
     },
   },
   translate: {

@@ -45,6 +45,8 @@ export interface JudgeOptions {
   trace: boolean;
   /** false: without the shadow MMU model beside the run (default: where the host has its tracepoints). */
   shadowFollow?: boolean;
+  /** false: without the per-GFN TDP picture beside the run (default: where the host has a model and tracepoints). */
+  tdpFollow?: boolean;
   /** Test-only: a deliberately wrong model. */
   wrong?: Wrong;
 }
@@ -56,7 +58,12 @@ export function traceOffered(profile: HostProfile): boolean {
 
 /** Runs `sc` against KVM and judges it. */
 export async function judge(sc: Scenario, kvm: Kvm, profile: HostProfile, o: JudgeOptions): Promise<Verdict> {
-  const check = scenarioCheck(sc, { trace: o.trace && !sc.race, wrong: o.wrong, shadowFollow: o.shadowFollow });
+  const check = scenarioCheck(sc, {
+    trace: o.trace && !sc.race,
+    wrong: o.wrong,
+    shadowFollow: o.shadowFollow,
+    tdpFollow: o.tdpFollow,
+  });
   let r = await runCheck(check, kvm, profile);
   let dead: string | undefined;
   const watch = kvm.target.watch;
@@ -115,7 +122,8 @@ export function comparisonKind(what: string): string {
 
 /**
  * The oracles a run needs to show a signature again: KVM's walker trace only
- * for a walker-trace mismatch, the shadow MMU model only for a shadow one.
+ * for a walker-trace mismatch, the shadow MMU model only for a shadow one,
+ * the per-GFN TDP picture only for a TDP one.
  * Shrinking runs candidates with these alone (each tracefs session costs tens
  * of milliseconds a step here); the shrunk scenario is judged again with all.
  */
@@ -123,5 +131,10 @@ export function oraclesFor(signature: string, full: JudgeOptions): JudgeOptions 
   const field = signature.slice(signature.indexOf(': ') + 2);
   const kernelOrError = /^(kernel|error|fail): /.test(signature);
   if (kernelOrError) return full;
-  return { ...full, trace: full.trace && /walker trace/.test(field), shadowFollow: /shadow/.test(field) };
+  return {
+    ...full,
+    trace: full.trace && /walker trace/.test(field),
+    shadowFollow: /shadow/.test(field),
+    tdpFollow: /TDP|remote TLB flush/.test(field),
+  };
 }

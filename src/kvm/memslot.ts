@@ -18,6 +18,14 @@ export interface MemslotSpec {
   asId?: number;
   /** guest_memfd to bind (KVM_SET_USER_MEMORY_REGION2 with KVM_MEM_GUEST_MEMFD). */
   guestMemfd?: { fd: number; offset: bigint };
+  /** Where the host memory starts relative to the GPA: (hva - gpa) mod `modulo` = `offset` (see placeBacking). */
+  placement?: Placement;
+}
+
+/** The HVA of a slot's memory relative to its GPA: (hva - gpa) mod `modulo` = `offset` (both 4K multiples). */
+export interface Placement {
+  modulo: bigint;
+  offset: bigint;
 }
 
 /** A page of a slot's backing that the process must not touch as usual. */
@@ -41,12 +49,14 @@ export class Memslot {
     public flags: number,
     readonly memory: ArrayBuffer,
     readonly hva: bigint,
-    /** memfd backing this slot, or -1. */
-    readonly memfd: number,
+    /** memfd (or guest_memfd) backing this slot, or -1. */
+    public memfd: number,
     readonly backing: HostBacking,
+    /** Byte offset of the slot's first byte in `memory` (non-zero when the slot was placed, see placeBacking). */
+    readonly base = 0,
   ) {}
   get bytes(): Uint8Array {
-    return new Uint8Array(this.memory);
+    return new Uint8Array(this.memory, this.base, this.size);
   }
   get npages(): number {
     return this.size / PAGE_SIZE;
@@ -64,12 +74,12 @@ export class Memslot {
   /** madvise() on part of the backing (MADV.DONTNEED, HUGEPAGE, NOHUGEPAGE, ...). */
   madvise(offset: number, len: number, advice: number): void {
     this.range('madvise', offset, len);
-    check('madvise', this.target.addon.madvise(this.memory, offset, len, advice), `memslot ${this.slot}`);
+    check('madvise', this.target.addon.madvise(this.memory, this.base + offset, len, advice), `memslot ${this.slot}`);
   }
   /** mprotect() on part of the backing (PROT bits). */
   mprotect(offset: number, len: number, prot: number): void {
     this.range('mprotect', offset, len);
-    check('mprotect', this.target.addon.mprotect(this.memory, offset, len, prot), `memslot ${this.slot}`);
+    check('mprotect', this.target.addon.mprotect(this.memory, this.base + offset, len, prot), `memslot ${this.slot}`);
     const state: PageState | undefined = !(prot & PROT.READ)
       ? 'prot-none'
       : !(prot & PROT.WRITE)
@@ -87,7 +97,7 @@ export class Memslot {
         `the ${this.target.name} target cannot unmap part of a mapping`,
       );
     }
-    check('munmap', r.unmapRange(this.memory, offset, len), `memslot ${this.slot}`);
+    check('munmap', r.unmapRange(this.memory, this.base + offset, len), `memslot ${this.slot}`);
     this.setStates(offset, len, 'unmapped');
   }
   /**
@@ -105,6 +115,7 @@ export class Memslot {
       );
     }
     const b = this.backing;
+    if (b.kind === 'guest_memfd') throw new Error(`memslot ${this.slot}: a guest_memfd slot's mapping is not remapped`);
     const rw = PROT.READ | PROT.WRITE;
     const flags =
       b.kind === 'anon'
@@ -118,7 +129,7 @@ export class Memslot {
       'mmap(MAP_FIXED)',
       r.remapRange(
         this.memory,
-        offset,
+        this.base + offset,
         len,
         rw,
         flags,
@@ -128,7 +139,10 @@ export class Memslot {
       `memslot ${this.slot}`,
     );
     if (b.kind === 'anon' && b.thp !== undefined)
-      check('madvise', this.target.addon.madvise(this.memory, offset, len, b.thp ? MADV.HUGEPAGE : MADV.NOHUGEPAGE));
+      check(
+        'madvise',
+        this.target.addon.madvise(this.memory, this.base + offset, len, b.thp ? MADV.HUGEPAGE : MADV.NOHUGEPAGE),
+      );
     this.setStates(offset, len, undefined);
   }
   private setStates(offset: number, len: number, state: PageState | undefined): void {
@@ -189,17 +203,35 @@ export class Memslot {
     }
     return undefined;
   }
-  /** fallocate(PUNCH_HOLE) on a memfd-backed slot's file. */
+  /** fallocate(PUNCH_HOLE) on a memfd- or guest_memfd-backed slot's file. */
   punchHole(offset: number, len: number): void {
     this.range('fallocate', offset, len);
-    if (this.memfd < 0) throw new Error(`memslot ${this.slot} is not backed by a memfd`);
+    if (this.memfd < 0) throw new Error(`memslot ${this.slot} is not backed by a memfd or guest_memfd`);
     punchHole(this.target.addon, this.memfd, offset, len);
   }
 
+  /**
+   * Unmaps the slot's guest_memfd and closes it while the slot stays: the
+   * file goes (kvm_gmem_release), and guest accesses there fail with a
+   * memory-fault exit. This process can no longer read the slot.
+   */
+  closeGuestMemfd(): void {
+    if (this.backing.kind !== 'guest_memfd' || this.memfd < 0)
+      throw new Error(`memslot ${this.slot} has no open guest_memfd`);
+    check('munmap(guest_memfd)', this.target.addon.munmap(this.memory), `memslot ${this.slot}`);
+    check('close(guest_memfd)', this.target.addon.close(this.memfd), `memslot ${this.slot}`);
+    this.memfd = -1;
+    this.released = true;
+    this.setStates(0, this.size, 'unmapped');
+  }
+  private released = false;
+
   /** Unmaps the backing and closes its memfd. */
   free(): void {
-    this.target.addon.munmap(this.memory);
+    if (!this.released) this.target.addon.munmap(this.memory);
     if (this.memfd >= 0) this.target.addon.close(this.memfd);
+    this.released = true;
+    this.memfd = -1;
   }
 }
 
@@ -219,7 +251,7 @@ export class GuestMemory {
       throw new RangeError(
         `GPA range 0x${gpa.toString(16)}+0x${len.toString(16)}: the host memory behind it is ${why}`,
       );
-    return new Uint8Array(s.memory, Number(gpa - s.gpa), len);
+    return new Uint8Array(s.memory, s.base + Number(gpa - s.gpa), len);
   }
   write(gpa: bigint, data: ArrayLike<number>): void {
     this.bytes(gpa, data.length, true).set(data);
@@ -268,6 +300,8 @@ export function allocBacking(
         memfd: -1,
       };
     }
+    case 'guest_memfd':
+      throw new Error('a guest_memfd backing is made by Vm.addMemslot, which has the VM it belongs to');
     case 'memfd': {
       const fd = check('memfd_create', a.memfdCreate(name, MFD.CLOEXEC | (b.hugetlb ? MFD.HUGETLB : 0)));
       try {
@@ -279,6 +313,35 @@ export function allocBacking(
       }
     }
   }
+}
+
+/**
+ * Maps host memory of kind `b` for a slot of `size` bytes at `gpa` whose HVA
+ * meets `p`: (hva - gpa) mod p.modulo = p.offset. It maps `size + modulo`
+ * bytes (a whole number of huge pages for hugetlb) and starts the slot at the
+ * `base` inside them that gives the wanted HVA. Around the slot, the mapping
+ * is MADV_NOHUGEPAGE, so the slot's own VMA is exactly its HVA range and no
+ * transparent huge page reaches past it (the host model's rule).
+ */
+export function placeBacking(
+  a: Addon,
+  b: HostBacking,
+  size: number,
+  gpa: bigint,
+  p: Placement,
+  name: string,
+): { memory: ArrayBuffer; memfd: number; base: number } {
+  const huge = b.kind === 'hugetlb' ? (b.pageSize === '1G' ? 1 << 30 : 2 << 20) : PAGE_SIZE;
+  const total = Math.ceil((size + Number(p.modulo)) / huge) * huge;
+  const got = allocBacking(a, b, total, name);
+  const hva = a.addressOf(got.memory);
+  const m = p.modulo;
+  const base = Number((((gpa + p.offset - hva) % m) + m) % m);
+  if (b.kind === 'anon' && b.thp) {
+    if (base > 0) check('madvise', a.madvise(got.memory, 0, base, MADV.NOHUGEPAGE));
+    if (base + size < total) check('madvise', a.madvise(got.memory, base + size, total - base - size, MADV.NOHUGEPAGE));
+  }
+  return { ...got, base };
 }
 
 /** fallocate(PUNCH_HOLE|KEEP_SIZE) on a memfd-backed slot's file. */

@@ -18,7 +18,7 @@ import { LAYOUT } from '../arch/x86/layout.js';
 import { PTE_A } from '../arch/x86/pte.js';
 import { KvmError } from '../kvm/sys.js';
 import type { Memslot } from '../model/memslots.js';
-import { BACKINGS, memFlags, modelSlot, ModelVm } from '../model/vm.js';
+import { BACKINGS, modelSlot, ModelVm } from '../model/vm.js';
 import { accessException, accessedLatitude, walkWith, type PagingConfig, type WalkResult } from '../model/walk.js';
 import type { Wrong, WrongWalk } from '../model/wrong.js';
 import { readStats } from '../observe/stats.js';
@@ -29,16 +29,27 @@ import {
   bringUpOptions,
   buildScenarioTables,
   pagingConfigFor,
-  slotBacking,
+  slotSpec,
   type ScenarioTables,
 } from '../scenario/build.js';
 import { showDelta, showStatExpect, statHolds, statNotApplicable } from '../scenario/stats.js';
 import type { Scenario, Step, StepStats } from '../scenario/types.js';
 import { same, show } from './differ.js';
 import { hostFaultPath, tdpLogsDirty, tdpModelOptions } from './host-policy.js';
-import { describeWalk, MMIO_FILL, modelAsTrace, predictAccess, type AccessStep, type Prediction } from './predict.js';
+import { compareLoop, predictLoop } from './loop.js';
+import {
+  describeWalk,
+  MMIO_FILL,
+  modelAsTrace,
+  predictAccess,
+  type AccessStep,
+  type Prediction,
+  type PredictFrom,
+} from './predict.js';
+import { modelPageCount, thpUnconfirmed } from './model-stats.js';
 import { runRace } from './race.js';
 import { ShadowFollow } from './shadow-follow.js';
+import { TdpFollow } from './tdp-follow.js';
 import {
   emitWrpkru,
   guestAction,
@@ -58,6 +69,8 @@ export interface EngineOptions {
   wrong?: Wrong;
   /** false: no shadow MMU model beside the run (the fuzzer, shrinking a mismatch of another field). */
   shadowFollow?: boolean;
+  /** false: no per-GFN TDP picture beside the run (the fuzzer, shrinking a mismatch of another field). */
+  tdpFollow?: boolean;
 }
 
 /** How a run ended: a guest stop, or KVM_RUN failing (EFAULT without a memory-fault exit), which is an observation. */
@@ -116,13 +129,15 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
   const g = X86Guest.create(ctx.kvm, { ...bringUpOptions(sc), memSize: Number(LAYOUT.identityEnd) });
   let trace: TraceSession | undefined;
   let shadow: ShadowFollow | undefined;
+  let tdp: TdpFollow | undefined;
   try {
     const manualProtect = sc.steps.some((s) => s.side === 'host' && s.kind === 'clear-dirty-log');
     if (manualProtect) g.vm.enableManualDirtyLogProtect();
-    for (const m of sc.memslots) {
-      const backing = slotBacking(m.backing);
-      g.vm.addMemslot({ slot: m.slot, gpa: m.gpa, size: Number(m.size), backing, flags: memFlags(m) });
+    if (sc.memslots.some((m) => m.backing === 'guest_memfd')) {
+      const why = g.vm.sharedGuestMemfdUnsupported();
+      if (why) throw new NotApplicable(why);
     }
+    for (const m of sc.memslots) if (m.created === 'at-start') g.vm.addMemslot(slotSpec(m));
     const built = buildScenarioTables(sc, g.mem, g.boot);
     const cfg: PagingConfig = { ...pagingConfigFor(sc, cpu), walker: guestWalkerOf(ctx.profile) };
     if (cfg.walker === 'qemu-tcg')
@@ -136,8 +151,10 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     if (opts.trace) trace = run.trace = TraceSession.open(ctx.target.fs, WALKER_EVENTS, [await g.vcpu.tid()]);
     const follow = { ctx, sc, g, built, walk: (gva: bigint) => run.entries.walk(gva), wrong: opts.wrong?.shadow };
     if (opts.shadowFollow !== false) shadow = run.shadow = await ShadowFollow.open(follow);
+    if (opts.tdpFollow !== false) tdp = run.tdp = await TdpFollow.open({ ctx, g, vm: run.vm });
     await run.steps();
   } finally {
+    tdp?.close();
     shadow?.close();
     trace?.close();
     g.close();
@@ -156,6 +173,8 @@ class ScenarioRun {
   trace: TraceSession | undefined;
   /** The shadow MMU model beside the run, on a shadow-MMU host with its tracepoints. */
   shadow: ShadowFollow | undefined;
+  /** The per-GFN picture beside the run, where a model of this host's MMU and its tracepoints are. */
+  tdp: TdpFollow | undefined;
   pending: Pending | undefined;
   /** The guest has run (its WRPKRU, first in the program, with it). */
   ran = false;
@@ -183,7 +202,7 @@ class ScenarioRun {
     const wrong = opts.wrong?.tdp ? { wrong: opts.wrong.tdp } : {};
     this.vm = new ModelVm({ ...tdpModelOptions(ctx.profile), record: false, ...wrong });
     this.vm.setSlot(slotOf(0));
-    for (const m of sc.memslots) this.vm.setSlot(slotOf(m.slot));
+    for (const m of sc.memslots) if (m.created === 'at-start') this.vm.setSlot(slotOf(m.slot));
     this.tdpDirty = tdpLogsDirty(ctx.profile);
     this.canReadStats = !!ctx.profile.capabilities.KVM_CAP_BINARY_STATS_FD;
     this.host = {
@@ -231,14 +250,26 @@ class ScenarioRun {
     // Code for exec accesses: a `ret` at each target that memory backs.
     for (const s of sc.steps) {
       if (s.side !== 'guest' || s.kind !== 'access' || s.access !== 'exec') continue;
-      const w = this.plainWalk(s.gva);
-      if (w.ok && g.mem.slotOf(w.gpa)) g.mem.write(w.gpa, [0xc3]);
+      for (let k = 0; k < (s.loop?.count ?? 1); k++) {
+        const w = this.plainWalk(s.gva + BigInt(k) * (s.loop?.stride ?? 0n));
+        if (
+          w.ok &&
+          g.mem.slotOf(w.gpa) &&
+          !g.mem.slotOf(w.gpa)!.untouchable(Number(w.gpa - g.mem.slotOf(w.gpa)!.gpa), 1, true)
+        ) {
+          g.mem.write(w.gpa, [0xc3]);
+          this.vm.hostWrote(w.gpa, 1);
+        }
+      }
     }
     // A data descriptor where each implicit read finds its LDT entry.
     for (const s of sc.steps) {
       if (s.side !== 'guest' || s.kind !== 'access' || !s.implicit) continue;
       const w = this.plainWalk(s.gva);
-      if (w.ok && g.mem.slotOf(w.gpa, 8)) g.mem.write64(w.gpa, IMPLICIT_DESCRIPTOR);
+      if (w.ok && g.mem.slotOf(w.gpa, 8)) {
+        g.mem.write64(w.gpa, IMPLICIT_DESCRIPTOR);
+        this.vm.hostWrote(w.gpa, 8);
+      }
     }
     const k = new Asm({ origin: Number(LAYOUT.code) });
     const u = new Asm({ origin: Number(LAYOUT.userCode) });
@@ -259,16 +290,35 @@ class ScenarioRun {
     for (let i = 0; i < sc.steps.length; i++) {
       const s = sc.steps[i]!;
       const name = stepName(i, s);
+      this.tdp?.begin();
       const statsBefore = s.stats && this.canReadStats ? this.readStats() : undefined;
+      const modelBefore = s.stats && this.modelCounts(s.stats);
       const checkStats = () => {
-        if (s.stats) compareStats(ctx, name, s.stats, statsBefore, statsBefore && this.readStats());
+        if (!s.stats) return;
+        const model = modelBefore && { before: modelBefore, after: this.modelCounts(s.stats), thp: this.thpWhy() };
+        compareStats(ctx, name, s.stats, statsBefore, statsBefore && this.readStats(), model);
       };
       const go =
         s.side === 'guest' ? await this.guestStep(i, s, name, checkStats) : await this.hostStep(i, s, name, checkStats);
       if (!go) return;
     }
+    this.tdp?.begin();
     if (!(await this.finishPending())) return;
+    this.tdp?.beforeRun();
     ctx.expect('guest finishes', 'done', describeStop(await this.g.run()));
+    this.tdp?.afterRun();
+    this.tdp?.step('end of the program');
+  }
+
+  /** The model's counts for the step's "model" stat expectations. */
+  modelCounts(stats: StepStats): Map<string, bigint> {
+    const out = new Map<string, bigint>();
+    for (const [k, e] of Object.entries(stats)) if (e.op === 'model') out.set(k, modelPageCount(this.vm, k));
+    return out;
+  }
+
+  thpWhy(): string | undefined {
+    return thpUnconfirmed(this.sc, this.g, this.vm);
   }
 
   readStats(): Map<string, bigint> {
@@ -278,11 +328,14 @@ class ScenarioRun {
   /** A run; KVM_RUN failing (EFAULT without a memory-fault exit) is an observation, not an error. */
   async runGuest(): Promise<Stop> {
     this.ran = true;
+    this.tdp?.beforeRun();
     try {
       return await this.g.run();
     } catch (e) {
       if (e instanceof KvmError && e.call === 'KVM_RUN') return { kind: 'kvm_run_error', errno: e.code };
       throw e;
+    } finally {
+      this.tdp?.afterRun();
     }
   }
 
@@ -296,7 +349,9 @@ class ScenarioRun {
   /** A guest step: predict (accesses), run, observe and compare. Returns whether the scenario goes on. */
   async guestStep(i: number, s: GuestSideStep, name: string, checkStats: () => void): Promise<boolean> {
     const { ctx, g } = this;
+    if (s.kind === 'access' && s.loop) return this.loopStep(i, s, name, checkStats);
     const pred = s.kind === 'access' ? this.predict(s, name) : undefined;
+    const hadPending = this.pending !== undefined;
     if (!(await this.finishPending())) return false;
     // A #GP leaves CR2 as it was when the step began.
     const cr2Before = pred?.expectFault === 'gp' ? g.vcpu.getSregs().cr2 : undefined;
@@ -318,12 +373,24 @@ class ScenarioRun {
     if (pred) ctx.expect(`${name}: MMIO exits`, pred.mmio ? [pred.mmio] : [], mmioSeen);
     if (pred?.hostFault && s.kind === 'access') {
       // The vCPU stopped at the access; it redoes it on its next run.
-      ctx.expect(`${name}: KVM_RUN stops for the missing host memory`, pred.hostFault.stop, observedStop(stop));
-      if (!same(pred.hostFault.stop, observedStop(stop))) return false;
+      const seen = observedStop(stop);
+      ctx.expect(`${name}: KVM_RUN stops for the missing host memory`, pred.hostFault.stop, seen);
+      const fault = pred.hostFault.stop as { exit?: string } | undefined;
+      if (fault?.exit === 'memory_fault' && (seen as { exit?: string } | undefined)?.exit === 'memory_fault') {
+        // The memory-fault record field by field, so a difference names the field.
+        for (const f of ['gpa', 'size', 'flags'] as const)
+          ctx.expect(
+            `${name}: memory_fault.${f}`,
+            (pred.hostFault.stop as Record<string, unknown>)[f],
+            (seen as Record<string, unknown>)[f],
+          );
+      }
+      if (!same(pred.hostFault.stop, seen)) return false;
       ctx.note(`${name}: ${pred.hostFault.why}`);
       this.shadow?.stop(name, 'an access that stops for missing host memory is not in the shadow model');
       this.pending = { step: i, name, access: s, walk: pred.walk, gpa: pred.hostFault.gpa };
       checkStats();
+      TdpFollow.after(this.tdp, ctx, name, false, s.tdp);
       return true;
     }
     if (!this.reachedSync(stop, i, name)) return false;
@@ -334,32 +401,62 @@ class ScenarioRun {
       this.compareAccess(s, name, pred, stop.values[0]!, cr2Before);
     }
     this.shadow?.step(s, pred !== undefined && pred.expectFault !== false, name);
+    TdpFollow.after(this.tdp, ctx, name, !hadPending, s.tdp);
+    return true;
+  }
+
+  /** A loop step: the model predicts every access in turn (loop.ts), the guest makes them in one run. */
+  async loopStep(i: number, s: AccessStep, name: string, checkStats: () => void): Promise<boolean> {
+    if (!(await this.finishPending())) return false;
+    const env = {
+      ctx: this.ctx,
+      g: this.g,
+      vm: this.vm,
+      walk: (a: Parameters<typeof walkWith>[3], read: (gpa: bigint) => bigint) =>
+        walkWith(this.wrongWalk, this.cfg, this.g.boot.tables.root, a, read),
+      from: (n: string) => this.predictFrom(n),
+      walker: this.cfg.walker,
+    };
+    const loop = predictLoop(env, s, name);
+    this.g.clearExceptions();
+    const stop = await this.runGuest();
+    if (!this.reachedSync(stop, i, name)) return false;
+    checkStats();
+    if (stop.kind === 'sync') compareLoop(env, s, name, loop, stop.values[0]!);
+    this.shadow?.stop(name, 'a loop step is not in the shadow model');
     return true;
   }
 
   /** A host step (the vCPU is stopped at the previous sync), then the run to its own sync. */
   async hostStep(i: number, s: HostSideStep, name: string, checkStats: () => void): Promise<boolean> {
+    const hadPending = this.pending !== undefined;
     hostAction(s).act(this.host, s, name);
+    this.tdp?.acted();
     // Host steps have a sync too; let the guest reach the next one (after
     // redoing an access that stopped for missing host memory).
     if (!(await this.finishPending())) return false;
     if (!this.reachedSync(await this.runGuest(), i, name)) return false;
     checkStats();
     this.shadow?.step(s, false, name);
+    TdpFollow.after(this.tdp, this.ctx, name, !hadPending, s.tdp);
     return true;
   }
 
   predict(s: AccessStep, name: string): Prediction {
     const implicit = s.implicit ? { implicitSupervisor: true } : {};
     const w = this.walk({ gva: s.gva, kind: s.access, cpl: s.cpl, eflagsAc: s.eflagsAc, size: s.size, ...implicit });
-    return predictAccess(s, w, {
+    return predictAccess(s, w, this.predictFrom(name));
+  }
+
+  predictFrom(name: string): PredictFrom {
+    return {
       vm: this.vm,
       profile: this.ctx.profile,
       walker: this.cfg.walker,
       peek: (gpa, size) => this.peek(gpa, size),
       entry: (gva, level) => this.built.entries(gva, level),
       note: (m) => this.ctx.note(`${name}: ${m}`),
-    });
+    };
   }
 
   /** The access's observations against the prediction (exceptions, value read, PTEs, walker trace); then its dirty pages. */
@@ -405,7 +502,8 @@ class ScenarioRun {
     const stop = await this.runGuest();
     if (vm.fault(p.gpa, p.access.access).kind === 'efault') {
       // Nothing restored the host memory: the access fails again.
-      const again = hostFaultPath(ctx.profile, p.access.access, p.access.cpl, p.gpa, p.access.size);
+      const gmem = vm.slotAt(p.gpa, 1)?.backing.kind === 'guest_memfd';
+      const again = hostFaultPath(ctx.profile, p.access.access, p.access.cpl, p.gpa, p.access.size, gmem);
       ctx.expect(`${p.name}: run again without the host memory`, again.stop, observedStop(stop));
       ctx.note(
         `${p.name}: the vCPU cannot get past this access until a host step restores its memory; the steps after it are not run`,
@@ -446,9 +544,18 @@ function compareStats(
   want: StepStats,
   before: Map<string, bigint> | undefined,
   after: Map<string, bigint> | undefined,
+  model?: { before: Map<string, bigint>; after: Map<string, bigint>; thp: string | undefined },
 ): void {
-  for (const [stat, e] of Object.entries(want)) {
-    const why = statNotApplicable(stat, ctx.profile, !!before?.has(stat) && !!after?.has(stat));
+  for (const [stat, given] of Object.entries(want)) {
+    let e = given;
+    if (given.op === 'model') {
+      // The model's delta, then compared as an exact one.
+      e = { op: '=', delta: model!.after.get(stat)! - model!.before.get(stat)! };
+      ctx.note(`${name}: stats ${stat}: the model says ${showStatExpect(e)}`);
+    }
+    const why =
+      statNotApplicable(stat, ctx.profile, !!before?.has(stat) && !!after?.has(stat)) ??
+      (given.op === 'model' ? model!.thp : undefined);
     const shown = showStatExpect(e);
     if (why) {
       ctx.note(`${name}: stats ${stat} ${shown}: not applicable here (${why})`);
@@ -528,7 +635,7 @@ export function scenarioCheck(sc: Scenario, opts: EngineOptions = {}): Check {
       run: (ctx) => {
         if (opts.trace)
           throw new NotApplicable('a race has no single guest walk per step to compare with the walker tracepoints');
-        return runRace(ctx, { ...sc, race }, opts.wrong?.race);
+        return runRace(ctx, { ...sc, race }, opts.wrong?.race, opts.wrong?.tdp);
       },
     };
   }

@@ -84,17 +84,26 @@ const SHADOW_STEPS: { [K in Step['kind']]: ShadowStep<StepOf<K>> } = {
   // kvm_arch_flush_shadow_memslot(): every shadow page goes (kvm_mmu_zap_all_fast).
   'memslot-delete': (f) => f.model.zapAll(),
   'memslot-move': (f) => f.model.zapAll(),
+  // A new slot zaps nothing (stale MMIO SPTEs die with the memslot generation).
+  'memslot-create': () => {},
   'memslot-flags': () => 'a memslot flag change (write-protecting or splitting leaf SPTEs) is not in the shadow model',
   // Host memory changes drop leaf SPTEs through the rmap (kvm_unmap_gfn_range), no shadow page.
   madvise: () => {},
   munmap: () => {},
   remap: () => {},
   mprotect: () => {},
+  // The host's stores through the HVA bypass the shadow MMU; the model reads memory when it syncs.
+  'write-memory': () => {},
   // The dirty log write-protects leaf SPTEs; KVM_PRE_FAULT_MEMORY is TDP's; KVM_TRANSLATE walks the guest's tables.
   'get-dirty-log': () => {},
   'clear-dirty-log': () => {},
   'pre-fault': () => {},
   translate: () => {},
+  // guest_memfd slots need TDP; a memfd's punched pages drop their leaf SPTEs through the rmap, no shadow page.
+  'punch-hole': () => {},
+  'close-guest-memfd': () => 'a guest_memfd slot is not in the shadow model',
+  // The VMM's own loads do not go through the shadow MMU.
+  'read-memory': () => {},
 };
 
 export class ShadowFollow {
@@ -133,7 +142,10 @@ export class ShadowFollow {
       return undefined;
     }
     // This thread too: a memslot deletion zaps in the ioctl's thread.
-    const trace = TraceSession.open(env.ctx.target.fs, SHADOW_EVENTS, [await env.g.vcpu.tid(), process.pid]);
+    const trace = TraceSession.open(env.ctx.target.fs, SHADOW_EVENTS, [
+      await env.g.vcpu.tid(),
+      env.ctx.target.addon.gettid(),
+    ]);
     return new ShadowFollow(env, host.exec, trace);
   }
 

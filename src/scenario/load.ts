@@ -45,6 +45,7 @@ import type {
   Scenario,
   Step,
   StepStats,
+  TdpExpect,
 } from './types.js';
 import { hex } from '../base/units.js';
 
@@ -196,7 +197,20 @@ function toStep(o: Obj, path: string, errors: string[]): Step | undefined {
     return undefined;
   }
   const step = (STEP_KINDS[kind] as StepKind<Step>).decode(o, side);
-  return o.stats !== undefined ? { ...step, stats: o.stats as StepStats } : step;
+  const withStats = o.stats !== undefined ? { ...step, stats: o.stats as StepStats } : step;
+  if (o.tdp === undefined) return withStats;
+  const tdp = (o.tdp as Obj[]).map((t) => {
+    const e: TdpExpect = { gpa: t.gpa as bigint };
+    for (const f of ['present', 'level', 'writable', 'executable', 'mmio'] as const)
+      if (t[f] !== undefined) (e as unknown as Obj)[f] = t[f];
+    return e;
+  });
+  tdp.forEach((e, k) => {
+    if (e.gpa % 0x1000n !== 0n) errors.push(at(`${path}.tdp[${k}].gpa`, `0x${e.gpa.toString(16)} is not 4K aligned`));
+    if (e.present === false && Object.keys(e).length > 2)
+      errors.push(at(`${path}.tdp[${k}]`, 'a page expected not present has no level or permissions'));
+  });
+  return { ...withStats, tdp };
 }
 
 function toScenario(n: Obj, errors: string[]): Scenario {
@@ -250,6 +264,7 @@ function toRace(r: Obj): RaceDecl {
 function stepJson(s: Step): Obj {
   const o = stepKind(s).encode(s);
   if (s.stats) o.stats = Object.fromEntries(Object.entries(s.stats).map(([k, e]) => [k, showStatExpect(e)]));
+  if (s.tdp) o.tdp = s.tdp.map((e) => ({ ...e }));
   return o;
 }
 
@@ -313,6 +328,13 @@ function memslotErrors(s: Scenario, err: (path: string, msg: string) => void): v
       const most = `${hex(MAX_SLOT_BYTES)} (4 GiB), the most the harness maps for one slot (one ArrayBuffer)`;
       err(`${p}.size`, `${hex(m.size)} is larger than ${most}`);
     }
+    if (m.backing === 'guest_memfd' && m.hva)
+      err(`${p}.hva`, 'a guest_memfd slot is mapped where mmap puts its file; it takes no "hva" placement');
+    if (m.backing === 'guest_memfd' && (m.logDirty || m.readonly))
+      err(
+        `${p}.${m.logDirty ? 'logDirty' : 'readonly'}`,
+        `KVM refuses ${m.logDirty ? 'dirty logging' : 'KVM_MEM_READONLY'} on a guest_memfd slot`,
+      );
     if (m.gpa + m.size > PHYS_LIMIT)
       err(`${p}.gpa`, `${range(m.gpa, m.size)} goes beyond 2^52, the largest guest-physical address`);
     if (overlaps(m.gpa, m.size, 0n, LAYOUT.identityEnd))
@@ -321,6 +343,16 @@ function memslotErrors(s: Scenario, err: (path: string, msg: string) => void): v
       if (overlaps(m.gpa, m.size, o.gpa, o.size))
         err(`${p}.gpa`, `${range(m.gpa, m.size)} overlaps memslots[${k}] ${range(o.gpa, o.size)}`);
     });
+    if (m.hva) {
+      const mod = m.hva.modulo === '1G' ? 1n << 30n : 1n << 21n;
+      if (m.hva.offset % PAGE_4K !== 0n || m.hva.offset >= mod)
+        err(`${p}.hva.offset`, `${hex(m.hva.offset)} must be 4K aligned and below ${m.hva.modulo}`);
+      if (m.backing === 'hugetlb2m' && m.hva.modulo === '1G')
+        err(`${p}.hva.modulo`, 'a hugetlb2m slot is placed modulo 2M only (modulo 1G would take 512 more huge pages)');
+    }
+    const creates = s.steps.filter((x) => x.side === 'host' && x.kind === 'memslot-create' && x.slot === m.slot);
+    if (m.created === 'by-step' && creates.length !== 1)
+      err(`${p}.created`, `a slot created by a step needs exactly one memslot-create step for slot ${m.slot}`);
   });
 }
 
@@ -473,6 +505,8 @@ function raceErrors(s: Scenario, err: (path: string, msg: string) => void): void
     const p = `race.targets[${i}]`;
     const m = s.memslots.find((x) => x.slot === t.slot);
     if (!m) return err(`${p}.slot`, `memslot ${t.slot} is not declared in "memslots"`);
+    if (m.hva)
+      err(`${p}.slot`, `a race allocates its slots as mmap places them; memslot ${t.slot}'s "hva" is not taken`);
     const k = used.get(t.slot);
     if (k !== undefined) return err(`${p}.slot`, `memslot ${t.slot} is already the slot of race.targets[${k}]`);
     used.set(t.slot, i);

@@ -54,6 +54,10 @@ export interface MemslotDecl {
   backing: BackingName;
   logDirty: boolean;
   readonly: boolean;
+  /** (HVA - GPA) mod modulo = offset; absent: wherever mmap puts the memory. */
+  hva?: { modulo: '2M' | '1G'; offset: bigint };
+  /** 'by-step': KVM gets the slot at its memslot-create step, not before the first step. */
+  created: 'at-start' | 'by-step';
 }
 
 export interface PagingDecl {
@@ -101,6 +105,8 @@ export type GuestStep =
       eflagsAc: boolean;
       /** A read made as an implicit supervisor access: the processor loads a segment descriptor from an LDT at gva. */
       implicit?: boolean;
+      /** A loop: the access is made `count` times, at gva, gva + stride, ...; it stops at the first fault. */
+      loop?: { count: number; stride: bigint };
       expect?: AccessExpect;
     }
   | { kind: 'invlpg'; gva: bigint }
@@ -116,6 +122,10 @@ export type HostStep =
   | { kind: 'translate'; gva: bigint; expect?: { valid: boolean; gpa?: bigint } }
   /** KVM_SET_USER_MEMORY_REGION with size 0; the host memory is freed. */
   | { kind: 'memslot-delete'; slot: number }
+  /** Allocates a slot declared "created": "by-step" and hands it to KVM. */
+  | { kind: 'memslot-create'; slot: number }
+  /** The host writes `value` (8 bytes, little-endian) to every 8-byte word of [gpa, gpa+size) through the slot's HVA. */
+  | { kind: 'write-memory'; gpa: bigint; size: bigint; value: bigint }
   /** The slot's host memory now appears at `gpa`. */
   | { kind: 'memslot-move'; slot: number; gpa: bigint }
   | { kind: 'memslot-flags'; slot: number; logDirty: boolean; readonly: boolean }
@@ -127,12 +137,36 @@ export type HostStep =
   | { kind: 'remap'; slot: number; offset: bigint; size: bigint }
   | { kind: 'mprotect'; slot: number; offset: bigint; size: bigint; prot: 'none' | 'read' | 'read-write' }
   /** KVM_PRE_FAULT_MEMORY of [gpa, gpa+size) (where the host has KVM_CAP_PRE_FAULT_MEMORY). */
-  | { kind: 'pre-fault'; gpa: bigint; size: bigint };
+  | { kind: 'pre-fault'; gpa: bigint; size: bigint }
+  /** fallocate(PUNCH_HOLE | KEEP_SIZE) of [offset, offset+size) of a memfd or guest_memfd slot's file. */
+  | { kind: 'punch-hole'; slot: number; offset: bigint; size: bigint }
+  /** The VMM reads `size` bytes at `gpa` through its own mapping of the slot; they must equal `expect`. */
+  | { kind: 'read-memory'; gpa: bigint; size: 1 | 2 | 4 | 8; expect: bigint }
+  /** The slot's guest_memfd is unmapped and closed; the slot stays. */
+  | { kind: 'close-guest-memfd'; slot: number };
 
 /** Expected changes of KVM stats over a step, by stat name (see stats.ts). */
 export type StepStats = Record<string, StatExpect>;
 
-export type Step = (({ side: 'guest' } & GuestStep) | ({ side: 'host' } & HostStep)) & { stats?: StepStats };
+/**
+ * What KVM's host-dimension MMU maps for one page after a step, as the per-GFN
+ * picture shows it (run/tdp-follow.ts); only the fields given are checked.
+ */
+export interface TdpExpect {
+  /** GPA of the page (4K aligned). */
+  gpa: bigint;
+  /** Mapped by a present leaf or an MMIO SPTE. */
+  present?: boolean;
+  level?: number;
+  writable?: boolean;
+  executable?: boolean;
+  mmio?: boolean;
+}
+
+export type Step = (({ side: 'guest' } & GuestStep) | ({ side: 'host' } & HostStep)) & {
+  stats?: StepStats;
+  tdp?: TdpExpect[];
+};
 
 /** What the host does to one race target in every round of a race. */
 export type RaceOp = 'dirty-log' | 'dontneed' | 'toggle-dirty-log' | 'delete';
