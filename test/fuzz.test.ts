@@ -225,7 +225,7 @@ describeKvm('kvmharness fuzz on this host', () => {
 
   it.each([
     ['walk=dirty-on-read', 4],
-    ['walk=ignore-wp', 4],
+    ['walk=ignore-wp', 20],
   ])(
     'with the wrong model %s finds a mismatch, shrinks it, and run FILE fails the same way (only) under that model',
     (wrong, cases) => {
