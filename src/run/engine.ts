@@ -499,6 +499,17 @@ class ScenarioRun {
     if (!p) return true;
     const { ctx, g, vm } = this;
     this.pending = undefined;
+    // The redone access walks the guest's tables again: a host step in
+    // between may have changed them, and then it faults in the guest (or
+    // stops elsewhere) before it reaches the missing memory.
+    const w = this.walk({
+      gva: p.access.gva,
+      kind: p.access.access,
+      cpl: p.access.cpl,
+      eflagsAc: p.access.eflagsAc,
+      size: p.access.size,
+    });
+    if (!w.ok || w.gpa !== p.gpa) return this.redoChanged(p);
     const stop = await this.runGuest();
     if (vm.fault(p.gpa, p.access.access).kind === 'efault') {
       // Nothing restored the host memory: the access fails again.
@@ -529,6 +540,29 @@ class ScenarioRun {
     }
     for (const a of p.walk.adWrites) vm.markDirty(a.pteGpa);
     vm.fault(gpa, p.access.access);
+    return true;
+  }
+
+  /** A stopped access redone after a host step changed its walk: predicted and compared as a new access of its step. */
+  async redoChanged(p: Pending): Promise<boolean> {
+    const { ctx, g } = this;
+    ctx.note(`${p.name}: a host step changed the guest's tables; the redone access is predicted again from them`);
+    const pred = this.predict(p.access, p.name);
+    const cr2Before = pred.expectFault === 'gp' ? g.vcpu.getSregs().cr2 : undefined;
+    g.clearExceptions();
+    this.trace?.clear();
+    const stop = await this.runGuest();
+    if (pred.hostFault) {
+      ctx.expect(
+        `${p.name}: redone: KVM_RUN stops for the missing host memory`,
+        pred.hostFault.stop,
+        observedStop(stop),
+      );
+      return false;
+    }
+    if (!this.reachedSync(stop, p.step, p.name)) return false;
+    if (stop.kind === 'sync')
+      this.compareAccess({ ...p.access }, `${p.name}: redone`, pred, stop.values[0]!, cr2Before);
     return true;
   }
 }
