@@ -110,15 +110,18 @@ describe('which MMU model the picture takes, from the probe', () => {
       arch: 'x86_64',
       tdp: { enabled: tdp, kind: tdp ? 'npt' : 'none' },
       tdpMmu,
-      oracles: { tdp_spte_tracepoints: { available: spte, why: spte ? 'yes' : 'tdp_mmu is off' } },
+      oracles: {
+        tdp_spte_tracepoints: { available: spte, why: spte ? 'yes' : 'tdp_mmu is off' },
+        legacy_spte_tracepoints: { available: tdp && !tdpMmu, why: tdpMmu ? 'tdp_mmu is on' : 'no TDP' },
+      },
     }) as unknown as Parameters<typeof picturePair>[0];
 
-  it('the TDP MMU where its SPTE tracepoints are; not applicable on the legacy MMU and shadow paging', () => {
+  it('the TDP MMU where its SPTE tracepoints are, the legacy MMU under tdp_mmu=0; not applicable on shadow paging', () => {
     expect(picturePair(profile(true, true, true))).toMatchObject({ name: 'TDP MMU' });
-    expect(picturePair(profile(true, false, false))).toEqual({
-      why: expect.stringContaining('no model of the legacy MMU (tdp_mmu=0)'),
+    expect(picturePair(profile(true, false, false))).toMatchObject({ name: 'legacy MMU' });
+    expect(picturePair(profile(false, false, false))).toEqual({
+      why: 'TDP MMU: no SPTE tracepoints (tdp_mmu is off); legacy MMU: no legacy SPTE tracepoints (no TDP)',
     });
-    expect(picturePair(profile(false, false, false))).toEqual({ why: expect.stringContaining('TDP MMU: no SPTE') });
   });
 });
 

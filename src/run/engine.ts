@@ -406,7 +406,12 @@ class ScenarioRun {
   }
 
   /** A loop step: the model predicts every access in turn (loop.ts), the guest makes them in one run. */
-  async loopStep(i: number, s: AccessStep, name: string, checkStats: () => void): Promise<boolean> {
+  async loopStep(
+    i: number,
+    s: Extract<GuestSideStep, { kind: 'access' }>,
+    name: string,
+    checkStats: () => void,
+  ): Promise<boolean> {
     if (!(await this.finishPending())) return false;
     const env = {
       ctx: this.ctx,
@@ -424,6 +429,7 @@ class ScenarioRun {
     checkStats();
     if (stop.kind === 'sync') compareLoop(env, s, name, loop, stop.values[0]!);
     this.shadow?.stop(name, 'a loop step is not in the shadow model');
+    TdpFollow.after(this.tdp, this.ctx, name, true, s.tdp);
     return true;
   }
 
@@ -431,7 +437,7 @@ class ScenarioRun {
   async hostStep(i: number, s: HostSideStep, name: string, checkStats: () => void): Promise<boolean> {
     const hadPending = this.pending !== undefined;
     hostAction(s).act(this.host, s, name);
-    this.tdp?.acted();
+    this.tdp?.acted(s);
     // Host steps have a sync too; let the guest reach the next one (after
     // redoing an access that stopped for missing host memory).
     if (!(await this.finishPending())) return false;
