@@ -218,6 +218,11 @@ export class ModelVm {
     return pages;
   }
 
+  /** KVM_CLEAR_DIRTY_LOG of all of `slot`: the pages dirtied so far are not reported at the next harvest. */
+  clearDirty(slot: number): void {
+    this.dirty.delete(slot);
+  }
+
   /** A guest access to `gpa` faulting in through the TDP model. */
   fault(gpa: bigint, access: 'read' | 'write' | 'exec'): FaultResult {
     const gfn = Number(gpa >> 12n);

@@ -242,6 +242,7 @@ export const STEP_ACTIONS: StepActionTable = {
     act({ g, vm, tdpDirty }, s) {
       const slot = g.vm.memslot(s.slot);
       g.vm.clearDirtyLog(s.slot, 0, slot.npages);
+      vm.clearDirty(s.slot);
       if (tdpDirty) vm.tdp.clearDirtyLog(0, s.slot, 0, Number(slot.npages));
     },
   },
