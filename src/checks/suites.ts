@@ -5,14 +5,17 @@ import { scenarioCheck } from '../run/engine.js';
 import type { Check } from '../run/types.js';
 import { builtinScenarios, loadScenario, resolveScenario } from '../scenario/load.js';
 import type { Scenario } from '../scenario/types.js';
+import type { Wrong } from '../model/wrong.js';
 import { SMOKE } from './smoke.js';
 
 /** A name that selects no check. */
 export class SelectionError extends Error {}
 
 /** A scenario as two checks: results and A/D, then KVM's walker trace (a race has no single walk to trace: one check). */
-function checksOf(sc: Scenario): Check[] {
-  return sc.race ? [scenarioCheck(sc)] : [scenarioCheck(sc), scenarioCheck(sc, { trace: true })];
+function checksOf(sc: Scenario, wrong?: Wrong): Check[] {
+  return sc.race
+    ? [scenarioCheck(sc, { wrong })]
+    : [scenarioCheck(sc, { wrong }), scenarioCheck(sc, { trace: true, wrong })];
 }
 
 /** Every built-in scenario's checks. */
@@ -49,7 +52,7 @@ function suites(m: MatrixOptions = {}): Record<string, readonly Check[]> {
  * Resolves names to checks, in the order given: suite names, check names, or
  * paths of scenario files (anything ending in .json).
  */
-export function selectChecks(names: string[], matrix: MatrixOptions = {}): Check[] {
+export function selectChecks(names: string[], matrix: MatrixOptions = {}, wrong?: Wrong): Check[] {
   const all = suites(matrix);
   // Named explicitly without --sample, the access matrix runs every legal case.
   if (names.includes('access-matrix'))
@@ -61,7 +64,7 @@ export function selectChecks(names: string[], matrix: MatrixOptions = {}): Check
     let found: readonly Check[];
     if (n.endsWith('.json')) {
       const sc = loadScenario(n);
-      found = checksOf(sc);
+      found = checksOf(sc, wrong);
     } else {
       found = all[n] ?? everything.filter((c) => c.name === n);
     }

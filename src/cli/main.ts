@@ -10,6 +10,7 @@ import { probe } from '../probe/probe.js';
 import { formatProfile, profileJson } from '../report/profile.js';
 import { ScenarioError } from '../scenario/load.js';
 import { localTarget } from '../target/local.js';
+import { registerFuzz } from './fuzz.js';
 import { registerLab } from './lab.js';
 import { OutputError } from './output.js';
 import { addRunOptions, deviceOption, executeRun, runHelpText, UsageError, type RunCliOptions } from './run.js';
@@ -52,6 +53,7 @@ export function program(): Command {
     });
 
   registerWalk(p);
+  registerFuzz(p);
   registerRepro(p);
   registerLab(p);
   return p;

@@ -1,6 +1,7 @@
 // `kvmharness run`, and the run options `lab run` shares: arguments in,
 // checks run, report out.
 import { Option, type Command } from 'commander';
+import { parseWrong, WRONG_ENV } from '../model/wrong.js';
 import { selectChecks, SUITE_DOCS, type MatrixOptions } from '../checks/suites.js';
 import { Kvm } from '../kvm/kvm.js';
 import { removeStaleInstances } from '../observe/tracefs.js';
@@ -88,7 +89,9 @@ export function checksFor(names: string[], o: RunCliOptions): Check[] {
     sample: count('--sample', o.sample, 1),
     seed: count('--seed', o.seed, 0),
   };
-  return selectChecks(names, matrix);
+  // Test-only: scenario files run with a deliberately wrong model (model/wrong.ts).
+  const wrong = process.env[WRONG_ENV] ? parseWrong(process.env[WRONG_ENV]) : undefined;
+  return selectChecks(names, matrix, wrong);
 }
 
 /** A run under way, for the report of an interrupted run: the host once probed, and the results so far. */

@@ -839,7 +839,7 @@ const HOST_STEPS: HostStepTable = {
       return [];
     }
     g.preFaultUsed = true;
-    model.push(g.vm.preFault(s.gpa, s.size));
+    model.push(g.vm.preFault(s.gpa, s.size).note);
     return [`pre_fault(${u64(s.gpa)}, ${u64(s.size)});`];
   },
   // Steps of guest_memfd and memfd files and of the VMM's own accesses: not carried yet.

@@ -792,8 +792,14 @@ export class Tdp {
     const ch = this.slots.set(s);
     switch (ch.change) {
       case 'delete':
-      case 'move':
+      case 'move': {
+        // A move keeps the dirty bitmap of a slot that logs before and after it
+        // (kvm_prepare_memory_region reuses it, since 5.17): the same pages of the
+        // slot stay dirty, at its new GFNs. A deletion drops it.
+        const kept = this.dirty.get(dirtyKey(ch.old));
         this.dirty.delete(dirtyKey(ch.old));
+        if (ch.change === 'move' && kept?.size && ch.old.flags.logDirty && ch.new.flags.logDirty)
+          this.dirty.set(dirtyKey(ch.new), new Set([...kept].map((gfn) => gfn - ch.old.baseGfn + ch.new.baseGfn)));
         if (this.arch === 'x86_64' && this.slotZapAll) {
           // kvm_mmu_zap_all_fast: every root is invalidated and zapped where no
           // vCPU can reach it; vCPUs load new roots (a TLB flush of their own),
@@ -808,6 +814,7 @@ export class Tdp {
           this.zap(ch.old.asId, ch.old.baseGfn, slotEnd(ch.old), { tables: true });
         }
         break;
+      }
       case 'flags':
         if (ch.new.flags.logDirty) {
           if (this.eagerSplit) this.split(ch.new.asId, ch.new.baseGfn, slotEnd(ch.new), 1);

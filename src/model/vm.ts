@@ -196,8 +196,14 @@ export class ModelVm {
 
   /** Creates a slot, moves it or changes its flags; turning logging off forgets the pages logged so far. */
   setSlot(m: Memslot): void {
-    this.tdp.setMemslot(m);
+    const ch = this.tdp.setMemslot(m);
     if (!m.flags.logDirty) this.dirty.delete(m.slot);
+    else if (ch.change === 'move') {
+      // KVM keeps a moved slot's dirty bitmap (Tdp.setMemslot): the pages written stay dirty at their new GPAs.
+      const shift = BigInt(ch.new.baseGfn - ch.old.baseGfn) << 12n;
+      const set = this.dirty.get(m.slot);
+      if (set) this.dirty.set(m.slot, new Set([...set].map((gpa) => gpa + shift)));
+    }
   }
 
   /** Deletes a slot (KVM_SET_USER_MEMORY_REGION with size 0). */
@@ -353,13 +359,23 @@ export class ModelVm {
     this.tdp.host.remap(m.hva + offset, m.hva + offset + size);
   }
 
-  /** KVM_PRE_FAULT_MEMORY of [gpa, gpa + size); returns what the model did, for the notes. */
-  preFault(gpa: bigint, size: bigint): string {
+  /**
+   * KVM_PRE_FAULT_MEMORY of [gpa, gpa + size): page by page until one has no
+   * host memory to map (KVM stops there with EFAULT). Returns what the model
+   * did, for the notes, and the GPA where it stopped, if it did.
+   */
+  preFault(gpa: bigint, size: bigint): { note: string; efault?: bigint } {
     const kinds = new Map<string, number>();
+    let efault: bigint | undefined;
     for (let gfn = Number(gpa >> 12n); gfn < Number((gpa + size) >> 12n); gfn++) {
       const k = this.tdp.fault(0, gfn).kind;
       kinds.set(k, (kinds.get(k) ?? 0) + 1);
+      if (k === 'efault') {
+        efault = BigInt(gfn) << 12n;
+        break;
+      }
     }
-    return `model: pre-fault ${[...kinds].map(([k, n]) => `${n} ${k}`).join(', ')}`;
+    const note = `model: pre-fault ${[...kinds].map(([k, n]) => `${n} ${k}`).join(', ')}`;
+    return efault === undefined ? { note } : { note, efault };
   }
 }

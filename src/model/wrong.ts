@@ -79,3 +79,30 @@ export interface Wrong {
   shadow?: WrongShadow;
   vm?: WrongVm;
 }
+
+/**
+ * The environment variable through which tests run the CLI (`run`, `fuzz`)
+ * with a deliberately wrong model: comma-separated parts, `walk=<WrongWalk>`,
+ * `tdp=<levelOffByOne|zapOneShort|noCollapse>`, `race=dropDirtyBit`,
+ * `shadow=<WrongShadow>`. Not documented for users: it makes the models wrong.
+ */
+export const WRONG_ENV = 'KVMHARNESS_WRONG_MODEL';
+
+const TDP_WRONGS = ['levelOffByOne', 'zapOneShort', 'noCollapse'] as const;
+
+/** The wrong model a WRONG_ENV value names; an Error naming the bad part otherwise. */
+export function parseWrong(spec: string): Wrong {
+  const walk = new Set<WrongWalk>();
+  const w: Wrong = {};
+  for (const part of spec.split(',').filter((p) => p.trim())) {
+    const [model, what] = part.trim().split('=') as [string, string | undefined];
+    if (model === 'walk' && WRONG_WALKS.includes(what as WrongWalk)) walk.add(what as WrongWalk);
+    else if (model === 'tdp' && TDP_WRONGS.includes(what as (typeof TDP_WRONGS)[number]))
+      w.tdp = { ...w.tdp, [what!]: true };
+    else if (model === 'race' && what === 'dropDirtyBit') w.race = { dropDirtyBit: true };
+    else if (model === 'shadow' && WRONG_SHADOWS.includes(what as WrongShadow)) w.shadow = what as WrongShadow;
+    else throw new Error(`${WRONG_ENV}: unknown wrong model '${part.trim()}'`);
+  }
+  if (walk.size) w.walk = walk;
+  return w;
+}

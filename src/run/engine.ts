@@ -67,6 +67,10 @@ export interface EngineOptions {
   trace?: boolean;
   /** Test-only: a deliberately wrong model (walk, TDP, race; model/wrong.ts). */
   wrong?: Wrong;
+  /** false: no shadow MMU model beside the run (the fuzzer, shrinking a mismatch of another field). */
+  shadowFollow?: boolean;
+  /** false: no per-GFN TDP picture beside the run (the fuzzer, shrinking a mismatch of another field). */
+  tdpFollow?: boolean;
 }
 
 /** How a run ended: a guest stop, or KVM_RUN failing (EFAULT without a memory-fault exit), which is an observation. */
@@ -146,8 +150,8 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     run.load();
     if (opts.trace) trace = run.trace = TraceSession.open(ctx.target.fs, WALKER_EVENTS, [await g.vcpu.tid()]);
     const follow = { ctx, sc, g, built, walk: (gva: bigint) => run.entries.walk(gva), wrong: opts.wrong?.shadow };
-    shadow = run.shadow = await ShadowFollow.open(follow);
-    tdp = run.tdp = await TdpFollow.open({ ctx, g, vm: run.vm });
+    if (opts.shadowFollow !== false) shadow = run.shadow = await ShadowFollow.open(follow);
+    if (opts.tdpFollow !== false) tdp = run.tdp = await TdpFollow.open({ ctx, g, vm: run.vm });
     await run.steps();
   } finally {
     tdp?.close();
@@ -172,6 +176,8 @@ class ScenarioRun {
   /** The per-GFN picture beside the run, where a model of this host's MMU and its tracepoints are. */
   tdp: TdpFollow | undefined;
   pending: Pending | undefined;
+  /** The guest has run (its WRPKRU, first in the program, with it). */
+  ran = false;
 
   constructor(
     readonly ctx: CheckContext,
@@ -218,8 +224,8 @@ class ScenarioRun {
   }
 
   /** The model's walk of an access in the guest's tables as they are now. */
-  walk(access: Parameters<typeof walkWith>[3]): WalkResult {
-    return walkWith(this.wrongWalk, this.cfg, this.g.boot.tables.root, access, (gpa) => this.read(gpa));
+  walk(access: Parameters<typeof walkWith>[3], cfg: PagingConfig = this.cfg): WalkResult {
+    return walkWith(this.wrongWalk, cfg, this.g.boot.tables.root, access, (gpa) => this.read(gpa));
   }
 
   /**
@@ -235,7 +241,8 @@ class ScenarioRun {
     const low = gva & ((1n << (top + 1n)) - 1n);
     const canon = (low >> top) & 1n ? BigInt.asUintN(64, low | ~((1n << (top + 1n)) - 1n)) : low;
     const eflagsAc = ((this.g.vcpu.getRegs().rflags >> 18n) & 1n) === 1n;
-    const cfg = { ...this.cfg, walker: 'kvm' as const };
+    // PKRU is the guest's once it has run its WRPKRU (its first instruction), 0 before.
+    const cfg = { ...this.cfg, walker: 'kvm' as const, ...(this.ran ? {} : { pkru: 0 }) };
     return walkWith(
       this.wrongWalk,
       cfg,
@@ -341,6 +348,7 @@ class ScenarioRun {
 
   /** A run; KVM_RUN failing (EFAULT without a memory-fault exit) is an observation, not an error. */
   async runGuest(): Promise<Stop> {
+    this.ran = true;
     this.tdp?.beforeRun();
     try {
       return await this.g.run();
@@ -518,6 +526,17 @@ class ScenarioRun {
     if (!p) return true;
     const { ctx, g, vm } = this;
     this.pending = undefined;
+    // The redone access walks the guest's tables again: a host step in
+    // between may have changed them, and then it faults in the guest (or
+    // stops elsewhere) before it reaches the missing memory.
+    const w = this.walk({
+      gva: p.access.gva,
+      kind: p.access.access,
+      cpl: p.access.cpl,
+      eflagsAc: p.access.eflagsAc,
+      size: p.access.size,
+    });
+    if (!w.ok || w.gpa !== p.gpa) return this.redoChanged(p);
     const stop = await this.runGuest();
     if (vm.fault(p.gpa, p.access.access).kind === 'efault') {
       // Nothing restored the host memory: the access fails again.
@@ -548,6 +567,29 @@ class ScenarioRun {
     }
     for (const a of p.walk.adWrites) vm.markDirty(a.pteGpa);
     vm.fault(gpa, p.access.access);
+    return true;
+  }
+
+  /** A stopped access redone after a host step changed its walk: predicted and compared as a new access of its step. */
+  async redoChanged(p: Pending): Promise<boolean> {
+    const { ctx, g } = this;
+    ctx.note(`${p.name}: a host step changed the guest's tables; the redone access is predicted again from them`);
+    const pred = this.predict(p.access, p.name);
+    const cr2Before = pred.expectFault === 'gp' ? g.vcpu.getSregs().cr2 : undefined;
+    g.clearExceptions();
+    this.trace?.clear();
+    const stop = await this.runGuest();
+    if (pred.hostFault) {
+      ctx.expect(
+        `${p.name}: redone: KVM_RUN stops for the missing host memory`,
+        pred.hostFault.stop,
+        observedStop(stop),
+      );
+      return false;
+    }
+    if (!this.reachedSync(stop, p.step, p.name)) return false;
+    if (stop.kind === 'sync')
+      this.compareAccess({ ...p.access }, `${p.name}: redone`, pred, stop.values[0]!, cr2Before);
     return true;
   }
 }

@@ -262,7 +262,8 @@ export async function runRace(
       const set = union.get(n) ?? new Set<bigint>();
       for (const gpa of dirtyPages(bitmap, s.gpa)) set.add(gpa);
       union.set(n, set);
-      if (clear) g.vm.clearDirtyLog(n, 0, Math.ceil(s.npages / 64) * 64, bitmap);
+      // KVM takes a page count that is a multiple of 64 or ends at the slot's end: the slot's own count.
+      if (clear) g.vm.clearDirtyLog(n, 0, s.npages, bitmap);
     };
     let overlapped = 0;
     let ops = 0;
@@ -377,7 +378,8 @@ export async function runRace(
     if (trace) finalPicture(ctx, sc, model, hvas, trace.take(), wrongTdp);
   } finally {
     trace?.close();
-    // A vCPU still running (a failed check above) is kicked by close().
+    // A vCPU still running (a failed check above) is kicked by close(), which
+    // waits for its thread, so the thread is free for the next VM.
     g.mem.write64(STOP, 1n);
     g.close();
     await Promise.allSettled(runs);

@@ -8,13 +8,13 @@
 //
 // Apart from src/scenario because it needs the KVM binding and the x86
 // assembler; the scenario room stays pure.
+import { KvmError } from '../kvm/sys.js';
 import { Asm } from '../arch/x86/asm.js';
 import { channel, type X86Guest } from '../arch/x86/guest.js';
 import { LAYOUT } from '../arch/x86/layout.js';
 import { PTE_A, PTE_D } from '../arch/x86/pte.js';
 import type { Memslot } from '../model/memslots.js';
 import { clearDirtyRefusal, memFlags, type ModelVm } from '../model/vm.js';
-import { KvmError } from '../kvm/sys.js';
 import type { PagingConfig, WalkResult } from '../model/walk.js';
 import { dirtyPages } from '../observe/dirty-log.js';
 import type { HostRange, Scenario, SlotPiece, Step } from '../scenario/types.js';
@@ -359,11 +359,24 @@ export const STEP_ACTIONS: StepActionTable = {
         ctx.note(`${name}: not applicable here (KVM_CAP_PRE_FAULT_MEMORY is 0); the step is skipped`);
         return;
       }
+      const model = vm.preFault(s.gpa, s.size);
       // KVM_PRE_FAULT_MEMORY may stop early (a signal, a reschedule): call again for the rest.
+      // A page without host memory (munmap, PROT_NONE) stops it with EFAULT.
       let left = s.size;
-      for (let tries = 0; left > 0n && tries < 64; tries++) left = g.vcpu.preFault(s.gpa + s.size - left, left);
-      ctx.expect(`${name}: KVM_PRE_FAULT_MEMORY bytes left`, 0n, left);
-      ctx.note(`${name}: ${vm.preFault(s.gpa, s.size)}`);
+      let error: string | undefined;
+      try {
+        for (let tries = 0; left > 0n && tries < 64; tries++) left = g.vcpu.preFault(s.gpa + s.size - left, left);
+      } catch (e) {
+        if (!(e instanceof KvmError && e.call === 'KVM_PRE_FAULT_MEMORY')) throw e;
+        error = e.code;
+      }
+      const end = s.gpa + s.size;
+      ctx.expect(
+        `${name}: KVM_PRE_FAULT_MEMORY bytes left`,
+        model.efault === undefined ? 0n : { left: end - model.efault, error: 'EFAULT' },
+        error === undefined && model.efault === undefined ? left : { left, ...(error ? { error } : {}) },
+      );
+      ctx.note(`${name}: ${model.note}`);
     },
   },
   'punch-hole': {
