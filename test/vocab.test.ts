@@ -278,9 +278,11 @@ describe.skipIf(skip !== undefined)(
           p,
         );
         expect(r.outcome).toBe('fail');
-        expect(r.comparisons.filter((c) => !c.ok).map((c) => c.what)).toEqual([
-          'step 0 write64 0x8000300000 cpl0: stats pages_2m',
-        ]);
+        const failed = r.comparisons.filter((c) => !c.ok).map((c) => c.what);
+        // The stats comparison names the level; where the host traces SPTEs, the per-GFN
+        // picture reports the same mistake page by page (and nothing else does).
+        expect(failed[0]).toBe('step 0 write64 0x8000300000 cpl0: stats pages_2m');
+        for (const f of failed.slice(1)) expect(f).toMatch(/: TDP (gfn 0x[0-9a-f]+ present|per-GFN picture|faults)/);
       } finally {
         k.close();
       }
