@@ -311,3 +311,163 @@ describe('host memory', () => {
     expect(mm.lookup(H)).toBeUndefined();
   });
 });
+
+describe('memslot checks at their boundaries', () => {
+  // KVM_MEM_MAX_NR_PAGES is (1 << 31) - 1; the user address space ends at 2^47 - 4096 (TASK_SIZE_MAX).
+  const accepts = (ms: Memslots, s: Memslot) => expect(ms.set(s).change).toBe('create');
+
+  test('a slot of KVM_MEM_MAX_NR_PAGES pages is accepted, one page more is not', () => {
+    accepts(new Memslots(), slot({ baseGfn: 0, npages: 2 ** 31 - 1, hva: 0n }));
+    rejects(() => new Memslots().set(slot({ baseGfn: 0, npages: 2 ** 31, hva: 0n })), 'EINVAL', /2147483648 pages/);
+    rejects(() => new Memslots().set(slot({ npages: -1 })), 'EINVAL', /-1 pages is not a valid size/);
+    rejects(() => new Memslots().set(slot({ npages: 1.5 })), 'EINVAL', /1\.5 pages is not a valid size/);
+  });
+
+  test('the address space and slot id are integers inside their ranges', () => {
+    const ms = new Memslots({ asIds: 2, maxSlots: 4 });
+    rejects(() => ms.set(slot({ asId: -1 })), 'EINVAL', /as_id -1 is outside \[0, 2\)/);
+    rejects(() => ms.set(slot({ asId: 0.5 })), 'EINVAL', /as_id 0\.5/);
+    rejects(() => ms.set(slot({ slot: -1 })), 'EINVAL', /slot id -1 is outside \[0, 4\)/);
+    rejects(() => ms.set(slot({ slot: 0.5 })), 'EINVAL', /slot id 0\.5/);
+    rejects(() => ms.set(slot({ slot: 4 })), 'EINVAL', /slot id 4 is outside \[0, 4\)/);
+    accepts(ms, slot({ slot: 3, asId: 1 }));
+    expect(ms.list(7)).toEqual([]);
+  });
+
+  test('the base GFN is a frame number, and a slot may end exactly at the MMU limit', () => {
+    rejects(() => new Memslots().set(slot({ baseGfn: -1 })), 'EINVAL', /base GFN -1 is not a frame number/);
+    rejects(() => new Memslots().set(slot({ baseGfn: 0.5 })), 'EINVAL', /base GFN 0\.5/);
+    accepts(new Memslots(), slot({ baseGfn: 0 }));
+    accepts(new Memslots({ maxGfn: 0x2000 }), slot({ baseGfn: 0x2000 - 512 }));
+    rejects(() => new Memslots({ maxGfn: 0x2000 }).set(slot({ baseGfn: 0x2000 - 511 })), 'EINVAL', /MMU's limit/);
+  });
+
+  test('the HVA range may end exactly at the end of the user address space, and starts at or above 0', () => {
+    const limit = (1n << 47n) - 0x1000n;
+    accepts(new Memslots(), slot({ hva: limit - 512n * 0x1000n }));
+    rejects(() => new Memslots().set(slot({ hva: (1n << 47n) - 512n * 0x1000n })), 'EINVAL', /access_ok/);
+    rejects(() => new Memslots().set(slot({ hva: -0x1000n })), 'EINVAL', /access_ok/);
+    accepts(new Memslots(), slot({ hva: 0n }));
+    accepts(new Memslots({ hvaLimit: 0x300000n }), slot({ hva: 0x100000n }));
+  });
+
+  test('memfd and guest_memfd take 4 KiB or 2 MiB pages; hugetlb is aligned to and sized in its pages', () => {
+    for (const kind of ['memfd', 'guest_memfd'] as const)
+      for (const pageSize of [4096, 2 << 20]) accepts(new Memslots(), slot({ backing: { kind, pageSize } }));
+    rejects(
+      () => new Memslots().set(slot({ backing: { kind: 'memfd', pageSize: 1 << 30 } })),
+      'EINVAL',
+      /memfd backing cannot have page size 1073741824/,
+    );
+    const g1 = { kind: 'hugetlb1g', pageSize: 1 << 30 } as const;
+    accepts(new Memslots(), slot({ baseGfn: 0x40000, npages: 0x40000, backing: g1 }));
+    rejects(
+      () => new Memslots().set(slot({ baseGfn: 0x40000, npages: 0x40000, hva: H + 0x200000n, backing: g1 })),
+      'EINVAL',
+      /in 1024 MiB pages/,
+    );
+    rejects(
+      () => new Memslots().set(slot({ npages: 256, backing: { kind: 'hugetlb2m', pageSize: 2 << 20 } })),
+      'EINVAL',
+      /in 2 MiB pages/,
+    );
+  });
+
+  test('the backing of an existing slot cannot change, neither its kind nor its page size', () => {
+    const ms = new Memslots();
+    ms.set(slot({ backing: { kind: 'memfd', pageSize: 4096 } }));
+    rejects(() => ms.set(slot({ backing: { kind: 'anon', pageSize: 4096 } })), 'EINVAL', /backing of an existing/);
+    rejects(() => ms.set(slot({ backing: { kind: 'memfd', pageSize: 2 << 20 } })), 'EINVAL', /backing of an existing/);
+  });
+
+  test('a slot may move onto part of its own old range and sit right next to another', () => {
+    // kvm_check_memslot_overlap skips the slot being moved.
+    const ms = new Memslots();
+    ms.set(slot({ slot: 0, baseGfn: 0x1000 }));
+    expect(ms.set(slot({ slot: 0, baseGfn: 0x1100 })).change).toBe('move');
+    accepts(ms, slot({ slot: 1, baseGfn: 0x1100 - 512, hva: H + 0x400000n }));
+    accepts(ms, slot({ slot: 2, baseGfn: 0x1300, hva: H + 0x800000n }));
+  });
+
+  test('a lookup after a delete or a move does not find the slot where it was', () => {
+    const ms = new Memslots();
+    ms.set(slot({ slot: 0, baseGfn: 0x1000 }));
+    ms.set(slot({ slot: 1, baseGfn: 0x1200, hva: H + 0x400000n }));
+    expect(ms.find(0, 0x1000)?.slot).toBe(0);
+    expect(ms.find(0, 0x1200)?.slot).toBe(1);
+    expect(ms.find(0, 0x11ff)?.slot).toBe(0);
+    expect(ms.find(0, 0x13ff)?.slot).toBe(1);
+    expect(ms.find(0, 0x1400)).toBeUndefined();
+    ms.set(slot({ slot: 1, baseGfn: 0x3000, hva: H + 0x400000n }));
+    expect(ms.find(0, 0x1200)).toBeUndefined();
+    expect(ms.find(0, 0x1000)?.slot).toBe(0);
+    ms.set(slot({ slot: 0, npages: 0 }));
+    expect(ms.find(0, 0x1000)).toBeUndefined();
+  });
+
+  test('a rejection is a MemslotError whose message starts with the errno', () => {
+    let err: unknown;
+    try {
+      new Memslots().set(slot({ slot: 9, npages: 0 }));
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(MemslotError);
+    expect((err as Error).name).toBe('MemslotError');
+    expect((err as Error).message).toBe('EINVAL: no slot 9 in as_id 0 to delete');
+  });
+});
+
+describe('fromRegion at its boundaries', () => {
+  const r = { slot: 0, flags: 0, guestPhysAddr: 0n, memorySize: 0x1000n, userspaceAddr: H };
+  const anon = { kind: 'anon', pageSize: 4096 } as const;
+
+  test('KVM_MEM_GUEST_MEMFD goes with a guest_memfd backing and only with it', () => {
+    rejects(() => fromRegion({ ...r, flags: MEM.KVM_MEM_GUEST_MEMFD }, anon), 'EINVAL', /KVM_MEM_GUEST_MEMFD/);
+    expect(fromRegion({ ...r, flags: MEM.KVM_MEM_GUEST_MEMFD }, { kind: 'guest_memfd', pageSize: 4096 }).npages).toBe(
+      1,
+    );
+  });
+
+  test('an unaligned userspace_addr is refused', () => {
+    rejects(() => fromRegion({ ...r, userspaceAddr: H + 8n }, anon), 'EINVAL', /userspace_addr is not page-aligned/);
+  });
+
+  test('a range that reaches 2^64 wraps (u64 arithmetic), one page lower does not', () => {
+    rejects(
+      () => fromRegion({ ...r, guestPhysAddr: (1n << 64n) - 0x1000n }, anon),
+      'EINVAL',
+      /guest_phys_addr \+ memory_size wraps/,
+    );
+    expect(fromRegion({ ...r, guestPhysAddr: (1n << 64n) - 0x2000n }, anon).baseGfn).toBe(2 ** 52 - 2);
+  });
+});
+
+describe('HVA ranges at their boundaries', () => {
+  const view = (g: GfnRange) => [g.asId, g.slot.slot, g.start, g.end];
+
+  test('an empty range touches no page, and the op refuses it with EINVAL', () => {
+    const ms = new Memslots();
+    ms.set(slot());
+    expect([...hvaRanges(ms, H + 0x1000n, H + 0x1000n)]).toEqual([]);
+    const r = hvaRangeOp(ms, H + 0x2000n, H + 0x1000n, () => undefined);
+    expect((r.error as MemslotError).problem).toBe('empty or inverted HVA range');
+    expect(r.done).toEqual([]);
+  });
+
+  test('slots are visited in HVA order, aliases of one HVA by slot id; a range ending at a slot misses it', () => {
+    const ms = new Memslots();
+    ms.set(slot({ slot: 0, baseGfn: 0x1000, hva: H + 0x200000n }));
+    ms.set(slot({ slot: 2, baseGfn: 0x2000, hva: H }));
+    ms.set(slot({ slot: 1, baseGfn: 0x3000, hva: H }));
+    expect([...hvaRanges(ms, H, H + 0x400000n)].map(view)).toEqual([
+      [0, 1, 0x3000, 0x3200],
+      [0, 2, 0x2000, 0x2200],
+      [0, 0, 0x1000, 0x1200],
+    ]);
+    expect([...hvaRanges(ms, H + 0x1ff000n, H + 0x200000n)].map(view)).toEqual([
+      [0, 1, 0x31ff, 0x3200],
+      [0, 2, 0x21ff, 0x2200],
+    ]);
+  });
+});
