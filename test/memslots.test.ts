@@ -471,3 +471,170 @@ describe('HVA ranges at their boundaries', () => {
     ]);
   });
 });
+
+describe('host memory: huge pages, splits and ranges', () => {
+  const M2 = 0x200000n;
+  const at = (p: Partial<Memslot>) => slot({ npages: 512 * 64, ...p });
+  const thp = at({ backing: { kind: 'thp', pageSize: 2 << 20 } });
+  const memfd2m = at({ backing: { kind: 'memfd', pageSize: 2 << 20 } });
+  const anon = at({});
+
+  test('hugetlb is never split: a partial DONTNEED drops the whole huge page, without a split notification', () => {
+    for (const [kind, size] of [
+      ['hugetlb2m', 2 << 20],
+      ['hugetlb1g', 1 << 30],
+    ] as const) {
+      const mm = new HostMm();
+      const s = slot({ npages: size / 4096, backing: { kind, pageSize: size } });
+      expect(mm.fault(s, H, true)!.page.level).toBe(kind === 'hugetlb2m' ? 2 : 3);
+      expect(mm.invalidate(H + 0x1000n, H + 0x2000n, 'dontneed')).toEqual([[H + 0x1000n, H + 0x2000n]]);
+      expect(mm.lookup(H)).toBeUndefined();
+    }
+  });
+
+  test('frames are handed out in allocation order, a THP aligned to 512 frames', () => {
+    const mm = new HostMm();
+    const a = mm.fault(anon, H, true)!.page.pfn;
+    const b = mm.fault(anon, H + 0x1000n, true)!.page.pfn;
+    const t = mm.fault(thp, H + 4n * M2, true)!.page;
+    expect(b).toBe(a + 1);
+    expect(t.level).toBe(2);
+    expect(t.pfn % 512).toBe(0);
+    expect(t.pfn).toBeGreaterThan(b);
+  });
+
+  test('DONTNEED drops an anonymous zero-page mapping', () => {
+    const mm = new HostMm();
+    mm.fault(anon, H, false);
+    expect(mm.lookup(H)?.pfn).toBe(ZERO_PFN);
+    mm.invalidate(H, H + 0x1000n, 'dontneed');
+    expect(mm.lookup(H)).toBeUndefined();
+  });
+
+  test('a 2 MiB block that holds a 4 KiB mapping gets no PMD; one freed whole may get a PMD again', () => {
+    // anon and thp slots over the same host memory: the anon write maps one 4 KiB page at H + 0x3000.
+    const mm = new HostMm();
+    mm.fault(anon, H + 0x3000n, true);
+    expect(mm.fault(thp, H + 0x5000n, false)!.page.level).toBe(1);
+    const mm2 = new HostMm();
+    expect(mm2.fault(thp, H, true)!.page.level).toBe(2);
+    mm2.invalidate(H, H + M2, 'dontneed');
+    expect(mm2.fault(thp, H + 0x1000n, true)!.page.level).toBe(2);
+  });
+
+  test('a THP block must lie wholly inside the VMA', () => {
+    const mm = new HostMm();
+    const off = slot({ hva: H + 0x1000n, npages: 1024, backing: { kind: 'thp', pageSize: 2 << 20 } });
+    expect(mm.fault(off, H + 0x1000n, true)!.page.level).toBe(1);
+    expect(mm.fault(off, H + M2, true)!.page.level).toBe(2);
+    const short = slot({ npages: 768, backing: { kind: 'thp', pageSize: 2 << 20 } });
+    expect(new HostMm().fault(short, H + M2, true)!.page.level).toBe(1);
+    expect(new HostMm().fault(short, H, true)!.page.level).toBe(2);
+  });
+
+  test('an empty invalidation notifies nothing', () => {
+    expect(new HostMm().invalidate(H, H, 'munmap')).toEqual([]);
+  });
+
+  test('a THP covered whole goes without a split; one covered in part is split first and keeps its other frames', () => {
+    const whole = new HostMm();
+    whole.fault(thp, H, true);
+    expect(whole.invalidate(H - M2, H + M2, 'munmap')).toEqual([[H - M2, H + M2]]);
+    expect(whole.lookup(H + 0x1000n)).toBeUndefined();
+    const exact = new HostMm();
+    exact.fault(thp, H, true);
+    expect(exact.invalidate(H, H + M2, 'dontneed')).toEqual([[H, H + M2]]);
+    expect(exact.lookup(H)).toBeUndefined();
+
+    for (const [s, e] of [
+      [H + 0x1000n, H + 0x2000n],
+      [H, H + 0x1000n],
+      [H + 0x1ff000n, H + M2 + 0x1000n],
+    ]) {
+      const mm = new HostMm();
+      const pfn = mm.fault(thp, H, true)!.page.pfn;
+      expect(mm.invalidate(s!, e!, 'dontneed')).toEqual([
+        [H, H + M2],
+        [s, e],
+      ]);
+      expect(mm.lookup(s!)).toBeUndefined();
+      const other = s === H ? H + 0x2000n : H;
+      expect(mm.lookup(other)).toEqual({ pfn: pfn + Number((other - H) >> 12n), level: 1, writable: true });
+    }
+  });
+
+  test('a splitting write to the huge zero page maps 512 zero PTEs and nothing past the block', () => {
+    const mm = new HostMm();
+    mm.fault(thp, H, false);
+    mm.fault(thp, H, true);
+    expect(mm.lookup(H + M2 - 0x1000n)).toEqual({ pfn: ZERO_PFN, level: 1, writable: false });
+    expect(mm.lookup(H + M2)).toBeUndefined();
+  });
+
+  test('DONTNEED keeps a page-cache THP covered whole; munmap drops it', () => {
+    const mm = new HostMm();
+    const p = mm.fault(memfd2m, H, true)!.page;
+    expect(p.level).toBe(2);
+    mm.invalidate(H, H + M2, 'dontneed');
+    expect(mm.lookup(H)).toEqual(p);
+    mm.invalidate(H, H + M2, 'munmap');
+    expect(mm.lookup(H)).toBeUndefined();
+  });
+
+  test('over a long range, only the huge pages inside it are touched; partial ones split in address order', () => {
+    const mm = new HostMm();
+    // THPs at H + 4M (faulted first), H and H + 66M; the long range ends exactly where the last begins.
+    for (const off of [4n, 0n, 66n]) mm.fault(thp, H + off * 0x100000n, true);
+    expect(mm.invalidate(H + M2, H + 66n * 0x100000n, 'munmap')).toEqual([[H + M2, H + 66n * 0x100000n]]);
+    expect(mm.lookup(H)!.level).toBe(2);
+    expect(mm.lookup(H + 4n * 0x100000n)).toBeUndefined();
+    expect(mm.lookup(H + 66n * 0x100000n)!.level).toBe(2);
+
+    const two = new HostMm();
+    for (const off of [4n, 0n]) two.fault(thp, H + off * 0x100000n, true);
+    expect(two.invalidate(H + 0x1000n, H + 6n * 0x100000n - 0x1000n, 'munmap')).toEqual([
+      [H, H + M2],
+      [H + 2n * M2, H + 3n * M2],
+      [H + 0x1000n, H + 6n * 0x100000n - 0x1000n],
+    ]);
+    // A short range over a hole and one huge page looks at each 2 MiB block.
+    const hole = new HostMm();
+    for (const off of [0n, 4n, 8n]) hole.fault(thp, H + off * 0x100000n, true);
+    expect(hole.invalidate(H + M2, H + 2n * M2 + 0x1000n, 'munmap')).toEqual([
+      [H + 2n * M2, H + 3n * M2],
+      [H + M2, H + 2n * M2 + 0x1000n],
+    ]);
+  });
+
+  test('mprotect covers exactly its pages, and read-write lifts it', () => {
+    const mm = new HostMm();
+    mm.protect(H, H + 0x1000n, 'none');
+    expect(mm.fault(anon, H, false)).toBeUndefined();
+    expect(mm.fault(anon, H + 0x1000n, false)).toBeDefined();
+    mm.protect(H, H + 0x1000n, 'read-write');
+    expect(mm.fault(anon, H, true)!.page.writable).toBe(true);
+  });
+
+  test('a remap revives only its own pages of an unmapped range, and lifts their protection only', () => {
+    const mm = new HostMm();
+    mm.invalidate(H, H + 0x3000n, 'munmap');
+    mm.remap(H + 0x1000n, H + 0x2000n);
+    expect([0n, 0x1000n, 0x2000n].map((o) => mm.fault(anon, H + o, false) !== undefined)).toEqual([false, true, false]);
+
+    const edge = new HostMm();
+    edge.invalidate(H, H + 0x1000n, 'munmap');
+    edge.invalidate(H + 0x2000n, H + 0x3000n, 'munmap');
+    edge.remap(H + 0x1000n, H + 0x2000n);
+    expect([0n, 0x1000n, 0x2000n].map((o) => edge.fault(anon, H + o, false) !== undefined)).toEqual([
+      false,
+      true,
+      false,
+    ]);
+
+    const prot = new HostMm();
+    prot.protect(H, H + 0x2000n, 'none');
+    prot.remap(H, H + 0x1000n);
+    expect(prot.fault(anon, H, true)).toBeDefined();
+    expect(prot.fault(anon, H + 0x1000n, false)).toBeUndefined();
+  });
+});
