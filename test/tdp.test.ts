@@ -628,3 +628,221 @@ describe('wrong-model switches', () => {
     }
   });
 });
+
+describe('dirty-log harvests', () => {
+  const logging = (p: Partial<Memslot> = {}) => slot({ flags: { logDirty: true, readonly: false }, ...p });
+  const errno = (fn: () => unknown, re: RegExp) => expect(fn).toThrow(re);
+
+  test('KVM_CLEAR_DIRTY_LOG takes the logged pages of [first, first + count) of the slot, sorted, and re-protects them', () => {
+    const { tdp } = vm({}, logging());
+    for (const g of [5, 1, 3, 9]) tdp.fault(0, BASE + g, { write: true });
+    expect(tdp.peekDirty(0, 0)).toEqual([BASE + 1, BASE + 3, BASE + 5, BASE + 9]);
+    expect(tdp.clearDirtyLog(0, 0, 2, 4)).toEqual([BASE + 3, BASE + 5]);
+    expect(tdp.peekDirty(0, 0)).toEqual([BASE + 1, BASE + 9]);
+    expect(tdp.lookup(0, BASE + 3)!.spte & SPTE_W).toBe(0);
+    expect(tdp.lookup(0, BASE + 1)!.spte & SPTE_W).not.toBe(0);
+    expect(tdp.clearDirtyLog(0, 0, 5, 4)).toEqual([]); // ends just below BASE + 9
+    expect(tdp.clearDirtyLog(0, 0, 1, 1)).toEqual([BASE + 1]);
+    expect(tdp.clearDirtyLog(0, 0, 9, 1)).toEqual([BASE + 9]);
+    expect(tdp.peekDirty(0, 0)).toEqual([]);
+  });
+
+  test('KVM_GET_DIRTY_LOG gives the pages sorted; both harvests refuse a missing slot or one that does not log', () => {
+    const { tdp } = vm({}, logging(), slot({ slot: 1, baseGfn: BASE + 1024, hva: H + 0x400000n }));
+    for (const g of [5, 1, 3]) tdp.fault(0, BASE + g, { write: true });
+    expect(tdp.getDirtyLog(0, 0)).toEqual([BASE + 1, BASE + 3, BASE + 5]);
+    errno(() => tdp.getDirtyLog(0, 7), /EINVAL: no slot 7 in as_id 0/);
+    errno(() => tdp.getDirtyLog(0, 1), /EINVAL: slot 1 does not log dirty pages/);
+    errno(() => tdp.clearDirtyLog(0, 7, 0, 1), /EINVAL: no slot 7 in as_id 0/);
+    errno(() => tdp.clearDirtyLog(0, 1, 0, 1), /EINVAL: slot 1 does not log dirty pages/);
+    expect(tdp.peekDirty(0, 7)).toEqual([]);
+  });
+
+  test('a harvest re-protects only the harvested writable leaves, in one flush', () => {
+    const { tdp } = vm({}, logging());
+    tdp.fault(0, BASE + 2); // the zero page: read-only, not logged
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(0, BASE + 3, { write: true });
+    const n = tdp.events.length;
+    expect(tdp.getDirtyLog(0, 0)).toEqual([BASE + 1, BASE + 3]);
+    expect(kinds(tdp.events.slice(n))).toEqual(['spte@1', 'spte@1', 'flush']);
+    expect(tdp.events.at(-1)).toEqual({
+      kind: 'flush',
+      asId: 0,
+      ranges: [
+        { start: BASE + 1, end: BASE + 2 },
+        { start: BASE + 3, end: BASE + 4 },
+      ],
+    });
+  });
+
+  test('each address space logs its own slots', () => {
+    const { tdp } = vm({}, logging(), logging({ asId: 1 }));
+    tdp.fault(1, BASE + 4, { write: true });
+    expect(tdp.peekDirty(0, 0)).toEqual([]);
+    expect(tdp.peekDirty(1, 0)).toEqual([BASE + 4]);
+  });
+});
+
+describe('yield points in range operations', () => {
+  // Every 4th entry handed out is a yield point: the pending flush goes out, and the walk
+  // restarts at that entry. Eight 4 KiB leaves: yields at the 4th and the 7th, so three flushes.
+  const flushes = (events: TdpEvent[]) =>
+    events.filter((e) => e.kind === 'flush').map((e) => (e.kind === 'flush' ? e.ranges : []));
+  const eight = () => {
+    const { tdp } = vm({ yieldEvery: 4 }, slot());
+    for (let g = 0; g < 8; g++) tdp.fault(0, BASE + g, { write: true });
+    return { tdp, n: tdp.events.length };
+  };
+  const thirds = [
+    [{ start: BASE, end: BASE + 3 }],
+    [{ start: BASE + 3, end: BASE + 6 }],
+    [{ start: BASE + 6, end: BASE + 8 }],
+  ];
+
+  test('write protection', () => {
+    const { tdp, n } = eight();
+    expect(tdp.writeProtect(0, BASE, BASE + 8)).toEqual(thirds.flat());
+    expect(flushes(tdp.events.slice(n))).toEqual(thirds);
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + 8, level: 1, writable: false, executable: true }]);
+  });
+
+  test('clearing dirty bits', () => {
+    const { tdp, n } = eight();
+    tdp.clearDirty(0, BASE, BASE + 8);
+    expect(flushes(tdp.events.slice(n))).toEqual(thirds);
+  });
+
+  test('the dirty-log harvest', () => {
+    const { tdp } = vm({ yieldEvery: 4 }, slot({ flags: { logDirty: true, readonly: false } }));
+    for (let g = 0; g < 8; g++) tdp.fault(0, BASE + g, { write: true });
+    const n = tdp.events.length;
+    tdp.getDirtyLog(0, 0);
+    expect(flushes(tdp.events.slice(n))).toEqual(thirds);
+  });
+});
+
+describe('memslot deletion and moves', () => {
+  const b = slot({ slot: 1, baseGfn: BASE + 1024, hva: H + 0x400000n });
+  const setup = (opts: TdpOptions) => {
+    const two = opts.arch !== 'arm64';
+    const { tdp } = vm(opts, slot(), b, ...(two ? [slot({ asId: 1 })] : []));
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(0, BASE + 1025, { write: true });
+    if (two) tdp.fault(1, BASE + 2, { write: true });
+    return tdp;
+  };
+
+  test('x86 (kvm_mmu_zap_all_fast): deleting one slot zaps every mapping of every address space, tables too', () => {
+    const tdp = setup({});
+    tdp.setMemslot({ ...b, npages: 0 });
+    expect([tdp.mappings(0), tdp.mappings(1)]).toEqual([[], []]);
+    expect(tdp.events.filter((e) => e.kind === 'teardown').length).toBeGreaterThan(0);
+    const m = setup({});
+    m.setMemslot({ ...b, baseGfn: BASE + 4096 });
+    expect([m.mappings(0), m.mappings(1)]).toEqual([[], []]);
+  });
+
+  test('x86 without zap-all, and arm64: only the slot goes, with its tables', () => {
+    for (const opts of [{ slotZapAll: false }, { arch: 'arm64' as const }]) {
+      const tdp = setup(opts);
+      tdp.setMemslot({ ...b, npages: 0 });
+      expect(tdp.mappings(0).map((r) => r.start)).toEqual([BASE + 1]);
+      if (opts.arch !== 'arm64') expect(tdp.mappings(1).map((r) => r.start)).toEqual([BASE + 2]);
+      expect(tdp.events.filter((e) => e.kind === 'teardown')).toEqual([
+        { kind: 'teardown', asId: 0, gfn: BASE + 1024, level: 1, sptes: 1 },
+      ]);
+    }
+  });
+});
+
+describe('more TDP rules', () => {
+  test('runs of mappings break where the level or the exec permission changes', () => {
+    const { tdp } = vm({ nxHugePages: true }, slot({ npages: 1024, backing: hugetlb2m }));
+    tdp.fault(0, BASE + 3);
+    tdp.fault(0, BASE + 3, { exec: true });
+    tdp.fault(0, BASE + 512);
+    tdp.writeProtect(0, BASE + 4, BASE + 5);
+    expect(tdp.mappings(0)).toEqual([
+      { start: BASE, end: BASE + 4, level: 1, writable: true, executable: true },
+      { start: BASE + 4, end: BASE + 5, level: 1, writable: false, executable: true },
+      { start: BASE + 5, end: BASE + 512, level: 1, writable: true, executable: true },
+      { start: BASE + 512, end: BASE + 1024, level: 2, writable: true, executable: false },
+    ]);
+  });
+
+  test('without a memslot, arm64 and x86 without MMIO caching install nothing', () => {
+    for (const opts of [{ arch: 'arm64' as const }, { mmioCaching: false }]) {
+      const { tdp } = vm(opts);
+      expect(tdp.fault(0, 0x500)).toEqual({ kind: 'mmio', gfn: 0x500, level: 0, spte: 0 });
+      expect(tdp.lookup(0, 0x500)).toBeUndefined();
+    }
+  });
+
+  test('the x86 root has 4 or 5 levels, and covers every GFN the memslots allow', () => {
+    expect(() => new Tdp(new Memslots(), { levels: 3 as 4 })).toThrow('x86 TDP has 4 or 5 levels, not 3');
+    expect(() => new Tdp(new Memslots({ maxGfn: 2 ** 37 }))).toThrow(/memslots allow GFNs up to 137438953472/);
+    expect(() => new Tdp(new Memslots()).root(2)).toThrow('no address space 2');
+  });
+
+  test('nx_huge_pages is an x86 rule: arm64 maps a huge block for an exec fault', () => {
+    const { tdp } = vm({ arch: 'arm64', nxHugePages: true }, slot({ npages: 1024, backing: hugetlb2m }));
+    expect(tdp.fault(0, BASE + 3, { exec: true }).level).toBe(2);
+  });
+
+  test('arm64 maps writable on a read fault unless the slot logs dirty pages, then only on a write', () => {
+    const plain = vm({ arch: 'arm64' }, slot());
+    expect(decodeSpte(plain.tdp.fault(0, BASE + 1, { write: true }).spte)).toMatchObject({
+      writable: true,
+      dirty: true,
+    });
+    const memfd = { kind: 'memfd', pageSize: 4096 } as const; // no zero page: a read maps the page itself
+    const { tdp } = vm({ arch: 'arm64' }, slot({ backing: memfd, flags: { logDirty: true, readonly: false } }));
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(0, BASE + 2);
+    expect(decodeSpte(tdp.lookup(0, BASE + 2)!.spte)).toMatchObject({ writable: false });
+    expect(tdp.fault(0, BASE + 2, { write: true }).kind).toBe('relax');
+    expect(decodeSpte(tdp.lookup(0, BASE + 2)!.spte)).toMatchObject({ writable: true, dirty: true });
+  });
+
+  test('x86 splits without a flush, arm64 breaks the block first and flushes it', () => {
+    const x = vm({}, slot({ npages: 512, backing: hugetlb2m }));
+    x.tdp.fault(0, BASE, { write: true });
+    expect(x.tdp.split(0, BASE, BASE + 512)).toEqual({ split: 1, flush: [] });
+    const a = vm({ arch: 'arm64' }, slot({ npages: 512, backing: hugetlb2m }));
+    a.tdp.fault(0, BASE, { write: true });
+    expect(a.tdp.split(0, BASE, BASE + 512)).toEqual({ split: 1, flush: [{ start: BASE, end: BASE + 512 }] });
+    expect(a.tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + 512, level: 1, writable: true, executable: false }]);
+  });
+
+  test('a zap keeps x86 tables and removes stage-2 tables by default', () => {
+    const x = vm({}, slot());
+    x.tdp.fault(0, BASE + 1, { write: true });
+    expect(x.tdp.zap(0, BASE, BASE + 512).removed).toEqual([]);
+    const a = vm({ arch: 'arm64' }, slot());
+    a.tdp.fault(0, BASE + 1, { write: true });
+    expect(a.tdp.zap(0, BASE, BASE + 512).removed.map((r) => [r.gfn, r.level])).toEqual([[BASE, 1]]);
+  });
+
+  test('NX huge pages: 2 MiB children of a split 1 GiB leaf stay non-executable, 4 KiB ones are executable', () => {
+    const { tdp } = vm({ nxHugePages: true }, slot({ npages: G1, backing: hugetlb1g }));
+    tdp.fault(0, BASE);
+    tdp.split(0, BASE, BASE + G1, 2);
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + G1, level: 2, writable: true, executable: false }]);
+    tdp.split(0, BASE, BASE + 512, 1);
+    expect(tdp.mappings(0, BASE, BASE + 512)).toEqual([
+      { start: BASE, end: BASE + 512, level: 1, writable: true, executable: true },
+    ]);
+  });
+
+  test('logging off recovers a 1 GiB leaf over two levels of tables from the first leaf found', () => {
+    const s = slot({ npages: G1, backing: hugetlb1g });
+    const { tdp } = vm({ recoverHugeInPlace: true }, s);
+    const a = tdp.fault(0, BASE + 5, { write: true });
+    tdp.setMemslot({ ...s, flags: { logDirty: true, readonly: false } });
+    tdp.zap(0, BASE, BASE + 600); // the first 2 MiB table is left without a present leaf
+    tdp.setMemslot(s);
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + G1, level: 3, writable: false, executable: true }]);
+    expect(sptePfn(tdp.lookup(0, BASE)!.spte)).toBe(sptePfn(a.spte));
+  });
+});
