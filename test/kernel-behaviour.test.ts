@@ -40,6 +40,7 @@ describe('kernel behaviours', () => {
     expect(atLeast([5, 20], '6.13')).toBe(false);
     expect(atLeast([6, 2], '6.2')).toBe(true);
     expect(atLeast([6, 1], '6.2')).toBe(false);
+    expect(kernelVersion('10.1.0-1-amd64')).toEqual([10, 1]);
     expect(kernelVersion('')).toBeUndefined();
     expect(kernelVersion('linux-6.1')).toBeUndefined();
   });

@@ -305,6 +305,10 @@ describe('shadow model: deliberately wrong models are caught', () => {
   test('the right model gives the hand-worked answers', () => {
     expect(story()).toEqual(right);
   });
+  test('every deliberately wrong shadow model is tried', () => {
+    expect([...WRONG_SHADOWS].sort()).toEqual(['never-sync', 'no-flooding', 'sync-misses-last-child']);
+  });
+
   test.each(WRONG_SHADOWS.map((w) => [w]))('%s is caught', (w) => {
     expect(story(w)).not.toEqual(right);
   });

@@ -144,6 +144,8 @@ describe('ModelVm', () => {
     );
     expect(vm.fault(GPA + 0x1000n, 'read').kind).toBe('efault');
     expect(vm.fault(GPA, 'write').kind).toBe('spurious');
+    vm.remap(1, 0x2000n, 0x1000n);
+    expect(vm.fault(GPA + 0x1000n, 'read').kind).toBe('efault');
     vm.remap(1, 0x1000n, 0x2000n);
     expect(vm.fault(GPA + 0x1000n, 'read').kind).toBe('map');
     expect(vm.fault(GPA + 0x2000n, 'write').kind).toBe('map');
@@ -165,6 +167,16 @@ describe('ModelVm', () => {
     const r = vm.fault(0x40001000n, 'read');
     expect(r.kind).toBe('map');
     expect(r.spte & SPTE_W).toBe(0);
+  });
+
+  it('names every slot a change reaches, aliases included', () => {
+    const vm = new ModelVm();
+    vm.setSlot(anon(1, GPA, 0x10000n));
+    vm.setSlot(anon(2, GPA + 0x100000n, 0x10000n));
+    expect(vm.slots.get(0, 2)?.hva).toBe(H);
+    expect(vm.change(1, 0n, 0x1000n, 'dontneed')).toBe(
+      'model: dontneed invalidates GFN [0x100000, 0x100001) of slot 1, GFN [0x100100, 0x100101) of slot 2; 0 mapped pages there refault on the next access',
+    );
   });
 
   it('says nothing is invalidated by an empty change', () => {
