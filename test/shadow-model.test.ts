@@ -277,6 +277,11 @@ describe('shadow model: the unsync walk (__mmu_unsync_walk)', () => {
     expect(misaligned(0x1004n, 4)).toBe(false);
     expect(misaligned(0x1004n, 8)).toBe(true);
     expect(misaligned(0x1001n, 2)).toBe(true);
+    // A single byte is excused only at the start of an entry; fewer than 4 bytes are misaligned otherwise.
+    expect(misaligned(0x1008n, 1)).toBe(false);
+    expect(misaligned(0x1001n, 1)).toBe(true);
+    expect(misaligned(0x1000n, 2)).toBe(true);
+    expect(misaligned(0x1ff8n, 8)).toBe(false);
   });
 });
 
@@ -355,5 +360,72 @@ describe('shadow model: a VMM write to a guest page table (the shadow findings)'
     mmu.access(VA, 'read');
     mem.set(0x13n, 0, 0n);
     expect(mmu.stale(VA)).toBeUndefined();
+  });
+});
+
+describe('shadow model: guest huge pages, access rights, roots', () => {
+  const PS = 0x80n;
+  const NX = 1n << 63n;
+
+  test('a guest huge page is shadowed by direct pages down to 4 KiB, at the frame of the access', () => {
+    const { mem, mmu } = native();
+    const VD = 0xc000_0000n; // L3 3 -> PD 0x30, whose entry 0 maps the 2 MiB page at frame 0x400
+    const VE = 0x1_0000_0000n; // L3 4: a 1 GiB page at frame 0x40000
+    mem.set(0x11n, 3, (0x30n << 12n) | T);
+    mem.set(0x30n, 0, (0x400n << 12n) | T | PS);
+    mem.set(0x11n, 4, (0x40000n << 12n) | T | PS);
+    mmu.take();
+    expect(mmu.access(VD + 0x5123n, 'read')).toEqual({ gpa: 0x405123n, allowed: [0x405n], shadow: 0x405n });
+    expect(mmu.path(VD + 0x5123n).map(spName)).toEqual(['10@4', '11@3', '30@2', '400@1 direct']);
+    expect(mmu.access(VE + 0x201008n, 'read')).toEqual({ gpa: 0x40201008n, allowed: [0x40201n], shadow: 0x40201n });
+    expect(mmu.path(VE + 0x201008n).map(spName)).toEqual(['10@4', '11@3', '40000@2 direct', '40200@1 direct']);
+  });
+
+  test("each page's role holds what the guest's entries above it allow (ACC_W, ACC_U, ACC_X)", () => {
+    const { mem, mmu } = native();
+    const VF = 0x1_4000_0000n; // L3 5 -> PD 0x50 through a read-only entry
+    mem.set(0x11n, 5, (0x50n << 12n) | P | 4n | 0x20n);
+    mem.set(0x50n, 0, (0x51n << 12n) | T);
+    mem.set(0x50n, 1, (0x52n << 12n) | T | NX);
+    mem.set(0x50n, 2, (0x53n << 12n) | P | RW | 0x20n);
+    for (const pt of [0x51n, 0x52n, 0x53n]) mem.set(pt, 0, (0x500n << 12n) | T);
+    for (const off of [0n, 0x20_0000n, 0x40_0000n]) mmu.access(VF + off, 'read');
+    const access = Object.fromEntries(mmu.pages().map((p) => [spName(p), p.access]));
+    expect([access['50@2'], access['51@1'], access['52@1'], access['53@1']]).toEqual([5, 5, 4, 1]);
+  });
+
+  test('with CR0.WP clear a supervisor write through a read-only entry gets a writable shadow PTE', () => {
+    const mem = tables();
+    mem.set(0x13n, 5, (0x105n << 12n) | P | 4n | 0x20n);
+    const mmu = new ShadowMmu({ levels: 4, exec: 'native', cr0Wp: false }, mem, 0x10000n);
+    mmu.enter();
+    mmu.access(VA, 'read');
+    mmu.access(VA + 0x5000n, 'write', 1n);
+    mmu.access(VA + 0x5008n, 'write', 2n);
+    expect(mmu.stats.mmu_pte_write).toBe(0);
+    expect(mem.read64(0x105008n)).toBe(2n);
+  });
+
+  test('zap-all zaps the oldest page first; the root in use stays, invalid, until the next entry', () => {
+    const { mmu } = native();
+    mmu.access(VA, 'read');
+    mmu.take();
+    mmu.zapAll();
+    expect(ev(mmu.take())).toEqual(['zap 10@4', 'zap 11@3', 'zap 12@2', 'zap 13@1']);
+    expect(mmu.pages().map((p) => [spName(p), p.invalid, p.rootCount])).toEqual([['10@4', true, 1]]);
+    mmu.enter();
+    expect(mmu.pages().map((p) => [spName(p), p.invalid])).toEqual([['10@4', false]]);
+    expect(mmu.stats.mmu_cache_miss).toBe(5);
+  });
+
+  test('three previous roots are kept for a fast switch back; the least recently used one goes', () => {
+    const { mmu } = native();
+    for (const pgd of [0x60000n, 0x61000n, 0x62000n, 0x63000n]) mmu.setCr3(pgd);
+    mmu.take();
+    // Cached: 0x62, 0x61, 0x60 (0x10, the oldest, was let go): no page is looked up.
+    for (const pgd of [0x60000n, 0x62000n, 0x61000n]) mmu.setCr3(pgd);
+    expect(ev(mmu.take())).toEqual([]);
+    mmu.setCr3(0x10000n);
+    expect(ev(mmu.take())).toEqual(['get 10@4 existing']);
   });
 });
