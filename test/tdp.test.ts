@@ -713,6 +713,17 @@ describe('yield points in range operations', () => {
     expect(flushes(tdp.events.slice(n))).toEqual(thirds);
   });
 
+  test('a zap: tables count as entries, and a restart hands them out again', () => {
+    // Tables at levels 4, 3, 2, then leaves: the 4th entry (B) is where the walk started, so it does not
+    // yield; the 8th (B + 4) does, and the restart hands out three tables and B + 4 again.
+    const { tdp, n } = eight();
+    tdp.zap(0, BASE, BASE + 8);
+    expect(flushes(tdp.events.slice(n))).toEqual([
+      [{ start: BASE, end: BASE + 4 }],
+      [{ start: BASE + 4, end: BASE + 8 }],
+    ]);
+  });
+
   test('the dirty-log harvest', () => {
     const { tdp } = vm({ yieldEvery: 4 }, slot({ flags: { logDirty: true, readonly: false } }));
     for (let g = 0; g < 8; g++) tdp.fault(0, BASE + g, { write: true });
@@ -757,6 +768,16 @@ describe('memslot deletion and moves', () => {
 });
 
 describe('more TDP rules', () => {
+  test('the deliberately wrong level lowers huge mappings only', () => {
+    const { tdp } = vm(
+      { wrong: { levelOffByOne: true } },
+      slot(),
+      slot({ slot: 1, baseGfn: BASE + 1024, hva: H + 0x400000n, backing: hugetlb2m }),
+    );
+    expect(tdp.fault(0, BASE + 1, { write: true }).level).toBe(1);
+    expect(tdp.fault(0, BASE + 1024, { write: true }).level).toBe(1);
+  });
+
   test('runs of mappings break where the level or the exec permission changes', () => {
     const { tdp } = vm({ nxHugePages: true }, slot({ npages: 1024, backing: hugetlb2m }));
     tdp.fault(0, BASE + 3);
