@@ -431,7 +431,7 @@ describe('TDP references at their addresses', () => {
     const r = run(g, 4, tdp);
     // GFN 0x300 is entry 0x100 of its last-level table, entry 1 of its level-2 table.
     const last = r.refs.filter((x) => x.kind === 'tdp').slice(-4);
-    expect(last.map((x) => Number(x.hostAddr & 0xfffn))).toEqual([0, 0, 8, 0x800]);
+    expect(last.map((x) => Number(x.hostAddr! & 0xfffn))).toEqual([0, 0, 8, 0x800]);
   });
 
   test('a 2 MiB TDP leaf translates with the page offset inside it', () => {
