@@ -429,3 +429,91 @@ describe('shadow model: guest huge pages, access rights, roots', () => {
     expect(ev(mmu.take())).toEqual(['get 10@4 existing']);
   });
 });
+
+describe('shadow model: the unsync walk at its edges', () => {
+  const page = (id: number, level: number) => new Sp(id, BigInt(0x10 + id), { level, direct: false, access: 7 });
+
+  test('visits children by index whatever order their bits were set in, and skips a bit cleared meanwhile', () => {
+    const pd = page(1, 2);
+    const [a, b, c] = [page(2, 1), page(3, 1), page(4, 1)];
+    pd.spt.set(300, a).set(9, b).set(200, c);
+    a.unsync = b.unsync = c.unsync = true;
+    pd.unsyncChildren.add(300).add(9).add(200);
+    const seen: number[] = [];
+    for (const { sp, path } of unsyncWalk(pd)) {
+      seen.push(path.at(-1)!.index);
+      sp.unsync = false;
+      clearParents(path);
+      pd.unsyncChildren.delete(200); // the caller's sync of 9 also took care of 200
+    }
+    expect(seen).toEqual([9, 300]);
+  });
+
+  test('a child whose own walk finds nothing loses its bit in the parent', () => {
+    const root = page(1, 3);
+    const pd = page(2, 2);
+    root.spt.set(5, pd);
+    root.unsyncChildren.add(5);
+    pd.unsyncChildren.add(7); // stale: no entry at 7
+    expect([...unsyncWalk(root)]).toEqual([]);
+    expect([...root.unsyncChildren]).toEqual([]);
+    expect([...pd.unsyncChildren]).toEqual([]);
+  });
+
+  test('the wrong model misses the last of several children only', () => {
+    const one = page(1, 2);
+    const x = page(2, 1);
+    one.spt.set(4, x);
+    x.unsync = true;
+    one.unsyncChildren.add(4);
+    expect([...unsyncWalk(one, 'sync-misses-last-child')].map((r) => r.sp)).toEqual([x]);
+    const two = page(3, 2);
+    const [y, z] = [page(4, 1), page(5, 1)];
+    two.spt.set(1, y).set(2, z);
+    y.unsync = z.unsync = true;
+    two.unsyncChildren.add(2).add(1);
+    expect([...unsyncWalk(two, 'sync-misses-last-child')].map((r) => r.sp)).toEqual([y]);
+  });
+
+  test('clearing a path that has no other bits clears it up to the root', () => {
+    const root = page(1, 3);
+    const pd = page(2, 2);
+    root.unsyncChildren.add(7);
+    pd.unsyncChildren.add(9);
+    clearParents([
+      { sp: root, index: 7 },
+      { sp: pd, index: 9 },
+    ]);
+    expect([root.unsyncChildren.size, pd.unsyncChildren.size]).toEqual([0, 0]);
+  });
+});
+
+describe('shadow model: what traps on a native host', () => {
+  test('a write to a data page goes through its shadow PTE: nothing is emulated or counted', () => {
+    const { mmu } = native();
+    mmu.access(VA, 'write', 5n);
+    mmu.access(VA + 8n, 'write', 6n);
+    expect(mmu.stats.mmu_pte_write).toBe(0);
+  });
+
+  test('a CR3 load syncs at once, the vCPU entering again right after the exit', () => {
+    const { mmu } = native();
+    mmu.access(VA, 'read');
+    writePte(mmu, VA + 0x1000n, 0, 0x101n);
+    mmu.take();
+    mmu.setCr3(0x10000n);
+    expect(ev(mmu.take())).toEqual(['sync 13@1 (unsync)']);
+  });
+
+  test('never-sync: neither INVLPG nor a CR3 load syncs the unsync page', () => {
+    const { mmu } = native('never-sync');
+    mmu.access(VA, 'read');
+    writePte(mmu, VA + 0x1000n, 0, 0x101n);
+    mmu.invlpg(VA);
+    expect(mmu.access(VA, 'read').shadow).toBe(0x100n);
+    mmu.take();
+    mmu.setCr3(0x10000n);
+    expect(ev(mmu.take())).toEqual([]);
+    expect(mmu.stats.mmu_unsync).toBe(1);
+  });
+});
