@@ -517,3 +517,53 @@ describe('shadow model: what traps on a native host', () => {
     expect(mmu.stats.mmu_unsync).toBe(1);
   });
 });
+
+describe('shadow model: pages found again, zapped, and listed', () => {
+  test('a page found again through another parent is synced in place and stays unsync', () => {
+    const { mmu, mem } = native();
+    mmu.access(VA, 'read');
+    writePte(mmu, VA + 0x1000n, 0, 0x101n);
+    mmu.take();
+    // PD 0x12 entry 5 points at PT 0x13 too: VA + 10 MiB walks through it.
+    mem.set(0x12n, 5, (0x13n << 12n) | T);
+    mmu.access(VA + 0xa0_0000n, 'read');
+    expect(ev(mmu.take())).toEqual(['get 13@1 existing (unsync)']);
+    // The sync brought the shadow PTE of VA in line without an INVLPG.
+    expect(mmu.access(VA, 'read').shadow).toBe(0x101n);
+    expect(mmu.stats.mmu_unsync).toBe(1);
+  });
+
+  test('a table used at a lower level as well gets a second page; the upper one, in sync, stays', () => {
+    const { mmu, mem } = native();
+    mmu.access(VA, 'read');
+    mem.set(0x22n, 1, (0x12n << 12n) | T); // VC + 2 MiB: PD 0x22 entry 1 -> 0x12 as a page table
+    mmu.access(VC, 'read');
+    mmu.take();
+    mmu.access(VC + 0x20_0000n, 'read');
+    expect(ev(mmu.take())).toEqual(['get 12@1 new']);
+    expect(mmu.path(VA).map(spName)).toEqual(['10@4', '11@3', '12@2', '13@1']);
+  });
+
+  test('a flooded page leaves the hash and its children: the next access links a new one to the old children', () => {
+    const { mmu } = native();
+    mmu.access(VA, 'read');
+    for (const i of [5n, 6n, 7n]) mmu.access(VC + 8n * i, 'write', 0n);
+    expect(mmu.pages().map(spName)).toEqual(['10@4', '11@3', '13@1']);
+    mmu.take();
+    mmu.access(VA, 'read');
+    expect(ev(mmu.take())).toEqual(['get 12@2 new', 'get 13@1 existing']);
+    expect(mmu.path(VA).map(spName)).toEqual(['10@4', '11@3', '12@2', '13@1']);
+  });
+
+  test('zapped roots still in use are listed, invalid, oldest first, until the next entry lets them go', () => {
+    const { mmu } = native();
+    mmu.setCr3(0x60000n);
+    mmu.zapAll();
+    expect(mmu.pages().map((p) => [spName(p), p.invalid])).toEqual([
+      ['10@4', true],
+      ['60@4', true],
+    ]);
+    mmu.enter();
+    expect(mmu.pages().map((p) => [spName(p), p.invalid])).toEqual([['60@4', false]]);
+  });
+});
