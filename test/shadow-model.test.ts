@@ -567,3 +567,80 @@ describe('shadow model: pages found again, zapped, and listed', () => {
     expect(mmu.pages().map((p) => [spName(p), p.invalid])).toEqual([['60@4', false]]);
   });
 });
+
+describe('shadow model: accesses on a native host, one rule each', () => {
+  test('an address the guest no longer maps reaches nothing, but the TLB may still hold its old frame', () => {
+    const { mmu, mem } = native();
+    mmu.access(VA, 'read');
+    mem.set(0x13n, 0, 0n);
+    expect(mmu.access(VA, 'read')).toEqual({ gpa: undefined, allowed: [0x100n] });
+  });
+
+  test('the frames an access may reach are listed in order', () => {
+    const { mmu, mem } = native();
+    mmu.access(VA, 'read');
+    mem.set(0x13n, 0, (0xffn << 12n) | T); // a VMM write: no trap, the old translation may linger
+    expect(mmu.access(VA, 'read').allowed).toEqual([0xffn, 0x100n]);
+  });
+
+  test('a read of a write-tracked frame maps it read-only; a read never unsyncs', () => {
+    const { mmu } = native();
+    mmu.access(VA, 'read');
+    expect(mmu.access(VC, 'read').shadow).toBe(0x12n);
+    mmu.take();
+    mmu.access(VA + 0x1000n, 'read'); // maps PT 0x13 itself
+    expect(ev(mmu.take())).toEqual([]);
+    expect(mmu.stale(VA)).toBeUndefined();
+  });
+
+  test('an access before the first entry is a harness error', () => {
+    const mmu = new ShadowMmu({ levels: 4, exec: 'native' }, tables(), 0x10000n);
+    expect(() => mmu.access(VA, 'read')).toThrow('shadow model: an access before the first entry');
+  });
+
+  test('a guest entry that now points at another table gets a new child page, the old one unlinked', () => {
+    const { mmu, mem } = native();
+    mmu.access(VA, 'read');
+    mem.set(0x12n, 0, (0x15n << 12n) | T); // VMM write: PD 0x12 entry 0 now points at PT 0x15
+    mem.set(0x15n, 7, (0x107n << 12n) | T);
+    expect(mmu.access(VA + 0x7000n, 'read').shadow).toBe(0x107n);
+    expect(mmu.path(VA + 0x7000n).map(spName)).toEqual(['10@4', '11@3', '12@2', '15@1']);
+  });
+
+  test('an upper page with unsync children is synced before a second parent links it', () => {
+    const { mmu, mem } = native();
+    mmu.access(VA, 'read');
+    writePte(mmu, VA + 0x1000n, 0, 0x101n);
+    mem.set(0x11n, 7, (0x12n << 12n) | T); // PDPT entry 7 -> PD 0x12 as well
+    mmu.take();
+    mmu.access(0x1_c000_0000n, 'read');
+    expect(ev(mmu.take())).toEqual(['get 12@2 existing', 'sync 13@1 (unsync)']);
+  });
+
+  test('a write to a frame shadowed only by a direct page does not unsync it', () => {
+    const { mmu, mem } = native();
+    mem.set(0x11n, 3, (0x30n << 12n) | T);
+    mem.set(0x30n, 0, (0x400n << 12n) | T | 0x80n);
+    mmu.access(0xc000_0000n, 'read');
+    mmu.take();
+    mmu.access(0xc000_0000n, 'write', 1n);
+    expect(ev(mmu.take())).toEqual([]);
+    expect(mmu.stats.mmu_unsync).toBe(0);
+  });
+
+  test('an emulated write to a table drops the shadow entry under the written guest entry only', () => {
+    const { mmu } = native();
+    mmu.access(VA, 'read');
+    mmu.access(VB, 'read');
+    mmu.access(VC + 8n, 'write', (0x14n << 12n) | T); // PD 0x12 entry 1, emulated once
+    expect(mmu.path(VB).map(spName)).toEqual(['10@4', '11@3', '12@2']);
+    expect(mmu.path(VA).map(spName)).toEqual(['10@4', '11@3', '12@2', '13@1']);
+  });
+
+  test('an emulated write is not counted while no page shadows a guest table', () => {
+    const mmu = new ShadowMmu({ levels: 4, exec: 'emulated' }, tables(), 0x10000n);
+    mmu.zapAll();
+    mmu.access(VA, 'write', 1n);
+    expect(mmu.stats.mmu_pte_write).toBe(0);
+  });
+});
