@@ -867,3 +867,83 @@ describe('more TDP rules', () => {
     expect(sptePfn(tdp.lookup(0, BASE)!.spte)).toBe(sptePfn(a.spte));
   });
 });
+
+describe('TDP model details', () => {
+  test('a new model has logged nothing; with record off it logs nothing at all', () => {
+    expect(new Tdp(new Memslots()).events).toEqual([]);
+    const { tdp } = vm({ record: false }, slot());
+    tdp.fault(0, BASE, { write: true });
+    expect(tdp.events).toEqual([]);
+  });
+
+  test('arm64 with DIC maps memory executable on a read fault', () => {
+    const { tdp } = vm({ arch: 'arm64', dic: true }, slot());
+    expect(decodeSpte(tdp.fault(0, BASE + 1).spte).executable).toBe(true);
+  });
+
+  test('every table has its own id, roots included', () => {
+    const { tdp } = vm({}, slot(), slot({ asId: 1 }));
+    tdp.fault(0, BASE, { write: true });
+    tdp.fault(1, BASE, { write: true });
+    const ids = [0, 1].flatMap((as) => {
+      const out: number[] = [];
+      for (const it of tdpIter(tdp.root(as), BASE, BASE + 1)) out.push(it.table.id);
+      return out;
+    });
+    expect(ids.every((id) => id > 0)).toBe(true);
+    expect(new Set(ids).size).toBe(ids.length);
+  });
+
+  test('a zap with tables removes only the tables lying wholly inside the range, listing their leaves', () => {
+    const { tdp } = vm({}, slot());
+    for (const g of [1, 2, 3]) tdp.fault(0, BASE + g, { write: true });
+    expect(tdp.zap(0, BASE + 1, BASE + 512, { tables: true }).removed).toEqual([]);
+    for (const g of [1, 2, 3]) tdp.fault(0, BASE + g, { write: true });
+    const { removed } = tdp.zap(0, BASE, BASE + 512, { tables: true });
+    expect(removed.map((r) => [r.gfn, r.level, r.sptes.length])).toEqual([[BASE, 1, 3]]);
+    const n = tdp.events.length;
+    tdp.teardown(removed); // already torn down by the zap
+    expect(tdp.events.length).toBe(n);
+  });
+
+  test('clearing dirty bits of a leaf that is not writable needs no flush', () => {
+    const { tdp } = vm({}, slot());
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.writeProtect(0, BASE + 1, BASE + 2);
+    expect(tdp.clearDirty(0, BASE, BASE + 2)).toEqual([]);
+    expect(decodeSpte(tdp.lookup(0, BASE + 1)!.spte).dirty).toBe(false);
+  });
+
+  test('removing the table below a huge leaf removes nothing', () => {
+    const { tdp } = vm({}, slot({ npages: 512, backing: hugetlb2m }));
+    tdp.fault(0, BASE, { write: true });
+    expect(tdp.removeTable(0, BASE, 1)).toEqual({ removed: undefined, flush: [] });
+    expect(tdp.lookup(0, BASE)?.level).toBe(2);
+  });
+
+  test('logging off keeps a table whose first page has no host page behind a huge page', () => {
+    const s = slot({ npages: 1024 });
+    const { tdp } = vm({}, { ...s, flags: { logDirty: true, readonly: false } });
+    tdp.fault(0, BASE + 5, { write: true });
+    tdp.setMemslot(s);
+    expect(tdp.mappings(0)).toEqual([{ start: BASE + 5, end: BASE + 6, level: 1, writable: true, executable: true }]);
+  });
+
+  test('recovery in place leaves a table without a present leaf as it is', () => {
+    const s = slot({ npages: 1024, backing: hugetlb2m });
+    const { tdp } = vm({ recoverHugeInPlace: true }, s);
+    tdp.fault(0, BASE, { write: true });
+    tdp.fault(0, BASE + 512, { write: true });
+    tdp.setMemslot({ ...s, flags: { logDirty: true, readonly: false } });
+    tdp.zap(0, BASE, BASE + 512);
+    tdp.setMemslot(s);
+    expect(tdp.mappings(0)).toEqual([
+      { start: BASE + 512, end: BASE + 1024, level: 2, writable: false, executable: true },
+    ]);
+  });
+
+  test('a huge page that starts below the slot is not allowed, even when it would end inside it', () => {
+    const s = slot({ baseGfn: BASE + 512, npages: G1, hva: H + 0x200000n });
+    expect(slotMaxLevel(s, BASE + 1000)).toBe(2);
+  });
+});
