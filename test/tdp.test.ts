@@ -947,3 +947,30 @@ describe('TDP model details', () => {
     expect(slotMaxLevel(s, BASE + 1000)).toBe(2);
   });
 });
+
+describe('the TDP walk beyond 512 GiB and its flush merging', () => {
+  test('a restart at a yield point finds its place in the root above 512 GiB', () => {
+    const far = 2 ** 27; // GFN of GPA 512 GiB: root entry 1
+    const { tdp } = vm({ yieldEvery: 4 }, slot({ baseGfn: far }));
+    for (let g = 0; g < 8; g++) tdp.fault(0, far + g, { write: true });
+    const n = tdp.events.length;
+    tdp.writeProtect(0, far, far + 8);
+    expect(tdp.events.slice(n).filter((e) => e.kind === 'flush').length).toBe(3);
+    expect(tdp.mappings(0)).toEqual([{ start: far, end: far + 8, level: 1, writable: false, executable: true }]);
+  });
+
+  test('a flush range that ends where the pending one starts is merged into it', () => {
+    const got: Flush[][] = [];
+    const it = tdpIter(new Table(1, 2, 0), 0, 512, { onFlush: (r) => got.push(r) });
+    it.flush(5, 1);
+    it.flush(4, 1);
+    it.flush(7, 1);
+    it.flushNow();
+    expect(got).toEqual([
+      [
+        { start: 4, end: 6 },
+        { start: 7, end: 8 },
+      ],
+    ]);
+  });
+});
