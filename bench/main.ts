@@ -2,6 +2,7 @@
 // leak check over many VM lifecycles, and the pure-model benches.
 //
 //   node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--no-lab] [--no-kvm-source]
+//   node dist/bench/main.js --kvm-mutants [--fuzz-cases N] [--mutant NAME]... [--json]   (seeded KVM bugs, bench/kvm-mutants/)
 //
 // stdout: a table, or with --json exactly one JSON array. Progress goes to stderr.
 // Exit status 0 whether or not targets are met; 1 only if the bench itself failed.
@@ -16,6 +17,7 @@ import { localTarget } from '../src/target/local.js';
 import { packageRoot } from '../src/kvm/sys.js';
 import { exitRoundtrip, faultIn, lifecycleOnce, vmLifecycle } from './kvm.js';
 import { benchKvmSource } from './kvm-source.js';
+import { benchKvmMutants, mutantTable } from './kvm-mutants.js';
 import type { Entry } from './entry.js';
 import { benchLab } from './lab.js';
 import { benchMatrix } from './matrix.js';
@@ -52,6 +54,10 @@ interface Options {
   labBoots: number;
   /** lab_kvm_source_verdict_s (--no-kvm-source skips it). */
   kvmSource: boolean;
+  /** Only the KVM-mutant bench (--kvm-mutants), with this many fuzz cases per mutant. */
+  kvmMutants: boolean;
+  fuzzCases: number;
+  mutants: string[];
 }
 
 function parseArgs(argv: string[]): Options {
@@ -66,6 +72,9 @@ function parseArgs(argv: string[]): Options {
     lab: true,
     labBoots: 3,
     kvmSource: true,
+    kvmMutants: false,
+    fuzzCases: 40,
+    mutants: [],
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
@@ -84,9 +93,18 @@ function parseArgs(argv: string[]): Options {
     else if (a === '--no-lab') o.lab = false;
     else if (a === '--lab-boots') o.labBoots = int();
     else if (a === '--no-kvm-source') o.kvmSource = false;
-    else if (a === '--help' || a === '-h') {
+    else if (a === '--kvm-mutants') o.kvmMutants = true;
+    else if (a === '--fuzz-cases') {
+      const v = Number(argv[++i]);
+      if (!Number.isInteger(v) || v < 0) throw new Error('--fuzz-cases needs a whole number');
+      o.fuzzCases = v;
+    } else if (a === '--mutant') {
+      const v = argv[++i];
+      if (!v) throw new Error('--mutant needs a name');
+      o.mutants.push(v);
+    } else if (a === '--help' || a === '-h') {
       process.stderr.write(
-        'usage: node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--pages N] [--matrix-full] [--no-lab] [--lab-boots N] [--no-kvm-source]\n',
+        'usage: node dist/bench/main.js [--json] [--rounds N] [--exits N] [--lifecycles N] [--leak N] [--pages N] [--matrix-full] [--no-lab] [--lab-boots N] [--no-kvm-source]\n       node dist/bench/main.js --kvm-mutants [--fuzz-cases N] [--mutant NAME]... [--json]\n',
       );
       process.exit(0);
     } else throw new Error(`unknown argument ${a}`);
@@ -307,8 +325,16 @@ function table(entries: Entry[]): string {
     .join('\n');
 }
 
+async function kvmMutants(o: Options): Promise<number> {
+  const { entries, rows } = await benchKvmMutants({ log: progress, fuzzCases: o.fuzzCases, only: o.mutants });
+  if (o.json) process.stdout.write(`${JSON.stringify(entries)}\n`);
+  else process.stdout.write(`${table(entries)}\n\n${mutantTable(rows)}\n`);
+  return 0;
+}
+
 async function main(): Promise<number> {
   const o = parseArgs(process.argv.slice(2));
+  if (o.kvmMutants) return kvmMutants(o);
   const entries: Entry[] = [];
   let failed = false;
 

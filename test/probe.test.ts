@@ -59,6 +59,7 @@ describe('probe', () => {
       stats_faults: false,
       walker_tracepoints: true,
       tdp_spte_tracepoints: false,
+      legacy_spte_tracepoints: false,
       shadow_page_tracepoints: true,
       stage2_fault_tracepoints: false,
     });
@@ -90,6 +91,17 @@ describe('probe', () => {
     });
     expect(deriveOracles(p).walker_tracepoints.why).toMatch(/only for emulated accesses/);
     expect(avail({ ...p, tdpMmu: false }).tdp_spte_tracepoints).toBe(false);
+    // The legacy MMU (tdp_mmu=0) offers its own events, all five of them.
+    expect(o.legacy_spte_tracepoints).toBe(false);
+    const legacyEvents = Object.fromEntries(
+      ['kvm_mmu_set_spte', 'mark_mmio_spte', 'fast_page_fault', 'kvm_mmu_get_page', 'kvm_mmu_prepare_zap_page'].map(
+        (e) => [`kvmmmu/${e}`, true],
+      ),
+    );
+    const legacy = { ...p, tdpMmu: false, tracefs: { ...p.tracefs, events: { ...p.tracefs.events, ...legacyEvents } } };
+    expect(avail(legacy).legacy_spte_tracepoints).toBe(true);
+    const missing = { ...legacy.tracefs.events, 'kvmmmu/fast_page_fault': false };
+    expect(avail({ ...legacy, tracefs: { ...legacy.tracefs, events: missing } }).legacy_spte_tracepoints).toBe(false);
   });
 
   it('no tracefs means no tracepoint oracle of any kind', () => {

@@ -378,13 +378,13 @@ describe('scenario validation: shape', () => {
       'an unknown host step',
       edit((j) => (j.steps = [{ host: 'reboot' }])),
       [
-        'steps[0].host: expected one of "write-pte", "clear-ad", "get-dirty-log", "clear-dirty-log", "memslot-delete", "memslot-move", "memslot-flags", "madvise", "munmap", "remap", "mprotect", "pre-fault", "translate", got "reboot"',
+        'steps[0].host: expected one of "write-pte", "clear-ad", "get-dirty-log", "clear-dirty-log", "memslot-delete", "memslot-create", "write-memory", "memslot-move", "memslot-flags", "madvise", "munmap", "remap", "mprotect", "pre-fault", "translate", got "reboot"',
       ],
     ],
     [
       'a size on an exec step',
       edit((j) => (j.steps = [{ guest: 'exec', gva: '0x8000000000', size: 1 }])),
-      ['steps[0].size: unknown field (known: guest, gva, cpl, expect, stats)'],
+      ['steps[0].size: unknown field (known: guest, gva, cpl, eflagsAc, count, stride, expect, stats)'],
     ],
     [
       'an implicit read that is not a CPL 0 read of 8 aligned bytes',
@@ -402,7 +402,9 @@ describe('scenario validation: shape', () => {
     [
       'a value on a read step',
       edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000', value: 1 }])),
-      ['steps[0].value: unknown field (known: guest, gva, size, cpl, eflagsAc, implicit, expect, stats)'],
+      [
+        'steps[0].value: unknown field (known: guest, gva, size, cpl, eflagsAc, count, stride, implicit, expect, stats)',
+      ],
     ],
     [
       'an expected value on a write',
@@ -618,14 +620,6 @@ describe('scenario validation: semantic rules', () => {
       'an expected value wider than the read',
       edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000', size: 2, expect: { value: '0x10000' } }])),
       ['steps[0].expect.value: 0x10000 does not fit in 2 bytes'],
-    ],
-    [
-      'EFLAGS.AC at CPL 3',
-      edit((j) => {
-        j.steps[0]!.cpl = 3;
-        j.steps[0]!.eflagsAc = true;
-      }),
-      ['steps[0].eflagsAc: EFLAGS.AC overrides SMAP only for CPL 0 accesses; a CPL 3 access is a user access'],
     ],
     [
       'expected PTEs of an unmapped address',
@@ -1437,6 +1431,8 @@ describe('built-in scenarios', () => {
     'remap',
     'mprotect',
     'pre-fault',
+    'memslot-create',
+    'write-memory',
   ]);
   const pureWalk = names.filter(
     (n) => !loadScenario(join(builtinScenarioDir(), `${n}.json`)).steps.some((st) => HOST_MEMORY_STEPS.has(st.kind)),

@@ -16,13 +16,16 @@ import { PTE_A, PTE_D, PTE_NX, PTE_P, PTE_RW } from '../arch/x86/pte.js';
 import type { Memslot as KvmMemslot } from '../kvm/memslot.js';
 import { MADV, MEM } from '../uapi/uapi.js';
 import { Memslots, type Backing } from '../model/memslots.js';
-import { modelSlot } from '../model/vm.js';
+import { modelSlot, tdpModelFor } from '../model/vm.js';
 import { PAGES, decodeSpte, isLeaf, isPresent } from '../model/spte.js';
 import { Tdp } from '../model/tdp.js';
 import type { Wrong, WrongTdp } from '../model/wrong.js';
 import { dirtyPages } from '../observe/dirty-log.js';
 import { decodeTdpSpte, TdpPicture } from '../observe/tdp-picture.js';
 import { TraceSession } from '../observe/tracefs.js';
+import { readStats } from '../observe/stats.js';
+import { parseShadowEvent } from '../observe/shadow-mmu.js';
+import { tdpObserverFor, type SptePicture, type SpteObserver } from '../observe/spte-picture.js';
 import { NotApplicable } from '../base/not-applicable.js';
 import { confirmThp, needThp } from './thp.js';
 import type { Check, CheckContext } from '../run/types.js';
@@ -43,12 +46,49 @@ function mappingOf(m: { level: number; writable: boolean } | undefined): string 
   return m ? `level ${m.level} ${m.writable ? 'writable' : 'read-only'}` : 'not mapped';
 }
 
+/** The per-GFN observer for this host's MMU, or not applicable when its tracepoints are missing. */
+function observerFor(ctx: CheckContext): SpteObserver {
+  const obs = tdpObserverFor(ctx.profile);
+  const o = ctx.profile.oracles[obs.oracle];
+  if (!o.available) throw new NotApplicable(`${obs.oracle}: ${o.why}`);
+  ctx.note(
+    obs.mmu === 'legacy'
+      ? 'legacy MMU (kvm.tdp_mmu=0): the legacy model (prefetch, no eager split, leaf zaps at logging off); zaps and write protection are untraced, so those GFNs are compared through pages_4k/pages_2m'
+      : 'TDP MMU: the TDP model against kvm_tdp_mmu_spte_changed',
+  );
+  return obs;
+}
+
+/** A GFN's mapping as far as the trace can tell: "untraced" where it cannot, the level alone where W is unknown. */
+function seen(picture: SptePicture, gfn: number, m: { level: number; writable: boolean } | undefined): string {
+  const blind = picture.blind(gfn);
+  if (blind === 'mapping') return 'untraced';
+  if (m && blind === 'writable') return `level ${m.level}`;
+  return mappingOf(m);
+}
+
+/** pages_4k, pages_2m and pages_1g of the VM (KVM's stats fd). */
+function pageStats(g: X86Guest): number[] {
+  const st = readStats([g.vm.stats()]);
+  return [0, Number(st.get('pages_4k') ?? 0n), Number(st.get('pages_2m') ?? 0n), Number(st.get('pages_1g') ?? 0n)];
+}
+
+/** The change of the three gauges as "4k +1, 2m -1", zeros left out. */
+function pageDelta(before: number[], after: number[]): string {
+  const names = ['', '4k', '2m', '1g'];
+  const out = [1, 2, 3]
+    .filter((l) => after[l]! !== before[l]!)
+    .map((l) => `${names[l]} ${after[l]! - before[l]! > 0 ? '+' : ''}${after[l]! - before[l]!}`);
+  return out.join(', ') || 'none';
+}
+
 export function tdpPicture(opts: { wrong?: Wrong } = {}): Check {
   return {
     name: 'tdp_spte_picture',
     description:
-      "KVM's TDP mappings per GFN (kvm_tdp_mmu_spte_changed) equal the TDP model's after guest faults (a slot's last page, first faults in a dirty-logged slot) and after MADV_DONTNEED zaps part of a slot",
-    needs: ['tdp_spte_tracepoints'],
+      "KVM's TDP mappings per GFN (kvm_tdp_mmu_spte_changed; legacy MMU: kvm_mmu_set_spte and the shadow-page events) equal the TDP model's after guest faults (a slot's last page, first faults in a dirty-logged slot, neighbours of host-written pages) and after MADV_DONTNEED zaps part of a slot",
+    needs: [],
+    needsOneOf: ['tdp_spte_tracepoints', 'legacy_spte_tracepoints'],
     run: (ctx) => run(ctx, opts.wrong?.tdp ?? {}),
   };
 }
@@ -70,7 +110,14 @@ function pictureSlots(ctx: CheckContext, g: X86Guest): { small: KvmMemslot; huge
   }
 }
 
+/** Pages of the small slot the host writes before the guest runs: 0x10..0x17 and 0x20..0x23. */
+const HOST_WRITTEN = [
+  [0x10, 8],
+  [0x20, 4],
+] as const;
+
 async function run(ctx: CheckContext, wrong: WrongTdp): Promise<void> {
+  const obs = observerFor(ctx);
   const g = X86Guest.create(ctx.kvm);
   let trace: TraceSession | undefined;
   try {
@@ -94,6 +141,10 @@ async function run(ctx: CheckContext, wrong: WrongTdp): Promise<void> {
     const smallGfn = Number(SMALL_GPA) / PAGE;
     const touches: Touch[] = [0, 1, 2, 3, 0x1ff].map((i) => ({ gfn: smallGfn + i, write: true }));
     touches.push(...[4, 5].map((i) => ({ gfn: smallGfn + i, write: false })));
+    // Next to pages the host wrote: a read and a write (the legacy MMU
+    // prefetches their host-writable neighbours, the TDP MMU does not).
+    touches.push({ gfn: smallGfn + 0x12, write: false }, { gfn: smallGfn + 0x21, write: true });
+    for (const [first, n] of HOST_WRITTEN) small.madvise(first * PAGE, n * PAGE, MADV_POPULATE_WRITE);
     if (huge) touches.push(...[0, 7].map((i) => ({ gfn: Number(HUGE_GPA) / PAGE + i, write: true })));
     touches.push(...[0, 1, 3].map((i) => ({ gfn: Number(LOGGED_GPA) / PAGE + i, write: i !== 1 })));
     const a = new Asm({ origin: Number(LAYOUT.code) });
@@ -108,44 +159,63 @@ async function run(ctx: CheckContext, wrong: WrongTdp): Promise<void> {
 
     // The model VM: the same slots at the same host addresses.
     const slots = new Memslots();
-    const tdp = new Tdp(slots, { levels: 4, wrong });
+    const tdp = tdpModelFor(ctx.profile, slots, { levels: 4, wrong });
     const slot0 = [...g.vm.slots.values()].find((s) => s.slot === 0)!;
     tdp.setMemslot(modelSlot(slot0, { kind: 'anon', pageSize: PAGE }));
-    tdp.setMemslot(modelSlot(small, { kind: 'anon', pageSize: PAGE }));
+    const smallSlot = modelSlot(small, { kind: 'anon', pageSize: PAGE });
+    tdp.setMemslot(smallSlot);
     if (huge) tdp.setMemslot(modelSlot(huge, { kind: 'hugetlb2m', pageSize: 0x200000 }));
     tdp.setMemslot(modelSlot(logged, { kind: 'anon', pageSize: PAGE }));
+    for (const [first, n] of HOST_WRITTEN)
+      for (let i = first; i < first + n; i++) tdp.host.fault(smallSlot, small.hva + BigInt(i * PAGE), true);
 
-    trace = TraceSession.open(ctx.target.fs, ['kvmmmu/kvm_tdp_mmu_spte_changed'], [await g.vcpu.tid()]);
+    trace = TraceSession.open(ctx.target.fs, obs.events, [await g.vcpu.tid()]);
     ctx.expect('guest finishes', 'done', (await g.run()).kind);
-    const flavour = ctx.profile.tdp.kind === 'ept' ? 'ept' : 'npt';
-    const picture = new TdpPicture(flavour, trace.take());
+    const picture = obs.picture(trace.take());
     for (const t of touches) tdp.fault(0, t.gfn, { write: t.write });
+    const modelOf = (gfn: number) => {
+      const m = tdp.lookup(0, gfn);
+      return m && isPresent(m.spte) ? { level: m.level, writable: decodeSpte(m.spte).writable } : undefined;
+    };
     const compare = (what: string) => {
+      // Every GFN of the small slot as runs, then the other slots' touched GFNs.
+      ctx.expect(
+        `${what}: the small slot's 512 GFNs`,
+        runsOf(smallGfn, 512, (gfn) => seen(picture, gfn, modelOf(gfn))),
+        runsOf(smallGfn, 512, (gfn) => seen(picture, gfn, picture.leaf(0, BigInt(gfn)))),
+      );
       for (const t of touches) {
-        const m = tdp.lookup(0, t.gfn);
-        const model = m ? { level: m.level, writable: decodeSpte(m.spte).writable } : undefined;
-        const seen = picture.leaf(0, BigInt(t.gfn));
-        ctx.expect(`${what}: gfn 0x${t.gfn.toString(16)}`, mappingOf(model), mappingOf(seen));
+        if (t.gfn >= smallGfn && t.gfn < smallGfn + 512) continue;
+        const kvm = seen(picture, t.gfn, picture.leaf(0, BigInt(t.gfn)));
+        ctx.expect(`${what}: gfn 0x${t.gfn.toString(16)}`, seen(picture, t.gfn, modelOf(t.gfn)), kvm);
       }
     };
     compare('after the guest faults');
 
+    // A zap of a host range: traced under the TDP MMU; under the legacy MMU
+    // the rmap walk zaps untraced, so the pages_* gauges count what went.
+    const zap = (what: string, from: number, to: number) => {
+      trace!.clear();
+      const statsBefore = pageStats(g);
+      const modelBefore = tdp.pageCounts(0);
+      small.madvise(from * PAGE, (to - from) * PAGE, MADV.DONTNEED);
+      picture.add(trace!.take());
+      tdp.invalidateHva(small.hva + BigInt(from * PAGE), small.hva + BigInt(to * PAGE), 'dontneed');
+      picture.untraced(smallGfn + from, smallGfn + to, 'zap');
+      if (obs.mmu === 'legacy')
+        ctx.expect(
+          `${what}: change of pages_4k/2m/1g`,
+          pageDelta(modelBefore, tdp.pageCounts(0)),
+          pageDelta(statsBefore, pageStats(g)),
+        );
+      compare(what);
+    };
+    trace.setPids([]); // the zaps run in this process, not on the vCPU thread
     // MADV_DONTNEED on the first three pages of the small slot: KVM's MMU
     // notifier zaps exactly those GFNs.
-    trace.setPids([]); // the zap runs in this process, not on the vCPU thread
-    trace.clear();
-    small.madvise(0, 3 * PAGE, MADV.DONTNEED);
-    picture.add(trace.take());
-    tdp.invalidateHva(small.hva, small.hva + BigInt(3 * PAGE), 'dontneed');
-    compare('after MADV_DONTNEED of 3 pages');
-
+    zap('after MADV_DONTNEED of 3 pages', 0, 3);
     // MADV_DONTNEED from inside the slot to its last page.
-    trace.clear();
-    const from = 4 * PAGE;
-    small.madvise(from, small.size - from, MADV.DONTNEED);
-    picture.add(trace.take());
-    tdp.invalidateHva(small.hva + BigInt(from), small.hva + BigInt(small.size), 'dontneed');
-    compare('after MADV_DONTNEED from page 4 to the end of the slot');
+    zap('after MADV_DONTNEED from page 4 to the end of the slot', 4, 512);
 
     // Last, as it write-protects the logged pages again (outside the traced vCPU thread).
     const page = (gpa: bigint) => `0x${gpa.toString(16)}`;
@@ -306,12 +376,15 @@ export function tdpDirtyLogSplitCoalesce(opts: { wrong?: Wrong; eagerSplit?: boo
     name: 'tdp_dirty_log_split_coalesce',
     description:
       "KVM's TDP mappings of a THP-backed 2 MiB block (kvm_tdp_mmu_spte_changed) equal the TDP model's through dirty logging on (split to 4 KiB), one logged write, logging off (collapse back to 2 MiB) and a zap starting inside the 2 MiB leaf; dirty log as the model's",
-    needs: ['tdp_spte_tracepoints', 'dirty_log'],
+    needs: ['dirty_log'],
+    needsOneOf: ['tdp_spte_tracepoints', 'legacy_spte_tracepoints'],
     run: (ctx) => runSplitCoalesce(ctx, opts),
   };
 }
 
 async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerSplit?: boolean }): Promise<void> {
+  const obs = observerFor(ctx);
+  const legacy = obs.mmu === 'legacy';
   const thp = needThp(ctx.profile);
   const params = ctx.profile.moduleParams;
   const yes = (v: string | undefined) => v === 'Y' || v === 'y' || v === '1';
@@ -323,9 +396,10 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     );
   const splitParam = params['kvm.eager_page_split'];
   const eagerSplit = opts.eagerSplit ?? yes(splitParam);
-  ctx.note(
-    `kvm.eager_page_split=${splitParam ?? 'absent (no eager split)'}; the model ${eagerSplit ? 'splits' : 'does not split'} huge pages when dirty logging starts`,
-  );
+  if (!legacy)
+    ctx.note(
+      `kvm.eager_page_split=${splitParam ?? 'absent (no eager split)'}; the model ${eagerSplit ? 'splits' : 'does not split'} huge pages when dirty logging starts`,
+    );
   // Linux 6.1's TDP MMU zaps a huge leaf that a 4 KiB fault must go below
   // (later kernels split it); that happens here when eager split is off.
   // Since 6.13, dirty logging off recovers huge leaves in place.
@@ -333,7 +407,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
   const kb = ctx.profile.kernel?.behaviours ?? kernelBehaviours(release);
   const splitOnFault = kb.splitOnFault.on;
   const recoverHugeInPlace = kb.recoverHugeInPlace.on;
-  ctx.note(`kernel ${release ?? 'release unknown'}: ${kb.splitOnFault.why}; ${kb.recoverHugeInPlace.why}`);
+  if (!legacy) ctx.note(`kernel ${release ?? 'release unknown'}: ${kb.splitOnFault.why}; ${kb.recoverHugeInPlace.why}`);
 
   const g = X86Guest.create(ctx.kvm);
   let trace: TraceSession | undefined;
@@ -369,7 +443,7 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     // The model VM: the slot at the same host address, its block already
     // written by the host (a THP).
     const nxHugePages = yes(params['kvm.nx_huge_pages']);
-    const tdp = new Tdp(new Memslots(), {
+    const tdp = tdpModelFor(ctx.profile, new Memslots(), {
       levels: 4,
       wrong: opts.wrong?.tdp,
       eagerSplit,
@@ -383,14 +457,14 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
 
     const base = Number(block) / PAGE;
     const flavour = ctx.profile.tdp.kind === 'ept' ? 'ept' : 'npt';
-    const picture = new TdpPicture(flavour);
+    const picture = obs.picture();
     const inBlock = (gfn: number) => gfn >= base && gfn < base + 512;
     const modelMapping: Picture = (gfn) => {
       const m = tdp.lookup(0, gfn);
-      if (!m || !isPresent(m.spte)) return 'not mapped';
-      return mappingOf({ level: m.level, writable: decodeSpte(m.spte).writable });
+      if (!m || !isPresent(m.spte)) return seen(picture, gfn, undefined);
+      return seen(picture, gfn, { level: m.level, writable: decodeSpte(m.spte).writable });
     };
-    const kvmMapping: Picture = (gfn) => mappingOf(picture.leaf(0, BigInt(gfn)));
+    const kvmMapping: Picture = (gfn) => seen(picture, gfn, picture.leaf(0, BigInt(gfn)));
     const covers = (gfn: number, level: number) => inBlock(gfn) || (gfn <= base && gfn + PAGES[level] > base);
     const change = (gfn: number, level: number, from: string, to: string) =>
       `+0x${(gfn - base).toString(16)}@${level} ${from} -> ${to}`;
@@ -406,9 +480,16 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     // the model does not model. Such changes are counted, not compared.
     const accessed = flavour === 'ept' ? 1n << 8n : 1n << 5n;
     let aged = 0;
+    let zappedPages: string[] = [];
     const take = (): string[] => {
       const events = trace!.take();
       picture.add(events);
+      zappedPages = events.flatMap((e) => {
+        const sp = e.id === 'kvmmmu/kvm_mmu_prepare_zap_page' ? parseShadowEvent(e) : undefined;
+        return sp?.direct && sp.level < 4 && covers(Number(sp.gfn), sp.level + 1)
+          ? [`+0x${(Number(sp.gfn) - base).toString(16)} l${sp.level}`]
+          : [];
+      });
       const seen: string[] = [];
       for (const e of events) {
         if (e.id !== 'kvmmmu/kvm_tdp_mmu_spte_changed' || typeof e.fields.gfn !== 'bigint') continue;
@@ -441,7 +522,29 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     const page = (gfn: number) => `+0x${(gfn - base).toString(16)}`;
     const dirtyLog = (bitmap: Uint8Array) => dirtyPages(bitmap, s.gpa).map((gpa) => page(Number(gpa) / PAGE));
 
-    trace = TraceSession.open(ctx.target.fs, ['kvmmmu/kvm_tdp_mmu_spte_changed'], []);
+    // Under the legacy MMU a host operation zaps and write-protects
+    // untraced: the picture is told, and the pages_* gauges and the shadow
+    // pages zapped (kvm_mmu_prepare_zap_page) are compared instead.
+    const hostOp = (what: string, untraced: 'zap' | 'wrprot' | undefined, op: () => void) => {
+      const before = { kvm: pageStats(g), model: tdp.pageCounts(0), events: tdp.events.length };
+      op();
+      if (untraced) picture.untraced(base, base + 512, untraced);
+      if (!legacy) return;
+      ctx.expect(
+        `${what}: change of pages_4k/2m/1g`,
+        pageDelta(before.model, tdp.pageCounts(0)),
+        pageDelta(before.kvm, pageStats(g)),
+      );
+      return before.events;
+    };
+    const tablesZapped = (mark: number) =>
+      tdp.events
+        .slice(mark)
+        .flatMap((e) =>
+          e.kind === 'teardown' && covers(e.gfn, e.level + 1) ? [`+0x${(e.gfn - base).toString(16)} l${e.level}`] : [],
+        );
+
+    trace = TraceSession.open(ctx.target.fs, obs.events, []);
     trace.clear();
 
     // 1. The guest writes the block.
@@ -450,8 +553,10 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     compare('1. after the guest writes the block', take());
 
     // 2. Dirty logging on.
-    g.vm.setMemslotFlags(1, MEM.KVM_MEM_LOG_DIRTY_PAGES);
-    tdp.setMemslot(slotOf(true));
+    hostOp('2. dirty logging on', 'wrprot', () => {
+      g.vm.setMemslotFlags(1, MEM.KVM_MEM_LOG_DIRTY_PAGES);
+      tdp.setMemslot(slotOf(true));
+    });
     compare('2. after dirty logging starts', take());
     ctx.expect('2. dirty log before the guest writes', tdp.getDirtyLog(0, 1).map(page), dirtyLog(g.vm.getDirtyLog(1)));
 
@@ -468,14 +573,21 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
           : [],
       );
     ctx.note(`3. the model's fault for the logged write: ${r.kind} at level ${r.level}`);
-    ctx.expect('3. traced SPTE changes over the block during the logged write', modelChanges, take());
-    ctx.expect('3. dirty log after the logged write', tdp.getDirtyLog(0, 1).map(page), dirtyLog(g.vm.getDirtyLog(1)));
+    if (legacy) compare('3. after the logged write', take());
+    else ctx.expect('3. traced SPTE changes over the block during the logged write', modelChanges, take());
+    const logged = tdp.getDirtyLog(0, 1);
+    ctx.expect('3. dirty log after the logged write', logged.map(page), dirtyLog(g.vm.getDirtyLog(1)));
+    for (const gfn of logged) picture.untraced(gfn, gfn + 1, 'wrprot');
     compare('3. after KVM_GET_DIRTY_LOG', take());
 
     // 4. Dirty logging off.
-    g.vm.setMemslotFlags(1, 0);
-    tdp.setMemslot(slotOf(false));
+    const mark4 = hostOp('4. dirty logging off', 'zap', () => {
+      g.vm.setMemslotFlags(1, 0);
+      tdp.setMemslot(slotOf(false));
+    });
     compare('4. after dirty logging stops', take());
+    if (mark4 !== undefined)
+      ctx.expect('4. shadow pages zapped over the block (kvm_mmu_prepare_zap_page)', tablesZapped(mark4), zappedPages);
 
     // 5. The guest touches the block again. A huge leaf recovered in place
     // (6.13 on) is read-only: the write makes it writable by the fast
@@ -492,8 +604,10 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     }
     if (untraced.size)
       ctx.note(`5. the model restores W by the fast page-fault path at ${untraced.size} leaf (not traced)`);
+    // The legacy MMU's fast path is traced (fast_page_fault).
     const tracedModel: Picture = (gfn) => {
       const m = tdp.lookup(0, gfn);
+      if (legacy) return modelMapping(gfn);
       if (!m || !isPresent(m.spte)) return 'not mapped';
       const before = untraced.get(`${gfn - (gfn % PAGES[m.level]!)}@${m.level}`);
       return mappingOf({ level: m.level, writable: decodeSpte(before ?? m.spte).writable });
@@ -514,9 +628,11 @@ async function runSplitCoalesce(ctx: CheckContext, opts: { wrong?: Wrong; eagerS
     // 6. MADV_DONTNEED of two pages inside the block: the range starts inside
     // the 2 MiB leaf, which goes as a whole (the host splits its huge page).
     trace.setPids([]); // the zap runs in this process, not on the vCPU thread
-    s.madvise(Number(blockOff) + STRADDLE * PAGE, 2 * PAGE, MADV.DONTNEED);
-    const from = s.hva + blockOff + BigInt(STRADDLE * PAGE);
-    tdp.invalidateHva(from, from + BigInt(2 * PAGE), 'dontneed');
+    hostOp('6. MADV_DONTNEED of 2 pages inside the block', 'zap', () => {
+      s.madvise(Number(blockOff) + STRADDLE * PAGE, 2 * PAGE, MADV.DONTNEED);
+      const from = s.hva + blockOff + BigInt(STRADDLE * PAGE);
+      tdp.invalidateHva(from, from + BigInt(2 * PAGE), 'dontneed');
+    });
     compare('6. after MADV_DONTNEED of 2 pages starting inside the 2 MiB leaf', take());
   } finally {
     trace?.close();

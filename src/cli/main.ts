@@ -13,6 +13,7 @@ import { localTarget } from '../target/local.js';
 import { registerLab } from './lab.js';
 import { OutputError } from './output.js';
 import { addRunOptions, deviceOption, executeRun, runHelpText, UsageError, type RunCliOptions } from './run.js';
+import { registerRepro } from './repro.js';
 import { registerWalk, WalkUsageError } from './walk.js';
 
 /** The version in the package's package.json (found above this module, in src/ or dist/src/). */
@@ -51,6 +52,7 @@ export function program(): Command {
     });
 
   registerWalk(p);
+  registerRepro(p);
   registerLab(p);
   return p;
 }

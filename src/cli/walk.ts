@@ -211,7 +211,15 @@ const G1 = 1n << 30n;
  */
 export function scenarioTdp(s: Scenario, levels: 4 | 5, written: Iterable<number>): ScenarioTdp {
   const decls: MemslotDecl[] = [
-    { slot: 0, gpa: 0n, size: LAYOUT.identityEnd, backing: 'anon', logDirty: false, readonly: false },
+    {
+      slot: 0,
+      gpa: 0n,
+      size: LAYOUT.identityEnd,
+      backing: 'anon',
+      logDirty: false,
+      readonly: false,
+      created: 'at-start',
+    },
     ...s.memslots,
   ];
   // x86 guest-physical addresses: 48 bits with 4-level TDP, 52 (MAXPHYADDR's limit) with 5-level.
@@ -220,7 +228,9 @@ export function scenarioTdp(s: Scenario, levels: 4 | 5, written: Iterable<number
   const out: ScenarioTdp['slots'] = [];
   let next = G1;
   for (const d of decls) {
-    const hva = ((next + G1 - 1n) & ~(G1 - 1n)) + (d.gpa & (G1 - 1n));
+    // Congruent with the GPA modulo 1G, or as the slot's "hva" places it.
+    const mod = d.hva?.modulo === '2M' ? 1n << 21n : G1;
+    const hva = ((next + G1 - 1n) & ~(G1 - 1n)) + ((d.gpa + (d.hva?.offset ?? 0n)) & (mod - 1n));
     next = hva + d.size;
     let slot: Memslot;
     try {

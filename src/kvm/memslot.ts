@@ -18,6 +18,14 @@ export interface MemslotSpec {
   asId?: number;
   /** guest_memfd to bind (KVM_SET_USER_MEMORY_REGION2 with KVM_MEM_GUEST_MEMFD). */
   guestMemfd?: { fd: number; offset: bigint };
+  /** Where the host memory starts relative to the GPA: (hva - gpa) mod `modulo` = `offset` (see placeBacking). */
+  placement?: Placement;
+}
+
+/** The HVA of a slot's memory relative to its GPA: (hva - gpa) mod `modulo` = `offset` (both 4K multiples). */
+export interface Placement {
+  modulo: bigint;
+  offset: bigint;
 }
 
 /** A page of a slot's backing that the process must not touch as usual. */
@@ -44,9 +52,11 @@ export class Memslot {
     /** memfd backing this slot, or -1. */
     readonly memfd: number,
     readonly backing: HostBacking,
+    /** Byte offset of the slot's first byte in `memory` (non-zero when the slot was placed, see placeBacking). */
+    readonly base = 0,
   ) {}
   get bytes(): Uint8Array {
-    return new Uint8Array(this.memory);
+    return new Uint8Array(this.memory, this.base, this.size);
   }
   get npages(): number {
     return this.size / PAGE_SIZE;
@@ -64,12 +74,12 @@ export class Memslot {
   /** madvise() on part of the backing (MADV.DONTNEED, HUGEPAGE, NOHUGEPAGE, ...). */
   madvise(offset: number, len: number, advice: number): void {
     this.range('madvise', offset, len);
-    check('madvise', this.target.addon.madvise(this.memory, offset, len, advice), `memslot ${this.slot}`);
+    check('madvise', this.target.addon.madvise(this.memory, this.base + offset, len, advice), `memslot ${this.slot}`);
   }
   /** mprotect() on part of the backing (PROT bits). */
   mprotect(offset: number, len: number, prot: number): void {
     this.range('mprotect', offset, len);
-    check('mprotect', this.target.addon.mprotect(this.memory, offset, len, prot), `memslot ${this.slot}`);
+    check('mprotect', this.target.addon.mprotect(this.memory, this.base + offset, len, prot), `memslot ${this.slot}`);
     const state: PageState | undefined = !(prot & PROT.READ)
       ? 'prot-none'
       : !(prot & PROT.WRITE)
@@ -87,7 +97,7 @@ export class Memslot {
         `the ${this.target.name} target cannot unmap part of a mapping`,
       );
     }
-    check('munmap', r.unmapRange(this.memory, offset, len), `memslot ${this.slot}`);
+    check('munmap', r.unmapRange(this.memory, this.base + offset, len), `memslot ${this.slot}`);
     this.setStates(offset, len, 'unmapped');
   }
   /**
@@ -118,7 +128,7 @@ export class Memslot {
       'mmap(MAP_FIXED)',
       r.remapRange(
         this.memory,
-        offset,
+        this.base + offset,
         len,
         rw,
         flags,
@@ -128,7 +138,10 @@ export class Memslot {
       `memslot ${this.slot}`,
     );
     if (b.kind === 'anon' && b.thp !== undefined)
-      check('madvise', this.target.addon.madvise(this.memory, offset, len, b.thp ? MADV.HUGEPAGE : MADV.NOHUGEPAGE));
+      check(
+        'madvise',
+        this.target.addon.madvise(this.memory, this.base + offset, len, b.thp ? MADV.HUGEPAGE : MADV.NOHUGEPAGE),
+      );
     this.setStates(offset, len, undefined);
   }
   private setStates(offset: number, len: number, state: PageState | undefined): void {
@@ -219,7 +232,7 @@ export class GuestMemory {
       throw new RangeError(
         `GPA range 0x${gpa.toString(16)}+0x${len.toString(16)}: the host memory behind it is ${why}`,
       );
-    return new Uint8Array(s.memory, Number(gpa - s.gpa), len);
+    return new Uint8Array(s.memory, s.base + Number(gpa - s.gpa), len);
   }
   write(gpa: bigint, data: ArrayLike<number>): void {
     this.bytes(gpa, data.length, true).set(data);
@@ -279,6 +292,35 @@ export function allocBacking(
       }
     }
   }
+}
+
+/**
+ * Maps host memory of kind `b` for a slot of `size` bytes at `gpa` whose HVA
+ * meets `p`: (hva - gpa) mod p.modulo = p.offset. It maps `size + modulo`
+ * bytes (a whole number of huge pages for hugetlb) and starts the slot at the
+ * `base` inside them that gives the wanted HVA. Around the slot, the mapping
+ * is MADV_NOHUGEPAGE, so the slot's own VMA is exactly its HVA range and no
+ * transparent huge page reaches past it (the host model's rule).
+ */
+export function placeBacking(
+  a: Addon,
+  b: HostBacking,
+  size: number,
+  gpa: bigint,
+  p: Placement,
+  name: string,
+): { memory: ArrayBuffer; memfd: number; base: number } {
+  const huge = b.kind === 'hugetlb' ? (b.pageSize === '1G' ? 1 << 30 : 2 << 20) : PAGE_SIZE;
+  const total = Math.ceil((size + Number(p.modulo)) / huge) * huge;
+  const got = allocBacking(a, b, total, name);
+  const hva = a.addressOf(got.memory);
+  const m = p.modulo;
+  const base = Number((((gpa + p.offset - hva) % m) + m) % m);
+  if (b.kind === 'anon' && b.thp) {
+    if (base > 0) check('madvise', a.madvise(got.memory, 0, base, MADV.NOHUGEPAGE));
+    if (base + size < total) check('madvise', a.madvise(got.memory, base + size, total - base - size, MADV.NOHUGEPAGE));
+  }
+  return { ...got, base };
 }
 
 /** fallocate(PUNCH_HOLE|KEEP_SIZE) on a memfd-backed slot's file. */

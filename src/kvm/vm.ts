@@ -2,7 +2,7 @@
 // memory attributes, stats, and the vCPUs it creates.
 import { check, mapped, type Addon } from './sys.js';
 import { statsReaderFor, type StatsReader } from './stats.js';
-import { allocBacking, GuestMemory, Memslot, type MemslotSpec } from './memslot.js';
+import { allocBacking, GuestMemory, Memslot, placeBacking, type MemslotSpec } from './memslot.js';
 import { PAGE_SIZE } from '../base/units.js';
 import { Vcpu } from './vcpu.js';
 import type { Kvm } from './kvm.js';
@@ -111,9 +111,12 @@ export class Vm {
       throw new RangeError(`memslot ${slot}: size 0x${size.toString(16)} is not a positive multiple of 4 KiB`);
     if (gpa % BigInt(PAGE_SIZE))
       throw new RangeError(`memslot ${slot}: gpa 0x${gpa.toString(16)} is not 4 KiB aligned`);
-    const { memory, memfd } = allocBacking(this.sys, backing, size, `kvmharness-slot${slot}`);
-    const hva = this.sys.addressOf(memory);
-    const s = new Memslot(this.kvm.target, slot, asId, gpa, size, flags, memory, hva, memfd, backing);
+    const name = `kvmharness-slot${slot}`;
+    const { memory, memfd, base } = spec.placement
+      ? placeBacking(this.sys, backing, size, gpa, spec.placement, name)
+      : { ...allocBacking(this.sys, backing, size, name), base: 0 };
+    const hva = this.sys.addressOf(memory) + BigInt(base);
+    const s = new Memslot(this.kvm.target, slot, asId, gpa, size, flags, memory, hva, memfd, backing, base);
     try {
       if (spec.guestMemfd) {
         this.setUserMemoryRegion2(
@@ -153,7 +156,8 @@ export class Vm {
   moveMemslot(slot: number, gpa: bigint, asId = 0): Memslot {
     const s = this.memslot(slot, asId);
     this.setUserMemoryRegion(slot, s.flags, gpa, BigInt(s.size), s.hva, asId);
-    const moved = new Memslot(s.target, s.slot, asId, gpa, s.size, s.flags, s.memory, s.hva, s.memfd, s.backing);
+    const { target, memory, hva, memfd, backing, base } = s;
+    const moved = new Memslot(target, s.slot, asId, gpa, s.size, s.flags, memory, hva, memfd, backing, base);
     moved.pageStates = s.pageStates;
     this.slots.set(`${asId}:${slot}`, moved);
     return moved;

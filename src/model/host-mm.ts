@@ -80,6 +80,18 @@ export class HostMm {
     return cur && hostPage(cur, page);
   }
 
+  /**
+   * get_user_pages_fast_only(FOLL_WRITE) of one page: the page when the host
+   * page tables already map it writable (never the zero page, nothing under
+   * munmap or a read-only or PROT_NONE protection); faults nothing in.
+   */
+  writableNow(hva: bigint): HostPage | undefined {
+    const page = Number(hva >> 12n);
+    if (this.unmapped.some(([s, e]) => page >= s && page < e) || this.prot.has(page)) return undefined;
+    const cur = this.lookup(hva);
+    return cur?.writable ? cur : undefined;
+  }
+
   /** Resolve an access by KVM (hva_to_pfn with or without FOLL_WRITE). Undefined: EFAULT. */
   fault(slot: Memslot, hva: bigint, write: boolean): HostFault | undefined {
     const page = Number(hva >> 12n);

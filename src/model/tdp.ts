@@ -697,7 +697,7 @@ export class Tdp {
    * the small leaf's permissions, the address aligned, NX when NX huge pages
    * are on); a table without a present leaf stays.
    */
-  private zapCollapsible(slot: Memslot): void {
+  protected collapse(slot: Memslot): void {
     const flush: Flush[] = [];
     const walk = this.walk(slot.asId, slot.baseGfn, slotEnd(slot), flush, { only: 'present', minLevel: 2 });
     for (const it of walk) {
@@ -750,7 +750,7 @@ export class Tdp {
           this.writeProtect(ch.new.asId, ch.new.baseGfn, slotEnd(ch.new), 1);
         } else {
           this.dirty.delete(dirtyKey(ch.new));
-          if (this.arch === 'x86_64' && !this.wrong.noCollapse) this.zapCollapsible(ch.new);
+          if (this.arch === 'x86_64' && !this.wrong.noCollapse) this.collapse(ch.new);
         }
         break;
       case 'create':
@@ -774,6 +774,21 @@ export class Tdp {
       flush.push(...r.flush);
     }
     return { ranges, flush };
+  }
+
+  /**
+   * The VMM's own access to `gfn` through the slot's HVA (not a guest access):
+   * the host page faults in as for any process, and whatever mapping the host
+   * replaces (a zero page written) is reported to the MMU notifiers and zapped.
+   * Nothing is mapped and nothing is logged dirty. Undefined: the host has no
+   * page there (munmap, a protection that forbids the access).
+   */
+  hostAccess(asId: number, gfn: number, write: boolean): HostPage | undefined {
+    const slot = this.slots.find(asId, gfn);
+    if (!slot) throw new RangeError(`no memslot holds gfn ${gfn} in address space ${asId}`);
+    const host = this.host.fault(slot, gfnToHva(slot, gfn), write);
+    for (const [s, e] of host?.notify ?? []) this.invalidateRange(s, e);
+    return host?.page;
   }
 
   private invalidateRange(start: bigint, end: bigint): { ranges: GfnRange[]; flush: Flush[] } {
@@ -821,6 +836,17 @@ export class Tdp {
       else runs.push({ start: it.gfn, end: next, level: it.level, writable, executable });
     }
     return runs;
+  }
+
+  /**
+   * Present leaves per level in [start, end), indexed by level (1 = 4 KiB):
+   * what KVM's pages_4k, pages_2m and pages_1g gauges count (one per leaf
+   * SPTE, whatever its size), restricted to a range.
+   */
+  pageCounts(asId: number, start = 0, end = this.maxGfn): number[] {
+    const n = [0, 0, 0, 0, 0, 0];
+    for (const it of this.walk(asId, start, end, null, { only: 'presentLeaf' })) n[it.level]!++;
+    return n;
   }
 
   /** Dirty GFNs logged so far for a slot, without clearing them. */

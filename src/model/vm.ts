@@ -14,6 +14,7 @@
 import type { HostBacking } from '../base/host-backing.js';
 import { MEM } from '../uapi/uapi.js';
 import { fromRegion, Memslots, type Backing, type Memslot } from './memslots.js';
+import { LegacyTdp } from './legacy.js';
 import { Tdp, type FaultResult, type TdpOptions } from './tdp.js';
 import { hex, PAGE } from '../base/units.js';
 
@@ -78,6 +79,58 @@ export function declaredSlot(
   return modelSlot(region, BACKINGS[d.backing].page);
 }
 
+/**
+ * The probe's facts that choose the host dimension's model (src/probe's
+ * HostProfile has these fields).
+ */
+export interface MmuFacts {
+  arch: string;
+  tdp: { enabled: boolean; kind: string };
+  /** kvm.tdp_mmu; null where the module has no such parameter. */
+  tdpMmu: boolean | null;
+  moduleParams: Readonly<Record<string, string>>;
+}
+
+/** Which MMU maps guest memory with TDP: the TDP MMU, or the legacy MMU's direct shadow pages (x86, kvm.tdp_mmu=0). */
+export type TdpMmu = 'tdp' | 'legacy';
+
+export function tdpMmuOf(f: MmuFacts): TdpMmu {
+  return f.arch === 'x86_64' && f.tdp.enabled && (f.tdp.kind === 'npt' || f.tdp.kind === 'ept') && f.tdpMmu === false
+    ? 'legacy'
+    : 'tdp';
+}
+
+/** Model options that follow from the facts: which MMU, and (legacy, EPT) whether it has A/D bits to prefetch with. */
+export function tdpFactsOptions(f: MmuFacts): Pick<ModelVmOptions, 'mmu' | 'adEnabled'> {
+  const mmu = tdpMmuOf(f);
+  if (mmu !== 'legacy') return { mmu };
+  const eptad = f.moduleParams['kvm_intel.eptad'];
+  return { mmu, adEnabled: f.tdp.kind !== 'ept' || eptad === undefined || eptad === 'Y' || eptad === '1' };
+}
+
+/**
+ * The host dimension's model for a host with these facts: `LegacyTdp` under
+ * the legacy MMU with TDP, `Tdp` elsewhere. Both answer the same queries
+ * (lookup, mappings, pageCounts) and take the same operations.
+ */
+export function tdpModelFor(facts: MmuFacts, slots: Memslots, opts: TdpOptions = {}): Tdp {
+  return newTdp(slots, { ...opts, ...tdpFactsOptions(facts) });
+}
+
+/** The options of ModelVm: the TDP model's, and which MMU (default the TDP MMU). */
+export interface ModelVmOptions extends TdpOptions {
+  mmu?: TdpMmu;
+  /** Legacy MMU only: see LegacyOptions.adEnabled. */
+  adEnabled?: boolean;
+}
+
+function newTdp(slots: Memslots, opts: ModelVmOptions): Tdp {
+  const { mmu, adEnabled, ...tdpOpts } = opts;
+  if (mmu !== 'legacy') return new Tdp(slots, tdpOpts);
+  const { eagerSplit: _e, splitOnFault: _s, recoverHugeInPlace: _r, arch: _a, ...rest } = tdpOpts;
+  return new LegacyTdp(slots, { ...rest, adEnabled });
+}
+
 /** A host change of part of a slot's memory, as the MMU notifier reports it. */
 export type MemChange = 'munmap' | 'dontneed' | 'mprotect';
 
@@ -93,8 +146,8 @@ export class ModelVm {
   /** Pages the guest dirtied per logged slot since the last harvest. */
   private readonly dirty = new Map<number, Set<bigint>>();
 
-  constructor(opts: TdpOptions = {}) {
-    this.tdp = new Tdp(new Memslots(), opts);
+  constructor(opts: ModelVmOptions = {}) {
+    this.tdp = newTdp(new Memslots(), opts);
   }
 
   get slots(): Memslots {
@@ -163,6 +216,23 @@ export class ModelVm {
     const zapped = ranges.map((r) => `${gfnRange(r.start, r.end)} of slot ${r.slot.slot}`).join(', ') || 'nothing';
     const pages = `${mapped} mapped page${mapped === 1 ? '' : 's'}`;
     return `model: ${why}${prot ? ` ${prot}` : ''} invalidates ${zapped}; ${pages} there refault on the next access`;
+  }
+
+  /**
+   * The VMM writes [gpa, gpa + size) through the slots' HVAs: each page faults
+   * in on the host (a zero page replaced is zapped where KVM mapped it); no
+   * page is logged dirty. Returns what the model did, for the notes.
+   */
+  hostWrite(gpa: bigint, size: bigint): string {
+    const first = Number(gpa >> 12n);
+    const last = Number((gpa + size - 1n) >> 12n);
+    const before = this.tdp.mappings(0, first, last + 1).reduce((n, r) => n + r.end - r.start, 0);
+    for (let gfn = first; gfn <= last; gfn++) {
+      if (!this.tdp.hostAccess(0, gfn, true)) throw new RangeError(`the model has no host page at GFN ${hex(gfn)}`);
+    }
+    const after = this.tdp.mappings(0, first, last + 1).reduce((n, r) => n + r.end - r.start, 0);
+    const pages = last - first + 1;
+    return `model: the host writes ${pages} page${pages === 1 ? '' : 's'}, none logged dirty; ${before - after} mapped page${before - after === 1 ? '' : 's'} zapped (zero pages replaced)`;
   }
 
   /** Fresh host memory over part of a slot (mmap MAP_FIXED after munmap). */

@@ -4,7 +4,8 @@
 //
 // - `Wrong`: what a check (or a scenario) is run with; one part per model.
 // - `WrongWalk`: a rule the guest walk model (walk.ts) breaks.
-// - `WrongTdp`: a mistake of the TDP model (tdp.ts).
+// - `WrongTdp`: a mistake of the TDP model (tdp.ts) or of its legacy-MMU
+//   variant (legacy.ts).
 // - `WrongRace`: a mistake of the race model (run/race.ts).
 // - `WrongShadow`: a mistake of the shadow MMU model (shadow.ts).
 //
@@ -33,6 +34,16 @@ export interface WrongTdp {
   zapOneShort?: boolean;
   /** x86: dirty logging off leaves the 4 KiB mappings in place (no zap of collapsible tables). */
   noCollapse?: boolean;
+  /** Legacy MMU: a 4 KiB fault maps only the faulting page (no direct_pte_prefetch of its neighbours). */
+  noPrefetch?: boolean;
+  /** Legacy MMU: dirty logging on splits huge leaves to 4 KiB, as the TDP MMU's eager split does. */
+  legacyEagerSplit?: boolean;
+  /**
+   * Legacy MMU: dirty logging off zaps each collapsible table with its whole
+   * 2 MiB (512 entries), as the TDP MMU does, instead of only its present
+   * leaves.
+   */
+  legacyZapTables?: boolean;
 }
 
 /** Mistakes of the race model. */

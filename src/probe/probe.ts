@@ -22,6 +22,7 @@ export const ORACLES = [
   'stats_faults',
   'walker_tracepoints',
   'tdp_spte_tracepoints',
+  'legacy_spte_tracepoints',
   'shadow_page_tracepoints',
   'stage2_fault_tracepoints',
 ] as const;
@@ -101,6 +102,8 @@ export const TRACE_EVENTS = [
   'kvmmmu/kvm_tdp_mmu_spte_changed',
   'kvmmmu/kvm_mmu_set_spte',
   'kvmmmu/kvm_mmu_spte_requested',
+  'kvmmmu/mark_mmio_spte',
+  'kvmmmu/fast_page_fault',
   'kvm/kvm_page_fault',
   'kvm/kvm_mmio',
   'kvm/kvm_guest_fault',
@@ -245,6 +248,24 @@ export function deriveOracles(p: Omit<HostProfile, 'oracles'>): Record<Oracle, O
       : ev('kvmmmu/kvm_tdp_mmu_spte_changed')
         ? yes('kvm_tdp_mmu_spte_changed' + tracefsWhy)
         : no(p.tracefs.state === 'absent' ? absent : 'kvm_tdp_mmu_spte_changed missing');
+  const legacyEvents = [
+    'kvmmmu/kvm_mmu_set_spte',
+    'kvmmmu/mark_mmio_spte',
+    'kvmmmu/fast_page_fault',
+    'kvmmmu/kvm_mmu_get_page',
+    'kvmmmu/kvm_mmu_prepare_zap_page',
+  ];
+  o.legacy_spte_tracepoints =
+    !x86 || !p.tdp.enabled
+      ? no('the legacy MMU with TDP only (x86, EPT or NPT)')
+      : p.tdpMmu !== false
+        ? no('tdp_mmu is on: KVM maps guest memory with the TDP MMU')
+        : legacyEvents.every(ev)
+          ? yes(
+              'kvm_mmu_set_spte, mark_mmio_spte, fast_page_fault, kvm_mmu_get_page, kvm_mmu_prepare_zap_page (leaf zaps and write protection untraced)' +
+                tracefsWhy,
+            )
+          : no(p.tracefs.state === 'absent' ? absent : 'legacy MMU events missing');
   o.stage2_fault_tracepoints =
     p.arch !== 'arm64'
       ? no('arm64 stage-2 only')

@@ -18,25 +18,35 @@ import { LAYOUT } from '../arch/x86/layout.js';
 import { PTE_A } from '../arch/x86/pte.js';
 import { KvmError } from '../kvm/sys.js';
 import type { Memslot } from '../model/memslots.js';
-import { BACKINGS, memFlags, modelSlot, ModelVm } from '../model/vm.js';
+import { BACKINGS, modelSlot, ModelVm } from '../model/vm.js';
 import { accessException, accessedLatitude, walkWith, type PagingConfig, type WalkResult } from '../model/walk.js';
 import type { Wrong, WrongWalk } from '../model/wrong.js';
 import { readStats } from '../observe/stats.js';
 import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
 import { tracedWalks, WALKER_EVENTS } from '../observe/walker-trace.js';
-import { guestWalkerOf } from '../probe/probe.js';
+import { guestWalkerOf, type HostProfile } from '../probe/probe.js';
 import {
   bringUpOptions,
   buildScenarioTables,
   pagingConfigFor,
-  slotBacking,
+  slotSpec,
   type ScenarioTables,
 } from '../scenario/build.js';
 import { showDelta, showStatExpect, statHolds, statNotApplicable } from '../scenario/stats.js';
 import type { Scenario, Step, StepStats } from '../scenario/types.js';
 import { same, show } from './differ.js';
 import { hostFaultPath, tdpLogsDirty, tdpModelOptions } from './host-policy.js';
-import { describeWalk, MMIO_FILL, modelAsTrace, predictAccess, type AccessStep, type Prediction } from './predict.js';
+import { compareLoop, predictLoop } from './loop.js';
+import {
+  describeWalk,
+  MMIO_FILL,
+  modelAsTrace,
+  predictAccess,
+  type AccessStep,
+  type Prediction,
+  type PredictFrom,
+} from './predict.js';
+import { modelPageCount, thpUnconfirmed } from './model-stats.js';
 import { runRace } from './race.js';
 import { ShadowFollow } from './shadow-follow.js';
 import {
@@ -73,17 +83,18 @@ interface Pending {
   gpa: bigint;
 }
 
-function stepName(i: number, s: Step): string {
+/** A step as comparisons and reproducers name it: `step 4 read64 0x8000000000 cpl3`. */
+export function stepName(i: number, s: Step): string {
   if (s.side === 'host') return `step ${i} host ${s.kind}${'gva' in s ? ` ${hex(s.gva)}` : ''}`;
   if (s.kind === 'access') return `step ${i} ${s.access}${s.size * 8} ${hex(s.gva)} cpl${s.cpl}`;
   return `step ${i} ${s.kind}`;
 }
 
 /** The x86 CPU the scenario needs, or NotApplicable saying what this host lacks. */
-function hostCpu(ctx: CheckContext, sc: Scenario, opts: EngineOptions) {
-  const cpu = ctx.profile.cpu;
+export function hostCpu(profile: HostProfile, sc: Scenario, opts: EngineOptions) {
+  const cpu = profile.cpu;
   if (!cpu) throw new NotApplicable('x86 scenarios need an x86 host');
-  if (opts.trace && ctx.profile.tdp.enabled) {
+  if (opts.trace && profile.tdp.enabled) {
     throw new NotApplicable(
       "with TDP the hardware walks the guest's tables; KVM's walker tracepoints see only the accesses it emulates",
     );
@@ -109,17 +120,14 @@ function hostCpu(ctx: CheckContext, sc: Scenario, opts: EngineOptions) {
  * step and compared element by element with the model's walk.
  */
 export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineOptions = {}): Promise<void> {
-  const cpu = hostCpu(ctx, sc, opts);
+  const cpu = hostCpu(ctx.profile, sc, opts);
   const g = X86Guest.create(ctx.kvm, { ...bringUpOptions(sc), memSize: Number(LAYOUT.identityEnd) });
   let trace: TraceSession | undefined;
   let shadow: ShadowFollow | undefined;
   try {
     const manualProtect = sc.steps.some((s) => s.side === 'host' && s.kind === 'clear-dirty-log');
     if (manualProtect) g.vm.enableManualDirtyLogProtect();
-    for (const m of sc.memslots) {
-      const backing = slotBacking(m.backing);
-      g.vm.addMemslot({ slot: m.slot, gpa: m.gpa, size: Number(m.size), backing, flags: memFlags(m) });
-    }
+    for (const m of sc.memslots) if (m.created === 'at-start') g.vm.addMemslot(slotSpec(m));
     const built = buildScenarioTables(sc, g.mem, g.boot);
     const cfg: PagingConfig = { ...pagingConfigFor(sc, cpu), walker: guestWalkerOf(ctx.profile) };
     if (cfg.walker === 'qemu-tcg')
@@ -178,7 +186,7 @@ class ScenarioRun {
     const wrong = opts.wrong?.tdp ? { wrong: opts.wrong.tdp } : {};
     this.vm = new ModelVm({ ...tdpModelOptions(ctx.profile), record: false, ...wrong });
     this.vm.setSlot(slotOf(0));
-    for (const m of sc.memslots) this.vm.setSlot(slotOf(m.slot));
+    for (const m of sc.memslots) if (m.created === 'at-start') this.vm.setSlot(slotOf(m.slot));
     this.tdpDirty = tdpLogsDirty(ctx.profile);
     this.canReadStats = !!ctx.profile.capabilities.KVM_CAP_BINARY_STATS_FD;
     this.host = {
@@ -223,8 +231,15 @@ class ScenarioRun {
     // Code for exec accesses: a `ret` at each target that memory backs.
     for (const s of sc.steps) {
       if (s.side !== 'guest' || s.kind !== 'access' || s.access !== 'exec') continue;
-      const w = this.plainWalk(s.gva);
-      if (w.ok && g.mem.slotOf(w.gpa)) g.mem.write(w.gpa, [0xc3]);
+      for (let k = 0; k < (s.loop?.count ?? 1); k++) {
+        const w = this.plainWalk(s.gva + BigInt(k) * (s.loop?.stride ?? 0n));
+        if (
+          w.ok &&
+          g.mem.slotOf(w.gpa) &&
+          !g.mem.slotOf(w.gpa)!.untouchable(Number(w.gpa - g.mem.slotOf(w.gpa)!.gpa), 1, true)
+        )
+          g.mem.write(w.gpa, [0xc3]);
+      }
     }
     // A data descriptor where each implicit read finds its LDT entry.
     for (const s of sc.steps) {
@@ -252,8 +267,11 @@ class ScenarioRun {
       const s = sc.steps[i]!;
       const name = stepName(i, s);
       const statsBefore = s.stats && this.canReadStats ? this.readStats() : undefined;
+      const modelBefore = s.stats && this.modelCounts(s.stats);
       const checkStats = () => {
-        if (s.stats) compareStats(ctx, name, s.stats, statsBefore, statsBefore && this.readStats());
+        if (!s.stats) return;
+        const model = modelBefore && { before: modelBefore, after: this.modelCounts(s.stats), thp: this.thpWhy() };
+        compareStats(ctx, name, s.stats, statsBefore, statsBefore && this.readStats(), model);
       };
       const go =
         s.side === 'guest' ? await this.guestStep(i, s, name, checkStats) : await this.hostStep(i, s, name, checkStats);
@@ -261,6 +279,17 @@ class ScenarioRun {
     }
     if (!(await this.finishPending())) return;
     ctx.expect('guest finishes', 'done', describeStop(await this.g.run()));
+  }
+
+  /** The model's counts for the step's "model" stat expectations. */
+  modelCounts(stats: StepStats): Map<string, bigint> {
+    const out = new Map<string, bigint>();
+    for (const [k, e] of Object.entries(stats)) if (e.op === 'model') out.set(k, modelPageCount(this.vm, k));
+    return out;
+  }
+
+  thpWhy(): string | undefined {
+    return thpUnconfirmed(this.sc, this.g, this.vm);
   }
 
   readStats(): Map<string, bigint> {
@@ -287,6 +316,7 @@ class ScenarioRun {
   /** A guest step: predict (accesses), run, observe and compare. Returns whether the scenario goes on. */
   async guestStep(i: number, s: GuestSideStep, name: string, checkStats: () => void): Promise<boolean> {
     const { ctx, g } = this;
+    if (s.kind === 'access' && s.loop) return this.loopStep(i, s, name, checkStats);
     const pred = s.kind === 'access' ? this.predict(s, name) : undefined;
     if (!(await this.finishPending())) return false;
     // A #GP leaves CR2 as it was when the step began.
@@ -328,6 +358,28 @@ class ScenarioRun {
     return true;
   }
 
+  /** A loop step: the model predicts every access in turn (loop.ts), the guest makes them in one run. */
+  async loopStep(i: number, s: AccessStep, name: string, checkStats: () => void): Promise<boolean> {
+    if (!(await this.finishPending())) return false;
+    const env = {
+      ctx: this.ctx,
+      g: this.g,
+      vm: this.vm,
+      walk: (a: Parameters<typeof walkWith>[3], read: (gpa: bigint) => bigint) =>
+        walkWith(this.wrongWalk, this.cfg, this.g.boot.tables.root, a, read),
+      from: (n: string) => this.predictFrom(n),
+      walker: this.cfg.walker,
+    };
+    const loop = predictLoop(env, s, name);
+    this.g.clearExceptions();
+    const stop = await this.runGuest();
+    if (!this.reachedSync(stop, i, name)) return false;
+    checkStats();
+    if (stop.kind === 'sync') compareLoop(env, s, name, loop, stop.values[0]!);
+    this.shadow?.stop(name, 'a loop step is not in the shadow model');
+    return true;
+  }
+
   /** A host step (the vCPU is stopped at the previous sync), then the run to its own sync. */
   async hostStep(i: number, s: HostSideStep, name: string, checkStats: () => void): Promise<boolean> {
     hostAction(s).act(this.host, s, name);
@@ -343,14 +395,18 @@ class ScenarioRun {
   predict(s: AccessStep, name: string): Prediction {
     const implicit = s.implicit ? { implicitSupervisor: true } : {};
     const w = this.walk({ gva: s.gva, kind: s.access, cpl: s.cpl, eflagsAc: s.eflagsAc, size: s.size, ...implicit });
-    return predictAccess(s, w, {
+    return predictAccess(s, w, this.predictFrom(name));
+  }
+
+  predictFrom(name: string): PredictFrom {
+    return {
       vm: this.vm,
       profile: this.ctx.profile,
       walker: this.cfg.walker,
       peek: (gpa, size) => this.peek(gpa, size),
       entry: (gva, level) => this.built.entries(gva, level),
       note: (m) => this.ctx.note(`${name}: ${m}`),
-    });
+    };
   }
 
   /** The access's observations against the prediction (exceptions, value read, PTEs, walker trace); then its dirty pages. */
@@ -437,9 +493,18 @@ function compareStats(
   want: StepStats,
   before: Map<string, bigint> | undefined,
   after: Map<string, bigint> | undefined,
+  model?: { before: Map<string, bigint>; after: Map<string, bigint>; thp: string | undefined },
 ): void {
-  for (const [stat, e] of Object.entries(want)) {
-    const why = statNotApplicable(stat, ctx.profile, !!before?.has(stat) && !!after?.has(stat));
+  for (const [stat, given] of Object.entries(want)) {
+    let e = given;
+    if (given.op === 'model') {
+      // The model's delta, then compared as an exact one.
+      e = { op: '=', delta: model!.after.get(stat)! - model!.before.get(stat)! };
+      ctx.note(`${name}: stats ${stat}: the model says ${showStatExpect(e)}`);
+    }
+    const why =
+      statNotApplicable(stat, ctx.profile, !!before?.has(stat) && !!after?.has(stat)) ??
+      (given.op === 'model' ? model!.thp : undefined);
     const shown = showStatExpect(e);
     if (why) {
       ctx.note(`${name}: stats ${stat} ${shown}: not applicable here (${why})`);

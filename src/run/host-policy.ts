@@ -3,7 +3,7 @@
 // whether the dirty log is the TDP MMU's (tdpLogsDirty), and the TDP model's
 // options from the host's module parameters (tdpModelOptions). Each is a
 // function of the host profile only.
-import type { TdpOptions } from '../model/tdp.js';
+import { tdpFactsOptions, type ModelVmOptions } from '../model/vm.js';
 import type { HostProfile } from '../probe/probe.js';
 import { hex } from '../base/units.js';
 
@@ -63,10 +63,11 @@ export function tdpLogsDirty(profile: HostProfile): boolean {
   return profile.tdp.enabled && profile.arch === 'x86_64';
 }
 
-/** The TDP model's options for this host's kvm module parameters. */
-export function tdpModelOptions(profile: HostProfile): TdpOptions {
+/** The TDP model's options for this host's kvm module parameters, and its MMU (legacy under kvm.tdp_mmu=0). */
+export function tdpModelOptions(profile: HostProfile): ModelVmOptions {
   const params = profile.moduleParams;
   return {
+    ...tdpFactsOptions(profile),
     eagerSplit: params['kvm.eager_page_split'] !== 'N',
     nxHugePages: params['kvm.nx_huge_pages'] === 'Y',
   };

@@ -41,6 +41,8 @@ export async function runCheck(
     return result('not_applicable', `${nodeArch(check.arch)} guest; this KVM host is ${nodeArch(profile.arch)}`);
   }
   const missing = check.needs.filter((o) => !profile.oracles[o].available);
+  const oneOf = check.needsOneOf ?? [];
+  if (oneOf.length && oneOf.every((o) => !profile.oracles[o].available)) missing.push(...oneOf);
   if (missing.length) {
     return result('not_applicable', missing.map((o) => `${o}: ${profile.oracles[o].why}`).join('; '));
   }

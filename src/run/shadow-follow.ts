@@ -84,12 +84,16 @@ const SHADOW_STEPS: { [K in Step['kind']]: ShadowStep<StepOf<K>> } = {
   // kvm_arch_flush_shadow_memslot(): every shadow page goes (kvm_mmu_zap_all_fast).
   'memslot-delete': (f) => f.model.zapAll(),
   'memslot-move': (f) => f.model.zapAll(),
+  // A new slot zaps nothing (stale MMIO SPTEs die with the memslot generation).
+  'memslot-create': () => {},
   'memslot-flags': () => 'a memslot flag change (write-protecting or splitting leaf SPTEs) is not in the shadow model',
   // Host memory changes drop leaf SPTEs through the rmap (kvm_unmap_gfn_range), no shadow page.
   madvise: () => {},
   munmap: () => {},
   remap: () => {},
   mprotect: () => {},
+  // The host's stores through the HVA bypass the shadow MMU; the model reads memory when it syncs.
+  'write-memory': () => {},
   // The dirty log write-protects leaf SPTEs; KVM_PRE_FAULT_MEMORY is TDP's; KVM_TRANSLATE walks the guest's tables.
   'get-dirty-log': () => {},
   'clear-dirty-log': () => {},

@@ -99,6 +99,8 @@ export interface Check {
   description: string;
   /** Oracles the check needs; missing ones make it "not applicable here". */
   needs: Oracle[];
+  /** At least one of these oracles (the check uses whichever the host has); none of them makes it "not applicable here". */
+  needsOneOf?: Oracle[];
   /** The KVM host architecture the check's guest is built for; none: any. */
   arch?: Arch;
   run(ctx: CheckContext): Promise<void>;

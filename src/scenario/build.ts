@@ -32,7 +32,7 @@ import { PAGE_LEVEL, PageTables } from '../arch/x86/tables.js';
 import { pagingConfigOf, type PagingCpu } from '../model/paging.js';
 import type { PagingConfig } from '../model/walk.js';
 import type { HostBacking } from '../base/host-backing.js';
-import { BACKINGS } from '../model/vm.js';
+import { BACKINGS, memFlags } from '../model/vm.js';
 import type { Mapping, MemslotDecl, PteAttrs, Scenario } from './types.js';
 import { hex } from '../base/units.js';
 
@@ -225,4 +225,24 @@ export class MemImage implements GuestMem {
 /** The host memory behind a scenario's memslot, from the one table of backings (model/vm.ts BACKINGS). */
 export function slotBacking(b: MemslotDecl['backing']): HostBacking {
   return BACKINGS[b].alloc;
+}
+
+/** What the VMM allocates for a declared slot: the KVM memslot and its host memory, placed as `hva` asks. */
+export function slotSpec(m: MemslotDecl): {
+  slot: number;
+  gpa: bigint;
+  size: number;
+  backing: HostBacking;
+  flags: number;
+  placement?: { modulo: bigint; offset: bigint };
+} {
+  const placement = m.hva && { modulo: m.hva.modulo === '1G' ? 1n << 30n : 1n << 21n, offset: m.hva.offset };
+  return {
+    slot: m.slot,
+    gpa: m.gpa,
+    size: Number(m.size),
+    backing: slotBacking(m.backing),
+    flags: memFlags(m),
+    ...(placement ? { placement } : {}),
+  };
 }

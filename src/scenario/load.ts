@@ -321,6 +321,16 @@ function memslotErrors(s: Scenario, err: (path: string, msg: string) => void): v
       if (overlaps(m.gpa, m.size, o.gpa, o.size))
         err(`${p}.gpa`, `${range(m.gpa, m.size)} overlaps memslots[${k}] ${range(o.gpa, o.size)}`);
     });
+    if (m.hva) {
+      const mod = m.hva.modulo === '1G' ? 1n << 30n : 1n << 21n;
+      if (m.hva.offset % PAGE_4K !== 0n || m.hva.offset >= mod)
+        err(`${p}.hva.offset`, `${hex(m.hva.offset)} must be 4K aligned and below ${m.hva.modulo}`);
+      if (m.backing === 'hugetlb2m' && m.hva.modulo === '1G')
+        err(`${p}.hva.modulo`, 'a hugetlb2m slot is placed modulo 2M only (modulo 1G would take 512 more huge pages)');
+    }
+    const creates = s.steps.filter((x) => x.side === 'host' && x.kind === 'memslot-create' && x.slot === m.slot);
+    if (m.created === 'by-step' && creates.length !== 1)
+      err(`${p}.created`, `a slot created by a step needs exactly one memslot-create step for slot ${m.slot}`);
   });
 }
 
@@ -473,6 +483,8 @@ function raceErrors(s: Scenario, err: (path: string, msg: string) => void): void
     const p = `race.targets[${i}]`;
     const m = s.memslots.find((x) => x.slot === t.slot);
     if (!m) return err(`${p}.slot`, `memslot ${t.slot} is not declared in "memslots"`);
+    if (m.hva)
+      err(`${p}.slot`, `a race allocates its slots as mmap places them; memslot ${t.slot}'s "hva" is not taken`);
     const k = used.get(t.slot);
     if (k !== undefined) return err(`${p}.slot`, `memslot ${t.slot} is already the slot of race.targets[${k}]`);
     used.set(t.slot, i);

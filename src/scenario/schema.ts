@@ -23,7 +23,7 @@ import {
   type Spec,
   type TaggedSpec,
 } from './spec.js';
-import { parseStatExpect, STAT_NAMES, STAT_VALUE_RE } from './stats.js';
+import { MODEL_STATS, parseStatExpect, STAT_NAMES, STAT_STRING_RE } from './stats.js';
 import { LEVEL, stepVariants } from './steps.js';
 
 export type { Json } from './spec.js';
@@ -84,6 +84,20 @@ const MEMSLOT = object('memslot', 'A user memslot (slot 0, GPA [0, 0x400000), be
   ),
   logDirty: opt(bool('KVM_MEM_LOG_DIRTY_PAGES: the slot keeps a dirty log.'), false),
   readonly: opt(bool('KVM_MEM_READONLY: guest writes exit to the host as MMIO.'), false),
+  hva: opt(
+    object(
+      'memslot hva',
+      "Where the slot's host memory starts relative to its GPA: (HVA - GPA) mod `modulo` = `offset`. KVM maps a 2M (1G) page only where the two are congruent modulo 2M (1G) and the host page is that large; without this field the HVA is wherever mmap puts it.",
+      {
+        modulo: req(oneOf(['2M', '1G'], 'The modulus.')),
+        offset: req(u64('The offset, 4K aligned and below `modulo`; 0x0 lines the slot up.')),
+      },
+    ),
+  ),
+  created: opt(
+    oneOf(['at-start', 'by-step'], 'When KVM gets the slot: before the first step, or at its memslot-create step.'),
+    'at-start',
+  ),
 });
 
 const PAGING = object('paging', "The guest's paging mode when the first step runs.", {
@@ -112,7 +126,7 @@ const PAGING = object('paging', "The guest's paging mode when the first step run
 
 const STATS = opt({
   kind: 'stats',
-  doc: 'Expected changes of KVM stats over the step, by stat name: an integer (exact delta), "+n"/"-n" (exact), ">=n" or "<=n"; checked where the host\'s stats describe it, else reported not applicable here.',
+  doc: 'Expected changes of KVM stats over the step, by stat name: an integer (exact delta), "+n"/"-n" (exact), ">=n" or "<=n", or "model" (pages_2m, pages_1g: the change of the TDP model\'s huge mappings); checked where the host\'s stats describe it, else reported not applicable here.',
 });
 
 /** The steps' variants from the table of step kinds (steps.ts): the tag field, the kind's fields, "stats". */
@@ -284,6 +298,8 @@ export function checkJson(spec: Spec, v: unknown, path: string, errors: string[]
         }
         const e = parseStatExpect(x);
         if (typeof e === 'string') errors.push(at(fieldPath(path, k), e));
+        else if (e.op === 'model' && !MODEL_STATS.includes(k))
+          errors.push(at(fieldPath(path, k), `"model" is for ${MODEL_STATS.join(' and ')} only`));
         else out[k] = e;
       }
       return errors.length === before ? out : undefined;
@@ -425,7 +441,7 @@ export function jsonSchema(): Record<string, Json> {
       stats: {
         type: 'object',
         propertyNames: { enum: [...STAT_NAMES] },
-        additionalProperties: { oneOf: [{ type: 'integer' }, { type: 'string', pattern: STAT_VALUE_RE.source }] },
+        additionalProperties: { oneOf: [{ type: 'integer' }, { type: 'string', pattern: STAT_STRING_RE.source }] },
       },
     },
   };

@@ -7,6 +7,7 @@
 //
 //   3 or "3" or "+3"   exactly +3          -2 or "-2"   exactly -2
 //   ">=1"              at least +1         "<=0"        at most 0
+//   "model"            the delta the TDP model predicts (pages_2m, pages_1g)
 //
 // Whether an expectation can be checked depends on the host, by the stat's
 // class (statClass): the page-fault and page-count stats describe guest
@@ -17,9 +18,13 @@
 import type { HostProfile } from '../probe/probe.js';
 
 export interface StatExpect {
-  op: '=' | '>=' | '<=';
+  /** 'model': the delta the model predicts (MODEL_STATS only); `delta` is then unused. */
+  op: '=' | '>=' | '<=' | 'model';
   delta: bigint;
 }
+
+/** Stats whose delta the TDP model predicts ("model"): its count of 2 MiB and 1 GiB leaf mappings. */
+export const MODEL_STATS: readonly string[] = ['pages_2m', 'pages_1g'];
 
 /** Scalar stats of x86 KVM's VM and vCPU stats fds (Linux 6.x), by class. */
 export const STAT_CLASSES = {
@@ -92,6 +97,8 @@ export function statClass(name: string): StatClass | undefined {
 }
 
 export const STAT_VALUE_RE = /^(>=|<=|\+|-)?(0|[1-9][0-9]{0,17})$/;
+/** The JSON Schema pattern of a stat expectation string: a delta as above, or "model". */
+export const STAT_STRING_RE = /^((>=|<=|\+|-)?(0|[1-9][0-9]{0,17})|model)$/;
 
 /** Parses one expectation (a JSON integer or a string of the syntax above); a string result is the error. */
 export function parseStatExpect(v: unknown): StatExpect | string {
@@ -100,6 +107,7 @@ export function parseStatExpect(v: unknown): StatExpect | string {
       return `expected an integer delta or a string like ">=1", "+3" or "-2", got ${JSON.stringify(v)}`;
     return { op: '=', delta: BigInt(v) };
   }
+  if (v === 'model') return { op: 'model', delta: 0n };
   if (typeof v === 'string') {
     const m = STAT_VALUE_RE.exec(v);
     if (m) {
@@ -117,10 +125,12 @@ export function showDelta(d: bigint): string {
 }
 
 export function showStatExpect(e: StatExpect): string {
-  return e.op === '=' ? showDelta(e.delta) : `${e.op}${e.delta}`;
+  return e.op === 'model' ? 'model' : e.op === '=' ? showDelta(e.delta) : `${e.op}${e.delta}`;
 }
 
+/** Whether `delta` meets `e` (a "model" expectation is resolved to an exact delta first). */
 export function statHolds(e: StatExpect, delta: bigint): boolean {
+  if (e.op === 'model') throw new Error('a "model" stat expectation is compared with the model\'s delta');
   return e.op === '=' ? delta === e.delta : e.op === '>=' ? delta >= e.delta : delta <= e.delta;
 }
 

@@ -73,8 +73,22 @@ export const BACKING_PAGE: Record<MemslotDecl['backing'], bigint> = {
 export const LEVEL = int(1, 5, 'Entry level: 1 = PTE, 2 = PDE, 3 = PDPTE, 4 = PML4E, 5 = PML5E.');
 const GVA = req(u64('Guest-virtual address.'));
 const CPL = opt(oneOf([0, 3], 'Privilege level of the access.'), 0);
-const EFLAGS_AC = opt(bool('EFLAGS.AC during a CPL 0 access (the SMAP override).'), false);
+const EFLAGS_AC = opt(
+  bool(
+    'EFLAGS.AC during the access: at CPL 0 the SMAP override for data accesses; at CPL 3, and for fetches, it changes no paging rule (CR0.AM is 0, so it raises no alignment check either).',
+  ),
+  false,
+);
 const SIZE = opt(oneOf([1, 2, 4, 8], 'Bytes accessed; the access must not cross a 4K page boundary.'), 8);
+const COUNT = opt(
+  int(
+    1,
+    4096,
+    'Times the access is made, at gva, gva + stride, ... in one guest loop; the loop stops at the first fault. A read loop compares the sum (mod 2^64) of the values read.',
+  ),
+  1,
+);
+const STRIDE = opt(u64("Bytes between the loop's accesses (with `count` above 1)."), '0x1000');
 const FAULT = opt({ kind: 'fault', doc: 'false: no fault; a number: #PF with this error code.' });
 const PTES = opt(
   array(
@@ -182,19 +196,51 @@ function logSlotError(c: StepCheck, slot: number): string | undefined {
   let logging = m.logDirty;
   for (const x of c.s.steps.slice(0, c.i))
     if (x.side === 'host' && x.kind === 'memslot-flags' && x.slot === slot) logging = x.logDirty;
+  const state = slotState(c.s, c.i, slot);
+  if (state !== 'live')
+    return `memslot ${slot} is ${state === 'deleted' ? 'deleted by an earlier step' : 'not created yet (memslot-create)'}`;
   if (!logging)
     return `memslot ${slot} does not log dirty pages here (set "logDirty": true, or turn it on with a memslot-flags step)`;
   return undefined;
+}
+
+/** Whether a declared slot is in KVM when step `i` runs: not yet created (by a step), live, or deleted. */
+export function slotState(s: Scenario, i: number, slot: number): 'absent' | 'live' | 'deleted' {
+  const m = s.memslots.find((x) => x.slot === slot);
+  if (!m) return 'absent';
+  let state: 'absent' | 'live' | 'deleted' = m.created === 'by-step' ? 'absent' : 'live';
+  for (const x of s.steps.slice(0, i)) {
+    if (x.side !== 'host' || !('slot' in x) || x.slot !== slot) continue;
+    if (x.kind === 'memslot-create') state = 'live';
+    if (x.kind === 'memslot-delete') state = 'deleted';
+  }
+  return state;
 }
 
 /** The declared user slot a host memory step names, or undefined after reporting why there is none here. */
 function liveSlot(c: StepCheck, slot: number): MemslotDecl | undefined {
   const m = c.s.memslots.find((x) => x.slot === slot);
   if (!m) return void c.err(`${c.p}.slot`, `memslot ${slot} is not declared in "memslots"`);
-  const gone = c.s.steps.slice(0, c.i).some((x) => x.side === 'host' && x.kind === 'memslot-delete' && x.slot === slot);
-  if (gone) return void c.err(`${c.p}.slot`, `memslot ${slot} was deleted by an earlier step`);
+  const state = slotState(c.s, c.i, slot);
+  if (state === 'deleted') return void c.err(`${c.p}.slot`, `memslot ${slot} was deleted by an earlier step`);
+  if (state === 'absent')
+    return void c.err(`${c.p}.slot`, `memslot ${slot} is created by a later memslot-create step; it is not in KVM yet`);
   return m;
 }
+
+/** The live slot that holds all of [gpa, gpa+size) at step `c.i`, or undefined after reporting why there is none. */
+function liveSlotAt(c: StepCheck, gpa: bigint, size: bigint): MemslotDecl | undefined {
+  const m = c.s.memslots.find((x) => gpa >= x.gpa && gpa < x.gpa + x.size && !c.s.steps.slice(0, c.i).some(moves(x)));
+  if (!m) return void c.err(`${c.p}.gpa`, `${hex(gpa)} is not inside a declared user memslot (at its declared GPA)`);
+  if (gpa + size > m.gpa + m.size)
+    return void c.err(
+      `${c.p}.size`,
+      `${range(gpa, size)} runs past the end of memslot ${m.slot} ${range(m.gpa, m.size)}`,
+    );
+  return liveSlot(c, m.slot);
+}
+
+const moves = (m: MemslotDecl) => (x: Step) => x.side === 'host' && x.kind === 'memslot-move' && x.slot === m.slot;
 
 /**
  * The parts of [offset, offset+size) of a slot's memory that `steps` leave
@@ -295,6 +341,29 @@ function reservedAccess(s: Scenario, st: { access: 'read' | 'write' | 'exec'; gv
   return undefined;
 }
 
+/** The rules of a loop: every access of it is one a plain step could make; the model predicts all, so no expect. */
+function loopErrors(
+  st: Extract<Step, { kind: 'access' }>,
+  loop: { count: number; stride: bigint },
+  c: StepCheck,
+): void {
+  const p = c.p;
+  if (st.implicit) return c.err(`${p}.count`, 'an implicit read is not made in a loop');
+  if (st.expect) return c.err(`${p}.expect`, 'a loop is compared with the model only; give no "expect"');
+  if (loop.stride === 0n || loop.stride % BigInt(st.size) !== 0n)
+    return c.err(`${p}.stride`, `the stride must be a non-zero multiple of the access size (${st.size})`);
+  if (st.access === 'write' && st.value >= 1n << BigInt(8 * st.size))
+    return c.err(`${p}.value`, `${hex(st.value)} does not fit in ${fits(st.size)}`);
+  for (let k = 0; k < loop.count; k++) {
+    const gva = st.gva + BigInt(k) * loop.stride;
+    if (gva >= 1n << 64n) return c.err(`${p}.count`, `access ${k} of the loop runs past the end of the address space`);
+    const why = reservedAccess(c.s, { access: st.access, gva });
+    if (why) return c.err(`${p}.gva`, `access ${k} of the loop: ${why}`);
+    if (st.access !== 'exec' && (gva & 0xfffn) + BigInt(st.size) > PAGE_4K)
+      return c.err(`${p}.gva`, `access ${k} of the loop, at ${hex(gva)}, crosses a 4K page boundary`);
+  }
+}
+
 // ---------------------------------------------------------------------------------
 // The table. Its order is the order of the variants in the schema and the docs
 // (guest variants first, then host variants, each in table order).
@@ -307,6 +376,8 @@ export const STEP_KINDS: StepKindTable = {
         size: SIZE,
         cpl: CPL,
         eflagsAc: EFLAGS_AC,
+        count: COUNT,
+        stride: STRIDE,
         implicit: opt(
           bool(
             'An implicit supervisor read instead of a load: the guest loads FS from an LDT whose only ' +
@@ -327,11 +398,16 @@ export const STEP_KINDS: StepKindTable = {
         cpl: CPL,
         value: opt(u64('Value stored; must fit in `size` bytes.'), '0x0'),
         eflagsAc: EFLAGS_AC,
+        count: COUNT,
+        stride: STRIDE,
         expect: expectOf('write expect', { fault: FAULT, ptes: PTES }),
       }),
       guest('exec', 'A call to `gva` (the engine puts a `ret` there when memory backs it).', {
         gva: GVA,
         cpl: CPL,
+        eflagsAc: EFLAGS_AC,
+        count: COUNT,
+        stride: STRIDE,
         expect: expectOf('exec expect', { fault: FAULT, ptes: PTES }),
       }),
     ],
@@ -346,20 +422,25 @@ export const STEP_KINDS: StepKindTable = {
         size: g === 'exec' ? 1 : (o.size as 1 | 2 | 4 | 8),
         cpl: o.cpl as 0 | 3,
         value: g === 'write' ? (o.value as bigint) : 0n,
-        eflagsAc: g === 'exec' ? false : (o.eflagsAc as boolean),
+        eflagsAc: o.eflagsAc as boolean,
         ...(o.implicit === true ? { implicit: true } : {}),
+        ...((o.count as number) > 1 ? { loop: { count: o.count as number, stride: o.stride as bigint } } : {}),
         ...(expect ? { expect } : {}),
       };
     },
     encode(s) {
       const { access, gva, size, cpl, value, eflagsAc } = s;
-      if (access === 'exec') return { guest: access, gva, cpl, expect: expectJson(s.expect, false) };
+      const loop = s.loop ? { count: s.loop.count, stride: s.loop.stride } : {};
+      if (access === 'exec') return { guest: access, gva, cpl, eflagsAc, ...loop, expect: expectJson(s.expect, false) };
       const expect = expectJson(s.expect, access === 'read');
       const implicit = s.implicit ? { implicit: true } : {};
-      return { guest: access, gva, size, cpl, ...(access === 'write' ? { value } : {}), eflagsAc, ...implicit, expect };
+      const v = access === 'write' ? { value } : {};
+      return { guest: access, gva, size, cpl, ...v, eflagsAc, ...loop, ...implicit, expect };
     },
     validate(st, c) {
       const p = c.p;
+      if (st.loop) return loopErrors(st, st.loop, c);
+      if (c.json.stride !== undefined) c.err(`${p}.stride`, 'a stride needs "count" above 1');
       const reserved = reservedAccess(c.s, st);
       if (reserved) c.err(`${p}.gva`, reserved);
       if (st.access !== 'exec') {
@@ -374,8 +455,6 @@ export const STEP_KINDS: StepKindTable = {
           c.err(`${p}.value`, `${hex(st.value)} does not fit in ${fits(st.size)}`);
         if (st.expect?.value !== undefined && st.expect.value >= limit)
           c.err(`${p}.expect.value`, `${hex(st.expect.value)} does not fit in ${fits(st.size)}`);
-        if (st.eflagsAc && st.cpl === 3)
-          c.err(`${p}.eflagsAc`, 'EFLAGS.AC overrides SMAP only for CPL 0 accesses; a CPL 3 access is a user access');
       }
       if (st.implicit) {
         if (st.cpl !== 0) c.err(`${p}.cpl`, 'an implicit read is made at CPL 0 (the LDT is loaded there)');
@@ -526,6 +605,69 @@ export const STEP_KINDS: StepKindTable = {
     encode: (s) => ({ host: s.kind, slot: s.slot }),
     validate(st, c) {
       liveSlot(c, st.slot);
+    },
+  },
+  'memslot-create': {
+    variants: [
+      host(
+        'memslot-create',
+        'Allocates the host memory of a slot declared `"created": "by-step"` and hands the slot to KVM (KVM_SET_USER_MEMORY_REGION) while the guest runs, over GPAs the guest may already have touched: accesses there exited as MMIO before and reach the memory after.',
+        { slot: USER_SLOT },
+      ),
+    ],
+    decode: (o) => ({ side: 'host', kind: 'memslot-create', slot: o.slot as number }),
+    encode: (s) => ({ host: s.kind, slot: s.slot }),
+    validate(st, c) {
+      const m = c.s.memslots.find((x) => x.slot === st.slot);
+      if (!m) return c.err(`${c.p}.slot`, `memslot ${st.slot} is not declared in "memslots"`);
+      if (m.created !== 'by-step')
+        return c.err(`${c.p}.slot`, `memslot ${st.slot} is created at the start; declare it "created": "by-step"`);
+      const clash = c.s.memslots.find(
+        (x) =>
+          x.slot !== st.slot &&
+          slotState(c.s, c.i, x.slot) === 'live' &&
+          x.gpa < m.gpa + m.size &&
+          m.gpa < x.gpa + x.size,
+      );
+      if (clash)
+        c.err(`${c.p}.slot`, `memslot ${st.slot} ${range(m.gpa, m.size)} would overlap live memslot ${clash.slot}`);
+    },
+  },
+  'write-memory': {
+    variants: [
+      host(
+        'write-memory',
+        "The host writes `value` (8 bytes, little-endian) to every 8-byte word of [gpa, gpa+size) through the slot's HVA, as a VMM filling guest memory does: KVM does not log these pages dirty, and a guest read then sees the value.",
+        {
+          gpa: req(u64('First guest-physical address (8-byte aligned, inside one user memslot).')),
+          size: req(u64('Bytes (a non-zero multiple of 8).')),
+          value: req(u64('The 8-byte value written to every word.')),
+        },
+      ),
+    ],
+    decode: (o) => ({
+      side: 'host',
+      kind: 'write-memory',
+      gpa: o.gpa as bigint,
+      size: o.size as bigint,
+      value: o.value as bigint,
+    }),
+    encode: (s) => ({ host: s.kind, gpa: s.gpa, size: s.size, value: s.value }),
+    validate(st, c) {
+      if (st.gpa % 8n !== 0n || st.size % 8n !== 0n || st.size === 0n)
+        return c.err(c.p, 'gpa must be 8-byte aligned and size a non-zero multiple of 8');
+      const m = liveSlotAt(c, st.gpa, st.size);
+      if (!m) return;
+      const off = st.gpa - m.gpa;
+      const page = (off / PAGE_4K) * PAGE_4K;
+      const gone = unmappedBy(
+        c.s.steps.slice(0, c.i),
+        m.slot,
+        page,
+        ((off + st.size - page + 0xfffn) / PAGE_4K) * PAGE_4K,
+      );
+      if (gone.length)
+        c.err(c.p, `memslot ${m.slot}'s memory at offset ${hex(gone[0]![0])} was unmapped by an earlier munmap step`);
     },
   },
   'memslot-move': {

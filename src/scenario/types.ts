@@ -54,6 +54,10 @@ export interface MemslotDecl {
   backing: BackingName;
   logDirty: boolean;
   readonly: boolean;
+  /** (HVA - GPA) mod modulo = offset; absent: wherever mmap puts the memory. */
+  hva?: { modulo: '2M' | '1G'; offset: bigint };
+  /** 'by-step': KVM gets the slot at its memslot-create step, not before the first step. */
+  created: 'at-start' | 'by-step';
 }
 
 export interface PagingDecl {
@@ -101,6 +105,8 @@ export type GuestStep =
       eflagsAc: boolean;
       /** A read made as an implicit supervisor access: the processor loads a segment descriptor from an LDT at gva. */
       implicit?: boolean;
+      /** A loop: the access is made `count` times, at gva, gva + stride, ...; it stops at the first fault. */
+      loop?: { count: number; stride: bigint };
       expect?: AccessExpect;
     }
   | { kind: 'invlpg'; gva: bigint }
@@ -116,6 +122,10 @@ export type HostStep =
   | { kind: 'translate'; gva: bigint; expect?: { valid: boolean; gpa?: bigint } }
   /** KVM_SET_USER_MEMORY_REGION with size 0; the host memory is freed. */
   | { kind: 'memslot-delete'; slot: number }
+  /** Allocates a slot declared "created": "by-step" and hands it to KVM. */
+  | { kind: 'memslot-create'; slot: number }
+  /** The host writes `value` (8 bytes, little-endian) to every 8-byte word of [gpa, gpa+size) through the slot's HVA. */
+  | { kind: 'write-memory'; gpa: bigint; size: bigint; value: bigint }
   /** The slot's host memory now appears at `gpa`. */
   | { kind: 'memslot-move'; slot: number; gpa: bigint }
   | { kind: 'memslot-flags'; slot: number; logDirty: boolean; readonly: boolean }
