@@ -15,6 +15,7 @@ export default defineConfig({
       'test/shadow-model.test.ts',
       'test/kernel-behaviour.test.ts',
       'test/vm-model.test.ts',
+      'test/legacy-model.test.ts',
       'test/scenario.test.ts',
       'test/tdp-picture.test.ts',
       'test/hostmem.test.ts',
