@@ -427,6 +427,11 @@ describe('shadow model: guest huge pages, access rights, roots', () => {
     expect(ev(mmu.take())).toEqual([]);
     mmu.setCr3(0x10000n);
     expect(ev(mmu.take())).toEqual(['get 10@4 existing']);
+    // Each switch kept the root it left: 0x61, 0x62 and 0x60 are cached now, 0x63 went.
+    mmu.setCr3(0x60000n);
+    expect(ev(mmu.take())).toEqual([]);
+    mmu.setCr3(0x63000n);
+    expect(ev(mmu.take())).toEqual(['get 63@4 existing']);
   });
 });
 
@@ -642,5 +647,37 @@ describe('shadow model: accesses on a native host, one rule each', () => {
     mmu.zapAll();
     mmu.access(VA, 'write', 1n);
     expect(mmu.stats.mmu_pte_write).toBe(0);
+  });
+});
+
+describe('shadow model: write protection and zaps that reach further', () => {
+  test('a frame mapped writable before it becomes a shadowed table is write-protected then, so the next write unsyncs it', () => {
+    const { mmu, mem } = native();
+    mem.set(0x13n, 5, (0x15n << 12n) | T); // VA + 0x5000 maps frame 0x15 as data
+    mmu.access(VA + 0x5000n, 'write', 0n);
+    mem.set(0x12n, 2, (0x15n << 12n) | T); // PD 0x12 entry 2 -> 0x15 as a page table
+    mem.set(0x15n, 0, (0x300n << 12n) | T);
+    mmu.access(VA + 0x40_0000n, 'read');
+    mmu.take();
+    mmu.access(VA + 0x5000n, 'write', (0x301n << 12n) | T);
+    expect(ev(mmu.take())).toEqual(['unsync 15@1']);
+  });
+
+  test('zapping an upper page zaps its unsync children too', () => {
+    const { mmu } = native();
+    mmu.access(VA, 'read');
+    writePte(mmu, VA + 0x1000n, 0, 0x101n);
+    mmu.take();
+    for (const i of [5n, 6n, 7n]) mmu.access(VC + 8n * i, 'write', 0n);
+    expect(ev(mmu.take())).toEqual(['zap 12@2', 'zap 13@1 (unsync)', 'sync 13@1 (unsync)']);
+    expect(mmu.stats.mmu_unsync).toBe(0);
+  });
+
+  test('INVLPG re-reads only unsync pages: a VMM change to a synced table stays stale', () => {
+    const { mmu, mem } = native();
+    mmu.access(VA, 'read');
+    mem.set(0x13n, 0, (0x105n << 12n) | T);
+    mmu.invlpg(VA);
+    expect(mmu.stale(VA)).toBe(0x100n);
   });
 });
