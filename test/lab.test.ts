@@ -183,7 +183,8 @@ describe('lab profiles', () => {
     };
     const args = qemuArgs({ kernel: k, initramfs: '/i.gz', profile: profile('npt-tdp'), agentPath: '/t/agent' });
     const s = args.join(' ');
-    expect(s).toContain('-accel tcg -cpu max,-la57 -m 1G -smp 1 -bios /usr/share/qemu/qboot.rom');
+    // Two CPUs (the race scenarios' vCPU threads), emulated in turns by one host thread.
+    expect(s).toContain('-accel tcg,thread=single -cpu max,-la57 -m 1G -smp 2 -bios /usr/share/qemu/qboot.rom');
     expect(s).toContain('-kernel /k/vmlinux -initrd /i.gz');
     expect(s).toContain('-no-reboot');
     // One serial port, the console; the agent's pipe backs a named virtio-serial port.

@@ -10,7 +10,9 @@ import { Kvm } from '../src/kvm/kvm.js';
 import { openLab, type LabSession } from '../src/lab/session.js';
 import type { WrongTdp } from '../src/model/wrong.js';
 import { probe } from '../src/probe/probe.js';
+import { scenarioCheck } from '../src/run/engine.js';
 import { runCheck } from '../src/run/runner.js';
+import { loadScenario, resolveScenario } from '../src/scenario/load.js';
 import type { Check } from '../src/run/types.js';
 
 const live = process.env.KVMHARNESS_LAB === '1';
@@ -40,6 +42,18 @@ describe.skipIf(!live)(
       }
     };
     const failed = (r: Awaited<ReturnType<typeof run>>) => r.comparisons.filter((c) => !c.ok).map((c) => c.what);
+
+    it('the per-step picture: the legacy model passes madvise_refault; noPrefetch fails naming the step, GFN and field', async () => {
+      const sc = () => loadScenario(resolveScenario('madvise_refault'));
+      const right = await run(scenarioCheck(sc()));
+      expect(right.outcome, JSON.stringify(failed(right))).toBe('pass');
+      const done = right.notes.find((n) => /^legacy MMU per-GFN picture: \d+ steps compared/.test(n));
+      expect(done).toMatch(/: 10 steps compared, .* [1-9]\d* page-gauge comparisons$/); // 9 steps and the program's end
+      const r = await run(scenarioCheck(sc(), { wrong: { tdp: { noPrefetch: true } } }));
+      expect(r.outcome).toBe('fail');
+      // The first fault (the guest's walk, on its root table page 0x10) prefetched 0x11..0x17 in KVM, not in the model.
+      expect(failed(r)).toContain('step 0 write64 0x8000000000 cpl0: legacy MMU gfn 0x11 present');
+    }, 120_000);
 
     it('the legacy model agrees with KVM in both checks', async () => {
       for (const check of [tdpPicture(), tdpDirtyLogSplitCoalesce()]) {

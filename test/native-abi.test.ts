@@ -51,7 +51,9 @@ type Scalar =
   | 'PAGE'
   | 'MAX_FRAME'
   | 'REQ_PULL'
-  | 'ENTRY_ZERO';
+  | 'ENTRY_ZERO'
+  | 'RUN_RECORD'
+  | 'WAIT_FOREVER';
 type Protocol = Record<Scalar, number> & {
   OP: Readonly<Record<string, number>>;
   STATUS: Readonly<Record<string, number>>;
@@ -72,6 +74,8 @@ function protocolTable(p: Protocol = P): Table {
     MAX_FRAME,
     REQ_PULL: p.REQ_PULL,
     ENTRY_ZERO: p.ENTRY_ZERO,
+    RUN_RECORD: p.RUN_RECORD,
+    WAIT_FOREVER: p.WAIT_FOREVER,
     ...prefixed('OP_', p.OP),
     ...prefixed('ST_', p.STATUS),
   };

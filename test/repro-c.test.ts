@@ -49,6 +49,7 @@ describeKvm('C reproducers on this host', () => {
     const race = load('race_dirty_log_dontneed');
     expect(() => reproducer(race, { profile })).toThrow(ReproUnsupported);
     expect(() => reproducer(race, { profile })).toThrow(/races of several vCPUs/);
+    expect(() => reproducer(load('guest_memfd_shared'), { profile })).toThrow(/guest_memfd slots are not carried/);
     const sc = load('dirty_log');
     expect(() => reproducer(sc, { profile, mismatch: { step: 3, field: 'stats remote_tlb_flush_requests' } })).toThrow(
       /not checked by a C reproducer/,

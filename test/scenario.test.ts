@@ -349,7 +349,9 @@ describe('scenario validation: shape', () => {
     [
       'an unknown backing',
       edit((j) => (j.memslots[0]!.backing = 'file')),
-      ['memslots[0].backing: expected one of "anon", "shared", "memfd", "thp", "hugetlb2m", "hugetlb1g", got "file"'],
+      [
+        'memslots[0].backing: expected one of "anon", "shared", "memfd", "thp", "hugetlb2m", "hugetlb1g", "guest_memfd", got "file"',
+      ],
     ],
     ['memslots not an array', edit((j) => ((j as J).memslots = {})), ['memslots: expected an array, got {}']],
     [
@@ -378,13 +380,13 @@ describe('scenario validation: shape', () => {
       'an unknown host step',
       edit((j) => (j.steps = [{ host: 'reboot' }])),
       [
-        'steps[0].host: expected one of "write-pte", "clear-ad", "get-dirty-log", "clear-dirty-log", "memslot-delete", "memslot-create", "write-memory", "memslot-move", "memslot-flags", "madvise", "munmap", "remap", "mprotect", "pre-fault", "translate", got "reboot"',
+        'steps[0].host: expected one of "write-pte", "clear-ad", "get-dirty-log", "clear-dirty-log", "memslot-delete", "memslot-create", "write-memory", "memslot-move", "memslot-flags", "madvise", "munmap", "remap", "mprotect", "pre-fault", "punch-hole", "read-memory", "close-guest-memfd", "translate", got "reboot"',
       ],
     ],
     [
       'a size on an exec step',
       edit((j) => (j.steps = [{ guest: 'exec', gva: '0x8000000000', size: 1 }])),
-      ['steps[0].size: unknown field (known: guest, gva, cpl, eflagsAc, count, stride, expect, stats)'],
+      ['steps[0].size: unknown field (known: guest, gva, cpl, eflagsAc, count, stride, expect, stats, tdp)'],
     ],
     [
       'an implicit read that is not a CPL 0 read of 8 aligned bytes',
@@ -403,7 +405,7 @@ describe('scenario validation: shape', () => {
       'a value on a read step',
       edit((j) => (j.steps = [{ guest: 'read', gva: '0x8000000000', value: 1 }])),
       [
-        'steps[0].value: unknown field (known: guest, gva, size, cpl, eflagsAc, count, stride, implicit, expect, stats)',
+        'steps[0].value: unknown field (known: guest, gva, size, cpl, eflagsAc, count, stride, implicit, expect, stats, tdp)',
       ],
     ],
     [
@@ -1431,6 +1433,9 @@ describe('built-in scenarios', () => {
     'remap',
     'mprotect',
     'pre-fault',
+    'punch-hole',
+    'read-memory',
+    'close-guest-memfd',
     'memslot-create',
     'write-memory',
   ]);

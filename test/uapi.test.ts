@@ -162,6 +162,8 @@ const GROUPS: Record<string, Entry[]> = {
     ...macros('uapi', {
       KVM_MEMORY_ATTRIBUTE_PRIVATE: U.KVM_MEMORY_ATTRIBUTE_PRIVATE,
       KVM_MEMORY_EXIT_FLAG_PRIVATE: U.KVM_MEMORY_EXIT_FLAG_PRIVATE,
+      GUEST_MEMFD_FLAG_MMAP: U.GUEST_MEMFD_FLAG_MMAP,
+      GUEST_MEMFD_FLAG_INIT_SHARED: U.GUEST_MEMFD_FLAG_INIT_SHARED,
       KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
       KVM_DIRTY_LOG_INITIALLY_SET: U.KVM_DIRTY_LOG_INITIALLY_SET,
       KVM_DIRTY_GFN_F_DIRTY: U.KVM_DIRTY_GFN_F_DIRTY,
@@ -275,6 +277,8 @@ const KERNEL_VALUES: Record<string, number> = {
   'CAP.KVM_CAP_VM_TYPES': 235,
   // #define KVM_CAP_PRE_FAULT_MEMORY 236
   'CAP.KVM_CAP_PRE_FAULT_MEMORY': 236,
+  // #define KVM_CAP_GUEST_MEMFD_FLAGS 244
+  'CAP.KVM_CAP_GUEST_MEMFD_FLAGS': 244,
   // Control: #define KVM_CAP_DIRTY_LOG_RING_ACQ_REL 223
   'CAP.KVM_CAP_DIRTY_LOG_RING_ACQ_REL': 223,
 
@@ -286,6 +290,10 @@ const KERNEL_VALUES: Record<string, number> = {
   'uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE': 8,
   // #define KVM_MEMORY_EXIT_FLAG_PRIVATE (1ULL << 3)   (inside struct kvm_run's memory_fault)
   'uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE': 8,
+  // #define GUEST_MEMFD_FLAG_MMAP (1ULL << 0)
+  'uapi.GUEST_MEMFD_FLAG_MMAP': 1,
+  // #define GUEST_MEMFD_FLAG_INIT_SHARED (1ULL << 1)
+  'uapi.GUEST_MEMFD_FLAG_INIT_SHARED': 2,
 
   // struct kvm_run: __u8 request_interrupt_window; __u8 immediate_exit; __u8 padding1[6]  (0..7)
   //   __u32 exit_reason (8); __u8 ready_for_interrupt_injection (12); __u8 if_flag (13); __u16 flags (14)

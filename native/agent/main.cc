@@ -6,13 +6,14 @@
 // Every operation maps onto one function of the native core (core.cc), plus
 // memory operations that keep the host's mirrors of the agent's mappings
 // coherent (mirror.cc). The wire format (wire.h) and the coherence rules are
-// in docs/lab-protocol.md; the host side is src/lab/protocol.ts and remote.ts.
-// This file holds the channel, the dispatch of requests and the run time limit.
+// in docs/lab-protocol.md; the host side is src/lab/protocol.ts and remote/.
+// This file holds the channel and the dispatch of requests; each vCPU runs on
+// a thread of its own (threads.cc), so runs go on while requests are served.
 //
 // The same sources build for x86_64 and arm64 (nothing here is x86-only; on
 // arm64 the run loop simply never sees an io exit):
-// Build: g++ -O2 -static -std=c++17 -o kvmharness-agent native/agent/*.cc native/core.cc
-//        aarch64-linux-gnu-g++ -O2 -static -std=c++17 -o kvmharness-agent-arm64 native/agent/*.cc native/core.cc
+// Build: g++ -O2 -static -std=c++17 -pthread -o kvmharness-agent native/agent/*.cc native/core.cc native/vcpu_thread.cc
+//        aarch64-linux-gnu-g++ (the same arguments) -o kvmharness-agent-arm64
 #include <cerrno>
 #include <cstdarg>
 #include <csignal>
@@ -27,21 +28,20 @@
 #include <string>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
-#include <sys/time.h>
 #include <sys/utsname.h>
 #include <termios.h>
 #include <unistd.h>
 #include <vector>
 
 #include "../core.h"
+#include "../vcpu_thread.h"
 #include "mirror.h"
+#include "threads.h"
 #include "wire.h"
 
 namespace {
 
 using namespace kh::agent;
-
-constexpr size_t CONSOLE_CAP = 65536;
 
 bool verbose = false;
 
@@ -53,24 +53,6 @@ void logf(const char *fmt, ...) {
   std::vfprintf(stderr, fmt, ap);
   std::fprintf(stderr, "\n");
   va_end(ap);
-}
-
-// ---- runs with a time limit --------------------------------------------------
-
-struct kvm_run *volatile run_page = nullptr;
-volatile sig_atomic_t alarm_fired = 0;
-
-void on_alarm(int) {
-  alarm_fired = 1;
-  struct kvm_run *r = run_page;
-  if (r) r->immediate_exit = 1;
-}
-
-void set_timer(uint32_t ms) {
-  struct itimerval it = {};
-  it.it_value.tv_sec = ms / 1000;
-  it.it_value.tv_usec = (ms % 1000) * 1000;
-  ::setitimer(ITIMER_REAL, &it, nullptr);
 }
 
 uint64_t now_ns() {
@@ -215,6 +197,16 @@ struct Args {
 
 bool exit_requested = false;
 
+// A run's record (wire.h RUN_RECORD), then its console bytes; none: still running.
+void put_record(Out &o, const Ended *e) {
+  o.put<uint32_t>(e ? e->exits : 0);
+  o.put<uint32_t>(e ? e->console_len : 0);
+  o.put<uint32_t>(e ? e->timed_out : 0);
+  o.put<uint32_t>(e ? 0 : 1);
+  o.put<uint64_t>(e ? e->ns : 0);
+  if (e) o.bytes(e->console, e->console_len);
+}
+
 void dispatch(uint16_t op, Args &a, Reply &r) {
   switch (op) {
     case OP_NOP:
@@ -227,7 +219,8 @@ void dispatch(uint16_t op, Args &a, Reply &r) {
       std::snprintf(buf, sizeof buf,
                     "{\"version\":%u,\"pid\":%d,\"tid\":%lld,\"pageSize\":%ld,\"timeoutSignal\":%d,"
                     "\"sysname\":\"%s\",\"release\":\"%s\",\"machine\":\"%s\"}",
-                    PROTOCOL_VERSION, (int)::getpid(), (long long)kh::gettid_(), ::sysconf(_SC_PAGESIZE), SIGALRM,
+                    PROTOCOL_VERSION, (int)::getpid(), (long long)kh::gettid_(), ::sysconf(_SC_PAGESIZE),
+                    kh::kick_signal(),
                     json_escape(u.sysname).c_str(), json_escape(u.release).c_str(), json_escape(u.machine).c_str());
       r.payload.bytes(buf, std::strlen(buf));
       r.result = PROTOCOL_VERSION;
@@ -388,32 +381,63 @@ void dispatch(uint16_t op, Args &a, Reply &r) {
       uint64_t run_addr = a.take<uint64_t>();
       uint32_t max_exits = a.take<uint32_t>();
       uint32_t timeout_ms = a.take<uint32_t>();
+      int32_t thread = a.take<int32_t>();
+      uint32_t wait_ms = a.take<uint32_t>();
       if (!a.ok) break;
       if (!mapped(run_addr, PAGE)) {
         r.result = -EFAULT;  // not a mapping of this agent: KVM_RUN would write through it
         return;
       }
-      static uint8_t console[CONSOLE_CAP];
-      uint32_t len = 0, exits = 0;
-      auto *run = reinterpret_cast<struct kvm_run *>((uintptr_t)run_addr);
-      alarm_fired = 0;
-      run_page = run;
-      if (timeout_ms) set_timer(timeout_ms);
-      uint64_t t0 = now_ns();
-      int64_t ret = kh::run_loop(fd, run, (uint16_t)port, max_exits ? max_exits : 1, console, sizeof console, &len, &exits);
-      uint64_t ns = now_ns() - t0;
-      if (timeout_ms) set_timer(0);
-      run_page = nullptr;
-      bool fired = alarm_fired != 0;
-      // The agent set immediate_exit; it clears it (a host-set one stays).
-      if (fired) run->immediate_exit = 0;
-      r.result = ret;
-      r.payload.put<uint32_t>(exits);
-      r.payload.put<uint32_t>(len);
-      r.payload.put<uint32_t>(fired && ret == -EINTR ? 1 : 0);
-      r.payload.put<uint32_t>(0);
-      r.payload.put<uint64_t>(ns);
-      r.payload.bytes(console, len);
+      r.result = run_start(thread, fd, run_addr, (uint16_t)port, max_exits, timeout_ms);
+      if (r.result < 0) return;
+      std::vector<Ended> ended;
+      run_wait({thread}, wait_ms, ended);
+      if (ended.empty()) {
+        put_record(r.payload, nullptr);  // still running: runWait collects it
+        return;
+      }
+      r.result = ended[0].ret;
+      put_record(r.payload, &ended[0]);
+      return;
+    }
+    case OP_RUN_WAIT: {
+      uint32_t wait_ms = a.take<uint32_t>();
+      std::vector<int32_t> tids;
+      size_t n;
+      const uint8_t *s = a.rest(&n);
+      if (!a.ok || n % 4) break;
+      for (size_t k = 0; k < n; k += 4) tids.push_back(get<int32_t>(s + k));
+      std::vector<Ended> ended;
+      run_wait(tids, wait_ms, ended);
+      for (const Ended &e : ended) {
+        r.payload.put<int32_t>(e.tid);
+        r.payload.put<uint32_t>(0);
+        r.payload.put<int64_t>(e.ret);
+        put_record(r.payload, &e);
+      }
+      r.result = (int64_t)ended.size();
+      return;
+    }
+    case OP_THREAD:
+      r.result = thread_new();
+      return;
+    case OP_THREAD_END:
+    case OP_KICK: {
+      int32_t tid = a.take<int32_t>();
+      if (!a.ok) break;
+      r.result = op == OP_KICK ? run_kick(tid) : thread_end(tid);
+      return;
+    }
+    case OP_REMAP: {
+      uint64_t addr = a.take<uint64_t>();
+      uint64_t len = a.take<uint64_t>();
+      int32_t prot = a.take<int32_t>();
+      int32_t flags = a.take<int32_t>();
+      int32_t fd = a.take<int32_t>();
+      a.take<uint32_t>();
+      int64_t off = a.take<int64_t>();
+      if (!a.ok) break;
+      r.result = do_remap(addr, len, prot, flags, fd, off);
       return;
     }
     case OP_EXIT:
@@ -609,11 +633,7 @@ int main(int argc, char **argv) {
   std::signal(SIGPIPE, SIG_IGN);
 
   guard_install();
-  struct sigaction al = {};
-  al.sa_handler = on_alarm;
-  al.sa_flags = 0;  // no SA_RESTART: KVM_RUN must return -EINTR
-  sigemptyset(&al.sa_mask);
-  ::sigaction(SIGALRM, &al, nullptr);
+  kh::kick_install();
 
   std::vector<uint8_t> frame;
   while (serve_one(frame)) {

@@ -48,11 +48,12 @@ struct Mapping {
   uint8_t *addr;
   size_t len;
   bool tracked;
-  // Residency from mincore() is meaningful (anonymous memory, tmpfs, hugetlbfs):
+  // Residency from mincore() is meaningful (anonymous memory, tmpfs, hugetlbfs, guest_memfd):
   // pages that are not resident read as zeroes and are never touched by a scan.
   bool mincore_ok;
   uint8_t *snap;                  // tracked: the content the host last saw
   std::vector<uint8_t> nonzero;   // tracked: per page, snapshot page is not all zero
+  std::vector<uint8_t> hole;      // per page, unmapped by a partial do_munmap (empty: none)
   size_t pages() const { return (len + PAGE - 1) / PAGE; }
 };
 
@@ -76,7 +77,19 @@ bool all_zero(const uint8_t *p, size_t n) {
 void scan(Mapping &m, Out &pulled, uint32_t &npulled) {
   size_t n = m.pages();
   std::vector<uint8_t> resident(n, 1);
-  if (m.mincore_ok && ::mincore(m.addr, m.len, resident.data()) < 0) std::fill(resident.begin(), resident.end(), 1);
+  bool holes = !m.hole.empty();
+  for (size_t p = 0; p < n && m.mincore_ok;) {
+    if (holes && m.hole[p]) {
+      p++;
+      continue;
+    }
+    size_t q = p + 1;
+    while (q < n && !(holes && m.hole[q])) q++;
+    size_t end = q * PAGE < m.len ? q * PAGE : m.len;
+    if (::mincore(m.addr + p * PAGE, end - p * PAGE, resident.data() + p) < 0)
+      std::fill(resident.begin() + (long)p, resident.begin() + (long)q, 1);
+    p = q;
+  }
   // 0 = unchanged, 1 = changed (data), 2 = became zero.
   std::vector<uint8_t> change(n, 0);
   volatile size_t i = 0;
@@ -85,6 +98,7 @@ void scan(Mapping &m, Out &pulled, uint32_t &npulled) {
       for (; i < n; i = i + 1) {
         size_t off = i * PAGE;
         size_t len = off + PAGE <= m.len ? PAGE : m.len - off;
+        if (holes && m.hole[i]) continue;  // nothing to read; the snapshot keeps what the host saw
         if (!(resident[i] & 1)) {
           if (m.nonzero[i]) {
             std::memset(m.snap + off, 0, len);
@@ -142,12 +156,10 @@ bool apply_write(uint64_t addr, const uint8_t *data, uint32_t len, bool zero) {
         const uint8_t *h = zero ? zeros : data + o;
         uint8_t *a = dst + o;
         uint8_t *s = m->snap + base + o;
-        if (std::memcmp(a, s, n) == 0) {
-          std::memcpy(a, h, n);
-        } else {
-          for (size_t k = 0; k < n; k++)
-            if (h[k] != s[k]) a[k] = h[k];
-        }
+        // Only the bytes the host changed are stored: a vCPU thread may be
+        // writing the page's other bytes at this moment.
+        for (size_t k = 0; k < n; k++)
+          if (h[k] != s[k]) a[k] = h[k];
         std::memcpy(s, h, n);
         m->nonzero[(base + o) / PAGE] = !zero && !all_zero(h, n);
       }
@@ -179,7 +191,8 @@ int64_t do_mmap(uint64_t len, int prot, int flags, int fd, int64_t off, bool tra
   } else {
     struct statfs sf;
     m.mincore_ok = (flags & MAP_SHARED) && ::fstatfs(fd, &sf) == 0 &&
-                   (sf.f_type == 0x01021994 /* TMPFS_MAGIC */ || sf.f_type == (long)0x958458f6 /* HUGETLBFS_MAGIC */);
+                   (sf.f_type == 0x01021994 /* TMPFS_MAGIC */ || sf.f_type == (long)0x958458f6 /* HUGETLBFS_MAGIC */ ||
+                    sf.f_type == 0x474d454d /* GUEST_MEMFD_MAGIC: a scan must not fault its pages in */);
   }
   if (track) {
     void *s = ::mmap(nullptr, m.len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -196,6 +209,13 @@ int64_t do_mmap(uint64_t len, int prot, int flags, int fd, int64_t off, bool tra
   return r;
 }
 
+// The mapping made by do_mmap that holds [addr, addr + len), page-aligned inside it.
+static Mapping *inner(uint64_t addr, uint64_t len) {
+  Mapping *m = find_map(addr, len);
+  if (!m || !len || addr % PAGE || len % PAGE) return nullptr;
+  return m;
+}
+
 int64_t do_munmap(uint64_t addr, uint64_t len) {
   for (size_t i = 0; i < maps.size(); i++) {
     if ((uint64_t)(uintptr_t)maps[i].addr == addr && maps[i].len == len) {
@@ -204,7 +224,24 @@ int64_t do_munmap(uint64_t addr, uint64_t len) {
       return kh::unmap(reinterpret_cast<void *>((uintptr_t)addr), (size_t)len);
     }
   }
-  return -EINVAL;  // only whole mappings this agent made
+  Mapping *m = inner(addr, len);
+  if (!m) return -EINVAL;  // only whole mappings this agent made, or pages inside one
+  int64_t r = kh::unmap(reinterpret_cast<void *>((uintptr_t)addr), (size_t)len);
+  if (r < 0) return r;
+  if (m->hole.empty()) m->hole.assign(m->pages(), 0);
+  size_t first = (addr - (uint64_t)(uintptr_t)m->addr) / PAGE;
+  std::fill(m->hole.begin() + (long)first, m->hole.begin() + (long)(first + len / PAGE), 1);
+  return 0;
+}
+
+int64_t do_remap(uint64_t addr, uint64_t len, int prot, int flags, int fd, int64_t off) {
+  Mapping *m = inner(addr, len);
+  if (!m) return -EINVAL;
+  int64_t r = kh::map_fixed(reinterpret_cast<void *>((uintptr_t)addr), (size_t)len, prot, flags, fd, off);
+  if (r < 0 || m->hole.empty()) return r;
+  size_t first = (addr - (uint64_t)(uintptr_t)m->addr) / PAGE;
+  std::fill(m->hole.begin() + (long)first, m->hole.begin() + (long)(first + len / PAGE), 0);
+  return r;
 }
 
 bool mapped(uint64_t addr, uint64_t len) { return find_map(addr, len) != nullptr; }

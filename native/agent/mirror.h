@@ -19,8 +19,12 @@ bool guarded_write(uint64_t addr, const uint8_t *src, size_t len);
 // mmap for the host. A tracked mapping gets a snapshot of what the host has
 // seen, and its first scan is appended to `pulled`.
 int64_t do_mmap(uint64_t len, int prot, int flags, int fd, int64_t off, bool track, Out &pulled, uint32_t &npulled);
-// munmap of a whole mapping made by do_mmap (anything else is -EINVAL).
+// munmap of a whole mapping made by do_mmap, or of page-aligned pages inside
+// one (the mapping stays known, with a hole there; anything else is -EINVAL).
 int64_t do_munmap(uint64_t addr, uint64_t len);
+// mmap(MAP_FIXED) over page-aligned pages inside a mapping made by do_mmap
+// (filling a hole, or replacing what is there); -EINVAL elsewhere.
+int64_t do_remap(uint64_t addr, uint64_t len, int prot, int flags, int fd, int64_t off);
 // Whether [addr, addr + len) lies inside one mapping made by do_mmap.
 bool mapped(uint64_t addr, uint64_t len);
 // Applies one host write (zero: the range becomes zero). Inside a tracked

@@ -13,7 +13,7 @@ namespace kh::agent {
 constexpr uint32_t REQ_MAGIC = 0x5152484b;  // "KHRQ"
 constexpr uint32_t REP_MAGIC = 0x5052484b;  // "KHRP"
 constexpr uint32_t END_MAGIC = 0x4e45484b;  // "KHEN"
-constexpr uint32_t PROTOCOL_VERSION = 1;
+constexpr uint32_t PROTOCOL_VERSION = 2;
 constexpr size_t REQ_HEADER = 24;
 constexpr size_t REP_HEADER = 40;
 constexpr size_t ENTRY = 16;  // {u64 addr, u32 len, u32 flags}
@@ -43,11 +43,21 @@ enum Op : uint16_t {
   OP_MKDIR = 19,
   OP_RMDIR = 20,
   OP_EXIT = 21,
+  OP_THREAD = 22,
+  OP_THREAD_END = 23,
+  OP_RUN_WAIT = 24,
+  OP_KICK = 25,
+  OP_REMAP = 26,
 };
 
 enum ReqFlag : uint16_t { REQ_PULL = 1 };
 enum EntryFlag : uint32_t { ENTRY_ZERO = 1 };
 enum Status : uint16_t { ST_OK = 0, ST_BAD_REQUEST = 1, ST_FAULT = 2 };
+// A run's record (run, runWait): {u32 exits, u32 consoleLen, u32 timedOut,
+// u32 pending, u64 ns}; runWait prefixes i32 thread, u32 0, i64 result.
+constexpr size_t RUN_RECORD = 24;
+// run: wait for the run's end as long as it takes (the time limit still ends it).
+constexpr uint32_t WAIT_FOREVER = 0xffffffff;
 
 // A little-endian value at p (the agent runs on little-endian x86_64 and arm64).
 template <typename T>

@@ -7,4 +7,6 @@ export type HostBacking =
   | { kind: 'anon'; thp?: boolean }
   | { kind: 'shared' }
   | { kind: 'memfd'; hugetlb?: boolean }
-  | { kind: 'hugetlb'; pageSize: '2M' | '1G' };
+  | { kind: 'hugetlb'; pageSize: '2M' | '1G' }
+  /** An mmap-able, initially shared guest_memfd of the VM (Vm.addMemslot creates it: it needs the VM). */
+  | { kind: 'guest_memfd' };

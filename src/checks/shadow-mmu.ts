@@ -149,11 +149,9 @@ async function run(ctx: CheckContext, wrong: Wrong | undefined): Promise<void> {
       return Object.fromEntries(statNames.map((s) => [s, Number(v.get(s) as bigint)]));
     };
     // The thread that issues the VM's ioctls too: a memslot deletion zaps in
-    // it. Here that is this process's main thread; a target whose runs are
-    // synchronous (the lab's agent) issues ioctls and runs on one thread, and
-    // this process's pid means nothing to its kernel.
+    // it (this process's main thread here, the agent's main thread in the lab).
     const vcpuTid = await g.vcpu.tid();
-    const pids = ctx.target.concurrentRuns ? [vcpuTid, process.pid] : [vcpuTid];
+    const pids = [...new Set([vcpuTid, ctx.target.addon.gettid()])];
     trace = TraceSession.open(ctx.target.fs, SHADOW_EVENTS, pids);
     const picture = new ShadowPicture();
     let before = readStats();

@@ -12,6 +12,7 @@ import type { Check, CheckContext } from '../run/types.js';
 import { shadowPages } from './shadow.js';
 import { shadowMmuModel } from './shadow-mmu.js';
 import { tdpDirtyLogSplitCoalesce, tdpPicture, tdpPreFault } from './tdp.js';
+import { tdpGuestMemfdPicture } from './gmem.js';
 import { pagingConfig, pteReader } from './x86.js';
 import { ARM64_SMOKE } from './arm64.js';
 import { expectKickAtLimit, mmioOf } from './stops.js';
@@ -345,6 +346,7 @@ export const X86_SMOKE: readonly Check[] = [
   tdpPicture(),
   tdpDirtyLogSplitCoalesce(),
   tdpPreFault(),
+  tdpGuestMemfdPicture(),
 ].map((c) => ({ ...c, arch: 'x86_64' }));
 
 /** The smoke suite: a run takes the checks of the KVM host's architecture (runner.forHostArch). */

@@ -42,7 +42,7 @@ interface Touch {
   write: boolean;
 }
 
-function mappingOf(m: { level: number; writable: boolean } | undefined): string {
+export function mappingOf(m: { level: number; writable: boolean } | undefined): string {
   return m ? `level ${m.level} ${m.writable ? 'writable' : 'read-only'}` : 'not mapped';
 }
 

@@ -96,6 +96,8 @@ export function cReproducer(sc: Scenario, opts: ReproOptions): string {
 export function reproducer(sc: Scenario, opts: ReproOptions): Reproducer {
   if (sc.race || sc.vcpus > 1)
     throw new ReproUnsupported(`${sc.name}: races of several vCPUs are not carried by a C reproducer yet`);
+  if (sc.memslots.some((m) => m.backing === 'guest_memfd'))
+    throw new ReproUnsupported(`${sc.name}: guest_memfd slots are not carried by a C reproducer yet`);
   const placed = sc.memslots.find((m) => m.hva || m.created === 'by-step');
   if (placed)
     throw new ReproUnsupported(
@@ -247,6 +249,7 @@ const C_BACKING: Record<BackingName, string> = {
   memfd: 'MEMFD',
   hugetlb2m: 'HUGETLB_2M',
   hugetlb1g: 'HUGETLB_1G',
+  guest_memfd: 'GUEST_MEMFD', // refused by reproducer() before any C is written
 };
 const C_ADVICE = { dontneed: 'MADV_DONTNEED', hugepage: 'MADV_HUGEPAGE', nohugepage: 'MADV_NOHUGEPAGE' };
 const C_PROT = { none: 'PROT_NONE', read: 'PROT_READ', 'read-write': 'PROT_READ | PROT_WRITE' };
@@ -821,6 +824,10 @@ const HOST_STEPS: HostStepTable = {
     model.push(g.vm.preFault(s.gpa, s.size));
     return [`pre_fault(${u64(s.gpa)}, ${u64(s.size)});`];
   },
+  // Steps of guest_memfd and memfd files and of the VMM's own accesses: not carried yet.
+  'punch-hole': (_g, s) => unsupported(s),
+  'read-memory': (_g, s) => unsupported(s),
+  'close-guest-memfd': (_g, s) => unsupported(s),
   translate(g, s, model) {
     const w = g.walk({ gva: s.gva, kind: 'read', cpl: 0 });
     const e = s.expect ?? (w.ok ? { valid: true, gpa: w.gpa } : { valid: false });
@@ -828,6 +835,10 @@ const HOST_STEPS: HostStepTable = {
     return [`expect_translate(${u64(s.gva)}, ${e.valid ? 1 : 0}, ${u64(e.gpa ?? 0n)});`];
   },
 };
+
+function unsupported(s: HostSideStep): never {
+  throw new ReproUnsupported(`the host step ${s.kind} is not carried by a C reproducer yet`);
+}
 
 /** KVM_PRE_FAULT_MEMORY, for headers older than 6.10. */
 const PRE_FAULT_C = String.raw`#ifndef KVM_PRE_FAULT_MEMORY
@@ -903,6 +914,12 @@ function describeHostStep(s: HostSideStep): string {
       return `pre-faults GPA ${hex(s.gpa)}/${hex(s.size)} (KVM_PRE_FAULT_MEMORY)`;
     case 'translate':
       return `translates ${hex(s.gva)} (KVM_TRANSLATE)`;
+    case 'punch-hole':
+      return `punches a hole at +${hex(s.offset)}/${hex(s.size)} of slot ${s.slot}'s file`;
+    case 'read-memory':
+      return `reads GPA ${hex(s.gpa)} through its mapping`;
+    case 'close-guest-memfd':
+      return `closes slot ${s.slot}'s guest_memfd`;
   }
 }
 

@@ -49,8 +49,8 @@ export class Memslot {
     public flags: number,
     readonly memory: ArrayBuffer,
     readonly hva: bigint,
-    /** memfd backing this slot, or -1. */
-    readonly memfd: number,
+    /** memfd (or guest_memfd) backing this slot, or -1. */
+    public memfd: number,
     readonly backing: HostBacking,
     /** Byte offset of the slot's first byte in `memory` (non-zero when the slot was placed, see placeBacking). */
     readonly base = 0,
@@ -115,6 +115,7 @@ export class Memslot {
       );
     }
     const b = this.backing;
+    if (b.kind === 'guest_memfd') throw new Error(`memslot ${this.slot}: a guest_memfd slot's mapping is not remapped`);
     const rw = PROT.READ | PROT.WRITE;
     const flags =
       b.kind === 'anon'
@@ -202,17 +203,35 @@ export class Memslot {
     }
     return undefined;
   }
-  /** fallocate(PUNCH_HOLE) on a memfd-backed slot's file. */
+  /** fallocate(PUNCH_HOLE) on a memfd- or guest_memfd-backed slot's file. */
   punchHole(offset: number, len: number): void {
     this.range('fallocate', offset, len);
-    if (this.memfd < 0) throw new Error(`memslot ${this.slot} is not backed by a memfd`);
+    if (this.memfd < 0) throw new Error(`memslot ${this.slot} is not backed by a memfd or guest_memfd`);
     punchHole(this.target.addon, this.memfd, offset, len);
   }
 
+  /**
+   * Unmaps the slot's guest_memfd and closes it while the slot stays: the
+   * file goes (kvm_gmem_release), and guest accesses there fail with a
+   * memory-fault exit. This process can no longer read the slot.
+   */
+  closeGuestMemfd(): void {
+    if (this.backing.kind !== 'guest_memfd' || this.memfd < 0)
+      throw new Error(`memslot ${this.slot} has no open guest_memfd`);
+    check('munmap(guest_memfd)', this.target.addon.munmap(this.memory), `memslot ${this.slot}`);
+    check('close(guest_memfd)', this.target.addon.close(this.memfd), `memslot ${this.slot}`);
+    this.memfd = -1;
+    this.released = true;
+    this.setStates(0, this.size, 'unmapped');
+  }
+  private released = false;
+
   /** Unmaps the backing and closes its memfd. */
   free(): void {
-    this.target.addon.munmap(this.memory);
+    if (!this.released) this.target.addon.munmap(this.memory);
     if (this.memfd >= 0) this.target.addon.close(this.memfd);
+    this.released = true;
+    this.memfd = -1;
   }
 }
 
@@ -281,6 +300,8 @@ export function allocBacking(
         memfd: -1,
       };
     }
+    case 'guest_memfd':
+      throw new Error('a guest_memfd backing is made by Vm.addMemslot, which has the VM it belongs to');
     case 'memfd': {
       const fd = check('memfd_create', a.memfdCreate(name, MFD.CLOEXEC | (b.hugetlb ? MFD.HUGETLB : 0)));
       try {

@@ -1,13 +1,28 @@
 // A VM file descriptor (KVM_CREATE_VM): memslots, dirty logging, guest_memfd,
 // memory attributes, stats, and the vCPUs it creates.
-import { check, mapped, type Addon } from './sys.js';
+import { check, errnoName, mapped, type Addon } from './sys.js';
 import { statsReaderFor, type StatsReader } from './stats.js';
 import { allocBacking, GuestMemory, Memslot, placeBacking, type MemslotSpec } from './memslot.js';
 import { PAGE_SIZE } from '../base/units.js';
 import { Vcpu } from './vcpu.js';
 import type { Kvm } from './kvm.js';
 import { decodeVcpuInit, type VcpuInit } from './arm64.js';
-import { ARM64_IOCTL, ARM64_SIZEOF, CAP, IOCTL, MAP, MEM, PROT, SIZEOF } from '../uapi/uapi.js';
+import {
+  ARM64_IOCTL,
+  ARM64_SIZEOF,
+  CAP,
+  GUEST_MEMFD_FLAG_INIT_SHARED,
+  GUEST_MEMFD_FLAG_MMAP,
+  IOCTL,
+  MAP,
+  MEM,
+  PROT,
+  SIZEOF,
+} from '../uapi/uapi.js';
+import { hex } from '../base/units.js';
+
+/** The guest_memfd a 'guest_memfd' backing is made of: mmap-able, its pages shared from the start. */
+const SHARED_GMEM = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
 
 export class Vm {
   readonly slots = new Map<string, Memslot>();
@@ -111,6 +126,7 @@ export class Vm {
       throw new RangeError(`memslot ${slot}: size 0x${size.toString(16)} is not a positive multiple of 4 KiB`);
     if (gpa % BigInt(PAGE_SIZE))
       throw new RangeError(`memslot ${slot}: gpa 0x${gpa.toString(16)} is not 4 KiB aligned`);
+    if (backing.kind === 'guest_memfd') return this.addGuestMemfdSlot(spec);
     const name = `kvmharness-slot${slot}`;
     const { memory, memfd, base } = spec.placement
       ? placeBacking(this.sys, backing, size, gpa, spec.placement, name)
@@ -138,6 +154,56 @@ export class Vm {
     }
     this.slots.set(`${asId}:${slot}`, s);
     return s;
+  }
+
+  /**
+   * A slot backed by its own mmap-able, initially shared guest_memfd
+   * (KVM_CREATE_GUEST_MEMFD with MMAP | INIT_SHARED, Linux 6.18): the file is
+   * mapped as the slot's memory (its userspace_addr) and bound with
+   * KVM_SET_USER_MEMORY_REGION2 and KVM_MEM_GUEST_MEMFD at offset 0.
+   */
+  private addGuestMemfdSlot(spec: MemslotSpec): Memslot {
+    const { slot, gpa, size, flags = 0, asId = 0 } = spec;
+    const backing = { kind: 'guest_memfd' } as const;
+    const fd = this.openGuestMemfd(BigInt(size), BigInt(SHARED_GMEM));
+    let memory: ArrayBuffer;
+    try {
+      memory = mapped('mmap(guest_memfd)', this.sys.mmap(size, PROT.READ | PROT.WRITE, MAP.SHARED, fd, 0));
+    } catch (e) {
+      this.sys.close(fd);
+      throw e;
+    }
+    const hva = this.sys.addressOf(memory);
+    const gflags = flags | MEM.KVM_MEM_GUEST_MEMFD;
+    const s = new Memslot(this.kvm.target, slot, asId, gpa, size, gflags, memory, hva, fd, backing);
+    try {
+      this.setUserMemoryRegion2(slot, gflags, gpa, BigInt(size), hva, fd, 0n, asId);
+    } catch (e) {
+      s.free();
+      throw e;
+    }
+    this.slots.set(`${asId}:${slot}`, s);
+    return s;
+  }
+
+  /**
+   * Why this VM cannot back a slot with an mmap-able, initially shared
+   * guest_memfd, from its capabilities and, where they say no, what
+   * KVM_CREATE_GUEST_MEMFD answers; undefined when it can.
+   */
+  sharedGuestMemfdUnsupported(): string | undefined {
+    const cap = this.checkExtension(CAP.KVM_CAP_GUEST_MEMFD);
+    const flags = cap ? this.checkExtension(CAP.KVM_CAP_GUEST_MEMFD_FLAGS) : 0;
+    if (cap && (flags & SHARED_GMEM) === SHARED_GMEM) return undefined;
+    const r = this.sys.ioctlBuf(this.fd, IOCTL.KVM_CREATE_GUEST_MEMFD, guestMemfdArgs(0x1000n, BigInt(SHARED_GMEM)));
+    if (r >= 0) this.sys.close(r);
+    const types = this.kvm.checkExtension(CAP.KVM_CAP_VM_TYPES);
+    // The errno first: report tables cut long reasons.
+    return (
+      `KVM_CREATE_GUEST_MEMFD(MMAP|INIT_SHARED): ${r < 0 ? errnoName(-r) : 'created'}; default VM: ` +
+      `KVM_CAP_GUEST_MEMFD ${cap}, KVM_CAP_GUEST_MEMFD_FLAGS ${hex(flags)}, KVM_CAP_VM_TYPES ${hex(types)} ` +
+      `(shared guest_memfd: Linux 6.18)`
+    );
   }
 
   memslot(slot: number, asId = 0): Memslot {
@@ -207,14 +273,21 @@ export class Vm {
     check('KVM_CLEAR_DIRTY_LOG', this.sys.ioctlBuf(this.fd, IOCTL.KVM_CLEAR_DIRTY_LOG, b), `slot ${slot}`);
   }
 
+  /** KVM_CREATE_GUEST_MEMFD; the VM closes the fd with itself. */
   createGuestMemfd(size: bigint, flags = 0n): number {
-    const b = new Uint8Array(SIZEOF.kvm_create_guest_memfd);
-    const dv = new DataView(b.buffer);
-    dv.setBigUint64(0, size, true);
-    dv.setBigUint64(8, flags, true);
-    const fd = check('KVM_CREATE_GUEST_MEMFD', this.sys.ioctlBuf(this.fd, IOCTL.KVM_CREATE_GUEST_MEMFD, b));
+    const fd = this.openGuestMemfd(size, flags);
     this.fds.push(fd);
     return fd;
+  }
+
+  /** KVM_CREATE_GUEST_MEMFD; the caller owns the fd. */
+  private openGuestMemfd(size: bigint, flags: bigint): number {
+    const b = guestMemfdArgs(size, flags);
+    return check(
+      'KVM_CREATE_GUEST_MEMFD',
+      this.sys.ioctlBuf(this.fd, IOCTL.KVM_CREATE_GUEST_MEMFD, b),
+      `flags ${hex(flags)}`,
+    );
   }
 
   setMemoryAttributes(gpa: bigint, size: bigint, attributes: bigint): void {
@@ -271,6 +344,15 @@ export class Vm {
     this.slots.clear();
     this.detached.length = 0;
   }
+}
+
+/** struct kvm_create_guest_memfd. */
+function guestMemfdArgs(size: bigint, flags: bigint): Uint8Array {
+  const b = new Uint8Array(SIZEOF.kvm_create_guest_memfd);
+  const dv = new DataView(b.buffer);
+  dv.setBigUint64(0, size, true);
+  dv.setBigUint64(8, flags, true);
+  return b;
 }
 
 // The region structure of synchronous ioctls: the call copies it in before it

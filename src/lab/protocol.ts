@@ -10,7 +10,7 @@
 import { closeSync, constants as fsc, openSync, readSync, writeSync } from 'node:fs';
 import { Worker } from 'node:worker_threads';
 
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 /** "KHRQ", "KHRP", "KHEN" as little-endian u32. */
 export const REQ_MAGIC = 0x5152484b;
 export const REP_MAGIC = 0x5052484b;
@@ -46,6 +46,11 @@ export const OP = {
   mkdir: 19,
   rmdir: 20,
   exit: 21,
+  thread: 22,
+  threadEnd: 23,
+  runWait: 24,
+  kick: 25,
+  remap: 26,
 } as const;
 export type OpName = keyof typeof OP;
 const opNames = new Map<number, OpName>(Object.entries(OP).map(([k, v]) => [v, k as OpName]));
@@ -58,6 +63,10 @@ export const REQ_PULL = 1;
 /** Entry flag: the range is all zero; no data follows. */
 export const ENTRY_ZERO = 1;
 export const STATUS = { ok: 0, badRequest: 1, fault: 2 } as const;
+/** A run's record in run and runWait replies: {u32 exits, u32 consoleLen, u32 timedOut, u32 pending, u64 ns}. */
+export const RUN_RECORD = 24;
+/** run: wait for the run's end as long as it takes (its time limit still ends it). */
+export const WAIT_FOREVER = 0xffffffff;
 
 /** Bytes to store at a remote address before the operation. */
 export interface WriteEntry {

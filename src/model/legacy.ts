@@ -36,7 +36,7 @@
 // every linked table empty. No prefetch while an MMU-notifier invalidation
 // is in progress (mmu_invalidate_in_progress): the model's faults never
 // overlap one.
-import { gfnToHva, slotEnd, type Memslot, type Memslots } from './memslots.js';
+import { gfnToHva, slotEnd, type Memslot, type MemslotChange, type Memslots } from './memslots.js';
 import {
   SPTE_D,
   SPTE_HOST_W,
@@ -121,6 +121,19 @@ export class LegacyTdp extends Tdp {
       mapped++;
     }
     return mapped > 0;
+  }
+
+  /**
+   * Deleting or moving a slot: kvm_mmu_zap_all_fast as Tdp takes it, except
+   * that the legacy MMU's kvm_zap_obsolete_pages commits the zapped shadow
+   * pages with a remote TLB flush (kvm_mmu_commit_zap_page) whenever there
+   * was one below a root: any leaf or MMIO SPTE means there was.
+   */
+  override setMemslot(s: Memslot): MemslotChange {
+    const had = this.slots.list(s.asId).some((m) => m.slot === s.slot) && this.picture(s.asId).size > 0;
+    const ch = super.setMemslot(s);
+    if (had && (ch.change === 'delete' || ch.change === 'move') && !this.wrongLegacy.noFlush) this.flushRequests++;
+    return ch;
   }
 
   /** kvm_rmap_zap_collapsible_sptes (rule 4): leaves go one by one, their tables stay. */

@@ -10,6 +10,16 @@
 //   included) are in spte.ts; the tree and its iterator in tdp-iter.ts; the
 //   memslots in memslots.ts and the host memory behind them in host-mm.ts.
 //
+// The model is compared with KVM GFN by GFN after every scenario step where
+// the host traces SPTE changes (run/tdp-follow.ts). Some of what the model
+// writes KVM writes without a trace: the children of a huge page split
+// (`split` events; KVM fills the table before linking it) and W restored by
+// the fast page-fault path (`spte` events marked `fast`). Those are left out
+// of the comparison until a traced change reaches them (docs/scenarios.md,
+// "The per-GFN TDP picture"). `flushRequests` counts the operations that
+// must request a remote TLB flush; invalidating every root (a slot deleted
+// or moved) requests none, as in kvm_mmu_zap_all_fast.
+//
 // Levels are numbered the way KVM's x86 MMU numbers them (spte.ts): 1 = 4 KiB
 // leaf, 2 = 2 MiB, 3 = 1 GiB, 4 and 5 = upper tables.
 
@@ -100,6 +110,8 @@ export type TdpEvent =
   | { kind: 'flush'; asId: number; ranges: Flush[] }
   /** A huge leaf replaced by a table of 512 smaller leaves (kvm_mmu_split_huge_page); the children are not logged. */
   | { kind: 'split'; asId: number; gfn: number; level: number }
+  /** Every root of the address space invalidated and replaced (kvm_mmu_zap_all_fast). */
+  | { kind: 'roots'; asId: number }
   /** A removed table freed with its subtree. */
   | { kind: 'teardown'; asId: number; gfn: number; level: number; sptes: number };
 
@@ -123,6 +135,13 @@ export interface FaultResult {
   /** Level and value of the entry that ends up mapping gfn (0, 0 if none). */
   level: number;
   spte: Spte;
+  /**
+   * The host invalidated HVA ranges while resolving the fault (a zero page
+   * replaced, a huge page split): KVM sees its MMU-notifier sequence move,
+   * installs nothing and lets the guest fault again (is_page_fault_stale);
+   * the model maps at once. What mapped the GFN for that second fault.
+   */
+  retried?: 'none' | 'present';
 }
 
 export interface MappingRun {
@@ -131,6 +150,18 @@ export interface MappingRun {
   level: number;
   writable: boolean;
   executable: boolean;
+}
+
+/**
+ * What maps one GFN, as the per-GFN picture compares it with KVM's
+ * (run/tdp-follow.ts): the level of the leaf (or of the MMIO SPTE) and its
+ * permissions. No entry: not mapped.
+ */
+export interface GfnMapping {
+  level: number;
+  writable: boolean;
+  executable: boolean;
+  mmio: boolean;
 }
 
 export interface ZapResult {
@@ -175,7 +206,13 @@ export class Tdp {
   private readonly splitOnFault: boolean;
   private readonly recoverHugeInPlace: boolean;
   private readonly yieldEvery: number;
-  private readonly record: boolean;
+  /** Keep the event log (TdpOptions.record); a follower that drains it may switch it on. */
+  record: boolean;
+  /**
+   * Operations that requested a remote TLB flush so far: each that zapped or
+   * write-protected a present SPTE (a walk that ended with flush ranges).
+   */
+  flushRequests = 0;
   private readonly wrong: WrongTdp;
   private nextTableId = 1;
 
@@ -240,6 +277,7 @@ export class Tdp {
       minLevel: opts.minLevel,
       yieldEvery: this.yieldEvery,
       onFlush: (ranges) => {
+        if (ranges.length > 0 && !this.wrong.noFlush) this.flushRequests++;
         this.log({ kind: 'flush', asId, ranges });
         flush?.push(...ranges);
       },
@@ -330,6 +368,7 @@ export class Tdp {
     const host = this.host.fault(slot, gfnToHva(slot, gfn), write);
     if (!host) return { kind: 'efault', gfn, level: 0, spte: 0 };
     for (const [s, e] of host.notify) this.invalidateRange(s, e);
+    const retried = host.notify.length === 0 ? undefined : this.lookup(asId, gfn) ? 'present' : 'none';
 
     const f: FaultCtx = { asId, gfn, slot, page: host.page, write, exec, goal: 1, reqLevel: 1, hugeDisallowed: false };
     this.setGoal(f, host.page.level);
@@ -339,7 +378,8 @@ export class Tdp {
       if (now && isLeaf(now.spte) && now.level === f.goal && sptePfn(now.spte) === sptePfn(leaf))
         return this.relax(asId, gfn, leaf);
     }
-    return this.map(f);
+    const r = this.map(f);
+    return retried ? { ...r, retried } : r;
   }
 
   /*
@@ -739,7 +779,15 @@ export class Tdp {
       case 'move':
         this.dirty.delete(dirtyKey(ch.old));
         if (this.arch === 'x86_64' && this.slotZapAll) {
-          for (let asId = 0; asId < this.roots.length; asId++) this.zap(asId, 0, this.maxGfn, { tables: true });
+          // kvm_mmu_zap_all_fast: every root is invalidated and zapped where no
+          // vCPU can reach it; vCPUs load new roots (a TLB flush of their own),
+          // so no remote TLB flush is requested.
+          const flushRequests = this.flushRequests;
+          for (let asId = 0; asId < this.roots.length; asId++) {
+            this.zap(asId, 0, this.maxGfn, { tables: true });
+            this.log({ kind: 'roots', asId });
+          }
+          this.flushRequests = flushRequests;
         } else {
           this.zap(ch.old.asId, ch.old.baseGfn, slotEnd(ch.old), { tables: true });
         }
@@ -776,6 +824,7 @@ export class Tdp {
     return { ranges, flush };
   }
 
+  /**
   /**
    * The VMM's own access to `gfn` through the slot's HVA (not a guest access):
    * the host page faults in as for any process, and whatever mapping the host
@@ -847,6 +896,30 @@ export class Tdp {
     const n = [0, 0, 0, 0, 0, 0];
     for (const it of this.walk(asId, start, end, null, { only: 'presentLeaf' })) n[it.level]!++;
     return n;
+  }
+
+  /**
+   * Every GFN in [start, end) that a present leaf or an MMIO SPTE maps, with
+   * what maps it: the model's side of the per-GFN picture. A huge leaf
+   * contributes only its GFNs inside the range.
+   */
+  picture(asId: number, start = 0, end = this.maxGfn): Map<number, GfnMapping> {
+    const out = new Map<number, GfnMapping>();
+    for (const it of this.walk(asId, start, end, null)) {
+      if (it.old === 0 || isTable(it.old)) continue;
+      const mmio = (it.old & SPTE_MMIO) !== 0;
+      if (!mmio && !isLeaf(it.old)) continue;
+      const m: GfnMapping = {
+        level: it.level,
+        writable: !mmio && (it.old & SPTE_W) !== 0,
+        executable: !mmio && (it.old & SPTE_X) !== 0,
+        mmio,
+      };
+      const from = Math.max(it.gfn, start);
+      const to = Math.min(it.gfn + PAGES[it.level], end);
+      for (let gfn = from; gfn < to; gfn++) out.set(gfn, m);
+    }
+    return out;
   }
 
   /** Dirty GFNs logged so far for a slot, without clearing them. */

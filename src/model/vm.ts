@@ -17,9 +17,10 @@ import { fromRegion, Memslots, type Backing, type Memslot } from './memslots.js'
 import { LegacyTdp } from './legacy.js';
 import { Tdp, type FaultResult, type TdpOptions } from './tdp.js';
 import { hex, PAGE } from '../base/units.js';
+import { SPTE_MMIO } from './spte.js';
 
 /** The backing kinds a scenario (and the harness) declares for a memslot. */
-export type BackingName = 'anon' | 'shared' | 'memfd' | 'thp' | 'hugetlb2m' | 'hugetlb1g';
+export type BackingName = 'anon' | 'shared' | 'memfd' | 'thp' | 'hugetlb2m' | 'hugetlb1g' | 'guest_memfd';
 
 /**
  * Each declared backing: how the VMM allocates it and the host pages the
@@ -28,7 +29,11 @@ export type BackingName = 'anon' | 'shared' | 'memfd' | 'thp' | 'hugetlb2m' | 'h
  * the model takes 'anon' to be. Under THP "always" a guest write would
  * otherwise fault in a 2 MiB page, and KVM would then map its neighbours
  * writable (and log them dirty) on read faults. 'shared' is a MAP_SHARED
- * mapping of page cache, which the model treats as a memfd.
+ * mapping of page cache, which the model treats as a memfd. 'guest_memfd' is
+ * an mmap-able, initially shared guest_memfd bound with KVM_MEM_GUEST_MEMFD
+ * (Linux 6.18): KVM faults its pages in through the file, not the HVA
+ * (kvm_mmu_faultin_pfn_gmem), one 4 KiB folio each (max_order 0), allocated
+ * and zeroed on first touch and mapped writable whatever the access.
  */
 export const BACKINGS: Readonly<Record<BackingName, { alloc: HostBacking; page: Backing }>> = {
   anon: { alloc: { kind: 'anon', thp: false }, page: { kind: 'anon', pageSize: 4096 } },
@@ -37,6 +42,7 @@ export const BACKINGS: Readonly<Record<BackingName, { alloc: HostBacking; page: 
   thp: { alloc: { kind: 'anon', thp: true }, page: { kind: 'thp', pageSize: 2 << 20 } },
   hugetlb2m: { alloc: { kind: 'hugetlb', pageSize: '2M' }, page: { kind: 'hugetlb2m', pageSize: 2 << 20 } },
   hugetlb1g: { alloc: { kind: 'hugetlb', pageSize: '1G' }, page: { kind: 'hugetlb1g', pageSize: 1 << 30 } },
+  guest_memfd: { alloc: { kind: 'guest_memfd' }, page: { kind: 'guest_memfd', pageSize: 4096 } },
 };
 
 /** A memslot as the VMM set it with KVM_SET_USER_MEMORY_REGION (src/kvm's Memslot has these fields). */
@@ -75,7 +81,8 @@ export function declaredSlot(
   d: { slot: number; gpa: bigint; size: bigint; backing: BackingName; logDirty: boolean; readonly: boolean },
   hva: bigint,
 ): Memslot {
-  const region = { slot: d.slot, asId: 0, gpa: d.gpa, size: d.size, hva, flags: memFlags(d) };
+  const gmem = d.backing === 'guest_memfd' ? MEM.KVM_MEM_GUEST_MEMFD : 0;
+  const region = { slot: d.slot, asId: 0, gpa: d.gpa, size: d.size, hva, flags: memFlags(d) | gmem };
   return modelSlot(region, BACKINGS[d.backing].page);
 }
 
@@ -131,8 +138,17 @@ function newTdp(slots: Memslots, opts: ModelVmOptions): Tdp {
   return new LegacyTdp(slots, { ...rest, adEnabled });
 }
 
+/** A guest access the model faulted in, with what mapped its GFN before (for the fault it predicts). */
+export interface GuestFault {
+  gfn: number;
+  access: 'read' | 'write' | 'exec';
+  /** What the TDP model had for the GFN before: nothing, a present leaf, or an MMIO SPTE. */
+  before: 'none' | 'present' | 'mmio';
+  result: FaultResult;
+}
+
 /** A host change of part of a slot's memory, as the MMU notifier reports it. */
-export type MemChange = 'munmap' | 'dontneed' | 'mprotect';
+export type MemChange = 'munmap' | 'dontneed' | 'mprotect' | 'punch_hole';
 
 /**
  * One VM as the model sees it (address space 0): the TDP model over its
@@ -145,6 +161,8 @@ export class ModelVm {
   readonly tdp: Tdp;
   /** Pages the guest dirtied per logged slot since the last harvest. */
   private readonly dirty = new Map<number, Set<bigint>>();
+  /** Guest faults since the last takeFaults(). */
+  private faults: GuestFault[] = [];
 
   constructor(opts: ModelVmOptions = {}) {
     this.tdp = newTdp(new Memslots(), opts);
@@ -196,7 +214,30 @@ export class ModelVm {
 
   /** A guest access to `gpa` faulting in through the TDP model. */
   fault(gpa: bigint, access: 'read' | 'write' | 'exec'): FaultResult {
-    return this.tdp.fault(0, Number(gpa >> 12n), { write: access === 'write', exec: access === 'exec' });
+    const gfn = Number(gpa >> 12n);
+    const cur = this.tdp.lookup(0, gfn);
+    const before = !cur ? 'none' : (cur.spte & SPTE_MMIO) !== 0 ? 'mmio' : 'present';
+    const result = this.tdp.fault(0, gfn, { write: access === 'write', exec: access === 'exec' });
+    this.faults.push({ gfn, access, before, result });
+    // KVM retries a fault during which the host invalidated memory: the guest faults again.
+    if (result.retried) this.faults.push({ gfn, access, before: result.retried, result });
+    return result;
+  }
+
+  /** The guest faults since the last call. */
+  takeFaults(): GuestFault[] {
+    return this.faults.splice(0);
+  }
+
+  /**
+   * The VMM wrote [gpa, gpa + len) of a slot through its host mapping: those
+   * host pages are populated and writable (a later read fault maps them
+   * writable, not the zero page).
+   */
+  hostWrote(gpa: bigint, len: number): void {
+    for (let gfn = Number(gpa >> 12n); gfn <= Number((gpa + BigInt(Math.max(len, 1)) - 1n) >> 12n); gfn++) {
+      if (this.tdp.slots.find(0, gfn)) this.tdp.hostAccess(0, gfn, true);
+    }
   }
 
   /** A host change of part of a slot's memory; returns what the model zapped, for the notes. */
@@ -233,6 +274,18 @@ export class ModelVm {
     const after = this.tdp.mappings(0, first, last + 1).reduce((n, r) => n + r.end - r.start, 0);
     const pages = last - first + 1;
     return `model: the host writes ${pages} page${pages === 1 ? '' : 's'}, none logged dirty; ${before - after} mapped page${before - after === 1 ? '' : 's'} zapped (zero pages replaced)`;
+  }
+
+  /**
+   * The guest_memfd behind a slot is closed, its mapping gone with it:
+   * kvm_gmem_release zaps every SPTE of the binding and clears the slot's
+   * file, so a later fault there finds none (kvm_gmem_get_pfn: EFAULT, with a
+   * memory-fault exit). The model takes the slot's pages away as munmap does.
+   */
+  closeGuestMemfd(slot: number): string {
+    const m = this.slot(slot);
+    const size = BigInt(m.npages) << 12n;
+    return this.change(slot, 0n, size, 'munmap').replace('model: munmap', 'model: guest_memfd release');
   }
 
   /** Fresh host memory over part of a slot (mmap MAP_FIXED after munmap). */

@@ -44,6 +44,8 @@ export interface WrongTdp {
    * leaves.
    */
   legacyZapTables?: boolean;
+  /** A zap or write protection of present SPTEs requests no remote TLB flush. */
+  noFlush?: boolean;
 }
 
 /** Mistakes of the race model. */

@@ -27,7 +27,7 @@
 // no address-space id.
 import { PAGES } from '../model/spte.js';
 import { parseShadowEvent } from './shadow-mmu.js';
-import { decodeTdpSpte, X86_SPTE, type TdpFlavour, type TdpMapping } from './tdp-picture.js';
+import { decodeTdpSpte, X86_SPTE, type ObservedMapping, type TdpFlavour, type TdpMapping } from './tdp-picture.js';
 import type { TraceEvent } from './tracefs.js';
 
 export const LEGACY_SPTE_EVENTS = [
@@ -129,6 +129,23 @@ export class LegacyPicture {
       if (m.leaf) return { ...m, level };
     }
     return undefined;
+  }
+
+  /** What maps `gfn` as the trace left it: an MMIO SPTE or the present leaf (as TdpPicture.mapping). */
+  mapping(asId: number, gfn: bigint, maxLevel = 5): ObservedMapping | undefined {
+    if (asId !== 0) return undefined;
+    if (this.mmio.has(Number(gfn))) return { level: 1, writable: false, executable: false, mmio: true };
+    const l = this.leaf(asId, gfn, maxLevel);
+    return l && { level: l.level, writable: l.writable, executable: l.executable, mmio: false };
+  }
+
+  /** The GFN ranges [start, end) a leaf or an MMIO SPTE of the trace covers (address space 0). */
+  *spans(asId: number): Generator<[bigint, bigint]> {
+    if (asId !== 0) return;
+    for (let level = 1; level < this.sptes.length; level++)
+      for (const [gfn, spte] of this.sptes[level]!)
+        if (decodeTdpSpte(spte, level, this.flavour).leaf) yield [BigInt(gfn), BigInt(gfn + PAGES[level]!)];
+    for (const gfn of this.mmio) yield [BigInt(gfn), BigInt(gfn + 1)];
   }
 
   /** Whether the trace shows an MMIO SPTE for `gfn`. */

@@ -7,13 +7,17 @@
 // tdp-picture.ts and left to its callers).
 import { tdpMmuOf, type MmuFacts, type TdpMmu } from '../model/vm.js';
 import { LEGACY_SPTE_EVENTS, LegacyPicture, type Blind, type Untraced } from './legacy-picture.js';
-import { TdpPicture, type TdpFlavour, type TdpMapping } from './tdp-picture.js';
+import { TdpPicture, type ObservedMapping, type TdpFlavour, type TdpMapping } from './tdp-picture.js';
 import type { TraceEvent } from './tracefs.js';
 
 export interface SptePicture {
   readonly flavour: TdpFlavour;
   add(events: Iterable<TraceEvent>): void;
   leaf(asId: number, gfn: bigint, maxLevel?: number): (TdpMapping & { level: number }) | undefined;
+  /** What maps gfn: the present leaf or an MMIO SPTE. */
+  mapping(asId: number, gfn: bigint, maxLevel?: number): ObservedMapping | undefined;
+  /** The GFN ranges a leaf or MMIO SPTE of the trace covers, possibly stale. */
+  spans(asId: number): Iterable<[bigint, bigint]>;
   /** What the trace cannot tell about gfn (address space 0). */
   blind(gfn: number): Blind | undefined;
   /** A host operation over [start, end) that may change SPTEs untraced. */

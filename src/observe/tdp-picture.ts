@@ -1,7 +1,9 @@
 // KVM's real TDP mappings, rebuilt GFN by GFN from kvm_tdp_mmu_spte_changed
-// (as_id, gfn, level, old_spte, new_spte). The tracepoint misses some changes
-// (children of an eager huge-page split, write permission restored by the
-// fast page-fault path, some frozen -> 0 transitions; see docs), so a
+// (as_id, gfn, level, old_spte, new_spte), MMIO SPTEs included, and the
+// faults KVM took, from kvm_page_fault (address, error code). The tracepoint
+// misses some changes (children of an eager huge-page split, write
+// permission restored by the fast page-fault path, some frozen -> 0
+// transitions; docs/scenarios.md, "The per-GFN TDP picture"), so a
 // comparison built on this picture only asks about GFNs whose last change
 // went through the traced paths.
 import type { TraceEvent } from './tracefs.js';
@@ -32,6 +34,20 @@ export interface TdpMapping {
   dirty: boolean;
 }
 
+/**
+ * A cached MMIO SPTE (is_mmio_spte): not shadow-present, and carrying the
+ * MMIO value under the MMIO mask. NPT: bit 51 and bit 0 (KVM's default when
+ * the host has fewer than 52 physical address bits); EPT: W and X without R,
+ * an EPT misconfiguration. Frozen (0x5a0) and empty (0, or bit 63 from 6.9
+ * on) entries carry neither.
+ */
+export function isMmioSpte(spte: bigint, flavour: TdpFlavour): boolean {
+  if ((spte & X86_SPTE.mmuPresent) !== 0n) return false;
+  if (flavour === 'ept') return (spte & 7n) === 6n;
+  const mask = (1n << 51n) | 1n;
+  return (spte & mask) === mask;
+}
+
 export function decodeTdpSpte(spte: bigint, level: number, flavour: TdpFlavour): TdpMapping {
   const has = (b: bigint) => (spte & b) !== 0n;
   const present = has(X86_SPTE.mmuPresent);
@@ -46,6 +62,14 @@ export function decodeTdpSpte(spte: bigint, level: number, flavour: TdpFlavour):
 }
 
 const key = (asId: number, gfn: bigint, level: number) => `${asId}:${gfn.toString(16)}:${level}`;
+
+/** What maps one GFN in KVM's picture (the model's GfnMapping has the same shape). */
+export interface ObservedMapping {
+  level: number;
+  writable: boolean;
+  executable: boolean;
+  mmio: boolean;
+}
 
 /** The last new_spte seen for each (as_id, gfn, level). */
 export class TdpPicture {
@@ -68,6 +92,37 @@ export class TdpPicture {
   }
 
   /**
+   * What maps `gfn` as the trace left it: the present leaf, or an MMIO SPTE,
+   * at the lowest level that has one; undefined when a table or nothing does.
+   */
+  mapping(asId: number, gfn: bigint, maxLevel = 5): ObservedMapping | undefined {
+    for (let level = 1; level <= maxLevel; level++) {
+      const base = gfn & ~((1n << BigInt(9 * (level - 1))) - 1n);
+      const spte = this.sptes.get(key(asId, base, level));
+      if (spte === undefined) continue;
+      // KVM caches MMIO in 4 KiB SPTEs only (a GFN without a slot maps at 4 KiB).
+      if (level === 1 && isMmioSpte(spte, this.flavour))
+        return { level, writable: false, executable: false, mmio: true };
+      const m = decodeTdpSpte(spte, level, this.flavour);
+      if (m.leaf) return { level, writable: m.writable, executable: m.executable, mmio: false };
+      if (m.present) return undefined;
+    }
+    return undefined;
+  }
+
+  /** The GFN ranges [start, end) of address space `asId` that a leaf or MMIO SPTE of the trace covers, possibly stale. */
+  *spans(asId: number): Generator<[bigint, bigint]> {
+    for (const [k, spte] of this.sptes) {
+      const [as, gfn, level] = k.split(':');
+      if (Number(as) !== asId) continue;
+      const mmio = Number(level) === 1 && isMmioSpte(spte, this.flavour);
+      if (!mmio && !decodeTdpSpte(spte, Number(level), this.flavour).leaf) continue;
+      const start = BigInt(`0x${gfn}`);
+      yield [start, start + (1n << BigInt(9 * (Number(level) - 1)))];
+    }
+  }
+
+  /**
    * The leaf that maps `gfn`, as the trace left it: the lowest level whose
    * entry covering gfn is a present leaf, or undefined when none is.
    */
@@ -82,4 +137,38 @@ export class TdpPicture {
     }
     return undefined;
   }
+}
+
+/** KVM's page-fault error code bits (PFERR_*), as kvm_page_fault prints them. */
+export const PFERR = {
+  present: 1n << 0n,
+  write: 1n << 1n,
+  user: 1n << 2n,
+  rsvd: 1n << 3n,
+  fetch: 1n << 4n,
+  /** The fault is on the final GPA of the guest's access. */
+  guestFinal: 1n << 32n,
+  /** The fault is on a guest page-table page, met while walking the guest's tables. */
+  guestPage: 1n << 33n,
+} as const;
+
+/** One kvm_page_fault: vCPU, guest RIP, faulting GPA (TDP) and error code. */
+export interface ObservedFault {
+  vcpu: number;
+  rip: bigint;
+  gpa: bigint;
+  errorCode: bigint;
+}
+
+/** A kvm_page_fault event's fields (Linux 6.1 and later print them alike), or undefined for another event. */
+export function parsePageFault(e: TraceEvent): ObservedFault | undefined {
+  if (e.id !== 'kvm/kvm_page_fault') return undefined;
+  const f = e.fields;
+  if (typeof f.fault_address !== 'bigint' || typeof f.error_code !== 'bigint') return undefined;
+  return {
+    vcpu: Number(f.vcpu_id ?? -1n),
+    rip: typeof f.guest_rip === 'bigint' ? f.guest_rip : 0n,
+    gpa: f.fault_address,
+    errorCode: f.error_code,
+  };
 }

@@ -66,10 +66,11 @@ export function parseFormat(id: string, text: string): EventFormat {
 
 /**
  * Builds a parser for simple print formats: literal text and %llx/%x/%u/%d/%lld/%llu
- * conversions, with one trailing %s (a flag decoding) allowed and ignored.
+ * conversions, with a zero-padded width allowed (kvm_page_fault's
+ * "0x%016llx"), and one trailing %s (a flag decoding) allowed and ignored.
  */
 function matcher(fmt: string, args: string[]): EventFormat['parse'] {
-  const convs = [...fmt.matchAll(/%(ll|l)?([xudi]|s)/g)];
+  const convs = [...fmt.matchAll(/%(?:0?\d+)?(ll|l)?([xudi]|s)/g)];
   if (convs.length === 0 || fmt.includes('%%')) return undefined;
   const numeric = convs.filter((c) => c[2] !== 's');
   const strings = convs.length - numeric.length;

@@ -49,6 +49,7 @@ import {
 import { modelPageCount, thpUnconfirmed } from './model-stats.js';
 import { runRace } from './race.js';
 import { ShadowFollow } from './shadow-follow.js';
+import { TdpFollow } from './tdp-follow.js';
 import {
   emitWrpkru,
   guestAction,
@@ -124,9 +125,14 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
   const g = X86Guest.create(ctx.kvm, { ...bringUpOptions(sc), memSize: Number(LAYOUT.identityEnd) });
   let trace: TraceSession | undefined;
   let shadow: ShadowFollow | undefined;
+  let tdp: TdpFollow | undefined;
   try {
     const manualProtect = sc.steps.some((s) => s.side === 'host' && s.kind === 'clear-dirty-log');
     if (manualProtect) g.vm.enableManualDirtyLogProtect();
+    if (sc.memslots.some((m) => m.backing === 'guest_memfd')) {
+      const why = g.vm.sharedGuestMemfdUnsupported();
+      if (why) throw new NotApplicable(why);
+    }
     for (const m of sc.memslots) if (m.created === 'at-start') g.vm.addMemslot(slotSpec(m));
     const built = buildScenarioTables(sc, g.mem, g.boot);
     const cfg: PagingConfig = { ...pagingConfigFor(sc, cpu), walker: guestWalkerOf(ctx.profile) };
@@ -141,8 +147,10 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
     if (opts.trace) trace = run.trace = TraceSession.open(ctx.target.fs, WALKER_EVENTS, [await g.vcpu.tid()]);
     const follow = { ctx, sc, g, built, walk: (gva: bigint) => run.entries.walk(gva), wrong: opts.wrong?.shadow };
     shadow = run.shadow = await ShadowFollow.open(follow);
+    tdp = run.tdp = await TdpFollow.open({ ctx, g, vm: run.vm });
     await run.steps();
   } finally {
+    tdp?.close();
     shadow?.close();
     trace?.close();
     g.close();
@@ -161,6 +169,8 @@ class ScenarioRun {
   trace: TraceSession | undefined;
   /** The shadow MMU model beside the run, on a shadow-MMU host with its tracepoints. */
   shadow: ShadowFollow | undefined;
+  /** The per-GFN picture beside the run, where a model of this host's MMU and its tracepoints are. */
+  tdp: TdpFollow | undefined;
   pending: Pending | undefined;
 
   constructor(
@@ -237,15 +247,20 @@ class ScenarioRun {
           w.ok &&
           g.mem.slotOf(w.gpa) &&
           !g.mem.slotOf(w.gpa)!.untouchable(Number(w.gpa - g.mem.slotOf(w.gpa)!.gpa), 1, true)
-        )
+        ) {
           g.mem.write(w.gpa, [0xc3]);
+          this.vm.hostWrote(w.gpa, 1);
+        }
       }
     }
     // A data descriptor where each implicit read finds its LDT entry.
     for (const s of sc.steps) {
       if (s.side !== 'guest' || s.kind !== 'access' || !s.implicit) continue;
       const w = this.plainWalk(s.gva);
-      if (w.ok && g.mem.slotOf(w.gpa, 8)) g.mem.write64(w.gpa, IMPLICIT_DESCRIPTOR);
+      if (w.ok && g.mem.slotOf(w.gpa, 8)) {
+        g.mem.write64(w.gpa, IMPLICIT_DESCRIPTOR);
+        this.vm.hostWrote(w.gpa, 8);
+      }
     }
     const k = new Asm({ origin: Number(LAYOUT.code) });
     const u = new Asm({ origin: Number(LAYOUT.userCode) });
@@ -266,6 +281,7 @@ class ScenarioRun {
     for (let i = 0; i < sc.steps.length; i++) {
       const s = sc.steps[i]!;
       const name = stepName(i, s);
+      this.tdp?.begin();
       const statsBefore = s.stats && this.canReadStats ? this.readStats() : undefined;
       const modelBefore = s.stats && this.modelCounts(s.stats);
       const checkStats = () => {
@@ -277,8 +293,12 @@ class ScenarioRun {
         s.side === 'guest' ? await this.guestStep(i, s, name, checkStats) : await this.hostStep(i, s, name, checkStats);
       if (!go) return;
     }
+    this.tdp?.begin();
     if (!(await this.finishPending())) return;
+    this.tdp?.beforeRun();
     ctx.expect('guest finishes', 'done', describeStop(await this.g.run()));
+    this.tdp?.afterRun();
+    this.tdp?.step('end of the program');
   }
 
   /** The model's counts for the step's "model" stat expectations. */
@@ -298,11 +318,14 @@ class ScenarioRun {
 
   /** A run; KVM_RUN failing (EFAULT without a memory-fault exit) is an observation, not an error. */
   async runGuest(): Promise<Stop> {
+    this.tdp?.beforeRun();
     try {
       return await this.g.run();
     } catch (e) {
       if (e instanceof KvmError && e.call === 'KVM_RUN') return { kind: 'kvm_run_error', errno: e.code };
       throw e;
+    } finally {
+      this.tdp?.afterRun();
     }
   }
 
@@ -318,6 +341,7 @@ class ScenarioRun {
     const { ctx, g } = this;
     if (s.kind === 'access' && s.loop) return this.loopStep(i, s, name, checkStats);
     const pred = s.kind === 'access' ? this.predict(s, name) : undefined;
+    const hadPending = this.pending !== undefined;
     if (!(await this.finishPending())) return false;
     // A #GP leaves CR2 as it was when the step began.
     const cr2Before = pred?.expectFault === 'gp' ? g.vcpu.getSregs().cr2 : undefined;
@@ -339,12 +363,24 @@ class ScenarioRun {
     if (pred) ctx.expect(`${name}: MMIO exits`, pred.mmio ? [pred.mmio] : [], mmioSeen);
     if (pred?.hostFault && s.kind === 'access') {
       // The vCPU stopped at the access; it redoes it on its next run.
-      ctx.expect(`${name}: KVM_RUN stops for the missing host memory`, pred.hostFault.stop, observedStop(stop));
-      if (!same(pred.hostFault.stop, observedStop(stop))) return false;
+      const seen = observedStop(stop);
+      ctx.expect(`${name}: KVM_RUN stops for the missing host memory`, pred.hostFault.stop, seen);
+      const fault = pred.hostFault.stop as { exit?: string } | undefined;
+      if (fault?.exit === 'memory_fault' && (seen as { exit?: string } | undefined)?.exit === 'memory_fault') {
+        // The memory-fault record field by field, so a difference names the field.
+        for (const f of ['gpa', 'size', 'flags'] as const)
+          ctx.expect(
+            `${name}: memory_fault.${f}`,
+            (pred.hostFault.stop as Record<string, unknown>)[f],
+            (seen as Record<string, unknown>)[f],
+          );
+      }
+      if (!same(pred.hostFault.stop, seen)) return false;
       ctx.note(`${name}: ${pred.hostFault.why}`);
       this.shadow?.stop(name, 'an access that stops for missing host memory is not in the shadow model');
       this.pending = { step: i, name, access: s, walk: pred.walk, gpa: pred.hostFault.gpa };
       checkStats();
+      TdpFollow.after(this.tdp, ctx, name, false, s.tdp);
       return true;
     }
     if (!this.reachedSync(stop, i, name)) return false;
@@ -355,11 +391,17 @@ class ScenarioRun {
       this.compareAccess(s, name, pred, stop.values[0]!, cr2Before);
     }
     this.shadow?.step(s, pred !== undefined && pred.expectFault !== false, name);
+    TdpFollow.after(this.tdp, ctx, name, !hadPending, s.tdp);
     return true;
   }
 
   /** A loop step: the model predicts every access in turn (loop.ts), the guest makes them in one run. */
-  async loopStep(i: number, s: AccessStep, name: string, checkStats: () => void): Promise<boolean> {
+  async loopStep(
+    i: number,
+    s: Extract<GuestSideStep, { kind: 'access' }>,
+    name: string,
+    checkStats: () => void,
+  ): Promise<boolean> {
     if (!(await this.finishPending())) return false;
     const env = {
       ctx: this.ctx,
@@ -377,18 +419,22 @@ class ScenarioRun {
     checkStats();
     if (stop.kind === 'sync') compareLoop(env, s, name, loop, stop.values[0]!);
     this.shadow?.stop(name, 'a loop step is not in the shadow model');
+    TdpFollow.after(this.tdp, this.ctx, name, true, s.tdp);
     return true;
   }
 
   /** A host step (the vCPU is stopped at the previous sync), then the run to its own sync. */
   async hostStep(i: number, s: HostSideStep, name: string, checkStats: () => void): Promise<boolean> {
+    const hadPending = this.pending !== undefined;
     hostAction(s).act(this.host, s, name);
+    this.tdp?.acted(s);
     // Host steps have a sync too; let the guest reach the next one (after
     // redoing an access that stopped for missing host memory).
     if (!(await this.finishPending())) return false;
     if (!this.reachedSync(await this.runGuest(), i, name)) return false;
     checkStats();
     this.shadow?.step(s, false, name);
+    TdpFollow.after(this.tdp, this.ctx, name, !hadPending, s.tdp);
     return true;
   }
 
@@ -452,7 +498,8 @@ class ScenarioRun {
     const stop = await this.runGuest();
     if (vm.fault(p.gpa, p.access.access).kind === 'efault') {
       // Nothing restored the host memory: the access fails again.
-      const again = hostFaultPath(ctx.profile, p.access.access, p.access.cpl, p.gpa, p.access.size);
+      const gmem = vm.slotAt(p.gpa, 1)?.backing.kind === 'guest_memfd';
+      const again = hostFaultPath(ctx.profile, p.access.access, p.access.cpl, p.gpa, p.access.size, gmem);
       ctx.expect(`${p.name}: run again without the host memory`, again.stop, observedStop(stop));
       ctx.note(
         `${p.name}: the vCPU cannot get past this access until a host step restores its memory; the steps after it are not run`,
@@ -584,7 +631,7 @@ export function scenarioCheck(sc: Scenario, opts: EngineOptions = {}): Check {
       run: (ctx) => {
         if (opts.trace)
           throw new NotApplicable('a race has no single guest walk per step to compare with the walker tracepoints');
-        return runRace(ctx, { ...sc, race }, opts.wrong?.race);
+        return runRace(ctx, { ...sc, race }, opts.wrong?.race, opts.wrong?.tdp);
       },
     };
   }

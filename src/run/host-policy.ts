@@ -4,6 +4,7 @@
 // options from the host's module parameters (tdpModelOptions). Each is a
 // function of the host profile only.
 import { tdpFactsOptions, type ModelVmOptions } from '../model/vm.js';
+import { kernelBehaviours } from '../model/kernel.js';
 import type { HostProfile } from '../probe/probe.js';
 import { hex } from '../base/units.js';
 
@@ -29,6 +30,10 @@ export interface HostFaultPrediction {
  *   (kvm_handle_error_pfn). x86 fills a KVM_EXIT_MEMORY_FAULT record only for
  *   private (guest_memfd) memory, so even with KVM_CAP_MEMORY_FAULT_INFO the
  *   exit reason is stale here: measured on kvm_pvm at CPL 3.
+ * - A guest_memfd slot whose file is gone (`gmem`): KVM faults its pages in
+ *   through the file, finds none (kvm_gmem_get_pfn: EFAULT) and fills the
+ *   memory-fault record (kvm_mmu_prepare_memory_fault_exit): the page's GPA,
+ *   4 KiB, flags 0 (shared memory; no RWX flags are defined).
  */
 export function hostFaultPath(
   profile: HostProfile,
@@ -36,7 +41,17 @@ export function hostFaultPath(
   cpl: 0 | 3,
   gpa: bigint,
   size: number,
+  gmem = false,
 ): HostFaultPrediction {
+  if (gmem) {
+    const page = gpa & ~0xfffn;
+    return {
+      path: 'efault',
+      gpa,
+      stop: { exit: 'memory_fault', gpa: page, size: 0x1000n, flags: 0n },
+      why: `KVM_RUN failed with EFAULT and a memory-fault exit for the ${size}-byte ${access} of GPA ${hex(gpa)}: the slot's guest_memfd is gone`,
+    };
+  }
   if (profile.flavour === 'kvm_pvm' && cpl === 0 && access !== 'exec') {
     return {
       path: 'mmio',
@@ -63,12 +78,18 @@ export function tdpLogsDirty(profile: HostProfile): boolean {
   return profile.tdp.enabled && profile.arch === 'x86_64';
 }
 
-/** The TDP model's options for this host's kvm module parameters, and its MMU (legacy under kvm.tdp_mmu=0). */
+/**
+ * The TDP model's options for this host's kvm module parameters and kernel
+ * release (model/kernel.ts), and its MMU (legacy under kvm.tdp_mmu=0).
+ */
 export function tdpModelOptions(profile: HostProfile): ModelVmOptions {
   const params = profile.moduleParams;
+  const kb = profile.kernel?.behaviours ?? kernelBehaviours(undefined);
   return {
     ...tdpFactsOptions(profile),
     eagerSplit: params['kvm.eager_page_split'] !== 'N',
     nxHugePages: params['kvm.nx_huge_pages'] === 'Y',
+    splitOnFault: kb.splitOnFault.on,
+    recoverHugeInPlace: kb.recoverHugeInPlace.on,
   };
 }

@@ -74,7 +74,9 @@ export function predictAccess(s: AccessStep, w: WalkResult, from: PredictFrom): 
   // depends on the host's path (hostFaultPath).
   const fault = w.ok && slot ? from.vm.fault(w.gpa, s.access) : undefined;
   const hostFault =
-    w.ok && fault?.kind === 'efault' ? hostFaultPath(from.profile, s.access, s.cpl, w.gpa, s.size) : undefined;
+    w.ok && fault?.kind === 'efault'
+      ? hostFaultPath(from.profile, s.access, s.cpl, w.gpa, s.size, slot!.backing.kind === 'guest_memfd')
+      : undefined;
   const mmio =
     w.ok &&
     s.access !== 'exec' &&

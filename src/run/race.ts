@@ -17,6 +17,9 @@
 // the host as MMIO (the host answers a read with the value last written to
 // that GPA, so read-backs still hold), and the final pass's writes to it must
 // all arrive as MMIO writes carrying the final values.
+// Where the host offers kvm_tdp_mmu_spte_changed (a TDP MMU: the lab's
+// npt-tdp), the TDP mappings KVM left at the end are compared GFN by GFN
+// with the TDP model's (finalPicture).
 // Determinism: each host round waits until every vCPU has finished another
 // whole pass, so every round of host operations overlaps guest writes, and
 // the final pass runs after the last host operation. Which write a given
@@ -27,9 +30,13 @@ import { LAYOUT, SEL } from '../arch/x86/layout.js';
 import { describeExit } from '../kvm/exits.js';
 import type { Vcpu } from '../kvm/vcpu.js';
 import { MADV, MEM } from '../uapi/uapi.js';
-import { memFlags } from '../model/vm.js';
-import type { WrongRace } from '../model/wrong.js';
+import { Memslots } from '../model/memslots.js';
+import { Tdp } from '../model/tdp.js';
+import { declaredSlot, memFlags } from '../model/vm.js';
+import type { WrongRace, WrongTdp } from '../model/wrong.js';
 import { dirtyPages } from '../observe/dirty-log.js';
+import { TdpPicture } from '../observe/tdp-picture.js';
+import { TraceSession, type TraceEvent } from '../observe/tracefs.js';
 import { bringUpOptions, buildScenarioTables, slotBacking } from '../scenario/build.js';
 import type { RaceDecl, Scenario } from '../scenario/types.js';
 import { NotApplicable } from '../base/not-applicable.js';
@@ -130,6 +137,7 @@ export async function runRace(
   ctx: CheckContext,
   sc: Scenario & { race: RaceDecl },
   wrong: WrongRace = {},
+  wrongTdp: WrongTdp = {},
 ): Promise<void> {
   if (!ctx.profile.cpu) throw new NotApplicable('x86 scenarios need an x86 host');
   if (!ctx.target.concurrentRuns) {
@@ -141,6 +149,7 @@ export async function runRace(
   const g = X86Guest.create(ctx.kvm, { ...bringUpOptions(sc), memSize: Number(LAYOUT.identityEnd) });
   const runs: Promise<string>[] = [];
   const vcpus: Vcpu[] = [g.vcpu];
+  let trace: TraceSession | undefined;
   try {
     const logs = r.targets.some((t) => t.host.includes('dirty-log'));
     if (logs) g.vm.enableManualDirtyLogProtect();
@@ -196,6 +205,11 @@ export async function runRace(
       return true;
     };
     const finished = new Map<number, string>();
+    // Every thread: faults run on the vCPU threads, zaps in the host's calls
+    // and, on some kernels, in a worker that tears down invalidated roots.
+    const hvas = new Map(sc.memslots.map((m) => [m.slot, g.vm.memslot(m.slot).hva]));
+    if (ctx.profile.oracles.tdp_spte_tracepoints.available)
+      trace = TraceSession.open(ctx.target.fs, [SPTE_CHANGED], [], 16384);
     // GPA ranges of deleted slots, and the MMIO writes the vCPUs made there.
     const deleted: { start: bigint; end: bigint; memory: DataView }[] = [];
     const mmio = new Map<bigint, bigint>();
@@ -360,12 +374,81 @@ export async function runRace(
         );
       }
     }
+    if (trace) finalPicture(ctx, sc, model, hvas, trace.take(), wrongTdp);
   } finally {
+    trace?.close();
     // A vCPU still running (a failed check above) is kicked by close().
     g.mem.write64(STOP, 1n);
     g.close();
     await Promise.allSettled(runs);
   }
+}
+
+const SPTE_CHANGED = 'kvmmmu/kvm_tdp_mmu_spte_changed';
+/** x86's FROZEN_SPTE (REMOVED_SPTE before 6.10), without the non-present bit 63 it carries since 6.10. */
+const FROZEN = 0x5a0n;
+const NONPRESENT = 1n << 63n;
+
+/**
+ * The TDP mappings of the race targets at the end, from the trace, against
+ * the TDP model's: the scenario's slots, the deleted ones deleted, then the
+ * final pass's writes (after the last host operation, so nothing the rounds
+ * did in between is left to predict). Compared per GFN: mapped or not, and
+ * at which level. Not compared, because the trace cannot see them (see
+ * src/observe/tdp-picture.ts): write permission, which KVM_CLEAR_DIRTY_LOG
+ * takes away and the fast page-fault path gives back untraced; and GFNs whose
+ * last traced change is the teardown of a table (FROZEN_SPTE): a root
+ * invalidated by the deletion is zapped while the vCPUs fault the same GFNs
+ * into a new root, and the event names no root, so the order of the two in
+ * the trace says nothing about the new root.
+ */
+function finalPicture(
+  ctx: CheckContext,
+  sc: Scenario & { race: RaceDecl },
+  model: ReturnType<typeof raceModel>,
+  hvas: Map<number, bigint>,
+  events: TraceEvent[],
+  wrong: WrongTdp,
+): void {
+  const tdp = new Tdp(new Memslots(), { levels: 4, wrong });
+  for (const m of sc.memslots) tdp.setMemslot(declaredSlot(m, hvas.get(m.slot)!));
+  for (const { target: t } of model) {
+    if (!t.host.includes('delete')) continue;
+    const m = sc.memslots.find((x) => x.slot === t.slot)!;
+    tdp.setMemslot(declaredSlot({ ...m, size: 0n }, hvas.get(m.slot)!));
+  }
+  for (const { target: t, pages } of model)
+    if (!t.host.includes('delete')) for (const gpa of pages) tdp.fault(0, Number(gpa / PAGE), { write: true });
+  const picture = new TdpPicture(ctx.profile.tdp.kind === 'ept' ? 'ept' : 'npt', events);
+  const torn = new Set<bigint>();
+  for (const e of events) {
+    const f = e.fields;
+    if (e.id !== SPTE_CHANGED || f.level !== 1n || typeof f.gfn !== 'bigint' || typeof f.new_spte !== 'bigint')
+      continue;
+    if ((f.new_spte & ~NONPRESENT) === FROZEN) torn.add(f.gfn);
+    else torn.delete(f.gfn);
+  }
+  const shown = (m: { level: number } | undefined) => (m ? `level ${m.level}` : 'not mapped');
+  let skipped = 0;
+  for (const [i, { target: t, pages }] of model.entries()) {
+    const deleted = t.host.includes('delete');
+    const want: string[] = [];
+    const got: string[] = [];
+    for (const gpa of pages) {
+      const gfn = gpa / PAGE;
+      // A deleted slot's GFNs stay unmapped whatever root tore them down last.
+      if (!deleted && torn.has(gfn)) {
+        skipped++;
+        continue;
+      }
+      want.push(`${hex(gfn)} ${shown(tdp.lookup(0, Number(gfn)))}`);
+      got.push(`${hex(gfn)} ${shown(picture.leaf(0, gfn))}`);
+    }
+    ctx.expect(`race: target ${i} (slot ${t.slot}): TDP mappings at the end (kvm_tdp_mmu_spte_changed)`, want, got);
+  }
+  ctx.note(
+    `race: TDP picture from ${events.length} kvm_tdp_mmu_spte_changed events${skipped ? `; ${skipped} GFNs whose last traced change is a table teardown left out (the event names no root)` : ''}`,
+  );
 }
 
 /** Byte offset of a target's first page in its slot. */

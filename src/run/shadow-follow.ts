@@ -99,6 +99,11 @@ const SHADOW_STEPS: { [K in Step['kind']]: ShadowStep<StepOf<K>> } = {
   'clear-dirty-log': () => {},
   'pre-fault': () => {},
   translate: () => {},
+  // guest_memfd slots need TDP; a memfd's punched pages drop their leaf SPTEs through the rmap, no shadow page.
+  'punch-hole': () => {},
+  'close-guest-memfd': () => 'a guest_memfd slot is not in the shadow model',
+  // The VMM's own loads do not go through the shadow MMU.
+  'read-memory': () => {},
 };
 
 export class ShadowFollow {
@@ -137,7 +142,10 @@ export class ShadowFollow {
       return undefined;
     }
     // This thread too: a memslot deletion zaps in the ioctl's thread.
-    const trace = TraceSession.open(env.ctx.target.fs, SHADOW_EVENTS, [await env.g.vcpu.tid(), process.pid]);
+    const trace = TraceSession.open(env.ctx.target.fs, SHADOW_EVENTS, [
+      await env.g.vcpu.tid(),
+      env.ctx.target.addon.gettid(),
+    ]);
     return new ShadowFollow(env, host.exec, trace);
   }
 

@@ -322,6 +322,26 @@ export const STEP_ACTIONS: StepActionTable = {
       ctx.note(`${name}: ${vm.preFault(s.gpa, s.size)}`);
     },
   },
+  'punch-hole': {
+    act({ ctx, g, vm }, s, name) {
+      g.vm.memslot(s.slot).punchHole(Number(s.offset), Number(s.size));
+      ctx.note(`${name}: ${vm.change(s.slot, s.offset, s.size, 'punch_hole')}`);
+    },
+  },
+  'read-memory': {
+    act({ ctx, g }, s, name) {
+      const b = g.mem.bytes(s.gpa, s.size);
+      let v = 0n;
+      for (let i = s.size - 1; i >= 0; i--) v = (v << 8n) | BigInt(b[i]!);
+      ctx.expect(`${name}: value the VMM reads`, BigInt.asUintN(s.size * 8, s.expect), v);
+    },
+  },
+  'close-guest-memfd': {
+    act({ ctx, g, vm }, s, name) {
+      g.vm.memslot(s.slot).closeGuestMemfd();
+      ctx.note(`${name}: ${vm.closeGuestMemfd(s.slot)}`);
+    },
+  },
   translate: {
     act({ ctx, g, translate }, s, name) {
       const w = translate(s.gva);

@@ -45,6 +45,7 @@ import type {
   Scenario,
   Step,
   StepStats,
+  TdpExpect,
 } from './types.js';
 import { hex } from '../base/units.js';
 
@@ -196,7 +197,20 @@ function toStep(o: Obj, path: string, errors: string[]): Step | undefined {
     return undefined;
   }
   const step = (STEP_KINDS[kind] as StepKind<Step>).decode(o, side);
-  return o.stats !== undefined ? { ...step, stats: o.stats as StepStats } : step;
+  const withStats = o.stats !== undefined ? { ...step, stats: o.stats as StepStats } : step;
+  if (o.tdp === undefined) return withStats;
+  const tdp = (o.tdp as Obj[]).map((t) => {
+    const e: TdpExpect = { gpa: t.gpa as bigint };
+    for (const f of ['present', 'level', 'writable', 'executable', 'mmio'] as const)
+      if (t[f] !== undefined) (e as unknown as Obj)[f] = t[f];
+    return e;
+  });
+  tdp.forEach((e, k) => {
+    if (e.gpa % 0x1000n !== 0n) errors.push(at(`${path}.tdp[${k}].gpa`, `0x${e.gpa.toString(16)} is not 4K aligned`));
+    if (e.present === false && Object.keys(e).length > 2)
+      errors.push(at(`${path}.tdp[${k}]`, 'a page expected not present has no level or permissions'));
+  });
+  return { ...withStats, tdp };
 }
 
 function toScenario(n: Obj, errors: string[]): Scenario {
@@ -250,6 +264,7 @@ function toRace(r: Obj): RaceDecl {
 function stepJson(s: Step): Obj {
   const o = stepKind(s).encode(s);
   if (s.stats) o.stats = Object.fromEntries(Object.entries(s.stats).map(([k, e]) => [k, showStatExpect(e)]));
+  if (s.tdp) o.tdp = s.tdp.map((e) => ({ ...e }));
   return o;
 }
 
@@ -313,6 +328,13 @@ function memslotErrors(s: Scenario, err: (path: string, msg: string) => void): v
       const most = `${hex(MAX_SLOT_BYTES)} (4 GiB), the most the harness maps for one slot (one ArrayBuffer)`;
       err(`${p}.size`, `${hex(m.size)} is larger than ${most}`);
     }
+    if (m.backing === 'guest_memfd' && m.hva)
+      err(`${p}.hva`, 'a guest_memfd slot is mapped where mmap puts its file; it takes no "hva" placement');
+    if (m.backing === 'guest_memfd' && (m.logDirty || m.readonly))
+      err(
+        `${p}.${m.logDirty ? 'logDirty' : 'readonly'}`,
+        `KVM refuses ${m.logDirty ? 'dirty logging' : 'KVM_MEM_READONLY'} on a guest_memfd slot`,
+      );
     if (m.gpa + m.size > PHYS_LIMIT)
       err(`${p}.gpa`, `${range(m.gpa, m.size)} goes beyond 2^52, the largest guest-physical address`);
     if (overlaps(m.gpa, m.size, 0n, LAYOUT.identityEnd))

@@ -79,7 +79,10 @@ const MEMSLOT = object('memslot', 'A user memslot (slot 0, GPA [0, 0x400000), be
   gpa: req(u64('Guest-physical base; 4K aligned (2M/1G for hugetlb backings).')),
   size: req(u64('Bytes; a multiple of the backing page size.')),
   backing: opt(
-    oneOf(['anon', 'shared', 'memfd', 'thp', 'hugetlb2m', 'hugetlb1g'], 'Host memory behind the slot.'),
+    oneOf(
+      ['anon', 'shared', 'memfd', 'thp', 'hugetlb2m', 'hugetlb1g', 'guest_memfd'],
+      'Host memory behind the slot. guest_memfd: an mmap-able, initially shared guest_memfd bound with KVM_MEM_GUEST_MEMFD (the scenario is not applicable where the VM does not offer one).',
+    ),
     'anon',
   ),
   logDirty: opt(bool('KVM_MEM_LOG_DIRTY_PAGES: the slot keeps a dirty log.'), false),
@@ -129,7 +132,21 @@ const STATS = opt({
   doc: 'Expected changes of KVM stats over the step, by stat name: an integer (exact delta), "+n"/"-n" (exact), ">=n" or "<=n", or "model" (pages_2m, pages_1g: the change of the TDP model\'s huge mappings); checked where the host\'s stats describe it, else reported not applicable here.',
 });
 
-/** The steps' variants from the table of step kinds (steps.ts): the tag field, the kind's fields, "stats". */
+const TDP = opt(
+  array(
+    object('tdp expect', "One page's mapping in KVM's TDP after the step; only the fields given are checked.", {
+      gpa: req(u64('GPA of the page (4K aligned).')),
+      present: opt(bool('Mapped by a present leaf or an MMIO SPTE.')),
+      level: opt(int(1, 5, 'Level of the leaf: 1 = 4 KiB, 2 = 2 MiB, 3 = 1 GiB.')),
+      writable: opt(bool('The leaf is writable.')),
+      executable: opt(bool('The leaf is executable.')),
+      mmio: opt(bool('A cached MMIO SPTE (no memslot at the GPA).')),
+    }),
+    "Per-page expectations of KVM's TDP after the step, compared with the per-GFN picture where the host has one (else not applicable here).",
+  ),
+);
+
+/** The steps' variants from the table of step kinds (steps.ts): the tag field, the kind's fields, "stats", "tdp". */
 const STEP: TaggedSpec = {
   kind: 'tagged',
   name: 'step',
@@ -141,6 +158,7 @@ const STEP: TaggedSpec = {
       [v.side]: req(oneOf([v.tag], 'Step kind.')),
       ...v.fields,
       stats: STATS,
+      tdp: TDP,
     }),
   })),
 };

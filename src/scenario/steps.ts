@@ -65,6 +65,7 @@ export const BACKING_PAGE: Record<MemslotDecl['backing'], bigint> = {
   thp: PAGE_4K,
   hugetlb2m: 1n << 21n,
   hugetlb1g: 1n << 30n,
+  guest_memfd: PAGE_4K,
 };
 
 // ---------------------------------------------------------------------------------
@@ -218,6 +219,38 @@ export function slotState(s: Scenario, i: number, slot: number): 'absent' | 'liv
 }
 
 /** The declared user slot a host memory step names, or undefined after reporting why there is none here. */
+/** Whether an earlier close-guest-memfd step closed `slot`'s file (an error then). */
+function closedBefore(c: StepCheck, slot: number): boolean {
+  const closed = c.s.steps
+    .slice(0, c.i)
+    .some((x) => x.side === 'host' && x.kind === 'close-guest-memfd' && x.slot === slot);
+  if (closed) c.err(`${c.p}`, `memslot ${slot}'s guest_memfd was closed by an earlier step`);
+  return closed;
+}
+
+/** The declared user slot that holds all of [gpa, gpa+size), or an error naming the field. */
+function slotHolding(c: StepCheck, gpa: bigint, size: bigint): MemslotDecl | undefined {
+  const m = c.s.memslots.find((x) => gpa >= x.gpa && gpa < x.gpa + x.size);
+  if (!m) return void c.err(`${c.p}.gpa`, `${hex(gpa)} is not inside a declared user memslot`);
+  if (gpa + size > m.gpa + m.size)
+    return void c.err(
+      `${c.p}.size`,
+      `${range(gpa, size)} runs past the end of memslot ${m.slot} ${range(m.gpa, m.size)}`,
+    );
+  return m;
+}
+
+/** A host access of the slot's memory: inside one page of a live slot whose memory is still mapped. */
+function hostAccessErrors(c: StepCheck, st: { gpa: bigint; size: number }): void {
+  if ((st.gpa & (PAGE_4K - 1n)) + BigInt(st.size) > PAGE_4K)
+    return c.err(`${c.p}.gpa`, `${range(st.gpa, BigInt(st.size))} crosses a 4K page boundary`);
+  const m = slotHolding(c, st.gpa, BigInt(st.size));
+  if (!m || !liveSlot(c, m.slot) || closedBefore(c, m.slot)) return;
+  const off = st.gpa - m.gpa;
+  if (unmappedBy(c.s.steps.slice(0, c.i), m.slot, off & ~(PAGE_4K - 1n), PAGE_4K).length)
+    c.err(`${c.p}.gpa`, `memslot ${m.slot}'s memory at ${hex(st.gpa)} was unmapped by an earlier munmap step`);
+}
+
 function liveSlot(c: StepCheck, slot: number): MemslotDecl | undefined {
   const m = c.s.memslots.find((x) => x.slot === slot);
   if (!m) return void c.err(`${c.p}.slot`, `memslot ${slot} is not declared in "memslots"`);
@@ -270,12 +303,28 @@ function unmappedBy(steps: readonly Step[], slot: number, offset: bigint, size: 
 }
 
 /** The rules of madvise, munmap, remap and mprotect: a range of a live slot's memory, mapped unless remapped. */
-type HostRangeStep = { kind: 'madvise' | 'munmap' | 'remap' | 'mprotect'; slot: number; offset: bigint; size: bigint };
+type HostRangeStep = {
+  kind: 'madvise' | 'munmap' | 'remap' | 'mprotect' | 'punch-hole';
+  slot: number;
+  offset: bigint;
+  size: bigint;
+};
 
 function hostRangeErrors(c: StepCheck, st: HostRangeStep): void {
   const m = liveSlot(c, st.slot);
   if (!m) return;
   const p = c.p;
+  if (st.kind === 'punch-hole' && m.backing !== 'memfd' && m.backing !== 'guest_memfd')
+    return c.err(
+      `${p}.slot`,
+      `memslot ${st.slot} is ${m.backing} memory; punch-hole needs a memfd or guest_memfd slot`,
+    );
+  if (st.kind !== 'punch-hole' && m.backing === 'guest_memfd')
+    return c.err(
+      `${p}.slot`,
+      `memslot ${st.slot} is a guest_memfd slot; of the host range steps only punch-hole applies`,
+    );
+  if (closedBefore(c, st.slot)) return;
   const unit = st.kind === 'madvise' ? PAGE_4K : BACKING_PAGE[m.backing];
   const what = unit === PAGE_4K ? '4K' : `${m.backing} page (${hex(unit)})`;
   if (st.offset % unit !== 0n || st.size % unit !== 0n || st.size === 0n)
@@ -657,7 +706,7 @@ export const STEP_KINDS: StepKindTable = {
       if (st.gpa % 8n !== 0n || st.size % 8n !== 0n || st.size === 0n)
         return c.err(c.p, 'gpa must be 8-byte aligned and size a non-zero multiple of 8');
       const m = liveSlotAt(c, st.gpa, st.size);
-      if (!m) return;
+      if (!m || closedBefore(c, m.slot)) return;
       const off = st.gpa - m.gpa;
       const page = (off / PAGE_4K) * PAGE_4K;
       const gone = unmappedBy(
@@ -687,6 +736,8 @@ export const STEP_KINDS: StepKindTable = {
       const m = liveSlot(c, st.slot);
       if (!m) return;
       const p = c.p;
+      if (m.backing === 'guest_memfd')
+        return c.err(`${p}.slot`, `a guest_memfd slot cannot move (KVM: such slots are immutable); delete it instead`);
       if (st.gpa % PAGE_4K !== 0n) c.err(`${p}.gpa`, `${hex(st.gpa)} is not 4K aligned`);
       else if (st.gpa < 0x400000n) c.err(`${p}.gpa`, `${hex(st.gpa)} is inside bring-up memory [0x0, 0x400000)`);
       else {
@@ -723,6 +774,8 @@ export const STEP_KINDS: StepKindTable = {
     encode: (s) => ({ host: s.kind, slot: s.slot, logDirty: s.logDirty, readonly: s.readonly }),
     validate(st, c) {
       const m = liveSlot(c, st.slot);
+      if (m?.backing === 'guest_memfd')
+        return c.err(`${c.p}.slot`, `a guest_memfd slot's flags cannot change (KVM: such slots are immutable)`);
       if (m && st.readonly !== m.readonly) {
         c.err(
           `${c.p}.readonly`,
@@ -800,6 +853,63 @@ export const STEP_KINDS: StepKindTable = {
           `${c.p}.size`,
           `${range(st.gpa, st.size)} runs past the end of memslot ${m.slot} ${range(m.gpa, m.size)}`,
         );
+    },
+  },
+  'punch-hole': {
+    variants: [
+      host(
+        'punch-hole',
+        "fallocate(PUNCH_HOLE | KEEP_SIZE) of part of a memfd or guest_memfd slot's file: its pages are freed (read as zero afterwards) and KVM zaps their mappings (the MMU notifier for a memfd; the guest_memfd's own invalidation for a guest_memfd).",
+        HOST_RANGE,
+      ),
+    ],
+    decode: (o) => ({
+      side: 'host',
+      kind: 'punch-hole',
+      slot: o.slot as number,
+      offset: o.offset as bigint,
+      size: o.size as bigint,
+    }),
+    encode: (s) => ({ host: s.kind, slot: s.slot, offset: s.offset, size: s.size }),
+    validate: (st, c) => hostRangeErrors(c, st),
+  },
+  'read-memory': {
+    variants: [
+      host(
+        'read-memory',
+        "The VMM reads `gpa` through its own mapping of the slot's memory; the value must equal `expect`.",
+        {
+          gpa: req(u64('Guest-physical address inside a user memslot.')),
+          size: SIZE,
+          expect: req(u64('Value the read must give (little-endian).')),
+        },
+      ),
+    ],
+    decode: (o) => ({
+      side: 'host',
+      kind: 'read-memory',
+      gpa: o.gpa as bigint,
+      size: o.size as 1 | 2 | 4 | 8,
+      expect: o.expect as bigint,
+    }),
+    encode: (s) => ({ host: s.kind, gpa: s.gpa, size: s.size, expect: s.expect }),
+    validate: (st, c) => hostAccessErrors(c, st),
+  },
+  'close-guest-memfd': {
+    variants: [
+      host(
+        'close-guest-memfd',
+        "Unmaps and closes a guest_memfd slot's file while the slot stays: KVM zaps the slot's mappings, and a guest access there then fails with a KVM_EXIT_MEMORY_FAULT exit (gpa, size and flags checked); the vCPU cannot get past it, so such an access is the scenario's last step.",
+        { slot: USER_SLOT },
+      ),
+    ],
+    decode: (o) => ({ side: 'host', kind: 'close-guest-memfd', slot: o.slot as number }),
+    encode: (s) => ({ host: s.kind, slot: s.slot }),
+    validate(st, c) {
+      const m = liveSlot(c, st.slot);
+      if (m && m.backing !== 'guest_memfd')
+        return c.err(`${c.p}.slot`, `memslot ${st.slot} is ${m.backing} memory, not a guest_memfd slot`);
+      if (m) closedBefore(c, st.slot);
     },
   },
   translate: {

@@ -137,12 +137,36 @@ export type HostStep =
   | { kind: 'remap'; slot: number; offset: bigint; size: bigint }
   | { kind: 'mprotect'; slot: number; offset: bigint; size: bigint; prot: 'none' | 'read' | 'read-write' }
   /** KVM_PRE_FAULT_MEMORY of [gpa, gpa+size) (where the host has KVM_CAP_PRE_FAULT_MEMORY). */
-  | { kind: 'pre-fault'; gpa: bigint; size: bigint };
+  | { kind: 'pre-fault'; gpa: bigint; size: bigint }
+  /** fallocate(PUNCH_HOLE | KEEP_SIZE) of [offset, offset+size) of a memfd or guest_memfd slot's file. */
+  | { kind: 'punch-hole'; slot: number; offset: bigint; size: bigint }
+  /** The VMM reads `size` bytes at `gpa` through its own mapping of the slot; they must equal `expect`. */
+  | { kind: 'read-memory'; gpa: bigint; size: 1 | 2 | 4 | 8; expect: bigint }
+  /** The slot's guest_memfd is unmapped and closed; the slot stays. */
+  | { kind: 'close-guest-memfd'; slot: number };
 
 /** Expected changes of KVM stats over a step, by stat name (see stats.ts). */
 export type StepStats = Record<string, StatExpect>;
 
-export type Step = (({ side: 'guest' } & GuestStep) | ({ side: 'host' } & HostStep)) & { stats?: StepStats };
+/**
+ * What KVM's host-dimension MMU maps for one page after a step, as the per-GFN
+ * picture shows it (run/tdp-follow.ts); only the fields given are checked.
+ */
+export interface TdpExpect {
+  /** GPA of the page (4K aligned). */
+  gpa: bigint;
+  /** Mapped by a present leaf or an MMIO SPTE. */
+  present?: boolean;
+  level?: number;
+  writable?: boolean;
+  executable?: boolean;
+  mmio?: boolean;
+}
+
+export type Step = (({ side: 'guest' } & GuestStep) | ({ side: 'host' } & HostStep)) & {
+  stats?: StepStats;
+  tdp?: TdpExpect[];
+};
 
 /** What the host does to one race target in every round of a race. */
 export type RaceOp = 'dirty-log' | 'dontneed' | 'toggle-dirty-log' | 'delete';

@@ -98,6 +98,7 @@ export const CAP = {
   KVM_CAP_GUEST_MEMFD: 234,
   KVM_CAP_VM_TYPES: 235,
   KVM_CAP_PRE_FAULT_MEMORY: 236,
+  KVM_CAP_GUEST_MEMFD_FLAGS: 244,
 } as const;
 export type CapName = keyof typeof CAP;
 
@@ -128,6 +129,9 @@ export const MEM = {
 
 export const KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3;
 export const KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3;
+/** KVM_CREATE_GUEST_MEMFD flags (Linux 6.18): mmap-able, and its pages shared (host-faultable) from the start. */
+export const GUEST_MEMFD_FLAG_MMAP = 1 << 0;
+export const GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1;
 export const KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1;
 export const KVM_DIRTY_LOG_INITIALLY_SET = 2;
 export const KVM_DIRTY_GFN_F_DIRTY = 1;

@@ -9,7 +9,7 @@
 import { constants as fsc } from 'node:fs';
 import { createRequire } from 'node:module';
 import { constants } from 'node:os';
-import { addonPath, type Addon } from '../../kvm/sys.js';
+import { addonPath, type Addon, type RangeMapping } from '../../kvm/sys.js';
 import type { RunLimits, RunnerReply, RunnerVcpu, VcpuRunner } from '../../kvm/runner.js';
 import { IOCTL, MAP, PROT } from '../../uapi/uapi.js';
 import {
@@ -20,6 +20,8 @@ import {
   PAGE,
   PROTOCOL_VERSION,
   REQ_PULL,
+  RUN_RECORD,
+  WAIT_FOREVER,
   type ChannelOptions,
   type ReadEntry,
   type Reply,
@@ -32,10 +34,10 @@ import { Mirrors, type Mirror, type Native } from './mirror.js';
 export interface AgentInfo {
   version: number;
   pid: number;
-  /** The thread that runs KVM_RUN (the agent is single-threaded): the target for trace filters. */
+  /** The agent's main thread: the one that makes every system call but KVM_RUN. */
   tid: number;
   pageSize: number;
-  /** The signal the agent's run time limit uses (SIGALRM). */
+  /** The signal that kicks a vCPU thread out of KVM_RUN (its time limit too). */
   timeoutSignal: number;
   sysname: string;
   release: string;
@@ -83,6 +85,37 @@ interface Scratch {
 
 const FIONREAD = 0x541b;
 
+/**
+ * How long the agent waits for a run's end before answering "still running"
+ * (a run that ends sooner costs one round trip, as a synchronous one did),
+ * and how long a poll for the end of runs in progress waits there at most:
+ * the host gets a turn at least this often while vCPUs run.
+ */
+const FIRST_WAIT_MS = 2;
+const POLL_WAIT_MAX_MS = 16;
+/**
+ * A run answered at once resolves without the event loop, so a caller that
+ * loops on runs (a vCPU exiting to the host thousands of times) would starve
+ * timers, the poller (other vCPUs' runs) and Ctrl-C: such a run yields once
+ * the event loop has not had a turn for this long (as ThreadRunner does).
+ */
+const TURN_MS = 4;
+let lastTurn = 0;
+const turn = (): Promise<void> =>
+  new Promise((resolve) =>
+    setImmediate(() => {
+      lastTurn = performance.now();
+      resolve();
+    }),
+  );
+
+/** A run in progress in the agent, waited for by the poller. */
+interface Pending {
+  tid: number;
+  resolve(r: RunnerReply): void;
+  reject(e: unknown): void;
+}
+
 function loadNative(): Native | undefined {
   try {
     return createRequire(import.meta.url)(addonPath) as Native;
@@ -95,8 +128,30 @@ function bytesOf(buf: ArrayBufferView | ArrayBuffer): Uint8Array {
   return buf instanceof ArrayBuffer ? new Uint8Array(buf) : new Uint8Array(buf.buffer, buf.byteOffset, buf.byteLength);
 }
 
-export class RemoteAddon implements Addon {
+/** A run's record at `at` (RUN_RECORD bytes, then its console); undefined while the run is pending. */
+function runRecord(p: Buffer, at: number, ret: number): { reply: RunnerReply; end: number } | undefined {
+  if (p.readUInt32LE(at + 12) !== 0) return undefined;
+  const len = p.readUInt32LE(at + 4);
+  const end = at + RUN_RECORD + len;
+  return {
+    reply: {
+      ret,
+      exits: p.readUInt32LE(at),
+      timedOut: p.readUInt32LE(at + 8) !== 0,
+      ns: Number(p.readBigUInt64LE(at + 16)),
+      console: Uint8Array.prototype.slice.call(p.subarray(at + RUN_RECORD, end)),
+    },
+    end,
+  };
+}
+
+export class RemoteAddon implements Addon, RangeMapping {
   readonly info: AgentInfo;
+  /** The agent's vCPU thread of each vCPU fd that ran. */
+  private readonly threads = new Map<number, number>();
+  private readonly pending = new Map<number, Pending>();
+  private pollWaitMs = 1;
+  private polling = false;
   private readonly ch: Channel;
   private readonly mirrors: Mirrors;
   private scratch: Scratch[] = [];
@@ -240,6 +295,7 @@ export class RemoteAddon implements Addon {
   }
 
   close(fd: number): number {
+    this.endThread(fd);
     return this.rpc({ op: OP.close, args: new Args().i32(fd).done() }).result;
   }
 
@@ -282,6 +338,32 @@ export class RemoteAddon implements Addon {
     if (r.result < 0) return r.result;
     this.mirrors.remove(m);
     return r.result;
+  }
+
+  /** munmap of whole pages inside a mirror's mapping in the agent; the mirror keeps its bytes. */
+  unmapRange(buf: ArrayBuffer, offset: number, len: number): number {
+    const at = this.range(buf, offset, len);
+    if (at === undefined) return -EINVAL;
+    return this.rpc({ op: OP.munmap, flags: REQ_PULL, args: new Args().u64(at).u64(len).done() }).result;
+  }
+
+  /** mmap(MAP_FIXED) over whole pages inside a mirror's mapping; the next pull brings the new content. */
+  remapRange(
+    buf: ArrayBuffer,
+    offset: number,
+    len: number,
+    prot: number,
+    flags: number,
+    fd: number,
+    fileOffset: number,
+  ): number {
+    const at = this.range(buf, offset, len);
+    if (at === undefined) return -EINVAL;
+    return this.rpc({
+      op: OP.remap,
+      flags: REQ_PULL,
+      args: new Args().u64(at).u64(len).i32(prot).i32(flags).i32(fd).u32(0).i64(fileOffset).done(),
+    }).result;
   }
 
   private range(buf: ArrayBuffer, offset: number, len: number): bigint | undefined {
@@ -329,79 +411,165 @@ export class RemoteAddon implements Addon {
     return this.rpc({ op: OP.write, args: new Args().i32(fd).u32(0).bytes(bytesOf(buf)).done() }).result;
   }
 
-  /**
-   * KVM_RUN in the agent until an exit other than `out` to consolePort (0 =
-   * none), maxExits returns, or the time limit (0 = none) sets immediate_exit
-   * and interrupts it. Mirrors are pushed before and pulled after, the
-   * kvm_run mapping (runAddr's mirror) included.
-   */
-  remoteRun(fd: number, runAddr: bigint, consolePort: number, maxExits: number, timeoutMs: number): RunnerReply {
-    const ms = Math.max(0, Math.min(Math.ceil(timeoutMs), 0xffffffff));
+  // ---- vCPU runs ------------------------------------------------------------
+
+  /** The agent's thread for vCPU fd, started on first use. */
+  private threadOf(fd: number): number {
+    let tid = this.threads.get(fd);
+    if (tid === undefined) {
+      const r = this.rpc({ op: OP.thread });
+      if (r.result < 0) throw new LabProtocolError(`the agent cannot start a vCPU thread: errno ${-r.result}`);
+      this.threads.set(fd, (tid = r.result));
+    }
+    return tid;
+  }
+
+  /** Ends vCPU fd's thread in the agent, if it has one; a run in progress is kicked and its end delivered first. */
+  private endThread(fd: number): void {
+    const tid = this.threads.get(fd);
+    if (tid === undefined) return;
+    if (this.pending.has(tid)) {
+      this.kick(tid);
+      this.collect([tid], WAIT_FOREVER);
+    }
+    this.threads.delete(fd);
+    const r = this.rpc({ op: OP.threadEnd, flags: REQ_PULL, args: new Args().i32(tid).done() });
+    if (r.result < 0) throw new LabProtocolError(`ending vCPU thread ${tid} in the agent: errno ${-r.result}`);
+  }
+
+  /** Starts a run on the fd's thread and waits for it up to waitMs; undefined while it goes on. */
+  private startRun(fd: number, runAddr: bigint, limits: RunLimits, waitMs: number): RunnerReply | undefined {
+    const tid = this.threadOf(fd);
+    const ms = Math.max(0, Math.min(Math.ceil(limits.timeoutMs), 0xfffffffe));
     const r = this.rpc(
       {
         op: OP.run,
         flags: REQ_PULL,
         args: new Args()
           .i32(fd)
-          .u32(consolePort)
+          .u32(limits.consolePort)
           .u64(runAddr)
-          .u32(Math.min(Math.max(maxExits, 1), 0xffffffff))
+          .u32(Math.min(Math.max(limits.maxExits, 1), 0xffffffff))
           .u32(ms)
+          .i32(tid)
+          .u32(waitMs)
           .done(),
       },
-      { extraMs: ms },
+      { extraMs: waitMs === WAIT_FOREVER ? ms : waitMs },
     );
     const p = Buffer.from(r.payload.buffer, r.payload.byteOffset, r.payload.byteLength);
-    if (p.length < 24) {
+    if (p.length < RUN_RECORD) {
       if (r.result < 0) return { ret: r.result, exits: 0, console: new Uint8Array(0), ns: 0, timedOut: false };
       throw new LabProtocolError('short reply to run');
     }
-    const len = p.readUInt32LE(4);
-    return {
-      ret: r.result,
-      exits: p.readUInt32LE(0),
-      timedOut: p.readUInt32LE(8) !== 0,
-      ns: Number(p.readBigUInt64LE(16)),
-      console: Uint8Array.prototype.slice.call(p.subarray(24, 24 + len)),
-    };
+    return runRecord(p, 0, r.result)?.reply;
   }
 
   /**
-   * A vCPU's runner in the agent: each run is one synchronous round trip
-   * (remoteRun) with the time limit applied there, and kvm_run comes back
-   * with it. Nothing can kick a run meanwhile; the time limit ends it.
+   * KVM_RUN in the agent, on the vCPU fd's thread, until an exit other than
+   * `out` to consolePort (0 = none), maxExits returns, or the time limit
+   * (0 = none) kicks it. Synchronous: the agent answers when the run is over.
+   * Mirrors are pushed before and pulled after, the kvm_run mapping
+   * (runAddr's mirror) included.
+   */
+  remoteRun(fd: number, runAddr: bigint, consolePort: number, maxExits: number, timeoutMs: number): RunnerReply {
+    return this.startRun(fd, runAddr, { consolePort, maxExits, timeoutMs }, WAIT_FOREVER)!;
+  }
+
+  /**
+   * A vCPU's runner in the agent: each vCPU runs on a thread of its own there.
+   * A run that ends within FIRST_WAIT_MS is answered at once; a longer one goes
+   * on while the host does other work (other calls, other vCPUs' runs), and
+   * the poller collects its end. The agent applies the time limit.
    */
   runner(vcpu: RunnerVcpu): VcpuRunner {
     return {
       run: (l: RunLimits) => {
-        const r = this.remoteRun(vcpu.fd, vcpu.runAddress, l.consolePort, l.maxExits, l.timeoutMs);
-        vcpu.immediateExit(false);
-        return r;
+        const done = this.startRun(vcpu.fd, vcpu.runAddress, l, FIRST_WAIT_MS);
+        if (done) {
+          vcpu.immediateExit(false);
+          return performance.now() - lastTurn > TURN_MS ? turn().then(() => done) : done;
+        }
+        const tid = this.threadOf(vcpu.fd);
+        return new Promise<RunnerReply>((resolve, reject) => {
+          this.pending.set(tid, { tid, resolve, reject });
+          this.pollWaitMs = 1;
+          this.schedulePoll();
+        }).then((r) => {
+          vcpu.immediateExit(false);
+          return r;
+        });
       },
-      tid: () => this.info.tid,
-      kick: () => {},
-      close: () => {},
+      tid: () => this.threadOf(vcpu.fd),
+      kick: () => {
+        const tid = this.threads.get(vcpu.fd);
+        if (tid !== undefined) this.kick(tid);
+      },
+      close: () => this.endThread(vcpu.fd),
     };
   }
 
-  /** The agent's thread id (it runs KVM_RUN on its only thread). */
+  private schedulePoll(): void {
+    if (this.polling || !this.pending.size) return;
+    this.polling = true;
+    // setImmediate: timers and I/O of the host get their turn between polls;
+    // the wait in the agent paces them.
+    setImmediate(() => {
+      lastTurn = performance.now();
+      this.polling = false;
+      this.poll();
+    });
+  }
+
+  /** One round trip that collects the runs that have ended (pulling mirrors, so the host sees the guest's progress). */
+  private poll(): void {
+    if (!this.pending.size) return;
+    try {
+      const n = this.collect([...this.pending.keys()], this.pollWaitMs);
+      this.pollWaitMs = n > 0 ? 1 : Math.min(this.pollWaitMs * 2, POLL_WAIT_MAX_MS);
+    } catch (e) {
+      const all = [...this.pending.values()];
+      this.pending.clear();
+      for (const p of all) p.reject(e);
+      return;
+    }
+    this.schedulePoll();
+  }
+
+  /** Waits up to waitMs in the agent for runs of these threads to end, and delivers each that has; returns how many. */
+  private collect(tids: number[], waitMs: number): number {
+    const args = new Args().u32(waitMs);
+    for (const t of tids) args.i32(t);
+    const r = this.rpc({ op: OP.runWait, flags: REQ_PULL, args: args.done() }, { extraMs: waitMs });
+    const p = Buffer.from(r.payload.buffer, r.payload.byteOffset, r.payload.byteLength);
+    const ended: [Pending | undefined, RunnerReply][] = [];
+    let at = 0;
+    for (let k = 0; k < r.result; k++) {
+      const tid = p.readInt32LE(at);
+      const rec = runRecord(p, at + 16, Number(p.readBigInt64LE(at + 8)));
+      if (!rec) throw new LabProtocolError(`desync: a pending run in the reply to runWait`);
+      at = rec.end;
+      ended.push([this.pending.get(tid), rec.reply]);
+      this.pending.delete(tid);
+    }
+    for (const [w, reply] of ended) w?.resolve(reply);
+    return r.result;
+  }
+
+  /** The agent's main thread id (the one that makes every system call but KVM_RUN). */
   gettid(): number {
     return this.info.tid;
   }
-  /** The agent installs its time-limit handler at start-up. */
+  /** The agent installs its kick handler at start-up. */
   kickInstall(): number {
     return 0;
   }
   kickSignal(): number {
     return this.info.timeoutSignal;
   }
-  /**
-   * No-op: a remote run holds the host until it returns, so nothing can kick
-   * it meanwhile; the run's time limit does. Setting immediate_exit in the
-   * kvm_run mirror before a run still makes that run return -EINTR at once.
-   */
-  kick(_tid: number): number {
-    return 0;
+  /** Kicks the agent's vCPU thread `tid` out of KVM_RUN (nothing when it is not running). */
+  kick(tid: number): number {
+    return this.rpc({ op: OP.kick, args: new Args().i32(tid).done() }).result;
   }
 
   // ---- beyond the Addon interface -------------------------------------------
@@ -476,6 +644,9 @@ export class RemoteAddon implements Addon {
 
   /** Asks the agent to exit, then closes the channel (and its descriptors if it owns them). Mirrors stay readable. */
   disconnect(): void {
+    const runs = [...this.pending.values()];
+    this.pending.clear();
+    for (const p of runs) p.reject(new LabProtocolError('the lab agent was disconnected during a run'));
     if (!this.ch.failure) {
       try {
         this.ch.call({ op: OP.exit }, 0);

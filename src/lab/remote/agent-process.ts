@@ -8,14 +8,18 @@ import { join } from 'node:path';
 import { HostError, packageRoot } from '../../kvm/sys.js';
 import { RemoteAddon, type RemoteOptions } from './addon.js';
 
-export const agentSources = ['agent/main.cc', 'agent/mirror.cc', 'core.cc'].map((f) => join(packageRoot, 'native', f));
+export const agentSources = ['agent/main.cc', 'agent/mirror.cc', 'agent/threads.cc', 'core.cc', 'vcpu_thread.cc'].map(
+  (f) => join(packageRoot, 'native', f),
+);
 /** The headers the agent's sources include (a newer one means a rebuild too). */
-export const agentHeaders = ['agent/wire.h', 'agent/mirror.h', 'core.h'].map((f) => join(packageRoot, 'native', f));
+export const agentHeaders = ['agent/wire.h', 'agent/mirror.h', 'agent/threads.h', 'core.h', 'vcpu_thread.h'].map((f) =>
+  join(packageRoot, 'native', f),
+);
 
-/** Builds the static agent binary at `out` (g++ -O2 -static; `cxx` may name a cross compiler). */
+/** Builds the static agent binary at `out` (g++ -O2 -static -pthread; `cxx` may name a cross compiler). */
 export function buildAgent(out: string, cxx = process.env.CXX || 'g++'): string {
   try {
-    execFileSync(cxx, ['-O2', '-static', '-std=c++17', '-o', out, ...agentSources], {
+    execFileSync(cxx, ['-O2', '-static', '-std=c++17', '-pthread', '-o', out, ...agentSources], {
       stdio: ['ignore', 'ignore', 'pipe'],
     });
   } catch (e) {

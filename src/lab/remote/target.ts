@@ -1,5 +1,5 @@
 // The lab as a target: KVM calls through the RemoteAddon, files through the
-// agent, each vCPU run a round trip to the agent.
+// agent, each vCPU on a thread of its own in the agent.
 import { constants as fsc } from 'node:fs';
 import type { HostFs, Target } from '../../kvm/target.js';
 import { drainKmsg } from '../../target/fs.js';
@@ -51,9 +51,9 @@ export function remoteFs(r: RemoteAddon): HostFs {
 }
 
 /**
- * The lab's KVM as a target. Its runs are synchronous round trips, so
- * nothing races them (concurrentRuns is false), and the agent offers no
- * mapping over part of a mapping (no `ranges`).
+ * The lab's KVM as a target. Each vCPU runs on a thread of its own in the
+ * agent, beside the calls the host makes meanwhile (concurrentRuns), and the
+ * agent unmaps and maps over part of a mapping (`ranges`).
  */
 export function remoteTarget(r: RemoteAddon): Target {
   return {
@@ -61,6 +61,7 @@ export function remoteTarget(r: RemoteAddon): Target {
     addon: r,
     fs: remoteFs(r),
     runner: (vcpu) => r.runner(vcpu),
-    concurrentRuns: false,
+    concurrentRuns: true,
+    ranges: r,
   };
 }
