@@ -16,6 +16,8 @@ export default defineConfig({
       'test/kernel-behaviour.test.ts',
       'test/vm-model.test.ts',
       'test/legacy-model.test.ts',
+      'test/tdp-follow.test.ts',
+      'test/legacy-follow.test.ts',
       'test/scenario.test.ts',
       'test/tdp-picture.test.ts',
       'test/hostmem.test.ts',

@@ -61,6 +61,7 @@ describe('memslot adapters', () => {
       thp: [{ kind: 'anon', thp: true }, 'thp', 2 << 20],
       hugetlb2m: [{ kind: 'hugetlb', pageSize: '2M' }, 'hugetlb2m', 2 << 20],
       hugetlb1g: [{ kind: 'hugetlb', pageSize: '1G' }, 'hugetlb1g', 1 << 30],
+      guest_memfd: [{ kind: 'guest_memfd' }, 'guest_memfd', 4096],
     });
   });
 });
