@@ -974,3 +974,72 @@ describe('the TDP walk beyond 512 GiB and its flush merging', () => {
     ]);
   });
 });
+
+describe('the per-GFN picture and the counters the followers read', () => {
+  test('the picture lists each GFN a leaf or an MMIO SPTE maps, a huge leaf only inside the range', () => {
+    const { tdp } = vm({}, slot({ npages: 1024, backing: hugetlb2m }));
+    tdp.fault(0, BASE + 3);
+    tdp.fault(0, 0x500);
+    const huge = { level: 2, writable: true, executable: true, mmio: false };
+    expect([...tdp.picture(0, BASE + 510, BASE + 514)]).toEqual([
+      [BASE + 510, huge],
+      [BASE + 511, huge],
+    ]);
+    expect([...tdp.picture(0, 0x500, 0x501)]).toEqual([
+      [0x500, { level: 1, writable: false, executable: false, mmio: true }],
+    ]);
+    expect(tdp.picture(0, BASE + 512, BASE + 1024).size).toBe(0);
+  });
+
+  test('page counts are per leaf level, within the range', () => {
+    const { tdp } = vm(
+      {},
+      slot({ npages: 1024, backing: hugetlb2m }),
+      slot({ slot: 1, baseGfn: BASE + 2048, hva: H + 0x800000n }),
+    );
+    tdp.fault(0, BASE + 3);
+    tdp.fault(0, BASE + 2048, { write: true });
+    tdp.fault(0, BASE + 2049, { write: true });
+    expect(tdp.pageCounts(0)).toEqual([0, 2, 1, 0, 0, 0]);
+    expect(tdp.pageCounts(0, BASE + 2049, BASE + 2050)).toEqual([0, 1, 0, 0, 0, 0]);
+  });
+
+  test('a flush is requested once per operation that changed a present SPTE, none for a slot deletion', () => {
+    const s = slot();
+    const { tdp } = vm({}, s);
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(0, BASE + 2, { write: true });
+    tdp.writeProtect(0, BASE, BASE + 512);
+    expect(tdp.flushRequests).toBe(1);
+    tdp.writeProtect(0, BASE, BASE + 512);
+    expect(tdp.flushRequests).toBe(1);
+    tdp.zap(0, BASE, BASE + 512);
+    expect(tdp.flushRequests).toBe(2);
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.setMemslot({ ...s, npages: 0 });
+    expect(tdp.flushRequests).toBe(2);
+    expect(tdp.events.filter((e) => e.kind === 'roots')).toEqual([
+      { kind: 'roots', asId: 0 },
+      { kind: 'roots', asId: 1 },
+    ]);
+  });
+
+  test('a fault that made the host replace a page says KVM would retry it, and what then maps the GFN', () => {
+    const { tdp } = vm({}, slot());
+    expect('retried' in tdp.fault(0, BASE + 1, { write: true })).toBe(false);
+    tdp.fault(0, BASE + 2);
+    expect(tdp.fault(0, BASE + 2, { write: true }).retried).toBe('none');
+  });
+
+  test("the VMM's own access faults the host page in, zaps what it replaced, and maps and logs nothing", () => {
+    const { tdp } = vm({}, slot({ flags: { logDirty: true, readonly: false } }));
+    tdp.fault(0, BASE + 1);
+    const page = tdp.hostAccess(0, BASE + 1, true)!;
+    expect(page.writable).toBe(true);
+    expect(tdp.lookup(0, BASE + 1)).toBeUndefined();
+    expect(tdp.peekDirty(0, 0)).toEqual([]);
+    expect(() => tdp.hostAccess(0, 1, false)).toThrow('no memslot holds gfn 1 in address space 0');
+    tdp.invalidateHva(H + 0x3000n, H + 0x4000n, 'munmap');
+    expect(tdp.hostAccess(0, BASE + 3, false)).toBeUndefined();
+  });
+});
