@@ -445,3 +445,33 @@ describe('TDP references at their addresses', () => {
     expect(r.refs.at(-1)).toMatchObject({ kind: 'data', hostAddr: ((pfn + 0x104n) << 12n) | 0x56n });
   });
 });
+
+describe('misses the TDP model resolves in place', () => {
+  test('everything mapped: no TDP reference misses', () => {
+    const g = guest(4);
+    const tdp = vm(4, slot());
+    mapAll(tdp, g);
+    expect(run(g, 4, tdp).totals.tdpMisses).toBe(0);
+  });
+
+  test('a write-protected leaf: the fast path restores W and the walk goes on to the data', () => {
+    const g = guest(4);
+    const tdp = vm(4, slot());
+    mapAll(tdp, g);
+    tdp.writeProtect(0, 0, 2 ** 36);
+    const r = run(g, 4, tdp, write, { faultIn: true });
+    expect(r.end).toBe('data');
+    expect(r.refs.find((x) => x.fault)?.fault?.kind).toBe('fast');
+  });
+
+  test('an instruction fetch misses on a huge leaf that NX huge pages made non-executable, and maps 4 KiB', () => {
+    const g = guest(4);
+    const tdp = new Tdp(new Memslots({ maxGfn: 2 ** 36 }), { levels: 4, nxHugePages: true });
+    tdp.setMemslot(slot({ backing: thp, baseGfn: 0, npages: 1024, hva: H }));
+    mapAll(tdp, g);
+    const r = run(g, 4, tdp, { gva: GVA, kind: 'exec', cpl: 0 }, { faultIn: true });
+    expect(r.end).toBe('data');
+    const miss = r.refs.find((x) => x.kind === 'tdp' && !x.hit)!;
+    expect([miss.tdpLevel, miss.fault?.kind, miss.fault?.level]).toEqual([2, 'map', 1]);
+  });
+});

@@ -1043,3 +1043,16 @@ describe('the per-GFN picture and the counters the followers read', () => {
     expect(tdp.hostAccess(0, BASE + 3, false)).toBeUndefined();
   });
 });
+
+describe('Linux 6.1: no split on fault', () => {
+  test('a fault below a huge leaf zaps it, flushes its span, links an empty table and maps only the faulting page', () => {
+    const { tdp } = vm({ splitOnFault: false, nxHugePages: true }, slot({ npages: 512, backing: hugetlb2m }));
+    tdp.fault(0, BASE + 1);
+    const n = tdp.events.length;
+    expect(tdp.fault(0, BASE + 3, { exec: true })).toMatchObject({ kind: 'map', level: 1 });
+    expect(tdp.mappings(0)).toEqual([{ start: BASE + 3, end: BASE + 4, level: 1, writable: true, executable: true }]);
+    expect(tdp.events.slice(n).filter((e) => e.kind === 'flush')).toEqual([
+      { kind: 'flush', asId: 0, ranges: [{ start: BASE, end: BASE + 512 }] },
+    ]);
+  });
+});
