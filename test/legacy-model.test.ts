@@ -215,3 +215,72 @@ describe('the model chosen from the probe facts', () => {
     expect(new ModelVm({ mmu: 'legacy' }).tdp).toBeInstanceOf(LegacyTdp);
   });
 });
+
+describe('legacy MMU prefetch at its edges', () => {
+  it('prefetches a run that starts at GFN 0', () => {
+    const s = slot({ baseGfn: 0 });
+    const tdp = legacy(s);
+    hostWrite(tdp, s, 0, 1, 2, 4, 5, 6, 7);
+    tdp.fault(0, 3, { write: true });
+    expect(mapped4k(tdp, s)).toEqual(['0w', '1w', '2w', '3w', '4w', '5w', '6w', '7w']);
+  });
+
+  it('an empty run ends the prefetch even when a later run could map', () => {
+    const s = slot();
+    const tdp = legacy(s);
+    hostWrite(tdp, s, 1, 2, 3, 4, 6, 7); // page 0 is not mapped in the host: run [0, 5) maps nothing
+    tdp.fault(0, BASE + 5, { write: true });
+    expect(mapped4k(tdp, s)).toEqual(['5w']);
+  });
+
+  it('a run its slot does not hold whole ends the prefetch; one it holds exactly is mapped', () => {
+    const a = slot({ npages: 2 });
+    const b = slot({ slot: 2, baseGfn: BASE + 2, npages: 1022, hva: H + 0x100000n });
+    const tdp = new LegacyTdp(new Memslots());
+    tdp.setMemslot(a);
+    tdp.setMemslot(b);
+    hostWrite(tdp, a, 0, 1);
+    hostWrite(tdp, b, 0, 1, 3, 4, 5);
+    // Group 0..7, fault on 4 (slot b): run [0, 4) starts in a, which ends at 2: nothing more.
+    tdp.fault(0, BASE + 4, { write: true });
+    expect([...mapped4k(tdp, a), ...mapped4k(tdp, b).map((p) => `b${p}`)]).toEqual(['b2w']);
+
+    const c = slot({ npages: 4 });
+    const d = slot({ slot: 2, baseGfn: BASE + 4, npages: 1020, hva: H + 0x100000n });
+    const t2 = new LegacyTdp(new Memslots());
+    t2.setMemslot(c);
+    t2.setMemslot(d);
+    hostWrite(t2, c, 0, 1, 2, 3);
+    // Fault on 4 (slot d): run [0, 4) lies exactly in c and is mapped; run [5, 8) has no host pages.
+    t2.fault(0, BASE + 4, { write: true });
+    expect(mapped4k(t2, c)).toEqual(['0w', '1w', '2w', '3w']);
+  });
+
+  it('an MMIO SPTE installed prefetches its group; the same MMIO fault again does not', () => {
+    const s = slot({ npages: 3 });
+    const tdp = legacy(s);
+    hostWrite(tdp, s, 0, 1, 2);
+    expect(tdp.fault(0, BASE + 3).kind).toBe('mmio');
+    expect(mapped4k(tdp, s)).toEqual(['0w', '1w', '2w']);
+    tdp.zap(0, BASE, BASE + 3);
+    expect(tdp.fault(0, BASE + 3).kind).toBe('mmio');
+    expect(mapped4k(tdp, s)).toEqual([]);
+  });
+
+  it('a run without a memslot ends the prefetch', () => {
+    const s = slot({ baseGfn: BASE + 4, npages: 1020 });
+    const tdp = legacy(s);
+    hostWrite(tdp, s, 0, 1, 2, 3);
+    expect(tdp.fault(0, BASE + 1).kind).toBe('mmio'); // run [0, 1) has no slot: [2, 4) and [4, 8) are not tried
+    expect(mapped4k(tdp, s)).toEqual([]);
+  });
+
+  it('logging off skips a leaf whose shadow page has no host page at its first GFN', () => {
+    const s = slot();
+    const tdp = legacy({ ...s, flags: { logDirty: true, readonly: false } });
+    tdp.fault(0, BASE + 5, { write: true });
+    tdp.setMemslot(s);
+    expect(mapped4k(tdp, s)).toEqual(['5w']);
+    expect(tdp.legacy).toBe(true);
+  });
+});

@@ -311,3 +311,330 @@ describe('host memory', () => {
     expect(mm.lookup(H)).toBeUndefined();
   });
 });
+
+describe('memslot checks at their boundaries', () => {
+  // KVM_MEM_MAX_NR_PAGES is (1 << 31) - 1; the user address space ends at 2^47 - 4096 (TASK_SIZE_MAX).
+  const accepts = (ms: Memslots, s: Memslot) => expect(ms.set(s).change).toBe('create');
+
+  test('a slot of KVM_MEM_MAX_NR_PAGES pages is accepted, one page more is not', () => {
+    accepts(new Memslots(), slot({ baseGfn: 0, npages: 2 ** 31 - 1, hva: 0n }));
+    rejects(() => new Memslots().set(slot({ baseGfn: 0, npages: 2 ** 31, hva: 0n })), 'EINVAL', /2147483648 pages/);
+    rejects(() => new Memslots().set(slot({ npages: -1 })), 'EINVAL', /-1 pages is not a valid size/);
+    rejects(() => new Memslots().set(slot({ npages: 1.5 })), 'EINVAL', /1\.5 pages is not a valid size/);
+  });
+
+  test('the address space and slot id are integers inside their ranges', () => {
+    const ms = new Memslots({ asIds: 2, maxSlots: 4 });
+    rejects(() => ms.set(slot({ asId: -1 })), 'EINVAL', /as_id -1 is outside \[0, 2\)/);
+    rejects(() => ms.set(slot({ asId: 0.5 })), 'EINVAL', /as_id 0\.5/);
+    rejects(() => ms.set(slot({ slot: -1 })), 'EINVAL', /slot id -1 is outside \[0, 4\)/);
+    rejects(() => ms.set(slot({ slot: 0.5 })), 'EINVAL', /slot id 0\.5/);
+    rejects(() => ms.set(slot({ slot: 4 })), 'EINVAL', /slot id 4 is outside \[0, 4\)/);
+    accepts(ms, slot({ slot: 3, asId: 1 }));
+    expect(ms.list(7)).toEqual([]);
+  });
+
+  test('the base GFN is a frame number, and a slot may end exactly at the MMU limit', () => {
+    rejects(() => new Memslots().set(slot({ baseGfn: -1 })), 'EINVAL', /base GFN -1 is not a frame number/);
+    rejects(() => new Memslots().set(slot({ baseGfn: 0.5 })), 'EINVAL', /base GFN 0\.5/);
+    accepts(new Memslots(), slot({ baseGfn: 0 }));
+    accepts(new Memslots({ maxGfn: 0x2000 }), slot({ baseGfn: 0x2000 - 512 }));
+    rejects(() => new Memslots({ maxGfn: 0x2000 }).set(slot({ baseGfn: 0x2000 - 511 })), 'EINVAL', /MMU's limit/);
+  });
+
+  test('the HVA range may end exactly at the end of the user address space, and starts at or above 0', () => {
+    const limit = (1n << 47n) - 0x1000n;
+    accepts(new Memslots(), slot({ hva: limit - 512n * 0x1000n }));
+    rejects(() => new Memslots().set(slot({ hva: (1n << 47n) - 512n * 0x1000n })), 'EINVAL', /access_ok/);
+    rejects(() => new Memslots().set(slot({ hva: -0x1000n })), 'EINVAL', /access_ok/);
+    accepts(new Memslots(), slot({ hva: 0n }));
+    accepts(new Memslots({ hvaLimit: 0x300000n }), slot({ hva: 0x100000n }));
+  });
+
+  test('memfd and guest_memfd take 4 KiB or 2 MiB pages; hugetlb is aligned to and sized in its pages', () => {
+    for (const kind of ['memfd', 'guest_memfd'] as const)
+      for (const pageSize of [4096, 2 << 20]) accepts(new Memslots(), slot({ backing: { kind, pageSize } }));
+    rejects(
+      () => new Memslots().set(slot({ backing: { kind: 'memfd', pageSize: 1 << 30 } })),
+      'EINVAL',
+      /memfd backing cannot have page size 1073741824/,
+    );
+    const g1 = { kind: 'hugetlb1g', pageSize: 1 << 30 } as const;
+    accepts(new Memslots(), slot({ baseGfn: 0x40000, npages: 0x40000, backing: g1 }));
+    rejects(
+      () => new Memslots().set(slot({ baseGfn: 0x40000, npages: 0x40000, hva: H + 0x200000n, backing: g1 })),
+      'EINVAL',
+      /in 1024 MiB pages/,
+    );
+    rejects(
+      () => new Memslots().set(slot({ npages: 256, backing: { kind: 'hugetlb2m', pageSize: 2 << 20 } })),
+      'EINVAL',
+      /in 2 MiB pages/,
+    );
+  });
+
+  test('the backing of an existing slot cannot change, neither its kind nor its page size', () => {
+    const ms = new Memslots();
+    ms.set(slot({ backing: { kind: 'memfd', pageSize: 4096 } }));
+    rejects(() => ms.set(slot({ backing: { kind: 'anon', pageSize: 4096 } })), 'EINVAL', /backing of an existing/);
+    rejects(() => ms.set(slot({ backing: { kind: 'memfd', pageSize: 2 << 20 } })), 'EINVAL', /backing of an existing/);
+  });
+
+  test('a slot may move onto part of its own old range and sit right next to another', () => {
+    // kvm_check_memslot_overlap skips the slot being moved.
+    const ms = new Memslots();
+    ms.set(slot({ slot: 0, baseGfn: 0x1000 }));
+    expect(ms.set(slot({ slot: 0, baseGfn: 0x1100 })).change).toBe('move');
+    accepts(ms, slot({ slot: 1, baseGfn: 0x1100 - 512, hva: H + 0x400000n }));
+    accepts(ms, slot({ slot: 2, baseGfn: 0x1300, hva: H + 0x800000n }));
+  });
+
+  test('a lookup after a delete or a move does not find the slot where it was', () => {
+    const ms = new Memslots();
+    ms.set(slot({ slot: 0, baseGfn: 0x1000 }));
+    ms.set(slot({ slot: 1, baseGfn: 0x1200, hva: H + 0x400000n }));
+    expect(ms.find(0, 0x1000)?.slot).toBe(0);
+    expect(ms.find(0, 0x1200)?.slot).toBe(1);
+    expect(ms.find(0, 0x11ff)?.slot).toBe(0);
+    expect(ms.find(0, 0x13ff)?.slot).toBe(1);
+    expect(ms.find(0, 0x1400)).toBeUndefined();
+    ms.set(slot({ slot: 1, baseGfn: 0x3000, hva: H + 0x400000n }));
+    expect(ms.find(0, 0x1200)).toBeUndefined();
+    expect(ms.find(0, 0x1000)?.slot).toBe(0);
+    ms.set(slot({ slot: 0, npages: 0 }));
+    expect(ms.find(0, 0x1000)).toBeUndefined();
+  });
+
+  test('a rejection is a MemslotError whose message starts with the errno', () => {
+    let err: unknown;
+    try {
+      new Memslots().set(slot({ slot: 9, npages: 0 }));
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(MemslotError);
+    expect((err as Error).name).toBe('MemslotError');
+    expect((err as Error).message).toBe('EINVAL: no slot 9 in as_id 0 to delete');
+  });
+});
+
+describe('fromRegion at its boundaries', () => {
+  const r = { slot: 0, flags: 0, guestPhysAddr: 0n, memorySize: 0x1000n, userspaceAddr: H };
+  const anon = { kind: 'anon', pageSize: 4096 } as const;
+
+  test('KVM_MEM_GUEST_MEMFD goes with a guest_memfd backing and only with it', () => {
+    rejects(() => fromRegion({ ...r, flags: MEM.KVM_MEM_GUEST_MEMFD }, anon), 'EINVAL', /KVM_MEM_GUEST_MEMFD/);
+    expect(fromRegion({ ...r, flags: MEM.KVM_MEM_GUEST_MEMFD }, { kind: 'guest_memfd', pageSize: 4096 }).npages).toBe(
+      1,
+    );
+  });
+
+  test('an unaligned userspace_addr is refused', () => {
+    rejects(() => fromRegion({ ...r, userspaceAddr: H + 8n }, anon), 'EINVAL', /userspace_addr is not page-aligned/);
+  });
+
+  test('a range that reaches 2^64 wraps (u64 arithmetic), one page lower does not', () => {
+    rejects(
+      () => fromRegion({ ...r, guestPhysAddr: (1n << 64n) - 0x1000n }, anon),
+      'EINVAL',
+      /guest_phys_addr \+ memory_size wraps/,
+    );
+    expect(fromRegion({ ...r, guestPhysAddr: (1n << 64n) - 0x2000n }, anon).baseGfn).toBe(2 ** 52 - 2);
+  });
+});
+
+describe('HVA ranges at their boundaries', () => {
+  const view = (g: GfnRange) => [g.asId, g.slot.slot, g.start, g.end];
+
+  test('an empty range touches no page, and the op refuses it with EINVAL', () => {
+    const ms = new Memslots();
+    ms.set(slot());
+    expect([...hvaRanges(ms, H + 0x1000n, H + 0x1000n)]).toEqual([]);
+    const r = hvaRangeOp(ms, H + 0x2000n, H + 0x1000n, () => undefined);
+    expect((r.error as MemslotError).problem).toBe('empty or inverted HVA range');
+    expect(r.done).toEqual([]);
+  });
+
+  test('slots are visited in HVA order, aliases of one HVA by slot id; a range ending at a slot misses it', () => {
+    const ms = new Memslots();
+    ms.set(slot({ slot: 0, baseGfn: 0x1000, hva: H + 0x200000n }));
+    ms.set(slot({ slot: 2, baseGfn: 0x2000, hva: H }));
+    ms.set(slot({ slot: 1, baseGfn: 0x3000, hva: H }));
+    expect([...hvaRanges(ms, H, H + 0x400000n)].map(view)).toEqual([
+      [0, 1, 0x3000, 0x3200],
+      [0, 2, 0x2000, 0x2200],
+      [0, 0, 0x1000, 0x1200],
+    ]);
+    expect([...hvaRanges(ms, H + 0x1ff000n, H + 0x200000n)].map(view)).toEqual([
+      [0, 1, 0x31ff, 0x3200],
+      [0, 2, 0x21ff, 0x2200],
+    ]);
+  });
+});
+
+describe('host memory: huge pages, splits and ranges', () => {
+  const M2 = 0x200000n;
+  const at = (p: Partial<Memslot>) => slot({ npages: 512 * 64, ...p });
+  const thp = at({ backing: { kind: 'thp', pageSize: 2 << 20 } });
+  const memfd2m = at({ backing: { kind: 'memfd', pageSize: 2 << 20 } });
+  const anon = at({});
+
+  test('hugetlb is never split: a partial DONTNEED drops the whole huge page, without a split notification', () => {
+    for (const [kind, size] of [
+      ['hugetlb2m', 2 << 20],
+      ['hugetlb1g', 1 << 30],
+    ] as const) {
+      const mm = new HostMm();
+      const s = slot({ npages: size / 4096, backing: { kind, pageSize: size } });
+      expect(mm.fault(s, H, true)!.page.level).toBe(kind === 'hugetlb2m' ? 2 : 3);
+      expect(mm.invalidate(H + 0x1000n, H + 0x2000n, 'dontneed')).toEqual([[H + 0x1000n, H + 0x2000n]]);
+      expect(mm.lookup(H)).toBeUndefined();
+    }
+  });
+
+  test('frames are handed out in allocation order, a THP aligned to 512 frames', () => {
+    const mm = new HostMm();
+    const a = mm.fault(anon, H, true)!.page.pfn;
+    const b = mm.fault(anon, H + 0x1000n, true)!.page.pfn;
+    const t = mm.fault(thp, H + 4n * M2, true)!.page;
+    expect(b).toBe(a + 1);
+    expect(t.level).toBe(2);
+    expect(t.pfn % 512).toBe(0);
+    expect(t.pfn).toBeGreaterThan(b);
+  });
+
+  test('DONTNEED drops an anonymous zero-page mapping', () => {
+    const mm = new HostMm();
+    mm.fault(anon, H, false);
+    expect(mm.lookup(H)?.pfn).toBe(ZERO_PFN);
+    mm.invalidate(H, H + 0x1000n, 'dontneed');
+    expect(mm.lookup(H)).toBeUndefined();
+  });
+
+  test('a 2 MiB block that holds a 4 KiB mapping gets no PMD; one freed whole may get a PMD again', () => {
+    // anon and thp slots over the same host memory: the anon write maps one 4 KiB page at H + 0x3000.
+    const mm = new HostMm();
+    mm.fault(anon, H + 0x3000n, true);
+    expect(mm.fault(thp, H + 0x5000n, false)!.page.level).toBe(1);
+    const mm2 = new HostMm();
+    expect(mm2.fault(thp, H, true)!.page.level).toBe(2);
+    mm2.invalidate(H, H + M2, 'dontneed');
+    expect(mm2.fault(thp, H + 0x1000n, true)!.page.level).toBe(2);
+  });
+
+  test('a THP block must lie wholly inside the VMA', () => {
+    const mm = new HostMm();
+    const off = slot({ hva: H + 0x1000n, npages: 1024, backing: { kind: 'thp', pageSize: 2 << 20 } });
+    expect(mm.fault(off, H + 0x1000n, true)!.page.level).toBe(1);
+    expect(mm.fault(off, H + M2, true)!.page.level).toBe(2);
+    const short = slot({ npages: 768, backing: { kind: 'thp', pageSize: 2 << 20 } });
+    expect(new HostMm().fault(short, H + M2, true)!.page.level).toBe(1);
+    expect(new HostMm().fault(short, H, true)!.page.level).toBe(2);
+  });
+
+  test('an empty invalidation notifies nothing', () => {
+    expect(new HostMm().invalidate(H, H, 'munmap')).toEqual([]);
+  });
+
+  test('a THP covered whole goes without a split; one covered in part is split first and keeps its other frames', () => {
+    const whole = new HostMm();
+    whole.fault(thp, H, true);
+    expect(whole.invalidate(H - M2, H + M2, 'munmap')).toEqual([[H - M2, H + M2]]);
+    expect(whole.lookup(H + 0x1000n)).toBeUndefined();
+    const exact = new HostMm();
+    exact.fault(thp, H, true);
+    expect(exact.invalidate(H, H + M2, 'dontneed')).toEqual([[H, H + M2]]);
+    expect(exact.lookup(H)).toBeUndefined();
+
+    for (const [s, e] of [
+      [H + 0x1000n, H + 0x2000n],
+      [H, H + 0x1000n],
+      [H + 0x1ff000n, H + M2 + 0x1000n],
+    ]) {
+      const mm = new HostMm();
+      const pfn = mm.fault(thp, H, true)!.page.pfn;
+      expect(mm.invalidate(s!, e!, 'dontneed')).toEqual([
+        [H, H + M2],
+        [s, e],
+      ]);
+      expect(mm.lookup(s!)).toBeUndefined();
+      const other = s === H ? H + 0x2000n : H;
+      expect(mm.lookup(other)).toEqual({ pfn: pfn + Number((other - H) >> 12n), level: 1, writable: true });
+    }
+  });
+
+  test('a splitting write to the huge zero page maps 512 zero PTEs and nothing past the block', () => {
+    const mm = new HostMm();
+    mm.fault(thp, H, false);
+    mm.fault(thp, H, true);
+    expect(mm.lookup(H + M2 - 0x1000n)).toEqual({ pfn: ZERO_PFN, level: 1, writable: false });
+    expect(mm.lookup(H + M2)).toBeUndefined();
+  });
+
+  test('DONTNEED keeps a page-cache THP covered whole; munmap drops it', () => {
+    const mm = new HostMm();
+    const p = mm.fault(memfd2m, H, true)!.page;
+    expect(p.level).toBe(2);
+    mm.invalidate(H, H + M2, 'dontneed');
+    expect(mm.lookup(H)).toEqual(p);
+    mm.invalidate(H, H + M2, 'munmap');
+    expect(mm.lookup(H)).toBeUndefined();
+  });
+
+  test('over a long range, only the huge pages inside it are touched; partial ones split in address order', () => {
+    const mm = new HostMm();
+    // THPs at H + 4M (faulted first), H and H + 66M; the long range ends exactly where the last begins.
+    for (const off of [4n, 0n, 66n]) mm.fault(thp, H + off * 0x100000n, true);
+    expect(mm.invalidate(H + M2, H + 66n * 0x100000n, 'munmap')).toEqual([[H + M2, H + 66n * 0x100000n]]);
+    expect(mm.lookup(H)!.level).toBe(2);
+    expect(mm.lookup(H + 4n * 0x100000n)).toBeUndefined();
+    expect(mm.lookup(H + 66n * 0x100000n)!.level).toBe(2);
+
+    const two = new HostMm();
+    for (const off of [4n, 0n]) two.fault(thp, H + off * 0x100000n, true);
+    expect(two.invalidate(H + 0x1000n, H + 6n * 0x100000n - 0x1000n, 'munmap')).toEqual([
+      [H, H + M2],
+      [H + 2n * M2, H + 3n * M2],
+      [H + 0x1000n, H + 6n * 0x100000n - 0x1000n],
+    ]);
+    // A short range over a hole and one huge page looks at each 2 MiB block.
+    const hole = new HostMm();
+    for (const off of [0n, 4n, 8n]) hole.fault(thp, H + off * 0x100000n, true);
+    expect(hole.invalidate(H + M2, H + 2n * M2 + 0x1000n, 'munmap')).toEqual([
+      [H + 2n * M2, H + 3n * M2],
+      [H + M2, H + 2n * M2 + 0x1000n],
+    ]);
+  });
+
+  test('mprotect covers exactly its pages, and read-write lifts it', () => {
+    const mm = new HostMm();
+    mm.protect(H, H + 0x1000n, 'none');
+    expect(mm.fault(anon, H, false)).toBeUndefined();
+    expect(mm.fault(anon, H + 0x1000n, false)).toBeDefined();
+    mm.protect(H, H + 0x1000n, 'read-write');
+    expect(mm.fault(anon, H, true)!.page.writable).toBe(true);
+  });
+
+  test('a remap revives only its own pages of an unmapped range, and lifts their protection only', () => {
+    const mm = new HostMm();
+    mm.invalidate(H, H + 0x3000n, 'munmap');
+    mm.remap(H + 0x1000n, H + 0x2000n);
+    expect([0n, 0x1000n, 0x2000n].map((o) => mm.fault(anon, H + o, false) !== undefined)).toEqual([false, true, false]);
+
+    const edge = new HostMm();
+    edge.invalidate(H, H + 0x1000n, 'munmap');
+    edge.invalidate(H + 0x2000n, H + 0x3000n, 'munmap');
+    edge.remap(H + 0x1000n, H + 0x2000n);
+    expect([0n, 0x1000n, 0x2000n].map((o) => edge.fault(anon, H + o, false) !== undefined)).toEqual([
+      false,
+      true,
+      false,
+    ]);
+
+    const prot = new HostMm();
+    prot.protect(H, H + 0x2000n, 'none');
+    prot.remap(H, H + 0x1000n);
+    expect(prot.fault(anon, H, true)).toBeDefined();
+    expect(prot.fault(anon, H + 0x1000n, false)).toBeUndefined();
+  });
+});

@@ -16,6 +16,7 @@
 import { describe, expect, test } from 'vitest';
 import { Memslots, type Backing, type Memslot } from '../src/model/memslots.js';
 import { copyTdp, nestedWalk, type NestedOptions, type NestedRef } from '../src/model/nested.js';
+import { sptePfn } from '../src/model/spte.js';
 import { Tdp } from '../src/model/tdp.js';
 import type { Access, PagingConfig } from '../src/model/walk.js';
 
@@ -386,5 +387,91 @@ describe('copyTdp', () => {
     expect(a.mappings(0)).toEqual(before);
     expect(c.slots.list(0)).toEqual(a.slots.list(0));
     expect(Object.isFrozen(c.slots.list(0)[0])).toBe(true);
+  });
+});
+
+describe('copyTdp: plain data only', () => {
+  test('refuses while a walk is open, and names where it meets a function', () => {
+    const t = vm(4, slot());
+    const w = t.walk(0, 0, 1, null);
+    expect(() => copyTdp(t)).toThrow('copyTdp: a walk of the TDP model is open');
+    w.return();
+    const poke = (f: (x: Record<string, unknown>) => void, path: string) => {
+      const u = vm(4, slot());
+      f(u as unknown as Record<string, unknown>);
+      expect(() => copyTdp(u)).toThrow(`copyTdp: ${path} is a function; the model is no longer plain data`);
+    };
+    const dirty = (x: Record<string, unknown>) => x.dirty as Map<unknown, unknown>;
+    poke((x) => (x.extra = () => 0), 'tdp.extra');
+    poke((x) => dirty(x).set(7, () => 0), 'tdp.dirty.get()');
+    poke((x) => dirty(x).set(() => 0, 1), 'tdp.dirty.key');
+    poke((x) => dirty(x).set(8, new Set([() => 0])), 'tdp.dirty.get().has()');
+    poke((x) => (x.events as unknown[]).push(() => 0), 'tdp.events[0]');
+  });
+
+  test('keeps shared references shared and copies typed arrays', () => {
+    const t = vm(4, slot());
+    t.fault(0, 0x100, { write: true });
+    t.slots.find(0, 0x100); // the lookup cache now holds the slot the list holds
+    const c = copyTdp(t);
+    const last = (c.slots as unknown as { last: unknown[] }).last;
+    expect(last[0]).toBe(c.slots.list(0)[0]);
+    expect(c.root(0).spte).toBeInstanceOf(t.root(0).spte.constructor);
+    expect(c.root(0).spte).not.toBe(t.root(0).spte);
+    c.zap(0, 0, 2 ** 36);
+    expect(t.lookup(0, 0x100)?.level).toBe(1);
+  });
+});
+
+describe('TDP references at their addresses', () => {
+  test('a TDP reference is the address of the SPTE read: its table and 8 bytes per index', () => {
+    const g = guest(4, { data: 0x300000n });
+    const tdp = vm(4, slot());
+    mapAll(tdp, g);
+    const r = run(g, 4, tdp);
+    // GFN 0x300 is entry 0x100 of its last-level table, entry 1 of its level-2 table.
+    const last = r.refs.filter((x) => x.kind === 'tdp').slice(-4);
+    expect(last.map((x) => Number(x.hostAddr! & 0xfffn))).toEqual([0, 0, 8, 0x800]);
+  });
+
+  test('a 2 MiB TDP leaf translates with the page offset inside it', () => {
+    const g = guest(4);
+    const tdp = vm(4, slot({ backing: thp, baseGfn: 0, npages: 1024, hva: H }));
+    mapAll(tdp, g);
+    const leaf = tdp.lookup(0, 0x104)!;
+    expect(leaf.level).toBe(2);
+    const r = run(g, 4, tdp);
+    const pfn = BigInt(sptePfn(leaf.spte));
+    expect(r.refs.at(-1)).toMatchObject({ kind: 'data', hostAddr: ((pfn + 0x104n) << 12n) | 0x56n });
+  });
+});
+
+describe('misses the TDP model resolves in place', () => {
+  test('everything mapped: no TDP reference misses', () => {
+    const g = guest(4);
+    const tdp = vm(4, slot());
+    mapAll(tdp, g);
+    expect(run(g, 4, tdp).totals.tdpMisses).toBe(0);
+  });
+
+  test('a write-protected leaf: the fast path restores W and the walk goes on to the data', () => {
+    const g = guest(4);
+    const tdp = vm(4, slot());
+    mapAll(tdp, g);
+    tdp.writeProtect(0, 0, 2 ** 36);
+    const r = run(g, 4, tdp, write, { faultIn: true });
+    expect(r.end).toBe('data');
+    expect(r.refs.find((x) => x.fault)?.fault?.kind).toBe('fast');
+  });
+
+  test('an instruction fetch misses on a huge leaf that NX huge pages made non-executable, and maps 4 KiB', () => {
+    const g = guest(4);
+    const tdp = new Tdp(new Memslots({ maxGfn: 2 ** 36 }), { levels: 4, nxHugePages: true });
+    tdp.setMemslot(slot({ backing: thp, baseGfn: 0, npages: 1024, hva: H }));
+    mapAll(tdp, g);
+    const r = run(g, 4, tdp, { gva: GVA, kind: 'exec', cpl: 0 }, { faultIn: true });
+    expect(r.end).toBe('data');
+    const miss = r.refs.find((x) => x.kind === 'tdp' && !x.hit)!;
+    expect([miss.tdpLevel, miss.fault?.kind, miss.fault?.level]).toEqual([2, 'map', 1]);
   });
 });

@@ -52,5 +52,7 @@ describe('paging configuration', () => {
       vendor: 'intel',
       walker: 'cpu',
     });
+    // Without a walker given the configuration has no walker key at all (the walk model's default, KVM's walker).
+    expect('walker' in pagingConfigOf(cpu('GenuineIntel'), mode)).toBe(false);
   });
 });

@@ -628,3 +628,431 @@ describe('wrong-model switches', () => {
     }
   });
 });
+
+describe('dirty-log harvests', () => {
+  const logging = (p: Partial<Memslot> = {}) => slot({ flags: { logDirty: true, readonly: false }, ...p });
+  const errno = (fn: () => unknown, re: RegExp) => expect(fn).toThrow(re);
+
+  test('KVM_CLEAR_DIRTY_LOG takes the logged pages of [first, first + count) of the slot, sorted, and re-protects them', () => {
+    const { tdp } = vm({}, logging());
+    for (const g of [5, 1, 3, 9]) tdp.fault(0, BASE + g, { write: true });
+    expect(tdp.peekDirty(0, 0)).toEqual([BASE + 1, BASE + 3, BASE + 5, BASE + 9]);
+    expect(tdp.clearDirtyLog(0, 0, 2, 4)).toEqual([BASE + 3, BASE + 5]);
+    expect(tdp.peekDirty(0, 0)).toEqual([BASE + 1, BASE + 9]);
+    expect(tdp.lookup(0, BASE + 3)!.spte & SPTE_W).toBe(0);
+    expect(tdp.lookup(0, BASE + 1)!.spte & SPTE_W).not.toBe(0);
+    expect(tdp.clearDirtyLog(0, 0, 5, 4)).toEqual([]); // ends just below BASE + 9
+    expect(tdp.clearDirtyLog(0, 0, 1, 1)).toEqual([BASE + 1]);
+    expect(tdp.clearDirtyLog(0, 0, 9, 1)).toEqual([BASE + 9]);
+    expect(tdp.peekDirty(0, 0)).toEqual([]);
+  });
+
+  test('KVM_GET_DIRTY_LOG gives the pages sorted; both harvests refuse a missing slot or one that does not log', () => {
+    const { tdp } = vm({}, logging(), slot({ slot: 1, baseGfn: BASE + 1024, hva: H + 0x400000n }));
+    for (const g of [5, 1, 3]) tdp.fault(0, BASE + g, { write: true });
+    expect(tdp.getDirtyLog(0, 0)).toEqual([BASE + 1, BASE + 3, BASE + 5]);
+    errno(() => tdp.getDirtyLog(0, 7), /EINVAL: no slot 7 in as_id 0/);
+    errno(() => tdp.getDirtyLog(0, 1), /EINVAL: slot 1 does not log dirty pages/);
+    errno(() => tdp.clearDirtyLog(0, 7, 0, 1), /EINVAL: no slot 7 in as_id 0/);
+    errno(() => tdp.clearDirtyLog(0, 1, 0, 1), /EINVAL: slot 1 does not log dirty pages/);
+    expect(tdp.peekDirty(0, 7)).toEqual([]);
+  });
+
+  test('a harvest re-protects only the harvested writable leaves, in one flush', () => {
+    const { tdp } = vm({}, logging());
+    tdp.fault(0, BASE + 2); // the zero page: read-only, not logged
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(0, BASE + 3, { write: true });
+    const n = tdp.events.length;
+    expect(tdp.getDirtyLog(0, 0)).toEqual([BASE + 1, BASE + 3]);
+    expect(kinds(tdp.events.slice(n))).toEqual(['spte@1', 'spte@1', 'flush']);
+    expect(tdp.events.at(-1)).toEqual({
+      kind: 'flush',
+      asId: 0,
+      ranges: [
+        { start: BASE + 1, end: BASE + 2 },
+        { start: BASE + 3, end: BASE + 4 },
+      ],
+    });
+  });
+
+  test('each address space logs its own slots', () => {
+    const { tdp } = vm({}, logging(), logging({ asId: 1 }));
+    tdp.fault(1, BASE + 4, { write: true });
+    expect(tdp.peekDirty(0, 0)).toEqual([]);
+    expect(tdp.peekDirty(1, 0)).toEqual([BASE + 4]);
+  });
+});
+
+describe('yield points in range operations', () => {
+  // Every 4th entry handed out is a yield point: the pending flush goes out, and the walk
+  // restarts at that entry. Eight 4 KiB leaves: yields at the 4th and the 7th, so three flushes.
+  const flushes = (events: TdpEvent[]) =>
+    events.filter((e) => e.kind === 'flush').map((e) => (e.kind === 'flush' ? e.ranges : []));
+  const eight = () => {
+    const { tdp } = vm({ yieldEvery: 4 }, slot());
+    for (let g = 0; g < 8; g++) tdp.fault(0, BASE + g, { write: true });
+    return { tdp, n: tdp.events.length };
+  };
+  const thirds = [
+    [{ start: BASE, end: BASE + 3 }],
+    [{ start: BASE + 3, end: BASE + 6 }],
+    [{ start: BASE + 6, end: BASE + 8 }],
+  ];
+
+  test('write protection', () => {
+    const { tdp, n } = eight();
+    expect(tdp.writeProtect(0, BASE, BASE + 8)).toEqual(thirds.flat());
+    expect(flushes(tdp.events.slice(n))).toEqual(thirds);
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + 8, level: 1, writable: false, executable: true }]);
+  });
+
+  test('clearing dirty bits', () => {
+    const { tdp, n } = eight();
+    tdp.clearDirty(0, BASE, BASE + 8);
+    expect(flushes(tdp.events.slice(n))).toEqual(thirds);
+  });
+
+  test('a zap: tables count as entries, and a restart hands them out again', () => {
+    // Tables at levels 4, 3, 2, then leaves: the 4th entry (B) is where the walk started, so it does not
+    // yield; the 8th (B + 4) does, and the restart hands out three tables and B + 4 again.
+    const { tdp, n } = eight();
+    tdp.zap(0, BASE, BASE + 8);
+    expect(flushes(tdp.events.slice(n))).toEqual([
+      [{ start: BASE, end: BASE + 4 }],
+      [{ start: BASE + 4, end: BASE + 8 }],
+    ]);
+  });
+
+  test('the dirty-log harvest', () => {
+    const { tdp } = vm({ yieldEvery: 4 }, slot({ flags: { logDirty: true, readonly: false } }));
+    for (let g = 0; g < 8; g++) tdp.fault(0, BASE + g, { write: true });
+    const n = tdp.events.length;
+    tdp.getDirtyLog(0, 0);
+    expect(flushes(tdp.events.slice(n))).toEqual(thirds);
+  });
+});
+
+describe('memslot deletion and moves', () => {
+  const b = slot({ slot: 1, baseGfn: BASE + 1024, hva: H + 0x400000n });
+  const setup = (opts: TdpOptions) => {
+    const two = opts.arch !== 'arm64';
+    const { tdp } = vm(opts, slot(), b, ...(two ? [slot({ asId: 1 })] : []));
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(0, BASE + 1025, { write: true });
+    if (two) tdp.fault(1, BASE + 2, { write: true });
+    return tdp;
+  };
+
+  test('x86 (kvm_mmu_zap_all_fast): deleting one slot zaps every mapping of every address space, tables too', () => {
+    const tdp = setup({});
+    tdp.setMemslot({ ...b, npages: 0 });
+    expect([tdp.mappings(0), tdp.mappings(1)]).toEqual([[], []]);
+    expect(tdp.events.filter((e) => e.kind === 'teardown').length).toBeGreaterThan(0);
+    const m = setup({});
+    m.setMemslot({ ...b, baseGfn: BASE + 4096 });
+    expect([m.mappings(0), m.mappings(1)]).toEqual([[], []]);
+  });
+
+  test('x86 without zap-all, and arm64: only the slot goes, with its tables', () => {
+    for (const opts of [{ slotZapAll: false }, { arch: 'arm64' as const }]) {
+      const tdp = setup(opts);
+      tdp.setMemslot({ ...b, npages: 0 });
+      expect(tdp.mappings(0).map((r) => r.start)).toEqual([BASE + 1]);
+      if (opts.arch !== 'arm64') expect(tdp.mappings(1).map((r) => r.start)).toEqual([BASE + 2]);
+      expect(tdp.events.filter((e) => e.kind === 'teardown')).toEqual([
+        { kind: 'teardown', asId: 0, gfn: BASE + 1024, level: 1, sptes: 1 },
+      ]);
+    }
+  });
+});
+
+describe('more TDP rules', () => {
+  test('the deliberately wrong level lowers huge mappings only', () => {
+    const { tdp } = vm(
+      { wrong: { levelOffByOne: true } },
+      slot(),
+      slot({ slot: 1, baseGfn: BASE + 1024, hva: H + 0x400000n, backing: hugetlb2m }),
+    );
+    expect(tdp.fault(0, BASE + 1, { write: true }).level).toBe(1);
+    expect(tdp.fault(0, BASE + 1024, { write: true }).level).toBe(1);
+  });
+
+  test('runs of mappings break where the level or the exec permission changes', () => {
+    const { tdp } = vm({ nxHugePages: true }, slot({ npages: 1024, backing: hugetlb2m }));
+    tdp.fault(0, BASE + 3);
+    tdp.fault(0, BASE + 3, { exec: true });
+    tdp.fault(0, BASE + 512);
+    tdp.writeProtect(0, BASE + 4, BASE + 5);
+    expect(tdp.mappings(0)).toEqual([
+      { start: BASE, end: BASE + 4, level: 1, writable: true, executable: true },
+      { start: BASE + 4, end: BASE + 5, level: 1, writable: false, executable: true },
+      { start: BASE + 5, end: BASE + 512, level: 1, writable: true, executable: true },
+      { start: BASE + 512, end: BASE + 1024, level: 2, writable: true, executable: false },
+    ]);
+  });
+
+  test('without a memslot, arm64 and x86 without MMIO caching install nothing', () => {
+    for (const opts of [{ arch: 'arm64' as const }, { mmioCaching: false }]) {
+      const { tdp } = vm(opts);
+      expect(tdp.fault(0, 0x500)).toEqual({ kind: 'mmio', gfn: 0x500, level: 0, spte: 0 });
+      expect(tdp.lookup(0, 0x500)).toBeUndefined();
+    }
+  });
+
+  test('the x86 root has 4 or 5 levels, and covers every GFN the memslots allow', () => {
+    expect(() => new Tdp(new Memslots(), { levels: 3 as 4 })).toThrow('x86 TDP has 4 or 5 levels, not 3');
+    expect(() => new Tdp(new Memslots({ maxGfn: 2 ** 37 }))).toThrow(/memslots allow GFNs up to 137438953472/);
+    expect(() => new Tdp(new Memslots()).root(2)).toThrow('no address space 2');
+  });
+
+  test('nx_huge_pages is an x86 rule: arm64 maps a huge block for an exec fault', () => {
+    const { tdp } = vm({ arch: 'arm64', nxHugePages: true }, slot({ npages: 1024, backing: hugetlb2m }));
+    expect(tdp.fault(0, BASE + 3, { exec: true }).level).toBe(2);
+  });
+
+  test('arm64 maps writable on a read fault unless the slot logs dirty pages, then only on a write', () => {
+    const plain = vm({ arch: 'arm64' }, slot());
+    expect(decodeSpte(plain.tdp.fault(0, BASE + 1, { write: true }).spte)).toMatchObject({
+      writable: true,
+      dirty: true,
+    });
+    const memfd = { kind: 'memfd', pageSize: 4096 } as const; // no zero page: a read maps the page itself
+    const { tdp } = vm({ arch: 'arm64' }, slot({ backing: memfd, flags: { logDirty: true, readonly: false } }));
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(0, BASE + 2);
+    expect(decodeSpte(tdp.lookup(0, BASE + 2)!.spte)).toMatchObject({ writable: false });
+    expect(tdp.fault(0, BASE + 2, { write: true }).kind).toBe('relax');
+    expect(decodeSpte(tdp.lookup(0, BASE + 2)!.spte)).toMatchObject({ writable: true, dirty: true });
+  });
+
+  test('x86 splits without a flush, arm64 breaks the block first and flushes it', () => {
+    const x = vm({}, slot({ npages: 512, backing: hugetlb2m }));
+    x.tdp.fault(0, BASE, { write: true });
+    expect(x.tdp.split(0, BASE, BASE + 512)).toEqual({ split: 1, flush: [] });
+    const a = vm({ arch: 'arm64' }, slot({ npages: 512, backing: hugetlb2m }));
+    a.tdp.fault(0, BASE, { write: true });
+    expect(a.tdp.split(0, BASE, BASE + 512)).toEqual({ split: 1, flush: [{ start: BASE, end: BASE + 512 }] });
+    expect(a.tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + 512, level: 1, writable: true, executable: false }]);
+  });
+
+  test('a zap keeps x86 tables and removes stage-2 tables by default', () => {
+    const x = vm({}, slot());
+    x.tdp.fault(0, BASE + 1, { write: true });
+    expect(x.tdp.zap(0, BASE, BASE + 512).removed).toEqual([]);
+    const a = vm({ arch: 'arm64' }, slot());
+    a.tdp.fault(0, BASE + 1, { write: true });
+    expect(a.tdp.zap(0, BASE, BASE + 512).removed.map((r) => [r.gfn, r.level])).toEqual([[BASE, 1]]);
+  });
+
+  test('NX huge pages: 2 MiB children of a split 1 GiB leaf stay non-executable, 4 KiB ones are executable', () => {
+    const { tdp } = vm({ nxHugePages: true }, slot({ npages: G1, backing: hugetlb1g }));
+    tdp.fault(0, BASE);
+    tdp.split(0, BASE, BASE + G1, 2);
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + G1, level: 2, writable: true, executable: false }]);
+    tdp.split(0, BASE, BASE + 512, 1);
+    expect(tdp.mappings(0, BASE, BASE + 512)).toEqual([
+      { start: BASE, end: BASE + 512, level: 1, writable: true, executable: true },
+    ]);
+  });
+
+  test('logging off recovers a 1 GiB leaf over two levels of tables from the first leaf found', () => {
+    const s = slot({ npages: G1, backing: hugetlb1g });
+    const { tdp } = vm({ recoverHugeInPlace: true }, s);
+    const a = tdp.fault(0, BASE + 5, { write: true });
+    tdp.setMemslot({ ...s, flags: { logDirty: true, readonly: false } });
+    tdp.zap(0, BASE, BASE + 600); // the first 2 MiB table is left without a present leaf
+    tdp.setMemslot(s);
+    expect(tdp.mappings(0)).toEqual([{ start: BASE, end: BASE + G1, level: 3, writable: false, executable: true }]);
+    expect(sptePfn(tdp.lookup(0, BASE)!.spte)).toBe(sptePfn(a.spte));
+  });
+});
+
+describe('TDP model details', () => {
+  test('a new model has logged nothing; with record off it logs nothing at all', () => {
+    expect(new Tdp(new Memslots()).events).toEqual([]);
+    const { tdp } = vm({ record: false }, slot());
+    tdp.fault(0, BASE, { write: true });
+    expect(tdp.events).toEqual([]);
+  });
+
+  test('arm64 with DIC maps memory executable on a read fault', () => {
+    const { tdp } = vm({ arch: 'arm64', dic: true }, slot());
+    expect(decodeSpte(tdp.fault(0, BASE + 1).spte).executable).toBe(true);
+  });
+
+  test('every table has its own id, roots included', () => {
+    const { tdp } = vm({}, slot(), slot({ asId: 1 }));
+    tdp.fault(0, BASE, { write: true });
+    tdp.fault(1, BASE, { write: true });
+    const ids = [0, 1].flatMap((as) => {
+      const out: number[] = [];
+      for (const it of tdpIter(tdp.root(as), BASE, BASE + 1)) out.push(it.table.id);
+      return out;
+    });
+    expect(ids.every((id) => id > 0)).toBe(true);
+    expect(new Set(ids).size).toBe(ids.length);
+  });
+
+  test('a zap with tables removes only the tables lying wholly inside the range, listing their leaves', () => {
+    const { tdp } = vm({}, slot());
+    for (const g of [1, 2, 3]) tdp.fault(0, BASE + g, { write: true });
+    expect(tdp.zap(0, BASE + 1, BASE + 512, { tables: true }).removed).toEqual([]);
+    for (const g of [1, 2, 3]) tdp.fault(0, BASE + g, { write: true });
+    const { removed } = tdp.zap(0, BASE, BASE + 512, { tables: true });
+    expect(removed.map((r) => [r.gfn, r.level, r.sptes.length])).toEqual([[BASE, 1, 3]]);
+    const n = tdp.events.length;
+    tdp.teardown(removed); // already torn down by the zap
+    expect(tdp.events.length).toBe(n);
+  });
+
+  test('clearing dirty bits of a leaf that is not writable needs no flush', () => {
+    const { tdp } = vm({}, slot());
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.writeProtect(0, BASE + 1, BASE + 2);
+    expect(tdp.clearDirty(0, BASE, BASE + 2)).toEqual([]);
+    expect(decodeSpte(tdp.lookup(0, BASE + 1)!.spte).dirty).toBe(false);
+  });
+
+  test('removing the table below a huge leaf removes nothing', () => {
+    const { tdp } = vm({}, slot({ npages: 512, backing: hugetlb2m }));
+    tdp.fault(0, BASE, { write: true });
+    expect(tdp.removeTable(0, BASE, 1)).toEqual({ removed: undefined, flush: [] });
+    expect(tdp.lookup(0, BASE)?.level).toBe(2);
+  });
+
+  test('logging off keeps a table whose first page has no host page behind a huge page', () => {
+    const s = slot({ npages: 1024 });
+    const { tdp } = vm({}, { ...s, flags: { logDirty: true, readonly: false } });
+    tdp.fault(0, BASE + 5, { write: true });
+    tdp.setMemslot(s);
+    expect(tdp.mappings(0)).toEqual([{ start: BASE + 5, end: BASE + 6, level: 1, writable: true, executable: true }]);
+  });
+
+  test('recovery in place leaves a table without a present leaf as it is', () => {
+    const s = slot({ npages: 1024, backing: hugetlb2m });
+    const { tdp } = vm({ recoverHugeInPlace: true }, s);
+    tdp.fault(0, BASE, { write: true });
+    tdp.fault(0, BASE + 512, { write: true });
+    tdp.setMemslot({ ...s, flags: { logDirty: true, readonly: false } });
+    tdp.zap(0, BASE, BASE + 512);
+    tdp.setMemslot(s);
+    expect(tdp.mappings(0)).toEqual([
+      { start: BASE + 512, end: BASE + 1024, level: 2, writable: false, executable: true },
+    ]);
+  });
+
+  test('a huge page that starts below the slot is not allowed, even when it would end inside it', () => {
+    const s = slot({ baseGfn: BASE + 512, npages: G1, hva: H + 0x200000n });
+    expect(slotMaxLevel(s, BASE + 1000)).toBe(2);
+  });
+});
+
+describe('the TDP walk beyond 512 GiB and its flush merging', () => {
+  test('a restart at a yield point finds its place in the root above 512 GiB', () => {
+    const far = 2 ** 27; // GFN of GPA 512 GiB: root entry 1
+    const { tdp } = vm({ yieldEvery: 4 }, slot({ baseGfn: far }));
+    for (let g = 0; g < 8; g++) tdp.fault(0, far + g, { write: true });
+    const n = tdp.events.length;
+    tdp.writeProtect(0, far, far + 8);
+    expect(tdp.events.slice(n).filter((e) => e.kind === 'flush').length).toBe(3);
+    expect(tdp.mappings(0)).toEqual([{ start: far, end: far + 8, level: 1, writable: false, executable: true }]);
+  });
+
+  test('a flush range that ends where the pending one starts is merged into it', () => {
+    const got: Flush[][] = [];
+    const it = tdpIter(new Table(1, 2, 0), 0, 512, { onFlush: (r) => got.push(r) });
+    it.flush(5, 1);
+    it.flush(4, 1);
+    it.flush(7, 1);
+    it.flushNow();
+    expect(got).toEqual([
+      [
+        { start: 4, end: 6 },
+        { start: 7, end: 8 },
+      ],
+    ]);
+  });
+});
+
+describe('the per-GFN picture and the counters the followers read', () => {
+  test('the picture lists each GFN a leaf or an MMIO SPTE maps, a huge leaf only inside the range', () => {
+    const { tdp } = vm({}, slot({ npages: 1024, backing: hugetlb2m }));
+    tdp.fault(0, BASE + 3);
+    tdp.fault(0, 0x500);
+    const huge = { level: 2, writable: true, executable: true, mmio: false };
+    expect([...tdp.picture(0, BASE + 510, BASE + 514)]).toEqual([
+      [BASE + 510, huge],
+      [BASE + 511, huge],
+    ]);
+    expect([...tdp.picture(0, 0x500, 0x501)]).toEqual([
+      [0x500, { level: 1, writable: false, executable: false, mmio: true }],
+    ]);
+    expect(tdp.picture(0, BASE + 512, BASE + 1024).size).toBe(0);
+  });
+
+  test('page counts are per leaf level, within the range', () => {
+    const { tdp } = vm(
+      {},
+      slot({ npages: 1024, backing: hugetlb2m }),
+      slot({ slot: 1, baseGfn: BASE + 2048, hva: H + 0x800000n }),
+    );
+    tdp.fault(0, BASE + 3);
+    tdp.fault(0, BASE + 2048, { write: true });
+    tdp.fault(0, BASE + 2049, { write: true });
+    expect(tdp.pageCounts(0)).toEqual([0, 2, 1, 0, 0, 0]);
+    expect(tdp.pageCounts(0, BASE + 2049, BASE + 2050)).toEqual([0, 1, 0, 0, 0, 0]);
+  });
+
+  test('a flush is requested once per operation that changed a present SPTE, none for a slot deletion', () => {
+    const s = slot();
+    const { tdp } = vm({}, s);
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(0, BASE + 2, { write: true });
+    tdp.writeProtect(0, BASE, BASE + 512);
+    expect(tdp.flushRequests).toBe(1);
+    tdp.writeProtect(0, BASE, BASE + 512);
+    expect(tdp.flushRequests).toBe(1);
+    tdp.zap(0, BASE, BASE + 512);
+    expect(tdp.flushRequests).toBe(2);
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.setMemslot({ ...s, npages: 0 });
+    expect(tdp.flushRequests).toBe(2);
+    expect(tdp.events.filter((e) => e.kind === 'roots')).toEqual([
+      { kind: 'roots', asId: 0 },
+      { kind: 'roots', asId: 1 },
+    ]);
+  });
+
+  test('a fault that made the host replace a page says KVM would retry it, and what then maps the GFN', () => {
+    const { tdp } = vm({}, slot());
+    expect('retried' in tdp.fault(0, BASE + 1, { write: true })).toBe(false);
+    tdp.fault(0, BASE + 2);
+    expect(tdp.fault(0, BASE + 2, { write: true }).retried).toBe('none');
+  });
+
+  test("the VMM's own access faults the host page in, zaps what it replaced, and maps and logs nothing", () => {
+    const { tdp } = vm({}, slot({ flags: { logDirty: true, readonly: false } }));
+    tdp.fault(0, BASE + 1);
+    const page = tdp.hostAccess(0, BASE + 1, true)!;
+    expect(page.writable).toBe(true);
+    expect(tdp.lookup(0, BASE + 1)).toBeUndefined();
+    expect(tdp.peekDirty(0, 0)).toEqual([]);
+    expect(() => tdp.hostAccess(0, 1, false)).toThrow('no memslot holds gfn 1 in address space 0');
+    tdp.invalidateHva(H + 0x3000n, H + 0x4000n, 'munmap');
+    expect(tdp.hostAccess(0, BASE + 3, false)).toBeUndefined();
+  });
+});
+
+describe('Linux 6.1: no split on fault', () => {
+  test('a fault below a huge leaf zaps it, flushes its span, links an empty table and maps only the faulting page', () => {
+    const { tdp } = vm({ splitOnFault: false, nxHugePages: true }, slot({ npages: 512, backing: hugetlb2m }));
+    tdp.fault(0, BASE + 1);
+    const n = tdp.events.length;
+    expect(tdp.fault(0, BASE + 3, { exec: true })).toMatchObject({ kind: 'map', level: 1 });
+    expect(tdp.mappings(0)).toEqual([{ start: BASE + 3, end: BASE + 4, level: 1, writable: true, executable: true }]);
+    expect(tdp.events.slice(n).filter((e) => e.kind === 'flush')).toEqual([
+      { kind: 'flush', asId: 0, ranges: [{ start: BASE, end: BASE + 512 }] },
+    ]);
+  });
+});

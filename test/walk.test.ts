@@ -1367,3 +1367,27 @@ describe('what mutation testing found untested', () => {
     expect(wp.ok).toBe(true);
   });
 });
+
+describe('mulberry32', () => {
+  // The generator as published (Tommy Ettinger's mulberry32), in 32-bit unsigned BigInt arithmetic.
+  function reference(seed: number): () => number {
+    const M = 0xffffffffn;
+    const mul = (a: bigint, b: bigint) => (a * b) & M;
+    let s = BigInt(seed >>> 0);
+    return () => {
+      s = (s + 0x6d2b79f5n) & M;
+      let t = s;
+      t = mul(t ^ (t >> 15n), t | 1n);
+      t = (t ^ ((t + mul(t ^ (t >> 7n), t | 61n)) & M)) & M;
+      return Number((t ^ (t >> 14n)) & M);
+    };
+  }
+
+  it('gives the published sequence for several seeds', () => {
+    for (const seed of [0, 1, 42, 0xdeadbeef]) {
+      const a = mulberry32(seed);
+      const b = reference(seed);
+      for (let i = 0; i < 8; i++) expect(a()).toBe(b());
+    }
+  });
+});

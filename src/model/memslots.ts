@@ -125,6 +125,7 @@ export class Memslots {
     this.maxGfn = opts.maxGfn ?? 2 ** 36;
     this.hvaLimit = opts.hvaLimit ?? (1n << 47n) - PAGE;
     this.spaces = Array.from({ length: this.asIds }, () => []);
+    // Stryker disable next-line ArrayDeclaration: an empty array reads undefined at every index too
     this.last = new Array<Memslot | undefined>(this.asIds);
   }
 

@@ -55,6 +55,9 @@ export interface Removed {
 
 export type Only = 'all' | 'present' | 'presentLeaf';
 
+/** The flag bits an entry must have to be handed out, per filter. */
+const WANT: Readonly<Record<Only, number>> = { all: 0, present: SPTE_P, presentLeaf: SPTE_P | SPTE_LEAF };
+
 export interface IterOptions {
   asId?: number;
   /** Lowest level the walk descends to (for_each_tdp_pte_min_level). */
@@ -132,7 +135,7 @@ export class TdpIter {
     this.end = Math.min(end, root.gfn + root.size * PAGES[root.level]);
     this.asId = opts.asId ?? 0;
     this.only = opts.only ?? 'all';
-    this.wantMask = this.only === 'all' ? 0 : this.only === 'present' ? SPTE_P : SPTE_P | SPTE_LEAF;
+    this.wantMask = WANT[this.only];
     this.yieldEvery = opts.yieldEvery ?? 0;
     this.onFlush = opts.onFlush;
     this.onRelease = opts.onRelease;
