@@ -191,7 +191,7 @@ describe('ModelVm', () => {
   it('pre-faults each page of a range once, and tallies what it did', () => {
     const vm = new ModelVm();
     vm.setSlot(anon(1, GPA, 0x10000n));
-    expect(vm.preFault(GPA, 0x2000n)).toBe('model: pre-fault 2 map');
-    expect(vm.preFault(GPA, 0x3000n)).toBe('model: pre-fault 2 spurious, 1 map');
+    expect(vm.preFault(GPA, 0x2000n).note).toBe('model: pre-fault 2 map');
+    expect(vm.preFault(GPA, 0x3000n).note).toBe('model: pre-fault 2 spurious, 1 map');
   });
 });
