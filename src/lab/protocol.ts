@@ -411,6 +411,11 @@ export class Channel {
     return this.broken;
   }
 
+  /** Marks the channel unusable for `e` (the agent answers, but cannot finish what it was asked). */
+  fail(e: Error): void {
+    this.broken ??= e;
+  }
+
   /**
    * Sends one request and returns its reply. Views in the reply point into
    * the channel's buffer: they are valid until the next call.

@@ -16,6 +16,7 @@ import {
   Args,
   Channel,
   LabProtocolError,
+  LabTimeoutError,
   OP,
   PAGE,
   PROTOCOL_VERSION,
@@ -93,6 +94,10 @@ const FIONREAD = 0x541b;
  */
 const FIRST_WAIT_MS = 2;
 const POLL_WAIT_MAX_MS = 16;
+/** How long past its time limit a run may go before the lab counts as hung. */
+const RUN_GRACE_MS = 10_000;
+/** A run without a time limit counts as hung after this long. */
+const UNLIMITED_RUN_MS = 300_000;
 /**
  * A run answered at once resolves without the event loop, so a caller that
  * loops on runs (a vCPU exiting to the host thousands of times) would starve
@@ -112,6 +117,8 @@ const turn = (): Promise<void> =>
 /** A run in progress in the agent, waited for by the poller. */
 interface Pending {
   tid: number;
+  /** performance.now() after which the run is overdue: its time limit and RUN_GRACE_MS are past. */
+  until: number;
   resolve(r: RunnerReply): void;
   reject(e: unknown): void;
 }
@@ -498,7 +505,8 @@ export class RemoteAddon implements Addon, RangeMapping {
         }
         const tid = this.threadOf(vcpu.fd);
         return new Promise<RunnerReply>((resolve, reject) => {
-          this.pending.set(tid, { tid, resolve, reject });
+          const limit = l.timeoutMs > 0 ? l.timeoutMs : UNLIMITED_RUN_MS;
+          this.pending.set(tid, { tid, until: performance.now() + limit + RUN_GRACE_MS, resolve, reject });
           this.pollWaitMs = 1;
           this.schedulePoll();
         }).then((r) => {
@@ -533,6 +541,17 @@ export class RemoteAddon implements Addon, RangeMapping {
     try {
       const n = this.collect([...this.pending.keys()], this.pollWaitMs);
       this.pollWaitMs = n > 0 ? 1 : Math.min(this.pollWaitMs * 2, POLL_WAIT_MAX_MS);
+      // A vCPU thread that the agent's kick cannot stop (it died in the kernel, holding a lock, or
+      // the kernel hangs under it) never ends its run: past its limit and the grace, the lab has hung.
+      const now = performance.now();
+      const overdue = [...this.pending.values()].find((p) => now > p.until);
+      if (overdue) {
+        const e = new LabTimeoutError(
+          `the run on the agent's vCPU thread ${overdue.tid} did not end ${RUN_GRACE_MS / 1000} s after its time limit; the lab may have hung`,
+        );
+        this.ch.fail(e);
+        throw e;
+      }
     } catch (e) {
       const all = [...this.pending.values()];
       this.pending.clear();
