@@ -284,3 +284,43 @@ describe('legacy MMU prefetch at its edges', () => {
     expect(tdp.legacy).toBe(true);
   });
 });
+
+describe('legacy MMU: a slot deleted or moved requests a remote TLB flush when anything was mapped', () => {
+  it('counts one flush for a deletion or a move over a mapping or an MMIO SPTE, none over nothing', () => {
+    const s = slot();
+    const del = legacy(s);
+    del.fault(0, BASE + 1, { write: true });
+    const n = del.flushRequests;
+    del.setMemslot({ ...s, npages: 0 });
+    expect(del.flushRequests - n).toBe(1);
+
+    const mv = legacy(s);
+    mv.fault(0, BASE + 1, { write: true });
+    const m = mv.flushRequests;
+    mv.setMemslot({ ...s, baseGfn: BASE + 4096 });
+    expect(mv.flushRequests - m).toBe(1);
+
+    const empty = legacy(s);
+    empty.setMemslot({ ...s, npages: 0 });
+    expect(empty.flushRequests).toBe(0);
+
+    const mmio = legacy(s);
+    mmio.fault(0, 0x500);
+    mmio.setMemslot({ ...s, npages: 0 });
+    expect(mmio.flushRequests).toBe(1);
+
+    const quiet = legacy(s, { noFlush: true });
+    quiet.fault(0, BASE + 1, { write: true });
+    quiet.setMemslot({ ...s, npages: 0 });
+    expect(quiet.flushRequests).toBe(0);
+  });
+
+  it('counts none for a flags change or a new slot beside a mapping', () => {
+    const s = slot();
+    const tdp = legacy(s);
+    tdp.fault(0, BASE + 1); // the zero page: read-only, nothing to write-protect
+    tdp.setMemslot({ ...s, flags: { logDirty: true, readonly: false } });
+    tdp.setMemslot(slot({ slot: 2, baseGfn: BASE + 4096, hva: H + 0x1000000n }));
+    expect(tdp.flushRequests).toBe(0);
+  });
+});

@@ -681,3 +681,36 @@ describe('shadow model: write protection and zaps that reach further', () => {
     expect(mmu.stale(VA)).toBe(0x100n);
   });
 });
+
+describe('shadow model: a table shadowed at two levels', () => {
+  function twoLevels() {
+    const { mmu, mem } = native();
+    mmu.access(VA, 'read');
+    mem.set(0x22n, 1, (0x12n << 12n) | T); // VC + 2 MiB: PD 0x22 entry 1 -> 0x12 as a page table
+    mmu.access(VC, 'read');
+    mmu.access(VC + 0x20_0000n, 'read');
+    mmu.take();
+    return mmu;
+  }
+
+  test('write flooding counts only the upper-level page (a level-1 page can go unsync instead)', () => {
+    const mmu = twoLevels();
+    for (const i of [5n, 6n, 7n]) mmu.access(VC + 8n * i, 'write', 0n);
+    expect(ev(mmu.take())).toEqual(['zap 12@2']);
+    expect(mmu.stats.mmu_flooded).toBe(1);
+  });
+
+  test('zap-all goes oldest page first, not by guest frame', () => {
+    const mmu = twoLevels();
+    mmu.zapAll();
+    expect(ev(mmu.take())).toEqual([
+      'zap 10@4',
+      'zap 11@3',
+      'zap 12@2',
+      'zap 13@1',
+      'zap 22@2',
+      'zap 23@1',
+      'zap 12@1',
+    ]);
+  });
+});

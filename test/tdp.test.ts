@@ -912,6 +912,11 @@ describe('TDP model details', () => {
     tdp.writeProtect(0, BASE + 1, BASE + 2);
     expect(tdp.clearDirty(0, BASE, BASE + 2)).toEqual([]);
     expect(decodeSpte(tdp.lookup(0, BASE + 1)!.spte).dirty).toBe(false);
+    // A leaf with neither W nor D (the zero page, read-only) is left alone: no SPTE change at all.
+    tdp.fault(0, BASE + 5);
+    const n = tdp.events.length;
+    tdp.clearDirty(0, BASE + 5, BASE + 6);
+    expect(tdp.events.slice(n)).toEqual([]);
   });
 
   test('removing the table below a huge leaf removes nothing', () => {

@@ -4,7 +4,20 @@
 // invalidates), not captured from the model.
 import { describe, expect, it } from 'vitest';
 import { SPTE_W, SPTE_X } from '../src/model/spte.js';
-import { BACKINGS, declaredSlot, memFlags, ModelVm, modelSlot } from '../src/model/vm.js';
+import { LegacyTdp } from '../src/model/legacy.js';
+import { Memslots } from '../src/model/memslots.js';
+import { Tdp } from '../src/model/tdp.js';
+import {
+  BACKINGS,
+  declaredSlot,
+  memFlags,
+  ModelVm,
+  modelSlot,
+  tdpFactsOptions,
+  tdpMmuOf,
+  tdpModelFor,
+  type MmuFacts,
+} from '../src/model/vm.js';
 
 const H = 0x7f0000000000n; // 1 GiB-aligned host address
 const GPA = 0x100000000n; // 4 GiB: GFN 0x100000
@@ -193,5 +206,115 @@ describe('ModelVm', () => {
     vm.setSlot(anon(1, GPA, 0x10000n));
     expect(vm.preFault(GPA, 0x2000n).note).toBe('model: pre-fault 2 map');
     expect(vm.preFault(GPA, 0x3000n).note).toBe('model: pre-fault 2 spurious, 1 map');
+  });
+});
+
+describe("which MMU model, from the probe's facts", () => {
+  const facts = (p: Partial<MmuFacts> & { kind?: string; enabled?: boolean } = {}): MmuFacts => ({
+    arch: p.arch ?? 'x86_64',
+    tdp: { enabled: p.enabled ?? true, kind: p.kind ?? 'ept' },
+    tdpMmu: p.tdpMmu === undefined ? false : p.tdpMmu,
+    moduleParams: p.moduleParams ?? {},
+  });
+
+  it('takes the legacy MMU only for x86 EPT or NPT with kvm.tdp_mmu=0', () => {
+    expect(tdpMmuOf(facts())).toBe('legacy');
+    expect(tdpMmuOf(facts({ kind: 'npt' }))).toBe('legacy');
+    expect(tdpMmuOf(facts({ tdpMmu: true }))).toBe('tdp');
+    expect(tdpMmuOf(facts({ tdpMmu: null }))).toBe('tdp');
+    expect(tdpMmuOf(facts({ enabled: false }))).toBe('tdp');
+    expect(tdpMmuOf(facts({ kind: 'shadow' }))).toBe('tdp');
+    expect(tdpMmuOf(facts({ arch: 'arm64' }))).toBe('tdp');
+  });
+
+  it('gives the legacy MMU A/D bits except on EPT with eptad off', () => {
+    expect(tdpFactsOptions(facts({ tdpMmu: true }))).toStrictEqual({ mmu: 'tdp' });
+    expect(tdpFactsOptions(facts({ kind: 'npt', moduleParams: { 'kvm_intel.eptad': 'N' } }))).toEqual({
+      mmu: 'legacy',
+      adEnabled: true,
+    });
+    const ad = (v?: string) =>
+      tdpFactsOptions(facts({ moduleParams: v === undefined ? {} : { 'kvm_intel.eptad': v } })).adEnabled;
+    expect([ad(), ad('Y'), ad('1'), ad('N'), ad('0')]).toEqual([true, true, true, false, false]);
+  });
+
+  it('builds the legacy model with its options, and the TDP MMU model otherwise', () => {
+    expect(tdpModelFor(facts({ tdpMmu: true }), new Memslots())).not.toBeInstanceOf(LegacyTdp);
+    expect(tdpModelFor(facts({ tdpMmu: true }), new Memslots())).toBeInstanceOf(Tdp);
+    const noAd = tdpModelFor(facts({ moduleParams: { 'kvm_intel.eptad': 'N' } }), new Memslots());
+    expect(noAd).toBeInstanceOf(LegacyTdp);
+    const s = {
+      ...declaredSlot({ slot: 1, gpa: GPA, size: 0x10000n, backing: 'anon', logDirty: false, readonly: false }, H),
+    };
+    noAd.setMemslot(s);
+    for (let i = 0; i < 8; i++) noAd.host.fault(s, H + BigInt(i * 4096), true);
+    noAd.fault(0, 0x100003, { write: true });
+    expect(noAd.pageCounts(0)[1]).toBe(1); // no A/D bits: no prefetch
+  });
+});
+
+describe('ModelVm: guest faults, VMM writes and guest_memfd', () => {
+  it('declares a guest_memfd slot with KVM_MEM_GUEST_MEMFD', () => {
+    const m = declaredSlot(
+      { slot: 1, gpa: GPA, size: 0x10000n, backing: 'guest_memfd', logDirty: false, readonly: false },
+      H,
+    );
+    expect(m.backing).toEqual({ kind: 'guest_memfd', pageSize: 4096 });
+  });
+
+  it('records each guest fault with what was there before, twice when KVM would retry it', () => {
+    const vm = new ModelVm();
+    vm.setSlot(anon(1, GPA, 0x10000n));
+    vm.fault(GPA, 'read');
+    vm.fault(GPA, 'write'); // the zero page is replaced: KVM retries
+    vm.fault(0x1000n, 'read');
+    vm.fault(0x1000n, 'read');
+    const f = vm.takeFaults();
+    expect(f.map((x) => [x.gfn, x.access, x.before])).toEqual([
+      [0x100000, 'read', 'none'],
+      [0x100000, 'write', 'present'],
+      [0x100000, 'write', 'none'],
+      [1, 'read', 'none'],
+      [1, 'read', 'mmio'],
+    ]);
+    expect(f[1]!.result).toBe(f[2]!.result);
+    expect(vm.takeFaults()).toEqual([]);
+  });
+
+  it('after the VMM wrote pages, a guest read maps them writable; outside every slot nothing happens', () => {
+    const vm = new ModelVm();
+    vm.setSlot(anon(1, GPA, 0x10000n));
+    vm.hostWrote(GPA + 0x1000n, 0x1001);
+    vm.hostWrote(GPA + 0x5000n, 0);
+    vm.hostWrote(0x1000n, 1);
+    const w = (off: bigint) => (vm.fault(GPA + off, 'read').spte & SPTE_W) !== 0;
+    expect([0x1000n, 0x2000n, 0x3000n, 0x5000n].map(w)).toEqual([true, true, false, true]);
+  });
+
+  it('says how many pages the VMM wrote and how many zero-page mappings that zapped, and logs none', () => {
+    const vm = new ModelVm();
+    vm.setSlot(anon(1, GPA, 0x10000n, true));
+    vm.fault(GPA, 'read');
+    expect(vm.hostWrite(GPA, 0x2000n)).toBe(
+      'model: the host writes 2 pages, none logged dirty; 1 mapped page zapped (zero pages replaced)',
+    );
+    expect(vm.hostWrite(GPA + 0x3000n, 0x1000n)).toBe(
+      'model: the host writes 1 page, none logged dirty; 0 mapped pages zapped (zero pages replaced)',
+    );
+    expect(vm.tdp.peekDirty(0, 1)).toEqual([]);
+    vm.change(1, 0x5000n, 0x1000n, 'munmap');
+    expect(() => vm.hostWrite(GPA + 0x5000n, 0x1000n)).toThrow('the model has no host page at GFN 0x100005');
+  });
+
+  it('closing a guest_memfd takes every page of its slot away', () => {
+    const vm = new ModelVm();
+    vm.setSlot(
+      declaredSlot({ slot: 1, gpa: GPA, size: 0x10000n, backing: 'guest_memfd', logDirty: false, readonly: false }, H),
+    );
+    vm.fault(GPA + 0x2000n, 'write');
+    expect(vm.closeGuestMemfd(1)).toBe(
+      'model: guest_memfd release invalidates GFN [0x100000, 0x100010) of slot 1; 1 mapped page there refault on the next access',
+    );
+    expect(vm.fault(GPA + 0x2000n, 'read').kind).toBe('efault');
   });
 });
