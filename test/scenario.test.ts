@@ -7,7 +7,7 @@ import { clearDirtyRefusal } from '../src/model/vm.js';
 import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bringUp, CR4 } from '../src/arch/x86/bringup.js';
 import { walk, type WalkResult } from '../src/model/walk.js';
 import { bringUpOptions, buildScenarioTables, MemImage, pagingConfigFor } from '../src/scenario/build.js';
@@ -966,7 +966,9 @@ describe('scenario validation: semantic rules', () => {
 });
 
 describe('loading scenario files', () => {
-  const dir = mkdtempSync(join(tmpdir(), 'kvmharness-scenario-'));
+  // Made in a hook, so a run that filters these tests out leaves nothing behind.
+  let dir = '';
+  beforeAll(() => void (dir = mkdtempSync(join(tmpdir(), 'kvmharness-scenario-'))));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   const file = (name: string, text: string) => {
     const p = join(dir, name);
