@@ -1029,6 +1029,22 @@ describe('the per-GFN picture and the counters the followers read', () => {
     ]);
   });
 
+  test('starting dirty logging requests a flush even on a slot with nothing mapped; stopping it there does not', () => {
+    // kvm_mmu_slot_apply_flags flushes unconditionally once logging is on (since Linux 6.0).
+    const s = slot();
+    const { tdp } = vm({}, s);
+    const log = { ...s, flags: { ...s.flags, logDirty: true } };
+    tdp.setMemslot(log);
+    expect(tdp.flushRequests).toBe(1);
+    tdp.setMemslot(log);
+    expect(tdp.flushRequests).toBe(1);
+    tdp.setMemslot(s);
+    expect(tdp.flushRequests).toBe(1);
+    const quiet = vm({ wrong: { noFlush: true } }, s).tdp;
+    quiet.setMemslot(log);
+    expect(quiet.flushRequests).toBe(0);
+  });
+
   test('a fault that made the host replace a page says KVM would retry it, and what then maps the GFN', () => {
     const { tdp } = vm({}, slot());
     expect('retried' in tdp.fault(0, BASE + 1, { write: true })).toBe(false);

@@ -210,7 +210,8 @@ export class Tdp {
   record: boolean;
   /**
    * Operations that requested a remote TLB flush so far: each that zapped or
-   * write-protected a present SPTE (a walk that ended with flush ranges).
+   * write-protected a present SPTE (a walk that ended with flush ranges), and
+   * every start of dirty logging on a slot.
    */
   flushRequests = 0;
   private readonly wrong: WrongTdp;
@@ -819,6 +820,11 @@ export class Tdp {
         if (ch.new.flags.logDirty) {
           if (this.eagerSplit) this.split(ch.new.asId, ch.new.baseGfn, slotEnd(ch.new), 1);
           this.writeProtect(ch.new.asId, ch.new.baseGfn, slotEnd(ch.new), 1);
+          // kvm_mmu_slot_apply_flags (x86, since 6.0) and kvm_mmu_wp_memory_region
+          // (arm64) flush the slot's TLB entries unconditionally once logging is
+          // on, mapped pages or not; only KVM_DIRTY_LOG_INITIALLY_SET skips it,
+          // and this harness never enables that.
+          if (!ch.old.flags.logDirty && !this.wrong.noFlush) this.flushRequests++;
         } else {
           this.dirty.delete(dirtyKey(ch.new));
           if (this.arch === 'x86_64' && !this.wrong.noCollapse) this.collapse(ch.new);
