@@ -7,6 +7,7 @@ import type { WrongShadow, WrongWalk } from '../src/model/wrong.js';
 import type { HostProfile } from '../src/probe/probe.js';
 import { scenarioCheck } from '../src/run/engine.js';
 import { runCheck } from '../src/run/runner.js';
+import { judge, LOOP_LIMIT } from '../src/fuzz/oracle.js';
 import { builtinScenarios, loadScenario, resolveScenario, validateScenario } from '../src/scenario/load.js';
 import type { Scenario } from '../src/scenario/types.js';
 import { parseFormat, parseTrace, TRACEFS, type TraceEvent } from '../src/observe/tracefs.js';
@@ -442,6 +443,27 @@ describeKvm('scenarios on this host', () => {
     expect(r.outcome, failures(r)).toBe('pass');
     const dirty = r.comparisons.filter((c) => c.what.endsWith('dirty pages')).map((c) => c.expected);
     expect(dirty).toEqual(['[]', '[]', '["0x60f000"]']);
+  });
+
+  // A loop whose accesses leave the guest midway cannot run as one step: `run` says so as an
+  // error naming the access; the fuzzer does not judge such a generated case (never a finding).
+  it('a loop that reaches missing host memory is an error for run and not judged by fuzz', async () => {
+    const v = validateScenario({
+      name: 'loop_into_hole',
+      description: 'a write loop over three pages, the middle one unmapped on the host',
+      memslots: [{ slot: 1, gpa: '0x1000000', size: '0x10000' }],
+      mappings: [{ gva: '0x8000000000', gpa: '0x1000000', size: '0x3000', leaf: { w: true, u: true } }],
+      steps: [
+        { host: 'munmap', slot: 1, offset: '0x1000', size: '0x1000' },
+        { guest: 'write', gva: '0x8000000000', value: '0x1', count: 3, stride: '0x1000' },
+      ],
+    });
+    if (!v.ok) throw new Error(v.errors.join('\n'));
+    const r = await runCheck(scenarioCheck(v.scenario), kvm, profile);
+    expect(r.outcome).toBe('error');
+    expect(r.reason).toMatch(/access 1 of the loop \(0x8000001000\) (exits as MMIO|finds no host memory)/);
+    const j = await judge(v.scenario, kvm, profile, { trace: false });
+    expect([j.outcome, j.result.reason, j.signature]).toEqual(['not_applicable', LOOP_LIMIT, undefined]);
   });
 
   // An access stopped for missing host memory is redone by the next run; a

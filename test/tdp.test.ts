@@ -579,7 +579,11 @@ describe('host changes through the HVA-range walk', () => {
     tdp.fault(0, BASE + 1, { write: true });
     tdp.fault(1, BASE + 1, { write: true });
     const r = tdp.invalidateHva(H, H + 0x2000n, 'munmap');
+    // The VMA is split at H + 8 KiB, inside the 2 MiB at H that lies wholly in the VMA:
+    // __split_vma -> vma_adjust_trans_huge notifies that 2 MiB first, then the unmap its range.
     expect(r.ranges.map((g) => [g.asId, g.start, g.end])).toEqual([
+      [0, BASE, BASE + 512],
+      [1, BASE, BASE + 512],
       [0, BASE, BASE + 2],
       [1, BASE, BASE + 2],
     ]);
@@ -590,6 +594,72 @@ describe('host changes through the HVA-range walk', () => {
     expect(tdp.lookup(0, BASE + 1)).toBeUndefined();
     expect(tdp.lookup(1, BASE + 1)).toBeUndefined();
     expect(tdp.fault(0, BASE + 1).kind).toBe('efault');
+  });
+
+  // __split_vma -> vma_adjust_trans_huge -> split_huge_pmd_address notifies the whole 2 MiB
+  // around a split address that is not 2 MiB aligned, whenever that 2 MiB lies inside the VMA,
+  // a huge page there or not (mm/huge_memory.c, Linux 6.1 to 7.2).
+  test('mprotect of the last pages of a 2 MiB-aligned anonymous slot zaps the whole 2 MiB; the same protection again, nothing', () => {
+    const { tdp } = vm({}, slot({ npages: 512 }));
+    tdp.fault(0, BASE, { write: true });
+    const r = tdp.invalidateHva(H + 0x1fe000n, H + 0x200000n, 'mprotect', 'read');
+    expect(r.ranges.map((g) => [g.start, g.end])).toEqual([
+      [BASE, BASE + 512],
+      [BASE + 510, BASE + 512],
+    ]);
+    expect(r.flush).toEqual([{ start: BASE, end: BASE + 1 }]);
+    expect(tdp.lookup(0, BASE)).toBeUndefined();
+    tdp.fault(0, BASE, { write: true });
+    const again = tdp.invalidateHva(H + 0x1fe000n, H + 0x200000n, 'mprotect', 'read');
+    expect(again.ranges).toEqual([]);
+    expect(tdp.lookup(0, BASE)).toBeDefined();
+  });
+
+  test('a split whose 2 MiB leaves the VMA, or at a 2 MiB boundary, notifies only the range', () => {
+    const { tdp } = vm(
+      {},
+      slot({ hva: H + 0x1000n, npages: 512 }),
+      slot({ slot: 1, baseGfn: BASE + 4096, hva: H + 0x40000000n }),
+    );
+    tdp.fault(0, BASE + 100, { write: true });
+    expect(tdp.invalidateHva(H + 0x2000n, H + 0x3000n, 'mprotect', 'read').ranges.map((g) => [g.start, g.end])).toEqual(
+      [[BASE + 1, BASE + 2]],
+    );
+    // Slot 1 (4 MiB at a 1 GiB boundary): a protection of its second 2 MiB splits at 2 MiB boundaries only.
+    const r = tdp.invalidateHva(H + 0x40200000n, H + 0x40400000n, 'mprotect', 'none');
+    expect(r.ranges.map((g) => [g.start, g.end])).toEqual([[BASE + 4096 + 512, BASE + 4096 + 1024]]);
+  });
+
+  test('MADV_HUGEPAGE of the last page of an anonymous VMA whose last 2 MiB lies inside it zaps that 2 MiB', () => {
+    // 2 MiB + 4 KiB ending at a 2 MiB boundary; the first page unmapped leaves a VMA of exactly one aligned 2 MiB.
+    const { tdp } = vm({}, slot({ hva: H - 0x1000n, npages: 513 }));
+    tdp.invalidateHva(H - 0x1000n, H, 'munmap');
+    tdp.fault(0, BASE + 512);
+    const r = tdp.invalidateHva(H + 0x1ff000n, H + 0x200000n, 'hugepage');
+    expect(r.ranges.map((g) => [g.start, g.end])).toEqual([[BASE + 1, BASE + 513]]);
+    expect(tdp.lookup(0, BASE + 512)).toBeUndefined();
+    // Nothing more when the advice is already there.
+    tdp.fault(0, BASE + 512);
+    expect(tdp.invalidateHva(H + 0x1ff000n, H + 0x200000n, 'hugepage').ranges).toEqual([]);
+  });
+
+  test('MADV_HUGEPAGE over an aligned 2 MiB of an anonymous slot lets a write map a THP there; the rest stays 4 KiB', () => {
+    const { tdp } = vm({}, slot());
+    expect(tdp.fault(0, BASE + 1, { write: true })).toMatchObject({ level: 1 });
+    expect(tdp.invalidateHva(H + 0x200000n, H + 0x400000n, 'hugepage').ranges).toEqual([]);
+    expect(tdp.fault(0, BASE + 600, { write: true })).toMatchObject({ level: 2 });
+    expect(tdp.fault(0, BASE + 2, { write: true })).toMatchObject({ level: 1 });
+  });
+
+  test('mprotect of part of a THP splits it: the 2 MiB is notified and refaults at 4 KiB', () => {
+    const { tdp } = vm({}, slot({ backing: thp }));
+    expect(tdp.fault(0, BASE + 1, { write: true })).toMatchObject({ level: 2 });
+    const r = tdp.invalidateHva(H + 0x1000n, H + 0x2000n, 'mprotect', 'read');
+    expect(r.ranges.map((g) => [g.start, g.end])).toEqual([
+      [BASE, BASE + 512],
+      [BASE + 1, BASE + 2],
+    ]);
+    expect(tdp.fault(0, BASE + 2, { write: true })).toMatchObject({ level: 1 });
   });
 
   test('DONTNEED of part of a THP notifies the whole 2M', () => {

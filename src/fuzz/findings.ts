@@ -1,6 +1,7 @@
 // A finding on disk: DIR/<nn>-<signature>/ with the shrunk scenario
 // (scenario.json, which `kvmharness run` reproduces), the case as generated
-// (original.json), the mismatch (mismatch.txt, mismatch.json), the kernel's
+// (original.json), the mismatch (mismatch.txt, mismatch.json), what the shrunk
+// run noted (notes.txt), the kernel's
 // messages (kernel.log, where the kernel complained) and, where the C
 // reproducer module exists, reproducer.c.
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -67,6 +68,10 @@ export async function writeFinding(
     '',
   ].join('\n');
   writeFileSync(join(dir, 'mismatch.txt'), text);
+  // What the run noted on the way (the models' decisions, KVM's traced changes, counters): the first
+  // place to look when asking which side is wrong.
+  const notes = f.verdict.result.notes;
+  if (notes.length) writeFileSync(join(dir, 'notes.txt'), notes.join('\n') + '\n');
   if (f.verdict.kernel?.length)
     writeFileSync(
       join(dir, 'kernel.log'),

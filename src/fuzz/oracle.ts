@@ -16,6 +16,7 @@ import type { KernelProblem } from '../kvm/target.js';
 import type { Wrong } from '../model/wrong.js';
 import type { HostProfile } from '../probe/probe.js';
 import { scenarioCheck } from '../run/engine.js';
+import { LoopLimit } from '../run/loop.js';
 import { kernelVerdict, runCheck } from '../run/runner.js';
 import type { CheckResult } from '../run/types.js';
 import type { Scenario } from '../scenario/types.js';
@@ -51,6 +52,10 @@ export interface JudgeOptions {
   wrong?: Wrong;
 }
 
+/** Why a case whose loop leaves the guest midway is not judged. */
+export const LOOP_LIMIT =
+  'a guest loop that the model says exits to the host midway (MMIO, missing host memory): the engine runs such accesses only as steps of their own';
+
 /** Whether the walker-trace comparison can run here: tracepoints and KVM's software walker (no TDP). */
 export function traceOffered(profile: HostProfile): boolean {
   return profile.oracles.walker_tracepoints.available && !profile.tdp.enabled;
@@ -58,13 +63,28 @@ export function traceOffered(profile: HostProfile): boolean {
 
 /** Runs `sc` against KVM and judges it. */
 export async function judge(sc: Scenario, kvm: Kvm, profile: HostProfile, o: JudgeOptions): Promise<Verdict> {
-  const check = scenarioCheck(sc, {
+  const inner = scenarioCheck(sc, {
     trace: o.trace && !sc.race,
     wrong: o.wrong,
     shadowFollow: o.shadowFollow,
     tdpFollow: o.tdpFollow,
   });
+  // A generated loop that the model says leaves the guest midway is outside what the engine runs
+  // as one step: the case is not judged (not applicable, with that reason), never a finding.
+  let limit = false;
+  const check = {
+    ...inner,
+    run: async (ctx: Parameters<typeof inner.run>[0]) => {
+      try {
+        await inner.run(ctx);
+      } catch (e) {
+        if (e instanceof LoopLimit) limit = true;
+        throw e;
+      }
+    },
+  };
   let r = await runCheck(check, kvm, profile);
+  if (limit && r.outcome === 'error') r = { ...r, outcome: 'not_applicable', reason: LOOP_LIMIT };
   let dead: string | undefined;
   const watch = kvm.target.watch;
   if (watch) {

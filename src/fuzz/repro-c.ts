@@ -714,7 +714,7 @@ class Gen {
   /** The host's change of part of a slot's memory, in SimMem and the model VM; returns the model's note. */
   hostChange(
     s: { slot: number; offset: bigint; size: bigint },
-    why: 'dontneed' | 'munmap' | 'mprotect',
+    why: 'dontneed' | 'munmap' | 'mprotect' | 'hugepage' | 'nohugepage',
     prot?: 'none' | 'read' | 'read-write',
   ): string {
     const sl = this.mem.slot(s.slot);
@@ -809,7 +809,7 @@ const HOST_STEPS: HostStepTable = {
     return [`${g.cslot(s.slot)}->flags = ${flags};`, `set_region(${g.cslot(s.slot)}, ${g.cslot(s.slot)}->size);`];
   },
   madvise(g, s, model) {
-    if (s.advice === 'dontneed') model.push(g.hostChange(s, 'dontneed'));
+    model.push(g.hostChange(s, s.advice));
     return [
       `if (madvise(${g.cslot(s.slot)}->hva + ${u64(s.offset)}, ${u64(s.size)}, ${C_ADVICE[s.advice]}))`,
       '\tfail_errno("madvise");',

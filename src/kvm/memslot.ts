@@ -194,6 +194,33 @@ export class Memslot {
     }
     return undefined;
   }
+  /**
+   * The host mappings that overlap the slot's memory, from /proc/self/smaps of
+   * the process holding it: range, AnonHugePages and VmFlags of each (for a
+   * note when KVM zapped more than a host change should have made it).
+   */
+  vmas(): { start: bigint; end: bigint; anonHugeKb: number; flags: string }[] | undefined {
+    const smaps = this.target.fs.read('/proc/self/smaps');
+    if (smaps === undefined) return undefined;
+    const out: { start: bigint; end: bigint; anonHugeKb: number; flags: string }[] = [];
+    const end = this.hva + BigInt(this.size);
+    let cur: (typeof out)[number] | undefined;
+    for (const line of smaps.split('\n')) {
+      const vma = /^([0-9a-f]+)-([0-9a-f]+) /.exec(line);
+      if (vma) {
+        const [a, b] = [BigInt(`0x${vma[1]}`), BigInt(`0x${vma[2]}`)];
+        cur = a < end && b > this.hva ? { start: a, end: b, anonHugeKb: 0, flags: '' } : undefined;
+        if (cur) out.push(cur);
+        continue;
+      }
+      if (!cur) continue;
+      const huge = /^AnonHugePages:\s+(\d+) kB/.exec(line);
+      if (huge) cur.anonHugeKb = Number(huge[1]);
+      const flags = /^VmFlags:\s*(.*)$/.exec(line);
+      if (flags) cur.flags = flags[1]!.trim();
+    }
+    return out;
+  }
   /** Why this process cannot read (or write) [offset, offset+len) of the backing now, or undefined. */
   untouchable(offset: number, len: number, write: boolean): PageState | undefined {
     if (this.pageStates.size === 0) return undefined;
@@ -337,9 +364,13 @@ export function placeBacking(
   const hva = a.addressOf(got.memory);
   const m = p.modulo;
   const base = Number((((gpa + p.offset - hva) % m) + m) % m);
-  if (b.kind === 'anon' && b.thp) {
-    if (base > 0) check('madvise', a.madvise(got.memory, 0, base, MADV.NOHUGEPAGE));
-    if (base + size < total) check('madvise', a.madvise(got.memory, base + size, total - base - size, MADV.NOHUGEPAGE));
+  // The memory around the slot is PROT_NONE: a mapping of its own, so the slot's VMA is the slot,
+  // as for an unplaced slot (a VMA split notifies the 2 MiB around it only inside its VMA), and no
+  // transparent huge page of the slot can reach beyond it. hugetlbfs VMAs split only at huge-page
+  // boundaries, which the placement's offset need not be.
+  if (b.kind !== 'hugetlb') {
+    if (base > 0) check('mprotect', a.mprotect(got.memory, 0, base, PROT.NONE));
+    if (base + size < total) check('mprotect', a.mprotect(got.memory, base + size, total - base - size, PROT.NONE));
   }
   return { ...got, base };
 }

@@ -7,7 +7,7 @@
 // HVAs are bigints, as in the uapi structures; host frames and HVA page
 // numbers are numbers.
 
-import type { Memslot } from './memslots.js';
+import type { Memslot, Memslots } from './memslots.js';
 import { PAGE_SIZE } from '../base/units.js';
 
 /** Host frame of the shared zero page and of the huge zero page (2 MiB aligned). */
@@ -35,7 +35,10 @@ export interface HostFault {
   notify: [bigint, bigint][];
 }
 
-export type HostChange = 'munmap' | 'dontneed' | 'mprotect' | 'punch_hole';
+export type HostChange = 'munmap' | 'dontneed' | 'mprotect' | 'punch_hole' | 'hugepage' | 'nohugepage';
+
+/** A page's transparent-huge-page advice (the VMA's VM_HUGEPAGE / VM_NOHUGEPAGE). */
+export type ThpAdvice = 'hugepage' | 'nohugepage' | 'default';
 
 interface Unit {
   /** Host frame of the first page, or ZERO_PFN / HUGE_ZERO_PFN. */
@@ -71,7 +74,40 @@ export class HostMm {
   private readonly unmapped: [number, number][] = [];
   /** Pages whose VMA protection is not read-write (mprotect), by 4 KiB HVA page number. */
   private readonly prot = new Map<number, 'none' | 'read'>();
+  /** Pages whose THP advice madvise changed, by 4 KiB HVA page number. */
+  private readonly advice = new Map<number, 'hugepage' | 'nohugepage'>();
   private nextPfn = FIRST_PFN;
+
+  /**
+   * `slots`: where the memslots' memory lies, so that VMAs (and the host's
+   * splits of them) can be known; without them VMA splits notify nothing
+   * beyond the changed range, and only a 'thp' slot gets huge pages.
+   */
+  constructor(private readonly slots?: Memslots) {}
+
+  /**
+   * Where an HVA page lies among the host's mappings: its group (pages of one
+   * group with equal protection and advice form one VMA) and its mapping's
+   * THP advice. Anonymous slots (anon, thp) are private anonymous memory that
+   * the host merges with an adjacent one of equal flags; the harness maps
+   * anon with MADV_NOHUGEPAGE and thp with MADV_HUGEPAGE. Every other backing
+   * is a file of its own. Undefined: no slot's memory there, or hugetlbfs,
+   * whose VMAs split only at huge-page boundaries (hugetlb_vm_op_split).
+   */
+  private layout(page: number): { group: string; advice: ThpAdvice } | undefined {
+    if (!this.slots) return undefined;
+    const hva = BigInt(page) << 12n;
+    for (let asId = 0; asId < this.slots.asIds; asId++) {
+      for (const m of this.slots.list(asId)) {
+        if (hva < m.hva || hva >= m.hva + (BigInt(m.npages) << 12n)) continue;
+        const k = m.backing.kind;
+        if (k === 'anon' || k === 'thp') return { group: 'anon', advice: k === 'thp' ? 'hugepage' : 'nohugepage' };
+        if (k === 'hugetlb2m' || k === 'hugetlb1g') return undefined;
+        return { group: `file ${asId}:${m.slot}`, advice: 'default' };
+      }
+    }
+    return undefined;
+  }
 
   /** The current host mapping of `hva`, without faulting anything in. */
   lookup(hva: bigint): HostPage | undefined {
@@ -138,11 +174,34 @@ export class HostMm {
    * mprotect keeps the pages; DONTNEED keeps page-cache pages; munmap also
    * makes later faults in the range fail with EFAULT.
    */
-  invalidate(start: bigint, end: bigint, why: HostChange): [bigint, bigint][] {
+  invalidate(start: bigint, end: bigint, why: HostChange, prot?: 'none' | 'read' | 'read-write'): [bigint, bigint][] {
     const notify: [bigint, bigint][] = [];
     if (end <= start) return notify;
     const ps = Number(start >> 12n);
     const pe = Number((end + 4095n) >> 12n);
+    if (why === 'hugepage' || why === 'nohugepage') {
+      // madvise(MADV_[NO]HUGEPAGE) changes the VMA's flags: splits, no other notification.
+      notify.push(...this.vmaSplits(ps, pe, (p) => this.adviceOf(p) !== why));
+      for (let p = ps; p < pe; p++) this.advice.set(p, why);
+      return notify;
+    }
+    if (why === 'mprotect' && prot !== undefined) {
+      // mprotect_fixup skips a VMA whose flags stay; change_protection notifies the rest.
+      const changes = (p: number) => (this.prot.get(p) ?? 'read-write') !== prot;
+      notify.push(...this.vmaSplits(ps, pe, changes));
+      let run = -1;
+      for (let p = ps; p <= pe; p++) {
+        const c = p < pe && changes(p);
+        if (c && run < 0) run = p;
+        if (!c && run >= 0) {
+          notify.push(pageRange(run, p - run));
+          run = -1;
+        }
+      }
+      this.protect(start, end, prot);
+      return notify;
+    }
+    if (why === 'munmap') notify.push(...this.vmaSplits(ps, pe, () => true));
     if (why !== 'mprotect') {
       for (const level of [3, 2]) {
         const n = UNIT[level]!;
@@ -201,6 +260,48 @@ export class HostMm {
     for (let p = ps; p < pe; p++) this.prot.delete(p);
   }
 
+  /** The page's THP advice: what madvise set, else its mapping's. */
+  private adviceOf(page: number): ThpAdvice {
+    return this.advice.get(page) ?? this.layout(page)?.advice ?? 'default';
+  }
+
+  /** What makes a page's VMA: pages of one group, protection and advice, side by side, are one VMA. Undefined: unmapped. */
+  private vmaKey(page: number): string | undefined {
+    const at = this.layout(page);
+    if (!at || this.unmapped.some(([s, e]) => page >= s && page < e)) return undefined;
+    return `${at.group}|${this.prot.get(page) ?? 'read-write'}|${this.adviceOf(page)}`;
+  }
+
+  /**
+   * The VMA splits of an operation that changes the VMA flags of the pages
+   * of [ps, pe) for which `changes` holds (mprotect, madvise of THP advice,
+   * munmap). __split_vma at an address `x` that is not 2 MiB aligned calls
+   * vma_adjust_trans_huge, whose split_huge_pmd_address notifies the whole
+   * 2 MiB around `x` (MMU_NOTIFY_CLEAR) whenever that 2 MiB lies inside the
+   * VMA being split, a huge page there or not; a THP there is split to PTEs.
+   * The split at `ps` comes first, so the one at `pe` sees a VMA that starts
+   * at `ps` at the earliest. Returns the notified ranges.
+   */
+  private vmaSplits(ps: number, pe: number, changes: (page: number) => boolean): [bigint, bigint][] {
+    const out: [bigint, bigint][] = [];
+    if (!this.slots) return out;
+    const splitAt = (x: number, inside: number, floor: number) => {
+      if (x % 512 === 0 || !changes(inside)) return;
+      const key = this.vmaKey(x);
+      // A boundary there already (another VMA, a hole) splits nothing.
+      if (key === undefined || this.vmaKey(x - 1) !== key) return;
+      const head = x - (x % 512);
+      if (head < floor) return;
+      for (let p = head; p < head + 512; p++) if (this.vmaKey(p) !== key) return;
+      out.push(pageRange(head, 512));
+      const unit = this.units[2]!.get(head);
+      if (unit && !unit.hugetlb) this.splitToPtes(head, 2, unit);
+    };
+    splitAt(ps, ps, -Infinity);
+    splitAt(pe, pe - 1, ps);
+    return out;
+  }
+
   private find(page: number): { unit: Unit; level: number; head: number } | undefined {
     for (let level = 1; level <= 3; level++) {
       const head = page - (page % UNIT[level]!);
@@ -215,8 +316,16 @@ export class HostMm {
     const { kind, pageSize } = slot.backing;
     if (kind === 'hugetlb2m') return 2;
     if (kind === 'hugetlb1g') return 3;
-    if (kind === 'anon' || pageSize === PAGE_SIZE) return 1;
     const head = page - (page % 512);
+    if (this.slots && (kind === 'anon' || kind === 'thp')) {
+      // A PMD-mapped THP needs VM_HUGEPAGE (the harness never leaves anonymous memory
+      // at the host's default) and its 2 MiB block wholly inside the VMA.
+      if (this.adviceOf(page) !== 'hugepage' || this.pteMapped.has(head)) return 1;
+      const key = this.vmaKey(page);
+      for (let p = head; p < head + 512; p++) if (this.vmaKey(p) !== key) return 1;
+      return 2;
+    }
+    if (kind === 'anon' || pageSize === PAGE_SIZE) return 1;
     const first = Number(slot.hva >> 12n);
     const fits = head >= first && head + 512 <= first + slot.npages;
     return fits && !this.pteMapped.has(head) ? 2 : 1;

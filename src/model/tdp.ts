@@ -192,7 +192,7 @@ export class Tdp {
   readonly rootLevel: number;
   /** One past the highest GFN the tree maps. */
   readonly maxGfn: number;
-  readonly host = new HostMm();
+  readonly host: HostMm;
   readonly events: TdpEvent[] = [];
   /** Walks not yet released. */
   activeWalks = 0;
@@ -222,6 +222,7 @@ export class Tdp {
     opts: TdpOptions = {},
   ) {
     this.arch = opts.arch ?? 'x86_64';
+    this.host = new HostMm(slots);
     let rootSize = 512;
     if (this.arch === 'x86_64') {
       const levels = opts.levels ?? 4;
@@ -842,10 +843,15 @@ export class Tdp {
    * pages, then every HVA range it notifies is zapped in every slot of every
    * address space it maps to (the MMU-notifier walk: all slots, no early stop).
    */
-  invalidateHva(start: bigint, end: bigint, why: HostChange): { ranges: GfnRange[]; flush: Flush[] } {
+  invalidateHva(
+    start: bigint,
+    end: bigint,
+    why: HostChange,
+    prot?: 'none' | 'read' | 'read-write',
+  ): { ranges: GfnRange[]; flush: Flush[] } {
     const ranges: GfnRange[] = [];
     const flush: Flush[] = [];
-    for (const [s, e] of this.host.invalidate(start, end, why)) {
+    for (const [s, e] of this.host.invalidate(start, end, why, prot)) {
       const r = this.invalidateRange(s, e);
       ranges.push(...r.ranges);
       flush.push(...r.flush);

@@ -165,7 +165,7 @@ export interface GuestFault {
 }
 
 /** A host change of part of a slot's memory, as the MMU notifier reports it. */
-export type MemChange = 'munmap' | 'dontneed' | 'mprotect' | 'punch_hole';
+export type MemChange = 'munmap' | 'dontneed' | 'mprotect' | 'punch_hole' | 'hugepage' | 'nohugepage';
 
 /**
  * One VM as the model sees it (address space 0): the TDP model over its
@@ -316,8 +316,7 @@ export class ModelVm {
     const mapped = tdp
       .mappings(0, first, last)
       .reduce((n, r) => n + Math.min(r.end, last) - Math.max(r.start, first), 0);
-    if (prot) tdp.host.protect(start, end, prot);
-    const { ranges } = tdp.invalidateHva(start, end, why);
+    const { ranges } = tdp.invalidateHva(start, end, why, prot);
     const gfnRange = (a: number, b: number) => `GFN [${hex(a)}, ${hex(b)})`;
     const zapped = ranges.map((r) => `${gfnRange(r.start, r.end)} of slot ${r.slot.slot}`).join(', ') || 'nothing';
     const pages = `${mapped} mapped page${mapped === 1 ? '' : 's'}`;

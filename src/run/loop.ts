@@ -41,6 +41,13 @@ export interface LoopPrediction {
   adWritten: bigint[];
 }
 
+/**
+ * A loop step that the engine cannot run as one step: one of its accesses
+ * leaves the guest (an MMIO exit, a host fault), as the model predicts. The
+ * scenario must make that access a step of its own.
+ */
+export class LoopLimit extends Error {}
+
 /** The model's prediction of every access of a loop step, in order; the TDP model faults each one in. */
 export function predictLoop(env: LoopEnv, s: AccessStep, name: string): LoopPrediction {
   const loop = s.loop!;
@@ -54,7 +61,7 @@ export function predictLoop(env: LoopEnv, s: AccessStep, name: string): LoopPred
     const p = predictAccess({ ...s, gva, loop: undefined }, w, from);
     for (const e of p.expectPtes) out.entries.set(e.at, { level: e.level, value: e.value });
     if (p.mmio || p.hostFault)
-      throw new Error(
+      throw new LoopLimit(
         `${name}: access ${k} of the loop (${hex(gva)}) ${p.mmio ? 'exits as MMIO' : 'finds no host memory'}, as the model says; a loop must stay in memory the host provides, so make that access a step of its own`,
       );
     if (!w.ok) {

@@ -325,7 +325,7 @@ export const STEP_ACTIONS: StepActionTable = {
     act({ ctx, g, vm }, s, name) {
       for (const p of piecesOf(vm, s)) {
         g.vm.memslot(p.slot).madvise(Number(p.offset), Number(p.size), ADVICE[s.advice]);
-        if (s.advice === 'dontneed') ctx.note(`${name}: ${vm.change(p.slot, p.offset, p.size, 'dontneed')}`);
+        ctx.note(`${name}: ${vm.change(p.slot, p.offset, p.size, s.advice)}`);
       }
     },
   },

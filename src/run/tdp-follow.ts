@@ -162,6 +162,13 @@ const gpaRange = (r: GpaRange, what: 'zap' | 'wrprot'): UntracedRange[] => [
 const hostRange = (r: HostRange, slot: (n: number) => Memslot | undefined): UntracedRange[] =>
   'gpa' in r ? gpaRange(r, 'zap') : slotRange(slot(r.slot), r.offset, r.size, 'zap');
 
+/**
+ * A step that splits a VMA may zap the whole 2 MiB of host memory around
+ * each end of its range (HostMm's vmaSplits): up to 511 GFNs either side.
+ */
+const splitReach = (rs: UntracedRange[]): UntracedRange[] =>
+  rs.map((r) => ({ ...r, start: Math.max(0, r.start - 511), end: r.end + 511 }));
+
 const UNTRACED: UntracedOf = {
   // A GPA range names its GFNs; a get over it write-protects the rest of each slot too, not marked here.
   'get-dirty-log': (s, slot) => ('gpa' in s ? gpaRange(s, 'wrprot') : wholeSlot(slot(s.slot), 'wrprot')),
@@ -176,10 +183,10 @@ const UNTRACED: UntracedOf = {
     if (was === now) return [];
     return wholeSlot(slot(s.slot), now ? 'wrprot' : 'zap');
   },
-  madvise: (s, slot) => (s.advice === 'dontneed' ? hostRange(s, slot) : []),
-  munmap: (s, slot) => hostRange(s, slot),
+  madvise: (s, slot) => (s.advice === 'dontneed' ? hostRange(s, slot) : splitReach(hostRange(s, slot))),
+  munmap: (s, slot) => splitReach(hostRange(s, slot)),
   remap: (s, slot) => hostRange(s, slot),
-  mprotect: (s, slot) => hostRange(s, slot),
+  mprotect: (s, slot) => splitReach(hostRange(s, slot)),
   'punch-hole': (s, slot) => slotRange(slot(s.slot), s.offset, s.size, 'zap'),
   'close-guest-memfd': (s, slot, before) => wholeSlot(before(s.slot), 'zap'),
   'pre-fault': () => [],
@@ -528,8 +535,18 @@ export class TdpFollow {
           (f.old_spte & X86_SPTE.mmuPresent) !== 0n
         );
       });
+      const hostMaps = [...this.env.g.vm.slots.values()]
+        .map((m) => {
+          const vmas = m.vmas();
+          return `slot ${m.slot} at ${hex(m.hva)}: ${
+            vmas
+              ?.map((v) => `[${hex(v.start)}, ${hex(v.end)}) AnonHugePages ${v.anonHugeKb} kB, ${v.flags}`)
+              .join('; ') ?? 'smaps unreadable'
+          }`;
+        })
+        .join(' | ');
       this.env.ctx.note(
-        `${name}: ${stat} changed by ${delta}; the model requested ${model} flush(es); traced changes of present SPTEs: ${lost.map((e) => e.text).join('; ') || 'none'}`,
+        `${name}: ${stat} changed by ${delta}; the model requested ${model} flush(es); traced changes of present SPTEs: ${lost.map((e) => e.text).join('; ') || 'none'}; host mappings now: ${hostMaps}`,
       );
     }
     this.env.ctx.expect(
