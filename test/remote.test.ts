@@ -479,6 +479,13 @@ describeKvm('remote Addon over a local agent', () => {
         ra.sync();
         expect(vm.mem.read32(0x6000n)).toBe(0);
         expect(vm.mem.read32(0x8000n)).toBe(0x5678);
+        // All of a slot's memory unmapped and mapped back: the agent keeps the mapping known.
+        const whole = vm.addMemslot({ slot: 1, gpa: 0x100000n, size: 0x2000, backing: { kind: 'anon', thp: false } });
+        vm.mem.write32(0x101000n, 0x4321);
+        whole.munmap(0, 0x2000);
+        whole.remap(0, 0x2000);
+        ra.sync();
+        expect(vm.mem.read32(0x101000n)).toBe(0);
       } finally {
         vm.close();
       }

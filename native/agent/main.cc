@@ -287,7 +287,11 @@ void dispatch(uint16_t op, Args &a, Reply &r) {
       uint64_t addr = a.take<uint64_t>();
       uint64_t len = a.take<uint64_t>();
       if (!a.ok) break;
-      r.result = do_munmap(addr, len);
+      // An optional u32 1: pages of a mapping that stays known, even when they are all of it.
+      size_t more;
+      a.rest(&more);
+      uint32_t keep = more >= 4 ? a.take<uint32_t>() : 0;
+      r.result = do_munmap(addr, len, keep != 0);
       return;
     }
     case OP_MADVISE:

@@ -216,8 +216,8 @@ static Mapping *inner(uint64_t addr, uint64_t len) {
   return m;
 }
 
-int64_t do_munmap(uint64_t addr, uint64_t len) {
-  for (size_t i = 0; i < maps.size(); i++) {
+int64_t do_munmap(uint64_t addr, uint64_t len, bool keep) {
+  for (size_t i = 0; i < maps.size() && !keep; i++) {
     if ((uint64_t)(uintptr_t)maps[i].addr == addr && maps[i].len == len) {
       if (maps[i].snap) ::munmap(maps[i].snap, maps[i].len);
       maps.erase(maps.begin() + (long)i);

@@ -21,7 +21,9 @@ bool guarded_write(uint64_t addr, const uint8_t *src, size_t len);
 int64_t do_mmap(uint64_t len, int prot, int flags, int fd, int64_t off, bool track, Out &pulled, uint32_t &npulled);
 // munmap of a whole mapping made by do_mmap, or of page-aligned pages inside
 // one (the mapping stays known, with a hole there; anything else is -EINVAL).
-int64_t do_munmap(uint64_t addr, uint64_t len);
+// `keep`: the pages are a hole in a mapping that stays known even when they
+// are all of it (a memslot's memory unmapped whole, to be mapped back).
+int64_t do_munmap(uint64_t addr, uint64_t len, bool keep = false);
 // mmap(MAP_FIXED) over page-aligned pages inside a mapping made by do_mmap
 // (filling a hole, or replacing what is there); -EINVAL elsewhere.
 int64_t do_remap(uint64_t addr, uint64_t len, int prot, int flags, int fd, int64_t off);

@@ -357,7 +357,8 @@ export class RemoteAddon implements Addon, RangeMapping {
   unmapRange(buf: ArrayBuffer, offset: number, len: number): number {
     const at = this.range(buf, offset, len);
     if (at === undefined) return -EINVAL;
-    return this.rpc({ op: OP.munmap, flags: REQ_PULL, args: new Args().u64(at).u64(len).done() }).result;
+    // keep = 1: the mapping stays known (and mapped back by remapRange) even when the range is all of it.
+    return this.rpc({ op: OP.munmap, flags: REQ_PULL, args: new Args().u64(at).u64(len).u32(1).done() }).result;
   }
 
   /** mmap(MAP_FIXED) over whole pages inside a mirror's mapping; the next pull brings the new content. */
