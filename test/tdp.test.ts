@@ -1115,6 +1115,19 @@ describe('the per-GFN picture and the counters the followers read', () => {
     expect(quiet.flushRequests).toBe(0);
   });
 
+  test('logging turned on or off on a read-only slot changes nothing and requests no flush', () => {
+    // kvm_mmu_slot_apply_flags returns at once for KVM_MEM_READONLY (Linux 6.1 to 7.2).
+    const ro = slot({ flags: { logDirty: false, readonly: true }, backing: thp });
+    const { tdp } = vm({}, ro);
+    expect(tdp.fault(0, BASE + 1)).toMatchObject({ level: 2 });
+    tdp.setMemslot({ ...ro, flags: { logDirty: true, readonly: true } });
+    expect(tdp.flushRequests).toBe(0);
+    expect(tdp.lookup(0, BASE + 1)).toMatchObject({ level: 2 });
+    tdp.setMemslot(ro);
+    expect(tdp.flushRequests).toBe(0);
+    expect(tdp.lookup(0, BASE + 1)).toMatchObject({ level: 2 });
+  });
+
   test('a fault that made the host replace a page says KVM would retry it, and what then maps the GFN', () => {
     const { tdp } = vm({}, slot());
     expect('retried' in tdp.fault(0, BASE + 1, { write: true })).toBe(false);

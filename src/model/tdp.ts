@@ -818,6 +818,12 @@ export class Tdp {
         break;
       }
       case 'flags':
+        // kvm_mmu_slot_apply_flags does nothing more for a read-only slot (it cannot be dirtied):
+        // no split, no write protection, no flush, no recovery of huge pages when logging stops.
+        if (this.arch === 'x86_64' && ch.new.flags.readonly) {
+          if (!ch.new.flags.logDirty) this.dirty.delete(dirtyKey(ch.new));
+          break;
+        }
         if (ch.new.flags.logDirty) {
           if (this.eagerSplit) this.split(ch.new.asId, ch.new.baseGfn, slotEnd(ch.new), 1);
           this.writeProtect(ch.new.asId, ch.new.baseGfn, slotEnd(ch.new), 1);
