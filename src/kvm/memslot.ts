@@ -121,7 +121,7 @@ export class Memslot {
       b.kind === 'anon'
         ? MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE
         : b.kind === 'shared'
-          ? MAP.SHARED | MAP.ANONYMOUS
+          ? MAP.SHARED | MAP.ANONYMOUS | MAP.NORESERVE
           : b.kind === 'memfd'
             ? MAP.SHARED
             : MAP.PRIVATE | MAP.ANONYMOUS | MAP.HUGETLB | (b.pageSize === '1G' ? MAP.HUGE_1GB : MAP.HUGE_2MB);
@@ -316,7 +316,10 @@ export function allocBacking(
       return { memory, memfd: -1 };
     }
     case 'shared':
-      return { memory: mapped('mmap(shared)', a.mmap(size, rw, MAP.SHARED | MAP.ANONYMOUS, -1, 0)), memfd: -1 };
+      return {
+        memory: mapped('mmap(shared)', a.mmap(size, rw, MAP.SHARED | MAP.ANONYMOUS | MAP.NORESERVE, -1, 0)),
+        memfd: -1,
+      };
     case 'hugetlb': {
       const flag = b.pageSize === '1G' ? MAP.HUGE_1GB : MAP.HUGE_2MB;
       return {
