@@ -486,6 +486,18 @@ describeKvm('remote Addon over a local agent', () => {
         whole.remap(0, 0x2000);
         ra.sync();
         expect(vm.mem.read32(0x101000n)).toBe(0);
+        // A store of zeros over the zero page reaches the agent (it replaces the page there),
+        // though the mirror's bytes do not change.
+        const zs = vm.addMemslot({ slot: 2, gpa: 0x200000n, size: 0x2000, backing: { kind: 'anon', thp: false } });
+        const rssKb = () => {
+          const smaps = ra.readFile('/proc/self/smaps').toString().split('\n');
+          const at = smaps.findIndex((l) => l.startsWith(`${zs.hva.toString(16)}-`));
+          return Number(/^Rss:\s+(\d+)/m.exec(smaps.slice(at + 1, at + 8).join('\n'))?.[1]);
+        };
+        ra.peek(zs.hva, 8);
+        expect(rssKb()).toBe(0);
+        zs.storeThrough(0, 8);
+        expect(rssKb()).toBe(4);
       } finally {
         vm.close();
       }

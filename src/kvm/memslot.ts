@@ -76,6 +76,20 @@ export class Memslot {
     this.range('madvise', offset, len);
     check('madvise', this.target.addon.madvise(this.memory, this.base + offset, len, advice), `memslot ${this.slot}`);
   }
+  /**
+   * The process holding the memory stores the current bytes of
+   * [offset, offset + len) there, changed or not (on this host the bytes are
+   * the memory: nothing more to do).
+   */
+  storeThrough(offset: number, len: number): void {
+    if (offset < 0 || len <= 0 || offset + len > this.size)
+      throw new RangeError(
+        `store: range +0x${offset.toString(16)}/0x${len.toString(16)} is outside memslot ${this.slot}`,
+      );
+    const store = this.target.addon.storeThrough;
+    if (store)
+      check('store', store.call(this.target.addon, this.memory, this.base + offset, len), `memslot ${this.slot}`);
+  }
   /** mprotect() on part of the backing (PROT bits). */
   mprotect(offset: number, len: number, prot: number): void {
     this.range('mprotect', offset, len);

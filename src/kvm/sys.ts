@@ -25,6 +25,14 @@ export interface Addon {
   kickInstall(): number;
   kickSignal(): number;
   kick(tid: number): number;
+  /**
+   * Stores the buffer's bytes [offset, offset + len) into the memory it
+   * stands for even where they are unchanged, so that the process holding
+   * that memory writes its pages as a VMM store would (a target whose
+   * buffers are copies passes on only changed bytes otherwise). Absent where
+   * the buffer is the memory itself.
+   */
+  storeThrough?(buf: ArrayBuffer, offset: number, len: number): number;
 }
 
 /** Mapping over part of a mapped buffer, which a target may offer (the native addon does). */

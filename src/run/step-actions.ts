@@ -300,6 +300,8 @@ export const STEP_ACTIONS: StepActionTable = {
       new DataView(word.buffer).setBigUint64(0, BigInt.asUintN(64, s.value), true);
       const bytes = g.mem.bytes(s.gpa, Number(s.size), true);
       for (let off = 0; off < bytes.length; off += 8) bytes.set(word, off);
+      // A store even of the bytes already there (zeros over the zero page replace it).
+      for (const p of vm.pieces(s.gpa, s.size)) g.vm.memslot(p.slot).storeThrough(Number(p.offset), Number(p.size));
       ctx.note(`${name}: ${vm.hostWrite(s.gpa, s.size)}`);
     },
   },

@@ -353,6 +353,14 @@ export class RemoteAddon implements Addon, RangeMapping {
     return r.result;
   }
 
+  /** The mirror's bytes written into the agent's mapping as they are, changed or not (a VMM store). */
+  storeThrough(buf: ArrayBuffer, offset: number, len: number): number {
+    const at = this.range(buf, offset, len);
+    if (at === undefined) return -EINVAL;
+    this.poke(at, new Uint8Array(buf, offset, len).slice());
+    return 0;
+  }
+
   /** munmap of whole pages inside a mirror's mapping in the agent; the mirror keeps its bytes. */
   unmapRange(buf: ArrayBuffer, offset: number, len: number): number {
     const at = this.range(buf, offset, len);
