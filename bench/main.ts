@@ -18,6 +18,7 @@ import { packageRoot } from '../src/kvm/sys.js';
 import { exitRoundtrip, faultIn, lifecycleOnce, vmLifecycle } from './kvm.js';
 import { benchKvmSource } from './kvm-source.js';
 import { benchKvmMutants, mutantTable } from './kvm-mutants.js';
+import { benchFuzz } from './fuzz.js';
 import type { Entry } from './entry.js';
 import { benchLab } from './lab.js';
 import { benchMatrix } from './matrix.js';
@@ -275,6 +276,7 @@ const round = (x: number, digits: number): number => Number(x.toFixed(digits));
 const LAB_ENTRIES: [string, string][] = [
   ['lab_boot_s', 's'],
   ['lab_check_ms', 'ms'],
+  ['fuzz_steps_per_s_lab', 'steps/s'],
   ['lab_kvm_source_verdict_s', 's'],
 ];
 
@@ -368,10 +370,18 @@ async function main(): Promise<number> {
     } finally {
       kvm.close();
     }
+    progress('fuzz (30 s)');
+    try {
+      entries.push(await benchFuzz('fuzz_steps_per_s', 30));
+    } catch (e) {
+      failed = true;
+      entries.push({ name: 'fuzz_steps_per_s', unit: 'steps/s', value: null, note: `failed: ${(e as Error).message}` });
+    }
   } else {
     progress(`KVM benches: not available here: ${unavailable}`);
     for (const [name, unit] of KVM_ENTRIES) entries.push({ name, unit, value: null, note: unavailable });
     entries.push({ name: 'matrix_cases_per_s', unit: 'cases/s', value: null, note: unavailable });
+    entries.push({ name: 'fuzz_steps_per_s', unit: 'steps/s', value: null, note: unavailable });
   }
 
   if (!o.lab) {
@@ -392,6 +402,17 @@ async function main(): Promise<number> {
       progress(`lab benches: ${(e as Error).message.split('\n')[0]}`);
       for (const [name, unit] of LAB_ENTRIES.slice(0, 2))
         entries.push({ name, unit, value: null, note: `not available here: ${(e as Error).message.split('\n')[0]}` });
+    }
+    progress('lab: fuzz (60 s, npt-tdp)');
+    try {
+      entries.push(await benchFuzz('fuzz_steps_per_s_lab', 60, 'npt-tdp'));
+    } catch (e) {
+      entries.push({
+        name: 'fuzz_steps_per_s_lab',
+        unit: 'steps/s',
+        value: null,
+        note: `not available here: ${(e as Error).message.split('\n')[0]}`,
+      });
     }
     if (!o.kvmSource) {
       entries.push({ name: 'lab_kvm_source_verdict_s', unit: 's', value: null, note: 'not run (--no-kvm-source)' });
