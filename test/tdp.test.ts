@@ -643,6 +643,54 @@ describe('host changes through the HVA-range walk', () => {
     expect(tdp.invalidateHva(H + 0x1ff000n, H + 0x200000n, 'hugepage').ranges).toEqual([]);
   });
 
+  test('adjacent anonymous slots are one VMA: a split near their boundary notifies the 2 MiB across both', () => {
+    // Slot 0: [H + 1 MiB, H + 2 MiB); slot 1 right after it: [H + 2 MiB, H + 4 MiB).
+    const { tdp } = vm(
+      {},
+      slot({ hva: H + 0x100000n, npages: 256 }),
+      slot({ slot: 1, baseGfn: BASE + 4096, hva: H + 0x200000n, npages: 512 }),
+    );
+    tdp.fault(0, BASE + 255, { write: true });
+    const r = tdp.invalidateHva(H + 0x300000n, H + 0x301000n, 'mprotect', 'read');
+    expect(r.ranges.map((g) => [g.start, g.end])).toEqual([
+      [BASE + 4096, BASE + 4096 + 512],
+      [BASE + 4096 + 256, BASE + 4096 + 257],
+    ]);
+    // The split at H + 3 MiB lay in the VMA [H + 1 MiB, H + 4 MiB): the 2 MiB at H + 2 MiB, slot 1's first.
+    // One at H + 1.5 MiB: the 2 MiB [H, H + 2 MiB) starts below the VMA, so only its own page.
+    const low = tdp.invalidateHva(H + 0x180000n, H + 0x181000n, 'mprotect', 'read');
+    expect(low.ranges.map((g) => [g.start, g.end])).toEqual([[BASE + 128, BASE + 129]]);
+    expect(tdp.lookup(0, BASE + 255)).toBeDefined();
+  });
+
+  test('a memfd slot is a VMA of its own; a hugetlb slot splits only at huge-page boundaries', () => {
+    const memfd = { kind: 'memfd', pageSize: 4096 } as const;
+    const { tdp } = vm(
+      {},
+      slot({ npages: 512, backing: memfd }),
+      slot({ slot: 1, baseGfn: BASE + 4096, hva: H + 0x200000n, npages: 512 }),
+      slot({ slot: 2, baseGfn: BASE + 8192, hva: H + 0x40000000n, npages: 512, backing: hugetlb2m }),
+    );
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(0, BASE + 8192, { write: true });
+    // The memfd's VMA is its slot: the 2 MiB at H lies in it.
+    expect(tdp.invalidateHva(H + 0x1000n, H + 0x2000n, 'mprotect', 'read').ranges.map((g) => [g.start, g.end])).toEqual(
+      [
+        [BASE, BASE + 512],
+        [BASE + 1, BASE + 2],
+      ],
+    );
+    // Anonymous slot 1 does not merge with the memfd below it: [H + 2 MiB - 4 KiB ...) is another VMA.
+    expect(
+      tdp.invalidateHva(H + 0x201000n, H + 0x202000n, 'mprotect', 'read').ranges.map((g) => [g.start, g.end]),
+    ).toEqual([
+      [BASE + 4096, BASE + 4096 + 512],
+      [BASE + 4097, BASE + 4098],
+    ]);
+    const huge = tdp.invalidateHva(H + 0x40001000n, H + 0x40002000n, 'mprotect', 'read');
+    expect(huge.ranges.map((g) => [g.start, g.end])).toEqual([[BASE + 8193, BASE + 8194]]);
+  });
+
   test('MADV_HUGEPAGE over an aligned 2 MiB of an anonymous slot lets a write map a THP there; the rest stays 4 KiB', () => {
     const { tdp } = vm({}, slot());
     expect(tdp.fault(0, BASE + 1, { write: true })).toMatchObject({ level: 1 });

@@ -318,3 +318,50 @@ describe('ModelVm: guest faults, VMM writes and guest_memfd', () => {
     expect(vm.fault(GPA + 0x2000n, 'read').kind).toBe('efault');
   });
 });
+
+describe('ModelVm: GPA ranges and the dirty log across changes', () => {
+  it('splits a GPA range into each slot it crosses, in GPA order, and refuses a gap', () => {
+    const vm = new ModelVm();
+    vm.setSlot(anon(1, GPA, 0x3000n));
+    vm.setSlot(anon(2, GPA + 0x3000n, 0x2000n, false, H + 0x100000n));
+    expect(vm.pieces(GPA + 0x1000n, 0x3000n)).toEqual([
+      { slot: 1, offset: 0x1000n, size: 0x2000n },
+      { slot: 2, offset: 0n, size: 0x1000n },
+    ]);
+    expect(vm.pieces(GPA + 0x3000n, 0x2000n)).toEqual([{ slot: 2, offset: 0n, size: 0x2000n }]);
+    expect(() => vm.pieces(GPA + 0x4000n, 0x2000n)).toThrow(/no memslot at GPA 0x100005000/);
+  });
+
+  it('keeps the pages logged when a logging slot moves, at their new GPAs', () => {
+    const vm = new ModelVm();
+    const s = anon(1, GPA, 0x4000n, true);
+    vm.setSlot(s);
+    vm.markDirty(GPA + 0x1234n);
+    vm.markDirty(GPA + 0x3000n);
+    vm.setSlot({ ...s, baseGfn: s.baseGfn + 0x100 });
+    expect(vm.harvestDirty(1)).toEqual([GPA + 0x100000n + 0x1000n, GPA + 0x100000n + 0x3000n]);
+    expect(vm.harvestDirty(1)).toEqual([]);
+  });
+
+  it('with manual protect a get leaves the log; a clear takes back exactly its pages', () => {
+    const vm = new ModelVm();
+    vm.setSlot(anon(1, GPA, 0x4000n, true));
+    for (const p of [0n, 1n, 2n, 3n]) vm.markDirty(GPA + p * 0x1000n);
+    expect(vm.harvestDirty(1, true)).toHaveLength(4);
+    vm.clearDirty(1, 1, 2);
+    expect(vm.harvestDirty(1, true)).toEqual([GPA, GPA + 0x3000n]);
+    vm.clearDirty(1, 3, 1);
+    expect(vm.harvestDirty(1, true)).toEqual([GPA]);
+    vm.clearDirty(2, 0, 64);
+    vm.deleteSlot(1);
+    expect(vm.harvestDirty(1, true)).toEqual([]);
+  });
+
+  it('logs nothing for a write outside every slot or in a slot that does not log', () => {
+    const vm = new ModelVm();
+    vm.setSlot(anon(1, GPA, 0x2000n));
+    vm.markDirty(GPA);
+    vm.markDirty(GPA + 0x10000n);
+    expect(vm.harvestDirty(1)).toEqual([]);
+  });
+});
