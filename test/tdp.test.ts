@@ -1208,3 +1208,79 @@ describe('Linux 6.1: no split on fault', () => {
     ]);
   });
 });
+
+describe('the per-GFN picture and the dirty log, field by field', () => {
+  test('a read of the zero page is read-only, a write writable; an MMIO SPTE is neither and says mmio', () => {
+    const { tdp } = vm({}, slot());
+    tdp.fault(0, BASE + 1);
+    tdp.fault(0, BASE + 2, { write: true });
+    expect(tdp.fault(0, BASE + 4096).kind).toBe('mmio');
+    const p = tdp.picture(0);
+    expect(p.get(BASE + 1)).toEqual({ level: 1, writable: false, executable: true, mmio: false });
+    expect(p.get(BASE + 2)).toEqual({ level: 1, writable: true, executable: true, mmio: false });
+    expect(p.get(BASE + 4096)).toEqual({ level: 1, writable: false, executable: false, mmio: true });
+    expect([...p.keys()].sort((a, b) => a - b)).toEqual([BASE + 1, BASE + 2, BASE + 4096]);
+  });
+
+  test('the picture of part of a 2 MiB leaf holds just that part, each GFN at level 2', () => {
+    const { tdp } = vm({}, slot({ backing: thp }));
+    tdp.fault(0, BASE + 1, { write: true });
+    const p = tdp.picture(0, BASE + 10, BASE + 12);
+    expect([...p.entries()]).toEqual([
+      [BASE + 10, { level: 2, writable: true, executable: true, mmio: false }],
+      [BASE + 11, { level: 2, writable: true, executable: true, mmio: false }],
+    ]);
+  });
+
+  test('a logging slot logs a write fault once; the get write-protects and flushes, an empty get neither', () => {
+    const s = slot({ flags: { logDirty: true, readonly: false } });
+    const { tdp } = vm({}, s);
+    tdp.fault(0, BASE + 3);
+    expect(tdp.peekDirty(0, 0)).toEqual([]);
+    tdp.fault(0, BASE + 3, { write: true });
+    tdp.fault(0, BASE + 5, { write: true });
+    expect(tdp.peekDirty(0, 0)).toEqual([BASE + 3, BASE + 5]);
+    const before = tdp.flushRequests;
+    expect(tdp.getDirtyLog(0, 0)).toEqual([BASE + 3, BASE + 5]);
+    expect(tdp.flushRequests).toBe(before + 1);
+    expect(tdp.lookup(0, BASE + 3)).toMatchObject({ level: 1 });
+    expect(decodeSpte(tdp.lookup(0, BASE + 3)!.spte).writable).toBe(false);
+    expect(decodeSpte(tdp.lookup(0, BASE + 5)!.spte).writable).toBe(false);
+    expect(tdp.getDirtyLog(0, 0)).toEqual([]);
+    expect(tdp.flushRequests).toBe(before + 1);
+    tdp.fault(0, BASE + 3, { write: true });
+    expect(tdp.peekDirty(0, 0)).toEqual([BASE + 3]);
+  });
+
+  test('a clear takes back only its pages and re-protects only them', () => {
+    const s = slot({ flags: { logDirty: true, readonly: false } });
+    const { tdp } = vm({}, s);
+    for (const g of [1, 2, 3]) tdp.fault(0, BASE + g, { write: true });
+    expect(tdp.clearDirtyLog(0, 0, 2, 1)).toEqual([BASE + 2]);
+    expect(decodeSpte(tdp.lookup(0, BASE + 2)!.spte).writable).toBe(false);
+    expect(decodeSpte(tdp.lookup(0, BASE + 1)!.spte).writable).toBe(true);
+    expect(decodeSpte(tdp.lookup(0, BASE + 3)!.spte).writable).toBe(true);
+    expect(tdp.peekDirty(0, 0)).toEqual([BASE + 1, BASE + 3]);
+  });
+
+  test('slots of the same number in two address spaces keep logs of their own', () => {
+    const s = slot({ flags: { logDirty: true, readonly: false } });
+    const { tdp } = vm({}, s, { ...s, asId: 1 });
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.fault(1, BASE + 7, { write: true });
+    expect(tdp.peekDirty(0, 0)).toEqual([BASE + 1]);
+    expect(tdp.peekDirty(1, 0)).toEqual([BASE + 7]);
+  });
+
+  test('a logging slot moved while logging keeps its dirty GFNs at the new place; moved to no logging, none', () => {
+    const s = slot({ flags: { logDirty: true, readonly: false } });
+    const { tdp } = vm({}, s);
+    tdp.fault(0, BASE + 1, { write: true });
+    tdp.setMemslot({ ...s, baseGfn: BASE + 8192 });
+    expect(tdp.peekDirty(0, 0)).toEqual([BASE + 8192 + 1]);
+    tdp.fault(0, BASE + 8192 + 2, { write: true });
+    tdp.setMemslot({ ...s, baseGfn: BASE + 16384, flags: { logDirty: false, readonly: false } });
+    tdp.setMemslot({ ...s, baseGfn: BASE + 16384 });
+    expect(tdp.peekDirty(0, 0)).toEqual([]);
+  });
+});

@@ -669,7 +669,9 @@ export class Tdp {
    */
   private reprotect(asId: number, gfns: number[]): void {
     if (gfns.length === 0) return;
-    if (!this.wrong.noFlush) this.flushRequests++;
+    // One request for the whole call (kvm_flush_remote_tlbs_memslot once the bits are taken back);
+    // the write protection itself requests none of its own.
+    const requests = this.flushRequests + (this.wrong.noFlush ? 0 : 1);
     const harvested = new Set(gfns);
     const flush: Flush[] = [];
     for (const it of this.walk(asId, gfns[0], gfns[gfns.length - 1] + 1, flush, { only: 'presentLeaf' })) {
@@ -681,6 +683,7 @@ export class Tdp {
       }
       it.flush(it.gfn, 1);
     }
+    this.flushRequests = requests;
   }
 
   /**
