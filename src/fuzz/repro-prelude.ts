@@ -208,6 +208,9 @@ static inline void add_slot(struct slot *s)
 	alloc_backing(s);
 	s->live = 1;
 	set_region(s, s->size);
+	if (s->modulo)
+		printf("memslot %u: HVA 0x%" X64 ", GPA 0x%" X64 ", placed: (HVA - GPA) mod 0x%" X64 " = 0x%" X64 "\n", s->id,
+		       (uint64_t)(uintptr_t)s->hva, s->gpa, s->modulo, ((uint64_t)(uintptr_t)s->hva - s->gpa) % s->modulo);
 }
 
 static inline void delete_slot(struct slot *s)
