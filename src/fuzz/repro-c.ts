@@ -551,6 +551,10 @@ class Gen {
       const name = stepName(i, s);
       if (s.stats)
         this.omitted.push(`${name}: stats ${Object.keys(s.stats).join(', ')} (not checked by the C program)`);
+      if (s.tdp)
+        this.omitted.push(
+          `${name}: tdp ${s.tdp.map((t) => hex(t.gpa)).join(', ')} (KVM's per-GFN picture, not checked by the C program)`,
+        );
       if (s.side === 'guest') this.guestStep(i, s, name);
       else this.hostStep(i, s, name);
       this.ran = true;
