@@ -3,12 +3,11 @@
 // --json`) here and in the lab's npt-tdp profile: generated steps judged per
 // second, shrinking of any finding included. No C reference: nothing else
 // judges a step.
-import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { packageRoot } from '../src/kvm/sys.js';
 import type { Entry } from './entry.js';
+import { cli } from './kvm-mutants.js';
 
 /** A campaign of `seconds` from seed 1 (with `lab`, in that lab profile). */
 export async function benchFuzz(name: string, seconds: number, lab?: string): Promise<Entry> {
@@ -16,17 +15,7 @@ export async function benchFuzz(name: string, seconds: number, lab?: string): Pr
   try {
     const args = ['fuzz', '--duration', String(seconds), '--seed', '1', '--out', out, '--json'];
     if (lab) args.push('--lab', lab);
-    const r = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve, reject) => {
-      const p = spawn(process.execPath, [join(packageRoot, 'dist', 'src', 'cli', 'bin.js'), ...args], {
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      let stdout = '';
-      let stderr = '';
-      p.stdout.on('data', (b: Buffer) => (stdout += b.toString()));
-      p.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
-      p.on('error', reject);
-      p.on('close', (code) => resolve({ code: code ?? 1, stdout, stderr }));
-    });
+    const r = await cli(args, () => {});
     if (r.code !== 0 && r.code !== 1) {
       const last = r.stderr.trim().split('\n').pop() ?? '';
       throw new Error(`fuzz exited ${r.code}: ${last}`);

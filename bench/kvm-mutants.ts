@@ -61,7 +61,8 @@ interface Child {
   stderr: string;
 }
 
-function cli(args: string[], log: (s: string) => void): Promise<Child> {
+/** `kvmharness ARGS` from dist/ as a child process: its exit code and output (lab build lines go to `log`). */
+export function cli(args: string[], log: (s: string) => void): Promise<Child> {
   return new Promise((resolve, reject) => {
     const p = spawn(process.execPath, [join(packageRoot, 'dist', 'src', 'cli', 'bin.js'), ...args], {
       stdio: ['ignore', 'pipe', 'pipe'],
