@@ -23,16 +23,23 @@ import { LAYOUT } from '../arch/x86/layout.js';
 import { PTE_A, PTE_D } from '../arch/x86/pte.js';
 import { hex, PAGE } from '../base/units.js';
 import type { Memslot } from '../model/memslots.js';
-import { BACKINGS, memFlags, modelSlot, ModelVm, type BackingName } from '../model/vm.js';
+import { BACKINGS, clearDirtyRefusal, memFlags, modelSlot, ModelVm, type BackingName } from '../model/vm.js';
 import { accessedLatitude, walkWith, type PagingConfig, type WalkResult } from '../model/walk.js';
 import type { Wrong, WrongWalk } from '../model/wrong.js';
 import { guestWalkerOf, type HostProfile } from '../probe/probe.js';
 import { hostCpu, stepName } from '../run/engine.js';
 import { tdpLogsDirty, tdpModelOptions } from '../run/host-policy.js';
-import { describeWalk, predictAccess, type AccessStep, type Prediction } from '../run/predict.js';
+import { LoopLimit, predictLoop, type LoopPrediction } from '../run/loop.js';
+import { describeWalk, predictAccess, type AccessStep, type Prediction, type PredictFrom } from '../run/predict.js';
 import { emitWrpkru, guestAction, IMPLICIT_DESCRIPTOR, type EntryFinder } from '../run/step-actions.js';
-import { bringUpOptions, buildScenarioTables, pagingConfigFor, type ScenarioTables } from '../scenario/build.js';
-import type { GpaRange, Scenario, Step } from '../scenario/types.js';
+import {
+  bringUpOptions,
+  buildScenarioTables,
+  pagingConfigFor,
+  slotSpec,
+  type ScenarioTables,
+} from '../scenario/build.js';
+import type { HostRange, Scenario, SlotPiece, Step } from '../scenario/types.js';
 import { C_PRELUDE } from './repro-prelude.js';
 
 /** A scenario, or a part of one, that a reproducer cannot carry yet; the message is one line. */
@@ -78,8 +85,25 @@ export const C_FIELDS = [
   'dirty pages',
   'KVM_TRANSLATE',
   'KVM_PRE_FAULT_MEMORY bytes left',
+  'sum of the values read',
+  'value the VMM reads',
   'guest finishes',
 ] as const;
+
+/** The fields whose names carry a count, a slot or a range. */
+const C_FIELD_FORMS = [
+  { shown: 'paging entries after (N)', re: /^paging entries after \(\d+\)$/ },
+  { shown: 'dirty pages of slot N in LO..HI', re: /^dirty pages of slot \d+ in 0x[0-9a-f]+\.\.0x[0-9a-f]+$/ },
+  {
+    shown: 'KVM_CLEAR_DIRTY_LOG of slot N pages [FIRST, END)',
+    re: /^KVM_CLEAR_DIRTY_LOG of slot \d+ pages \[\d+, \d+\)$/,
+  },
+];
+
+/** Whether the program checks the field the engine names so. */
+export function cChecks(field: string): boolean {
+  return (C_FIELDS as readonly string[]).includes(field) || C_FIELD_FORMS.some((f) => f.re.test(field));
+}
 
 /** The step and field of an engine comparison (`step 4 read64 0x8000000000 cpl3: exceptions`), if it names a step. */
 export function parseMismatch(what: string): Mismatch | undefined {
@@ -98,31 +122,18 @@ export function reproducer(sc: Scenario, opts: ReproOptions): Reproducer {
     throw new ReproUnsupported(`${sc.name}: races of several vCPUs are not carried by a C reproducer yet`);
   if (sc.memslots.some((m) => m.backing === 'guest_memfd'))
     throw new ReproUnsupported(`${sc.name}: guest_memfd slots are not carried by a C reproducer yet`);
-  const placed = sc.memslots.find((m) => m.hva || m.created === 'by-step');
-  if (placed)
-    throw new ReproUnsupported(
-      `${sc.name}: memslot ${placed.slot}'s "hva" or "created" is not carried by a C reproducer yet`,
-    );
   const inSlot = sc.mappings.findIndex((m) => m.tables);
   if (inSlot >= 0)
     throw new ReproUnsupported(
       `${sc.name}: mappings[${inSlot}]: page tables in a user slot are not carried by a C reproducer yet`,
     );
-  const ranged = sc.steps.findIndex(gpaForm);
-  if (ranged >= 0)
-    throw new ReproUnsupported(
-      `${sc.name}: step ${ranged}: a GPA range over slots is not carried by a C reproducer yet`,
-    );
-  const loop = sc.steps.findIndex((s) => s.side === 'guest' && s.kind === 'access' && s.loop);
-  if (loop >= 0)
-    throw new ReproUnsupported(`${sc.name}: step ${loop}: loop steps are not carried by a C reproducer yet`);
   const mm = opts.mismatch;
   if (mm) {
     if (!Number.isInteger(mm.step) || mm.step < 0 || mm.step >= sc.steps.length)
       throw new ReproUnsupported(`${sc.name}: no step ${mm.step} (the scenario has ${sc.steps.length})`);
-    if (mm.field !== undefined && !(C_FIELDS as readonly string[]).includes(mm.field))
+    if (mm.field !== undefined && !cChecks(mm.field))
       throw new ReproUnsupported(
-        `${sc.name}: step ${mm.step}: the field "${mm.field}" is not checked by a C reproducer (it checks: ${C_FIELDS.join(', ')})`,
+        `${sc.name}: step ${mm.step}: the field "${mm.field}" is not checked by a C reproducer (it checks: ${[...C_FIELDS, ...C_FIELD_FORMS.map((f) => f.shown)].join(', ')})`,
       );
     sc = { ...sc, steps: sc.steps.slice(0, mm.step + 1) };
   }
@@ -141,7 +152,11 @@ interface SimSlot {
   size: bigint;
   flags: number;
   backing: BackingName;
-  /** The host address the model sees it at (any, as long as slots do not overlap and huge pages align). */
+  /**
+   * The host address the model sees it at: any, as long as slots do not
+   * overlap and huge pages align (the program aligns THP to 2 MiB), and
+   * congruent to the GPA as a placement asks.
+   */
   hva: bigint;
   pages: Map<number, Uint8Array>;
   states: Map<number, PageState>;
@@ -155,14 +170,21 @@ interface SimSlot {
 class SimMem implements GuestMem {
   readonly slots = new Map<number, SimSlot>();
 
-  add(id: number, gpa: bigint, size: bigint, backing: BackingName, flags: number): SimSlot {
+  add(
+    id: number,
+    gpa: bigint,
+    size: bigint,
+    backing: BackingName,
+    flags: number,
+    place?: { modulo: bigint; offset: bigint },
+  ): SimSlot {
     const s: SimSlot = {
       id,
       gpa,
       size,
       flags,
       backing,
-      hva: 0x7f0000000000n + (BigInt(id) << 32n),
+      hva: 0x7f0000000000n + (BigInt(id) << 32n) + (place ? (gpa + place.offset) % place.modulo : 0n),
       pages: new Map(),
       states: new Map(),
     };
@@ -314,10 +336,6 @@ function wordArray(name: string, words: bigint[]): string {
 
 type GuestSideStep = Extract<Step, { side: 'guest' }>;
 type HostSideStep = Extract<Step, { side: 'host' }>;
-/** A host step in the form a reproducer carries: a slot, not a GPA range (refused in reproducer()). */
-const RANGE_KINDS = ['madvise', 'munmap', 'remap', 'mprotect', 'get-dirty-log', 'clear-dirty-log'] as const;
-type SlotFormStep = Exclude<HostSideStep, { kind: (typeof RANGE_KINDS)[number] } & GpaRange>;
-const gpaForm = (s: Step) => s.side === 'host' && (RANGE_KINDS as readonly string[]).includes(s.kind) && 'gpa' in s;
 
 interface Pending {
   step: number;
@@ -347,6 +365,18 @@ class Gen {
   pending: Pending | undefined;
   preFaultUsed = false;
   ended = false;
+  /** The guest has run (its WRPKRU, first in the program, with it). */
+  ran = false;
+  /**
+   * The entries of the walks the guest's own program makes at every run (its
+   * code, stack, exception log, descriptor tables): where a scenario's
+   * mapping shares one (an upper-level entry) and a step clears its A bit,
+   * the program's next walk through it may set A again, or not, as the host's
+   * TLB or shadow pages still hold the translation. The engine reads the
+   * entry before each prediction; a program written beforehand accepts A set
+   * there.
+   */
+  readonly ownWalks: ReadonlySet<bigint>;
 
   constructor(
     readonly sc: Scenario,
@@ -361,17 +391,40 @@ class Gen {
     this.regs = { cr0: boot.cr0, cr3: boot.tables.root, cr4: boot.cr4, efer: boot.efer };
     this.root = boot.tables.root;
     this.manualProtect = sc.steps.some((s) => s.side === 'host' && s.kind === 'clear-dirty-log');
-    for (const m of sc.memslots) this.mem.add(m.slot, m.gpa, m.size, m.backing, memFlags(m));
+    for (const m of sc.memslots) if (m.created === 'at-start') this.addSlot(m);
     this.built = buildScenarioTables(sc, this.mem, boot);
     this.cfg0 = this.cfg = { ...pagingConfigFor(sc, cpu), walker: guestWalkerOf(profile) };
     this.entries = {
       entry: (gva, level) => this.built.entries(gva, level),
       walk: (gva) => this.plainWalk(gva).levels.map((l) => l.pteGpa),
     };
-    const wrong = opts.wrong?.tdp ? { wrong: opts.wrong.tdp } : {};
+    const wrong = { ...(opts.wrong?.tdp ? { wrong: opts.wrong.tdp } : {}), wrongVm: opts.wrong?.vm };
     this.vm = new ModelVm({ ...tdpModelOptions(profile), record: false, ...wrong });
     for (const s of this.mem.slots.values()) this.vm.setSlot(this.slotOf(s.id));
     this.tdpDirty = tdpLogsDirty(profile);
+    const own = [LAYOUT.gdt, LAYOUT.idt, LAYOUT.excLog, LAYOUT.mailbox, LAYOUT.handlers, LAYOUT.kernelStackTop - 8n];
+    this.ownWalks = new Set(
+      [...own, LAYOUT.userStackTop - 8n, LAYOUT.code, LAYOUT.userCode].flatMap((gva) =>
+        this.plainWalk(gva).levels.map((l) => l.pteGpa),
+      ),
+    );
+  }
+
+  /** A declared slot's memory in SimMem, placed as it asks. */
+  addSlot(m: Scenario['memslots'][number]): SimSlot {
+    return this.mem.add(m.slot, m.gpa, m.size, m.backing, memFlags(m), slotSpec(m).placement);
+  }
+
+  /** The C statements that allocate a declared slot's memory and hand the slot to KVM. */
+  createSlot(m: Scenario['memslots'][number]): string[] {
+    const i = this.sc.memslots.indexOf(m) + 1;
+    const place = slotSpec(m).placement;
+    const at = place ? `, placed so that (HVA - GPA) mod ${hex(place.modulo)} = ${hex(place.offset)}` : '';
+    return [
+      `/* Memslot ${m.slot}: ${hex(m.size)} bytes at GPA ${hex(m.gpa)}, ${m.backing}${m.logDirty ? ', dirty logging' : ''}${m.readonly ? ', read-only' : ''}${at}. */`,
+      `slots[${i}] = (struct slot){ .id = ${m.slot}, .gpa = ${u64(m.gpa)}, .size = ${u64(m.size)}, .flags = ${memFlags(m)}, .backing = ${C_BACKING[m.backing]}${place ? `, .modulo = ${u64(place.modulo)}, .offset = ${u64(place.offset)}` : ''} };`,
+      `add_slot(&slots[${i}]);`,
+    ];
   }
 
   /** The model's view of a slot as it is now. */
@@ -385,6 +438,22 @@ class Gen {
 
   walk(access: Parameters<typeof walkWith>[3]): WalkResult {
     return walkWith(this.wrongWalk, this.cfg, this.root, access, (gpa) => this.mem.read64(gpa));
+  }
+
+  /**
+   * KVM_TRANSLATE as the engine's kvmTranslate: KVM's software walker with
+   * access 0 (a supervisor read), the address sign-extended from bit 47 (56),
+   * EFLAGS.AC clear (the guest stops at a sync with it clear), PKRU 0 until the
+   * guest has run its WRPKRU.
+   */
+  kvmTranslate(gva: bigint): WalkResult {
+    const top = this.cfg.levels === 5 ? 56n : 47n;
+    const low = gva & ((1n << (top + 1n)) - 1n);
+    const canon = (low >> top) & 1n ? BigInt.asUintN(64, low | ~((1n << (top + 1n)) - 1n)) : low;
+    const cfg = { ...this.cfg, walker: 'kvm' as const, ...(this.ran ? {} : { pkru: 0 }) };
+    return walkWith(this.wrongWalk, cfg, this.root, { gva: canon, kind: 'read', cpl: 0 }, (gpa) =>
+      this.mem.read64(gpa),
+    );
   }
 
   plainWalk(gva: bigint): WalkResult {
@@ -406,13 +475,21 @@ class Gen {
     const { sc, mem } = this;
     for (const s of sc.steps) {
       if (s.side !== 'guest' || s.kind !== 'access' || s.access !== 'exec') continue;
-      const w = this.plainWalk(s.gva);
-      if (w.ok && mem.slotOf(w.gpa)) mem.write(w.gpa, [0xc3]);
+      for (let k = 0; k < (s.loop?.count ?? 1); k++) {
+        const w = this.plainWalk(s.gva + BigInt(k) * (s.loop?.stride ?? 0n));
+        if (w.ok && mem.slotOf(w.gpa)) {
+          mem.write(w.gpa, [0xc3]);
+          this.vm.hostWrote(w.gpa, 1);
+        }
+      }
     }
     for (const s of sc.steps) {
       if (s.side !== 'guest' || s.kind !== 'access' || !s.implicit) continue;
       const w = this.plainWalk(s.gva);
-      if (w.ok && mem.slotOf(w.gpa, 8)) mem.write64(w.gpa, IMPLICIT_DESCRIPTOR);
+      if (w.ok && mem.slotOf(w.gpa, 8)) {
+        mem.write64(w.gpa, IMPLICIT_DESCRIPTOR);
+        this.vm.hostWrote(w.gpa, 8);
+      }
     }
     const k = new Asm({ origin: Number(LAYOUT.code) });
     const u = new Asm({ origin: Number(LAYOUT.userCode) });
@@ -461,14 +538,7 @@ class Gen {
         '}',
       );
     }
-    sc.memslots.forEach((m, i) => {
-      const flags = memFlags(m);
-      this.line(
-        `/* Memslot ${m.slot}: ${hex(m.size)} bytes at GPA ${hex(m.gpa)}, ${m.backing}${m.logDirty ? ', dirty logging' : ''}${m.readonly ? ', read-only' : ''}. */`,
-        `slots[${i + 1}] = (struct slot){ .id = ${m.slot}, .gpa = ${u64(m.gpa)}, .size = ${u64(m.size)}, .flags = ${flags}, .backing = ${C_BACKING[m.backing]} };`,
-        `add_slot(&slots[${i + 1}]);`,
-      );
-    });
+    for (const m of sc.memslots) if (m.created === 'at-start') this.line(...this.createSlot(m));
     this.line(`/* Guest images: ${n} bytes of bring-up, page tables, the program and its data. */`, ...setup);
     const r = this.regs;
     this.line(
@@ -481,8 +551,13 @@ class Gen {
       const name = stepName(i, s);
       if (s.stats)
         this.omitted.push(`${name}: stats ${Object.keys(s.stats).join(', ')} (not checked by the C program)`);
+      if (s.tdp)
+        this.omitted.push(
+          `${name}: tdp ${s.tdp.map((t) => hex(t.gpa)).join(', ')} (KVM's per-GFN picture, not checked by the C program)`,
+        );
       if (s.side === 'guest') this.guestStep(i, s, name);
-      else this.hostStep(i, s as SlotFormStep, name); // GPA ranges are refused in reproducer()
+      else this.hostStep(i, s, name);
+      this.ran = true;
       this.line('');
     }
     if (!this.ended) {
@@ -546,22 +621,85 @@ class Gen {
     this.line(' */', `step = ${cstr(name)};`);
   }
 
-  predict(s: AccessStep, name: string, notes: string[]): Prediction {
+  predict(s: AccessStep, notes: string[]): Prediction {
     const implicit = s.implicit ? { implicitSupervisor: true } : {};
     const w = this.walk({ gva: s.gva, kind: s.access, cpl: s.cpl, eflagsAc: s.eflagsAc, size: s.size, ...implicit });
-    return predictAccess(s, w, {
+    return predictAccess(s, w, this.predictFrom(notes));
+  }
+
+  predictFrom(notes: string[]): PredictFrom {
+    return {
       vm: this.vm,
       profile: this.opts.profile,
       walker: this.cfg.walker,
       peek: (gpa, size) => this.peek(gpa, size),
       entry: (gva, level) => this.built.entries(gva, level),
       note: (m) => notes.push(m),
-    });
+    };
+  }
+
+  /**
+   * A loop step, as the engine's loopStep: the model predicts every access in
+   * turn (run/loop.ts predictLoop), the guest makes them in one run, and the
+   * program checks the exception, the sum of the values read and every paging
+   * entry the walks used.
+   */
+  loopStep(i: number, s: AccessStep, name: string): void {
+    this.finishPending();
+    if (this.ended) return;
+    const notes: string[] = [];
+    const env = {
+      g: { mem: this.mem },
+      walk: (a: Parameters<typeof walkWith>[3], read: (gpa: bigint) => bigint) =>
+        walkWith(this.wrongWalk, this.cfg, this.root, a, read),
+      from: () => this.predictFrom(notes),
+    };
+    let p: LoopPrediction;
+    try {
+      p = predictLoop(env, s, name);
+    } catch (e) {
+      if (e instanceof LoopLimit) throw new ReproUnsupported(e.message);
+      throw e;
+    }
+    const loop = s.loop!;
+    const f = p.fault;
+    const verb = s.access === 'read' ? 'reads' : s.access === 'write' ? `writes ${hex(s.value)} to` : 'executes at';
+    this.stepHeader(
+      i,
+      name,
+      `the guest ${verb} ${s.size} byte${s.size > 1 ? 's' : ''} at ${hex(s.gva)}, then every ${hex(loop.stride)} bytes, ${loop.count} times, at CPL ${s.cpl}${s.eflagsAc ? ' with EFLAGS.AC' : ''}; the loop stops at the first fault.`,
+      [`model: ${p.done} of ${loop.count} accesses complete${f ? `, then a fault at ${hex(f.cr2)}` : ''}`, ...notes],
+    );
+    const body = ['clear_exceptions();', 'struct stop st = run_vcpu();', `expect_sync(st, ${i});`];
+    if (f)
+      body.push(
+        `/* model: #PF, error code ${hex(f.errorCode)} */`,
+        `static const struct exc want_exc[] = { { ${f.vector}, ${u64(f.errorCode)}, ${u64(f.cr2)} } };`,
+        'expect_exceptions("exceptions", 1, want_exc);',
+      );
+    else body.push('/* model: no exception */', 'expect_exceptions("exceptions", 0, NULL);');
+    if (s.access === 'read') body.push(`expect_value("sum of the values read", 8, ${u64(p.sum)}, st.rsi);`);
+    // A processor may set A on the entries a faulting walk used; KVM's walker never does.
+    const mayA = new Set(f ? accessedLatitude(f.walk, this.cfg.walker) : []);
+    const at = [...p.entries.keys()].sort((a, b) => (a < b ? -1 : 1));
+    const field = cstr(`paging entries after (${at.length})`);
+    for (const gpa of at) {
+      const e = p.entries.get(gpa)!;
+      const alt = (mayA.has(gpa) || this.ownWalks.has(gpa)) && (e.value | PTE_A) !== e.value ? e.value | PTE_A : 0n;
+      body.push(`expect_pte(${field}, ${e.level}, ${u64(gpa)}, ${u64(e.value)}, ${u64(alt)});`);
+    }
+    this.line('{', ...body.map((b) => `\t${b}`), '}');
+    // The effect, as the model has it.
+    for (const gpa of at) this.mem.write64(gpa, p.entries.get(gpa)!.value);
+    if (s.access === 'write') for (const gpa of p.touched) this.mem.writeN(gpa, s.value, s.size);
+    for (const gpa of p.adWritten) this.vm.markDirty(gpa);
+    if (s.access === 'write') for (const gpa of p.touched) this.vm.markDirty(gpa);
   }
 
   guestStep(i: number, s: GuestSideStep, name: string): void {
+    if (s.kind === 'access' && s.loop) return this.loopStep(i, s, name);
     const notes: string[] = [];
-    const pred = s.kind === 'access' ? this.predict(s, name, notes) : undefined;
+    const pred = s.kind === 'access' ? this.predict(s, notes) : undefined;
     this.finishPending();
     if (this.ended) return;
     const what =
@@ -639,8 +777,10 @@ class Gen {
     }
     const mayA = new Set(accessedLatitude(w, this.cfg.walker));
     for (const p of pred.expectPtes) {
-      const alt = mayA.has(p.at) ? p.value | PTE_A : 0n;
-      out.push(`expect_pte(${p.level}, ${u64(p.at)}, ${u64(p.value)}, ${u64(alt === p.value ? 0n : alt)});`);
+      const alt = mayA.has(p.at) || this.ownWalks.has(p.at) ? p.value | PTE_A : 0n;
+      out.push(
+        `expect_pte("PTEs after", ${p.level}, ${u64(p.at)}, ${u64(p.value)}, ${u64(alt === p.value ? 0n : alt)});`,
+      );
     }
     // The effect, as the model has it.
     for (const a of w.adWrites) this.mem.write64(a.pteGpa, a.new);
@@ -696,7 +836,7 @@ class Gen {
     vm.fault(p.gpa, p.access.access);
   }
 
-  hostStep(i: number, s: SlotFormStep, name: string): void {
+  hostStep(i: number, s: HostSideStep, name: string): void {
     const model: string[] = [];
     const code = HOST_STEPS[s.kind](this, s as never, model);
     this.stepHeader(i, name, `the host ${describeHostStep(s)}.`, model);
@@ -704,6 +844,11 @@ class Gen {
     this.finishPending();
     if (this.ended) return;
     this.line(`step = ${cstr(name)};`, `expect_sync(run_vcpu(), ${i});`);
+  }
+
+  /** The slots' parts a host range step acts on, as the engine's piecesOf: its slot's, or each slot's part of its GPA range. */
+  pieces(r: HostRange): SlotPiece[] {
+    return 'gpa' in r ? this.vm.pieces(r.gpa, r.size) : [r];
   }
 
   /** A slot's C expression. */
@@ -714,7 +859,7 @@ class Gen {
   /** The host's change of part of a slot's memory, in SimMem and the model VM; returns the model's note. */
   hostChange(
     s: { slot: number; offset: bigint; size: bigint },
-    why: 'dontneed' | 'munmap' | 'mprotect' | 'hugepage' | 'nohugepage',
+    why: 'dontneed' | 'munmap' | 'mprotect' | 'hugepage' | 'nohugepage' | 'punch_hole',
     prot?: 'none' | 'read' | 'read-write',
   ): string {
     const sl = this.mem.slot(s.slot);
@@ -736,7 +881,7 @@ class Gen {
 
 /** What a host step does in C, and to SimMem and the model VM; `model` collects the comment lines. */
 type HostCode<S> = (g: Gen, s: S, model: string[]) => string[];
-type HostStepTable = { [K in SlotFormStep['kind']]: HostCode<Extract<SlotFormStep, { kind: K }>> };
+type HostStepTable = { [K in HostSideStep['kind']]: HostCode<Extract<HostSideStep, { kind: K }>> };
 
 const HOST_STEPS: HostStepTable = {
   'write-pte'(g, s) {
@@ -757,45 +902,95 @@ const HOST_STEPS: HostStepTable = {
   },
   'get-dirty-log'(g, s, model) {
     const { vm } = g;
-    const modelPages = vm.harvestDirty(s.slot, g.manualProtect);
-    const pages = new Set((s.expect ?? modelPages).map((x) => x & ~(PAGE - 1n)));
-    if (g.tdpDirty) {
-      const logged = (g.manualProtect ? vm.tdp.peekDirty(0, s.slot) : vm.tdp.getDirtyLog(0, s.slot)).map(
-        (gfn) => BigInt(gfn) << 12n,
-      );
-      const extra = logged.filter((p) => !pages.has(p));
-      for (const p of extra) pages.add(p);
-      if (extra.length)
-        model.push(`the TDP model also expects ${extra.map(hex).join(', ')} (mapped writable on a read fault)`);
+    // KVM_GET_DIRTY_LOG is of a whole slot; over a GPA range, of each slot it crosses, compared inside it.
+    const parts = 'gpa' in s ? vm.pieces(s.gpa, s.size) : [{ slot: s.slot, offset: 0n, size: undefined }];
+    const out: string[] = [];
+    for (const part of parts) {
+      const sl = g.mem.slot(part.slot);
+      const lo = sl.gpa + part.offset;
+      const hi = lo + (part.size ?? sl.size);
+      const inside = (p: bigint) => p >= lo && p < hi;
+      const modelPages = vm.harvestDirty(part.slot, g.manualProtect);
+      const pages = new Set((s.expect ?? modelPages).map((x) => x & ~(PAGE - 1n)).filter(inside));
+      const field =
+        part.size === undefined ? 'dirty pages' : `dirty pages of slot ${part.slot} in ${hex(lo)}..${hex(hi)}`;
+      if (g.tdpDirty) {
+        const logged = (g.manualProtect ? vm.tdp.peekDirty(0, part.slot) : vm.tdp.getDirtyLog(0, part.slot))
+          .map((gfn) => BigInt(gfn) << 12n)
+          .filter(inside);
+        const extra = logged.filter((p) => !pages.has(p));
+        for (const p of extra) pages.add(p);
+        if (extra.length)
+          model.push(
+            `${field}: the TDP model also expects ${extra.map(hex).join(', ')} (mapped writable on a read fault)`,
+          );
+      }
+      const expected = [...pages].sort((a, b) => (a < b ? -1 : 1));
+      model.push(`model: ${field} [${expected.map(hex).join(', ')}]${s.expect ? ' (the scenario says so)' : ''}`);
+      const call = (n: number, want: string) =>
+        `expect_dirty(${cstr(field)}, ${part.slot}, ${u64(lo)}, ${u64(hi)}, ${n}, ${want});`;
+      if (!expected.length) out.push(call(0, 'NULL'));
+      else
+        out.push(
+          '{',
+          `\tstatic const uint64_t want[] = { ${expected.map(u64).join(', ')} };`,
+          `\t${call(expected.length, 'want')}`,
+          '}',
+        );
     }
-    const expected = [...pages].sort((a, b) => (a < b ? -1 : 1));
-    model.push(`model: dirty pages [${expected.map(hex).join(', ')}]${s.expect ? ' (the scenario says so)' : ''}`);
-    if (!expected.length) return [`expect_dirty(${s.slot}, 0, NULL);`];
-    return [
-      '{',
-      `\tstatic const uint64_t want[] = { ${expected.map(u64).join(', ')} };`,
-      `\texpect_dirty(${s.slot}, ${expected.length}, want);`,
-      '}',
-    ];
+    return out;
   },
-  'clear-dirty-log'(g, s) {
-    if (s.first !== undefined || s.pages !== undefined)
-      throw new ReproUnsupported('clear-dirty-log of part of a slot is not carried by a C reproducer yet');
-    const npages = Number(g.mem.slot(s.slot).size >> 12n);
-    g.vm.clearDirty(s.slot, 0, npages);
-    if (g.tdpDirty) g.vm.tdp.clearDirtyLog(0, s.slot, 0, npages);
-    return [`clear_dirty(${s.slot});`];
+  'clear-dirty-log'(g, s, model) {
+    const parts =
+      'gpa' in s
+        ? g.vm
+            .pieces(s.gpa, s.size)
+            .map((p) => ({ slot: p.slot, first: Number(p.offset >> 12n), count: Number(p.size >> 12n) }))
+        : [{ slot: s.slot, first: s.first ?? 0, count: s.pages }];
+    const out: string[] = [];
+    for (const { slot, first, count: given } of parts) {
+      const npages = Number(g.mem.slot(slot).size >> 12n);
+      const count = given ?? Math.max(npages - first, 0);
+      const refused = clearDirtyRefusal(npages, first, count);
+      const field = `KVM_CLEAR_DIRTY_LOG of slot ${slot} pages [${first}, ${first + count})`;
+      model.push(`model: ${field}: ${refused ? `KVM refuses it (EINVAL): ${refused}` : 'KVM takes it'}`);
+      out.push(`clear_dirty(${cstr(field)}, ${slot}, ${first}, ${count}, ${refused ? 1 : 0});`);
+      if (refused) continue;
+      g.vm.clearDirty(slot, first, count);
+      if (g.tdpDirty) g.vm.tdp.clearDirtyLog(0, slot, first, count);
+    }
+    return out;
   },
   'memslot-delete'(g, s) {
     g.mem.slots.delete(s.slot);
     g.vm.deleteSlot(s.slot);
     return [`delete_slot(${g.cslot(s.slot)});`];
   },
-  'memslot-create'() {
-    throw new ReproUnsupported('memslot-create is not carried by a C reproducer yet');
+  'memslot-create'(g, s, model) {
+    const m = g.sc.memslots.find((x) => x.slot === s.slot)!;
+    const sl = g.addSlot(m);
+    g.vm.setSlot(g.slotOf(s.slot));
+    model.push(`model: memslot ${s.slot} at GPA ${hex(m.gpa)}, HVA ${hex(sl.hva)} in the model`);
+    return g.createSlot(m);
   },
-  'write-memory'() {
-    throw new ReproUnsupported('write-memory is not carried by a C reproducer yet');
+  'write-memory'(g, s, model) {
+    const why = g.mem.slotOf(s.gpa, Number(s.size))
+      ? g.mem.untouchable(s.gpa, Number(s.size), true)
+      : 'not inside one memslot';
+    if (why) throw new ReproUnsupported(`write-memory at ${hex(s.gpa)}+${hex(s.size)}: the host memory is ${why}`);
+    for (let off = 0n; off < s.size; off += 8n) g.mem.write64(s.gpa + off, s.value);
+    model.push(g.vm.hostWrite(s.gpa, s.size));
+    return [`write_words(${u64(s.gpa)}, ${u64(s.size)}, ${u64(s.value)});`];
+  },
+  'read-memory'(g, s, model) {
+    const why = g.mem.slotOf(s.gpa, s.size) ? g.mem.untouchable(s.gpa, s.size, false) : 'not inside one memslot';
+    if (why) throw new ReproUnsupported(`read-memory at ${hex(s.gpa)}: the host memory is ${why}`);
+    model.push(
+      `the scenario expects ${hex(BigInt.asUintN(s.size * 8, s.expect))}; the models' memory holds ${hex(g.mem.read(s.gpa, s.size))}`,
+    );
+    return [
+      `expect_value("value the VMM reads", ${s.size}, ${u64(BigInt.asUintN(s.size * 8, s.expect))}, rd(${u64(s.gpa)}, ${s.size}));`,
+    ];
   },
   'memslot-move'(g, s) {
     g.mem.slot(s.slot).gpa = s.gpa;
@@ -809,29 +1004,37 @@ const HOST_STEPS: HostStepTable = {
     return [`${g.cslot(s.slot)}->flags = ${flags};`, `set_region(${g.cslot(s.slot)}, ${g.cslot(s.slot)}->size);`];
   },
   madvise(g, s, model) {
-    model.push(g.hostChange(s, s.advice));
-    return [
-      `if (madvise(${g.cslot(s.slot)}->hva + ${u64(s.offset)}, ${u64(s.size)}, ${C_ADVICE[s.advice]}))`,
-      '\tfail_errno("madvise");',
-    ];
+    return g.pieces(s).flatMap((p) => {
+      model.push(g.hostChange(p, s.advice));
+      return [
+        `if (madvise(${g.cslot(p.slot)}->hva + ${u64(p.offset)}, ${u64(p.size)}, ${C_ADVICE[s.advice]}))`,
+        '\tfail_errno("madvise");',
+      ];
+    });
   },
   munmap(g, s, model) {
-    model.push(g.hostChange(s, 'munmap'));
-    return [`if (munmap(${g.cslot(s.slot)}->hva + ${u64(s.offset)}, ${u64(s.size)}))`, '\tfail_errno("munmap");'];
+    return g.pieces(s).flatMap((p) => {
+      model.push(g.hostChange(p, 'munmap'));
+      return [`if (munmap(${g.cslot(p.slot)}->hva + ${u64(p.offset)}, ${u64(p.size)}))`, '\tfail_errno("munmap");'];
+    });
   },
   remap(g, s) {
-    const sl = g.mem.slot(s.slot);
-    if (sl.backing !== 'memfd') g.mem.drop(sl, s.offset, s.size);
-    g.mem.setState(sl, s.offset, s.size, undefined);
-    g.vm.remap(s.slot, s.offset, s.size);
-    return [`remap_range(${g.cslot(s.slot)}, ${u64(s.offset)}, ${u64(s.size)});`];
+    return g.pieces(s).map((p) => {
+      const sl = g.mem.slot(p.slot);
+      if (sl.backing !== 'memfd') g.mem.drop(sl, p.offset, p.size);
+      g.mem.setState(sl, p.offset, p.size, undefined);
+      g.vm.remap(p.slot, p.offset, p.size);
+      return `remap_range(${g.cslot(p.slot)}, ${u64(p.offset)}, ${u64(p.size)});`;
+    });
   },
   mprotect(g, s, model) {
-    model.push(g.hostChange(s, 'mprotect', s.prot));
-    return [
-      `if (mprotect(${g.cslot(s.slot)}->hva + ${u64(s.offset)}, ${u64(s.size)}, ${C_PROT[s.prot]}))`,
-      '\tfail_errno("mprotect");',
-    ];
+    return g.pieces(s).flatMap((p) => {
+      model.push(g.hostChange(p, 'mprotect', s.prot));
+      return [
+        `if (mprotect(${g.cslot(p.slot)}->hva + ${u64(p.offset)}, ${u64(p.size)}, ${C_PROT[s.prot]}))`,
+        '\tfail_errno("mprotect");',
+      ];
+    });
   },
   'pre-fault'(g, s, model) {
     if (!g.opts.profile.capabilities.KVM_CAP_PRE_FAULT_MEMORY) {
@@ -839,18 +1042,42 @@ const HOST_STEPS: HostStepTable = {
       return [];
     }
     g.preFaultUsed = true;
-    model.push(g.vm.preFault(s.gpa, s.size).note);
-    return [`pre_fault(${u64(s.gpa)}, ${u64(s.size)});`];
+    const m = g.vm.preFault(s.gpa, s.size);
+    model.push(m.note);
+    // A page without host memory stops KVM there with EFAULT: the bytes from it on are left.
+    const left = m.efault === undefined ? 0n : s.gpa + s.size - m.efault;
+    return [`pre_fault(${u64(s.gpa)}, ${u64(s.size)}, ${u64(left)});`];
   },
-  // Steps of guest_memfd and memfd files and of the VMM's own accesses: not carried yet.
-  'punch-hole': (_g, s) => unsupported(s),
-  'read-memory': (_g, s) => unsupported(s),
+  'punch-hole'(g, s, model) {
+    const sl = g.mem.slot(s.slot);
+    if (sl.backing !== 'memfd') unsupported(s); // guest_memfd slots are refused before
+    g.mem.drop(sl, s.offset, s.size);
+    model.push(g.hostChange(s, 'punch_hole'));
+    return [`punch_hole(${g.cslot(s.slot)}, ${u64(s.offset)}, ${u64(s.size)});`];
+  },
+  // guest_memfd slots are refused in reproducer(); so is their close.
   'close-guest-memfd': (_g, s) => unsupported(s),
   translate(g, s, model) {
-    const w = g.walk({ gva: s.gva, kind: 'read', cpl: 0 });
+    const w = g.kvmTranslate(s.gva);
     const e = s.expect ?? (w.ok ? { valid: true, gpa: w.gpa } : { valid: false });
-    model.push(`model: ${e.valid ? `valid, GPA ${hex(e.gpa ?? 0n)}` : 'invalid'}`);
-    return [`expect_translate(${u64(s.gva)}, ${e.valid ? 1 : 0}, ${u64(e.gpa ?? 0n)});`];
+    model.push(`model (KVM's walker, access 0): ${e.valid ? `valid, GPA ${hex(e.gpa ?? 0n)}` : 'invalid'}`);
+    const out = [`expect_translate(${u64(s.gva)}, ${e.valid ? 1 : 0}, ${u64(e.gpa ?? 0n)});`];
+    // KVM's walker sets A on the entries of a walk that succeeds, through the slot's HVA (the pages are dirty).
+    for (const a of w.adWrites) {
+      g.vm.markDirty(a.pteGpa);
+      if (g.tdpDirty) g.vm.tdp.markDirty(0, Number(a.pteGpa >> 12n));
+    }
+    if (s.expect) {
+      for (const a of w.adWrites) g.mem.write64(a.pteGpa, a.new);
+      return out;
+    }
+    for (const l of w.levels) {
+      const value = w.adWrites.find((a) => a.pteGpa === l.pteGpa)?.new ?? l.pte;
+      const alt = g.ownWalks.has(l.pteGpa) && !(value & PTE_A) ? value | PTE_A : 0n;
+      out.push(`expect_pte("PTEs after", ${l.level}, ${u64(l.pteGpa)}, ${u64(value)}, ${u64(alt)});`);
+      g.mem.write64(l.pteGpa, value);
+    }
+    return out;
   },
 };
 
@@ -869,15 +1096,20 @@ struct kvm_pre_fault_memory {
 #define KVM_PRE_FAULT_MEMORY _IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)
 #endif
 
-/* KVM_PRE_FAULT_MEMORY may stop early (a signal, a reschedule): call again for the rest. */
-static void pre_fault(uint64_t gpa, uint64_t size)
+/*
+ * KVM_PRE_FAULT_MEMORY may stop early (a signal, a reschedule): call again for the rest. A page
+ * without host memory stops it with EFAULT: want_left (0: none) bytes are then left.
+ */
+static void pre_fault(uint64_t gpa, uint64_t size, uint64_t want_left)
 {
 	struct kvm_pre_fault_memory r = { .gpa = gpa, .size = size };
-	for (int tries = 0; r.size && tries < 64; tries++)
+	int err = 0;
+	for (int tries = 0; r.size && tries < 64 && !err; tries++)
 		if (ioctl(vcpu_fd, KVM_PRE_FAULT_MEMORY, &r) && errno != EINTR && errno != EAGAIN)
-			fail_errno("KVM_PRE_FAULT_MEMORY");
-	if (r.size)
-		MISMATCH("KVM_PRE_FAULT_MEMORY bytes left", "expected 0x0, observed 0x%" X64, (uint64_t)r.size);
+			err = errno;
+	if (want_left ? err != EFAULT || r.size != want_left : err || r.size)
+		MISMATCH("KVM_PRE_FAULT_MEMORY bytes left", "expected 0x%" X64 "%s, observed 0x%" X64 " (%s)", want_left,
+			 want_left ? " with EFAULT" : "", (uint64_t)r.size, err ? strerror(err) : "no error");
 }
 `;
 
@@ -900,16 +1132,26 @@ function describeGuestStep(s: GuestSideStep): string {
   }
 }
 
-function describeHostStep(s: SlotFormStep): string {
+/** Where a host range step acts: part of a slot, or a GPA range over slots. */
+const rangeText = (r: HostRange) =>
+  'gpa' in r ? `GPA ${hex(r.gpa)}+${hex(r.size)}` : `+${hex(r.offset)}/${hex(r.size)} of slot ${r.slot}`;
+
+function describeHostStep(s: HostSideStep): string {
   switch (s.kind) {
     case 'write-pte':
       return `rewrites the level-${s.level} entry of ${hex(s.gva)} (${s.value !== undefined ? `:= ${hex(s.value)}` : `set ${hex(s.set)}, clear ${hex(s.clear)}`}), which a shadow MMU does not see`;
     case 'clear-ad':
       return `clears A and D along the walk of ${hex(s.gva)}`;
     case 'get-dirty-log':
-      return `gets the dirty log of slot ${s.slot} (KVM_GET_DIRTY_LOG)`;
+      return 'gpa' in s
+        ? `gets the dirty log of each slot GPA ${hex(s.gpa)}+${hex(s.size)} crosses (KVM_GET_DIRTY_LOG), compared inside the range`
+        : `gets the dirty log of slot ${s.slot} (KVM_GET_DIRTY_LOG)`;
     case 'clear-dirty-log':
-      return `clears the whole dirty log of slot ${s.slot} (KVM_CLEAR_DIRTY_LOG)`;
+      return 'gpa' in s
+        ? `clears the dirty log of each slot's part of GPA ${hex(s.gpa)}+${hex(s.size)} (KVM_CLEAR_DIRTY_LOG)`
+        : s.first === undefined && s.pages === undefined
+          ? `clears the whole dirty log of slot ${s.slot} (KVM_CLEAR_DIRTY_LOG)`
+          : `clears the dirty log of slot ${s.slot} from page ${s.first ?? 0}${s.pages === undefined ? ' to its end' : `, ${s.pages} pages`} (KVM_CLEAR_DIRTY_LOG)`;
     case 'memslot-delete':
       return `deletes memslot ${s.slot} and frees its memory`;
     case 'memslot-move':
@@ -921,13 +1163,13 @@ function describeHostStep(s: SlotFormStep): string {
     case 'memslot-flags':
       return `sets the flags of memslot ${s.slot}: dirty logging ${s.logDirty ? 'on' : 'off'}, ${s.readonly ? 'read-only' : 'writable'}`;
     case 'madvise':
-      return `madvise(${s.advice}) of +${hex(s.offset)}/${hex(s.size)} of slot ${s.slot}`;
+      return `madvise(${s.advice}) of ${rangeText(s)}`;
     case 'munmap':
-      return `munmaps +${hex(s.offset)}/${hex(s.size)} of slot ${s.slot}`;
+      return `munmaps ${rangeText(s)}`;
     case 'remap':
-      return `maps fresh memory over +${hex(s.offset)}/${hex(s.size)} of slot ${s.slot}`;
+      return `maps fresh memory over ${rangeText(s)}`;
     case 'mprotect':
-      return `mprotect(${s.prot}) of +${hex(s.offset)}/${hex(s.size)} of slot ${s.slot}`;
+      return `mprotect(${s.prot}) of ${rangeText(s)}`;
     case 'pre-fault':
       return `pre-faults GPA ${hex(s.gpa)}/${hex(s.size)} (KVM_PRE_FAULT_MEMORY)`;
     case 'translate':
@@ -935,7 +1177,7 @@ function describeHostStep(s: SlotFormStep): string {
     case 'punch-hole':
       return `punches a hole at +${hex(s.offset)}/${hex(s.size)} of slot ${s.slot}'s file`;
     case 'read-memory':
-      return `reads GPA ${hex(s.gpa)} through its mapping`;
+      return `reads ${s.size} byte${s.size > 1 ? 's' : ''} at GPA ${hex(s.gpa)} through its mapping`;
     case 'close-guest-memfd':
       return `closes slot ${s.slot}'s guest_memfd`;
   }

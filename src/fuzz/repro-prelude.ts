@@ -29,6 +29,12 @@ export const C_PRELUDE = String.raw`#define _GNU_SOURCE
 #ifndef MFD_CLOEXEC
 #define MFD_CLOEXEC 1U
 #endif
+#ifndef FALLOC_FL_KEEP_SIZE
+#define FALLOC_FL_KEEP_SIZE 0x01
+#endif
+#ifndef FALLOC_FL_PUNCH_HOLE
+#define FALLOC_FL_PUNCH_HOLE 0x02
+#endif
 
 #define KSFT_SKIP 4
 #define X64 PRIx64
@@ -53,7 +59,12 @@ struct slot {
 	uint64_t gpa, size;
 	uint32_t flags;
 	enum backing backing;
+	/* Placement (0: none): (hva - gpa) mod modulo = offset (src/kvm/memslot.ts placeBacking). */
+	uint64_t modulo, offset;
 	uint8_t *hva;
+	/* The whole mapping the slot's memory is part of, and where the slot starts in the memfd. */
+	uint8_t *map;
+	uint64_t map_size, file_off;
 	int memfd;
 	int live;
 };
@@ -138,17 +149,25 @@ static inline int map_flags(enum backing b)
 	}
 }
 
-/* Host memory for a slot: anonymous without THP, THP (2 MiB aligned, MADV_HUGEPAGE), shared, memfd or hugetlb. */
+/*
+ * Host memory for a slot: anonymous without THP, THP (2 MiB aligned, MADV_HUGEPAGE), shared, memfd or
+ * hugetlb. A placed slot (modulo != 0) is placed as the harness places it (src/kvm/memslot.ts
+ * placeBacking): size + modulo bytes are mapped (whole huge pages for hugetlb), the slot starts where
+ * (hva - gpa) mod modulo = offset, and the rest of the mapping is PROT_NONE (not for hugetlb).
+ */
 static inline void alloc_backing(struct slot *s)
 {
 	int prot = PROT_READ | PROT_WRITE;
+	uint64_t huge = s->backing == HUGETLB_1G ? 1ULL << 30 : s->backing == HUGETLB_2M ? 2ULL << 20 : 4096;
+	uint64_t total = s->modulo ? (s->size + s->modulo + huge - 1) / huge * huge : s->size;
 	s->memfd = -1;
+	s->file_off = 0;
 	if (s->backing == MEMFD) {
 		s->memfd = memfd_create("kvm-repro-slot", MFD_CLOEXEC);
-		if (s->memfd < 0 || ftruncate(s->memfd, s->size))
+		if (s->memfd < 0 || ftruncate(s->memfd, total))
 			fail_errno("memfd");
 	}
-	if (s->backing == THP) {
+	if (s->backing == THP && !s->modulo) {
 		uint64_t align = 2ULL << 20;
 		uint8_t *p = mmap(NULL, s->size + align, prot, map_flags(THP), -1, 0);
 		if (p == MAP_FAILED)
@@ -157,18 +176,31 @@ static inline void alloc_backing(struct slot *s)
 		if (a > p)
 			munmap(p, a - p);
 		munmap(a + s->size, p + align - a);
-		s->hva = a;
+		s->map = s->hva = a;
 	} else {
-		s->hva = mmap(NULL, s->size, prot, map_flags(s->backing), s->memfd, 0);
-		if (s->hva == MAP_FAILED) {
+		s->map = mmap(NULL, total, prot, map_flags(s->backing), s->memfd, 0);
+		if (s->map == MAP_FAILED) {
 			if (s->backing == HUGETLB_2M || s->backing == HUGETLB_1G)
 				skip("no hugetlb pages of the size a memslot needs (vm.nr_hugepages)");
 			fail_errno("mmap");
 		}
+		s->hva = s->map;
 	}
+	s->map_size = total;
 	if (s->backing == ANON || s->backing == THP)
-		if (madvise(s->hva, s->size, s->backing == THP ? MADV_HUGEPAGE : MADV_NOHUGEPAGE))
+		if (madvise(s->map, total, s->backing == THP ? MADV_HUGEPAGE : MADV_NOHUGEPAGE))
 			fail_errno("madvise");
+	if (s->modulo) {
+		uint64_t base = ((s->gpa + s->offset - (uintptr_t)s->map) % s->modulo + s->modulo) % s->modulo;
+		s->hva = s->map + base;
+		s->file_off = base;
+		if (s->backing != HUGETLB_2M && s->backing != HUGETLB_1G) {
+			if (base && mprotect(s->map, base, PROT_NONE))
+				fail_errno("mprotect");
+			if (base + s->size < total && mprotect(s->hva + s->size, total - base - s->size, PROT_NONE))
+				fail_errno("mprotect");
+		}
+	}
 }
 
 static inline void add_slot(struct slot *s)
@@ -176,12 +208,15 @@ static inline void add_slot(struct slot *s)
 	alloc_backing(s);
 	s->live = 1;
 	set_region(s, s->size);
+	if (s->modulo)
+		printf("memslot %u: HVA 0x%" X64 ", GPA 0x%" X64 ", placed: (HVA - GPA) mod 0x%" X64 " = 0x%" X64 "\n", s->id,
+		       (uint64_t)(uintptr_t)s->hva, s->gpa, s->modulo, ((uint64_t)(uintptr_t)s->hva - s->gpa) % s->modulo);
 }
 
 static inline void delete_slot(struct slot *s)
 {
 	set_region(s, 0);
-	munmap(s->hva, s->size);
+	munmap(s->map, s->map_size);
 	if (s->memfd >= 0)
 		close(s->memfd);
 	s->live = 0;
@@ -191,12 +226,27 @@ static inline void delete_slot(struct slot *s)
 static inline void remap_range(struct slot *s, uint64_t off, uint64_t size)
 {
 	void *p = mmap(s->hva + off, size, PROT_READ | PROT_WRITE, map_flags(s->backing) | MAP_FIXED,
-		       s->backing == MEMFD ? s->memfd : -1, s->backing == MEMFD ? off : 0);
+		       s->backing == MEMFD ? s->memfd : -1, s->backing == MEMFD ? s->file_off + off : 0);
 	if (p == MAP_FAILED)
 		fail_errno("mmap(MAP_FIXED)");
 	if ((s->backing == ANON || s->backing == THP) &&
 	    madvise(s->hva + off, size, s->backing == THP ? MADV_HUGEPAGE : MADV_NOHUGEPAGE))
 		fail_errno("madvise");
+}
+
+/* fallocate(PUNCH_HOLE | KEEP_SIZE) of [off, off + size) of a memfd slot's file. */
+static inline void punch_hole(struct slot *s, uint64_t off, uint64_t size)
+{
+	if (fallocate(s->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, s->file_off + off, size))
+		fail_errno("fallocate(PUNCH_HOLE)");
+}
+
+/* The VMM stores value in every 8-byte word of [gpa, gpa + size) through the slot's mapping. */
+static inline void write_words(uint64_t gpa, uint64_t size, uint64_t value)
+{
+	uint8_t *p = gmem(gpa, size);
+	for (uint64_t off = 0; off < size; off += 8)
+		memcpy(p + off, &value, 8);
 }
 
 static inline void copy_in(uint32_t slot, uint64_t off, const uint64_t *words, uint64_t n)
@@ -394,15 +444,17 @@ static inline void expect_value(const char *field, unsigned size, uint64_t want,
 }
 
 /* A page-table entry after the step; alt is a second value the architecture allows (0: none). */
-static inline void expect_pte(int level, uint64_t at, uint64_t want, uint64_t alt)
+static inline void expect_pte(const char *field, int level, uint64_t at, uint64_t want, uint64_t alt)
 {
 	uint64_t seen = rd(at, 8);
 	if (seen != want && !(alt && seen == alt))
-		MISMATCH("PTEs after", "level-%d entry at 0x%" X64 ": expected 0x%" X64 ", observed 0x%" X64, level, at,
-			 want, seen);
+		MISMATCH(field, "level-%d entry at 0x%" X64 ": expected 0x%" X64 ", observed 0x%" X64, level, at, want,
+			 seen);
 }
 
-static inline void expect_dirty(uint32_t id, int want_n, const uint64_t *want)
+/* KVM_GET_DIRTY_LOG of a slot: the dirty pages in [lo, hi) must be want[], in order. */
+static inline void expect_dirty(const char *field, uint32_t id, uint64_t lo, uint64_t hi, int want_n,
+				const uint64_t *want)
 {
 	struct slot *s = slot_by_id(id);
 	uint64_t npages = s->size >> 12;
@@ -415,28 +467,34 @@ static inline void expect_dirty(uint32_t id, int want_n, const uint64_t *want)
 		if (!(bitmap[p / 64] >> (p % 64) & 1))
 			continue;
 		uint64_t gpa = s->gpa + (p << 12);
+		if (gpa < lo || gpa >= hi)
+			continue;
 		if (k >= want_n || want[k] != gpa)
-			MISMATCH("dirty pages", "0x%" X64 " is dirty, expected %s0x%" X64, gpa,
+			MISMATCH(field, "0x%" X64 " is dirty, expected %s0x%" X64, gpa,
 				 k < want_n ? "next " : "no more pages after ", k < want_n ? want[k] : (k ? want[k - 1] : 0));
 		k++;
 	}
 	if (k < want_n)
-		MISMATCH("dirty pages", "0x%" X64 " is not dirty (%d of %d expected pages seen)", want[k], k, want_n);
+		MISMATCH(field, "0x%" X64 " is not dirty (%d of %d expected pages seen)", want[k], k, want_n);
 	free(bitmap);
 }
 
-static inline void clear_dirty(uint32_t id)
+/* KVM_CLEAR_DIRTY_LOG of pages [first, first + count) of a slot; refused: KVM must answer EINVAL. */
+static inline void clear_dirty(const char *field, uint32_t id, uint64_t first, uint64_t count, int refused)
 {
-	struct slot *s = slot_by_id(id);
-	uint64_t npages = s->size >> 12;
-	uint64_t *bitmap = malloc((npages + 63) / 64 * 8);
+	uint64_t bytes = (count + 63) / 64 * 8 + 8;
+	uint64_t *bitmap = malloc(bytes);
 	if (!bitmap)
 		fail_errno("malloc");
-	memset(bitmap, 0xff, (npages + 63) / 64 * 8);
-	struct kvm_clear_dirty_log c = { .slot = id, .num_pages = (uint32_t)npages, .first_page = 0, .dirty_bitmap = bitmap };
-	if (ioctl(vm_fd, KVM_CLEAR_DIRTY_LOG, &c))
-		fail_errno("KVM_CLEAR_DIRTY_LOG");
+	memset(bitmap, 0xff, bytes);
+	struct kvm_clear_dirty_log c = { .slot = id, .num_pages = (uint32_t)count, .first_page = first, .dirty_bitmap = bitmap };
+	int r = ioctl(vm_fd, KVM_CLEAR_DIRTY_LOG, &c);
+	int err = errno;
 	free(bitmap);
+	if (refused && (r == 0 || err != EINVAL))
+		MISMATCH(field, "expected EINVAL, observed %s", r ? strerror(err) : "ok");
+	if (!refused && r)
+		MISMATCH(field, "expected ok, observed %s", strerror(err));
 }
 
 static inline void expect_translate(uint64_t gva, int valid, uint64_t gpa)

@@ -148,7 +148,7 @@ export class Memslot {
         rw,
         flags,
         b.kind === 'memfd' ? this.memfd : -1,
-        b.kind === 'memfd' ? offset : 0,
+        b.kind === 'memfd' ? this.base + offset : 0,
       ),
       `memslot ${this.slot}`,
     );
@@ -244,11 +244,11 @@ export class Memslot {
     }
     return undefined;
   }
-  /** fallocate(PUNCH_HOLE) on a memfd- or guest_memfd-backed slot's file. */
+  /** fallocate(PUNCH_HOLE) on a memfd- or guest_memfd-backed slot's file (a placed slot starts at `base` in it). */
   punchHole(offset: number, len: number): void {
     this.range('fallocate', offset, len);
     if (this.memfd < 0) throw new Error(`memslot ${this.slot} is not backed by a memfd or guest_memfd`);
-    punchHole(this.target.addon, this.memfd, offset, len);
+    punchHole(this.target.addon, this.memfd, this.base + offset, len);
   }
 
   /**

@@ -49,7 +49,11 @@ export interface LoopPrediction {
 export class LoopLimit extends Error {}
 
 /** The model's prediction of every access of a loop step, in order; the TDP model faults each one in. */
-export function predictLoop(env: LoopEnv, s: AccessStep, name: string): LoopPrediction {
+export function predictLoop(
+  env: Pick<LoopEnv, 'walk' | 'from'> & { g: { mem: { read64(gpa: bigint): bigint } } },
+  s: AccessStep,
+  name: string,
+): LoopPrediction {
   const loop = s.loop!;
   const overlay = new Map<bigint, bigint>();
   const read = (gpa: bigint) => overlay.get(gpa) ?? env.g.mem.read64(gpa);
