@@ -28,6 +28,7 @@ export default defineConfig({
       'test/gmem.test.ts',
       'test/fuzz-gen.test.ts',
       'test/repro-c.test.ts',
+      'test/model-edges.test.ts',
     ],
     env: { KVMHARNESS_NO_KVM: '1' },
     testTimeout: 120_000,
