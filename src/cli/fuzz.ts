@@ -183,7 +183,7 @@ async function fuzzOn(target: Target, a: FuzzArgs, wrong: Wrong | undefined, lab
   const tty = process.stderr.isTTY && !a.json;
   let lastShown = 0;
   const written: WrittenFinding[] = [];
-  let sum: CampaignSummary;
+  let sum: CampaignSummary | undefined;
   try {
     sum = await campaign(kvm, profile, {
       seed: a.seed,
@@ -211,7 +211,12 @@ async function fuzzOn(target: Target, a: FuzzArgs, wrong: Wrong | undefined, lab
       },
     });
   } finally {
-    kvm.close();
+    try {
+      kvm.close();
+    } catch (e) {
+      // A kernel that crashed or hung took the VM with it: the campaign's finding says so.
+      if (sum?.ended !== 'kernel') throw e;
+    }
   }
   try {
     if (tty) process.stderr.write('\r\x1b[K');
