@@ -478,6 +478,27 @@ describeKvm('scenarios on this host', () => {
     expect(excs(strict).map((c) => c.expected)).toEqual(['[{cr2: 0x80000010ba, errorCode: 0x1d, vector: 14}]']);
   });
 
+  // An access stopped for missing host memory, then its slot deleted by a host step: the redone
+  // access reaches no memslot and exits as MMIO (found by kvmharness fuzz --seed 1, case 193).
+  it('redoes an access whose slot a host step deleted as an MMIO access', async () => {
+    const v = validateScenario({
+      name: 'redo_after_slot_delete',
+      description: 'PROT_NONE over a page, a CPL 3 read there (stopped), the slot deleted',
+      memslots: [{ slot: 1, gpa: '0x400000', size: '0x10000' }],
+      mappings: [{ gva: '0x8000000000', gpa: '0x400000', size: '0x1000', leaf: { w: true, u: true } }],
+      steps: [
+        { host: 'mprotect', slot: 1, offset: '0x0', size: '0x1000', prot: 'none' },
+        { guest: 'read', gva: '0x8000000000', cpl: 3 },
+        { host: 'memslot-delete', slot: 1 },
+      ],
+    });
+    if (!v.ok) throw new Error(v.errors.join('\n'));
+    const r = await runCheck(scenarioCheck(v.scenario), kvm, profile);
+    expect(r.outcome, failures(r)).toBe('pass');
+    const mmio = r.comparisons.find((c) => c.what.endsWith('redone: MMIO exits'));
+    expect(mmio?.expected).toBe('[{gpa: 0x400000, isWrite: false, len: 8}]');
+  });
+
   // A loop whose accesses leave the guest midway cannot run as one step: `run` says so as an
   // error naming the access; the fuzzer does not judge such a generated case (never a finding).
   it('a loop that reaches missing host memory is an error for run and not judged by fuzz', async () => {

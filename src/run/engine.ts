@@ -373,6 +373,24 @@ class ScenarioRun {
     }
   }
 
+  /** Runs the guest, answering up to four MMIO exits (a read gets MMIO_FILL); the stop after them and the exits. */
+  async runThroughMmio(): Promise<{ stop: Stop; mmioSeen: unknown[] }> {
+    let stop = await this.runGuest();
+    const mmioSeen: unknown[] = [];
+    while (stop.kind === 'exit' && stop.exit.reason === 'mmio' && mmioSeen.length < 4) {
+      const e = stop.exit;
+      mmioSeen.push({
+        gpa: e.gpa,
+        len: e.len,
+        isWrite: e.isWrite,
+        ...(e.isWrite ? { data: e.data.subarray(0, e.len) } : {}),
+      });
+      if (!e.isWrite) e.complete(MMIO_FILL);
+      stop = await this.runGuest();
+    }
+    return { stop, mmioSeen };
+  }
+
   /** Whether the guest stopped at step `i`'s sync; if not, that is recorded. */
   reachedSync(stop: Stop, i: number, name: string): boolean {
     if (stop.kind === 'sync' && stop.id === BigInt(i)) return true;
@@ -391,19 +409,7 @@ class ScenarioRun {
     const cr2Before = pred?.expectFault === 'gp' ? g.vcpu.getSregs().cr2 : undefined;
     g.clearExceptions();
     this.trace?.clear();
-    let stop = await this.runGuest();
-    const mmioSeen: unknown[] = [];
-    while (stop.kind === 'exit' && stop.exit.reason === 'mmio' && mmioSeen.length < 4) {
-      const e = stop.exit;
-      mmioSeen.push({
-        gpa: e.gpa,
-        len: e.len,
-        isWrite: e.isWrite,
-        ...(e.isWrite ? { data: e.data.subarray(0, e.len) } : {}),
-      });
-      if (!e.isWrite) e.complete(MMIO_FILL);
-      stop = await this.runGuest();
-    }
+    const { stop, mmioSeen } = await this.runThroughMmio();
     if (pred) ctx.expect(`${name}: MMIO exits`, pred.mmio ? [pred.mmio] : [], mmioSeen);
     if (pred?.hostFault && s.kind === 'access') {
       // The vCPU stopped at the access; it redoes it on its next run.
@@ -576,6 +582,11 @@ class ScenarioRun {
       size: p.access.size,
     });
     if (!w.ok || w.gpa !== p.gpa) return this.redoChanged(p);
+    if (!vm.slotAt(p.gpa, p.access.size)) {
+      // A host step deleted or moved the slot: the redone access reaches no memory (MMIO).
+      ctx.note(`${p.name}: no memslot holds GPA ${hex(p.gpa)} any more; the redone access is predicted again`);
+      return this.redoChanged(p, true);
+    }
     const stop = await this.runGuest();
     if (vm.fault(p.gpa, p.access.access).kind === 'efault') {
       // Nothing restored the host memory: the access fails again.
@@ -610,14 +621,16 @@ class ScenarioRun {
   }
 
   /** A stopped access redone after a host step changed its walk: predicted and compared as a new access of its step. */
-  async redoChanged(p: Pending): Promise<boolean> {
+  async redoChanged(p: Pending, slotGone = false): Promise<boolean> {
     const { ctx, g } = this;
-    ctx.note(`${p.name}: a host step changed the guest's tables; the redone access is predicted again from them`);
+    if (!slotGone)
+      ctx.note(`${p.name}: a host step changed the guest's tables; the redone access is predicted again from them`);
     const pred = this.predict(p.access, p.name);
     const cr2Before = pred.expectFault === 'gp' ? g.vcpu.getSregs().cr2 : undefined;
     g.clearExceptions();
     this.trace?.clear();
-    const stop = await this.runGuest();
+    const { stop, mmioSeen } = await this.runThroughMmio();
+    ctx.expect(`${p.name}: redone: MMIO exits`, pred.mmio ? [pred.mmio] : [], mmioSeen);
     if (pred.hostFault) {
       ctx.expect(
         `${p.name}: redone: KVM_RUN stops for the missing host memory`,
