@@ -29,6 +29,7 @@ import type { Wrong, WrongWalk } from '../model/wrong.js';
 import { guestWalkerOf, type HostProfile } from '../probe/probe.js';
 import { hostCpu, stepName } from '../run/engine.js';
 import { tdpLogsDirty, tdpModelOptions } from '../run/host-policy.js';
+import { OldTranslations } from '../run/old-translations.js';
 import { LoopLimit, predictLoop, type LoopPrediction } from '../run/loop.js';
 import { describeWalk, predictAccess, type AccessStep, type Prediction, type PredictFrom } from '../run/predict.js';
 import { emitWrpkru, guestAction, IMPLICIT_DESCRIPTOR, type EntryFinder } from '../run/step-actions.js';
@@ -348,13 +349,11 @@ interface Pending {
 class Gen {
   readonly mem = new SimMem();
   /**
-   * The engine's cached translations (engine.ts, ScenarioRun.tlb): read and
-   * exec accesses that succeeded, with the count of host table writes then.
-   * The program cannot tell the generator whether KVM used one, so an entry
-   * stays after a step that allowed it (the engine drops it when KVM faulted).
+   * The engine's book of old translations (run/old-translations.ts). The
+   * program cannot tell the generator whether KVM used one, so an entry stays
+   * after a step that allowed it (the engine drops it when KVM faulted).
    */
-  private readonly tlb = new Map<string, { gpa: bigint; epoch: number }>();
-  private tableWrites = 0;
+  private readonly old = new OldTranslations();
   readonly vm: ModelVm;
   readonly wrongWalk: ReadonlySet<WrongWalk>;
   readonly cfg0: PagingConfig;
@@ -745,9 +744,7 @@ class Gen {
     body.push(`expect_sync(st, ${i});`);
     const paging = guestAction(s).paging;
     if (paging) this.cfg = paging(this.cfg, s);
-    if (s.kind === 'invlpg') {
-      for (const k of [...this.tlb.keys()]) if (k.endsWith(`:${s.gva >> 12n}`)) this.tlb.delete(k);
-    } else if (s.kind === 'reload-cr3' || s.kind === 'set-cr4' || s.kind === 'set-cr0-wp') this.tlb.clear();
+    this.old.step(s);
     if (pred && s.kind === 'access') body.push(...this.compareAccess(s, pred));
     else this.guestEffect(s);
     this.line(...body.map((b) => `\t${b}`), '}');
@@ -765,19 +762,9 @@ class Gen {
 
   /** The engine's compareAccess, as C, and the access's effect on SimMem and the model VM. */
   compareAccess(s: AccessStep, pred: Prediction): string[] {
-    const w = pred.walk;
-    const key = `${s.access}:${s.cpl}:${s.gva >> 12n}`;
-    const cached = this.tlb.get(key);
-    if (pred.expectFault === false && w.ok && (s.access === 'read' || s.access === 'exec'))
-      this.tlb.set(key, { gpa: w.gpa & ~0xfffn, epoch: this.tableWrites });
-    if (
-      cached &&
-      cached.epoch < this.tableWrites &&
-      typeof pred.expectFault === 'number' &&
-      (s.access === 'read' || s.access === 'exec')
-    ) {
+    const gpa = this.old.allowed(s, pred);
+    if (gpa !== undefined) {
       // As the engine: no exception means the old translation, which the architecture allows until invalidated.
-      const gpa = cached.gpa | (s.gva & 0xfffn);
       const old =
         s.access === 'read' && !s.implicit
           ? [`\texpect_value("value read (old translation)", ${s.size}, ${u64(this.mem.read(gpa, s.size))}, st.rsi);`]
@@ -881,7 +868,7 @@ class Gen {
   hostStep(i: number, s: HostSideStep, name: string): void {
     const model: string[] = [];
     const code = HOST_STEPS[s.kind](this, s as never, model);
-    if (s.kind === 'write-pte' || s.kind === 'clear-ad') this.tableWrites++;
+    this.old.step(s);
     this.stepHeader(i, name, `the host ${describeHostStep(s)}.`, model);
     this.line(...code);
     this.finishPending();

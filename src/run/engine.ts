@@ -36,6 +36,7 @@ import { showDelta, showStatExpect, statHolds, statNotApplicable } from '../scen
 import type { Scenario, Step, StepStats } from '../scenario/types.js';
 import { same, show } from './differ.js';
 import { hostFaultPath, tdpLogsDirty, tdpModelOptions } from './host-policy.js';
+import { OldTranslations } from './old-translations.js';
 import { compareLoop, predictLoop } from './loop.js';
 import {
   describeWalk,
@@ -162,20 +163,9 @@ export async function runScenario(ctx: CheckContext, sc: Scenario, opts: EngineO
 }
 
 /** One run of a scenario: the guest, the model VM and the paging state the model walks with, step by step. */
-/** The key of a translation a processor may keep: access kind, CPL and 4 KiB page. */
-const tlbKey = (s: AccessStep): string => `${s.access}:${s.cpl}:${s.gva >> 12n}`;
-
 class ScenarioRun {
-  /**
-   * Translations that earlier read and exec accesses used without a fault,
-   * and the count of host writes to paging entries when they were made. Until
-   * something invalidates one (INVLPG of its page, a CR3 load, a CR0 or CR4
-   * write, a #PF at its page), the architecture lets the processor use it
-   * even after the entries changed (SDM 4.10.4, APM 5.5.3): KVM's shadow
-   * pages may still map the page the way they did.
-   */
-  private readonly tlb = new Map<string, { gpa: bigint; epoch: number }>();
-  private tableWrites = 0;
+  /** Translations the processor may still use after a host write to the tables (old-translations.ts). */
+  private readonly old = new OldTranslations();
   /** The model VM: the VM's memslots and host memory, the TDP model over them, the pages expected dirty. */
   readonly vm: ModelVm;
   readonly wrongWalk: ReadonlySet<WrongWalk>;
@@ -437,9 +427,7 @@ class ScenarioRun {
     checkStats();
     const paging = guestAction(s).paging;
     if (paging) this.cfg = paging(this.cfg, s);
-    if (s.kind === 'invlpg') {
-      for (const k of [...this.tlb.keys()]) if (k.endsWith(`:${s.gva >> 12n}`)) this.tlb.delete(k);
-    } else if (s.kind === 'reload-cr3' || s.kind === 'set-cr4' || s.kind === 'set-cr0-wp') this.tlb.clear();
+    this.old.step(s);
     if (pred && s.kind === 'access' && stop.kind === 'sync') {
       this.compareAccess(s, name, pred, stop.values[0]!, cr2Before);
     }
@@ -480,7 +468,7 @@ class ScenarioRun {
   async hostStep(i: number, s: HostSideStep, name: string, checkStats: () => void): Promise<boolean> {
     const hadPending = this.pending !== undefined;
     hostAction(s).act(this.host, s, name);
-    if (s.kind === 'write-pte' || s.kind === 'clear-ad') this.tableWrites++;
+    this.old.step(s);
     this.tdp?.acted(s);
     // Host steps have a sync too; let the guest reach the next one (after
     // redoing an access that stopped for missing host memory).
@@ -513,18 +501,10 @@ class ScenarioRun {
   compareAccess(s: AccessStep, name: string, pred: Prediction, value: bigint, cr2Before: bigint | undefined): void {
     const { ctx, g, cfg } = this;
     const exc = g.exceptions();
-    const cached = this.tlb.get(tlbKey(s));
-    if (exc.some((e) => e.vector === 14))
-      for (const k of [...this.tlb.keys()]) if (k.endsWith(`:${s.gva >> 12n}`)) this.tlb.delete(k);
-    if (
-      cached &&
-      cached.epoch < this.tableWrites &&
-      typeof pred.expectFault === 'number' &&
-      exc.length === 0 &&
-      (s.access === 'read' || s.access === 'exec')
-    ) {
+    const gpa = this.old.allowed(s, pred);
+    if (exc.some((e) => e.vector === 14)) this.old.forgetPage(s.gva);
+    if (gpa !== undefined && exc.length === 0) {
       // The old translation, which the architecture allows until something invalidates it.
-      const gpa = cached.gpa | (s.gva & 0xfffn);
       ctx.note(
         `${name}: no fault: the translation of an earlier access to this page (GPA ${hex(gpa)}) was used; the tables changed since by a host write and nothing invalidated it, so the architecture allows it beside the model's walk (${describeWalk(pred.walk)}); PTEs and the walker trace are not compared for this access`,
       );
@@ -533,8 +513,6 @@ class ScenarioRun {
       this.trace?.take();
       return;
     }
-    if (pred.expectFault === false && pred.walk.ok && (s.access === 'read' || s.access === 'exec'))
-      this.tlb.set(tlbKey(s), { gpa: pred.walk.gpa & ~0xfffn, epoch: this.tableWrites });
     const expected =
       pred.expectFault === false
         ? []
